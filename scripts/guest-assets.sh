@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Fetch the guest assets Vessel boots: Debian's current cloud kernel and a busybox
+# initramfs that carries the kernel's virtio modules. Nothing here is committed; the
+# result is cached under $VESSEL_ASSETS (default ~/.cache/vessel/assets), where
+# `vessel run` and the tests look by default.
+#
+#   scripts/guest-assets.sh          fetch (no-op when the cache is complete)
+#   scripts/guest-assets.sh --force  fetch again
+set -euo pipefail
+
+ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+FORCE=0
+[ "${1:-}" = "--force" ] && FORCE=1
+
+if [ $FORCE = 0 ] && [ -s "$ASSETS/vmlinuz" ] && [ -s "$ASSETS/initramfs.cpio.gz" ] && [ -s "$ASSETS/vmlinux" ]; then
+    echo "guest assets: up to date in $ASSETS"
+    exit 0
+fi
+
+need() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+for tool in apt-get dpkg-deb cpio gzip xz zstd lz4 strings python3; do need "$tool" || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "guest assets: installing ${missing[*]}" >&2
+    apt-get update -qq
+    apt-get install -y -qq cpio gzip xz-utils zstd lz4 binutils python3 >/dev/null
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# The metapackage names the versioned image package; resolve it so we fetch the current one.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    apt-get update -qq
+fi
+kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')"
+[ -n "$kpkg" ] || { echo "guest assets: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+echo "guest assets: fetching $kpkg and busybox-static"
+apt-get download -qq "$kpkg" busybox-static
+dpkg-deb -x ./"$kpkg"_*.deb kernel
+dpkg-deb -x ./busybox-static_*.deb bb
+
+kver="$(ls kernel/lib/modules | head -n1)"
+moddir="kernel/lib/modules/$kver"
+
+# Modules may ship compressed; busybox insmod wants plain ELF.
+find "$moddir" -name '*.ko.xz' -exec xz -d {} +
+find "$moddir" -name '*.ko.zst' -exec zstd -q --rm -d {} +
+
+# Each .ko names what it needs in its modinfo `depends=` field (there is no modules.dep in
+# the package): load order is a depth-first walk of that graph.
+wanted=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng
+        vmw_vsock_virtio_transport vsock_loopback ext4 crc32c_generic)
+declare -A path_of done_mod
+while IFS= read -r ko; do
+    name="$(basename "$ko" .ko)"
+    path_of[$name]="$ko"
+    path_of[${name//-/_}]="$ko"
+done < <(find "$moddir" -name '*.ko')
+order=()
+visit() {
+    local m="${1//-/_}"
+    [ -n "${done_mod[$m]:-}" ] && return 0
+    done_mod[$m]=1
+    local ko="${path_of[$m]:-}"
+    [ -n "$ko" ] || return 0 # built into the kernel
+    local deps
+    deps="$(strings -n 3 "$ko" | sed -n 's/^depends=//p' | head -n1)"
+    local d
+    for d in ${deps//,/ }; do visit "$d"; done
+    order+=("$ko")
+}
+for m in "${wanted[@]}"; do visit "$m"; done
+
+root="$work/initramfs"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules,mnt,root,usr/bin,usr/sbin}
+cp bb/bin/busybox "$root/bin/busybox"
+for ko in "${order[@]}"; do
+    cp "$ko" "$root/lib/modules/"
+    basename "$ko" >>"$root/lib/modules/load-order"
+done
+cat >"$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+if [ -f /lib/modules/load-order ]; then
+    while read -r ko; do insmod "/lib/modules/$ko" 2>/dev/null; done </lib/modules/load-order
+fi
+hostname vessel
+echo "vessel-init: $(uname -r) up, $(nproc) cpu(s)"
+# Optional root switch: root=/dev/vda (or any block device) on the kernel command line.
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vessel.root=*) newroot="${arg#vessel.root=}" ;;
+        vessel.run=*) run="${arg#vessel.run=}" ;;
+    esac
+done
+if [ -n "${newroot:-}" ] && mount "$newroot" /mnt; then
+    mount --move /dev /mnt/dev 2>/dev/null
+    exec switch_root /mnt /sbin/init
+fi
+if [ -n "${run:-}" ]; then
+    sh -c "$(echo "$run" | tr '+' ' ')"
+    poweroff -f
+fi
+while true; do
+    setsid cttyhack sh -l
+done
+INIT
+chmod +x "$root/init"
+echo 'export PS1="~ # "' >"$root/etc/profile"
+
+mkdir -p "$ASSETS"
+(cd "$root" && find . | cpio -o -H newc --quiet) | gzip -9 >"$ASSETS/initramfs.cpio.gz.tmp"
+cp kernel/boot/vmlinuz-"$kver" "$ASSETS/vmlinuz.tmp"
+cp kernel/boot/config-"$kver" "$ASSETS/config"
+cp bb/bin/busybox "$ASSETS/busybox"
+# An uncompressed ELF vmlinux for the ELF and PVH paths, extracted from the bzImage payload.
+python3 - "$ASSETS/vmlinuz.tmp" "$ASSETS/vmlinux.tmp" <<'PY'
+import sys, struct, subprocess
+data = open(sys.argv[1], 'rb').read()
+setup_sects = data[0x1f1] or 4
+off = struct.unpack_from('<I', data, 0x248)[0]
+length = struct.unpack_from('<I', data, 0x24c)[0]
+payload = data[(setup_sects + 1) * 512 + off:][:length]
+magics = {b'\x02\x21\x4c\x18': ['lz4', '-dc'], b'\x1f\x8b': ['gzip', '-dc'],
+          b'\xfd7zXZ': ['xz', '-dc'], b'\x28\xb5\x2f\xfd': ['zstd', '-dc']}
+for magic, cmd in magics.items():
+    if payload.startswith(magic):
+        break
+else:
+    sys.exit('unknown kernel payload compression')
+out = subprocess.run(cmd, input=payload, capture_output=True).stdout
+if not out.startswith(b'\x7fELF'):
+    sys.exit('payload did not decompress to an ELF vmlinux (%s)' % cmd[0])
+open(sys.argv[2], 'wb').write(out)
+PY
+mv "$ASSETS/initramfs.cpio.gz.tmp" "$ASSETS/initramfs.cpio.gz"
+mv "$ASSETS/vmlinuz.tmp" "$ASSETS/vmlinuz"
+mv "$ASSETS/vmlinux.tmp" "$ASSETS/vmlinux"
+echo "$kver" >"$ASSETS/kernel-version"
+echo "guest assets: kernel $kver, $(wc -l <"$root/lib/modules/load-order") modules -> $ASSETS"
