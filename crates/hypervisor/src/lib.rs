@@ -1,1 +1,148 @@
-//! placeholder
+//! The accelerator seam: `Hypervisor` / `Vm` / `Vcpu` and the `VcpuExit` contract.
+//!
+//! Each backend (KVM through `/dev/kvm`, later Vessel's software CPU) implements these
+//! traits. The VMM's run loop, device model and boot code only see this module:
+//! - guest port and MMIO accesses reach the VMM through [`IoHandler`] *inside* `run()`, so
+//!   both backends end in the same bus dispatch and `VcpuExit` stays small;
+//! - interrupts leave devices through [`IrqChip`] (raise a GSI line, send an MSI), whether
+//!   the interrupt controllers live in the host kernel or in user space.
+
+pub mod host;
+pub mod kvm;
+pub mod regs;
+
+use std::sync::Arc;
+
+pub use regs::{CpuIdEntry, DescriptorTable, FpuState, MsrEntry, Regs, Segment, Sregs};
+
+/// Errors from an accelerator backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening {path}: {source}")]
+    OpenDevice {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApiVersion(i32),
+    #[error("creating the VM: {0}")]
+    CreateVm(#[source] std::io::Error),
+    #[error("setting up the in-kernel interrupt controllers: {0}")]
+    CreateIrqChip(#[source] std::io::Error),
+    #[error("registering guest memory at {guest_addr:#x} (+{size:#x}): {source}")]
+    SetMemoryRegion {
+        guest_addr: u64,
+        size: u64,
+        source: std::io::Error,
+    },
+    #[error("creating vCPU {id}: {source}")]
+    CreateVcpu { id: u32, source: std::io::Error },
+    #[error("{op} on a vCPU: {source}")]
+    VcpuIoctl {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{op}: {source}")]
+    VmIoctl {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("running the vCPU: {0}")]
+    Run(#[source] std::io::Error),
+    #[error("the backend rejected {what}")]
+    Unsupported { what: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where a vCPU's port and MMIO accesses go. The VMM implements it over its buses.
+///
+/// Called from the vCPU thread in the middle of `Vcpu::run`; the data slices are exactly
+/// the access size. Reads of nothing should fill `data` with 0xff, as an open bus does.
+pub trait IoHandler: Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Why `Vcpu::run` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// A port or MMIO access was handled through the `IoHandler`; run again.
+    Io,
+    /// The guest halted with interrupts that only the VMM can deliver (rare with an
+    /// in-kernel irqchip, which sleeps in the kernel instead).
+    Hlt,
+    /// The vCPU was kicked (a signal, or a request to stop); the VMM checks its state.
+    Interrupted,
+    /// Triple fault or an equivalent unrecoverable CPU state: the machine resets.
+    Shutdown,
+    /// The guest asked for a reset through a paravirtual system event.
+    Reset,
+    /// The guest asked to power off through a paravirtual system event.
+    PowerOff,
+    /// The backend could not continue; the string says what it saw.
+    InternalError(String),
+}
+
+/// Interrupt delivery, in the shape of the hardware: GSI lines into the IOAPIC/PIC pair,
+/// and message-signalled interrupts. KVM backs it with its in-kernel irqchip; the software
+/// CPU with the user-space controllers in `devices`.
+pub trait IrqChip: Send + Sync {
+    /// Drive a GSI line high or low.
+    fn set_irq_line(&self, gsi: u32, active: bool) -> Result<()>;
+    /// An edge on a GSI line: high then low.
+    fn pulse_irq_line(&self, gsi: u32) -> Result<()> {
+        self.set_irq_line(gsi, true)?;
+        self.set_irq_line(gsi, false)
+    }
+    /// Deliver a message-signalled interrupt.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+}
+
+/// One accelerator on this host.
+pub trait Hypervisor: Send + Sync {
+    /// A short name for logs and messages ("kvm", "emu").
+    fn name(&self) -> &'static str;
+    /// Create an empty VM with its interrupt controllers.
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+    /// CPUID leaves this accelerator can present to a guest.
+    fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
+}
+
+/// One virtual machine: memory slots, vCPUs and its interrupt controllers.
+pub trait Vm: Send + Sync {
+    /// Map `size` bytes of host memory at `host_addr` as guest-physical `guest_addr`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped and valid for as long as the VM exists.
+    unsafe fn add_memory_region(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        host_addr: *mut u8,
+        size: u64,
+    ) -> Result<()>;
+    /// Create vCPU `id` (its APIC ID).
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// The interrupt controllers of this VM.
+    fn irq_chip(&self) -> Arc<dyn IrqChip>;
+}
+
+/// One virtual CPU, driven from its own thread.
+pub trait Vcpu: Send {
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<Sregs>;
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()>;
+    fn fpu(&self) -> Result<FpuState>;
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
+    fn set_cpuid(&mut self, entries: &[CpuIdEntry]) -> Result<()>;
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()>;
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
+    /// Wire LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware leaves a PC.
+    fn configure_local_interrupts(&mut self) -> Result<()>;
+    /// Run until something needs the VMM. Port and MMIO accesses are handled through `io`.
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
+}

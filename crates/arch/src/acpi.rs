@@ -1,0 +1,214 @@
+//! ACPI tables: RSDP, XSDT, FADT, MADT, DSDT.
+//!
+//! Debian's cloud kernel has no MP-table parser, so ACPI is how it finds CPUs, the IOAPIC,
+//! virtio-mmio devices and how to power off. The platform is *hardware-reduced* ACPI, as
+//! Cloud Hypervisor and Firecracker present it: no SCI, no PM1 blocks, no FACS; power-off
+//! goes through the FADT sleep control register and reset through its reset register.
+
+use acpi_tables::{aml, sdt::Sdt, Aml};
+
+use crate::layout::{APIC_START, IOAPIC_START};
+
+/// The I/O ports the VMM's power-management device answers on.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const SLEEP_STATUS_PORT: u16 = 0x601;
+pub const RESET_PORT: u16 = 0x602;
+/// The value the guest writes to RESET_PORT to reset.
+pub const RESET_VALUE: u8 = 0x1;
+/// The SLP_TYP of S5 (soft off) we publish in `\_S5_`.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// Sleep control register: SLP_EN and the SLP_TYP field.
+pub const SLEEP_CONTROL_SLP_EN: u8 = 1 << 5;
+pub const SLEEP_CONTROL_SLP_TYP_SHIFT: u8 = 2;
+
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+/// What the tables describe.
+#[derive(Clone, Debug, Default)]
+pub struct AcpiConfig {
+    pub cpus: u8,
+    pub virtio_devices: Vec<VirtioMmioDevice>,
+}
+
+const OEM_ID: [u8; 6] = *b"VESSEL";
+const OEM_TABLE: [u8; 8] = *b"VESSELVM";
+
+/// The tables, laid out for `base`: returns the bytes to copy there and the RSDP address
+/// (always `base`).
+pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
+    let dsdt = dsdt(cfg);
+    let madt = madt(cfg);
+    // Layout: RSDP (36, padded to 64) | XSDT | FADT | MADT | DSDT
+    let rsdp_len = 64u64;
+    let xsdt_len = 36 + 8 * 2;
+    let fadt_at = base + rsdp_len + xsdt_len;
+    let fadt_len = 276u64;
+    let madt_at = fadt_at + fadt_len;
+    let dsdt_at = madt_at + madt.len() as u64;
+    let fadt = fadt(dsdt_at);
+    let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE, 1);
+    xsdt.append(fadt_at);
+    xsdt.append(madt_at);
+    let xsdt_at = base + rsdp_len;
+
+    let mut out = rsdp(xsdt_at).to_vec();
+    out.resize(rsdp_len as usize, 0);
+    out.extend_from_slice(xsdt.as_slice());
+    out.extend_from_slice(fadt.as_slice());
+    out.extend_from_slice(&madt);
+    out.extend_from_slice(dsdt.as_slice());
+    out
+}
+
+fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
+}
+
+fn rsdp(xsdt_addr: u64) -> [u8; 36] {
+    let mut r = [0u8; 36];
+    r[0..8].copy_from_slice(b"RSD PTR ");
+    r[9..15].copy_from_slice(&OEM_ID);
+    r[15] = 2; // revision: ACPI 2.0+, XSDT valid
+    r[20..24].copy_from_slice(&36u32.to_le_bytes());
+    r[24..32].copy_from_slice(&xsdt_addr.to_le_bytes());
+    r[8] = checksum(&r[0..20]);
+    r[32] = checksum(&r);
+    r
+}
+
+/// A Generic Address Structure in system I/O space.
+fn gas_io(port: u16, bits: u8) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O
+    g[1] = bits;
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+fn fadt(dsdt_addr: u64) -> Sdt {
+    let mut f = Sdt::new(*b"FACP", 276, 6, OEM_ID, OEM_TABLE, 1);
+    // IAPC_BOOT_ARCH: no VGA (bit 2), no CMOS RTC (bit 5). No 8042 bit: Linux would
+    // probe a keyboard controller we only emulate for its reset line.
+    f.write_u16(109, (1 << 2) | (1 << 5));
+    // Flags: WBINVD, PROC_C1, PWR_BUTTON and SLP_BUTTON absent, RESET_REG_SUP,
+    // HW_REDUCED_ACPI.
+    let flags: u32 = 1 | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10) | (1 << 20);
+    f.write_u32(112, flags);
+    f.write_bytes(116, &gas_io(RESET_PORT, 8));
+    f.write_u8(128, RESET_VALUE);
+    f.write_u8(131, 3); // FADT minor version (6.3)
+    f.write_u64(140, dsdt_addr);
+    f.write_bytes(244, &gas_io(SLEEP_CONTROL_PORT, 8));
+    f.write_bytes(256, &gas_io(SLEEP_STATUS_PORT, 8));
+    f.write_bytes(268, b"VESSELVM");
+    f
+}
+
+fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut m = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE, 1);
+    m.write_u32(36, APIC_START as u32);
+    m.write_u32(40, 1); // PCAT_COMPAT: there is a dual 8259 to mask
+    let mut body = Vec::new();
+    for id in 0..cfg.cpus {
+        // Processor Local APIC: uid, APIC id, enabled.
+        body.extend_from_slice(&[0, 8, id, id, 1, 0, 0, 0]);
+    }
+    // I/O APIC: id, reserved, address, GSI base.
+    body.extend_from_slice(&[1, 12, 0, 0]);
+    body.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    // ISA IRQ 0 (the PIT) arrives on GSI 2, edge, active high, as on every PC.
+    body.extend_from_slice(&[2, 10, 0, 0]);
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    // Local APIC NMI: all processors, LINT1.
+    body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    m.append_slice(&body);
+    m.as_slice().to_vec()
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Sdt {
+    let mut d = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO]),
+    );
+    s5.to_aml_bytes(&mut d);
+    let names: Vec<String> = (0..cfg.virtio_devices.len())
+        .map(|i| format!("V{i:03X}"))
+        .collect();
+    for (i, dev) in cfg.virtio_devices.iter().enumerate() {
+        let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid_val = i as u32;
+        let uid = aml::Name::new("_UID".into(), &uid_val);
+        let crs_name = aml::Name::new("_CRS".into(), &crs);
+        let device = aml::Device::new(
+            format!("_SB_.{}", names[i]).as_str().into(),
+            vec![&hid, &uid, &crs_name],
+        );
+        device.to_aml_bytes(&mut d);
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_at<'a>(blob: &'a [u8], base: u64, addr: u64) -> &'a [u8] {
+        let off = (addr - base) as usize;
+        let len = u32::from_le_bytes(blob[off + 4..off + 8].try_into().unwrap()) as usize;
+        &blob[off..off + len]
+    }
+
+    #[test]
+    fn tables_chain_together_with_valid_checksums() {
+        let base = 0xe0000;
+        let cfg = AcpiConfig {
+            cpus: 2,
+            virtio_devices: vec![VirtioMmioDevice {
+                base: 0xd000_0000,
+                size: 0x1000,
+                gsi: 5,
+            }],
+        };
+        let blob = build_tables(&cfg, base);
+        assert_eq!(&blob[0..8], b"RSD PTR ");
+        assert_eq!(checksum(&blob[0..20]), 0);
+        assert_eq!(checksum(&blob[0..36]), 0);
+        let xsdt_addr = u64::from_le_bytes(blob[24..32].try_into().unwrap());
+        let xsdt = table_at(&blob, base, xsdt_addr);
+        assert_eq!(&xsdt[0..4], b"XSDT");
+        assert_eq!(checksum(xsdt), 0);
+        let mut sigs = vec![];
+        for e in xsdt[36..].chunks(8) {
+            let t = table_at(&blob, base, u64::from_le_bytes(e.try_into().unwrap()));
+            assert_eq!(checksum(t), 0, "{:?}", std::str::from_utf8(&t[0..4]));
+            sigs.push(t[0..4].to_vec());
+            if &t[0..4] == b"FACP" {
+                let dsdt_addr = u64::from_le_bytes(t[140..148].try_into().unwrap());
+                let dsdt = table_at(&blob, base, dsdt_addr);
+                assert_eq!(&dsdt[0..4], b"DSDT");
+                assert_eq!(checksum(dsdt), 0);
+                let hay = String::from_utf8_lossy(dsdt);
+                assert!(hay.contains("_S5_") && hay.contains("LNRO0005"));
+            }
+            if &t[0..4] == b"APIC" {
+                let lapics = t[44..].windows(2).filter(|w| w == &[0, 8]).count();
+                assert!(lapics >= 2);
+            }
+        }
+        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert!(blob.len() < (crate::layout::ACPI_END - crate::layout::ACPI_START) as usize);
+    }
+}

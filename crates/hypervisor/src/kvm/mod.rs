@@ -1,0 +1,402 @@
+//! The `kvm` accelerator: hardware-assisted execution through `/dev/kvm` (kvm-ioctls).
+//!
+//! The interrupt controllers (LAPIC, IOAPIC, PIC) and the PIT live in the host kernel
+//! (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2); devices reach them through [`IrqChip`].
+
+mod convert;
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+
+use crate::{
+    CpuIdEntry, Error, FpuState, Hypervisor, IoHandler, IrqChip, MsrEntry, Regs, Result, Sregs,
+    Vcpu, VcpuExit, Vm,
+};
+
+/// Where KVM puts the three pages it needs for real-mode TSS emulation on Intel hosts: just
+/// below the 4 GiB boundary, inside the MMIO gap where no RAM or device lives.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// `/dev/kvm`.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl std::fmt::Debug for KvmHypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmHypervisor").finish_non_exhaustive()
+    }
+}
+
+impl KvmHypervisor {
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| Error::OpenDevice {
+            path: "/dev/kvm",
+            source: io_err(e),
+        })?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(Error::KvmApiVersion(version));
+        }
+        Ok(KvmHypervisor { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::CreateVm(io_err(e)))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::VmIoctl {
+                op: "KVM_SET_TSS_ADDR",
+                source: io_err(e),
+            })?;
+        fd.create_irq_chip()
+            .map_err(|e| Error::CreateIrqChip(io_err(e)))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| Error::CreateIrqChip(io_err(e)))?;
+        let fd = Arc::new(fd);
+        Ok(Arc::new(KvmVm {
+            irq: Arc::new(KvmIrqChip { fd: fd.clone() }),
+            fd,
+        }))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::VmIoctl {
+                op: "KVM_GET_SUPPORTED_CPUID",
+                source: io_err(e),
+            })?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuIdEntry {
+                function: e.function,
+                index: e.index,
+                significant_index: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
+    }
+}
+
+struct KvmVm {
+    fd: Arc<VmFd>,
+    irq: Arc<KvmIrqChip>,
+}
+
+impl Vm for KvmVm {
+    unsafe fn add_memory_region(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        host_addr: *mut u8,
+        size: u64,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| {
+            Error::SetMemoryRegion {
+                guest_addr,
+                size,
+                source: io_err(e),
+            }
+        })
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::CreateVcpu {
+                id,
+                source: io_err(e),
+            })?;
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+
+    fn irq_chip(&self) -> Arc<dyn IrqChip> {
+        self.irq.clone()
+    }
+}
+
+struct KvmIrqChip {
+    fd: Arc<VmFd>,
+}
+
+impl IrqChip for KvmIrqChip {
+    fn set_irq_line(&self, gsi: u32, active: bool) -> Result<()> {
+        self.fd
+            .set_irq_line(gsi, active)
+            .map_err(|e| Error::VmIoctl {
+                op: "KVM_IRQ_LINE",
+                source: io_err(e),
+            })
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| Error::VmIoctl {
+                op: "KVM_SIGNAL_MSI",
+                source: io_err(e),
+            })
+    }
+}
+
+struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+fn vcpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |e| Error::VcpuIoctl {
+        op,
+        source: io_err(e),
+    }
+}
+
+/// LAPIC register offsets and delivery modes for LINT0/LINT1 set-up.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+fn lvt_with_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+impl Vcpu for KvmVcpu {
+    fn regs(&self) -> Result<Regs> {
+        let r = self.fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?;
+        Ok(convert::regs_from_kvm(&r))
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        self.fd
+            .set_regs(&convert::regs_to_kvm(regs))
+            .map_err(vcpu_err("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<Sregs> {
+        let s = self.fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+        Ok(convert::sregs_from_kvm(&s))
+    }
+
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()> {
+        let mut k = self.fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+        convert::sregs_into_kvm(sregs, &mut k);
+        self.fd.set_sregs(&k).map_err(vcpu_err("KVM_SET_SREGS"))
+    }
+
+    fn fpu(&self) -> Result<FpuState> {
+        let f = self.fd.get_fpu().map_err(vcpu_err("KVM_GET_FPU"))?;
+        let mut out = FpuState::default();
+        let x = &mut out.fxsave;
+        x[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+        x[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+        x[4] = f.ftwx;
+        x[6..8].copy_from_slice(&f.last_opcode.to_le_bytes());
+        x[8..16].copy_from_slice(&f.last_ip.to_le_bytes());
+        x[16..24].copy_from_slice(&f.last_dp.to_le_bytes());
+        x[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+        for (i, st) in f.fpr.iter().enumerate() {
+            x[32 + i * 16..32 + i * 16 + 16].copy_from_slice(st);
+        }
+        for (i, xmm) in f.xmm.iter().enumerate() {
+            x[160 + i * 16..160 + i * 16 + 16].copy_from_slice(xmm);
+        }
+        Ok(out)
+    }
+
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
+        let x = &fpu.fxsave;
+        let u16_at = |o: usize| u16::from_le_bytes([x[o], x[o + 1]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&x[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let mut f = kvm_fpu {
+            fcw: u16_at(0),
+            fsw: u16_at(2),
+            ftwx: x[4],
+            last_opcode: u16_at(6),
+            last_ip: u64_at(8),
+            last_dp: u64_at(16),
+            mxcsr: u32::from_le_bytes([x[24], x[25], x[26], x[27]]),
+            ..Default::default()
+        };
+        for (i, st) in f.fpr.iter_mut().enumerate() {
+            st.copy_from_slice(&x[32 + i * 16..32 + i * 16 + 16]);
+        }
+        for (i, xmm) in f.xmm.iter_mut().enumerate() {
+            xmm.copy_from_slice(&x[160 + i * 16..160 + i * 16 + 16]);
+        }
+        self.fd.set_fpu(&f).map_err(vcpu_err("KVM_SET_FPU"))
+    }
+
+    fn set_cpuid(&mut self, entries: &[CpuIdEntry]) -> Result<()> {
+        let kvm_entries: Vec<_> = entries
+            .iter()
+            .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: if e.significant_index {
+                    kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                } else {
+                    0
+                },
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| Error::Unsupported {
+            what: format!("a CPUID table of {} entries", entries.len()),
+        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(vcpu_err("KVM_SET_CPUID2"))
+    }
+
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {
+        let entries: Vec<_> = msrs
+            .iter()
+            .map(|m| kvm_bindings::kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            })
+            .collect();
+        let kmsrs = Msrs::from_entries(&entries).map_err(|_| Error::Unsupported {
+            what: format!("an MSR list of {} entries", msrs.len()),
+        })?;
+        let written = self.fd.set_msrs(&kmsrs).map_err(vcpu_err("KVM_SET_MSRS"))?;
+        if written != msrs.len() {
+            let failed = msrs.get(written).map(|m| m.index).unwrap_or_default();
+            return Err(Error::Unsupported {
+                what: format!("MSR {failed:#x}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut kmsrs = Msrs::from_entries(&entries).map_err(|_| Error::Unsupported {
+            what: format!("an MSR list of {} entries", indices.len()),
+        })?;
+        let read = self
+            .fd
+            .get_msrs(&mut kmsrs)
+            .map_err(vcpu_err("KVM_GET_MSRS"))?;
+        Ok(kmsrs.as_slice()[..read]
+            .iter()
+            .map(|e| MsrEntry {
+                index: e.index,
+                value: e.data,
+            })
+            .collect())
+    }
+
+    fn configure_local_interrupts(&mut self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(vcpu_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let mut b = [0u8; 4];
+            for (i, byte) in b.iter_mut().enumerate() {
+                *byte = lapic.regs[offset + i] as u8;
+            }
+            let v = lvt_with_mode(u32::from_le_bytes(b), mode).to_le_bytes();
+            for (i, byte) in v.iter().enumerate() {
+                lapic.regs[offset + i] = *byte as _;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(vcpu_err("KVM_SET_LAPIC"))
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                KvmExit::IoIn(port, data) => {
+                    io.pio_read(port, data);
+                    VcpuExit::Io
+                }
+                KvmExit::IoOut(port, data) => {
+                    io.pio_write(port, data);
+                    VcpuExit::Io
+                }
+                KvmExit::MmioRead(addr, data) => {
+                    io.mmio_read(addr, data);
+                    VcpuExit::Io
+                }
+                KvmExit::MmioWrite(addr, data) => {
+                    io.mmio_write(addr, data);
+                    VcpuExit::Io
+                }
+                KvmExit::Hlt => VcpuExit::Hlt,
+                KvmExit::Shutdown => VcpuExit::Shutdown,
+                KvmExit::Intr => VcpuExit::Interrupted,
+                KvmExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
+                    other => VcpuExit::InternalError(format!("system event {other}")),
+                },
+                KvmExit::FailEntry(reason, cpu) => VcpuExit::InternalError(format!(
+                    "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                )),
+                KvmExit::InternalError => VcpuExit::InternalError(
+                    "KVM internal error (an instruction KVM could not emulate)".to_string(),
+                ),
+                other => VcpuExit::InternalError(format!("unexpected KVM exit {other:?}")),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(Error::Run(io_err(e))),
+        }
+    }
+}
