@@ -1,1 +1,12 @@
-//! placeholder
+//! Device models: the I/O buses and the legacy PC devices a VM needs.
+//!
+//! Devices know nothing of the accelerator: accesses arrive through [`bus::Bus`], and
+//! interrupts leave through `hypervisor::IrqChip`.
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitReason, ExitSignal};

@@ -1,0 +1,184 @@
+//! Small legacy and platform devices: the i8042's reset line, the ACPI power-management
+//! registers, and a debug-exit port for tests.
+
+use std::sync::Arc;
+
+use crate::bus::BusDevice;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// The i8042 keyboard controller, as far as a VMM needs it: its command 0xfe pulses the
+/// CPU reset line, which is how Linux reboots with `reboot=k`. No keyboard is attached.
+pub struct I8042 {
+    exit: Arc<ExitSignal>,
+    command_byte: u8,
+    expect_command_byte: bool,
+}
+
+/// Port offsets from 0x60.
+const I8042_DATA: u64 = 0;
+const I8042_COMMAND: u64 = 4;
+const CMD_READ_COMMAND_BYTE: u8 = 0x20;
+const CMD_WRITE_COMMAND_BYTE: u8 = 0x60;
+const CMD_PULSE_RESET: u8 = 0xfe;
+/// Status: system flag set (POST passed), buffers empty.
+const STATUS_SYSTEM_FLAG: u8 = 0x04;
+
+impl I8042 {
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        I8042 {
+            exit,
+            command_byte: 0,
+            expect_command_byte: false,
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = match offset {
+            I8042_COMMAND => STATUS_SYSTEM_FLAG,
+            I8042_DATA => self.command_byte,
+            _ => 0xff,
+        };
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match (offset, v) {
+            (I8042_COMMAND, CMD_PULSE_RESET) => self.exit.request(ExitReason::Reset),
+            (I8042_COMMAND, CMD_WRITE_COMMAND_BYTE) => self.expect_command_byte = true,
+            (I8042_COMMAND, CMD_READ_COMMAND_BYTE) => {}
+            (I8042_DATA, v) if self.expect_command_byte => {
+                self.command_byte = v;
+                self.expect_command_byte = false;
+            }
+            _ => tracing::trace!(offset, v, "i8042 write ignored"),
+        }
+    }
+}
+
+/// The hardware-reduced ACPI registers the FADT names: sleep control (S5 powers off),
+/// sleep status, and the reset register. Offsets follow `arch::acpi`'s ports.
+pub struct AcpiPm {
+    exit: Arc<ExitSignal>,
+    s5_sleep_type: u8,
+    reset_value: u8,
+}
+
+pub const ACPI_PM_SLEEP_CONTROL: u64 = 0;
+pub const ACPI_PM_SLEEP_STATUS: u64 = 1;
+pub const ACPI_PM_RESET: u64 = 2;
+const SLP_EN: u8 = 1 << 5;
+
+impl AcpiPm {
+    /// `s5_sleep_type` is the SLP_TYP the DSDT's `\_S5_` publishes; `reset_value` the
+    /// FADT's RESET_VALUE.
+    pub fn new(exit: Arc<ExitSignal>, s5_sleep_type: u8, reset_value: u8) -> Self {
+        AcpiPm {
+            exit,
+            s5_sleep_type,
+            reset_value,
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match offset {
+            ACPI_PM_SLEEP_CONTROL if v & SLP_EN != 0 => {
+                if (v >> 2) & 0x7 == self.s5_sleep_type {
+                    self.exit.request(ExitReason::PowerOff);
+                } else {
+                    tracing::warn!(v, "guest asked for a sleep state other than S5; ignored");
+                }
+            }
+            ACPI_PM_RESET if v == self.reset_value => self.exit.request(ExitReason::Reset),
+            _ => {}
+        }
+    }
+}
+
+/// QEMU's isa-debug-exit: a write of `v` ends the VM with process status (v << 1) | 1, so
+/// a test guest can report a result no guest bug can fake as 0.
+pub struct DebugExit {
+    exit: Arc<ExitSignal>,
+}
+
+/// QEMU's default iobase for isa-debug-exit.
+pub const DEBUG_EXIT_PORT: u16 = 0x501;
+
+impl DebugExit {
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        DebugExit { exit }
+    }
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        self.exit
+            .request(ExitReason::DebugExit(u32::from_le_bytes(v)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i8042_pulse_resets() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut k = I8042::new(exit.clone());
+        let mut s = [0u8];
+        k.read(I8042_COMMAND, &mut s);
+        assert_eq!(s[0] & 0x3, 0, "buffers must read empty");
+        k.write(I8042_COMMAND, &[0xaa]);
+        assert_eq!(exit.get(), None);
+        k.write(I8042_COMMAND, &[CMD_PULSE_RESET]);
+        assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn acpi_s5_powers_off_and_other_states_do_not() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut pm = AcpiPm::new(exit.clone(), 5, 1);
+        pm.write(ACPI_PM_SLEEP_CONTROL, &[(3 << 2) | SLP_EN]);
+        assert_eq!(exit.get(), None);
+        pm.write(ACPI_PM_SLEEP_CONTROL, &[5 << 2]);
+        assert_eq!(exit.get(), None);
+        pm.write(ACPI_PM_SLEEP_CONTROL, &[(5 << 2) | SLP_EN]);
+        assert_eq!(exit.get(), Some(ExitReason::PowerOff));
+    }
+
+    #[test]
+    fn acpi_reset_register() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut pm = AcpiPm::new(exit.clone(), 5, 1);
+        pm.write(ACPI_PM_RESET, &[0]);
+        assert_eq!(exit.get(), None);
+        pm.write(ACPI_PM_RESET, &[1]);
+        assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn debug_exit_carries_the_value() {
+        let exit = Arc::new(ExitSignal::new());
+        DebugExit::new(exit.clone()).write(0, &[0x21]);
+        assert_eq!(exit.get(), Some(ExitReason::DebugExit(0x21)));
+    }
+}
