@@ -1,0 +1,471 @@
+//! Image operations for the CLI and the storage manager: create, info, convert, check,
+//! resize. Each has its own error type naming the step that failed.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use thiserror::Error;
+use tracing::info as log_info;
+
+use crate::error::{BlockError, Qcow2Error};
+use crate::qcow2::header::{self, Header, HeaderError};
+use crate::qcow2::Qcow2;
+use crate::storage::Storage;
+use crate::{open, probe, resolve_backing, BlockStatus, Format, OpenError};
+
+pub use crate::qcow2::check::CheckReport as Qcow2CheckReport;
+
+/// Cluster size `qemu-img create -f qcow2` uses.
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub format: Format,
+    /// Virtual size; `None` takes the backing file's size.
+    pub size: Option<u64>,
+    /// Backing file name as it is stored in the image (relative names are resolved against
+    /// the new image's directory), and its format (probed when `None`).
+    pub backing: Option<(String, Option<Format>)>,
+    /// qcow2 cluster size (power of two, 512 B ..= 2 MiB); default 64 KiB.
+    pub cluster_size: Option<u64>,
+}
+
+#[derive(Debug, Error)]
+pub enum CreateError {
+    #[error("a backing file needs the qcow2 format")]
+    BackingNeedsQcow2,
+    #[error("no size given and no backing file to take it from")]
+    NoSize,
+    #[error("cluster size {0} is not a power of two between 512 and 2 MiB")]
+    ClusterSize(u64),
+    #[error(
+        "backing file name is too long (max {} bytes)",
+        header::MAX_BACKING_NAME
+    )]
+    BackingNameTooLong,
+    #[error("opening the backing file")]
+    OpenBacking(#[source] OpenError),
+    #[error("creating {path}")]
+    CreateFile { path: PathBuf, source: io::Error },
+    #[error("writing the new image {path}")]
+    WriteImage { path: PathBuf, source: io::Error },
+    #[error("setting up the qcow2 image {path}")]
+    InitQcow2 { path: PathBuf, source: Qcow2Error },
+}
+
+/// Creates an image (overwriting `path`), as `qemu-img create` does.
+pub fn create(
+    path: &Path,
+    format: Format,
+    size: Option<u64>,
+    backing: Option<(&str, Option<Format>)>,
+) -> Result<(), CreateError> {
+    create_with(
+        path,
+        &CreateOptions {
+            format,
+            size,
+            backing: backing.map(|(n, f)| (n.to_owned(), f)),
+            cluster_size: None,
+        },
+    )
+}
+
+/// [`create`] with every option.
+pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<(), CreateError> {
+    let mut size = opts.size;
+    let mut backing_format = None;
+    if let Some((name, fmt)) = &opts.backing {
+        if opts.format != Format::Qcow2 {
+            return Err(CreateError::BackingNeedsQcow2);
+        }
+        if name.len() > header::MAX_BACKING_NAME as usize || name.is_empty() {
+            return Err(CreateError::BackingNameTooLong);
+        }
+        let bpath = resolve_backing(path, name);
+        let bfmt = match fmt {
+            Some(f) => *f,
+            None => probe(&bpath).map_err(CreateError::OpenBacking)?,
+        };
+        let b = open(&bpath, Some(bfmt), true).map_err(CreateError::OpenBacking)?;
+        size = size.or(Some(b.size()));
+        backing_format = Some(bfmt);
+    }
+    let size = size.ok_or(CreateError::NoSize)?;
+    let cfile = |source| CreateError::CreateFile {
+        path: path.into(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(cfile)?;
+    match opts.format {
+        Format::Raw => {
+            file.set_len(size).map_err(cfile)?;
+            file.sync_all().map_err(cfile)?;
+        }
+        Format::Qcow2 => {
+            let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
+            if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+                return Err(CreateError::ClusterSize(cs));
+            }
+            let name = opts.backing.as_ref().map(|(n, _)| n.clone());
+            write_empty_qcow2(&file, cs, name, backing_format).map_err(|source| {
+                CreateError::WriteImage {
+                    path: path.into(),
+                    source,
+                }
+            })?;
+            let init = |source| CreateError::InitQcow2 {
+                path: path.into(),
+                source,
+            };
+            let mut q = Qcow2::open(Box::new(file), false).map_err(init)?;
+            q.resize(size.div_ceil(512) * 512).map_err(init)?;
+        }
+    }
+    log_info!(path = %path.display(), format = %opts.format, size, "image created");
+    Ok(())
+}
+
+/// Writes a zero-sized qcow2 v3: header, refcount table and one refcount block.
+fn write_empty_qcow2(
+    f: &File,
+    cs: u64,
+    backing: Option<String>,
+    backing_format: Option<Format>,
+) -> io::Result<()> {
+    let cluster_bits = cs.trailing_zeros();
+    let mut h = Header {
+        version: 3,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: 4,
+        header_length: header::V3_HEADER_LEN,
+        compression_type: 0,
+        backing_file: None,
+        backing_format: backing_format.map(|f| f.to_string()),
+    };
+    let mut cluster0 = h.encode();
+    if let Some(name) = &backing {
+        h.backing_file_offset = cluster0.len() as u64;
+        h.backing_file_size = name.len() as u32;
+        cluster0 = h.encode();
+        cluster0.extend_from_slice(name.as_bytes());
+    }
+    if cluster0.len() as u64 > cs {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "header does not fit a cluster",
+        ));
+    }
+    cluster0.resize(cs as usize, 0);
+    let mut reftable = vec![0u8; cs as usize];
+    reftable[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    let mut refblock = vec![0u8; cs as usize];
+    for i in 0..3 {
+        refblock[i * 2..i * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    Storage::write_at(f, 0, &cluster0)?;
+    Storage::write_at(f, cs, &reftable)?;
+    Storage::write_at(f, 2 * cs, &refblock)?;
+    f.sync_all()
+}
+
+/// What `info` reports about an image.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub filename: PathBuf,
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Bytes the file occupies on the host.
+    pub actual_size: u64,
+    pub cluster_size: Option<u64>,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    /// qcow2 version ("compat" in qemu-img: 2 = 0.10, 3 = 1.1).
+    pub qcow2_version: Option<u32>,
+    pub refcount_bits: Option<u32>,
+    pub dirty: bool,
+    pub corrupt: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum InfoError {
+    #[error(transparent)]
+    Probe(#[from] OpenError),
+    #[error("reading {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("reading the qcow2 header of {path}")]
+    Header { path: PathBuf, source: HeaderError },
+}
+
+/// Describes an image from its header, without opening its backing chain.
+pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, InfoError> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let rd = |source| InfoError::Read {
+        path: path.into(),
+        source,
+    };
+    let f = File::open(path).map_err(rd)?;
+    let len = Storage::file_len(&f).map_err(rd)?;
+    let actual_size = f.allocated_bytes().map_err(rd)?;
+    let mut out = ImageInfo {
+        filename: path.into(),
+        format,
+        virtual_size: len,
+        actual_size,
+        cluster_size: None,
+        backing_file: None,
+        backing_format: None,
+        qcow2_version: None,
+        refcount_bits: None,
+        dirty: false,
+        corrupt: false,
+    };
+    if format == Format::Qcow2 {
+        let mut buf = vec![0u8; (len.min(2 << 20)) as usize];
+        Storage::read_at(&f, 0, &mut buf).map_err(rd)?;
+        let h = Header::parse(&buf).map_err(|source| InfoError::Header {
+            path: path.into(),
+            source,
+        })?;
+        out.virtual_size = h.size;
+        out.cluster_size = Some(h.cluster_size());
+        out.backing_file = h.backing_file.clone();
+        out.backing_format = h.backing_format.clone();
+        out.qcow2_version = Some(h.version);
+        out.refcount_bits = Some(1 << h.refcount_order);
+        out.dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
+        out.corrupt = h.incompatible_features & header::INCOMPAT_CORRUPT != 0;
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Error)]
+pub enum ConvertError {
+    #[error("opening the source image")]
+    OpenSource(#[source] OpenError),
+    #[error("creating the destination image")]
+    CreateDestination(#[source] CreateError),
+    #[error("opening the destination image")]
+    OpenDestination(#[source] OpenError),
+    #[error("reading the source at {offset:#x}")]
+    Read { offset: u64, source: BlockError },
+    #[error("writing the destination at {offset:#x}")]
+    Write { offset: u64, source: BlockError },
+    #[error("flushing the destination")]
+    Flush(#[source] BlockError),
+}
+
+/// Copies the guest-visible content of `src` into a new image `dst`, skipping ranges that
+/// are unallocated or read as zeros. `progress(done, total)` is called as bytes are done.
+pub fn convert(
+    src: &Path,
+    src_format: Option<Format>,
+    dst: &Path,
+    dst_format: Format,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ConvertError> {
+    const CHUNK: u64 = 1 << 20;
+    let mut s = open(src, src_format, true).map_err(ConvertError::OpenSource)?;
+    let size = s.size();
+    create(dst, dst_format, Some(size), None).map_err(ConvertError::CreateDestination)?;
+    let mut d = open(dst, Some(dst_format), false).map_err(ConvertError::OpenDestination)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    progress(0, size);
+    while pos < size {
+        let want = CHUNK.min(size - pos);
+        let (status, n) = s
+            .block_status(pos, want)
+            .map_err(|source| ConvertError::Read {
+                offset: pos,
+                source,
+            })?;
+        let n = n.clamp(1, want);
+        if status == BlockStatus::Data {
+            let chunk = &mut buf[..n as usize];
+            s.read_at(pos, chunk).map_err(|source| ConvertError::Read {
+                offset: pos,
+                source,
+            })?;
+            write_nonzero(d.as_mut(), pos, chunk).map_err(|source| ConvertError::Write {
+                offset: pos,
+                source,
+            })?;
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    d.flush().map_err(ConvertError::Flush)?;
+    Ok(())
+}
+
+/// Writes `data` at `offset`, skipping 64 KiB-aligned pieces that are all zeros (the new
+/// destination already reads zeros there).
+fn write_nonzero(
+    d: &mut dyn crate::BlockBackend,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), BlockError> {
+    const PIECE: usize = 64 << 10;
+    let mut start = None;
+    let mut i = 0;
+    while i < data.len() {
+        let piece_end = (i + PIECE - ((offset as usize + i) % PIECE)).min(data.len());
+        let zero = data[i..piece_end].iter().all(|&b| b == 0);
+        match (zero, start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                d.write_at(offset + s as u64, &data[s..i])?;
+                start = None;
+            }
+            _ => {}
+        }
+        i = piece_end;
+    }
+    if let Some(s) = start {
+        d.write_at(offset + s as u64, &data[s..])?;
+    }
+    Ok(())
+}
+
+/// Result of [`check`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CheckReport {
+    pub filename: PathBuf,
+    pub format: Format,
+    /// `None` for formats without metadata to check (raw).
+    #[serde(flatten)]
+    pub qcow2: Option<Qcow2CheckReport>,
+}
+
+impl CheckReport {
+    /// True when no corruption was found (leaks are allowed).
+    pub fn is_consistent(&self) -> bool {
+        self.qcow2.as_ref().is_none_or(|r| r.is_consistent())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Probe(#[from] OpenError),
+    #[error("opening {path}")]
+    OpenFile { path: PathBuf, source: io::Error },
+    #[error("opening qcow2 image {path}")]
+    Open { path: PathBuf, source: Qcow2Error },
+    #[error("walking the metadata of {path}")]
+    Walk { path: PathBuf, source: Qcow2Error },
+}
+
+/// Checks an image's metadata (qcow2); raw images have none and always pass.
+pub fn check(path: &Path, format: Option<Format>) -> Result<CheckReport, CheckError> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let mut report = CheckReport {
+        filename: path.into(),
+        format,
+        qcow2: None,
+    };
+    if format == Format::Qcow2 {
+        let f = File::open(path).map_err(|source| CheckError::OpenFile {
+            path: path.into(),
+            source,
+        })?;
+        let mut q = Qcow2::open(Box::new(f), true).map_err(|source| CheckError::Open {
+            path: path.into(),
+            source,
+        })?;
+        report.qcow2 =
+            Some(
+                crate::qcow2::check::check(&mut q).map_err(|source| CheckError::Walk {
+                    path: path.into(),
+                    source,
+                })?,
+            );
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Error)]
+pub enum ResizeError {
+    #[error(transparent)]
+    Probe(#[from] OpenError),
+    #[error("opening {path}")]
+    OpenFile { path: PathBuf, source: io::Error },
+    #[error("new size {new} is smaller than current size {old}: shrinking is not supported")]
+    Shrink { old: u64, new: u64 },
+    #[error("resizing raw image {path}")]
+    Raw { path: PathBuf, source: io::Error },
+    #[error("resizing qcow2 image {path}")]
+    Qcow2 { path: PathBuf, source: Qcow2Error },
+}
+
+/// Grows an image's virtual size to `new_size` (qcow2 sizes round up to 512 bytes).
+pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> Result<(), ResizeError> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| ResizeError::OpenFile {
+            path: path.into(),
+            source,
+        })?;
+    match format {
+        Format::Raw => {
+            let raw = |source| ResizeError::Raw {
+                path: path.into(),
+                source,
+            };
+            let old = f.metadata().map_err(raw)?.len();
+            if new_size < old {
+                return Err(ResizeError::Shrink { old, new: new_size });
+            }
+            f.set_len(new_size).map_err(raw)?;
+            f.sync_all().map_err(raw)?;
+        }
+        Format::Qcow2 => {
+            let q2 = |source| ResizeError::Qcow2 {
+                path: path.into(),
+                source,
+            };
+            let mut q = Qcow2::open(Box::new(f), false).map_err(q2)?;
+            let old = q.header().size;
+            if new_size < old {
+                return Err(ResizeError::Shrink { old, new: new_size });
+            }
+            q.resize(new_size.div_ceil(512) * 512).map_err(q2)?;
+        }
+    }
+    log_info!(path = %path.display(), new_size, "image resized");
+    Ok(())
+}

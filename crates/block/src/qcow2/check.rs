@@ -1,0 +1,281 @@
+//! Consistency check: recomputes every cluster's refcount from the header, L1/L2 tables,
+//! refcount structures and snapshot table, and compares with the stored refcounts.
+//! Stored > computed is a leak (harmless); stored < computed, references to clusters past
+//! the end of the file or misaligned, and wrong COPIED flags are corruptions.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::{compressed, header::MAX_L1_BYTES, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::error::Qcow2Error;
+
+/// Messages kept in a report; counts stay exact beyond it.
+const MAX_MESSAGES: usize = 200;
+/// Snapshots qemu allows in one image.
+const MAX_SNAPSHOTS: u32 = 65536;
+
+/// Result of checking an image.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Problems that can lose or expose data (refcount too low, bad pointers).
+    pub corruptions: u64,
+    /// Clusters with a refcount but no reference: wasted space only.
+    pub leaks: u64,
+    /// Guest clusters with data allocated in this image.
+    pub allocated_clusters: u64,
+    /// Guest clusters the virtual size spans.
+    pub total_clusters: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+    /// Human-readable findings (capped).
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when there is nothing worse than leaks.
+    pub fn is_consistent(&self) -> bool {
+        self.corruptions == 0
+    }
+
+    fn corrupt(&mut self, msg: String) {
+        self.corruptions += 1;
+        self.note(msg);
+    }
+
+    fn note(&mut self, msg: String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        }
+    }
+}
+
+struct Walker<'a> {
+    q: &'a mut Qcow2,
+    expect: HashMap<u64, u64>,
+    /// (host offset, has COPIED flag, what) of active L2 tables and data clusters.
+    copied: Vec<(u64, bool, &'static str)>,
+    report: CheckReport,
+    file_len: u64,
+}
+
+impl Walker<'_> {
+    fn cs(&self) -> u64 {
+        self.q.cs()
+    }
+
+    /// Counts a reference to the `n` clusters from `offset`; false if they are invalid.
+    fn reference(&mut self, offset: u64, n: u64, what: &str) -> bool {
+        let cs = self.cs();
+        if !offset.is_multiple_of(cs) {
+            self.report
+                .corrupt(format!("{what} at {offset:#x} is not cluster-aligned"));
+            return false;
+        }
+        if offset.saturating_add(n * cs) > self.file_len.div_ceil(cs) * cs {
+            self.report.corrupt(format!(
+                "{what} at {offset:#x} lies past the end of the file"
+            ));
+            return false;
+        }
+        for c in 0..n {
+            *self.expect.entry(offset / cs + c).or_insert(0) += 1;
+        }
+        true
+    }
+
+    fn read_table(&mut self, offset: u64, entries: u64) -> Result<Vec<u64>, Qcow2Error> {
+        let mut raw = vec![0u8; (entries * 8) as usize];
+        self.q
+            .file
+            .read_at(offset, &mut raw)
+            .map_err(|source| Qcow2Error::ReadL2 { offset, source })?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect())
+    }
+
+    /// Walks one L1 table (the active one when `active`) and everything below it.
+    fn walk_l1(&mut self, l1: &[u64], active: bool) -> Result<(), Qcow2Error> {
+        let cs = self.cs();
+        let l2_entries = cs / 8;
+        for &e in l1 {
+            let l2_off = e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if !self.reference(l2_off, 1, "L2 table") {
+                continue;
+            }
+            if active {
+                self.copied.push((l2_off, e & COPIED != 0, "L2 table"));
+            }
+            let table = self.read_table(l2_off, l2_entries)?;
+            for &entry in &table {
+                if entry & COMPRESSED != 0 {
+                    let (start, n) = compressed::host_clusters(&self.q.header, entry);
+                    if active {
+                        self.report.allocated_clusters += 1;
+                    }
+                    self.reference(start, n, "compressed cluster");
+                    continue;
+                }
+                let host = entry & OFFSET_MASK;
+                if host == 0 {
+                    continue;
+                }
+                if entry & ZERO == 0 && active {
+                    self.report.allocated_clusters += 1;
+                }
+                if self.reference(host, 1, "data cluster") && active {
+                    self.copied
+                        .push((host, entry & COPIED != 0, "data cluster"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_snapshots(&mut self) -> Result<(), Qcow2Error> {
+        let h = self.q.header.clone();
+        if h.nb_snapshots == 0 {
+            return Ok(());
+        }
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            self.report
+                .corrupt(format!("{} snapshots is more than allowed", h.nb_snapshots));
+            return Ok(());
+        }
+        let mut pos = h.snapshots_offset;
+        let mut l1s = Vec::new();
+        for _ in 0..h.nb_snapshots {
+            let mut e = [0u8; 40];
+            if pos.saturating_add(40) > self.file_len {
+                self.report
+                    .corrupt("snapshot table runs past the end of the file".into());
+                return Ok(());
+            }
+            self.q
+                .file
+                .read_at(pos, &mut e)
+                .map_err(Qcow2Error::ReadL1)?;
+            let l1_off = u64::from_be_bytes(e[0..8].try_into().unwrap_or_default());
+            let l1_size = u32::from_be_bytes(e[8..12].try_into().unwrap_or_default());
+            let id_len = u16::from_be_bytes(e[12..14].try_into().unwrap_or_default());
+            let name_len = u16::from_be_bytes(e[14..16].try_into().unwrap_or_default());
+            let extra = u32::from_be_bytes(e[36..40].try_into().unwrap_or_default());
+            let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
+            pos = pos.saturating_add(len.div_ceil(8) * 8);
+            l1s.push((l1_off, l1_size));
+        }
+        let cs = self.cs();
+        let table_clusters = (pos - h.snapshots_offset).div_ceil(cs);
+        self.reference(h.snapshots_offset, table_clusters, "snapshot table");
+        for (off, size) in l1s {
+            let bytes = u64::from(size) * 8;
+            if bytes > MAX_L1_BYTES {
+                self.report
+                    .corrupt(format!("snapshot L1 table at {off:#x} is too large"));
+                continue;
+            }
+            if !self.reference(off, bytes.div_ceil(cs), "snapshot L1 table") {
+                continue;
+            }
+            let l1 = self.read_table(off, u64::from(size))?;
+            self.walk_l1(&l1, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks an open image (open it read-only).
+pub fn check(q: &mut Qcow2) -> Result<CheckReport, Qcow2Error> {
+    let file_len = q.file.file_len().map_err(Qcow2Error::FileLength)?;
+    let cs = q.cs();
+    let mut w = Walker {
+        q,
+        expect: HashMap::new(),
+        copied: Vec::new(),
+        report: CheckReport::default(),
+        file_len,
+    };
+    w.report.total_clusters = w.q.header.size.div_ceil(cs);
+    w.reference(0, 1, "header");
+    let (l1_off, l1_size) = (w.q.header.l1_table_offset, w.q.header.l1_size);
+    if l1_size > 0 {
+        w.reference(l1_off, (u64::from(l1_size) * 8).div_ceil(cs), "L1 table");
+    }
+    let rt_off = w.q.refs.table_offset();
+    let rt_clusters = w.q.refs.table_clusters();
+    w.reference(rt_off, rt_clusters, "refcount table");
+    let blocks: Vec<u64> =
+        w.q.refs
+            .table()
+            .iter()
+            .copied()
+            .filter(|&o| o != 0)
+            .collect();
+    for b in &blocks {
+        w.reference(*b, 1, "refcount block");
+    }
+    let l1 = w.q.l1.clone();
+    w.walk_l1(&l1, true)?;
+    w.walk_snapshots()?;
+
+    // Compare with the stored refcounts.
+    let epb = w.q.refs.entries_per_block();
+    let table_len = w.q.refs.table().len() as u64;
+    let mut stored: HashMap<u64, u64> = HashMap::new();
+    for range in 0..table_len {
+        if w.q.refs.table().get(range as usize).copied().unwrap_or(0) == 0 {
+            continue;
+        }
+        for idx in range * epb..(range + 1) * epb {
+            let r = w.q.refs.get(w.q.file.as_ref(), idx)?;
+            if r != 0 {
+                stored.insert(idx, r);
+            }
+        }
+    }
+    let mut all: Vec<u64> = w.expect.keys().chain(stored.keys()).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut end = 0;
+    for idx in all {
+        let want = w.expect.get(&idx).copied().unwrap_or(0);
+        let have = stored.get(&idx).copied().unwrap_or(0);
+        if want > 0 {
+            end = end.max((idx + 1) * cs);
+        }
+        if have > want {
+            if idx >= w.file_len.div_ceil(cs) {
+                // Like qemu-img, refcounts past the end of the file are not leaks: an
+                // interrupted allocation leaves them and nothing occupies the space.
+                continue;
+            }
+            w.report.leaks += 1;
+            w.report.note(format!(
+                "leaked cluster {idx}: refcount={have} reference={want}"
+            ));
+        } else if have < want {
+            w.report
+                .corrupt(format!("cluster {idx}: refcount={have} reference={want}"));
+        }
+    }
+    w.report.image_end_offset = end;
+    let copied = std::mem::take(&mut w.copied);
+    for (host, flag, what) in copied {
+        let have = stored.get(&(host / cs)).copied().unwrap_or(0);
+        if flag != (have == 1) {
+            w.report.corrupt(format!(
+                "{what} at {host:#x}: COPIED flag {flag} but refcount {have}"
+            ));
+        }
+    }
+    Ok(w.report)
+}

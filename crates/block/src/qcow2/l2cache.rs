@@ -1,0 +1,98 @@
+//! A small LRU cache of L2 tables, write-through: an entry update goes to disk at once,
+//! so evicting a table never needs a write and a crash never loses a cached update.
+
+use std::collections::HashMap;
+
+use crate::error::Qcow2Error;
+use crate::storage::Storage;
+
+#[derive(Debug)]
+pub struct L2Cache {
+    cap: usize,
+    tick: u64,
+    tables: HashMap<u64, (Vec<u64>, u64)>,
+    entries: usize,
+}
+
+impl L2Cache {
+    /// A cache holding up to `cap` tables of `entries` entries each.
+    pub fn new(cap: usize, entries: usize) -> Self {
+        L2Cache {
+            cap: cap.max(1),
+            tick: 0,
+            tables: HashMap::new(),
+            entries,
+        }
+    }
+
+    fn make_room(&mut self) {
+        if self.tables.len() < self.cap {
+            return;
+        }
+        if let Some(&victim) = self
+            .tables
+            .iter()
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(k, _)| k)
+        {
+            self.tables.remove(&victim);
+        }
+    }
+
+    /// The table at host `offset`, read from disk on a miss.
+    pub fn get(&mut self, f: &dyn Storage, offset: u64) -> Result<&[u64], Qcow2Error> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.tables.contains_key(&offset) {
+            self.make_room();
+            let mut raw = vec![0u8; self.entries * 8];
+            f.read_at(offset, &mut raw)
+                .map_err(|source| Qcow2Error::ReadL2 { offset, source })?;
+            let table = raw
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    u64::from_be_bytes(a)
+                })
+                .collect();
+            self.tables.insert(offset, (table, tick));
+        }
+        match self.tables.get_mut(&offset) {
+            Some((t, last)) => {
+                *last = tick;
+                Ok(t)
+            }
+            None => Ok(&[]),
+        }
+    }
+
+    /// Records a freshly written all-zero table without reading it back.
+    pub fn insert_zeroed(&mut self, offset: u64) {
+        self.make_room();
+        self.tick += 1;
+        self.tables
+            .insert(offset, (vec![0; self.entries], self.tick));
+    }
+
+    /// Sets entry `index` of the table at `offset`, on disk and in the cache.
+    pub fn set(
+        &mut self,
+        f: &dyn Storage,
+        offset: u64,
+        index: usize,
+        value: u64,
+    ) -> Result<(), Qcow2Error> {
+        let at = offset + index as u64 * 8;
+        f.write_at(at, &value.to_be_bytes())
+            .map_err(|source| Qcow2Error::WriteL2 { offset, source })?;
+        if let Some(slot) = self
+            .tables
+            .get_mut(&offset)
+            .and_then(|(t, _)| t.get_mut(index))
+        {
+            *slot = value;
+        }
+        Ok(())
+    }
+}

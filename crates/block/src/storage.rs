@@ -1,0 +1,186 @@
+//! The byte store under an image format: a host file, or (in tests) a wrapper around one.
+//!
+//! Formats talk to their file only through [`Storage`], so a test can put a fault-injecting
+//! wrapper underneath a qcow2 image and simulate a crash after any number of writes.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+/// Positioned I/O on the file that holds an image.
+pub trait Storage: Send + Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable (a write barrier).
+    fn sync(&self) -> io::Result<()>;
+    /// Current length of the file in bytes.
+    fn file_len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range so it reads as zeros. Returns `Ok(false)` when the host cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
+    /// Bytes the file occupies on the host disk.
+    fn allocated_bytes(&self) -> io::Result<u64>;
+}
+
+impl Storage for File {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.checked_add(done as u64).ok_or_else(overflow)?;
+            match FileExt::read_at(self, &mut buf[done..], pos) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        offset.checked_add(buf.len() as u64).ok_or_else(overflow)?;
+        self.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Ok(false);
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self` and
+        // stays open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(err),
+        }
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.metadata()?.blocks().saturating_mul(512))
+    }
+}
+
+fn overflow() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "offset overflows u64")
+}
+
+/// An image held in memory: for tests, fuzzing and scratch images.
+#[derive(Debug, Default, Clone)]
+pub struct MemStorage {
+    data: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// Files past this size are refused by [`MemStorage`] (keeps hostile offsets from
+/// allocating memory).
+const MEM_MAX: u64 = 1 << 30;
+
+impl MemStorage {
+    /// A store holding `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        MemStorage {
+            data: std::sync::Arc::new(std::sync::Mutex::new(bytes)),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let d = self.lock();
+        buf.fill(0);
+        if let Ok(start) = usize::try_from(offset) {
+            if start < d.len() {
+                let n = buf.len().min(d.len() - start);
+                buf[..n].copy_from_slice(&d[start..start + n]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(overflow)?;
+        if end > MEM_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "memory image too large",
+            ));
+        }
+        let mut d = self.lock();
+        if d.len() < end as usize {
+            d.resize(end as usize, 0);
+        }
+        d[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > MEM_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "memory image too large",
+            ));
+        }
+        self.lock().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let mut d = self.lock();
+        let start = (offset as usize).min(d.len());
+        let end = (offset.saturating_add(len) as usize).min(d.len());
+        d[start..end].fill(0);
+        Ok(true)
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+}
