@@ -97,9 +97,10 @@ fn overflow() -> io::Error {
 }
 
 /// An image held in memory: for tests, fuzzing and scratch images.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct MemStorage {
     data: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    limit: u64,
 }
 
 /// Files past this size are refused by [`MemStorage`] (keeps hostile offsets from
@@ -109,8 +110,14 @@ const MEM_MAX: u64 = 1 << 30;
 impl MemStorage {
     /// A store holding `bytes`.
     pub fn new(bytes: Vec<u8>) -> Self {
+        Self::with_limit(bytes, MEM_MAX)
+    }
+
+    /// A store holding `bytes` that refuses to grow past `limit` bytes.
+    pub fn with_limit(bytes: Vec<u8>, limit: u64) -> Self {
         MemStorage {
             data: std::sync::Arc::new(std::sync::Mutex::new(bytes)),
+            limit,
         }
     }
 
@@ -121,6 +128,12 @@ impl MemStorage {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for MemStorage {
+    fn default() -> Self {
+        Self::new(Vec::new())
     }
 }
 
@@ -139,7 +152,7 @@ impl Storage for MemStorage {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64).ok_or_else(overflow)?;
-        if end > MEM_MAX {
+        if end > self.limit {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 "memory image too large",
@@ -162,7 +175,7 @@ impl Storage for MemStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > MEM_MAX {
+        if len > self.limit {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 "memory image too large",
