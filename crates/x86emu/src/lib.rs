@@ -1,1 +1,25 @@
-//! placeholder
+//! x86emu: a software x86-64 CPU, Vessel's answer to QEMU TCG.
+//!
+//! The CPU decodes with iced-x86 (cached per physical address), translates addresses with
+//! a soft TLB over 4-level paging, and executes the 64-bit integer, system and SSE/SSE2
+//! instruction set that a Linux kernel and static userland use. RAM is given as host
+//! pointer ranges ([`GuestRam`]); devices are reached through [`Platform`].
+
+pub mod cpu;
+pub mod cpuid;
+mod decode;
+pub mod exceptions;
+mod exec;
+mod interrupts;
+pub mod mmu;
+pub mod platform;
+mod segments;
+pub mod state;
+pub mod testing;
+
+pub use cpu::{Cpu, RunExit};
+pub use cpuid::{CpuidEntry, CpuidTable};
+pub use exceptions::Fault;
+pub use exec::system::msr;
+pub use platform::{GuestRam, NoDevices, Platform, RamError};
+pub use state::{CpuState, DescriptorTable, FpuState, Msrs, Seg, Segment};

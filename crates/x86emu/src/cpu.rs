@@ -1,0 +1,321 @@
+//! The CPU object, its run loop and the API the VMM drives it with.
+
+use std::time::Instant;
+
+use iced_x86::Instruction;
+
+use crate::cpuid::CpuidTable;
+use crate::decode::{decode, DecodeCache};
+use crate::exceptions::{Fault, Result};
+use crate::mmu::{Access, Tlb};
+use crate::platform::{GuestRam, Platform};
+use crate::state::{flags, CpuState, Seg, Segment};
+
+/// Why [`Cpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// HLT with interrupts to wait for; inject one and run again.
+    Halted,
+    /// Triple fault (or HLT with IF=0 and nothing pending, which only an NMI/INIT ends):
+    /// the VM should reset or stop.
+    Shutdown,
+    /// `max_instructions` were executed.
+    InstructionLimit,
+    /// The platform asked to stop after a device access.
+    StopRequested,
+    /// An interrupt window was requested and the CPU can now take an external interrupt.
+    InterruptWindow,
+    /// An application processor is waiting for INIT/SIPI.
+    WaitForSipi,
+}
+
+/// A software x86-64 CPU.
+#[derive(Debug)]
+pub struct Cpu {
+    pub(crate) s: CpuState,
+    pub(crate) ram: GuestRam,
+    pub(crate) tlb: Tlb,
+    pub(crate) dcache: DecodeCache,
+    pub(crate) cpuid: CpuidTable,
+    /// Set by HLT; cleared by interrupt delivery.
+    pub(crate) halted: bool,
+    /// STI / MOV SS shadow: blocks external interrupts until after the next instruction.
+    pub(crate) shadow: bool,
+    /// Shadow set by the instruction being executed, applied when it completes.
+    pub(crate) new_shadow: bool,
+    /// The current instruction touched MMIO or ports.
+    pub(crate) io_done: bool,
+    /// RIP of the instruction after the current one; branches overwrite it.
+    pub(crate) next_rip: u64,
+    pub(crate) nmi_pending: bool,
+    /// NMIs are blocked from NMI delivery until the next IRET.
+    pub(crate) nmi_blocked: bool,
+    pub(crate) wait_for_sipi: bool,
+    pub(crate) window_request: bool,
+    pub(crate) shutdown: bool,
+    pub(crate) tsc_epoch: Instant,
+    pub(crate) tsc_offset: u64,
+    /// Instructions retired since creation.
+    pub(crate) retired: u64,
+}
+
+impl Cpu {
+    /// A CPU in the reset state (real mode, F000:FFF0) with the given RAM map.
+    pub fn new(ram: GuestRam) -> Self {
+        Cpu {
+            s: CpuState::reset(),
+            ram,
+            tlb: Tlb::new(),
+            dcache: DecodeCache::new(),
+            cpuid: CpuidTable::default(),
+            halted: false,
+            shadow: false,
+            new_shadow: false,
+            io_done: false,
+            next_rip: 0,
+            nmi_pending: false,
+            nmi_blocked: false,
+            wait_for_sipi: false,
+            window_request: false,
+            shutdown: false,
+            tsc_epoch: Instant::now(),
+            tsc_offset: 0,
+            retired: 0,
+        }
+    }
+
+    /// The architectural register state.
+    pub fn state(&self) -> &CpuState {
+        &self.s
+    }
+
+    /// Replaces the register state (e.g. the VMM's boot-entry state); flushes cached
+    /// translations since paging controls may have changed.
+    pub fn set_state(&mut self, state: CpuState) {
+        self.s = state;
+        self.tlb.flush_all();
+        self.halted = false;
+        self.shutdown = false;
+    }
+
+    /// Mutable access to the state. Call [`Cpu::flush_tlb`] after changing CR0/CR3/CR4/EFER.
+    pub fn state_mut(&mut self) -> &mut CpuState {
+        &mut self.s
+    }
+
+    pub fn flush_tlb(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    /// Guest RAM map, e.g. for loading images in tests.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The CPUID table; the VMM may override leaves before the guest starts.
+    pub fn cpuid_mut(&mut self) -> &mut CpuidTable {
+        &mut self.cpuid
+    }
+
+    pub fn cpuid_table(&self) -> &CpuidTable {
+        &self.cpuid
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Instructions retired since the CPU was created.
+    pub fn retired_instructions(&self) -> u64 {
+        self.retired
+    }
+
+    /// True if an external interrupt could be delivered now (IF=1, no STI/MOV SS shadow).
+    pub fn interrupts_enabled(&self) -> bool {
+        self.s.rflags & flags::IF != 0 && !self.shadow && !self.wait_for_sipi
+    }
+
+    /// Ask `run` to return [`RunExit::InterruptWindow`] as soon as an interrupt can be taken.
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        self.window_request = on;
+    }
+
+    /// Delivers external interrupt `vector` now if [`Cpu::interrupts_enabled`]; returns
+    /// whether it was accepted (the caller keeps it pending otherwise).
+    pub fn inject_external_interrupt(&mut self, platform: &mut dyn Platform, vector: u8) -> bool {
+        if !self.interrupts_enabled() {
+            return false;
+        }
+        self.halted = false;
+        self.deliver_event(platform, Fault::new(vector), true);
+        true
+    }
+
+    /// Queues an NMI, taken before the next instruction unless NMIs are blocked.
+    pub fn inject_nmi(&mut self) {
+        self.nmi_pending = true;
+    }
+
+    /// INIT: reset to the power-on state except that an AP then waits for SIPI.
+    /// Keeps the RAM map, CPUID table and the APIC base MSR.
+    pub fn init(&mut self, wait_for_sipi: bool) {
+        let apic_base = self.s.msr.apic_base;
+        self.s = CpuState::reset();
+        self.s.msr.apic_base = apic_base;
+        self.tlb.flush_all();
+        self.halted = false;
+        self.shutdown = false;
+        self.shadow = false;
+        self.nmi_pending = false;
+        self.nmi_blocked = false;
+        self.wait_for_sipi = wait_for_sipi;
+    }
+
+    /// Startup IPI: begin real-mode execution at vector * 0x1000.
+    pub fn sipi(&mut self, vector: u8) {
+        if !self.wait_for_sipi {
+            return;
+        }
+        self.wait_for_sipi = false;
+        self.s.seg[Seg::Cs as usize] = Segment::real_mode(u16::from(vector) << 8, true);
+        self.s.rip = 0;
+        self.halted = false;
+    }
+
+    /// Runs until an exit condition or until `max_instructions` have been executed.
+    pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
+        let mut done = 0u64;
+        loop {
+            if self.shutdown {
+                return RunExit::Shutdown;
+            }
+            if self.wait_for_sipi {
+                return RunExit::WaitForSipi;
+            }
+            if self.nmi_pending && !self.nmi_blocked && !self.shadow {
+                self.nmi_pending = false;
+                self.nmi_blocked = true;
+                self.halted = false;
+                self.deliver_event(platform, Fault::new(crate::exceptions::vector::NMI), true);
+                continue;
+            }
+            if self.window_request && self.interrupts_enabled() {
+                return RunExit::InterruptWindow;
+            }
+            if self.halted {
+                return if self.s.rflags & flags::IF != 0 {
+                    RunExit::Halted
+                } else {
+                    RunExit::Shutdown
+                };
+            }
+            if done >= max_instructions {
+                return RunExit::InstructionLimit;
+            }
+            done += 1;
+            self.io_done = false;
+            self.step(platform);
+            if self.io_done && platform.stop_requested() {
+                return RunExit::StopRequested;
+            }
+        }
+    }
+
+    /// Executes one instruction and returns the exception it raised instead of delivering
+    /// it (RIP stays on the faulting instruction). For debuggers, tests and fuzzing.
+    pub fn execute_one(&mut self, p: &mut dyn Platform) -> core::result::Result<(), Fault> {
+        self.shadow = false;
+        self.new_shadow = false;
+        self.io_done = false;
+        let ins = self.fetch(p)?;
+        self.next_rip = ins.next_ip();
+        crate::exec::execute(self, p, &ins)?;
+        self.s.rip = self.mask_ip(self.next_rip);
+        self.shadow = self.new_shadow;
+        self.retired += 1;
+        Ok(())
+    }
+
+    /// Executes one instruction, delivering any exception it raises.
+    pub(crate) fn step(&mut self, p: &mut dyn Platform) {
+        self.shadow = false;
+        self.new_shadow = false;
+        match self.fetch(p) {
+            Ok(ins) => {
+                self.next_rip = ins.next_ip();
+                match crate::exec::execute(self, p, &ins) {
+                    Ok(()) => {
+                        self.s.rip = self.mask_ip(self.next_rip);
+                        self.shadow = self.new_shadow;
+                        self.retired += 1;
+                    }
+                    Err(f) => {
+                        if f.soft {
+                            self.s.rip = self.mask_ip(self.next_rip);
+                        }
+                        self.deliver_event(p, f, false);
+                    }
+                }
+            }
+            Err(f) => self.deliver_event(p, f, false),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn mask_ip(&self, ip: u64) -> u64 {
+        match self.s.bitness() {
+            64 => ip,
+            32 => ip & 0xffff_ffff,
+            _ => ip & 0xffff,
+        }
+    }
+
+    /// Fetches and decodes the instruction at CS:RIP, through the decode cache.
+    fn fetch(&mut self, p: &mut dyn Platform) -> Result<Instruction> {
+        let bitness = self.s.bitness();
+        let ip = self.s.rip;
+        let lin = self.wrap_lin(self.s.seg[Seg::Cs as usize].base.wrapping_add(ip));
+        let user = self.user();
+        let t = self.translate(lin, Access::Fetch, user)?;
+        let off = (lin & 0xfff) as usize;
+        if !t.host.is_null() {
+            // SAFETY: `t.host` is a valid 4 KiB RAM page and off < 4096; the slice lives only
+            // for this function, while no other Rust reference to guest RAM exists.
+            let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
+            let gpa = t.gpa_page | off as u64;
+            if let Some(ins) = self.dcache.lookup(gpa, ip, bitness, avail) {
+                return Ok(ins);
+            }
+            if let Some(ins) = decode(bitness, ip, avail) {
+                self.dcache.insert(gpa, ip, bitness, &ins, avail);
+                return Ok(ins);
+            }
+        }
+        // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
+        // next page if the instruction really extends into it.
+        let first = 4096 - off;
+        let mut buf = [0u8; 15];
+        let n1 = first.min(15);
+        self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
+        if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
+            return Ok(ins);
+        }
+        self.read_lin_slow(
+            p,
+            self.wrap_lin(lin.wrapping_add(n1 as u64)),
+            &mut buf[n1..],
+            user,
+            Access::Fetch,
+        )?;
+        decode(bitness, ip, &buf).ok_or(Fault::ud())
+    }
+
+    /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
+    pub(crate) fn tsc(&self) -> u64 {
+        (self.tsc_epoch.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
+    }
+
+    pub(crate) fn set_tsc(&mut self, v: u64) {
+        self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
+    }
+}

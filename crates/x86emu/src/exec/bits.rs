@@ -1,0 +1,65 @@
+//! Bit instructions: BT/BTS/BTR/BTC, BSF/BSR (and TZCNT/LZCNT, which execute as BSF/BSR
+//! because BMI1/ABM are not advertised, exactly as on hardware without them).
+
+use iced_x86::{Instruction, Mnemonic, OpKind};
+
+use super::operand::{ea, mask, mem_seg, sext};
+use crate::cpu::Cpu;
+use crate::exceptions::{Fault, Result};
+use crate::platform::Platform;
+use crate::state::flags::*;
+
+pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let m = ins.mnemonic();
+    let size = cpu.op_size(ins, 0);
+    match m {
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => {
+            let bits = u64::from(size * 8);
+            let raw = cpu.read_op(p, ins, 1)?;
+            let reg_offset = ins.op1_kind() == OpKind::Register;
+            let apply = |v: u64, bit: u64| -> Option<u64> {
+                match m {
+                    Mnemonic::Bts => Some(v | (1 << bit)),
+                    Mnemonic::Btr => Some(v & !(1 << bit)),
+                    Mnemonic::Btc => Some(v ^ (1 << bit)),
+                    _ => None,
+                }
+            };
+            let old_bit = if ins.op0_kind() == OpKind::Memory && reg_offset {
+                // A register bit offset addresses memory beyond the operand (signed).
+                let off = sext(raw & mask(size), size) as i64;
+                let unit = off.div_euclid(bits as i64);
+                let bit = off.rem_euclid(bits as i64) as u64;
+                let addr = ea(cpu, ins).wrapping_add((unit * i64::from(size)) as u64);
+                let seg = mem_seg(ins);
+                let v = cpu.read_mem(p, seg, addr, size)?;
+                if let Some(n) = apply(v, bit) {
+                    cpu.write_mem(p, seg, addr, size, n)?;
+                }
+                (v >> bit) & 1
+            } else {
+                let bit = raw & (bits - 1);
+                let v = cpu.rmw(p, ins, size, ins.has_lock_prefix(), |v| apply(v, bit))?;
+                (v >> bit) & 1
+            };
+            cpu.set_flags_masked(if old_bit != 0 { CF } else { 0 }, CF);
+            Ok(())
+        }
+        Mnemonic::Bsf | Mnemonic::Bsr | Mnemonic::Tzcnt | Mnemonic::Lzcnt => {
+            let v = cpu.read_op(p, ins, 1)? & mask(size);
+            if v == 0 {
+                cpu.set_flags_masked(ZF, ZF);
+                return Ok(());
+            }
+            let r = if matches!(m, Mnemonic::Bsf | Mnemonic::Tzcnt) {
+                u64::from(v.trailing_zeros())
+            } else {
+                63 - u64::from(v.leading_zeros())
+            };
+            cpu.write_op(p, ins, 0, r)?;
+            cpu.set_flags_masked(0, ZF);
+            Ok(())
+        }
+        _ => Err(Fault::ud()),
+    }
+}

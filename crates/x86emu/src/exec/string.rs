@@ -1,0 +1,178 @@
+//! String instructions with REP/REPE/REPNE: MOVS, STOS, LODS, CMPS, SCAS, INS, OUTS.
+
+use iced_x86::{Code, Instruction, Mnemonic, OpKind};
+
+use super::flags::sub_flags;
+use super::operand::{mask, mem_seg};
+use crate::cpu::Cpu;
+use crate::exceptions::{Fault, Result};
+use crate::platform::Platform;
+use crate::state::flags::DF;
+use crate::state::Seg;
+
+/// Iterations done per step before yielding, so interrupts and the instruction limit are
+/// honoured during long REP loops; RIP stays on the instruction until RCX reaches zero.
+const ITER_PER_STEP: u32 = 4096;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Movs,
+    Stos,
+    Lods,
+    Cmps,
+    Scas,
+    Ins,
+    Outs,
+}
+
+fn addr_size(ins: &Instruction) -> u32 {
+    for i in 0..ins.op_count() {
+        match ins.op_kind(i) {
+            OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI => return 2,
+            OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI => return 4,
+            OpKind::MemorySegRSI | OpKind::MemorySegRDI | OpKind::MemoryESRDI => return 8,
+            _ => {}
+        }
+    }
+    8
+}
+
+/// True for the string forms of the mnemonics SSE shares (MOVSD, CMPSD).
+pub(crate) fn is_string_form(ins: &Instruction) -> bool {
+    !matches!(
+        ins.code(),
+        Code::Movsd_xmm_xmmm64 | Code::Movsd_xmmm64_xmm | Code::Cmpsd_xmm_xmmm64_imm8
+    )
+}
+
+pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let kind = match ins.mnemonic() {
+        Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => Kind::Movs,
+        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => Kind::Stos,
+        Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => Kind::Lods,
+        Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq => Kind::Cmps,
+        Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq => Kind::Scas,
+        Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => Kind::Ins,
+        Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => Kind::Outs,
+        _ => return Err(Fault::ud()),
+    };
+    if matches!(kind, Kind::Ins | Kind::Outs) {
+        cpu.check_io_privilege()?;
+    }
+    let size = ins.memory_size().size() as u32;
+    let asz = addr_size(ins);
+    let am = mask(asz);
+    let src_seg = mem_seg(ins);
+    let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
+    let step = if cpu.s.rflags & DF != 0 {
+        0u64.wrapping_sub(u64::from(size))
+    } else {
+        u64::from(size)
+    };
+    let mut iters = 0;
+    loop {
+        if rep && cpu.s.gpr[1] & am == 0 {
+            return Ok(());
+        }
+        let si = cpu.s.gpr[6] & am;
+        let di = cpu.s.gpr[7] & am;
+        let mut stop = false;
+        match kind {
+            Kind::Movs => {
+                let v = cpu.read_mem(p, src_seg, si, size)?;
+                cpu.write_mem(p, Seg::Es, di, size, v)?;
+                adv(cpu, 6, step, am);
+                adv(cpu, 7, step, am);
+            }
+            Kind::Stos => {
+                let v = cpu.s.gpr[0] & mask(size);
+                cpu.write_mem(p, Seg::Es, di, size, v)?;
+                adv(cpu, 7, step, am);
+            }
+            Kind::Lods => {
+                let v = cpu.read_mem(p, src_seg, si, size)?;
+                write_acc(cpu, size, v);
+                adv(cpu, 6, step, am);
+            }
+            Kind::Cmps | Kind::Scas => {
+                let (a, b) = if kind == Kind::Cmps {
+                    (
+                        cpu.read_mem(p, src_seg, si, size)?,
+                        cpu.read_mem(p, Seg::Es, di, size)?,
+                    )
+                } else {
+                    (
+                        cpu.s.gpr[0] & mask(size),
+                        cpu.read_mem(p, Seg::Es, di, size)?,
+                    )
+                };
+                let f = sub_flags(a, b, 0, a.wrapping_sub(b), size);
+                cpu.set_status(f);
+                if kind == Kind::Cmps {
+                    adv(cpu, 6, step, am);
+                }
+                adv(cpu, 7, step, am);
+                let zf = f & crate::state::flags::ZF != 0;
+                stop = (ins.has_repe_prefix() && !zf) || (ins.has_repne_prefix() && zf);
+            }
+            Kind::Ins => {
+                // Probe the destination before the port read so a fault has no side effect.
+                let lin = cpu.seg_lin(Seg::Es, di, size)?;
+                let user = cpu.user();
+                cpu.translate(lin, crate::mmu::Access::Write, user)?;
+                let port = cpu.s.gpr[2] as u16;
+                let mut buf = [0u8; 4];
+                cpu.io_done = true;
+                p.pio_read(port, &mut buf[..size as usize]);
+                cpu.write_mem(p, Seg::Es, di, size, u64::from(u32::from_le_bytes(buf)))?;
+                adv(cpu, 7, step, am);
+            }
+            Kind::Outs => {
+                let v = cpu.read_mem(p, src_seg, si, size)?;
+                let port = cpu.s.gpr[2] as u16;
+                cpu.io_done = true;
+                p.pio_write(port, &(v as u32).to_le_bytes()[..size as usize]);
+                adv(cpu, 6, step, am);
+            }
+        }
+        if !rep {
+            return Ok(());
+        }
+        let c = (cpu.s.gpr[1] & am).wrapping_sub(1) & am;
+        set_masked(cpu, 1, c, am);
+        if stop || c == 0 {
+            return Ok(());
+        }
+        iters += 1;
+        if iters >= ITER_PER_STEP || cpu.io_done {
+            // Re-execute this instruction on the next step.
+            cpu.next_rip = cpu.s.rip;
+            return Ok(());
+        }
+    }
+}
+
+fn adv(cpu: &mut Cpu, r: usize, step: u64, am: u64) {
+    let v = (cpu.s.gpr[r] & am).wrapping_add(step) & am;
+    set_masked(cpu, r, v, am);
+}
+
+/// 32-bit address-size updates zero-extend like any 32-bit register write; 16-bit ones merge.
+fn set_masked(cpu: &mut Cpu, r: usize, v: u64, am: u64) {
+    cpu.s.gpr[r] = if am == 0xffff_ffff {
+        v
+    } else {
+        (cpu.s.gpr[r] & !am) | v
+    };
+}
+
+fn write_acc(cpu: &mut Cpu, size: u32, v: u64) {
+    use iced_x86::Register as R;
+    let r = match size {
+        1 => R::AL,
+        2 => R::AX,
+        4 => R::EAX,
+        _ => R::RAX,
+    };
+    super::operand::reg_write(cpu, r, v);
+}

@@ -1,0 +1,637 @@
+//! System instructions: control/debug registers, descriptor tables, MSRs, CPUID, TSC,
+//! SYSCALL/SYSRET, SWAPGS, HLT, CLI/STI, port I/O, segment loads, cache/TLB control.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use super::operand::{canonical, ea, mask, mem_seg, reg_read, reg_write, seg_of};
+use crate::cpu::Cpu;
+use crate::exceptions::{Fault, Result};
+use crate::platform::Platform;
+use crate::state::cr::*;
+use crate::state::flags::*;
+use crate::state::{Seg, Segment};
+
+pub mod msr {
+    pub const TSC: u32 = 0x10;
+    pub const PLATFORM_ID: u32 = 0x17;
+    pub const APIC_BASE: u32 = 0x1b;
+    pub const FEATURE_CONTROL: u32 = 0x3a;
+    pub const BIOS_SIGN_ID: u32 = 0x8b;
+    pub const MTRRCAP: u32 = 0xfe;
+    pub const SYSENTER_CS: u32 = 0x174;
+    pub const SYSENTER_ESP: u32 = 0x175;
+    pub const SYSENTER_EIP: u32 = 0x176;
+    pub const MCG_CAP: u32 = 0x179;
+    pub const MCG_STATUS: u32 = 0x17a;
+    pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const PAT: u32 = 0x277;
+    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
+    pub const EFER: u32 = 0xc000_0080;
+    pub const STAR: u32 = 0xc000_0081;
+    pub const LSTAR: u32 = 0xc000_0082;
+    pub const CSTAR: u32 = 0xc000_0083;
+    pub const SFMASK: u32 = 0xc000_0084;
+    pub const FS_BASE: u32 = 0xc000_0100;
+    pub const GS_BASE: u32 = 0xc000_0101;
+    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    pub const TSC_AUX: u32 = 0xc000_0103;
+}
+
+impl Cpu {
+    fn require_cpl0(&self) -> Result<()> {
+        if self.s.cpl() != 0 {
+            return Err(Fault::gp0());
+        }
+        Ok(())
+    }
+
+    /// IN/OUT/INS/OUTS permission; the TSS I/O bitmap is not consulted (always denies).
+    pub(crate) fn check_io_privilege(&self) -> Result<()> {
+        if self.s.protected() && u64::from(self.s.cpl()) > (self.s.rflags & IOPL) >> 12 {
+            return Err(Fault::gp0());
+        }
+        Ok(())
+    }
+
+    /// RDMSR semantics; None = #GP.
+    pub fn read_msr(&self, index: u32) -> Option<u64> {
+        let m = &self.s.msr;
+        Some(match index {
+            msr::TSC => self.tsc(),
+            msr::APIC_BASE => m.apic_base,
+            msr::PLATFORM_ID
+            | msr::BIOS_SIGN_ID
+            | msr::MTRRCAP
+            | msr::MCG_CAP
+            | msr::MCG_STATUS => 0,
+            msr::FEATURE_CONTROL => 1,
+            msr::SYSENTER_CS => m.sysenter_cs,
+            msr::SYSENTER_ESP => m.sysenter_esp,
+            msr::SYSENTER_EIP => m.sysenter_eip,
+            msr::MISC_ENABLE => m.misc_enable,
+            msr::PAT => m.pat,
+            msr::MTRR_DEF_TYPE => m.mtrr_def_type,
+            msr::EFER => self.s.efer,
+            msr::STAR => m.star,
+            msr::LSTAR => m.lstar,
+            msr::CSTAR => m.cstar,
+            msr::SFMASK => m.sfmask,
+            msr::FS_BASE => self.s.seg[Seg::Fs as usize].base,
+            msr::GS_BASE => self.s.seg[Seg::Gs as usize].base,
+            msr::KERNEL_GS_BASE => m.kernel_gs_base,
+            msr::TSC_AUX => m.tsc_aux,
+            _ => return None,
+        })
+    }
+
+    /// WRMSR semantics; Err = #GP.
+    pub fn write_msr(&mut self, index: u32, v: u64) -> Result<()> {
+        let need_canonical = matches!(
+            index,
+            msr::LSTAR
+                | msr::CSTAR
+                | msr::FS_BASE
+                | msr::GS_BASE
+                | msr::KERNEL_GS_BASE
+                | msr::SYSENTER_ESP
+                | msr::SYSENTER_EIP
+        );
+        if need_canonical && !canonical(v) {
+            return Err(Fault::gp0());
+        }
+        let m = &mut self.s.msr;
+        match index {
+            msr::TSC => self.set_tsc(v),
+            msr::APIC_BASE => m.apic_base = v,
+            msr::BIOS_SIGN_ID | msr::MCG_STATUS | msr::FEATURE_CONTROL => {}
+            msr::SYSENTER_CS => m.sysenter_cs = v & 0xffff,
+            msr::SYSENTER_ESP => m.sysenter_esp = v,
+            msr::SYSENTER_EIP => m.sysenter_eip = v,
+            msr::MISC_ENABLE => m.misc_enable = v,
+            msr::PAT => {
+                // Each entry must be a valid memory type (0,1,4,5,6,7).
+                if (0..8).any(|i| matches!((v >> (i * 8)) & 0xff, 2 | 3 | 8..)) {
+                    return Err(Fault::gp0());
+                }
+                m.pat = v;
+            }
+            msr::MTRR_DEF_TYPE => m.mtrr_def_type = v,
+            msr::EFER => {
+                if v & !EFER_WRITABLE & !EFER_LMA != 0 {
+                    return Err(Fault::gp0());
+                }
+                let paging = self.s.cr0 & CR0_PG != 0;
+                if paging && (v ^ self.s.efer) & EFER_LME != 0 {
+                    return Err(Fault::gp0());
+                }
+                // LMA is read-only: it follows CR0.PG && EFER.LME.
+                self.s.efer = (v & EFER_WRITABLE) | (self.s.efer & EFER_LMA);
+                self.tlb.flush_all();
+            }
+            msr::STAR => m.star = v,
+            msr::LSTAR => m.lstar = v,
+            msr::CSTAR => m.cstar = v,
+            msr::SFMASK => m.sfmask = v & 0xffff_ffff,
+            msr::FS_BASE => self.s.seg[Seg::Fs as usize].base = v,
+            msr::GS_BASE => self.s.seg[Seg::Gs as usize].base = v,
+            msr::KERNEL_GS_BASE => m.kernel_gs_base = v,
+            msr::TSC_AUX => m.tsc_aux = v & 0xffff_ffff,
+            _ => return Err(Fault::gp0()),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_cr0(&mut self, v: u64) -> Result<()> {
+        if v >> 32 != 0
+            || (v & CR0_PG != 0 && v & CR0_PE == 0)
+            || (v & CR0_NW != 0 && v & CR0_CD == 0)
+        {
+            return Err(Fault::gp0());
+        }
+        let v = v | CR0_ET;
+        let was_pg = self.s.cr0 & CR0_PG != 0;
+        let pg = v & CR0_PG != 0;
+        if pg && !was_pg && self.s.efer & EFER_LME != 0 {
+            if self.s.cr4 & CR4_PAE == 0 {
+                return Err(Fault::gp0());
+            }
+            self.s.efer |= EFER_LMA;
+        }
+        if !pg && was_pg && self.s.efer & EFER_LMA != 0 {
+            if self.s.in_64bit_mode() {
+                return Err(Fault::gp0());
+            }
+            self.s.efer &= !EFER_LMA;
+        }
+        self.s.cr0 = v;
+        self.tlb.flush_all();
+        Ok(())
+    }
+
+    pub(crate) fn write_cr4(&mut self, v: u64) -> Result<()> {
+        if v & !CR4_SUPPORTED != 0 || (self.s.long_mode_active() && v & CR4_PAE == 0) {
+            return Err(Fault::gp0());
+        }
+        self.s.cr4 = v;
+        self.tlb.flush_all();
+        Ok(())
+    }
+
+    pub(crate) fn write_cr3(&mut self, v: u64) {
+        self.s.cr3 = if self.s.long_mode_active() {
+            v & 0x000f_ffff_ffff_ffff
+        } else {
+            v & 0xffff_ffff
+        };
+        self.tlb.flush_non_global();
+    }
+}
+
+pub(crate) fn mov_crdr(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let _ = p;
+    cpu.require_cpl0()?;
+    let dst = ins.op0_register();
+    let src = ins.op1_register();
+    let long = cpu.s.in_64bit_mode();
+    let trunc = |v: u64| if long { v } else { v & 0xffff_ffff };
+    if src.is_cr() {
+        let v = match src {
+            Register::CR0 => cpu.s.cr0,
+            Register::CR2 => cpu.s.cr2,
+            Register::CR3 => cpu.s.cr3,
+            Register::CR4 => cpu.s.cr4,
+            Register::CR8 => cpu.s.cr8,
+            _ => return Err(Fault::ud()),
+        };
+        reg_write(cpu, dst, trunc(v));
+        return Ok(());
+    }
+    if dst.is_cr() {
+        let v = reg_read(cpu, src);
+        match dst {
+            Register::CR0 => cpu.write_cr0(v)?,
+            Register::CR2 => cpu.s.cr2 = v,
+            Register::CR3 => cpu.write_cr3(v),
+            Register::CR4 => cpu.write_cr4(v)?,
+            Register::CR8 => {
+                if v >> 4 != 0 {
+                    return Err(Fault::gp0());
+                }
+                cpu.s.cr8 = v;
+            }
+            _ => return Err(Fault::ud()),
+        }
+        return Ok(());
+    }
+    let dr_index = |r: Register, de: bool| -> Result<usize> {
+        let n = r.number();
+        match n {
+            0..=3 | 6 | 7 => Ok(n),
+            4 | 5 if !de => Ok(n + 2),
+            _ => Err(Fault::ud()),
+        }
+    };
+    let de = cpu.s.cr4 & CR4_DE != 0;
+    if src.is_dr() {
+        let i = dr_index(src, de)?;
+        let v = cpu.s.dr.get(i).copied().unwrap_or(0);
+        reg_write(cpu, dst, trunc(v));
+    } else if dst.is_dr() {
+        let i = dr_index(dst, de)?;
+        let v = reg_read(cpu, src);
+        if i >= 6 && v >> 32 != 0 {
+            return Err(Fault::gp0());
+        }
+        if let Some(d) = cpu.s.dr.get_mut(i) {
+            *d = match i {
+                6 => v | 0xffff_0ff0,
+                7 => (v | 0x400) & !0x2000,
+                _ => v,
+            };
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn mov_sreg(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() {
+        let seg = seg_of(ins.op0_register());
+        if seg == Seg::Cs {
+            return Err(Fault::ud());
+        }
+        let sel = cpu.read_op(p, ins, 1)? as u16;
+        cpu.load_seg(p, seg, sel)?;
+        if seg == Seg::Ss {
+            cpu.new_shadow = true;
+        }
+        return Ok(());
+    }
+    let sel = u64::from(cpu.s.seg[seg_of(ins.op1_register()) as usize].selector);
+    cpu.write_op(p, ins, 0, sel)
+}
+
+fn descriptor_table_op(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let m = ins.mnemonic();
+    let a = ea(cpu, ins);
+    let seg = mem_seg(ins);
+    let long = cpu.s.in_64bit_mode();
+    match m {
+        Mnemonic::Lgdt | Mnemonic::Lidt => {
+            cpu.require_cpl0()?;
+            let limit = cpu.read_mem(p, seg, a, 2)? as u16;
+            let base = if long {
+                cpu.read_mem(p, seg, a.wrapping_add(2), 8)?
+            } else {
+                let b = cpu.read_mem(p, seg, a.wrapping_add(2), 4)?;
+                // With a 16-bit operand size only 24 bits of base are loaded.
+                if matches!(
+                    ins.code(),
+                    iced_x86::Code::Lgdt_m1632_16 | iced_x86::Code::Lidt_m1632_16
+                ) {
+                    b & 0xff_ffff
+                } else {
+                    b
+                }
+            };
+            if long && !canonical(base) {
+                return Err(Fault::gp0());
+            }
+            let t = crate::state::DescriptorTable { base, limit };
+            if m == Mnemonic::Lgdt {
+                cpu.s.gdtr = t;
+            } else {
+                cpu.s.idtr = t;
+            }
+        }
+        _ => {
+            let t = if m == Mnemonic::Sgdt {
+                cpu.s.gdtr
+            } else {
+                cpu.s.idtr
+            };
+            cpu.write_mem(p, seg, a, 2, u64::from(t.limit))?;
+            if long {
+                cpu.write_mem(p, seg, a.wrapping_add(2), 8, t.base)?;
+            } else {
+                cpu.write_mem(p, seg, a.wrapping_add(2), 4, t.base & 0xffff_ffff)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// LTR / LLDT: load a system segment from the GDT (16-byte descriptors in long mode).
+fn load_system_segment(
+    cpu: &mut Cpu,
+    p: &mut dyn Platform,
+    selector: u16,
+    tss: bool,
+) -> Result<()> {
+    cpu.require_cpl0()?;
+    let err = u32::from(selector & !3);
+    if selector & !3 == 0 {
+        if tss {
+            return Err(Fault::gp0());
+        }
+        cpu.s.ldtr = Segment {
+            selector,
+            ..Default::default()
+        };
+        return Ok(());
+    }
+    if selector & 4 != 0 {
+        return Err(Fault::gp(err));
+    }
+    let desc = cpu.read_descriptor(p, selector)?;
+    let mut s = Segment::from_descriptor(selector, desc);
+    let typ = s.attr & 0xf;
+    let ok_type = if tss { typ == 9 || typ == 1 } else { typ == 2 };
+    if s.attr & Segment::ATTR_S != 0 || !ok_type {
+        return Err(Fault::gp(err));
+    }
+    if !s.present() {
+        return Err(Fault::np(err));
+    }
+    if cpu.s.long_mode_active() {
+        let hi = cpu.read_descriptor_high(p, selector)?;
+        s.base |= (hi & 0xffff_ffff) << 32;
+    }
+    if tss {
+        // Mark busy in the GDT and in the cached attributes.
+        let lin = cpu.wrap_lin(cpu.s.gdtr.base.wrapping_add(u64::from(selector & !7) + 5));
+        let b = ((desc >> 40) as u8) | 2;
+        cpu.write_lin(p, lin, &[b], false)?;
+        s.attr |= 2;
+        cpu.s.tr = s;
+    } else {
+        cpu.s.ldtr = s;
+    }
+    Ok(())
+}
+
+fn syscall(cpu: &mut Cpu) -> Result<()> {
+    if cpu.s.efer & EFER_SCE == 0 || !cpu.s.long_mode_active() {
+        return Err(Fault::ud());
+    }
+    let star = cpu.s.msr.star;
+    let sel = ((star >> 32) & 0xfffc) as u16;
+    cpu.s.gpr[1] = cpu.next_rip;
+    cpu.s.gpr[11] = cpu.s.rflags & !RF;
+    let target = if cpu.s.in_64bit_mode() {
+        cpu.s.msr.lstar
+    } else {
+        cpu.s.msr.cstar
+    };
+    cpu.s.seg[Seg::Cs as usize] = Segment {
+        selector: sel,
+        base: 0,
+        limit: 0xffff_ffff,
+        attr: 0xb | Segment::ATTR_S | Segment::ATTR_P | Segment::ATTR_L | Segment::ATTR_G,
+    };
+    cpu.s.seg[Seg::Ss as usize] = Segment {
+        selector: sel.wrapping_add(8),
+        base: 0,
+        limit: 0xffff_ffff,
+        attr: 0x3 | Segment::ATTR_S | Segment::ATTR_P | Segment::ATTR_DB | Segment::ATTR_G,
+    };
+    cpu.s.rflags = (cpu.s.rflags & !cpu.s.msr.sfmask & !RF) | FIXED1;
+    cpu.next_rip = target;
+    Ok(())
+}
+
+fn sysret(cpu: &mut Cpu, ins: &Instruction) -> Result<()> {
+    if cpu.s.efer & EFER_SCE == 0 || !cpu.s.long_mode_active() {
+        return Err(Fault::ud());
+    }
+    if cpu.s.cpl() != 0 || !cpu.s.in_64bit_mode() {
+        return Err(Fault::gp0());
+    }
+    let base = ((cpu.s.msr.star >> 48) & 0xffff) as u16;
+    let to64 = ins.code() == iced_x86::Code::Sysretq;
+    let rip = if to64 {
+        cpu.s.gpr[1]
+    } else {
+        cpu.s.gpr[1] & 0xffff_ffff
+    };
+    if to64 && !canonical(rip) {
+        return Err(Fault::gp0());
+    }
+    let dpl3 = 3 << 5;
+    cpu.s.seg[Seg::Cs as usize] = if to64 {
+        Segment {
+            selector: base.wrapping_add(16) | 3,
+            base: 0,
+            limit: 0xffff_ffff,
+            attr: 0xb
+                | dpl3
+                | Segment::ATTR_S
+                | Segment::ATTR_P
+                | Segment::ATTR_L
+                | Segment::ATTR_G,
+        }
+    } else {
+        Segment {
+            selector: base | 3,
+            base: 0,
+            limit: 0xffff_ffff,
+            attr: 0xb
+                | dpl3
+                | Segment::ATTR_S
+                | Segment::ATTR_P
+                | Segment::ATTR_DB
+                | Segment::ATTR_G,
+        }
+    };
+    let ss = &mut cpu.s.seg[Seg::Ss as usize];
+    ss.selector = base.wrapping_add(8) | 3;
+    ss.attr = 0x3 | dpl3 | Segment::ATTR_S | Segment::ATTR_P | Segment::ATTR_DB | Segment::ATTR_G;
+    ss.base = 0;
+    ss.limit = 0xffff_ffff;
+    cpu.s.rflags = (cpu.s.gpr[11] & 0x3c_7fd7) | FIXED1;
+    cpu.next_rip = rip;
+    Ok(())
+}
+
+fn load_far_pointer(
+    cpu: &mut Cpu,
+    p: &mut dyn Platform,
+    ins: &Instruction,
+    seg: Seg,
+) -> Result<()> {
+    let size = cpu.op_size(ins, 0);
+    let a = ea(cpu, ins);
+    let ms = mem_seg(ins);
+    let off = cpu.read_mem(p, ms, a, size)?;
+    let sel = cpu.read_mem(p, ms, a.wrapping_add(u64::from(size)), 2)? as u16;
+    cpu.load_seg(p, seg, sel)?;
+    reg_write(cpu, ins.op0_register(), off);
+    if seg == Seg::Ss {
+        cpu.new_shadow = true;
+    }
+    Ok(())
+}
+
+pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    match ins.mnemonic() {
+        Mnemonic::Cpuid => {
+            let e = cpu.cpuid.lookup(cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);
+            cpu.s.gpr[0] = u64::from(e.eax);
+            cpu.s.gpr[3] = u64::from(e.ebx);
+            cpu.s.gpr[1] = u64::from(e.ecx);
+            cpu.s.gpr[2] = u64::from(e.edx);
+        }
+        Mnemonic::Rdtsc | Mnemonic::Rdtscp => {
+            if cpu.s.cr4 & CR4_TSD != 0 && cpu.s.cpl() != 0 {
+                return Err(Fault::gp0());
+            }
+            let t = cpu.tsc();
+            cpu.s.gpr[0] = t & 0xffff_ffff;
+            cpu.s.gpr[2] = t >> 32;
+            if ins.mnemonic() == Mnemonic::Rdtscp {
+                cpu.s.gpr[1] = cpu.s.msr.tsc_aux & 0xffff_ffff;
+            }
+        }
+        Mnemonic::Rdmsr => {
+            cpu.require_cpl0()?;
+            let v = cpu.read_msr(cpu.s.gpr[1] as u32).ok_or(Fault::gp0())?;
+            cpu.s.gpr[0] = v & 0xffff_ffff;
+            cpu.s.gpr[2] = v >> 32;
+        }
+        Mnemonic::Wrmsr => {
+            cpu.require_cpl0()?;
+            let v = (cpu.s.gpr[0] & 0xffff_ffff) | (cpu.s.gpr[2] << 32);
+            cpu.write_msr(cpu.s.gpr[1] as u32, v)?;
+        }
+        Mnemonic::Syscall => syscall(cpu)?,
+        Mnemonic::Sysret | Mnemonic::Sysretq => sysret(cpu, ins)?,
+        Mnemonic::Swapgs => {
+            if !cpu.s.in_64bit_mode() {
+                return Err(Fault::ud());
+            }
+            cpu.require_cpl0()?;
+            std::mem::swap(
+                &mut cpu.s.seg[Seg::Gs as usize].base,
+                &mut cpu.s.msr.kernel_gs_base,
+            );
+        }
+        Mnemonic::Hlt => {
+            cpu.require_cpl0()?;
+            cpu.halted = true;
+        }
+        Mnemonic::Cli | Mnemonic::Sti => {
+            if cpu.s.protected() && u64::from(cpu.s.cpl()) > (cpu.s.rflags & IOPL) >> 12 {
+                return Err(Fault::gp0());
+            }
+            if ins.mnemonic() == Mnemonic::Cli {
+                cpu.s.rflags &= !IF;
+            } else {
+                if cpu.s.rflags & IF == 0 {
+                    cpu.new_shadow = true;
+                }
+                cpu.s.rflags |= IF;
+            }
+        }
+        Mnemonic::In | Mnemonic::Out => {
+            cpu.check_io_privilege()?;
+            let is_in = ins.mnemonic() == Mnemonic::In;
+            let (data_i, port_i) = if is_in { (0, 1) } else { (1, 0) };
+            let port = cpu.read_op(p, ins, port_i)? as u16;
+            let size = cpu.op_size(ins, data_i) as usize;
+            cpu.io_done = true;
+            if is_in {
+                let mut b = [0u8; 4];
+                p.pio_read(port, &mut b[..size.min(4)]);
+                cpu.write_op(p, ins, 0, u64::from(u32::from_le_bytes(b)))?;
+            } else {
+                let v = cpu.read_op(p, ins, 1)? as u32;
+                p.pio_write(port, &v.to_le_bytes()[..size.min(4)]);
+            }
+        }
+        Mnemonic::Lgdt | Mnemonic::Lidt | Mnemonic::Sgdt | Mnemonic::Sidt => {
+            descriptor_table_op(cpu, p, ins)?
+        }
+        Mnemonic::Ltr | Mnemonic::Lldt => {
+            let sel = cpu.read_op(p, ins, 0)? as u16;
+            load_system_segment(cpu, p, sel, ins.mnemonic() == Mnemonic::Ltr)?;
+        }
+        Mnemonic::Str | Mnemonic::Sldt => {
+            let sel = if ins.mnemonic() == Mnemonic::Str {
+                cpu.s.tr.selector
+            } else {
+                cpu.s.ldtr.selector
+            };
+            cpu.write_op(p, ins, 0, u64::from(sel))?;
+        }
+        Mnemonic::Smsw => {
+            let v = cpu.s.cr0 & mask(cpu.op_size(ins, 0));
+            cpu.write_op(p, ins, 0, v)?;
+        }
+        Mnemonic::Lmsw => {
+            cpu.require_cpl0()?;
+            let v = cpu.read_op(p, ins, 0)? & 0xf;
+            // LMSW can set PE but never clear it.
+            let new = (cpu.s.cr0 & !0xe) | v | (cpu.s.cr0 & CR0_PE);
+            cpu.write_cr0(new)?;
+        }
+        Mnemonic::Clts => {
+            cpu.require_cpl0()?;
+            cpu.s.cr0 &= !CR0_TS;
+        }
+        Mnemonic::Invlpg => {
+            cpu.require_cpl0()?;
+            let a = ea(cpu, ins);
+            let seg = mem_seg(ins);
+            let base = if cpu.s.in_64bit_mode() && !matches!(seg, Seg::Fs | Seg::Gs) {
+                0
+            } else {
+                cpu.s.seg[seg as usize].base
+            };
+            let lin = cpu.wrap_lin(base.wrapping_add(a));
+            cpu.tlb.flush_page(lin);
+        }
+        Mnemonic::Wbinvd | Mnemonic::Invd => cpu.require_cpl0()?,
+        Mnemonic::Lfence
+        | Mnemonic::Mfence
+        | Mnemonic::Sfence
+        | Mnemonic::Prefetch
+        | Mnemonic::Prefetchw
+        | Mnemonic::Prefetchnta
+        | Mnemonic::Prefetcht0
+        | Mnemonic::Prefetcht1
+        | Mnemonic::Prefetcht2 => {}
+        Mnemonic::Clflush => {
+            // Faults like a byte read of the line would.
+            let a = ea(cpu, ins);
+            cpu.read_mem(p, mem_seg(ins), a, 1)?;
+        }
+        Mnemonic::Lss => load_far_pointer(cpu, p, ins, Seg::Ss)?,
+        Mnemonic::Lfs => load_far_pointer(cpu, p, ins, Seg::Fs)?,
+        Mnemonic::Lgs => load_far_pointer(cpu, p, ins, Seg::Gs)?,
+        Mnemonic::Lds => load_far_pointer(cpu, p, ins, Seg::Ds)?,
+        Mnemonic::Les => load_far_pointer(cpu, p, ins, Seg::Es)?,
+        Mnemonic::Lsl | Mnemonic::Lar => {
+            let sel = cpu.read_op(p, ins, 1)? as u16;
+            match cpu.read_descriptor(p, sel) {
+                Ok(desc) if sel & !3 != 0 => {
+                    let s = Segment::from_descriptor(sel, desc);
+                    let v = if ins.mnemonic() == Mnemonic::Lsl {
+                        u64::from(s.limit)
+                    } else {
+                        desc >> 32 & 0x00ff_ff00
+                    };
+                    let size = cpu.op_size(ins, 0);
+                    cpu.write_op(p, ins, 0, v & mask(size))?;
+                    cpu.set_flags_masked(ZF, ZF);
+                }
+                _ => cpu.set_flags_masked(0, ZF),
+            }
+        }
+        Mnemonic::Verr | Mnemonic::Verw => {
+            let sel = cpu.read_op(p, ins, 0)? as u16;
+            let ok = sel & !3 != 0 && cpu.read_descriptor(p, sel).is_ok();
+            cpu.set_flags_masked(if ok { ZF } else { 0 }, ZF);
+        }
+        _ => return Err(Fault::ud()),
+    }
+    Ok(())
+}

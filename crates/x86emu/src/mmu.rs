@@ -1,0 +1,543 @@
+//! Linear-to-physical translation: 4-level paging, the soft TLB, and the guest memory
+//! accessors every instruction uses.
+
+use crate::cpu::Cpu;
+use crate::exceptions::{pf, vector, Fault, Result};
+use crate::platform::Platform;
+use crate::state::cr;
+
+/// Kind of a memory access, for permission checks and #PF error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Fetch,
+}
+
+const TLB_SIZE: usize = 1024;
+
+// Permission bits cached in a TLB entry. Write bits are only set once the dirty bit is set,
+// so the first write to a clean page takes the slow path and sets D.
+const P_READ_SUP: u8 = 1 << 0;
+const P_READ_USER: u8 = 1 << 1;
+const P_WRITE_SUP: u8 = 1 << 2;
+const P_WRITE_USER: u8 = 1 << 3;
+const P_EXEC_SUP: u8 = 1 << 4;
+const P_EXEC_USER: u8 = 1 << 5;
+const P_GLOBAL: u8 = 1 << 6;
+
+#[derive(Clone, Copy, Debug)]
+struct TlbEntry {
+    /// Linear page number; `u64::MAX` = empty.
+    vpn: u64,
+    /// Host pointer to the page, or null for MMIO.
+    host: *mut u8,
+    gpa_page: u64,
+    perm: u8,
+    /// log2 of the page size of the mapping this entry was filled from (12, 21, 30).
+    page_shift: u8,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    vpn: u64::MAX,
+    host: std::ptr::null_mut(),
+    gpa_page: 0,
+    perm: 0,
+    page_shift: 12,
+};
+
+/// Direct-mapped soft TLB; a hit is an index, a compare and a bit test.
+#[derive(Debug)]
+pub(crate) struct Tlb {
+    entries: Box<[TlbEntry; TLB_SIZE]>,
+}
+
+// SAFETY: the host pointers are into guest RAM owned by the `GuestRam` map of the same CPU,
+// which is itself Send; the TLB is never shared between threads.
+unsafe impl Send for Tlb {}
+
+impl Tlb {
+    pub(crate) fn new() -> Self {
+        Tlb {
+            entries: Box::new([EMPTY; TLB_SIZE]),
+        }
+    }
+
+    pub(crate) fn flush_all(&mut self) {
+        self.entries.fill(EMPTY);
+    }
+
+    /// CR3 reload: global pages survive.
+    pub(crate) fn flush_non_global(&mut self) {
+        for e in self.entries.iter_mut() {
+            if e.perm & P_GLOBAL == 0 {
+                *e = EMPTY;
+            }
+        }
+    }
+
+    /// INVLPG: drops every entry filled from the mapping that covers `lin`, whatever its size.
+    pub(crate) fn flush_page(&mut self, lin: u64) {
+        for e in self.entries.iter_mut() {
+            if e.vpn != u64::MAX {
+                let shift = u32::from(e.page_shift);
+                if (e.vpn << 12) >> shift == lin >> shift {
+                    *e = EMPTY;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn needed_perm(access: Access, user: bool) -> u8 {
+    match (access, user) {
+        (Access::Read, false) => P_READ_SUP,
+        (Access::Read, true) => P_READ_USER,
+        (Access::Write, false) => P_WRITE_SUP,
+        (Access::Write, true) => P_WRITE_USER,
+        (Access::Fetch, false) => P_EXEC_SUP,
+        (Access::Fetch, true) => P_EXEC_USER,
+    }
+}
+
+/// Physical address bits the CPU reports in CPUID 0x80000008.
+pub const PHYS_ADDR_BITS: u32 = 40;
+const PHYS_MASK: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
+
+/// A translated page.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Translation {
+    pub(crate) host: *mut u8,
+    pub(crate) gpa_page: u64,
+}
+
+impl Cpu {
+    /// Translates the page holding `lin`, consulting and filling the TLB.
+    #[inline]
+    pub(crate) fn translate(
+        &mut self,
+        lin: u64,
+        access: Access,
+        user: bool,
+    ) -> Result<Translation> {
+        let vpn = lin >> 12;
+        let e = &self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)];
+        if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
+            return Ok(Translation {
+                host: e.host,
+                gpa_page: e.gpa_page,
+            });
+        }
+        self.translate_slow(lin, access, user)
+    }
+
+    #[cold]
+    fn translate_slow(&mut self, lin: u64, access: Access, user: bool) -> Result<Translation> {
+        let (gpa_page, perm, page_shift) = if self.s.cr0 & cr::CR0_PG == 0 {
+            let all =
+                P_READ_SUP | P_READ_USER | P_WRITE_SUP | P_WRITE_USER | P_EXEC_SUP | P_EXEC_USER;
+            ((lin & 0xffff_ffff) & !0xfff, all, 12)
+        } else if self.s.efer & cr::EFER_LMA != 0 {
+            self.walk_4level(lin, access, user)?
+        } else if self.s.cr4 & cr::CR4_PAE != 0 {
+            self.walk_pae(lin, access, user)?
+        } else {
+            self.walk_32bit(lin, access, user)?
+        };
+        let host = self.ram.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut());
+        let vpn = lin >> 12;
+        self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)] = TlbEntry {
+            vpn,
+            host,
+            gpa_page,
+            perm,
+            page_shift,
+        };
+        if perm & needed_perm(access, user) == 0 {
+            // The walk succeeded, so this can only be a cached-permission corner (e.g. WP=0
+            // supervisor write to a read-only page with D clear), which the walk resolved.
+            return Ok(Translation { host, gpa_page });
+        }
+        Ok(Translation { host, gpa_page })
+    }
+
+    fn pf(&mut self, lin: u64, access: Access, user: bool, bits: u32) -> Fault {
+        let mut code = bits;
+        if access == Access::Write {
+            code |= pf::WRITE;
+        }
+        if user {
+            code |= pf::USER;
+        }
+        if access == Access::Fetch && self.s.efer & cr::EFER_NXE != 0 {
+            code |= pf::FETCH;
+        }
+        self.s.cr2 = lin;
+        Fault::with_error(vector::PF, code)
+    }
+
+    fn read_pte(&mut self, gpa: u64) -> u64 {
+        let mut b = [0u8; 8];
+        if !self.ram.read(gpa, &mut b) {
+            // Page tables outside RAM read as all-ones-free zeros: not present.
+            return 0;
+        }
+        u64::from_le_bytes(b)
+    }
+
+    fn write_pte(&mut self, gpa: u64, val: u64) {
+        self.ram.write(gpa, &val.to_le_bytes());
+    }
+
+    fn read_pte32(&mut self, gpa: u64) -> u64 {
+        let mut b = [0u8; 4];
+        if !self.ram.read(gpa, &mut b) {
+            return 0;
+        }
+        u64::from(u32::from_le_bytes(b))
+    }
+
+    /// Applies the access rules to the accumulated rights and sets A/D bits.
+    /// `entries` are the gpas of the walked entries, leaf last.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_walk(
+        &mut self,
+        lin: u64,
+        access: Access,
+        user: bool,
+        entries: &[(u64, u64)],
+        writable: bool,
+        user_ok: bool,
+        nx: bool,
+        wide: bool,
+    ) -> Result<(u8, bool)> {
+        let wp = self.s.cr0 & cr::CR0_WP != 0;
+        let denied = match access {
+            Access::Read => user && !user_ok,
+            Access::Write => (user && !user_ok) || (!writable && (user || wp)),
+            Access::Fetch => nx || (user && !user_ok),
+        };
+        if denied {
+            return Err(self.pf(lin, access, user, pf::PRESENT));
+        }
+        let mut dirty = false;
+        for (i, &(gpa, e)) in entries.iter().enumerate() {
+            let leaf = i + 1 == entries.len();
+            let mut ne = e | 0x20;
+            if leaf && access == Access::Write {
+                ne |= 0x40;
+            }
+            if leaf {
+                dirty = ne & 0x40 != 0;
+            }
+            if ne != e {
+                if wide {
+                    self.write_pte(gpa, ne);
+                } else {
+                    self.ram.write(gpa, &(ne as u32).to_le_bytes());
+                }
+            }
+        }
+        let mut perm = P_READ_SUP;
+        if user_ok {
+            perm |= P_READ_USER;
+        }
+        if !nx {
+            perm |= P_EXEC_SUP;
+            if user_ok {
+                perm |= P_EXEC_USER;
+            }
+        }
+        if dirty {
+            if writable || !wp {
+                perm |= P_WRITE_SUP;
+            }
+            if writable && user_ok {
+                perm |= P_WRITE_USER;
+            }
+        }
+        Ok((perm, dirty))
+    }
+
+    fn walk_4level(&mut self, lin: u64, access: Access, user: bool) -> Result<(u64, u8, u8)> {
+        let nxe = self.s.efer & cr::EFER_NXE != 0;
+        let rsvd_hi =
+            !((1u64 << PHYS_ADDR_BITS) - 1) & 0x000f_ffff_ffff_f000 | if nxe { 0 } else { 1 << 63 };
+        let mut table = self.s.cr3 & PHYS_MASK;
+        let mut entries = [(0u64, 0u64); 4];
+        let (mut writable, mut user_ok, mut nx) = (true, true, false);
+        let mut level = 4;
+        let mut n = 0;
+        loop {
+            let shift = 12 + 9 * (level - 1);
+            let idx = (lin >> shift) & 0x1ff;
+            let gpa = table + idx * 8;
+            let e = self.read_pte(gpa);
+            if e & 1 == 0 {
+                return Err(self.pf(lin, access, user, 0));
+            }
+            let large = e & 0x80 != 0 && (level == 2 || level == 3);
+            let mut rsvd = e & rsvd_hi != 0 || (level == 4 && e & 0x80 != 0);
+            if large {
+                // Large-page frame must be aligned: bits 12..shift-1 except PAT bit 12 are reserved.
+                let low = ((1u64 << shift) - 1) & !0x1fff & 0x000f_ffff_ffff_f000;
+                rsvd |= e & low != 0;
+            }
+            if rsvd {
+                return Err(self.pf(lin, access, user, pf::PRESENT | pf::RSVD));
+            }
+            writable &= e & 2 != 0;
+            user_ok &= e & 4 != 0;
+            nx |= nxe && e & (1 << 63) != 0;
+            entries[n] = (gpa, e);
+            n += 1;
+            if level == 1 || large {
+                let frame_mask = PHYS_MASK & !((1u64 << shift) - 1);
+                let gpa_page = (e & frame_mask) | (lin & ((1u64 << shift) - 1) & !0xfff);
+                let (mut perm, _) = self.finish_walk(
+                    lin,
+                    access,
+                    user,
+                    &entries[..n],
+                    writable,
+                    user_ok,
+                    nx,
+                    true,
+                )?;
+                if e & 0x100 != 0 && self.s.cr4 & cr::CR4_PGE != 0 {
+                    perm |= P_GLOBAL;
+                }
+                return Ok((gpa_page, perm, shift as u8));
+            }
+            table = e & PHYS_MASK;
+            level -= 1;
+        }
+    }
+
+    fn walk_pae(&mut self, lin: u64, access: Access, user: bool) -> Result<(u64, u8, u8)> {
+        let lin = lin & 0xffff_ffff;
+        let nxe = self.s.efer & cr::EFER_NXE != 0;
+        let pdpte = self.read_pte((self.s.cr3 & 0xffff_ffe0) + ((lin >> 30) & 3) * 8);
+        if pdpte & 1 == 0 {
+            return Err(self.pf(lin, access, user, 0));
+        }
+        let mut table = pdpte & PHYS_MASK;
+        let mut entries = [(0u64, 0u64); 2];
+        let (mut writable, mut user_ok, mut nx) = (true, true, false);
+        for (n, level) in [2u32, 1].into_iter().enumerate() {
+            let shift = 12 + 9 * (level - 1);
+            let gpa = table + ((lin >> shift) & 0x1ff) * 8;
+            let e = self.read_pte(gpa);
+            if e & 1 == 0 {
+                return Err(self.pf(lin, access, user, 0));
+            }
+            if !nxe && e & (1 << 63) != 0 {
+                return Err(self.pf(lin, access, user, pf::PRESENT | pf::RSVD));
+            }
+            writable &= e & 2 != 0;
+            user_ok &= e & 4 != 0;
+            nx |= nxe && e & (1 << 63) != 0;
+            entries[n] = (gpa, e);
+            if level == 1 || e & 0x80 != 0 {
+                let frame_mask = PHYS_MASK & !((1u64 << shift) - 1);
+                let gpa_page = (e & frame_mask) | (lin & ((1u64 << shift) - 1) & !0xfff);
+                let (mut perm, _) = self.finish_walk(
+                    lin,
+                    access,
+                    user,
+                    &entries[..=n],
+                    writable,
+                    user_ok,
+                    nx,
+                    true,
+                )?;
+                if e & 0x100 != 0 && self.s.cr4 & cr::CR4_PGE != 0 {
+                    perm |= P_GLOBAL;
+                }
+                return Ok((gpa_page, perm, shift as u8));
+            }
+            table = e & PHYS_MASK;
+        }
+        Err(self.pf(lin, access, user, 0))
+    }
+
+    fn walk_32bit(&mut self, lin: u64, access: Access, user: bool) -> Result<(u64, u8, u8)> {
+        let lin = lin & 0xffff_ffff;
+        let pde_gpa = (self.s.cr3 & 0xffff_f000) + ((lin >> 22) & 0x3ff) * 4;
+        let pde = self.read_pte32(pde_gpa);
+        if pde & 1 == 0 {
+            return Err(self.pf(lin, access, user, 0));
+        }
+        if pde & 0x80 != 0 && self.s.cr4 & cr::CR4_PSE != 0 {
+            let gpa_page = (pde & 0xffc0_0000) | (lin & 0x003f_f000);
+            let (mut perm, _) = self.finish_walk(
+                lin,
+                access,
+                user,
+                &[(pde_gpa, pde)],
+                pde & 2 != 0,
+                pde & 4 != 0,
+                false,
+                false,
+            )?;
+            if pde & 0x100 != 0 && self.s.cr4 & cr::CR4_PGE != 0 {
+                perm |= P_GLOBAL;
+            }
+            return Ok((gpa_page, perm, 22));
+        }
+        let pte_gpa = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
+        let pte = self.read_pte32(pte_gpa);
+        if pte & 1 == 0 {
+            return Err(self.pf(lin, access, user, 0));
+        }
+        let (mut perm, _) = self.finish_walk(
+            lin,
+            access,
+            user,
+            &[(pde_gpa, pde), (pte_gpa, pte)],
+            pde & pte & 2 != 0,
+            pde & pte & 4 != 0,
+            false,
+            false,
+        )?;
+        if pte & 0x100 != 0 && self.s.cr4 & cr::CR4_PGE != 0 {
+            perm |= P_GLOBAL;
+        }
+        Ok((pte & 0xffff_f000, perm, 12))
+    }
+
+    /// Whether an access at the current privilege is a user-mode access.
+    #[inline]
+    pub(crate) fn user(&self) -> bool {
+        self.s.cpl() == 3
+    }
+
+    /// Reads `N` bytes at a linear address.
+    #[inline]
+    pub(crate) fn read_lin<const N: usize>(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        user: bool,
+    ) -> Result<[u8; N]> {
+        let off = (lin & 0xfff) as usize;
+        if off + N <= 4096 {
+            let t = self.translate(lin, Access::Read, user)?;
+            if !t.host.is_null() {
+                let mut out = [0u8; N];
+                // SAFETY: `t.host` is a valid RAM page (GuestRam contract) and off + N <= 4096.
+                unsafe { std::ptr::copy_nonoverlapping(t.host.add(off), out.as_mut_ptr(), N) };
+                return Ok(out);
+            }
+            let mut out = [0u8; N];
+            self.io_done = true;
+            p.mmio_read(t.gpa_page | off as u64, &mut out);
+            return Ok(out);
+        }
+        let mut out = [0u8; N];
+        self.read_lin_slow(p, lin, &mut out, user, Access::Read)?;
+        Ok(out)
+    }
+
+    /// Reads an arbitrary byte range, page by page (page-crossing accesses and fetches).
+    pub(crate) fn read_lin_slow(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        out: &mut [u8],
+        user: bool,
+        access: Access,
+    ) -> Result<()> {
+        // Translate every page first so a fault leaves nothing half-done.
+        let mut done = 0;
+        while done < out.len() {
+            let a = self.wrap_lin(lin.wrapping_add(done as u64));
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(out.len() - done);
+            let t = self.translate(a, access, user)?;
+            let chunk = &mut out[done..done + n];
+            if t.host.is_null() {
+                self.io_done = true;
+                p.mmio_read(t.gpa_page | off as u64, chunk);
+            } else {
+                // SAFETY: valid RAM page, off + n <= 4096.
+                unsafe { std::ptr::copy_nonoverlapping(t.host.add(off), chunk.as_mut_ptr(), n) };
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at a linear address.
+    #[inline]
+    pub(crate) fn write_lin(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        data: &[u8],
+        user: bool,
+    ) -> Result<()> {
+        let off = (lin & 0xfff) as usize;
+        if off + data.len() <= 4096 {
+            let t = self.translate(lin, Access::Write, user)?;
+            if !t.host.is_null() {
+                // SAFETY: valid RAM page, off + len <= 4096.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), t.host.add(off), data.len())
+                };
+                return Ok(());
+            }
+            self.io_done = true;
+            p.mmio_write(t.gpa_page | off as u64, data);
+            return Ok(());
+        }
+        // Page-crossing: check both pages before writing anything.
+        let second = self.wrap_lin(lin.wrapping_add(data.len() as u64 - 1));
+        self.translate(lin, Access::Write, user)?;
+        self.translate(second, Access::Write, user)?;
+        let mut done = 0;
+        while done < data.len() {
+            let a = self.wrap_lin(lin.wrapping_add(done as u64));
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(data.len() - done);
+            let t = self.translate(a, Access::Write, user)?;
+            let chunk = &data[done..done + n];
+            if t.host.is_null() {
+                self.io_done = true;
+                p.mmio_write(t.gpa_page | off as u64, chunk);
+            } else {
+                // SAFETY: valid RAM page, off + n <= 4096.
+                unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), t.host.add(off), n) };
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Outside long mode linear addresses are 32 bits wide.
+    #[inline]
+    pub(crate) fn wrap_lin(&self, lin: u64) -> u64 {
+        if self.s.efer & cr::EFER_LMA != 0 {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        }
+    }
+
+    /// Host pointer for an aligned atomic access of `size` bytes, or None (MMIO or split).
+    pub(crate) fn atomic_ptr(
+        &mut self,
+        lin: u64,
+        size: usize,
+        user: bool,
+    ) -> Result<Option<*mut u8>> {
+        let t = self.translate(lin, Access::Write, user)?;
+        let off = (lin & 0xfff) as usize;
+        if t.host.is_null() || !off.is_multiple_of(size) {
+            return Ok(None);
+        }
+        // SAFETY: off < 4096 inside a valid RAM page.
+        Ok(Some(unsafe { t.host.add(off) }))
+    }
+}

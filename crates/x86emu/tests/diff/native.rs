@@ -1,0 +1,174 @@
+//! Runs one instruction natively on the host CPU from a given register/memory state.
+//!
+//! A trampoline in an RWX page loads GPRs, RFLAGS, XMM and MXCSR from a state block,
+//! executes the instruction placed in a 16-byte slot (NOP padded), stores everything back
+//! and returns. Memory operands point into a scratch buffer mapped at the same fixed
+//! address that the emulated guest uses, so effective addresses agree in both worlds.
+
+use iced_x86::code_asm::*;
+use std::sync::Mutex;
+
+/// Guest-virtual = host-virtual address of the scratch buffer.
+pub const SCRATCH: u64 = 0x3a5a_0000_0000;
+pub const SCRATCH_LEN: usize = 0x10000;
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NativeState {
+    pub xmm: [u128; 16],
+    pub gpr: [u64; 16],
+    pub rflags: u64,
+    pub host_rsp: u64,
+    pub mxcsr: u32,
+    pub host_mxcsr: u32,
+}
+
+const OFF_XMM: i32 = 0;
+const OFF_GPR: i32 = 256;
+const OFF_FLAGS: i32 = 384;
+const OFF_HOST_RSP: i32 = 392;
+const OFF_MXCSR: i32 = 400;
+const OFF_HOST_MXCSR: i32 = 404;
+
+pub struct Native {
+    code: *mut u8,
+    slot: usize,
+    state: Box<NativeState>,
+}
+
+// SAFETY: the raw pointers are only used while holding the global NATIVE mutex.
+unsafe impl Send for Native {}
+
+static NATIVE: Mutex<Option<Native>> = Mutex::new(None);
+
+fn gprs() -> [AsmRegister64; 16] {
+    [
+        rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
+    ]
+}
+
+fn xmms() -> [AsmRegisterXmm; 16] {
+    [
+        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+        xmm14, xmm15,
+    ]
+}
+
+fn prologue(st: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    for r in [rbx, rbp, r12, r13, r14, r15] {
+        a.push(r).unwrap();
+    }
+    a.mov(rax, st).unwrap();
+    a.mov(qword_ptr(rax + OFF_HOST_RSP), rsp).unwrap();
+    a.stmxcsr(dword_ptr(rax + OFF_HOST_MXCSR)).unwrap();
+    a.ldmxcsr(dword_ptr(rax + OFF_MXCSR)).unwrap();
+    for (i, x) in xmms().into_iter().enumerate() {
+        a.movdqu(x, xmmword_ptr(rax + (OFF_XMM + 16 * i as i32)))
+            .unwrap();
+    }
+    a.push(qword_ptr(rax + OFF_FLAGS)).unwrap();
+    a.popfq().unwrap();
+    for (i, r) in gprs().into_iter().enumerate() {
+        if i != 0 {
+            a.mov(r, qword_ptr(rax + (OFF_GPR + 8 * i as i32))).unwrap();
+        }
+    }
+    a.mov(rax, qword_ptr(rax + OFF_GPR)).unwrap();
+    a.assemble(0).unwrap()
+}
+
+fn epilogue(st: u64) -> Vec<u8> {
+    // mov [moffs64], rax: the only way to store without a free register.
+    let mut out = vec![0x48, 0xa3];
+    out.extend_from_slice(&(st + OFF_GPR as u64).to_le_bytes());
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, st).unwrap();
+    for (i, r) in gprs().into_iter().enumerate() {
+        if i != 0 {
+            a.mov(qword_ptr(rax + (OFF_GPR + 8 * i as i32)), r).unwrap();
+        }
+    }
+    a.mov(rsp, qword_ptr(rax + OFF_HOST_RSP)).unwrap();
+    a.pushfq().unwrap();
+    a.pop(qword_ptr(rax + OFF_FLAGS)).unwrap();
+    // Reset DF/AC/TF before returning to Rust code.
+    a.push(2).unwrap();
+    a.popfq().unwrap();
+    for (i, x) in xmms().into_iter().enumerate() {
+        a.movdqu(xmmword_ptr(rax + (OFF_XMM + 16 * i as i32)), x)
+            .unwrap();
+    }
+    a.stmxcsr(dword_ptr(rax + OFF_MXCSR)).unwrap();
+    a.ldmxcsr(dword_ptr(rax + OFF_HOST_MXCSR)).unwrap();
+    for r in [r15, r14, r13, r12, rbp, rbx] {
+        a.pop(r).unwrap();
+    }
+    a.ret().unwrap();
+    out.extend(a.assemble(0).unwrap());
+    out
+}
+
+impl Native {
+    fn new() -> Native {
+        // SAFETY: fresh anonymous mappings; the scratch one at a fixed, otherwise unused
+        // address (MAP_FIXED_NOREPLACE fails instead of clobbering).
+        unsafe {
+            let s = libc::mmap(
+                SCRATCH as *mut libc::c_void,
+                SCRATCH_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            );
+            assert_eq!(s as u64, SCRATCH, "cannot map the scratch buffer");
+            let code = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(code, libc::MAP_FAILED);
+            let state = Box::<NativeState>::default();
+            let st = &*state as *const NativeState as u64;
+            let pro = prologue(st);
+            let epi = epilogue(st);
+            let code = code as *mut u8;
+            std::ptr::copy_nonoverlapping(pro.as_ptr(), code, pro.len());
+            std::ptr::write_bytes(code.add(pro.len()), 0x90, 16);
+            std::ptr::copy_nonoverlapping(epi.as_ptr(), code.add(pro.len() + 16), epi.len());
+            Native {
+                code,
+                slot: pro.len(),
+                state,
+            }
+        }
+    }
+
+    fn exec(&mut self, insn: &[u8], input: &NativeState, mem: &mut [u8]) -> NativeState {
+        assert!(insn.len() <= 16 && mem.len() == SCRATCH_LEN);
+        // SAFETY: the slot is 16 bytes inside our RWX page; the scratch mapping is ours;
+        // the trampoline follows the C ABI (saves callee-saved registers, restores RSP and
+        // MXCSR); the instruction was checked by the emulator first not to fault, and its
+        // memory operands point into the scratch buffer.
+        unsafe {
+            std::ptr::write_bytes(self.code.add(self.slot), 0x90, 16);
+            std::ptr::copy_nonoverlapping(insn.as_ptr(), self.code.add(self.slot), insn.len());
+            std::ptr::copy_nonoverlapping(mem.as_ptr(), SCRATCH as *mut u8, SCRATCH_LEN);
+            *self.state = *input;
+            let f: extern "C" fn() = std::mem::transmute(self.code);
+            f();
+            std::ptr::copy_nonoverlapping(SCRATCH as *const u8, mem.as_mut_ptr(), SCRATCH_LEN);
+        }
+        *self.state
+    }
+}
+
+/// Runs `insn` natively; `mem` is the scratch contents in and out.
+pub fn run_native(insn: &[u8], input: &NativeState, mem: &mut [u8]) -> NativeState {
+    let mut g = NATIVE.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(Native::new).exec(insn, input, mem)
+}
