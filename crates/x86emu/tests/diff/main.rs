@@ -152,12 +152,14 @@ fn set_gpr64(st: &mut NativeState, r: Register, v: u64) {
 fn gen_instruction(r: &mut Rng, fam: &Family) -> Option<(Vec<u8>, Instruction)> {
     let mut bytes = Vec::new();
     if !fam.prefixes.is_empty() {
-        bytes.extend_from_slice(r.pick(fam.prefixes));
+        let pfx: &[u8] = r.pick::<&[u8]>(fam.prefixes);
+        bytes.extend_from_slice(pfx);
     }
     if r.below(2) == 0 {
         bytes.push(0x40 | r.below(16) as u8);
     }
-    bytes.extend_from_slice(r.pick(fam.opcodes));
+    let op: &[u8] = r.pick::<&[u8]>(fam.opcodes);
+    bytes.extend_from_slice(op);
     for _ in 0..10 {
         bytes.push(r.next_u64() as u8);
     }
