@@ -165,7 +165,7 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
 mod tests {
     use super::*;
 
-    fn table_at<'a>(blob: &'a [u8], base: u64, addr: u64) -> &'a [u8] {
+    fn table_at(blob: &[u8], base: u64, addr: u64) -> &[u8] {
         let off = (addr - base) as usize;
         let len = u32::from_le_bytes(blob[off + 4..off + 8].try_into().unwrap()) as usize;
         &blob[off..off + len]

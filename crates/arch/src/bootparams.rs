@@ -61,12 +61,24 @@ impl ZeroPage<'_> {
         put(&mut p, VID_MODE, &0xffffu16.to_le_bytes());
         p[TYPE_OF_LOADER] = LOADER_UNDEFINED;
         p[LOADFLAGS] |= LOADED_HIGH;
-        put(&mut p, CMD_LINE_PTR, &(self.cmdline_addr as u32).to_le_bytes());
+        put(
+            &mut p,
+            CMD_LINE_PTR,
+            &(self.cmdline_addr as u32).to_le_bytes(),
+        );
         if let Some((addr, size)) = self.initrd {
             put(&mut p, RAMDISK_IMAGE, &(addr as u32).to_le_bytes());
             put(&mut p, RAMDISK_SIZE, &(size as u32).to_le_bytes());
-            put(&mut p, EXT_RAMDISK_IMAGE, &((addr >> 32) as u32).to_le_bytes());
-            put(&mut p, EXT_RAMDISK_SIZE, &((size >> 32) as u32).to_le_bytes());
+            put(
+                &mut p,
+                EXT_RAMDISK_IMAGE,
+                &((addr >> 32) as u32).to_le_bytes(),
+            );
+            put(
+                &mut p,
+                EXT_RAMDISK_SIZE,
+                &((size >> 32) as u32).to_le_bytes(),
+            );
         }
         put(&mut p, ACPI_RSDP_ADDR, &self.rsdp_addr.to_le_bytes());
         let entries = self.e820.len().min(E820_MAX);
@@ -86,7 +98,11 @@ pub mod read {
     use super::*;
 
     pub fn cmdline_ptr(p: &[u8]) -> u32 {
-        u32::from_le_bytes(p[CMD_LINE_PTR..CMD_LINE_PTR + 4].try_into().unwrap_or([0; 4]))
+        u32::from_le_bytes(
+            p[CMD_LINE_PTR..CMD_LINE_PTR + 4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        )
     }
 
     pub fn initrd(p: &[u8]) -> (u32, u32) {

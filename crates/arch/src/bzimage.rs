@@ -41,12 +41,19 @@ pub enum BzImageError {
     BadBootFlag(u16),
     #[error("no \"HdrS\" setup header magic: not a Linux bzImage")]
     BadHeaderMagic,
-    #[error("boot protocol {major}.{minor:02} is too old: 2.12 or later is needed for 64-bit entry")]
+    #[error(
+        "boot protocol {major}.{minor:02} is too old: 2.12 or later is needed for 64-bit entry"
+    )]
     ProtocolTooOld { major: u8, minor: u8 },
     #[error("kernel has no 64-bit entry point (XLF_KERNEL_64 clear)")]
     Not64Bit,
-    #[error("setup sectors ({setup_bytes} bytes) run past the end of the file ({file_size} bytes)")]
-    SetupPastEnd { setup_bytes: usize, file_size: usize },
+    #[error(
+        "setup sectors ({setup_bytes} bytes) run past the end of the file ({file_size} bytes)"
+    )]
+    SetupPastEnd {
+        setup_bytes: usize,
+        file_size: usize,
+    },
     #[error("header claims init_size of {0:#x} bytes, beyond any sane kernel")]
     AbsurdInitSize(u32),
     #[error("header claims a preferred load address of {0:#x}, beyond any sane kernel")]
@@ -208,7 +215,10 @@ pub(crate) mod tests {
                     i[0x206] = 0x0b;
                     i
                 },
-                BzImageError::ProtocolTooOld { major: 2, minor: 11 },
+                BzImageError::ProtocolTooOld {
+                    major: 2,
+                    minor: 11,
+                },
             ),
             (
                 {

@@ -71,7 +71,10 @@ impl ElfKernel {
             return Err(ElfError::Truncated);
         }
         // ELFCLASS64, little-endian, ET_EXEC, EM_X86_64.
-        if image[4] != 2 || image[5] != 1 || u16_at(image, 16) != Some(2) || u16_at(image, 18) != Some(62)
+        if image[4] != 2
+            || image[5] != 1
+            || u16_at(image, 16) != Some(2)
+            || u16_at(image, 18) != Some(62)
         {
             return Err(ElfError::WrongKind);
         }
@@ -243,9 +246,6 @@ mod tests {
         ));
         let mut bad = good;
         bad[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(
-            ElfKernel::parse(&bad),
-            Err(ElfError::ProgramHeadersOutside)
-        );
+        assert_eq!(ElfKernel::parse(&bad), Err(ElfError::ProgramHeadersOutside));
     }
 }

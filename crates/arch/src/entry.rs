@@ -31,11 +31,7 @@ pub fn gdt(protocol: BootProtocol) -> [u64; 6] {
     g[usize::from(cs.selector >> 3)] = cs.gdt_entry();
     g[usize::from(ds.selector >> 3)] = ds.gdt_entry();
     // A 64-bit TSS descriptor spans two slots; base 0 keeps the high half zero.
-    g[usize::from(TSS_SELECTOR >> 3)] = Segment {
-        type_: 0x9,
-        ..tss
-    }
-    .gdt_entry();
+    g[usize::from(TSS_SELECTOR >> 3)] = Segment { type_: 0x9, ..tss }.gdt_entry();
     g
 }
 
@@ -62,7 +58,8 @@ pub fn identity_page_tables() -> Vec<(u64, Vec<u8>)> {
     let mut pages = Vec::new();
     for i in 0..4u64 {
         let pd_addr = PDE_START + i * 0x1000;
-        pdpt[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&(pd_addr | P_RW_US).to_le_bytes());
+        pdpt[i as usize * 8..i as usize * 8 + 8]
+            .copy_from_slice(&(pd_addr | P_RW_US).to_le_bytes());
         let mut pd = vec![0u8; 4096];
         for j in 0..512u64 {
             let phys = (i << 30) | (j << 21);
@@ -180,7 +177,11 @@ mod tests {
     #[test]
     fn page_tables_identity_map_4g() {
         let pages = identity_page_tables();
-        let pd3 = &pages.iter().find(|(a, _)| *a == PDE_START + 0x3000).unwrap().1;
+        let pd3 = &pages
+            .iter()
+            .find(|(a, _)| *a == PDE_START + 0x3000)
+            .unwrap()
+            .1;
         let last = u64::from_le_bytes(pd3[511 * 8..512 * 8].try_into().unwrap());
         assert_eq!(last & !0xfff, 0xffe0_0000);
     }

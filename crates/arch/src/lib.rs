@@ -70,7 +70,12 @@ pub struct LoadedKernel {
 /// COMMAND_LINE_SIZE).
 const DEFAULT_CMDLINE_MAX: usize = 2048;
 
-fn write(mem: &GuestMemoryMmap, what: &'static str, addr: u64, data: &[u8]) -> Result<(), LoadError> {
+fn write(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    addr: u64,
+    data: &[u8],
+) -> Result<(), LoadError> {
     mem.write_slice(data, GuestAddress(addr))
         .map_err(|source| LoadError::GuestWrite { what, addr, source })
 }

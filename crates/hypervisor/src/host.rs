@@ -84,7 +84,10 @@ mod tests {
     fn pvm_module_means_slow_even_with_a_device_node() {
         let (dir, dev) = fake_host(&["kvm", "kvm_pvm"]);
         let v = KvmSupport::probe_with(&dev, &dir.path().join("module"), "flags : fpu vme");
-        assert!(matches!(v, KvmSupport::Slow(ref why) if why.contains("kvm_pvm")), "{v:?}");
+        assert!(
+            matches!(v, KvmSupport::Slow(ref why) if why.contains("kvm_pvm")),
+            "{v:?}"
+        );
     }
 
     #[test]

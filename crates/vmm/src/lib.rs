@@ -1,1 +1,11 @@
-//! placeholder
+//! The VMM: builds a VM from a `VmConfig` and runs it.
+
+pub mod accel;
+pub mod config;
+pub mod console;
+pub mod io;
+pub mod vm;
+
+pub use config::{Accel, SerialConfig, VmConfig};
+pub use devices::ExitReason;
+pub use vm::{Vmm, VmmError};

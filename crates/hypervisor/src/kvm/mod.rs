@@ -126,12 +126,10 @@ impl Vm for KvmVm {
             userspace_addr: host_addr as u64,
         };
         // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| {
-            Error::SetMemoryRegion {
-                guest_addr,
-                size,
-                source: io_err(e),
-            }
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| Error::SetMemoryRegion {
+            guest_addr,
+            size,
+            source: io_err(e),
         })
     }
 
@@ -294,7 +292,9 @@ impl Vcpu for KvmVcpu {
         let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| Error::Unsupported {
             what: format!("a CPUID table of {} entries", entries.len()),
         })?;
-        self.fd.set_cpuid2(&cpuid).map_err(vcpu_err("KVM_SET_CPUID2"))
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(vcpu_err("KVM_SET_CPUID2"))
     }
 
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {

@@ -1,0 +1,113 @@
+//! `vessel run`: build a `VmConfig` from flags and run the VMM in the foreground.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
+use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Kernel image: a bzImage or an ELF vmlinux (PVH when it has the Xen entry note).
+    /// Default: the guest assets' kernel (scripts/guest-assets.sh).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk. Default: the guest assets' initramfs when --kernel is not given.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M", value_parser = parse_memory_mib)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Accelerator: auto picks what really works on this host.
+    #[arg(long, default_value = "auto")]
+    accel: Accel,
+    /// Serial console: stdio, null, or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialConfig,
+}
+
+/// Process exit statuses, so scripts can tell how the guest ended.
+pub mod status {
+    /// The guest powered off, or the user quit with Ctrl-A x.
+    pub const POWER_OFF: i32 = 0;
+    /// The VMM failed (also used for bad input).
+    pub const ERROR: i32 = 1;
+    /// The guest rebooted (i8042 reset, ACPI reset, panic with panic=-1).
+    pub const REBOOT: i32 = 10;
+    /// A vCPU triple-faulted.
+    pub const TRIPLE_FAULT: i32 = 12;
+}
+
+/// Where scripts/guest-assets.sh caches Debian's kernel and the busybox initramfs.
+pub fn assets_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VESSEL_ASSETS") {
+        return d.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("vessel/assets")
+}
+
+fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
+    let (kernel, initrd) = match args.kernel {
+        Some(k) => (k, args.initrd),
+        None => {
+            let dir = assets_dir();
+            let k = dir.join("vmlinuz");
+            if !k.is_file() {
+                bail!(
+                    "no --kernel given and no guest assets in {}: run scripts/guest-assets.sh first",
+                    dir.display()
+                );
+            }
+            (k, args.initrd.or(Some(dir.join("initramfs.cpio.gz"))))
+        }
+    };
+    Ok(VmConfig {
+        kernel,
+        initrd,
+        cmdline: args.cmdline,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        accel: args.accel,
+        serial: args.serial,
+    })
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let config = config_from(args)?;
+    let vmm = Vmm::new(config).context("cannot start the VM")?;
+    if let Some(note) = vmm.note() {
+        eprintln!("vessel: {note}");
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let raw = if interactive {
+        eprintln!("vessel: console on this terminal; Ctrl-A x quits");
+        vmm::console::RawTerminal::enter(0)
+    } else {
+        None
+    };
+    let reason = vmm.run();
+    drop(raw);
+    let (code, what) = match reason? {
+        ExitReason::PowerOff => (status::POWER_OFF, "guest powered off".to_string()),
+        ExitReason::Quit => (status::POWER_OFF, "quit from the console".to_string()),
+        ExitReason::Reset => (status::REBOOT, "guest rebooted".to_string()),
+        ExitReason::TripleFault => (status::TRIPLE_FAULT, "guest triple-faulted".to_string()),
+        ExitReason::DebugExit(v) => (
+            ((v << 1) | 1) as i32,
+            format!("guest wrote {v:#x} to the debug-exit port"),
+        ),
+        ExitReason::Error => (status::ERROR, "the VMM stopped on an error".to_string()),
+    };
+    eprintln!("\r\nvessel: {what} (exit status {code})");
+    Ok(code)
+}

@@ -1,0 +1,121 @@
+//! `vessel run` on bad input: one clear line and a non-zero status, never a panic or hang.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn run_expecting_error(args: &[&str], needle: &str) {
+    let f = run_with_timeout(vessel().args(args), Duration::from_secs(20));
+    assert_eq!(f.status.code(), Some(1), "stderr: {}", f.stderr);
+    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line, got:\n{}", f.stderr);
+    assert!(
+        lines[0].contains(needle),
+        "{needle:?} not in {:?}",
+        lines[0]
+    );
+    assert!(!f.stderr.contains("panicked"));
+}
+
+#[test]
+fn missing_kernel() {
+    run_expecting_error(
+        &["run", "--kernel", "/nonexistent/bzImage"],
+        "/nonexistent/bzImage does not exist",
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let dir = TempDir::new("notk");
+    let k = dir.file("notakernel", b"#!/bin/sh\necho hello\n");
+    run_expecting_error(
+        &["run", "--accel", "kvm", "--kernel", k.to_str().unwrap()],
+        "neither a bzImage nor an ELF",
+    );
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    let a = assets();
+    run_expecting_error(
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--memory",
+            "32M",
+            "--kernel",
+            a.join("vmlinuz").to_str().unwrap(),
+        ],
+        "guest memory is too small",
+    );
+}
+
+#[test]
+fn memory_below_the_floor_and_beyond_the_host() {
+    let exe = env!("CARGO_BIN_EXE_vessel");
+    run_expecting_error(&["run", "--memory", "1M", "--kernel", exe], "too small");
+    run_expecting_error(
+        &["run", "--memory", "100000G", "--kernel", exe],
+        "more than this host has",
+    );
+}
+
+#[test]
+fn too_many_cpus() {
+    let exe = env!("CARGO_BIN_EXE_vessel");
+    run_expecting_error(
+        &["run", "--cpus", "255", "--kernel", exe],
+        "255 CPUs is too many",
+    );
+    run_expecting_error(&["run", "--cpus", "0", "--kernel", exe], "at least one CPU");
+    // 255 does not fit clap's u8 range check: clap's own error and status 2.
+    let f = run_with_timeout(
+        vessel().args(["run", "--cpus", "999", "--kernel", exe]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+}
+
+#[test]
+fn a_truncated_bzimage() {
+    let a = assets();
+    let img = std::fs::read(a.join("vmlinuz")).unwrap();
+    let dir = TempDir::new("trunc");
+    let k = dir.file("truncated", &img[..0x300]);
+    run_expecting_error(
+        &["run", "--accel", "kvm", "--kernel", k.to_str().unwrap()],
+        "bad bzImage",
+    );
+}
+
+/// On this project's machines KVM is a PVM host: `auto` must say so at once instead of
+/// starting a guest that never prints anything (DESIGN.md, "Facts about these machines").
+#[test]
+fn accel_auto_explains_why_kvm_cannot_run_the_debian_kernel() {
+    assert!(
+        std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        "this test describes a PVM host (module kvm_pvm); this machine is not one"
+    );
+    let a = assets();
+    let f = run_with_timeout(
+        vessel().args([
+            "run",
+            "--accel",
+            "auto",
+            "--kernel",
+            a.join("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            a.join("initramfs.cpio.gz").to_str().unwrap(),
+        ]),
+        Duration::from_secs(10),
+    );
+    assert!(f.elapsed < Duration::from_secs(5), "took {:?}", f.elapsed);
+    assert_eq!(f.status.code(), Some(1));
+    let line = f.stderr.trim();
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.contains("PVM") && line.contains("kvm_pvm"), "{line}");
+}

@@ -1,0 +1,507 @@
+//! Small generated guests on this machine's real /dev/kvm, booted through the real
+//! loader and `vessel run`: boot protocols, the vCPU loop at CPL3, the UART with its
+//! interrupt, and the ways a VM ends.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::guest::*;
+use common::*;
+use iced_x86::code_asm::*;
+
+const MEM: &str = "256M";
+const MEM_BYTES: u64 = 256 << 20;
+
+fn assemble64(body: impl FnOnce(&mut CodeAssembler, &Lib64) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    body(&mut a, &lib).unwrap();
+    lib.emit(&mut a).unwrap();
+    a.assemble(LOAD).unwrap()
+}
+
+fn run_kernel(dir: &TempDir, kernel: &[u8], extra: &[&str]) -> Finished {
+    let k = dir.file("kernel.elf", kernel);
+    run_with_timeout(
+        vessel()
+            .args(["run", "--accel", "kvm", "--memory", MEM, "--kernel"])
+            .arg(&k)
+            .args(extra),
+        Duration::from_secs(60),
+    )
+}
+
+fn parse_hex(s: &str) -> u64 {
+    u64::from_str_radix(s.trim(), 16).unwrap_or_else(|_| panic!("not hex: {s:?}"))
+}
+
+fn expect_status(f: &Finished, code: i32) {
+    assert_eq!(
+        f.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        f.stdout,
+        f.stderr
+    );
+}
+
+#[test]
+fn linux64_guest_reads_boot_params_where_rsi_points() {
+    let code = assemble64(|a, lib| {
+        a.mov(rbx, rsi)?;
+        lib.print(a, "CMDLINE=")?;
+        a.mov(esi, dword_ptr(rbx + 0x228))?;
+        a.call(lib.puts)?;
+        lib.print(a, "\nINITRD=")?;
+        a.mov(eax, dword_ptr(rbx + 0x218))?;
+        a.call(lib.puthex)?;
+        lib.print(a, " ")?;
+        a.mov(eax, dword_ptr(rbx + 0x21c))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\nE820=")?;
+        a.movzx(eax, byte_ptr(rbx + 0x1e8))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\n")?;
+        a.movzx(r12d, byte_ptr(rbx + 0x1e8))?;
+        a.lea(r13, ptr(rbx + 0x2d0))?;
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut next)?;
+        a.test(r12, r12)?;
+        a.jz(done)?;
+        a.mov(rax, qword_ptr(r13))?;
+        a.call(lib.puthex)?;
+        lib.print(a, " ")?;
+        a.mov(rax, qword_ptr(r13 + 8))?;
+        a.call(lib.puthex)?;
+        lib.print(a, " ")?;
+        a.mov(eax, dword_ptr(r13 + 16))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\n")?;
+        a.add(r13, 20)?;
+        a.dec(r12)?;
+        a.jmp(next)?;
+        a.set_label(&mut done)?;
+        lib.print(a, "END\n")?;
+        debug_exit(a, 0x10)
+    });
+    let dir = TempDir::new("bp");
+    let initrd = dir.file("initrd", &vec![0x5a; 12345]);
+    let cmdline = "console=ttyS0 vessel.test=boot-params quiet";
+    let f = run_kernel(
+        &dir,
+        &linux64_elf(&code),
+        &[
+            "--cmdline",
+            cmdline,
+            "--serial",
+            "stdio",
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
+    );
+    expect_status(&f, (0x10 << 1) | 1);
+
+    let out = &f.stdout;
+    let line = |tag: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} in guest output:\n{out}"))
+            .to_string()
+    };
+    assert_eq!(line("CMDLINE="), cmdline);
+    let initrd_line = line("INITRD=");
+    let (addr, size) = initrd_line.split_once(' ').unwrap();
+    assert_eq!(parse_hex(size), 12345);
+    // The loader puts the initrd at the top of RAM, page aligned.
+    assert_eq!(parse_hex(addr), (MEM_BYTES - 12345) & !0xfff);
+    let n = parse_hex(&line("E820=")) as usize;
+    let want = arch::e820::memory_map(MEM_BYTES);
+    assert_eq!(n, want.len());
+    let got: Vec<arch::e820::E820Entry> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("E820="))
+        .skip(1)
+        .take(n)
+        .map(|l| {
+            let f: Vec<u64> = l.split(' ').map(parse_hex).collect();
+            arch::e820::E820Entry {
+                addr: f[0],
+                size: f[1],
+                kind: f[2] as u32,
+            }
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(out.contains("END"));
+}
+
+#[test]
+fn pvh_guest_reads_hvm_start_info_where_ebx_points() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut lib = Lib32::new(&mut a);
+    (|| -> Result<(), IcedError> {
+        let a = &mut a;
+        a.mov(esp, 0x8ff0)?;
+        lib.print(a, "MAGIC=")?;
+        a.mov(eax, dword_ptr(ebx))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\nCMDLINE=")?;
+        a.mov(esi, dword_ptr(ebx + 24))?;
+        a.call(lib.puts)?;
+        lib.print(a, "\nMODULE=")?;
+        a.mov(edi, dword_ptr(ebx + 16))?;
+        a.mov(eax, dword_ptr(edi))?;
+        a.call(lib.puthex)?;
+        lib.print(a, " ")?;
+        a.mov(eax, dword_ptr(edi + 8))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\nMEMMAP=")?;
+        a.mov(eax, dword_ptr(ebx + 48))?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\n")?;
+        a.mov(ecx, dword_ptr(ebx + 48))?;
+        a.mov(edi, dword_ptr(ebx + 40))?;
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut next)?;
+        a.test(ecx, ecx)?;
+        a.jz(done)?;
+        for (off, sep) in [(4, ""), (0, " "), (12, ""), (8, " "), (16, "\n")] {
+            a.mov(eax, dword_ptr(edi + off))?;
+            a.call(lib.puthex)?;
+            if !sep.is_empty() {
+                lib.print(a, sep)?;
+            }
+        }
+        a.add(edi, 24)?;
+        a.dec(ecx)?;
+        a.jmp(next)?;
+        a.set_label(&mut done)?;
+        lib.print(a, "END\n")?;
+        a.mov(dx, DEBUG_EXIT)?;
+        a.mov(al, 0x11)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        lib.emit(a)
+    })()
+    .unwrap();
+    let code = a.assemble(LOAD).unwrap();
+    let dir = TempDir::new("pvh");
+    let initrd = dir.file("initrd", &[1u8; 5000]);
+    let cmdline = "console=ttyS0 vessel.test=pvh";
+    let f = run_kernel(
+        &dir,
+        &pvh_elf(&code),
+        &["--cmdline", cmdline, "--initrd", initrd.to_str().unwrap()],
+    );
+    expect_status(&f, (0x11 << 1) | 1);
+    let out = &f.stdout;
+    assert!(out.contains("MAGIC=336ec578"), "{out}");
+    assert!(out.contains(&format!("CMDLINE={cmdline}\n")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "MODULE={:08x} {:08x}",
+            (MEM_BYTES - 5000) & !0xfff,
+            5000
+        )),
+        "{out}"
+    );
+    let want = arch::e820::memory_map(MEM_BYTES);
+    assert!(out.contains(&format!("MEMMAP={:08x}", want.len())), "{out}");
+    for e in want {
+        let l = format!("{:016x} {:016x} {:08x}", e.addr, e.size, e.kind);
+        assert!(out.contains(&l), "missing {l} in:\n{out}");
+    }
+}
+
+/// The user segments a CPL3 test guest installs: null, kernel code/data, user data/code.
+fn cpl3_prologue(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    const GDT: u64 = 0x3000;
+    const GDTR: u64 = 0x3100;
+    a.mov(rdi, GDT)?;
+    // Kernel code stays at 0x10, where the boot GDT (and the IDT gates) have it.
+    for (i, d) in [
+        0u64,
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ]
+    .iter()
+    .enumerate()
+    {
+        a.mov(rax, *d)?;
+        a.mov(qword_ptr(rdi + (i * 8) as i32), rax)?;
+    }
+    a.mov(rdi, GDTR)?;
+    a.mov(word_ptr(rdi), 6 * 8 - 1)?;
+    a.mov(rax, GDT)?;
+    a.mov(qword_ptr(rdi + 2), rax)?;
+    a.lgdt(ptr(rdi))?;
+    let user = a.create_label();
+    a.push(0x23)?; // SS: user data | RPL 3
+    a.push(0x5ff0)?; // user stack
+    a.push(0x2)?; // RFLAGS: interrupts off
+    a.push(0x2b)?; // CS: user code | RPL 3
+    a.lea(rax, ptr(user))?;
+    a.push(rax)?;
+    a.iretq()?;
+    Ok(user)
+}
+
+#[test]
+fn cpl3_loop_of_100_million_iterations_runs_natively() {
+    // PVM neither honours IOPL for port I/O at CPL3 nor delivers `int n` from there, so
+    // the user code reports the way every CPL3 program can: a privileged instruction
+    // (HLT) raises #GP, whose frame carries the user CS and whose handler prints RBX.
+    let code = assemble64(|a, lib| {
+        install_exception_handlers(a, lib)?;
+        let mut user = cpl3_prologue(a)?;
+        a.set_label(&mut user)?;
+        a.mov(ecx, 100_000_000)?;
+        a.xor(eax, eax)?;
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.add(rax, rcx)?;
+        a.dec(rcx)?;
+        a.jnz(l)?;
+        a.mov(rbx, rax)?;
+        a.hlt()
+    });
+    let dir = TempDir::new("cpl3");
+    let start = Instant::now();
+    let f = run_kernel(&dir, &linux64_elf(&code), &[]);
+    expect_status(&f, (0x7f << 1) | 1);
+    let sum: u64 = (1..=100_000_000u64).sum();
+    // #GP (0xd), error 0, from CS 0x2b: the loop ran in the user code segment, at CPL3.
+    let line = f
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("EXC "))
+        .unwrap_or_else(|| panic!("no exception report:\n{}", f.stdout));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[1], "000000000000000d", "{line}");
+    assert_eq!(fields[2], "0000000000000000", "{line}");
+    assert_eq!(fields[4], "000000000000002b", "{line}");
+    assert_eq!(fields[5], format!("rbx={sum:016x}"), "{line}");
+    eprintln!("100M-iteration CPL3 loop: {:?} end to end", start.elapsed());
+}
+
+#[test]
+fn uart_input_arrives_by_interrupt_through_the_in_kernel_irqchip() {
+    let code = assemble64(|a, lib| {
+        let mut handler = a.create_label();
+        // IDT at 0x4000 with one interrupt gate, vector 0x24, for the UART's GSI 4.
+        a.lea(rax, ptr(handler))?;
+        a.mov(rdx, rax)?;
+        a.and(edx, 0xffff)?;
+        a.mov(r8, rax)?;
+        a.shr(r8, 16)?;
+        a.and(r8d, 0xffff)?;
+        a.shl(r8, 48)?;
+        a.or(rdx, r8)?;
+        a.mov(r9, 0x0000_8e00_0010_0000u64)?;
+        a.or(rdx, r9)?;
+        a.mov(rdi, 0x4000u64 + 0x24 * 16)?;
+        a.mov(qword_ptr(rdi), rdx)?;
+        a.shr(rax, 32)?;
+        a.mov(qword_ptr(rdi + 8), rax)?;
+        a.mov(rdi, 0x5000u64)?;
+        a.mov(word_ptr(rdi), 0xfff)?;
+        a.mov(rax, 0x4000u64)?;
+        a.mov(qword_ptr(rdi + 2), rax)?;
+        a.lidt(ptr(rdi))?;
+        // Mask both 8259s; enable the local APIC; route IOAPIC pin 4 to vector 0x24.
+        a.mov(al, 0xff)?;
+        a.out(0x21, al)?;
+        a.out(0xa1, al)?;
+        a.mov(eax, 0xfee0_00f0u32)?;
+        a.mov(dword_ptr(rax), 0x1ff)?;
+        a.mov(eax, 0xfec0_0000u32)?;
+        a.mov(dword_ptr(rax), 0x18)?;
+        a.mov(dword_ptr(rax + 0x10), 0x24)?;
+        a.mov(dword_ptr(rax), 0x19)?;
+        a.mov(dword_ptr(rax + 0x10), 0)?;
+        // UART: received-data interrupt on, OUT2 set.
+        a.mov(dx, COM1 + 1)?;
+        a.mov(al, 1)?;
+        a.out(dx, al)?;
+        a.mov(dx, COM1 + 4)?;
+        a.mov(al, 0x0b)?;
+        a.out(dx, al)?;
+        lib.print(a, "READY\n")?;
+        a.sti()?;
+        let mut idle = a.create_label();
+        a.set_label(&mut idle)?;
+        a.hlt()?;
+        a.jmp(idle)?;
+
+        a.set_label(&mut handler)?;
+        a.nop()?;
+        let mut rx = a.create_label();
+        let mut done = a.create_label();
+        let mut send = a.create_label();
+        let mut finish = a.create_label();
+        a.set_label(&mut rx)?;
+        a.mov(dx, COM1 + 5)?;
+        a.in_(al, dx)?;
+        a.test(al, 1)?;
+        a.jz(done)?;
+        a.mov(dx, COM1)?;
+        a.in_(al, dx)?;
+        a.cmp(al, b'!' as i32)?;
+        a.je(finish)?;
+        a.cmp(al, b'a' as i32)?;
+        a.jb(send)?;
+        a.cmp(al, b'z' as i32)?;
+        a.ja(send)?;
+        a.sub(al, 0x20)?;
+        a.set_label(&mut send)?;
+        a.call(lib.putc)?;
+        a.jmp(rx)?;
+        a.set_label(&mut done)?;
+        a.mov(eax, 0xfee0_00b0u32)?;
+        a.mov(dword_ptr(rax), 0)?;
+        a.iretq()?;
+        a.set_label(&mut finish)?;
+        lib.print(a, "\nBANG\n")?;
+        debug_exit(a, 0x33)
+    });
+    let dir = TempDir::new("uart");
+    let k = dir.file("kernel.elf", &linux64_elf(&code));
+    let child = vessel()
+        .args([
+            "run", "--accel", "kvm", "--memory", MEM, "--serial", "stdio", "--kernel",
+        ])
+        .arg(&k)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = Guarded(child);
+    let mut stdout = g.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let wait_for = |needle: &str, seen: &mut Vec<u8>| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(seen).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.extend(chunk),
+                Err(_) => panic!(
+                    "guest never printed {needle:?}; output so far:\n{}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    };
+    wait_for("READY\n", &mut seen);
+    let mut stdin = g.0.stdin.take().unwrap();
+    stdin.write_all(b"hello vessel").unwrap();
+    stdin.flush().unwrap();
+    wait_for("HELLO VESSEL", &mut seen);
+    stdin.write_all(b"!").unwrap();
+    stdin.flush().unwrap();
+    wait_for("BANG", &mut seen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vessel did not exit after BANG");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some((0x33 << 1) | 1));
+}
+
+#[test]
+fn i8042_reset_ends_the_run_as_a_reboot() {
+    let code = assemble64(|a, lib| {
+        lib.print(a, "RESETTING\n")?;
+        a.mov(al, 0xfe)?;
+        a.out(0x64, al)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let f = run_kernel(&TempDir::new("rst"), &linux64_elf(&code), &[]);
+    expect_status(&f, 10);
+    assert!(f.stdout.contains("RESETTING"));
+    assert!(f.stderr.contains("guest rebooted"), "{}", f.stderr);
+}
+
+#[test]
+fn acpi_s5_ends_the_run_as_a_power_off() {
+    let code = assemble64(|a, _| {
+        a.mov(dx, arch::acpi::SLEEP_CONTROL_PORT as u32)?;
+        a.mov(al, (5 << 2) | 0x20)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let f = run_kernel(&TempDir::new("s5"), &linux64_elf(&code), &[]);
+    expect_status(&f, 0);
+    assert!(f.stderr.contains("powered off"), "{}", f.stderr);
+}
+
+#[test]
+fn acpi_reset_register_reboots() {
+    let code = assemble64(|a, _| {
+        a.mov(dx, arch::acpi::RESET_PORT as u32)?;
+        a.mov(al, arch::acpi::RESET_VALUE as u32)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let f = run_kernel(&TempDir::new("acpirst"), &linux64_elf(&code), &[]);
+    expect_status(&f, 10);
+}
+
+#[test]
+fn a_triple_fault_ends_the_run() {
+    // The boot IDT is empty: #UD escalates to a triple fault.
+    let code = assemble64(|a, _| a.ud2());
+    let f = run_kernel(&TempDir::new("tf"), &linux64_elf(&code), &[]);
+    expect_status(&f, 12);
+}
+
+#[test]
+fn serial_to_a_file() {
+    let code = assemble64(|a, lib| {
+        lib.print(a, "to a file\n")?;
+        debug_exit(a, 0)
+    });
+    let dir = TempDir::new("sfile");
+    let out = dir.path().join("console.log");
+    let f = run_kernel(
+        &dir,
+        &linux64_elf(&code),
+        &["--serial", &format!("file:{}", out.display())],
+    );
+    expect_status(&f, 1);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "to a file\n");
+    assert!(!f.stdout.contains("to a file"));
+}
+
+#[test]
+fn two_vcpus_boot_with_the_second_waiting_for_sipi() {
+    let code = assemble64(|a, lib| {
+        lib.print(a, "BSP\n")?;
+        debug_exit(a, 0x5)
+    });
+    let f = run_kernel(&TempDir::new("smp"), &linux64_elf(&code), &["--cpus", "2"]);
+    expect_status(&f, 0xb);
+}

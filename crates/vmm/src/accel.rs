@@ -1,0 +1,81 @@
+//! Choosing the accelerator: `--accel auto` picks what really works on this host.
+
+use std::sync::Arc;
+
+use hypervisor::host::KvmSupport;
+use hypervisor::kvm::KvmHypervisor;
+use hypervisor::Hypervisor;
+
+use crate::config::Accel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    #[error("--accel auto: {0}, so a guest kernel would not boot in useful time; no software CPU in this build yet (--accel kvm forces KVM)")]
+    NothingUsable(String),
+    #[error("--accel kvm: {0}")]
+    KvmUnavailable(String),
+    #[error("--accel emu: the software CPU accelerator is not available in this build yet")]
+    EmuUnavailable,
+    #[error("opening KVM: {0}")]
+    Kvm(#[from] hypervisor::Error),
+}
+
+/// The accelerator picked, and a line for the user when the choice deserves one.
+pub struct Choice {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub note: Option<String>,
+}
+
+impl std::fmt::Debug for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Choice")
+            .field("hypervisor", &self.hypervisor.name())
+            .field("note", &self.note)
+            .finish()
+    }
+}
+
+pub fn choose(requested: Accel) -> Result<Choice, AccelError> {
+    choose_with(requested, KvmSupport::probe())
+}
+
+pub fn choose_with(requested: Accel, kvm: KvmSupport) -> Result<Choice, AccelError> {
+    match (requested, kvm) {
+        (Accel::Auto, KvmSupport::Native) | (Accel::Kvm, KvmSupport::Native) => Ok(Choice {
+            hypervisor: Arc::new(KvmHypervisor::new()?),
+            note: None,
+        }),
+        (Accel::Auto, KvmSupport::Slow(why)) | (Accel::Auto, KvmSupport::Unavailable(why)) => {
+            Err(AccelError::NothingUsable(why))
+        }
+        (Accel::Kvm, KvmSupport::Slow(why)) => Ok(Choice {
+            hypervisor: Arc::new(KvmHypervisor::new()?),
+            note: Some(format!(
+                "warning: --accel kvm forced: {why}; a guest kernel will run very slowly"
+            )),
+        }),
+        (Accel::Kvm, KvmSupport::Unavailable(why)) => Err(AccelError::KvmUnavailable(why)),
+        (Accel::Emu, _) => Err(AccelError::EmuUnavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_refuses_a_slow_kvm_with_the_reason() {
+        let e = choose_with(Accel::Auto, KvmSupport::Slow("PVM host".into())).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("PVM host") && msg.contains("--accel kvm"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn forced_kvm_without_device_is_an_error() {
+        let e = choose_with(Accel::Kvm, KvmSupport::Unavailable("no /dev/kvm".into()));
+        assert!(matches!(e, Err(AccelError::KvmUnavailable(_))));
+    }
+}

@@ -1,0 +1,270 @@
+//! `VmConfig`: the one description of a VM. CLI flags, the VMM's API and the manager's
+//! domain definitions all produce this shape, and `validate()` runs on every path.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which accelerator runs the vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Pick what really works on this host (see `accel::choose`).
+    #[default]
+    Auto,
+    Kvm,
+    Emu,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            other => Err(format!("unknown accelerator {other:?} (auto, kvm or emu)")),
+        }
+    }
+}
+
+/// Where the UART's output goes (and its input comes from).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type", content = "path")]
+pub enum SerialConfig {
+    /// The VMM's stdin/stdout; raw and interactive on a terminal.
+    #[default]
+    Stdio,
+    /// Append output to a file; no input.
+    File(PathBuf),
+    /// Discard output.
+    Null,
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "null" | "none" => Ok(SerialConfig::Null),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "unknown serial backend {s:?} (stdio, null or file:PATH)"
+                )),
+            },
+        }
+    }
+}
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// APIC IDs are 8 bits and 0xff is the broadcast ID.
+pub const MAX_CPUS: u8 = 254;
+/// Below this the boot data alone does not fit.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    #[serde(default)]
+    pub accel: Accel,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_cpus() -> u8 {
+    1
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("kernel {0} does not exist or is not a file")]
+    KernelMissing(PathBuf),
+    #[error("initrd {0} does not exist or is not a file")]
+    InitrdMissing(PathBuf),
+    #[error("{0} MiB of memory is too small (at least {MIN_MEMORY_MIB} MiB)")]
+    MemoryTooSmall(u64),
+    #[error("{want} MiB of memory is more than this host has ({have} MiB)")]
+    MemoryTooLarge { want: u64, have: u64 },
+    #[error("a VM needs at least one CPU")]
+    NoCpus,
+    #[error("{0} CPUs is too many (at most {MAX_CPUS})")]
+    TooManyCpus(u32),
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: 1,
+            accel: Accel::Auto,
+            serial: SerialConfig::Stdio,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelMissing(self.kernel.clone()));
+        }
+        if let Some(i) = &self.initrd {
+            if !i.is_file() {
+                return Err(ConfigError::InitrdMissing(i.clone()));
+            }
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(have) = host_memory_mib() {
+            if self.memory_mib > have {
+                return Err(ConfigError::MemoryTooLarge {
+                    want: self.memory_mib,
+                    have,
+                });
+            }
+        }
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        if self.cpus > MAX_CPUS {
+            return Err(ConfigError::TooManyCpus(self.cpus.into()));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// Parse sizes like `512M`, `2G`, `1048576K` or plain MiB (`512`) into MiB.
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 0,
+                'M' => 1,
+                'G' => 1024,
+                'T' => 1024 * 1024,
+                _ => return Err(format!("bad size suffix in {s:?} (K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad memory size {s:?} (e.g. 512M or 2G)"))?;
+    if mult == 0 {
+        return Ok(n / 1024);
+    }
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("memory size {s:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("256"), Ok(256));
+        assert_eq!(parse_memory_mib("65536k"), Ok(64));
+        assert!(parse_memory_mib("lots").is_err());
+        assert!(parse_memory_mib("5X").is_err());
+        assert!(parse_memory_mib("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_configs() {
+        let exe = std::env::current_exe().unwrap();
+        let ok = VmConfig::new(&exe);
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = [
+            (
+                VmConfig::new("/nonexistent/vmlinuz"),
+                ConfigError::KernelMissing("/nonexistent/vmlinuz".into()),
+            ),
+            (
+                VmConfig {
+                    memory_mib: 1,
+                    ..ok.clone()
+                },
+                ConfigError::MemoryTooSmall(1),
+            ),
+            (
+                VmConfig {
+                    cpus: 0,
+                    ..ok.clone()
+                },
+                ConfigError::NoCpus,
+            ),
+            (
+                VmConfig {
+                    cpus: 255,
+                    ..ok.clone()
+                },
+                ConfigError::TooManyCpus(255),
+            ),
+        ];
+        for (cfg, want) in bad {
+            assert_eq!(cfg.validate(), Err(want));
+        }
+        let huge = VmConfig {
+            memory_mib: 1 << 40,
+            ..ok
+        };
+        assert!(matches!(
+            huge.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn serde_round_trip_and_defaults() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&s).unwrap(), c);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","bogus":1}"#).is_err());
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert!("file:".parse::<SerialConfig>().is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! The serial console on the VMM's terminal: raw mode, input pumping, and the escape key
+//! (Ctrl-A x quits, Ctrl-A Ctrl-A sends a literal Ctrl-A), as QEMU's `-serial stdio` does.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::serial::SerialDevice;
+use devices::{ExitReason, ExitSignal};
+
+pub const ESCAPE: u8 = 0x01;
+
+/// Puts a terminal in raw mode for as long as it lives.
+pub struct RawTerminal {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on `fd` if it is a terminal; None otherwise.
+    pub fn enter(fd: i32) -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a terminal and `saved` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct we own.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: fd is a terminal and `raw` a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read from the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// What the escape-key state machine makes of one input byte.
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    Forward(u8),
+    Quit,
+    Nothing,
+}
+
+#[derive(Default)]
+struct EscapeState {
+    pending: bool,
+}
+
+impl EscapeState {
+    fn feed(&mut self, b: u8) -> Key {
+        if self.pending {
+            self.pending = false;
+            return match b {
+                b'x' | b'X' => Key::Quit,
+                ESCAPE => Key::Forward(ESCAPE),
+                _ => Key::Nothing,
+            };
+        }
+        if b == ESCAPE {
+            self.pending = true;
+            Key::Nothing
+        } else {
+            Key::Forward(b)
+        }
+    }
+}
+
+/// Pump stdin into the UART until EOF or the VM stops. With `interactive`, the escape key
+/// is honoured (a terminal user); otherwise bytes pass through untouched (a pipe).
+pub fn spawn_stdin_pump(
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: Arc<ExitSignal>,
+    interactive: bool,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            let mut esc = EscapeState::default();
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if !interactive {
+                        out.push(b);
+                        continue;
+                    }
+                    match esc.feed(b) {
+                        Key::Forward(b) => out.push(b),
+                        Key::Quit => {
+                            exit.request(ExitReason::Quit);
+                            return;
+                        }
+                        Key::Nothing => {}
+                    }
+                }
+                let mut sent = 0;
+                while sent < out.len() {
+                    if exit.get().is_some() {
+                        return;
+                    }
+                    let n = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(&out[sent..]);
+                    sent += n;
+                    if n == 0 {
+                        // The guest has not drained the FIFO yet.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences() {
+        let mut e = EscapeState::default();
+        assert_eq!(e.feed(b'a'), Key::Forward(b'a'));
+        assert_eq!(e.feed(ESCAPE), Key::Nothing);
+        assert_eq!(e.feed(ESCAPE), Key::Forward(ESCAPE));
+        assert_eq!(e.feed(ESCAPE), Key::Nothing);
+        assert_eq!(e.feed(b'q'), Key::Nothing);
+        assert_eq!(e.feed(b'x'), Key::Forward(b'x'));
+        assert_eq!(e.feed(ESCAPE), Key::Nothing);
+        assert_eq!(e.feed(b'x'), Key::Quit);
+    }
+}

@@ -1,0 +1,286 @@
+//! Building and running a VM from a `VmConfig`: a linear recipe (memory → kernel →
+//! devices → vCPUs → run), then one thread per vCPU until something ends the VM.
+
+use std::fs::OpenOptions;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arch::acpi::{self, AcpiConfig};
+use arch::layout;
+use devices::legacy::{AcpiPm, DebugExit, DEBUG_EXIT_PORT, I8042};
+use devices::serial::{IrqTrigger, SerialDevice, SerialOut, COM1_GSI, COM1_PORT};
+use devices::{BusDevice, ExitReason, ExitSignal};
+use hypervisor::{FpuState, Vcpu, VcpuExit};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::accel;
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::console;
+use crate::io::IoBuses;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Accel(#[from] accel::AccelError),
+    #[error("reading {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("allocating {0} MiB of guest memory: {1}")]
+    GuestMemory(u64, String),
+    #[error("{path}: {source}")]
+    Load {
+        path: std::path::PathBuf,
+        source: arch::LoadError,
+    },
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error("placing a device: {0}")]
+    Bus(#[from] devices::BusError),
+    #[error("opening serial output {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A VM ready to run.
+pub struct Vmm {
+    config: VmConfig,
+    note: Option<String>,
+    exit: Arc<ExitSignal>,
+    io: Arc<IoBuses>,
+    serial: Arc<Mutex<SerialDevice>>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    // Kept alive for as long as the VM: the vCPUs refer to its memory slots.
+    _memory: GuestMemoryMmap,
+    _vm: Arc<dyn hypervisor::Vm>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, VmmError> {
+    std::fs::read(path).map_err(|source| VmmError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Vmm {
+    /// Build the VM: validate, pick the accelerator, lay out memory, load the kernel,
+    /// attach devices and configure vCPUs.
+    pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        config.validate()?;
+        let choice = accel::choose(config.accel)?;
+        let hv = choice.hypervisor;
+        tracing::info!(accel = hv.name(), "accelerator chosen");
+
+        // Memory.
+        let mem_size = config.memory_bytes();
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
+        let vm = hv.create_vm()?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
+            // SAFETY: `memory` owns the mapping and lives in the Vmm alongside the VM.
+            unsafe {
+                vm.add_memory_region(slot as u32, region.start_addr().0, host, region.len())?
+            };
+        }
+
+        // Kernel, initrd, boot tables.
+        let kernel = read_file("kernel", &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(read_file("initrd", p)?),
+            None => None,
+        };
+        let boot = arch::BootConfig {
+            kernel: &kernel,
+            initrd: initrd.as_deref(),
+            cmdline: &config.cmdline,
+            mem_size,
+            acpi: AcpiConfig {
+                cpus: config.cpus,
+                virtio_devices: Vec::new(),
+            },
+        };
+        let loaded = arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        tracing::info!(?loaded, "kernel loaded");
+
+        // Devices.
+        let exit = Arc::new(ExitSignal::new());
+        let irq = vm.irq_chip();
+        let out: SerialOut = match &config.serial {
+            SerialConfig::Stdio => Box::new(std::io::stdout()),
+            SerialConfig::Null => Box::new(std::io::sink()),
+            SerialConfig::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmmError::SerialFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqTrigger::new(irq.clone(), COM1_GSI),
+            out,
+        )));
+        let mut io = IoBuses::default();
+        let dev = |d: Arc<Mutex<dyn BusDevice>>| d;
+        io.pio
+            .insert(dev(serial.clone()), u64::from(COM1_PORT), 8)?;
+        io.pio
+            .insert(dev(Arc::new(Mutex::new(I8042::new(exit.clone())))), 0x60, 5)?;
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(AcpiPm::new(
+                exit.clone(),
+                acpi::S5_SLEEP_TYPE,
+                acpi::RESET_VALUE,
+            )))),
+            u64::from(acpi::SLEEP_CONTROL_PORT),
+            3,
+        )?;
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(DebugExit::new(exit.clone())))),
+            u64::from(DEBUG_EXIT_PORT),
+            4,
+        )?;
+
+        // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
+        // state: the others wait for INIT/SIPI from the guest.
+        let supported = hv.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let mut vcpu = vm.create_vcpu(u32::from(id))?;
+            vcpu.set_cpuid(&arch::cpuid::guest_cpuid(&supported, id, config.cpus))?;
+            vcpu.set_msrs(&arch::entry::boot_msrs())?;
+            vcpu.configure_local_interrupts()?;
+            if id == 0 {
+                vcpu.set_regs(&arch::entry::boot_regs(loaded.protocol, loaded.entry))?;
+                vcpu.set_sregs(&arch::entry::boot_sregs(loaded.protocol))?;
+                vcpu.set_fpu(&FpuState::default())?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vmm {
+            config,
+            note: choice.note,
+            exit,
+            io: Arc::new(io),
+            serial,
+            vcpus,
+            _memory: memory,
+            _vm: vm,
+        })
+    }
+
+    /// A line the user should see about how the VM runs (e.g. a forced slow accelerator).
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// The handle devices and callers use to stop the VM.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Run until the guest powers off or resets, or something stops the VM.
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        let kick = SIGRTMIN();
+        // The kick signal only has to interrupt KVM_RUN; its handler does nothing.
+        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        if let Err(e) = register_signal_handler(kick, on_kick) {
+            tracing::warn!(?e, "cannot install the vCPU kick handler");
+        }
+
+        if self.config.serial == SerialConfig::Stdio {
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+            console::spawn_stdin_pump(self.serial.clone(), self.exit.clone(), interactive)
+                .map_err(VmmError::Thread)?;
+        }
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+            let io = self.io.clone();
+            let exit = self.exit.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, vcpu, &io, &exit))
+                .map_err(VmmError::Thread)?;
+            threads.push(t);
+        }
+
+        let reason = loop {
+            if let Some(r) = self.exit.wait_timeout(Duration::from_millis(200)) {
+                break r;
+            }
+        };
+        // Kick until every vCPU thread has left its loop: a kick that lands just before
+        // KVM_RUN is lost, the next one is not.
+        while threads.iter().any(|t| !t.is_finished()) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(kick);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        Ok(reason)
+    }
+}
+
+fn vcpu_loop(id: usize, mut vcpu: Box<dyn Vcpu>, io: &IoBuses, exit: &ExitSignal) {
+    while exit.get().is_none() {
+        match vcpu.run(io) {
+            Ok(VcpuExit::Io) | Ok(VcpuExit::Interrupted) => {}
+            Ok(VcpuExit::Hlt) => {
+                // Only reached without an in-kernel irqchip: nothing can wake the CPU.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!(vcpu = id, "triple fault");
+                exit.request(ExitReason::TripleFault);
+            }
+            Ok(VcpuExit::Reset) => exit.request(ExitReason::Reset),
+            Ok(VcpuExit::PowerOff) => exit.request(ExitReason::PowerOff),
+            Ok(VcpuExit::InternalError(what)) => {
+                let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
+                tracing::error!(vcpu = id, rip = format_args!("{rip:#x}"), "{what}");
+                exit.request(ExitReason::Error);
+            }
+            Err(e) => {
+                tracing::error!(vcpu = id, "{e}");
+                exit.request(ExitReason::Error);
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up and run Vessel's test suite on a fresh Debian machine of this project's kind:
+# installs the Debian packages the tests use, fetches the guest assets, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=()
+command -v qemu-img >/dev/null 2>&1 || pkgs+=(qemu-utils)
+for tool in cpio lz4 xz zstd strings; do
+    command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+    pkgs=("${pkgs[@]/#xz/xz-utils}")
+    pkgs=("${pkgs[@]/#strings/binutils}")
+    echo "test.sh: installing ${pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || {
+    echo "test.sh: cargo not found: install the Rust toolchain (rustup) first" >&2
+    exit 1
+}
+
+scripts/guest-assets.sh
+cargo test --workspace --all-targets
