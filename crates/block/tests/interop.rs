@@ -419,3 +419,66 @@ fn check_agrees_with_qemu_on_leaks_and_corruption() {
     block::create(&raw, Format::Raw, Some(4096), None).unwrap();
     assert!(block::check(&raw, None).unwrap().is_consistent());
 }
+
+#[test]
+fn internal_snapshots_read_and_check_but_refuse_writes() {
+    let dir = TempDir::new("snap");
+    let img = dir.path("s.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "2M"]);
+    qemu_io("qcow2", &img, &["write -P 1 0 256k"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io("qcow2", &img, &["write -P 2 64k 64k", "write -P 3 1M 64k"]);
+    let want = qemu_to_raw(&dir, &img, "qcow2");
+    let mut d = block::open(&img, None, true).unwrap();
+    assert_eq!(read_all(d.as_mut()), want);
+    let r = block::check(&img, None).unwrap().qcow2.unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+    let err = block::open(&img, None, false).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            block::OpenError::Qcow2 {
+                source: block::Qcow2Error::HasSnapshots,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn reads_and_rewrites_zstd_compressed_images() {
+    let dir = TempDir::new("zstd");
+    let raw = dir.path("src.raw");
+    let mut data = patterned_raw(&raw, 2 << 20, 41);
+    for (i, opts) in [
+        "compression_type=zstd",
+        "compression_type=zstd,cluster_size=4096",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let z = dir.path(&format!("z{i}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-o",
+            opts,
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&z),
+        ]);
+        let mut d = block::open(&z, None, true).unwrap();
+        assert_eq!(read_all(d.as_mut()), data, "{opts}");
+    }
+    let z = dir.path("z0.qcow2");
+    {
+        let mut d = open_rw(&z);
+        random_workload(d.as_mut(), &mut data, 42, 20);
+    }
+    assert_qemu_clean(&z);
+    assert_eq!(qemu_to_raw(&dir, &z, "qcow2"), data);
+}

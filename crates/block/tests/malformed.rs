@@ -275,13 +275,40 @@ fn backing_loops_and_missing_backing_are_refused() {
 #[test]
 fn random_mutations_never_panic() {
     let dir = TempDir::new("fuzz");
-    let images = [sample_image(&dir, 512), sample_image(&dir, 4096)];
+    let raw = dir.path("c.raw");
+    patterned_raw(&raw, 256 << 10, 5);
+    let mut images = vec![
+        (sample_image(&dir, 512), 512),
+        (sample_image(&dir, 4096), 4096),
+    ];
+    for opts in [
+        "cluster_size=4096",
+        "cluster_size=4096,compression_type=zstd",
+    ] {
+        let c = dir.path("c.qcow2");
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-o",
+            opts,
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&c),
+        ]);
+        // Compressed data sits everywhere: treat the whole file as metadata to mutate.
+        let bytes = std::fs::read(&c).unwrap();
+        let len = bytes.len() as u64;
+        images.push((bytes, len.div_ceil(8)));
+    }
     let mut rng = Rng::new(0xf00d);
     let mut opened = 0;
     for iter in 0..6000u64 {
-        let base = &images[(iter % 2) as usize];
+        let (base, cs) = &images[(iter % images.len() as u64) as usize];
+        let cs = *cs;
         let mut b = base.clone();
-        let cs = if iter % 2 == 0 { 512 } else { 4096 };
         // Metadata lives in the first clusters (header, refcount table and block, L1, L2).
         let meta_end = (8 * cs).min(b.len() as u64);
         for _ in 0..rng.below(6) + 1 {
