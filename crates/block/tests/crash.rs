@@ -1,5 +1,7 @@
 //! Crash consistency: a fault-injecting file stops the image after N writes, for many N;
-//! `qemu-img check` must then find no corruption (leaked clusters are allowed).
+//! `qemu-img check` must then find no corruption (leaked clusters are allowed). A second
+//! mode also loses a random subset of the writes issued since the last sync, as a disk
+//! cache may at power loss, which checks that the sync barriers sit where ordering matters.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use block::{BlockBackend, Qcow2, Storage};
 use common::*;
@@ -18,6 +20,8 @@ use common::*;
 struct CrashingFile {
     inner: File,
     budget: Arc<AtomicI64>,
+    /// Writes since the last sync: (offset, bytes before, bytes written).
+    unsynced: Arc<Mutex<Vec<(u64, Vec<u8>, Vec<u8>)>>>,
 }
 
 impl CrashingFile {
@@ -41,10 +45,18 @@ impl Storage for CrashingFile {
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.spend()?;
+        let mut old = vec![0u8; buf.len()];
+        self.inner.read_at(offset, &mut old)?;
+        self.unsynced
+            .lock()
+            .unwrap()
+            .push((offset, old, buf.to_vec()));
         Storage::write_at(&self.inner, offset, buf)
     }
     fn sync(&self) -> io::Result<()> {
-        self.alive()
+        self.alive()?;
+        self.unsynced.lock().unwrap().clear();
+        Ok(())
     }
     fn file_len(&self) -> io::Result<u64> {
         self.inner.file_len()
@@ -63,16 +75,19 @@ impl Storage for CrashingFile {
 }
 
 /// Runs a fixed workload until it fails; returns the writes the budget allowed.
-fn workload(path: &Path, budget: i64, backing: Option<&Path>) -> i64 {
+/// With `lose_seed`, after the crash a random subset of the unsynced writes is undone.
+fn workload(path: &Path, budget: i64, backing: Option<&Path>, lose_seed: Option<u64>) -> i64 {
     let counter = Arc::new(AtomicI64::new(budget));
     let inner = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .unwrap();
+    let unsynced = Arc::new(Mutex::new(Vec::new()));
     let file = CrashingFile {
         inner,
         budget: counter.clone(),
+        unsynced: unsynced.clone(),
     };
     let run = || -> Result<(), Box<dyn std::error::Error>> {
         let mut q = Qcow2::open(Box::new(file), false)?;
@@ -101,10 +116,23 @@ fn workload(path: &Path, budget: i64, backing: Option<&Path>) -> i64 {
         Ok(())
     };
     let _ = run();
+    if let Some(seed) = lose_seed {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        let log = std::mem::take(&mut *unsynced.lock().unwrap());
+        for (off, old, _) in log.iter().rev() {
+            Storage::write_at(&f, *off, old).unwrap();
+        }
+        let mut rng = Rng::new(seed);
+        for (off, _, new) in &log {
+            if rng.below(2) == 0 {
+                Storage::write_at(&f, *off, new).unwrap();
+            }
+        }
+    }
     budget - counter.load(Ordering::SeqCst).max(0)
 }
 
-fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool) {
+fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool, lose_unsynced: bool) {
     let dir = TempDir::new(tag);
     let pristine = dir.path("pristine.qcow2");
     let base = dir.path("base.raw");
@@ -120,7 +148,7 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool) {
 
     let full = dir.path("full.qcow2");
     std::fs::copy(&pristine, &full).unwrap();
-    let total = workload(&full, i64::MAX / 2, backing);
+    let total = workload(&full, i64::MAX / 2, backing, None);
     assert_qemu_clean(&full);
     assert!(total > 50, "workload too small: {total} writes");
 
@@ -130,7 +158,7 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool) {
     let mut tried = 0;
     while n < total {
         std::fs::copy(&pristine, &img).unwrap();
-        workload(&img, n, backing);
+        workload(&img, n, backing, lose_unsynced.then_some(n as u64));
         let (code, text) = qemu_check(&img);
         assert!(
             code == 0 || code == 3,
@@ -156,15 +184,31 @@ fn crash_at_any_write_small_clusters_64bit_refcounts() {
         "crash-small",
         &["-o", "cluster_size=512,refcount_bits=64"],
         false,
+        false,
     );
 }
 
 #[test]
 fn crash_at_any_write_with_backing_file() {
-    crash_everywhere("crash-backing", &["-o", "cluster_size=4096"], true);
+    crash_everywhere("crash-backing", &["-o", "cluster_size=4096"], true, false);
 }
 
 #[test]
 fn crash_at_any_write_default_layout() {
-    crash_everywhere("crash-default", &[], false);
+    crash_everywhere("crash-default", &[], false, false);
+}
+
+#[test]
+fn crash_losing_unsynced_writes_small_clusters() {
+    crash_everywhere(
+        "lose-small",
+        &["-o", "cluster_size=512,refcount_bits=64"],
+        false,
+        true,
+    );
+}
+
+#[test]
+fn crash_losing_unsynced_writes_with_backing_file() {
+    crash_everywhere("lose-backing", &["-o", "cluster_size=4096"], true, true);
 }
