@@ -14,10 +14,10 @@ use crate::state::{flags, CpuState, Seg, Segment};
 /// Why [`Cpu::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunExit {
-    /// HLT with interrupts to wait for; inject one and run again.
+    /// HLT: the CPU waits for an interrupt (inject one and run again). With IF=0 only an
+    /// NMI or INIT can wake it.
     Halted,
-    /// Triple fault (or HLT with IF=0 and nothing pending, which only an NMI/INIT ends):
-    /// the VM should reset or stop.
+    /// Triple fault: the VM should reset or stop.
     Shutdown,
     /// `max_instructions` were executed.
     InstructionLimit,
@@ -203,11 +203,7 @@ impl Cpu {
                 return RunExit::InterruptWindow;
             }
             if self.halted {
-                return if self.s.rflags & flags::IF != 0 {
-                    RunExit::Halted
-                } else {
-                    RunExit::Shutdown
-                };
+                return RunExit::Halted;
             }
             if done >= max_instructions {
                 return RunExit::InstructionLimit;

@@ -493,7 +493,7 @@ impl Cpu {
             return Ok(());
         }
         // Page-crossing: check both pages before writing anything.
-        let second = self.wrap_lin(lin.wrapping_add(data.len() as u64 - 1));
+        let second = self.wrap_lin(lin.wrapping_add(data.len() as u64 - 1)) & !0xfff;
         self.translate(lin, Access::Write, user)?;
         self.translate(second, Access::Write, user)?;
         let mut done = 0;

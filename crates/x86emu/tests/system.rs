@@ -1,0 +1,374 @@
+//! Exceptions, interrupts, system instructions and mode switches through the run API.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use x86emu::exceptions::vector;
+use x86emu::state::{cr, flags, Seg};
+use x86emu::testing::{PTE_U, PTE_W};
+use x86emu::{NoDevices, Platform, RunExit};
+
+const HANDLER: u64 = 0x18_0000;
+
+/// A handler that stores [rsp], [rsp+8], [rsp+16], [rsp+24], CR2 and RSP to DATA and halts.
+fn record_handler(g: &Guest) {
+    let code = asm(64, HANDLER, |a| {
+        a.mov(r15, DATA).unwrap();
+        for i in 0..5 {
+            a.mov(rax, qword_ptr(rsp + 8 * i)).unwrap();
+            a.mov(qword_ptr(r15 + 8 * i), rax).unwrap();
+        }
+        a.mov(rax, cr2).unwrap();
+        a.mov(qword_ptr(r15 + 40), rax).unwrap();
+        a.mov(qword_ptr(r15 + 48), rsp).unwrap();
+        a.hlt().unwrap();
+    });
+    g.load(HANDLER, &code);
+}
+
+#[test]
+fn page_fault_is_delivered_through_the_idt_with_error_code() {
+    let mut g = Guest::new();
+    record_handler(&g);
+    g.set_gate(vector::PF, HANDLER, 0, 0);
+    g.load_code(|a| {
+        a.mov(rbx, 0x7000_0000_0000u64).unwrap();
+        a.mov(qword_ptr(rbx), rax).unwrap();
+    });
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert_eq!(g.read_u64(DATA), 2, "error code: not present, write");
+    assert_eq!(g.read_u64(DATA + 8), CODE + 10, "faulting RIP");
+    assert_eq!(g.read_u64(DATA + 16), 0x08, "CS");
+    assert_eq!(g.read_u64(DATA + 40), 0x7000_0000_0000, "CR2");
+    assert_eq!(
+        g.read_u64(DATA + 48),
+        0x70000 - 48,
+        "same-privilege frame on the current stack"
+    );
+}
+
+#[test]
+fn ist_stack_and_interrupt_gate_clears_if() {
+    let mut g = Guest::new();
+    record_handler(&g);
+    g.set_gate(vector::UD, HANDLER, 1, 0);
+    g.load_code(|a| {
+        a.sti().unwrap();
+        a.ud2().unwrap();
+    });
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert_eq!(
+        g.read_u64(DATA),
+        CODE + 1,
+        "#UD has no error code: RIP first"
+    );
+    assert_ne!(g.read_u64(DATA + 16) & flags::IF, 0, "pushed RFLAGS had IF");
+    assert_eq!(g.read_u64(DATA + 48), IST1 - 40, "IST1 stack");
+    assert_eq!(g.cpu.state().rflags & flags::IF, 0);
+}
+
+#[test]
+fn user_interrupt_switches_to_rsp0_and_iretq_returns() {
+    let mut g = Guest::new();
+    // User code and stack pages.
+    g.map4k(0x5000_0000, 0x31_0000, PTE_U);
+    g.map4k(0x5000_1000, 0x31_1000, PTE_U | PTE_W);
+    let user = asm(64, 0x5000_0000, |a| {
+        a.mov(rax, 1u64).unwrap();
+        a.int(0x80).unwrap();
+        a.add(rax, 1).unwrap(); // rax = handler's value + 1
+        a.int(0x81).unwrap(); // DPL0 gate: #GP from user mode
+    });
+    g.load(0x31_0000, &user);
+    let handler = asm(64, HANDLER, |a| {
+        a.mov(r15, DATA).unwrap();
+        a.mov(qword_ptr(r15), rsp).unwrap();
+        a.mov(rax, 41u64).unwrap();
+        a.iretq().unwrap();
+    });
+    g.load(HANDLER, &handler);
+    g.set_gate(0x80, HANDLER, 0, 3);
+    g.set_gate(0x81, HANDLER, 0, 0);
+    let gp = asm(64, HANDLER + 0x100, |a| {
+        a.mov(r15, DATA).unwrap();
+        a.mov(rcx, qword_ptr(rsp)).unwrap();
+        a.mov(qword_ptr(r15 + 8), rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    g.load(HANDLER + 0x100, &gp);
+    g.set_gate(vector::GP, HANDLER + 0x100, 0, 0);
+    let mut st = g.cpu.state().clone();
+    st.seg[Seg::Cs as usize] = x86emu::testing::code64(0x20, 3);
+    st.seg[Seg::Ss as usize] = x86emu::testing::data(0x18, 3);
+    st.rip = 0x5000_0000;
+    st.gpr[4] = 0x5000_2000;
+    g.cpu.set_state(st);
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert_eq!(g.read_u64(DATA), RSP0 - 40, "RSP0 stack with SS:RSP frame");
+    assert_eq!(g.cpu.state().gpr[0], 42);
+    assert_eq!(
+        g.read_u64(DATA + 8),
+        0x81 * 8 + 2,
+        "#GP error code names the IDT entry"
+    );
+}
+
+#[test]
+fn double_fault_then_triple_fault_shutdown() {
+    let mut g = Guest::new();
+    record_handler(&g);
+    // #PF gate not present -> #NP while delivering #PF -> #DF.
+    g.set_gate(vector::DF, HANDLER, 0, 0);
+    g.load_code(|a| {
+        a.mov(rbx, 0x7000_0000_0000u64).unwrap();
+        a.mov(rax, qword_ptr(rbx)).unwrap();
+    });
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert_eq!(g.read_u64(DATA), 0, "#DF error code 0");
+    // Without a #DF handler the same fault shuts down.
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.mov(rbx, 0x7000_0000_0000u64).unwrap();
+        a.mov(rax, qword_ptr(rbx)).unwrap();
+    });
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Shutdown);
+}
+
+#[test]
+fn divide_error_and_undefined_opcode_vectors() {
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.xor(ecx, ecx).unwrap();
+        a.div(rcx).unwrap();
+    });
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    assert_eq!(
+        g.cpu.execute_one(&mut NoDevices).unwrap_err().vector,
+        vector::DE
+    );
+    g.load(CODE, &[0x0f, 0x0b]);
+    let mut st = g.cpu.state().clone();
+    st.rip = CODE;
+    g.cpu.set_state(st);
+    assert_eq!(
+        g.cpu.execute_one(&mut NoDevices).unwrap_err().vector,
+        vector::UD
+    );
+    // Unknown MSR: #GP(0).
+    g.load(CODE, &asm(64, CODE, |a| a.rdmsr().unwrap()));
+    let mut st = g.cpu.state().clone();
+    st.rip = CODE;
+    st.gpr[1] = 0x1234_5678;
+    g.cpu.set_state(st);
+    let f = g.cpu.execute_one(&mut NoDevices).unwrap_err();
+    assert_eq!((f.vector, f.error), (vector::GP, Some(0)));
+}
+
+#[test]
+fn syscall_sysret_swapgs_roundtrip() {
+    let mut g = Guest::new();
+    g.map4k(0x5000_0000, 0x31_0000, PTE_U);
+    let user = asm(64, 0x5000_0000, |a| {
+        a.mov(rax, 7u64).unwrap();
+        a.syscall().unwrap();
+        a.mov(rbx, rax).unwrap();
+        a.hlt().unwrap(); // #GP at CPL3
+    });
+    g.load(0x31_0000, &user);
+    let kernel = asm(64, HANDLER, |a| {
+        a.swapgs().unwrap();
+        a.mov(rax, qword_ptr(0u64).gs()).unwrap();
+        a.swapgs().unwrap();
+        a.sysretq().unwrap();
+    });
+    g.load(HANDLER, &kernel);
+    g.load(DATA, &99u64.to_le_bytes());
+    let mut st = g.cpu.state().clone();
+    st.msr.lstar = HANDLER;
+    st.msr.star = (0x08u64 << 32) | (0x10u64 << 48);
+    st.msr.sfmask = flags::IF;
+    st.msr.kernel_gs_base = DATA;
+    st.seg[Seg::Cs as usize] = x86emu::testing::code64(0x20, 3);
+    st.seg[Seg::Ss as usize] = x86emu::testing::data(0x18, 3);
+    st.rflags |= flags::IF;
+    st.rip = 0x5000_0000;
+    g.cpu.set_state(st);
+    for _ in 0..7 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    let s = g.cpu.state();
+    assert_eq!(s.gpr[3], 99);
+    assert_eq!(s.seg[Seg::Cs as usize].selector, 0x23);
+    assert_eq!(s.seg[Seg::Ss as usize].selector, 0x1b);
+    assert_eq!(s.cpl(), 3);
+    assert_ne!(s.rflags & flags::IF, 0, "RFLAGS restored from R11");
+    assert_eq!(
+        g.cpu.execute_one(&mut NoDevices).unwrap_err().vector,
+        vector::GP
+    );
+}
+
+/// Records port writes; asks to stop on port 0xf4.
+#[derive(Default)]
+struct Ports {
+    out: Vec<(u16, u32)>,
+    stop: bool,
+}
+impl Platform for Ports {
+    fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        data.fill(port as u8);
+    }
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        let mut v = [0u8; 4];
+        v[..data.len()].copy_from_slice(data);
+        self.out.push((port, u32::from_le_bytes(v)));
+        self.stop = port == 0xf4;
+    }
+    fn stop_requested(&mut self) -> bool {
+        std::mem::take(&mut self.stop)
+    }
+}
+
+/// Real mode -> protected mode -> long mode, the path an AP trampoline takes.
+#[test]
+fn real_to_protected_to_long_mode() {
+    let g = Guest::new();
+    let mut cpu = g.cpu;
+    cpu.init(true);
+    assert_eq!(cpu.run(&mut NoDevices, 10), RunExit::WaitForSipi);
+    // GDT at 0x8000: null, code32 0x08, data 0x10, code64 0x18.
+    let gdt: [u64; 4] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00af_9b00_0000_ffff,
+    ];
+    for (i, e) in gdt.iter().enumerate() {
+        cpu.ram().write(0x8000 + i as u64 * 8, &e.to_le_bytes());
+    }
+    // GDTR image at 0x8100.
+    let mut gdtr = vec![0x1f, 0];
+    gdtr.extend_from_slice(&0x8000u32.to_le_bytes());
+    cpu.ram().write(0x8100, &gdtr);
+    let real = asm(16, 0x7000, |a| {
+        a.cli().unwrap();
+        a.mov(ax, 0x55).unwrap();
+        a.out(0x80, al).unwrap();
+        a.lgdt(ptr(0x8100u64)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // jmp far 0x08:0x7100 (o32)
+        a.db(&[0x66, 0xea]).unwrap();
+        a.dd(&[0x7100]).unwrap();
+        a.dw(&[0x08]).unwrap();
+    });
+    cpu.ram().write(0x7000, &real);
+    let prot = asm(32, 0x7100, |a| {
+        a.mov(ax, 0x10).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(esp, 0x7000).unwrap();
+        a.push(0x1234_5678u32).unwrap();
+        a.pop(ebx).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 1 << 5).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, PT_START as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 1 << 8).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.db(&[0xea]).unwrap();
+        a.dd(&[0x7200]).unwrap();
+        a.dw(&[0x18]).unwrap();
+    });
+    cpu.ram().write(0x7100, &prot);
+    let long = asm(64, 0x7200, |a| {
+        a.mov(rax, 0x1_0000_0000u64).unwrap();
+        a.add(rax, rbx).unwrap();
+        a.mov(qword_ptr(0x9000u64), rax).unwrap();
+        a.out(0xf4, al).unwrap();
+        a.hlt().unwrap();
+    });
+    cpu.ram().write(0x7200, &long);
+    cpu.sipi(0x07);
+    let mut ports = Ports::default();
+    assert_eq!(cpu.run(&mut ports, 1000), RunExit::StopRequested);
+    assert_eq!(ports.out, vec![(0x80, 0x55), (0xf4, 0x78)]);
+    let s = cpu.state();
+    assert!(s.in_64bit_mode());
+    assert_ne!(s.efer & cr::EFER_LMA, 0);
+    let mut b = [0u8; 8];
+    cpu.ram().read(0x9000, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 0x1_1234_5678);
+    assert_eq!(cpu.run(&mut ports, 1000), RunExit::Halted);
+}
+
+#[test]
+fn external_interrupt_injection_and_sti_shadow() {
+    let mut g = Guest::new();
+    record_handler(&g);
+    g.set_gate(0x30, HANDLER, 0, 0);
+    g.load_code(|a| {
+        a.sti().unwrap();
+        a.nop().unwrap();
+        a.hlt().unwrap();
+    });
+    assert!(!g.cpu.interrupts_enabled());
+    assert!(!g.cpu.inject_external_interrupt(&mut NoDevices, 0x30));
+    assert_eq!(g.cpu.run(&mut NoDevices, 1), RunExit::InstructionLimit);
+    assert!(!g.cpu.interrupts_enabled(), "STI shadow");
+    g.cpu.request_interrupt_window(true);
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::InterruptWindow);
+    g.cpu.request_interrupt_window(false);
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert!(g.cpu.inject_external_interrupt(&mut NoDevices, 0x30));
+    assert_eq!(g.cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    assert_eq!(g.read_u64(DATA), CODE + 3, "return address after HLT");
+}
+
+#[test]
+fn cpuid_rdtsc_and_msrs() {
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.xor(eax, eax).unwrap();
+        a.cpuid().unwrap();
+        a.mov(eax, 0x8000_0001u32).unwrap();
+        a.cpuid().unwrap();
+        a.rdtsc().unwrap();
+        a.mov(ecx, 0xc000_0100u32).unwrap();
+        a.mov(eax, DATA as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(rax, qword_ptr(0u64).fs()).unwrap();
+    });
+    g.load(DATA, &0xfeedu64.to_le_bytes());
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    let s = g.cpu.state();
+    assert_eq!(s.gpr[3].to_le_bytes()[..4], *b"Vess");
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    assert_ne!(g.cpu.state().gpr[2] & (1 << 29), 0, "LM advertised");
+    for _ in 0..6 {
+        let r = g.cpu.execute_one(&mut NoDevices);
+        assert!(
+            r.is_ok(),
+            "{r:?} at {:#x} efer {:#x}",
+            g.cpu.state().rip,
+            g.cpu.state().efer
+        );
+    }
+    assert_eq!(g.cpu.state().gpr[0], 0xfeed);
+    assert_eq!(g.cpu.read_msr(x86emu::msr::FS_BASE), Some(DATA));
+}
