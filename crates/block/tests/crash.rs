@@ -20,9 +20,12 @@ use common::*;
 struct CrashingFile {
     inner: File,
     budget: Arc<AtomicI64>,
-    /// Writes since the last sync: (offset, bytes before, bytes written).
-    unsynced: Arc<Mutex<Vec<(u64, Vec<u8>, Vec<u8>)>>>,
+    /// Writes since the last sync.
+    unsynced: Arc<Mutex<Vec<UnsyncedWrite>>>,
 }
+
+/// (offset, bytes before, bytes written).
+type UnsyncedWrite = (u64, Vec<u8>, Vec<u8>);
 
 impl CrashingFile {
     fn spend(&self) -> io::Result<()> {
