@@ -94,6 +94,10 @@ impl BlockBackend for Raw {
 
     fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError> {
         self.check(offset, len)?;
-        Ok((BlockStatus::Data, len))
+        match self.file.extent(offset, len) {
+            Ok(Some((true, n))) if n > 0 => Ok((BlockStatus::Data, n)),
+            Ok(Some((false, n))) if n > 0 => Ok((BlockStatus::Zero, n)),
+            _ => Ok((BlockStatus::Data, len)),
+        }
     }
 }

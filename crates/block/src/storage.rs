@@ -25,6 +25,12 @@ pub trait Storage: Send + Debug {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
     /// Bytes the file occupies on the host disk.
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// Whether `offset` lies in data (`true`) or a hole, and for how many bytes (at most
+    /// `len`) that holds. `None` when the host cannot tell.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 }
 
 impl Storage for File {
@@ -89,6 +95,33 @@ impl Storage for File {
     fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.metadata()?.blocks().saturating_mul(512))
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        let seek = |whence| {
+            // SAFETY: lseek only moves the descriptor's file position, which nothing in this
+            // crate relies on (all I/O is positioned: pread/pwrite); the fd stays open for
+            // the call because `self` owns it.
+            let r = unsafe { libc::lseek(self.as_raw_fd(), off, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(data) if data > offset => Ok(Some((false, (data - offset).min(len)))),
+            Ok(_) => match seek(libc::SEEK_HOLE) {
+                Ok(hole) if hole > offset => Ok(Some((true, (hole - offset).min(len)))),
+                _ => Ok(None),
+            },
+            // No data at or after `offset`: a hole up to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(Some((false, len))),
+            Err(_) => Ok(None),
+        }
     }
 }
 
