@@ -2,7 +2,7 @@
 
 mod common;
 
-use block::{BlockBackend, BlockError, BlockStatus, Format};
+use block::{BlockError, BlockStatus, Format};
 use common::*;
 
 #[test]
