@@ -1,0 +1,85 @@
+//! Paravirtual I/O: the virtio-mmio transport (virtio 1.x, modern only) and the devices
+//! behind it.
+//!
+//! A device implements [`VirtioDevice`]: its type, features, config space and what to do
+//! when the driver kicks a queue. [`mmio::MmioTransport`] owns the register interface,
+//! the queues and the interrupt, and maps onto the VMM's MMIO bus. Guest memory reaches
+//! devices only through vm-memory's bounds-checked accessors and virtio-queue's chains.
+
+pub mod blk;
+pub mod console;
+pub mod mmio;
+pub mod queue;
+pub mod rng;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Device IDs from the virtio spec (5 Device Types).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
+    pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
+}
+
+/// VIRTIO_F_VERSION_1: the modern interface; the only one Vessel offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// What a device asks of the transport after handling a queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOutcome {
+    /// Used buffers were added: interrupt the driver (subject to notification suppression).
+    pub used: bool,
+}
+
+/// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    #[error("descriptor chain: {0}")]
+    Chain(#[from] queue::ChainError),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("guest memory access at {0:#x} failed")]
+    GuestMemory(u64),
+}
+
+/// A virtio device model, transport-independent.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Queue sizes the device supports (their count is the number of queues).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// The features the driver accepted, once FEATURES_OK is set.
+    fn ack_features(&mut self, _features: u64) {}
+    /// Read the device config space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write the device config space (most devices ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver made buffers available on queue `index`.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceError>;
+    /// The driver reset the device: drop in-flight state.
+    fn reset(&mut self) {}
+}
+
+/// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(off..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! Transport and device tests, driven the way a guest driver drives them: registers on
+//! the MMIO window, descriptors and rings in guest memory.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use block::{BlockBackend, BlockError};
+use devices::BusDevice;
+use hypervisor::IrqChip;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::blk::Block;
+use crate::console::Console;
+use crate::mmio::{status, MmioTransport, INT_CONFIG_CHANGE, INT_USED_RING};
+use crate::rng::Rng;
+use crate::VIRTIO_F_VERSION_1;
+
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const DATA: u64 = 0x10000;
+const QSIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+#[derive(Default)]
+struct Pulses(Mutex<u32>);
+impl IrqChip for Pulses {
+    fn set_irq_line(&self, _gsi: u32, active: bool) -> hypervisor::Result<()> {
+        if active {
+            *self.0.lock().unwrap() += 1;
+        }
+        Ok(())
+    }
+    fn signal_msi(&self, _: u64, _: u32) -> hypervisor::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MemDisk {
+    data: Vec<u8>,
+    ro: bool,
+}
+impl BlockBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.ro
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let o = offset as usize;
+        self.data[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn block_status(
+        &mut self,
+        _offset: u64,
+        len: u64,
+    ) -> Result<(block::BlockStatus, u64), BlockError> {
+        Ok((block::BlockStatus::Data, len))
+    }
+}
+
+struct Driver {
+    t: MmioTransport,
+    mem: GuestMemoryMmap,
+    irq: Arc<Pulses>,
+    avail_idx: u16,
+}
+
+impl Driver {
+    fn new(dev: Box<dyn crate::VirtioDevice>) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(Pulses::default());
+        let t = MmioTransport::new(dev, mem.clone(), irq.clone(), 5);
+        Driver {
+            t,
+            mem,
+            irq,
+            avail_idx: 0,
+        }
+    }
+
+    fn w(&mut self, off: u64, v: u32) {
+        self.t.write(off, &v.to_le_bytes());
+    }
+    fn r(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// The driver initialization sequence of virtio spec 3.1.1, for every queue.
+    fn init(mut self, queue_size: u16) -> Self {
+        assert_eq!(self.r(0x000), 0x7472_6976);
+        assert_eq!(self.r(0x004), 2);
+        self.w(0x070, status::ACKNOWLEDGE | status::DRIVER);
+        self.w(0x014, 0);
+        let lo = self.r(0x010);
+        self.w(0x014, 1);
+        let hi = self.r(0x010);
+        let offered = u64::from(lo) | (u64::from(hi) << 32);
+        assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
+        self.w(0x024, 0);
+        self.w(0x020, offered as u32);
+        self.w(0x024, 1);
+        self.w(0x020, (offered >> 32) as u32);
+        self.w(
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(self.r(0x070) & status::FEATURES_OK, 0);
+        for q in 0..2u64 {
+            self.w(0x030, q as u32);
+            if self.r(0x034) == 0 {
+                continue;
+            }
+            let base = q * 0x4000;
+            self.w(0x038, u32::from(queue_size));
+            self.w(0x080, (DESC + base) as u32);
+            self.w(0x084, 0);
+            self.w(0x090, (AVAIL + base) as u32);
+            self.w(0x094, 0);
+            self.w(0x0a0, (USED + base) as u32);
+            self.w(0x0a4, 0);
+            self.w(0x044, 1);
+        }
+        self.w(
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        self
+    }
+
+    /// Post one chain (addr, len, flags) on queue 0 and notify; returns the used length.
+    fn submit(&mut self, chain: &[(u64, u32, u16)]) -> Option<u32> {
+        self.submit_on(0, chain)
+    }
+
+    fn submit_on(&mut self, q: u64, chain: &[(u64, u32, u16)]) -> Option<u32> {
+        let base = q * 0x4000;
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let d = DESC + base + i as u64 * 16;
+            let next_flag = if i + 1 < chain.len() { F_NEXT } else { 0 };
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem
+                .write_obj(flags | next_flag, GuestAddress(d + 12))
+                .unwrap();
+            self.mem
+                .write_obj((i + 1) as u16, GuestAddress(d + 14))
+                .unwrap();
+        }
+        let slot = AVAIL + base + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + base + 2))
+            .unwrap();
+        let used_before: u16 = self.mem.read_obj(GuestAddress(USED + base + 2)).unwrap();
+        self.w(0x050, q as u32);
+        let used_after: u16 = self.mem.read_obj(GuestAddress(USED + base + 2)).unwrap();
+        if used_after == used_before {
+            return None;
+        }
+        let elem = USED + base + 4 + u64::from(used_before % QSIZE) * 8;
+        Some(self.mem.read_obj(GuestAddress(elem + 4)).unwrap())
+    }
+
+    fn status(&mut self) -> u32 {
+        self.r(0x070)
+    }
+
+    fn header(&self, at: u64, kind: u32, sector: u64) {
+        self.mem.write_obj(kind, GuestAddress(at)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn byte(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+}
+
+fn blk(ro: bool) -> Driver {
+    let mut data = vec![0u8; 1 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i / 512) as u8;
+    }
+    Driver::new(Box::new(Block::new(
+        Box::new(MemDisk { data, ro }),
+        "disk-serial-1",
+        false,
+    )))
+    .init(QSIZE)
+}
+
+const HDR: u64 = DATA;
+const BUF: u64 = DATA + 0x100;
+const ST: u64 = DATA + 0x8000;
+
+#[test]
+fn blk_read_write_round_trip() {
+    let mut d = blk(false);
+    // Capacity in config space: 1 MiB / 512.
+    let mut cap = [0u8; 8];
+    d.t.read(0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+
+    d.header(HDR, 0, 3);
+    let used = d.submit(&[(HDR, 16, 0), (BUF, 1024, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(used, Some(1025));
+    assert_eq!(d.byte(ST), 0);
+    assert_eq!(d.byte(BUF), 3);
+    assert_eq!(d.byte(BUF + 600), 4);
+    assert!(*d.irq.0.lock().unwrap() >= 1);
+    assert_eq!(d.r(0x060) & INT_USED_RING, INT_USED_RING);
+
+    d.mem.write_slice(&[0xab; 512], GuestAddress(BUF)).unwrap();
+    d.header(HDR, 1, 10);
+    assert!(d
+        .submit(&[(HDR, 16, 0), (BUF, 512, 0), (ST, 1, F_WRITE)])
+        .is_some());
+    assert_eq!(d.byte(ST), 0);
+    d.header(HDR, 0, 10);
+    d.mem.write_slice(&[0; 512], GuestAddress(BUF)).unwrap();
+    d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(BUF + 511), 0xab);
+}
+
+#[test]
+fn blk_flush_id_discard_and_errors_in_the_status_byte() {
+    let mut d = blk(false);
+    d.header(HDR, 4, 0);
+    d.submit(&[(HDR, 16, 0), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 0, "flush");
+
+    d.header(HDR, 8, 0);
+    d.submit(&[(HDR, 16, 0), (BUF, 20, F_WRITE), (ST, 1, F_WRITE)]);
+    let mut id = [0u8; 13];
+    d.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+    assert_eq!(&id, b"disk-serial-1");
+
+    // Discard sectors 0..2, then read zeros back.
+    d.header(HDR, 11, 0);
+    d.mem.write_obj(0u64, GuestAddress(BUF)).unwrap();
+    d.mem.write_obj(2u32, GuestAddress(BUF + 8)).unwrap();
+    d.mem.write_obj(0u32, GuestAddress(BUF + 12)).unwrap();
+    d.submit(&[(HDR, 16, 0), (BUF, 16, 0), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 0);
+    d.header(HDR, 0, 1);
+    d.mem.write_slice(&[9; 512], GuestAddress(BUF)).unwrap();
+    d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(BUF), 0);
+
+    // Past the end: IOERR, device stays usable.
+    d.header(HDR, 0, 4096);
+    d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 1);
+    // Unknown request type: UNSUPP.
+    d.header(HDR, 77, 0);
+    d.submit(&[(HDR, 16, 0), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 2);
+    assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn blk_read_only_refuses_writes() {
+    let mut d = blk(true);
+    let mut f = [0u8; 4];
+    d.w(0x014, 0);
+    d.t.read(0x010, &mut f);
+    assert_ne!(u32::from_le_bytes(f) & (1 << 5), 0, "VIRTIO_BLK_F_RO");
+    d.header(HDR, 1, 0);
+    d.submit(&[(HDR, 16, 0), (BUF, 512, 0), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 1);
+}
+
+#[test]
+fn descriptor_outside_guest_memory_needs_reset() {
+    let mut d = blk(false);
+    d.header(HDR, 0, 0);
+    let pulses = *d.irq.0.lock().unwrap();
+    d.submit(&[
+        (HDR, 16, 0),
+        (0xffff_0000_0000, 512, F_WRITE),
+        (ST, 1, F_WRITE),
+    ]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(d.r(0x060) & INT_CONFIG_CHANGE, 0);
+    assert!(*d.irq.0.lock().unwrap() > pulses);
+    // Reset brings it back.
+    d.w(0x070, 0);
+    assert_eq!(d.status(), 0);
+}
+
+#[test]
+fn a_descriptor_loop_needs_reset() {
+    let mut d = blk(false);
+    d.header(HDR, 0, 0);
+    // Two descriptors that point at each other.
+    for (i, next) in [(0u64, 1u16), (1, 0)] {
+        let at = DESC + i * 16;
+        d.mem.write_obj(HDR, GuestAddress(at)).unwrap();
+        d.mem.write_obj(16u32, GuestAddress(at + 8)).unwrap();
+        d.mem.write_obj(F_NEXT, GuestAddress(at + 12)).unwrap();
+        d.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+    d.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    d.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    d.w(0x050, 0);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn length_overflow_needs_reset() {
+    let mut d = blk(false);
+    d.header(HDR, 0, 0);
+    d.submit(&[(HDR, 16, 0), (BUF, u32::MAX, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn queue_size_not_a_power_of_two_needs_reset() {
+    let d = Driver::new(Box::new(Rng));
+    let mut d = d.init(12);
+    d.submit(&[(BUF, 64, F_WRITE)]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn features_never_offered_are_refused() {
+    let mut d = Driver::new(Box::new(Rng));
+    d.w(0x070, status::ACKNOWLEDGE | status::DRIVER);
+    d.w(0x024, 1);
+    d.w(0x020, 1 | (1 << 30));
+    d.w(
+        0x070,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    assert_eq!(d.r(0x070) & status::FEATURES_OK, 0);
+}
+
+#[test]
+fn hostile_register_accesses_do_not_panic() {
+    let mut d = blk(false);
+    for off in (0..0x200u64).step_by(1) {
+        for len in [1usize, 2, 3, 4, 8] {
+            let mut b = vec![0xffu8; len];
+            d.t.read(off, &mut b);
+            d.t.write(off, &b);
+        }
+    }
+    d.w(0x030, 99);
+    d.w(0x038, 64);
+    d.w(0x050, 12345);
+}
+
+#[test]
+fn rng_fills_buffers() {
+    let mut d = Driver::new(Box::new(Rng)).init(QSIZE);
+    d.mem.write_slice(&[0; 256], GuestAddress(BUF)).unwrap();
+    assert_eq!(d.submit(&[(BUF, 256, F_WRITE)]), Some(256));
+    let mut b = [0u8; 256];
+    d.mem.read_slice(&mut b, GuestAddress(BUF)).unwrap();
+    assert!(b.iter().filter(|&&x| x != 0).count() > 200);
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn console_transmits_and_receives() {
+    let sink = Sink::default();
+    let console = Console::new(Box::new(sink.clone()));
+    let input = console.input();
+    let mut d = Driver::new(Box::new(console)).init(QSIZE);
+    d.mem.write_slice(b"hello hvc0", GuestAddress(BUF)).unwrap();
+    d.submit_on(1, &[(BUF, 10, 0)]);
+    assert_eq!(&*sink.0.lock().unwrap(), b"hello hvc0");
+
+    input.lock().unwrap().extend(b"typed".iter());
+    let used = d.submit_on(0, &[(BUF + 0x100, 64, F_WRITE)]);
+    assert_eq!(used, Some(5));
+    let mut b = [0u8; 5];
+    d.mem.read_slice(&mut b, GuestAddress(BUF + 0x100)).unwrap();
+    assert_eq!(&b, b"typed");
+}
