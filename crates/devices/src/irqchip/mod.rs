@@ -11,6 +11,7 @@
 //! - [`chip::UserIrqChip`]: the router that ties them together behind one mutex and
 //!   implements `hypervisor::IrqChip`.
 
+pub mod ioapic;
 pub mod lapic;
 
 use std::sync::{Arc, Mutex};
