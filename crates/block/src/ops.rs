@@ -383,6 +383,16 @@ pub enum CheckError {
 
 /// Checks an image's metadata (qcow2); raw images have none and always pass.
 pub fn check(path: &Path, format: Option<Format>) -> Result<CheckReport, CheckError> {
+    check_with(path, format, false)
+}
+
+/// [`check`], optionally repairing leaked clusters (`qemu-img check -r leaks`), which opens
+/// the image read-write. Corruptions are reported, never repaired.
+pub fn check_with(
+    path: &Path,
+    format: Option<Format>,
+    repair_leaks: bool,
+) -> Result<CheckReport, CheckError> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -393,21 +403,24 @@ pub fn check(path: &Path, format: Option<Format>) -> Result<CheckReport, CheckEr
         qcow2: None,
     };
     if format == Format::Qcow2 {
-        let f = File::open(path).map_err(|source| CheckError::OpenFile {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(repair_leaks)
+            .open(path)
+            .map_err(|source| CheckError::OpenFile {
+                path: path.into(),
+                source,
+            })?;
+        let mut q = Qcow2::open(Box::new(f), !repair_leaks).map_err(|source| CheckError::Open {
             path: path.into(),
             source,
         })?;
-        let mut q = Qcow2::open(Box::new(f), true).map_err(|source| CheckError::Open {
-            path: path.into(),
-            source,
-        })?;
-        report.qcow2 =
-            Some(
-                crate::qcow2::check::check(&mut q).map_err(|source| CheckError::Walk {
-                    path: path.into(),
-                    source,
-                })?,
-            );
+        report.qcow2 = Some(crate::qcow2::check::check(&mut q, repair_leaks).map_err(
+            |source| CheckError::Walk {
+                path: path.into(),
+                source,
+            },
+        )?);
     }
     Ok(report)
 }

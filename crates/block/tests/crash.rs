@@ -169,6 +169,17 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool, lose_unsynce
         );
         let r = block::check(&img, None).unwrap();
         assert!(r.is_consistent(), "crash after {n}: block check says {r:?}");
+        let leaks = r.qcow2.as_ref().map_or(0, |q| q.leaks);
+        assert_eq!(
+            leaks > 0,
+            code == 3,
+            "leak verdicts differ after {n}: {r:?} vs {text}"
+        );
+        if leaks > 0 {
+            let fixed = block::ops::check_with(&img, None, true).unwrap();
+            assert_eq!(fixed.qcow2.as_ref().unwrap().leaks_fixed, leaks);
+            assert_qemu_clean(&img);
+        }
         // The image still opens and reads after the crash.
         let mut d = block::open(&img, Some(block::Format::Qcow2), true).unwrap();
         let mut b = vec![0u8; 64 << 10];

@@ -348,7 +348,7 @@ fn random_mutations_never_panic() {
             let _ = q.resize(size.saturating_add(1 << 20));
         }
         let _ = q.flush();
-        let _ = block::qcow2::check::check(&mut q);
+        let _ = block::qcow2::check::check(&mut q, iter % 3 == 0);
     }
     eprintln!("{opened} mutated images opened");
     assert!(

@@ -68,6 +68,9 @@ pub enum ImgCommand {
         /// Format of the image (probed when not given).
         #[arg(short = 'f', long = "format", value_parser = parse_format)]
         format: Option<Format>,
+        /// Repair: `leaks` frees leaked clusters (corruptions are never repaired here).
+        #[arg(short = 'r', long = "repair", value_parser = ["leaks"])]
+        repair: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -278,11 +281,12 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
         }
         ImgCommand::Check {
             format,
+            repair,
             json,
             output,
             filename,
         } => {
-            let report = block::check(&filename, format)
+            let report = block::ops::check_with(&filename, format, repair.is_some())
                 .with_context(|| format!("checking {}", filename.display()))?;
             if wants_json(json, &output) {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -297,10 +301,13 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
                         for m in &r.messages {
                             println!("{m}");
                         }
-                        if r.corruptions == 0 && r.leaks == 0 {
+                        if r.leaks_fixed > 0 {
+                            println!("Leaked clusters repaired: {}", r.leaks_fixed);
+                        }
+                        if r.corruptions == 0 && r.leaks == r.leaks_fixed {
                             println!("No errors were found on the image.");
                         }
-                        if r.leaks > 0 {
+                        if r.leaks > r.leaks_fixed {
                             println!(
                                 "{} leaked clusters were found on the image.\n\
                                  This means waste of disk space, but no harm to data.",

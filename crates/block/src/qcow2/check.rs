@@ -22,6 +22,8 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// Clusters with a refcount but no reference: wasted space only.
     pub leaks: u64,
+    /// Leaked clusters whose refcount was lowered by a repair.
+    pub leaks_fixed: u64,
     /// Guest clusters with data allocated in this image.
     pub allocated_clusters: u64,
     /// Guest clusters the virtual size spans.
@@ -195,8 +197,10 @@ impl Walker<'_> {
     }
 }
 
-/// Checks an open image (open it read-only).
-pub fn check(q: &mut Qcow2) -> Result<CheckReport, Qcow2Error> {
+/// Checks an open image. With `repair_leaks` (image open read-write) the refcounts of
+/// leaked clusters are lowered to their real reference counts; corruptions are never
+/// repaired here.
+pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Error> {
     let file_len = q.file.file_len().map_err(Qcow2Error::FileLength)?;
     let cs = q.cs();
     let mut w = Walker {
@@ -251,6 +255,7 @@ pub fn check(q: &mut Qcow2) -> Result<CheckReport, Qcow2Error> {
     all.sort_unstable();
     all.dedup();
     let mut end = 0;
+    let mut leaked = Vec::new();
     for idx in all {
         let want = w.expect.get(&idx).copied().unwrap_or(0);
         let have = stored.get(&idx).copied().unwrap_or(0);
@@ -264,6 +269,7 @@ pub fn check(q: &mut Qcow2) -> Result<CheckReport, Qcow2Error> {
                 continue;
             }
             w.report.leaks += 1;
+            leaked.push((idx, want));
             w.report.note(format!(
                 "leaked cluster {idx}: refcount={have} reference={want}"
             ));
@@ -273,6 +279,18 @@ pub fn check(q: &mut Qcow2) -> Result<CheckReport, Qcow2Error> {
         }
     }
     w.report.image_end_offset = end;
+    if repair_leaks && !w.q.read_only && w.report.corruptions == 0 {
+        // Only lowering refcounts that nothing references: safe in any order, and a crash
+        // midway leaves the remaining leaks.
+        for &(idx, want) in &leaked {
+            w.q.refs.set(w.q.file.as_ref(), idx, want)?;
+            if want == 0 {
+                w.q.refs.note_freed(idx);
+            }
+            w.report.leaks_fixed += 1;
+        }
+        w.q.sync()?;
+    }
     let copied = std::mem::take(&mut w.copied);
     for (host, flag, what) in copied {
         let have = stored.get(&(host / cs)).copied().unwrap_or(0);

@@ -176,7 +176,7 @@ impl Refcounts {
     }
 
     /// Writes the refcount of `idx`; its refcount block must exist.
-    fn set(&mut self, f: &dyn Storage, idx: u64, value: u64) -> Result<(), Qcow2Error> {
+    pub(super) fn set(&mut self, f: &dyn Storage, idx: u64, value: u64) -> Result<(), Qcow2Error> {
         if value > self.max_refcount() {
             return Err(Qcow2Error::RefcountOverflow {
                 cluster: idx,
@@ -218,6 +218,11 @@ impl Refcounts {
             self.free_hint = idx.max(1);
         }
         Ok(new)
+    }
+
+    /// Tells the allocator that cluster `idx` became free.
+    pub(super) fn note_freed(&mut self, idx: u64) {
+        self.free_hint = self.free_hint.min(idx.max(1));
     }
 
     fn is_blocked(&self, idx: u64) -> bool {
