@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use vmm::config::DiskConfig;
 use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
@@ -30,6 +31,15 @@ pub struct RunArgs {
     /// Serial console: stdio, null, or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
+    /// A virtio-blk disk: path[,format=raw|qcow2][,readonly]. Repeat for more disks.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// A virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-console (hvc0 in the guest) writing to stdio, null or file:PATH.
+    #[arg(long)]
+    virtio_console: Option<SerialConfig>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -79,6 +89,9 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         cpus: args.cpus,
         accel: args.accel,
         serial: args.serial,
+        disks: args.disks,
+        rng: args.rng,
+        virtio_console: args.virtio_console,
     })
 }
 

@@ -505,3 +505,39 @@ fn two_vcpus_boot_with_the_second_waiting_for_sipi() {
     let f = run_kernel(&TempDir::new("smp"), &linux64_elf(&code), &["--cpus", "2"]);
     expect_status(&f, 0xb);
 }
+
+#[test]
+fn virtio_mmio_devices_answer_at_their_windows() {
+    // Reads magic, version and device ID of the first three virtio-mmio windows.
+    let code = assemble64(|a, lib| {
+        for i in 0..3u32 {
+            let base = 0xd000_0000u32 + i * 0x1000;
+            lib.print(a, "DEV ")?;
+            for reg in [0u32, 4, 8] {
+                a.mov(eax, base + reg)?;
+                a.mov(eax, dword_ptr(rax))?;
+                a.call(lib.puthex)?;
+                lib.print(a, " ")?;
+            }
+            lib.print(a, "\n")?;
+        }
+        debug_exit(a, 0x1)
+    });
+    let dir = TempDir::new("virtio");
+    let disk = dir.file("disk.raw", &vec![0u8; 1 << 20]);
+    let f = run_kernel(
+        &dir,
+        &linux64_elf(&code),
+        &["--disk", &format!("{},format=raw", disk.display()), "--rng"],
+    );
+    expect_status(&f, 3);
+    let lines: Vec<&str> = f.stdout.lines().filter(|l| l.starts_with("DEV ")).collect();
+    let magic = "0000000074726976 0000000000000002";
+    assert_eq!(lines[0], format!("DEV {magic} 0000000000000002 "), "block");
+    assert_eq!(lines[1], format!("DEV {magic} 0000000000000004 "), "rng");
+    // Nothing at the third window: an unmapped MMIO read floats high.
+    assert_eq!(
+        lines[2],
+        "DEV 00000000ffffffff 00000000ffffffff 00000000ffffffff "
+    );
+}

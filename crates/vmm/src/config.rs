@@ -80,7 +80,69 @@ pub struct VmConfig {
     pub accel: Accel,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
+    /// A virtio-console (hvc0) besides the UART, and where its output goes.
+    #[serde(default)]
+    pub virtio_console: Option<SerialConfig>,
 }
+
+/// Disk image formats `--disk` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// None probes the image (qcow2 magic, else raw).
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// `path[,format=raw|qcow2][,readonly]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("--disk needs a path")?;
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            format: None,
+            read_only: false,
+        };
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" | "readonly=on" => disk.read_only = true,
+                "format=raw" => disk.format = Some(DiskFormat::Raw),
+                "format=qcow2" => disk.format = Some(DiskFormat::Qcow2),
+                other => {
+                    return Err(format!(
+                        "unknown --disk option {other:?} (format=raw|qcow2, readonly)"
+                    ))
+                }
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// At most this many virtio-mmio devices: one IOAPIC pin each, GSIs 16..23.
+pub const MAX_VIRTIO_DEVICES: usize = 8;
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
@@ -106,6 +168,10 @@ pub enum ConfigError {
     NoCpus,
     #[error("{0} CPUs is too many (at most {MAX_CPUS})")]
     TooManyCpus(u32),
+    #[error("disk image {0} does not exist or is not a file")]
+    DiskMissing(PathBuf),
+    #[error("{0} virtio devices is too many (at most {MAX_VIRTIO_DEVICES})")]
+    TooManyDevices(usize),
 }
 
 impl VmConfig {
@@ -119,7 +185,15 @@ impl VmConfig {
             cpus: 1,
             accel: Accel::Auto,
             serial: SerialConfig::Stdio,
+            disks: Vec::new(),
+            rng: false,
+            virtio_console: None,
         }
+    }
+
+    /// How many virtio-mmio devices this VM has.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.rng) + usize::from(self.virtio_console.is_some())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -147,6 +221,12 @@ impl VmConfig {
         }
         if self.cpus > MAX_CPUS {
             return Err(ConfigError::TooManyCpus(self.cpus.into()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
+            return Err(ConfigError::DiskMissing(d.path.clone()));
+        }
+        if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
         }
         Ok(())
     }
@@ -266,5 +346,21 @@ mod tests {
             Ok(SerialConfig::File("/tmp/x".into()))
         );
         assert!("file:".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn disk_flags_parse() {
+        let d: DiskConfig = "/img/a.qcow2,format=qcow2,readonly".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img/a.qcow2".into(),
+                format: Some(DiskFormat::Qcow2),
+                read_only: true
+            }
+        );
+        assert_eq!("/x".parse::<DiskConfig>().unwrap().format, None);
+        assert!("/x,format=vmdk".parse::<DiskConfig>().is_err());
+        assert!("".parse::<DiskConfig>().is_err());
     }
 }

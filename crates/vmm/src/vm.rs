@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use arch::acpi::{self, AcpiConfig};
+use arch::acpi::{self, AcpiConfig, VirtioMmioDevice};
 use arch::layout;
 use devices::legacy::{AcpiPm, DebugExit, DEBUG_EXIT_PORT, I8042};
 use devices::serial::{IrqTrigger, SerialDevice, SerialOut, COM1_GSI, COM1_PORT};
@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::accel;
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, DiskFormat, SerialConfig, VmConfig};
 use crate::console;
 use crate::io::IoBuses;
 
@@ -50,6 +50,75 @@ pub enum VmmError {
     },
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error("opening disk {path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: block::OpenError,
+    },
+}
+
+/// The first IOAPIC pin virtio devices use: 16..23 are free of ISA interrupts.
+const VIRTIO_FIRST_GSI: u32 = 16;
+
+/// Where a serial-like device's output goes.
+fn output_for(serial: &SerialConfig) -> Result<SerialOut, VmmError> {
+    Ok(match serial {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::Null => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// The VM's virtio devices, in the order their MMIO windows and GSIs are assigned.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmmError> {
+    let mut devs: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        let format = disk.format.map(|f| match f {
+            DiskFormat::Raw => block::Format::Raw,
+            DiskFormat::Qcow2 => block::Format::Qcow2,
+        });
+        let backend =
+            block::open(&disk.path, format, disk.read_only).map_err(|source| VmmError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+        let id = disk
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        devs.push(Box::new(virtio::blk::Block::new(
+            backend,
+            &id,
+            disk.read_only,
+        )));
+    }
+    if config.rng {
+        devs.push(Box::new(virtio::rng::Rng));
+    }
+    if let Some(out) = &config.virtio_console {
+        devs.push(Box::new(virtio::console::Console::new(output_for(out)?)));
+    }
+    Ok(devs)
+}
+
+fn virtio_slots(count: usize) -> Vec<VirtioMmioDevice> {
+    (0..count)
+        .map(|i| VirtioMmioDevice {
+            base: layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
+            size: layout::VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_FIRST_GSI + i as u32,
+        })
+        .collect()
 }
 
 /// A VM ready to run.
@@ -109,6 +178,10 @@ impl Vmm {
             };
         }
 
+        // Virtio devices are opened first: the ACPI tables describe them.
+        let virtio = virtio_devices(&config)?;
+        let slots = virtio_slots(virtio.len());
+
         // Kernel, initrd, boot tables.
         let kernel = read_file("kernel", &config.kernel)?;
         let initrd = match &config.initrd {
@@ -122,7 +195,7 @@ impl Vmm {
             mem_size,
             acpi: AcpiConfig {
                 cpus: config.cpus,
-                virtio_devices: Vec::new(),
+                virtio_devices: slots.clone(),
             },
         };
         let loaded = arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
@@ -134,20 +207,7 @@ impl Vmm {
         // Devices.
         let exit = Arc::new(ExitSignal::new());
         let irq = vm.irq_chip();
-        let out: SerialOut = match &config.serial {
-            SerialConfig::Stdio => Box::new(std::io::stdout()),
-            SerialConfig::Null => Box::new(std::io::sink()),
-            SerialConfig::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmmError::SerialFile {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-        };
+        let out = output_for(&config.serial)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             IrqTrigger::new(irq.clone(), COM1_GSI),
             out,
@@ -172,6 +232,13 @@ impl Vmm {
             u64::from(DEBUG_EXIT_PORT),
             4,
         )?;
+
+        for (device, slot) in virtio.into_iter().zip(&slots) {
+            let transport =
+                virtio::mmio::MmioTransport::new(device, memory.clone(), irq.clone(), slot.gsi);
+            io.mmio
+                .insert(dev(Arc::new(Mutex::new(transport))), slot.base, slot.size)?;
+        }
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
