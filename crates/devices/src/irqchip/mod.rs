@@ -13,6 +13,7 @@
 
 pub mod ioapic;
 pub mod lapic;
+pub mod pic;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -174,13 +175,11 @@ pub(crate) fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
 }
 
 /// The first byte of a port write, if any.
-#[allow(dead_code)]
 pub(crate) fn first_byte(data: &[u8]) -> Option<u8> {
     data.first().copied()
 }
 
 /// Fill a port read: `value` in the first byte, zeros after.
-#[allow(dead_code)]
 pub(crate) fn fill_byte(data: &mut [u8], value: u8) {
     data.fill(0);
     if let Some(b) = data.first_mut() {
