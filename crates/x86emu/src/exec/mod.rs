@@ -9,6 +9,7 @@ pub(crate) mod muldiv;
 pub(crate) mod operand;
 pub(crate) mod shift;
 pub(crate) mod sse;
+pub(crate) mod sse_fp;
 pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod system;

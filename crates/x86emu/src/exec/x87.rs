@@ -22,7 +22,6 @@ impl Cpu {
     }
 
     /// #UD/#NM checks for SSE instructions.
-    #[allow(dead_code)]
     pub(crate) fn sse_check(&self) -> Result<()> {
         if self.s.cr0 & CR0_EM != 0 || self.s.cr4 & CR4_OSFXSR == 0 {
             return Err(Fault::ud());

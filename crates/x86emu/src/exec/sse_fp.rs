@@ -1,0 +1,766 @@
+//! SSE/SSE2 floating point: arithmetic, min/max, sqrt, compares, conversions, with MXCSR
+//! rounding control and exception flags computed exactly (FMA/TwoSum error terms) instead
+//! of inheriting whatever the host FPU does.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind};
+
+use super::operand::{mask, reg_write};
+use super::sse::{dst_write, from_u32s, from_u64s, get_x, src, u32s, u64s};
+use crate::cpu::Cpu;
+use crate::exceptions::{Fault, Result};
+use crate::platform::Platform;
+use crate::state::flags::{AF, CF, OF, PF, SF, ZF};
+
+const IE: u32 = 1 << 0;
+const DE: u32 = 1 << 1;
+const ZE: u32 = 1 << 2;
+const OE: u32 = 1 << 3;
+const UE: u32 = 1 << 4;
+const PE: u32 = 1 << 5;
+const FTZ: u32 = 1 << 15;
+
+pub(crate) trait Fp:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
+    const FRAC: u32;
+    const TOTAL: u32;
+    fn bits(self) -> u64;
+    fn from_bits_u(b: u64) -> Self;
+    fn sqrt_(self) -> Self;
+    fn zero() -> Self;
+    /// Sign of (a*b - r) for r = round(a*b), exact even when r is tiny.
+    fn err_mul(a: Self, b: Self, r: Self) -> i32;
+    /// Sign of (a/b - r).
+    fn err_div(a: Self, b: Self, r: Self) -> i32;
+    /// Sign of (sqrt(a) - r).
+    fn err_sqrt(a: Self, r: Self) -> i32;
+    fn max_finite() -> Self;
+    fn is_nan_(self) -> bool {
+        let b = self.bits();
+        let exp_mask = ((1u64 << (Self::TOTAL - 1 - Self::FRAC)) - 1) << Self::FRAC;
+        b & exp_mask == exp_mask && b & ((1u64 << Self::FRAC) - 1) != 0
+    }
+    fn is_inf_(self) -> bool {
+        let b = self.bits() & !(1u64 << (Self::TOTAL - 1));
+        b == ((1u64 << (Self::TOTAL - 1 - Self::FRAC)) - 1) << Self::FRAC
+    }
+    fn is_snan(self) -> bool {
+        self.is_nan_() && self.bits() & (1u64 << (Self::FRAC - 1)) == 0
+    }
+    fn quiet(self) -> Self {
+        Self::from_bits_u(self.bits() | (1u64 << (Self::FRAC - 1)))
+    }
+    fn is_denormal(self) -> bool {
+        let b = self.bits();
+        let exp_mask = ((1u64 << (Self::TOTAL - 1 - Self::FRAC)) - 1) << Self::FRAC;
+        b & exp_mask == 0 && b & ((1u64 << Self::FRAC) - 1) != 0
+    }
+    fn sign(self) -> bool {
+        self.bits() >> (Self::TOTAL - 1) != 0
+    }
+    /// The x86 "real indefinite" QNaN.
+    fn default_nan() -> Self {
+        let exp_mask = ((1u64 << (Self::TOTAL - 1 - Self::FRAC)) - 1) << Self::FRAC;
+        Self::from_bits_u((1u64 << (Self::TOTAL - 1)) | exp_mask | (1u64 << (Self::FRAC - 1)))
+    }
+    fn inf(neg: bool) -> Self {
+        let exp_mask = ((1u64 << (Self::TOTAL - 1 - Self::FRAC)) - 1) << Self::FRAC;
+        Self::from_bits_u(exp_mask | if neg { 1u64 << (Self::TOTAL - 1) } else { 0 })
+    }
+    fn is_zero(self) -> bool {
+        self.bits() & !(1u64 << (Self::TOTAL - 1)) == 0
+    }
+    fn next_up(self) -> Self {
+        if self.is_nan_() || (self.is_inf_() && !self.sign()) {
+            return self;
+        }
+        if self.is_zero() {
+            return Self::from_bits_u(1);
+        }
+        if self.sign() {
+            Self::from_bits_u(self.bits() - 1)
+        } else {
+            Self::from_bits_u(self.bits() + 1)
+        }
+    }
+    fn next_down(self) -> Self {
+        -((-self).next_up())
+    }
+}
+
+fn sgn(x: f64) -> i32 {
+    if x > 0.0 {
+        1
+    } else if x < 0.0 {
+        -1
+    } else {
+        0
+    }
+}
+
+/// Scaling that lifts tiny f64 operands out of the range where FMA residuals underflow.
+const UP: f64 = 1.157_920_892_373_162e77; // 2^256
+
+fn err_mul_f64(a: f64, b: f64, r: f64) -> i32 {
+    if r == 0.0 && a != 0.0 && b != 0.0 {
+        // Underflowed to zero: the error is the whole (nonzero) product.
+        return sgn(a) * sgn(b);
+    }
+    // Lift the smaller operand (and r) so the FMA residual cannot underflow.
+    let tiny = a.abs() < 1e-200 || b.abs() < 1e-200 || r.abs() < 1e-250;
+    if tiny && r.abs() < 1e200 {
+        let (small, big) = if a.abs() < b.abs() { (a, b) } else { (b, a) };
+        sgn((small * UP).mul_add(big, -(r * UP)))
+    } else {
+        sgn(a.mul_add(b, -r))
+    }
+}
+
+fn err_div_f64(a: f64, b: f64, r: f64) -> i32 {
+    if r == 0.0 && a != 0.0 {
+        return sgn(a) * sgn(b);
+    }
+    let (mut a, mut b) = (a, b);
+    if a.abs() < 1e-200 && (b * UP).is_finite() {
+        // Same ratio, dividend out of the subnormal range.
+        a *= UP;
+        b *= UP;
+    }
+    let rem = if r.abs() < 1e-250 {
+        (-(r * UP)).mul_add(b, a * UP)
+    } else {
+        (-r).mul_add(b, a)
+    };
+    sgn(rem) * if b < 0.0 { -1 } else { 1 }
+}
+
+fn err_sqrt_f64(a: f64, r: f64) -> i32 {
+    if a < 1e-250 {
+        // sqrt(a * 2^512) = sqrt(a) * 2^256, both scalings exact.
+        sgn((-(r * UP)).mul_add(r * UP, a * UP * UP))
+    } else {
+        sgn((-r).mul_add(r, a))
+    }
+}
+
+macro_rules! impl_fp {
+    ($t:ty, $u:ty, $frac:expr, $total:expr, $mul:expr, $div:expr, $sqrt:expr) => {
+        impl Fp for $t {
+            fn err_mul(a: Self, b: Self, r: Self) -> i32 {
+                $mul(a, b, r)
+            }
+            fn err_div(a: Self, b: Self, r: Self) -> i32 {
+                $div(a, b, r)
+            }
+            fn err_sqrt(a: Self, r: Self) -> i32 {
+                $sqrt(a, r)
+            }
+            const FRAC: u32 = $frac;
+            const TOTAL: u32 = $total;
+            fn bits(self) -> u64 {
+                u64::from(self.to_bits())
+            }
+            fn from_bits_u(b: u64) -> Self {
+                <$t>::from_bits(b as $u)
+            }
+            fn sqrt_(self) -> Self {
+                self.sqrt()
+            }
+            fn zero() -> Self {
+                0.0
+            }
+            fn max_finite() -> Self {
+                <$t>::MAX
+            }
+        }
+    };
+}
+// f32 residuals are computed exactly in f64 (products of 24-bit mantissas fit in 53 bits).
+impl_fp!(
+    f32,
+    u32,
+    23,
+    32,
+    |a: f32, b: f32, r: f32| sgn(f64::from(a) * f64::from(b) - f64::from(r)),
+    |a: f32, b: f32, r: f32| sgn((-f64::from(r)).mul_add(f64::from(b), f64::from(a)))
+        * if b < 0.0 { -1 } else { 1 },
+    |a: f32, r: f32| sgn((-f64::from(r)).mul_add(f64::from(r), f64::from(a)))
+);
+impl_fp!(f64, u64, 52, 64, err_mul_f64, err_div_f64, err_sqrt_f64);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// Rounds the round-to-nearest result `r` per MXCSR.RC given the sign of the exact error
+/// (true value - r), and derives the overflow/underflow/precision flags.
+fn finish<F: Fp>(mut r: F, err_sign: i32, mxcsr: u32, finite_inputs: bool) -> (F, u32) {
+    let mut fl = 0;
+    let rc = (mxcsr >> 13) & 3;
+    let overflowed_rn = r.is_inf_() && finite_inputs;
+    if overflowed_rn {
+        fl |= OE | PE;
+        let neg = r.sign();
+        r = match (rc, neg) {
+            (0, _) => r,
+            (1, false) | (3, _) | (2, true) => {
+                if neg {
+                    -F::max_finite()
+                } else {
+                    F::max_finite()
+                }
+            }
+            _ => r,
+        };
+        return (r, fl);
+    }
+    if err_sign != 0 {
+        fl |= PE;
+        match rc {
+            1 if err_sign < 0 => r = r.next_down(),
+            2 if err_sign > 0 => r = r.next_up(),
+            3 if (!r.sign() && err_sign < 0) || (r.sign() && err_sign > 0) => {
+                r = if r.sign() { r.next_up() } else { r.next_down() }
+            }
+            _ => {}
+        }
+        if r.is_inf_() && finite_inputs {
+            fl |= OE;
+        }
+    }
+    // Tiny results: underflow is reported when inexact, or always when FTZ flushes them.
+    let tiny = r.is_denormal() || (r.is_zero() && err_sign != 0);
+    if tiny {
+        if mxcsr & FTZ != 0 {
+            r = if r.sign() { -F::zero() } else { F::zero() };
+            fl |= UE | PE;
+        } else if err_sign != 0 {
+            fl |= UE;
+        }
+    }
+    (r, fl)
+}
+
+fn sign_of<F: Fp>(x: F) -> i32 {
+    if x.is_zero() || x.is_nan_() {
+        0
+    } else if x.sign() {
+        -1
+    } else {
+        1
+    }
+}
+
+fn arith<F: Fp>(op: Op, a: F, b: F, mxcsr: u32) -> (F, u32) {
+    let mut fl = 0;
+    if a.is_snan() || b.is_snan() {
+        fl |= IE;
+    }
+    if a.is_nan_() {
+        return (a.quiet(), fl);
+    }
+    if b.is_nan_() {
+        return (b.quiet(), fl);
+    }
+    if a.is_denormal() || b.is_denormal() {
+        fl |= DE;
+    }
+    let b = if op == Op::Sub { -b } else { b };
+    match op {
+        Op::Add | Op::Sub => {
+            if a.is_inf_() && b.is_inf_() && a.sign() != b.sign() {
+                return (F::default_nan(), IE);
+            }
+        }
+        Op::Mul => {
+            if (a.is_inf_() && b.is_zero()) || (a.is_zero() && b.is_inf_()) {
+                return (F::default_nan(), IE);
+            }
+        }
+        Op::Div => {
+            if (a.is_zero() && b.is_zero()) || (a.is_inf_() && b.is_inf_()) {
+                return (F::default_nan(), IE);
+            }
+            if b.is_zero() && !a.is_inf_() {
+                // Divide-by-zero takes precedence over the denormal-operand flag.
+                return (F::inf(a.sign() != b.sign()), (fl & !DE) | ZE);
+            }
+        }
+    }
+    let finite = !a.is_inf_() && !b.is_inf_();
+    let (r, err) = match op {
+        Op::Add | Op::Sub => {
+            let r = a + b;
+            let err = if r.is_inf_() || !finite {
+                0
+            } else {
+                let bb = r - a;
+                sign_of((a - (r - bb)) + (b - bb))
+            };
+            (r, err)
+        }
+        Op::Mul => {
+            let r = a * b;
+            let err = if r.is_inf_() || !finite {
+                0
+            } else {
+                F::err_mul(a, b, r)
+            };
+            (r, err)
+        }
+        Op::Div => {
+            let r = a / b;
+            let err = if r.is_inf_() || !finite || b.is_inf_() {
+                0
+            } else {
+                F::err_div(a, b, r)
+            };
+            (r, err)
+        }
+    };
+    // Exact zero sums take the sign the rounding mode dictates (-0 only when rounding down).
+    let r = if matches!(op, Op::Add | Op::Sub) && r.is_zero() && err == 0 && a.sign() != b.sign() {
+        if (mxcsr >> 13) & 3 == 1 {
+            -F::zero()
+        } else {
+            F::zero()
+        }
+    } else {
+        r
+    };
+    let (r, f2) = finish(r, err, mxcsr, finite);
+    (r, fl | f2)
+}
+
+fn sqrt<F: Fp>(a: F, mxcsr: u32) -> (F, u32) {
+    if a.is_nan_() {
+        return (a.quiet(), if a.is_snan() { IE } else { 0 });
+    }
+    let de = if a.is_denormal() { DE } else { 0 };
+    if a.sign() && !a.is_zero() {
+        return (F::default_nan(), IE);
+    }
+    let r = a.sqrt_();
+    if a.is_inf_() || a.is_zero() {
+        return (r, de);
+    }
+    let err = F::err_sqrt(a, r);
+    let (r, f) = finish(r, err, mxcsr, true);
+    (r, f | de)
+}
+
+fn minmax<F: Fp>(max: bool, a: F, b: F) -> (F, u32) {
+    let mut fl = 0;
+    if a.is_nan_() || b.is_nan_() {
+        return (b, IE);
+    }
+    if a.is_denormal() || b.is_denormal() {
+        fl |= DE;
+    }
+    let pick_a = if max { a > b } else { a < b };
+    (if pick_a { a } else { b }, fl)
+}
+
+fn compare<F: Fp>(pred: u8, a: F, b: F) -> (bool, u32) {
+    let unordered = a.is_nan_() || b.is_nan_();
+    let signaling_pred = matches!(pred & 7, 1 | 2 | 5 | 6);
+    let mut fl = 0;
+    if a.is_snan() || b.is_snan() || (unordered && signaling_pred) {
+        fl |= IE;
+    }
+    if !unordered && (a.is_denormal() || b.is_denormal()) {
+        fl |= DE;
+    }
+    let r = match pred & 7 {
+        0 => a == b,
+        1 => a < b,
+        2 => a <= b,
+        3 => unordered,
+        4 => a != b,
+        // NLT / NLE are true for unordered operands.
+        5 => unordered || a >= b,
+        6 => unordered || a > b,
+        _ => !unordered,
+    };
+    (r, fl)
+}
+
+/// Float to integer (CVT*2SI / CVT*2DQ), `trunc` for the CVTT forms.
+fn to_int<F: Fp + Into<f64>>(a: F, bits: u32, trunc: bool, mxcsr: u32) -> (u64, u32) {
+    let indefinite = 1u64 << (bits - 1);
+    if a.is_nan_() || a.is_inf_() {
+        return (indefinite, IE);
+    }
+    // Conversions to integer report only invalid and precision (no denormal flag).
+    let de = 0;
+    let x: f64 = a.into();
+    let r = if trunc {
+        x.trunc()
+    } else {
+        match (mxcsr >> 13) & 3 {
+            0 => x.round_ties_even(),
+            1 => x.floor(),
+            2 => x.ceil(),
+            _ => x.trunc(),
+        }
+    };
+    let lim = 2f64.powi(bits as i32 - 1);
+    if r >= lim || r < -lim {
+        return (indefinite, IE);
+    }
+    let v = (r as i64) as u64 & mask(bits / 8);
+    (v, de | if r != x { PE } else { 0 })
+}
+
+/// Integer to float with MXCSR rounding.
+fn from_int_f64(v: i64, mxcsr: u32) -> (f64, u32) {
+    let r = v as f64;
+    let back = r as i128;
+    let err = (i128::from(v) - back).signum() as i32;
+    if r == 9.223_372_036_854_776e18 && v > 0 {
+        // 2^63 rounds from i64::MAX: the exact error is negative.
+        return finish(r, -1, mxcsr, true);
+    }
+    finish(r, err, mxcsr, true)
+}
+
+fn from_int_f32(v: i64, mxcsr: u32) -> (f32, u32) {
+    let r = v as f32;
+    let back = r as f64 as i128;
+    let err = if (r as f64) >= 9.223_372_036_854_776e18 {
+        -1
+    } else {
+        (i128::from(v) - back).signum() as i32
+    };
+    finish(r, err, mxcsr, true)
+}
+
+fn f64_to_f32(a: f64, mxcsr: u32) -> (f32, u32) {
+    if a.is_nan() {
+        let q = f32::from_bits(
+            (((a.to_bits() >> 63) as u32) << 31)
+                | 0x7fc0_0000
+                | ((a.to_bits() >> 29) as u32 & 0x3f_ffff),
+        );
+        return (q, if Fp::is_snan(a) { IE } else { 0 });
+    }
+    let de = if Fp::is_denormal(a) { DE } else { 0 };
+    let r = a as f32;
+    if r.is_infinite() && !a.is_infinite() {
+        let (r, f) = finish(r, 0, mxcsr, true);
+        return (r, f | de);
+    }
+    let back = r as f64;
+    let err = if a > back {
+        1
+    } else if a < back {
+        -1
+    } else {
+        0
+    };
+    let (r, f) = finish(r, err, mxcsr, !a.is_infinite());
+    (r, f | de)
+}
+
+fn f32_to_f64(a: f32) -> (f64, u32) {
+    if a.is_nan() {
+        let b = u64::from(a.to_bits());
+        let q = f64::from_bits(((b >> 31) << 63) | 0x7ff8_0000_0000_0000 | ((b & 0x3f_ffff) << 29));
+        return (q, if Fp::is_snan(a) { IE } else { 0 });
+    }
+    (f64::from(a), if Fp::is_denormal(a) { DE } else { 0 })
+}
+
+fn f32v(x: u32) -> f32 {
+    f32::from_bits(x)
+}
+fn f64v(x: u64) -> f64 {
+    f64::from_bits(x)
+}
+
+pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let m = ins.mnemonic();
+    cpu.sse_check()?;
+    let mx = cpu.s.fpu.mxcsr;
+    let mut fl = 0u32;
+    let lo64 = u128::from(u64::MAX);
+    let lo32 = 0xffff_ffffu128;
+    let arith_op = match m {
+        M::Addps | M::Addpd | M::Addss | M::Addsd => Some(Op::Add),
+        M::Subps | M::Subpd | M::Subss | M::Subsd => Some(Op::Sub),
+        M::Mulps | M::Mulpd | M::Mulss | M::Mulsd => Some(Op::Mul),
+        M::Divps | M::Divpd | M::Divss | M::Divsd => Some(Op::Div),
+        _ => None,
+    };
+    let d = if ins.op0_kind() == OpKind::Register && ins.op0_register().is_xmm() {
+        get_x(cpu, ins.op0_register())
+    } else {
+        0
+    };
+    let result: u128 = match m {
+        _ if arith_op.is_some()
+            || matches!(
+                m,
+                M::Minps
+                    | M::Minpd
+                    | M::Minss
+                    | M::Minsd
+                    | M::Maxps
+                    | M::Maxpd
+                    | M::Maxss
+                    | M::Maxsd
+            ) =>
+        {
+            let s = src(cpu, p, ins, 1)?;
+            let f32op = |a: u32, b: u32, fl: &mut u32| -> u32 {
+                let (r, f) = match arith_op {
+                    Some(op) => arith(op, f32v(a), f32v(b), mx),
+                    None => minmax(matches!(m, M::Maxps | M::Maxss), f32v(a), f32v(b)),
+                };
+                *fl |= f;
+                r.to_bits()
+            };
+            let f64op = |a: u64, b: u64, fl: &mut u32| -> u64 {
+                let (r, f) = match arith_op {
+                    Some(op) => arith(op, f64v(a), f64v(b), mx),
+                    None => minmax(matches!(m, M::Maxpd | M::Maxsd), f64v(a), f64v(b)),
+                };
+                *fl |= f;
+                r.to_bits()
+            };
+            match m {
+                M::Addps | M::Subps | M::Mulps | M::Divps | M::Minps | M::Maxps => {
+                    let (x, y) = (u32s(d), u32s(s));
+                    let mut o = [0u32; 4];
+                    for i in 0..4 {
+                        o[i] = f32op(x[i], y[i], &mut fl);
+                    }
+                    from_u32s(o)
+                }
+                M::Addpd | M::Subpd | M::Mulpd | M::Divpd | M::Minpd | M::Maxpd => {
+                    let (x, y) = (u64s(d), u64s(s));
+                    from_u64s([f64op(x[0], y[0], &mut fl), f64op(x[1], y[1], &mut fl)])
+                }
+                M::Addss | M::Subss | M::Mulss | M::Divss | M::Minss | M::Maxss => {
+                    (d & !lo32) | u128::from(f32op(d as u32, s as u32, &mut fl))
+                }
+                _ => (d & !lo64) | u128::from(f64op(d as u64, s as u64, &mut fl)),
+            }
+        }
+        M::Sqrtps | M::Sqrtpd | M::Sqrtss | M::Sqrtsd => {
+            let s = src(cpu, p, ins, 1)?;
+            match m {
+                M::Sqrtps => {
+                    let mut o = u32s(s);
+                    for x in o.iter_mut() {
+                        let (r, f) = sqrt(f32v(*x), mx);
+                        fl |= f;
+                        *x = r.to_bits();
+                    }
+                    from_u32s(o)
+                }
+                M::Sqrtpd => {
+                    let mut o = u64s(s);
+                    for x in o.iter_mut() {
+                        let (r, f) = sqrt(f64v(*x), mx);
+                        fl |= f;
+                        *x = r.to_bits();
+                    }
+                    from_u64s(o)
+                }
+                M::Sqrtss => {
+                    let (r, f) = sqrt(f32v(s as u32), mx);
+                    fl |= f;
+                    (d & !lo32) | u128::from(r.to_bits())
+                }
+                _ => {
+                    let (r, f) = sqrt(f64v(s as u64), mx);
+                    fl |= f;
+                    (d & !lo64) | u128::from(r.to_bits())
+                }
+            }
+        }
+        M::Cmpps | M::Cmppd | M::Cmpss | M::Cmpsd => {
+            let s = src(cpu, p, ins, 1)?;
+            let pred = ins.immediate8();
+            match m {
+                M::Cmpps => {
+                    let (x, y) = (u32s(d), u32s(s));
+                    let mut o = [0u32; 4];
+                    for i in 0..4 {
+                        let (r, f) = compare(pred, f32v(x[i]), f32v(y[i]));
+                        fl |= f;
+                        o[i] = if r { u32::MAX } else { 0 };
+                    }
+                    from_u32s(o)
+                }
+                M::Cmppd => {
+                    let (x, y) = (u64s(d), u64s(s));
+                    let mut o = [0u64; 2];
+                    for i in 0..2 {
+                        let (r, f) = compare(pred, f64v(x[i]), f64v(y[i]));
+                        fl |= f;
+                        o[i] = if r { u64::MAX } else { 0 };
+                    }
+                    from_u64s(o)
+                }
+                M::Cmpss => {
+                    let (r, f) = compare(pred, f32v(d as u32), f32v(s as u32));
+                    fl |= f;
+                    (d & !lo32) | if r { lo32 } else { 0 }
+                }
+                _ => {
+                    let (r, f) = compare(pred, f64v(d as u64), f64v(s as u64));
+                    fl |= f;
+                    (d & !lo64) | if r { lo64 } else { 0 }
+                }
+            }
+        }
+        M::Ucomiss | M::Comiss | M::Ucomisd | M::Comisd => {
+            let s = src(cpu, p, ins, 1)?;
+            let signaling = matches!(m, M::Comiss | M::Comisd);
+            let (unord, lt, eq, f) = if matches!(m, M::Ucomiss | M::Comiss) {
+                let (a, b) = (f32v(d as u32), f32v(s as u32));
+                let un = a.is_nan() || b.is_nan();
+                let f = if Fp::is_snan(a) || Fp::is_snan(b) || (un && signaling) {
+                    IE
+                } else if !un && (Fp::is_denormal(a) || Fp::is_denormal(b)) {
+                    DE
+                } else {
+                    0
+                };
+                (un, a < b, a == b, f)
+            } else {
+                let (a, b) = (f64v(d as u64), f64v(s as u64));
+                let un = a.is_nan() || b.is_nan();
+                let f = if Fp::is_snan(a) || Fp::is_snan(b) || (un && signaling) {
+                    IE
+                } else if !un && (Fp::is_denormal(a) || Fp::is_denormal(b)) {
+                    DE
+                } else {
+                    0
+                };
+                (un, a < b, a == b, f)
+            };
+            fl |= f;
+            let flags = if unord {
+                ZF | PF | CF
+            } else if lt {
+                CF
+            } else if eq {
+                ZF
+            } else {
+                0
+            };
+            cpu.set_flags_masked(flags, ZF | PF | CF | OF | SF | AF);
+            cpu.s.fpu.mxcsr |= fl;
+            return Ok(());
+        }
+        M::Cvtsi2ss | M::Cvtsi2sd => {
+            let size = cpu.op_size(ins, 1);
+            let v = super::operand::sext(cpu.read_op(p, ins, 1)?, size) as i64;
+            if m == M::Cvtsi2sd {
+                let (r, f) = from_int_f64(v, mx);
+                fl |= f;
+                (d & !lo64) | u128::from(r.to_bits())
+            } else {
+                let (r, f) = from_int_f32(v, mx);
+                fl |= f;
+                (d & !lo32) | u128::from(r.to_bits())
+            }
+        }
+        M::Cvtss2si | M::Cvttss2si | M::Cvtsd2si | M::Cvttsd2si => {
+            let s = src(cpu, p, ins, 1)?;
+            let bits = (cpu.op_size(ins, 0) * 8).max(32);
+            let trunc = matches!(m, M::Cvttss2si | M::Cvttsd2si);
+            let (v, f) = if matches!(m, M::Cvtss2si | M::Cvttss2si) {
+                to_int(f32v(s as u32), bits, trunc, mx)
+            } else {
+                to_int(f64v(s as u64), bits, trunc, mx)
+            };
+            cpu.s.fpu.mxcsr |= f;
+            reg_write(cpu, ins.op0_register(), v);
+            return Ok(());
+        }
+        M::Cvtss2sd => {
+            let s = src(cpu, p, ins, 1)?;
+            let (r, f) = f32_to_f64(f32v(s as u32));
+            fl |= f;
+            (d & !lo64) | u128::from(r.to_bits())
+        }
+        M::Cvtsd2ss => {
+            let s = src(cpu, p, ins, 1)?;
+            let (r, f) = f64_to_f32(f64v(s as u64), mx);
+            fl |= f;
+            (d & !lo32) | u128::from(r.to_bits())
+        }
+        M::Cvtps2pd => {
+            let s = src(cpu, p, ins, 1)?;
+            let x = u32s(s);
+            let (a, f1) = f32_to_f64(f32v(x[0]));
+            let (b, f2) = f32_to_f64(f32v(x[1]));
+            fl |= f1 | f2;
+            from_u64s([a.to_bits(), b.to_bits()])
+        }
+        M::Cvtpd2ps => {
+            let s = src(cpu, p, ins, 1)?;
+            let x = u64s(s);
+            let (a, f1) = f64_to_f32(f64v(x[0]), mx);
+            let (b, f2) = f64_to_f32(f64v(x[1]), mx);
+            fl |= f1 | f2;
+            from_u32s([a.to_bits(), b.to_bits(), 0, 0])
+        }
+        M::Cvtdq2ps => {
+            let s = src(cpu, p, ins, 1)?;
+            let mut o = u32s(s);
+            for x in o.iter_mut() {
+                let (r, f) = from_int_f32(i64::from(*x as i32), mx);
+                fl |= f;
+                *x = r.to_bits();
+            }
+            from_u32s(o)
+        }
+        M::Cvtdq2pd => {
+            let s = src(cpu, p, ins, 1)?;
+            let x = u32s(s);
+            from_u64s([
+                f64::from(x[0] as i32).to_bits(),
+                f64::from(x[1] as i32).to_bits(),
+            ])
+        }
+        M::Cvtps2dq | M::Cvttps2dq => {
+            let s = src(cpu, p, ins, 1)?;
+            let mut o = u32s(s);
+            for x in o.iter_mut() {
+                let (r, f) = to_int(f32v(*x), 32, m == M::Cvttps2dq, mx);
+                fl |= f;
+                *x = r as u32;
+            }
+            from_u32s(o)
+        }
+        M::Cvtpd2dq | M::Cvttpd2dq => {
+            let s = src(cpu, p, ins, 1)?;
+            let x = u64s(s);
+            let (a, f1) = to_int(f64v(x[0]), 32, m == M::Cvttpd2dq, mx);
+            let (b, f2) = to_int(f64v(x[1]), 32, m == M::Cvttpd2dq, mx);
+            fl |= f1 | f2;
+            from_u32s([a as u32, b as u32, 0, 0])
+        }
+        _ => return Err(Fault::ud()),
+    };
+    // Flags are only committed when the instruction completes (a memory fault above leaves
+    // MXCSR untouched).
+    dst_write(cpu, p, ins, result)?;
+    cpu.s.fpu.mxcsr |= fl;
+    Ok(())
+}
