@@ -14,6 +14,7 @@
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;
+pub mod pit;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
