@@ -15,6 +15,7 @@ pub mod ioapic;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
+pub mod rtc;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
