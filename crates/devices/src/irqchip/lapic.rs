@@ -137,6 +137,8 @@ pub enum ApicError {
     ReservedBits { msr: u32, value: u64 },
     #[error("IA32_APIC_BASE {0:#x} is an invalid mode transition")]
     InvalidTransition(u64),
+    #[error("no vCPU {0}")]
+    NoSuchCpu(u32),
 }
 
 /// Operating mode, from IA32_APIC_BASE's EN and EXTD bits.

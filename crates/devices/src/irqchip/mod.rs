@@ -11,6 +11,7 @@
 //! - [`chip::UserIrqChip`]: the router that ties them together behind one mutex and
 //!   implements `hypervisor::IrqChip`.
 
+pub mod chip;
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;
@@ -21,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::bus::BusDevice;
+
+pub use chip::{StartupEvent, UserIrqChip};
 
 /// How an interrupt message is delivered (ICR, redirection entry and MSI data bits 8–10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

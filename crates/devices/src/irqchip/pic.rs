@@ -273,11 +273,17 @@ impl Default for Pic {
 }
 
 impl Pic {
+    /// A pair at power-up. The 8259A's power-up state is undefined until ICW1; here every
+    /// input starts masked, so nothing reaches a CPU before the guest programs it (with a
+    /// direct kernel boot no BIOS does).
     pub fn new() -> Self {
-        Pic {
+        let mut pic = Pic {
             master: Pic8259::new(true),
             slave: Pic8259::new(false),
-        }
+        };
+        pic.master.s.imr = 0xff;
+        pic.slave.s.imr = 0xff;
+        pic
     }
 
     /// The master's and the slave's state.
@@ -307,6 +313,14 @@ impl Pic {
     /// The master's INT output: an interrupt is waiting for INTA.
     pub fn interrupt_pending(&self) -> bool {
         self.master.pending_irq().is_some()
+    }
+
+    /// The vector [`Pic::acknowledge`] would return now, if an interrupt is pending.
+    pub fn pending_vector(&self) -> Option<u8> {
+        match self.master.pending_irq()? {
+            CASCADE_IRQ => Some(self.slave.s.vector_base | self.slave.pending_irq().unwrap_or(7)),
+            irq => Some(self.master.s.vector_base | irq),
+        }
     }
 
     /// INTA: the vector of the highest-priority request, now in service. With no request
@@ -497,6 +511,7 @@ mod tests {
         let mut pic = linux_init();
         pic.set_irq(12, true);
         assert!(pic.interrupt_pending());
+        assert_eq!(pic.pending_vector(), Some(0x3c));
         assert_eq!(pic.acknowledge(), Some(0x3c));
         assert_eq!(pic.state().0.isr, 1 << 2);
         assert_eq!(pic.state().1.isr, 1 << 4);

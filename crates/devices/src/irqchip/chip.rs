@@ -1,0 +1,895 @@
+//! [`UserIrqChip`]: the PC's interrupt plumbing in user space, for the `emu` accelerator.
+//!
+//! It owns one [`Lapic`] per vCPU, the [`IoApic`], the [`Pic`] pair and the [`Pit`], all
+//! behind one mutex (held only for the length of a register access), and routes between
+//! them as a PC does:
+//! - GSI lines go to the IOAPIC pin of the same number and, below 16, to the 8259 IRQ of
+//!   the same number. ISA IRQ 0 (the PIT) is PIC IRQ 0 and IOAPIC pin 2, the override
+//!   Vessel's MADT publishes; GSI 0 and GSI 2 both mean that line.
+//! - IOAPIC messages, MSIs and IPIs fan out to the LAPICs whose destination matches
+//!   (lowest-priority picks the first match).
+//! - The 8259's INT output reaches vCPU 0 through LINT0 when its LAPIC is
+//!   hardware-disabled or LINT0 is unmasked ExtINT (virtual-wire mode).
+//! - A LAPIC EOI of a level-triggered vector is passed to the IOAPIC.
+//! - INIT and SIPI messages are queued per vCPU for the VMM ([`StartupEvent`]).
+//!
+//! The intended vCPU loop (`now` from the VMM's clock, nanoseconds since VM start):
+//! ```text
+//! loop {
+//!     for ev in chip.take_startup_events(cpu) { /* INIT: reset; SIPI: start at vector << 12 */ }
+//!     if chip.next_deadline_ns(cpu).is_some_and(|d| d <= now) { chip.tick(now) }
+//!     if chip.take_nmi(cpu) { /* inject NMI */ }
+//!     else if rflags.IF && !shadow && chip.has_interrupt(cpu) {
+//!         if let Some(v) = chip.acknowledge_interrupt(cpu) { /* inject v */ }
+//!     }
+//!     if halted {
+//!         // Sleep until something is pending or the next timer is due, then loop.
+//!         let timeout = chip.next_deadline_ns(cpu).map_or(FOREVER, |d| d - now);
+//!         chip.wait(cpu, timeout, rflags.IF);
+//!         continue;
+//!     }
+//!     /* run guest code; LAPIC MMIO/MSR accesses go to lapic_mmio_*/lapic_msr_* */
+//! }
+//! ```
+//! vCPU 0's deadline includes the PIT's, so vCPU 0 must keep calling `tick` (it wakes the
+//! others when that delivers to them).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::ioapic::IoApic;
+use super::lapic::{ApicError, Lapic};
+use super::pic::Pic;
+use super::pit::Pit;
+use super::{Clock, Delivery, DeliveryMode, Destination, Trigger};
+use crate::bus::BusDevice;
+
+/// The IOAPIC pin ISA IRQ 0 (the PIT) arrives on.
+const PIT_GSI: u32 = 2;
+/// Startup events kept per vCPU before the oldest are dropped.
+const MAX_STARTUP_EVENTS: usize = 64;
+/// MSI address bits 20–31 must be 0xfee.
+const MSI_ADDRESS_MASK: u64 = 0xfff0_0000;
+const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+/// MSI address bits 12–19: destination ID.
+const MSI_DEST_SHIFT: u32 = 12;
+/// MSI address bit 2: logical destination mode.
+const MSI_DEST_LOGICAL: u64 = 1 << 2;
+/// MSI data bit 15: level-triggered.
+const MSI_TRIGGER_LEVEL: u32 = 1 << 15;
+/// No sender: messages from the IOAPIC and MSIs never use ICR shorthands.
+const NO_SENDER: u32 = u32::MAX;
+
+/// A startup message the VMM must act on for a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupEvent {
+    /// INIT: the LAPIC has been reset; the VMM resets the CPU and waits for a SIPI.
+    Init,
+    /// Startup IPI: the CPU starts in real mode at `vector << 12`.
+    Sipi(u8),
+}
+
+#[derive(Debug)]
+struct ChipState {
+    lapics: Vec<Lapic>,
+    ioapic: IoApic,
+    pic: Pic,
+    pit: Pit,
+    startup: Vec<Vec<StartupEvent>>,
+    /// An IOAPIC/MSI ExtINT message is waiting for this CPU's INTA.
+    extint: Vec<bool>,
+    kicked: Vec<bool>,
+}
+
+impl ChipState {
+    fn pic_reaches(&self, cpu: usize) -> bool {
+        cpu == 0
+            && self
+                .lapics
+                .first()
+                .is_some_and(Lapic::accepts_pic_interrupt)
+    }
+
+    fn has_interrupt(&self, cpu: usize) -> bool {
+        let Some(l) = self.lapics.get(cpu) else {
+            return false;
+        };
+        self.extint.get(cpu).copied().unwrap_or(false)
+            || (self.pic_reaches(cpu) && self.pic.interrupt_pending())
+            || l.pending_vector().is_some()
+    }
+
+    /// Something that ends a HLT: an interrupt (if `interruptible`), an NMI, or a
+    /// startup message.
+    fn has_event(&self, cpu: usize, interruptible: bool) -> bool {
+        (interruptible && self.has_interrupt(cpu))
+            || self.lapics.get(cpu).is_some_and(Lapic::nmi_pending)
+            || self.startup.get(cpu).is_some_and(|q| !q.is_empty())
+    }
+
+    fn deliver(
+        &mut self,
+        dest: Destination,
+        sender: u32,
+        mode: DeliveryMode,
+        vector: u8,
+        trigger: Trigger,
+        level: bool,
+    ) {
+        let targets: Vec<usize> = self
+            .lapics
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.matches_destination(&dest, sender))
+            .map(|(i, _)| i)
+            .collect();
+        let level_triggered = trigger == Trigger::Level;
+        match mode {
+            DeliveryMode::Fixed => {
+                for &t in &targets {
+                    self.lapics[t].accept_interrupt(vector, level_triggered);
+                }
+            }
+            DeliveryMode::LowestPriority => {
+                if let Some(&t) = targets.first() {
+                    self.lapics[t].accept_interrupt(vector, level_triggered);
+                }
+            }
+            DeliveryMode::Nmi => {
+                for &t in &targets {
+                    self.lapics[t].deliver_nmi();
+                }
+            }
+            DeliveryMode::Init if level_triggered && !level => {
+                // INIT level de-assert: nothing for a modern CPU to do.
+            }
+            DeliveryMode::Init => {
+                for &t in &targets {
+                    self.lapics[t].init();
+                    self.push_startup(t, StartupEvent::Init);
+                }
+            }
+            DeliveryMode::StartUp => {
+                for &t in &targets {
+                    self.push_startup(t, StartupEvent::Sipi(vector));
+                }
+            }
+            DeliveryMode::ExtInt => {
+                for &t in &targets {
+                    self.extint[t] = true;
+                }
+            }
+            DeliveryMode::Smi => tracing::debug!(?dest, "SMI not modelled, dropped"),
+        }
+    }
+
+    fn push_startup(&mut self, cpu: usize, ev: StartupEvent) {
+        let q = &mut self.startup[cpu];
+        if q.len() >= MAX_STARTUP_EVENTS {
+            q.remove(0);
+        }
+        q.push(ev);
+    }
+
+    /// An IOAPIC message or MSI. Their 8-bit physical broadcast (0xff) reaches x2APIC-mode
+    /// LAPICs too.
+    fn deliver_message(&mut self, d: Delivery) {
+        let dest = match d.dest {
+            Destination::Physical(0xff) => Destination::Physical(u32::MAX),
+            other => other,
+        };
+        self.deliver(dest, NO_SENDER, d.mode, d.vector, d.trigger, true);
+    }
+
+    fn set_ioapic_pin(&mut self, pin: u32, level: bool) {
+        if let Some(d) = self.ioapic.set_irq(pin, level) {
+            self.deliver_message(d);
+        }
+    }
+
+    fn set_irq_line(&mut self, gsi: u32, active: bool) {
+        match gsi {
+            0 | PIT_GSI => {
+                self.pic.set_irq(0, active);
+                self.set_ioapic_pin(PIT_GSI, active);
+            }
+            1..=15 => {
+                self.pic.set_irq(gsi as u8, active);
+                self.set_ioapic_pin(gsi, active);
+            }
+            _ => self.set_ioapic_pin(gsi, active),
+        }
+    }
+
+    /// After a LAPIC register write: send its IPI and pass level EOIs to the IOAPIC.
+    fn after_lapic_write(&mut self, cpu: usize, ipi: Option<super::Ipi>) {
+        let sender = self.lapics[cpu].id();
+        if let Some(ipi) = ipi {
+            self.deliver(
+                ipi.dest,
+                sender,
+                ipi.mode,
+                ipi.vector,
+                ipi.trigger,
+                ipi.level,
+            );
+        }
+        for v in self.lapics[cpu].take_eoi_vectors() {
+            for d in self.ioapic.eoi(v) {
+                self.deliver_message(d);
+            }
+        }
+    }
+}
+
+/// The user-space interrupt controllers of one VM. See the module documentation.
+#[derive(Debug)]
+pub struct UserIrqChip {
+    state: Mutex<ChipState>,
+    wake: Vec<Condvar>,
+}
+
+impl UserIrqChip {
+    /// The port ranges (base, length) to map a [`ChipPio`] at: both 8259s, the ELCR,
+    /// the PIT and port 0x61.
+    pub const PIO_RANGES: [(u16, u16); 5] =
+        [(0x20, 2), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)];
+
+    /// Controllers for `cpus` vCPUs (at least one) with APIC IDs 0..cpus, vCPU 0 the
+    /// BSP. LAPIC timers count at `timer_hz` (see [`super::lapic::DEFAULT_TIMER_HZ`]);
+    /// the guest TSC runs at `tsc_hz`. The VMM should state both in CPUID 0x15/0x16.
+    pub fn new(cpus: u32, timer_hz: u64, tsc_hz: u64) -> Self {
+        let n = cpus.max(1);
+        let lapics = (0..n)
+            .map(|id| Lapic::with_clocks(id, id == 0, timer_hz, tsc_hz))
+            .collect();
+        let n = n as usize;
+        UserIrqChip {
+            state: Mutex::new(ChipState {
+                lapics,
+                ioapic: IoApic::new(),
+                pic: Pic::new(),
+                pit: Pit::new(),
+                startup: vec![Vec::new(); n],
+                extint: vec![false; n],
+                kicked: vec![false; n],
+            }),
+            wake: (0..n).map(|_| Condvar::new()).collect(),
+        }
+    }
+
+    /// The number of vCPUs.
+    pub fn cpus(&self) -> u32 {
+        self.wake.len() as u32
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChipState> {
+        // A panic elsewhere while holding the lock leaves the state usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake the vCPUs that now have something to do.
+    fn notify(&self, st: &ChipState) {
+        for (cpu, cv) in self.wake.iter().enumerate() {
+            if st.has_event(cpu, true) {
+                cv.notify_all();
+            }
+        }
+    }
+
+    fn index(&self, cpu: u32) -> Option<usize> {
+        let i = cpu as usize;
+        (i < self.wake.len()).then_some(i)
+    }
+
+    /// Drive GSI `gsi` high or low (see the module documentation for the routing).
+    pub fn set_irq_line(&self, gsi: u32, active: bool) {
+        let mut st = self.lock();
+        st.set_irq_line(gsi, active);
+        self.notify(&st);
+    }
+
+    /// Deliver the MSI with this address/data pair. Addresses outside 0xfeexxxxx and
+    /// reserved delivery modes are dropped.
+    pub fn signal_msi(&self, address: u64, data: u32) {
+        if address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
+            tracing::debug!(address, data, "MSI to a non-interrupt address dropped");
+            return;
+        }
+        let Some(mode) = DeliveryMode::from_bits(data >> 8) else {
+            tracing::debug!(address, data, "MSI with a reserved delivery mode dropped");
+            return;
+        };
+        let id = ((address >> MSI_DEST_SHIFT) & 0xff) as u32;
+        let delivery = Delivery {
+            dest: if address & MSI_DEST_LOGICAL != 0 {
+                Destination::Logical(id)
+            } else {
+                Destination::Physical(id)
+            },
+            vector: data as u8,
+            mode,
+            trigger: if data & MSI_TRIGGER_LEVEL != 0 {
+                Trigger::Level
+            } else {
+                Trigger::Edge
+            },
+        };
+        let mut st = self.lock();
+        st.deliver_message(delivery);
+        self.notify(&st);
+    }
+
+    /// Deliver an NMI to `cpu` (a platform NMI, e.g. from the VMM's API).
+    pub fn inject_nmi(&self, cpu: u32) {
+        let Some(i) = self.index(cpu) else { return };
+        let mut st = self.lock();
+        st.lapics[i].deliver_nmi();
+        self.notify(&st);
+    }
+
+    /// Whether a maskable interrupt is waiting for `cpu` (LAPIC, or the 8259 on vCPU 0).
+    pub fn has_interrupt(&self, cpu: u32) -> bool {
+        self.index(cpu)
+            .is_some_and(|i| self.lock().has_interrupt(i))
+    }
+
+    /// The vector [`UserIrqChip::acknowledge_interrupt`] would return now.
+    pub fn pending_interrupt(&self, cpu: u32) -> Option<u8> {
+        let i = self.index(cpu)?;
+        let st = self.lock();
+        if st.extint[i] || (st.pic_reaches(i) && st.pic.interrupt_pending()) {
+            return st.pic.pending_vector();
+        }
+        st.lapics[i].pending_vector()
+    }
+
+    /// INTA for `cpu`: the vector to inject, now in service. ExtINT (the 8259, through
+    /// LINT0 on vCPU 0 or an ExtINT message) comes before the LAPIC's fixed interrupts.
+    pub fn acknowledge_interrupt(&self, cpu: u32) -> Option<u8> {
+        let i = self.index(cpu)?;
+        let mut st = self.lock();
+        let vector = if std::mem::take(&mut st.extint[i])
+            || (st.pic_reaches(i) && st.pic.interrupt_pending())
+        {
+            st.pic.acknowledge()
+        } else {
+            st.lapics[i].acknowledge()
+        };
+        self.notify(&st);
+        vector
+    }
+
+    /// Whether an NMI is waiting for `cpu`.
+    pub fn nmi_pending(&self, cpu: u32) -> bool {
+        self.index(cpu)
+            .is_some_and(|i| self.lock().lapics[i].nmi_pending())
+    }
+
+    /// Take `cpu`'s pending NMI, if any.
+    pub fn take_nmi(&self, cpu: u32) -> bool {
+        self.index(cpu)
+            .is_some_and(|i| self.lock().lapics[i].take_nmi())
+    }
+
+    /// INIT and SIPI messages `cpu` received since the last call, oldest first.
+    pub fn take_startup_events(&self, cpu: u32) -> Vec<StartupEvent> {
+        match self.index(cpu) {
+            Some(i) => std::mem::take(&mut self.lock().startup[i]),
+            None => Vec::new(),
+        }
+    }
+
+    /// A read of `cpu`'s xAPIC page at `offset`.
+    pub fn lapic_mmio_read(&self, cpu: u32, offset: u64, data: &mut [u8], now_ns: u64) {
+        match self.index(cpu) {
+            Some(i) => self.lock().lapics[i].mmio_read(offset, data, now_ns),
+            None => data.fill(0),
+        }
+    }
+
+    /// A write of `cpu`'s xAPIC page at `offset`: IPIs and EOIs take effect here.
+    pub fn lapic_mmio_write(&self, cpu: u32, offset: u64, data: &[u8], now_ns: u64) {
+        let Some(i) = self.index(cpu) else { return };
+        let mut st = self.lock();
+        let ipi = st.lapics[i].mmio_write(offset, data, now_ns);
+        st.after_lapic_write(i, ipi);
+        self.notify(&st);
+    }
+
+    /// RDMSR of an APIC MSR (see [`Lapic::handles_msr`]); `None` means #GP.
+    pub fn lapic_msr_read(&self, cpu: u32, msr: u32, now_ns: u64) -> Option<u64> {
+        let i = self.index(cpu)?;
+        self.lock().lapics[i].msr_read(msr, now_ns)
+    }
+
+    /// WRMSR of an APIC MSR; an error means #GP.
+    pub fn lapic_msr_write(
+        &self,
+        cpu: u32,
+        msr: u32,
+        value: u64,
+        now_ns: u64,
+    ) -> Result<(), ApicError> {
+        let i = self.index(cpu).ok_or(ApicError::NoSuchCpu(cpu))?;
+        let mut st = self.lock();
+        let ipi = st.lapics[i].msr_write(msr, value, now_ns)?;
+        st.after_lapic_write(i, ipi);
+        self.notify(&st);
+        Ok(())
+    }
+
+    /// A read of the IOAPIC page at `offset`.
+    pub fn ioapic_mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().ioapic.mmio_read(offset, data);
+    }
+
+    /// A write of the IOAPIC page at `offset`.
+    pub fn ioapic_mmio_write(&self, offset: u64, data: &[u8]) {
+        let mut st = self.lock();
+        if let Some(d) = st.ioapic.mmio_write(offset, data) {
+            st.deliver_message(d);
+        }
+        self.notify(&st);
+    }
+
+    /// A port read of the 8259s, ELCR, PIT or port 0x61 (absolute `port`); other ports
+    /// read 0xff.
+    pub fn pio_read(&self, port: u16, data: &mut [u8], now_ns: u64) {
+        let mut st = self.lock();
+        match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => {
+                st.pic.read_port(port, data);
+                // A poll read acknowledges.
+                self.notify(&st);
+            }
+            0x40..=0x43 => st.pit.read(u64::from(port - 0x40), data, now_ns),
+            0x61 => super::fill_byte(data, st.pit.read_port61(now_ns)),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// A port write of the 8259s, ELCR, PIT or port 0x61 (absolute `port`).
+    pub fn pio_write(&self, port: u16, data: &[u8], now_ns: u64) {
+        let mut st = self.lock();
+        match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => st.pic.write_port(port, data),
+            0x40..=0x43 => {
+                st.pit.write(u64::from(port - 0x40), data, now_ns);
+                // vCPU 0's deadline moved: let it recompute its sleep.
+                st.kicked[0] = true;
+                self.wake[0].notify_all();
+            }
+            0x61 => {
+                if let Some(v) = super::first_byte(data) {
+                    st.pit.write_port61(v, now_ns);
+                }
+            }
+            _ => tracing::debug!(port, "irqchip: write to an unknown port"),
+        }
+        self.notify(&st);
+    }
+
+    /// When `cpu` next needs [`UserIrqChip::tick`]: its LAPIC timer and, for vCPU 0, the
+    /// PIT.
+    pub fn next_deadline_ns(&self, cpu: u32) -> Option<u64> {
+        let i = self.index(cpu)?;
+        let st = self.lock();
+        let lapic = st.lapics[i].next_deadline_ns();
+        let pit = if i == 0 {
+            st.pit.next_deadline_ns()
+        } else {
+            None
+        };
+        match (lapic, pit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Advance every timer to `now_ns`: PIT edges pulse ISA IRQ 0, due LAPIC timers
+    /// raise their vectors, and the vCPUs with something pending are woken.
+    pub fn tick(&self, now_ns: u64) {
+        let mut st = self.lock();
+        if st.pit.tick(now_ns) > 0 {
+            // Missed periods collapse into one edge.
+            st.set_irq_line(PIT_GSI, true);
+            st.set_irq_line(PIT_GSI, false);
+        }
+        for l in &mut st.lapics {
+            l.tick(now_ns);
+        }
+        self.notify(&st);
+    }
+
+    /// Make `cpu`'s current or next [`UserIrqChip::wait`] return (e.g. to pause it).
+    pub fn kick(&self, cpu: u32) {
+        let Some(i) = self.index(cpu) else { return };
+        self.lock().kicked[i] = true;
+        self.wake[i].notify_all();
+    }
+
+    /// Sleep a halted `cpu` until it has an event or `timeout` passes. Events: an NMI,
+    /// INIT/SIPI, a kick, and — if `interruptible` (the guest's RFLAGS.IF) — a maskable
+    /// interrupt. True if woken by an event, false on timeout. Timers are not advanced
+    /// here: the caller passes the time to its next deadline and then calls `tick`.
+    pub fn wait(&self, cpu: u32, timeout: Duration, interruptible: bool) -> bool {
+        let Some(i) = self.index(cpu) else {
+            return false;
+        };
+        let deadline = Instant::now().checked_add(timeout);
+        let mut st = self.lock();
+        loop {
+            if std::mem::take(&mut st.kicked[i]) || st.has_event(i, interruptible) {
+                return true;
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return false,
+                },
+                None => Duration::from_secs(3600),
+            };
+            st = self.wake[i]
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl hypervisor::IrqChip for UserIrqChip {
+    fn set_irq_line(&self, gsi: u32, active: bool) -> hypervisor::Result<()> {
+        UserIrqChip::set_irq_line(self, gsi, active);
+        Ok(())
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
+        UserIrqChip::signal_msi(self, address, data);
+        Ok(())
+    }
+}
+
+/// One of [`UserIrqChip::PIO_RANGES`] on a port bus: offsets are added to `base`, and
+/// the time comes from `clock`.
+pub struct ChipPio {
+    chip: Arc<UserIrqChip>,
+    base: u16,
+    clock: Arc<dyn Clock>,
+}
+
+impl ChipPio {
+    pub fn new(chip: Arc<UserIrqChip>, base: u16, clock: Arc<dyn Clock>) -> Self {
+        ChipPio { chip, base, clock }
+    }
+
+    fn port(&self, offset: u64) -> Option<u16> {
+        u16::try_from(offset)
+            .ok()
+            .and_then(|o| self.base.checked_add(o))
+    }
+}
+
+impl BusDevice for ChipPio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.port(offset) {
+            Some(port) => self.chip.pio_read(port, data, self.clock.now_ns()),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(port) = self.port(offset) {
+            self.chip.pio_write(port, data, self.clock.now_ns());
+        }
+    }
+}
+
+/// The IOAPIC page on an MMIO bus (map it at [`super::ioapic::IOAPIC_BASE`]).
+pub struct IoApicMmio {
+    chip: Arc<UserIrqChip>,
+}
+
+impl IoApicMmio {
+    pub fn new(chip: Arc<UserIrqChip>) -> Self {
+        IoApicMmio { chip }
+    }
+}
+
+impl BusDevice for IoApicMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.chip.ioapic_mmio_read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.chip.ioapic_mmio_write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irqchip::lapic::DEFAULT_TIMER_HZ;
+    use crate::irqchip::pit::PIT_HZ;
+
+    fn chip(cpus: u32) -> UserIrqChip {
+        let c = UserIrqChip::new(cpus, DEFAULT_TIMER_HZ, 2_000_000_000);
+        for cpu in 0..cpus {
+            lapic_write(&c, cpu, 0xf0, 0x1ff);
+        }
+        c
+    }
+
+    fn lapic_write(c: &UserIrqChip, cpu: u32, off: u64, v: u32) {
+        c.lapic_mmio_write(cpu, off, &v.to_le_bytes(), 0);
+    }
+
+    fn route(c: &UserIrqChip, pin: u32, low: u32, dest: u8) {
+        c.ioapic_mmio_write(0, &[0x11 + 2 * pin as u8]);
+        c.ioapic_mmio_write(0x10, &(u32::from(dest) << 24).to_le_bytes());
+        c.ioapic_mmio_write(0, &[0x10 + 2 * pin as u8]);
+        c.ioapic_mmio_write(0x10, &low.to_le_bytes());
+    }
+
+    fn linux_pic_init(c: &UserIrqChip) {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x38),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0x00),
+            (0xa1, 0x00),
+        ] {
+            c.pio_write(port, &[v], 0);
+        }
+    }
+
+    #[test]
+    fn ioapic_gsi_reaches_the_right_lapic() {
+        let c = chip(2);
+        route(&c, 4, 0x0000_0034, 1); // edge, fixed, physical 1
+        c.set_irq_line(4, true);
+        assert!(!c.has_interrupt(0));
+        assert_eq!(c.pending_interrupt(1), Some(0x34));
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x34));
+        lapic_write(&c, 1, 0xb0, 0);
+        c.set_irq_line(4, false);
+        // Level-triggered pin 10 to CPU 0: EOI re-delivers while the line is high.
+        route(&c, 10, 0x0000_803a, 0);
+        c.set_irq_line(10, true);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x3a));
+        assert!(!c.has_interrupt(0));
+        lapic_write(&c, 0, 0xb0, 0);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x3a));
+        c.set_irq_line(10, false);
+        lapic_write(&c, 0, 0xb0, 0);
+        assert!(!c.has_interrupt(0));
+        // Logical flat: CPU 1 has LDR bit 1.
+        lapic_write(&c, 1, 0xd0, 0x0200_0000);
+        route(&c, 5, 0x0000_0935, 0x02);
+        c.set_irq_line(5, true);
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x35));
+    }
+
+    #[test]
+    fn pic_reaches_cpu0_through_extint() {
+        let c = chip(2);
+        linux_pic_init(&c);
+        c.set_irq_line(1, true);
+        assert!(c.has_interrupt(0));
+        assert!(!c.has_interrupt(1));
+        assert_eq!(c.pending_interrupt(0), Some(0x31));
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x31));
+        c.pio_write(0x20, &[0x20], 0);
+        c.set_irq_line(1, false);
+        // The PIT through IRQ 0: Linux's periodic setup, then a tick at its deadline.
+        c.pio_write(0x43, &[0x34], 0);
+        c.pio_write(0x40, &[0xa9], 0);
+        c.pio_write(0x40, &[0x04], 0); // 1193
+        let d = c.next_deadline_ns(0).unwrap();
+        assert_eq!(d, (1193 * 1_000_000_000u64).div_ceil(PIT_HZ));
+        assert_eq!(c.next_deadline_ns(1), None);
+        c.tick(d);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x30));
+        c.pio_write(0x20, &[0x20], 0);
+        // LINT0 masked: the PIC no longer reaches the CPU.
+        lapic_write(&c, 0, 0x350, 0x1_0700);
+        c.set_irq_line(3, true);
+        assert!(!c.has_interrupt(0));
+        // The same IRQ 0 also arrives on IOAPIC pin 2.
+        route(&c, 2, 0x0000_0020, 1);
+        c.tick(d + 2 * 1_000_000);
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x20));
+    }
+
+    #[test]
+    fn msi_decoding() {
+        let c = chip(3);
+        // Physical destination 2, vector 0x45, fixed, edge.
+        c.signal_msi(0xfee0_2000, 0x0045);
+        assert_eq!(c.acknowledge_interrupt(2), Some(0x45));
+        assert!(!c.has_interrupt(0) && !c.has_interrupt(1));
+        // Logical (flat, LDR bit 0 on CPU 1), lowest priority.
+        lapic_write(&c, 1, 0xd0, 0x0100_0000);
+        c.signal_msi(0xfee0_1004, 0x0146);
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x46));
+        // Broadcast, NMI.
+        c.signal_msi(0xfeef_f000, 0x0400);
+        assert!((0..3).all(|cpu| c.nmi_pending(cpu)));
+        assert!(c.take_nmi(0));
+        assert!(!c.take_nmi(0));
+        // Not an interrupt address, reserved mode: dropped.
+        c.signal_msi(0xfed0_0000, 0x0047);
+        c.signal_msi(0xfee0_0000, 0x0347);
+        assert!(!(0..3).any(|cpu| c.has_interrupt(cpu)));
+    }
+
+    #[test]
+    fn init_sipi_and_ipis() {
+        let c = chip(3);
+        // Linux's wakeup_secondary_cpu_via_init to APIC ID 1.
+        lapic_write(&c, 0, 0x310, 0x0100_0000);
+        lapic_write(&c, 0, 0x300, 0x0000_c500); // INIT assert, level
+        lapic_write(&c, 0, 0x300, 0x0000_8500); // INIT de-assert
+        lapic_write(&c, 0, 0x300, 0x0000_0608); // SIPI vector 8
+        lapic_write(&c, 0, 0x300, 0x0000_0608);
+        assert_eq!(
+            c.take_startup_events(1),
+            vec![
+                StartupEvent::Init,
+                StartupEvent::Sipi(8),
+                StartupEvent::Sipi(8)
+            ]
+        );
+        assert!(c.take_startup_events(1).is_empty());
+        assert!(c.take_startup_events(2).is_empty());
+        // INIT reset CPU 1's LAPIC to software-disabled.
+        lapic_write(&c, 0, 0x300, 0x0000_0040);
+        assert!(!c.has_interrupt(1));
+        // All-but-self INIT.
+        lapic_write(&c, 0, 0x300, 0x000c_4500);
+        assert!(c.take_startup_events(0).is_empty());
+        assert_eq!(c.take_startup_events(2), vec![StartupEvent::Init]);
+        // Fixed IPIs: self, all including self.
+        for cpu in 0..3 {
+            lapic_write(&c, cpu, 0xf0, 0x1ff);
+        }
+        lapic_write(&c, 2, 0x300, 0x0004_0050);
+        assert_eq!(c.pending_interrupt(2), Some(0x50));
+        assert!(!c.has_interrupt(1));
+        lapic_write(&c, 2, 0x300, 0x0008_0051);
+        assert!((0..3).all(|cpu| c.pending_interrupt(cpu) == Some(0x51)));
+        // x2APIC ICR through the MSR path.
+        c.lapic_msr_write(1, 0x1b, 0xfee0_0c00, 0).unwrap();
+        c.lapic_msr_write(1, 0x830, (2u64 << 32) | 0x60, 0).unwrap();
+        assert_eq!(c.pending_interrupt(2), Some(0x60));
+        assert_eq!(c.lapic_msr_read(1, 0x802, 0), Some(1));
+        assert_eq!(c.lapic_msr_read(0, 0x802, 0), None);
+        assert_eq!(
+            c.lapic_msr_write(7, 0x1b, 0, 0),
+            Err(ApicError::NoSuchCpu(7))
+        );
+    }
+
+    #[test]
+    fn lapic_timer_through_the_chip() {
+        let c = chip(2);
+        lapic_write(&c, 1, 0x3e0, 0xb);
+        lapic_write(&c, 1, 0x320, 0x41);
+        c.lapic_mmio_write(1, 0x380, &1000u32.to_le_bytes(), 5000);
+        assert_eq!(c.next_deadline_ns(1), Some(6000));
+        let mut b = [0u8; 4];
+        c.lapic_mmio_read(1, 0x390, &mut b, 5500);
+        assert_eq!(u32::from_le_bytes(b), 500);
+        c.tick(5999);
+        assert!(!c.has_interrupt(1));
+        c.tick(6000);
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x41));
+        assert_eq!(c.next_deadline_ns(1), None);
+    }
+
+    #[test]
+    fn waiter_is_woken() {
+        let c = Arc::new(chip(2));
+        assert!(!c.wait(1, Duration::from_millis(5), true));
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let woke = c.wait(1, Duration::from_secs(20), true);
+                (woke, start.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        c.signal_msi(0xfee0_1000, 0x0070);
+        let (woke, took) = waiter.join().unwrap();
+        assert!(woke);
+        assert!(took < Duration::from_secs(10));
+        // With IF clear only NMIs, startup messages and kicks wake it.
+        assert!(!c.wait(1, Duration::from_millis(5), false));
+        c.kick(1);
+        assert!(c.wait(1, Duration::from_secs(20), false));
+        c.inject_nmi(1);
+        assert!(c.wait(1, Duration::from_secs(20), false));
+        assert!(!c.wait(9, Duration::from_secs(20), true));
+    }
+
+    struct FakeClock(u64);
+    impl Clock for FakeClock {
+        fn now_ns(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn bus_adapters_and_trait() {
+        let c = Arc::new(chip(1));
+        let clock: Arc<dyn Clock> = Arc::new(FakeClock(0));
+        let mut bus = crate::Bus::new();
+        for (base, len) in UserIrqChip::PIO_RANGES {
+            let dev = Arc::new(Mutex::new(ChipPio::new(c.clone(), base, clock.clone())));
+            bus.insert(dev, u64::from(base), u64::from(len)).unwrap();
+        }
+        bus.write(0x21, &[0xa5]);
+        let mut b = [0u8];
+        bus.read(0x21, &mut b);
+        assert_eq!(b[0], 0xa5);
+        bus.write(0x21, &[0xff]);
+        bus.write(0x61, &[0x01]);
+        bus.read(0x61, &mut b);
+        assert_eq!(b[0] & 1, 1);
+        let mut mmio = IoApicMmio::new(c.clone());
+        mmio.write(0, &[1]);
+        let mut v = [0u8; 4];
+        mmio.read(0x10, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x0017_0011);
+        // Through hypervisor::IrqChip.
+        let irq: &dyn hypervisor::IrqChip = c.as_ref();
+        route(&c, 6, 0x0000_0036, 0);
+        irq.pulse_irq_line(6).unwrap();
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x36));
+        lapic_write(&c, 0, 0xb0, 0);
+        irq.signal_msi(0xfee0_0000, 0x37).unwrap();
+        assert_eq!(c.pending_interrupt(0), Some(0x37));
+    }
+
+    #[test]
+    fn hostile_inputs() {
+        let c = chip(2);
+        for cpu in [2, 100, u32::MAX] {
+            assert_eq!(c.acknowledge_interrupt(cpu), None);
+            c.lapic_mmio_write(cpu, 0x300, &[0; 4], 0);
+            let mut b = [1u8; 4];
+            c.lapic_mmio_read(cpu, 0x20, &mut b, 0);
+            assert_eq!(b, [0; 4]);
+            assert_eq!(c.lapic_msr_read(cpu, 0x1b, 0), None);
+            assert!(c.take_startup_events(cpu).is_empty());
+            assert_eq!(c.next_deadline_ns(cpu), None);
+            c.kick(cpu);
+            c.inject_nmi(cpu);
+        }
+        for gsi in [0, 2, 15, 16, 23, 24, u32::MAX] {
+            c.set_irq_line(gsi, true);
+            c.set_irq_line(gsi, false);
+        }
+        for port in [0u16, 0x20, 0x43, 0x61, 0x70, 0xffff] {
+            let mut b = [0u8; 4];
+            c.pio_read(port, &mut b, u64::MAX);
+            c.pio_write(port, &[0xff, 0xff], u64::MAX);
+            c.pio_write(port, &[], 0);
+        }
+        // INIT storm without a VMM draining the queue stays bounded.
+        for _ in 0..1000 {
+            lapic_write(&c, 0, 0x310, 0x0100_0000);
+            lapic_write(&c, 0, 0x300, 0x0000_4500);
+        }
+        assert_eq!(c.take_startup_events(1).len(), MAX_STARTUP_EVENTS);
+        let mut pio = ChipPio::new(Arc::new(chip(1)), 0xffff, Arc::new(FakeClock(0)));
+        pio.write(5, &[1]);
+        pio.read(u64::MAX, &mut [0u8; 2]);
+    }
+}
