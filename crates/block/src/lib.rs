@@ -11,6 +11,7 @@
 //! format should pass it.
 
 pub mod error;
+pub mod lock;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
@@ -137,6 +138,11 @@ pub enum OpenError {
     ChainTooDeep { path: PathBuf },
     #[error("backing chain loops: {path} is its own ancestor")]
     ChainLoop { path: PathBuf },
+    #[error("image {path} is in use")]
+    Locked {
+        path: PathBuf,
+        source: lock::LockError,
+    },
     #[error("opening backing file {backing} of {path}")]
     Backing {
         path: PathBuf,
@@ -173,19 +179,35 @@ fn probe_storage(f: &dyn Storage) -> io::Result<Format> {
 /// Opens an image and, for qcow2, its whole backing chain (read-only).
 ///
 /// `format: None` probes (see the crate docs for why callers should prefer to pass it).
+///
+/// Every image of the chain is locked the way QEMU locks images (see [`lock`]): opening
+/// fails with [`OpenError::Locked`] while another process writes it, or reads it without
+/// sharing write access; the locks last until the backend is dropped.
 pub fn open(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
+    open_with(path, format, read_only, false)
+}
+
+/// [`open`]; with `force_share` no locks are checked or taken (`qemu-img -U`), which is
+/// only safe for reading an image nobody writes meanwhile.
+pub fn open_with(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    force_share: bool,
+) -> Result<Box<dyn BlockBackend>, OpenError> {
     let mut seen = HashSet::new();
-    open_chain(path, format, read_only, 0, &mut seen)
+    open_chain(path, format, read_only, force_share, 0, &mut seen)
 }
 
 fn open_chain(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
+    force_share: bool,
     depth: usize,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
@@ -207,6 +229,12 @@ fn open_chain(
             path: path.into(),
             source,
         })?;
+    if !force_share {
+        lock::lock_image(&file, !read_only).map_err(|source| OpenError::Locked {
+            path: path.into(),
+            source,
+        })?;
+    }
     let format = match format {
         Some(f) => f,
         None => {
@@ -243,14 +271,17 @@ fn open_chain(
                     })?),
                     None => None,
                 };
-                let b = open_chain(&bpath, bfmt, true, depth + 1, seen).map_err(|e| match e {
-                    e @ (OpenError::ChainLoop { .. } | OpenError::ChainTooDeep { .. }) => e,
-                    e => OpenError::Backing {
-                        path: path.into(),
-                        backing: bpath.clone(),
-                        source: Box::new(e),
-                    },
-                })?;
+                let b =
+                    open_chain(&bpath, bfmt, true, force_share, depth + 1, seen).map_err(|e| {
+                        match e {
+                            e @ (OpenError::ChainLoop { .. } | OpenError::ChainTooDeep { .. }) => e,
+                            e => OpenError::Backing {
+                                path: path.into(),
+                                backing: bpath.clone(),
+                                source: Box::new(e),
+                            },
+                        }
+                    })?;
                 q.set_backing(b);
             }
             Ok(Box::new(q))

@@ -35,6 +35,11 @@ pub struct CreateOptions {
 
 #[derive(Debug, Error)]
 pub enum CreateError {
+    #[error("image {path} is in use")]
+    Locked {
+        path: PathBuf,
+        source: crate::lock::LockError,
+    },
     #[error("a backing file needs the qcow2 format")]
     BackingNeedsQcow2,
     #[error("no size given and no backing file to take it from")]
@@ -99,13 +104,19 @@ pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<(), CreateError>
         path: path.into(),
         source,
     };
+    // Lock before truncating, so an image another process uses is left alone.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
         .map_err(cfile)?;
+    crate::lock::lock_image(&file, true).map_err(|source| CreateError::Locked {
+        path: path.into(),
+        source,
+    })?;
+    file.set_len(0).map_err(cfile)?;
     match opts.format {
         Format::Raw => {
             file.set_len(size).map_err(cfile)?;
@@ -371,6 +382,11 @@ impl CheckReport {
 
 #[derive(Debug, Error)]
 pub enum CheckError {
+    #[error("image {path} is in use")]
+    Locked {
+        path: PathBuf,
+        source: crate::lock::LockError,
+    },
     #[error(transparent)]
     Probe(#[from] OpenError),
     #[error("opening {path}")]
@@ -411,6 +427,10 @@ pub fn check_with(
                 path: path.into(),
                 source,
             })?;
+        crate::lock::lock_image(&f, repair_leaks).map_err(|source| CheckError::Locked {
+            path: path.into(),
+            source,
+        })?;
         let mut q = Qcow2::open(Box::new(f), !repair_leaks).map_err(|source| CheckError::Open {
             path: path.into(),
             source,
@@ -427,6 +447,11 @@ pub fn check_with(
 
 #[derive(Debug, Error)]
 pub enum ResizeError {
+    #[error("image {path} is in use")]
+    Locked {
+        path: PathBuf,
+        source: crate::lock::LockError,
+    },
     #[error(transparent)]
     Probe(#[from] OpenError),
     #[error("opening {path}")]
@@ -453,6 +478,10 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> Result<(), 
             path: path.into(),
             source,
         })?;
+    crate::lock::lock_image(&f, true).map_err(|source| ResizeError::Locked {
+        path: path.into(),
+        source,
+    })?;
     match format {
         Format::Raw => {
             let raw = |source| ResizeError::Raw {

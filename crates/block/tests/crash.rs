@@ -181,7 +181,7 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool, lose_unsynce
             assert_qemu_clean(&img);
         }
         // The image still opens and reads after the crash.
-        let mut d = block::open(&img, Some(block::Format::Qcow2), true).unwrap();
+        let mut d = block::open_with(&img, Some(block::Format::Qcow2), true, true).unwrap();
         let mut b = vec![0u8; 64 << 10];
         d.read_at(0, &mut b).unwrap();
         n += step;

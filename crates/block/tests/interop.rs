@@ -433,6 +433,7 @@ fn internal_snapshots_read_and_check_but_refuse_writes() {
     assert_eq!(read_all(d.as_mut()), want);
     let r = block::check(&img, None).unwrap().qcow2.unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+    drop(d);
     let err = block::open(&img, None, false).unwrap_err();
     assert!(
         matches!(
@@ -481,4 +482,77 @@ fn reads_and_rewrites_zstd_compressed_images() {
     }
     assert_qemu_clean(&z);
     assert_eq!(qemu_to_raw(&dir, &z, "qcow2"), data);
+}
+
+#[test]
+fn locks_interoperate_with_qemu() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let dir = TempDir::new("lock");
+    let img = dir.path("l.qcow2");
+    // Made by qemu-img: a handle of ours could linger in a process another test thread
+    // is spawning, and qemu-io below does not retry a conflicting lock.
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    // qemu-io keeps the image open read-write until its stdin closes.
+    let mut qio = Command::new("qemu-io")
+        .args(["-f", "qcow2", s(&img)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut locked = false;
+    for _ in 0..100 {
+        if matches!(
+            block::open(&img, None, true),
+            Err(block::OpenError::Locked { .. })
+        ) {
+            locked = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        locked,
+        "a read-only open should conflict with qemu-io writing the image"
+    );
+    let err = block::open(&img, None, false).unwrap_err();
+    assert!(matches!(err, block::OpenError::Locked { .. }), "{err:?}");
+    assert!(
+        block::open_with(&img, None, true, true).is_ok(),
+        "force-share reads anyway"
+    );
+    qio.stdin.take().unwrap().write_all(b"quit\n").unwrap();
+    qio.wait().unwrap();
+
+    // Now we hold it read-write: qemu-img refuses without -U.
+    let d = open_rw(&img);
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", s(&img)])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "qemu-img info should fail while we write the image"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lock"));
+    qemu_img(&["info", "-U", s(&img)]);
+    drop(d);
+    // Unlocked again (retrying over the same transient window as above).
+    let free = (0..50).any(|_| {
+        let ok = std::process::Command::new("qemu-img")
+            .args(["info", s(&img)])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ok
+    });
+    assert!(
+        free,
+        "qemu-img still sees our lock after the image was closed"
+    );
 }

@@ -65,12 +65,24 @@ fn tool(name: &str) -> Command {
     Command::new(name)
 }
 
+/// qemu-img subcommands that only read their input image(s).
+const READ_ONLY_SUBCOMMANDS: [&str; 4] = ["check", "compare", "convert", "info"];
+
 /// Runs qemu-img with `args`; panics (with its stderr) unless it exits 0.
+///
+/// Read-only subcommands run with `-U` (share locks): tests run in parallel threads that
+/// spawn processes all the time, and a child forked by one thread briefly holds every
+/// descriptor of the test process, with its image locks, until it execs. The lock test
+/// calls qemu-img without this helper.
 pub fn qemu_img(args: &[&str]) -> Output {
-    let out = tool("qemu-img")
-        .args(args)
-        .output()
-        .expect("running qemu-img");
+    let mut c = tool("qemu-img");
+    match args.split_first() {
+        Some((sub, rest)) if READ_ONLY_SUBCOMMANDS.contains(sub) && !rest.contains(&"-U") => {
+            c.arg(sub).arg("-U").args(rest)
+        }
+        _ => c.args(args),
+    };
+    let out = c.output().expect("running qemu-img");
     assert!(
         out.status.success(),
         "qemu-img {args:?} failed: {}{}",
@@ -99,7 +111,7 @@ pub fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
 /// `qemu-img check` exit code (0 clean, 2 corruptions, 3 leaks only) and its output.
 pub fn qemu_check(path: &Path) -> (i32, String) {
     let out = tool("qemu-img")
-        .args(["check", "-f", "qcow2"])
+        .args(["check", "-U", "-f", "qcow2"])
         .arg(path)
         .output()
         .expect("running qemu-img check");
