@@ -197,8 +197,10 @@ pub struct Lapic {
     lvt: [u32; 7],
     initial_count: u32,
     divide_config: u32,
-    /// When the current count last equalled the initial count.
+    /// When the current count was `timer_start_count` (the initial count, unless the
+    /// divider changed mid-count).
     timer_start_ns: u64,
+    timer_start_count: u32,
     /// When the timer next fires.
     timer_deadline_ns: Option<u64>,
     tsc_deadline: u64,
@@ -236,6 +238,7 @@ impl Lapic {
             initial_count: 0,
             divide_config: 0,
             timer_start_ns: 0,
+            timer_start_count: 0,
             timer_deadline_ns: None,
             tsc_deadline: 0,
             nmi_pending: false,
@@ -464,6 +467,7 @@ impl Lapic {
 
     fn arm_count_timer(&mut self, now_ns: u64) {
         self.timer_start_ns = now_ns;
+        self.timer_start_count = self.initial_count;
         self.timer_deadline_ns = if self.initial_count == 0 {
             None
         } else {
@@ -483,12 +487,17 @@ impl Lapic {
         let elapsed =
             ns_to_ticks(now_ns.saturating_sub(self.timer_start_ns), self.timer_hz) / self.divisor();
         let initial = u64::from(self.initial_count);
-        let count = if mode == TIMER_PERIODIC {
-            initial - elapsed % initial
-        } else if self.timer_deadline_ns.is_none() {
-            0
+        let start = u64::from(self.timer_start_count);
+        let count = if elapsed < start {
+            if mode != TIMER_PERIODIC && self.timer_deadline_ns.is_none() {
+                0
+            } else {
+                start - elapsed
+            }
+        } else if mode == TIMER_PERIODIC {
+            initial - (elapsed - start) % initial
         } else {
-            initial.saturating_sub(elapsed)
+            0
         };
         count as u32
     }
@@ -528,6 +537,20 @@ impl Lapic {
             self.accept_interrupt((lvt & 0xff) as u8, false);
         }
         true
+    }
+
+    /// A new divider applies from now on: the current count carries on at the new rate.
+    fn write_divide(&mut self, value: u32, now_ns: u64) {
+        let running = self.timer_deadline_ns.is_some() && self.timer_mode() != TIMER_TSC_DEADLINE;
+        let count = self.current_count(now_ns);
+        self.divide_config = value;
+        if !running {
+            return;
+        }
+        let remaining = u64::from(count).saturating_mul(self.divisor());
+        self.timer_start_ns = now_ns;
+        self.timer_start_count = count;
+        self.timer_deadline_ns = Some(now_ns.saturating_add(ticks_to_ns(remaining, self.timer_hz)));
     }
 
     fn write_tsc_deadline(&mut self, value: u64) {
@@ -609,7 +632,7 @@ impl Lapic {
 
     // ---- Registers ----
 
-    fn read_register(&mut self, reg: u32, now_ns: u64) -> Option<u32> {
+    fn read_register(&self, reg: u32, now_ns: u64) -> Option<u32> {
         let x2 = self.mode() == ApicMode::X2Apic;
         let v = match reg {
             REG_ID if x2 => self.id,
@@ -663,14 +686,14 @@ impl Lapic {
                 return Ok(self.send_ipi(self.icr_low, self.icr_high >> 24));
             }
             REG_ICR_HIGH if !x2 => self.icr_high = value & 0xff00_0000,
-            REG_LVT_CMCI | 0x320..=0x370 => self.write_lvt(reg, value, now_ns),
+            REG_LVT_CMCI | 0x320..=0x370 => self.write_lvt(reg, value),
             REG_TIMER_INITIAL => {
                 if self.timer_mode() != TIMER_TSC_DEADLINE {
                     self.initial_count = value;
                     self.arm_count_timer(now_ns);
                 }
             }
-            REG_TIMER_DIVIDE => self.divide_config = value & DIVIDE_WRITABLE,
+            REG_TIMER_DIVIDE => self.write_divide(value & DIVIDE_WRITABLE, now_ns),
             REG_SELF_IPI if x2 => {
                 self.accept_interrupt((value & 0xff) as u8, false);
             }
@@ -679,7 +702,7 @@ impl Lapic {
         Ok(None)
     }
 
-    fn write_lvt(&mut self, reg: u32, value: u32, now_ns: u64) {
+    fn write_lvt(&mut self, reg: u32, value: u32) {
         let (index, writable) = match reg {
             REG_LVT_CMCI => (LVT_CMCI, LVT_OTHER_WRITABLE),
             REG_LVT_TIMER => (LVT_TIMER, LVT_TIMER_WRITABLE),
@@ -698,14 +721,14 @@ impl Lapic {
                 // Mode 0b11 is reserved: keep the current mode.
                 v = (v & !LVT_TIMER_MODE) | self.timer_mode();
             }
-            if v & LVT_TIMER_MODE != self.timer_mode() {
-                // A mode change disarms the timer.
+            let was_deadline = self.timer_mode() == TIMER_TSC_DEADLINE;
+            if (v & LVT_TIMER_MODE == TIMER_TSC_DEADLINE) != was_deadline {
+                // Moving into or out of TSC-deadline mode disarms the timer.
                 self.timer_deadline_ns = None;
                 self.tsc_deadline = 0;
                 self.initial_count = 0;
             }
             self.lvt[LVT_TIMER] = v;
-            let _ = now_ns;
         } else {
             // The remote-IRR bit (14) of LINT entries is read-only: keep it.
             self.lvt[index] = v | (self.lvt[index] & (1 << 14) & !writable);
@@ -779,7 +802,7 @@ impl Lapic {
             Ok(ipi) => ipi,
             Err(()) => {
                 tracing::debug!(offset, value, "LAPIC write to read-only/unknown register");
-                if !matches!(offset as u32, REG_ID | REG_VERSION | REG_PPR) {
+                if self.read_register(offset as u32, now_ns).is_none() {
                     self.raise_error(ESR_ILLEGAL_REGISTER);
                 }
                 None
@@ -956,6 +979,32 @@ mod tests {
         assert_eq!(l.next_deadline_ns(), Some(5020));
         wr(&mut l, 0x380, 0, 5000); // stop
         assert_eq!(l.next_deadline_ns(), None);
+    }
+
+    #[test]
+    fn divide_change_and_mode_switch_keep_or_disarm() {
+        let mut l = enabled();
+        wr(&mut l, 0x3e0, 0xb, 0); // divide by 1
+        wr(&mut l, 0x320, 0x40, 0);
+        wr(&mut l, 0x380, 1000, 0);
+        wr(&mut l, 0x3e0, 0x0, 400); // divide by 2 with 600 counts left
+        assert_eq!(rd(&mut l, 0x390, 400), 600);
+        assert_eq!(l.next_deadline_ns(), Some(1600));
+        assert_eq!(rd(&mut l, 0x390, 1000), 300);
+        // One-shot to periodic keeps the count running; to TSC-deadline disarms it.
+        wr(&mut l, 0x320, TIMER_PERIODIC | 0x40, 1000);
+        assert_eq!(l.next_deadline_ns(), Some(1600));
+        wr(&mut l, 0x320, TIMER_TSC_DEADLINE | 0x40, 1000);
+        assert_eq!(l.next_deadline_ns(), None);
+        assert_eq!(rd(&mut l, 0x380, 1000), 0);
+        // Writes to read-only registers are ignored quietly; unknown ones set ESR bit 7.
+        wr(&mut l, 0x100, 0xffff_ffff, 0);
+        wr(&mut l, 0x280, 0, 0);
+        assert_eq!(rd(&mut l, 0x280, 0), 0);
+        assert_eq!(rd(&mut l, 0x100, 0), 0);
+        wr(&mut l, 0x3c0, 1, 0);
+        wr(&mut l, 0x280, 0, 0);
+        assert_eq!(rd(&mut l, 0x280, 0), ESR_ILLEGAL_REGISTER);
     }
 
     #[test]
