@@ -223,6 +223,20 @@ impl ChipState {
 }
 
 /// The user-space interrupt controllers of one VM. See the module documentation.
+///
+/// ```
+/// use devices::irqchip::UserIrqChip;
+///
+/// let chip = UserIrqChip::new(2, 1_000_000_000, 2_000_000_000);
+/// // vCPU 1 software-enables its LAPIC (SVR), then an MSI for APIC ID 1, vector 0x41.
+/// chip.lapic_mmio_write(1, 0xf0, &0x1ffu32.to_le_bytes(), 0);
+/// chip.signal_msi(0xfee0_1000, 0x41);
+/// assert!(chip.has_interrupt(1));
+/// assert_eq!(chip.acknowledge_interrupt(1), Some(0x41));
+/// // EOI.
+/// chip.lapic_mmio_write(1, 0xb0, &0u32.to_le_bytes(), 0);
+/// assert!(!chip.has_interrupt(1));
+/// ```
 #[derive(Debug)]
 pub struct UserIrqChip {
     state: Mutex<ChipState>,

@@ -148,6 +148,16 @@ impl IoApic {
 
     /// Drive pin `pin` to `level` (asserted or not). Returns the message to deliver, if
     /// the change causes one. Pins past 23 are ignored.
+    ///
+    /// ```
+    /// use devices::irqchip::ioapic::IoApic;
+    ///
+    /// let mut io = IoApic::new();
+    /// io.mmio_write(0x00, &[0x18]); // IOREGSEL: pin 4, low half
+    /// io.mmio_write(0x10, &0x34u32.to_le_bytes()); // unmasked, edge, vector 0x34
+    /// assert_eq!(io.set_irq(4, true).map(|d| d.vector), Some(0x34));
+    /// assert!(io.set_irq(4, true).is_none()); // no new edge
+    /// ```
     pub fn set_irq(&mut self, pin: u32, level: bool) -> Option<Delivery> {
         if pin >= IOAPIC_PINS {
             tracing::debug!(pin, "IOAPIC: no such pin");

@@ -176,6 +176,19 @@ impl VectorBits {
 }
 
 /// One vCPU's local APIC.
+///
+/// ```
+/// use devices::irqchip::lapic::Lapic;
+///
+/// let mut lapic = Lapic::new(0, true);
+/// lapic.mmio_write(0xf0, &0x1ffu32.to_le_bytes(), 0); // SVR: software enable
+/// lapic.mmio_write(0x320, &0x40u32.to_le_bytes(), 0); // LVT timer: one-shot, vector 0x40
+/// lapic.mmio_write(0x3e0, &0xbu32.to_le_bytes(), 0); // divide by 1
+/// lapic.mmio_write(0x380, &1000u32.to_le_bytes(), 0); // 1000 counts at 1 GHz
+/// assert_eq!(lapic.next_deadline_ns(), Some(1000));
+/// lapic.tick(1000);
+/// assert_eq!(lapic.acknowledge(), Some(0x40));
+/// ```
 #[derive(Debug)]
 pub struct Lapic {
     id: u32,

@@ -311,6 +311,19 @@ impl Pic {
     }
 
     /// The master's INT output: an interrupt is waiting for INTA.
+    ///
+    /// ```
+    /// use devices::irqchip::pic::Pic;
+    ///
+    /// let mut pic = Pic::new();
+    /// for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+    ///     pic.write_port(port, &[v]);
+    /// }
+    /// pic.set_irq(1, true);
+    /// assert!(pic.interrupt_pending());
+    /// assert_eq!(pic.acknowledge(), Some(0x31));
+    /// pic.write_port(0x20, &[0x20]); // non-specific EOI
+    /// ```
     pub fn interrupt_pending(&self) -> bool {
         self.master.pending_irq().is_some()
     }

@@ -340,6 +340,16 @@ impl Pit {
     }
 
     /// The number of channel-0 rising edges (IRQ 0 pulses) since the last call.
+    ///
+    /// ```
+    /// use devices::irqchip::pit::Pit;
+    ///
+    /// let mut pit = Pit::new();
+    /// pit.write(3, &[0x34], 0); // channel 0, LSB then MSB, mode 2
+    /// pit.write(0, &[0xa9], 0);
+    /// pit.write(0, &[0x04], 0); // 1193: about 1 kHz
+    /// assert_eq!(pit.tick(10_000_000), 10); // 10 ms
+    /// ```
     pub fn tick(&mut self, now_ns: u64) -> u32 {
         let c = &mut self.channels[0];
         if !c.loaded {

@@ -129,6 +129,16 @@ pub struct Rtc {
 
 impl Rtc {
     /// An RTC whose time at `now_ns` = 0 is `unix_seconds_at_start`.
+    ///
+    /// ```
+    /// use devices::irqchip::rtc::Rtc;
+    ///
+    /// let mut rtc = Rtc::new(1_700_000_000); // 2023-11-14 22:13:20 UTC
+    /// rtc.write(0, &[0x04], 0); // index: hours
+    /// let mut b = [0u8];
+    /// rtc.read(1, &mut b, 0);
+    /// assert_eq!(b[0], 0x22); // BCD
+    /// ```
     pub fn new(unix_seconds_at_start: i64) -> Self {
         let mut ram = [0u8; 128];
         ram[usize::from(REG_A)] = A_DEFAULT;
