@@ -34,6 +34,7 @@
 //! vCPU 0's deadline includes the PIT's, so vCPU 0 must keep calling `tick` (it wakes the
 //! others when that delivers to them).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -241,6 +242,9 @@ impl ChipState {
 pub struct UserIrqChip {
     state: Mutex<ChipState>,
     wake: Vec<Condvar>,
+    /// Per vCPU: something was pending when the chip was last changed (see
+    /// [`UserIrqChip::event_hint`]).
+    hint: Vec<AtomicBool>,
 }
 
 impl UserIrqChip {
@@ -269,6 +273,7 @@ impl UserIrqChip {
                 kicked: vec![false; n],
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
+            hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -284,11 +289,37 @@ impl UserIrqChip {
 
     /// Wake the vCPUs that now have something to do.
     fn notify(&self, st: &ChipState) {
-        for (cpu, cv) in self.wake.iter().enumerate() {
-            if st.has_event(cpu, true) {
+        for (cpu, (cv, hint)) in self.wake.iter().zip(&self.hint).enumerate() {
+            let event = st.has_event(cpu, true);
+            hint.store(event, Ordering::Release);
+            if event {
                 cv.notify_all();
             }
         }
+    }
+
+    /// A lock-free hint for the CPU loop's hot path: false means nothing (no interrupt,
+    /// NMI or startup message) was pending for `cpu` after the chip's last change, so
+    /// the locking calls can be skipped; true means ask [`UserIrqChip::has_interrupt`]
+    /// and friends. Timers only change it through [`UserIrqChip::tick`].
+    pub fn event_hint(&self, cpu: u32) -> bool {
+        self.hint
+            .get(cpu as usize)
+            .is_some_and(|h| h.load(Ordering::Acquire))
+    }
+
+    /// CR8 (TPR bits 7–4) of `cpu`'s LAPIC, for MOV from CR8.
+    pub fn cr8(&self, cpu: u32) -> u64 {
+        self.index(cpu)
+            .map_or(0, |i| u64::from(self.lock().lapics[i].tpr() >> 4))
+    }
+
+    /// MOV to CR8: TPR = `cr8` << 4 (bits 63–4 of `cr8` are the caller's #GP check).
+    pub fn set_cr8(&self, cpu: u32, cr8: u64) {
+        let Some(i) = self.index(cpu) else { return };
+        let mut st = self.lock();
+        st.lapics[i].set_tpr(((cr8 & 0xf) << 4) as u32);
+        self.notify(&st);
     }
 
     fn index(&self, cpu: u32) -> Option<usize> {
@@ -382,16 +413,24 @@ impl UserIrqChip {
 
     /// Take `cpu`'s pending NMI, if any.
     pub fn take_nmi(&self, cpu: u32) -> bool {
-        self.index(cpu)
-            .is_some_and(|i| self.lock().lapics[i].take_nmi())
+        let Some(i) = self.index(cpu) else {
+            return false;
+        };
+        let mut st = self.lock();
+        let nmi = st.lapics[i].take_nmi();
+        self.notify(&st);
+        nmi
     }
 
     /// INIT and SIPI messages `cpu` received since the last call, oldest first.
     pub fn take_startup_events(&self, cpu: u32) -> Vec<StartupEvent> {
-        match self.index(cpu) {
-            Some(i) => std::mem::take(&mut self.lock().startup[i]),
-            None => Vec::new(),
-        }
+        let Some(i) = self.index(cpu) else {
+            return Vec::new();
+        };
+        let mut st = self.lock();
+        let events = std::mem::take(&mut st.startup[i]);
+        self.notify(&st);
+        events
     }
 
     /// A read of `cpu`'s xAPIC page at `offset`.
@@ -787,6 +826,28 @@ mod tests {
             c.lapic_msr_write(7, 0x1b, 0, 0),
             Err(ApicError::NoSuchCpu(7))
         );
+    }
+
+    #[test]
+    fn hint_and_cr8() {
+        let c = chip(2);
+        assert!(!c.event_hint(1));
+        c.signal_msi(0xfee0_1000, 0x0052);
+        assert!(c.event_hint(1));
+        assert!(!c.event_hint(0));
+        c.set_cr8(1, 5);
+        assert_eq!(c.cr8(1), 5);
+        assert!(!c.event_hint(1));
+        assert!(!c.has_interrupt(1));
+        let mut b = [0u8; 4];
+        c.lapic_mmio_read(1, 0x80, &mut b, 0);
+        assert_eq!(u32::from_le_bytes(b), 0x50);
+        c.set_cr8(1, 0);
+        assert!(c.event_hint(1));
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x52));
+        assert!(!c.event_hint(1));
+        assert!(!c.event_hint(99));
+        assert_eq!(c.cr8(99), 0);
     }
 
     #[test]

@@ -341,6 +341,16 @@ impl Lapic {
 
     // ---- Priority and delivery to the CPU ----
 
+    /// The task-priority register.
+    pub fn tpr(&self) -> u32 {
+        self.tpr
+    }
+
+    /// Set the task-priority register (bits 7–0), as MOV to CR8 does with bits 7–4.
+    pub fn set_tpr(&mut self, tpr: u32) {
+        self.tpr = tpr & 0xff;
+    }
+
     /// Processor priority: the TPR, or the class of the highest in-service vector.
     pub fn ppr(&self) -> u32 {
         let isrv = self.isr.highest().map_or(0, u32::from);
