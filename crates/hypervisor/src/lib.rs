@@ -105,8 +105,9 @@ pub trait IrqChip: Send + Sync {
 pub trait Hypervisor: Send + Sync {
     /// A short name for logs and messages ("kvm", "emu").
     fn name(&self) -> &'static str;
-    /// Create an empty VM with its interrupt controllers.
-    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+    /// Create an empty VM with its interrupt controllers, for `cpus` vCPUs (user-space
+    /// interrupt controllers size themselves by it).
+    fn create_vm(&self, cpus: u8) -> Result<Arc<dyn Vm>>;
     /// CPUID leaves this accelerator can present to a guest.
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use vmm::config::DiskConfig;
 use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
+use vmm::config::{DiskConfig, NetConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 #[derive(clap::Args, Debug)]
@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// A virtio-console (hvc0 in the guest) writing to stdio, null or file:PATH.
     #[arg(long)]
     virtio_console: Option<SerialConfig>,
+    /// A virtio-net interface on a host TAP device: tap=NAME[,mac=52:54:00:12:34:56].
+    #[arg(long = "net")]
+    nets: Vec<NetConfig>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -92,6 +95,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         disks: args.disks,
         rng: args.rng,
         virtio_console: args.virtio_console,
+        nets: args.nets,
     })
 }
 

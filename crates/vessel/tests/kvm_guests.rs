@@ -541,3 +541,52 @@ fn virtio_mmio_devices_answer_at_their_windows() {
         "DEV 00000000ffffffff 00000000ffffffff 00000000ffffffff "
     );
 }
+
+#[test]
+fn a_tap_backed_virtio_net_device_appears_in_its_window() {
+    // vessel runs inside a network namespace this test creates, so its TAP lives there.
+    let ns = format!("vessel-kvmnet-{}", std::process::id());
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .expect("ip (iproute2) is needed")
+        .success());
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _del = Del(ns.clone());
+    let code = assemble64(|a, lib| {
+        lib.print(a, "DEV ")?;
+        for reg in [0u32, 8, 0x100, 0x104] {
+            a.mov(eax, 0xd000_0000u32 + reg)?;
+            a.mov(eax, dword_ptr(rax))?;
+            a.call(lib.puthex)?;
+            lib.print(a, " ")?;
+        }
+        lib.print(a, "\n")?;
+        debug_exit(a, 0x1)
+    });
+    let dir = TempDir::new("net");
+    let k = dir.file("kernel.elf", &linux64_elf(&code));
+    let f = run_with_timeout(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vessel")])
+            .args(["run", "--accel", "kvm", "--memory", MEM, "--kernel"])
+            .arg(&k)
+            .args(["--net", "tap=vsltest0,mac=52:54:00:01:02:03"]),
+        Duration::from_secs(30),
+    );
+    expect_status(&f, 3);
+    // Device ID 1 (net), and the MAC in the first six config bytes.
+    assert!(
+        f.stdout
+            .contains("DEV 0000000074726976 0000000000000001 0000000001005452 0000000000000302 "),
+        "{}",
+        f.stdout
+    );
+}

@@ -9,8 +9,10 @@
 pub mod blk;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;

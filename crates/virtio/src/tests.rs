@@ -412,3 +412,133 @@ fn console_transmits_and_receives() {
     d.mem.read_slice(&mut b, GuestAddress(BUF + 0x100)).unwrap();
     assert_eq!(&b, b"typed");
 }
+
+/// A network namespace (and the TAP moved into it) that exists for one test.
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> Self {
+        let name = format!("vessel-vnet-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed: apt-get install iproute2");
+        assert!(st.success(), "ip netns add {name} failed (needs root)");
+        NetNs(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn net_frames_cross_a_real_tap_in_a_private_namespace() {
+    use crate::net::{default_mac, Net};
+    use crate::tap::Tap;
+
+    let ns = NetNs::new();
+    let tap_name = format!("vsltap{}", std::process::id() % 100_000);
+    let tap = Tap::open(&tap_name).expect("TAP (needs /dev/net/tun and root)");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&["link", "set", &tap_name, "netns", &ns.0]);
+    for cmd in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "addr", "add", "10.199.0.1/24", "dev", &tap_name],
+        vec!["ip", "link", "set", &tap_name, "up"],
+    ] {
+        let o = ns.exec(&cmd);
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    let mac = default_mac(&tap_name);
+    let mut d = Driver::new(Box::new(Net::new(tap, mac))).init(QSIZE);
+    let mut cfg = [0u8; 6];
+    d.t.read(0x100, &mut cfg);
+    assert_eq!(cfg, mac);
+
+    // A datagram from the namespace to the "guest" address makes its kernel ARP for it.
+    let o = ns.exec(&["bash", "-c", "echo hi > /dev/udp/10.199.0.2/9 || true"]);
+    assert!(o.status.success());
+    let mut got_arp = false;
+    for _ in 0..100 {
+        let used = d.submit_on(0, &[(BUF, 2048, F_WRITE)]);
+        if let Some(len) = used {
+            let mut frame = vec![0u8; len as usize];
+            d.mem.read_slice(&mut frame, GuestAddress(BUF)).unwrap();
+            let eth = &frame[12..];
+            // Ethertype ARP, opcode request, target IP 10.199.0.2.
+            if eth.len() >= 42 && eth[12..14] == [0x08, 0x06] && eth[20..22] == [0, 1] {
+                assert_eq!(&eth[38..42], &[10, 199, 0, 2]);
+                got_arp = true;
+                break;
+            }
+        } else {
+            // No frame yet: give the buffer back by not counting it, and wait.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    assert!(got_arp, "no ARP request reached the guest side");
+
+    // The guest answers with an ARP reply from its MAC; the namespace's kernel learns it.
+    let mut reply = vec![0u8; VNET_HDR + 42];
+    let e = &mut reply[VNET_HDR..];
+    e[0..6].copy_from_slice(&[0xff; 6]);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&[0x08, 0x06]);
+    e[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]);
+    e[22..28].copy_from_slice(&mac);
+    e[28..32].copy_from_slice(&[10, 199, 0, 2]);
+    e[32..38].copy_from_slice(&[0xff; 6]);
+    e[38..42].copy_from_slice(&[10, 199, 0, 1]);
+    d.mem
+        .write_slice(&reply, GuestAddress(BUF + 0x1000))
+        .unwrap();
+    d.submit_on(1, &[(BUF + 0x1000, reply.len() as u32, 0)]);
+    let want = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = String::from_utf8_lossy(&ns.exec(&["ip", "neigh", "show", "10.199.0.2"]).stdout)
+            .into_owned();
+        if seen.contains(&want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        seen.contains(&want),
+        "neighbour table: {seen:?}, want {want}"
+    );
+}
+
+const VNET_HDR: usize = crate::tap::VNET_HDR_LEN;

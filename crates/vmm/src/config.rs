@@ -89,6 +89,66 @@ pub struct VmConfig {
     /// A virtio-console (hvc0) besides the UART, and where its output goes.
     #[serde(default)]
     pub virtio_console: Option<SerialConfig>,
+    /// virtio-net interfaces on host TAP devices.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+}
+
+/// One virtio-net interface backed by a host TAP device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP device: created if missing, attached if it exists (persistent TAPs).
+    pub tap: String,
+    /// The guest's MAC, "52:54:00:12:34:56"; derived from the TAP name when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl NetConfig {
+    /// The MAC as bytes, if given and well-formed.
+    pub fn mac_bytes(&self) -> Option<Result<[u8; 6], String>> {
+        self.mac.as_ref().map(|m| parse_mac(m))
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("bad MAC address {s:?} (e.g. 52:54:00:12:34:56)");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {s:?} is multicast"));
+    }
+    Ok(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+    /// `tap=NAME[,mac=52:54:00:12:34:56]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => {
+                    parse_mac(v)?;
+                    mac = Some(v.to_string());
+                }
+                _ => return Err(format!("unknown --net option {opt:?} (tap=NAME, mac=MAC)")),
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("--net needs tap=NAME")?,
+            mac,
+        })
+    }
 }
 
 /// Disk image formats `--disk` accepts.
@@ -172,6 +232,8 @@ pub enum ConfigError {
     DiskMissing(PathBuf),
     #[error("{0} virtio devices is too many (at most {MAX_VIRTIO_DEVICES})")]
     TooManyDevices(usize),
+    #[error("{0}")]
+    BadMac(String),
 }
 
 impl VmConfig {
@@ -188,12 +250,16 @@ impl VmConfig {
             disks: Vec::new(),
             rng: false,
             virtio_console: None,
+            nets: Vec::new(),
         }
     }
 
     /// How many virtio-mmio devices this VM has.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.rng) + usize::from(self.virtio_console.is_some())
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.virtio_console.is_some())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -224,6 +290,14 @@ impl VmConfig {
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
             return Err(ConfigError::DiskMissing(d.path.clone()));
+        }
+        if let Some(Err(e)) = self
+            .nets
+            .iter()
+            .filter_map(|n| n.mac_bytes())
+            .find(|m| m.is_err())
+        {
+            return Err(ConfigError::BadMac(e));
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
@@ -362,5 +436,15 @@ mod tests {
         assert_eq!("/x".parse::<DiskConfig>().unwrap().format, None);
         assert!("/x,format=vmdk".parse::<DiskConfig>().is_err());
         assert!("".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn net_flags_parse() {
+        let n: NetConfig = "tap=vtap0,mac=52:54:00:aa:bb:cc".parse().unwrap();
+        assert_eq!(n.tap, "vtap0");
+        assert_eq!(n.mac_bytes(), Some(Ok([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])));
+        assert!("tap=x,mac=01:00:00:00:00:00".parse::<NetConfig>().is_err());
+        assert!("mac=52:54:00:aa:bb:cc".parse::<NetConfig>().is_err());
+        assert!("tap=x,mac=zz".parse::<NetConfig>().is_err());
     }
 }

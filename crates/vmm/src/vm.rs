@@ -55,7 +55,14 @@ pub enum VmmError {
         path: std::path::PathBuf,
         source: block::OpenError,
     },
+    #[error("network interface: {0}")]
+    Tap(#[from] virtio::tap::TapError),
+    #[error("network interface: {0}")]
+    Net(String),
 }
+
+/// A virtio device, and the host descriptor whose readiness means work for it (a TAP).
+type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<std::os::fd::OwnedFd>);
 
 /// The first IOAPIC pin virtio devices use: 16..23 are free of ISA interrupts.
 const VIRTIO_FIRST_GSI: u32 = 16;
@@ -79,8 +86,8 @@ fn output_for(serial: &SerialConfig) -> Result<SerialOut, VmmError> {
 }
 
 /// The VM's virtio devices, in the order their MMIO windows and GSIs are assigned.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmmError> {
-    let mut devs: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
+    let mut devs: Vec<VirtioSetup> = Vec::new();
     for disk in &config.disks {
         let format = disk.format.map(|f| match f {
             DiskFormat::Raw => block::Format::Raw,
@@ -96,17 +103,32 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        devs.push(Box::new(virtio::blk::Block::new(
-            backend,
-            &id,
-            disk.read_only,
-        )));
+        devs.push((
+            Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
+            None,
+        ));
+    }
+    for net in &config.nets {
+        let mac = match net.mac_bytes() {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(VmmError::Net(e)),
+            None => virtio::net::default_mac(&net.tap),
+        };
+        let tap = virtio::tap::Tap::open(&net.tap)?;
+        let dev = virtio::net::Net::new(tap, mac);
+        let fd = dev
+            .poll_fd()
+            .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
+        devs.push((Box::new(dev), Some(fd)));
     }
     if config.rng {
-        devs.push(Box::new(virtio::rng::Rng));
+        devs.push((Box::new(virtio::rng::Rng), None));
     }
     if let Some(out) = &config.virtio_console {
-        devs.push(Box::new(virtio::console::Console::new(output_for(out)?)));
+        devs.push((
+            Box::new(virtio::console::Console::new(output_for(out)?)),
+            None,
+        ));
     }
     Ok(devs)
 }
@@ -128,6 +150,11 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Network devices and their TAP descriptors, served by a receive thread each.
+    rx_pumps: Vec<(
+        Arc<Mutex<virtio::mmio::MmioTransport>>,
+        std::os::fd::OwnedFd,
+    )>,
     vcpus: Vec<Box<dyn Vcpu>>,
     // Kept alive for as long as the VM: the vCPUs refer to its memory slots.
     _memory: GuestMemoryMmap,
@@ -167,7 +194,7 @@ impl Vmm {
             .collect();
         let memory = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
-        let vm = hv.create_vm()?;
+        let vm = hv.create_vm(config.cpus)?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -233,11 +260,19 @@ impl Vmm {
             4,
         )?;
 
-        for (device, slot) in virtio.into_iter().zip(&slots) {
-            let transport =
-                virtio::mmio::MmioTransport::new(device, memory.clone(), irq.clone(), slot.gsi);
+        let mut rx_pumps = Vec::new();
+        for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
+            let transport = Arc::new(Mutex::new(virtio::mmio::MmioTransport::new(
+                device,
+                memory.clone(),
+                irq.clone(),
+                slot.gsi,
+            )));
             io.mmio
-                .insert(dev(Arc::new(Mutex::new(transport))), slot.base, slot.size)?;
+                .insert(dev(transport.clone()), slot.base, slot.size)?;
+            if let Some(fd) = ready_fd {
+                rx_pumps.push((transport, fd));
+            }
         }
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
@@ -263,6 +298,7 @@ impl Vmm {
             exit,
             io: Arc::new(io),
             serial,
+            rx_pumps,
             vcpus,
             _memory: memory,
             _vm: vm,
@@ -294,6 +330,14 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
         }
 
+        for (transport, fd) in self.rx_pumps {
+            let exit = self.exit.clone();
+            std::thread::Builder::new()
+                .name("net-rx".into())
+                .spawn(move || rx_pump(&transport, &fd, &exit))
+                .map_err(VmmError::Thread)?;
+        }
+
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
             let io = self.io.clone();
@@ -322,6 +366,37 @@ impl Vmm {
             let _ = t.join();
         }
         Ok(reason)
+    }
+}
+
+/// Feed frames from a TAP into its device's receive queue as they arrive.
+fn rx_pump(
+    transport: &Mutex<virtio::mmio::MmioTransport>,
+    fd: &std::os::fd::OwnedFd,
+    exit: &ExitSignal,
+) {
+    use std::os::fd::AsRawFd;
+    while exit.get().is_none() {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if n <= 0 || pfd.revents & libc::POLLIN == 0 {
+            continue;
+        }
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .process_queue(virtio::net::RX_QUEUE);
+        // Frames still waiting means the guest has no receive buffers posted: back off
+        // rather than spin until it posts some (its notify drains the rest).
+        // SAFETY: as above.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 

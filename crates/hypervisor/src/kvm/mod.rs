@@ -56,7 +56,7 @@ impl Hypervisor for KvmHypervisor {
         "kvm"
     }
 
-    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+    fn create_vm(&self, _cpus: u8) -> Result<Arc<dyn Vm>> {
         let fd = self
             .kvm
             .create_vm()
