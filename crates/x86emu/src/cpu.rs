@@ -2,14 +2,14 @@
 
 use std::time::Instant;
 
-use iced_x86::Instruction;
-
 use crate::cpuid::CpuidTable;
 use crate::decode::{decode, DecodeCache};
 use crate::exceptions::{Fault, Result};
+use crate::exec::{handler_for, Handler};
 use crate::mmu::{Access, Tlb};
 use crate::platform::{GuestRam, Platform};
 use crate::state::{flags, CpuState, Seg, Segment};
+use iced_x86::Instruction;
 
 /// Why [`Cpu::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +27,13 @@ pub enum RunExit {
     InterruptWindow,
     /// An application processor is waiting for INIT/SIPI.
     WaitForSipi,
+}
+
+/// Result of an instruction fetch: a decode-cache slot, or (rarely: page-crossing or MMIO
+/// code) an instruction decoded outside the cache.
+enum Fetched {
+    Slot(usize),
+    Uncached(Box<Instruction>, Handler),
 }
 
 /// A software x86-64 CPU.
@@ -223,9 +230,9 @@ impl Cpu {
         self.shadow = false;
         self.new_shadow = false;
         self.io_done = false;
-        let ins = self.fetch(p)?;
+        let (ins, handler) = self.fetch_decoded(p)?;
         self.next_rip = ins.next_ip();
-        crate::exec::execute(self, p, &ins)?;
+        handler(self, p, &ins)?;
         self.s.rip = self.mask_ip(self.next_rip);
         self.shadow = self.new_shadow;
         self.retired += 1;
@@ -236,10 +243,10 @@ impl Cpu {
     pub(crate) fn step(&mut self, p: &mut dyn Platform) {
         self.shadow = false;
         self.new_shadow = false;
-        match self.fetch(p) {
-            Ok(ins) => {
+        match self.fetch_decoded(p) {
+            Ok((ins, handler)) => {
                 self.next_rip = ins.next_ip();
-                match crate::exec::execute(self, p, &ins) {
+                match handler(self, p, &ins) {
                     Ok(()) => {
                         self.s.rip = self.mask_ip(self.next_rip);
                         self.shadow = self.new_shadow;
@@ -267,7 +274,20 @@ impl Cpu {
     }
 
     /// Fetches and decodes the instruction at CS:RIP, through the decode cache.
-    fn fetch(&mut self, p: &mut dyn Platform) -> Result<Instruction> {
+    /// Fetches and decodes CS:RIP, copying the instruction straight out of the cache.
+    #[inline(always)]
+    fn fetch_decoded(&mut self, p: &mut dyn Platform) -> Result<(Instruction, Handler)> {
+        match self.fetch(p)? {
+            Fetched::Slot(slot) => match self.dcache.get(slot) {
+                Some((ins, h)) => Ok((*ins, h)),
+                None => Err(Fault::ud()),
+            },
+            Fetched::Uncached(ins, h) => Ok((*ins, h)),
+        }
+    }
+
+    #[inline(always)]
+    fn fetch(&mut self, p: &mut dyn Platform) -> Result<Fetched> {
         let bitness = self.s.bitness();
         let ip = self.s.rip;
         let lin = self.wrap_lin(self.s.seg[Seg::Cs as usize].base.wrapping_add(ip));
@@ -279,14 +299,31 @@ impl Cpu {
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
             let gpa = t.gpa_page | off as u64;
-            if let Some(ins) = self.dcache.lookup(gpa, ip, bitness, avail) {
-                return Ok(ins);
+            if let Some(slot) = self.dcache.lookup(gpa, ip, bitness, avail) {
+                return Ok(Fetched::Slot(slot));
             }
             if let Some(ins) = decode(bitness, ip, avail) {
-                self.dcache.insert(gpa, ip, bitness, &ins, avail);
-                return Ok(ins);
+                let h = handler_for(&ins);
+                return Ok(match self.dcache.insert(gpa, ip, bitness, &ins, h, avail) {
+                    Some(slot) => Fetched::Slot(slot),
+                    None => Fetched::Uncached(Box::new(ins), h),
+                });
             }
         }
+        self.fetch_slow(p, lin, off, bitness, ip, user)
+    }
+
+    /// Page-crossing or MMIO-resident code.
+    #[cold]
+    fn fetch_slow(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        off: usize,
+        bitness: u32,
+        ip: u64,
+        user: bool,
+    ) -> Result<Fetched> {
         // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
         // next page if the instruction really extends into it.
         let first = 4096 - off;
@@ -294,7 +331,7 @@ impl Cpu {
         let n1 = first.min(15);
         self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
         if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok(ins);
+            return Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)));
         }
         self.read_lin_slow(
             p,
@@ -303,10 +340,17 @@ impl Cpu {
             user,
             Access::Fetch,
         )?;
-        decode(bitness, ip, &buf).ok_or(Fault::ud())
+        let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
+        Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)))
     }
 
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
+    /// Count the TSC from `epoch` (TSC = ns since it), so every vCPU of a VM agrees.
+    pub fn set_tsc_epoch(&mut self, epoch: Instant) {
+        self.tsc_epoch = epoch;
+        self.tsc_offset = 0;
+    }
+
     pub(crate) fn tsc(&self) -> u64 {
         (self.tsc_epoch.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
     }

@@ -22,6 +22,15 @@ pub trait Platform {
     fn stop_requested(&mut self) -> bool {
         false
     }
+    /// RDMSR of an MSR the platform implements (local APIC, paravirtual clocks); None
+    /// leaves it to the CPU.
+    fn msr_read(&mut self, _index: u32) -> Option<u64> {
+        None
+    }
+    /// WRMSR: Some(true) handled, Some(false) raises #GP, None leaves it to the CPU.
+    fn msr_write(&mut self, _index: u32, _value: u64) -> Option<bool> {
+        None
+    }
 }
 
 /// A platform with no devices: MMIO reads return all-ones, writes are dropped.

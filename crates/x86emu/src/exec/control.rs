@@ -269,7 +269,11 @@ fn far_call(
 }
 
 fn far_ret(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let size = cpu.stack_op_size(ins);
+    let size = match ins.code() {
+        iced_x86::Code::Retfw | iced_x86::Code::Retfw_imm16 => 2,
+        iced_x86::Code::Retfq | iced_x86::Code::Retfq_imm16 => 8,
+        _ => 4,
+    };
     let off = cpu.peek(p, 0, size)?;
     let sel = cpu.peek(p, u64::from(size), size)? as u16;
     let release = if ins.op_count() > 0 {

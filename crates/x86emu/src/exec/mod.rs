@@ -10,6 +10,7 @@ pub(crate) mod operand;
 pub(crate) mod shift;
 pub(crate) mod sse;
 pub(crate) mod sse_fp;
+
 pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod system;
@@ -21,8 +22,18 @@ use crate::cpu::Cpu;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 
-/// Executes one decoded instruction. Anything not implemented raises #UD.
-pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+/// Executes one instruction of a family.
+pub(crate) type Handler = fn(&mut Cpu, &mut dyn Platform, &Instruction) -> Result<()>;
+
+fn undefined(_: &mut Cpu, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+    Err(Fault::ud())
+}
+
+/// Picks the family that executes `ins`; chosen once per decode and cached with it.
+pub(crate) fn handler_for(ins: &Instruction) -> Handler {
+    if ins.is_invalid() {
+        return undefined;
+    }
     match ins.mnemonic() {
         M::Add
         | M::Or
@@ -36,7 +47,7 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Inc
         | M::Dec
         | M::Neg
-        | M::Not => alu::exec(cpu, p, ins),
+        | M::Not => alu::exec,
         M::Mov
         | M::Movzx
         | M::Movsx
@@ -93,8 +104,8 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Nop
         | M::Pause
         | M::Endbr64
-        | M::Endbr32 => mov::exec(cpu, p, ins),
-        M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b | M::Xadd => atomic(cpu, p, ins),
+        | M::Endbr32 => mov::exec,
+        M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b | M::Xadd => atomic,
         M::Shl
         | M::Sal
         | M::Shr
@@ -104,12 +115,10 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Rcl
         | M::Rcr
         | M::Shld
-        | M::Shrd => shift::exec(cpu, p, ins),
-        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::exec(cpu, p, ins),
-        M::Bt | M::Bts | M::Btr | M::Btc | M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
-            bits::exec(cpu, p, ins)
-        }
-        M::Movsd | M::Cmpsd if !string::is_string_form(ins) => sse::exec(cpu, p, ins),
+        | M::Shrd => shift::exec,
+        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::exec,
+        M::Bt | M::Bts | M::Btr | M::Btc | M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => bits::exec,
+        M::Movsd | M::Cmpsd if !string::is_string_form(ins) => sse::exec,
         M::Movsb
         | M::Movsw
         | M::Movsd
@@ -135,7 +144,7 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Insd
         | M::Outsb
         | M::Outsw
-        | M::Outsd => string::exec(cpu, p, ins),
+        | M::Outsd => string::exec,
         M::Jmp
         | M::Ja
         | M::Jae
@@ -168,7 +177,7 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Int
         | M::Int3
         | M::Into
-        | M::Int1 => control::exec(cpu, p, ins),
+        | M::Int1 => control::exec,
         M::Push
         | M::Pop
         | M::Pushf
@@ -182,7 +191,7 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Pusha
         | M::Pushad
         | M::Popa
-        | M::Popad => stack::exec(cpu, p, ins),
+        | M::Popad => stack::exec,
         M::Cpuid
         | M::Rdtsc
         | M::Rdtscp
@@ -229,7 +238,7 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Lsl
         | M::Lar
         | M::Verr
-        | M::Verw => system::exec(cpu, p, ins),
+        | M::Verw => system::exec,
         M::Fninit
         | M::Finit
         | M::Fldcw
@@ -248,8 +257,8 @@ pub(crate) fn execute(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) ->
         | M::Fxrstor
         | M::Fxrstor64
         | M::Ldmxcsr
-        | M::Stmxcsr => x87::exec(cpu, p, ins),
-        _ => sse::exec(cpu, p, ins),
+        | M::Stmxcsr => x87::exec,
+        _ => sse::exec,
     }
 }
 

@@ -493,14 +493,29 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
         }
         Mnemonic::Rdmsr => {
             cpu.require_cpl0()?;
-            let v = cpu.read_msr(cpu.s.gpr[1] as u32).ok_or(Fault::gp0())?;
+            let index = cpu.s.gpr[1] as u32;
+            // The platform owns device MSRs (x2APIC, TSC deadline, paravirtual clocks).
+            let v = p
+                .msr_read(index)
+                .or_else(|| cpu.read_msr(index))
+                .ok_or(Fault::gp0())?;
             cpu.s.gpr[0] = v & 0xffff_ffff;
             cpu.s.gpr[2] = v >> 32;
         }
         Mnemonic::Wrmsr => {
             cpu.require_cpl0()?;
             let v = (cpu.s.gpr[0] & 0xffff_ffff) | (cpu.s.gpr[2] << 32);
-            cpu.write_msr(cpu.s.gpr[1] as u32, v)?;
+            let index = cpu.s.gpr[1] as u32;
+            match p.msr_write(index, v) {
+                Some(true) => {
+                    // The APIC base MSR has architectural state here too (RDMSR reads it).
+                    if index == msr::APIC_BASE {
+                        cpu.s.msr.apic_base = v;
+                    }
+                }
+                Some(false) => return Err(Fault::gp0()),
+                None => cpu.write_msr(index, v)?,
+            }
         }
         Mnemonic::Syscall => syscall(cpu)?,
         Mnemonic::Sysret | Mnemonic::Sysretq => sysret(cpu, ins)?,

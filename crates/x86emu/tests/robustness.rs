@@ -1,0 +1,137 @@
+//! Hostile input: random instruction bytes and register state in every mode must execute
+//! or raise an exception, never panic. (The cargo-fuzz target in /fuzz does the same at scale.)
+
+mod common;
+
+use common::*;
+use x86emu::state::{cr, Seg, Segment};
+use x86emu::{NoDevices, RunExit};
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("X86EMU_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0001)
+}
+
+fn cases() -> usize {
+    std::env::var("X86EMU_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Long,
+    Compat32,
+    Protected32,
+    Real,
+}
+
+fn run_random(mode: Mode) {
+    let mut g = Guest::new();
+    let base = g.cpu.state().clone();
+    let mut r = Rng(seed() ^ ((mode as u64 + 1) * 0x9e37_79b9));
+    // Fill the IDT with random gates too: delivery must cope with garbage.
+    let mut idt = vec![0u8; 4096];
+    for b in idt.iter_mut() {
+        *b = r.next_u64() as u8;
+    }
+    for i in 0..cases() {
+        let mut code = [0u8; 48];
+        for b in code.iter_mut() {
+            *b = r.next_u64() as u8;
+        }
+        g.load(CODE, &code);
+        if i % 8 == 0 {
+            g.load(IDT, &idt);
+        }
+        let mut s = base.clone();
+        for (k, v) in s.gpr.iter_mut().enumerate() {
+            let x = r.next_u64();
+            *v = match x % 4 {
+                0 => x,
+                1 => DATA + (x >> 40),
+                2 => x & 0xffff,
+                _ => {
+                    if k == 4 {
+                        0x70000
+                    } else {
+                        x >> 32
+                    }
+                }
+            };
+        }
+        s.rflags = 2 | (r.next_u64() & 0xcd5);
+        match mode {
+            Mode::Long => {}
+            Mode::Compat32 => {
+                s.seg[Seg::Cs as usize].attr =
+                    (s.seg[Seg::Cs as usize].attr & !Segment::ATTR_L) | Segment::ATTR_DB;
+            }
+            Mode::Protected32 => {
+                s.efer = 0;
+                s.cr0 &= !cr::CR0_PG;
+                s.cr4 = cr::CR4_OSFXSR;
+                s.seg[Seg::Cs as usize].attr =
+                    (s.seg[Seg::Cs as usize].attr & !Segment::ATTR_L) | Segment::ATTR_DB;
+                s.idtr.limit = 0x7ff;
+            }
+            Mode::Real => {
+                s = x86emu::CpuState::reset();
+                s.seg[Seg::Cs as usize] = Segment::real_mode((CODE >> 4) as u16, true);
+                s.gpr[4] = 0x7000;
+                s.rip = 0;
+            }
+        }
+        g.cpu.set_state(s);
+        let _ = g.cpu.execute_one(&mut NoDevices);
+        match g.cpu.run(&mut NoDevices, 64) {
+            RunExit::Halted
+            | RunExit::Shutdown
+            | RunExit::InstructionLimit
+            | RunExit::StopRequested => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    let retired = g.cpu.retired_instructions();
+    eprintln!(
+        "{mode:?}: {} cases, {retired} instructions retired",
+        cases()
+    );
+    assert!(
+        retired as usize > cases() / 2,
+        "random code should mostly execute something"
+    );
+}
+
+#[test]
+fn random_bytes_long_mode() {
+    run_random(Mode::Long);
+}
+
+#[test]
+fn random_bytes_compat_mode() {
+    run_random(Mode::Compat32);
+}
+
+#[test]
+fn random_bytes_protected_mode() {
+    run_random(Mode::Protected32);
+}
+
+#[test]
+fn random_bytes_real_mode() {
+    run_random(Mode::Real);
+}
