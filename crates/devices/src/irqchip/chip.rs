@@ -38,10 +38,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::ioapic::IoApic;
-use super::lapic::{ApicError, Lapic};
-use super::pic::Pic;
-use super::pit::Pit;
+use super::ioapic::{IoApic, IoApicState};
+use super::lapic::{ApicError, Lapic, LapicState};
+use super::pic::{Pic, Pic8259State};
+use super::pit::{ChannelState, Pit};
 use super::{Clock, Delivery, DeliveryMode, Destination, Trigger};
 use crate::bus::BusDevice;
 
@@ -68,6 +68,20 @@ pub enum StartupEvent {
     Init,
     /// Startup IPI: the CPU starts in real mode at `vector << 12`.
     Sipi(u8),
+}
+
+/// A snapshot of the whole chip ([`UserIrqChip::state`], [`UserIrqChip::from_state`]).
+/// Times are in the VM's `now_ns` clock, so restore it with the same time base.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserIrqChipState {
+    pub lapics: Vec<LapicState>,
+    pub ioapic: IoApicState,
+    pub pic_master: Pic8259State,
+    pub pic_slave: Pic8259State,
+    pub pit_channels: [ChannelState; 3],
+    pub pit_speaker: bool,
+    pub startup: Vec<Vec<StartupEvent>>,
+    pub extint: Vec<bool>,
 }
 
 #[derive(Debug)]
@@ -275,6 +289,56 @@ impl UserIrqChip {
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// A snapshot of every controller.
+    pub fn state(&self) -> UserIrqChipState {
+        let st = self.lock();
+        let (pic_master, pic_slave) = st.pic.state();
+        let (pit_channels, pit_speaker) = st.pit.state();
+        UserIrqChipState {
+            lapics: st.lapics.iter().map(Lapic::state).collect(),
+            ioapic: st.ioapic.state().clone(),
+            pic_master: pic_master.clone(),
+            pic_slave: pic_slave.clone(),
+            pit_channels,
+            pit_speaker,
+            startup: st.startup.clone(),
+            extint: st.extint.clone(),
+        }
+    }
+
+    /// A chip restored from a snapshot; its vCPU count is the number of LAPICs in it
+    /// (at least one).
+    pub fn from_state(state: &UserIrqChipState) -> Self {
+        let mut lapics: Vec<Lapic> = state.lapics.iter().map(Lapic::from_state).collect();
+        if lapics.is_empty() {
+            lapics.push(Lapic::new(0, true));
+        }
+        let n = lapics.len();
+        let mut startup = state.startup.clone();
+        startup.resize(n, Vec::new());
+        for q in &mut startup {
+            q.truncate(MAX_STARTUP_EVENTS);
+        }
+        let mut extint = state.extint.clone();
+        extint.resize(n, false);
+        let st = ChipState {
+            lapics,
+            ioapic: IoApic::from_state(state.ioapic.clone()),
+            pic: Pic::from_state(state.pic_master.clone(), state.pic_slave.clone()),
+            pit: Pit::from_state(state.pit_channels.clone(), state.pit_speaker),
+            startup,
+            extint,
+            kicked: vec![false; n],
+        };
+        let chip = UserIrqChip {
+            state: Mutex::new(st),
+            wake: (0..n).map(|_| Condvar::new()).collect(),
+            hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        };
+        chip.notify(&chip.lock());
+        chip
     }
 
     /// The number of vCPUs.
@@ -930,6 +994,41 @@ mod tests {
         lapic_write(&c, 0, 0xb0, 0);
         irq.signal_msi(0xfee0_0000, 0x37).unwrap();
         assert_eq!(c.pending_interrupt(0), Some(0x37));
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let c = chip(2);
+        linux_pic_init(&c);
+        c.pio_write(0xa1, &[0x02], 0); // IRQ 9 goes to the IOAPIC only
+        route(&c, 9, 0x0000_8039, 1);
+        c.set_irq_line(9, true);
+        c.set_irq_line(3, true);
+        c.pio_write(0x43, &[0x34], 0);
+        c.pio_write(0x40, &[0x00], 0);
+        c.pio_write(0x40, &[0x10], 0);
+        lapic_write(&c, 0, 0x310, 0x0100_0000);
+        lapic_write(&c, 0, 0x300, 0x0000_4608);
+        let s = c.state();
+        let r = UserIrqChip::from_state(&s);
+        assert_eq!(r.state(), s);
+        assert_eq!(r.cpus(), 2);
+        assert!(r.event_hint(0) && r.event_hint(1));
+        assert_eq!(r.next_deadline_ns(0), c.next_deadline_ns(0));
+        assert_eq!(r.acknowledge_interrupt(0), Some(0x33));
+        assert_eq!(r.acknowledge_interrupt(1), Some(0x39));
+        assert_eq!(r.take_startup_events(1), vec![StartupEvent::Sipi(8)]);
+        // An empty or inconsistent snapshot still makes a working chip.
+        let empty = UserIrqChipState {
+            lapics: Vec::new(),
+            startup: vec![Vec::new(); 5],
+            extint: Vec::new(),
+            ..s
+        };
+        let r = UserIrqChip::from_state(&empty);
+        assert_eq!(r.cpus(), 1);
+        r.tick(u64::MAX);
+        r.acknowledge_interrupt(0);
     }
 
     #[test]

@@ -93,8 +93,14 @@ impl IoApic {
         }
     }
 
+    /// A snapshot of the registers and line levels.
     pub fn state(&self) -> &IoApicState {
         &self.state
+    }
+
+    /// An IOAPIC restored from a snapshot.
+    pub fn from_state(state: IoApicState) -> Self {
+        IoApic { state }
     }
 
     /// The redirection entry of `pin`, if it exists.

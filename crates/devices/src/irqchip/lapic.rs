@@ -175,6 +175,38 @@ impl VectorBits {
     }
 }
 
+/// The plain state of a [`Lapic`], for snapshots ([`Lapic::state`], [`Lapic::from_state`]).
+/// Times are in the VM's `now_ns` clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LapicState {
+    pub id: u32,
+    pub bsp: bool,
+    pub timer_hz: u64,
+    pub tsc_hz: u64,
+    pub apic_base: u64,
+    pub tpr: u32,
+    pub ldr: u32,
+    pub dfr: u32,
+    pub svr: u32,
+    pub isr: [u32; 8],
+    pub tmr: [u32; 8],
+    pub irr: [u32; 8],
+    pub esr: u32,
+    pub esr_pending: u32,
+    pub icr_low: u32,
+    pub icr_high: u32,
+    /// Timer, thermal, perfmon, LINT0, LINT1, error, CMCI.
+    pub lvt: [u32; 7],
+    pub initial_count: u32,
+    pub divide_config: u32,
+    pub timer_start_ns: u64,
+    pub timer_start_count: u32,
+    pub timer_deadline_ns: Option<u64>,
+    pub tsc_deadline: u64,
+    pub nmi_pending: bool,
+    pub eoi_vectors: Vec<u8>,
+}
+
 /// One vCPU's local APIC.
 ///
 /// ```
@@ -259,6 +291,70 @@ impl Lapic {
         };
         l.reset_registers();
         l
+    }
+
+    /// A snapshot of the registers and timer.
+    pub fn state(&self) -> LapicState {
+        LapicState {
+            id: self.id,
+            bsp: self.bsp,
+            timer_hz: self.timer_hz,
+            tsc_hz: self.tsc_hz,
+            apic_base: self.apic_base,
+            tpr: self.tpr,
+            ldr: self.ldr,
+            dfr: self.dfr,
+            svr: self.svr,
+            isr: self.isr.0,
+            tmr: self.tmr.0,
+            irr: self.irr.0,
+            esr: self.esr,
+            esr_pending: self.esr_pending,
+            icr_low: self.icr_low,
+            icr_high: self.icr_high,
+            lvt: self.lvt,
+            initial_count: self.initial_count,
+            divide_config: self.divide_config,
+            timer_start_ns: self.timer_start_ns,
+            timer_start_count: self.timer_start_count,
+            timer_deadline_ns: self.timer_deadline_ns,
+            tsc_deadline: self.tsc_deadline,
+            nmi_pending: self.nmi_pending,
+            eoi_vectors: self.eoi_vectors.clone(),
+        }
+    }
+
+    /// A LAPIC restored from a snapshot. Values no register could hold are masked.
+    pub fn from_state(s: &LapicState) -> Self {
+        let mut eoi_vectors = s.eoi_vectors.clone();
+        eoi_vectors.truncate(256);
+        Lapic {
+            id: s.id,
+            bsp: s.bsp,
+            timer_hz: s.timer_hz.max(1),
+            tsc_hz: s.tsc_hz.max(1),
+            apic_base: s.apic_base,
+            tpr: s.tpr & 0xff,
+            ldr: s.ldr,
+            dfr: s.dfr,
+            svr: s.svr & SVR_WRITABLE,
+            isr: VectorBits(s.isr),
+            tmr: VectorBits(s.tmr),
+            irr: VectorBits(s.irr),
+            esr: s.esr,
+            esr_pending: s.esr_pending,
+            icr_low: s.icr_low,
+            icr_high: s.icr_high,
+            lvt: s.lvt,
+            initial_count: s.initial_count,
+            divide_config: s.divide_config & DIVIDE_WRITABLE,
+            timer_start_ns: s.timer_start_ns,
+            timer_start_count: s.timer_start_count.min(s.initial_count),
+            timer_deadline_ns: s.timer_deadline_ns,
+            tsc_deadline: s.tsc_deadline,
+            nmi_pending: s.nmi_pending,
+            eoi_vectors,
+        }
     }
 
     /// Power-up / INIT register values. The BSP's LINT0 is left as unmasked ExtINT
@@ -1270,6 +1366,31 @@ mod tests {
             l.msr_read(msr, 0);
             let _ = l.msr_write(msr, u64::MAX, 0);
         }
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut l = enabled();
+        wr(&mut l, 0x320, TIMER_PERIODIC | 0x40, 0);
+        wr(&mut l, 0x380, 100_000, 0);
+        l.accept_interrupt(0x33, true);
+        l.acknowledge();
+        l.accept_interrupt(0x90, false);
+        let s = l.state();
+        let mut r = Lapic::from_state(&s);
+        assert_eq!(r.state(), s);
+        assert_eq!(rd(&mut r, 0x390, 30_000), rd(&mut l, 0x390, 30_000));
+        assert_eq!(r.acknowledge(), Some(0x90));
+        // A corrupt snapshot doesn't make a panicking LAPIC.
+        let bad = LapicState {
+            timer_hz: 0,
+            timer_start_count: u32::MAX,
+            initial_count: 0,
+            ..s
+        };
+        let mut r = Lapic::from_state(&bad);
+        rd(&mut r, 0x390, u64::MAX);
+        r.tick(u64::MAX);
     }
 
     #[test]

@@ -291,6 +291,19 @@ impl Pic {
         (&self.master.s, &self.slave.s)
     }
 
+    /// A pair restored from a snapshot of the master's and the slave's state.
+    pub fn from_state(master: Pic8259State, slave: Pic8259State) -> Self {
+        let mut pic = Pic::new();
+        pic.master.s = master;
+        pic.slave.s = slave;
+        for chip in [&mut pic.master, &mut pic.slave] {
+            chip.s.elcr &= chip.elcr_mask;
+            chip.s.priority_add &= 7;
+            chip.s.vector_base &= 0xf8;
+        }
+        pic
+    }
+
     fn update_cascade(&mut self) {
         let out = self.slave.pending_irq().is_some();
         self.master.set_line(CASCADE_IRQ, out);
@@ -598,6 +611,27 @@ mod tests {
         pic.set_irq(1, true);
         pic.set_irq(5, true);
         assert_eq!(pic.acknowledge(), Some(0x0d));
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut pic = linux_init();
+        pic.set_irq(12, true);
+        pic.set_irq(3, true);
+        let (m, s) = pic.state();
+        let mut r = Pic::from_state(m.clone(), s.clone());
+        assert_eq!(r.acknowledge(), Some(0x3c));
+        r.write_port(0xa0, &[0x20]);
+        r.write_port(0x20, &[0x20]);
+        assert_eq!(r.acknowledge(), Some(0x33));
+        let hostile = Pic8259State {
+            priority_add: 200,
+            ..Pic8259State::default()
+        };
+        let mut r = Pic::from_state(hostile.clone(), hostile);
+        r.set_irq(5, true);
+        r.write_port(0x21, &[0]);
+        r.acknowledge();
     }
 
     #[test]

@@ -327,6 +327,23 @@ impl Pit {
         self.channels.get(n)
     }
 
+    /// A snapshot: the three counters and the speaker bit. Times are in `now_ns`.
+    pub fn state(&self) -> ([ChannelState; 3], bool) {
+        (self.channels.clone(), self.speaker)
+    }
+
+    /// A PIT restored from a snapshot; counts and modes no 8254 could hold are clamped.
+    pub fn from_state(mut channels: [ChannelState; 3], speaker: bool) -> Self {
+        for c in &mut channels {
+            c.reload = c.reload.clamp(1, 65536);
+            if c.mode > 5 {
+                c.mode &= 3;
+            }
+            c.access &= 3;
+        }
+        Pit { channels, speaker }
+    }
+
     /// When channel 0's output next rises (the next IRQ 0), if counting.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let c = &self.channels[0];
@@ -588,6 +605,27 @@ mod tests {
         assert_eq!(inb(&mut pit, 0x40, tick(60)), 80);
         assert_eq!(pit.tick(tick(100)), 1);
         assert_eq!(pit.tick(tick(1000)), 9);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut pit = Pit::new();
+        out(&mut pit, 0x43, 0x34, 0);
+        out(&mut pit, 0x40, 0x00, 0);
+        out(&mut pit, 0x40, 0x10, 0);
+        pit.write_port61(1, 0);
+        let (channels, speaker) = pit.state();
+        let mut r = Pit::from_state(channels.clone(), speaker);
+        assert_eq!(r.next_deadline_ns(), pit.next_deadline_ns());
+        assert_eq!(inb(&mut r, 0x40, 1_000_000), inb(&mut pit, 0x40, 1_000_000));
+        let mut bad = channels;
+        bad[0].reload = 0;
+        bad[0].mode = 7;
+        bad[0].loaded = true;
+        let mut r = Pit::from_state(bad, true);
+        r.tick(u64::MAX);
+        r.next_deadline_ns();
+        inb(&mut r, 0x40, u64::MAX);
     }
 
     #[test]

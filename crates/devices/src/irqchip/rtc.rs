@@ -115,16 +115,16 @@ fn from_bcd(v: u8) -> u32 {
     u32::from(v >> 4) * 10 + u32::from(v & 0xf)
 }
 
-/// The CMOS RTC.
-#[derive(Clone, Debug)]
+/// The CMOS RTC. Its fields are its plain state: a snapshot is a clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rtc {
-    index: u8,
-    ram: [u8; 128],
-    base_unix: i64,
+    pub index: u8,
+    pub ram: [u8; 128],
+    pub base_unix: i64,
     /// Seconds the guest moved the clock by.
-    offset_s: i64,
+    pub offset_s: i64,
     /// The time held while register B's SET bit is on.
-    held: Option<i64>,
+    pub held: Option<i64>,
 }
 
 impl Rtc {
