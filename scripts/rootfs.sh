@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build an ext4 root filesystem image from the guest assets' busybox, for virtio-blk
+# root-disk tests and for booting with `--disk ROOTFS --cmdline "... vessel.root=/dev/vda"`.
+#
+#   scripts/rootfs.sh [OUT] [SIZE_MIB]     (default $VESSEL_ASSETS/rootfs.ext4, 64 MiB)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+OUT="${1:-$ASSETS/rootfs.ext4}"
+SIZE="${2:-64}"
+scripts/guest-assets.sh >/dev/null
+command -v mkfs.ext4 >/dev/null || { apt-get install -y -qq e2fsprogs >/dev/null; }
+
+root="$(mktemp -d)"
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root,mnt,usr/bin,usr/sbin,var}
+cp "$ASSETS/busybox" "$root/bin/busybox"
+for app in $("$ASSETS/busybox" --list); do
+    [ "$app" = busybox ] || ln -sf busybox "$root/bin/$app"
+done
+ln -sf ../bin/busybox "$root/sbin/init"
+mkdir -p "$root/etc/init.d"
+cat >"$root/etc/init.d/rcS" <<'RC'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -o remount,rw /
+echo "vessel-rootfs: $(uname -r) up, root on $(awk '$2 == "/" {print $1}' /proc/mounts | tail -n1)"
+RC
+chmod +x "$root/etc/init.d/rcS"
+cat >"$root/etc/inittab" <<'TAB'
+::sysinit:/etc/init.d/rcS
+ttyS0::respawn:/bin/sh
+::ctrlaltdel:/sbin/poweroff
+TAB
+echo 'export PS1="rootfs # "' >"$root/etc/profile"
+rm -f "$OUT.tmp"
+mkfs.ext4 -q -F -L vessel-root -d "$root" "$OUT.tmp" "${SIZE}M"
+mv "$OUT.tmp" "$OUT"
+echo "rootfs: $OUT (${SIZE} MiB ext4)"
