@@ -232,6 +232,36 @@ impl Platform for Ports {
     fn stop_requested(&mut self) -> bool {
         std::mem::take(&mut self.stop)
     }
+    fn msr_read(&mut self, index: u32) -> Option<u64> {
+        (index == 0x4b56_4d01).then_some(0x1234_5678_9abc)
+    }
+    fn msr_write(&mut self, index: u32, value: u64) -> Option<bool> {
+        if index == 0x4b56_4d01 {
+            self.out.push((0xffff, value as u32));
+            self.stop = true;
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
+#[test]
+fn platform_msrs_and_stop_request() {
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.mov(ecx, 0x4b56_4d01u32).unwrap();
+        a.rdmsr().unwrap();
+        a.mov(eax, 0x77).unwrap();
+        a.wrmsr().unwrap();
+        a.hlt().unwrap();
+    });
+    let mut ports = Ports::default();
+    assert_eq!(g.cpu.run(&mut ports, 100), RunExit::StopRequested);
+    let s = g.cpu.state();
+    assert_eq!((s.gpr[0], s.gpr[2]), (0x77, 0x1234));
+    assert_eq!(ports.out, vec![(0xffff, 0x77)]);
+    assert_eq!(g.cpu.run(&mut ports, 100), RunExit::Halted);
 }
 
 /// Real mode -> protected mode -> long mode, the path an AP trampoline takes.

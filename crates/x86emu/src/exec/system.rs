@@ -495,6 +495,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
             cpu.require_cpl0()?;
             let index = cpu.s.gpr[1] as u32;
             // The platform owns device MSRs (x2APIC, TSC deadline, paravirtual clocks).
+            cpu.io_done = true;
             let v = p
                 .msr_read(index)
                 .or_else(|| cpu.read_msr(index))
@@ -506,6 +507,8 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
             cpu.require_cpl0()?;
             let v = (cpu.s.gpr[0] & 0xffff_ffff) | (cpu.s.gpr[2] << 32);
             let index = cpu.s.gpr[1] as u32;
+            // A device MSR write may make an interrupt deliverable: let the platform stop.
+            cpu.io_done = true;
             match p.msr_write(index, v) {
                 Some(true) => {
                     // The APIC base MSR has architectural state here too (RDMSR reads it).
