@@ -383,3 +383,32 @@ fn hostile_refcount_table_does_not_stall_allocation() {
     let _ = q.write_at(0, &[1u8; 70_000]);
     assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
 }
+
+/// An L1 table whose every entry points at the same L2 table: check must read that table
+/// once, not once per entry, and call the image corrupt.
+#[test]
+fn check_reads_a_shared_l2_table_once() {
+    let dir = TempDir::new("sharedl2");
+    let good = sample_image(&dir, 512);
+    let q = open_bytes(good.clone(), true).unwrap();
+    let l1_off = q.header().l1_table_offset as usize;
+    let l1_size = q.header().l1_size as usize;
+    drop(q);
+    let mut b = good.clone();
+    let first = u64::from_be_bytes(b[l1_off..l1_off + 8].try_into().unwrap());
+    // Grow the L1 table to 1M entries (8 MiB) all pointing at the first L2 table.
+    let new_l1 = b.len().div_ceil(512) * 512;
+    b.resize(new_l1, 0);
+    for _ in 0..(1usize << 20) {
+        b.extend_from_slice(&first.to_be_bytes());
+    }
+    put64(&mut b, 24, (1u64 << 20) * 32 * 1024); // virtual size the L1 covers
+    put32(&mut b, 36, 1 << 20);
+    put64(&mut b, 40, new_l1 as u64);
+    assert!(l1_size < 1 << 20);
+    let t = std::time::Instant::now();
+    let mut q = open_bytes(b, true).unwrap();
+    let r = block::qcow2::check::check(&mut q, false).unwrap();
+    assert!(r.corruptions > 0, "{r:?}");
+    assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+}

@@ -57,6 +57,8 @@ struct Walker<'a> {
     expect: HashMap<u64, u64>,
     /// (host offset, has COPIED flag, what) of active L2 tables and data clusters.
     copied: Vec<(u64, bool, &'static str)>,
+    /// L2 table offset -> (L1 entries pointing at it, whether the active L1 is among them).
+    l2_refs: HashMap<u64, (u64, bool)>,
     report: CheckReport,
     file_len: u64,
 }
@@ -66,8 +68,8 @@ impl Walker<'_> {
         self.q.cs()
     }
 
-    /// Counts a reference to the `n` clusters from `offset`; false if they are invalid.
-    fn reference(&mut self, offset: u64, n: u64, what: &str) -> bool {
+    /// Counts `times` references to the `n` clusters from `offset`; false if invalid.
+    fn reference(&mut self, offset: u64, n: u64, times: u64, what: &str) -> bool {
         let cs = self.cs();
         if !offset.is_multiple_of(cs) {
             self.report
@@ -83,7 +85,8 @@ impl Walker<'_> {
             return false;
         }
         for c in 0..n {
-            *self.expect.entry(offset / cs + c).or_insert(0) += 1;
+            let slot = self.expect.entry(offset / cs + c).or_insert(0);
+            *slot = slot.saturating_add(times);
         }
         true
     }
@@ -104,20 +107,33 @@ impl Walker<'_> {
             .collect())
     }
 
-    /// Walks one L1 table (the active one when `active`) and everything below it.
-    fn walk_l1(&mut self, l1: &[u64], active: bool) -> Result<(), Qcow2Error> {
-        let cs = self.cs();
-        let l2_entries = cs / 8;
+    /// Records the L2 tables an L1 table (the active one when `active`) points at.
+    fn collect_l1(&mut self, l1: &[u64], active: bool) {
         for &e in l1 {
             let l2_off = e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
             }
-            if !self.reference(l2_off, 1, "L2 table") {
-                continue;
-            }
+            let slot = self.l2_refs.entry(l2_off).or_insert((0, false));
+            slot.0 += 1;
+            slot.1 |= active;
             if active {
                 self.copied.push((l2_off, e & COPIED != 0, "L2 table"));
+            }
+        }
+    }
+
+    /// Reads every referenced L2 table once and counts its references, and those of the
+    /// clusters it maps, as many times as L1 entries point at it (as qemu-img counts
+    /// tables shared with snapshots). Reading each table once bounds the work by the file
+    /// size even when a hostile L1 points all its entries at one table.
+    fn walk_l2s(&mut self) -> Result<(), Qcow2Error> {
+        let l2_entries = self.cs() / 8;
+        let mut tables: Vec<(u64, (u64, bool))> = self.l2_refs.drain().collect();
+        tables.sort_unstable();
+        for (l2_off, (times, active)) in tables {
+            if !self.reference(l2_off, 1, times, "L2 table") {
+                continue;
             }
             let table = self.read_table(l2_off, l2_entries)?;
             for &entry in &table {
@@ -126,7 +142,7 @@ impl Walker<'_> {
                     if active {
                         self.report.allocated_clusters += 1;
                     }
-                    self.reference(start, n, "compressed cluster");
+                    self.reference(start, n, times, "compressed cluster");
                     continue;
                 }
                 let host = entry & OFFSET_MASK;
@@ -136,7 +152,7 @@ impl Walker<'_> {
                 if entry & ZERO == 0 && active {
                     self.report.allocated_clusters += 1;
                 }
-                if self.reference(host, 1, "data cluster") && active {
+                if self.reference(host, 1, times, "data cluster") && active {
                     self.copied
                         .push((host, entry & COPIED != 0, "data cluster"));
                 }
@@ -179,7 +195,7 @@ impl Walker<'_> {
         }
         let cs = self.cs();
         let table_clusters = (pos - h.snapshots_offset).div_ceil(cs);
-        self.reference(h.snapshots_offset, table_clusters, "snapshot table");
+        self.reference(h.snapshots_offset, table_clusters, 1, "snapshot table");
         for (off, size) in l1s {
             let bytes = u64::from(size) * 8;
             if bytes > MAX_L1_BYTES {
@@ -187,11 +203,11 @@ impl Walker<'_> {
                     .corrupt(format!("snapshot L1 table at {off:#x} is too large"));
                 continue;
             }
-            if !self.reference(off, bytes.div_ceil(cs), "snapshot L1 table") {
+            if !self.reference(off, bytes.div_ceil(cs), 1, "snapshot L1 table") {
                 continue;
             }
             let l1 = self.read_table(off, u64::from(size))?;
-            self.walk_l1(&l1, false)?;
+            self.collect_l1(&l1, false);
         }
         Ok(())
     }
@@ -207,18 +223,19 @@ pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Erro
         q,
         expect: HashMap::new(),
         copied: Vec::new(),
+        l2_refs: HashMap::new(),
         report: CheckReport::default(),
         file_len,
     };
     w.report.total_clusters = w.q.header.size.div_ceil(cs);
-    w.reference(0, 1, "header");
+    w.reference(0, 1, 1, "header");
     let (l1_off, l1_size) = (w.q.header.l1_table_offset, w.q.header.l1_size);
     if l1_size > 0 {
-        w.reference(l1_off, (u64::from(l1_size) * 8).div_ceil(cs), "L1 table");
+        w.reference(l1_off, (u64::from(l1_size) * 8).div_ceil(cs), 1, "L1 table");
     }
     let rt_off = w.q.refs.table_offset();
     let rt_clusters = w.q.refs.table_clusters();
-    w.reference(rt_off, rt_clusters, "refcount table");
+    w.reference(rt_off, rt_clusters, 1, "refcount table");
     let blocks: Vec<u64> =
         w.q.refs
             .table()
@@ -227,11 +244,12 @@ pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Erro
             .filter(|&o| o != 0)
             .collect();
     for b in &blocks {
-        w.reference(*b, 1, "refcount block");
+        w.reference(*b, 1, 1, "refcount block");
     }
     let l1 = w.q.l1.clone();
-    w.walk_l1(&l1, true)?;
+    w.collect_l1(&l1, true);
     w.walk_snapshots()?;
+    w.walk_l2s()?;
 
     // Compare with the stored refcounts.
     let epb = w.q.refs.entries_per_block();
