@@ -18,7 +18,9 @@
 //! loop {
 //!     for ev in chip.take_startup_events(cpu) { /* INIT: reset; SIPI: start at vector << 12 */ }
 //!     if chip.next_deadline_ns(cpu).is_some_and(|d| d <= now) { chip.tick(now) }
-//!     if chip.take_nmi(cpu) { /* inject NMI */ }
+//!     // event_hint is lock-free: skip the rest while nothing is pending.
+//!     if !chip.event_hint(cpu) { /* nothing to deliver */ }
+//!     else if chip.take_nmi(cpu) { /* inject NMI */ }
 //!     else if rflags.IF && !shadow && chip.has_interrupt(cpu) {
 //!         if let Some(v) = chip.acknowledge_interrupt(cpu) { /* inject v */ }
 //!     }
@@ -28,7 +30,9 @@
 //!         chip.wait(cpu, timeout, rflags.IF);
 //!         continue;
 //!     }
-//!     /* run guest code; LAPIC MMIO/MSR accesses go to lapic_mmio_*/lapic_msr_* */
+//!     /* run guest code: xAPIC page accesses go to lapic_mmio_read/write, APIC MSRs
+//!        (Lapic::handles_msr) to lapic_msr_read/write, CR8 to cr8/set_cr8, and RDTSC
+//!        returns guest_tsc(now) */
 //! }
 //! ```
 //! vCPU 0's deadline includes the PIT's, so vCPU 0 must keep calling `tick` (it wakes the
@@ -94,6 +98,8 @@ struct ChipState {
     /// An IOAPIC/MSI ExtINT message is waiting for this CPU's INTA.
     extint: Vec<bool>,
     kicked: Vec<bool>,
+    /// The vCPU is sleeping in `wait` (only those are notified).
+    waiting: Vec<bool>,
 }
 
 impl ChipState {
@@ -259,6 +265,8 @@ pub struct UserIrqChip {
     /// Per vCPU: something was pending when the chip was last changed (see
     /// [`UserIrqChip::event_hint`]).
     hint: Vec<AtomicBool>,
+    timer_hz: u64,
+    tsc_hz: u64,
 }
 
 impl UserIrqChip {
@@ -285,9 +293,12 @@ impl UserIrqChip {
                 startup: vec![Vec::new(); n],
                 extint: vec![false; n],
                 kicked: vec![false; n],
+                waiting: vec![false; n],
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            timer_hz: timer_hz.max(1),
+            tsc_hz: tsc_hz.max(1),
         }
     }
 
@@ -331,14 +342,37 @@ impl UserIrqChip {
             startup,
             extint,
             kicked: vec![false; n],
+            waiting: vec![false; n],
         };
+        let (timer_hz, tsc_hz) = st
+            .lapics
+            .first()
+            .map_or((1, 1), |l| (l.timer_hz(), l.tsc_hz()));
         let chip = UserIrqChip {
             state: Mutex::new(st),
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            timer_hz,
+            tsc_hz,
         };
         chip.notify(&chip.lock());
         chip
+    }
+
+    /// The LAPIC timer's input clock, for CPUID 0x15 (crystal) / 0x16 (bus).
+    pub fn timer_hz(&self) -> u64 {
+        self.timer_hz
+    }
+
+    /// The guest TSC frequency IA32_TSC_DEADLINE is counted in.
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
+    /// The guest TSC at `now_ns`, as the LAPIC's TSC-deadline timer counts it (0 at VM
+    /// start): RDTSC should return this so deadlines fire when the guest expects.
+    pub fn guest_tsc(&self, now_ns: u64) -> u64 {
+        super::ns_to_ticks(now_ns, self.tsc_hz)
     }
 
     /// The number of vCPUs.
@@ -356,7 +390,7 @@ impl UserIrqChip {
         for (cpu, (cv, hint)) in self.wake.iter().zip(&self.hint).enumerate() {
             let event = st.has_event(cpu, true);
             hint.store(event, Ordering::Release);
-            if event {
+            if event && st.waiting[cpu] {
                 cv.notify_all();
             }
         }
@@ -575,7 +609,9 @@ impl UserIrqChip {
                 st.pit.write(u64::from(port - 0x40), data, now_ns);
                 // vCPU 0's deadline moved: let it recompute its sleep.
                 st.kicked[0] = true;
-                self.wake[0].notify_all();
+                if st.waiting[0] {
+                    self.wake[0].notify_all();
+                }
             }
             0x61 => {
                 if let Some(v) = super::first_byte(data) {
@@ -622,8 +658,11 @@ impl UserIrqChip {
     /// Make `cpu`'s current or next [`UserIrqChip::wait`] return (e.g. to pause it).
     pub fn kick(&self, cpu: u32) {
         let Some(i) = self.index(cpu) else { return };
-        self.lock().kicked[i] = true;
-        self.wake[i].notify_all();
+        let mut st = self.lock();
+        st.kicked[i] = true;
+        if st.waiting[i] {
+            self.wake[i].notify_all();
+        }
     }
 
     /// Sleep a halted `cpu` until it has an event or `timeout` passes. Events: an NMI,
@@ -636,22 +675,25 @@ impl UserIrqChip {
         };
         let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
-        loop {
+        let woken = loop {
             if std::mem::take(&mut st.kicked[i]) || st.has_event(i, interruptible) {
-                return true;
+                break true;
             }
             let left = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => left,
-                    _ => return false,
+                    _ => break false,
                 },
                 None => Duration::from_secs(3600),
             };
+            st.waiting[i] = true;
             st = self.wake[i]
                 .wait_timeout(st, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
+        };
+        st.waiting[i] = false;
+        woken
     }
 }
 
@@ -1013,6 +1055,11 @@ mod tests {
         let r = UserIrqChip::from_state(&s);
         assert_eq!(r.state(), s);
         assert_eq!(r.cpus(), 2);
+        assert_eq!(
+            (r.timer_hz(), r.tsc_hz()),
+            (DEFAULT_TIMER_HZ, 2_000_000_000)
+        );
+        assert_eq!(r.guest_tsc(1_500), 3_000);
         assert!(r.event_hint(0) && r.event_hint(1));
         assert_eq!(r.next_deadline_ns(0), c.next_deadline_ns(0));
         assert_eq!(r.acknowledge_interrupt(0), Some(0x33));

@@ -395,6 +395,14 @@ impl Lapic {
         self.id
     }
 
+    pub fn timer_hz(&self) -> u64 {
+        self.timer_hz
+    }
+
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
     pub fn is_bsp(&self) -> bool {
         self.bsp
     }
