@@ -471,6 +471,16 @@ impl UserIrqChip {
         self.notify(&st);
     }
 
+    /// The platform NMI line: an edge on every LAPIC's LINT1, delivered as each LVT says
+    /// (NMI in virtual-wire setups).
+    pub fn raise_lint1(&self) {
+        let mut st = self.lock();
+        for l in &mut st.lapics {
+            l.trigger_lint1();
+        }
+        self.notify(&st);
+    }
+
     /// Whether a maskable interrupt is waiting for `cpu` (LAPIC, or the 8259 on vCPU 0).
     pub fn has_interrupt(&self, cpu: u32) -> bool {
         self.index(cpu)
@@ -863,6 +873,40 @@ mod tests {
         route(&c, 2, 0x0000_0020, 1);
         c.tick(d + 2 * 1_000_000);
         assert_eq!(c.acknowledge_interrupt(1), Some(0x20));
+    }
+
+    #[test]
+    fn extint_message_and_lint1_nmi() {
+        let c = chip(2);
+        linux_pic_init(&c);
+        lapic_write(&c, 0, 0x350, 0x1_0700); // CPU 0's LINT0 masked
+        c.set_irq_line(1, true);
+        assert!(!c.has_interrupt(0));
+        // An ExtINT message (an IOAPIC entry or MSI in mode 7) to CPU 1: its INTA is
+        // answered by the 8259.
+        c.signal_msi(0xfee0_1000, 0x0700);
+        assert_eq!(c.pending_interrupt(1), Some(0x31));
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x31));
+        assert!(!c.has_interrupt(1));
+        // LINT1 as NMI on CPU 1 only (CPU 0's LINT1 is masked at reset).
+        lapic_write(&c, 1, 0x360, 0x400);
+        c.raise_lint1();
+        assert!(!c.nmi_pending(0));
+        assert!(c.take_nmi(1));
+    }
+
+    #[test]
+    fn lowest_priority_picks_one() {
+        let c = chip(3);
+        for cpu in 0..3 {
+            lapic_write(&c, cpu, 0xd0, 0x0100_0000 << cpu);
+        }
+        // Logical 0b110: CPUs 1 and 2 match; one of them gets it.
+        lapic_write(&c, 0, 0x310, 0x0600_0000);
+        lapic_write(&c, 0, 0x300, 0x0000_0960);
+        let got: Vec<bool> = (0..3).map(|cpu| c.has_interrupt(cpu)).collect();
+        assert_eq!(got.iter().filter(|&&g| g).count(), 1);
+        assert!(!got[0]);
     }
 
     #[test]
