@@ -520,11 +520,9 @@ impl Lapic {
         std::mem::take(&mut self.eoi_vectors)
     }
 
-    /// Deliver an NMI to this CPU.
+    /// Deliver an NMI to this CPU (NMIs are taken even by a disabled APIC's CPU).
     pub fn deliver_nmi(&mut self) {
-        if self.hw_enabled() {
-            self.nmi_pending = true;
-        }
+        self.nmi_pending = true;
     }
 
     pub fn nmi_pending(&self) -> bool {
@@ -544,10 +542,15 @@ impl Lapic {
             || (lint0 & LVT_MASKED == 0 && lint0 & LVT_DELIVERY_MODE == LVT_DM_EXTINT)
     }
 
-    /// An edge on LINT1 (the platform's NMI line): delivered as its LVT says.
+    /// An edge on LINT1 (the platform's NMI line): delivered as its LVT says, or
+    /// straight to the CPU as an NMI when the APIC is hardware-disabled.
     pub fn trigger_lint1(&mut self) {
         let lvt = self.lvt[LVT_LINT1];
-        if !self.hw_enabled() || lvt & LVT_MASKED != 0 {
+        if !self.hw_enabled() {
+            self.nmi_pending = true;
+            return;
+        }
+        if lvt & LVT_MASKED != 0 {
             return;
         }
         match lvt & LVT_DELIVERY_MODE {
