@@ -68,6 +68,8 @@ pub struct Qcow2 {
     refs: Refcounts,
     backing: Option<Box<dyn BlockBackend>>,
     read_only: bool,
+    /// Last inflated compressed cluster, keyed by its L2 entry.
+    inflated: Option<(u64, Vec<u8>)>,
 }
 
 impl Qcow2 {
@@ -136,6 +138,7 @@ impl Qcow2 {
             refs,
             backing: None,
             read_only,
+            inflated: None,
         };
         if !read_only && q.header.autoclear_features != 0 {
             // We maintain none of the autoclear features: clearing them tells other readers
@@ -273,9 +276,15 @@ impl Qcow2 {
                     .map_err(|source| Qcow2Error::ReadData { offset: at, source })?;
             }
             Mapping::Compressed { entry } => {
-                let cluster = self.read_compressed(offset, entry)?;
                 let s = in_cluster as usize;
-                buf.copy_from_slice(&cluster[s..s + buf.len()]);
+                let src = self
+                    .read_compressed(offset, entry)?
+                    .get(s..s + buf.len())
+                    .ok_or(Qcow2Error::Compressed {
+                        guest: offset,
+                        why: "inflated cluster too short",
+                    })?;
+                buf.copy_from_slice(src);
             }
         }
         Ok(())
@@ -297,14 +306,20 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn read_compressed(&mut self, guest: u64, entry: u64) -> Result<Vec<u8>, Qcow2Error> {
-        compressed::read_cluster(
-            self.file.as_ref(),
-            &self.header,
-            self.refs.file_end(),
-            guest,
-            entry,
-        )
+    /// The decompressed cluster for a compressed L2 entry; the last one is kept, so
+    /// sequential small reads inflate each cluster once.
+    fn read_compressed(&mut self, guest: u64, entry: u64) -> Result<&[u8], Qcow2Error> {
+        if self.inflated.as_ref().is_none_or(|(e, _)| *e != entry) {
+            let data = compressed::read_cluster(
+                self.file.as_ref(),
+                &self.header,
+                self.refs.file_end(),
+                guest,
+                entry,
+            )?;
+            self.inflated = Some((entry, data));
+        }
+        Ok(self.inflated.as_ref().map_or(&[], |(_, d)| d.as_slice()))
     }
 
     /// Iterates `(guest offset, range in buf)` over the clusters a request touches.
@@ -381,6 +396,7 @@ impl Qcow2 {
     /// Drops the references the replaced mappings held. Their L2 entries must already
     /// point elsewhere; they are synced first so a crash leaks rather than corrupts.
     fn release(&mut self, old: &[Mapping]) -> Result<(), Qcow2Error> {
+        self.inflated = None;
         let mut hosts = Vec::new();
         for m in old {
             match *m {
