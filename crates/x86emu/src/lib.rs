@@ -23,3 +23,9 @@ pub use exceptions::Fault;
 pub use exec::system::msr;
 pub use platform::{GuestRam, NoDevices, Platform, RamError};
 pub use state::{CpuState, DescriptorTable, FpuState, Msrs, Seg, Segment};
+
+// vCPUs run on their own threads: the CPU must be movable to one.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Cpu>();
+};

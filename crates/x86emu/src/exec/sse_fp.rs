@@ -488,8 +488,71 @@ fn f64v(x: u64) -> f64 {
     f64::from_bits(x)
 }
 
+/// Mnemonics this file implements; anything else that reaches it is undefined.
+fn implemented(m: M) -> bool {
+    matches!(
+        m,
+        M::Addps
+            | M::Addpd
+            | M::Addss
+            | M::Addsd
+            | M::Subps
+            | M::Subpd
+            | M::Subss
+            | M::Subsd
+            | M::Mulps
+            | M::Mulpd
+            | M::Mulss
+            | M::Mulsd
+            | M::Divps
+            | M::Divpd
+            | M::Divss
+            | M::Divsd
+            | M::Minps
+            | M::Minpd
+            | M::Minss
+            | M::Minsd
+            | M::Maxps
+            | M::Maxpd
+            | M::Maxss
+            | M::Maxsd
+            | M::Sqrtps
+            | M::Sqrtpd
+            | M::Sqrtss
+            | M::Sqrtsd
+            | M::Cmpps
+            | M::Cmppd
+            | M::Cmpss
+            | M::Cmpsd
+            | M::Ucomiss
+            | M::Comiss
+            | M::Ucomisd
+            | M::Comisd
+            | M::Cvtsi2ss
+            | M::Cvtsi2sd
+            | M::Cvtss2si
+            | M::Cvttss2si
+            | M::Cvtsd2si
+            | M::Cvttsd2si
+            | M::Cvtss2sd
+            | M::Cvtsd2ss
+            | M::Cvtps2pd
+            | M::Cvtpd2ps
+            | M::Cvtdq2ps
+            | M::Cvtdq2pd
+            | M::Cvtps2dq
+            | M::Cvttps2dq
+            | M::Cvtpd2dq
+            | M::Cvttpd2dq
+    )
+}
+
 pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
+    // Unknown instructions are #UD whatever CR0.TS says.
+    if !implemented(m) {
+        return Err(Fault::ud());
+    }
     cpu.sse_check()?;
     let mx = cpu.s.fpu.mxcsr;
     let mut fl = 0u32;
