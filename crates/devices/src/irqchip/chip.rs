@@ -895,6 +895,70 @@ mod tests {
         assert!(c.take_nmi(1));
     }
 
+    /// The order Linux brings the controllers up on the BSP: 8259 masked, LAPIC enabled,
+    /// IOAPIC pin 2 for the PIT, check_timer's "timer IRQ works", LAPIC timer
+    /// calibration against PIT ticks, then the TSC-deadline timer.
+    #[test]
+    fn linux_like_bring_up() {
+        let c = UserIrqChip::new(1, DEFAULT_TIMER_HZ, 3_000_000_000);
+        linux_pic_init(&c);
+        c.pio_write(0x21, &[0xff], 0);
+        c.pio_write(0xa1, &[0xff], 0);
+        lapic_write(&c, 0, 0xf0, 0x1ff);
+        lapic_write(&c, 0, 0x350, 0x1_0700); // LINT0 ExtINT, masked
+        lapic_write(&c, 0, 0x360, 0x400); // LINT1 NMI
+        lapic_write(&c, 0, 0x280, 0);
+        route(&c, 2, 0x0000_00ec, 0); // pin 2: edge, fixed, vector 0xec
+                                      // PIT periodic at HZ = 250.
+        c.pio_write(0x43, &[0x34], 0);
+        c.pio_write(0x40, &[(4773 & 0xff) as u8], 0);
+        c.pio_write(0x40, &[(4773 >> 8) as u8], 0);
+        let mut jiffies = 0;
+        let mut now = 0;
+        while now < 40_000_000 {
+            now = c.next_deadline_ns(0).unwrap();
+            c.tick(now);
+            while let Some(v) = c.acknowledge_interrupt(0) {
+                assert_eq!(v, 0xec);
+                jiffies += 1;
+                lapic_write(&c, 0, 0xb0, 0);
+            }
+        }
+        assert_eq!(jiffies, 10);
+        // Calibration: periodic LAPIC timer, divide by 16, masked, read at two ticks.
+        lapic_write(&c, 0, 0x3e0, 0x3);
+        lapic_write(&c, 0, 0x320, 0x3_00ef);
+        c.lapic_mmio_write(0, 0x380, &(u32::MAX / 16).to_le_bytes(), now);
+        let read_count = |at: u64| {
+            let mut b = [0u8; 4];
+            c.lapic_mmio_read(0, 0x390, &mut b, at);
+            u32::from_le_bytes(b)
+        };
+        let t0 = c.next_deadline_ns(0).unwrap();
+        c.tick(t0);
+        let first = read_count(t0);
+        let mut t = t0;
+        for _ in 0..25 {
+            t = c.next_deadline_ns(0).unwrap();
+            c.tick(t);
+            while c.acknowledge_interrupt(0).is_some() {
+                lapic_write(&c, 0, 0xb0, 0);
+            }
+        }
+        let counted = u64::from(first - read_count(t));
+        let expected = (t - t0) / 16;
+        assert!(counted.abs_diff(expected) <= 1, "{counted} vs {expected}");
+        // Linux's PIT shutdown, then a TSC deadline 1 ms ahead of the guest TSC.
+        c.pio_write(0x43, &[0x30], t);
+        lapic_write(&c, 0, 0x320, 0x4_00ef);
+        assert_eq!(c.next_deadline_ns(0), None);
+        let deadline = c.guest_tsc(t) + 3_000_000;
+        c.lapic_msr_write(0, 0x6e0, deadline, t).unwrap();
+        assert_eq!(c.next_deadline_ns(0), Some(t + 1_000_000));
+        c.tick(t + 1_000_000);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0xef));
+    }
+
     #[test]
     fn lowest_priority_picks_one() {
         let c = chip(3);
