@@ -62,6 +62,8 @@ const MSI_DEST_SHIFT: u32 = 12;
 const MSI_DEST_LOGICAL: u64 = 1 << 2;
 /// MSI data bit 15: level-triggered.
 const MSI_TRIGGER_LEVEL: u32 = 1 << 15;
+/// The most vCPUs a chip models (x2APIC IDs go further; nothing here needs more).
+pub const MAX_CPUS: u32 = 4096;
 /// No sender: messages from the IOAPIC and MSIs never use ICR shorthands.
 const NO_SENDER: u32 = u32::MAX;
 
@@ -275,11 +277,11 @@ impl UserIrqChip {
     pub const PIO_RANGES: [(u16, u16); 5] =
         [(0x20, 2), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)];
 
-    /// Controllers for `cpus` vCPUs (at least one) with APIC IDs 0..cpus, vCPU 0 the
+    /// Controllers for `cpus` vCPUs (1 to [`MAX_CPUS`]) with APIC IDs 0..cpus, vCPU 0 the
     /// BSP. LAPIC timers count at `timer_hz` (see [`super::lapic::DEFAULT_TIMER_HZ`]);
     /// the guest TSC runs at `tsc_hz`. The VMM should state both in CPUID 0x15/0x16.
     pub fn new(cpus: u32, timer_hz: u64, tsc_hz: u64) -> Self {
-        let n = cpus.max(1);
+        let n = cpus.clamp(1, MAX_CPUS);
         let lapics = (0..n)
             .map(|id| Lapic::with_clocks(id, id == 0, timer_hz, tsc_hz))
             .collect();
@@ -322,7 +324,12 @@ impl UserIrqChip {
     /// A chip restored from a snapshot; its vCPU count is the number of LAPICs in it
     /// (at least one).
     pub fn from_state(state: &UserIrqChipState) -> Self {
-        let mut lapics: Vec<Lapic> = state.lapics.iter().map(Lapic::from_state).collect();
+        let mut lapics: Vec<Lapic> = state
+            .lapics
+            .iter()
+            .take(MAX_CPUS as usize)
+            .map(Lapic::from_state)
+            .collect();
         if lapics.is_empty() {
             lapics.push(Lapic::new(0, true));
         }
@@ -539,6 +546,15 @@ impl UserIrqChip {
         let events = std::mem::take(&mut st.startup[i]);
         self.notify(&st);
         events
+    }
+
+    /// Where `cpu`'s xAPIC page is (IA32_APIC_BASE), if its APIC is in xAPIC mode: the
+    /// CPU loop sends accesses to that page to [`UserIrqChip::lapic_mmio_read`]/`write`.
+    pub fn lapic_mmio_base(&self, cpu: u32) -> Option<u64> {
+        let i = self.index(cpu)?;
+        let st = self.lock();
+        let l = &st.lapics[i];
+        (l.mode() == super::lapic::ApicMode::XApic).then(|| l.base_address())
     }
 
     /// A read of `cpu`'s xAPIC page at `offset`.
@@ -1035,6 +1051,9 @@ mod tests {
         c.lapic_msr_write(1, 0x830, (2u64 << 32) | 0x60, 0).unwrap();
         assert_eq!(c.pending_interrupt(2), Some(0x60));
         assert_eq!(c.lapic_msr_read(1, 0x802, 0), Some(1));
+        assert_eq!(c.lapic_mmio_base(1), None);
+        assert_eq!(c.lapic_mmio_base(0), Some(0xfee0_0000));
+        assert_eq!(c.lapic_mmio_base(5), None);
         assert_eq!(c.lapic_msr_read(0, 0x802, 0), None);
         assert_eq!(
             c.lapic_msr_write(7, 0x1b, 0, 0),
@@ -1188,6 +1207,8 @@ mod tests {
 
     #[test]
     fn hostile_inputs() {
+        assert_eq!(UserIrqChip::new(0, 0, 0).cpus(), 1);
+        assert_eq!(UserIrqChip::new(u32::MAX, 1, 1).cpus(), MAX_CPUS);
         let c = chip(2);
         for cpu in [2, 100, u32::MAX] {
             assert_eq!(c.acknowledge_interrupt(cpu), None);
