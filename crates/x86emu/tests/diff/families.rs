@@ -379,8 +379,8 @@ fn diff_atomic() {
 }
 
 fn string_fixup(r: &mut Rng, _: &Instruction, st: &mut NativeState, mem: &mut [u8]) {
-    st.gpr[6] = SCRATCH + 0x4000 + r.below(0x4000);
-    st.gpr[7] = SCRATCH + 0x9000 + r.below(0x4000);
+    st.gpr[6] = SCRATCH + 0x2000 + r.below(0x1000);
+    st.gpr[7] = SCRATCH + 0x4800 + r.below(0x1000);
     st.gpr[1] = r.below(40);
     if r.below(3) == 0 {
         st.rflags |= flags::DF;
@@ -431,7 +431,7 @@ fn diff_stack() {
             // compiler emits it); the 64-bit form is covered.
             let enter16 = i.mnemonic() == M::Enter && i.code() != iced_x86::Code::Enterq_imm16_imm8;
             // Keep the allocated frame inside the scratch buffer (the host may probe it).
-            let big = i.mnemonic() == M::Enter && i.immediate16() > 0x4000;
+            let big = i.mnemonic() == M::Enter && i.immediate16() > 0x2000;
             // RSP-based operands with an index would put the stack itself outside scratch.
             let indexed =
                 i.op_kinds().any(|k| k == OpKind::Memory) && i.memory_index() != Register::None;
@@ -451,12 +451,12 @@ fn diff_stack() {
                 )
         },
         fixup: |r, i, st, mem| {
-            st.gpr[5] = SCRATCH + 0x6000 + r.below(0x100) * 8;
+            st.gpr[5] = SCRATCH + 0x5000 + r.below(0x100) * 8;
             let sp = st.gpr[4];
             if i.op_kinds().any(|k| k == OpKind::Memory) && i.memory_base() == Register::RSP {
                 // keep the steered RSP
             } else {
-                st.gpr[4] = SCRATCH + 0x8000 - r.below(0x100) * 8;
+                st.gpr[4] = SCRATCH + 0x6000 - r.below(0x100) * 8;
             }
             let _ = sp;
             if matches!(i.mnemonic(), M::Popfq | M::Popf) {

@@ -278,7 +278,7 @@ pub fn run_family(fam: &Family) {
         for g in st.gpr.iter_mut() {
             *g = cr.interesting();
         }
-        st.gpr[4] = SCRATCH + 0x8000 - cr.below(0x100) * 8;
+        st.gpr[4] = SCRATCH + 0x6000 - cr.below(0x100) * 8;
         st.rflags = 0x202 | (cr.next_u64() & flags::STATUS);
         for x in st.xmm.iter_mut() {
             *x = if fam.float_xmm {
@@ -308,7 +308,7 @@ pub fn run_family(fam: &Family) {
         }
         // Steer the memory operand into the scratch buffer.
         if ins.op_kinds().any(|k| k == OpKind::Memory) {
-            let mut target = SCRATCH + 0x1000 + cr.below(0xe000);
+            let mut target = SCRATCH + 0x1000 + cr.below(0x6000);
             if cr.below(4) != 0 {
                 target &= !15;
             }
@@ -421,7 +421,10 @@ pub fn run_family(fam: &Family) {
         if emu.rip != CODE_VA + bytes.len() as u64 {
             errs.push(format!("rip {:#x}", emu.rip));
         }
-        if let Some(i) = (0..SCRATCH_LEN).find(|&i| nmem[i] != emu_mem[i]) {
+        if nmem != emu_mem {
+            let i = (0..SCRATCH_LEN)
+                .find(|&i| nmem[i] != emu_mem[i])
+                .unwrap_or(0);
             errs.push(format!(
                 "memory at {:#x}: native {:02x?} emu {:02x?}",
                 SCRATCH + i as u64,

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 /// Guest-virtual = host-virtual address of the scratch buffer.
 pub const SCRATCH: u64 = 0x3a5a_0000_0000;
-pub const SCRATCH_LEN: usize = 0x10000;
+pub const SCRATCH_LEN: usize = 0x8000;
 
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
