@@ -61,7 +61,16 @@ impl Storage for File {
     }
 
     fn file_len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
+        let meta = self.metadata()?;
+        if meta.file_type().is_block_device() {
+            // A block device's metadata length is 0; its end is its size. Moving the file
+            // position is harmless: all I/O here is positioned.
+            let mut f: &File = self;
+            return f.seek(SeekFrom::End(0));
+        }
+        Ok(meta.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

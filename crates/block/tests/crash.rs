@@ -156,7 +156,7 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool, lose_unsynce
     assert!(total > 50, "workload too small: {total} writes");
 
     let img = dir.path("crashed.qcow2");
-    let step = (total / 150).max(1);
+    let step = (total / 80).max(1);
     let mut n = 0;
     let mut tried = 0;
     while n < total {
@@ -187,7 +187,7 @@ fn crash_everywhere(tag: &str, create: &[&str], with_backing: bool, lose_unsynce
         n += step;
         tried += 1;
     }
-    assert!(tried >= 50);
+    assert!(tried >= 50, "only {tried} crash points");
 }
 
 #[test]
@@ -225,4 +225,14 @@ fn crash_losing_unsynced_writes_small_clusters() {
 #[test]
 fn crash_losing_unsynced_writes_with_backing_file() {
     crash_everywhere("lose-backing", &["-o", "cluster_size=4096"], true, true);
+}
+
+#[test]
+fn crash_losing_unsynced_writes_preallocated() {
+    crash_everywhere(
+        "lose-prealloc",
+        &["-o", "cluster_size=4096,preallocation=metadata"],
+        false,
+        true,
+    );
 }

@@ -556,3 +556,41 @@ fn locks_interoperate_with_qemu() {
         "qemu-img still sees our lock after the image was closed"
     );
 }
+
+#[test]
+fn writes_fill_preallocated_clusters_in_place() {
+    let dir = TempDir::new("prealloc");
+    let img = dir.path("p.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        s(&img),
+        "4M",
+    ]);
+    let len_before = std::fs::metadata(&img).unwrap().len();
+    let mut shadow = vec![0u8; 4 << 20];
+    {
+        let mut d = open_rw(&img);
+        assert_eq!(read_all(d.as_mut()), shadow);
+        let mut rng = Rng::new(8);
+        for _ in 0..30 {
+            let off = rng.below(4 << 20);
+            let len = (rng.below(100 << 10) + 1).min((4 << 20) - off);
+            let mut b = vec![0u8; len as usize];
+            rng.fill(&mut b);
+            d.write_at(off, &b).unwrap();
+            shadow[off as usize..(off + len) as usize].copy_from_slice(&b);
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        len_before,
+        "no new clusters"
+    );
+    assert_qemu_clean(&img);
+    assert_eq!(qemu_to_raw(&dir, &img, "qcow2"), shadow);
+}

@@ -462,11 +462,30 @@ impl Qcow2 {
             }
             let s = (pos - start) as usize;
             cluster[s..s + data.len()].copy_from_slice(data);
-            let entry = self.write_new_cluster(&cluster)?;
+            // A preallocated zero cluster we own is filled in place: its data is written
+            // (and synced in `link`) before the entry loses the zero flag.
+            let reuse = match mapping {
+                Mapping::Zero { host } if host != 0 => {
+                    (self.refs.get(self.file.as_ref(), host / cs)? == 1).then_some(host)
+                }
+                _ => None,
+            };
+            let (entry, old) = match reuse {
+                Some(host) => {
+                    self.file
+                        .write_at(host, &cluster)
+                        .map_err(|source| Qcow2Error::WriteData {
+                            offset: host,
+                            source,
+                        })?;
+                    (host | COPIED, Mapping::Unallocated)
+                }
+                None => (self.write_new_cluster(&cluster)?, mapping),
+            };
             pending.push(PendingLink {
                 guest: start,
                 entry,
-                old: mapping,
+                old,
             });
         }
         self.link(pending)
