@@ -243,6 +243,8 @@ impl Cpu {
     pub(crate) fn step(&mut self, p: &mut dyn Platform) {
         self.shadow = false;
         self.new_shadow = false;
+        // TF at the start of an instruction traps after it completes (single-step).
+        let single_step = self.s.rflags & flags::TF != 0;
         match self.fetch_decoded(p) {
             Ok((ins, handler)) => {
                 self.next_rip = ins.next_ip();
@@ -251,6 +253,10 @@ impl Cpu {
                         self.s.rip = self.mask_ip(self.next_rip);
                         self.shadow = self.new_shadow;
                         self.retired += 1;
+                        if single_step && !self.halted {
+                            self.s.dr[6] |= 1 << 14;
+                            self.deliver_event(p, Fault::new(crate::exceptions::vector::DB), false);
+                        }
                     }
                     Err(f) => {
                         if f.soft {
