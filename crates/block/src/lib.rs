@@ -68,6 +68,33 @@ pub trait BlockBackend: Send + fmt::Debug {
     fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError>;
 }
 
+impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        (**self).write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        (**self).flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError> {
+        (**self).block_status(offset, len)
+    }
+}
+
 /// Writes `len` zero bytes at `offset` in bounded chunks.
 pub(crate) fn write_zero_bytes<B: BlockBackend + ?Sized>(
     b: &mut B,

@@ -227,6 +227,18 @@ pub enum InfoError {
     Read { path: PathBuf, source: io::Error },
     #[error("reading the qcow2 header of {path}")]
     Header { path: PathBuf, source: HeaderError },
+    #[error(
+        "backing chain of {path} is longer than {} images",
+        crate::MAX_BACKING_CHAIN
+    )]
+    ChainTooDeep { path: PathBuf },
+    #[error("backing chain loops: {path} is its own ancestor")]
+    ChainLoop { path: PathBuf },
+    #[error("backing file of {path}: {source}")]
+    BackingFormat {
+        path: PathBuf,
+        source: crate::UnknownFormat,
+    },
 }
 
 /// Describes an image from its header, without opening its backing chain.
@@ -274,8 +286,44 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, InfoError>
     Ok(out)
 }
 
+/// [`info`] for an image and each image of its backing chain, top first (like
+/// `qemu-img info --backing-chain`). Loops and chains longer than
+/// [`crate::MAX_BACKING_CHAIN`] are errors.
+pub fn info_chain(path: &Path, format: Option<Format>) -> Result<Vec<ImageInfo>, InfoError> {
+    let mut out: Vec<ImageInfo> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut next = Some((path.to_path_buf(), format));
+    while let Some((p, f)) = next.take() {
+        if out.len() > crate::MAX_BACKING_CHAIN {
+            return Err(InfoError::ChainTooDeep { path: path.into() });
+        }
+        let canon = p.canonicalize().map_err(|source| InfoError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        if !seen.insert(canon) {
+            return Err(InfoError::ChainLoop { path: p });
+        }
+        let i = info(&p, f)?;
+        if let Some(b) = &i.backing_file {
+            let bfmt = match i.backing_format.as_deref() {
+                Some(s) => Some(s.parse().map_err(|source| InfoError::BackingFormat {
+                    path: p.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            next = Some((resolve_backing(&p, b), bfmt));
+        }
+        out.push(i);
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Error)]
 pub enum ConvertError {
+    #[error("convert cannot create the destination on a backing file")]
+    BackingUnsupported,
     #[error("opening the source image")]
     OpenSource(#[source] OpenError),
     #[error("creating the destination image")]
@@ -299,11 +347,36 @@ pub fn convert(
     dst_format: Format,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ConvertError> {
+    let opts = CreateOptions {
+        format: dst_format,
+        size: None,
+        backing: None,
+        cluster_size: None,
+    };
+    convert_with(src, src_format, dst, &opts, progress)
+}
+
+/// [`convert`] creating the destination with `dst` options (format, cluster size). Its
+/// size is always the source's; a backing file in the options is refused.
+pub fn convert_with(
+    src: &Path,
+    src_format: Option<Format>,
+    dst: &Path,
+    dst_opts: &CreateOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ConvertError> {
     const CHUNK: u64 = 1 << 20;
+    if dst_opts.backing.is_some() {
+        return Err(ConvertError::BackingUnsupported);
+    }
     let mut s = open(src, src_format, true).map_err(ConvertError::OpenSource)?;
     let size = s.size();
-    create(dst, dst_format, Some(size), None).map_err(ConvertError::CreateDestination)?;
-    let mut d = open(dst, Some(dst_format), false).map_err(ConvertError::OpenDestination)?;
+    let opts = CreateOptions {
+        size: Some(size),
+        ..dst_opts.clone()
+    };
+    create_with(dst, &opts).map_err(ConvertError::CreateDestination)?;
+    let mut d = open(dst, Some(opts.format), false).map_err(ConvertError::OpenDestination)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     progress(0, size);

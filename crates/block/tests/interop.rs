@@ -237,6 +237,23 @@ fn backing_chains_read_through_and_copy_on_write() {
     let info = block::info(&top, None).unwrap();
     assert_eq!(info.backing_file.as_deref(), Some("mid.qcow2"));
     assert_eq!(info.backing_format.as_deref(), Some("qcow2"));
+    let chain = block::ops::info_chain(&top, None).unwrap();
+    let formats: Vec<_> = chain.iter().map(|i| i.format).collect();
+    assert_eq!(formats, [Format::Qcow2, Format::Qcow2, Format::Raw]);
+    assert_eq!(chain[2].filename, base);
+
+    // Flattening the chain with a chosen cluster size.
+    let flat = dir.path("flat.qcow2");
+    let opts = block::CreateOptions {
+        format: Format::Qcow2,
+        size: None,
+        backing: None,
+        cluster_size: Some(4096),
+    };
+    block::ops::convert_with(&top, None, &flat, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(block::info(&flat, None).unwrap().cluster_size, Some(4096));
+    assert_qemu_clean(&flat);
+    assert_eq!(qemu_to_raw(&dir, &flat, "qcow2"), expect_top);
 
     // A v2 overlay (no zero flag) over raw, written here.
     let v2 = dir.path("v2.qcow2");

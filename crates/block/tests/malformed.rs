@@ -227,6 +227,10 @@ fn backing_loops_and_missing_backing_are_refused() {
         block::open(&a, None, true),
         Err(OpenError::ChainLoop { .. })
     ));
+    assert!(matches!(
+        block::ops::info_chain(&a, None),
+        Err(block::ops::InfoError::ChainLoop { .. })
+    ));
     // An image that is its own backing file.
     let c = dir.path("c.qcow2");
     block::create(&c, Format::Qcow2, Some(1 << 20), None).unwrap();

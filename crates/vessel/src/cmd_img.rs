@@ -44,6 +44,9 @@ pub enum ImgCommand {
         /// Output format, as qemu-img: human or json.
         #[arg(long, value_parser = ["human", "json"])]
         output: Option<String>,
+        /// Also describe every image of the backing chain.
+        #[arg(long)]
+        backing_chain: bool,
         filename: PathBuf,
     },
     /// Copy an image into a new one of another format, skipping unallocated and zero areas.
@@ -54,6 +57,9 @@ pub enum ImgCommand {
         /// Format of the destination.
         #[arg(short = 'O', long = "output-format", default_value = "raw", value_parser = parse_format)]
         output_format: Format,
+        /// Destination format options, comma separated: cluster_size=SIZE.
+        #[arg(short = 'o', long = "options")]
+        options: Vec<String>,
         /// Show a progress bar even when stderr is not a terminal.
         #[arg(short = 'p', long)]
         progress: bool,
@@ -150,6 +156,51 @@ fn human_size(n: u64) -> String {
     }
 }
 
+/// Parses qemu-img style `-o key=value,...` options; only cluster_size is supported.
+fn parse_cluster_size(options: &[String]) -> Result<Option<u64>> {
+    let mut cluster_size = None;
+    for opt in options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        match opt.split_once('=') {
+            Some(("cluster_size", v)) => cluster_size = Some(parse_size(v)?),
+            _ => bail!("unsupported option {opt:?} (supported: cluster_size=SIZE)"),
+        }
+    }
+    Ok(cluster_size)
+}
+
+fn print_info(info: &block::ImageInfo) {
+    println!("image: {}", info.filename.display());
+    println!("file format: {}", info.format);
+    println!(
+        "virtual size: {} ({} bytes)",
+        human_size(info.virtual_size),
+        info.virtual_size
+    );
+    println!("disk size: {}", human_size(info.actual_size));
+    if let Some(cs) = info.cluster_size {
+        println!("cluster_size: {cs}");
+    }
+    if let Some(b) = &info.backing_file {
+        println!("backing file: {b}");
+    }
+    if let Some(f) = &info.backing_format {
+        println!("backing file format: {f}");
+    }
+    if let Some(v) = info.qcow2_version {
+        println!("Format specific information:");
+        println!("    compat: {}", if v >= 3 { "1.1" } else { "0.10" });
+        if let Some(bits) = info.refcount_bits {
+            println!("    refcount bits: {bits}");
+        }
+        println!("    dirty: {}", info.dirty);
+        println!("    corrupt: {}", info.corrupt);
+    }
+}
+
 fn wants_json(json: bool, output: &Option<String>) -> bool {
     json || output.as_deref() == Some("json")
 }
@@ -167,17 +218,7 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
             size,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let mut cluster_size = None;
-            for opt in options
-                .iter()
-                .flat_map(|o| o.split(','))
-                .filter(|o| !o.is_empty())
-            {
-                match opt.split_once('=') {
-                    Some(("cluster_size", v)) => cluster_size = Some(parse_size(v)?),
-                    _ => bail!("unsupported option {opt:?} (supported: cluster_size=SIZE)"),
-                }
-            }
+            let cluster_size = parse_cluster_size(&options)?;
             if backing_format.is_some() && backing.is_none() {
                 bail!("-F needs a backing file (-b)");
             }
@@ -206,44 +247,34 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
             format,
             json,
             output,
+            backing_chain,
             filename,
         } => {
-            let info = block::info(&filename, format)
-                .with_context(|| format!("reading {}", filename.display()))?;
-            if wants_json(json, &output) {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+            let chain = if backing_chain {
+                block::ops::info_chain(&filename, format)
             } else {
-                println!("image: {}", info.filename.display());
-                println!("file format: {}", info.format);
-                println!(
-                    "virtual size: {} ({} bytes)",
-                    human_size(info.virtual_size),
-                    info.virtual_size
-                );
-                println!("disk size: {}", human_size(info.actual_size));
-                if let Some(cs) = info.cluster_size {
-                    println!("cluster_size: {cs}");
+                block::info(&filename, format).map(|i| vec![i])
+            }
+            .with_context(|| format!("reading {}", filename.display()))?;
+            if wants_json(json, &output) {
+                if backing_chain {
+                    println!("{}", serde_json::to_string_pretty(&chain)?);
+                } else if let Some(info) = chain.first() {
+                    println!("{}", serde_json::to_string_pretty(info)?);
                 }
-                if let Some(b) = &info.backing_file {
-                    println!("backing file: {b}");
-                }
-                if let Some(f) = &info.backing_format {
-                    println!("backing file format: {f}");
-                }
-                if let Some(v) = info.qcow2_version {
-                    println!("Format specific information:");
-                    println!("    compat: {}", if v >= 3 { "1.1" } else { "0.10" });
-                    if let Some(bits) = info.refcount_bits {
-                        println!("    refcount bits: {bits}");
+            } else {
+                for (n, info) in chain.iter().enumerate() {
+                    if n > 0 {
+                        println!();
                     }
-                    println!("    dirty: {}", info.dirty);
-                    println!("    corrupt: {}", info.corrupt);
+                    print_info(info);
                 }
             }
         }
         ImgCommand::Convert {
             format,
             output_format,
+            options,
             progress,
             quiet,
             source,
@@ -267,7 +298,13 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
                     b.set_position(done);
                 }
             };
-            block::convert(&source, format, &destination, output_format, &mut report)
+            let opts = CreateOptions {
+                format: output_format,
+                size: None,
+                backing: None,
+                cluster_size: parse_cluster_size(&options)?,
+            };
+            block::ops::convert_with(&source, format, &destination, &opts, &mut report)
                 .with_context(|| {
                     format!(
                         "converting {} to {}",
