@@ -10,6 +10,8 @@ pub struct Raw {
     file: Box<dyn Storage>,
     size: u64,
     read_only: bool,
+    /// A request changed the file since the last flush.
+    dirty: bool,
 }
 
 impl Raw {
@@ -22,6 +24,7 @@ impl Raw {
             file,
             size,
             read_only,
+            dirty: false,
         })
     }
 
@@ -36,11 +39,13 @@ impl Raw {
         }
     }
 
-    fn check_write(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+    fn check_write(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        self.check(offset, len)
+        self.check(offset, len)?;
+        self.dirty = true;
+        Ok(())
     }
 }
 
@@ -68,7 +73,11 @@ impl BlockBackend for Raw {
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
-        self.file.sync().map_err(BlockError::RawFlush)
+        if self.dirty {
+            self.file.sync().map_err(BlockError::RawFlush)?;
+            self.dirty = false;
+        }
+        Ok(())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {

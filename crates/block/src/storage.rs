@@ -96,7 +96,9 @@ impl Storage for File {
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV | libc::ENOTTY) => {
+                Ok(false)
+            }
             _ => Err(err),
         }
     }

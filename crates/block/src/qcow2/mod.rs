@@ -70,6 +70,8 @@ pub struct Qcow2 {
     read_only: bool,
     /// Last inflated compressed cluster, keyed by its L2 entry.
     inflated: Option<(u64, Vec<u8>)>,
+    /// A request changed the file since the last flush.
+    dirty: bool,
 }
 
 impl Qcow2 {
@@ -139,6 +141,7 @@ impl Qcow2 {
             backing: None,
             read_only,
             inflated: None,
+            dirty: false,
         };
         if !read_only && q.header.autoclear_features != 0 {
             // We maintain none of the autoclear features: clearing them tells other readers
@@ -635,11 +638,16 @@ impl BlockBackend for Qcow2 {
             return Err(BlockError::ReadOnly);
         }
         self.check_range(offset, buf.len() as u64)?;
+        self.dirty = true;
         Ok(self.write_impl(offset, buf)?)
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
-        Ok(self.sync()?)
+        if self.dirty {
+            self.sync()?;
+            self.dirty = false;
+        }
+        Ok(())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -647,6 +655,7 @@ impl BlockBackend for Qcow2 {
             return Err(BlockError::ReadOnly);
         }
         self.check_range(offset, len)?;
+        self.dirty = true;
         self.zero_clusters(offset, len, true)?;
         Ok(())
     }
@@ -656,6 +665,7 @@ impl BlockBackend for Qcow2 {
             return Err(BlockError::ReadOnly);
         }
         self.check_range(offset, len)?;
+        self.dirty = true;
         for (off, n) in self.zero_clusters(offset, len, false)? {
             crate::write_zero_bytes(self, off, n)?;
         }
