@@ -96,3 +96,27 @@ impl L2Cache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn evicts_least_recently_used_and_writes_through() {
+        let f = MemStorage::new(vec![0u8; 4 * 512]);
+        let mut c = L2Cache::new(2, 64);
+        c.set(&f, 0, 3, 0xabc).unwrap(); // not cached: disk only
+        assert_eq!(c.get(&f, 0).unwrap()[3], 0xabc);
+        c.insert_zeroed(512);
+        c.get(&f, 0).unwrap(); // 0 is now more recent than 512
+        c.get(&f, 1024).unwrap(); // evicts 512
+        assert_eq!(c.tables.len(), 2);
+        assert!(c.tables.contains_key(&0) && c.tables.contains_key(&1024));
+        c.set(&f, 1024, 63, 7).unwrap();
+        let mut raw = [0u8; 8];
+        f.read_at(1024 + 63 * 8, &mut raw).unwrap();
+        assert_eq!(u64::from_be_bytes(raw), 7);
+        assert_eq!(c.get(&f, 1024).unwrap()[63], 7);
+    }
+}

@@ -483,6 +483,47 @@ pub fn set_entry(block: &mut [u8], order: u32, i: u64, value: u64) -> (usize, us
 mod tests {
     use super::*;
 
+    use crate::storage::MemStorage;
+
+    /// A 512-byte-cluster image skeleton: header at 0, refcount table at 1, one refcount
+    /// block at 2 (16-bit entries, so it covers 256 clusters), refcounts of 0..=2 set.
+    fn skeleton() -> MemStorage {
+        let mut b = vec![0u8; 3 * 512];
+        b[512..520].copy_from_slice(&1024u64.to_be_bytes());
+        for i in 0..3 {
+            b[1024 + i * 2 + 1] = 1;
+        }
+        MemStorage::new(b)
+    }
+
+    #[test]
+    fn allocates_frees_and_grows() {
+        let f = skeleton();
+        let mut r = Refcounts::load(&f, 9, 4, 512, 1, 3 * 512).unwrap();
+        assert_eq!(r.entries_per_block(), 256);
+        let a = r.alloc(&f, 1).unwrap();
+        assert_eq!(a, 3 * 512);
+        let run = r.alloc(&f, 4).unwrap();
+        assert_eq!(run, 4 * 512);
+        assert_eq!(r.update(&f, a, -1).unwrap(), 0);
+        assert_eq!(r.alloc(&f, 1).unwrap(), a, "freed cluster is reused first");
+        assert!(matches!(
+            r.update(&f, 100 * 512, -1),
+            Err(Qcow2Error::RefcountUnderflow { .. })
+        ));
+        // Past 256 clusters a second refcount block appears; past 64 blocks (the table's
+        // one cluster) the table moves.
+        let far = r.alloc(&f, 300).unwrap();
+        assert!(r.table()[1] != 0);
+        for _ in 0..70 {
+            r.alloc(&f, 256).unwrap();
+        }
+        assert!(r.table().len() > 64);
+        assert_ne!(r.table_offset(), 512);
+        assert_eq!(r.get(&f, far / 512).unwrap(), 1);
+        assert_eq!(r.get(&f, 1).unwrap(), 0, "old table cluster freed");
+    }
+
     #[test]
     fn entries_all_widths() {
         for order in 0..=6u32 {
