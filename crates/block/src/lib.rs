@@ -9,6 +9,30 @@
 //! as qcow2 and anything else as raw (logging a warning, as probing a raw image a guest can
 //! write is unsafe: the guest could write a qcow2 header into it). Callers that know the
 //! format should pass it.
+//!
+//! ```
+//! use block::{BlockBackend, Format};
+//!
+//! let dir = std::env::temp_dir().join(format!("block-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let base = dir.join("base.raw");
+//! let top = dir.join("top.qcow2");
+//! block::create(&base, Format::Raw, Some(1 << 20), None).unwrap();
+//! block::create(&top, Format::Qcow2, None, Some(("base.raw", Some(Format::Raw)))).unwrap();
+//!
+//! let mut disk = block::open(&top, Some(Format::Qcow2), false).unwrap();
+//! assert_eq!(disk.size(), 1 << 20);
+//! disk.write_at(4096, b"hello").unwrap();
+//! disk.flush().unwrap();
+//! let mut buf = [0u8; 5];
+//! disk.read_at(4096, &mut buf).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! drop(disk);
+//!
+//! assert!(block::check(&top, None).unwrap().is_consistent());
+//! assert_eq!(std::fs::read(&base).unwrap(), vec![0u8; 1 << 20]); // base untouched
+//! std::fs::remove_dir_all(&dir).unwrap();
+//! ```
 
 pub mod error;
 pub mod lock;
