@@ -304,8 +304,15 @@ fn arith<F: Fp>(op: Op, a: F, b: F, mxcsr: u32) -> (F, u32) {
             let err = if r.is_inf_() || !finite {
                 0
             } else {
-                let bb = r - a;
-                sign_of((a - (r - bb)) + (b - bb))
+                // Fast2Sum with the larger operand first: exact, and unlike TwoSum its
+                // intermediate (r - big) cannot overflow near the top of the range.
+                let (big, small) =
+                    if a.bits() & !(1 << (F::TOTAL - 1)) >= b.bits() & !(1 << (F::TOTAL - 1)) {
+                        (a, b)
+                    } else {
+                        (b, a)
+                    };
+                sign_of(small - (r - big))
             };
             (r, err)
         }
@@ -826,4 +833,120 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
     dst_write(cpu, p, ins, result)?;
     cpu.s.fpu.mxcsr |= fl;
     Ok(())
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod native_check {
+    //! Millions of scalar FP operations compared against the host's SSE unit in-process:
+    //! results and MXCSR flags for every rounding mode.
+    use super::*;
+    use std::arch::asm;
+
+    fn native_f64(op: Op, a: f64, b: f64, mxcsr: u32) -> (u64, u32) {
+        let mut csr = mxcsr;
+        let mut x = a;
+        // SAFETY: only XMM registers and the local MXCSR image are touched; the host MXCSR
+        // is saved and restored around the operation.
+        unsafe {
+            let mut saved = 0u32;
+            asm!("stmxcsr [{s}]", "ldmxcsr [{c}]", s = in(reg) &mut saved, c = in(reg) &csr);
+            match op {
+                Op::Add => asm!("addsd {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Sub => asm!("subsd {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Mul => asm!("mulsd {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Div => asm!("divsd {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+            }
+            asm!("stmxcsr [{c}]", "ldmxcsr [{s}]", s = in(reg) &saved, c = in(reg) &mut csr);
+        }
+        (x.to_bits(), csr & 0x3f)
+    }
+
+    fn native_f32(op: Op, a: f32, b: f32, mxcsr: u32) -> (u32, u32) {
+        let mut csr = mxcsr;
+        let mut x = a;
+        // SAFETY: as in native_f64.
+        unsafe {
+            let mut saved = 0u32;
+            asm!("stmxcsr [{s}]", "ldmxcsr [{c}]", s = in(reg) &mut saved, c = in(reg) &csr);
+            match op {
+                Op::Add => asm!("addss {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Sub => asm!("subss {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Mul => asm!("mulss {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+                Op::Div => asm!("divss {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) b),
+            }
+            asm!("stmxcsr [{c}]", "ldmxcsr [{s}]", s = in(reg) &saved, c = in(reg) &mut csr);
+        }
+        (x.to_bits(), csr & 0x3f)
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// Random bits biased towards nearby exponents so sums cancel and round often.
+        fn f64_near(&mut self, other: f64) -> f64 {
+            let r = self.next_u64();
+            match r % 4 {
+                0 => f64::from_bits(r >> 2),
+                1 => f64::from_bits((other.to_bits() & !0xffff) ^ (r >> 48)),
+                2 if r & 0x100 == 0 => f64::from_bits(r.rotate_left(7) & 0x000f_ffff_ffff_ffff), // denormal
+                2 => f64::from_bits(0x7fe0_0000_0000_0000 | (r >> 12)), // near overflow
+                _ => -other * (1.0 + f64::from_bits(0x3cb0_0000_0000_0000 | (r & 0xff))),
+            }
+        }
+    }
+
+    #[test]
+    fn near_overflow_sum_is_inexact() {
+        // TwoSum's intermediate overflows here; the result is still inexact.
+        let a = f64::from_bits(0x7f80_07a1_43fe_8ae0);
+        let b = f64::from_bits(0x7fef_ffff_ffff_ffff);
+        for rc in 0..4 {
+            let mxcsr = 0x1f80 | (rc << 13);
+            let (nr, nf) = native_f64(Op::Sub, a, b, mxcsr);
+            let (er, ef) = arith(Op::Sub, a, b, mxcsr);
+            assert_eq!((nr, nf), (er.to_bits(), ef));
+        }
+    }
+
+    #[test]
+    fn scalar_ops_match_host() {
+        let n: u64 = std::env::var("X86EMU_FP_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let mut r = Rng(0x1234_5678_9abc_def1);
+        for i in 0..n {
+            let mxcsr = 0x1f80 | (((i % 4) as u32) << 13) | if i % 7 == 0 { FTZ } else { 0 };
+            let a = f64::from_bits(r.next_u64());
+            let b = r.f64_near(a);
+            for op in [Op::Add, Op::Sub, Op::Mul, Op::Div] {
+                let (nr, nf) = native_f64(op, a, b, mxcsr);
+                let (er, ef) = arith(op, a, b, mxcsr);
+                assert_eq!(
+                    (nr, nf),
+                    (er.to_bits(), ef),
+                    "f64 op {:?} a={a:e} ({:#x}) b={b:e} ({:#x}) mxcsr {mxcsr:#x}",
+                    op as u8,
+                    a.to_bits(),
+                    b.to_bits()
+                );
+                let (a32, b32) = (a as f32, b as f32);
+                let (nr, nf) = native_f32(op, a32, b32, mxcsr);
+                let (er, ef) = arith(op, a32, b32, mxcsr);
+                assert_eq!(
+                    (nr, nf),
+                    (er.to_bits(), ef),
+                    "f32 op {:?} a={a32:e} ({:#x}) b={b32:e} ({:#x}) mxcsr {mxcsr:#x}",
+                    op as u8,
+                    a32.to_bits(),
+                    b32.to_bits()
+                );
+            }
+        }
+    }
 }

@@ -254,7 +254,11 @@ fn base_seed() -> u64 {
 /// Runs the differential test for one family; panics with a reproducible report.
 pub fn run_family(fam: &Family) {
     let seed = base_seed();
-    let cases = case_count();
+    let cases = if std::env::var_os("X86EMU_CASE_SEED").is_some() {
+        1
+    } else {
+        case_count()
+    };
     let mut h = Harness::new();
     let template = h.cpu.state().clone();
     let mut executed = 0u64;
@@ -268,7 +272,11 @@ pub fn run_family(fam: &Family) {
             "{}: generator too picky (seed {seed})",
             fam.name
         );
-        let case_seed = r.next_u64();
+        let case_seed = match std::env::var("X86EMU_CASE_SEED") {
+            // Replays exactly one failing case.
+            Ok(v) => u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(0),
+            Err(_) => r.next_u64(),
+        };
         let mut cr = Rng::new(case_seed);
         let Some((bytes, ins)) = gen_instruction(&mut cr, fam) else {
             continue;
@@ -414,9 +422,28 @@ pub fn run_family(fam: &Family) {
         }
         if out.mxcsr != emu.fpu.mxcsr {
             errs.push(format!(
-                "mxcsr native {:#x} emu {:#x}",
-                out.mxcsr, emu.fpu.mxcsr
+                "mxcsr native {:#x} emu {:#x} (in {:#x})",
+                out.mxcsr, emu.fpu.mxcsr, st.mxcsr
             ));
+            for k in 0..ins.op_count() {
+                if ins.op_kind(k) == OpKind::Register && ins.op_register(k).is_xmm() {
+                    let x = ins.op_register(k) as usize - Register::XMM0 as usize;
+                    errs.push(format!("  input xmm{x} = {:#034x}", st.xmm[x]));
+                }
+            }
+            if ins.op_kinds().any(|k| k == OpKind::Memory) {
+                let idx = ins.memory_index();
+                let iv = if idx == Register::None {
+                    0
+                } else {
+                    gpr_value(&st, idx)
+                };
+                let ea = gpr_value(&st, ins.memory_base())
+                    .wrapping_add(ins.memory_displacement64())
+                    .wrapping_add(iv.wrapping_mul(u64::from(ins.memory_index_scale())));
+                let o = (ea.wrapping_sub(SCRATCH) as usize).min(SCRATCH_LEN - 16);
+                errs.push(format!("  input memory {:02x?}", &mem[o..o + 16]));
+            }
         }
         if emu.rip != CODE_VA + bytes.len() as u64 {
             errs.push(format!("rip {:#x}", emu.rip));
