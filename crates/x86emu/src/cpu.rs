@@ -227,47 +227,59 @@ impl Cpu {
     /// Executes one instruction and returns the exception it raised instead of delivering
     /// it (RIP stays on the faulting instruction). For debuggers, tests and fuzzing.
     pub fn execute_one(&mut self, p: &mut dyn Platform) -> core::result::Result<(), Fault> {
+        self.io_done = false;
+        self.fetch_and_execute(p)
+    }
+
+    /// Executes one instruction, delivering any exception it raises.
+    #[inline(always)]
+    pub(crate) fn step(&mut self, p: &mut dyn Platform) {
+        // TF at the start of an instruction traps after it completes (single-step).
+        let single_step = self.s.rflags & flags::TF != 0;
+        match self.fetch_and_execute(p) {
+            Ok(()) => {
+                if single_step && !self.halted {
+                    self.s.dr[6] |= 1 << 14;
+                    self.deliver_event(p, Fault::new(crate::exceptions::vector::DB), false);
+                }
+            }
+            Err(f) => {
+                if f.soft {
+                    self.s.rip = self.mask_ip(self.next_rip);
+                }
+                self.deliver_event(p, f, false);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn fetch_and_execute(&mut self, p: &mut dyn Platform) -> Result<()> {
         self.shadow = false;
         self.new_shadow = false;
-        self.io_done = false;
-        let (ins, handler) = self.fetch_decoded(p)?;
+        match self.fetch(p)? {
+            Fetched::Slot(slot) => {
+                // Borrow the instruction in place: copying the 40-byte Instruction out of
+                // the cache costs store-forwarding stalls on every instruction.
+                let entries = self.dcache.take();
+                let r = match entries.get(slot) {
+                    Some((ins, h)) => self.execute(p, ins, h),
+                    None => Err(Fault::ud()),
+                };
+                self.dcache.restore(entries);
+                r
+            }
+            Fetched::Uncached(ins, h) => self.execute(p, &ins, h),
+        }
+    }
+
+    #[inline(always)]
+    fn execute(&mut self, p: &mut dyn Platform, ins: &Instruction, handler: Handler) -> Result<()> {
         self.next_rip = ins.next_ip();
-        handler(self, p, &ins)?;
+        handler(self, p, ins)?;
         self.s.rip = self.mask_ip(self.next_rip);
         self.shadow = self.new_shadow;
         self.retired += 1;
         Ok(())
-    }
-
-    /// Executes one instruction, delivering any exception it raises.
-    pub(crate) fn step(&mut self, p: &mut dyn Platform) {
-        self.shadow = false;
-        self.new_shadow = false;
-        // TF at the start of an instruction traps after it completes (single-step).
-        let single_step = self.s.rflags & flags::TF != 0;
-        match self.fetch_decoded(p) {
-            Ok((ins, handler)) => {
-                self.next_rip = ins.next_ip();
-                match handler(self, p, &ins) {
-                    Ok(()) => {
-                        self.s.rip = self.mask_ip(self.next_rip);
-                        self.shadow = self.new_shadow;
-                        self.retired += 1;
-                        if single_step && !self.halted {
-                            self.s.dr[6] |= 1 << 14;
-                            self.deliver_event(p, Fault::new(crate::exceptions::vector::DB), false);
-                        }
-                    }
-                    Err(f) => {
-                        if f.soft {
-                            self.s.rip = self.mask_ip(self.next_rip);
-                        }
-                        self.deliver_event(p, f, false);
-                    }
-                }
-            }
-            Err(f) => self.deliver_event(p, f, false),
-        }
     }
 
     #[inline]
@@ -280,18 +292,6 @@ impl Cpu {
     }
 
     /// Fetches and decodes the instruction at CS:RIP, through the decode cache.
-    /// Fetches and decodes CS:RIP, copying the instruction straight out of the cache.
-    #[inline(always)]
-    fn fetch_decoded(&mut self, p: &mut dyn Platform) -> Result<(Instruction, Handler)> {
-        match self.fetch(p)? {
-            Fetched::Slot(slot) => match self.dcache.get(slot) {
-                Some((ins, h)) => Ok((*ins, h)),
-                None => Err(Fault::ud()),
-            },
-            Fetched::Uncached(ins, h) => Ok((*ins, h)),
-        }
-    }
-
     #[inline(always)]
     fn fetch(&mut self, p: &mut dyn Platform) -> Result<Fetched> {
         let bitness = self.s.bitness();

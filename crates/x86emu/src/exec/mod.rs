@@ -3,6 +3,7 @@
 pub(crate) mod alu;
 pub(crate) mod bits;
 pub(crate) mod control;
+pub(crate) mod fast;
 pub(crate) mod flags;
 pub(crate) mod mov;
 pub(crate) mod muldiv;
@@ -33,6 +34,9 @@ fn undefined(_: &mut Cpu, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
 pub(crate) fn handler_for(ins: &Instruction) -> Handler {
     if ins.is_invalid() {
         return undefined;
+    }
+    if let Some(h) = fast::select(ins) {
+        return h;
     }
     match ins.mnemonic() {
         M::Add

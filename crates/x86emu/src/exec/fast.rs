@@ -1,0 +1,286 @@
+//! Specialised handlers for the most frequent instruction forms (register and simple
+//! memory operands of MOV/ALU/LEA/PUSH/POP/Jcc/CALL/RET...). They skip the generic
+//! operand-kind matching; the generic family handlers still cover every other form.
+//! The differential tests exercise these through the same dispatch as everything else.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
+
+use super::flags::{add_flags, logic_flags, sub_flags};
+use super::operand::{ea, mask, mem_seg, reg_read, reg_size, reg_write, sext};
+use super::Handler;
+use crate::cpu::Cpu;
+use crate::exceptions::Result;
+use crate::platform::Platform;
+use crate::state::flags::{CF, STATUS};
+
+const ADD: u8 = 0;
+const OR: u8 = 1;
+const AND: u8 = 4;
+const SUB: u8 = 5;
+const XOR: u8 = 6;
+const CMP: u8 = 7;
+const TEST: u8 = 8;
+
+/// Applies an ALU operation, sets the flags, and returns the value to write back (None for
+/// CMP/TEST).
+#[inline(always)]
+fn alu<const OP: u8>(cpu: &mut Cpu, a: u64, b: u64, size: u32) -> Option<u64> {
+    let m = mask(size);
+    let (a, b) = (a & m, b & m);
+    match OP {
+        ADD => {
+            let r = a.wrapping_add(b) & m;
+            cpu.set_status(add_flags(a, b, 0, r, size));
+            Some(r)
+        }
+        SUB | CMP => {
+            let r = a.wrapping_sub(b) & m;
+            cpu.set_status(sub_flags(a, b, 0, r, size));
+            (OP == SUB).then_some(r)
+        }
+        AND | TEST => {
+            let r = a & b;
+            cpu.set_status(logic_flags(r, size));
+            (OP == AND).then_some(r)
+        }
+        OR => {
+            let r = a | b;
+            cpu.set_status(logic_flags(r, size));
+            Some(r)
+        }
+        _ => {
+            let r = a ^ b;
+            cpu.set_status(logic_flags(r, size));
+            Some(r)
+        }
+    }
+}
+
+fn alu_rr<const OP: u8>(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let d = ins.op0_register();
+    let size = reg_size(d);
+    let a = reg_read(cpu, d);
+    let b = reg_read(cpu, ins.op1_register());
+    if let Some(r) = alu::<OP>(cpu, a, b, size) {
+        reg_write(cpu, d, r);
+    }
+    Ok(())
+}
+
+/// Register destination, immediate or memory source.
+fn alu_rx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let d = ins.op0_register();
+    let size = reg_size(d);
+    let b = cpu.read_op(p, ins, 1)?;
+    let a = reg_read(cpu, d);
+    if let Some(r) = alu::<OP>(cpu, a, b, size) {
+        reg_write(cpu, d, r);
+    }
+    Ok(())
+}
+
+/// CMP/TEST with a memory first operand (no write-back, so no locking concerns).
+fn alu_mx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let size = ins.memory_size().size() as u32;
+    let a = cpu.read_mem(p, mem_seg(ins), ea(cpu, ins), size)?;
+    let b = cpu.read_op(p, ins, 1)?;
+    alu::<OP>(cpu, a, b, size);
+    Ok(())
+}
+
+fn mov_rr(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = reg_read(cpu, ins.op1_register());
+    reg_write(cpu, ins.op0_register(), v);
+    Ok(())
+}
+
+fn mov_rx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = cpu.read_op(p, ins, 1)?;
+    reg_write(cpu, ins.op0_register(), v);
+    Ok(())
+}
+
+fn mov_mx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = cpu.read_op(p, ins, 1)?;
+    let size = ins.memory_size().size() as u32;
+    let a = ea(cpu, ins);
+    cpu.write_mem(p, mem_seg(ins), a, size, v)
+}
+
+fn movzx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = cpu.read_op(p, ins, 1)?;
+    reg_write(cpu, ins.op0_register(), v);
+    Ok(())
+}
+
+fn movsx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let from = cpu.op_size(ins, 1);
+    let d = ins.op0_register();
+    let v = sext(cpu.read_op(p, ins, 1)?, from) & mask(reg_size(d));
+    reg_write(cpu, d, v);
+    Ok(())
+}
+
+fn lea(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let d = ins.op0_register();
+    let v = ea(cpu, ins) & mask(reg_size(d));
+    reg_write(cpu, d, v);
+    Ok(())
+}
+
+fn inc_dec_r<const INC: bool>(
+    cpu: &mut Cpu,
+    _p: &mut dyn Platform,
+    ins: &Instruction,
+) -> Result<()> {
+    let d = ins.op0_register();
+    let size = reg_size(d);
+    let a = reg_read(cpu, d);
+    let (r, f) = if INC {
+        let r = a.wrapping_add(1) & mask(size);
+        (r, add_flags(a, 1, 0, r, size))
+    } else {
+        let r = a.wrapping_sub(1) & mask(size);
+        (r, sub_flags(a, 1, 0, r, size))
+    };
+    cpu.set_flags_masked(f, STATUS & !CF);
+    reg_write(cpu, d, r);
+    Ok(())
+}
+
+fn jcc(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    if cpu.cond(ins.condition_code()) {
+        cpu.jump(ins.near_branch_target())?;
+    }
+    Ok(())
+}
+
+fn jmp_rel(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    cpu.jump(ins.near_branch_target())
+}
+
+/// 64-bit mode CALL rel32.
+fn call_rel64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let target = ins.near_branch_target();
+    let ret = cpu.next_rip;
+    let sp = cpu.s.gpr[4].wrapping_sub(8);
+    cpu.write_mem(p, crate::state::Seg::Ss, sp, 8, ret)?;
+    cpu.jump(target)?;
+    cpu.s.gpr[4] = sp;
+    Ok(())
+}
+
+/// 64-bit mode RET.
+fn ret64(cpu: &mut Cpu, p: &mut dyn Platform, _ins: &Instruction) -> Result<()> {
+    let sp = cpu.s.gpr[4];
+    let target = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
+    cpu.jump(target)?;
+    cpu.s.gpr[4] = sp.wrapping_add(8);
+    Ok(())
+}
+
+/// 64-bit mode PUSH r64.
+fn push_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = reg_read(cpu, ins.op0_register());
+    let sp = cpu.s.gpr[4].wrapping_sub(8);
+    cpu.write_mem(p, crate::state::Seg::Ss, sp, 8, v)?;
+    cpu.s.gpr[4] = sp;
+    Ok(())
+}
+
+/// 64-bit mode POP r64.
+fn pop_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let sp = cpu.s.gpr[4];
+    let v = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
+    cpu.s.gpr[4] = sp.wrapping_add(8);
+    reg_write(cpu, ins.op0_register(), v);
+    Ok(())
+}
+
+fn nop(_: &mut Cpu, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+    Ok(())
+}
+
+fn is_gpr(ins: &Instruction, i: u32) -> bool {
+    ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_gpr()
+}
+
+/// A specialised handler for `ins`, if it has one of the common simple forms.
+pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
+    let m = ins.mnemonic();
+    let n = ins.op_count();
+    let bits64 = ins.code_size() == iced_x86::CodeSize::Code64;
+    let k1 = if n > 1 {
+        ins.op1_kind()
+    } else {
+        OpKind::Register
+    };
+    let src_ok = n == 2 && (is_gpr(ins, 1) || k1 == OpKind::Memory || is_imm(k1));
+    macro_rules! alu_forms {
+        ($op:expr) => {{
+            if n != 2 {
+                return None;
+            }
+            if is_gpr(ins, 0) && is_gpr(ins, 1) {
+                Some(alu_rr::<{ $op }> as Handler)
+            } else if is_gpr(ins, 0) && src_ok {
+                Some(alu_rx::<{ $op }> as Handler)
+            } else if ins.op0_kind() == OpKind::Memory
+                && (is_gpr(ins, 1) || is_imm(k1))
+                && ($op == CMP || $op == TEST)
+            {
+                Some(alu_mx::<{ $op }> as Handler)
+            } else {
+                None
+            }
+        }};
+    }
+    match m {
+        M::Add => alu_forms!(ADD),
+        M::Or => alu_forms!(OR),
+        M::And => alu_forms!(AND),
+        M::Sub => alu_forms!(SUB),
+        M::Xor => alu_forms!(XOR),
+        M::Cmp => alu_forms!(CMP),
+        M::Test => alu_forms!(TEST),
+        M::Mov if n == 2 && is_gpr(ins, 0) && is_gpr(ins, 1) => Some(mov_rr),
+        M::Mov if n == 2 && is_gpr(ins, 0) && (k1 == OpKind::Memory || is_imm(k1)) => Some(mov_rx),
+        M::Mov if n == 2 && ins.op0_kind() == OpKind::Memory && (is_gpr(ins, 1) || is_imm(k1)) => {
+            Some(mov_mx)
+        }
+        M::Movzx if is_gpr(ins, 0) => Some(movzx),
+        M::Movsx | M::Movsxd if is_gpr(ins, 0) => Some(movsx),
+        M::Lea if is_gpr(ins, 0) => Some(lea),
+        M::Inc if is_gpr(ins, 0) => Some(inc_dec_r::<true>),
+        M::Dec if is_gpr(ins, 0) => Some(inc_dec_r::<false>),
+        M::Nop => Some(nop),
+        _ if ins.is_jcc_short_or_near() => Some(jcc),
+        M::Jmp if ins.is_jmp_short_or_near() => Some(jmp_rel),
+        M::Call if bits64 && ins.op0_kind() == OpKind::NearBranch64 => Some(call_rel64),
+        M::Ret if bits64 && n == 0 && ins.code() == iced_x86::Code::Retnq => Some(ret64),
+        M::Push if bits64 && is_gpr(ins, 0) && ins.op0_register().is_gpr64() => Some(push_r64),
+        M::Pop
+            if bits64
+                && is_gpr(ins, 0)
+                && ins.op0_register().is_gpr64()
+                && ins.op0_register() != Register::RSP =>
+        {
+            Some(pop_r64)
+        }
+        _ => None,
+    }
+}
+
+fn is_imm(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
