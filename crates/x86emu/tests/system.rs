@@ -402,3 +402,108 @@ fn cpuid_rdtsc_and_msrs() {
     assert_eq!(g.cpu.state().gpr[0], 0xfeed);
     assert_eq!(g.cpu.read_msr(x86emu::msr::FS_BASE), Some(DATA));
 }
+
+#[test]
+fn real_mode_int_uses_the_ivt_and_iret_returns() {
+    let g = Guest::new();
+    let mut cpu = g.cpu;
+    let mut s = x86emu::CpuState::reset();
+    s.seg[Seg::Cs as usize] = x86emu::Segment::real_mode(0x0700, true);
+    s.seg[Seg::Ss as usize] = x86emu::Segment::real_mode(0, false);
+    s.rip = 0;
+    s.gpr[4] = 0x6000;
+    cpu.set_state(s);
+    // IVT entry 0x21 -> 0800:0010.
+    cpu.ram().write(0x21 * 4, &[0x10, 0x00, 0x00, 0x08]);
+    let handler = asm(16, 0x10, |a| {
+        a.mov(bx, 0x4242).unwrap();
+        a.iret().unwrap();
+    });
+    cpu.ram().write(0x8010, &handler);
+    let main = asm(16, 0, |a| {
+        a.sti().unwrap();
+        a.int(0x21).unwrap();
+        a.mov(cx, bx).unwrap();
+        a.hlt().unwrap();
+    });
+    cpu.ram().write(0x7000, &main);
+    assert_eq!(cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    let s = cpu.state();
+    assert_eq!(s.gpr[1] & 0xffff, 0x4242);
+    assert_eq!(s.gpr[4], 0x6000, "IRET popped the 3-word frame");
+    assert_ne!(s.rflags & flags::IF, 0, "IRET restored IF");
+    assert_eq!(s.seg[Seg::Cs as usize].selector, 0x0700);
+}
+
+#[test]
+fn protected_mode_32bit_gate_with_privilege_change() {
+    let g = Guest::new();
+    let mut cpu = g.cpu;
+    // Flat 32-bit GDT: null, code0 0x08, data0 0x10, code3 0x1b, data3 0x23, TSS32 0x28.
+    let tss: u64 = 0x9000;
+    let tss_desc = 0x67 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | ((tss >> 24) << 56);
+    let gdt: [u64; 6] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_fb00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        tss_desc,
+    ];
+    for (i, e) in gdt.iter().enumerate() {
+        cpu.ram().write(0x8000 + i as u64 * 8, &e.to_le_bytes());
+    }
+    // TSS32: ESP0 = 0x7000, SS0 = 0x10.
+    cpu.ram().write(tss + 4, &0x7000u32.to_le_bytes());
+    cpu.ram().write(tss + 8, &0x10u32.to_le_bytes());
+    // IDT at 0xa000, vector 0x80: 32-bit trap gate, DPL3, 0x08:0x3000.
+    let gate: u64 = 0x3000 | (0x08 << 16) | (0xefu64 << 40);
+    cpu.ram().write(0xa000 + 0x80 * 8, &gate.to_le_bytes());
+    let handler = asm(32, 0x3000, |a| {
+        a.mov(ebx, esp).unwrap();
+        a.mov(ecx, dword_ptr(esp + 4)).unwrap(); // CS pushed
+        a.iretd().unwrap();
+    });
+    cpu.ram().write(0x3000, &handler);
+    let user = asm(32, 0x4000, |a| {
+        a.int(0x80).unwrap();
+        a.mov(edx, 1).unwrap();
+        a.hlt().unwrap(); // #GP at CPL3: no handler -> shutdown
+    });
+    cpu.ram().write(0x4000, &user);
+    let mut s = x86emu::CpuState::reset();
+    s.cr0 = cr::CR0_PE | cr::CR0_ET;
+    s.gdtr = x86emu::DescriptorTable {
+        base: 0x8000,
+        limit: 0x2f,
+    };
+    s.idtr = x86emu::DescriptorTable {
+        base: 0xa000,
+        limit: 0x7ff,
+    };
+    s.tr = x86emu::Segment {
+        selector: 0x28,
+        base: tss,
+        limit: 0x67,
+        attr: 0x8b,
+    };
+    let code3 = x86emu::Segment::from_descriptor(0x1b, gdt[3]);
+    let data3 = x86emu::Segment::from_descriptor(0x23, gdt[4]);
+    for sg in Seg::ALL {
+        s.seg[sg as usize] = data3;
+    }
+    s.seg[Seg::Cs as usize] = code3;
+    s.rip = 0x4000;
+    s.gpr[4] = 0x5000;
+    cpu.set_state(s);
+    assert_eq!(cpu.run(&mut NoDevices, 4), RunExit::InstructionLimit);
+    // int 0x80 delivered: handler ran on the ring-0 stack (SS:ESP, EFLAGS, CS, EIP pushed).
+    let s = cpu.state();
+    assert_eq!(s.gpr[3], 0x7000 - 20);
+    assert_eq!(s.gpr[1], 0x1b);
+    // Back at CPL3 after IRETD, on the user stack.
+    assert_eq!(s.cpl(), 3);
+    assert_eq!(s.gpr[4], 0x5000);
+    cpu.execute_one(&mut NoDevices).unwrap();
+    assert_eq!(cpu.state().gpr[2], 1);
+}
