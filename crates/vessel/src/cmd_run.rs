@@ -43,6 +43,12 @@ pub struct RunArgs {
     /// A virtio-net interface on a host TAP device: tap=NAME[,mac=52:54:00:12:34:56].
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
+    /// Serve the Firecracker-compatible control API on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// With --api-sock: boot nothing until the API's InstanceStart (as Firecracker does).
+    #[arg(long, requires = "api_sock")]
+    api_only: bool,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -100,8 +106,23 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let api_sock = args.api_sock.clone();
+    if args.api_only {
+        let sock = api_sock.unwrap_or_default();
+        let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
+        vmm::api::firecracker::spawn(&sock, api.clone())
+            .with_context(|| format!("serving the API on {}", sock.display()))?;
+        let reason = api.wait_finished().map_err(anyhow::Error::msg);
+        let _ = std::fs::remove_file(&sock);
+        return report(reason);
+    }
     let config = config_from(args)?;
-    let vmm = Vmm::new(config).context("cannot start the VM")?;
+    let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
+    if let Some(sock) = &api_sock {
+        let api = vmm::api::firecracker::VmmApi::new_running(config, vmm.exit_signal());
+        vmm::api::firecracker::spawn(sock, api)
+            .with_context(|| format!("serving the API on {}", sock.display()))?;
+    }
     if let Some(note) = vmm.note() {
         eprintln!("vessel: {note}");
     }
@@ -114,6 +135,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let reason = vmm.run();
     drop(raw);
+    if let Some(sock) = &api_sock {
+        let _ = std::fs::remove_file(sock);
+    }
+    report(reason.map_err(anyhow::Error::from))
+}
+
+fn report(reason: anyhow::Result<ExitReason>) -> anyhow::Result<i32> {
     let (code, what) = match reason? {
         ExitReason::PowerOff => (status::POWER_OFF, "guest powered off".to_string()),
         ExitReason::Quit => (status::POWER_OFF, "quit from the console".to_string()),

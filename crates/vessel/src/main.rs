@@ -1,5 +1,7 @@
 //! `vessel`: one binary for the VMM (`vessel run`) and, later, the manager and its CLI.
 
+mod cmd_img;
+mod cmd_manage;
 mod cmd_run;
 
 use clap::{Parser, Subcommand};
@@ -13,12 +15,19 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    global: cmd_manage::GlobalOpts,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Boot one VM in the foreground, its serial console on this terminal.
     Run(cmd_run::RunArgs),
+    /// Disk image tools: create, info, convert, check, resize.
+    #[command(subcommand)]
+    Img(cmd_img::ImgCommand),
+    #[command(flatten)]
+    Manage(cmd_manage::ManageCommand),
 }
 
 fn init_logging() {
@@ -27,6 +36,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -36,6 +46,8 @@ fn main() {
     init_logging();
     let status = match cli.command {
         Command::Run(args) => cmd_run::run(args),
+        Command::Img(cmd) => cmd_img::run(cmd).map(|()| 0),
+        Command::Manage(cmd) => cmd_manage::run(cmd, &cli.global),
     };
     match status {
         Ok(code) => std::process::exit(code),

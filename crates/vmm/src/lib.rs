@@ -1,6 +1,7 @@
 //! The VMM: builds a VM from a `VmConfig` and runs it.
 
 pub mod accel;
+pub mod api;
 pub mod config;
 pub mod console;
 pub mod io;

@@ -1,0 +1,217 @@
+//! The daemon's REST API (documented in openapi/manager.yaml): JSON over HTTP/1.1 on a Unix
+//! socket. Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx/5xx status.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmm::api::http::{Handler, Reply, Request, Response};
+
+use crate::domain::DomainDef;
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+use crate::{storage, xml};
+
+pub const API_VERSION: &str = "v1";
+
+pub struct Api {
+    pub m: Arc<Manager>,
+}
+
+/// Error bodies for protocol-level failures (malformed HTTP).
+pub fn protocol_error(status: u16, message: String) -> Response {
+    Response::json(
+        status,
+        &json!({"error": {"code": "bad_request", "message": message}}),
+    )
+}
+
+fn error_response(e: &Error) -> Response {
+    Response::json(
+        e.status(),
+        &json!({"error": {"code": e.code(), "message": e.to_string()}}),
+    )
+}
+
+fn ok(v: Value) -> Result<Reply> {
+    Ok(Response::json(200, &v).into())
+}
+
+fn to_value<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(req: &Request, what: &'static str) -> Result<T> {
+    serde_json::from_slice(&req.body).map_err(|e| Error::invalid(what, e.to_string()))
+}
+
+fn query_u64(req: &Request, name: &'static str) -> Result<Option<u64>> {
+    req.query(name)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                Error::invalid("query parameter", format!("{name}={v:?} is not a number"))
+            })
+        })
+        .transpose()
+}
+
+impl Handler for Api {
+    fn handle(&self, req: Request) -> Reply {
+        match self.route(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                if e.status() >= 500 {
+                    tracing::warn!(method = %req.method, path = %req.path, "{e}");
+                }
+                error_response(&e).into()
+            }
+        }
+    }
+}
+
+impl Api {
+    fn route(&self, req: &Request) -> Result<Reply> {
+        let seg = req.segments();
+        let m = req.method.as_str();
+        if seg.first() != Some(&API_VERSION) {
+            return Err(Error::not_found("API path", &req.path));
+        }
+        match (m, &seg[1..]) {
+            ("GET", []) => ok(json!({
+                "name": "vessel",
+                "version": env!("CARGO_PKG_VERSION"),
+                "api": API_VERSION,
+            })),
+            ("GET", ["domains"]) => ok(to_value(&self.m.list()?)),
+            ("POST", ["domains"]) => {
+                let def = parse_definition(req)?;
+                Ok(Response::json(201, &to_value(&self.m.define(def)?)).into())
+            }
+            ("GET", ["domains", name]) => {
+                let (def, info) = self.m.info(name)?;
+                ok(json!({"definition": def, "info": info}))
+            }
+            ("GET", ["domains", name, "xml"]) => {
+                let (def, _) = self.m.info(name)?;
+                Ok(Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes()).into())
+            }
+            ("DELETE", ["domains", name]) => {
+                self.m.undefine(name)?;
+                Ok(Response::empty(204).into())
+            }
+            ("POST", ["domains", name, "start"]) => ok(to_value(&self.m.start(name)?)),
+            ("POST", ["domains", name, "shutdown"]) => {
+                let wait = query_u64(req, "wait")?.map(|s| Duration::from_secs(s.min(3600)));
+                let st = self.m.shutdown(name, wait)?;
+                ok(json!({"state": st, "state_text": st.as_str()}))
+            }
+            ("POST", ["domains", name, "destroy"]) => {
+                self.m.destroy(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("POST", ["domains", name, "reboot"]) => {
+                self.m.reboot(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("POST", ["domains", name, "suspend"]) => {
+                self.m.suspend(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("POST", ["domains", name, "resume"]) => {
+                self.m.resume(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("PUT", ["domains", name, "autostart"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct A {
+                    autostart: bool,
+                }
+                let a: A = body_json(req, "autostart body")?;
+                self.m.set_autostart(name, a.autostart)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("GET", ["domains", name, "log"]) => {
+                self.m.info(name)?;
+                let offset = query_u64(req, "offset")?.unwrap_or(0);
+                let data = read_from(&self.m.serial_log(name), offset)?;
+                Ok(Response::bytes(200, "application/octet-stream", data).into())
+            }
+            ("POST", ["domains", name, "console"]) => {
+                let sock = self.m.console_socket(name)?;
+                let console = UnixStream::connect(&sock)
+                    .map_err(|e| Error::io("connecting to the console", &sock, e))?;
+                let mut head = Response::empty(101);
+                head.headers
+                    .push(("Upgrade".into(), "vessel-console".into()));
+                head.headers.push(("Connection".into(), "Upgrade".into()));
+                Ok(Reply::Upgrade(
+                    head,
+                    Box::new(move |client| relay(client, console)),
+                ))
+            }
+            ("GET", ["events"]) => {
+                let since = query_u64(req, "since")?.unwrap_or(0);
+                let timeout = query_u64(req, "timeout")?.unwrap_or(0).min(300);
+                let (events, last) =
+                    self.m
+                        .events
+                        .wait(since, req.query("domain"), Duration::from_secs(timeout));
+                ok(json!({"events": events, "last": last}))
+            }
+            _ if seg.get(1) == Some(&"pools") => storage::route(&self.m, req, &seg[2..]),
+            _ => Err(Error::not_found("API path", &format!("{m} {}", req.path))),
+        }
+    }
+}
+
+/// A domain definition from a request body: libvirt XML when it starts with '<' or the
+/// content type says XML, else Vessel's JSON.
+fn parse_definition(req: &Request) -> Result<DomainDef> {
+    let text = std::str::from_utf8(&req.body)
+        .map_err(|_| Error::invalid("domain definition", "the body is not UTF-8"))?;
+    let is_xml = req
+        .header("content-type")
+        .is_some_and(|c| c.contains("xml"))
+        || text.trim_start().starts_with('<');
+    if is_xml {
+        xml::parse_domain(text)
+    } else {
+        serde_json::from_str(text).map_err(|e| Error::invalid("domain JSON", e.to_string()))
+    }
+}
+
+/// A file's bytes from `offset` (at most 16 MiB).
+fn read_from(path: &std::path::Path, offset: u64) -> Result<Vec<u8>> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("opening", path, e)),
+    };
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io("seeking", path, e))?;
+    let mut out = Vec::new();
+    f.take(16 << 20)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::io("reading", path, e))?;
+    Ok(out)
+}
+
+/// Copies bytes both ways until either side closes.
+fn relay(client: UnixStream, console: UnixStream) {
+    let (Ok(mut c2), Ok(mut k2)) = (client.try_clone(), console.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut k2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Both);
+    });
+    let mut c = client;
+    let mut k = console;
+    let _ = std::io::copy(&mut c, &mut k);
+    let _ = k.shutdown(Shutdown::Both);
+    let _ = t.join();
+}

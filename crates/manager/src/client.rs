@@ -1,0 +1,134 @@
+//! A client of the daemon's REST API, used by the CLI and the tests.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use vmm::api::http::{self, ClientResponse, HttpError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {path}: {source}: is `vessel daemon` running? (start it, or pass --socket)")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("talking to the daemon: {0}")]
+    Http(HttpError),
+    #[error("the daemon answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
+            path: self.socket.clone(),
+            source,
+        })
+    }
+
+    /// One request; a non-2xx status becomes [`ClientError::Api`].
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<ClientResponse, ClientError> {
+        let s = self.connect()?;
+        let (r, _) =
+            http::client_exchange(s, method, path, body, false).map_err(ClientError::Http)?;
+        if r.status / 100 != 2 {
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            let e = &v["error"];
+            return Err(ClientError::Api {
+                status: r.status,
+                code: e["code"].as_str().unwrap_or("").to_string(),
+                message: e["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {}", r.status)),
+            });
+        }
+        Ok(r)
+    }
+
+    /// A JSON request; returns the JSON answer (`null` for an empty body).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let b = body.map(|v| v.to_string());
+        let r = self.raw(
+            method,
+            path,
+            b.as_deref().map(|s| ("application/json", s.as_bytes())),
+        )?;
+        if r.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+        self.call("POST", path, body)
+    }
+
+    /// Defines a domain from JSON or libvirt XML text.
+    pub fn define_text(&self, text: &str) -> Result<Value, ClientError> {
+        let ct = if text.trim_start().starts_with('<') {
+            "application/xml"
+        } else {
+            "application/json"
+        };
+        let r = self.raw("POST", "/v1/domains", Some((ct, text.as_bytes())))?;
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Attaches to a domain's console: the returned stream carries raw bytes both ways.
+    pub fn console(&self, name: &str) -> Result<BufReader<UnixStream>, ClientError> {
+        let s = self.connect()?;
+        let path = format!("/v1/domains/{}/console", http::percent_encode(name));
+        let (r, stream) =
+            http::client_exchange(s, "POST", &path, None, true).map_err(ClientError::Http)?;
+        if r.status != 101 {
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status: r.status,
+                code: v["error"]["code"].as_str().unwrap_or("").to_string(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the console is not available")
+                    .to_string(),
+            });
+        }
+        stream.ok_or_else(|| ClientError::Protocol("no stream after upgrade".into()))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}

@@ -1,0 +1,219 @@
+//! Domain definitions and runtime states.
+//!
+//! A definition's machine part is exactly `vmm::VmConfig` (the one description of a VM);
+//! around it the manager keeps what only a manager needs: the name, which driver runs it,
+//! autostart, and which networks its interfaces join.
+
+use serde::{Deserialize, Serialize};
+use vmm::VmConfig;
+
+use crate::error::{Error, Result};
+
+/// Which hypervisor runs a domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// Vessel's own VMM (`vessel run`), one process per domain.
+    #[default]
+    Vessel,
+    /// `qemu-system-x86_64` (TCG here; KVM where the host has VT-x/AMD-V), driven by QMP.
+    Qemu,
+}
+
+impl DriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Vessel => "vessel",
+            DriverKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::str::FromStr for DriverKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "vessel" => Ok(DriverKind::Vessel),
+            "qemu" | "kvm" => Ok(DriverKind::Qemu),
+            other => Err(Error::invalid(
+                "driver",
+                format!("{other:?} (vessel or qemu)"),
+            )),
+        }
+    }
+}
+
+/// A network interface: on a Vessel network or an existing host bridge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub bridge: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// What `define` takes and `GET /v1/domains/{name}` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainDef {
+    pub name: String,
+    /// Assigned at define time when absent.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub driver: DriverKind,
+    #[serde(default)]
+    pub autostart: bool,
+    /// The machine: kernel, initrd, cmdline, memory, CPUs, accelerator, disks. Its `serial`
+    /// is set by the manager at start (a log file plus the console socket).
+    pub vm: VmConfig,
+    /// Interfaces on Vessel networks or host bridges; at start each becomes a TAP device in
+    /// `vm.nets`.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+}
+
+/// Names are used in paths and URLs: keep them plain.
+pub fn check_name(kind: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            kind,
+            format!(
+                "name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+            ),
+        ))
+    }
+}
+
+impl DomainDef {
+    /// Checks what can be checked at define time (files are checked again at start).
+    pub fn validate(&self) -> Result<()> {
+        check_name("domain name", &self.name)?;
+        self.vm
+            .validate()
+            .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
+        for i in &self.interfaces {
+            if i.network.is_some() == i.bridge.is_some() {
+                return Err(Error::invalid(
+                    "interface",
+                    "give exactly one of network or bridge",
+                ));
+            }
+            if let Some(m) = &i.mac {
+                if !valid_mac(m) {
+                    return Err(Error::invalid("interface", format!("MAC address {m:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_mac(m: &str) -> bool {
+    let parts: Vec<&str> = m.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Runtime state, with libvirt's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    Shutoff,
+    Running,
+    Paused,
+    /// A graceful shutdown was requested; the guest has not powered off yet.
+    InShutdown,
+    /// The VMM process ended on an error or a signal.
+    Crashed,
+}
+
+impl DomainState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Shutoff => "shut off",
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::InShutdown => "in shutdown",
+            DomainState::Crashed => "crashed",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            DomainState::Running | DomainState::Paused | DomainState::InShutdown
+        )
+    }
+}
+
+/// A random RFC 4122 version-4 UUID.
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    let got = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    if got.is_err() {
+        // Fall back to time and pid: unique enough for a local name.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        b[..16].copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_uuids() {
+        assert!(check_name("domain", "web-1.a_b").is_ok());
+        for bad in ["", ".x", "a/b", "a b", "../x", &"x".repeat(65)] {
+            assert!(check_name("domain", bad).is_err(), "{bad}");
+        }
+        let u = new_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(valid_mac("52:54:00:12:34:56"));
+        assert!(!valid_mac("52:54:00:12:34"));
+    }
+
+    #[test]
+    fn json_definition_is_vmconfig_plus_manager_fields() {
+        let d: DomainDef = serde_json::from_str(
+            r#"{"name":"a","driver":"qemu","vm":{"kernel":"/k","memory_mib":256}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.driver, DriverKind::Qemu);
+        assert_eq!(d.vm.memory_mib, 256);
+        assert!(
+            serde_json::from_str::<DomainDef>(r#"{"name":"a","vm":{"kernel":"/k"},"x":1}"#)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! The two drivers: how a domain's VMM process is started and controlled.
+//!
+//! - `qemu`: `qemu-system-x86_64` with direct kernel boot, its serial on a Unix socket
+//!   chardev (logged to a file even when nobody is attached) and QMP on another socket.
+//! - `vessel`: this executable's `vessel run` with the domain's `VmConfig`, its serial in a
+//!   log file and its control API (`--api-sock`) on a socket.
+//!
+//! Either way the VMM runs in its own process group with no pipe to the daemon, so it
+//! survives the daemon; the run folder (`run/<name>/`) holds its pidfile and sockets, which
+//! is how a restarted daemon finds it again.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::config::DiskFormat;
+use vmm::Accel;
+
+use crate::domain::{DomainDef, DriverKind};
+use crate::error::{Error, Result};
+use crate::qmp::Qmp;
+
+/// Files of one running domain.
+#[derive(Clone, Debug)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn pidfile(&self) -> PathBuf {
+        self.0.join("vmm.pid")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.0.join("qmp.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.0.join("console.sock")
+    }
+    pub fn api(&self) -> PathBuf {
+        self.0.join("api.sock")
+    }
+    pub fn stderr(&self) -> PathBuf {
+        self.0.join("vmm.log")
+    }
+}
+
+/// What identifies a running VMM process across daemon restarts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat: tells a reused PID from ours.
+    pub start_time: u64,
+    pub driver: DriverKind,
+}
+
+impl ProcId {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            format!(
+                "{} {} {}\n",
+                self.pid,
+                self.start_time,
+                self.driver.as_str()
+            ),
+        )
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::io("writing pidfile", path, e))
+    }
+
+    pub fn read(path: &Path) -> Option<Self> {
+        let s = std::fs::read_to_string(path).ok()?;
+        let mut it = s.split_whitespace();
+        let pid = it.next()?.parse().ok()?;
+        let start_time = it.next()?.parse().ok()?;
+        let driver = it.next()?.parse().ok()?;
+        Some(ProcId {
+            pid,
+            start_time,
+            driver,
+        })
+    }
+
+    /// Whether this very process still runs (not a zombie, not a reused PID).
+    pub fn alive(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, st)) if st == self.start_time && state != 'Z' && state != 'X')
+    }
+}
+
+/// (state letter, start time) from /proc/PID/stat.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // After ')': field 3 (state) is index 0, so field 22 is index 19.
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+pub fn proc_id(pid: i32, driver: DriverKind) -> Option<ProcId> {
+    proc_stat(pid).map(|(_, start_time)| ProcId {
+        pid,
+        start_time,
+        driver,
+    })
+}
+
+/// Sends a signal to a process we identified.
+pub fn signal(id: &ProcId, sig: libc::c_int) {
+    if id.alive() {
+        // SAFETY: kill(2) with a PID we checked is our VMM; no memory is involved.
+        unsafe {
+            libc::kill(id.pid, sig);
+        }
+    }
+}
+
+/// Programs the drivers run.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    /// The `vessel` executable (its `run` subcommand is the VMM).
+    pub vessel: PathBuf,
+    pub qemu: PathBuf,
+}
+
+fn qemu_accel(a: Accel) -> &'static str {
+    match a {
+        Accel::Kvm => "kvm",
+        Accel::Emu => "tcg",
+        Accel::Auto => match hypervisor::host::KvmSupport::probe() {
+            hypervisor::host::KvmSupport::Native => "kvm",
+            _ => "tcg",
+        },
+    }
+}
+
+fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
+    let vm = &def.vm;
+    let mut c = Command::new(&p.qemu);
+    c.args(["-name", &format!("guest={},debug-threads=on", def.name)]);
+    c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
+    c.args(["-m", &format!("{}M", vm.memory_mib)]);
+    c.args(["-smp", &vm.cpus.to_string()]);
+    c.arg("-kernel").arg(&vm.kernel);
+    if let Some(i) = &vm.initrd {
+        c.arg("-initrd").arg(i);
+    }
+    c.args(["-append", &vm.cmdline]);
+    c.args(["-nodefaults", "-no-user-config", "-display", "none"]);
+    c.arg("-chardev").arg(format!(
+        "socket,id=console0,path={},server=on,wait=off,logfile={},logappend=on",
+        chardev_path(&run.console())?,
+        chardev_path(log)?
+    ));
+    c.args(["-serial", "chardev:console0"]);
+    c.arg("-qmp").arg(format!(
+        "unix:{},server=on,wait=off",
+        chardev_path(&run.qmp())?
+    ));
+    for (i, d) in vm.disks.iter().enumerate() {
+        let mut drive = format!("file={},if=virtio,index={i}", chardev_path(&d.path)?);
+        if let Some(f) = d.format {
+            drive.push_str(&format!(",format={}", disk_format(f)));
+        }
+        if d.read_only {
+            drive.push_str(",readonly=on");
+        }
+        c.arg("-drive").arg(drive);
+    }
+    for (i, n) in vm.nets.iter().enumerate() {
+        c.arg("-netdev").arg(format!(
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            n.tap
+        ));
+        let mut dev = format!("virtio-net-pci,netdev=net{i}");
+        if let Some(m) = &n.mac {
+            dev.push_str(&format!(",mac={m}"));
+        }
+        c.arg("-device").arg(dev);
+    }
+    if vm.rng {
+        c.args(["-device", "virtio-rng-pci"]);
+    }
+    Ok(c)
+}
+
+fn disk_format(f: DiskFormat) -> &'static str {
+    match f {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    }
+}
+
+/// QEMU option values are comma-separated: a path with a comma would be misread.
+fn chardev_path(p: &Path) -> Result<String> {
+    let s = p.to_string_lossy().into_owned();
+    if s.contains(',') {
+        return Err(Error::invalid(
+            "path",
+            format!("{s}: QEMU cannot take paths containing ','"),
+        ));
+    }
+    Ok(s)
+}
+
+fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Command {
+    let vm = &def.vm;
+    let mut c = Command::new(&p.vessel);
+    c.arg("run").arg("--kernel").arg(&vm.kernel);
+    if let Some(i) = &vm.initrd {
+        c.arg("--initrd").arg(i);
+    }
+    c.args(["--cmdline", &vm.cmdline]);
+    c.args(["--memory", &format!("{}M", vm.memory_mib)]);
+    c.args(["--cpus", &vm.cpus.to_string()]);
+    let accel = match vm.accel {
+        Accel::Auto => "auto",
+        Accel::Kvm => "kvm",
+        Accel::Emu => "emu",
+    };
+    c.args(["--accel", accel]);
+    c.arg("--serial").arg(format!("file:{}", log.display()));
+    for d in &vm.disks {
+        let mut a = d.path.to_string_lossy().into_owned();
+        if let Some(f) = d.format {
+            a.push_str(&format!(",format={}", disk_format(f)));
+        }
+        if d.read_only {
+            a.push_str(",readonly");
+        }
+        c.arg("--disk").arg(a);
+    }
+    for n in &vm.nets {
+        let mut a = format!("tap={}", n.tap);
+        if let Some(m) = &n.mac {
+            a.push_str(&format!(",mac={m}"));
+        }
+        c.arg("--net").arg(a);
+    }
+    if vm.rng {
+        c.arg("--rng");
+    }
+    c.arg("--api-sock").arg(run.api());
+    c
+}
+
+/// Starts a domain's VMM. Returns the child (for the daemon that started it to reap) and
+/// its identity, written to the run folder's pidfile.
+pub fn start(
+    p: &Programs,
+    def: &DomainDef,
+    run: &RunDir,
+    serial_log: &Path,
+) -> Result<(Child, ProcId)> {
+    std::fs::create_dir_all(&run.0).map_err(|e| Error::io("creating run folder", &run.0, e))?;
+    if run.console().as_os_str().len() > 100 {
+        return Err(Error::invalid(
+            "state directory",
+            format!(
+                "{} is too long for Unix socket paths (108 bytes): use a shorter --state-dir",
+                run.0.display()
+            ),
+        ));
+    }
+    // A new log for each boot.
+    File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
+    let mut cmd = match def.driver {
+        DriverKind::Qemu => qemu_command(p, def, run, serial_log)?,
+        DriverKind::Vessel => vessel_command(p, def, run, serial_log),
+    };
+    let stderr = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.stderr())
+        .map_err(|e| Error::io("creating VMM log", run.stderr(), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        // Own process group: a Ctrl-C meant for the daemon does not reach the VMMs.
+        .process_group(0);
+    let what = match def.driver {
+        DriverKind::Qemu => p.qemu.display().to_string(),
+        DriverKind::Vessel => format!("{} run", p.vessel.display()),
+    };
+    let child = cmd.spawn().map_err(|e| Error::Spawn {
+        what: what.clone(),
+        why: if e.kind() == std::io::ErrorKind::NotFound && def.driver == DriverKind::Qemu {
+            format!("{e}: install QEMU (apt-get install qemu-system-x86)")
+        } else {
+            e.to_string()
+        },
+    })?;
+    let pid = child.id() as i32;
+    let id = proc_id(pid, def.driver).unwrap_or(ProcId {
+        pid,
+        start_time: 0,
+        driver: def.driver,
+    });
+    id.write(&run.pidfile())?;
+    Ok((child, id))
+}
+
+/// Waits for the VMM's control socket to answer, or for the process to end.
+pub fn wait_ready(def: &DomainDef, run: &RunDir, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(run.stderr()).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(3).collect();
+            let mut last: Vec<&str> = last.into_iter().rev().collect();
+            last.retain(|l| !l.trim().is_empty());
+            return Err(Error::Spawn {
+                what: format!("domain {}", def.name),
+                why: format!("the VMM exited at once ({status}): {}", last.join(" / ")),
+            });
+        }
+        let ready = match def.driver {
+            DriverKind::Qemu => Qmp::connect(&run.qmp(), Duration::from_secs(2)).is_ok(),
+            DriverKind::Vessel => std::os::unix::net::UnixStream::connect(run.api()).is_ok(),
+        };
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Spawn {
+                what: format!("domain {}", def.name),
+                why: "its control socket did not appear within 10 s".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs one QMP command on a domain's monitor.
+pub fn qmp(run: &RunDir, command: &str) -> Result<serde_json::Value> {
+    let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+    Ok(q.execute(command, None)?)
+}
+
+/// QEMU's run state through QMP (`running`, `paused`, …).
+pub fn qmp_status(run: &RunDir) -> Result<String> {
+    let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+    Ok(q.status()?)
+}
+
+/// Sends one request to a Vessel VMM's control API; errors carry its `fault_message`.
+pub fn vmm_api(run: &RunDir, method: &str, path: &str, body: &serde_json::Value) -> Result<()> {
+    let b = body.to_string();
+    let r = vmm::api::http::client_request(
+        &run.api(),
+        method,
+        path,
+        Some(("application/json", b.as_bytes())),
+    )
+    .map_err(|e| Error::Conflict(format!("the VMM's control API: {e}")))?;
+    if r.status / 100 == 2 {
+        return Ok(());
+    }
+    let msg = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| {
+            v.get("fault_message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("status {}", r.status));
+    Err(Error::Unsupported(format!("the Vessel VMM refused: {msg}")))
+}
+
+/// Appends a line to a domain's VMM log (manager-side notes).
+pub fn note(run: &RunDir, line: &str) {
+    if let Ok(mut f) = OpenOptions::new().append(true).open(run.stderr()) {
+        let _ = writeln!(f, "vessel-manager: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfiles_identify_our_process() {
+        let me = proc_id(std::process::id() as i32, DriverKind::Qemu).unwrap();
+        assert!(me.alive());
+        let dir = std::env::temp_dir().join(format!("vessel-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vmm.pid");
+        me.write(&f).unwrap();
+        assert_eq!(ProcId::read(&f), Some(me.clone()));
+        let reused = ProcId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.alive());
+        std::fs::write(&f, "garbage").unwrap();
+        assert_eq!(ProcId::read(&f), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,597 @@
+//! The manager's core: definitions (through the store), running domains (through the
+//! drivers), supervision, re-adoption after a restart, and events. The REST API (api.rs) is
+//! a thin layer over this.
+//!
+//! Concurrency: every operation on a domain holds that domain's lock, so operations on one
+//! domain are serialized and different domains proceed in parallel. The runtime table has
+//! its own short-lived lock, never held across a driver call.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::domain::{self, DomainDef, DomainState, DriverKind};
+use crate::driver::{self, ProcId, Programs, RunDir};
+use crate::error::{Error, Result};
+use crate::events::Events;
+use crate::store::Store;
+
+/// Where the daemon keeps things and which programs it runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub programs: Programs,
+}
+
+#[derive(Debug)]
+struct Active {
+    id: ProcId,
+    state: DomainState,
+    /// Bumped at every start, so a stale supervisor cannot end a newer run.
+    generation: u64,
+    /// Set by destroy, so the exit is reported as destroyed, not crashed.
+    destroying: bool,
+    started: Instant,
+}
+
+/// What `list` and `dominfo` report.
+#[derive(Clone, Debug, Serialize)]
+pub struct DomainInfo {
+    pub name: String,
+    pub uuid: String,
+    pub driver: DriverKind,
+    pub state: DomainState,
+    /// libvirt-style state text ("running", "shut off", …).
+    pub state_text: &'static str,
+    pub autostart: bool,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<f64>,
+    /// Why the domain last stopped, when it is not running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_stop: Option<String>,
+    pub serial_log: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Manager {
+    pub cfg: Config,
+    pub store: Store,
+    pub events: Events,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    active: Mutex<HashMap<String, Active>>,
+    last_stop: Mutex<HashMap<String, String>>,
+    generation: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Manager {
+    /// Opens (or creates) the state directory and its database, then re-adopts VMM
+    /// processes that outlived a previous daemon.
+    pub fn open(cfg: Config) -> Result<Arc<Self>> {
+        for d in [
+            cfg.state_dir.clone(),
+            cfg.state_dir.join("run"),
+            cfg.state_dir.join("log"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(|e| Error::io("creating state folder", &d, e))?;
+        }
+        let store = Store::open(&cfg.state_dir.join("vessel.db"))?;
+        let m = Arc::new(Manager {
+            cfg,
+            store,
+            events: Events::default(),
+            locks: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            last_stop: Mutex::new(HashMap::new()),
+            generation: Mutex::new(0),
+        });
+        m.adopt()?;
+        Ok(m)
+    }
+
+    fn run_dir(&self, name: &str) -> RunDir {
+        RunDir(self.cfg.state_dir.join("run").join(name))
+    }
+
+    pub fn serial_log(&self, name: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("log")
+            .join(format!("{name}.serial.log"))
+    }
+
+    fn domain_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        lock(&self.locks)
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone()
+    }
+
+    fn next_generation(&self) -> u64 {
+        let mut g = lock(&self.generation);
+        *g += 1;
+        *g
+    }
+
+    /// Finds VMM processes a previous daemon started and watches them again.
+    fn adopt(self: &Arc<Self>) -> Result<()> {
+        let run = self.cfg.state_dir.join("run");
+        let entries = std::fs::read_dir(&run).map_err(|e| Error::io("reading", &run, e))?;
+        for ent in entries.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let dir = RunDir(ent.path());
+            let id = ProcId::read(&dir.pidfile());
+            let defined = self.store.get_domain(&name).is_ok();
+            match id {
+                Some(id) if id.alive() && defined => {
+                    let state = match id.driver {
+                        DriverKind::Qemu => match driver::qmp_status(&dir).as_deref() {
+                            Ok("paused") => DomainState::Paused,
+                            _ => DomainState::Running,
+                        },
+                        DriverKind::Vessel => DomainState::Running,
+                    };
+                    let generation = self.next_generation();
+                    tracing::info!(domain = %name, pid = id.pid, "re-adopted a running VMM");
+                    lock(&self.active).insert(
+                        name.clone(),
+                        Active {
+                            id: id.clone(),
+                            state,
+                            generation,
+                            destroying: false,
+                            started: Instant::now(),
+                        },
+                    );
+                    self.events.emit(
+                        &name,
+                        "adopted",
+                        state.as_str(),
+                        Some(format!("pid {}", id.pid)),
+                    );
+                    self.watch(name, generation, None, id);
+                }
+                Some(id) if id.alive() => {
+                    tracing::warn!(domain = %name, pid = id.pid, "a VMM runs for an undefined domain; leaving it alone");
+                }
+                _ => {
+                    tracing::info!(domain = %name, "VMM ended while the daemon was down");
+                    let _ = std::fs::remove_dir_all(&dir.0);
+                    lock(&self.last_stop).insert(name, "ended while the daemon was down".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts autostart domains that are not running.
+    pub fn autostart_all(self: &Arc<Self>) {
+        let Ok(defs) = self.store.list_domains() else {
+            return;
+        };
+        for d in defs.into_iter().filter(|d| d.autostart) {
+            if lock(&self.active).contains_key(&d.name) {
+                continue;
+            }
+            if let Err(e) = self.start(&d.name) {
+                tracing::warn!(domain = %d.name, "autostart failed: {e}");
+            }
+        }
+    }
+
+    /// Supervises a VMM: reaps our own child, or polls an adopted process.
+    fn watch(self: &Arc<Self>, name: String, generation: u64, child: Option<Child>, id: ProcId) {
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{name}"))
+            .spawn(move || {
+                let status = match child {
+                    Some(mut c) => c.wait().ok(),
+                    None => {
+                        while id.alive() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        None
+                    }
+                };
+                if let Some(m) = me.upgrade() {
+                    m.vmm_exited(&name, generation, status);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a supervisor thread: {e}");
+        }
+    }
+
+    fn vmm_exited(&self, name: &str, generation: u64, status: Option<std::process::ExitStatus>) {
+        let mut active = lock(&self.active);
+        let Some(a) = active.get(name) else { return };
+        if a.generation != generation {
+            return;
+        }
+        let destroyed = a.destroying;
+        let shutting = a.state == DomainState::InShutdown;
+        let (event, state, why) = match status {
+            _ if destroyed => ("stopped", DomainState::Shutoff, "destroyed".to_string()),
+            Some(s) if s.success() => (
+                "stopped",
+                DomainState::Shutoff,
+                if shutting {
+                    "shutdown"
+                } else {
+                    "guest powered off"
+                }
+                .to_string(),
+            ),
+            // `vessel run` exits 10 when the guest rebooted.
+            Some(s) if s.code() == Some(10) => {
+                ("stopped", DomainState::Shutoff, "guest rebooted".into())
+            }
+            Some(s) => (
+                "crashed",
+                DomainState::Crashed,
+                format!("the VMM ended: {s}"),
+            ),
+            None => (
+                "stopped",
+                DomainState::Shutoff,
+                "the VMM process ended".into(),
+            ),
+        };
+        let run = self.run_dir(name);
+        if state == DomainState::Crashed {
+            // Keep the VMM's own log where the user can read it.
+            let _ = std::fs::copy(
+                run.stderr(),
+                self.cfg
+                    .state_dir
+                    .join("log")
+                    .join(format!("{name}.vmm.log")),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&run.0);
+        // Record why before the domain stops counting as active, so nobody sees a stopped
+        // domain without its reason.
+        lock(&self.last_stop).insert(name.to_string(), why.clone());
+        active.remove(name);
+        drop(active);
+        self.events.emit(name, event, state.as_str(), Some(why));
+    }
+
+    fn state_of(&self, name: &str) -> DomainState {
+        if let Some(a) = lock(&self.active).get(name) {
+            return a.state;
+        }
+        if lock(&self.last_stop)
+            .get(name)
+            .is_some_and(|w| w.starts_with("the VMM ended"))
+        {
+            DomainState::Crashed
+        } else {
+            DomainState::Shutoff
+        }
+    }
+
+    fn info_of(&self, d: &DomainDef) -> DomainInfo {
+        let active = lock(&self.active);
+        let a = active.get(&d.name);
+        let state = a.map(|a| a.state).unwrap_or(DomainState::Shutoff);
+        let pid = a.map(|a| a.id.pid);
+        let uptime_s = a.map(|a| a.started.elapsed().as_secs_f64());
+        drop(active);
+        let state = if state == DomainState::Shutoff {
+            self.state_of(&d.name)
+        } else {
+            state
+        };
+        DomainInfo {
+            name: d.name.clone(),
+            uuid: d.uuid.clone().unwrap_or_default(),
+            driver: d.driver,
+            state,
+            state_text: state.as_str(),
+            autostart: d.autostart,
+            cpus: d.vm.cpus,
+            memory_mib: d.vm.memory_mib,
+            pid,
+            uptime_s,
+            last_stop: if state.is_active() {
+                None
+            } else {
+                lock(&self.last_stop).get(&d.name).cloned()
+            },
+            serial_log: self.serial_log(&d.name),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<DomainInfo>> {
+        Ok(self
+            .store
+            .list_domains()?
+            .iter()
+            .map(|d| self.info_of(d))
+            .collect())
+    }
+
+    pub fn info(&self, name: &str) -> Result<(DomainDef, DomainInfo)> {
+        let d = self.store.get_domain(name)?;
+        let i = self.info_of(&d);
+        Ok((d, i))
+    }
+
+    pub fn define(&self, mut def: DomainDef) -> Result<DomainInfo> {
+        def.validate()?;
+        if def.uuid.is_none() {
+            def.uuid = Some(domain::new_uuid());
+        }
+        // The manager owns the serial: it is set at start.
+        def.vm.serial = vmm::SerialConfig::Null;
+        let l = self.domain_lock(&def.name);
+        let _g = lock(&l);
+        self.store.insert_domain(&def)?;
+        self.events.emit(&def.name, "defined", "shut off", None);
+        Ok(self.info_of(&def))
+    }
+
+    pub fn undefine(&self, name: &str) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        self.store.get_domain(name)?;
+        if lock(&self.active).contains_key(name) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is running: stop it first (vessel destroy {name})"
+            )));
+        }
+        self.store.delete_domain(name)?;
+        let _ = std::fs::remove_file(self.serial_log(name));
+        lock(&self.last_stop).remove(name);
+        self.events.emit(name, "undefined", "shut off", None);
+        Ok(())
+    }
+
+    pub fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let mut d = self.store.get_domain(name)?;
+        d.autostart = on;
+        self.store.update_domain(&d)
+    }
+
+    /// Disk files attached to defined domains other than `except`: (path, domain).
+    pub fn disk_users(&self, path: &Path) -> Result<Vec<String>> {
+        let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        Ok(self
+            .store
+            .list_domains()?
+            .into_iter()
+            .filter(|d| {
+                d.vm.disks
+                    .iter()
+                    .any(|k| k.path.canonicalize().unwrap_or_else(|_| k.path.clone()) == want)
+            })
+            .map(|d| d.name)
+            .collect())
+    }
+
+    pub fn is_active(&self, name: &str) -> bool {
+        lock(&self.active).contains_key(name)
+    }
+
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let def = self.store.get_domain(name)?;
+        if lock(&self.active).contains_key(name) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is already running"
+            )));
+        }
+        def.validate()?;
+        // A writable disk may be used by one running domain only.
+        for disk in def.vm.disks.iter().filter(|d| !d.read_only) {
+            for other in self.disk_users(&disk.path)? {
+                if other != name && self.is_active(&other) {
+                    return Err(Error::Conflict(format!(
+                        "disk {} is in use by running domain {other:?}",
+                        disk.path.display()
+                    )));
+                }
+            }
+        }
+        if def
+            .interfaces
+            .iter()
+            .any(|i| i.network.is_some() || i.bridge.is_some())
+        {
+            return Err(Error::Unsupported(
+                "network interfaces are not implemented by the manager yet: remove the \
+                 domain's interfaces"
+                    .into(),
+            ));
+        }
+        let run = self.run_dir(name);
+        let _ = std::fs::remove_dir_all(&run.0);
+        let (mut child, id) =
+            driver::start(&self.cfg.programs, &def, &run, &self.serial_log(name))?;
+        if let Err(e) = driver::wait_ready(&def, &run, &mut child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&run.0);
+            return Err(e);
+        }
+        let generation = self.next_generation();
+        lock(&self.active).insert(
+            name.to_string(),
+            Active {
+                id: id.clone(),
+                state: DomainState::Running,
+                generation,
+                destroying: false,
+                started: Instant::now(),
+            },
+        );
+        lock(&self.last_stop).remove(name);
+        self.events
+            .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
+        self.watch(name.to_string(), generation, Some(child), id);
+        Ok(self.info_of(&def))
+    }
+
+    /// The active domain's identity, or a conflict error saying it is not running.
+    fn active_id(&self, name: &str) -> Result<(ProcId, DomainState)> {
+        self.store.get_domain(name)?;
+        lock(&self.active)
+            .get(name)
+            .map(|a| (a.id.clone(), a.state))
+            .ok_or_else(|| Error::Conflict(format!("domain {name:?} is not running")))
+    }
+
+    fn set_state(&self, name: &str, s: DomainState) {
+        if let Some(a) = lock(&self.active).get_mut(name) {
+            a.state = s;
+        }
+    }
+
+    /// Asks the guest to power off (ACPI power button for QEMU). With `wait`, waits that
+    /// long for it to stop and reports whether it did.
+    pub fn shutdown(&self, name: &str, wait: Option<Duration>) -> Result<DomainState> {
+        {
+            let l = self.domain_lock(name);
+            let _g = lock(&l);
+            let (id, _) = self.active_id(name)?;
+            let run = self.run_dir(name);
+            match id.driver {
+                DriverKind::Qemu => {
+                    driver::qmp(&run, "system_powerdown")?;
+                }
+                DriverKind::Vessel => {
+                    driver::vmm_api(
+                        &run,
+                        "PUT",
+                        "/actions",
+                        &serde_json::json!({"action_type": "SendCtrlAltDel"}),
+                    )?;
+                }
+            }
+            self.set_state(name, DomainState::InShutdown);
+            self.events
+                .emit(name, "shutdown-requested", "in shutdown", None);
+        }
+        if let Some(w) = wait {
+            let deadline = Instant::now() + w;
+            while self.is_active(name) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(self.state_of(name))
+    }
+
+    /// Stops the VMM at once: SIGTERM, then SIGKILL after 3 s. Returns when it has ended.
+    pub fn destroy(&self, name: &str) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let (id, _) = self.active_id(name)?;
+        if let Some(a) = lock(&self.active).get_mut(name) {
+            a.destroying = true;
+        }
+        driver::signal(&id, libc::SIGTERM);
+        let t0 = Instant::now();
+        while id.alive() {
+            if t0.elapsed() > Duration::from_secs(3) {
+                driver::signal(&id, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The supervisor records the stop; wait for it so the caller sees "shut off".
+        let t1 = Instant::now();
+        while self.is_active(name) && t1.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    pub fn reboot(&self, name: &str) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let (id, _) = self.active_id(name)?;
+        match id.driver {
+            DriverKind::Qemu => {
+                driver::qmp(&self.run_dir(name), "system_reset")?;
+            }
+            DriverKind::Vessel => {
+                return Err(Error::Unsupported(
+                    "Vessel's VMM cannot reset a running guest from outside yet; the guest \
+                     can reboot itself (the domain then stops with \"guest rebooted\")"
+                        .into(),
+                ))
+            }
+        }
+        self.events.emit(name, "rebooted", "running", None);
+        Ok(())
+    }
+
+    pub fn suspend(&self, name: &str) -> Result<()> {
+        self.pause_resume(name, true)
+    }
+
+    pub fn resume(&self, name: &str) -> Result<()> {
+        self.pause_resume(name, false)
+    }
+
+    fn pause_resume(&self, name: &str, pause: bool) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let (id, state) = self.active_id(name)?;
+        if pause && state == DomainState::Paused {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is already paused"
+            )));
+        }
+        if !pause && state != DomainState::Paused {
+            return Err(Error::Conflict(format!("domain {name:?} is not paused")));
+        }
+        let run = self.run_dir(name);
+        match id.driver {
+            DriverKind::Qemu => {
+                driver::qmp(&run, if pause { "stop" } else { "cont" })?;
+            }
+            DriverKind::Vessel => {
+                let s = if pause { "Paused" } else { "Resumed" };
+                driver::vmm_api(&run, "PATCH", "/vm", &serde_json::json!({ "state": s }))?;
+            }
+        }
+        let (s, ev) = if pause {
+            (DomainState::Paused, "suspended")
+        } else {
+            (DomainState::Running, "resumed")
+        };
+        self.set_state(name, s);
+        self.events.emit(name, ev, s.as_str(), None);
+        Ok(())
+    }
+
+    /// The domain's console: QEMU's serial socket (interactive) or, for the Vessel VMM,
+    /// none yet (its serial goes to the log file only).
+    pub fn console_socket(&self, name: &str) -> Result<PathBuf> {
+        let (id, _) = self.active_id(name)?;
+        match id.driver {
+            DriverKind::Qemu => Ok(self.run_dir(name).console()),
+            DriverKind::Vessel => Err(Error::Unsupported(
+                "interactive console for the Vessel VMM needs a Unix-socket serial backend \
+                 in the VMM; read its output with `vessel console --log`"
+                    .into(),
+            )),
+        }
+    }
+}

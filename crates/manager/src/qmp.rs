@@ -1,0 +1,157 @@
+//! A small QMP client: connect to QEMU's monitor socket, negotiate capabilities, run
+//! commands. Events that arrive between a command and its answer are skipped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("connecting to {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("i/o on the monitor socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QEMU closed the monitor connection")]
+    Closed,
+    #[error("unexpected reply from QEMU: {0}")]
+    Protocol(String),
+    #[error("QEMU refused {command}: {desc}")]
+    Command { command: String, desc: String },
+}
+
+/// A negotiated QMP connection.
+#[derive(Debug)]
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    /// Connects and leaves capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let w = s.try_clone()?;
+        let mut q = Qmp {
+            r: BufReader::new(s),
+            w,
+        };
+        let greeting = q.read_msg()?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(greeting.to_string()));
+        }
+        q.execute("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    fn read_msg(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.r.by_ref().take(1 << 20).read_line(&mut line)?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            return serde_json::from_str(line.trim())
+                .map_err(|_| QmpError::Protocol(line.trim().to_string()));
+        }
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.w.write_all(line.as_bytes())?;
+        loop {
+            let v = self.read_msg()?;
+            if v.get("event").is_some() {
+                tracing::debug!(event = %v, "QMP event");
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    desc: e
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                });
+            }
+            return Err(QmpError::Protocol(v.to_string()));
+        }
+    }
+
+    /// `query-status`'s `status` (running, paused, shutdown, …).
+    pub fn status(&mut self) -> Result<String, QmpError> {
+        let r = self.execute("query-status", None)?;
+        r.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Protocol(r.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QEMU that answers a scripted conversation.
+    #[test]
+    fn negotiates_skips_events_and_reports_errors() {
+        let dir = std::env::temp_dir().join(format!("vessel-qmp-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let l = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("qmp_capabilities"));
+            w.write_all(b"{\"return\": {}}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"event\": \"STOP\"}\r\n{\"return\": {\"status\": \"paused\", \"running\": false}}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\r\n")
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"not json\r\n").unwrap();
+        });
+        let mut q = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.status().unwrap(), "paused");
+        let e = q.execute("cont", None).unwrap_err();
+        assert!(e.to_string().contains("nope"));
+        assert!(matches!(q.execute("x", None), Err(QmpError::Protocol(_))));
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,474 @@
+//! Directory storage pools and their volumes (raw and qcow2 image files, through the
+//! `block` crate). A pool is a name for a folder; its volumes are the image files in it,
+//! so files put there by other tools show up too (as with libvirt's `dir` pools).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use block::Format;
+use serde::{Deserialize, Serialize};
+use vmm::api::http::{Reply, Request, Response};
+
+use crate::domain::check_name;
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+
+/// The chain of an error's messages, "a: b: c".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn block_err(e: impl std::error::Error) -> Error {
+    Error::Block(chain(&e))
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub volumes: usize,
+    /// Bytes of the filesystem holding the pool.
+    pub capacity: u64,
+    pub available: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub pool: String,
+    pub path: PathBuf,
+    pub format: Format,
+    /// Virtual size in bytes (what the guest sees).
+    pub capacity: u64,
+    /// Bytes the file occupies on the host.
+    pub allocation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    /// Defined domains whose disks use this volume.
+    pub used_by: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolReq {
+    name: String,
+    path: PathBuf,
+    /// Create the folder when it does not exist (`pool-build`).
+    #[serde(default)]
+    create: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolReq {
+    name: String,
+    capacity: u64,
+    #[serde(default = "default_format")]
+    format: String,
+}
+
+fn default_format() -> String {
+    "qcow2".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneReq {
+    name: String,
+    /// overlay (a qcow2 whose backing file is the source) or copy (a full copy).
+    #[serde(default = "default_mode")]
+    mode: String,
+    /// Format of a full copy (default: the source's).
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn default_mode() -> String {
+    "overlay".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeReq {
+    capacity: u64,
+}
+
+fn parse_format(s: &str) -> Result<Format> {
+    s.parse()
+        .map_err(|e: block::UnknownFormat| Error::invalid("volume format", e.to_string()))
+}
+
+fn statvfs(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return (0, 0);
+    }
+    let f = st.f_frsize as u64;
+    (st.f_blocks as u64 * f, st.f_bavail as u64 * f)
+}
+
+fn volume_files(dir: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("reading pool folder", dir, e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && check_name("volume", n).is_ok())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
+    let (capacity, available) = statvfs(path);
+    Ok(PoolInfo {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        volumes: volume_files(path).map(|v| v.len()).unwrap_or(0),
+        capacity,
+        available,
+    })
+}
+
+pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
+    check_name("pool name", name)?;
+    if !path.is_absolute() {
+        return Err(Error::invalid(
+            "pool path",
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    let mut made = false;
+    if !path.exists() {
+        if !create {
+            return Err(Error::invalid(
+                "pool path",
+                format!(
+                    "{} does not exist: create it first, or ask for it to be created (vessel pool-define --build)",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(path).map_err(|e| Error::io("creating pool folder", path, e))?;
+        made = true;
+    } else if !path.is_dir() {
+        return Err(Error::invalid(
+            "pool path",
+            format!("{} is not a directory", path.display()),
+        ));
+    }
+    let path = path
+        .canonicalize()
+        .map_err(|e| Error::io("resolving", path, e))?;
+    if let Err(e) = m.store.insert_pool(name, &path) {
+        if made {
+            let _ = std::fs::remove_dir(&path);
+        }
+        return Err(e);
+    }
+    pool_info(name, &path)
+}
+
+fn vol_path(m: &Manager, pool: &str, vol: &str) -> Result<PathBuf> {
+    check_name("volume name", vol)?;
+    Ok(m.store.get_pool(pool)?.join(vol))
+}
+
+pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
+    let path = vol_path(m, pool, vol)?;
+    if !path.is_file() {
+        return Err(Error::not_found("volume", &format!("{pool}/{vol}")));
+    }
+    let i = block::info(&path, None).map_err(block_err)?;
+    Ok(VolumeInfo {
+        name: vol.to_string(),
+        pool: pool.to_string(),
+        used_by: m.disk_users(&path)?,
+        path,
+        format: i.format,
+        capacity: i.virtual_size,
+        allocation: i.actual_size,
+        backing_file: i.backing_file,
+    })
+}
+
+fn ensure_absent(path: &Path, pool: &str, vol: &str) -> Result<()> {
+    if path.exists() {
+        return Err(Error::Exists {
+            kind: "volume",
+            name: format!("{pool}/{vol}"),
+        });
+    }
+    Ok(())
+}
+
+pub fn create_volume(
+    m: &Manager,
+    pool: &str,
+    vol: &str,
+    capacity: u64,
+    format: Format,
+) -> Result<VolumeInfo> {
+    let path = vol_path(m, pool, vol)?;
+    ensure_absent(&path, pool, vol)?;
+    if capacity == 0 {
+        return Err(Error::invalid(
+            "volume capacity",
+            "must be more than 0 bytes",
+        ));
+    }
+    if let Err(e) = block::create(&path, format, Some(capacity), None) {
+        let _ = std::fs::remove_file(&path);
+        return Err(block_err(e));
+    }
+    volume_info(m, pool, vol)
+}
+
+pub fn clone_volume(
+    m: &Manager,
+    pool: &str,
+    src: &str,
+    dst: &str,
+    overlay: bool,
+    format: Option<Format>,
+) -> Result<VolumeInfo> {
+    let from = volume_info(m, pool, src)?;
+    let to = vol_path(m, pool, dst)?;
+    ensure_absent(&to, pool, dst)?;
+    let r = if overlay {
+        if format.is_some_and(|f| f != Format::Qcow2) {
+            return Err(Error::invalid("clone", "an overlay is always qcow2"));
+        }
+        block::create(
+            &to,
+            Format::Qcow2,
+            Some(from.capacity),
+            Some((src, Some(from.format))),
+        )
+        .map_err(block_err)
+    } else {
+        block::convert(
+            &from.path,
+            Some(from.format),
+            &to,
+            format.unwrap_or(from.format),
+            &mut |_, _| {},
+        )
+        .map_err(block_err)
+    };
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&to);
+        return Err(e);
+    }
+    volume_info(m, pool, dst)
+}
+
+/// Running domains using a volume.
+fn running_users(m: &Manager, path: &Path) -> Result<Vec<String>> {
+    Ok(m.disk_users(path)?
+        .into_iter()
+        .filter(|d| m.is_active(d))
+        .collect())
+}
+
+pub fn resize_volume(m: &Manager, pool: &str, vol: &str, capacity: u64) -> Result<VolumeInfo> {
+    let info = volume_info(m, pool, vol)?;
+    let users = running_users(m, &info.path)?;
+    if !users.is_empty() {
+        return Err(Error::Conflict(format!(
+            "volume {pool}/{vol} is in use by running domain(s) {}: stop them first",
+            users.join(", ")
+        )));
+    }
+    if capacity < info.capacity {
+        return Err(Error::invalid(
+            "volume capacity",
+            format!(
+                "shrinking ({} to {capacity} bytes) is refused: it loses data",
+                info.capacity
+            ),
+        ));
+    }
+    block::resize(&info.path, Some(info.format), capacity).map_err(block_err)?;
+    volume_info(m, pool, vol)
+}
+
+pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
+    let info = volume_info(m, pool, vol)?;
+    if !info.used_by.is_empty() {
+        return Err(Error::Conflict(format!(
+            "volume {pool}/{vol} is in use by domain(s) {}: detach it (redefine the domain) or undefine them first",
+            info.used_by.join(", ")
+        )));
+    }
+    let dir = m.store.get_pool(pool)?;
+    for other in volume_files(&dir)? {
+        if other == vol {
+            continue;
+        }
+        if let Ok(i) = block::info(&dir.join(&other), None) {
+            if let Some(b) = i.backing_file {
+                if block::resolve_backing(&dir.join(&other), &b) == info.path {
+                    return Err(Error::Conflict(format!(
+                        "volume {pool}/{vol} is the backing file of {pool}/{other}: delete that first"
+                    )));
+                }
+            }
+        }
+    }
+    std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))
+}
+
+/// Writes guest-visible bytes at `offset` (upload, in chunks).
+pub fn write_volume(m: &Manager, pool: &str, vol: &str, offset: u64, data: &[u8]) -> Result<()> {
+    let info = volume_info(m, pool, vol)?;
+    if !running_users(m, &info.path)?.is_empty() {
+        return Err(Error::Conflict(format!(
+            "volume {pool}/{vol} is in use by a running domain"
+        )));
+    }
+    let end = offset
+        .checked_add(data.len() as u64)
+        .filter(|&e| e <= info.capacity)
+        .ok_or_else(|| {
+            Error::invalid(
+                "upload",
+                format!(
+                    "{} bytes at offset {offset} go past the volume's capacity ({} bytes)",
+                    data.len(),
+                    info.capacity
+                ),
+            )
+        })?;
+    let _ = end;
+    let mut b = block::open(&info.path, Some(info.format), false).map_err(block_err)?;
+    b.write_at(offset, data).map_err(block_err)?;
+    b.flush().map_err(block_err)
+}
+
+/// Reads guest-visible bytes (download, in chunks of at most 16 MiB).
+pub fn read_volume(m: &Manager, pool: &str, vol: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let info = volume_info(m, pool, vol)?;
+    if offset > info.capacity {
+        return Err(Error::invalid("download", "offset past the volume's end"));
+    }
+    let n = len.min(info.capacity - offset).min(16 << 20);
+    let mut b = block::open_with(&info.path, Some(info.format), true, true).map_err(block_err)?;
+    let mut buf = vec![0u8; n as usize];
+    b.read_at(offset, &mut buf).map_err(block_err)?;
+    Ok(buf)
+}
+
+fn ok(v: serde_json::Value) -> Result<Reply> {
+    Ok(Response::json(200, &v).into())
+}
+
+fn val<T: Serialize>(t: &T) -> serde_json::Value {
+    serde_json::to_value(t).unwrap_or(serde_json::Value::Null)
+}
+
+fn body<T: serde::de::DeserializeOwned>(req: &Request, what: &'static str) -> Result<T> {
+    serde_json::from_slice(&req.body).map_err(|e| Error::invalid(what, e.to_string()))
+}
+
+fn q_u64(req: &Request, name: &'static str, default: u64) -> Result<u64> {
+    match req.query(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::invalid("query parameter", format!("{name}={v:?}"))),
+    }
+}
+
+/// `/v1/pools/...` routes; `seg` is what follows `pools`.
+pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
+    match (req.method.as_str(), seg) {
+        ("GET", []) => {
+            let pools: Vec<PoolInfo> = m
+                .store
+                .list_pools()?
+                .iter()
+                .map(|(n, p)| pool_info(n, p))
+                .collect::<Result<_>>()?;
+            ok(val(&pools))
+        }
+        ("POST", []) => {
+            let r: PoolReq = body(req, "pool definition")?;
+            Ok(Response::json(201, &val(&define_pool(m, &r.name, &r.path, r.create)?)).into())
+        }
+        ("GET", [p]) => ok(val(&pool_info(p, &m.store.get_pool(p)?)?)),
+        ("DELETE", [p]) => {
+            m.store.get_pool(p)?;
+            m.store.delete_pool(p)?;
+            Ok(Response::empty(204).into())
+        }
+        ("GET", [p, "volumes"]) => {
+            let dir = m.store.get_pool(p)?;
+            let vols: Vec<VolumeInfo> = volume_files(&dir)?
+                .iter()
+                .filter_map(|v| volume_info(m, p, v).ok())
+                .collect();
+            ok(val(&vols))
+        }
+        ("POST", [p, "volumes"]) => {
+            let r: VolReq = body(req, "volume definition")?;
+            let f = parse_format(&r.format)?;
+            Ok(Response::json(201, &val(&create_volume(m, p, &r.name, r.capacity, f)?)).into())
+        }
+        ("GET", [p, "volumes", v]) => ok(val(&volume_info(m, p, v)?)),
+        ("DELETE", [p, "volumes", v]) => {
+            delete_volume(m, p, v)?;
+            Ok(Response::empty(204).into())
+        }
+        ("POST", [p, "volumes", v, "clone"]) => {
+            let r: CloneReq = body(req, "clone request")?;
+            let overlay = match r.mode.as_str() {
+                "overlay" => true,
+                "copy" => false,
+                other => {
+                    return Err(Error::invalid(
+                        "clone mode",
+                        format!("{other:?} (overlay or copy)"),
+                    ))
+                }
+            };
+            let f = r.format.as_deref().map(parse_format).transpose()?;
+            Ok(Response::json(201, &val(&clone_volume(m, p, v, &r.name, overlay, f)?)).into())
+        }
+        ("POST", [p, "volumes", v, "resize"]) => {
+            let r: ResizeReq = body(req, "resize request")?;
+            ok(val(&resize_volume(m, p, v, r.capacity)?))
+        }
+        ("PUT", [p, "volumes", v, "data"]) => {
+            let off = q_u64(req, "offset", 0)?;
+            write_volume(m, p, v, off, &req.body)?;
+            Ok(Response::empty(204).into())
+        }
+        ("GET", [p, "volumes", v, "data"]) => {
+            let off = q_u64(req, "offset", 0)?;
+            let len = q_u64(req, "length", 16 << 20)?;
+            let data = read_volume(m, p, v, off, len)?;
+            Ok(Response::bytes(200, "application/octet-stream", data).into())
+        }
+        _ => Err(Error::not_found(
+            "API path",
+            &format!("{} {}", req.method, req.path),
+        )),
+    }
+}

@@ -1,0 +1,347 @@
+//! libvirt domain XML, the common subset: name, uuid, memory/currentMemory with units, vcpu,
+//! os/kernel/initrd/cmdline, file disks, network/bridge interfaces, serial/console. Parsed
+//! with roxmltree into a [`DomainDef`]; written back by [`to_xml`] (`vessel dumpxml`).
+//!
+//! `<domain type='…'>`: `vessel` runs on Vessel's VMM; `qemu` (software CPU, TCG) and `kvm`
+//! on QEMU with that accelerator. Elements outside the subset are ignored with a log line, as
+//! libvirt ignores what a driver does not use; malformed values in the subset are errors.
+
+use std::path::PathBuf;
+
+use roxmltree::{Document, Node};
+use vmm::{Accel, VmConfig};
+
+use vmm::config::{DiskConfig, DiskFormat};
+
+use crate::domain::{DomainDef, DriverKind, Interface};
+use crate::error::{Error, Result};
+
+fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+fn text(n: Node) -> String {
+    n.text().unwrap_or("").trim().to_string()
+}
+
+fn bad(why: impl Into<String>) -> Error {
+    Error::invalid("domain XML", why)
+}
+
+/// libvirt's memory units, to bytes.
+fn unit_bytes(unit: &str) -> Result<u64> {
+    Ok(match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "K" | "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1000 * 1000 * 1000 * 1000,
+        "T" | "TiB" => 1 << 40,
+        other => return Err(bad(format!("unknown memory unit {other:?}"))),
+    })
+}
+
+fn memory_mib(n: Node) -> Result<u64> {
+    let v: u64 = text(n)
+        .parse()
+        .map_err(|_| bad(format!("<{}> is not a number", n.tag_name().name())))?;
+    let unit = unit_bytes(n.attribute("unit").unwrap_or("KiB"))?;
+    let bytes = v
+        .checked_mul(unit)
+        .ok_or_else(|| bad("memory size out of range"))?;
+    Ok(bytes >> 20)
+}
+
+/// Parses a libvirt domain XML document.
+pub fn parse_domain(xml: &str) -> Result<DomainDef> {
+    let doc = Document::parse(xml).map_err(|e| bad(e.to_string()))?;
+    let root = doc.root_element();
+    if !root.has_tag_name("domain") {
+        return Err(bad(format!(
+            "the root element is <{}>, not <domain>",
+            root.tag_name().name()
+        )));
+    }
+    let (driver, accel) = match root.attribute("type").unwrap_or("qemu") {
+        "vessel" => (DriverKind::Vessel, Accel::Auto),
+        "qemu" => (DriverKind::Qemu, Accel::Emu),
+        "kvm" => (DriverKind::Qemu, Accel::Kvm),
+        other => return Err(bad(format!("domain type {other:?} (vessel, qemu or kvm)"))),
+    };
+    let name = child(root, "name")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("missing <name>"))?;
+    let uuid = child(root, "uuid").map(text).filter(|s| !s.is_empty());
+    let memory = match (child(root, "memory"), child(root, "currentMemory")) {
+        (Some(m), Some(c)) => memory_mib(m)?.min(memory_mib(c)?),
+        (Some(m), None) => memory_mib(m)?,
+        (None, Some(c)) => memory_mib(c)?,
+        (None, None) => return Err(bad("missing <memory>")),
+    };
+    let cpus = match child(root, "vcpu") {
+        Some(v) => text(v)
+            .parse::<u8>()
+            .map_err(|_| bad(format!("<vcpu> {:?} is not a CPU count (1-254)", text(v))))?,
+        None => 1,
+    };
+    let os = child(root, "os").ok_or_else(|| bad("missing <os>"))?;
+    let kernel = child(os, "kernel")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("missing <os><kernel>: only direct kernel boot is supported"))?;
+    let initrd = child(os, "initrd")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let mut vm = VmConfig::new(kernel);
+    vm.initrd = initrd;
+    if let Some(c) = child(os, "cmdline") {
+        vm.cmdline = text(c);
+    }
+    vm.memory_mib = memory;
+    vm.cpus = cpus;
+    vm.accel = accel;
+    vm.serial = vmm::SerialConfig::Null;
+
+    let mut disks = Vec::new();
+    let mut interfaces = Vec::new();
+    if let Some(devices) = child(root, "devices") {
+        for dev in devices.children().filter(|n| n.is_element()) {
+            match dev.tag_name().name() {
+                "disk" => disks.push(parse_disk(dev)?),
+                "interface" => interfaces.push(parse_interface(dev)?),
+                "serial" | "console" | "emulator" => {}
+                other => tracing::info!("domain XML: ignoring <{other}>"),
+            }
+        }
+    }
+    vm.disks = disks;
+    Ok(DomainDef {
+        name,
+        uuid,
+        driver,
+        autostart: false,
+        vm,
+        interfaces,
+    })
+}
+
+fn parse_disk(n: Node) -> Result<DiskConfig> {
+    let ty = n.attribute("type").unwrap_or("file");
+    if ty != "file" {
+        return Err(bad(format!(
+            "<disk type={ty:?}>: only file disks are supported"
+        )));
+    }
+    if let Some(d) = n.attribute("device") {
+        if d != "disk" && d != "cdrom" {
+            return Err(bad(format!("<disk device={d:?}>: disk or cdrom")));
+        }
+    }
+    let source = child(n, "source")
+        .and_then(|s| s.attribute("file"))
+        .ok_or_else(|| bad("<disk> without <source file=…>"))?;
+    let format = match child(n, "driver").and_then(|d| d.attribute("type")) {
+        None => None,
+        Some("raw") => Some(DiskFormat::Raw),
+        Some("qcow2") => Some(DiskFormat::Qcow2),
+        Some(other) => return Err(bad(format!("disk format {other:?} (raw or qcow2)"))),
+    };
+    // Disks appear to the guest in definition order (vda, vdb, …); <target dev> is not used.
+    Ok(DiskConfig {
+        path: source.into(),
+        format,
+        read_only: child(n, "readonly").is_some(),
+    })
+}
+
+fn parse_interface(n: Node) -> Result<Interface> {
+    let src = child(n, "source");
+    let mac = child(n, "mac")
+        .and_then(|m| m.attribute("address"))
+        .map(str::to_string);
+    match n.attribute("type") {
+        Some("network") => Ok(Interface {
+            network: Some(
+                src.and_then(|s| s.attribute("network"))
+                    .ok_or_else(|| bad("<interface type='network'> without <source network=…>"))?
+                    .to_string(),
+            ),
+            bridge: None,
+            mac,
+        }),
+        Some("bridge") => Ok(Interface {
+            network: None,
+            bridge: Some(
+                src.and_then(|s| s.attribute("bridge"))
+                    .ok_or_else(|| bad("<interface type='bridge'> without <source bridge=…>"))?
+                    .to_string(),
+            ),
+            mac,
+        }),
+        other => Err(bad(format!(
+            "<interface type={other:?}>: network or bridge"
+        ))),
+    }
+}
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// Writes a definition as libvirt domain XML.
+pub fn to_xml(d: &DomainDef) -> String {
+    let ty = match (d.driver, d.vm.accel) {
+        (DriverKind::Vessel, _) => "vessel",
+        (DriverKind::Qemu, Accel::Kvm) => "kvm",
+        (DriverKind::Qemu, _) => "qemu",
+    };
+    let mut x = format!("<domain type='{ty}'>\n  <name>{}</name>\n", esc(&d.name));
+    if let Some(u) = &d.uuid {
+        x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
+    }
+    let kib = d.vm.memory_mib << 10;
+    x.push_str(&format!("  <memory unit='KiB'>{kib}</memory>\n"));
+    x.push_str(&format!(
+        "  <currentMemory unit='KiB'>{kib}</currentMemory>\n"
+    ));
+    x.push_str(&format!("  <vcpu>{}</vcpu>\n", d.vm.cpus));
+    x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
+    x.push_str(&format!(
+        "    <kernel>{}</kernel>\n",
+        esc(&d.vm.kernel.to_string_lossy())
+    ));
+    if let Some(i) = &d.vm.initrd {
+        x.push_str(&format!(
+            "    <initrd>{}</initrd>\n",
+            esc(&i.to_string_lossy())
+        ));
+    }
+    x.push_str(&format!(
+        "    <cmdline>{}</cmdline>\n  </os>\n",
+        esc(&d.vm.cmdline)
+    ));
+    x.push_str("  <devices>\n");
+    for (i, disk) in d.vm.disks.iter().enumerate() {
+        x.push_str("    <disk type='file' device='disk'>\n");
+        if let Some(f) = disk.format {
+            let f = match f {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            x.push_str(&format!("      <driver name='qemu' type='{f}'/>\n"));
+        }
+        x.push_str(&format!(
+            "      <source file='{}'/>\n",
+            esc(&disk.path.to_string_lossy())
+        ));
+        let dev = format!("vd{}", (b'a' + (i % 26) as u8) as char);
+        x.push_str(&format!("      <target dev='{dev}' bus='virtio'/>\n"));
+        if disk.read_only {
+            x.push_str("      <readonly/>\n");
+        }
+        x.push_str("    </disk>\n");
+    }
+    for i in &d.interfaces {
+        let (t, a, v) = match (&i.network, &i.bridge) {
+            (Some(n), _) => ("network", "network", n),
+            (None, Some(b)) => ("bridge", "bridge", b),
+            (None, None) => continue,
+        };
+        x.push_str(&format!("    <interface type='{t}'>\n"));
+        x.push_str(&format!("      <source {a}='{}'/>\n", esc(v)));
+        if let Some(m) = &i.mac {
+            x.push_str(&format!("      <mac address='{}'/>\n", esc(m)));
+        }
+        x.push_str("      <model type='virtio'/>\n    </interface>\n");
+    }
+    x.push_str("    <serial type='pty'><target port='0'/></serial>\n");
+    x.push_str("    <console type='pty'><target type='serial' port='0'/></console>\n");
+    x.push_str("  </devices>\n</domain>\n");
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = r#"<domain type='kvm'>
+  <name>web</name>
+  <uuid>8c0b7b34-1c0e-4c47-9a4a-7c1e0c7e5f11</uuid>
+  <memory unit='GiB'>1</memory>
+  <currentMemory unit='MiB'>512</currentMemory>
+  <vcpu placement='static'>2</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd</initrd>
+    <cmdline>console=ttyS0 &amp; quiet</cmdline></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/x.qcow2'/><target dev='vda' bus='virtio'/><readonly/></disk>
+    <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>
+    <interface type='bridge'><source bridge='br0'/></interface>
+    <serial type='pty'/><console type='pty'/><video/>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn parses_the_common_subset() {
+        let d = parse_domain(XML).unwrap();
+        assert_eq!(d.name, "web");
+        assert_eq!(d.driver, DriverKind::Qemu);
+        assert_eq!(d.vm.accel, Accel::Kvm);
+        assert_eq!(d.vm.memory_mib, 512);
+        assert_eq!(d.vm.cpus, 2);
+        assert_eq!(d.vm.cmdline, "console=ttyS0 & quiet");
+        assert_eq!(
+            d.vm.initrd.as_deref(),
+            Some(std::path::Path::new("/boot/initrd"))
+        );
+        assert_eq!(d.vm.disks.len(), 1);
+        assert_eq!(d.vm.disks[0].format, Some(DiskFormat::Qcow2));
+        assert!(d.vm.disks[0].read_only);
+        assert_eq!(d.interfaces[0].network.as_deref(), Some("default"));
+        assert_eq!(d.interfaces[1].bridge.as_deref(), Some("br0"));
+        // Round trip through our own writer.
+        let again = parse_domain(&to_xml(&d)).unwrap();
+        assert_eq!(again, d);
+    }
+
+    #[test]
+    fn rejects_malformed_and_unsupported() {
+        let cases = [
+            ("<domain", "domain XML"),
+            ("<vm/>", "not <domain>"),
+            ("<domain type='xen'><name>a</name></domain>", "xen"),
+            ("<domain><memory>1</memory></domain>", "missing <name>"),
+            ("<domain><name>a</name><memory unit='parsec'>1</memory><os><kernel>/k</kernel></os></domain>", "unit"),
+            ("<domain><name>a</name><memory>x</memory></domain>", "not a number"),
+            ("<domain><name>a</name><memory>99999999999999999999</memory></domain>", "not a number"),
+            ("<domain><name>a</name><memory unit='TiB'>99999999</memory><os><kernel>/k</kernel></os></domain>", "out of range"),
+            ("<domain><name>a</name><memory>1024</memory><vcpu>999</vcpu></domain>", "vcpu"),
+            ("<domain><name>a</name><memory>1024</memory><os/></domain>", "kernel"),
+            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "file disks"),
+            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><interface type='user'/></devices></domain>", "interface"),
+        ];
+        for (xml, want) in cases {
+            let e = parse_domain(xml).unwrap_err().to_string();
+            assert!(e.contains(want), "{xml}: {e}");
+        }
+    }
+}

@@ -1,0 +1,808 @@
+//! `vessel daemon` and the manager's CLI verbs (named as virsh names them): clients of the
+//! daemon's REST API, printing tables by default and JSON with `--json`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use manager::client::Client;
+use serde_json::{json, Value};
+use vmm::api::http::percent_encode as enc;
+
+use crate::cmd_img::parse_size;
+
+/// Options every manager verb takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GlobalOpts {
+    /// The daemon's socket (default: /run/vessel/vessel.sock as root, else
+    /// $XDG_RUNTIME_DIR/vessel/vessel.sock).
+    #[arg(long, global = true, env = "VESSEL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn default_socket() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/run/vessel/vessel.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("vessel/vessel.sock"),
+        // SAFETY: getuid has no preconditions and touches no memory.
+        None => PathBuf::from(format!("/tmp/vessel-{}/vessel.sock", unsafe {
+            libc::getuid()
+        })),
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/vessel");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("vessel")
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// Where definitions (vessel.db), logs and run folders live.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The QEMU system emulator the qemu driver runs.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+/// Runs the daemon in the foreground until it is killed.
+pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
+    let socket = g.socket.clone().unwrap_or_else(default_socket);
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let vessel = std::env::current_exe().context("finding the vessel executable")?;
+    let cfg = manager::Config {
+        state_dir,
+        programs: manager::driver::Programs {
+            vessel,
+            qemu: args.qemu,
+        },
+    };
+    eprintln!("vessel daemon: listening on {}", socket.display());
+    manager::serve(cfg, &socket).map_err(anyhow::Error::from)?;
+    Ok(0)
+}
+
+/// The CLI verbs.
+#[derive(clap::Subcommand, Debug)]
+pub enum ManageCommand {
+    /// Run the manager daemon in the foreground.
+    Daemon(DaemonArgs),
+    /// List domains (running ones; --all for every defined one).
+    List {
+        #[arg(long, short)]
+        all: bool,
+    },
+    /// Define a domain from a file: Vessel JSON or libvirt domain XML ('-' reads stdin).
+    Define { file: PathBuf },
+    /// Remove a domain's definition (it must not be running).
+    Undefine { name: String },
+    /// Start a domain.
+    Start {
+        name: String,
+        /// Attach to its console once started.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Ask the guest to power off (ACPI power button for QEMU).
+    Shutdown {
+        name: String,
+        /// Wait up to this many seconds for it to stop.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Stop a domain at once (like pulling the plug).
+    Destroy { name: String },
+    /// Reset a running domain.
+    Reboot { name: String },
+    /// Pause a running domain's vCPUs.
+    Suspend { name: String },
+    /// Resume a paused domain.
+    Resume { name: String },
+    /// Show a domain's state and resources.
+    Dominfo { name: String },
+    /// Print a domain's definition as libvirt domain XML.
+    Dumpxml { name: String },
+    /// Attach to a domain's serial console (Ctrl-] detaches); --log prints what it wrote.
+    Console {
+        name: String,
+        #[arg(long)]
+        log: bool,
+    },
+    /// Start a domain when the daemon starts (--disable to stop doing so).
+    Autostart {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Print state-change events as they happen.
+    Events {
+        /// Only this domain's events.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Stop after this many seconds (default: run until interrupted).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Define a directory storage pool.
+    PoolDefine {
+        name: String,
+        path: PathBuf,
+        /// Create the folder if it does not exist.
+        #[arg(long)]
+        build: bool,
+    },
+    /// List storage pools.
+    PoolList,
+    /// Show a pool's path and space.
+    PoolInfo { name: String },
+    /// Forget a pool (its folder and files stay).
+    PoolUndefine { name: String },
+    /// Create a volume: SIZE like 10G or 512M.
+    VolCreate {
+        pool: String,
+        name: String,
+        size: String,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
+    /// List a pool's volumes.
+    VolList { pool: String },
+    /// Show a volume's format, capacity and allocation.
+    VolInfo { pool: String, name: String },
+    /// Clone a volume: a qcow2 overlay on it (default) or a full copy (--copy).
+    VolClone {
+        pool: String,
+        source: String,
+        name: String,
+        #[arg(long)]
+        copy: bool,
+        /// Format of a full copy (default: the source's).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Grow a volume to SIZE (shrinking is refused).
+    VolResize {
+        pool: String,
+        name: String,
+        size: String,
+    },
+    /// Delete a volume (refused while a domain uses it).
+    VolDelete { pool: String, name: String },
+    /// Write a local file's bytes into a volume (its guest-visible content).
+    VolUpload {
+        pool: String,
+        name: String,
+        file: PathBuf,
+    },
+    /// Save a volume's guest-visible content to a local (raw) file.
+    VolDownload {
+        pool: String,
+        name: String,
+        file: PathBuf,
+    },
+}
+
+fn size_text(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", U[i])
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints rows as aligned columns under a header and a rule, as virsh does.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let width = w.get(i).copied().unwrap_or(0);
+            out.push(' ');
+            out.push_str(&format!("{c:<width$}"));
+            out.push_str("  ");
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    println!("{}", "-".repeat(w.iter().map(|x| x + 3).sum::<usize>()));
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn kv(pairs: &[(&str, String)]) {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (k, v) in pairs {
+        println!("{:<w$} {v}", format!("{k}:"));
+    }
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn domain_kv(i: &Value) {
+    let mut p = vec![
+        ("Name", s(&i["name"])),
+        ("UUID", s(&i["uuid"])),
+        ("Driver", s(&i["driver"])),
+        ("State", s(&i["state_text"])),
+        ("CPU(s)", s(&i["cpus"])),
+        ("Memory", format!("{} MiB", s(&i["memory_mib"]))),
+        (
+            "Autostart",
+            if i["autostart"].as_bool() == Some(true) {
+                "enable"
+            } else {
+                "disable"
+            }
+            .to_string(),
+        ),
+    ];
+    if let Some(pid) = i.get("pid") {
+        p.push(("PID", s(pid)));
+    }
+    if let Some(u) = i["uptime_s"].as_f64() {
+        p.push(("Uptime", format!("{u:.1} s")));
+    }
+    if let Some(r) = i.get("last_stop") {
+        p.push(("Last stop", s(r)));
+    }
+    p.push(("Serial log", s(&i["serial_log"])));
+    kv(&p);
+}
+
+fn vol_kv(v: &Value) {
+    kv(&[
+        ("Name", s(&v["name"])),
+        ("Pool", s(&v["pool"])),
+        ("Path", s(&v["path"])),
+        ("Format", s(&v["format"])),
+        ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
+        (
+            "Allocation",
+            size_text(v["allocation"].as_u64().unwrap_or(0)),
+        ),
+        ("Backing file", s(&v["backing_file"])),
+        (
+            "Used by",
+            v["used_by"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                .filter(|x| !x.is_empty())
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ]);
+}
+
+fn dom(name: &str) -> String {
+    format!("/v1/domains/{}", enc(name))
+}
+
+fn vol(pool: &str, name: &str) -> String {
+    format!("/v1/pools/{}/volumes/{}", enc(pool), enc(name))
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(st) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+    {
+        pb.set_style(st.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+const CHUNK: u64 = 8 << 20;
+
+/// Runs one verb against the daemon.
+pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
+    let sock = g.socket.clone().unwrap_or_else(default_socket);
+    let c = Client::new(&sock);
+    let json_out = g.json;
+    let show_dom = |v: &Value| {
+        if json_out {
+            print_json(v)
+        } else {
+            domain_kv(v)
+        }
+    };
+    match cmd {
+        ManageCommand::Daemon(a) => return daemon(a, g),
+        ManageCommand::List { all } => {
+            let v = c.get("/v1/domains")?;
+            let list: Vec<&Value> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|d| {
+                            all || !matches!(d["state"].as_str(), Some("shutoff" | "crashed"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if json_out {
+                print_json(&Value::Array(list.into_iter().cloned().collect()));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.get("pid").map(s).unwrap_or_else(|| "-".into()),
+                            s(&d["name"]),
+                            s(&d["state_text"]),
+                            s(&d["driver"]),
+                            s(&d["cpus"]),
+                            format!("{} MiB", s(&d["memory_mib"])),
+                        ]
+                    })
+                    .collect();
+                table(&["PID", "Name", "State", "Driver", "CPUs", "Memory"], &rows);
+            }
+        }
+        ManageCommand::Define { file } => {
+            let text = if file == Path::new("-") {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let v = c.define_text(&text)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{}' defined from {}", s(&v["name"]), file.display());
+            }
+        }
+        ManageCommand::Undefine { name } => {
+            c.call("DELETE", &dom(&name), None)?;
+            if json_out {
+                print_json(&json!({"name": name, "undefined": true}));
+            } else {
+                println!("Domain '{name}' has been undefined");
+            }
+        }
+        ManageCommand::Start { name, console } => {
+            let v = c.post(&format!("{}/start", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' started");
+            }
+            if console {
+                return attach(&c, &name);
+            }
+        }
+        ManageCommand::Shutdown { name, wait } => {
+            let q = wait.map(|w| format!("?wait={w}")).unwrap_or_default();
+            let v = c.post(&format!("{}/shutdown{q}", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else if wait.is_some() && v["state"] == "shutoff" {
+                println!("Domain '{name}' is shut off");
+            } else if wait.is_some() {
+                bail!(
+                    "domain '{name}' did not power off within {} s (state: {}); the guest may ignore the power button: try `vessel destroy {name}`",
+                    wait.unwrap_or(0),
+                    s(&v["state_text"])
+                );
+            } else {
+                println!("Domain '{name}' is being shutdown");
+            }
+        }
+        ManageCommand::Destroy { name } => {
+            let v = c.post(&format!("{}/destroy", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' destroyed");
+            }
+        }
+        ManageCommand::Reboot { name } => {
+            let v = c.post(&format!("{}/reboot", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' is being rebooted");
+            }
+        }
+        ManageCommand::Suspend { name } => {
+            let v = c.post(&format!("{}/suspend", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' suspended");
+            }
+        }
+        ManageCommand::Resume { name } => {
+            let v = c.post(&format!("{}/resume", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' resumed");
+            }
+        }
+        ManageCommand::Dominfo { name } => {
+            let v = c.get(&dom(&name))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                domain_kv(&v["info"]);
+            }
+        }
+        ManageCommand::Dumpxml { name } => {
+            let r = c.raw("GET", &format!("{}/xml", dom(&name)), None)?;
+            std::io::stdout().write_all(&r.body)?;
+        }
+        ManageCommand::Console { name, log } => {
+            if log {
+                let r = c.raw("GET", &format!("{}/log", dom(&name)), None)?;
+                std::io::stdout().write_all(&r.body)?;
+            } else {
+                return attach(&c, &name);
+            }
+        }
+        ManageCommand::Autostart { name, disable } => {
+            let v = c.call(
+                "PUT",
+                &format!("{}/autostart", dom(&name)),
+                Some(&json!({"autostart": !disable})),
+            )?;
+            if json_out {
+                show_dom(&v);
+            } else if disable {
+                println!("Domain '{name}' unmarked as autostarted");
+            } else {
+                println!("Domain '{name}' marked as autostarted");
+            }
+        }
+        ManageCommand::Events { domain, timeout } => {
+            let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs(t));
+            let mut since = c.get("/v1/events")?["last"].as_u64().unwrap_or(0);
+            loop {
+                let left = match deadline {
+                    Some(d) => d
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_secs(),
+                    None => 30,
+                };
+                if deadline.is_some() && left == 0 {
+                    break;
+                }
+                let mut path = format!("/v1/events?since={since}&timeout={}", left.min(30));
+                if let Some(d) = &domain {
+                    path.push_str(&format!("&domain={}", enc(d)));
+                }
+                let v = c.get(&path)?;
+                for e in v["events"].as_array().into_iter().flatten() {
+                    since = since.max(e["seq"].as_u64().unwrap_or(0));
+                    if json_out {
+                        println!("{e}");
+                    } else {
+                        println!(
+                            "event '{}' for domain '{}': {}{}",
+                            s(&e["event"]),
+                            s(&e["domain"]),
+                            s(&e["state"]),
+                            e.get("detail")
+                                .map(|d| format!(" ({})", s(d)))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                let _ = std::io::stdout().flush();
+            }
+        }
+        ManageCommand::PoolDefine { name, path, build } => {
+            let path = if path.is_absolute() {
+                path
+            } else {
+                std::env::current_dir()?.join(path)
+            };
+            let v = c.post(
+                "/v1/pools",
+                Some(&json!({"name": name, "path": path, "create": build})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Pool '{name}' defined on {}", s(&v["path"]));
+            }
+        }
+        ManageCommand::PoolList => {
+            let v = c.get("/v1/pools")?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        vec![
+                            s(&p["name"]),
+                            s(&p["path"]),
+                            s(&p["volumes"]),
+                            size_text(p["available"].as_u64().unwrap_or(0)),
+                        ]
+                    })
+                    .collect();
+                table(&["Name", "Path", "Volumes", "Available"], &rows);
+            }
+        }
+        ManageCommand::PoolInfo { name } => {
+            let v = c.get(&format!("/v1/pools/{}", enc(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                kv(&[
+                    ("Name", s(&v["name"])),
+                    ("Path", s(&v["path"])),
+                    ("Volumes", s(&v["volumes"])),
+                    ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
+                    ("Available", size_text(v["available"].as_u64().unwrap_or(0))),
+                ]);
+            }
+        }
+        ManageCommand::PoolUndefine { name } => {
+            c.call("DELETE", &format!("/v1/pools/{}", enc(&name)), None)?;
+            if !json_out {
+                println!("Pool '{name}' has been undefined");
+            }
+        }
+        ManageCommand::VolCreate {
+            pool,
+            name,
+            size,
+            format,
+        } => {
+            let cap = parse_size(&size)?;
+            let v = c.post(
+                &format!("/v1/pools/{}/volumes", enc(&pool)),
+                Some(&json!({"name": name, "capacity": cap, "format": format})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Vol {name} created ({format}, {})", size_text(cap));
+            }
+        }
+        ManageCommand::VolList { pool } => {
+            let v = c.get(&format!("/v1/pools/{}/volumes", enc(&pool)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(&x["name"]),
+                            s(&x["format"]),
+                            size_text(x["capacity"].as_u64().unwrap_or(0)),
+                            size_text(x["allocation"].as_u64().unwrap_or(0)),
+                            s(&x["path"]),
+                        ]
+                    })
+                    .collect();
+                table(&["Name", "Format", "Capacity", "Allocation", "Path"], &rows);
+            }
+        }
+        ManageCommand::VolInfo { pool, name } => {
+            let v = c.get(&vol(&pool, &name))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                vol_kv(&v);
+            }
+        }
+        ManageCommand::VolClone {
+            pool,
+            source,
+            name,
+            copy,
+            format,
+        } => {
+            let mut body = json!({"name": name, "mode": if copy { "copy" } else { "overlay" }});
+            if let Some(f) = format {
+                body["format"] = json!(f);
+            }
+            let v = c.post(&format!("{}/clone", vol(&pool, &source)), Some(&body))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Vol {name} cloned from {source}");
+            }
+        }
+        ManageCommand::VolResize { pool, name, size } => {
+            let cap = parse_size(&size)?;
+            let v = c.post(
+                &format!("{}/resize", vol(&pool, &name)),
+                Some(&json!({"capacity": cap})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Size of volume '{name}' successfully changed to {}",
+                    size_text(cap)
+                );
+            }
+        }
+        ManageCommand::VolDelete { pool, name } => {
+            c.call("DELETE", &vol(&pool, &name), None)?;
+            if !json_out {
+                println!("Vol {name} deleted");
+            }
+        }
+        ManageCommand::VolUpload { pool, name, file } => {
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let len = f.metadata()?.len();
+            let pb = progress(len, "uploading");
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut off = 0u64;
+            loop {
+                let n = read_full(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                c.raw(
+                    "PUT",
+                    &format!("{}/data?offset={off}", vol(&pool, &name)),
+                    Some(("application/octet-stream", &buf[..n])),
+                )?;
+                off += n as u64;
+                pb.set_position(off);
+            }
+            pb.finish_and_clear();
+            if !json_out {
+                println!("Uploaded {} into {pool}/{name}", size_text(off));
+            }
+        }
+        ManageCommand::VolDownload { pool, name, file } => {
+            let cap = c.get(&vol(&pool, &name))?["capacity"].as_u64().unwrap_or(0);
+            let mut f = std::fs::File::create(&file)
+                .with_context(|| format!("creating {}", file.display()))?;
+            let pb = progress(cap, "downloading");
+            let mut off = 0u64;
+            while off < cap {
+                let r = c.raw(
+                    "GET",
+                    &format!("{}/data?offset={off}&length={CHUNK}", vol(&pool, &name)),
+                    None,
+                )?;
+                if r.body.is_empty() {
+                    break;
+                }
+                f.write_all(&r.body)?;
+                off += r.body.len() as u64;
+                pb.set_position(off);
+            }
+            pb.finish_and_clear();
+            if !json_out {
+                println!("Downloaded {} from {pool}/{name}", size_text(off));
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Interactive console: raw terminal, Ctrl-] detaches.
+fn attach(c: &Client, name: &str) -> Result<i32> {
+    let stream = c.console(name)?;
+    let mut out = stream.get_ref().try_clone()?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r");
+    }
+    let raw = if interactive {
+        vmm::console::RawTerminal::enter(0)
+    } else {
+        None
+    };
+    let mut reader = stream;
+    let t = std::thread::spawn(move || {
+        let mut stdout = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stdout.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = stdout.flush();
+                }
+            }
+        }
+    });
+    let mut stdin = std::io::stdin();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let data = &buf[..n];
+        if interactive {
+            if let Some(p) = data.iter().position(|&b| b == 0x1d) {
+                let _ = out.write_all(&data[..p]);
+                break;
+            }
+        }
+        if out.write_all(data).is_err() {
+            break;
+        }
+    }
+    if !interactive {
+        // Piped input ended: give the guest a moment to answer before closing.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = out.shutdown(std::net::Shutdown::Both);
+    let _ = t.join();
+    drop(raw);
+    Ok(0)
+}

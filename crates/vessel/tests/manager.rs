@@ -1,0 +1,807 @@
+//! The manager end to end: a real `vessel daemon` on a temporary socket and state folder
+//! (a real SQLite file), QEMU TCG domains booting Debian's kernel and the busybox
+//! initramfs, Vessel-VMM domains booting tiny KVM guests, the CLI, storage, bad input, and
+//! re-adoption after `kill -9` of the daemon.
+//!
+//! Needs QEMU (`apt-get install qemu-system-x86`, `qemu-utils`) and the guest assets
+//! (`scripts/guest-assets.sh`); without them these tests fail saying so.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{debug_exit, linux64_elf, Lib64};
+use iced_x86::code_asm::*;
+use manager::client::{Client, ClientError};
+use serde_json::{json, Value};
+
+const EXE: &str = env!("CARGO_BIN_EXE_vessel");
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn require_qemu() {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "qemu-system-x86_64 not found: install it (apt-get install qemu-system-x86; scripts/test.sh does)"
+    );
+}
+
+fn assets() -> PathBuf {
+    let a = common::assets();
+    assert!(
+        a.join("vmlinuz").is_file() && a.join("initramfs.cpio.gz").is_file(),
+        "guest assets missing in {}: run scripts/guest-assets.sh",
+        a.display()
+    );
+    a
+}
+
+/// A daemon on a private socket and state folder; dropping it kills the daemon and every
+/// VMM recorded in its run folder, by PID, and removes the folder.
+struct Daemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| !s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a PID this test started; no memory involved.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+impl Daemon {
+    fn start(tag: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = Daemon { dir, child: None };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(EXE)
+            .args(["daemon", "--socket"])
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .env("VESSEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "daemon did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// kill -9, as a crash would.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(c.id() as i32, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(EXE)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a CLI verb that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "vessel {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs a CLI verb that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert_eq!(o.status.code(), Some(1), "vessel {args:?} should fail");
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    }
+
+    fn run_pids(&self) -> Vec<i32> {
+        let run = self.dir.join("state/run");
+        std::fs::read_dir(run)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("vmm.pid")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.run_pids() {
+            kill(pid, libc::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn qemu_domain(name: &str, cmdline_extra: &str) -> Value {
+    let a = assets();
+    json!({
+        "name": name,
+        "driver": "qemu",
+        "vm": {
+            "kernel": a.join("vmlinuz"),
+            "initrd": a.join("initramfs.cpio.gz"),
+            "cmdline": format!("console=ttyS0 panic=-1 quiet {cmdline_extra}").trim_end(),
+            "memory_mib": 256,
+            "accel": "emu",
+        }
+    })
+}
+
+fn serial_log(c: &Client, name: &str) -> String {
+    let r = c
+        .raw("GET", &format!("/v1/domains/{name}/log"), None)
+        .unwrap();
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn wait_for_log(c: &Client, name: &str, needle: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let log = serial_log(c, name);
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "{needle:?} not in {name}'s serial log after {BOOT_TIMEOUT:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn state(c: &Client, name: &str) -> String {
+    c.get(&format!("/v1/domains/{name}")).unwrap()["info"]["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn wait_state(c: &Client, name: &str, want: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while state(c, name) != want {
+        assert!(
+            t0.elapsed() < limit,
+            "{name} never became {want} (is {})",
+            state(c, name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn api_status(e: ClientError) -> (u16, String) {
+    match e {
+        ClientError::Api {
+            status, message, ..
+        } => (status, message),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[test]
+fn qemu_domain_lifecycle_through_the_api() {
+    require_qemu();
+    let d = Daemon::start("api");
+    let c = d.client();
+    let info = c
+        .post("/v1/domains", Some(&qemu_domain("web", "")))
+        .unwrap();
+    assert_eq!(info["state"], "shutoff");
+    assert_eq!(info["uuid"].as_str().unwrap().len(), 36);
+    // The definition is in the SQLite file.
+    assert!(d.dir.join("state/vessel.db").is_file());
+    let since = c.get("/v1/events").unwrap()["last"].as_u64().unwrap();
+
+    let started = c.post("/v1/domains/web/start", None).unwrap();
+    assert_eq!(started["state"], "running");
+    let pid = started["pid"].as_i64().unwrap() as i32;
+    assert!(pid_alive(pid));
+    let log = wait_for_log(&c, "web", "vessel-init:");
+    assert!(log.contains("up, 1 cpu(s)"), "{log}");
+
+    // A watcher sees the start.
+    let ev = c
+        .get(&format!("/v1/events?since={since}&domain=web&timeout=5"))
+        .unwrap();
+    let kinds: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["started"]);
+
+    // Suspend and resume through QMP stop/cont.
+    assert_eq!(
+        c.post("/v1/domains/web/suspend", None).unwrap()["state"],
+        "paused"
+    );
+    let (code, msg) = api_status(c.post("/v1/domains/web/suspend", None).unwrap_err());
+    assert_eq!((code, msg.contains("already paused")), (409, true));
+    assert_eq!(
+        c.post("/v1/domains/web/resume", None).unwrap()["state"],
+        "running"
+    );
+
+    // Interactive console through the daemon: a command typed in, its output back.
+    let mut con = c.console("web").unwrap();
+    con.get_mut().write_all(b"echo con$((6*7))sole\n").unwrap();
+    con.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&seen).contains("con42sole") {
+        let n = con.read(&mut buf).expect("console output");
+        assert!(n > 0, "console closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(con);
+
+    // Graceful shutdown: the power-button request reaches QEMU (this busybox guest has no
+    // ACPI button handler, so it keeps running), then destroy.
+    let r = c.post("/v1/domains/web/shutdown", None).unwrap();
+    assert_eq!(r["state"], "in-shutdown");
+    let (code, msg) = api_status(c.call("DELETE", "/v1/domains/web", None).unwrap_err());
+    assert_eq!(code, 409);
+    assert!(msg.contains("vessel destroy web"), "{msg}");
+    let r = c.post("/v1/domains/web/destroy", None).unwrap();
+    assert_eq!(r["state"], "shutoff");
+    assert_eq!(r["last_stop"], "destroyed");
+    assert!(!pid_alive(pid), "QEMU {pid} still runs after destroy");
+    assert!(d.run_pids().is_empty());
+
+    c.call("DELETE", "/v1/domains/web", None).unwrap();
+    let (code, _) = api_status(c.get("/v1/domains/web").unwrap_err());
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn guest_poweroff_and_vmm_crash_are_seen_and_the_daemon_survives() {
+    require_qemu();
+    let d = Daemon::start("exit");
+    let c = d.client();
+    c.post(
+        "/v1/domains",
+        Some(&qemu_domain("quick", "vessel.run=echo+bye+from+guest")),
+    )
+    .unwrap();
+    c.post("/v1/domains", Some(&qemu_domain("victim", "")))
+        .unwrap();
+    c.post("/v1/domains/quick/start", None).unwrap();
+    let v = c.post("/v1/domains/victim/start", None).unwrap();
+    let victim = v["pid"].as_i64().unwrap() as i32;
+    wait_state(&c, "quick", "shutoff", BOOT_TIMEOUT);
+    let info = c.get("/v1/domains/quick").unwrap();
+    assert_eq!(info["info"]["last_stop"], "guest powered off");
+    assert!(serial_log(&c, "quick").contains("bye from guest"));
+
+    // A VMM killed behind the daemon's back: crashed, and the daemon carries on.
+    wait_for_log(&c, "victim", "vessel-init:");
+    kill(victim, libc::SIGKILL);
+    wait_state(&c, "victim", "crashed", Duration::from_secs(10));
+    let info = c.get("/v1/domains/victim").unwrap();
+    assert!(
+        info["info"]["last_stop"]
+            .as_str()
+            .unwrap()
+            .contains("signal: 9"),
+        "{info}"
+    );
+    assert_eq!(c.get("/v1").unwrap()["name"], "vessel");
+    // It can be started again.
+    c.post("/v1/domains/victim/start", None).unwrap();
+    c.post("/v1/domains/victim/destroy", None).unwrap();
+}
+
+#[test]
+fn cli_lifecycle_with_libvirt_xml() {
+    require_qemu();
+    let a = assets();
+    let d = Daemon::start("cli");
+    let xml = format!(
+        "<domain type='qemu'>\n  <name>xmlvm</name>\n  <memory unit='MiB'>256</memory>\n  <vcpu>2</vcpu>\n  \
+         <os><type arch='x86_64'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
+         <cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>\n  \
+         <devices><serial type='pty'/><console type='pty'/></devices>\n</domain>\n",
+        a.join("vmlinuz").display(),
+        a.join("initramfs.cpio.gz").display()
+    );
+    let f = d.dir.join("xmlvm.xml");
+    std::fs::write(&f, xml).unwrap();
+    let out = d.ok(&["define", f.to_str().unwrap()]);
+    assert!(out.contains("Domain 'xmlvm' defined"), "{out}");
+    // `list` shows running domains only; `--all` shows this one.
+    let out = d.ok(&["list"]);
+    assert!(!out.contains("xmlvm"), "{out}");
+    let out = d.ok(&["list", "--all"]);
+    let row = out.lines().find(|l| l.contains("xmlvm")).unwrap();
+    assert!(
+        row.contains("shut off") && row.contains("qemu") && row.contains("256 MiB"),
+        "{out}"
+    );
+
+    let out = d.ok(&["start", "xmlvm"]);
+    assert_eq!(out.trim(), "Domain 'xmlvm' started");
+    wait_for_log(&d.client(), "xmlvm", "vessel-init:");
+    let out = d.ok(&["console", "xmlvm", "--log"]);
+    assert!(out.contains("up, 2 cpu(s)"), "{out}");
+    let out = d.ok(&["dominfo", "xmlvm"]);
+    assert!(out.contains("State:") && out.contains("running"), "{out}");
+    assert!(out.contains("CPU(s):     2"), "{out}");
+    let j: Value = serde_json::from_str(&d.ok(&["--json", "list"])).unwrap();
+    assert_eq!(j[0]["name"], "xmlvm");
+    assert_eq!(j[0]["state"], "running");
+    let out = d.ok(&["dumpxml", "xmlvm"]);
+    assert!(
+        out.contains("<vcpu>2</vcpu>") && out.contains("type='qemu'"),
+        "{out}"
+    );
+
+    // Piped console: the command runs in the guest, its output comes back.
+    let mut child = Command::new(EXE)
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["console", "xmlvm"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo piped-$((40+2))\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("piped-42"));
+
+    let out = d.ok(&["suspend", "xmlvm"]);
+    assert_eq!(out.trim(), "Domain 'xmlvm' suspended");
+    assert!(d.ok(&["list"]).contains("paused"));
+    d.ok(&["resume", "xmlvm"]);
+    let e = d.fails(&["shutdown", "xmlvm", "--wait", "1"]);
+    assert!(e.contains("vessel destroy xmlvm"), "{e}");
+    let out = d.ok(&["destroy", "xmlvm"]);
+    assert_eq!(out.trim(), "Domain 'xmlvm' destroyed");
+    assert!(d.ok(&["list", "--all"]).contains("shut off"));
+    d.ok(&["autostart", "xmlvm"]);
+    assert!(d.ok(&["dominfo", "xmlvm"]).contains("Autostart:  enable"));
+    let out = d.ok(&["undefine", "xmlvm"]);
+    assert_eq!(out.trim(), "Domain 'xmlvm' has been undefined");
+    assert!(!d.ok(&["list", "--all"]).contains("xmlvm"));
+}
+
+#[test]
+fn restart_readopts_a_running_domain() {
+    require_qemu();
+    let mut d = Daemon::start("restart");
+    let c = d.client();
+    c.post("/v1/domains", Some(&qemu_domain("keep", "")))
+        .unwrap();
+    let pid = c.post("/v1/domains/keep/start", None).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    wait_for_log(&c, "keep", "vessel-init:");
+    c.post("/v1/domains/keep/suspend", None).unwrap();
+
+    d.kill9();
+    assert!(pid_alive(pid), "the VMM died with the daemon");
+    d.spawn();
+
+    let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["pid"].as_i64(), Some(pid as i64));
+    let out = d.ok(&["list"]);
+    assert!(out.contains("keep") && out.contains("paused"), "{out}");
+    // Still controllable: resume, console, destroy.
+    c.post("/v1/domains/keep/resume", None).unwrap();
+    let mut con = c.console("keep").unwrap();
+    con.get_mut().write_all(b"echo still-$((1+1))\n").unwrap();
+    con.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("still-2") {
+        let n = con.read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(con);
+    c.post("/v1/domains/keep/destroy", None).unwrap();
+    assert!(!pid_alive(pid));
+    assert_eq!(state(&c, "keep"), "shutoff");
+}
+
+/// A tiny 64-bit guest for Vessel's VMM on KVM: prints a line, then exits through the
+/// debug-exit port with `code` (or halts forever when `code` is None).
+fn tiny_kernel(dir: &Path, msg: &str, code: Option<u8>) -> PathBuf {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    lib.print(&mut a, msg).unwrap();
+    match code {
+        Some(v) => debug_exit(&mut a, v).unwrap(),
+        None => {
+            let mut spin = a.create_label();
+            a.set_label(&mut spin).unwrap();
+            a.hlt().unwrap();
+            a.jmp(spin).unwrap();
+        }
+    }
+    lib.emit(&mut a).unwrap();
+    let code = a.assemble(common::guest::LOAD).unwrap();
+    let p = dir.join(format!("k-{}.elf", code.len()));
+    std::fs::write(&p, linux64_elf(&code)).unwrap();
+    p
+}
+
+#[test]
+fn vessel_vmm_domains_are_supervised() {
+    let d = Daemon::start("vessel");
+    let c = d.client();
+    let k = tiny_kernel(&d.dir, "tiny guest up\n", None);
+    let bad = tiny_kernel(&d.dir, "tiny guest failing\n", Some(3));
+    let def = |name: &str, k: &Path| {
+        json!({"name": name, "driver": "vessel",
+               "vm": {"kernel": k, "cmdline": "", "memory_mib": 64, "accel": "kvm"}})
+    };
+    c.post("/v1/domains", Some(&def("tiny", &k))).unwrap();
+    c.post("/v1/domains", Some(&def("failing", &bad))).unwrap();
+
+    let pid = c.post("/v1/domains/tiny/start", None).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    wait_for_log(&c, "tiny", "tiny guest up");
+    // What the Vessel VMM cannot do yet is refused with its own words.
+    let (code, msg) = api_status(c.post("/v1/domains/tiny/suspend", None).unwrap_err());
+    assert_eq!(code, 501);
+    assert!(msg.contains("not supported by this VMM"), "{msg}");
+    c.post("/v1/domains/tiny/destroy", None).unwrap();
+    assert!(!pid_alive(pid));
+    assert_eq!(state(&c, "tiny"), "shutoff");
+
+    // A VMM that ends with an error status: crashed, with the status in dominfo.
+    c.post("/v1/domains/failing/start", None).unwrap();
+    wait_state(&c, "failing", "crashed", Duration::from_secs(30));
+    let out = d.ok(&["dominfo", "failing"]);
+    assert!(out.contains("exit status: 7"), "{out}");
+    assert!(serial_log(&c, "failing").contains("tiny guest failing"));
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_creates_nothing() {
+    let d = Daemon::start("bad");
+    let c = d.client();
+    let a = common::assets();
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("application/json", "{".into(), 400, "domain JSON"),
+        (
+            "application/json",
+            r#"{"name":"x"}"#.into(),
+            400,
+            "missing field `vm`",
+        ),
+        (
+            "application/json",
+            r#"{"name":"x","vm":{"kernel":"/k"},"extra":1}"#.into(),
+            400,
+            "unknown field",
+        ),
+        (
+            "application/json",
+            r#"{"name":"../x","vm":{"kernel":"/k"}}"#.into(),
+            400,
+            "name",
+        ),
+        (
+            "application/json",
+            r#"{"name":"x","vm":{"kernel":"/nonexistent/k"}}"#.into(),
+            400,
+            "does not exist",
+        ),
+        (
+            "application/xml",
+            "<domain><name>x".into(),
+            400,
+            "domain XML",
+        ),
+        (
+            "application/xml",
+            "<domain type='xen'><name>x</name></domain>".into(),
+            400,
+            "xen",
+        ),
+        (
+            "application/json",
+            "\u{0}\u{1}garbage".into(),
+            400,
+            "domain JSON",
+        ),
+    ];
+    for (ct, body, status, needle) in &cases {
+        let e = c
+            .raw("POST", "/v1/domains", Some((ct, body.as_bytes())))
+            .unwrap_err();
+        let (s, m) = api_status(e);
+        assert_eq!(s, *status, "{body}: {m}");
+        assert!(m.contains(needle), "{body}: {m:?} lacks {needle:?}");
+    }
+    assert_eq!(c.get("/v1/domains").unwrap(), json!([]));
+
+    // Unknown domain, for every verb.
+    for verb in [
+        "start", "shutdown", "destroy", "reboot", "suspend", "resume",
+    ] {
+        let (s, m) = api_status(
+            c.post(&format!("/v1/domains/ghost/{verb}"), None)
+                .unwrap_err(),
+        );
+        assert_eq!(
+            (s, m.as_str()),
+            (404, "domain \"ghost\" does not exist"),
+            "{verb}"
+        );
+    }
+    let e = d.fails(&["dominfo", "ghost"]);
+    assert_eq!(e.trim(), "vessel: domain \"ghost\" does not exist");
+
+    // Duplicate names: the first definition stays as it was.
+    let exe = std::path::Path::new(EXE);
+    let def = json!({"name": "dup", "vm": {"kernel": exe, "memory_mib": 64}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let mut def2 = def.clone();
+    def2["vm"]["memory_mib"] = json!(128);
+    let (s, m) = api_status(c.post("/v1/domains", Some(&def2)).unwrap_err());
+    assert_eq!((s, m.as_str()), (409, "domain \"dup\" already exists"));
+    assert_eq!(
+        c.get("/v1/domains/dup").unwrap()["definition"]["vm"]["memory_mib"],
+        64
+    );
+    // Not running: state-changing verbs say so.
+    let (s, m) = api_status(c.post("/v1/domains/dup/destroy", None).unwrap_err());
+    assert_eq!((s, m.as_str()), (409, "domain \"dup\" is not running"));
+
+    // A pool on a path that does not exist: refused, nothing defined or created.
+    let missing = d.dir.join("no/such/dir");
+    let e = d.fails(&["pool-define", "p", missing.to_str().unwrap()]);
+    assert!(e.contains("does not exist") && e.contains("--build"), "{e}");
+    assert!(!missing.exists());
+    assert_eq!(c.get("/v1/pools").unwrap(), json!([]));
+
+    // A volume in use by a domain cannot be deleted.
+    let pool = d.dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    d.ok(&["pool-define", "p", pool.to_str().unwrap()]);
+    d.ok(&["vol-create", "p", "disk0", "16M", "--format", "raw"]);
+    let disk = pool.join("disk0");
+    let user = json!({"name": "user", "driver": "qemu", "vm": {
+        "kernel": a.join("vmlinuz"), "disks": [{"path": disk, "format": "raw"}]}});
+    c.post("/v1/domains", Some(&user)).unwrap();
+    let e = d.fails(&["vol-delete", "p", "disk0"]);
+    assert!(e.contains("in use by domain(s) user"), "{e}");
+    assert!(disk.is_file());
+    // Duplicate volume names and bad sizes.
+    let e = d.fails(&["vol-create", "p", "disk0", "1M"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = d.fails(&["vol-create", "p", "big", "lots"]);
+    assert!(e.contains("invalid size"), "{e}");
+    let e = d.fails(&["vol-create", "p", "v", "1M", "--format", "vmdk"]);
+    assert!(e.contains("unknown image format"), "{e}");
+    assert!(!pool.join("v").exists());
+
+    // Raw protocol garbage: a 400, and the daemon keeps serving.
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    s.write_all(b"\x16\x03\x01 not http at all\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let (st, _) = api_status(c.get("/v2/whatever").unwrap_err());
+    assert_eq!(st, 404);
+    assert_eq!(c.get("/v1").unwrap()["api"], "v1");
+
+    // No daemon: the CLI says what to do.
+    let o = Command::new(EXE)
+        .args(["--socket", "/nonexistent/vessel.sock", "list"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        e.contains("cannot reach the daemon at /nonexistent/vessel.sock")
+            && e.contains("vessel daemon"),
+        "{e}"
+    );
+}
+
+fn qemu_img_info(path: &Path) -> Value {
+    let o = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img not found: apt-get install qemu-utils");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn storage_pools_and_volumes() {
+    require_qemu();
+    let d = Daemon::start("vol");
+    let c = d.client();
+    let pool = d.dir.join("images");
+    let out = d.ok(&["pool-define", "images", pool.to_str().unwrap(), "--build"]);
+    assert!(out.contains("Pool 'images' defined"), "{out}");
+    assert!(pool.is_dir());
+    assert!(d.ok(&["pool-list"]).contains("images"));
+
+    d.ok(&["vol-create", "images", "base.qcow2", "64M"]);
+    d.ok(&["vol-create", "images", "plain.raw", "8M", "--format", "raw"]);
+    for (name, fmt, size) in [
+        ("base.qcow2", "qcow2", 64u64 << 20),
+        ("plain.raw", "raw", 8 << 20),
+    ] {
+        let v: Value =
+            serde_json::from_str(&d.ok(&["--json", "vol-info", "images", name])).unwrap();
+        let q = qemu_img_info(&pool.join(name));
+        assert_eq!(v["format"], fmt);
+        assert_eq!(q["format"], fmt);
+        assert_eq!(v["capacity"].as_u64(), Some(size));
+        assert_eq!(q["virtual-size"].as_u64(), Some(size));
+        assert_eq!(v["allocation"], q["actual-size"], "{name}");
+    }
+
+    // Upload a pattern, read it back (through qcow2's mapping).
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let src = d.dir.join("pattern.bin");
+    std::fs::write(&src, &data).unwrap();
+    d.ok(&["vol-upload", "images", "base.qcow2", src.to_str().unwrap()]);
+    let back = d.dir.join("back.bin");
+    d.ok(&[
+        "vol-download",
+        "images",
+        "base.qcow2",
+        back.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 64 << 20);
+    assert!(got[..data.len()] == data[..]);
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+
+    // Clones: an overlay backed by the base, and a full copy.
+    d.ok(&["vol-clone", "images", "base.qcow2", "overlay.qcow2"]);
+    d.ok(&[
+        "vol-clone",
+        "images",
+        "base.qcow2",
+        "copy.raw",
+        "--copy",
+        "--format",
+        "raw",
+    ]);
+    let q = qemu_img_info(&pool.join("overlay.qcow2"));
+    assert_eq!(q["backing-filename"], "base.qcow2");
+    assert_eq!(q["virtual-size"].as_u64(), Some(64 << 20));
+    let copy = std::fs::read(pool.join("copy.raw")).unwrap();
+    assert!(copy[..data.len()] == data[..]);
+    let e = d.fails(&["vol-delete", "images", "base.qcow2"]);
+    assert!(e.contains("backing file of images/overlay.qcow2"), "{e}");
+
+    // Resize; qemu-img agrees; shrinking is refused.
+    d.ok(&["vol-resize", "images", "overlay.qcow2", "128M"]);
+    assert_eq!(
+        qemu_img_info(&pool.join("overlay.qcow2"))["virtual-size"].as_u64(),
+        Some(128 << 20)
+    );
+    let e = d.fails(&["vol-resize", "images", "overlay.qcow2", "1M"]);
+    assert!(e.contains("shrinking"), "{e}");
+
+    // The clone boots attached to a QEMU domain: the guest reads the base's bytes through it.
+    let a = assets();
+    let def = json!({"name": "disky", "driver": "qemu", "vm": {
+        "kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"), "memory_mib": 256,
+        "accel": "emu",
+        "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=cat+/sys/block/vda/size;xxd+-p+-l+4+/dev/vda",
+        "disks": [{"path": pool.join("overlay.qcow2"), "format": "qcow2"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post("/v1/domains/disky/start", None).unwrap();
+    // The disk is in use now: resizing is refused.
+    let e = d.fails(&["vol-resize", "images", "overlay.qcow2", "256M"]);
+    assert!(e.contains("in use by running domain(s) disky"), "{e}");
+    wait_state(&c, "disky", "shutoff", BOOT_TIMEOUT);
+    let log = serial_log(&c, "disky");
+    assert!(log.contains(&format!("{}", (128u64 << 20) / 512)), "{log}");
+    let first: String = data[..4].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(log.contains(&first), "{first} not in {log}");
+    c.call("DELETE", "/v1/domains/disky", None).unwrap();
+
+    d.ok(&["vol-delete", "images", "overlay.qcow2"]);
+    d.ok(&["vol-delete", "images", "base.qcow2"]);
+    assert!(!pool.join("base.qcow2").exists());
+    let j: Value = serde_json::from_str(&d.ok(&["--json", "vol-list", "images"])).unwrap();
+    let names: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["copy.raw", "plain.raw"]);
+    d.ok(&["pool-undefine", "images"]);
+    assert!(
+        pool.join("plain.raw").is_file(),
+        "pool-undefine keeps the files"
+    );
+}

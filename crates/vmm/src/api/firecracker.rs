@@ -1,0 +1,511 @@
+//! The VMM's control API, compatible with Firecracker's (paths, field names, error shape
+//! `{"fault_message": "..."}`), documented in openapi/vmm.yaml.
+//!
+//! Before boot, requests build a `VmConfig` (`/machine-config`, `/boot-source`);
+//! `PUT /actions {"action_type": "InstanceStart"}` validates it, builds the VM with
+//! `Vmm::new` and runs it on a thread. After boot only runtime requests are accepted. What
+//! the VMM core cannot do yet (drives, network interfaces, vsock, pause, Ctrl-Alt-Del) is
+//! refused with a 400 that says so, as Firecracker refuses what it does not support.
+//!
+//! Beyond Firecracker, for the manager: `action_type` `Stop` (end the VMM now, as
+//! quitting the console does) and `GET /vessel/status` (state and how the VM ended).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::http::{Handler, Reply, Request, Response};
+use crate::config::{SerialConfig, VmConfig};
+use crate::{ExitReason, Vmm};
+
+/// A Firecracker-style error: status 400 and a fault message.
+pub fn fault(status: u16, msg: impl Into<String>) -> Response {
+    Response::json(status, &json!({ "fault_message": msg.into() }))
+}
+
+/// `PUT /machine-config` body (Firecracker's names).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+/// `PUT /boot-source` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Action {
+    action_type: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmState {
+    state: String,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Configuring: what has been set so far.
+    PreBoot {
+        machine: Option<MachineConfig>,
+        boot: Option<BootSource>,
+    },
+    Running {
+        config: VmConfig,
+        exit: Arc<devices::ExitSignal>,
+    },
+    Finished {
+        config: VmConfig,
+        how: String,
+    },
+}
+
+/// The API's state, shared between the HTTP threads and whoever runs the VM.
+#[derive(Debug)]
+pub struct VmmApi {
+    phase: Mutex<Phase>,
+    ended: Condvar,
+    /// Serial backend and accelerator for a VM started through the API (Firecracker's API
+    /// has no field for either: they come from the command line).
+    serial: SerialConfig,
+    accel: crate::config::Accel,
+    /// What the VM thread ended with.
+    result: Mutex<Option<Result<ExitReason, String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| {
+        fault(
+            400,
+            format!("An error occurred when deserializing the json body of a request: {e}."),
+        )
+    })
+}
+
+fn config_json(c: &VmConfig) -> Value {
+    json!({
+        "boot-source": {
+            "kernel_image_path": c.kernel,
+            "initrd_path": c.initrd,
+            "boot_args": c.cmdline,
+        },
+        "machine-config": {
+            "vcpu_count": c.cpus,
+            "mem_size_mib": c.memory_mib,
+            "smt": false,
+            "track_dirty_pages": false,
+        },
+        "drives": [],
+        "network-interfaces": [],
+        "vsock": null,
+        "vessel": { "accel": c.accel },
+    })
+}
+
+impl VmmApi {
+    /// An API waiting for configuration and InstanceStart.
+    pub fn new_preboot(serial: SerialConfig, accel: crate::config::Accel) -> Arc<Self> {
+        Arc::new(VmmApi {
+            accel,
+            phase: Mutex::new(Phase::PreBoot {
+                machine: None,
+                boot: None,
+            }),
+            ended: Condvar::new(),
+            serial,
+            result: Mutex::new(None),
+        })
+    }
+
+    /// An API for a VM already started from command-line flags.
+    pub fn new_running(config: VmConfig, exit: Arc<devices::ExitSignal>) -> Arc<Self> {
+        Arc::new(VmmApi {
+            serial: config.serial.clone(),
+            accel: config.accel,
+            phase: Mutex::new(Phase::Running { config, exit }),
+            ended: Condvar::new(),
+            result: Mutex::new(None),
+        })
+    }
+
+    /// Records how the VM ended and wakes [`VmmApi::wait_finished`].
+    pub fn finish(&self, r: Result<ExitReason, String>) {
+        let mut p = lock(&self.phase);
+        let config = match &*p {
+            Phase::Running { config, .. } => config.clone(),
+            Phase::Finished { config, .. } => config.clone(),
+            Phase::PreBoot { .. } => VmConfig::new(""),
+        };
+        let how = match &r {
+            Ok(reason) => format!("{reason:?}"),
+            Err(e) => format!("error: {e}"),
+        };
+        *p = Phase::Finished { config, how };
+        *lock(&self.result) = Some(r);
+        self.ended.notify_all();
+    }
+
+    /// Blocks until a VM started through the API has ended.
+    pub fn wait_finished(&self) -> Result<ExitReason, String> {
+        let mut p = lock(&self.phase);
+        loop {
+            if matches!(*p, Phase::Finished { .. }) {
+                return lock(&self.result)
+                    .clone()
+                    .unwrap_or(Err("no result".into()));
+            }
+            p = self.ended.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        match &*lock(&self.phase) {
+            Phase::PreBoot { .. } => "Not started",
+            Phase::Running { .. } => "Running",
+            Phase::Finished { .. } => "Finished",
+        }
+    }
+
+    fn build_config(
+        &self,
+        machine: &Option<MachineConfig>,
+        boot: &Option<BootSource>,
+    ) -> Result<VmConfig, Response> {
+        let Some(boot) = boot else {
+            return Err(fault(
+                400,
+                "Cannot start microvm without kernel configuration.",
+            ));
+        };
+        let mut c = VmConfig::new(&boot.kernel_image_path);
+        c.initrd = boot.initrd_path.as_ref().map(Into::into);
+        if let Some(a) = &boot.boot_args {
+            c.cmdline = a.clone();
+        }
+        if let Some(m) = machine {
+            c.cpus = m.vcpu_count;
+            c.memory_mib = m.mem_size_mib;
+        }
+        c.serial = self.serial.clone();
+        c.accel = self.accel;
+        c.validate().map_err(|e| fault(400, e.to_string()))?;
+        Ok(c)
+    }
+
+    fn instance_start(self: &Arc<Self>) -> Response {
+        let mut p = lock(&self.phase);
+        let Phase::PreBoot { machine, boot } = &*p else {
+            return fault(
+                400,
+                "The requested operation is not supported after starting the microVM.",
+            );
+        };
+        let config = match self.build_config(machine, boot) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let vmm = match Vmm::new(config.clone()) {
+            Ok(v) => v,
+            Err(e) => return fault(400, format!("Failed to start microVM: {e}")),
+        };
+        let exit = vmm.exit_signal();
+        *p = Phase::Running {
+            config,
+            exit: exit.clone(),
+        };
+        drop(p);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || me.finish(vmm.run().map_err(|e| e.to_string())));
+        if let Err(e) = spawned {
+            exit.request(ExitReason::Error);
+            self.finish(Err(e.to_string()));
+            return fault(400, format!("Failed to start microVM: {e}"));
+        }
+        Response::empty(204)
+    }
+
+    fn handle_req(self: &Arc<Self>, req: &Request) -> Response {
+        let seg = req.segments();
+        let preboot = matches!(*lock(&self.phase), Phase::PreBoot { .. });
+        let after_boot = || {
+            fault(
+                400,
+                "The requested operation is not supported after starting the microVM.",
+            )
+        };
+        match (req.method.as_str(), seg.as_slice()) {
+            ("GET", []) => Response::json(
+                200,
+                &json!({
+                    "id": "anonymous-instance",
+                    "state": self.state_name(),
+                    "vmm_version": env!("CARGO_PKG_VERSION"),
+                    "app_name": "vessel",
+                }),
+            ),
+            ("GET", ["version"]) => Response::json(200, &json!({"firecracker_version": env!("CARGO_PKG_VERSION")})),
+            ("PUT", ["machine-config"]) | ("PATCH", ["machine-config"]) => {
+                if !preboot {
+                    return after_boot();
+                }
+                let m: MachineConfig = match parse(req) {
+                    Ok(m) => m,
+                    Err(r) => return r,
+                };
+                if m.vcpu_count == 0 || m.vcpu_count > crate::config::MAX_CPUS {
+                    return fault(400, format!("Invalid vCPU count: {} (1 to {}).", m.vcpu_count, crate::config::MAX_CPUS));
+                }
+                if m.smt {
+                    return fault(400, "Enabling simultaneous multithreading is not supported by this VMM.");
+                }
+                if m.mem_size_mib < crate::config::MIN_MEMORY_MIB {
+                    return fault(400, format!("Invalid memory size: {} MiB (at least {}).", m.mem_size_mib, crate::config::MIN_MEMORY_MIB));
+                }
+                if let Phase::PreBoot { machine, .. } = &mut *lock(&self.phase) {
+                    *machine = Some(m);
+                }
+                Response::empty(204)
+            }
+            ("GET", ["machine-config"]) => {
+                let v = match &*lock(&self.phase) {
+                    Phase::PreBoot { machine, .. } => machine
+                        .as_ref()
+                        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+                        .unwrap_or(json!({"vcpu_count": 1, "mem_size_mib": crate::config::DEFAULT_MEMORY_MIB, "smt": false, "track_dirty_pages": false})),
+                    Phase::Running { config, .. } | Phase::Finished { config, .. } => config_json(config)["machine-config"].clone(),
+                };
+                Response::json(200, &v)
+            }
+            ("PUT", ["boot-source"]) => {
+                if !preboot {
+                    return after_boot();
+                }
+                let b: BootSource = match parse(req) {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                if !std::path::Path::new(&b.kernel_image_path).is_file() {
+                    return fault(400, format!("The kernel file cannot be opened: {} does not exist or is not a file", b.kernel_image_path));
+                }
+                if let Some(i) = &b.initrd_path {
+                    if !std::path::Path::new(i).is_file() {
+                        return fault(400, format!("The initrd file cannot be opened: {i} does not exist or is not a file"));
+                    }
+                }
+                if let Phase::PreBoot { boot, .. } = &mut *lock(&self.phase) {
+                    *boot = Some(b);
+                }
+                Response::empty(204)
+            }
+            ("PUT", ["drives", _]) | ("PATCH", ["drives", _]) => fault(400, "Block devices are not supported by this VMM yet (virtio-blk is being added); no drive was attached."),
+            ("PUT", ["network-interfaces", _]) | ("PATCH", ["network-interfaces", _]) => fault(400, "Network interfaces are not supported by this VMM yet (virtio-net is being added)."),
+            ("PUT", ["vsock"]) => fault(400, "Vsock devices are not supported by this VMM yet."),
+            ("PUT", ["actions"]) => {
+                let a: Action = match parse(req) {
+                    Ok(a) => a,
+                    Err(r) => return r,
+                };
+                match a.action_type.as_str() {
+                    "InstanceStart" => self.instance_start(),
+                    "SendCtrlAltDel" => fault(400, "SendCtrlAltDel is not supported by this VMM yet: its i8042 cannot inject a key sequence."),
+                    "FlushMetrics" => fault(400, "Metrics are not configured."),
+                    "Stop" => match &*lock(&self.phase) {
+                        Phase::Running { exit, .. } => {
+                            exit.request(ExitReason::Quit);
+                            Response::empty(204)
+                        }
+                        _ => fault(400, "The microVM is not running."),
+                    },
+                    other => fault(400, format!("Invalid action_type {other:?} (InstanceStart, SendCtrlAltDel, FlushMetrics, Stop).")),
+                }
+            }
+            ("PATCH", ["vm"]) => {
+                let s: VmState = match parse(req) {
+                    Ok(s) => s,
+                    Err(r) => return r,
+                };
+                match s.state.as_str() {
+                    "Paused" | "Resumed" => {
+                        if preboot {
+                            fault(400, "The requested operation is not supported before starting the microVM.")
+                        } else {
+                            fault(400, format!("{} is not supported by this VMM yet: its vCPU threads cannot be parked.", s.state))
+                        }
+                    }
+                    other => fault(400, format!("Invalid VM state {other:?} (Paused or Resumed).")),
+                }
+            }
+            ("GET", ["vm", "config"]) => {
+                let v = match &*lock(&self.phase) {
+                    Phase::PreBoot { machine, boot } => json!({
+                        "boot-source": boot,
+                        "machine-config": machine,
+                        "drives": [],
+                        "network-interfaces": [],
+                        "vsock": null,
+                    }),
+                    Phase::Running { config, .. } | Phase::Finished { config, .. } => config_json(config),
+                };
+                Response::json(200, &v)
+            }
+            ("GET", ["vessel", "status"]) => {
+                let v = match &*lock(&self.phase) {
+                    Phase::PreBoot { .. } => json!({"state": "Not started"}),
+                    Phase::Running { .. } => json!({"state": "Running"}),
+                    Phase::Finished { how, .. } => json!({"state": "Finished", "exit": how}),
+                };
+                Response::json(200, &v)
+            }
+            (m, _) => fault(400, format!("Invalid request method and/or path: {m} {}.", req.path)),
+        }
+    }
+}
+
+/// The HTTP face of a [`VmmApi`].
+pub struct ApiHandler(pub Arc<VmmApi>);
+
+impl Handler for ApiHandler {
+    fn handle(&self, req: Request) -> Reply {
+        Reply::Response(self.0.handle_req(&req))
+    }
+}
+
+/// Binds `path` and serves the API on a background thread.
+pub fn spawn(path: &std::path::Path, api: Arc<VmmApi>) -> std::io::Result<()> {
+    let listener = super::http::bind(path)?;
+    std::thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || super::http::serve(listener, Arc::new(ApiHandler(api)), fault))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn msg(r: &Response) -> String {
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        v["fault_message"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn preboot_requests_build_a_config() {
+        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
+        let exe = std::env::current_exe().unwrap();
+        let boot = format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+            exe.display()
+        );
+        assert_eq!(
+            api.handle_req(&req("PUT", "/boot-source", &boot)).status,
+            204
+        );
+        assert_eq!(
+            api.handle_req(&req(
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 2, "mem_size_mib": 256}"#
+            ))
+            .status,
+            204
+        );
+        let r = api.handle_req(&req("GET", "/vm/config", ""));
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["machine-config"]["vcpu_count"], 2);
+        assert_eq!(v["boot-source"]["boot_args"], "console=ttyS0");
+        let c = api
+            .build_config(
+                &Some(serde_json::from_value(v["machine-config"].clone()).unwrap()),
+                &Some(serde_json::from_value(v["boot-source"].clone()).unwrap()),
+            )
+            .unwrap();
+        assert_eq!((c.cpus, c.memory_mib), (2, 256));
+    }
+
+    #[test]
+    fn bad_requests_get_fault_messages() {
+        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
+        let cases = [
+            ("PUT", "/machine-config", "{", "deserializing"),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
+                "vCPU count",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/nonexistent"}"#,
+                "cannot be opened",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                r#"{"drive_id": "rootfs"}"#,
+                "not supported",
+            ),
+            ("PUT", "/network-interfaces/eth0", "{}", "not supported"),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#,
+                "kernel configuration",
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "Explode"}"#,
+                "Invalid action_type",
+            ),
+            ("PATCH", "/vm", r#"{"state": "Paused"}"#, "before starting"),
+            ("DELETE", "/", "", "Invalid request"),
+        ];
+        for (m, p, b, want) in cases {
+            let r = api.handle_req(&req(m, p, b));
+            assert_eq!(r.status, 400, "{m} {p}");
+            assert!(msg(&r).contains(want), "{m} {p}: {}", msg(&r));
+        }
+    }
+}
