@@ -1,11 +1,12 @@
 //! The VMM's control API, compatible with Firecracker's (paths, field names, error shape
 //! `{"fault_message": "..."}`), documented in openapi/vmm.yaml.
 //!
-//! Before boot, requests build a `VmConfig` (`/machine-config`, `/boot-source`);
+//! Before boot, requests build a `VmConfig` (`/machine-config`, `/boot-source`, `/drives`
+//! as virtio-blk disks, `/network-interfaces` as virtio-net on TAP devices);
 //! `PUT /actions {"action_type": "InstanceStart"}` validates it, builds the VM with
 //! `Vmm::new` and runs it on a thread. After boot only runtime requests are accepted. What
-//! the VMM core cannot do yet (drives, network interfaces, vsock, pause, Ctrl-Alt-Del) is
-//! refused with a 400 that says so, as Firecracker refuses what it does not support.
+//! the VMM core cannot do yet (vsock, pause/resume, Ctrl-Alt-Del, rate limiters) is refused
+//! with a 400 that says so, as Firecracker refuses what it does not support.
 //!
 //! Beyond Firecracker, for the manager: `action_type` `Stop` (end the VMM now, as
 //! quitting the console does) and `GET /vessel/status` (state and how the VM ended).
@@ -51,6 +52,39 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
+/// `PUT /drives/{drive_id}` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PUT /network-interfaces/{iface_id}` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<Value>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Action {
@@ -69,6 +103,9 @@ enum Phase {
     PreBoot {
         machine: Option<MachineConfig>,
         boot: Option<BootSource>,
+        /// In the order they were first put (a later PUT with the same id replaces).
+        drives: Vec<Drive>,
+        nets: Vec<NetworkInterface>,
     },
     Running {
         config: VmConfig,
@@ -119,8 +156,17 @@ fn config_json(c: &VmConfig) -> Value {
             "smt": false,
             "track_dirty_pages": false,
         },
-        "drives": [],
-        "network-interfaces": [],
+        "drives": c.disks.iter().enumerate().map(|(i, d)| json!({
+            "drive_id": format!("drive{i}"),
+            "path_on_host": d.path,
+            "is_root_device": i == 0 && c.cmdline.contains("root=/dev/vda"),
+            "is_read_only": d.read_only,
+        })).collect::<Vec<_>>(),
+        "network-interfaces": c.nets.iter().enumerate().map(|(i, n)| json!({
+            "iface_id": format!("eth{i}"),
+            "host_dev_name": n.tap,
+            "guest_mac": n.mac,
+        })).collect::<Vec<_>>(),
         "vsock": null,
         "vessel": { "accel": c.accel },
     })
@@ -134,6 +180,8 @@ impl VmmApi {
             phase: Mutex::new(Phase::PreBoot {
                 machine: None,
                 boot: None,
+                drives: Vec::new(),
+                nets: Vec::new(),
             }),
             ended: Condvar::new(),
             serial,
@@ -194,6 +242,8 @@ impl VmmApi {
         &self,
         machine: &Option<MachineConfig>,
         boot: &Option<BootSource>,
+        drives: &[Drive],
+        nets: &[NetworkInterface],
     ) -> Result<VmConfig, Response> {
         let Some(boot) = boot else {
             return Err(fault(
@@ -210,6 +260,33 @@ impl VmmApi {
             c.cpus = m.vcpu_count;
             c.memory_mib = m.mem_size_mib;
         }
+        // As Firecracker: the root device is the first disk (vda), named on the command line.
+        let mut ordered: Vec<&Drive> = drives.iter().filter(|d| d.is_root_device).collect();
+        ordered.extend(drives.iter().filter(|d| !d.is_root_device));
+        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
+            if !c.cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
+                c.cmdline.push_str(if root.is_read_only {
+                    " root=/dev/vda ro"
+                } else {
+                    " root=/dev/vda rw"
+                });
+            }
+        }
+        c.disks = ordered
+            .iter()
+            .map(|d| crate::config::DiskConfig {
+                path: d.path_on_host.clone().into(),
+                format: None,
+                read_only: d.is_read_only,
+            })
+            .collect();
+        c.nets = nets
+            .iter()
+            .map(|n| crate::config::NetConfig {
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.clone(),
+            })
+            .collect();
         c.serial = self.serial.clone();
         c.accel = self.accel;
         c.validate().map_err(|e| fault(400, e.to_string()))?;
@@ -218,13 +295,19 @@ impl VmmApi {
 
     fn instance_start(self: &Arc<Self>) -> Response {
         let mut p = lock(&self.phase);
-        let Phase::PreBoot { machine, boot } = &*p else {
+        let Phase::PreBoot {
+            machine,
+            boot,
+            drives,
+            nets,
+        } = &*p
+        else {
             return fault(
                 400,
                 "The requested operation is not supported after starting the microVM.",
             );
         };
-        let config = match self.build_config(machine, boot) {
+        let config = match self.build_config(machine, boot, drives, nets) {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -269,7 +352,10 @@ impl VmmApi {
                     "app_name": "vessel",
                 }),
             ),
-            ("GET", ["version"]) => Response::json(200, &json!({"firecracker_version": env!("CARGO_PKG_VERSION")})),
+            ("GET", ["version"]) => Response::json(
+                200,
+                &json!({"firecracker_version": env!("CARGO_PKG_VERSION")}),
+            ),
             ("PUT", ["machine-config"]) | ("PATCH", ["machine-config"]) => {
                 if !preboot {
                     return after_boot();
@@ -279,13 +365,30 @@ impl VmmApi {
                     Err(r) => return r,
                 };
                 if m.vcpu_count == 0 || m.vcpu_count > crate::config::MAX_CPUS {
-                    return fault(400, format!("Invalid vCPU count: {} (1 to {}).", m.vcpu_count, crate::config::MAX_CPUS));
+                    return fault(
+                        400,
+                        format!(
+                            "Invalid vCPU count: {} (1 to {}).",
+                            m.vcpu_count,
+                            crate::config::MAX_CPUS
+                        ),
+                    );
                 }
                 if m.smt {
-                    return fault(400, "Enabling simultaneous multithreading is not supported by this VMM.");
+                    return fault(
+                        400,
+                        "Enabling simultaneous multithreading is not supported by this VMM.",
+                    );
                 }
                 if m.mem_size_mib < crate::config::MIN_MEMORY_MIB {
-                    return fault(400, format!("Invalid memory size: {} MiB (at least {}).", m.mem_size_mib, crate::config::MIN_MEMORY_MIB));
+                    return fault(
+                        400,
+                        format!(
+                            "Invalid memory size: {} MiB (at least {}).",
+                            m.mem_size_mib,
+                            crate::config::MIN_MEMORY_MIB
+                        ),
+                    );
                 }
                 if let Phase::PreBoot { machine, .. } = &mut *lock(&self.phase) {
                     *machine = Some(m);
@@ -311,7 +414,13 @@ impl VmmApi {
                     Err(r) => return r,
                 };
                 if !std::path::Path::new(&b.kernel_image_path).is_file() {
-                    return fault(400, format!("The kernel file cannot be opened: {} does not exist or is not a file", b.kernel_image_path));
+                    return fault(
+                        400,
+                        format!(
+                            "The kernel file cannot be opened: {} does not exist or is not a file",
+                            b.kernel_image_path
+                        ),
+                    );
                 }
                 if let Some(i) = &b.initrd_path {
                     if !std::path::Path::new(i).is_file() {
@@ -323,8 +432,91 @@ impl VmmApi {
                 }
                 Response::empty(204)
             }
-            ("PUT", ["drives", _]) | ("PATCH", ["drives", _]) => fault(400, "Block devices are not supported by this VMM yet (virtio-blk is being added); no drive was attached."),
-            ("PUT", ["network-interfaces", _]) | ("PATCH", ["network-interfaces", _]) => fault(400, "Network interfaces are not supported by this VMM yet (virtio-net is being added)."),
+            ("PUT", ["drives", id]) => {
+                if !preboot {
+                    return after_boot();
+                }
+                let d: Drive = match parse(req) {
+                    Ok(d) => d,
+                    Err(r) => return r,
+                };
+                if d.drive_id != *id {
+                    return fault(
+                        400,
+                        format!(
+                            "The id from the path [{id}] does not match the id from the body [{}]!",
+                            d.drive_id
+                        ),
+                    );
+                }
+                if d.rate_limiter.is_some() {
+                    return fault(400, "Rate limiters are not supported by this VMM yet.");
+                }
+                if !std::path::Path::new(&d.path_on_host).is_file() {
+                    return fault(
+                        400,
+                        format!(
+                            "Unable to create the block device: {} does not exist or is not a file",
+                            d.path_on_host
+                        ),
+                    );
+                }
+                if let Phase::PreBoot { drives, .. } = &mut *lock(&self.phase) {
+                    if d.is_root_device
+                        && drives
+                            .iter()
+                            .any(|x| x.is_root_device && x.drive_id != d.drive_id)
+                    {
+                        return fault(400, "A root block device already exists!");
+                    }
+                    match drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
+                        Some(x) => *x = d,
+                        None => drives.push(d),
+                    }
+                }
+                Response::empty(204)
+            }
+            ("PATCH", ["drives", _]) => fault(
+                400,
+                "Updating a drive after boot is not supported by this VMM yet.",
+            ),
+            ("PUT", ["network-interfaces", id]) => {
+                if !preboot {
+                    return after_boot();
+                }
+                let n: NetworkInterface = match parse(req) {
+                    Ok(n) => n,
+                    Err(r) => return r,
+                };
+                if n.iface_id != *id {
+                    return fault(
+                        400,
+                        format!(
+                            "The id from the path [{id}] does not match the id from the body [{}]!",
+                            n.iface_id
+                        ),
+                    );
+                }
+                if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+                    return fault(400, "Rate limiters are not supported by this VMM yet.");
+                }
+                if let Some(m) = &n.guest_mac {
+                    if let Err(e) = crate::config::parse_mac(m) {
+                        return fault(400, e);
+                    }
+                }
+                if let Phase::PreBoot { nets, .. } = &mut *lock(&self.phase) {
+                    match nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
+                        Some(x) => *x = n,
+                        None => nets.push(n),
+                    }
+                }
+                Response::empty(204)
+            }
+            ("PATCH", ["network-interfaces", _]) => fault(
+                400,
+                "Updating a network interface after boot is not supported by this VMM yet.",
+            ),
             ("PUT", ["vsock"]) => fault(400, "Vsock devices are not supported by this VMM yet."),
             ("PUT", ["actions"]) => {
                 let a: Action = match parse(req) {
@@ -358,19 +550,29 @@ impl VmmApi {
                             fault(400, format!("{} is not supported by this VMM yet: its vCPU threads cannot be parked.", s.state))
                         }
                     }
-                    other => fault(400, format!("Invalid VM state {other:?} (Paused or Resumed).")),
+                    other => fault(
+                        400,
+                        format!("Invalid VM state {other:?} (Paused or Resumed)."),
+                    ),
                 }
             }
             ("GET", ["vm", "config"]) => {
                 let v = match &*lock(&self.phase) {
-                    Phase::PreBoot { machine, boot } => json!({
+                    Phase::PreBoot {
+                        machine,
+                        boot,
+                        drives,
+                        nets,
+                    } => json!({
                         "boot-source": boot,
                         "machine-config": machine,
-                        "drives": [],
-                        "network-interfaces": [],
+                        "drives": drives,
+                        "network-interfaces": nets,
                         "vsock": null,
                     }),
-                    Phase::Running { config, .. } | Phase::Finished { config, .. } => config_json(config),
+                    Phase::Running { config, .. } | Phase::Finished { config, .. } => {
+                        config_json(config)
+                    }
                 };
                 Response::json(200, &v)
             }
@@ -382,7 +584,10 @@ impl VmmApi {
                 };
                 Response::json(200, &v)
             }
-            (m, _) => fault(400, format!("Invalid request method and/or path: {m} {}.", req.path)),
+            (m, _) => fault(
+                400,
+                format!("Invalid request method and/or path: {m} {}.", req.path),
+            ),
         }
     }
 }
@@ -448,13 +653,37 @@ mod tests {
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["machine-config"]["vcpu_count"], 2);
         assert_eq!(v["boot-source"]["boot_args"], "console=ttyS0");
-        let c = api
-            .build_config(
-                &Some(serde_json::from_value(v["machine-config"].clone()).unwrap()),
-                &Some(serde_json::from_value(v["boot-source"].clone()).unwrap()),
-            )
-            .unwrap();
+        let drive = format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": true}}"#,
+            exe.display()
+        );
+        assert_eq!(
+            api.handle_req(&req("PUT", "/drives/rootfs", &drive)).status,
+            204
+        );
+        let net =
+            r#"{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#;
+        assert_eq!(
+            api.handle_req(&req("PUT", "/network-interfaces/eth0", net))
+                .status,
+            204
+        );
+        let p = lock(&api.phase);
+        let Phase::PreBoot {
+            machine,
+            boot,
+            drives,
+            nets,
+        } = &*p
+        else {
+            panic!()
+        };
+        let c = api.build_config(machine, boot, drives, nets).unwrap();
         assert_eq!((c.cpus, c.memory_mib), (2, 256));
+        assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].read_only);
+        assert_eq!(c.nets[0].tap, "tap0");
     }
 
     #[test]
@@ -484,9 +713,32 @@ mod tests {
                 "PUT",
                 "/drives/rootfs",
                 r#"{"drive_id": "rootfs"}"#,
+                "missing field",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#,
+                "does not match",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent", "is_root_device": true}"#,
+                "does not exist",
+            ),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "host_dev_name": "t", "guest_mac": "zz"}"#,
+                "bad MAC",
+            ),
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
                 "not supported",
             ),
-            ("PUT", "/network-interfaces/eth0", "{}", "not supported"),
             (
                 "PUT",
                 "/actions",

@@ -1,0 +1,194 @@
+//! The VMM's Firecracker-compatible API at the HTTP level: the curl calls of Firecracker's
+//! getting-started guide against `vessel run --api-only --api-sock`, booting a tiny KVM
+//! guest, then runtime requests and their Firecracker-style refusals.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{linux64_elf, Lib64};
+use common::TempDir;
+use iced_x86::code_asm::*;
+use serde_json::Value;
+
+/// `curl --unix-socket SOCK -i -X METHOD URL [-d BODY]`: (status, body).
+fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-i", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method])
+        .arg(format!("http://localhost{path}"))
+        .args(["-H", "Accept: application/json"]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let o = c.output().expect("curl not found: apt-get install curl");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let status = out
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status from curl: {out:?}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn fault(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    v["fault_message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fault_message: {body}"))
+        .to_string()
+}
+
+#[test]
+fn firecracker_getting_started_sequence() {
+    let dir = TempDir::new("fcapi");
+    // The guest prints a line and halts.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    lib.print(&mut a, "fc guest up\n").unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.hlt().unwrap();
+    a.jmp(spin).unwrap();
+    lib.emit(&mut a).unwrap();
+    let code = a.assemble(common::guest::LOAD).unwrap();
+    let kernel = dir.file("vmlinux.elf", &linux64_elf(&code));
+    let rootfs = dir.file("rootfs.ext4", &vec![0u8; 1 << 20]);
+    let sock = dir.path().join("firecracker.socket");
+    let log = dir.path().join("serial.log");
+
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "--api-only", "--accel", "kvm", "--api-sock"])
+        .arg(&sock)
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vmm = common::Guarded(child);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let (s, b) = curl(&sock, "GET", "/", None);
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["state"], "Not started");
+
+    // The guide's calls, in its order.
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}}"#,
+        kernel.display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)
+        )
+        .0,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+        rootfs.display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/drives/rootfs", Some(&drive)).0, 204);
+    // Refusals in Firecracker's shape.
+    let (s, b) = curl(&sock, "PUT", "/machine-config", Some("{\"vcpu_count\": "));
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("deserializing"), "{b}");
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid": 3, "uds_path": "./v.sock"}"#),
+    );
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("not supported"), "{b}");
+    let (s, b) = curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("before starting"), "{b}");
+
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(s, 204, "InstanceStart: {b}");
+
+    let (_, b) = curl(&sock, "GET", "/", None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["state"],
+        "Running"
+    );
+    let (_, b) = curl(&sock, "GET", "/vm/config", None);
+    let cfg: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 64);
+    assert_eq!(cfg["drives"][0]["is_root_device"], true);
+    assert!(cfg["boot-source"]["boot_args"]
+        .as_str()
+        .unwrap()
+        .ends_with("root=/dev/vda rw"));
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("fc guest up")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "guest never printed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // After boot: configuration is refused, pause is not there yet.
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("after starting"), "{b}");
+    let (s, b) = curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("not supported"), "{b}");
+    let (s, b) = curl(&sock, "GET", "/no/such/path", None);
+    assert_eq!(s, 400);
+    assert!(
+        fault(&b).contains("Invalid request method and/or path"),
+        "{b}"
+    );
+
+    // Vessel's addition: Stop ends the VMM cleanly.
+    assert_eq!(
+        curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#)).0,
+        204
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = vmm.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "VMM did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "the API socket is removed at exit");
+}
