@@ -164,6 +164,19 @@ fn main() {
             other => break other,
         }
     };
+    if std::env::var_os("X86EMU_HOT_RIPS").is_some() {
+        // Where is the time going? Sample the RIPs of the next million instructions.
+        let mut hist = std::collections::HashMap::<u64, u64>::new();
+        for _ in 0..1_000_000 {
+            *hist.entry(cpu.state().rip).or_default() += 1;
+            cpu.run(&mut serial, 1);
+        }
+        let mut v: Vec<_> = hist.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        for (rip, n) in v.iter().take(25) {
+            println!("{rip:#x} {n}");
+        }
+    }
     let s = cpu.state();
     println!(
         "\n--- {exit:?} after {} instructions in {:.1} s; RIP {:#x}, CR2 {:#x}",

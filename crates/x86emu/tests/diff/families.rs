@@ -433,8 +433,11 @@ fn diff_stack() {
             // Keep the allocated frame inside the scratch buffer (the host may probe it).
             let big = i.mnemonic() == M::Enter && i.immediate16() > 0x2000;
             // RSP-based operands with an index would put the stack itself outside scratch.
-            let indexed =
-                i.op_kinds().any(|k| k == OpKind::Memory) && i.memory_index() != Register::None;
+            // So would a large displacement from RSP.
+            let indexed = i.op_kinds().any(|k| k == OpKind::Memory)
+                && (i.memory_index() != Register::None
+                    || (i.memory_base() == Register::RSP
+                        && (i.memory_displacement64() as i64).unsigned_abs() > 0x800));
             let big = big || indexed;
             !enter16
                 && !big
