@@ -172,7 +172,7 @@ fn main() {
             cpu.run(&mut serial, 1);
         }
         let mut v: Vec<_> = hist.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         for (rip, n) in v.iter().take(25) {
             println!("{rip:#x} {n}");
         }
