@@ -8,6 +8,8 @@ pkgs=()
 command -v qemu-img >/dev/null 2>&1 || pkgs+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || pkgs+=(qemu-system-x86)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+command -v dnsmasq >/dev/null 2>&1 || pkgs+=(dnsmasq-base)
+command -v iptables >/dev/null 2>&1 || pkgs+=(iptables)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done

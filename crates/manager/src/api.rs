@@ -13,6 +13,7 @@ use vmm::api::http::{Handler, Reply, Request, Response};
 use crate::domain::DomainDef;
 use crate::error::{Error, Result};
 use crate::manager::Manager;
+use crate::network::NetworkDef;
 use crate::{storage, xml};
 
 pub const API_VERSION: &str = "v1";
@@ -161,6 +162,27 @@ impl Api {
                         .events
                         .wait(since, req.query("domain"), Duration::from_secs(timeout));
                 ok(json!({"events": events, "last": last}))
+            }
+            ("GET", ["networks"]) => ok(to_value(&self.m.net_list()?)),
+            ("POST", ["networks"]) => {
+                let n: NetworkDef = body_json(req, "network definition")?;
+                Ok(Response::json(201, &to_value(&self.m.net_define(n)?)).into())
+            }
+            ("GET", ["networks", name]) => ok(to_value(&self.m.net_info(name)?)),
+            ("DELETE", ["networks", name]) => {
+                self.m.net_undefine(name)?;
+                Ok(Response::empty(204).into())
+            }
+            ("POST", ["networks", name, "start"]) => ok(to_value(&self.m.net_start(name)?)),
+            ("POST", ["networks", name, "stop"]) => ok(to_value(&self.m.net_stop(name)?)),
+            ("PUT", ["networks", name, "autostart"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct A {
+                    autostart: bool,
+                }
+                let a: A = body_json(req, "autostart body")?;
+                ok(to_value(&self.m.net_autostart(name, a.autostart)?))
             }
             _ if seg.get(1) == Some(&"pools") => storage::route(&self.m, req, &seg[2..]),
             _ => Err(Error::not_found("API path", &format!("{m} {}", req.path))),

@@ -176,7 +176,8 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
             "tap,id=net{i},ifname={},script=no,downscript=no",
             n.tap
         ));
-        let mut dev = format!("virtio-net-pci,netdev=net{i}");
+        // No option ROM: the kernel is booted directly, and the ROM files may not be installed.
+        let mut dev = format!("virtio-net-pci,netdev=net{i},romfile=");
         if let Some(m) = &n.mac {
             dev.push_str(&format!(",mac={m}"));
         }

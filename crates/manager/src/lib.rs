@@ -9,6 +9,7 @@ pub mod driver;
 pub mod error;
 pub mod events;
 pub mod manager;
+pub mod network;
 pub mod qmp;
 pub mod storage;
 pub mod store;

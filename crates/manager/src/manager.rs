@@ -18,6 +18,7 @@ use crate::domain::{self, DomainDef, DomainState, DriverKind};
 use crate::driver::{self, ProcId, Programs, RunDir};
 use crate::error::{Error, Result};
 use crate::events::Events;
+use crate::network::{self, NetworkDef};
 use crate::store::Store;
 
 /// Where the daemon keeps things and which programs it runs.
@@ -69,6 +70,24 @@ pub struct Manager {
     active: Mutex<HashMap<String, Active>>,
     last_stop: Mutex<HashMap<String, String>>,
     generation: Mutex<u64>,
+    /// Serializes network operations.
+    net_lock: Mutex<()>,
+}
+
+/// A DHCP lease dnsmasq handed out.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lease {
+    pub mac: String,
+    pub ip: String,
+    pub hostname: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NetworkInfo {
+    pub definition: NetworkDef,
+    pub bridge: String,
+    pub active: bool,
+    pub leases: Vec<Lease>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,6 +114,7 @@ impl Manager {
             active: Mutex::new(HashMap::new()),
             last_stop: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
+            net_lock: Mutex::new(()),
         });
         m.adopt()?;
         Ok(m)
@@ -175,8 +195,15 @@ impl Manager {
         Ok(())
     }
 
-    /// Starts autostart domains that are not running.
+    /// Starts autostart networks, then autostart domains, that are not running.
     pub fn autostart_all(self: &Arc<Self>) {
+        for n in self.store.list_networks().unwrap_or_default() {
+            if n.autostart && !network::is_active(&self.cfg.state_dir, &n) {
+                if let Err(e) = self.net_start(&n.name) {
+                    tracing::warn!(network = %n.name, "autostart failed: {e}");
+                }
+            }
+        }
         let Ok(defs) = self.store.list_domains() else {
             return;
         };
@@ -261,6 +288,9 @@ impl Manager {
             );
         }
         let _ = std::fs::remove_dir_all(&run.0);
+        if let Ok(def) = self.store.get_domain(name) {
+            self.detach_interfaces(&def);
+        }
         // Record why before the domain stops counting as active, so nobody sees a stopped
         // domain without its reason.
         lock(&self.last_stop).insert(name.to_string(), why.clone());
@@ -409,27 +439,28 @@ impl Manager {
                 }
             }
         }
-        if def
-            .interfaces
-            .iter()
-            .any(|i| i.network.is_some() || i.bridge.is_some())
-        {
-            return Err(Error::Unsupported(
-                "network interfaces are not implemented by the manager yet: remove the \
-                 domain's interfaces"
-                    .into(),
-            ));
-        }
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
-        let (mut child, id) =
-            driver::start(&self.cfg.programs, &def, &run, &self.serial_log(name))?;
-        if let Err(e) = driver::wait_ready(&def, &run, &mut child) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_dir_all(&run.0);
-            return Err(e);
-        }
+        let runtime = self.attach_interfaces(&def)?;
+        let started = driver::start(&self.cfg.programs, &runtime, &run, &self.serial_log(name))
+            .and_then(
+                |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {
+                    Ok(()) => Ok((child, id)),
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        Err(e)
+                    }
+                },
+            );
+        let (child, id) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&run.0);
+                self.detach_interfaces(&def);
+                return Err(e);
+            }
+        };
         let generation = self.next_generation();
         lock(&self.active).insert(
             name.to_string(),
@@ -446,6 +477,59 @@ impl Manager {
             .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
         self.watch(name.to_string(), generation, Some(child), id);
         Ok(self.info_of(&def))
+    }
+
+    /// The definition the VMM gets: each interface becomes a TAP device on its network's
+    /// (or the named) bridge, in `vm.nets`.
+    fn attach_interfaces(&self, def: &DomainDef) -> Result<DomainDef> {
+        let mut rt = def.clone();
+        let mut made: Vec<String> = Vec::new();
+        let r = (|| -> Result<()> {
+            for (i, itf) in def.interfaces.iter().enumerate() {
+                let bridge = match (&itf.network, &itf.bridge) {
+                    (Some(n), _) => {
+                        let nd = self.store.get_network(n)?;
+                        if !network::is_active(&self.cfg.state_dir, &nd) {
+                            return Err(Error::Conflict(format!(
+                                "network {n:?} is not active: start it first (vessel net-start {n})"
+                            )));
+                        }
+                        nd.bridge_name()
+                    }
+                    (None, Some(b)) => {
+                        if !network::link_exists(b) {
+                            return Err(Error::invalid(
+                                "interface",
+                                format!("bridge {b} does not exist on this host"),
+                            ));
+                        }
+                        b.clone()
+                    }
+                    (None, None) => continue,
+                };
+                let tap = network::tap_name(def, i);
+                network::create_tap(&tap, &bridge)?;
+                made.push(tap.clone());
+                rt.vm.nets.push(vmm::config::NetConfig {
+                    tap,
+                    mac: Some(network::mac_for(def, i)),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            for t in made {
+                network::delete_tap(&t);
+            }
+            return Err(e);
+        }
+        Ok(rt)
+    }
+
+    fn detach_interfaces(&self, def: &DomainDef) {
+        for i in 0..def.interfaces.len() {
+            network::delete_tap(&network::tap_name(def, i));
+        }
     }
 
     /// The active domain's identity, or a conflict error saying it is not running.
@@ -579,6 +663,144 @@ impl Manager {
         self.set_state(name, s);
         self.events.emit(name, ev, s.as_str(), None);
         Ok(())
+    }
+
+    pub fn net_define(&self, n: NetworkDef) -> Result<NetworkInfo> {
+        n.validate()?;
+        let _g = lock(&self.net_lock);
+        if let Some(other) = self
+            .store
+            .list_networks()?
+            .into_iter()
+            .find(|o| o.bridge_name() == n.bridge_name())
+        {
+            return Err(Error::Conflict(format!(
+                "network {:?} already uses bridge {}",
+                other.name,
+                n.bridge_name()
+            )));
+        }
+        self.store.insert_network(&n)?;
+        Ok(self.net_info_of(&n))
+    }
+
+    fn net_info_of(&self, n: &NetworkDef) -> NetworkInfo {
+        let leases = std::fs::read_to_string(
+            self.cfg
+                .state_dir
+                .join("run-net")
+                .join(&n.name)
+                .join("leases"),
+        )
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Lease {
+                mac: f.get(1)?.to_string(),
+                ip: f.get(2)?.to_string(),
+                hostname: f.get(3).map(|s| s.to_string()).filter(|s| s != "*"),
+            })
+        })
+        .collect();
+        NetworkInfo {
+            active: network::is_active(&self.cfg.state_dir, n),
+            bridge: n.bridge_name(),
+            definition: n.clone(),
+            leases,
+        }
+    }
+
+    pub fn net_list(&self) -> Result<Vec<NetworkInfo>> {
+        Ok(self
+            .store
+            .list_networks()?
+            .iter()
+            .map(|n| self.net_info_of(n))
+            .collect())
+    }
+
+    pub fn net_info(&self, name: &str) -> Result<NetworkInfo> {
+        Ok(self.net_info_of(&self.store.get_network(name)?))
+    }
+
+    pub fn net_start(&self, name: &str) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        if network::is_active(&self.cfg.state_dir, &n) {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is already active"
+            )));
+        }
+        // Half-up leftovers (dnsmasq gone, bridge still there) are cleared first.
+        if network::link_exists(&n.bridge_name()) {
+            network::stop(&self.cfg.state_dir, &n)?;
+        }
+        if let Some(mut child) = network::start(&self.cfg.state_dir, &n)? {
+            let nm = name.to_string();
+            let _ = std::thread::Builder::new()
+                .name(format!("dnsmasq-{nm}"))
+                .spawn(move || {
+                    if let Ok(st) = child.wait() {
+                        tracing::info!(network = %nm, "dnsmasq ended: {st}");
+                    }
+                });
+        }
+        self.events.emit(name, "network-started", "active", None);
+        Ok(self.net_info_of(&n))
+    }
+
+    /// Domains running with an interface on network `name`.
+    fn net_users(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .list_domains()?
+            .into_iter()
+            .filter(|d| {
+                d.interfaces
+                    .iter()
+                    .any(|i| i.network.as_deref() == Some(name))
+                    && self.is_active(&d.name)
+            })
+            .map(|d| d.name)
+            .collect())
+    }
+
+    pub fn net_stop(&self, name: &str) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        let users = self.net_users(name)?;
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is in use by running domain(s) {}: stop them first",
+                users.join(", ")
+            )));
+        }
+        if !network::link_exists(&n.bridge_name()) {
+            return Err(Error::Conflict(format!("network {name:?} is not active")));
+        }
+        network::stop(&self.cfg.state_dir, &n)?;
+        self.events.emit(name, "network-stopped", "inactive", None);
+        Ok(self.net_info_of(&n))
+    }
+
+    pub fn net_undefine(&self, name: &str) -> Result<()> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        if network::link_exists(&n.bridge_name()) {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is active: stop it first (vessel net-destroy {name})"
+            )));
+        }
+        self.store.delete_network(name)
+    }
+
+    pub fn net_autostart(&self, name: &str, on: bool) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let mut n = self.store.get_network(name)?;
+        n.autostart = on;
+        self.store.update_network(&n)?;
+        Ok(self.net_info_of(&n))
     }
 
     /// The domain's console: QEMU's serial socket (interactive) or, for the Vessel VMM,

@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::domain::DomainDef;
 use crate::error::{Error, Result};
+use crate::network::NetworkDef;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS domains (
@@ -165,6 +166,75 @@ impl Store {
         let n = self.with(|c| c.execute("DELETE FROM pools WHERE name = ?1", [name]))?;
         if n == 0 {
             return Err(Error::not_found("pool", name));
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    pub fn insert_network(&self, n: &NetworkDef) -> Result<()> {
+        let json =
+            serde_json::to_string(n).map_err(|e| Error::invalid("network", e.to_string()))?;
+        let r = self.with(|c| {
+            c.execute(
+                "INSERT INTO networks (name, def) VALUES (?1, ?2)",
+                params![n.name, json],
+            )
+        });
+        match r {
+            Err(Error::Db(e)) if is_unique_violation(&e) => Err(Error::Exists {
+                kind: "network",
+                name: n.name.clone(),
+            }),
+            other => other.map(|_| ()),
+        }
+    }
+
+    pub fn update_network(&self, n: &NetworkDef) -> Result<()> {
+        let json =
+            serde_json::to_string(n).map_err(|e| Error::invalid("network", e.to_string()))?;
+        let k = self.with(|c| {
+            c.execute(
+                "UPDATE networks SET def = ?2 WHERE name = ?1",
+                params![n.name, json],
+            )
+        })?;
+        if k == 0 {
+            return Err(Error::not_found("network", &n.name));
+        }
+        Ok(())
+    }
+
+    pub fn get_network(&self, name: &str) -> Result<NetworkDef> {
+        let json: Option<String> = self.with(|c| {
+            c.query_row("SELECT def FROM networks WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+        })?;
+        let j = json.ok_or_else(|| Error::not_found("network", name))?;
+        serde_json::from_str(&j)
+            .map_err(|e| Error::invalid("stored network definition", e.to_string()))
+    }
+
+    pub fn list_networks(&self) -> Result<Vec<NetworkDef>> {
+        let rows: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT def FROM networks ORDER BY name")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        rows.iter()
+            .map(|j| {
+                serde_json::from_str(j)
+                    .map_err(|e| Error::invalid("stored network definition", e.to_string()))
+            })
+            .collect()
+    }
+
+    pub fn delete_network(&self, name: &str) -> Result<()> {
+        let n = self.with(|c| c.execute("DELETE FROM networks WHERE name = ?1", [name]))?;
+        if n == 0 {
+            return Err(Error::not_found("network", name));
         }
         Ok(())
     }

@@ -49,6 +49,8 @@ fn assets() -> PathBuf {
 struct Daemon {
     dir: PathBuf,
     child: Option<Child>,
+    /// Run the daemon (and so its VMMs and dnsmasq) in a new network namespace.
+    netns: bool,
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -74,9 +76,39 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("vm-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut d = Daemon { dir, child: None };
+        let mut d = Daemon {
+            dir,
+            child: None,
+            netns: false,
+        };
         d.spawn();
         d
+    }
+
+    /// A daemon in a network namespace of its own (`unshare --net`): networks it creates
+    /// never touch the host's interfaces.
+    fn start_in_netns(tag: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            netns: true,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Runs a command in the daemon's network namespace.
+    fn in_netns(&self, args: &[&str]) -> String {
+        let pid = self.child.as_ref().unwrap().id();
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     fn spawn(&mut self) {
@@ -85,7 +117,14 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(EXE)
+        let mut cmd = if self.netns {
+            let mut c = Command::new("unshare");
+            c.args(["--net", "--", EXE]);
+            c
+        } else {
+            Command::new(EXE)
+        };
+        let child = cmd
             .args(["daemon", "--socket"])
             .arg(self.socket())
             .arg("--state-dir")
@@ -160,12 +199,15 @@ impl Daemon {
     }
 
     fn run_pids(&self) -> Vec<i32> {
-        let run = self.dir.join("state/run");
-        std::fs::read_dir(run)
+        self.pids("run", "vmm.pid")
+    }
+
+    fn pids(&self, folder: &str, file: &str) -> Vec<i32> {
+        std::fs::read_dir(self.dir.join("state").join(folder))
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("vmm.pid")).ok())
+            .filter_map(|e| std::fs::read_to_string(e.path().join(file)).ok())
             .filter_map(|s| s.split_whitespace().next()?.parse().ok())
             .collect()
     }
@@ -175,6 +217,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
         for pid in self.run_pids() {
+            kill(pid, libc::SIGKILL);
+        }
+        for pid in self.pids("run-net", "dnsmasq.pid") {
             kill(pid, libc::SIGKILL);
         }
         if std::thread::panicking() {
@@ -804,4 +849,120 @@ fn storage_pools_and_volumes() {
         pool.join("plain.raw").is_file(),
         "pool-undefine keeps the files"
     );
+}
+
+/// A guest command line that takes a DHCP lease on eth0, prints its address, pings `peer`
+/// until it answers, and powers off a little later.
+fn dhcp_ping_cmdline(peer: &str) -> String {
+    let script = format!(
+        "ip link set eth0 up;\
+         echo '#!/bin/sh' >/s;\
+         echo 'ip addr add $ip/$mask dev $interface 2>/dev/null' >>/s;\
+         chmod 755 /s;\
+         udhcpc -i eth0 -s /s -q -n -t 20 -T 1;\
+         ip -4 addr show eth0;\
+         for i in $(seq 60);do ping -c1 -W1 {peer} >/dev/null && echo PEER-REACHABLE && break;done;\
+         sleep 3"
+    );
+    format!("vessel.run={}", script.replace(' ', "+"))
+}
+
+#[test]
+fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
+    require_qemu();
+    for tool in ["dnsmasq", "iptables", "nsenter", "unshare"] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        assert!(
+            found,
+            "{tool} not found: apt-get install dnsmasq-base iptables util-linux (scripts/test.sh does)"
+        );
+    }
+    let d = Daemon::start_in_netns("net");
+    let c = d.client();
+    let out = d.ok(&[
+        "net-define",
+        "lab",
+        "--address",
+        "10.77.0.1/24",
+        "--dhcp",
+        "10.77.0.100,10.77.0.150",
+        "--host",
+        "52:54:00:77:00:0a,10.77.0.10",
+        "--host",
+        "52:54:00:77:00:0b,10.77.0.11",
+    ]);
+    assert!(
+        out.contains("Network lab defined (bridge vbr-lab)"),
+        "{out}"
+    );
+    // A domain on an inactive network is refused, with the way out.
+    let a = assets();
+    let dom = |name: &str, mac: &str, peer: &str| {
+        json!({"name": name, "driver": "qemu",
+               "interfaces": [{"network": "lab", "mac": mac}],
+               "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                      "memory_mib": 256, "accel": "emu",
+                      "cmdline": format!("console=ttyS0 panic=-1 quiet {}", dhcp_ping_cmdline(peer))}})
+    };
+    c.post(
+        "/v1/domains",
+        Some(&dom("alpha", "52:54:00:77:00:0a", "10.77.0.11")),
+    )
+    .unwrap();
+    c.post(
+        "/v1/domains",
+        Some(&dom("beta", "52:54:00:77:00:0b", "10.77.0.10")),
+    )
+    .unwrap();
+    let e = d.fails(&["start", "alpha"]);
+    assert!(e.contains("vessel net-start lab"), "{e}");
+
+    assert_eq!(d.ok(&["net-start", "lab"]).trim(), "Network lab started");
+    let out = d.ok(&["net-list"]);
+    assert!(
+        out.contains("lab") && out.contains("active") && out.contains("vbr-lab"),
+        "{out}"
+    );
+    let links = d.in_netns(&["ip", "-br", "addr", "show", "vbr-lab"]);
+    assert!(links.contains("10.77.0.1/24"), "{links}");
+
+    d.ok(&["start", "alpha"]);
+    d.ok(&["start", "beta"]);
+    let e = d.fails(&["net-destroy", "lab"]);
+    assert!(e.contains("in use by running domain(s)"), "{e}");
+    wait_state(&c, "alpha", "shutoff", BOOT_TIMEOUT);
+    wait_state(&c, "beta", "shutoff", BOOT_TIMEOUT);
+    for (name, ip) in [("alpha", "10.77.0.10/24"), ("beta", "10.77.0.11/24")] {
+        let log = serial_log(&c, name);
+        assert!(log.contains(ip), "{name} has no {ip}:\n{log}");
+        assert!(
+            log.contains("PEER-REACHABLE"),
+            "{name} could not ping its peer:\n{log}"
+        );
+    }
+    let info: Value = serde_json::from_str(&d.ok(&["--json", "net-info", "lab"])).unwrap();
+    let leased: Vec<&str> = info["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ip"].as_str().unwrap())
+        .collect();
+    assert!(
+        leased.contains(&"10.77.0.10") && leased.contains(&"10.77.0.11"),
+        "{info}"
+    );
+    // The domains' TAP devices went with them.
+    let links = d.in_netns(&["ip", "-br", "link"]);
+    assert!(!links.contains("vt"), "{links}");
+
+    assert_eq!(
+        d.ok(&["net-destroy", "lab"]).trim(),
+        "Network lab destroyed"
+    );
+    assert!(!d.in_netns(&["ip", "-br", "link"]).contains("vbr-lab"));
+    assert!(d.pids("run-net", "dnsmasq.pid").is_empty());
+    d.ok(&["net-undefine", "lab"]);
+    assert_eq!(c.get("/v1/networks").unwrap(), json!([]));
 }

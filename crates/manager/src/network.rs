@@ -1,0 +1,497 @@
+//! Virtual networks: a Linux bridge with the gateway address, optional NAT to the host's
+//! uplink (iptables MASQUERADE), and DHCP for guests from dnsmasq (Debian's
+//! `dnsmasq-base`), started and stopped by the daemon. Each domain interface on a network
+//! becomes a TAP device enslaved to the bridge, created at domain start and removed at
+//! stop.
+//!
+//! A network's runtime state is observable (the bridge in /sys/class/net, dnsmasq's
+//! pidfile in `run-net/<name>/`), so a restarted daemon finds active networks again.
+
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{check_name, DomainDef, DriverKind};
+use crate::driver::{self, ProcId};
+use crate::error::{Error, Result};
+
+/// A fixed DHCP lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpHost {
+    pub mac: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpRange {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+}
+
+/// What `net-define` takes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDef {
+    pub name: String,
+    /// Bridge device name (default `vbr-<name>`, cut to 15 bytes).
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// The host's (gateway's) address on the network, with its prefix: `192.168.100.1/24`.
+    pub address: String,
+    #[serde(default)]
+    pub dhcp: Option<DhcpRange>,
+    #[serde(default)]
+    pub hosts: Vec<DhcpHost>,
+    /// Masquerade traffic leaving the network's subnet.
+    #[serde(default = "yes")]
+    pub nat: bool,
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn bad(why: impl Into<String>) -> Error {
+    Error::invalid("network", why)
+}
+
+/// Interface names are at most 15 bytes (IFNAMSIZ - 1).
+fn check_ifname(n: &str) -> Result<()> {
+    if n.is_empty()
+        || n.len() > 15
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(bad(format!(
+            "interface name {n:?}: 1-15 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
+}
+
+impl NetworkDef {
+    pub fn bridge_name(&self) -> String {
+        self.bridge.clone().unwrap_or_else(|| {
+            let mut b = format!("vbr-{}", self.name);
+            b.truncate(15);
+            b
+        })
+    }
+
+    /// (gateway, prefix length, network address).
+    pub fn subnet(&self) -> Result<(Ipv4Addr, u8, Ipv4Addr)> {
+        let (ip, pfx) = self
+            .address
+            .split_once('/')
+            .ok_or_else(|| bad(format!("address {:?}: give it as IP/PREFIX", self.address)))?;
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| bad(format!("address {ip:?} is not an IPv4 address")))?;
+        let pfx: u8 = pfx
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| bad(format!("prefix /{pfx}: use 8 to 30")))?;
+        let mask = u32::MAX << (32 - pfx);
+        let net = Ipv4Addr::from(u32::from(ip) & mask);
+        if ip == net || u32::from(ip) | !mask == u32::from(ip) {
+            return Err(bad(format!(
+                "{ip} is the network or broadcast address of /{pfx}"
+            )));
+        }
+        Ok((ip, pfx, net))
+    }
+
+    fn contains(&self, a: Ipv4Addr) -> Result<bool> {
+        let (_, pfx, net) = self.subnet()?;
+        let mask = u32::MAX << (32 - pfx);
+        Ok(u32::from(a) & mask == u32::from(net))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        check_name("network name", &self.name)?;
+        check_ifname(&self.bridge_name())?;
+        let (gw, _, _) = self.subnet()?;
+        if let Some(r) = &self.dhcp {
+            if !self.contains(r.start)? || !self.contains(r.end)? || r.start > r.end {
+                return Err(bad(format!(
+                    "DHCP range {}-{} is not an ordered range inside {}",
+                    r.start, r.end, self.address
+                )));
+            }
+            if (r.start..=r.end).contains(&gw) {
+                return Err(bad("the DHCP range contains the gateway address"));
+            }
+        }
+        for h in &self.hosts {
+            vmm::config::parse_mac(&h.mac).map_err(bad)?;
+            if !self.contains(h.ip)? || h.ip == gw {
+                return Err(bad(format!(
+                    "host address {} is outside {} or is the gateway",
+                    h.ip, self.address
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a host command; a failure carries its stderr.
+fn sh(prog: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Spawn {
+            what: prog.to_string(),
+            why: if e.kind() == std::io::ErrorKind::NotFound {
+                format!("{e}: install it ({})", package_of(prog))
+            } else {
+                e.to_string()
+            },
+        })?;
+    if !out.status.success() {
+        return Err(Error::Spawn {
+            what: format!("{prog} {}", args.join(" ")),
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn package_of(prog: &str) -> &'static str {
+    match prog {
+        "dnsmasq" => "apt-get install dnsmasq-base",
+        "iptables" => "apt-get install iptables",
+        _ => "apt-get install iproute2",
+    }
+}
+
+/// Whether a network device exists in this process's network namespace. (/proc/self/net
+/// follows the namespace; /sys/class/net shows the one sysfs was mounted in.)
+pub fn link_exists(name: &str) -> bool {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .any(|l| l.split(':').next().map(str::trim) == Some(name))
+}
+
+fn is_bridge(name: &str) -> bool {
+    link_exists(name)
+        && Command::new("ip")
+            .args(["-o", "-d", "link", "show", "dev", name])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" bridge "))
+}
+
+fn run_dir(state: &Path, name: &str) -> PathBuf {
+    state.join("run-net").join(name)
+}
+
+fn nat_rules(def: &NetworkDef) -> Result<Vec<Vec<String>>> {
+    let (_, pfx, net) = def.subnet()?;
+    let cidr = format!("{net}/{pfx}");
+    let br = def.bridge_name();
+    let tag = format!("vessel-net-{}", def.name);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    Ok(vec![
+        s(&[
+            "-t",
+            "nat",
+            "POSTROUTING",
+            "-s",
+            &cidr,
+            "!",
+            "-d",
+            &cidr,
+            "-j",
+            "MASQUERADE",
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+        ]),
+        s(&[
+            "-t",
+            "filter",
+            "FORWARD",
+            "-i",
+            &br,
+            "-j",
+            "ACCEPT",
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+        ]),
+        s(&[
+            "-t",
+            "filter",
+            "FORWARD",
+            "-o",
+            &br,
+            "-j",
+            "ACCEPT",
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+        ]),
+    ])
+}
+
+fn iptables(op: &str, rule: &[String]) -> Result<()> {
+    // rule = [-t, table, CHAIN, ...]: insert the operation before the chain.
+    let mut args: Vec<&str> = rule.iter().take(2).map(String::as_str).collect();
+    args.push(op);
+    args.extend(rule.iter().skip(2).map(String::as_str));
+    sh("iptables", &args)
+}
+
+/// Whether the network's bridge and (when it has DHCP) its dnsmasq are up.
+pub fn is_active(state: &Path, def: &NetworkDef) -> bool {
+    if !is_bridge(&def.bridge_name()) {
+        return false;
+    }
+    if def.dhcp.is_some() || !def.hosts.is_empty() {
+        return ProcId::read(&run_dir(state, &def.name).join("dnsmasq.pid"))
+            .is_some_and(|p| p.alive());
+    }
+    true
+}
+
+/// Brings a network up; on failure, undoes what it did.
+pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Child>> {
+    def.validate()?;
+    let br = def.bridge_name();
+    if link_exists(&br) {
+        return Err(Error::Conflict(format!(
+            "a network device named {br} already exists: stop what uses it, or give the network another bridge name"
+        )));
+    }
+    let mut undo: Vec<Box<dyn FnOnce()>> = Vec::new();
+    let r = (|| -> Result<Option<std::process::Child>> {
+        sh("ip", &["link", "add", &br, "type", "bridge"])?;
+        let b2 = br.clone();
+        undo.push(Box::new(move || {
+            let _ = sh("ip", &["link", "del", &b2]);
+        }));
+        sh("ip", &["addr", "add", &def.address, "dev", &br])?;
+        sh("ip", &["link", "set", &br, "up"])?;
+        if def.nat {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| {
+                Error::io("enabling IP forwarding", "/proc/sys/net/ipv4/ip_forward", e)
+            })?;
+            for rule in nat_rules(def)? {
+                iptables("-A", &rule)?;
+                undo.push(Box::new(move || {
+                    let _ = iptables("-D", &rule);
+                }));
+            }
+        }
+        if def.dhcp.is_none() && def.hosts.is_empty() {
+            return Ok(None);
+        }
+        let dir = run_dir(state, &def.name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        let (_, pfx, _) = def.subnet()?;
+        let mask = Ipv4Addr::from(u32::MAX << (32 - pfx));
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--except-interface=lo",
+            "--port=0",
+            "--dhcp-authoritative",
+            "--log-dhcp",
+        ])
+        .arg(format!("--interface={br}"))
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!(
+            "--pid-file={}",
+            dir.join("dnsmasq.own.pid").display()
+        ));
+        match &def.dhcp {
+            Some(r) => cmd.arg(format!("--dhcp-range={},{},{mask},1h", r.start, r.end)),
+            // Fixed leases only.
+            None => cmd.arg(format!("--dhcp-range={},static,{mask},1h", def.subnet()?.2)),
+        };
+        for h in &def.hosts {
+            cmd.arg(format!("--dhcp-host={},{}", h.mac, h.ip));
+        }
+        let log = std::fs::File::create(dir.join("dnsmasq.log"))
+            .map_err(|e| Error::io("creating", dir.join("dnsmasq.log"), e))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                what: "dnsmasq".into(),
+                why: format!("{e}: install it (apt-get install dnsmasq-base)"),
+            })?;
+        // dnsmasq reports bad options by exiting at once.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Ok(Some(st)) = child.try_wait() {
+            let msg = std::fs::read_to_string(dir.join("dnsmasq.log")).unwrap_or_default();
+            return Err(Error::Spawn {
+                what: "dnsmasq".into(),
+                why: format!("exited at once ({st}): {}", msg.trim()),
+            });
+        }
+        let id =
+            driver::proc_id(child.id() as i32, DriverKind::Qemu).ok_or_else(|| Error::Spawn {
+                what: "dnsmasq".into(),
+                why: "it vanished after starting".into(),
+            })?;
+        if let Err(e) = id.write(&dir.join("dnsmasq.pid")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(Some(child))
+    })();
+    if r.is_err() {
+        for u in undo.into_iter().rev() {
+            u();
+        }
+        let _ = std::fs::remove_dir_all(run_dir(state, &def.name));
+    }
+    r
+}
+
+/// Takes a network down: dnsmasq, NAT rules, the bridge.
+pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
+    let dir = run_dir(state, &def.name);
+    if let Some(id) = ProcId::read(&dir.join("dnsmasq.pid")) {
+        driver::signal(&id, libc::SIGTERM);
+        let t0 = std::time::Instant::now();
+        while id.alive() && t0.elapsed() < std::time::Duration::from_secs(3) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        driver::signal(&id, libc::SIGKILL);
+    }
+    if def.nat {
+        for rule in nat_rules(def)? {
+            let _ = iptables("-D", &rule);
+        }
+    }
+    let br = def.bridge_name();
+    if link_exists(&br) {
+        sh("ip", &["link", "del", &br])?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The TAP device name for a domain's interface `i`: stable across restarts.
+pub fn tap_name(dom: &DomainDef, i: usize) -> String {
+    let id: String = dom
+        .uuid
+        .as_deref()
+        .unwrap_or(&dom.name)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect();
+    format!("vt{id}-{i}")
+}
+
+/// The interface's MAC: given, or derived from the domain's UUID (locally administered,
+/// QEMU's 52:54:00 prefix).
+pub fn mac_for(dom: &DomainDef, i: usize) -> String {
+    if let Some(m) = dom.interfaces.get(i).and_then(|x| x.mac.clone()) {
+        return m;
+    }
+    let mut h: u32 = 2166136261;
+    for b in dom
+        .uuid
+        .as_deref()
+        .unwrap_or(&dom.name)
+        .bytes()
+        .chain([i as u8])
+    {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+}
+
+/// Creates a TAP device on `bridge`.
+pub fn create_tap(tap: &str, bridge: &str) -> Result<()> {
+    if link_exists(tap) {
+        // Left over from a VMM that ended while the daemon was down.
+        let _ = sh("ip", &["link", "del", tap]);
+    }
+    sh("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    if let Err(e) = sh("ip", &["link", "set", tap, "master", bridge, "up"]) {
+        let _ = sh("ip", &["link", "del", tap]);
+        return Err(e);
+    }
+    Ok(())
+}
+
+pub fn delete_tap(tap: &str) {
+    if link_exists(tap) {
+        if let Err(e) = sh("ip", &["link", "del", tap]) {
+            tracing::warn!("removing {tap}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(address: &str) -> NetworkDef {
+        NetworkDef {
+            name: "n".into(),
+            bridge: None,
+            address: address.into(),
+            dhcp: None,
+            hosts: vec![],
+            nat: true,
+            autostart: false,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let mut n = net("192.168.50.1/24");
+        assert!(n.validate().is_ok());
+        assert_eq!(n.bridge_name(), "vbr-n");
+        n.dhcp = Some(DhcpRange {
+            start: "192.168.50.10".parse().unwrap(),
+            end: "192.168.50.99".parse().unwrap(),
+        });
+        assert!(n.validate().is_ok());
+        n.hosts.push(DhcpHost {
+            mac: "52:54:00:00:00:01".into(),
+            ip: "192.168.51.5".parse().unwrap(),
+        });
+        assert!(n.validate().unwrap_err().to_string().contains("outside"));
+        for bad in [
+            "192.168.50.0/24",
+            "192.168.50.255/24",
+            "10.0.0.1",
+            "10.0.0.1/31",
+            "x/24",
+        ] {
+            assert!(net(bad).validate().is_err(), "{bad}");
+        }
+        let mut long = net("10.0.0.1/8");
+        long.name = "a-very-long-network-name".into();
+        assert_eq!(long.bridge_name().len(), 15);
+    }
+}
