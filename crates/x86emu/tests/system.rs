@@ -507,3 +507,63 @@ fn protected_mode_32bit_gate_with_privilege_change() {
     cpu.execute_one(&mut NoDevices).unwrap();
     assert_eq!(cpu.state().gpr[2], 1);
 }
+
+#[test]
+fn fxsave_fxrstor_layout_and_checks() {
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.mov(rbx, DATA).unwrap();
+        a.fxsave64(ptr(rbx)).unwrap();
+        a.fxrstor64(ptr(rbx + 512)).unwrap();
+        a.fxrstor64(ptr(rbx + 1024)).unwrap(); // reserved MXCSR bits: #GP
+        a.fxsave64(ptr(rbx + 8)).unwrap(); // misaligned: #GP
+    });
+    let mut st = g.cpu.state().clone();
+    st.fpu.xmm[3] = 0x0011_2233_4455_6677_8899_aabb_ccdd_eeffu128;
+    st.fpu.mxcsr = 0x1fa0;
+    g.cpu.set_state(st);
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    let mut img = [0u8; 512];
+    g.cpu.ram().read(DATA, &mut img);
+    assert_eq!(u16::from_le_bytes([img[0], img[1]]), 0x37f, "FCW");
+    assert_eq!(
+        u32::from_le_bytes(img[24..28].try_into().unwrap()),
+        0x1fa0,
+        "MXCSR"
+    );
+    assert_eq!(
+        u128::from_le_bytes(img[160 + 48..160 + 64].try_into().unwrap()),
+        0x0011_2233_4455_6677_8899_aabb_ccdd_eeff
+    );
+    // Restore an image with a different XMM5 and MXCSR.
+    let mut img2 = img;
+    img2[24..28].copy_from_slice(&0x3f80u32.to_le_bytes());
+    img2[160 + 80..160 + 96].copy_from_slice(&[0x5a; 16]);
+    g.load(DATA + 512, &img2);
+    let mut bad = img;
+    bad[24..28].copy_from_slice(&0xffff_0000u32.to_le_bytes());
+    g.load(DATA + 1024, &bad);
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    assert_eq!(g.cpu.state().fpu.mxcsr, 0x3f80);
+    assert_eq!(g.cpu.state().fpu.xmm[5], u128::from_le_bytes([0x5a; 16]));
+    assert_eq!(
+        g.cpu.execute_one(&mut NoDevices).unwrap_err().vector,
+        vector::GP
+    );
+    assert_eq!(
+        g.cpu.state().fpu.mxcsr,
+        0x3f80,
+        "a faulting FXRSTOR changes nothing"
+    );
+    // Skip the faulting FXRSTOR.
+    let mut st = g.cpu.state().clone();
+    let mut b = [0u8; 15];
+    g.cpu.ram().read(st.rip, &mut b);
+    st.rip += iced_x86::Decoder::with_ip(64, &b, st.rip, 0).decode().len() as u64;
+    g.cpu.set_state(st);
+    assert_eq!(
+        g.cpu.execute_one(&mut NoDevices).unwrap_err().vector,
+        vector::GP
+    );
+}

@@ -25,13 +25,14 @@ pub(crate) fn mask(size: u32) -> u64 {
 
 #[inline(always)]
 pub(crate) fn sign_bit(size: u32) -> u64 {
-    1u64 << (size * 8 - 1)
+    // Sizes come from decoded operands (1..=8); clamp so no decoding oddity can overflow.
+    1u64 << (size.clamp(1, 8) * 8 - 1)
 }
 
 /// Sign-extends a `size`-byte value to 64 bits.
 #[inline(always)]
 pub(crate) fn sext(v: u64, size: u32) -> u64 {
-    let sh = 64 - size * 8;
+    let sh = 64 - size.clamp(1, 8) * 8;
     (((v << sh) as i64) >> sh) as u64
 }
 
@@ -169,7 +170,7 @@ impl Cpu {
         }
         let s = &self.s.seg[seg as usize];
         let expand_down = s.attr & 0x1c == 0x14;
-        let last = off.wrapping_add(u64::from(size) - 1);
+        let last = off.wrapping_add(u64::from(size.max(1)) - 1);
         if !expand_down && (last > u64::from(s.limit) || last < off) && self.s.protected() {
             return Err(if seg == Seg::Ss {
                 Fault::ss(0)
