@@ -91,7 +91,16 @@ impl Default for CpuidTable {
                     | SSE2,
             },
         );
-        t.set(7, CpuidEntry::default());
+        // ARCH_CAPABILITIES: lets the guest read which speculative-execution flaws this CPU
+        // does not have (an interpreter has none), so Linux skips PTI, MDS buffer clearing
+        // and friends, which would only cost time here.
+        t.set(
+            7,
+            CpuidEntry {
+                edx: 1 << 29,
+                ..Default::default()
+            },
+        );
         t.set(0xd, CpuidEntry::default());
         let (b, c, d) = regs(b"VesselEmuCPU");
         t.set(

@@ -50,6 +50,10 @@ const EMPTY: TlbEntry = TlbEntry {
 #[derive(Debug)]
 pub(crate) struct Tlb {
     entries: Box<[TlbEntry; TLB_SIZE]>,
+    /// Slots filled since the last flush, so a CR3 reload (every context switch) clears
+    /// only what was used instead of scanning the whole TLB. Capacity is reserved up
+    /// front; when it fills up, the next flush scans everything.
+    filled: Vec<u16>,
 }
 
 // SAFETY: the host pointers are into guest RAM owned by the `GuestRam` map of the same CPU,
@@ -60,19 +64,57 @@ impl Tlb {
     pub(crate) fn new() -> Self {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
+            filled: Vec::with_capacity(TLB_SIZE),
         }
     }
 
     pub(crate) fn flush_all(&mut self) {
-        self.entries.fill(EMPTY);
+        if self.filled.len() < TLB_SIZE {
+            for &i in &self.filled {
+                if let Some(e) = self.entries.get_mut(usize::from(i)) {
+                    *e = EMPTY;
+                }
+            }
+        } else {
+            self.entries.fill(EMPTY);
+        }
+        self.filled.clear();
     }
 
     /// CR3 reload: global pages survive.
     pub(crate) fn flush_non_global(&mut self) {
-        for e in self.entries.iter_mut() {
-            if e.perm & P_GLOBAL == 0 {
-                *e = EMPTY;
+        if self.filled.len() < TLB_SIZE {
+            // Global survivors stay listed so a later full flush still finds them.
+            let entries = &mut self.entries;
+            self.filled
+                .retain(|&i| match entries.get_mut(usize::from(i)) {
+                    Some(e) if e.vpn != u64::MAX && e.perm & P_GLOBAL != 0 => true,
+                    Some(e) => {
+                        *e = EMPTY;
+                        false
+                    }
+                    None => false,
+                });
+        } else {
+            for e in self.entries.iter_mut() {
+                if e.perm & P_GLOBAL == 0 {
+                    *e = EMPTY;
+                }
             }
+            self.filled.clear();
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.vpn != u64::MAX {
+                    self.filled.push(i as u16);
+                }
+            }
+        }
+    }
+
+    /// Records a fill of slot `i` (bounded: never grows past the reserved capacity).
+    #[inline]
+    fn note_fill(&mut self, i: usize) {
+        if self.filled.len() < TLB_SIZE {
+            self.filled.push(i as u16);
         }
     }
 
@@ -147,7 +189,11 @@ impl Cpu {
         };
         let host = self.ram.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut());
         let vpn = lin >> 12;
-        self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)] = TlbEntry {
+        let slot = (vpn as usize) & (TLB_SIZE - 1);
+        if self.tlb.entries[slot].vpn == u64::MAX {
+            self.tlb.note_fill(slot);
+        }
+        self.tlb.entries[slot] = TlbEntry {
             vpn,
             host,
             gpa_page,

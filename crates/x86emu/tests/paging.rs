@@ -188,3 +188,59 @@ fn large_pages_and_page_crossing_access() {
     g.cpu.ram().read(PAGE + 0xff8, &mut b);
     assert_eq!(b, [0xaa; 8]);
 }
+
+#[test]
+fn cr3_reload_flushes_after_the_tlb_fill_list_overflows() {
+    let mut g = Guest::new();
+    const BASE: u64 = 0x5000_0000_0000;
+    const N: u64 = 1500; // more pages than TLB slots
+    for i in 0..N {
+        g.map4k(BASE + i * 4096, 0x40_0000 + (i % 8) * 4096, PTE_W);
+    }
+    g.load(0x40_0000, &11u64.to_le_bytes());
+    g.load(0x50_0000, &22u64.to_le_bytes());
+    // Touch every page, then read page 0 (now cached), remap it, reload CR3, read again.
+    g.load_code(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, BASE).unwrap();
+        a.mov(ecx, N as u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.add(rsi, 4096).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.mov(rsi, BASE).unwrap();
+        a.mov(rbx, qword_ptr(rsi)).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(
+        g.cpu.run(&mut NoDevices, 1_000_000),
+        x86emu::RunExit::Halted
+    );
+    assert_eq!(g.cpu.state().gpr[3], 11);
+    let ram = g.cpu.ram();
+    assert!(g.pt.map(ram, BASE, 0x50_0000, 1, PTE_W));
+    g.load(
+        CODE,
+        &asm(64, CODE, |a| {
+            a.mov(rbx, qword_ptr(rsi)).unwrap();
+            a.mov(rax, cr3).unwrap();
+            a.mov(cr3, rax).unwrap();
+            a.mov(rbx, qword_ptr(rsi)).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    // Keep the TLB: set_state would flush it, so only move RIP through state_mut, and
+    // step with execute_one (the CPU is halted for run()).
+    g.cpu.state_mut().rip = CODE;
+    g.cpu.execute_one(&mut NoDevices).unwrap();
+    assert_eq!(g.cpu.state().gpr[3], 11, "still cached before the reload");
+    for _ in 0..3 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    assert_eq!(
+        g.cpu.state().gpr[3],
+        22,
+        "CR3 reload dropped the stale translation"
+    );
+}

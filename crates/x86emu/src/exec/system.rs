@@ -18,6 +18,7 @@ pub mod msr {
     pub const FEATURE_CONTROL: u32 = 0x3a;
     pub const BIOS_SIGN_ID: u32 = 0x8b;
     pub const MTRRCAP: u32 = 0xfe;
+    pub const ARCH_CAPABILITIES: u32 = 0x10a;
     pub const SYSENTER_CS: u32 = 0x174;
     pub const SYSENTER_ESP: u32 = 0x175;
     pub const SYSENTER_EIP: u32 = 0x176;
@@ -36,6 +37,19 @@ pub mod msr {
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
     pub const TSC_AUX: u32 = 0xc000_0103;
 }
+
+/// IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), SSB, MDS, the page-size
+/// change machine check, TAA, the MMIO stale-data variants (SBDR/FBSDP/PSDP), GDS or RFDS.
+const ARCH_CAPS: u64 = (1 << 0)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 15)
+    | (1 << 26)
+    | (1 << 27);
 
 impl Cpu {
     fn require_cpl0(&self) -> Result<()> {
@@ -65,6 +79,7 @@ impl Cpu {
             | msr::MCG_CAP
             | msr::MCG_STATUS => 0,
             msr::FEATURE_CONTROL => 1,
+            msr::ARCH_CAPABILITIES => ARCH_CAPS,
             msr::SYSENTER_CS => m.sysenter_cs,
             msr::SYSENTER_ESP => m.sysenter_esp,
             msr::SYSENTER_EIP => m.sysenter_eip,
