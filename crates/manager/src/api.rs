@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmm::api::http::{Handler, Reply, Request, Response};
+use vmm::api::http::{Conn, Handler, Reply, Request, Response};
 
 use crate::domain::DomainDef;
 use crate::error::{Error, Result};
@@ -20,6 +20,35 @@ pub const API_VERSION: &str = "v1";
 
 pub struct Api {
     pub m: Arc<Manager>,
+}
+
+/// Puts a bearer-token check in front of the API (for the opt-in TCP listener).
+pub struct TokenGate {
+    pub inner: Arc<Api>,
+    pub token: String,
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Handler for TokenGate {
+    fn handle(&self, req: Request) -> Reply {
+        let given = req
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.trim().as_bytes(), self.token.as_bytes()) {
+            return Response::json(
+                401,
+                &json!({"error": {"code": "unauthorized",
+                        "message": "missing or wrong token: send Authorization: Bearer TOKEN"}}),
+            )
+            .into();
+        }
+        self.inner.handle(req)
+    }
 }
 
 /// Error bodies for protocol-level failures (malformed HTTP).
@@ -223,13 +252,13 @@ fn read_from(path: &std::path::Path, offset: u64) -> Result<Vec<u8>> {
 }
 
 /// Copies bytes both ways until either side closes.
-fn relay(client: UnixStream, console: UnixStream) {
-    let (Ok(mut c2), Ok(mut k2)) = (client.try_clone(), console.try_clone()) else {
+fn relay(client: Box<dyn Conn>, console: UnixStream) {
+    let (Ok(mut c2), Ok(mut k2)) = (client.try_clone_conn(), console.try_clone()) else {
         return;
     };
     let t = std::thread::spawn(move || {
         let _ = std::io::copy(&mut k2, &mut c2);
-        let _ = c2.shutdown(Shutdown::Both);
+        c2.shutdown_conn();
     });
     let mut c = client;
     let mut k = console;

@@ -1,11 +1,12 @@
 //! A client of the daemon's REST API, used by the CLI and the tests.
 
 use std::io::BufReader;
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vmm::api::http::{self, ClientResponse, HttpError};
+use vmm::api::http::{self, ClientResponse, Conn, HttpError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -28,21 +29,43 @@ pub enum ClientError {
 
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// A Unix socket path, or `tcp://HOST:PORT`.
     pub socket: PathBuf,
+    /// Bearer token for TCP.
+    pub token: Option<String>,
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
             socket: socket.into(),
+            token: None,
         }
     }
 
-    fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
+    /// A client of the opt-in TCP listener.
+    pub fn tcp(addr: &str, token: &str) -> Self {
+        Client {
+            socket: PathBuf::from(format!("tcp://{addr}")),
+            token: Some(token.to_string()),
+        }
+    }
+
+    fn connect(&self) -> Result<Box<dyn Conn>, ClientError> {
+        let unreachable = |source| ClientError::Unreachable {
             path: self.socket.clone(),
             source,
-        })
+        };
+        match self.socket.to_str().and_then(|s| s.strip_prefix("tcp://")) {
+            Some(addr) => Ok(Box::new(TcpStream::connect(addr).map_err(unreachable)?)),
+            None => Ok(Box::new(
+                UnixStream::connect(&self.socket).map_err(unreachable)?,
+            )),
+        }
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
     /// One request; a non-2xx status becomes [`ClientError::Api`].
@@ -53,8 +76,10 @@ impl Client {
         body: Option<(&str, &[u8])>,
     ) -> Result<ClientResponse, ClientError> {
         let s = self.connect()?;
-        let (r, _) =
-            http::client_exchange(s, method, path, body, false).map_err(ClientError::Http)?;
+        let auth = self.auth();
+        let hdrs: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let (r, _) = http::client_exchange(s, method, path, body, false, &hdrs)
+            .map_err(ClientError::Http)?;
         if r.status / 100 != 2 {
             let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
             let e = &v["error"];
@@ -109,11 +134,13 @@ impl Client {
     }
 
     /// Attaches to a domain's console: the returned stream carries raw bytes both ways.
-    pub fn console(&self, name: &str) -> Result<BufReader<UnixStream>, ClientError> {
+    pub fn console(&self, name: &str) -> Result<BufReader<Box<dyn Conn>>, ClientError> {
         let s = self.connect()?;
         let path = format!("/v1/domains/{}/console", http::percent_encode(name));
-        let (r, stream) =
-            http::client_exchange(s, "POST", &path, None, true).map_err(ClientError::Http)?;
+        let auth = self.auth();
+        let hdrs: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let (r, stream) = http::client_exchange(s, "POST", &path, None, true, &hdrs)
+            .map_err(ClientError::Http)?;
         if r.status != 101 {
             let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
             return Err(ClientError::Api {

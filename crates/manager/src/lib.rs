@@ -21,8 +21,16 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use manager::{Config, Manager};
 
-/// Opens the state, binds the socket and serves the API until the process ends.
-pub fn serve(cfg: Config, socket: &Path) -> Result<()> {
+/// The opt-in TCP listener: an address and the token clients must send.
+#[derive(Clone, Debug)]
+pub struct TcpOpts {
+    pub addr: String,
+    pub token: String,
+}
+
+/// Opens the state, binds the socket (and TCP, when asked) and serves the API until the
+/// process ends.
+pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating socket folder", dir, e))?;
     }
@@ -31,6 +39,23 @@ pub fn serve(cfg: Config, socket: &Path) -> Result<()> {
     tracing::info!(socket = %socket.display(), "vessel daemon listening");
     let auto = m.clone();
     std::thread::spawn(move || auto.autostart_all());
-    vmm::api::http::serve(listener, Arc::new(api::Api { m }), api::protocol_error);
+    let api = Arc::new(api::Api { m });
+    if let Some(t) = tcp {
+        if t.token.len() < 16 {
+            return Err(Error::invalid(
+                "TCP token",
+                "use at least 16 characters (e.g. from `openssl rand -hex 16`)",
+            ));
+        }
+        let l =
+            std::net::TcpListener::bind(&t.addr).map_err(|e| Error::io("binding", &t.addr, e))?;
+        tracing::info!(addr = %t.addr, "also listening on TCP (token required)");
+        let gate = Arc::new(api::TokenGate {
+            inner: api.clone(),
+            token: t.token,
+        });
+        std::thread::spawn(move || vmm::api::http::serve_tcp(l, gate, api::protocol_error));
+    }
+    vmm::api::http::serve(listener, api, api::protocol_error);
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::cmd_img::parse_size;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GlobalOpts {
     /// The daemon's socket (default: /run/vessel/vessel.sock as root, else
-    /// $XDG_RUNTIME_DIR/vessel/vessel.sock).
+    /// $XDG_RUNTIME_DIR/vessel/vessel.sock), or tcp://HOST:PORT with $VESSEL_TOKEN.
     #[arg(long, global = true, env = "VESSEL_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Print JSON instead of tables.
@@ -61,6 +61,12 @@ pub struct DaemonArgs {
     /// The QEMU system emulator the qemu driver runs.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Also serve the API on TCP (e.g. 127.0.0.1:7070); clients must send the token.
+    #[arg(long, requires = "token_file")]
+    listen_tcp: Option<String>,
+    /// File holding the token TCP clients send (Authorization: Bearer TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 /// Runs the daemon in the foreground until it is killed.
@@ -75,8 +81,18 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             qemu: args.qemu,
         },
     };
+    let tcp = match (args.listen_tcp, args.token_file) {
+        (Some(addr), Some(f)) => Some(manager::TcpOpts {
+            addr,
+            token: std::fs::read_to_string(&f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        }),
+        _ => None,
+    };
     eprintln!("vessel daemon: listening on {}", socket.display());
-    manager::serve(cfg, &socket).map_err(anyhow::Error::from)?;
+    manager::serve(cfg, &socket, tcp).map_err(anyhow::Error::from)?;
     Ok(0)
 }
 
@@ -381,7 +397,8 @@ const CHUNK: u64 = 8 << 20;
 /// Runs one verb against the daemon.
 pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     let sock = g.socket.clone().unwrap_or_else(default_socket);
-    let c = Client::new(&sock);
+    let mut c = Client::new(&sock);
+    c.token = std::env::var("VESSEL_TOKEN").ok();
     let json_out = g.json;
     let show_dom = |v: &Value| {
         if json_out {
@@ -917,7 +934,7 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Interactive console: raw terminal, Ctrl-] detaches.
 fn attach(c: &Client, name: &str) -> Result<i32> {
     let stream = c.console(name)?;
-    let mut out = stream.get_ref().try_clone()?;
+    let mut out = stream.get_ref().try_clone_conn()?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r");
@@ -965,7 +982,7 @@ fn attach(c: &Client, name: &str) -> Result<i32> {
         // Piped input ended: give the guest a moment to answer before closing.
         std::thread::sleep(Duration::from_millis(500));
     }
-    let _ = out.shutdown(std::net::Shutdown::Both);
+    out.shutdown_conn();
     let _ = t.join();
     drop(raw);
     Ok(0)

@@ -112,6 +112,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -129,6 +133,7 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
+            .args(extra)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -256,7 +261,8 @@ fn wait_for_log(c: &Client, name: &str, needle: &str) -> String {
     let t0 = Instant::now();
     loop {
         let log = serial_log(c, name);
-        if log.contains(needle) {
+        // The whole line: the log may be read while the guest is still writing it.
+        if log.find(needle).is_some_and(|i| log[i..].contains('\n')) {
             return log;
         }
         assert!(
@@ -344,7 +350,7 @@ fn qemu_domain_lifecycle_through_the_api() {
     let mut con = c.console("web").unwrap();
     con.get_mut().write_all(b"echo con$((6*7))sole\n").unwrap();
     con.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout_conn(Some(Duration::from_secs(30)))
         .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 512];
@@ -516,7 +522,7 @@ fn restart_readopts_a_running_domain() {
     let mut con = c.console("keep").unwrap();
     con.get_mut().write_all(b"echo still-$((1+1))\n").unwrap();
     con.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout_conn(Some(Duration::from_secs(30)))
         .unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 256];
@@ -965,4 +971,42 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
     assert!(d.pids("run-net", "dnsmasq.pid").is_empty());
     d.ok(&["net-undefine", "lab"]);
     assert_eq!(c.get("/v1/networks").unwrap(), json!([]));
+}
+
+#[test]
+fn opt_in_tcp_listener_requires_the_token() {
+    let mut d = Daemon::start("tcp");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    // Loopback only; a port from this test's PID.
+    let addr = format!("127.0.0.1:{}", 20000 + std::process::id() % 20000);
+    d.spawn_with(&["--listen-tcp", &addr, "--token-file", tf.to_str().unwrap()]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (st, msg) = api_status(
+        Client::tcp(&addr, "wrong-token-wrong-token")
+            .get("/v1/domains")
+            .unwrap_err(),
+    );
+    assert_eq!(st, 401);
+    assert!(msg.contains("Bearer"), "{msg}");
+    let mut anon = Client::tcp(&addr, "");
+    anon.token = None;
+    assert_eq!(api_status(anon.get("/v1").unwrap_err()).0, 401);
+    let c = Client::tcp(&addr, token);
+    assert_eq!(c.get("/v1/domains").unwrap(), json!([]));
+    // The CLI over TCP, token from the environment.
+    let o = Command::new(EXE)
+        .args(["--socket", &format!("tcp://{addr}"), "pool-list"])
+        .env("VESSEL_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The Unix socket needs no token.
+    assert_eq!(d.client().get("/v1").unwrap()["api"], "v1");
 }

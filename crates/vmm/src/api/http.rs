@@ -5,9 +5,41 @@
 //! hostile client gets a 4xx and a closed connection, never a panic or an unbounded buffer.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+
+/// A connection the server and client can use: a Unix or TCP stream.
+pub trait Conn: Read + Write + Send + 'static {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
+    fn shutdown_conn(&self);
+    fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()>;
+}
+
+impl Conn for UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl Conn for TcpStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
 
 /// Longest request or response head (request line + headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -106,7 +138,7 @@ impl Response {
 }
 
 /// Takes the connection over after the response head was sent.
-pub type Upgrade = Box<dyn FnOnce(UnixStream) + Send>;
+pub type Upgrade = Box<dyn FnOnce(Box<dyn Conn>) + Send>;
 
 /// What a handler answers.
 pub enum Reply {
@@ -327,11 +359,11 @@ fn error_response(e: &HttpError, json_error: &dyn Fn(u16, String) -> Response) -
 
 /// Serves one connection until the peer closes it or a handler upgrades it.
 fn serve_conn(
-    stream: UnixStream,
+    stream: Box<dyn Conn>,
     handler: &dyn Handler,
     json_error: &dyn Fn(u16, String) -> Response,
 ) {
-    let Ok(write_half) = stream.try_clone() else {
+    let Ok(write_half) = stream.try_clone_conn() else {
         return;
     };
     let mut w = write_half;
@@ -378,8 +410,33 @@ pub fn serve(
     handler: Arc<dyn Handler>,
     json_error: fn(u16, String) -> Response,
 ) {
-    for conn in listener.incoming() {
-        match conn {
+    accept_loop(
+        || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+        handler,
+        json_error,
+    )
+}
+
+/// [`serve`] on a TCP listener (put a [`Handler`] that checks credentials in front).
+pub fn serve_tcp(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    json_error: fn(u16, String) -> Response,
+) {
+    accept_loop(
+        || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+        handler,
+        json_error,
+    )
+}
+
+fn accept_loop(
+    accept: impl Fn() -> io::Result<Box<dyn Conn>>,
+    handler: Arc<dyn Handler>,
+    json_error: fn(u16, String) -> Response,
+) {
+    loop {
+        match accept() {
             Ok(stream) => {
                 let h = handler.clone();
                 let spawned = std::thread::Builder::new()
@@ -427,20 +484,27 @@ pub fn client_request(
     body: Option<(&str, &[u8])>,
 ) -> Result<ClientResponse, HttpError> {
     let stream = UnixStream::connect(sock)?;
-    let (resp, _) = client_exchange(stream, method, path_and_query, body, false)?;
+    let (resp, _) = client_exchange(Box::new(stream), method, path_and_query, body, false, &[])?;
     Ok(resp)
 }
 
-/// Sends a request on `stream`, reads the response head and body; with `keep` the stream is
-/// returned for further use (an upgraded connection).
+/// A connection kept open after a response (an upgraded connection), with what was read.
+pub type KeptConn = BufReader<Box<dyn Conn>>;
+
+/// Sends a request on `stream` (with extra `headers`), reads the response head and body;
+/// with `keep` the stream is returned for further use (an upgraded connection).
 pub fn client_exchange(
-    mut stream: UnixStream,
+    mut stream: Box<dyn Conn>,
     method: &str,
     path_and_query: &str,
     body: Option<(&str, &[u8])>,
     keep: bool,
-) -> Result<(ClientResponse, Option<BufReader<UnixStream>>), HttpError> {
+    headers: &[(&str, &str)],
+) -> Result<(ClientResponse, Option<KeptConn>), HttpError> {
     let mut head = format!("{method} {path_and_query} HTTP/1.1\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
     if !keep {
         head.push_str("Connection: close\r\n");
     }
