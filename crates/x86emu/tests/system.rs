@@ -567,3 +567,25 @@ fn fxsave_fxrstor_layout_and_checks() {
         vector::GP
     );
 }
+
+#[test]
+fn unmasked_simd_exception_raises_xm_and_keeps_the_destination() {
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.divsd(xmm0, xmm1).unwrap();
+    });
+    let mut st = g.cpu.state().clone();
+    st.fpu.xmm[0] = u128::from(1.0f64.to_bits());
+    st.fpu.xmm[1] = 0;
+    st.fpu.mxcsr = 0x1f80 & !(1 << 9); // divide-by-zero unmasked
+    g.cpu.set_state(st);
+    let f = g.cpu.execute_one(&mut NoDevices).unwrap_err();
+    assert_eq!(f.vector, vector::XM);
+    let s = g.cpu.state();
+    assert_eq!(
+        s.fpu.xmm[0],
+        u128::from(1.0f64.to_bits()),
+        "destination unchanged"
+    );
+    assert_ne!(s.fpu.mxcsr & 0x4, 0, "ZE recorded");
+}

@@ -732,8 +732,8 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
             } else {
                 0
             };
+            commit_flags(cpu, fl)?;
             cpu.set_flags_masked(flags, ZF | PF | CF | OF | SF | AF);
-            cpu.s.fpu.mxcsr |= fl;
             return Ok(());
         }
         M::Cvtsi2ss | M::Cvtsi2sd => {
@@ -758,7 +758,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
             } else {
                 to_int(f64v(s as u64), bits, trunc, mx)
             };
-            cpu.s.fpu.mxcsr |= f;
+            commit_flags(cpu, f)?;
             reg_write(cpu, ins.op0_register(), v);
             return Ok(());
         }
@@ -828,10 +828,24 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
         }
         _ => return Err(Fault::ud()),
     };
-    // Flags are only committed when the instruction completes (a memory fault above leaves
-    // MXCSR untouched).
-    dst_write(cpu, p, ins, result)?;
+    // Flags are only committed once the operands were read (a memory fault above leaves
+    // MXCSR untouched); an unmasked exception leaves the destination unchanged.
+    commit_flags(cpu, fl)?;
+    dst_write(cpu, p, ins, result)
+}
+
+/// Records exception flags in MXCSR and raises #XM (or #UD without CR4.OSXMMEXCPT) if
+/// any of them is unmasked.
+fn commit_flags(cpu: &mut Cpu, fl: u32) -> Result<()> {
+    let masks = (cpu.s.fpu.mxcsr >> 7) & 0x3f;
     cpu.s.fpu.mxcsr |= fl;
+    if fl & !masks & 0x3f != 0 {
+        return Err(if cpu.s.cr4 & crate::state::cr::CR4_OSXMMEXCPT != 0 {
+            Fault::new(crate::exceptions::vector::XM)
+        } else {
+            Fault::ud()
+        });
+    }
     Ok(())
 }
 
