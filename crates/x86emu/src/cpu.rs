@@ -64,6 +64,8 @@ pub struct Cpu {
     pub(crate) tsc_offset: u64,
     /// Instructions retired since creation.
     pub(crate) retired: u64,
+    /// Set when a page walk lost an A/D-bit update race; the walk is retried.
+    pub(crate) walk_raced: bool,
 }
 
 impl Cpu {
@@ -88,6 +90,7 @@ impl Cpu {
             tsc_epoch: Instant::now(),
             tsc_offset: 0,
             retired: 0,
+            walk_raced: false,
         }
     }
 

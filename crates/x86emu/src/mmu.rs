@@ -176,16 +176,15 @@ impl Cpu {
 
     #[cold]
     fn translate_slow(&mut self, lin: u64, access: Access, user: bool) -> Result<Translation> {
-        let (gpa_page, perm, page_shift) = if self.s.cr0 & cr::CR0_PG == 0 {
-            let all =
-                P_READ_SUP | P_READ_USER | P_WRITE_SUP | P_WRITE_USER | P_EXEC_SUP | P_EXEC_USER;
-            ((lin & 0xffff_ffff) & !0xfff, all, 12)
-        } else if self.s.efer & cr::EFER_LMA != 0 {
-            self.walk_4level(lin, access, user)?
-        } else if self.s.cr4 & cr::CR4_PAE != 0 {
-            self.walk_pae(lin, access, user)?
-        } else {
-            self.walk_32bit(lin, access, user)?
+        // A walk that lost an A/D-bit race with another vCPU starts over.
+        let mut tries = 0;
+        let (gpa_page, perm, page_shift) = loop {
+            self.walk_raced = false;
+            let r = self.walk(lin, access, user);
+            tries += 1;
+            if !self.walk_raced || tries >= 64 {
+                break r?;
+            }
         };
         let host = self.ram.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut());
         let vpn = lin >> 12;
@@ -200,12 +199,22 @@ impl Cpu {
             perm,
             page_shift,
         };
-        if perm & needed_perm(access, user) == 0 {
-            // The walk succeeded, so this can only be a cached-permission corner (e.g. WP=0
-            // supervisor write to a read-only page with D clear), which the walk resolved.
-            return Ok(Translation { host, gpa_page });
-        }
         Ok(Translation { host, gpa_page })
+    }
+
+    /// Walks the paging structures of the current mode: (frame, permissions, page shift).
+    fn walk(&mut self, lin: u64, access: Access, user: bool) -> Result<(u64, u8, u8)> {
+        if self.s.cr0 & cr::CR0_PG == 0 {
+            let all =
+                P_READ_SUP | P_READ_USER | P_WRITE_SUP | P_WRITE_USER | P_EXEC_SUP | P_EXEC_USER;
+            Ok(((lin & 0xffff_ffff) & !0xfff, all, 12))
+        } else if self.s.efer & cr::EFER_LMA != 0 {
+            self.walk_4level(lin, access, user)
+        } else if self.s.cr4 & cr::CR4_PAE != 0 {
+            self.walk_pae(lin, access, user)
+        } else {
+            self.walk_32bit(lin, access, user)
+        }
     }
 
     fn pf(&mut self, lin: u64, access: Access, user: bool, bits: u32) -> Fault {
@@ -224,24 +233,11 @@ impl Cpu {
     }
 
     fn read_pte(&mut self, gpa: u64) -> u64 {
-        let mut b = [0u8; 8];
-        if !self.ram.read(gpa, &mut b) {
-            // Page tables outside RAM read as all-ones-free zeros: not present.
-            return 0;
-        }
-        u64::from_le_bytes(b)
-    }
-
-    fn write_pte(&mut self, gpa: u64, val: u64) {
-        self.ram.write(gpa, &val.to_le_bytes());
+        self.ram.load_pte(gpa, true)
     }
 
     fn read_pte32(&mut self, gpa: u64) -> u64 {
-        let mut b = [0u8; 4];
-        if !self.ram.read(gpa, &mut b) {
-            return 0;
-        }
-        u64::from(u32::from_le_bytes(b))
+        self.ram.load_pte(gpa, false)
     }
 
     /// Applies the access rules to the accumulated rights and sets A/D bits.
@@ -277,12 +273,11 @@ impl Cpu {
             if leaf {
                 dirty = ne & 0x40 != 0;
             }
-            if ne != e {
-                if wide {
-                    self.write_pte(gpa, ne);
-                } else {
-                    self.ram.write(gpa, &(ne as u32).to_le_bytes());
-                }
+            // Atomic like the hardware's locked A/D update: another vCPU may be changing
+            // this entry (e.g. clearing it); never write back a stale copy.
+            if ne != e && !self.ram.compare_exchange_pte(gpa, e, ne, wide) {
+                self.walk_raced = true;
+                return Err(Fault::gp0());
             }
         }
         let mut perm = P_READ_SUP;

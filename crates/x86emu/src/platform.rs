@@ -146,6 +146,59 @@ impl GuestRam {
             .map(|r| r.host.wrapping_add((page - r.gpa) as usize))
     }
 
+    /// Atomically replaces a page-table entry (8 bytes if `wide`, else 4) at `gpa` if it
+    /// still holds `old`. Returns false only when the entry changed meanwhile; entries
+    /// outside RAM (or misaligned) are left alone and count as done.
+    pub(crate) fn compare_exchange_pte(&self, gpa: u64, old: u64, new: u64, wide: bool) -> bool {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        let size = if wide { 8 } else { 4 };
+        let Some(page) = self.page_ptr(gpa) else {
+            return true;
+        };
+        let off = (gpa & 0xfff) as usize;
+        if !off.is_multiple_of(size) {
+            return true;
+        }
+        // SAFETY: `page` is a valid RAM page (add_region contract), off is aligned to the
+        // access size and inside the page; guest RAM is only accessed through raw pointers
+        // and atomics, so an atomic view of it is sound.
+        unsafe {
+            let p = page.add(off);
+            if wide {
+                AtomicU64::from_ptr(p as *mut u64)
+                    .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            } else {
+                AtomicU32::from_ptr(p as *mut u32)
+                    .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            }
+        }
+    }
+
+    /// Reads a page-table entry atomically (no torn reads while another vCPU updates it);
+    /// entries outside RAM read as 0 (not present).
+    pub(crate) fn load_pte(&self, gpa: u64, wide: bool) -> u64 {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        let size = if wide { 8 } else { 4 };
+        let off = (gpa & 0xfff) as usize;
+        let Some(page) = self.page_ptr(gpa) else {
+            return 0;
+        };
+        if !off.is_multiple_of(size) {
+            return 0;
+        }
+        // SAFETY: as in compare_exchange_pte: an aligned, in-page pointer into RAM.
+        unsafe {
+            let p = page.add(off);
+            if wide {
+                AtomicU64::from_ptr(p as *mut u64).load(Ordering::Acquire)
+            } else {
+                u64::from(AtomicU32::from_ptr(p as *mut u32).load(Ordering::Acquire))
+            }
+        }
+    }
+
     /// Reads guest-physical memory that is RAM; false if any byte is not RAM.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
         let mut done = 0;
