@@ -21,6 +21,10 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub const SLEEP_CONTROL_SLP_EN: u8 = 1 << 5;
 pub const SLEEP_CONTROL_SLP_TYP_SHIFT: u8 = 2;
 
+/// COM1, which the DSDT describes so Linux routes its interrupt.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_GSI: u32 = 4;
+
 /// A virtio-mmio device as the DSDT describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VirtioMmioDevice {
@@ -141,6 +145,18 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO]),
     );
     s5.to_aml_bytes(&mut d);
+    // COM1 as a PNP device: with hardware-reduced ACPI Linux sets up no legacy ISA
+    // interrupts, so the UART's IRQ 4 only gets an IOAPIC route through this _CRS.
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
+    let com1_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
+    );
+    aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs])
+        .to_aml_bytes(&mut d);
     let names: Vec<String> = (0..cfg.virtio_devices.len())
         .map(|i| format!("V{i:03X}"))
         .collect();
@@ -202,6 +218,7 @@ mod tests {
                 assert_eq!(checksum(dsdt), 0);
                 let hay = String::from_utf8_lossy(dsdt);
                 assert!(hay.contains("_S5_") && hay.contains("LNRO0005"));
+                assert!(hay.contains("COM1"));
             }
             if &t[0..4] == b"APIC" {
                 let lapics = t[44..].windows(2).filter(|w| w == &[0, 8]).count();

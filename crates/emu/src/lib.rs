@@ -1,5 +1,141 @@
 //! The `emu` accelerator: Vessel's software x86-64 CPU (`x86emu`) and the user-space
-//! interrupt controllers (`devices::irqchip`) behind the `hypervisor` traits.
+//! interrupt controllers (`devices::irqchip`) behind the `hypervisor` traits, so the VMM
+//! runs a VM the same way whether KVM or the emulator executes it.
 
+pub mod clock;
 pub mod convert;
+pub mod cpuid;
 pub mod kvmclock;
+pub mod platform;
+pub mod vcpu;
+
+use std::sync::{Arc, Mutex};
+
+use devices::irqchip::chip::UserIrqChip;
+use hypervisor::{CpuIdEntry, Hypervisor, IrqChip, Result, Vcpu, Vm};
+use x86emu::{Cpu, GuestRam};
+
+use clock::{VmClock, TSC_HZ};
+
+/// The LAPIC timer's input clock: 1 GHz, like the TSC, so one tick is one nanosecond.
+pub const LAPIC_TIMER_HZ: u64 = 1_000_000_000;
+
+/// The software-CPU accelerator.
+#[derive(Debug, Default)]
+pub struct EmuHypervisor;
+
+impl EmuHypervisor {
+    pub fn new() -> Self {
+        EmuHypervisor
+    }
+}
+
+impl Hypervisor for EmuHypervisor {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn create_vm(&self, cpus: u8) -> Result<Arc<dyn Vm>> {
+        let clock = VmClock::new();
+        let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, TSC_HZ);
+        Ok(Arc::new(EmuVm {
+            shared: Arc::new(VmShared {
+                chip,
+                clock,
+                turn: parking_lot::FairMutex::new(()),
+            }),
+            regions: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
+        Ok(cpuid::supported())
+    }
+}
+
+/// What every vCPU of one VM shares.
+pub(crate) struct VmShared {
+    pub(crate) chip: UserIrqChip,
+    pub(crate) clock: VmClock,
+    /// Whose turn it is on the emulated CPUs (see `vcpu`).
+    pub(crate) turn: parking_lot::FairMutex<()>,
+}
+
+struct Region {
+    gpa: u64,
+    host: usize,
+    len: u64,
+}
+
+struct EmuVm {
+    shared: Arc<VmShared>,
+    regions: Mutex<Vec<Region>>,
+}
+
+struct ChipHandle(Arc<VmShared>);
+
+impl IrqChip for ChipHandle {
+    fn set_irq_line(&self, gsi: u32, active: bool) -> Result<()> {
+        self.0.chip.set_irq_line(gsi, active);
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.0.chip.signal_msi(address, data);
+        Ok(())
+    }
+}
+
+impl EmuVm {
+    fn ram_map(&self) -> Result<GuestRam> {
+        let mut ram = GuestRam::new();
+        let regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        for r in regions.iter() {
+            // SAFETY: add_memory_region's contract: the host range outlives the VM.
+            unsafe { ram.add_region(r.gpa, r.host as *mut u8, r.len as usize) }.map_err(|e| {
+                hypervisor::Error::Unsupported {
+                    what: format!("guest RAM layout: {e}"),
+                }
+            })?;
+        }
+        Ok(ram)
+    }
+}
+
+impl Vm for EmuVm {
+    unsafe fn add_memory_region(
+        &self,
+        _slot: u32,
+        guest_addr: u64,
+        host_addr: *mut u8,
+        size: u64,
+    ) -> Result<()> {
+        self.regions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Region {
+                gpa: guest_addr,
+                host: host_addr as usize,
+                len: size,
+            });
+        Ok(())
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let mut cpu = Cpu::new(self.ram_map()?);
+        cpu.set_tsc_epoch(self.shared.clock.epoch());
+        if id != 0 {
+            // Application processors wait for INIT/SIPI from the bootstrap processor.
+            cpu.init(true);
+        }
+        Ok(Box::new(vcpu::EmuVcpu::new(
+            id,
+            cpu,
+            self.ram_map()?,
+            self.shared.clone(),
+        )))
+    }
+
+    fn irq_chip(&self) -> Arc<dyn IrqChip> {
+        Arc::new(ChipHandle(self.shared.clone()))
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use emu::EmuHypervisor;
 use hypervisor::host::KvmSupport;
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::Hypervisor;
@@ -10,12 +11,8 @@ use crate::config::Accel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccelError {
-    #[error("--accel auto: {0}, so a guest kernel would not boot in useful time; no software CPU in this build yet (--accel kvm forces KVM)")]
-    NothingUsable(String),
     #[error("--accel kvm: {0}")]
     KvmUnavailable(String),
-    #[error("--accel emu: the software CPU accelerator is not available in this build yet")]
-    EmuUnavailable,
     #[error("opening KVM: {0}")]
     Kvm(#[from] hypervisor::Error),
 }
@@ -46,7 +43,12 @@ pub fn choose_with(requested: Accel, kvm: KvmSupport) -> Result<Choice, AccelErr
             note: None,
         }),
         (Accel::Auto, KvmSupport::Slow(why)) | (Accel::Auto, KvmSupport::Unavailable(why)) => {
-            Err(AccelError::NothingUsable(why))
+            Ok(Choice {
+                hypervisor: Arc::new(EmuHypervisor::new()),
+                note: Some(format!(
+                    "accel auto: using emu (Vessel's software CPU): {why}"
+                )),
+            })
         }
         (Accel::Kvm, KvmSupport::Slow(why)) => Ok(Choice {
             hypervisor: Arc::new(KvmHypervisor::new()?),
@@ -55,7 +57,10 @@ pub fn choose_with(requested: Accel, kvm: KvmSupport) -> Result<Choice, AccelErr
             )),
         }),
         (Accel::Kvm, KvmSupport::Unavailable(why)) => Err(AccelError::KvmUnavailable(why)),
-        (Accel::Emu, _) => Err(AccelError::EmuUnavailable),
+        (Accel::Emu, _) => Ok(Choice {
+            hypervisor: Arc::new(EmuHypervisor::new()),
+            note: None,
+        }),
     }
 }
 

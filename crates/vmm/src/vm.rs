@@ -64,6 +64,13 @@ pub enum VmmError {
 /// A virtio device, and the host descriptor whose readiness means work for it (a TAP).
 type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<std::os::fd::OwnedFd>);
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
 /// The first IOAPIC pin virtio devices use: 16..23 are free of ISA interrupts.
 const VIRTIO_FIRST_GSI: u32 = 16;
 
@@ -253,6 +260,18 @@ impl Vmm {
             )))),
             u64::from(acpi::SLEEP_CONTROL_PORT),
             3,
+        )?;
+        // The CMOS RTC lives in user space with either accelerator (KVM has none).
+        let rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        let clock: Arc<dyn devices::irqchip::Clock> =
+            Arc::new(devices::irqchip::MonotonicClock::new());
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(devices::irqchip::Clocked::new(
+                Arc::new(Mutex::new(rtc)),
+                clock,
+            )))),
+            0x70,
+            2,
         )?;
         io.pio.insert(
             dev(Arc::new(Mutex::new(DebugExit::new(exit.clone())))),

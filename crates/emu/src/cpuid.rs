@@ -1,0 +1,111 @@
+//! The CPUID the emu accelerator can present: exactly what x86emu implements, plus the
+//! paravirtual leaves that make Linux trust its clock (KVM signature, kvmclock).
+
+use hypervisor::CpuIdEntry;
+use x86emu::CpuidTable;
+
+use crate::kvmclock::{
+    KVM_FEATURE_CLOCKSOURCE, KVM_FEATURE_CLOCKSOURCE2, KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
+};
+
+/// Leaf 1 ECX: x2APIC and the TSC-deadline timer, both provided by the user-space LAPIC.
+const ECX_X2APIC: u32 = 1 << 21;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 0x80000007 EDX bit 8: invariant TSC (ours runs at a fixed rate from host time).
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
+
+/// Leaves x86emu defines that are worth exporting.
+const LEAVES: &[u32] = &[
+    0,
+    1,
+    7,
+    0xd,
+    0x8000_0000,
+    0x8000_0001,
+    0x8000_0002,
+    0x8000_0003,
+    0x8000_0004,
+    0x8000_0007,
+    0x8000_0008,
+];
+
+pub fn supported() -> Vec<CpuIdEntry> {
+    let table = CpuidTable::default();
+    let mut out: Vec<CpuIdEntry> = LEAVES
+        .iter()
+        .map(|&leaf| {
+            let e = table.lookup(leaf, 0);
+            CpuIdEntry {
+                function: leaf,
+                index: 0,
+                significant_index: false,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            }
+        })
+        .collect();
+    for e in &mut out {
+        match e.function {
+            1 => e.ecx |= ECX_X2APIC | ECX_TSC_DEADLINE,
+            0x8000_0007 => e.edx |= EDX_INVARIANT_TSC,
+            _ => {}
+        }
+    }
+    // "KVMKVMKVM\0\0\0": Linux's KVM guest support keys off this signature.
+    let sig = *b"KVMKVMKVM\0\0\0";
+    let w = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
+    out.push(CpuIdEntry {
+        function: 0x4000_0000,
+        eax: 0x4000_0001,
+        ebx: w(0),
+        ecx: w(4),
+        edx: w(8),
+        ..Default::default()
+    });
+    out.push(CpuIdEntry {
+        function: 0x4000_0001,
+        eax: KVM_FEATURE_CLOCKSOURCE
+            | KVM_FEATURE_CLOCKSOURCE2
+            | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
+        ..Default::default()
+    });
+    out
+}
+
+/// Install `entries` as the CPU's CPUID.
+pub fn install(table: &mut CpuidTable, entries: &[CpuIdEntry]) {
+    for e in entries {
+        let v = x86emu::CpuidEntry {
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        };
+        if e.significant_index {
+            table.set_subleaf(e.function, e.index, v);
+        } else {
+            table.set(e.function, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertises_kvmclock_and_only_implemented_basics() {
+        let s = supported();
+        let kvm = s.iter().find(|e| e.function == 0x4000_0000).unwrap();
+        assert_eq!(kvm.ebx.to_le_bytes(), *b"KVMK");
+        let f = s.iter().find(|e| e.function == 0x4000_0001).unwrap();
+        assert_ne!(f.eax & KVM_FEATURE_CLOCKSOURCE2, 0);
+        let l1 = s.iter().find(|e| e.function == 1).unwrap();
+        assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
+        // x86emu does not implement AVX or XSAVE: they must not be advertised.
+        assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
+        assert_eq!(l1.ecx & (1 << 26), 0, "XSAVE");
+    }
+}

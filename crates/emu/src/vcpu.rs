@@ -1,0 +1,183 @@
+//! One software vCPU behind the seam's `Vcpu` contract.
+//!
+//! All vCPUs of a VM take turns on the CPU under one fair lock, a slice of instructions at
+//! a time: the emulator's memory operations (LOCK-prefixed ones included) are then atomic
+//! with respect to each other without making every guest access atomic on the host. The
+//! VMM still runs one thread per vCPU, as with KVM, and never knows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypervisor::{CpuIdEntry, FpuState, IoHandler, MsrEntry, Regs, Result, Sregs, Vcpu, VcpuExit};
+use x86emu::{Cpu, GuestRam, RunExit};
+
+use crate::convert;
+use crate::platform::{EmuPlatform, KvmClockState};
+use crate::VmShared;
+
+/// Instructions per turn: long enough to amortize the lock, short enough that timers and
+/// other vCPUs are served within about a millisecond at typical emulation speeds.
+const SLICE: u64 = 200_000;
+/// A halted vCPU re-checks the VMM's stop flag at least this often.
+const MAX_IDLE: Duration = Duration::from_millis(20);
+
+pub struct EmuVcpu {
+    id: u32,
+    cpu: Cpu,
+    /// The same RAM map as the CPU's, for writes the platform makes (kvmclock).
+    ram: GuestRam,
+    vm: Arc<VmShared>,
+    kvmclock: KvmClockState,
+}
+
+impl EmuVcpu {
+    pub(crate) fn new(id: u32, cpu: Cpu, ram: GuestRam, vm: Arc<VmShared>) -> Self {
+        EmuVcpu {
+            id,
+            cpu,
+            ram,
+            vm,
+            kvmclock: KvmClockState::default(),
+        }
+    }
+
+    fn startup_events(&mut self) {
+        use devices::irqchip::chip::StartupEvent;
+        for ev in self.vm.chip.take_startup_events(self.id) {
+            match ev {
+                StartupEvent::Init => self.cpu.init(true),
+                StartupEvent::Sipi(vector) => self.cpu.sipi(vector),
+            }
+        }
+    }
+
+    /// Sleep until an interrupt or event is pending for this vCPU, its next timer is due,
+    /// or MAX_IDLE passes. `interruptible`: whether a maskable interrupt can wake it.
+    fn idle(&self, interruptible: bool) {
+        let now = self.vm.clock.now_ns();
+        let until = self
+            .vm
+            .chip
+            .next_deadline_ns(self.id)
+            .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+            .unwrap_or(MAX_IDLE)
+            .min(MAX_IDLE);
+        if !until.is_zero() {
+            self.vm.chip.wait(self.id, until, interruptible);
+        }
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn regs(&self) -> Result<Regs> {
+        Ok(convert::regs_from_emu(self.cpu.state()))
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        convert::regs_into_emu(regs, self.cpu.state_mut());
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<Sregs> {
+        Ok(convert::sregs_from_emu(self.cpu.state()))
+    }
+
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()> {
+        convert::sregs_into_emu(sregs, self.cpu.state_mut());
+        self.cpu.flush_tlb();
+        Ok(())
+    }
+
+    fn fpu(&self) -> Result<FpuState> {
+        Ok(convert::fpu_from_emu(&self.cpu.state().fpu))
+    }
+
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
+        convert::fpu_into_emu(fpu, &mut self.cpu.state_mut().fpu);
+        Ok(())
+    }
+
+    fn set_cpuid(&mut self, entries: &[CpuIdEntry]) -> Result<()> {
+        crate::cpuid::install(self.cpu.cpuid_mut(), entries);
+        Ok(())
+    }
+
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {
+        // The TSC counts from VM creation for every vCPU alike (kvmclock and the LAPIC's
+        // TSC-deadline timer read the same clock); a reset to 0 at set-up is a no-op.
+        for m in msrs
+            .iter()
+            .filter(|m| m.index != hypervisor::regs::bits::MSR_IA32_TSC)
+        {
+            if self.cpu.write_msr(m.index, m.value).is_err() {
+                return Err(hypervisor::Error::Unsupported {
+                    what: format!("MSR {:#x}", m.index),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        Ok(indices
+            .iter()
+            .filter_map(|&index| {
+                self.cpu
+                    .read_msr(index)
+                    .map(|value| MsrEntry { index, value })
+            })
+            .collect())
+    }
+
+    fn configure_local_interrupts(&mut self) -> Result<()> {
+        // The user-space LAPIC comes out of reset wired as firmware leaves it.
+        Ok(())
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        let vm = self.vm.clone();
+        self.startup_events();
+        vm.chip.tick(vm.clock.now_ns());
+        if vm.chip.take_nmi(self.id) {
+            self.cpu.inject_nmi();
+        }
+        let mut platform = EmuPlatform {
+            io,
+            chip: &vm.chip,
+            cpu: self.id,
+            clock: &vm.clock,
+            ram: &self.ram,
+            kvmclock: &mut self.kvmclock,
+            poke: false,
+        };
+        if vm.chip.event_hint(self.id) && vm.chip.has_interrupt(self.id) {
+            if self.cpu.interrupts_enabled() {
+                if let Some(vector) = vm.chip.acknowledge_interrupt(self.id) {
+                    let _guard = vm.turn.lock();
+                    self.cpu.inject_external_interrupt(&mut platform, vector);
+                }
+                self.cpu.request_interrupt_window(false);
+            } else {
+                self.cpu.request_interrupt_window(true);
+            }
+        }
+        let exit = {
+            let _guard = vm.turn.lock();
+            self.cpu.run(&mut platform, SLICE)
+        };
+        Ok(match exit {
+            RunExit::Halted => {
+                let interruptible = self.cpu.state().rflags & x86emu::state::flags::IF != 0;
+                self.idle(interruptible);
+                VcpuExit::Interrupted
+            }
+            RunExit::WaitForSipi => {
+                self.idle(false);
+                VcpuExit::Interrupted
+            }
+            RunExit::Shutdown => VcpuExit::Shutdown,
+            RunExit::StopRequested => VcpuExit::Io,
+            RunExit::InstructionLimit | RunExit::InterruptWindow => VcpuExit::Interrupted,
+        })
+    }
+}
