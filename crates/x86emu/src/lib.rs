@@ -12,6 +12,7 @@ pub mod exceptions;
 mod exec;
 mod interrupts;
 pub mod mmu;
+pub mod msr;
 pub mod platform;
 mod segments;
 pub mod state;
@@ -20,7 +21,6 @@ pub mod testing;
 pub use cpu::{Cpu, RunExit};
 pub use cpuid::{CpuidEntry, CpuidTable};
 pub use exceptions::Fault;
-pub use exec::system::msr;
 pub use platform::{GuestRam, NoDevices, Platform, RamError};
 pub use state::{CpuState, DescriptorTable, FpuState, Msrs, Seg, Segment};
 

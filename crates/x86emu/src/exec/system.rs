@@ -6,50 +6,11 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use super::operand::{canonical, ea, mask, mem_seg, reg_read, reg_write, seg_of};
 use crate::cpu::Cpu;
 use crate::exceptions::{Fault, Result};
+use crate::msr;
 use crate::platform::Platform;
 use crate::state::cr::*;
 use crate::state::flags::*;
 use crate::state::{Seg, Segment};
-
-pub mod msr {
-    pub const TSC: u32 = 0x10;
-    pub const PLATFORM_ID: u32 = 0x17;
-    pub const APIC_BASE: u32 = 0x1b;
-    pub const FEATURE_CONTROL: u32 = 0x3a;
-    pub const BIOS_SIGN_ID: u32 = 0x8b;
-    pub const MTRRCAP: u32 = 0xfe;
-    pub const ARCH_CAPABILITIES: u32 = 0x10a;
-    pub const SYSENTER_CS: u32 = 0x174;
-    pub const SYSENTER_ESP: u32 = 0x175;
-    pub const SYSENTER_EIP: u32 = 0x176;
-    pub const MCG_CAP: u32 = 0x179;
-    pub const MCG_STATUS: u32 = 0x17a;
-    pub const MISC_ENABLE: u32 = 0x1a0;
-    pub const PAT: u32 = 0x277;
-    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
-    pub const EFER: u32 = 0xc000_0080;
-    pub const STAR: u32 = 0xc000_0081;
-    pub const LSTAR: u32 = 0xc000_0082;
-    pub const CSTAR: u32 = 0xc000_0083;
-    pub const SFMASK: u32 = 0xc000_0084;
-    pub const FS_BASE: u32 = 0xc000_0100;
-    pub const GS_BASE: u32 = 0xc000_0101;
-    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
-    pub const TSC_AUX: u32 = 0xc000_0103;
-}
-
-/// IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), SSB, MDS, the page-size
-/// change machine check, TAA, the MMIO stale-data variants (SBDR/FBSDP/PSDP), GDS or RFDS.
-const ARCH_CAPS: u64 = (1 << 0)
-    | (1 << 4)
-    | (1 << 5)
-    | (1 << 6)
-    | (1 << 8)
-    | (1 << 13)
-    | (1 << 14)
-    | (1 << 15)
-    | (1 << 26)
-    | (1 << 27);
 
 impl Cpu {
     fn require_cpl0(&self) -> Result<()> {
@@ -63,95 +24,6 @@ impl Cpu {
     pub(crate) fn check_io_privilege(&self) -> Result<()> {
         if self.s.protected() && u64::from(self.s.cpl()) > (self.s.rflags & IOPL) >> 12 {
             return Err(Fault::gp0());
-        }
-        Ok(())
-    }
-
-    /// RDMSR semantics; None = #GP.
-    pub fn read_msr(&self, index: u32) -> Option<u64> {
-        let m = &self.s.msr;
-        Some(match index {
-            msr::TSC => self.tsc(),
-            msr::APIC_BASE => m.apic_base,
-            msr::PLATFORM_ID
-            | msr::BIOS_SIGN_ID
-            | msr::MTRRCAP
-            | msr::MCG_CAP
-            | msr::MCG_STATUS => 0,
-            msr::FEATURE_CONTROL => 1,
-            msr::ARCH_CAPABILITIES => ARCH_CAPS,
-            msr::SYSENTER_CS => m.sysenter_cs,
-            msr::SYSENTER_ESP => m.sysenter_esp,
-            msr::SYSENTER_EIP => m.sysenter_eip,
-            msr::MISC_ENABLE => m.misc_enable,
-            msr::PAT => m.pat,
-            msr::MTRR_DEF_TYPE => m.mtrr_def_type,
-            msr::EFER => self.s.efer,
-            msr::STAR => m.star,
-            msr::LSTAR => m.lstar,
-            msr::CSTAR => m.cstar,
-            msr::SFMASK => m.sfmask,
-            msr::FS_BASE => self.s.seg[Seg::Fs as usize].base,
-            msr::GS_BASE => self.s.seg[Seg::Gs as usize].base,
-            msr::KERNEL_GS_BASE => m.kernel_gs_base,
-            msr::TSC_AUX => m.tsc_aux,
-            _ => return None,
-        })
-    }
-
-    /// WRMSR semantics; Err = #GP.
-    pub fn write_msr(&mut self, index: u32, v: u64) -> Result<()> {
-        let need_canonical = matches!(
-            index,
-            msr::LSTAR
-                | msr::CSTAR
-                | msr::FS_BASE
-                | msr::GS_BASE
-                | msr::KERNEL_GS_BASE
-                | msr::SYSENTER_ESP
-                | msr::SYSENTER_EIP
-        );
-        if need_canonical && !canonical(v) {
-            return Err(Fault::gp0());
-        }
-        let m = &mut self.s.msr;
-        match index {
-            msr::TSC => self.set_tsc(v),
-            msr::APIC_BASE => m.apic_base = v,
-            msr::BIOS_SIGN_ID | msr::MCG_STATUS | msr::FEATURE_CONTROL => {}
-            msr::SYSENTER_CS => m.sysenter_cs = v & 0xffff,
-            msr::SYSENTER_ESP => m.sysenter_esp = v,
-            msr::SYSENTER_EIP => m.sysenter_eip = v,
-            msr::MISC_ENABLE => m.misc_enable = v,
-            msr::PAT => {
-                // Each entry must be a valid memory type (0,1,4,5,6,7).
-                if (0..8).any(|i| matches!((v >> (i * 8)) & 0xff, 2 | 3 | 8..)) {
-                    return Err(Fault::gp0());
-                }
-                m.pat = v;
-            }
-            msr::MTRR_DEF_TYPE => m.mtrr_def_type = v,
-            msr::EFER => {
-                if v & !EFER_WRITABLE & !EFER_LMA != 0 {
-                    return Err(Fault::gp0());
-                }
-                let paging = self.s.cr0 & CR0_PG != 0;
-                if paging && (v ^ self.s.efer) & EFER_LME != 0 {
-                    return Err(Fault::gp0());
-                }
-                // LMA is read-only: it follows CR0.PG && EFER.LME.
-                self.s.efer = (v & EFER_WRITABLE) | (self.s.efer & EFER_LMA);
-                self.tlb.flush_all();
-            }
-            msr::STAR => m.star = v,
-            msr::LSTAR => m.lstar = v,
-            msr::CSTAR => m.cstar = v,
-            msr::SFMASK => m.sfmask = v & 0xffff_ffff,
-            msr::FS_BASE => self.s.seg[Seg::Fs as usize].base = v,
-            msr::GS_BASE => self.s.seg[Seg::Gs as usize].base = v,
-            msr::KERNEL_GS_BASE => m.kernel_gs_base = v,
-            msr::TSC_AUX => m.tsc_aux = v & 0xffff_ffff,
-            _ => return Err(Fault::gp0()),
         }
         Ok(())
     }
