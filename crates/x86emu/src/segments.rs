@@ -113,10 +113,8 @@ impl Cpu {
         self.mark_accessed(p, selector, desc)?;
         let mut s = s;
         s.attr |= 1;
-        if self.s.in_64bit_mode() && (seg == Seg::Fs || seg == Seg::Gs) {
-            // 64-bit FS/GS bases above 4 GiB are only reachable through MSRs/WRFSBASE;
-            // a selector load sets the 32-bit base from the descriptor.
-        }
+        // In 64-bit mode too, a selector load replaces the FS/GS base with the descriptor's
+        // 32-bit base; bases above 4 GiB come only from the MSRs.
         self.s.seg[seg as usize] = s;
         Ok(())
     }

@@ -123,7 +123,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
                 let port = cpu.s.gpr[2] as u16;
                 let mut buf = [0u8; 4];
                 cpu.io_done = true;
-                p.pio_read(port, &mut buf[..size as usize]);
+                p.pio_read(port, &mut buf[..size.min(4) as usize]);
                 cpu.write_mem(p, Seg::Es, di, size, u64::from(u32::from_le_bytes(buf)))?;
                 adv(cpu, 7, step, am);
             }
@@ -131,7 +131,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
                 let v = cpu.read_mem(p, src_seg, si, size)?;
                 let port = cpu.s.gpr[2] as u16;
                 cpu.io_done = true;
-                p.pio_write(port, &(v as u32).to_le_bytes()[..size as usize]);
+                p.pio_write(port, &(v as u32).to_le_bytes()[..size.min(4) as usize]);
                 adv(cpu, 6, step, am);
             }
         }
