@@ -278,7 +278,14 @@ impl Cpu {
     #[inline(always)]
     fn execute(&mut self, p: &mut dyn Platform, ins: &Instruction, handler: Handler) -> Result<()> {
         self.next_rip = ins.next_ip();
-        handler(self, p, ins)?;
+        if let Err(f) = handler(self, p, ins) {
+            if f.vector == crate::exceptions::vector::UD && !ins.is_invalid() {
+                // A valid encoding this CPU does not implement (or one the mode forbids):
+                // worth knowing when a guest dies of #UD.
+                tracing::debug!(rip = self.s.rip, mnemonic = ?ins.mnemonic(), code = ?ins.code(), "#UD");
+            }
+            return Err(f);
+        }
         self.s.rip = self.mask_ip(self.next_rip);
         self.shadow = self.new_shadow;
         self.retired += 1;
