@@ -224,7 +224,10 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
         Accel::Emu => "emu",
     };
     c.args(["--accel", accel]);
-    c.arg("--serial").arg(format!("file:{}", log.display()));
+    c.args(["--serial", "stdio", "--console-sock"])
+        .arg(run.console())
+        .arg("--console-log")
+        .arg(log);
     for d in &vm.disks {
         let mut a = d.path.to_string_lossy().into_owned();
         if let Some(f) = d.format {
@@ -305,11 +308,18 @@ pub fn start(
     Ok((child, id))
 }
 
-/// Waits for the VMM's control socket to answer, or for the process to end.
+/// Waits for the VMM's control socket to answer, or for the guest to end already; a VMM
+/// that fails to start is an error carrying the last lines of its log.
 pub fn wait_ready(def: &DomainDef, run: &RunDir, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            // Status 1 is the VMM's own failure (bad config, missing file); any other exit
+            // means the guest ran and ended already (powered off, debug-exit), which the
+            // supervisor reports like any other stop.
+            if status.code().is_some_and(|c| c != 1) {
+                return Ok(());
+            }
             let log = std::fs::read_to_string(run.stderr()).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(3).collect();
             let mut last: Vec<&str> = last.into_iter().rev().collect();

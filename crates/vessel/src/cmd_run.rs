@@ -49,6 +49,13 @@ pub struct RunArgs {
     /// With --api-sock: boot nothing until the API's InstanceStart (as Firecracker does).
     #[arg(long, requires = "api_sock")]
     api_only: bool,
+    /// Serve the serial console (with --serial stdio) on this Unix socket instead of the
+    /// terminal, for a manager to attach to.
+    #[arg(long)]
+    console_sock: Option<PathBuf>,
+    /// With --console-sock: also append the console output to this file.
+    #[arg(long, requires = "console_sock")]
+    console_log: Option<PathBuf>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -107,6 +114,15 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
+    let console_sock = args.console_sock.clone();
+    if let Some(sock) = &console_sock {
+        if args.serial != SerialConfig::Stdio {
+            bail!("--console-sock serves the stdio console: use it with --serial stdio");
+        }
+        vmm::api::console::serve_stdio(sock, args.console_log.clone())
+            .with_context(|| format!("serving the console on {}", sock.display()))?;
+    }
+    let _cleanup = RemoveOnDrop(console_sock);
     if args.api_only {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
@@ -139,6 +155,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(sock);
     }
     report(reason.map_err(anyhow::Error::from))
+}
+
+/// Removes a socket file when `run` returns.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn report(reason: anyhow::Result<ExitReason>) -> anyhow::Result<i32> {

@@ -361,6 +361,15 @@ fn qemu_domain_lifecycle_through_the_api() {
     }
     drop(con);
 
+    // Reboot (QMP system_reset): the guest boots again into the same log.
+    c.post("/v1/domains/web/reboot", None).unwrap();
+    let t0 = Instant::now();
+    while serial_log(&c, "web").matches("cpu(s)").count() < 2 {
+        assert!(t0.elapsed() < BOOT_TIMEOUT, "no second boot after reboot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state(&c, "web"), "running");
+
     // Graceful shutdown: the power-button request reaches QEMU (this busybox guest has no
     // ACPI button handler, so it keeps running), then destroy.
     let r = c.post("/v1/domains/web/shutdown", None).unwrap();
@@ -508,9 +517,21 @@ fn restart_readopts_a_running_domain() {
     wait_for_log(&c, "keep", "vessel-init:");
     c.post("/v1/domains/keep/suspend", None).unwrap();
 
+    // Autostart: this one is not running now; the restarted daemon starts it.
+    c.post("/v1/domains", Some(&qemu_domain("boot-me", "")))
+        .unwrap();
+    c.call(
+        "PUT",
+        "/v1/domains/boot-me/autostart",
+        Some(&json!({"autostart": true})),
+    )
+    .unwrap();
+
     d.kill9();
     assert!(pid_alive(pid), "the VMM died with the daemon");
     d.spawn();
+    wait_state(&c, "boot-me", "running", Duration::from_secs(20));
+    c.post("/v1/domains/boot-me/destroy", None).unwrap();
 
     let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
     assert_eq!(info["state"], "paused", "{info}");
@@ -538,7 +559,7 @@ fn restart_readopts_a_running_domain() {
 }
 
 /// A tiny 64-bit guest for Vessel's VMM on KVM: prints a line, then exits through the
-/// debug-exit port with `code` (or halts forever when `code` is None).
+/// debug-exit port with `code` (or, when `code` is None, echoes what arrives on COM1).
 fn tiny_kernel(dir: &Path, msg: &str, code: Option<u8>) -> PathBuf {
     let mut a = CodeAssembler::new(64).unwrap();
     let mut lib = Lib64::new(&mut a);
@@ -546,10 +567,17 @@ fn tiny_kernel(dir: &Path, msg: &str, code: Option<u8>) -> PathBuf {
     match code {
         Some(v) => debug_exit(&mut a, v).unwrap(),
         None => {
-            let mut spin = a.create_label();
-            a.set_label(&mut spin).unwrap();
-            a.hlt().unwrap();
-            a.jmp(spin).unwrap();
+            // Poll the line status register; echo each received byte.
+            let mut wait = a.create_label();
+            a.set_label(&mut wait).unwrap();
+            a.mov(dx, 0x3fdu32).unwrap();
+            a.in_(al, dx).unwrap();
+            a.test(al, 1).unwrap();
+            a.jz(wait).unwrap();
+            a.mov(dx, 0x3f8u32).unwrap();
+            a.in_(al, dx).unwrap();
+            a.out(dx, al).unwrap();
+            a.jmp(wait).unwrap();
         }
     }
     lib.emit(&mut a).unwrap();
@@ -576,6 +604,20 @@ fn vessel_vmm_domains_are_supervised() {
         .as_i64()
         .unwrap() as i32;
     wait_for_log(&c, "tiny", "tiny guest up");
+    // The console through the daemon: the guest echoes what is typed.
+    let mut con = c.console("tiny").unwrap();
+    con.get_ref()
+        .set_read_timeout_conn(Some(Duration::from_secs(20)))
+        .unwrap();
+    con.get_mut().write_all(b"echo-me\n").unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 64];
+    while !seen.contains("echo-me") {
+        let n = con.read(&mut buf).expect("console echo");
+        assert!(n > 0, "console closed: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(con);
     // What the Vessel VMM cannot do yet is refused with its own words.
     let (code, msg) = api_status(c.post("/v1/domains/tiny/suspend", None).unwrap_err());
     assert_eq!(code, 501);
@@ -1009,4 +1051,51 @@ fn opt_in_tcp_listener_requires_the_token() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The Unix socket needs no token.
     assert_eq!(d.client().get("/v1").unwrap()["api"], "v1");
+}
+
+#[test]
+fn many_clients_at_once() {
+    let d = Daemon::start("conc");
+    let exe = Path::new(EXE);
+    let threads: Vec<_> = (0..12)
+        .map(|t| {
+            let sock = d.socket();
+            std::thread::spawn(move || {
+                let c = Client::new(sock);
+                for i in 0..15 {
+                    let name = format!("c{t}-{i}");
+                    c.post(
+                        "/v1/domains",
+                        Some(&json!({"name": name, "vm": {"kernel": exe}})),
+                    )
+                    .unwrap();
+                    // Everyone races for the same name too: exactly one wins each round.
+                    let _ = c.post(
+                        "/v1/domains",
+                        Some(&json!({"name": format!("shared-{i}"), "vm": {"kernel": exe}})),
+                    );
+                    assert!(c.get("/v1/domains").unwrap().is_array());
+                    if i % 2 == 0 {
+                        c.call("DELETE", &format!("/v1/domains/{name}"), None)
+                            .unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let list = d.client().get("/v1/domains").unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("shared-")).count(),
+        15
+    );
+    assert_eq!(names.iter().filter(|n| n.starts_with('c')).count(), 12 * 7);
 }

@@ -1,5 +1,6 @@
 //! Control APIs over Unix sockets: the HTTP plumbing shared with the manager, and the VMM's
 //! own Firecracker-compatible REST API.
 
+pub mod console;
 pub mod firecracker;
 pub mod http;

@@ -1,0 +1,86 @@
+//! `vessel run --console-sock PATH`: the VMM's stdio console served on a Unix socket, so a
+//! manager can attach to it (and re-attach after its own restart) without a pipe that
+//! would tie the VMM's life to the manager's.
+//!
+//! The process's stdin and stdout become one end of a socket pair; a relay thread copies
+//! what the guest writes to a log file and to the attached client (one at a time: a new
+//! client replaces the old one), and what the client types back into the pair.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+type Client = Arc<Mutex<Option<UnixStream>>>;
+
+/// Redirects stdin/stdout to a socket pair and serves it on `sock`, logging output to `log`.
+/// Call before the VM starts, with the serial console on stdio.
+pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<()> {
+    let listener = super::http::bind(sock)?;
+    let (inner, outer) = UnixStream::pair()?;
+    for fd in [0, 1] {
+        // SAFETY: dup2 onto the process's own stdin/stdout with a descriptor we own; no
+        // memory is involved and both descriptors stay valid.
+        if unsafe { libc::dup2(inner.as_raw_fd(), fd) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    drop(inner);
+    let client: Client = Arc::new(Mutex::new(None));
+
+    // Guest output: to the log and the attached client.
+    let mut from_guest = outer.try_clone()?;
+    let out_client = client.clone();
+    let mut log = match log {
+        Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
+        None => None,
+    };
+    std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match from_guest.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if let Some(l) = log.as_mut() {
+                    let _ = l.write_all(&buf[..n]);
+                }
+                let mut c = out_client.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(s) = c.as_mut() {
+                    if s.write_all(&buf[..n]).is_err() {
+                        *c = None;
+                    }
+                }
+            }
+        })?;
+
+    // Clients: each one's input goes to the guest until it leaves or another arrives.
+    std::thread::Builder::new()
+        .name("console-accept".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (Ok(reader), Ok(mut to_guest)) = (conn.try_clone(), outer.try_clone()) else {
+                    continue;
+                };
+                let old = client
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(conn);
+                if let Some(o) = old {
+                    let _ = o.shutdown(std::net::Shutdown::Both);
+                }
+                let _ = std::thread::Builder::new()
+                    .name("console-in".into())
+                    .spawn(move || {
+                        let mut reader = reader;
+                        let _ = io::copy(&mut reader, &mut to_guest);
+                    });
+            }
+        })?;
+    Ok(())
+}
