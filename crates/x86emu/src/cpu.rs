@@ -31,18 +31,41 @@ pub enum RunExit {
 
 /// Result of an instruction fetch: a decode-cache slot, or (rarely: page-crossing or MMIO
 /// code) an instruction decoded outside the cache.
-enum Fetched {
+pub(crate) enum Fetched {
     Slot(usize),
     Uncached(Box<Instruction>, Handler),
 }
 
-/// A software x86-64 CPU.
+/// A software x86-64 CPU: the architectural core plus its decoded-instruction cache.
+///
+/// Everything except running lives on [`Core`], reachable through `Deref`.
 #[derive(Debug)]
 pub struct Cpu {
+    core: Core,
+    // Kept beside the core, not inside it, so an instruction can be borrowed from the cache
+    // while its handler borrows the core mutably.
+    dcache: DecodeCache,
+}
+
+impl std::ops::Deref for Cpu {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for Cpu {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+}
+
+/// The architectural side of a [`Cpu`]: registers, TLB, RAM map, CPUID and event state.
+#[derive(Debug)]
+pub struct Core {
     pub(crate) s: CpuState,
     pub(crate) ram: GuestRam,
     pub(crate) tlb: Tlb,
-    pub(crate) dcache: DecodeCache,
     pub(crate) cpuid: CpuidTable,
     /// Set by HLT; cleared by interrupt delivery.
     pub(crate) halted: bool,
@@ -72,10 +95,18 @@ impl Cpu {
     /// A CPU in the reset state (real mode, F000:FFF0) with the given RAM map.
     pub fn new(ram: GuestRam) -> Self {
         Cpu {
+            core: Core::new(ram),
+            dcache: DecodeCache::new(),
+        }
+    }
+}
+
+impl Core {
+    fn new(ram: GuestRam) -> Self {
+        Core {
             s: CpuState::reset(),
             ram,
             tlb: Tlb::new(),
-            dcache: DecodeCache::new(),
             cpuid: CpuidTable::default(),
             halted: false,
             shadow: false,
@@ -192,6 +223,85 @@ impl Cpu {
         self.halted = false;
     }
 
+    #[inline]
+    pub(crate) fn mask_ip(&self, ip: u64) -> u64 {
+        match self.s.bitness() {
+            64 => ip,
+            32 => ip & 0xffff_ffff,
+            _ => ip & 0xffff,
+        }
+    }
+
+    /// Page-crossing or MMIO-resident code.
+    #[cold]
+    pub(crate) fn fetch_slow(
+        &mut self,
+        p: &mut dyn Platform,
+        lin: u64,
+        off: usize,
+        bitness: u32,
+        ip: u64,
+        user: bool,
+    ) -> Result<Fetched> {
+        // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
+        // next page if the instruction really extends into it.
+        let first = 4096 - off;
+        let mut buf = [0u8; 15];
+        let n1 = first.min(15);
+        self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
+        if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
+            return Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)));
+        }
+        self.read_lin_slow(
+            p,
+            self.wrap_lin(lin.wrapping_add(n1 as u64)),
+            &mut buf[n1..],
+            user,
+            Access::Fetch,
+        )?;
+        let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
+        Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)))
+    }
+
+    /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
+    /// Count the TSC from `epoch` (TSC = ns since it), so every vCPU of a VM agrees.
+    pub fn set_tsc_epoch(&mut self, epoch: Instant) {
+        self.tsc_epoch = epoch;
+        self.tsc_offset = 0;
+    }
+
+    pub(crate) fn tsc(&self) -> u64 {
+        (self.tsc_epoch.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
+    }
+
+    pub(crate) fn set_tsc(&mut self, v: u64) {
+        self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
+    }
+
+    #[inline(always)]
+    pub(crate) fn execute(
+        &mut self,
+        p: &mut dyn Platform,
+        ins: &Instruction,
+        handler: Handler,
+    ) -> Result<()> {
+        self.next_rip = ins.next_ip();
+        if let Err(f) = handler(self, p, ins) {
+            if f.vector == crate::exceptions::vector::UD && !ins.is_invalid() {
+                // A valid encoding this CPU does not implement (or one the mode forbids):
+                // worth knowing when a guest dies of #UD.
+                tracing::debug!(rip = self.s.rip, mnemonic = ?ins.mnemonic(), code = ?ins.code(), "#UD");
+            }
+            return Err(f);
+        }
+        self.s.rip = self.mask_ip(self.next_rip);
+        self.shadow = self.new_shadow;
+        self.retired += 1;
+        Ok(())
+    }
+}
+
+impl Cpu {
     /// Runs until an exit condition or until `max_instructions` have been executed.
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         let mut done = 0u64;
@@ -263,41 +373,12 @@ impl Cpu {
             Fetched::Slot(slot) => {
                 // Borrow the instruction in place: copying the 40-byte Instruction out of
                 // the cache costs store-forwarding stalls on every instruction.
-                let entries = self.dcache.take();
-                let r = match entries.get(slot) {
-                    Some((ins, h)) => self.execute(p, ins, h),
+                match self.dcache.get(slot) {
+                    Some((ins, h)) => self.core.execute(p, ins, h),
                     None => Err(Fault::ud()),
-                };
-                self.dcache.restore(entries);
-                r
+                }
             }
-            Fetched::Uncached(ins, h) => self.execute(p, &ins, h),
-        }
-    }
-
-    #[inline(always)]
-    fn execute(&mut self, p: &mut dyn Platform, ins: &Instruction, handler: Handler) -> Result<()> {
-        self.next_rip = ins.next_ip();
-        if let Err(f) = handler(self, p, ins) {
-            if f.vector == crate::exceptions::vector::UD && !ins.is_invalid() {
-                // A valid encoding this CPU does not implement (or one the mode forbids):
-                // worth knowing when a guest dies of #UD.
-                tracing::debug!(rip = self.s.rip, mnemonic = ?ins.mnemonic(), code = ?ins.code(), "#UD");
-            }
-            return Err(f);
-        }
-        self.s.rip = self.mask_ip(self.next_rip);
-        self.shadow = self.new_shadow;
-        self.retired += 1;
-        Ok(())
-    }
-
-    #[inline]
-    pub(crate) fn mask_ip(&self, ip: u64) -> u64 {
-        match self.s.bitness() {
-            64 => ip,
-            32 => ip & 0xffff_ffff,
-            _ => ip & 0xffff,
+            Fetched::Uncached(ins, h) => self.core.execute(p, &ins, h),
         }
     }
 
@@ -326,52 +407,6 @@ impl Cpu {
                 });
             }
         }
-        self.fetch_slow(p, lin, off, bitness, ip, user)
-    }
-
-    /// Page-crossing or MMIO-resident code.
-    #[cold]
-    fn fetch_slow(
-        &mut self,
-        p: &mut dyn Platform,
-        lin: u64,
-        off: usize,
-        bitness: u32,
-        ip: u64,
-        user: bool,
-    ) -> Result<Fetched> {
-        // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
-        // next page if the instruction really extends into it.
-        let first = 4096 - off;
-        let mut buf = [0u8; 15];
-        let n1 = first.min(15);
-        self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
-        if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)));
-        }
-        self.read_lin_slow(
-            p,
-            self.wrap_lin(lin.wrapping_add(n1 as u64)),
-            &mut buf[n1..],
-            user,
-            Access::Fetch,
-        )?;
-        let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
-        Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)))
-    }
-
-    /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
-    /// Count the TSC from `epoch` (TSC = ns since it), so every vCPU of a VM agrees.
-    pub fn set_tsc_epoch(&mut self, epoch: Instant) {
-        self.tsc_epoch = epoch;
-        self.tsc_offset = 0;
-    }
-
-    pub(crate) fn tsc(&self) -> u64 {
-        (self.tsc_epoch.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
-    }
-
-    pub(crate) fn set_tsc(&mut self, v: u64) {
-        self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
+        self.core.fetch_slow(p, lin, off, bitness, ip, user)
     }
 }

@@ -34,16 +34,6 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-/// The cache's entries while an instruction from them executes.
-pub(crate) struct CachedEntries(Vec<Entry>);
-
-impl CachedEntries {
-    #[inline(always)]
-    pub(crate) fn get(&self, slot: usize) -> Option<(&Instruction, Handler)> {
-        self.0.get(slot).map(|e| (&e.instr, e.handler))
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct DecodeCache {
     entries: Vec<Entry>,
@@ -100,17 +90,10 @@ impl DecodeCache {
         }
     }
 
-    /// Moves the entries out so an instruction can be borrowed from them while the CPU
-    /// is borrowed mutably by its handler (handlers never touch the decode cache).
-    /// Put them back with [`DecodeCache::restore`].
+    /// The cached instruction and handler in `slot` (from `lookup`).
     #[inline(always)]
-    pub(crate) fn take(&mut self) -> CachedEntries {
-        CachedEntries(std::mem::take(&mut self.entries))
-    }
-
-    #[inline(always)]
-    pub(crate) fn restore(&mut self, e: CachedEntries) {
-        self.entries = e.0;
+    pub(crate) fn get(&self, slot: usize) -> Option<(&Instruction, Handler)> {
+        self.entries.get(slot).map(|e| (&e.instr, e.handler))
     }
 
     /// Caches a decoded instruction; returns its slot.

@@ -1,13 +1,13 @@
 //! Exception and interrupt delivery: real-mode IVT, 32-bit and 64-bit IDT gates, IST,
 //! privilege-change stacks from the TSS, #DF escalation and triple fault.
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{class, vector, Class, Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::*;
 use crate::state::{Seg, Segment};
 
-impl Cpu {
+impl Core {
     /// Delivers `f` (an exception, software interrupt or external interrupt), escalating
     /// faults raised during delivery to #DF and then to shutdown.
     pub(crate) fn deliver_event(&mut self, p: &mut dyn Platform, f: Fault, external: bool) {

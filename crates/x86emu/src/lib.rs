@@ -18,7 +18,7 @@ mod segments;
 pub mod state;
 pub mod testing;
 
-pub use cpu::{Cpu, RunExit};
+pub use cpu::{Core, Cpu, RunExit};
 pub use cpuid::{CpuidEntry, CpuidTable};
 pub use exceptions::Fault;
 pub use platform::{GuestRam, NoDevices, Platform, RamError};

@@ -1,7 +1,7 @@
 //! Linear-to-physical translation: 4-level paging, the soft TLB, and the guest memory
 //! accessors every instruction uses.
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{pf, vector, Fault, Result};
 use crate::platform::Platform;
 use crate::state::cr;
@@ -154,7 +154,7 @@ pub(crate) struct Translation {
     pub(crate) gpa_page: u64,
 }
 
-impl Cpu {
+impl Core {
     /// Translates the page holding `lin`, consulting and filling the TLB.
     #[inline]
     pub(crate) fn translate(

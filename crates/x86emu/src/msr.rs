@@ -1,7 +1,7 @@
 //! Model-specific registers the CPU implements itself. Device MSRs (x2APIC, kvmclock)
 //! go to the platform first; anything neither knows raises #GP.
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::exec::operand::canonical;
 use crate::state::cr::*;
@@ -45,7 +45,7 @@ const ARCH_CAPS: u64 = (1 << 0)
     | (1 << 26)
     | (1 << 27);
 
-impl Cpu {
+impl Core {
     /// RDMSR semantics; None = #GP.
     pub fn read_msr(&self, index: u32) -> Option<u64> {
         let m = &self.s.msr;

@@ -18,7 +18,7 @@ pub trait Platform {
     fn pio_write(&mut self, port: u16, data: &[u8]);
     /// Polled after every instruction that performed MMIO, port I/O or a platform MSR
     /// access: returning true ends
-    /// [`crate::Cpu::run`] with [`crate::RunExit::StopRequested`] once that instruction
+    /// [`crate::Core::run`] with [`crate::RunExit::StopRequested`] once that instruction
     /// has completed.
     fn stop_requested(&mut self) -> bool {
         false

@@ -1,11 +1,11 @@
 //! Segment register loads: real-mode style, and protected/long-mode descriptor checks.
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::{Seg, Segment};
 
-impl Cpu {
+impl Core {
     /// Reads the 8-byte descriptor for `selector` from the GDT or LDT (supervisor access).
     pub(crate) fn read_descriptor(&mut self, p: &mut dyn Platform, selector: u16) -> Result<u64> {
         let idx = u64::from(selector & !7);

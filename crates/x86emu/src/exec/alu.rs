@@ -4,12 +4,12 @@ use iced_x86::{Instruction, Mnemonic};
 
 use super::flags::{add_flags, logic_flags, sub_flags};
 use super::operand::mask;
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::Result;
 use crate::platform::Platform;
 use crate::state::flags::{CF, STATUS};
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     let size = cpu.op_size(ins, 0);
     let locked = ins.has_lock_prefix();

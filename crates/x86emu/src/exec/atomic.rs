@@ -4,12 +4,12 @@
 use iced_x86::{Instruction, Mnemonic as M};
 
 use super::flags;
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 
 /// CMPXCHG, CMPXCHG8B/16B and XADD: atomic with LOCK on RAM.
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     use super::operand::{ea, mask, mem_seg, reg_read, reg_write};
     let locked = ins.has_lock_prefix();
     match ins.mnemonic() {

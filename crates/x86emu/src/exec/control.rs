@@ -3,13 +3,13 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::operand::{canonical, ea, mask, mem_seg};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{vector, Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::*;
 use crate::state::Seg;
 
-impl Cpu {
+impl Core {
     /// Sets the branch target, checking it is canonical in 64-bit mode.
     #[inline]
     pub(crate) fn jump(&mut self, target: u64) -> Result<()> {
@@ -26,7 +26,7 @@ impl Cpu {
 }
 
 /// Width of the near-branch operand (16/32/64-bit IP).
-fn ip_size(cpu: &Cpu, ins: &Instruction) -> u32 {
+fn ip_size(cpu: &Core, ins: &Instruction) -> u32 {
     match ins.op0_kind() {
         OpKind::NearBranch16 => 2,
         OpKind::NearBranch32 => 4,
@@ -41,7 +41,7 @@ fn ip_size(cpu: &Cpu, ins: &Instruction) -> u32 {
     }
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Jmp => match ins.op0_kind() {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
@@ -221,7 +221,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
 }
 
 /// Reads an m16:16/m16:32/m16:64 far pointer operand: (selector, offset).
-fn read_far_pointer(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<(u16, u64)> {
+fn read_far_pointer(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<(u16, u64)> {
     let total = ins.memory_size().size() as u32;
     let off_size = total.saturating_sub(2).clamp(2, 8);
     let a = ea(cpu, ins);
@@ -231,7 +231,7 @@ fn read_far_pointer(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> R
     Ok((sel, off))
 }
 
-fn far_jump(cpu: &mut Cpu, p: &mut dyn Platform, sel: u16, off: u64) -> Result<()> {
+fn far_jump(cpu: &mut Core, p: &mut dyn Platform, sel: u16, off: u64) -> Result<()> {
     let cpl = cpu.s.cpl();
     let saved = cpu.s.seg[Seg::Cs as usize];
     cpu.load_cs(p, sel, cpl)?;
@@ -243,7 +243,7 @@ fn far_jump(cpu: &mut Cpu, p: &mut dyn Platform, sel: u16, off: u64) -> Result<(
 }
 
 fn far_call(
-    cpu: &mut Cpu,
+    cpu: &mut Core,
     p: &mut dyn Platform,
     ins: &Instruction,
     sel: u16,
@@ -268,7 +268,7 @@ fn far_call(
     r
 }
 
-fn far_ret(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn far_ret(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let size = match ins.code() {
         iced_x86::Code::Retfw | iced_x86::Code::Retfw_imm16 => 2,
         iced_x86::Code::Retfq | iced_x86::Code::Retfq_imm16 => 8,
@@ -311,7 +311,7 @@ fn far_ret(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()>
     Ok(())
 }
 
-fn iret(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn iret(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let size = match ins.mnemonic() {
         Mnemonic::Iretq => 8,
         Mnemonic::Iretd => 4,

@@ -8,7 +8,7 @@ use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 use super::flags::{add_flags, logic_flags, sub_flags};
 use super::operand::{ea, mask, mem_seg, reg_read, reg_size, reg_write, sext};
 use super::Handler;
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::Result;
 use crate::platform::Platform;
 use crate::state::flags::{CF, STATUS};
@@ -24,7 +24,7 @@ const TEST: u8 = 8;
 /// Applies an ALU operation, sets the flags, and returns the value to write back (None for
 /// CMP/TEST).
 #[inline(always)]
-fn alu<const OP: u8>(cpu: &mut Cpu, a: u64, b: u64, size: u32) -> Option<u64> {
+fn alu<const OP: u8>(cpu: &mut Core, a: u64, b: u64, size: u32) -> Option<u64> {
     let m = mask(size);
     let (a, b) = (a & m, b & m);
     match OP {
@@ -56,7 +56,7 @@ fn alu<const OP: u8>(cpu: &mut Cpu, a: u64, b: u64, size: u32) -> Option<u64> {
     }
 }
 
-fn alu_rr<const OP: u8>(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn alu_rr<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let d = ins.op0_register();
     let size = reg_size(d);
     let a = reg_read(cpu, d);
@@ -68,7 +68,7 @@ fn alu_rr<const OP: u8>(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction)
 }
 
 /// Register destination, immediate or memory source.
-fn alu_rx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn alu_rx<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let d = ins.op0_register();
     let size = reg_size(d);
     let b = cpu.read_op(p, ins, 1)?;
@@ -80,7 +80,7 @@ fn alu_rx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) 
 }
 
 /// CMP/TEST with a memory first operand (no write-back, so no locking concerns).
-fn alu_mx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn alu_mx<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let size = ins.memory_size().size() as u32;
     let a = cpu.read_mem(p, mem_seg(ins), ea(cpu, ins), size)?;
     let b = cpu.read_op(p, ins, 1)?;
@@ -88,32 +88,32 @@ fn alu_mx<const OP: u8>(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) 
     Ok(())
 }
 
-fn mov_rr(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn mov_rr(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let v = reg_read(cpu, ins.op1_register());
     reg_write(cpu, ins.op0_register(), v);
     Ok(())
 }
 
-fn mov_rx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn mov_rx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let v = cpu.read_op(p, ins, 1)?;
     reg_write(cpu, ins.op0_register(), v);
     Ok(())
 }
 
-fn mov_mx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn mov_mx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let v = cpu.read_op(p, ins, 1)?;
     let size = ins.memory_size().size() as u32;
     let a = ea(cpu, ins);
     cpu.write_mem(p, mem_seg(ins), a, size, v)
 }
 
-fn movzx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn movzx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let v = cpu.read_op(p, ins, 1)?;
     reg_write(cpu, ins.op0_register(), v);
     Ok(())
 }
 
-fn movsx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn movsx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let from = cpu.op_size(ins, 1);
     let d = ins.op0_register();
     let v = sext(cpu.read_op(p, ins, 1)?, from) & mask(reg_size(d));
@@ -121,7 +121,7 @@ fn movsx(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     Ok(())
 }
 
-fn lea(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn lea(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let d = ins.op0_register();
     let v = ea(cpu, ins) & mask(reg_size(d));
     reg_write(cpu, d, v);
@@ -129,7 +129,7 @@ fn lea(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
 }
 
 fn inc_dec_r<const INC: bool>(
-    cpu: &mut Cpu,
+    cpu: &mut Core,
     _p: &mut dyn Platform,
     ins: &Instruction,
 ) -> Result<()> {
@@ -148,19 +148,19 @@ fn inc_dec_r<const INC: bool>(
     Ok(())
 }
 
-fn jcc(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn jcc(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     if cpu.cond(ins.condition_code()) {
         cpu.jump(ins.near_branch_target())?;
     }
     Ok(())
 }
 
-fn jmp_rel(cpu: &mut Cpu, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn jmp_rel(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     cpu.jump(ins.near_branch_target())
 }
 
 /// 64-bit mode CALL rel32.
-fn call_rel64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn call_rel64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let target = ins.near_branch_target();
     let ret = cpu.next_rip;
     let sp = cpu.s.gpr[4].wrapping_sub(8);
@@ -171,7 +171,7 @@ fn call_rel64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<
 }
 
 /// 64-bit mode RET.
-fn ret64(cpu: &mut Cpu, p: &mut dyn Platform, _ins: &Instruction) -> Result<()> {
+fn ret64(cpu: &mut Core, p: &mut dyn Platform, _ins: &Instruction) -> Result<()> {
     let sp = cpu.s.gpr[4];
     let target = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
     cpu.jump(target)?;
@@ -180,7 +180,7 @@ fn ret64(cpu: &mut Cpu, p: &mut dyn Platform, _ins: &Instruction) -> Result<()> 
 }
 
 /// 64-bit mode PUSH r64.
-fn push_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn push_r64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let v = reg_read(cpu, ins.op0_register());
     let sp = cpu.s.gpr[4].wrapping_sub(8);
     cpu.write_mem(p, crate::state::Seg::Ss, sp, 8, v)?;
@@ -189,7 +189,7 @@ fn push_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()
 }
 
 /// 64-bit mode POP r64.
-fn pop_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let sp = cpu.s.gpr[4];
     let v = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
     cpu.s.gpr[4] = sp.wrapping_add(8);
@@ -197,7 +197,7 @@ fn pop_r64(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()>
     Ok(())
 }
 
-fn nop(_: &mut Cpu, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+fn nop(_: &mut Core, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use iced_x86::ConditionCode;
 
 use super::operand::{mask, sign_bit};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::state::flags::*;
 
 #[inline(always)]
@@ -69,7 +69,7 @@ pub(crate) fn logic_flags(res: u64, size: u32) -> u64 {
     szp(res, size)
 }
 
-impl Cpu {
+impl Core {
     /// Replaces the six status flags with `f`.
     #[inline(always)]
     pub(crate) fn set_status(&mut self, f: u64) {

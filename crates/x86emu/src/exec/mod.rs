@@ -21,14 +21,14 @@ pub(crate) mod x87;
 
 use iced_x86::{Instruction, Mnemonic as M};
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 
 /// Executes one instruction of a family.
-pub(crate) type Handler = fn(&mut Cpu, &mut dyn Platform, &Instruction) -> Result<()>;
+pub(crate) type Handler = fn(&mut Core, &mut dyn Platform, &Instruction) -> Result<()>;
 
-fn undefined(_: &mut Cpu, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+fn undefined(_: &mut Core, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
     Err(Fault::ud())
 }
 

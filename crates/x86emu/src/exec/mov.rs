@@ -4,12 +4,12 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::operand::{ea, mask, mem_seg, reg_read, reg_write, sext};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::*;
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Mov => {
             if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register()

@@ -4,13 +4,13 @@ use iced_x86::{Instruction, Mnemonic};
 
 use super::flags::szp;
 use super::operand::{mask, sext};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::*;
 
 /// Reads the implicit accumulator pair: (low = AL/AX/EAX/RAX, high = AH/DX/EDX/RDX).
-fn acc(cpu: &Cpu, size: u32) -> (u64, u64) {
+fn acc(cpu: &Core, size: u32) -> (u64, u64) {
     let g = &cpu.s.gpr;
     match size {
         1 => (g[0] & 0xff, (g[0] >> 8) & 0xff),
@@ -18,7 +18,7 @@ fn acc(cpu: &Cpu, size: u32) -> (u64, u64) {
     }
 }
 
-fn set_acc(cpu: &mut Cpu, size: u32, lo: u64, hi: u64) {
+fn set_acc(cpu: &mut Core, size: u32, lo: u64, hi: u64) {
     use super::operand::reg_write;
     use iced_x86::Register as R;
     match size {
@@ -48,7 +48,7 @@ fn mul_flags(lo: u64, size: u32, overflow: bool) -> u64 {
     f
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     match (m, ins.op_count()) {
         (Mnemonic::Mul, 1) | (Mnemonic::Imul, 1) => {

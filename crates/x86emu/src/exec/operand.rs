@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use iced_x86::{Instruction, OpKind, Register};
 
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::Seg;
@@ -43,7 +43,7 @@ pub(crate) fn canonical(v: u64) -> bool {
 
 /// Value of a general-purpose register at its own width, zero-extended.
 #[inline]
-pub(crate) fn reg_read(cpu: &Cpu, r: Register) -> u64 {
+pub(crate) fn reg_read(cpu: &Core, r: Register) -> u64 {
     let n = r as u32;
     let g = &cpu.s.gpr;
     match n {
@@ -59,7 +59,7 @@ pub(crate) fn reg_read(cpu: &Cpu, r: Register) -> u64 {
 
 /// Writes a general-purpose register with x86 width rules (32-bit writes zero-extend).
 #[inline]
-pub(crate) fn reg_write(cpu: &mut Cpu, r: Register, v: u64) {
+pub(crate) fn reg_write(cpu: &mut Core, r: Register, v: u64) {
     let n = r as u32;
     let g = &mut cpu.s.gpr;
     match n {
@@ -116,7 +116,7 @@ pub(crate) fn seg_of(r: Register) -> Seg {
 
 /// Effective address (segment offset) of the memory operand.
 #[inline]
-pub(crate) fn ea(cpu: &Cpu, ins: &Instruction) -> u64 {
+pub(crate) fn ea(cpu: &Core, ins: &Instruction) -> u64 {
     let base = ins.memory_base();
     let index = ins.memory_index();
     let mut a = ins.memory_displacement64();
@@ -149,7 +149,7 @@ pub(crate) fn ea(cpu: &Cpu, ins: &Instruction) -> u64 {
     a & mask(asize)
 }
 
-impl Cpu {
+impl Core {
     /// Linear address of `seg:off` for an access of `size` bytes, with 64-bit canonical
     /// checks or legacy limit checks.
     #[inline]

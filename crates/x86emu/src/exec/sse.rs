@@ -5,7 +5,7 @@ use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::operand::{ea, mask, mem_seg, reg_read, reg_write};
 use super::sse_fp;
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 
@@ -19,14 +19,14 @@ pub(crate) fn xmm_index(r: Register) -> Option<usize> {
 }
 
 #[inline]
-pub(crate) fn get_x(cpu: &Cpu, r: Register) -> u128 {
+pub(crate) fn get_x(cpu: &Core, r: Register) -> u128 {
     xmm_index(r)
         .and_then(|i| cpu.s.fpu.xmm.get(i).copied())
         .unwrap_or(0)
 }
 
 #[inline]
-pub(crate) fn set_x(cpu: &mut Cpu, r: Register, v: u128) {
+pub(crate) fn set_x(cpu: &mut Core, r: Register, v: u128) {
     if let Some(x) = xmm_index(r).and_then(|i| cpu.s.fpu.xmm.get_mut(i)) {
         *x = v;
     }
@@ -39,7 +39,7 @@ fn unaligned_ok(m: M) -> bool {
 
 /// Reads operand `i` as a vector: XMM register, or memory zero-extended from its size
 /// (16-byte legacy-SSE operands must be aligned unless the instruction says otherwise).
-pub(crate) fn src(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction, i: u32) -> Result<u128> {
+pub(crate) fn src(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction, i: u32) -> Result<u128> {
     match ins.op_kind(i) {
         OpKind::Register => {
             let r = ins.op_register(i);
@@ -71,7 +71,7 @@ pub(crate) fn src(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction, i: u32
 
 /// Writes operand 0: XMM register (whole), or memory of the operand's size.
 pub(crate) fn dst_write(
-    cpu: &mut Cpu,
+    cpu: &mut Core,
     p: &mut dyn Platform,
     ins: &Instruction,
     v: u128,
@@ -360,7 +360,7 @@ fn is_mmx(ins: &Instruction) -> bool {
     (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_mm())
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     if is_mmx(ins) {
         return Err(Fault::ud());

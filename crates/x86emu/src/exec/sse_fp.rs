@@ -9,7 +9,7 @@ use super::softfloat::{
     Op, DE, IE,
 };
 use super::sse::{dst_write, from_u32s, from_u64s, get_x, src, u32s, u64s};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::{AF, CF, OF, PF, SF, ZF};
@@ -80,7 +80,7 @@ fn implemented(m: M) -> bool {
     )
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     // Unknown instructions are #UD whatever CR0.TS says.
     if !implemented(m) {
@@ -362,7 +362,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
 
 /// Records exception flags in MXCSR and raises #XM (or #UD without CR4.OSXMMEXCPT) if
 /// any of them is unmasked.
-fn commit_flags(cpu: &mut Cpu, fl: u32) -> Result<()> {
+fn commit_flags(cpu: &mut Core, fl: u32) -> Result<()> {
     let masks = (cpu.s.fpu.mxcsr >> 7) & 0x3f;
     cpu.s.fpu.mxcsr |= fl;
     if fl & !masks & 0x3f != 0 {

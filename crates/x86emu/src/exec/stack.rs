@@ -4,12 +4,12 @@
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
 use super::operand::{mask, reg_read, reg_write};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::*;
 
-impl Cpu {
+impl Core {
     /// RFLAGS update rules of POPF/IRET: IOPL only at CPL0, IF only when CPL <= IOPL.
     pub(crate) fn write_flags_checked(&mut self, v: u64, size: u32) {
         let cpl = u64::from(self.s.cpl());
@@ -26,7 +26,7 @@ impl Cpu {
     }
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Push => {
             let size = cpu.stack_op_size(ins);

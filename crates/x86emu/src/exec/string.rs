@@ -4,7 +4,7 @@ use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
 use super::flags::sub_flags;
 use super::operand::{mask, mem_seg};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::flags::DF;
@@ -45,7 +45,7 @@ pub(crate) fn is_string_form(ins: &Instruction) -> bool {
     )
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let kind = match ins.mnemonic() {
         Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => Kind::Movs,
         Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => Kind::Stos,
@@ -152,13 +152,13 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
     }
 }
 
-fn adv(cpu: &mut Cpu, r: usize, step: u64, am: u64) {
+fn adv(cpu: &mut Core, r: usize, step: u64, am: u64) {
     let v = (cpu.s.gpr[r] & am).wrapping_add(step) & am;
     set_masked(cpu, r, v, am);
 }
 
 /// 32-bit address-size updates zero-extend like any 32-bit register write; 16-bit ones merge.
-fn set_masked(cpu: &mut Cpu, r: usize, v: u64, am: u64) {
+fn set_masked(cpu: &mut Core, r: usize, v: u64, am: u64) {
     cpu.s.gpr[r] = if am == 0xffff_ffff {
         v
     } else {
@@ -166,7 +166,7 @@ fn set_masked(cpu: &mut Cpu, r: usize, v: u64, am: u64) {
     };
 }
 
-fn write_acc(cpu: &mut Cpu, size: u32, v: u64) {
+fn write_acc(cpu: &mut Core, size: u32, v: u64) {
     use iced_x86::Register as R;
     let r = match size {
         1 => R::AL,

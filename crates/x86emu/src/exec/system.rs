@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::operand::{canonical, ea, mask, mem_seg, reg_read, reg_write, seg_of};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::msr;
 use crate::platform::Platform;
@@ -12,7 +12,7 @@ use crate::state::cr::*;
 use crate::state::flags::*;
 use crate::state::{Seg, Segment};
 
-impl Cpu {
+impl Core {
     fn require_cpl0(&self) -> Result<()> {
         if self.s.cpl() != 0 {
             return Err(Fault::gp0());
@@ -74,7 +74,7 @@ impl Cpu {
     }
 }
 
-pub(crate) fn mov_crdr(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn mov_crdr(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let _ = p;
     cpu.require_cpl0()?;
     let dst = ins.op0_register();
@@ -140,7 +140,7 @@ pub(crate) fn mov_crdr(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -
     Ok(())
 }
 
-pub(crate) fn mov_sreg(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn mov_sreg(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() {
         let seg = seg_of(ins.op0_register());
         if seg == Seg::Cs {
@@ -157,7 +157,7 @@ pub(crate) fn mov_sreg(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -
     cpu.write_op(p, ins, 0, sel)
 }
 
-fn descriptor_table_op(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn descriptor_table_op(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     let a = ea(cpu, ins);
     let seg = mem_seg(ins);
@@ -209,7 +209,7 @@ fn descriptor_table_op(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -
 
 /// LTR / LLDT: load a system segment from the GDT (16-byte descriptors in long mode).
 fn load_system_segment(
-    cpu: &mut Cpu,
+    cpu: &mut Core,
     p: &mut dyn Platform,
     selector: u16,
     tss: bool,
@@ -256,7 +256,7 @@ fn load_system_segment(
     Ok(())
 }
 
-fn syscall(cpu: &mut Cpu) -> Result<()> {
+fn syscall(cpu: &mut Core) -> Result<()> {
     if cpu.s.efer & EFER_SCE == 0 || !cpu.s.long_mode_active() {
         return Err(Fault::ud());
     }
@@ -286,7 +286,7 @@ fn syscall(cpu: &mut Cpu) -> Result<()> {
     Ok(())
 }
 
-fn sysret(cpu: &mut Cpu, ins: &Instruction) -> Result<()> {
+fn sysret(cpu: &mut Core, ins: &Instruction) -> Result<()> {
     if cpu.s.efer & EFER_SCE == 0 || !cpu.s.long_mode_active() {
         return Err(Fault::ud());
     }
@@ -340,7 +340,7 @@ fn sysret(cpu: &mut Cpu, ins: &Instruction) -> Result<()> {
 }
 
 fn load_far_pointer(
-    cpu: &mut Cpu,
+    cpu: &mut Core,
     p: &mut dyn Platform,
     ins: &Instruction,
     seg: Seg,
@@ -358,7 +358,7 @@ fn load_far_pointer(
     Ok(())
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Cpuid => {
             let e = cpu.cpuid.lookup(cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);

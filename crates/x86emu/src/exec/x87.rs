@@ -4,7 +4,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::operand::{ea, mem_seg};
-use crate::cpu::Cpu;
+use crate::cpu::Core;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 use crate::state::cr::*;
@@ -12,7 +12,7 @@ use crate::state::cr::*;
 /// MXCSR bits software may set (DAZ is not offered: MXCSR_MASK omits it).
 pub(crate) const MXCSR_MASK: u32 = 0xffbf;
 
-impl Cpu {
+impl Core {
     /// #NM/#UD checks for x87 instructions.
     pub(crate) fn fpu_check(&self) -> Result<()> {
         if self.s.cr0 & (CR0_EM | CR0_TS) != 0 {
@@ -54,7 +54,7 @@ fn abridged_tag(full: u16) -> u8 {
     })
 }
 
-pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     match m {
         Mnemonic::Ldmxcsr
@@ -182,7 +182,7 @@ pub(crate) fn exec(cpu: &mut Cpu, p: &mut dyn Platform, ins: &Instruction) -> Re
     Ok(())
 }
 
-fn fxsave_image(cpu: &Cpu, wide: bool) -> [u8; 512] {
+fn fxsave_image(cpu: &Core, wide: bool) -> [u8; 512] {
     let f = &cpu.s.fpu;
     let mut b = [0u8; 512];
     b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
@@ -210,7 +210,7 @@ fn fxsave_image(cpu: &Cpu, wide: bool) -> [u8; 512] {
     b
 }
 
-fn fxrstor_image(cpu: &mut Cpu, b: &[u8; 512], wide: bool) -> Result<()> {
+fn fxrstor_image(cpu: &mut Core, b: &[u8; 512], wide: bool) -> Result<()> {
     let rd16 = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
     let rd32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let mxcsr = rd32(24);
