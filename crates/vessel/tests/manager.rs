@@ -1099,3 +1099,26 @@ fn many_clients_at_once() {
     );
     assert_eq!(names.iter().filter(|n| n.starts_with('c')).count(), 12 * 7);
 }
+
+#[test]
+fn vessel_driver_boots_debian_under_emu() {
+    let a = assets();
+    let d = Daemon::start("emu");
+    let c = d.client();
+    let def = json!({"name": "soft", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=echo+hello+from+emu",
+               "memory_mib": 256, "accel": "emu"}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let pid = c.post("/v1/domains/soft/start", None).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert!(d.ok(&["list"]).contains("soft"));
+    wait_for_log(&c, "soft", "vessel-init:");
+    wait_state(&c, "soft", "shutoff", Duration::from_secs(240));
+    let info = c.get("/v1/domains/soft").unwrap();
+    assert_eq!(info["info"]["last_stop"], "guest powered off", "{info}");
+    assert!(serial_log(&c, "soft").contains("hello from emu"));
+    assert!(!pid_alive(pid));
+    c.call("DELETE", "/v1/domains/soft", None).unwrap();
+}
