@@ -244,3 +244,70 @@ fn cr3_reload_flushes_after_the_tlb_fill_list_overflows() {
         "CR3 reload dropped the stale translation"
     );
 }
+
+/// 32-bit protected mode with paging (no long mode): `pae` selects PAE or 2-level tables.
+fn legacy_paging_guest(pae: bool) -> x86emu::Cpu {
+    use x86emu::state::{Seg, Segment};
+    let mut ram = x86emu::GuestRam::new();
+    ram.add_owned(0, 0x80_0000).unwrap();
+    let put32 =
+        |ram: &x86emu::GuestRam, gpa: u64, v: u32| assert!(ram.write(gpa, &v.to_le_bytes()));
+    let put64 =
+        |ram: &x86emu::GuestRam, gpa: u64, v: u64| assert!(ram.write(gpa, &v.to_le_bytes()));
+    let root;
+    if pae {
+        // PDPT at 0x1000 -> PD at 0x2000: PD[0] = 2 MiB identity (code), PD[2] -> PT at 0x3000.
+        root = 0x1000;
+        put64(&ram, 0x1000, 0x2000 | 1);
+        put64(&ram, 0x2000, 0x83); // 2 MiB page at 0, present+writable
+        put64(&ram, 0x2000 + 2 * 8, 0x3000 | 7);
+        put64(&ram, 0x3000 + 8, 0x60_0000 | 5); // VA 0x401000 -> 0x600000, user, read-only
+    } else {
+        // PD at 0x1000: PDE[0] = 4 MiB identity page (PSE), PDE[1] -> PT at 0x2000.
+        root = 0x1000;
+        put32(&ram, 0x1000, 0x83);
+        put32(&ram, 0x1004, 0x2000 | 7);
+        put32(&ram, 0x2000 + 4, 0x60_0000 | 5); // VA 0x401000 -> 0x600000, user, read-only
+    }
+    put32(&ram, 0x60_0000, 0xfeed_f00d);
+    let mut cpu = x86emu::Cpu::new(ram);
+    let mut s = x86emu::CpuState::reset();
+    s.cr0 = x86emu::state::cr::CR0_PE | x86emu::state::cr::CR0_PG | x86emu::state::cr::CR0_WP;
+    s.cr3 = root;
+    s.cr4 = if pae {
+        x86emu::state::cr::CR4_PAE
+    } else {
+        x86emu::state::cr::CR4_PSE
+    };
+    let code = Segment::from_descriptor(0x08, 0x00cf_9b00_0000_ffff);
+    let data = Segment::from_descriptor(0x10, 0x00cf_9300_0000_ffff);
+    for sg in Seg::ALL {
+        s.seg[sg as usize] = data;
+    }
+    s.seg[Seg::Cs as usize] = code;
+    s.rip = 0x10_0000;
+    s.gpr[4] = 0x9_0000;
+    cpu.set_state(s);
+    let code = asm(32, 0x10_0000, |a| {
+        a.mov(eax, dword_ptr(0x40_1000)).unwrap();
+        a.mov(dword_ptr(0x40_1000), eax).unwrap(); // read-only page, WP=1: #PF
+    });
+    assert!(cpu.ram().write(0x10_0000, &code));
+    cpu
+}
+
+#[test]
+fn legacy_2level_and_pae_paging() {
+    for pae in [false, true] {
+        let mut cpu = legacy_paging_guest(pae);
+        cpu.execute_one(&mut NoDevices).unwrap();
+        assert_eq!(cpu.state().gpr[0], 0xfeed_f00d, "pae={pae}");
+        let f = cpu.execute_one(&mut NoDevices).unwrap_err();
+        assert_eq!(
+            (f.vector, f.error),
+            (vector::PF, Some(pf::PRESENT | pf::WRITE)),
+            "pae={pae}"
+        );
+        assert_eq!(cpu.state().cr2, 0x40_1000);
+    }
+}
