@@ -197,6 +197,25 @@ fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()
     Ok(())
 }
 
+/// SHL/SAL/SHR/SAR/ROL/ROR of a register by an immediate (the `, 1` forms included).
+fn shift_ri(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let d = ins.op0_register();
+    let size = reg_size(d);
+    let cmask = if size == 8 { 0x3f } else { 0x1f };
+    let c = u32::from(ins.immediate8()) & cmask;
+    let a = reg_read(cpu, d);
+    if c == 0 {
+        // No flags change; a 32-bit destination is still zero-extended.
+        reg_write(cpu, d, a);
+        return Ok(());
+    }
+    let (r, f, which) =
+        super::shift::compute(ins.mnemonic(), a, c, size, u64::from(cpu.flag(CF)), 0);
+    reg_write(cpu, d, r);
+    cpu.set_flags_masked(f, which);
+    Ok(())
+}
+
 fn nop(_: &mut Core, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
     Ok(())
 }
@@ -254,6 +273,11 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Inc if is_gpr(ins, 0) => Some(inc_dec_r::<true>),
         M::Dec if is_gpr(ins, 0) => Some(inc_dec_r::<false>),
         M::Nop => Some(nop),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror
+            if n == 2 && is_gpr(ins, 0) && ins.op1_kind() == OpKind::Immediate8 =>
+        {
+            Some(shift_ri)
+        }
         _ if ins.is_jcc_short_or_near() => Some(jcc),
         M::Jmp if ins.is_jmp_short_or_near() => Some(jmp_rel),
         M::Call if bits64 && ins.op0_kind() == OpKind::NearBranch64 => Some(call_rel64),
