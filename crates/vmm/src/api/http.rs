@@ -46,6 +46,10 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Largest body accepted (volume uploads come in chunks below this).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Connections served at once; more get a 503.
+pub const MAX_CONNECTIONS: usize = 512;
+/// How long a connection may stay silent while a request is expected.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -363,6 +367,8 @@ fn serve_conn(
     handler: &dyn Handler,
     json_error: &dyn Fn(u16, String) -> Response,
 ) {
+    // An idle or trickling client does not hold its thread forever.
+    let _ = stream.set_read_timeout_conn(Some(IDLE_TIMEOUT));
     let Ok(write_half) = stream.try_clone_conn() else {
         return;
     };
@@ -396,6 +402,8 @@ fn serve_conn(
                 // Clients wait for the response head before sending on an upgraded
                 // connection, so nothing is left in the reader's buffer.
                 drop(r);
+                // An attached console may be quiet for as long as it likes.
+                let _ = w.set_read_timeout_conn(None);
                 take(w);
                 return;
             }
@@ -435,14 +443,31 @@ fn accept_loop(
     handler: Arc<dyn Handler>,
     json_error: fn(u16, String) -> Response,
 ) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         match accept() {
-            Ok(stream) => {
+            Ok(mut stream) => {
+                use std::sync::atomic::Ordering;
+                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    let busy = json_error(
+                        503,
+                        format!("more than {MAX_CONNECTIONS} open connections; try again"),
+                    );
+                    let _ = write_response(&mut stream, &busy, true);
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
                 let h = handler.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("http-conn".into())
-                    .spawn(move || serve_conn(stream, h.as_ref(), &json_error));
+                let count = open.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("http-conn".into())
+                        .spawn(move || {
+                            serve_conn(stream, h.as_ref(), &json_error);
+                            count.fetch_sub(1, Ordering::Relaxed);
+                        });
                 if let Err(e) = spawned {
+                    open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!("cannot start a connection thread: {e}");
                 }
             }
