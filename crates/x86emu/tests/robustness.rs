@@ -48,15 +48,18 @@ fn run_random(mode: Mode) {
     for b in idt.iter_mut() {
         *b = r.next_u64() as u8;
     }
-    for i in 0..cases() {
+    // Random stores can land anywhere, page tables included: restore the system area
+    // (page tables, GDT, TSS) before every case so each one starts from a sane machine.
+    let mut system_area = vec![0u8; IDT as usize];
+    assert!(g.cpu.ram().read(0, &mut system_area));
+    for _ in 0..cases() {
+        assert!(g.cpu.ram().write(0, &system_area));
         let mut code = [0u8; 48];
         for b in code.iter_mut() {
             *b = r.next_u64() as u8;
         }
         g.load(CODE, &code);
-        if i % 8 == 0 {
-            g.load(IDT, &idt);
-        }
+        g.load(IDT, &idt);
         let mut s = base.clone();
         for (k, v) in s.gpr.iter_mut().enumerate() {
             let x = r.next_u64();
