@@ -76,6 +76,9 @@ pub struct DomainDef {
     pub interfaces: Vec<Interface>,
 }
 
+/// A disk path `vol://POOL/VOLUME` names a pool volume; `define` resolves it to the file.
+pub const VOLUME_PREFIX: &str = "vol://";
+
 /// Names are used in paths and URLs: keep them plain.
 pub fn check_name(kind: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()

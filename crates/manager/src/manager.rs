@@ -361,6 +361,7 @@ impl Manager {
     }
 
     pub fn define(&self, mut def: DomainDef) -> Result<DomainInfo> {
+        self.resolve_volumes(&mut def)?;
         def.validate()?;
         if def.uuid.is_none() {
             def.uuid = Some(domain::new_uuid());
@@ -372,6 +373,29 @@ impl Manager {
         self.store.insert_domain(&def)?;
         self.events.emit(&def.name, "defined", "shut off", None);
         Ok(self.info_of(&def))
+    }
+
+    /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file; the volume must exist.
+    fn resolve_volumes(&self, def: &mut DomainDef) -> Result<()> {
+        for d in def.vm.disks.iter_mut() {
+            let Some(r) = d
+                .path
+                .to_str()
+                .and_then(|p| p.strip_prefix(domain::VOLUME_PREFIX))
+            else {
+                continue;
+            };
+            let (pool, vol) = r
+                .split_once('/')
+                .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
+            let info = crate::storage::volume_info(self, pool, vol)?;
+            d.path = info.path;
+            d.format.get_or_insert(match info.format {
+                block::Format::Raw => vmm::config::DiskFormat::Raw,
+                block::Format::Qcow2 => vmm::config::DiskFormat::Qcow2,
+            });
+        }
+        Ok(())
     }
 
     pub fn undefine(&self, name: &str) -> Result<()> {

@@ -132,19 +132,28 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
 
 fn parse_disk(n: Node) -> Result<DiskConfig> {
     let ty = n.attribute("type").unwrap_or("file");
-    if ty != "file" {
-        return Err(bad(format!(
-            "<disk type={ty:?}>: only file disks are supported"
-        )));
+    if ty != "file" && ty != "volume" {
+        return Err(bad(format!("<disk type={ty:?}>: file or volume disks")));
     }
     if let Some(d) = n.attribute("device") {
         if d != "disk" && d != "cdrom" {
             return Err(bad(format!("<disk device={d:?}>: disk or cdrom")));
         }
     }
-    let source = child(n, "source")
-        .and_then(|s| s.attribute("file"))
-        .ok_or_else(|| bad("<disk> without <source file=…>"))?;
+    let src = child(n, "source");
+    let source = if ty == "volume" {
+        // A pool volume: resolved to its file when the domain is defined.
+        let pool = src.and_then(|s| s.attribute("pool"));
+        let vol = src.and_then(|s| s.attribute("volume"));
+        match (pool, vol) {
+            (Some(p), Some(v)) => format!("{}{p}/{v}", crate::domain::VOLUME_PREFIX),
+            _ => return Err(bad("<disk type='volume'> without <source pool=… volume=…>")),
+        }
+    } else {
+        src.and_then(|s| s.attribute("file"))
+            .ok_or_else(|| bad("<disk> without <source file=…>"))?
+            .to_string()
+    };
     let format = match child(n, "driver").and_then(|d| d.attribute("type")) {
         None => None,
         Some("raw") => Some(DiskFormat::Raw),
@@ -295,6 +304,7 @@ mod tests {
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='/var/lib/x.qcow2'/><target dev='vda' bus='virtio'/><readonly/></disk>
     <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>
+    <disk type='volume' device='disk'><source pool='images' volume='data.raw'/></disk>
     <interface type='bridge'><source bridge='br0'/></interface>
     <serial type='pty'/><console type='pty'/><video/>
   </devices>
@@ -313,7 +323,11 @@ mod tests {
             d.vm.initrd.as_deref(),
             Some(std::path::Path::new("/boot/initrd"))
         );
-        assert_eq!(d.vm.disks.len(), 1);
+        assert_eq!(d.vm.disks.len(), 2);
+        assert_eq!(
+            d.vm.disks[1].path,
+            std::path::Path::new("vol://images/data.raw")
+        );
         assert_eq!(d.vm.disks[0].format, Some(DiskFormat::Qcow2));
         assert!(d.vm.disks[0].read_only);
         assert_eq!(d.interfaces[0].network.as_deref(), Some("default"));
@@ -336,7 +350,7 @@ mod tests {
             ("<domain><name>a</name><memory unit='TiB'>99999999</memory><os><kernel>/k</kernel></os></domain>", "out of range"),
             ("<domain><name>a</name><memory>1024</memory><vcpu>999</vcpu></domain>", "vcpu"),
             ("<domain><name>a</name><memory>1024</memory><os/></domain>", "kernel"),
-            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "file disks"),
+            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "file or volume disks"),
             ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><interface type='user'/></devices></domain>", "interface"),
         ];
         for (xml, want) in cases {

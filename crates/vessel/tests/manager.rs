@@ -881,6 +881,31 @@ fn storage_pools_and_volumes() {
     assert!(log.contains(&first), "{first} not in {log}");
     c.call("DELETE", "/v1/domains/disky", None).unwrap();
 
+    // libvirt XML naming a pool volume: resolved to its file at define time.
+    let xml = format!(
+        "<domain type='qemu'><name>volref</name><memory unit='MiB'>64</memory>\
+         <os><kernel>{}</kernel></os><devices>\
+         <disk type='volume' device='disk'><source pool='images' volume='copy.raw'/></disk>\
+         </devices></domain>",
+        a.join("vmlinuz").display()
+    );
+    c.define_text(&xml).unwrap();
+    let def = c.get("/v1/domains/volref").unwrap()["definition"].clone();
+    assert_eq!(def["vm"]["disks"][0]["path"], json!(pool.join("copy.raw")));
+    assert_eq!(def["vm"]["disks"][0]["format"], "raw");
+    let v: Value =
+        serde_json::from_str(&d.ok(&["--json", "vol-info", "images", "copy.raw"])).unwrap();
+    assert_eq!(v["used_by"], json!(["volref"]));
+    let bad = xml
+        .replace("copy.raw", "nope.raw")
+        .replace("volref", "volref2");
+    let (st, msg) = api_status(c.define_text(&bad).unwrap_err());
+    assert_eq!(
+        (st, msg.as_str()),
+        (404, "volume \"images/nope.raw\" does not exist")
+    );
+    c.call("DELETE", "/v1/domains/volref", None).unwrap();
+
     d.ok(&["vol-delete", "images", "overlay.qcow2"]);
     d.ok(&["vol-delete", "images", "base.qcow2"]);
     assert!(!pool.join("base.qcow2").exists());
