@@ -453,6 +453,15 @@ fn cli_lifecycle_with_libvirt_xml() {
         "{out}"
     );
 
+    // A watcher, as `virsh event --loop` would be.
+    let mut watcher = Command::new(EXE)
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["events", "--domain", "xmlvm", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let out = d.ok(&["start", "xmlvm"]);
     assert_eq!(out.trim(), "Domain 'xmlvm' started");
     wait_for_log(&d.client(), "xmlvm", "vessel-init:");
@@ -496,6 +505,25 @@ fn cli_lifecycle_with_libvirt_xml() {
     assert!(e.contains("vessel destroy xmlvm"), "{e}");
     let out = d.ok(&["destroy", "xmlvm"]);
     assert_eq!(out.trim(), "Domain 'xmlvm' destroyed");
+    std::thread::sleep(Duration::from_millis(300));
+    kill(watcher.id() as i32, libc::SIGKILL);
+    let mut seen = String::new();
+    watcher
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    let _ = watcher.wait();
+    for line in [
+        "event 'started' for domain 'xmlvm': running",
+        "event 'suspended' for domain 'xmlvm': paused",
+        "event 'resumed' for domain 'xmlvm': running",
+        "event 'shutdown-requested' for domain 'xmlvm': in shutdown",
+        "event 'stopped' for domain 'xmlvm': shut off (destroyed)",
+    ] {
+        assert!(seen.contains(line), "{line:?} not in:\n{seen}");
+    }
     assert!(d.ok(&["list", "--all"]).contains("shut off"));
     d.ok(&["autostart", "xmlvm"]);
     assert!(d.ok(&["dominfo", "xmlvm"]).contains("Autostart:  enable"));
