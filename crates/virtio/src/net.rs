@@ -83,9 +83,14 @@ impl Net {
         let size = queue.size();
         while let Some(frame) = self.next_frame() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                tracing::debug!(
+                    len = frame.len(),
+                    "virtio-net rx: no guest buffer, frame held"
+                );
                 self.pending = Some(frame);
                 break;
             };
+            tracing::debug!(len = frame.len(), "virtio-net rx");
             let chain = Chain::collect(chain, size, mem)?;
             let room: usize = chain.writable.iter().map(|d| d.len() as usize).sum();
             let len = if frame.len() <= room {
@@ -122,6 +127,7 @@ impl Net {
                     "transmit buffer shorter than the header",
                 ));
             }
+            tracing::debug!(len = frame.len(), "virtio-net tx");
             match self.tap.send(&frame) {
                 Ok(()) => self.tx_frames += 1,
                 Err(e) => tracing::debug!("TAP {} send: {e}", self.tap.name()),

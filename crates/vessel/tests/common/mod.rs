@@ -1,6 +1,7 @@
 //! Shared test helpers: running the real `vessel` binary, and building tiny guest kernels.
 #![allow(dead_code)]
 
+pub mod console;
 pub mod guest;
 
 use std::io::Read;

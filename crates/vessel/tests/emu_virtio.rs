@@ -1,0 +1,236 @@
+//! Paravirtual I/O with a real guest: Debian's kernel on the emu accelerator with its
+//! root filesystem on virtio-blk (raw, and a qcow2 overlay over it), virtio-rng, the
+//! virtio-console, and virtio-net on a TAP inside a network namespace the test creates.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::console::Console;
+use common::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+const CMD: Duration = Duration::from_secs(30);
+
+fn root_cmdline() -> &'static str {
+    "console=ttyS0 panic=-1 quiet vessel.root=/dev/vda"
+}
+
+/// A fresh busybox ext4 image (scripts/rootfs.sh) in `dir`.
+fn rootfs(dir: &TempDir) -> PathBuf {
+    let out = dir.path().join("rootfs.ext4");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/rootfs.sh");
+    let st = Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .arg("32")
+        .status()
+        .expect("bash");
+    assert!(
+        st.success(),
+        "scripts/rootfs.sh failed (needs e2fsprogs' mkfs.ext4)"
+    );
+    out
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is needed: apt-get install qemu-utils")
+}
+
+/// Boot with `disk` as root, run `cmd`, power off; returns what `cmd` printed.
+fn boot_and_run(disk_arg: &str, extra: &[&str], cmd: &str) -> String {
+    let mut args = vec!["--cmdline", root_cmdline(), "--disk", disk_arg];
+    args.extend_from_slice(extra);
+    let mut c = Console::boot(&args);
+    c.expect("vessel-rootfs:", BOOT);
+    c.expect("# ", BOOT);
+    let out = c.run(cmd, CMD);
+    c.send("sync; poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+    out
+}
+
+#[test]
+fn a_file_written_on_a_virtio_blk_root_survives_a_reboot() {
+    let dir = TempDir::new("rootblk");
+    let img = rootfs(&dir);
+    let disk = format!("{},format=raw", img.display());
+    let token = format!("vessel-{}", std::process::id());
+    let out = boot_and_run(
+        &disk,
+        &["--rng"],
+        &format!(
+            "echo {token} > /root/persist && sync && cat /sys/class/misc/hw_random/rng_current \
+             && head -c 64 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | wc -c"
+        ),
+    );
+    // virtio-rng is the guest's hardware RNG and yields data (64 bytes = 128 hex digits).
+    assert!(out.contains("virtio_rng"), "{out}");
+    assert!(out.trim_end().ends_with("128"), "{out}");
+    let back = boot_and_run(&disk, &[], "cat /root/persist");
+    assert_eq!(back, token);
+}
+
+#[test]
+fn a_qcow2_overlay_takes_the_writes_and_leaves_its_raw_base_alone() {
+    let dir = TempDir::new("qcow2");
+    let base = rootfs(&dir);
+    let overlay = dir.path().join("overlay.qcow2");
+    let o = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        base.to_str().unwrap(),
+        overlay.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base_before = std::fs::read(&base).unwrap();
+    let disk = format!("{},format=qcow2", overlay.display());
+    boot_and_run(
+        &disk,
+        &[],
+        "dd if=/dev/urandom of=/root/blob bs=1k count=512 2>/dev/null; md5sum /root/blob > /root/blob.md5; sync",
+    );
+    let check = qemu_img(&["check", overlay.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base image changed"
+    );
+    let verify = boot_and_run(&disk, &[], "md5sum -c /root/blob.md5");
+    assert!(verify.contains("/root/blob: OK"), "{verify}");
+}
+
+#[test]
+fn the_virtio_console_carries_guest_output_to_the_host() {
+    let dir = TempDir::new("hvc");
+    let log = dir.path().join("hvc0.log");
+    let mut c = Console::boot(&[
+        "--cmdline",
+        "console=ttyS0 panic=-1 quiet",
+        "--virtio-console",
+        &format!("file:{}", log.display()),
+    ]);
+    c.expect("vessel-init:", BOOT);
+    c.expect("# ", BOOT);
+    c.run("echo through-hvc0 > /dev/hvc0", CMD);
+    c.send("poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+    let got = std::fs::read_to_string(&log).unwrap();
+    assert!(got.contains("through-hvc0"), "{got:?}");
+}
+
+/// A network namespace this test creates and deletes.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(st.success(), "ip netns add failed (needs root)");
+        NetNs(name)
+    }
+    fn exec(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn the_guest_pings_and_sends_a_file_over_virtio_net() {
+    let ns = NetNs::new("net");
+    let busybox = assets().join("busybox");
+    let dir = TempDir::new("netxfer");
+    let received = dir.path().join("received");
+    let mut vessel_in_ns = ns.exec();
+    vessel_in_ns.arg(env!("CARGO_BIN_EXE_vessel"));
+    let mut c = Console::boot_with(
+        vessel_in_ns,
+        &[
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--net",
+            "tap=vtap0,mac=52:54:00:12:34:56",
+        ],
+    );
+    c.expect("vessel-init:", BOOT);
+    c.expect("# ", BOOT);
+    // The VMM created vtap0 inside the namespace: give the host side an address.
+    for args in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtap0"],
+        vec!["ip", "link", "set", "vtap0", "up"],
+    ] {
+        let o = ns.exec().args(&args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mac = c.run("cat /sys/class/net/eth0/address", CMD);
+    assert_eq!(mac, "52:54:00:12:34:56");
+    c.run(
+        "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up",
+        CMD,
+    );
+    let ping = c.run("ping -c 2 -W 5 10.0.2.1", Duration::from_secs(60));
+    assert!(ping.contains("2 packets received"), "{ping}");
+
+    // A file from the guest to a listener in the namespace, byte for byte.
+    let listener = ns
+        .exec()
+        .arg(&busybox)
+        .args(["nc", "-l", "-p", "5000"])
+        // busybox nc ends the connection when its own stdin ends: keep that open.
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&received).unwrap())
+        .spawn()
+        .unwrap();
+    let mut listener = Guarded(listener);
+    let _listener_stdin = listener.0.stdin.take();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = c.run(
+        "dd if=/dev/urandom of=/tmp/payload bs=1k count=256 2>/dev/null; \
+         md5sum /tmp/payload | cut -d' ' -f1; nc 10.0.2.1 5000 < /tmp/payload",
+        Duration::from_secs(90),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while listener.0.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = std::fs::read(&received).unwrap();
+    assert_eq!(got.len(), 256 * 1024, "received {} bytes", got.len());
+    let md5 = Command::new("md5sum").arg(&received).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&md5.stdout);
+    let guest_sum = sent.lines().next().unwrap_or_default().trim().to_string();
+    assert!(
+        host_sum.starts_with(&guest_sum),
+        "{host_sum} vs {guest_sum}"
+    );
+    c.send("poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+}
