@@ -33,6 +33,11 @@ impl Core {
     }
 }
 
+/// FCW as hardware keeps it: bits 7 and 13-15 read as 0, bit 6 as 1.
+fn fcw_load(v: u16) -> u16 {
+    (v & 0x1f3f) | 0x40
+}
+
 /// Full 16-bit tag word from the abridged FXSAVE form (valid registers read as "valid" 00).
 fn full_tag(abridged: u8) -> u16 {
     (0..8).fold(0u16, |t, i| {
@@ -96,7 +101,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
         Mnemonic::Fnclex | Mnemonic::Fclex => cpu.s.fpu.fsw &= 0x7f00,
         Mnemonic::Fldcw => {
             let v = cpu.read_op(p, ins, 0)? as u16;
-            cpu.s.fpu.fcw = v | 0x40;
+            cpu.s.fpu.fcw = fcw_load(v);
         }
         Mnemonic::Fnstcw | Mnemonic::Fstcw => {
             let v = u64::from(f.fcw);
@@ -121,7 +126,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
                 let fip = cpu.read_mem(p, seg, a + 12, 4)?;
                 let fdp = cpu.read_mem(p, seg, a + 20, 4)?;
                 let f = &mut cpu.s.fpu;
-                f.fcw = fcw | 0x40;
+                f.fcw = fcw_load(fcw);
                 f.fsw = fsw;
                 f.ftw = abridged_tag(ftw);
                 f.fip = fip;
@@ -219,7 +224,7 @@ fn fxrstor_image(cpu: &mut Core, b: &[u8; 512], wide: bool) -> Result<()> {
     }
     let nx = if cpu.s.in_64bit_mode() { 16 } else { 8 };
     let f = &mut cpu.s.fpu;
-    f.fcw = rd16(0);
+    f.fcw = fcw_load(rd16(0));
     f.fsw = rd16(2);
     f.ftw = b[4];
     f.fop = rd16(6);

@@ -705,3 +705,29 @@ fn diff_sse_fp() {
         extra_undefined: no_extra,
     });
 }
+
+#[test]
+fn diff_x87_control() {
+    run_family(&Family {
+        name: "x87_control",
+        opcodes: &[
+            b"\xd9",
+            b"\xdd",
+            b"\xdf\xe0",
+            b"\xdb\xe2",
+            b"\xdb\xe3",
+            b"\x9b",
+        ],
+        prefixes: &[b"", b"\x66"],
+        allow: |i| {
+            matches!(
+                i.mnemonic(),
+                M::Fnstcw | M::Fldcw | M::Fnstsw | M::Fnclex | M::Fninit | M::Wait
+            )
+        },
+        fixup: no_fixup,
+        float_xmm: false,
+        allowed_faults: &[],
+        extra_undefined: no_extra,
+    });
+}

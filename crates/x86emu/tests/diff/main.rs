@@ -445,6 +445,12 @@ pub fn run_family(fam: &Family) {
                 errs.push(format!("  input memory {:02x?}", &mem[o..o + 16]));
             }
         }
+        if (out.fcw, out.fsw) != (emu.fpu.fcw, emu.fpu.fsw) {
+            errs.push(format!(
+                "x87 FCW/FSW native {:#x}/{:#x} emu {:#x}/{:#x}",
+                out.fcw, out.fsw, emu.fpu.fcw, emu.fpu.fsw
+            ));
+        }
         if emu.rip != CODE_VA + bytes.len() as u64 {
             errs.push(format!("rip {:#x}", emu.rip));
         }

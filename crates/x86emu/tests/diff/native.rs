@@ -21,6 +21,10 @@ pub struct NativeState {
     pub host_rsp: u64,
     pub mxcsr: u32,
     pub host_mxcsr: u32,
+    /// x87 control and status words after the instruction (the trampoline re-initialises
+    /// the x87 unit after each case, so every case starts from FNINIT state).
+    pub fcw: u16,
+    pub fsw: u16,
 }
 
 const OFF_XMM: i32 = 0;
@@ -29,6 +33,8 @@ const OFF_FLAGS: i32 = 384;
 const OFF_HOST_RSP: i32 = 392;
 const OFF_MXCSR: i32 = 400;
 const OFF_HOST_MXCSR: i32 = 404;
+const OFF_FCW: i32 = 408;
+const OFF_FSW: i32 = 410;
 
 pub struct Native {
     code: *mut u8,
@@ -101,6 +107,9 @@ fn epilogue(st: u64) -> Vec<u8> {
     }
     a.stmxcsr(dword_ptr(rax + OFF_MXCSR)).unwrap();
     a.ldmxcsr(dword_ptr(rax + OFF_HOST_MXCSR)).unwrap();
+    a.fnstcw(word_ptr(rax + OFF_FCW)).unwrap();
+    a.fnstsw(word_ptr(rax + OFF_FSW)).unwrap();
+    a.fninit().unwrap();
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r).unwrap();
     }
