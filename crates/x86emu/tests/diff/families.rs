@@ -731,3 +731,38 @@ fn diff_x87_control() {
         extra_undefined: no_extra,
     });
 }
+
+#[test]
+fn diff_mxcsr() {
+    run_family(&Family {
+        name: "mxcsr",
+        opcodes: &[b"\x0f\xae"],
+        prefixes: &[b""],
+        allow: |i| matches!(i.mnemonic(), M::Ldmxcsr | M::Stmxcsr),
+        fixup: |r, i, st, mem| {
+            // Half the loads get a valid MXCSR (random masks, rounding, flags, FTZ).
+            if i.mnemonic() == M::Ldmxcsr && r.below(2) == 0 {
+                let idx = i.memory_index();
+                let iv = if idx == Register::None {
+                    0
+                } else {
+                    gpr_value(st, idx)
+                };
+                let ea = gpr_value(st, i.memory_base())
+                    .wrapping_add(i.memory_displacement64())
+                    .wrapping_add(iv.wrapping_mul(u64::from(i.memory_index_scale())));
+                if let Some(o) = ea
+                    .checked_sub(SCRATCH)
+                    .map(|o| o as usize)
+                    .filter(|&o| o + 4 <= mem.len())
+                {
+                    let v = (r.next_u64() as u32) & 0xffbf;
+                    mem[o..o + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        },
+        float_xmm: false,
+        allowed_faults: &[vector::GP],
+        extra_undefined: no_extra,
+    });
+}
