@@ -236,7 +236,7 @@ fn case_count() -> u64 {
     std::env::var("X86EMU_DIFF_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1500)
+        .unwrap_or(3000)
 }
 
 fn base_seed() -> u64 {
