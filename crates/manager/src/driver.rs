@@ -259,6 +259,7 @@ pub fn start(
     def: &DomainDef,
     run: &RunDir,
     serial_log: &Path,
+    fresh_log: bool,
 ) -> Result<(Child, ProcId)> {
     std::fs::create_dir_all(&run.0).map_err(|e| Error::io("creating run folder", &run.0, e))?;
     if run.console().as_os_str().len() > 100 {
@@ -270,8 +271,10 @@ pub fn start(
             ),
         ));
     }
-    // A new log for each boot.
-    File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
+    // A new log for each start (a restart after a guest reboot continues it).
+    if fresh_log {
+        File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
+    }
     let mut cmd = match def.driver {
         DriverKind::Qemu => qemu_command(p, def, run, serial_log)?,
         DriverKind::Vessel => vessel_command(p, def, run, serial_log),

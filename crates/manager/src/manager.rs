@@ -72,6 +72,8 @@ pub struct Manager {
     generation: Mutex<u64>,
     /// Serializes network operations.
     net_lock: Mutex<()>,
+    /// Domains between a guest reboot and their VMM's restart: still "running".
+    restarting: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A DHCP lease dnsmasq handed out.
@@ -115,6 +117,7 @@ impl Manager {
             last_stop: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
             net_lock: Mutex::new(()),
+            restarting: Mutex::new(Default::default()),
         });
         m.adopt()?;
         Ok(m)
@@ -233,7 +236,15 @@ impl Manager {
                     }
                 };
                 if let Some(m) = me.upgrade() {
-                    m.vmm_exited(&name, generation, status);
+                    let rebooted = m.vmm_exited(&name, generation, status);
+                    // As libvirt's default on_reboot=restart: a guest that rebooted (the
+                    // Vessel VMM exits 10 then) comes back, its log continuing.
+                    if rebooted {
+                        if let Err(e) = m.start_with(&name, false) {
+                            tracing::warn!(domain = %name, "restart after reboot failed: {e}");
+                            lock(&m.restarting).remove(&name);
+                        }
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -241,11 +252,19 @@ impl Manager {
         }
     }
 
-    fn vmm_exited(&self, name: &str, generation: u64, status: Option<std::process::ExitStatus>) {
+    /// Records a VMM's end; returns whether the guest rebooted (and should start again).
+    fn vmm_exited(
+        &self,
+        name: &str,
+        generation: u64,
+        status: Option<std::process::ExitStatus>,
+    ) -> bool {
         let mut active = lock(&self.active);
-        let Some(a) = active.get(name) else { return };
+        let Some(a) = active.get(name) else {
+            return false;
+        };
         if a.generation != generation {
-            return;
+            return false;
         }
         let destroyed = a.destroying;
         let shutting = a.state == DomainState::InShutdown;
@@ -262,8 +281,8 @@ impl Manager {
                 .to_string(),
             ),
             // `vessel run` exits 10 when the guest rebooted.
-            Some(s) if s.code() == Some(10) => {
-                ("stopped", DomainState::Shutoff, "guest rebooted".into())
+            Some(s) if s.code() == Some(10) && a.id.driver == DriverKind::Vessel => {
+                ("rebooted", DomainState::Shutoff, "guest rebooted".into())
             }
             Some(s) => (
                 "crashed",
@@ -294,14 +313,21 @@ impl Manager {
         // Record why before the domain stops counting as active, so nobody sees a stopped
         // domain without its reason.
         lock(&self.last_stop).insert(name.to_string(), why.clone());
+        if event == "rebooted" {
+            lock(&self.restarting).insert(name.to_string());
+        }
         active.remove(name);
         drop(active);
         self.events.emit(name, event, state.as_str(), Some(why));
+        event == "rebooted"
     }
 
     fn state_of(&self, name: &str) -> DomainState {
         if let Some(a) = lock(&self.active).get(name) {
             return a.state;
+        }
+        if lock(&self.restarting).contains(name) {
+            return DomainState::Running;
         }
         if lock(&self.last_stop)
             .get(name)
@@ -402,7 +428,7 @@ impl Manager {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         self.store.get_domain(name)?;
-        if lock(&self.active).contains_key(name) {
+        if self.is_active(name) {
             return Err(Error::Conflict(format!(
                 "domain {name:?} is running: stop it first (vessel destroy {name})"
             )));
@@ -439,10 +465,23 @@ impl Manager {
     }
 
     pub fn is_active(&self, name: &str) -> bool {
-        lock(&self.active).contains_key(name)
+        lock(&self.active).contains_key(name) || lock(&self.restarting).contains(name)
+    }
+
+    /// Waits (briefly) for a restart after a guest reboot to finish.
+    fn settle(&self, name: &str) {
+        let t0 = Instant::now();
+        while lock(&self.restarting).contains(name) && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     pub fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
+        self.start_with(name, true)
+    }
+
+    /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
+    fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let def = self.store.get_domain(name)?;
@@ -466,17 +505,23 @@ impl Manager {
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
-        let started = driver::start(&self.cfg.programs, &runtime, &run, &self.serial_log(name))
-            .and_then(
-                |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {
-                    Ok(()) => Ok((child, id)),
-                    Err(e) => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        Err(e)
-                    }
-                },
-            );
+        let started = driver::start(
+            &self.cfg.programs,
+            &runtime,
+            &run,
+            &self.serial_log(name),
+            fresh_log,
+        )
+        .and_then(
+            |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {
+                Ok(()) => Ok((child, id)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Err(e)
+                }
+            },
+        );
         let (child, id) = match started {
             Ok(x) => x,
             Err(e) => {
@@ -486,16 +531,22 @@ impl Manager {
             }
         };
         let generation = self.next_generation();
-        lock(&self.active).insert(
-            name.to_string(),
-            Active {
-                id: id.clone(),
-                state: DomainState::Running,
-                generation,
-                destroying: false,
-                started: Instant::now(),
-            },
-        );
+        {
+            let mut active = lock(&self.active);
+            active.insert(
+                name.to_string(),
+                Active {
+                    id: id.clone(),
+                    state: DomainState::Running,
+                    generation,
+                    destroying: false,
+                    started: Instant::now(),
+                },
+            );
+            // A restart after a reboot ends here, atomically with the domain becoming
+            // active again: at no moment is it neither.
+            lock(&self.restarting).remove(name);
+        }
         lock(&self.last_stop).remove(name);
         self.events
             .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
@@ -608,11 +659,28 @@ impl Manager {
     /// Stops the VMM at once: SIGTERM, then SIGKILL after 3 s. Returns when it has ended.
     pub fn destroy(&self, name: &str) -> Result<()> {
         let l = self.domain_lock(name);
-        let _g = lock(&l);
-        let (id, _) = self.active_id(name)?;
-        if let Some(a) = lock(&self.active).get_mut(name) {
-            a.destroying = true;
-        }
+        let t0 = Instant::now();
+        let (_g, id) = loop {
+            self.settle(name);
+            let g = lock(&l);
+            self.store.get_domain(name)?;
+            // Marking and reading under one lock: the supervisor sees `destroying` for
+            // this very process, and a guest reboot now does not restart it.
+            let found = lock(&self.active).get_mut(name).map(|a| {
+                a.destroying = true;
+                a.id.clone()
+            });
+            match found {
+                Some(id) => break (g, id),
+                None if lock(&self.restarting).contains(name)
+                    && t0.elapsed() < Duration::from_secs(15) =>
+                {
+                    drop(g);
+                    continue;
+                }
+                None => return Err(Error::Conflict(format!("domain {name:?} is not running"))),
+            }
+        };
         driver::signal(&id, libc::SIGTERM);
         let t0 = Instant::now();
         while id.alive() {

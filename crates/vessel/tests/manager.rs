@@ -615,6 +615,24 @@ fn tiny_kernel(dir: &Path, msg: &str, code: Option<u8>) -> PathBuf {
     p
 }
 
+/// A tiny guest that prints a line and resets the machine through the i8042.
+fn rebooting_kernel(dir: &Path) -> PathBuf {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    lib.print(&mut a, "tiny boot\n").unwrap();
+    a.mov(al, 0xfeu32).unwrap();
+    a.out(0x64u32, al).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.hlt().unwrap();
+    a.jmp(spin).unwrap();
+    lib.emit(&mut a).unwrap();
+    let code = a.assemble(common::guest::LOAD).unwrap();
+    let p = dir.join("reboot.elf");
+    std::fs::write(&p, linux64_elf(&code)).unwrap();
+    p
+}
+
 #[test]
 fn vessel_vmm_domains_are_supervised() {
     let d = Daemon::start("vessel");
@@ -627,6 +645,11 @@ fn vessel_vmm_domains_are_supervised() {
     };
     c.post("/v1/domains", Some(&def("tiny", &k))).unwrap();
     c.post("/v1/domains", Some(&def("failing", &bad))).unwrap();
+    c.post(
+        "/v1/domains",
+        Some(&def("bouncy", &rebooting_kernel(&d.dir))),
+    )
+    .unwrap();
 
     let pid = c.post("/v1/domains/tiny/start", None).unwrap()["pid"]
         .as_i64()
@@ -660,6 +683,24 @@ fn vessel_vmm_domains_are_supervised() {
     let out = d.ok(&["dominfo", "failing"]);
     assert!(out.contains("exit status: 7"), "{out}");
     assert!(serial_log(&c, "failing").contains("tiny guest failing"));
+
+    // A guest that reboots comes back (libvirt's on_reboot=restart), its log continuing.
+    c.post("/v1/domains/bouncy/start", None).unwrap();
+    let t0 = Instant::now();
+    while serial_log(&c, "bouncy").matches("tiny boot").count() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no reboots seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Between a reboot and the restart the domain still counts as running; destroy waits
+    // for the restart and stops it for good.
+    for _ in 0..5 {
+        assert_eq!(state(&c, "bouncy"), "running");
+    }
+    let r = c.post("/v1/domains/bouncy/destroy", None).unwrap();
+    assert_eq!(r["state"], "shutoff");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&c, "bouncy"), "shutoff");
+    assert!(d.run_pids().is_empty());
 }
 
 #[test]
