@@ -34,11 +34,12 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating socket folder", dir, e))?;
     }
+    // The state first: it refuses a second daemon before that one touches any socket.
+    let m = Manager::open(cfg)?;
     let listener = vmm::api::http::bind(socket).map_err(|e| Error::io("binding", socket, e))?;
     // Whoever can connect controls every VM: only the daemon's user, as libvirt's socket.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| Error::io("restricting", socket, e))?;
-    let m = Manager::open(cfg)?;
     tracing::info!(socket = %socket.display(), "vessel daemon listening");
     let auto = m.clone();
     std::thread::spawn(move || auto.autostart_all());

@@ -63,6 +63,8 @@ pub struct DomainInfo {
 
 #[derive(Debug)]
 pub struct Manager {
+    /// Held for the daemon's life: one daemon per state directory.
+    _state_lock: std::fs::File,
     pub cfg: Config,
     pub store: Store,
     pub events: Events,
@@ -92,6 +94,26 @@ pub struct NetworkInfo {
     pub leases: Vec<Lease>,
 }
 
+/// Two daemons on one state directory would both adopt the same VMMs: refuse the second.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io("opening", &p, e))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Conflict(format!(
+            "another vessel daemon uses the state directory {}: stop it, or pass another --state-dir",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -107,8 +129,10 @@ impl Manager {
         ] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io("creating state folder", &d, e))?;
         }
+        let state_lock = lock_state_dir(&cfg.state_dir)?;
         let store = Store::open(&cfg.state_dir.join("vessel.db"))?;
         let m = Arc::new(Manager {
+            _state_lock: state_lock,
             cfg,
             store,
             events: Events::default(),

@@ -835,6 +835,22 @@ fn bad_input_gets_clear_errors_and_creates_nothing() {
     assert_eq!(st, 404);
     assert_eq!(c.get("/v1").unwrap()["api"], "v1");
 
+    // A second daemon on the same state directory is refused.
+    let o = Command::new(EXE)
+        .args(["daemon", "--socket"])
+        .arg(d.dir.join("second.sock"))
+        .arg("--state-dir")
+        .arg(d.dir.join("state"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("another vessel daemon uses the state directory"),
+        "{e}"
+    );
+    assert!(!d.dir.join("second.sock").exists());
+
     // No daemon: the CLI says what to do.
     let o = Command::new(EXE)
         .args(["--socket", "/nonexistent/vessel.sock", "list"])
