@@ -25,8 +25,7 @@ fn alu_allow(i: &Instruction) -> bool {
     )
 }
 
-#[test]
-fn diff_alu() {
+fn fam_alu() -> Family {
     let mut ops: Vec<&'static [u8]> = Vec::new();
     static BYTES: [u8; 64] = {
         let mut b = [0u8; 64];
@@ -48,7 +47,7 @@ fn diff_alu() {
     ];
     ops.extend_from_slice(extra);
     let ops: &'static [&'static [u8]] = Box::leak(ops.into_boxed_slice());
-    run_family(&Family {
+    Family {
         name: "alu",
         opcodes: ops,
         prefixes: PFX_INT,
@@ -57,7 +56,12 @@ fn diff_alu() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
-    });
+    }
+}
+
+#[test]
+fn diff_alu() {
+    run_family(&fam_alu());
 }
 
 fn mov_allow(i: &Instruction) -> bool {
@@ -90,9 +94,8 @@ fn mov_allow(i: &Instruction) -> bool {
         || format!("{m:?}").starts_with("Set")
 }
 
-#[test]
-fn diff_mov() {
-    run_family(&Family {
+fn fam_mov() -> Family {
+    Family {
         name: "mov",
         opcodes: &[
             b"\x88",
@@ -153,7 +156,12 @@ fn diff_mov() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
-    });
+    }
+}
+
+#[test]
+fn diff_mov() {
+    run_family(&fam_mov());
 }
 
 fn shift_extra(i: &Instruction, st: &NativeState) -> u64 {
@@ -184,9 +192,8 @@ fn shift_extra(i: &Instruction, st: &NativeState) -> u64 {
     f | flags::AF
 }
 
-#[test]
-fn diff_shift() {
-    run_family(&Family {
+fn fam_shift() -> Family {
+    Family {
         name: "shift",
         opcodes: &[
             b"\xc0",
@@ -239,12 +246,16 @@ fn diff_shift() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: shift_extra,
-    });
+    }
 }
 
 #[test]
-fn diff_muldiv() {
-    run_family(&Family {
+fn diff_shift() {
+    run_family(&fam_shift());
+}
+
+fn fam_muldiv() -> Family {
+    Family {
         name: "muldiv",
         opcodes: &[b"\xf6", b"\xf7", b"\x0f\xaf", b"\x69", b"\x6b"],
         prefixes: &[b"", b"", b"\x66"],
@@ -265,12 +276,16 @@ fn diff_muldiv() {
                 0
             }
         },
-    });
+    }
 }
 
 #[test]
-fn diff_bits() {
-    run_family(&Family {
+fn diff_muldiv() {
+    run_family(&fam_muldiv());
+}
+
+fn fam_bits() -> Family {
+    Family {
         name: "bits",
         opcodes: &[
             b"\x0f\xa3",
@@ -324,12 +339,16 @@ fn diff_bits() {
                 flags::STATUS & !flags::CF
             }
         },
-    });
+    }
 }
 
 #[test]
-fn diff_atomic() {
-    run_family(&Family {
+fn diff_bits() {
+    run_family(&fam_bits());
+}
+
+fn fam_atomic() -> Family {
+    Family {
         name: "atomic",
         opcodes: &[
             b"\x0f\xb0",
@@ -354,10 +373,10 @@ fn diff_atomic() {
                     st.gpr[i.memory_base().full_register() as usize - Register::RAX as usize];
                 let ea = base.wrapping_add(i.memory_displacement64());
                 if i.memory_index() == Register::None
-                    && ea >= SCRATCH
-                    && ea + 16 <= SCRATCH + SCRATCH_LEN as u64
+                    && ea >= scratch()
+                    && ea + 16 <= scratch() + SCRATCH_LEN as u64
                 {
-                    let o = (ea - SCRATCH) as usize;
+                    let o = (ea - scratch()) as usize;
                     let lo = u64::from_le_bytes(mem[o..o + 8].try_into().unwrap());
                     let hi = u64::from_le_bytes(mem[o + 8..o + 16].try_into().unwrap());
                     if i.mnemonic() == M::Cmpxchg8b {
@@ -375,12 +394,17 @@ fn diff_atomic() {
         float_xmm: false,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
-    });
+    }
+}
+
+#[test]
+fn diff_atomic() {
+    run_family(&fam_atomic());
 }
 
 fn string_fixup(r: &mut Rng, _: &Instruction, st: &mut NativeState, mem: &mut [u8]) {
-    st.gpr[6] = SCRATCH + 0x2000 + r.below(0x1000);
-    st.gpr[7] = SCRATCH + 0x4800 + r.below(0x1000);
+    st.gpr[6] = scratch() + 0x2000 + r.below(0x1000);
+    st.gpr[7] = scratch() + 0x4800 + r.below(0x1000);
     st.gpr[1] = r.below(40);
     if r.below(3) == 0 {
         st.rflags |= flags::DF;
@@ -388,8 +412,8 @@ fn string_fixup(r: &mut Rng, _: &Instruction, st: &mut NativeState, mem: &mut [u
     if r.below(2) == 0 {
         // Make REPE/REPNE comparisons run for a while: equal source and destination.
         let (s, d) = (
-            (st.gpr[6] - SCRATCH) as usize,
-            (st.gpr[7] - SCRATCH) as usize,
+            (st.gpr[6] - scratch()) as usize,
+            (st.gpr[7] - scratch()) as usize,
         );
         let (a, b) = (s.min(d), s.max(d));
         let (lo, hi) = mem.split_at_mut(b);
@@ -400,9 +424,8 @@ fn string_fixup(r: &mut Rng, _: &Instruction, st: &mut NativeState, mem: &mut [u
     }
 }
 
-#[test]
-fn diff_string() {
-    run_family(&Family {
+fn fam_string() -> Family {
+    Family {
         name: "string",
         opcodes: &[
             b"\xa4", b"\xa5", b"\xa6", b"\xa7", b"\xaa", b"\xab", b"\xac", b"\xad", b"\xae",
@@ -414,12 +437,16 @@ fn diff_string() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
-    });
+    }
 }
 
 #[test]
-fn diff_stack() {
-    run_family(&Family {
+fn diff_string() {
+    run_family(&fam_string());
+}
+
+fn fam_stack() -> Family {
+    Family {
         name: "stack",
         opcodes: &[
             b"\x50", b"\x53", b"\x55", b"\x57", b"\x58", b"\x5b", b"\x5d", b"\x5f", b"\x68",
@@ -454,17 +481,17 @@ fn diff_stack() {
                 )
         },
         fixup: |r, i, st, mem| {
-            st.gpr[5] = SCRATCH + 0x5000 + r.below(0x100) * 8;
+            st.gpr[5] = scratch() + 0x5000 + r.below(0x100) * 8;
             let sp = st.gpr[4];
             if i.op_kinds().any(|k| k == OpKind::Memory) && i.memory_base() == Register::RSP {
                 // keep the steered RSP
             } else {
-                st.gpr[4] = SCRATCH + 0x6000 - r.below(0x100) * 8;
+                st.gpr[4] = scratch() + 0x6000 - r.below(0x100) * 8;
             }
             let _ = sp;
             if matches!(i.mnemonic(), M::Popfq | M::Popf) {
                 // Never pop TF or AC into the host: the native run would trap.
-                let o = (st.gpr[4] - SCRATCH) as usize;
+                let o = (st.gpr[4] - scratch()) as usize;
                 mem[o + 1] &= !0x01;
                 mem[o + 2] &= !0x04;
             }
@@ -472,15 +499,19 @@ fn diff_stack() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
-    });
+    }
+}
+
+#[test]
+fn diff_stack() {
+    run_family(&fam_stack());
 }
 
 fn has_mmx(i: &Instruction) -> bool {
     (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Register && i.op_register(k).is_mm())
 }
 
-#[test]
-fn diff_sse_int() {
+fn fam_sse_int() -> Family {
     let mut ops: Vec<&'static [u8]> = Vec::new();
     static OPS: [[u8; 2]; 256] = {
         let mut t = [[0u8; 2]; 256];
@@ -498,7 +529,7 @@ fn diff_sse_int() {
         ops.push(&OPS[b]);
     }
     let ops: &'static [&'static [u8]] = Box::leak(ops.into_boxed_slice());
-    run_family(&Family {
+    Family {
         name: "sse_int",
         opcodes: ops,
         prefixes: &[b"\x66", b"\x66", b"\xf3", b"\xf2"],
@@ -582,11 +613,15 @@ fn diff_sse_int() {
         float_xmm: false,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
-    });
+    }
 }
 
 #[test]
-fn diff_sse_fp() {
+fn diff_sse_int() {
+    run_family(&fam_sse_int());
+}
+
+fn fam_sse_fp() -> Family {
     let mut ops: Vec<&'static [u8]> = Vec::new();
     static OPS: [[u8; 2]; 256] = {
         let mut t = [[0u8; 2]; 256];
@@ -605,7 +640,7 @@ fn diff_sse_fp() {
         ops.push(&OPS[b]);
     }
     let ops: &'static [&'static [u8]] = Box::leak(ops.into_boxed_slice());
-    run_family(&Family {
+    Family {
         name: "sse_fp",
         opcodes: ops,
         prefixes: &[b"", b"\x66", b"\xf3", b"\xf2"],
@@ -703,12 +738,16 @@ fn diff_sse_fp() {
         float_xmm: true,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
-    });
+    }
 }
 
 #[test]
-fn diff_x87_control() {
-    run_family(&Family {
+fn diff_sse_fp() {
+    run_family(&fam_sse_fp());
+}
+
+fn fam_x87_control() -> Family {
+    Family {
         name: "x87_control",
         opcodes: &[
             b"\xd9",
@@ -729,12 +768,16 @@ fn diff_x87_control() {
         float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
-    });
+    }
 }
 
 #[test]
-fn diff_mxcsr() {
-    run_family(&Family {
+fn diff_x87_control() {
+    run_family(&fam_x87_control());
+}
+
+fn fam_mxcsr() -> Family {
+    Family {
         name: "mxcsr",
         opcodes: &[b"\x0f\xae"],
         prefixes: &[b""],
@@ -752,7 +795,7 @@ fn diff_mxcsr() {
                     .wrapping_add(i.memory_displacement64())
                     .wrapping_add(iv.wrapping_mul(u64::from(i.memory_index_scale())));
                 if let Some(o) = ea
-                    .checked_sub(SCRATCH)
+                    .checked_sub(scratch())
                     .map(|o| o as usize)
                     .filter(|&o| o + 4 <= mem.len())
                 {
@@ -764,5 +807,52 @@ fn diff_mxcsr() {
         float_xmm: false,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
-    });
+    }
+}
+
+#[test]
+fn diff_mxcsr() {
+    run_family(&fam_mxcsr());
+}
+
+// The integer and SSE families again in compatibility mode: 32-bit operand and address
+// size defaults, 32-bit stack, no REX.
+#[test]
+fn diff_compat_alu() {
+    run_family_compat(&fam_alu());
+}
+
+#[test]
+fn diff_compat_mov() {
+    run_family_compat(&fam_mov());
+}
+
+#[test]
+fn diff_compat_shift() {
+    run_family_compat(&fam_shift());
+}
+
+#[test]
+fn diff_compat_muldiv() {
+    run_family_compat(&fam_muldiv());
+}
+
+#[test]
+fn diff_compat_bits() {
+    run_family_compat(&fam_bits());
+}
+
+#[test]
+fn diff_compat_string() {
+    run_family_compat(&fam_string());
+}
+
+#[test]
+fn diff_compat_stack() {
+    run_family_compat(&fam_stack());
+}
+
+#[test]
+fn diff_compat_sse_int() {
+    run_family_compat(&fam_sse_int());
 }

@@ -7,7 +7,7 @@
 mod native;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register, RflagsBits};
-use native::{run_native, NativeState, SCRATCH, SCRATCH_LEN};
+use native::{run_native, NativeState, SCRATCH, SCRATCH32, SCRATCH_LEN};
 use x86emu::state::{flags, Seg};
 use x86emu::testing::{long_mode_state, PageTableBuilder, PTE_U, PTE_W};
 use x86emu::{Cpu, GuestRam, NoDevices};
@@ -15,6 +15,24 @@ use x86emu::{Cpu, GuestRam, NoDevices};
 const CODE_VA: u64 = 0x10_0000;
 /// The scratch buffer's guest-physical address (its virtual address is the host's).
 const SCRATCH_GPA: u64 = 0x4000_0000;
+
+thread_local! {
+    /// Whether this test thread runs its family in compatibility mode (32-bit code).
+    static COMPAT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn compat() -> bool {
+    COMPAT.with(|c| c.get())
+}
+
+/// The scratch buffer's address in the current mode (same in guest and host).
+pub fn scratch() -> u64 {
+    if compat() {
+        SCRATCH32
+    } else {
+        SCRATCH
+    }
+}
 
 /// xorshift64*: small, seedable, good enough for test-case generation.
 pub struct Rng(u64);
@@ -163,7 +181,8 @@ fn gen_instruction(r: &mut Rng, fam: &Family) -> Option<(Vec<u8>, Instruction)> 
     for _ in 0..10 {
         bytes.push(r.next_u64() as u8);
     }
-    let mut d = Decoder::with_ip(64, &bytes, CODE_VA, DecoderOptions::NONE);
+    let bits = if compat() { 32 } else { 64 };
+    let mut d = Decoder::with_ip(bits, &bytes, CODE_VA, DecoderOptions::NONE);
     let ins = d.decode();
     if ins.is_invalid() || !(fam.allow)(&ins) {
         return None;
@@ -173,15 +192,16 @@ fn gen_instruction(r: &mut Rng, fam: &Family) -> Option<(Vec<u8>, Instruction)> 
     for i in 0..ins.op_count() {
         if ins.op_kind(i) == OpKind::Memory {
             let b = ins.memory_base();
+            let wide = |r: Register| if compat() { r.is_gpr32() } else { r.is_gpr64() };
             if b == Register::None
                 || b == Register::RIP
-                || !b.is_gpr64()
-                || b == ins.memory_index().full_register()
+                || !wide(b)
+                || b.full_register() == ins.memory_index().full_register()
             {
                 return None;
             }
             if ins.memory_index() != Register::None
-                && !ins.memory_index().is_gpr64()
+                && !wide(ins.memory_index())
                 && ins.mnemonic() != Mnemonic::Xlatb
             {
                 return None;
@@ -215,7 +235,7 @@ impl Harness {
         for i in 0..(SCRATCH_LEN as u64 / 4096) {
             assert!(pt.map(
                 &ram,
-                SCRATCH + i * 4096,
+                scratch() + i * 4096,
                 SCRATCH_GPA + i * 4096,
                 1,
                 PTE_U | PTE_W
@@ -226,7 +246,13 @@ impl Harness {
             cpu,
             scratch_gpa: SCRATCH_GPA,
         };
-        let st = long_mode_state(pt.root, 0x11_0000, 0x12_0000, 3);
+        let mut st = long_mode_state(pt.root, 0x11_0000, 0x12_0000, 3);
+        if compat() {
+            // Linux's __USER32_CS: a 32-bit code segment under long mode.
+            let cs = &mut st.seg[x86emu::state::Seg::Cs as usize];
+            cs.selector = 0x23;
+            cs.attr = (cs.attr & !x86emu::Segment::ATTR_L) | x86emu::Segment::ATTR_DB;
+        }
         h.cpu.set_state(st);
         h
     }
@@ -249,6 +275,13 @@ fn base_seed() -> u64 {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
         })
+}
+
+/// Runs the family in compatibility mode (32-bit code under long mode).
+pub fn run_family_compat(fam: &Family) {
+    COMPAT.with(|c| c.set(true));
+    run_family(fam);
+    COMPAT.with(|c| c.set(false));
 }
 
 /// Runs the differential test for one family; panics with a reproducible report.
@@ -286,7 +319,7 @@ pub fn run_family(fam: &Family) {
         for g in st.gpr.iter_mut() {
             *g = cr.interesting();
         }
-        st.gpr[4] = SCRATCH + 0x6000 - cr.below(0x100) * 8;
+        st.gpr[4] = scratch() + 0x6000 - cr.below(0x100) * 8;
         st.rflags = 0x202 | (cr.next_u64() & flags::STATUS);
         for x in st.xmm.iter_mut() {
             *x = if fam.float_xmm {
@@ -316,7 +349,7 @@ pub fn run_family(fam: &Family) {
         }
         // Steer the memory operand into the scratch buffer.
         if ins.op_kinds().any(|k| k == OpKind::Memory) {
-            let mut target = SCRATCH + 0x1000 + cr.below(0x6000);
+            let mut target = scratch() + 0x1000 + cr.below(0x6000);
             if cr.below(4) != 0 {
                 target &= !15;
             }
@@ -348,7 +381,8 @@ pub fn run_family(fam: &Family) {
             let ea = gpr_value(&st, ins.memory_base())
                 .wrapping_add(ins.memory_displacement64())
                 .wrapping_add(iv.wrapping_mul(u64::from(ins.memory_index_scale())));
-            if ea < SCRATCH + 0x400 || ea > SCRATCH + SCRATCH_LEN as u64 - 0x400 {
+            let ea = if compat() { ea & 0xffff_ffff } else { ea };
+            if ea < scratch() + 0x400 || ea > scratch() + SCRATCH_LEN as u64 - 0x400 {
                 continue;
             }
         }
@@ -391,14 +425,17 @@ pub fn run_family(fam: &Family) {
         if std::env::var_os("X86EMU_TRACE").is_some() {
             eprintln!("native: {ins} {bytes:02x?} rsp={:#x}", st.gpr[4]);
         }
-        let out = run_native(&bytes, &st, &mut nmem);
+        let out = run_native(&bytes, &st, &mut nmem, compat());
         executed += 1;
 
         let undefined = rflags_from_iced(ins.rflags_undefined()) | (fam.extra_undefined)(&ins, &st);
         let fmask = (flags::STATUS | flags::DF) & !undefined;
         let mut errs = Vec::new();
+        // Compatibility mode leaves the upper halves of GPRs undefined on the way back to
+        // 64-bit mode: compare the low 32 bits there.
+        let gmask = if compat() { 0xffff_ffff } else { u64::MAX };
         for i in 0..16 {
-            if out.gpr[i] != emu.gpr[i] {
+            if (out.gpr[i] ^ emu.gpr[i]) & gmask != 0 {
                 errs.push(format!(
                     "gpr[{i}] native {:#x} emu {:#x} (in {:#x})",
                     out.gpr[i], emu.gpr[i], st.gpr[i]
@@ -441,7 +478,7 @@ pub fn run_family(fam: &Family) {
                 let ea = gpr_value(&st, ins.memory_base())
                     .wrapping_add(ins.memory_displacement64())
                     .wrapping_add(iv.wrapping_mul(u64::from(ins.memory_index_scale())));
-                let o = (ea.wrapping_sub(SCRATCH) as usize).min(SCRATCH_LEN - 16);
+                let o = (ea.wrapping_sub(scratch()) as usize).min(SCRATCH_LEN - 16);
                 errs.push(format!("  input memory {:02x?}", &mem[o..o + 16]));
             }
         }
@@ -460,7 +497,7 @@ pub fn run_family(fam: &Family) {
                 .unwrap_or(0);
             errs.push(format!(
                 "memory at {:#x}: native {:02x?} emu {:02x?}",
-                SCRATCH + i as u64,
+                scratch() + i as u64,
                 &nmem[i..(i + 16).min(SCRATCH_LEN)],
                 &emu_mem[i..(i + 16).min(SCRATCH_LEN)]
             ));
