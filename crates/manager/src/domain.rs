@@ -103,6 +103,19 @@ impl DomainDef {
     /// Checks what can be checked at define time (files are checked again at start).
     pub fn validate(&self) -> Result<()> {
         check_name("domain name", &self.name)?;
+        if let Some(u) = &self.uuid {
+            let ok = u.len() == 36
+                && u.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_hexdigit(),
+                });
+            if !ok {
+                return Err(Error::invalid(
+                    "uuid",
+                    format!("{u:?} (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+                ));
+            }
+        }
         self.vm
             .validate()
             .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
@@ -203,6 +216,11 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert!(valid_mac("52:54:00:12:34:56"));
+        let mut d: DomainDef =
+            serde_json::from_str(r#"{"name":"a","uuid":"nope","vm":{"kernel":"/k"}}"#).unwrap();
+        assert!(d.validate().unwrap_err().to_string().contains("uuid"));
+        d.uuid = Some(u.to_uppercase().replace('-', "_"));
+        assert!(d.validate().is_err());
         assert!(!valid_mac("52:54:00:12:34"));
     }
 

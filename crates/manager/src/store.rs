@@ -72,6 +72,12 @@ impl Store {
             )
         });
         match r {
+            Err(Error::Db(e)) if is_unique_violation(&e) && e.to_string().contains("uuid") => {
+                Err(Error::Exists {
+                    kind: "domain with uuid",
+                    name: uuid,
+                })
+            }
             Err(Error::Db(e)) if is_unique_violation(&e) => Err(Error::Exists {
                 kind: "domain",
                 name: d.name.clone(),
@@ -256,7 +262,20 @@ mod tests {
             let s = Store::open(&db).unwrap();
             s.insert_domain(&d).unwrap();
             d.uuid = Some("u2".into());
-            assert!(matches!(s.insert_domain(&d), Err(Error::Exists { .. })));
+            assert!(matches!(
+                s.insert_domain(&d),
+                Err(Error::Exists { kind: "domain", .. })
+            ));
+            d.name = "b".into();
+            d.uuid = Some("u1".into());
+            assert!(matches!(
+                s.insert_domain(&d),
+                Err(Error::Exists {
+                    kind: "domain with uuid",
+                    ..
+                })
+            ));
+            d.name = "a".into();
             s.insert_pool("p", Path::new("/x")).unwrap();
             assert!(matches!(
                 s.insert_pool("q", Path::new("/x")),
