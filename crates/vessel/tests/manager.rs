@@ -229,9 +229,8 @@ impl Drop for Daemon {
         }
         if std::thread::panicking() {
             eprintln!("daemon log:\n{}", self.log());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -176,6 +176,21 @@ fn firecracker_getting_started_sequence() {
         "{b}"
     );
 
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(s, 400);
+    assert!(fault(&b).contains("not supported"), "{b}");
+    let (s, b) = curl(&sock, "GET", "/vessel/status", None);
+    assert_eq!(s, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["state"],
+        "Running"
+    );
+
     // Vessel's addition: Stop ends the VMM cleanly.
     assert_eq!(
         curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#)).0,
