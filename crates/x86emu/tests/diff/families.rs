@@ -856,3 +856,16 @@ fn diff_compat_stack() {
 fn diff_compat_sse_int() {
     run_family_compat(&fam_sse_int());
 }
+
+#[test]
+fn diff_compat_sse_fp() {
+    run_family_compat(&fam_sse_fp());
+}
+
+#[test]
+fn diff_compat_atomic() {
+    let mut fam = fam_atomic();
+    // CMPXCHG16B does not exist outside 64-bit mode.
+    fam.allowed_faults = &[vector::GP, vector::UD];
+    run_family_compat(&fam);
+}
