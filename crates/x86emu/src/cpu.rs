@@ -173,7 +173,7 @@ impl Core {
 
     /// True if an external interrupt could be delivered now (IF=1, no STI/MOV SS shadow).
     pub fn interrupts_enabled(&self) -> bool {
-        self.s.rflags & flags::IF != 0 && !self.shadow && !self.wait_for_sipi
+        self.s.rflags & flags::IF != 0 && !self.shadow && !self.wait_for_sipi && !self.shutdown
     }
 
     /// Ask `run` to return [`RunExit::InterruptWindow`] as soon as an interrupt can be taken.
