@@ -128,6 +128,10 @@ impl Api {
                 let (def, _) = self.m.info(name)?;
                 Ok(Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes()).into())
             }
+            ("PUT", ["domains", name]) => {
+                let def = parse_definition(req)?;
+                ok(to_value(&self.m.redefine(name, def)?))
+            }
             ("DELETE", ["domains", name]) => {
                 self.m.undefine(name)?;
                 Ok(Response::empty(204).into())

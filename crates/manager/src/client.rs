@@ -133,6 +133,28 @@ impl Client {
         serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Replaces a domain's definition with JSON or libvirt XML text (the name inside says
+    /// which domain).
+    pub fn redefine_text(&self, text: &str) -> Result<Value, ClientError> {
+        let (ct, name) = if text.trim_start().starts_with('<') {
+            let name = crate::xml::parse_domain(text)
+                .map(|d| d.name)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            ("application/xml", name)
+        } else {
+            let v: Value =
+                serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let name = v["name"]
+                .as_str()
+                .ok_or_else(|| ClientError::Protocol("the definition has no name".into()))?
+                .to_string();
+            ("application/json", name)
+        };
+        let path = format!("/v1/domains/{}", http::percent_encode(&name));
+        let r = self.raw("PUT", &path, Some((ct, text.as_bytes())))?;
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// Attaches to a domain's console: the returned stream carries raw bytes both ways.
     pub fn console(&self, name: &str) -> Result<BufReader<Box<dyn Conn>>, ClientError> {
         let s = self.connect()?;

@@ -425,6 +425,38 @@ impl Manager {
         Ok(self.info_of(&def))
     }
 
+    /// Replaces an existing domain's definition (keeping its UUID); a running domain gets
+    /// it at its next start, as with `virsh define` on an existing domain.
+    pub fn redefine(&self, name: &str, mut def: DomainDef) -> Result<DomainInfo> {
+        if def.name != name {
+            return Err(Error::invalid(
+                "domain definition",
+                format!(
+                    "its name {:?} is not {name:?} (renaming is not supported)",
+                    def.name
+                ),
+            ));
+        }
+        self.resolve_volumes(&mut def)?;
+        def.validate()?;
+        def.vm.serial = vmm::SerialConfig::Null;
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let old = self.store.get_domain(name)?;
+        if def.uuid.is_some() && def.uuid != old.uuid {
+            return Err(Error::invalid(
+                "domain definition",
+                "its uuid differs from the defined domain's",
+            ));
+        }
+        def.uuid = old.uuid;
+        def.autostart = def.autostart || old.autostart;
+        self.store.update_domain(&def)?;
+        self.events
+            .emit(name, "redefined", self.state_of(name).as_str(), None);
+        Ok(self.info_of(&def))
+    }
+
     /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file; the volume must exist.
     fn resolve_volumes(&self, def: &mut DomainDef) -> Result<()> {
         for d in def.vm.disks.iter_mut() {

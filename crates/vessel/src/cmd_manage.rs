@@ -107,7 +107,13 @@ pub enum ManageCommand {
         all: bool,
     },
     /// Define a domain from a file: Vessel JSON or libvirt domain XML ('-' reads stdin).
-    Define { file: PathBuf },
+    Define {
+        file: PathBuf,
+        /// Replace the definition of the domain with that name (it keeps its UUID; a
+        /// running domain gets it at its next start).
+        #[arg(long)]
+        update: bool,
+    },
     /// Remove a domain's definition (it must not be running).
     Undefine { name: String },
     /// Start a domain.
@@ -440,7 +446,7 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 table(&["PID", "Name", "State", "Driver", "CPUs", "Memory"], &rows);
             }
         }
-        ManageCommand::Define { file } => {
+        ManageCommand::Define { file, update } => {
             let text = if file == Path::new("-") {
                 let mut t = String::new();
                 std::io::stdin().read_to_string(&mut t)?;
@@ -449,7 +455,11 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?
             };
-            let v = c.define_text(&text)?;
+            let v = if update {
+                c.redefine_text(&text)?
+            } else {
+                c.define_text(&text)?
+            };
             if json_out {
                 print_json(&v);
             } else {

@@ -1,4 +1,5 @@
-//! `vessel`: one binary for the VMM (`vessel run`) and, later, the manager and its CLI.
+//! `vessel`: one binary for the VMM (`vessel run`), disk image tools (`vessel img`), the
+//! manager daemon (`vessel daemon`) and its CLI verbs.
 
 mod cmd_img;
 mod cmd_manage;

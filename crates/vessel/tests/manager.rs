@@ -524,6 +524,22 @@ fn cli_lifecycle_with_libvirt_xml() {
         assert!(seen.contains(line), "{line:?} not in:\n{seen}");
     }
     assert!(d.ok(&["list", "--all"]).contains("shut off"));
+    // Redefine: more memory next time, same UUID.
+    let uuid = c_uuid(&d, "xmlvm");
+    let f2 = d.dir.join("xmlvm2.xml");
+    std::fs::write(
+        &f2,
+        std::fs::read_to_string(&f).unwrap().replace(
+            "<memory unit='MiB'>256</memory>",
+            "<memory unit='MiB'>320</memory>",
+        ),
+    )
+    .unwrap();
+    let e = d.fails(&["define", f2.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    d.ok(&["define", "--update", f2.to_str().unwrap()]);
+    assert!(d.ok(&["dominfo", "xmlvm"]).contains("320 MiB"));
+    assert_eq!(c_uuid(&d, "xmlvm"), uuid);
     d.ok(&["autostart", "xmlvm"]);
     assert!(d.ok(&["dominfo", "xmlvm"]).contains("Autostart:  enable"));
     let out = d.ok(&["undefine", "xmlvm"]);
@@ -1230,4 +1246,11 @@ fn vessel_driver_boots_debian_under_emu() {
     assert!(serial_log(&c, "soft").contains("hello from emu"));
     assert!(!pid_alive(pid));
     c.call("DELETE", "/v1/domains/soft", None).unwrap();
+}
+
+fn c_uuid(d: &Daemon, name: &str) -> String {
+    d.client().get(&format!("/v1/domains/{name}")).unwrap()["info"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
