@@ -149,18 +149,19 @@ fn main() {
     let mut serial = Serial::default();
     let start = Instant::now();
     let mut left = millions * 1_000_000;
+    // Sample the privilege level between 100k-instruction slices to show how much of the
+    // run is user space.
+    let (mut samples, mut user_samples) = (0u64, 0u64);
     let exit = loop {
-        let chunk = left.min(10_000_000);
-        let before = cpu.retired_instructions();
+        let chunk = left.min(100_000);
         let e = cpu.run(&mut serial, chunk);
         left = left.saturating_sub(chunk.max(1));
+        samples += 1;
+        if cpu.state().cpl() == 3 {
+            user_samples += 1;
+        }
         match e {
             RunExit::InstructionLimit if left > 0 => continue,
-            RunExit::Halted if left > 0 && cpu.state().rflags & x86emu::state::flags::IF != 0 => {
-                // No timer here: skip the idle wait.
-                let _ = before;
-                break e;
-            }
             other => break other,
         }
     };
@@ -179,7 +180,7 @@ fn main() {
     }
     let s = cpu.state();
     println!(
-        "\n--- {exit:?} after {} instructions in {:.1} s; RIP {:#x}, CR2 {:#x}",
+        "\n--- {exit:?} after {} instructions in {:.1} s; RIP {:#x}, CR2 {:#x}; {user_samples} of {samples} samples in user mode",
         cpu.retired_instructions(),
         start.elapsed().as_secs_f64(),
         s.rip,
