@@ -10,6 +10,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || pkgs+=(qemu-system-x86)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 command -v dnsmasq >/dev/null 2>&1 || pkgs+=(dnsmasq-base)
 command -v iptables >/dev/null 2>&1 || pkgs+=(iptables)
+command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
+command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done
@@ -19,6 +21,12 @@ if [ ${#pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${pkgs[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+# Debian's qemu-system-x86 can replace a newer qemu-utils backport with nothing: make
+# sure qemu-img is still there.
+if ! command -v qemu-img >/dev/null 2>&1; then
+    echo "test.sh: installing qemu-utils"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: cargo not found: install the Rust toolchain (rustup) first" >&2
