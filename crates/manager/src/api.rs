@@ -124,6 +124,7 @@ impl Api {
                 let (def, info) = self.m.info(name)?;
                 ok(json!({"definition": def, "info": info}))
             }
+            ("GET", ["domains", name, "interfaces"]) => ok(to_value(&self.m.interfaces(name)?)),
             ("GET", ["domains", name, "xml"]) => {
                 let (def, _) = self.m.info(name)?;
                 Ok(Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes()).into())

@@ -78,6 +78,17 @@ pub struct Manager {
     restarting: Mutex<std::collections::HashSet<String>>,
 }
 
+/// One of a domain's interfaces, as `domifaddr` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct InterfaceInfo {
+    pub network: Option<String>,
+    pub bridge: Option<String>,
+    pub tap: String,
+    pub mac: String,
+    /// The DHCP lease for this MAC, when its network handed one out.
+    pub ip: Option<String>,
+}
+
 /// A DHCP lease dnsmasq handed out.
 #[derive(Clone, Debug, Serialize)]
 pub struct Lease {
@@ -949,6 +960,34 @@ impl Manager {
         n.autostart = on;
         self.store.update_network(&n)?;
         Ok(self.net_info_of(&n))
+    }
+
+    /// A domain's interfaces: where each is attached, its TAP and MAC, and the address
+    /// its network's DHCP server leased to that MAC (`virsh domifaddr`).
+    pub fn interfaces(&self, name: &str) -> Result<Vec<InterfaceInfo>> {
+        let def = self.store.get_domain(name)?;
+        let mut out = Vec::new();
+        for (i, itf) in def.interfaces.iter().enumerate() {
+            let mac = network::mac_for(&def, i);
+            let ip = match &itf.network {
+                Some(n) => self.store.get_network(n).ok().and_then(|nd| {
+                    self.net_info_of(&nd)
+                        .leases
+                        .into_iter()
+                        .find(|l| l.mac.eq_ignore_ascii_case(&mac))
+                        .map(|l| l.ip)
+                }),
+                None => None,
+            };
+            out.push(InterfaceInfo {
+                network: itf.network.clone(),
+                bridge: itf.bridge.clone(),
+                tap: network::tap_name(&def, i),
+                mac,
+                ip,
+            });
+        }
+        Ok(out)
     }
 
     /// The domain's console socket (QEMU's serial chardev, or the Vessel VMM's

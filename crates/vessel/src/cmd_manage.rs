@@ -142,6 +142,8 @@ pub enum ManageCommand {
     Dominfo { name: String },
     /// Print a domain's definition as libvirt domain XML.
     Dumpxml { name: String },
+    /// Show a domain's interfaces: network, TAP, MAC and DHCP-leased address.
+    Domifaddr { name: String },
     /// Attach to a domain's serial console (Ctrl-] detaches); --log prints what it wrote.
     Console {
         name: String,
@@ -540,6 +542,31 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 print_json(&v);
             } else {
                 domain_kv(&v["info"]);
+            }
+        }
+        ManageCommand::Domifaddr { name } => {
+            let v = c.get(&format!("{}/interfaces", dom(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        vec![
+                            s(&i["tap"]),
+                            s(&i["mac"]),
+                            i["network"]
+                                .as_str()
+                                .or(i["bridge"].as_str())
+                                .unwrap_or("-")
+                                .to_string(),
+                            s(&i["ip"]),
+                        ]
+                    })
+                    .collect();
+                table(&["Interface", "MAC address", "Network", "Address"], &rows);
             }
         }
         ManageCommand::Dumpxml { name } => {

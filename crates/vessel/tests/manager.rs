@@ -1126,6 +1126,12 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
         leased.contains(&"10.77.0.10") && leased.contains(&"10.77.0.11"),
         "{info}"
     );
+    let out = d.ok(&["domifaddr", "alpha"]);
+    let row = out
+        .lines()
+        .find(|l| l.contains("52:54:00:77:00:0a"))
+        .unwrap();
+    assert!(row.contains("lab") && row.contains("10.77.0.10"), "{out}");
     // The domains' TAP devices went with them.
     let links = d.in_netns(&["ip", "-br", "link"]);
     assert!(!links.contains("vt"), "{links}");
