@@ -58,6 +58,10 @@ pub enum BzImageError {
     AbsurdInitSize(u32),
     #[error("header claims a preferred load address of {0:#x}, beyond any sane kernel")]
     AbsurdLoadAddress(u64),
+    #[error(
+        "the protected-mode kernel is {have} bytes but the header says {want}: a truncated image"
+    )]
+    Truncated { have: usize, want: u64 },
 }
 
 const HDR_START: usize = 0x1f1;
@@ -120,6 +124,12 @@ impl<'a> BzImage<'a> {
                 file_size: image.len(),
             });
         }
+        // syssize: the protected-mode code's size in 16-byte units.
+        let want = u64::from(u32_at(image, 0x1f4)) * 16;
+        let have = image.len() - setup_bytes;
+        if want > have as u64 {
+            return Err(BzImageError::Truncated { have, want });
+        }
         let init_size = u32_at(image, 0x260);
         if init_size > MAX_INIT_SIZE {
             return Err(BzImageError::AbsurdInitSize(init_size));
@@ -160,6 +170,43 @@ impl<'a> BzImage<'a> {
     }
 }
 
+/// The LZ4 "legacy" frame Linux's `lz4 -l` payloads use: a magic, then blocks of
+/// (little-endian compressed length, data), each expanding to at most 8 MiB.
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+/// No kernel image is bigger than this once decompressed.
+const MAX_VMLINUX: usize = 512 << 20;
+
+impl BzImage<'_> {
+    /// Decompress an LZ4 payload on the host, returning the ELF vmlinux; None when the
+    /// payload is another format or does not decompress cleanly (the caller then lets the
+    /// kernel's own decompressor do it).
+    pub fn decompress_lz4_payload(&self) -> Option<Vec<u8>> {
+        let mut p = self.payload()?;
+        p = p.strip_prefix(&LZ4_LEGACY_MAGIC[..])?;
+        let mut out = Vec::new();
+        while p.len() >= 4 {
+            let len = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            // The payload ends with the uncompressed size, which is no block length.
+            if len == 0 || len > p.len() - 4 {
+                break;
+            }
+            let block = lz4_flex::block::decompress(&p[4..4 + len], LZ4_LEGACY_BLOCK).ok()?;
+            out.extend_from_slice(&block);
+            if out.len() > MAX_VMLINUX {
+                return None;
+            }
+            p = &p[4 + len..];
+        }
+        // What follows the last block is the build's 4-byte uncompressed size: anything
+        // else is a truncated or corrupted payload.
+        let size = p
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        (p.len() == 4 && size == Some(out.len()) && out.starts_with(b"\x7fELF")).then_some(out)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -176,6 +223,7 @@ pub(crate) mod tests {
         img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
         img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
         img[0x260..0x264].copy_from_slice(&0x20_0000u32.to_le_bytes());
+        img[0x1f4..0x1f8].copy_from_slice(&((4096u32 - 1024) / 16).to_le_bytes());
         img
     }
 
