@@ -115,14 +115,17 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
+    let mut relay = None;
     if let Some(sock) = &console_sock {
         if args.serial != SerialConfig::Stdio {
             bail!("--console-sock serves the stdio console: use it with --serial stdio");
         }
-        vmm::api::console::serve_stdio(sock, args.console_log.clone())
-            .with_context(|| format!("serving the console on {}", sock.display()))?;
+        relay = Some(
+            vmm::api::console::serve_stdio(sock, args.console_log.clone())
+                .with_context(|| format!("serving the console on {}", sock.display()))?,
+        );
     }
-    let _cleanup = RemoveOnDrop(console_sock);
+    let _cleanup = RemoveOnDrop(console_sock, relay);
     if args.api_only {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
@@ -157,11 +160,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     report(reason.map_err(anyhow::Error::from))
 }
 
-/// Removes a socket file when `run` returns.
-struct RemoveOnDrop(Option<PathBuf>);
+/// When `run` returns: relays the console's last output, removes its socket file.
+struct RemoveOnDrop(Option<PathBuf>, Option<vmm::api::console::ConsoleRelay>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
+        if let Some(r) = &self.1 {
+            r.flush();
+        }
         if let Some(p) = &self.0 {
             let _ = std::fs::remove_file(p);
         }

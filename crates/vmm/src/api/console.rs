@@ -15,9 +15,39 @@ use std::sync::{Arc, Mutex};
 
 type Client = Arc<Mutex<Option<UnixStream>>>;
 
+/// The relay's handle: [`ConsoleRelay::flush`] before the process exits, so the guest's
+/// last words reach the log and the client.
+#[derive(Debug)]
+pub struct ConsoleRelay {
+    outer: UnixStream,
+    /// Held while bytes are read from the pair and passed on.
+    pump: Arc<Mutex<()>>,
+}
+
+impl ConsoleRelay {
+    /// Waits (at most 2 s) until everything written to the console so far has been
+    /// relayed.
+    pub fn flush(&self) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(2) {
+            {
+                let _g = self.pump.lock().unwrap_or_else(|p| p.into_inner());
+                let mut pending: libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int through the valid pointer we pass.
+                let r =
+                    unsafe { libc::ioctl(self.outer.as_raw_fd(), libc::FIONREAD, &mut pending) };
+                if r != 0 || pending == 0 {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
 /// Redirects stdin/stdout to a socket pair and serves it on `sock`, logging output to `log`.
 /// Call before the VM starts, with the serial console on stdio.
-pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<()> {
+pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<ConsoleRelay> {
     let listener = super::http::bind(sock)?;
     let (inner, outer) = UnixStream::pair()?;
     for fd in [0, 1] {
@@ -33,6 +63,11 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<()> {
     // Guest output: to the log and the attached client.
     let mut from_guest = outer.try_clone()?;
     let out_client = client.clone();
+    let pump = Arc::new(Mutex::new(()));
+    let relay = ConsoleRelay {
+        outer: outer.try_clone()?,
+        pump: pump.clone(),
+    };
     let mut log = match log {
         Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
         None => None,
@@ -42,6 +77,21 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<()> {
         .spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
+                // Wait for bytes without holding the lock, then read and pass them on
+                // under it, so `flush` sees either pending bytes or finished work.
+                let mut pfd = libc::pollfd {
+                    fd: from_guest.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one valid pollfd we own, for the length we pass.
+                if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                let _g = pump.lock().unwrap_or_else(|p| p.into_inner());
                 let n = match from_guest.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
@@ -82,5 +132,5 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<()> {
                     });
             }
         })?;
-    Ok(())
+    Ok(relay)
 }

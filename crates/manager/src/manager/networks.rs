@@ -1,0 +1,258 @@
+//! The manager's networks: definitions, bringing them up and down, the TAP devices of
+//! domain interfaces, and what `domifaddr` reports. (A part of `Manager`, split out of
+//! manager.rs.)
+
+use serde::Serialize;
+
+use super::{lock, Manager};
+use crate::domain::DomainDef;
+use crate::error::{Error, Result};
+use crate::network::{self, NetworkDef};
+
+/// One of a domain's interfaces, as `domifaddr` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct InterfaceInfo {
+    pub network: Option<String>,
+    pub bridge: Option<String>,
+    pub tap: String,
+    pub mac: String,
+    /// The DHCP lease for this MAC, when its network handed one out.
+    pub ip: Option<String>,
+}
+
+/// A DHCP lease dnsmasq handed out.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lease {
+    pub mac: String,
+    pub ip: String,
+    pub hostname: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NetworkInfo {
+    pub definition: NetworkDef,
+    pub bridge: String,
+    pub active: bool,
+    pub leases: Vec<Lease>,
+}
+
+impl Manager {
+    /// The definition the VMM gets: each interface becomes a TAP device on its network's
+    /// (or the named) bridge, in `vm.nets`.
+    pub(super) fn attach_interfaces(&self, def: &DomainDef) -> Result<DomainDef> {
+        let mut rt = def.clone();
+        let mut made: Vec<String> = Vec::new();
+        let r = (|| -> Result<()> {
+            for (i, itf) in def.interfaces.iter().enumerate() {
+                let bridge = match (&itf.network, &itf.bridge) {
+                    (Some(n), _) => {
+                        let nd = self.store.get_network(n)?;
+                        if !network::is_active(&self.cfg.state_dir, &nd) {
+                            return Err(Error::Conflict(format!(
+                                "network {n:?} is not active: start it first (vessel net-start {n})"
+                            )));
+                        }
+                        nd.bridge_name()
+                    }
+                    (None, Some(b)) => {
+                        if !network::link_exists(b) {
+                            return Err(Error::invalid(
+                                "interface",
+                                format!("bridge {b} does not exist on this host"),
+                            ));
+                        }
+                        b.clone()
+                    }
+                    (None, None) => continue,
+                };
+                let tap = network::tap_name(def, i);
+                network::create_tap(&tap, &bridge)?;
+                made.push(tap.clone());
+                rt.vm.nets.push(vmm::config::NetConfig {
+                    tap,
+                    mac: Some(network::mac_for(def, i)),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            for t in made {
+                network::delete_tap(&t);
+            }
+            return Err(e);
+        }
+        Ok(rt)
+    }
+
+    pub(super) fn detach_interfaces(&self, def: &DomainDef) {
+        for i in 0..def.interfaces.len() {
+            network::delete_tap(&network::tap_name(def, i));
+        }
+    }
+
+    pub fn net_define(&self, n: NetworkDef) -> Result<NetworkInfo> {
+        n.validate()?;
+        let _g = lock(&self.net_lock);
+        if let Some(other) = self
+            .store
+            .list_networks()?
+            .into_iter()
+            .find(|o| o.bridge_name() == n.bridge_name())
+        {
+            return Err(Error::Conflict(format!(
+                "network {:?} already uses bridge {}",
+                other.name,
+                n.bridge_name()
+            )));
+        }
+        self.store.insert_network(&n)?;
+        Ok(self.net_info_of(&n))
+    }
+
+    pub(super) fn net_info_of(&self, n: &NetworkDef) -> NetworkInfo {
+        let leases = std::fs::read_to_string(
+            self.cfg
+                .state_dir
+                .join("run-net")
+                .join(&n.name)
+                .join("leases"),
+        )
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Lease {
+                mac: f.get(1)?.to_string(),
+                ip: f.get(2)?.to_string(),
+                hostname: f.get(3).map(|s| s.to_string()).filter(|s| s != "*"),
+            })
+        })
+        .collect();
+        NetworkInfo {
+            active: network::is_active(&self.cfg.state_dir, n),
+            bridge: n.bridge_name(),
+            definition: n.clone(),
+            leases,
+        }
+    }
+
+    pub fn net_list(&self) -> Result<Vec<NetworkInfo>> {
+        Ok(self
+            .store
+            .list_networks()?
+            .iter()
+            .map(|n| self.net_info_of(n))
+            .collect())
+    }
+
+    pub fn net_info(&self, name: &str) -> Result<NetworkInfo> {
+        Ok(self.net_info_of(&self.store.get_network(name)?))
+    }
+
+    pub fn net_start(&self, name: &str) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        if network::is_active(&self.cfg.state_dir, &n) {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is already active"
+            )));
+        }
+        // Half-up leftovers (dnsmasq gone, bridge still there) are cleared first.
+        if network::link_exists(&n.bridge_name()) {
+            network::stop(&self.cfg.state_dir, &n)?;
+        }
+        if let Some(mut child) = network::start(&self.cfg.state_dir, &n)? {
+            let nm = name.to_string();
+            let _ = std::thread::Builder::new()
+                .name(format!("dnsmasq-{nm}"))
+                .spawn(move || {
+                    if let Ok(st) = child.wait() {
+                        tracing::info!(network = %nm, "dnsmasq ended: {st}");
+                    }
+                });
+        }
+        self.events.emit(name, "network-started", "active", None);
+        Ok(self.net_info_of(&n))
+    }
+
+    /// Domains running with an interface on network `name`.
+    fn net_users(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .list_domains()?
+            .into_iter()
+            .filter(|d| {
+                d.interfaces
+                    .iter()
+                    .any(|i| i.network.as_deref() == Some(name))
+                    && self.is_active(&d.name)
+            })
+            .map(|d| d.name)
+            .collect())
+    }
+
+    pub fn net_stop(&self, name: &str) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        let users = self.net_users(name)?;
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is in use by running domain(s) {}: stop them first",
+                users.join(", ")
+            )));
+        }
+        if !network::link_exists(&n.bridge_name()) {
+            return Err(Error::Conflict(format!("network {name:?} is not active")));
+        }
+        network::stop(&self.cfg.state_dir, &n)?;
+        self.events.emit(name, "network-stopped", "inactive", None);
+        Ok(self.net_info_of(&n))
+    }
+
+    pub fn net_undefine(&self, name: &str) -> Result<()> {
+        let _g = lock(&self.net_lock);
+        let n = self.store.get_network(name)?;
+        if network::link_exists(&n.bridge_name()) {
+            return Err(Error::Conflict(format!(
+                "network {name:?} is active: stop it first (vessel net-destroy {name})"
+            )));
+        }
+        self.store.delete_network(name)
+    }
+
+    pub fn net_autostart(&self, name: &str, on: bool) -> Result<NetworkInfo> {
+        let _g = lock(&self.net_lock);
+        let mut n = self.store.get_network(name)?;
+        n.autostart = on;
+        self.store.update_network(&n)?;
+        Ok(self.net_info_of(&n))
+    }
+
+    /// A domain's interfaces: where each is attached, its TAP and MAC, and the address
+    /// its network's DHCP server leased to that MAC (`virsh domifaddr`).
+    pub fn interfaces(&self, name: &str) -> Result<Vec<InterfaceInfo>> {
+        let def = self.store.get_domain(name)?;
+        let mut out = Vec::new();
+        for (i, itf) in def.interfaces.iter().enumerate() {
+            let mac = network::mac_for(&def, i);
+            let ip = match &itf.network {
+                Some(n) => self.store.get_network(n).ok().and_then(|nd| {
+                    self.net_info_of(&nd)
+                        .leases
+                        .into_iter()
+                        .find(|l| l.mac.eq_ignore_ascii_case(&mac))
+                        .map(|l| l.ip)
+                }),
+                None => None,
+            };
+            out.push(InterfaceInfo {
+                network: itf.network.clone(),
+                bridge: itf.bridge.clone(),
+                tap: network::tap_name(&def, i),
+                mac,
+                ip,
+            });
+        }
+        Ok(out)
+    }
+}
