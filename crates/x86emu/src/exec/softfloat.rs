@@ -28,6 +28,9 @@ pub(crate) trait Fp:
     fn from_bits_u(b: u64) -> Self;
     fn sqrt_(self) -> Self;
     fn zero() -> Self;
+    fn half() -> Self;
+    /// 2^emax: half of the overflow threshold MAX + ulp.
+    fn pow2_emax() -> Self;
     /// Sign of (a*b - r) for r = round(a*b), exact even when r is tiny.
     fn err_mul(a: Self, b: Self, r: Self) -> i32;
     /// Sign of (a/b - r).
@@ -168,6 +171,13 @@ macro_rules! impl_fp {
             }
             fn zero() -> Self {
                 0.0
+            }
+            fn half() -> Self {
+                0.5
+            }
+            fn pow2_emax() -> Self {
+                // Biased exponent all ones minus one, zero fraction.
+                <$t>::from_bits(((1 << (Self::TOTAL - 1 - Self::FRAC)) - 2) << Self::FRAC)
             }
             fn max_finite() -> Self {
                 <$t>::MAX
@@ -339,8 +349,60 @@ pub(crate) fn arith<F: Fp>(op: Op, a: F, b: F, mxcsr: u32) -> (F, u32) {
     } else {
         r
     };
+    let rc = (mxcsr >> 13) & 3;
+    if r.is_inf_() && finite && rc != 0 && !exceeds_overflow_threshold(op, a, b) {
+        // The exact value lies between MAX and MAX + ulp: only rounding away from zero
+        // overflows; the other directed modes give ±MAX and merely inexact.
+        let neg = r.sign();
+        let away = (rc == 2 && !neg) || (rc == 1 && neg);
+        if !away {
+            let m = if neg {
+                -F::max_finite()
+            } else {
+                F::max_finite()
+            };
+            return (m, fl | PE);
+        }
+    }
     let (r, f2) = finish(r, err, mxcsr, finite);
     (r, fl | f2)
+}
+
+/// Whether |a op b| (exact) reaches MAX + ulp = 2^(emax+1), decided at half scale where
+/// nothing overflows. `b` is already negated for subtraction.
+fn exceeds_overflow_threshold<F: Fp>(op: Op, a: F, b: F) -> bool {
+    let h = F::half();
+    let (s, err) = match op {
+        Op::Add | Op::Sub => {
+            let (x, y) = (a * h, b * h);
+            let s = x + y;
+            let mag = |v: F| v.bits() & !(1 << (F::TOTAL - 1));
+            let (big, small) = if mag(x) >= mag(y) { (x, y) } else { (y, x) };
+            (s, sign_of(small - (s - big)))
+        }
+        Op::Mul => {
+            let x = a * h;
+            let s = x * b;
+            (s, F::err_mul(x, b, s))
+        }
+        Op::Div => {
+            let x = a * h;
+            let s = x / b;
+            (s, F::err_div(x, b, s))
+        }
+    };
+    if s.is_inf_() {
+        return true;
+    }
+    let p = F::pow2_emax();
+    let (mag, err) = if s.sign() { (-s, -err) } else { (s, err) };
+    if mag > p {
+        true
+    } else if mag < p {
+        false
+    } else {
+        err >= 0
+    }
 }
 
 pub(crate) fn sqrt<F: Fp>(a: F, mxcsr: u32) -> (F, u32) {
@@ -561,6 +623,21 @@ mod native_check {
     }
 
     #[test]
+    fn directed_rounding_just_above_max_is_not_overflow() {
+        // MAX - (-1.74e31): between MAX and MAX + ulp; rounding down is inexact, not overflow.
+        let a = f32::from_bits(0x7f7f_ffff);
+        let b = f32::from_bits(0xf35c_1df9);
+        for rc in 0..4 {
+            let mxcsr = 0x1f80 | (rc << 13);
+            for op in [Op::Add, Op::Sub] {
+                let (nr, nf) = native_f32(op, a, b, mxcsr);
+                let (er, ef) = arith(op, a, b, mxcsr);
+                assert_eq!((nr, nf), (er.to_bits(), ef), "op {} rc {rc}", op as u8);
+            }
+        }
+    }
+
+    #[test]
     fn scalar_ops_match_host() {
         let n: u64 = std::env::var("X86EMU_FP_CASES")
             .ok()
@@ -569,7 +646,13 @@ mod native_check {
         let mut r = Rng(0x1234_5678_9abc_def1);
         for i in 0..n {
             let mxcsr = 0x1f80 | (((i % 4) as u32) << 13) | if i % 7 == 0 { FTZ } else { 0 };
-            let a = f64::from_bits(r.next_u64());
+            let a = if i % 5 == 0 {
+                // Near the top of the range, where directed rounding decides overflow.
+                f64::from_bits(0x7fef_ff00_0000_0000 | (r.next_u64() >> 24))
+                    * if i % 2 == 0 { 1.0 } else { -1.0 }
+            } else {
+                f64::from_bits(r.next_u64())
+            };
             let b = r.f64_near(a);
             for op in [Op::Add, Op::Sub, Op::Mul, Op::Div] {
                 let (nr, nf) = native_f64(op, a, b, mxcsr);
@@ -582,7 +665,20 @@ mod native_check {
                     a.to_bits(),
                     b.to_bits()
                 );
-                let (a32, b32) = (a as f32, b as f32);
+                let (a32, b32) = if i % 5 == 0 {
+                    // f32 near its own top of range (the f64 values above cast to inf).
+                    let x = r.next_u64();
+                    let big = f32::from_bits(0x7f7f_0000 | (x as u32 & 0xffff))
+                        * if x & (1 << 40) != 0 { -1.0 } else { 1.0 };
+                    let other = f32::from_bits(
+                        0x6800_0000
+                            | ((x >> 16) as u32 & 0x0fff_ffff)
+                            | ((x >> 32) as u32 & 0x8000_0000),
+                    );
+                    (big, other)
+                } else {
+                    (a as f32, b as f32)
+                };
                 let (nr, nf) = native_f32(op, a32, b32, mxcsr);
                 let (er, ef) = arith(op, a32, b32, mxcsr);
                 assert_eq!(
