@@ -519,6 +519,14 @@ pub(crate) fn f64_to_f32(a: f64, mxcsr: u32) -> (f32, u32) {
     }
     let de = if Fp::is_denormal(a) { DE } else { 0 };
     let r = a as f32;
+    let rc = (mxcsr >> 13) & 3;
+    if r.is_infinite() && !a.is_infinite() && rc != 0 && a.abs() < 2f64.powi(128) {
+        // Between f32::MAX and MAX + ulp: only rounding away from zero overflows.
+        let away = (rc == 2 && a > 0.0) || (rc == 1 && a < 0.0);
+        if !away {
+            return (if a < 0.0 { -f32::MAX } else { f32::MAX }, PE | de);
+        }
+    }
     if r.is_infinite() && !a.is_infinite() {
         let (r, f) = finish(r, 0, mxcsr, true);
         return (r, f | de);
@@ -634,6 +642,45 @@ mod native_check {
                 let (er, ef) = arith(op, a, b, mxcsr);
                 assert_eq!((nr, nf), (er.to_bits(), ef), "op {} rc {rc}", op as u8);
             }
+        }
+    }
+
+    fn native_cvtsd2ss(a: f64, mxcsr: u32) -> (u32, u32) {
+        let mut csr = mxcsr;
+        let mut x = 0f32;
+        // SAFETY: as in native_f64.
+        unsafe {
+            let mut saved = 0u32;
+            asm!("stmxcsr [{s}]", "ldmxcsr [{c}]", s = in(reg) &mut saved, c = in(reg) &csr);
+            asm!("cvtsd2ss {x}, {y}", x = inout(xmm_reg) x, y = in(xmm_reg) a);
+            asm!("stmxcsr [{c}]", "ldmxcsr [{s}]", s = in(reg) &saved, c = in(reg) &mut csr);
+        }
+        (x.to_bits(), csr & 0x3f)
+    }
+
+    #[test]
+    fn narrowing_conversion_matches_host() {
+        let mut r = Rng(0x77aa_55cc_1234_9876);
+        for i in 0..20_000u32 {
+            let mxcsr = 0x1f80 | ((i % 4) << 13) | if i % 7 == 0 { FTZ } else { 0 };
+            let x = r.next_u64();
+            // Around the f32 overflow threshold, around its denormal range, or anything.
+            let a = match i % 3 {
+                0 => {
+                    f64::from(f32::MAX)
+                        * (1.0 + (x >> 11) as f64 / (1u64 << 53) as f64 * 2f64.powi(-22))
+                }
+                1 => f64::from_bits(0x3800_0000_0000_0000 ^ (x >> 8)),
+                _ => f64::from_bits(x),
+            } * if x & 1 == 0 { 1.0 } else { -1.0 };
+            let (nr, nf) = native_cvtsd2ss(a, mxcsr);
+            let (er, ef) = f64_to_f32(a, mxcsr);
+            assert_eq!(
+                (nr, nf),
+                (er.to_bits(), ef),
+                "cvtsd2ss {a:e} ({:#x}) mxcsr {mxcsr:#x}",
+                a.to_bits()
+            );
         }
     }
 
