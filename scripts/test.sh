@@ -34,4 +34,4 @@ command -v cargo >/dev/null 2>&1 || {
 }
 
 scripts/guest-assets.sh
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast
