@@ -297,25 +297,8 @@ fn uart_input_arrives_by_interrupt_through_the_in_kernel_irqchip() {
     let code = assemble64(|a, lib| {
         let mut handler = a.create_label();
         // IDT at 0x4000 with one interrupt gate, vector 0x24, for the UART's GSI 4.
-        a.lea(rax, ptr(handler))?;
-        a.mov(rdx, rax)?;
-        a.and(edx, 0xffff)?;
-        a.mov(r8, rax)?;
-        a.shr(r8, 16)?;
-        a.and(r8d, 0xffff)?;
-        a.shl(r8, 48)?;
-        a.or(rdx, r8)?;
-        a.mov(r9, 0x0000_8e00_0010_0000u64)?;
-        a.or(rdx, r9)?;
-        a.mov(rdi, 0x4000u64 + 0x24 * 16)?;
-        a.mov(qword_ptr(rdi), rdx)?;
-        a.shr(rax, 32)?;
-        a.mov(qword_ptr(rdi + 8), rax)?;
-        a.mov(rdi, 0x5000u64)?;
-        a.mov(word_ptr(rdi), 0xfff)?;
-        a.mov(rax, 0x4000u64)?;
-        a.mov(qword_ptr(rdi + 2), rax)?;
-        a.lidt(ptr(rdi))?;
+        set_idt_gate(a, 0x24, handler)?;
+        load_idt(a)?;
         // Mask both 8259s; enable the local APIC; route IOAPIC pin 4 to vector 0x24.
         a.mov(al, 0xff)?;
         a.out(0x21, al)?;

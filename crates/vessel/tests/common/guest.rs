@@ -203,39 +203,56 @@ impl Lib32 {
     }
 }
 
+/// The test guests' IDT (256 gates) and the IDTR image that points at it.
+pub const IDT: u64 = 0x4000;
+const IDTR: u64 = 0x5000;
+
+/// Write a 64-bit interrupt gate (CS 0x10, DPL 0) for `vector` pointing at `handler`
+/// into the IDT at [`IDT`]. Clobbers RAX, RDX, RDI, R8, R9.
+pub fn set_idt_gate(
+    a: &mut CodeAssembler,
+    vector: u8,
+    handler: CodeLabel,
+) -> Result<(), IcedError> {
+    a.lea(rax, ptr(handler))?;
+    a.mov(rdx, rax)?;
+    a.and(edx, 0xffff)?;
+    a.mov(r8, rax)?;
+    a.shr(r8, 16)?;
+    a.and(r8d, 0xffff)?;
+    a.shl(r8, 48)?;
+    a.or(rdx, r8)?;
+    a.mov(r9, 0x0000_8e00_0010_0000u64)?;
+    a.or(rdx, r9)?;
+    a.mov(rdi, IDT + u64::from(vector) * 16)?;
+    a.mov(qword_ptr(rdi), rdx)?;
+    a.shr(rax, 32)?;
+    a.mov(qword_ptr(rdi + 8), rax)
+}
+
+/// LIDT the full 256-gate table at [`IDT`].
+pub fn load_idt(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rdi, IDTR)?;
+    a.mov(word_ptr(rdi), 0xfff)?;
+    a.mov(rax, IDT)?;
+    a.mov(qword_ptr(rdi + 2), rax)?;
+    a.lidt(ptr(rdi))
+}
+
 /// Install an IDT (at 0x4000) whose vectors 0..32 print "EXC <vector> <error> <rip> <cs>
 /// rbx=<rbx>" and
 /// end the run with debug-exit 0x7f, and set TSS.RSP0 (the boot TSS is at address 0) so
 /// faults at CPL3 land on a kernel stack. Turns a silent triple fault into a diagnosis.
 pub fn install_exception_handlers(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
-    const IDT: u64 = 0x4000;
-    const IDTR: u64 = 0x5000;
     let mut stubs: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut common = a.create_label();
     let mut after = a.create_label();
     // Vectors that push an error code themselves.
     let with_error = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
     for (v, stub) in stubs.iter().enumerate() {
-        a.lea(rax, ptr(*stub))?;
-        a.mov(rdx, rax)?;
-        a.and(edx, 0xffff)?;
-        a.mov(r8, rax)?;
-        a.shr(r8, 16)?;
-        a.and(r8d, 0xffff)?;
-        a.shl(r8, 48)?;
-        a.or(rdx, r8)?;
-        a.mov(r9, 0x0000_8e00_0010_0000u64)?;
-        a.or(rdx, r9)?;
-        a.mov(rdi, IDT + v as u64 * 16)?;
-        a.mov(qword_ptr(rdi), rdx)?;
-        a.shr(rax, 32)?;
-        a.mov(qword_ptr(rdi + 8), rax)?;
+        set_idt_gate(a, v as u8, *stub)?;
     }
-    a.mov(rdi, IDTR)?;
-    a.mov(word_ptr(rdi), 0xfff)?;
-    a.mov(rax, IDT)?;
-    a.mov(qword_ptr(rdi + 2), rax)?;
-    a.lidt(ptr(rdi))?;
+    load_idt(a)?;
     a.xor(edi, edi)?;
     a.mov(rax, 0x7f00u64)?;
     a.mov(qword_ptr(rdi + 4), rax)?;
