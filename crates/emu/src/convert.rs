@@ -1,5 +1,6 @@
 //! Between the seam's neutral register types and x86emu's CPU state.
 
+use hypervisor::regs::FxsaveFields;
 use hypervisor::{DescriptorTable, FpuState, Regs, Segment, Sregs};
 use x86emu::{CpuState, Seg};
 
@@ -135,51 +136,30 @@ pub fn sregs_into_emu(r: &Sregs, s: &mut CpuState) {
 }
 
 pub fn fpu_from_emu(f: &x86emu::FpuState) -> FpuState {
-    let mut out = FpuState::default();
-    let x = &mut out.fxsave;
-    x[0..2].copy_from_slice(&f.fcw.to_le_bytes());
-    x[2..4].copy_from_slice(&f.fsw.to_le_bytes());
-    x[4] = f.ftw;
-    x[6..8].copy_from_slice(&f.fop.to_le_bytes());
-    x[8..16].copy_from_slice(&f.fip.to_le_bytes());
-    x[16..24].copy_from_slice(&f.fdp.to_le_bytes());
-    x[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
-    x[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
-    for (i, st) in f.st.iter().enumerate() {
-        x[32 + i * 16..48 + i * 16].copy_from_slice(&st.to_le_bytes());
-    }
-    for (i, r) in f.xmm.iter().enumerate() {
-        x[160 + i * 16..176 + i * 16].copy_from_slice(&r.to_le_bytes());
-    }
-    out
+    FpuState::from_fields(&FxsaveFields {
+        fcw: f.fcw,
+        fsw: f.fsw,
+        ftw: f.ftw,
+        fop: f.fop,
+        fip: f.fip,
+        fdp: f.fdp,
+        mxcsr: f.mxcsr,
+        st: f.st.map(u128::to_le_bytes),
+        xmm: f.xmm.map(u128::to_le_bytes),
+    })
 }
 
 pub fn fpu_into_emu(f: &FpuState, out: &mut x86emu::FpuState) {
-    let x = &f.fxsave;
-    let u16_at = |o: usize| u16::from_le_bytes([x[o], x[o + 1]]);
-    let u64_at = |o: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&x[o..o + 8]);
-        u64::from_le_bytes(b)
-    };
-    let u128_at = |o: usize| {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&x[o..o + 16]);
-        u128::from_le_bytes(b)
-    };
-    out.fcw = u16_at(0);
-    out.fsw = u16_at(2);
-    out.ftw = x[4];
-    out.fop = u16_at(6);
-    out.fip = u64_at(8);
-    out.fdp = u64_at(16);
-    out.mxcsr = u32::from_le_bytes([x[24], x[25], x[26], x[27]]);
-    for i in 0..8 {
-        out.st[i] = u128_at(32 + i * 16);
-    }
-    for i in 0..16 {
-        out.xmm[i] = u128_at(160 + i * 16);
-    }
+    let x = f.fields();
+    out.fcw = x.fcw;
+    out.fsw = x.fsw;
+    out.ftw = x.ftw;
+    out.fop = x.fop;
+    out.fip = x.fip;
+    out.fdp = x.fdp;
+    out.mxcsr = x.mxcsr;
+    out.st = x.st.map(u128::from_le_bytes);
+    out.xmm = x.xmm.map(u128::from_le_bytes);
 }
 
 #[cfg(test)]

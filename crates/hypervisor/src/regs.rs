@@ -169,6 +169,71 @@ impl Default for FpuState {
     }
 }
 
+/// The fields of an FXSAVE image, for backends that keep them apart (KVM's `kvm_fpu`,
+/// the software CPU's state). ST registers and XMM registers are their 16-byte slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FxsaveFields {
+    pub fcw: u16,
+    pub fsw: u16,
+    /// The abridged tag byte, as FXSAVE stores it.
+    pub ftw: u8,
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+    pub mxcsr: u32,
+    pub st: [[u8; 16]; 8],
+    pub xmm: [[u8; 16]; 16],
+}
+
+impl FpuState {
+    /// Offsets from the SDM's FXSAVE layout (Vol. 1, 10.5.1).
+    pub fn fields(&self) -> FxsaveFields {
+        let x = &self.fxsave;
+        let mut b8 = [0u8; 8];
+        let mut q = |o: usize| {
+            b8.copy_from_slice(&x[o..o + 8]);
+            u64::from_le_bytes(b8)
+        };
+        let (fip, fdp) = (q(8), q(16));
+        let mut f = FxsaveFields {
+            fcw: u16::from_le_bytes([x[0], x[1]]),
+            fsw: u16::from_le_bytes([x[2], x[3]]),
+            ftw: x[4],
+            fop: u16::from_le_bytes([x[6], x[7]]),
+            fip,
+            fdp,
+            mxcsr: u32::from_le_bytes([x[24], x[25], x[26], x[27]]),
+            ..FxsaveFields::default()
+        };
+        for (i, st) in f.st.iter_mut().enumerate() {
+            st.copy_from_slice(&x[32 + i * 16..48 + i * 16]);
+        }
+        for (i, r) in f.xmm.iter_mut().enumerate() {
+            r.copy_from_slice(&x[160 + i * 16..176 + i * 16]);
+        }
+        f
+    }
+
+    pub fn from_fields(f: &FxsaveFields) -> Self {
+        let mut out = FpuState::default();
+        let x = &mut out.fxsave;
+        x[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+        x[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+        x[4] = f.ftw;
+        x[6..8].copy_from_slice(&f.fop.to_le_bytes());
+        x[8..16].copy_from_slice(&f.fip.to_le_bytes());
+        x[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+        x[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+        for (i, st) in f.st.iter().enumerate() {
+            x[32 + i * 16..48 + i * 16].copy_from_slice(st);
+        }
+        for (i, r) in f.xmm.iter().enumerate() {
+            x[160 + i * 16..176 + i * 16].copy_from_slice(r);
+        }
+        out
+    }
+}
+
 /// One CPUID leaf/subleaf as a guest sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuIdEntry {
@@ -227,6 +292,18 @@ pub mod bits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fxsave_fields_round_trip() {
+        let mut f = FpuState::default().fields();
+        assert_eq!((f.fcw, f.mxcsr), (0x37f, 0x1f80));
+        f.fip = 0x1122_3344_5566_7788;
+        f.st[7][9] = 0x40;
+        f.xmm[15][0] = 0xab;
+        let back = FpuState::from_fields(&f);
+        assert_eq!(back.fields(), f);
+        assert_eq!(back.fxsave[160 + 15 * 16], 0xab);
+    }
 
     #[test]
     fn flat_code64_descriptor_matches_the_well_known_encoding() {

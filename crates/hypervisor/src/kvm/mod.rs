@@ -13,6 +13,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
+use crate::regs::FxsaveFields;
 use crate::{
     CpuIdEntry, Error, FpuState, Hypervisor, IoHandler, IrqChip, MsrEntry, Regs, Result, Sregs,
     Vcpu, VcpuExit, Vm,
@@ -226,48 +227,33 @@ impl Vcpu for KvmVcpu {
 
     fn fpu(&self) -> Result<FpuState> {
         let f = self.fd.get_fpu().map_err(vcpu_err("KVM_GET_FPU"))?;
-        let mut out = FpuState::default();
-        let x = &mut out.fxsave;
-        x[0..2].copy_from_slice(&f.fcw.to_le_bytes());
-        x[2..4].copy_from_slice(&f.fsw.to_le_bytes());
-        x[4] = f.ftwx;
-        x[6..8].copy_from_slice(&f.last_opcode.to_le_bytes());
-        x[8..16].copy_from_slice(&f.last_ip.to_le_bytes());
-        x[16..24].copy_from_slice(&f.last_dp.to_le_bytes());
-        x[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
-        for (i, st) in f.fpr.iter().enumerate() {
-            x[32 + i * 16..32 + i * 16 + 16].copy_from_slice(st);
-        }
-        for (i, xmm) in f.xmm.iter().enumerate() {
-            x[160 + i * 16..160 + i * 16 + 16].copy_from_slice(xmm);
-        }
-        Ok(out)
+        Ok(FpuState::from_fields(&FxsaveFields {
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftw: f.ftwx,
+            fop: f.last_opcode,
+            fip: f.last_ip,
+            fdp: f.last_dp,
+            mxcsr: f.mxcsr,
+            st: f.fpr,
+            xmm: f.xmm,
+        }))
     }
 
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
-        let x = &fpu.fxsave;
-        let u16_at = |o: usize| u16::from_le_bytes([x[o], x[o + 1]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&x[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        let mut f = kvm_fpu {
-            fcw: u16_at(0),
-            fsw: u16_at(2),
-            ftwx: x[4],
-            last_opcode: u16_at(6),
-            last_ip: u64_at(8),
-            last_dp: u64_at(16),
-            mxcsr: u32::from_le_bytes([x[24], x[25], x[26], x[27]]),
+        let x = fpu.fields();
+        let f = kvm_fpu {
+            fcw: x.fcw,
+            fsw: x.fsw,
+            ftwx: x.ftw,
+            last_opcode: x.fop,
+            last_ip: x.fip,
+            last_dp: x.fdp,
+            mxcsr: x.mxcsr,
+            fpr: x.st,
+            xmm: x.xmm,
             ..Default::default()
         };
-        for (i, st) in f.fpr.iter_mut().enumerate() {
-            st.copy_from_slice(&x[32 + i * 16..32 + i * 16 + 16]);
-        }
-        for (i, xmm) in f.xmm.iter_mut().enumerate() {
-            xmm.copy_from_slice(&x[160 + i * 16..160 + i * 16 + 16]);
-        }
         self.fd.set_fpu(&f).map_err(vcpu_err("KVM_SET_FPU"))
     }
 
