@@ -8,6 +8,8 @@
 
 pub mod blk;
 pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod queue;
