@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
-use vmm::config::{DiskConfig, NetConfig};
+use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 #[derive(clap::Args, Debug)]
@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// A virtio-net interface on a host TAP device: tap=NAME[,mac=52:54:00:12:34:56].
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=N,uds=PATH (host side on a Unix socket, Firecracker style).
+    #[arg(long)]
+    vsock: Option<VsockConfig>,
     /// Serve the Firecracker-compatible control API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -109,6 +112,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         rng: args.rng,
         virtio_console: args.virtio_console,
         nets: args.nets,
+        vsock: args.vsock,
     })
 }
 

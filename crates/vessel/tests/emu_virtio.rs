@@ -234,3 +234,88 @@ fn the_guest_pings_and_sends_a_file_over_virtio_net() {
     c.send("poweroff -f");
     assert_eq!(c.wait_exit(CMD), Some(0));
 }
+
+/// The guests' assets initramfs with one more static program appended as a second cpio
+/// archive (the kernel unpacks concatenated archives in order).
+fn initramfs_with(dir: &TempDir, c_source: &Path, name: &str) -> PathBuf {
+    let bin_dir = dir.path().join("extra");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(bin_dir.join(name))
+        .arg(c_source)
+        .status()
+        .expect("gcc is needed to build the guest test program: apt-get install gcc libc6-dev");
+    assert!(
+        st.success(),
+        "gcc -static failed (apt-get install libc6-dev)"
+    );
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && echo {name} | cpio -o -H newc --quiet | gzip",
+            bin_dir.display()
+        ))
+        .output()
+        .expect("cpio and gzip are needed");
+    assert!(cpio.status.success());
+    let mut img = std::fs::read(assets().join("initramfs.cpio.gz")).unwrap();
+    img.extend_from_slice(&cpio.stdout);
+    let out = dir.path().join("initramfs-extra.cpio.gz");
+    std::fs::write(&out, img).unwrap();
+    out
+}
+
+#[test]
+fn host_and_guest_talk_over_vsock_both_ways() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let dir = TempDir::new("vsock");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/vsock-test.c");
+    let initrd = initramfs_with(&dir, &src, "vsock-test");
+    let uds = dir.path().join("v.sock");
+    // The guest's connections to host port 1234 land here.
+    let host_listener = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
+    let host_side = std::thread::spawn(move || {
+        let (mut s, _) = host_listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(b"hi-guest").unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+
+    let mut c = Console::boot(&[
+        "--cmdline",
+        "console=ttyS0 panic=-1 quiet",
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vsock",
+        &format!("cid=3,uds={}", uds.display()),
+    ]);
+    c.expect("vessel-init:", BOOT);
+    c.expect("# ", BOOT);
+
+    // Guest to host.
+    let out = c.run("/vsock-test connect 1234 hello-host", CMD);
+    assert!(out.contains("GUEST-GOT hi-guest"), "{out}");
+    assert_eq!(host_side.join().unwrap(), "hello-host");
+
+    // Host to guest, through CONNECT on the device's socket.
+    c.send("/vsock-test listen 5000 &");
+    c.expect("LISTENING 5000", CMD);
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(CMD)).unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    s.write_all(b"ping").unwrap();
+    let mut reply = [0u8; 16];
+    let n = r.read(&mut reply).unwrap();
+    assert_eq!(&reply[..n], b"pong:ping");
+    c.expect("GUEST-ACCEPTED ping", CMD);
+    c.send("poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+}

@@ -15,6 +15,7 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -36,6 +37,9 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub struct QueueOutcome {
     /// Used buffers were added: interrupt the driver (subject to notification suppression).
     pub used: bool,
+    /// Handling this queue produced work for another one (vsock replies on its receive
+    /// queue): the transport processes that queue next.
+    pub also_process: Option<usize>,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.

@@ -175,6 +175,9 @@ impl MmioTransport {
                         self.interrupt(INT_USED_RING);
                     }
                 }
+                if let Some(next) = outcome.also_process.filter(|&n| n != index) {
+                    self.process_queue(next);
+                }
             }
             Err(e) => self.fail(e),
         }

@@ -92,6 +92,47 @@ pub struct VmConfig {
     /// virtio-net interfaces on host TAP devices.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device with its host side on a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// virtio-vsock, Firecracker style: host programs connect to `uds_path` and say
+/// `CONNECT <port>`; guest connections to host port P go to `<uds_path>_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+    /// `cid=N,uds=PATH`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| format!("bad vsock cid {v:?}"))?,
+                    )
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("unknown --vsock option {opt:?} (cid=N, uds=PATH)")),
+            }
+        }
+        let guest_cid = cid.ok_or("--vsock needs cid=N")?;
+        // 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+        if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
+            return Err(format!("vsock cid {guest_cid} is reserved (use 3 or more)"));
+        }
+        Ok(VsockConfig {
+            guest_cid,
+            uds_path: uds.ok_or("--vsock needs uds=PATH")?,
+        })
+    }
 }
 
 /// One virtio-net interface backed by a host TAP device.
@@ -251,6 +292,7 @@ impl VmConfig {
             rng: false,
             virtio_console: None,
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -258,6 +300,7 @@ impl VmConfig {
     pub fn virtio_device_count(&self) -> usize {
         self.disks.len()
             + self.nets.len()
+            + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.virtio_console.is_some())
     }
@@ -436,6 +479,15 @@ mod tests {
         assert_eq!("/x".parse::<DiskConfig>().unwrap().format, None);
         assert!("/x,format=vmdk".parse::<DiskConfig>().is_err());
         assert!("".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn vsock_flags_parse() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!(v.guest_cid, 3);
+        assert!("cid=2,uds=/x".parse::<VsockConfig>().is_err());
+        assert!("cid=3".parse::<VsockConfig>().is_err());
+        assert!("uds=/x".parse::<VsockConfig>().is_err());
     }
 
     #[test]

@@ -59,10 +59,20 @@ pub enum VmmError {
     Tap(#[from] virtio::tap::TapError),
     #[error("network interface: {0}")]
     Net(String),
+    #[error("vsock: {0}")]
+    Vsock(#[from] virtio::vsock::VsockError),
 }
 
-/// A virtio device, and the host descriptor whose readiness means work for it (a TAP).
-type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<std::os::fd::OwnedFd>);
+/// What, besides the vCPUs, feeds a device's receive queue.
+enum RxSource {
+    /// A TAP: readable means frames for the guest.
+    Tap(std::os::fd::OwnedFd),
+    /// The vsock backend's host sockets.
+    Vsock(Arc<Mutex<virtio::vsock::Backend>>),
+}
+
+/// A virtio device, and the host side that feeds it, if any.
+type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<RxSource>);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -126,7 +136,12 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
-        devs.push((Box::new(dev), Some(fd)));
+        devs.push((Box::new(dev), Some(RxSource::Tap(fd))));
+    }
+    if let Some(v) = &config.vsock {
+        let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
+        let backend = dev.backend();
+        devs.push((Box::new(dev), Some(RxSource::Vsock(backend))));
     }
     if config.rng {
         devs.push((Box::new(virtio::rng::Rng), None));
@@ -157,11 +172,8 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
-    /// Network devices and their TAP descriptors, served by a receive thread each.
-    rx_pumps: Vec<(
-        Arc<Mutex<virtio::mmio::MmioTransport>>,
-        std::os::fd::OwnedFd,
-    )>,
+    /// Devices fed from the host side (TAPs, vsock sockets), a thread each.
+    rx_pumps: Vec<(Arc<Mutex<virtio::mmio::MmioTransport>>, RxSource)>,
     vcpus: Vec<Box<dyn Vcpu>>,
     // Kept alive for as long as the VM: the vCPUs refer to its memory slots.
     _memory: GuestMemoryMmap,
@@ -289,8 +301,8 @@ impl Vmm {
             )));
             io.mmio
                 .insert(dev(transport.clone()), slot.base, slot.size)?;
-            if let Some(fd) = ready_fd {
-                rx_pumps.push((transport, fd));
+            if let Some(source) = ready_fd {
+                rx_pumps.push((transport, source));
             }
         }
 
@@ -349,12 +361,18 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
         }
 
-        for (transport, fd) in self.rx_pumps {
+        for (transport, source) in self.rx_pumps {
             let exit = self.exit.clone();
-            std::thread::Builder::new()
-                .name("net-rx".into())
-                .spawn(move || rx_pump(&transport, &fd, &exit))
-                .map_err(VmmError::Thread)?;
+            let t = std::thread::Builder::new();
+            match source {
+                RxSource::Tap(fd) => t
+                    .name("net-rx".into())
+                    .spawn(move || rx_pump(&transport, &fd, &exit)),
+                RxSource::Vsock(backend) => t
+                    .name("vsock".into())
+                    .spawn(move || vsock_pump(&transport, &backend, &exit)),
+            }
+            .map_err(VmmError::Thread)?;
         }
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -415,6 +433,40 @@ fn rx_pump(
         // SAFETY: as above.
         if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Serve the vsock host side: accept and read host sockets, and hand the resulting
+/// packets to the guest's receive queue.
+fn vsock_pump(
+    transport: &Mutex<virtio::mmio::MmioTransport>,
+    backend: &Mutex<virtio::vsock::Backend>,
+    exit: &ExitSignal,
+) {
+    while exit.get().is_none() {
+        let fds = backend.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // A short timeout also picks up connections the guest opened meanwhile.
+        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 20) };
+        let has_rx = {
+            let mut b = backend.lock().unwrap_or_else(|p| p.into_inner());
+            b.poll_host();
+            b.has_rx()
+        };
+        if has_rx {
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .process_queue(virtio::vsock::RX_QUEUE);
         }
     }
 }

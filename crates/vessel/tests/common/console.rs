@@ -28,14 +28,17 @@ impl Console {
     /// Boot through `cmd` (e.g. `ip netns exec NS vessel`); `run` is added here.
     pub fn boot_with(mut cmd: std::process::Command, extra: &[&str]) -> Console {
         let a = assets();
+        cmd.args([
+            "run", "--accel", "emu", "--memory", "256M", "--serial", "stdio",
+        ]);
+        // The guest assets' kernel and initramfs unless the test brings its own.
+        if !extra.contains(&"--kernel") {
+            cmd.arg("--kernel").arg(a.join("vmlinuz"));
+        }
+        if !extra.contains(&"--initrd") {
+            cmd.arg("--initrd").arg(a.join("initramfs.cpio.gz"));
+        }
         let child = cmd
-            .args([
-                "run", "--accel", "emu", "--memory", "256M", "--serial", "stdio",
-            ])
-            .arg("--kernel")
-            .arg(a.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(a.join("initramfs.cpio.gz"))
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
