@@ -33,23 +33,28 @@ pub enum Target {
     Console,
 }
 
+/// A disk in memory, for the fuzzer and the unit tests.
 #[derive(Debug)]
-struct MemDisk(Vec<u8>);
+pub(crate) struct MemDisk {
+    pub(crate) data: Vec<u8>,
+    pub(crate) ro: bool,
+}
+
 impl block::BlockBackend for MemDisk {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.data.len() as u64
     }
     fn read_only(&self) -> bool {
-        false
+        self.ro
     }
     fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), block::BlockError> {
         let o = o as usize;
-        b.copy_from_slice(&self.0[o..o + b.len()]);
+        b.copy_from_slice(&self.data[o..o + b.len()]);
         Ok(())
     }
     fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), block::BlockError> {
         let o = o as usize;
-        self.0[o..o + b.len()].copy_from_slice(b);
+        self.data[o..o + b.len()].copy_from_slice(b);
         Ok(())
     }
     fn flush(&mut self) -> Result<(), block::BlockError> {
@@ -59,7 +64,7 @@ impl block::BlockBackend for MemDisk {
         self.write_zeroes(o, l)
     }
     fn write_zeroes(&mut self, o: u64, l: u64) -> Result<(), block::BlockError> {
-        self.0[o as usize..(o + l) as usize].fill(0);
+        self.data[o as usize..(o + l) as usize].fill(0);
         Ok(())
     }
     fn block_status(
@@ -88,7 +93,10 @@ pub fn run(target: Target, data: &[u8]) -> u16 {
     let _ = mem.write_slice(&data[..n], GuestAddress(0));
     let device: Box<dyn VirtioDevice> = match target {
         Target::Block => Box::new(crate::blk::Block::new(
-            Box::new(MemDisk(vec![0; 1 << 16])),
+            Box::new(MemDisk {
+                data: vec![0; 1 << 16],
+                ro: false,
+            }),
             "fuzz",
             false,
         )),

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use block::{BlockBackend, BlockError};
+use crate::fuzzing::MemDisk;
 use devices::BusDevice;
 use hypervisor::IrqChip;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -34,47 +34,6 @@ impl IrqChip for Pulses {
     }
     fn signal_msi(&self, _: u64, _: u32) -> hypervisor::Result<()> {
         Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct MemDisk {
-    data: Vec<u8>,
-    ro: bool,
-}
-impl BlockBackend for MemDisk {
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn read_only(&self) -> bool {
-        self.ro
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let o = offset as usize;
-        buf.copy_from_slice(&self.data[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        let o = offset as usize;
-        self.data[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.write_zeroes(offset, len)
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.data[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-    fn block_status(
-        &mut self,
-        _offset: u64,
-        len: u64,
-    ) -> Result<(block::BlockStatus, u64), BlockError> {
-        Ok((block::BlockStatus::Data, len))
     }
 }
 
