@@ -13,6 +13,10 @@ const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x80000007 EDX bit 8: invariant TSC (ours runs at a fixed rate from host time).
 const EDX_INVARIANT_TSC: u32 = 1 << 8;
+/// Leaf 6 EAX bit 2: ARAT, the APIC timer keeps running in deep C-states. Ours always
+/// runs; without the bit Linux needs a broadcast timer (none on hardware-reduced ACPI),
+/// never leaves periodic mode and ticks at HZ even when idle.
+const EAX_ARAT: u32 = 1 << 2;
 
 /// Leaves x86emu defines that are worth exporting.
 const LEAVES: &[u32] = &[
@@ -53,6 +57,11 @@ pub fn supported() -> Vec<CpuIdEntry> {
             _ => {}
         }
     }
+    out.push(CpuIdEntry {
+        function: 6,
+        eax: EAX_ARAT,
+        ..Default::default()
+    });
     // "KVMKVMKVM\0\0\0": Linux's KVM guest support keys off this signature.
     let sig = *b"KVMKVMKVM\0\0\0";
     let w = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
@@ -104,6 +113,8 @@ mod tests {
         assert_ne!(f.eax & KVM_FEATURE_CLOCKSOURCE2, 0);
         let l1 = s.iter().find(|e| e.function == 1).unwrap();
         assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
+        let pm = s.iter().find(|e| e.function == 6).unwrap();
+        assert_ne!(pm.eax & EAX_ARAT, 0);
         // x86emu does not implement AVX or XSAVE: they must not be advertised.
         assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
         assert_eq!(l1.ecx & (1 << 26), 0, "XSAVE");
