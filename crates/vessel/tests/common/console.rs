@@ -103,6 +103,11 @@ impl Console {
         out.trim_end_matches("@@E").trim().to_string()
     }
 
+    /// The VMM's PID.
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
         loop {
