@@ -573,3 +573,48 @@ fn a_tap_backed_virtio_net_device_appears_in_its_window() {
         f.stdout
     );
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    // A guest that idles forever; the VMM must still end at once on SIGTERM.
+    let code = assemble64(|a, lib| {
+        lib.print(a, "IDLING\n")?;
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.hlt()?;
+        a.jmp(l)
+    });
+    let dir = TempDir::new("term");
+    let k = dir.file("kernel.elf", &linux64_elf(&code));
+    let child = vessel()
+        .args(["run", "--accel", "kvm", "--memory", MEM, "--kernel"])
+        .arg(&k)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = Guarded(child);
+    let mut out = g.0.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("IDLING") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "vessel exited before the guest ran");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: signalling a child process we spawned and still own.
+    unsafe { libc::kill(g.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vessel ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    g.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("quit"), "{err}");
+}

@@ -386,9 +386,13 @@ impl Vmm {
             threads.push(t);
         }
 
+        stop_on_termination_signals();
         let reason = loop {
             if let Some(r) = self.exit.wait_timeout(Duration::from_millis(200)) {
                 break r;
+            }
+            if TERMINATION_REQUESTED.load(std::sync::atomic::Ordering::Relaxed) {
+                self.exit.request(ExitReason::Quit);
             }
         };
         // Kick until every vCPU thread has left its loop: a kick that lands just before
@@ -403,6 +407,29 @@ impl Vmm {
             let _ = t.join();
         }
         Ok(reason)
+    }
+}
+
+/// Set by SIGTERM/SIGINT/SIGHUP: the VMM stops the VM and exits normally, so a raw
+/// terminal is restored and sockets are cleaned up, instead of dying mid-write.
+static TERMINATION_REQUESTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_termination(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    TERMINATION_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stop_on_termination_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: sigaction with a zeroed struct and a handler that only stores an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_termination as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
 }
 
