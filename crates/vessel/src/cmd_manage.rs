@@ -377,6 +377,17 @@ fn vol_kv(v: &Value) {
     ]);
 }
 
+/// POST a lifecycle action to a domain and report it as virsh does.
+fn domain_action(c: &Client, name: &str, action: &str, done: &str, json_out: bool) -> Result<()> {
+    let v = c.post(&format!("{}/{action}", dom(name)), None)?;
+    if json_out {
+        print_json(&v);
+    } else {
+        println!("Domain '{name}' {done}");
+    }
+    Ok(())
+}
+
 fn dom(name: &str) -> String {
     format!("/v1/domains/{}", enc(name))
 }
@@ -505,37 +516,15 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             }
         }
         ManageCommand::Destroy { name } => {
-            let v = c.post(&format!("{}/destroy", dom(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Domain '{name}' destroyed");
-            }
+            domain_action(&c, &name, "destroy", "destroyed", json_out)?
         }
         ManageCommand::Reboot { name } => {
-            let v = c.post(&format!("{}/reboot", dom(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Domain '{name}' is being rebooted");
-            }
+            domain_action(&c, &name, "reboot", "is being rebooted", json_out)?
         }
         ManageCommand::Suspend { name } => {
-            let v = c.post(&format!("{}/suspend", dom(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Domain '{name}' suspended");
-            }
+            domain_action(&c, &name, "suspend", "suspended", json_out)?
         }
-        ManageCommand::Resume { name } => {
-            let v = c.post(&format!("{}/resume", dom(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Domain '{name}' resumed");
-            }
-        }
+        ManageCommand::Resume { name } => domain_action(&c, &name, "resume", "resumed", json_out)?,
         ManageCommand::Dominfo { name } => {
             let v = c.get(&dom(&name))?;
             if json_out {
