@@ -5,7 +5,7 @@ use block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use crate::queue::Chain;
+use crate::queue::{gather, scatter, Chain};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -205,47 +205,6 @@ impl Block {
         }
         S_OK
     }
-}
-
-/// Copy the bytes of `descs` out of guest memory (at most `limit`).
-pub(crate) fn gather(
-    mem: &GuestMemoryMmap,
-    descs: &[virtio_queue::desc::split::Descriptor],
-    limit: u64,
-) -> Result<Vec<u8>, DeviceError> {
-    let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
-    if total > limit {
-        return Err(DeviceError::BadRequest(
-            "request larger than the device accepts",
-        ));
-    }
-    let mut out = vec![0u8; total as usize];
-    let mut at = 0usize;
-    for d in descs {
-        let n = d.len() as usize;
-        mem.read_slice(&mut out[at..at + n], d.addr())
-            .map_err(|_| DeviceError::GuestMemory(d.addr().0))?;
-        at += n;
-    }
-    Ok(out)
-}
-
-/// Copy `data` into the device-writable descriptors, in order.
-pub(crate) fn scatter(
-    mem: &GuestMemoryMmap,
-    descs: &[virtio_queue::desc::split::Descriptor],
-    mut data: &[u8],
-) -> Result<(), DeviceError> {
-    for d in descs {
-        if data.is_empty() {
-            break;
-        }
-        let n = (d.len() as usize).min(data.len());
-        mem.write_slice(&data[..n], d.addr())
-            .map_err(|_| DeviceError::GuestMemory(d.addr().0))?;
-        data = &data[n..];
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Block {

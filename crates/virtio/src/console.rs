@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::blk::{gather, scatter};
-use crate::queue::Chain;
+use crate::queue::{gather, scatter, Chain};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
 pub const RECEIVE_QUEUE: usize = 0;

@@ -4,8 +4,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::blk::{gather, scatter};
-use crate::queue::Chain;
+use crate::queue::{gather, scatter, Chain};
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 

@@ -3,7 +3,7 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// The chain's descriptors, split into driver-readable and device-writable parts.
 #[derive(Debug, Default)]
@@ -67,4 +67,45 @@ impl Chain {
         }
         Ok(out)
     }
+}
+
+/// Copy the bytes of `descs` out of guest memory (at most `limit`).
+pub fn gather(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    limit: u64,
+) -> Result<Vec<u8>, crate::DeviceError> {
+    let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    if total > limit {
+        return Err(crate::DeviceError::BadRequest(
+            "request larger than the device accepts",
+        ));
+    }
+    let mut out = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for d in descs {
+        let n = d.len() as usize;
+        mem.read_slice(&mut out[at..at + n], d.addr())
+            .map_err(|_| crate::DeviceError::GuestMemory(d.addr().0))?;
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Copy `data` into the device-writable descriptors, in order.
+pub fn scatter(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    mut data: &[u8],
+) -> Result<(), crate::DeviceError> {
+    for d in descs {
+        if data.is_empty() {
+            break;
+        }
+        let n = (d.len() as usize).min(data.len());
+        mem.write_slice(&data[..n], d.addr())
+            .map_err(|_| crate::DeviceError::GuestMemory(d.addr().0))?;
+        data = &data[n..];
+    }
+    Ok(())
 }

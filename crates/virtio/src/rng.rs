@@ -3,8 +3,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::blk::scatter;
-use crate::queue::Chain;
+use crate::queue::{scatter, Chain};
 use crate::{device_type, DeviceError, QueueOutcome, VirtioDevice};
 
 /// Per request, so a huge buffer cannot make the host spin in getrandom.
