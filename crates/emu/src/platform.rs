@@ -83,8 +83,8 @@ impl EmuPlatform<'_> {
 
 impl Platform for EmuPlatform<'_> {
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
-        let now = self.clock.now_ns();
         if (LAPIC_BASE..LAPIC_BASE + PAGE).contains(&gpa) {
+            let now = self.clock.now_ns();
             self.chip
                 .lapic_mmio_read(self.cpu, gpa - LAPIC_BASE, data, now);
         } else if (IOAPIC_BASE..IOAPIC_BASE + PAGE).contains(&gpa) {
@@ -95,8 +95,8 @@ impl Platform for EmuPlatform<'_> {
     }
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
-        let now = self.clock.now_ns();
         if (LAPIC_BASE..LAPIC_BASE + PAGE).contains(&gpa) {
+            let now = self.clock.now_ns();
             self.chip
                 .lapic_mmio_write(self.cpu, gpa - LAPIC_BASE, data, now);
         } else if (IOAPIC_BASE..IOAPIC_BASE + PAGE).contains(&gpa) {
