@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use crate::cpuid::CpuidTable;
-use crate::decode::{decode, DecodeCache};
+use crate::decode::{decode, BlockCache};
 use crate::exceptions::{Fault, Result};
 use crate::exec::{handler_for, Handler};
 use crate::mmu::{Access, Tlb};
@@ -29,14 +29,7 @@ pub enum RunExit {
     WaitForSipi,
 }
 
-/// Result of an instruction fetch: a decode-cache slot, or (rarely: page-crossing or MMIO
-/// code) an instruction decoded outside the cache.
-pub(crate) enum Fetched {
-    Slot(usize),
-    Uncached(Box<Instruction>, Handler),
-}
-
-/// A software x86-64 CPU: the architectural core plus its decoded-instruction cache.
+/// A software x86-64 CPU: the architectural core plus its decoded-block cache.
 ///
 /// Everything except running lives on [`Core`], reachable through `Deref`.
 #[derive(Debug)]
@@ -44,7 +37,7 @@ pub struct Cpu {
     core: Core,
     // Kept beside the core, not inside it, so an instruction can be borrowed from the cache
     // while its handler borrows the core mutably.
-    dcache: DecodeCache,
+    blocks: BlockCache,
 }
 
 impl std::ops::Deref for Cpu {
@@ -96,7 +89,7 @@ impl Cpu {
     pub fn new(ram: GuestRam) -> Self {
         Cpu {
             core: Core::new(ram),
-            dcache: DecodeCache::new(),
+            blocks: BlockCache::new(),
         }
     }
 }
@@ -242,7 +235,7 @@ impl Core {
         bitness: u32,
         ip: u64,
         user: bool,
-    ) -> Result<Fetched> {
+    ) -> Result<(Instruction, Handler)> {
         // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
         // next page if the instruction really extends into it.
         let first = 4096 - off;
@@ -250,7 +243,7 @@ impl Core {
         let n1 = first.min(15);
         self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
         if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)));
+            return Ok((ins, handler_for(&ins)));
         }
         self.read_lin_slow(
             p,
@@ -260,7 +253,7 @@ impl Core {
             Access::Fetch,
         )?;
         let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
-        Ok(Fetched::Uncached(Box::new(ins), handler_for(&ins)))
+        Ok((ins, handler_for(&ins)))
     }
 
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
@@ -278,6 +271,23 @@ impl Core {
         self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
     }
 
+    /// A valid encoding this CPU does not implement (or one the mode forbids) is worth
+    /// knowing about when a guest dies of #UD.
+    #[cold]
+    fn note_ud(&self, ins: &Instruction, f: &Fault) {
+        if f.vector == crate::exceptions::vector::UD && !ins.is_invalid() {
+            tracing::debug!(rip = self.s.rip, mnemonic = ?ins.mnemonic(), code = ?ins.code(), "#UD");
+        }
+    }
+
+    /// Delivers the exception an instruction raised (a trap-like one after the instruction).
+    fn fault(&mut self, p: &mut dyn Platform, f: Fault) {
+        if f.soft {
+            self.s.rip = self.mask_ip(self.next_rip);
+        }
+        self.deliver_event(p, f, false);
+    }
+
     #[inline(always)]
     pub(crate) fn execute(
         &mut self,
@@ -287,11 +297,7 @@ impl Core {
     ) -> Result<()> {
         self.next_rip = ins.next_ip();
         if let Err(f) = handler(self, p, ins) {
-            if f.vector == crate::exceptions::vector::UD && !ins.is_invalid() {
-                // A valid encoding this CPU does not implement (or one the mode forbids):
-                // worth knowing when a guest dies of #UD.
-                tracing::debug!(rip = self.s.rip, mnemonic = ?ins.mnemonic(), code = ?ins.code(), "#UD");
-            }
+            self.note_ud(ins, &f);
             return Err(f);
         }
         self.s.rip = self.mask_ip(self.next_rip);
@@ -302,7 +308,8 @@ impl Core {
 }
 
 impl Cpu {
-    /// Runs until an exit condition or until `max_instructions` have been executed.
+    /// Runs until an exit condition or until about `max_instructions` have been executed
+    /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         let mut done = 0u64;
         loop {
@@ -328,9 +335,8 @@ impl Cpu {
             if done >= max_instructions {
                 return RunExit::InstructionLimit;
             }
-            done += 1;
             self.io_done = false;
-            self.step(platform);
+            done += self.run_block(platform, max_instructions - done);
             if self.io_done && platform.stop_requested() {
                 return RunExit::StopRequested;
             }
@@ -344,8 +350,104 @@ impl Cpu {
         self.fetch_and_execute(p)
     }
 
-    /// Executes one instruction, delivering any exception it raises.
+    /// Executes the block of instructions at CS:RIP, delivering any exception one raises,
+    /// and the blocks its near branches lead to while they stay in the same code page (no
+    /// new translation needed) and within `budget` instructions. Returns how many
+    /// instructions ran (at least one, counting a faulting one). Stops after a device
+    /// access, a new interrupt shadow, HLT, a mode change, or an instruction whose bytes
+    /// changed since its block was decoded.
     #[inline(always)]
+    fn run_block(&mut self, p: &mut dyn Platform, budget: u64) -> u64 {
+        if self.s.rflags & flags::TF != 0 {
+            self.step(p);
+            return 1;
+        }
+        let bitness = self.s.bitness();
+        let cs_base = self.s.seg[Seg::Cs as usize].base;
+        let mut lin = self.wrap_lin(cs_base.wrapping_add(self.s.rip));
+        let user = self.user();
+        let t = match self.core.translate(lin, Access::Fetch, user) {
+            Ok(t) => t,
+            Err(f) => {
+                self.deliver_event(p, f, false);
+                return 1;
+            }
+        };
+        if t.host.is_null() {
+            self.step(p);
+            return 1;
+        }
+        let ip_mask = match bitness {
+            64 => u64::MAX,
+            32 => 0xffff_ffff,
+            _ => 0xffff,
+        };
+        let core = &mut self.core;
+        let mut n = 0u64;
+        loop {
+            let gpa = t.gpa_page | (lin & 0xfff);
+            let Some(block) = self.blocks.get(gpa, core.s.rip, bitness, t.host) else {
+                // The first instruction runs past the page end.
+                if n == 0 {
+                    self.step(p);
+                    return 1;
+                }
+                return n;
+            };
+            let mut stale = false;
+            let mut chain = false;
+            for (i, insn) in block.insns.iter().enumerate() {
+                // SAFETY: `t.host` is a valid RAM page (TLB contract). The first
+                // instruction was validated by the lookup.
+                if i > 0 && !unsafe { insn.still_valid(t.host) } {
+                    stale = true;
+                    break;
+                }
+                n += 1;
+                core.shadow = false;
+                core.new_shadow = false;
+                if insn.ends {
+                    // May change the mode: `execute` masks the next RIP for the new one.
+                    match core.execute(p, &insn.instr, insn.handler) {
+                        Ok(()) => chain = insn.near_branch && !core.io_done,
+                        Err(f) => core.fault(p, f),
+                    }
+                    break;
+                }
+                core.next_rip = insn.instr.next_ip();
+                if let Err(f) = (insn.handler)(core, p, &insn.instr) {
+                    core.note_ud(&insn.instr, &f);
+                    core.fault(p, f);
+                    break;
+                }
+                core.s.rip = core.next_rip & ip_mask;
+                core.shadow = core.new_shadow;
+                core.retired += 1;
+                if core.next_rip != insn.instr.next_ip()
+                    || core.io_done
+                    || core.shadow
+                    || core.halted
+                    || core.s.rflags & flags::TF != 0
+                {
+                    break;
+                }
+            }
+            if stale {
+                self.blocks.invalidate(gpa);
+                return n;
+            }
+            if !chain || n >= budget {
+                return n;
+            }
+            let next = core.wrap_lin(cs_base.wrapping_add(core.s.rip));
+            if next >> 12 != lin >> 12 {
+                return n;
+            }
+            lin = next;
+        }
+    }
+
+    /// Executes one instruction, delivering any exception it raises.
     pub(crate) fn step(&mut self, p: &mut dyn Platform) {
         // TF at the start of an instruction traps after it completes (single-step).
         let single_step = self.s.rflags & flags::TF != 0;
@@ -356,35 +458,20 @@ impl Cpu {
                     self.deliver_event(p, Fault::new(crate::exceptions::vector::DB), false);
                 }
             }
-            Err(f) => {
-                if f.soft {
-                    self.s.rip = self.mask_ip(self.next_rip);
-                }
-                self.deliver_event(p, f, false);
-            }
+            Err(f) => self.core.fault(p, f),
         }
     }
 
-    #[inline(always)]
     fn fetch_and_execute(&mut self, p: &mut dyn Platform) -> Result<()> {
         self.shadow = false;
         self.new_shadow = false;
-        match self.fetch(p)? {
-            Fetched::Slot(slot) => {
-                // Borrow the instruction in place: copying the 40-byte Instruction out of
-                // the cache costs store-forwarding stalls on every instruction.
-                match self.dcache.get(slot) {
-                    Some((ins, h)) => self.core.execute(p, ins, h),
-                    None => Err(Fault::ud()),
-                }
-            }
-            Fetched::Uncached(ins, h) => self.core.execute(p, &ins, h),
-        }
+        let (ins, h) = self.fetch(p)?;
+        self.core.execute(p, &ins, h)
     }
 
-    /// Fetches and decodes the instruction at CS:RIP, through the decode cache.
-    #[inline(always)]
-    fn fetch(&mut self, p: &mut dyn Platform) -> Result<Fetched> {
+    /// Fetches and decodes the instruction at CS:RIP, bypassing the block cache (single
+    /// steps, MMIO-resident and page-crossing code).
+    fn fetch(&mut self, p: &mut dyn Platform) -> Result<(Instruction, Handler)> {
         let bitness = self.s.bitness();
         let ip = self.s.rip;
         let lin = self.wrap_lin(self.s.seg[Seg::Cs as usize].base.wrapping_add(ip));
@@ -395,16 +482,8 @@ impl Cpu {
             // SAFETY: `t.host` is a valid 4 KiB RAM page and off < 4096; the slice lives only
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
-            let gpa = t.gpa_page | off as u64;
-            if let Some(slot) = self.dcache.lookup(gpa, ip, bitness, avail) {
-                return Ok(Fetched::Slot(slot));
-            }
             if let Some(ins) = decode(bitness, ip, avail) {
-                let h = handler_for(&ins);
-                return Ok(match self.dcache.insert(gpa, ip, bitness, &ins, h, avail) {
-                    Some(slot) => Fetched::Slot(slot),
-                    None => Fetched::Uncached(Box::new(ins), h),
-                });
+                return Ok((ins, handler_for(&ins)));
             }
         }
         self.core.fetch_slow(p, lin, off, bitness, ip, user)

@@ -1,42 +1,79 @@
-//! Decoded-instruction cache keyed by physical address.
+//! Decoded basic blocks, cached by the physical address of their first instruction.
 //!
-//! An entry keeps the raw bytes it was decoded from and is only used when the bytes in
-//! guest memory still match, so guest writes to code (by this CPU, another vCPU or a DMA
-//! device) can never run stale decodings, and no write path needs to know about code pages.
-//! The entry also caches the family handler, so dispatch is one indirect call.
+//! A block is a run of instructions inside one 4 KiB page that ends at the first branch,
+//! at an instruction that changes how the following ones must be decoded or fetched
+//! (mode, paging, segments, interrupt flags) or at the page end. The run loop translates
+//! RIP and looks up a block once, then executes its instructions back to back, so the
+//! translation and lookup cost is paid per block instead of per instruction.
+//!
+//! Every instruction keeps the raw bytes it was decoded from and runs only while the bytes
+//! in guest memory still match, so guest writes to code (by this CPU, another vCPU or a DMA
+//! device, even into the block being executed) can never run stale decodings, and no write
+//! path needs to know about code pages.
 
-use iced_x86::{Decoder, DecoderOptions, Instruction};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind};
 
 use crate::exec::{handler_for, Handler};
 
-const CACHE_SIZE: usize = 1 << 14;
+/// Block slots (direct mapped by physical address).
+const CACHE_SIZE: usize = 1 << 12;
+/// Longest block: bounds the work lost when a block must be rebuilt.
+const MAX_BLOCK: usize = 32;
 
+/// One decoded instruction of a block.
 #[derive(Clone, Copy)]
-struct Entry {
-    gpa: u64,
-    /// The instruction's IP: the same physical bytes mapped at two addresses decode to
-    /// different branch targets.
-    ip: u64,
+pub(crate) struct Insn {
+    pub(crate) instr: Instruction,
+    pub(crate) handler: Handler,
     /// Raw bytes, zero padded, and the mask of the valid ones.
     bytes: u128,
     byte_mask: u128,
-    bitness: u32,
-    instr: Instruction,
-    handler: Handler,
+    /// Offset of the instruction in its page.
+    pub(crate) off: u16,
+    /// Ends its block: a branch, or an instruction that may change the mode.
+    pub(crate) ends: bool,
+    /// A near branch: the next block runs in the same mode and address space.
+    pub(crate) near_branch: bool,
 }
 
-impl std::fmt::Debug for Entry {
+impl Insn {
+    /// Whether the instruction's bytes at `page[off..]` are still the ones decoded.
+    ///
+    /// # Safety
+    /// `page` must point to a readable 4 KiB page.
+    #[inline(always)]
+    pub(crate) unsafe fn still_valid(&self, page: *const u8) -> bool {
+        let off = usize::from(self.off);
+        // SAFETY: off < 4096 and the caller guarantees a 4 KiB page; at most the bytes
+        // left in the page are read.
+        let avail = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
+        load16(avail) & self.byte_mask == self.bytes
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Block {
+    gpa: u64,
+    /// The first instruction's IP: the same physical bytes mapped at two addresses decode
+    /// to different branch targets.
+    ip: u64,
+    bitness: u32,
+    pub(crate) insns: Vec<Insn>,
+}
+
+impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
+        f.debug_struct("Block")
             .field("gpa", &self.gpa)
             .field("ip", &self.ip)
+            .field("len", &self.insns.len())
             .finish()
     }
 }
 
 #[derive(Debug)]
-pub(crate) struct DecodeCache {
-    entries: Vec<Entry>,
+pub(crate) struct BlockCache {
+    blocks: Vec<Block>,
 }
 
 /// Loads up to 16 bytes from `avail` as a little-endian u128 (zero padded).
@@ -52,80 +89,174 @@ fn load16(avail: &[u8]) -> u128 {
     }
 }
 
-impl DecodeCache {
+impl BlockCache {
     pub(crate) fn new() -> Self {
-        let empty = Entry {
+        let mut blocks = Vec::with_capacity(CACHE_SIZE);
+        blocks.resize_with(CACHE_SIZE, || Block {
             gpa: u64::MAX,
-            ip: 0,
-            bytes: 0,
-            byte_mask: 0,
-            bitness: 0,
-            instr: Instruction::default(),
-            handler: handler_for(&Instruction::default()),
-        };
-        DecodeCache {
-            entries: vec![empty; CACHE_SIZE],
-        }
+            ..Block::default()
+        });
+        BlockCache { blocks }
     }
 
     #[inline(always)]
     fn slot(gpa: u64) -> usize {
-        ((gpa ^ (gpa >> 14)) as usize) & (CACHE_SIZE - 1)
+        ((gpa ^ (gpa >> 12)) as usize) & (CACHE_SIZE - 1)
     }
 
-    /// Looks up the instruction whose bytes start at `avail[0]` (the rest of the page);
-    /// returns its slot. (Returning the slot rather than a copy avoids store-forwarding
-    /// stalls on the 40-byte Instruction in the hot path.)
+    /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
+    /// holds `gpa`) on a miss or when its first instruction changed. None when not even
+    /// the first instruction fits in the page (the caller fetches it the slow way).
     #[inline(always)]
-    pub(crate) fn lookup(&self, gpa: u64, ip: u64, bitness: u32, avail: &[u8]) -> Option<usize> {
-        let slot = Self::slot(gpa);
-        let e = self.entries.get(slot)?;
-        if e.gpa != gpa || e.ip != ip || e.bitness != bitness {
-            return None;
-        }
-        if load16(avail) & e.byte_mask == e.bytes {
-            Some(slot)
-        } else {
-            None
-        }
-    }
-
-    /// The cached instruction and handler in `slot` (from `lookup`).
-    #[inline(always)]
-    pub(crate) fn get(&self, slot: usize) -> Option<(&Instruction, Handler)> {
-        self.entries.get(slot).map(|e| (&e.instr, e.handler))
-    }
-
-    /// Caches a decoded instruction; returns its slot.
-    pub(crate) fn insert(
+    pub(crate) fn get(
         &mut self,
         gpa: u64,
         ip: u64,
         bitness: u32,
-        instr: &Instruction,
-        handler: Handler,
-        avail: &[u8],
-    ) -> Option<usize> {
-        let len = instr.len().min(15);
-        if avail.len() < len {
+        page: *const u8,
+    ) -> Option<&Block> {
+        let slot = Self::slot(gpa);
+        let hit = {
+            let b = self.blocks.get(slot)?;
+            b.gpa == gpa
+                && b.ip == ip
+                && b.bitness == bitness
+                // SAFETY: `page` is a valid page (caller contract).
+                && b.insns.first().is_some_and(|i| unsafe { i.still_valid(page) })
+        };
+        if !hit {
+            self.fill(slot, gpa, ip, bitness, page)?;
+        }
+        self.blocks.get(slot)
+    }
+
+    /// Forgets the block at `gpa` (one of its later instructions changed under it).
+    pub(crate) fn invalidate(&mut self, gpa: u64) {
+        if let Some(b) = self.blocks.get_mut(Self::slot(gpa)) {
+            if b.gpa == gpa {
+                b.gpa = u64::MAX;
+            }
+        }
+    }
+
+    #[cold]
+    fn fill(
+        &mut self,
+        slot: usize,
+        gpa: u64,
+        ip: u64,
+        bitness: u32,
+        page: *const u8,
+    ) -> Option<()> {
+        let off = (gpa & 0xfff) as usize;
+        // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
+        let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
+        let b = self.blocks.get_mut(slot)?;
+        b.gpa = u64::MAX;
+        b.insns.clear();
+        let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
+        let mut pos = 0usize;
+        while b.insns.len() < MAX_BLOCK {
+            let ins = d.decode();
+            if ins.is_invalid() && d.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                break; // runs past the page end
+            }
+            let len = ins.len().min(15);
+            let rest = avail.get(pos..)?;
+            let byte_mask = (1u128 << (len * 8)) - 1;
+            let ends = ends_block(&ins);
+            b.insns.push(Insn {
+                instr: ins,
+                handler: handler_for(&ins),
+                bytes: load16(rest) & byte_mask,
+                byte_mask,
+                off: (off + pos) as u16,
+                ends,
+                near_branch: is_near_branch(&ins),
+            });
+            pos += len;
+            if ends {
+                break;
+            }
+        }
+        if b.insns.is_empty() {
             return None;
         }
-        let byte_mask = (1u128 << (len * 8)) - 1;
-        let slot = Self::slot(gpa);
-        let e = self.entries.get_mut(slot)?;
-        {
-            *e = Entry {
-                gpa,
-                ip,
-                bytes: load16(avail) & byte_mask,
-                byte_mask,
-                bitness,
-                instr: *instr,
-                handler,
-            };
-        }
-        Some(slot)
+        b.gpa = gpa;
+        b.ip = ip;
+        b.bitness = bitness;
+        Some(())
     }
+}
+
+/// Whether the instructions after `ins` cannot be decoded or run ahead of time: branches,
+/// and instructions that change the mode, paging, segments, the interrupt flag or
+/// single-stepping (what follows them must be fetched afresh).
+fn ends_block(ins: &Instruction) -> bool {
+    if ins.is_invalid() || ins.flow_control() != FlowControl::Next {
+        return true;
+    }
+    let writes_special_reg = ins.op_count() > 0
+        && ins.op0_kind() == OpKind::Register
+        && (ins.op0_register().is_segment_register()
+            || ins.op0_register().is_cr()
+            || ins.op0_register().is_dr());
+    writes_special_reg
+        || matches!(
+            ins.mnemonic(),
+            M::Popf
+                | M::Popfd
+                | M::Popfq
+                | M::Sti
+                | M::Cli
+                | M::Hlt
+                | M::Lgdt
+                | M::Lidt
+                | M::Lldt
+                | M::Ltr
+                | M::Lmsw
+                | M::Clts
+                | M::Invlpg
+                | M::Invpcid
+                | M::Wrmsr
+                | M::Xsetbv
+                | M::Lss
+                | M::Lds
+                | M::Les
+                | M::Lfs
+                | M::Lgs
+                | M::Swapgs
+                | M::Mwait
+                | M::Wbinvd
+                | M::Invd
+                | M::Rsm
+                | M::Xrstor
+                | M::Xrstor64
+                | M::Fxrstor
+                | M::Fxrstor64
+                | M::Rdmsr
+                | M::In
+                | M::Insb
+                | M::Insw
+                | M::Insd
+                | M::Out
+                | M::Outsb
+                | M::Outsw
+                | M::Outsd
+        )
+}
+
+/// Near jumps, calls, returns and loops: they change nothing but RIP (and RSP).
+fn is_near_branch(ins: &Instruction) -> bool {
+    ins.is_jcc_short_or_near()
+        || ins.is_jmp_short_or_near()
+        || ins.is_jmp_near_indirect()
+        || ins.is_call_near()
+        || ins.is_call_near_indirect()
+        || ins.is_loop()
+        || ins.is_loopcc()
+        || ins.is_jcx_short()
+        || ins.mnemonic() == M::Ret
 }
 
 /// Decodes one instruction; None if the bytes run out before it ends.

@@ -85,6 +85,26 @@ fn self_modifying_code_is_seen() {
 }
 
 #[test]
+fn code_patched_ahead_in_the_same_block_is_seen() {
+    let mut g = Guest::new();
+    // Straight-line code (one decoded block) that rewrites an instruction further down
+    // before reaching it: the patched bytes must run, as on hardware.
+    g.load_code(|a| {
+        let mut target = a.create_label();
+        a.xor(ebx, ebx).unwrap();
+        a.lea(rdi, ptr(target)).unwrap();
+        a.mov(byte_ptr(rdi + 2), 100).unwrap();
+        a.nop().unwrap();
+        a.set_label(&mut target).unwrap();
+        a.add(ebx, 1).unwrap(); // 83 c3 01
+        a.add(ebx, 1000).unwrap();
+        a.hlt().unwrap();
+    });
+    run_to_halt(&mut g);
+    assert_eq!(g.cpu.state().gpr[3], 1100);
+}
+
+#[test]
 fn rep_movs_restarts_after_page_fault() {
     let mut g = Guest::new();
     const SRC: u64 = 0x4000_0000_0000;
