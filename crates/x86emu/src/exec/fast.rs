@@ -6,6 +6,7 @@
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::flags::{add_flags, logic_flags, sub_flags};
+use super::muldiv::{imul_truncated, mul_flags};
 use super::operand::{ea, mask, mem_seg, reg_read, reg_size, reg_write, sext};
 use super::Handler;
 use crate::cpu::Core;
@@ -20,6 +21,8 @@ const SUB: u8 = 5;
 const XOR: u8 = 6;
 const CMP: u8 = 7;
 const TEST: u8 = 8;
+const ADC: u8 = 9;
+const SBB: u8 = 10;
 
 /// Applies an ALU operation, sets the flags, and returns the value to write back (None for
 /// CMP/TEST).
@@ -37,6 +40,18 @@ fn alu<const OP: u8>(cpu: &mut Core, a: u64, b: u64, size: u32) -> Option<u64> {
             let r = a.wrapping_sub(b) & m;
             cpu.set_status(sub_flags(a, b, 0, r, size));
             (OP == SUB).then_some(r)
+        }
+        ADC => {
+            let c = u64::from(cpu.s.rflags & CF != 0);
+            let r = a.wrapping_add(b).wrapping_add(c) & m;
+            cpu.set_status(add_flags(a, b, c, r, size));
+            Some(r)
+        }
+        SBB => {
+            let c = u64::from(cpu.s.rflags & CF != 0);
+            let r = a.wrapping_sub(b).wrapping_sub(c) & m;
+            cpu.set_status(sub_flags(a, b, c, r, size));
+            Some(r)
         }
         AND | TEST => {
             let r = a & b;
@@ -85,6 +100,43 @@ fn alu_mx<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction)
     let a = cpu.read_mem(p, mem_seg(ins), ea(cpu, ins), size)?;
     let b = cpu.read_op(p, ins, 1)?;
     alu::<OP>(cpu, a, b, size);
+    Ok(())
+}
+
+/// IMUL with a register destination (two- and three-operand forms).
+fn imul_r<const SRC: u32>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let d = ins.op0_register();
+    let size = reg_size(d);
+    let (a, b) = if SRC == 1 {
+        (reg_read(cpu, d), cpu.read_op(p, ins, 1)?)
+    } else {
+        (cpu.read_op(p, ins, 1)?, cpu.read_op(p, ins, 2)?)
+    };
+    let (lo, of) = imul_truncated(a, b, size);
+    reg_write(cpu, d, lo);
+    cpu.set_status(mul_flags(lo, size, of));
+    Ok(())
+}
+
+/// CMOVcc with a register destination.
+fn cmov_r(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    // The source is read (and may fault) whether or not the move happens.
+    let v = cpu.read_op(p, ins, 1)?;
+    let d = ins.op0_register();
+    // A 32-bit destination is zero-extended even when the condition is false.
+    let out = if cpu.cond(ins.condition_code()) {
+        v
+    } else {
+        reg_read(cpu, d)
+    };
+    reg_write(cpu, d, out);
+    Ok(())
+}
+
+/// SETcc with a register destination.
+fn setcc_r(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    let v = u64::from(cpu.cond(ins.condition_code()));
+    reg_write(cpu, ins.op0_register(), v);
     Ok(())
 }
 
@@ -262,6 +314,43 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Xor => alu_forms!(XOR),
         M::Cmp => alu_forms!(CMP),
         M::Test => alu_forms!(TEST),
+        M::Adc if n == 2 && is_gpr(ins, 0) && src_ok => {
+            if is_gpr(ins, 1) {
+                Some(alu_rr::<ADC> as Handler)
+            } else {
+                Some(alu_rx::<ADC> as Handler)
+            }
+        }
+        M::Sbb if n == 2 && is_gpr(ins, 0) && src_ok => {
+            if is_gpr(ins, 1) {
+                Some(alu_rr::<SBB> as Handler)
+            } else {
+                Some(alu_rx::<SBB> as Handler)
+            }
+        }
+        M::Imul if n == 2 && is_gpr(ins, 0) && src_ok => Some(imul_r::<1>),
+        M::Imul
+            if n == 3
+                && is_gpr(ins, 0)
+                && (is_gpr(ins, 1) || ins.op1_kind() == OpKind::Memory)
+                && is_imm(ins.op2_kind()) =>
+        {
+            Some(imul_r::<2>)
+        }
+        _ if ins.condition_code() != iced_x86::ConditionCode::None
+            && is_cmov(m)
+            && n == 2
+            && is_gpr(ins, 0)
+            && (is_gpr(ins, 1) || k1 == OpKind::Memory) =>
+        {
+            Some(cmov_r)
+        }
+        _ if ins.condition_code() != iced_x86::ConditionCode::None
+            && is_setcc(m)
+            && is_gpr(ins, 0) =>
+        {
+            Some(setcc_r)
+        }
         M::Mov if n == 2 && is_gpr(ins, 0) && is_gpr(ins, 1) => Some(mov_rr),
         M::Mov if n == 2 && is_gpr(ins, 0) && (k1 == OpKind::Memory || is_imm(k1)) => Some(mov_rx),
         M::Mov if n == 2 && ins.op0_kind() == OpKind::Memory && (is_gpr(ins, 1) || is_imm(k1)) => {
@@ -293,6 +382,50 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         }
         _ => None,
     }
+}
+
+fn is_cmov(m: M) -> bool {
+    matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    )
+}
+
+fn is_setcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    )
 }
 
 fn is_imm(k: OpKind) -> bool {

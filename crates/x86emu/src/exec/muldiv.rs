@@ -40,12 +40,21 @@ fn set_acc(cpu: &mut Core, size: u32, lo: u64, hi: u64) {
 
 /// Flags after a multiply: CF=OF=overflow; SF/ZF/PF from the low half (undefined
 /// architecturally; this matches what recent CPUs produce often enough to be harmless).
-fn mul_flags(lo: u64, size: u32, overflow: bool) -> u64 {
+pub(crate) fn mul_flags(lo: u64, size: u32, overflow: bool) -> u64 {
     let mut f = szp(lo, size);
     if overflow {
         f |= CF | OF;
     }
     f
+}
+
+/// Signed `a * b` truncated to `size` bytes, and whether the truncation lost bits.
+#[inline(always)]
+pub(crate) fn imul_truncated(a: u64, b: u64, size: u32) -> (u64, bool) {
+    let full = i128::from(sext(a & mask(size), size) as i64)
+        * i128::from(sext(b & mask(size), size) as i64);
+    let lo = (full as u64) & mask(size);
+    (lo, full != i128::from(sext(lo, size) as i64))
 }
 
 pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
@@ -78,10 +87,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             } else {
                 (cpu.read_op(p, ins, 1)?, cpu.read_op(p, ins, 2)?)
             };
-            let full = i128::from(sext(a & mask(size), size) as i64)
-                * i128::from(sext(b & mask(size), size) as i64);
-            let lo = (full as u64) & mask(size);
-            let of = full != i128::from(sext(lo, size) as i64);
+            let (lo, of) = imul_truncated(a, b, size);
             cpu.write_op(p, ins, 0, lo)?;
             cpu.set_status(mul_flags(lo, size, of));
             Ok(())
