@@ -28,6 +28,30 @@ pub struct EmuVcpu {
     ram: GuestRam,
     vm: Arc<VmShared>,
     kvmclock: KvmClockState,
+    /// Guest RIP samples, one per slice, when `VESSEL_EMU_PROFILE` names a file to write.
+    profile: Option<Profile>,
+}
+
+/// A poor man's guest profiler: with short slices, the RIP at each slice end is a sample.
+struct Profile {
+    path: std::path::PathBuf,
+    hits: std::collections::HashMap<u64, u64>,
+}
+
+/// Slice length while profiling: short enough for a few thousand samples a second.
+const PROFILE_SLICE: u64 = 2_000;
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        let Some(p) = self.profile.take() else { return };
+        let mut v: Vec<_> = p.hits.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        let text: String = v.iter().map(|(rip, n)| format!("{rip:#x} {n}\n")).collect();
+        let path = p.path.with_extension(format!("cpu{}", self.id));
+        if let Err(e) = std::fs::write(&path, text) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the emu profile");
+        }
+    }
 }
 
 impl EmuVcpu {
@@ -38,6 +62,10 @@ impl EmuVcpu {
             ram,
             vm,
             kvmclock: KvmClockState::default(),
+            profile: std::env::var_os("VESSEL_EMU_PROFILE").map(|p| Profile {
+                path: p.into(),
+                hits: Default::default(),
+            }),
         }
     }
 
@@ -163,8 +191,16 @@ impl Vcpu for EmuVcpu {
         }
         let exit = {
             let _guard = vm.turn.lock();
-            self.cpu.run(&mut platform, SLICE)
+            let slice = if self.profile.is_some() {
+                PROFILE_SLICE
+            } else {
+                SLICE
+            };
+            self.cpu.run(&mut platform, slice)
         };
+        if let Some(p) = &mut self.profile {
+            *p.hits.entry(self.cpu.state().rip).or_default() += 1;
+        }
         Ok(match exit {
             RunExit::Halted => {
                 let interruptible = self.cpu.state().rflags & x86emu::state::flags::IF != 0;
