@@ -4,8 +4,14 @@
 //! virtio-mmio devices and how to power off. The platform is *hardware-reduced* ACPI, as
 //! Cloud Hypervisor and Firecracker present it: no SCI, no PM1 blocks, no FACS; power-off
 //! goes through the FADT sleep control register and reset through its reset register.
+//!
+//! Events the host raises (the power button) come through a Generic Event Device
+//! (`ACPI0013`): its interrupt makes the guest run its `_EVT` method, which reads the
+//! event register at [`GED_PORT`] (reading clears it) and notifies the power button
+//! device (`PNP0C0C`) for bit [`GED_EVENT_POWER_BUTTON`]. Linux's built-in `evged` driver
+//! serves the GED; its `button` driver turns the notification into KEY_POWER.
 
-use acpi_tables::{aml, sdt::Sdt, Aml};
+use acpi_tables::{aml, sdt::Sdt, Aml, AmlSink};
 
 use crate::layout::{APIC_START, IOAPIC_START};
 
@@ -24,6 +30,21 @@ pub const SLEEP_CONTROL_SLP_TYP_SHIFT: u8 = 2;
 /// COM1, which the DSDT describes so Linux routes its interrupt.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
+
+/// The CMOS RTC (MC146818): index/data ports and its ISA interrupt.
+pub const RTC_PORT: u16 = 0x70;
+pub const RTC_GSI: u32 = 8;
+/// The CMOS byte that holds the century, as the FADT's CENTURY field names it.
+pub const RTC_CENTURY_INDEX: u8 = 0x32;
+
+/// The Generic Event Device's event register (one byte, read clears it).
+pub const GED_PORT: u16 = 0x610;
+/// The GED's interrupt: an ISA line nothing else uses (16..23 belong to virtio-mmio).
+pub const GED_GSI: u32 = 5;
+/// Event register bit: the power button was pressed.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// The Notify value ACPI defines for a button press (`ACPI_BUTTON_NOTIFY_STATUS`).
+const BUTTON_NOTIFY_STATUS: u8 = 0x80;
 
 /// A virtio-mmio device as the DSDT describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,10 +119,14 @@ fn gas_io(port: u16, bits: u8) -> [u8; 12] {
 
 fn fadt(dsdt_addr: u64) -> Sdt {
     let mut f = Sdt::new(*b"FACP", 276, 6, OEM_ID, OEM_TABLE, 1);
-    // IAPC_BOOT_ARCH: no VGA (bit 2), no CMOS RTC (bit 5). No 8042 bit: Linux would
-    // probe a keyboard controller we only emulate for its reset line.
-    f.write_u16(109, (1 << 2) | (1 << 5));
-    // Flags: WBINVD, PROC_C1, PWR_BUTTON and SLP_BUTTON absent, RESET_REG_SUP,
+    // CENTURY: the CMOS byte with the century (the RTC emulates it).
+    f.write_u8(108, RTC_CENTURY_INDEX);
+    // IAPC_BOOT_ARCH: no VGA (bit 2). The CMOS RTC is there (bit 5 clear) and described
+    // in the DSDT. No 8042 bit: Linux would probe a keyboard controller we only emulate
+    // for its reset line.
+    f.write_u16(109, 1 << 2);
+    // Flags: WBINVD, PROC_C1, PWR_BUTTON and SLP_BUTTON (set: no fixed-feature buttons;
+    // the power button is the DSDT's control-method device), RESET_REG_SUP,
     // HW_REDUCED_ACPI.
     let flags: u32 = 1 | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10) | (1 << 20);
     f.write_u32(112, flags);
@@ -157,6 +182,9 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
     );
     aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs])
         .to_aml_bytes(&mut d);
+    rtc(&mut d);
+    power_button(&mut d);
+    ged(&mut d);
     let names: Vec<String> = (0..cfg.virtio_devices.len())
         .map(|i| format!("V{i:03X}"))
         .collect();
@@ -175,6 +203,73 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
         device.to_aml_bytes(&mut d);
     }
     d
+}
+
+/// The CMOS RTC, so Linux's rtc_cmos binds to it through PNP (hardware-reduced ACPI
+/// registers no legacy RTC on its own).
+fn rtc(sink: &mut dyn AmlSink) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let io = aml::IO::new(RTC_PORT, RTC_PORT, 1, 2);
+    let irq = aml::Interrupt::new(true, true, false, false, RTC_GSI);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq]));
+    aml::Device::new("_SB_.RTC_".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+}
+
+/// The power button as a control-method device: the GED's `_EVT` notifies it.
+fn power_button(sink: &mut dyn AmlSink) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]).to_aml_bytes(sink);
+}
+
+/// The Generic Event Device: one edge interrupt, and an `_EVT` that reads the event
+/// register and notifies the device behind each set bit.
+///
+/// ```text
+/// Device (\_SB.GED_) {
+///   Name (_HID, "ACPI0013")  Name (_UID, 0)
+///   Name (_CRS, ResourceTemplate () { Interrupt (Consumer, Edge, ActiveHigh) { GED_GSI } })
+///   OperationRegion (GDST, SystemIO, GED_PORT, 1)
+///   Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }
+///   Method (_EVT, 1, Serialized) {
+///     Local0 = GDAT
+///     If ((Local0 & GED_EVENT_POWER_BUTTON) == GED_EVENT_POWER_BUTTON) {
+///       Notify (\_SB.PWRB, 0x80)
+///     }
+///   }
+/// }
+/// ```
+fn ged(sink: &mut dyn AmlSink) {
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let port = GED_PORT;
+    let len = 1u8;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let local0 = aml::Local(0);
+    let gdat: aml::Path = "GDAT".into();
+    let read = aml::Store::new(&local0, &gdat);
+    let bit = GED_EVENT_POWER_BUTTON;
+    let masked = aml::And::new(&aml::ZERO, &local0, &bit);
+    let pressed = aml::Equal::new(&masked, &bit);
+    let button: aml::Path = "\\_SB_.PWRB".into();
+    let notify = aml::Notify::new(&button, &BUTTON_NOTIFY_STATUS);
+    let on_button = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_button]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(sink);
 }
 
 #[cfg(test)]
@@ -219,6 +314,13 @@ mod tests {
                 let hay = String::from_utf8_lossy(dsdt);
                 assert!(hay.contains("_S5_") && hay.contains("LNRO0005"));
                 assert!(hay.contains("COM1"));
+                // The GED with its event method and register, the button it notifies,
+                // and the RTC.
+                for name in ["GED_", "ACPI0013", "_EVT", "GDST", "GDAT", "PWRB", "RTC_"] {
+                    assert!(hay.contains(name), "{name} missing from the DSDT");
+                }
+                assert_eq!(t[108], RTC_CENTURY_INDEX);
+                assert_eq!(t[109] & (1 << 5), 0, "the CMOS RTC is present");
             }
             if &t[0..4] == b"APIC" {
                 let lapics = t[44..].windows(2).filter(|w| w == &[0, 8]).count();
