@@ -4,15 +4,20 @@
 # result is cached under $VESSEL_ASSETS (default ~/.cache/vessel/assets), where
 # `vessel run` and the tests look by default.
 #
-#   scripts/guest-assets.sh          fetch (no-op when the cache is complete)
+#   scripts/guest-assets.sh          fetch (no-op when the cache is complete and current)
 #   scripts/guest-assets.sh --force  fetch again
+#
+# The cache is current when its `assets-stamp` holds this script's SHA-256: any change to
+# what the script builds (modules, /init) rebuilds it on every machine, CI included.
 set -euo pipefail
 
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
+STAMP="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 
-if [ $FORCE = 0 ] && [ -s "$ASSETS/vmlinuz" ] && [ -s "$ASSETS/initramfs.cpio.gz" ] && [ -s "$ASSETS/vmlinux" ]; then
+if [ $FORCE = 0 ] && [ -s "$ASSETS/vmlinuz" ] && [ -s "$ASSETS/initramfs.cpio.gz" ] && [ -s "$ASSETS/vmlinux" ] &&
+    [ "$(cat "$ASSETS/assets-stamp" 2>/dev/null)" = "$STAMP" ]; then
     echo "guest assets: up to date in $ASSETS"
     exit 0
 fi
@@ -50,8 +55,9 @@ find "$moddir" -name '*.ko.zst' -exec zstd -q --rm -d {} +
 
 # Each .ko names what it needs in its modinfo `depends=` field (there is no modules.dep in
 # the package): load order is a depth-first walk of that graph.
+# button and evdev: the ACPI power button (PNP0C0C) as /dev/input/event*, for acpid.
 wanted=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng
-        vmw_vsock_virtio_transport vsock_loopback ext4 crc32c_generic)
+        vmw_vsock_virtio_transport vsock_loopback ext4 crc32c_generic button evdev)
 declare -A path_of done_mod
 while IFS= read -r ko; do
     name="$(basename "$ko" .ko)"
@@ -74,7 +80,7 @@ visit() {
 for m in "${wanted[@]}"; do visit "$m"; done
 
 root="$work/initramfs"
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules,mnt,root,usr/bin,usr/sbin}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc/acpi,lib/modules,mnt,root,usr/bin,usr/sbin,var/log,var/run}
 cp bb/bin/busybox "$root/bin/busybox"
 for ko in "${order[@]}"; do
     cp "$ko" "$root/lib/modules/"
@@ -103,6 +109,11 @@ if [ -n "${newroot:-}" ] && mount "$newroot" /mnt; then
     mount --move /dev /mnt/dev 2>/dev/null
     exec switch_root /mnt /sbin/init
 fi
+# The ACPI power button (the VMM's shutdown request) arrives as KEY_POWER on an evdev
+# node; busybox acpid runs /etc/acpi/power for it (see /etc/acpid.conf).
+if [ -e /dev/input/event0 ]; then
+    acpid
+fi
 if [ -n "${run:-}" ]; then
     sh -c "$(echo "$run" | tr '+' ' ')"
     poweroff -f
@@ -112,6 +123,18 @@ while true; do
 done
 INIT
 chmod +x "$root/init"
+# busybox acpid: each line is "KEY HANDLER"; an event whose description contains KEY
+# (KEY_POWER is "button/power PWRF 00000080") runs HANDLER, relative to /etc/acpi.
+cat >"$root/etc/acpid.conf" <<'CONF'
+PWRF power
+CONF
+cat >"$root/etc/acpi/power" <<'POWER'
+#!/bin/sh
+echo "vessel-init: power button pressed, powering off" >/dev/console
+sync
+poweroff -f
+POWER
+chmod +x "$root/etc/acpi/power"
 echo 'export PS1="~ # "' >"$root/etc/profile"
 
 mkdir -p "$ASSETS"
@@ -143,4 +166,5 @@ mv "$ASSETS/initramfs.cpio.gz.tmp" "$ASSETS/initramfs.cpio.gz"
 mv "$ASSETS/vmlinuz.tmp" "$ASSETS/vmlinuz"
 mv "$ASSETS/vmlinux.tmp" "$ASSETS/vmlinux"
 echo "$kver" >"$ASSETS/kernel-version"
+echo "$STAMP" >"$ASSETS/assets-stamp"
 echo "guest assets: kernel $kver, $(wc -l <"$root/lib/modules/load-order") modules -> $ASSETS"
