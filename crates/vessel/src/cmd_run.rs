@@ -142,7 +142,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = config_from(args)?;
     let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
     if let Some(sock) = &api_sock {
-        let api = vmm::api::firecracker::VmmApi::new_running(config, vmm.exit_signal());
+        let api = vmm::api::firecracker::VmmApi::new_running(config, vmm.control());
         vmm::api::firecracker::spawn(sock, api)
             .with_context(|| format!("serving the API on {}", sock.display()))?;
     }

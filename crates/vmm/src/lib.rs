@@ -4,9 +4,11 @@ pub mod accel;
 pub mod api;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod io;
 pub mod vm;
 
 pub use config::{Accel, SerialConfig, VmConfig};
+pub use control::{ControlError, VmControl};
 pub use devices::ExitReason;
 pub use vm::{Vmm, VmmError};

@@ -18,6 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::accel;
 use crate::config::{ConfigError, DiskFormat, SerialConfig, VmConfig};
 use crate::console;
+use crate::control::VmControl;
 use crate::io::IoBuses;
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +171,7 @@ pub struct Vmm {
     config: VmConfig,
     note: Option<String>,
     exit: Arc<ExitSignal>,
+    control: Arc<VmControl>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices fed from the host side (TAPs, vsock sockets), a thread each.
@@ -290,6 +292,15 @@ impl Vmm {
             u64::from(DEBUG_EXIT_PORT),
             4,
         )?;
+        // The Generic Event Device the DSDT describes: the power button.
+        const _: () = assert!(acpi::GED_EVENT_POWER_BUTTON == devices::ged::EVENT_POWER_BUTTON);
+        let ged = Arc::new(Mutex::new(devices::ged::Ged::new(
+            irq.clone(),
+            acpi::GED_GSI,
+        )));
+        io.pio
+            .insert(dev(ged.clone()), u64::from(acpi::GED_PORT), 1)?;
+        let control = Arc::new(VmControl::new(exit.clone(), ged));
 
         let mut rx_pumps = Vec::new();
         for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
@@ -327,6 +338,7 @@ impl Vmm {
             config,
             note: choice.note,
             exit,
+            control,
             io: Arc::new(io),
             serial,
             rx_pumps,
@@ -344,6 +356,11 @@ impl Vmm {
     /// The handle devices and callers use to stop the VM.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
+    }
+
+    /// The handle to pause, resume, reset the VM or press its power button.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
     }
 
     /// Run until the guest powers off or resets, or something stops the VM.
@@ -378,13 +395,19 @@ impl Vmm {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
             let io = self.io.clone();
-            let exit = self.exit.clone();
+            let control = self.control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, vcpu, &io, &exit))
+                .spawn(move || vcpu_loop(id, vcpu, &io, &control))
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
+        self.control.set_vcpu_threads(
+            threads
+                .iter()
+                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+                .collect(),
+        );
 
         stop_on_termination_signals();
         let reason = loop {
@@ -403,6 +426,7 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.control.set_vcpu_threads(Vec::new());
         for t in threads {
             let _ = t.join();
         }
@@ -498,9 +522,16 @@ fn vsock_pump(
     }
 }
 
-fn vcpu_loop(id: usize, mut vcpu: Box<dyn Vcpu>, io: &IoBuses, exit: &ExitSignal) {
+fn vcpu_loop(id: usize, mut vcpu: Box<dyn Vcpu>, io: &IoBuses, control: &VmControl) {
+    let exit = control.exit_signal();
     while exit.get().is_none() {
-        match vcpu.run(io) {
+        // Parks here while the VM is paused.
+        if !control.enter_run() {
+            break;
+        }
+        let result = vcpu.run(io);
+        control.leave_run();
+        match result {
             Ok(VcpuExit::Io) | Ok(VcpuExit::Interrupted) => {}
             Ok(VcpuExit::Hlt) => {
                 // Only reached without an in-kernel irqchip: nothing can wake the CPU.

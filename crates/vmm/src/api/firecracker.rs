@@ -2,14 +2,20 @@
 //! `{"fault_message": "..."}`), documented in openapi/vmm.yaml.
 //!
 //! Before boot, requests build a `VmConfig` (`/machine-config`, `/boot-source`, `/drives`
-//! as virtio-blk disks, `/network-interfaces` as virtio-net on TAP devices);
+//! as virtio-blk disks, `/network-interfaces` as virtio-net on TAP devices, `/vsock`);
 //! `PUT /actions {"action_type": "InstanceStart"}` validates it, builds the VM with
-//! `Vmm::new` and runs it on a thread. After boot only runtime requests are accepted. What
-//! the VMM core cannot do yet (vsock, pause/resume, Ctrl-Alt-Del, rate limiters) is refused
-//! with a 400 that says so, as Firecracker refuses what it does not support.
+//! `Vmm::new` and runs it on a thread. After boot only runtime requests are accepted:
+//! `PATCH /vm` pauses and resumes the vCPUs (guest time keeps running, as in
+//! Firecracker), and `SendCtrlAltDel` asks the guest to shut down: Firecracker presses
+//! Ctrl-Alt-Del on its i8042; this VMM presses the ACPI power button (the guest's GED
+//! interrupt, `PNP0C0C`), which Linux turns into KEY_POWER for its init or acpid. What
+//! the VMM cannot do (rate limiters, changing devices after boot) is refused with a 400
+//! that says so, as Firecracker refuses what it does not support.
 //!
 //! Beyond Firecracker, for the manager: `action_type` `Stop` (end the VMM now, as
-//! quitting the console does) and `GET /vessel/status` (state and how the VM ended).
+//! quitting the console does), `Reset` (reset the machine: the VM ends as when the guest
+//! reboots, `vessel run` exits with its reboot status and the manager starts the domain
+//! again) and `GET /vessel/status` (state and how the VM ended).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -17,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::http::{Handler, Reply, Request, Response};
-use crate::config::{SerialConfig, VmConfig};
-use crate::{ExitReason, Vmm};
+use crate::config::{SerialConfig, VmConfig, VsockConfig};
+use crate::{ExitReason, VmControl, Vmm};
 
 /// A Firecracker-style error: status 400 and a fault message.
 pub fn fault(status: u16, msg: impl Into<String>) -> Response {
@@ -85,6 +91,16 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<Value>,
 }
 
+/// `PUT /vsock` body. `vsock_id` is accepted and ignored, as Firecracker deprecated it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    pub guest_cid: u64,
+    pub uds_path: String,
+    #[serde(default, skip_serializing)]
+    pub vsock_id: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Action {
@@ -106,10 +122,11 @@ enum Phase {
         /// In the order they were first put (a later PUT with the same id replaces).
         drives: Vec<Drive>,
         nets: Vec<NetworkInterface>,
+        vsock: Option<Vsock>,
     },
     Running {
         config: VmConfig,
-        exit: Arc<devices::ExitSignal>,
+        control: Arc<VmControl>,
     },
     Finished {
         config: VmConfig,
@@ -167,7 +184,10 @@ fn config_json(c: &VmConfig) -> Value {
             "host_dev_name": n.tap,
             "guest_mac": n.mac,
         })).collect::<Vec<_>>(),
-        "vsock": null,
+        "vsock": c.vsock.as_ref().map(|v| json!({
+            "guest_cid": v.guest_cid,
+            "uds_path": v.uds_path,
+        })),
         "vessel": { "accel": c.accel },
     })
 }
@@ -182,6 +202,7 @@ impl VmmApi {
                 boot: None,
                 drives: Vec::new(),
                 nets: Vec::new(),
+                vsock: None,
             }),
             ended: Condvar::new(),
             serial,
@@ -190,11 +211,11 @@ impl VmmApi {
     }
 
     /// An API for a VM already started from command-line flags.
-    pub fn new_running(config: VmConfig, exit: Arc<devices::ExitSignal>) -> Arc<Self> {
+    pub fn new_running(config: VmConfig, control: Arc<VmControl>) -> Arc<Self> {
         Arc::new(VmmApi {
             serial: config.serial.clone(),
             accel: config.accel,
-            phase: Mutex::new(Phase::Running { config, exit }),
+            phase: Mutex::new(Phase::Running { config, control }),
             ended: Condvar::new(),
             result: Mutex::new(None),
         })
@@ -233,8 +254,35 @@ impl VmmApi {
     fn state_name(&self) -> &'static str {
         match &*lock(&self.phase) {
             Phase::PreBoot { .. } => "Not started",
+            Phase::Running { control, .. } if control.is_paused() => "Paused",
             Phase::Running { .. } => "Running",
             Phase::Finished { .. } => "Finished",
+        }
+    }
+
+    /// The running VM's control handle, or the Firecracker-style refusal.
+    fn control(&self) -> Result<Arc<VmControl>, Response> {
+        match &*lock(&self.phase) {
+            Phase::Running { control, .. } => Ok(control.clone()),
+            Phase::PreBoot { .. } => Err(fault(
+                400,
+                "The requested operation is not supported before starting the microVM.",
+            )),
+            Phase::Finished { .. } => Err(fault(400, "The microVM is not running.")),
+        }
+    }
+
+    /// Runs a control operation on the running VM: 204, or 400 with its error.
+    fn with_control(
+        &self,
+        op: impl FnOnce(&VmControl) -> Result<(), crate::ControlError>,
+    ) -> Response {
+        match self.control() {
+            Ok(c) => match op(&c) {
+                Ok(()) => Response::empty(204),
+                Err(e) => fault(400, e.to_string()),
+            },
+            Err(r) => r,
         }
     }
 
@@ -244,6 +292,7 @@ impl VmmApi {
         boot: &Option<BootSource>,
         drives: &[Drive],
         nets: &[NetworkInterface],
+        vsock: &Option<Vsock>,
     ) -> Result<VmConfig, Response> {
         let Some(boot) = boot else {
             return Err(fault(
@@ -287,6 +336,10 @@ impl VmmApi {
                 mac: n.guest_mac.clone(),
             })
             .collect();
+        c.vsock = vsock.as_ref().map(|v| VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.clone().into(),
+        });
         c.serial = self.serial.clone();
         c.accel = self.accel;
         c.validate().map_err(|e| fault(400, e.to_string()))?;
@@ -300,6 +353,7 @@ impl VmmApi {
             boot,
             drives,
             nets,
+            vsock,
         } = &*p
         else {
             return fault(
@@ -307,7 +361,7 @@ impl VmmApi {
                 "The requested operation is not supported after starting the microVM.",
             );
         };
-        let config = match self.build_config(machine, boot, drives, nets) {
+        let config = match self.build_config(machine, boot, drives, nets, vsock) {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -318,7 +372,7 @@ impl VmmApi {
         let exit = vmm.exit_signal();
         *p = Phase::Running {
             config,
-            exit: exit.clone(),
+            control: vmm.control(),
         };
         drop(p);
         let me = self.clone();
@@ -517,7 +571,32 @@ impl VmmApi {
                 400,
                 "Updating a network interface after boot is not supported by this VMM yet.",
             ),
-            ("PUT", ["vsock"]) => fault(400, "Vsock devices are not supported by this VMM yet."),
+            ("PUT", ["vsock"]) => {
+                if !preboot {
+                    return after_boot();
+                }
+                let v: Vsock = match parse(req) {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                // The same rules as --vsock: CIDs 0-2 and VMADDR_CID_ANY are reserved.
+                if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
+                    return fault(
+                        400,
+                        format!(
+                            "Invalid vsock guest_cid {}: it is reserved (use 3 or more).",
+                            v.guest_cid
+                        ),
+                    );
+                }
+                if v.uds_path.is_empty() {
+                    return fault(400, "Invalid vsock uds_path: it is empty.");
+                }
+                if let Phase::PreBoot { vsock, .. } = &mut *lock(&self.phase) {
+                    *vsock = Some(v);
+                }
+                Response::empty(204)
+            }
             ("PUT", ["actions"]) => {
                 let a: Action = match parse(req) {
                     Ok(a) => a,
@@ -525,16 +604,12 @@ impl VmmApi {
                 };
                 match a.action_type.as_str() {
                     "InstanceStart" => self.instance_start(),
-                    "SendCtrlAltDel" => fault(400, "SendCtrlAltDel is not supported by this VMM yet: its i8042 cannot inject a key sequence."),
+                    // The guest-shutdown request: the ACPI power button.
+                    "SendCtrlAltDel" => self.with_control(VmControl::press_power_button),
                     "FlushMetrics" => fault(400, "Metrics are not configured."),
-                    "Stop" => match &*lock(&self.phase) {
-                        Phase::Running { exit, .. } => {
-                            exit.request(ExitReason::Quit);
-                            Response::empty(204)
-                        }
-                        _ => fault(400, "The microVM is not running."),
-                    },
-                    other => fault(400, format!("Invalid action_type {other:?} (InstanceStart, SendCtrlAltDel, FlushMetrics, Stop).")),
+                    "Stop" => self.with_control(VmControl::stop),
+                    "Reset" => self.with_control(VmControl::reset),
+                    other => fault(400, format!("Invalid action_type {other:?} (InstanceStart, SendCtrlAltDel, FlushMetrics, Stop, Reset).")),
                 }
             }
             ("PATCH", ["vm"]) => {
@@ -543,13 +618,8 @@ impl VmmApi {
                     Err(r) => return r,
                 };
                 match s.state.as_str() {
-                    "Paused" | "Resumed" => {
-                        if preboot {
-                            fault(400, "The requested operation is not supported before starting the microVM.")
-                        } else {
-                            fault(400, format!("{} is not supported by this VMM yet: its vCPU threads cannot be parked.", s.state))
-                        }
-                    }
+                    "Paused" => self.with_control(VmControl::pause),
+                    "Resumed" => self.with_control(VmControl::resume),
                     other => fault(
                         400,
                         format!("Invalid VM state {other:?} (Paused or Resumed)."),
@@ -563,12 +633,13 @@ impl VmmApi {
                         boot,
                         drives,
                         nets,
+                        vsock,
                     } => json!({
                         "boot-source": boot,
                         "machine-config": machine,
                         "drives": drives,
                         "network-interfaces": nets,
-                        "vsock": null,
+                        "vsock": vsock,
                     }),
                     Phase::Running { config, .. } | Phase::Finished { config, .. } => {
                         config_json(config)
@@ -579,6 +650,9 @@ impl VmmApi {
             ("GET", ["vessel", "status"]) => {
                 let v = match &*lock(&self.phase) {
                     Phase::PreBoot { .. } => json!({"state": "Not started"}),
+                    Phase::Running { control, .. } if control.is_paused() => {
+                        json!({"state": "Paused"})
+                    }
                     Phase::Running { .. } => json!({"state": "Running"}),
                     Phase::Finished { how, .. } => json!({"state": "Finished", "exit": how}),
                 };
@@ -668,17 +742,24 @@ mod tests {
                 .status,
             204
         );
+        let vsock = r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#;
+        assert_eq!(api.handle_req(&req("PUT", "/vsock", vsock)).status, 204);
         let p = lock(&api.phase);
         let Phase::PreBoot {
             machine,
             boot,
             drives,
             nets,
+            vsock,
         } = &*p
         else {
             panic!()
         };
-        let c = api.build_config(machine, boot, drives, nets).unwrap();
+        let c = api
+            .build_config(machine, boot, drives, nets, vsock)
+            .unwrap();
+        let v = c.vsock.as_ref().unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/tmp/v.sock")));
         assert_eq!((c.cpus, c.memory_mib), (2, 256));
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
         assert_eq!(c.disks.len(), 1);
@@ -736,9 +817,17 @@ mod tests {
             (
                 "PUT",
                 "/vsock",
-                r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
-                "not supported",
+                r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#,
+                "reserved",
             ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+                "before starting",
+            ),
+            ("PATCH", "/vm", r#"{"state": "Resumed"}"#, "before starting"),
+            ("PATCH", "/vm", r#"{"state": "Frozen"}"#, "Invalid VM state"),
             (
                 "PUT",
                 "/actions",

@@ -1,0 +1,267 @@
+//! Controlling a running VM from outside its vCPU threads: pause and resume, the ACPI
+//! power button, reset and stop. The control API (`api::firecracker`) and `vessel run`
+//! hold a [`VmControl`]; the vCPU threads pass through its gate before every `run()`.
+//!
+//! Pausing parks every vCPU thread outside `Vcpu::run` (a kick signal takes a thread out
+//! of KVM_RUN; the emu accelerator returns from `run` within one slice or idle wait), so a
+//! paused guest executes nothing: no console output, no timers serviced, no device kicks.
+//! The host-side device threads (TAP and vsock receive) keep filling receive queues, as
+//! a NIC's DMA would; the guest sees those buffers when it resumes.
+//!
+//! Guest time is not stopped (Firecracker's semantics): the TSC, kvmclock and the RTC
+//! follow the host's clock, so after a resume the guest's clocks are still right and its
+//! overdue timers fire at once. A guest paused for longer than its soft-lockup threshold
+//! (20 s on Linux) may log a soft-lockup warning on resume.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devices::ged::Ged;
+use devices::{ExitReason, ExitSignal};
+
+/// How long `pause` waits for every vCPU to leave `run()`.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A parked vCPU re-checks the VM's stop request at least this often.
+const PARKED_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is not running (it ended: {0:?})")]
+    NotRunning(ExitReason),
+    #[error("the vCPUs did not stop within {0:?}; the VM keeps running")]
+    PauseTimeout(Duration),
+    #[error("raising the power button's interrupt: {0}")]
+    Irq(#[from] hypervisor::Error),
+}
+
+/// The handle to a running VM.
+pub struct VmControl {
+    exit: Arc<ExitSignal>,
+    ged: Arc<Mutex<Ged>>,
+    paused: AtomicBool,
+    /// vCPU threads between the gate and the end of their `run()` call.
+    in_run: AtomicUsize,
+    parked: Mutex<()>,
+    unparked: Condvar,
+    /// The vCPU threads to kick out of KVM_RUN, while they are joinable.
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl std::fmt::Debug for VmControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmControl")
+            .field("exit", &self.exit.get())
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VmControl {
+    pub fn new(exit: Arc<ExitSignal>, ged: Arc<Mutex<Ged>>) -> Self {
+        VmControl {
+            exit,
+            ged,
+            paused: AtomicBool::new(false),
+            in_run: AtomicUsize::new(0),
+            parked: Mutex::new(()),
+            unparked: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn exit_signal(&self) -> &Arc<ExitSignal> {
+        &self.exit
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    fn running(&self) -> Result<(), ControlError> {
+        match self.exit.get() {
+            Some(r) => Err(ControlError::NotRunning(r)),
+            None => Ok(()),
+        }
+    }
+
+    /// Parks every vCPU; returns once none is executing guest code. Pausing a paused VM
+    /// is a no-op.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.running()?;
+        self.paused.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while self.in_run.load(Ordering::SeqCst) > 0 {
+            if self.exit.get().is_some() {
+                // Stopping anyway: the vCPU threads are leaving for good.
+                break;
+            }
+            if t0.elapsed() > PAUSE_TIMEOUT {
+                self.resume_threads();
+                return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again. Resuming a running VM is a no-op.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.running()?;
+        self.resume_threads();
+        tracing::info!("VM resumed");
+        Ok(())
+    }
+
+    fn resume_threads(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        // Under the lock: a vCPU that saw `paused` set is then already waiting.
+        let _g = lock(&self.parked);
+        self.unparked.notify_all();
+    }
+
+    /// Presses the ACPI power button (the guest decides what to do about it).
+    pub fn press_power_button(&self) -> Result<(), ControlError> {
+        self.running()?;
+        lock(&self.ged).press_power_button()?;
+        Ok(())
+    }
+
+    /// Resets the machine: the VM ends with [`ExitReason::Reset`], as when the guest
+    /// reboots itself (`vessel run` exits with its reboot status; the manager starts the
+    /// domain again).
+    pub fn reset(&self) -> Result<(), ControlError> {
+        self.running()?;
+        self.exit.request(ExitReason::Reset);
+        Ok(())
+    }
+
+    /// Ends the VM now, as quitting the console does.
+    pub fn stop(&self) -> Result<(), ControlError> {
+        self.running()?;
+        self.exit.request(ExitReason::Quit);
+        Ok(())
+    }
+
+    /// The vCPU side, before each `run()`: waits while the VM is paused. Returns false
+    /// when the VM is stopping instead. Every `true` must be followed by `leave_run`.
+    pub(crate) fn enter_run(&self) -> bool {
+        loop {
+            // Announce first, then look: with `pause` storing `paused` before reading
+            // `in_run` (both SeqCst), one of the two always sees the other.
+            self.in_run.fetch_add(1, Ordering::SeqCst);
+            if !self.paused.load(Ordering::SeqCst) {
+                return true;
+            }
+            self.in_run.fetch_sub(1, Ordering::SeqCst);
+            let mut g = lock(&self.parked);
+            while self.paused.load(Ordering::SeqCst) {
+                if self.exit.get().is_some() {
+                    return false;
+                }
+                g = self
+                    .unparked
+                    .wait_timeout(g, PARKED_POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    pub(crate) fn leave_run(&self) {
+        self.in_run.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The vCPU threads `pause` kicks; set while they are joinable.
+    pub(crate) fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
+        *lock(&self.threads) = threads;
+    }
+
+    fn kick(&self) {
+        let sig = vmm_sys_util::signal::SIGRTMIN();
+        for &t in lock(&self.threads).iter() {
+            // SAFETY: `t` is a thread the VMM spawned and has not joined yet (the list is
+            // cleared before the join, under this lock); the kick signal's handler does
+            // nothing, it only interrupts KVM_RUN.
+            unsafe {
+                libc::pthread_kill(t, sig);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoIrq;
+    impl hypervisor::IrqChip for NoIrq {
+        fn set_irq_line(&self, _: u32, _: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, _: u64, _: u32) -> hypervisor::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn control() -> Arc<VmControl> {
+        let exit = Arc::new(ExitSignal::new());
+        let ged = Arc::new(Mutex::new(Ged::new(Arc::new(NoIrq), 5)));
+        Arc::new(VmControl::new(exit, ged))
+    }
+
+    #[test]
+    fn pause_parks_a_running_loop_and_resume_releases_it() {
+        let c = control();
+        let count = Arc::new(AtomicUsize::new(0));
+        let worker = {
+            let (c, count) = (c.clone(), count.clone());
+            std::thread::spawn(move || {
+                while c.exit_signal().get().is_none() {
+                    if !c.enter_run() {
+                        break;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(200));
+                    c.leave_run();
+                }
+            })
+        };
+        while count.load(Ordering::SeqCst) < 10 {
+            std::thread::yield_now();
+        }
+        c.pause().unwrap();
+        assert!(c.is_paused());
+        let at_pause = count.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(count.load(Ordering::SeqCst), at_pause, "ran while paused");
+        c.pause().unwrap();
+        c.resume().unwrap();
+        let t0 = Instant::now();
+        while count.load(Ordering::SeqCst) < at_pause + 10 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never resumed");
+            std::thread::yield_now();
+        }
+        // A stop while paused ends the parked loop.
+        c.pause().unwrap();
+        c.stop().unwrap();
+        worker.join().unwrap();
+        assert!(matches!(c.pause(), Err(ControlError::NotRunning(_))));
+        assert!(c.press_power_button().is_err());
+    }
+
+    #[test]
+    fn reset_ends_the_vm_with_reset() {
+        let c = control();
+        c.press_power_button().unwrap();
+        assert_eq!(c.exit_signal().get(), None);
+        c.reset().unwrap();
+        assert_eq!(c.exit_signal().get(), Some(ExitReason::Reset));
+    }
+}
