@@ -3,9 +3,8 @@
 use std::time::Instant;
 
 use crate::cpuid::CpuidTable;
-use crate::decode::{decode, BlockCache};
+use crate::decode::{decode, BlockCache, Insn};
 use crate::exceptions::{Fault, Result};
-use crate::exec::{handler_for, Handler};
 use crate::mmu::{Access, Tlb};
 use crate::platform::{GuestRam, Platform};
 use crate::state::{flags, CpuState, Seg, Segment};
@@ -235,7 +234,7 @@ impl Core {
         bitness: u32,
         ip: u64,
         user: bool,
-    ) -> Result<(Instruction, Handler)> {
+    ) -> Result<Insn> {
         // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
         // next page if the instruction really extends into it.
         let first = 4096 - off;
@@ -243,7 +242,7 @@ impl Core {
         let n1 = first.min(15);
         self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
         if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok((ins, handler_for(&ins)));
+            return Ok(Insn::new(ins, &buf, 0));
         }
         self.read_lin_slow(
             p,
@@ -253,7 +252,7 @@ impl Core {
             Access::Fetch,
         )?;
         let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
-        Ok((ins, handler_for(&ins)))
+        Ok(Insn::new(ins, &buf, 0))
     }
 
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
@@ -289,15 +288,10 @@ impl Core {
     }
 
     #[inline(always)]
-    pub(crate) fn execute(
-        &mut self,
-        p: &mut dyn Platform,
-        ins: &Instruction,
-        handler: Handler,
-    ) -> Result<()> {
-        self.next_rip = ins.next_ip();
-        if let Err(f) = handler(self, p, ins) {
-            self.note_ud(ins, &f);
+    pub(crate) fn execute(&mut self, p: &mut dyn Platform, insn: &Insn) -> Result<()> {
+        self.next_rip = insn.instr.next_ip();
+        if let Err(f) = (insn.handler)(self, p, insn) {
+            self.note_ud(&insn.instr, &f);
             return Err(f);
         }
         self.s.rip = self.mask_ip(self.next_rip);
@@ -408,14 +402,14 @@ impl Cpu {
                 core.new_shadow = false;
                 if insn.ends {
                     // May change the mode: `execute` masks the next RIP for the new one.
-                    match core.execute(p, &insn.instr, insn.handler) {
+                    match core.execute(p, insn) {
                         Ok(()) => chain = insn.near_branch && !core.io_done,
                         Err(f) => core.fault(p, f),
                     }
                     break;
                 }
                 core.next_rip = insn.instr.next_ip();
-                if let Err(f) = (insn.handler)(core, p, &insn.instr) {
+                if let Err(f) = (insn.handler)(core, p, insn) {
                     core.note_ud(&insn.instr, &f);
                     core.fault(p, f);
                     break;
@@ -465,13 +459,13 @@ impl Cpu {
     fn fetch_and_execute(&mut self, p: &mut dyn Platform) -> Result<()> {
         self.shadow = false;
         self.new_shadow = false;
-        let (ins, h) = self.fetch(p)?;
-        self.core.execute(p, &ins, h)
+        let insn = self.fetch(p)?;
+        self.core.execute(p, &insn)
     }
 
     /// Fetches and decodes the instruction at CS:RIP, bypassing the block cache (single
     /// steps, MMIO-resident and page-crossing code).
-    fn fetch(&mut self, p: &mut dyn Platform) -> Result<(Instruction, Handler)> {
+    fn fetch(&mut self, p: &mut dyn Platform) -> Result<Insn> {
         let bitness = self.s.bitness();
         let ip = self.s.rip;
         let lin = self.wrap_lin(self.s.seg[Seg::Cs as usize].base.wrapping_add(ip));
@@ -483,7 +477,7 @@ impl Cpu {
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
             if let Some(ins) = decode(bitness, ip, avail) {
-                return Ok((ins, handler_for(&ins)));
+                return Ok(Insn::new(ins, avail, off));
             }
         }
         self.core.fetch_slow(p, lin, off, bitness, ip, user)

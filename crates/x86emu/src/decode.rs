@@ -13,18 +13,21 @@
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind};
 
+use crate::exec::fast::{uop_for, Uop};
 use crate::exec::{handler_for, Handler};
 
 /// Block slots (direct mapped by physical address).
-const CACHE_SIZE: usize = 1 << 12;
+const CACHE_SIZE: usize = 1 << 14;
 /// Longest block: bounds the work lost when a block must be rebuilt.
 const MAX_BLOCK: usize = 32;
 
-/// One decoded instruction of a block.
+/// One decoded instruction: the iced-x86 form, its handler and the operands the fast
+/// handlers use, plus (in a block) the bytes it was decoded from.
 #[derive(Clone, Copy)]
 pub(crate) struct Insn {
     pub(crate) instr: Instruction,
     pub(crate) handler: Handler,
+    pub(crate) uop: Uop,
     /// Raw bytes, zero padded, and the mask of the valid ones.
     bytes: u128,
     byte_mask: u128,
@@ -37,6 +40,24 @@ pub(crate) struct Insn {
 }
 
 impl Insn {
+    /// `instr` with its handler; `code` holds its bytes (or fewer: then the instruction is
+    /// never found valid again, which suits one-off decodes).
+    pub(crate) fn new(instr: Instruction, code: &[u8], off: usize) -> Self {
+        let len = instr.len().min(15);
+        let byte_mask = (1u128 << (len * 8)) - 1;
+        let ends = ends_block(&instr);
+        Insn {
+            instr,
+            handler: handler_for(&instr),
+            uop: uop_for(&instr),
+            bytes: load16(code) & byte_mask,
+            byte_mask,
+            off: off as u16,
+            ends,
+            near_branch: is_near_branch(&instr),
+        }
+    }
+
     /// Whether the instruction's bytes at `page[off..]` are still the ones decoded.
     ///
     /// # Safety
@@ -162,18 +183,9 @@ impl BlockCache {
                 break; // runs past the page end
             }
             let len = ins.len().min(15);
-            let rest = avail.get(pos..)?;
-            let byte_mask = (1u128 << (len * 8)) - 1;
-            let ends = ends_block(&ins);
-            b.insns.push(Insn {
-                instr: ins,
-                handler: handler_for(&ins),
-                bytes: load16(rest) & byte_mask,
-                byte_mask,
-                off: (off + pos) as u16,
-                ends,
-                near_branch: is_near_branch(&ins),
-            });
+            let insn = Insn::new(ins, avail.get(pos..)?, off + pos);
+            let ends = insn.ends;
+            b.insns.push(insn);
             pos += len;
             if ends {
                 break;

@@ -7,12 +7,14 @@ use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::flags::{add_flags, logic_flags, sub_flags};
 use super::muldiv::{imul_truncated, mul_flags};
-use super::operand::{ea, mask, mem_seg, reg_read, reg_size, reg_write, sext};
+use super::operand::{mask, mem_seg, reg_size, sext};
 use super::Handler;
 use crate::cpu::Core;
+use crate::decode::Insn;
 use crate::exceptions::Result;
 use crate::platform::Platform;
 use crate::state::flags::{CF, STATUS};
+use crate::state::Seg;
 
 const ADD: u8 = 0;
 const OR: u8 = 1;
@@ -71,123 +73,338 @@ fn alu<const OP: u8>(cpu: &mut Core, a: u64, b: u64, size: u32) -> Option<u64> {
     }
 }
 
-fn alu_rr<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let d = ins.op0_register();
-    let size = reg_size(d);
-    let a = reg_read(cpu, d);
-    let b = reg_read(cpu, ins.op1_register());
-    if let Some(r) = alu::<OP>(cpu, a, b, size) {
-        reg_write(cpu, d, r);
+/// Operands of the fast forms, resolved once at decode time so the handlers index the
+/// register file directly instead of matching iced-x86 register and operand kinds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Uop {
+    /// Register-file indices of a register operand 0 and 1 (`NO_REG` otherwise).
+    d: u8,
+    s: u8,
+    /// Size in bytes of operand 0 (and of the operation).
+    size: u8,
+    /// Size in bytes of operand 1 (MOVZX/MOVSX sources).
+    ssize: u8,
+    /// Memory operand: base and index registers (`NO_REG` for none), scale as a shift,
+    /// displacement (iced folds RIP-relative targets into it), address-size mask.
+    base: u8,
+    index: u8,
+    scale: u8,
+    msize: u8,
+    seg: Seg,
+    amask: u64,
+    disp: u64,
+    /// The immediate operand, extended as its operand kind says; or a branch target.
+    imm: u64,
+}
+
+const NO_REG: u8 = 0xff;
+
+impl Default for Uop {
+    fn default() -> Self {
+        Uop {
+            d: NO_REG,
+            s: NO_REG,
+            size: 8,
+            ssize: 8,
+            base: NO_REG,
+            index: NO_REG,
+            scale: 0,
+            msize: 8,
+            seg: Seg::Ds,
+            amask: u64::MAX,
+            disp: 0,
+            imm: 0,
+        }
+    }
+}
+
+/// Register-file index and size of a GPR other than AH/CH/DH/BH (whose bits are not at
+/// the bottom of their register).
+fn gpr(r: Register) -> Option<(u8, u8)> {
+    if !r.is_gpr() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+        return None;
+    }
+    Some((r.full_register().number() as u8, reg_size(r) as u8))
+}
+
+fn imm_value(ins: &Instruction, k: OpKind) -> u64 {
+    match k {
+        OpKind::Immediate8 => u64::from(ins.immediate8()),
+        OpKind::Immediate16 => u64::from(ins.immediate16()),
+        OpKind::Immediate32 => u64::from(ins.immediate32()),
+        OpKind::Immediate64 => ins.immediate64(),
+        OpKind::Immediate8to16 => u64::from(ins.immediate8to16() as u16),
+        OpKind::Immediate8to32 => u64::from(ins.immediate8to32() as u32),
+        OpKind::Immediate8to64 => ins.immediate8to64() as u64,
+        OpKind::Immediate32to64 => ins.immediate32to64() as u64,
+        _ => 0,
+    }
+}
+
+/// Resolves the operands of `ins` for the fast handlers.
+pub(crate) fn uop_for(ins: &Instruction) -> Uop {
+    let mut u = Uop::default();
+    let n = ins.op_count();
+    for i in 0..n.min(3) {
+        match ins.op_kind(i) {
+            OpKind::Register => {
+                if let Some((idx, size)) = gpr(ins.op_register(i)) {
+                    match i {
+                        0 => {
+                            u.d = idx;
+                            u.size = size;
+                        }
+                        1 => {
+                            u.s = idx;
+                            u.ssize = size;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            OpKind::Memory => {
+                let size = ins.memory_size().size() as u8;
+                u.msize = size;
+                if i == 0 {
+                    u.size = size;
+                } else if i == 1 {
+                    u.ssize = size;
+                }
+                u.seg = mem_seg(ins);
+                u.disp = ins.memory_displacement64();
+                let base = ins.memory_base();
+                let index = ins.memory_index();
+                let mut asize = 0;
+                if base != Register::None && base != Register::RIP && base != Register::EIP {
+                    u.base = gpr(base).map_or(NO_REG, |g| g.0);
+                    asize = reg_size(base);
+                }
+                if base == Register::EIP {
+                    asize = 4;
+                }
+                if index != Register::None {
+                    u.index = gpr(index).map_or(NO_REG, |g| g.0);
+                    u.scale = ins.memory_index_scale().trailing_zeros() as u8;
+                    if asize == 0 {
+                        asize = reg_size(index);
+                    }
+                }
+                if asize == 0 {
+                    asize = match ins.code_size() {
+                        iced_x86::CodeSize::Code64 => 8,
+                        _ if ins.memory_displ_size() == 2 => 2,
+                        _ => 4,
+                    };
+                }
+                u.amask = mask(asize);
+            }
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                u.imm = ins.near_branch_target();
+            }
+            k if is_imm(k) => u.imm = imm_value(ins, k),
+            _ => {}
+        }
+    }
+    u
+}
+
+impl Uop {
+    #[inline(always)]
+    fn ea(&self, cpu: &Core) -> u64 {
+        let g = &cpu.s.gpr;
+        let mut a = self.disp;
+        if let Some(b) = g.get(usize::from(self.base)) {
+            a = a.wrapping_add(*b);
+        }
+        if let Some(i) = g.get(usize::from(self.index)) {
+            a = a.wrapping_add(*i << self.scale);
+        }
+        a & self.amask
+    }
+
+    #[inline(always)]
+    fn read_mem(&self, cpu: &mut Core, p: &mut dyn Platform) -> Result<u64> {
+        let a = self.ea(cpu);
+        cpu.read_mem(p, self.seg, a, u32::from(self.msize))
+    }
+
+    #[inline(always)]
+    fn write_mem(&self, cpu: &mut Core, p: &mut dyn Platform, v: u64) -> Result<()> {
+        let a = self.ea(cpu);
+        cpu.write_mem(p, self.seg, a, u32::from(self.msize), v)
+    }
+}
+
+/// Reads register `i` at `size` bytes (zero-extended).
+#[inline(always)]
+fn rd(cpu: &Core, i: u8, size: u8) -> u64 {
+    cpu.s.gpr[usize::from(i) & 15] & mask(u32::from(size))
+}
+
+/// Writes register `i` at `size` bytes with x86 width rules (32-bit writes zero-extend,
+/// 8/16-bit writes merge).
+#[inline(always)]
+fn wr(cpu: &mut Core, i: u8, size: u8, v: u64) {
+    let r = &mut cpu.s.gpr[usize::from(i) & 15];
+    *r = match size {
+        8 => v,
+        4 => v & 0xffff_ffff,
+        _ => {
+            let m = mask(u32::from(size));
+            (*r & !m) | (v & m)
+        }
+    };
+}
+
+fn alu_rr<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let a = rd(cpu, u.d, u.size);
+    let b = rd(cpu, u.s, u.size);
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(u.size)) {
+        wr(cpu, u.d, u.size, r);
     }
     Ok(())
 }
 
-/// Register destination, immediate or memory source.
-fn alu_rx<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let d = ins.op0_register();
-    let size = reg_size(d);
-    let b = cpu.read_op(p, ins, 1)?;
-    let a = reg_read(cpu, d);
-    if let Some(r) = alu::<OP>(cpu, a, b, size) {
-        reg_write(cpu, d, r);
+fn alu_ri<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let a = rd(cpu, u.d, u.size);
+    if let Some(r) = alu::<OP>(cpu, a, u.imm, u32::from(u.size)) {
+        wr(cpu, u.d, u.size, r);
+    }
+    Ok(())
+}
+
+fn alu_rm<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let b = u.read_mem(cpu, p)?;
+    let a = rd(cpu, u.d, u.size);
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(u.size)) {
+        wr(cpu, u.d, u.size, r);
     }
     Ok(())
 }
 
 /// CMP/TEST with a memory first operand (no write-back, so no locking concerns).
-fn alu_mx<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let size = ins.memory_size().size() as u32;
-    let a = cpu.read_mem(p, mem_seg(ins), ea(cpu, ins), size)?;
-    let b = cpu.read_op(p, ins, 1)?;
-    alu::<OP>(cpu, a, b, size);
+fn alu_mr<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let a = u.read_mem(cpu, p)?;
+    let b = rd(cpu, u.s, u.size);
+    alu::<OP>(cpu, a, b, u32::from(u.size));
     Ok(())
 }
 
-/// IMUL with a register destination (two- and three-operand forms).
-fn imul_r<const SRC: u32>(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let d = ins.op0_register();
-    let size = reg_size(d);
-    let (a, b) = if SRC == 1 {
-        (reg_read(cpu, d), cpu.read_op(p, ins, 1)?)
+fn alu_mi<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let a = u.read_mem(cpu, p)?;
+    alu::<OP>(cpu, a, u.imm, u32::from(u.size));
+    Ok(())
+}
+
+/// IMUL with a register destination: `d = d * src` or `d = src * imm`.
+fn imul_r<const THREE: bool>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let src = if u.s != NO_REG {
+        rd(cpu, u.s, u.size)
     } else {
-        (cpu.read_op(p, ins, 1)?, cpu.read_op(p, ins, 2)?)
+        u.read_mem(cpu, p)?
     };
-    let (lo, of) = imul_truncated(a, b, size);
-    reg_write(cpu, d, lo);
-    cpu.set_status(mul_flags(lo, size, of));
+    let (a, b) = if THREE {
+        (src, u.imm)
+    } else {
+        (rd(cpu, u.d, u.size), src)
+    };
+    let (lo, of) = imul_truncated(a, b, u32::from(u.size));
+    wr(cpu, u.d, u.size, lo);
+    cpu.set_status(mul_flags(lo, u32::from(u.size), of));
     Ok(())
 }
 
 /// CMOVcc with a register destination.
-fn cmov_r(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn cmov_r(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
     // The source is read (and may fault) whether or not the move happens.
-    let v = cpu.read_op(p, ins, 1)?;
-    let d = ins.op0_register();
+    let v = if u.s != NO_REG {
+        rd(cpu, u.s, u.size)
+    } else {
+        u.read_mem(cpu, p)?
+    };
     // A 32-bit destination is zero-extended even when the condition is false.
-    let out = if cpu.cond(ins.condition_code()) {
+    let out = if cpu.cond(i.instr.condition_code()) {
         v
     } else {
-        reg_read(cpu, d)
+        rd(cpu, u.d, u.size)
     };
-    reg_write(cpu, d, out);
+    wr(cpu, u.d, u.size, out);
     Ok(())
 }
 
 /// SETcc with a register destination.
-fn setcc_r(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = u64::from(cpu.cond(ins.condition_code()));
-    reg_write(cpu, ins.op0_register(), v);
+fn setcc_r(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let v = u64::from(cpu.cond(i.instr.condition_code()));
+    wr(cpu, i.uop.d, 1, v);
     Ok(())
 }
 
-fn mov_rr(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = reg_read(cpu, ins.op1_register());
-    reg_write(cpu, ins.op0_register(), v);
+fn mov_rr(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let v = rd(cpu, u.s, u.size);
+    wr(cpu, u.d, u.size, v);
     Ok(())
 }
 
-fn mov_rx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = cpu.read_op(p, ins, 1)?;
-    reg_write(cpu, ins.op0_register(), v);
+fn mov_ri(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    wr(cpu, u.d, u.size, u.imm);
     Ok(())
 }
 
-fn mov_mx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = cpu.read_op(p, ins, 1)?;
-    let size = ins.memory_size().size() as u32;
-    let a = ea(cpu, ins);
-    cpu.write_mem(p, mem_seg(ins), a, size, v)
-}
-
-fn movzx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = cpu.read_op(p, ins, 1)?;
-    reg_write(cpu, ins.op0_register(), v);
+fn mov_rm(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let v = u.read_mem(cpu, p)?;
+    wr(cpu, u.d, u.size, v);
     Ok(())
 }
 
-fn movsx(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let from = cpu.op_size(ins, 1);
-    let d = ins.op0_register();
-    let v = sext(cpu.read_op(p, ins, 1)?, from) & mask(reg_size(d));
-    reg_write(cpu, d, v);
+fn mov_mr(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let v = rd(cpu, u.s, u.msize);
+    u.write_mem(cpu, p, v)
+}
+
+fn mov_mi(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    u.write_mem(cpu, p, u.imm)
+}
+
+/// MOVZX/MOVSX (and MOVSXD) from a register or memory.
+fn movx<const SIGNED: bool>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let v = if u.s != NO_REG {
+        rd(cpu, u.s, u.ssize)
+    } else {
+        u.read_mem(cpu, p)?
+    };
+    let v = if SIGNED {
+        sext(v, u32::from(u.ssize)) & mask(u32::from(u.size))
+    } else {
+        v
+    };
+    wr(cpu, u.d, u.size, v);
     Ok(())
 }
 
-fn lea(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let d = ins.op0_register();
-    let v = ea(cpu, ins) & mask(reg_size(d));
-    reg_write(cpu, d, v);
+fn lea(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let v = u.ea(cpu);
+    wr(cpu, u.d, u.size, v);
     Ok(())
 }
 
-fn inc_dec_r<const INC: bool>(
-    cpu: &mut Core,
-    _p: &mut dyn Platform,
-    ins: &Instruction,
-) -> Result<()> {
-    let d = ins.op0_register();
-    let size = reg_size(d);
-    let a = reg_read(cpu, d);
+fn inc_dec_r<const INC: bool>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let size = u32::from(u.size);
+    let a = rd(cpu, u.d, u.size);
     let (r, f) = if INC {
         let r = a.wrapping_add(1) & mask(size);
         (r, add_flags(a, 1, 0, r, size))
@@ -196,84 +413,84 @@ fn inc_dec_r<const INC: bool>(
         (r, sub_flags(a, 1, 0, r, size))
     };
     cpu.set_flags_masked(f, STATUS & !CF);
-    reg_write(cpu, d, r);
+    wr(cpu, u.d, u.size, r);
     Ok(())
 }
 
-fn jcc(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    if cpu.cond(ins.condition_code()) {
-        cpu.jump(ins.near_branch_target())?;
+fn jcc(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    if cpu.cond(i.instr.condition_code()) {
+        cpu.jump(i.uop.imm)?;
     }
     Ok(())
 }
 
-fn jmp_rel(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    cpu.jump(ins.near_branch_target())
+fn jmp_rel(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    cpu.jump(i.uop.imm)
 }
 
 /// 64-bit mode CALL rel32.
-fn call_rel64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let target = ins.near_branch_target();
+fn call_rel64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let ret = cpu.next_rip;
     let sp = cpu.s.gpr[4].wrapping_sub(8);
-    cpu.write_mem(p, crate::state::Seg::Ss, sp, 8, ret)?;
-    cpu.jump(target)?;
+    cpu.write_mem(p, Seg::Ss, sp, 8, ret)?;
+    cpu.jump(i.uop.imm)?;
     cpu.s.gpr[4] = sp;
     Ok(())
 }
 
 /// 64-bit mode RET.
-fn ret64(cpu: &mut Core, p: &mut dyn Platform, _ins: &Instruction) -> Result<()> {
+fn ret64(cpu: &mut Core, p: &mut dyn Platform, _i: &Insn) -> Result<()> {
     let sp = cpu.s.gpr[4];
-    let target = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
+    let target = cpu.read_mem(p, Seg::Ss, sp, 8)?;
     cpu.jump(target)?;
     cpu.s.gpr[4] = sp.wrapping_add(8);
     Ok(())
 }
 
 /// 64-bit mode PUSH r64.
-fn push_r64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let v = reg_read(cpu, ins.op0_register());
+fn push_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let v = rd(cpu, i.uop.d, 8);
     let sp = cpu.s.gpr[4].wrapping_sub(8);
-    cpu.write_mem(p, crate::state::Seg::Ss, sp, 8, v)?;
+    cpu.write_mem(p, Seg::Ss, sp, 8, v)?;
     cpu.s.gpr[4] = sp;
     Ok(())
 }
 
 /// 64-bit mode POP r64.
-fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let sp = cpu.s.gpr[4];
-    let v = cpu.read_mem(p, crate::state::Seg::Ss, sp, 8)?;
+    let v = cpu.read_mem(p, Seg::Ss, sp, 8)?;
     cpu.s.gpr[4] = sp.wrapping_add(8);
-    reg_write(cpu, ins.op0_register(), v);
+    wr(cpu, i.uop.d, 8, v);
     Ok(())
 }
 
 /// SHL/SAL/SHR/SAR/ROL/ROR of a register by an immediate (the `, 1` forms included).
-fn shift_ri(cpu: &mut Core, _p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
-    let d = ins.op0_register();
-    let size = reg_size(d);
+fn shift_ri(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let u = &i.uop;
+    let size = u32::from(u.size);
     let cmask = if size == 8 { 0x3f } else { 0x1f };
-    let c = u32::from(ins.immediate8()) & cmask;
-    let a = reg_read(cpu, d);
+    let c = (u.imm as u32) & cmask;
+    let a = rd(cpu, u.d, u.size);
     if c == 0 {
         // No flags change; a 32-bit destination is still zero-extended.
-        reg_write(cpu, d, a);
+        wr(cpu, u.d, u.size, a);
         return Ok(());
     }
     let (r, f, which) =
-        super::shift::compute(ins.mnemonic(), a, c, size, u64::from(cpu.flag(CF)), 0);
-    reg_write(cpu, d, r);
+        super::shift::compute(i.instr.mnemonic(), a, c, size, u64::from(cpu.flag(CF)), 0);
+    wr(cpu, u.d, u.size, r);
     cpu.set_flags_masked(f, which);
     Ok(())
 }
 
-fn nop(_: &mut Core, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+fn nop(_: &mut Core, _: &mut dyn Platform, _: &Insn) -> Result<()> {
     Ok(())
 }
 
+/// Operand `i` is a GPR the fast handlers can index (not AH/CH/DH/BH).
 fn is_gpr(ins: &Instruction, i: u32) -> bool {
-    ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_gpr()
+    ins.op_kind(i) == OpKind::Register && gpr(ins.op_register(i)).is_some()
 }
 
 /// A specialised handler for `ins`, if it has one of the common simple forms.
@@ -281,26 +498,34 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
     let m = ins.mnemonic();
     let n = ins.op_count();
     let bits64 = ins.code_size() == iced_x86::CodeSize::Code64;
+    let k0 = if n > 0 {
+        ins.op0_kind()
+    } else {
+        OpKind::Register
+    };
     let k1 = if n > 1 {
         ins.op1_kind()
     } else {
         OpKind::Register
     };
-    let src_ok = n == 2 && (is_gpr(ins, 1) || k1 == OpKind::Memory || is_imm(k1));
+    let r0 = n > 0 && is_gpr(ins, 0);
+    let r1 = n > 1 && is_gpr(ins, 1);
+    let m1 = k1 == OpKind::Memory;
+    let i1 = is_imm(k1);
     macro_rules! alu_forms {
         ($op:expr) => {{
             if n != 2 {
-                return None;
-            }
-            if is_gpr(ins, 0) && is_gpr(ins, 1) {
+                None
+            } else if r0 && r1 {
                 Some(alu_rr::<{ $op }> as Handler)
-            } else if is_gpr(ins, 0) && src_ok {
-                Some(alu_rx::<{ $op }> as Handler)
-            } else if ins.op0_kind() == OpKind::Memory
-                && (is_gpr(ins, 1) || is_imm(k1))
-                && ($op == CMP || $op == TEST)
-            {
-                Some(alu_mx::<{ $op }> as Handler)
+            } else if r0 && i1 {
+                Some(alu_ri::<{ $op }> as Handler)
+            } else if r0 && m1 {
+                Some(alu_rm::<{ $op }> as Handler)
+            } else if k0 == OpKind::Memory && r1 && ($op == CMP || $op == TEST) {
+                Some(alu_mr::<{ $op }> as Handler)
+            } else if k0 == OpKind::Memory && i1 && ($op == CMP || $op == TEST) {
+                Some(alu_mi::<{ $op }> as Handler)
             } else {
                 None
             }
@@ -314,56 +539,25 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Xor => alu_forms!(XOR),
         M::Cmp => alu_forms!(CMP),
         M::Test => alu_forms!(TEST),
-        M::Adc if n == 2 && is_gpr(ins, 0) && src_ok => {
-            if is_gpr(ins, 1) {
-                Some(alu_rr::<ADC> as Handler)
-            } else {
-                Some(alu_rx::<ADC> as Handler)
-            }
-        }
-        M::Sbb if n == 2 && is_gpr(ins, 0) && src_ok => {
-            if is_gpr(ins, 1) {
-                Some(alu_rr::<SBB> as Handler)
-            } else {
-                Some(alu_rx::<SBB> as Handler)
-            }
-        }
-        M::Imul if n == 2 && is_gpr(ins, 0) && src_ok => Some(imul_r::<1>),
-        M::Imul
-            if n == 3
-                && is_gpr(ins, 0)
-                && (is_gpr(ins, 1) || ins.op1_kind() == OpKind::Memory)
-                && is_imm(ins.op2_kind()) =>
-        {
-            Some(imul_r::<2>)
-        }
-        _ if ins.condition_code() != iced_x86::ConditionCode::None
-            && is_cmov(m)
-            && n == 2
-            && is_gpr(ins, 0)
-            && (is_gpr(ins, 1) || k1 == OpKind::Memory) =>
-        {
-            Some(cmov_r)
-        }
-        _ if ins.condition_code() != iced_x86::ConditionCode::None
-            && is_setcc(m)
-            && is_gpr(ins, 0) =>
-        {
-            Some(setcc_r)
-        }
-        M::Mov if n == 2 && is_gpr(ins, 0) && is_gpr(ins, 1) => Some(mov_rr),
-        M::Mov if n == 2 && is_gpr(ins, 0) && (k1 == OpKind::Memory || is_imm(k1)) => Some(mov_rx),
-        M::Mov if n == 2 && ins.op0_kind() == OpKind::Memory && (is_gpr(ins, 1) || is_imm(k1)) => {
-            Some(mov_mx)
-        }
-        M::Movzx if is_gpr(ins, 0) => Some(movzx),
-        M::Movsx | M::Movsxd if is_gpr(ins, 0) => Some(movsx),
-        M::Lea if is_gpr(ins, 0) => Some(lea),
-        M::Inc if is_gpr(ins, 0) => Some(inc_dec_r::<true>),
-        M::Dec if is_gpr(ins, 0) => Some(inc_dec_r::<false>),
+        M::Adc => alu_forms!(ADC),
+        M::Sbb => alu_forms!(SBB),
+        M::Imul if n == 2 && r0 && (r1 || m1) => Some(imul_r::<false>),
+        M::Imul if n == 3 && r0 && (r1 || m1) && is_imm(ins.op2_kind()) => Some(imul_r::<true>),
+        _ if is_cmov(m) && n == 2 && r0 && (r1 || m1) => Some(cmov_r),
+        _ if is_setcc(m) && r0 => Some(setcc_r),
+        M::Mov if n == 2 && r0 && r1 => Some(mov_rr),
+        M::Mov if n == 2 && r0 && i1 => Some(mov_ri),
+        M::Mov if n == 2 && r0 && m1 => Some(mov_rm),
+        M::Mov if n == 2 && k0 == OpKind::Memory && r1 => Some(mov_mr),
+        M::Mov if n == 2 && k0 == OpKind::Memory && i1 => Some(mov_mi),
+        M::Movzx if r0 && (r1 || m1) => Some(movx::<false>),
+        M::Movsx | M::Movsxd if r0 && (r1 || m1) => Some(movx::<true>),
+        M::Lea if r0 => Some(lea),
+        M::Inc if r0 => Some(inc_dec_r::<true>),
+        M::Dec if r0 => Some(inc_dec_r::<false>),
         M::Nop => Some(nop),
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror
-            if n == 2 && is_gpr(ins, 0) && ins.op1_kind() == OpKind::Immediate8 =>
+            if n == 2 && r0 && ins.op1_kind() == OpKind::Immediate8 =>
         {
             Some(shift_ri)
         }
@@ -371,10 +565,10 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Jmp if ins.is_jmp_short_or_near() => Some(jmp_rel),
         M::Call if bits64 && ins.op0_kind() == OpKind::NearBranch64 => Some(call_rel64),
         M::Ret if bits64 && n == 0 && ins.code() == iced_x86::Code::Retnq => Some(ret64),
-        M::Push if bits64 && is_gpr(ins, 0) && ins.op0_register().is_gpr64() => Some(push_r64),
+        M::Push if bits64 && r0 && ins.op0_register().is_gpr64() => Some(push_r64),
         M::Pop
             if bits64
-                && is_gpr(ins, 0)
+                && r0
                 && ins.op0_register().is_gpr64()
                 && ins.op0_register() != Register::RSP =>
         {

@@ -22,14 +22,22 @@ pub(crate) mod x87;
 use iced_x86::{Instruction, Mnemonic as M};
 
 use crate::cpu::Core;
+use crate::decode::Insn;
 use crate::exceptions::{Fault, Result};
 use crate::platform::Platform;
 
-/// Executes one instruction of a family.
-pub(crate) type Handler = fn(&mut Core, &mut dyn Platform, &Instruction) -> Result<()>;
+/// Executes one decoded instruction.
+pub(crate) type Handler = fn(&mut Core, &mut dyn Platform, &Insn) -> Result<()>;
 
-fn undefined(_: &mut Core, _: &mut dyn Platform, _: &Instruction) -> Result<()> {
+fn undefined(_: &mut Core, _: &mut dyn Platform, _: &Insn) -> Result<()> {
     Err(Fault::ud())
+}
+
+/// A family's `exec` (which works from the iced-x86 instruction alone) as a [`Handler`].
+macro_rules! family {
+    ($f:path) => {
+        (|c: &mut Core, p: &mut dyn Platform, i: &Insn| $f(c, p, &i.instr)) as Handler
+    };
 }
 
 /// Picks the family that executes `ins`; chosen once per decode and cached with it.
@@ -53,7 +61,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Inc
         | M::Dec
         | M::Neg
-        | M::Not => alu::exec,
+        | M::Not => family!(alu::exec),
         M::Mov
         | M::Movzx
         | M::Movsx
@@ -110,8 +118,8 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Nop
         | M::Pause
         | M::Endbr64
-        | M::Endbr32 => mov::exec,
-        M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b | M::Xadd => atomic::exec,
+        | M::Endbr32 => family!(mov::exec),
+        M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b | M::Xadd => family!(atomic::exec),
         M::Shl
         | M::Sal
         | M::Shr
@@ -121,10 +129,12 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Rcl
         | M::Rcr
         | M::Shld
-        | M::Shrd => shift::exec,
-        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::exec,
-        M::Bt | M::Bts | M::Btr | M::Btc | M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => bits::exec,
-        M::Movsd | M::Cmpsd if !string::is_string_form(ins) => sse::exec,
+        | M::Shrd => family!(shift::exec),
+        M::Mul | M::Imul | M::Div | M::Idiv => family!(muldiv::exec),
+        M::Bt | M::Bts | M::Btr | M::Btc | M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
+            family!(bits::exec)
+        }
+        M::Movsd | M::Cmpsd if !string::is_string_form(ins) => family!(sse::exec),
         M::Movsb
         | M::Movsw
         | M::Movsd
@@ -150,7 +160,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Insd
         | M::Outsb
         | M::Outsw
-        | M::Outsd => string::exec,
+        | M::Outsd => family!(string::exec),
         M::Jmp
         | M::Ja
         | M::Jae
@@ -183,7 +193,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Int
         | M::Int3
         | M::Into
-        | M::Int1 => control::exec,
+        | M::Int1 => family!(control::exec),
         M::Push
         | M::Pop
         | M::Pushf
@@ -197,7 +207,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Pusha
         | M::Pushad
         | M::Popa
-        | M::Popad => stack::exec,
+        | M::Popad => family!(stack::exec),
         M::Cpuid
         | M::Rdtsc
         | M::Rdtscp
@@ -244,7 +254,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Lsl
         | M::Lar
         | M::Verr
-        | M::Verw => system::exec,
+        | M::Verw => family!(system::exec),
         M::Fninit
         | M::Finit
         | M::Fldcw
@@ -263,7 +273,7 @@ pub(crate) fn handler_for(ins: &Instruction) -> Handler {
         | M::Fxrstor
         | M::Fxrstor64
         | M::Ldmxcsr
-        | M::Stmxcsr => x87::exec,
-        _ => sse::exec,
+        | M::Stmxcsr => family!(x87::exec),
+        _ => family!(sse::exec),
     }
 }
