@@ -81,6 +81,10 @@ pub struct Core {
     pub(crate) retired: u64,
     /// Set when a page walk lost an A/D-bit update race; the walk is retried.
     pub(crate) walk_raced: bool,
+    /// Physical page of the block being executed, and whether this CPU wrote to it
+    /// (the block then stops: the rest of it may have changed).
+    pub(crate) code_page: u64,
+    pub(crate) code_written: bool,
 }
 
 impl Cpu {
@@ -114,6 +118,8 @@ impl Core {
             tsc_offset: 0,
             retired: 0,
             walk_raced: false,
+            code_page: u64::MAX,
+            code_written: false,
         }
     }
 
@@ -242,7 +248,7 @@ impl Core {
         let n1 = first.min(15);
         self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
         if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok(Insn::new(ins, &buf, 0));
+            return Ok(Insn::new(ins));
         }
         self.read_lin_slow(
             p,
@@ -252,7 +258,7 @@ impl Core {
             Access::Fetch,
         )?;
         let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
-        Ok(Insn::new(ins, &buf, 0))
+        Ok(Insn::new(ins))
     }
 
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
@@ -348,8 +354,7 @@ impl Cpu {
     /// and the blocks its near branches lead to while they stay in the same code page (no
     /// new translation needed) and within `budget` instructions. Returns how many
     /// instructions ran (at least one, counting a faulting one). Stops after a device
-    /// access, a new interrupt shadow, HLT, a mode change, or an instruction whose bytes
-    /// changed since its block was decoded.
+    /// access, a new interrupt shadow, HLT, a mode change, or a write to the code page.
     #[inline(always)]
     fn run_block(&mut self, p: &mut dyn Platform, budget: u64) -> u64 {
         if self.s.rflags & flags::TF != 0 {
@@ -388,22 +393,17 @@ impl Cpu {
                 }
                 return n;
             };
-            let mut stale = false;
             let mut chain = false;
-            for (i, insn) in block.insns.iter().enumerate() {
-                // SAFETY: `t.host` is a valid RAM page (TLB contract). The first
-                // instruction was validated by the lookup.
-                if i > 0 && !unsafe { insn.still_valid(t.host) } {
-                    stale = true;
-                    break;
-                }
+            core.code_page = t.gpa_page;
+            core.code_written = false;
+            for insn in &block.insns {
                 n += 1;
                 core.shadow = false;
                 core.new_shadow = false;
                 if insn.ends {
                     // May change the mode: `execute` masks the next RIP for the new one.
                     match core.execute(p, insn) {
-                        Ok(()) => chain = insn.near_branch && !core.io_done,
+                        Ok(()) => chain = insn.near_branch && !core.io_done && !core.code_written,
                         Err(f) => core.fault(p, f),
                     }
                     break;
@@ -419,16 +419,13 @@ impl Cpu {
                 core.retired += 1;
                 if core.next_rip != insn.instr.next_ip()
                     || core.io_done
+                    || core.code_written
                     || core.shadow
                     || core.halted
                     || core.s.rflags & flags::TF != 0
                 {
                     break;
                 }
-            }
-            if stale {
-                self.blocks.invalidate(gpa);
-                return n;
             }
             if !chain || n >= budget {
                 return n;
@@ -477,7 +474,7 @@ impl Cpu {
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
             if let Some(ins) = decode(bitness, ip, avail) {
-                return Ok(Insn::new(ins, avail, off));
+                return Ok(Insn::new(ins));
             }
         }
         self.core.fetch_slow(p, lin, off, bitness, ip, user)

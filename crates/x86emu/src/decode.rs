@@ -6,10 +6,10 @@
 //! RIP and looks up a block once, then executes its instructions back to back, so the
 //! translation and lookup cost is paid per block instead of per instruction.
 //!
-//! Every instruction keeps the raw bytes it was decoded from and runs only while the bytes
-//! in guest memory still match, so guest writes to code (by this CPU, another vCPU or a DMA
-//! device, even into the block being executed) can never run stale decodings, and no write
-//! path needs to know about code pages.
+//! A block keeps the raw bytes it was decoded from and is entered only while guest memory
+//! still holds them, so writes to code by another vCPU or a device never run stale
+//! decodings. Inside a block, a write by this CPU to the page being executed (tracked by
+//! the TLB's write path) ends the block, so code patched ahead of RIP runs patched.
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind};
 
@@ -28,11 +28,6 @@ pub(crate) struct Insn {
     pub(crate) instr: Instruction,
     pub(crate) handler: Handler,
     pub(crate) uop: Uop,
-    /// Raw bytes, zero padded, and the mask of the valid ones.
-    bytes: u128,
-    byte_mask: u128,
-    /// Offset of the instruction in its page.
-    pub(crate) off: u16,
     /// Ends its block: a branch, or an instruction that may change the mode.
     pub(crate) ends: bool,
     /// A near branch: the next block runs in the same mode and address space.
@@ -40,35 +35,14 @@ pub(crate) struct Insn {
 }
 
 impl Insn {
-    /// `instr` with its handler; `code` holds its bytes (or fewer: then the instruction is
-    /// never found valid again, which suits one-off decodes).
-    pub(crate) fn new(instr: Instruction, code: &[u8], off: usize) -> Self {
-        let len = instr.len().min(15);
-        let byte_mask = (1u128 << (len * 8)) - 1;
-        let ends = ends_block(&instr);
+    pub(crate) fn new(instr: Instruction) -> Self {
         Insn {
             instr,
             handler: handler_for(&instr),
             uop: uop_for(&instr),
-            bytes: load16(code) & byte_mask,
-            byte_mask,
-            off: off as u16,
-            ends,
+            ends: ends_block(&instr),
             near_branch: is_near_branch(&instr),
         }
-    }
-
-    /// Whether the instruction's bytes at `page[off..]` are still the ones decoded.
-    ///
-    /// # Safety
-    /// `page` must point to a readable 4 KiB page.
-    #[inline(always)]
-    pub(crate) unsafe fn still_valid(&self, page: *const u8) -> bool {
-        let off = usize::from(self.off);
-        // SAFETY: off < 4096 and the caller guarantees a 4 KiB page; at most the bytes
-        // left in the page are read.
-        let avail = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
-        load16(avail) & self.byte_mask == self.bytes
     }
 }
 
@@ -79,6 +53,9 @@ pub(crate) struct Block {
     /// to different branch targets.
     ip: u64,
     bitness: u32,
+    /// The bytes the block was decoded from; it runs only while guest memory still holds
+    /// them.
+    code: Vec<u8>,
     pub(crate) insns: Vec<Insn>,
 }
 
@@ -97,17 +74,18 @@ pub(crate) struct BlockCache {
     blocks: Vec<Block>,
 }
 
-/// Loads up to 16 bytes from `avail` as a little-endian u128 (zero padded).
+/// Whether `page[off..]` starts with `code`.
+///
+/// # Safety
+/// `page` must point to a readable 4 KiB page.
 #[inline(always)]
-fn load16(avail: &[u8]) -> u128 {
-    if let Some(b) = avail.first_chunk::<16>() {
-        u128::from_le_bytes(*b)
-    } else {
-        let mut b = [0u8; 16];
-        let n = avail.len().min(16);
-        b[..n].copy_from_slice(&avail[..n]);
-        u128::from_le_bytes(b)
+unsafe fn still_there(page: *const u8, off: usize, code: &[u8]) -> bool {
+    if off + code.len() > 4096 {
+        return false;
     }
+    // SAFETY: off + len <= 4096 inside a valid page (caller contract).
+    let mem = unsafe { std::slice::from_raw_parts(page.add(off), code.len()) };
+    mem == code
 }
 
 impl BlockCache {
@@ -143,21 +121,12 @@ impl BlockCache {
                 && b.ip == ip
                 && b.bitness == bitness
                 // SAFETY: `page` is a valid page (caller contract).
-                && b.insns.first().is_some_and(|i| unsafe { i.still_valid(page) })
+                && unsafe { still_there(page, (gpa & 0xfff) as usize, &b.code) }
         };
         if !hit {
             self.fill(slot, gpa, ip, bitness, page)?;
         }
         self.blocks.get(slot)
-    }
-
-    /// Forgets the block at `gpa` (one of its later instructions changed under it).
-    pub(crate) fn invalidate(&mut self, gpa: u64) {
-        if let Some(b) = self.blocks.get_mut(Self::slot(gpa)) {
-            if b.gpa == gpa {
-                b.gpa = u64::MAX;
-            }
-        }
     }
 
     #[cold]
@@ -183,7 +152,7 @@ impl BlockCache {
                 break; // runs past the page end
             }
             let len = ins.len().min(15);
-            let insn = Insn::new(ins, avail.get(pos..)?, off + pos);
+            let insn = Insn::new(ins);
             let ends = insn.ends;
             b.insns.push(insn);
             pos += len;
@@ -194,6 +163,8 @@ impl BlockCache {
         if b.insns.is_empty() {
             return None;
         }
+        b.code.clear();
+        b.code.extend_from_slice(avail.get(..pos)?);
         b.gpa = gpa;
         b.ip = ip;
         b.bitness = bitness;

@@ -165,13 +165,18 @@ impl Core {
     ) -> Result<Translation> {
         let vpn = lin >> 12;
         let e = &self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)];
-        if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
-            return Ok(Translation {
+        let t = if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
+            Translation {
                 host: e.host,
                 gpa_page: e.gpa_page,
-            });
+            }
+        } else {
+            self.translate_slow(lin, access, user)?
+        };
+        if access == Access::Write && t.gpa_page == self.code_page {
+            self.code_written = true;
         }
-        self.translate_slow(lin, access, user)
+        Ok(t)
     }
 
     #[cold]

@@ -105,6 +105,26 @@ fn code_patched_ahead_in_the_same_block_is_seen() {
 }
 
 #[test]
+fn code_rewritten_from_outside_runs_rewritten() {
+    // Another vCPU or a device writing code between runs: the cached block must not run.
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.mov(ebx, 1).unwrap(); // bb 01 00 00 00
+        a.add(ebx, 10).unwrap();
+        a.hlt().unwrap();
+    });
+    run_to_halt(&mut g);
+    assert_eq!(g.cpu.state().gpr[3], 11);
+    g.load(CODE + 1, &[7]);
+    let mut s = g.cpu.state().clone();
+    s.rip = CODE;
+    s.gpr[3] = 0;
+    g.cpu.set_state(s);
+    run_to_halt(&mut g);
+    assert_eq!(g.cpu.state().gpr[3], 17);
+}
+
+#[test]
 fn rep_movs_restarts_after_page_fault() {
     let mut g = Guest::new();
     const SRC: u64 = 0x4000_0000_0000;
