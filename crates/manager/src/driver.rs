@@ -248,6 +248,10 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
     if vm.rng {
         c.arg("--rng");
     }
+    if let Some(v) = &vm.vsock {
+        c.arg("--vsock")
+            .arg(format!("cid={},uds={}", v.guest_cid, v.uds_path.display()));
+    }
     c.arg("--api-sock").arg(run.api());
     c
 }
@@ -383,6 +387,16 @@ pub fn vmm_api(run: &RunDir, method: &str, path: &str, body: &serde_json::Value)
         })
         .unwrap_or_else(|| format!("status {}", r.status));
     Err(Error::Unsupported(format!("the Vessel VMM refused: {msg}")))
+}
+
+/// A Vessel VMM's run state from its API (`Running`, `Paused`, …).
+pub fn vmm_state(run: &RunDir) -> Result<String> {
+    let r = vmm::api::http::client_request(&run.api(), "GET", "/vessel/status", None)
+        .map_err(|e| Error::Conflict(format!("the VMM's control API: {e}")))?;
+    serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
+        .ok_or_else(|| Error::Conflict(format!("the VMM's status: status {}", r.status)))
 }
 
 /// Appends a line to a domain's VMM log (manager-side notes).

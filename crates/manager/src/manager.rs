@@ -174,7 +174,10 @@ impl Manager {
                             Ok("paused") => DomainState::Paused,
                             _ => DomainState::Running,
                         },
-                        DriverKind::Vessel => DomainState::Running,
+                        DriverKind::Vessel => match driver::vmm_state(&dir).as_deref() {
+                            Ok("Paused") => DomainState::Paused,
+                            _ => DomainState::Running,
+                        },
                     };
                     let generation = self.next_generation();
                     tracing::info!(domain = %name, pid = id.pid, "re-adopted a running VMM");
@@ -612,8 +615,9 @@ impl Manager {
         }
     }
 
-    /// Asks the guest to power off (ACPI power button for QEMU). With `wait`, waits that
-    /// long for it to stop and reports whether it did.
+    /// Asks the guest to power off: the ACPI power button, through QMP for QEMU and through
+    /// the Vessel VMM's `SendCtrlAltDel` (which presses its GED power button). With `wait`,
+    /// waits that long for it to stop and reports whether it did.
     pub fn shutdown(&self, name: &str, wait: Option<Duration>) -> Result<DomainState> {
         {
             let l = self.domain_lock(name);
@@ -687,24 +691,56 @@ impl Manager {
         Ok(())
     }
 
+    /// Resets the machine, as a reset button would (libvirt's `virsh reboot --mode reset`).
+    /// QEMU resets in place (`system_reset`). The Vessel VMM ends as when its guest
+    /// reboots and the supervisor starts it again (on_reboot=restart): the domain counts as
+    /// running throughout, keeps its serial log, and gets a new VMM process; this returns
+    /// once that process runs.
     pub fn reboot(&self, name: &str) -> Result<()> {
-        let l = self.domain_lock(name);
-        let _g = lock(&l);
-        let (id, _) = self.active_id(name)?;
-        match id.driver {
-            DriverKind::Qemu => {
-                driver::qmp(&self.run_dir(name), "system_reset")?;
+        let generation = {
+            let l = self.domain_lock(name);
+            let _g = lock(&l);
+            let (id, _) = self.active_id(name)?;
+            match id.driver {
+                DriverKind::Qemu => {
+                    driver::qmp(&self.run_dir(name), "system_reset")?;
+                    self.events.emit(name, "rebooted", "running", None);
+                    return Ok(());
+                }
+                DriverKind::Vessel => {
+                    let generation = lock(&self.active).get(name).map(|a| a.generation);
+                    driver::vmm_api(
+                        &self.run_dir(name),
+                        "PUT",
+                        "/actions",
+                        &serde_json::json!({"action_type": "Reset"}),
+                    )?;
+                    generation
+                }
             }
-            DriverKind::Vessel => {
-                return Err(Error::Unsupported(
-                    "Vessel's VMM cannot reset a running guest from outside yet; the guest \
-                     can reboot itself (the domain then stops with \"guest rebooted\")"
-                        .into(),
-                ))
+        };
+        // The supervisor sees the VMM end (status 10) and starts the domain again, taking
+        // the domain lock, so wait outside it.
+        let t0 = Instant::now();
+        loop {
+            let current = lock(&self.active).get(name).map(|a| a.generation);
+            let restarting = lock(&self.restarting).contains(name);
+            if current.is_some() && current != generation && !restarting {
+                return Ok(());
             }
+            if current.is_none() && !restarting {
+                let why = lock(&self.last_stop).get(name).cloned().unwrap_or_default();
+                return Err(Error::Conflict(format!(
+                    "domain {name:?} did not come back after the reset: {why}"
+                )));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Conflict(format!(
+                    "domain {name:?} did not restart within 30 s after the reset"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        self.events.emit(name, "rebooted", "running", None);
-        Ok(())
     }
 
     pub fn suspend(&self, name: &str) -> Result<()> {

@@ -123,7 +123,7 @@ pub enum ManageCommand {
         #[arg(long)]
         console: bool,
     },
-    /// Ask the guest to power off (ACPI power button for QEMU).
+    /// Ask the guest to power off (it sees its ACPI power button pressed).
     Shutdown {
         name: String,
         /// Wait up to this many seconds for it to stop.
@@ -132,7 +132,7 @@ pub enum ManageCommand {
     },
     /// Stop a domain at once (like pulling the plug).
     Destroy { name: String },
-    /// Reset a running domain.
+    /// Reset a running domain (a Vessel VMM is restarted; the domain stays running).
     Reboot { name: String },
     /// Pause a running domain's vCPUs.
     Suspend { name: String },

@@ -360,26 +360,38 @@ fn qemu_domain_lifecycle_through_the_api() {
     }
     drop(con);
 
-    // Reboot (QMP system_reset): the guest boots again into the same log.
+    // A running domain cannot be undefined.
+    let (code, msg) = api_status(c.call("DELETE", "/v1/domains/web", None).unwrap_err());
+    assert_eq!(code, 409);
+    assert!(msg.contains("vessel destroy web"), "{msg}");
+
+    // Reboot (QMP system_reset): the guest boots again into the same log, up to its shell
+    // (by then its acpid listens for the power button).
     c.post("/v1/domains/web/reboot", None).unwrap();
     let t0 = Instant::now();
-    while serial_log(&c, "web").matches("cpu(s)").count() < 2 {
+    loop {
+        let log = serial_log(&c, "web");
+        if log.matches("cpu(s)").count() >= 2
+            && log
+                .rsplit("vessel-init:")
+                .next()
+                .is_some_and(|l| l.contains("~ #"))
+        {
+            break;
+        }
         assert!(t0.elapsed() < BOOT_TIMEOUT, "no second boot after reboot");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(state(&c, "web"), "running");
 
-    // Graceful shutdown: the power-button request reaches QEMU (this busybox guest has no
-    // ACPI button handler, so it keeps running), then destroy.
-    let r = c.post("/v1/domains/web/shutdown", None).unwrap();
-    assert_eq!(r["state"], "in-shutdown");
-    let (code, msg) = api_status(c.call("DELETE", "/v1/domains/web", None).unwrap_err());
-    assert_eq!(code, 409);
-    assert!(msg.contains("vessel destroy web"), "{msg}");
-    let r = c.post("/v1/domains/web/destroy", None).unwrap();
-    assert_eq!(r["state"], "shutoff");
-    assert_eq!(r["last_stop"], "destroyed");
-    assert!(!pid_alive(pid), "QEMU {pid} still runs after destroy");
+    // Graceful shutdown: QMP system_powerdown presses the ACPI power button; the guest
+    // assets' acpid powers the guest off and QEMU exits.
+    let r = c.post("/v1/domains/web/shutdown?wait=60", None).unwrap();
+    assert_eq!(r["state"], "shutoff", "{r}");
+    let info = c.get("/v1/domains/web").unwrap();
+    assert_eq!(info["info"]["last_stop"], "shutdown", "{info}");
+    assert!(serial_log(&c, "web").contains("power button pressed"));
+    assert!(!pid_alive(pid), "QEMU {pid} still runs after the shutdown");
     assert!(d.run_pids().is_empty());
 
     c.call("DELETE", "/v1/domains/web", None).unwrap();
@@ -491,7 +503,8 @@ fn cli_lifecycle_with_libvirt_xml() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"echo piped-$((40+2))\n")
+        // Without its acpid the guest ignores the power button (for `shutdown --wait`).
+        .write_all(b"killall acpid; echo piped-$((40+2))\n")
         .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("piped-42"));
@@ -683,13 +696,49 @@ fn vessel_vmm_domains_are_supervised() {
         assert!(n > 0, "console closed: {seen:?}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    drop(con);
-    // What the Vessel VMM cannot do yet is refused with its own words.
+    // Suspended: the vCPU is parked, so what is typed is not echoed until resume.
+    let r = c.post("/v1/domains/tiny/suspend", None).unwrap();
+    assert_eq!(r["state"], "paused", "{r}");
+    assert!(d.ok(&["list"]).contains("paused"));
     let (code, msg) = api_status(c.post("/v1/domains/tiny/suspend", None).unwrap_err());
-    assert_eq!(code, 501);
-    assert!(msg.contains("not supported by this VMM"), "{msg}");
-    c.post("/v1/domains/tiny/destroy", None).unwrap();
+    assert_eq!(code, 409, "{msg}");
+    con.get_ref()
+        .set_read_timeout_conn(Some(Duration::from_millis(700)))
+        .unwrap();
+    con.get_mut().write_all(b"while-paused\n").unwrap();
+    let mut seen = String::new();
+    while let Ok(n) = con.read(&mut buf) {
+        assert!(n > 0, "console closed");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        !seen.contains("while-paused"),
+        "echoed while paused: {seen:?}"
+    );
+    d.ok(&["resume", "tiny"]);
+    assert_eq!(state(&c, "tiny"), "running");
+    con.get_ref()
+        .set_read_timeout_conn(Some(Duration::from_secs(20)))
+        .unwrap();
+    while !seen.contains("while-paused") {
+        let n = con.read(&mut buf).expect("echo after resume");
+        assert!(n > 0, "console closed: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(con);
+    // Reboot: a new VMM process, the domain running throughout, its log continuing.
+    let r = c.post("/v1/domains/tiny/reboot", None).unwrap();
+    assert_eq!(r["state"], "running", "{r}");
+    let new_pid = r["pid"].as_i64().unwrap() as i32;
+    assert_ne!(new_pid, pid);
     assert!(!pid_alive(pid));
+    let t0 = Instant::now();
+    while serial_log(&c, "tiny").matches("tiny guest up").count() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no second boot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.post("/v1/domains/tiny/destroy", None).unwrap();
+    assert!(!pid_alive(new_pid));
     assert_eq!(state(&c, "tiny"), "shutoff");
 
     // A VMM that ends with an error status: crashed, with the status in dominfo.
@@ -1259,4 +1308,78 @@ fn c_uuid(d: &Daemon, name: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A Vessel-VMM domain running Debian under emu through the manager's verbs, on one
+/// guest: suspend and resume (a loop in the guest prints as it runs), reboot (a new
+/// boot, the domain running throughout), and shutdown through the ACPI power button,
+/// which the guest's acpid answers by powering off.
+#[test]
+fn vessel_domain_suspends_resumes_reboots_and_shuts_down_under_emu() {
+    let a = assets();
+    let d = Daemon::start("emupower");
+    let c = d.client();
+    let def = json!({"name": "cycle", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=while+true;do+echo+tick;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu"}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let pid = c.post("/v1/domains/cycle/start", None).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let ticks = || {
+        serial_log(&c, "cycle")
+            .lines()
+            .filter(|l| l.trim_end() == "tick")
+            .count()
+    };
+    let wait_ticks = |n: usize, what: &str| {
+        let t0 = Instant::now();
+        while ticks() < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {} ticks, not {n}:\n{}",
+                ticks(),
+                serial_log(&c, "cycle")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_ticks(3, "first boot");
+
+    // Suspend: the guest stops printing; resume: it goes on.
+    d.ok(&["suspend", "cycle"]);
+    assert_eq!(state(&c, "cycle"), "paused");
+    let paused_at = ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ticks(), paused_at, "the guest ran while suspended");
+    d.ok(&["resume", "cycle"]);
+    assert_eq!(state(&c, "cycle"), "running");
+    wait_ticks(paused_at + 3, "after resume");
+
+    // Reboot: a new boot in a new VMM process; the domain never stops being running.
+    d.ok(&["reboot", "cycle"]);
+    assert_eq!(state(&c, "cycle"), "running");
+    assert!(!pid_alive(pid));
+    let info = c.get("/v1/domains/cycle").unwrap();
+    assert_ne!(info["info"]["pid"].as_i64(), Some(i64::from(pid)), "{info}");
+    let t0 = Instant::now();
+    while serial_log(&c, "cycle").matches("vessel-init:").count() < 2 {
+        assert!(t0.elapsed() < BOOT_TIMEOUT, "no second boot");
+        assert_eq!(state(&c, "cycle"), "running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rebooted_at = ticks();
+    wait_ticks(rebooted_at + 2, "after the reboot");
+
+    // Shutdown: the power button; the guest powers itself off.
+    let out = d.ok(&["shutdown", "cycle", "--wait", "60"]);
+    assert!(out.contains("shut off"), "{out}");
+    let info = c.get("/v1/domains/cycle").unwrap();
+    assert_eq!(info["info"]["state"], "shutoff", "{info}");
+    assert_eq!(info["info"]["last_stop"], "shutdown", "{info}");
+    let log = serial_log(&c, "cycle");
+    assert!(log.contains("vessel-init: power button pressed"), "{log}");
+    assert!(log.contains("reboot: Power down"), "{log}");
+    assert!(d.run_pids().is_empty());
 }
