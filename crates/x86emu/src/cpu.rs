@@ -81,10 +81,10 @@ pub struct Core {
     pub(crate) retired: u64,
     /// Set when a page walk lost an A/D-bit update race; the walk is retried.
     pub(crate) walk_raced: bool,
-    /// Physical page of the block being executed, and whether this CPU wrote to it
-    /// (the block then stops: the rest of it may have changed).
-    pub(crate) code_page: u64,
-    pub(crate) code_written: bool,
+    /// Moves whenever code cached in the block cache may have changed (see `decode`).
+    pub(crate) code_epoch: u64,
+    /// Bitmap of the physical pages holding blocks checked in the current code epoch.
+    pub(crate) code_pages: Vec<u64>,
 }
 
 impl Cpu {
@@ -118,8 +118,8 @@ impl Core {
             tsc_offset: 0,
             retired: 0,
             walk_raced: false,
-            code_page: u64::MAX,
-            code_written: false,
+            code_epoch: 0,
+            code_pages: Vec::new(),
         }
     }
 
@@ -276,6 +276,31 @@ impl Core {
         self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
     }
 
+    /// Notes that `gpa_page` holds code checked in the current code epoch.
+    fn mark_code_page(&mut self, gpa_page: u64) {
+        let pfn = (gpa_page >> 12) as usize;
+        let word = pfn / 64;
+        if self.code_pages.len() <= word {
+            self.code_pages.resize(word + 1, 0);
+        }
+        if let Some(w) = self.code_pages.get_mut(word) {
+            *w |= 1 << (pfn % 64);
+        }
+    }
+
+    /// A write to `gpa_page`: if it holds checked code, every block must be checked again.
+    #[inline(always)]
+    pub(crate) fn note_write(&mut self, gpa_page: u64) {
+        let pfn = (gpa_page >> 12) as usize;
+        if let Some(w) = self.code_pages.get_mut(pfn / 64) {
+            let bit = 1u64 << (pfn % 64);
+            if *w & bit != 0 {
+                *w &= !bit;
+                self.code_epoch += 1;
+            }
+        }
+    }
+
     /// A valid encoding this CPU does not implement (or one the mode forbids) is worth
     /// knowing about when a guest dies of #UD.
     #[cold]
@@ -311,6 +336,8 @@ impl Cpu {
     /// Runs until an exit condition or until about `max_instructions` have been executed
     /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
+        // Other vCPUs, devices and the VMM may have written code since the last run.
+        self.code_epoch += 1;
         let mut done = 0u64;
         loop {
             if self.shutdown {
@@ -337,8 +364,12 @@ impl Cpu {
             }
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
-            if self.io_done && platform.stop_requested() {
-                return RunExit::StopRequested;
+            if self.io_done {
+                // The device may have written guest memory, code included.
+                self.code_epoch += 1;
+                if platform.stop_requested() {
+                    return RunExit::StopRequested;
+                }
             }
         }
     }
@@ -385,7 +416,9 @@ impl Cpu {
         let mut n = 0u64;
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
-            let Some(block) = self.blocks.get(gpa, core.s.rip, bitness, t.host) else {
+            let epoch = core.code_epoch;
+            let Some((block, checked)) = self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch)
+            else {
                 // The first instruction runs past the page end.
                 if n == 0 {
                     self.step(p);
@@ -393,9 +426,10 @@ impl Cpu {
                 }
                 return n;
             };
+            if checked {
+                core.mark_code_page(t.gpa_page);
+            }
             let mut chain = false;
-            core.code_page = t.gpa_page;
-            core.code_written = false;
             for insn in &block.insns {
                 n += 1;
                 core.shadow = false;
@@ -403,7 +437,9 @@ impl Cpu {
                 if insn.ends {
                     // May change the mode: `execute` masks the next RIP for the new one.
                     match core.execute(p, insn) {
-                        Ok(()) => chain = insn.near_branch && !core.io_done && !core.code_written,
+                        Ok(()) => {
+                            chain = insn.near_branch && !core.io_done && core.code_epoch == epoch
+                        }
                         Err(f) => core.fault(p, f),
                     }
                     break;
@@ -419,7 +455,7 @@ impl Cpu {
                 core.retired += 1;
                 if core.next_rip != insn.instr.next_ip()
                     || core.io_done
-                    || core.code_written
+                    || core.code_epoch != epoch
                     || core.shadow
                     || core.halted
                     || core.s.rflags & flags::TF != 0

@@ -6,10 +6,16 @@
 //! RIP and looks up a block once, then executes its instructions back to back, so the
 //! translation and lookup cost is paid per block instead of per instruction.
 //!
-//! A block keeps the raw bytes it was decoded from and is entered only while guest memory
-//! still holds them, so writes to code by another vCPU or a device never run stale
-//! decodings. Inside a block, a write by this CPU to the page being executed (tracked by
-//! the TLB's write path) ends the block, so code patched ahead of RIP runs patched.
+//! A block keeps the raw bytes it was decoded from and runs only while guest memory still
+//! holds them. Comparing them on every entry would cost a memcmp per block, so the CPU
+//! keeps a code epoch: a block compared once is trusted until the epoch moves, which it
+//! does when this CPU writes to a page that holds checked code (the write path tests a
+//! bitmap of such pages), at every `Cpu::run` call (other vCPUs and devices write between
+//! runs) and after every device access (a device may have written RAM). A write into the
+//! block being executed ends it, so code patched ahead of RIP runs patched. What is not
+//! seen: a device writing code asynchronously (an I/O thread's DMA) that the guest then
+//! runs without an interrupt or device access in between, and page-table A/D updates
+//! landing in a code page.
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind};
 
@@ -56,6 +62,8 @@ pub(crate) struct Block {
     /// The bytes the block was decoded from; it runs only while guest memory still holds
     /// them.
     code: Vec<u8>,
+    /// The CPU's code epoch when `code` was last found in memory (see `Core::code_epoch`).
+    epoch: u64,
     pub(crate) insns: Vec<Insn>,
 }
 
@@ -67,6 +75,15 @@ impl std::fmt::Debug for Block {
             .field("len", &self.insns.len())
             .finish()
     }
+}
+
+enum Lookup {
+    /// Checked in the current code epoch.
+    Trusted,
+    /// Checked now and still the same.
+    Unchanged,
+    /// Absent or changed: decode it.
+    Miss,
 }
 
 #[derive(Debug)]
@@ -104,8 +121,10 @@ impl BlockCache {
     }
 
     /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
-    /// holds `gpa`) on a miss or when its first instruction changed. None when not even
-    /// the first instruction fits in the page (the caller fetches it the slow way).
+    /// holds `gpa`) on a miss or when its code changed. A block already checked in code
+    /// epoch `epoch` is not compared again. Returns the block and whether it was checked or
+    /// decoded now (its page must then be marked as holding code); None when not even the
+    /// first instruction fits in the page (the caller fetches it the slow way).
     #[inline(always)]
     pub(crate) fn get(
         &mut self,
@@ -113,20 +132,30 @@ impl BlockCache {
         ip: u64,
         bitness: u32,
         page: *const u8,
-    ) -> Option<&Block> {
+        epoch: u64,
+    ) -> Option<(&Block, bool)> {
         let slot = Self::slot(gpa);
-        let hit = {
+        let state = {
             let b = self.blocks.get(slot)?;
-            b.gpa == gpa
-                && b.ip == ip
-                && b.bitness == bitness
-                // SAFETY: `page` is a valid page (caller contract).
-                && unsafe { still_there(page, (gpa & 0xfff) as usize, &b.code) }
+            if b.gpa != gpa || b.ip != ip || b.bitness != bitness {
+                Lookup::Miss
+            } else if b.epoch == epoch {
+                Lookup::Trusted
+            // SAFETY: `page` is a valid page (caller contract).
+            } else if unsafe { still_there(page, (gpa & 0xfff) as usize, &b.code) } {
+                Lookup::Unchanged
+            } else {
+                Lookup::Miss
+            }
         };
-        if !hit {
-            self.fill(slot, gpa, ip, bitness, page)?;
+        match state {
+            Lookup::Trusted => {}
+            Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
+            Lookup::Miss => self.fill(slot, gpa, ip, bitness, page, epoch)?,
         }
-        self.blocks.get(slot)
+        self.blocks
+            .get(slot)
+            .map(|b| (b, !matches!(state, Lookup::Trusted)))
     }
 
     #[cold]
@@ -137,6 +166,7 @@ impl BlockCache {
         ip: u64,
         bitness: u32,
         page: *const u8,
+        epoch: u64,
     ) -> Option<()> {
         let off = (gpa & 0xfff) as usize;
         // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
@@ -165,6 +195,7 @@ impl BlockCache {
         }
         b.code.clear();
         b.code.extend_from_slice(avail.get(..pos)?);
+        b.epoch = epoch;
         b.gpa = gpa;
         b.ip = ip;
         b.bitness = bitness;

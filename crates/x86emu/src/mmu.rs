@@ -173,8 +173,8 @@ impl Core {
         } else {
             self.translate_slow(lin, access, user)?
         };
-        if access == Access::Write && t.gpa_page == self.code_page {
-            self.code_written = true;
+        if access == Access::Write {
+            self.note_write(t.gpa_page);
         }
         Ok(t)
     }
