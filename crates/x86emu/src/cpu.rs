@@ -430,10 +430,12 @@ impl Cpu {
                 core.mark_code_page(t.gpa_page);
             }
             let mut chain = false;
+            // Only block-ending instructions (STI, MOV SS, HLT, POPF, IRET...) set an
+            // interrupt shadow, halt or change TF, so the others skip those checks.
+            core.shadow = false;
+            core.new_shadow = false;
             for insn in &block.insns {
                 n += 1;
-                core.shadow = false;
-                core.new_shadow = false;
                 if insn.ends {
                     // May change the mode: `execute` masks the next RIP for the new one.
                     match core.execute(p, insn) {
@@ -451,14 +453,8 @@ impl Cpu {
                     break;
                 }
                 core.s.rip = core.next_rip & ip_mask;
-                core.shadow = core.new_shadow;
                 core.retired += 1;
-                if core.next_rip != insn.instr.next_ip()
-                    || core.io_done
-                    || core.code_epoch != epoch
-                    || core.shadow
-                    || core.halted
-                    || core.s.rflags & flags::TF != 0
+                if core.next_rip != insn.instr.next_ip() || core.io_done || core.code_epoch != epoch
                 {
                     break;
                 }
