@@ -40,6 +40,10 @@ pub struct QueueOutcome {
     /// Handling this queue produced work for another one (vsock replies on its receive
     /// queue): the transport processes that queue next.
     pub also_process: Option<usize>,
+    /// Host-side input is waiting for buffers the driver has not posted yet (a frame
+    /// from the TAP): whoever feeds this queue can stop polling its source until the
+    /// driver's next notify.
+    pub starved: bool,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.

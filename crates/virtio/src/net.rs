@@ -1,53 +1,213 @@
-//! virtio-net on a host TAP device. No offloads are offered: frames cross whole, each with
-//! the 12-byte virtio-net header that the TAP understands natively.
+//! virtio-net on a host TAP device, with the offloads a Linux guest uses: partial
+//! checksums and TCP segmentation both ways, and mergeable receive buffers so a 64 KiB
+//! GSO frame from the host fits the guest's page-sized buffers.
+//!
+//! Frames cross with their 12-byte virtio-net header as the TAP reads and writes it (the
+//! kernel's `virtio_net_hdr` layout is the guest's): the device only checks that a header
+//! asks for nothing the driver did not negotiate, and fills in `num_buffers` on receive.
+//! The TAP is told (TUNSETOFFLOAD) to hand us only the offloads the driver accepted.
+
+use std::os::fd::OwnedFd;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::queue::{gather, scatter, Chain};
-use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::queue::{add_used_batch, gather, scatter, Chain};
+use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-/// Largest frame with header: 64 KiB (the TAP never sends more without GSO).
-const MAX_FRAME: usize = 65_562;
+
+/// Feature bits (virtio spec 5.1.3).
+pub mod features {
+    /// The device takes frames with partial checksums (the driver's TX).
+    pub const CSUM: u64 = 1 << 0;
+    /// The driver takes frames with partial checksums (the driver's RX).
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const GUEST_UFO: u64 = 1 << 10;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const HOST_UFO: u64 = 1 << 14;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+}
+
+/// `virtio_net_hdr` flags and GSO types (virtio spec 5.1.6).
+pub mod hdr {
+    pub const F_NEEDS_CSUM: u8 = 1;
+    pub const F_DATA_VALID: u8 = 2;
+    pub const GSO_NONE: u8 = 0;
+    pub const GSO_TCPV4: u8 = 1;
+    pub const GSO_UDP: u8 = 3;
+    pub const GSO_TCPV6: u8 = 4;
+    pub const GSO_ECN: u8 = 0x80;
+}
+
+/// What Vessel offers. UFO is left out: Linux no longer sends it and the TAP no longer
+/// produces it.
+const OFFERED: u64 = features::CSUM
+    | features::GUEST_CSUM
+    | features::MAC
+    | features::GUEST_TSO4
+    | features::GUEST_TSO6
+    | features::GUEST_ECN
+    | features::HOST_TSO4
+    | features::HOST_TSO6
+    | features::HOST_ECN
+    | features::MRG_RXBUF;
+
+/// Largest frame with its header: a 64 KiB GSO packet, its Ethernet and VLAN headers.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65_536 + 18;
+
+/// The host side of the device: a TAP, or a stand-in in tests.
+pub trait NetBackend: Send {
+    fn name(&self) -> &str;
+    /// Read one frame with its vnet header; Ok(None) when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>>;
+    /// Send one frame with its vnet header.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Which offloads ([`offload`] flags) frames from `recv` may carry.
+    fn set_offload(&mut self, flags: u32) -> Result<(), TapError>;
+    /// A descriptor that polls readable when `recv` has a frame.
+    fn poll_fd(&self) -> std::io::Result<OwnedFd>;
+}
+
+impl NetBackend for Tap {
+    fn name(&self) -> &str {
+        Tap::name(self)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Tap::recv(self, buf)
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        Tap::send(self, frame)
+    }
+    fn set_offload(&mut self, flags: u32) -> Result<(), TapError> {
+        Tap::set_offload(self, flags)
+    }
+    fn poll_fd(&self) -> std::io::Result<OwnedFd> {
+        self.try_clone_fd()
+    }
+}
+
+/// The TUNSETOFFLOAD flags that match what the driver accepted on its receive side.
+pub fn tap_offloads(acked: u64) -> u32 {
+    // The kernel takes no segmentation offload without partial checksums.
+    if acked & features::GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut f = offload::CSUM;
+    if acked & features::GUEST_TSO4 != 0 {
+        f |= offload::TSO4;
+    }
+    if acked & features::GUEST_TSO6 != 0 {
+        f |= offload::TSO6;
+    }
+    if acked & features::GUEST_ECN != 0 && f & (offload::TSO4 | offload::TSO6) != 0 {
+        f |= offload::TSO_ECN;
+    }
+    f
+}
+
+/// Whether a header's GSO type is one the negotiated `tso4`/`tso6`/`ecn`/`ufo` allow.
+fn gso_allowed(gso_type: u8, acked: u64, tso4: u64, tso6: u64, ecn: u64, ufo: u64) -> bool {
+    if gso_type & hdr::GSO_ECN != 0 && acked & ecn == 0 {
+        return false;
+    }
+    match gso_type & !hdr::GSO_ECN {
+        hdr::GSO_NONE => gso_type & hdr::GSO_ECN == 0,
+        hdr::GSO_TCPV4 => acked & tso4 != 0,
+        hdr::GSO_TCPV6 => acked & tso6 != 0,
+        hdr::GSO_UDP => acked & ufo != 0,
+        _ => false,
+    }
+}
+
+/// Check a header the driver sent against what it negotiated.
+pub fn tx_header_ok(h: &[u8], acked: u64) -> bool {
+    let (Some(&flags), Some(&gso)) = (h.first(), h.get(1)) else {
+        return false;
+    };
+    // DATA_VALID and RSC_INFO are the device's to set; the driver never sends them.
+    if flags & !hdr::F_NEEDS_CSUM != 0 {
+        return false;
+    }
+    if flags & hdr::F_NEEDS_CSUM != 0 && acked & features::CSUM == 0 {
+        return false;
+    }
+    use features::*;
+    gso_allowed(gso, acked, HOST_TSO4, HOST_TSO6, HOST_ECN, HOST_UFO)
+}
+
+/// Make a header the TAP produced fit what the driver negotiated; false when the frame
+/// needs an offload the driver did not accept (a frame queued before it renegotiated).
+pub fn rx_header_fixup(h: &mut [u8], acked: u64) -> bool {
+    let (Some(&flags), Some(&gso)) = (h.first(), h.get(1)) else {
+        return false;
+    };
+    if acked & features::GUEST_CSUM == 0 {
+        if flags & hdr::F_NEEDS_CSUM != 0 {
+            return false;
+        }
+        // DATA_VALID is only defined once GUEST_CSUM is negotiated.
+        h[0] = flags & !hdr::F_DATA_VALID;
+    }
+    use features::*;
+    gso_allowed(gso, acked, GUEST_TSO4, GUEST_TSO6, GUEST_ECN, GUEST_UFO)
+}
 
 pub struct Net {
-    tap: Tap,
+    backend: Box<dyn NetBackend>,
     mac: [u8; 6],
-    /// A frame read from the TAP that found no guest buffer yet.
-    pending: Option<Vec<u8>>,
+    /// Features the driver accepted (0 until FEATURES_OK, and after a reset).
+    acked: u64,
+    /// One frame's worth of receive buffer, reused.
+    rx_buf: Vec<u8>,
+    /// The length of a frame in `rx_buf` that found no guest buffers yet.
+    pending: Option<usize>,
     pub rx_frames: u64,
     pub tx_frames: u64,
     pub rx_dropped: u64,
+    pub tx_dropped: u64,
 }
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
-            .field("tap", &self.tap.name())
+            .field("backend", &self.backend.name())
             .field("mac", &self.mac)
+            .field("acked", &self.acked)
             .finish_non_exhaustive()
     }
 }
 
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Self::with_backend(Box::new(tap), mac)
+    }
+
+    pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
         Net {
-            tap,
+            backend,
             mac,
+            acked: 0,
+            rx_buf: vec![0u8; MAX_FRAME],
             pending: None,
             rx_frames: 0,
             tx_frames: 0,
             rx_dropped: 0,
+            tx_dropped: 0,
         }
     }
 
-    /// A duplicate of the TAP's descriptor, for the VMM's readiness polling.
-    pub fn poll_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        self.tap.try_clone_fd()
+    /// A descriptor that polls readable when the host has frames for the guest.
+    pub fn poll_fd(&self) -> std::io::Result<OwnedFd> {
+        self.backend.poll_fd()
     }
 
     /// True when a received frame waits for guest buffers.
@@ -55,20 +215,23 @@ impl Net {
         self.pending.is_some()
     }
 
-    fn next_frame(&mut self) -> Option<Vec<u8>> {
-        if let Some(f) = self.pending.take() {
-            return Some(f);
+    /// The next frame's length in `rx_buf`: the held one, or a fresh one from the host.
+    fn next_frame(&mut self) -> Option<usize> {
+        if let Some(n) = self.pending.take() {
+            return Some(n);
         }
-        let mut buf = vec![0u8; MAX_FRAME];
-        match self.tap.recv(&mut buf) {
-            Ok(Some(n)) if n >= VNET_HDR_LEN => {
-                buf.truncate(n);
-                Some(buf)
-            }
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!("reading TAP {}: {e}", self.tap.name());
-                None
+        loop {
+            match self.backend.recv(&mut self.rx_buf) {
+                Ok(Some(n)) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => return Some(n),
+                Ok(Some(n)) => {
+                    tracing::debug!(len = n, "virtio-net rx: runt frame from the host dropped");
+                    self.rx_dropped += 1;
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!("reading TAP {}: {e}", self.backend.name());
+                    return None;
+                }
             }
         }
     }
@@ -80,32 +243,77 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceError> {
         let mut outcome = QueueOutcome::default();
         let size = queue.size();
-        while let Some(frame) = self.next_frame() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                tracing::debug!(
-                    len = frame.len(),
-                    "virtio-net rx: no guest buffer, frame held"
-                );
-                self.pending = Some(frame);
+        let mergeable = self.acked & features::MRG_RXBUF != 0;
+        let mut chains: Vec<(Chain, usize)> = Vec::new();
+        while let Some(len) = self.next_frame() {
+            let Some(h) = self.rx_buf.get_mut(..VNET_HDR_LEN) else {
                 break;
             };
-            tracing::debug!(len = frame.len(), "virtio-net rx");
-            let chain = Chain::collect(chain, size, mem)?;
-            let room: usize = chain.writable.iter().map(|d| d.len() as usize).sum();
-            let len = if frame.len() <= room {
-                // num_buffers = 1: the frame fits one chain (no mergeable buffers).
-                let mut frame = frame;
-                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                scatter(mem, &chain.writable, &frame)?;
-                self.rx_frames += 1;
-                frame.len() as u32
-            } else {
+            if !rx_header_fixup(h, self.acked) {
+                tracing::debug!(
+                    len,
+                    "virtio-net rx: frame with offloads not negotiated dropped"
+                );
                 self.rx_dropped += 1;
-                0
-            };
-            queue
-                .add_used(mem, chain.head, len)
-                .map_err(|_| DeviceError::BadRequest("cannot add to the used ring"))?;
+                continue;
+            }
+            // Buffers for the frame: one chain, or as many as it takes when mergeable.
+            chains.clear();
+            let mut room = 0usize;
+            while room < len && (mergeable || chains.is_empty()) {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let chain = Chain::collect(chain, size, mem)?;
+                let r: usize = chain.writable.iter().map(|d| d.len() as usize).sum();
+                if r < VNET_HDR_LEN && chains.is_empty() {
+                    return Err(DeviceError::BadRequest(
+                        "receive buffer smaller than the virtio-net header",
+                    ));
+                }
+                if r == 0 {
+                    return Err(DeviceError::BadRequest("receive buffer with no room"));
+                }
+                room += r;
+                chains.push((chain, r));
+            }
+            if chains.is_empty() || (mergeable && room < len) {
+                // Give the chains back untouched and hold the frame for the next notify,
+                // unless the whole queue would not hold it.
+                let taken = chains.len() as u16;
+                queue.set_next_avail(queue.next_avail().wrapping_sub(taken));
+                if taken >= size {
+                    tracing::debug!(len, "virtio-net rx: frame larger than the ring dropped");
+                    self.rx_dropped += 1;
+                } else {
+                    tracing::trace!(len, "virtio-net rx: no guest buffer, frame held");
+                    self.pending = Some(len);
+                    outcome.starved = true;
+                }
+                break;
+            }
+            if room < len {
+                // Without mergeable buffers a frame must fit one chain.
+                self.rx_dropped += 1;
+                if let Some((chain, _)) = chains.first() {
+                    add_used_batch(queue, mem, &[(chain.head, 0)])?;
+                }
+                outcome.used = true;
+                continue;
+            }
+            let count = chains.len() as u16;
+            self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+            let mut used = Vec::with_capacity(chains.len());
+            let mut at = 0usize;
+            for (chain, r) in &chains {
+                let n = (*r).min(len - at);
+                scatter(mem, &chain.writable, &self.rx_buf[at..at + n])?;
+                used.push((chain.head, n as u32));
+                at += n;
+            }
+            add_used_batch(queue, mem, &used)?;
+            tracing::trace!(len, buffers = count, "virtio-net rx");
+            self.rx_frames += 1;
             outcome.used = true;
         }
         Ok(outcome)
@@ -126,10 +334,22 @@ impl Net {
                     "transmit buffer shorter than the header",
                 ));
             }
-            tracing::debug!(len = frame.len(), "virtio-net tx");
-            match self.tap.send(&frame) {
-                Ok(()) => self.tx_frames += 1,
-                Err(e) => tracing::debug!("TAP {} send: {e}", self.tap.name()),
+            if !tx_header_ok(&frame, self.acked) {
+                tracing::debug!(
+                    flags = frame[0],
+                    gso_type = frame[1],
+                    "virtio-net tx: header asks for offloads not negotiated; frame dropped"
+                );
+                self.tx_dropped += 1;
+            } else {
+                tracing::trace!(len = frame.len(), "virtio-net tx");
+                match self.backend.send(&frame) {
+                    Ok(()) => self.tx_frames += 1,
+                    Err(e) => {
+                        self.tx_dropped += 1;
+                        tracing::debug!("TAP {} send: {e}", self.backend.name())
+                    }
+                }
             }
             queue
                 .add_used(mem, chain.head, 0)
@@ -137,6 +357,14 @@ impl Net {
             outcome.used = true;
         }
         Ok(outcome)
+    }
+
+    fn apply_offloads(&mut self) {
+        let flags = tap_offloads(self.acked);
+        if let Err(e) = self.backend.set_offload(flags) {
+            // The kernel then keeps handing us whole frames: slower, still correct.
+            tracing::warn!("virtio-net: {e}");
+        }
     }
 }
 
@@ -150,7 +378,16 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC
+        OFFERED
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & OFFERED;
+        tracing::debug!(
+            acked = format_args!("{:#x}", self.acked),
+            "virtio-net features"
+        );
+        self.apply_offloads();
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -172,6 +409,10 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.pending = None;
+        if self.acked != 0 {
+            self.acked = 0;
+            self.apply_offloads();
+        }
     }
 }
 

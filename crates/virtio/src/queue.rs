@@ -3,7 +3,7 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The chain's descriptors, split into driver-readable and device-writable parts.
 #[derive(Debug, Default)]
@@ -108,4 +108,42 @@ pub fn scatter(
         data = &data[n..];
     }
     Ok(())
+}
+
+/// Put several used elements on `queue`'s used ring and publish them with one index
+/// update, so the driver never sees only part of them (a mergeable receive buffer spread
+/// over several chains is read as a whole once its first chain is seen).
+pub fn add_used_batch(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), crate::DeviceError> {
+    use virtio_queue::QueueT;
+    let Some((&(last_head, last_len), rest)) = used.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    let start = queue.next_used();
+    for (i, &(head, len)) in rest.iter().enumerate() {
+        if head >= size {
+            return Err(crate::DeviceError::BadRequest(
+                "used element for a descriptor past the queue",
+            ));
+        }
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + slot * 8)
+            .ok_or(crate::DeviceError::GuestMemory(queue.used_ring()))?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(|_| crate::DeviceError::GuestMemory(addr.0))?;
+    }
+    // The last element goes through virtio-queue, whose release store of the used index
+    // publishes all of them at once.
+    queue.set_next_used(start.wrapping_add(rest.len() as u16));
+    queue
+        .add_used(mem, last_head, last_len)
+        .map_err(|_| crate::DeviceError::BadRequest("cannot add to the used ring"))
 }

@@ -1,6 +1,8 @@
 //! A host TAP device (`/dev/net/tun`, IFF_TAP) with virtio-net headers: the kernel
 //! prefixes every frame with the same 12-byte `virtio_net_hdr_v1` the guest uses, so
-//! frames pass between the TAP and the guest's buffers untouched.
+//! frames and their offload metadata (partial checksums, GSO) pass between the TAP and
+//! the guest's buffers untouched. Which offloads the kernel may put on frames it hands
+//! us is set with [`Tap::set_offload`], from what the guest negotiated.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -16,6 +18,16 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+
+/// TUNSETOFFLOAD flags (linux/if_tun.h): what frames read from the TAP may carry.
+pub mod offload {
+    /// Partial checksums (VIRTIO_NET_HDR_F_NEEDS_CSUM); required by all the others.
+    pub const CSUM: u32 = 0x01;
+    pub const TSO4: u32 = 0x02;
+    pub const TSO6: u32 = 0x04;
+    pub const TSO_ECN: u32 = 0x08;
+    pub const UFO: u32 = 0x10;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -83,20 +95,29 @@ impl Tap {
                 source: std::io::Error::last_os_error(),
             });
         }
-        // No offloads: the guest is offered none, so the kernel must hand us whole,
-        // checksummed frames.
+        let tap = Tap {
+            file,
+            name: name.to_string(),
+        };
+        // No offloads until a guest driver negotiates some: until then the kernel must
+        // hand us whole, checksummed frames.
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// Let the kernel hand us frames with these offloads ([`offload`] flags) — only
+    /// those the guest accepted, since frames go to it as they are.
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0
+        {
             return Err(TapError::Configure {
-                name: name.to_string(),
+                name: self.name.clone(),
                 op: "TUNSETOFFLOAD",
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(Tap {
-            file,
-            name: name.to_string(),
-        })
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

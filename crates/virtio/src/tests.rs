@@ -67,7 +67,12 @@ impl Driver {
     }
 
     /// The driver initialization sequence of virtio spec 3.1.1, for every queue.
-    fn init(mut self, queue_size: u16) -> Self {
+    fn init(self, queue_size: u16) -> Self {
+        self.init_with(queue_size, u64::MAX)
+    }
+
+    /// As `init`, accepting only the offered features within `accept`.
+    fn init_with(mut self, queue_size: u16, accept: u64) -> Self {
         assert_eq!(self.r(0x000), 0x7472_6976);
         assert_eq!(self.r(0x004), 2);
         self.w(0x070, status::ACKNOWLEDGE | status::DRIVER);
@@ -77,6 +82,7 @@ impl Driver {
         let hi = self.r(0x010);
         let offered = u64::from(lo) | (u64::from(hi) << 32);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
+        let offered = offered & (accept | VIRTIO_F_VERSION_1);
         self.w(0x024, 0);
         self.w(0x020, offered as u32);
         self.w(0x024, 1);
@@ -501,3 +507,227 @@ fn net_frames_cross_a_real_tap_in_a_private_namespace() {
 }
 
 const VNET_HDR: usize = crate::tap::VNET_HDR_LEN;
+
+/// The host side of a virtio-net device, in memory: frames for the guest, frames from
+/// it, and every TUNSETOFFLOAD the device made.
+#[derive(Clone, Default)]
+struct FakeNet(Arc<Mutex<FakeNetState>>);
+
+#[derive(Default)]
+struct FakeNetState {
+    to_guest: std::collections::VecDeque<Vec<u8>>,
+    from_guest: Vec<Vec<u8>>,
+    offloads: Vec<u32>,
+}
+
+impl crate::net::NetBackend for FakeNet {
+    fn name(&self) -> &str {
+        "fake"
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(self.0.lock().unwrap().to_guest.pop_front().map(|f| {
+            buf[..f.len()].copy_from_slice(&f);
+            f.len()
+        }))
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().from_guest.push(frame.to_vec());
+        Ok(())
+    }
+    fn set_offload(&mut self, flags: u32) -> Result<(), crate::tap::TapError> {
+        self.0.lock().unwrap().offloads.push(flags);
+        Ok(())
+    }
+    fn poll_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+fn net(accept: u64) -> (Driver, FakeNet) {
+    let fake = FakeNet::default();
+    let dev = crate::net::Net::with_backend(Box::new(fake.clone()), [0x52, 0x54, 0, 0, 0, 1]);
+    (Driver::new(Box::new(dev)).init_with(QSIZE, accept), fake)
+}
+
+/// A 12-byte virtio-net header followed by `payload_len` patterned bytes.
+fn net_frame(flags: u8, gso_type: u8, payload_len: usize) -> Vec<u8> {
+    let mut f = vec![flags, gso_type];
+    f.extend_from_slice(&1448u16.to_le_bytes()); // hdr_len
+    f.extend_from_slice(&1448u16.to_le_bytes()); // gso_size
+    f.extend_from_slice(&34u16.to_le_bytes()); // csum_start
+    f.extend_from_slice(&16u16.to_le_bytes()); // csum_offset
+    f.extend_from_slice(&0u16.to_le_bytes()); // num_buffers
+    f.extend((0..payload_len).map(|i| (i * 7 + i / 251) as u8));
+    f
+}
+
+impl Driver {
+    /// Post one single-descriptor chain per buffer on queue `q` (descriptor `first + i`)
+    /// without notifying.
+    fn post_buffers(&mut self, q: u64, first: u16, bufs: &[(u64, u32, u16)]) {
+        let base = q * 0x4000;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let head = first + i as u16;
+            let d = DESC + base + u64::from(head) * 16;
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            let slot = AVAIL + base + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + base + 2))
+            .unwrap();
+    }
+
+    /// Used elements (id, len) on queue `q` from index `from` up to the device's index.
+    fn used_since(&self, q: u64, from: u16) -> Vec<(u32, u32)> {
+        let base = q * 0x4000;
+        let idx: u16 = self.mem.read_obj(GuestAddress(USED + base + 2)).unwrap();
+        (from..idx)
+            .map(|i| {
+                let e = USED + base + 4 + u64::from(i % QSIZE) * 8;
+                (
+                    self.mem.read_obj(GuestAddress(e)).unwrap(),
+                    self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn net_offers_offloads_and_the_tap_gets_only_what_the_driver_accepted() {
+    use crate::net::features::*;
+    use crate::tap::offload;
+    let (mut d, fake) = net(u64::MAX);
+    d.w(0x014, 0);
+    let offered = u64::from(d.r(0x010));
+    for f in [
+        CSUM, GUEST_CSUM, MAC, GUEST_TSO4, GUEST_TSO6, GUEST_ECN, HOST_TSO4, HOST_TSO6, HOST_ECN,
+        MRG_RXBUF,
+    ] {
+        assert_ne!(offered & f, 0, "feature {f:#x} not offered");
+    }
+    assert_eq!(offered & (GUEST_UFO | HOST_UFO), 0);
+    let all = offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN;
+    assert_eq!(fake.0.lock().unwrap().offloads, vec![all]);
+    // A reset takes the offloads back; a driver without GUEST_CSUM gets none, one with
+    // checksums only gets just that.
+    d.w(0x070, 0);
+    assert_eq!(fake.0.lock().unwrap().offloads.last(), Some(&0));
+    let (_, fake) = net(MAC | CSUM | HOST_TSO4 | GUEST_TSO4);
+    assert_eq!(fake.0.lock().unwrap().offloads, vec![0]);
+    let (_, fake) = net(MAC | GUEST_CSUM);
+    assert_eq!(fake.0.lock().unwrap().offloads, vec![offload::CSUM]);
+    let (_, fake) = net(GUEST_CSUM | GUEST_TSO6 | GUEST_ECN);
+    assert_eq!(
+        fake.0.lock().unwrap().offloads,
+        vec![offload::CSUM | offload::TSO6 | offload::TSO_ECN]
+    );
+}
+
+#[test]
+fn net_tx_passes_the_header_through_and_drops_offloads_not_negotiated() {
+    use crate::net::{features::*, hdr};
+    let (mut d, fake) = net(u64::MAX);
+    let frame = net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_TCPV4 | hdr::GSO_ECN, 3000);
+    d.mem.write_slice(&frame, GuestAddress(BUF)).unwrap();
+    // Header and payload in separate descriptors, as Linux sends them.
+    assert_eq!(
+        d.submit_on(1, &[(BUF, 12, 0), (BUF + 12, frame.len() as u32 - 12, 0)]),
+        Some(0)
+    );
+    assert_eq!(fake.0.lock().unwrap().from_guest, vec![frame.clone()]);
+
+    // Without HOST_TSO4/HOST_ECN the same frame is dropped, and the device carries on.
+    let (mut d, fake) = net(MAC | CSUM | MRG_RXBUF);
+    d.mem.write_slice(&frame, GuestAddress(BUF)).unwrap();
+    assert_eq!(d.submit_on(1, &[(BUF, frame.len() as u32, 0)]), Some(0));
+    assert!(fake.0.lock().unwrap().from_guest.is_empty());
+    let plain = net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_NONE, 100);
+    d.mem.write_slice(&plain, GuestAddress(BUF)).unwrap();
+    d.submit_on(1, &[(BUF, plain.len() as u32, 0)]);
+    assert_eq!(fake.0.lock().unwrap().from_guest, vec![plain]);
+    // DATA_VALID is the device's flag; a driver that sends it is wrong.
+    let bad = net_frame(hdr::F_DATA_VALID, hdr::GSO_NONE, 100);
+    d.mem.write_slice(&bad, GuestAddress(BUF)).unwrap();
+    d.submit_on(1, &[(BUF, bad.len() as u32, 0)]);
+    assert_eq!(fake.0.lock().unwrap().from_guest.len(), 1);
+    assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    // A buffer shorter than the header is no frame at all: the device needs a reset.
+    d.submit_on(1, &[(BUF, 6, 0)]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn net_rx_spreads_a_gso_frame_over_mergeable_buffers() {
+    use crate::net::hdr;
+    let (mut d, fake) = net(u64::MAX);
+    let frame = net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_TCPV4, 5000);
+    fake.0.lock().unwrap().to_guest.push_back(frame.clone());
+    // One 2 KiB buffer is not enough: the frame waits, and the buffer stays available.
+    d.post_buffers(0, 0, &[(BUF, 2048, F_WRITE)]);
+    d.w(0x050, 0);
+    assert!(d.used_since(0, 0).is_empty());
+    d.post_buffers(
+        0,
+        1,
+        &[(BUF + 0x1000, 2048, F_WRITE), (BUF + 0x2000, 2048, F_WRITE)],
+    );
+    d.w(0x050, 0);
+    let used = d.used_since(0, 0);
+    assert_eq!(used, vec![(0, 2048), (1, 2048), (2, 5012 - 4096)]);
+    let mut got = Vec::new();
+    for (i, &(_, len)) in used.iter().enumerate() {
+        let mut b = vec![0u8; len as usize];
+        d.mem
+            .read_slice(&mut b, GuestAddress(BUF + i as u64 * 0x1000))
+            .unwrap();
+        got.extend(b);
+    }
+    // The header is the TAP's, with num_buffers filled in.
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+    let mut want = frame;
+    want[10..12].copy_from_slice(&3u16.to_le_bytes());
+    assert_eq!(got, want);
+}
+
+#[test]
+fn net_rx_without_mergeable_buffers_and_offloads() {
+    use crate::net::{features::*, hdr};
+    let (mut d, fake) = net(MAC);
+    {
+        let mut f = fake.0.lock().unwrap();
+        // Offloads the driver never accepted (a frame queued before it renegotiated).
+        f.to_guest
+            .push_back(net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_TCPV4, 3000));
+        // Too big for one buffer.
+        f.to_guest
+            .push_back(net_frame(hdr::F_DATA_VALID, hdr::GSO_NONE, 3000));
+        // Fits; DATA_VALID means nothing without GUEST_CSUM and is cleared.
+        f.to_guest
+            .push_back(net_frame(hdr::F_DATA_VALID, hdr::GSO_NONE, 1000));
+    }
+    d.post_buffers(0, 0, &[(BUF, 2048, F_WRITE), (BUF + 0x1000, 2048, F_WRITE)]);
+    d.w(0x050, 0);
+    assert_eq!(d.used_since(0, 0), vec![(0, 0), (1, 1012)]);
+    let mut h = [0u8; 12];
+    d.mem
+        .read_slice(&mut h, GuestAddress(BUF + 0x1000))
+        .unwrap();
+    assert_eq!(h[0], 0);
+    assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
+    assert!(fake.0.lock().unwrap().to_guest.is_empty());
+    // A receive buffer that cannot hold the header is a driver bug.
+    fake.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .push_back(net_frame(0, 0, 10));
+    d.post_buffers(0, 2, &[(BUF, 8, F_WRITE)]);
+    d.w(0x050, 0);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    let _ = GUEST_CSUM;
+}
