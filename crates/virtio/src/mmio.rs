@@ -1,14 +1,31 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x "modern"), as one device on the MMIO
 //! bus. Register offsets are those of the virtio spec, 4.2.2.
+//!
+//! The transport is split in two so device work can leave the vCPU threads:
+//! - [`MmioTransport`] is what the bus maps: register selectors, and the doorbell.
+//! - [`DeviceCore`] is the device, its queues and its status, under one lock, plus the
+//!   interrupt status (an atomic, so the guest's interrupt handler never waits for a
+//!   device that is busy on a request).
+//!
+//! Without an I/O thread a QUEUE_NOTIFY runs the device on the notifying vCPU. With one
+//! ([`MmioTransport::io_thread`]) the notify only records the queue and wakes the
+//! thread, which processes it and raises the interrupt through the same `IrqChip` (both
+//! the KVM irq line ioctl and the emu's user-space chip may be driven from any thread).
+//! A driver reset takes the device lock, so it waits for work in progress and the
+//! thread then finds the device stopped.
 
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use devices::BusDevice;
+use devices::{BusDevice, ExitSignal};
 use hypervisor::IrqChip;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;
@@ -54,27 +71,146 @@ pub mod status {
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
-/// The transport around one device.
-pub struct MmioTransport {
+/// What the device lock guards.
+struct CoreState {
     device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+}
+
+/// A device, its queues and its interrupt, shared between the transport's registers and
+/// whichever thread runs the device.
+pub struct DeviceCore {
+    state: Mutex<CoreState>,
+    interrupt_status: AtomicU32,
     mem: GuestMemoryMmap,
     irq: Arc<dyn IrqChip>,
     gsi: u32,
-    queues: Vec<Queue>,
+    device_type: u32,
+}
+
+impl std::fmt::Debug for DeviceCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCore")
+            .field("device_type", &self.device_type)
+            .field("gsi", &self.gsi)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceCore {
+    fn lock(&self) -> MutexGuard<'_, CoreState> {
+        // A panic while holding the lock is a bug already reported; the state is still
+        // the best there is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.lock().status
+    }
+
+    fn interrupt(&self, why: u32) {
+        self.interrupt_status.fetch_or(why, Ordering::AcqRel);
+        if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
+            tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
+        }
+    }
+
+    /// Enter DEVICE_NEEDS_RESET and tell the driver: the guest handed us something no
+    /// correct driver would.
+    fn fail(&self, st: &mut CoreState, why: impl std::fmt::Display) {
+        tracing::warn!(
+            device_type = self.device_type,
+            "virtio device needs reset: {why}"
+        );
+        st.status |= status::DEVICE_NEEDS_RESET;
+        st.config_generation = st.config_generation.wrapping_add(1);
+        self.interrupt(INT_CONFIG_CHANGE);
+    }
+
+    /// Run the device on queue `index` (the driver's notify, or a backend's readiness).
+    /// None when the device did not run: not started, needing a reset, or the queue not
+    /// set up.
+    pub fn process_queue(&self, index: usize) -> Option<QueueOutcome> {
+        let mut st = self.lock();
+        self.process_locked(&mut st, index)
+    }
+
+    fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
+        if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
+            return None;
+        }
+        let CoreState { device, queues, .. } = &mut *st;
+        let queue = queues.get_mut(index)?;
+        if !queue.ready() {
+            return None;
+        }
+        if !queue.is_valid(&self.mem) {
+            self.fail(
+                st,
+                format_args!("queue {index} is not valid (size or ring addresses)"),
+            );
+            return None;
+        }
+        match device.process_queue(index, queue, &self.mem) {
+            Ok(outcome) => {
+                if outcome.used && queue.needs_notification(&self.mem).unwrap_or(true) {
+                    self.interrupt(INT_USED_RING);
+                }
+                if let Some(next) = outcome.also_process.filter(|&n| n != index) {
+                    self.process_locked(st, next);
+                }
+                Some(outcome)
+            }
+            Err(e) => {
+                self.fail(st, e);
+                None
+            }
+        }
+    }
+}
+
+/// The doorbell between a transport and its I/O thread: which queues were notified.
+#[derive(Debug)]
+struct Kick {
+    pending: AtomicU64,
+    event: EventFd,
+}
+
+impl Kick {
+    fn ring(&self, queue: u32) {
+        let Some(bit) = 1u64.checked_shl(queue) else {
+            return;
+        };
+        // The thread takes all bits at once after waking: only the first notify since
+        // then needs to wake it.
+        if self.pending.fetch_or(bit, Ordering::AcqRel) == 0 {
+            if let Err(e) = self.event.write(1) {
+                tracing::warn!("virtio I/O thread wake-up: {e}");
+            }
+        }
+    }
+}
+
+/// The transport around one device.
+pub struct MmioTransport {
+    core: Arc<DeviceCore>,
+    offered: u64,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    interrupt_status: u32,
-    config_generation: u32,
+    /// Set once an I/O thread runs the device: notifies go there.
+    kick: Option<Arc<Kick>>,
 }
 
 impl std::fmt::Debug for MmioTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.device.device_type())
-            .field("status", &self.status)
+            .field("device_type", &self.core.device_type)
+            .field("io_thread", &self.kick.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -92,208 +228,193 @@ impl MmioTransport {
             // A max size that is zero or not a power of two is a device bug: clamp to 256.
             .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("256 is valid")))
             .collect();
+        let offered = device.features() | VIRTIO_F_VERSION_1;
+        let device_type = device.device_type();
         MmioTransport {
-            device,
-            mem,
-            irq,
-            gsi,
-            queues,
+            core: Arc::new(DeviceCore {
+                state: Mutex::new(CoreState {
+                    device,
+                    queues,
+                    driver_features: 0,
+                    status: 0,
+                    config_generation: 0,
+                }),
+                interrupt_status: AtomicU32::new(0),
+                mem,
+                irq,
+                gsi,
+                device_type,
+            }),
+            offered,
             queue_sel: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            interrupt_status: 0,
-            config_generation: 0,
+            kick: None,
         }
     }
 
     pub fn status(&self) -> u32 {
-        self.status
+        self.core.status()
     }
 
-    fn offered_features(&self) -> u64 {
-        self.device.features() | VIRTIO_F_VERSION_1
+    /// The device side, for threads that feed it from the host.
+    pub fn core(&self) -> Arc<DeviceCore> {
+        self.core.clone()
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+    /// Run the device on queue `index` on this thread.
+    pub fn process_queue(&mut self, index: usize) {
+        self.core.process_queue(index);
     }
 
-    fn reset(&mut self) {
-        for q in &mut self.queues {
+    /// From now on the driver's notifies only wake the returned I/O thread, which runs
+    /// the device. `host_input` is a descriptor that polls readable when the host has
+    /// input for queue `.1` (a TAP for a receive queue).
+    pub fn io_thread(
+        &mut self,
+        name: &str,
+        host_input: Option<(OwnedFd, usize)>,
+    ) -> std::io::Result<IoThread> {
+        let kick = Arc::new(Kick {
+            pending: AtomicU64::new(0),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        });
+        self.kick = Some(kick.clone());
+        Ok(IoThread {
+            name: name.to_string(),
+            core: self.core.clone(),
+            kick,
+            host_input,
+        })
+    }
+
+    fn reset(&mut self, st: &mut CoreState) {
+        for q in &mut st.queues {
             q.reset();
         }
-        self.device.reset();
+        st.device.reset();
+        st.driver_features = 0;
+        st.status = 0;
         self.queue_sel = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.interrupt_status = 0;
-    }
-
-    fn interrupt(&mut self, why: u32) {
-        self.interrupt_status |= why;
-        if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
-            tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
-        }
-    }
-
-    /// Enter DEVICE_NEEDS_RESET and tell the driver: the guest handed us something no
-    /// correct driver would.
-    fn fail(&mut self, why: impl std::fmt::Display) {
-        tracing::warn!(
-            device_type = self.device.device_type(),
-            "virtio device needs reset: {why}"
-        );
-        self.status |= status::DEVICE_NEEDS_RESET;
-        self.config_generation = self.config_generation.wrapping_add(1);
-        self.interrupt(INT_CONFIG_CHANGE);
-    }
-
-    /// Run the device on queue `index` (the driver's notify, or a backend's readiness).
-    pub fn process_queue(&mut self, index: usize) {
-        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        if !queue.is_valid(&self.mem) {
-            self.fail(format_args!(
-                "queue {index} is not valid (size or ring addresses)"
-            ));
-            return;
-        }
-        match self.device.process_queue(index, queue, &self.mem) {
-            Ok(outcome) => {
-                if outcome.used {
-                    let notify = queue.needs_notification(&self.mem).unwrap_or(true);
-                    if notify {
-                        self.interrupt(INT_USED_RING);
-                    }
-                }
-                if let Some(next) = outcome.also_process.filter(|&n| n != index) {
-                    self.process_queue(next);
-                }
-            }
-            Err(e) => self.fail(e),
-        }
+        self.core.interrupt_status.store(0, Ordering::Release);
     }
 
     fn write_status(&mut self, v: u32) {
+        let core = self.core.clone();
+        let mut st = core.lock();
         if v == 0 {
-            self.reset();
+            self.reset(&mut st);
             return;
         }
-        let newly = v & !self.status;
+        let newly = v & !st.status;
         if newly & status::FEATURES_OK != 0 {
-            let offered = self.offered_features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            if st.driver_features & !self.offered != 0
+                || st.driver_features & VIRTIO_F_VERSION_1 == 0
             {
                 // The driver accepted something we never offered, or a legacy interface:
                 // leave FEATURES_OK clear so it sees the refusal.
-                self.status = v & !status::FEATURES_OK;
+                st.status = v & !status::FEATURES_OK;
                 return;
             }
-            self.device.ack_features(self.driver_features);
+            let f = st.driver_features;
+            st.device.ack_features(f);
         }
         // NEEDS_RESET is the device's to set and only a reset clears it.
-        self.status = v | (self.status & status::DEVICE_NEEDS_RESET);
+        st.status = v | (st.status & status::DEVICE_NEEDS_RESET);
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
-        let q = self.queues.get(self.queue_sel as usize);
+        // The registers a running driver reads often stay clear of the device lock.
         match offset {
-            MAGIC_VALUE => MAGIC,
-            VERSION => 2,
-            DEVICE_ID => self.device.device_type(),
-            VENDOR_ID => VENDOR,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered_features() as u32,
-                1 => (self.offered_features() >> 32) as u32,
-                _ => 0,
-            },
+            MAGIC_VALUE => return MAGIC,
+            VERSION => return 2,
+            DEVICE_ID => return self.core.device_type,
+            VENDOR_ID => return VENDOR,
+            DEVICE_FEATURES => {
+                return match self.device_features_sel {
+                    0 => self.offered as u32,
+                    1 => (self.offered >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            INTERRUPT_STATUS => return self.core.interrupt_status.load(Ordering::Acquire),
+            _ => {}
+        }
+        let st = self.core.lock();
+        let q = st.queues.get(self.queue_sel as usize);
+        match offset {
             QUEUE_NUM_MAX => q.map(|q| u32::from(q.max_size())).unwrap_or(0),
             QUEUE_READY => q.map(|q| u32::from(q.ready())).unwrap_or(0),
-            INTERRUPT_STATUS => self.interrupt_status,
-            STATUS => self.status,
-            CONFIG_GENERATION => self.config_generation,
+            STATUS => st.status,
+            CONFIG_GENERATION => st.config_generation,
             _ => 0,
         }
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
-        // Queue set-up is only legal before DRIVER_OK; drivers that do it later are buggy
-        // and get ignored rather than a half-configured queue.
-        let setup_ok = self.status & status::DRIVER_OK == 0;
         match offset {
             DEVICE_FEATURES_SEL => self.device_features_sel = v,
             DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
+            QUEUE_SEL => self.queue_sel = v,
+            QUEUE_NOTIFY => match &self.kick {
+                Some(kick) => kick.ring(v),
+                None => {
+                    self.core.process_queue(v as usize);
+                }
+            },
+            INTERRUPT_ACK => {
+                self.core.interrupt_status.fetch_and(!v, Ordering::AcqRel);
+            }
+            STATUS => self.write_status(v),
+            _ => self.write_setup_reg(offset, v),
+        }
+    }
+
+    /// Feature and queue set-up registers, under the device lock.
+    fn write_setup_reg(&mut self, offset: u64, v: u32) {
+        let core = self.core.clone();
+        let mut st = core.lock();
+        // Queue set-up is only legal before DRIVER_OK; drivers that do it later are buggy
+        // and get ignored rather than a half-configured queue.
+        let setup_ok = st.status & status::DRIVER_OK == 0;
+        if offset == DRIVER_FEATURES {
+            if st.status & status::FEATURES_OK == 0 {
                 match self.driver_features_sel {
-                    0 => {
-                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
-                    }
+                    0 => st.driver_features = (st.driver_features & !0xffff_ffff) | u64::from(v),
                     1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        st.driver_features =
+                            (st.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                     }
                     _ => {}
                 }
             }
-            QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NUM if setup_ok => {
-                let index = self.queue_sel;
-                let bad = match self.selected_queue() {
-                    Some(q) => u16::try_from(v)
-                        .map_err(|_| ())
-                        .and_then(|size| q.try_set_size(size).map_err(|_| ()))
-                        .is_err(),
-                    None => false,
-                };
-                if bad {
-                    self.fail(format_args!(
-                        "queue {index} size {v} is not a power of two within the maximum"
-                    ));
-                }
-            }
-            QUEUE_READY if setup_ok => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_ready(v == 1);
-                }
-            }
-            QUEUE_DESC_LOW if setup_ok => {
-                self.with_queue(|q| q.set_desc_table_address(Some(v), None))
-            }
-            QUEUE_DESC_HIGH if setup_ok => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(v)))
-            }
-            QUEUE_DRIVER_LOW if setup_ok => {
-                self.with_queue(|q| q.set_avail_ring_address(Some(v), None))
-            }
-            QUEUE_DRIVER_HIGH if setup_ok => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)))
-            }
-            QUEUE_DEVICE_LOW if setup_ok => {
-                self.with_queue(|q| q.set_used_ring_address(Some(v), None))
-            }
-            QUEUE_DEVICE_HIGH if setup_ok => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(v)))
-            }
-            QUEUE_NOTIFY => self.process_queue(v as usize),
-            INTERRUPT_ACK => self.interrupt_status &= !v,
-            STATUS => self.write_status(v),
-            _ => tracing::debug!(offset, v, "virtio-mmio write ignored"),
+            return;
         }
-    }
-
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
+        let index = self.queue_sel;
+        let q = st.queues.get_mut(index as usize);
+        match (offset, q) {
+            (QUEUE_NUM, Some(q)) if setup_ok => {
+                let bad = u16::try_from(v)
+                    .map_err(|_| ())
+                    .and_then(|size| q.try_set_size(size).map_err(|_| ()))
+                    .is_err();
+                if bad {
+                    core.fail(
+                        &mut st,
+                        format_args!(
+                            "queue {index} size {v} is not a power of two within the maximum"
+                        ),
+                    );
+                }
+            }
+            (QUEUE_READY, Some(q)) if setup_ok => q.set_ready(v == 1),
+            (QUEUE_DESC_LOW, Some(q)) if setup_ok => q.set_desc_table_address(Some(v), None),
+            (QUEUE_DESC_HIGH, Some(q)) if setup_ok => q.set_desc_table_address(None, Some(v)),
+            (QUEUE_DRIVER_LOW, Some(q)) if setup_ok => q.set_avail_ring_address(Some(v), None),
+            (QUEUE_DRIVER_HIGH, Some(q)) if setup_ok => q.set_avail_ring_address(None, Some(v)),
+            (QUEUE_DEVICE_LOW, Some(q)) if setup_ok => q.set_used_ring_address(Some(v), None),
+            (QUEUE_DEVICE_HIGH, Some(q)) if setup_ok => q.set_used_ring_address(None, Some(v)),
+            _ => tracing::debug!(offset, v, "virtio-mmio write ignored"),
         }
     }
 }
@@ -301,7 +422,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            self.device.read_config(offset - CONFIG, data);
+            self.core.lock().device.read_config(offset - CONFIG, data);
             return;
         }
         // Registers are 32-bit and must be accessed as such.
@@ -315,7 +436,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            self.device.write_config(offset - CONFIG, data);
+            self.core.lock().device.write_config(offset - CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -325,5 +446,111 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+/// How long an I/O thread sleeps between looks at the VM's exit signal, and between
+/// retries of host input the device could not take.
+const IO_THREAD_TICK: Duration = Duration::from_millis(100);
+
+/// A device's I/O thread, not yet started: it waits for the driver's notifies and, if
+/// the device has one, for its host input, and runs the device on them.
+pub struct IoThread {
+    name: String,
+    core: Arc<DeviceCore>,
+    kick: Arc<Kick>,
+    host_input: Option<(OwnedFd, usize)>,
+}
+
+impl std::fmt::Debug for IoThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoThread")
+            .field("name", &self.name)
+            .field("host_input_queue", &self.host_input.as_ref().map(|h| h.1))
+            .finish_non_exhaustive()
+    }
+}
+
+impl IoThread {
+    /// Start the thread; it ends once `exit` is set.
+    pub fn spawn(self, exit: Arc<ExitSignal>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || self.run(&exit))
+    }
+
+    /// Serve the device until `exit` is set.
+    pub fn run(mut self, exit: &ExitSignal) {
+        // Set while host input waits for guest buffers: the host descriptor stays
+        // readable, so it is left out of the poll until the driver's next notify.
+        let mut starved = false;
+        let mut last_try = Instant::now();
+        while exit.get().is_none() {
+            let host_fd = match &self.host_input {
+                Some((fd, _)) if !starved => fd.as_raw_fd(),
+                _ => -1,
+            };
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.kick.event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: host_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
+            let n = unsafe {
+                libc::poll(
+                    pfds.as_mut_ptr(),
+                    pfds.len() as libc::nfds_t,
+                    IO_THREAD_TICK.as_millis() as libc::c_int,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::warn!(thread = self.name, "poll: {e}");
+                    std::thread::sleep(IO_THREAD_TICK);
+                }
+                continue;
+            }
+            if pfds[0].revents & libc::POLLIN != 0 {
+                // Only clears the wake-up; `pending` says which queues.
+                let _ = self.kick.event.read();
+            }
+            let host_queue = self.host_input.as_ref().map(|h| h.1);
+            let mut host_done = false;
+            let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
+            while pending != 0 {
+                let q = pending.trailing_zeros() as usize;
+                pending &= pending - 1;
+                let outcome = self.core.process_queue(q);
+                if host_queue == Some(q) {
+                    starved = outcome.is_none_or(|o| o.starved);
+                    last_try = Instant::now();
+                    host_done = true;
+                }
+            }
+            let Some(hq) = host_queue else { continue };
+            if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                tracing::warn!(
+                    thread = self.name,
+                    "host input descriptor failed; no more host input"
+                );
+                self.host_input = None;
+                continue;
+            }
+            let readable = pfds[1].revents & libc::POLLIN != 0;
+            let retry = starved && last_try.elapsed() >= IO_THREAD_TICK;
+            if !host_done && (readable || retry) {
+                let outcome = self.core.process_queue(hq);
+                starved = outcome.is_none_or(|o| o.starved);
+                last_try = Instant::now();
+            }
+        }
     }
 }

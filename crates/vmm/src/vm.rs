@@ -64,10 +64,14 @@ pub enum VmmError {
     Vsock(#[from] virtio::vsock::VsockError),
 }
 
-/// What, besides the vCPUs, feeds a device's receive queue.
+/// What, besides the vCPUs, runs a device or feeds its receive queue.
 enum RxSource {
-    /// A TAP: readable means frames for the guest.
-    Tap(std::os::fd::OwnedFd),
+    /// An I/O thread of the device's own runs it on the driver's notifies and, when
+    /// given one, on a host descriptor (a TAP) turning readable for that queue.
+    IoThread {
+        name: String,
+        host_input: Option<(std::os::fd::OwnedFd, usize)>,
+    },
     /// The vsock backend's host sockets.
     Vsock(Arc<Mutex<virtio::vsock::Backend>>),
 }
@@ -121,9 +125,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let io = RxSource::IoThread {
+            name: format!("blk{}", devs.len()),
+            host_input: None,
+        };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
-            None,
+            Some(io),
         ));
     }
     for net in &config.nets {
@@ -137,7 +145,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
-        devs.push((Box::new(dev), Some(RxSource::Tap(fd))));
+        let io = RxSource::IoThread {
+            name: format!("net-{}", net.tap),
+            host_input: Some((fd, virtio::net::RX_QUEUE)),
+        };
+        devs.push((Box::new(dev), Some(io)));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
@@ -176,6 +188,8 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices fed from the host side (TAPs, vsock sockets), a thread each.
     rx_pumps: Vec<(Arc<Mutex<virtio::mmio::MmioTransport>>, RxSource)>,
+    /// Devices that run on I/O threads of their own (block, net).
+    io_threads: Vec<virtio::mmio::IoThread>,
     vcpus: Vec<Box<dyn Vcpu>>,
     // Kept alive for as long as the VM: the vCPUs refer to its memory slots.
     _memory: GuestMemoryMmap,
@@ -303,6 +317,7 @@ impl Vmm {
         let control = Arc::new(VmControl::new(exit.clone(), ged));
 
         let mut rx_pumps = Vec::new();
+        let mut io_threads = Vec::new();
         for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
             let transport = Arc::new(Mutex::new(virtio::mmio::MmioTransport::new(
                 device,
@@ -312,8 +327,16 @@ impl Vmm {
             )));
             io.mmio
                 .insert(dev(transport.clone()), slot.base, slot.size)?;
-            if let Some(source) = ready_fd {
-                rx_pumps.push((transport, source));
+            match ready_fd {
+                Some(RxSource::IoThread { name, host_input }) => io_threads.push(
+                    transport
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .io_thread(&name, host_input)
+                        .map_err(VmmError::Thread)?,
+                ),
+                Some(source) => rx_pumps.push((transport, source)),
+                None => {}
             }
         }
 
@@ -342,6 +365,7 @@ impl Vmm {
             io: Arc::new(io),
             serial,
             rx_pumps,
+            io_threads,
             vcpus,
             _memory: memory,
             _vm: vm,
@@ -381,15 +405,14 @@ impl Vmm {
         for (transport, source) in self.rx_pumps {
             let exit = self.exit.clone();
             let t = std::thread::Builder::new();
-            match source {
-                RxSource::Tap(fd) => t
-                    .name("net-rx".into())
-                    .spawn(move || rx_pump(&transport, &fd, &exit)),
-                RxSource::Vsock(backend) => t
-                    .name("vsock".into())
-                    .spawn(move || vsock_pump(&transport, &backend, &exit)),
+            if let RxSource::Vsock(backend) = source {
+                t.name("vsock".into())
+                    .spawn(move || vsock_pump(&transport, &backend, &exit))
+                    .map_err(VmmError::Thread)?;
             }
-            .map_err(VmmError::Thread)?;
+        }
+        for io in self.io_threads {
+            io.spawn(self.exit.clone()).map_err(VmmError::Thread)?;
         }
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -453,37 +476,6 @@ fn stop_on_termination_signals() {
             sa.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-/// Feed frames from a TAP into its device's receive queue as they arrive.
-fn rx_pump(
-    transport: &Mutex<virtio::mmio::MmioTransport>,
-    fd: &std::os::fd::OwnedFd,
-    exit: &ExitSignal,
-) {
-    use std::os::fd::AsRawFd;
-    while exit.get().is_none() {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if n <= 0 || pfd.revents & libc::POLLIN == 0 {
-            continue;
-        }
-        transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .process_queue(virtio::net::RX_QUEUE);
-        // Frames still waiting means the guest has no receive buffers posted: back off
-        // rather than spin until it posts some (its notify drains the rest).
-        // SAFETY: as above.
-        if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 }
