@@ -159,8 +159,11 @@ impl Drop for NetNs {
     }
 }
 
+/// Bytes each way in the network test: enough for many full-sized TSO frames.
+const XFER: usize = 4 << 20;
+
 #[test]
-fn the_guest_pings_and_sends_a_file_over_virtio_net() {
+fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
     let ns = NetNs::new("net");
     let busybox = assets().join("busybox");
     let dir = TempDir::new("netxfer");
@@ -199,6 +202,28 @@ fn the_guest_pings_and_sends_a_file_over_virtio_net() {
     );
     let ping = c.run("ping -c 2 -W 5 10.0.2.1", Duration::from_secs(60));
     assert!(ping.contains("2 packets received"), "{ping}");
+    // The guest driver took the offloads: the feature bits it negotiated, as the guest
+    // lists them (bit 0 first).
+    let bits = c.run(
+        "cat /sys/bus/virtio/drivers/virtio_net/virtio*/features",
+        CMD,
+    );
+    for (bit, name) in [
+        (0, "CSUM"),
+        (1, "GUEST_CSUM"),
+        (7, "GUEST_TSO4"),
+        (8, "GUEST_TSO6"),
+        (11, "HOST_TSO4"),
+        (12, "HOST_TSO6"),
+        (15, "MRG_RXBUF"),
+        (32, "VERSION_1"),
+    ] {
+        assert_eq!(
+            bits.as_bytes().get(bit),
+            Some(&b'1'),
+            "{name} not negotiated: {bits}"
+        );
+    }
 
     // A file from the guest to a listener in the namespace, byte for byte.
     let listener = ns
@@ -214,22 +239,64 @@ fn the_guest_pings_and_sends_a_file_over_virtio_net() {
     let _listener_stdin = listener.0.stdin.take();
     std::thread::sleep(Duration::from_millis(300));
     let sent = c.run(
-        "dd if=/dev/urandom of=/tmp/payload bs=1k count=256 2>/dev/null; \
-         md5sum /tmp/payload | cut -d' ' -f1; nc 10.0.2.1 5000 < /tmp/payload",
-        Duration::from_secs(90),
+        &format!(
+            "dd if=/dev/urandom of=/tmp/payload bs=64k count={} 2>/dev/null; \
+             md5sum /tmp/payload | cut -d' ' -f1; nc 10.0.2.1 5000 < /tmp/payload",
+            XFER / 65536
+        ),
+        Duration::from_secs(120),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while listener.0.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let got = std::fs::read(&received).unwrap();
-    assert_eq!(got.len(), 256 * 1024, "received {} bytes", got.len());
+    assert_eq!(got.len(), XFER, "received {} bytes", got.len());
     let md5 = Command::new("md5sum").arg(&received).output().unwrap();
     let host_sum = String::from_utf8_lossy(&md5.stdout);
     let guest_sum = sent.lines().next().unwrap_or_default().trim().to_string();
     assert!(
         host_sum.starts_with(&guest_sum),
         "{host_sum} vs {guest_sum}"
+    );
+
+    // And a file from the namespace to a listener in the guest.
+    let outbound = dir.path().join("outbound");
+    let mut data = vec![0u8; XFER];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&outbound, &data).unwrap();
+    c.send("nc -l -p 5001 > /tmp/inbound &");
+    std::thread::sleep(Duration::from_millis(500));
+    let sender = ns
+        .exec()
+        .arg(&busybox)
+        .args(["nc", "10.0.2.15", "5001"])
+        .stdin(std::fs::File::open(&outbound).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        sender.status.success(),
+        "nc to the guest: {}",
+        String::from_utf8_lossy(&sender.stderr)
+    );
+    let md5 = Command::new("md5sum").arg(&outbound).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&md5.stdout).into_owned();
+    let guest_sum = c.run(
+        "wait; wc -c < /tmp/inbound; md5sum /tmp/inbound | cut -d' ' -f1",
+        Duration::from_secs(60),
+    );
+    let mut lines = guest_sum.lines().map(str::trim);
+    assert_eq!(lines.next(), Some(XFER.to_string().as_str()), "{guest_sum}");
+    let guest_md5 = lines.next().unwrap_or_default();
+    assert!(
+        !guest_md5.is_empty() && host_sum.starts_with(guest_md5),
+        "{host_sum} vs {guest_md5}"
     );
     c.send("poweroff -f");
     assert_eq!(c.wait_exit(CMD), Some(0));

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# virtio-net TCP throughput between a Vessel emu guest and the host, over a TAP inside a
+# network namespace this script creates (and deletes): guest→host (busybox nc sending a
+# file from the guest's tmpfs) and host→guest (busybox nc listening, output discarded),
+# a Python socket on the host side, MIB MiB each way; times are taken on the host from
+# the connection's start to its end. Also prints the VMM's CPU use and the TAP's frame
+# counts (their average size shows whether segmentation offload is at work).
+#
+#   bench/net.sh [MIB] [RUNS]        (defaults 32 and 1; needs root for the namespace)
+#   VESSEL=path/to/vessel bench/net.sh   measures that binary instead of building one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIB="${1:-32}"
+RUNS="${2:-1}"
+scripts/guest-assets.sh >/dev/null
+ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+if [ -z "${VESSEL:-}" ]; then
+    cargo build -q --release -p vessel
+    VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
+fi
+NS="vessel-netbench-$$"
+ip netns add "$NS"
+trap 'ip netns del "$NS"' EXIT
+
+ip netns exec "$NS" python3 - "$MIB" "$RUNS" "$ASSETS" "$VESSEL" <<'PY'
+import os, re, select, socket, statistics, subprocess, sys, threading, time
+
+mib, runs, assets, vessel = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+TOTAL = mib << 20
+TAP, HOST, GUEST = "vbench0", "10.0.2.1", "10.0.2.15"
+
+class Guest:
+    def __init__(self):
+        self.p = subprocess.Popen(
+            [vessel, "run", "--accel", "emu", "--memory", "256M", "--serial", "stdio",
+             "--kernel", f"{assets}/vmlinuz", "--initrd", f"{assets}/initramfs.cpio.gz",
+             "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", f"tap={TAP}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.buf, self.mark = b"", 0
+
+    def expect(self, needle, limit=180.0):
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            i = self.buf.find(needle, self.mark)
+            if i >= 0:
+                out = self.buf[self.mark:i]
+                self.mark = i + len(needle)
+                return out.decode(errors="replace")
+            r, _, _ = select.select([self.p.stdout], [], [], 0.5)
+            if r:
+                c = os.read(self.p.stdout.fileno(), 65536)
+                if not c:
+                    break
+                self.buf += c
+        sys.exit(f"guest never printed {needle!r}:\n{self.buf[-800:].decode(errors='replace')}")
+
+    def send(self, line):
+        self.p.stdin.write(line.encode() + b"\n"); self.p.stdin.flush()
+
+    def run(self, cmd, limit=180.0):
+        self.send(f"echo '@@'B; {cmd}; echo '@@'E")
+        self.expect(b"@@B", limit)
+        return self.expect(b"@@E", limit).strip()
+
+def cpu_secs(pid):
+    """User+system CPU time of a process, all its threads."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+def measured(fn, g):
+    c0, t0 = cpu_secs(g.p.pid), time.monotonic()
+    rate = fn(g)
+    cpu = (cpu_secs(g.p.pid) - c0) / (time.monotonic() - t0)
+    return rate, cpu
+
+def guest_to_host(g):
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((HOST, 5000)); srv.listen(1)
+    res = {}
+    def serve():
+        c, _ = srv.accept(); t0 = time.monotonic(); n = 0
+        while True:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            n += len(b)
+        res["secs"], res["n"] = time.monotonic() - t0, n
+        c.close()
+    t = threading.Thread(target=serve); t.start()
+    g.run(f"nc {HOST} 5000 < /tmp/zeros", 600)
+    t.join(60); srv.close()
+    assert res.get("n") == TOTAL, f"host received {res.get('n')} of {TOTAL} bytes"
+    return TOTAL / 1e6 / res["secs"]
+
+def host_to_guest(g):
+    g.send("nc -l -p 5001 > /dev/null &")
+    time.sleep(1.0)
+    data = os.urandom(1 << 20)
+    for _ in range(100):
+        try:
+            s = socket.create_connection((GUEST, 5001), timeout=5)
+            break
+        except OSError:
+            time.sleep(0.2)
+    t0 = time.monotonic()
+    for _ in range(mib):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(600)
+    while s.recv(65536):
+        pass
+    secs = time.monotonic() - t0
+    s.close()
+    g.run("wait")
+    return TOTAL / 1e6 / secs
+
+g = Guest()
+try:
+    g.expect(b"~ #")
+    for a in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{HOST}/24", "dev", TAP],
+              ["ip", "link", "set", TAP, "up"]):
+        subprocess.run(a, check=True)
+    g.run(f"ip addr add {GUEST}/24 dev eth0 && ip link set eth0 up && ping -c 1 -W 5 {HOST} >/dev/null")
+    g.run(f"dd if=/dev/zero of=/tmp/zeros bs=64k count={TOTAL >> 16} 2>/dev/null")
+    feats = g.run("cat /sys/bus/virtio/drivers/virtio_net/virtio*/features")
+    print(f"virtio-net features the guest negotiated: {feats}", file=sys.stderr)
+    up, down = [], []
+    for i in range(runs):
+        (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
+        up.append(u); down.append(d)
+        print(f"run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
+              f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core)", file=sys.stderr)
+    st = open(f"/sys/class/net/{TAP}/statistics/rx_bytes").read().strip(), \
+        open(f"/sys/class/net/{TAP}/statistics/rx_packets").read().strip(), \
+        open(f"/sys/class/net/{TAP}/statistics/tx_bytes").read().strip(), \
+        open(f"/sys/class/net/{TAP}/statistics/tx_packets").read().strip()
+    print(f"TAP: from the guest {st[0]} bytes in {st[1]} frames, to the guest {st[2]} bytes "
+          f"in {st[3]} frames", file=sys.stderr)
+    print(f"\nvirtio-net TCP, {mib} MiB each way, {runs} runs, medians")
+    print(f"guest->host {statistics.median(up):.1f} MB/s, host->guest {statistics.median(down):.1f} MB/s")
+    g.send("poweroff -f")
+    g.p.wait(30)
+finally:
+    if g.p.poll() is None:
+        g.p.kill(); g.p.wait()
+PY
