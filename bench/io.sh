@@ -4,6 +4,7 @@
 # runs interleaved; prints medians and Vessel/QEMU.
 #
 #   bench/io.sh [RUNS]        (default 3)
+#   VESSEL=path/to/vessel bench/io.sh   measures that binary instead of building one
 # Writes end with conv=fsync; reads follow a drop_caches, so both cross the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +12,15 @@ RUNS="${1:-3}"
 command -v qemu-system-x86_64 >/dev/null || apt-get install -y -qq qemu-system-x86 >/dev/null
 scripts/guest-assets.sh >/dev/null
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
-cargo build -q --release -p vessel
+if [ -z "${VESSEL:-}" ]; then
+    cargo build -q --release -p vessel
+    VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
+fi
 IMG="$(mktemp /tmp/vessel-io-XXXXXX.raw)"
 trap 'rm -f "$IMG"' EXIT
 truncate -s 256M "$IMG"
 
-python3 - "$RUNS" "$ASSETS" "$PWD/target/release/vessel" "$IMG" <<'PY'
+python3 - "$RUNS" "$ASSETS" "$VESSEL" "$IMG" <<'PY'
 import os, re, select, statistics, subprocess, sys, time
 
 runs, assets, vessel, img = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
