@@ -465,8 +465,16 @@ fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     Ok(())
 }
 
-/// SHL/SAL/SHR/SAR/ROL/ROR of a register by an immediate (the `, 1` forms included).
-fn shift_ri(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+/// SHL/SAL (K=0), SHR (1), SAR (2), ROL (3) or ROR (4) of a register by an immediate
+/// (the `, 1` forms included); one instance per operation so the flag logic is inlined.
+fn shift_ri<const K: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+    let m = match K {
+        0 => M::Shl,
+        1 => M::Shr,
+        2 => M::Sar,
+        3 => M::Rol,
+        _ => M::Ror,
+    };
     let u = &i.uop;
     let size = u32::from(u.size);
     let cmask = if size == 8 { 0x3f } else { 0x1f };
@@ -477,8 +485,7 @@ fn shift_ri(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
         wr(cpu, u.d, u.size, a);
         return Ok(());
     }
-    let (r, f, which) =
-        super::shift::compute(i.instr.mnemonic(), a, c, size, u64::from(cpu.flag(CF)), 0);
+    let (r, f, which) = super::shift::compute(m, a, c, size, u64::from(cpu.flag(CF)), 0);
     wr(cpu, u.d, u.size, r);
     cpu.set_flags_masked(f, which);
     Ok(())
@@ -559,7 +566,13 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror
             if n == 2 && r0 && ins.op1_kind() == OpKind::Immediate8 =>
         {
-            Some(shift_ri)
+            Some(match m {
+                M::Shl | M::Sal => shift_ri::<0> as Handler,
+                M::Shr => shift_ri::<1>,
+                M::Sar => shift_ri::<2>,
+                M::Rol => shift_ri::<3>,
+                _ => shift_ri::<4>,
+            })
         }
         _ if ins.is_jcc_short_or_near() => Some(jcc),
         M::Jmp if ins.is_jmp_short_or_near() => Some(jmp_rel),

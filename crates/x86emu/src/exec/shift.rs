@@ -59,7 +59,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
 
 /// Result, flags and the set of flags written for a shift/rotate of `a` by a nonzero
 /// masked count `c` (`other` is the second SHLD/SHRD source).
-#[inline]
+#[inline(always)]
 pub(crate) fn compute(
     m: Mnemonic,
     a: u64,
