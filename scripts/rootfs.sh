@@ -26,13 +26,27 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -o remount,rw /
 echo "vessel-rootfs: $(uname -r) up, root on $(awk '$2 == "/" {print $1}' /proc/mounts | tail -n1)"
+# The initramfs loaded button.ko and evdev.ko: the ACPI power button shuts down cleanly.
+if [ -e /dev/input/event0 ]; then
+    mkdir -p /var/log /var/run
+    acpid
+fi
 RC
 chmod +x "$root/etc/init.d/rcS"
 cat >"$root/etc/inittab" <<'TAB'
 ::sysinit:/etc/init.d/rcS
 ttyS0::respawn:/bin/sh
 ::ctrlaltdel:/sbin/poweroff
+::shutdown:/bin/umount -a -r
 TAB
+mkdir -p "$root/etc/acpi"
+echo 'PWRF power' >"$root/etc/acpid.conf"
+cat >"$root/etc/acpi/power" <<'PWR'
+#!/bin/sh
+echo "vessel-rootfs: power button pressed, shutting down" >/dev/console
+poweroff
+PWR
+chmod +x "$root/etc/acpi/power"
 echo 'export PS1="rootfs # "' >"$root/etc/profile"
 rm -f "$OUT.tmp"
 mkfs.ext4 -q -F -L vessel-root -d "$root" "$OUT.tmp" "${SIZE}M"
