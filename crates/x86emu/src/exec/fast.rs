@@ -235,6 +235,17 @@ impl Uop {
     }
 }
 
+/// The operation size: `S` when the handler was instantiated for one (4 or 8 bytes, so
+/// masks and sign bits fold to constants), else the decoded one.
+#[inline(always)]
+fn sized<const S: u8>(u: &Uop) -> u8 {
+    if S == 0 {
+        u.size
+    } else {
+        S
+    }
+}
+
 /// Reads register `i` at `size` bytes (zero-extended).
 #[inline(always)]
 fn rd(cpu: &Core, i: u8, size: u8) -> u64 {
@@ -256,31 +267,42 @@ fn wr(cpu: &mut Core, i: u8, size: u8, v: u64) {
     };
 }
 
-fn alu_rr<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn alu_rr<const OP: u8, const S: u8>(
+    cpu: &mut Core,
+    _p: &mut dyn Platform,
+    i: &Insn,
+) -> Result<()> {
     let u = &i.uop;
-    let a = rd(cpu, u.d, u.size);
-    let b = rd(cpu, u.s, u.size);
-    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(u.size)) {
-        wr(cpu, u.d, u.size, r);
+    let size = sized::<S>(u);
+    let a = rd(cpu, u.d, size);
+    let b = rd(cpu, u.s, size);
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size)) {
+        wr(cpu, u.d, size, r);
     }
     Ok(())
 }
 
-fn alu_ri<const OP: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn alu_ri<const OP: u8, const S: u8>(
+    cpu: &mut Core,
+    _p: &mut dyn Platform,
+    i: &Insn,
+) -> Result<()> {
     let u = &i.uop;
-    let a = rd(cpu, u.d, u.size);
-    if let Some(r) = alu::<OP>(cpu, a, u.imm, u32::from(u.size)) {
-        wr(cpu, u.d, u.size, r);
+    let size = sized::<S>(u);
+    let a = rd(cpu, u.d, size);
+    if let Some(r) = alu::<OP>(cpu, a, u.imm, u32::from(size)) {
+        wr(cpu, u.d, size, r);
     }
     Ok(())
 }
 
-fn alu_rm<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn alu_rm<const OP: u8, const S: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let u = &i.uop;
+    let size = sized::<S>(u);
     let b = u.read_mem(cpu, p)?;
-    let a = rd(cpu, u.d, u.size);
-    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(u.size)) {
-        wr(cpu, u.d, u.size, r);
+    let a = rd(cpu, u.d, size);
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size)) {
+        wr(cpu, u.d, size, r);
     }
     Ok(())
 }
@@ -302,21 +324,26 @@ fn alu_mi<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Resul
 }
 
 /// IMUL with a register destination: `d = d * src` or `d = src * imm`.
-fn imul_r<const THREE: bool>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn imul_r<const THREE: bool, const S: u8>(
+    cpu: &mut Core,
+    p: &mut dyn Platform,
+    i: &Insn,
+) -> Result<()> {
     let u = &i.uop;
+    let size = sized::<S>(u);
     let src = if u.s != NO_REG {
-        rd(cpu, u.s, u.size)
+        rd(cpu, u.s, size)
     } else {
         u.read_mem(cpu, p)?
     };
     let (a, b) = if THREE {
         (src, u.imm)
     } else {
-        (rd(cpu, u.d, u.size), src)
+        (rd(cpu, u.d, size), src)
     };
-    let (lo, of) = imul_truncated(a, b, u32::from(u.size));
-    wr(cpu, u.d, u.size, lo);
-    cpu.set_status(mul_flags(lo, u32::from(u.size), of));
+    let (lo, of) = imul_truncated(a, b, u32::from(size));
+    wr(cpu, u.d, size, lo);
+    cpu.set_status(mul_flags(lo, u32::from(size), of));
     Ok(())
 }
 
@@ -346,10 +373,11 @@ fn setcc_r(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
     Ok(())
 }
 
-fn mov_rr(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn mov_rr<const S: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let u = &i.uop;
-    let v = rd(cpu, u.s, u.size);
-    wr(cpu, u.d, u.size, v);
+    let size = sized::<S>(u);
+    let v = rd(cpu, u.s, size);
+    wr(cpu, u.d, size, v);
     Ok(())
 }
 
@@ -359,10 +387,11 @@ fn mov_ri(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
     Ok(())
 }
 
-fn mov_rm(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
+fn mov_rm<const S: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let u = &i.uop;
+    let size = sized::<S>(u);
     let v = u.read_mem(cpu, p)?;
-    wr(cpu, u.d, u.size, v);
+    wr(cpu, u.d, size, v);
     Ok(())
 }
 
@@ -519,16 +548,35 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
     let r1 = n > 1 && is_gpr(ins, 1);
     let m1 = k1 == OpKind::Memory;
     let i1 = is_imm(k1);
+    let size0 = if r0 { reg_size(ins.op0_register()) } else { 0 };
+    macro_rules! by_size {
+        ($h:ident, $op:expr) => {
+            match size0 {
+                8 => $h::<{ $op }, 8> as Handler,
+                4 => $h::<{ $op }, 4> as Handler,
+                _ => $h::<{ $op }, 0> as Handler,
+            }
+        };
+    }
+    macro_rules! by_size1 {
+        ($h:ident) => {
+            match size0 {
+                8 => $h::<8> as Handler,
+                4 => $h::<4> as Handler,
+                _ => $h::<0> as Handler,
+            }
+        };
+    }
     macro_rules! alu_forms {
         ($op:expr) => {{
             if n != 2 {
                 None
             } else if r0 && r1 {
-                Some(alu_rr::<{ $op }> as Handler)
+                Some(by_size!(alu_rr, $op))
             } else if r0 && i1 {
-                Some(alu_ri::<{ $op }> as Handler)
+                Some(by_size!(alu_ri, $op))
             } else if r0 && m1 {
-                Some(alu_rm::<{ $op }> as Handler)
+                Some(by_size!(alu_rm, $op))
             } else if k0 == OpKind::Memory && r1 && ($op == CMP || $op == TEST) {
                 Some(alu_mr::<{ $op }> as Handler)
             } else if k0 == OpKind::Memory && i1 && ($op == CMP || $op == TEST) {
@@ -548,13 +596,15 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Test => alu_forms!(TEST),
         M::Adc => alu_forms!(ADC),
         M::Sbb => alu_forms!(SBB),
-        M::Imul if n == 2 && r0 && (r1 || m1) => Some(imul_r::<false>),
-        M::Imul if n == 3 && r0 && (r1 || m1) && is_imm(ins.op2_kind()) => Some(imul_r::<true>),
+        M::Imul if n == 2 && r0 && (r1 || m1) => Some(by_size!(imul_r, false)),
+        M::Imul if n == 3 && r0 && (r1 || m1) && is_imm(ins.op2_kind()) => {
+            Some(by_size!(imul_r, true))
+        }
         _ if is_cmov(m) && n == 2 && r0 && (r1 || m1) => Some(cmov_r),
         _ if is_setcc(m) && r0 => Some(setcc_r),
-        M::Mov if n == 2 && r0 && r1 => Some(mov_rr),
+        M::Mov if n == 2 && r0 && r1 => Some(by_size1!(mov_rr)),
         M::Mov if n == 2 && r0 && i1 => Some(mov_ri),
-        M::Mov if n == 2 && r0 && m1 => Some(mov_rm),
+        M::Mov if n == 2 && r0 && m1 => Some(by_size1!(mov_rm)),
         M::Mov if n == 2 && k0 == OpKind::Memory && r1 => Some(mov_mr),
         M::Mov if n == 2 && k0 == OpKind::Memory && i1 => Some(mov_mi),
         M::Movzx if r0 && (r1 || m1) => Some(movx::<false>),
