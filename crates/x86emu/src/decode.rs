@@ -17,9 +17,11 @@
 //! runs without an interrupt or device access in between, and page-table A/D updates
 //! landing in a code page.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind, RflagsBits,
+};
 
-use crate::exec::fast::{uop_for, Uop};
+use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
 
 /// Block slots (direct mapped by physical address).
@@ -193,6 +195,7 @@ impl BlockCache {
         if b.insns.is_empty() {
             return None;
         }
+        mark_dead_flags(&mut b.insns);
         b.code.clear();
         b.code.extend_from_slice(avail.get(..pos)?);
         b.epoch = epoch;
@@ -258,6 +261,70 @@ fn ends_block(ins: &Instruction) -> bool {
                 | M::Outsw
                 | M::Outsd
         )
+}
+
+/// The arithmetic status flags, as iced-x86 numbers them.
+const STATUS_BITS: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::CF
+    | RflagsBits::PF;
+
+/// Marks the instructions whose status flags are overwritten, within the block, before
+/// anything could observe them: no instruction reads them and none could fault (an
+/// exception handler sees the flags) in between. Their handlers then skip the flags. At
+/// the block end every flag counts as live.
+fn mark_dead_flags(insns: &mut [Insn]) {
+    for i in 0..insns.len() {
+        let Some(first) = insns.get(i) else { break };
+        if !skips_dead_flags(&first.instr) {
+            continue;
+        }
+        let mut need = surely_written(&first.instr);
+        if need == 0 {
+            continue;
+        }
+        let mut dead = false;
+        for next in insns.iter().skip(i + 1) {
+            let ins = &next.instr;
+            if next.ends || ins.rflags_read() & need != 0 || !cannot_fault(ins) {
+                break;
+            }
+            need &= !surely_written(ins);
+            if need == 0 {
+                dead = true;
+                break;
+            }
+        }
+        if let Some(insn) = insns.get_mut(i) {
+            insn.uop.flags_dead = dead;
+        }
+    }
+}
+
+/// Status flags `ins` always writes (a shift or rotate by 0 writes none; by CL, maybe none).
+fn surely_written(ins: &Instruction) -> u32 {
+    let shift = matches!(
+        ins.mnemonic(),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    );
+    if shift {
+        // The count is masked to 6 bits for 64-bit operands, else to 5.
+        let wide = match ins.op0_kind() {
+            OpKind::Register => ins.op0_register().is_gpr64(),
+            _ => ins.memory_size().size() == 8,
+        };
+        let count_mask = if wide { 0x3f } else { 0x1f };
+        let imm_count = (0..ins.op_count())
+            .find(|&k| ins.op_kind(k) == OpKind::Immediate8)
+            .map(|_| u32::from(ins.immediate8()) & count_mask);
+        match imm_count {
+            Some(c) if c != 0 => {}
+            _ => return 0,
+        }
+    }
+    ins.rflags_modified() & STATUS_BITS
 }
 
 /// Near jumps, calls, returns and loops: they change nothing but RIP (and RSP).

@@ -26,48 +26,62 @@ const TEST: u8 = 8;
 const ADC: u8 = 9;
 const SBB: u8 = 10;
 
-/// Applies an ALU operation, sets the flags, and returns the value to write back (None for
-/// CMP/TEST).
+/// Applies an ALU operation, sets the flags (unless `flags` is false: they are dead), and
+/// returns the value to write back (None for CMP/TEST).
 #[inline(always)]
-fn alu<const OP: u8>(cpu: &mut Core, a: u64, b: u64, size: u32) -> Option<u64> {
+fn alu<const OP: u8>(cpu: &mut Core, a: u64, b: u64, size: u32, flags: bool) -> Option<u64> {
     let m = mask(size);
     let (a, b) = (a & m, b & m);
     match OP {
         ADD => {
             let r = a.wrapping_add(b) & m;
-            cpu.set_status(add_flags(a, b, 0, r, size));
+            if flags {
+                cpu.set_status(add_flags(a, b, 0, r, size));
+            }
             Some(r)
         }
         SUB | CMP => {
             let r = a.wrapping_sub(b) & m;
-            cpu.set_status(sub_flags(a, b, 0, r, size));
+            if flags {
+                cpu.set_status(sub_flags(a, b, 0, r, size));
+            }
             (OP == SUB).then_some(r)
         }
         ADC => {
             let c = u64::from(cpu.s.rflags & CF != 0);
             let r = a.wrapping_add(b).wrapping_add(c) & m;
-            cpu.set_status(add_flags(a, b, c, r, size));
+            if flags {
+                cpu.set_status(add_flags(a, b, c, r, size));
+            }
             Some(r)
         }
         SBB => {
             let c = u64::from(cpu.s.rflags & CF != 0);
             let r = a.wrapping_sub(b).wrapping_sub(c) & m;
-            cpu.set_status(sub_flags(a, b, c, r, size));
+            if flags {
+                cpu.set_status(sub_flags(a, b, c, r, size));
+            }
             Some(r)
         }
         AND | TEST => {
             let r = a & b;
-            cpu.set_status(logic_flags(r, size));
+            if flags {
+                cpu.set_status(logic_flags(r, size));
+            }
             (OP == AND).then_some(r)
         }
         OR => {
             let r = a | b;
-            cpu.set_status(logic_flags(r, size));
+            if flags {
+                cpu.set_status(logic_flags(r, size));
+            }
             Some(r)
         }
         _ => {
             let r = a ^ b;
-            cpu.set_status(logic_flags(r, size));
+            if flags {
+                cpu.set_status(logic_flags(r, size));
+            }
             Some(r)
         }
     }
@@ -95,6 +109,9 @@ pub(crate) struct Uop {
     disp: u64,
     /// The immediate operand, extended as its operand kind says; or a branch target.
     imm: u64,
+    /// The status flags this instruction writes are overwritten before anything can read
+    /// them (set by the block decoder): the handler skips computing them.
+    pub(crate) flags_dead: bool,
 }
 
 const NO_REG: u8 = 0xff;
@@ -114,6 +131,7 @@ impl Default for Uop {
             amask: u64::MAX,
             disp: 0,
             imm: 0,
+            flags_dead: false,
         }
     }
 }
@@ -276,7 +294,7 @@ fn alu_rr<const OP: u8, const S: u8>(
     let size = sized::<S>(u);
     let a = rd(cpu, u.d, size);
     let b = rd(cpu, u.s, size);
-    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size)) {
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size), !u.flags_dead) {
         wr(cpu, u.d, size, r);
     }
     Ok(())
@@ -290,7 +308,7 @@ fn alu_ri<const OP: u8, const S: u8>(
     let u = &i.uop;
     let size = sized::<S>(u);
     let a = rd(cpu, u.d, size);
-    if let Some(r) = alu::<OP>(cpu, a, u.imm, u32::from(size)) {
+    if let Some(r) = alu::<OP>(cpu, a, u.imm, u32::from(size), !u.flags_dead) {
         wr(cpu, u.d, size, r);
     }
     Ok(())
@@ -301,7 +319,7 @@ fn alu_rm<const OP: u8, const S: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &I
     let size = sized::<S>(u);
     let b = u.read_mem(cpu, p)?;
     let a = rd(cpu, u.d, size);
-    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size)) {
+    if let Some(r) = alu::<OP>(cpu, a, b, u32::from(size), !u.flags_dead) {
         wr(cpu, u.d, size, r);
     }
     Ok(())
@@ -312,14 +330,14 @@ fn alu_mr<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Resul
     let u = &i.uop;
     let a = u.read_mem(cpu, p)?;
     let b = rd(cpu, u.s, u.size);
-    alu::<OP>(cpu, a, b, u32::from(u.size));
+    alu::<OP>(cpu, a, b, u32::from(u.size), true);
     Ok(())
 }
 
 fn alu_mi<const OP: u8>(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let u = &i.uop;
     let a = u.read_mem(cpu, p)?;
-    alu::<OP>(cpu, a, u.imm, u32::from(u.size));
+    alu::<OP>(cpu, a, u.imm, u32::from(u.size), true);
     Ok(())
 }
 
@@ -343,7 +361,9 @@ fn imul_r<const THREE: bool, const S: u8>(
     };
     let (lo, of) = imul_truncated(a, b, u32::from(size));
     wr(cpu, u.d, size, lo);
-    cpu.set_status(mul_flags(lo, u32::from(size), of));
+    if !u.flags_dead {
+        cpu.set_status(mul_flags(lo, u32::from(size), of));
+    }
     Ok(())
 }
 
@@ -441,7 +461,9 @@ fn inc_dec_r<const INC: bool>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -
         let r = a.wrapping_sub(1) & mask(size);
         (r, sub_flags(a, 1, 0, r, size))
     };
-    cpu.set_flags_masked(f, STATUS & !CF);
+    if !u.flags_dead {
+        cpu.set_flags_masked(f, STATUS & !CF);
+    }
     wr(cpu, u.d, u.size, r);
     Ok(())
 }
@@ -516,12 +538,47 @@ fn shift_ri<const K: u8>(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Res
     }
     let (r, f, which) = super::shift::compute(m, a, c, size, u64::from(cpu.flag(CF)), 0);
     wr(cpu, u.d, u.size, r);
-    cpu.set_flags_masked(f, which);
+    if !u.flags_dead {
+        cpu.set_flags_masked(f, which);
+    }
     Ok(())
 }
 
 fn nop(_: &mut Core, _: &mut dyn Platform, _: &Insn) -> Result<()> {
     Ok(())
+}
+
+/// Whether `ins` runs on a fast handler that skips its flags when they are dead.
+pub(crate) fn skips_dead_flags(ins: &Instruction) -> bool {
+    matches!(
+        ins.mnemonic(),
+        M::Add
+            | M::Sub
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Or
+            | M::Xor
+            | M::Inc
+            | M::Dec
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Imul
+    ) && ins.op_count() > 0
+        && ins.op0_kind() == OpKind::Register
+        && select(ins).is_some()
+}
+
+/// Whether `ins` runs on a fast handler that cannot raise an exception (no memory
+/// access), so nothing can observe the flags while it runs.
+pub(crate) fn cannot_fault(ins: &Instruction) -> bool {
+    let touches_memory =
+        (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory) && ins.mnemonic() != M::Lea;
+    !touches_memory && !matches!(ins.mnemonic(), M::Push | M::Pop) && select(ins).is_some()
 }
 
 /// Operand `i` is a GPR the fast handlers can index (not AH/CH/DH/BH).
