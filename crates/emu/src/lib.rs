@@ -123,6 +123,11 @@ impl Vm for EmuVm {
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
         cpu.set_tsc_epoch(self.shared.clock.epoch());
+        // Interrupts raised by device threads (virtio I/O threads, the console) are taken
+        // at the next block boundary instead of at the end of the slice.
+        if let Some(flag) = self.shared.chip.event_flag(id) {
+            cpu.set_kick(flag);
+        }
         if id != 0 {
             // Application processors wait for INIT/SIPI from the bootstrap processor.
             cpu.init(true);

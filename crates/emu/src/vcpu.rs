@@ -213,7 +213,9 @@ impl Vcpu for EmuVcpu {
             }
             RunExit::Shutdown => VcpuExit::Shutdown,
             RunExit::StopRequested => VcpuExit::Io,
-            RunExit::InstructionLimit | RunExit::InterruptWindow => VcpuExit::Interrupted,
+            RunExit::InstructionLimit | RunExit::InterruptWindow | RunExit::Kicked => {
+                VcpuExit::Interrupted
+            }
         })
     }
 }

@@ -1,5 +1,7 @@
 //! The CPU object, its run loop and the API the VMM drives it with.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cpuid::CpuidTable;
@@ -26,6 +28,9 @@ pub enum RunExit {
     InterruptWindow,
     /// An application processor is waiting for INIT/SIPI.
     WaitForSipi,
+    /// The flag given to [`Cpu::set_kick`] was raised (another thread has an event for
+    /// this CPU) while it could take an interrupt.
+    Kicked,
 }
 
 /// A software x86-64 CPU: the architectural core plus its decoded-block cache.
@@ -85,6 +90,8 @@ pub struct Core {
     pub(crate) code_epoch: u64,
     /// Bitmap of the physical pages holding blocks checked in the current code epoch.
     pub(crate) code_pages: Vec<u64>,
+    /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
+    kick: Option<Arc<AtomicBool>>,
 }
 
 impl Cpu {
@@ -120,6 +127,7 @@ impl Core {
             walk_raced: false,
             code_epoch: 0,
             code_pages: Vec::new(),
+            kick: None,
         }
     }
 
@@ -172,6 +180,13 @@ impl Core {
     /// True if an external interrupt could be delivered now (IF=1, no STI/MOV SS shadow).
     pub fn interrupts_enabled(&self) -> bool {
         self.s.rflags & flags::IF != 0 && !self.shadow && !self.wait_for_sipi && !self.shutdown
+    }
+
+    /// A flag other threads raise when they have an event for this CPU: `run` polls it
+    /// between blocks and returns [`RunExit::Kicked`] when it is up and the CPU can take
+    /// an interrupt (without it, such an event waits for the end of the run).
+    pub fn set_kick(&mut self, flag: Arc<AtomicBool>) {
+        self.kick = Some(flag);
     }
 
     /// Ask `run` to return [`RunExit::InterruptWindow`] as soon as an interrupt can be taken.
@@ -361,6 +376,11 @@ impl Cpu {
             }
             if done >= max_instructions {
                 return RunExit::InstructionLimit;
+            }
+            if let Some(k) = &self.kick {
+                if k.load(Ordering::Relaxed) && self.interrupts_enabled() {
+                    return RunExit::Kicked;
+                }
             }
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);

@@ -266,7 +266,7 @@ pub struct UserIrqChip {
     wake: Vec<Condvar>,
     /// Per vCPU: something was pending when the chip was last changed (see
     /// [`UserIrqChip::event_hint`]).
-    hint: Vec<AtomicBool>,
+    hint: Vec<Arc<AtomicBool>>,
     timer_hz: u64,
     tsc_hz: u64,
 }
@@ -298,7 +298,7 @@ impl UserIrqChip {
                 waiting: vec![false; n],
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
-            hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
             timer_hz: timer_hz.max(1),
             tsc_hz: tsc_hz.max(1),
         }
@@ -358,7 +358,7 @@ impl UserIrqChip {
         let chip = UserIrqChip {
             state: Mutex::new(st),
             wake: (0..n).map(|_| Condvar::new()).collect(),
-            hint: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
             timer_hz,
             tsc_hz,
         };
@@ -401,6 +401,13 @@ impl UserIrqChip {
                 cv.notify_all();
             }
         }
+    }
+
+    /// The flag behind [`UserIrqChip::event_hint`] for `cpu`, for a CPU loop that polls
+    /// it without holding the chip (the emulator checks it between blocks, so an
+    /// interrupt raised by another thread is taken promptly).
+    pub fn event_flag(&self, cpu: u32) -> Option<Arc<AtomicBool>> {
+        self.hint.get(cpu as usize).cloned()
     }
 
     /// A lock-free hint for the CPU loop's hot path: false means nothing (no interrupt,
