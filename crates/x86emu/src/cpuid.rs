@@ -94,9 +94,13 @@ impl Default for CpuidTable {
         // ARCH_CAPABILITIES: lets the guest read which speculative-execution flaws this CPU
         // does not have (an interpreter has none), so Linux skips PTI, MDS buffer clearing
         // and friends, which would only cost time here.
+        // ERMS: REP MOVSB/STOSB are fast here (a page at a time, see `exec::string`), so
+        // Linux should use them for memcpy, memset, clear_page and user copies instead of
+        // unrolled loops of moves.
         t.set(
             7,
             CpuidEntry {
+                ebx: 1 << 9,
                 edx: 1 << 29,
                 ..Default::default()
             },

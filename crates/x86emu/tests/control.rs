@@ -167,6 +167,50 @@ fn rep_movs_restarts_after_page_fault() {
 }
 
 #[test]
+fn bulk_rep_movs_and_stos_keep_element_order_semantics() {
+    let mut g = Guest::new();
+    let src: Vec<u8> = (0..0x3000u32).map(|i| (i * 13 + 7) as u8).collect();
+    g.load(DATA, &src);
+    g.load_code(|a| {
+        // Overlapping forward copy one byte up: replicates the first byte (a block move
+        // would shift the buffer instead).
+        a.mov(rsi, DATA).unwrap();
+        a.mov(rdi, DATA + 1).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.rep().movsb().unwrap();
+        // Unaligned, page-crossing quadword copy.
+        a.mov(rsi, DATA + 0x1003).unwrap();
+        a.mov(rdi, DATA + 0x4ff9).unwrap();
+        a.mov(ecx, 0x300).unwrap();
+        a.rep().movsq().unwrap();
+        // Page-crossing doubleword fill.
+        a.mov(rdi, DATA + 0x8ffe).unwrap();
+        a.mov(eax, 0x1122_3344).unwrap();
+        a.mov(ecx, 5).unwrap();
+        a.rep().stosd().unwrap();
+        a.hlt().unwrap();
+    });
+    run_to_halt(&mut g);
+    let read = |g: &Guest, gpa: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        assert!(g.cpu.ram().read(gpa, &mut b));
+        b
+    };
+    assert!(read(&g, DATA, 101).iter().all(|&b| b == src[0]));
+    assert_eq!(read(&g, DATA + 101, 4), &src[101..105]);
+    // The quadword copy's source starts past the overwritten bytes.
+    assert_eq!(
+        read(&g, DATA + 0x4ff9, 0x1800),
+        &src[0x1003..0x1003 + 0x1800]
+    );
+    let fill: Vec<u8> = (0..5).flat_map(|_| 0x1122_3344u32.to_le_bytes()).collect();
+    assert_eq!(read(&g, DATA + 0x8ffe, 20), fill);
+    let s = g.cpu.state();
+    assert_eq!(s.gpr[1], 0);
+    assert_eq!(s.gpr[7], DATA + 0x8ffe + 20);
+}
+
+#[test]
 fn interrupt_during_long_rep_stos_resumes_it() {
     let mut g = Guest::new();
     let handler = asm(64, 0x18_0000, |a| {
@@ -178,23 +222,24 @@ fn interrupt_during_long_rep_stos_resumes_it() {
     g.load_code(|a| {
         a.sti().unwrap();
         a.mov(rdi, DATA).unwrap();
-        a.mov(ecx, 100_000).unwrap();
+        // Long enough that two steps (64 KiB each) do not finish it.
+        a.mov(ecx, 300_000).unwrap();
         a.mov(eax, 0x5a).unwrap();
         a.rep().stosb().unwrap();
         a.hlt().unwrap();
     });
     assert_eq!(g.cpu.run(&mut NoDevices, 6), RunExit::InstructionLimit);
     assert_eq!(g.cpu.state().rip, CODE + 21, "still on REP STOSB");
-    assert!(g.cpu.state().gpr[1] > 0 && g.cpu.state().gpr[1] < 100_000);
+    assert!(g.cpu.state().gpr[1] > 0 && g.cpu.state().gpr[1] < 300_000);
     assert!(g.cpu.inject_external_interrupt(&mut NoDevices, 0x40));
     run_to_halt(&mut g);
     let s = g.cpu.state();
     assert_eq!(s.gpr[15], 1);
     assert_eq!(s.gpr[1], 0);
-    let mut b = vec![0u8; 100_001];
+    let mut b = vec![0u8; 300_001];
     g.cpu.ram().read(DATA, &mut b);
-    assert!(b[..100_000].iter().all(|&x| x == 0x5a));
-    assert_eq!(b[100_000], 0);
+    assert!(b[..300_000].iter().all(|&x| x == 0x5a));
+    assert_eq!(b[300_000], 0);
 }
 
 #[derive(Default)]

@@ -69,6 +69,16 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     } else {
         u64::from(size)
     };
+    if rep && matches!(kind, Kind::Movs | Kind::Stos) && step == u64::from(size) && asz == 8 {
+        match bulk_forward(cpu, kind, size, src_seg)? {
+            Bulk::Done => return Ok(()),
+            Bulk::Yield => {
+                cpu.next_rip = cpu.s.rip;
+                return Ok(());
+            }
+            Bulk::OneByOne => {}
+        }
+    }
     let mut iters = 0;
     loop {
         if rep && cpu.s.gpr[1] & am == 0 {
@@ -149,6 +159,101 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             cpu.next_rip = cpu.s.rip;
             return Ok(());
         }
+    }
+}
+
+/// Bytes a bulk REP MOVS/STOS moves before yielding, so interrupts and the instruction
+/// limit are honoured during long copies.
+const BULK_PER_STEP: u64 = 64 * 1024;
+
+enum Bulk {
+    /// RCX reached zero.
+    Done,
+    /// Enough for one step; the instruction runs again.
+    Yield,
+    /// The rest needs the element-by-element loop (MMIO, an element straddling pages, an
+    /// overlap that forward element order makes differ from a block move).
+    OneByOne,
+}
+
+/// REP MOVS/STOS with 64-bit addresses and DF=0, a page at a time through host pointers.
+/// Registers advance only past what was copied, so a fault leaves the instruction
+/// restartable exactly where a one-element-at-a-time loop would.
+fn bulk_forward(cpu: &mut Core, kind: Kind, size: u32, src_seg: Seg) -> Result<Bulk> {
+    use crate::mmu::Access;
+    let size = u64::from(size);
+    let user = cpu.user();
+    let mut moved = 0u64;
+    loop {
+        let count = cpu.s.gpr[1];
+        if count == 0 {
+            return Ok(Bulk::Done);
+        }
+        if moved >= BULK_PER_STEP {
+            return Ok(Bulk::Yield);
+        }
+        let (si, di) = (cpu.s.gpr[6], cpu.s.gpr[7]);
+        let dst = cpu.seg_lin(Seg::Es, di, size as u32)?;
+        let mut room = 4096 - (dst & 0xfff);
+        let src = if kind == Kind::Movs {
+            let src = cpu.seg_lin(src_seg, si, size as u32)?;
+            room = room.min(4096 - (src & 0xfff));
+            Some(src)
+        } else {
+            None
+        };
+        let elems = (room / size).min(count).min(BULK_PER_STEP / size);
+        if elems == 0 {
+            return Ok(Bulk::OneByOne);
+        }
+        let bytes = (elems * size) as usize;
+        let from = match src {
+            Some(src) => {
+                let t = cpu.translate(src, Access::Read, user)?;
+                if t.host.is_null() {
+                    return Ok(Bulk::OneByOne);
+                }
+                // SAFETY: a RAM page from the TLB; src's offset + bytes <= 4096 (room).
+                Some(unsafe { t.host.add((src & 0xfff) as usize) })
+            }
+            None => None,
+        };
+        let t = cpu.translate(dst, Access::Write, user)?;
+        if t.host.is_null() {
+            return Ok(Bulk::OneByOne);
+        }
+        // SAFETY: as above for the destination.
+        let to = unsafe { t.host.add((dst & 0xfff) as usize) };
+        match from {
+            Some(from) => {
+                let (f, d) = (from as usize, to as usize);
+                if d > f && d < f + bytes {
+                    // Forward element order replicates a pattern here; memmove would not.
+                    return Ok(Bulk::OneByOne);
+                }
+                // SAFETY: both ranges lie in guest RAM pages (above); `copy` allows overlap,
+                // and the overlap left (destination below source) copies as forward
+                // element order does.
+                unsafe { std::ptr::copy(from, to, bytes) };
+                cpu.s.gpr[6] = si.wrapping_add(bytes as u64);
+            }
+            None => {
+                let v = cpu.s.gpr[0].to_le_bytes();
+                let pat = &v[..size as usize];
+                // SAFETY: the destination range lies in a guest RAM page (above).
+                let out = unsafe { std::slice::from_raw_parts_mut(to, bytes) };
+                if size == 1 {
+                    out.fill(v[0]);
+                } else {
+                    for chunk in out.chunks_exact_mut(size as usize) {
+                        chunk.copy_from_slice(pat);
+                    }
+                }
+            }
+        }
+        cpu.s.gpr[7] = di.wrapping_add(bytes as u64);
+        cpu.s.gpr[1] = count - elems;
+        moved += bytes as u64;
     }
 }
 
