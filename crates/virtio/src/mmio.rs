@@ -453,6 +453,50 @@ impl BusDevice for MmioTransport {
 /// retries of host input the device could not take.
 const IO_THREAD_TICK: Duration = Duration::from_millis(100);
 
+/// Lets the VMM keep the I/O threads out of guest memory while the VM is paused: a
+/// thread enters before serving and leaves after; closing waits for those inside.
+#[derive(Debug, Default)]
+pub struct IoGate {
+    closed: std::sync::atomic::AtomicBool,
+    inside: std::sync::atomic::AtomicUsize,
+}
+
+impl IoGate {
+    /// Whether the caller may serve now; if so it must call [`IoGate::leave`] after.
+    fn enter(&self) -> bool {
+        // Counted before the check: a closer that then sees no one inside is sure any
+        // later entrant sees it closed.
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.inside.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn leave(&self) {
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Closes the gate and waits until no thread is serving; false if one still is after
+    /// `timeout` (the gate stays closed).
+    pub fn close(&self, timeout: Duration) -> bool {
+        self.closed.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while self.inside.load(Ordering::SeqCst) > 0 {
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+    }
+}
+
 /// A device's I/O thread, not yet started: it waits for the driver's notifies and, if
 /// the device has one, for its host input, and runs the device on them.
 pub struct IoThread {
@@ -472,15 +516,20 @@ impl std::fmt::Debug for IoThread {
 }
 
 impl IoThread {
-    /// Start the thread; it ends once `exit` is set.
-    pub fn spawn(self, exit: Arc<ExitSignal>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
+    /// closed.
+    pub fn spawn(
+        self,
+        exit: Arc<ExitSignal>,
+        gate: Arc<IoGate>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&exit))
+            .spawn(move || self.run(&exit, &gate))
     }
 
     /// Serve the device until `exit` is set.
-    pub fn run(mut self, exit: &ExitSignal) {
+    pub fn run(mut self, exit: &ExitSignal, gate: &IoGate) {
         // Set while host input waits for guest buffers: the host descriptor stays
         // readable, so it is left out of the poll until the driver's next notify.
         let mut starved = false;
@@ -518,39 +567,50 @@ impl IoThread {
                 }
                 continue;
             }
-            if pfds[0].revents & libc::POLLIN != 0 {
-                // Only clears the wake-up; `pending` says which queues.
-                let _ = self.kick.event.read();
-            }
-            let host_queue = self.host_input.as_ref().map(|h| h.1);
-            let mut host_done = false;
-            let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
-            while pending != 0 {
-                let q = pending.trailing_zeros() as usize;
-                pending &= pending - 1;
-                let outcome = self.core.process_queue(q);
-                if host_queue == Some(q) {
-                    starved = outcome.is_none_or(|o| o.starved);
-                    last_try = Instant::now();
-                    host_done = true;
-                }
-            }
-            let Some(hq) = host_queue else { continue };
-            if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                tracing::warn!(
-                    thread = self.name,
-                    "host input descriptor failed; no more host input"
-                );
-                self.host_input = None;
+            if !gate.enter() {
+                // Paused: leave notifies and host input waiting until the gate opens.
+                std::thread::sleep(IO_THREAD_TICK / 10);
                 continue;
             }
-            let readable = pfds[1].revents & libc::POLLIN != 0;
-            let retry = starved && last_try.elapsed() >= IO_THREAD_TICK;
-            if !host_done && (readable || retry) {
-                let outcome = self.core.process_queue(hq);
-                starved = outcome.is_none_or(|o| o.starved);
-                last_try = Instant::now();
+            self.serve(&pfds, &mut starved, &mut last_try);
+            gate.leave();
+        }
+    }
+
+    /// Runs the queues that were notified, and host input if there is some.
+    fn serve(&mut self, pfds: &[libc::pollfd; 2], starved: &mut bool, last_try: &mut Instant) {
+        if pfds[0].revents & libc::POLLIN != 0 {
+            // Only clears the wake-up; `pending` says which queues.
+            let _ = self.kick.event.read();
+        }
+        let host_queue = self.host_input.as_ref().map(|h| h.1);
+        let mut host_done = false;
+        let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
+        while pending != 0 {
+            let q = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let outcome = self.core.process_queue(q);
+            if host_queue == Some(q) {
+                *starved = outcome.is_none_or(|o| o.starved);
+                *last_try = Instant::now();
+                host_done = true;
             }
+        }
+        let Some(hq) = host_queue else { return };
+        if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::warn!(
+                thread = self.name,
+                "host input descriptor failed; no more host input"
+            );
+            self.host_input = None;
+            return;
+        }
+        let readable = pfds[1].revents & libc::POLLIN != 0;
+        let retry = *starved && last_try.elapsed() >= IO_THREAD_TICK;
+        if !host_done && (readable || retry) {
+            let outcome = self.core.process_queue(hq);
+            *starved = outcome.is_none_or(|o| o.starved);
+            *last_try = Instant::now();
         }
     }
 }

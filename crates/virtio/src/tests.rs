@@ -737,7 +737,8 @@ fn an_io_thread_runs_the_device_off_the_notifying_thread() {
     let mut d = blk(false);
     let io = d.t.io_thread("blk-test", None).unwrap();
     let exit = Arc::new(devices::ExitSignal::new());
-    let thread = io.spawn(exit.clone()).unwrap();
+    let gate = Arc::new(crate::mmio::IoGate::default());
+    let thread = io.spawn(exit.clone(), gate.clone()).unwrap();
     let used_idx = |d: &Driver| -> u16 { d.mem.read_obj(GuestAddress(USED + 2)).unwrap() };
     for round in 0..20u16 {
         d.header(HDR, 0, u64::from(round));
@@ -753,6 +754,21 @@ fn an_io_thread_runs_the_device_off_the_notifying_thread() {
         }
         assert_eq!(d.byte(ST), 0);
         assert_eq!(d.byte(BUF), round as u8);
+    }
+    // Paused: a request waits, untouched, until the gate opens again.
+    assert!(gate.close(std::time::Duration::from_secs(5)));
+    d.header(HDR, 0, 99);
+    d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(used_idx(&d), 20, "served while paused");
+    gate.open();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while used_idx(&d) != 21 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served after resume"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert_eq!(d.r(0x060) & INT_USED_RING, INT_USED_RING);
     // A reset with the thread running: the device stops, a late notify does nothing.

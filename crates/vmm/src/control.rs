@@ -39,6 +39,8 @@ pub enum ControlError {
 pub struct VmControl {
     exit: Arc<ExitSignal>,
     ged: Arc<Mutex<Ged>>,
+    /// Keeps the devices' I/O threads out of guest memory while paused.
+    io_gate: Arc<virtio::mmio::IoGate>,
     paused: AtomicBool,
     /// vCPU threads between the gate and the end of their `run()` call.
     in_run: AtomicUsize,
@@ -66,6 +68,7 @@ impl VmControl {
         VmControl {
             exit,
             ged,
+            io_gate: Arc::default(),
             paused: AtomicBool::new(false),
             in_run: AtomicUsize::new(0),
             parked: Mutex::new(()),
@@ -76,6 +79,11 @@ impl VmControl {
 
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {
         &self.exit
+    }
+
+    /// The gate the devices' I/O threads pass before serving (closed while paused).
+    pub fn io_gate(&self) -> Arc<virtio::mmio::IoGate> {
+        self.io_gate.clone()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -107,6 +115,12 @@ impl VmControl {
             self.kick();
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Then the devices: a paused guest's memory stays as it is (no received frames or
+        // disk completions land in it).
+        if !self.io_gate.close(PAUSE_TIMEOUT) {
+            self.resume_threads();
+            return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
+        }
         tracing::info!("VM paused");
         Ok(())
     }
@@ -120,6 +134,7 @@ impl VmControl {
     }
 
     fn resume_threads(&self) {
+        self.io_gate.open();
         self.paused.store(false, Ordering::SeqCst);
         // Under the lock: a vCPU that saw `paused` set is then already waiting.
         let _g = lock(&self.parked);

@@ -412,7 +412,8 @@ impl Vmm {
             }
         }
         for io in self.io_threads {
-            io.spawn(self.exit.clone()).map_err(VmmError::Thread)?;
+            io.spawn(self.exit.clone(), self.control.io_gate())
+                .map_err(VmmError::Thread)?;
         }
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
