@@ -18,6 +18,10 @@ pub const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
 pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 
+/// Offset of `flags` in pvclock_vcpu_time_info.
+pub const PVCLOCK_FLAGS_OFFSET: u64 = 29;
+/// pvclock flags: the host paused the guest (the guest clears it once its watchdogs know).
+pub const PVCLOCK_GUEST_STOPPED: u8 = 1 << 1;
 /// pvclock flags: the TSC is synchronized and constant across vCPUs.
 const PVCLOCK_TSC_STABLE_BIT: u8 = 1 << 0;
 
@@ -68,7 +72,7 @@ pub fn vcpu_time_info(version: u32, tsc: u64, system_ns: u64, scale: Scale) -> [
     b[16..24].copy_from_slice(&system_ns.to_le_bytes());
     b[24..28].copy_from_slice(&scale.mul.to_le_bytes());
     b[28] = scale.shift as u8;
-    b[29] = PVCLOCK_TSC_STABLE_BIT;
+    b[PVCLOCK_FLAGS_OFFSET as usize] = PVCLOCK_TSC_STABLE_BIT;
     b
 }
 

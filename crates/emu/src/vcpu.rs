@@ -157,6 +157,18 @@ impl Vcpu for EmuVcpu {
             .collect())
     }
 
+    fn guest_paused(&mut self) -> Result<()> {
+        if let Some(gpa) = self.kvmclock.system_time {
+            let at = gpa + crate::kvmclock::PVCLOCK_FLAGS_OFFSET;
+            let mut flags = [0u8];
+            if self.ram.read(at, &mut flags) {
+                flags[0] |= crate::kvmclock::PVCLOCK_GUEST_STOPPED;
+                self.ram.write(at, &flags);
+            }
+        }
+        Ok(())
+    }
+
     fn configure_local_interrupts(&mut self) -> Result<()> {
         // The user-space LAPIC comes out of reset wired as firmware leaves it.
         Ok(())

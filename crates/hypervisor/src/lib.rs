@@ -146,4 +146,9 @@ pub trait Vcpu: Send {
     fn configure_local_interrupts(&mut self) -> Result<()>;
     /// Run until something needs the VMM. Port and MMIO accesses are handled through `io`.
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
+    /// Tells the guest it was paused (kvmclock's "guest stopped" flag) so its watchdogs
+    /// do not take the lost time for a lockup. Called after a pause, before running on.
+    fn guest_paused(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

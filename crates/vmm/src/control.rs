@@ -164,21 +164,24 @@ impl VmControl {
         Ok(())
     }
 
-    /// The vCPU side, before each `run()`: waits while the VM is paused. Returns false
-    /// when the VM is stopping instead. Every `true` must be followed by `leave_run`.
-    pub(crate) fn enter_run(&self) -> bool {
+    /// The vCPU side, before each `run()`: waits while the VM is paused. Returns None
+    /// when the VM is stopping instead, else whether it waited (the guest was paused).
+    /// Every `Some` must be followed by `leave_run`.
+    pub(crate) fn enter_run(&self) -> Option<bool> {
+        let mut waited = false;
         loop {
             // Announce first, then look: with `pause` storing `paused` before reading
             // `in_run` (both SeqCst), one of the two always sees the other.
             self.in_run.fetch_add(1, Ordering::SeqCst);
             if !self.paused.load(Ordering::SeqCst) {
-                return true;
+                return Some(waited);
             }
             self.in_run.fetch_sub(1, Ordering::SeqCst);
+            waited = true;
             let mut g = lock(&self.parked);
             while self.paused.load(Ordering::SeqCst) {
                 if self.exit.get().is_some() {
-                    return false;
+                    return None;
                 }
                 g = self
                     .unparked
@@ -235,12 +238,16 @@ mod tests {
     fn pause_parks_a_running_loop_and_resume_releases_it() {
         let c = control();
         let count = Arc::new(AtomicUsize::new(0));
+        let woke_from_pause = Arc::new(AtomicUsize::new(0));
         let worker = {
-            let (c, count) = (c.clone(), count.clone());
+            let (c, count, woke) = (c.clone(), count.clone(), woke_from_pause.clone());
             std::thread::spawn(move || {
                 while c.exit_signal().get().is_none() {
-                    if !c.enter_run() {
+                    let Some(waited) = c.enter_run() else {
                         break;
+                    };
+                    if waited {
+                        woke.fetch_add(1, Ordering::SeqCst);
                     }
                     count.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_micros(200));
@@ -263,6 +270,11 @@ mod tests {
             assert!(t0.elapsed() < Duration::from_secs(5), "never resumed");
             std::thread::yield_now();
         }
+        assert_eq!(
+            woke_from_pause.load(Ordering::SeqCst),
+            1,
+            "the resumed loop is told it was paused, once"
+        );
         // A stop while paused ends the parked loop.
         c.pause().unwrap();
         c.stop().unwrap();

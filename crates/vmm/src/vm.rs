@@ -519,8 +519,13 @@ fn vcpu_loop(id: usize, mut vcpu: Box<dyn Vcpu>, io: &IoBuses, control: &VmContr
     let exit = control.exit_signal();
     while exit.get().is_none() {
         // Parks here while the VM is paused.
-        if !control.enter_run() {
+        let Some(was_paused) = control.enter_run() else {
             break;
+        };
+        if was_paused {
+            if let Err(e) = vcpu.guest_paused() {
+                tracing::warn!(vcpu = id, "telling the guest it was paused: {e}");
+            }
         }
         let result = vcpu.run(io);
         control.leave_run();

@@ -329,6 +329,14 @@ impl Vcpu for KvmVcpu {
             .collect())
     }
 
+    fn guest_paused(&mut self) -> Result<()> {
+        // EINVAL when the guest has not enabled kvmclock: nothing to tell it then.
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            tracing::debug!("KVM_KVMCLOCK_CTRL: {e}");
+        }
+        Ok(())
+    }
+
     fn configure_local_interrupts(&mut self) -> Result<()> {
         let mut lapic = self.fd.get_lapic().map_err(vcpu_err("KVM_GET_LAPIC"))?;
         for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
