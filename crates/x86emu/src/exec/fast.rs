@@ -7,7 +7,7 @@ use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::flags::{add_flags, logic_flags, sub_flags};
 use super::muldiv::{imul_truncated, mul_flags};
-use super::operand::{mask, mem_seg, reg_size, sext};
+use super::operand::{immediate, mask, mem_seg, reg_size, sext};
 use super::Handler;
 use crate::cpu::Core;
 use crate::decode::Insn;
@@ -145,20 +145,6 @@ fn gpr(r: Register) -> Option<(u8, u8)> {
     Some((r.full_register().number() as u8, reg_size(r) as u8))
 }
 
-fn imm_value(ins: &Instruction, k: OpKind) -> u64 {
-    match k {
-        OpKind::Immediate8 => u64::from(ins.immediate8()),
-        OpKind::Immediate16 => u64::from(ins.immediate16()),
-        OpKind::Immediate32 => u64::from(ins.immediate32()),
-        OpKind::Immediate64 => ins.immediate64(),
-        OpKind::Immediate8to16 => u64::from(ins.immediate8to16() as u16),
-        OpKind::Immediate8to32 => u64::from(ins.immediate8to32() as u32),
-        OpKind::Immediate8to64 => ins.immediate8to64() as u64,
-        OpKind::Immediate32to64 => ins.immediate32to64() as u64,
-        _ => 0,
-    }
-}
-
 /// Resolves the operands of `ins` for the fast handlers.
 pub(crate) fn uop_for(ins: &Instruction) -> Uop {
     let mut u = Uop::default();
@@ -219,8 +205,11 @@ pub(crate) fn uop_for(ins: &Instruction) -> Uop {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
                 u.imm = ins.near_branch_target();
             }
-            k if is_imm(k) => u.imm = imm_value(ins, k),
-            _ => {}
+            k => {
+                if let Some(v) = immediate(ins, k) {
+                    u.imm = v;
+                }
+            }
         }
     }
     u
@@ -602,6 +591,8 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         OpKind::Register
     };
     let r0 = n > 0 && is_gpr(ins, 0);
+    let conditional = ins.condition_code() != iced_x86::ConditionCode::None
+        && ins.flow_control() == iced_x86::FlowControl::Next;
     let r1 = n > 1 && is_gpr(ins, 1);
     let m1 = k1 == OpKind::Memory;
     let i1 = is_imm(k1);
@@ -657,8 +648,10 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         M::Imul if n == 3 && r0 && (r1 || m1) && is_imm(ins.op2_kind()) => {
             Some(by_size!(imul_r, true))
         }
-        _ if is_cmov(m) && n == 2 && r0 && (r1 || m1) => Some(cmov_r),
-        _ if is_setcc(m) && r0 => Some(setcc_r),
+        // With a condition code, two GPR/memory operands make a CMOVcc and one GPR a
+        // SETcc (Jcc has a branch operand; FCMOVcc, x87 registers).
+        _ if conditional && n == 2 && r0 && (r1 || m1) => Some(cmov_r),
+        _ if conditional && n == 1 && r0 => Some(setcc_r),
         M::Mov if n == 2 && r0 && r1 => Some(by_size1!(mov_rr)),
         M::Mov if n == 2 && r0 && i1 => Some(mov_ri),
         M::Mov if n == 2 && r0 && m1 => Some(by_size1!(mov_rm)),
@@ -696,50 +689,6 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         }
         _ => None,
     }
-}
-
-fn is_cmov(m: M) -> bool {
-    matches!(
-        m,
-        M::Cmovo
-            | M::Cmovno
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmove
-            | M::Cmovne
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg
-    )
-}
-
-fn is_setcc(m: M) -> bool {
-    matches!(
-        m,
-        M::Seto
-            | M::Setno
-            | M::Setb
-            | M::Setae
-            | M::Sete
-            | M::Setne
-            | M::Setbe
-            | M::Seta
-            | M::Sets
-            | M::Setns
-            | M::Setp
-            | M::Setnp
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg
-    )
 }
 
 fn is_imm(k: OpKind) -> bool {

@@ -149,6 +149,24 @@ pub(crate) fn ea(cpu: &Core, ins: &Instruction) -> u64 {
     a & mask(asize)
 }
 
+/// The value of an immediate operand of kind `k`, zero- or sign-extended as the kind
+/// says; None if `k` is not an immediate.
+#[inline]
+pub(crate) fn immediate(ins: &Instruction, k: OpKind) -> Option<u64> {
+    Some(match k {
+        OpKind::Immediate8 => u64::from(ins.immediate8()),
+        OpKind::Immediate8_2nd => u64::from(ins.immediate8_2nd()),
+        OpKind::Immediate16 => u64::from(ins.immediate16()),
+        OpKind::Immediate32 => u64::from(ins.immediate32()),
+        OpKind::Immediate64 => ins.immediate64(),
+        OpKind::Immediate8to16 => u64::from(ins.immediate8to16() as u16),
+        OpKind::Immediate8to32 => u64::from(ins.immediate8to32() as u32),
+        OpKind::Immediate8to64 => ins.immediate8to64() as u64,
+        OpKind::Immediate32to64 => ins.immediate32to64() as u64,
+        _ => return None,
+    })
+}
+
 impl Core {
     /// Linear address of `seg:off` for an access of `size` bytes, with 64-bit canonical
     /// checks or legacy limit checks.
@@ -270,16 +288,7 @@ impl Core {
                 let off = ea(self, ins);
                 self.read_mem(p, mem_seg(ins), off, size)?
             }
-            OpKind::Immediate8 => u64::from(ins.immediate8()),
-            OpKind::Immediate8_2nd => u64::from(ins.immediate8_2nd()),
-            OpKind::Immediate16 => u64::from(ins.immediate16()),
-            OpKind::Immediate32 => u64::from(ins.immediate32()),
-            OpKind::Immediate64 => ins.immediate64(),
-            OpKind::Immediate8to16 => u64::from(ins.immediate8to16() as u16),
-            OpKind::Immediate8to32 => u64::from(ins.immediate8to32() as u32),
-            OpKind::Immediate8to64 => ins.immediate8to64() as u64,
-            OpKind::Immediate32to64 => ins.immediate32to64() as u64,
-            _ => return Err(Fault::ud()),
+            k => immediate(ins, k).ok_or(Fault::ud())?,
         })
     }
 
