@@ -9,6 +9,8 @@ pub mod ged;
 pub mod irqchip;
 pub mod legacy;
 pub mod serial;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitReason, ExitSignal};

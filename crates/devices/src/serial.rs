@@ -97,17 +97,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct Lines(Mutex<Vec<(u32, bool)>>);
-    impl IrqChip for Lines {
-        fn set_irq_line(&self, gsi: u32, active: bool) -> hypervisor::Result<()> {
-            self.0.lock().unwrap().push((gsi, active));
-            Ok(())
-        }
-        fn signal_msi(&self, _: u64, _: u32) -> hypervisor::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::Lines;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
