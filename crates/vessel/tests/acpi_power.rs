@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{assets, vessel, Guarded, TempDir};
+use common::{assets, vessel, wait_for_text, Guarded, TempDir};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -271,17 +271,7 @@ fn the_power_button_interrupts_a_kvm_guest_through_the_in_kernel_irqchip() {
         .spawn()
         .unwrap();
     let mut vmm = Guarded(child);
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("READY")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the guest never got ready"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_text(&log, "READY", Duration::from_secs(20));
     // Nothing pending before the press: the guest is still waiting.
     std::thread::sleep(Duration::from_millis(100));
     assert!(
@@ -300,18 +290,7 @@ fn the_power_button_interrupts_a_kvm_guest_through_the_in_kernel_irqchip() {
         "GED {:016x}",
         u64::from(arch::acpi::GED_EVENT_POWER_BUTTON) << 8
     );
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains(&want)
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no {want:?} from the guest: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_text(&log, &want, Duration::from_secs(20));
     let (s, v) = api(&sock, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
     assert_eq!(s, 204, "{v}");
     let t0 = Instant::now();

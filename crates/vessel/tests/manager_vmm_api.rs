@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::guest::{linux64_elf, Lib64};
-use common::TempDir;
+use common::{wait_for_text, TempDir};
 use iced_x86::code_asm::*;
 use serde_json::Value;
 
@@ -158,17 +158,7 @@ fn firecracker_getting_started_sequence() {
         .ends_with("root=/dev/vda rw"));
     assert_eq!(cfg["vsock"]["guest_cid"], 3);
     assert!(vsock.exists(), "the vsock device listens on its socket");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("fc guest up")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "guest never printed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_text(&log, "fc guest up", Duration::from_secs(20));
 
     // After boot: configuration is refused.
     let (s, b) = curl(

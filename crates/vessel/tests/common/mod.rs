@@ -66,6 +66,24 @@ pub struct Finished {
     pub elapsed: Duration,
 }
 
+/// Waits until the file at `path` (a guest's console log) contains `needle`; panics with
+/// the file's text after `limit`.
+pub fn wait_for_text(path: &Path, needle: &str, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{needle:?} never appeared in {}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Run `cmd` to completion within `limit`, capturing output; panics on a hang.
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
     let start = Instant::now();
