@@ -453,6 +453,35 @@ impl Core {
         Ok((pte & 0xffff_f000, perm, 12))
     }
 
+    /// Host pointer for a `size`-byte access at `lin` when the TLB already maps its page
+    /// with the needed permission and the access stays in that page; None sends the
+    /// caller down the full path (walk, MMIO, page crossing, faults). A write counts for
+    /// the code epoch as any write does.
+    #[inline(always)]
+    pub(crate) fn tlb_hit(
+        &mut self,
+        lin: u64,
+        size: usize,
+        access: Access,
+        user: bool,
+    ) -> Option<*mut u8> {
+        let off = (lin & 0xfff) as usize;
+        if off + size > 4096 {
+            return None;
+        }
+        let vpn = lin >> 12;
+        let e = self.tlb.entries.get((vpn as usize) & (TLB_SIZE - 1))?;
+        if e.vpn != vpn || e.perm & needed_perm(access, user) == 0 || e.host.is_null() {
+            return None;
+        }
+        let (host, gpa_page) = (e.host, e.gpa_page);
+        if access == Access::Write {
+            self.note_write(gpa_page);
+        }
+        // SAFETY: `host` is a valid 4 KiB RAM page (TLB contract) and off < 4096.
+        Some(unsafe { host.add(off) })
+    }
+
     /// Whether an access at the current privilege is a user-mode access.
     #[inline]
     pub(crate) fn user(&self) -> bool {

@@ -12,6 +12,7 @@ use super::Handler;
 use crate::cpu::Core;
 use crate::decode::Insn;
 use crate::exceptions::Result;
+use crate::mmu::Access;
 use crate::platform::Platform;
 use crate::state::flags::{CF, STATUS};
 use crate::state::Seg;
@@ -105,6 +106,8 @@ pub(crate) struct Uop {
     scale: u8,
     msize: u8,
     seg: Seg,
+    /// 64-bit code with a segment whose base is 0: the effective address is linear.
+    flat: bool,
     amask: u64,
     disp: u64,
     /// The immediate operand, extended as its operand kind says; or a branch target.
@@ -128,6 +131,7 @@ impl Default for Uop {
             scale: 0,
             msize: 8,
             seg: Seg::Ds,
+            flat: false,
             amask: u64::MAX,
             disp: 0,
             imm: 0,
@@ -175,6 +179,8 @@ pub(crate) fn uop_for(ins: &Instruction) -> Uop {
                     u.ssize = size;
                 }
                 u.seg = mem_seg(ins);
+                u.flat = ins.code_size() == iced_x86::CodeSize::Code64
+                    && !matches!(u.seg, Seg::Fs | Seg::Gs);
                 u.disp = ins.memory_displacement64();
                 let base = ins.memory_base();
                 let index = ins.memory_index();
@@ -232,13 +238,84 @@ impl Uop {
     #[inline(always)]
     fn read_mem(&self, cpu: &mut Core, p: &mut dyn Platform) -> Result<u64> {
         let a = self.ea(cpu);
+        if self.flat {
+            return flat_read(cpu, p, self.seg, a, self.msize);
+        }
         cpu.read_mem(p, self.seg, a, u32::from(self.msize))
     }
 
     #[inline(always)]
     fn write_mem(&self, cpu: &mut Core, p: &mut dyn Platform, v: u64) -> Result<()> {
         let a = self.ea(cpu);
+        if self.flat {
+            return flat_write(cpu, p, self.seg, a, self.msize, v);
+        }
         cpu.write_mem(p, self.seg, a, u32::from(self.msize), v)
+    }
+}
+
+/// A read in 64-bit mode through a segment whose base is 0 (`a` is linear): straight
+/// from the TLB when it maps the page, else the full path (canonical check, walk, MMIO).
+#[inline(always)]
+fn flat_read(cpu: &mut Core, p: &mut dyn Platform, seg: Seg, a: u64, size: u8) -> Result<u64> {
+    let user = cpu.user();
+    if let Some(ptr) = cpu.tlb_hit(a, usize::from(size), Access::Read, user) {
+        // SAFETY: `ptr` has `size` readable bytes in a RAM page (tlb_hit).
+        return Ok(unsafe { load(ptr, size) });
+    }
+    cpu.read_mem(p, seg, a, u32::from(size))
+}
+
+/// The write counterpart of [`flat_read`].
+#[inline(always)]
+fn flat_write(
+    cpu: &mut Core,
+    p: &mut dyn Platform,
+    seg: Seg,
+    a: u64,
+    size: u8,
+    v: u64,
+) -> Result<()> {
+    let user = cpu.user();
+    if let Some(ptr) = cpu.tlb_hit(a, usize::from(size), Access::Write, user) {
+        // SAFETY: `ptr` has `size` writable bytes in a RAM page (tlb_hit).
+        unsafe { store(ptr, size, v) };
+        return Ok(());
+    }
+    cpu.write_mem(p, seg, a, u32::from(size), v)
+}
+
+/// Reads a little-endian value of `size` bytes (1, 2, 4 or 8).
+///
+/// # Safety
+/// `ptr` must have `size` readable bytes.
+#[inline(always)]
+unsafe fn load(ptr: *const u8, size: u8) -> u64 {
+    // SAFETY: the caller's contract; unaligned reads are fine on x86 hosts and in Rust.
+    unsafe {
+        match size {
+            1 => u64::from(*ptr),
+            2 => u64::from(u16::from_le(std::ptr::read_unaligned(ptr.cast::<u16>()))),
+            4 => u64::from(u32::from_le(std::ptr::read_unaligned(ptr.cast::<u32>()))),
+            _ => u64::from_le(std::ptr::read_unaligned(ptr.cast::<u64>())),
+        }
+    }
+}
+
+/// Writes the low `size` bytes (1, 2, 4 or 8) of `v`, little-endian.
+///
+/// # Safety
+/// `ptr` must have `size` writable bytes.
+#[inline(always)]
+unsafe fn store(ptr: *mut u8, size: u8, v: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match size {
+            1 => *ptr = v as u8,
+            2 => std::ptr::write_unaligned(ptr.cast::<u16>(), (v as u16).to_le()),
+            4 => std::ptr::write_unaligned(ptr.cast::<u32>(), (v as u32).to_le()),
+            _ => std::ptr::write_unaligned(ptr.cast::<u64>(), v.to_le()),
+        }
     }
 }
 
@@ -472,7 +549,7 @@ fn jmp_rel(cpu: &mut Core, _p: &mut dyn Platform, i: &Insn) -> Result<()> {
 fn call_rel64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let ret = cpu.next_rip;
     let sp = cpu.s.gpr[4].wrapping_sub(8);
-    cpu.write_mem(p, Seg::Ss, sp, 8, ret)?;
+    flat_write(cpu, p, Seg::Ss, sp, 8, ret)?;
     cpu.jump(i.uop.imm)?;
     cpu.s.gpr[4] = sp;
     Ok(())
@@ -481,7 +558,7 @@ fn call_rel64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
 /// 64-bit mode RET.
 fn ret64(cpu: &mut Core, p: &mut dyn Platform, _i: &Insn) -> Result<()> {
     let sp = cpu.s.gpr[4];
-    let target = cpu.read_mem(p, Seg::Ss, sp, 8)?;
+    let target = flat_read(cpu, p, Seg::Ss, sp, 8)?;
     cpu.jump(target)?;
     cpu.s.gpr[4] = sp.wrapping_add(8);
     Ok(())
@@ -491,7 +568,7 @@ fn ret64(cpu: &mut Core, p: &mut dyn Platform, _i: &Insn) -> Result<()> {
 fn push_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let v = rd(cpu, i.uop.d, 8);
     let sp = cpu.s.gpr[4].wrapping_sub(8);
-    cpu.write_mem(p, Seg::Ss, sp, 8, v)?;
+    flat_write(cpu, p, Seg::Ss, sp, 8, v)?;
     cpu.s.gpr[4] = sp;
     Ok(())
 }
@@ -499,7 +576,7 @@ fn push_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
 /// 64-bit mode POP r64.
 fn pop_r64(cpu: &mut Core, p: &mut dyn Platform, i: &Insn) -> Result<()> {
     let sp = cpu.s.gpr[4];
-    let v = cpu.read_mem(p, Seg::Ss, sp, 8)?;
+    let v = flat_read(cpu, p, Seg::Ss, sp, 8)?;
     cpu.s.gpr[4] = sp.wrapping_add(8);
     wr(cpu, i.uop.d, 8, v);
     Ok(())
