@@ -40,6 +40,10 @@ impl RunDir {
     pub fn api(&self) -> PathBuf {
         self.0.join("api.sock")
     }
+    /// Where the Vessel VMM writes its exit status (read when it was not our child).
+    pub fn exit_status(&self) -> PathBuf {
+        self.0.join("exit-status")
+    }
     pub fn stderr(&self) -> PathBuf {
         self.0.join("vmm.log")
     }
@@ -253,6 +257,7 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
             .arg(format!("cid={},uds={}", v.guest_cid, v.uds_path.display()));
     }
     c.arg("--api-sock").arg(run.api());
+    c.arg("--status-file").arg(run.exit_status());
     c
 }
 

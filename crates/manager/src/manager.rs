@@ -246,7 +246,16 @@ impl Manager {
                         while id.alive() {
                             std::thread::sleep(Duration::from_millis(100));
                         }
-                        None
+                        // Not our child, so no wait status: a Vessel VMM leaves its exit
+                        // status in the run directory (a QEMU has none: None).
+                        me.upgrade().and_then(|m| {
+                            let text =
+                                std::fs::read_to_string(m.run_dir(&name).exit_status()).ok()?;
+                            let code: i32 = text.trim().parse().ok()?;
+                            Some(std::os::unix::process::ExitStatusExt::from_raw(
+                                (code & 0xff) << 8,
+                            ))
+                        })
                     }
                 };
                 if let Some(m) = me.upgrade() {

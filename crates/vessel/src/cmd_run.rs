@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// With --console-sock: also append the console output to this file.
     #[arg(long, requires = "console_sock")]
     console_log: Option<PathBuf>,
+    /// Write the exit status here when the VM ends, for a supervisor that is not this
+    /// process's parent (a restarted manager that re-adopted it).
+    #[arg(long)]
+    status_file: Option<PathBuf>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -117,6 +121,16 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let status_file = args.status_file.clone();
+    let code = run_vm(args)?;
+    if let Some(path) = status_file {
+        std::fs::write(&path, format!("{code}\n"))
+            .with_context(|| format!("writing the exit status to {}", path.display()))?;
+    }
+    Ok(code)
+}
+
+fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
     let mut relay = None;

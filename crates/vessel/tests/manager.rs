@@ -663,7 +663,7 @@ fn rebooting_kernel(dir: &Path) -> PathBuf {
 
 #[test]
 fn vessel_vmm_domains_are_supervised() {
-    let d = Daemon::start("vessel");
+    let mut d = Daemon::start("vessel");
     let c = d.client();
     let k = tiny_kernel(&d.dir, "tiny guest up\n", None);
     let bad = tiny_kernel(&d.dir, "tiny guest failing\n", Some(3));
@@ -715,6 +715,16 @@ fn vessel_vmm_domains_are_supervised() {
         !seen.contains("while-paused"),
         "echoed while paused: {seen:?}"
     );
+    // A daemon crash while the domain is paused: the restarted daemon re-adopts the same
+    // VMM, still paused, and can resume it and attach its console again.
+    drop(con);
+    d.kill9();
+    assert!(pid_alive(pid), "the VMM died with the daemon");
+    d.spawn();
+    let info = c.get("/v1/domains/tiny").unwrap()["info"].clone();
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["pid"].as_i64(), Some(pid as i64));
+    let mut con = c.console("tiny").unwrap();
     d.ok(&["resume", "tiny"]);
     assert_eq!(state(&c, "tiny"), "running");
     con.get_ref()
