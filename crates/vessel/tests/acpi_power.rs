@@ -178,7 +178,10 @@ fn power_button_pause_and_resume_through_the_vmm_api() {
         "ticks lost or repeated: {all:?}"
     );
 
-    // The power button: the guest's acpid runs poweroff, the VMM exits 0.
+    // The power button, pressed while paused: nothing happens until the resume, then the
+    // guest's acpid runs poweroff and the VMM exits 0.
+    let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 204, "{v}");
     let len = out.len();
     let (s, v) = api(
         &sock,
@@ -186,6 +189,14 @@ fn power_button_pause_and_resume_through_the_vmm_api() {
         "/actions",
         Some(r#"{"action_type": "SendCtrlAltDel"}"#),
     );
+    assert_eq!(s, 204, "{v}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = out.text()[len..].to_string();
+    assert!(
+        !during.contains("power button pressed"),
+        "the guest handled the button while paused: {during:?}"
+    );
+    let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(s, 204, "{v}");
     out.wait_for("vessel-init: power button pressed", len, CMD);
     let t0 = Instant::now();
