@@ -4,7 +4,9 @@
 # file from the guest's tmpfs) and host→guest (busybox nc listening, output discarded),
 # a Python socket on the host side, MIB MiB each way; times are taken on the host from
 # the connection's start to its end. Also prints the VMM's CPU use and the TAP's frame
-# counts (their average size shows whether segmentation offload is at work).
+# counts (their average size shows whether segmentation offload is at work). The same
+# runs with QEMU TCG (q35, virtio-net-pci on the same TAP) as the reference, then the ratio;
+# NET_CONFIGS=vessel-emu runs one side only.
 #
 #   bench/net.sh [MIB] [RUNS]        (defaults 32 and 1; needs root for the namespace)
 #   VESSEL=path/to/vessel bench/net.sh   measures that binary instead of building one
@@ -29,13 +31,23 @@ mib, runs, assets, vessel = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys
 TOTAL = mib << 20
 TAP, HOST, GUEST = "vbench0", "10.0.2.1", "10.0.2.15"
 
+CMDLINE = "console=ttyS0 panic=-1 quiet"
+CONFIGS = {
+    "vessel-emu": [vessel, "run", "--accel", "emu", "--memory", "256M", "--serial", "stdio",
+                   "--kernel", f"{assets}/vmlinuz", "--initrd", f"{assets}/initramfs.cpio.gz",
+                   "--cmdline", CMDLINE, "--net", f"tap={TAP}"],
+    # The reference: QEMU TCG, q35, virtio-net-pci on a TAP of the same name (no vhost).
+    "qemu-q35": ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
+                 "-nographic", "-no-reboot", "-kernel", f"{assets}/vmlinuz",
+                 "-initrd", f"{assets}/initramfs.cpio.gz", "-append", CMDLINE,
+                 "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+                 "-device", "virtio-net-pci,netdev=n0"],
+}
+
 class Guest:
-    def __init__(self):
-        self.p = subprocess.Popen(
-            [vessel, "run", "--accel", "emu", "--memory", "256M", "--serial", "stdio",
-             "--kernel", f"{assets}/vmlinuz", "--initrd", f"{assets}/initramfs.cpio.gz",
-             "--cmdline", "console=ttyS0 panic=-1 quiet", "--net", f"tap={TAP}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
         self.buf, self.mark = b"", 0
 
     def expect(self, needle, limit=180.0):
@@ -114,33 +126,48 @@ def host_to_guest(g):
     g.run("wait")
     return TOTAL / 1e6 / secs
 
-g = Guest()
-try:
-    g.expect(b"~ #")
-    for a in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{HOST}/24", "dev", TAP],
-              ["ip", "link", "set", TAP, "up"]):
-        subprocess.run(a, check=True)
-    g.run(f"ip addr add {GUEST}/24 dev eth0 && ip link set eth0 up && ping -c 1 -W 5 {HOST} >/dev/null")
-    g.run(f"dd if=/dev/zero of=/tmp/zeros bs=64k count={TOTAL >> 16} 2>/dev/null")
-    feats = g.run("cat /sys/bus/virtio/drivers/virtio_net/virtio*/features")
-    print(f"virtio-net features the guest negotiated: {feats}", file=sys.stderr)
-    up, down = [], []
-    for i in range(runs):
-        (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
-        up.append(u); down.append(d)
-        print(f"run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
-              f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core)", file=sys.stderr)
-    st = open(f"/sys/class/net/{TAP}/statistics/rx_bytes").read().strip(), \
-        open(f"/sys/class/net/{TAP}/statistics/rx_packets").read().strip(), \
-        open(f"/sys/class/net/{TAP}/statistics/tx_bytes").read().strip(), \
-        open(f"/sys/class/net/{TAP}/statistics/tx_packets").read().strip()
-    print(f"TAP: from the guest {st[0]} bytes in {st[1]} frames, to the guest {st[2]} bytes "
-          f"in {st[3]} frames", file=sys.stderr)
-    print(f"\nvirtio-net TCP, {mib} MiB each way, {runs} runs, medians")
-    print(f"guest->host {statistics.median(up):.1f} MB/s, host->guest {statistics.median(down):.1f} MB/s")
-    g.send("poweroff -f")
-    g.p.wait(30)
-finally:
-    if g.p.poll() is None:
-        g.p.kill(); g.p.wait()
+def bench(name, argv):
+    g = Guest(argv)
+    try:
+        g.expect(b"~ #")
+        for a in (["ip", "link", "set", "lo", "up"],
+                  ["ip", "addr", "add", f"{HOST}/24", "dev", TAP],
+                  ["ip", "link", "set", TAP, "up"]):
+            subprocess.run(a, check=True)
+        g.run(f"ip addr add {GUEST}/24 dev eth0 && ip link set eth0 up && "
+              f"ping -c 1 -W 5 {HOST} >/dev/null")
+        g.run(f"dd if=/dev/zero of=/tmp/zeros bs=64k count={TOTAL >> 16} 2>/dev/null")
+        feats = g.run("cat /sys/bus/virtio/drivers/virtio_net/virtio*/features")
+        print(f"{name}: virtio-net features the guest negotiated: {feats}", file=sys.stderr)
+        up, down = [], []
+        for i in range(runs):
+            (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
+            up.append(u); down.append(d)
+            print(f"{name} run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
+                  f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core)", file=sys.stderr)
+        st = [open(f"/sys/class/net/{TAP}/statistics/{k}").read().strip()
+              for k in ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")]
+        print(f"{name} TAP: from the guest {st[0]} bytes in {st[1]} frames, to the guest "
+              f"{st[2]} bytes in {st[3]} frames", file=sys.stderr)
+        g.send("poweroff -f")
+        g.p.wait(30)
+        return statistics.median(up), statistics.median(down)
+    finally:
+        if g.p.poll() is None:
+            g.p.kill(); g.p.wait()
+        # The VMM's TAP goes with it; wait so the next guest can create it afresh.
+        for _ in range(100):
+            if not os.path.exists(f"/sys/class/net/{TAP}"):
+                break
+            time.sleep(0.05)
+
+only = [c for c in os.environ.get("NET_CONFIGS", "").split(",") if c]
+results = {name: bench(name, argv) for name, argv in CONFIGS.items() if not only or name in only}
+print(f"\nvirtio-net TCP, {mib} MiB each way, {runs} runs, medians (MB/s)")
+print(f"{'config':<12} {'guest->host':>12} {'host->guest':>12}")
+for name, (u, d) in results.items():
+    print(f"{name:<12} {u:>12.1f} {d:>12.1f}")
+if "vessel-emu" in results and "qemu-q35" in results:
+    (vu, vd), (qu, qd) = results["vessel-emu"], results["qemu-q35"]
+    print(f"vessel-emu / qemu-q35: guest->host {vu / qu:.2f}x, host->guest {vd / qd:.2f}x")
 PY
