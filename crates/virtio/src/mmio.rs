@@ -463,7 +463,7 @@ pub struct IoGate {
 
 impl IoGate {
     /// Whether the caller may serve now; if so it must call [`IoGate::leave`] after.
-    fn enter(&self) -> bool {
+    pub fn enter(&self) -> bool {
         // Counted before the check: a closer that then sees no one inside is sure any
         // later entrant sees it closed.
         self.inside.fetch_add(1, Ordering::SeqCst);
@@ -474,7 +474,7 @@ impl IoGate {
         true
     }
 
-    fn leave(&self) {
+    pub fn leave(&self) {
         self.inside.fetch_sub(1, Ordering::SeqCst);
     }
 

@@ -404,10 +404,11 @@ impl Vmm {
 
         for (transport, source) in self.rx_pumps {
             let exit = self.exit.clone();
+            let gate = self.control.io_gate();
             let t = std::thread::Builder::new();
             if let RxSource::Vsock(backend) = source {
                 t.name("vsock".into())
-                    .spawn(move || vsock_pump(&transport, &backend, &exit))
+                    .spawn(move || vsock_pump(&transport, &backend, &exit, &gate))
                     .map_err(VmmError::Thread)?;
             }
         }
@@ -487,6 +488,7 @@ fn vsock_pump(
     transport: &Mutex<virtio::mmio::MmioTransport>,
     backend: &Mutex<virtio::vsock::Backend>,
     exit: &ExitSignal,
+    gate: &virtio::mmio::IoGate,
 ) {
     while exit.get().is_none() {
         let fds = backend.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
@@ -501,6 +503,11 @@ fn vsock_pump(
         // A short timeout also picks up connections the guest opened meanwhile.
         // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 20) };
+        // Paused: host data waits in its sockets until the resume.
+        if !gate.enter() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         let has_rx = {
             let mut b = backend.lock().unwrap_or_else(|p| p.into_inner());
             b.poll_host();
@@ -512,6 +519,7 @@ fn vsock_pump(
                 .unwrap_or_else(|p| p.into_inner())
                 .process_queue(virtio::vsock::RX_QUEUE);
         }
+        gate.leave();
     }
 }
 
