@@ -40,13 +40,18 @@ pub(crate) struct Insn {
     pub(crate) ends: bool,
     /// A near branch: the next block runs in the same mode and address space.
     pub(crate) near_branch: bool,
+    /// `handler` is a specialised fast form (which never faults unless it touches memory,
+    /// and skips dead flags).
+    fast: bool,
 }
 
 impl Insn {
     pub(crate) fn new(instr: Instruction) -> Self {
+        let (handler, fast) = handler_for(&instr);
         Insn {
             instr,
-            handler: handler_for(&instr),
+            handler,
+            fast,
             uop: uop_for(&instr),
             ends: ends_block(&instr),
             near_branch: is_near_branch(&instr),
@@ -278,7 +283,7 @@ const STATUS_BITS: u32 = RflagsBits::OF
 fn mark_dead_flags(insns: &mut [Insn]) {
     for i in 0..insns.len() {
         let Some(first) = insns.get(i) else { break };
-        if !skips_dead_flags(&first.instr) {
+        if !skips_dead_flags(&first.instr, first.fast) {
             continue;
         }
         let mut need = surely_written(&first.instr);
@@ -288,7 +293,7 @@ fn mark_dead_flags(insns: &mut [Insn]) {
         let mut dead = false;
         for next in insns.iter().skip(i + 1) {
             let ins = &next.instr;
-            if next.ends || ins.rflags_read() & need != 0 || !cannot_fault(ins) {
+            if next.ends || ins.rflags_read() & need != 0 || !cannot_fault(ins, next.fast) {
                 break;
             }
             need &= !surely_written(ins);

@@ -614,8 +614,9 @@ fn nop(_: &mut Core, _: &mut dyn Platform, _: &Insn) -> Result<()> {
     Ok(())
 }
 
-/// Whether `ins` runs on a fast handler that skips its flags when they are dead.
-pub(crate) fn skips_dead_flags(ins: &Instruction) -> bool {
+/// Whether `ins`, whose handler is a fast form if `fast`, skips its flags when they are
+/// dead.
+pub(crate) fn skips_dead_flags(ins: &Instruction, fast: bool) -> bool {
     matches!(
         ins.mnemonic(),
         M::Add
@@ -636,15 +637,15 @@ pub(crate) fn skips_dead_flags(ins: &Instruction) -> bool {
             | M::Imul
     ) && ins.op_count() > 0
         && ins.op0_kind() == OpKind::Register
-        && select(ins).is_some()
+        && fast
 }
 
-/// Whether `ins` runs on a fast handler that cannot raise an exception (no memory
-/// access), so nothing can observe the flags while it runs.
-pub(crate) fn cannot_fault(ins: &Instruction) -> bool {
+/// Whether `ins`, whose handler is a fast form if `fast`, cannot raise an exception (no
+/// memory access), so nothing can observe the flags while it runs.
+pub(crate) fn cannot_fault(ins: &Instruction, fast: bool) -> bool {
     let touches_memory =
         (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory) && ins.mnemonic() != M::Lea;
-    !touches_memory && !matches!(ins.mnemonic(), M::Push | M::Pop) && select(ins).is_some()
+    !touches_memory && !matches!(ins.mnemonic(), M::Push | M::Pop) && fast
 }
 
 /// Operand `i` is a GPR the fast handlers can index (not AH/CH/DH/BH).

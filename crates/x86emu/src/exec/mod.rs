@@ -40,14 +40,20 @@ macro_rules! family {
     };
 }
 
-/// Picks the family that executes `ins`; chosen once per decode and cached with it.
-pub(crate) fn handler_for(ins: &Instruction) -> Handler {
+/// Picks the handler that executes `ins`, chosen once per decode and cached with it, and
+/// whether it is one of the specialised fast forms.
+pub(crate) fn handler_for(ins: &Instruction) -> (Handler, bool) {
     if ins.is_invalid() {
-        return undefined;
+        return (undefined, false);
     }
     if let Some(h) = fast::select(ins) {
-        return h;
+        return (h, true);
     }
+    (family_for(ins), false)
+}
+
+/// The instruction family's generic handler.
+fn family_for(ins: &Instruction) -> Handler {
     match ins.mnemonic() {
         M::Add
         | M::Or
