@@ -675,21 +675,14 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
     let m1 = k1 == OpKind::Memory;
     let i1 = is_imm(k1);
     let size0 = if r0 { reg_size(ins.op0_register()) } else { 0 };
+    // The 64-bit, 32-bit or size-generic instance of a handler, after its other const
+    // arguments if it has some.
     macro_rules! by_size {
-        ($h:ident, $op:expr) => {
+        ($h:ident $(, $arg:expr)?) => {
             match size0 {
-                8 => $h::<{ $op }, 8> as Handler,
-                4 => $h::<{ $op }, 4> as Handler,
-                _ => $h::<{ $op }, 0> as Handler,
-            }
-        };
-    }
-    macro_rules! by_size1 {
-        ($h:ident) => {
-            match size0 {
-                8 => $h::<8> as Handler,
-                4 => $h::<4> as Handler,
-                _ => $h::<0> as Handler,
+                8 => $h::<$({ $arg },)? 8> as Handler,
+                4 => $h::<$({ $arg },)? 4> as Handler,
+                _ => $h::<$({ $arg },)? 0> as Handler,
             }
         };
     }
@@ -730,9 +723,9 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
         // SETcc (Jcc has a branch operand; FCMOVcc, x87 registers).
         _ if conditional && n == 2 && r0 && (r1 || m1) => Some(cmov_r),
         _ if conditional && n == 1 && r0 => Some(setcc_r),
-        M::Mov if n == 2 && r0 && r1 => Some(by_size1!(mov_rr)),
+        M::Mov if n == 2 && r0 && r1 => Some(by_size!(mov_rr)),
         M::Mov if n == 2 && r0 && i1 => Some(mov_ri),
-        M::Mov if n == 2 && r0 && m1 => Some(by_size1!(mov_rm)),
+        M::Mov if n == 2 && r0 && m1 => Some(by_size!(mov_rm)),
         M::Mov if n == 2 && k0 == OpKind::Memory && r1 => Some(mov_mr),
         M::Mov if n == 2 && k0 == OpKind::Memory && i1 => Some(mov_mi),
         M::Movzx if r0 && (r1 || m1) => Some(movx::<false>),
