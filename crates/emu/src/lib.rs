@@ -128,6 +128,11 @@ impl Vm for EmuVm {
         if let Some(flag) = self.shared.chip.event_flag(id) {
             cpu.set_kick(flag);
         }
+        // `VESSEL_EMU_JIT=0` interprets only (to compare); `=N` compiles blocks after N runs.
+        if let Some(v) = std::env::var_os("VESSEL_EMU_JIT") {
+            let threshold = v.to_str().and_then(|v| v.parse::<u32>().ok());
+            cpu.set_jit_threshold(threshold.filter(|t| *t > 0));
+        }
         if id != 0 {
             // Application processors wait for INIT/SIPI from the bootstrap processor.
             cpu.init(true);

@@ -7,7 +7,8 @@ use std::time::Instant;
 use crate::cpuid::CpuidTable;
 use crate::decode::{decode, BlockCache, Insn};
 use crate::exceptions::{Fault, Result};
-use crate::mmu::{Access, Tlb};
+use crate::jit::Ctx;
+use crate::mmu::{needed_perm, Access, Tlb};
 use crate::platform::{GuestRam, Platform};
 use crate::state::{flags, CpuState, Seg, Segment};
 use iced_x86::Instruction;
@@ -88,8 +89,9 @@ pub struct Core {
     pub(crate) walk_raced: bool,
     /// Moves whenever code cached in the block cache may have changed (see `decode`).
     pub(crate) code_epoch: u64,
-    /// Bitmap of the physical pages holding blocks checked in the current code epoch.
-    pub(crate) code_pages: Vec<u64>,
+    /// A byte per physical RAM page: non-zero if it holds blocks checked in the current
+    /// code epoch. Covers all of RAM from the start (compiled code indexes it unchecked).
+    pub(crate) code_pages: Vec<u8>,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
 }
@@ -102,10 +104,22 @@ impl Cpu {
             blocks: BlockCache::new(),
         }
     }
+
+    /// Compile 64-bit blocks to host code after they ran `threshold` times (0: at once),
+    /// or never (None). By default on where the host allows it (x86-64 with BMI2).
+    pub fn set_jit_threshold(&mut self, threshold: Option<u32>) {
+        self.blocks.set_jit_threshold(threshold);
+    }
+
+    /// Blocks compiled to host code so far.
+    pub fn compiled_blocks(&self) -> u64 {
+        self.blocks.compiled_blocks()
+    }
 }
 
 impl Core {
     fn new(ram: GuestRam) -> Self {
+        let ram_pages = (ram.end() >> 12) as usize;
         Core {
             s: CpuState::reset(),
             ram,
@@ -126,7 +140,7 @@ impl Core {
             retired: 0,
             walk_raced: false,
             code_epoch: 0,
-            code_pages: Vec::new(),
+            code_pages: vec![0; ram_pages],
             kick: None,
         }
     }
@@ -294,25 +308,37 @@ impl Core {
     /// Notes that `gpa_page` holds code checked in the current code epoch.
     fn mark_code_page(&mut self, gpa_page: u64) {
         let pfn = (gpa_page >> 12) as usize;
-        let word = pfn / 64;
-        if self.code_pages.len() <= word {
-            self.code_pages.resize(word + 1, 0);
+        if self.code_pages.len() <= pfn {
+            self.code_pages.resize(pfn + 1, 0);
         }
-        if let Some(w) = self.code_pages.get_mut(word) {
-            *w |= 1 << (pfn % 64);
+        if let Some(b) = self.code_pages.get_mut(pfn) {
+            *b = 1;
         }
     }
 
     /// A write to `gpa_page`: if it holds checked code, every block must be checked again.
     #[inline(always)]
     pub(crate) fn note_write(&mut self, gpa_page: u64) {
-        let pfn = (gpa_page >> 12) as usize;
-        if let Some(w) = self.code_pages.get_mut(pfn / 64) {
-            let bit = 1u64 << (pfn % 64);
-            if *w & bit != 0 {
-                *w &= !bit;
+        if let Some(b) = self.code_pages.get_mut((gpa_page >> 12) as usize) {
+            if *b != 0 {
+                *b = 0;
                 self.code_epoch += 1;
             }
+        }
+    }
+
+    /// What compiled code needs besides the registers (see `jit::Ctx`).
+    #[inline(always)]
+    fn jit_ctx(&self) -> Ctx {
+        let user = self.user();
+        Ctx {
+            tlb: self.tlb.entries_ptr(),
+            code_pages: self.code_pages.as_ptr(),
+            read_perm: u64::from(needed_perm(Access::Read, user)),
+            write_perm: u64::from(needed_perm(Access::Write, user)),
+            fs_base: self.s.seg[Seg::Fs as usize].base,
+            gs_base: self.s.seg[Seg::Gs as usize].base,
+            rip: 0,
         }
     }
 
@@ -454,7 +480,33 @@ impl Cpu {
             // interrupt shadow, halt or change TF, so the others skip those checks.
             core.shadow = false;
             core.new_shadow = false;
-            for insn in &block.insns {
+            let mut start = 0;
+            if let Some(c) = block.compiled {
+                let mut ctx = core.jit_ctx();
+                // SAFETY: compiled code reads and writes the state, the TLB entries, the
+                // code-page map and guest RAM through pointers the TLB holds, all valid
+                // for the call; nothing else references them meanwhile.
+                let done = unsafe { (c.entry)(&mut core.s, &mut ctx) } as usize;
+                core.retired += done as u64;
+                n += done as u64;
+                match block.insns.get(done) {
+                    Some(next) => {
+                        core.s.rip = next.instr.ip();
+                        start = done;
+                    }
+                    None => {
+                        // It ran the whole block, ending in a near branch or at the
+                        // length limit.
+                        core.s.rip = ctx.rip;
+                        chain = true;
+                    }
+                }
+            }
+            let rest = match (chain, block.insns.get(start..)) {
+                (false, Some(rest)) => rest,
+                _ => &[],
+            };
+            for insn in rest {
                 n += 1;
                 if insn.ends {
                     // May change the mode: `execute` masks the next RIP for the new one.

@@ -23,6 +23,7 @@ use iced_x86::{
 
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
+use crate::jit::{Compiled, Jit};
 
 /// Block slots (direct mapped by physical address).
 const CACHE_SIZE: usize = 1 << 14;
@@ -72,6 +73,10 @@ pub(crate) struct Block {
     /// The CPU's code epoch when `code` was last found in memory (see `Core::code_epoch`).
     epoch: u64,
     pub(crate) insns: Vec<Insn>,
+    /// Runs since decoded, counted until the block is compiled (or found not to be).
+    runs: u32,
+    /// Host code for the block's leading instructions (64-bit code only).
+    pub(crate) compiled: Option<Compiled>,
 }
 
 impl std::fmt::Debug for Block {
@@ -96,6 +101,8 @@ enum Lookup {
 #[derive(Debug)]
 pub(crate) struct BlockCache {
     blocks: Vec<Block>,
+    /// Compiles hot 64-bit blocks; None when the host cannot or it is switched off.
+    jit: Option<Jit>,
 }
 
 /// Whether `page[off..]` starts with `code`.
@@ -119,7 +126,67 @@ impl BlockCache {
             gpa: u64::MAX,
             ..Block::default()
         });
-        BlockCache { blocks }
+        BlockCache {
+            blocks,
+            jit: Jit::new(crate::jit::DEFAULT_THRESHOLD),
+        }
+    }
+
+    /// Compile blocks after `threshold` runs (0: at once), or never (None).
+    pub(crate) fn set_jit_threshold(&mut self, threshold: Option<u32>) {
+        self.drop_compiled();
+        match threshold {
+            None => self.jit = None,
+            Some(t) => match &mut self.jit {
+                Some(j) => j.threshold = t,
+                None => self.jit = Jit::new(t),
+            },
+        }
+    }
+
+    pub(crate) fn compiled_blocks(&self) -> u64 {
+        self.jit.as_ref().map_or(0, |j| j.compiled)
+    }
+
+    fn drop_compiled(&mut self) {
+        for b in &mut self.blocks {
+            b.compiled = None;
+            b.runs = 0;
+        }
+        if let Some(j) = &mut self.jit {
+            j.flushed();
+        }
+    }
+
+    /// Counts a run of the block in `slot` and compiles it when it turns hot.
+    #[inline(always)]
+    fn count_run(&mut self, slot: usize) {
+        let Some(jit) = &mut self.jit else { return };
+        let Some(b) = self.blocks.get_mut(slot) else {
+            return;
+        };
+        if b.runs > jit.threshold || b.bitness != 64 {
+            return;
+        }
+        b.runs += 1;
+        if b.runs > jit.threshold {
+            self.compile(slot);
+        }
+    }
+
+    #[cold]
+    fn compile(&mut self, slot: usize) {
+        let Some(jit) = &mut self.jit else { return };
+        let Some(b) = self.blocks.get_mut(slot) else {
+            return;
+        };
+        match jit.compile(&b.insns) {
+            Ok(c) => b.compiled = c,
+            Err(()) => {
+                // The arena is full: start over; hot blocks compile again.
+                self.drop_compiled();
+            }
+        }
     }
 
     #[inline(always)]
@@ -160,6 +227,7 @@ impl BlockCache {
             Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
             Lookup::Miss => self.fill(slot, gpa, ip, bitness, page, epoch)?,
         }
+        self.count_run(slot);
         self.blocks
             .get(slot)
             .map(|b| (b, !matches!(state, Lookup::Trusted)))
@@ -181,6 +249,8 @@ impl BlockCache {
         let b = self.blocks.get_mut(slot)?;
         b.gpa = u64::MAX;
         b.insns.clear();
+        b.compiled = None;
+        b.runs = 0;
         let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
         let mut pos = 0usize;
         while b.insns.len() < MAX_BLOCK {

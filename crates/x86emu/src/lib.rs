@@ -11,6 +11,7 @@ mod decode;
 pub mod exceptions;
 mod exec;
 mod interrupts;
+mod jit;
 pub mod mmu;
 pub mod msr;
 pub mod platform;

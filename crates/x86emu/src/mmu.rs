@@ -27,6 +27,7 @@ const P_EXEC_USER: u8 = 1 << 5;
 const P_GLOBAL: u8 = 1 << 6;
 
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 struct TlbEntry {
     /// Linear page number; `u64::MAX` = empty.
     vpn: u64,
@@ -45,6 +46,20 @@ const EMPTY: TlbEntry = TlbEntry {
     perm: 0,
     page_shift: 12,
 };
+
+/// Where compiled code finds a TLB entry's fields: (entry size, offsets of the page
+/// number, host pointer, guest-physical page and permission bits, number of slots).
+pub(crate) fn tlb_layout() -> (usize, i32, i32, i32, i32, usize) {
+    use std::mem::{offset_of, size_of};
+    (
+        size_of::<TlbEntry>(),
+        offset_of!(TlbEntry, vpn) as i32,
+        offset_of!(TlbEntry, host) as i32,
+        offset_of!(TlbEntry, gpa_page) as i32,
+        offset_of!(TlbEntry, perm) as i32,
+        TLB_SIZE,
+    )
+}
 
 /// Direct-mapped soft TLB; a hit is an index, a compare and a bit test.
 #[derive(Debug)]
@@ -66,6 +81,11 @@ impl Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
             filled: Vec::with_capacity(TLB_SIZE),
         }
+    }
+
+    /// The first entry, for compiled code (see `tlb_layout`).
+    pub(crate) fn entries_ptr(&self) -> *const u8 {
+        self.entries.as_ptr().cast()
     }
 
     pub(crate) fn flush_all(&mut self) {
@@ -132,7 +152,7 @@ impl Tlb {
 }
 
 #[inline(always)]
-fn needed_perm(access: Access, user: bool) -> u8 {
+pub(crate) fn needed_perm(access: Access, user: bool) -> u8 {
     match (access, user) {
         (Access::Read, false) => P_READ_SUP,
         (Access::Read, true) => P_READ_USER,

@@ -85,6 +85,15 @@ impl GuestRam {
         Self::default()
     }
 
+    /// The end of the highest RAM region (0 without RAM).
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.gpa + r.len)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Maps `len` bytes of host memory at `host` as guest RAM at `gpa`.
     ///
     /// # Safety

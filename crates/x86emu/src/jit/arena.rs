@@ -1,0 +1,79 @@
+//! Executable memory for compiled blocks: one mapping per CPU, filled front to back and
+//! emptied as a whole when full (every compiled block is dropped then).
+
+/// An anonymous read-write-execute mapping.
+pub(crate) struct Arena {
+    base: *mut u8,
+    len: usize,
+    used: usize,
+}
+
+// SAFETY: the mapping is owned by one CPU, which is used by one thread at a time.
+unsafe impl Send for Arena {}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("len", &self.len)
+            .field("used", &self.used)
+            .finish()
+    }
+}
+
+impl Arena {
+    /// None when the host refuses an executable mapping (the CPU then only interprets).
+    pub(crate) fn new(len: usize) -> Option<Self> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            tracing::debug!("no executable mapping for compiled blocks; interpreting only");
+            return None;
+        }
+        Some(Arena {
+            base: base.cast(),
+            len,
+            used: 0,
+        })
+    }
+
+    /// Copies `code` in and returns where it starts; None when the arena is full.
+    pub(crate) fn put(&mut self, code: &[u8]) -> Option<*const u8> {
+        let start = self.used.checked_add(15)? & !15;
+        let end = start.checked_add(code.len())?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: start..end lies inside the mapping, which nothing else references (code
+        // placed earlier lies below `start`).
+        unsafe {
+            let dst = self.base.add(start);
+            std::ptr::copy_nonoverlapping(code.as_ptr(), dst, code.len());
+            self.used = end;
+            Some(dst)
+        }
+    }
+
+    /// Forgets everything placed so far; the caller drops every pointer `put` returned.
+    pub(crate) fn reset(&mut self) {
+        self.used = 0;
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no compiled code outlives the CPU
+        // that owns this arena.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}

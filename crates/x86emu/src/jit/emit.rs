@@ -1,0 +1,767 @@
+//! Guest instructions to host code (see the module documentation for the scheme).
+
+use std::mem::offset_of;
+
+use iced_x86::code_asm::{
+    byte_ptr, gpr32, gpr64, ptr, qword_ptr, AsmRegister64, CodeAssembler, CodeLabel,
+};
+use iced_x86::{
+    Code, ConditionCode, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind,
+    Register, RflagsBits,
+};
+
+use super::Ctx;
+use crate::decode::Insn;
+use crate::mmu::tlb_layout;
+use crate::state::CpuState;
+
+/// Status flags in iced-x86's numbering (for the "touches flags" test) and in RFLAGS.
+const ICED_STATUS: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::CF
+    | RflagsBits::PF;
+const RFLAGS_STATUS: i32 = 0x8d5;
+
+/// Host registers guest values and scratch values may use: all but RSP (the host stack)
+/// and R15 (the guest register state).
+const POOL: [Register; 14] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSI,
+    Register::RDI,
+    Register::RBP,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+];
+
+/// Fewer covered instructions than this are not worth a call.
+const MIN_COVERED: usize = 3;
+
+const RSP: usize = 4;
+const R15: usize = 15;
+
+fn gpr_off(g: usize) -> i32 {
+    (offset_of!(CpuState, gpr) + 8 * g) as i32
+}
+
+fn rflags_off() -> i32 {
+    offset_of!(CpuState, rflags) as i32
+}
+
+fn ctx_off(field: usize) -> i32 {
+    field as i32
+}
+
+/// Index 0..16 of a general-purpose register's full form.
+fn gpr_index(r: Register) -> Option<usize> {
+    let full = r.full_register();
+    full.is_gpr64()
+        .then(|| full as usize - Register::RAX as usize)
+}
+
+/// `full` (a 64-bit register) at the size of `like`.
+fn sized(full: Register, like: Register) -> Option<Register> {
+    let i = full as usize - Register::RAX as usize;
+    let base = match like.size() {
+        8 => Register::RAX,
+        4 => Register::EAX,
+        2 => Register::AX,
+        // AL..BL, SPL..DIL, R8L..R15L are contiguous from AL except the AH..BH hole.
+        1 => {
+            let r = if i < 4 {
+                Register::AL as usize + i
+            } else {
+                Register::SPL as usize + (i - 4)
+            };
+            return reg_from(r);
+        }
+        _ => return None,
+    };
+    reg_from(base as usize + i)
+}
+
+fn reg_from(n: usize) -> Option<Register> {
+    Register::try_from(n).ok()
+}
+
+fn r64(r: Register) -> Option<AsmRegister64> {
+    gpr64::get_gpr64(r)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Runs as itself with host registers.
+    Native,
+    /// Only the address computation.
+    Lea,
+    Nop,
+    /// The near `Jcc`/`JMP` that ends the block.
+    Branch,
+}
+
+fn is_cmov_or_setcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+            | M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    )
+}
+
+/// Integer instructions whose host execution at CPL3 is the guest's: no privileged
+/// effect, no fault besides memory (handled before them), no implicit stack or string
+/// access, nothing the guest's CPUID does not advertise.
+fn runs_natively(m: M) -> bool {
+    is_cmov_or_setcc(m)
+        || matches!(
+            m,
+            M::Add
+                | M::Or
+                | M::Adc
+                | M::Sbb
+                | M::And
+                | M::Sub
+                | M::Xor
+                | M::Cmp
+                | M::Test
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Mov
+                | M::Movzx
+                | M::Movsx
+                | M::Movsxd
+                | M::Imul
+                | M::Mul
+                | M::Shl
+                | M::Sal
+                | M::Shr
+                | M::Sar
+                | M::Rol
+                | M::Ror
+                | M::Rcl
+                | M::Rcr
+                | M::Shld
+                | M::Shrd
+                | M::Xchg
+                | M::Bswap
+                | M::Cbw
+                | M::Cwde
+                | M::Cdqe
+                | M::Cwd
+                | M::Cdq
+                | M::Cqo
+                | M::Bt
+                | M::Bts
+                | M::Btr
+                | M::Btc
+                | M::Bsf
+                | M::Bsr
+        )
+}
+
+fn guest_gpr(r: Register) -> bool {
+    (r.is_gpr64() || r.is_gpr32() || r.is_gpr16() || r.is_gpr8())
+        && !matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
+    if last && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near()) {
+        return Some(Kind::Branch);
+    }
+    if ins.has_lock_prefix() || ins.has_rep_prefix() || ins.has_repne_prefix() {
+        return None;
+    }
+    let m = ins.mnemonic();
+    if m == M::Nop {
+        return Some(Kind::Nop);
+    }
+    if !runs_natively(m) && m != M::Lea {
+        return None;
+    }
+    if matches!(
+        ins.code(),
+        Code::Mov_AL_moffs8
+            | Code::Mov_AX_moffs16
+            | Code::Mov_EAX_moffs32
+            | Code::Mov_RAX_moffs64
+            | Code::Mov_moffs8_AL
+            | Code::Mov_moffs16_AX
+            | Code::Mov_moffs32_EAX
+            | Code::Mov_moffs64_RAX
+    ) {
+        return None;
+    }
+    for k in 0..ins.op_count() {
+        match ins.op_kind(k) {
+            OpKind::Register => {
+                if !guest_gpr(ins.op_register(k)) {
+                    return None;
+                }
+            }
+            OpKind::Memory => {
+                let base = ins.memory_base();
+                let index = ins.memory_index();
+                let base_ok = base == Register::None || base == Register::RIP || base.is_gpr64();
+                let index_ok = index == Register::None || index.is_gpr64();
+                let size_ok = m == M::Lea || (1..=8).contains(&ins.memory_size().size());
+                if !(base_ok && index_ok && size_ok) {
+                    return None;
+                }
+                // BT* with a register offset address a bit string beyond the operand.
+                if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+                    && ins.op1_kind() == OpKind::Register
+                {
+                    return None;
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return None,
+        }
+    }
+    if m == M::Lea {
+        let d = ins.op0_register();
+        return (d.is_gpr64() || d.is_gpr32()).then_some(Kind::Lea);
+    }
+    Some(Kind::Native)
+}
+
+/// How one memory operand is reached.
+struct Mem {
+    base: Option<usize>,
+    index: Option<usize>,
+    scale: u32,
+    disp: u64,
+    /// The context field holding a non-zero segment base (FS, GS).
+    seg_base: Option<usize>,
+    size: u32,
+    write: bool,
+}
+
+/// Registers of one instruction: guest index → host register, and what to load and store.
+struct Regs {
+    map: [Register; 16],
+    load: [bool; 16],
+    store: [bool; 16],
+    /// Holds the host address of the memory operand.
+    host_ptr: Register,
+}
+
+/// Plans the registers of a native instruction; None if it needs more than the pool has.
+fn plan_regs(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Regs> {
+    let mut regs = Regs {
+        map: [Register::None; 16],
+        load: [false; 16],
+        store: [false; 16],
+        host_ptr: Register::None,
+    };
+    let explicit = |g: usize| {
+        (0..ins.op_count())
+            .any(|k| ins.op_kind(k) == OpKind::Register && gpr_index(ins.op_register(k)) == Some(g))
+    };
+    let addr_regs = [gpr_index(ins.memory_base()), gpr_index(ins.memory_index())];
+    let mut used = [false; 16];
+    for u in info.info(ins).used_registers() {
+        let r = u.register();
+        if r.is_segment_register() {
+            continue;
+        }
+        if !guest_gpr(r) {
+            return None;
+        }
+        let g = gpr_index(r)?;
+        let acc = u.access();
+        // Address registers are read in the address step: RSP and R15 (which need a host
+        // register of their own) are skipped here unless they are operands too.
+        if (g == RSP || g == R15)
+            && acc == OpAccess::Read
+            && addr_regs.contains(&Some(g))
+            && !explicit(g)
+        {
+            continue;
+        }
+        used[g] = true;
+        let full_write = acc == OpAccess::Write && r.size() >= 4;
+        if !full_write {
+            regs.load[g] = true;
+        }
+        if matches!(
+            acc,
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        ) {
+            regs.store[g] = true;
+        }
+    }
+    let mut taken = [false; 16];
+    for g in 0..16 {
+        if used[g] && g != RSP && g != R15 {
+            regs.map[g] = *POOL.iter().find(|p| gpr_index(**p) == Some(g))?;
+            taken[g] = true;
+        }
+    }
+    let mut free = POOL.iter().copied().filter(|p| {
+        let i = gpr_index(*p).unwrap_or(RSP);
+        !taken[i] && !matches!(*p, Register::RCX | Register::RBP | Register::R13)
+    });
+    for g in [RSP, R15] {
+        if used[g] {
+            regs.map[g] = free.next()?;
+        }
+    }
+    regs.host_ptr = free.next()?;
+    Some(regs)
+}
+
+fn plan_mem(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Mem> {
+    if !(0..ins.op_count()).any(|k| ins.op_kind(k) == OpKind::Memory) {
+        return None;
+    }
+    let write = info.info(ins).used_memory().iter().any(|m| {
+        matches!(
+            m.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        )
+    });
+    let seg_base = match ins.memory_segment() {
+        Register::FS => Some(offset_of!(Ctx, fs_base)),
+        Register::GS => Some(offset_of!(Ctx, gs_base)),
+        _ => None,
+    };
+    Some(Mem {
+        base: gpr_index(ins.memory_base()),
+        index: gpr_index(ins.memory_index()),
+        scale: ins.memory_index_scale(),
+        disp: ins.memory_displacement64(),
+        seg_base,
+        size: ins.memory_size().size() as u32,
+        write,
+    })
+}
+
+/// Emits host code for a block's leading instructions; None when fewer than
+/// `MIN_COVERED` are covered (or the assembler refuses something).
+pub(super) fn translate(insns: &[Insn]) -> Option<Vec<u8>> {
+    let mut info = InstructionInfoFactory::new();
+    let mut covered = 0;
+    let mut flags = false;
+    let mut branch = false;
+    for (i, insn) in insns.iter().enumerate() {
+        let ins = &insn.instr;
+        let Some(k) = kind(ins, i + 1 == insns.len()) else {
+            break;
+        };
+        if k == Kind::Native && plan_regs(ins, &mut info).is_none() {
+            break;
+        }
+        flags |= (ins.rflags_read() | ins.rflags_modified()) & ICED_STATUS != 0;
+        covered += 1;
+        branch = k == Kind::Branch;
+    }
+    if covered < MIN_COVERED {
+        return None;
+    }
+    let mut e = Emitter::new(flags)?;
+    for (i, insn) in insns.iter().take(covered).enumerate() {
+        let ins = &insn.instr;
+        match kind(ins, i + 1 == insns.len())? {
+            Kind::Native => e.native(ins, i as u32, &mut info)?,
+            Kind::Lea => e.lea(ins)?,
+            Kind::Nop => {}
+            Kind::Branch => e.branch(ins)?,
+        }
+    }
+    if !branch && covered == insns.len() {
+        // The whole block, which ended at its length limit: it goes on sequentially.
+        e.set_rip(insns.last()?.instr.next_ip())?;
+    }
+    e.finish(covered as u32)
+}
+
+struct Emitter {
+    a: CodeAssembler,
+    exit: CodeLabel,
+    /// Per memory access: where its miss path starts and the instruction to resume at.
+    misses: Vec<(CodeLabel, u32)>,
+    flags: bool,
+}
+
+/// Maps assembler errors (which would be a compiler bug) to "do not compile".
+macro_rules! a {
+    ($e:expr) => {
+        $e.ok()?
+    };
+}
+
+impl Emitter {
+    fn new(flags: bool) -> Option<Self> {
+        let mut a = a!(CodeAssembler::new(64));
+        let exit = a.create_label();
+        let mut e = Emitter {
+            a,
+            exit,
+            misses: Vec::new(),
+            flags,
+        };
+        e.prologue()?;
+        Some(e)
+    }
+
+    /// Saves the callee-saved registers and the context pointer ([rsp]), points R15 at
+    /// the state and, if the block touches them, loads the guest's status flags.
+    fn prologue(&mut self) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::*;
+        let a = &mut self.a;
+        for r in [rbx, rbp, r12, r13, r14, r15, rsi] {
+            a!(a.push(r));
+        }
+        a!(a.mov(r15, rdi));
+        if self.flags {
+            use iced_x86::code_asm::registers::gpr8::*;
+            a!(a.mov(rax, qword_ptr(r15 + rflags_off())));
+            a!(a.mov(gpr32::ecx, gpr32::eax));
+            a!(a.shr(gpr32::ecx, 11));
+            a!(a.and(gpr32::ecx, 1));
+            // OF = (cl == 1): 0x7f + 1 overflows.
+            a!(a.add(cl, 0x7f));
+            a!(a.mov(ah, al));
+            a!(a.sahf());
+        }
+        Some(())
+    }
+
+    fn load_guest(&mut self, host: Register, g: usize) -> Option<()> {
+        a!(self.a.mov(r64(host)?, qword_ptr(gpr64::r15 + gpr_off(g))));
+        Some(())
+    }
+
+    fn store_guest(&mut self, g: usize, host: Register) -> Option<()> {
+        a!(self.a.mov(qword_ptr(gpr64::r15 + gpr_off(g)), r64(host)?));
+        Some(())
+    }
+
+    /// Computes a memory operand's effective address (without segment base) into `dst`,
+    /// using only flag-free instructions; `s1`/`s2` are scratch.
+    fn address(&mut self, m: &Mem, dst: Register, s1: Register, s2: Register) -> Option<()> {
+        let d = r64(dst)?;
+        let disp32 = i32::try_from(m.disp as i64).ok();
+        let base = match m.base {
+            Some(g) => {
+                self.load_guest(s1, g)?;
+                Some(r64(s1)?)
+            }
+            None => None,
+        };
+        let index = match m.index {
+            Some(g) => {
+                self.load_guest(s2, g)?;
+                Some(r64(s2)?)
+            }
+            None => None,
+        };
+        let a = &mut self.a;
+        match (base, index, disp32) {
+            (Some(b), Some(i), Some(disp)) => a!(a.lea(d, ptr(b + i * m.scale + disp))),
+            (Some(b), None, Some(disp)) => a!(a.lea(d, ptr(b + disp))),
+            (None, Some(i), Some(disp)) => a!(a.lea(d, ptr(i * m.scale + disp))),
+            (None, None, Some(_)) | (None, None, None) => a!(a.mov(d, m.disp)),
+            (b, i, None) => {
+                // A displacement beyond 32 bits (an absolute address): add it to what exists.
+                a!(a.mov(d, m.disp));
+                if let Some(b) = b {
+                    a!(a.lea(d, ptr(d + b)));
+                }
+                if let Some(i) = i {
+                    a!(a.lea(d, ptr(d + i * m.scale)));
+                }
+            }
+        }
+        Some(())
+    }
+
+    fn miss_label(&mut self, resume: u32) -> CodeLabel {
+        let l = self.a.create_label();
+        self.misses.push((l, resume));
+        l
+    }
+
+    /// `jrcxz` to go on, else to `miss`.
+    fn continue_if_rcx_zero(&mut self, miss: CodeLabel) -> Option<()> {
+        let mut ok = self.a.create_label();
+        a!(self.a.jrcxz(ok));
+        a!(self.a.jmp(miss));
+        a!(self.a.set_label(&mut ok));
+        Some(())
+    }
+
+    /// Translates the memory operand's linear address in `lin` through the soft TLB into a
+    /// host pointer in `host`, or jumps to `miss`. Flag-free. Clobbers RCX and `scratch`.
+    fn tlb(
+        &mut self,
+        m: &Mem,
+        lin: Register,
+        host: Register,
+        scratch: [Register; 4],
+        miss: CodeLabel,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        let [vpn, ent, tmp, ctx] = [
+            r64(scratch[0])?,
+            r64(scratch[1])?,
+            r64(scratch[2])?,
+            r64(scratch[3])?,
+        ];
+        let lin = r64(lin)?;
+        let (entry_size, vpn_off, host_off, gpa_off, perm_off, slots) = tlb_layout();
+        a!(self.a.mov(ctx, qword_ptr(gpr64::rsp)));
+        if let Some(off) = m.seg_base {
+            a!(self.a.mov(tmp, qword_ptr(ctx + ctx_off(off))));
+            a!(self.a.lea(lin, ptr(lin + tmp)));
+        }
+        let a = &mut self.a;
+        a!(a.mov(tmp, 12u64));
+        a!(a.shrx(vpn, lin, tmp));
+        a!(a.mov(tmp, (slots - 1) as u64));
+        a!(a.pext(ent, vpn, tmp));
+        // entry = tlb + slot * entry_size, entry_size = 32.
+        debug_assert_eq!(entry_size, 32);
+        a!(a.lea(ent, ptr(ent * 4)));
+        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(offset_of!(Ctx, tlb)))));
+        a!(a.lea(ent, ptr(tmp + ent * 8)));
+        // The tag: rcx = vpn - entry.vpn.
+        a!(a.mov(rcx, qword_ptr(ent + vpn_off)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + vpn + 1)));
+        self.continue_if_rcx_zero(miss)?;
+        // Permission: the needed bit is one bit, so pext gives 1 when present.
+        let a = &mut self.a;
+        a!(a.movzx(rcx, byte_ptr(ent + perm_off)));
+        let perm = if m.write {
+            offset_of!(Ctx, write_perm)
+        } else {
+            offset_of!(Ctx, read_perm)
+        };
+        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(perm))));
+        a!(a.pext(rcx, rcx, tmp));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + 2)));
+        self.continue_if_rcx_zero(miss)?;
+        // The last byte on the same page.
+        let a = &mut self.a;
+        a!(a.lea(rcx, ptr(lin + (m.size as i32 - 1))));
+        a!(a.mov(tmp, 12u64));
+        a!(a.shrx(rcx, rcx, tmp));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + vpn + 1)));
+        self.continue_if_rcx_zero(miss)?;
+        // MMIO pages have no host pointer.
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(ent + host_off)));
+        a!(a.jrcxz(miss));
+        a!(a.mov(tmp, 0xfffu64));
+        a!(a.pext(tmp, lin, tmp));
+        a!(a.lea(r64(host)?, ptr(rcx + tmp)));
+        if m.write {
+            // A store to a page holding code: the interpreter does it and moves the epoch.
+            a!(a.mov(tmp, qword_ptr(ent + gpa_off)));
+            a!(a.mov(rcx, 12u64));
+            a!(a.shrx(tmp, tmp, rcx));
+            a!(a.mov(rcx, qword_ptr(ctx + ctx_off(offset_of!(Ctx, code_pages)))));
+            a!(a.movzx(gpr32::ecx, byte_ptr(rcx + tmp)));
+            self.continue_if_rcx_zero(miss)?;
+        }
+        Some(())
+    }
+
+    fn native(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        let regs = plan_regs(ins, info)?;
+        let mut out = *ins;
+        if let Some(m) = plan_mem(ins, info) {
+            // Scratch for the address step: anything but RCX and the host pointer (the
+            // instruction's own registers are loaded afterwards).
+            let mut s = POOL
+                .iter()
+                .copied()
+                .filter(|r| *r != Register::RCX && *r != regs.host_ptr);
+            let (lin, b, i) = (s.next()?, s.next()?, s.next()?);
+            let scratch = [s.next()?, s.next()?, s.next()?, s.next()?];
+            self.address(&m, lin, b, i)?;
+            let miss = self.miss_label(idx);
+            self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
+            out.set_memory_base(regs.host_ptr);
+            out.set_memory_index(Register::None);
+            out.set_memory_index_scale(1);
+            out.set_memory_displacement64(0);
+            out.set_memory_displ_size(0);
+            out.set_segment_prefix(Register::None);
+        }
+        for g in 0..16 {
+            if regs.load[g] {
+                self.load_guest(regs.map[g], g)?;
+            }
+        }
+        for k in 0..ins.op_count() {
+            if ins.op_kind(k) == OpKind::Register {
+                let r = ins.op_register(k);
+                let host = regs.map[gpr_index(r)?];
+                out.set_op_register(k, sized(host, r)?);
+            }
+        }
+        a!(self.a.add_instruction(out));
+        for g in 0..16 {
+            if regs.store[g] {
+                self.store_guest(g, regs.map[g])?;
+            }
+        }
+        Some(())
+    }
+
+    fn lea(&mut self, ins: &Instruction) -> Option<()> {
+        let m = Mem {
+            base: gpr_index(ins.memory_base()),
+            index: gpr_index(ins.memory_index()),
+            scale: ins.memory_index_scale(),
+            disp: ins.memory_displacement64(),
+            seg_base: None,
+            size: 0,
+            write: false,
+        };
+        self.address(&m, Register::RAX, Register::RCX, Register::RDX)?;
+        let d = ins.op0_register();
+        if d.is_gpr32() {
+            a!(self.a.mov(gpr32::eax, gpr32::eax));
+        }
+        self.store_guest(gpr_index(d)?, Register::RAX)
+    }
+
+    /// The block's final near `Jcc`/`JMP`: leaves the next RIP in the context.
+    fn branch(&mut self, ins: &Instruction) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rax;
+        let target = ins.near_branch_target();
+        let mut set = self.a.create_label();
+        if ins.is_jcc_short_or_near() {
+            let mut taken = self.a.create_label();
+            let a = &mut self.a;
+            match ins.condition_code() {
+                ConditionCode::o => a!(a.jo(taken)),
+                ConditionCode::no => a!(a.jno(taken)),
+                ConditionCode::b => a!(a.jb(taken)),
+                ConditionCode::ae => a!(a.jae(taken)),
+                ConditionCode::e => a!(a.je(taken)),
+                ConditionCode::ne => a!(a.jne(taken)),
+                ConditionCode::be => a!(a.jbe(taken)),
+                ConditionCode::a => a!(a.ja(taken)),
+                ConditionCode::s => a!(a.js(taken)),
+                ConditionCode::ns => a!(a.jns(taken)),
+                ConditionCode::p => a!(a.jp(taken)),
+                ConditionCode::np => a!(a.jnp(taken)),
+                ConditionCode::l => a!(a.jl(taken)),
+                ConditionCode::ge => a!(a.jge(taken)),
+                ConditionCode::le => a!(a.jle(taken)),
+                ConditionCode::g => a!(a.jg(taken)),
+                ConditionCode::None => return None,
+            }
+            a!(a.mov(rax, ins.next_ip()));
+            a!(a.jmp(set));
+            a!(a.set_label(&mut taken));
+        }
+        a!(self.a.mov(rax, target));
+        a!(self.a.set_label(&mut set));
+        self.store_rip_from_rax()
+    }
+
+    fn set_rip(&mut self, rip: u64) -> Option<()> {
+        a!(self.a.mov(gpr64::rax, rip));
+        self.store_rip_from_rax()
+    }
+
+    /// Flag-free.
+    fn store_rip_from_rax(&mut self) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rsp};
+        a!(self.a.mov(rcx, qword_ptr(rsp)));
+        a!(self
+            .a
+            .mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, rip))), rax));
+        Some(())
+    }
+
+    /// The common exit (ESI = the instruction to resume at): stores the status flags,
+    /// restores the host registers and returns ESI. Then the miss paths.
+    fn finish(mut self, resume: u32) -> Option<Vec<u8>> {
+        use iced_x86::code_asm::registers::gpr64::*;
+        let a = &mut self.a;
+        a!(a.mov(gpr32::esi, resume));
+        a!(a.set_label(&mut self.exit));
+        if self.flags {
+            a!(a.pushfq());
+            a!(a.pop(rcx));
+            a!(a.and(gpr32::ecx, RFLAGS_STATUS));
+            a!(a.mov(rdx, qword_ptr(r15 + rflags_off())));
+            a!(a.and(rdx, !RFLAGS_STATUS));
+            a!(a.or(rdx, rcx));
+            a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
+        }
+        a!(a.mov(rax, rsi));
+        a!(a.pop(rsi));
+        for r in [r15, r14, r13, r12, rbp, rbx] {
+            a!(a.pop(r));
+        }
+        a!(a.ret());
+        for (mut l, resume) in std::mem::take(&mut self.misses) {
+            a!(self.a.set_label(&mut l));
+            a!(self.a.mov(gpr32::esi, resume));
+            a!(self.a.jmp(self.exit));
+        }
+        Some(a!(self.a.assemble(0)))
+    }
+}

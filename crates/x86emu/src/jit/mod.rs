@@ -1,0 +1,112 @@
+//! Hot blocks compiled to host x86-64 code.
+//!
+//! Guest and host are the same architecture, so most integer instructions can run as
+//! themselves: the compiler re-encodes each guest instruction with host registers that it
+//! first loads from the guest register file, runs it, and stores what it wrote back. The
+//! guest's status flags live in the host's RFLAGS for the whole block (the code around the
+//! instructions uses only flag-free instructions: `mov`, `lea`, `not`, BMI2 `shrx`/`pext`
+//! and `jrcxz`). A memory operand goes through the soft TLB inline; a miss, a page-crossing
+//! access, MMIO or a store to a page holding code leaves the compiled code before that
+//! instruction, with every register and flag stored, and the interpreter goes on from
+//! there. So compiled code never faults and never sees a device: what it cannot do fast,
+//! the interpreter does.
+//!
+//! A block is compiled after it ran `threshold` times, in 64-bit mode only, from its first
+//! instruction up to the first one the compiler does not cover (a near `Jcc`/`JMP` ending
+//! the block is covered). Compiled code belongs to its block: it goes when the block is
+//! decoded again.
+
+mod arena;
+mod emit;
+
+use crate::decode::Insn;
+use arena::Arena;
+
+/// What compiled code needs besides the register state; built before each call.
+#[repr(C)]
+pub(crate) struct Ctx {
+    /// The soft TLB's first entry.
+    pub(crate) tlb: *const u8,
+    /// A byte per guest-physical RAM page: non-zero if it holds checked code.
+    pub(crate) code_pages: *const u8,
+    /// The TLB permission bit a read and a write need at the current privilege.
+    pub(crate) read_perm: u64,
+    pub(crate) write_perm: u64,
+    pub(crate) fs_base: u64,
+    pub(crate) gs_base: u64,
+    /// Out: the RIP a branch that ended the block chose.
+    pub(crate) rip: u64,
+}
+
+/// Compiled code: `(state, ctx)` → index of the first instruction it did not run (the
+/// block's length when it ran the ending branch, whose target is then in `ctx.rip`).
+pub(crate) type Entry = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx) -> u64;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Compiled {
+    pub(crate) entry: Entry,
+}
+
+/// Executable memory per CPU.
+const ARENA_SIZE: usize = 16 << 20;
+/// Runs before a block is compiled: compiling costs about as much as interpreting a block
+/// a few hundred times.
+pub(crate) const DEFAULT_THRESHOLD: u32 = 64;
+
+#[derive(Debug)]
+pub(crate) struct Jit {
+    arena: Arena,
+    pub(crate) threshold: u32,
+    /// Blocks compiled since the CPU was created.
+    pub(crate) compiled: u64,
+}
+
+impl Jit {
+    /// None when the host cannot run compiled blocks (not x86-64 with BMI2 and LAHF/SAHF in
+    /// 64-bit mode, or no executable memory).
+    pub(crate) fn new(threshold: u32) -> Option<Self> {
+        if !host_supported() {
+            return None;
+        }
+        Some(Jit {
+            arena: Arena::new(ARENA_SIZE)?,
+            threshold,
+            compiled: 0,
+        })
+    }
+
+    /// Compiles a block; None when its first instructions are not covered. `Err(())` when
+    /// the arena is full: the caller must drop every compiled block, then call
+    /// [`Jit::flushed`].
+    pub(crate) fn compile(&mut self, insns: &[Insn]) -> Result<Option<Compiled>, ()> {
+        let Some(code) = emit::translate(insns) else {
+            return Ok(None);
+        };
+        let Some(at) = self.arena.put(&code) else {
+            return Err(());
+        };
+        // SAFETY: `at` holds a complete function emitted for this ABI by `emit::translate`.
+        let entry: Entry = unsafe { std::mem::transmute::<*const u8, Entry>(at) };
+        self.compiled += 1;
+        Ok(Some(Compiled { entry }))
+    }
+
+    /// All compiled blocks were dropped: the arena can be refilled.
+    pub(crate) fn flushed(&mut self) {
+        self.arena.reset();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn host_supported() -> bool {
+    std::arch::is_x86_feature_detected!("bmi2") && {
+        // CPUID 8000_0001h ECX bit 0: LAHF/SAHF in 64-bit mode.
+        let r = std::arch::x86_64::__cpuid(0x8000_0001);
+        r.ecx & 1 != 0
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn host_supported() -> bool {
+    false
+}
