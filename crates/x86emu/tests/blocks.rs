@@ -33,7 +33,7 @@ fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
     let s = r.below(8) as usize;
     let imm = r.next() as i32;
     let count = [0u32, 1, 5, 31, 32, 33, 63, 64, 70][r.below(9) as usize];
-    match r.below(43) {
+    match r.below(46) {
         0 => a.add(R64[d], R64[s]).unwrap(),
         1 => a.sub(R32[d], R32[s]).unwrap(),
         2 => a.and(R64[d], imm).unwrap(),
@@ -83,6 +83,9 @@ fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
         37 => a.imul(R64[s]).unwrap(),
         38 => a.shr(R64[d], cl).unwrap(),
         39 => a.mov(qword_ptr(rsp - 8), R64[s]).unwrap(),
+        42 => a.push(R64[s]).unwrap(),
+        43 => a.pop(R64[d]).unwrap(),
+        44 => a.push(imm).unwrap(),
         40 => a.add(R64[d], qword_ptr(rsp - 8)).unwrap(),
         // GS has base DATA.
         41 => a.xor(R64[d], qword_ptr(r.below(64) * 8).gs()).unwrap(),
@@ -252,4 +255,45 @@ fn a_fault_sees_the_flags_of_the_last_writer_before_it() {
     assert_ne!(pushed & (1 << 11), 0, "OF of the add, flags {pushed:#x}");
     assert_ne!(pushed & (1 << 7), 0, "SF of the add, flags {pushed:#x}");
     assert_eq!(pushed & (1 << 6), 0, "ZF of the add, flags {pushed:#x}");
+}
+
+/// Calls, returns, LEAVE and a loop, compiled at once, against the interpreter.
+#[test]
+fn compiled_calls_and_returns_match_the_interpreter() {
+    let code = asm(64, CODE, |a| {
+        let mut func = a.create_label();
+        let mut top = a.create_label();
+        a.mov(rcx, 300u64).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.push(rcx).unwrap();
+        a.mov(rdi, rcx).unwrap();
+        a.call(func).unwrap();
+        a.pop(rcx).unwrap();
+        a.add(rax, rdx).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        // func(rdi): a frame, a local, returns rdx = rdi * 3 + local.
+        a.set_label(&mut func).unwrap();
+        a.push(rbp).unwrap();
+        a.mov(rbp, rsp).unwrap();
+        a.sub(rsp, 16).unwrap();
+        a.mov(qword_ptr(rbp - 8), rdi).unwrap();
+        a.lea(rdx, qword_ptr(rdi + rdi * 2)).unwrap();
+        a.add(rdx, qword_ptr(rbp - 8)).unwrap();
+        a.leave().unwrap();
+        a.ret().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[1, 2, 3, 4, 5, 6, 7, 8], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (interpreted, _) = run(None);
+    let (compiled, blocks) = run(Some(0));
+    assert!(blocks >= 2, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+    assert_eq!(compiled[0], (1..=300u64).map(|i| 4 * i).sum::<u64>());
 }

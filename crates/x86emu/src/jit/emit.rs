@@ -106,6 +106,12 @@ enum Kind {
     Nop,
     /// The near `Jcc`/`JMP` that ends the block.
     Branch,
+    /// 64-bit stack operations; `Call` and `Ret` only at the block end.
+    Push,
+    Pop,
+    Leave,
+    Call,
+    Ret,
 }
 
 fn is_cmov_or_setcc(m: M) -> bool {
@@ -210,6 +216,14 @@ fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     }
     if ins.has_lock_prefix() || ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;
+    }
+    match ins.code() {
+        Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8 => return Some(Kind::Push),
+        Code::Pop_r64 => return Some(Kind::Pop),
+        Code::Leaveq => return Some(Kind::Leave),
+        Code::Call_rel32_64 if last => return Some(Kind::Call),
+        Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
+        _ => {}
     }
     let m = ins.mnemonic();
     if m == M::Nop {
@@ -401,7 +415,7 @@ pub(super) fn translate(insns: &[Insn]) -> Option<Vec<u8>> {
         }
         flags |= (ins.rflags_read() | ins.rflags_modified()) & ICED_STATUS != 0;
         covered += 1;
-        branch = k == Kind::Branch;
+        branch = matches!(k, Kind::Branch | Kind::Call | Kind::Ret);
     }
     if covered < MIN_COVERED {
         return None;
@@ -414,6 +428,11 @@ pub(super) fn translate(insns: &[Insn]) -> Option<Vec<u8>> {
             Kind::Lea => e.lea(ins)?,
             Kind::Nop => {}
             Kind::Branch => e.branch(ins)?,
+            Kind::Push => e.push(ins, i as u32)?,
+            Kind::Pop => e.pop(ins, i as u32)?,
+            Kind::Leave => e.leave(i as u32)?,
+            Kind::Call => e.call(ins, i as u32)?,
+            Kind::Ret => e.ret(ins, i as u32)?,
         }
     }
     if !branch && covered == insns.len() {
@@ -682,6 +701,93 @@ impl Emitter {
             a!(self.a.mov(gpr32::eax, gpr32::eax));
         }
         self.store_guest(gpr_index(d)?, Register::RAX)
+    }
+
+    /// Translates the 8-byte stack slot at the linear address in RDX into a host pointer in
+    /// RBX (or leaves through the miss path of instruction `idx`).
+    fn stack_slot(&mut self, write: bool, idx: u32) -> Option<()> {
+        let m = Mem {
+            base: None,
+            index: None,
+            scale: 1,
+            disp: 0,
+            seg_base: None,
+            size: 8,
+            write,
+        };
+        let miss = self.miss_label(idx);
+        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
+        self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)
+    }
+
+    /// PUSH r64/imm: the value goes to RSP-8, then RSP moves (PUSH RSP pushes the old one).
+    fn push(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        self.load_guest(Register::RDX, RSP)?;
+        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.stack_slot(true, idx)?;
+        if ins.op0_kind() == OpKind::Register {
+            self.load_guest(Register::R10, gpr_index(ins.op0_register())?)?;
+        } else {
+            a!(self.a.mov(r10, ins.immediate(0)));
+        }
+        a!(self.a.mov(qword_ptr(rbx), r10));
+        self.store_guest(RSP, Register::RDX)
+    }
+
+    /// POP r64: RSP moves first, so POP RSP leaves the popped value.
+    fn pop(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        self.load_guest(Register::RDX, RSP)?;
+        self.stack_slot(false, idx)?;
+        a!(self.a.mov(r10, qword_ptr(rbx)));
+        a!(self.a.lea(rdx, ptr(rdx + 8)));
+        self.store_guest(RSP, Register::RDX)?;
+        self.store_guest(gpr_index(ins.op0_register())?, Register::R10)
+    }
+
+    /// LEAVE: RSP = RBP, then POP RBP.
+    fn leave(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        self.load_guest(Register::RDX, 5)?;
+        self.stack_slot(false, idx)?;
+        a!(self.a.mov(r10, qword_ptr(rbx)));
+        a!(self.a.lea(rdx, ptr(rdx + 8)));
+        self.store_guest(RSP, Register::RDX)?;
+        self.store_guest(5, Register::R10)
+    }
+
+    /// CALL rel32 ending the block: push the return address, go to the target.
+    fn call(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        self.load_guest(Register::RDX, RSP)?;
+        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.stack_slot(true, idx)?;
+        a!(self.a.mov(r10, ins.next_ip()));
+        a!(self.a.mov(qword_ptr(rbx), r10));
+        self.store_guest(RSP, Register::RDX)?;
+        self.set_rip(ins.near_branch_target())
+    }
+
+    /// RET [imm16] ending the block. A non-canonical return address is left to the
+    /// interpreter (it raises #GP on the RET).
+    fn ret(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rbx, rcx, rdx, rsi};
+        self.load_guest(Register::RDX, RSP)?;
+        self.stack_slot(false, idx)?;
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rax, qword_ptr(rbx)));
+        a!(a.mov(rsi, 16u64));
+        a!(a.shlx(rcx, rax, rsi));
+        a!(a.sarx(rcx, rcx, rsi));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + rax + 1)));
+        self.continue_if_rcx_zero(miss)?;
+        let pop = 8 + i32::from(ins.immediate16());
+        a!(self.a.lea(rdx, ptr(rdx + pop)));
+        self.store_guest(RSP, Register::RDX)?;
+        self.store_rip_from_rax()
     }
 
     /// The block's final near `Jcc`/`JMP`: leaves the next RIP in the context.
