@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::cpuid::CpuidTable;
 use crate::decode::{decode, BlockCache, Insn};
 use crate::exceptions::{Fault, Result};
-use crate::jit::Ctx;
+use crate::jit::{Ctx, FINISHED};
 use crate::mmu::{needed_perm, Access, Tlb};
 use crate::platform::{GuestRam, Platform};
 use crate::state::{flags, CpuState, Seg, Segment};
@@ -329,8 +329,13 @@ impl Core {
 
     /// What compiled code needs besides the registers (see `jit::Ctx`).
     #[inline(always)]
-    fn jit_ctx(&self) -> Ctx {
+    fn jit_ctx(&self, budget: u64) -> Ctx {
+        static NO_KICK: u8 = 0;
         let user = self.user();
+        let kick = match &self.kick {
+            Some(k) => k.as_ptr() as *const u8,
+            None => &NO_KICK,
+        };
         Ctx {
             tlb: self.tlb.entries_ptr(),
             code_pages: self.code_pages.as_ptr(),
@@ -338,7 +343,13 @@ impl Core {
             write_perm: u64::from(needed_perm(Access::Write, user)),
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,
+            epoch: self.code_epoch,
+            budget,
+            kick,
+            retired: 0,
             rip: 0,
+            link: 0,
+            slot: 0,
         }
     }
 
@@ -460,10 +471,13 @@ impl Cpu {
         };
         let core = &mut self.core;
         let mut n = 0u64;
+        // An exit of compiled code to link to the next block, and the compiled-code
+        // generation it belongs to.
+        let mut pending_link = None;
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
             let epoch = core.code_epoch;
-            let Some((block, checked)) = self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch)
+            let Some((slot, checked)) = self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch)
             else {
                 // The first instruction runs past the page end.
                 if n == 0 {
@@ -475,34 +489,54 @@ impl Cpu {
             if checked {
                 core.mark_code_page(t.gpa_page);
             }
+            if let Some((link, generation)) = pending_link.take() {
+                self.blocks.link(link, slot, generation);
+            }
+            let Some(mut block) = self.blocks.block(slot) else {
+                return n.max(1);
+            };
             let mut chain = false;
             // Only block-ending instructions (STI, MOV SS, HLT, POPF, IRET...) set an
             // interrupt shadow, halt or change TF, so the others skip those checks.
             core.shadow = false;
             core.new_shadow = false;
             let mut start = 0;
+            let mut finished = false;
             if let Some(c) = block.compiled {
-                let mut ctx = core.jit_ctx();
+                let mut ctx = core.jit_ctx(budget.saturating_sub(n) / 8 + 1);
+                let generation = self.blocks.generation();
                 // SAFETY: compiled code reads and writes the state, the TLB entries, the
                 // code-page map and guest RAM through pointers the TLB holds, all valid
                 // for the call; nothing else references them meanwhile.
-                let done = unsafe { (c.entry)(&mut core.s, &mut ctx) } as usize;
-                core.retired += done as u64;
-                n += done as u64;
-                match block.insns.get(done) {
-                    Some(next) => {
-                        core.s.rip = next.instr.ip();
-                        start = done;
-                    }
-                    None => {
-                        // It ran the whole block, ending in a near branch or at the
-                        // length limit.
-                        core.s.rip = ctx.rip;
+                let r = unsafe { (c.entry)(&mut core.s, &mut ctx) };
+                core.retired += ctx.retired;
+                n += ctx.retired;
+                if r == FINISHED {
+                    core.s.rip = ctx.rip;
+                    finished = true;
+                    // Go on here only to link the exit taken to the next block. Otherwise
+                    // the code stopped at a target in another page, at a RET, or because
+                    // the chain budget ran out, another thread raised the kick flag or the
+                    // next block must be checked again: `run` looks at all that.
+                    if ctx.link != 0 {
                         chain = true;
+                        pending_link = Some((ctx.link as usize, generation));
+                    }
+                } else {
+                    // Left before instruction r of the block it was in (a TLB miss, or an
+                    // instruction it does not cover): the interpreter goes on from there.
+                    let Some(b) = self.blocks.block(ctx.slot as usize) else {
+                        return n.max(1);
+                    };
+                    block = b;
+                    start = r as usize;
+                    match block.insns.get(start) {
+                        Some(next) => core.s.rip = next.instr.ip(),
+                        None => return n.max(1),
                     }
                 }
             }
-            let rest = match (chain, block.insns.get(start..)) {
+            let rest = match (finished, block.insns.get(start..)) {
                 (false, Some(rest)) => rest,
                 _ => &[],
             };

@@ -77,6 +77,8 @@ pub(crate) struct Block {
     runs: u32,
     /// Host code for the block's leading instructions (64-bit code only).
     pub(crate) compiled: Option<Compiled>,
+    /// Link slots in other blocks' code that jump to this block's chain entry.
+    incoming: Vec<usize>,
 }
 
 impl std::fmt::Debug for Block {
@@ -103,6 +105,8 @@ pub(crate) struct BlockCache {
     blocks: Vec<Block>,
     /// Compiles hot 64-bit blocks; None when the host cannot or it is switched off.
     jit: Option<Jit>,
+    /// Moves whenever all compiled code is dropped (link slots from before are gone).
+    generation: u64,
 }
 
 /// Whether `page[off..]` starts with `code`.
@@ -129,6 +133,7 @@ impl BlockCache {
         BlockCache {
             blocks,
             jit: Jit::new(crate::jit::DEFAULT_THRESHOLD),
+            generation: 0,
         }
     }
 
@@ -152,7 +157,9 @@ impl BlockCache {
         for b in &mut self.blocks {
             b.compiled = None;
             b.runs = 0;
+            b.incoming.clear();
         }
+        self.generation += 1;
         if let Some(j) = &mut self.jit {
             j.flushed();
         }
@@ -180,7 +187,7 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        match jit.compile(&b.insns) {
+        match jit.compile(&b.insns, slot, &b.epoch) {
             Ok(c) => b.compiled = c,
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
@@ -207,7 +214,7 @@ impl BlockCache {
         bitness: u32,
         page: *const u8,
         epoch: u64,
-    ) -> Option<(&Block, bool)> {
+    ) -> Option<(usize, bool)> {
         let slot = Self::slot(gpa);
         let state = {
             let b = self.blocks.get(slot)?;
@@ -228,9 +235,32 @@ impl BlockCache {
             Lookup::Miss => self.fill(slot, gpa, ip, bitness, page, epoch)?,
         }
         self.count_run(slot);
-        self.blocks
-            .get(slot)
-            .map(|b| (b, !matches!(state, Lookup::Trusted)))
+        Some((slot, !matches!(state, Lookup::Trusted)))
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn block(&self, slot: usize) -> Option<&Block> {
+        self.blocks.get(slot)
+    }
+
+    /// Points the link slot `link` (an exit of a compiled block, reported by compiled
+    /// code) at the chain entry of the block in `slot`, if that is compiled: the exit then
+    /// goes straight on to it.
+    pub(crate) fn link(&mut self, link: usize, slot: usize, generation: u64) {
+        if generation != self.generation {
+            return;
+        }
+        let Some(b) = self.blocks.get_mut(slot) else {
+            return;
+        };
+        let Some(c) = b.compiled else { return };
+        // SAFETY: `link` is a link slot that compiled code reported; it lies in the arena
+        // and stays valid until `drop_compiled`, which also forgets every `incoming` list.
+        unsafe { (link as *mut u64).write_unaligned(c.chain_entry) };
+        b.incoming.push(link);
     }
 
     #[cold]
@@ -251,6 +281,15 @@ impl BlockCache {
         b.insns.clear();
         b.compiled = None;
         b.runs = 0;
+        for link in b.incoming.drain(..) {
+            // SAFETY: a link slot lies in the executable arena, which stays mapped and is
+            // not reused before `drop_compiled` empties every `incoming` list; it is
+            // followed by its unlinked target.
+            unsafe {
+                let p = link as *mut u64;
+                p.write_unaligned(p.add(1).read_unaligned());
+            }
+        }
         let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
         let mut pos = 0usize;
         while b.insns.len() < MAX_BLOCK {

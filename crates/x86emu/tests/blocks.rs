@@ -297,3 +297,83 @@ fn compiled_calls_and_returns_match_the_interpreter() {
     assert_eq!(compiled, interpreted);
     assert_eq!(compiled[0], (1..=300u64).map(|i| 4 * i).sum::<u64>());
 }
+
+/// A compiled loop whose exit is linked to its own start still returns at the
+/// instruction budget, and when another thread raises the kick flag.
+#[test]
+fn linked_compiled_loops_stop_at_the_budget_and_at_a_kick() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.inc(rax).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.xor(rcx, rbx).unwrap();
+        a.jmp(top).unwrap();
+    });
+    let mut g = guest_with(&code, &[0; 8], 0);
+    g.cpu.set_jit_threshold(Some(0));
+    assert_eq!(
+        g.cpu.run(&mut NoDevices, 1_000_000),
+        RunExit::InstructionLimit
+    );
+    let retired = g.cpu.retired_instructions();
+    assert!(
+        (1_000_000..2_000_000).contains(&retired),
+        "{retired} instructions for a budget of 1M"
+    );
+    assert_eq!(retired, g.cpu.state().gpr[0] * 4, "retired count is exact");
+
+    let mut s = g.cpu.state().clone();
+    s.rflags |= 1 << 9; // IF: a kick is taken only when an interrupt could be.
+    g.cpu.set_state(s);
+    let kick = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    g.cpu.set_kick(kick.clone());
+    let raiser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        kick.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(g.cpu.run(&mut NoDevices, u64::MAX), RunExit::Kicked);
+    raiser.join().unwrap();
+}
+
+/// A loop that rewrites an immediate in its own body: the compiled and linked code must
+/// notice (the store leaves compiled code, the epoch moves, the link's check fails).
+#[test]
+fn a_linked_loop_that_patches_itself_runs_the_new_code() {
+    let assemble = |imm_at: u64| {
+        asm(64, CODE, |a| {
+            let mut top = a.create_label();
+            let mut skip = a.create_label();
+            a.mov(rcx, 1000u64).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rbx, 1).unwrap(); // 48 83 c3 01
+            a.inc(rax).unwrap();
+            a.cmp(rcx, 500).unwrap();
+            a.jne(skip).unwrap();
+            // Halfway: add 3 from now on.
+            a.mov(byte_ptr(imm_at), 3).unwrap();
+            a.set_label(&mut skip).unwrap();
+            // Three instructions, so that this block is compiled too and linked to `top`.
+            a.add(rdx, 1).unwrap();
+            a.dec(rcx).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        })
+    };
+    let first = assemble(0);
+    let add = first
+        .windows(4)
+        .position(|w| w == [0x48, 0x83, 0xc3, 0x01])
+        .expect("add rbx, 1");
+    let code = assemble(CODE + add as u64 + 3);
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 8], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        g.cpu.state().gpr
+    };
+    let interpreted = run(None);
+    // 501 passes add 1 (the patch comes after the add), 499 add 3.
+    assert_eq!(interpreted[3], 501 + 499 * 3);
+    assert_eq!(run(Some(0)), interpreted);
+}

@@ -45,9 +45,15 @@ impl Arena {
         })
     }
 
-    /// Copies `code` in and returns where it starts; None when the arena is full.
-    pub(crate) fn put(&mut self, code: &[u8]) -> Option<*const u8> {
-        let start = self.used.checked_add(15)? & !15;
+    /// Where the next `put` places its code.
+    pub(crate) fn next(&self) -> u64 {
+        (self.base as u64 + self.used as u64 + 15) & !15
+    }
+
+    /// Copies `code` in at `next()` and returns where it starts; None when the arena is
+    /// full.
+    pub(crate) fn put(&mut self, code: &[u8]) -> Option<*mut u8> {
+        let start = (self.next() - self.base as u64) as usize;
         let end = start.checked_add(code.len())?;
         if end > self.len {
             return None;

@@ -7,7 +7,7 @@ use iced_x86::code_asm::{
 };
 use iced_x86::{
     Code, ConditionCode, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind,
-    Register, RflagsBits,
+    Register,
 };
 
 use super::Ctx;
@@ -15,13 +15,14 @@ use crate::decode::Insn;
 use crate::mmu::tlb_layout;
 use crate::state::CpuState;
 
-/// Status flags in iced-x86's numbering (for the "touches flags" test) and in RFLAGS.
-const ICED_STATUS: u32 = RflagsBits::OF
-    | RflagsBits::SF
-    | RflagsBits::ZF
-    | RflagsBits::AF
-    | RflagsBits::CF
-    | RflagsBits::PF;
+/// Maps assembler errors (which would be a compiler bug) to "do not compile".
+macro_rules! a {
+    ($e:expr) => {
+        $e.ok()?
+    };
+}
+
+/// The status flags in RFLAGS.
 const RFLAGS_STATUS: i32 = 0x8d5;
 
 /// Host registers guest values and scratch values may use: all but RSP (the host stack)
@@ -398,12 +399,23 @@ fn plan_mem(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Mem>
     })
 }
 
-/// Emits host code for a block's leading instructions; None when fewer than
-/// `MIN_COVERED` are covered (or the assembler refuses something).
-pub(super) fn translate(insns: &[Insn]) -> Option<Vec<u8>> {
+/// Host code for a block, assembled for the address it will live at.
+pub(super) struct Translated {
+    pub(super) code: Vec<u8>,
+    /// Where another compiled block whose exit is linked here continues (see `Ctx`).
+    pub(super) chain_entry: u64,
+    /// The link slots of the exits to targets in the same page, each followed by its
+    /// unlinked target (see `BlockCache::link`).
+    pub(super) links: Vec<u64>,
+    pub(super) link_defaults: Vec<u64>,
+}
+
+/// Emits host code for a block's leading instructions, to be placed at `at`; `slot` is
+/// the block's cache slot and `epoch` the address of its checked-in epoch. None when fewer
+/// than `MIN_COVERED` are covered (or the assembler refuses something).
+pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Option<Translated> {
     let mut info = InstructionInfoFactory::new();
     let mut covered = 0;
-    let mut flags = false;
     let mut branch = false;
     for (i, insn) in insns.iter().enumerate() {
         let ins = &insn.instr;
@@ -413,84 +425,167 @@ pub(super) fn translate(insns: &[Insn]) -> Option<Vec<u8>> {
         if k == Kind::Native && plan_regs(ins, &mut info).is_none() {
             break;
         }
-        flags |= (ins.rflags_read() | ins.rflags_modified()) & ICED_STATUS != 0;
         covered += 1;
         branch = matches!(k, Kind::Branch | Kind::Call | Kind::Ret);
     }
     if covered < MIN_COVERED {
         return None;
     }
-    let mut e = Emitter::new(flags)?;
+    let first_ip = insns.first()?.instr.ip();
+    let mut e = Emitter::new(first_ip, slot, epoch)?;
+    let len = insns.len() as u32;
     for (i, insn) in insns.iter().take(covered).enumerate() {
         let ins = &insn.instr;
         match kind(ins, i + 1 == insns.len())? {
             Kind::Native => e.native(ins, i as u32, &mut info)?,
             Kind::Lea => e.lea(ins)?,
             Kind::Nop => {}
-            Kind::Branch => e.branch(ins)?,
+            Kind::Branch => e.branch(ins, len)?,
             Kind::Push => e.push(ins, i as u32)?,
             Kind::Pop => e.pop(ins, i as u32)?,
             Kind::Leave => e.leave(i as u32)?,
-            Kind::Call => e.call(ins, i as u32)?,
-            Kind::Ret => e.ret(ins, i as u32)?,
+            Kind::Call => e.call(ins, i as u32, len)?,
+            Kind::Ret => e.ret(ins, i as u32, len)?,
         }
     }
-    if !branch && covered == insns.len() {
-        // The whole block, which ended at its length limit: it goes on sequentially.
-        e.set_rip(insns.last()?.instr.next_ip())?;
+    if !branch {
+        if covered == insns.len() {
+            // The whole block, which ended at its length limit: it goes on sequentially.
+            e.add_retired(len)?;
+            e.go_to(insns.last()?.instr.next_ip())?;
+        } else {
+            a!(e.a.mov(gpr32::esi, covered as u32));
+            a!(e.a.jmp(e.exit));
+        }
     }
-    e.finish(covered as u32)
+    e.finish(at)
 }
 
 struct Emitter {
     a: CodeAssembler,
+    /// Leaves before instruction ESI (a miss, or the first instruction not covered).
     exit: CodeLabel,
+    /// Leaves after the block's end, with the next RIP in the context.
+    done: CodeLabel,
+    chain_entry: CodeLabel,
     /// Per memory access: where its miss path starts and the instruction to resume at.
     misses: Vec<(CodeLabel, u32)>,
-    flags: bool,
+    /// Link slots and the exits they start as.
+    links: Vec<(CodeLabel, CodeLabel)>,
+    first_ip: u64,
+    slot: usize,
 }
 
-/// Maps assembler errors (which would be a compiler bug) to "do not compile".
-macro_rules! a {
-    ($e:expr) => {
-        $e.ok()?
-    };
-}
+/// Returned when the code ran to the end of its chain of blocks (the next RIP is in the
+/// context); other values are the instruction to resume at in block `Ctx::slot`.
+pub(crate) const FINISHED: u64 = u64::MAX;
 
 impl Emitter {
-    fn new(flags: bool) -> Option<Self> {
+    fn new(first_ip: u64, slot: usize, epoch: u64) -> Option<Self> {
         let mut a = a!(CodeAssembler::new(64));
         let exit = a.create_label();
+        let done = a.create_label();
+        let chain_entry = a.create_label();
         let mut e = Emitter {
             a,
             exit,
+            done,
+            chain_entry,
             misses: Vec::new(),
-            flags,
+            links: Vec::new(),
+            first_ip,
+            slot,
         };
-        e.prologue()?;
+        e.prologue(epoch)?;
         Some(e)
     }
 
-    /// Saves the callee-saved registers and the context pointer ([rsp]), points R15 at
-    /// the state and, if the block touches them, loads the guest's status flags.
-    fn prologue(&mut self) -> Option<()> {
+    /// The call entry saves the callee-saved registers and the context pointer ([rsp]),
+    /// points R15 at the state and loads the guest's status flags into RFLAGS. The chain
+    /// entry, reached from another block with all that done, goes on only if this block's
+    /// code was checked in the current code epoch, the chain budget is not spent and no
+    /// other thread has raised the kick flag; else it leaves with RIP at this block.
+    fn prologue(&mut self, epoch: u64) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
+        use iced_x86::code_asm::registers::gpr8::{ah, al, cl};
         let a = &mut self.a;
+        let mut body = a.create_label();
+        let mut fail = a.create_label();
+        let mut ok = a.create_label();
         for r in [rbx, rbp, r12, r13, r14, r15, rsi] {
             a!(a.push(r));
         }
         a!(a.mov(r15, rdi));
-        if self.flags {
-            use iced_x86::code_asm::registers::gpr8::*;
-            a!(a.mov(rax, qword_ptr(r15 + rflags_off())));
-            a!(a.mov(gpr32::ecx, gpr32::eax));
-            a!(a.shr(gpr32::ecx, 11));
-            a!(a.and(gpr32::ecx, 1));
-            // OF = (cl == 1): 0x7f + 1 overflows.
-            a!(a.add(cl, 0x7f));
-            a!(a.mov(ah, al));
-            a!(a.sahf());
+        a!(a.mov(rax, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(gpr32::ecx, gpr32::eax));
+        a!(a.shr(gpr32::ecx, 11));
+        a!(a.and(gpr32::ecx, 1));
+        // OF = (cl == 1): 0x7f + 1 overflows.
+        a!(a.add(cl, 0x7f));
+        a!(a.mov(ah, al));
+        a!(a.sahf());
+        a!(a.jmp(body));
+
+        a!(a.set_label(&mut self.chain_entry));
+        a!(a.mov(rdx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
+        a!(a.mov(rax, epoch));
+        a!(a.mov(rax, qword_ptr(rax)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + rax + 1)));
+        a!(a.jrcxz(ok));
+        a!(a.jmp(fail));
+        a!(a.set_label(&mut ok));
+        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, budget)))));
+        a!(a.jrcxz(fail));
+        a!(a.lea(rcx, ptr(rcx - 1)));
+        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, budget))), rcx));
+        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, kick)))));
+        a!(a.movzx(gpr32::ecx, byte_ptr(rcx)));
+        a!(a.jrcxz(body));
+        a!(a.set_label(&mut fail));
+        a!(a.mov(rax, self.first_ip));
+        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, rip))), rax));
+        a!(a.jmp(self.done));
+        a!(a.set_label(&mut body));
+        Some(())
+    }
+
+    /// Counts `n` more instructions run (flag-free).
+    fn add_retired(&mut self, n: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rcx, rdx, rsp};
+        let a = &mut self.a;
+        a!(a.mov(rdx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
+        a!(a.lea(rcx, ptr(rcx + n as i32)));
+        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
+        Some(())
+    }
+
+    /// Continues at `target` after the block: through a link slot when it is in this
+    /// block's page (the slot starts out leaving with the target and the slot's address in
+    /// the context, and is pointed at the target block's chain entry once that is
+    /// compiled), else by leaving.
+    fn go_to(&mut self, target: u64) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rsp};
+        if target >> 12 != self.first_ip >> 12 {
+            a!(self.a.mov(rax, target));
+            self.store_rip_from_rax()?;
+            a!(self.a.jmp(self.done));
+            return Some(());
         }
+        let slot = self.a.create_label();
+        let mut stub = self.a.create_label();
+        a!(self.a.jmp(qword_ptr(slot)));
+        a!(self.a.set_label(&mut stub));
+        a!(self.a.mov(rax, target));
+        self.store_rip_from_rax()?;
+        let a = &mut self.a;
+        a!(a.lea(rax, ptr(slot)));
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, link))), rax));
+        a!(a.jmp(self.done));
+        self.links.push((slot, stub));
         Some(())
     }
 
@@ -758,7 +853,7 @@ impl Emitter {
     }
 
     /// CALL rel32 ending the block: push the return address, go to the target.
-    fn call(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+    fn call(&mut self, ins: &Instruction, idx: u32, len: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
         self.load_guest(Register::RDX, RSP)?;
         a!(self.a.lea(rdx, ptr(rdx - 8)));
@@ -766,12 +861,13 @@ impl Emitter {
         a!(self.a.mov(r10, ins.next_ip()));
         a!(self.a.mov(qword_ptr(rbx), r10));
         self.store_guest(RSP, Register::RDX)?;
-        self.set_rip(ins.near_branch_target())
+        self.add_retired(len)?;
+        self.go_to(ins.near_branch_target())
     }
 
     /// RET [imm16] ending the block. A non-canonical return address is left to the
     /// interpreter (it raises #GP on the RET).
-    fn ret(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+    fn ret(&mut self, ins: &Instruction, idx: u32, len: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{rax, rbx, rcx, rdx, rsi};
         self.load_guest(Register::RDX, RSP)?;
         self.stack_slot(false, idx)?;
@@ -787,14 +883,16 @@ impl Emitter {
         let pop = 8 + i32::from(ins.immediate16());
         a!(self.a.lea(rdx, ptr(rdx + pop)));
         self.store_guest(RSP, Register::RDX)?;
-        self.store_rip_from_rax()
+        self.store_rip_from_rax()?;
+        self.add_retired(len)?;
+        a!(self.a.jmp(self.done));
+        Some(())
     }
 
-    /// The block's final near `Jcc`/`JMP`: leaves the next RIP in the context.
-    fn branch(&mut self, ins: &Instruction) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::rax;
+    /// The block's final near `Jcc`/`JMP`.
+    fn branch(&mut self, ins: &Instruction, len: u32) -> Option<()> {
+        self.add_retired(len)?;
         let target = ins.near_branch_target();
-        let mut set = self.a.create_label();
         if ins.is_jcc_short_or_near() {
             let mut taken = self.a.create_label();
             let a = &mut self.a;
@@ -817,18 +915,10 @@ impl Emitter {
                 ConditionCode::g => a!(a.jg(taken)),
                 ConditionCode::None => return None,
             }
-            a!(a.mov(rax, ins.next_ip()));
-            a!(a.jmp(set));
-            a!(a.set_label(&mut taken));
+            self.go_to(ins.next_ip())?;
+            a!(self.a.set_label(&mut taken));
         }
-        a!(self.a.mov(rax, target));
-        a!(self.a.set_label(&mut set));
-        self.store_rip_from_rax()
-    }
-
-    fn set_rip(&mut self, rip: u64) -> Option<()> {
-        a!(self.a.mov(gpr64::rax, rip));
-        self.store_rip_from_rax()
+        self.go_to(target)
     }
 
     /// Flag-free.
@@ -841,22 +931,31 @@ impl Emitter {
         Some(())
     }
 
-    /// The common exit (ESI = the instruction to resume at): stores the status flags,
-    /// restores the host registers and returns ESI. Then the miss paths.
-    fn finish(mut self, resume: u32) -> Option<Vec<u8>> {
+    /// The exits: before instruction ESI (counts the instructions before it and names
+    /// this block) or after the block (FINISHED); both store the status flags, restore the
+    /// host registers and return. Then the miss paths and the link slots.
+    fn finish(mut self, at: u64) -> Option<Translated> {
         use iced_x86::code_asm::registers::gpr64::*;
+        let mut leave = self.a.create_label();
         let a = &mut self.a;
-        a!(a.mov(gpr32::esi, resume));
         a!(a.set_label(&mut self.exit));
-        if self.flags {
-            a!(a.pushfq());
-            a!(a.pop(rcx));
-            a!(a.and(gpr32::ecx, RFLAGS_STATUS));
-            a!(a.mov(rdx, qword_ptr(r15 + rflags_off())));
-            a!(a.and(rdx, !RFLAGS_STATUS));
-            a!(a.or(rdx, rcx));
-            a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
-        }
+        a!(a.mov(rdx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
+        a!(a.lea(rcx, ptr(rcx + rsi)));
+        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
+        a!(a.mov(rcx, self.slot as u64));
+        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, slot))), rcx));
+        a!(a.jmp(leave));
+        a!(a.set_label(&mut self.done));
+        a!(a.mov(rsi, super::emit::FINISHED));
+        a!(a.set_label(&mut leave));
+        a!(a.pushfq());
+        a!(a.pop(rcx));
+        a!(a.and(gpr32::ecx, RFLAGS_STATUS));
+        a!(a.mov(rdx, qword_ptr(r15 + rflags_off())));
+        a!(a.and(rdx, !RFLAGS_STATUS));
+        a!(a.or(rdx, rcx));
+        a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
         a!(a.mov(rax, rsi));
         a!(a.pop(rsi));
         for r in [r15, r14, r13, r12, rbp, rbx] {
@@ -868,6 +967,25 @@ impl Emitter {
             a!(self.a.mov(gpr32::esi, resume));
             a!(self.a.jmp(self.exit));
         }
-        Some(a!(self.a.assemble(0)))
+        let mut links = std::mem::take(&mut self.links);
+        for (slot, _) in &mut links {
+            a!(self.a.set_label(slot));
+            a!(self.a.dq(&[0, 0]));
+        }
+        let r = a!(self.a.assemble_options(
+            at,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
+        ));
+        let mut t = Translated {
+            code: r.inner.code_buffer.clone(),
+            chain_entry: a!(r.label_ip(&self.chain_entry)),
+            links: Vec::new(),
+            link_defaults: Vec::new(),
+        };
+        for (slot, stub) in &links {
+            t.links.push(a!(r.label_ip(slot)));
+            t.link_defaults.push(a!(r.label_ip(stub)));
+        }
+        Some(t)
     }
 }

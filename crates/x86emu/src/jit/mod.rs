@@ -34,17 +34,35 @@ pub(crate) struct Ctx {
     pub(crate) write_perm: u64,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
-    /// Out: the RIP a branch that ended the block chose.
+    /// The CPU's code epoch: a block entered through a link goes on only if it was
+    /// checked in this epoch.
+    pub(crate) epoch: u64,
+    /// Blocks that may still be entered through links.
+    pub(crate) budget: u64,
+    /// A byte other threads raise when they have an interrupt for this CPU.
+    pub(crate) kick: *const u8,
+    /// Out: instructions run.
+    pub(crate) retired: u64,
+    /// Out, FINISHED: the next RIP.
     pub(crate) rip: u64,
+    /// Out, FINISHED: the link slot of the exit taken, or 0 (see `BlockCache::link`).
+    pub(crate) link: u64,
+    /// Out, otherwise: the cache slot of the block the code left from.
+    pub(crate) slot: u64,
 }
 
-/// Compiled code: `(state, ctx)` → index of the first instruction it did not run (the
-/// block's length when it ran the ending branch, whose target is then in `ctx.rip`).
+/// Compiled code: `(state, ctx)` → [`FINISHED`] when it ran to the end of a block (and
+/// maybe of blocks linked after it), or the index of the first instruction it did not run
+/// in block `ctx.slot`.
 pub(crate) type Entry = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx) -> u64;
+
+pub(crate) use emit::FINISHED;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Compiled {
     pub(crate) entry: Entry,
+    /// Where a linked exit of another block jumps to.
+    pub(crate) chain_entry: u64,
 }
 
 /// Executable memory per CPU.
@@ -79,17 +97,40 @@ impl Jit {
     /// Compiles a block; None when its first instructions are not covered. `Err(())` when
     /// the arena is full: the caller must drop every compiled block, then call
     /// [`Jit::flushed`].
-    pub(crate) fn compile(&mut self, insns: &[Insn]) -> Result<Option<Compiled>, ()> {
-        let Some(code) = emit::translate(insns) else {
+    /// `slot` is the block's cache slot, `epoch` the address of its checked-in epoch
+    /// (stable: the block cache never moves its blocks).
+    pub(crate) fn compile(
+        &mut self,
+        insns: &[Insn],
+        slot: usize,
+        epoch: *const u64,
+    ) -> Result<Option<Compiled>, ()> {
+        let at = self.arena.next();
+        let Some(t) = emit::translate(insns, at, slot, epoch as u64) else {
             return Ok(None);
         };
-        let Some(at) = self.arena.put(&code) else {
+        let Some(start) = self.arena.put(&t.code) else {
             return Err(());
         };
-        // SAFETY: `at` holds a complete function emitted for this ABI by `emit::translate`.
-        let entry: Entry = unsafe { std::mem::transmute::<*const u8, Entry>(at) };
+        if start as u64 != at {
+            return Ok(None);
+        }
+        for (&link, &default) in t.links.iter().zip(&t.link_defaults) {
+            // SAFETY: each link slot is 16 bytes inside the code just placed: the jump
+            // target, then the target to restore when unlinking.
+            unsafe {
+                let p = link as *mut u64;
+                p.write_unaligned(default);
+                p.add(1).write_unaligned(default);
+            }
+        }
+        // SAFETY: `start` holds a complete function emitted for this ABI by `translate`.
+        let entry: Entry = unsafe { std::mem::transmute::<*mut u8, Entry>(start) };
         self.compiled += 1;
-        Ok(Some(Compiled { entry }))
+        Ok(Some(Compiled {
+            entry,
+            chain_entry: t.chain_entry,
+        }))
     }
 
     /// All compiled blocks were dropped: the arena can be refilled.
