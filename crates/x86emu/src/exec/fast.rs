@@ -762,7 +762,7 @@ pub(crate) fn select(ins: &Instruction) -> Option<Handler> {
     }
 }
 
-fn is_imm(k: OpKind) -> bool {
+pub(crate) fn is_imm(k: OpKind) -> bool {
     matches!(
         k,
         OpKind::Immediate8

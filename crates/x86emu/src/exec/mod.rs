@@ -52,9 +52,49 @@ pub(crate) fn handler_for(ins: &Instruction) -> (Handler, bool) {
     (family_for(ins), false)
 }
 
+/// CMOVcc and SETcc.
+pub(crate) fn is_cmov_or_setcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+            | M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    )
+}
+
 /// The instruction family's generic handler.
 fn family_for(ins: &Instruction) -> Handler {
     match ins.mnemonic() {
+        m if is_cmov_or_setcc(m) => family!(mov::exec),
         M::Add
         | M::Or
         | M::Adc
@@ -74,38 +114,6 @@ fn family_for(ins: &Instruction) -> Handler {
         | M::Movsxd
         | M::Lea
         | M::Xchg
-        | M::Cmovo
-        | M::Cmovno
-        | M::Cmovb
-        | M::Cmovae
-        | M::Cmove
-        | M::Cmovne
-        | M::Cmovbe
-        | M::Cmova
-        | M::Cmovs
-        | M::Cmovns
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovl
-        | M::Cmovge
-        | M::Cmovle
-        | M::Cmovg
-        | M::Seto
-        | M::Setno
-        | M::Setb
-        | M::Setae
-        | M::Sete
-        | M::Setne
-        | M::Setbe
-        | M::Seta
-        | M::Sets
-        | M::Setns
-        | M::Setp
-        | M::Setnp
-        | M::Setl
-        | M::Setge
-        | M::Setle
-        | M::Setg
         | M::Bswap
         | M::Cbw
         | M::Cwde

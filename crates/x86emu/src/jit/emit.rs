@@ -12,6 +12,8 @@ use iced_x86::{
 
 use super::Ctx;
 use crate::decode::Insn;
+use crate::exec::fast::is_imm;
+use crate::exec::is_cmov_or_setcc;
 use crate::mmu::tlb_layout;
 use crate::state::CpuState;
 
@@ -115,48 +117,11 @@ enum Kind {
     Ret,
 }
 
-fn is_cmov_or_setcc(m: M) -> bool {
-    matches!(
-        m,
-        M::Cmovo
-            | M::Cmovno
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmove
-            | M::Cmovne
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg
-            | M::Seto
-            | M::Setno
-            | M::Setb
-            | M::Setae
-            | M::Sete
-            | M::Setne
-            | M::Setbe
-            | M::Seta
-            | M::Sets
-            | M::Setns
-            | M::Setp
-            | M::Setnp
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg
-    )
-}
-
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
 /// effect, no fault besides memory (handled before them), no implicit stack or string
 /// access, nothing the guest's CPUID does not advertise.
-fn runs_natively(m: M) -> bool {
+fn runs_natively(ins: &Instruction) -> bool {
+    let m = ins.mnemonic();
     is_cmov_or_setcc(m)
         || matches!(
             m,
@@ -230,7 +195,7 @@ fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
-    if !runs_natively(m) && m != M::Lea {
+    if !runs_natively(ins) && m != M::Lea {
         return None;
     }
     if matches!(
@@ -269,14 +234,7 @@ fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
                     return None;
                 }
             }
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => {}
+            k if is_imm(k) => {}
             _ => return None,
         }
     }
