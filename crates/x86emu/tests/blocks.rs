@@ -33,7 +33,7 @@ fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
     let s = r.below(8) as usize;
     let imm = r.next() as i32;
     let count = [0u32, 1, 5, 31, 32, 33, 63, 64, 70][r.below(9) as usize];
-    match r.below(46) {
+    match r.below(50) {
         0 => a.add(R64[d], R64[s]).unwrap(),
         1 => a.sub(R32[d], R32[s]).unwrap(),
         2 => a.and(R64[d], imm).unwrap(),
@@ -84,6 +84,13 @@ fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
         38 => a.shr(R64[d], cl).unwrap(),
         39 => a.mov(qword_ptr(rsp - 8), R64[s]).unwrap(),
         42 => a.push(R64[s]).unwrap(),
+        45 => a
+            .lock()
+            .xadd(qword_ptr(r15 + 0x100 + (r.below(2) * 8) as i32), R64[s])
+            .unwrap(),
+        46 => a.lock().cmpxchg(qword_ptr(r15 + 0x100), R64[s]).unwrap(),
+        47 => a.cmpxchg(R32[d], R32[s]).unwrap(),
+        48 => a.lock().add(dword_ptr(r15 + 0x104), imm).unwrap(),
         43 => a.pop(R64[d]).unwrap(),
         44 => a.push(imm).unwrap(),
         40 => a.add(R64[d], qword_ptr(rsp - 8)).unwrap(),

@@ -47,7 +47,7 @@ const POOL: [Register; 14] = [
 ];
 
 /// Fewer covered instructions than this are not worth a call.
-const MIN_COVERED: usize = 3;
+const MIN_COVERED: usize = 1;
 
 const RSP: usize = 4;
 const R15: usize = 15;
@@ -168,6 +168,8 @@ fn runs_natively(ins: &Instruction) -> bool {
                 | M::Btc
                 | M::Bsf
                 | M::Bsr
+                | M::Cmpxchg
+                | M::Xadd
         )
 }
 
@@ -180,7 +182,12 @@ fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     if last && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near()) {
         return Some(Kind::Branch);
     }
-    if ins.has_lock_prefix() || ins.has_rep_prefix() || ins.has_repne_prefix() {
+    if ins.has_rep_prefix() || ins.has_repne_prefix() {
+        return None;
+    }
+    // LOCK runs as LOCK on the host, on the same guest RAM: as atomic as the guest asked
+    // for, towards the other vCPU threads too.
+    if ins.has_lock_prefix() && ins.op0_kind() != OpKind::Memory {
         return None;
     }
     match ins.code() {
