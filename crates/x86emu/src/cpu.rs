@@ -327,6 +327,13 @@ impl Core {
         }
     }
 
+    /// Whether another thread raised the kick flag.
+    fn kicked(&self) -> bool {
+        self.kick
+            .as_ref()
+            .is_some_and(|k| k.load(Ordering::Relaxed))
+    }
+
     /// What compiled code needs besides the registers (see `jit::Ctx`).
     #[inline(always)]
     fn jit_ctx(&self, budget: u64) -> Ctx {
@@ -514,14 +521,13 @@ impl Cpu {
                 if r == FINISHED {
                     core.s.rip = ctx.rip;
                     finished = true;
-                    // Go on here only to link the exit taken to the next block. Otherwise
-                    // the code stopped at a target in another page, at a RET, or because
-                    // the chain budget ran out, another thread raised the kick flag or the
-                    // next block must be checked again: `run` looks at all that.
+                    // Go on with the next block (if it is in this page), linking the exit
+                    // taken to it; but not when the code stopped because the chain budget
+                    // ran out or another thread raised the kick flag: `run` sees to those.
                     if ctx.link != 0 {
-                        chain = true;
                         pending_link = Some((ctx.link as usize, generation));
                     }
+                    chain = ctx.budget != 0 && !core.kicked();
                 } else {
                     // Left before instruction r of the block it was in (a TLB miss, or an
                     // instruction it does not cover): the interpreter goes on from there.
