@@ -22,15 +22,17 @@ impl Rng {
     }
 }
 
-const R64: [AsmRegister64; 8] = [rax, rbx, rcx, rdx, rsi, rdi, r8, r9];
-const R32: [AsmRegister32; 8] = [eax, ebx, ecx, edx, esi, edi, r8d, r9d];
-const R8: [AsmRegister8; 8] = [al, bl, cl, dl, sil, dil, r8b, r9b];
+const R64: [AsmRegister64; 10] = [rax, rbx, rcx, rdx, rsi, rdi, r8, r9, r10, r12];
+const R32: [AsmRegister32; 10] = [eax, ebx, ecx, edx, esi, edi, r8d, r9d, r10d, r12d];
+const R8: [AsmRegister8; 10] = [al, bl, cl, dl, sil, dil, r8b, r9b, r10b, r12b];
+/// Their indices in the register file.
+const GPR: [usize; 10] = [0, 3, 1, 2, 6, 7, 8, 9, 10, 12];
 
 /// Emits one random instruction from the forms the block engine treats specially (flag
 /// writers and readers, register-only forms, memory accesses through r15 = DATA).
 fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
-    let d = r.below(8) as usize;
-    let s = r.below(8) as usize;
+    let d = r.below(10) as usize;
+    let s = r.below(10) as usize;
     let imm = r.next() as i32;
     let count = [0u32, 1, 5, 31, 32, 33, 63, 64, 70][r.below(9) as usize];
     match r.below(50) {
@@ -100,18 +102,32 @@ fn random_instruction(a: &mut CodeAssembler, r: &mut Rng) {
     }
 }
 
-fn guest_with(code: &[u8], regs: &[u64; 8], flags: u64) -> Guest {
+fn guest_with(code: &[u8], regs: &[u64; 10], flags: u64) -> Guest {
     let mut g = Guest::new();
     g.load(CODE, code);
     let data: Vec<u8> = (0..512u32).map(|i| (i * 37 + 11) as u8).collect();
     g.load(DATA, &data);
     let mut s = g.cpu.state().clone();
-    for (i, idx) in [0usize, 3, 1, 2, 6, 7, 8, 9].iter().enumerate() {
+    for (i, idx) in GPR.iter().enumerate() {
         s.gpr[*idx] = regs[i];
     }
     s.gpr[15] = DATA;
     s.seg[x86emu::state::Seg::Gs as usize].base = DATA;
     s.rflags = (s.rflags & !0x8d5) | (flags & 0x8d5);
+    // Start with code that touches the data and stack pages, so that the TLB holds them
+    // and compiled code runs its memory accesses instead of leaving at the first one.
+    let warm = CODE + 0x800;
+    g.load(
+        warm,
+        &asm(64, warm, |a| {
+            a.push(qword_ptr(r15)).unwrap();
+            a.pop(qword_ptr(r15)).unwrap();
+            a.push(qword_ptr(r15 + 0x100)).unwrap();
+            a.pop(qword_ptr(r15 + 0x100)).unwrap();
+            a.jmp(CODE).unwrap();
+        }),
+    );
+    s.rip = warm;
     g.cpu.set_state(s);
     g
 }
@@ -147,7 +163,7 @@ fn random_code_matches_single_steps(jit: Option<u32>, seed: u64) {
             }
             a.hlt().unwrap();
         });
-        let regs: [u64; 8] = std::array::from_fn(|_| r.next());
+        let regs: [u64; 10] = std::array::from_fn(|_| r.next());
         let flags = r.next();
         // Compiled code runs instructions on the host CPU, whose undefined flags need not be
         // the interpreter's: programs that read one are not comparable, and the final
@@ -293,7 +309,7 @@ fn compiled_calls_and_returns_match_the_interpreter() {
         a.ret().unwrap();
     });
     let run = |jit| {
-        let mut g = guest_with(&code, &[1, 2, 3, 4, 5, 6, 7, 8], 0);
+        let mut g = guest_with(&code, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0);
         g.cpu.set_jit_threshold(jit);
         assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
         (g.cpu.state().gpr, g.cpu.compiled_blocks())
@@ -317,7 +333,7 @@ fn linked_compiled_loops_stop_at_the_budget_and_at_a_kick() {
         a.xor(rcx, rbx).unwrap();
         a.jmp(top).unwrap();
     });
-    let mut g = guest_with(&code, &[0; 8], 0);
+    let mut g = guest_with(&code, &[0; 10], 0);
     g.cpu.set_jit_threshold(Some(0));
     assert_eq!(
         g.cpu.run(&mut NoDevices, 1_000_000),
@@ -328,7 +344,8 @@ fn linked_compiled_loops_stop_at_the_budget_and_at_a_kick() {
         (1_000_000..2_000_000).contains(&retired),
         "{retired} instructions for a budget of 1M"
     );
-    assert_eq!(retired, g.cpu.state().gpr[0] * 4, "retired count is exact");
+    // Exact: 4 per pass and the 5 warm-up instructions (see `guest_with`).
+    assert_eq!(retired, g.cpu.state().gpr[0] * 4 + 5, "retired count");
 
     let mut s = g.cpu.state().clone();
     s.rflags |= 1 << 9; // IF: a kick is taken only when an interrupt could be.
@@ -374,7 +391,7 @@ fn a_linked_loop_that_patches_itself_runs_the_new_code() {
         .expect("add rbx, 1");
     let code = assemble(CODE + add as u64 + 3);
     let run = |jit| {
-        let mut g = guest_with(&code, &[0; 8], 0);
+        let mut g = guest_with(&code, &[0; 10], 0);
         g.cpu.set_jit_threshold(jit);
         assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
         g.cpu.state().gpr
@@ -382,5 +399,38 @@ fn a_linked_loop_that_patches_itself_runs_the_new_code() {
     let interpreted = run(None);
     // 501 passes add 1 (the patch comes after the add), 499 add 3.
     assert_eq!(interpreted[3], 501 + 499 * 3);
+    assert_eq!(run(Some(0)), interpreted);
+}
+
+/// Compiled code keeps guest registers in host registers between instructions; the
+/// scratch registers of memory and stack accesses must not be taken for them.
+#[test]
+fn compiled_code_reloads_registers_its_scratch_work_overwrote() {
+    let code = asm(64, CODE, |a| {
+        // One block (under 32 instructions): the cache lives within a block.
+        for r in [rcx, rbx, r10, r11] {
+            a.mov(r, 7u64).unwrap();
+            a.add(r, 1).unwrap();
+        }
+        a.push(0x1234).unwrap();
+        a.add(r12, r10).unwrap();
+        a.pop(r11).unwrap();
+        a.push(r11).unwrap();
+        a.mov(rax, qword_ptr(r15 + 8)).unwrap();
+        a.add(qword_ptr(r15 + 16), rcx).unwrap();
+        a.lea(rdx, qword_ptr(rcx + rbx * 2 + 1)).unwrap();
+        for r in [rcx, rbx, r10] {
+            a.add(r, 1).unwrap();
+        }
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 10_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.read_u64(DATA + 16))
+    };
+    let interpreted = run(None);
+    assert_eq!(interpreted.0[10], 9);
     assert_eq!(run(Some(0)), interpreted);
 }

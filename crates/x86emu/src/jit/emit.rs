@@ -437,6 +437,9 @@ struct Emitter {
     misses: Vec<(CodeLabel, u32)>,
     /// Link slots and the exits they start as.
     links: Vec<(CodeLabel, CodeLabel)>,
+    /// Host register i holds guest register i's current value (which is always in the
+    /// state too: stores are written through, so exits need no spilling).
+    cached: [bool; 16],
     first_ip: u64,
     slot: usize,
 }
@@ -458,6 +461,7 @@ impl Emitter {
             chain_entry,
             misses: Vec::new(),
             links: Vec::new(),
+            cached: [false; 16],
             first_ip,
             slot,
         };
@@ -554,14 +558,54 @@ impl Emitter {
         Some(())
     }
 
+    /// Loads guest register `g` into `host`, unless `host` is its own and holds it.
     fn load_guest(&mut self, host: Register, g: usize) -> Option<()> {
+        let h = gpr_index(host)?;
+        if h == g && self.cached.get(g) == Some(&true) {
+            return Some(());
+        }
         a!(self.a.mov(r64(host)?, qword_ptr(gpr64::r15 + gpr_off(g))));
+        *self.cached.get_mut(h)? = h == g;
         Some(())
     }
 
+    /// Stores `host` as guest register `g`'s new value.
     fn store_guest(&mut self, g: usize, host: Register) -> Option<()> {
         a!(self.a.mov(qword_ptr(gpr64::r15 + gpr_off(g)), r64(host)?));
+        let h = gpr_index(host)?;
+        *self.cached.get_mut(g)? = h == g;
+        *self.cached.get_mut(h)? = h == g;
         Some(())
+    }
+
+    /// The emitted code wrote these host registers with something else.
+    fn clobber(&mut self, regs: &[Register]) {
+        for r in regs {
+            if let Some(c) = gpr_index(*r).and_then(|h| self.cached.get_mut(h)) {
+                *c = false;
+            }
+        }
+    }
+
+    /// `n` pool registers other than `except`, those holding no cached guest value first.
+    fn scratch(&self, except: &[Register], n: usize) -> Option<Vec<Register>> {
+        let mut regs: Vec<Register> = POOL
+            .iter()
+            .copied()
+            .filter(|r| !except.contains(r))
+            .collect();
+        regs.sort_by_key(|r| gpr_index(*r).and_then(|h| self.cached.get(h).copied()));
+        (regs.len() >= n).then(|| regs.into_iter().take(n).collect())
+    }
+
+    /// The host register to read guest `g` from: its own if it holds it, else `spare`
+    /// after loading it there.
+    fn guest_in(&mut self, g: usize, spare: Register) -> Option<AsmRegister64> {
+        if g != RSP && g != R15 && self.cached.get(g) == Some(&true) {
+            return r64(*POOL.iter().find(|p| gpr_index(**p) == Some(g))?);
+        }
+        self.load_guest(spare, g)?;
+        r64(spare)
     }
 
     /// Computes a memory operand's effective address (without segment base) into `dst`,
@@ -570,19 +614,14 @@ impl Emitter {
         let d = r64(dst)?;
         let disp32 = i32::try_from(m.disp as i64).ok();
         let base = match m.base {
-            Some(g) => {
-                self.load_guest(s1, g)?;
-                Some(r64(s1)?)
-            }
+            Some(g) => Some(self.guest_in(g, s1)?),
             None => None,
         };
         let index = match m.index {
-            Some(g) => {
-                self.load_guest(s2, g)?;
-                Some(r64(s2)?)
-            }
+            Some(g) => Some(self.guest_in(g, s2)?),
             None => None,
         };
+        self.clobber(&[dst]);
         let a = &mut self.a;
         match (base, index, disp32) {
             (Some(b), Some(i), Some(disp)) => a!(a.lea(d, ptr(b + i * m.scale + disp))),
@@ -635,6 +674,8 @@ impl Emitter {
             r64(scratch[2])?,
             r64(scratch[3])?,
         ];
+        self.clobber(&[Register::RCX, lin, host]);
+        self.clobber(&scratch);
         let lin = r64(lin)?;
         let (entry_size, vpn_off, host_off, gpa_off, perm_off, slots) = tlb_layout();
         a!(self.a.mov(ctx, qword_ptr(gpr64::rsp)));
@@ -708,12 +749,9 @@ impl Emitter {
         if let Some(m) = plan_mem(ins, info) {
             // Scratch for the address step: anything but RCX and the host pointer (the
             // instruction's own registers are loaded afterwards).
-            let mut s = POOL
-                .iter()
-                .copied()
-                .filter(|r| *r != Register::RCX && *r != regs.host_ptr);
-            let (lin, b, i) = (s.next()?, s.next()?, s.next()?);
-            let scratch = [s.next()?, s.next()?, s.next()?, s.next()?];
+            let s = self.scratch(&[Register::RCX, regs.host_ptr], 7)?;
+            let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
+            let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
             self.address(&m, lin, b, i)?;
             let miss = self.miss_label(idx);
             self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
@@ -755,12 +793,20 @@ impl Emitter {
             size: 0,
             write: false,
         };
-        self.address(&m, Register::RAX, Register::RCX, Register::RDX)?;
         let d = ins.op0_register();
+        let g = gpr_index(d)?;
+        // Straight into the destination's own register, where it stays cached.
+        let dst = match g {
+            RSP | R15 => Register::RAX,
+            _ => *POOL.iter().find(|p| gpr_index(**p) == Some(g))?,
+        };
+        let s = self.scratch(&[dst], 2)?;
+        self.address(&m, dst, *s.first()?, *s.get(1)?)?;
         if d.is_gpr32() {
-            a!(self.a.mov(gpr32::eax, gpr32::eax));
+            let d32 = gpr32::get_gpr32(sized(dst, d)?)?;
+            a!(self.a.mov(d32, d32));
         }
-        self.store_guest(gpr_index(d)?, Register::RAX)
+        self.store_guest(g, dst)
     }
 
     /// Translates the 8-byte stack slot at the linear address in RDX into a host pointer in
@@ -790,6 +836,7 @@ impl Emitter {
             self.load_guest(Register::R10, gpr_index(ins.op0_register())?)?;
         } else {
             a!(self.a.mov(r10, ins.immediate(0)));
+            self.clobber(&[Register::R10]);
         }
         a!(self.a.mov(qword_ptr(rbx), r10));
         self.store_guest(RSP, Register::RDX)
