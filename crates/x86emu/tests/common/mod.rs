@@ -33,6 +33,14 @@ impl Guest {
     /// Long mode at CPL0, first 16 MiB identity mapped with 4 KiB supervisor pages
     /// except the page tables' own range.
     pub fn new() -> Guest {
+        // Tests create thousands of 16 MiB guests. Left to itself, glibc raises its mmap
+        // threshold after the first is freed and then serves the next from the heap, which
+        // calloc must clear by hand: seconds of memset. A fixed threshold keeps them mmapped.
+        static MMAP_RAM: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only changes an allocator tunable.
+        MMAP_RAM.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        });
         let mut ram = GuestRam::new();
         ram.add_owned(0, RAM).unwrap();
         let mut pt = PageTableBuilder::new(&ram, PT_START, PT_END);
