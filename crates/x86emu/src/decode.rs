@@ -26,7 +26,7 @@ use crate::exec::{handler_for, Handler};
 use crate::jit::{Compiled, Jit};
 
 /// Block slots (direct mapped by physical address).
-const CACHE_SIZE: usize = 1 << 14;
+const CACHE_SIZE: usize = 1 << 16;
 /// Longest block: bounds the work lost when a block must be rebuilt.
 const MAX_BLOCK: usize = 32;
 
