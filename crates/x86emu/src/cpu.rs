@@ -536,13 +536,13 @@ impl Cpu {
                     };
                     block = b;
                     start = r as usize;
-                    match block.insns.get(start) {
+                    match block.insns().get(start) {
                         Some(next) => core.s.rip = next.instr.ip(),
                         None => return n.max(1),
                     }
                 }
             }
-            let rest = match (finished, block.insns.get(start..)) {
+            let rest = match (finished, block.insns().get(start..)) {
                 (false, Some(rest)) => rest,
                 _ => &[],
             };

@@ -26,7 +26,7 @@ use crate::exec::{handler_for, Handler};
 use crate::jit::{Compiled, Jit};
 
 /// Block slots (direct mapped by physical address).
-const CACHE_SIZE: usize = 1 << 16;
+const CACHE_SIZE: usize = 1 << 17;
 /// Longest block: bounds the work lost when a block must be rebuilt.
 const MAX_BLOCK: usize = 32;
 
@@ -60,6 +60,8 @@ impl Insn {
     }
 }
 
+/// A cache slot. The fields a lookup reads stay small and together; the decoded
+/// instructions live behind a pointer, allocated when the slot is first filled.
 #[derive(Default)]
 pub(crate) struct Block {
     gpa: u64,
@@ -67,18 +69,30 @@ pub(crate) struct Block {
     /// to different branch targets.
     ip: u64,
     bitness: u32,
+    /// Runs since decoded, counted until the block is compiled (or found not to be).
+    runs: u32,
+    /// The CPU's code epoch when the block's bytes were last found in memory (see
+    /// `Core::code_epoch`).
+    epoch: u64,
+    /// Host code for the block's leading instructions (64-bit code only).
+    pub(crate) compiled: Option<Compiled>,
+    body: Option<Box<Body>>,
+}
+
+#[derive(Default)]
+struct Body {
     /// The bytes the block was decoded from; it runs only while guest memory still holds
     /// them.
     code: Vec<u8>,
-    /// The CPU's code epoch when `code` was last found in memory (see `Core::code_epoch`).
-    epoch: u64,
-    pub(crate) insns: Vec<Insn>,
-    /// Runs since decoded, counted until the block is compiled (or found not to be).
-    runs: u32,
-    /// Host code for the block's leading instructions (64-bit code only).
-    pub(crate) compiled: Option<Compiled>,
+    insns: Vec<Insn>,
     /// Link slots in other blocks' code that jump to this block's chain entry.
     incoming: Vec<usize>,
+}
+
+impl Block {
+    pub(crate) fn insns(&self) -> &[Insn] {
+        self.body.as_ref().map_or(&[], |b| &b.insns)
+    }
 }
 
 impl std::fmt::Debug for Block {
@@ -86,7 +100,7 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("gpa", &self.gpa)
             .field("ip", &self.ip)
-            .field("len", &self.insns.len())
+            .field("len", &self.insns().len())
             .finish()
     }
 }
@@ -157,7 +171,9 @@ impl BlockCache {
         for b in &mut self.blocks {
             b.compiled = None;
             b.runs = 0;
-            b.incoming.clear();
+            if let Some(body) = &mut b.body {
+                body.incoming.clear();
+            }
         }
         self.generation += 1;
         if let Some(j) = &mut self.jit {
@@ -187,7 +203,7 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        match jit.compile(&b.insns, slot, &b.epoch) {
+        match jit.compile(b.insns(), slot, &b.epoch) {
             Ok(c) => b.compiled = c,
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
@@ -223,7 +239,14 @@ impl BlockCache {
             } else if b.epoch == epoch {
                 Lookup::Trusted
             // SAFETY: `page` is a valid page (caller contract).
-            } else if unsafe { still_there(page, (gpa & 0xfff) as usize, &b.code) } {
+            } else if b
+                .body
+                .as_ref()
+                // SAFETY: `page` is a valid page (caller contract).
+                .is_some_and(|body| unsafe {
+                    still_there(page, (gpa & 0xfff) as usize, &body.code)
+                })
+            {
                 Lookup::Unchanged
             } else {
                 Lookup::Miss
@@ -256,11 +279,13 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        let Some(c) = b.compiled else { return };
+        let (Some(c), Some(body)) = (b.compiled, &mut b.body) else {
+            return;
+        };
         // SAFETY: `link` is a link slot that compiled code reported; it lies in the arena
         // and stays valid until `drop_compiled`, which also forgets every `incoming` list.
         unsafe { (link as *mut u64).write_unaligned(c.chain_entry) };
-        b.incoming.push(link);
+        body.incoming.push(link);
     }
 
     #[cold]
@@ -278,10 +303,11 @@ impl BlockCache {
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
         let b = self.blocks.get_mut(slot)?;
         b.gpa = u64::MAX;
-        b.insns.clear();
         b.compiled = None;
         b.runs = 0;
-        for link in b.incoming.drain(..) {
+        let body = b.body.get_or_insert_with(Box::default);
+        body.insns.clear();
+        for link in body.incoming.drain(..) {
             // SAFETY: a link slot lies in the executable arena, which stays mapped and is
             // not reused before `drop_compiled` empties every `incoming` list; it is
             // followed by its unlinked target.
@@ -292,7 +318,7 @@ impl BlockCache {
         }
         let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
         let mut pos = 0usize;
-        while b.insns.len() < MAX_BLOCK {
+        while body.insns.len() < MAX_BLOCK {
             let ins = d.decode();
             if ins.is_invalid() && d.last_error() == iced_x86::DecoderError::NoMoreBytes {
                 break; // runs past the page end
@@ -300,18 +326,18 @@ impl BlockCache {
             let len = ins.len().min(15);
             let insn = Insn::new(ins);
             let ends = insn.ends;
-            b.insns.push(insn);
+            body.insns.push(insn);
             pos += len;
             if ends {
                 break;
             }
         }
-        if b.insns.is_empty() {
+        if body.insns.is_empty() {
             return None;
         }
-        mark_dead_flags(&mut b.insns);
-        b.code.clear();
-        b.code.extend_from_slice(avail.get(..pos)?);
+        mark_dead_flags(&mut body.insns);
+        body.code.clear();
+        body.code.extend_from_slice(avail.get(..pos)?);
         b.epoch = epoch;
         b.gpa = gpa;
         b.ip = ip;
