@@ -434,3 +434,23 @@ fn compiled_code_reloads_registers_its_scratch_work_overwrote() {
     assert_eq!(interpreted.0[10], 9);
     assert_eq!(run(Some(0)), interpreted);
 }
+
+/// LOCK on an instruction that does not allow it is #UD for the guest: compiled code must
+/// not run it on the host (where it would kill the VMM with SIGILL).
+#[test]
+fn a_misplaced_lock_prefix_is_a_guest_ud_in_compiled_code() {
+    let mut g = Guest::new();
+    const HANDLER: u64 = CODE + 0x800;
+    g.set_gate(6, HANDLER, 0, 0);
+    g.load(HANDLER, &asm(64, HANDLER, |a| a.hlt().unwrap()));
+    g.load_code(|a| {
+        a.mov(rax, 1u64).unwrap();
+        a.add(rax, 1).unwrap();
+        // lock mov [rsp-8], rax
+        a.db(&[0xf0, 0x48, 0x89, 0x44, 0x24, 0xf8]).unwrap();
+        a.hlt().unwrap();
+    });
+    g.cpu.set_jit_threshold(Some(0));
+    assert_eq!(g.cpu.run(&mut NoDevices, 1000), RunExit::Halted);
+    assert_eq!(g.cpu.state().rip, HANDLER + 1, "#UD handler ran");
+}

@@ -186,8 +186,31 @@ fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
         return None;
     }
     // LOCK runs as LOCK on the host, on the same guest RAM: as atomic as the guest asked
-    // for, towards the other vCPU threads too.
-    if ins.has_lock_prefix() && ins.op0_kind() != OpKind::Memory {
+    // for, towards the other vCPU threads too. Only where the SDM allows it: elsewhere it
+    // is #UD, which the interpreter raises (on the host it would be SIGILL).
+    if ins.has_lock_prefix()
+        && !(ins.op0_kind() == OpKind::Memory
+            && matches!(
+                ins.mnemonic(),
+                M::Add
+                    | M::Adc
+                    | M::And
+                    | M::Btc
+                    | M::Btr
+                    | M::Bts
+                    | M::Cmpxchg
+                    | M::Dec
+                    | M::Inc
+                    | M::Neg
+                    | M::Not
+                    | M::Or
+                    | M::Sbb
+                    | M::Sub
+                    | M::Xor
+                    | M::Xadd
+                    | M::Xchg
+            ))
+    {
         return None;
     }
     match ins.code() {
