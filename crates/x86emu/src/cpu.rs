@@ -336,7 +336,7 @@ impl Core {
 
     /// What compiled code needs besides the registers (see `jit::Ctx`).
     #[inline(always)]
-    fn jit_ctx(&self, budget: u64) -> Ctx {
+    fn jit_ctx(&self, budget: u64, blocks: *const u8) -> Ctx {
         static NO_KICK: u8 = 0;
         let user = self.user();
         let kick = match &self.kick {
@@ -348,6 +348,8 @@ impl Core {
             code_pages: self.code_pages.as_ptr(),
             read_perm: u64::from(needed_perm(Access::Read, user)),
             write_perm: u64::from(needed_perm(Access::Write, user)),
+            fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
+            blocks,
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,
             epoch: self.code_epoch,
@@ -509,8 +511,9 @@ impl Cpu {
             core.new_shadow = false;
             let mut start = 0;
             let mut finished = false;
-            if let Some(c) = block.compiled {
-                let mut ctx = core.jit_ctx(budget.saturating_sub(n) / 8 + 1);
+            if let Some(c) = block.compiled() {
+                let mut ctx =
+                    core.jit_ctx(budget.saturating_sub(n) / 8 + 1, self.blocks.slots_ptr());
                 let generation = self.blocks.generation();
                 // SAFETY: compiled code reads and writes the state, the TLB entries, the
                 // code-page map and guest RAM through pointers the TLB holds, all valid

@@ -23,7 +23,7 @@ use iced_x86::{
 
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
-use crate::jit::{Compiled, Jit};
+use crate::jit::{Compiled, Entry, Jit};
 
 /// Block slots (direct mapped by physical address).
 const CACHE_SIZE: usize = 1 << 17;
@@ -60,9 +60,11 @@ impl Insn {
     }
 }
 
-/// A cache slot. The fields a lookup reads stay small and together; the decoded
-/// instructions live behind a pointer, allocated when the slot is first filled.
+/// A cache slot. The fields a lookup reads fill one cache line (compiled code reads them
+/// too, see `block_layout`); the decoded instructions live behind a pointer, allocated
+/// when the slot is first filled.
 #[derive(Default)]
+#[repr(C, align(64))]
 pub(crate) struct Block {
     gpa: u64,
     /// The first instruction's IP: the same physical bytes mapped at two addresses decode
@@ -74,8 +76,10 @@ pub(crate) struct Block {
     /// The CPU's code epoch when the block's bytes were last found in memory (see
     /// `Core::code_epoch`).
     epoch: u64,
-    /// Host code for the block's leading instructions (64-bit code only).
-    pub(crate) compiled: Option<Compiled>,
+    /// Host code for the block's leading instructions (64-bit code only): its entry,
+    /// and its chain entry (0 when there is no code).
+    entry: Option<Entry>,
+    chain: u64,
     body: Option<Box<Body>>,
 }
 
@@ -93,6 +97,33 @@ impl Block {
     pub(crate) fn insns(&self) -> &[Insn] {
         self.body.as_ref().map_or(&[], |b| &b.insns)
     }
+
+    pub(crate) fn compiled(&self) -> Option<Compiled> {
+        Some(Compiled {
+            entry: self.entry?,
+            chain_entry: self.chain,
+        })
+    }
+
+    fn set_compiled(&mut self, c: Option<Compiled>) {
+        self.entry = c.map(|c| c.entry);
+        self.chain = c.map_or(0, |c| c.chain_entry);
+    }
+}
+
+/// Where compiled code finds a slot's fields: (slot size, offsets of the physical
+/// address, IP, bitness, epoch and chain entry, number of slots).
+pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32, usize) {
+    use std::mem::{offset_of, size_of};
+    (
+        size_of::<Block>(),
+        offset_of!(Block, gpa) as i32,
+        offset_of!(Block, ip) as i32,
+        offset_of!(Block, bitness) as i32,
+        offset_of!(Block, epoch) as i32,
+        offset_of!(Block, chain) as i32,
+        CACHE_SIZE,
+    )
 }
 
 impl std::fmt::Debug for Block {
@@ -169,7 +200,7 @@ impl BlockCache {
 
     fn drop_compiled(&mut self) {
         for b in &mut self.blocks {
-            b.compiled = None;
+            b.set_compiled(None);
             b.runs = 0;
             if let Some(body) = &mut b.body {
                 body.incoming.clear();
@@ -204,7 +235,7 @@ impl BlockCache {
             return;
         };
         match jit.compile(b.insns(), slot, &b.epoch) {
-            Ok(c) => b.compiled = c,
+            Ok(c) => b.set_compiled(c),
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
                 self.drop_compiled();
@@ -214,7 +245,8 @@ impl BlockCache {
 
     #[inline(always)]
     fn slot(gpa: u64) -> usize {
-        ((gpa ^ (gpa >> 12)) as usize) & (CACHE_SIZE - 1)
+        // An add, not a xor: compiled code computes it with a flag-free LEA.
+        (gpa.wrapping_add(gpa >> 12) as usize) & (CACHE_SIZE - 1)
     }
 
     /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
@@ -265,6 +297,11 @@ impl BlockCache {
         self.generation
     }
 
+    /// The first slot, for compiled code (the slots never move).
+    pub(crate) fn slots_ptr(&self) -> *const u8 {
+        self.blocks.as_ptr().cast()
+    }
+
     pub(crate) fn block(&self, slot: usize) -> Option<&Block> {
         self.blocks.get(slot)
     }
@@ -279,7 +316,7 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        let (Some(c), Some(body)) = (b.compiled, &mut b.body) else {
+        let (Some(c), Some(body)) = (b.compiled(), &mut b.body) else {
             return;
         };
         // SAFETY: `link` is a link slot that compiled code reported; it lies in the arena
@@ -303,7 +340,7 @@ impl BlockCache {
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
         let b = self.blocks.get_mut(slot)?;
         b.gpa = u64::MAX;
-        b.compiled = None;
+        b.set_compiled(None);
         b.runs = 0;
         let body = b.body.get_or_insert_with(Box::default);
         body.insns.clear();

@@ -454,3 +454,57 @@ fn a_misplaced_lock_prefix_is_a_guest_ud_in_compiled_code() {
     assert_eq!(g.cpu.run(&mut NoDevices, 1000), RunExit::Halted);
     assert_eq!(g.cpu.state().rip, HANDLER + 1, "#UD handler ran");
 }
+
+/// Compiled code goes on across pages by translating the target through the TLB and
+/// looking its block up: calls to a function in another page (and its returns), then the
+/// same virtual page mapped to other code, must run what the mapping says.
+#[test]
+fn compiled_calls_across_pages_follow_the_page_tables() {
+    const FUNC: u64 = 0x4000_0000; // 2 MiB page, mapped to one of two frames below
+    const FRAME_A: u64 = 0x40_0000;
+    const FRAME_B: u64 = 0x60_0000;
+    let caller = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 500u64).unwrap();
+        a.mov(rbx, FUNC).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(rdx, rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let func = |n: i32| {
+        asm(64, FUNC, |a| {
+            a.mov(eax, n).unwrap();
+            a.add(rsi, 1).unwrap();
+            a.ret().unwrap();
+        })
+    };
+    let run = |jit| {
+        let mut g = guest_with(&caller, &[0; 10], 0);
+        g.load(FRAME_A, &func(1));
+        g.load(FRAME_B, &func(100));
+        g.cpu.set_jit_threshold(jit);
+        let ram = g.cpu.ram();
+        assert!(g.pt.map(ram, FUNC, FRAME_A, 2, x86emu::testing::PTE_W));
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        let first = g.cpu.state().gpr;
+        // The same virtual page, other code: what compiled code linked before must not
+        // outlive the translation.
+        let ram = g.cpu.ram();
+        assert!(g.pt.map(ram, FUNC, FRAME_B, 2, x86emu::testing::PTE_W));
+        g.cpu.flush_tlb();
+        let mut s = g.cpu.state().clone();
+        s.rip = CODE;
+        g.cpu.set_state(s);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (first, g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (i1, i2, _) = run(None);
+    assert_eq!(i1[2], 500);
+    assert_eq!(i2[2], 500 + 500 * 100);
+    let (c1, c2, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks} blocks compiled");
+    assert_eq!((c1, c2), (i1, i2));
+}

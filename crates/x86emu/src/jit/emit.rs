@@ -3,7 +3,7 @@
 use std::mem::offset_of;
 
 use iced_x86::code_asm::{
-    byte_ptr, gpr32, gpr64, ptr, qword_ptr, AsmRegister64, CodeAssembler, CodeLabel,
+    byte_ptr, dword_ptr, gpr32, gpr64, ptr, qword_ptr, AsmRegister64, CodeAssembler, CodeLabel,
 };
 use iced_x86::{
     Code, ConditionCode, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind,
@@ -11,6 +11,7 @@ use iced_x86::{
 };
 
 use super::Ctx;
+use crate::decode::block_layout;
 use crate::decode::Insn;
 use crate::exec::fast::is_imm;
 use crate::exec::is_cmov_or_setcc;
@@ -563,8 +564,7 @@ impl Emitter {
         if target >> 12 != self.first_ip >> 12 {
             a!(self.a.mov(rax, target));
             self.store_rip_from_rax()?;
-            a!(self.a.jmp(self.done));
-            return Some(());
+            return self.look_up_and_go();
         }
         let slot = self.a.create_label();
         let mut stub = self.a.create_label();
@@ -578,6 +578,82 @@ impl Emitter {
         a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, link))), rax));
         a!(a.jmp(self.done));
         self.links.push((slot, stub));
+        Some(())
+    }
+
+    /// Goes on at the RIP in RAX (also in the context) in another page or after a RET:
+    /// translates it through the TLB and looks the block up in the block cache, as the run
+    /// loop would, and jumps to the block's chain entry if it is compiled and was checked in
+    /// this code epoch; else leaves. Flag-free; at the block end (clobbers anything).
+    fn look_up_and_go(&mut self) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::*;
+        let (_, vpn_off, host_off, gpa_off, perm_off, tlb_slots) = tlb_layout();
+        let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain, slots) = block_layout();
+        if bsize != 64 {
+            return None;
+        }
+        let done = self.done;
+        let a = &mut self.a;
+        a!(a.mov(rdx, qword_ptr(rsp)));
+        a!(a.mov(r8, 12u64));
+        a!(a.shrx(r9, rax, r8));
+        a!(a.mov(r8, (tlb_slots - 1) as u64));
+        a!(a.pext(r10, r9, r8));
+        a!(a.lea(r10, ptr(r10 * 4)));
+        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, tlb)))));
+        a!(a.lea(r10, ptr(r8 + r10 * 8)));
+        a!(a.mov(rcx, qword_ptr(r10 + vpn_off)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + r9 + 1)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        a!(a.movzx(rcx, byte_ptr(r10 + perm_off)));
+        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, fetch_perm)))));
+        a!(a.pext(rcx, rcx, r8));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + 2)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        // Code in MMIO is the interpreter's.
+        a!(a.mov(rcx, qword_ptr(r10 + host_off)));
+        a!(a.jrcxz(done));
+        // gpa = frame + offset; slot = (gpa + gpa >> 12) mod slots, as `BlockCache::slot`.
+        a!(a.mov(r11, qword_ptr(r10 + gpa_off)));
+        a!(a.mov(r8, 0xfffu64));
+        a!(a.pext(r8, rax, r8));
+        a!(a.lea(r11, ptr(r11 + r8)));
+        a!(a.mov(r8, 12u64));
+        a!(a.shrx(r9, r11, r8));
+        a!(a.lea(r9, ptr(r9 + r11)));
+        a!(a.mov(r8, (slots - 1) as u64));
+        a!(a.pext(r9, r9, r8));
+        a!(a.mov(r8, 6u64));
+        a!(a.shlx(r9, r9, r8));
+        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, blocks)))));
+        a!(a.lea(r9, ptr(r8 + r9)));
+        a!(a.mov(rcx, qword_ptr(r9 + b_gpa)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + r11 + 1)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(r9 + b_ip)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + rax + 1)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        a!(a.mov(gpr32::ecx, dword_ptr(r9 + b_bits)));
+        a!(a.lea(rcx, ptr(rcx - 64)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
+        a!(a.not(rcx));
+        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
+        a!(a.lea(rcx, ptr(rcx + r8 + 1)));
+        self.continue_if_rcx_zero(done)?;
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(r9 + b_chain)));
+        a!(a.jrcxz(done));
+        a!(a.jmp(rcx));
         Some(())
     }
 
@@ -920,8 +996,11 @@ impl Emitter {
         self.store_guest(RSP, Register::RDX)?;
         self.store_rip_from_rax()?;
         self.add_retired(len)?;
-        a!(self.a.jmp(self.done));
-        Some(())
+        a!(self.a.mov(rax, qword_ptr(gpr64::rsp)));
+        a!(self
+            .a
+            .mov(rax, qword_ptr(rax + ctx_off(offset_of!(Ctx, rip)))));
+        self.look_up_and_go()
     }
 
     /// The block's final near `Jcc`/`JMP`.

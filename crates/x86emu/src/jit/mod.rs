@@ -29,9 +29,12 @@ pub(crate) struct Ctx {
     pub(crate) tlb: *const u8,
     /// A byte per guest-physical RAM page: non-zero if it holds checked code.
     pub(crate) code_pages: *const u8,
-    /// The TLB permission bit a read and a write need at the current privilege.
+    /// The TLB permission bit a read, a write and a fetch need at the current privilege.
     pub(crate) read_perm: u64,
     pub(crate) write_perm: u64,
+    pub(crate) fetch_perm: u64,
+    /// The block cache's first slot (see `decode::block_layout`).
+    pub(crate) blocks: *const u8,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
     /// The CPU's code epoch: a block entered through a link goes on only if it was
