@@ -40,7 +40,17 @@ enum Mode {
 }
 
 fn run_random(mode: Mode) {
+    run_random_with(mode, None);
+}
+
+/// With `compile_at` = Some(0) every block is compiled to host code at once, and each case
+/// runs twice from the same state without flushing the TLB, so that compiled code also
+/// runs its memory accesses (a cold TLB sends them to the interpreter).
+fn run_random_with(mode: Mode, compile_at: Option<u32>) {
     let mut g = Guest::new();
+    if compile_at.is_some() {
+        g.cpu.set_jit_threshold(compile_at);
+    }
     let base = g.cpu.state().clone();
     let mut r = Rng(seed() ^ ((mode as u64 + 1) * 0x9e37_79b9));
     // Fill the IDT with random gates too: delivery must cope with garbage.
@@ -98,21 +108,34 @@ fn run_random(mode: Mode) {
                 s.rip = 0;
             }
         }
-        g.cpu.set_state(s);
+        g.cpu.set_state(s.clone());
         let _ = g.cpu.execute_one(&mut NoDevices);
-        match g.cpu.run(&mut NoDevices, 64) {
-            RunExit::Halted
-            | RunExit::Shutdown
-            | RunExit::InstructionLimit
-            | RunExit::StopRequested => {}
-            other => panic!("unexpected exit {other:?}"),
+        let passes = if compile_at.is_some() { 2 } else { 1 };
+        for pass in 0..passes {
+            if pass > 0 {
+                *g.cpu.state_mut() = s.clone();
+            }
+            match g.cpu.run(&mut NoDevices, 64) {
+                RunExit::Halted
+                | RunExit::Shutdown
+                | RunExit::InstructionLimit
+                | RunExit::StopRequested => {}
+                other => panic!("unexpected exit {other:?}"),
+            }
         }
     }
     let retired = g.cpu.retired_instructions();
     eprintln!(
-        "{mode:?}: {} cases, {retired} instructions retired",
-        cases()
+        "{mode:?}: {} cases, {retired} instructions retired, {} blocks compiled",
+        cases(),
+        g.cpu.compiled_blocks()
     );
+    if compile_at.is_some() {
+        assert!(
+            g.cpu.compiled_blocks() as usize > cases() / 2,
+            "random code should mostly compile something"
+        );
+    }
     assert!(
         retired as usize > cases() / 2,
         "random code should mostly execute something"
@@ -122,6 +145,13 @@ fn run_random(mode: Mode) {
 #[test]
 fn random_bytes_long_mode() {
     run_random(Mode::Long);
+}
+
+/// Compiled code runs guest instructions on the host CPU: random ones must not be able to
+/// fault the host (SIGILL, SIGSEGV, SIGFPE would kill this test, and a VMM).
+#[test]
+fn random_bytes_long_mode_compiled() {
+    run_random_with(Mode::Long, Some(0));
 }
 
 #[test]
