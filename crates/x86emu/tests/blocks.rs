@@ -508,3 +508,34 @@ fn compiled_calls_across_pages_follow_the_page_tables() {
     assert!(blocks >= 3, "{blocks} blocks compiled");
     assert_eq!((c1, c2), (i1, i2));
 }
+
+/// With nearly every register cached, the scratch register an uncached index is loaded
+/// into must not be the one holding the cached base. (Had it been, the address would be
+/// index * 9 instead of DATA + index * 8: the index is chosen so that the wrong address
+/// lands in the warm data page, where compiled code would read it without a TLB miss.)
+#[test]
+fn compiled_addresses_with_most_registers_cached() {
+    const INDEX: u64 = DATA / 9 + 1;
+    let code = asm(64, CODE, |a| {
+        // R14 (the index) is set from outside, so it is not cached; everything else is.
+        a.mov(rdx, DATA).unwrap();
+        for r in [rax, rbx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12] {
+            a.add(r, 0).unwrap();
+        }
+        a.mov(r13, qword_ptr(rdx + r14 * 8)).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.load(DATA + INDEX * 8, &0x1234_5678u64.to_le_bytes());
+        let mut s = g.cpu.state().clone();
+        s.gpr[14] = INDEX;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1000), RunExit::Halted);
+        g.cpu.state().gpr
+    };
+    let interpreted = run(None);
+    assert_eq!(interpreted[13], 0x1234_5678);
+    assert_eq!(run(Some(0)), interpreted);
+}

@@ -697,14 +697,12 @@ impl Emitter {
         (regs.len() >= n).then(|| regs.into_iter().take(n).collect())
     }
 
-    /// The host register to read guest `g` from: its own if it holds it, else `spare`
-    /// after loading it there.
-    fn guest_in(&mut self, g: usize, spare: Register) -> Option<AsmRegister64> {
-        if g != RSP && g != R15 && self.cached.get(g) == Some(&true) {
-            return r64(*POOL.iter().find(|p| gpr_index(**p) == Some(g))?);
+    /// The host register that holds guest `g`, if it is `g`'s own and cached.
+    fn cached_in(&self, g: usize) -> Option<Register> {
+        if g == RSP || g == R15 || self.cached.get(g) != Some(&true) {
+            return None;
         }
-        self.load_guest(spare, g)?;
-        r64(spare)
+        POOL.iter().copied().find(|p| gpr_index(*p) == Some(g))
     }
 
     /// Computes a memory operand's effective address (without segment base) into `dst`,
@@ -712,14 +710,30 @@ impl Emitter {
     fn address(&mut self, m: &Mem, dst: Register, s1: Register, s2: Register) -> Option<()> {
         let d = r64(dst)?;
         let disp32 = i32::try_from(m.disp as i64).ok();
-        let base = match m.base {
-            Some(g) => Some(self.guest_in(g, s1)?),
-            None => None,
+        // Base and index from their own registers where cached; the other one is loaded
+        // into a scratch register that is not holding the first.
+        let cached = [
+            m.base.and_then(|g| self.cached_in(g)),
+            m.index.and_then(|g| self.cached_in(g)),
+        ];
+        let mut spares = [s1, s2].into_iter().filter(|s| !cached.contains(&Some(*s)));
+        let mut operand = |e: &mut Self,
+                           g: Option<usize>,
+                           c: Option<Register>|
+         -> Option<Option<AsmRegister64>> {
+            let Some(g) = g else { return Some(None) };
+            let r = match c {
+                Some(r) => r,
+                None => {
+                    let spare = spares.next()?;
+                    e.load_guest(spare, g)?;
+                    spare
+                }
+            };
+            Some(Some(r64(r)?))
         };
-        let index = match m.index {
-            Some(g) => Some(self.guest_in(g, s2)?),
-            None => None,
-        };
+        let base = operand(self, m.base, cached[0])?;
+        let index = operand(self, m.index, cached[1])?;
         self.clobber(&[dst]);
         let a = &mut self.a;
         match (base, index, disp32) {
