@@ -60,6 +60,89 @@ impl Insn {
     }
 }
 
+/// The cache's `CACHE_SIZE` slots, in an anonymous mapping: page-aligned (so a slot is
+/// one cache line) and zeroed lazily by the OS (a CPU pays for the slots it fills, not for
+/// all 8 MiB up front; the global allocator would clear them by hand for this alignment).
+struct Slots {
+    ptr: std::ptr::NonNull<Block>,
+    /// The slots that were ever filled (the only ones with a body, a run count or code):
+    /// walking them instead of all slots keeps the untouched pages untouched.
+    filled: Vec<u32>,
+}
+
+// SAFETY: the mapping is owned like a Box<[Block]>, and Block is Send.
+unsafe impl Send for Slots {}
+
+impl Slots {
+    fn new() -> Self {
+        let bytes = CACHE_SIZE * std::mem::size_of::<Block>();
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let layout = std::alloc::Layout::new::<[Block; CACHE_SIZE]>();
+        if p == libc::MAP_FAILED {
+            std::alloc::handle_alloc_error(layout);
+        }
+        match std::ptr::NonNull::new(p.cast::<Block>()) {
+            Some(ptr) => Slots {
+                ptr,
+                filled: Vec::new(),
+            },
+            None => std::alloc::handle_alloc_error(layout),
+        }
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Block];
+    fn deref(&self) -> &[Block] {
+        // SAFETY: the mapping holds CACHE_SIZE Blocks: all-zero bytes are an empty Block
+        // (integers 0 - bitness 0 matches no lookup - and `None` options of a Box and a
+        // fn pointer, which are guaranteed null), and the mapping is page-aligned.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), CACHE_SIZE) }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Block] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), CACHE_SIZE) }
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        for i in std::mem::take(&mut self.filled) {
+            if let Some(b) = self.get_mut(i as usize) {
+                b.body = None;
+            }
+        }
+        // SAFETY: every body was dropped above (the other slots have none, and a Block's
+        // other fields need no drop); unmaps exactly the mapping `new` made, which nothing
+        // refers to afterwards.
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().cast(),
+                CACHE_SIZE * std::mem::size_of::<Block>(),
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots").field("len", &CACHE_SIZE).finish()
+    }
+}
+
 /// A cache slot. The fields a lookup reads fill one cache line (compiled code reads them
 /// too, see `block_layout`); the decoded instructions live behind a pointer, allocated
 /// when the slot is first filled.
@@ -70,6 +153,7 @@ pub(crate) struct Block {
     /// The first instruction's IP: the same physical bytes mapped at two addresses decode
     /// to different branch targets.
     ip: u64,
+    /// 16, 32 or 64; 0 for an empty slot.
     bitness: u32,
     /// Runs since decoded, counted until the block is compiled (or found not to be).
     runs: u32,
@@ -147,7 +231,7 @@ enum Lookup {
 
 #[derive(Debug)]
 pub(crate) struct BlockCache {
-    blocks: Vec<Block>,
+    blocks: Slots,
     /// Compiles hot 64-bit blocks; None when the host cannot or it is switched off.
     jit: Option<Jit>,
     /// Moves whenever all compiled code is dropped (link slots from before are gone).
@@ -170,13 +254,8 @@ unsafe fn still_there(page: *const u8, off: usize, code: &[u8]) -> bool {
 
 impl BlockCache {
     pub(crate) fn new() -> Self {
-        let mut blocks = Vec::with_capacity(CACHE_SIZE);
-        blocks.resize_with(CACHE_SIZE, || Block {
-            gpa: u64::MAX,
-            ..Block::default()
-        });
         BlockCache {
-            blocks,
+            blocks: Slots::new(),
             jit: Jit::new(crate::jit::DEFAULT_THRESHOLD),
             generation: 0,
         }
@@ -199,11 +278,16 @@ impl BlockCache {
     }
 
     fn drop_compiled(&mut self) {
-        for b in &mut self.blocks {
-            b.set_compiled(None);
-            b.runs = 0;
-            if let Some(body) = &mut b.body {
-                body.incoming.clear();
+        for i in 0..self.blocks.filled.len() {
+            let Some(&slot) = self.blocks.filled.get(i) else {
+                break;
+            };
+            if let Some(b) = self.blocks.get_mut(slot as usize) {
+                b.set_compiled(None);
+                b.runs = 0;
+                if let Some(body) = &mut b.body {
+                    body.incoming.clear();
+                }
             }
         }
         self.generation += 1;
@@ -338,8 +422,11 @@ impl BlockCache {
         let off = (gpa & 0xfff) as usize;
         // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
+        if self.blocks.get(slot)?.body.is_none() {
+            self.blocks.filled.push(slot as u32);
+        }
         let b = self.blocks.get_mut(slot)?;
-        b.gpa = u64::MAX;
+        b.bitness = 0;
         b.set_compiled(None);
         b.runs = 0;
         let body = b.body.get_or_insert_with(Box::default);
