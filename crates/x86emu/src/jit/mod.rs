@@ -17,6 +17,7 @@
 //! decoded again.
 
 mod arena;
+mod cover;
 mod emit;
 
 use crate::decode::Insn;

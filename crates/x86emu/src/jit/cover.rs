@@ -1,0 +1,353 @@
+//! Which guest instructions compiled code covers, and how the registers and the memory
+//! operand of one map to the host (see the module documentation).
+
+use std::mem::offset_of;
+
+use iced_x86::{
+    Code, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
+};
+
+use super::Ctx;
+use crate::exec::fast::is_imm;
+use crate::exec::is_cmov_or_setcc;
+
+/// Host registers guest values and scratch values may use: all but RSP (the host stack)
+/// and R15 (the guest register state).
+pub(super) const POOL: [Register; 14] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSI,
+    Register::RDI,
+    Register::RBP,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+];
+
+pub(super) const RSP: usize = 4;
+pub(super) const R15: usize = 15;
+
+/// Index 0..16 of a general-purpose register's full form.
+pub(super) fn gpr_index(r: Register) -> Option<usize> {
+    let full = r.full_register();
+    full.is_gpr64()
+        .then(|| full as usize - Register::RAX as usize)
+}
+
+/// `full` (a 64-bit register) at the size of `like`.
+pub(super) fn sized(full: Register, like: Register) -> Option<Register> {
+    let i = full as usize - Register::RAX as usize;
+    let base = match like.size() {
+        8 => Register::RAX,
+        4 => Register::EAX,
+        2 => Register::AX,
+        // AL..BL, SPL..DIL, R8L..R15L are contiguous from AL except the AH..BH hole.
+        1 => {
+            let r = if i < 4 {
+                Register::AL as usize + i
+            } else {
+                Register::SPL as usize + (i - 4)
+            };
+            return reg_from(r);
+        }
+        _ => return None,
+    };
+    reg_from(base as usize + i)
+}
+
+fn reg_from(n: usize) -> Option<Register> {
+    Register::try_from(n).ok()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Runs as itself with host registers.
+    Native,
+    /// Only the address computation.
+    Lea,
+    Nop,
+    /// The near `Jcc`/`JMP` that ends the block.
+    Branch,
+    /// 64-bit stack operations; `Call` and `Ret` only at the block end.
+    Push,
+    Pop,
+    Leave,
+    Call,
+    Ret,
+}
+
+/// Integer instructions whose host execution at CPL3 is the guest's: no privileged
+/// effect, no fault besides memory (handled before them), no implicit stack or string
+/// access, nothing the guest's CPUID does not advertise.
+fn runs_natively(ins: &Instruction) -> bool {
+    let m = ins.mnemonic();
+    is_cmov_or_setcc(m)
+        || matches!(
+            m,
+            M::Add
+                | M::Or
+                | M::Adc
+                | M::Sbb
+                | M::And
+                | M::Sub
+                | M::Xor
+                | M::Cmp
+                | M::Test
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Mov
+                | M::Movzx
+                | M::Movsx
+                | M::Movsxd
+                | M::Imul
+                | M::Mul
+                | M::Shl
+                | M::Sal
+                | M::Shr
+                | M::Sar
+                | M::Rol
+                | M::Ror
+                | M::Rcl
+                | M::Rcr
+                | M::Shld
+                | M::Shrd
+                | M::Xchg
+                | M::Bswap
+                | M::Cbw
+                | M::Cwde
+                | M::Cdqe
+                | M::Cwd
+                | M::Cdq
+                | M::Cqo
+                | M::Bt
+                | M::Bts
+                | M::Btr
+                | M::Btc
+                | M::Bsf
+                | M::Bsr
+                | M::Cmpxchg
+                | M::Xadd
+        )
+}
+
+fn guest_gpr(r: Register) -> bool {
+    (r.is_gpr64() || r.is_gpr32() || r.is_gpr16() || r.is_gpr8())
+        && !matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
+    if last && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near()) {
+        return Some(Kind::Branch);
+    }
+    if ins.has_rep_prefix() || ins.has_repne_prefix() {
+        return None;
+    }
+    // LOCK runs as LOCK on the host, on the same guest RAM: as atomic as the guest asked
+    // for, towards the other vCPU threads too. Only where the SDM allows it: elsewhere it
+    // is #UD, which the interpreter raises (on the host it would be SIGILL).
+    if ins.has_lock_prefix()
+        && !(ins.op0_kind() == OpKind::Memory
+            && matches!(
+                ins.mnemonic(),
+                M::Add
+                    | M::Adc
+                    | M::And
+                    | M::Btc
+                    | M::Btr
+                    | M::Bts
+                    | M::Cmpxchg
+                    | M::Dec
+                    | M::Inc
+                    | M::Neg
+                    | M::Not
+                    | M::Or
+                    | M::Sbb
+                    | M::Sub
+                    | M::Xor
+                    | M::Xadd
+                    | M::Xchg
+            ))
+    {
+        return None;
+    }
+    match ins.code() {
+        Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8 => return Some(Kind::Push),
+        Code::Pop_r64 => return Some(Kind::Pop),
+        Code::Leaveq => return Some(Kind::Leave),
+        Code::Call_rel32_64 if last => return Some(Kind::Call),
+        Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
+        _ => {}
+    }
+    let m = ins.mnemonic();
+    if m == M::Nop {
+        return Some(Kind::Nop);
+    }
+    if !runs_natively(ins) && m != M::Lea {
+        return None;
+    }
+    if matches!(
+        ins.code(),
+        Code::Mov_AL_moffs8
+            | Code::Mov_AX_moffs16
+            | Code::Mov_EAX_moffs32
+            | Code::Mov_RAX_moffs64
+            | Code::Mov_moffs8_AL
+            | Code::Mov_moffs16_AX
+            | Code::Mov_moffs32_EAX
+            | Code::Mov_moffs64_RAX
+    ) {
+        return None;
+    }
+    for k in 0..ins.op_count() {
+        match ins.op_kind(k) {
+            OpKind::Register => {
+                if !guest_gpr(ins.op_register(k)) {
+                    return None;
+                }
+            }
+            OpKind::Memory => {
+                let base = ins.memory_base();
+                let index = ins.memory_index();
+                let base_ok = base == Register::None || base == Register::RIP || base.is_gpr64();
+                let index_ok = index == Register::None || index.is_gpr64();
+                let size_ok = m == M::Lea || (1..=8).contains(&ins.memory_size().size());
+                if !(base_ok && index_ok && size_ok) {
+                    return None;
+                }
+                // BT* with a register offset address a bit string beyond the operand.
+                if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+                    && ins.op1_kind() == OpKind::Register
+                {
+                    return None;
+                }
+            }
+            k if is_imm(k) => {}
+            _ => return None,
+        }
+    }
+    if m == M::Lea {
+        let d = ins.op0_register();
+        return (d.is_gpr64() || d.is_gpr32()).then_some(Kind::Lea);
+    }
+    Some(Kind::Native)
+}
+
+/// How one memory operand is reached.
+pub(super) struct Mem {
+    pub(super) base: Option<usize>,
+    pub(super) index: Option<usize>,
+    pub(super) scale: u32,
+    pub(super) disp: u64,
+    /// The context field holding a non-zero segment base (FS, GS).
+    pub(super) seg_base: Option<usize>,
+    pub(super) size: u32,
+    pub(super) write: bool,
+}
+
+/// Registers of one instruction: guest index → host register, and what to load and store.
+pub(super) struct Regs {
+    pub(super) map: [Register; 16],
+    pub(super) load: [bool; 16],
+    pub(super) store: [bool; 16],
+    /// Holds the host address of the memory operand.
+    pub(super) host_ptr: Register,
+}
+
+/// Plans the registers of a native instruction; None if it needs more than the pool has.
+pub(super) fn plan_regs(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Regs> {
+    let mut regs = Regs {
+        map: [Register::None; 16],
+        load: [false; 16],
+        store: [false; 16],
+        host_ptr: Register::None,
+    };
+    let explicit = |g: usize| {
+        (0..ins.op_count())
+            .any(|k| ins.op_kind(k) == OpKind::Register && gpr_index(ins.op_register(k)) == Some(g))
+    };
+    let addr_regs = [gpr_index(ins.memory_base()), gpr_index(ins.memory_index())];
+    let mut used = [false; 16];
+    for u in info.info(ins).used_registers() {
+        let r = u.register();
+        if r.is_segment_register() {
+            continue;
+        }
+        if !guest_gpr(r) {
+            return None;
+        }
+        let g = gpr_index(r)?;
+        let acc = u.access();
+        // Address registers are read in the address step: RSP and R15 (which need a host
+        // register of their own) are skipped here unless they are operands too.
+        if (g == RSP || g == R15)
+            && acc == OpAccess::Read
+            && addr_regs.contains(&Some(g))
+            && !explicit(g)
+        {
+            continue;
+        }
+        used[g] = true;
+        let full_write = acc == OpAccess::Write && r.size() >= 4;
+        if !full_write {
+            regs.load[g] = true;
+        }
+        if matches!(
+            acc,
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        ) {
+            regs.store[g] = true;
+        }
+    }
+    let mut taken = [false; 16];
+    for g in 0..16 {
+        if used[g] && g != RSP && g != R15 {
+            regs.map[g] = *POOL.iter().find(|p| gpr_index(**p) == Some(g))?;
+            taken[g] = true;
+        }
+    }
+    let mut free = POOL.iter().copied().filter(|p| {
+        let i = gpr_index(*p).unwrap_or(RSP);
+        !taken[i] && !matches!(*p, Register::RCX | Register::RBP | Register::R13)
+    });
+    for g in [RSP, R15] {
+        if used[g] {
+            regs.map[g] = free.next()?;
+        }
+    }
+    regs.host_ptr = free.next()?;
+    Some(regs)
+}
+
+pub(super) fn plan_mem(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Mem> {
+    if !(0..ins.op_count()).any(|k| ins.op_kind(k) == OpKind::Memory) {
+        return None;
+    }
+    let write = info.info(ins).used_memory().iter().any(|m| {
+        matches!(
+            m.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        )
+    });
+    let seg_base = match ins.memory_segment() {
+        Register::FS => Some(offset_of!(Ctx, fs_base)),
+        Register::GS => Some(offset_of!(Ctx, gs_base)),
+        _ => None,
+    };
+    Some(Mem {
+        base: gpr_index(ins.memory_base()),
+        index: gpr_index(ins.memory_index()),
+        scale: ins.memory_index_scale(),
+        disp: ins.memory_displacement64(),
+        seg_base,
+        size: ins.memory_size().size() as u32,
+        write,
+    })
+}
