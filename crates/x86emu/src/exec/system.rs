@@ -381,12 +381,15 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
         Mnemonic::Rdmsr => {
             cpu.require_cpl0()?;
             let index = cpu.s.gpr[1] as u32;
-            // The platform owns device MSRs (x2APIC, TSC deadline, paravirtual clocks).
-            cpu.io_done = true;
-            let v = p
-                .msr_read(index)
-                .or_else(|| cpu.read_msr(index))
-                .ok_or(Fault::gp0())?;
+            // The platform owns device MSRs (x2APIC, TSC deadline, paravirtual clocks); only
+            // those count as device accesses.
+            let v = match p.msr_read(index) {
+                Some(v) => {
+                    cpu.io_done = true;
+                    v
+                }
+                None => cpu.read_msr(index).ok_or(Fault::gp0())?,
+            };
             cpu.s.gpr[0] = v & 0xffff_ffff;
             cpu.s.gpr[2] = v >> 32;
         }
@@ -395,8 +398,10 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             let v = (cpu.s.gpr[0] & 0xffff_ffff) | (cpu.s.gpr[2] << 32);
             let index = cpu.s.gpr[1] as u32;
             // A device MSR write may make an interrupt deliverable: let the platform stop.
-            cpu.io_done = true;
-            match p.msr_write(index, v) {
+            // The CPU's own MSRs (FS base on every context switch...) are no device access.
+            let handled = p.msr_write(index, v);
+            cpu.io_done |= handled.is_some();
+            match handled {
                 Some(true) => {
                     // The APIC base MSR has architectural state here too (RDMSR reads it).
                     if index == msr::APIC_BASE {
