@@ -539,3 +539,62 @@ fn compiled_addresses_with_most_registers_cached() {
     assert_eq!(interpreted[13], 0x1234_5678);
     assert_eq!(run(Some(0)), interpreted);
 }
+
+/// DIV runs in compiled code after a check that it cannot fault; a division by zero or an
+/// overflowing one goes to the interpreter, which raises #DE for the guest with the flags
+/// from before the DIV.
+#[test]
+fn compiled_div_and_its_divide_errors() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 200u64).unwrap();
+        a.mov(rbx, 0x1234_5678_9abc_def1u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        // 64-bit, register divisor
+        a.mov(rax, rbx).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.lea(rsi, qword_ptr(rcx + 3)).unwrap();
+        a.div(rsi).unwrap();
+        a.add(r8, rax).unwrap();
+        a.add(r9, rdx).unwrap();
+        // 32-bit, memory divisor, RDX nonzero but below it
+        a.mov(qword_ptr(r15 + 0x40), rsi).unwrap();
+        a.mov(eax, ebx).unwrap();
+        a.mov(edx, 1).unwrap();
+        a.div(dword_ptr(r15 + 0x40)).unwrap();
+        a.add(r10, rax).unwrap();
+        a.add(r12, rdx).unwrap();
+        a.rol(rbx, 7).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // Then a division by zero with known flags: #DE.
+        a.mov(esi, 0xffff_ffffu32).unwrap();
+        a.add(esi, 1).unwrap(); // ESI = 0, CF=1, ZF=1
+        a.mov(eax, 5).unwrap();
+        a.div(rsi).unwrap();
+        a.hlt().unwrap();
+    });
+    const HANDLER: u64 = CODE + 0xc00;
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.set_gate(0, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r11, qword_ptr(rsp + 16)).unwrap(); // RIP, CS, RFLAGS
+                a.hlt().unwrap();
+            }),
+        );
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        g.cpu.state().gpr
+    };
+    let interpreted = run(None);
+    assert_eq!(
+        interpreted[11] & 0x41,
+        0x41,
+        "#DE frame: CF and ZF of before the DIV"
+    );
+    assert_ne!(interpreted[8], 0);
+    assert_eq!(run(Some(0)), interpreted);
+}

@@ -80,6 +80,8 @@ pub(super) enum Kind {
     Leave,
     Call,
     Ret,
+    /// Unsigned DIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE.
+    Div,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
@@ -190,7 +192,7 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
-    if !runs_natively(ins) && m != M::Lea {
+    if !runs_natively(ins) && m != M::Lea && m != M::Div {
         return None;
     }
     if matches!(
@@ -236,6 +238,9 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     if m == M::Lea {
         let d = ins.op0_register();
         return (d.is_gpr64() || d.is_gpr32()).then_some(Kind::Lea);
+    }
+    if m == M::Div {
+        return matches!(ins.code(), Code::Div_rm64 | Code::Div_rm32).then_some(Kind::Div);
     }
     Some(Kind::Native)
 }

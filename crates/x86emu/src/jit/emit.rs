@@ -5,7 +5,7 @@ use std::mem::offset_of;
 use iced_x86::code_asm::{
     byte_ptr, dword_ptr, gpr32, gpr64, ptr, qword_ptr, AsmRegister64, CodeAssembler, CodeLabel,
 };
-use iced_x86::{ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
+use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
 
 use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, POOL, R15, RSP};
 use super::Ctx;
@@ -83,6 +83,7 @@ pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Opt
         match kind(ins, i + 1 == insns.len())? {
             Kind::Native => e.native(ins, i as u32, &mut info)?,
             Kind::Lea => e.lea(ins)?,
+            Kind::Div => e.div(ins, i as u32, &mut info)?,
             Kind::Nop => {}
             Kind::Branch => e.branch(ins, len)?,
             Kind::Push => e.push(ins, i as u32)?,
@@ -114,6 +115,9 @@ struct Emitter {
     chain_entry: CodeLabel,
     /// Per memory access: where its miss path starts and the instruction to resume at.
     misses: Vec<(CodeLabel, u32)>,
+    /// DIVs that would raise #DE: where their path starts (the guest's flags saved on the
+    /// host stack) and the miss path to continue at.
+    div_faults: Vec<(CodeLabel, CodeLabel)>,
     /// Link slots and the exits they start as.
     links: Vec<(CodeLabel, CodeLabel)>,
     /// Host register i holds guest register i's current value (which is always in the
@@ -139,6 +143,7 @@ impl Emitter {
             done,
             chain_entry,
             misses: Vec::new(),
+            div_faults: Vec::new(),
             links: Vec::new(),
             cached: [false; 16],
             first_ip,
@@ -551,6 +556,60 @@ impl Emitter {
         Some(())
     }
 
+    /// Unsigned DIV r/m64 or r/m32. Division by zero or a quotient that does not fit is
+    /// #DE, which must reach the guest (on the host it would be SIGFPE): the code checks
+    /// RDX < divisor (which covers zero) first and leaves for the interpreter otherwise.
+    /// The check may clobber the flags, which DIV leaves undefined; the guest's flags are
+    /// kept on the host stack meanwhile for the way out.
+    fn div(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rcx, rdx, rsp};
+        let wide = ins.code() == Code::Div_rm64;
+        if let Some(m) = plan_mem(ins, info) {
+            let s = self.scratch(&[Register::RCX, Register::RAX, Register::RDX], 8)?;
+            let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
+            let scratch = [*s.get(4)?, *s.get(5)?, *s.get(6)?, *s.get(7)?];
+            self.address(&m, lin, b, i)?;
+            let miss = self.miss_label(idx);
+            self.tlb(&m, lin, host, scratch, miss)?;
+            let h = r64(host)?;
+            if wide {
+                a!(self.a.mov(rcx, qword_ptr(h)));
+            } else {
+                a!(self.a.mov(gpr32::ecx, dword_ptr(h)));
+            }
+            self.clobber(&[Register::RCX]);
+        } else {
+            let g = gpr_index(ins.op0_register())?;
+            self.load_guest(Register::RCX, g)?;
+        }
+        self.load_guest(Register::RAX, 0)?;
+        self.load_guest(Register::RDX, 2)?;
+        let miss = self.miss_label(idx);
+        let fault = self.a.create_label();
+        let a = &mut self.a;
+        a!(a.pushfq());
+        if wide {
+            a!(a.cmp(rdx, rcx));
+        } else {
+            a!(a.cmp(gpr32::edx, gpr32::ecx));
+        }
+        a!(a.jae(fault));
+        a!(a.lea(rsp, ptr(rsp + 8)));
+        if wide {
+            a!(a.div(rcx));
+        } else {
+            a!(a.div(gpr32::ecx));
+        }
+        self.div_faults.push((fault, miss));
+        self.store_guest(0, Register::RAX)?;
+        self.store_guest(2, Register::RDX)
+    }
+
     fn lea(&mut self, ins: &Instruction) -> Option<()> {
         let m = Mem {
             base: gpr_index(ins.memory_base()),
@@ -745,6 +804,11 @@ impl Emitter {
             a!(a.pop(r));
         }
         a!(a.ret());
+        for (mut l, miss) in std::mem::take(&mut self.div_faults) {
+            a!(self.a.set_label(&mut l));
+            a!(self.a.popfq());
+            a!(self.a.jmp(miss));
+        }
         for (mut l, resume) in std::mem::take(&mut self.misses) {
             a!(self.a.set_label(&mut l));
             a!(self.a.mov(gpr32::esi, resume));
