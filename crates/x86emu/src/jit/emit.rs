@@ -7,7 +7,7 @@ use iced_x86::code_asm::{
 };
 use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
 
-use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, POOL, R15, RSP};
+use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs, POOL, R15, RSP};
 use super::Ctx;
 use crate::decode::block_layout;
 use crate::decode::Insn;
@@ -59,29 +59,37 @@ pub(super) struct Translated {
 /// than `MIN_COVERED` are covered (or the assembler refuses something).
 pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Option<Translated> {
     let mut info = InstructionInfoFactory::new();
-    let mut covered = 0;
-    let mut branch = false;
+    // What each covered instruction is, and a native one's register plan, decided once.
+    let mut plans = Vec::with_capacity(insns.len());
     for (i, insn) in insns.iter().enumerate() {
         let ins = &insn.instr;
         let Some(k) = kind(ins, i + 1 == insns.len()) else {
             break;
         };
-        if k == Kind::Native && plan_regs(ins, &mut info).is_none() {
-            break;
-        }
-        covered += 1;
-        branch = matches!(k, Kind::Branch | Kind::Call | Kind::Ret);
+        let regs = match k {
+            Kind::Native => match plan_regs(ins, &mut info) {
+                Some(r) => Some(r),
+                None => break,
+            },
+            _ => None,
+        };
+        plans.push((k, regs));
     }
+    let covered = plans.len();
     if covered < MIN_COVERED {
         return None;
     }
+    let branch = matches!(
+        plans.last(),
+        Some((Kind::Branch | Kind::Call | Kind::Ret, _))
+    );
     let first_ip = insns.first()?.instr.ip();
     let mut e = Emitter::new(first_ip, slot, epoch)?;
     let len = insns.len() as u32;
-    for (i, insn) in insns.iter().take(covered).enumerate() {
+    for (i, (insn, (k, regs))) in insns.iter().zip(plans).enumerate() {
         let ins = &insn.instr;
-        match kind(ins, i + 1 == insns.len())? {
-            Kind::Native => e.native(ins, i as u32, &mut info)?,
+        match k {
+            Kind::Native => e.native(ins, i as u32, regs?, &mut info)?,
             Kind::Lea => e.lea(ins)?,
             Kind::Div => e.div(ins, i as u32, &mut info)?,
             Kind::Nop => {}
@@ -515,9 +523,9 @@ impl Emitter {
         &mut self,
         ins: &Instruction,
         idx: u32,
+        regs: Regs,
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
-        let regs = plan_regs(ins, info)?;
         let mut out = *ins;
         if let Some(m) = plan_mem(ins, info) {
             // Scratch for the address step: anything but RCX and the host pointer (the
