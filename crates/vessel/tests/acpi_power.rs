@@ -49,6 +49,17 @@ impl Output {
 }
 
 /// `PUT`/`PATCH`/`GET` on the VMM's API socket: (status, body).
+/// `SendCtrlAltDel` through the Firecracker API: Vessel presses the ACPI power button.
+fn press_power_button(sock: &Path) {
+    let (s, v) = api(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(s, 204, "{v}");
+}
+
 fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let r = vmm::api::http::client_request(
         sock,
@@ -183,13 +194,7 @@ fn power_button_pause_and_resume_through_the_vmm_api() {
     let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(s, 204, "{v}");
     let len = out.len();
-    let (s, v) = api(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
-    assert_eq!(s, 204, "{v}");
+    press_power_button(&sock);
     std::thread::sleep(Duration::from_millis(1000));
     let during = out.text()[len..].to_string();
     assert!(
@@ -289,13 +294,7 @@ fn the_power_button_interrupts_a_kvm_guest_through_the_in_kernel_irqchip() {
         vmm.0.try_wait().unwrap().is_none(),
         "exited before the press"
     );
-    let (s, v) = api(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
-    assert_eq!(s, 204, "{v}");
+    press_power_button(&sock);
     // The first read has the power-button bit, the second nothing.
     let want = format!(
         "GED {:016x}",
