@@ -18,36 +18,19 @@ const EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// never leaves periodic mode and ticks at HZ even when idle.
 const EAX_ARAT: u32 = 1 << 2;
 
-/// Leaves x86emu defines that are worth exporting.
-const LEAVES: &[u32] = &[
-    0,
-    1,
-    7,
-    0xd,
-    0x8000_0000,
-    0x8000_0001,
-    0x8000_0002,
-    0x8000_0003,
-    0x8000_0004,
-    0x8000_0007,
-    0x8000_0008,
-];
-
 pub fn supported() -> Vec<CpuIdEntry> {
     let table = CpuidTable::default();
-    let mut out: Vec<CpuIdEntry> = LEAVES
-        .iter()
-        .map(|&leaf| {
-            let e = table.lookup(leaf, 0);
-            CpuIdEntry {
-                function: leaf,
-                index: 0,
-                significant_index: false,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            }
+    let mut out: Vec<CpuIdEntry> = table
+        .entries()
+        .into_iter()
+        .map(|(leaf, sub, e, indexed)| CpuIdEntry {
+            function: leaf,
+            index: sub,
+            significant_index: indexed,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
         })
         .collect();
     for e in &mut out {
@@ -115,8 +98,18 @@ mod tests {
         assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
         let pm = s.iter().find(|e| e.function == 6).unwrap();
         assert_ne!(pm.eax & EAX_ARAT, 0);
-        // x86emu does not implement AVX or XSAVE: they must not be advertised.
-        assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
-        assert_eq!(l1.ecx & (1 << 26), 0, "XSAVE");
+        // The x86-64 baseline glibc checks: MMX, SSE2, CMOV, CX8, FXSR.
+        for bit in [23, 26, 15, 8, 24] {
+            assert_ne!(l1.edx & (1 << bit), 0, "leaf 1 EDX bit {bit}");
+        }
+        // XSAVE comes with its leaf 0xD subleaves, indexed by ECX.
+        if l1.ecx & (1 << 26) != 0 {
+            let avx = s
+                .iter()
+                .find(|e| e.function == 0xd && e.index == 2)
+                .expect("leaf 0xD subleaf 2");
+            assert!(avx.significant_index);
+            assert_eq!((avx.eax, avx.ebx), (256, 576));
+        }
     }
 }

@@ -94,6 +94,8 @@ pub struct Core {
     pub(crate) code_pages: Vec<u8>,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
+    /// Stubs that run instructions on the host CPU (`exec::hostexec`).
+    pub(crate) hostexec: crate::exec::hostexec::HostExec,
 }
 
 impl Cpu {
@@ -142,6 +144,7 @@ impl Core {
             code_epoch: 0,
             code_pages: vec![0; ram_pages],
             kick: None,
+            hostexec: Default::default(),
         }
     }
 

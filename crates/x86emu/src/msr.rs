@@ -33,7 +33,9 @@ pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
 
 /// IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), SSB, MDS, the page-size
-/// change machine check, TAA, the MMIO stale-data variants (SBDR/FBSDP/PSDP), GDS or RFDS.
+/// change machine check, TAA, the MMIO stale-data variants (SBDR/FBSDP/PSDP), GDS, RFDS,
+/// or indirect target selection (ITS_NO, bit 62: without it Linux assumes a guest is
+/// affected and routes every return through a thunk).
 const ARCH_CAPS: u64 = (1 << 0)
     | (1 << 4)
     | (1 << 5)
@@ -43,7 +45,8 @@ const ARCH_CAPS: u64 = (1 << 0)
     | (1 << 14)
     | (1 << 15)
     | (1 << 26)
-    | (1 << 27);
+    | (1 << 27)
+    | (1 << 62);
 
 impl Core {
     /// RDMSR semantics; None = #GP.

@@ -50,6 +50,7 @@ pub mod cr {
     pub const CR4_PCE: u64 = 1 << 8;
     pub const CR4_OSFXSR: u64 = 1 << 9;
     pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    pub const CR4_OSXSAVE: u64 = 1 << 18;
     pub const CR4_UMIP: u64 = 1 << 11;
     pub const CR4_FSGSBASE: u64 = 1 << 16;
     /// CR4 bits the emulator accepts; setting any other bit raises #GP.
@@ -168,6 +169,8 @@ pub struct FpuState {
     pub st: [u128; 8],
     pub xmm: [u128; 16],
     pub mxcsr: u32,
+    /// Bits 255:128 of YMM0-15 (the AVX state XSAVE keeps beside the legacy area).
+    pub ymm_hi: [u128; 16],
 }
 
 impl Default for FpuState {
@@ -182,6 +185,7 @@ impl Default for FpuState {
             st: [0; 8],
             xmm: [0; 16],
             mxcsr: 0x1f80,
+            ymm_hi: [0; 16],
         }
     }
 }
@@ -223,6 +227,8 @@ pub struct CpuState {
     pub cr4: u64,
     pub cr8: u64,
     pub efer: u64,
+    /// XCR0: the state components XSAVE manages and AVX may use (bit 0, x87, always set).
+    pub xcr0: u64,
     /// DR0-DR3, DR6 (index 6), DR7 (index 7); 4 and 5 unused.
     pub dr: [u64; 8],
     pub msr: Msrs,
@@ -277,6 +283,7 @@ impl CpuState {
             cr4: 0,
             cr8: 0,
             efer: 0,
+            xcr0: 1,
             dr,
             msr: Msrs {
                 apic_base: 0xfee0_0900,

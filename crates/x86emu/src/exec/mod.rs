@@ -6,6 +6,7 @@ pub(crate) mod bits;
 pub(crate) mod control;
 pub(crate) mod fast;
 pub(crate) mod flags;
+pub(crate) mod hostexec;
 pub(crate) mod mov;
 pub(crate) mod muldiv;
 pub(crate) mod operand;
@@ -18,6 +19,7 @@ pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod system;
 pub(crate) mod x87;
+pub(crate) mod xsave;
 
 use iced_x86::{Instruction, Mnemonic as M};
 
@@ -286,8 +288,23 @@ fn family_for(ins: &Instruction) -> Handler {
         | M::Fxsave64
         | M::Fxrstor
         | M::Fxrstor64
+        | M::Fnsave
+        | M::Fsave
+        | M::Frstor
         | M::Ldmxcsr
         | M::Stmxcsr => family!(x87::exec),
+        M::Xsave
+        | M::Xsave64
+        | M::Xsaveopt
+        | M::Xsaveopt64
+        | M::Xsavec
+        | M::Xsavec64
+        | M::Xrstor
+        | M::Xrstor64
+        | M::Xgetbv
+        | M::Xsetbv => family!(xsave::exec),
+        M::Vzeroupper | M::Vzeroall | M::Vldmxcsr | M::Vstmxcsr => family!(xsave::exec_vex_state),
+        _ if hostexec::routes(ins) => family!(hostexec::exec),
         _ => family!(sse::exec),
     }
 }

@@ -363,7 +363,7 @@ fn is_mmx(ins: &Instruction) -> bool {
 pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     let m = ins.mnemonic();
     if is_mmx(ins) {
-        return Err(Fault::ud());
+        return super::hostexec::exec(cpu, p, ins);
     }
     match m {
         M::Movdqa

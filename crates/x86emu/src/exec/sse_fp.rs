@@ -84,7 +84,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     let m = ins.mnemonic();
     // Unknown instructions are #UD whatever CR0.TS says.
     if !implemented(m) {
-        return Err(Fault::ud());
+        return super::hostexec::exec(cpu, p, ins);
     }
     cpu.sse_check()?;
     let mx = cpu.s.fpu.mxcsr;

@@ -13,7 +13,7 @@ use crate::state::flags::*;
 use crate::state::{Seg, Segment};
 
 impl Core {
-    fn require_cpl0(&self) -> Result<()> {
+    pub(crate) fn require_cpl0(&self) -> Result<()> {
         if self.s.cpl() != 0 {
             return Err(Fault::gp0());
         }
@@ -56,7 +56,9 @@ impl Core {
     }
 
     pub(crate) fn write_cr4(&mut self, v: u64) -> Result<()> {
-        if v & !CR4_SUPPORTED != 0 || (self.s.long_mode_active() && v & CR4_PAE == 0) {
+        let xsave = self.cpuid.lookup(1, 0).ecx & (1 << 26) != 0;
+        let ok = CR4_SUPPORTED | if xsave { CR4_OSXSAVE } else { 0 };
+        if v & !ok != 0 || (self.s.long_mode_active() && v & CR4_PAE == 0) {
             return Err(Fault::gp0());
         }
         self.s.cr4 = v;
@@ -361,7 +363,21 @@ fn load_far_pointer(
 pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Cpuid => {
-            let e = cpu.cpuid.lookup(cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);
+            let (leaf, sub) = (cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);
+            let mut e = cpu.cpuid.lookup(leaf, sub);
+            match (leaf, sub) {
+                (1, _) => {
+                    e.ecx &= !crate::cpuid::OSXSAVE;
+                    if cpu.s.cr4 & CR4_OSXSAVE != 0 {
+                        e.ecx |= crate::cpuid::OSXSAVE;
+                    }
+                }
+                // Sizes for what XCR0 enables now (standard and compacted are the same for
+                // x87, SSE and AVX).
+                (0xd, 0) if e.eax != 0 => e.ebx = crate::exec::xsave::area_size(cpu.s.xcr0),
+                (0xd, 1) if e.eax & 2 != 0 => e.ebx = crate::exec::xsave::area_size(cpu.s.xcr0),
+                _ => {}
+            }
             cpu.s.gpr[0] = u64::from(e.eax);
             cpu.s.gpr[3] = u64::from(e.ebx);
             cpu.s.gpr[1] = u64::from(e.ecx);

@@ -38,17 +38,6 @@ fn fcw_load(v: u16) -> u16 {
     (v & 0x1f3f) | 0x40
 }
 
-/// Full 16-bit tag word from the abridged FXSAVE form (valid registers read as "valid" 00).
-fn full_tag(abridged: u8) -> u16 {
-    (0..8).fold(0u16, |t, i| {
-        if abridged & (1 << i) != 0 {
-            t
-        } else {
-            t | (3 << (2 * i))
-        }
-    })
-}
-
 fn abridged_tag(full: u16) -> u8 {
     (0..8).fold(0u8, |t, i| {
         if (full >> (2 * i)) & 3 != 3 {
@@ -83,7 +72,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             if cpu.s.cr0 & (CR0_MP | CR0_TS) == (CR0_MP | CR0_TS) {
                 return Err(Fault::nm());
             }
-            return Ok(());
+            return cpu.fpu_pending();
         }
         _ => cpu.fpu_check()?,
     }
@@ -135,7 +124,11 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
                 let vals = [
                     (0, 4, u64::from(f.fcw) | 0xffff_0000),
                     (4, 4, u64::from(f.fsw) | 0xffff_0000),
-                    (8, 4, u64::from(full_tag(f.ftw)) | 0xffff_0000),
+                    (
+                        8,
+                        4,
+                        u64::from(super::hostexec::full_tag_word(&f)) | 0xffff_0000,
+                    ),
                     (12, 4, f.fip & 0xffff_ffff),
                     (16, 4, u64::from(f.fop & 0x7ff) << 16),
                     (20, 4, f.fdp & 0xffff_ffff),
@@ -146,6 +139,52 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
                 }
                 // FNSTENV masks all x87 exceptions afterwards.
                 cpu.s.fpu.fcw |= 0x3f;
+            }
+        }
+        Mnemonic::Fnsave | Mnemonic::Fsave | Mnemonic::Frstor => {
+            // The 32-bit protected-mode environment, then ST(0)..ST(7), 10 bytes each.
+            let a = ea(cpu, ins);
+            let seg = mem_seg(ins);
+            let lin = cpu.seg_lin(seg, a, 108)?;
+            let user = cpu.user();
+            let mut img = [0u8; 108];
+            if m == Mnemonic::Frstor {
+                cpu.read_lin_slow(p, lin, &mut img, user, crate::mmu::Access::Read)?;
+                let r16 = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
+                let r32 =
+                    |o: usize| u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]);
+                let f = &mut cpu.s.fpu;
+                f.fcw = fcw_load(r16(0));
+                f.fsw = r16(4);
+                f.ftw = abridged_tag(r16(8));
+                f.fip = u64::from(r32(12));
+                f.fop = ((r32(16) >> 16) & 0x7ff) as u16;
+                f.fdp = u64::from(r32(20));
+                for i in 0..8 {
+                    let mut v = [0u8; 16];
+                    v[..10].copy_from_slice(&img[28 + 10 * i..38 + 10 * i]);
+                    f.st[i] = u128::from_le_bytes(v);
+                }
+            } else {
+                let words = [
+                    u32::from(f.fcw) | 0xffff_0000,
+                    u32::from(f.fsw) | 0xffff_0000,
+                    u32::from(super::hostexec::full_tag_word(&f)) | 0xffff_0000,
+                    f.fip as u32,
+                    u32::from(f.fop & 0x7ff) << 16,
+                    f.fdp as u32,
+                    0xffff_0000,
+                ];
+                for (i, w) in words.iter().enumerate() {
+                    img[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+                }
+                for (i, st) in f.st.iter().enumerate() {
+                    img[28 + 10 * i..38 + 10 * i].copy_from_slice(&st.to_le_bytes()[..10]);
+                }
+                cpu.write_lin(p, lin, &img, user)?;
+                // FNSAVE ends with FNINIT.
+                let f = &mut cpu.s.fpu;
+                (f.fcw, f.fsw, f.ftw, f.fop, f.fip, f.fdp) = (0x37f, 0, 0, 0, 0, 0);
             }
         }
         Mnemonic::Ldmxcsr => {
@@ -187,7 +226,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     Ok(())
 }
 
-fn fxsave_image(cpu: &Core, wide: bool) -> [u8; 512] {
+pub(crate) fn fxsave_image(cpu: &Core, wide: bool) -> [u8; 512] {
     let f = &cpu.s.fpu;
     let mut b = [0u8; 512];
     b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
@@ -215,7 +254,7 @@ fn fxsave_image(cpu: &Core, wide: bool) -> [u8; 512] {
     b
 }
 
-fn fxrstor_image(cpu: &mut Core, b: &[u8; 512], wide: bool) -> Result<()> {
+pub(crate) fn fxrstor_image(cpu: &mut Core, b: &[u8; 512], wide: bool) -> Result<()> {
     let rd16 = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
     let rd32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let mxcsr = rd32(24);

@@ -16,7 +16,7 @@
 //! the block is covered). Compiled code belongs to its block: it goes when the block is
 //! decoded again.
 
-mod arena;
+pub(crate) mod arena;
 mod cover;
 mod emit;
 

@@ -1,0 +1,993 @@
+//! Instructions the host CPU computes for us: x87 arithmetic, MMX, SSE3 to SSE4.2, AVX,
+//! AVX2, FMA, F16C, BMI1/2, ADX, MOVBE, POPCNT, CRC32, AES-NI, PCLMULQDQ, SHA, RDRAND and
+//! RDSEED.
+//!
+//! Guest and host are both x86-64, so an instruction that only computes on registers and
+//! one memory operand can run as itself: a small stub loads the registers it uses from a
+//! context block, runs the instruction re-encoded with its memory operand pointing into
+//! that block, and stores the registers back. The emulator keeps everything architectural
+//! around it: privilege and mode checks, the CPU model's feature set (#UD for what the
+//! model lacks), segmentation, paging and alignment of the memory operand, x87 and SIMD
+//! exception masking (the host runs with every exception masked; an exception the guest
+//! left unmasked is detected from the flags and delivered the guest's way), and FIP/FDP.
+//! The results are the host's bit for bit, including 80-bit x87 arithmetic with precision
+//! control and the transcendental instructions.
+//!
+//! Only instructions without control flow, without implicit memory operands and without
+//! system effects are accepted (see [`plan`]); everything else stays #UD here.
+
+use std::collections::HashMap;
+
+use iced_x86::code_asm::{self as asm, CodeAssembler};
+use iced_x86::{
+    CpuidFeature as F, EncodingKind, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess,
+    OpKind, Register,
+};
+
+use super::operand::{ea, mem_seg};
+use crate::cpu::Core;
+use crate::exceptions::{vector, Fault, Result};
+use crate::jit::arena::Arena;
+use crate::platform::Platform;
+use crate::state::cr::*;
+
+/// What the stub reads and writes, at fixed offsets the generated code uses.
+#[repr(C, align(64))]
+pub(crate) struct Ctx {
+    /// FXSAVE image of the x87/MMX state (offset 0).
+    fx: [u8; 512],
+    /// YMM0-15, low half first (offset 512).
+    ymm: [[u128; 2]; 16],
+    /// Host GPRs by number (offset 1024).
+    gpr: [u64; 16],
+    /// RFLAGS in and out (offset 1152).
+    flags: u64,
+    /// Guest MXCSR in and out (offset 1160), and the host's, kept while the stub runs.
+    mxcsr: u32,
+    host_mxcsr: u32,
+    _pad: [u8; 48],
+    /// The memory operand (offset 1216).
+    mem: [u8; 64],
+}
+
+const OFF_FX: i32 = 0;
+const OFF_YMM: i32 = 512;
+const OFF_GPR: i32 = 1024;
+const OFF_FLAGS: i32 = 1152;
+const OFF_MXCSR: i32 = 1160;
+const OFF_HOST_MXCSR: i32 = 1164;
+const OFF_MEM: i32 = 1216;
+const MEM_MAX: usize = 64;
+
+/// Status flags the guest's instruction may read or write; the rest stay the host's own.
+const STATUS: u64 = 0x8d5;
+/// RFLAGS the stub runs with around the guest's status flags (IF and the fixed bit).
+const HOST_FLAGS: u64 = 0x202;
+
+type Stub = unsafe extern "C" fn(*mut Ctx);
+
+/// ISA bits of the CPU model, from CPUID: what an instruction needs must be among them.
+pub(crate) mod isa {
+    pub const MMX: u64 = 1 << 0;
+    pub const SSE3: u64 = 1 << 1;
+    pub const SSSE3: u64 = 1 << 2;
+    pub const SSE41: u64 = 1 << 3;
+    pub const SSE42: u64 = 1 << 4;
+    pub const POPCNT: u64 = 1 << 5;
+    pub const AVX: u64 = 1 << 6;
+    pub const AVX2: u64 = 1 << 7;
+    pub const FMA: u64 = 1 << 8;
+    pub const F16C: u64 = 1 << 9;
+    pub const BMI1: u64 = 1 << 10;
+    pub const BMI2: u64 = 1 << 11;
+    pub const MOVBE: u64 = 1 << 12;
+    pub const ADX: u64 = 1 << 13;
+    pub const AES: u64 = 1 << 14;
+    pub const PCLMUL: u64 = 1 << 15;
+    pub const SHA: u64 = 1 << 16;
+    pub const RDRAND: u64 = 1 << 17;
+    pub const RDSEED: u64 = 1 << 18;
+    pub const FPU: u64 = 1 << 19;
+    pub const SSE: u64 = 1 << 20;
+    pub const SSE2: u64 = 1 << 21;
+    pub const LZCNT: u64 = 1 << 22;
+    pub const CMOV: u64 = 1 << 23;
+}
+
+/// The ISA bit for an iced-x86 CPUID feature; None for features never run here.
+fn isa_bit(f: F) -> Option<u64> {
+    Some(match f {
+        F::FPU | F::FPU287 | F::FPU387 => isa::FPU,
+        F::CMOV => isa::CMOV,
+        F::MMX => isa::MMX,
+        F::SSE => isa::SSE,
+        F::SSE2 => isa::SSE2,
+        F::SSE3 => isa::SSE3,
+        F::SSSE3 => isa::SSSE3,
+        F::SSE4_1 => isa::SSE41,
+        F::SSE4_2 => isa::SSE42,
+        F::POPCNT => isa::POPCNT,
+        F::AVX => isa::AVX,
+        F::AVX2 => isa::AVX2,
+        F::FMA => isa::FMA,
+        F::F16C => isa::F16C,
+        F::BMI1 => isa::BMI1,
+        F::BMI2 => isa::BMI2,
+        F::MOVBE => isa::MOVBE,
+        F::ADX => isa::ADX,
+        F::AES => isa::AES,
+        F::PCLMULQDQ => isa::PCLMUL,
+        F::SHA => isa::SHA,
+        F::RDRAND => isa::RDRAND,
+        F::RDSEED => isa::RDSEED,
+        F::LZCNT => isa::LZCNT,
+        F::INTEL8086 | F::INTEL386 | F::INTEL486 | F::X64 => 0,
+        _ => return None,
+    })
+}
+
+/// The ISA bits a CPUID table advertises.
+pub(crate) fn isa_of(t: &crate::cpuid::CpuidTable) -> u64 {
+    let l1 = t.lookup(1, 0);
+    let l7 = t.lookup(7, 0);
+    let e1 = t.lookup(0x8000_0001, 0);
+    let mut m = 0;
+    let mut bit = |cond: bool, b: u64| {
+        if cond {
+            m |= b
+        }
+    };
+    bit(l1.edx & 1 != 0, isa::FPU);
+    bit(l1.edx & (1 << 15) != 0, isa::CMOV);
+    bit(l1.edx & (1 << 23) != 0, isa::MMX);
+    bit(l1.edx & (1 << 25) != 0, isa::SSE);
+    bit(l1.edx & (1 << 26) != 0, isa::SSE2);
+    bit(l1.ecx & 1 != 0, isa::SSE3);
+    bit(l1.ecx & (1 << 1) != 0, isa::PCLMUL);
+    bit(l1.ecx & (1 << 9) != 0, isa::SSSE3);
+    bit(l1.ecx & (1 << 12) != 0, isa::FMA);
+    bit(l1.ecx & (1 << 19) != 0, isa::SSE41);
+    bit(l1.ecx & (1 << 20) != 0, isa::SSE42);
+    bit(l1.ecx & (1 << 22) != 0, isa::MOVBE);
+    bit(l1.ecx & (1 << 23) != 0, isa::POPCNT);
+    bit(l1.ecx & (1 << 25) != 0, isa::AES);
+    bit(l1.ecx & (1 << 28) != 0, isa::AVX);
+    bit(l1.ecx & (1 << 29) != 0, isa::F16C);
+    bit(l1.ecx & (1 << 30) != 0, isa::RDRAND);
+    bit(l7.ebx & (1 << 3) != 0, isa::BMI1);
+    bit(l7.ebx & (1 << 5) != 0, isa::AVX2);
+    bit(l7.ebx & (1 << 8) != 0, isa::BMI2);
+    bit(l7.ebx & (1 << 18) != 0, isa::RDSEED);
+    bit(l7.ebx & (1 << 19) != 0, isa::ADX);
+    bit(l7.ebx & (1 << 29) != 0, isa::SHA);
+    bit(e1.ecx & (1 << 5) != 0, isa::LZCNT);
+    m
+}
+
+/// Which checks and state an instruction needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// x87 arithmetic and data movement: #NM on EM or TS, #MF when an exception is pending.
+    X87,
+    /// MMX registers (also SSE instructions with an MMX operand): #UD on EM, #NM on TS.
+    Mmx,
+    /// Legacy-encoded SSE: #UD without CR4.OSFXSR.
+    Sse,
+    /// VEX-encoded vector instructions: #UD unless XCR0 enables SSE and AVX state.
+    Avx,
+    /// General-purpose only (BMI, ADX, POPCNT, CRC32, MOVBE, RDRAND).
+    Gpr,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MemOp {
+    size: usize,
+    read: bool,
+    write: bool,
+    /// Required alignment (1: none).
+    align: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Plan {
+    stub: Stub,
+    class: Class,
+    /// ISA bits the instruction needs.
+    need: u64,
+    /// Host GPR numbers loaded and stored; `gpr_map[h]` is the guest GPR host register
+    /// `h` stands for.
+    gpr_in: u16,
+    gpr_out: u16,
+    gpr_map: [u8; 16],
+    vec_in: u16,
+    vec_out: u16,
+    x87: bool,
+    mxcsr: bool,
+    flags_out: u64,
+    mem: Option<MemOp>,
+}
+
+/// Per-CPU state of the host-execution path: stubs by instruction, and their code.
+pub(crate) struct HostExec {
+    arena: Option<Arena>,
+    plans: HashMap<Instruction, Option<Plan>>,
+    ctx: Box<Ctx>,
+    /// CPUID generation the cached ISA bits belong to.
+    isa_gen: u64,
+    isa: u64,
+}
+
+impl std::fmt::Debug for HostExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostExec")
+            .field("plans", &self.plans.len())
+            .finish()
+    }
+}
+
+impl Default for HostExec {
+    fn default() -> Self {
+        HostExec {
+            arena: None,
+            plans: HashMap::new(),
+            // SAFETY: Ctx is plain integers and byte arrays; all zeroes is a valid value.
+            ctx: unsafe { Box::new_zeroed().assume_init() },
+            isa_gen: u64::MAX,
+            isa: 0,
+        }
+    }
+}
+
+const ARENA_LEN: usize = 1 << 20;
+
+/// Whether the host can run the instructions this module handles at all.
+pub(crate) fn host_supported() -> bool {
+    cfg!(target_arch = "x86_64")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn host_avx() -> bool {
+    std::arch::is_x86_feature_detected!("avx")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn host_avx() -> bool {
+    false
+}
+
+fn gpr_num(r: Register) -> Option<usize> {
+    if r.is_gpr() {
+        Some(r.full_register() as usize - Register::RAX as usize)
+    } else {
+        None
+    }
+}
+
+/// The register of the same width as `r` in GPR number `n`.
+fn gpr_like(r: Register, n: usize) -> Option<Register> {
+    let base = match r.size() {
+        1 => Register::AL,
+        2 => Register::AX,
+        4 => Register::EAX,
+        _ => Register::RAX,
+    };
+    if r.size() == 1 && n >= 4 {
+        // SPL..R15L come after AH..BH in iced's numbering.
+        return nth_reg(Register::SPL, n - 4);
+    }
+    nth_reg(base, n)
+}
+
+fn vec_num(r: Register) -> Option<usize> {
+    if r.is_xmm() && (r as usize) < Register::XMM16 as usize {
+        Some(r as usize - Register::XMM0 as usize)
+    } else if r.is_ymm() && (r as usize) < Register::YMM16 as usize {
+        Some(r as usize - Register::YMM0 as usize)
+    } else if r.is_zmm() && (r as usize) < Register::ZMM16 as usize {
+        // iced names the whole register a VEX instruction zeroes the top of.
+        Some(r as usize - Register::ZMM0 as usize)
+    } else {
+        None
+    }
+}
+
+/// Mnemonics this module never runs: control flow, system state, implicit memory, or
+/// state the emulator keeps itself.
+fn refused(m: M) -> bool {
+    matches!(
+        m,
+        M::Maskmovq
+            | M::Maskmovdqu
+            | M::Vmaskmovdqu
+            | M::Vzeroupper
+            | M::Vzeroall
+            | M::Vldmxcsr
+            | M::Vstmxcsr
+            | M::Ldmxcsr
+            | M::Stmxcsr
+            | M::Fxsave
+            | M::Fxsave64
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Fnsave
+            | M::Fsave
+            | M::Frstor
+            | M::Fnstenv
+            | M::Fstenv
+            | M::Fldenv
+            | M::Fldcw
+            | M::Fnstcw
+            | M::Fstcw
+            | M::Fninit
+            | M::Finit
+            | M::Fnclex
+            | M::Fclex
+            | M::Fnstsw
+            | M::Fstsw
+            | M::Wait
+            | M::Femms
+            | M::Fnsetpm
+            | M::Fsetpm
+            | M::Fneni
+            | M::Feni
+            | M::Fndisi
+            | M::Fdisi
+            | M::Frstpm
+            | M::Fnstdw
+            | M::Fnstsg
+    )
+}
+
+/// Memory operands whose alignment the instruction demands (#GP otherwise).
+fn alignment(ins: &Instruction, size: usize, class: Class) -> u64 {
+    let m = ins.mnemonic();
+    match class {
+        Class::Avx => {
+            if matches!(
+                m,
+                M::Vmovaps
+                    | M::Vmovapd
+                    | M::Vmovdqa
+                    | M::Vmovntps
+                    | M::Vmovntpd
+                    | M::Vmovntdq
+                    | M::Vmovntdqa
+            ) {
+                size as u64
+            } else {
+                1
+            }
+        }
+        Class::Sse if size == 16 => {
+            if matches!(
+                m,
+                M::Movups
+                    | M::Movupd
+                    | M::Movdqu
+                    | M::Lddqu
+                    | M::Pcmpestri
+                    | M::Pcmpestri64
+                    | M::Pcmpestrm
+                    | M::Pcmpestrm64
+                    | M::Pcmpistri
+                    | M::Pcmpistrm
+            ) {
+                1
+            } else {
+                16
+            }
+        }
+        _ => 1,
+    }
+}
+
+fn plan(ins: &Instruction, arena: &mut Arena) -> Option<Plan> {
+    let m = ins.mnemonic();
+    if refused(m) || ins.is_invalid() {
+        return None;
+    }
+    if !matches!(ins.encoding(), EncodingKind::Legacy | EncodingKind::VEX) {
+        return None;
+    }
+    let mut need = 0;
+    for &f in ins.cpuid_features() {
+        need |= isa_bit(f)?;
+    }
+    let mut info = InstructionInfoFactory::new();
+    let used: Vec<_> = info.info(ins).used_registers().to_vec();
+    let mut mem_ops = 0;
+    let mut x87 = false;
+    let mut vec = false;
+    for i in 0..ins.op_count() {
+        match ins.op_kind(i) {
+            OpKind::Register => {
+                let r = ins.op_register(i);
+                if r.is_mm() || r.is_st() {
+                    x87 = true;
+                } else if r.is_xmm() || r.is_ymm() {
+                    vec = true;
+                } else if !r.is_gpr() {
+                    return None;
+                }
+            }
+            OpKind::Memory => mem_ops += 1,
+            OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return None,
+        }
+    }
+    if mem_ops > 1 || ins.is_vsib() {
+        return None;
+    }
+    for u in &used {
+        let r = u.register();
+        if r.is_st() || r.is_mm() {
+            x87 = true;
+        } else if r.is_xmm() || r.is_ymm() || r.is_zmm() {
+            vec = true;
+            vec_num(r)?;
+        } else if !(r.is_gpr() || r == Register::None || r.is_segment_register()) {
+            // Control, mask or other registers: not a pure computation. (Segment registers
+            // show up as the memory operand's segment, which the emulator applies.)
+            return None;
+        }
+    }
+    let fpu = need & isa::FPU != 0;
+    x87 |= fpu || need & isa::MMX != 0;
+    let class = if ins.encoding() == EncodingKind::VEX {
+        if vec {
+            Class::Avx
+        } else {
+            Class::Gpr
+        }
+    } else if fpu {
+        Class::X87
+    } else if x87 {
+        Class::Mmx
+    } else if vec {
+        Class::Sse
+    } else {
+        Class::Gpr
+    };
+    if class == Class::Gpr
+        && (need == 0
+            || need
+                & !(isa::POPCNT
+                    | isa::BMI1
+                    | isa::BMI2
+                    | isa::ADX
+                    | isa::MOVBE
+                    | isa::SSE42
+                    | isa::RDRAND
+                    | isa::RDSEED
+                    | isa::LZCNT)
+                != 0)
+    {
+        return None;
+    }
+    if (class == Class::Avx || vec) && !host_avx() && ins.encoding() == EncodingKind::VEX {
+        return None;
+    }
+
+    // Host registers: the guest's own numbers, except RSP (the stub's stack) and the
+    // context pointer, which take GPR numbers the instruction does not touch.
+    let touched: u16 = used
+        .iter()
+        .filter_map(|u| gpr_num(u.register()))
+        .fold(0, |a, n| a | (1 << n));
+    let mut free = (0..16usize)
+        .rev()
+        .filter(|&n| n != 4 && touched & (1 << n) == 0);
+    let ptr = free.next()?;
+    let rsp_to = if touched & (1 << 4) != 0 {
+        Some(free.next()?)
+    } else {
+        None
+    };
+
+    let mut r = *ins;
+    let mut mem = None;
+    for i in 0..ins.op_count() {
+        match ins.op_kind(i) {
+            OpKind::Register => {
+                let reg = ins.op_register(i);
+                if let (Some(4), Some(to)) = (gpr_num(reg), rsp_to) {
+                    r.set_op_register(i, gpr_like(reg, to)?);
+                }
+            }
+            OpKind::Memory => {
+                let size = ins.memory_size().size();
+                if size == 0 || size > MEM_MAX {
+                    return None;
+                }
+                let (mut read, mut write) = (false, false);
+                for u in info.info(ins).used_memory() {
+                    match u.access() {
+                        OpAccess::Read | OpAccess::CondRead => read = true,
+                        OpAccess::Write => write = true,
+                        // A conditional write keeps what it does not write: read it first.
+                        OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
+                            read = true;
+                            write = true
+                        }
+                        _ => {}
+                    }
+                }
+                if !read && !write {
+                    // LEA-like forms do not belong here.
+                    return None;
+                }
+                mem = Some(MemOp {
+                    size,
+                    read,
+                    write,
+                    align: alignment(ins, size, class),
+                });
+                r.set_memory_base(gpr_like(Register::RAX, ptr)?);
+                r.set_memory_index(Register::None);
+                r.set_memory_index_scale(1);
+                r.set_memory_displacement64(OFF_MEM as u64);
+                r.set_memory_displ_size(8);
+                r.set_segment_prefix(Register::None);
+            }
+            _ => {}
+        }
+    }
+
+    // What the rewritten instruction reads and writes, apart from the context pointer.
+    let used2: Vec<_> = info.info(&r).used_registers().to_vec();
+    let (mut gpr_in, mut gpr_out, mut vec_in, mut vec_out) = (0u16, 0u16, 0u16, 0u16);
+    for u in &used2 {
+        let reg = u.register();
+        let writes = matches!(
+            u.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        );
+        if let Some(n) = gpr_num(reg) {
+            if n == ptr {
+                continue;
+            }
+            if n == 4 {
+                return None;
+            }
+            gpr_in |= 1 << n;
+            if writes {
+                gpr_out |= 1 << n;
+            }
+        } else if let Some(n) = vec_num(reg) {
+            vec_in |= 1 << n;
+            if writes {
+                vec_out |= 1 << n;
+            }
+        }
+    }
+    let mut gpr_map = [0u8; 16];
+    for (h, g) in gpr_map.iter_mut().enumerate() {
+        *g = h as u8;
+    }
+    if let Some(to) = rsp_to {
+        gpr_map[to] = 4;
+    }
+    let mxcsr = class != Class::Gpr;
+    let flags_out = rflags_bits(ins.rflags_modified());
+    let code = stub_code(&r, ptr, gpr_in, gpr_out, vec_in, vec_out, x87, mxcsr)?;
+    let at = arena.put(&code)?;
+    // SAFETY: `at` holds the complete function just assembled for this address.
+    let stub: Stub = unsafe { std::mem::transmute::<*mut u8, Stub>(at) };
+    Some(Plan {
+        stub,
+        class,
+        need,
+        gpr_in,
+        gpr_out,
+        gpr_map,
+        vec_in,
+        vec_out,
+        x87,
+        mxcsr,
+        flags_out,
+        mem,
+    })
+}
+
+fn rflags_bits(iced: u32) -> u64 {
+    use iced_x86::RflagsBits as B;
+    let mut f = 0;
+    for (b, v) in [
+        (B::CF, 1u64),
+        (B::PF, 1 << 2),
+        (B::AF, 1 << 4),
+        (B::ZF, 1 << 6),
+        (B::SF, 1 << 7),
+        (B::OF, 1 << 11),
+    ] {
+        if iced & b != 0 {
+            f |= v;
+        }
+    }
+    f
+}
+
+fn nth_reg(base: Register, n: usize) -> Option<Register> {
+    Register::try_from(base as usize + n).ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stub_code(
+    ins: &Instruction,
+    ptr: usize,
+    gpr_in: u16,
+    gpr_out: u16,
+    vec_in: u16,
+    vec_out: u16,
+    x87: bool,
+    mxcsr: bool,
+) -> Option<Vec<u8>> {
+    let g = |n: usize| gpr_like(Register::RAX, n).and_then(asm::get_gpr64);
+    let ymm = |n: usize| nth_reg(Register::YMM0, n).and_then(asm::get_ymm);
+    let xmm = |n: usize| nth_reg(Register::XMM0, n).and_then(asm::get_xmm);
+    let p = g(ptr)?;
+    let avx = host_avx();
+    let mut a = CodeAssembler::new(64).ok()?;
+    for r in [asm::rbx, asm::rbp, asm::r12, asm::r13, asm::r14, asm::r15] {
+        a.push(r).ok()?;
+    }
+    a.mov(p, asm::rdi).ok()?;
+    if mxcsr {
+        a.stmxcsr(asm::dword_ptr(p + OFF_HOST_MXCSR)).ok()?;
+    }
+    if x87 {
+        // Before LDMXCSR: FXRSTOR loads MXCSR too.
+        a.fxrstor64(asm::ptr(p + OFF_FX)).ok()?;
+    }
+    if mxcsr {
+        a.ldmxcsr(asm::dword_ptr(p + OFF_MXCSR)).ok()?;
+    }
+    for n in (0..16usize).filter(|n| vec_in & (1 << n) != 0) {
+        let off = OFF_YMM + 32 * n as i32;
+        if avx {
+            a.vmovdqu(ymm(n)?, asm::ymmword_ptr(p + off)).ok()?;
+        } else {
+            a.movdqu(xmm(n)?, asm::xmmword_ptr(p + off)).ok()?;
+        }
+    }
+    for n in (0..16usize).filter(|n| gpr_in & (1 << n) != 0) {
+        a.mov(g(n)?, asm::qword_ptr(p + (OFF_GPR + 8 * n as i32)))
+            .ok()?;
+    }
+    a.push(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
+    a.popfq().ok()?;
+    a.add_instruction(*ins).ok()?;
+    a.pushfq().ok()?;
+    a.pop(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
+    for n in (0..16usize).filter(|n| gpr_out & (1 << n) != 0) {
+        a.mov(asm::qword_ptr(p + (OFF_GPR + 8 * n as i32)), g(n)?)
+            .ok()?;
+    }
+    for n in (0..16usize).filter(|n| vec_out & (1 << n) != 0) {
+        let off = OFF_YMM + 32 * n as i32;
+        if avx {
+            a.vmovdqu(asm::ymmword_ptr(p + off), ymm(n)?).ok()?;
+        } else {
+            a.movdqu(asm::xmmword_ptr(p + off), xmm(n)?).ok()?;
+        }
+    }
+    if mxcsr {
+        a.stmxcsr(asm::dword_ptr(p + OFF_MXCSR)).ok()?;
+    }
+    if x87 {
+        a.fxsave64(asm::ptr(p + OFF_FX)).ok()?;
+        // The host's own x87 state as the ABI wants it: empty stack, default control.
+        a.fninit().ok()?;
+    }
+    if mxcsr {
+        a.ldmxcsr(asm::dword_ptr(p + OFF_HOST_MXCSR)).ok()?;
+    }
+    if avx && vec_in != 0 {
+        a.vzeroupper().ok()?;
+    }
+    for r in [asm::r15, asm::r14, asm::r13, asm::r12, asm::rbp, asm::rbx] {
+        a.pop(r).ok()?;
+    }
+    a.ret().ok()?;
+    // Position-independent: no operand is RIP-relative.
+    a.assemble(0).ok()
+}
+
+/// The full x87 tag word as FSTENV/FSAVE store it, classifying each valid register.
+pub(crate) fn full_tag_word(f: &crate::state::FpuState) -> u16 {
+    let top = (f.fsw >> 11) & 7;
+    let mut t = 0u16;
+    for phys in 0..8u16 {
+        let tag = if f.ftw & (1 << phys) == 0 {
+            3
+        } else {
+            let st = usize::from((phys + 8 - top) & 7);
+            let v = f.st[st];
+            let exp = ((v >> 64) & 0x7fff) as u16;
+            let mant = v as u64;
+            if exp == 0x7fff {
+                2
+            } else if exp == 0 {
+                if mant == 0 {
+                    1
+                } else {
+                    2
+                }
+            } else if mant >> 63 == 0 {
+                2
+            } else {
+                0
+            }
+        };
+        t |= tag << (2 * phys);
+    }
+    t
+}
+
+impl Core {
+    /// #MF for a pending unmasked x87 exception (FSW.ES), before a waiting x87 or MMX
+    /// instruction runs.
+    pub(crate) fn fpu_pending(&self) -> Result<()> {
+        if self.s.fpu.fsw & 0x80 != 0 {
+            return Err(Fault::new(vector::MF));
+        }
+        Ok(())
+    }
+
+    fn hostexec_isa(&mut self) -> u64 {
+        let gen = self.cpuid.generation();
+        if self.hostexec.isa_gen != gen {
+            self.hostexec.isa = isa_of(&self.cpuid);
+            self.hostexec.isa_gen = gen;
+        }
+        self.hostexec.isa
+    }
+}
+
+/// Whether `ins` goes straight to [`exec`]: VEX encodings, x87 arithmetic and anything
+/// with an MMX or x87 register. (Legacy SSE the interpreter does not implement reaches
+/// [`exec`] through `sse_fp`.)
+pub(crate) fn routes(ins: &Instruction) -> bool {
+    ins.encoding() == EncodingKind::VEX
+        || ins
+            .cpuid_features()
+            .iter()
+            .any(|f| matches!(f, F::FPU | F::FPU287 | F::FPU387 | F::MMX))
+        || (0..ins.op_count()).any(|i| {
+            ins.op_kind(i) == OpKind::Register && {
+                let r = ins.op_register(i);
+                r.is_mm() || r.is_st()
+            }
+        })
+        || matches!(
+            ins.mnemonic(),
+            M::Popcnt | M::Crc32 | M::Movbe | M::Adcx | M::Adox | M::Rdrand | M::Rdseed
+        )
+}
+
+/// Runs `ins` on the host; #UD for what this module does not run or the model lacks.
+pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    if !host_supported() {
+        return Err(Fault::ud());
+    }
+    let isa = cpu.hostexec_isa();
+    let he = &mut cpu.hostexec;
+    let plan = match he.plans.get(ins) {
+        Some(p) => *p,
+        None => {
+            if he.plans.len() > 65536 {
+                he.plans.clear();
+                if let Some(a) = he.arena.as_mut() {
+                    a.reset();
+                }
+            }
+            if he.arena.is_none() {
+                he.arena = Arena::new(ARENA_LEN);
+            }
+            let Some(arena) = he.arena.as_mut() else {
+                return Err(Fault::ud());
+            };
+            let mut pl = plan(ins, arena);
+            if pl.is_none() && arena.next() as usize + 4096 > ARENA_LEN {
+                // Full: start again (dropping every stub) and retry once.
+                he.plans.clear();
+                arena.reset();
+                pl = plan(ins, arena);
+            }
+            he.plans.insert(*ins, pl);
+            pl
+        }
+    };
+    let Some(plan) = plan else {
+        return Err(Fault::ud());
+    };
+    if plan.need & !isa != 0 {
+        return Err(Fault::ud());
+    }
+    let s = &cpu.s;
+    match plan.class {
+        Class::X87 => {
+            cpu.fpu_check()?;
+            cpu.fpu_pending()?;
+        }
+        Class::Mmx => {
+            if s.cr0 & CR0_EM != 0 {
+                return Err(Fault::ud());
+            }
+            if s.cr0 & CR0_TS != 0 {
+                return Err(Fault::nm());
+            }
+            if plan.vec_in != 0 && s.cr4 & CR4_OSFXSR == 0 {
+                return Err(Fault::ud());
+            }
+            cpu.fpu_pending()?;
+        }
+        Class::Sse => cpu.sse_check()?,
+        Class::Avx => cpu.avx_check()?,
+        Class::Gpr => {}
+    }
+
+    // The memory operand: checked and read before anything runs.
+    let mut lin = 0;
+    let mut off = 0;
+    if let Some(mo) = plan.mem {
+        off = ea(cpu, ins);
+        if off & (mo.align - 1) != 0 {
+            return Err(Fault::gp0());
+        }
+        lin = cpu.seg_lin(mem_seg(ins), off, mo.size as u32)?;
+        if mo.read {
+            let user = cpu.user();
+            let mut buf = [0u8; MEM_MAX];
+            cpu.read_lin_slow(p, lin, &mut buf[..mo.size], user, crate::mmu::Access::Read)?;
+            cpu.hostexec.ctx.mem[..mo.size].copy_from_slice(&buf[..mo.size]);
+        }
+    }
+
+    let guest_fcw = cpu.s.fpu.fcw;
+    let guest_fsw = cpu.s.fpu.fsw;
+    let guest_mxcsr = cpu.s.fpu.mxcsr;
+    {
+        let s = &cpu.s;
+        let ctx = &mut cpu.hostexec.ctx;
+        if plan.x87 {
+            let f = &s.fpu;
+            let fx = &mut ctx.fx;
+            fx[0..2].copy_from_slice(&(f.fcw | 0x3f).to_le_bytes());
+            fx[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+            fx[4] = f.ftw;
+            fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+            for (i, st) in f.st.iter().enumerate() {
+                let o = 32 + i * 16;
+                fx[o..o + 16].copy_from_slice(&(st & ((1u128 << 80) - 1)).to_le_bytes());
+            }
+        }
+        for n in 0..16 {
+            if plan.vec_in & (1 << n) != 0 {
+                ctx.ymm[n] = [s.fpu.xmm[n], s.fpu.ymm_hi[n]];
+            }
+        }
+        for h in 0..16 {
+            if plan.gpr_in & (1 << h) != 0 {
+                ctx.gpr[h] = s.gpr[usize::from(plan.gpr_map[h])];
+            }
+        }
+        ctx.flags = (s.rflags & STATUS) | HOST_FLAGS;
+        // Every exception masked, no flag raised yet: what the instruction raises shows.
+        ctx.mxcsr = (guest_mxcsr | 0x1f80) & !0x3f;
+        let ctx_ptr: *mut Ctx = &mut **ctx;
+        // SAFETY: the stub was assembled by `plan` for exactly this context layout: it
+        // saves and restores the callee-saved registers, the host MXCSR and an empty x87
+        // stack, touches no memory outside `*ctx_ptr`, and runs one instruction accepted by
+        // `plan` (no control flow, no system state, its one memory operand rewritten to
+        // `ctx.mem`), with every floating-point exception masked so nothing traps.
+        unsafe { (plan.stub)(ctx_ptr) };
+    }
+
+    let ctx = &cpu.hostexec.ctx;
+    // SIMD floating-point exceptions the guest left unmasked: #XM, nothing written.
+    if plan.mxcsr {
+        let raised = ctx.mxcsr & 0x3f;
+        let masks = (guest_mxcsr >> 7) & 0x3f;
+        if raised & !masks != 0 {
+            cpu.s.fpu.mxcsr |= raised;
+            return Err(if cpu.s.cr4 & CR4_OSXMMEXCPT != 0 {
+                Fault::new(vector::XM)
+            } else {
+                Fault::ud()
+            });
+        }
+    }
+    let mut x87_out = None;
+    if plan.x87 {
+        let fx = &ctx.fx;
+        let fsw = u16::from_le_bytes([fx[2], fx[3]]);
+        let raised = fsw & 0x3f & !(guest_fsw & 0x3f);
+        let unmasked = raised & !(guest_fcw & 0x3f);
+        if unmasked & 0x7 != 0 {
+            // Invalid operation, denormal or divide by zero, unmasked: the operands stay,
+            // the flags are set, and the next waiting instruction raises #MF.
+            cpu.s.fpu.fsw = guest_fsw | raised | (fsw & 0x40) | (fsw & 0x200) | 0x8080;
+            return Ok(());
+        }
+        let es = if unmasked != 0 { 0x8080 } else { 0 };
+        x87_out = Some((fsw | es, fx[4]));
+    }
+    if let (Some(mo), true) = (plan.mem, plan.mem.is_some_and(|m| m.write)) {
+        let user = cpu.user();
+        let buf = cpu.hostexec.ctx.mem;
+        cpu.write_lin(p, lin, &buf[..mo.size], user)?;
+    }
+
+    // Commit.
+    let ctx = &cpu.hostexec.ctx;
+    let s = &mut cpu.s;
+    for h in 0..16 {
+        if plan.gpr_out & (1 << h) != 0 {
+            s.gpr[usize::from(plan.gpr_map[h])] = ctx.gpr[h];
+        }
+    }
+    for n in 0..16 {
+        if plan.vec_out & (1 << n) != 0 {
+            s.fpu.xmm[n] = ctx.ymm[n][0];
+            s.fpu.ymm_hi[n] = ctx.ymm[n][1];
+        }
+    }
+    s.rflags = (s.rflags & !plan.flags_out) | (ctx.flags & plan.flags_out);
+    if plan.mxcsr {
+        s.fpu.mxcsr = guest_mxcsr | (ctx.mxcsr & 0x3f);
+    }
+    if let Some((fsw, ftw)) = x87_out {
+        let fx = &ctx.fx;
+        let f = &mut s.fpu;
+        f.fcw = (u16::from_le_bytes([fx[0], fx[1]]) & !0x3f) | (guest_fcw & 0x3f);
+        f.fsw = fsw;
+        f.ftw = ftw;
+        for i in 0..8 {
+            let o = 32 + i * 16;
+            let mut v = [0u8; 16];
+            v[..10].copy_from_slice(&fx[o..o + 10]);
+            f.st[i] = u128::from_le_bytes(v);
+        }
+        if plan.class == Class::X87 {
+            f.fip = ins.ip();
+            if plan.mem.is_some() {
+                f.fdp = off;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    #[test]
+    fn plans_vmovdqu() {
+        let bytes = [0xc5, 0xfe, 0x6f, 0x06];
+        let ins = Decoder::with_ip(64, &bytes, 0x1000, DecoderOptions::NONE).decode();
+        let mut arena = Arena::new(1 << 16).unwrap();
+
+        for &f in ins.cpuid_features() {
+            assert!(isa_bit(f).is_some(), "{f:?}");
+        }
+        assert_eq!(gpr_like(Register::RAX, 15), Some(Register::R15));
+        let mut r = ins;
+        r.set_memory_base(Register::R15);
+        r.set_memory_displacement64(OFF_MEM as u64);
+        r.set_memory_displ_size(8);
+        assert!(stub_code(&r, 15, 0, 0, 1, 1, false, true).is_some());
+        let p = plan(&ins, &mut arena);
+        assert!(p.is_some());
+    }
+}
