@@ -12,6 +12,10 @@ command -v dnsmasq >/dev/null 2>&1 || pkgs+=(dnsmasq-base)
 command -v iptables >/dev/null 2>&1 || pkgs+=(iptables)
 command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
 command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
+command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
+# The Debian guest test builds a static -march=x86-64-v3 program on the host.
+command -v gcc >/dev/null 2>&1 || pkgs+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || pkgs+=(libc6-dev)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done
@@ -34,4 +38,7 @@ command -v cargo >/dev/null 2>&1 || {
 }
 
 scripts/guest-assets.sh
+# Debian bookworm with systemd (debootstrap), for tests/debian_guest.rs; cached like the
+# guest assets and rebuilt only when the script changes.
+scripts/debian-rootfs.sh
 cargo test --workspace --all-targets --no-fail-fast
