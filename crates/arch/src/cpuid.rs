@@ -8,6 +8,206 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 
+/// A named CPU model: which instruction-set extensions the guest is promised. The
+/// x86-64 micro-architecture levels are the psABI's (glibc's `glibc-hwcaps` directories
+/// and distributions' baselines key off them); `qemu64` is QEMU's default model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CpuModel {
+    /// x86-64 baseline plus SSE3 and CMPXCHG16B (QEMU's `qemu64`).
+    #[serde(rename = "qemu64")]
+    Qemu64,
+    /// Adds SSSE3, SSE4.1, SSE4.2, POPCNT, LAHF/SAHF (RHEL 9's baseline).
+    #[serde(rename = "x86-64-v2")]
+    X86_64V2,
+    /// Adds AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE (RHEL 10's baseline).
+    #[serde(rename = "x86-64-v3")]
+    X86_64V3,
+    /// Everything the accelerator implements on this host.
+    #[default]
+    #[serde(rename = "max")]
+    Max,
+}
+
+impl CpuModel {
+    pub const ALL: [CpuModel; 4] = [
+        CpuModel::Qemu64,
+        CpuModel::X86_64V2,
+        CpuModel::X86_64V3,
+        CpuModel::Max,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuModel::Qemu64 => "qemu64",
+            CpuModel::X86_64V2 => "x86-64-v2",
+            CpuModel::X86_64V3 => "x86-64-v3",
+            CpuModel::Max => "max",
+        }
+    }
+
+    /// (leaf, register, bit, name) of every extension the model promises beyond the
+    /// x86-64 baseline; None for `max` (whatever is supported).
+    fn required(self) -> Option<Vec<(u32, Reg, u32, &'static str)>> {
+        let v1 = [
+            (1, Reg::Ecx, 0, "SSE3"),
+            (1, Reg::Ecx, 13, "CMPXCHG16B"),
+            (0x8000_0001, Reg::Ecx, 0, "LAHF/SAHF"),
+        ];
+        let v2 = [
+            (1, Reg::Ecx, 9, "SSSE3"),
+            (1, Reg::Ecx, 19, "SSE4.1"),
+            (1, Reg::Ecx, 20, "SSE4.2"),
+            (1, Reg::Ecx, 23, "POPCNT"),
+        ];
+        let v3 = [
+            (1, Reg::Ecx, 12, "FMA"),
+            (1, Reg::Ecx, 22, "MOVBE"),
+            (1, Reg::Ecx, 26, "XSAVE"),
+            (1, Reg::Ecx, 28, "AVX"),
+            (1, Reg::Ecx, 29, "F16C"),
+            (7, Reg::Ebx, 3, "BMI1"),
+            (7, Reg::Ebx, 5, "AVX2"),
+            (7, Reg::Ebx, 8, "BMI2"),
+            (0x8000_0001, Reg::Ecx, 5, "LZCNT"),
+        ];
+        let mut r: Vec<_> = v1.to_vec();
+        match self {
+            CpuModel::Max => return None,
+            CpuModel::Qemu64 => {}
+            CpuModel::X86_64V2 => r.extend(v2),
+            CpuModel::X86_64V3 => {
+                r.extend(v2);
+                r.extend(v3);
+            }
+        }
+        Some(r)
+    }
+}
+
+impl std::fmt::Display for CpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        CpuModel::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown CPU model {s:?} (qemu64, x86-64-v2, x86-64-v3 or max)"))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reg {
+    Ebx,
+    Ecx,
+}
+
+/// Leaf 1 ECX bits that describe the platform, not the instruction set: kept in every model.
+const L1_ECX_PLATFORM: u32 = (1 << 21) | (1 << 24) | ECX_HYPERVISOR;
+/// Leaf 7 EBX/EDX bits that are hints about the implementation, kept in every model: ERMS
+/// (fast REP MOVSB) and IA32_ARCH_CAPABILITIES.
+const L7_EBX_HINTS: u32 = 1 << 9;
+const L7_EDX_HINTS: u32 = 1 << 29;
+
+/// A model the accelerator cannot provide.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU model {model} needs {missing}, which this host's accelerator cannot provide (try --cpu max)")]
+pub struct ModelError {
+    pub model: CpuModel,
+    pub missing: String,
+}
+
+fn reg_of(e: &CpuIdEntry, r: Reg) -> u32 {
+    match r {
+        Reg::Ebx => e.ebx,
+        Reg::Ecx => e.ecx,
+    }
+}
+
+/// Narrows `supported` to what `model` promises: exactly its extensions, the x86-64
+/// baseline, and the platform bits. Fails when `supported` lacks one the model needs.
+pub fn apply_model(
+    supported: &[CpuIdEntry],
+    model: CpuModel,
+) -> Result<Vec<CpuIdEntry>, ModelError> {
+    let mut out = match model.required() {
+        Some(req) => narrow(supported, model, &req)?,
+        None => supported.to_vec(),
+    };
+    set_brand(&mut out, &format!("Vessel virtual CPU ({})", model.name()));
+    Ok(out)
+}
+
+fn narrow(
+    supported: &[CpuIdEntry],
+    model: CpuModel,
+    req: &[(u32, Reg, u32, &'static str)],
+) -> Result<Vec<CpuIdEntry>, ModelError> {
+    let find = |leaf: u32| {
+        supported
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0)
+            .copied()
+            .unwrap_or_default()
+    };
+    let missing: Vec<&str> = req
+        .iter()
+        .filter(|(leaf, r, bit, _)| reg_of(&find(*leaf), *r) & (1 << bit) == 0)
+        .map(|(.., n)| *n)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ModelError {
+            model,
+            missing: missing.join(", "),
+        });
+    }
+    let mask = |leaf: u32, r: Reg| {
+        req.iter()
+            .filter(|(l, rr, ..)| *l == leaf && *rr == r)
+            .fold(0u32, |m, (_, _, b, _)| m | (1 << b))
+    };
+    let xsave = mask(1, Reg::Ecx) & (1 << 26) != 0;
+    let mut out = Vec::with_capacity(supported.len());
+    for e in supported {
+        let mut e = *e;
+        match e.function {
+            1 => e.ecx &= mask(1, Reg::Ecx) | L1_ECX_PLATFORM,
+            7 if e.index == 0 => {
+                e.ebx &= mask(7, Reg::Ebx) | L7_EBX_HINTS;
+                e.ecx = 0;
+                e.edx &= L7_EDX_HINTS;
+            }
+            7 => continue,
+            0xd if !xsave => continue,
+            0xd if e.index == 1 => e.eax = 0,
+            0x8000_0001 => e.ecx &= mask(0x8000_0001, Reg::Ecx) | (1 << 8),
+            0x8000_0002..=0x8000_0004 => {}
+            _ => {}
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Leaves 0x8000_0002-4 spell the brand string (at most 47 bytes).
+fn set_brand(out: &mut [CpuIdEntry], brand: &str) {
+    let mut b = [0u8; 48];
+    b[..brand.len().min(47)].copy_from_slice(&brand.as_bytes()[..brand.len().min(47)]);
+    for (i, leaf) in (0x8000_0002u32..=0x8000_0004).enumerate() {
+        let w = |j: usize| {
+            let o = i * 16 + j * 4;
+            u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+        };
+        if let Some(e) = out.iter_mut().find(|e| e.function == leaf) {
+            (e.eax, e.ebx, e.ecx, e.edx) = (w(0), w(1), w(2), w(3));
+        }
+    }
+}
+
 /// Shape `supported` for vCPU `apic_id` of a `cpus`-CPU guest: APIC IDs, topology, and the
 /// hypervisor bit. One core per CPU, one thread per core.
 pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
@@ -72,5 +272,72 @@ mod tests {
         assert_eq!(topo.len(), 2);
         assert_eq!(topo[1].eax, 2);
         assert_eq!(topo[1].edx, 3);
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+
+    fn entry(function: u32, ebx: u32, ecx: u32) -> CpuIdEntry {
+        CpuIdEntry {
+            function,
+            ebx,
+            ecx,
+            ..Default::default()
+        }
+    }
+
+    /// Everything v3 needs and more (AES, SHA, RDPID).
+    fn rich() -> Vec<CpuIdEntry> {
+        vec![
+            entry(1, 0, 0xfef8_3203 | (1 << 25)),
+            entry(
+                7,
+                (1 << 3) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 29),
+                1 << 22,
+            ),
+            entry(0x8000_0001, 0, 0x121),
+            entry(0x8000_0002, 0, 0),
+        ]
+    }
+
+    #[test]
+    fn models_narrow_to_their_level() {
+        let v2 = apply_model(&rich(), CpuModel::X86_64V2).unwrap();
+        let l1 = v2.iter().find(|e| e.function == 1).unwrap();
+        assert_ne!(l1.ecx & (1 << 20), 0, "SSE4.2 kept");
+        assert_eq!(l1.ecx & (1 << 28), 0, "no AVX in v2");
+        assert_eq!(l1.ecx & (1 << 25), 0, "no AES in v2");
+        let l7 = v2.iter().find(|e| e.function == 7).unwrap();
+        assert_eq!(l7.ebx, 1 << 9, "only the ERMS hint");
+        let v3 = apply_model(&rich(), CpuModel::X86_64V3).unwrap();
+        let l7 = v3.iter().find(|e| e.function == 7).unwrap();
+        assert_ne!(l7.ebx & (1 << 5), 0, "AVX2 in v3");
+        assert_eq!(l7.ebx & (1 << 29), 0, "no SHA in v3");
+        assert_eq!(l7.ecx, 0, "no RDPID in v3");
+        let max = apply_model(&rich(), CpuModel::Max).unwrap();
+        assert_eq!(max[..3], rich()[..3], "max keeps every feature");
+    }
+
+    #[test]
+    fn a_model_the_host_cannot_give_is_refused() {
+        let poor = vec![entry(1, 0, 1 | (1 << 13)), entry(0x8000_0001, 0, 1)];
+        assert!(apply_model(&poor, CpuModel::Qemu64).is_ok());
+        let e = apply_model(&poor, CpuModel::X86_64V3).unwrap_err();
+        assert!(e.missing.contains("AVX2"), "{e}");
+        assert!(e.missing.contains("SSE4.2"), "{e}");
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for m in CpuModel::ALL {
+            assert_eq!(m.name().parse::<CpuModel>(), Ok(m));
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.name())
+            );
+        }
+        assert!("pentium".parse::<CpuModel>().is_err());
     }
 }

@@ -66,8 +66,12 @@ pub fn supported() -> Vec<CpuIdEntry> {
     out
 }
 
-/// Install `entries` as the CPU's CPUID.
+/// Install `entries` as the CPU's CPUID: exactly these leaves, nothing left from before
+/// (a model that drops a leaf must not see the default's).
 pub fn install(table: &mut CpuidTable, entries: &[CpuIdEntry]) {
+    let gen = table.generation();
+    *table = CpuidTable::empty();
+    table.bump_generation_past(gen);
     for e in entries {
         let v = x86emu::CpuidEntry {
             eax: e.eax,

@@ -142,6 +142,18 @@ fn qemu_accel(a: Accel) -> &'static str {
     }
 }
 
+/// QEMU's spelling of a CPU model (QEMU 7.2 has no x86-64-vN models: name the features).
+fn qemu_cpu(m: vmm::CpuModel) -> &'static str {
+    match m {
+        vmm::CpuModel::Qemu64 => "qemu64",
+        vmm::CpuModel::X86_64V2 => "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
+        vmm::CpuModel::X86_64V3 => {
+            "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave"
+        }
+        vmm::CpuModel::Max => "max",
+    }
+}
+
 fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
     let vm = &def.vm;
     let mut c = Command::new(&p.qemu);
@@ -149,6 +161,7 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
     c.args(["-m", &format!("{}M", vm.memory_mib)]);
     c.args(["-smp", &vm.cpus.to_string()]);
+    c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
     c.arg("-kernel").arg(&vm.kernel);
     if let Some(i) = &vm.initrd {
         c.arg("-initrd").arg(i);
@@ -228,6 +241,7 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
         Accel::Emu => "emu",
     };
     c.args(["--accel", accel]);
+    c.args(["--cpu", vm.cpu_model.name()]);
     c.args(["--serial", "stdio", "--console-sock"])
         .arg(run.console())
         .arg("--console-log")

@@ -24,6 +24,20 @@ fn text(n: Node) -> String {
     n.text().unwrap_or("").trim().to_string()
 }
 
+/// `<cpu>`: libvirt's host-passthrough, host-model and maximum modes are everything the
+/// accelerator offers (`max`); a custom `<model>` names one of Vessel's models.
+fn cpu_model(c: Node) -> Result<vmm::CpuModel> {
+    let model = child(c, "model").map(text).filter(|s| !s.is_empty());
+    match (c.attribute("mode").unwrap_or("custom"), model) {
+        ("host-passthrough" | "host-model" | "maximum", _) => Ok(vmm::CpuModel::Max),
+        ("custom", Some(m)) => m.parse().map_err(bad),
+        ("custom", None) => Ok(vmm::CpuModel::Max),
+        (other, _) => Err(bad(format!(
+            "<cpu mode={other:?}>: host-passthrough, host-model, maximum or custom"
+        ))),
+    }
+}
+
 fn bad(why: impl Into<String>) -> Error {
     Error::invalid("domain XML", why)
 }
@@ -104,6 +118,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     }
     vm.memory_mib = memory;
     vm.cpus = cpus;
+    if let Some(c) = child(root, "cpu") {
+        vm.cpu_model = cpu_model(c)?;
+    }
     vm.accel = accel;
     vm.serial = vmm::SerialConfig::Null;
 
@@ -230,6 +247,12 @@ pub fn to_xml(d: &DomainDef) -> String {
         "  <currentMemory unit='KiB'>{kib}</currentMemory>\n"
     ));
     x.push_str(&format!("  <vcpu>{}</vcpu>\n", d.vm.cpus));
+    match d.vm.cpu_model {
+        vmm::CpuModel::Max => x.push_str("  <cpu mode='maximum'/>\n"),
+        m => x.push_str(&format!(
+            "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{m}</model>\n  </cpu>\n"
+        )),
+    }
     x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
     x.push_str(&format!(
         "    <kernel>{}</kernel>\n",
@@ -295,6 +318,7 @@ mod tests {
   <memory unit='GiB'>1</memory>
   <currentMemory unit='MiB'>512</currentMemory>
   <vcpu placement='static'>2</vcpu>
+  <cpu mode='custom' match='exact'><model fallback='forbid'>x86-64-v2</model></cpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd</initrd>
     <cmdline>console=ttyS0 &amp; quiet</cmdline></os>
@@ -318,6 +342,7 @@ mod tests {
         assert_eq!(d.vm.accel, Accel::Kvm);
         assert_eq!(d.vm.memory_mib, 512);
         assert_eq!(d.vm.cpus, 2);
+        assert_eq!(d.vm.cpu_model, vmm::CpuModel::X86_64V2);
         assert_eq!(d.vm.cmdline, "console=ttyS0 & quiet");
         assert_eq!(
             d.vm.initrd.as_deref(),
@@ -338,6 +363,27 @@ mod tests {
     }
 
     #[test]
+    fn cpu_modes_map_to_models() {
+        let with = |cpu: &str| {
+            let xml = format!(
+                "<domain><name>a</name><memory>1024</memory>{cpu}<os><kernel>/k</kernel></os></domain>"
+            );
+            parse_domain(&xml).unwrap().vm.cpu_model
+        };
+        assert_eq!(with(""), vmm::CpuModel::Max);
+        assert_eq!(with("<cpu mode='host-passthrough'/>"), vmm::CpuModel::Max);
+        assert_eq!(with("<cpu mode='host-model'/>"), vmm::CpuModel::Max);
+        assert_eq!(
+            with("<cpu><model>qemu64</model></cpu>"),
+            vmm::CpuModel::Qemu64
+        );
+        assert_eq!(
+            with("<cpu mode='custom'><model>x86-64-v3</model></cpu>"),
+            vmm::CpuModel::X86_64V3
+        );
+    }
+
+    #[test]
     fn rejects_malformed_and_unsupported() {
         let cases = [
             ("<domain", "domain XML"),
@@ -350,6 +396,8 @@ mod tests {
             ("<domain><name>a</name><memory unit='TiB'>99999999</memory><os><kernel>/k</kernel></os></domain>", "out of range"),
             ("<domain><name>a</name><memory>1024</memory><vcpu>999</vcpu></domain>", "vcpu"),
             ("<domain><name>a</name><memory>1024</memory><os/></domain>", "kernel"),
+            ("<domain><name>a</name><memory>1024</memory><cpu><model>Skylake</model></cpu><os><kernel>/k</kernel></os></domain>", "unknown CPU model"),
+            ("<domain><name>a</name><memory>1024</memory><cpu mode='sideways'/><os><kernel>/k</kernel></os></domain>", "cpu mode"),
             ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "file or volume disks"),
             ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><interface type='user'/></devices></domain>", "interface"),
         ];

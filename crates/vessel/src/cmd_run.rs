@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// Accelerator: auto picks what really works on this host.
     #[arg(long, default_value = "auto")]
     accel: Accel,
+    /// CPU model: qemu64, x86-64-v2, x86-64-v3, or max (everything the accelerator
+    /// implements on this host).
+    #[arg(long = "cpu", default_value = "max")]
+    cpu_model: vmm::CpuModel,
     /// Serial console: stdio, null, or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
@@ -111,6 +115,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         memory_mib: args.memory,
         cpus: args.cpus,
         accel: args.accel,
+        cpu_model: args.cpu_model,
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use arch::cpuid::CpuModel;
+
 /// Which accelerator runs the vCPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +80,10 @@ pub struct VmConfig {
     pub cpus: u8,
     #[serde(default)]
     pub accel: Accel,
+    /// The CPU model the guest sees (`--cpu`): which instruction-set extensions it is
+    /// promised. The VM fails to start if the accelerator cannot provide them.
+    #[serde(default)]
+    pub cpu_model: CpuModel,
     #[serde(default)]
     pub serial: SerialConfig,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
@@ -287,6 +293,7 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: 1,
             accel: Accel::Auto,
+            cpu_model: CpuModel::default(),
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,

@@ -8,7 +8,7 @@ pub mod control;
 pub mod io;
 pub mod vm;
 
-pub use config::{Accel, SerialConfig, VmConfig};
+pub use config::{Accel, CpuModel, SerialConfig, VmConfig};
 pub use control::{ControlError, VmControl};
 pub use devices::ExitReason;
 pub use vm::{Vmm, VmmError};

@@ -49,6 +49,8 @@ pub enum VmmError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    CpuModel(#[from] arch::cpuid::ModelError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
     #[error("opening disk {path}: {source}")]
@@ -342,7 +344,7 @@ impl Vmm {
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
-        let supported = hv.supported_cpuid()?;
+        let supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(u32::from(id))?;

@@ -152,11 +152,7 @@ impl Default for CpuidTable {
 impl CpuidTable {
     /// The full table for a host with `host`'s extensions.
     pub fn for_host(host: HostIsa) -> Self {
-        let mut t = CpuidTable {
-            leaves: BTreeMap::new(),
-            no_subleaf: Default::default(),
-            generation: 0,
-        };
+        let mut t = CpuidTable::empty();
         let (b, d, c) = regs(b"GenuineIntel");
         t.set(
             0,
@@ -275,6 +271,15 @@ impl CpuidTable {
         t
     }
 
+    /// A table with no leaves (every CPUID returns zeros), to fill with `set`.
+    pub fn empty() -> Self {
+        CpuidTable {
+            leaves: BTreeMap::new(),
+            no_subleaf: Default::default(),
+            generation: 0,
+        }
+    }
+
     /// Leaves 0x8000_0002-4: the brand string (at most 47 bytes).
     pub fn set_brand(&mut self, name: &str) {
         let mut brand = [0u8; 48];
@@ -303,6 +308,11 @@ impl CpuidTable {
             .iter()
             .map(|(&(l, s), &e)| (l, s, e, !self.no_subleaf.contains(&l)))
             .collect()
+    }
+
+    /// Makes `generation()` larger than `g` (a replaced table must not look unchanged).
+    pub fn bump_generation_past(&mut self, g: u64) {
+        self.generation = self.generation.max(g) + 1;
     }
 
     /// Moves whenever a leaf changes.

@@ -386,7 +386,11 @@ fn cpuid_rdtsc_and_msrs() {
     g.cpu.execute_one(&mut NoDevices).unwrap();
     g.cpu.execute_one(&mut NoDevices).unwrap();
     let s = g.cpu.state();
-    assert_eq!(s.gpr[3].to_le_bytes()[..4], *b"Genu", "a real vendor: GenuineIntel");
+    assert_eq!(
+        s.gpr[3].to_le_bytes()[..4],
+        *b"Genu",
+        "a real vendor: GenuineIntel"
+    );
     g.cpu.execute_one(&mut NoDevices).unwrap();
     g.cpu.execute_one(&mut NoDevices).unwrap();
     assert_ne!(g.cpu.state().gpr[2] & (1 << 29), 0, "LM advertised");
