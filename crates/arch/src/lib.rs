@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod e820;
 pub mod elf;
 pub mod entry;
+pub mod firmware;
 pub mod layout;
 pub mod pvh;
 
@@ -213,9 +214,23 @@ pub fn load_kernel(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKern
         None => None,
     };
 
-    // ACPI.
+    // ACPI, and below the end of the first MiB the code a jump to the BIOS finds.
     let tables = acpi::build_tables(&cfg.acpi, ACPI_START);
+    let tables_end = ACPI_START + tables.len() as u64;
+    if tables_end > firmware::RESET_VECTOR {
+        return Err(LoadError::MemoryTooSmall {
+            what: "the ACPI tables below the reset vector",
+            needed: tables_end,
+            have: firmware::RESET_VECTOR,
+        });
+    }
     write(mem, "ACPI tables", ACPI_START, &tables)?;
+    write(
+        mem,
+        "reset vector",
+        firmware::RESET_VECTOR,
+        &firmware::reset_vector_code(),
+    )?;
 
     let map = e820::memory_map(cfg.mem_size);
     let gdt: Vec<u8> = entry::gdt(protocol)
