@@ -8,7 +8,8 @@ use std::time::Duration;
 pub enum ExitReason {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest asked for a reset (i8042 pulse, ACPI reset register, triple fault).
+    /// The guest asked for a reset (i8042 pulse, ACPI reset register, the reset control
+    /// register at 0xcf9).
     Reset,
     /// A CPU triple-faulted.
     TripleFault,

@@ -1,5 +1,5 @@
-//! Small legacy and platform devices: the i8042's reset line, the ACPI power-management
-//! registers, and a debug-exit port for tests.
+//! Small legacy and platform devices: the i8042's reset line, the chipset's reset control
+//! register at 0xcf9, the ACPI power-management registers, and a debug-exit port for tests.
 
 use std::sync::Arc;
 
@@ -57,6 +57,46 @@ impl BusDevice for I8042 {
                 self.expect_command_byte = false;
             }
             _ => tracing::trace!(offset, v, "i8042 write ignored"),
+        }
+    }
+}
+
+/// The reset control register of PC chipsets (PIIX, ICH) at port 0xcf9: writing it with
+/// RST_CPU set resets the machine. Linux uses it for `reboot=p` (it writes SYS_RST, then
+/// SYS_RST | RST_CPU, with FULL_RST for a cold reboot). Only this register is decoded:
+/// the PCI configuration ports around it stay unmapped.
+pub struct ResetControl {
+    exit: Arc<ExitSignal>,
+    value: u8,
+}
+
+pub const RESET_CONTROL_PORT: u16 = 0xcf9;
+/// SYS_RST (hard rather than soft reset) and FULL_RST (power-cycle): kept, read back.
+const RCR_SYS_RST: u8 = 1 << 1;
+const RCR_FULL_RST: u8 = 1 << 3;
+/// RST_CPU: do the reset.
+const RCR_RST_CPU: u8 = 1 << 2;
+
+impl ResetControl {
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        ResetControl { exit, value: 0 }
+    }
+}
+
+impl BusDevice for ResetControl {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.value;
+        }
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        if v & RCR_RST_CPU != 0 {
+            self.exit.request(ExitReason::Reset);
+        } else {
+            self.value = v & (RCR_SYS_RST | RCR_FULL_RST);
         }
     }
 }
@@ -150,6 +190,31 @@ mod tests {
         k.write(I8042_COMMAND, &[0xaa]);
         assert_eq!(exit.get(), None);
         k.write(I8042_COMMAND, &[CMD_PULSE_RESET]);
+        assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn reset_control_resets_on_rst_cpu() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut rcr = ResetControl::new(exit.clone());
+        let mut v = [0xffu8];
+        rcr.read(0, &mut v);
+        assert_eq!(v[0], 0);
+        // Linux's sequence for a cold reboot: SYS_RST, then FULL_RST | RST_CPU | SYS_RST.
+        rcr.write(0, &[RCR_SYS_RST]);
+        assert_eq!(exit.get(), None);
+        rcr.read(0, &mut v);
+        assert_eq!(v[0], RCR_SYS_RST);
+        rcr.write(0, &[0x0e]);
+        assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn reset_control_warm_reset() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut rcr = ResetControl::new(exit.clone());
+        rcr.write(0, &[0x02]);
+        rcr.write(0, &[0x06]);
         assert_eq!(exit.get(), Some(ExitReason::Reset));
     }
 

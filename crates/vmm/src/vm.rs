@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use arch::acpi::{self, AcpiConfig, VirtioMmioDevice};
 use arch::layout;
-use devices::legacy::{AcpiPm, DebugExit, DEBUG_EXIT_PORT, I8042};
+use devices::legacy::{
+    AcpiPm, DebugExit, ResetControl, DEBUG_EXIT_PORT, I8042, RESET_CONTROL_PORT,
+};
 use devices::serial::{IrqTrigger, SerialDevice, SerialOut, COM1_GSI, COM1_PORT};
 use devices::{BusDevice, ExitReason, ExitSignal};
 use hypervisor::{FpuState, Vcpu, VcpuExit};
@@ -282,6 +284,11 @@ impl Vmm {
             .insert(dev(serial.clone()), u64::from(COM1_PORT), 8)?;
         io.pio
             .insert(dev(Arc::new(Mutex::new(I8042::new(exit.clone())))), 0x60, 5)?;
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(ResetControl::new(exit.clone())))),
+            u64::from(RESET_CONTROL_PORT),
+            1,
+        )?;
         io.pio.insert(
             dev(Arc::new(Mutex::new(AcpiPm::new(
                 exit.clone(),
