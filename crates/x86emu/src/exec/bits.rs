@@ -1,5 +1,6 @@
-//! Bit instructions: BT/BTS/BTR/BTC, BSF/BSR (and TZCNT/LZCNT, which execute as BSF/BSR
-//! because BMI1/ABM are not advertised, exactly as on hardware without them).
+//! Bit instructions: BT/BTS/BTR/BTC, BSF/BSR, and TZCNT/LZCNT, which count where CPUID
+//! advertises BMI1 (TZCNT) or ABM (LZCNT) and otherwise execute as BSF/BSR, exactly as on
+//! hardware without them.
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
@@ -45,6 +46,21 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             cpu.set_flags_masked(if old_bit != 0 { CF } else { 0 }, CF);
             Ok(())
         }
+        Mnemonic::Tzcnt | Mnemonic::Lzcnt if counts(cpu, m) => {
+            let v = cpu.read_op(p, ins, 1)? & mask(size);
+            let bits = u64::from(size * 8);
+            let r = if v == 0 {
+                bits
+            } else if m == Mnemonic::Tzcnt {
+                u64::from(v.trailing_zeros())
+            } else {
+                u64::from(v.leading_zeros()) - (64 - bits)
+            };
+            cpu.write_op(p, ins, 0, r)?;
+            let f = if v == 0 { CF } else { 0 } | if r == 0 { ZF } else { 0 };
+            cpu.set_flags_masked(f, CF | ZF);
+            Ok(())
+        }
         Mnemonic::Bsf | Mnemonic::Bsr | Mnemonic::Tzcnt | Mnemonic::Lzcnt => {
             let v = cpu.read_op(p, ins, 1)? & mask(size);
             if v == 0 {
@@ -61,5 +77,15 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             Ok(())
         }
         _ => Err(Fault::ud()),
+    }
+}
+
+/// Whether the CPU model has TZCNT (BMI1) or LZCNT (ABM): without them the encodings
+/// are REP BSF and REP BSR.
+fn counts(cpu: &Core, m: Mnemonic) -> bool {
+    if m == Mnemonic::Tzcnt {
+        cpu.cpuid.lookup(7, 0).ebx & (1 << 3) != 0
+    } else {
+        cpu.cpuid.lookup(0x8000_0001, 0).ecx & (1 << 5) != 0
     }
 }
