@@ -102,7 +102,9 @@ impl Core {
             area[0..24].copy_from_slice(&img[0..24]);
             area[32..160].copy_from_slice(&img[32..160]);
         }
-        if rfbm & (SSE | AVX) != 0 {
+        // MXCSR (and MXCSR_MASK): with either SSE or AVX state for XSAVE and XSAVEOPT; as
+        // part of the SSE component (so subject to the init optimization) for XSAVEC.
+        if (!compact && rfbm & (SSE | AVX) != 0) || save(SSE) {
             area[24..32].copy_from_slice(&img[24..32]);
         }
         if save(SSE) {
@@ -117,8 +119,9 @@ impl Core {
         }
         let mut bv = u64::from_le_bytes(area[HEADER..HEADER + 8].try_into().unwrap_or([0; 8]));
         if compact {
+            // XSTATE_BV and XCOMP_BV; the rest of the header keeps what it held (as the
+            // host's XSAVEC leaves it).
             bv = rfbm & inuse;
-            area[HEADER..HEADER + 64].fill(0);
             area[HEADER + 8..HEADER + 16].copy_from_slice(&(COMPACTED | rfbm).to_le_bytes());
         } else {
             bv = (bv & !rfbm) | (rfbm & inuse);
@@ -143,7 +146,12 @@ impl Core {
         let comp = q(HEADER + 8);
         let compact = comp & COMPACTED != 0;
         if compact {
-            if comp & !COMPACTED & !self.s.xcr0 != 0 || bv & !(comp & !COMPACTED) != 0 {
+            // Bytes 16-63 of the header must be zero for the compacted form (the standard
+            // form checks only bytes 8-23).
+            if comp & !COMPACTED & !self.s.xcr0 != 0
+                || bv & !(comp & !COMPACTED) != 0
+                || head[HEADER + 16..HEADER + 64].iter().any(|&b| b != 0)
+            {
                 return Err(Fault::gp0());
             }
         } else if comp != 0 || bv & !self.s.xcr0 != 0 || q(HEADER + 16) != 0 {
@@ -156,8 +164,10 @@ impl Core {
             self.read_lin_slow(p, l2, &mut b, user, Access::Read)?;
             ymm_hi = Some(b);
         }
+        // The compacted form loads MXCSR with the SSE component only (RFBM[2] does not
+        // count), and initialises it when RFBM[1] is set and XSTATE_BV[1] clear.
         let mxcsr_from_mem = if compact {
-            rfbm & bv & (SSE | AVX) != 0
+            rfbm & bv & SSE != 0
         } else {
             rfbm & (SSE | AVX) != 0
         };
@@ -187,7 +197,7 @@ impl Core {
         } else if bv & SSE == 0 {
             f.xmm[..nx].fill(0);
         }
-        if compact && rfbm & (SSE | AVX) != 0 && !mxcsr_from_mem {
+        if compact && rfbm & SSE != 0 && !mxcsr_from_mem {
             f.mxcsr = 0x1f80;
         }
         if rfbm & AVX != 0 {
