@@ -377,6 +377,8 @@ fn alignment(ins: &Instruction, size: usize, class: Class) -> u64 {
                 16
             }
         }
+        // CVTPD2PI and CVTTPD2PI read an m128 like legacy SSE does.
+        Class::Mmx if size == 16 => 16,
         _ => 1,
     }
 }
@@ -439,10 +441,12 @@ fn plan(ins: &Instruction, arena: &mut Arena) -> Option<Plan> {
             return None;
         }
     }
-    let fpu = need & isa::FPU != 0;
+    // FISTTP is an x87 instruction that CPUID lists under SSE3 only.
+    let fpu = need & isa::FPU != 0 || m == M::Fisttp;
     x87 |= fpu || need & isa::MMX != 0;
     let class = if ins.encoding() == EncodingKind::VEX {
-        if vec {
+        // VCVTSD2SI r, m64 and the like name no vector register but are AVX all the same.
+        if vec || need & (isa::AVX | isa::AVX2 | isa::FMA | isa::F16C) != 0 {
             Class::Avx
         } else {
             Class::Gpr
@@ -482,9 +486,16 @@ fn plan(ins: &Instruction, arena: &mut Arena) -> Option<Plan> {
         .iter()
         .filter_map(|u| gpr_num(u.register()))
         .fold(0, |a, n| a | (1 << n));
+    // AH, CH, DH and BH cannot be encoded with a REX prefix, which R8-R15 need.
+    let high_byte = used.iter().any(|u| {
+        matches!(
+            u.register(),
+            Register::AH | Register::CH | Register::DH | Register::BH
+        )
+    });
     let mut free = (0..16usize)
         .rev()
-        .filter(|&n| n != 4 && touched & (1 << n) == 0);
+        .filter(|&n| n != 4 && touched & (1 << n) == 0 && (!high_byte || n < 8));
     let ptr = free.next()?;
     let rsp_to = if touched & (1 << 4) != 0 {
         Some(free.next()?)
@@ -523,6 +534,18 @@ fn plan(ins: &Instruction, arena: &mut Arena) -> Option<Plan> {
                 if !read && !write {
                     // LEA-like forms do not belong here.
                     return None;
+                }
+                // Masked stores leave the elements their mask clears as they were, though
+                // iced reports a plain write: read them first so the write-back keeps them.
+                if matches!(
+                    m,
+                    M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq
+                ) {
+                    read = true;
+                }
+                // An x87 store that raises an unmasked exception may store nothing.
+                if class == Class::X87 && write {
+                    read = true;
                 }
                 mem = Some(MemOp {
                     size,
@@ -732,6 +755,59 @@ pub(crate) fn full_tag_word(f: &crate::state::FpuState) -> u16 {
     t
 }
 
+/// MXCSR flags: the exceptions found before computing (invalid, denormal, divide by
+/// zero), and underflow.
+const MX_PRE: u32 = 0x7;
+const MX_UE: u32 = 0x10;
+const MX_FTZ: u32 = 1 << 15;
+
+/// Loads the context from the guest state and `mem_in`, and runs the plan's stub: SIMD
+/// exceptions masked with no flag raised yet (so what the instruction raises shows),
+/// flush-to-zero if `ftz`; x87 exceptions as the guest masks them.
+fn run_stub(cpu: &mut Core, plan: &Plan, mem_in: &[u8; MEM_MAX], ftz: bool) {
+    let s = &cpu.s;
+    let ctx = &mut cpu.hostexec.ctx;
+    if let Some(mo) = plan.mem {
+        if mo.read {
+            ctx.mem[..mo.size].copy_from_slice(&mem_in[..mo.size]);
+        }
+    }
+    if plan.x87 {
+        let f = &s.fpu;
+        let fx = &mut ctx.fx;
+        // FSW.ES is clear (the caller raised #MF otherwise). An exception whose flag is
+        // already set stays masked, so the host never finds one pending.
+        fx[0..2].copy_from_slice(&(f.fcw | (f.fsw & 0x3f)).to_le_bytes());
+        fx[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+        fx[4] = f.ftw;
+        fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        for (i, st) in f.st.iter().enumerate() {
+            let o = 32 + i * 16;
+            fx[o..o + 16].copy_from_slice(&(st & ((1u128 << 80) - 1)).to_le_bytes());
+        }
+    }
+    for n in 0..16 {
+        if plan.vec_in & (1 << n) != 0 {
+            ctx.ymm[n] = [s.fpu.xmm[n], s.fpu.ymm_hi[n]];
+        }
+    }
+    for h in 0..16 {
+        if plan.gpr_in & (1 << h) != 0 {
+            ctx.gpr[h] = s.gpr[usize::from(plan.gpr_map[h])];
+        }
+    }
+    ctx.flags = (s.rflags & STATUS) | HOST_FLAGS;
+    ctx.mxcsr = ((s.fpu.mxcsr | 0x1f80) & !0x3f) | if ftz { MX_FTZ } else { 0 };
+    let ctx_ptr: *mut Ctx = &mut **ctx;
+    // SAFETY: the stub was assembled by `plan` for exactly this context layout: it saves
+    // and restores the callee-saved registers, the host MXCSR and an empty x87 stack,
+    // touches no memory outside `*ctx_ptr`, and runs one instruction accepted by `plan`
+    // (no control flow, no system state, its one memory operand rewritten to `ctx.mem`)
+    // with every SIMD exception masked. An x87 exception it raises unmasked only sets
+    // FSW.ES, which FXSAVE stores without waiting and FNINIT clears, so nothing traps.
+    unsafe { (plan.stub)(ctx_ptr) };
+}
+
 impl Core {
     /// #MF for a pending unmasked x87 exception (FSW.ES), before a waiting x87 or MMX
     /// instruction runs.
@@ -838,6 +914,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     // The memory operand: checked and read before anything runs.
     let mut lin = 0;
     let mut off = 0;
+    let mut mem_in = [0u8; MEM_MAX];
     if let Some(mo) = plan.mem {
         off = ea(cpu, ins);
         if off & (mo.align - 1) != 0 {
@@ -846,59 +923,48 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
         lin = cpu.seg_lin(mem_seg(ins), off, mo.size as u32)?;
         if mo.read {
             let user = cpu.user();
-            let mut buf = [0u8; MEM_MAX];
-            cpu.read_lin_slow(p, lin, &mut buf[..mo.size], user, crate::mmu::Access::Read)?;
-            cpu.hostexec.ctx.mem[..mo.size].copy_from_slice(&buf[..mo.size]);
+            cpu.read_lin_slow(
+                p,
+                lin,
+                &mut mem_in[..mo.size],
+                user,
+                crate::mmu::Access::Read,
+            )?;
         }
     }
 
-    let guest_fcw = cpu.s.fpu.fcw;
-    let guest_fsw = cpu.s.fpu.fsw;
     let guest_mxcsr = cpu.s.fpu.mxcsr;
-    {
-        let s = &cpu.s;
-        let ctx = &mut cpu.hostexec.ctx;
-        if plan.x87 {
-            let f = &s.fpu;
-            let fx = &mut ctx.fx;
-            fx[0..2].copy_from_slice(&(f.fcw | 0x3f).to_le_bytes());
-            fx[2..4].copy_from_slice(&f.fsw.to_le_bytes());
-            fx[4] = f.ftw;
-            fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-            for (i, st) in f.st.iter().enumerate() {
-                let o = 32 + i * 16;
-                fx[o..o + 16].copy_from_slice(&(st & ((1u128 << 80) - 1)).to_le_bytes());
-            }
-        }
-        for n in 0..16 {
-            if plan.vec_in & (1 << n) != 0 {
-                ctx.ymm[n] = [s.fpu.xmm[n], s.fpu.ymm_hi[n]];
-            }
-        }
-        for h in 0..16 {
-            if plan.gpr_in & (1 << h) != 0 {
-                ctx.gpr[h] = s.gpr[usize::from(plan.gpr_map[h])];
-            }
-        }
-        ctx.flags = (s.rflags & STATUS) | HOST_FLAGS;
-        // Every exception masked, no flag raised yet: what the instruction raises shows.
-        ctx.mxcsr = (guest_mxcsr | 0x1f80) & !0x3f;
-        let ctx_ptr: *mut Ctx = &mut **ctx;
-        // SAFETY: the stub was assembled by `plan` for exactly this context layout: it
-        // saves and restores the callee-saved registers, the host MXCSR and an empty x87
-        // stack, touches no memory outside `*ctx_ptr`, and runs one instruction accepted by
-        // `plan` (no control flow, no system state, its one memory operand rewritten to
-        // `ctx.mem`), with every floating-point exception masked so nothing traps.
-        unsafe { (plan.stub)(ctx_ptr) };
-    }
+    // With underflow unmasked, a tiny result raises #XM even when it is exact, which a
+    // masked run does not flag; with flush-to-zero it does (and changes nothing else).
+    let tiny_check = plan.mxcsr && guest_mxcsr & (MX_UE << 7) == 0;
+    run_stub(cpu, &plan, &mem_in, tiny_check);
 
-    let ctx = &cpu.hostexec.ctx;
-    // SIMD floating-point exceptions the guest left unmasked: #XM, nothing written.
+    // SIMD floating-point exceptions the guest left unmasked: #XM, nothing written. An
+    // unmasked exception found before computing (invalid, denormal, divide by zero)
+    // stops the instruction with only those flags set; one found after it sets them all.
     if plan.mxcsr {
-        let raised = ctx.mxcsr & 0x3f;
+        let mut raised = cpu.hostexec.ctx.mxcsr & 0x3f;
         let masks = (guest_mxcsr >> 7) & 0x3f;
-        if raised & !masks != 0 {
+        let mut trap = raised & !masks != 0;
+        if raised & !masks & MX_PRE != 0 {
+            raised &= MX_PRE;
+        } else if tiny_check && raised & MX_UE != 0 {
+            // A tiny result: the flags as a run without flush-to-zero raises them.
+            run_stub(cpu, &plan, &mem_in, false);
+            raised = (cpu.hostexec.ctx.mxcsr & 0x3f) | MX_UE;
+            trap = true;
+        }
+        if trap {
             cpu.s.fpu.mxcsr |= raised;
+            if plan.class == Class::Mmx {
+                // The switch to MMX operation (TOP 0, every register valid) happens all
+                // the same, as on the host.
+                let fx = &cpu.hostexec.ctx.fx;
+                let f = &mut cpu.s.fpu;
+                let fsw = u16::from_le_bytes([fx[2], fx[3]]);
+                super::x87::set_top(f, (fsw >> 11) & 7);
+                f.ftw = fx[4];
+            }
             return Err(if cpu.s.cr4 & CR4_OSXMMEXCPT != 0 {
                 Fault::new(vector::XM)
             } else {
@@ -906,22 +972,22 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             });
         }
     }
+    let ctx = &cpu.hostexec.ctx;
+    // x87 exceptions ran unmasked as the guest has them (they do not trap on the host
+    // until a waiting instruction, and the stub ends with FXSAVE and FNINIT): FSW, the
+    // registers and memory are the host's, ES and B included when one was raised.
     let mut x87_out = None;
+    let mut store = plan.mem.is_some_and(|m| m.write);
     if plan.x87 {
         let fx = &ctx.fx;
         let fsw = u16::from_le_bytes([fx[2], fx[3]]);
-        let raised = fsw & 0x3f & !(guest_fsw & 0x3f);
-        let unmasked = raised & !(guest_fcw & 0x3f);
-        if unmasked & 0x7 != 0 {
-            // Invalid operation, denormal or divide by zero, unmasked: the operands stay,
-            // the flags are set, and the next waiting instruction raises #MF.
-            cpu.s.fpu.fsw = guest_fsw | raised | (fsw & 0x40) | (fsw & 0x200) | 0x8080;
-            return Ok(());
+        if let (Some(mo), true) = (plan.mem, fsw & 0x80 != 0 && plan.class == Class::X87) {
+            // A store the exception suppressed: nothing to write.
+            store &= ctx.mem[..mo.size] != mem_in[..mo.size];
         }
-        let es = if unmasked != 0 { 0x8080 } else { 0 };
-        x87_out = Some((fsw | es, fx[4]));
+        x87_out = Some((fsw, fx[4]));
     }
-    if let (Some(mo), true) = (plan.mem, plan.mem.is_some_and(|m| m.write)) {
+    if let (Some(mo), true) = (plan.mem, store) {
         let user = cpu.user();
         let buf = cpu.hostexec.ctx.mem;
         cpu.write_lin(p, lin, &buf[..mo.size], user)?;
@@ -948,7 +1014,6 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     if let Some((fsw, ftw)) = x87_out {
         let fx = &ctx.fx;
         let f = &mut s.fpu;
-        f.fcw = (u16::from_le_bytes([fx[0], fx[1]]) & !0x3f) | (guest_fcw & 0x3f);
         f.fsw = fsw;
         f.ftw = ftw;
         for i in 0..8 {
