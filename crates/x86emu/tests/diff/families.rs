@@ -53,9 +53,9 @@ fn fam_alu() -> Family {
         prefixes: PFX_INT,
         allow: alu_allow,
         fixup: no_fixup,
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -153,9 +153,9 @@ fn fam_mov() -> Family {
         prefixes: &[b"", b"", b"\x66"],
         allow: |i| mov_allow(i) && !(i.mnemonic() == M::Bswap && i.op0_register().is_gpr16()),
         fixup: no_fixup,
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -243,9 +243,9 @@ fn fam_shift() -> Family {
                 }
             }
         },
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: shift_extra,
+        ..BASE
     }
 }
 
@@ -267,7 +267,6 @@ fn fam_muldiv() -> Family {
                 st.gpr[0] &= 0xffff;
             }
         },
-        float_xmm: false,
         allowed_faults: &[vector::DE],
         extra_undefined: |i, _| {
             if matches!(i.mnemonic(), M::Mul | M::Imul) {
@@ -276,6 +275,7 @@ fn fam_muldiv() -> Family {
                 0
             }
         },
+        ..BASE
     }
 }
 
@@ -330,7 +330,6 @@ fn fam_bits() -> Family {
                 }
             }
         },
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: |i, _| {
             if matches!(i.mnemonic(), M::Bsf | M::Bsr) {
@@ -339,6 +338,7 @@ fn fam_bits() -> Family {
                 flags::STATUS & !flags::CF
             }
         },
+        ..BASE
     }
 }
 
@@ -391,9 +391,9 @@ fn fam_atomic() -> Family {
                 }
             }
         },
-        float_xmm: false,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -434,9 +434,9 @@ fn fam_string() -> Family {
         prefixes: &[b"", b"\xf3", b"\xf2", b"\x66\xf3", b"\xf3\x66"],
         allow: |i| i.is_string_instruction() && i.segment_prefix() == Register::None,
         fixup: string_fixup,
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -496,9 +496,9 @@ fn fam_stack() -> Family {
                 mem[o + 2] &= !0x04;
             }
         },
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -610,9 +610,9 @@ fn fam_sse_int() -> Family {
                 )
         },
         fixup: no_fixup,
-        float_xmm: false,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -735,9 +735,10 @@ fn fam_sse_fp() -> Family {
             st.mxcsr =
                 0x1f80 | ((r.below(4) as u32) << 13) | if r.below(4) == 0 { 1 << 15 } else { 0 };
         },
-        float_xmm: true,
+        xmm: Vals::Float,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -765,9 +766,9 @@ fn fam_x87_control() -> Family {
             )
         },
         fixup: no_fixup,
-        float_xmm: false,
         allowed_faults: &[],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
@@ -776,37 +777,33 @@ fn diff_x87_control() {
     run_family(&fam_x87_control());
 }
 
+/// Half the loads get a valid MXCSR (random masks, rounding, flags, FTZ), the rest random
+/// bits (#GP when reserved ones are set). DAZ is cleared in both: x86emu's MXCSR_MASK
+/// does not offer it (LDMXCSR of it is #GP there) while the host's does; so is AMD's MM.
+pub fn mxcsr_fixup(r: &mut Rng, i: &Instruction, st: &mut NativeState, mem: &mut [u8]) {
+    if matches!(i.mnemonic(), M::Ldmxcsr | M::Vldmxcsr) {
+        if let Some(o) = mem_offset(st, i, 4) {
+            let v = if r.below(2) == 0 {
+                r.next_u64() as u32 & 0xffff
+            } else {
+                u32::from_le_bytes(mem[o..o + 4].try_into().unwrap())
+            };
+            // Also MM (bit 17, AMD's misaligned SSE mode), which AMD's MXCSR_MASK has.
+            mem[o..o + 4].copy_from_slice(&(v & !0x2_0040).to_le_bytes());
+        }
+    }
+}
+
 fn fam_mxcsr() -> Family {
     Family {
         name: "mxcsr",
         opcodes: &[b"\x0f\xae"],
         prefixes: &[b""],
         allow: |i| matches!(i.mnemonic(), M::Ldmxcsr | M::Stmxcsr),
-        fixup: |r, i, st, mem| {
-            // Half the loads get a valid MXCSR (random masks, rounding, flags, FTZ).
-            if i.mnemonic() == M::Ldmxcsr && r.below(2) == 0 {
-                let idx = i.memory_index();
-                let iv = if idx == Register::None {
-                    0
-                } else {
-                    gpr_value(st, idx)
-                };
-                let ea = gpr_value(st, i.memory_base())
-                    .wrapping_add(i.memory_displacement64())
-                    .wrapping_add(iv.wrapping_mul(u64::from(i.memory_index_scale())));
-                if let Some(o) = ea
-                    .checked_sub(scratch())
-                    .map(|o| o as usize)
-                    .filter(|&o| o + 4 <= mem.len())
-                {
-                    let v = (r.next_u64() as u32) & 0xffbf;
-                    mem[o..o + 4].copy_from_slice(&v.to_le_bytes());
-                }
-            }
-        },
-        float_xmm: false,
+        fixup: mxcsr_fixup,
         allowed_faults: &[vector::GP],
         extra_undefined: no_extra,
+        ..BASE
     }
 }
 
