@@ -60,7 +60,15 @@ impl Core {
     fn xinuse(&self) -> u64 {
         let f = &self.s.fpu;
         let mut u = 0;
-        if f.fcw != 0x37f || f.fsw != 0 || f.ftw != 0 || f.fop != 0 || f.fip != 0 || f.fdp != 0 {
+        // The x87 initial configuration includes ST0-7 = 0, empty or not.
+        if f.fcw != 0x37f
+            || f.fsw != 0
+            || f.ftw != 0
+            || f.fop != 0
+            || f.fip != 0
+            || f.fdp != 0
+            || f.st.iter().any(|&r| r & ((1 << 80) - 1) != 0)
+        {
             u |= X87;
         }
         if f.xmm.iter().any(|&x| x != 0) || f.mxcsr != 0x1f80 {
