@@ -6,6 +6,7 @@ pub(crate) mod bits;
 pub(crate) mod control;
 pub(crate) mod fast;
 pub(crate) mod flags;
+pub(crate) mod gather;
 pub(crate) mod hostexec;
 pub(crate) mod mov;
 pub(crate) mod muldiv;
@@ -304,6 +305,14 @@ fn family_for(ins: &Instruction) -> Handler {
         | M::Xgetbv
         | M::Xsetbv => family!(xsave::exec),
         M::Vzeroupper | M::Vzeroall | M::Vldmxcsr | M::Vstmxcsr => family!(xsave::exec_vex_state),
+        M::Vpgatherdd
+        | M::Vpgatherdq
+        | M::Vpgatherqd
+        | M::Vpgatherqq
+        | M::Vgatherdps
+        | M::Vgatherdpd
+        | M::Vgatherqps
+        | M::Vgatherqpd => family!(gather::exec),
         _ if hostexec::routes(ins) => family!(hostexec::exec),
         _ => family!(sse::exec),
     }
