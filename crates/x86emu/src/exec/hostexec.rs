@@ -16,7 +16,7 @@
 //! Only instructions without control flow, without implicit memory operands and without
 //! system effects are accepted (see [`plan`]); everything else stays #UD here.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use iced_x86::code_asm::{self as asm, CodeAssembler};
 use iced_x86::{
@@ -210,7 +210,9 @@ struct Plan {
 /// Per-CPU state of the host-execution path: stubs by instruction, and their code.
 pub(crate) struct HostExec {
     arena: Option<Arena>,
-    plans: HashMap<Instruction, Option<Plan>>,
+    /// By instruction (iced's equality ignores the address): looked up on every run, so
+    /// with a fast hash rather than SipHash.
+    plans: FxHashMap<Instruction, Option<Plan>>,
     ctx: Box<Ctx>,
     /// CPUID generation the cached ISA bits belong to.
     isa_gen: u64,
@@ -229,7 +231,7 @@ impl Default for HostExec {
     fn default() -> Self {
         HostExec {
             arena: None,
-            plans: HashMap::new(),
+            plans: FxHashMap::default(),
             // SAFETY: Ctx is plain integers and byte arrays; all zeroes is a valid value.
             ctx: unsafe { Box::new_zeroed().assume_init() },
             isa_gen: u64::MAX,
@@ -872,7 +874,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
                 return Err(Fault::ud());
             };
             let mut pl = plan(ins, arena);
-            if pl.is_none() && arena.next() as usize + 4096 > ARENA_LEN {
+            if pl.is_none() && arena.room() < 4096 {
                 // Full: start again (dropping every stub) and retry once.
                 he.plans.clear();
                 arena.reset();
@@ -949,9 +951,13 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
         if raised & !masks & MX_PRE != 0 {
             raised &= MX_PRE;
         } else if tiny_check && raised & MX_UE != 0 {
-            // A tiny result: the flags as a run without flush-to-zero raises them.
+            // A tiny result. The operands' exceptions as this run found them (a flushed
+            // intermediate of DPPS/DPPD is no denormal operand to its next step, as the
+            // host stops at the underflow); overflow and precision as a run without
+            // flush-to-zero raises them.
+            let pre = raised & MX_PRE;
             run_stub(cpu, &plan, &mem_in, false);
-            raised = (cpu.hostexec.ctx.mxcsr & 0x3f) | MX_UE;
+            raised = pre | (cpu.hostexec.ctx.mxcsr & 0x3f & !MX_PRE) | MX_UE;
             trap = true;
         }
         if trap {

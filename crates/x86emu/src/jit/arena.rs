@@ -68,6 +68,11 @@ impl Arena {
         }
     }
 
+    /// Bytes still free.
+    pub(crate) fn room(&self) -> usize {
+        self.len - self.used
+    }
+
     /// Forgets everything placed so far; the caller drops every pointer `put` returned.
     pub(crate) fn reset(&mut self) {
         self.used = 0;
