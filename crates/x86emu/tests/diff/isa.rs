@@ -534,6 +534,16 @@ fn state_image(r: &mut Rng, i: &Instruction, st: &mut NativeState, mem: &mut [u8
             mem[o + 24] &= !0x40;
             mem[o + 26] &= !0x02;
         }
+        if matches!(m, M::Xrstor | M::Xrstor64) {
+            // Nor components beyond AVX in XSTATE_BV and XCOMP_BV, which the host's
+            // larger XCR0 accepts and the guest's (7) refuses.
+            let h = o + 512;
+            mem[h] &= 7;
+            mem[h + 1..h + 8].fill(0);
+            mem[h + 8] &= 7;
+            mem[h + 9..h + 15].fill(0);
+            mem[h + 15] &= 0x80;
+        }
         return;
     }
     let mut img = NativeState::default();
