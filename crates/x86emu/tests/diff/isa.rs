@@ -392,6 +392,63 @@ fn diff_compat_avx2() {
     run_family_compat(&fam_avx2());
 }
 
+/// Gathers: the index vector's elements small and signed (so each element's address is
+/// within a few hundred bytes of the steered base), the mask's sign bits mostly set.
+fn gather_fixup(r: &mut Rng, i: &Instruction, st: &mut NativeState, _: &mut [u8]) {
+    let dword = matches!(
+        i.mnemonic(),
+        M::Vpgatherdd | M::Vpgatherdq | M::Vgatherdps | M::Vgatherdpd
+    );
+    let idx = i.memory_index().number();
+    let mut b = [0u8; 32];
+    for k in 0..if dword { 8 } else { 4 } {
+        let v = r.below(64) as i64 - 32;
+        if dword {
+            b[4 * k..4 * k + 4].copy_from_slice(&(v as i32).to_le_bytes());
+        } else {
+            b[8 * k..8 * k + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    st.xmm[idx] = u128::from_le_bytes(b[..16].try_into().unwrap());
+    st.ymm_hi[idx] = u128::from_le_bytes(b[16..].try_into().unwrap());
+    // The mask is the third operand; a random sign per byte covers both element sizes.
+    if i.op_count() == 3 && i.op2_kind() == OpKind::Register {
+        let m = i.op2_register().number();
+        let mut mb = [0u8; 32];
+        for x in mb.iter_mut() {
+            *x = if r.below(4) != 0 { 0x80 } else { 0 } | (r.next_u64() as u8 & 0x7f);
+        }
+        if m != idx {
+            st.xmm[m] = u128::from_le_bytes(mb[..16].try_into().unwrap());
+            st.ymm_hi[m] = u128::from_le_bytes(mb[16..].try_into().unwrap());
+        }
+    }
+}
+
+fn fam_gather() -> Family {
+    Family {
+        name: "gather",
+        opcodes: leak(ops(&[2], 0x90..=0x93)),
+        allow: |i| i.encoding() == EncodingKind::VEX && i.is_vsib() && features(i, &[F::AVX2], &[]),
+        fixup: gather_fixup,
+        xmm: Vals::Mixed,
+        enc: Enc::Vex,
+        // Destination, index and mask must be three different registers.
+        allowed_faults: &[vector::UD],
+        ..BASE
+    }
+}
+
+#[test]
+fn diff_gather() {
+    run_family(&fam_gather());
+}
+
+#[test]
+fn diff_compat_gather() {
+    run_family_compat(&fam_gather());
+}
+
 fn fam_fma() -> Family {
     Family {
         name: "fma",

@@ -280,9 +280,12 @@ fn gen_instruction(r: &mut Rng, fam: &Family) -> Option<(Vec<u8>, Instruction)> 
             {
                 return None;
             }
+            // (A gather's VSIB index is a vector register: its fixup keeps the elements
+            // small so every element's address stays near the steered base.)
             if ins.memory_index() != Register::None
                 && !wide(ins.memory_index())
                 && ins.mnemonic() != Mnemonic::Xlatb
+                && !ins.is_vsib()
             {
                 return None;
             }
@@ -377,8 +380,13 @@ pub fn run_family_compat(fam: &Family) {
 }
 
 /// Effective address of the instruction's memory operand from `st` (in the current mode).
+/// (For a gather, base plus displacement: the elements' addresses are near it.)
 pub fn mem_ea(st: &NativeState, ins: &Instruction) -> u64 {
-    let idx = ins.memory_index();
+    let idx = if ins.is_vsib() {
+        Register::None
+    } else {
+        ins.memory_index()
+    };
     let iv = if idx == Register::None {
         0
     } else {
@@ -711,7 +719,11 @@ pub fn run_family(fam: &Family) {
             if cr.below(4) == 0 {
                 target &= !63;
             }
-            let idx = ins.memory_index();
+            let idx = if ins.is_vsib() {
+                Register::None
+            } else {
+                ins.memory_index()
+            };
             let iv = if idx == Register::None {
                 0
             } else {
