@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::irqchip::chip::UserIrqChip;
 use hypervisor::{CpuIdEntry, Hypervisor, IrqChip, Result, Vcpu, Vm};
+use x86emu::code::CodeTracker;
 use x86emu::{Cpu, GuestRam};
 
 use clock::{VmClock, TSC_HZ};
@@ -39,11 +40,8 @@ impl Hypervisor for EmuHypervisor {
         let clock = VmClock::new();
         let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, TSC_HZ);
         Ok(Arc::new(EmuVm {
-            shared: Arc::new(VmShared {
-                chip,
-                clock,
-                turn: parking_lot::FairMutex::new(()),
-            }),
+            shared: Arc::new(VmShared { chip, clock }),
+            code: Mutex::new(None),
             regions: Mutex::new(Vec::new()),
         }))
     }
@@ -57,8 +55,6 @@ impl Hypervisor for EmuHypervisor {
 pub(crate) struct VmShared {
     pub(crate) chip: UserIrqChip,
     pub(crate) clock: VmClock,
-    /// Whose turn it is on the emulated CPUs (see `vcpu`).
-    pub(crate) turn: parking_lot::FairMutex<()>,
 }
 
 struct Region {
@@ -70,6 +66,9 @@ struct Region {
 struct EmuVm {
     shared: Arc<VmShared>,
     regions: Mutex<Vec<Region>>,
+    /// The vCPUs' shared record of code pages (the first vCPU's), so code one writes is
+    /// checked again by the others.
+    code: Mutex<Option<Arc<CodeTracker>>>,
 }
 
 struct ChipHandle(Arc<VmShared>);
@@ -123,6 +122,13 @@ impl Vm for EmuVm {
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
         cpu.set_tsc_epoch(self.shared.clock.epoch());
+        {
+            let mut code = self.code.lock().unwrap_or_else(|p| p.into_inner());
+            match &*code {
+                Some(t) => cpu.set_code_tracker(t.clone()),
+                None => *code = Some(cpu.code_tracker()),
+            }
+        }
         // Interrupts raised by device threads (virtio I/O threads, the console) are taken
         // at the next block boundary instead of at the end of the slice.
         if let Some(flag) = self.shared.chip.event_flag(id) {

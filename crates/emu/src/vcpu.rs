@@ -1,9 +1,10 @@
 //! One software vCPU behind the seam's `Vcpu` contract.
 //!
-//! All vCPUs of a VM take turns on the CPU under one fair lock, a slice of instructions at
-//! a time: the emulator's memory operations (LOCK-prefixed ones included) are then atomic
-//! with respect to each other without making every guest access atomic on the host. The
-//! VMM still runs one thread per vCPU, as with KVM, and never knows.
+//! Each vCPU runs on its own VMM thread at the same time as the others, as with KVM:
+//! guest and host are both x86 (TSO), so the emulator's plain loads and stores keep the
+//! guest's ordering, LOCK-prefixed operations are host atomics (split and MMIO ones
+//! serialise in x86emu), and code one vCPU writes is checked again by the others through
+//! the VM's shared `CodeTracker`. Nothing is locked around execution.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,8 @@ use crate::convert;
 use crate::platform::{EmuPlatform, KvmClockState};
 use crate::VmShared;
 
-/// Instructions per turn: long enough to amortize the lock, short enough that timers and
-/// other vCPUs are served within about a millisecond at typical emulation speeds.
+/// Instructions per `run`: long enough to amortize the timer and event checks, short
+/// enough that timers are served within about a millisecond at typical emulation speeds.
 const SLICE: u64 = 200_000;
 /// A halted vCPU re-checks the VMM's stop flag at least this often.
 const MAX_IDLE: Duration = Duration::from_millis(20);
@@ -193,7 +194,6 @@ impl Vcpu for EmuVcpu {
         if vm.chip.event_hint(self.id) && vm.chip.has_interrupt(self.id) {
             if self.cpu.interrupts_enabled() {
                 if let Some(vector) = vm.chip.acknowledge_interrupt(self.id) {
-                    let _guard = vm.turn.lock();
                     self.cpu.inject_external_interrupt(&mut platform, vector);
                 }
                 self.cpu.request_interrupt_window(false);
@@ -201,15 +201,12 @@ impl Vcpu for EmuVcpu {
                 self.cpu.request_interrupt_window(true);
             }
         }
-        let exit = {
-            let _guard = vm.turn.lock();
-            let slice = if self.profile.is_some() {
-                PROFILE_SLICE
-            } else {
-                SLICE
-            };
-            self.cpu.run(&mut platform, slice)
+        let slice = if self.profile.is_some() {
+            PROFILE_SLICE
+        } else {
+            SLICE
         };
+        let exit = self.cpu.run(&mut platform, slice);
         if let Some(p) = &mut self.profile {
             *p.hits.entry(self.cpu.state().rip).or_default() += 1;
         }

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::code::CodeTracker;
 use crate::cpuid::CpuidTable;
 use crate::decode::{decode, BlockCache, Insn};
 use crate::exceptions::{Fault, Result};
@@ -89,9 +90,10 @@ pub struct Core {
     pub(crate) walk_raced: bool,
     /// Moves whenever code cached in the block cache may have changed (see `decode`).
     pub(crate) code_epoch: u64,
-    /// A byte per physical RAM page: non-zero if it holds blocks checked in the current
-    /// code epoch. Covers all of RAM from the start (compiled code indexes it unchecked).
-    pub(crate) code_pages: Vec<u8>,
+    /// Which RAM pages hold checked code, shared with the VM's other CPUs.
+    pub(crate) code: Arc<CodeTracker>,
+    /// `code.writes()` when this CPU last looked.
+    code_writes_seen: u64,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
     /// Stubs that run instructions on the host CPU (`exec::hostexec`).
@@ -111,6 +113,22 @@ impl Cpu {
     /// or never (None). By default on where the host allows it (x86-64 with BMI2).
     pub fn set_jit_threshold(&mut self, threshold: Option<u32>) {
         self.blocks.set_jit_threshold(threshold);
+    }
+
+    /// The tracker of code pages, to share with the VM's other CPUs.
+    pub fn code_tracker(&self) -> Arc<CodeTracker> {
+        self.code.clone()
+    }
+
+    /// Shares `t` (another CPU's tracker) so that code this CPU writes is checked again
+    /// by the others and the other way round: required for CPUs that run at the same
+    /// time on one guest RAM. Ignored if `t` does not cover this CPU's RAM.
+    pub fn set_code_tracker(&mut self, t: Arc<CodeTracker>) {
+        if t.pages() >= self.code.pages() {
+            self.code = t;
+            self.code_writes_seen = self.code.writes();
+            self.code_epoch += 1;
+        }
     }
 
     /// Blocks compiled to host code so far.
@@ -142,7 +160,8 @@ impl Core {
             retired: 0,
             walk_raced: false,
             code_epoch: 0,
-            code_pages: vec![0; ram_pages],
+            code: Arc::new(CodeTracker::new((ram_pages as u64) << 12)),
+            code_writes_seen: 0,
             kick: None,
             hostexec: Default::default(),
         }
@@ -310,23 +329,25 @@ impl Core {
 
     /// Notes that `gpa_page` holds code checked in the current code epoch.
     fn mark_code_page(&mut self, gpa_page: u64) {
-        let pfn = (gpa_page >> 12) as usize;
-        if self.code_pages.len() <= pfn {
-            self.code_pages.resize(pfn + 1, 0);
-        }
-        if let Some(b) = self.code_pages.get_mut(pfn) {
-            *b = 1;
+        self.code.mark((gpa_page >> 12) as usize);
+    }
+
+    /// A write to `gpa_page`: if it holds checked code, every block must be checked again
+    /// (on the other CPUs too, see `code`).
+    #[inline(always)]
+    pub(crate) fn note_write(&mut self, gpa_page: u64) {
+        if self.code.note_write((gpa_page >> 12) as usize) {
+            self.code_epoch += 1;
         }
     }
 
-    /// A write to `gpa_page`: if it holds checked code, every block must be checked again.
+    /// Moves this CPU's code epoch if any CPU wrote checked code since it last looked.
     #[inline(always)]
-    pub(crate) fn note_write(&mut self, gpa_page: u64) {
-        if let Some(b) = self.code_pages.get_mut((gpa_page >> 12) as usize) {
-            if *b != 0 {
-                *b = 0;
-                self.code_epoch += 1;
-            }
+    fn see_code_writes(&mut self) {
+        let w = self.code.writes();
+        if w != self.code_writes_seen {
+            self.code_writes_seen = w;
+            self.code_epoch += 1;
         }
     }
 
@@ -348,7 +369,7 @@ impl Core {
         };
         Ctx {
             tlb: self.tlb.entries_ptr(),
-            code_pages: self.code_pages.as_ptr(),
+            code_pages: self.code.as_ptr(),
             read_perm: u64::from(needed_perm(Access::Read, user)),
             write_perm: u64::from(needed_perm(Access::Write, user)),
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
@@ -431,6 +452,7 @@ impl Cpu {
                     return RunExit::Kicked;
                 }
             }
+            self.see_code_writes();
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
             if self.io_done {

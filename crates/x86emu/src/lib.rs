@@ -5,6 +5,7 @@
 //! instruction set that a Linux kernel and static userland use. RAM is given as host
 //! pointer ranges ([`GuestRam`]); devices are reached through [`Platform`].
 
+pub mod code;
 pub mod cpu;
 pub mod cpuid;
 mod decode;
