@@ -72,7 +72,10 @@ fn pcmpistri_and_pcmpestri_set_ecx_and_flags() {
     run(&mut g);
     let s = g.cpu.state();
     assert_eq!(s.gpr[8] as i32, want, "PCMPISTRI index in ECX");
-    assert_eq!(s.gpr[1], 5, "PCMPESTRI with the set's length 3 finds ',' at 5");
+    assert_eq!(
+        s.gpr[1], 5,
+        "PCMPESTRI with the set's length 3 finds ',' at 5"
+    );
 }
 
 #[test]
@@ -155,7 +158,10 @@ fn xsavec_xrstor_round_trip_keeps_every_register() {
         run(&mut g);
         let after = g.cpu.state().fpu;
         assert_eq!(after.xmm, before.xmm, "XMM, compact {compact}");
-        assert_eq!(after.ymm_hi, before.ymm_hi, "YMM upper halves, compact {compact}");
+        assert_eq!(
+            after.ymm_hi, before.ymm_hi,
+            "YMM upper halves, compact {compact}"
+        );
         assert_eq!(after.mxcsr, before.mxcsr, "MXCSR");
         assert_eq!(
             (after.fcw, after.fsw, after.ftw, after.st),
