@@ -44,6 +44,8 @@ pub(crate) struct Insn {
     /// `handler` is a specialised fast form (which never faults unless it touches memory,
     /// and skips dead flags).
     fast: bool,
+    /// For instructions the host runs: where `exec::hostexec` looks for its stub first.
+    pub(crate) host_key: u32,
 }
 
 impl Insn {
@@ -56,6 +58,11 @@ impl Insn {
             uop: uop_for(&instr),
             ends: ends_block(&instr),
             near_branch: is_near_branch(&instr),
+            host_key: if crate::exec::hostexec::routes(&instr) {
+                crate::exec::hostexec::key(&instr)
+            } else {
+                0
+            },
         }
     }
 }

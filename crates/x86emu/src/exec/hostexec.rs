@@ -26,6 +26,7 @@ use iced_x86::{
 
 use super::operand::{ea, mem_seg};
 use crate::cpu::Core;
+use crate::decode::Insn;
 use crate::exceptions::{vector, Fault, Result};
 use crate::jit::arena::Arena;
 use crate::platform::Platform;
@@ -213,6 +214,8 @@ pub(crate) struct HostExec {
     /// By instruction (iced's equality ignores the address): looked up on every run, so
     /// with a fast hash rather than SipHash.
     plans: FxHashMap<Instruction, Option<Plan>>,
+    /// Recently run plans by decode-time key (see [`key`]).
+    front: Box<[Option<(Instruction, Plan)>]>,
     ctx: Box<Ctx>,
     /// CPUID generation the cached ISA bits belong to.
     isa_gen: u64,
@@ -232,6 +235,7 @@ impl Default for HostExec {
         HostExec {
             arena: None,
             plans: FxHashMap::default(),
+            front: vec![None; FRONT].into_boxed_slice(),
             // SAFETY: Ctx is plain integers and byte arrays; all zeroes is a valid value.
             ctx: unsafe { Box::new_zeroed().assume_init() },
             isa_gen: u64::MAX,
@@ -845,24 +849,69 @@ pub(crate) fn routes(ins: &Instruction) -> bool {
                 r.is_mm() || r.is_st()
             }
         })
-        || matches!(
-            ins.mnemonic(),
-            M::Popcnt | M::Crc32 | M::Movbe | M::Adcx | M::Adox | M::Rdrand | M::Rdseed
-        )
+        || ins.cpuid_features().iter().any(|f| {
+            matches!(
+                f,
+                F::SSE3
+                    | F::SSSE3
+                    | F::SSE4_1
+                    | F::SSE4_2
+                    | F::AES
+                    | F::PCLMULQDQ
+                    | F::SHA
+                    | F::POPCNT
+                    | F::MOVBE
+                    | F::ADX
+                    | F::RDRAND
+                    | F::RDSEED
+            )
+        })
+}
+
+/// Slots of the front cache of plans, looked up by a key computed when the instruction is
+/// decoded, so the common case hashes nothing.
+const FRONT: usize = 1024;
+
+/// The decode-time key of an instruction [`routes`] sends here.
+pub(crate) fn key(ins: &Instruction) -> u32 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    ins.hash(&mut h);
+    (h.finish() >> 20) as u32
+}
+
+/// [`exec`] for a decoded instruction, with its decode-time key.
+pub(crate) fn exec_insn(cpu: &mut Core, p: &mut dyn Platform, insn: &Insn) -> Result<()> {
+    exec_keyed(cpu, p, &insn.instr, Some(insn.host_key))
 }
 
 /// Runs `ins` on the host; #UD for what this module does not run or the model lacks.
 pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
+    exec_keyed(cpu, p, ins, None)
+}
+
+fn exec_keyed(
+    cpu: &mut Core,
+    p: &mut dyn Platform,
+    ins: &Instruction,
+    key: Option<u32>,
+) -> Result<()> {
     if !host_supported() {
         return Err(Fault::ud());
     }
     let isa = cpu.hostexec_isa();
     let he = &mut cpu.hostexec;
-    let plan = match he.plans.get(ins) {
-        Some(p) => *p,
+    let slot = key.map(|k| k as usize % FRONT);
+    let front = slot.and_then(|s| match &he.front[s] {
+        Some((i, pl)) if i == ins => Some(*pl),
+        _ => None,
+    });
+    let plan = match front.map(Some).or_else(|| he.plans.get(ins).copied()) {
+        Some(p) => p,
         None => {
             if he.plans.len() > 65536 {
                 he.plans.clear();
+                he.front.fill(None);
                 if let Some(a) = he.arena.as_mut() {
                     a.reset();
                 }
@@ -877,6 +926,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             if pl.is_none() && arena.room() < 4096 {
                 // Full: start again (dropping every stub) and retry once.
                 he.plans.clear();
+                he.front.fill(None);
                 arena.reset();
                 pl = plan(ins, arena);
             }
@@ -887,6 +937,9 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     let Some(plan) = plan else {
         return Err(Fault::ud());
     };
+    if let (Some(s), None) = (slot, front) {
+        he.front[s] = Some((*ins, plan));
+    }
     if plan.need & !isa != 0 {
         return Err(Fault::ud());
     }

@@ -313,7 +313,7 @@ fn family_for(ins: &Instruction) -> Handler {
         | M::Vgatherdpd
         | M::Vgatherqps
         | M::Vgatherqpd => family!(gather::exec),
-        _ if hostexec::routes(ins) => family!(hostexec::exec),
+        _ if hostexec::routes(ins) => hostexec::exec_insn as Handler,
         _ => family!(sse::exec),
     }
 }
