@@ -665,7 +665,24 @@ fn stub_code(
     let p = g(ptr)?;
     let avx = host_avx();
     let mut a = CodeAssembler::new(64).ok()?;
-    for r in [asm::rbx, asm::rbp, asm::r12, asm::r13, asm::r14, asm::r15] {
+    // Only the callee-saved registers the stub uses are saved, and RFLAGS goes through
+    // the stack (POPFQ is slow) only for an instruction that reads or writes flags.
+    let used = gpr_in | gpr_out | (1 << ptr);
+    let saved: Vec<_> = [
+        (3, asm::rbx),
+        (5, asm::rbp),
+        (12, asm::r12),
+        (13, asm::r13),
+        (14, asm::r14),
+        (15, asm::r15),
+    ]
+    .into_iter()
+    .filter(|(n, _)| used & (1 << n) != 0)
+    .map(|(_, r)| r)
+    .collect();
+    let flags_in = ins.rflags_read() != 0;
+    let flags_out = ins.rflags_modified() != 0;
+    for &r in &saved {
         a.push(r).ok()?;
     }
     a.mov(p, asm::rdi).ok()?;
@@ -691,11 +708,15 @@ fn stub_code(
         a.mov(g(n)?, asm::qword_ptr(p + (OFF_GPR + 8 * n as i32)))
             .ok()?;
     }
-    a.push(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
-    a.popfq().ok()?;
+    if flags_in {
+        a.push(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
+        a.popfq().ok()?;
+    }
     a.add_instruction(*ins).ok()?;
-    a.pushfq().ok()?;
-    a.pop(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
+    if flags_out {
+        a.pushfq().ok()?;
+        a.pop(asm::qword_ptr(p + OFF_FLAGS)).ok()?;
+    }
     for n in (0..16usize).filter(|n| gpr_out & (1 << n) != 0) {
         a.mov(asm::qword_ptr(p + (OFF_GPR + 8 * n as i32)), g(n)?)
             .ok()?;
@@ -722,7 +743,7 @@ fn stub_code(
     if avx && vec_in != 0 {
         a.vzeroupper().ok()?;
     }
-    for r in [asm::r15, asm::r14, asm::r13, asm::r12, asm::rbp, asm::rbx] {
+    for &r in saved.iter().rev() {
         a.pop(r).ok()?;
     }
     a.ret().ok()?;
