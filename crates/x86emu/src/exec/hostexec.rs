@@ -895,10 +895,8 @@ const FRONT: usize = 1024;
 
 /// The decode-time key of an instruction [`routes`] sends here.
 pub(crate) fn key(ins: &Instruction) -> u32 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = rustc_hash::FxBuildHasher.build_hasher();
-    ins.hash(&mut h);
-    (h.finish() >> 20) as u32
+    use std::hash::BuildHasher;
+    (rustc_hash::FxBuildHasher.hash_one(ins) >> 20) as u32
 }
 
 /// [`exec`] for a decoded instruction, with its decode-time key.
