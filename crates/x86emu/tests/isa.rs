@@ -215,3 +215,21 @@ fn avx2_gathers_follow_the_mask_and_clear_it() {
     assert_eq!(got, want.to_vec(), "VPGATHERDD matches the host");
     assert!(out[32..].iter().all(|&b| b == 0), "the mask is cleared");
 }
+
+#[test]
+fn rdpid_reads_tsc_aux_and_clflushopt_runs() {
+    let mut g = avx_guest();
+    g.load_code(|a| {
+        a.mov(ecx, 0xc000_0103u32).unwrap();
+        a.mov(eax, 0x2a).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(rbx, u64::MAX).unwrap();
+        a.rdpid(rbx).unwrap();
+        a.mov(rsi, DATA).unwrap();
+        a.clflushopt(byte_ptr(rsi)).unwrap();
+        a.hlt().unwrap();
+    });
+    run(&mut g);
+    assert_eq!(g.cpu.state().gpr[3], 0x2a, "RDPID returns IA32_TSC_AUX");
+}

@@ -263,6 +263,8 @@ fn family_for(ins: &Instruction) -> Handler {
         | M::Prefetcht1
         | M::Prefetcht2
         | M::Clflush
+        | M::Clflushopt
+        | M::Rdpid
         | M::Lss
         | M::Lfs
         | M::Lgs

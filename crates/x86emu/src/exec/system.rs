@@ -525,7 +525,15 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
         | Mnemonic::Prefetcht0
         | Mnemonic::Prefetcht1
         | Mnemonic::Prefetcht2 => {}
-        Mnemonic::Clflush => {
+        Mnemonic::Rdpid => {
+            if cpu.cpuid.lookup(7, 0).ecx & (1 << 22) == 0 {
+                return Err(Fault::ud());
+            }
+            let v = cpu.s.msr.tsc_aux & 0xffff_ffff;
+            super::operand::reg_write(cpu, ins.op0_register(), v);
+        }
+        // CLFLUSHOPT: on a CPU without it the 66 prefix is ignored and it is CLFLUSH.
+        Mnemonic::Clflush | Mnemonic::Clflushopt => {
             // Faults like a byte read of the line would.
             let a = ea(cpu, ins);
             cpu.read_mem(p, mem_seg(ins), a, 1)?;
