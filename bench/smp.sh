@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# SMP scaling: N parallel CPU-bound jobs (`head -c 64m /dev/zero | md5sum`) on N vCPUs,
+# N = 1, 2, 4 (and 8 where the host has 8 cores), on Vessel's emu accelerator and on QEMU
+# TCG with one host thread per vCPU (q35, `-accel tcg,thread=multi`), the same Debian kernel
+# (bzImage) and busybox initramfs, 256 MiB. Runs are interleaved (run 1 of every N and VMM,
+# then run 2, ...); prints medians of the jobs' wall time (guest clock, /proc/uptime around
+# the jobs; the host's clock between the guest's two lines beside it), throughput relative
+# to the same VMM's 1-vCPU run (N x T1 / TN: N means perfect scaling), and boot time (VMM
+# start to the initramfs' first line).
+#
+#   bench/smp.sh [RUNS]        (default 3)
+#
+# Environment:
+#   SMP_NS=1,2,4        the vCPU counts (default 1,2,4, plus 8 with 8 host cores)
+#   SMP_MB=64           MiB each job hashes
+#   SMP_CONFIGS=vessel-emu,qemu-mttcg   which VMMs to run
+#   SMP_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
+#   SMP_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
+#
+# Every run checks that the guest saw N CPUs and that all N digests are right; a run that
+# fails is reported with its output and left out of the medians. The host should be
+# otherwise idle: other guests running beside the benchmark are named on stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${1:-3}"
+command -v qemu-system-x86_64 >/dev/null || {
+    echo "bench/smp.sh: installing qemu-system-x86" >&2
+    apt-get install -y -qq qemu-system-x86 >/dev/null
+}
+scripts/guest-assets.sh >/dev/null
+ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+cargo build -q --release -p vessel
+VESSEL="$PWD/target/release/vessel"
+
+# The initramfs with /smp-bench appended as a second cpio archive: it starts one job per
+# online CPU and prints the guest clock around them. /init runs it (vessel.run=) and
+# powers off.
+WORK="$(mktemp -d /tmp/vessel-smp-bench.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/extra"
+cat >"$WORK/extra/smp-bench" <<'SH'
+#!/bin/sh
+mb=${1:-64}
+n=$(nproc)
+echo "SMPBENCH-START cpus=$n"
+a=$(cut -d' ' -f1 /proc/uptime)
+i=0
+while [ $i -lt $n ]; do
+    (head -c ${mb}m /dev/zero | md5sum >/tmp/md5.$i) &
+    i=$((i + 1))
+done
+wait
+b=$(cut -d' ' -f1 /proc/uptime)
+sums=$(cut -d' ' -f1 /tmp/md5.* | sort | uniq -c | tr -s ' ' | tr '\n' ' ' | tr ' ' ':')
+echo "SMPBENCH-RESULT cpus=$n start=$a end=$b sums=$sums"
+SH
+chmod +x "$WORK/extra/smp-bench"
+(cd "$WORK/extra" && echo smp-bench | cpio -o -H newc --quiet | gzip) >"$WORK/extra.cpio.gz"
+cat "$ASSETS/initramfs.cpio.gz" "$WORK/extra.cpio.gz" >"$WORK/initramfs-smp.cpio.gz"
+
+others="$(pgrep -af 'qemu-system|vessel run|bench/' | grep -v -e "^$$ " -e pgrep || true)"
+if [ -n "$others" ]; then
+    echo "bench/smp.sh: other guests or benchmarks are running; figures will suffer:" >&2
+    echo "$others" | cut -c1-160 >&2
+fi
+
+python3 - "$RUNS" "$ASSETS" "$VESSEL" "$WORK/initramfs-smp.cpio.gz" <<'PY'
+import hashlib, os, select, statistics, subprocess, sys, time
+
+runs, assets, vessel, initrd = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+kbz = f"{assets}/vmlinuz"
+mb = int(os.environ.get("SMP_MB", "64"))
+host_cores = os.cpu_count() or 1
+ns = [int(x) for x in os.environ.get("SMP_NS", "").split(",") if x] or \
+    [1, 2, 4] + ([8] if host_cores >= 8 else [])
+qcpu = os.environ.get("SMP_QEMU_CPU", "max")
+vcpu = os.environ.get("SMP_VESSEL_CPU", "")
+cmdline = f"console=ttyS0 panic=-1 quiet vessel.run=/smp-bench+{mb}"
+want_md5 = hashlib.md5(bytes(mb << 20)).hexdigest()
+MARK, START, RESULT = b"vessel-init:", b"SMPBENCH-START", b"SMPBENCH-RESULT"
+
+def vessel_argv(n):
+    argv = [vessel, "run", "--accel", "emu", "--cpus", str(n), "--memory", "256M",
+            "--serial", "stdio", "--kernel", kbz, "--initrd", initrd, "--cmdline", cmdline]
+    return argv + (["--cpu", vcpu] if vcpu else [])
+
+def qemu_argv(n):
+    return ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg,thread=multi", "-cpu", qcpu,
+            "-smp", str(n), "-m", "256", "-nodefaults", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", kbz, "-initrd", initrd, "-append", cmdline]
+
+vmms = {"vessel-emu": vessel_argv, "qemu-mttcg": qemu_argv}
+only = [c for c in os.environ.get("SMP_CONFIGS", "").split(",") if c]
+if [c for c in only if c not in vmms]:
+    sys.exit(f"bench/smp.sh: unknown SMP_CONFIGS {only}; known: {list(vmms)}")
+configs = [c for c in vmms if not only or c in only]
+
+class Guest:
+    def __init__(self, argv):
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        self.buf = b""
+
+    def expect(self, needle, limit):
+        """Host seconds since start when `needle` had arrived (and the line it begins), or
+        None after `limit` seconds or at EOF."""
+        deadline = time.monotonic() + limit
+        while True:
+            i = self.buf.find(needle)
+            if i >= 0 and b"\n" in self.buf[i:]:
+                line = self.buf[i:].split(b"\n", 1)[0].decode(errors="replace").strip()
+                return time.monotonic() - self.t0, line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.p.stdout], [], [], min(left, 0.5))
+            if r:
+                chunk = os.read(self.p.stdout.fileno(), 65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+
+    def tail(self):
+        return self.buf[-1500:].decode(errors="replace")
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+
+results = {(c, n): {"jobs": [], "host": [], "boot": []} for c in configs for n in ns}
+failures = {(c, n): 0 for c in configs for n in ns}
+
+def one(config, n, i):
+    slow = config.startswith("vessel")
+    # A QEMU boot that has not reached init in 90 s has hung: counted, tried again (twice).
+    for attempt in range(1 if slow else 3):
+        g = Guest(vmms[config](n))
+        boot = g.expect(MARK, 300 if slow else 90)
+        if boot is not None:
+            break
+        failures[(config, n)] += 1
+        print(f"run {i} {config} {n} vCPUs: never reached init; last output:\n{g.tail()}",
+              file=sys.stderr)
+        g.close()
+    else:
+        return
+    try:
+        limit = 120 + 60 * n * mb / 16
+        start = g.expect(START, 120)
+        end = g.expect(RESULT, limit) if start else None
+        if end is None:
+            failures[(config, n)] += 1
+            print(f"run {i} {config} {n} vCPUs: no result; last output:\n{g.tail()}",
+                  file=sys.stderr)
+            return
+        f = dict(kv.split("=", 1) for kv in end[1].split()[1:])
+        sums = [s for s in f.get("sums", "").split(":") if s]
+        ok_sums = sums == [str(n), want_md5]
+        if f.get("cpus") != str(n) or not ok_sums:
+            failures[(config, n)] += 1
+            print(f"run {i} {config} {n} vCPUs: wrong result {end[1]!r} (want cpus={n}, "
+                  f"{n} x {want_md5})", file=sys.stderr)
+            return
+        jobs = float(f["end"]) - float(f["start"])
+        host = end[0] - start[0]
+        r = results[(config, n)]
+        r["jobs"].append(jobs)
+        r["host"].append(host)
+        r["boot"].append(boot[0])
+        print(f"run {i} {config} {n} vCPUs: boot {boot[0]:.2f} s, jobs {jobs:.2f} s "
+              f"(host {host:.2f} s)", file=sys.stderr)
+    finally:
+        g.close()
+
+for i in range(1, runs + 1):
+    for n in ns:
+        for config in configs:
+            one(config, n, i)
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+kver = open(f"{assets}/kernel-version").read().strip()
+qver = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                      text=True).stdout.splitlines()[0]
+print(f"\nN parallel `head -c {mb}m /dev/zero | md5sum` on N vCPUs, medians of {runs} runs; "
+      f"host: {host_cores} cores; Debian {kver}, 256 MiB")
+print(f"vessel-emu: cpu {vcpu or 'default'}; qemu-mttcg: {qver}, q35, "
+      f"-accel tcg,thread=multi, -cpu {qcpu}")
+print("jobs: wall time of the N jobs, guest clock (host clock beside it); "
+      "throughput: N x T(1) / T(N), relative to the same VMM's 1 vCPU")
+head = f"{'config':<11} {'vCPUs':>5} {'jobs (s)':>9} {'host (s)':>9} {'throughput':>11} " \
+       f"{'boot (s)':>9} {'failed':>7}"
+print(head)
+for config in configs:
+    t1 = med(results[(config, 1)]["jobs"]) if (config, 1) in results else float("nan")
+    for n in ns:
+        r = results[(config, n)]
+        tn = med(r["jobs"])
+        rel = n * t1 / tn if r["jobs"] and t1 == t1 else float("nan")
+        print(f"{config:<11} {n:>5} {tn:>9.2f} {med(r['host']):>9.2f} {rel:>10.2f}x "
+              f"{med(r['boot']):>9.2f} {failures[(config, n)]:>7}")
+if len(configs) == 2:
+    print("vessel-emu / qemu-mttcg, jobs time: " + ", ".join(
+        f"{n} vCPU{'s' if n > 1 else ''} "
+        f"{med(results[('vessel-emu', n)]['jobs']) / med(results[('qemu-mttcg', n)]['jobs']):.2f}x"
+        for n in ns))
+PY
