@@ -635,4 +635,24 @@ impl Core {
         // SAFETY: off < 4096 inside a valid RAM page.
         Ok(Some(unsafe { t.host.add(off) }))
     }
+
+    /// Host pointer for a write of `size` bytes that stays inside one RAM page, aligned
+    /// or not; None for MMIO or an access that crosses into the next page.
+    pub(crate) fn ram_ptr_in_page(
+        &mut self,
+        lin: u64,
+        size: usize,
+        user: bool,
+    ) -> Result<Option<*mut u8>> {
+        let off = (lin & 0xfff) as usize;
+        if off + size > 4096 {
+            return Ok(None);
+        }
+        let t = self.translate(lin, Access::Write, user)?;
+        if t.host.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: off + size <= 4096 inside a valid RAM page.
+        Ok(Some(unsafe { t.host.add(off) }))
+    }
 }

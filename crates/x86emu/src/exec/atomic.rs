@@ -140,8 +140,40 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     }
 }
 
-/// 16-byte compare-exchange on host memory. There is no stable 128-bit atomic, so this
-/// uses the host's own LOCK CMPXCHG16B on x86-64 and a global lock elsewhere.
+/// 16-byte compare-exchange on host memory: the host's own LOCK CMPXCHG16B, so it is
+/// atomic against every other access to those bytes, locked or plain, from any vCPU or
+/// from compiled code.
+#[cfg(target_arch = "x86_64")]
+fn cmpxchg16b_host(
+    ptr: *mut u8,
+    cmp_lo: u64,
+    cmp_hi: u64,
+    new_lo: u64,
+    new_hi: u64,
+) -> (u64, u64, bool) {
+    let (mut lo, mut hi) = (cmp_lo, cmp_hi);
+    let eq: u8;
+    // SAFETY: `ptr` is a 16-byte aligned pointer into a RAM page (atomic_ptr checked both);
+    // RBX, which LLVM reserves, is swapped in for the instruction and restored after it.
+    unsafe {
+        std::arch::asm!(
+            "xchg {nlo}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "sete {eq}",
+            "mov rbx, {nlo}",
+            p = in(reg) ptr,
+            nlo = inout(reg) new_lo => _,
+            eq = out(reg_byte) eq,
+            inout("rax") lo,
+            inout("rdx") hi,
+            in("rcx") new_hi,
+        );
+    }
+    (lo, hi, eq != 0)
+}
+
+/// Elsewhere: a global lock serialises the emulated CMPXCHG16Bs.
+#[cfg(not(target_arch = "x86_64"))]
 fn cmpxchg16b_host(
     ptr: *mut u8,
     cmp_lo: u64,

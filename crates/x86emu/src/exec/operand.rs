@@ -347,6 +347,14 @@ impl Core {
         if let Some(ptr) = self.atomic_ptr(lin, size as usize, user)? {
             return Ok(atomic_update(ptr, size, &f));
         }
+        // Misaligned but inside one RAM page: the host's own LOCK CMPXCHG, which is atomic
+        // across cache lines too, and is what compiled code runs for the same instruction.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ptr) = self.ram_ptr_in_page(lin, size as usize, user)? {
+            return Ok(split_update(ptr, size, &f));
+        }
+        // Across two pages (which need not be adjacent on the host): serialised with the
+        // other page-crossing locked operations, not with aligned ones on the same bytes.
         let _guard = SPLIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.read_mem(p, seg, off, size)?;
         if let Some(new) = f(old) {
@@ -421,6 +429,54 @@ impl Core {
     }
 }
 
+/// `atomic_update` for a misaligned pointer: a LOCK CMPXCHG loop in inline assembly
+/// (Rust's atomics require alignment; the x86 instruction does not).
+#[cfg(target_arch = "x86_64")]
+fn split_update(ptr: *mut u8, size: u32, f: &impl Fn(u64) -> Option<u64>) -> u64 {
+    // SAFETY: `ptr..ptr+size` lies inside one RAM page (ram_ptr_in_page); guest RAM is
+    // only accessed through raw pointers and atomic instructions.
+    let mut old = unsafe {
+        match size {
+            1 => u64::from(ptr.read()),
+            2 => u64::from((ptr as *const u16).read_unaligned()),
+            4 => u64::from((ptr as *const u32).read_unaligned()),
+            _ => (ptr as *const u64).read_unaligned(),
+        }
+    };
+    loop {
+        let Some(new) = f(old) else {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            return old;
+        };
+        let mut cur = old;
+        // SAFETY: as above; LOCK CMPXCHG compares RAX (its low `size` bytes) with memory
+        // and stores `new` if equal, else loads memory into RAX; ZF says which.
+        let ok: u8 = unsafe {
+            let ok: u8;
+            match size {
+                1 => std::arch::asm!("lock cmpxchg byte ptr [{p}], {n}", "sete {ok}",
+                    p = in(reg) ptr, n = in(reg_byte) new as u8, ok = out(reg_byte) ok,
+                    inout("rax") cur),
+                2 => std::arch::asm!("lock cmpxchg word ptr [{p}], {n:x}", "sete {ok}",
+                    p = in(reg) ptr, n = in(reg) new, ok = out(reg_byte) ok,
+                    inout("rax") cur),
+                4 => std::arch::asm!("lock cmpxchg dword ptr [{p}], {n:e}", "sete {ok}",
+                    p = in(reg) ptr, n = in(reg) new, ok = out(reg_byte) ok,
+                    inout("rax") cur),
+                _ => std::arch::asm!("lock cmpxchg qword ptr [{p}], {n}", "sete {ok}",
+                    p = in(reg) ptr, n = in(reg) new, ok = out(reg_byte) ok,
+                    inout("rax") cur),
+            }
+            ok
+        };
+        let m = mask(size);
+        if ok != 0 {
+            return old;
+        }
+        old = cur & m;
+    }
+}
+
 fn atomic_update(ptr: *mut u8, size: u32, f: &impl Fn(u64) -> Option<u64>) -> u64 {
     macro_rules! cas_loop {
         ($atomic:ty, $t:ty) => {{
@@ -430,6 +486,9 @@ fn atomic_update(ptr: *mut u8, size: u32, f: &impl Fn(u64) -> Option<u64>) -> u6
             let mut old = a.load(Ordering::SeqCst);
             loop {
                 let Some(new) = f(old as u64) else {
+                    // A LOCKed instruction that writes nothing (a failed CMPXCHG) is
+                    // still a full barrier on x86.
+                    std::sync::atomic::fence(Ordering::SeqCst);
                     return old as u64;
                 };
                 match a.compare_exchange_weak(old, new as $t, Ordering::SeqCst, Ordering::SeqCst) {

@@ -363,6 +363,10 @@ fn load_far_pointer(
 pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> Result<()> {
     match ins.mnemonic() {
         Mnemonic::Cpuid => {
+            // CPUID serialises: after it a vCPU must run code as memory now holds it, also
+            // code another vCPU wrote (x86's cross-modifying-code protocol), so every
+            // cached block is checked again.
+            cpu.code_epoch += 1;
             let (leaf, sub) = (cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);
             let mut e = cpu.cpuid.lookup(leaf, sub);
             match (leaf, sub) {
@@ -516,10 +520,15 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             cpu.tlb.flush_page(lin);
         }
         Mnemonic::Wbinvd | Mnemonic::Invd => cpu.require_cpl0()?,
-        Mnemonic::Lfence
-        | Mnemonic::Mfence
-        | Mnemonic::Sfence
-        | Mnemonic::Prefetch
+        // vCPUs run on host threads at once: the guest's fences must be the host's (a
+        // store-buffering pair with MFENCE must never both read the old values).
+        Mnemonic::Mfence => std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst),
+        // SFENCE orders stores and LFENCE loads; the host (TSO) already keeps both orders
+        // for the emulator's plain accesses, so only the compiler must not move them.
+        Mnemonic::Lfence | Mnemonic::Sfence => {
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst)
+        }
+        Mnemonic::Prefetch
         | Mnemonic::Prefetchw
         | Mnemonic::Prefetchnta
         | Mnemonic::Prefetcht0
