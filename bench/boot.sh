@@ -8,6 +8,8 @@
 # BOOT_CONFIGS=vessel-emu (comma-separated names) runs only those configurations: with
 # RUNS=100 that is the reliability run (the "hung" column counts boots that never reached
 # init). BOOT_CMDLINE replaces the kernel command line for every configuration alike.
+# VESSEL_BASE=PATH adds a "vessel-base" column: another vessel binary (the build before a
+# change) booted the same way in the same interleaved run, printed as new/base.
 # "Boot to init" ends when the guest's /init prints its first line on the serial console.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +30,12 @@ runs, assets, vessel = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 k, kelf, initrd = f"{assets}/vmlinuz", f"{assets}/vmlinux", f"{assets}/initramfs.cpio.gz"
 cmdline = os.environ.get("BOOT_CMDLINE", "console=ttyS0 panic=-1")
 MARK = b"vessel-init:"
+def vessel_argv(binary):
+    return [binary, "run", "--accel", "emu", "--memory", "256M", "--kernel", k,
+            "--initrd", initrd, "--cmdline", cmdline]
+
 configs = {
-    "vessel-emu": [vessel, "run", "--accel", "emu", "--memory", "256M", "--kernel", k,
-                   "--initrd", initrd, "--cmdline", cmdline],
+    "vessel-emu": vessel_argv(vessel),
     "qemu-q35": ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
                  "-nographic", "-no-reboot", "-kernel", k, "-initrd", initrd,
                  "-append", cmdline],
@@ -38,6 +43,8 @@ configs = {
                      "-nographic", "-no-reboot", "-kernel", kelf, "-initrd", initrd,
                      "-append", cmdline],
 }
+if os.environ.get("VESSEL_BASE"):
+    configs["vessel-base"] = vessel_argv(os.environ["VESSEL_BASE"])
 
 def peak_rss_kib(pid):
     try:
@@ -101,7 +108,7 @@ for name in configs:
 if "vessel-emu" not in results:
     sys.exit(0)
 v_t, v_r = med(results["vessel-emu"][0]), med(results["vessel-emu"][1])
-for ref in [r for r in ("qemu-q35", "qemu-microvm") if r in results]:
+for ref in [r for r in ("qemu-q35", "qemu-microvm", "vessel-base") if r in results]:
     q_t, q_r = med(results[ref][0]), med(results[ref][1])
     print(f"vessel-emu / {ref}: time {v_t / q_t:.2f}x, peak RSS {v_r / q_r:.2f}x")
 PY
