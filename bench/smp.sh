@@ -58,7 +58,8 @@ chmod +x "$WORK/extra/smp-bench"
 (cd "$WORK/extra" && echo smp-bench | cpio -o -H newc --quiet | gzip) >"$WORK/extra.cpio.gz"
 cat "$ASSETS/initramfs.cpio.gz" "$WORK/extra.cpio.gz" >"$WORK/initramfs-smp.cpio.gz"
 
-others="$(pgrep -af 'qemu-system|vessel run|bench/' | grep -v -e "^$$ " -e pgrep || true)"
+# (This script's own processes, the command substitution's subshell included, are not others.)
+others="$(pgrep -af 'qemu-system|vessel run|bench/' | grep -v -e 'bench/smp\.sh' -e pgrep || true)"
 if [ -n "$others" ]; then
     echo "bench/smp.sh: other guests or benchmarks are running; figures will suffer:" >&2
     echo "$others" | cut -c1-160 >&2
