@@ -19,8 +19,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -38,44 +37,13 @@ const LITMUS: Duration = Duration::from_secs(300);
 /// host has few cores.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
-/// The guest assets' initramfs with the litmus program appended as a second cpio archive
-/// (the kernel unpacks concatenated archives in order).
-fn initramfs_with_litmus(dir: &TempDir) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/smp-litmus.c");
-    let bin_dir = dir.path().join("extra");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let st = Command::new("gcc")
-        .args(["-static", "-O2", "-pthread", "-o"])
-        .arg(bin_dir.join("smp-litmus"))
-        .arg(&src)
-        .status()
-        .expect("gcc is needed to build the guest test program: apt-get install gcc libc6-dev");
-    assert!(
-        st.success(),
-        "gcc -static -pthread failed (apt-get install libc6-dev)"
-    );
-    let cpio = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && echo smp-litmus | cpio -o -H newc --quiet | gzip",
-            bin_dir.display()
-        ))
-        .output()
-        .expect("cpio and gzip are needed");
-    assert!(cpio.status.success());
-    let mut img = std::fs::read(assets().join("initramfs.cpio.gz")).unwrap();
-    img.extend_from_slice(&cpio.stdout);
-    let out = dir.path().join("initramfs-smp.cpio.gz");
-    std::fs::write(&out, img).unwrap();
-    out
-}
-
 /// Boots `cpus` vCPUs, checks they are all online, runs the litmus program and asserts that
 /// every check passed.
 fn litmus_on(cpus: u32) {
     let _one = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TempDir::new("smp");
-    let initrd = initramfs_with_litmus(&dir);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/smp-litmus.c");
+    let initrd = initramfs_with_program(dir.path(), &src, "smp-litmus", &["-pthread"]);
     let start = Instant::now();
     let n = cpus.to_string();
     let mut c = Console::boot(&[

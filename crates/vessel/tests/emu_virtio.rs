@@ -302,37 +302,6 @@ fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
     assert_eq!(c.wait_exit(CMD), Some(0));
 }
 
-/// The guests' assets initramfs with one more static program appended as a second cpio
-/// archive (the kernel unpacks concatenated archives in order).
-fn initramfs_with(dir: &TempDir, c_source: &Path, name: &str) -> PathBuf {
-    let bin_dir = dir.path().join("extra");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let st = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(bin_dir.join(name))
-        .arg(c_source)
-        .status()
-        .expect("gcc is needed to build the guest test program: apt-get install gcc libc6-dev");
-    assert!(
-        st.success(),
-        "gcc -static failed (apt-get install libc6-dev)"
-    );
-    let cpio = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && echo {name} | cpio -o -H newc --quiet | gzip",
-            bin_dir.display()
-        ))
-        .output()
-        .expect("cpio and gzip are needed");
-    assert!(cpio.status.success());
-    let mut img = std::fs::read(assets().join("initramfs.cpio.gz")).unwrap();
-    img.extend_from_slice(&cpio.stdout);
-    let out = dir.path().join("initramfs-extra.cpio.gz");
-    std::fs::write(&out, img).unwrap();
-    out
-}
-
 #[test]
 fn host_and_guest_talk_over_vsock_both_ways() {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -340,7 +309,7 @@ fn host_and_guest_talk_over_vsock_both_ways() {
 
     let dir = TempDir::new("vsock");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/vsock-test.c");
-    let initrd = initramfs_with(&dir, &src, "vsock-test");
+    let initrd = initramfs_with_program(dir.path(), &src, "vsock-test", &[]);
     let uds = dir.path().join("v.sock");
     // The guest's connections to host port 1234 land here.
     let host_listener = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();

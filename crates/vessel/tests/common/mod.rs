@@ -140,3 +140,38 @@ pub fn assets() -> PathBuf {
     );
     dir
 }
+
+/// The guest assets' initramfs with one more static program, built here from `c_source`
+/// with gcc (`cflags` added), appended as a second cpio archive (the kernel unpacks
+/// concatenated archives in order). Written into `dir`.
+pub fn initramfs_with_program(dir: &Path, c_source: &Path, name: &str, cflags: &[&str]) -> PathBuf {
+    let bin_dir = dir.join("extra");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let st = Command::new("gcc")
+        .args(["-static", "-O2"])
+        .args(cflags)
+        .arg("-o")
+        .arg(bin_dir.join(name))
+        .arg(c_source)
+        .status()
+        .expect("gcc is needed to build the guest test program: apt-get install gcc libc6-dev");
+    assert!(
+        st.success(),
+        "gcc -static failed for {} (apt-get install libc6-dev)",
+        c_source.display()
+    );
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && echo {name} | cpio -o -H newc --quiet | gzip",
+            bin_dir.display()
+        ))
+        .output()
+        .expect("cpio and gzip are needed");
+    assert!(cpio.status.success());
+    let mut img = std::fs::read(assets().join("initramfs.cpio.gz")).unwrap();
+    img.extend_from_slice(&cpio.stdout);
+    let out = dir.join(format!("initramfs-{name}.cpio.gz"));
+    std::fs::write(&out, img).unwrap();
+    out
+}
