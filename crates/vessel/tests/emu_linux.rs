@@ -57,16 +57,7 @@ fn debian_kernel_boots_to_a_busybox_shell_and_powers_off() {
 
     // HLT sleeps: an idle guest at its prompt leaves the host CPU nearly idle (a vCPU
     // that spun on HLT would show a whole core).
-    let cpu = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
+    let cpu = cpu_ticks;
     let before = cpu(c.pid());
     std::thread::sleep(Duration::from_secs(5));
     let ticks = cpu(c.pid()) - before;

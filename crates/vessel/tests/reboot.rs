@@ -13,6 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::console::Console;
+use common::cpu_ticks;
 
 /// Boot to the guest's message, well within this even on a loaded machine.
 const BOOT: Duration = Duration::from_secs(60);
@@ -119,16 +120,4 @@ fn a_guest_halted_with_interrupts_off_leaves_the_host_idle() {
     let ticks = cpu_ticks(c.pid()) - before;
     // Clock ticks are 1/100 s: 3 s of one busy core would be 300.
     assert!(ticks < 60, "halted guest used {ticks} ticks of CPU in 3 s");
-}
-
-/// User + system CPU time of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }

@@ -175,3 +175,15 @@ pub fn initramfs_with_program(dir: &Path, c_source: &Path, name: &str, cflags: &
     std::fs::write(&out, img).unwrap();
     out
 }
+
+/// User + system CPU time of process `pid`, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
