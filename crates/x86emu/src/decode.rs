@@ -58,7 +58,9 @@ impl Insn {
             uop: uop_for(&instr),
             ends: ends_block(&instr),
             near_branch: is_near_branch(&instr),
-            host_key: if crate::exec::hostexec::routes(&instr) {
+            // Fast forms are integer instructions the host path never runs: skip the
+            // routing test for them, the common case when a block is decoded.
+            host_key: if !fast && crate::exec::hostexec::routes(&instr) {
                 crate::exec::hostexec::key(&instr)
             } else {
                 0
