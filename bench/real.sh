@@ -19,6 +19,8 @@
 #   REAL_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
 #   REAL_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
 #   REAL_CMDLINE=...        kernel command line for every VM alike
+#   VESSEL_BASE=PATH        adds a "vessel-base" column: another vessel binary (the build
+#                           before a change), run interleaved with this one
 #
 # Each VM boots a throwaway overlay (a qcow2 for Vessel, -snapshot for QEMU): the image
 # is never written.
@@ -50,13 +52,13 @@ LOGIN = b"login: root (automatic login)"
 PROMPT = b"root@vessel-debian:~# "
 work = tempfile.mkdtemp(prefix="vessel-real-")
 
-def vessel_argv():
+def vessel_argv(binary=vessel):
     ov = f"{work}/overlay.qcow2"
     if os.path.exists(ov):
         os.unlink(ov)
     subprocess.run([vessel, "img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, ov],
                    check=True)
-    argv = [vessel, "run", "--accel", "emu", "--memory", f"{MEM}M", "--cpus", "1",
+    argv = [binary, "run", "--accel", "emu", "--memory", f"{MEM}M", "--cpus", "1",
             "--serial", "stdio", "--kernel", kbz, "--initrd", initrd, "--cmdline", cmdline,
             "--disk", f"{ov},format=qcow2"]
     return argv + (["--cpu", vcpu] if vcpu else [])
@@ -74,6 +76,8 @@ vms = {
     "qemu-microvm": lambda: qemu_argv("microvm"),
     "qemu-q35": lambda: qemu_argv("q35"),
 }
+if os.environ.get("VESSEL_BASE"):
+    vms["vessel-base"] = lambda: vessel_argv(os.environ["VESSEL_BASE"])
 only = [c for c in os.environ.get("REAL_CONFIGS", "").split(",") if c]
 known = list(vms) + ["native"]
 if [c for c in only if c not in known]:
@@ -278,6 +282,8 @@ for name, note in cpu_note.items():
 head = f"{'guest work':<38}" + "".join(f"{c:>14}" for c in columns)
 if "vessel-emu" in columns and qemus:
     head += f"{'Vessel/QEMU best':>18}"
+if "vessel-base" in columns:
+    head += f"{'Vessel/base':>13}"
 print(head)
 for key, label, unit in ROWS:
     cells, vals = [], {}
@@ -300,6 +306,9 @@ for key, label, unit in ROWS:
             # A time ratio throughout: above 1 means Vessel is slower (uses more memory).
             ratio = (max(qs) / v) if unit == "MB/s" else (v / min(qs))
             row += f"{ratio:>17.2f}x"
+    v, b = vals.get("vessel-emu"), vals.get("vessel-base")
+    if v and b:
+        row += f"{(b / v) if unit == 'MB/s' else (v / b):>12.2f}x"
     print(row)
 if any(failures.values()):
     print("failed boots or runs (QEMU boots retried): "

@@ -598,3 +598,106 @@ fn compiled_div_and_its_divide_errors() {
     assert_ne!(interpreted[8], 0);
     assert_eq!(run(Some(0)), interpreted);
 }
+
+/// Indirect JMP and CALL through registers, a jump table in memory, an FS-relative
+/// pointer and a target in another page run in compiled code like in the interpreter;
+/// a non-canonical target is the guest's #GP with nothing pushed.
+#[test]
+fn compiled_indirect_jumps_and_calls_match_the_interpreter() {
+    const FAR: u64 = CODE + 0x3000;
+    const TABLE: u64 = DATA + 0x180;
+    const HANDLER: u64 = CODE + 0xc00;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        let mut cases = [a.create_label(), a.create_label(), a.create_label()];
+        let mut join = a.create_label();
+        let mut func = a.create_label();
+        a.mov(rcx, 300u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        // switch (rcx % 3) through the table at TABLE
+        a.mov(rax, rcx).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.mov(esi, 3).unwrap();
+        a.div(rsi).unwrap();
+        a.jmp(qword_ptr(r15 + rdx * 8 + 0x180)).unwrap();
+        for (k, l) in cases.iter_mut().enumerate() {
+            a.set_label(l).unwrap();
+            a.add(r8, k as i32 + 1).unwrap();
+            a.lea(rdi, ptr(join)).unwrap();
+            a.jmp(rdi).unwrap();
+        }
+        a.set_label(&mut join).unwrap();
+        a.lea(rbx, ptr(func)).unwrap();
+        a.call(rbx).unwrap();
+        a.call(qword_ptr(0x198).fs()).unwrap();
+        a.mov(r11, FAR).unwrap();
+        a.call(r11).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // A non-canonical target: #GP at the CALL, RSP unchanged.
+        a.mov(r12, rsp).unwrap();
+        a.mov(rax, 0x8000_0000_0000_0000u64).unwrap();
+        a.call(rax).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.add(r9, rcx).unwrap();
+        a.ret().unwrap();
+    });
+    // The table's entries: the three `add r8, k` and the `add r9, rcx` of `func`.
+    let decoder_cases = {
+        let mut d = iced_x86::Decoder::with_ip(64, &code, CODE, 0);
+        let mut v = Vec::new();
+        let mut func = 0;
+        for i in d.iter() {
+            if i.mnemonic() == iced_x86::Mnemonic::Add && i.op0_register() == iced_x86::Register::R8
+            {
+                v.push(i.ip());
+            }
+            if i.mnemonic() == iced_x86::Mnemonic::Add && i.op0_register() == iced_x86::Register::R9
+            {
+                func = i.ip();
+            }
+        }
+        (v, func)
+    };
+    let (cases, func) = decoder_cases;
+    assert_eq!(cases.len(), 3);
+    let far = asm(64, FAR, |a| {
+        a.add(r10, 2).unwrap();
+        a.ret().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.load(FAR, &far);
+        let mut table = Vec::new();
+        for c in &cases {
+            table.extend_from_slice(&c.to_le_bytes());
+        }
+        table.extend_from_slice(&func.to_le_bytes());
+        g.load(TABLE, &table);
+        g.set_gate(13, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r13, qword_ptr(rsp + 8)).unwrap(); // RIP
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.seg[x86emu::state::Seg::Fs as usize].base = DATA;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        let exit = g.cpu.run(&mut NoDevices, 1_000_000);
+        assert_eq!(exit, RunExit::Halted, "{:x?}", g.cpu.state());
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (interpreted, _) = run(None);
+    assert_eq!(interpreted[8], 600, "the switch ran every case");
+    assert_eq!(interpreted[9], 2 * (1..=300u64).sum::<u64>());
+    assert_eq!(interpreted[10], 600);
+    // #GP frame: error code at [rsp], RIP at [rsp+8] = the CALL; the CALL pushed nothing.
+    assert_ne!(interpreted[13], 0);
+    let (compiled, blocks) = run(Some(0));
+    assert!(blocks >= 6, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+}

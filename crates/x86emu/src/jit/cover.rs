@@ -80,6 +80,10 @@ pub(super) enum Kind {
     Leave,
     Call,
     Ret,
+    /// JMP/CALL r/m64 ending the block: the target goes through the TLB and the block
+    /// cache inline, as after a RET.
+    IndJmp,
+    IndCall,
     /// Unsigned DIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE.
     Div,
 }
@@ -186,6 +190,19 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
         Code::Leaveq => return Some(Kind::Leave),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
+        Code::Jmp_rm64 | Code::Call_rm64 if last => {
+            let ok = match ins.op0_kind() {
+                OpKind::Register => ins.op0_register().is_gpr64(),
+                OpKind::Memory => plain_address(ins) && ins.memory_size().size() == 8,
+                _ => false,
+            };
+            let k = if ins.code() == Code::Jmp_rm64 {
+                Kind::IndJmp
+            } else {
+                Kind::IndCall
+            };
+            return ok.then_some(k);
+        }
         _ => {}
     }
     let m = ins.mnemonic();
@@ -216,12 +233,8 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
                 }
             }
             OpKind::Memory => {
-                let base = ins.memory_base();
-                let index = ins.memory_index();
-                let base_ok = base == Register::None || base == Register::RIP || base.is_gpr64();
-                let index_ok = index == Register::None || index.is_gpr64();
                 let size_ok = m == M::Lea || (1..=8).contains(&ins.memory_size().size());
-                if !(base_ok && index_ok && size_ok) {
+                if !(plain_address(ins) && size_ok) {
                     return None;
                 }
                 // BT* with a register offset address a bit string beyond the operand.
@@ -243,6 +256,14 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
         return matches!(ins.code(), Code::Div_rm64 | Code::Div_rm32).then_some(Kind::Div);
     }
     Some(Kind::Native)
+}
+
+/// A memory operand compiled code can address: 64-bit base (or RIP) and index registers.
+pub(super) fn plain_address(ins: &Instruction) -> bool {
+    let base = ins.memory_base();
+    let index = ins.memory_index();
+    (base == Register::None || base == Register::RIP || base.is_gpr64())
+        && (index == Register::None || index.is_gpr64())
 }
 
 /// How one memory operand is reached.

@@ -81,7 +81,10 @@ pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Opt
     }
     let branch = matches!(
         plans.last(),
-        Some((Kind::Branch | Kind::Call | Kind::Ret, _))
+        Some((
+            Kind::Branch | Kind::Call | Kind::Ret | Kind::IndJmp | Kind::IndCall,
+            _
+        ))
     );
     let first_ip = insns.first()?.instr.ip();
     let mut e = Emitter::new(first_ip, slot, epoch)?;
@@ -99,6 +102,8 @@ pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Opt
             Kind::Leave => e.leave(i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
             Kind::Ret => e.ret(ins, i as u32, len)?,
+            Kind::IndJmp => e.indirect(ins, i as u32, len, false, &mut info)?,
+            Kind::IndCall => e.indirect(ins, i as u32, len, true, &mut info)?,
         }
     }
     if !branch {
@@ -715,18 +720,11 @@ impl Emitter {
     /// RET [imm16] ending the block. A non-canonical return address is left to the
     /// interpreter (it raises #GP on the RET).
     fn ret(&mut self, ins: &Instruction, idx: u32, len: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rax, rbx, rcx, rdx, rsi};
+        use iced_x86::code_asm::registers::gpr64::{rax, rbx, rdx};
         self.load_guest(Register::RDX, RSP)?;
         self.stack_slot(false, idx)?;
-        let miss = self.miss_label(idx);
-        let a = &mut self.a;
-        a!(a.mov(rax, qword_ptr(rbx)));
-        a!(a.mov(rsi, 16u64));
-        a!(a.shlx(rcx, rax, rsi));
-        a!(a.sarx(rcx, rcx, rsi));
-        a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + rax + 1)));
-        self.continue_if_rcx_zero(miss)?;
+        a!(self.a.mov(rax, qword_ptr(rbx)));
+        self.canonical_rax(idx)?;
         let pop = 8 + i32::from(ins.immediate16());
         a!(self.a.lea(rdx, ptr(rdx + pop)));
         self.store_guest(RSP, Register::RDX)?;
@@ -736,6 +734,61 @@ impl Emitter {
         a!(self
             .a
             .mov(rax, qword_ptr(rax + ctx_off(offset_of!(Ctx, rip)))));
+        self.look_up_and_go()
+    }
+
+    /// Leaves before instruction `idx` unless RAX is canonical (the interpreter raises
+    /// the #GP). Clobbers RCX and RSI.
+    fn canonical_rax(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rsi};
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rsi, 16u64));
+        a!(a.shlx(rcx, rax, rsi));
+        a!(a.sarx(rcx, rcx, rsi));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + rax + 1)));
+        self.clobber(&[Register::RCX, Register::RSI]);
+        self.continue_if_rcx_zero(miss)
+    }
+
+    /// JMP or CALL r/m64 ending the block: the target is read (a register, or memory
+    /// through the TLB) and checked, CALL pushes the return address, and the code goes on
+    /// through the block cache as after a RET. Nothing is written before every check that
+    /// can leave for the interpreter has passed.
+    fn indirect(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        len: u32,
+        call: bool,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rax, rbx, rdx};
+        if let Some(m) = plan_mem(ins, info) {
+            let s = self.scratch(&[Register::RCX, Register::RAX], 8)?;
+            let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
+            let scratch = [*s.get(4)?, *s.get(5)?, *s.get(6)?, *s.get(7)?];
+            self.address(&m, lin, b, i)?;
+            let miss = self.miss_label(idx);
+            self.tlb(&m, lin, host, scratch, miss)?;
+            a!(self.a.mov(rax, qword_ptr(r64(host)?)));
+            self.clobber(&[Register::RAX]);
+        } else {
+            self.load_guest(Register::RAX, gpr_index(ins.op0_register())?)?;
+        }
+        self.canonical_rax(idx)?;
+        if call {
+            self.load_guest(Register::RDX, RSP)?;
+            a!(self.a.lea(rdx, ptr(rdx - 8)));
+            self.stack_slot(true, idx)?;
+            a!(self.a.mov(r10, ins.next_ip()));
+            a!(self.a.mov(qword_ptr(rbx), r10));
+            self.store_guest(RSP, Register::RDX)?;
+        }
+        // RAX survives both (they use RCX and RDX).
+        self.store_rip_from_rax()?;
+        self.add_retired(len)?;
         self.look_up_and_go()
     }
 
