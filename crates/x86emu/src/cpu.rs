@@ -84,6 +84,10 @@ pub struct Core {
     pub(crate) shutdown: bool,
     pub(crate) tsc_epoch: Instant,
     pub(crate) tsc_offset: u64,
+    /// The TSC is the host's own (see `set_tsc_host`).
+    tsc_host: bool,
+    /// Events delivered and SYSCALLs run (see `kernel_entries`).
+    pub(crate) entries: u64,
     /// Instructions retired since creation.
     pub(crate) retired: u64,
     /// Set when a page walk lost an A/D-bit update race; the walk is retried.
@@ -157,6 +161,8 @@ impl Core {
             shutdown: false,
             tsc_epoch: Instant::now(),
             tsc_offset: 0,
+            tsc_host: false,
+            entries: 0,
             retired: 0,
             walk_raced: false,
             code_epoch: 0,
@@ -319,12 +325,41 @@ impl Core {
         self.tsc_offset = 0;
     }
 
+    /// Make the TSC the host's RDTSC plus the guest's offset, for a VMM that also runs guest
+    /// code natively (where RDTSC is the host's) and tells the guest the host's TSC rate.
+    pub fn set_tsc_host(&mut self, host: bool) {
+        self.tsc_host = host;
+        self.tsc_offset = 0;
+    }
+
+    fn tsc_base(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if self.tsc_host {
+            // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
+            return unsafe { std::arch::x86_64::_rdtsc() };
+        }
+        self.tsc_epoch.elapsed().as_nanos() as u64
+    }
+
     pub(crate) fn tsc(&self) -> u64 {
-        (self.tsc_epoch.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
+        self.tsc_base().wrapping_add(self.tsc_offset)
     }
 
     pub(crate) fn set_tsc(&mut self, v: u64) {
-        self.tsc_offset = v.wrapping_sub(self.tsc_epoch.elapsed().as_nanos() as u64);
+        self.tsc_offset = v.wrapping_sub(self.tsc_base());
+    }
+
+    /// How many times the CPU entered its kernel: events delivered (exceptions, interrupts,
+    /// NMIs) and SYSCALLs run. A VMM can tell from it whether a slice ran user code only.
+    pub fn kernel_entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// How many TLB flushes (INVLPG, CR3 and paging-mode writes, `flush_tlb`) the CPU did:
+    /// a VMM that keeps another translation of the guest's page tables (a KVM vCPU's
+    /// shadow) must drop it when this moved.
+    pub fn tlb_flushes(&self) -> u64 {
+        self.tlb.flushes
     }
 
     /// Notes that `gpa_page` holds code checked in the current code epoch.

@@ -11,6 +11,7 @@ impl Core {
     /// Delivers `f` (an exception, software interrupt or external interrupt), escalating
     /// faults raised during delivery to #DF and then to shutdown.
     pub(crate) fn deliver_event(&mut self, p: &mut dyn Platform, f: Fault, external: bool) {
+        self.entries += 1;
         let mut cur = f;
         let mut ext = external;
         for _ in 0..4 {

@@ -69,6 +69,8 @@ pub(crate) struct Tlb {
     /// only what was used instead of scanning the whole TLB. Capacity is reserved up
     /// front; when it fills up, the next flush scans everything.
     filled: Vec<u16>,
+    /// Flushes of any kind so far (see `Core::tlb_flushes`).
+    pub(crate) flushes: u64,
 }
 
 // SAFETY: the host pointers are into guest RAM owned by the `GuestRam` map of the same CPU,
@@ -80,6 +82,7 @@ impl Tlb {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
             filled: Vec::with_capacity(TLB_SIZE),
+            flushes: 0,
         }
     }
 
@@ -89,6 +92,7 @@ impl Tlb {
     }
 
     pub(crate) fn flush_all(&mut self) {
+        self.flushes += 1;
         if self.filled.len() < TLB_SIZE {
             for &i in &self.filled {
                 if let Some(e) = self.entries.get_mut(usize::from(i)) {
@@ -103,6 +107,7 @@ impl Tlb {
 
     /// CR3 reload: global pages survive.
     pub(crate) fn flush_non_global(&mut self) {
+        self.flushes += 1;
         if self.filled.len() < TLB_SIZE {
             // Global survivors stay listed so a later full flush still finds them.
             let entries = &mut self.entries;
@@ -140,6 +145,7 @@ impl Tlb {
 
     /// INVLPG: drops every entry filled from the mapping that covers `lin`, whatever its size.
     pub(crate) fn flush_page(&mut self, lin: u64) {
+        self.flushes += 1;
         for e in self.entries.iter_mut() {
             if e.vpn != u64::MAX {
                 let shift = u32::from(e.page_shift);

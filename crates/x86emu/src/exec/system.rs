@@ -262,6 +262,7 @@ fn syscall(cpu: &mut Core) -> Result<()> {
     if cpu.s.efer & EFER_SCE == 0 || !cpu.s.long_mode_active() {
         return Err(Fault::ud());
     }
+    cpu.entries += 1;
     let star = cpu.s.msr.star;
     let sel = ((star >> 32) & 0xfffc) as u16;
     cpu.s.gpr[1] = cpu.next_rip;
