@@ -414,6 +414,7 @@ impl Core {
             epoch: self.code_epoch,
             budget,
             kick,
+            simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
             retired: 0,
             rip: 0,
             link: 0,
@@ -458,6 +459,8 @@ impl Cpu {
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         // Other vCPUs, devices and the VMM may have written code since the last run.
         self.code_epoch += 1;
+        let model = self.core.hostexec_isa();
+        self.blocks.set_jit_model(model);
         let mut done = 0u64;
         loop {
             if self.shutdown {

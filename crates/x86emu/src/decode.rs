@@ -286,6 +286,16 @@ impl BlockCache {
         self.jit.as_ref().map_or(0, |j| j.compiled)
     }
 
+    /// Compiled code covers what the CPU model has: when the model's ISA changes, what was
+    /// compiled for the old one goes.
+    pub(crate) fn set_jit_model(&mut self, model: u64) {
+        let Some(j) = &mut self.jit else { return };
+        if j.model != model {
+            j.model = model;
+            self.drop_compiled();
+        }
+    }
+
     fn drop_compiled(&mut self) {
         for i in 0..self.blocks.filled.len() {
             let Some(&slot) = self.blocks.filled.get(i) else {

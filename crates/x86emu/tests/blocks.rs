@@ -701,3 +701,210 @@ fn compiled_indirect_jumps_and_calls_match_the_interpreter() {
     assert!(blocks >= 6, "{blocks} blocks compiled");
     assert_eq!(compiled, interpreted);
 }
+
+const X: [AsmRegisterXmm; 8] = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
+const Y: [AsmRegisterYmm; 8] = [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7];
+
+/// One random SSE/AVX instruction of the kinds compiled code runs as themselves (integer
+/// SIMD, moves, logic, shuffles, SHA/AES, BMI and friends), or a floating-point one it
+/// leaves to the interpreter in mid-block; memory through r15 = DATA.
+fn random_vector_instruction(a: &mut CodeAssembler, r: &mut Rng) {
+    let (d, s, t) = (
+        r.below(8) as usize,
+        r.below(8) as usize,
+        r.below(8) as usize,
+    );
+    let g = r.below(10) as usize;
+    let h = r.below(10) as usize;
+    let imm = r.below(256) as u32;
+    let off16 = (r.below(16) * 16) as i32;
+    let off = r.below(224) as i32;
+    match r.below(44) {
+        0 => a.movdqu(X[d], xmmword_ptr(r15 + off)).unwrap(),
+        1 => a.movdqa(X[d], xmmword_ptr(r15 + off16)).unwrap(),
+        2 => a
+            .movdqu(xmmword_ptr(r15 + 0x100 + (off & 0x7f)), X[s])
+            .unwrap(),
+        3 => a.pxor(X[d], X[s]).unwrap(),
+        4 => a.paddd(X[d], X[s]).unwrap(),
+        5 => a.pcmpeqb(X[d], X[s]).unwrap(),
+        6 => a.pminub(X[d], xmmword_ptr(r15 + off16)).unwrap(),
+        7 => a.pshufb(X[d], X[s]).unwrap(),
+        8 => a.pshufd(X[d], X[s], imm).unwrap(),
+        9 => a.palignr(X[d], X[s], imm & 31).unwrap(),
+        10 => a.pslldq(X[d], imm & 31).unwrap(),
+        11 => a.pmovmskb(R32[g], X[s]).unwrap(),
+        12 => a.movd(R32[g], X[s]).unwrap(),
+        13 => a.movq(X[d], R64[g]).unwrap(),
+        14 => a.pinsrq(X[d], R64[g], imm & 1).unwrap(),
+        15 => a.pextrd(R32[g], X[s], imm & 3).unwrap(),
+        16 => a.ptest(X[d], X[s]).unwrap(),
+        17 => a.vpcmpeqb(Y[d], Y[s], Y[t]).unwrap(),
+        18 => a.vpminub(Y[d], Y[s], ymmword_ptr(r15 + off)).unwrap(),
+        19 => a.vpor(Y[d], Y[s], Y[t]).unwrap(),
+        20 => a.vmovdqu(Y[d], ymmword_ptr(r15 + off)).unwrap(),
+        21 => a
+            .vmovdqu(ymmword_ptr(r15 + 0x100 + (off & 0x7f)), Y[s])
+            .unwrap(),
+        22 => a.vpmovmskb(R32[g], Y[s]).unwrap(),
+        23 => a.vpxor(X[d], X[s], X[t]).unwrap(),
+        24 => a.vzeroupper().unwrap(),
+        25 => a.vptest(Y[d], Y[s]).unwrap(),
+        26 => a.vpbroadcastb(Y[d], X[s]).unwrap(),
+        27 => a.vperm2i128(Y[d], Y[s], Y[t], imm & 0x33).unwrap(),
+        28 => a.tzcnt(R64[g], R64[h]).unwrap(),
+        29 => a.lzcnt(R32[g], R32[h]).unwrap(),
+        30 => a.popcnt(R64[g], R64[h]).unwrap(),
+        31 => a.andn(R64[g], R64[h], R64[(h + 1) % 10]).unwrap(),
+        32 => a.shlx(R64[g], R64[h], R64[(h + 3) % 10]).unwrap(),
+        33 => a.sarx(R32[g], R32[h], R32[(h + 3) % 10]).unwrap(),
+        34 => a.blsr(R64[g], R64[h]).unwrap(),
+        35 => a.pdep(R64[g], R64[h], qword_ptr(r15 + (off & !7))).unwrap(),
+        36 => a.mulx(R64[g], R64[h], R64[(h + 1) % 10]).unwrap(),
+        37 => a.sha256rnds2(X[d], X[s]).unwrap(),
+        38 => a.aesenc(X[d], X[s]).unwrap(),
+        39 => a.pclmulqdq(X[d], X[s], imm & 0x11).unwrap(),
+        40 => a.shufps(X[d], X[s], imm).unwrap(),
+        41 => a.vmovdqu(X[d], xmmword_ptr(r15 + off)).unwrap(),
+        42 => a.movss(X[d], X[s]).unwrap(),
+        // Floating point: not compiled; the interpreter runs it between compiled parts.
+        _ => a.addps(X[d], X[s]).unwrap(),
+    }
+}
+
+/// Compiled SSE/AVX/BMI code against the interpreter (which `tests/diff` checks against
+/// the host): registers, flags where defined, XMM/YMM state and memory must match.
+#[test]
+fn compiled_vector_code_matches_the_interpreter() {
+    let mut r = Rng(0x5eed_0f_5e);
+    let mut compared = 0;
+    let mut compiled_any = 0;
+    for case in 0..400 {
+        let len = 3 + r.below(30);
+        let mut seed = Rng(r.next() | 1);
+        let code = asm(64, CODE, |a| {
+            for _ in 0..len {
+                if seed.below(3) == 0 {
+                    random_instruction(a, &mut seed);
+                } else {
+                    random_vector_instruction(a, &mut seed);
+                }
+            }
+            a.hlt().unwrap();
+        });
+        let Some(undefined) = undefined_flags(&code) else {
+            continue;
+        };
+        compared += 1;
+        let regs: [u64; 10] = std::array::from_fn(|_| r.next());
+        let xmm: [u128; 16] =
+            std::array::from_fn(|_| u128::from(r.next()) << 64 | u128::from(r.next()));
+        let hi: [u128; 16] =
+            std::array::from_fn(|_| u128::from(r.next()) << 64 | u128::from(r.next()));
+        let flags = r.next();
+        let run = |jit: Option<u32>| {
+            let mut g = guest_with(&code, &regs, flags);
+            let mut s = g.cpu.state().clone();
+            s.cr4 |= 1 << 18; // OSXSAVE
+            s.xcr0 = 7;
+            s.fpu.xmm = xmm;
+            s.fpu.ymm_hi = hi;
+            g.cpu.set_state(s);
+            g.cpu.set_jit_threshold(jit);
+            assert_eq!(
+                g.cpu.run(&mut NoDevices, 10_000),
+                RunExit::Halted,
+                "case {case}"
+            );
+            let mut mem = [0u8; 512];
+            assert!(g.cpu.ram().read(DATA, &mut mem));
+            (g.cpu.state().clone(), mem.to_vec(), g.cpu.compiled_blocks())
+        };
+        let (i, imem, _) = run(None);
+        let (c, cmem, blocks) = run(Some(0));
+        compiled_any += u32::from(blocks > 0);
+        assert_eq!(c.gpr, i.gpr, "case {case}: registers differ");
+        assert_eq!(c.fpu.xmm, i.fpu.xmm, "case {case}: XMM differ");
+        assert_eq!(
+            c.fpu.ymm_hi, i.fpu.ymm_hi,
+            "case {case}: YMM upper halves differ"
+        );
+        assert_eq!(c.fpu.mxcsr, i.fpu.mxcsr, "case {case}: MXCSR differs");
+        let defined = 0x8d5 & !undefined;
+        assert_eq!(
+            c.rflags & defined,
+            i.rflags & defined,
+            "case {case}: flags differ"
+        );
+        assert_eq!(cmem, imem, "case {case}: memory differs");
+    }
+    assert!(compared >= 150, "only {compared} comparable programs");
+    assert!(compiled_any >= 100, "only {compiled_any} programs compiled");
+}
+
+/// What compiled code must leave to the interpreter's exceptions: a misaligned MOVDQA
+/// (#GP), SSE with CR0.TS set (#NM), AVX with XCR0 lacking the AVX state (#UD).
+#[test]
+fn compiled_vector_code_leaves_faults_to_the_interpreter() {
+    const HANDLER: u64 = CODE + 0xc00;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 50u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.paddq(xmm1, xmm2).unwrap();
+        a.vpaddq(ymm3, ymm3, ymm2).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // RBX chooses the fault: 0 none, else a misaligned MOVDQA
+        a.lea(rsi, qword_ptr(r15 + rbx)).unwrap();
+        a.movdqa(xmm4, xmmword_ptr(rsi)).unwrap();
+        a.hlt().unwrap();
+    });
+    let handler = asm(64, HANDLER, |a| {
+        a.mov(r13, qword_ptr(rsp + 8)).unwrap(); // RIP after the error code
+        a.mov(r14, 0xfau64).unwrap();
+        a.hlt().unwrap();
+    });
+    let nm_handler = asm(64, HANDLER + 0x100, |a| {
+        a.mov(r13, qword_ptr(rsp)).unwrap(); // RIP: no error code
+        a.mov(r14, 0x7u64).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit: Option<u32>, misalign: u64, cr0_ts: bool, xcr0: u64| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.load(HANDLER, &handler);
+        g.load(HANDLER + 0x100, &nm_handler);
+        g.set_gate(13, HANDLER, 0, 0);
+        g.set_gate(7, HANDLER + 0x100, 0, 0);
+        g.set_gate(6, HANDLER + 0x100, 0, 0);
+        let mut s = g.cpu.state().clone();
+        s.gpr[3] = misalign;
+        s.cr4 |= 1 << 18;
+        s.xcr0 = xcr0;
+        if cr0_ts {
+            s.cr0 |= 1 << 3;
+        }
+        s.fpu.xmm[2] = 3;
+        s.fpu.ymm_hi[2] = 5;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        let s = g.cpu.state();
+        (s.gpr, s.fpu.xmm, s.fpu.ymm_hi, g.cpu.compiled_blocks())
+    };
+    for (misalign, ts, xcr0) in [(0, false, 7), (8, false, 7), (0, true, 7), (0, false, 3)] {
+        let i = run(None, misalign, ts, xcr0);
+        let c = run(Some(0), misalign, ts, xcr0);
+        assert_eq!(
+            (c.0, c.1, c.2),
+            (i.0, i.1, i.2),
+            "misalign {misalign} TS {ts} XCR0 {xcr0}"
+        );
+        assert!(c.3 > 0);
+        match (misalign, ts, xcr0) {
+            (0, false, 7) => assert_eq!((i.1[1], i.2[3]), (150, 250)),
+            (8, false, 7) => assert_eq!(i.0[14], 0xfa, "#GP"),
+            _ => assert_eq!(i.0[14], 7, "#NM or #UD"),
+        }
+    }
+}

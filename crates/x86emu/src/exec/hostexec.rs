@@ -96,7 +96,7 @@ pub(crate) mod isa {
 }
 
 /// The ISA bit for an iced-x86 CPUID feature; None for features never run here.
-fn isa_bit(f: F) -> Option<u64> {
+pub(crate) fn isa_bit(f: F) -> Option<u64> {
     Some(match f {
         F::FPU | F::FPU287 | F::FPU387 => isa::FPU,
         F::CMOV => isa::CMOV,
@@ -845,7 +845,7 @@ impl Core {
         Ok(())
     }
 
-    fn hostexec_isa(&mut self) -> u64 {
+    pub(crate) fn hostexec_isa(&mut self) -> u64 {
         let gen = self.cpuid.generation();
         if self.hostexec.isa_gen != gen {
             self.hostexec.isa = isa_of(&self.cpuid);
@@ -853,6 +853,209 @@ impl Core {
         }
         self.hostexec.isa
     }
+}
+
+/// A vector instruction compiled code may run as itself (see `jit`): what it needs and
+/// which vector registers it reads (at 128 or 256 bits) and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct JitVector {
+    /// VEX-encoded: needs the AVX state enabled, and zeroes the upper bits it writes.
+    pub(crate) vex: bool,
+    /// The memory operand's alignment (1: none).
+    pub(crate) align: u64,
+    /// Per vector register: 0 not read, 1 bits 127:0 read, 2 all 256 bits read.
+    pub(crate) read: [u8; 16],
+    pub(crate) write: u16,
+}
+
+/// Instructions whose result depends on nothing but their operands: integer SIMD, data
+/// movement, bitwise logic, shuffles, AES and SHA. Floating-point arithmetic, compares
+/// and conversions read MXCSR and raise its flags, which compiled code does not model.
+fn mxcsr_free(m: M) -> bool {
+    // iced's names, lower case, without the VEX form's leading 'v'.
+    let name = format!("{m:?}").to_ascii_lowercase();
+    let n = match ins_is_vex_name(&name) {
+        true => &name[1..],
+        false => &name[..],
+    };
+    (n.starts_with('p') && !n.starts_with("pf") && !n.starts_with("pi2f"))
+        || n.starts_with("aes")
+        || n.starts_with("sha")
+        || matches!(
+            n,
+            "movdqa"
+                | "movdqu"
+                | "movaps"
+                | "movups"
+                | "movapd"
+                | "movupd"
+                | "movd"
+                | "movq"
+                | "movss"
+                | "movsd"
+                | "movhps"
+                | "movlps"
+                | "movhpd"
+                | "movlpd"
+                | "movhlps"
+                | "movlhps"
+                | "movmskps"
+                | "movmskpd"
+                | "movddup"
+                | "movshdup"
+                | "movsldup"
+                | "lddqu"
+                | "movntdq"
+                | "movntps"
+                | "movntpd"
+                | "movntdqa"
+                | "andps"
+                | "andpd"
+                | "andnps"
+                | "andnpd"
+                | "orps"
+                | "orpd"
+                | "xorps"
+                | "xorpd"
+                | "shufps"
+                | "shufpd"
+                | "unpcklps"
+                | "unpckhps"
+                | "unpcklpd"
+                | "unpckhpd"
+                | "blendps"
+                | "blendpd"
+                | "blendvps"
+                | "blendvpd"
+                | "insertps"
+                | "extractps"
+                | "broadcastss"
+                | "broadcastsd"
+                | "broadcastf128"
+                | "broadcasti128"
+                | "perm2f128"
+                | "perm2i128"
+                | "permilps"
+                | "permilpd"
+                | "permq"
+                | "permd"
+                | "permps"
+                | "permpd"
+                | "insertf128"
+                | "inserti128"
+                | "extractf128"
+                | "extracti128"
+                | "testps"
+                | "testpd"
+        )
+}
+
+/// Whether an iced mnemonic name (lower case) is a VEX form: `v` and then a legacy name.
+fn ins_is_vex_name(name: &str) -> bool {
+    name.len() > 1 && name.starts_with('v')
+}
+
+/// Whether compiled code may run `ins` as itself: a legacy SSE or VEX instruction on
+/// XMM/YMM0-15, general registers and at most one plain memory operand, whose result does
+/// not depend on MXCSR, that the CPU model `isa` has and the host runs.
+pub(crate) fn jit_vector(ins: &Instruction, isa: u64) -> Option<JitVector> {
+    let m = ins.mnemonic();
+    if refused(m) || ins.is_invalid() || ins.is_vsib() || !mxcsr_free(m) {
+        return None;
+    }
+    // Masked loads and stores skip the faults of the elements they leave out.
+    if matches!(
+        m,
+        M::Vmaskmovps | M::Vmaskmovpd | M::Vpmaskmovd | M::Vpmaskmovq
+    ) {
+        return None;
+    }
+    let vex = match ins.encoding() {
+        EncodingKind::Legacy => false,
+        EncodingKind::VEX => true,
+        _ => return None,
+    };
+    if vex && !host_avx() {
+        return None;
+    }
+    let mut need = 0;
+    for &f in ins.cpuid_features() {
+        need |= isa_bit(f)?;
+    }
+    if need & !isa != 0 || need & (isa::FPU | isa::MMX) != 0 {
+        return None;
+    }
+    let mut vec = false;
+    let mut mem_size = 0;
+    for i in 0..ins.op_count() {
+        match ins.op_kind(i) {
+            OpKind::Register => {
+                let r = ins.op_register(i);
+                if r.is_xmm() || r.is_ymm() {
+                    vec = true;
+                } else if !r.is_gpr() {
+                    return None;
+                }
+            }
+            OpKind::Memory => mem_size = ins.memory_size().size(),
+            OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return None,
+        }
+    }
+    if !vec || mem_size > 32 {
+        return None;
+    }
+    let mut info = InstructionInfoFactory::new();
+    let mut read = [0u8; 16];
+    let mut write = 0u16;
+    for u in info.info(ins).used_registers() {
+        let r = u.register();
+        if r.is_xmm() || r.is_ymm() || r.is_zmm() {
+            let n = vec_num(r)?;
+            if matches!(
+                u.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+            ) {
+                let level = if r.is_xmm() { 1 } else { 2 };
+                read[n] = read[n].max(level);
+            }
+            if matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
+            ) {
+                write |= 1 << n;
+                // Legacy SSE keeps bits 255:128, and some forms (MOVSS, MOVLPS, PINSR*)
+                // more: the register is loaded first, so what the instruction keeps is the
+                // guest's. VEX zeroes whatever it does not write, except under a condition.
+                if !vex || u.access() == OpAccess::CondWrite {
+                    read[n] = read[n].max(if vex { 2 } else { 1 });
+                }
+            }
+        } else if !(r.is_gpr() || r == Register::None || r.is_segment_register()) {
+            return None;
+        }
+    }
+    let class = if vex { Class::Avx } else { Class::Sse };
+    Some(JitVector {
+        vex,
+        align: if mem_size > 0 {
+            alignment(ins, mem_size, class)
+        } else {
+            1
+        },
+        read,
+        write,
+    })
 }
 
 /// Whether `ins` goes straight to [`exec`]: VEX encodings, x87 arithmetic and anything

@@ -9,6 +9,7 @@ use iced_x86::{
 
 use super::Ctx;
 use crate::exec::fast::is_imm;
+use crate::exec::hostexec::{isa, isa_bit, jit_vector, JitVector};
 use crate::exec::is_cmov_or_setcc;
 
 /// Host registers guest values and scratch values may use: all but RSP (the host stack)
@@ -86,13 +87,53 @@ pub(super) enum Kind {
     IndCall,
     /// Unsigned DIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE.
     Div,
+    /// An SSE/AVX instruction that runs as itself on host XMM/YMM registers.
+    Vector(JitVector),
+    /// VZEROUPPER.
+    Vzeroupper,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
 /// effect, no fault besides memory (handled before them), no implicit stack or string
 /// access, nothing the guest's CPUID does not advertise.
-fn runs_natively(ins: &Instruction) -> bool {
+fn runs_natively(ins: &Instruction, model: u64) -> bool {
     let m = ins.mnemonic();
+    if matches!(
+        m,
+        M::Andn
+            | M::Bextr
+            | M::Blsi
+            | M::Blsmsk
+            | M::Blsr
+            | M::Bzhi
+            | M::Tzcnt
+            | M::Lzcnt
+            | M::Popcnt
+            | M::Pdep
+            | M::Pext
+            | M::Rorx
+            | M::Sarx
+            | M::Shlx
+            | M::Shrx
+            | M::Mulx
+            | M::Adcx
+            | M::Adox
+            | M::Movbe
+            | M::Crc32
+    ) {
+        // Extensions of the general-purpose ISA: only where the CPU model has them (the
+        // model is a subset of the host's), else the interpreter raises #UD.
+        let mut need = 0;
+        for &f in ins.cpuid_features() {
+            match isa_bit(f) {
+                Some(b) => need |= b,
+                None => return false,
+            }
+        }
+        let gpr_only =
+            isa::POPCNT | isa::BMI1 | isa::BMI2 | isa::ADX | isa::MOVBE | isa::SSE42 | isa::LZCNT;
+        return need != 0 && need & !(model & gpr_only) == 0;
+    }
     is_cmov_or_setcc(m)
         || matches!(
             m,
@@ -149,9 +190,21 @@ fn guest_gpr(r: Register) -> bool {
         && !matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
 }
 
-pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
+/// What compiled code does with `ins`; `model` is the CPU model's ISA (see
+/// `hostexec::isa`). None: not covered.
+pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     if last && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near()) {
         return Some(Kind::Branch);
+    }
+    if ins.mnemonic() == M::Vzeroupper {
+        let ok = model & isa::AVX != 0 && std::arch::is_x86_feature_detected!("avx");
+        return ok.then_some(Kind::Vzeroupper);
+    }
+    if let Some(v) = jit_vector(ins, model) {
+        let plain =
+            (0..ins.op_count()).all(|k| ins.op_kind(k) != OpKind::Memory) || plain_address(ins);
+        // LOCK on a vector instruction is #UD (the interpreter's).
+        return (plain && !ins.has_lock_prefix()).then_some(Kind::Vector(v));
     }
     if ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;
@@ -209,7 +262,7 @@ pub(super) fn kind(ins: &Instruction, last: bool) -> Option<Kind> {
     if m == M::Nop {
         return Some(Kind::Nop);
     }
-    if !runs_natively(ins) && m != M::Lea && m != M::Div {
+    if !runs_natively(ins, model) && m != M::Lea && m != M::Div {
         return None;
     }
     if matches!(
@@ -288,7 +341,12 @@ pub(super) struct Regs {
 }
 
 /// Plans the registers of a native instruction; None if it needs more than the pool has.
-pub(super) fn plan_regs(ins: &Instruction, info: &mut InstructionInfoFactory) -> Option<Regs> {
+/// With `vectors`, XMM/YMM registers are left to the caller.
+pub(super) fn plan_regs(
+    ins: &Instruction,
+    info: &mut InstructionInfoFactory,
+    vectors: bool,
+) -> Option<Regs> {
     let mut regs = Regs {
         map: [Register::None; 16],
         load: [false; 16],
@@ -303,7 +361,7 @@ pub(super) fn plan_regs(ins: &Instruction, info: &mut InstructionInfoFactory) ->
     let mut used = [false; 16];
     for u in info.info(ins).used_registers() {
         let r = u.register();
-        if r.is_segment_register() {
+        if r.is_segment_register() || (vectors && (r.is_xmm() || r.is_ymm() || r.is_zmm())) {
             continue;
         }
         if !guest_gpr(r) {
@@ -376,4 +434,51 @@ pub(super) fn plan_mem(ins: &Instruction, info: &mut InstructionInfoFactory) -> 
         size: ins.memory_size().size() as u32,
         write,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::Decoder;
+
+    fn decode(bytes: &[u8]) -> Instruction {
+        Decoder::with_ip(64, bytes, 0x1000, 0).decode()
+    }
+
+    const ALL: u64 = u64::MAX;
+
+    #[test]
+    fn covers_vector_and_bit_manipulation_forms() {
+        // movdqu xmm1, [rax]; vpcmpeqb ymm1, ymm0, [rdi]; pmovmskb ecx, xmm1;
+        // tzcnt eax, ecx; sha256rnds2 xmm1, xmm2 (XMM0 implicit)
+        for bytes in [
+            &[0xf3, 0x0f, 0x6f, 0x08][..],
+            &[0xc5, 0xfd, 0x74, 0x0f],
+            &[0x66, 0x0f, 0xd7, 0xc9],
+            &[0xf3, 0x0f, 0xbc, 0xc1],
+            &[0x0f, 0x38, 0xcb, 0xca],
+        ] {
+            let ins = decode(bytes);
+            let k = kind(&ins, false, ALL);
+            assert!(k.is_some(), "{ins} not covered");
+        }
+        let sha = decode(&[0x0f, 0x38, 0xcb, 0xca]);
+        match kind(&sha, false, ALL) {
+            Some(Kind::Vector(v)) => {
+                assert_eq!(v.read[0], 1, "XMM0 is an implicit source");
+                assert_eq!(v.write, 1 << 1);
+            }
+            _ => panic!("sha256rnds2"),
+        }
+    }
+
+    #[test]
+    fn leaves_out_floating_point_and_what_the_model_lacks() {
+        // addps xmm0, xmm1 reads MXCSR; tzcnt without BMI1 in the model; rep movsb.
+        assert!(kind(&decode(&[0x0f, 0x58, 0xc1]), false, ALL).is_none());
+        assert!(kind(&decode(&[0xf3, 0x0f, 0xbc, 0xc1]), false, 0).is_none());
+        assert!(kind(&decode(&[0xf3, 0xa4]), false, ALL).is_none());
+        // vpxor without AVX2 in the model
+        assert!(kind(&decode(&[0xc5, 0xfd, 0xef, 0xc1]), false, ALL & !isa::AVX2).is_none());
+    }
 }

@@ -3,7 +3,8 @@
 use std::mem::offset_of;
 
 use iced_x86::code_asm::{
-    byte_ptr, dword_ptr, gpr32, gpr64, ptr, qword_ptr, AsmRegister64, CodeAssembler, CodeLabel,
+    byte_ptr, dword_ptr, get_xmm, get_ymm, gpr32, gpr64, ptr, qword_ptr, xmmword_ptr,
+    AsmRegister64, AsmRegisterXmm, AsmRegisterYmm, CodeAssembler, CodeLabel,
 };
 use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
 
@@ -12,7 +13,7 @@ use super::Ctx;
 use crate::decode::block_layout;
 use crate::decode::Insn;
 use crate::mmu::tlb_layout;
-use crate::state::CpuState;
+use crate::state::{CpuState, FpuState};
 
 /// Maps assembler errors (which would be a compiler bug) to "do not compile".
 macro_rules! a {
@@ -43,6 +44,27 @@ fn r64(r: Register) -> Option<AsmRegister64> {
     gpr64::get_gpr64(r)
 }
 
+fn xmm_off(n: usize) -> i32 {
+    (offset_of!(CpuState, fpu) + offset_of!(FpuState, xmm) + 16 * n) as i32
+}
+
+fn ymm_hi_off(n: usize) -> i32 {
+    (offset_of!(CpuState, fpu) + offset_of!(FpuState, ymm_hi) + 16 * n) as i32
+}
+
+fn xmm_reg(n: usize) -> Option<AsmRegisterXmm> {
+    get_xmm(Register::try_from(Register::XMM0 as usize + n).ok()?)
+}
+
+fn ymm_reg(n: usize) -> Option<AsmRegisterYmm> {
+    get_ymm(Register::try_from(Register::YMM0 as usize + n).ok()?)
+}
+
+thread_local! {
+    /// Whether the host has AVX: vector state moves with VEX encodings then.
+    static HOST_AVX: bool = std::arch::is_x86_feature_detected!("avx");
+}
+
 /// Host code for a block, assembled for the address it will live at.
 pub(super) struct Translated {
     pub(super) code: Vec<u8>,
@@ -57,20 +79,28 @@ pub(super) struct Translated {
 /// Emits host code for a block's leading instructions, to be placed at `at`; `slot` is
 /// the block's cache slot and `epoch` the address of its checked-in epoch. None when fewer
 /// than `MIN_COVERED` are covered (or the assembler refuses something).
-pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Option<Translated> {
+pub(super) fn translate(
+    insns: &[Insn],
+    at: u64,
+    slot: usize,
+    epoch: u64,
+    model: u64,
+) -> Option<Translated> {
     let mut info = InstructionInfoFactory::new();
     // What each covered instruction is, and a native one's register plan, decided once.
     let mut plans = Vec::with_capacity(insns.len());
     for (i, insn) in insns.iter().enumerate() {
         let ins = &insn.instr;
-        let Some(k) = kind(ins, i + 1 == insns.len()) else {
+        let Some(k) = kind(ins, i + 1 == insns.len(), model) else {
             break;
         };
         let regs = match k {
-            Kind::Native => match plan_regs(ins, &mut info) {
-                Some(r) => Some(r),
-                None => break,
-            },
+            Kind::Native | Kind::Vector(_) => {
+                match plan_regs(ins, &mut info, matches!(k, Kind::Vector(_))) {
+                    Some(r) => Some(r),
+                    None => break,
+                }
+            }
             _ => None,
         };
         plans.push((k, regs));
@@ -93,6 +123,8 @@ pub(super) fn translate(insns: &[Insn], at: u64, slot: usize, epoch: u64) -> Opt
         let ins = &insn.instr;
         match k {
             Kind::Native => e.native(ins, i as u32, regs?, &mut info)?,
+            Kind::Vector(v) => e.vector(ins, i as u32, regs?, &v, &mut info)?,
+            Kind::Vzeroupper => e.vzeroupper(i as u32)?,
             Kind::Lea => e.lea(ins)?,
             Kind::Div => e.div(ins, i as u32, &mut info)?,
             Kind::Nop => {}
@@ -136,6 +168,12 @@ struct Emitter {
     /// Host register i holds guest register i's current value (which is always in the
     /// state too: stores are written through, so exits need no spilling).
     cached: [bool; 16],
+    /// Whether the block runs vector instructions (its exit then ends with VZEROUPPER).
+    uses_vectors: bool,
+    /// Host XMM/YMM register i holds guest register i: 0 not, 1 bits 127:0, 2 all of it.
+    vcached: [u8; 16],
+    /// The SIMD state checks done in this block (bit 0 SSE, bit 1 AVX; see `Ctx::simd`).
+    simd_checked: u64,
     first_ip: u64,
     slot: usize,
 }
@@ -159,6 +197,9 @@ impl Emitter {
             div_faults: Vec::new(),
             links: Vec::new(),
             cached: [false; 16],
+            uses_vectors: false,
+            vcached: [0; 16],
+            simd_checked: 0,
             first_ip,
             slot,
         };
@@ -569,6 +610,155 @@ impl Emitter {
         Some(())
     }
 
+    /// Leaves before instruction `idx` unless the SIMD state the run loop found usable
+    /// (`Ctx::simd`) has bit `bit`: the interpreter raises the #UD or #NM. Once per block,
+    /// as nothing in compiled code changes CR0, CR4 or XCR0.
+    fn simd_check(&mut self, bit: u64, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        if self.simd_checked & bit != 0 {
+            return Some(());
+        }
+        self.simd_checked |= bit;
+        let s = self.scratch(&[Register::RCX], 2)?;
+        let (ctx, mask) = (r64(*s.first()?)?, r64(*s.get(1)?)?);
+        self.clobber(&[Register::RCX, *s.first()?, *s.get(1)?]);
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
+        a!(a.mov(rcx, qword_ptr(ctx + ctx_off(offset_of!(Ctx, simd)))));
+        a!(a.mov(mask, bit));
+        a!(a.pext(rcx, rcx, mask));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + 2)));
+        self.continue_if_rcx_zero(miss)
+    }
+
+    /// Brings guest vector register `n` into host register `n` at `level` (1: bits 127:0,
+    /// 2: all 256).
+    fn load_vector(&mut self, n: usize, level: u8) -> Option<()> {
+        if self.vcached[n] >= level {
+            return Some(());
+        }
+        let (x, y) = (xmm_reg(n)?, ymm_reg(n)?);
+        let a = &mut self.a;
+        if HOST_AVX.with(|h| *h) {
+            a!(a.vmovdqu(x, xmmword_ptr(gpr64::r15 + xmm_off(n))));
+            if level == 2 {
+                a!(a.vinsertf128(y, y, xmmword_ptr(gpr64::r15 + ymm_hi_off(n)), 1));
+            }
+        } else {
+            a!(a.movdqu(x, xmmword_ptr(gpr64::r15 + xmm_off(n))));
+        }
+        self.vcached[n] = level;
+        Some(())
+    }
+
+    /// Stores host register `n` as guest vector register `n`: bits 127:0, and with `vex`
+    /// bits 255:128 too (which a VEX instruction zeroed or wrote).
+    fn store_vector(&mut self, n: usize, vex: bool) -> Option<()> {
+        let (x, y) = (xmm_reg(n)?, ymm_reg(n)?);
+        let a = &mut self.a;
+        if HOST_AVX.with(|h| *h) {
+            a!(a.vmovdqu(xmmword_ptr(gpr64::r15 + xmm_off(n)), x));
+        } else {
+            a!(a.movdqu(xmmword_ptr(gpr64::r15 + xmm_off(n)), x));
+        }
+        if vex {
+            a!(a.vextractf128(xmmword_ptr(gpr64::r15 + ymm_hi_off(n)), y, 1));
+            self.vcached[n] = 2;
+        } else {
+            self.vcached[n] = self.vcached[n].max(1);
+        }
+        Some(())
+    }
+
+    /// An SSE/AVX instruction as itself: its vector registers in the host registers of the
+    /// same numbers, its general registers and memory operand as for `native`, after the
+    /// alignment check the instruction demands (a misaligned one leaves: #GP is the
+    /// interpreter's).
+    fn vector(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        regs: Regs,
+        v: &crate::exec::hostexec::JitVector,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        self.uses_vectors = true;
+        self.simd_check(if v.vex { 2 } else { 1 }, idx)?;
+        let mut out = *ins;
+        if let Some(m) = plan_mem(ins, info) {
+            let s = self.scratch(&[Register::RCX, regs.host_ptr], 7)?;
+            let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
+            let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
+            self.address(&m, lin, b, i)?;
+            let miss = self.miss_label(idx);
+            self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
+            if v.align > 1 {
+                // Host pages are page-aligned: the pointer's low bits are the address's.
+                let a = &mut self.a;
+                a!(a.mov(rcx, v.align - 1));
+                a!(a.pext(rcx, r64(regs.host_ptr)?, rcx));
+                self.continue_if_rcx_zero(miss)?;
+            }
+            out.set_memory_base(regs.host_ptr);
+            out.set_memory_index(Register::None);
+            out.set_memory_index_scale(1);
+            out.set_memory_displacement64(0);
+            out.set_memory_displ_size(0);
+            out.set_segment_prefix(Register::None);
+        }
+        for g in 0..16 {
+            if regs.load[g] {
+                self.load_guest(regs.map[g], g)?;
+            }
+        }
+        for k in 0..ins.op_count() {
+            if ins.op_kind(k) == OpKind::Register {
+                let r = ins.op_register(k);
+                if let Some(g) = gpr_index(r) {
+                    out.set_op_register(k, sized(regs.map[g], r)?);
+                }
+            }
+        }
+        for n in 0..16 {
+            if v.read[n] > 0 {
+                self.load_vector(n, v.read[n])?;
+            }
+        }
+        a!(self.a.add_instruction(out));
+        for g in 0..16 {
+            if regs.store[g] {
+                self.store_guest(g, regs.map[g])?;
+            }
+        }
+        for n in 0..16 {
+            if v.write & (1 << n) != 0 {
+                self.store_vector(n, v.vex)?;
+            }
+        }
+        Some(())
+    }
+
+    /// VZEROUPPER: the host's own, then the guest's bits 255:128 stored as zeroes (YMM0's,
+    /// now zero).
+    fn vzeroupper(&mut self, idx: u32) -> Option<()> {
+        self.uses_vectors = true;
+        self.simd_check(2, idx)?;
+        a!(self.a.vzeroupper());
+        let y0 = ymm_reg(0)?;
+        for n in 0..16 {
+            a!(self
+                .a
+                .vextractf128(xmmword_ptr(gpr64::r15 + ymm_hi_off(n)), y0, 1));
+            if self.vcached[n] == 1 {
+                self.vcached[n] = 2;
+            }
+        }
+        Some(())
+    }
+
     /// Unsigned DIV r/m64 or r/m32. Division by zero or a quotient that does not fit is
     /// #DE, which must reach the guest (on the host it would be SIGFPE): the code checks
     /// RDX < divisor (which covers zero) first and leaves for the interpreter otherwise.
@@ -859,6 +1049,10 @@ impl Emitter {
         a!(a.and(rdx, !RFLAGS_STATUS));
         a!(a.or(rdx, rcx));
         a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
+        if self.uses_vectors && HOST_AVX.with(|h| *h) {
+            // Rust code after this runs legacy-encoded SSE: no dirty upper state for it.
+            a!(a.vzeroupper());
+        }
         a!(a.mov(rax, rsi));
         a!(a.pop(rsi));
         for r in [r15, r14, r13, r12, rbp, rbx] {

@@ -45,6 +45,8 @@ pub(crate) struct Ctx {
     pub(crate) budget: u64,
     /// A byte other threads raise when they have an interrupt for this CPU.
     pub(crate) kick: *const u8,
+    /// SIMD state usable at the current CR0/CR4/XCR0: bit 0 SSE (no #UD/#NM), bit 1 AVX.
+    pub(crate) simd: u64,
     /// Out: instructions run.
     pub(crate) retired: u64,
     /// Out, FINISHED: the next RIP.
@@ -80,6 +82,8 @@ pub(crate) const DEFAULT_THRESHOLD: u32 = 256;
 pub(crate) struct Jit {
     arena: Arena,
     pub(crate) threshold: u32,
+    /// The CPU model's ISA bits (`hostexec::isa`) compiled code was made for.
+    pub(crate) model: u64,
     /// Blocks compiled since the CPU was created.
     pub(crate) compiled: u64,
 }
@@ -94,6 +98,7 @@ impl Jit {
         Some(Jit {
             arena: Arena::new(ARENA_SIZE)?,
             threshold,
+            model: 0,
             compiled: 0,
         })
     }
@@ -110,7 +115,7 @@ impl Jit {
         epoch: *const u64,
     ) -> Result<Option<Compiled>, ()> {
         let at = self.arena.next();
-        let Some(t) = emit::translate(insns, at, slot, epoch as u64) else {
+        let Some(t) = emit::translate(insns, at, slot, epoch as u64, self.model) else {
             return Ok(None);
         };
         let Some(start) = self.arena.put(&t.code) else {
