@@ -11,6 +11,11 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 pub struct VmClock {
     epoch: Instant,
     boot_unix_ns: u128,
+    /// The TSC rate the guest is told (kvmclock's scale).
+    tsc_hz: u64,
+    /// The guest TSC is the host's RDTSC (the hybrid accelerator, where user code reads
+    /// it natively), not nanoseconds since `epoch`.
+    host_tsc: bool,
 }
 
 impl Default for VmClock {
@@ -27,7 +32,27 @@ impl VmClock {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos())
                 .unwrap_or_default(),
+            tsc_hz: TSC_HZ,
+            host_tsc: false,
         }
+    }
+
+    /// A clock whose TSC is the host's RDTSC, running at `tsc_hz`.
+    pub fn with_host_tsc(tsc_hz: u64) -> Self {
+        VmClock {
+            tsc_hz: tsc_hz.max(1),
+            host_tsc: true,
+            ..Self::new()
+        }
+    }
+
+    /// The guest TSC's rate.
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
+    pub fn host_tsc(&self) -> bool {
+        self.host_tsc
     }
 
     pub fn epoch(&self) -> Instant {
@@ -41,12 +66,17 @@ impl VmClock {
 
     /// The TSC and the matching VM time, read together.
     pub fn tsc_and_ns(&self) -> (u64, u64) {
+        if self.host_tsc {
+            // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
+            let tsc = unsafe { std::arch::x86_64::_rdtsc() };
+            return (tsc, self.now_ns());
+        }
         let ns = self.now_ns();
         (ns * (TSC_HZ / 1_000_000_000), ns)
     }
 
     pub fn scale(&self) -> Scale {
-        Scale::for_tsc_hz(TSC_HZ)
+        Scale::for_tsc_hz(self.tsc_hz)
     }
 
     pub fn boot_unix_ns(&self) -> u128 {

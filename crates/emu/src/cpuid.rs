@@ -10,7 +10,7 @@ use crate::kvmclock::{
 
 /// Leaf 1 ECX: x2APIC and the TSC-deadline timer, both provided by the user-space LAPIC.
 const ECX_X2APIC: u32 = 1 << 21;
-const ECX_TSC_DEADLINE: u32 = 1 << 24;
+pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x80000007 EDX bit 8: invariant TSC (ours runs at a fixed rate from host time).
 const EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// Leaf 6 EAX bit 2: ARAT, the APIC timer keeps running in deep C-states. Ours always

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod convert;
 pub mod cpuid;
+pub mod hybrid;
 pub mod kvmclock;
 pub mod platform;
 pub mod vcpu;
@@ -16,38 +17,72 @@ use hypervisor::{CpuIdEntry, Hypervisor, IrqChip, Result, Vcpu, Vm};
 use x86emu::code::CodeTracker;
 use x86emu::{Cpu, GuestRam};
 
-use clock::{VmClock, TSC_HZ};
+use clock::VmClock;
 
 /// The LAPIC timer's input clock: 1 GHz, like the TSC, so one tick is one nanosecond.
 pub const LAPIC_TIMER_HZ: u64 = 1_000_000_000;
 
-/// The software-CPU accelerator.
+/// The software-CPU accelerator; in hybrid mode guest user code runs on KVM (see
+/// [`hybrid`]).
 #[derive(Debug, Default)]
-pub struct EmuHypervisor;
+pub struct EmuHypervisor {
+    hybrid: bool,
+}
 
 impl EmuHypervisor {
     pub fn new() -> Self {
-        EmuHypervisor
+        EmuHypervisor { hybrid: false }
+    }
+
+    /// The `hybrid` accelerator: the guest kernel on x86emu, long stretches of guest user
+    /// code on a KVM vCPU (PVM hosts run CPL3 code natively).
+    pub fn hybrid() -> Self {
+        EmuHypervisor { hybrid: true }
     }
 }
 
 impl Hypervisor for EmuHypervisor {
     fn name(&self) -> &'static str {
-        "emu"
+        if self.hybrid {
+            "hybrid"
+        } else {
+            "emu"
+        }
     }
 
     fn create_vm(&self, cpus: u8) -> Result<Arc<dyn Vm>> {
-        let clock = VmClock::new();
-        let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, TSC_HZ);
+        let kvm = if self.hybrid {
+            let vm = hybrid::HybridVm::new().map_err(|e| hypervisor::Error::Unsupported {
+                what: e.to_string(),
+            })?;
+            Some(Arc::new(vm))
+        } else {
+            None
+        };
+        // With user code reading the host's TSC natively, the guest TSC is the host's.
+        let clock = match &kvm {
+            Some(k) => VmClock::with_host_tsc(k.tsc_hz()),
+            None => VmClock::new(),
+        };
+        let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, clock.tsc_hz());
         Ok(Arc::new(EmuVm {
             shared: Arc::new(VmShared { chip, clock }),
             code: Mutex::new(None),
             regions: Mutex::new(Vec::new()),
+            kvm,
         }))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
-        Ok(cpuid::supported())
+        let mut c = cpuid::supported();
+        if self.hybrid {
+            // The LAPIC's TSC-deadline timer counts the guest TSC from 0 at VM start; in
+            // hybrid mode the TSC is the host's, so the guest uses the LAPIC's own timer.
+            for e in c.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !cpuid::ECX_TSC_DEADLINE;
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -69,6 +104,8 @@ struct EmuVm {
     /// The vCPUs' shared record of code pages (the first vCPU's), so code one writes is
     /// checked again by the others.
     code: Mutex<Option<Arc<CodeTracker>>>,
+    /// The KVM VM user code runs in (hybrid mode).
+    kvm: Option<Arc<hybrid::HybridVm>>,
 }
 
 struct ChipHandle(Arc<VmShared>);
@@ -108,6 +145,14 @@ impl Vm for EmuVm {
         host_addr: *mut u8,
         size: u64,
     ) -> Result<()> {
+        if let Some(k) = &self.kvm {
+            // SAFETY: add_memory_region's contract: the host range outlives the VM.
+            unsafe { k.add_region(guest_addr, host_addr, size) }.map_err(|e| {
+                hypervisor::Error::Unsupported {
+                    what: e.to_string(),
+                }
+            })?;
+        }
         self.regions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -122,6 +167,9 @@ impl Vm for EmuVm {
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
         cpu.set_tsc_epoch(self.shared.clock.epoch());
+        if self.shared.clock.host_tsc() {
+            cpu.set_tsc_host(true);
+        }
         {
             let mut code = self.code.lock().unwrap_or_else(|p| p.into_inner());
             match &*code {
@@ -143,11 +191,20 @@ impl Vm for EmuVm {
             // Application processors wait for INIT/SIPI from the bootstrap processor.
             cpu.init(true);
         }
+        let hybrid = self.kvm.as_ref().map(|k| {
+            let h = hybrid::HybridVcpu::new(k.clone(), id);
+            let kicker = h.kicker();
+            self.shared
+                .chip
+                .set_event_notifier(id, Arc::new(move || kicker.kick()));
+            h
+        });
         Ok(Box::new(vcpu::EmuVcpu::new(
             id,
             cpu,
             self.ram_map()?,
             self.shared.clone(),
+            hybrid,
         )))
     }
 

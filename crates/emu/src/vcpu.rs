@@ -13,6 +13,7 @@ use hypervisor::{CpuIdEntry, FpuState, IoHandler, MsrEntry, Regs, Result, Sregs,
 use x86emu::{Cpu, GuestRam, RunExit};
 
 use crate::convert;
+use crate::hybrid::{HybridVcpu, StintEnd};
 use crate::platform::{EmuPlatform, KvmClockState};
 use crate::VmShared;
 
@@ -31,6 +32,8 @@ pub struct EmuVcpu {
     kvmclock: KvmClockState,
     /// Guest RIP samples, one per slice, when `VESSEL_EMU_PROFILE` names a file to write.
     profile: Option<Profile>,
+    /// The KVM half of a hybrid vCPU.
+    hybrid: Option<HybridVcpu>,
 }
 
 /// A poor man's guest profiler: with short slices, the RIP at each slice end is a sample.
@@ -56,8 +59,15 @@ impl Drop for EmuVcpu {
 }
 
 impl EmuVcpu {
-    pub(crate) fn new(id: u32, cpu: Cpu, ram: GuestRam, vm: Arc<VmShared>) -> Self {
+    pub(crate) fn new(
+        id: u32,
+        cpu: Cpu,
+        ram: GuestRam,
+        vm: Arc<VmShared>,
+        hybrid: Option<HybridVcpu>,
+    ) -> Self {
         EmuVcpu {
+            hybrid,
             id,
             cpu,
             ram,
@@ -201,12 +211,49 @@ impl Vcpu for EmuVcpu {
                 self.cpu.request_interrupt_window(true);
             }
         }
+        let eligible = self
+            .hybrid
+            .as_ref()
+            .is_some_and(|h| self.profile.is_none() && h.eligible(&self.cpu));
+        if eligible && !vm.chip.event_hint(self.id) {
+            if let Some(h) = self.hybrid.as_mut().filter(|h| h.ready()) {
+                let id = self.id;
+                let chip = &vm.chip;
+                let clock = &vm.clock;
+                let next = || {
+                    chip.next_deadline_ns(id)
+                        .map(|d| Duration::from_nanos(d.saturating_sub(clock.now_ns())))
+                };
+                let pending = || chip.event_hint(id);
+                match h.run(&mut self.cpu, &mut platform, &next, &pending) {
+                    Ok(StintEnd::Kernel) | Ok(StintEnd::Kicked) => {
+                        return Ok(VcpuExit::Interrupted)
+                    }
+                    Err(e) => {
+                        tracing::warn!(vcpu = id, "hybrid: staying on x86emu: {e}");
+                    }
+                }
+            }
+        }
         let slice = if self.profile.is_some() {
             PROFILE_SLICE
+        } else if eligible {
+            crate::hybrid::PROBE_SLICE
         } else {
             SLICE
         };
+        let cpl3_before = self.cpu.state().seg[x86emu::Seg::Cs as usize].selector & 3 == 3;
+        let entries = self.cpu.kernel_entries();
         let exit = self.cpu.run(&mut platform, slice);
+        if let Some(h) = &mut self.hybrid {
+            let cpl3 = self.cpu.state().seg[x86emu::Seg::Cs as usize].selector & 3 == 3;
+            h.note_slice(
+                cpl3_before
+                    && cpl3
+                    && entries == self.cpu.kernel_entries()
+                    && matches!(exit, RunExit::InstructionLimit),
+            );
+        }
         if let Some(p) = &mut self.profile {
             *p.hits.entry(self.cpu.state().rip).or_default() += 1;
         }

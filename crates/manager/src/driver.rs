@@ -134,7 +134,7 @@ pub struct Programs {
 fn qemu_accel(a: Accel) -> &'static str {
     match a {
         Accel::Kvm => "kvm",
-        Accel::Emu => "tcg",
+        Accel::Emu | Accel::Hybrid => "tcg",
         Accel::Auto => match hypervisor::host::KvmSupport::probe() {
             hypervisor::host::KvmSupport::Native => "kvm",
             _ => "tcg",
@@ -239,6 +239,7 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
         Accel::Auto => "auto",
         Accel::Kvm => "kvm",
         Accel::Emu => "emu",
+        Accel::Hybrid => "hybrid",
     };
     c.args(["--accel", accel]);
     c.args(["--cpu", vm.cpu_model.name()]);

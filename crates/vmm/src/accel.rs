@@ -13,6 +13,8 @@ use crate::config::Accel;
 pub enum AccelError {
     #[error("--accel kvm: {0}")]
     KvmUnavailable(String),
+    #[error("--accel hybrid needs /dev/kvm for guest user code: {0}")]
+    HybridUnavailable(String),
     #[error("opening KVM: {0}")]
     Kvm(#[from] hypervisor::Error),
 }
@@ -61,6 +63,11 @@ pub fn choose_with(requested: Accel, kvm: KvmSupport) -> Result<Choice, AccelErr
             hypervisor: Arc::new(EmuHypervisor::new()),
             note: None,
         }),
+        (Accel::Hybrid, KvmSupport::Unavailable(why)) => Err(AccelError::HybridUnavailable(why)),
+        (Accel::Hybrid, _) => Ok(Choice {
+            hypervisor: Arc::new(EmuHypervisor::hybrid()),
+            note: None,
+        }),
     }
 }
 
@@ -84,6 +91,17 @@ mod tests {
         let c = choose_with(Accel::Kvm, KvmSupport::Slow("PVM host".into())).unwrap();
         assert_eq!(c.hypervisor.name(), "kvm");
         assert!(c.note.unwrap().starts_with("warning"));
+    }
+
+    #[test]
+    fn hybrid_is_only_chosen_when_asked_for_and_needs_kvm() {
+        let c = choose_with(Accel::Hybrid, KvmSupport::Slow("PVM host".into())).unwrap();
+        assert_eq!(c.hypervisor.name(), "hybrid");
+        let c = choose_with(Accel::Auto, KvmSupport::Slow("PVM host".into())).unwrap();
+        assert_eq!(c.hypervisor.name(), "emu");
+        let e = choose_with(Accel::Hybrid, KvmSupport::Unavailable("no /dev/kvm".into()));
+        assert!(matches!(e, Err(AccelError::HybridUnavailable(_))));
+        assert_eq!("hybrid".parse::<Accel>(), Ok(Accel::Hybrid));
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub enum Accel {
     Auto,
     Kvm,
     Emu,
+    /// The guest kernel on `emu`, long stretches of guest user code natively on a PVM
+    /// host's KVM (never picked by `auto` yet).
+    Hybrid,
 }
 
 impl std::str::FromStr for Accel {
@@ -25,7 +28,10 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "emu" => Ok(Accel::Emu),
-            other => Err(format!("unknown accelerator {other:?} (auto, kvm or emu)")),
+            "hybrid" => Ok(Accel::Hybrid),
+            other => Err(format!(
+                "unknown accelerator {other:?} (auto, kvm, emu or hybrid)"
+            )),
         }
     }
 }

@@ -39,7 +39,7 @@
 //! others when that delivers to them).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::ioapic::{IoApic, IoApicState};
@@ -267,8 +267,21 @@ pub struct UserIrqChip {
     /// Per vCPU: something was pending when the chip was last changed (see
     /// [`UserIrqChip::event_hint`]).
     hint: Vec<Arc<AtomicBool>>,
+    /// Per vCPU: called when an event becomes pending for it, for a vCPU that runs guest
+    /// code where neither the condvar nor the hint flag reaches it (KVM_RUN in the hybrid
+    /// accelerator).
+    notifiers: Vec<OnceLock<EventNotifier>>,
     timer_hz: u64,
     tsc_hz: u64,
+}
+
+/// What [`UserIrqChip::set_event_notifier`] registers.
+pub struct EventNotifier(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for EventNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventNotifier")
+    }
 }
 
 impl UserIrqChip {
@@ -299,6 +312,7 @@ impl UserIrqChip {
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
+            notifiers: (0..n).map(|_| OnceLock::new()).collect(),
             timer_hz: timer_hz.max(1),
             tsc_hz: tsc_hz.max(1),
         }
@@ -359,6 +373,7 @@ impl UserIrqChip {
             state: Mutex::new(st),
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
+            notifiers: (0..n).map(|_| OnceLock::new()).collect(),
             timer_hz,
             tsc_hz,
         };
@@ -400,7 +415,21 @@ impl UserIrqChip {
             if event && st.waiting[cpu] {
                 cv.notify_all();
             }
+            if event {
+                if let Some(n) = self.notifiers.get(cpu).and_then(OnceLock::get) {
+                    (n.0)();
+                }
+            }
         }
+    }
+
+    /// Have `f` called (under the chip's lock: it must not call back into the chip)
+    /// whenever an event becomes or stays pending for `cpu`, and on [`UserIrqChip::kick`].
+    /// One notifier per vCPU; false if `cpu` is out of range or already has one.
+    pub fn set_event_notifier(&self, cpu: u32, f: Arc<dyn Fn() + Send + Sync>) -> bool {
+        self.index(cpu)
+            .and_then(|i| self.notifiers.get(i))
+            .is_some_and(|slot| slot.set(EventNotifier(f)).is_ok())
     }
 
     /// The flag behind [`UserIrqChip::event_hint`] for `cpu`, for a CPU loop that polls
@@ -695,6 +724,9 @@ impl UserIrqChip {
         st.kicked[i] = true;
         if st.waiting[i] {
             self.wake[i].notify_all();
+        }
+        if let Some(n) = self.notifiers.get(i).and_then(OnceLock::get) {
+            (n.0)();
         }
     }
 

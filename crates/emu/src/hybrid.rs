@@ -1,0 +1,800 @@
+//! The `hybrid` accelerator's native half: guest user code (CPL3) on a KVM vCPU of a PVM
+//! host, over the same guest memory, while the guest kernel runs on x86emu.
+//!
+//! How control comes back (measured in `crates/hypervisor/tests/pvm_hybrid.rs`): the KVM
+//! vCPU is only ever entered at CPL3, with an empty IDT and GDT and no PVM set-up, so
+//! every event that would enter the guest kernel (SYSCALL, exceptions, page faults) ends
+//! KVM_RUN with KVM_EXIT_SHUTDOWN and leaves the user state in place: a fault leaves RIP
+//! at the instruction (RFLAGS.RF set), int3 leaves RIP after itself (RF clear), SYSCALL
+//! leaves RIP = LSTAR (set to [`LSTAR_MARK`]), RCX = the return address and R11 = RFLAGS.
+//! x86emu then goes on from the instruction, raising the real event through the guest's
+//! IDT. Timers and interrupts from other threads end KVM_RUN with a signal (SIGRTMIN, the
+//! VMM's kick signal, whose handler does nothing): a per-thread POSIX timer armed for the
+//! interrupt controller's next deadline, and the irqchip's event notifier.
+//!
+//! KVM shadows the guest page tables and does not see x86emu's writes to them: when
+//! x86emu flushed its TLB since the last entry (INVLPG, CR3 writes), every memslot is
+//! deleted and added again, which drops the shadow.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use x86emu::{Cpu, Platform, Seg};
+
+use crate::convert;
+
+/// What the KVM vCPU's LSTAR holds: a SYSCALL in user code ends KVM_RUN with RIP here
+/// (a kernel-half address user code cannot reach itself without faulting).
+pub const LSTAR_MARK: u64 = 0xffff_ffff_dead_b000;
+
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
+/// MSR_MISC_FEATURES_ENABLES bit 0: CPUID faulting (CPUID at CPL > 0 raises #GP).
+const MSR_MISC_FEATURES_ENABLES: u32 = 0x140;
+
+/// The selectors PVM accepts for a vCPU that runs at CPL3 (Linux's own).
+pub const USER_CS: u16 = 0x33;
+pub const USER_SS: u16 = 0x2b;
+
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_VM: u64 = 1 << 17;
+const CR4_FSGSBASE: u64 = 1 << 16;
+/// The CR4 bits the KVM vCPU gets: what matters to user code and that KVM accepts with
+/// its supported CPUID (no OSXSAVE: the host's XCR0 is in force at CPL3 anyway; no PCIDE).
+const CR4_KVM_MASK: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10) | CR4_FSGSBASE;
+
+/// Longest native stint before the thread comes back to serve the VMM (the timer's
+/// period, also the bound on a timer signal lost just before KVM_RUN).
+const MAX_STINT: Duration = Duration::from_millis(4);
+/// Don't enter KVM for less than this: the round trip alone costs ~80 µs.
+const MIN_STINT: Duration = Duration::from_micros(200);
+/// Emulated slice length while looking for a stretch of user code to move to KVM.
+pub const PROBE_SLICE: u64 = 10_000;
+/// A stint that ran less than this before the kernel was needed did not pay for itself.
+const SHORT_STINT: Duration = Duration::from_micros(300);
+/// At most this many user-only probe slices are required before the next stint.
+const MAX_NEED: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HybridError {
+    #[error("opening /dev/kvm for the hybrid accelerator: {0}")]
+    Open(kvm_ioctls::Error),
+    #[error("hybrid accelerator: {op}: {source}")]
+    Ioctl {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("hybrid accelerator: {0}")]
+    Unexpected(String),
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HybridError {
+    move |source| HybridError::Ioctl { op, source }
+}
+
+/// The KVM VM that mirrors an emu VM's RAM.
+pub struct HybridVm {
+    vm: VmFd,
+    cpuid: kvm_bindings::CpuId,
+    slots: Mutex<Vec<kvm_userspace_memory_region>>,
+    tsc_hz: u64,
+}
+
+impl std::fmt::Debug for HybridVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridVm")
+            .field("tsc_hz", &self.tsc_hz)
+            .finish_non_exhaustive()
+    }
+}
+
+/// KVM_GET_TSC_KHZ on a VM fd (KVM_CAP_VM_TSC_CONTROL): _IO(KVMIO, 0xa3).
+const KVM_GET_TSC_KHZ: libc::c_ulong = 0xaea3;
+
+impl HybridVm {
+    pub fn new() -> Result<Self, HybridError> {
+        let kvm = Kvm::new().map_err(HybridError::Open)?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        // SAFETY: KVM_GET_TSC_KHZ takes no argument and only returns a value.
+        let khz = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&vm), KVM_GET_TSC_KHZ) };
+        let tsc_hz = if khz > 0 {
+            khz as u64 * 1000
+        } else {
+            calibrate_tsc_hz()
+        };
+        ensure_kick_handler();
+        tracing::info!(tsc_hz, "hybrid accelerator: KVM VM created");
+        Ok(HybridVm {
+            vm,
+            cpuid,
+            slots: Mutex::new(Vec::new()),
+            tsc_hz,
+        })
+    }
+
+    /// The host TSC rate: the guest TSC is the host's (user code reads it natively).
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
+    /// Mirror a RAM region of the emu VM.
+    ///
+    /// # Safety
+    /// `host` must stay mapped for `len` bytes as long as the VM exists.
+    pub unsafe fn add_region(&self, gpa: u64, host: *mut u8, len: u64) -> Result<(), HybridError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let region = kvm_userspace_memory_region {
+            slot: slots.len() as u32,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        slots.push(region);
+        Ok(())
+    }
+
+    /// Drop KVM's shadow page tables: delete every memslot and add it back.
+    fn refresh_slots(&self) -> Result<(), HybridError> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for r in slots.iter() {
+            let gone = kvm_userspace_memory_region {
+                memory_size: 0,
+                ..*r
+            };
+            // SAFETY: deleting a slot removes KVM's use of the host range.
+            unsafe { self.vm.set_user_memory_region(gone) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+            // SAFETY: the same region `add_region` registered, still mapped.
+            unsafe { self.vm.set_user_memory_region(*r) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (re-add)"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The host TSC rate measured against the monotonic clock (when KVM cannot say).
+fn calibrate_tsc_hz() -> u64 {
+    let t0 = Instant::now();
+    // SAFETY: RDTSC has no memory effects.
+    let c0 = unsafe { std::arch::x86_64::_rdtsc() };
+    std::thread::sleep(Duration::from_millis(20));
+    // SAFETY: as above.
+    let c1 = unsafe { std::arch::x86_64::_rdtsc() };
+    let ns = t0.elapsed().as_nanos().max(1) as u64;
+    ((u128::from(c1.wrapping_sub(c0)) * 1_000_000_000) / u128::from(ns)) as u64
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// SIGRTMIN must have a handler (the VMM installs a no-op one): its default action ends
+/// the process. Installs a no-op handler if there is none.
+fn ensure_kick_handler() {
+    let sig = libc::SIGRTMIN();
+    // SAFETY: querying the current action into a zeroed sigaction.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the old one.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+        return;
+    }
+    if old.sa_sigaction != libc::SIG_DFL {
+        return;
+    }
+    // SAFETY: a zeroed sigaction with a handler that does nothing (async-signal-safe).
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_kick as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installing a valid handler.
+    unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) };
+}
+
+/// How another thread gets a vCPU out of KVM_RUN.
+#[derive(Debug, Default)]
+pub struct Kicker {
+    in_kvm: AtomicBool,
+    /// The vCPU thread and the address of its kvm_run's `immediate_exit` byte.
+    target: Mutex<Option<(libc::pthread_t, usize)>>,
+    kicks: std::sync::atomic::AtomicU64,
+}
+
+impl Kicker {
+    /// Called by the irqchip when an event is pending for the vCPU.
+    pub fn kick(&self) {
+        fence(Ordering::SeqCst);
+        if !self.in_kvm.load(Ordering::SeqCst) {
+            return;
+        }
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((thread, immediate_exit)) = *target {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping, which lives
+            // while `target` is set (cleared under this lock before the vCPU fd closes);
+            // AtomicU8 has u8's layout, and KVM reads the byte at each KVM_RUN entry.
+            unsafe { (*(immediate_exit as *const AtomicU8)).store(1, Ordering::SeqCst) };
+            // SAFETY: the vCPU thread is alive while `target` is set; the signal's handler
+            // does nothing, it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(thread, libc::SIGRTMIN()) };
+        }
+    }
+}
+
+/// A POSIX timer that sends SIGRTMIN to one thread.
+struct StintTimer(libc::timer_t);
+
+// SAFETY: a timer id is a process-wide handle; timer_settime/timer_delete work from any
+// thread.
+unsafe impl Send for StintTimer {}
+
+impl StintTimer {
+    fn for_this_thread() -> std::io::Result<Self> {
+        // SAFETY: a zeroed sigevent is valid; the fields set below are the ones used.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = libc::SIGRTMIN();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid pointers to a sigevent and to the id to fill.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(StintTimer(id))
+    }
+
+    fn set(&self, first: Duration, every: Duration) {
+        let ts = |d: Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts(every),
+            it_value: ts(first),
+        };
+        // SAFETY: a live timer id and a valid itimerspec.
+        unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) };
+    }
+
+    fn disarm(&self) {
+        self.set(Duration::ZERO, Duration::ZERO);
+    }
+}
+
+impl Drop for StintTimer {
+    fn drop(&mut self) {
+        // SAFETY: the id came from timer_create and is deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+/// Why a native stint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StintEnd {
+    /// User code needs the kernel (SYSCALL, exception): x86emu goes on from the instruction.
+    Kernel,
+    /// An interrupt or timer is due, or the VMM kicked the thread.
+    Kicked,
+}
+
+/// Counters, logged when the vCPU goes away.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub stints: u64,
+    pub kernel_exits: u64,
+    pub syscalls: u64,
+    pub kicked_exits: u64,
+    pub mmio_exits: u64,
+    pub slot_refreshes: u64,
+    pub native: Duration,
+    pub switch: Duration,
+}
+
+/// One vCPU's KVM half and the policy that decides when to use it.
+pub struct HybridVcpu {
+    vm: Arc<HybridVm>,
+    id: u32,
+    fd: Option<VcpuFd>,
+    timer: Option<StintTimer>,
+    kicker: Arc<Kicker>,
+    template: kvm_sregs,
+    last_sregs: Option<kvm_sregs>,
+    /// The FPU state KVM holds (what was last loaded or read back).
+    last_fpu: Option<x86emu::FpuState>,
+    xstate_avx: bool,
+    tsc_aux: Option<u64>,
+    flushes_seen: Option<u64>,
+    /// User-only probe slices seen in a row, and how many are needed before a stint.
+    streak: u32,
+    need: u32,
+    /// Set after an error: this vCPU stays on x86emu.
+    disabled: bool,
+    pub stats: Stats,
+}
+
+impl HybridVcpu {
+    pub fn new(vm: Arc<HybridVm>, id: u32) -> Self {
+        HybridVcpu {
+            vm,
+            id,
+            fd: None,
+            timer: None,
+            kicker: Arc::new(Kicker::default()),
+            template: kvm_sregs::default(),
+            last_sregs: None,
+            last_fpu: None,
+            xstate_avx: true,
+            tsc_aux: None,
+            flushes_seen: None,
+            streak: 0,
+            need: 1,
+            disabled: false,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn kicker(&self) -> Arc<Kicker> {
+        self.kicker.clone()
+    }
+
+    /// Whether `cpu` is at CPL3 in 64-bit mode with the selectors PVM accepts, and can
+    /// take interrupts (so nothing in its own state forbids moving it to KVM).
+    pub fn eligible(&self, cpu: &Cpu) -> bool {
+        if self.disabled {
+            return false;
+        }
+        let s = cpu.state();
+        let cs = &s.seg[Seg::Cs as usize];
+        let ss = &s.seg[Seg::Ss as usize];
+        s.efer & (1 << 10) != 0
+            && s.cr0 & (1 << 31) != 0
+            && cs.selector == USER_CS
+            && ss.selector == USER_SS
+            && cs.attr & x86emu::Segment::ATTR_L != 0
+            && s.rflags & (RFLAGS_TF | RFLAGS_VM) == 0
+            && s.dr[7] & 0xff == 0
+            && cpu.interrupts_enabled()
+    }
+
+    /// The emulated slice length to use while `cpu` is eligible.
+    pub fn probe_slice(&self) -> u64 {
+        PROBE_SLICE
+    }
+
+    /// After an emulated slice: whether it ran user code only (CPL3 at both ends, no
+    /// kernel entry in between).
+    pub fn note_slice(&mut self, user_only: bool) {
+        if user_only {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak = 0;
+        }
+    }
+
+    /// Whether enough user-only slices ran in a row to try a native stint.
+    pub fn ready(&self) -> bool {
+        self.streak >= self.need
+    }
+
+    fn ensure_vcpu(&mut self) -> Result<(), HybridError> {
+        if self.fd.is_some() {
+            return Ok(());
+        }
+        let mut fd = self
+            .vm
+            .vm
+            .create_vcpu(u64::from(self.id))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&self.vm.cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        let set_msr = |fd: &VcpuFd, index: u32, data: u64| -> bool {
+            Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }])
+            .ok()
+            .and_then(|m| fd.set_msrs(&m).ok())
+                == Some(1)
+        };
+        if !set_msr(&fd, MSR_LSTAR, LSTAR_MARK) {
+            return Err(HybridError::Unexpected("KVM refused LSTAR".into()));
+        }
+        // CPUID faulting, so user CPUID is answered by x86emu's table, not the host's.
+        let faulting = set_msr(&fd, MSR_MISC_FEATURES_ENABLES, 1);
+        tracing::info!(
+            vcpu = self.id,
+            cpuid_faulting = faulting,
+            "hybrid: KVM vCPU created"
+        );
+        self.template = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let timer = StintTimer::for_this_thread()
+            .map_err(|e| HybridError::Unexpected(format!("timer_create: {e}")))?;
+        let immediate_exit = std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit) as usize;
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        *self.kicker.target.lock().unwrap_or_else(|p| p.into_inner()) = Some((me, immediate_exit));
+        self.timer = Some(timer);
+        self.fd = Some(fd);
+        Ok(())
+    }
+
+    fn sregs_for(&self, cpu: &Cpu) -> kvm_sregs {
+        let s = cpu.state();
+        let mut k = self.template;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: USER_CS,
+            type_: 0xb,
+            present: 1,
+            dpl: 3,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = |sel: u16, base: u64| kvm_segment {
+            selector: sel,
+            base,
+            type_: 3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        let seg = |x: Seg| &s.seg[x as usize];
+        k.cs = code;
+        k.ss = data(USER_SS, 0);
+        k.ds = data(seg(Seg::Ds).selector, 0);
+        k.es = data(seg(Seg::Es).selector, 0);
+        k.fs = data(seg(Seg::Fs).selector, seg(Seg::Fs).base);
+        k.gs = data(seg(Seg::Gs).selector, seg(Seg::Gs).base);
+        k.tr = kvm_segment {
+            selector: 0x40,
+            type_: 0xb,
+            s: 0,
+            db: 0,
+            limit: 0x67,
+            g: 0,
+            ..data(0, 0)
+        };
+        k.ldt = kvm_segment {
+            unusable: 1,
+            present: 0,
+            ..data(0, 0)
+        };
+        // No IDT and no GDT: every event escalates to a shutdown exit.
+        k.idt.base = 0;
+        k.idt.limit = 0;
+        k.gdt.base = 0;
+        k.gdt.limit = 0;
+        k.cr0 = s.cr0;
+        k.cr3 = s.cr3 & 0x000f_ffff_ffff_f000;
+        k.cr4 = s.cr4 & CR4_KVM_MASK;
+        k.efer = s.efer;
+        k
+    }
+
+    fn load_xsave(&mut self, fpu: &x86emu::FpuState) -> Result<(), HybridError> {
+        if self.last_fpu.as_ref() == Some(fpu) {
+            return Ok(());
+        }
+        let img = convert::fpu_from_emu(fpu).fxsave;
+        let mut xs = kvm_xsave::default();
+        for (w, b) in xs.region.iter_mut().zip(img.chunks_exact(4)) {
+            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        for (i, y) in fpu.ymm_hi.iter().enumerate() {
+            for d in 0..4 {
+                xs.region[144 + i * 4 + d] = (y >> (32 * d)) as u32;
+            }
+        }
+        let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
+        xs.region[128] = if self.xstate_avx { 7 } else { 3 };
+        // SAFETY: `xs` is a whole 4 KiB kvm_xsave, as the legacy ioctl expects.
+        if unsafe { fd.set_xsave(&xs) }.is_err() && self.xstate_avx {
+            // A host whose KVM refuses AVX state: carry x87/SSE only.
+            self.xstate_avx = false;
+            xs.region[128] = 3;
+            // SAFETY: as above.
+            unsafe { fd.set_xsave(&xs) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+        }
+        self.last_fpu = Some(*fpu);
+        Ok(())
+    }
+
+    fn save_xsave(&mut self, fpu: &mut x86emu::FpuState) -> Result<(), HybridError> {
+        let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
+        let xs = fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+        let mut img = [0u8; 512];
+        for (b, w) in img.chunks_exact_mut(4).zip(xs.region.iter()) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        let bv = xs.region[128];
+        let mut f = hypervisor::FpuState { fxsave: img };
+        if bv & 1 == 0 {
+            // x87 in its initial state.
+            let init = hypervisor::FpuState::default();
+            f.fxsave[..24].copy_from_slice(&init.fxsave[..24]);
+            f.fxsave[32..160].fill(0);
+        }
+        if bv & 2 == 0 {
+            f.fxsave[160..416].fill(0);
+        }
+        convert::fpu_into_emu(&f, fpu);
+        for (i, y) in fpu.ymm_hi.iter_mut().enumerate() {
+            *y = if bv & 4 == 0 {
+                0
+            } else {
+                (0..4).fold(0u128, |acc, d| {
+                    acc | (u128::from(xs.region[144 + i * 4 + d]) << (32 * d))
+                })
+            };
+        }
+        self.last_fpu = Some(*fpu);
+        Ok(())
+    }
+
+    /// Run `cpu`'s user code on the KVM vCPU until it needs the kernel, an interrupt or
+    /// timer is due, or the thread is kicked; `cpu` then holds the state to go on from.
+    /// `next_deadline` gives the interrupt controller's next deadline from now, `pending`
+    /// whether an event is pending for this vCPU; MMIO and port I/O exits go to `platform`.
+    pub fn run(
+        &mut self,
+        cpu: &mut Cpu,
+        platform: &mut dyn Platform,
+        next_deadline: &dyn Fn() -> Option<Duration>,
+        pending: &dyn Fn() -> bool,
+    ) -> Result<StintEnd, HybridError> {
+        let r = self.run_inner(cpu, platform, next_deadline, pending);
+        if r.is_err() {
+            self.disabled = true;
+        }
+        r
+    }
+
+    fn run_inner(
+        &mut self,
+        cpu: &mut Cpu,
+        platform: &mut dyn Platform,
+        next_deadline: &dyn Fn() -> Option<Duration>,
+        pending: &dyn Fn() -> bool,
+    ) -> Result<StintEnd, HybridError> {
+        let t_in = Instant::now();
+        self.ensure_vcpu()?;
+        self.streak = 0;
+        let flushes = cpu.tlb_flushes();
+        if self.flushes_seen.is_some_and(|f| f != flushes) {
+            self.vm.refresh_slots()?;
+            self.stats.slot_refreshes += 1;
+        }
+        self.flushes_seen = Some(flushes);
+
+        let s = cpu.state();
+        let g = &s.gpr;
+        let regs = kvm_regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: s.rip,
+            rflags: (s.rflags | 2) & !RFLAGS_RF,
+        };
+        let sregs = self.sregs_for(cpu);
+        let tsc_aux = s.msr.tsc_aux;
+        let fpu = s.fpu;
+        let fsgsbase = s.cr4 & CR4_FSGSBASE != 0;
+        {
+            let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
+            fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+            if self.last_sregs != Some(sregs) {
+                fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+                self.last_sregs = Some(sregs);
+            }
+            if self.tsc_aux != Some(tsc_aux) {
+                let m = Msrs::from_entries(&[kvm_msr_entry {
+                    index: MSR_TSC_AUX,
+                    data: tsc_aux,
+                    ..Default::default()
+                }])
+                .map_err(|e| HybridError::Unexpected(format!("MSR list: {e:?}")))?;
+                fd.set_msrs(&m).map_err(ioctl("KVM_SET_MSRS"))?;
+                self.tsc_aux = Some(tsc_aux);
+            }
+        }
+        self.load_xsave(&fpu)?;
+
+        let t_run = Instant::now();
+        let end = self.run_loop(platform, next_deadline, pending)?;
+        let t_out = Instant::now();
+
+        let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
+        let mut r = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        if end == StintEnd::Kernel {
+            if r.rip == LSTAR_MARK {
+                // SYSCALL: RCX holds the address after it (0F 05); x86emu runs it again.
+                r.rip = r.rcx.wrapping_sub(2);
+                r.rflags = r.r11;
+                self.stats.syscalls += 1;
+            } else if r.rflags & RFLAGS_RF == 0 {
+                // A trap (int3) leaves RIP after the instruction: back up over the 0xCC.
+                r.rip = r.rip.wrapping_sub(1);
+            }
+        }
+        let fs_gs = if fsgsbase {
+            let k = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            // Keep the cached copy in step with what KVM now holds.
+            if let Some(last) = &mut self.last_sregs {
+                last.fs.base = k.fs.base;
+                last.gs.base = k.gs.base;
+            }
+            Some((k.fs.base, k.gs.base))
+        } else {
+            None
+        };
+        let mut fpu = fpu;
+        self.save_xsave(&mut fpu)?;
+        let s = cpu.state_mut();
+        s.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        s.rip = r.rip;
+        s.rflags = (r.rflags | 2) & !RFLAGS_RF;
+        s.fpu = fpu;
+        if let Some((fs, gs)) = fs_gs {
+            s.seg[Seg::Fs as usize].base = fs;
+            s.seg[Seg::Gs as usize].base = gs;
+        }
+
+        let native = t_out - t_run;
+        self.stats.stints += 1;
+        self.stats.native += native;
+        self.stats.switch += (t_run - t_in) + t_out.elapsed();
+        match end {
+            StintEnd::Kernel => {
+                self.stats.kernel_exits += 1;
+                // Short stretches of user code between kernel entries: emulating them is
+                // cheaper than the switch; ask for longer user-only stretches first.
+                self.need = if native < SHORT_STINT {
+                    (self.need * 2).min(MAX_NEED)
+                } else {
+                    1
+                };
+            }
+            StintEnd::Kicked => {
+                self.stats.kicked_exits += 1;
+                self.need = 1;
+            }
+        }
+        Ok(end)
+    }
+
+    fn run_loop(
+        &mut self,
+        platform: &mut dyn Platform,
+        next_deadline: &dyn Fn() -> Option<Duration>,
+        pending: &dyn Fn() -> bool,
+    ) -> Result<StintEnd, HybridError> {
+        let kicker = self.kicker.clone();
+        let fd = self.fd.as_mut().ok_or_else(no_vcpu)?;
+        let timer = self.timer.as_ref().ok_or_else(no_vcpu)?;
+        loop {
+            let until = next_deadline().unwrap_or(MAX_STINT).min(MAX_STINT);
+            if until < MIN_STINT {
+                return Ok(StintEnd::Kicked);
+            }
+            timer.set(until, MAX_STINT);
+            fd.set_kvm_immediate_exit(0);
+            kicker.in_kvm.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if pending() {
+                kicker.in_kvm.store(false, Ordering::SeqCst);
+                timer.disarm();
+                return Ok(StintEnd::Kicked);
+            }
+            let exit = fd.run();
+            kicker.in_kvm.store(false, Ordering::SeqCst);
+            timer.disarm();
+            match exit {
+                Ok(KvmExit::Shutdown) => return Ok(StintEnd::Kernel),
+                Ok(KvmExit::Intr) => return Ok(StintEnd::Kicked),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    return Ok(StintEnd::Kicked)
+                }
+                // User code touched device memory (or RAM while a memslot was being
+                // replaced for another vCPU): serve it as x86emu would.
+                Ok(KvmExit::MmioRead(addr, data)) => {
+                    platform.mmio_read(addr, data);
+                }
+                Ok(KvmExit::MmioWrite(addr, data)) => {
+                    platform.mmio_write(addr, data);
+                }
+                Ok(KvmExit::IoIn(port, data)) => {
+                    platform.pio_read(port, data);
+                }
+                Ok(KvmExit::IoOut(port, data)) => {
+                    platform.pio_write(port, data);
+                }
+                Ok(other) => {
+                    return Err(HybridError::Unexpected(format!(
+                        "KVM_RUN at CPL3 ended with {other:?}"
+                    )))
+                }
+                Err(e) => {
+                    return Err(HybridError::Ioctl {
+                        op: "KVM_RUN",
+                        source: e,
+                    })
+                }
+            }
+            self.stats.mmio_exits += 1;
+            // Complete the access inside KVM without running on.
+            fd.set_kvm_immediate_exit(1);
+            match fd.run() {
+                Err(e) if e.errno() == libc::EINTR => {}
+                other => {
+                    return Err(HybridError::Unexpected(format!(
+                        "completing an I/O exit: {other:?}"
+                    )))
+                }
+            }
+            fd.set_kvm_immediate_exit(0);
+        }
+    }
+}
+
+fn no_vcpu() -> HybridError {
+    HybridError::Unexpected("no KVM vCPU".into())
+}
+
+impl Drop for HybridVcpu {
+    fn drop(&mut self) {
+        // The kvm_run mapping goes with the fd: nobody may write to it after this.
+        *self.kicker.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let s = &self.stats;
+        tracing::info!(
+            vcpu = self.id,
+            stints = s.stints,
+            kernel_exits = s.kernel_exits,
+            syscalls = s.syscalls,
+            kicked_exits = s.kicked_exits,
+            kicks = self.kicker.kicks.load(Ordering::Relaxed),
+            mmio_exits = s.mmio_exits,
+            slot_refreshes = s.slot_refreshes,
+            native_ms = s.native.as_secs_f64() * 1e3,
+            switch_us_mean = if s.stints > 0 {
+                s.switch.as_secs_f64() * 1e6 / s.stints as f64
+            } else {
+                0.0
+            },
+            "hybrid vCPU statistics"
+        );
+    }
+}
