@@ -86,6 +86,25 @@ pub(crate) struct Jit {
     pub(crate) model: u64,
     /// Blocks compiled since the CPU was created.
     pub(crate) compiled: u64,
+    /// `/tmp/perf-PID.map`, when `VESSEL_PERF_MAP` is set: names compiled code for `perf`.
+    perf_map: Option<std::fs::File>,
+}
+
+/// Opens perf's map of JIT code for this process (appending: every CPU writes to it).
+fn open_perf_map() -> Option<std::fs::File> {
+    std::env::var_os("VESSEL_PERF_MAP")?;
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(path, error = %e, "cannot open the perf map");
+            None
+        }
+    }
 }
 
 impl Jit {
@@ -100,6 +119,7 @@ impl Jit {
             threshold,
             model: 0,
             compiled: 0,
+            perf_map: open_perf_map(),
         })
     }
 
@@ -132,6 +152,17 @@ impl Jit {
                 p.write_unaligned(default);
                 p.add(1).write_unaligned(default);
             }
+        }
+        if let (Some(f), Some(first)) = (&mut self.perf_map, insns.first()) {
+            use std::io::Write;
+            // One write per line: with O_APPEND, lines of several CPUs do not interleave.
+            let line = format!(
+                "{:x} {:x} guest_{:x}\n",
+                start as u64,
+                t.code.len(),
+                first.instr.ip()
+            );
+            let _ = f.write_all(line.as_bytes());
         }
         // SAFETY: `start` holds a complete function emitted for this ABI by `translate`.
         let entry: Entry = unsafe { std::mem::transmute::<*mut u8, Entry>(start) };
