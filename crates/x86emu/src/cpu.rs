@@ -60,6 +60,24 @@ impl std::ops::DerefMut for Cpu {
 }
 
 /// The architectural side of a [`Cpu`]: registers, TLB, RAM map, CPUID and event state.
+/// Entries of the cache of decoded page-crossing instructions.
+const CROSSING_SLOTS: usize = 256;
+
+/// A decoded page-crossing instruction and the bytes it came from.
+#[derive(Clone, Copy)]
+pub(crate) struct Crossing {
+    ip: u64,
+    bitness: u32,
+    bytes: [u8; 15],
+    insn: Insn,
+}
+
+impl std::fmt::Debug for Crossing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Crossing({:#x})", self.ip)
+    }
+}
+
 #[derive(Debug)]
 pub struct Core {
     pub(crate) s: CpuState,
@@ -102,6 +120,8 @@ pub struct Core {
     kick: Option<Arc<AtomicBool>>,
     /// Stubs that run instructions on the host CPU (`exec::hostexec`).
     pub(crate) hostexec: crate::exec::hostexec::HostExec,
+    /// Decoded page-crossing instructions (see `fetch_slow`).
+    pub(crate) crossing: Box<[Option<Crossing>]>,
 }
 
 impl Cpu {
@@ -170,6 +190,7 @@ impl Core {
             code_writes_seen: 0,
             kick: None,
             hostexec: Default::default(),
+            crossing: vec![None; CROSSING_SLOTS].into_boxed_slice(),
         }
     }
 
@@ -287,8 +308,10 @@ impl Core {
         }
     }
 
-    /// Page-crossing or MMIO-resident code.
+    /// Page-crossing or MMIO-resident code. `crossing`: the caller found that the
+    /// instruction does not end in its first page.
     #[cold]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn fetch_slow(
         &mut self,
         p: &mut dyn Platform,
@@ -297,15 +320,18 @@ impl Core {
         bitness: u32,
         ip: u64,
         user: bool,
+        crossing: bool,
     ) -> Result<Insn> {
-        // Page-crossing or MMIO-resident code: gather bytes page by page, only touching the
-        // next page if the instruction really extends into it.
+        // Gather bytes page by page, only touching the next page if the instruction really
+        // extends into it.
         let first = 4096 - off;
         let mut buf = [0u8; 15];
         let n1 = first.min(15);
         self.read_lin_slow(p, lin, &mut buf[..n1], user, Access::Fetch)?;
-        if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
-            return Ok(Insn::new(ins));
+        if !crossing {
+            if let Some(ins) = decode(bitness, ip, &buf[..n1]) {
+                return Ok(Insn::new(ins));
+            }
         }
         self.read_lin_slow(
             p,
@@ -314,8 +340,26 @@ impl Core {
             user,
             Access::Fetch,
         )?;
+        // Page-crossing instructions cannot live in the block cache, yet a hot loop runs
+        // them over and over: keep them decoded here, keyed by their bytes (so code that
+        // changed is decoded again).
+        let slot = ((ip ^ (ip >> 12)) as usize) % CROSSING_SLOTS;
+        if let Some(Some(c)) = self.crossing.get(slot) {
+            if c.ip == ip && c.bitness == bitness && c.bytes == buf {
+                return Ok(c.insn);
+            }
+        }
         let ins = decode(bitness, ip, &buf).ok_or(Fault::ud())?;
-        Ok(Insn::new(ins))
+        let insn = Insn::new(ins);
+        if let Some(e) = self.crossing.get_mut(slot) {
+            *e = Some(Crossing {
+                ip,
+                bitness,
+                bytes: buf,
+                insn,
+            });
+        }
+        Ok(insn)
     }
 
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
@@ -687,6 +731,8 @@ impl Cpu {
                 return Ok(Insn::new(ins));
             }
         }
-        self.core.fetch_slow(p, lin, off, bitness, ip, user)
+        let crossing = !t.host.is_null();
+        self.core
+            .fetch_slow(p, lin, off, bitness, ip, user, crossing)
     }
 }

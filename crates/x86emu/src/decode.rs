@@ -351,7 +351,6 @@ impl BlockCache {
         // An add, not a xor: compiled code computes it with a flag-free LEA.
         (gpa.wrapping_add(gpa >> 12) as usize) & (CACHE_SIZE - 1)
     }
-
     /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
     /// holds `gpa`) on a miss or when its code changed. A block already checked in code
     /// epoch `epoch` is not compared again. Returns the block and whether it was checked or
@@ -391,6 +390,10 @@ impl BlockCache {
             Lookup::Trusted => {}
             Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
             Lookup::Miss => self.fill(slot, gpa, ip, bitness, page, epoch)?,
+        }
+        if self.blocks.get(slot)?.insns().is_empty() {
+            // A page-crossing first instruction: the caller steps it.
+            return None;
         }
         self.count_run(slot);
         Some((slot, !matches!(state, Lookup::Trusted)))
@@ -476,7 +479,15 @@ impl BlockCache {
             }
         }
         if body.insns.is_empty() {
-            return None;
+            // The first instruction crosses the page end: remember that (with no code to
+            // compare), so the next lookup steps it at once instead of decoding it here
+            // again, and of evicting whatever this slot held every time.
+            body.code.clear();
+            b.epoch = epoch;
+            b.gpa = gpa;
+            b.ip = ip;
+            b.bitness = bitness;
+            return Some(());
         }
         mark_dead_flags(&mut body.insns);
         body.code.clear();

@@ -908,3 +908,38 @@ fn compiled_vector_code_leaves_faults_to_the_interpreter() {
         }
     }
 }
+
+/// An instruction that straddles a page boundary runs from a cache of decoded crossing
+/// instructions keyed by its bytes: patching its immediate (in the second page) between
+/// runs must take effect.
+#[test]
+fn a_patched_page_crossing_instruction_runs_patched() {
+    const AT: u64 = CODE + 0x1000 - 4; // `mov rax, imm64` (10 bytes) crosses at byte 4
+    let body = asm(64, AT, |a| {
+        a.mov(rax, 0x1111_1111_1111_1111u64).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(AT).unwrap();
+        a.ret().unwrap();
+    });
+    let main = asm(64, CODE, |a| {
+        a.mov(rcx, 10u64).unwrap();
+        a.call(AT).unwrap();
+        // Patch the immediate's high bytes, which lie in the second page.
+        a.mov(rdx, 0x2222_2222u64).unwrap();
+        a.mov(dword_ptr(AT + 6), edx).unwrap();
+        a.mov(rcx, 10u64).unwrap();
+        a.call(AT).unwrap();
+        a.hlt().unwrap();
+    });
+    for jit in [None, Some(0)] {
+        let mut g = guest_with(&main, &[0; 10], 0);
+        g.load(AT, &body);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        let want = 10u64
+            .wrapping_mul(0x1111_1111_1111_1111)
+            .wrapping_add(10u64.wrapping_mul(0x2222_2222_1111_1111));
+        assert_eq!(g.cpu.state().gpr[3], want, "jit {jit:?}");
+    }
+}
