@@ -308,6 +308,14 @@ impl Core {
         }
     }
 
+    /// Whether the crossing-instruction cache holds an instruction at `ip` whose bytes in
+    /// its first page are `first`.
+    fn known_crossing(&self, ip: u64, bitness: u32, first: &[u8]) -> bool {
+        let slot = ((ip ^ (ip >> 12)) as usize) % CROSSING_SLOTS;
+        matches!(self.crossing.get(slot), Some(Some(c))
+            if c.ip == ip && c.bitness == bitness && c.bytes.get(..first.len()) == Some(first))
+    }
+
     /// Page-crossing or MMIO-resident code. `crossing`: the caller found that the
     /// instruction does not end in its first page.
     #[cold]
@@ -727,8 +735,13 @@ impl Cpu {
             // SAFETY: `t.host` is a valid 4 KiB RAM page and off < 4096; the slice lives only
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
-            if let Some(ins) = decode(bitness, ip, avail) {
-                return Ok(Insn::new(ins));
+            // A known page-crossing instruction: straight to its cache, without first
+            // failing to decode it from this page.
+            let known = avail.len() < 15 && self.core.known_crossing(ip, bitness, avail);
+            if !known {
+                if let Some(ins) = decode(bitness, ip, avail) {
+                    return Ok(Insn::new(ins));
+                }
             }
         }
         let crossing = !t.host.is_null();
