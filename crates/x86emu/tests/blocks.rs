@@ -943,3 +943,79 @@ fn a_patched_page_crossing_instruction_runs_patched() {
         assert_eq!(g.cpu.state().gpr[3], want, "jit {jit:?}");
     }
 }
+
+/// Prologues and epilogues (runs of PUSHes, POPs and the RET after them) translate their
+/// stack range once; ranges that cross a page go to the interpreter, which must give the
+/// same result, and a non-canonical return address after POPs is the RET's #GP.
+#[test]
+fn compiled_push_and_pop_runs_match_the_interpreter() {
+    const HANDLER: u64 = CODE + 0xc00;
+    let code = asm(64, CODE, |a| {
+        let mut func = a.create_label();
+        let mut top = a.create_label();
+        a.mov(rcx, 700u64).unwrap();
+        a.mov(rbp, 0x0101_0101u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        // Walk the stack down 8 bytes an iteration: the runs cross a page now and then.
+        a.sub(rsp, 8).unwrap();
+        a.mov(rbx, rcx).unwrap();
+        a.call(func).unwrap();
+        a.add(r9, rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // A bad return address after pops: #GP at the RET.
+        a.mov(rax, 0x8000_0000_0000_0000u64).unwrap();
+        a.push(rax).unwrap();
+        a.push(rbx).unwrap();
+        a.push(rbp).unwrap();
+        a.pop(rbp).unwrap();
+        a.pop(rbx).unwrap();
+        a.ret().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.push(rbp).unwrap();
+        a.push(rbx).unwrap();
+        a.push(r12).unwrap();
+        a.push(r13).unwrap();
+        a.push(0x55).unwrap();
+        a.push(rcx).unwrap();
+        a.lea(rax, qword_ptr(rbx + rbp)).unwrap();
+        a.mov(r12, qword_ptr(rsp + 8)).unwrap();
+        a.add(rax, r12).unwrap();
+        a.pop(rdx).unwrap();
+        a.pop(r8).unwrap();
+        a.pop(r13).unwrap();
+        a.pop(r12).unwrap();
+        a.pop(rbx).unwrap();
+        a.pop(rbp).unwrap();
+        a.ret().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.set_gate(13, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r14, qword_ptr(rsp + 8)).unwrap(); // RIP of the RET
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.gpr[4] = 0x70000 + 0x40; // the walk crosses 0x70000 early on
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut stack = [0u8; 0x2000];
+        assert!(g.cpu.ram().read(0x6e000, &mut stack));
+        (g.cpu.state().gpr, stack.to_vec(), g.cpu.compiled_blocks())
+    };
+    let (ig, istack, _) = run(None);
+    assert_eq!(
+        ig[9],
+        (1..=700u64).map(|i| i + 0x0101_0101 + 0x55).sum::<u64>()
+    );
+    assert_ne!(ig[14], 0, "#GP at the RET");
+    let (cg, cstack, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks}");
+    assert_eq!(cg, ig);
+    assert_eq!(cstack, istack, "stack contents");
+}

@@ -119,8 +119,32 @@ pub(super) fn translate(
     let first_ip = insns.first()?.instr.ip();
     let mut e = Emitter::new(first_ip, slot, epoch)?;
     let len = insns.len() as u32;
+    let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
+    let mut skip = 0;
     for (i, (insn, (k, regs))) in insns.iter().zip(plans).enumerate() {
         let ins = &insn.instr;
+        if skip > 0 {
+            skip -= 1;
+            continue;
+        }
+        // Runs of PUSHes or POPs (a function's prologue or epilogue, with the RET after
+        // the POPs) translate their stack range once.
+        let run = stack_run(insns, &kinds, i);
+        if run.count >= 2 || (run.count == 1 && run.ret) {
+            let at = insns.get(i..i + run.count)?;
+            if k == Kind::Push {
+                e.push_run(at, i as u32)?;
+            } else {
+                let ret = if run.ret {
+                    Some(&insns.get(i + run.count)?.instr)
+                } else {
+                    None
+                };
+                e.pop_run(at, i as u32, ret, len)?;
+            }
+            skip = run.count - 1 + usize::from(run.ret);
+            continue;
+        }
         match k {
             Kind::Native => e.native(ins, i as u32, regs?, &mut info)?,
             Kind::Vector(v) => e.vector(ins, i as u32, regs?, &v, &mut info)?,
@@ -149,6 +173,39 @@ pub(super) fn translate(
         }
     }
     e.finish(at)
+}
+
+/// A run of stack instructions starting at `i`: how many PUSHes or POPs (none of RSP
+/// itself), and for POPs whether the block's final RET follows them.
+struct StackRun {
+    count: usize,
+    ret: bool,
+}
+
+/// Longest run translated at once (the range must lie in one page anyway).
+const MAX_RUN: usize = 16;
+
+fn stack_run(insns: &[Insn], kinds: &[Kind], i: usize) -> StackRun {
+    let Some(&first) = kinds.get(i) else {
+        return StackRun {
+            count: 0,
+            ret: false,
+        };
+    };
+    let member = |j: usize| {
+        kinds.get(j) == Some(&first)
+            && matches!(first, Kind::Push | Kind::Pop)
+            && insns.get(j).is_some_and(|x| {
+                x.instr.op0_kind() != OpKind::Register
+                    || gpr_index(x.instr.op0_register()) != Some(RSP)
+            })
+    };
+    let mut count = 0;
+    while count < MAX_RUN && member(i + count) {
+        count += 1;
+    }
+    let ret = first == Kind::Pop && count > 0 && kinds.get(i + count) == Some(&Kind::Ret);
+    StackRun { count, ret }
 }
 
 struct Emitter {
@@ -870,6 +927,80 @@ impl Emitter {
         }
         a!(self.a.mov(qword_ptr(rbx), r10));
         self.store_guest(RSP, Register::RDX)
+    }
+
+    /// PUSHes of registers other than RSP, or immediates: the whole range below RSP is
+    /// translated once (a miss or a page crossing leaves before the first of them, with
+    /// nothing written), then filled.
+    fn push_run(&mut self, pushes: &[Insn], idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        let k = pushes.len() as i32;
+        self.load_guest(Register::RDX, RSP)?;
+        a!(self.a.lea(rdx, ptr(rdx - 8 * k)));
+        self.stack_range(true, 8 * k as u32, idx)?;
+        for (j, p) in pushes.iter().enumerate() {
+            let ins = &p.instr;
+            if ins.op0_kind() == OpKind::Register {
+                self.load_guest(Register::R10, gpr_index(ins.op0_register())?)?;
+            } else {
+                a!(self.a.mov(r10, ins.immediate(0)));
+                self.clobber(&[Register::R10]);
+            }
+            a!(self.a.mov(qword_ptr(rbx + 8 * (k - 1 - j as i32)), r10));
+        }
+        self.store_guest(RSP, Register::RDX)
+    }
+
+    /// POPs into registers other than RSP, and the block's final RET after them if `ret`:
+    /// one translation of the range, and the return address checked, before anything is
+    /// written.
+    fn pop_run(
+        &mut self,
+        pops: &[Insn],
+        idx: u32,
+        ret: Option<&Instruction>,
+        len: u32,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rax, rbx, rdx};
+        let k = pops.len() as i32;
+        let total = 8 * (k + i32::from(ret.is_some()));
+        self.load_guest(Register::RDX, RSP)?;
+        self.stack_range(false, total as u32, idx)?;
+        if ret.is_some() {
+            a!(self.a.mov(rax, qword_ptr(rbx + 8 * k)));
+            self.canonical_rax(idx)?;
+        }
+        for (j, p) in pops.iter().enumerate() {
+            a!(self.a.mov(r10, qword_ptr(rbx + 8 * j as i32)));
+            self.store_guest(gpr_index(p.instr.op0_register())?, Register::R10)?;
+        }
+        let pop = total + ret.map_or(0, |r| i32::from(r.immediate16()));
+        a!(self.a.lea(rdx, ptr(rdx + pop)));
+        self.store_guest(RSP, Register::RDX)?;
+        if ret.is_some() {
+            // RAX survives the stores above (they use R10 and RDX).
+            self.store_rip_from_rax()?;
+            self.add_retired(len)?;
+            return self.look_up_and_go();
+        }
+        Some(())
+    }
+
+    /// Translates `size` bytes of stack at the linear address in RDX into a host pointer
+    /// in RBX (or leaves through the miss path of instruction `idx`).
+    fn stack_range(&mut self, write: bool, size: u32, idx: u32) -> Option<()> {
+        let m = Mem {
+            base: None,
+            index: None,
+            scale: 1,
+            disp: 0,
+            seg_base: None,
+            size,
+            write,
+        };
+        let miss = self.miss_label(idx);
+        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
+        self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)
     }
 
     /// POP r64: RSP moves first, so POP RSP leaves the popped value.
