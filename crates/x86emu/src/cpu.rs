@@ -457,9 +457,9 @@ impl Core {
         Ctx {
             tlb: self.tlb.entries_ptr(),
             code_pages: self.code.as_ptr(),
-            read_perm: u64::from(needed_perm(Access::Read, user)),
-            write_perm: u64::from(needed_perm(Access::Write, user)),
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
+            read_tag: crate::mmu::tlb_tag_offset(false, user),
+            write_tag: crate::mmu::tlb_tag_offset(true, user),
             blocks,
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,

@@ -34,6 +34,10 @@ struct TlbEntry {
     /// Host pointer to the page, or null for MMIO.
     host: *mut u8,
     gpa_page: u64,
+    /// For compiled code: `vpn` where a read (0: supervisor, 1: user) or a write (2, 3)
+    /// is allowed and the page is RAM, else `u64::MAX`, so one compare checks the page,
+    /// the permission and that there is a host pointer.
+    tags: [u64; 4],
     perm: u8,
     /// log2 of the page size of the mapping this entry was filled from (12, 21, 30).
     page_shift: u8,
@@ -43,9 +47,16 @@ const EMPTY: TlbEntry = TlbEntry {
     vpn: u64::MAX,
     host: std::ptr::null_mut(),
     gpa_page: 0,
+    tags: [u64::MAX; 4],
     perm: 0,
     page_shift: 12,
 };
+
+/// Where compiled code finds the tag for an access (see `TlbEntry::tags`).
+pub(crate) fn tlb_tag_offset(write: bool, user: bool) -> u64 {
+    let i = usize::from(write) * 2 + usize::from(user);
+    (std::mem::offset_of!(TlbEntry, tags) + 8 * i) as u64
+}
 
 /// Where compiled code finds a TLB entry's fields: (entry size, offsets of the page
 /// number, host pointer, guest-physical page and permission bits, number of slots).
@@ -223,10 +234,23 @@ impl Core {
         if self.tlb.entries[slot].vpn == u64::MAX {
             self.tlb.note_fill(slot);
         }
+        let tag = |bit: u8| {
+            if perm & bit != 0 && !host.is_null() {
+                vpn
+            } else {
+                u64::MAX
+            }
+        };
         self.tlb.entries[slot] = TlbEntry {
             vpn,
             host,
             gpa_page,
+            tags: [
+                tag(P_READ_SUP),
+                tag(P_READ_USER),
+                tag(P_WRITE_SUP),
+                tag(P_WRITE_USER),
+            ],
             perm,
             page_shift,
         };

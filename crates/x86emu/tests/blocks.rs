@@ -1019,3 +1019,96 @@ fn compiled_push_and_pop_runs_match_the_interpreter() {
     assert_eq!(cg, ig);
     assert_eq!(cstack, istack, "stack contents");
 }
+
+/// Compiled code checks a TLB entry's permission for the current privilege: a page the
+/// kernel just used stays out of reach of user code, a read-only page of stores, and an
+/// access whose last byte lies in such a page faults like in the interpreter.
+#[test]
+fn compiled_user_code_sees_the_privilege_of_warm_tlb_entries() {
+    use x86emu::testing::{PTE_U, PTE_W};
+    const UCODE: u64 = 0x5000_0000;
+    const UDATA: u64 = 0x5000_1000;
+    const SUP: u64 = 0x5000_2000;
+    const RO: u64 = 0x5000_3000;
+    const USTACK: u64 = 0x5000_5000;
+    const HANDLER: u64 = CODE + 0xc00;
+    let kernel = asm(64, CODE, |a| {
+        // Warm the TLB with the supervisor and read-only pages, then enter user mode.
+        a.mov(rax, qword_ptr(SUP)).unwrap();
+        a.mov(rax, qword_ptr(RO)).unwrap();
+        a.push(0x1b).unwrap();
+        a.push(USTACK as i32).unwrap();
+        a.push(0x2).unwrap();
+        a.push(0x23).unwrap();
+        a.push(UCODE as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    let user = asm(64, UCODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 300u64).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rax, qword_ptr(UDATA)).unwrap();
+        a.mov(qword_ptr(UDATA + 8), rax).unwrap();
+        a.mov(rdx, qword_ptr(RO)).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // RBX picks the faulting access: 0 a supervisor read, 1 a read-only store,
+        // 2 a read whose last byte is in the supervisor page.
+        let (mut w, mut x) = (a.create_label(), a.create_label());
+        a.cmp(rbx, 1).unwrap();
+        a.je(w).unwrap();
+        a.ja(x).unwrap();
+        a.mov(rdx, qword_ptr(SUP)).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut w).unwrap();
+        a.mov(qword_ptr(RO), rax).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut x).unwrap();
+        a.mov(rdx, qword_ptr(SUP - 4)).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit, which: u64| {
+        let mut g = guest_with(&kernel, &[0; 10], 0);
+        g.map4k(UCODE, 0x31_0000, PTE_U);
+        g.map4k(UDATA, 0x31_1000, PTE_U | PTE_W);
+        g.map4k(SUP, 0x31_2000, PTE_W);
+        g.map4k(RO, 0x31_3000, PTE_U);
+        g.map4k(USTACK - 0x1000, 0x31_4000, PTE_U | PTE_W);
+        g.load(0x31_0000, &user);
+        g.load(0x31_1000, &7u64.to_le_bytes());
+        g.set_gate(14, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r13, qword_ptr(rsp)).unwrap(); // error code
+                a.mov(r14, cr2).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.gpr[3] = which;
+        s.rip = CODE;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    for which in 0..3 {
+        let (i, _) = run(None, which);
+        let (c, blocks) = run(Some(0), which);
+        assert!(blocks > 0);
+        assert_eq!(c, i, "case {which}");
+        let (error, fault_at) = (i[13], i[14]);
+        match which {
+            0 => assert_eq!(
+                (error, fault_at),
+                (5, SUP),
+                "user read of a supervisor page"
+            ),
+            1 => assert_eq!((error, fault_at), (7, RO), "user write of a read-only page"),
+            _ => assert_eq!((error, fault_at), (5, SUP), "read whose end is supervisor"),
+        }
+        assert_eq!(i[0], 7 * 300);
+    }
+}

@@ -358,9 +358,9 @@ impl Emitter {
     /// this code epoch; else leaves. Flag-free; at the block end (clobbers anything).
     fn look_up_and_go(&mut self) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
-        let (_, vpn_off, host_off, gpa_off, perm_off, tlb_slots) = tlb_layout();
+        let (tlb_entry, vpn_off, host_off, gpa_off, perm_off, tlb_slots) = tlb_layout();
         let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain, slots) = block_layout();
-        if bsize != 64 {
+        if bsize != 64 || tlb_entry != 64 {
             return None;
         }
         let done = self.done;
@@ -370,7 +370,7 @@ impl Emitter {
         a!(a.shrx(r9, rax, r8));
         a!(a.mov(r8, (tlb_slots - 1) as u64));
         a!(a.pext(r10, r9, r8));
-        a!(a.lea(r10, ptr(r10 * 4)));
+        a!(a.lea(r10, ptr(r10 * 8)));
         a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.lea(r10, ptr(r8 + r10 * 8)));
         a!(a.mov(rcx, qword_ptr(r10 + vpn_off)));
@@ -561,7 +561,10 @@ impl Emitter {
         self.clobber(&[Register::RCX, lin, host]);
         self.clobber(&scratch);
         let lin = r64(lin)?;
-        let (entry_size, vpn_off, host_off, gpa_off, perm_off, slots) = tlb_layout();
+        let (entry_size, _, host_off, gpa_off, _, slots) = tlb_layout();
+        if entry_size != 64 {
+            return None;
+        }
         a!(self.a.mov(ctx, qword_ptr(gpr64::rsp)));
         if let Some(off) = m.seg_base {
             a!(self.a.mov(tmp, qword_ptr(ctx + ctx_off(off))));
@@ -572,41 +575,31 @@ impl Emitter {
         a!(a.shrx(vpn, lin, tmp));
         a!(a.mov(tmp, (slots - 1) as u64));
         a!(a.pext(ent, vpn, tmp));
-        // entry = tlb + slot * entry_size, entry_size = 32.
-        debug_assert_eq!(entry_size, 32);
-        a!(a.lea(ent, ptr(ent * 4)));
+        // entry = tlb + slot * 64.
+        a!(a.lea(ent, ptr(ent * 8)));
         a!(a.mov(tmp, qword_ptr(ctx + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.lea(ent, ptr(tmp + ent * 8)));
-        // The tag: rcx = vpn - entry.vpn.
-        a!(a.mov(rcx, qword_ptr(ent + vpn_off)));
-        a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + vpn + 1)));
-        self.continue_if_rcx_zero(miss)?;
-        // Permission: the needed bit is one bit, so pext gives 1 when present.
-        let a = &mut self.a;
-        a!(a.movzx(rcx, byte_ptr(ent + perm_off)));
-        let perm = if m.write {
-            offset_of!(Ctx, write_perm)
+        // The tag for this access at this privilege is the page number only if the access
+        // is allowed and the page is RAM. Compared with the page of the access's last byte:
+        // the entry sits in the slot of the first byte's page, so a match also means that
+        // the access stays in that page.
+        if m.size > 1 {
+            a!(a.lea(vpn, ptr(lin + (m.size as i32 - 1))));
+            a!(a.mov(tmp, 12u64));
+            a!(a.shrx(vpn, vpn, tmp));
+        }
+        let tag = if m.write {
+            offset_of!(Ctx, write_tag)
         } else {
-            offset_of!(Ctx, read_perm)
+            offset_of!(Ctx, read_tag)
         };
-        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(perm))));
-        a!(a.pext(rcx, rcx, tmp));
-        a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + 2)));
-        self.continue_if_rcx_zero(miss)?;
-        // The last byte on the same page.
-        let a = &mut self.a;
-        a!(a.lea(rcx, ptr(lin + (m.size as i32 - 1))));
-        a!(a.mov(tmp, 12u64));
-        a!(a.shrx(rcx, rcx, tmp));
+        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(tag))));
+        a!(a.mov(rcx, qword_ptr(ent + tmp)));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + vpn + 1)));
         self.continue_if_rcx_zero(miss)?;
-        // MMIO pages have no host pointer.
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(ent + host_off)));
-        a!(a.jrcxz(miss));
         a!(a.mov(tmp, 0xfffu64));
         a!(a.pext(tmp, lin, tmp));
         a!(a.lea(r64(host)?, ptr(rcx + tmp)));

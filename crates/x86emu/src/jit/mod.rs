@@ -30,10 +30,12 @@ pub(crate) struct Ctx {
     pub(crate) tlb: *const u8,
     /// A byte per guest-physical RAM page: non-zero if it holds checked code.
     pub(crate) code_pages: *const u8,
-    /// The TLB permission bit a read, a write and a fetch need at the current privilege.
-    pub(crate) read_perm: u64,
-    pub(crate) write_perm: u64,
+    /// The TLB permission bit a fetch needs at the current privilege.
     pub(crate) fetch_perm: u64,
+    /// Offsets in a TLB entry of the tags for a read and a write at the current privilege
+    /// (see `mmu::tlb_tag_offset`).
+    pub(crate) read_tag: u64,
+    pub(crate) write_tag: u64,
     /// The block cache's first slot (see `decode::block_layout`).
     pub(crate) blocks: *const u8,
     pub(crate) fs_base: u64,
