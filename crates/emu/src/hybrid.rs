@@ -46,6 +46,9 @@ const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_VM: u64 = 1 << 17;
 const CR4_FSGSBASE: u64 = 1 << 16;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// The XCR0 components the KVM vCPU may be given: x87, SSE, AVX (what x86emu has).
+const XCR0_KVM_MASK: u64 = 7;
 /// The CR4 bits the KVM vCPU gets: what matters to user code and that KVM accepts with
 /// its supported CPUID (no OSXSAVE: the host's XCR0 is in force at CPL3 anyway; no PCIDE).
 const CR4_KVM_MASK: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10) | CR4_FSGSBASE;
@@ -313,6 +316,11 @@ pub struct HybridVcpu {
     /// The FPU state KVM holds (what was last loaded or read back).
     last_fpu: Option<x86emu::FpuState>,
     xstate_avx: bool,
+    /// KVM took a CPUID with XSAVE, so the vCPU gets CR4.OSXSAVE and the guest's XCR0
+    /// (else user code natively sees the host's XCR0: larger XSAVE areas than the guest's
+    /// CPUID describes).
+    xsave: bool,
+    xcr0: Option<u64>,
     tsc_aux: Option<u64>,
     flushes_seen: Option<u64>,
     /// User-only probe slices seen in a row, and how many are needed before a stint.
@@ -335,6 +343,8 @@ impl HybridVcpu {
             last_sregs: None,
             last_fpu: None,
             xstate_avx: true,
+            xsave: false,
+            xcr0: None,
             tsc_aux: None,
             flushes_seen: None,
             streak: 0,
@@ -396,8 +406,13 @@ impl HybridVcpu {
             .vm
             .create_vcpu(u64::from(self.id))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&self.vm.cpuid)
-            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        // KVM's supported CPUID here has no XSAVE; offer it anyway (with the host's leaf
+        // 0xD for x87/SSE/AVX) so the vCPU can run with the guest's XCR0.
+        self.xsave = fd.set_cpuid2(&cpuid_with_xsave(&self.vm.cpuid)).is_ok();
+        if !self.xsave {
+            fd.set_cpuid2(&self.vm.cpuid)
+                .map_err(ioctl("KVM_SET_CPUID2"))?;
+        }
         let set_msr = |fd: &VcpuFd, index: u32, data: u64| -> bool {
             Msrs::from_entries(&[kvm_msr_entry {
                 index,
@@ -484,7 +499,8 @@ impl HybridVcpu {
         k.gdt.limit = 0;
         k.cr0 = s.cr0;
         k.cr3 = s.cr3 & 0x000f_ffff_ffff_f000;
-        k.cr4 = s.cr4 & CR4_KVM_MASK;
+        let osxsave = if self.xsave { CR4_OSXSAVE } else { 0 };
+        k.cr4 = s.cr4 & (CR4_KVM_MASK | osxsave);
         k.efer = s.efer;
         k
     }
@@ -504,7 +520,8 @@ impl HybridVcpu {
             }
         }
         let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
-        xs.region[128] = if self.xstate_avx { 7 } else { 3 };
+        let avx = self.xstate_avx && (!self.xsave || self.xcr0.is_none_or(|x| x & 4 != 0));
+        xs.region[128] = if avx { 7 } else { 3 };
         // SAFETY: `xs` is a whole 4 KiB kvm_xsave, as the legacy ioctl expects.
         if unsafe { fd.set_xsave(&xs) }.is_err() && self.xstate_avx {
             // A host whose KVM refuses AVX state: carry x87/SSE only.
@@ -617,6 +634,17 @@ impl HybridVcpu {
                 fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
                 self.last_sregs = Some(sregs);
             }
+            let xcr0 = (s.xcr0 & XCR0_KVM_MASK) | 1;
+            if self.xsave && sregs.cr4 & CR4_OSXSAVE != 0 && self.xcr0 != Some(xcr0) {
+                let mut x = kvm_bindings::kvm_xcrs {
+                    nr_xcrs: 1,
+                    ..Default::default()
+                };
+                x.xcrs[0].xcr = 0;
+                x.xcrs[0].value = xcr0;
+                fd.set_xcrs(&x).map_err(ioctl("KVM_SET_XCRS"))?;
+                self.xcr0 = Some(xcr0);
+            }
             if self.tsc_aux != Some(tsc_aux) {
                 let m = Msrs::from_entries(&[kvm_msr_entry {
                     index: MSR_TSC_AUX,
@@ -636,16 +664,26 @@ impl HybridVcpu {
 
         let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
         let mut r = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        if end == StintEnd::Kernel {
-            if r.rip == LSTAR_MARK {
-                // SYSCALL: RCX holds the address after it (0F 05); x86emu runs it again.
-                r.rip = r.rcx.wrapping_sub(2);
-                r.rflags = r.r11;
-                self.stats.syscalls += 1;
-            } else if r.rflags & RFLAGS_RF == 0 {
-                // A trap (int3) leaves RIP after the instruction: back up over the 0xCC.
-                r.rip = r.rip.wrapping_sub(1);
-            }
+        // A SYSCALL may also show after a kick: the signal can end KVM_RUN before KVM
+        // turns the event into a shutdown exit (which then comes at the next entry, and is
+        // harmless: x86emu runs the instruction at RIP).
+        let code = |va: u64, n: usize| read_user(cpu, va, n);
+        if r.rip == LSTAR_MARK && code(r.rcx.wrapping_sub(2), 2) == Some(vec![0x0f, 0x05]) {
+            // SYSCALL: RCX holds the address after it; x86emu runs it again.
+            r.rip = r.rcx.wrapping_sub(2);
+            r.rflags = r.r11;
+            self.stats.syscalls += 1;
+        } else if end == StintEnd::Kernel
+            && r.rflags & RFLAGS_RF == 0
+            && code(r.rip.wrapping_sub(1), 1) == Some(vec![0xcc])
+        {
+            // A trap (int3) leaves RIP after the instruction: back up over the 0xCC.
+            r.rip = r.rip.wrapping_sub(1);
+        } else if r.rip == LSTAR_MARK {
+            return Err(HybridError::Unexpected(format!(
+                "KVM_RUN ended at the LSTAR marker without a SYSCALL before {:#x}",
+                r.rcx
+            )));
         }
         let fs_gs = if fsgsbase {
             let k = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
@@ -768,6 +806,80 @@ impl HybridVcpu {
             fd.set_kvm_immediate_exit(0);
         }
     }
+}
+
+/// `n` bytes of guest memory at user virtual address `va`, through the guest's 4-level
+/// page tables as `cpu` has them (None if any page is not present or not user-accessible).
+fn read_user(cpu: &Cpu, va: u64, n: usize) -> Option<Vec<u8>> {
+    let ram = cpu.ram();
+    let cr3 = cpu.state().cr3 & 0x000f_ffff_ffff_f000;
+    let mut out = vec![0u8; n];
+    for (i, b) in out.iter_mut().enumerate() {
+        let va = va.wrapping_add(i as u64);
+        let mut table = cr3;
+        let mut gpa = None;
+        for level in (0..4).rev() {
+            let idx = (va >> (12 + 9 * level)) & 511;
+            let mut e = [0u8; 8];
+            if !ram.read(table + idx * 8, &mut e) {
+                return None;
+            }
+            let e = u64::from_le_bytes(e);
+            if e & 1 == 0 || e & 4 == 0 {
+                return None;
+            }
+            let frame = e & 0x000f_ffff_ffff_f000;
+            if level == 0 {
+                gpa = Some(frame | (va & 0xfff));
+            } else if (level == 1 || level == 2) && e & 0x80 != 0 {
+                let size = 1u64 << (12 + 9 * level);
+                gpa = Some((frame & !(size - 1)) | (va & (size - 1)));
+                break;
+            } else {
+                table = frame;
+            }
+            if gpa.is_some() {
+                break;
+            }
+        }
+        ram.read(gpa?, std::slice::from_mut(b)).then_some(())?;
+    }
+    Some(out)
+}
+
+/// `supported` with XSAVE and AVX in leaf 1 and the host's leaf 0xD sub-leaves 0-2 limited
+/// to x87/SSE/AVX.
+fn cpuid_with_xsave(supported: &kvm_bindings::CpuId) -> kvm_bindings::CpuId {
+    use std::arch::x86_64::__cpuid_count;
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported
+        .as_slice()
+        .iter()
+        .filter(|e| e.function != 0xd)
+        .copied()
+        .collect();
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= (1 << 26) | (1 << 28);
+    }
+    for sub in 0..3u32 {
+        // CPUID leaf 0xD exists on every XSAVE-capable host.
+        let h = __cpuid_count(0xd, sub);
+        let (eax, edx) = match sub {
+            0 => (h.eax & XCR0_KVM_MASK as u32, 0),
+            1 => (h.eax & 1, 0), // XSAVEOPT only
+            _ => (h.eax, h.edx),
+        };
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: 0xd,
+            index: sub,
+            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx: if sub == 0 { 832 } else { h.ebx },
+            ecx: if sub == 0 { 832 } else { h.ecx },
+            edx,
+            ..Default::default()
+        });
+    }
+    kvm_bindings::CpuId::from_entries(&entries).unwrap_or_else(|_| supported.clone())
 }
 
 fn no_vcpu() -> HybridError {

@@ -91,10 +91,14 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     install_exception_handlers(a, lib)?;
     set_idt_gate(a, 14, pf_handler)?;
     set_idt_gate(a, 0x20, timer_handler)?;
-    // SSE on (CR4.OSFXSR, OSXMMEXCPT).
+    // SSE and XSAVE/AVX on (CR4.OSFXSR, OSXMMEXCPT, OSXSAVE; XCR0 = x87|SSE|AVX).
     a.mov(rax, cr4)?;
-    a.or(rax, 0x600)?;
+    a.or(rax, 0x4_0600)?;
     a.mov(cr4, rax)?;
+    a.xor(ecx, ecx)?;
+    a.xor(edx, edx)?;
+    a.mov(eax, 7)?;
+    a.xsetbv()?;
     // GDT in Linux's layout: kernel CS 0x10 / DS 0x18, user DS 0x2b, user CS 0x33.
     a.mov(rdi, GDT)?;
     for (i, d) in [
@@ -350,9 +354,16 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     a.xor(ecx, ecx)?;
     a.cpuid()?;
     a.mov(r13, rax)?;
+    // XCR0 as user code sees it (glibc sizes its XSAVE areas from it and from CPUID):
+    // natively too it must be the guest's, not the host's.
+    a.xor(ecx, ecx)?;
+    a.xgetbv()?;
+    a.mov(r14, rax)?;
     a.mov(edi, 0xa2)?;
     report(a)?;
     a.mov(rdi, r13)?;
+    report(a)?;
+    a.mov(rdi, r14)?;
     report(a)?;
     a.mov(rdi, r12)?;
     report(a)?;
@@ -577,6 +588,7 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
         "R 00000000000000a1".to_string(),
         "R 00000000000000a2".to_string(),
         "R 0000000001000009".to_string(), // the same leaf, asked from native user code
+        "R 0000000000000007".to_string(), // XCR0 as the guest kernel set it
         format!("R {sum:016x}"),
         "R 123456789abcdef0".to_string(), // xmm6 survived
         format!("R {:016x}", 2000),
