@@ -460,6 +460,8 @@ impl Core {
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
             read_tag: crate::mmu::tlb_tag_offset(false, user),
             write_tag: crate::mmu::tlb_tag_offset(true, user),
+            slot_mask: crate::mmu::tlb_slot_mask(),
+            page_mask: !0xfff,
             blocks,
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,

@@ -25,14 +25,18 @@ const P_WRITE_USER: u8 = 1 << 3;
 const P_EXEC_SUP: u8 = 1 << 4;
 const P_EXEC_USER: u8 = 1 << 5;
 const P_GLOBAL: u8 = 1 << 6;
+/// The page is MMIO: no host pointer (its fetch bits are clear too, so compiled code's
+/// block lookup, which tests only those, never runs code from it).
+const P_MMIO: u8 = 1 << 7;
 
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct TlbEntry {
     /// Linear page number; `u64::MAX` = empty.
     vpn: u64,
-    /// Host pointer to the page, or null for MMIO.
-    host: *mut u8,
+    /// Host address of the page minus its linear address (wrapping), so that compiled code
+    /// gets a host pointer with one add; see `host` (0 for MMIO).
+    addend: u64,
     gpa_page: u64,
     /// For compiled code: `vpn` where a read (0: supervisor, 1: user) or a write (2, 3)
     /// is allowed and the page is RAM, else `u64::MAX`, so one compare checks the page,
@@ -45,12 +49,27 @@ struct TlbEntry {
 
 const EMPTY: TlbEntry = TlbEntry {
     vpn: u64::MAX,
-    host: std::ptr::null_mut(),
+    addend: 0,
     gpa_page: 0,
     tags: [u64::MAX; 4],
-    perm: 0,
+    perm: P_MMIO,
     page_shift: 12,
 };
+
+impl TlbEntry {
+    /// The host pointer to the page, or null for MMIO.
+    fn host(&self) -> *mut u8 {
+        if self.perm & P_MMIO != 0 {
+            return std::ptr::null_mut();
+        }
+        std::ptr::with_exposed_provenance_mut(self.addend.wrapping_add(self.vpn << 12) as usize)
+    }
+}
+
+/// The bits of a linear address that pick its TLB slot.
+pub(crate) fn tlb_slot_mask() -> u64 {
+    ((TLB_SIZE - 1) as u64) << 12
+}
 
 /// Where compiled code finds the tag for an access (see `TlbEntry::tags`).
 pub(crate) fn tlb_tag_offset(write: bool, user: bool) -> u64 {
@@ -59,13 +78,13 @@ pub(crate) fn tlb_tag_offset(write: bool, user: bool) -> u64 {
 }
 
 /// Where compiled code finds a TLB entry's fields: (entry size, offsets of the page
-/// number, host pointer, guest-physical page and permission bits, number of slots).
+/// number, host addend, guest-physical page and permission bits, number of slots).
 pub(crate) fn tlb_layout() -> (usize, i32, i32, i32, i32, usize) {
     use std::mem::{offset_of, size_of};
     (
         size_of::<TlbEntry>(),
         offset_of!(TlbEntry, vpn) as i32,
-        offset_of!(TlbEntry, host) as i32,
+        offset_of!(TlbEntry, addend) as i32,
         offset_of!(TlbEntry, gpa_page) as i32,
         offset_of!(TlbEntry, perm) as i32,
         TLB_SIZE,
@@ -204,7 +223,7 @@ impl Core {
         let e = &self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)];
         let t = if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
             Translation {
-                host: e.host,
+                host: e.host(),
                 gpa_page: e.gpa_page,
             }
         } else {
@@ -241,9 +260,19 @@ impl Core {
                 u64::MAX
             }
         };
+        // MMIO: no host pointer, and no fetch from the TLB (see P_MMIO).
+        let perm = if host.is_null() {
+            (perm & !(P_EXEC_SUP | P_EXEC_USER)) | P_MMIO
+        } else {
+            perm
+        };
         self.tlb.entries[slot] = TlbEntry {
             vpn,
-            host,
+            addend: if host.is_null() {
+                0
+            } else {
+                (host.expose_provenance() as u64).wrapping_sub(vpn << 12)
+            },
             gpa_page,
             tags: [
                 tag(P_READ_SUP),
@@ -521,10 +550,12 @@ impl Core {
         }
         let vpn = lin >> 12;
         let e = self.tlb.entries.get((vpn as usize) & (TLB_SIZE - 1))?;
-        if e.vpn != vpn || e.perm & needed_perm(access, user) == 0 || e.host.is_null() {
+        if e.vpn != vpn
+            || e.perm & (needed_perm(access, user) | P_MMIO) != needed_perm(access, user)
+        {
             return None;
         }
-        let (host, gpa_page) = (e.host, e.gpa_page);
+        let (host, gpa_page) = (e.host(), e.gpa_page);
         if access == Access::Write {
             self.note_write(gpa_page);
         }

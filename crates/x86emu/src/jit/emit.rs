@@ -358,7 +358,7 @@ impl Emitter {
     /// this code epoch; else leaves. Flag-free; at the block end (clobbers anything).
     fn look_up_and_go(&mut self) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
-        let (tlb_entry, vpn_off, host_off, gpa_off, perm_off, tlb_slots) = tlb_layout();
+        let (tlb_entry, vpn_off, _, gpa_off, perm_off, tlb_slots) = tlb_layout();
         let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain, slots) = block_layout();
         if bsize != 64 || tlb_entry != 64 {
             return None;
@@ -385,9 +385,7 @@ impl Emitter {
         a!(a.lea(rcx, ptr(rcx + 2)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
-        // Code in MMIO is the interpreter's.
-        a!(a.mov(rcx, qword_ptr(r10 + host_off)));
-        a!(a.jrcxz(done));
+        // Code in MMIO is the interpreter's: such entries have no fetch permission.
         // gpa = frame + offset; slot = (gpa + gpa >> 12) mod slots, as `BlockCache::slot`.
         a!(a.mov(r11, qword_ptr(r10 + gpa_off)));
         a!(a.mov(r8, 0xfffu64));
@@ -552,30 +550,28 @@ impl Emitter {
         miss: CodeLabel,
     ) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rcx;
-        let [vpn, ent, tmp, ctx] = [
-            r64(scratch[0])?,
-            r64(scratch[1])?,
-            r64(scratch[2])?,
-            r64(scratch[3])?,
-        ];
-        self.clobber(&[Register::RCX, lin, host]);
-        self.clobber(&scratch);
+        // Three scratch registers: the fewer this clobbers, the more guest registers stay
+        // cached in the host's.
+        let [ent, tmp, ctx] = [scratch[0], scratch[1], scratch[2]];
+        self.clobber(&[Register::RCX, lin, host, ent, tmp, ctx]);
+        let [ent, tmp, ctx] = [r64(ent)?, r64(tmp)?, r64(ctx)?];
         let lin = r64(lin)?;
-        let (entry_size, _, host_off, gpa_off, _, slots) = tlb_layout();
+        let (entry_size, _, addend_off, gpa_off, _, _) = tlb_layout();
         if entry_size != 64 {
             return None;
         }
-        a!(self.a.mov(ctx, qword_ptr(gpr64::rsp)));
-        if let Some(off) = m.seg_base {
-            a!(self.a.mov(tmp, qword_ptr(ctx + ctx_off(off))));
-            a!(self.a.lea(lin, ptr(lin + tmp)));
-        }
         let a = &mut self.a;
-        a!(a.mov(tmp, 12u64));
-        a!(a.shrx(vpn, lin, tmp));
-        a!(a.mov(tmp, (slots - 1) as u64));
-        a!(a.pext(ent, vpn, tmp));
-        // entry = tlb + slot * 64.
+        a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
+        if let Some(off) = m.seg_base {
+            a!(a.mov(tmp, qword_ptr(ctx + ctx_off(off))));
+            a!(a.lea(lin, ptr(lin + tmp)));
+        }
+        // entry = tlb + slot * 64, the slot being the page number's low bits.
+        a!(a.pext(
+            ent,
+            lin,
+            qword_ptr(ctx + ctx_off(offset_of!(Ctx, slot_mask)))
+        ));
         a!(a.lea(ent, ptr(ent * 8)));
         a!(a.mov(tmp, qword_ptr(ctx + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.lea(ent, ptr(tmp + ent * 8)));
@@ -583,31 +579,35 @@ impl Emitter {
         // is allowed and the page is RAM. Compared with the page of the access's last byte:
         // the entry sits in the slot of the first byte's page, so a match also means that
         // the access stays in that page.
+        let page_mask = qword_ptr(ctx + ctx_off(offset_of!(Ctx, page_mask)));
         if m.size > 1 {
-            a!(a.lea(vpn, ptr(lin + (m.size as i32 - 1))));
-            a!(a.mov(tmp, 12u64));
-            a!(a.shrx(vpn, vpn, tmp));
+            a!(a.lea(tmp, ptr(lin + (m.size as i32 - 1))));
+            a!(a.pext(tmp, tmp, page_mask));
+        } else {
+            a!(a.pext(tmp, lin, page_mask));
         }
         let tag = if m.write {
             offset_of!(Ctx, write_tag)
         } else {
             offset_of!(Ctx, read_tag)
         };
-        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(tag))));
-        a!(a.mov(rcx, qword_ptr(ent + tmp)));
+        a!(a.mov(ctx, qword_ptr(ctx + ctx_off(tag))));
+        a!(a.mov(rcx, qword_ptr(ent + ctx)));
         a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + vpn + 1)));
+        a!(a.lea(rcx, ptr(rcx + tmp + 1)));
         self.continue_if_rcx_zero(miss)?;
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(ent + host_off)));
-        a!(a.mov(tmp, 0xfffu64));
-        a!(a.pext(tmp, lin, tmp));
-        a!(a.lea(r64(host)?, ptr(rcx + tmp)));
+        a!(a.mov(rcx, qword_ptr(ent + addend_off)));
+        a!(a.lea(r64(host)?, ptr(rcx + lin)));
         if m.write {
             // A store to a page holding code: the interpreter does it and moves the epoch.
             a!(a.mov(tmp, qword_ptr(ent + gpa_off)));
-            a!(a.mov(rcx, 12u64));
-            a!(a.shrx(tmp, tmp, rcx));
+            a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
+            a!(a.pext(
+                tmp,
+                tmp,
+                qword_ptr(ctx + ctx_off(offset_of!(Ctx, page_mask)))
+            ));
             a!(a.mov(rcx, qword_ptr(ctx + ctx_off(offset_of!(Ctx, code_pages)))));
             a!(a.movzx(gpr32::ecx, byte_ptr(rcx + tmp)));
             self.continue_if_rcx_zero(miss)?;

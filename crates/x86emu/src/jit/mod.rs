@@ -36,6 +36,10 @@ pub(crate) struct Ctx {
     /// (see `mmu::tlb_tag_offset`).
     pub(crate) read_tag: u64,
     pub(crate) write_tag: u64,
+    /// Constants for PEXT (whose mask may be a memory operand): the bits of a linear
+    /// address that pick its TLB slot, and those of its page number.
+    pub(crate) slot_mask: u64,
+    pub(crate) page_mask: u64,
     /// The block cache's first slot (see `decode::block_layout`).
     pub(crate) blocks: *const u8,
     pub(crate) fs_base: u64,
