@@ -62,6 +62,8 @@ const MIN_STINT: Duration = Duration::from_micros(200);
 pub const PROBE_SLICE: u64 = 10_000;
 /// A stint that ran less than this before the kernel was needed did not pay for itself.
 const SHORT_STINT: Duration = Duration::from_micros(300);
+/// How often the statistics are logged (at info level) while the vCPU runs.
+const STATS_EVERY: Duration = Duration::from_secs(2);
 /// At most this many user-only probe slices are required before the next stint.
 const MAX_NEED: u32 = 64;
 
@@ -302,6 +304,11 @@ pub struct Stats {
     pub slot_refreshes: u64,
     pub native: Duration,
     pub switch: Duration,
+    /// Time spent replacing memslots (part of `switch`).
+    pub refresh: Duration,
+    /// Emulated probe slices that ran user code only, and the others.
+    pub user_slices: u64,
+    pub other_slices: u64,
 }
 
 /// One vCPU's KVM half and the policy that decides when to use it.
@@ -328,6 +335,7 @@ pub struct HybridVcpu {
     need: u32,
     /// Set after an error: this vCPU stays on x86emu.
     disabled: bool,
+    last_log: Instant,
     pub stats: Stats,
 }
 
@@ -350,6 +358,7 @@ impl HybridVcpu {
             streak: 0,
             need: 1,
             disabled: false,
+            last_log: Instant::now(),
             stats: Stats::default(),
         }
     }
@@ -387,8 +396,10 @@ impl HybridVcpu {
     pub fn note_slice(&mut self, user_only: bool) {
         if user_only {
             self.streak = self.streak.saturating_add(1);
+            self.stats.user_slices += 1;
         } else {
             self.streak = 0;
+            self.stats.other_slices += 1;
         }
     }
 
@@ -596,8 +607,10 @@ impl HybridVcpu {
         self.streak = 0;
         let flushes = cpu.tlb_flushes();
         if self.flushes_seen.is_some_and(|f| f != flushes) {
+            let t = Instant::now();
             self.vm.refresh_slots()?;
             self.stats.slot_refreshes += 1;
+            self.stats.refresh += t.elapsed();
         }
         self.flushes_seen = Some(flushes);
 
@@ -711,6 +724,10 @@ impl HybridVcpu {
             s.seg[Seg::Gs as usize].base = gs;
         }
 
+        if self.last_log.elapsed() > STATS_EVERY {
+            self.last_log = Instant::now();
+            self.log_stats("hybrid vCPU statistics so far");
+        }
         let native = t_out - t_run;
         self.stats.stints += 1;
         self.stats.native += native;
@@ -890,6 +907,12 @@ impl Drop for HybridVcpu {
     fn drop(&mut self) {
         // The kvm_run mapping goes with the fd: nobody may write to it after this.
         *self.kicker.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.log_stats("hybrid vCPU statistics");
+    }
+}
+
+impl HybridVcpu {
+    fn log_stats(&self, what: &str) {
         let s = &self.stats;
         tracing::info!(
             vcpu = self.id,
@@ -906,7 +929,11 @@ impl Drop for HybridVcpu {
             } else {
                 0.0
             },
-            "hybrid vCPU statistics"
+            refresh_ms = s.refresh.as_secs_f64() * 1e3,
+            switch_ms = s.switch.as_secs_f64() * 1e3,
+            emulated_user_slices = s.user_slices,
+            emulated_other_slices = s.other_slices,
+            "{what}"
         );
     }
 }
