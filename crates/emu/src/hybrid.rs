@@ -672,7 +672,8 @@ impl HybridVcpu {
         self.load_xsave(&fpu)?;
 
         let t_run = Instant::now();
-        let end = self.run_loop(platform, next_deadline, pending)?;
+        let ram = cpu.ram();
+        let end = self.run_loop(ram, platform, next_deadline, pending)?;
         let t_out = Instant::now();
 
         let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
@@ -753,6 +754,7 @@ impl HybridVcpu {
 
     fn run_loop(
         &mut self,
+        ram: &x86emu::GuestRam,
         platform: &mut dyn Platform,
         next_deadline: &dyn Fn() -> Option<Duration>,
         pending: &dyn Fn() -> bool,
@@ -785,11 +787,16 @@ impl HybridVcpu {
                 }
                 // User code touched device memory (or RAM while a memslot was being
                 // replaced for another vCPU): serve it as x86emu would.
+                // RAM shows up as MMIO while another vCPU replaces the memslots.
                 Ok(KvmExit::MmioRead(addr, data)) => {
-                    platform.mmio_read(addr, data);
+                    if !ram.read(addr, data) {
+                        platform.mmio_read(addr, data);
+                    }
                 }
                 Ok(KvmExit::MmioWrite(addr, data)) => {
-                    platform.mmio_write(addr, data);
+                    if !ram.write(addr, data) {
+                        platform.mmio_write(addr, data);
+                    }
                 }
                 Ok(KvmExit::IoIn(port, data)) => {
                     platform.pio_read(port, data);
