@@ -81,16 +81,8 @@ fn kernel() -> Vec<u8> {
     linux64_elf(&a.assemble(LOAD).unwrap())
 }
 
-fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
-    let mut pf_handler = a.create_label();
-    let mut timer_handler = a.create_label();
-    let mut syscall_entry = a.create_label();
-    let mut user = a.create_label();
-
-    // --- Kernel initialisation (CPL0, on x86emu in both modes). ---
-    install_exception_handlers(a, lib)?;
-    set_idt_gate(a, 14, pf_handler)?;
-    set_idt_gate(a, 0x20, timer_handler)?;
+/// SSE/AVX on, a GDT in Linux's layout, SYSCALL pointed at `syscall_entry`.
+fn cpu_init(a: &mut CodeAssembler, syscall_entry: CodeLabel) -> Result<(), IcedError> {
     // SSE and XSAVE/AVX on (CR4.OSFXSR, OSXMMEXCPT, OSXSAVE; XCR0 = x87|SSE|AVX).
     a.mov(rax, cr4)?;
     a.or(rax, 0x4_0600)?;
@@ -139,6 +131,32 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     a.mov(eax, 0x700)?;
     a.xor(edx, edx)?;
     a.wrmsr()?;
+    Ok(())
+}
+
+/// Into user mode at `user` with interrupts on.
+fn enter_user(a: &mut CodeAssembler, user: CodeLabel) -> Result<(), IcedError> {
+    a.push(0x2b)?;
+    a.mov(rax, USER_STACK)?;
+    a.push(rax)?;
+    a.push(0x202)?;
+    a.push(0x33)?;
+    a.lea(rax, ptr(user))?;
+    a.push(rax)?;
+    a.iretq()
+}
+
+fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
+    let mut pf_handler = a.create_label();
+    let mut timer_handler = a.create_label();
+    let mut syscall_entry = a.create_label();
+    let mut user = a.create_label();
+
+    // --- Kernel initialisation (CPL0, on x86emu in both modes). ---
+    install_exception_handlers(a, lib)?;
+    set_idt_gate(a, 14, pf_handler)?;
+    set_idt_gate(a, 0x20, timer_handler)?;
+    cpu_init(a, syscall_entry)?;
     // Kernel variables.
     a.mov(rdi, VARS)?;
     a.xor(eax, eax)?;
@@ -177,15 +195,7 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
         a.out(port, al)?;
     }
     lib.print(a, "KERNEL UP\n")?;
-    // Into user mode with interrupts on.
-    a.push(0x2b)?;
-    a.mov(rax, USER_STACK)?;
-    a.push(rax)?;
-    a.push(0x202)?;
-    a.push(0x33)?;
-    a.lea(rax, ptr(user))?;
-    a.push(rax)?;
-    a.iretq()?;
+    enter_user(a, user)?;
 
     // --- Timer interrupt: count the tick, EOI the 8259. ---
     a.set_label(&mut timer_handler)?;
@@ -651,5 +661,171 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
         kicked >= 1.0,
         "no native stint ended for a timer:\n{}",
         hybrid.stderr
+    );
+}
+
+const RX_COUNT: u64 = VARS + 0x20;
+
+/// A kernel whose only interrupt is the UART's (no timer): user code spins reading the
+/// kernel's count of received bytes until it reaches 3, then exits through SYSCALL.
+fn rx_kernel() -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    (|| -> Result<(), IcedError> {
+        let a = &mut a;
+        let mut rx_handler = a.create_label();
+        let mut syscall_entry = a.create_label();
+        let mut user = a.create_label();
+        install_exception_handlers(a, &lib)?;
+        set_idt_gate(a, 0x24, rx_handler)?;
+        cpu_init(a, syscall_entry)?;
+        a.mov(rdi, RX_COUNT)?;
+        a.mov(qword_ptr(rdi), 0)?;
+        for (port, v) in [
+            (0x20u32, 0x11u32),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0xef), // only IRQ4, the UART
+            (0xa1, 0xff),
+        ] {
+            a.mov(al, v)?;
+            a.out(port, al)?;
+        }
+        // UART: OUT2 (the IRQ line's gate on PCs), received-data interrupt on.
+        a.mov(dx, COM1 + 4)?;
+        a.mov(al, 0x0b)?;
+        a.out(dx, al)?;
+        a.mov(dx, COM1 + 1)?;
+        a.mov(al, 1)?;
+        a.out(dx, al)?;
+        lib.print(a, "SPINNING\n")?;
+        enter_user(a, user)?;
+
+        // UART interrupt: drain the receiver, count the bytes, EOI.
+        a.set_label(&mut rx_handler)?;
+        a.push(rax)?;
+        a.push(rdx)?;
+        a.push(rdi)?;
+        let mut more = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut more)?;
+        a.mov(dx, COM1 + 5)?;
+        a.in_(al, dx)?;
+        a.test(al, 1)?;
+        a.jz(done)?;
+        a.mov(dx, COM1)?;
+        a.in_(al, dx)?;
+        a.mov(rdi, RX_COUNT)?;
+        a.inc(qword_ptr(rdi))?;
+        a.jmp(more)?;
+        a.set_label(&mut done)?;
+        a.mov(al, 0x20)?;
+        a.out(0x20, al)?;
+        a.pop(rdi)?;
+        a.pop(rdx)?;
+        a.pop(rax)?;
+        a.iretq()?;
+
+        // SYSCALL: print RDI and exit.
+        a.set_label(&mut syscall_entry)?;
+        lib.print(a, "RX ")?;
+        a.mov(rax, rdi)?;
+        a.call(lib.puthex)?;
+        lib.print(a, "\nDONE\n")?;
+        debug_exit(a, 0x21)?;
+
+        // User code: spin until three bytes arrived.
+        a.set_label(&mut user)?;
+        a.nop()?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.mov(rax, qword_ptr(RX_COUNT))?;
+        a.cmp(rax, 3)?;
+        a.jb(spin)?;
+        a.mov(rdi, rax)?;
+        a.syscall()
+    })()
+    .unwrap();
+    lib.emit(&mut a).unwrap();
+    linux64_elf(&a.assemble(LOAD).unwrap())
+}
+
+/// An interrupt raised by another thread (the console's input pump) while user code runs
+/// natively gets the vCPU out of KVM_RUN through the irqchip's notifier, and user code
+/// sees what the kernel's handler did.
+#[test]
+fn an_interrupt_from_another_thread_reaches_natively_running_user_code() {
+    use std::io::Write;
+    require_kvm();
+    let dir = TempDir::new("hybrid-rx");
+    let k = dir.file("kernel.elf", &rx_kernel());
+    let child = vessel()
+        .args([
+            "run", "--accel", "hybrid", "--memory", "64M", "--serial", "stdio",
+        ])
+        .arg("--kernel")
+        .arg(&k)
+        .env("VESSEL_LOG", "emu::hybrid=info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let mut g = Guarded(child);
+    let mut stdin = g.0.stdin.take().unwrap();
+    let out = g.0.stdout.take().unwrap();
+    let mut err = g.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut lines = Vec::new();
+    let wait_for = |want: &str, lines: &mut Vec<String>| {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                let done = l.trim_end() == want;
+                lines.push(l);
+                if done {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    assert!(wait_for("SPINNING", &mut lines), "no SPINNING: {lines:?}");
+    // Let user code settle on the KVM vCPU, then type.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    stdin.write_all(b"abc").unwrap();
+    stdin.flush().unwrap();
+    let done = wait_for("DONE", &mut lines);
+    let latency = sent.elapsed();
+    let _ = g.0.wait();
+    let stderr = t_err.join().unwrap();
+    assert!(done, "no DONE: {lines:?}\nstderr:\n{stderr}");
+    assert!(
+        lines.iter().any(|l| l.trim_end() == "RX 0000000000000003"),
+        "{lines:?}"
+    );
+    let kicks = stat(&stderr, "kicks").unwrap_or(0.0);
+    let stints = stat(&stderr, "stints").unwrap_or(0.0);
+    eprintln!("input to DONE in {latency:?}; stints {stints}, kicks {kicks}");
+    assert!(stints >= 1.0, "user code never ran natively:\n{stderr}");
+    assert!(
+        kicks >= 1.0,
+        "the UART interrupt did not kick the vCPU out of KVM_RUN:\n{stderr}"
     );
 }
