@@ -403,9 +403,20 @@ impl HybridVcpu {
         }
     }
 
-    /// Whether enough user-only slices ran in a row to try a native stint.
-    pub fn ready(&self) -> bool {
-        self.streak >= self.need
+    /// Whether enough user-only slices ran in a row to try a native stint. When the entry
+    /// has to replace the memslots first (x86emu flushed its TLB), that costs ~0.1-6 ms
+    /// here: ask for a stretch of user code about as long as the refresh (one probe slice
+    /// is ~70 µs of emulation) before paying it.
+    pub fn ready(&self, cpu: &Cpu) -> bool {
+        let need = if self.flushes_seen.is_some_and(|f| f != cpu.tlb_flushes()) {
+            let mean_us = (self.stats.refresh.as_micros() as u64)
+                .checked_div(self.stats.slot_refreshes)
+                .unwrap_or(0);
+            self.need.max(((mean_us / 70) as u32).clamp(1, MAX_NEED))
+        } else {
+            self.need
+        };
+        self.streak >= need
     }
 
     fn ensure_vcpu(&mut self) -> Result<(), HybridError> {

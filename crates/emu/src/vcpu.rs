@@ -216,7 +216,8 @@ impl Vcpu for EmuVcpu {
             .as_ref()
             .is_some_and(|h| self.profile.is_none() && h.eligible(&self.cpu));
         if eligible && !vm.chip.event_hint(self.id) {
-            if let Some(h) = self.hybrid.as_mut().filter(|h| h.ready()) {
+            let cpu = &self.cpu;
+            if let Some(h) = self.hybrid.as_mut().filter(|h| h.ready(cpu)) {
                 let id = self.id;
                 let chip = &vm.chip;
                 let clock = &vm.clock;
