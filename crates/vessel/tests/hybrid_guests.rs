@@ -344,6 +344,9 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     // SSE state that must survive every switch.
     a.mov(rax, 0x1234_5678_9abc_def0u64)?;
     a.movq(xmm6, rax)?;
+    // And AVX state: ymm5's upper half, set on x86emu, read back after native stints.
+    a.vpcmpeqd(xmm5, xmm5, xmm5)?;
+    a.vinsertf128(ymm5, ymm5, xmm6, 1)?;
     syscall(a, SYS_TICKS)?;
     a.mov(r15, rax)?;
     // The long loop, between two markers the test times.
@@ -383,6 +386,9 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     a.mov(rdi, rax)?;
     syscall(a, SYS_PRINT_TICKS)?;
     a.movq(rax, xmm6)?;
+    report_rax(a)?;
+    a.vextractf128(xmm4, ymm5, 1)?;
+    a.movq(rax, xmm4)?;
     report_rax(a)?;
     // Many short system calls.
     a.xor(r14d, r14d)?;
@@ -601,6 +607,7 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
         "R 0000000000000007".to_string(), // XCR0 as the guest kernel set it
         format!("R {sum:016x}"),
         "R 123456789abcdef0".to_string(), // xmm6 survived
+        "R 123456789abcdef0".to_string(), // ymm5's upper half survived
         format!("R {:016x}", 2000),
         format!("R {pages:016x}"),
         "R 0000000000000008".to_string(), // 8 page faults
