@@ -291,6 +291,8 @@ pub enum StintEnd {
     Kernel,
     /// An interrupt or timer is due, or the VMM kicked the thread.
     Kicked,
+    /// A timer is due too soon for a stint: nothing ran, x86emu goes on.
+    NotEntered,
 }
 
 /// Counters, logged when the vCPU goes away.
@@ -599,6 +601,10 @@ impl HybridVcpu {
         next_deadline: &dyn Fn() -> Option<Duration>,
         pending: &dyn Fn() -> bool,
     ) -> Result<StintEnd, HybridError> {
+        if next_deadline().is_some_and(|d| d < MIN_STINT) {
+            // A timer is due before a stint could pay for its switch.
+            return Ok(StintEnd::NotEntered);
+        }
         let r = self.run_inner(cpu, platform, next_deadline, pending);
         if r.is_err() {
             self.disabled = true;
@@ -755,7 +761,7 @@ impl HybridVcpu {
                     1
                 };
             }
-            StintEnd::Kicked => {
+            StintEnd::Kicked | StintEnd::NotEntered => {
                 self.stats.kicked_exits += 1;
                 self.need = 1;
             }

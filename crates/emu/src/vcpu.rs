@@ -230,6 +230,7 @@ impl Vcpu for EmuVcpu {
                     Ok(StintEnd::Kernel) | Ok(StintEnd::Kicked) => {
                         return Ok(VcpuExit::Interrupted)
                     }
+                    Ok(StintEnd::NotEntered) => {}
                     Err(e) => {
                         tracing::warn!(vcpu = id, "hybrid: staying on x86emu: {e}");
                     }
