@@ -53,6 +53,20 @@ impl CodeTracker {
         }
     }
 
+    /// Something other than a CPU (a device's DMA, the VMM) wrote guest-physical
+    /// `gpa..gpa + len`: every CPU checks its blocks from there again before running them
+    /// (at its next block boundary), as for another CPU's store.
+    pub fn note_external_write(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = (gpa >> 12) as usize;
+        let last = (gpa.saturating_add(len - 1) >> 12) as usize;
+        for pfn in first..=last.min(self.pages.len().saturating_sub(1)) {
+            self.note_write(pfn);
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)

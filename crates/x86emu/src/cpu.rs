@@ -68,7 +68,8 @@ const CROSSING_SLOTS: usize = 256;
 pub(crate) struct Crossing {
     ip: u64,
     bitness: u32,
-    bytes: [u8; 15],
+    /// The 15 bytes it may span, and a zero.
+    bytes: [u8; 16],
     insn: Insn,
 }
 
@@ -122,6 +123,8 @@ pub struct Core {
     pub(crate) hostexec: crate::exec::hostexec::HostExec,
     /// Decoded page-crossing instructions (see `fetch_slow`).
     pub(crate) crossing: Box<[Option<Crossing>]>,
+    /// See `Cpu::set_recheck_each_run`.
+    recheck_each_run: bool,
 }
 
 impl Cpu {
@@ -153,6 +156,15 @@ impl Cpu {
             self.code_writes_seen = self.code.writes();
             self.code_epoch += 1;
         }
+    }
+
+    /// Whether every `run`, and every device access, checks cached blocks against memory
+    /// again (the default), in case something else wrote code meanwhile. A VMM whose
+    /// devices report their writes to guest RAM through `CodeTracker::note_external_write`
+    /// turns this off: blocks are then checked again only after writes to pages holding
+    /// code.
+    pub fn set_recheck_each_run(&mut self, on: bool) {
+        self.recheck_each_run = on;
     }
 
     /// Blocks compiled to host code so far.
@@ -191,6 +203,7 @@ impl Core {
             kick: None,
             hostexec: Default::default(),
             crossing: vec![None; CROSSING_SLOTS].into_boxed_slice(),
+            recheck_each_run: true,
         }
     }
 
@@ -308,12 +321,41 @@ impl Core {
         }
     }
 
-    /// Whether the crossing-instruction cache holds an instruction at `ip` whose bytes in
-    /// its first page are `first`.
-    fn known_crossing(&self, ip: u64, bitness: u32, first: &[u8]) -> bool {
+    /// The cached decoding of the page-crossing instruction at `ip` (linear `lin`) whose
+    /// bytes in its first page are `first`, if its bytes in the next page are unchanged
+    /// too; None sends the caller the slow way (which also raises any fault).
+    fn crossing_hit(
+        &mut self,
+        lin: u64,
+        ip: u64,
+        bitness: u32,
+        user: bool,
+        first: &[u8],
+    ) -> Option<Insn> {
         let slot = ((ip ^ (ip >> 12)) as usize) % CROSSING_SLOTS;
-        matches!(self.crossing.get(slot), Some(Some(c))
-            if c.ip == ip && c.bitness == bitness && c.bytes.get(..first.len()) == Some(first))
+        let c = self.crossing.get(slot)?.as_ref()?;
+        let n1 = first.len();
+        if c.ip != ip || c.bitness != bitness || n1 >= 15 {
+            return None;
+        }
+        let (want, insn) = (c.bytes, c.insn);
+        let t = self
+            .translate(
+                self.wrap_lin(lin.wrapping_add(n1 as u64)),
+                Access::Fetch,
+                user,
+            )
+            .ok()?;
+        if t.host.is_null() {
+            return None;
+        }
+        let mut buf = [0u8; 16];
+        buf[..n1].copy_from_slice(first);
+        // SAFETY: `t.host` is a valid 4 KiB RAM page and 15 - n1 < 4096 bytes are read
+        // from its start.
+        let rest = unsafe { std::slice::from_raw_parts(t.host, 15 - n1) };
+        buf[n1..15].copy_from_slice(rest);
+        (u128::from_le_bytes(buf) == u128::from_le_bytes(want)).then_some(insn)
     }
 
     /// Page-crossing or MMIO-resident code. `crossing`: the caller found that the
@@ -352,8 +394,10 @@ impl Core {
         // them over and over: keep them decoded here, keyed by their bytes (so code that
         // changed is decoded again).
         let slot = ((ip ^ (ip >> 12)) as usize) % CROSSING_SLOTS;
+        let mut bytes = [0u8; 16];
+        bytes[..15].copy_from_slice(&buf);
         if let Some(Some(c)) = self.crossing.get(slot) {
-            if c.ip == ip && c.bitness == bitness && c.bytes == buf {
+            if c.ip == ip && c.bitness == bitness && c.bytes == bytes {
                 return Ok(c.insn);
             }
         }
@@ -363,7 +407,7 @@ impl Core {
             *e = Some(Crossing {
                 ip,
                 bitness,
-                bytes: buf,
+                bytes,
                 insn,
             });
         }
@@ -511,8 +555,11 @@ impl Cpu {
     /// Runs until an exit condition or until about `max_instructions` have been executed
     /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
-        // Other vCPUs, devices and the VMM may have written code since the last run.
-        self.code_epoch += 1;
+        // Devices and the VMM may have written code since the last run (unless they
+        // report their writes; other vCPUs' are seen through the code tracker).
+        if self.recheck_each_run {
+            self.code_epoch += 1;
+        }
         let model = self.core.hostexec_isa();
         self.blocks.set_jit_model(model);
         let mut done = 0u64;
@@ -548,8 +595,11 @@ impl Cpu {
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
             if self.io_done {
-                // The device may have written guest memory, code included.
-                self.code_epoch += 1;
+                // The device may have written guest memory, code included (unless devices
+                // report their writes: see `set_recheck_each_run`).
+                if self.recheck_each_run {
+                    self.code_epoch += 1;
+                }
                 if platform.stop_requested() {
                     return RunExit::StopRequested;
                 }
@@ -737,13 +787,15 @@ impl Cpu {
             // SAFETY: `t.host` is a valid 4 KiB RAM page and off < 4096; the slice lives only
             // for this function, while no other Rust reference to guest RAM exists.
             let avail: &[u8] = unsafe { std::slice::from_raw_parts(t.host.add(off), 4096 - off) };
-            // A known page-crossing instruction: straight to its cache, without first
+            // A known page-crossing instruction: straight from its cache, without first
             // failing to decode it from this page.
-            let known = avail.len() < 15 && self.core.known_crossing(ip, bitness, avail);
-            if !known {
-                if let Some(ins) = decode(bitness, ip, avail) {
-                    return Ok(Insn::new(ins));
+            if avail.len() < 15 {
+                if let Some(insn) = self.core.crossing_hit(lin, ip, bitness, user, avail) {
+                    return Ok(insn);
                 }
+            }
+            if let Some(ins) = decode(bitness, ip, avail) {
+                return Ok(Insn::new(ins));
             }
         }
         let crossing = !t.host.is_null();

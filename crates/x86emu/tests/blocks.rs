@@ -1112,3 +1112,34 @@ fn compiled_user_code_sees_the_privilege_of_warm_tlb_entries() {
         assert_eq!(i[0], 7 * 300);
     }
 }
+
+/// With `set_recheck_each_run(false)`, code another agent (a device's DMA) writes between
+/// runs is seen once the write is reported to the code tracker, compiled or not.
+#[test]
+fn reported_external_code_writes_are_seen_without_rechecking_each_run() {
+    let code = |n: i32| {
+        asm(64, CODE, |a| {
+            let mut top = a.create_label();
+            a.mov(rcx, 100u64).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rax, n).unwrap();
+            a.dec(rcx).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        })
+    };
+    for jit in [None, Some(0)] {
+        let mut g = guest_with(&code(1), &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        g.cpu.set_recheck_each_run(false);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        assert_eq!(g.cpu.state().gpr[0], 100);
+        g.load(CODE, &code(3));
+        g.cpu.code_tracker().note_external_write(CODE + 4, 8);
+        let mut s = g.cpu.state().clone();
+        s.rip = CODE;
+        g.cpu.set_state(s);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        assert_eq!(g.cpu.state().gpr[0], 400, "jit {jit:?}: the new code ran");
+    }
+}
