@@ -67,7 +67,8 @@ impl Hypervisor for EmuHypervisor {
         let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, clock.tsc_hz());
         Ok(Arc::new(EmuVm {
             shared: Arc::new(VmShared { chip, clock }),
-            code: Mutex::new(None),
+            code: Arc::new(Mutex::new(None)),
+            writes_reported: Default::default(),
             regions: Mutex::new(Vec::new()),
             kvm,
         }))
@@ -103,7 +104,10 @@ struct EmuVm {
     regions: Mutex<Vec<Region>>,
     /// The vCPUs' shared record of code pages (the first vCPU's), so code one writes is
     /// checked again by the others.
-    code: Mutex<Option<Arc<CodeTracker>>>,
+    code: Arc<Mutex<Option<Arc<CodeTracker>>>>,
+    /// The VMM reports device writes to RAM (see `ram_write_observer`), so vCPUs need not
+    /// check their cached code against memory on every slice.
+    writes_reported: std::sync::atomic::AtomicBool,
     /// The KVM VM user code runs in (hybrid mode).
     kvm: Option<Arc<hybrid::HybridVm>>,
 }
@@ -164,8 +168,28 @@ impl Vm for EmuVm {
         Ok(())
     }
 
+    fn ram_write_observer(&self) -> Option<Arc<dyn Fn(u64, u64) + Send + Sync>> {
+        self.writes_reported
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let code = self.code.clone();
+        Some(Arc::new(move |gpa, len| {
+            let t = code.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = &*t {
+                t.note_external_write(gpa, len);
+            }
+        }))
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
+        // In hybrid mode user code also writes RAM natively, unseen: keep checking then.
+        if self.kvm.is_none()
+            && self
+                .writes_reported
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            cpu.set_recheck_each_run(false);
+        }
         cpu.set_tsc_epoch(self.shared.clock.epoch());
         if self.shared.clock.host_tsc() {
             cpu.set_tsc_host(true);

@@ -129,6 +129,12 @@ pub trait Vm: Send + Sync {
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// The interrupt controllers of this VM.
     fn irq_chip(&self) -> Arc<dyn IrqChip>;
+    /// Where the VMM reports writes its devices make to guest RAM (guest-physical
+    /// address, length), for an accelerator that caches what guest memory holds (emu's
+    /// decoded code); None when nothing needs to hear of them. Ask before creating vCPUs.
+    fn ram_write_observer(&self) -> Option<Arc<dyn Fn(u64, u64) + Send + Sync>> {
+        None
+    }
 }
 
 /// One virtual CPU, driven from its own thread.

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod ram_watch;
 pub mod rng;
 pub mod tap;
 pub mod vsock;

@@ -105,6 +105,8 @@ pub fn scatter(
         let n = (d.len() as usize).min(data.len());
         mem.write_slice(&data[..n], d.addr())
             .map_err(|_| crate::DeviceError::GuestMemory(d.addr().0))?;
+        // Before the used ring publishes it: a guest that sees the data may run it.
+        crate::ram_watch::wrote(d.addr().0, n as u64);
         data = &data[n..];
     }
     Ok(())

@@ -195,6 +195,9 @@ pub struct Vmm {
     /// Devices that run on I/O threads of their own (block, net).
     io_threads: Vec<virtio::mmio::IoThread>,
     vcpus: Vec<Box<dyn Vcpu>>,
+    /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
+    /// registry in `virtio::ram_watch` holds it weakly).
+    _ram_watch: Option<Arc<virtio::ram_watch::Observer>>,
     // Kept alive for as long as the VM: the vCPUs refer to its memory slots.
     _memory: GuestMemoryMmap,
     _vm: Arc<dyn hypervisor::Vm>,
@@ -242,6 +245,13 @@ impl Vmm {
             unsafe {
                 vm.add_memory_region(slot as u32, region.start_addr().0, host, region.len())?
             };
+        }
+
+        // Before any vCPU exists: the accelerator decides from it how vCPUs see device
+        // writes.
+        let ram_watch = vm.ram_write_observer();
+        if let Some(o) = &ram_watch {
+            virtio::ram_watch::watch(o);
         }
 
         // Virtio devices are opened first: the ACPI tables describe them.
@@ -376,6 +386,7 @@ impl Vmm {
             rx_pumps,
             io_threads,
             vcpus,
+            _ram_watch: ram_watch,
             _memory: memory,
             _vm: vm,
         })
