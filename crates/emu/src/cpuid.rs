@@ -66,6 +66,56 @@ pub fn supported() -> Vec<CpuIdEntry> {
     out
 }
 
+/// What the hybrid accelerator cannot offer, removed from `entries`:
+/// - the TSC-deadline timer (the LAPIC counts the guest TSC from 0 at VM start; in hybrid
+///   mode the TSC is the host's, so the guest uses the LAPIC's own timer);
+/// - XSAVE and everything that needs XCR0 (AVX, AVX2, FMA, F16C, AVX-512, leaf 0xD): user
+///   code on a PVM host runs with the host's XCR0 whatever the guest set, so XSAVE areas
+///   sized from the guest's CPUID are overrun natively, and an XSAVEC done natively is
+///   refused by x86emu's XRSTOR (Debian's ld.so died of it). Without XSAVE the guest saves
+///   state with FXSAVE, which both engines agree on.
+pub fn restrict_for_hybrid(entries: &mut Vec<CpuIdEntry>) {
+    const ECX1_FMA: u32 = 1 << 12;
+    const ECX1_XSAVE: u32 = 1 << 26;
+    const ECX1_OSXSAVE: u32 = 1 << 27;
+    const ECX1_AVX: u32 = 1 << 28;
+    const ECX1_F16C: u32 = 1 << 29;
+    // Leaf 7 EBX: AVX2, AVX512F/DQ/IFMA/PF/ER/CD/BW/VL; ECX: AVX512_VBMI, VBMI2, VAES,
+    // VPCLMULQDQ, VNNI, BITALG, VPOPCNTDQ; EDX: AVX512_4VNNIW/4FMAPS, VP2INTERSECT, FP16.
+    const EBX7_XCR0: u32 = (1 << 5)
+        | (1 << 16)
+        | (1 << 17)
+        | (1 << 21)
+        | (1 << 26)
+        | (1 << 27)
+        | (1 << 28)
+        | (1 << 30)
+        | (1 << 31);
+    const ECX7_XCR0: u32 =
+        (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
+    const EDX7_XCR0: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (1 << 23);
+    entries.retain(|e| e.function != 0xd);
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (1, _) => {
+                e.ecx &= !(ECX_TSC_DEADLINE
+                    | ECX1_FMA
+                    | ECX1_XSAVE
+                    | ECX1_OSXSAVE
+                    | ECX1_AVX
+                    | ECX1_F16C)
+            }
+            (7, 0) => {
+                e.ebx &= !EBX7_XCR0;
+                e.ecx &= !ECX7_XCR0;
+                e.edx &= !EDX7_XCR0;
+            }
+            (7, 1) => e.eax = 0,
+            _ => {}
+        }
+    }
+}
+
 /// Install `entries` as the CPU's CPUID: exactly these leaves, nothing left from before
 /// (a model that drops a leaf must not see the default's).
 pub fn install(table: &mut CpuidTable, entries: &[CpuIdEntry]) {
@@ -90,6 +140,22 @@ pub fn install(table: &mut CpuidTable, entries: &[CpuIdEntry]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hybrid_offers_nothing_that_needs_xcr0() {
+        let mut c = supported();
+        restrict_for_hybrid(&mut c);
+        let leaf = |f: u32, i: u32| c.iter().find(|e| e.function == f && e.index == i);
+        let l1 = leaf(1, 0).expect("leaf 1");
+        assert_eq!(l1.ecx & ((1 << 26) | (1 << 27) | (1 << 28)), 0, "XSAVE/AVX");
+        assert_eq!(l1.ecx & ECX_TSC_DEADLINE, 0);
+        assert!(leaf(0xd, 0).is_none());
+        if let Some(l7) = leaf(7, 0) {
+            assert_eq!(l7.ebx & (1 << 5), 0, "AVX2");
+        }
+        // SSE2 stays.
+        assert_ne!(l1.edx & (1 << 26), 0);
+    }
 
     #[test]
     fn advertises_kvmclock_and_only_implemented_basics() {

@@ -46,11 +46,14 @@ const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_VM: u64 = 1 << 17;
 const CR4_FSGSBASE: u64 = 1 << 16;
-const CR4_OSXSAVE: u64 = 1 << 18;
-/// The XCR0 components the KVM vCPU may be given: x87, SSE, AVX (what x86emu has).
-const XCR0_KVM_MASK: u64 = 7;
+/// CR4 features the KVM vCPU does not reproduce (RDTSC faulting, 5-level paging,
+/// protection keys, CET): a vCPU with any of them stays on x86emu.
+const CR4_NOT_CARRIED: u64 = (1 << 2) | (1 << 12) | (1 << 22) | (1 << 23);
+
 /// The CR4 bits the KVM vCPU gets: what matters to user code and that KVM accepts with
-/// its supported CPUID (no OSXSAVE: the host's XCR0 is in force at CPL3 anyway; no PCIDE).
+/// its supported CPUID (no OSXSAVE, no PCIDE). User code on PVM runs with the host's XCR0
+/// whatever KVM_SET_XCRS says (measured: XGETBV returns 0xe7 on a guest XCR0 of 7), so the
+/// hybrid CPUID offers no XSAVE at all (see `cpuid::restrict_for_hybrid`).
 const CR4_KVM_MASK: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10) | CR4_FSGSBASE;
 
 /// Longest native stint before the thread comes back to serve the VMM (the timer's
@@ -325,11 +328,6 @@ pub struct HybridVcpu {
     /// The FPU state KVM holds (what was last loaded or read back).
     last_fpu: Option<x86emu::FpuState>,
     xstate_avx: bool,
-    /// KVM took a CPUID with XSAVE, so the vCPU gets CR4.OSXSAVE and the guest's XCR0
-    /// (else user code natively sees the host's XCR0: larger XSAVE areas than the guest's
-    /// CPUID describes).
-    xsave: bool,
-    xcr0: Option<u64>,
     tsc_aux: Option<u64>,
     flushes_seen: Option<u64>,
     /// User-only probe slices seen in a row, and how many are needed before a stint.
@@ -353,8 +351,6 @@ impl HybridVcpu {
             last_sregs: None,
             last_fpu: None,
             xstate_avx: true,
-            xsave: false,
-            xcr0: None,
             tsc_aux: None,
             flushes_seen: None,
             streak: 0,
@@ -385,6 +381,7 @@ impl HybridVcpu {
             && cs.attr & x86emu::Segment::ATTR_L != 0
             && s.rflags & (RFLAGS_TF | RFLAGS_VM) == 0
             && s.dr[7] & 0xff == 0
+            && s.cr4 & CR4_NOT_CARRIED == 0
             && cpu.interrupts_enabled()
     }
 
@@ -430,13 +427,8 @@ impl HybridVcpu {
             .vm
             .create_vcpu(u64::from(self.id))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        // KVM's supported CPUID here has no XSAVE; offer it anyway (with the host's leaf
-        // 0xD for x87/SSE/AVX) so the vCPU can run with the guest's XCR0.
-        self.xsave = fd.set_cpuid2(&cpuid_with_xsave(&self.vm.cpuid)).is_ok();
-        if !self.xsave {
-            fd.set_cpuid2(&self.vm.cpuid)
-                .map_err(ioctl("KVM_SET_CPUID2"))?;
-        }
+        fd.set_cpuid2(&self.vm.cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
         let set_msr = |fd: &VcpuFd, index: u32, data: u64| -> bool {
             Msrs::from_entries(&[kvm_msr_entry {
                 index,
@@ -523,8 +515,7 @@ impl HybridVcpu {
         k.gdt.limit = 0;
         k.cr0 = s.cr0;
         k.cr3 = s.cr3 & 0x000f_ffff_ffff_f000;
-        let osxsave = if self.xsave { CR4_OSXSAVE } else { 0 };
-        k.cr4 = s.cr4 & (CR4_KVM_MASK | osxsave);
+        k.cr4 = s.cr4 & CR4_KVM_MASK;
         k.efer = s.efer;
         k
     }
@@ -544,8 +535,7 @@ impl HybridVcpu {
             }
         }
         let fd = self.fd.as_ref().ok_or_else(no_vcpu)?;
-        let avx = self.xstate_avx && (!self.xsave || self.xcr0.is_none_or(|x| x & 4 != 0));
-        xs.region[128] = if avx { 7 } else { 3 };
+        xs.region[128] = if self.xstate_avx { 7 } else { 3 };
         // SAFETY: `xs` is a whole 4 KiB kvm_xsave, as the legacy ioctl expects.
         if unsafe { fd.set_xsave(&xs) }.is_err() && self.xstate_avx {
             // A host whose KVM refuses AVX state: carry x87/SSE only.
@@ -663,17 +653,6 @@ impl HybridVcpu {
             if self.last_sregs != Some(sregs) {
                 fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
                 self.last_sregs = Some(sregs);
-            }
-            let xcr0 = (s.xcr0 & XCR0_KVM_MASK) | 1;
-            if self.xsave && sregs.cr4 & CR4_OSXSAVE != 0 && self.xcr0 != Some(xcr0) {
-                let mut x = kvm_bindings::kvm_xcrs {
-                    nr_xcrs: 1,
-                    ..Default::default()
-                };
-                x.xcrs[0].xcr = 0;
-                x.xcrs[0].value = xcr0;
-                fd.set_xcrs(&x).map_err(ioctl("KVM_SET_XCRS"))?;
-                self.xcr0 = Some(xcr0);
             }
             if self.tsc_aux != Some(tsc_aux) {
                 let m = Msrs::from_entries(&[kvm_msr_entry {
@@ -886,41 +865,6 @@ fn read_user(cpu: &Cpu, va: u64, n: usize) -> Option<Vec<u8>> {
         ram.read(gpa?, std::slice::from_mut(b)).then_some(())?;
     }
     Some(out)
-}
-
-/// `supported` with XSAVE and AVX in leaf 1 and the host's leaf 0xD sub-leaves 0-2 limited
-/// to x87/SSE/AVX.
-fn cpuid_with_xsave(supported: &kvm_bindings::CpuId) -> kvm_bindings::CpuId {
-    use std::arch::x86_64::__cpuid_count;
-    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = supported
-        .as_slice()
-        .iter()
-        .filter(|e| e.function != 0xd)
-        .copied()
-        .collect();
-    for e in entries.iter_mut().filter(|e| e.function == 1) {
-        e.ecx |= (1 << 26) | (1 << 28);
-    }
-    for sub in 0..3u32 {
-        // CPUID leaf 0xD exists on every XSAVE-capable host.
-        let h = __cpuid_count(0xd, sub);
-        let (eax, edx) = match sub {
-            0 => (h.eax & XCR0_KVM_MASK as u32, 0),
-            1 => (h.eax & 1, 0), // XSAVEOPT only
-            _ => (h.eax, h.edx),
-        };
-        entries.push(kvm_bindings::kvm_cpuid_entry2 {
-            function: 0xd,
-            index: sub,
-            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
-            eax,
-            ebx: if sub == 0 { 832 } else { h.ebx },
-            ecx: if sub == 0 { 832 } else { h.ecx },
-            edx,
-            ..Default::default()
-        });
-    }
-    kvm_bindings::CpuId::from_entries(&entries).unwrap_or_else(|_| supported.clone())
 }
 
 fn no_vcpu() -> HybridError {

@@ -77,11 +77,7 @@ impl Hypervisor for EmuHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
         let mut c = cpuid::supported();
         if self.hybrid {
-            // The LAPIC's TSC-deadline timer counts the guest TSC from 0 at VM start; in
-            // hybrid mode the TSC is the host's, so the guest uses the LAPIC's own timer.
-            for e in c.iter_mut().filter(|e| e.function == 1) {
-                e.ecx &= !cpuid::ECX_TSC_DEADLINE;
-            }
+            cpuid::restrict_for_hybrid(&mut c);
         }
         Ok(c)
     }
