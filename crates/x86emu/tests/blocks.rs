@@ -1143,3 +1143,83 @@ fn reported_external_code_writes_are_seen_without_rechecking_each_run() {
         assert_eq!(g.cpu.state().gpr[0], 400, "jit {jit:?}: the new code ran");
     }
 }
+
+/// Bit-string instructions at register offsets (either sign, 64- and 32-bit, LOCKed),
+/// CMPXCHG16B (aligned; misaligned is #GP) and prefetches in compiled code against the
+/// interpreter.
+#[test]
+fn compiled_bit_strings_cmpxchg16b_and_prefetches_match_the_interpreter() {
+    const HANDLER: u64 = CODE + 0xc00;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(r12, 200u64).unwrap();
+        a.lea(rdi, qword_ptr(r15 + 0x100)).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.prefetcht0(byte_ptr(rdi + 64)).unwrap();
+        a.prefetchw(byte_ptr(rdi)).unwrap();
+        a.mov(rsi, r12).unwrap();
+        a.imul_3(rsi, rsi, 37).unwrap();
+        a.and(rsi, 383).unwrap();
+        a.sub(rsi, 128).unwrap();
+        a.bt(qword_ptr(rdi), rsi).unwrap();
+        a.adc(r8, 0).unwrap();
+        a.lock().bts(qword_ptr(rdi), rsi).unwrap();
+        a.adc(r8, 0).unwrap();
+        a.btc(dword_ptr(rdi + 8), esi).unwrap();
+        a.adc(r9, 0).unwrap();
+        a.btr(qword_ptr(rdi + 16), rsi).unwrap();
+        a.adc(r9, 0).unwrap();
+        a.mov(rax, qword_ptr(r15 + 0x1c0)).unwrap();
+        a.mov(rdx, qword_ptr(r15 + 0x1c8)).unwrap();
+        a.mov(rbx, r12).unwrap();
+        a.mov(rcx, r8).unwrap();
+        a.test(r12, 1).unwrap();
+        a.jz(skip).unwrap();
+        a.not(rax).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.lock().cmpxchg16b(xmmword_ptr(r15 + 0x1c0)).unwrap();
+        a.setz(r11b).unwrap();
+        a.movzx(r11d, r11b).unwrap();
+        a.add(r10, r11).unwrap();
+        a.dec(r12).unwrap();
+        a.jnz(top).unwrap();
+        // RBX picks the end: 0 halt, else a misaligned CMPXCHG16B (#GP).
+        a.test(r13, r13).unwrap();
+        let mut done = a.create_label();
+        a.jz(done).unwrap();
+        a.cmpxchg16b(xmmword_ptr(r15 + 0x1c8)).unwrap();
+        a.set_label(&mut done).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit, misalign: u64| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.set_gate(13, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r14, qword_ptr(rsp + 8)).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.gpr[13] = misalign;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut mem = [0u8; 512];
+        assert!(g.cpu.ram().read(DATA, &mut mem));
+        (g.cpu.state().gpr, mem.to_vec(), g.cpu.compiled_blocks())
+    };
+    for misalign in [0, 1] {
+        let (ig, imem, _) = run(None, misalign);
+        let (cg, cmem, blocks) = run(Some(0), misalign);
+        assert!(blocks >= 2);
+        assert_eq!(cg, ig, "misalign {misalign}");
+        assert_eq!(cmem, imem, "memory, misalign {misalign}");
+        assert_ne!(ig[10], 0, "some CMPXCHG16B succeeded");
+        if misalign != 0 {
+            assert_ne!(ig[14], 0, "#GP");
+        }
+    }
+}

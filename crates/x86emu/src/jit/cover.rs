@@ -87,6 +87,9 @@ pub(super) enum Kind {
     IndCall,
     /// Unsigned DIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE.
     Div,
+    /// BT/BTS/BTR/BTC of a memory bit string at a register offset: the address moves by
+    /// the offset's high bits, the host instruction gets the low ones.
+    BitMem,
     /// An SSE/AVX instruction that runs as itself on host XMM/YMM registers.
     Vector(JitVector),
     /// VZEROUPPER.
@@ -181,6 +184,7 @@ fn runs_natively(ins: &Instruction, model: u64) -> bool {
                 | M::Bsf
                 | M::Bsr
                 | M::Cmpxchg
+                | M::Cmpxchg16b
                 | M::Xadd
         )
 }
@@ -223,6 +227,7 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
                     | M::Btr
                     | M::Bts
                     | M::Cmpxchg
+                    | M::Cmpxchg16b
                     | M::Dec
                     | M::Inc
                     | M::Neg
@@ -259,8 +264,34 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         _ => {}
     }
     let m = ins.mnemonic();
-    if m == M::Nop {
+    // Prefetches are hints: no access, no fault.
+    if matches!(
+        m,
+        M::Nop
+            | M::Prefetch
+            | M::Prefetchw
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+    ) {
         return Some(Kind::Nop);
+    }
+    if matches!(
+        ins.code(),
+        Code::Bt_rm64_r64
+            | Code::Bts_rm64_r64
+            | Code::Btr_rm64_r64
+            | Code::Btc_rm64_r64
+            | Code::Bt_rm32_r32
+            | Code::Bts_rm32_r32
+            | Code::Btr_rm32_r32
+            | Code::Btc_rm32_r32
+    ) && ins.op0_kind() == OpKind::Memory
+        && plain_address(ins)
+        && guest_gpr(ins.op1_register())
+    {
+        return Some(Kind::BitMem);
     }
     if !runs_natively(ins, model) && m != M::Lea && m != M::Div {
         return None;
@@ -286,7 +317,10 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
                 }
             }
             OpKind::Memory => {
-                let size_ok = m == M::Lea || (1..=8).contains(&ins.memory_size().size());
+                // CMPXCHG16B's m128 (its alignment is checked in compiled code).
+                let size_ok = m == M::Lea
+                    || (1..=8).contains(&ins.memory_size().size())
+                    || ins.code() == Code::Cmpxchg16b_m128;
                 if !(plain_address(ins) && size_ok) {
                     return None;
                 }

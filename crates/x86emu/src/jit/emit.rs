@@ -148,6 +148,7 @@ pub(super) fn translate(
         match k {
             Kind::Native => e.native(ins, i as u32, regs?, &mut info)?,
             Kind::Vector(v) => e.vector(ins, i as u32, regs?, &v, &mut info)?,
+            Kind::BitMem => e.bit_mem(ins, i as u32, &mut info)?,
             Kind::Vzeroupper => e.vzeroupper(i as u32)?,
             Kind::Lea => e.lea(ins)?,
             Kind::Div => e.div(ins, i as u32, &mut info)?,
@@ -632,6 +633,13 @@ impl Emitter {
             self.address(&m, lin, b, i)?;
             let miss = self.miss_label(idx);
             self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
+            if ins.code() == Code::Cmpxchg16b_m128 {
+                // #GP unless 16-byte aligned: the interpreter's (the host's is SIGSEGV).
+                use iced_x86::code_asm::registers::gpr64::rcx;
+                a!(self.a.mov(rcx, 15u64));
+                a!(self.a.pext(rcx, r64(regs.host_ptr)?, rcx));
+                self.continue_if_rcx_zero(miss)?;
+            }
             out.set_memory_base(regs.host_ptr);
             out.set_memory_index(Register::None);
             out.set_memory_index_scale(1);
@@ -806,6 +814,55 @@ impl Emitter {
                 self.vcached[n] = 2;
             }
         }
+        Some(())
+    }
+
+    /// BT/BTS/BTR/BTC m, r (64- or 32-bit): the operand lies at the address plus the
+    /// offset's signed quotient by the operand width; the host instruction runs on that
+    /// operand with the offset's remainder, LOCK and all.
+    fn bit_mem(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        let mut m = plan_mem(ins, info)?;
+        let wide = ins.op1_register().is_gpr64();
+        m.size = if wide { 8 } else { 4 };
+        let s = self.scratch(&[Register::RCX], 9)?;
+        let (lin, b, i, off, host) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?, *s.get(4)?);
+        let scratch = [*s.get(5)?, *s.get(6)?, *s.get(7)?, *s.get(8)?];
+        self.address(&m, lin, b, i)?;
+        self.load_guest(off, gpr_index(ins.op1_register())?)?;
+        self.clobber(&[off, Register::RCX]);
+        let (l, o) = (r64(lin)?, r64(off)?);
+        let a = &mut self.a;
+        if !wide {
+            a!(a.movsxd(o, gpr32::get_gpr32(sized(off, Register::EAX)?)?));
+        }
+        // lin += (offset >> log2(width)) * width / 8, with the sign.
+        a!(a.mov(rcx, if wide { 6u64 } else { 5u64 }));
+        a!(a.sarx(rcx, o, rcx));
+        if wide {
+            a!(a.lea(l, ptr(l + rcx * 8)));
+        } else {
+            a!(a.lea(l, ptr(l + rcx * 4)));
+        }
+        // The offset within the operand.
+        a!(a.mov(rcx, if wide { 63u64 } else { 31u64 }));
+        a!(a.pext(o, o, rcx));
+        let miss = self.miss_label(idx);
+        self.tlb(&m, lin, host, scratch, miss)?;
+        let mut out = *ins;
+        out.set_memory_base(host);
+        out.set_memory_index(Register::None);
+        out.set_memory_index_scale(1);
+        out.set_memory_displacement64(0);
+        out.set_memory_displ_size(0);
+        out.set_segment_prefix(Register::None);
+        out.set_op1_register(sized(off, ins.op1_register())?);
+        a!(self.a.add_instruction(out));
         Some(())
     }
 
