@@ -15,7 +15,8 @@
 # is reported with its output and left out of the medians.
 #
 # Environment:
-#   REAL_CONFIGS=vessel-emu,qemu-microvm,qemu-q35,native   which columns to run
+#   REAL_CONFIGS=vessel-emu,vessel-hybrid,qemu-microvm,qemu-q35,native   which columns
+#                           to run (vessel-hybrid needs /dev/kvm: --accel hybrid)
 #   REAL_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
 #   REAL_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
 #   REAL_CMDLINE=...        kernel command line for every VM alike
@@ -52,13 +53,13 @@ LOGIN = b"login: root (automatic login)"
 PROMPT = b"root@vessel-debian:~# "
 work = tempfile.mkdtemp(prefix="vessel-real-")
 
-def vessel_argv(binary=vessel):
+def vessel_argv(binary=vessel, accel="emu"):
     ov = f"{work}/overlay.qcow2"
     if os.path.exists(ov):
         os.unlink(ov)
     subprocess.run([vessel, "img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, ov],
                    check=True)
-    argv = [binary, "run", "--accel", "emu", "--memory", f"{MEM}M", "--cpus", "1",
+    argv = [binary, "run", "--accel", accel, "--memory", f"{MEM}M", "--cpus", "1",
             "--serial", "stdio", "--kernel", kbz, "--initrd", initrd, "--cmdline", cmdline,
             "--disk", f"{ov},format=qcow2"]
     return argv + (["--cpu", vcpu] if vcpu else [])
@@ -73,6 +74,8 @@ def qemu_argv(machine):
 
 vms = {
     "vessel-emu": vessel_argv,
+    # Guest kernel on x86emu, guest user code natively on a KVM (PVM) vCPU (issue #21).
+    "vessel-hybrid": lambda: vessel_argv(accel="hybrid"),
     "qemu-microvm": lambda: qemu_argv("microvm"),
     "qemu-q35": lambda: qemu_argv("q35"),
 }
@@ -282,6 +285,8 @@ for name, note in cpu_note.items():
 head = f"{'guest work':<38}" + "".join(f"{c:>14}" for c in columns)
 if "vessel-emu" in columns and qemus:
     head += f"{'Vessel/QEMU best':>18}"
+if "vessel-hybrid" in columns and qemus:
+    head += f"{'hybrid/QEMU':>13}"
 if "vessel-base" in columns:
     head += f"{'Vessel/base':>13}"
 print(head)
@@ -306,6 +311,14 @@ for key, label, unit in ROWS:
             # A time ratio throughout: above 1 means Vessel is slower (uses more memory).
             ratio = (max(qs) / v) if unit == "MB/s" else (v / min(qs))
             row += f"{ratio:>17.2f}x"
+    if "vessel-hybrid" in columns and qemus:
+        v = vals.get("vessel-hybrid")
+        qs = [vals[q] for q in qemus if vals.get(q)]
+        if v and qs:
+            ratio = (max(qs) / v) if unit == "MB/s" else (v / min(qs))
+            row += f"{ratio:>12.2f}x"
+        else:
+            row += f"{'—':>13}"
     v, b = vals.get("vessel-emu"), vals.get("vessel-base")
     if v and b:
         row += f"{(b / v) if unit == 'MB/s' else (v / b):>12.2f}x"
