@@ -776,7 +776,7 @@ fn random_vector_instruction(a: &mut CodeAssembler, r: &mut Rng) {
 /// the host): registers, flags where defined, XMM/YMM state and memory must match.
 #[test]
 fn compiled_vector_code_matches_the_interpreter() {
-    let mut r = Rng(0x5eed_0f_5e);
+    let mut r = Rng(0x5eed_0f5e);
     let mut compared = 0;
     let mut compiled_any = 0;
     for case in 0..400 {

@@ -40,6 +40,16 @@ fn ctx_off(field: usize) -> i32 {
     field as i32
 }
 
+/// Points `ins`'s memory operand at the host pointer in `host`, as translated inline.
+fn at_host(ins: &mut Instruction, host: Register) {
+    ins.set_memory_base(host);
+    ins.set_memory_index(Register::None);
+    ins.set_memory_index_scale(1);
+    ins.set_memory_displacement64(0);
+    ins.set_memory_displ_size(0);
+    ins.set_segment_prefix(Register::None);
+}
+
 fn r64(r: Register) -> Option<AsmRegister64> {
     gpr64::get_gpr64(r)
 }
@@ -640,12 +650,7 @@ impl Emitter {
                 a!(self.a.pext(rcx, r64(regs.host_ptr)?, rcx));
                 self.continue_if_rcx_zero(miss)?;
             }
-            out.set_memory_base(regs.host_ptr);
-            out.set_memory_index(Register::None);
-            out.set_memory_index_scale(1);
-            out.set_memory_displacement64(0);
-            out.set_memory_displ_size(0);
-            out.set_segment_prefix(Register::None);
+            at_host(&mut out, regs.host_ptr);
         }
         for g in 0..16 {
             if regs.load[g] {
@@ -760,12 +765,7 @@ impl Emitter {
                 a!(a.pext(rcx, r64(regs.host_ptr)?, rcx));
                 self.continue_if_rcx_zero(miss)?;
             }
-            out.set_memory_base(regs.host_ptr);
-            out.set_memory_index(Register::None);
-            out.set_memory_index_scale(1);
-            out.set_memory_displacement64(0);
-            out.set_memory_displ_size(0);
-            out.set_segment_prefix(Register::None);
+            at_host(&mut out, regs.host_ptr);
         }
         for g in 0..16 {
             if regs.load[g] {
@@ -855,12 +855,7 @@ impl Emitter {
         let miss = self.miss_label(idx);
         self.tlb(&m, lin, host, scratch, miss)?;
         let mut out = *ins;
-        out.set_memory_base(host);
-        out.set_memory_index(Register::None);
-        out.set_memory_index_scale(1);
-        out.set_memory_displacement64(0);
-        out.set_memory_displ_size(0);
-        out.set_segment_prefix(Register::None);
+        at_host(&mut out, host);
         out.set_op1_register(sized(off, ins.op1_register())?);
         a!(self.a.add_instruction(out));
         Some(())
