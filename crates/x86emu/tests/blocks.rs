@@ -1223,3 +1223,62 @@ fn compiled_bit_strings_cmpxchg16b_and_prefetches_match_the_interpreter() {
         }
     }
 }
+
+/// Compiled code whose accesses keep missing the TLB (two pages that share a slot, 4 MiB
+/// apart, read and written in turn with most registers cached) gives the interpreter's
+/// results; an access to an unmapped page still ends in the guest's #PF with the right CR2.
+#[test]
+fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
+    const FAR: u64 = DATA + 0x40_0000; // same TLB slot as DATA
+    const UNMAPPED: u64 = 0x4000_0000;
+    const HANDLER: u64 = CODE + 0xc00;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 500u64).unwrap();
+        a.mov(rdi, FAR).unwrap();
+        a.set_label(&mut top).unwrap();
+        for r in [rax, rbx, rdx, rsi, r8, r9, r10, r11] {
+            a.add(r, rcx).unwrap();
+        }
+        a.add(rax, qword_ptr(r15 + 8)).unwrap();
+        a.mov(qword_ptr(rdi + 16), rax).unwrap();
+        a.xor(rbx, qword_ptr(rdi + 16)).unwrap();
+        a.add(qword_ptr(r15 + 24), rbx).unwrap();
+        a.lea(r12, qword_ptr(rax + rbx)).unwrap();
+        a.add(r12, qword_ptr(rdi + 16)).unwrap();
+        a.add(r13, r12).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.mov(r14, qword_ptr(UNMAPPED + 8)).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.set_gate(14, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r14, cr2).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut mem = [0u8; 64];
+        assert!(g.cpu.ram().read(DATA, &mut mem));
+        let far = g.read_u64(FAR + 16);
+        (
+            g.cpu.state().gpr,
+            mem.to_vec(),
+            far,
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let interpreted = run(None);
+    assert_eq!(interpreted.0[14], UNMAPPED + 8, "#PF with CR2");
+    let compiled = run(Some(0));
+    assert!(compiled.3 > 0);
+    assert_eq!(compiled.0, interpreted.0);
+    assert_eq!(compiled.1, interpreted.1);
+    assert_eq!(compiled.2, interpreted.2);
+}
