@@ -626,6 +626,27 @@ impl Emitter {
         Some(())
     }
 
+    /// The memory operand of instruction `idx` as a host pointer in `host`: the address,
+    /// the inline TLB lookup and, when `align` > 1, the alignment the instruction demands
+    /// (a miss or a misaligned address leaves before the instruction; the interpreter then
+    /// raises what it raises).
+    fn memory_operand(&mut self, m: &Mem, idx: u32, host: Register, align: u64) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        let s = self.scratch(&[Register::RCX, host], 7)?;
+        let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
+        let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
+        self.address(m, lin, b, i)?;
+        let miss = self.miss_label(idx);
+        self.tlb(m, lin, host, scratch, miss)?;
+        if align > 1 {
+            // Host pages are page-aligned: the pointer's low bits are the address's.
+            a!(self.a.mov(rcx, align - 1));
+            a!(self.a.pext(rcx, r64(host)?, rcx));
+            self.continue_if_rcx_zero(miss)?;
+        }
+        Some(())
+    }
+
     fn native(
         &mut self,
         ins: &Instruction,
@@ -637,19 +658,13 @@ impl Emitter {
         if let Some(m) = plan_mem(ins, info) {
             // Scratch for the address step: anything but RCX and the host pointer (the
             // instruction's own registers are loaded afterwards).
-            let s = self.scratch(&[Register::RCX, regs.host_ptr], 7)?;
-            let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
-            let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
-            self.address(&m, lin, b, i)?;
-            let miss = self.miss_label(idx);
-            self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
-            if ins.code() == Code::Cmpxchg16b_m128 {
-                // #GP unless 16-byte aligned: the interpreter's (the host's is SIGSEGV).
-                use iced_x86::code_asm::registers::gpr64::rcx;
-                a!(self.a.mov(rcx, 15u64));
-                a!(self.a.pext(rcx, r64(regs.host_ptr)?, rcx));
-                self.continue_if_rcx_zero(miss)?;
-            }
+            // CMPXCHG16B is #GP unless 16-byte aligned (the host's would be SIGSEGV).
+            let align = if ins.code() == Code::Cmpxchg16b_m128 {
+                16
+            } else {
+                1
+            };
+            self.memory_operand(&m, idx, regs.host_ptr, align)?;
             at_host(&mut out, regs.host_ptr);
         }
         for g in 0..16 {
@@ -747,24 +762,11 @@ impl Emitter {
         v: &crate::exec::hostexec::JitVector,
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::rcx;
         self.uses_vectors = true;
         self.simd_check(if v.vex { 2 } else { 1 }, idx)?;
         let mut out = *ins;
         if let Some(m) = plan_mem(ins, info) {
-            let s = self.scratch(&[Register::RCX, regs.host_ptr], 7)?;
-            let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
-            let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
-            self.address(&m, lin, b, i)?;
-            let miss = self.miss_label(idx);
-            self.tlb(&m, lin, regs.host_ptr, scratch, miss)?;
-            if v.align > 1 {
-                // Host pages are page-aligned: the pointer's low bits are the address's.
-                let a = &mut self.a;
-                a!(a.mov(rcx, v.align - 1));
-                a!(a.pext(rcx, r64(regs.host_ptr)?, rcx));
-                self.continue_if_rcx_zero(miss)?;
-            }
+            self.memory_operand(&m, idx, regs.host_ptr, v.align)?;
             at_host(&mut out, regs.host_ptr);
         }
         for g in 0..16 {
