@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, Msrs,
+    kvm_msr_entry, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, Msrs,
     KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
@@ -622,27 +622,8 @@ impl HybridVcpu {
         self.flushes_seen = Some(flushes);
 
         let s = cpu.state();
-        let g = &s.gpr;
-        let regs = kvm_regs {
-            rax: g[0],
-            rcx: g[1],
-            rdx: g[2],
-            rbx: g[3],
-            rsp: g[4],
-            rbp: g[5],
-            rsi: g[6],
-            rdi: g[7],
-            r8: g[8],
-            r9: g[9],
-            r10: g[10],
-            r11: g[11],
-            r12: g[12],
-            r13: g[13],
-            r14: g[14],
-            r15: g[15],
-            rip: s.rip,
-            rflags: (s.rflags | 2) & !RFLAGS_RF,
-        };
+        let mut regs = hypervisor::kvm::regs_to_kvm(&convert::regs_from_emu(s));
+        regs.rflags = (s.rflags | 2) & !RFLAGS_RF;
         let sregs = self.sregs_for(cpu);
         let tsc_aux = s.msr.tsc_aux;
         let fpu = s.fpu;
@@ -709,12 +690,8 @@ impl HybridVcpu {
         let mut fpu = fpu;
         self.save_xsave(&mut fpu)?;
         let s = cpu.state_mut();
-        s.gpr = [
-            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15,
-        ];
-        s.rip = r.rip;
-        s.rflags = (r.rflags | 2) & !RFLAGS_RF;
+        convert::regs_into_emu(&hypervisor::kvm::regs_from_kvm(&r), s);
+        s.rflags &= !RFLAGS_RF;
         s.fpu = fpu;
         if let Some((fs, gs)) = fs_gs {
             s.seg[Seg::Fs as usize].base = fs;

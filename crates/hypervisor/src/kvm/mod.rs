@@ -5,6 +5,9 @@
 
 mod convert;
 
+/// For backends that drive a KVM vCPU of their own (emu's hybrid mode).
+pub use convert::{regs_from_kvm, regs_to_kvm};
+
 use std::sync::Arc;
 
 use kvm_bindings::{
