@@ -96,7 +96,7 @@ pub(crate) mod isa {
 }
 
 /// The ISA bit for an iced-x86 CPUID feature; None for features never run here.
-pub(crate) fn isa_bit(f: F) -> Option<u64> {
+fn isa_bit(f: F) -> Option<u64> {
     Some(match f {
         F::FPU | F::FPU287 | F::FPU387 => isa::FPU,
         F::CMOV => isa::CMOV,
@@ -125,6 +125,13 @@ pub(crate) fn isa_bit(f: F) -> Option<u64> {
         F::INTEL8086 | F::INTEL386 | F::INTEL486 | F::X64 => 0,
         _ => return None,
     })
+}
+
+/// The ISA bits `ins` needs; None when it needs a feature never run here.
+pub(crate) fn isa_need(ins: &Instruction) -> Option<u64> {
+    ins.cpuid_features()
+        .iter()
+        .try_fold(0, |need, &f| Some(need | isa_bit(f)?))
 }
 
 /// The ISA bits a CPUID table advertises.
@@ -252,12 +259,12 @@ pub(crate) fn host_supported() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn host_avx() -> bool {
+pub(crate) fn host_avx() -> bool {
     std::arch::is_x86_feature_detected!("avx")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn host_avx() -> bool {
+pub(crate) fn host_avx() -> bool {
     false
 }
 
@@ -397,10 +404,7 @@ fn plan(ins: &Instruction, arena: &mut Arena) -> Option<Plan> {
     if !matches!(ins.encoding(), EncodingKind::Legacy | EncodingKind::VEX) {
         return None;
     }
-    let mut need = 0;
-    for &f in ins.cpuid_features() {
-        need |= isa_bit(f)?;
-    }
+    let need = isa_need(ins)?;
     let mut info = InstructionInfoFactory::new();
     let used: Vec<_> = info.info(ins).used_registers().to_vec();
     let mut mem_ops = 0;
@@ -978,10 +982,7 @@ pub(crate) fn jit_vector(ins: &Instruction, isa: u64) -> Option<JitVector> {
     if vex && !host_avx() {
         return None;
     }
-    let mut need = 0;
-    for &f in ins.cpuid_features() {
-        need |= isa_bit(f)?;
-    }
+    let need = isa_need(ins)?;
     if need & !isa != 0 || need & (isa::FPU | isa::MMX) != 0 {
         return None;
     }

@@ -9,7 +9,7 @@ use iced_x86::{
 
 use super::Ctx;
 use crate::exec::fast::is_imm;
-use crate::exec::hostexec::{isa, isa_bit, jit_vector, JitVector};
+use crate::exec::hostexec::{host_avx, isa, isa_need, jit_vector, JitVector};
 use crate::exec::is_cmov_or_setcc;
 
 /// Host registers guest values and scratch values may use: all but RSP (the host stack)
@@ -126,13 +126,9 @@ fn runs_natively(ins: &Instruction, model: u64) -> bool {
     ) {
         // Extensions of the general-purpose ISA: only where the CPU model has them (the
         // model is a subset of the host's), else the interpreter raises #UD.
-        let mut need = 0;
-        for &f in ins.cpuid_features() {
-            match isa_bit(f) {
-                Some(b) => need |= b,
-                None => return false,
-            }
-        }
+        let Some(need) = isa_need(ins) else {
+            return false;
+        };
         let gpr_only =
             isa::POPCNT | isa::BMI1 | isa::BMI2 | isa::ADX | isa::MOVBE | isa::SSE42 | isa::LZCNT;
         return need != 0 && need & !(model & gpr_only) == 0;
@@ -201,7 +197,7 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         return Some(Kind::Branch);
     }
     if ins.mnemonic() == M::Vzeroupper {
-        let ok = model & isa::AVX != 0 && std::arch::is_x86_feature_detected!("avx");
+        let ok = model & isa::AVX != 0 && host_avx();
         return ok.then_some(Kind::Vzeroupper);
     }
     if let Some(v) = jit_vector(ins, model) {

@@ -12,6 +12,7 @@ use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs,
 use super::Ctx;
 use crate::decode::block_layout;
 use crate::decode::Insn;
+use crate::exec::hostexec::host_avx;
 use crate::mmu::tlb_layout;
 use crate::state::{CpuState, FpuState};
 
@@ -68,11 +69,6 @@ fn xmm_reg(n: usize) -> Option<AsmRegisterXmm> {
 
 fn ymm_reg(n: usize) -> Option<AsmRegisterYmm> {
     get_ymm(Register::try_from(Register::YMM0 as usize + n).ok()?)
-}
-
-thread_local! {
-    /// Whether the host has AVX: vector state moves with VEX encodings then.
-    static HOST_AVX: bool = std::arch::is_x86_feature_detected!("avx");
 }
 
 /// Host code for a block, assembled for the address it will live at.
@@ -719,7 +715,7 @@ impl Emitter {
         }
         let (x, y) = (xmm_reg(n)?, ymm_reg(n)?);
         let a = &mut self.a;
-        if HOST_AVX.with(|h| *h) {
+        if host_avx() {
             a!(a.vmovdqu(x, xmmword_ptr(gpr64::r15 + xmm_off(n))));
             if level == 2 {
                 a!(a.vinsertf128(y, y, xmmword_ptr(gpr64::r15 + ymm_hi_off(n)), 1));
@@ -736,7 +732,7 @@ impl Emitter {
     fn store_vector(&mut self, n: usize, vex: bool) -> Option<()> {
         let (x, y) = (xmm_reg(n)?, ymm_reg(n)?);
         let a = &mut self.a;
-        if HOST_AVX.with(|h| *h) {
+        if host_avx() {
             a!(a.vmovdqu(xmmword_ptr(gpr64::r15 + xmm_off(n)), x));
         } else {
             a!(a.movdqu(xmmword_ptr(gpr64::r15 + xmm_off(n)), x));
@@ -1227,7 +1223,7 @@ impl Emitter {
         a!(a.and(rdx, !RFLAGS_STATUS));
         a!(a.or(rdx, rcx));
         a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
-        if self.uses_vectors && HOST_AVX.with(|h| *h) {
+        if self.uses_vectors && host_avx() {
             // Rust code after this runs legacy-encoded SSE: no dirty upper state for it.
             a!(a.vzeroupper());
         }
