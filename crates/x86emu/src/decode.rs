@@ -462,22 +462,7 @@ impl BlockCache {
                 p.write_unaligned(p.add(1).read_unaligned());
             }
         }
-        let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
-        let mut pos = 0usize;
-        while body.insns.len() < MAX_BLOCK {
-            let ins = d.decode();
-            if ins.is_invalid() && d.last_error() == iced_x86::DecoderError::NoMoreBytes {
-                break; // runs past the page end
-            }
-            let len = ins.len().min(15);
-            let insn = Insn::new(ins);
-            let ends = insn.ends;
-            body.insns.push(insn);
-            pos += len;
-            if ends {
-                break;
-            }
-        }
+        let pos = decode_into(&mut body.insns, bitness, ip, avail);
         if body.insns.is_empty() {
             // The first instruction crosses the page end: remember that (with no code to
             // compare), so the next lookup steps it at once instead of decoding it here
@@ -489,7 +474,6 @@ impl BlockCache {
             b.bitness = bitness;
             return Some(());
         }
-        mark_dead_flags(&mut body.insns);
         body.code.clear();
         body.code.extend_from_slice(avail.get(..pos)?);
         b.epoch = epoch;
@@ -498,6 +482,36 @@ impl BlockCache {
         b.bitness = bitness;
         Some(())
     }
+}
+
+/// Decodes the block at the start of `avail` into `insns` (empty), with its dead flags
+/// marked; returns its length in bytes.
+fn decode_into(insns: &mut Vec<Insn>, bitness: u32, ip: u64, avail: &[u8]) -> usize {
+    let mut d = Decoder::with_ip(bitness, avail, ip, DecoderOptions::NONE);
+    let mut pos = 0usize;
+    while insns.len() < MAX_BLOCK {
+        let ins = d.decode();
+        if ins.is_invalid() && d.last_error() == iced_x86::DecoderError::NoMoreBytes {
+            break; // runs past the page end
+        }
+        let len = ins.len().min(15);
+        let insn = Insn::new(ins);
+        let ends = insn.ends;
+        insns.push(insn);
+        pos += len;
+        if ends {
+            break;
+        }
+    }
+    mark_dead_flags(insns);
+    pos
+}
+
+/// The block at the start of `bytes`, as the block cache would decode it.
+pub(crate) fn decode_block(bitness: u32, ip: u64, bytes: &[u8]) -> Vec<Insn> {
+    let mut insns = Vec::new();
+    decode_into(&mut insns, bitness, ip, bytes);
+    insns
 }
 
 /// Whether the instructions after `ins` cannot be decoded or run ahead of time: branches,

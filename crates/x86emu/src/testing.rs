@@ -183,3 +183,35 @@ pub fn idt_gate(handler: u64, ist: u8, dpl: u8) -> [u8; 16] {
     b[8..].copy_from_slice(&hi.to_le_bytes());
     b
 }
+
+/// Compiles every block found by a linear sweep of `code` (64-bit, first byte at `ip`),
+/// each on its own as the JIT would: for measuring the compiler's cost outside a guest.
+/// Returns (blocks offered, blocks compiled, instructions in the compiled blocks).
+pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
+    let Some(mut jit) = crate::jit::Jit::new(0) else {
+        return (0, 0, 0);
+    };
+    jit.model = u64::MAX;
+    let epoch = 0u64;
+    let (mut offered, mut compiled, mut insns_done) = (0, 0, 0);
+    let mut pos = 0usize;
+    while pos < code.len() {
+        let block = crate::decode::decode_block(64, ip + pos as u64, &code[pos..]);
+        let len: usize = block.iter().map(|i| i.instr.len()).sum();
+        if block.is_empty() || len == 0 {
+            pos += 1;
+            continue;
+        }
+        offered += 1;
+        match jit.compile(&block, 0, &epoch) {
+            Ok(Some(_)) => {
+                compiled += 1;
+                insns_done += block.len();
+            }
+            Ok(None) => {}
+            Err(()) => jit.flushed(),
+        }
+        pos += len;
+    }
+    (offered, compiled, insns_done)
+}

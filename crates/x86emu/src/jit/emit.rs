@@ -8,6 +8,7 @@ use iced_x86::code_asm::{
 };
 use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
 
+use super::asm::Asm;
 use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs, POOL, R15, RSP};
 use super::Ctx;
 use crate::decode::block_layout;
@@ -91,6 +92,7 @@ pub(super) fn translate(
     slot: usize,
     epoch: u64,
     model: u64,
+    asm: &mut Asm,
 ) -> Option<Translated> {
     let mut info = InstructionInfoFactory::new();
     // What each covered instruction is, and a native one's register plan, decided once.
@@ -179,7 +181,7 @@ pub(super) fn translate(
             a!(e.a.jmp(e.exit));
         }
     }
-    e.finish(at)
+    e.finish(at, asm)
 }
 
 /// A run of stack instructions starting at `i`: how many PUSHes or POPs (none of RSP
@@ -222,13 +224,15 @@ struct Emitter {
     /// Leaves after the block's end, with the next RIP in the context.
     done: CodeLabel,
     chain_entry: CodeLabel,
+    /// The index of the instruction `chain_entry` labels.
+    chain_entry_at: usize,
     /// Per memory access: where its miss path starts and the instruction to resume at.
     misses: Vec<(CodeLabel, u32)>,
     /// DIVs that would raise #DE: where their path starts (the guest's flags saved on the
     /// host stack) and the miss path to continue at.
     div_faults: Vec<(CodeLabel, CodeLabel)>,
-    /// Link slots and the exits they start as.
-    links: Vec<(CodeLabel, CodeLabel)>,
+    /// Link slots and the index of the instruction of the exit each starts as.
+    links: Vec<(CodeLabel, usize)>,
     /// Host register i holds guest register i's current value (which is always in the
     /// state too: stores are written through, so exits need no spilling).
     cached: [bool; 16],
@@ -257,6 +261,7 @@ impl Emitter {
             exit,
             done,
             chain_entry,
+            chain_entry_at: 0,
             misses: Vec::new(),
             div_faults: Vec::new(),
             links: Vec::new(),
@@ -297,6 +302,7 @@ impl Emitter {
         a!(a.sahf());
         a!(a.jmp(body));
 
+        self.chain_entry_at = a.instructions().len();
         a!(a.set_label(&mut self.chain_entry));
         a!(a.mov(rdx, qword_ptr(rsp)));
         a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
@@ -347,6 +353,7 @@ impl Emitter {
         let slot = self.a.create_label();
         let mut stub = self.a.create_label();
         a!(self.a.jmp(qword_ptr(slot)));
+        let stub_at = self.a.instructions().len();
         a!(self.a.set_label(&mut stub));
         a!(self.a.mov(rax, target));
         self.store_rip_from_rax()?;
@@ -355,7 +362,7 @@ impl Emitter {
         a!(a.mov(rcx, qword_ptr(rsp)));
         a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, link))), rax));
         a!(a.jmp(self.done));
-        self.links.push((slot, stub));
+        self.links.push((slot, stub_at));
         Some(())
     }
 
@@ -675,6 +682,8 @@ impl Emitter {
                 out.set_op_register(k, sized(host, r)?);
             }
         }
+        // IP 0: not a label (see `asm`).
+        out.set_ip(0);
         a!(self.a.add_instruction(out));
         for g in 0..16 {
             if regs.store[g] {
@@ -783,6 +792,8 @@ impl Emitter {
                 self.load_vector(n, v.read[n])?;
             }
         }
+        // IP 0: not a label (see `asm`).
+        out.set_ip(0);
         a!(self.a.add_instruction(out));
         for g in 0..16 {
             if regs.store[g] {
@@ -855,6 +866,8 @@ impl Emitter {
         let mut out = *ins;
         at_host(&mut out, host);
         out.set_op1_register(sized(off, ins.op1_register())?);
+        // IP 0: not a label (see `asm`).
+        out.set_ip(0);
         a!(self.a.add_instruction(out));
         Some(())
     }
@@ -1201,7 +1214,7 @@ impl Emitter {
     /// The exits: before instruction ESI (counts the instructions before it and names
     /// this block) or after the block (FINISHED); both store the status flags, restore the
     /// host registers and return. Then the miss paths and the link slots.
-    fn finish(mut self, at: u64) -> Option<Translated> {
+    fn finish(mut self, at: u64, asm: &mut Asm) -> Option<Translated> {
         use iced_x86::code_asm::registers::gpr64::*;
         let mut leave = self.a.create_label();
         let a = &mut self.a;
@@ -1243,25 +1256,27 @@ impl Emitter {
             a!(self.a.mov(gpr32::esi, resume));
             a!(self.a.jmp(self.exit));
         }
-        let mut links = std::mem::take(&mut self.links);
-        for (slot, _) in &mut links {
-            a!(self.a.set_label(slot));
+        let links = std::mem::take(&mut self.links);
+        let mut slots_at = Vec::with_capacity(links.len());
+        for (mut slot, _) in links.iter().copied() {
+            slots_at.push(self.a.instructions().len());
+            a!(self.a.set_label(&mut slot));
             a!(self.a.dq(&[0, 0]));
         }
-        let r = a!(self.a.assemble_options(
-            at,
-            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
-        ));
+        let mut code = Vec::new();
+        let offsets = asm.assemble(self.a.instructions(), &mut code)?;
+        let addr = |i: usize| Some(at + u64::from(*offsets.get(i)?));
         let mut t = Translated {
-            code: r.inner.code_buffer.clone(),
-            chain_entry: a!(r.label_ip(&self.chain_entry)),
-            links: Vec::new(),
-            link_defaults: Vec::new(),
+            chain_entry: addr(self.chain_entry_at)?,
+            links: Vec::with_capacity(links.len()),
+            link_defaults: Vec::with_capacity(links.len()),
+            code: Vec::new(),
         };
-        for (slot, stub) in &links {
-            t.links.push(a!(r.label_ip(slot)));
-            t.link_defaults.push(a!(r.label_ip(stub)));
+        for (&(_, stub_at), &slot_at) in links.iter().zip(&slots_at) {
+            t.links.push(addr(slot_at)?);
+            t.link_defaults.push(addr(stub_at)?);
         }
+        t.code = code;
         Some(t)
     }
 }

@@ -17,6 +17,7 @@
 //! decoded again.
 
 pub(crate) mod arena;
+mod asm;
 mod cover;
 mod emit;
 
@@ -87,6 +88,7 @@ pub(crate) const DEFAULT_THRESHOLD: u32 = 256;
 #[derive(Debug)]
 pub(crate) struct Jit {
     arena: Arena,
+    asm: asm::Asm,
     pub(crate) threshold: u32,
     /// The CPU model's ISA bits (`hostexec::isa`) compiled code was made for.
     pub(crate) model: u64,
@@ -122,6 +124,7 @@ impl Jit {
         }
         Some(Jit {
             arena: Arena::new(ARENA_SIZE)?,
+            asm: asm::Asm::new()?,
             threshold,
             model: 0,
             compiled: 0,
@@ -141,7 +144,8 @@ impl Jit {
         epoch: *const u64,
     ) -> Result<Option<Compiled>, ()> {
         let at = self.arena.next();
-        let Some(t) = emit::translate(insns, at, slot, epoch as u64, self.model) else {
+        let Some(t) = emit::translate(insns, at, slot, epoch as u64, self.model, &mut self.asm)
+        else {
             return Ok(None);
         };
         let Some(start) = self.arena.put(&t.code) else {
