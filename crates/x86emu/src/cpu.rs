@@ -678,14 +678,14 @@ impl Cpu {
             core.new_shadow = false;
             let mut start = 0;
             let mut finished = false;
-            if let Some(c) = block.compiled() {
+            if let (Some(c), Some(enter)) = (block.compiled(), self.blocks.enter()) {
                 let mut ctx =
                     core.jit_ctx(budget.saturating_sub(n) / 8 + 1, self.blocks.slots_ptr());
                 let generation = self.blocks.generation();
                 // SAFETY: compiled code reads and writes the state, the TLB entries, the
                 // code-page map and guest RAM through pointers the TLB holds, all valid
                 // for the call; nothing else references them meanwhile.
-                let r = unsafe { (c.entry)(&mut core.s, &mut ctx) };
+                let r = unsafe { enter(&mut core.s, &mut ctx, c.entry) };
                 core.retired += ctx.retired;
                 n += ctx.retired;
                 if r == FINISHED {

@@ -23,7 +23,7 @@ use iced_x86::{
 
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
-use crate::jit::{Compiled, Entry, Jit};
+use crate::jit::{Compiled, Enter, Jit};
 
 /// Block slots (direct mapped by physical address).
 const CACHE_SIZE: usize = 1 << 17;
@@ -114,8 +114,8 @@ impl std::ops::Deref for Slots {
     type Target = [Block];
     fn deref(&self) -> &[Block] {
         // SAFETY: the mapping holds CACHE_SIZE Blocks: all-zero bytes are an empty Block
-        // (integers 0 - bitness 0 matches no lookup - and `None` options of a Box and a
-        // fn pointer, which are guaranteed null), and the mapping is page-aligned.
+        // (integers 0 - bitness 0 matches no lookup, entry 0 is no code - and the `None`
+        // option of a Box, which is guaranteed null), and the mapping is page-aligned.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), CACHE_SIZE) }
     }
 }
@@ -169,9 +169,9 @@ pub(crate) struct Block {
     /// The CPU's code epoch when the block's bytes were last found in memory (see
     /// `Core::code_epoch`).
     epoch: u64,
-    /// Host code for the block's leading instructions (64-bit code only): its entry,
-    /// and its chain entry (0 when there is no code).
-    entry: Option<Entry>,
+    /// Host code for the block's leading instructions (64-bit code only): its entry
+    /// (for `Jit::enter`) and its chain entry (both 0 when there is no code).
+    entry: u64,
     chain: u64,
     body: Option<Box<Body>>,
 }
@@ -192,14 +192,14 @@ impl Block {
     }
 
     pub(crate) fn compiled(&self) -> Option<Compiled> {
-        Some(Compiled {
-            entry: self.entry?,
+        (self.entry != 0).then_some(Compiled {
+            entry: self.entry,
             chain_entry: self.chain,
         })
     }
 
     fn set_compiled(&mut self, c: Option<Compiled>) {
-        self.entry = c.map(|c| c.entry);
+        self.entry = c.map_or(0, |c| c.entry);
         self.chain = c.map_or(0, |c| c.chain_entry);
     }
 }
@@ -397,6 +397,11 @@ impl BlockCache {
         }
         self.count_run(slot);
         Some((slot, !matches!(state, Lookup::Trusted)))
+    }
+
+    /// Runs compiled blocks (there are some only when this is Some).
+    pub(crate) fn enter(&self) -> Option<Enter> {
+        self.jit.as_ref().map(|j| j.enter)
     }
 
     pub(crate) fn generation(&self) -> u64 {

@@ -6,6 +6,8 @@ pub(crate) struct Arena {
     base: *mut u8,
     len: usize,
     used: usize,
+    /// Bytes kept across `reset` (code every block uses).
+    pinned: usize,
 }
 
 // SAFETY: the mapping is owned by one CPU, which is used by one thread at a time.
@@ -42,6 +44,7 @@ impl Arena {
             base: base.cast(),
             len,
             used: 0,
+            pinned: 0,
         })
     }
 
@@ -73,9 +76,15 @@ impl Arena {
         self.len - self.used
     }
 
-    /// Forgets everything placed so far; the caller drops every pointer `put` returned.
+    /// Keeps what was placed so far across `reset`.
+    pub(crate) fn pin(&mut self) {
+        self.pinned = self.used;
+    }
+
+    /// Forgets everything placed since `pin`; the caller drops every pointer `put`
+    /// returned for it.
     pub(crate) fn reset(&mut self) {
-        self.used = 0;
+        self.used = self.pinned;
     }
 }
 

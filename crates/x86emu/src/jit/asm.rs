@@ -12,7 +12,9 @@
 //!
 //! `CodeAssembler`'s conventions, which this relies on: a labelled instruction carries its
 //! label's id as its IP (0: no label), a branch to a label carries the id as its target,
-//! and a memory operand naming a label is RIP-based with the id as its displacement.
+//! and a memory operand naming a label is RIP-based with the id as its displacement. Label
+//! ids count from 1 and there are fewer than instructions; a branch target above that is
+//! an address (code shared by all blocks; addresses below 64 KiB are never mapped).
 
 use iced_x86::{Code, Encoder, FlowControl, Instruction, OpKind};
 
@@ -99,10 +101,15 @@ impl Asm {
         })
     }
 
-    /// Encodes `instrs` (from a 64-bit `CodeAssembler`) into `out`, which runs wherever it
-    /// is placed. Returns the offset of each instruction in `out` (plus the end);
+    /// Encodes `instrs` (from a 64-bit `CodeAssembler`) into `out`, to be placed at `at`.
+    /// Returns the offset of each instruction in `out` (plus the end);
     /// None for what this does not handle (a compiler bug, never guest input).
-    pub(crate) fn assemble(&mut self, instrs: &[Instruction], out: &mut Vec<u8>) -> Option<&[u32]> {
+    pub(crate) fn assemble(
+        &mut self,
+        instrs: &[Instruction],
+        at: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<&[u32]> {
         self.scratch.clear();
         self.pieces.clear();
         self.labels.clear();
@@ -144,7 +151,10 @@ impl Asm {
         // Shorten the branches whose target is near in the long layout.
         for (i, piece) in self.pieces.iter_mut().enumerate() {
             if let Piece::Branch { target, short, .. } = piece {
-                let t = *long_offsets.get(label_index(&self.labels, *target)?)? as i64;
+                let Some(l) = label_index(&self.labels, *target) else {
+                    continue; // an address
+                };
+                let t = *long_offsets.get(l)? as i64;
                 let d = t - *long_offsets.get(i)? as i64;
                 *short = (-100..=100).contains(&d);
             }
@@ -182,9 +192,14 @@ impl Asm {
                     target,
                     short,
                 } => {
-                    let t = *offsets.get(label_index(&self.labels, target)?)? as i64;
                     let end = here + kind.len(short) as i64;
-                    let rel = t - end;
+                    let rel = match label_index(&self.labels, target) {
+                        Some(l) => *offsets.get(l)? as i64 - end,
+                        None if target >= MIN_ADDRESS => {
+                            (target as i64).wrapping_sub(at as i64).wrapping_sub(end)
+                        }
+                        None => return None,
+                    };
                     if short {
                         let r8 = i8::try_from(rel).ok()? as u8;
                         out.extend_from_slice(&match kind {
@@ -254,6 +269,9 @@ impl Asm {
         Some(Piece::Bytes { start, len, disp })
     }
 }
+
+/// Where a branch target is an address rather than a label id.
+const MIN_ADDRESS: u64 = 0x1_0000;
 
 /// The index of the instruction a label (by id) stands at.
 fn label_index(labels: &[u32], id: u64) -> Option<usize> {

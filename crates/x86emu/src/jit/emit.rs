@@ -75,6 +75,8 @@ fn ymm_reg(n: usize) -> Option<AsmRegisterYmm> {
 /// Host code for a block, assembled for the address it will live at.
 pub(super) struct Translated {
     pub(super) code: Vec<u8>,
+    /// Where `Runtime::enter` jumps to run the block.
+    pub(super) entry: u64,
     /// Where another compiled block whose exit is linked here continues (see `Ctx`).
     pub(super) chain_entry: u64,
     /// The link slots of the exits to targets in the same page, each followed by its
@@ -93,6 +95,7 @@ pub(super) fn translate(
     epoch: u64,
     model: u64,
     asm: &mut Asm,
+    rt: &Runtime,
 ) -> Option<Translated> {
     let mut info = InstructionInfoFactory::new();
     // What each covered instruction is, and a native one's register plan, decided once.
@@ -125,7 +128,7 @@ pub(super) fn translate(
         ))
     );
     let first_ip = insns.first()?.instr.ip();
-    let mut e = Emitter::new(first_ip, slot, epoch)?;
+    let mut e = Emitter::new(first_ip, slot, epoch, rt)?;
     let len = insns.len() as u32;
     let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
     let mut skip = 0;
@@ -236,14 +239,90 @@ struct Emitter {
     /// Host register i holds guest register i's current value (which is always in the
     /// state too: stores are written through, so exits need no spilling).
     cached: [bool; 16],
-    /// Whether the block runs vector instructions (its exit then ends with VZEROUPPER).
-    uses_vectors: bool,
     /// Host XMM/YMM register i holds guest register i: 0 not, 1 bits 127:0, 2 all of it.
     vcached: [u8; 16],
     /// The SIMD state checks done in this block (bit 0 SSE, bit 1 AVX; see `Ctx::simd`).
     simd_checked: u64,
     first_ip: u64,
     slot: usize,
+    /// The index of the instruction the block's body starts at (its entry).
+    body_at: usize,
+    rt: Runtime,
+}
+
+/// Code all compiled blocks share, placed once (see `runtime`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Runtime {
+    /// `(state, ctx, entry)`: saves the callee-saved registers and the context pointer
+    /// (then at [rsp]), points R15 at the state, loads the guest's status flags into
+    /// RFLAGS and jumps to a block's entry.
+    pub(super) enter: u64,
+    /// Leaves before instruction ESI of the block in cache slot R8: counts the
+    /// instructions before it and names the block in the context.
+    pub(super) exit: u64,
+    /// Leaves after a block's end, with the next RIP in the context.
+    pub(super) done: u64,
+}
+
+/// Host code for [`Runtime`], to be placed at `at`: the code and the runtime's addresses.
+pub(super) fn runtime(asm: &mut Asm, at: u64) -> Option<(Vec<u8>, Runtime)> {
+    use iced_x86::code_asm::registers::gpr64::*;
+    use iced_x86::code_asm::registers::gpr8::{ah, al, cl};
+    let mut a = a!(CodeAssembler::new(64));
+    let mut exit = a.create_label();
+    let mut done = a.create_label();
+    let mut leave = a.create_label();
+    for r in [rbx, rbp, r12, r13, r14, r15, rsi] {
+        a!(a.push(r));
+    }
+    a!(a.mov(r15, rdi));
+    a!(a.mov(rax, qword_ptr(r15 + rflags_off())));
+    a!(a.mov(gpr32::ecx, gpr32::eax));
+    a!(a.shr(gpr32::ecx, 11));
+    a!(a.and(gpr32::ecx, 1));
+    // OF = (cl == 1): 0x7f + 1 overflows.
+    a!(a.add(cl, 0x7f));
+    a!(a.mov(ah, al));
+    a!(a.sahf());
+    a!(a.jmp(rdx));
+    let exit_at = a.instructions().len();
+    a!(a.set_label(&mut exit));
+    a!(a.mov(rdx, qword_ptr(rsp)));
+    a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
+    a!(a.lea(rcx, ptr(rcx + rsi)));
+    a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
+    a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, slot))), r8));
+    a!(a.jmp(leave));
+    let done_at = a.instructions().len();
+    a!(a.set_label(&mut done));
+    a!(a.mov(rsi, FINISHED));
+    a!(a.set_label(&mut leave));
+    a!(a.pushfq());
+    a!(a.pop(rcx));
+    a!(a.and(gpr32::ecx, RFLAGS_STATUS));
+    a!(a.mov(rdx, qword_ptr(r15 + rflags_off())));
+    a!(a.and(rdx, !RFLAGS_STATUS));
+    a!(a.or(rdx, rcx));
+    a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
+    if host_avx() {
+        // Rust code after this runs legacy-encoded SSE: no dirty upper state for it.
+        a!(a.vzeroupper());
+    }
+    a!(a.mov(rax, rsi));
+    a!(a.pop(rsi));
+    for r in [r15, r14, r13, r12, rbp, rbx] {
+        a!(a.pop(r));
+    }
+    a!(a.ret());
+    let mut code = Vec::new();
+    let offsets = asm.assemble(a.instructions(), at, &mut code)?;
+    let addr = |i: usize| Some(at + u64::from(*offsets.get(i)?));
+    let rt = Runtime {
+        enter: at,
+        exit: addr(exit_at)?,
+        done: addr(done_at)?,
+    };
+    Some((code, rt))
 }
 
 /// Returned when the code ran to the end of its chain of blocks (the next RIP is in the
@@ -251,7 +330,7 @@ struct Emitter {
 pub(crate) const FINISHED: u64 = u64::MAX;
 
 impl Emitter {
-    fn new(first_ip: u64, slot: usize, epoch: u64) -> Option<Self> {
+    fn new(first_ip: u64, slot: usize, epoch: u64, rt: &Runtime) -> Option<Self> {
         let mut a = a!(CodeAssembler::new(64));
         let exit = a.create_label();
         let done = a.create_label();
@@ -266,43 +345,27 @@ impl Emitter {
             div_faults: Vec::new(),
             links: Vec::new(),
             cached: [false; 16],
-            uses_vectors: false,
             vcached: [0; 16],
             simd_checked: 0,
             first_ip,
             slot,
+            body_at: 0,
+            rt: *rt,
         };
         e.prologue(epoch)?;
         Some(e)
     }
 
-    /// The call entry saves the callee-saved registers and the context pointer ([rsp]),
-    /// points R15 at the state and loads the guest's status flags into RFLAGS. The chain
-    /// entry, reached from another block with all that done, goes on only if this block's
-    /// code was checked in the current code epoch, the chain budget is not spent and no
-    /// other thread has raised the kick flag; else it leaves with RIP at this block.
+    /// The chain entry, reached from another block (with `Runtime::enter`'s work done),
+    /// goes on only if this block's code was checked in the current code epoch, the chain
+    /// budget is not spent and no other thread has raised the kick flag; else it leaves
+    /// with RIP at this block. The body follows: the entry `Runtime::enter` jumps to.
     fn prologue(&mut self, epoch: u64) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
-        use iced_x86::code_asm::registers::gpr8::{ah, al, cl};
         let a = &mut self.a;
         let mut body = a.create_label();
         let mut fail = a.create_label();
         let mut ok = a.create_label();
-        for r in [rbx, rbp, r12, r13, r14, r15, rsi] {
-            a!(a.push(r));
-        }
-        a!(a.mov(r15, rdi));
-        a!(a.mov(rax, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(gpr32::ecx, gpr32::eax));
-        a!(a.shr(gpr32::ecx, 11));
-        a!(a.and(gpr32::ecx, 1));
-        // OF = (cl == 1): 0x7f + 1 overflows.
-        a!(a.add(cl, 0x7f));
-        a!(a.mov(ah, al));
-        a!(a.sahf());
-        a!(a.jmp(body));
-
-        self.chain_entry_at = a.instructions().len();
         a!(a.set_label(&mut self.chain_entry));
         a!(a.mov(rdx, qword_ptr(rsp)));
         a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
@@ -324,6 +387,7 @@ impl Emitter {
         a!(a.mov(rax, self.first_ip));
         a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, rip))), rax));
         a!(a.jmp(self.done));
+        self.body_at = a.instructions().len();
         a!(a.set_label(&mut body));
         Some(())
     }
@@ -767,7 +831,6 @@ impl Emitter {
         v: &crate::exec::hostexec::JitVector,
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
-        self.uses_vectors = true;
         self.simd_check(if v.vex { 2 } else { 1 }, idx)?;
         let mut out = *ins;
         if let Some(m) = plan_mem(ins, info) {
@@ -811,7 +874,6 @@ impl Emitter {
     /// VZEROUPPER: the host's own, then the guest's bits 255:128 stored as zeroes (YMM0's,
     /// now zero).
     fn vzeroupper(&mut self, idx: u32) -> Option<()> {
-        self.uses_vectors = true;
         self.simd_check(2, idx)?;
         a!(self.a.vzeroupper());
         let y0 = ymm_reg(0)?;
@@ -1211,41 +1273,15 @@ impl Emitter {
         Some(())
     }
 
-    /// The exits: before instruction ESI (counts the instructions before it and names
-    /// this block) or after the block (FINISHED); both store the status flags, restore the
-    /// host registers and return. Then the miss paths and the link slots.
+    /// The exits, to the shared ones: before instruction ESI (naming this block) or
+    /// after the block. Then the miss paths and the link slots.
     fn finish(mut self, at: u64, asm: &mut Asm) -> Option<Translated> {
-        use iced_x86::code_asm::registers::gpr64::*;
-        let mut leave = self.a.create_label();
         let a = &mut self.a;
         a!(a.set_label(&mut self.exit));
-        a!(a.mov(rdx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
-        a!(a.lea(rcx, ptr(rcx + rsi)));
-        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
-        a!(a.mov(rcx, self.slot as u64));
-        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, slot))), rcx));
-        a!(a.jmp(leave));
+        a!(a.mov(gpr32::r8d, u32::try_from(self.slot).ok()?));
+        a!(a.jmp(self.rt.exit));
         a!(a.set_label(&mut self.done));
-        a!(a.mov(rsi, super::emit::FINISHED));
-        a!(a.set_label(&mut leave));
-        a!(a.pushfq());
-        a!(a.pop(rcx));
-        a!(a.and(gpr32::ecx, RFLAGS_STATUS));
-        a!(a.mov(rdx, qword_ptr(r15 + rflags_off())));
-        a!(a.and(rdx, !RFLAGS_STATUS));
-        a!(a.or(rdx, rcx));
-        a!(a.mov(qword_ptr(r15 + rflags_off()), rdx));
-        if self.uses_vectors && host_avx() {
-            // Rust code after this runs legacy-encoded SSE: no dirty upper state for it.
-            a!(a.vzeroupper());
-        }
-        a!(a.mov(rax, rsi));
-        a!(a.pop(rsi));
-        for r in [r15, r14, r13, r12, rbp, rbx] {
-            a!(a.pop(r));
-        }
-        a!(a.ret());
+        a!(a.jmp(self.rt.done));
         for (mut l, miss) in std::mem::take(&mut self.div_faults) {
             a!(self.a.set_label(&mut l));
             a!(self.a.popfq());
@@ -1264,10 +1300,11 @@ impl Emitter {
             a!(self.a.dq(&[0, 0]));
         }
         let mut code = Vec::new();
-        let offsets = asm.assemble(self.a.instructions(), &mut code)?;
+        let offsets = asm.assemble(self.a.instructions(), at, &mut code)?;
         let addr = |i: usize| Some(at + u64::from(*offsets.get(i)?));
         let mut t = Translated {
             chain_entry: addr(self.chain_entry_at)?,
+            entry: addr(self.body_at)?,
             links: Vec::with_capacity(links.len()),
             link_defaults: Vec::with_capacity(links.len()),
             code: Vec::new(),

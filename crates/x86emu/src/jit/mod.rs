@@ -64,16 +64,17 @@ pub(crate) struct Ctx {
     pub(crate) slot: u64,
 }
 
-/// Compiled code: `(state, ctx)` → [`FINISHED`] when it ran to the end of a block (and
-/// maybe of blocks linked after it), or the index of the first instruction it did not run
-/// in block `ctx.slot`.
-pub(crate) type Entry = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx) -> u64;
+/// Runs compiled code: `(state, ctx, entry)` → [`FINISHED`] when it ran to the end of the
+/// block at `entry` (and maybe of blocks linked after it), or the index of the first
+/// instruction it did not run in block `ctx.slot`.
+pub(crate) type Enter = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx, u64) -> u64;
 
 pub(crate) use emit::FINISHED;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Compiled {
-    pub(crate) entry: Entry,
+    /// Where [`Jit::enter`] starts the block.
+    pub(crate) entry: u64,
     /// Where a linked exit of another block jumps to.
     pub(crate) chain_entry: u64,
 }
@@ -89,6 +90,9 @@ pub(crate) const DEFAULT_THRESHOLD: u32 = 256;
 pub(crate) struct Jit {
     arena: Arena,
     asm: asm::Asm,
+    /// The code blocks share, at the start of the arena.
+    rt: emit::Runtime,
+    pub(crate) enter: Enter,
     pub(crate) threshold: u32,
     /// The CPU model's ISA bits (`hostexec::isa`) compiled code was made for.
     pub(crate) model: u64,
@@ -122,9 +126,20 @@ impl Jit {
         if !host_supported() {
             return None;
         }
+        let mut arena = Arena::new(ARENA_SIZE)?;
+        let mut asm = asm::Asm::new()?;
+        let (code, rt) = emit::runtime(&mut asm, arena.next())?;
+        if arena.put(&code)? as u64 != rt.enter {
+            return None;
+        }
+        arena.pin();
+        // SAFETY: `rt.enter` starts the function `runtime` emitted for this ABI.
+        let enter = unsafe { std::mem::transmute::<u64, Enter>(rt.enter) };
         Some(Jit {
-            arena: Arena::new(ARENA_SIZE)?,
-            asm: asm::Asm::new()?,
+            arena,
+            asm,
+            rt,
+            enter,
             threshold,
             model: 0,
             compiled: 0,
@@ -144,8 +159,15 @@ impl Jit {
         epoch: *const u64,
     ) -> Result<Option<Compiled>, ()> {
         let at = self.arena.next();
-        let Some(t) = emit::translate(insns, at, slot, epoch as u64, self.model, &mut self.asm)
-        else {
+        let Some(t) = emit::translate(
+            insns,
+            at,
+            slot,
+            epoch as u64,
+            self.model,
+            &mut self.asm,
+            &self.rt,
+        ) else {
             return Ok(None);
         };
         let Some(start) = self.arena.put(&t.code) else {
@@ -174,11 +196,9 @@ impl Jit {
             );
             let _ = f.write_all(line.as_bytes());
         }
-        // SAFETY: `start` holds a complete function emitted for this ABI by `translate`.
-        let entry: Entry = unsafe { std::mem::transmute::<*mut u8, Entry>(start) };
         self.compiled += 1;
         Ok(Some(Compiled {
-            entry,
+            entry: t.entry,
             chain_entry: t.chain_entry,
         }))
     }
