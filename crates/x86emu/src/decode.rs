@@ -79,7 +79,8 @@ struct Slots {
     filled: Vec<u32>,
 }
 
-// SAFETY: the mapping is owned like a Box<[Block]>, and Block is Send.
+// SAFETY: the mapping is owned like a Box<[Block]>, and a Block is Send: its pointer to
+// its instructions points into its own body.
 unsafe impl Send for Slots {}
 
 impl Slots {
@@ -163,7 +164,9 @@ pub(crate) struct Block {
     /// to different branch targets.
     ip: u64,
     /// 16, 32 or 64; 0 for an empty slot.
-    bitness: u32,
+    bitness: u8,
+    /// How many instructions `insns` points to.
+    len: u8,
     /// Runs since decoded, counted until the block is compiled (or found not to be).
     runs: u32,
     /// The CPU's code epoch when the block's bytes were last found in memory (see
@@ -174,7 +177,14 @@ pub(crate) struct Block {
     entry: u64,
     chain: u64,
     body: Option<Box<Body>>,
+    /// `body.insns`'s buffer, so that running a block reads its slot and then its
+    /// instructions, not the body in between (these are cache misses for code that runs
+    /// rarely, most of a boot). Reset whenever `body.insns` changes.
+    insns: Option<std::ptr::NonNull<Insn>>,
 }
+
+// A lookup reads one cache line (compiled code relies on the size too).
+const _: () = assert!(std::mem::size_of::<Block>() == 64);
 
 #[derive(Default)]
 struct Body {
@@ -188,7 +198,13 @@ struct Body {
 
 impl Block {
     pub(crate) fn insns(&self) -> &[Insn] {
-        self.body.as_ref().map_or(&[], |b| &b.insns)
+        match self.insns {
+            // SAFETY: `insns` and `len` describe `body.insns` as `fill` left it: the
+            // vector is not touched again before the next `fill`, which resets them
+            // first, and it lives in the body, which lives as long as the slot.
+            Some(p) => unsafe { std::slice::from_raw_parts(p.as_ptr(), usize::from(self.len)) },
+            None => &[],
+        }
     }
 
     pub(crate) fn compiled(&self) -> Option<Compiled> {
@@ -368,7 +384,7 @@ impl BlockCache {
         let slot = Self::slot(gpa);
         let state = {
             let b = self.blocks.get(slot)?;
-            if b.gpa != gpa || b.ip != ip || b.bitness != bitness {
+            if b.gpa != gpa || b.ip != ip || u32::from(b.bitness) != bitness {
                 Lookup::Miss
             } else if b.epoch == epoch {
                 Lookup::Trusted
@@ -454,6 +470,8 @@ impl BlockCache {
         }
         let b = self.blocks.get_mut(slot)?;
         b.bitness = 0;
+        b.insns = None;
+        b.len = 0;
         b.set_compiled(None);
         b.runs = 0;
         let body = b.body.get_or_insert_with(Box::default);
@@ -468,6 +486,7 @@ impl BlockCache {
             }
         }
         let pos = decode_into(&mut body.insns, bitness, ip, avail);
+        let bitness = bitness as u8;
         if body.insns.is_empty() {
             // The first instruction crosses the page end: remember that (with no code to
             // compare), so the next lookup steps it at once instead of decoding it here
@@ -481,6 +500,8 @@ impl BlockCache {
         }
         body.code.clear();
         body.code.extend_from_slice(avail.get(..pos)?);
+        b.insns = std::ptr::NonNull::new(body.insns.as_mut_ptr());
+        b.len = u8::try_from(body.insns.len()).ok()?;
         b.epoch = epoch;
         b.gpa = gpa;
         b.ip = ip;

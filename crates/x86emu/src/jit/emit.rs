@@ -488,7 +488,7 @@ impl Emitter {
         a!(a.lea(rcx, ptr(rcx + rax + 1)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
-        a!(a.mov(gpr32::ecx, dword_ptr(r9 + b_bits)));
+        a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
         a!(a.lea(rcx, ptr(rcx - 64)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
