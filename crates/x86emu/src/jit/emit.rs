@@ -464,7 +464,8 @@ impl Emitter {
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
         // Code in MMIO is the interpreter's: such entries have no fetch permission.
-        // gpa = frame + offset; slot = (gpa + gpa >> 12) mod slots, as `BlockCache::slot`.
+        // gpa = frame + offset; slot = (gpa + gpa >> 12 + ip >> 12) mod slots, as
+        // `BlockCache::slot`.
         a!(a.mov(r11, qword_ptr(r10 + gpa_off)));
         a!(a.mov(r8, 0xfffu64));
         a!(a.pext(r8, rax, r8));
@@ -472,6 +473,8 @@ impl Emitter {
         a!(a.mov(r8, 12u64));
         a!(a.shrx(r9, r11, r8));
         a!(a.lea(r9, ptr(r9 + r11)));
+        a!(a.shrx(r8, rax, r8));
+        a!(a.lea(r9, ptr(r9 + r8)));
         a!(a.mov(r8, (slots - 1) as u64));
         a!(a.pext(r9, r9, r8));
         a!(a.mov(r8, 6u64));
