@@ -80,6 +80,34 @@ pub trait BlockBackend: Send + fmt::Debug {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
     /// Writes `buf` at guest `offset`; durable only after [`BlockBackend::flush`].
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError>;
+    /// Fills `bufs` in turn from guest `offset` on. Raw images do it in one `preadv`
+    /// (the device passes buffers in guest RAM, so nothing is copied); other formats
+    /// read each buffer in place.
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> Result<(), BlockError> {
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(at, b)?;
+            at = at.saturating_add(b.len() as u64);
+        }
+        Ok(())
+    }
+    /// Writes `bufs` in turn from guest `offset` on (one `pwritev` for raw images).
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Result<(), BlockError> {
+        let mut at = offset;
+        for b in bufs {
+            self.write_at(at, b)?;
+            at = at.saturating_add(b.len() as u64);
+        }
+        Ok(())
+    }
     /// Makes all completed writes durable.
     fn flush(&mut self) -> Result<(), BlockError>;
     /// Tells the backend the range is unused; its content becomes unspecified (zeros or the
@@ -104,6 +132,20 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         (**self).write_at(offset, buf)
+    }
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> Result<(), BlockError> {
+        (**self).read_vectored_at(offset, bufs)
+    }
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Result<(), BlockError> {
+        (**self).write_vectored_at(offset, bufs)
     }
     fn flush(&mut self) -> Result<(), BlockError> {
         (**self).flush()

@@ -1,5 +1,7 @@
 //! Raw image files: guest offset = file offset.
 
+use std::io::{IoSlice, IoSliceMut};
+
 use crate::error::BlockError;
 use crate::storage::Storage;
 use crate::{BlockBackend, BlockStatus};
@@ -69,6 +71,26 @@ impl BlockBackend for Raw {
         self.check_write(offset, buf.len() as u64)?;
         self.file
             .write_at(offset, buf)
+            .map_err(|source| BlockError::RawWrite { offset, source })
+    }
+
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Result<(), BlockError> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, len)?;
+        self.file
+            .read_vectored_at(offset, bufs)
+            .map_err(|source| BlockError::RawRead { offset, source })
+    }
+
+    fn write_vectored_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_write(offset, len)?;
+        self.file
+            .write_vectored_at(offset, bufs)
             .map_err(|source| BlockError::RawWrite { offset, source })
     }
 

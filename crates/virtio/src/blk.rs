@@ -1,12 +1,27 @@
 //! virtio-blk over a `block::BlockBackend` (raw or qcow2): read, write, flush, get-id,
 //! discard and write-zeroes; read-only disks refuse writes.
+//!
+//! Requests are served in two steps so the device lock is never held across disk I/O:
+//! under the lock every chain waiting on the ring is popped and checked into a
+//! [`Request`] (guest addresses, a disk offset, where the status byte goes); then, with
+//! the lock released, the requests run against the disk, reading and writing guest RAM in
+//! place (`preadv`/`pwritev` on iovecs that point into it for raw images), and the
+//! transport publishes all their completions with one used-index update and at most one
+//! interrupt. VIRTIO_RING_F_EVENT_IDX is offered: the driver kicks only when it passes the
+//! avail_event we publish after each batch, and we interrupt only when used_event asks.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::{Arc, Mutex};
 
 use block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::queue::{gather, scatter, Chain};
-use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
+use crate::queue::Chain;
+use crate::{
+    device_type, read_config_bytes, DeviceError, QueueOutcome, QueueWork, Started, VirtioDevice,
+    WorkDone, VIRTIO_RING_F_EVENT_IDX,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -34,23 +49,122 @@ const S_UNSUPP: u8 = 2;
 
 const ID_BYTES: usize = 20;
 const SEG_MAX: u32 = 126;
-/// Largest single request we buffer: bounds host memory per request.
-const MAX_REQUEST_BYTES: u64 = 16 << 20;
+const HEADER_BYTES: u64 = 16;
+/// Discard/write-zeroes segment lists are copied out of the guest: bound them (256
+/// segments; the config space advertises one).
+const MAX_DISCARD_PAYLOAD: u64 = 4096;
 
 pub struct Block {
-    disk: Box<dyn BlockBackend>,
+    /// Its own lock, not the device's: requests run against it after the device lock is
+    /// released.
+    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
     id: [u8; ID_BYTES],
     read_only: bool,
+    capacity: u64,
     config: Vec<u8>,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
-            .field("disk", &self.disk)
+            .field("capacity", &self.capacity)
             .field("read_only", &self.read_only)
-            .finish()
+            .finish_non_exhaustive()
     }
+}
+
+/// A run of guest memory a request reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    addr: GuestAddress,
+    len: u64,
+}
+
+/// What a checked request does once the device lock is released.
+#[derive(Debug)]
+enum Op {
+    Read {
+        offset: u64,
+        data: Vec<Segment>,
+    },
+    Write {
+        offset: u64,
+        data: Vec<Segment>,
+    },
+    Flush,
+    GetId {
+        data: Vec<Segment>,
+        len: usize,
+    },
+    Zero {
+        discard: bool,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Answered without touching the disk (out of range, read-only, unsupported).
+    Status(u8),
+}
+
+/// One request popped off the ring.
+#[derive(Debug)]
+struct Request {
+    head: u16,
+    op: Op,
+    status_at: GuestAddress,
+}
+
+/// The bytes `[skip, skip + len)` of the buffer the descriptors describe, as segments.
+fn window(descs: &[virtio_queue::desc::split::Descriptor], skip: u64, len: u64) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(descs.len());
+    let (mut skip, mut left) = (skip, len);
+    for d in descs {
+        if left == 0 {
+            break;
+        }
+        let dlen = u64::from(d.len());
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let n = (dlen - skip).min(left);
+        // Chain::collect checked each descriptor lies in guest memory, so no overflow.
+        out.push(Segment {
+            addr: d.addr().unchecked_add(skip),
+            len: n,
+        });
+        left -= n;
+        skip = 0;
+    }
+    out
+}
+
+fn total(descs: &[virtio_queue::desc::split::Descriptor]) -> u64 {
+    descs.iter().map(|d| u64::from(d.len())).sum()
+}
+
+/// Copy the (small, bounded by the caller) bytes of `segs` out of guest memory.
+fn copy_out(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<Vec<u8>, DeviceError> {
+    let mut out = Vec::new();
+    for s in segs {
+        let at = out.len();
+        out.resize(at + s.len as usize, 0);
+        mem.read_slice(&mut out[at..], s.addr)
+            .map_err(|_| DeviceError::GuestMemory(s.addr.0))?;
+    }
+    Ok(out)
+}
+
+/// Host views of the guest memory behind `segs` (split where a segment crosses memory
+/// regions), as raw pointer and length.
+fn host_ranges(mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<Vec<(*mut u8, usize)>, u64> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        let len = usize::try_from(s.len).map_err(|_| s.addr.0)?;
+        for slice in mem.get_slices(s.addr, len) {
+            let slice = slice.map_err(|_| s.addr.0)?;
+            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+        }
+    }
+    Ok(out)
 }
 
 impl Block {
@@ -74,27 +188,24 @@ impl Block {
         config[52..56].copy_from_slice(&1u32.to_le_bytes());
         config[56] = 1;
         Block {
-            disk,
+            capacity: sectors * SECTOR_SIZE,
+            disk: Arc::new(Mutex::new(disk)),
             id: idb,
             read_only,
             config,
         }
     }
 
-    fn capacity(&self) -> u64 {
-        self.disk.size() / SECTOR_SIZE * SECTOR_SIZE
-    }
-
     fn in_range(&self, sector: u64, len: u64) -> Option<u64> {
         let off = sector.checked_mul(SECTOR_SIZE)?;
-        (off.checked_add(len)? <= self.capacity()).then_some(off)
+        (off.checked_add(len)? <= self.capacity).then_some(off)
     }
 
-    /// Handle one request; Err only for malformed chains (the device then needs reset),
-    /// I/O trouble is reported to the driver in the status byte.
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &Chain) -> Result<u32, DeviceError> {
-        let out = gather(mem, &chain.readable, MAX_REQUEST_BYTES + 16)?;
-        if out.len() < 16 {
+    /// Check one chain into a request. Err only for malformed chains (the device then
+    /// needs reset); a request the disk cannot serve gets an error status instead.
+    fn parse(&self, mem: &GuestMemoryMmap, chain: &Chain) -> Result<Request, DeviceError> {
+        let readable = total(&chain.readable);
+        if readable < HEADER_BYTES {
             return Err(DeviceError::BadRequest(
                 "request header shorter than 16 bytes",
             ));
@@ -105,105 +216,200 @@ impl Block {
         if status_desc.len() == 0 {
             return Err(DeviceError::BadRequest("empty status descriptor"));
         }
-        let kind = u32::from_le_bytes([out[0], out[1], out[2], out[3]]);
-        let sector = u64::from_le_bytes(out[8..16].try_into().unwrap_or([0; 8]));
-        let payload = &out[16..];
-        // Device-writable space before the status byte.
-        let in_len: u64 = chain
-            .writable
-            .iter()
-            .map(|d| u64::from(d.len()))
-            .sum::<u64>()
-            - 1;
-
-        let (status, written) = match kind {
-            T_IN => {
-                if in_len > MAX_REQUEST_BYTES || !in_len.is_multiple_of(SECTOR_SIZE) {
-                    (S_IOERR, 0)
-                } else if let Some(off) = self.in_range(sector, in_len) {
-                    let mut buf = vec![0u8; in_len as usize];
-                    match self.disk.read_at(off, &mut buf) {
-                        Ok(()) => {
-                            scatter(mem, &chain.writable, &buf)?;
-                            (S_OK, in_len as u32)
-                        }
-                        Err(e) => {
-                            tracing::warn!("virtio-blk read at {off:#x}: {e}");
-                            (S_IOERR, 0)
-                        }
-                    }
-                } else {
-                    (S_IOERR, 0)
-                }
-            }
-            T_OUT => {
-                let len = payload.len() as u64;
-                match self.in_range(sector, len) {
-                    _ if self.read_only => (S_IOERR, 0),
-                    Some(off) if len.is_multiple_of(SECTOR_SIZE) => {
-                        match self.disk.write_at(off, payload) {
-                            Ok(()) => (S_OK, 0),
-                            Err(e) => {
-                                tracing::warn!("virtio-blk write at {off:#x}: {e}");
-                                (S_IOERR, 0)
-                            }
-                        }
-                    }
-                    _ => (S_IOERR, 0),
-                }
-            }
-            T_FLUSH => match self.disk.flush() {
-                Ok(()) => (S_OK, 0),
-                Err(e) => {
-                    tracing::warn!("virtio-blk flush: {e}");
-                    (S_IOERR, 0)
-                }
-            },
-            T_GET_ID => {
-                let n = (in_len as usize).min(ID_BYTES);
-                scatter(mem, &chain.writable, &self.id[..n])?;
-                (S_OK, n as u32)
-            }
-            T_DISCARD | T_WRITE_ZEROES => {
-                if self.read_only {
-                    (S_IOERR, 0)
-                } else {
-                    (self.discard_segments(kind, payload), 0)
-                }
-            }
-            _ => (S_UNSUPP, 0),
-        };
         let status_at = status_desc
             .addr()
             .checked_add(u64::from(status_desc.len()) - 1)
             .ok_or(DeviceError::GuestMemory(status_desc.addr().0))?;
-        mem.write_obj(status, status_at)
-            .map_err(|_| DeviceError::GuestMemory(status_at.0))?;
-        Ok(written + 1)
+        let header = copy_out(mem, &window(&chain.readable, 0, HEADER_BYTES))?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector);
+        // Driver-readable bytes after the header, device-writable ones before the status.
+        let out_len = readable - HEADER_BYTES;
+        let in_len = total(&chain.writable) - 1;
+
+        let op = match kind {
+            T_IN => match self.in_range(sector, in_len) {
+                Some(offset) if in_len.is_multiple_of(SECTOR_SIZE) => Op::Read {
+                    offset,
+                    data: window(&chain.writable, 0, in_len),
+                },
+                _ => Op::Status(S_IOERR),
+            },
+            T_OUT => match self.in_range(sector, out_len) {
+                _ if self.read_only => Op::Status(S_IOERR),
+                Some(offset) if out_len.is_multiple_of(SECTOR_SIZE) => Op::Write {
+                    offset,
+                    data: window(&chain.readable, HEADER_BYTES, out_len),
+                },
+                _ => Op::Status(S_IOERR),
+            },
+            T_FLUSH => Op::Flush,
+            T_GET_ID => Op::GetId {
+                data: window(&chain.writable, 0, in_len),
+                len: (in_len as usize).min(ID_BYTES),
+            },
+            T_DISCARD | T_WRITE_ZEROES if self.read_only => Op::Status(S_IOERR),
+            T_DISCARD | T_WRITE_ZEROES => {
+                if out_len == 0 || out_len > MAX_DISCARD_PAYLOAD || !out_len.is_multiple_of(16) {
+                    Op::Status(S_IOERR)
+                } else {
+                    let payload = copy_out(mem, &window(&chain.readable, HEADER_BYTES, out_len))?;
+                    self.zero_ranges(kind == T_DISCARD, &payload)
+                }
+            }
+            _ => Op::Status(S_UNSUPP),
+        };
+        Ok(Request {
+            head: chain.head,
+            op,
+            status_at,
+        })
     }
 
-    fn discard_segments(&mut self, kind: u32, payload: &[u8]) -> u8 {
-        if payload.is_empty() || !payload.len().is_multiple_of(16) {
-            return S_IOERR;
-        }
+    fn zero_ranges(&self, discard: bool, payload: &[u8]) -> Op {
+        let mut ranges = Vec::with_capacity(payload.len() / 16);
         for seg in payload.chunks_exact(16) {
-            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
-            let count = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4])));
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&seg[0..8]);
+            let sector = u64::from_le_bytes(s);
+            let count = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
             let len = count * SECTOR_SIZE;
             let Some(off) = self.in_range(sector, len) else {
-                return S_IOERR;
+                return Op::Status(S_IOERR);
             };
-            let r = if kind == T_DISCARD {
-                self.disk.discard(off, len)
-            } else {
-                self.disk.write_zeroes(off, len)
-            };
-            if let Err(e) = r {
-                tracing::warn!("virtio-blk discard/write-zeroes at {off:#x}: {e}");
-                return S_IOERR;
+            ranges.push((off, len));
+        }
+        Op::Zero { discard, ranges }
+    }
+
+    /// Pop every chain waiting on the queue and check it (device lock held).
+    fn take(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Batch, DeviceError> {
+        let mut requests = Vec::new();
+        let size = queue.size();
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let chain = Chain::collect(chain, size, mem)?;
+            requests.push(self.parse(mem, &chain)?);
+        }
+        Ok(Batch {
+            disk: self.disk.clone(),
+            id: self.id,
+            requests,
+        })
+    }
+}
+
+/// Requests taken off the ring, to run without the device lock.
+struct Batch {
+    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
+    id: [u8; ID_BYTES],
+    requests: Vec<Request>,
+}
+
+impl Batch {
+    fn disk(&self) -> std::sync::MutexGuard<'_, Box<dyn BlockBackend>> {
+        // A panic in a backend is a bug already reported; its state is the best there is.
+        self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run one request; returns its status and the bytes it wrote into guest buffers.
+    fn run_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Result<(u8, u32), DeviceError> {
+        let status = |r: Result<(), block::BlockError>, what: &str| match r {
+            Ok(()) => S_OK,
+            Err(e) => {
+                tracing::warn!("virtio-blk {what}: {e}");
+                S_IOERR
+            }
+        };
+        Ok(match op {
+            Op::Read { offset, data } => {
+                let ranges = host_ranges(mem, data).map_err(DeviceError::GuestMemory)?;
+                let mut bufs: Vec<IoSliceMut<'_>> = ranges
+                    .iter()
+                    .map(|&(p, n)| {
+                        // SAFETY: `p` and `n` come from a VolatileSlice of `mem`, which keeps
+                        // the mapping alive for this borrow. The guest may touch the same
+                        // bytes meanwhile (it owns them, as with a DMA target); Rust code
+                        // reads nothing through these slices, the backend only fills them.
+                        IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
+                    })
+                    .collect();
+                let r = self.disk().read_vectored_at(*offset, &mut bufs);
+                // Before the used ring publishes it: a guest that sees the data may run it
+                // (reported even after a failure, which may have filled part of it).
+                for s in data {
+                    crate::ram_watch::wrote(s.addr.0, s.len);
+                }
+                let len: u64 = data.iter().map(|s| s.len).sum();
+                match status(r, &format!("read at {offset:#x}")) {
+                    S_OK => (S_OK, u32::try_from(len).unwrap_or(u32::MAX)),
+                    s => (s, 0),
+                }
+            }
+            Op::Write { offset, data } => {
+                let ranges = host_ranges(mem, data).map_err(DeviceError::GuestMemory)?;
+                let bufs: Vec<IoSlice<'_>> = ranges
+                    .iter()
+                    .map(|&(p, n)| {
+                        // SAFETY: as for reads; the backend only reads these bytes.
+                        IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
+                    })
+                    .collect();
+                let r = self.disk().write_vectored_at(*offset, &bufs);
+                (status(r, &format!("write at {offset:#x}")), 0)
+            }
+            Op::Flush => (status(self.disk().flush(), "flush"), 0),
+            Op::GetId { data, len } => {
+                let mut left = &self.id[..*len];
+                for s in data {
+                    let n = (s.len as usize).min(left.len());
+                    mem.write_slice(&left[..n], s.addr)
+                        .map_err(|_| DeviceError::GuestMemory(s.addr.0))?;
+                    crate::ram_watch::wrote(s.addr.0, n as u64);
+                    left = &left[n..];
+                }
+                (S_OK, *len as u32)
+            }
+            Op::Zero { discard, ranges } => {
+                let mut disk = self.disk();
+                let mut st = S_OK;
+                for &(off, len) in ranges {
+                    let r = if *discard {
+                        disk.discard(off, len)
+                    } else {
+                        disk.write_zeroes(off, len)
+                    };
+                    st = status(r, &format!("discard/write-zeroes at {off:#x}"));
+                    if st != S_OK {
+                        break;
+                    }
+                }
+                (st, 0)
+            }
+            Op::Status(s) => (*s, 0),
+        })
+    }
+}
+
+impl QueueWork for Batch {
+    fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone {
+        let mut done = WorkDone::default();
+        for req in &self.requests {
+            let result = self.run_one(mem, &req.op).and_then(|(status, written)| {
+                mem.write_obj(status, req.status_at)
+                    .map_err(|_| DeviceError::GuestMemory(req.status_at.0))?;
+                Ok(written.saturating_add(1))
+            });
+            match result {
+                Ok(len) => done.used.push((req.head, len)),
+                Err(e) => {
+                    done.error = Some(e);
+                    break;
+                }
             }
         }
-        S_OK
+        done
     }
 }
 
@@ -217,7 +423,10 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+        let mut f = VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_RING_F_EVENT_IDX;
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         } else {
@@ -230,22 +439,35 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn start_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Started, DeviceError> {
+        Ok(Started::Unlocked(Box::new(self.take(queue, mem)?)))
+    }
+
+    /// The whole round on this thread (for callers without a transport).
     fn process_queue(
         &mut self,
         _index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceError> {
-        let mut outcome = QueueOutcome::default();
-        let size = queue.size();
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let chain = Chain::collect(chain, size, mem)?;
-            let len = self.handle(mem, &chain)?;
+        let batch = Box::new(self.take(queue, mem)?);
+        let done = batch.run(mem);
+        for &(head, len) in &done.used {
             queue
-                .add_used(mem, chain.head, len)
+                .add_used(mem, head, len)
                 .map_err(|_| DeviceError::BadRequest("cannot add to the used ring"))?;
-            outcome.used = true;
         }
-        Ok(outcome)
+        if let Some(e) = done.error {
+            return Err(e);
+        }
+        Ok(QueueOutcome {
+            used: !done.used.is_empty(),
+            ..QueueOutcome::default()
+        })
     }
 }

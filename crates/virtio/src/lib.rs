@@ -33,6 +33,13 @@ pub mod device_type {
 /// VIRTIO_F_VERSION_1: the modern interface; the only one Vessel offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// VIRTIO_RING_F_EVENT_IDX: the driver publishes used_event (interrupt me when the used
+/// index passes it) and the device avail_event (kick me when the avail index passes it).
+/// The transport arms it on every queue once negotiated; a device that offers it must
+/// serve its queues through [`VirtioDevice::start_queue`]'s unlocked work, after which
+/// the transport publishes avail_event.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
 /// What a device asks of the transport after handling a queue.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueOutcome {
@@ -58,6 +65,41 @@ pub enum DeviceError {
     GuestMemory(u64),
 }
 
+/// How a device took up a notified queue.
+pub enum Started {
+    /// Served in full under the device lock.
+    Done(QueueOutcome),
+    /// Chains popped off the ring, to be run by the transport with the device lock
+    /// released (disk I/O must not hold up the guest's register accesses), then
+    /// published on the ring in one batch.
+    Unlocked(Box<dyn QueueWork>),
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Started::Done(o) => f.debug_tuple("Done").field(o).finish(),
+            Started::Unlocked(_) => f.write_str("Unlocked(..)"),
+        }
+    }
+}
+
+/// Requests a device took off a queue, run without the device lock.
+pub trait QueueWork: Send {
+    /// Serve the requests; guest buffers are written, the used ring is not.
+    fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone;
+}
+
+/// What [`QueueWork::run`] completed.
+#[derive(Debug, Default)]
+pub struct WorkDone {
+    /// (head, bytes written) for the used ring, in completion order.
+    pub used: Vec<(u16, u32)>,
+    /// A request the device could not complete at all (its status byte is outside
+    /// guest memory): the device needs a reset after publishing `used`.
+    pub error: Option<DeviceError>,
+}
+
 /// A virtio device model, transport-independent.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -78,6 +120,16 @@ pub trait VirtioDevice: Send {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceError>;
+    /// Take up a notified queue. By default the whole of [`VirtioDevice::process_queue`]
+    /// under the device lock; devices that do slow host I/O return the work instead.
+    fn start_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Started, DeviceError> {
+        self.process_queue(index, queue, mem).map(Started::Done)
+    }
     /// The driver reset the device: drop in-flight state.
     fn reset(&mut self) {}
 }

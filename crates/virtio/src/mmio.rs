@@ -25,7 +25,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    QueueOutcome, Started, VirtioDevice, WorkDone, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;
@@ -84,6 +86,9 @@ struct CoreState {
 /// whichever thread runs the device.
 pub struct DeviceCore {
     state: Mutex<CoreState>,
+    /// Held by whoever runs a device's work outside `state` (disk I/O), and by a driver
+    /// reset, which so waits for work in progress. Always taken before `state`.
+    in_flight: Mutex<()>,
     interrupt_status: AtomicU32,
     mem: GuestMemoryMmap,
     irq: Arc<dyn IrqChip>,
@@ -105,6 +110,10 @@ impl DeviceCore {
         // A panic while holding the lock is a bug already reported; the state is still
         // the best there is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_in_flight(&self) -> MutexGuard<'_, ()> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The device status register.
@@ -135,11 +144,32 @@ impl DeviceCore {
     /// None when the device did not run: not started, needing a reset, or the queue not
     /// set up.
     pub fn process_queue(&self, index: usize) -> Option<QueueOutcome> {
-        let mut st = self.lock();
-        self.process_locked(&mut st, index)
+        let _in_flight = self.lock_in_flight();
+        let mut outcome: Option<QueueOutcome> = None;
+        // Rounds until the ring stays empty: requests the driver adds while a batch runs
+        // are taken up without waiting for another notify.
+        loop {
+            let mut st = self.lock();
+            let work = match self.start_locked(&mut st, index)? {
+                Started::Done(o) => return Some(o),
+                Started::Unlocked(work) => work,
+            };
+            drop(st);
+            let done = work.run(&self.mem);
+            let mut st = self.lock();
+            let more = self.publish(&mut st, index, done)?;
+            let o = outcome.get_or_insert_with(QueueOutcome::default);
+            o.used |= more.0;
+            // A round that found nothing stops even if the avail index says otherwise (a
+            // driver that published an index past its ring).
+            if !(more.0 && more.1) {
+                return outcome;
+            }
+        }
     }
 
-    fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
+    /// Checks the device and queue are running and lets the device take up the queue.
+    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Started> {
         if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
             return None;
         }
@@ -155,19 +185,73 @@ impl DeviceCore {
             );
             return None;
         }
-        match device.process_queue(index, queue, &self.mem) {
-            Ok(outcome) => {
+        match device.start_queue(index, queue, &self.mem) {
+            Ok(Started::Done(outcome)) => {
                 if outcome.used && queue.needs_notification(&self.mem).unwrap_or(true) {
                     self.interrupt(INT_USED_RING);
                 }
                 if let Some(next) = outcome.also_process.filter(|&n| n != index) {
                     self.process_locked(st, next);
                 }
-                Some(outcome)
+                Some(Started::Done(outcome))
             }
+            Ok(work) => Some(work),
             Err(e) => {
                 self.fail(st, e);
                 None
+            }
+        }
+    }
+
+    /// Puts a batch's completions on the used ring with one index update, interrupts the
+    /// driver if it asked (used_event with EVENT_IDX), and re-arms its notifications
+    /// (avail_event). Returns (anything used, more requests already waiting); None when
+    /// the device stopped or failed.
+    fn publish(&self, st: &mut CoreState, index: usize, done: WorkDone) -> Option<(bool, bool)> {
+        if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
+            return None;
+        }
+        let queue = st.queues.get_mut(index)?;
+        let used = !done.used.is_empty();
+        // One add_used each (not queue::add_used_batch): virtio-queue counts them for
+        // its used_event test below, and blk's completions are independent of each other.
+        let published = done.used.iter().try_for_each(|&(head, len)| {
+            queue
+                .add_used(&self.mem, head, len)
+                .map_err(|_| crate::DeviceError::BadRequest("cannot add to the used ring"))
+        });
+        if let Err(e) = published.and(done.error.map_or(Ok(()), Err)) {
+            self.fail(st, e);
+            return None;
+        }
+        // With EVENT_IDX this publishes avail_event = next_avail: the driver kicks for
+        // the next request it adds; true means some came in while the batch ran.
+        let more = match queue.enable_notification(&self.mem) {
+            Ok(more) => more,
+            Err(_) => {
+                self.fail(st, format_args!("queue {index}: rings left guest memory"));
+                return None;
+            }
+        };
+        if used && queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt(INT_USED_RING);
+        }
+        Some((used, more))
+    }
+
+    /// Runs a queue another queue's work asked for, with the device lock already held
+    /// (only devices served entirely under the lock do that).
+    fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
+        match self.start_locked(st, index)? {
+            Started::Done(o) => Some(o),
+            Started::Unlocked(work) => {
+                // Already under the lock: run it here rather than lose the requests.
+                let done = work.run(&self.mem);
+                let (used, _) = self.publish(st, index, done)?;
+                Some(QueueOutcome {
+                    used,
+                    ..QueueOutcome::default()
+                })
             }
         }
     }
@@ -239,6 +323,7 @@ impl MmioTransport {
                     status: 0,
                     config_generation: 0,
                 }),
+                in_flight: Mutex::new(()),
                 interrupt_status: AtomicU32::new(0),
                 mem,
                 irq,
@@ -301,6 +386,9 @@ impl MmioTransport {
 
     fn write_status(&mut self, v: u32) {
         let core = self.core.clone();
+        // A reset waits for requests running outside the device lock: once the driver
+        // reads status 0 back, the device no longer writes its memory.
+        let _in_flight = (v == 0).then(|| core.lock_in_flight());
         let mut st = core.lock();
         if v == 0 {
             self.reset(&mut st);
@@ -318,6 +406,10 @@ impl MmioTransport {
             }
             let f = st.driver_features;
             st.device.ack_features(f);
+            let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
+            for q in &mut st.queues {
+                q.set_event_idx(event_idx);
+            }
         }
         // NEEDS_RESET is the device's to set and only a reset clears it.
         st.status = v | (st.status & status::DEVICE_NEEDS_RESET);

@@ -780,3 +780,217 @@ fn an_io_thread_runs_the_device_off_the_notifying_thread() {
     exit.request(devices::ExitReason::Quit);
     thread.join().unwrap();
 }
+
+/// Where the split ring's event fields sit for queue 0 (virtio spec 2.7.10).
+const USED_EVENT: u64 = AVAIL + 4 + 2 * QSIZE as u64;
+const AVAIL_EVENT: u64 = USED + 4 + 8 * QSIZE as u64;
+
+impl Driver {
+    /// Put a chain on queue 0 starting at descriptor `first`, without notifying.
+    fn post(&mut self, first: u16, chain: &[(u64, u32, u16)]) {
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let idx = first + i as u16;
+            let d = DESC + u64::from(idx) * 16;
+            let next_flag = if i + 1 < chain.len() { F_NEXT } else { 0 };
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem
+                .write_obj(flags | next_flag, GuestAddress(d + 12))
+                .unwrap();
+            self.mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
+        }
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        self.mem.write_obj(first, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    fn pulses(&self) -> u32 {
+        *self.irq.0.lock().unwrap()
+    }
+}
+
+#[test]
+fn blk_negotiates_event_idx_and_honours_used_event_and_avail_event() {
+    let mut d = blk(false);
+    d.w(0x014, 0);
+    assert_ne!(d.r(0x010) & (1 << 29), 0, "VIRTIO_RING_F_EVENT_IDX offered");
+    // The driver wants an interrupt only once the used index passes 4.
+    d.mem.write_obj(4u16, GuestAddress(USED_EVENT)).unwrap();
+    let before = d.pulses();
+    for n in 1..=5u16 {
+        d.header(HDR, 0, u64::from(n));
+        assert_eq!(
+            d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]),
+            Some(513)
+        );
+        assert_eq!(d.byte(BUF), n as u8);
+        // After each batch the device asks to be kicked for the next request.
+        let avail_event: u16 = d.mem.read_obj(GuestAddress(AVAIL_EVENT)).unwrap();
+        assert_eq!(avail_event, n);
+        let expected = if n < 5 { before } else { before + 1 };
+        assert_eq!(d.pulses(), expected, "interrupts after request {n}");
+    }
+}
+
+#[test]
+fn without_event_idx_every_batch_interrupts() {
+    let mut d = Driver::new(Box::new(Block::new(
+        Box::new(MemDisk {
+            data: vec![7u8; 1 << 20],
+            ro: false,
+        }),
+        "x",
+        false,
+    )))
+    .init_with(QSIZE, !crate::VIRTIO_RING_F_EVENT_IDX);
+    d.mem.write_obj(100u16, GuestAddress(USED_EVENT)).unwrap();
+    let before = d.pulses();
+    d.header(HDR, 0, 0);
+    d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(
+        d.pulses(),
+        before + 1,
+        "used_event is ignored when not negotiated"
+    );
+    let avail_event: u16 = d.mem.read_obj(GuestAddress(AVAIL_EVENT)).unwrap();
+    assert_eq!(avail_event, 0, "avail_event untouched when not negotiated");
+}
+
+#[test]
+fn a_ring_of_requests_completes_in_one_batch_with_one_interrupt() {
+    let mut d = blk(false);
+    // used_event 0 with EVENT_IDX: interrupt as soon as anything is used.
+    let before = d.pulses();
+    for i in 0..4u64 {
+        let hdr = HDR + i * 0x10;
+        d.header(hdr, 0, 10 + i);
+        d.post(
+            (i * 3) as u16,
+            &[
+                (hdr, 16, 0),
+                (BUF + i * 0x400, 1024, F_WRITE),
+                (ST + i, 1, F_WRITE),
+            ],
+        );
+    }
+    d.mem.write_slice(&[0xff; 4], GuestAddress(ST)).unwrap();
+    d.w(0x050, 0);
+    assert_eq!(d.used_idx(), 4);
+    assert_eq!(d.pulses(), before + 1, "one interrupt for the batch");
+    for i in 0..4u64 {
+        assert_eq!(d.byte(ST + i), 0);
+        assert_eq!(d.byte(BUF + i * 0x400), 10 + i as u8);
+        assert_eq!(d.byte(BUF + i * 0x400 + 600), 11 + i as u8);
+        let elem = USED + 4 + i * 8;
+        let head: u32 = d.mem.read_obj(GuestAddress(elem)).unwrap();
+        let len: u32 = d.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+        assert_eq!((head, len), (i as u32 * 3, 1025));
+    }
+}
+
+#[test]
+fn header_data_and_status_may_share_descriptors() {
+    let mut d = blk(false);
+    // A write whose header and payload are one descriptor.
+    d.header(HDR, 1, 5);
+    d.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(HDR + 16))
+        .unwrap();
+    d.submit(&[(HDR, 16 + 1024, 0), (ST, 1, F_WRITE)]);
+    assert_eq!(d.byte(ST), 0);
+    // A read whose data and status byte are one descriptor.
+    d.header(HDR, 0, 6);
+    d.mem.write_obj(0xffu8, GuestAddress(BUF + 512)).unwrap();
+    assert_eq!(
+        d.submit(&[(HDR, 16, 0), (BUF, 256, F_WRITE), (BUF + 256, 257, F_WRITE)]),
+        Some(513)
+    );
+    assert_eq!(d.byte(BUF + 512), 0, "status after the data");
+    assert_eq!(d.byte(BUF), 0x5a);
+    assert_eq!(d.byte(BUF + 511), 0x5a);
+}
+
+/// A disk whose reads wait until the test lets them go.
+#[derive(Debug)]
+struct GatedDisk {
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl block::BlockBackend for GatedDisk {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, _: u64, b: &mut [u8]) -> Result<(), block::BlockError> {
+        let _ = self.entered.send(());
+        let _ = self.release.lock().unwrap().recv();
+        b.fill(0x42);
+        Ok(())
+    }
+    fn write_at(&mut self, _: u64, _: &[u8]) -> Result<(), block::BlockError> {
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), block::BlockError> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> Result<(), block::BlockError> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64) -> Result<(), block::BlockError> {
+        Ok(())
+    }
+    fn block_status(
+        &mut self,
+        _: u64,
+        len: u64,
+    ) -> Result<(block::BlockStatus, u64), block::BlockError> {
+        Ok((block::BlockStatus::Data, len))
+    }
+}
+
+#[test]
+fn registers_stay_served_while_a_request_waits_on_the_disk() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let disk = GatedDisk {
+        entered: entered_tx,
+        release: Arc::new(Mutex::new(release_rx)),
+    };
+    let mut d = Driver::new(Box::new(Block::new(Box::new(disk), "gated", false))).init(QSIZE);
+    let io = d.t.io_thread("blk-gated", None).unwrap();
+    let exit = Arc::new(devices::ExitSignal::new());
+    let gate = Arc::new(crate::mmio::IoGate::default());
+    let thread = io.spawn(exit.clone(), gate).unwrap();
+    d.header(HDR, 0, 0);
+    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    entered
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the request reached the disk");
+    // The disk is busy; the registers that take the device lock still answer.
+    assert_eq!(d.r(0x070) & status::DRIVER_OK, status::DRIVER_OK);
+    let mut cap = [0u8; 8];
+    d.t.read(0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+    assert_eq!(d.used_idx(), 0);
+    release.send(()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.used_idx() != 1 {
+        assert!(std::time::Instant::now() < deadline, "never completed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(d.byte(BUF), 0x42);
+    assert_eq!(d.byte(ST), 0);
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
+}
