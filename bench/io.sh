@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Sequential virtio-blk throughput inside the guest (busybox dd, 128 MiB, 1 MiB blocks):
-# Vessel emu vs QEMU 7.2 TCG (q35, virtio-blk-pci), same kernel, initramfs and raw image,
-# runs interleaved; prints medians and Vessel/QEMU.
+# virtio-blk inside the guest: sequential throughput (busybox dd, 128 MiB, 1 MiB blocks)
+# and 4 KiB random read/write IOPS with O_DIRECT at queue depth 1 and 4 (bench/iops.c,
+# built static here and appended to the initramfs). Vessel emu vs QEMU 7.2 TCG (q35,
+# virtio-blk-pci), same kernel, initramfs and raw image, runs interleaved; prints medians
+# and Vessel/QEMU.
 #
 #   bench/io.sh [RUNS]        (default 3)
 #   VESSEL=path/to/vessel bench/io.sh   measures that binary instead of building one
+#   VESSEL_BEFORE=path/to/vessel ...    also measures that one, as "vessel-before"
 # Writes end with conv=fsync; reads follow a drop_caches, so both cross the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,23 +19,37 @@ if [ -z "${VESSEL:-}" ]; then
     cargo build -q --release -p vessel
     VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
 fi
-IMG="$(mktemp /tmp/vessel-io-XXXXXX.raw)"
-trap 'rm -f "$IMG"' EXIT
+WORK="$(mktemp -d /tmp/vessel-io-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+IMG="$WORK/disk.raw"
 truncate -s 256M "$IMG"
+# The initramfs with /iops appended as a second cpio archive (the kernel unpacks both).
+mkdir "$WORK/extra"
+gcc -static -O2 -pthread -o "$WORK/extra/iops" bench/iops.c
+( cd "$WORK/extra" && echo iops | cpio -o -H newc --quiet | gzip ) > "$WORK/iops.cpio.gz"
+cat "$ASSETS/initramfs.cpio.gz" "$WORK/iops.cpio.gz" > "$WORK/initramfs.cpio.gz"
 
-python3 - "$RUNS" "$ASSETS" "$VESSEL" "$IMG" <<'PY'
+python3 - "$RUNS" "$ASSETS" "$VESSEL" "$IMG" "$WORK/initramfs.cpio.gz" "${VESSEL_BEFORE:-}" <<'PY'
 import os, re, select, statistics, subprocess, sys, time
 
-runs, assets, vessel, img = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-k, initrd = f"{assets}/vmlinuz", f"{assets}/initramfs.cpio.gz"
+runs, assets, vessel, img, initrd = int(sys.argv[1]), *sys.argv[2:6]
+before = sys.argv[6]
+k = f"{assets}/vmlinuz"
 cmdline = "console=ttyS0 panic=-1 quiet"
-configs = {
-    "vessel-emu": [vessel, "run", "--accel", "emu", "--memory", "256M", "--kernel", k,
-                   "--initrd", initrd, "--cmdline", cmdline, "--disk", f"{img},format=raw"],
-    "qemu-q35": ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
-                 "-nographic", "-no-reboot", "-kernel", k, "-initrd", initrd,
-                 "-append", cmdline, "-drive", f"file={img},if=virtio,format=raw"],
-}
+
+def vessel_argv(binary):
+    return [binary, "run", "--accel", "emu", "--memory", "256M", "--kernel", k,
+            "--initrd", initrd, "--cmdline", cmdline, "--disk", f"{img},format=raw"]
+
+configs = {"vessel-emu": vessel_argv(vessel)}
+if before:
+    configs["vessel-before"] = vessel_argv(before)
+configs["qemu-q35"] = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
+                       "-nographic", "-no-reboot", "-kernel", k, "-initrd", initrd,
+                       "-append", cmdline, "-drive", f"file={img},if=virtio,format=raw"]
+# 4 KiB random I/O: (label, mode, threads = queue depth), 4 s each over the first 128 MiB.
+IOPS = [("randwrite-qd1", "w", 1), ("randread-qd1", "r", 1),
+        ("randwrite-qd4", "w", 4), ("randread-qd4", "r", 4)]
 # busybox dd prints no rate and its date has no nanoseconds: bracket each transfer with
 # /proc/uptime (10 ms resolution) and compute the rate here.
 SCRIPT = ("echo W0=$(cut -d' ' -f1 /proc/uptime); "
@@ -40,7 +57,9 @@ SCRIPT = ("echo W0=$(cut -d' ' -f1 /proc/uptime); "
           "echo W1=$(cut -d' ' -f1 /proc/uptime); echo 3 > /proc/sys/vm/drop_caches; "
           "echo R0=$(cut -d' ' -f1 /proc/uptime); "
           "dd if=/dev/vda of=/dev/null bs=1M count=128 2>/dev/null; "
-          "echo R1=$(cut -d' ' -f1 /proc/uptime); echo IO-''DONE; poweroff -f\n")
+          "echo R1=$(cut -d' ' -f1 /proc/uptime); "
+          + "".join(f"echo {n}: $(/iops /dev/vda {m} 4 {t} 128); " for n, m, t in IOPS)
+          + "echo IO-''DONE; poweroff -f\n")
 MIB = 128
 
 def mbps(buf, tag):
@@ -69,27 +88,41 @@ def one(argv, limit=300.0):
             if b"IO-DONE" in buf:
                 break
         w, r = mbps(buf, b"W"), mbps(buf, b"R")
-        if w is None or r is None:
-            return None, None, buf[-500:].decode(errors="replace")
-        return w, r, None
+        iops = {}
+        for n, _, _ in IOPS:
+            m = re.search(n.encode() + rb": IOPS-[RW]=(\d+)", buf)
+            if m:
+                iops[n] = float(m.group(1))
+        if w is None or r is None or len(iops) != len(IOPS):
+            return None, None, None, buf[-800:].decode(errors="replace")
+        return w, r, iops, None
     finally:
         p.kill(); p.wait()
 
-res = {n: ([], []) for n in configs}
+cols = ["write MB/s", "read MB/s"] + [n for n, _, _ in IOPS]
+res = {n: {c: [] for c in cols} for n in configs}
 for i in range(runs):
     for name, argv in configs.items():
-        w, r, err = one(argv)
+        w, r, iops, err = one(argv)
         if w is None:
             print(f"run {i+1} {name}: failed:\n{err}", file=sys.stderr)
             continue
-        res[name][0].append(w); res[name][1].append(r)
-        print(f"run {i+1} {name}: write {w:.1f} MB/s, read {r:.1f} MB/s", file=sys.stderr)
+        res[name]["write MB/s"].append(w); res[name]["read MB/s"].append(r)
+        for n, v in iops.items():
+            res[name][n].append(v)
+        print(f"run {i+1} {name}: write {w:.1f} MB/s, read {r:.1f} MB/s, "
+              + ", ".join(f"{n} {v:.0f} IOPS" for n, v in iops.items()), file=sys.stderr)
 
 med = lambda xs: statistics.median(xs) if xs else float("nan")
-print(f"\nvirtio-blk sequential, 128 MiB in 1 MiB blocks, {runs} runs, medians")
-print(f"{'config':<12} {'write MB/s':>11} {'read MB/s':>10}")
+print(f"\nvirtio-blk: sequential 128 MiB in 1 MiB blocks (MB/s); 4 KiB random O_DIRECT "
+      f"(IOPS); {runs} runs, medians")
+print(f"{'config':<14}" + "".join(f"{c:>15}" for c in cols))
 for n in configs:
-    print(f"{n:<12} {med(res[n][0]):>11.1f} {med(res[n][1]):>10.1f}")
-v, q = res["vessel-emu"], res["qemu-q35"]
-print(f"vessel-emu / qemu-q35: write {med(v[0])/med(q[0]):.2f}x, read {med(v[1])/med(q[1]):.2f}x")
+    print(f"{n:<14}" + "".join(f"{med(res[n][c]):>15.1f}" for c in cols))
+q = res["qemu-q35"]
+for n in configs:
+    if n == "qemu-q35":
+        continue
+    ratios = ", ".join(f"{c} {med(res[n][c]) / med(q[c]):.2f}x" for c in cols)
+    print(f"{n} / qemu-q35: {ratios}")
 PY

@@ -3,11 +3,11 @@
 //!
 //! Requests are served in two steps so the device lock is never held across disk I/O:
 //! under the lock every chain waiting on the ring is popped and checked into a
-//! [`Request`] (guest addresses, a disk offset, where the status byte goes); then, with
+//! `Request` (guest addresses, a disk offset, where the status byte goes); then, with
 //! the lock released, the requests run against the disk, reading and writing guest RAM in
 //! place (`preadv`/`pwritev` on iovecs that point into it for raw images), and the
-//! transport publishes all their completions with one used-index update and at most one
-//! interrupt. VIRTIO_RING_F_EVENT_IDX is offered: the driver kicks only when it passes the
+//! transport publishes their completions together, with at most one interrupt.
+//! VIRTIO_RING_F_EVENT_IDX is offered: the driver kicks only when it passes the
 //! avail_event we publish after each batch, and we interrupt only when used_event asks.
 
 use std::io::{IoSlice, IoSliceMut};

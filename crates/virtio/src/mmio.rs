@@ -203,8 +203,7 @@ impl DeviceCore {
         }
     }
 
-    /// Puts a batch's completions on the used ring with one index update, interrupts the
-    /// driver if it asked (used_event with EVENT_IDX), and re-arms its notifications
+    /// Puts a batch's completions on the used ring, interrupts the driver once if it asked (used_event with EVENT_IDX), and re-arms its notifications
     /// (avail_event). Returns (anything used, more requests already waiting); None when
     /// the device stopped or failed.
     fn publish(&self, st: &mut CoreState, index: usize, done: WorkDone) -> Option<(bool, bool)> {
