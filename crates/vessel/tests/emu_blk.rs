@@ -1,6 +1,6 @@
 //! virtio-blk's data path with a real guest (Debian's kernel on the emu accelerator,
-//! the busybox initramfs): many O_DIRECT requests in flight at random places on raw and
-//! qcow2 disks, checked by the guest, and a host-side write error (a full filesystem)
+//! the busybox initramfs): EVENT_IDX negotiated, many O_DIRECT requests in flight at
+//! random places on raw and qcow2 disks, checked by the guest, and a host-side write error (a full filesystem)
 //! reaching the guest as an I/O error while the VMM carries on.
 
 mod common;
@@ -79,6 +79,13 @@ fn random_o_direct_writes_in_flight_read_back_intact_on_raw_and_qcow2() {
         format!("{},format=raw", raw.display()),
         format!("{},format=qcow2", qcow.display()),
     ]);
+    // The features the driver accepted, one character per bit: it took EVENT_IDX (29).
+    let features = c.run("cat /sys/block/vda/device/features", CMD);
+    assert_eq!(
+        features.trim().chars().nth(29),
+        Some('1'),
+        "VIRTIO_RING_F_EVENT_IDX not negotiated: {features}"
+    );
     let pat = c.run(
         "dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null; md5sum /tmp/pat",
         CMD,
