@@ -994,3 +994,53 @@ fn registers_stay_served_while_a_request_waits_on_the_disk() {
     exit.request(devices::ExitReason::Quit);
     thread.join().unwrap();
 }
+
+#[test]
+fn a_reset_waits_for_the_request_on_the_disk() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let disk = GatedDisk {
+        entered: entered_tx,
+        release: Arc::new(Mutex::new(release_rx)),
+    };
+    let mut d = Driver::new(Box::new(Block::new(Box::new(disk), "gated", false))).init(QSIZE);
+    let io = d.t.io_thread("blk-reset", None).unwrap();
+    let exit = Arc::new(devices::ExitSignal::new());
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
+        .unwrap();
+    d.header(HDR, 0, 0);
+    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    entered
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the request reached the disk");
+    // Let the disk finish a while after the reset starts: the reset must not return
+    // before the request is done with guest memory.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        release.send(()).unwrap();
+    });
+    let t0 = std::time::Instant::now();
+    d.w(0x070, 0);
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(150),
+        "reset returned while the request was still writing guest memory"
+    );
+    assert_eq!(d.status(), 0);
+    // The request finished, and was published, before the reset took effect.
+    assert_eq!(d.byte(BUF), 0x42);
+    assert_eq!(d.used_idx(), 1);
+    releaser.join().unwrap();
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
+}
+
+#[test]
+fn an_avail_index_past_the_ring_does_not_spin_the_device() {
+    let mut d = blk(false);
+    d.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+    // Returns (virtio-queue refuses the index); the device takes nothing.
+    d.w(0x050, 0);
+    assert_eq!(d.used_idx(), 0);
+}
