@@ -513,6 +513,10 @@ impl Core {
             budget,
             kick,
             simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
+            cli_ok: u64::from(
+                !self.s.protected()
+                    || u64::from(self.s.cpl()) <= (self.s.rflags & crate::state::flags::IOPL) >> 12,
+            ),
             retired: 0,
             rip: 0,
             link: 0,

@@ -575,7 +575,6 @@ fn ends_block(ins: &Instruction) -> bool {
                 | M::Popfd
                 | M::Popfq
                 | M::Sti
-                | M::Cli
                 | M::Hlt
                 | M::Lgdt
                 | M::Lidt

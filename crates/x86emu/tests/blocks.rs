@@ -1282,3 +1282,88 @@ fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
     assert_eq!(compiled.1, interpreted.1);
     assert_eq!(compiled.2, interpreted.2);
 }
+
+/// PUSHFQ and CLI in compiled code: the pushed image (status flags from the host, IF and
+/// the rest from the state, never RF), CLI clearing IF mid-block, and CLI at CPL3 with
+/// IOPL 0 left to the interpreter's #GP.
+#[test]
+fn compiled_pushf_and_cli_match_the_interpreter() {
+    use x86emu::testing::{PTE_U, PTE_W};
+    const UCODE: u64 = 0x5000_0000;
+    const USTACK: u64 = 0x5000_5000;
+    const HANDLER: u64 = CODE + 0xc00;
+    let kernel = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 200u64).unwrap();
+        a.mov(rax, 0x7fff_fff0u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        // Flags that differ from one iteration to the next, pushed with IF set, then
+        // again after a CLI in the same block; STI (which ends a block) sets IF again.
+        a.add(eax, ecx).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rdx).unwrap();
+        a.add(r9, rdx).unwrap();
+        a.cli().unwrap();
+        a.sub(eax, 0x1234).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rdx).unwrap();
+        a.xor(r10, rdx).unwrap();
+        a.rol(r10, 7).unwrap();
+        a.sti().unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // User mode with IOPL 0: PUSHFQ works, CLI raises #GP.
+        a.push(0x1b).unwrap();
+        a.push(USTACK as i32).unwrap();
+        a.push(0x202).unwrap();
+        a.push(0x23).unwrap();
+        a.push(UCODE as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    let user = asm(64, UCODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 300u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rbx, rcx).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rdx).unwrap();
+        a.add(r11, rdx).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.pushfq().unwrap();
+        a.pop(r12).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&kernel, &[0; 10], 0);
+        g.map4k(UCODE, 0x31_0000, PTE_U);
+        g.map4k(USTACK - 0x1000, 0x31_4000, PTE_U | PTE_W);
+        g.load(0x31_0000, &user);
+        g.set_gate(13, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r13, qword_ptr(rsp)).unwrap(); // error code
+                a.mov(r14, qword_ptr(rsp + 8)).unwrap(); // RIP of the CLI
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.rip = CODE;
+        s.rflags |= x86emu::state::flags::IF;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (i, _) = run(None);
+    let (c, blocks) = run(Some(0));
+    assert!(blocks > 0);
+    assert_eq!(c, i);
+    assert_eq!(i[13], 0, "#GP(0)");
+    // The user code ends with CLI, HLT.
+    assert_eq!(i[14], UCODE + user.len() as u64 - 2, "at the user's CLI");
+    assert_eq!(i[12] & 0x3200, 0x200, "user PUSHFQ: IF set, IOPL 0");
+    assert_ne!(i[9], 0);
+}

@@ -94,6 +94,10 @@ pub(super) enum Kind {
     Vector(JitVector),
     /// VZEROUPPER.
     Vzeroupper,
+    /// PUSHFQ: the status flags from the host's, the others from the state.
+    PushFlags,
+    /// CLI where CPL <= IOPL (else the interpreter raises #GP).
+    Cli,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
@@ -242,6 +246,8 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8 => return Some(Kind::Push),
         Code::Pop_r64 => return Some(Kind::Pop),
         Code::Leaveq => return Some(Kind::Leave),
+        Code::Pushfq => return Some(Kind::PushFlags),
+        Code::Cli => return Some(Kind::Cli),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
         Code::Jmp_rm64 | Code::Call_rm64 if last => {

@@ -168,6 +168,8 @@ pub(super) fn translate(
             Kind::Push => e.push(ins, i as u32)?,
             Kind::Pop => e.pop(ins, i as u32)?,
             Kind::Leave => e.leave(i as u32)?,
+            Kind::PushFlags => e.push_flags(i as u32)?,
+            Kind::Cli => e.cli(i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
             Kind::Ret => e.ret(ins, i as u32, len)?,
             Kind::IndJmp => e.indirect(ins, i as u32, len, false, &mut info)?,
@@ -1048,6 +1050,51 @@ impl Emitter {
         }
         a!(self.a.mov(qword_ptr(rbx), r10));
         self.store_guest(RSP, Register::RDX)
+    }
+
+    /// PUSHFQ: the image is the host's status flags (the guest's, in compiled code) and
+    /// the state's other flags, less RF and VM, which are never pushed. Flag-free: the
+    /// masks are PEXT/PDEP pairs.
+    fn push_flags(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, r15, r8, r9, rbx, rdx};
+        self.load_guest(Register::RDX, RSP)?;
+        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.stack_slot(true, idx)?;
+        let a = &mut self.a;
+        a!(a.pushfq());
+        a!(a.pop(r10));
+        a!(a.mov(r8, RFLAGS_STATUS as u64));
+        a!(a.pext(r10, r10, r8));
+        a!(a.pdep(r10, r10, r8));
+        a!(a.mov(r9, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(
+            r8,
+            !(RFLAGS_STATUS as u64 | crate::state::flags::RF | crate::state::flags::VM)
+        ));
+        a!(a.pext(r9, r9, r8));
+        a!(a.pdep(r9, r9, r8));
+        a!(a.lea(r10, ptr(r10 + r9)));
+        a!(a.mov(qword_ptr(rbx), r10));
+        self.clobber(&[Register::R8, Register::R9, Register::R10]);
+        self.store_guest(RSP, Register::RDX)
+    }
+
+    /// CLI: clears IF in the state (flag-free, a PEXT/PDEP pair); where CPL > IOPL it
+    /// leaves for the interpreter, which raises #GP.
+    fn cli(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, cli_ok)))));
+        a!(a.jrcxz(miss));
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, !crate::state::flags::IF));
+        a!(a.pext(r8, r8, r9));
+        a!(a.pdep(r8, r8, r9));
+        a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        Some(())
     }
 
     /// PUSHes of registers other than RSP, or immediates: the whole range below RSP is

@@ -54,6 +54,8 @@ pub(crate) struct Ctx {
     pub(crate) kick: *const u8,
     /// SIMD state usable at the current CR0/CR4/XCR0: bit 0 SSE (no #UD/#NM), bit 1 AVX.
     pub(crate) simd: u64,
+    /// 1 when CLI may run here (CPL <= IOPL; neither changes inside compiled code).
+    pub(crate) cli_ok: u64,
     /// Out: instructions run.
     pub(crate) retired: u64,
     /// Out, FINISHED: the next RIP.
