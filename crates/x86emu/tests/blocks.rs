@@ -1300,10 +1300,15 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
         // Flags that differ from one iteration to the next, pushed with IF set, then
         // again after a CLI in the same block; STI (which ends a block) sets IF again.
         a.add(eax, ecx).unwrap();
+        a.endbr64().unwrap();
         a.pushfq().unwrap();
         a.pop(rdx).unwrap();
+        a.lfence().unwrap();
         a.add(r9, rdx).unwrap();
+        a.mfence().unwrap();
         a.cli().unwrap();
+        a.sfence().unwrap();
+        a.pause().unwrap();
         a.sub(eax, 0x1234).unwrap();
         a.pushfq().unwrap();
         a.pop(rdx).unwrap();

@@ -186,6 +186,10 @@ fn runs_natively(ins: &Instruction, model: u64) -> bool {
                 | M::Cmpxchg
                 | M::Cmpxchg16b
                 | M::Xadd
+                // The host's fences order the host's accesses, which are the guest's.
+                | M::Lfence
+                | M::Mfence
+                | M::Sfence
         )
 }
 
@@ -266,10 +270,13 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         _ => {}
     }
     let m = ins.mnemonic();
-    // Prefetches are hints: no access, no fault.
+    // Prefetches are hints: no access, no fault; PAUSE and ENDBR are NOPs here too.
     if matches!(
         m,
         M::Nop
+            | M::Pause
+            | M::Endbr64
+            | M::Endbr32
             | M::Prefetch
             | M::Prefetchw
             | M::Prefetchnta
