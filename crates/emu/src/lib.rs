@@ -71,6 +71,7 @@ impl Hypervisor for EmuHypervisor {
             writes_reported: Default::default(),
             regions: Mutex::new(Vec::new()),
             kvm,
+            cpus: cpus.max(1),
         }))
     }
 
@@ -106,6 +107,8 @@ struct EmuVm {
     writes_reported: std::sync::atomic::AtomicBool,
     /// The KVM VM user code runs in (hybrid mode).
     kvm: Option<Arc<hybrid::HybridVm>>,
+    /// vCPUs the VM was created for.
+    cpus: u8,
 }
 
 struct ChipHandle(Arc<VmShared>);
@@ -178,6 +181,13 @@ impl Vm for EmuVm {
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
+        // Each vCPU caches the blocks it decodes; together they get about what one would
+        // (each filled slot holds memory), but no fewer than 64k each.
+        if self.cpus > 1 {
+            cpu.set_block_slots(
+                (x86emu::DEFAULT_BLOCK_SLOTS / usize::from(self.cpus)).max(1 << 16),
+            );
+        }
         // In hybrid mode user code also writes RAM natively, unseen: keep checking then.
         if self.kvm.is_none()
             && self

@@ -171,6 +171,13 @@ impl Cpu {
     pub fn compiled_blocks(&self) -> u64 {
         self.blocks.compiled_blocks()
     }
+
+    /// Sizes this CPU's block cache (`n` slots, rounded to a power of two; the default is
+    /// [`crate::decode::DEFAULT_BLOCK_SLOTS`]), dropping what it holds. Each filled slot
+    /// keeps a decoded block, so a VM with many CPUs gives each fewer.
+    pub fn set_block_slots(&mut self, n: usize) {
+        self.blocks.set_slots(n);
+    }
 }
 
 impl Core {
@@ -491,7 +498,7 @@ impl Core {
 
     /// What compiled code needs besides the registers (see `jit::Ctx`).
     #[inline(always)]
-    fn jit_ctx(&self, budget: u64, blocks: *const u8) -> Ctx {
+    fn jit_ctx(&self, budget: u64, blocks: &BlockCache) -> Ctx {
         static NO_KICK: u8 = 0;
         let user = self.user();
         let kick = match &self.kick {
@@ -506,7 +513,8 @@ impl Core {
             write_tag: crate::mmu::tlb_tag_offset(true, user),
             slot_mask: crate::mmu::tlb_slot_mask(),
             page_mask: !0xfff,
-            blocks,
+            blocks: blocks.slots_ptr(),
+            block_mask: blocks.slot_mask(),
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,
             epoch: self.code_epoch,
@@ -683,8 +691,7 @@ impl Cpu {
             let mut start = 0;
             let mut finished = false;
             if let (Some(c), Some(enter)) = (block.compiled(), self.blocks.enter()) {
-                let mut ctx =
-                    core.jit_ctx(budget.saturating_sub(n) / 8 + 1, self.blocks.slots_ptr());
+                let mut ctx = core.jit_ctx(budget.saturating_sub(n) / 8 + 1, &self.blocks);
                 let generation = self.blocks.generation();
                 // SAFETY: compiled code reads and writes the state, the TLB entries, the
                 // code-page map and guest RAM through pointers the TLB holds, all valid

@@ -25,12 +25,16 @@ use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
 use crate::jit::{Compiled, Enter, Jit};
 
-/// Block slots (direct mapped by physical address and IP page). A systemd boot runs about
-/// 375k distinct blocks: with 128k slots they evicted one another into 2.5M decodes, with
-/// 512k about 0.9M. The cost is memory: slots are touched lazily, but each filled one
-/// keeps its decoded block (about 600 bytes); after bench/real.sh's workloads a 1-vCPU
-/// VMM peaks at 653 MiB (292 with 128k slots, QEMU 1333), 504 with 256k.
-const CACHE_SIZE: usize = 1 << 19;
+/// Block slots of a CPU by default (direct mapped by physical address and IP page). A
+/// systemd boot runs about 375k distinct blocks: with 128k slots they evicted one another
+/// into 2.5M decodes, with 512k about 0.9M. The cost is memory: slots are touched lazily,
+/// but each filled one keeps its decoded block (about 600 bytes); after bench/real.sh's
+/// workloads a 1-vCPU VMM peaks at 653 MiB (292 with 128k slots, QEMU 1333), 504 with
+/// 256k. Every CPU has its own cache: a VMM with several gives each fewer
+/// (`Cpu::set_block_slots`).
+pub const DEFAULT_BLOCK_SLOTS: usize = 1 << 19;
+/// The fewest slots a cache gets.
+const MIN_SLOTS: usize = 1 << 12;
 /// Longest block: bounds the work lost when a block must be rebuilt.
 const MAX_BLOCK: usize = 32;
 
@@ -73,11 +77,12 @@ impl Insn {
     }
 }
 
-/// The cache's `CACHE_SIZE` slots, in an anonymous mapping: page-aligned (so a slot is
+/// The cache's slots (a power of two), in an anonymous mapping: page-aligned (so a slot is
 /// one cache line) and zeroed lazily by the OS (a CPU pays for the slots it fills, not for
 /// all 32 MiB up front; the global allocator would clear them by hand for this alignment).
 struct Slots {
     ptr: std::ptr::NonNull<Block>,
+    len: usize,
     /// The slots that were ever filled (the only ones with a body, a run count or code):
     /// walking them instead of all slots keeps the untouched pages untouched.
     filled: Vec<u32>,
@@ -88,8 +93,10 @@ struct Slots {
 unsafe impl Send for Slots {}
 
 impl Slots {
-    fn new() -> Self {
-        let bytes = CACHE_SIZE * std::mem::size_of::<Block>();
+    /// `len` slots, rounded to a power of two (at least `MIN_SLOTS`).
+    fn new(len: usize) -> Self {
+        let len = len.max(MIN_SLOTS).next_power_of_two();
+        let bytes = len * std::mem::size_of::<Block>();
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let p = unsafe {
             libc::mmap(
@@ -101,13 +108,15 @@ impl Slots {
                 0,
             )
         };
-        let layout = std::alloc::Layout::new::<[Block; CACHE_SIZE]>();
+        let layout = std::alloc::Layout::array::<Block>(len)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<Block>());
         if p == libc::MAP_FAILED {
             std::alloc::handle_alloc_error(layout);
         }
         match std::ptr::NonNull::new(p.cast::<Block>()) {
             Some(ptr) => Slots {
                 ptr,
+                len,
                 filled: Vec::new(),
             },
             None => std::alloc::handle_alloc_error(layout),
@@ -118,17 +127,17 @@ impl Slots {
 impl std::ops::Deref for Slots {
     type Target = [Block];
     fn deref(&self) -> &[Block] {
-        // SAFETY: the mapping holds CACHE_SIZE Blocks: all-zero bytes are an empty Block
+        // SAFETY: the mapping holds `len` Blocks: all-zero bytes are an empty Block
         // (integers 0 - bitness 0 matches no lookup, entry 0 is no code - and the `None`
         // option of a Box, which is guaranteed null), and the mapping is page-aligned.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), CACHE_SIZE) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl std::ops::DerefMut for Slots {
     fn deref_mut(&mut self) -> &mut [Block] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), CACHE_SIZE) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
@@ -145,7 +154,7 @@ impl Drop for Slots {
         unsafe {
             libc::munmap(
                 self.ptr.as_ptr().cast(),
-                CACHE_SIZE * std::mem::size_of::<Block>(),
+                self.len * std::mem::size_of::<Block>(),
             );
         }
     }
@@ -153,7 +162,7 @@ impl Drop for Slots {
 
 impl std::fmt::Debug for Slots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slots").field("len", &CACHE_SIZE).finish()
+        f.debug_struct("Slots").field("len", &self.len).finish()
     }
 }
 
@@ -225,8 +234,8 @@ impl Block {
 }
 
 /// Where compiled code finds a slot's fields: (slot size, offsets of the physical
-/// address, IP, bitness, epoch and chain entry, number of slots).
-pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32, usize) {
+/// address, IP, bitness, epoch and chain entry). The slot mask is in `Ctx`.
+pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32) {
     use std::mem::{offset_of, size_of};
     (
         size_of::<Block>(),
@@ -235,7 +244,6 @@ pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32, usize) {
         offset_of!(Block, bitness) as i32,
         offset_of!(Block, epoch) as i32,
         offset_of!(Block, chain) as i32,
-        CACHE_SIZE,
     )
 }
 
@@ -284,10 +292,22 @@ unsafe fn still_there(page: *const u8, off: usize, code: &[u8]) -> bool {
 impl BlockCache {
     pub(crate) fn new() -> Self {
         BlockCache {
-            blocks: Slots::new(),
+            blocks: Slots::new(DEFAULT_BLOCK_SLOTS),
             jit: Jit::new(crate::jit::DEFAULT_THRESHOLD),
             generation: 0,
         }
+    }
+
+    /// Replaces the slots with `n` of them (rounded to a power of two), dropping every
+    /// cached block.
+    pub(crate) fn set_slots(&mut self, n: usize) {
+        self.drop_compiled();
+        self.blocks = Slots::new(n);
+    }
+
+    /// The mask that picks a slot (compiled code computes slots too).
+    pub(crate) fn slot_mask(&self) -> u64 {
+        (self.blocks.len - 1) as u64
     }
 
     /// Compile blocks after `threshold` runs (0: at once), or never (None).
@@ -371,9 +391,9 @@ impl BlockCache {
     /// different address in each (ASLR), and those blocks would otherwise evict one
     /// another at every process switch.
     #[inline(always)]
-    fn slot(gpa: u64, ip: u64) -> usize {
+    fn slot(&self, gpa: u64, ip: u64) -> usize {
         // Adds, not xors: compiled code computes it with flag-free LEAs.
-        (gpa.wrapping_add(gpa >> 12).wrapping_add(ip >> 12) as usize) & (CACHE_SIZE - 1)
+        (gpa.wrapping_add(gpa >> 12).wrapping_add(ip >> 12) as usize) & (self.blocks.len - 1)
     }
     /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
     /// holds `gpa`) on a miss or when its code changed. A block already checked in code
@@ -389,7 +409,7 @@ impl BlockCache {
         page: *const u8,
         epoch: u64,
     ) -> Option<(usize, bool)> {
-        let slot = Self::slot(gpa, ip);
+        let slot = self.slot(gpa, ip);
         let state = {
             let b = self.blocks.get(slot)?;
             if b.gpa != gpa || b.ip != ip || u32::from(b.bitness) != bitness {

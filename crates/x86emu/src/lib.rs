@@ -22,6 +22,7 @@ pub mod testing;
 
 pub use cpu::{Core, Cpu, RunExit};
 pub use cpuid::{CpuidEntry, CpuidTable};
+pub use decode::DEFAULT_BLOCK_SLOTS;
 pub use exceptions::Fault;
 pub use platform::{GuestRam, NoDevices, Platform, RamError};
 pub use state::{CpuState, DescriptorTable, FpuState, Msrs, Seg, Segment};

@@ -439,7 +439,7 @@ impl Emitter {
     fn look_up_and_go(&mut self) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let (tlb_entry, vpn_off, _, gpa_off, perm_off, tlb_slots) = tlb_layout();
-        let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain, slots) = block_layout();
+        let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain) = block_layout();
         if bsize != 64 || tlb_entry != 64 {
             return None;
         }
@@ -477,8 +477,11 @@ impl Emitter {
         a!(a.lea(r9, ptr(r9 + r11)));
         a!(a.shrx(r8, rax, r8));
         a!(a.lea(r9, ptr(r9 + r8)));
-        a!(a.mov(r8, (slots - 1) as u64));
-        a!(a.pext(r9, r9, r8));
+        a!(a.pext(
+            r9,
+            r9,
+            qword_ptr(rdx + ctx_off(offset_of!(Ctx, block_mask)))
+        ));
         a!(a.mov(r8, 6u64));
         a!(a.shlx(r9, r9, r8));
         a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, blocks)))));

@@ -41,8 +41,10 @@ pub(crate) struct Ctx {
     /// address that pick its TLB slot, and those of its page number.
     pub(crate) slot_mask: u64,
     pub(crate) page_mask: u64,
-    /// The block cache's first slot (see `decode::block_layout`).
+    /// The block cache's first slot (see `decode::block_layout`), and the mask that picks
+    /// a slot.
     pub(crate) blocks: *const u8,
+    pub(crate) block_mask: u64,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
     /// The CPU's code epoch: a block entered through a link goes on only if it was
