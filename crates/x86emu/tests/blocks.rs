@@ -1020,6 +1020,17 @@ fn compiled_push_and_pop_runs_match_the_interpreter() {
     assert_eq!(cstack, istack, "stack contents");
 }
 
+/// Enters 64-bit user code (the test GDT's selectors 0x23 and 0x1b) at `user_rip` with
+/// `user_rsp` and `rflags`.
+fn iret_to_user(a: &mut CodeAssembler, user_rip: u64, user_rsp: u64, rflags: i32) {
+    a.push(0x1b).unwrap();
+    a.push(user_rsp as i32).unwrap();
+    a.push(rflags).unwrap();
+    a.push(0x23).unwrap();
+    a.push(user_rip as i32).unwrap();
+    a.iretq().unwrap();
+}
+
 /// Compiled code checks a TLB entry's permission for the current privilege: a page the
 /// kernel just used stays out of reach of user code, a read-only page of stores, and an
 /// access whose last byte lies in such a page faults like in the interpreter.
@@ -1036,12 +1047,7 @@ fn compiled_user_code_sees_the_privilege_of_warm_tlb_entries() {
         // Warm the TLB with the supervisor and read-only pages, then enter user mode.
         a.mov(rax, qword_ptr(SUP)).unwrap();
         a.mov(rax, qword_ptr(RO)).unwrap();
-        a.push(0x1b).unwrap();
-        a.push(USTACK as i32).unwrap();
-        a.push(0x2).unwrap();
-        a.push(0x23).unwrap();
-        a.push(UCODE as i32).unwrap();
-        a.iretq().unwrap();
+        iret_to_user(a, UCODE, USTACK, 0x2);
     });
     let user = asm(64, UCODE, |a| {
         let mut top = a.create_label();
@@ -1318,12 +1324,7 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
         a.dec(rcx).unwrap();
         a.jnz(top).unwrap();
         // User mode with IOPL 0: PUSHFQ works, CLI raises #GP.
-        a.push(0x1b).unwrap();
-        a.push(USTACK as i32).unwrap();
-        a.push(0x202).unwrap();
-        a.push(0x23).unwrap();
-        a.push(UCODE as i32).unwrap();
-        a.iretq().unwrap();
+        iret_to_user(a, UCODE, USTACK, 0x202);
     });
     let user = asm(64, UCODE, |a| {
         let mut top = a.create_label();
