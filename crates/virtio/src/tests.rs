@@ -958,8 +958,16 @@ impl block::BlockBackend for GatedDisk {
     }
 }
 
-#[test]
-fn registers_stay_served_while_a_request_waits_on_the_disk() {
+/// A blk device on a disk that holds each request until told, with its I/O thread
+/// running, and a write request posted and notified that has reached the disk.
+struct Gated {
+    d: Driver,
+    release: std::sync::mpsc::Sender<()>,
+    exit: Arc<devices::ExitSignal>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn gated_write(name: &str) -> Gated {
     let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
     let (release, release_rx) = std::sync::mpsc::channel();
     let disk = GatedDisk {
@@ -967,16 +975,33 @@ fn registers_stay_served_while_a_request_waits_on_the_disk() {
         release: Arc::new(Mutex::new(release_rx)),
     };
     let mut d = Driver::new(Box::new(Block::new(Box::new(disk), "gated", false))).init(QSIZE);
-    let io = d.t.io_thread("blk-gated", None).unwrap();
+    let io = d.t.io_thread(name, None).unwrap();
     let exit = Arc::new(devices::ExitSignal::new());
-    let gate = Arc::new(crate::mmio::IoGate::default());
-    let thread = io.spawn(exit.clone(), gate).unwrap();
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
+        .unwrap();
     d.header(HDR, 0, 0);
     d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
     d.w(0x050, 0);
     entered
         .recv_timeout(std::time::Duration::from_secs(5))
         .expect("the request reached the disk");
+    Gated {
+        d,
+        release,
+        exit,
+        thread,
+    }
+}
+
+#[test]
+fn registers_stay_served_while_a_request_waits_on_the_disk() {
+    let Gated {
+        mut d,
+        release,
+        exit,
+        thread,
+    } = gated_write("blk-gated");
     // The disk is busy; the registers that take the device lock still answer.
     assert_eq!(d.r(0x070) & status::DRIVER_OK, status::DRIVER_OK);
     let mut cap = [0u8; 8];
@@ -997,24 +1022,12 @@ fn registers_stay_served_while_a_request_waits_on_the_disk() {
 
 #[test]
 fn a_reset_waits_for_the_request_on_the_disk() {
-    let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let disk = GatedDisk {
-        entered: entered_tx,
-        release: Arc::new(Mutex::new(release_rx)),
-    };
-    let mut d = Driver::new(Box::new(Block::new(Box::new(disk), "gated", false))).init(QSIZE);
-    let io = d.t.io_thread("blk-reset", None).unwrap();
-    let exit = Arc::new(devices::ExitSignal::new());
-    let thread = io
-        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
-        .unwrap();
-    d.header(HDR, 0, 0);
-    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
-    d.w(0x050, 0);
-    entered
-        .recv_timeout(std::time::Duration::from_secs(5))
-        .expect("the request reached the disk");
+    let Gated {
+        mut d,
+        release,
+        exit,
+        thread,
+    } = gated_write("blk-reset");
     // Let the disk finish a while after the reset starts: the reset must not return
     // before the request is done with guest memory.
     let releaser = std::thread::spawn(move || {
