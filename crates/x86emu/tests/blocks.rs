@@ -1373,3 +1373,81 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
     assert_eq!(i[12] & 0x3200, 0x200, "user PUSHFQ: IF set, IOPL 0");
     assert_ne!(i[9], 0);
 }
+
+/// REP STOSB/STOSQ in compiled code: a whole page (Linux's clear_page), a few bytes, and
+/// what is left to the interpreter (a range crossing a page, RCX = 0, DF set, a page that
+/// holds code); memory, registers and the flags around them as the interpreter has them.
+#[test]
+fn compiled_rep_stos_matches_the_interpreter() {
+    let target = CODE + 0x900;
+    let code = asm(64, CODE, |a| {
+        let cases: [(u64, u64, u64, bool); 6] = [
+            (DATA + 0x1000, 512, 0x1122_3344_5566_7788, true),
+            (DATA + 0x2010, 37, 0xab, false),
+            (DATA + 0x2fd0, 100, 0xcd, false),
+            (DATA + 0x3000, 0, 0x77, true),
+            (DATA + 0x3100, 3, 0x99, true),
+            (target, 8, 0x90, false),
+        ];
+        // Twice: the first pass fills the TLB (compiled code leaves on a miss).
+        let mut top = a.create_label();
+        a.mov(r12, 2u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        for (i, (at, count, value, qwords)) in cases.into_iter().enumerate() {
+            if i == 4 {
+                a.std().unwrap();
+            }
+            a.mov(rdi, at).unwrap();
+            a.mov(rcx, count).unwrap();
+            a.mov(rax, value).unwrap();
+            a.cmp(rcx, 37).unwrap();
+            if qwords {
+                a.rep().stosq().unwrap();
+            } else {
+                a.rep().stosb().unwrap();
+            }
+            a.pushfq().unwrap();
+            a.pop(rdx).unwrap();
+            a.add(r9, rdx).unwrap();
+            a.add(r10, rdi).unwrap();
+            a.add(r11, rcx).unwrap();
+            if i == 4 {
+                a.cld().unwrap();
+            }
+        }
+        a.dec(r12).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.load(target, &[0xcc; 16]);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut data = vec![0u8; 0x4000];
+        assert!(g.cpu.ram().read(DATA, &mut data));
+        let mut patched = [0u8; 16];
+        assert!(g.cpu.ram().read(target, &mut patched));
+        (
+            g.cpu.state().gpr,
+            g.cpu.state().rflags,
+            data,
+            patched,
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let (ig, iflags, idata, ipatched, _) = run(None);
+    let (cg, cflags, cdata, cpatched, blocks) = run(Some(0));
+    assert!(blocks > 0);
+    assert_eq!(cg, ig);
+    assert_eq!(cflags, iflags);
+    assert!(cdata == idata, "memory after the stores");
+    assert_eq!(cpatched, ipatched);
+    assert_eq!(
+        &idata[0x1000..0x1008],
+        &0x1122_3344_5566_7788u64.to_le_bytes()
+    );
+    assert_eq!(idata[0x2010 + 36], 0xab);
+    assert_eq!(idata[0x2fd0 + 99], 0xcd);
+    assert_eq!(ipatched[..8], [0x90; 8]);
+}

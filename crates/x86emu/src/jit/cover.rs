@@ -98,6 +98,8 @@ pub(super) enum Kind {
     PushFlags,
     /// CLI where CPL <= IOPL (else the interpreter raises #GP).
     Cli,
+    /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
+    RepStos,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
@@ -213,6 +215,13 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
             (0..ins.op_count()).all(|k| ins.op_kind(k) != OpKind::Memory) || plain_address(ins);
         // LOCK on a vector instruction is #UD (the interpreter's).
         return (plain && !ins.has_lock_prefix()).then_some(Kind::Vector(v));
+    }
+    if ins.has_rep_prefix()
+        && matches!(ins.code(), Code::Stosb_m8_AL | Code::Stosq_m64_RAX)
+        && ins.op0_kind() == OpKind::MemoryESRDI
+        && !ins.has_lock_prefix()
+    {
+        return Some(Kind::RepStos);
     }
     if ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;

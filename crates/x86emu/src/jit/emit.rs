@@ -170,6 +170,7 @@ pub(super) fn translate(
             Kind::Leave => e.leave(i as u32)?,
             Kind::PushFlags => e.push_flags(i as u32)?,
             Kind::Cli => e.cli(i as u32)?,
+            Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
             Kind::Ret => e.ret(ins, i as u32, len)?,
             Kind::IndJmp => e.indirect(ins, i as u32, len, false, &mut info)?,
@@ -1098,6 +1099,72 @@ impl Emitter {
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
         Some(())
+    }
+
+    /// REP STOSB/STOSQ (`memset`, Linux's `clear_page`) whose bytes lie in one page, with
+    /// DF clear and RCX > 0: one TLB lookup for the page, then the host's own REP STOS on
+    /// the host pointer; RDI moves on and RCX ends at 0. Anything else leaves for the
+    /// interpreter, before the instruction. Flag-free, like the rest.
+    fn rep_stos(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, r11, r15, r8, r9, rbx, rcx, rdi, rdx};
+        let shift: u64 = match ins.code() {
+            Code::Stosb_m8_AL => 0,
+            Code::Stosq_m64_RAX => 3,
+            _ => return None,
+        };
+        let miss = self.miss_label(idx);
+        // DF clear.
+        let a = &mut self.a;
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, crate::state::flags::DF));
+        a!(a.pext(rcx, r8, r9));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        self.continue_if_rcx_zero(miss)?;
+        // 1 <= count <= one page's worth: (count - 1) >> (12 - shift) == 0.
+        self.load_guest(Register::R10, 1)?;
+        let a = &mut self.a;
+        a!(a.lea(rcx, ptr(r10 - 1)));
+        a!(a.mov(r8, 12 - shift));
+        a!(a.shrx(rcx, rcx, r8));
+        self.continue_if_rcx_zero(miss)?;
+        // The first and the last byte in the same page.
+        self.load_guest(Register::RDX, 7)?;
+        let a = &mut self.a;
+        a!(a.mov(r8, shift));
+        a!(a.shlx(r11, r10, r8));
+        a!(a.lea(r9, ptr(rdx + r11 - 1)));
+        a!(a.mov(r8, 12u64));
+        a!(a.shrx(r9, r9, r8));
+        a!(a.shrx(rcx, rdx, r8));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + r9 + 1)));
+        self.clobber(&[Register::R11, Register::R9, Register::R8]);
+        self.continue_if_rcx_zero(miss)?;
+        let m = Mem {
+            base: None,
+            index: None,
+            scale: 1,
+            disp: 0,
+            seg_base: None,
+            size: 1,
+            write: true,
+        };
+        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
+        self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)?;
+        self.load_guest(Register::RAX, 0)?;
+        let a = &mut self.a;
+        a!(a.mov(rdi, rbx));
+        a!(a.mov(rcx, r10));
+        if shift == 0 {
+            a!(a.rep().stosb());
+        } else {
+            a!(a.rep().stosq());
+        }
+        // RCX is 0 now, as the guest's; RDI moves by the bytes stored.
+        a!(a.lea(rdx, ptr(rdx + r11)));
+        self.clobber(&[Register::RDI, Register::RBX, Register::R10, Register::R11]);
+        self.store_guest(1, Register::RCX)?;
+        self.store_guest(7, Register::RDX)
     }
 
     /// PUSHes of registers other than RSP, or immediates: the whole range below RSP is
