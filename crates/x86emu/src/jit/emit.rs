@@ -1026,18 +1026,7 @@ impl Emitter {
     /// Translates the 8-byte stack slot at the linear address in RDX into a host pointer in
     /// RBX (or leaves through the miss path of instruction `idx`).
     fn stack_slot(&mut self, write: bool, idx: u32) -> Option<()> {
-        let m = Mem {
-            base: None,
-            index: None,
-            scale: 1,
-            disp: 0,
-            seg_base: None,
-            size: 8,
-            write,
-        };
-        let miss = self.miss_label(idx);
-        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
-        self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)
+        self.range_at_rdx(write, 8, idx)
     }
 
     /// PUSH r64/imm: the value goes to RSP-8, then RSP moves (PUSH RSP pushes the old one).
@@ -1140,17 +1129,8 @@ impl Emitter {
         a!(a.lea(rcx, ptr(rcx + r9 + 1)));
         self.clobber(&[Register::R11, Register::R9, Register::R8]);
         self.continue_if_rcx_zero(miss)?;
-        let m = Mem {
-            base: None,
-            index: None,
-            scale: 1,
-            disp: 0,
-            seg_base: None,
-            size: 1,
-            write: true,
-        };
-        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
-        self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)?;
+        // The first byte's page, which holds them all.
+        self.range_at_rdx(true, 1, idx)?;
         self.load_guest(Register::RAX, 0)?;
         let a = &mut self.a;
         a!(a.mov(rdi, rbx));
@@ -1175,7 +1155,7 @@ impl Emitter {
         let k = pushes.len() as i32;
         self.load_guest(Register::RDX, RSP)?;
         a!(self.a.lea(rdx, ptr(rdx - 8 * k)));
-        self.stack_range(true, 8 * k as u32, idx)?;
+        self.range_at_rdx(true, 8 * k as u32, idx)?;
         for (j, p) in pushes.iter().enumerate() {
             let ins = &p.instr;
             if ins.op0_kind() == OpKind::Register {
@@ -1203,7 +1183,7 @@ impl Emitter {
         let k = pops.len() as i32;
         let total = 8 * (k + i32::from(ret.is_some()));
         self.load_guest(Register::RDX, RSP)?;
-        self.stack_range(false, total as u32, idx)?;
+        self.range_at_rdx(false, total as u32, idx)?;
         if ret.is_some() {
             a!(self.a.mov(rax, qword_ptr(rbx + 8 * k)));
             self.canonical_rax(idx)?;
@@ -1224,9 +1204,10 @@ impl Emitter {
         Some(())
     }
 
-    /// Translates `size` bytes of stack at the linear address in RDX into a host pointer
-    /// in RBX (or leaves through the miss path of instruction `idx`).
-    fn stack_range(&mut self, write: bool, size: u32, idx: u32) -> Option<()> {
+    /// Translates `size` bytes at the linear address in RDX (stack slots, a string
+    /// instruction's range) into a host pointer in RBX (or leaves through the miss path of
+    /// instruction `idx`).
+    fn range_at_rdx(&mut self, write: bool, size: u32, idx: u32) -> Option<()> {
         let m = Mem {
             base: None,
             index: None,
