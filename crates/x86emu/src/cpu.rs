@@ -519,6 +519,7 @@ impl Core {
             gs_base: self.s.seg[Seg::Gs as usize].base,
             epoch: self.code_epoch,
             budget,
+            tlb_gen: self.tlb.flushes,
             kick,
             simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
             cli_ok: u64::from(
@@ -665,14 +666,39 @@ impl Cpu {
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
             let epoch = core.code_epoch;
-            let Some((slot, checked)) = self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch)
-            else {
-                // The first instruction runs past the page end.
-                if n == 0 {
-                    self.step(p);
-                    return 1;
+            let found = match self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch) {
+                Some(f) => Some(f),
+                // The first instruction runs past the page end: a block of its own, which
+                // starts where this one would end.
+                None if n > 0 => return n,
+                None => {
+                    let next = core.wrap_lin((lin | 0xfff).wrapping_add(1));
+                    match core.translate(next, Access::Fetch, user) {
+                        Ok(tn) if !tn.host.is_null() => {
+                            let tlb_gen = core.tlb.flushes;
+                            let f = self.blocks.get_cross(
+                                gpa,
+                                core.s.rip,
+                                bitness,
+                                t.host,
+                                tn.host,
+                                tn.gpa_page,
+                                tlb_gen,
+                                epoch,
+                            );
+                            if let Some((_, true)) = f {
+                                core.mark_code_page(tn.gpa_page);
+                            }
+                            f
+                        }
+                        _ => None,
+                    }
                 }
-                return n;
+            };
+            let Some((slot, checked)) = found else {
+                // The slow way, which also raises any fault of the fetch.
+                self.step(p);
+                return 1;
             };
             if checked {
                 core.mark_code_page(t.gpa_page);

@@ -37,6 +37,11 @@ pub const DEFAULT_BLOCK_SLOTS: usize = 1 << 19;
 const MIN_SLOTS: usize = 1 << 12;
 /// Longest block: bounds the work lost when a block must be rebuilt.
 const MAX_BLOCK: usize = 32;
+/// Marks (in `Block::bitness`) a block whose first instruction runs past its page end:
+/// its bytes lie in two pages, so it is valid only while the next page still maps to the
+/// physical page it was decoded from (see `BlockCache::get_cross`). Lookups that compare
+/// the bitness alone, compiled code's among them, never match it.
+const CROSS: u8 = 0x80;
 
 /// One decoded instruction: the iced-x86 form, its handler and the operands the fast
 /// handlers use, plus (in a block) the bytes it was decoded from.
@@ -207,6 +212,12 @@ struct Body {
     insns: Vec<Insn>,
     /// Link slots in other blocks' code that jump to this block's chain entry.
     incoming: Vec<usize>,
+    /// For a page-crossing block: the physical page its bytes continue in, and the TLB
+    /// generation (`Tlb::flushes`) in which the next linear page was last found mapping
+    /// it. Its compiled code goes on only in that generation (between flushes a CPU may
+    /// use the translation it has, however the page tables changed).
+    cross_gpa: u64,
+    tlb_gen: u64,
 }
 
 impl Block {
@@ -362,7 +373,7 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        if b.runs > jit.threshold || b.bitness != 64 {
+        if b.runs > jit.threshold || b.bitness & !CROSS != 64 {
             return;
         }
         b.runs += 1;
@@ -377,7 +388,13 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        match jit.compile(b.insns(), slot, &b.epoch) {
+        // A page-crossing block's code checks that the TLB generation is the one its next
+        // page was found in.
+        let tlb_gen = match &b.body {
+            Some(body) if b.bitness & CROSS != 0 => Some(&body.tlb_gen as *const u64),
+            _ => None,
+        };
+        match jit.compile(b.insns(), slot, &b.epoch, tlb_gen) {
             Ok(c) => b.set_compiled(c),
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
@@ -412,7 +429,12 @@ impl BlockCache {
         let slot = self.slot(gpa, ip);
         let state = {
             let b = self.blocks.get(slot)?;
-            if b.gpa != gpa || b.ip != ip || u32::from(b.bitness) != bitness {
+            if b.gpa != gpa || b.ip != ip {
+                Lookup::Miss
+            } else if u32::from(b.bitness) == bitness | u32::from(CROSS) {
+                // The first instruction crosses the page end: see `get_cross`.
+                return None;
+            } else if u32::from(b.bitness) != bitness {
                 Lookup::Miss
             } else if b.epoch == epoch {
                 Lookup::Trusted
@@ -436,11 +458,142 @@ impl BlockCache {
             Lookup::Miss => self.fill(slot, gpa, ip, bitness, page, epoch)?,
         }
         if self.blocks.get(slot)?.insns().is_empty() {
-            // A page-crossing first instruction: the caller steps it.
+            // A page-crossing first instruction: see `get_cross`.
             return None;
         }
         self.count_run(slot);
         Some((slot, !matches!(state, Lookup::Trusted)))
+    }
+
+    /// The block at `gpa` for `ip` whose first instruction runs past the end of its page
+    /// (`page`), after `get` found it does: its bytes go on in `next` (the host page of
+    /// guest-physical `next_gpa`, which the next linear page maps in TLB generation
+    /// `tlb_gen`). Decodes it from both pages when it is new, or when its bytes or the
+    /// next page's physical address changed. 64-bit code only (the others are stepped).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn get_cross(
+        &mut self,
+        gpa: u64,
+        ip: u64,
+        bitness: u32,
+        page: *const u8,
+        next: *const u8,
+        next_gpa: u64,
+        tlb_gen: u64,
+        epoch: u64,
+    ) -> Option<(usize, bool)> {
+        if bitness != 64 {
+            return None;
+        }
+        let slot = self.slot(gpa, ip);
+        let off = (gpa & 0xfff) as usize;
+        let head = 4096 - off;
+        // SAFETY: `page` and `next` are valid 4 KiB pages (caller contract).
+        let (first, second) = unsafe {
+            (
+                std::slice::from_raw_parts(page.add(off), head),
+                std::slice::from_raw_parts(next, 4096),
+            )
+        };
+        let state = {
+            let b = self.blocks.get(slot)?;
+            let body = b.body.as_ref()?;
+            if b.gpa != gpa
+                || b.ip != ip
+                || b.bitness != 64 | CROSS
+                || body.cross_gpa != next_gpa
+                || b.insns().is_empty()
+            {
+                Lookup::Miss
+            } else if b.epoch == epoch {
+                Lookup::Trusted
+            } else if body.code.len() > head
+                && body.code.get(..head) == Some(first)
+                && second.get(..body.code.len() - head) == body.code.get(head..)
+            {
+                Lookup::Unchanged
+            } else {
+                Lookup::Miss
+            }
+        };
+        match state {
+            Lookup::Trusted => {}
+            Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
+            Lookup::Miss => self.fill_cross(slot, gpa, ip, first, second, next_gpa, epoch)?,
+        }
+        let b = self.blocks.get_mut(slot)?;
+        b.body.as_mut()?.tlb_gen = tlb_gen;
+        self.count_run(slot);
+        Some((slot, !matches!(state, Lookup::Trusted)))
+    }
+
+    /// Decodes the page-crossing block at `gpa` from the rest of its page (`first`) and
+    /// the next page (`second`, at `next_gpa`) into `slot`.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn fill_cross(
+        &mut self,
+        slot: usize,
+        gpa: u64,
+        ip: u64,
+        first: &[u8],
+        second: &[u8],
+        next_gpa: u64,
+        epoch: u64,
+    ) -> Option<()> {
+        let mut bytes = Vec::with_capacity(first.len() + second.len());
+        bytes.extend_from_slice(first);
+        bytes.extend_from_slice(second);
+        let b = self.reset_slot(slot)?;
+        let body = b.body.get_or_insert_with(Box::default);
+        let pos = decode_into(&mut body.insns, 64, ip, &bytes);
+        if body.insns.capacity() > body.insns.len() + 2 {
+            body.insns.shrink_to_fit();
+        }
+        if pos <= first.len() || body.insns.is_empty() {
+            // The page changed under us and the instruction no longer crosses: the next
+            // lookup decodes it again the ordinary way.
+            body.insns.clear();
+            body.code.clear();
+            return None;
+        }
+        body.code.clear();
+        body.code.extend_from_slice(bytes.get(..pos)?);
+        body.code.shrink_to_fit();
+        body.cross_gpa = next_gpa;
+        b.insns = std::ptr::NonNull::new(body.insns.as_mut_ptr());
+        b.len = u8::try_from(body.insns.len()).ok()?;
+        b.epoch = epoch;
+        b.gpa = gpa;
+        b.ip = ip;
+        b.bitness = 64 | CROSS;
+        Some(())
+    }
+
+    /// Empties `slot` for a new block: no instructions, no code, nothing linked to it.
+    fn reset_slot(&mut self, slot: usize) -> Option<&mut Block> {
+        if self.blocks.get(slot)?.body.is_none() {
+            self.blocks.filled.push(slot as u32);
+        }
+        let b = self.blocks.get_mut(slot)?;
+        b.bitness = 0;
+        b.insns = None;
+        b.len = 0;
+        b.set_compiled(None);
+        b.runs = 0;
+        let body = b.body.get_or_insert_with(Box::default);
+        body.insns.clear();
+        body.cross_gpa = u64::MAX;
+        for link in body.incoming.drain(..) {
+            // SAFETY: a link slot lies in the executable arena, which stays mapped and is
+            // not reused before `drop_compiled` empties every `incoming` list; it is
+            // followed by its unlinked target.
+            unsafe {
+                let p = link as *mut u64;
+                p.write_unaligned(p.add(1).read_unaligned());
+            }
+        }
+        Some(b)
     }
 
     /// Runs compiled blocks (there are some only when this is Some).
@@ -493,26 +646,8 @@ impl BlockCache {
         let off = (gpa & 0xfff) as usize;
         // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
-        if self.blocks.get(slot)?.body.is_none() {
-            self.blocks.filled.push(slot as u32);
-        }
-        let b = self.blocks.get_mut(slot)?;
-        b.bitness = 0;
-        b.insns = None;
-        b.len = 0;
-        b.set_compiled(None);
-        b.runs = 0;
+        let b = self.reset_slot(slot)?;
         let body = b.body.get_or_insert_with(Box::default);
-        body.insns.clear();
-        for link in body.incoming.drain(..) {
-            // SAFETY: a link slot lies in the executable arena, which stays mapped and is
-            // not reused before `drop_compiled` empties every `incoming` list; it is
-            // followed by its unlinked target.
-            unsafe {
-                let p = link as *mut u64;
-                p.write_unaligned(p.add(1).read_unaligned());
-            }
-        }
         let pos = decode_into(&mut body.insns, bitness, ip, avail);
         // A slot keeps its body for the next block it holds: without this, one long block
         // once would keep a slot's 3 KiB for good (half a GiB over 512k slots).
@@ -522,13 +657,14 @@ impl BlockCache {
         let bitness = bitness as u8;
         if body.insns.is_empty() {
             // The first instruction crosses the page end: remember that (with no code to
-            // compare), so the next lookup steps it at once instead of decoding it here
-            // again, and of evicting whatever this slot held every time.
+            // compare), so the next lookup goes to `get_cross` (or steps it) at once
+            // instead of decoding it here again, and of evicting whatever this slot held
+            // every time.
             body.code.clear();
             b.epoch = epoch;
             b.gpa = gpa;
             b.ip = ip;
-            b.bitness = bitness;
+            b.bitness = bitness | CROSS;
             return Some(());
         }
         body.code.clear();

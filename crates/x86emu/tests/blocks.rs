@@ -1235,7 +1235,8 @@ fn compiled_bit_strings_cmpxchg16b_and_prefetches_match_the_interpreter() {
 /// results; an access to an unmapped page still ends in the guest's #PF with the right CR2.
 #[test]
 fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
-    const FAR: u64 = DATA + 0x40_0000; // same TLB slot as DATA
+    const FAR: u64 = DATA + 0x100_0000; // same TLB slot as DATA (virtual, mapped below)
+    const FAR_FRAME: u64 = DATA + 0x40_0000;
     const UNMAPPED: u64 = 0x4000_0000;
     const HANDLER: u64 = CODE + 0xc00;
     let code = asm(64, CODE, |a| {
@@ -1268,11 +1269,12 @@ fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
                 a.hlt().unwrap();
             }),
         );
+        g.map4k(FAR, FAR_FRAME, x86emu::testing::PTE_W);
         g.cpu.set_jit_threshold(jit);
         assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
         let mut mem = [0u8; 64];
         assert!(g.cpu.ram().read(DATA, &mut mem));
-        let far = g.read_u64(FAR + 16);
+        let far = g.read_u64(FAR_FRAME + 16);
         (
             g.cpu.state().gpr,
             mem.to_vec(),

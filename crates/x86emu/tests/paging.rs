@@ -193,7 +193,7 @@ fn large_pages_and_page_crossing_access() {
 fn cr3_reload_flushes_after_the_tlb_fill_list_overflows() {
     let mut g = Guest::new();
     const BASE: u64 = 0x5000_0000_0000;
-    const N: u64 = 1500; // more pages than TLB slots
+    const N: u64 = 5000; // more pages than TLB slots
     for i in 0..N {
         g.map4k(BASE + i * 4096, 0x40_0000 + (i % 8) * 4096, PTE_W);
     }
@@ -310,4 +310,30 @@ fn legacy_2level_and_pae_paging() {
         );
         assert_eq!(cpu.state().cr2, 0x40_1000);
     }
+}
+
+/// INVLPG of any address in a 2 MiB page drops the TLB entries filled from the whole page,
+/// whichever 4 KiB part of it they were for.
+#[test]
+fn invlpg_drops_every_entry_of_a_large_page() {
+    let mut g = Guest::new();
+    const NEW: u64 = 0x60_0000; // the 2 MiB frame DATA's page is moved to
+    g.load(DATA + 0x5008, &1u64.to_le_bytes());
+    g.load(NEW + 0x5008, &2u64.to_le_bytes());
+    g.load_code(|a| {
+        a.mov(rsi, DATA).unwrap();
+        a.mov(rax, qword_ptr(rsi + 0x5008)).unwrap(); // entry for DATA + 0x5000
+        a.invlpg(qword_ptr(rsi + 0x1_0000)).unwrap(); // another 4 KiB of the same page
+        a.mov(rbx, qword_ptr(rsi + 0x5008)).unwrap();
+    });
+    for _ in 0..2 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    let ram = g.cpu.ram();
+    assert!(g.pt.map(ram, DATA, NEW, 2, PTE_W));
+    for _ in 0..2 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    assert_eq!(g.cpu.state().gpr[0], 1);
+    assert_eq!(g.cpu.state().gpr[3], 2, "INVLPG dropped the 2 MiB page's entries");
 }
