@@ -670,7 +670,6 @@ impl Cpu {
                 Some(f) => Some(f),
                 // The first instruction runs past the page end: a block of its own, which
                 // starts where this one would end.
-                None if n > 0 => return n,
                 None => {
                     let next = core.wrap_lin((lin | 0xfff).wrapping_add(1));
                     match core.translate(next, Access::Fetch, user) {
@@ -696,6 +695,9 @@ impl Cpu {
                 }
             };
             let Some((slot, checked)) = found else {
+                if n > 0 {
+                    return n;
+                }
                 // The slow way, which also raises any fault of the fetch.
                 self.step(p);
                 return 1;

@@ -203,7 +203,7 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
             continue;
         }
         offered += 1;
-        match jit.compile(&block, 0, &epoch) {
+        match jit.compile(&block, 0, &epoch, None) {
             Ok(Some(_)) => {
                 compiled += 1;
                 insns_done += block.len();

@@ -944,6 +944,74 @@ fn a_patched_page_crossing_instruction_runs_patched() {
     }
 }
 
+/// A block whose first instruction straddles a page boundary is a block of its own, compiled
+/// too, entered from the block before it through a link: its bytes in the second page are
+/// whatever that page maps to now. Remapping the second page and flushing the TLB (no code
+/// is written, so nothing else tells the block cache) must run the new page's bytes.
+#[test]
+fn compiled_page_crossing_blocks_follow_the_second_page() {
+    const VA: u64 = 0x4000_0000; // two 4 KiB pages: VA -> FIRST, VA + 4K -> FRAME_A/B
+    const FIRST: u64 = 0x40_0000;
+    const FRAME_A: u64 = 0x50_0000;
+    const FRAME_B: u64 = 0x60_0000;
+    const LOOP: u64 = VA + 0xff4; // two 4-byte ADDs, then `mov rax, imm64` across the end
+    let func = |imm: u64| {
+        asm(64, LOOP, |a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top).unwrap();
+            a.add(rdx, 1).unwrap();
+            a.add(rsi, 1).unwrap();
+            a.mov(rax, imm).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.dec(rcx).unwrap();
+            a.jnz(top).unwrap();
+            a.ret().unwrap();
+        })
+    };
+    let (imm_a, imm_b) = (0x1111_2222_3333_4444u64, 0x5555_6666_7777_4444u64);
+    let (fa, fb) = (func(imm_a), func(imm_b));
+    let head = (0x1000 - (LOOP & 0xfff)) as usize;
+    assert_eq!(fa[..head], fb[..head], "only the immediate's tail differs");
+    let main = asm(64, CODE, |a| {
+        let mut spin = a.create_label();
+        a.mov(rcx, 200u64).unwrap();
+        a.call(LOOP).unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.jmp(spin).unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&main, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        g.cpu.set_recheck_each_run(false);
+        g.load(FIRST + (LOOP & 0xfff), &fa[..head]);
+        g.load(FRAME_A, &fa[head..]);
+        g.load(FRAME_B, &fb[head..]);
+        g.map4k(VA, FIRST, 0);
+        g.map4k(VA + 0x1000, FRAME_A, 0);
+        g.cpu.run(&mut NoDevices, 100_000);
+        let first = g.cpu.state().gpr;
+        // Remap behind the block cache's back (as a guest would, then INVLPG).
+        let ram = g.cpu.ram();
+        assert!(g.pt.map(ram, VA + 0x1000, FRAME_B, 1, 0));
+        g.cpu.flush_tlb();
+        g.cpu.state_mut().rip = CODE;
+        g.cpu.state_mut().gpr[1] = 200;
+        g.cpu.run(&mut NoDevices, 100_000);
+        (first, g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (i1, i2, _) = run(None);
+    assert_eq!(i1[3], imm_a.wrapping_mul(200));
+    assert_eq!(i1[2], 200);
+    assert_eq!(
+        i2[3],
+        imm_a.wrapping_mul(200).wrapping_add(imm_b.wrapping_mul(200)),
+        "the second page's new bytes ran"
+    );
+    let (c1, c2, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks} blocks compiled");
+    assert_eq!((c1, c2), (i1, i2));
+}
+
 /// Prologues and epilogues (runs of PUSHes, POPs and the RET after them) translate their
 /// stack range once; ranges that cross a page go to the interpreter, which must give the
 /// same result, and a non-canonical return address after POPs is the RET's #GP.

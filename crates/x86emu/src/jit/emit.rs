@@ -86,13 +86,16 @@ pub(super) struct Translated {
 }
 
 /// Emits host code for a block's leading instructions, to be placed at `at`; `slot` is
-/// the block's cache slot and `epoch` the address of its checked-in epoch. None when fewer
-/// than `MIN_COVERED` are covered (or the assembler refuses something).
+/// the block's cache slot and `epoch` the address of its checked-in epoch (and `tlb_gen`
+/// of its TLB generation, for a page-crossing block). None when fewer than `MIN_COVERED`
+/// are covered (or the assembler refuses something).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn translate(
     insns: &[Insn],
     at: u64,
     slot: usize,
     epoch: u64,
+    tlb_gen: Option<u64>,
     model: u64,
     asm: &mut Asm,
     rt: &Runtime,
@@ -128,7 +131,7 @@ pub(super) fn translate(
         ))
     );
     let first_ip = insns.first()?.instr.ip();
-    let mut e = Emitter::new(first_ip, slot, epoch, rt)?;
+    let mut e = Emitter::new(first_ip, slot, epoch, tlb_gen, rt)?;
     let len = insns.len() as u32;
     let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
     let mut skip = 0;
@@ -333,7 +336,13 @@ pub(super) fn runtime(asm: &mut Asm, at: u64) -> Option<(Vec<u8>, Runtime)> {
 pub(crate) const FINISHED: u64 = u64::MAX;
 
 impl Emitter {
-    fn new(first_ip: u64, slot: usize, epoch: u64, rt: &Runtime) -> Option<Self> {
+    fn new(
+        first_ip: u64,
+        slot: usize,
+        epoch: u64,
+        tlb_gen: Option<u64>,
+        rt: &Runtime,
+    ) -> Option<Self> {
         let mut a = a!(CodeAssembler::new(64));
         let exit = a.create_label();
         let done = a.create_label();
@@ -355,7 +364,7 @@ impl Emitter {
             body_at: 0,
             rt: *rt,
         };
-        e.prologue(epoch)?;
+        e.prologue(epoch, tlb_gen)?;
         Some(e)
     }
 
@@ -363,7 +372,9 @@ impl Emitter {
     /// goes on only if this block's code was checked in the current code epoch, the chain
     /// budget is not spent and no other thread has raised the kick flag; else it leaves
     /// with RIP at this block. The body follows: the entry `Runtime::enter` jumps to.
-    fn prologue(&mut self, epoch: u64) -> Option<()> {
+    /// A page-crossing block checks first, on either entry, that the TLB is in the
+    /// generation (at `tlb_gen`) its next page was checked in.
+    fn prologue(&mut self, epoch: u64, tlb_gen: Option<u64>) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let a = &mut self.a;
         let mut body = a.create_label();
@@ -392,6 +403,18 @@ impl Emitter {
         a!(a.jmp(self.done));
         self.body_at = a.instructions().len();
         a!(a.set_label(&mut body));
+        if let Some(tlb_gen) = tlb_gen {
+            let mut same = a.create_label();
+            a!(a.mov(rdx, qword_ptr(rsp)));
+            a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, tlb_gen)))));
+            a!(a.mov(rax, tlb_gen));
+            a!(a.mov(rax, qword_ptr(rax)));
+            a!(a.not(rcx));
+            a!(a.lea(rcx, ptr(rcx + rax + 1)));
+            a!(a.jrcxz(same));
+            a!(a.jmp(fail));
+            a!(a.set_label(&mut same));
+        }
         Some(())
     }
 

@@ -52,6 +52,9 @@ pub(crate) struct Ctx {
     pub(crate) epoch: u64,
     /// Blocks that may still be entered through links.
     pub(crate) budget: u64,
+    /// The TLB generation (`Tlb::flushes`): a page-crossing block goes on only in the one
+    /// its next page was checked in.
+    pub(crate) tlb_gen: u64,
     /// A byte other threads raise when they have an interrupt for this CPU.
     pub(crate) kick: *const u8,
     /// SIMD state usable at the current CR0/CR4/XCR0: bit 0 SSE (no #UD/#NM), bit 1 AVX.
@@ -155,12 +158,15 @@ impl Jit {
     /// the arena is full: the caller must drop every compiled block, then call
     /// [`Jit::flushed`].
     /// `slot` is the block's cache slot, `epoch` the address of its checked-in epoch
-    /// (stable: the block cache never moves its blocks).
+    /// (stable: the block cache never moves its blocks), `tlb_gen` for a page-crossing
+    /// block the address of the TLB generation it was checked in (stable while the block
+    /// lives).
     pub(crate) fn compile(
         &mut self,
         insns: &[Insn],
         slot: usize,
         epoch: *const u64,
+        tlb_gen: Option<*const u64>,
     ) -> Result<Option<Compiled>, ()> {
         let at = self.arena.next();
         let Some(t) = emit::translate(
@@ -168,6 +174,7 @@ impl Jit {
             at,
             slot,
             epoch as u64,
+            tlb_gen.map(|p| p as u64),
             self.model,
             &mut self.asm,
             &self.rt,
