@@ -522,15 +522,20 @@ impl Core {
             tlb_gen: self.tlb.flushes,
             kick,
             simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
-            cli_ok: u64::from(
-                !self.s.protected()
-                    || u64::from(self.s.cpl()) <= (self.s.rflags & crate::state::flags::IOPL) >> 12,
-            ),
+            cli_ok: u64::from(self.iopl_ok()),
+            sti_ok: u64::from(self.iopl_ok() && !self.window_request),
+            cpl0: u64::from(self.s.cpl() == 0),
             retired: 0,
             rip: 0,
             link: 0,
             slot: 0,
         }
+    }
+
+    /// Whether CLI and STI may run (CPL <= IOPL, or real mode).
+    fn iopl_ok(&self) -> bool {
+        !self.s.protected()
+            || u64::from(self.s.cpl()) <= (self.s.rflags & crate::state::flags::IOPL) >> 12
     }
 
     /// A valid encoding this CPU does not implement (or one the mode forbids) is worth
@@ -758,6 +763,9 @@ impl Cpu {
             for insn in rest {
                 n += 1;
                 if insn.ends {
+                    // A shadow an STI inside the block raised covered the instructions
+                    // after it already; only this one's own counts.
+                    core.new_shadow = false;
                     // May change the mode: `execute` masks the next RIP for the new one.
                     match core.execute(p, insn) {
                         Ok(()) => {

@@ -693,12 +693,22 @@ fn decode_into(insns: &mut Vec<Insn>, bitness: u32, ip: u64, avail: &[u8]) -> us
             break; // runs past the page end
         }
         let len = ins.len().min(15);
-        let insn = Insn::new(ins);
+        let mut insn = Insn::new(ins);
+        // STI goes on with the instruction after it, which its shadow covers: nothing
+        // checks for interrupts inside a block. Unless nothing can follow in this block.
+        if ins.mnemonic() == M::Sti && insns.len() + 1 < MAX_BLOCK {
+            insn.ends = false;
+        }
         let ends = insn.ends;
         insns.push(insn);
         pos += len;
         if ends {
             break;
+        }
+    }
+    if let Some(last) = insns.last_mut() {
+        if last.instr.mnemonic() == M::Sti {
+            last.ends = true;
         }
     }
     mark_dead_flags(insns);
@@ -747,7 +757,6 @@ fn ends_block(ins: &Instruction) -> bool {
                 | M::Les
                 | M::Lfs
                 | M::Lgs
-                | M::Swapgs
                 | M::Mwait
                 | M::Wbinvd
                 | M::Invd

@@ -1004,7 +1004,9 @@ fn compiled_page_crossing_blocks_follow_the_second_page() {
     assert_eq!(i1[2], 200);
     assert_eq!(
         i2[3],
-        imm_a.wrapping_mul(200).wrapping_add(imm_b.wrapping_mul(200)),
+        imm_a
+            .wrapping_mul(200)
+            .wrapping_add(imm_b.wrapping_mul(200)),
         "the second page's new bytes ran"
     );
     let (c1, c2, blocks) = run(Some(0));
@@ -1359,11 +1361,12 @@ fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
     assert_eq!(compiled.2, interpreted.2);
 }
 
-/// PUSHFQ and CLI in compiled code: the pushed image (status flags from the host, IF and
-/// the rest from the state, never RF), CLI clearing IF mid-block, and CLI at CPL3 with
-/// IOPL 0 left to the interpreter's #GP.
+/// PUSHFQ, CLI, STI and SWAPGS in compiled code: the pushed image (status flags from the
+/// host, IF and the rest from the state, never RF), CLI clearing IF and STI setting it
+/// mid-block, GS-relative reads after each SWAPGS, and CLI at CPL3 with IOPL 0 left to the
+/// interpreter's #GP.
 #[test]
-fn compiled_pushf_and_cli_match_the_interpreter() {
+fn compiled_pushf_cli_sti_and_swapgs_match_the_interpreter() {
     use x86emu::testing::{PTE_U, PTE_W};
     const UCODE: u64 = 0x5000_0000;
     const USTACK: u64 = 0x5000_5000;
@@ -1374,7 +1377,7 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
         a.mov(rax, 0x7fff_fff0u64).unwrap();
         a.set_label(&mut top).unwrap();
         // Flags that differ from one iteration to the next, pushed with IF set, then
-        // again after a CLI in the same block; STI (which ends a block) sets IF again.
+        // again after a CLI in the same block; STI sets IF again (and the block goes on).
         a.add(eax, ecx).unwrap();
         a.endbr64().unwrap();
         a.pushfq().unwrap();
@@ -1390,6 +1393,11 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
         a.pop(rdx).unwrap();
         a.xor(r10, rdx).unwrap();
         a.rol(r10, 7).unwrap();
+        // SWAPGS twice around GS-relative reads (the other base is DATA + 0x100).
+        a.swapgs().unwrap();
+        a.add(r11, qword_ptr(rcx * 8).gs()).unwrap();
+        a.swapgs().unwrap();
+        a.add(r11, qword_ptr(rcx + 0x10).gs()).unwrap();
         a.sti().unwrap();
         a.dec(rcx).unwrap();
         a.jnz(top).unwrap();
@@ -1428,6 +1436,7 @@ fn compiled_pushf_and_cli_match_the_interpreter() {
         let mut s = g.cpu.state().clone();
         s.rip = CODE;
         s.rflags |= x86emu::state::flags::IF;
+        s.msr.kernel_gs_base = DATA + 0x100;
         g.cpu.set_state(s);
         g.cpu.set_jit_threshold(jit);
         assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);

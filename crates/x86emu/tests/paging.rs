@@ -335,5 +335,9 @@ fn invlpg_drops_every_entry_of_a_large_page() {
         g.cpu.execute_one(&mut NoDevices).unwrap();
     }
     assert_eq!(g.cpu.state().gpr[0], 1);
-    assert_eq!(g.cpu.state().gpr[3], 2, "INVLPG dropped the 2 MiB page's entries");
+    assert_eq!(
+        g.cpu.state().gpr[3],
+        2,
+        "INVLPG dropped the 2 MiB page's entries"
+    );
 }

@@ -98,6 +98,12 @@ pub(super) enum Kind {
     PushFlags,
     /// CLI where CPL <= IOPL (else the interpreter raises #GP).
     Cli,
+    /// STI where CPL <= IOPL and no interrupt waits for the window (else the interpreter
+    /// does it); never the block's last instruction (see `decode_into`), so the one after
+    /// it runs before any interrupt, as STI's shadow wants.
+    Sti,
+    /// SWAPGS at CPL0.
+    Swapgs,
     /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
     RepStos,
 }
@@ -261,6 +267,8 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Leaveq => return Some(Kind::Leave),
         Code::Pushfq => return Some(Kind::PushFlags),
         Code::Cli => return Some(Kind::Cli),
+        Code::Sti if !last => return Some(Kind::Sti),
+        Code::Swapgs => return Some(Kind::Swapgs),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
         Code::Jmp_rm64 | Code::Call_rm64 if last => {

@@ -173,6 +173,8 @@ pub(super) fn translate(
             Kind::Leave => e.leave(i as u32)?,
             Kind::PushFlags => e.push_flags(i as u32)?,
             Kind::Cli => e.cli(i as u32)?,
+            Kind::Sti => e.sti(i as u32)?,
+            Kind::Swapgs => e.swapgs(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
             Kind::Ret => e.ret(ins, i as u32, len)?,
@@ -1109,6 +1111,50 @@ impl Emitter {
         a!(a.pext(r8, r8, r9));
         a!(a.pdep(r8, r8, r9));
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        Some(())
+    }
+
+    /// STI: IF set in the state (status flags stay in the host's). An interrupt pending for
+    /// IF leaves for the interpreter, which stops after the next instruction for it.
+    fn sti(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, sti_ok)))));
+        a!(a.jrcxz(miss));
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, !crate::state::flags::IF));
+        a!(a.pext(r8, r8, r9));
+        a!(a.pdep(r8, r8, r9));
+        a!(a.lea(r8, ptr(r8 + crate::state::flags::IF as i32)));
+        a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        Some(())
+    }
+
+    /// SWAPGS at CPL0 (else the interpreter raises #GP): the GS base and KERNEL_GS_BASE
+    /// trade places in the state, and the context's copy of the GS base follows.
+    fn swapgs(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        use std::mem::offset_of;
+        let gs = (offset_of!(CpuState, seg)
+            + crate::state::Seg::Gs as usize * std::mem::size_of::<crate::state::Segment>()
+            + offset_of!(crate::state::Segment, base)) as i32;
+        let kgs =
+            (offset_of!(CpuState, msr) + offset_of!(crate::state::Msrs, kernel_gs_base)) as i32;
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, cpl0)))));
+        a!(a.jrcxz(miss));
+        a!(a.mov(r8, qword_ptr(r15 + gs)));
+        a!(a.mov(r9, qword_ptr(r15 + kgs)));
+        a!(a.mov(qword_ptr(r15 + gs), r9));
+        a!(a.mov(qword_ptr(r15 + kgs), r8));
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, gs_base))), r9));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
         Some(())
     }

@@ -61,6 +61,11 @@ pub(crate) struct Ctx {
     pub(crate) simd: u64,
     /// 1 when CLI may run here (CPL <= IOPL; neither changes inside compiled code).
     pub(crate) cli_ok: u64,
+    /// 1 when STI may run here: `cli_ok`, and no interrupt waits for IF (the interpreter
+    /// then sets IF and stops after the next instruction).
+    pub(crate) sti_ok: u64,
+    /// 1 at CPL0 (for SWAPGS).
+    pub(crate) cpl0: u64,
     /// Out: instructions run.
     pub(crate) retired: u64,
     /// Out, FINISHED: the next RIP.
