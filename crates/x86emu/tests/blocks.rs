@@ -1530,3 +1530,58 @@ fn compiled_rep_stos_matches_the_interpreter() {
     assert_eq!(idata[0x2fd0 + 99], 0xcd);
     assert_eq!(ipatched[..8], [0x90; 8]);
 }
+
+/// AH, BH, CH and DH in compiled code (as registers and beside memory operands, whose host
+/// pointer must then need no REX prefix) against the interpreter.
+#[test]
+fn compiled_high_byte_registers_match_the_interpreter() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.add(ah, bl).unwrap();
+        a.test(bh, 4).unwrap();
+        a.setnz(dl).unwrap();
+        a.movzx(ebp, bh).unwrap();
+        a.xor(dh, ch).unwrap();
+        a.mov(ch, byte_ptr(rsi + 8)).unwrap();
+        a.add(byte_ptr(rsi + 16), ah).unwrap();
+        a.and(dh, 0x40).unwrap();
+        a.xchg(ah, bh).unwrap();
+        a.add(rbx, rdi).unwrap();
+        a.add(rdi, 0x1357).unwrap();
+        a.add(rcx, rbp).unwrap();
+        a.add(rdx, rax).unwrap();
+        a.dec(r9).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let regs = [
+        0x1122_3344_5566_7788,
+        0x99aa_bbcc_ddee_ff00,
+        0x0123_4567_89ab_cdef,
+        0xfedc_ba98_7654_3210,
+        DATA,
+        0x55,
+        0,
+        300,
+        0,
+        0,
+    ];
+    let run = |jit| {
+        let mut g = guest_with(&code, &regs, 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut mem = [0u8; 32];
+        assert!(g.cpu.ram().read(DATA, &mut mem));
+        (
+            g.cpu.state().gpr,
+            g.cpu.state().rflags & 0x8d5,
+            mem,
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let i = run(None);
+    let c = run(Some(0));
+    assert!(c.3 > 0);
+    assert_eq!((c.0, c.1, c.2), (i.0, i.1, i.2));
+}

@@ -202,8 +202,26 @@ fn runs_natively(ins: &Instruction, model: u64) -> bool {
 }
 
 fn guest_gpr(r: Register) -> bool {
-    (r.is_gpr64() || r.is_gpr32() || r.is_gpr16() || r.is_gpr8())
-        && !matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+    r.is_gpr64() || r.is_gpr32() || r.is_gpr16() || r.is_gpr8()
+}
+
+/// AH, CH, DH or BH: encodable only without a REX prefix.
+pub(super) fn high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// Registers an instruction without a REX prefix can name.
+fn legacy(r: Register) -> bool {
+    matches!(
+        r,
+        Register::RAX
+            | Register::RCX
+            | Register::RDX
+            | Register::RBX
+            | Register::RSI
+            | Register::RDI
+            | Register::RBP
+    )
 }
 
 /// What compiled code does with `ins`; `model` is the CPU model's ISA (see
@@ -467,6 +485,17 @@ pub(super) fn plan_regs(
         }
     }
     regs.host_ptr = free.next()?;
+    // AH..BH stay themselves (their full registers are their own), but then nothing the
+    // instruction is rewritten with may need a REX prefix: neither a stand-in for RSP or
+    // R15 nor the memory operand's host pointer.
+    let high = (0..ins.op_count())
+        .any(|k| ins.op_kind(k) == OpKind::Register && high_byte(ins.op_register(k)));
+    if high {
+        let memory = (0..ins.op_count()).any(|k| ins.op_kind(k) == OpKind::Memory);
+        if used[RSP] || used[R15] || (memory && !legacy(regs.host_ptr)) {
+            return None;
+        }
+    }
     Some(regs)
 }
 

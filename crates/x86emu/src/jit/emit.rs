@@ -9,7 +9,9 @@ use iced_x86::code_asm::{
 use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
 
 use super::asm::Asm;
-use super::cover::{gpr_index, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs, POOL, R15, RSP};
+use super::cover::{
+    gpr_index, high_byte, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs, POOL, R15, RSP,
+};
 use super::Ctx;
 use crate::decode::block_layout;
 use crate::decode::Insn;
@@ -777,7 +779,13 @@ impl Emitter {
             if ins.op_kind(k) == OpKind::Register {
                 let r = ins.op_register(k);
                 let host = regs.map[gpr_index(r)?];
-                out.set_op_register(k, sized(host, r)?);
+                // AH..BH: `plan_regs` left them their own full registers.
+                let r = if high_byte(r) {
+                    (host == r.full_register()).then_some(r)?
+                } else {
+                    sized(host, r)?
+                };
+                out.set_op_register(k, r);
             }
         }
         // IP 0: not a label (see `asm`).
