@@ -1585,3 +1585,154 @@ fn compiled_high_byte_registers_match_the_interpreter() {
     assert!(c.3 > 0);
     assert_eq!((c.0, c.1, c.2), (i.0, i.1, i.2));
 }
+
+/// PUSH m64 (RSP-relative, GS-relative, from a read-only page) and CALL through a pointer
+/// in a read-only page, compiled, against the interpreter.
+#[test]
+fn compiled_push_memory_and_calls_through_read_only_tables_match_the_interpreter() {
+    const RO: u64 = 0x4000_0000; // read-only, supervisor
+    const RO_FRAME: u64 = 0x50_0000;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        a.mov(rcx, 200u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.push(qword_ptr(r15 + 8)).unwrap();
+        a.push(qword_ptr(rsp + 8)).unwrap();
+        a.push(qword_ptr(0x10).gs()).unwrap();
+        a.push(qword_ptr(RO)).unwrap();
+        a.pop(rax).unwrap();
+        a.pop(rbx).unwrap();
+        a.pop(rdx).unwrap();
+        a.pop(rsi).unwrap();
+        a.add(r8, rax).unwrap();
+        a.add(r9, rbx).unwrap();
+        a.add(r10, rdx).unwrap();
+        a.add(r12, rsi).unwrap();
+        a.add(qword_ptr(r15 + 8), rcx).unwrap();
+        a.mov(rdi, RO).unwrap();
+        a.call(qword_ptr(rdi + 8)).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.add(r11, rcx).unwrap();
+        a.ret().unwrap();
+    });
+    // `func` is the ADD R11 before the final RET.
+    let func = iced_x86::Decoder::with_ip(64, &code, CODE, 0)
+        .iter()
+        .find(|i| {
+            i.mnemonic() == iced_x86::Mnemonic::Add && i.op0_register() == iced_x86::Register::R11
+        })
+        .map(|i| i.ip())
+        .unwrap();
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.map4k(RO, RO_FRAME, 0);
+        g.load(RO_FRAME, &0x0123_4567_89ab_cdefu64.to_le_bytes());
+        g.load(RO_FRAME + 8, &func.to_le_bytes());
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (
+            g.cpu.state().gpr,
+            g.read_u64(DATA + 8),
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let i = run(None);
+    assert_eq!(i.0[8], 0x0123_4567_89ab_cdefu64.wrapping_mul(200));
+    assert_eq!(i.0[11], (1..=200).sum::<u64>());
+    let c = run(Some(0));
+    assert!(c.2 > 0);
+    assert_eq!((c.0, c.1), (i.0, i.1));
+}
+
+/// REP MOVSB/MOVSQ in compiled code against the interpreter: within a page, overlapping
+/// forwards (the pattern-replicating copy), a source or destination crossing a page, a
+/// zero count, DF set, and a copy onto code ahead.
+#[test]
+fn compiled_rep_movs_matches_the_interpreter() {
+    let target = CODE + 0x900;
+    let code = asm(64, CODE, |a| {
+        // (source, destination, count, qwords)
+        let cases: [(u64, u64, u64, bool); 7] = [
+            (DATA, DATA + 0x1000, 64, true),
+            (DATA + 0x10, DATA + 0x2013, 300, false),
+            (DATA + 0x1000, DATA + 0x1003, 200, false), // overlapping, forwards
+            (DATA + 0xff0, DATA + 0x2100, 40, false),   // source crosses a page
+            (DATA + 0x20, DATA + 0x2ff8, 2, true),      // destination crosses a page
+            (DATA, DATA + 0x3000, 0, true),
+            (DATA + 0x40, DATA + 0x3100, 5, false), // with DF set
+        ];
+        let mut top = a.create_label();
+        a.mov(r12, 2u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        for (i, (src, dst, count, qwords)) in cases.into_iter().enumerate() {
+            if i == 6 {
+                a.std().unwrap();
+            }
+            a.mov(rsi, src).unwrap();
+            a.mov(rdi, dst).unwrap();
+            a.mov(rcx, count).unwrap();
+            a.cmp(rcx, 37).unwrap();
+            if qwords {
+                a.rep().movsq().unwrap();
+            } else {
+                a.rep().movsb().unwrap();
+            }
+            a.pushfq().unwrap();
+            a.pop(rdx).unwrap();
+            a.add(r9, rdx).unwrap();
+            a.add(r10, rdi).unwrap();
+            a.add(r11, rcx).unwrap();
+            a.add(r8, rsi).unwrap();
+            if i == 6 {
+                a.cld().unwrap();
+            }
+        }
+        // Copy NOPs over the code that follows (a HLT before the final one).
+        a.mov(rsi, DATA + 0x3800).unwrap();
+        a.mov(rdi, target).unwrap();
+        a.mov(rcx, 8u64).unwrap();
+        a.rep().movsb().unwrap();
+        a.dec(r12).unwrap();
+        a.jnz(top).unwrap();
+        a.jmp(target).unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        let pattern: Vec<u8> = (0..0x1100u32).map(|i| (i * 7 + 3) as u8).collect();
+        g.load(DATA, &pattern);
+        g.load(DATA + 0x3800, &[0x90; 8]);
+        g.load(target, &[0xf4; 16]);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let mut data = vec![0u8; 0x4000];
+        assert!(g.cpu.ram().read(DATA, &mut data));
+        (
+            g.cpu.state().gpr,
+            g.cpu.state().rflags,
+            data,
+            g.cpu.state().rip,
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let (ig, iflags, idata, irip, _) = run(None);
+    let (cg, cflags, cdata, crip, blocks) = run(Some(0));
+    assert!(blocks > 0);
+    assert_eq!(cg, ig);
+    assert_eq!(cflags, iflags);
+    assert!(cdata == idata, "memory after the copies");
+    assert_eq!(
+        irip,
+        target + 9,
+        "ran the copied NOPs up to the HLT after them"
+    );
+    assert_eq!(crip, irip);
+    assert_eq!(
+        idata[0x1000 + 3],
+        idata[0x1000],
+        "the overlapping copy replicates"
+    );
+}

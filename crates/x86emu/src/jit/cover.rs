@@ -77,6 +77,8 @@ pub(super) enum Kind {
     Branch,
     /// 64-bit stack operations; `Call` and `Ret` only at the block end.
     Push,
+    /// PUSH m64.
+    PushMem,
     Pop,
     Leave,
     Call,
@@ -106,6 +108,8 @@ pub(super) enum Kind {
     Swapgs,
     /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
     RepStos,
+    /// REP MOVSB/MOVSQ with 64-bit addresses and no segment override (likewise).
+    RepMovs,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
@@ -247,6 +251,15 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     {
         return Some(Kind::RepStos);
     }
+    if ins.has_rep_prefix()
+        && matches!(ins.code(), Code::Movsb_m8_m8 | Code::Movsq_m64_m64)
+        && ins.op0_kind() == OpKind::MemoryESRDI
+        && ins.op1_kind() == OpKind::MemorySegRSI
+        && ins.segment_prefix() == Register::None
+        && !ins.has_lock_prefix()
+    {
+        return Some(Kind::RepMovs);
+    }
     if ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;
     }
@@ -281,6 +294,9 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     }
     match ins.code() {
         Code::Push_r64 | Code::Pushq_imm32 | Code::Pushq_imm8 => return Some(Kind::Push),
+        Code::Push_rm64 if ins.op0_kind() == OpKind::Memory && plain_address(ins) => {
+            return Some(Kind::PushMem)
+        }
         Code::Pop_r64 => return Some(Kind::Pop),
         Code::Leaveq => return Some(Kind::Leave),
         Code::Pushfq => return Some(Kind::PushFlags),
@@ -563,10 +579,13 @@ mod tests {
 
     #[test]
     fn leaves_out_floating_point_and_what_the_model_lacks() {
-        // addps xmm0, xmm1 reads MXCSR; tzcnt without BMI1 in the model; rep movsb.
+        // addps xmm0, xmm1 reads MXCSR; tzcnt without BMI1 in the model; repne scasb;
+        // rep movsb with a segment override (rep movsb itself is covered).
         assert!(kind(&decode(&[0x0f, 0x58, 0xc1]), false, ALL).is_none());
         assert!(kind(&decode(&[0xf3, 0x0f, 0xbc, 0xc1]), false, 0).is_none());
-        assert!(kind(&decode(&[0xf3, 0xa4]), false, ALL).is_none());
+        assert!(kind(&decode(&[0xf2, 0xae]), false, ALL).is_none());
+        assert!(kind(&decode(&[0x64, 0xf3, 0xa4]), false, ALL).is_none());
+        assert!(kind(&decode(&[0xf3, 0xa4]), false, ALL).is_some());
         // vpxor without AVX2 in the model
         assert!(kind(&decode(&[0xc5, 0xfd, 0xef, 0xc1]), false, ALL & !isa::AVX2).is_none());
     }

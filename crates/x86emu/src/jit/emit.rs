@@ -171,6 +171,7 @@ pub(super) fn translate(
             Kind::Nop => {}
             Kind::Branch => e.branch(ins, len)?,
             Kind::Push => e.push(ins, i as u32)?,
+            Kind::PushMem => e.push_mem(ins, i as u32, &mut info)?,
             Kind::Pop => e.pop(ins, i as u32)?,
             Kind::Leave => e.leave(i as u32)?,
             Kind::PushFlags => e.push_flags(i as u32)?,
@@ -178,6 +179,7 @@ pub(super) fn translate(
             Kind::Sti => e.sti(i as u32)?,
             Kind::Swapgs => e.swapgs(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
+            Kind::RepMovs => e.rep_movs(ins, i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
             Kind::Ret => e.ret(ins, i as u32, len)?,
             Kind::IndJmp => e.indirect(ins, i as u32, len, false, &mut info)?,
@@ -1078,6 +1080,28 @@ impl Emitter {
         self.store_guest(RSP, Register::RDX)
     }
 
+    /// PUSH m64: the operand is read at its address before RSP moves, then pushed.
+    fn push_mem(
+        &mut self,
+        ins: &Instruction,
+        idx: u32,
+        info: &mut InstructionInfoFactory,
+    ) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        let mut m = plan_mem(ins, info)?;
+        // The operand is only read (the write iced reports is the push).
+        m.write = false;
+        m.size = 8;
+        self.memory_operand(&m, idx, Register::R10, 1)?;
+        a!(self.a.mov(r10, qword_ptr(r10)));
+        self.clobber(&[Register::R10]);
+        self.load_guest(Register::RDX, RSP)?;
+        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.stack_slot(true, idx)?;
+        a!(self.a.mov(qword_ptr(rbx), r10));
+        self.store_guest(RSP, Register::RDX)
+    }
+
     /// PUSHFQ: the image is the host's status flags (the guest's, in compiled code) and
     /// the state's other flags, less RF and VM, which are never pushed. Flag-free: the
     /// masks are PEXT/PDEP pairs.
@@ -1164,6 +1188,89 @@ impl Emitter {
         a!(a.mov(rcx, qword_ptr(rsp)));
         a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, gs_base))), r9));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        Some(())
+    }
+
+    /// Leaves for `miss` unless DF is clear and 1 <= RCX <= a page's worth of elements of
+    /// 2^`shift` bytes; then R10 = RCX and R11 = the bytes they cover. Flag-free.
+    fn rep_count(&mut self, shift: u64, miss: CodeLabel) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, r11, r15, r8, r9, rcx};
+        let a = &mut self.a;
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, crate::state::flags::DF));
+        a!(a.pext(rcx, r8, r9));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        self.continue_if_rcx_zero(miss)?;
+        // (count - 1) >> (12 - shift) == 0.
+        self.load_guest(Register::R10, 1)?;
+        let a = &mut self.a;
+        a!(a.lea(rcx, ptr(r10 - 1)));
+        a!(a.mov(r8, 12 - shift));
+        a!(a.shrx(rcx, rcx, r8));
+        self.continue_if_rcx_zero(miss)?;
+        let a = &mut self.a;
+        a!(a.mov(r8, shift));
+        a!(a.shlx(r11, r10, r8));
+        self.clobber(&[Register::R11]);
+        Some(())
+    }
+
+    /// Leaves for `miss` unless guest register `g`..+R11 lies in one page; leaves `g` in
+    /// RDX. Flag-free.
+    fn one_page_at(&mut self, g: usize, miss: CodeLabel) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r11, r8, r9, rcx, rdx};
+        self.load_guest(Register::RDX, g)?;
+        let a = &mut self.a;
+        a!(a.lea(r9, ptr(rdx + r11 - 1)));
+        a!(a.mov(r8, 12u64));
+        a!(a.shrx(r9, r9, r8));
+        a!(a.shrx(rcx, rdx, r8));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + r9 + 1)));
+        self.clobber(&[Register::R9, Register::R8, Register::RCX]);
+        self.continue_if_rcx_zero(miss)
+    }
+
+    /// REP MOVSB/MOVSQ (`memcpy`, `copy_user`) whose source and destination each lie in
+    /// one page, with DF clear and RCX > 0: a TLB lookup per page, then the host's own REP
+    /// MOVS on the host pointers (overlap behaves as the guest's would: the host pointers
+    /// alias where guest-physical pages do). Anything else leaves for the interpreter.
+    fn rep_movs(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, r11, rax, rbx, rcx, rdi, rdx, rsi};
+        let shift: u64 = match ins.code() {
+            Code::Movsb_m8_m8 => 0,
+            Code::Movsq_m64_m64 => 3,
+            _ => return None,
+        };
+        let miss = self.miss_label(idx);
+        self.rep_count(shift, miss)?;
+        self.one_page_at(7, miss)?;
+        self.one_page_at(6, miss)?;
+        // RDX = guest RSI: the source's page, kept in RAX.
+        self.range_at_rdx(false, 1, idx)?;
+        a!(self.a.mov(rax, rbx));
+        self.clobber(&[Register::RAX]);
+        self.load_guest(Register::RDX, 7)?;
+        self.range_at_rdx(true, 1, idx)?;
+        let a = &mut self.a;
+        a!(a.mov(rsi, rax));
+        a!(a.mov(rdi, rbx));
+        a!(a.mov(rcx, r10));
+        if shift == 0 {
+            a!(a.rep().movsb());
+        } else {
+            a!(a.rep().movsq());
+        }
+        self.clobber(&[Register::RSI, Register::RDI, Register::RBX, Register::R10]);
+        // RCX is 0 now, as the guest's; RSI and RDI move by the bytes copied.
+        self.store_guest(1, Register::RCX)?;
+        self.load_guest(Register::RDX, 7)?;
+        a!(self.a.lea(rdx, ptr(rdx + r11)));
+        self.store_guest(7, Register::RDX)?;
+        self.load_guest(Register::RDX, 6)?;
+        a!(self.a.lea(rdx, ptr(rdx + r11)));
+        self.store_guest(6, Register::RDX)?;
+        self.clobber(&[Register::R11]);
         Some(())
     }
 
@@ -1382,7 +1489,9 @@ impl Emitter {
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r10, rax, rbx, rdx};
-        if let Some(m) = plan_mem(ins, info) {
+        if let Some(mut m) = plan_mem(ins, info) {
+            // The operand is only read (the write iced reports is CALL's push).
+            m.write = false;
             let s = self.scratch(&[Register::RCX, Register::RAX], 8)?;
             let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
             let scratch = [*s.get(4)?, *s.get(5)?, *s.get(6)?, *s.get(7)?];
