@@ -55,6 +55,19 @@ fn debian_kernel_boots_to_a_busybox_shell_and_powers_off() {
         "sleep 2 took {slept:?}"
     );
 
+    // Compiled guest code runs from memory that is never writable where it runs (W^X):
+    // the VMM, well into a boot, has no mapping both writable and executable.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", c.pid())).unwrap();
+    let rwx: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.split(' ').nth(1).is_some_and(|p| p.starts_with("rwx")))
+        .collect();
+    assert!(rwx.is_empty(), "writable and executable mappings: {rwx:?}");
+    assert!(
+        maps.contains("vessel-jit"),
+        "no compiled-code arena in the VMM's maps:\n{maps}"
+    );
+
     // HLT sleeps: an idle guest at its prompt leaves the host CPU nearly idle (a vCPU
     // that spun on HLT would show a whole core).
     let cpu = cpu_ticks;

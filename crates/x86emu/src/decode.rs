@@ -584,13 +584,11 @@ impl BlockCache {
         let body = b.body.get_or_insert_with(Box::default);
         body.insns.clear();
         body.cross_gpa = u64::MAX;
+        // A link slot lies in the arena, which is not reused before `drop_compiled` empties
+        // every `incoming` list.
         for link in body.incoming.drain(..) {
-            // SAFETY: a link slot lies in the executable arena, which stays mapped and is
-            // not reused before `drop_compiled` empties every `incoming` list; it is
-            // followed by its unlinked target.
-            unsafe {
-                let p = link as *mut u64;
-                p.write_unaligned(p.add(1).read_unaligned());
+            if let Some(j) = &mut self.jit {
+                j.unlink(link as u64);
             }
         }
         Some(b)
@@ -624,12 +622,12 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        let (Some(c), Some(body)) = (b.compiled(), &mut b.body) else {
+        let (Some(c), Some(body), Some(j)) = (b.compiled(), &mut b.body, &mut self.jit) else {
             return;
         };
-        // SAFETY: `link` is a link slot that compiled code reported; it lies in the arena
-        // and stays valid until `drop_compiled`, which also forgets every `incoming` list.
-        unsafe { (link as *mut u64).write_unaligned(c.chain_entry) };
+        // `link` is a link slot that compiled code reported: in the arena, and valid until
+        // `drop_compiled`, which also forgets every `incoming` list.
+        j.link(link as u64, c.chain_entry);
         body.incoming.push(link);
     }
 

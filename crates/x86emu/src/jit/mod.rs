@@ -193,13 +193,10 @@ impl Jit {
             return Ok(None);
         }
         for (&link, &default) in t.links.iter().zip(&t.link_defaults) {
-            // SAFETY: each link slot is 16 bytes inside the code just placed: the jump
-            // target, then the target to restore when unlinking.
-            unsafe {
-                let p = link as *mut u64;
-                p.write_unaligned(default);
-                p.add(1).write_unaligned(default);
-            }
+            // Each link slot is 16 bytes inside the code just placed: the jump target, then
+            // the target to restore when unlinking.
+            self.arena.write_u64(link, default);
+            self.arena.write_u64(link + 8, default);
         }
         if let (Some(f), Some(first)) = (&mut self.perf_map, insns.first()) {
             use std::io::Write;
@@ -217,6 +214,17 @@ impl Jit {
             entry: t.entry,
             chain_entry: t.chain_entry,
         }))
+    }
+
+    /// Points link slot `link` (in placed code) at `target`.
+    pub(crate) fn link(&mut self, link: u64, target: u64) {
+        self.arena.write_u64(link, target);
+    }
+
+    /// Points link slot `link` back at its unlinked target (kept after it).
+    pub(crate) fn unlink(&mut self, link: u64) {
+        let default = self.arena.read_u64(link + 8);
+        self.arena.write_u64(link, default);
     }
 
     /// All compiled blocks were dropped: the arena can be refilled.
