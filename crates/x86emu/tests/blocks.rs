@@ -1305,7 +1305,7 @@ fn compiled_bit_strings_cmpxchg16b_and_prefetches_match_the_interpreter() {
 /// results; an access to an unmapped page still ends in the guest's #PF with the right CR2.
 #[test]
 fn compiled_code_with_conflicting_tlb_entries_matches_the_interpreter() {
-    const FAR: u64 = DATA + 0x100_0000; // same TLB slot as DATA (virtual, mapped below)
+    const FAR: u64 = DATA + 0x400_0000; // same TLB slot as DATA (virtual, mapped below)
     const FAR_FRAME: u64 = DATA + 0x40_0000;
     const UNMAPPED: u64 = 0x4000_0000;
     const HANDLER: u64 = CODE + 0xc00;

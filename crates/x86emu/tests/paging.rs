@@ -193,12 +193,14 @@ fn large_pages_and_page_crossing_access() {
 fn cr3_reload_flushes_after_the_tlb_fill_list_overflows() {
     let mut g = Guest::new();
     const BASE: u64 = 0x5000_0000_0000;
-    const N: u64 = 5000; // more pages than TLB slots
-    for i in 0..N {
-        g.map4k(BASE + i * 4096, 0x40_0000 + (i % 8) * 4096, PTE_W);
+    const N: u64 = 20_000; // more 4 KiB pages than TLB slots, through 2 MiB mappings
+    let ram = g.cpu.ram();
+    for i in 0..N.div_ceil(512) {
+        assert!(g.pt.map(ram, BASE + i * 0x20_0000, 0x40_0000, 2, PTE_W));
     }
+    g.cpu.flush_tlb();
     g.load(0x40_0000, &11u64.to_le_bytes());
-    g.load(0x50_0000, &22u64.to_le_bytes());
+    g.load(0x60_0000, &22u64.to_le_bytes());
     // Touch every page, then read page 0 (now cached), remap it, reload CR3, read again.
     g.load_code(|a| {
         let mut top = a.create_label();
@@ -219,7 +221,7 @@ fn cr3_reload_flushes_after_the_tlb_fill_list_overflows() {
     );
     assert_eq!(g.cpu.state().gpr[3], 11);
     let ram = g.cpu.ram();
-    assert!(g.pt.map(ram, BASE, 0x50_0000, 1, PTE_W));
+    assert!(g.pt.map(ram, BASE, 0x60_0000, 2, PTE_W));
     g.load(
         CODE,
         &asm(64, CODE, |a| {
