@@ -1736,3 +1736,72 @@ fn compiled_rep_movs_matches_the_interpreter() {
         "the overlapping copy replicates"
     );
 }
+
+/// IDIV in compiled code against the interpreter: sign-extended dividends of either sign
+/// (CQO/CDQ), 64- and 32-bit, register and memory divisors; a dividend that is not
+/// sign-extended (the interpreter's, and here #DE for an overflowing quotient); and the
+/// most negative dividend over -1, which is #DE.
+#[test]
+fn compiled_idiv_and_its_divide_errors() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 200u64).unwrap();
+        a.mov(rbx, 0x9234_5678_9abc_def1u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, rbx).unwrap();
+        a.cqo().unwrap();
+        a.lea(rsi, qword_ptr(rcx - 100)).unwrap(); // -99..100, 0 at rcx = 100
+        a.cmp(rsi, 0).unwrap();
+        let mut skip = a.create_label();
+        a.je(skip).unwrap();
+        a.idiv(rsi).unwrap();
+        a.add(r8, rax).unwrap();
+        a.add(r9, rdx).unwrap();
+        a.mov(qword_ptr(r15 + 0x40), rsi).unwrap();
+        a.mov(eax, ebx).unwrap();
+        a.cdq().unwrap();
+        a.idiv(dword_ptr(r15 + 0x40)).unwrap();
+        a.add(r10, rax).unwrap();
+        a.add(r12, rdx).unwrap();
+        // Not sign-extended but small: a valid IDIV the interpreter does.
+        a.mov(eax, 1000).unwrap();
+        a.mov(edx, 0).unwrap();
+        a.mov(edi, 7).unwrap();
+        a.idiv(edi).unwrap();
+        a.add(r13, rax).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.rol(rbx, 7).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        // i64::MIN / -1: #DE, flags of before it in the frame.
+        a.mov(rax, i64::MIN as u64).unwrap();
+        a.cqo().unwrap();
+        a.mov(rsi, -1i64 as u64).unwrap();
+        a.stc().unwrap();
+        a.idiv(rsi).unwrap();
+        a.hlt().unwrap();
+    });
+    const HANDLER: u64 = CODE + 0xc00;
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.set_gate(0, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r11, qword_ptr(rsp + 16)).unwrap(); // RIP, CS, RFLAGS
+                a.mov(r14, qword_ptr(rsp)).unwrap();
+                a.hlt().unwrap();
+            }),
+        );
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (interpreted, _) = run(None);
+    assert_eq!(interpreted[11] & 1, 1, "#DE frame: CF of before the IDIV");
+    assert_ne!(interpreted[8], 0);
+    assert_eq!(interpreted[13], 199 * 142);
+    let (compiled, blocks) = run(Some(0));
+    assert!(blocks > 0);
+    assert_eq!(compiled, interpreted);
+}

@@ -87,7 +87,9 @@ pub(super) enum Kind {
     /// cache inline, as after a RET.
     IndJmp,
     IndCall,
-    /// Unsigned DIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE.
+    /// DIV or IDIV of RDX:RAX or EDX:EAX, after a check that it cannot raise #DE (for
+    /// IDIV: a sign-extended dividend, as after CQO/CDQ, a divisor other than 0 and, with
+    /// the most negative dividend, other than -1; anything else is the interpreter's).
     Div,
     /// BT/BTS/BTR/BTC of a memory bit string at a register offset: the address moves by
     /// the offset's high bits, the host instruction gets the low ones.
@@ -353,7 +355,7 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     {
         return Some(Kind::BitMem);
     }
-    if !runs_natively(ins, model) && m != M::Lea && m != M::Div {
+    if !runs_natively(ins, model) && m != M::Lea && m != M::Div && m != M::Idiv {
         return None;
     }
     if matches!(
@@ -399,8 +401,12 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         let d = ins.op0_register();
         return (d.is_gpr64() || d.is_gpr32()).then_some(Kind::Lea);
     }
-    if m == M::Div {
-        return matches!(ins.code(), Code::Div_rm64 | Code::Div_rm32).then_some(Kind::Div);
+    if m == M::Div || m == M::Idiv {
+        return matches!(
+            ins.code(),
+            Code::Div_rm64 | Code::Div_rm32 | Code::Idiv_rm64 | Code::Idiv_rm32
+        )
+        .then_some(Kind::Div);
     }
     Some(Kind::Native)
 }

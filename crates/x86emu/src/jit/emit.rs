@@ -989,8 +989,9 @@ impl Emitter {
         idx: u32,
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rcx, rdx, rsp};
-        let wide = ins.code() == Code::Div_rm64;
+        use iced_x86::code_asm::registers::gpr64::{r8, rax, rcx, rdx, rsp};
+        let wide = matches!(ins.code(), Code::Div_rm64 | Code::Idiv_rm64);
+        let signed = matches!(ins.code(), Code::Idiv_rm64 | Code::Idiv_rm32);
         if let Some(m) = plan_mem(ins, info) {
             let s = self.scratch(&[Register::RCX, Register::RAX, Register::RDX], 8)?;
             let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
@@ -1015,18 +1016,48 @@ impl Emitter {
         let fault = self.a.create_label();
         let a = &mut self.a;
         a!(a.pushfq());
-        if wide {
+        if signed {
+            let mut ok = a.create_label();
+            if wide {
+                a!(a.test(rcx, rcx));
+                a!(a.jz(fault));
+                a!(a.mov(r8, rax));
+                a!(a.sar(r8, 63));
+                a!(a.cmp(r8, rdx));
+                a!(a.jne(fault));
+                a!(a.cmp(rcx, -1));
+                a!(a.jne(ok));
+                a!(a.mov(r8, i64::MIN as u64));
+                a!(a.cmp(rax, r8));
+                a!(a.je(fault));
+            } else {
+                a!(a.test(gpr32::ecx, gpr32::ecx));
+                a!(a.jz(fault));
+                a!(a.mov(gpr32::r8d, gpr32::eax));
+                a!(a.sar(gpr32::r8d, 31));
+                a!(a.cmp(gpr32::r8d, gpr32::edx));
+                a!(a.jne(fault));
+                a!(a.cmp(gpr32::ecx, -1));
+                a!(a.jne(ok));
+                a!(a.cmp(gpr32::eax, i32::MIN));
+                a!(a.je(fault));
+            }
+            a!(a.set_label(&mut ok));
+        } else if wide {
             a!(a.cmp(rdx, rcx));
+            a!(a.jae(fault));
         } else {
             a!(a.cmp(gpr32::edx, gpr32::ecx));
+            a!(a.jae(fault));
         }
-        a!(a.jae(fault));
         a!(a.lea(rsp, ptr(rsp + 8)));
-        if wide {
-            a!(a.div(rcx));
-        } else {
-            a!(a.div(gpr32::ecx));
+        match (signed, wide) {
+            (false, true) => a!(a.div(rcx)),
+            (false, false) => a!(a.div(gpr32::ecx)),
+            (true, true) => a!(a.idiv(rcx)),
+            (true, false) => a!(a.idiv(gpr32::ecx)),
         }
+        self.clobber(&[Register::R8]);
         self.div_faults.push((fault, miss));
         self.store_guest(0, Register::RAX)?;
         self.store_guest(2, Register::RDX)
