@@ -26,13 +26,13 @@ use crate::exec::{handler_for, Handler};
 use crate::jit::{Compiled, Enter, Jit};
 
 /// Block slots of a CPU by default (direct mapped by physical address and IP page). A
-/// systemd boot runs about 390k distinct blocks: with 128k slots they evicted one another
-/// into 2.5M decodes, with 512k about 0.95M, with 1M 0.69M. The cost is memory: slots are
-/// touched lazily, but each filled one keeps its decoded block (about 600 bytes); a 1-vCPU
-/// VMM at `login:` holds 434 MiB with 1M slots, 370 with 512k (after bench/real.sh's
-/// workloads 653 MiB with 512k, QEMU 1333). Every CPU has its own cache: a VMM with
-/// several gives each fewer (`Cpu::set_block_slots`).
-pub const DEFAULT_BLOCK_SLOTS: usize = 1 << 20;
+/// systemd boot runs about 375k distinct blocks: with 128k slots they evicted one another
+/// into 2.5M decodes, with 512k about 0.9M. The cost is memory: slots are touched lazily,
+/// but each filled one keeps its decoded block (about 600 bytes); after bench/real.sh's
+/// workloads a 1-vCPU VMM peaks at 653 MiB (292 with 128k slots, QEMU 1333), 504 with
+/// 256k. Every CPU has its own cache: a VMM with several gives each fewer
+/// (`Cpu::set_block_slots`).
+pub const DEFAULT_BLOCK_SLOTS: usize = 1 << 19;
 /// The fewest slots a cache gets.
 const MIN_SLOTS: usize = 1 << 12;
 /// Longest block: bounds the work lost when a block must be rebuilt.
