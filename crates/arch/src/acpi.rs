@@ -1,4 +1,4 @@
-//! ACPI tables: RSDP, XSDT, FADT, MADT, DSDT.
+//! ACPI tables: RSDP, XSDT, FADT, MADT, MCFG, DSDT.
 //!
 //! Debian's cloud kernel has no MP-table parser, so ACPI is how it finds CPUs, the IOAPIC,
 //! virtio-mmio devices and how to power off. The platform is *hardware-reduced* ACPI, as
@@ -13,7 +13,9 @@
 
 use acpi_tables::{aml, sdt::Sdt, Aml, AmlSink};
 
-use crate::layout::{APIC_START, IOAPIC_START};
+use crate::layout::{
+    APIC_START, IOAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+};
 
 /// The I/O ports the VMM's power-management device answers on.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
@@ -54,11 +56,22 @@ pub struct VirtioMmioDevice {
     pub gsi: u32,
 }
 
+/// The PCI host bridge as the tables describe it: ECAM (MCFG), the bridge with its
+/// windows (`PCI0`, `PNP0A08`) and where each slot's INTA#..INTD# arrive (`_PRT`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PciHost {
+    /// (slot, GSI): every pin of the slot's function goes to that one GSI (level,
+    /// active low, as PCI lines are).
+    pub intx: Vec<(u8, u32)>,
+}
+
 /// What the tables describe.
 #[derive(Clone, Debug, Default)]
 pub struct AcpiConfig {
     pub cpus: u8,
     pub virtio_devices: Vec<VirtioMmioDevice>,
+    /// The PCI host bridge, if the machine has one.
+    pub pci: Option<PciHost>,
 }
 
 const OEM_ID: [u8; 6] = *b"VESSEL";
@@ -69,17 +82,22 @@ const OEM_TABLE: [u8; 8] = *b"VESSELVM";
 pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
     let dsdt = dsdt(cfg);
     let madt = madt(cfg);
-    // Layout: RSDP (36, padded to 64) | XSDT | FADT | MADT | DSDT
+    let mcfg = cfg.pci.as_ref().map(|_| mcfg());
+    // Layout: RSDP (36, padded to 64) | XSDT | FADT | MADT | [MCFG] | DSDT
     let rsdp_len = 64u64;
-    let xsdt_len = 36 + 8 * 2;
+    let xsdt_len = 36 + 8 * (2 + u64::from(mcfg.is_some()));
     let fadt_at = base + rsdp_len + xsdt_len;
     let fadt_len = 276u64;
     let madt_at = fadt_at + fadt_len;
-    let dsdt_at = madt_at + madt.len() as u64;
+    let mcfg_at = madt_at + madt.len() as u64;
+    let dsdt_at = mcfg_at + mcfg.as_ref().map_or(0, |m| m.len() as u64);
     let fadt = fadt(dsdt_at);
     let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE, 1);
     xsdt.append(fadt_at);
     xsdt.append(madt_at);
+    if mcfg.is_some() {
+        xsdt.append(mcfg_at);
+    }
     let xsdt_at = base + rsdp_len;
 
     let mut out = rsdp(xsdt_at).to_vec();
@@ -87,6 +105,9 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
     out.extend_from_slice(xsdt.as_slice());
     out.extend_from_slice(fadt.as_slice());
     out.extend_from_slice(&madt);
+    if let Some(m) = &mcfg {
+        out.extend_from_slice(m.as_slice());
+    }
     out.extend_from_slice(dsdt.as_slice());
     out
 }
@@ -163,6 +184,73 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     m.as_slice().to_vec()
 }
 
+/// MCFG: one ECAM allocation, segment 0, bus 0 only.
+fn mcfg() -> Sdt {
+    let mut m = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE, 1);
+    let mut entry = Vec::with_capacity(16);
+    entry.extend_from_slice(&PCI_ECAM_START.to_le_bytes());
+    entry.extend_from_slice(&0u16.to_le_bytes()); // PCI segment group
+    entry.extend_from_slice(&[0, 0]); // start and end bus
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    m.append_slice(&entry);
+    m
+}
+
+/// The host bridge `\_SB.PCI0` (PCI Express root, `PNP0A08`, compatible with
+/// `PNP0A03`): bus 0, the configuration ports, all other I/O ports and the 32-bit
+/// memory window as its resources, and the `_PRT` routing each slot's interrupt pins
+/// to a GSI. Then `\_SB.MRES` (`PNP0C02`, motherboard resources) reserving ECAM, which
+/// Linux requires before it trusts MCFG.
+fn pci_host(pci: &PciHost, sink: &mut dyn AmlSink) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&buses, &cfg_ports, &io_low, &io_high, &mem]),
+    );
+    // _PRT: Package { Address (slot << 16 | 0xffff), Pin (0 = INTA#), Source (0: a
+    // GSI), Source Index (the GSI) } per slot and pin.
+    let entries: Vec<(u32, u8, u32)> = pci
+        .intx
+        .iter()
+        .flat_map(|&(slot, gsi)| {
+            (0u8..4).map(move |pin| ((u32::from(slot) << 16) | 0xffff, pin, gsi))
+        })
+        .collect();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt_items: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    let prt = aml::Name::new("_PRT".into(), &aml::Package::new(prt_items));
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
+    )
+    .to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam]));
+    aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+}
+
 fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut d = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let s5 = aml::Name::new(
@@ -185,6 +273,9 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
     rtc(&mut d);
     power_button(&mut d);
     ged(&mut d);
+    if let Some(pci) = &cfg.pci {
+        pci_host(pci, &mut d);
+    }
     let names: Vec<String> = (0..cfg.virtio_devices.len())
         .map(|i| format!("V{i:03X}"))
         .collect();
@@ -292,6 +383,9 @@ mod tests {
                 size: 0x1000,
                 gsi: 5,
             }],
+            pci: Some(PciHost {
+                intx: vec![(1, 16), (2, 17)],
+            }),
         };
         let blob = build_tables(&cfg, base);
         assert_eq!(&blob[0..8], b"RSD PTR ");
@@ -316,18 +410,32 @@ mod tests {
                 assert!(hay.contains("COM1"));
                 // The GED with its event method and register, the button it notifies,
                 // and the RTC.
-                for name in ["GED_", "ACPI0013", "_EVT", "GDST", "GDAT", "PWRB", "RTC_"] {
+                for name in [
+                    "GED_", "ACPI0013", "_EVT", "GDST", "GDAT", "PWRB", "RTC_", "PCI0", "_PRT",
+                    "MRES",
+                ] {
                     assert!(hay.contains(name), "{name} missing from the DSDT");
                 }
                 assert_eq!(t[108], RTC_CENTURY_INDEX);
                 assert_eq!(t[109] & (1 << 5), 0, "the CMOS RTC is present");
+            }
+            if &t[0..4] == b"MCFG" {
+                assert_eq!(t.len(), 60);
+                assert_eq!(
+                    u64::from_le_bytes(t[44..52].try_into().unwrap()),
+                    PCI_ECAM_START
+                );
+                assert_eq!(&t[54..56], &[0, 0], "bus 0 only");
             }
             if &t[0..4] == b"APIC" {
                 let lapics = t[44..].windows(2).filter(|w| w == &[0, 8]).count();
                 assert!(lapics >= 2);
             }
         }
-        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            sigs,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
         assert!(blob.len() < (crate::layout::ACPI_END - crate::layout::ACPI_START) as usize);
     }
 }

@@ -34,6 +34,13 @@ pub const HIMEM_START: u64 = 0x100000;
 /// The MMIO gap: [MMIO_GAP_START, 4 GiB) holds no RAM.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The PCI host bridge's 32-bit memory window, where BARs are placed (the DSDT's
+/// `_CRS` for `PCI0` publishes it).
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// ECAM for PCI bus 0 (the MCFG table points there): 1 MiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 /// Virtio-mmio device windows, one page each, from here up.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;

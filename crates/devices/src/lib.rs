@@ -8,6 +8,7 @@ pub mod exit;
 pub mod ged;
 pub mod irqchip;
 pub mod legacy;
+pub mod pci;
 pub mod serial;
 #[cfg(test)]
 pub(crate) mod testing;

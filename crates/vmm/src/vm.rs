@@ -66,6 +66,8 @@ pub enum VmmError {
     Net(String),
     #[error("vsock: {0}")]
     Vsock(#[from] virtio::vsock::VsockError),
+    #[error("PCI: {0}")]
+    Pci(#[from] devices::pci::PciError),
 }
 
 /// What, besides the vCPUs, runs a device or feeds its receive queue.
@@ -272,6 +274,7 @@ impl Vmm {
             acpi: AcpiConfig {
                 cpus: config.cpus,
                 virtio_devices: slots.clone(),
+                pci: Some(acpi::PciHost { intx: Vec::new() }),
             },
         };
         let loaded = arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
@@ -334,6 +337,27 @@ impl Vmm {
         io.pio
             .insert(dev(ged.clone()), u64::from(acpi::GED_PORT), 1)?;
         let control = Arc::new(VmControl::new(exit.clone(), ged));
+
+        // The PCI host bridge: the configuration ports, ECAM, and the BARs behind them.
+        let pci = Arc::new(devices::pci::PciRoot::new());
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(devices::pci::ConfigAddress(
+                pci.clone(),
+            )))),
+            u64::from(devices::pci::CONFIG_ADDRESS_PORT),
+            1,
+        )?;
+        io.pio.insert(
+            dev(Arc::new(Mutex::new(devices::pci::ConfigData(pci.clone())))),
+            u64::from(devices::pci::CONFIG_DATA_PORT),
+            4,
+        )?;
+        io.mmio.insert(
+            dev(Arc::new(Mutex::new(devices::pci::Ecam(pci.clone())))),
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+        )?;
+        io.pci = Some(pci);
 
         let mut rx_pumps = Vec::new();
         let mut io_threads = Vec::new();
