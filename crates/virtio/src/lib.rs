@@ -16,6 +16,7 @@ pub mod queue;
 pub mod ram_watch;
 pub mod rng;
 pub mod tap;
+pub mod transport;
 pub mod vsock;
 
 use virtio_queue::Queue;

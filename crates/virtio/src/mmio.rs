@@ -1,33 +1,22 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x "modern"), as one device on the MMIO
 //! bus. Register offsets are those of the virtio spec, 4.2.2.
 //!
-//! The transport is split in two so device work can leave the vCPU threads:
-//! - [`MmioTransport`] is what the bus maps: register selectors, and the doorbell.
-//! - [`DeviceCore`] is the device, its queues and its status, under one lock, plus the
-//!   interrupt status (an atomic, so the guest's interrupt handler never waits for a
-//!   device that is busy on a request).
-//!
-//! Without an I/O thread a QUEUE_NOTIFY runs the device on the notifying vCPU. With one
-//! ([`MmioTransport::io_thread`]) the notify only records the queue and wakes the
-//! thread, which processes it and raises the interrupt through the same `IrqChip` (both
-//! the KVM irq line ioctl and the emu's user-space chip may be driven from any thread).
-//! A driver reset takes the device lock, so it waits for work in progress and the
-//! thread then finds the device stopped.
+//! [`MmioTransport`] is what the bus maps: register selectors and the doorbell. The
+//! device, its queues and its status are the shared [`DeviceCore`]; its interrupt is an
+//! edge on the device's GSI ([`GsiEdge`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use devices::{BusDevice, ExitSignal};
+use devices::BusDevice;
 use hypervisor::IrqChip;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{
-    QueueOutcome, Started, VirtioDevice, WorkDone, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+use crate::transport::Doorbell;
+pub use crate::transport::{
+    status, DeviceCore, GsiEdge, IoGate, IoThread, INT_CONFIG_CHANGE, INT_USED_RING,
 };
+use crate::VirtioDevice;
 
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;
@@ -59,241 +48,20 @@ const MAGIC: u32 = 0x7472_6976;
 /// "VSSL": the subsystem vendor ID reported to drivers.
 const VENDOR: u32 = 0x4c53_5356;
 
-/// Device status bits (virtio spec 2.1).
-pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
-    pub const FAILED: u32 = 0x80;
-}
-
-/// InterruptStatus bits.
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG_CHANGE: u32 = 2;
-
-/// What the device lock guards.
-struct CoreState {
-    device: Box<dyn VirtioDevice>,
-    queues: Vec<Queue>,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
-}
-
-/// A device, its queues and its interrupt, shared between the transport's registers and
-/// whichever thread runs the device.
-pub struct DeviceCore {
-    state: Mutex<CoreState>,
-    /// Held by whoever runs a device's work outside `state` (disk I/O), and by a driver
-    /// reset, which so waits for work in progress. Always taken before `state`.
-    in_flight: Mutex<()>,
-    interrupt_status: AtomicU32,
-    mem: GuestMemoryMmap,
-    irq: Arc<dyn IrqChip>,
-    gsi: u32,
-    device_type: u32,
-}
-
-impl std::fmt::Debug for DeviceCore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceCore")
-            .field("device_type", &self.device_type)
-            .field("gsi", &self.gsi)
-            .finish_non_exhaustive()
-    }
-}
-
-impl DeviceCore {
-    fn lock(&self) -> MutexGuard<'_, CoreState> {
-        // A panic while holding the lock is a bug already reported; the state is still
-        // the best there is.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_in_flight(&self) -> MutexGuard<'_, ()> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The device status register.
-    pub fn status(&self) -> u32 {
-        self.lock().status
-    }
-
-    fn interrupt(&self, why: u32) {
-        self.interrupt_status.fetch_or(why, Ordering::AcqRel);
-        if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
-            tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
-        }
-    }
-
-    /// Enter DEVICE_NEEDS_RESET and tell the driver: the guest handed us something no
-    /// correct driver would.
-    fn fail(&self, st: &mut CoreState, why: impl std::fmt::Display) {
-        tracing::warn!(
-            device_type = self.device_type,
-            "virtio device needs reset: {why}"
-        );
-        st.status |= status::DEVICE_NEEDS_RESET;
-        st.config_generation = st.config_generation.wrapping_add(1);
-        self.interrupt(INT_CONFIG_CHANGE);
-    }
-
-    /// Run the device on queue `index` (the driver's notify, or a backend's readiness).
-    /// None when the device did not run: not started, needing a reset, or the queue not
-    /// set up.
-    pub fn process_queue(&self, index: usize) -> Option<QueueOutcome> {
-        let _in_flight = self.lock_in_flight();
-        let mut outcome: Option<QueueOutcome> = None;
-        // Rounds until the ring stays empty: requests the driver adds while a batch runs
-        // are taken up without waiting for another notify.
-        loop {
-            let mut st = self.lock();
-            let work = match self.start_locked(&mut st, index)? {
-                Started::Done(o) => return Some(o),
-                Started::Unlocked(work) => work,
-            };
-            drop(st);
-            let done = work.run(&self.mem);
-            let mut st = self.lock();
-            let more = self.publish(&mut st, index, done)?;
-            let o = outcome.get_or_insert_with(QueueOutcome::default);
-            o.used |= more.0;
-            // A round that found nothing stops even if the avail index says otherwise (a
-            // driver that published an index past its ring).
-            if !(more.0 && more.1) {
-                return outcome;
-            }
-        }
-    }
-
-    /// Checks the device and queue are running and lets the device take up the queue.
-    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Started> {
-        if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
-            return None;
-        }
-        let CoreState { device, queues, .. } = &mut *st;
-        let queue = queues.get_mut(index)?;
-        if !queue.ready() {
-            return None;
-        }
-        if !queue.is_valid(&self.mem) {
-            self.fail(
-                st,
-                format_args!("queue {index} is not valid (size or ring addresses)"),
-            );
-            return None;
-        }
-        match device.start_queue(index, queue, &self.mem) {
-            Ok(Started::Done(outcome)) => {
-                if outcome.used && queue.needs_notification(&self.mem).unwrap_or(true) {
-                    self.interrupt(INT_USED_RING);
-                }
-                if let Some(next) = outcome.also_process.filter(|&n| n != index) {
-                    self.process_locked(st, next);
-                }
-                Some(Started::Done(outcome))
-            }
-            Ok(work) => Some(work),
-            Err(e) => {
-                self.fail(st, e);
-                None
-            }
-        }
-    }
-
-    /// Puts a batch's completions on the used ring, interrupts the driver once if it asked (used_event with EVENT_IDX), and re-arms its notifications
-    /// (avail_event). Returns (anything used, more requests already waiting); None when
-    /// the device stopped or failed.
-    fn publish(&self, st: &mut CoreState, index: usize, done: WorkDone) -> Option<(bool, bool)> {
-        if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
-            return None;
-        }
-        let queue = st.queues.get_mut(index)?;
-        let used = !done.used.is_empty();
-        // One add_used each (not queue::add_used_batch): virtio-queue counts them for
-        // its used_event test below, and blk's completions are independent of each other.
-        let published = done.used.iter().try_for_each(|&(head, len)| {
-            queue
-                .add_used(&self.mem, head, len)
-                .map_err(|_| crate::DeviceError::BadRequest("cannot add to the used ring"))
-        });
-        if let Err(e) = published.and(done.error.map_or(Ok(()), Err)) {
-            self.fail(st, e);
-            return None;
-        }
-        // With EVENT_IDX this publishes avail_event = next_avail: the driver kicks for
-        // the next request it adds; true means some came in while the batch ran.
-        let more = match queue.enable_notification(&self.mem) {
-            Ok(more) => more,
-            Err(_) => {
-                self.fail(st, format_args!("queue {index}: rings left guest memory"));
-                return None;
-            }
-        };
-        if used && queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt(INT_USED_RING);
-        }
-        Some((used, more))
-    }
-
-    /// Runs a queue another queue's work asked for, with the device lock already held
-    /// (only devices served entirely under the lock do that).
-    fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
-        match self.start_locked(st, index)? {
-            Started::Done(o) => Some(o),
-            Started::Unlocked(work) => {
-                // Already under the lock: run it here rather than lose the requests.
-                let done = work.run(&self.mem);
-                let (used, _) = self.publish(st, index, done)?;
-                Some(QueueOutcome {
-                    used,
-                    ..QueueOutcome::default()
-                })
-            }
-        }
-    }
-}
-
-/// The doorbell between a transport and its I/O thread: which queues were notified.
-#[derive(Debug)]
-struct Kick {
-    pending: AtomicU64,
-    event: EventFd,
-}
-
-impl Kick {
-    fn ring(&self, queue: u32) {
-        let Some(bit) = 1u64.checked_shl(queue) else {
-            return;
-        };
-        // The thread takes all bits at once after waking: only the first notify since
-        // then needs to wake it.
-        if self.pending.fetch_or(bit, Ordering::AcqRel) == 0 {
-            if let Err(e) = self.event.write(1) {
-                tracing::warn!("virtio I/O thread wake-up: {e}");
-            }
-        }
-    }
-}
-
 /// The transport around one device.
 pub struct MmioTransport {
     core: Arc<DeviceCore>,
-    offered: u64,
+    doorbell: Doorbell,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
-    /// Set once an I/O thread runs the device: notifies go there.
-    kick: Option<Arc<Kick>>,
 }
 
 impl std::fmt::Debug for MmioTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.core.device_type)
-            .field("io_thread", &self.kick.is_some())
+            .field("device_type", &self.core.device_type())
+            .field("io_thread", &self.doorbell.has_io_thread())
             .finish_non_exhaustive()
     }
 }
@@ -305,35 +73,13 @@ impl MmioTransport {
         irq: Arc<dyn IrqChip>,
         gsi: u32,
     ) -> Self {
-        let queues = device
-            .queue_max_sizes()
-            .iter()
-            // A max size that is zero or not a power of two is a device bug: clamp to 256.
-            .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("256 is valid")))
-            .collect();
-        let offered = device.features() | VIRTIO_F_VERSION_1;
-        let device_type = device.device_type();
+        let core = Arc::new(DeviceCore::new(device, mem, Box::new(GsiEdge { irq, gsi })));
         MmioTransport {
-            core: Arc::new(DeviceCore {
-                state: Mutex::new(CoreState {
-                    device,
-                    queues,
-                    driver_features: 0,
-                    status: 0,
-                    config_generation: 0,
-                }),
-                in_flight: Mutex::new(()),
-                interrupt_status: AtomicU32::new(0),
-                mem,
-                irq,
-                gsi,
-                device_type,
-            }),
-            offered,
+            doorbell: Doorbell::new(core.clone()),
+            core,
             queue_sel: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
-            kick: None,
         }
     }
 
@@ -351,160 +97,81 @@ impl MmioTransport {
         self.core.process_queue(index);
     }
 
-    /// From now on the driver's notifies only wake the returned I/O thread, which runs
-    /// the device. `host_input` is a descriptor that polls readable when the host has
-    /// input for queue `.1` (a TAP for a receive queue).
+    /// From now on the driver's notifies only wake the returned I/O thread (see
+    /// [`Doorbell::io_thread`]).
     pub fn io_thread(
         &mut self,
         name: &str,
-        host_input: Option<(OwnedFd, usize)>,
+        host_input: Option<(std::os::fd::OwnedFd, usize)>,
     ) -> std::io::Result<IoThread> {
-        let kick = Arc::new(Kick {
-            pending: AtomicU64::new(0),
-            event: EventFd::new(EFD_NONBLOCK)?,
-        });
-        self.kick = Some(kick.clone());
-        Ok(IoThread {
-            name: name.to_string(),
-            core: self.core.clone(),
-            kick,
-            host_input,
-        })
-    }
-
-    fn reset(&mut self, st: &mut CoreState) {
-        for q in &mut st.queues {
-            q.reset();
-        }
-        st.device.reset();
-        st.driver_features = 0;
-        st.status = 0;
-        self.queue_sel = 0;
-        self.core.interrupt_status.store(0, Ordering::Release);
-    }
-
-    fn write_status(&mut self, v: u32) {
-        let core = self.core.clone();
-        // A reset waits for requests running outside the device lock: once the driver
-        // reads status 0 back, the device no longer writes its memory.
-        let _in_flight = (v == 0).then(|| core.lock_in_flight());
-        let mut st = core.lock();
-        if v == 0 {
-            self.reset(&mut st);
-            return;
-        }
-        let newly = v & !st.status;
-        if newly & status::FEATURES_OK != 0 {
-            if st.driver_features & !self.offered != 0
-                || st.driver_features & VIRTIO_F_VERSION_1 == 0
-            {
-                // The driver accepted something we never offered, or a legacy interface:
-                // leave FEATURES_OK clear so it sees the refusal.
-                st.status = v & !status::FEATURES_OK;
-                return;
-            }
-            let f = st.driver_features;
-            st.device.ack_features(f);
-            let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
-            for q in &mut st.queues {
-                q.set_event_idx(event_idx);
-            }
-        }
-        // NEEDS_RESET is the device's to set and only a reset clears it.
-        st.status = v | (st.status & status::DEVICE_NEEDS_RESET);
+        self.doorbell.io_thread(name, host_input)
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
-        // The registers a running driver reads often stay clear of the device lock.
+        let q = self.queue_sel as usize;
         match offset {
-            MAGIC_VALUE => return MAGIC,
-            VERSION => return 2,
-            DEVICE_ID => return self.core.device_type,
-            VENDOR_ID => return VENDOR,
-            DEVICE_FEATURES => {
-                return match self.device_features_sel {
-                    0 => self.offered as u32,
-                    1 => (self.offered >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            INTERRUPT_STATUS => return self.core.interrupt_status.load(Ordering::Acquire),
-            _ => {}
-        }
-        let st = self.core.lock();
-        let q = st.queues.get(self.queue_sel as usize);
-        match offset {
-            QUEUE_NUM_MAX => q.map(|q| u32::from(q.max_size())).unwrap_or(0),
-            QUEUE_READY => q.map(|q| u32::from(q.ready())).unwrap_or(0),
-            STATUS => st.status,
-            CONFIG_GENERATION => st.config_generation,
+            MAGIC_VALUE => MAGIC,
+            VERSION => 2,
+            DEVICE_ID => self.core.device_type(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => self.core.offered_features(self.device_features_sel),
+            INTERRUPT_STATUS => self.core.interrupt_status(),
+            QUEUE_NUM_MAX => self
+                .core
+                .read_queue(q, |q| u32::from(q.max_size()))
+                .unwrap_or(0),
+            QUEUE_READY => self
+                .core
+                .read_queue(q, |q| u32::from(q.ready()))
+                .unwrap_or(0),
+            STATUS => self.core.status(),
+            CONFIG_GENERATION => self.core.config_generation(),
             _ => 0,
         }
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
+        let q = self.queue_sel as usize;
         match offset {
             DEVICE_FEATURES_SEL => self.device_features_sel = v,
             DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            DRIVER_FEATURES => self.core.set_driver_features(self.driver_features_sel, v),
             QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NOTIFY => match &self.kick {
-                Some(kick) => kick.ring(v),
-                None => {
-                    self.core.process_queue(v as usize);
-                }
-            },
-            INTERRUPT_ACK => {
-                self.core.interrupt_status.fetch_and(!v, Ordering::AcqRel);
-            }
-            STATUS => self.write_status(v),
-            _ => self.write_setup_reg(offset, v),
-        }
-    }
-
-    /// Feature and queue set-up registers, under the device lock.
-    fn write_setup_reg(&mut self, offset: u64, v: u32) {
-        let core = self.core.clone();
-        let mut st = core.lock();
-        // Queue set-up is only legal before DRIVER_OK; drivers that do it later are buggy
-        // and get ignored rather than a half-configured queue.
-        let setup_ok = st.status & status::DRIVER_OK == 0;
-        if offset == DRIVER_FEATURES {
-            if st.status & status::FEATURES_OK == 0 {
-                match self.driver_features_sel {
-                    0 => st.driver_features = (st.driver_features & !0xffff_ffff) | u64::from(v),
-                    1 => {
-                        st.driver_features =
-                            (st.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                    }
-                    _ => {}
+            QUEUE_NOTIFY => self.doorbell.ring(v),
+            INTERRUPT_ACK => self.core.ack_interrupt(v),
+            STATUS => {
+                self.core.write_status(v);
+                if v == 0 {
+                    self.queue_sel = 0;
                 }
             }
-            return;
-        }
-        let index = self.queue_sel;
-        let q = st.queues.get_mut(index as usize);
-        match (offset, q) {
-            (QUEUE_NUM, Some(q)) if setup_ok => {
-                let bad = u16::try_from(v)
-                    .map_err(|_| ())
-                    .and_then(|size| q.try_set_size(size).map_err(|_| ()))
-                    .is_err();
-                if bad {
-                    core.fail(
-                        &mut st,
-                        format_args!(
-                            "queue {index} size {v} is not a power of two within the maximum"
-                        ),
-                    );
-                }
+            QUEUE_NUM => {
+                self.core.setup_queue(q, |queue| {
+                    u16::try_from(v)
+                        .ok()
+                        .and_then(|size| queue.try_set_size(size).ok())
+                        .ok_or_else(|| format!("size {v} is not a power of two within the maximum"))
+                });
             }
-            (QUEUE_READY, Some(q)) if setup_ok => q.set_ready(v == 1),
-            (QUEUE_DESC_LOW, Some(q)) if setup_ok => q.set_desc_table_address(Some(v), None),
-            (QUEUE_DESC_HIGH, Some(q)) if setup_ok => q.set_desc_table_address(None, Some(v)),
-            (QUEUE_DRIVER_LOW, Some(q)) if setup_ok => q.set_avail_ring_address(Some(v), None),
-            (QUEUE_DRIVER_HIGH, Some(q)) if setup_ok => q.set_avail_ring_address(None, Some(v)),
-            (QUEUE_DEVICE_LOW, Some(q)) if setup_ok => q.set_used_ring_address(Some(v), None),
-            (QUEUE_DEVICE_HIGH, Some(q)) if setup_ok => q.set_used_ring_address(None, Some(v)),
+            QUEUE_READY => self.core.set_queue(q, |queue| queue.set_ready(v == 1)),
+            QUEUE_DESC_LOW => self
+                .core
+                .set_queue(q, |queue| queue.set_desc_table_address(Some(v), None)),
+            QUEUE_DESC_HIGH => self
+                .core
+                .set_queue(q, |queue| queue.set_desc_table_address(None, Some(v))),
+            QUEUE_DRIVER_LOW => self
+                .core
+                .set_queue(q, |queue| queue.set_avail_ring_address(Some(v), None)),
+            QUEUE_DRIVER_HIGH => self
+                .core
+                .set_queue(q, |queue| queue.set_avail_ring_address(None, Some(v))),
+            QUEUE_DEVICE_LOW => self
+                .core
+                .set_queue(q, |queue| queue.set_used_ring_address(Some(v), None)),
+            QUEUE_DEVICE_HIGH => self
+                .core
+                .set_queue(q, |queue| queue.set_used_ring_address(None, Some(v))),
             _ => tracing::debug!(offset, v, "virtio-mmio write ignored"),
         }
     }
@@ -513,7 +180,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            self.core.lock().device.read_config(offset - CONFIG, data);
+            self.core.read_config(offset - CONFIG, data);
             return;
         }
         // Registers are 32-bit and must be accessed as such.
@@ -527,7 +194,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            self.core.lock().device.write_config(offset - CONFIG, data);
+            self.core.write_config(offset - CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -537,171 +204,5 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
-    }
-}
-
-/// How long an I/O thread sleeps between looks at the VM's exit signal, and between
-/// retries of host input the device could not take.
-const IO_THREAD_TICK: Duration = Duration::from_millis(100);
-
-/// Lets the VMM keep the I/O threads out of guest memory while the VM is paused: a
-/// thread enters before serving and leaves after; closing waits for those inside.
-#[derive(Debug, Default)]
-pub struct IoGate {
-    closed: std::sync::atomic::AtomicBool,
-    inside: std::sync::atomic::AtomicUsize,
-}
-
-impl IoGate {
-    /// Whether the caller may serve now; if so it must call [`IoGate::leave`] after.
-    pub fn enter(&self) -> bool {
-        // Counted before the check: a closer that then sees no one inside is sure any
-        // later entrant sees it closed.
-        self.inside.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.inside.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    pub fn leave(&self) {
-        self.inside.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// Closes the gate and waits until no thread is serving; false if one still is after
-    /// `timeout` (the gate stays closed).
-    pub fn close(&self, timeout: Duration) -> bool {
-        self.closed.store(true, Ordering::SeqCst);
-        let t0 = Instant::now();
-        while self.inside.load(Ordering::SeqCst) > 0 {
-            if t0.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
-    }
-
-    pub fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
-    }
-}
-
-/// A device's I/O thread, not yet started: it waits for the driver's notifies and, if
-/// the device has one, for its host input, and runs the device on them.
-pub struct IoThread {
-    name: String,
-    core: Arc<DeviceCore>,
-    kick: Arc<Kick>,
-    host_input: Option<(OwnedFd, usize)>,
-}
-
-impl std::fmt::Debug for IoThread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoThread")
-            .field("name", &self.name)
-            .field("host_input_queue", &self.host_input.as_ref().map(|h| h.1))
-            .finish_non_exhaustive()
-    }
-}
-
-impl IoThread {
-    /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
-    /// closed.
-    pub fn spawn(
-        self,
-        exit: Arc<ExitSignal>,
-        gate: Arc<IoGate>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || self.run(&exit, &gate))
-    }
-
-    /// Serve the device until `exit` is set.
-    pub fn run(mut self, exit: &ExitSignal, gate: &IoGate) {
-        // Set while host input waits for guest buffers: the host descriptor stays
-        // readable, so it is left out of the poll until the driver's next notify.
-        let mut starved = false;
-        let mut last_try = Instant::now();
-        while exit.get().is_none() {
-            let host_fd = match &self.host_input {
-                Some((fd, _)) if !starved => fd.as_raw_fd(),
-                _ => -1,
-            };
-            let mut pfds = [
-                libc::pollfd {
-                    fd: self.kick.event.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: host_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
-            let n = unsafe {
-                libc::poll(
-                    pfds.as_mut_ptr(),
-                    pfds.len() as libc::nfds_t,
-                    IO_THREAD_TICK.as_millis() as libc::c_int,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    tracing::warn!(thread = self.name, "poll: {e}");
-                    std::thread::sleep(IO_THREAD_TICK);
-                }
-                continue;
-            }
-            if !gate.enter() {
-                // Paused: leave notifies and host input waiting until the gate opens.
-                std::thread::sleep(IO_THREAD_TICK / 10);
-                continue;
-            }
-            self.serve(&pfds, &mut starved, &mut last_try);
-            gate.leave();
-        }
-    }
-
-    /// Runs the queues that were notified, and host input if there is some.
-    fn serve(&mut self, pfds: &[libc::pollfd; 2], starved: &mut bool, last_try: &mut Instant) {
-        if pfds[0].revents & libc::POLLIN != 0 {
-            // Only clears the wake-up; `pending` says which queues.
-            let _ = self.kick.event.read();
-        }
-        let host_queue = self.host_input.as_ref().map(|h| h.1);
-        let mut host_done = false;
-        let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
-        while pending != 0 {
-            let q = pending.trailing_zeros() as usize;
-            pending &= pending - 1;
-            let outcome = self.core.process_queue(q);
-            if host_queue == Some(q) {
-                *starved = outcome.is_none_or(|o| o.starved);
-                *last_try = Instant::now();
-                host_done = true;
-            }
-        }
-        let Some(hq) = host_queue else { return };
-        if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            tracing::warn!(
-                thread = self.name,
-                "host input descriptor failed; no more host input"
-            );
-            self.host_input = None;
-            return;
-        }
-        let readable = pfds[1].revents & libc::POLLIN != 0;
-        let retry = *starved && last_try.elapsed() >= IO_THREAD_TICK;
-        if !host_done && (readable || retry) {
-            let outcome = self.core.process_queue(hq);
-            *starved = outcome.is_none_or(|o| o.starved);
-            *last_try = Instant::now();
-        }
     }
 }
