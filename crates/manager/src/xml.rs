@@ -182,6 +182,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         path: source.into(),
         format,
         read_only: child(n, "readonly").is_some(),
+        transport: None,
     })
 }
 

@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// Serial console: stdio, null, or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
-    /// A virtio-blk disk: path[,format=raw|qcow2][,readonly]. Repeat for more disks.
+    /// A virtio-blk disk: path[,format=raw|qcow2][,readonly][,transport=mmio|pci]. Repeat
+    /// for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// A virtio-rng device (entropy from the host's getrandom).
@@ -44,12 +45,17 @@ pub struct RunArgs {
     /// A virtio-console (hvc0 in the guest) writing to stdio, null or file:PATH.
     #[arg(long)]
     virtio_console: Option<SerialConfig>,
-    /// A virtio-net interface on a host TAP device: tap=NAME[,mac=52:54:00:12:34:56].
+    /// A virtio-net interface on a host TAP device:
+    /// tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci].
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH (host side on a Unix socket, Firecracker style).
     #[arg(long)]
     vsock: Option<VsockConfig>,
+    /// How virtio devices attach when they do not say: mmio (windows described in ACPI,
+    /// for direct kernel boot) or pci (virtio-pci functions with MSI-X).
+    #[arg(long, default_value = "mmio")]
+    virtio_transport: vmm::config::Transport,
     /// Serve the Firecracker-compatible control API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -122,6 +128,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         virtio_console: args.virtio_console,
         nets: args.nets,
         vsock: args.vsock,
+        virtio_transport: args.virtio_transport,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod console;
 pub mod fuzzing;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod ram_watch;
 pub mod rng;

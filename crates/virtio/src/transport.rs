@@ -47,6 +47,15 @@ pub trait Interrupt: Send + Sync + std::fmt::Debug {
     fn reset(&self) {}
 }
 
+impl<T: Interrupt> Interrupt for Arc<T> {
+    fn raise(&self, cause: Cause) {
+        (**self).raise(cause)
+    }
+    fn reset(&self) {
+        (**self).reset()
+    }
+}
+
 /// virtio-mmio's interrupt: an edge on the device's GSI.
 pub struct GsiEdge {
     pub irq: Arc<dyn hypervisor::IrqChip>,

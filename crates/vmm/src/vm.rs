@@ -18,7 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::accel;
-use crate::config::{ConfigError, DiskFormat, SerialConfig, VmConfig};
+use crate::config::{ConfigError, DiskFormat, SerialConfig, Transport, VmConfig};
 use crate::console;
 use crate::control::VmControl;
 use crate::io::IoBuses;
@@ -68,6 +68,8 @@ pub enum VmmError {
     Vsock(#[from] virtio::vsock::VsockError),
     #[error("PCI: {0}")]
     Pci(#[from] devices::pci::PciError),
+    #[error("virtio-pci: {0}")]
+    VirtioPci(#[from] virtio::pci::PciTransportError),
 }
 
 /// What, besides the vCPUs, runs a device or feeds its receive queue.
@@ -82,8 +84,8 @@ enum RxSource {
     Vsock(Arc<Mutex<virtio::vsock::Backend>>),
 }
 
-/// A virtio device, and the host side that feeds it, if any.
-type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<RxSource>);
+/// A virtio device, the host side that feeds it, if any, and its transport.
+type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<RxSource>, Transport);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -113,9 +115,11 @@ fn output_for(serial: &SerialConfig) -> Result<SerialOut, VmmError> {
     })
 }
 
-/// The VM's virtio devices, in the order their MMIO windows and GSIs are assigned.
+/// The VM's virtio devices, in the order their GSIs, MMIO windows and PCI slots are
+/// assigned.
 fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
     let mut devs: Vec<VirtioSetup> = Vec::new();
+    let machine = config.virtio_transport;
     for disk in &config.disks {
         let format = disk.format.map(|f| match f {
             DiskFormat::Raw => block::Format::Raw,
@@ -138,6 +142,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         devs.push((
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
             Some(io),
+            disk.transport.unwrap_or(machine),
         ));
     }
     for net in &config.nets {
@@ -155,31 +160,61 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: format!("net-{}", net.tap),
             host_input: Some((fd, virtio::net::RX_QUEUE)),
         };
-        devs.push((Box::new(dev), Some(io)));
+        devs.push((Box::new(dev), Some(io), net.transport.unwrap_or(machine)));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
         let backend = dev.backend();
-        devs.push((Box::new(dev), Some(RxSource::Vsock(backend))));
+        devs.push((Box::new(dev), Some(RxSource::Vsock(backend)), machine));
     }
     if config.rng {
-        devs.push((Box::new(virtio::rng::Rng), None));
+        devs.push((Box::new(virtio::rng::Rng), None, machine));
     }
     if let Some(out) = &config.virtio_console {
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
             None,
+            machine,
         ));
     }
     Ok(devs)
 }
 
-fn virtio_slots(count: usize) -> Vec<VirtioMmioDevice> {
-    (0..count)
-        .map(|i| VirtioMmioDevice {
-            base: layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
-            size: layout::VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_FIRST_GSI + i as u32,
+/// Where a virtio device attaches.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    Mmio(VirtioMmioDevice),
+    /// A PCI slot on bus 0, and the GSI its INTx line is routed to.
+    Pci {
+        slot: u8,
+        gsi: u32,
+    },
+}
+
+/// Device i gets GSI 16 + i whatever its transport; virtio-mmio devices take the
+/// windows in order, virtio-pci ones the slots after the host bridge.
+fn placements(devs: &[VirtioSetup]) -> Vec<Placement> {
+    let (mut windows, mut slots) = (0u64, 1u8);
+    devs.iter()
+        .enumerate()
+        .map(|(i, (_, _, transport))| {
+            let gsi = VIRTIO_FIRST_GSI + i as u32;
+            match transport {
+                Transport::Mmio => {
+                    let base = layout::VIRTIO_MMIO_START + windows * layout::VIRTIO_MMIO_SIZE;
+                    windows += 1;
+                    Placement::Mmio(VirtioMmioDevice {
+                        base,
+                        size: layout::VIRTIO_MMIO_SIZE,
+                        gsi,
+                    })
+                }
+                Transport::Pci => {
+                    let slot = slots;
+                    slots += 1;
+                    Placement::Pci { slot, gsi }
+                }
+            }
         })
         .collect()
 }
@@ -192,10 +227,10 @@ pub struct Vmm {
     control: Arc<VmControl>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
-    /// Devices fed from the host side (TAPs, vsock sockets), a thread each.
-    rx_pumps: Vec<(Arc<Mutex<virtio::mmio::MmioTransport>>, RxSource)>,
+    /// Devices fed from the host side (vsock sockets), a thread each.
+    rx_pumps: Vec<(Arc<virtio::transport::DeviceCore>, RxSource)>,
     /// Devices that run on I/O threads of their own (block, net).
-    io_threads: Vec<virtio::mmio::IoThread>,
+    io_threads: Vec<virtio::transport::IoThread>,
     vcpus: Vec<Box<dyn Vcpu>>,
     /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
     /// registry in `virtio::ram_watch` holds it weakly).
@@ -258,7 +293,21 @@ impl Vmm {
 
         // Virtio devices are opened first: the ACPI tables describe them.
         let virtio = virtio_devices(&config)?;
-        let slots = virtio_slots(virtio.len());
+        let places = placements(&virtio);
+        let mmio_windows: Vec<VirtioMmioDevice> = places
+            .iter()
+            .filter_map(|p| match p {
+                Placement::Mmio(w) => Some(*w),
+                Placement::Pci { .. } => None,
+            })
+            .collect();
+        let pci_intx: Vec<(u8, u32)> = places
+            .iter()
+            .filter_map(|p| match *p {
+                Placement::Pci { slot, gsi } => Some((slot, gsi)),
+                Placement::Mmio(_) => None,
+            })
+            .collect();
 
         // Kernel, initrd, boot tables.
         let kernel = read_file("kernel", &config.kernel)?;
@@ -273,8 +322,8 @@ impl Vmm {
             mem_size,
             acpi: AcpiConfig {
                 cpus: config.cpus,
-                virtio_devices: slots.clone(),
-                pci: Some(acpi::PciHost { intx: Vec::new() }),
+                virtio_devices: mmio_windows,
+                pci: Some(acpi::PciHost { intx: pci_intx }),
             },
         };
         let loaded = arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
@@ -338,8 +387,42 @@ impl Vmm {
             .insert(dev(ged.clone()), u64::from(acpi::GED_PORT), 1)?;
         let control = Arc::new(VmControl::new(exit.clone(), ged));
 
+        // Virtio devices, on their transports; the PCI ones go on the root bus below.
+        let mut pci_root = devices::pci::PciRoot::new();
+        let mut rx_pumps = Vec::new();
+        let mut io_threads = Vec::new();
+        for ((device, feed, _), place) in virtio.into_iter().zip(places) {
+            let (core, io_thread) = match place {
+                Placement::Mmio(window) => {
+                    let mut t = virtio::mmio::MmioTransport::new(
+                        device,
+                        memory.clone(),
+                        irq.clone(),
+                        window.gsi,
+                    );
+                    let io_thread = start_io_thread(&feed, |name, input| t.io_thread(name, input))?;
+                    let core = t.core();
+                    io.mmio
+                        .insert(dev(Arc::new(Mutex::new(t))), window.base, window.size)?;
+                    (core, io_thread)
+                }
+                Placement::Pci { slot, gsi } => {
+                    let mut t =
+                        virtio::pci::PciTransport::new(device, memory.clone(), irq.clone(), gsi)?;
+                    let io_thread = start_io_thread(&feed, |name, input| t.io_thread(name, input))?;
+                    let core = t.core();
+                    pci_root.add(usize::from(slot), Arc::new(Mutex::new(t)))?;
+                    (core, io_thread)
+                }
+            };
+            io_threads.extend(io_thread);
+            if let Some(source @ RxSource::Vsock(_)) = feed {
+                rx_pumps.push((core, source));
+            }
+        }
+
         // The PCI host bridge: the configuration ports, ECAM, and the BARs behind them.
-        let pci = Arc::new(devices::pci::PciRoot::new());
+        let pci = Arc::new(pci_root);
         io.pio.insert(
             dev(Arc::new(Mutex::new(devices::pci::ConfigAddress(
                 pci.clone(),
@@ -358,30 +441,6 @@ impl Vmm {
             layout::PCI_ECAM_SIZE,
         )?;
         io.pci = Some(pci);
-
-        let mut rx_pumps = Vec::new();
-        let mut io_threads = Vec::new();
-        for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
-            let transport = Arc::new(Mutex::new(virtio::mmio::MmioTransport::new(
-                device,
-                memory.clone(),
-                irq.clone(),
-                slot.gsi,
-            )));
-            io.mmio
-                .insert(dev(transport.clone()), slot.base, slot.size)?;
-            match ready_fd {
-                Some(RxSource::IoThread { name, host_input }) => io_threads.push(
-                    transport
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .io_thread(&name, host_input)
-                        .map_err(VmmError::Thread)?,
-                ),
-                Some(source) => rx_pumps.push((transport, source)),
-                None => {}
-            }
-        }
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
@@ -446,13 +505,13 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
         }
 
-        for (transport, source) in self.rx_pumps {
+        for (core, source) in self.rx_pumps {
             let exit = self.exit.clone();
             let gate = self.control.io_gate();
             let t = std::thread::Builder::new();
             if let RxSource::Vsock(backend) = source {
                 t.name("vsock".into())
-                    .spawn(move || vsock_pump(&transport, &backend, &exit, &gate))
+                    .spawn(move || vsock_pump(&core, &backend, &exit, &gate))
                     .map_err(VmmError::Thread)?;
             }
         }
@@ -503,6 +562,26 @@ impl Vmm {
     }
 }
 
+/// The I/O thread a device's feed asks for, made by its transport's `io_thread`.
+fn start_io_thread(
+    feed: &Option<RxSource>,
+    make: impl FnOnce(
+        &str,
+        Option<(std::os::fd::OwnedFd, usize)>,
+    ) -> std::io::Result<virtio::transport::IoThread>,
+) -> Result<Option<virtio::transport::IoThread>, VmmError> {
+    match feed {
+        Some(RxSource::IoThread { name, host_input }) => {
+            let input = match host_input {
+                Some((fd, q)) => Some((fd.try_clone().map_err(VmmError::Thread)?, *q)),
+                None => None,
+            };
+            make(name, input).map(Some).map_err(VmmError::Thread)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Set by SIGTERM/SIGINT/SIGHUP: the VMM stops the VM and exits normally, so a raw
 /// terminal is restored and sockets are cleaned up, instead of dying mid-write.
 static TERMINATION_REQUESTED: std::sync::atomic::AtomicBool =
@@ -529,7 +608,7 @@ fn stop_on_termination_signals() {
 /// Serve the vsock host side: accept and read host sockets, and hand the resulting
 /// packets to the guest's receive queue.
 fn vsock_pump(
-    transport: &Mutex<virtio::mmio::MmioTransport>,
+    core: &virtio::transport::DeviceCore,
     backend: &Mutex<virtio::vsock::Backend>,
     exit: &ExitSignal,
     gate: &virtio::mmio::IoGate,
@@ -558,10 +637,7 @@ fn vsock_pump(
             b.has_rx()
         };
         if has_rx {
-            transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .process_queue(virtio::vsock::RX_QUEUE);
+            core.process_queue(virtio::vsock::RX_QUEUE);
         }
         gate.leave();
     }

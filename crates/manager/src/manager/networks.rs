@@ -71,6 +71,7 @@ impl Manager {
                 rt.vm.nets.push(vmm::config::NetConfig {
                     tap,
                     mac: Some(network::mac_for(def, i)),
+                    transport: None,
                 });
             }
             Ok(())

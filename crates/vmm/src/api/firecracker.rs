@@ -327,6 +327,7 @@ impl VmmApi {
                 path: d.path_on_host.clone().into(),
                 format: None,
                 read_only: d.is_read_only,
+                transport: None,
             })
             .collect();
         c.nets = nets
@@ -334,6 +335,7 @@ impl VmmApi {
             .map(|n| crate::config::NetConfig {
                 tap: n.host_dev_name.clone(),
                 mac: n.guest_mac.clone(),
+                transport: None,
             })
             .collect();
         c.vsock = vsock.as_ref().map(|v| VsockConfig {
