@@ -37,9 +37,67 @@ pub fn reset_vector_code() -> [u8; 16] {
     ]
 }
 
+/// A BIOS image (SeaBIOS's `bios.bin`, 128 or 256 KiB) is mapped so that it ends at
+/// 4 GiB, where the reset vector fetches from; its last 128 KiB are also copied to the
+/// legacy BIOS area below 1 MiB (0xe0000–0xfffff), where its real-mode code runs.
+pub const BIOS_MAX_SIZE: u64 = 16 << 20;
+/// The legacy BIOS area's size.
+pub const LEGACY_BIOS_SIZE: u64 = 128 << 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FirmwareError {
+    #[error("a BIOS image of {0} bytes: it must be a multiple of 64 KiB, at most 16 MiB")]
+    Size(u64),
+    #[error("writing the BIOS image to guest memory at {0:#x}")]
+    Write(u64),
+}
+
+/// Where a BIOS image of `len` bytes lives below 4 GiB: (base, len).
+pub fn bios_region(len: u64) -> Result<(u64, u64), FirmwareError> {
+    if len == 0 || len > BIOS_MAX_SIZE || !len.is_multiple_of(64 << 10) {
+        return Err(FirmwareError::Size(len));
+    }
+    Ok((crate::layout::MMIO_GAP_END - len, len))
+}
+
+/// Copy `image` to its region below 4 GiB (which `mem` must hold) and its tail to the
+/// legacy BIOS area.
+pub fn load_bios(mem: &vm_memory::GuestMemoryMmap, image: &[u8]) -> Result<(), FirmwareError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let (base, len) = bios_region(image.len() as u64)?;
+    mem.write_slice(image, GuestAddress(base))
+        .map_err(|_| FirmwareError::Write(base))?;
+    let tail = len.min(LEGACY_BIOS_SIZE);
+    let low = ACPI_END - tail;
+    mem.write_slice(&image[(len - tail) as usize..], GuestAddress(low))
+        .map_err(|_| FirmwareError::Write(low))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bios_ends_at_4_gib_and_its_tail_sits_below_1_mib() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let (base, len) = bios_region(128 << 10).unwrap();
+        assert_eq!(base + len, 1 << 32);
+        assert!(bios_region(100).is_err() && bios_region(0).is_err());
+        assert!(bios_region(32 << 20).is_err());
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(base), len as usize),
+        ])
+        .unwrap();
+        let mut image = vec![0u8; len as usize];
+        image[len as usize - 16] = 0xea; // the reset vector's far jump
+        load_bios(&mem, &image).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xffff_fff0)).unwrap(), 0xea);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xffff0)).unwrap(), 0xea);
+        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        assert_eq!(load_bios(&small, &image), Err(FirmwareError::Write(base)));
+    }
 
     #[test]
     fn the_stub_loops_on_its_hlt() {

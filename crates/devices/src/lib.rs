@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod exit;
+pub mod fw_cfg;
 pub mod ged;
 pub mod irqchip;
 pub mod legacy;

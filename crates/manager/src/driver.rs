@@ -162,11 +162,16 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     c.args(["-m", &format!("{}M", vm.memory_mib)]);
     c.args(["-smp", &vm.cpus.to_string()]);
     c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
-    c.arg("-kernel").arg(&vm.kernel);
-    if let Some(i) = &vm.initrd {
-        c.arg("-initrd").arg(i);
+    if let Some(k) = &vm.kernel {
+        c.arg("-kernel").arg(k);
+        if let Some(i) = &vm.initrd {
+            c.arg("-initrd").arg(i);
+        }
+        c.args(["-append", &vm.cmdline]);
     }
-    c.args(["-append", &vm.cmdline]);
+    if let Some(f) = &vm.firmware {
+        c.arg("-bios").arg(f);
+    }
     c.args(["-nodefaults", "-no-user-config", "-display", "none"]);
     c.arg("-chardev").arg(format!(
         "socket,id=console0,path={},server=on,wait=off,logfile={},logappend=on",
@@ -228,7 +233,13 @@ fn chardev_path(p: &Path) -> Result<String> {
 fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Command {
     let vm = &def.vm;
     let mut c = Command::new(&p.vessel);
-    c.arg("run").arg("--kernel").arg(&vm.kernel);
+    c.arg("run");
+    if let Some(k) = &vm.kernel {
+        c.arg("--kernel").arg(k);
+    }
+    if let Some(f) = &vm.firmware {
+        c.arg("--firmware").arg(f);
+    }
     if let Some(i) = &vm.initrd {
         c.arg("--initrd").arg(i);
     }

@@ -255,10 +255,18 @@ pub fn to_xml(d: &DomainDef) -> String {
         )),
     }
     x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
-    x.push_str(&format!(
-        "    <kernel>{}</kernel>\n",
-        esc(&d.vm.kernel.to_string_lossy())
-    ));
+    if let Some(k) = &d.vm.kernel {
+        x.push_str(&format!(
+            "    <kernel>{}</kernel>\n",
+            esc(&k.to_string_lossy())
+        ));
+    }
+    if let Some(f) = &d.vm.firmware {
+        x.push_str(&format!(
+            "    <loader>{}</loader>\n",
+            esc(&f.to_string_lossy())
+        ));
+    }
     if let Some(i) = &d.vm.initrd {
         x.push_str(&format!(
             "    <initrd>{}</initrd>\n",

@@ -16,6 +16,10 @@ pub struct RunArgs {
     /// Initial ramdisk. Default: the guest assets' initramfs when --kernel is not given.
     #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Boot through this BIOS image (e.g. SeaBIOS's /usr/share/seabios/bios.bin)
+    /// instead of a kernel.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    firmware: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
@@ -100,9 +104,10 @@ pub fn assets_dir() -> PathBuf {
 }
 
 fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
-    let (kernel, initrd) = match args.kernel {
-        Some(k) => (k, args.initrd),
-        None => {
+    let (kernel, initrd) = match (args.kernel, &args.firmware) {
+        (_, Some(_)) => (None, None),
+        (Some(k), None) => (Some(k), args.initrd),
+        (None, None) => {
             let dir = assets_dir();
             let k = dir.join("vmlinuz");
             if !k.is_file() {
@@ -111,11 +116,12 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
                     dir.display()
                 );
             }
-            (k, args.initrd.or(Some(dir.join("initramfs.cpio.gz"))))
+            (Some(k), args.initrd.or(Some(dir.join("initramfs.cpio.gz"))))
         }
     };
     Ok(VmConfig {
         kernel,
+        firmware: args.firmware,
         initrd,
         cmdline: args.cmdline,
         memory_mib: args.memory,

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot one VM in the foreground, its serial console on this terminal.
-    Run(cmd_run::RunArgs),
+    Run(Box<cmd_run::RunArgs>),
     /// Disk image tools: create, info, convert, check, resize.
     #[command(subcommand)]
     Img(cmd_img::ImgCommand),
@@ -46,7 +46,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let status = match cli.command {
-        Command::Run(args) => cmd_run::run(args),
+        Command::Run(args) => cmd_run::run(*args),
         Command::Img(cmd) => cmd_img::run(cmd).map(|()| 0),
         Command::Manage(cmd) => cmd_manage::run(cmd, &cli.global),
     };

@@ -99,7 +99,14 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// The kernel for direct boot; None with `firmware`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// A BIOS image (SeaBIOS's `bios.bin`) to boot through instead of a kernel: mapped
+    /// below 4 GiB, its last 128 KiB also at 0xe0000, the vCPU starting at the reset
+    /// vector, the machine described to it through fw_cfg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
@@ -317,6 +324,12 @@ fn default_cpus() -> u8 {
 pub enum ConfigError {
     #[error("kernel {0} does not exist or is not a file")]
     KernelMissing(PathBuf),
+    #[error("firmware {0} does not exist or is not a file")]
+    FirmwareMissing(PathBuf),
+    #[error("nothing to boot: give a kernel or a firmware image")]
+    NothingToBoot,
+    #[error("a kernel and a firmware image: boot one or the other")]
+    KernelAndFirmware,
     #[error("initrd {0} does not exist or is not a file")]
     InitrdMissing(PathBuf),
     #[error("{0} MiB of memory is too small (at least {MIN_MEMORY_MIB} MiB)")]
@@ -339,7 +352,8 @@ impl VmConfig {
     /// A config with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
-            kernel: kernel.into(),
+            kernel: Some(kernel.into()),
+            firmware: None,
             initrd: None,
             cmdline: default_cmdline(),
             memory_mib: DEFAULT_MEMORY_MIB,
@@ -366,8 +380,12 @@ impl VmConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.kernel.is_file() {
-            return Err(ConfigError::KernelMissing(self.kernel.clone()));
+        match (&self.kernel, &self.firmware) {
+            (None, None) => return Err(ConfigError::NothingToBoot),
+            (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
+            (Some(k), None) if !k.is_file() => return Err(ConfigError::KernelMissing(k.clone())),
+            (None, Some(f)) if !f.is_file() => return Err(ConfigError::FirmwareMissing(f.clone())),
+            _ => {}
         }
         if let Some(i) = &self.initrd {
             if !i.is_file() {
@@ -501,6 +519,29 @@ mod tests {
         for (cfg, want) in bad {
             assert_eq!(cfg.validate(), Err(want));
         }
+        let no_boot = VmConfig {
+            kernel: None,
+            ..ok.clone()
+        };
+        assert_eq!(no_boot.validate(), Err(ConfigError::NothingToBoot));
+        let both = VmConfig {
+            firmware: Some(exe.clone()),
+            ..ok.clone()
+        };
+        assert_eq!(both.validate(), Err(ConfigError::KernelAndFirmware));
+        let bios = VmConfig {
+            firmware: Some(exe.clone()),
+            ..no_boot.clone()
+        };
+        assert_eq!(bios.validate(), Ok(()));
+        let missing = VmConfig {
+            firmware: Some("/nonexistent/bios.bin".into()),
+            ..no_boot
+        };
+        assert_eq!(
+            missing.validate(),
+            Err(ConfigError::FirmwareMissing("/nonexistent/bios.bin".into()))
+        );
         let huge = VmConfig {
             memory_mib: 1 << 40,
             ..ok

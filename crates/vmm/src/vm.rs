@@ -70,6 +70,10 @@ pub enum VmmError {
     Pci(#[from] devices::pci::PciError),
     #[error("virtio-pci: {0}")]
     VirtioPci(#[from] virtio::pci::PciTransportError),
+    #[error("firmware: {0}")]
+    Firmware(#[from] arch::firmware::FirmwareError),
+    #[error("fw_cfg: {0}")]
+    FwCfg(#[from] devices::fw_cfg::FwCfgError),
 }
 
 /// What, besides the vCPUs, runs a device or feeds its receive queue.
@@ -265,12 +269,20 @@ impl Vmm {
         let hv = choice.hypervisor;
         tracing::info!(accel = hv.name(), "accelerator chosen");
 
-        // Memory.
+        // Memory: RAM, and the BIOS image's region below 4 GiB when booting through one.
         let mem_size = config.memory_bytes();
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+        let bios = match &config.firmware {
+            Some(p) => Some(read_file("firmware", p)?),
+            None => None,
+        };
+        let mut ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
             .into_iter()
             .map(|(start, len)| (GuestAddress(start), len as usize))
             .collect();
+        if let Some(image) = &bios {
+            let (base, len) = arch::firmware::bios_region(image.len() as u64)?;
+            ranges.push((GuestAddress(base), len as usize));
+        }
         let memory = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
         let vm = hv.create_vm(config.cpus)?;
@@ -309,28 +321,40 @@ impl Vmm {
             })
             .collect();
 
-        // Kernel, initrd, boot tables.
-        let kernel = read_file("kernel", &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(p) => Some(read_file("initrd", p)?),
-            None => None,
+        // Kernel, initrd, boot tables — or the firmware, which finds its own way.
+        let loaded = match (&config.kernel, &bios) {
+            (Some(path), _) => {
+                let kernel = read_file("kernel", path)?;
+                let initrd = match &config.initrd {
+                    Some(p) => Some(read_file("initrd", p)?),
+                    None => None,
+                };
+                let boot = arch::BootConfig {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                    mem_size,
+                    acpi: AcpiConfig {
+                        cpus: config.cpus,
+                        virtio_devices: mmio_windows,
+                        pci: Some(acpi::PciHost { intx: pci_intx }),
+                    },
+                };
+                let loaded =
+                    arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
+                        path: path.clone(),
+                        source,
+                    })?;
+                tracing::info!(?loaded, "kernel loaded");
+                Some(loaded)
+            }
+            (None, Some(image)) => {
+                arch::firmware::load_bios(&memory, image)?;
+                tracing::info!(size = image.len(), "firmware loaded");
+                None
+            }
+            (None, None) => return Err(ConfigError::NothingToBoot.into()),
         };
-        let boot = arch::BootConfig {
-            kernel: &kernel,
-            initrd: initrd.as_deref(),
-            cmdline: &config.cmdline,
-            mem_size,
-            acpi: AcpiConfig {
-                cpus: config.cpus,
-                virtio_devices: mmio_windows,
-                pci: Some(acpi::PciHost { intx: pci_intx }),
-            },
-        };
-        let loaded = arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
-            path: config.kernel.clone(),
-            source,
-        })?;
-        tracing::info!(?loaded, "kernel loaded");
 
         // Devices.
         let exit = Arc::new(ExitSignal::new());
@@ -361,7 +385,25 @@ impl Vmm {
             3,
         )?;
         // The CMOS RTC lives in user space with either accelerator (KVM has none).
-        let rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        let mut rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        if bios.is_some() {
+            // A BIOS sizes memory from the CMOS as well as from fw_cfg.
+            for (index, value) in cmos_memory_bytes(mem_size) {
+                rtc.set_cmos_byte(index, value);
+            }
+            io.pio.insert(
+                dev(Arc::new(Mutex::new(fw_cfg(&config, mem_size)?))),
+                u64::from(devices::fw_cfg::FW_CFG_PORT),
+                devices::fw_cfg::FW_CFG_PORTS,
+            )?;
+            io.pio.insert(
+                dev(Arc::new(Mutex::new(devices::fw_cfg::DebugCon::new(
+                    Box::new(FirmwareLog::default()),
+                )))),
+                u64::from(devices::fw_cfg::DEBUGCON_PORT),
+                1,
+            )?;
+        }
         let clock: Arc<dyn devices::irqchip::Clock> =
             Arc::new(devices::irqchip::MonotonicClock::new());
         io.pio.insert(
@@ -451,7 +493,8 @@ impl Vmm {
             vcpu.set_cpuid(&arch::cpuid::guest_cpuid(&supported, id, config.cpus))?;
             vcpu.set_msrs(&arch::entry::boot_msrs())?;
             vcpu.configure_local_interrupts()?;
-            if id == 0 {
+            // Through firmware the BSP starts where a CPU comes out of reset.
+            if let (0, Some(loaded)) = (id, &loaded) {
                 vcpu.set_regs(&arch::entry::boot_regs(loaded.protocol, loaded.entry))?;
                 vcpu.set_sregs(&arch::entry::boot_sregs(loaded.protocol))?;
                 vcpu.set_fpu(&FpuState::default())?;
@@ -559,6 +602,78 @@ impl Vmm {
             let _ = t.join();
         }
         Ok(reason)
+    }
+}
+
+/// The CMOS bytes a PC BIOS reads the memory size from: extended memory in KiB
+/// (0x30/0x31, and 0x17/0x18), memory above 16 MiB in 64 KiB units (0x34/0x35), and
+/// memory above 4 GiB in 64 KiB units (0x5b-0x5d).
+fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
+    let low = mem_size.min(layout::MMIO_GAP_START);
+    let ext_kib = (low.saturating_sub(1 << 20) >> 10).min(0xffff);
+    let above_16m = (low.saturating_sub(16 << 20) >> 16).min(0xffff);
+    let high = (mem_size.saturating_sub(layout::MMIO_GAP_START) >> 16).min(0xff_ffff);
+    vec![
+        (0x17, ext_kib as u8),
+        (0x18, (ext_kib >> 8) as u8),
+        (0x30, ext_kib as u8),
+        (0x31, (ext_kib >> 8) as u8),
+        (0x34, above_16m as u8),
+        (0x35, (above_16m >> 8) as u8),
+        (0x5b, high as u8),
+        (0x5c, (high >> 8) as u8),
+        (0x5d, (high >> 16) as u8),
+    ]
+}
+
+/// What a BIOS finds in fw_cfg: memory, CPUs, the E820 map, and its console on COM1.
+fn fw_cfg(config: &VmConfig, mem_size: u64) -> Result<devices::fw_cfg::FwCfg, VmmError> {
+    use devices::fw_cfg::*;
+    let mut f = FwCfg::new();
+    f.set(KEY_RAM_SIZE, mem_size.to_le_bytes().to_vec());
+    f.set(KEY_NB_CPUS, u16::from(config.cpus).to_le_bytes().to_vec());
+    f.set(KEY_MAX_CPUS, u16::from(config.cpus).to_le_bytes().to_vec());
+    f.set(KEY_NOGRAPHIC, 1u16.to_le_bytes().to_vec());
+    // etc/e820: { u64 address; u64 length; u32 type } little-endian, RAM only: the
+    // BIOS reserves its own areas.
+    let mut e820 = Vec::new();
+    for (start, len) in layout::ram_regions(mem_size) {
+        e820.extend_from_slice(&start.to_le_bytes());
+        e820.extend_from_slice(&len.to_le_bytes());
+        e820.extend_from_slice(&arch::e820::E820_RAM.to_le_bytes());
+    }
+    f.add_file("etc/e820", e820)?;
+    // No display: the BIOS's screen output goes to COM1, and it does not wait for a
+    // boot-menu key.
+    f.add_file(
+        "etc/sercon-port",
+        u64::from(COM1_PORT).to_le_bytes().to_vec(),
+    )?;
+    f.add_file("etc/show-boot-menu", 0u64.to_le_bytes().to_vec())?;
+    // With nothing to boot it retries (a reset: the VM ends as on a reboot) after 5 s
+    // rather than its default minute.
+    f.add_file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())?;
+    Ok(f)
+}
+
+/// The firmware's debug console, a line at a time into the log.
+#[derive(Default)]
+struct FirmwareLog(Vec<u8>);
+
+impl std::io::Write for FirmwareLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                tracing::debug!(target: "firmware", "{}", String::from_utf8_lossy(&self.0));
+                self.0.clear();
+            } else if self.0.len() < 4096 {
+                self.0.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

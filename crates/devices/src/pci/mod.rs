@@ -81,7 +81,10 @@ impl Default for HostBridge {
                 device: HOST_BRIDGE_DEVICE,
                 class: CLASS_HOST_BRIDGE,
                 revision: 0,
-                subsystem_vendor: HOST_BRIDGE_VENDOR,
+                // The subsystem IDs every QEMU device reports (1af4:1100): firmware
+                // built for QEMU (SeaBIOS) checks them on the host bridge before it
+                // trusts fw_cfg and its debug port.
+                subsystem_vendor: 0x1af4,
                 subsystem: 0x1100,
             }),
         }

@@ -1,0 +1,119 @@
+//! Booting through firmware users already trust: Debian's SeaBIOS (`bios.bin`, run as
+//! shipped) on the emu accelerator, from the reset vector in real mode. It finds the
+//! machine through fw_cfg (memory, E820, its console on COM1), sets the PCI bus up
+//! itself, and reads the boot sector of a virtio-pci disk with its own virtio driver.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use iced_x86::code_asm::*;
+
+const SEABIOS: &str = "/usr/share/seabios/bios.bin";
+
+fn seabios() -> PathBuf {
+    let p = PathBuf::from(SEABIOS);
+    assert!(
+        p.is_file(),
+        "{SEABIOS} is missing: install Debian's SeaBIOS (apt-get install seabios)"
+    );
+    p
+}
+
+/// A boot sector that prints a line on COM1 and powers the machine off through the ACPI
+/// sleep control register (S5).
+fn boot_sector(message: &str) -> Vec<u8> {
+    // The message sits at a fixed place in the sector: 16-bit code has no RIP-relative
+    // LEA.
+    const MSG_OFFSET: usize = 0x100;
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut next = a.create_label();
+    let mut done = a.create_label();
+    let mut halt = a.create_label();
+    a.cli().unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(si, 0x7c00u32 + MSG_OFFSET as u32).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.lodsb().unwrap();
+    a.test(al, al).unwrap();
+    a.jz(done).unwrap();
+    a.out(dx, al).unwrap();
+    a.jmp(next).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.mov(dx, 0x600u32).unwrap();
+    a.mov(al, 0x34u32).unwrap(); // SLP_EN | SLP_TYP 5
+    a.out(dx, al).unwrap();
+    a.set_label(&mut halt).unwrap();
+    a.hlt().unwrap();
+    a.jmp(halt).unwrap();
+    let code = a.assemble(0x7c00).unwrap();
+    assert!(code.len() <= MSG_OFFSET);
+    assert!(
+        MSG_OFFSET + message.len() < 446,
+        "the message runs into the partition table"
+    );
+    let mut sector = vec![0u8; 512];
+    sector[..code.len()].copy_from_slice(&code);
+    sector[MSG_OFFSET..MSG_OFFSET + message.len()].copy_from_slice(message.as_bytes());
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    sector
+}
+
+fn run_firmware(extra: &[&str], limit: Duration) -> Finished {
+    run_with_timeout(
+        vessel()
+            .args(["run", "--accel", "emu", "--memory", "256M", "--firmware"])
+            .arg(seabios())
+            .args(extra),
+        limit,
+    )
+}
+
+#[test]
+fn seabios_boots_from_a_virtio_pci_disk() {
+    let dir = TempDir::new("seabios-mbr");
+    let mut image = boot_sector("\r\nvessel-mbr: loaded by the BIOS\r\n");
+    image.resize(1 << 20, 0);
+    let disk = dir.file("boot.raw", &image);
+    let f = run_firmware(
+        &[
+            "--disk",
+            &format!("{},format=raw,transport=pci", disk.display()),
+        ],
+        Duration::from_secs(60),
+    );
+    let out = &f.stdout;
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        f.stderr
+    );
+    assert!(out.contains("SeaBIOS (version"), "the banner: {out}");
+    assert!(out.contains("Booting from Hard Disk"), "{out}");
+    assert!(out.contains("vessel-mbr: loaded by the BIOS"), "{out}");
+}
+
+#[test]
+fn seabios_with_nothing_to_boot_prints_its_banner_and_resets() {
+    let f = run_firmware(
+        &["--virtio-transport", "pci", "--rng"],
+        Duration::from_secs(30),
+    );
+    let out = &f.stdout;
+    assert!(out.contains("SeaBIOS (version"), "the banner: {out}");
+    assert!(out.contains("No bootable device"), "{out}");
+    // It retries after the 5 s fw_cfg asks for, by resetting: the VM ends as on a
+    // guest reboot.
+    assert_eq!(
+        f.status.code(),
+        Some(10),
+        "stdout:\n{out}\nstderr:\n{}",
+        f.stderr
+    );
+}
