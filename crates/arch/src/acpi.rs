@@ -77,39 +77,189 @@ pub struct AcpiConfig {
 const OEM_ID: [u8; 6] = *b"VESSEL";
 const OEM_TABLE: [u8; 8] = *b"VESSELVM";
 
-/// The tables, laid out for `base`: returns the bytes to copy there and the RSDP address
-/// (always `base`).
-pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
+/// The tables before they have an address: the RSDP, and XSDT | FADT | MADT | [MCFG] |
+/// DSDT in one blob whose pointers (and the RSDP's XSDT pointer) hold offsets into the
+/// blob. Whoever places the blob adds its address to each pointer and recomputes the
+/// checksums: the VMM for direct boot ([`build_tables`]), firmware through the table
+/// loader for firmware boot ([`table_loader`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relocatable {
+    pub rsdp: [u8; 36],
+    pub tables: Vec<u8>,
+    /// Offsets in `tables` of the 64-bit pointers to other tables in `tables`.
+    pub pointers: Vec<usize>,
+    /// (offset, length) of each table in `tables` (its checksum byte is at offset 9).
+    pub sdts: Vec<(usize, usize)>,
+}
+
+/// Offset of the XSDT address in the RSDP, and of the checksums.
+const RSDP_XSDT: usize = 24;
+const RSDP_CHECKSUM: usize = 8;
+const RSDP_EXT_CHECKSUM: usize = 32;
+/// The FADT's X_DSDT field.
+const FADT_X_DSDT: usize = 140;
+/// An SDT's checksum byte.
+const SDT_CHECKSUM: usize = 9;
+
+/// The tables, with offsets in place of addresses.
+pub fn relocatable_tables(cfg: &AcpiConfig) -> Relocatable {
     let dsdt = dsdt(cfg);
     let madt = madt(cfg);
     let mcfg = cfg.pci.as_ref().map(|_| mcfg());
-    // Layout: RSDP (36, padded to 64) | XSDT | FADT | MADT | [MCFG] | DSDT
-    let rsdp_len = 64u64;
-    let xsdt_len = 36 + 8 * (2 + u64::from(mcfg.is_some()));
-    let fadt_at = base + rsdp_len + xsdt_len;
-    let fadt_len = 276u64;
+    let xsdt_len = 36 + 8 * (2 + usize::from(mcfg.is_some()));
+    let fadt_at = xsdt_len;
+    let fadt_len = 276;
     let madt_at = fadt_at + fadt_len;
-    let mcfg_at = madt_at + madt.len() as u64;
-    let dsdt_at = mcfg_at + mcfg.as_ref().map_or(0, |m| m.len() as u64);
-    let fadt = fadt(dsdt_at);
+    let mcfg_at = madt_at + madt.len();
+    let dsdt_at = mcfg_at + mcfg.as_ref().map_or(0, |m| m.len());
+    let fadt = fadt(dsdt_at as u64);
     let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE, 1);
-    xsdt.append(fadt_at);
-    xsdt.append(madt_at);
+    xsdt.append(fadt_at as u64);
+    xsdt.append(madt_at as u64);
     if mcfg.is_some() {
-        xsdt.append(mcfg_at);
+        xsdt.append(mcfg_at as u64);
     }
-    let xsdt_at = base + rsdp_len;
-
-    let mut out = rsdp(xsdt_at).to_vec();
-    out.resize(rsdp_len as usize, 0);
-    out.extend_from_slice(xsdt.as_slice());
-    out.extend_from_slice(fadt.as_slice());
-    out.extend_from_slice(&madt);
+    let mut tables = Vec::new();
+    let mut sdts = Vec::new();
+    let mut add = |t: &[u8]| {
+        sdts.push((tables.len(), t.len()));
+        tables.extend_from_slice(t);
+    };
+    add(xsdt.as_slice());
+    add(fadt.as_slice());
+    add(&madt);
     if let Some(m) = &mcfg {
-        out.extend_from_slice(m.as_slice());
+        add(m.as_slice());
     }
-    out.extend_from_slice(dsdt.as_slice());
+    add(dsdt.as_slice());
+    let mut pointers: Vec<usize> = (36..xsdt_len).step_by(8).collect();
+    pointers.push(fadt_at + FADT_X_DSDT);
+    Relocatable {
+        rsdp: rsdp(0),
+        tables,
+        pointers,
+        sdts,
+    }
+}
+
+fn add_u64(bytes: &mut [u8], at: usize, delta: u64) {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    let v = u64::from_le_bytes(b).wrapping_add(delta);
+    bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The tables, laid out for `base`: RSDP (padded to 64 bytes) then the rest; the RSDP
+/// is at `base`.
+pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
+    let mut r = relocatable_tables(cfg);
+    let tables_at = base + 64;
+    for &p in &r.pointers {
+        add_u64(&mut r.tables, p, tables_at);
+    }
+    for &(at, len) in &r.sdts {
+        r.tables[at + SDT_CHECKSUM] = 0;
+        r.tables[at + SDT_CHECKSUM] = checksum(&r.tables[at..at + len]);
+    }
+    let mut out = rsdp(tables_at).to_vec();
+    out.resize(64, 0);
+    out.extend_from_slice(&r.tables);
     out
+}
+
+/// fw_cfg file names of QEMU's ACPI table loader, which SeaBIOS and OVMF run.
+pub const LOADER_FILE: &str = "etc/table-loader";
+pub const LOADER_RSDP_FILE: &str = "etc/acpi/rsdp";
+pub const LOADER_TABLES_FILE: &str = "etc/acpi/tables";
+
+/// Table-loader commands: 128 bytes each, a little-endian command word then its
+/// arguments (file names NUL-padded to 56 bytes).
+const LOADER_ENTRY: usize = 128;
+const LOADER_NAME: usize = 56;
+const LOADER_ALLOCATE: u32 = 1;
+const LOADER_ADD_POINTER: u32 = 2;
+const LOADER_ADD_CHECKSUM: u32 = 3;
+/// Allocation zones: anywhere in high memory, or the F segment (the RSDP, which an OS
+/// scans for below 1 MiB).
+const ZONE_HIGH: u8 = 1;
+const ZONE_FSEG: u8 = 2;
+
+struct Loader(Vec<u8>);
+
+impl Loader {
+    fn entry(&mut self, command: u32, args: &[&[u8]]) {
+        let mut e = vec![0u8; LOADER_ENTRY];
+        e[0..4].copy_from_slice(&command.to_le_bytes());
+        let mut at = 4;
+        for a in args {
+            e[at..at + a.len()].copy_from_slice(a);
+            at += a.len();
+        }
+        self.0.extend_from_slice(&e);
+    }
+}
+
+fn loader_name(name: &str) -> [u8; LOADER_NAME] {
+    let mut n = [0u8; LOADER_NAME];
+    n[..name.len()].copy_from_slice(name.as_bytes());
+    n
+}
+
+/// What firmware needs to install the tables itself (QEMU's BIOS linker/loader): the
+/// RSDP and table blobs for [`LOADER_RSDP_FILE`] and [`LOADER_TABLES_FILE`], and the
+/// commands for [`LOADER_FILE`]: allocate both, add the tables' address to every
+/// pointer, then fix every checksum.
+pub fn table_loader(cfg: &AcpiConfig) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let r = relocatable_tables(cfg);
+    let rsdp_name = loader_name(LOADER_RSDP_FILE);
+    let tables_name = loader_name(LOADER_TABLES_FILE);
+    let mut l = Loader(Vec::new());
+    l.entry(
+        LOADER_ALLOCATE,
+        &[&rsdp_name, &16u32.to_le_bytes(), &[ZONE_FSEG]],
+    );
+    l.entry(
+        LOADER_ALLOCATE,
+        &[&tables_name, &64u32.to_le_bytes(), &[ZONE_HIGH]],
+    );
+    for &p in &r.pointers {
+        l.entry(
+            LOADER_ADD_POINTER,
+            &[&tables_name, &tables_name, &(p as u32).to_le_bytes(), &[8]],
+        );
+    }
+    l.entry(
+        LOADER_ADD_POINTER,
+        &[
+            &rsdp_name,
+            &tables_name,
+            &(RSDP_XSDT as u32).to_le_bytes(),
+            &[8],
+        ],
+    );
+    for &(at, len) in &r.sdts {
+        l.entry(
+            LOADER_ADD_CHECKSUM,
+            &[
+                &tables_name,
+                &((at + SDT_CHECKSUM) as u32).to_le_bytes(),
+                &(at as u32).to_le_bytes(),
+                &(len as u32).to_le_bytes(),
+            ],
+        );
+    }
+    for (at, len) in [(RSDP_CHECKSUM, 20u32), (RSDP_EXT_CHECKSUM, 36)] {
+        l.entry(
+            LOADER_ADD_CHECKSUM,
+            &[
+                &rsdp_name,
+                &(at as u32).to_le_bytes(),
+                &0u32.to_le_bytes(),
+                &len.to_le_bytes(),
+            ],
+        );
+    }
+    (r.rsdp.to_vec(), r.tables, l.0)
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -366,6 +516,67 @@ fn ged(sink: &mut dyn AmlSink) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs table-loader commands the way firmware does, placing each file at the
+    /// address `place` gives it; returns the files.
+    fn run_loader(loader: &[u8], files: &mut std::collections::HashMap<String, (u64, Vec<u8>)>) {
+        let name = |b: &[u8]| {
+            String::from_utf8(b.iter().take_while(|&&c| c != 0).copied().collect()).unwrap()
+        };
+        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        for e in loader.chunks(128) {
+            match u32_at(e, 0) {
+                1 => assert!(files.contains_key(&name(&e[4..60])), "allocate"),
+                2 => {
+                    let src = files[&name(&e[60..116])].0;
+                    let (_, dest) = files.get_mut(&name(&e[4..60])).unwrap();
+                    let at = u32_at(e, 116) as usize;
+                    assert_eq!(e[120], 8);
+                    add_u64(dest, at, src);
+                }
+                3 => {
+                    let (_, f) = files.get_mut(&name(&e[4..60])).unwrap();
+                    let (at, start, len) = (
+                        u32_at(e, 60) as usize,
+                        u32_at(e, 64) as usize,
+                        u32_at(e, 68) as usize,
+                    );
+                    let sum = f[start..start + len]
+                        .iter()
+                        .fold(0u8, |a, b| a.wrapping_add(*b));
+                    f[at] = f[at].wrapping_sub(sum);
+                }
+                c => panic!("unknown loader command {c}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_loader_yields_the_same_tables_as_direct_placement() {
+        let cfg = AcpiConfig {
+            cpus: 2,
+            virtio_devices: vec![],
+            pci: Some(PciHost {
+                intx: vec![(1, 16)],
+            }),
+        };
+        let (rsdp, tables, loader) = table_loader(&cfg);
+        assert_eq!(loader.len() % 128, 0);
+        // Firmware puts the RSDP in the F segment and the tables where it likes.
+        let (rsdp_at, tables_at) = (0xf5000u64, 0x7ffe_0000u64);
+        let mut files = std::collections::HashMap::new();
+        files.insert(LOADER_RSDP_FILE.to_string(), (rsdp_at, rsdp));
+        files.insert(LOADER_TABLES_FILE.to_string(), (tables_at, tables));
+        run_loader(&loader, &mut files);
+        let rsdp = &files[LOADER_RSDP_FILE].1;
+        let tables = &files[LOADER_TABLES_FILE].1;
+        // Direct placement with the RSDP 64 bytes before the tables gives the same bytes.
+        let direct = build_tables(&cfg, tables_at - 64);
+        assert_eq!(&direct[64..], &tables[..]);
+        assert_eq!(&direct[..36], &rsdp[..]);
+        assert_eq!(checksum(&rsdp[..20]), 0);
+        assert_eq!(checksum(&rsdp[..36]), 0);
+    }
 
     fn table_at(blob: &[u8], base: u64, addr: u64) -> &[u8] {
         let off = (addr - base) as usize;

@@ -22,8 +22,9 @@ fn seabios() -> PathBuf {
     p
 }
 
-/// A boot sector that prints a line on COM1 and powers the machine off through the ACPI
-/// sleep control register (S5).
+/// A boot sector that looks for the ACPI RSDP in the BIOS area (16-byte steps from
+/// 0xe0000), prints a line on COM1 — `message`, with `+RSDP` first if it found one —
+/// and powers the machine off through the ACPI sleep control register (S5).
 fn boot_sector(message: &str) -> Vec<u8> {
     // The message sits at a fixed place in the sector: 16-bit code has no RIP-relative
     // LEA.
@@ -32,11 +33,34 @@ fn boot_sector(message: &str) -> Vec<u8> {
     let mut next = a.create_label();
     let mut done = a.create_label();
     let mut halt = a.create_label();
+    let mut scan = a.create_label();
+    let mut step = a.create_label();
+    let mut print = a.create_label();
     a.cli().unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    // "RSD PTR " at DS:0 for DS = 0xe000, 0xe001, … 0xffff.
+    a.mov(ax, 0xe000u32).unwrap();
+    a.xor(si, si).unwrap();
+    a.set_label(&mut scan).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.cmp(dword_ptr(si), 0x2044_5352).unwrap();
+    a.jne(step).unwrap();
+    a.cmp(dword_ptr(si + 4), 0x2052_5450).unwrap();
+    a.jne(step).unwrap();
+    a.mov(al, b'+' as u32).unwrap();
+    a.out(dx, al).unwrap();
+    for c in b"RSDP" {
+        a.mov(al, u32::from(*c)).unwrap();
+        a.out(dx, al).unwrap();
+    }
+    a.jmp(print).unwrap();
+    a.set_label(&mut step).unwrap();
+    a.inc(ax).unwrap();
+    a.jnz(scan).unwrap();
+    a.set_label(&mut print).unwrap();
     a.xor(ax, ax).unwrap();
     a.mov(ds, ax).unwrap();
     a.mov(si, 0x7c00u32 + MSG_OFFSET as u32).unwrap();
-    a.mov(dx, 0x3f8u32).unwrap();
     a.set_label(&mut next).unwrap();
     a.lodsb().unwrap();
     a.test(al, al).unwrap();
@@ -97,6 +121,9 @@ fn seabios_boots_from_a_virtio_pci_disk() {
     assert!(out.contains("SeaBIOS (version"), "the banner: {out}");
     assert!(out.contains("Booting from Hard Disk"), "{out}");
     assert!(out.contains("vessel-mbr: loaded by the BIOS"), "{out}");
+    // The ACPI tables went through fw_cfg's table loader: SeaBIOS put the RSDP in the
+    // BIOS area, where an OS looks for it.
+    assert!(out.contains("+RSDP"), "no RSDP below 1 MiB: {out}");
 }
 
 #[test]

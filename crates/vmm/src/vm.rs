@@ -321,6 +321,13 @@ impl Vmm {
             })
             .collect();
 
+        // What the ACPI tables describe, whoever places them.
+        let acpi_config = AcpiConfig {
+            cpus: config.cpus,
+            virtio_devices: mmio_windows,
+            pci: Some(acpi::PciHost { intx: pci_intx }),
+        };
+
         // Kernel, initrd, boot tables — or the firmware, which finds its own way.
         let loaded = match (&config.kernel, &bios) {
             (Some(path), _) => {
@@ -334,11 +341,7 @@ impl Vmm {
                     initrd: initrd.as_deref(),
                     cmdline: &config.cmdline,
                     mem_size,
-                    acpi: AcpiConfig {
-                        cpus: config.cpus,
-                        virtio_devices: mmio_windows,
-                        pci: Some(acpi::PciHost { intx: pci_intx }),
-                    },
+                    acpi: acpi_config.clone(),
                 };
                 let loaded =
                     arch::load_kernel(&memory, &boot).map_err(|source| VmmError::Load {
@@ -392,7 +395,11 @@ impl Vmm {
                 rtc.set_cmos_byte(index, value);
             }
             io.pio.insert(
-                dev(Arc::new(Mutex::new(fw_cfg(&config, mem_size)?))),
+                dev(Arc::new(Mutex::new(fw_cfg(
+                    &config,
+                    mem_size,
+                    &acpi_config,
+                )?))),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
@@ -627,7 +634,11 @@ fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
 }
 
 /// What a BIOS finds in fw_cfg: memory, CPUs, the E820 map, and its console on COM1.
-fn fw_cfg(config: &VmConfig, mem_size: u64) -> Result<devices::fw_cfg::FwCfg, VmmError> {
+fn fw_cfg(
+    config: &VmConfig,
+    mem_size: u64,
+    acpi_config: &AcpiConfig,
+) -> Result<devices::fw_cfg::FwCfg, VmmError> {
     use devices::fw_cfg::*;
     let mut f = FwCfg::new();
     f.set(KEY_RAM_SIZE, mem_size.to_le_bytes().to_vec());
@@ -653,6 +664,12 @@ fn fw_cfg(config: &VmConfig, mem_size: u64) -> Result<devices::fw_cfg::FwCfg, Vm
     // With nothing to boot it retries (a reset: the VM ends as on a reboot) after 5 s
     // rather than its default minute.
     f.add_file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())?;
+    // The same ACPI tables a directly booted kernel gets, for the firmware to place
+    // through QEMU's table loader.
+    let (rsdp, tables, loader) = acpi::table_loader(acpi_config);
+    f.add_file(acpi::LOADER_RSDP_FILE, rsdp)?;
+    f.add_file(acpi::LOADER_TABLES_FILE, tables)?;
+    f.add_file(acpi::LOADER_FILE, loader)?;
     Ok(f)
 }
 
