@@ -74,9 +74,139 @@ pub fn load_bios(mem: &vm_memory::GuestMemoryMmap, image: &[u8]) -> Result<(), F
     Ok(())
 }
 
+/// A bzImage prepared for a boot through firmware, the way QEMU's `linuxboot` option
+/// ROM takes it from fw_cfg: the real-mode setup (its header filled in as a boot loader
+/// does, per the Linux boot protocol) for 0x10000, the command line for 0x20000, the
+/// protected-mode kernel for 1 MiB and the initrd near the top of low memory. The ROM
+/// copies each to its address and jumps to the setup code in real mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirmwareLinux {
+    pub setup_addr: u32,
+    pub setup: Vec<u8>,
+    pub cmdline_addr: u32,
+    /// NUL-terminated.
+    pub cmdline: Vec<u8>,
+    pub kernel_addr: u32,
+    pub kernel: Vec<u8>,
+    pub initrd_addr: u32,
+    pub initrd: Vec<u8>,
+}
+
+/// Where the real-mode setup, the command line and the kernel go (the classic
+/// "loaded high" layout of the boot protocol).
+const FW_SETUP_ADDR: u32 = 0x1_0000;
+const FW_CMDLINE_ADDR: u32 = 0x2_0000;
+const FW_KERNEL_ADDR: u32 = 0x10_0000;
+/// Room the firmware keeps for itself at the top of low memory (its high zone: ACPI
+/// tables and more), which the initrd must stay below.
+const FW_HIGH_ZONE: u64 = 1 << 20;
+/// Setup header fields (Documentation/arch/x86/boot.rst).
+const HDR_TYPE_OF_LOADER: usize = 0x210;
+const HDR_LOADFLAGS: usize = 0x211;
+const HDR_RAMDISK_IMAGE: usize = 0x218;
+const HDR_RAMDISK_SIZE: usize = 0x21c;
+const HDR_HEAP_END_PTR: usize = 0x224;
+const HDR_CMD_LINE_PTR: usize = 0x228;
+const HDR_INITRD_ADDR_MAX: usize = 0x22c;
+const HDR_CMDLINE_SIZE: usize = 0x238;
+/// loadflags: the setup code may use the heap up to heap_end_ptr.
+const CAN_USE_HEAP: u8 = 0x80;
+/// type_of_loader: "undefined" (no registered ID).
+const LOADER_UNDEFINED: u8 = 0xff;
+
+/// Prepare `image` (a bzImage) with `initrd` and `cmdline` for a firmware boot on a
+/// machine whose low RAM ends at `low_ram_end`.
+pub fn linux_for_firmware(
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+    low_ram_end: u64,
+) -> Result<FirmwareLinux, crate::LoadError> {
+    let bz = crate::bzimage::BzImage::parse(image)?;
+    let setup_len = image.len() - bz.kernel.len();
+    let mut setup = image[..setup_len].to_vec();
+    let put32 =
+        |s: &mut Vec<u8>, at: usize, v: u32| s[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let u32_at = |s: &[u8], at: usize| u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
+    let max_cmdline = u32_at(&setup, HDR_CMDLINE_SIZE) as usize;
+    if cmdline.len() > max_cmdline {
+        return Err(crate::LoadError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: max_cmdline,
+        });
+    }
+    setup[HDR_TYPE_OF_LOADER] = LOADER_UNDEFINED;
+    setup[HDR_LOADFLAGS] |= CAN_USE_HEAP;
+    let heap_end = (FW_CMDLINE_ADDR - FW_SETUP_ADDR - 0x200) as u16;
+    setup[HDR_HEAP_END_PTR..HDR_HEAP_END_PTR + 2].copy_from_slice(&heap_end.to_le_bytes());
+    put32(&mut setup, HDR_CMD_LINE_PTR, FW_CMDLINE_ADDR);
+    let initrd = initrd.unwrap_or_default().to_vec();
+    let mut initrd_addr = 0;
+    if !initrd.is_empty() {
+        let max = u64::from(u32_at(&setup, HDR_INITRD_ADDR_MAX))
+            .min(low_ram_end.saturating_sub(FW_HIGH_ZONE));
+        let kernel_end = u64::from(FW_KERNEL_ADDR) + u64::from(bz.header.init_size);
+        let at = max.saturating_sub(initrd.len() as u64) & !0xfff;
+        if at < kernel_end {
+            return Err(crate::LoadError::MemoryTooSmall {
+                what: "initrd",
+                needed: kernel_end + initrd.len() as u64 + FW_HIGH_ZONE,
+                have: low_ram_end,
+            });
+        }
+        initrd_addr = at as u32;
+        put32(&mut setup, HDR_RAMDISK_IMAGE, initrd_addr);
+        put32(&mut setup, HDR_RAMDISK_SIZE, initrd.len() as u32);
+    }
+    let mut cmdline = cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    Ok(FirmwareLinux {
+        setup_addr: FW_SETUP_ADDR,
+        setup,
+        cmdline_addr: FW_CMDLINE_ADDR,
+        cmdline,
+        kernel_addr: FW_KERNEL_ADDR,
+        kernel: bz.kernel.to_vec(),
+        initrd_addr,
+        initrd,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_for_the_linuxboot_rom_has_its_header_filled_in() {
+        let mut image = crate::bzimage::tests::fake_bzimage();
+        image[HDR_INITRD_ADDR_MAX..HDR_INITRD_ADDR_MAX + 4]
+            .copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        let initrd = vec![7u8; 5000];
+        let l = linux_for_firmware(&image, Some(&initrd), "console=ttyS0", 256 << 20).unwrap();
+        let u32_at = |at: usize| u32::from_le_bytes(l.setup[at..at + 4].try_into().unwrap());
+        assert_eq!(l.setup.len(), 1024, "boot sector and one setup sector");
+        assert_eq!(l.kernel.len(), 4096 - 1024);
+        assert_eq!(u32_at(HDR_CMD_LINE_PTR), l.cmdline_addr);
+        assert_eq!(l.cmdline, b"console=ttyS0\0");
+        assert_eq!(l.setup[HDR_LOADFLAGS] & CAN_USE_HEAP, CAN_USE_HEAP);
+        assert_eq!(
+            &l.setup[HDR_HEAP_END_PTR..HDR_HEAP_END_PTR + 2],
+            &[0x00, 0xfe]
+        );
+        assert_eq!(u32_at(HDR_RAMDISK_SIZE), 5000);
+        let at = u64::from(u32_at(HDR_RAMDISK_IMAGE));
+        assert_eq!(at, u64::from(l.initrd_addr));
+        assert_eq!(at % 4096, 0);
+        assert!(
+            at + 5000 <= (256 << 20) - FW_HIGH_ZONE,
+            "below the firmware's zone"
+        );
+        // Too long a command line, too little memory, not a bzImage: errors.
+        let long = "x".repeat(4096);
+        assert!(linux_for_firmware(&image, None, &long, 256 << 20).is_err());
+        assert!(linux_for_firmware(&image, Some(&initrd), "", 2 << 20).is_err());
+        assert!(linux_for_firmware(&[0u8; 100], None, "", 256 << 20).is_err());
+    }
 
     #[test]
     fn a_bios_ends_at_4_gib_and_its_tail_sits_below_1_mib() {

@@ -18,8 +18,13 @@ pub struct RunArgs {
     initrd: Option<PathBuf>,
     /// Boot through this BIOS image (e.g. SeaBIOS's /usr/share/seabios/bios.bin)
     /// instead of a kernel.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    /// With --kernel, the kernel boots through the firmware (give QEMU's linuxboot
+    /// option ROM with --option-rom).
+    #[arg(long)]
     firmware: Option<PathBuf>,
+    /// An option ROM for the firmware to run, e.g. /usr/share/qemu/linuxboot.bin.
+    #[arg(long = "option-rom", requires = "firmware")]
+    option_roms: Vec<PathBuf>,
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
@@ -105,8 +110,8 @@ pub fn assets_dir() -> PathBuf {
 
 fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
     let (kernel, initrd) = match (args.kernel, &args.firmware) {
-        (_, Some(_)) => (None, None),
-        (Some(k), None) => (Some(k), args.initrd),
+        (Some(k), _) => (Some(k), args.initrd),
+        (None, Some(_)) => (None, None),
         (None, None) => {
             let dir = assets_dir();
             let k = dir.join("vmlinuz");
@@ -122,6 +127,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
     Ok(VmConfig {
         kernel,
         firmware: args.firmware,
+        option_roms: args.option_roms,
         initrd,
         cmdline: args.cmdline,
         memory_mib: args.memory,

@@ -12,6 +12,7 @@ use common::*;
 use iced_x86::code_asm::*;
 
 const SEABIOS: &str = "/usr/share/seabios/bios.bin";
+const LINUXBOOT: &str = "/usr/share/qemu/linuxboot.bin";
 
 fn seabios() -> PathBuf {
     let p = PathBuf::from(SEABIOS);
@@ -142,5 +143,57 @@ fn seabios_with_nothing_to_boot_prints_its_banner_and_resets() {
         Some(10),
         "stdout:\n{out}\nstderr:\n{}",
         f.stderr
+    );
+}
+
+#[test]
+fn debians_kernel_boots_through_seabios_with_acpi_pci_and_a_virtio_pci_disk() {
+    // Direct boot through firmware, as QEMU does it: the kernel, initrd and command line
+    // in fw_cfg, QEMU's linuxboot option ROM (as Debian ships it) copying them into
+    // place and entering the kernel's real-mode setup code.
+    assert!(
+        PathBuf::from(LINUXBOOT).is_file(),
+        "{LINUXBOOT} is missing: install QEMU's option ROMs (apt-get install qemu-system-data)"
+    );
+    let a = assets();
+    let dir = TempDir::new("seabios-linux");
+    let token = format!("vessel-fw-{}", std::process::id());
+    let mut image = token.clone().into_bytes();
+    image.resize(1 << 20, 0);
+    let disk = dir.file("data.raw", &image);
+    let f = run_firmware(
+        &[
+            "--option-rom",
+            LINUXBOOT,
+            "--kernel",
+            a.join("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            a.join("initramfs.cpio.gz").to_str().unwrap(),
+            "--disk",
+            &format!("{},format=raw,transport=pci", disk.display()),
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet vessel.run=dmesg|grep+-E+'ACPI:+RSDP|PCI+Root';\
+             head+-c32+/dev/vda;echo",
+        ],
+        Duration::from_secs(120),
+    );
+    let out = &f.stdout;
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        f.stderr
+    );
+    assert!(out.contains("SeaBIOS (version"), "{out}");
+    assert!(out.contains("vessel-init:"), "the initramfs ran: {out}");
+    // The RSDP SeaBIOS placed from the table loader, with Vessel's tables behind it.
+    assert!(
+        out.contains("ACPI: RSDP") && out.contains("VESSEL"),
+        "{out}"
+    );
+    assert!(out.contains("PCI Root Bridge [PCI0]"), "{out}");
+    assert!(
+        out.contains(&token),
+        "the virtio-pci disk reads back: {out}"
     );
 }

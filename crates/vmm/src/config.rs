@@ -107,6 +107,10 @@ pub struct VmConfig {
     /// vector, the machine described to it through fw_cfg.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<PathBuf>,
+    /// Option ROMs the firmware runs (fw_cfg `genroms/NAME`). With both a kernel and a
+    /// firmware, QEMU's `linuxboot.bin` among them boots the kernel through the firmware.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub option_roms: Vec<PathBuf>,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
@@ -328,8 +332,13 @@ pub enum ConfigError {
     FirmwareMissing(PathBuf),
     #[error("nothing to boot: give a kernel or a firmware image")]
     NothingToBoot,
-    #[error("a kernel and a firmware image: boot one or the other")]
+    #[error(
+        "booting a kernel through firmware needs QEMU's linuxboot option ROM: \
+         --option-rom /usr/share/qemu/linuxboot.bin (Debian's qemu-system-data)"
+    )]
     KernelAndFirmware,
+    #[error("option ROM {0} does not exist or is not a file")]
+    OptionRomMissing(PathBuf),
     #[error("initrd {0} does not exist or is not a file")]
     InitrdMissing(PathBuf),
     #[error("{0} MiB of memory is too small (at least {MIN_MEMORY_MIB} MiB)")]
@@ -354,6 +363,7 @@ impl VmConfig {
         VmConfig {
             kernel: Some(kernel.into()),
             firmware: None,
+            option_roms: Vec::new(),
             initrd: None,
             cmdline: default_cmdline(),
             memory_mib: DEFAULT_MEMORY_MIB,
@@ -382,10 +392,15 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match (&self.kernel, &self.firmware) {
             (None, None) => return Err(ConfigError::NothingToBoot),
-            (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
+            (Some(_), Some(_)) if !self.has_linuxboot_rom() => {
+                return Err(ConfigError::KernelAndFirmware)
+            }
             (Some(k), None) if !k.is_file() => return Err(ConfigError::KernelMissing(k.clone())),
             (None, Some(f)) if !f.is_file() => return Err(ConfigError::FirmwareMissing(f.clone())),
             _ => {}
+        }
+        if let Some(r) = self.option_roms.iter().find(|r| !r.is_file()) {
+            return Err(ConfigError::OptionRomMissing(r.clone()));
         }
         if let Some(i) = &self.initrd {
             if !i.is_file() {
@@ -424,6 +439,14 @@ impl VmConfig {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
         }
         Ok(())
+    }
+
+    /// Whether one of the option ROMs is QEMU's Linux loader (`linuxboot*.bin`).
+    pub fn has_linuxboot_rom(&self) -> bool {
+        self.option_roms.iter().any(|r| {
+            r.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("linuxboot"))
+        })
     }
 
     pub fn memory_bytes(&self) -> u64 {

@@ -330,7 +330,12 @@ impl Vmm {
 
         // Kernel, initrd, boot tables — or the firmware, which finds its own way.
         let loaded = match (&config.kernel, &bios) {
-            (Some(path), _) => {
+            (_, Some(image)) => {
+                arch::firmware::load_bios(&memory, image)?;
+                tracing::info!(size = image.len(), "firmware loaded");
+                None
+            }
+            (Some(path), None) => {
                 let kernel = read_file("kernel", path)?;
                 let initrd = match &config.initrd {
                     Some(p) => Some(read_file("initrd", p)?),
@@ -350,11 +355,6 @@ impl Vmm {
                     })?;
                 tracing::info!(?loaded, "kernel loaded");
                 Some(loaded)
-            }
-            (None, Some(image)) => {
-                arch::firmware::load_bios(&memory, image)?;
-                tracing::info!(size = image.len(), "firmware loaded");
-                None
             }
             (None, None) => return Err(ConfigError::NothingToBoot.into()),
         };
@@ -670,6 +670,50 @@ fn fw_cfg(
     f.add_file(acpi::LOADER_RSDP_FILE, rsdp)?;
     f.add_file(acpi::LOADER_TABLES_FILE, tables)?;
     f.add_file(acpi::LOADER_FILE, loader)?;
+    for rom in &config.option_roms {
+        let name = rom
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        f.add_file(&format!("genroms/{name}"), read_file("option ROM", rom)?)?;
+        // The Linux loader goes first in the boot order.
+        if name.starts_with("linuxboot") && config.kernel.is_some() {
+            f.add_file("bootorder", format!("/rom@genroms/{name}\n").into_bytes())?;
+        }
+    }
+    // A kernel booted through the firmware: the loader ROM copies it from here.
+    if let Some(path) = &config.kernel {
+        let kernel = read_file("kernel", path)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(read_file("initrd", p)?),
+            None => None,
+        };
+        let low_end = mem_size.min(layout::MMIO_GAP_START);
+        let linux = arch::firmware::linux_for_firmware(
+            &kernel,
+            initrd.as_deref(),
+            &config.cmdline,
+            low_end,
+        )
+        .map_err(|source| VmmError::Load {
+            path: path.clone(),
+            source,
+        })?;
+        let u32le = |v: u32| v.to_le_bytes().to_vec();
+        let len = |d: &[u8]| u32le(d.len() as u32);
+        f.set(KEY_SETUP_ADDR, u32le(linux.setup_addr));
+        f.set(KEY_SETUP_SIZE, len(&linux.setup));
+        f.set(KEY_SETUP_DATA, linux.setup);
+        f.set(KEY_KERNEL_ADDR, u32le(linux.kernel_addr));
+        f.set(KEY_KERNEL_SIZE, len(&linux.kernel));
+        f.set(KEY_KERNEL_DATA, linux.kernel);
+        f.set(KEY_CMDLINE_ADDR, u32le(linux.cmdline_addr));
+        f.set(KEY_CMDLINE_SIZE, len(&linux.cmdline));
+        f.set(KEY_CMDLINE_DATA, linux.cmdline);
+        f.set(KEY_INITRD_ADDR, u32le(linux.initrd_addr));
+        f.set(KEY_INITRD_SIZE, len(&linux.initrd));
+        f.set(KEY_INITRD_DATA, linux.initrd);
+    }
     Ok(f)
 }
 
