@@ -441,6 +441,36 @@ fn real_mode_int_uses_the_ivt_and_iret_returns() {
 }
 
 #[test]
+fn a_16bit_ret_imm16_pops_a_2_byte_address_then_releases_the_arguments() {
+    // `ret 2` moves SP by 4 but returns to a 2-byte IP: popping 4 bytes (the argument
+    // taken for the IP's high half) went astray; a 32-bit `ret 4` in GRUB hit the same.
+    let g = Guest::new();
+    let mut cpu = g.cpu;
+    let mut s = x86emu::CpuState::reset();
+    s.seg[Seg::Cs as usize] = x86emu::Segment::real_mode(0x0700, true);
+    s.seg[Seg::Ss as usize] = x86emu::Segment::real_mode(0, false);
+    s.rip = 0;
+    s.gpr[4] = 0x6000;
+    cpu.set_state(s);
+    let main = asm(16, 0, |a| {
+        let mut f = a.create_label();
+        a.push(0x1234).unwrap();
+        a.call(f).unwrap();
+        a.mov(bx, 0x4242).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut f).unwrap();
+        a.mov(cx, 7).unwrap();
+        a.ret_1(2).unwrap();
+    });
+    cpu.ram().write(0x7000, &main);
+    assert_eq!(cpu.run(&mut NoDevices, 100), RunExit::Halted);
+    let s = cpu.state();
+    assert_eq!(s.gpr[1] & 0xffff, 7);
+    assert_eq!(s.gpr[3] & 0xffff, 0x4242, "returned after the call");
+    assert_eq!(s.gpr[4], 0x6000, "the argument was released");
+}
+
+#[test]
 fn protected_mode_32bit_gate_with_privilege_change() {
     let g = Guest::new();
     let mut cpu = g.cpu;

@@ -168,11 +168,13 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             Ok(())
         }
         Mnemonic::Ret => {
-            let size = cpu.stack_op_size(ins);
-            let size = if ins.op_count() > 0 && size > 8 {
-                8
-            } else {
-                size
+            // The return address's size comes from the encoding: iced's stack-pointer
+            // increment also counts RET imm16's released bytes (a 32-bit `ret 4` moves
+            // ESP by 8 but pops a 4-byte address).
+            let size = match ins.code() {
+                iced_x86::Code::Retnw | iced_x86::Code::Retnw_imm16 => 2,
+                iced_x86::Code::Retnq | iced_x86::Code::Retnq_imm16 => 8,
+                _ => 4,
             };
             let target = cpu.peek(p, 0, size)?;
             cpu.jump(target)?;
