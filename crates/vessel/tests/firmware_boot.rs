@@ -197,3 +197,48 @@ fn debians_kernel_boots_through_seabios_with_acpi_pci_and_a_virtio_pci_disk() {
         "the virtio-pci disk reads back: {out}"
     );
 }
+
+#[test]
+fn grub_on_a_virtio_pci_disk_boots_debians_kernel_through_seabios() {
+    // A disk image with GRUB in its MBR gap and the kernel on an ext4 partition
+    // (scripts/grub-bios-disk.sh): SeaBIOS → GRUB (reading the disk through the BIOS,
+    // i.e. SeaBIOS's virtio-pci driver) → grub.cfg → the kernel and initramfs.
+    let a = assets();
+    let dir = TempDir::new("seabios-grub");
+    let disk = dir.path().join("grub.raw");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/grub-bios-disk.sh");
+    let st = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&disk)
+        .arg(a.join("vmlinuz"))
+        .arg(a.join("initramfs.cpio.gz"))
+        .arg("console=ttyS0 panic=-1 quiet vessel.run=echo+vessel-booted-by-grub")
+        .status()
+        .expect("bash");
+    assert!(
+        st.success(),
+        "scripts/grub-bios-disk.sh failed (needs grub-pc-bin and e2fsprogs)"
+    );
+    let f = run_firmware(
+        &[
+            "--disk",
+            &format!("{},format=raw,transport=pci", disk.display()),
+        ],
+        Duration::from_secs(120),
+    );
+    let out = &f.stdout;
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        f.stderr
+    );
+    assert!(out.contains("GRUB loading"), "{out}");
+    assert!(
+        out.contains("vessel-grub: loading the kernel"),
+        "grub.cfg ran: {out}"
+    );
+    assert!(out.contains("vessel-init:"), "the initramfs ran: {out}");
+    assert!(out.contains("vessel-booted-by-grub"), "{out}");
+}
