@@ -1310,41 +1310,16 @@ impl Emitter {
     /// the host pointer; RDI moves on and RCX ends at 0. Anything else leaves for the
     /// interpreter, before the instruction. Flag-free, like the rest.
     fn rep_stos(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, r11, r15, r8, r9, rbx, rcx, rdi, rdx};
+        use iced_x86::code_asm::registers::gpr64::{r10, r11, rbx, rcx, rdi, rdx};
         let shift: u64 = match ins.code() {
             Code::Stosb_m8_AL => 0,
             Code::Stosq_m64_RAX => 3,
             _ => return None,
         };
         let miss = self.miss_label(idx);
-        // DF clear.
-        let a = &mut self.a;
-        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(r9, crate::state::flags::DF));
-        a!(a.pext(rcx, r8, r9));
-        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
-        self.continue_if_rcx_zero(miss)?;
-        // 1 <= count <= one page's worth: (count - 1) >> (12 - shift) == 0.
-        self.load_guest(Register::R10, 1)?;
-        let a = &mut self.a;
-        a!(a.lea(rcx, ptr(r10 - 1)));
-        a!(a.mov(r8, 12 - shift));
-        a!(a.shrx(rcx, rcx, r8));
-        self.continue_if_rcx_zero(miss)?;
-        // The first and the last byte in the same page.
-        self.load_guest(Register::RDX, 7)?;
-        let a = &mut self.a;
-        a!(a.mov(r8, shift));
-        a!(a.shlx(r11, r10, r8));
-        a!(a.lea(r9, ptr(rdx + r11 - 1)));
-        a!(a.mov(r8, 12u64));
-        a!(a.shrx(r9, r9, r8));
-        a!(a.shrx(rcx, rdx, r8));
-        a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + r9 + 1)));
-        self.clobber(&[Register::R11, Register::R9, Register::R8]);
-        self.continue_if_rcx_zero(miss)?;
-        // The first byte's page, which holds them all.
+        self.rep_count(shift, miss)?;
+        // RDX = guest RDI: the first byte's page, which holds them all.
+        self.one_page_at(7, miss)?;
         self.range_at_rdx(true, 1, idx)?;
         self.load_guest(Register::RAX, 0)?;
         let a = &mut self.a;
