@@ -35,9 +35,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// VIRTIO_RING_F_EVENT_IDX: the driver publishes used_event (interrupt me when the used
 /// index passes it) and the device avail_event (kick me when the avail index passes it).
-/// The transport arms it on every queue once negotiated; a device that offers it must
-/// serve its queues through [`VirtioDevice::start_queue`]'s unlocked work, after which
-/// the transport publishes avail_event.
+/// The transport arms it on every queue once negotiated and, after each round of a queue,
+/// publishes avail_event (the next request, or for a queue that reported
+/// [`QueueOutcome::starved`] the next buffer past those it saw) and decides the interrupt
+/// from used_event over everything the round used.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What a device asks of the transport after handling a queue.

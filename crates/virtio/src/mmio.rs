@@ -15,9 +15,9 @@
 //! thread then finds the device stopped.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use devices::{BusDevice, ExitSignal};
 use hypervisor::IrqChip;
@@ -42,6 +42,9 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+/// The doorbell's offset in the window: a VMM can register an ioevent per queue there
+/// (the value written is the queue's index), see [`IoThread::queue_notifiers`].
+pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 const INTERRUPT_STATUS: u64 = 0x060;
 const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
@@ -77,6 +80,9 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 struct CoreState {
     device: Box<dyn VirtioDevice>,
     queues: Vec<Queue>,
+    /// Per queue, the used index at the last interrupt decision (see
+    /// [`crate::queue::needs_interrupt`]).
+    signalled: Vec<u16>,
     driver_features: u64,
     status: u32,
     config_generation: u32,
@@ -93,7 +99,18 @@ pub struct DeviceCore {
     mem: GuestMemoryMmap,
     irq: Arc<dyn IrqChip>,
     gsi: u32,
+    /// When set, an interrupt is a write to this eventfd (an irqfd the accelerator turns
+    /// into an edge on `gsi`) instead of a call into `irq`.
+    irqfd: OnceLock<hypervisor::EventFd>,
     device_type: u32,
+}
+
+/// How one round of a queue ended.
+enum Round {
+    /// Served under the lock; `more`: run another round at once (the driver added
+    /// requests, or buffers a starved queue waited for, while this one ran).
+    Done(QueueOutcome, bool),
+    Unlocked(Box<dyn crate::QueueWork>),
 }
 
 impl std::fmt::Debug for DeviceCore {
@@ -123,8 +140,22 @@ impl DeviceCore {
 
     fn interrupt(&self, why: u32) {
         self.interrupt_status.fetch_or(why, Ordering::AcqRel);
-        if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
+        if let Some(fd) = self.irqfd.get() {
+            if let Err(e) = fd.write(1) {
+                tracing::warn!(gsi = self.gsi, "virtio interrupt through its irqfd: {e}");
+            }
+        } else if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
             tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
+        }
+    }
+
+    /// Interrupts the driver for queue `index`'s new used entries if it asked for one.
+    fn interrupt_for_used(&self, st: &mut CoreState, index: usize) {
+        let (Some(queue), Some(since)) = (st.queues.get(index), st.signalled.get_mut(index)) else {
+            return;
+        };
+        if crate::queue::needs_interrupt(queue, &self.mem, since) {
+            self.interrupt(INT_USED_RING);
         }
     }
 
@@ -151,8 +182,17 @@ impl DeviceCore {
         loop {
             let mut st = self.lock();
             let work = match self.start_locked(&mut st, index)? {
-                Started::Done(o) => return Some(o),
-                Started::Unlocked(work) => work,
+                Round::Done(o, more) => {
+                    let all = outcome.get_or_insert_with(QueueOutcome::default);
+                    all.used |= o.used;
+                    all.starved = o.starved;
+                    all.also_process = all.also_process.or(o.also_process);
+                    if more {
+                        continue;
+                    }
+                    return outcome;
+                }
+                Round::Unlocked(work) => work,
             };
             drop(st);
             let done = work.run(&self.mem);
@@ -169,7 +209,7 @@ impl DeviceCore {
     }
 
     /// Checks the device and queue are running and lets the device take up the queue.
-    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Started> {
+    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Round> {
         if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
             return None;
         }
@@ -185,17 +225,37 @@ impl DeviceCore {
             );
             return None;
         }
+        // What the driver had published before the device looked: if it moves on while a
+        // starved queue re-arms its notification, the buffers may have come unannounced.
+        let avail_before = queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
         match device.start_queue(index, queue, &self.mem) {
             Ok(Started::Done(outcome)) => {
-                if outcome.used && queue.needs_notification(&self.mem).unwrap_or(true) {
-                    self.interrupt(INT_USED_RING);
+                let rearmed = match avail_before {
+                    Ok(before) if outcome.starved => {
+                        crate::queue::notify_past(queue, &self.mem, before.0)
+                    }
+                    // With EVENT_IDX: avail_event = next_avail, so the driver kicks for
+                    // the next request; true when some came in meanwhile.
+                    _ => queue
+                        .enable_notification(&self.mem)
+                        .map(|more| more && outcome.used),
+                };
+                let more = match rearmed {
+                    Ok(more) => more,
+                    Err(_) => {
+                        self.fail(st, format_args!("queue {index}: rings left guest memory"));
+                        return None;
+                    }
+                };
+                if outcome.used {
+                    self.interrupt_for_used(st, index);
                 }
                 if let Some(next) = outcome.also_process.filter(|&n| n != index) {
                     self.process_locked(st, next);
                 }
-                Some(Started::Done(outcome))
+                Some(Round::Done(outcome, more))
             }
-            Ok(work) => Some(work),
+            Ok(Started::Unlocked(work)) => Some(Round::Unlocked(work)),
             Err(e) => {
                 self.fail(st, e);
                 None
@@ -212,8 +272,6 @@ impl DeviceCore {
         }
         let queue = st.queues.get_mut(index)?;
         let used = !done.used.is_empty();
-        // One add_used each (not queue::add_used_batch): virtio-queue counts them for
-        // its used_event test below, and blk's completions are independent of each other.
         let published = done.used.iter().try_for_each(|&(head, len)| {
             queue
                 .add_used(&self.mem, head, len)
@@ -232,8 +290,8 @@ impl DeviceCore {
                 return None;
             }
         };
-        if used && queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt(INT_USED_RING);
+        if used {
+            self.interrupt_for_used(st, index);
         }
         Some((used, more))
     }
@@ -242,8 +300,8 @@ impl DeviceCore {
     /// (only devices served entirely under the lock do that).
     fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
         match self.start_locked(st, index)? {
-            Started::Done(o) => Some(o),
-            Started::Unlocked(work) => {
+            Round::Done(o, _) => Some(o),
+            Round::Unlocked(work) => {
                 // Already under the lock: run it here rather than lose the requests.
                 let done = work.run(&self.mem);
                 let (used, _) = self.publish(st, index, done)?;
@@ -256,24 +314,21 @@ impl DeviceCore {
     }
 }
 
-/// The doorbell between a transport and its I/O thread: which queues were notified.
+/// The doorbells between a transport and its I/O thread: an eventfd per queue, written
+/// by a QUEUE_NOTIFY that reaches the transport, or directly by the accelerator when the
+/// VMM registered it as an ioevent for the queue's index at the doorbell.
 #[derive(Debug)]
 struct Kick {
-    pending: AtomicU64,
-    event: EventFd,
+    notify: Vec<hypervisor::EventFd>,
 }
 
 impl Kick {
     fn ring(&self, queue: u32) {
-        let Some(bit) = 1u64.checked_shl(queue) else {
+        let Some(fd) = self.notify.get(queue as usize) else {
             return;
         };
-        // The thread takes all bits at once after waking: only the first notify since
-        // then needs to wake it.
-        if self.pending.fetch_or(bit, Ordering::AcqRel) == 0 {
-            if let Err(e) = self.event.write(1) {
-                tracing::warn!("virtio I/O thread wake-up: {e}");
-            }
+        if let Err(e) = fd.write(1) {
+            tracing::warn!("virtio I/O thread wake-up: {e}");
         }
     }
 }
@@ -313,11 +368,13 @@ impl MmioTransport {
             .collect();
         let offered = device.features() | VIRTIO_F_VERSION_1;
         let device_type = device.device_type();
+        let signalled = vec![0; device.queue_max_sizes().len()];
         MmioTransport {
             core: Arc::new(DeviceCore {
                 state: Mutex::new(CoreState {
                     device,
                     queues,
+                    signalled,
                     driver_features: 0,
                     status: 0,
                     config_generation: 0,
@@ -327,6 +384,7 @@ impl MmioTransport {
                 mem,
                 irq,
                 gsi,
+                irqfd: OnceLock::new(),
                 device_type,
             }),
             offered,
@@ -351,6 +409,17 @@ impl MmioTransport {
         self.core.process_queue(index);
     }
 
+    /// From now on interrupts are writes to `fd`, an eventfd the VMM registered with the
+    /// accelerator as an irqfd for this device's GSI. False if one was set already.
+    pub fn use_irqfd(&self, fd: hypervisor::EventFd) -> bool {
+        self.core.irqfd.set(fd).is_ok()
+    }
+
+    /// The device's GSI.
+    pub fn gsi(&self) -> u32 {
+        self.core.gsi
+    }
+
     /// From now on the driver's notifies only wake the returned I/O thread, which runs
     /// the device. `host_input` is a descriptor that polls readable when the host has
     /// input for queue `.1` (a TAP for a receive queue).
@@ -359,10 +428,11 @@ impl MmioTransport {
         name: &str,
         host_input: Option<(OwnedFd, usize)>,
     ) -> std::io::Result<IoThread> {
-        let kick = Arc::new(Kick {
-            pending: AtomicU64::new(0),
-            event: EventFd::new(EFD_NONBLOCK)?,
-        });
+        let queues = self.core.lock().queues.len();
+        let notify = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let kick = Arc::new(Kick { notify });
         self.kick = Some(kick.clone());
         Ok(IoThread {
             name: name.to_string(),
@@ -376,6 +446,7 @@ impl MmioTransport {
         for q in &mut st.queues {
             q.reset();
         }
+        st.signalled.fill(0);
         st.device.reset();
         st.driver_features = 0;
         st.status = 0;
@@ -448,7 +519,11 @@ impl MmioTransport {
             DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             QUEUE_SEL => self.queue_sel = v,
             QUEUE_NOTIFY => match &self.kick {
-                Some(kick) => kick.ring(v),
+                Some(kick) => {
+                    // Only when no ioevent took the write first.
+                    tracing::trace!(queue = v, "queue notify through the transport");
+                    kick.ring(v)
+                }
                 None => {
                     self.core.process_queue(v as usize);
                 }
@@ -540,51 +615,75 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// How long an I/O thread sleeps between looks at the VM's exit signal, and between
-/// retries of host input the device could not take.
-const IO_THREAD_TICK: Duration = Duration::from_millis(100);
-
 /// Lets the VMM keep the I/O threads out of guest memory while the VM is paused: a
-/// thread enters before serving and leaves after; closing waits for those inside.
+/// thread enters before serving and leaves after; closing waits for those inside, and a
+/// thread that finds the gate closed sleeps until it opens or the VM ends.
 #[derive(Debug, Default)]
 pub struct IoGate {
-    closed: std::sync::atomic::AtomicBool,
-    inside: std::sync::atomic::AtomicUsize,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    inside: usize,
 }
 
 impl IoGate {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether the caller may serve now; if so it must call [`IoGate::leave`] after.
     pub fn enter(&self) -> bool {
-        // Counted before the check: a closer that then sees no one inside is sure any
-        // later entrant sees it closed.
-        self.inside.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.inside.fetch_sub(1, Ordering::SeqCst);
+        let mut st = self.state();
+        if st.closed {
             return false;
         }
+        st.inside += 1;
         true
     }
 
     pub fn leave(&self) {
-        self.inside.fetch_sub(1, Ordering::SeqCst);
+        let mut st = self.state();
+        st.inside = st.inside.saturating_sub(1);
+        if st.inside == 0 && st.closed {
+            self.changed.notify_all();
+        }
     }
 
     /// Closes the gate and waits until no thread is serving; false if one still is after
     /// `timeout` (the gate stays closed).
     pub fn close(&self, timeout: Duration) -> bool {
-        self.closed.store(true, Ordering::SeqCst);
-        let t0 = Instant::now();
-        while self.inside.load(Ordering::SeqCst) > 0 {
-            if t0.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        let mut st = self.state();
+        st.closed = true;
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.inside > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        st.inside == 0
     }
 
     pub fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
+        self.state().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// Sleeps while the gate is closed, until it opens or `exit` is set (whoever sets it
+    /// calls [`IoGate::wake`] after).
+    pub fn wait_open(&self, exit: &ExitSignal) {
+        let st = self.state();
+        let _st = self
+            .changed
+            .wait_while(st, |st| st.closed && exit.get().is_none())
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Wakes the threads in [`IoGate::wait_open`] to look at the VM's exit signal.
+    pub fn wake(&self) {
+        let _st = self.state();
+        self.changed.notify_all();
     }
 }
 
@@ -607,6 +706,17 @@ impl std::fmt::Debug for IoThread {
 }
 
 impl IoThread {
+    /// Each queue's doorbell: the VMM registers each as an ioevent at the window's
+    /// [`QUEUE_NOTIFY_OFFSET`] for a write of the queue's index, so a notify wakes this
+    /// thread without reaching the transport.
+    pub fn queue_notifiers(&self) -> impl Iterator<Item = (u32, &hypervisor::EventFd)> {
+        self.kick
+            .notify
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (i as u32, fd))
+    }
+
     /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
     /// closed.
     pub fn spawn(
@@ -614,81 +724,79 @@ impl IoThread {
         exit: Arc<ExitSignal>,
         gate: Arc<IoGate>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let exit_fd = exit.subscribe()?;
         std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&exit, &gate))
+            .spawn(move || self.run(&exit, &exit_fd, &gate))
     }
 
-    /// Serve the device until `exit` is set.
-    pub fn run(mut self, exit: &ExitSignal, gate: &IoGate) {
+    /// Serve the device until `exit` is set (`exit_fd`, its subscription, turns readable).
+    fn run(mut self, exit: &ExitSignal, exit_fd: &EventFd, gate: &IoGate) {
         // Set while host input waits for guest buffers: the host descriptor stays
         // readable, so it is left out of the poll until the driver's next notify.
         let mut starved = false;
-        let mut last_try = Instant::now();
+        let queues = self.kick.notify.len();
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(exit_fd.as_raw_fd())
+            .chain(self.kick.notify.iter().map(|fd| fd.as_raw_fd()))
+            .chain(std::iter::once(-1))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         while exit.get().is_none() {
-            let host_fd = match &self.host_input {
-                Some((fd, _)) if !starved => fd.as_raw_fd(),
-                _ => -1,
-            };
-            let mut pfds = [
-                libc::pollfd {
-                    fd: self.kick.event.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: host_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
-            let n = unsafe {
-                libc::poll(
-                    pfds.as_mut_ptr(),
-                    pfds.len() as libc::nfds_t,
-                    IO_THREAD_TICK.as_millis() as libc::c_int,
-                )
-            };
+            if let Some(host) = pfds.last_mut() {
+                host.fd = match &self.host_input {
+                    Some((fd, _)) if !starved => fd.as_raw_fd(),
+                    _ => -1,
+                };
+            }
+            // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    tracing::warn!(thread = self.name, "poll: {e}");
-                    std::thread::sleep(IO_THREAD_TICK);
+                    tracing::error!(thread = self.name, "poll: {e}; the device stops");
+                    return;
                 }
                 continue;
             }
+            if pfds.first().is_some_and(|p| p.revents != 0) {
+                return;
+            }
             if !gate.enter() {
-                // Paused: leave notifies and host input waiting until the gate opens.
-                std::thread::sleep(IO_THREAD_TICK / 10);
+                // Paused: notifies and host input wait (their descriptors stay readable).
+                gate.wait_open(exit);
                 continue;
             }
-            self.serve(&pfds, &mut starved, &mut last_try);
+            let notified = pfds.get(1..=queues).unwrap_or_default();
+            self.serve(notified, pfds.last().map_or(0, |p| p.revents), &mut starved);
             gate.leave();
         }
     }
 
     /// Runs the queues that were notified, and host input if there is some.
-    fn serve(&mut self, pfds: &[libc::pollfd; 2], starved: &mut bool, last_try: &mut Instant) {
-        if pfds[0].revents & libc::POLLIN != 0 {
-            // Only clears the wake-up; `pending` says which queues.
-            let _ = self.kick.event.read();
-        }
+    fn serve(&mut self, notified: &[libc::pollfd], host_revents: i16, starved: &mut bool) {
         let host_queue = self.host_input.as_ref().map(|h| h.1);
         let mut host_done = false;
-        let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
-        while pending != 0 {
-            let q = pending.trailing_zeros() as usize;
-            pending &= pending - 1;
+        for (q, p) in notified.iter().enumerate() {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            // Clears the doorbell before the device looks at the ring: a notify after
+            // this is seen by the next poll.
+            if let Some(fd) = self.kick.notify.get(q) {
+                let _ = fd.read();
+            }
             let outcome = self.core.process_queue(q);
             if host_queue == Some(q) {
                 *starved = outcome.is_none_or(|o| o.starved);
-                *last_try = Instant::now();
                 host_done = true;
             }
         }
         let Some(hq) = host_queue else { return };
-        if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if host_revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
             tracing::warn!(
                 thread = self.name,
                 "host input descriptor failed; no more host input"
@@ -696,12 +804,9 @@ impl IoThread {
             self.host_input = None;
             return;
         }
-        let readable = pfds[1].revents & libc::POLLIN != 0;
-        let retry = *starved && last_try.elapsed() >= IO_THREAD_TICK;
-        if !host_done && (readable || retry) {
+        if !host_done && host_revents & libc::POLLIN != 0 {
             let outcome = self.core.process_queue(hq);
             *starved = outcome.is_none_or(|o| o.starved);
-            *last_try = Instant::now();
         }
     }
 }

@@ -1057,3 +1057,43 @@ fn an_avail_index_past_the_ring_does_not_spin_the_device() {
     d.w(0x050, 0);
     assert_eq!(d.used_idx(), 0);
 }
+
+
+#[test]
+fn doorbells_and_interrupts_can_be_eventfds() {
+    // What the VMM wires to the accelerator: the queue's notifier (an ioevent at the
+    // doorbell) wakes the I/O thread; the completion writes the irqfd, not the chip.
+    let mut d = blk(false);
+    let irqfd = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    assert!(d.t.use_irqfd(irqfd.try_clone().unwrap()));
+    let io = d.t.io_thread("blk-eventfds", None).unwrap();
+    let doorbell: Vec<_> = io
+        .queue_notifiers()
+        .map(|(q, fd)| (q, fd.try_clone().unwrap()))
+        .collect();
+    assert_eq!(doorbell.len(), 1);
+    let exit = Arc::new(devices::ExitSignal::new());
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
+        .unwrap();
+    d.header(HDR, 0, 3);
+    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    let pulses = d.pulses();
+    doorbell[0].1.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.used_idx() != 1 {
+        assert!(std::time::Instant::now() < deadline, "never completed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(d.byte(BUF), 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while irqfd.read().is_err() {
+        assert!(std::time::Instant::now() < deadline, "no irqfd write");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(d.pulses(), pulses, "the chip is not called directly");
+    assert_ne!(d.r(0x060) & INT_USED_RING, 0);
+    // The thread ends on the exit signal alone: it waits on no timeout.
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
+}

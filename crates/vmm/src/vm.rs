@@ -2,6 +2,7 @@
 //! devices → vCPUs → run), then one thread per vCPU until something ends the VM.
 
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,9 +14,9 @@ use devices::legacy::{
 };
 use devices::serial::{IrqTrigger, SerialDevice, SerialOut, COM1_GSI, COM1_PORT};
 use devices::{BusDevice, ExitReason, ExitSignal};
-use hypervisor::{FpuState, Vcpu, VcpuExit};
+use hypervisor::{EventFd, FpuState, IoEventAddress, Vcpu, VcpuExit};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use crate::accel;
 use crate::config::{ConfigError, DiskFormat, SerialConfig, VmConfig};
@@ -55,6 +56,11 @@ pub enum VmmError {
     CpuModel(#[from] arch::cpuid::ModelError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error("creating an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("opening disk {path}: {source}")]
     Disk {
         path: std::path::PathBuf,
@@ -338,22 +344,33 @@ impl Vmm {
         let mut rx_pumps = Vec::new();
         let mut io_threads = Vec::new();
         for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
-            let transport = Arc::new(Mutex::new(virtio::mmio::MmioTransport::new(
-                device,
-                memory.clone(),
-                irq.clone(),
-                slot.gsi,
-            )));
+            let transport =
+                virtio::mmio::MmioTransport::new(device, memory.clone(), irq.clone(), slot.gsi);
+            // Completions are eventfd writes the accelerator turns into interrupts.
+            let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::EventFd {
+                what: "a virtio interrupt",
+                source,
+            })?;
+            vm.register_irqfd(slot.gsi, &irqfd)?;
+            transport.use_irqfd(irqfd);
+            let transport = Arc::new(Mutex::new(transport));
             io.mmio
                 .insert(dev(transport.clone()), slot.base, slot.size)?;
             match ready_fd {
-                Some(RxSource::IoThread { name, host_input }) => io_threads.push(
-                    transport
+                Some(RxSource::IoThread { name, host_input }) => {
+                    let thread = transport
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .io_thread(&name, host_input)
-                        .map_err(VmmError::Thread)?,
-                ),
+                        .map_err(VmmError::Thread)?;
+                    // A queue notify is an eventfd write by the accelerator, which wakes
+                    // the I/O thread without the bus or the transport.
+                    let doorbell = slot.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
+                    for (queue, fd) in thread.queue_notifiers() {
+                        vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
+                    }
+                    io_threads.push(thread);
+                }
                 Some(source) => rx_pumps.push((transport, source)),
                 None => {}
             }
@@ -375,6 +392,7 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
+        control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
 
         Ok(Vmm {
             config,
@@ -409,13 +427,6 @@ impl Vmm {
 
     /// Run until the guest powers off or resets, or something stops the VM.
     pub fn run(self) -> Result<ExitReason, VmmError> {
-        let kick = SIGRTMIN();
-        // The kick signal only has to interrupt KVM_RUN; its handler does nothing.
-        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        if let Err(e) = register_signal_handler(kick, on_kick) {
-            tracing::warn!(?e, "cannot install the vCPU kick handler");
-        }
-
         if self.config.serial == SerialConfig::Stdio {
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
             console::spawn_stdin_pump(self.serial.clone(), self.exit.clone(), interactive)
@@ -447,31 +458,11 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
-        self.control.set_vcpu_threads(
-            threads
-                .iter()
-                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
-                .collect(),
-        );
 
-        stop_on_termination_signals();
-        let reason = loop {
-            if let Some(r) = self.exit.wait_timeout(Duration::from_millis(200)) {
-                break r;
-            }
-            if TERMINATION_REQUESTED.load(std::sync::atomic::Ordering::Relaxed) {
-                self.exit.request(ExitReason::Quit);
-            }
-        };
-        // Kick until every vCPU thread has left its loop: a kick that lands just before
-        // KVM_RUN is lost, the next one is not.
-        while threads.iter().any(|t| !t.is_finished()) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                let _ = t.kill(kick);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.control.set_vcpu_threads(Vec::new());
+        let reason = wait_for_exit(&self.exit)?;
+        // Each vCPU leaves `run()` (a kick is never lost), parked ones and paused I/O
+        // threads wake up to see the end.
+        self.control.release();
         for t in threads {
             let _ = t.join();
         }
@@ -479,17 +470,71 @@ impl Vmm {
     }
 }
 
-/// Set by SIGTERM/SIGINT/SIGHUP: the VMM stops the VM and exits normally, so a raw
-/// terminal is restored and sockets are cleaned up, instead of dying mid-write.
-static TERMINATION_REQUESTED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_termination(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    TERMINATION_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+/// Waits for the VM's end, or a termination signal (which ends it as a quit).
+fn wait_for_exit(exit: &ExitSignal) -> Result<ExitReason, VmmError> {
+    let ended = exit.subscribe().map_err(|source| VmmError::EventFd {
+        what: "the VM's end",
+        source,
+    })?;
+    let term = termination_eventfd().map_err(|source| VmmError::EventFd {
+        what: "termination signals",
+        source,
+    })?;
+    let mut pfds = [ended.as_raw_fd(), term.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        if let Some(r) = exit.get() {
+            return Ok(r);
+        }
+        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Cannot wait on descriptors: fall back to the condition variable.
+            return Ok(loop {
+                if let Some(r) = exit.wait_timeout(Duration::from_secs(3600)) {
+                    break r;
+                }
+            });
+        }
+        if pfds[1].revents != 0 {
+            let _ = term.read();
+            exit.request(ExitReason::Quit);
+        }
+    }
 }
 
-fn stop_on_termination_signals() {
+/// The eventfd SIGTERM/SIGINT/SIGHUP write to (-1 until set): the VMM then stops the VM
+/// and exits normally, so a raw terminal is restored and sockets are cleaned up, instead
+/// of dying mid-write. It stays open for the life of the process.
+static TERMINATION_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_termination(_: libc::c_int) {
+    // Only an atomic load and write(2): async-signal-safe.
+    let fd = TERMINATION_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd that is never closed.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// The process's termination eventfd, with the signal handlers that write it installed.
+fn termination_eventfd() -> std::io::Result<&'static EventFd> {
+    static TERM: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
+    if let Some(t) = TERM.get() {
+        return Ok(t);
+    }
+    let fd = EventFd::new(EFD_NONBLOCK)?;
+    let t = TERM.get_or_init(|| fd);
+    stop_on_termination_signals(t);
+    Ok(t)
+}
+
+fn stop_on_termination_signals(term: &'static EventFd) {
+    TERMINATION_FD.store(term.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: sigaction with a zeroed struct and a handler that only stores an atomic.
         unsafe {
