@@ -49,8 +49,11 @@ pub mod hdr {
 }
 
 /// What Vessel offers. UFO is left out: Linux no longer sends it and the TAP no longer
-/// produces it.
-const OFFERED: u64 = features::CSUM
+/// produces it. With EVENT_IDX the driver kicks only when the device asked for it (after
+/// a batch, or once a starved receive queue needs buffers), and is interrupted only
+/// when the used index passes what it asked for.
+const OFFERED: u64 = crate::VIRTIO_RING_F_EVENT_IDX
+    | features::CSUM
     | features::GUEST_CSUM
     | features::MAC
     | features::GUEST_TSO4
