@@ -14,7 +14,7 @@
 //! A driver reset takes the device lock, so it waits for work in progress and the
 //! thread then finds the device stopped.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -421,12 +421,11 @@ impl MmioTransport {
     }
 
     /// From now on the driver's notifies only wake the returned I/O thread, which runs
-    /// the device. `host_input` is a descriptor that polls readable when the host has
-    /// input for queue `.1` (a TAP for a receive queue).
+    /// the device, and which also waits for `host_input` (a TAP, vsock's host sockets).
     pub fn io_thread(
         &mut self,
         name: &str,
-        host_input: Option<(OwnedFd, usize)>,
+        host_input: Option<Box<dyn HostInput>>,
     ) -> std::io::Result<IoThread> {
         let queues = self.core.lock().queues.len();
         let notify = (0..queues)
@@ -687,20 +686,63 @@ impl IoGate {
     }
 }
 
+/// What a device's I/O thread waits for from the host, besides the driver's notifies.
+pub trait HostInput: Send {
+    /// Appends the descriptors to wait on now (for readability). Asked again after
+    /// every wake-up, so the set may change (vsock's connections).
+    fn fds(&mut self, out: &mut Vec<RawFd>);
+    /// Some of them polled ready (`revents`, in the order `fds` gave them): take in what
+    /// the host has; returns the queue to run for it, if any.
+    fn ready(&mut self, revents: &[i16]) -> Option<usize>;
+}
+
+/// One descriptor that polls readable when the host has input for `queue` (a TAP for a
+/// receive queue). Left alone once it reports an error or hang-up.
+#[derive(Debug)]
+pub struct FdInput {
+    fd: Option<OwnedFd>,
+    queue: usize,
+}
+
+impl FdInput {
+    pub fn new(fd: OwnedFd, queue: usize) -> Self {
+        FdInput {
+            fd: Some(fd),
+            queue,
+        }
+    }
+}
+
+impl HostInput for FdInput {
+    fn fds(&mut self, out: &mut Vec<RawFd>) {
+        out.extend(self.fd.as_ref().map(|fd| fd.as_raw_fd()));
+    }
+
+    fn ready(&mut self, revents: &[i16]) -> Option<usize> {
+        let r = revents.first().copied().unwrap_or(0);
+        if r & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::warn!("host input descriptor failed; no more host input");
+            self.fd = None;
+            return None;
+        }
+        (r & libc::POLLIN != 0).then_some(self.queue)
+    }
+}
+
 /// A device's I/O thread, not yet started: it waits for the driver's notifies and, if
 /// the device has one, for its host input, and runs the device on them.
 pub struct IoThread {
     name: String,
     core: Arc<DeviceCore>,
     kick: Arc<Kick>,
-    host_input: Option<(OwnedFd, usize)>,
+    host_input: Option<Box<dyn HostInput>>,
 }
 
 impl std::fmt::Debug for IoThread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoThread")
             .field("name", &self.name)
-            .field("host_input_queue", &self.host_input.as_ref().map(|h| h.1))
+            .field("host_input", &self.host_input.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -732,26 +774,26 @@ impl IoThread {
 
     /// Serve the device until `exit` is set (`exit_fd`, its subscription, turns readable).
     fn run(mut self, exit: &ExitSignal, exit_fd: &EventFd, gate: &IoGate) {
-        // Set while host input waits for guest buffers: the host descriptor stays
-        // readable, so it is left out of the poll until the driver's next notify.
-        let mut starved = false;
+        // The queue host input last went to, while it waits for guest buffers: the host
+        // descriptors stay readable, so they are left out of the poll until that
+        // queue's next notify.
+        let mut starved: Option<usize> = None;
         let queues = self.kick.notify.len();
-        let mut pfds: Vec<libc::pollfd> = std::iter::once(exit_fd.as_raw_fd())
-            .chain(self.kick.notify.iter().map(|fd| fd.as_raw_fd()))
-            .chain(std::iter::once(-1))
-            .map(|fd| libc::pollfd {
+        let mut fds: Vec<RawFd> = Vec::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        while exit.get().is_none() {
+            fds.clear();
+            fds.push(exit_fd.as_raw_fd());
+            fds.extend(self.kick.notify.iter().map(|fd| fd.as_raw_fd()));
+            if let (Some(h), None) = (self.host_input.as_mut(), starved) {
+                h.fds(&mut fds);
+            }
+            pfds.clear();
+            pfds.extend(fds.iter().map(|&fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
-        while exit.get().is_none() {
-            if let Some(host) = pfds.last_mut() {
-                host.fd = match &self.host_input {
-                    Some((fd, _)) if !starved => fd.as_raw_fd(),
-                    _ => -1,
-                };
-            }
+            }));
             // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             if n < 0 {
@@ -771,15 +813,20 @@ impl IoThread {
                 continue;
             }
             let notified = pfds.get(1..=queues).unwrap_or_default();
-            self.serve(notified, pfds.last().map_or(0, |p| p.revents), &mut starved);
+            let host = pfds.get(queues + 1..).unwrap_or_default();
+            self.serve(notified, host, &mut starved);
             gate.leave();
         }
     }
 
     /// Runs the queues that were notified, and host input if there is some.
-    fn serve(&mut self, notified: &[libc::pollfd], host_revents: i16, starved: &mut bool) {
-        let host_queue = self.host_input.as_ref().map(|h| h.1);
-        let mut host_done = false;
+    fn serve(
+        &mut self,
+        notified: &[libc::pollfd],
+        host: &[libc::pollfd],
+        starved: &mut Option<usize>,
+    ) {
+        let mut done = 0u64;
         for (q, p) in notified.iter().enumerate() {
             if p.revents & libc::POLLIN == 0 {
                 continue;
@@ -790,23 +837,21 @@ impl IoThread {
                 let _ = fd.read();
             }
             let outcome = self.core.process_queue(q);
-            if host_queue == Some(q) {
-                *starved = outcome.is_none_or(|o| o.starved);
-                host_done = true;
+            if *starved == Some(q) || outcome.is_some_and(|o| o.starved) {
+                *starved = outcome.is_none_or(|o| o.starved).then_some(q);
             }
+            done |= 1u64.checked_shl(q as u32).unwrap_or(0);
         }
-        let Some(hq) = host_queue else { return };
-        if host_revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            tracing::warn!(
-                thread = self.name,
-                "host input descriptor failed; no more host input"
-            );
-            self.host_input = None;
+        if host.iter().all(|p| p.revents == 0) {
             return;
         }
-        if !host_done && host_revents & libc::POLLIN != 0 {
-            let outcome = self.core.process_queue(hq);
-            *starved = outcome.is_none_or(|o| o.starved);
+        let revents: Vec<i16> = host.iter().map(|p| p.revents).collect();
+        let Some(q) = self.host_input.as_mut().and_then(|h| h.ready(&revents)) else {
+            return;
+        };
+        if done & 1u64.checked_shl(q as u32).unwrap_or(0) == 0 {
+            let outcome = self.core.process_queue(q);
+            *starved = outcome.is_none_or(|o| o.starved).then_some(q);
         }
     }
 }

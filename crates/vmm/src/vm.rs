@@ -74,20 +74,16 @@ pub enum VmmError {
     Vsock(#[from] virtio::vsock::VsockError),
 }
 
-/// What, besides the vCPUs, runs a device or feeds its receive queue.
-enum RxSource {
-    /// An I/O thread of the device's own runs it on the driver's notifies and, when
-    /// given one, on a host descriptor (a TAP) turning readable for that queue.
-    IoThread {
-        name: String,
-        host_input: Option<(std::os::fd::OwnedFd, usize)>,
-    },
-    /// The vsock backend's host sockets.
-    Vsock(Arc<Mutex<virtio::vsock::Backend>>),
+/// A device's own I/O thread, which runs it on the driver's notifies and, when given
+/// some, on host input (a TAP, vsock's sockets).
+struct IoThreadSetup {
+    name: String,
+    host_input: Option<Box<dyn virtio::mmio::HostInput>>,
 }
 
-/// A virtio device, and the host side that feeds it, if any.
-type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<RxSource>);
+/// A virtio device, and its I/O thread if it has one (else it runs on the notifying
+/// vCPU).
+type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<IoThreadSetup>);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -135,7 +131,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let io = RxSource::IoThread {
+        let io = IoThreadSetup {
             name: format!("blk{}", devs.len()),
             host_input: None,
         };
@@ -155,24 +151,35 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
-        let io = RxSource::IoThread {
+        let io = IoThreadSetup {
             name: format!("net-{}", net.tap),
-            host_input: Some((fd, virtio::net::RX_QUEUE)),
+            host_input: Some(Box::new(virtio::mmio::FdInput::new(
+                fd,
+                virtio::net::RX_QUEUE,
+            ))),
         };
         devs.push((Box::new(dev), Some(io)));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
-        let backend = dev.backend();
-        devs.push((Box::new(dev), Some(RxSource::Vsock(backend))));
+        let io = IoThreadSetup {
+            name: "vsock".into(),
+            host_input: Some(Box::new(dev.host_input())),
+        };
+        devs.push((Box::new(dev), Some(io)));
     }
     if config.rng {
         devs.push((Box::new(virtio::rng::Rng), None));
     }
     if let Some(out) = &config.virtio_console {
+        // Guest output is written on a thread of its own, not the vCPU's.
+        let io = IoThreadSetup {
+            name: "hvc".into(),
+            host_input: None,
+        };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
-            None,
+            Some(io),
         ));
     }
     Ok(devs)
@@ -196,9 +203,7 @@ pub struct Vmm {
     control: Arc<VmControl>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
-    /// Devices fed from the host side (TAPs, vsock sockets), a thread each.
-    rx_pumps: Vec<(Arc<Mutex<virtio::mmio::MmioTransport>>, RxSource)>,
-    /// Devices that run on I/O threads of their own (block, net).
+    /// Devices that run on I/O threads of their own (block, net, vsock, console).
     io_threads: Vec<virtio::mmio::IoThread>,
     vcpus: Vec<Box<dyn Vcpu>>,
     /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
@@ -341,9 +346,8 @@ impl Vmm {
             .insert(dev(ged.clone()), u64::from(acpi::GED_PORT), 1)?;
         let control = Arc::new(VmControl::new(exit.clone(), ged));
 
-        let mut rx_pumps = Vec::new();
         let mut io_threads = Vec::new();
-        for ((device, ready_fd), slot) in virtio.into_iter().zip(&slots) {
+        for ((device, io_setup), slot) in virtio.into_iter().zip(&slots) {
             let transport =
                 virtio::mmio::MmioTransport::new(device, memory.clone(), irq.clone(), slot.gsi);
             // Completions are eventfd writes the accelerator turns into interrupts.
@@ -356,23 +360,19 @@ impl Vmm {
             let transport = Arc::new(Mutex::new(transport));
             io.mmio
                 .insert(dev(transport.clone()), slot.base, slot.size)?;
-            match ready_fd {
-                Some(RxSource::IoThread { name, host_input }) => {
-                    let thread = transport
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .io_thread(&name, host_input)
-                        .map_err(VmmError::Thread)?;
-                    // A queue notify is an eventfd write by the accelerator, which wakes
-                    // the I/O thread without the bus or the transport.
-                    let doorbell = slot.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
-                    for (queue, fd) in thread.queue_notifiers() {
-                        vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
-                    }
-                    io_threads.push(thread);
+            if let Some(IoThreadSetup { name, host_input }) = io_setup {
+                let thread = transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .io_thread(&name, host_input)
+                    .map_err(VmmError::Thread)?;
+                // A queue notify is an eventfd write by the accelerator, which wakes
+                // the I/O thread without the bus or the transport.
+                let doorbell = slot.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
+                for (queue, fd) in thread.queue_notifiers() {
+                    vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
                 }
-                Some(source) => rx_pumps.push((transport, source)),
-                None => {}
+                io_threads.push(thread);
             }
         }
 
@@ -401,7 +401,6 @@ impl Vmm {
             control,
             io: Arc::new(io),
             serial,
-            rx_pumps,
             io_threads,
             vcpus,
             _ram_watch: ram_watch,
@@ -433,16 +432,6 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
         }
 
-        for (transport, source) in self.rx_pumps {
-            let exit = self.exit.clone();
-            let gate = self.control.io_gate();
-            let t = std::thread::Builder::new();
-            if let RxSource::Vsock(backend) = source {
-                t.name("vsock".into())
-                    .spawn(move || vsock_pump(&transport, &backend, &exit, &gate))
-                    .map_err(VmmError::Thread)?;
-            }
-        }
         for io in self.io_threads {
             io.spawn(self.exit.clone(), self.control.io_gate())
                 .map_err(VmmError::Thread)?;
@@ -544,47 +533,6 @@ fn stop_on_termination_signals(term: &'static EventFd) {
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
-    }
-}
-
-/// Serve the vsock host side: accept and read host sockets, and hand the resulting
-/// packets to the guest's receive queue.
-fn vsock_pump(
-    transport: &Mutex<virtio::mmio::MmioTransport>,
-    backend: &Mutex<virtio::vsock::Backend>,
-    exit: &ExitSignal,
-    gate: &virtio::mmio::IoGate,
-) {
-    while exit.get().is_none() {
-        let fds = backend.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
-        let mut pfds: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // A short timeout also picks up connections the guest opened meanwhile.
-        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
-        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 20) };
-        // Paused: host data waits in its sockets until the resume.
-        if !gate.enter() {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let has_rx = {
-            let mut b = backend.lock().unwrap_or_else(|p| p.into_inner());
-            b.poll_host();
-            b.has_rx()
-        };
-        if has_rx {
-            transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .process_queue(virtio::vsock::RX_QUEUE);
-        }
-        gate.leave();
     }
 }
 
