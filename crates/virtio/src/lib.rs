@@ -53,6 +53,10 @@ pub struct QueueOutcome {
     /// from the TAP): whoever feeds this queue can stop polling its source until the
     /// driver's next notify.
     pub starved: bool,
+    /// The queue is served when host input arrives, not when the driver adds buffers
+    /// (a receive queue with buffers to spare): the transport asks the driver not to
+    /// notify for it until it reports `starved`, so refilling costs the guest no exit.
+    pub host_driven: bool,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.

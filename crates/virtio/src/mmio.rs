@@ -234,6 +234,9 @@ impl DeviceCore {
                     Ok(before) if outcome.starved => {
                         crate::queue::notify_past(queue, &self.mem, before.0)
                     }
+                    _ if outcome.host_driven => {
+                        crate::queue::suppress_notifications(queue, &self.mem).map(|()| false)
+                    }
                     // With EVENT_IDX: avail_event = next_avail, so the driver kicks for
                     // the next request; true when some came in meanwhile.
                     _ => queue

@@ -319,6 +319,9 @@ impl Net {
             self.rx_frames += 1;
             outcome.used = true;
         }
+        // The TAP drives this queue: the driver's refills need no notify until a frame
+        // finds too few buffers.
+        outcome.host_driven = !outcome.starved;
         Ok(outcome)
     }
 

@@ -168,6 +168,26 @@ pub fn notify_past(
     Ok(queue.avail_idx(mem, Ordering::Acquire)?.0 != seen)
 }
 
+/// Asks the driver not to notify for buffers it adds (with EVENT_IDX, avail_event just
+/// behind its avail index, which it would cross only after a full wrap; without, the
+/// used ring's NO_NOTIFY flag). For a queue the device serves on host input.
+pub fn suppress_notifications(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<(), virtio_queue::Error> {
+    use std::sync::atomic::Ordering;
+    use virtio_queue::QueueT;
+    if !queue.event_idx_enabled() {
+        return queue.disable_notification(mem);
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
+    let at = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(avail.wrapping_sub(1).to_le(), at, Ordering::Release)
+        .map_err(virtio_queue::Error::GuestMemory)
+}
+
 /// Put several used elements on `queue`'s used ring and publish them with one index
 /// update, so the driver never sees only part of them (a mergeable receive buffer spread
 /// over several chains is read as a whole once its first chain is seen). Decide the

@@ -1187,3 +1187,44 @@ fn doorbells_and_interrupts_can_be_eventfds() {
     exit.request(devices::ExitReason::Quit);
     thread.join().unwrap();
 }
+
+#[test]
+fn refilling_a_receive_queue_that_is_not_starved_asks_for_no_notify() {
+    use crate::net::hdr;
+    let (mut d, fake) = net(u64::MAX);
+    d.post_buffers(
+        0,
+        0,
+        &[
+            (BUF, 2048, F_WRITE),
+            (BUF + 0x1000, 2048, F_WRITE),
+            (BUF + 0x2000, 2048, F_WRITE),
+            (BUF + 0x3000, 2048, F_WRITE),
+        ],
+    );
+    d.w(0x050, 0);
+    fake.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .push_back(net_frame(0, hdr::GSO_NONE, 100));
+    // As the TAP turning readable would.
+    d.t.process_queue(0);
+    assert_eq!(d.used_since(0, 0).len(), 1);
+    // The driver refills from avail index 4 to 5: it kicks only if avail_event is in
+    // [4, 5) (vring_need_event). The device needs no kick while it has buffers.
+    let avail_event: u16 = d.mem.read_obj(avail_event_of(0)).unwrap();
+    let (old, new) = (4u16, 5u16);
+    let kick = new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old);
+    assert!(!kick, "avail_event {avail_event} asks for a kick on refill");
+    // Once a frame finds too few buffers, the next refill kicks again.
+    fake.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .push_back(net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_TCPV4, 9000));
+    d.t.process_queue(0);
+    assert_eq!(d.used_since(0, 0).len(), 1, "the big frame waits");
+    let avail_event: u16 = d.mem.read_obj(avail_event_of(0)).unwrap();
+    assert_eq!(avail_event, 4);
+}
