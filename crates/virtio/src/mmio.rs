@@ -441,6 +441,7 @@ impl MmioTransport {
             core: self.core.clone(),
             kick,
             host_input,
+            coalesce: None,
         })
     }
 
@@ -739,6 +740,24 @@ pub struct IoThread {
     core: Arc<DeviceCore>,
     kick: Arc<Kick>,
     host_input: Option<Box<dyn HostInput>>,
+    /// A queue whose notifies are served this long after the first one (see
+    /// [`IoThread::coalesce`]).
+    coalesce: Option<(usize, Duration)>,
+}
+
+/// How many coalescing delays without a notify make a quiet spell, after which the next
+/// notify is served at once (a streaming sender notifies more often than that, one that
+/// answers requests less).
+const QUIET_DELAYS: u32 = 10;
+
+/// The coalescing timer of an I/O thread, while it has a queue to coalesce.
+struct Coalesce {
+    queue: usize,
+    delay: Duration,
+    timer: vmm_sys_util::timerfd::TimerFd,
+    armed: bool,
+    /// When the driver last notified the queue.
+    last_notify: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for IoThread {
@@ -762,6 +781,16 @@ impl IoThread {
             .map(|(i, fd)| (i as u32, fd))
     }
 
+    /// Moderates queue `queue` as a NIC moderates its transmit completions: the first
+    /// notify after a quiet spell (no notify for ten times `delay`) is served at once,
+    /// later ones `delay` after they come. What the driver adds meanwhile goes in the same
+    /// round (with EVENT_IDX it does not even notify), and its buffers come back later,
+    /// which lets a guest's TCP coalesce small writes into large segments (autocorking)
+    /// instead of sending each as a frame of its own.
+    pub fn coalesce(&mut self, queue: usize, delay: Duration) {
+        self.coalesce = Some((queue, delay));
+    }
+
     /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
     /// closed.
     pub fn spawn(
@@ -781,6 +810,22 @@ impl IoThread {
         // descriptors stay readable, so they are left out of the poll until that
         // queue's next notify.
         let mut starved: Option<usize> = None;
+        let mut coalesce = match self.coalesce.take() {
+            Some((queue, delay)) => match vmm_sys_util::timerfd::TimerFd::new() {
+                Ok(timer) => Some(Coalesce {
+                    queue,
+                    delay,
+                    timer,
+                    armed: false,
+                    last_notify: None,
+                }),
+                Err(e) => {
+                    tracing::warn!(thread = self.name, "no coalescing timer: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let queues = self.kick.notify.len();
         let mut fds: Vec<RawFd> = Vec::new();
         let mut pfds: Vec<libc::pollfd> = Vec::new();
@@ -788,6 +833,8 @@ impl IoThread {
             fds.clear();
             fds.push(exit_fd.as_raw_fd());
             fds.extend(self.kick.notify.iter().map(|fd| fd.as_raw_fd()));
+            // Always present (-1 is ignored by poll), so host descriptors start after it.
+            fds.push(coalesce.as_ref().map_or(-1, |c| c.timer.as_raw_fd()));
             if let (Some(h), None) = (self.host_input.as_mut(), starved) {
                 h.fds(&mut fds);
             }
@@ -816,20 +863,25 @@ impl IoThread {
                 continue;
             }
             let notified = pfds.get(1..=queues).unwrap_or_default();
-            let host = pfds.get(queues + 1..).unwrap_or_default();
-            self.serve(notified, host, &mut starved);
+            let timer_fired = pfds.get(queues + 1).is_some_and(|p| p.revents != 0);
+            let host = pfds.get(queues + 2..).unwrap_or_default();
+            self.serve(notified, timer_fired, host, &mut starved, coalesce.as_mut());
             gate.leave();
         }
     }
 
-    /// Runs the queues that were notified, and host input if there is some.
+    /// Runs the queues that were notified (or arms the coalescing timer for its queue,
+    /// and runs that one when the timer fired), and host input if there is some.
     fn serve(
         &mut self,
         notified: &[libc::pollfd],
+        timer_fired: bool,
         host: &[libc::pollfd],
         starved: &mut Option<usize>,
+        mut coalesce: Option<&mut Coalesce>,
     ) {
         let mut done = 0u64;
+        let mut run: Vec<usize> = Vec::new();
         for (q, p) in notified.iter().enumerate() {
             if p.revents & libc::POLLIN == 0 {
                 continue;
@@ -839,6 +891,36 @@ impl IoThread {
             if let Some(fd) = self.kick.notify.get(q) {
                 let _ = fd.read();
             }
+            match coalesce.as_deref_mut() {
+                Some(c) if c.queue == q => {
+                    // The first notify after a quiet spell is served at once; while
+                    // notifies keep coming, each waits `delay`.
+                    let now = std::time::Instant::now();
+                    let quiet = c
+                        .last_notify
+                        .is_none_or(|t| now.duration_since(t) >= c.delay * QUIET_DELAYS);
+                    c.last_notify = Some(now);
+                    if c.armed {
+                    } else if quiet {
+                        run.push(q);
+                    } else if c.timer.reset(c.delay, None).is_ok() {
+                        c.armed = true;
+                    } else {
+                        // Serve it now rather than not at all.
+                        run.push(q);
+                    }
+                }
+                _ => run.push(q),
+            }
+        }
+        if let Some(c) = coalesce.filter(|_| timer_fired) {
+            let _ = c.timer.wait();
+            c.armed = false;
+            if !run.contains(&c.queue) {
+                run.push(c.queue);
+            }
+        }
+        for q in run {
             let outcome = self.core.process_queue(q);
             if *starved == Some(q) || outcome.is_some_and(|o| o.starved) {
                 *starved = outcome.is_none_or(|o| o.starved).then_some(q);

@@ -19,6 +19,12 @@ use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDev
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
+/// How long after the driver's first transmit notify its queue is served (an I/O thread's
+/// [`crate::mmio::IoThread::coalesce`]): frames it queues meanwhile go in the same
+/// round, and a guest TCP sender whose buffers are still out coalesces its small writes
+/// into large segments instead of one frame per write. QEMU's `tx=timer` waits 150 µs.
+pub const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(1000);
+
 /// Feature bits (virtio spec 5.1.3).
 pub mod features {
     /// The device takes frames with partial checksums (the driver's TX).

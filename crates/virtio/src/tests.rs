@@ -1228,3 +1228,43 @@ fn refilling_a_receive_queue_that_is_not_starved_asks_for_no_notify() {
     let avail_event: u16 = d.mem.read_obj(avail_event_of(0)).unwrap();
     assert_eq!(avail_event, 4);
 }
+
+#[test]
+fn a_coalesced_queue_serves_the_first_notify_at_once_and_the_next_after_the_delay() {
+    let mut d = blk(false);
+    let mut io = d.t.io_thread("blk-coalesce", None).unwrap();
+    let delay = std::time::Duration::from_millis(300);
+    io.coalesce(0, delay);
+    let exit = Arc::new(devices::ExitSignal::new());
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
+        .unwrap();
+    let wait_used = |d: &Driver, n: u16| {
+        let t0 = std::time::Instant::now();
+        while d.used_idx() != n {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "never served"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        t0.elapsed()
+    };
+    d.header(HDR, 0, 1);
+    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    assert!(
+        wait_used(&d, 1) < delay / 2,
+        "the first notify waits for nothing"
+    );
+    d.header(HDR, 0, 2);
+    d.post(3, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    assert!(
+        wait_used(&d, 2) >= delay / 2,
+        "a notify right after a round waits for the delay"
+    );
+    assert_eq!(d.byte(BUF), 2);
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
+}

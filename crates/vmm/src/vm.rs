@@ -79,6 +79,8 @@ pub enum VmmError {
 struct IoThreadSetup {
     name: String,
     host_input: Option<Box<dyn virtio::mmio::HostInput>>,
+    /// A queue served a while after its first notify (net's transmit queue).
+    coalesce: Option<(usize, Duration)>,
 }
 
 /// A virtio device, and its I/O thread if it has one (else it runs on the notifying
@@ -134,6 +136,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let io = IoThreadSetup {
             name: format!("blk{}", devs.len()),
             host_input: None,
+            coalesce: None,
         };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
@@ -157,6 +160,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                 fd,
                 virtio::net::RX_QUEUE,
             ))),
+            coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
         };
         devs.push((Box::new(dev), Some(io)));
     }
@@ -165,6 +169,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let io = IoThreadSetup {
             name: "vsock".into(),
             host_input: Some(Box::new(dev.host_input())),
+            coalesce: None,
         };
         devs.push((Box::new(dev), Some(io)));
     }
@@ -176,6 +181,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let io = IoThreadSetup {
             name: "hvc".into(),
             host_input: None,
+            coalesce: None,
         };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
@@ -360,12 +366,20 @@ impl Vmm {
             let transport = Arc::new(Mutex::new(transport));
             io.mmio
                 .insert(dev(transport.clone()), slot.base, slot.size)?;
-            if let Some(IoThreadSetup { name, host_input }) = io_setup {
-                let thread = transport
+            if let Some(IoThreadSetup {
+                name,
+                host_input,
+                coalesce,
+            }) = io_setup
+            {
+                let mut thread = transport
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .io_thread(&name, host_input)
                     .map_err(VmmError::Thread)?;
+                if let Some((queue, delay)) = coalesce {
+                    thread.coalesce(queue, delay);
+                }
                 // A queue notify is an eventfd write by the accelerator, which wakes
                 // the I/O thread without the bus or the transport.
                 let doorbell = slot.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
