@@ -3,6 +3,8 @@
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 /// Why the VM stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -22,11 +24,15 @@ pub enum ExitReason {
     Error,
 }
 
-/// A one-shot stop request: the first reason wins; waiters wake once it is set.
+/// A one-shot stop request: the first reason wins; waiters wake once it is set, and
+/// threads that poll descriptors see their [`ExitSignal::subscribe`] eventfd turn
+/// readable (so no thread needs a timeout to notice the end).
 #[derive(Debug, Default)]
 pub struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
     cv: Condvar,
+    /// Written once when the reason is set.
+    subscribers: Mutex<Vec<EventFd>>,
 }
 
 impl ExitSignal {
@@ -40,7 +46,35 @@ impl ExitSignal {
         if r.is_none() {
             *r = Some(reason);
             self.cv.notify_all();
+            for fd in self
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!("waking a thread for the VM's end: {e}");
+                }
+            }
         }
+    }
+
+    /// An eventfd (non-blocking) that turns readable once the VM is asked to stop, for a
+    /// thread that waits in `poll`. It stays readable: never read it.
+    pub fn subscribe(&self) -> std::io::Result<EventFd> {
+        let fd = EventFd::new(EFD_NONBLOCK)?;
+        let ours = fd.try_clone()?;
+        // Under the reason's lock: a request either sees this subscriber or came first.
+        let r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_some() {
+            fd.write(1)?;
+        }
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ours);
+        drop(r);
+        Ok(fd)
     }
 
     pub fn get(&self) -> Option<ExitReason> {
@@ -72,6 +106,21 @@ mod tests {
         assert_eq!(
             s.wait_timeout(Duration::from_secs(1)),
             Some(ExitReason::PowerOff)
+        );
+    }
+
+    #[test]
+    fn subscribers_turn_readable_on_the_request() {
+        let s = ExitSignal::new();
+        let before = s.subscribe().unwrap();
+        assert!(before.read().is_err(), "readable before any request");
+        s.request(ExitReason::Quit);
+        assert_eq!(before.read().unwrap(), 1);
+        let after = s.subscribe().unwrap();
+        assert_eq!(
+            after.read().unwrap(),
+            1,
+            "a late subscriber is readable at once"
         );
     }
 }

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod convert;
 pub mod cpuid;
+mod eventfds;
 pub mod hybrid;
 pub mod kvmclock;
 pub mod platform;
@@ -13,7 +14,7 @@ pub mod vcpu;
 use std::sync::{Arc, Mutex};
 
 use devices::irqchip::chip::UserIrqChip;
-use hypervisor::{CpuIdEntry, Hypervisor, IrqChip, Result, Vcpu, Vm};
+use hypervisor::{CpuIdEntry, EventFd, Hypervisor, IoEventAddress, IrqChip, Result, Vcpu, Vm};
 use x86emu::code::CodeTracker;
 use x86emu::{Cpu, GuestRam};
 
@@ -65,8 +66,17 @@ impl Hypervisor for EmuHypervisor {
             None => VmClock::new(),
         };
         let chip = UserIrqChip::new(u32::from(cpus.max(1)), LAPIC_TIMER_HZ, clock.tsc_hz());
+        let irqfds = eventfds::Irqfds::new().map_err(|e| hypervisor::Error::VmIoctl {
+            op: "creating the irqfd thread's eventfd",
+            source: e,
+        })?;
         Ok(Arc::new(EmuVm {
-            shared: Arc::new(VmShared { chip, clock }),
+            shared: Arc::new(VmShared {
+                chip,
+                clock,
+                ioevents: eventfds::IoEvents::default(),
+            }),
+            irqfds,
             code: Arc::new(Mutex::new(None)),
             writes_reported: Default::default(),
             regions: Mutex::new(Vec::new()),
@@ -88,6 +98,7 @@ impl Hypervisor for EmuHypervisor {
 pub(crate) struct VmShared {
     pub(crate) chip: UserIrqChip,
     pub(crate) clock: VmClock,
+    pub(crate) ioevents: eventfds::IoEvents,
 }
 
 struct Region {
@@ -98,6 +109,7 @@ struct Region {
 
 struct EmuVm {
     shared: Arc<VmShared>,
+    irqfds: eventfds::Irqfds,
     regions: Mutex<Vec<Region>>,
     /// The vCPUs' shared record of code pages (the first vCPU's), so code one writes is
     /// checked again by the others.
@@ -240,5 +252,29 @@ impl Vm for EmuVm {
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         Arc::new(ChipHandle(self.shared.clone()))
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        fd: &EventFd,
+    ) -> Result<()> {
+        self.shared
+            .ioevents
+            .register(addr, datamatch, fd)
+            .map_err(|source| hypervisor::Error::VmIoctl {
+                op: "registering an ioevent",
+                source,
+            })
+    }
+
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()> {
+        self.irqfds
+            .register(&self.shared, gsi, fd)
+            .map_err(|source| hypervisor::Error::VmIoctl {
+                op: "registering an irqfd",
+                source,
+            })
     }
 }

@@ -4,7 +4,7 @@
 //! VMM's buses through the seam's `IoHandler`.
 
 use devices::irqchip::chip::UserIrqChip;
-use hypervisor::IoHandler;
+use hypervisor::{IoEventAddress, IoHandler};
 use x86emu::{GuestRam, Platform};
 
 use crate::clock::VmClock;
@@ -37,6 +37,8 @@ pub struct EmuPlatform<'a> {
     pub clock: &'a VmClock,
     pub ram: &'a GuestRam,
     pub kvmclock: &'a mut KvmClockState,
+    /// Writes that signal an eventfd instead of reaching `io`.
+    pub(crate) ioevents: &'a crate::eventfds::IoEvents,
     /// An interrupt became deliverable during the last I/O: stop the run to inject it.
     pub poke: bool,
 }
@@ -101,7 +103,7 @@ impl Platform for EmuPlatform<'_> {
                 .lapic_mmio_write(self.cpu, gpa - LAPIC_BASE, data, now);
         } else if (IOAPIC_BASE..IOAPIC_BASE + PAGE).contains(&gpa) {
             self.chip.ioapic_mmio_write(gpa - IOAPIC_BASE, data);
-        } else {
+        } else if !self.ioevents.signal(IoEventAddress::Mmio(gpa), data) {
             self.io.mmio_write(gpa, data);
         }
         self.poke |= self.chip.event_hint(self.cpu);
@@ -118,7 +120,7 @@ impl Platform for EmuPlatform<'_> {
     fn pio_write(&mut self, port: u16, data: &[u8]) {
         if chip_port(port) {
             self.chip.pio_write(port, data, self.clock.now_ns());
-        } else {
+        } else if !self.ioevents.signal(IoEventAddress::Pio(port), data) {
             self.io.pio_write(port, data);
         }
         self.poke |= self.chip.event_hint(self.cpu);

@@ -6,10 +6,13 @@
 //! serialise in x86emu), and code one vCPU writes is checked again by the others through
 //! the VM's shared `CodeTracker`. Nothing is locked around execution.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hypervisor::{CpuIdEntry, FpuState, IoHandler, MsrEntry, Regs, Result, Sregs, Vcpu, VcpuExit};
+use hypervisor::{
+    CpuIdEntry, FpuState, IoHandler, MsrEntry, Regs, Result, Sregs, Vcpu, VcpuExit, VcpuKicker,
+};
 use x86emu::{Cpu, GuestRam, RunExit};
 
 use crate::convert;
@@ -34,6 +37,23 @@ pub struct EmuVcpu {
     profile: Option<Profile>,
     /// The KVM half of a hybrid vCPU.
     hybrid: Option<HybridVcpu>,
+    /// Set by the kicker; `run` returns at once while it is set, and clears it.
+    kicked: Arc<AtomicBool>,
+}
+
+/// emu's kick: a flag `run` checks before each slice, and a wake-up of a halted vCPU
+/// (which also kicks a hybrid vCPU's KVM half through the chip's notifier).
+struct EmuKicker {
+    kicked: Arc<AtomicBool>,
+    vm: Arc<VmShared>,
+    id: u32,
+}
+
+impl VcpuKicker for EmuKicker {
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        self.vm.chip.kick(self.id);
+    }
 }
 
 /// A poor man's guest profiler: with short slices, the RIP at each slice end is a sample.
@@ -68,6 +88,7 @@ impl EmuVcpu {
     ) -> Self {
         EmuVcpu {
             hybrid,
+            kicked: Arc::default(),
             id,
             cpu,
             ram,
@@ -185,7 +206,18 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
 
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(EmuKicker {
+            kicked: self.kicked.clone(),
+            vm: self.vm.clone(),
+            id: self.id,
+        })
+    }
+
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        if self.kicked.swap(false, Ordering::SeqCst) {
+            return Ok(VcpuExit::Interrupted);
+        }
         let vm = self.vm.clone();
         self.startup_events();
         vm.chip.tick(vm.clock.now_ns());
@@ -199,6 +231,7 @@ impl Vcpu for EmuVcpu {
             clock: &vm.clock,
             ram: &self.ram,
             kvmclock: &mut self.kvmclock,
+            ioevents: &vm.ioevents,
             poke: false,
         };
         if vm.chip.event_hint(self.id) && vm.chip.has_interrupt(self.id) {

@@ -5,13 +5,19 @@
 //! - guest port and MMIO accesses reach the VMM through [`IoHandler`] *inside* `run()`, so
 //!   both backends end in the same bus dispatch and `VcpuExit` stays small;
 //! - interrupts leave devices through [`IrqChip`] (raise a GSI line, send an MSI), whether
-//!   the interrupt controllers live in the host kernel or in user space.
+//!   the interrupt controllers live in the host kernel or in user space;
+//! - devices can also skip the VMM's buses both ways: a guest write to an address given
+//!   to [`Vm::register_ioevent`] signals an eventfd, and a write to an eventfd given to
+//!   [`Vm::register_irqfd`] raises a GSI (KVM does both in the kernel, emu in user space);
+//! - another thread takes a vCPU out of `run()` with its [`Vcpu::kicker`].
 
 pub mod host;
 pub mod kvm;
 pub mod regs;
 
 use std::sync::Arc;
+
+pub use vmm_sys_util::eventfd::EventFd;
 
 pub use regs::{CpuIdEntry, DescriptorTable, FpuState, MsrEntry, Regs, Segment, Sregs};
 
@@ -101,6 +107,21 @@ pub trait IrqChip: Send + Sync {
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
 }
 
+/// Where a guest write signals an ioevent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventAddress {
+    Pio(u16),
+    Mmio(u64),
+}
+
+/// Takes a vCPU out of [`Vcpu::run`] from another thread: the `run` in progress returns
+/// soon (KVM: at once; emu: within a slice or at once from a halt), and if none is in
+/// progress the next one returns [`VcpuExit::Interrupted`] without running the guest,
+/// so a kick is never lost between the caller's check of its state and `run`.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
 /// One accelerator on this host.
 pub trait Hypervisor: Send + Sync {
     /// A short name for logs and messages ("kvm", "emu").
@@ -135,6 +156,17 @@ pub trait Vm: Send + Sync {
     fn ram_write_observer(&self) -> Option<Arc<dyn Fn(u64, u64) + Send + Sync>> {
         None
     }
+    /// From now on a guest write to `addr` (of 4 bytes equal to `datamatch` when given,
+    /// of any size otherwise) signals `fd` instead of reaching the VMM's buses.
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        fd: &EventFd,
+    ) -> Result<()>;
+    /// From now on each write to `fd` is an edge on `gsi` (high then low), delivered
+    /// without waking any VMM thread where the accelerator can.
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()>;
 }
 
 /// One virtual CPU, driven from its own thread.
@@ -150,6 +182,8 @@ pub trait Vcpu: Send {
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
     /// Wire LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware leaves a PC.
     fn configure_local_interrupts(&mut self) -> Result<()>;
+    /// The handle other threads kick this vCPU with (pause, stop).
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
     /// Run until something needs the VMM. Port and MMIO accesses are handled through `io`.
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
     /// Tells the guest it was paused (kvmclock's "guest stopped" flag) so its watchdogs

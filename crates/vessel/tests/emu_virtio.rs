@@ -216,6 +216,7 @@ fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
         (11, "HOST_TSO4"),
         (12, "HOST_TSO6"),
         (15, "MRG_RXBUF"),
+        (29, "RING_EVENT_IDX"),
         (32, "VERSION_1"),
     ] {
         assert_eq!(

@@ -37,9 +37,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// VIRTIO_RING_F_EVENT_IDX: the driver publishes used_event (interrupt me when the used
 /// index passes it) and the device avail_event (kick me when the avail index passes it).
-/// The transport arms it on every queue once negotiated; a device that offers it must
-/// serve its queues through [`VirtioDevice::start_queue`]'s unlocked work, after which
-/// the transport publishes avail_event.
+/// The transport arms it on every queue once negotiated and, after each round of a queue,
+/// publishes avail_event (the next request, or for a queue that reported
+/// [`QueueOutcome::starved`] the next buffer past those it saw) and decides the interrupt
+/// from used_event over everything the round used.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What a device asks of the transport after handling a queue.
@@ -54,6 +55,10 @@ pub struct QueueOutcome {
     /// from the TAP): whoever feeds this queue can stop polling its source until the
     /// driver's next notify.
     pub starved: bool,
+    /// The queue is served when host input arrives, not when the driver adds buffers
+    /// (a receive queue with buffers to spare): the transport asks the driver not to
+    /// notify for it until it reports `starved`, so refilling costs the guest no exit.
+    pub host_driven: bool,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.

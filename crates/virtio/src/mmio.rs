@@ -3,7 +3,9 @@
 //!
 //! [`MmioTransport`] is what the bus maps: register selectors and the doorbell. The
 //! device, its queues and its status are the shared [`DeviceCore`]; its interrupt is an
-//! edge on the device's GSI ([`GsiEdge`]).
+//! edge on the device's GSI ([`GsiEdge`]), through the chip or an irqfd. With an I/O
+//! thread, the VMM can register each queue's doorbell as an ioevent at
+//! [`QUEUE_NOTIFY_OFFSET`] so a notify never reaches the transport.
 
 use std::sync::Arc;
 
@@ -14,7 +16,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::transport::Doorbell;
 pub use crate::transport::{
-    status, DeviceCore, GsiEdge, IoGate, IoThread, INT_CONFIG_CHANGE, INT_USED_RING,
+    status, DeviceCore, FdInput, GsiEdge, HostInput, IoGate, IoThread, INT_CONFIG_CHANGE,
+    INT_USED_RING,
 };
 use crate::VirtioDevice;
 
@@ -31,6 +34,9 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+/// The doorbell's offset in the window: a VMM can register an ioevent per queue there
+/// (the value written is the queue's index), see [`IoThread::queue_notifiers`].
+pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 const INTERRUPT_STATUS: u64 = 0x060;
 const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
@@ -51,6 +57,7 @@ const VENDOR: u32 = 0x4c53_5356;
 /// The transport around one device.
 pub struct MmioTransport {
     core: Arc<DeviceCore>,
+    interrupt: Arc<GsiEdge>,
     doorbell: Doorbell,
     queue_sel: u32,
     device_features_sel: u32,
@@ -73,10 +80,12 @@ impl MmioTransport {
         irq: Arc<dyn IrqChip>,
         gsi: u32,
     ) -> Self {
-        let core = Arc::new(DeviceCore::new(device, mem, Box::new(GsiEdge { irq, gsi })));
+        let interrupt = Arc::new(GsiEdge::new(irq, gsi));
+        let core = Arc::new(DeviceCore::new(device, mem, Box::new(interrupt.clone())));
         MmioTransport {
             doorbell: Doorbell::new(core.clone()),
             core,
+            interrupt,
             queue_sel: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -97,12 +106,23 @@ impl MmioTransport {
         self.core.process_queue(index);
     }
 
+    /// From now on interrupts are writes to `fd`, an eventfd the VMM registered with the
+    /// accelerator as an irqfd for this device's GSI. False if one was set already.
+    pub fn use_irqfd(&self, fd: hypervisor::EventFd) -> bool {
+        self.interrupt.use_irqfd(fd)
+    }
+
+    /// The device's GSI.
+    pub fn gsi(&self) -> u32 {
+        self.interrupt.gsi()
+    }
+
     /// From now on the driver's notifies only wake the returned I/O thread (see
     /// [`Doorbell::io_thread`]).
     pub fn io_thread(
         &mut self,
         name: &str,
-        host_input: Option<(std::os::fd::OwnedFd, usize)>,
+        host_input: Option<Box<dyn HostInput>>,
     ) -> std::io::Result<IoThread> {
         self.doorbell.io_thread(name, host_input)
     }

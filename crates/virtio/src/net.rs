@@ -19,6 +19,12 @@ use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDev
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
+/// How long after the driver's first transmit notify its queue is served (an I/O thread's
+/// [`crate::transport::IoThread::coalesce`]): frames it queues meanwhile go in the same
+/// round, and a guest TCP sender whose buffers are still out coalesces its small writes
+/// into large segments instead of one frame per write. QEMU's `tx=timer` waits 150 µs.
+pub const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(1000);
+
 /// Feature bits (virtio spec 5.1.3).
 pub mod features {
     /// The device takes frames with partial checksums (the driver's TX).
@@ -49,8 +55,11 @@ pub mod hdr {
 }
 
 /// What Vessel offers. UFO is left out: Linux no longer sends it and the TAP no longer
-/// produces it.
-const OFFERED: u64 = features::CSUM
+/// produces it. With EVENT_IDX the driver kicks only when the device asked for it (after
+/// a batch, or once a starved receive queue needs buffers), and is interrupted only
+/// when the used index passes what it asked for.
+const OFFERED: u64 = crate::VIRTIO_RING_F_EVENT_IDX
+    | features::CSUM
     | features::GUEST_CSUM
     | features::MAC
     | features::GUEST_TSO4
@@ -316,6 +325,9 @@ impl Net {
             self.rx_frames += 1;
             outcome.used = true;
         }
+        // The TAP drives this queue: the driver's refills need no notify until a frame
+        // finds too few buffers.
+        outcome.host_driven = !outcome.starved;
         Ok(outcome)
     }
 

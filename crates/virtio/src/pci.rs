@@ -25,7 +25,7 @@ use hypervisor::IrqChip;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use crate::transport::{Cause, DeviceCore, Doorbell, Interrupt, IoThread};
+use crate::transport::{Cause, DeviceCore, Doorbell, HostInput, Interrupt, IoThread};
 use crate::{device_type, VirtioDevice};
 
 /// The virtio PCI vendor, and the first modern device ID (0x1040 + device type).
@@ -337,7 +337,7 @@ impl PciTransport {
     pub fn io_thread(
         &mut self,
         name: &str,
-        host_input: Option<(std::os::fd::OwnedFd, usize)>,
+        host_input: Option<Box<dyn HostInput>>,
     ) -> std::io::Result<IoThread> {
         self.doorbell.io_thread(name, host_input)
     }

@@ -112,9 +112,86 @@ pub fn scatter(
     Ok(())
 }
 
+/// Whether the driver wants an interrupt for the used entries published since `*since`
+/// (the used index at the last decision, which this advances): always without
+/// VIRTIO_RING_F_EVENT_IDX, else when used_event lies in that span. virtio-queue's own
+/// `needs_notification` counts only entries added through its `add_used`, so it misses
+/// the ones [`add_used_batch`] writes itself.
+pub fn needs_interrupt(
+    queue: &virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+    since: &mut u16,
+) -> bool {
+    use std::sync::atomic::{fence, Ordering};
+    use virtio_queue::QueueT;
+    let new = queue.next_used();
+    let old = std::mem::replace(since, new);
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    // The used index store must be visible before used_event is read (the driver writes
+    // used_event, then reads the used index).
+    fence(Ordering::SeqCst);
+    let used_event = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .and_then(|a| mem.load::<u16>(a, Ordering::Relaxed).ok())
+        .map(u16::from_le);
+    match used_event {
+        // vring_need_event: used_event in [old, new).
+        Some(e) => new.wrapping_sub(e).wrapping_sub(1) < new.wrapping_sub(old),
+        None => true,
+    }
+}
+
+/// For a queue that ran out of buffers: asks the driver (with EVENT_IDX, through
+/// avail_event) to notify once its avail index moves past `seen`, the index it had
+/// published before the device looked. True if it already has: more buffers may have
+/// come without a notify, so look again now.
+pub fn notify_past(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+    seen: u16,
+) -> Result<bool, virtio_queue::Error> {
+    use std::sync::atomic::{fence, Ordering};
+    use virtio_queue::QueueT;
+    // Without EVENT_IDX: clears NO_NOTIFY; with it, avail_event = next_avail, then
+    // moved to `seen` below (the chains the device gave back are not new).
+    queue.enable_notification(mem)?;
+    if queue.event_idx_enabled() {
+        let at = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.store(seen.to_le(), at, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, Ordering::Acquire)?.0 != seen)
+}
+
+/// Asks the driver not to notify for buffers it adds (with EVENT_IDX, avail_event just
+/// behind its avail index, which it would cross only after a full wrap; without, the
+/// used ring's NO_NOTIFY flag). For a queue the device serves on host input.
+pub fn suppress_notifications(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<(), virtio_queue::Error> {
+    use std::sync::atomic::Ordering;
+    use virtio_queue::QueueT;
+    if !queue.event_idx_enabled() {
+        return queue.disable_notification(mem);
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
+    let at = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(avail.wrapping_sub(1).to_le(), at, Ordering::Release)
+        .map_err(virtio_queue::Error::GuestMemory)
+}
+
 /// Put several used elements on `queue`'s used ring and publish them with one index
 /// update, so the driver never sees only part of them (a mergeable receive buffer spread
-/// over several chains is read as a whole once its first chain is seen).
+/// over several chains is read as a whole once its first chain is seen). Decide the
+/// interrupt with [`needs_interrupt`].
 pub fn add_used_batch(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap,

@@ -9,15 +9,24 @@
 //! virtio-pci).
 //!
 //! Without an I/O thread a queue notify runs the device on the notifying vCPU. With one
-//! ([`Doorbell::io_thread`]) the notify only records the queue and wakes the thread,
-//! which processes it and raises the interrupt (both the KVM irq ioctls and the emu's
-//! user-space chip may be driven from any thread). A driver reset takes the device
-//! lock, so it waits for work in progress and the thread then finds the device stopped.
+//! ([`Doorbell::io_thread`]) each queue has an eventfd doorbell: the transport's notify
+//! register writes it, or the accelerator does directly when the VMM registered it as
+//! an ioevent ([`IoThread::queue_notifiers`]), and the thread wakes, processes the queue
+//! and raises the interrupt (both the KVM irq ioctls and the emu's user-space chip may
+//! be driven from any thread; virtio-mmio's edge can also be an irqfd,
+//! [`GsiEdge::use_irqfd`]). The thread also waits for the device's [`HostInput`] and
+//! the VM's exit signal, never on a timeout. A driver reset takes the device lock, so
+//! it waits for work in progress and the thread then finds the device stopped.
+//!
+//! Notification suppression lives here too, for both transports: after each round of a
+//! queue the core publishes avail_event (or the NO_NOTIFY flag) and decides the
+//! interrupt from used_event over everything the round used
+//! ([`crate::VIRTIO_RING_F_EVENT_IDX`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use devices::ExitSignal;
 use virtio_queue::{Queue, QueueT};
@@ -56,21 +65,53 @@ impl<T: Interrupt> Interrupt for Arc<T> {
     }
 }
 
-/// virtio-mmio's interrupt: an edge on the device's GSI.
+/// virtio-mmio's interrupt: an edge on the device's GSI, through the chip or, once the
+/// VMM gave one ([`GsiEdge::use_irqfd`]), through an irqfd.
 pub struct GsiEdge {
-    pub irq: Arc<dyn hypervisor::IrqChip>,
-    pub gsi: u32,
+    irq: Arc<dyn hypervisor::IrqChip>,
+    gsi: u32,
+    /// When set, an interrupt is a write to this eventfd (an irqfd the accelerator turns
+    /// into an edge on `gsi`) instead of a call into `irq`.
+    irqfd: OnceLock<hypervisor::EventFd>,
+}
+
+impl GsiEdge {
+    pub fn new(irq: Arc<dyn hypervisor::IrqChip>, gsi: u32) -> Self {
+        GsiEdge {
+            irq,
+            gsi,
+            irqfd: OnceLock::new(),
+        }
+    }
+
+    /// The GSI.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// From now on interrupts are writes to `fd`, an eventfd the VMM registered with the
+    /// accelerator as an irqfd for this GSI. False if one was set already.
+    pub fn use_irqfd(&self, fd: hypervisor::EventFd) -> bool {
+        self.irqfd.set(fd).is_ok()
+    }
 }
 
 impl std::fmt::Debug for GsiEdge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GsiEdge").field("gsi", &self.gsi).finish()
+        f.debug_struct("GsiEdge")
+            .field("gsi", &self.gsi)
+            .field("irqfd", &self.irqfd.get().is_some())
+            .finish()
     }
 }
 
 impl Interrupt for GsiEdge {
     fn raise(&self, _cause: Cause) {
-        if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
+        if let Some(fd) = self.irqfd.get() {
+            if let Err(e) = fd.write(1) {
+                tracing::warn!(gsi = self.gsi, "virtio interrupt through its irqfd: {e}");
+            }
+        } else if let Err(e) = self.irq.pulse_irq_line(self.gsi) {
             tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
         }
     }
@@ -94,6 +135,9 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 struct CoreState {
     device: Box<dyn VirtioDevice>,
     queues: Vec<Queue>,
+    /// Per queue, the used index at the last interrupt decision (see
+    /// [`crate::queue::needs_interrupt`]).
+    signalled: Vec<u16>,
     driver_features: u64,
     status: u32,
     config_generation: u32,
@@ -112,6 +156,14 @@ pub struct DeviceCore {
     device_type: u32,
     /// What the transport offers: the device's features and VERSION_1.
     offered: u64,
+}
+
+/// How one round of a queue ended.
+enum Round {
+    /// Served under the lock; `more`: run another round at once (the driver added
+    /// requests, or buffers a starved queue waited for, while this one ran).
+    Done(QueueOutcome, bool),
+    Unlocked(Box<dyn crate::QueueWork>),
 }
 
 impl std::fmt::Debug for DeviceCore {
@@ -139,10 +191,12 @@ impl DeviceCore {
             .collect();
         let offered = device.features() | VIRTIO_F_VERSION_1;
         let device_type = device.device_type();
+        let signalled = vec![0; device.queue_max_sizes().len()];
         DeviceCore {
             state: Mutex::new(CoreState {
                 device,
                 queues,
+                signalled,
                 driver_features: 0,
                 status: 0,
                 config_generation: 0,
@@ -274,6 +328,7 @@ impl DeviceCore {
             for q in &mut st.queues {
                 q.reset();
             }
+            st.signalled.fill(0);
             st.device.reset();
             st.driver_features = 0;
             st.status = 0;
@@ -327,6 +382,16 @@ impl DeviceCore {
         self.interrupt.raise(cause);
     }
 
+    /// Interrupts the driver for queue `index`'s new used entries if it asked for one.
+    fn interrupt_for_used(&self, st: &mut CoreState, index: usize) {
+        let (Some(queue), Some(since)) = (st.queues.get(index), st.signalled.get_mut(index)) else {
+            return;
+        };
+        if crate::queue::needs_interrupt(queue, &self.mem, since) {
+            self.interrupt(Cause::Queue(index));
+        }
+    }
+
     /// Enter DEVICE_NEEDS_RESET and tell the driver: the guest handed us something no
     /// correct driver would.
     fn fail(&self, st: &mut CoreState, why: impl std::fmt::Display) {
@@ -350,8 +415,17 @@ impl DeviceCore {
         loop {
             let mut st = self.lock();
             let work = match self.start_locked(&mut st, index)? {
-                Started::Done(o) => return Some(o),
-                Started::Unlocked(work) => work,
+                Round::Done(o, more) => {
+                    let all = outcome.get_or_insert_with(QueueOutcome::default);
+                    all.used |= o.used;
+                    all.starved = o.starved;
+                    all.also_process = all.also_process.or(o.also_process);
+                    if more {
+                        continue;
+                    }
+                    return outcome;
+                }
+                Round::Unlocked(work) => work,
             };
             drop(st);
             let done = work.run(&self.mem);
@@ -368,7 +442,7 @@ impl DeviceCore {
     }
 
     /// Checks the device and queue are running and lets the device take up the queue.
-    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Started> {
+    fn start_locked(&self, st: &mut CoreState, index: usize) -> Option<Round> {
         if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
             return None;
         }
@@ -384,17 +458,40 @@ impl DeviceCore {
             );
             return None;
         }
+        // What the driver had published before the device looked: if it moves on while a
+        // starved queue re-arms its notification, the buffers may have come unannounced.
+        let avail_before = queue.avail_idx(&self.mem, Ordering::Acquire);
         match device.start_queue(index, queue, &self.mem) {
             Ok(Started::Done(outcome)) => {
-                if outcome.used && queue.needs_notification(&self.mem).unwrap_or(true) {
-                    self.interrupt(Cause::Queue(index));
+                let rearmed = match avail_before {
+                    Ok(before) if outcome.starved => {
+                        crate::queue::notify_past(queue, &self.mem, before.0)
+                    }
+                    _ if outcome.host_driven => {
+                        crate::queue::suppress_notifications(queue, &self.mem).map(|()| false)
+                    }
+                    // With EVENT_IDX: avail_event = next_avail, so the driver kicks for
+                    // the next request; true when some came in meanwhile.
+                    _ => queue
+                        .enable_notification(&self.mem)
+                        .map(|more| more && outcome.used),
+                };
+                let more = match rearmed {
+                    Ok(more) => more,
+                    Err(_) => {
+                        self.fail(st, format_args!("queue {index}: rings left guest memory"));
+                        return None;
+                    }
+                };
+                if outcome.used {
+                    self.interrupt_for_used(st, index);
                 }
                 if let Some(next) = outcome.also_process.filter(|&n| n != index) {
                     self.process_locked(st, next);
                 }
-                Some(Started::Done(outcome))
+                Some(Round::Done(outcome, more))
             }
-            Ok(work) => Some(work),
+            Ok(Started::Unlocked(work)) => Some(Round::Unlocked(work)),
             Err(e) => {
                 self.fail(st, e);
                 None
@@ -402,8 +499,8 @@ impl DeviceCore {
         }
     }
 
-    /// Puts a batch's completions on the used ring, interrupts the driver once if it asked (used_event with EVENT_IDX), and re-arms its notifications
-    /// (avail_event). Returns (anything used, more requests already waiting); None when
+    /// Puts a batch's completions on the used ring, re-arms the driver's notifications
+    /// (avail_event with EVENT_IDX) and interrupts it once if it asked (used_event). Returns (anything used, more requests already waiting); None when
     /// the device stopped or failed.
     fn publish(&self, st: &mut CoreState, index: usize, done: WorkDone) -> Option<(bool, bool)> {
         if st.status & status::DRIVER_OK == 0 || st.status & status::DEVICE_NEEDS_RESET != 0 {
@@ -411,8 +508,6 @@ impl DeviceCore {
         }
         let queue = st.queues.get_mut(index)?;
         let used = !done.used.is_empty();
-        // One add_used each (not queue::add_used_batch): virtio-queue counts them for
-        // its used_event test below, and blk's completions are independent of each other.
         let published = done.used.iter().try_for_each(|&(head, len)| {
             queue
                 .add_used(&self.mem, head, len)
@@ -431,8 +526,8 @@ impl DeviceCore {
                 return None;
             }
         };
-        if used && queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt(Cause::Queue(index));
+        if used {
+            self.interrupt_for_used(st, index);
         }
         Some((used, more))
     }
@@ -441,8 +536,8 @@ impl DeviceCore {
     /// (only devices served entirely under the lock do that).
     fn process_locked(&self, st: &mut CoreState, index: usize) -> Option<QueueOutcome> {
         match self.start_locked(st, index)? {
-            Started::Done(o) => Some(o),
-            Started::Unlocked(work) => {
+            Round::Done(o, _) => Some(o),
+            Round::Unlocked(work) => {
                 // Already under the lock: run it here rather than lose the requests.
                 let done = work.run(&self.mem);
                 let (used, _) = self.publish(st, index, done)?;
@@ -455,24 +550,21 @@ impl DeviceCore {
     }
 }
 
-/// The doorbell between a transport and its I/O thread: which queues were notified.
+/// The doorbells between a transport and its I/O thread: an eventfd per queue, written
+/// by a notify that reaches the transport, or directly by the accelerator when the VMM
+/// registered it as an ioevent for the queue (see [`IoThread::queue_notifiers`]).
 #[derive(Debug)]
 struct Kick {
-    pending: AtomicU64,
-    event: EventFd,
+    notify: Vec<EventFd>,
 }
 
 impl Kick {
     fn ring(&self, queue: u32) {
-        let Some(bit) = 1u64.checked_shl(queue) else {
+        let Some(fd) = self.notify.get(queue as usize) else {
             return;
         };
-        // The thread takes all bits at once after waking: only the first notify since
-        // then needs to wake it.
-        if self.pending.fetch_or(bit, Ordering::AcqRel) == 0 {
-            if let Err(e) = self.event.write(1) {
-                tracing::warn!("virtio I/O thread wake-up: {e}");
-            }
+        if let Err(e) = fd.write(1) {
+            tracing::warn!("virtio I/O thread wake-up: {e}");
         }
     }
 }
@@ -493,7 +585,11 @@ impl Doorbell {
     /// The driver notified queue `queue`.
     pub fn ring(&self, queue: u32) {
         match &self.kick {
-            Some(kick) => kick.ring(queue),
+            Some(kick) => {
+                // Only when no ioevent took the write first.
+                tracing::trace!(queue, "queue notify through the transport");
+                kick.ring(queue)
+            }
             None => {
                 self.core.process_queue(queue as usize);
             }
@@ -506,72 +602,139 @@ impl Doorbell {
     }
 
     /// From now on the driver's notifies only wake the returned I/O thread, which runs
-    /// the device. `host_input` is a descriptor that polls readable when the host has
-    /// input for queue `.1` (a TAP for a receive queue).
+    /// the device, and which also waits for `host_input` (a TAP, vsock's host sockets).
     pub fn io_thread(
         &mut self,
         name: &str,
-        host_input: Option<(OwnedFd, usize)>,
+        host_input: Option<Box<dyn HostInput>>,
     ) -> std::io::Result<IoThread> {
-        let kick = Arc::new(Kick {
-            pending: AtomicU64::new(0),
-            event: EventFd::new(EFD_NONBLOCK)?,
-        });
+        let notify = (0..self.core.num_queues())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let kick = Arc::new(Kick { notify });
         self.kick = Some(kick.clone());
         Ok(IoThread {
             name: name.to_string(),
             core: self.core.clone(),
             kick,
             host_input,
+            coalesce: None,
         })
     }
 }
 
-/// How long an I/O thread sleeps between looks at the VM's exit signal, and between
-/// retries of host input the device could not take.
-const IO_THREAD_TICK: Duration = Duration::from_millis(100);
-
 /// Lets the VMM keep the I/O threads out of guest memory while the VM is paused: a
-/// thread enters before serving and leaves after; closing waits for those inside.
+/// thread enters before serving and leaves after; closing waits for those inside, and a
+/// thread that finds the gate closed sleeps until it opens or the VM ends.
 #[derive(Debug, Default)]
 pub struct IoGate {
-    closed: std::sync::atomic::AtomicBool,
-    inside: std::sync::atomic::AtomicUsize,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    inside: usize,
 }
 
 impl IoGate {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether the caller may serve now; if so it must call [`IoGate::leave`] after.
     pub fn enter(&self) -> bool {
-        // Counted before the check: a closer that then sees no one inside is sure any
-        // later entrant sees it closed.
-        self.inside.fetch_add(1, Ordering::SeqCst);
-        if self.closed.load(Ordering::SeqCst) {
-            self.inside.fetch_sub(1, Ordering::SeqCst);
+        let mut st = self.state();
+        if st.closed {
             return false;
         }
+        st.inside += 1;
         true
     }
 
     pub fn leave(&self) {
-        self.inside.fetch_sub(1, Ordering::SeqCst);
+        let mut st = self.state();
+        st.inside = st.inside.saturating_sub(1);
+        if st.inside == 0 && st.closed {
+            self.changed.notify_all();
+        }
     }
 
     /// Closes the gate and waits until no thread is serving; false if one still is after
     /// `timeout` (the gate stays closed).
     pub fn close(&self, timeout: Duration) -> bool {
-        self.closed.store(true, Ordering::SeqCst);
-        let t0 = Instant::now();
-        while self.inside.load(Ordering::SeqCst) > 0 {
-            if t0.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        let mut st = self.state();
+        st.closed = true;
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.inside > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        st.inside == 0
     }
 
     pub fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
+        self.state().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// Sleeps while the gate is closed, until it opens or `exit` is set (whoever sets it
+    /// calls [`IoGate::wake`] after).
+    pub fn wait_open(&self, exit: &ExitSignal) {
+        let st = self.state();
+        let _st = self
+            .changed
+            .wait_while(st, |st| st.closed && exit.get().is_none())
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Wakes the threads in [`IoGate::wait_open`] to look at the VM's exit signal.
+    pub fn wake(&self) {
+        let _st = self.state();
+        self.changed.notify_all();
+    }
+}
+
+/// What a device's I/O thread waits for from the host, besides the driver's notifies.
+pub trait HostInput: Send {
+    /// Appends the descriptors to wait on now (for readability). Asked again after
+    /// every wake-up, so the set may change (vsock's connections).
+    fn fds(&mut self, out: &mut Vec<RawFd>);
+    /// Some of them polled ready (`revents`, in the order `fds` gave them): take in what
+    /// the host has; returns the queue to run for it, if any.
+    fn ready(&mut self, revents: &[i16]) -> Option<usize>;
+}
+
+/// One descriptor that polls readable when the host has input for `queue` (a TAP for a
+/// receive queue). Left alone once it reports an error or hang-up.
+#[derive(Debug)]
+pub struct FdInput {
+    fd: Option<OwnedFd>,
+    queue: usize,
+}
+
+impl FdInput {
+    pub fn new(fd: OwnedFd, queue: usize) -> Self {
+        FdInput {
+            fd: Some(fd),
+            queue,
+        }
+    }
+}
+
+impl HostInput for FdInput {
+    fn fds(&mut self, out: &mut Vec<RawFd>) {
+        out.extend(self.fd.as_ref().map(|fd| fd.as_raw_fd()));
+    }
+
+    fn ready(&mut self, revents: &[i16]) -> Option<usize> {
+        let r = revents.first().copied().unwrap_or(0);
+        if r & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::warn!("host input descriptor failed; no more host input");
+            self.fd = None;
+            return None;
+        }
+        (r & libc::POLLIN != 0).then_some(self.queue)
     }
 }
 
@@ -581,19 +744,59 @@ pub struct IoThread {
     name: String,
     core: Arc<DeviceCore>,
     kick: Arc<Kick>,
-    host_input: Option<(OwnedFd, usize)>,
+    host_input: Option<Box<dyn HostInput>>,
+    /// A queue whose notifies are served this long after the first one (see
+    /// [`IoThread::coalesce`]).
+    coalesce: Option<(usize, Duration)>,
+}
+
+/// How many coalescing delays without a notify make a quiet spell, after which the next
+/// notify is served at once (a streaming sender notifies more often than that, one that
+/// answers requests less).
+const QUIET_DELAYS: u32 = 10;
+
+/// The coalescing timer of an I/O thread, while it has a queue to coalesce.
+struct Coalesce {
+    queue: usize,
+    delay: Duration,
+    timer: vmm_sys_util::timerfd::TimerFd,
+    armed: bool,
+    /// When the driver last notified the queue.
+    last_notify: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for IoThread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoThread")
             .field("name", &self.name)
-            .field("host_input_queue", &self.host_input.as_ref().map(|h| h.1))
+            .field("host_input", &self.host_input.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl IoThread {
+    /// Each queue's doorbell: the VMM registers each as an ioevent where the transport
+    /// takes that queue's notify (virtio-mmio: the window's
+    /// [`crate::mmio::QUEUE_NOTIFY_OFFSET`] for a write of the queue's index), so a
+    /// notify wakes this thread without reaching the transport.
+    pub fn queue_notifiers(&self) -> impl Iterator<Item = (u32, &hypervisor::EventFd)> {
+        self.kick
+            .notify
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (i as u32, fd))
+    }
+
+    /// Moderates queue `queue` as a NIC moderates its transmit completions: the first
+    /// notify after a quiet spell (no notify for ten times `delay`) is served at once,
+    /// later ones `delay` after they come. What the driver adds meanwhile goes in the same
+    /// round (with EVENT_IDX it does not even notify), and its buffers come back later,
+    /// which lets a guest's TCP coalesce small writes into large segments (autocorking)
+    /// instead of sending each as a frame of its own.
+    pub fn coalesce(&mut self, queue: usize, delay: Duration) {
+        self.coalesce = Some((queue, delay));
+    }
+
     /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
     /// closed.
     pub fn spawn(
@@ -601,94 +804,145 @@ impl IoThread {
         exit: Arc<ExitSignal>,
         gate: Arc<IoGate>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let exit_fd = exit.subscribe()?;
         std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&exit, &gate))
+            .spawn(move || self.run(&exit, &exit_fd, &gate))
     }
 
-    /// Serve the device until `exit` is set.
-    pub fn run(mut self, exit: &ExitSignal, gate: &IoGate) {
-        // Set while host input waits for guest buffers: the host descriptor stays
-        // readable, so it is left out of the poll until the driver's next notify.
-        let mut starved = false;
-        let mut last_try = Instant::now();
+    /// Serve the device until `exit` is set (`exit_fd`, its subscription, turns readable).
+    fn run(mut self, exit: &ExitSignal, exit_fd: &EventFd, gate: &IoGate) {
+        // The queue host input last went to, while it waits for guest buffers: the host
+        // descriptors stay readable, so they are left out of the poll until that
+        // queue's next notify.
+        let mut starved: Option<usize> = None;
+        let mut coalesce = match self.coalesce.take() {
+            Some((queue, delay)) => match vmm_sys_util::timerfd::TimerFd::new() {
+                Ok(timer) => Some(Coalesce {
+                    queue,
+                    delay,
+                    timer,
+                    armed: false,
+                    last_notify: None,
+                }),
+                Err(e) => {
+                    tracing::warn!(thread = self.name, "no coalescing timer: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let queues = self.kick.notify.len();
+        let mut fds: Vec<RawFd> = Vec::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
         while exit.get().is_none() {
-            let host_fd = match &self.host_input {
-                Some((fd, _)) if !starved => fd.as_raw_fd(),
-                _ => -1,
-            };
-            let mut pfds = [
-                libc::pollfd {
-                    fd: self.kick.event.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: host_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
-            let n = unsafe {
-                libc::poll(
-                    pfds.as_mut_ptr(),
-                    pfds.len() as libc::nfds_t,
-                    IO_THREAD_TICK.as_millis() as libc::c_int,
-                )
-            };
+            fds.clear();
+            fds.push(exit_fd.as_raw_fd());
+            fds.extend(self.kick.notify.iter().map(|fd| fd.as_raw_fd()));
+            // Always present (-1 is ignored by poll), so host descriptors start after it.
+            fds.push(coalesce.as_ref().map_or(-1, |c| c.timer.as_raw_fd()));
+            if let (Some(h), None) = (self.host_input.as_mut(), starved) {
+                h.fds(&mut fds);
+            }
+            pfds.clear();
+            pfds.extend(fds.iter().map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            }));
+            // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    tracing::warn!(thread = self.name, "poll: {e}");
-                    std::thread::sleep(IO_THREAD_TICK);
+                    tracing::error!(thread = self.name, "poll: {e}; the device stops");
+                    return;
                 }
                 continue;
             }
+            if pfds.first().is_some_and(|p| p.revents != 0) {
+                return;
+            }
             if !gate.enter() {
-                // Paused: leave notifies and host input waiting until the gate opens.
-                std::thread::sleep(IO_THREAD_TICK / 10);
+                // Paused: notifies and host input wait (their descriptors stay readable).
+                gate.wait_open(exit);
                 continue;
             }
-            self.serve(&pfds, &mut starved, &mut last_try);
+            let notified = pfds.get(1..=queues).unwrap_or_default();
+            let timer_fired = pfds.get(queues + 1).is_some_and(|p| p.revents != 0);
+            let host = pfds.get(queues + 2..).unwrap_or_default();
+            self.serve(notified, timer_fired, host, &mut starved, coalesce.as_mut());
             gate.leave();
         }
     }
 
-    /// Runs the queues that were notified, and host input if there is some.
-    fn serve(&mut self, pfds: &[libc::pollfd; 2], starved: &mut bool, last_try: &mut Instant) {
-        if pfds[0].revents & libc::POLLIN != 0 {
-            // Only clears the wake-up; `pending` says which queues.
-            let _ = self.kick.event.read();
-        }
-        let host_queue = self.host_input.as_ref().map(|h| h.1);
-        let mut host_done = false;
-        let mut pending = self.kick.pending.swap(0, Ordering::AcqRel);
-        while pending != 0 {
-            let q = pending.trailing_zeros() as usize;
-            pending &= pending - 1;
-            let outcome = self.core.process_queue(q);
-            if host_queue == Some(q) {
-                *starved = outcome.is_none_or(|o| o.starved);
-                *last_try = Instant::now();
-                host_done = true;
+    /// Runs the queues that were notified (or arms the coalescing timer for its queue,
+    /// and runs that one when the timer fired), and host input if there is some.
+    fn serve(
+        &mut self,
+        notified: &[libc::pollfd],
+        timer_fired: bool,
+        host: &[libc::pollfd],
+        starved: &mut Option<usize>,
+        mut coalesce: Option<&mut Coalesce>,
+    ) {
+        let mut done = 0u64;
+        let mut run: Vec<usize> = Vec::new();
+        for (q, p) in notified.iter().enumerate() {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            // Clears the doorbell before the device looks at the ring: a notify after
+            // this is seen by the next poll.
+            if let Some(fd) = self.kick.notify.get(q) {
+                let _ = fd.read();
+            }
+            match coalesce.as_deref_mut() {
+                Some(c) if c.queue == q => {
+                    // The first notify after a quiet spell is served at once; while
+                    // notifies keep coming, each waits `delay`.
+                    let now = std::time::Instant::now();
+                    let quiet = c
+                        .last_notify
+                        .is_none_or(|t| now.duration_since(t) >= c.delay * QUIET_DELAYS);
+                    c.last_notify = Some(now);
+                    if c.armed {
+                    } else if quiet {
+                        run.push(q);
+                    } else if c.timer.reset(c.delay, None).is_ok() {
+                        c.armed = true;
+                    } else {
+                        // Serve it now rather than not at all.
+                        run.push(q);
+                    }
+                }
+                _ => run.push(q),
             }
         }
-        let Some(hq) = host_queue else { return };
-        if pfds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            tracing::warn!(
-                thread = self.name,
-                "host input descriptor failed; no more host input"
-            );
-            self.host_input = None;
+        if let Some(c) = coalesce.filter(|_| timer_fired) {
+            let _ = c.timer.wait();
+            c.armed = false;
+            if !run.contains(&c.queue) {
+                run.push(c.queue);
+            }
+        }
+        for q in run {
+            let outcome = self.core.process_queue(q);
+            if *starved == Some(q) || outcome.is_some_and(|o| o.starved) {
+                *starved = outcome.is_none_or(|o| o.starved).then_some(q);
+            }
+            done |= 1u64.checked_shl(q as u32).unwrap_or(0);
+        }
+        if host.iter().all(|p| p.revents == 0) {
             return;
         }
-        let readable = pfds[1].revents & libc::POLLIN != 0;
-        let retry = *starved && last_try.elapsed() >= IO_THREAD_TICK;
-        if !host_done && (readable || retry) {
-            let outcome = self.core.process_queue(hq);
-            *starved = outcome.is_none_or(|o| o.starved);
-            *last_try = Instant::now();
+        let revents: Vec<i16> = host.iter().map(|p| p.revents).collect();
+        let Some(q) = self.host_input.as_mut().and_then(|h| h.ready(&revents)) else {
+            return;
+        };
+        if done & 1u64.checked_shl(q as u32).unwrap_or(0) == 0 {
+            let outcome = self.core.process_queue(q);
+            *starved = outcome.is_none_or(|o| o.starved).then_some(q);
         }
     }
 }

@@ -4,8 +4,8 @@
 //! - a guest connection to the host (CID 2) port P is forwarded to `<uds_path>_P`.
 //!
 //! The device keeps the stream protocol (request/response, credit-based flow control,
-//! shutdown/reset) and the connections in a [`Backend`] that both the vCPU (transmit
-//! queue) and the VMM's poll thread (host sockets) drive.
+//! shutdown/reset) and the connections in a [`Backend`]. The device's I/O thread drives
+//! both sides: the driver's notifies, and the host sockets through [`VsockInput`].
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -182,17 +182,20 @@ impl Backend {
         !self.rx.is_empty()
     }
 
-    /// Descriptors the VMM's thread should wait on: the listener and every stream.
-    pub fn poll_fds(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.listener.as_raw_fd()];
+    /// Descriptors to wait on: the listener, connections still sending their CONNECT
+    /// line, and every stream the guest has credit for (one it has none for stays
+    /// readable until the guest reports what it consumed, which comes through the
+    /// transmit queue).
+    pub fn poll_fds(&self, fds: &mut Vec<RawFd>) {
+        fds.push(self.listener.as_raw_fd());
         fds.extend(self.pending.iter().map(|p| p.stream.as_raw_fd()));
         fds.extend(
             self.conns
                 .values()
                 .filter(|c| c.state == ConnState::Established && !c.host_eof)
+                .filter(|c| c.peer_free() > 0)
                 .map(|c| c.stream.as_raw_fd()),
         );
-        fds
     }
 
     /// Accept host connections, read their CONNECT lines, and turn host data into RW
@@ -429,6 +432,28 @@ fn write_fully(stream: &mut UnixStream, mut data: &[u8]) -> bool {
     true
 }
 
+/// vsock's host side for its I/O thread: accepts host connections and reads host data
+/// into packets for the receive queue.
+#[derive(Debug)]
+pub struct VsockInput {
+    backend: Arc<Mutex<Backend>>,
+}
+
+impl crate::transport::HostInput for VsockInput {
+    fn fds(&mut self, out: &mut Vec<RawFd>) {
+        self.backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .poll_fds(out);
+    }
+
+    fn ready(&mut self, _revents: &[i16]) -> Option<usize> {
+        let mut b = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        b.poll_host();
+        b.has_rx().then_some(RX_QUEUE)
+    }
+}
+
 pub struct Vsock {
     config: [u8; 8],
     backend: Arc<Mutex<Backend>>,
@@ -464,9 +489,11 @@ impl Vsock {
         })
     }
 
-    /// The state the VMM's host-socket thread drives.
-    pub fn backend(&self) -> Arc<Mutex<Backend>> {
-        self.backend.clone()
+    /// The host sockets, as the device's I/O thread waits for them.
+    pub fn host_input(&self) -> VsockInput {
+        VsockInput {
+            backend: self.backend.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Backend> {
@@ -567,5 +594,48 @@ mod tests {
         };
         assert_eq!(Hdr::parse(&h.bytes()), Some(h));
         assert_eq!(Hdr::parse(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn a_stream_the_guest_has_no_credit_for_is_not_waited_on() {
+        // The I/O thread polls without a timeout: a readable stream it may not read
+        // from would wake it again and again.
+        let dir = std::env::temp_dir().join(format!("vessel-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let dev = Vsock::new(3, &path).unwrap();
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 1234\n").unwrap();
+        let mut b = dev.lock();
+        b.poll_host();
+        let fds = |b: &Backend| {
+            let mut v = Vec::new();
+            b.poll_fds(&mut v);
+            v.len()
+        };
+        assert_eq!(
+            fds(&b),
+            1,
+            "only the listener while the guest has not answered"
+        );
+        let answer = |op, buf_alloc| Hdr {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1234,
+            dst_port: FIRST_LOCAL_PORT,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt: 0,
+        };
+        b.handle_tx(answer(OP_RESPONSE, 0), &[]);
+        host.write_all(b"data the guest has no room for").unwrap();
+        assert_eq!(fds(&b), 1, "no credit: the stream is left alone");
+        b.handle_tx(answer(OP_CREDIT_UPDATE, 4096), &[]);
+        assert_eq!(fds(&b), 2, "credit: the stream is waited on");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

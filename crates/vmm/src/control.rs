@@ -2,8 +2,8 @@
 //! power button, reset and stop. The control API (`api::firecracker`) and `vessel run`
 //! hold a [`VmControl`]; the vCPU threads pass through its gate before every `run()`.
 //!
-//! Pausing parks every vCPU thread outside `Vcpu::run` (a kick signal takes a thread out
-//! of KVM_RUN; the emu accelerator returns from `run` within one slice or idle wait), so a
+//! Pausing parks every vCPU thread outside `Vcpu::run` (each vCPU's `Vcpu::kicker` takes
+//! it out of `run`: KVM at once, emu within one slice or at once from a halt), so a
 //! paused guest executes nothing: no console output, no timers serviced, no device kicks.
 //! The host-side device threads (TAP and vsock receive) keep filling receive queues, as
 //! a NIC's DMA would; the guest sees those buffers when it resumes.
@@ -15,15 +15,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::ged::Ged;
 use devices::{ExitReason, ExitSignal};
 
 /// How long `pause` waits for every vCPU to leave `run()`.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A parked vCPU re-checks the VM's stop request at least this often.
-const PARKED_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -40,14 +38,17 @@ pub struct VmControl {
     exit: Arc<ExitSignal>,
     ged: Arc<Mutex<Ged>>,
     /// Keeps the devices' I/O threads out of guest memory while paused.
-    io_gate: Arc<virtio::mmio::IoGate>,
+    io_gate: Arc<virtio::transport::IoGate>,
     paused: AtomicBool,
     /// vCPU threads between the gate and the end of their `run()` call.
     in_run: AtomicUsize,
     parked: Mutex<()>,
+    /// Parked vCPUs wait on it for a resume or the VM's end.
     unparked: Condvar,
-    /// The vCPU threads to kick out of KVM_RUN, while they are joinable.
-    threads: Mutex<Vec<libc::pthread_t>>,
+    /// `pause` waits on it for the last vCPU to leave `run()`.
+    left_run: Condvar,
+    /// Takes each vCPU out of `run()`.
+    kickers: Mutex<Vec<Arc<dyn hypervisor::VcpuKicker>>>,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -73,7 +74,8 @@ impl VmControl {
             in_run: AtomicUsize::new(0),
             parked: Mutex::new(()),
             unparked: Condvar::new(),
-            threads: Mutex::new(Vec::new()),
+            left_run: Condvar::new(),
+            kickers: Mutex::new(Vec::new()),
         }
     }
 
@@ -82,7 +84,7 @@ impl VmControl {
     }
 
     /// The gate the devices' I/O threads pass before serving (closed while paused).
-    pub fn io_gate(&self) -> Arc<virtio::mmio::IoGate> {
+    pub fn io_gate(&self) -> Arc<virtio::transport::IoGate> {
         self.io_gate.clone()
     }
 
@@ -102,18 +104,20 @@ impl VmControl {
     pub fn pause(&self) -> Result<(), ControlError> {
         self.running()?;
         self.paused.store(true, Ordering::SeqCst);
-        let t0 = Instant::now();
-        while self.in_run.load(Ordering::SeqCst) > 0 {
-            if self.exit.get().is_some() {
+        // A kick is never lost (see `VcpuKicker`): one each is enough.
+        self.kick();
+        let g = lock(&self.parked);
+        let (_g, waited) = self
+            .left_run
+            .wait_timeout_while(g, PAUSE_TIMEOUT, |_| {
                 // Stopping anyway: the vCPU threads are leaving for good.
-                break;
-            }
-            if t0.elapsed() > PAUSE_TIMEOUT {
-                self.resume_threads();
-                return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
-            }
-            self.kick();
-            std::thread::sleep(Duration::from_millis(1));
+                self.in_run.load(Ordering::SeqCst) > 0 && self.exit.get().is_none()
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() {
+            drop(_g);
+            self.resume_threads();
+            return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
         }
         // Then the devices: a paused guest's memory stays as it is (no received frames or
         // disk completions land in it).
@@ -179,44 +183,52 @@ impl VmControl {
             self.in_run.fetch_sub(1, Ordering::SeqCst);
             waited = true;
             let mut g = lock(&self.parked);
+            // Woken by a resume, or by `release` once the VM ends.
             while self.paused.load(Ordering::SeqCst) {
                 if self.exit.get().is_some() {
                     return None;
                 }
-                g = self
-                    .unparked
-                    .wait_timeout(g, PARKED_POLL)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                g = self.unparked.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         }
     }
 
     pub(crate) fn leave_run(&self) {
-        self.in_run.fetch_sub(1, Ordering::SeqCst);
+        if self.in_run.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_paused() {
+            // Under the lock: `pause` either sees the count or is already waiting.
+            let _g = lock(&self.parked);
+            self.left_run.notify_all();
+        }
     }
 
-    /// The vCPU threads `pause` kicks; set while they are joinable.
-    pub(crate) fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
-        *lock(&self.threads) = threads;
+    /// The vCPUs' kickers, which `pause` and `release` use.
+    pub(crate) fn set_kickers(&self, kickers: Vec<Arc<dyn hypervisor::VcpuKicker>>) {
+        *lock(&self.kickers) = kickers;
     }
 
     fn kick(&self) {
-        let sig = vmm_sys_util::signal::SIGRTMIN();
-        for &t in lock(&self.threads).iter() {
-            // SAFETY: `t` is a thread the VMM spawned and has not joined yet (the list is
-            // cleared before the join, under this lock); the kick signal's handler does
-            // nothing, it only interrupts KVM_RUN.
-            unsafe {
-                libc::pthread_kill(t, sig);
-            }
+        for k in lock(&self.kickers).iter() {
+            k.kick();
         }
+    }
+
+    /// Once the VM's exit signal is set: takes every vCPU out of `run()`, and wakes the
+    /// parked vCPUs and paused I/O threads so they see the VM's end.
+    pub(crate) fn release(&self) {
+        self.kick();
+        {
+            let _g = lock(&self.parked);
+            self.unparked.notify_all();
+            self.left_run.notify_all();
+        }
+        self.io_gate.wake();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     struct NoIrq;
     impl hypervisor::IrqChip for NoIrq {
@@ -278,6 +290,7 @@ mod tests {
         // A stop while paused ends the parked loop.
         c.pause().unwrap();
         c.stop().unwrap();
+        c.release();
         worker.join().unwrap();
         assert!(matches!(c.pause(), Err(ControlError::NotRunning(_))));
         assert!(c.press_power_button().is_err());

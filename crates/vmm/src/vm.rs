@@ -2,6 +2,7 @@
 //! devices → vCPUs → run), then one thread per vCPU until something ends the VM.
 
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,9 +14,9 @@ use devices::legacy::{
 };
 use devices::serial::{IrqTrigger, SerialDevice, SerialOut, COM1_GSI, COM1_PORT};
 use devices::{BusDevice, ExitReason, ExitSignal};
-use hypervisor::{FpuState, Vcpu, VcpuExit};
+use hypervisor::{EventFd, FpuState, IoEventAddress, Vcpu, VcpuExit};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use crate::accel;
 use crate::config::{ConfigError, DiskFormat, SerialConfig, Transport, VmConfig};
@@ -55,6 +56,11 @@ pub enum VmmError {
     CpuModel(#[from] arch::cpuid::ModelError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error("creating an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("opening disk {path}: {source}")]
     Disk {
         path: std::path::PathBuf,
@@ -76,20 +82,22 @@ pub enum VmmError {
     FwCfg(#[from] devices::fw_cfg::FwCfgError),
 }
 
-/// What, besides the vCPUs, runs a device or feeds its receive queue.
-enum RxSource {
-    /// An I/O thread of the device's own runs it on the driver's notifies and, when
-    /// given one, on a host descriptor (a TAP) turning readable for that queue.
-    IoThread {
-        name: String,
-        host_input: Option<(std::os::fd::OwnedFd, usize)>,
-    },
-    /// The vsock backend's host sockets.
-    Vsock(Arc<Mutex<virtio::vsock::Backend>>),
+/// A device's own I/O thread, which runs it on the driver's notifies and, when given
+/// some, on host input (a TAP, vsock's sockets).
+struct IoThreadSetup {
+    name: String,
+    host_input: Option<Box<dyn virtio::transport::HostInput>>,
+    /// A queue served a while after its first notify (net's transmit queue).
+    coalesce: Option<(usize, Duration)>,
 }
 
-/// A virtio device, the host side that feeds it, if any, and its transport.
-type VirtioSetup = (Box<dyn virtio::VirtioDevice>, Option<RxSource>, Transport);
+/// A virtio device, its I/O thread if it has one (else it runs on the notifying vCPU),
+/// and its transport.
+type VirtioSetup = (
+    Box<dyn virtio::VirtioDevice>,
+    Option<IoThreadSetup>,
+    Transport,
+);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -139,9 +147,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let io = RxSource::IoThread {
+        let io = IoThreadSetup {
             name: format!("blk{}", devs.len()),
             host_input: None,
+            coalesce: None,
         };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
@@ -160,24 +169,38 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
-        let io = RxSource::IoThread {
+        let io = IoThreadSetup {
             name: format!("net-{}", net.tap),
-            host_input: Some((fd, virtio::net::RX_QUEUE)),
+            host_input: Some(Box::new(virtio::transport::FdInput::new(
+                fd,
+                virtio::net::RX_QUEUE,
+            ))),
+            coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
         };
         devs.push((Box::new(dev), Some(io), net.transport.unwrap_or(machine)));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
-        let backend = dev.backend();
-        devs.push((Box::new(dev), Some(RxSource::Vsock(backend)), machine));
+        let io = IoThreadSetup {
+            name: "vsock".into(),
+            host_input: Some(Box::new(dev.host_input())),
+            coalesce: None,
+        };
+        devs.push((Box::new(dev), Some(io), machine));
     }
     if config.rng {
         devs.push((Box::new(virtio::rng::Rng), None, machine));
     }
     if let Some(out) = &config.virtio_console {
+        // Guest output is written on a thread of its own, not the vCPU's.
+        let io = IoThreadSetup {
+            name: "hvc".into(),
+            host_input: None,
+            coalesce: None,
+        };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
-            None,
+            Some(io),
             machine,
         ));
     }
@@ -231,9 +254,7 @@ pub struct Vmm {
     control: Arc<VmControl>,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<SerialDevice>>,
-    /// Devices fed from the host side (vsock sockets), a thread each.
-    rx_pumps: Vec<(Arc<virtio::transport::DeviceCore>, RxSource)>,
-    /// Devices that run on I/O threads of their own (block, net).
+    /// Devices that run on I/O threads of their own (block, net, vsock, console).
     io_threads: Vec<virtio::transport::IoThread>,
     vcpus: Vec<Box<dyn Vcpu>>,
     /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
@@ -438,10 +459,9 @@ impl Vmm {
 
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
         let mut pci_root = devices::pci::PciRoot::new();
-        let mut rx_pumps = Vec::new();
         let mut io_threads = Vec::new();
-        for ((device, feed, _), place) in virtio.into_iter().zip(places) {
-            let (core, io_thread) = match place {
+        for ((device, io_setup, _), place) in virtio.into_iter().zip(places) {
+            match place {
                 Placement::Mmio(window) => {
                     let mut t = virtio::mmio::MmioTransport::new(
                         device,
@@ -449,24 +469,37 @@ impl Vmm {
                         irq.clone(),
                         window.gsi,
                     );
-                    let io_thread = start_io_thread(&feed, |name, input| t.io_thread(name, input))?;
-                    let core = t.core();
+                    // Completions are eventfd writes the accelerator turns into edges.
+                    let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::EventFd {
+                        what: "a virtio interrupt",
+                        source,
+                    })?;
+                    vm.register_irqfd(window.gsi, &irqfd)?;
+                    t.use_irqfd(irqfd);
+                    if let Some(thread) =
+                        io_thread(io_setup, |name, input| t.io_thread(name, input))?
+                    {
+                        // A queue notify is an eventfd write by the accelerator, which
+                        // wakes the I/O thread without the bus or the transport.
+                        let doorbell = window.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
+                        for (queue, fd) in thread.queue_notifiers() {
+                            vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
+                        }
+                        io_threads.push(thread);
+                    }
                     io.mmio
                         .insert(dev(Arc::new(Mutex::new(t))), window.base, window.size)?;
-                    (core, io_thread)
                 }
                 Placement::Pci { slot, gsi } => {
+                    // Interrupts stay calls into the chip (MSI-X messages, or the level
+                    // INTx line), and notifies reach the transport through the BAR,
+                    // which rings the I/O thread's doorbell: the guest moves the BAR,
+                    // and an ioevent cannot follow it yet.
                     let mut t =
                         virtio::pci::PciTransport::new(device, memory.clone(), irq.clone(), gsi)?;
-                    let io_thread = start_io_thread(&feed, |name, input| t.io_thread(name, input))?;
-                    let core = t.core();
+                    io_threads.extend(io_thread(io_setup, |name, input| t.io_thread(name, input))?);
                     pci_root.add(usize::from(slot), Arc::new(Mutex::new(t)))?;
-                    (core, io_thread)
                 }
-            };
-            io_threads.extend(io_thread);
-            if let Some(source @ RxSource::Vsock(_)) = feed {
-                rx_pumps.push((core, source));
             }
         }
 
@@ -508,6 +541,7 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
+        control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
 
         Ok(Vmm {
             config,
@@ -516,7 +550,6 @@ impl Vmm {
             control,
             io: Arc::new(io),
             serial,
-            rx_pumps,
             io_threads,
             vcpus,
             _ram_watch: ram_watch,
@@ -542,29 +575,18 @@ impl Vmm {
 
     /// Run until the guest powers off or resets, or something stops the VM.
     pub fn run(self) -> Result<ExitReason, VmmError> {
-        let kick = SIGRTMIN();
-        // The kick signal only has to interrupt KVM_RUN; its handler does nothing.
-        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        if let Err(e) = register_signal_handler(kick, on_kick) {
-            tracing::warn!(?e, "cannot install the vCPU kick handler");
-        }
-
+        // Installed before the guest runs: a SIGTERM that comes as soon as the guest
+        // shows signs of life still ends the VM as a quit.
+        let term = termination_eventfd().map_err(|source| VmmError::EventFd {
+            what: "termination signals",
+            source,
+        })?;
         if self.config.serial == SerialConfig::Stdio {
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
             console::spawn_stdin_pump(self.serial.clone(), self.exit.clone(), interactive)
                 .map_err(VmmError::Thread)?;
         }
 
-        for (core, source) in self.rx_pumps {
-            let exit = self.exit.clone();
-            let gate = self.control.io_gate();
-            let t = std::thread::Builder::new();
-            if let RxSource::Vsock(backend) = source {
-                t.name("vsock".into())
-                    .spawn(move || vsock_pump(&core, &backend, &exit, &gate))
-                    .map_err(VmmError::Thread)?;
-            }
-        }
         for io in self.io_threads {
             io.spawn(self.exit.clone(), self.control.io_gate())
                 .map_err(VmmError::Thread)?;
@@ -580,31 +602,11 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
-        self.control.set_vcpu_threads(
-            threads
-                .iter()
-                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
-                .collect(),
-        );
 
-        stop_on_termination_signals();
-        let reason = loop {
-            if let Some(r) = self.exit.wait_timeout(Duration::from_millis(200)) {
-                break r;
-            }
-            if TERMINATION_REQUESTED.load(std::sync::atomic::Ordering::Relaxed) {
-                self.exit.request(ExitReason::Quit);
-            }
-        };
-        // Kick until every vCPU thread has left its loop: a kick that lands just before
-        // KVM_RUN is lost, the next one is not.
-        while threads.iter().any(|t| !t.is_finished()) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                let _ = t.kill(kick);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.control.set_vcpu_threads(Vec::new());
+        let reason = wait_for_exit(&self.exit, term)?;
+        // Each vCPU leaves `run()` (a kick is never lost), parked ones and paused I/O
+        // threads wake up to see the end.
+        self.control.release();
         for t in threads {
             let _ = t.join();
         }
@@ -738,37 +740,91 @@ impl std::io::Write for FirmwareLog {
     }
 }
 
-/// The I/O thread a device's feed asks for, made by its transport's `io_thread`.
-fn start_io_thread(
-    feed: &Option<RxSource>,
+/// The I/O thread `setup` asks for, made by its transport's `io_thread`.
+fn io_thread(
+    setup: Option<IoThreadSetup>,
     make: impl FnOnce(
         &str,
-        Option<(std::os::fd::OwnedFd, usize)>,
+        Option<Box<dyn virtio::transport::HostInput>>,
     ) -> std::io::Result<virtio::transport::IoThread>,
 ) -> Result<Option<virtio::transport::IoThread>, VmmError> {
-    match feed {
-        Some(RxSource::IoThread { name, host_input }) => {
-            let input = match host_input {
-                Some((fd, q)) => Some((fd.try_clone().map_err(VmmError::Thread)?, *q)),
-                None => None,
-            };
-            make(name, input).map(Some).map_err(VmmError::Thread)
+    let Some(IoThreadSetup {
+        name,
+        host_input,
+        coalesce,
+    }) = setup
+    else {
+        return Ok(None);
+    };
+    let mut thread = make(&name, host_input).map_err(VmmError::Thread)?;
+    if let Some((queue, delay)) = coalesce {
+        thread.coalesce(queue, delay);
+    }
+    Ok(Some(thread))
+}
+
+/// Waits for the VM's end, or a termination signal through `term` (which ends it as a
+/// quit).
+fn wait_for_exit(exit: &ExitSignal, term: &EventFd) -> Result<ExitReason, VmmError> {
+    let ended = exit.subscribe().map_err(|source| VmmError::EventFd {
+        what: "the VM's end",
+        source,
+    })?;
+    let mut pfds = [ended.as_raw_fd(), term.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        if let Some(r) = exit.get() {
+            return Ok(r);
         }
-        _ => Ok(None),
+        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Cannot wait on descriptors: fall back to the condition variable.
+            return Ok(loop {
+                if let Some(r) = exit.wait_timeout(Duration::from_secs(3600)) {
+                    break r;
+                }
+            });
+        }
+        if pfds[1].revents != 0 {
+            let _ = term.read();
+            exit.request(ExitReason::Quit);
+        }
     }
 }
 
-/// Set by SIGTERM/SIGINT/SIGHUP: the VMM stops the VM and exits normally, so a raw
-/// terminal is restored and sockets are cleaned up, instead of dying mid-write.
-static TERMINATION_REQUESTED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// The eventfd SIGTERM/SIGINT/SIGHUP write to (-1 until set): the VMM then stops the VM
+/// and exits normally, so a raw terminal is restored and sockets are cleaned up, instead
+/// of dying mid-write. It stays open for the life of the process.
+static TERMINATION_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 extern "C" fn on_termination(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    TERMINATION_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Only an atomic load and write(2): async-signal-safe.
+    let fd = TERMINATION_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd that is never closed.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
 }
 
-fn stop_on_termination_signals() {
+/// The process's termination eventfd, with the signal handlers that write it installed.
+fn termination_eventfd() -> std::io::Result<&'static EventFd> {
+    static TERM: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
+    if let Some(t) = TERM.get() {
+        return Ok(t);
+    }
+    let fd = EventFd::new(EFD_NONBLOCK)?;
+    let t = TERM.get_or_init(|| fd);
+    stop_on_termination_signals(t);
+    Ok(t)
+}
+
+fn stop_on_termination_signals(term: &'static EventFd) {
+    TERMINATION_FD.store(term.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: sigaction with a zeroed struct and a handler that only stores an atomic.
         unsafe {
@@ -778,44 +834,6 @@ fn stop_on_termination_signals() {
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
-    }
-}
-
-/// Serve the vsock host side: accept and read host sockets, and hand the resulting
-/// packets to the guest's receive queue.
-fn vsock_pump(
-    core: &virtio::transport::DeviceCore,
-    backend: &Mutex<virtio::vsock::Backend>,
-    exit: &ExitSignal,
-    gate: &virtio::mmio::IoGate,
-) {
-    while exit.get().is_none() {
-        let fds = backend.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
-        let mut pfds: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // A short timeout also picks up connections the guest opened meanwhile.
-        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
-        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 20) };
-        // Paused: host data waits in its sockets until the resume.
-        if !gate.enter() {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let has_rx = {
-            let mut b = backend.lock().unwrap_or_else(|p| p.into_inner());
-            b.poll_host();
-            b.has_rx()
-        };
-        if has_rx {
-            core.process_queue(virtio::vsock::RX_QUEUE);
-        }
-        gate.leave();
     }
 }
 

@@ -8,7 +8,8 @@ mod convert;
 /// For backends that drive a KVM vCPU of their own (emu's hybrid mode).
 pub use convert::{regs_from_kvm, regs_to_kvm};
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
@@ -18,8 +19,8 @@ use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
 use crate::regs::FxsaveFields;
 use crate::{
-    CpuIdEntry, Error, FpuState, Hypervisor, IoHandler, IrqChip, MsrEntry, Regs, Result, Sregs,
-    Vcpu, VcpuExit, Vm,
+    CpuIdEntry, Error, EventFd, FpuState, Hypervisor, IoEventAddress, IoHandler, IrqChip, MsrEntry,
+    Regs, Result, Sregs, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 
 /// Where KVM puts the three pages it needs for real-mode TSS emulation on Intel hosts: just
@@ -138,18 +139,105 @@ impl Vm for KvmVm {
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
-        let fd = self
+        let mut fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::CreateVcpu {
                 id,
                 source: io_err(e),
             })?;
-        Ok(Box::new(KvmVcpu { fd }))
+        install_kick_handler();
+        let immediate_exit = std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit);
+        Ok(Box::new(KvmVcpu {
+            fd,
+            immediate_exit,
+            thread: None,
+            kicker: Arc::new(KvmKicker {
+                state: Mutex::new(KickTarget {
+                    immediate_exit: Some(immediate_exit as usize),
+                    thread: None,
+                }),
+            }),
+        }))
     }
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         self.irq.clone()
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        fd: &EventFd,
+    ) -> Result<()> {
+        let addr = match addr {
+            IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(u64::from(port)),
+            IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+        };
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(fd, &addr, v),
+            None => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .map_err(|e| Error::VmIoctl {
+            op: "KVM_IOEVENTFD",
+            source: io_err(e),
+        })
+    }
+
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()> {
+        self.fd.register_irqfd(fd, gsi).map_err(|e| Error::VmIoctl {
+            op: "KVM_IRQFD",
+            source: io_err(e),
+        })
+    }
+}
+
+/// The signal that interrupts KVM_RUN; its handler does nothing.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            tracing::warn!(?e, "cannot install the vCPU kick handler");
+        }
+    });
+}
+
+/// What a kick reaches, while the vCPU exists.
+struct KickTarget {
+    /// The address of the vCPU's `kvm_run.immediate_exit`; None once the vCPU is gone.
+    immediate_exit: Option<usize>,
+    /// The thread that last ran the vCPU.
+    thread: Option<libc::pthread_t>,
+}
+
+/// KVM's kick: `immediate_exit` set (a KVM_RUN about to start returns at once), then the
+/// kick signal to the vCPU's thread (one in progress returns with EINTR).
+struct KvmKicker {
+    state: Mutex<KickTarget>,
+}
+
+impl VcpuKicker for KvmKicker {
+    fn kick(&self) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(addr) = st.immediate_exit else {
+            return;
+        };
+        // SAFETY: `addr` is the immediate_exit byte of a kvm_run mapping that stays
+        // mapped while the vCPU exists; the vCPU's Drop clears `immediate_exit` under
+        // this lock before its mapping goes. The kernel and the vCPU thread only access
+        // it as a byte, and every Rust access is atomic.
+        unsafe { AtomicU8::from_ptr(addr as *mut u8) }.store(1, Ordering::SeqCst);
+        if let Some(t) = st.thread {
+            // SAFETY: `t` ran this vCPU and owns it; it clears `thread` (under this lock)
+            // when it drops the vCPU, so it has not exited yet.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
     }
 }
 
@@ -186,6 +274,23 @@ impl IrqChip for KvmIrqChip {
 
 struct KvmVcpu {
     fd: VcpuFd,
+    /// `kvm_run.immediate_exit` in `fd`'s mapping.
+    immediate_exit: *mut u8,
+    /// The thread `kicker` signals, as last told.
+    thread: Option<libc::pthread_t>,
+    kicker: Arc<KvmKicker>,
+}
+
+// SAFETY: `immediate_exit` points into the vCPU's own kvm_run mapping (owned by `fd`,
+// which is Send) and is only accessed atomically.
+unsafe impl Send for KvmVcpu {}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        let mut st = self.kicker.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.immediate_exit = None;
+        st.thread = None;
+    }
 }
 
 fn vcpu_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -355,8 +460,30 @@ impl Vcpu for KvmVcpu {
         self.fd.set_lapic(&lapic).map_err(vcpu_err("KVM_SET_LAPIC"))
     }
 
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        self.kicker.clone()
+    }
+
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
-        match self.fd.run() {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if self.thread != Some(me) {
+            self.thread = Some(me);
+            self.kicker
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .thread = Some(me);
+        }
+        let immediate_exit = self.immediate_exit;
+        let result = self.fd.run();
+        if matches!(&result, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN) {
+            // The kick is taken: the caller looks at its state next.
+            // SAFETY: the byte lives in `fd`'s kvm_run mapping, valid while `self` is,
+            // and is only accessed atomically from Rust (see KvmKicker).
+            unsafe { AtomicU8::from_ptr(immediate_exit) }.store(0, Ordering::SeqCst);
+        }
+        match result {
             Ok(exit) => Ok(match exit {
                 KvmExit::IoIn(port, data) => {
                     io.pio_read(port, data);

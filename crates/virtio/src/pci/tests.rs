@@ -156,8 +156,8 @@ impl Driver {
         );
     }
 
-    /// One device-writable buffer of `len` bytes on queue 0; notify; the used length.
-    fn submit(&mut self, len: u32) -> Option<u32> {
+    /// One device-writable buffer of `len` bytes on queue 0, and the notify.
+    fn post(&mut self, len: u32) {
         self.mem.write_obj(BUF, GuestAddress(DESC)).unwrap();
         self.mem.write_obj(len, GuestAddress(DESC + 8)).unwrap();
         self.mem.write_obj(2u16, GuestAddress(DESC + 12)).unwrap();
@@ -165,8 +165,18 @@ impl Driver {
         self.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         let off = self.r(self.common + common::QUEUE_NOTIFY_OFF, 2);
         self.w(self.notify + off * u64::from(NOTIFY_MULTIPLIER), 0, 2);
+    }
+
+    /// The used length of the first used entry, once there is one.
+    fn used(&self) -> Option<u32> {
         let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
         (used == 1).then(|| self.mem.read_obj(GuestAddress(USED + 8)).unwrap())
+    }
+
+    /// [`Driver::post`] served on this thread: the used length.
+    fn submit(&mut self, len: u32) -> Option<u32> {
+        self.post(len);
+        self.used()
     }
 }
 
@@ -231,6 +241,36 @@ fn a_request_completes_with_an_msix_message_on_the_queues_vector() {
         u64::from(NO_VECTOR),
         "a reset forgets the vectors"
     );
+}
+
+#[test]
+fn with_an_io_thread_the_notify_region_rings_its_doorbell() {
+    // The same I/O thread as virtio-mmio's: a write to the queue's notify address
+    // writes the queue's eventfd, and the thread serves the queue and sends the MSI-X
+    // message.
+    let mut d = Driver::new(Box::new(Rng));
+    d.init(Some(1));
+    let io = d.t.io_thread("rng-pci", None).unwrap();
+    assert_eq!(io.queue_notifiers().count(), 1, "one doorbell per queue");
+    let exit = Arc::new(devices::ExitSignal::new());
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::transport::IoGate::default()))
+        .unwrap();
+    d.post(64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.used().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never served");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(d.used(), Some(64));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.chip.msis.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no MSI-X message");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(*d.chip.msis.lock().unwrap(), vec![(MSI_ADDR, 0x4031)]);
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
 }
 
 #[test]
