@@ -16,6 +16,11 @@ command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
 # The Debian guest test builds a static -march=x86-64-v3 program on the host.
 command -v gcc >/dev/null 2>&1 || pkgs+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || pkgs+=(libc6-dev)
+# Firmware boot tests: Debian's SeaBIOS, QEMU's linuxboot option ROM, GRUB for BIOS
+# (binaries only: grub-pc-bin installs nothing on the host's own disk).
+[ -e /usr/share/seabios/bios.bin ] || pkgs+=(seabios)
+[ -e /usr/share/qemu/linuxboot.bin ] || pkgs+=(qemu-system-data)
+[ -d /usr/lib/grub/i386-pc ] || pkgs+=(grub-pc-bin)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done
