@@ -175,8 +175,8 @@ pub(super) fn translate(
             Kind::Pop => e.pop(ins, i as u32)?,
             Kind::Leave => e.leave(i as u32)?,
             Kind::PushFlags => e.push_flags(i as u32)?,
-            Kind::Cli => e.cli(i as u32)?,
-            Kind::Sti => e.sti(i as u32)?,
+            Kind::Cli => e.set_if(i as u32, false)?,
+            Kind::Sti => e.set_if(i as u32, true)?,
             Kind::Swapgs => e.swapgs(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
@@ -1160,38 +1160,29 @@ impl Emitter {
         self.store_guest(RSP, Register::RDX)
     }
 
-    /// CLI: clears IF in the state (flag-free, a PEXT/PDEP pair); where CPL > IOPL it
-    /// leaves for the interpreter, which raises #GP.
-    fn cli(&mut self, idx: u32) -> Option<()> {
+    /// CLI (`set` false) or STI: IF cleared or set in the state (flag-free: a PEXT/PDEP
+    /// pair clears it, an LEA sets it; the status flags stay in the host's). Where CPL >
+    /// IOPL it leaves for the interpreter, which raises #GP; so does an STI while an
+    /// interrupt waits for IF (the interpreter then stops after the next instruction).
+    fn set_if(&mut self, idx: u32, set: bool) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        let ok = if set {
+            offset_of!(Ctx, sti_ok)
+        } else {
+            offset_of!(Ctx, cli_ok)
+        };
         let miss = self.miss_label(idx);
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, cli_ok)))));
+        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(ok))));
         a!(a.jrcxz(miss));
         a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
         a!(a.mov(r9, !crate::state::flags::IF));
         a!(a.pext(r8, r8, r9));
         a!(a.pdep(r8, r8, r9));
-        a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
-        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
-        Some(())
-    }
-
-    /// STI: IF set in the state (status flags stay in the host's). An interrupt pending for
-    /// IF leaves for the interpreter, which stops after the next instruction for it.
-    fn sti(&mut self, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
-        let miss = self.miss_label(idx);
-        let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, sti_ok)))));
-        a!(a.jrcxz(miss));
-        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(r9, !crate::state::flags::IF));
-        a!(a.pext(r8, r8, r9));
-        a!(a.pdep(r8, r8, r9));
-        a!(a.lea(r8, ptr(r8 + crate::state::flags::IF as i32)));
+        if set {
+            a!(a.lea(r8, ptr(r8 + crate::state::flags::IF as i32)));
+        }
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
         Some(())
