@@ -1015,8 +1015,9 @@ fn compiled_page_crossing_blocks_follow_the_second_page() {
 }
 
 /// Prologues and epilogues (runs of PUSHes, POPs and the RET after them) translate their
-/// stack range once; ranges that cross a page go to the interpreter, which must give the
-/// same result, and a non-canonical return address after POPs is the RET's #GP.
+/// stack range once; ranges that cross a page take the instructions one by one, which
+/// must give the interpreter's result, and a non-canonical return address after POPs is
+/// the RET's #GP.
 #[test]
 fn compiled_push_and_pop_runs_match_the_interpreter() {
     const HANDLER: u64 = CODE + 0xc00;

@@ -1329,14 +1329,17 @@ impl Emitter {
     }
 
     /// PUSHes of registers other than RSP, or immediates: the whole range below RSP is
-    /// translated once (a miss or a page crossing leaves before the first of them, with
-    /// nothing written), then filled.
+    /// translated once, then filled. A range that is not in the TLB as one page (it
+    /// crosses a page end, which a function's frame does at the same call depth every
+    /// time) takes the PUSHes one by one instead of leaving.
     fn push_run(&mut self, pushes: &[Insn], idx: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
         let k = pushes.len() as i32;
         self.load_guest(Register::RDX, RSP)?;
         a!(self.a.lea(rdx, ptr(rdx - 8 * k)));
-        self.range_at_rdx(true, 8 * k as u32, idx)?;
+        let mut split = self.a.create_label();
+        self.range_at_rdx_or(true, 8 * k as u32, split)?;
+        let at_split = self.cached;
         for (j, p) in pushes.iter().enumerate() {
             let ins = &p.instr;
             if ins.op0_kind() == OpKind::Register {
@@ -1347,12 +1350,33 @@ impl Emitter {
             }
             a!(self.a.mov(qword_ptr(rbx + 8 * (k - 1 - j as i32)), r10));
         }
-        self.store_guest(RSP, Register::RDX)
+        self.store_guest(RSP, Register::RDX)?;
+        let mut join = self.a.create_label();
+        a!(self.a.jmp(join));
+        let fast = self.cached;
+        a!(self.a.set_label(&mut split));
+        self.cached = at_split;
+        for (j, p) in pushes.iter().enumerate() {
+            self.push(&p.instr, idx + j as u32)?;
+        }
+        self.join(&mut join, fast)
+    }
+
+    /// Binds `join`, where a path that left with host registers holding `other` meets
+    /// this one: only what both hold stays cached.
+    fn join(&mut self, join: &mut CodeLabel, other: [bool; 16]) -> Option<()> {
+        for (c, o) in self.cached.iter_mut().zip(other) {
+            *c &= o;
+        }
+        a!(self.a.set_label(join));
+        // One label per instruction: the next one may come with its own.
+        a!(self.a.nop());
+        Some(())
     }
 
     /// POPs into registers other than RSP, and the block's final RET after them if `ret`:
     /// one translation of the range, and the return address checked, before anything is
-    /// written.
+    /// written. A range that is not in the TLB as one page takes them one by one.
     fn pop_run(
         &mut self,
         pops: &[Insn],
@@ -1364,7 +1388,9 @@ impl Emitter {
         let k = pops.len() as i32;
         let total = 8 * (k + i32::from(ret.is_some()));
         self.load_guest(Register::RDX, RSP)?;
-        self.range_at_rdx(false, total as u32, idx)?;
+        let mut split = self.a.create_label();
+        self.range_at_rdx_or(false, total as u32, split)?;
+        let at_split = self.cached;
         if ret.is_some() {
             a!(self.a.mov(rax, qword_ptr(rbx + 8 * k)));
             self.canonical_rax(idx)?;
@@ -1376,19 +1402,37 @@ impl Emitter {
         let pop = total + ret.map_or(0, |r| i32::from(r.immediate16()));
         a!(self.a.lea(rdx, ptr(rdx + pop)));
         self.store_guest(RSP, Register::RDX)?;
+        let mut join = self.a.create_label();
         if ret.is_some() {
             // RAX survives the stores above (they use R10 and RDX).
             self.store_rip_from_rax()?;
             self.add_retired(len)?;
-            return self.look_up_and_go();
+            self.look_up_and_go()?;
+        } else {
+            a!(self.a.jmp(join));
         }
-        Some(())
+        let fast = self.cached;
+        a!(self.a.set_label(&mut split));
+        self.cached = at_split;
+        for (j, p) in pops.iter().enumerate() {
+            self.pop(&p.instr, idx + j as u32)?;
+        }
+        match ret {
+            Some(r) => self.ret(r, idx + k as u32, len),
+            None => self.join(&mut join, fast),
+        }
     }
 
     /// Translates `size` bytes at the linear address in RDX (stack slots, a string
     /// instruction's range) into a host pointer in RBX (or leaves through the miss path of
     /// instruction `idx`).
     fn range_at_rdx(&mut self, write: bool, size: u32, idx: u32) -> Option<()> {
+        let miss = self.miss_label(idx);
+        self.range_at_rdx_or(write, size, miss)
+    }
+
+    /// `range_at_rdx`, going to `miss` when the range is not in the TLB as one page.
+    fn range_at_rdx_or(&mut self, write: bool, size: u32, miss: CodeLabel) -> Option<()> {
         let m = Mem {
             base: None,
             index: None,
@@ -1398,7 +1442,6 @@ impl Emitter {
             size,
             write,
         };
-        let miss = self.miss_label(idx);
         let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
         self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)
     }
