@@ -497,6 +497,14 @@ impl Core {
     }
 
     /// What compiled code needs besides the registers (see `jit::Ctx`).
+    /// What a page-crossing block's second page was checked in: the TLB generation (a
+    /// CPU may use the translations it has until a flush) and the privilege its fetch
+    /// permission was checked at.
+    #[inline(always)]
+    fn fetch_generation(&self, user: bool) -> u64 {
+        self.tlb.flushes << 1 | u64::from(user)
+    }
+
     #[inline(always)]
     fn jit_ctx(&self, budget: u64, blocks: &BlockCache) -> Ctx {
         static NO_KICK: u8 = 0;
@@ -519,7 +527,7 @@ impl Core {
             gs_base: self.s.seg[Seg::Gs as usize].base,
             epoch: self.code_epoch,
             budget,
-            tlb_gen: self.tlb.flushes,
+            tlb_gen: self.fetch_generation(user),
             kick,
             simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
             cli_ok: u64::from(self.iopl_ok()),
@@ -679,7 +687,7 @@ impl Cpu {
                     let next = core.wrap_lin((lin | 0xfff).wrapping_add(1));
                     match core.translate(next, Access::Fetch, user) {
                         Ok(tn) if !tn.host.is_null() => {
-                            let tlb_gen = core.tlb.flushes;
+                            let tlb_gen = core.fetch_generation(user);
                             let f = self.blocks.get_cross(
                                 gpa,
                                 core.s.rip,

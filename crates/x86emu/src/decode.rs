@@ -40,7 +40,8 @@ const MAX_BLOCK: usize = 32;
 /// Marks (in `Block::bitness`) a block whose first instruction runs past its page end:
 /// its bytes lie in two pages, so it is valid only while the next page still maps to the
 /// physical page it was decoded from (see `BlockCache::get_cross`). Lookups that compare
-/// the bitness alone, compiled code's among them, never match it.
+/// the bitness alone never match it; compiled code's lookup does, as the block's code
+/// checks the TLB generation and privilege it was found in before it runs.
 const CROSS: u8 = 0x80;
 
 /// One decoded instruction: the iced-x86 form, its handler and the operands the fast

@@ -1102,6 +1102,91 @@ fn iret_to_user(a: &mut CodeAssembler, user_rip: u64, user_rsp: u64, rflags: i32
     a.iretq().unwrap();
 }
 
+/// Compiled code reaches a page-crossing block through its own lookup (after a CALL or a
+/// RET) as well as through links; the block's second page was checked at the privilege it
+/// was first run at, so user code that calls the same instruction, whose second page is
+/// the kernel's, must take the #PF on the fetch as the interpreter does, not run the bytes
+/// the kernel was allowed to.
+#[test]
+fn compiled_page_crossing_blocks_recheck_the_privilege_of_their_second_page() {
+    use x86emu::testing::{PTE_U, PTE_W};
+    const UCODE: u64 = 0x5000_0000; // user page; the next one is supervisor-only
+    const SUP: u64 = UCODE + 0x1000;
+    const F: u64 = SUP - 4; // `mov rax, imm64` across the two, then RET
+    const UMAIN: u64 = 0x5000_2000;
+    const USTACK: u64 = 0x5000_5000;
+    const HANDLER: u64 = CODE + 0xc00;
+    let f = asm(64, F, |a| {
+        a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
+        a.ret().unwrap();
+    });
+    let kernel = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 300u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(F).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        iret_to_user(a, UMAIN, USTACK, 0x2);
+    });
+    const G: u64 = UCODE + 0x100; // a plain RET
+    let user = asm(64, UMAIN, |a| {
+        // Warm the stack's TLB entry, so that the CALL of F below runs compiled.
+        let mut top = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.mov(rcx, 3u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(G).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.call(F).unwrap();
+        a.mov(r12, 1u64).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&kernel, &[0; 10], 0);
+        g.map4k(UCODE, 0x31_0000, PTE_U);
+        g.map4k(SUP, 0x31_1000, 0);
+        g.map4k(UMAIN, 0x31_2000, PTE_U);
+        g.map4k(USTACK - 0x1000, 0x31_4000, PTE_U | PTE_W);
+        g.load(0x31_0000 + (F & 0xfff), &f[..4]);
+        g.load(0x31_1000, &f[4..]);
+        g.load(0x31_2000, &user);
+        g.load(0x31_0000 + (G & 0xfff), &[0xc3]);
+        g.set_gate(14, HANDLER, 0, 0);
+        g.load(
+            HANDLER,
+            &asm(64, HANDLER, |a| {
+                a.mov(r13, cr2).unwrap();
+                a.mov(r14, qword_ptr(rsp + 8)).unwrap(); // RIP of the fault
+                a.hlt().unwrap();
+            }),
+        );
+        let mut s = g.cpu.state().clone();
+        s.rip = CODE;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (i, _) = run(None);
+    assert_eq!(
+        i[3],
+        300u64.wrapping_mul(0x1234_5678_9abc_def0),
+        "the kernel's calls"
+    );
+    assert_eq!(
+        (i[13], i[14]),
+        (SUP, F),
+        "#PF on the fetch of the second page"
+    );
+    assert_eq!((i[0], i[12]), (0, 0), "nothing of F ran in user mode");
+    let (c, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks} blocks compiled");
+    assert_eq!(c, i);
+}
+
 /// Compiled code checks a TLB entry's permission for the current privilege: a page the
 /// kernel just used stays out of reach of user code, a read-only page of stores, and an
 /// access whose last byte lies in such a page faults like in the interpreter.

@@ -526,7 +526,10 @@ impl Emitter {
         a!(a.lea(rcx, ptr(rcx + rax + 1)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
+        // 64-bit code, page-crossing or not (such a block checks its second page).
         a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
+        a!(a.mov(r8, 0x7fu64));
+        a!(a.pext(rcx, rcx, r8));
         a!(a.lea(rcx, ptr(rcx - 64)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
