@@ -99,15 +99,39 @@ pub(crate) fn tlb_layout() -> (usize, i32, i32, i32, i32, usize) {
 #[derive(Debug)]
 pub(crate) struct Tlb {
     entries: Box<[TlbEntry; TLB_SIZE]>,
-    /// Slots filled since the last flush, so a CR3 reload (every context switch) clears
-    /// only what was used instead of scanning the whole TLB. Capacity is reserved up
-    /// front; when it fills up, the next flush scans everything.
-    filled: Vec<u16>,
+    /// Slots filled with non-global entries since the last flush of them, so a CR3 reload
+    /// (every context switch) clears only those instead of scanning the whole TLB, or
+    /// walking the kernel's global entries that survive it.
+    filled: Listed,
+    /// Slots filled with global entries since the last full flush.
+    global: Listed,
     /// Flushes of any kind so far (see `Core::tlb_flushes`).
     pub(crate) flushes: u64,
     /// The largest page shift any entry was filled from since the last full flush: an
     /// INVLPG looks beyond the address's own slot only for mappings that large.
     max_shift: u8,
+}
+
+/// Slot numbers, with their capacity reserved up front; once full, the flush that would
+/// walk them scans every slot instead.
+#[derive(Debug)]
+struct Listed(Vec<u16>);
+
+impl Listed {
+    fn new() -> Self {
+        Listed(Vec::with_capacity(TLB_SIZE))
+    }
+
+    fn push(&mut self, i: usize) {
+        if self.0.len() < TLB_SIZE {
+            self.0.push(i as u16);
+        }
+    }
+
+    /// The slots, or None when some were not listed.
+    fn slots(&self) -> Option<&[u16]> {
+        (self.0.len() < TLB_SIZE).then_some(&self.0)
+    }
 }
 
 // SAFETY: the host pointers are into guest RAM owned by the `GuestRam` map of the same CPU,
@@ -118,7 +142,8 @@ impl Tlb {
     pub(crate) fn new() -> Self {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
-            filled: Vec::with_capacity(TLB_SIZE),
+            filled: Listed::new(),
+            global: Listed::new(),
             flushes: 0,
             max_shift: 12,
         }
@@ -132,53 +157,58 @@ impl Tlb {
     pub(crate) fn flush_all(&mut self) {
         self.flushes += 1;
         self.max_shift = 12;
-        if self.filled.len() < TLB_SIZE {
-            for &i in &self.filled {
-                if let Some(e) = self.entries.get_mut(usize::from(i)) {
-                    *e = EMPTY;
+        match (self.filled.slots(), self.global.slots()) {
+            (Some(filled), Some(global)) => {
+                for &i in filled.iter().chain(global) {
+                    if let Some(e) = self.entries.get_mut(usize::from(i)) {
+                        *e = EMPTY;
+                    }
                 }
             }
-        } else {
-            self.entries.fill(EMPTY);
+            _ => self.entries.fill(EMPTY),
         }
-        self.filled.clear();
+        self.filled.0.clear();
+        self.global.0.clear();
     }
 
     /// CR3 reload: global pages survive.
     pub(crate) fn flush_non_global(&mut self) {
         self.flushes += 1;
-        if self.filled.len() < TLB_SIZE {
-            // Global survivors stay listed so a later full flush still finds them.
-            let entries = &mut self.entries;
-            self.filled
-                .retain(|&i| match entries.get_mut(usize::from(i)) {
-                    Some(e) if e.vpn != u64::MAX && e.perm & P_GLOBAL != 0 => true,
-                    Some(e) => {
-                        *e = EMPTY;
-                        false
+        let drop = |e: &mut TlbEntry| {
+            if e.perm & P_GLOBAL == 0 {
+                *e = EMPTY;
+            }
+        };
+        match self.filled.slots() {
+            Some(filled) => {
+                for &i in filled {
+                    // A slot refilled with a global entry since is listed as global too.
+                    if let Some(e) = self.entries.get_mut(usize::from(i)) {
+                        drop(e);
                     }
-                    None => false,
-                });
-        } else {
-            for e in self.entries.iter_mut() {
-                if e.perm & P_GLOBAL == 0 {
-                    *e = EMPTY;
                 }
             }
-            self.filled.clear();
-            for (i, e) in self.entries.iter().enumerate() {
-                if e.vpn != u64::MAX {
-                    self.filled.push(i as u16);
-                }
-            }
+            None => self.entries.iter_mut().for_each(drop),
         }
+        self.filled.0.clear();
     }
 
-    /// Records a fill of slot `i` (bounded: never grows past the reserved capacity).
+    /// Fills slot `i`, keeping every non-empty slot listed under the kind of entry it
+    /// holds.
     #[inline]
-    fn note_fill(&mut self, i: usize) {
-        if self.filled.len() < TLB_SIZE {
-            self.filled.push(i as u16);
+    fn put(&mut self, i: usize, new: TlbEntry) {
+        let Some(e) = self.entries.get_mut(i) else {
+            return;
+        };
+        let old = std::mem::replace(e, new);
+        let was = (old.vpn != u64::MAX).then_some(old.perm & P_GLOBAL != 0);
+        let global = new.perm & P_GLOBAL != 0;
+        if was != Some(global) {
+            if global {
+                self.global.push(i);
+            } else {
+                self.filled.push(i);
+            }
         }
     }
 
@@ -266,9 +296,6 @@ impl Core {
         let host = self.ram.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut());
         let vpn = lin >> 12;
         let slot = (vpn as usize) & (TLB_SIZE - 1);
-        if self.tlb.entries[slot].vpn == u64::MAX {
-            self.tlb.note_fill(slot);
-        }
         self.tlb.max_shift = self.tlb.max_shift.max(page_shift);
         let tag = |bit: u8| {
             if perm & bit != 0 && !host.is_null() {
@@ -283,7 +310,7 @@ impl Core {
         } else {
             perm
         };
-        self.tlb.entries[slot] = TlbEntry {
+        let entry = TlbEntry {
             vpn,
             addend: if host.is_null() {
                 0
@@ -300,6 +327,7 @@ impl Core {
             perm,
             page_shift,
         };
+        self.tlb.put(slot, entry);
         Ok(Translation { host, gpa_page })
     }
 
@@ -732,5 +760,64 @@ impl Core {
         }
         // SAFETY: off + size <= 4096 inside a valid RAM page.
         Ok(Some(unsafe { t.host.add(off) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(vpn: u64, global: bool) -> TlbEntry {
+        TlbEntry {
+            vpn,
+            perm: if global { P_GLOBAL } else { 0 },
+            ..EMPTY
+        }
+    }
+
+    fn present(t: &Tlb, i: usize) -> Option<bool> {
+        let e = t.entries.get(i)?;
+        (e.vpn != u64::MAX).then_some(e.perm & P_GLOBAL != 0)
+    }
+
+    /// A slot that changes kind (a conflict refill) is flushed by what flushes its new
+    /// kind: the lists a CR3 reload or a full flush walk must not lose it.
+    #[test]
+    fn flushes_find_slots_refilled_with_the_other_kind() {
+        let mut t = Tlb::new();
+        t.put(5, entry(5, true));
+        t.put(7, entry(7, false));
+        t.flush_non_global();
+        assert_eq!((present(&t, 5), present(&t, 7)), (Some(true), None));
+        // Global -> non-global in slot 5, non-global -> global in slot 7.
+        t.put(5, entry(5 + TLB_SIZE as u64, false));
+        t.put(7, entry(7, false));
+        t.put(7, entry(7 + TLB_SIZE as u64, true));
+        t.flush_non_global();
+        assert_eq!((present(&t, 5), present(&t, 7)), (None, Some(true)));
+        t.put(9, entry(9, false));
+        t.flush_all();
+        assert_eq!(
+            (present(&t, 5), present(&t, 7), present(&t, 9)),
+            (None, None, None)
+        );
+        assert!(t.filled.0.is_empty() && t.global.0.is_empty());
+    }
+
+    /// More fills than the lists hold: the flushes scan every slot instead.
+    #[test]
+    fn overflowing_lists_fall_back_to_a_full_scan() {
+        let mut t = Tlb::new();
+        for round in 0..3u64 {
+            for i in 0..TLB_SIZE {
+                let global = (i as u64 + round) % 2 == 0;
+                t.put(i, entry(i as u64 + round * TLB_SIZE as u64, global));
+            }
+        }
+        t.flush_non_global();
+        assert!((0..TLB_SIZE).all(|i| present(&t, i) != Some(false)));
+        assert!((0..TLB_SIZE).any(|i| present(&t, i) == Some(true)));
+        t.flush_all();
+        assert!((0..TLB_SIZE).all(|i| present(&t, i).is_none()));
     }
 }
