@@ -311,6 +311,10 @@ impl Vmm {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
+            // SAFETY: advice on a mapping `memory` owns; it changes no contents.
+            unsafe {
+                libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+            }
             // SAFETY: `memory` owns the mapping and lives in the Vmm alongside the VM.
             unsafe {
                 vm.add_memory_region(slot as u32, region.start_addr().0, host, region.len())?

@@ -119,6 +119,8 @@ impl Slots {
         if p == libc::MAP_FAILED {
             std::alloc::handle_alloc_error(layout);
         }
+        // SAFETY: advice on the mapping just made; it changes no contents.
+        unsafe { libc::madvise(p, bytes, libc::MADV_HUGEPAGE) };
         match std::ptr::NonNull::new(p.cast::<Block>()) {
             Some(ptr) => Slots {
                 ptr,
