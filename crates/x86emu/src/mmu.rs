@@ -810,7 +810,7 @@ mod tests {
         let mut t = Tlb::new();
         for round in 0..3u64 {
             for i in 0..TLB_SIZE {
-                let global = (i as u64 + round) % 2 == 0;
+                let global = (i as u64 + round).is_multiple_of(2);
                 t.put(i, entry(i as u64 + round * TLB_SIZE as u64, global));
             }
         }
