@@ -351,6 +351,8 @@ impl Vmm {
             cpus: config.cpus,
             virtio_devices: mmio_windows,
             pci: Some(acpi::PciHost { intx: pci_intx }),
+            // Firmware leaves the 8259 programmed: only a full platform has Linux mask it.
+            full: bios.is_some(),
         };
 
         // Kernel, initrd, boot tables — or the firmware, which finds its own way.
@@ -419,6 +421,14 @@ impl Vmm {
             for (index, value) in cmos_memory_bytes(mem_size) {
                 rtc.set_cmos_byte(index, value);
             }
+            io.pio.insert(
+                dev(Arc::new(Mutex::new(devices::legacy::Pm1::new(
+                    exit.clone(),
+                    acpi::S5_SLEEP_TYPE,
+                )))),
+                u64::from(acpi::PM1A_EVT_PORT),
+                devices::legacy::PM1_PORTS,
+            )?;
             io.pio.insert(
                 dev(Arc::new(Mutex::new(fw_cfg(
                     &config,
