@@ -223,8 +223,11 @@ fn strip_escapes(text: &str) -> String {
 
 /// SeaBIOS → GRUB (reading the disk through the BIOS, i.e. SeaBIOS's virtio-pci driver)
 /// → grub.cfg → the kernel and initramfs, from a disk scripts/grub-bios-disk.sh built
-/// with GRUB's `linux_cmd` (`linux16` or `linux`) and `loglevel`. Returns the console.
-fn boot_grub_disk(linux_cmd: &str, loglevel: &str, marker: &str) -> String {
+/// with GRUB's `linux_cmd` (`linux16` or `linux`) and `loglevel`. `by_default`: as
+/// `vessel run --disk IMAGE` alone boots it (SeaBIOS and virtio-pci chosen for a disk
+/// with no kernel), else with `--firmware` and `transport=pci` spelt out. Returns the
+/// console.
+fn boot_grub_disk(linux_cmd: &str, loglevel: &str, marker: &str, by_default: bool) -> String {
     let a = assets();
     let dir = TempDir::new("seabios-grub");
     let disk = dir.path().join("grub.raw");
@@ -245,13 +248,22 @@ fn boot_grub_disk(linux_cmd: &str, loglevel: &str, marker: &str) -> String {
         st.success(),
         "scripts/grub-bios-disk.sh failed (needs grub-pc-bin and e2fsprogs)"
     );
-    let f = run_firmware(
-        &[
-            "--disk",
-            &format!("{},format=raw,transport=pci", disk.display()),
-        ],
-        Duration::from_secs(120),
-    );
+    let f = if by_default {
+        run_with_timeout(
+            vessel()
+                .args(["run", "--accel", "emu", "--memory", "256M", "--disk"])
+                .arg(&disk),
+            Duration::from_secs(120),
+        )
+    } else {
+        run_firmware(
+            &[
+                "--disk",
+                &format!("{},format=raw,transport=pci", disk.display()),
+            ],
+            Duration::from_secs(120),
+        )
+    };
     // GRUB draws through SeaBIOS's serial console with cursor moves, which may land
     // inside a line: compare the text without them.
     let out = strip_escapes(&f.stdout);
@@ -274,7 +286,7 @@ fn boot_grub_disk(linux_cmd: &str, loglevel: &str, marker: &str) -> String {
 #[test]
 fn grub_on_a_virtio_pci_disk_boots_debians_kernel_through_seabios() {
     // linux16: GRUB enters the kernel through its real-mode setup code.
-    boot_grub_disk("linux16", "quiet", "vessel-booted-by-grub");
+    boot_grub_disk("linux16", "quiet", "vessel-booted-by-grub", false);
 }
 
 #[test]
@@ -283,6 +295,7 @@ fn grubs_32_bit_linux_entry_boots_on_a_full_acpi_platform() {
     // 8259 unmasked with the PIT ticking on IRQ 0 at vector 8; only on a full ACPI
     // platform (FADT with PM1 blocks, SCI, FACS) does Linux mask it before enabling
     // interrupts — on a hardware-reduced one its first tick was a double fault.
-    let out = boot_grub_disk("linux", "loglevel=7", "vessel-booted-by-grub-32");
+    // Booted as `vessel run --disk IMAGE`, with nothing else said.
+    let out = boot_grub_disk("linux", "loglevel=7", "vessel-booted-by-grub-32", true);
     assert!(out.contains("ACPI: FACS"), "a full ACPI platform: {out}");
 }

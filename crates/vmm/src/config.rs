@@ -90,6 +90,10 @@ impl std::str::FromStr for Transport {
 }
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// The BIOS a disk image boots through when no kernel is given: Debian's SeaBIOS
+/// (package `seabios`), as QEMU's q35 machine uses it.
+pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios.bin";
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_CPUS: u8 = 254;
@@ -274,6 +278,24 @@ pub struct DiskConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+}
+
+impl DiskConfig {
+    /// Whether the image's first sector ends in the boot signature 0x55 0xAA, which a PC
+    /// BIOS checks before it boots a disk. Read without taking the image's locks; false
+    /// when it cannot be read (opening it for the VM reports why).
+    pub fn has_boot_sector(&self) -> bool {
+        use block::BlockBackend as _;
+        let format = self.format.map(|f| match f {
+            DiskFormat::Raw => block::Format::Raw,
+            DiskFormat::Qcow2 => block::Format::Qcow2,
+        });
+        let Ok(mut image) = block::open_with(&self.path, format, true, true) else {
+            return false;
+        };
+        let mut sector = [0u8; 512];
+        image.read_at(0, &mut sector).is_ok() && sector[510..] == [0x55, 0xaa]
+    }
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -505,6 +527,29 @@ mod tests {
         assert!(parse_memory_mib("lots").is_err());
         assert!(parse_memory_mib("5X").is_err());
         assert!(parse_memory_mib("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn a_disk_has_a_boot_sector_only_with_the_bios_signature() {
+        let dir = std::env::temp_dir().join(format!("vessel-bootsig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut mbr = vec![0u8; 4096];
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        let bootable = dir.join("mbr.raw");
+        std::fs::write(&bootable, &mbr).unwrap();
+        let plain = dir.join("plain.raw");
+        std::fs::write(&plain, vec![0u8; 4096]).unwrap();
+        let disk = |path: &std::path::Path| DiskConfig {
+            path: path.into(),
+            format: Some(DiskFormat::Raw),
+            read_only: false,
+            transport: None,
+        };
+        assert!(disk(&bootable).has_boot_sector());
+        assert!(!disk(&plain).has_boot_sector());
+        assert!(!disk(&dir.join("absent")).has_boot_sector());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
