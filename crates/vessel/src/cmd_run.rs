@@ -69,6 +69,14 @@ pub struct RunArgs {
     /// default when booting through firmware, which drives only those).
     #[arg(long)]
     virtio_transport: Option<vmm::config::Transport>,
+    /// cloud-init NoCloud data: user-data=FILE[,meta-data=FILE][,network-config=FILE].
+    /// Attached as a read-only disk labelled cidata after the --disk ones; without
+    /// meta-data, the instance-id and hostname are the VM's --name.
+    #[arg(long = "cloud-init")]
+    cloud_init: Option<vmm::cloud_init::CloudInitConfig>,
+    /// The VM's name (a DNS label); default "vessel".
+    #[arg(long)]
+    name: Option<String>,
     /// Serve the Firecracker-compatible control API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -167,6 +175,8 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         nets: args.nets,
         vsock: args.vsock,
         virtio_transport,
+        name: args.name,
+        cloud_init: args.cloud_init,
     })
 }
 

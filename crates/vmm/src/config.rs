@@ -150,7 +150,16 @@ pub struct VmConfig {
     /// interfaces may).
     #[serde(default)]
     pub virtio_transport: Transport,
+    /// The VM's name: a DNS label. cloud-init's default instance-id and hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// cloud-init NoCloud data, attached as a read-only `cidata` disk after `disks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
 }
+
+/// The name a VM without one goes by (its cloud-init instance-id and hostname).
+pub const DEFAULT_VM_NAME: &str = "vessel";
 
 /// virtio-vsock, Firecracker style: host programs connect to `uds_path` and say
 /// `CONNECT <port>`; guest connections to host port P go to `<uds_path>_P`.
@@ -377,6 +386,10 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{0}")]
     BadMac(String),
+    #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
+    BadName(String),
+    #[error("cloud-init file {0} does not exist or is not a file")]
+    CloudInitFileMissing(PathBuf),
 }
 
 impl VmConfig {
@@ -399,12 +412,20 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             virtio_transport: Transport::Mmio,
+            name: None,
+            cloud_init: None,
         }
+    }
+
+    /// The VM's name, or [`DEFAULT_VM_NAME`].
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(DEFAULT_VM_NAME)
     }
 
     /// How many virtio devices this VM has.
     pub fn virtio_device_count(&self) -> usize {
         self.disks.len()
+            + usize::from(self.cloud_init.is_some())
             + self.nets.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
@@ -448,6 +469,21 @@ impl VmConfig {
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
             return Err(ConfigError::DiskMissing(d.path.clone()));
+        }
+        if let Some(n) = self
+            .name
+            .as_ref()
+            .filter(|n| !crate::cloud_init::valid_hostname(n))
+        {
+            return Err(ConfigError::BadName(n.clone()));
+        }
+        if let Some(f) = self
+            .cloud_init
+            .iter()
+            .flat_map(|c| c.files())
+            .find(|f| !f.is_file())
+        {
+            return Err(ConfigError::CloudInitFileMissing(f.into()));
         }
         if let Some(Err(e)) = self
             .nets
@@ -582,6 +618,24 @@ mod tests {
                     ..ok.clone()
                 },
                 ConfigError::TooManyCpus(255),
+            ),
+            (
+                VmConfig {
+                    name: Some("a:b".into()),
+                    ..ok.clone()
+                },
+                ConfigError::BadName("a:b".into()),
+            ),
+            (
+                VmConfig {
+                    cloud_init: Some(crate::cloud_init::CloudInitConfig {
+                        user_data: exe.clone(),
+                        meta_data: Some("/nonexistent/meta".into()),
+                        network_config: None,
+                    }),
+                    ..ok.clone()
+                },
+                ConfigError::CloudInitFileMissing("/nonexistent/meta".into()),
             ),
         ];
         for (cfg, want) in bad {

@@ -28,6 +28,8 @@ use crate::io::IoBuses;
 pub enum VmmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("building the cloud-init seed")]
+    CloudInitSeed(#[from] crate::cloud_init::SeedError),
     #[error(transparent)]
     Accel(#[from] accel::AccelError),
     #[error("reading {what} {path}: {source}")]
@@ -156,6 +158,20 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
             Some(io),
             disk.transport.unwrap_or(machine),
+        ));
+    }
+    if let Some(ci) = &config.cloud_init {
+        // The NoCloud seed: built in memory, read-only, after the configured disks.
+        let backend = crate::cloud_init::seed_disk(ci, config.name())?;
+        let io = IoThreadSetup {
+            name: format!("blk{}", devs.len()),
+            host_input: None,
+            coalesce: None,
+        };
+        devs.push((
+            Box::new(virtio::blk::Block::new(backend, "cidata", true)),
+            Some(io),
+            machine,
         ));
     }
     for net in &config.nets {
