@@ -299,3 +299,42 @@ fn grubs_32_bit_linux_entry_boots_on_a_full_acpi_platform() {
     let out = boot_grub_disk("linux", "loglevel=7", "vessel-booted-by-grub-32", true);
     assert!(out.contains("ACPI: FACS"), "a full ACPI platform: {out}");
 }
+
+#[test]
+fn linuxboot_dma_loads_the_kernel_through_fw_cfg_dma() {
+    // QEMU's linuxboot_dma.bin (what QEMU itself uses for -kernel) reads the kernel,
+    // initrd and command line with fw_cfg's DMA interface, which it finds in the feature
+    // bitmap: whole items copied into guest memory by the VMM, not byte by byte.
+    const LINUXBOOT_DMA: &str = "/usr/share/qemu/linuxboot_dma.bin";
+    assert!(
+        PathBuf::from(LINUXBOOT_DMA).is_file(),
+        "{LINUXBOOT_DMA} is missing: install QEMU's option ROMs (apt-get install qemu-system-data)"
+    );
+    let a = assets();
+    let token = format!("vessel-fw-dma-{}", std::process::id());
+    let f = run_firmware(
+        &[
+            "--option-rom",
+            LINUXBOOT_DMA,
+            "--kernel",
+            a.join("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            a.join("initramfs.cpio.gz").to_str().unwrap(),
+            "--cmdline",
+            &format!("console=ttyS0 panic=-1 quiet vessel.run=echo+{token}"),
+        ],
+        Duration::from_secs(120),
+    );
+    let out = &f.stdout;
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        f.stderr
+    );
+    assert!(out.contains("vessel-init:"), "the initramfs ran: {out}");
+    assert!(
+        out.contains(&token),
+        "the command line arrived whole: {out}"
+    );
+}

@@ -446,11 +446,10 @@ impl Vmm {
                 devices::legacy::PM1_PORTS,
             )?;
             io.pio.insert(
-                dev(Arc::new(Mutex::new(fw_cfg(
-                    &config,
-                    mem_size,
-                    &acpi_config,
-                )?))),
+                dev(Arc::new(Mutex::new(
+                    fw_cfg(&config, mem_size, &acpi_config)?
+                        .with_dma(Box::new(FwCfgDma(memory.clone()))),
+                ))),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
@@ -663,6 +662,26 @@ fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
         (0x5c, (high >> 8) as u8),
         (0x5d, (high >> 16) as u8),
     ]
+}
+
+/// Guest RAM as fw_cfg's DMA interface reaches it.
+#[derive(Debug)]
+struct FwCfgDma(GuestMemoryMmap);
+
+impl devices::fw_cfg::DmaMemory for FwCfgDma {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), devices::fw_cfg::DmaFault> {
+        use vm_memory::Bytes;
+        self.0
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| devices::fw_cfg::DmaFault)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), devices::fw_cfg::DmaFault> {
+        use vm_memory::Bytes;
+        self.0
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| devices::fw_cfg::DmaFault)
+    }
 }
 
 /// What a BIOS finds in fw_cfg: memory, CPUs, the E820 map, and its console on COM1.
