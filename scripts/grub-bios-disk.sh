@@ -12,8 +12,8 @@
 #
 # GRUB_LINUX=linux16 (the default) enters the kernel through its real-mode setup code,
 # as QEMU's linuxboot option ROM does; GRUB_LINUX=linux uses GRUB's 32-bit entry, as
-# distribution grub.cfg files do (that hand-over leaves the 8259 unmasked, which Vessel's
-# hardware-reduced ACPI tells Linux is absent: see docs/ARCHITECTURE.md, Boot).
+# distribution grub.cfg files do (that hand-over leaves the 8259 unmasked: Vessel gives
+# firmware boots a full ACPI platform so that Linux masks it; docs/ARCHITECTURE.md, Boot).
 set -euo pipefail
 linux_cmd="${GRUB_LINUX:-linux16}"
 case "$linux_cmd" in

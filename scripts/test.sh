@@ -21,6 +21,13 @@ command -v gcc >/dev/null 2>&1 || pkgs+=(gcc)
 [ -e /usr/share/seabios/bios.bin ] || pkgs+=(seabios)
 [ -e /usr/share/qemu/linuxboot.bin ] || pkgs+=(qemu-system-data)
 [ -d /usr/lib/grub/i386-pc ] || pkgs+=(grub-pc-bin)
+# The cloud image (scripts/cloud-image.sh) and its tests: the partition table, the ESP,
+# GRUB for EFI, and ssh to log in to the guest.
+command -v sfdisk >/dev/null 2>&1 || pkgs+=(fdisk)
+command -v mkfs.vfat >/dev/null 2>&1 || pkgs+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || pkgs+=(mtools)
+[ -d /usr/lib/grub/x86_64-efi ] || pkgs+=(grub-efi-amd64-bin)
+command -v ssh >/dev/null 2>&1 || pkgs+=(openssh-client)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done
@@ -46,4 +53,6 @@ scripts/guest-assets.sh
 # Debian bookworm with systemd (debootstrap), for tests/debian_guest.rs; cached like the
 # guest assets and rebuilt only when the script changes.
 scripts/debian-rootfs.sh
+# A Debian cloud-style disk image (GPT, GRUB, cloud-init), for tests/cloud_image.rs.
+scripts/cloud-image.sh
 cargo test --workspace --all-targets --no-fail-fast

@@ -39,6 +39,12 @@ pub const RTC_GSI: u32 = 8;
 /// The CMOS byte that holds the century, as the FADT's CENTURY field names it.
 pub const RTC_CENTURY_INDEX: u8 = 0x32;
 
+/// A full (not hardware-reduced) platform's PM1a event block (PM1_STS, PM1_EN: two
+/// 16-bit registers) and PM1a control block (PM1_CNT), and its SCI's interrupt.
+pub const PM1A_EVT_PORT: u16 = 0x620;
+pub const PM1A_CNT_PORT: u16 = 0x624;
+pub const SCI_GSI: u16 = 9;
+
 /// The Generic Event Device's event register (one byte, read clears it).
 pub const GED_PORT: u16 = 0x610;
 /// The GED's interrupt: an ISA line nothing else uses (16..23 belong to virtio-mmio).
@@ -72,6 +78,10 @@ pub struct AcpiConfig {
     pub virtio_devices: Vec<VirtioMmioDevice>,
     /// The PCI host bridge, if the machine has one.
     pub pci: Option<PciHost>,
+    /// A full ACPI platform (PM1 blocks, SCI, FACS) instead of a hardware-reduced one:
+    /// for machines booted through firmware, which leaves the legacy 8259 programmed —
+    /// on a hardware-reduced platform Linux assumes there is none and never masks it.
+    pub full: bool,
 }
 
 const OEM_ID: [u8; 6] = *b"VESSEL";
@@ -96,8 +106,21 @@ pub struct Relocatable {
 const RSDP_XSDT: usize = 24;
 const RSDP_CHECKSUM: usize = 8;
 const RSDP_EXT_CHECKSUM: usize = 32;
-/// The FADT's X_DSDT field.
+/// The FADT's X_DSDT and X_FIRMWARE_CTRL (the FACS) fields.
 const FADT_X_DSDT: usize = 140;
+const FADT_X_FIRMWARE_CTRL: usize = 132;
+/// The FACS's size (it has no checksum).
+const FACS_LEN: usize = 64;
+
+/// The Firmware ACPI Control Structure a full platform needs: signature, length, no
+/// hardware signature, no waking vector, version 2.
+fn facs() -> [u8; FACS_LEN] {
+    let mut f = [0u8; FACS_LEN];
+    f[0..4].copy_from_slice(b"FACS");
+    f[4..8].copy_from_slice(&(FACS_LEN as u32).to_le_bytes());
+    f[32] = 2;
+    f
+}
 /// An SDT's checksum byte.
 const SDT_CHECKSUM: usize = 9;
 
@@ -107,12 +130,15 @@ pub fn relocatable_tables(cfg: &AcpiConfig) -> Relocatable {
     let madt = madt(cfg);
     let mcfg = cfg.pci.as_ref().map(|_| mcfg());
     let xsdt_len = 36 + 8 * (2 + usize::from(mcfg.is_some()));
-    let fadt_at = xsdt_len;
+    // A full platform's FACS goes first: it must be 64-byte aligned, and the blob is.
+    let facs_len = if cfg.full { FACS_LEN } else { 0 };
+    let xsdt_at = facs_len;
+    let fadt_at = xsdt_at + xsdt_len;
     let fadt_len = 276;
     let madt_at = fadt_at + fadt_len;
     let mcfg_at = madt_at + madt.len();
     let dsdt_at = mcfg_at + mcfg.as_ref().map_or(0, |m| m.len());
-    let fadt = fadt(dsdt_at as u64);
+    let fadt = fadt(cfg, dsdt_at as u64);
     let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE, 1);
     xsdt.append(fadt_at as u64);
     xsdt.append(madt_at as u64);
@@ -120,6 +146,9 @@ pub fn relocatable_tables(cfg: &AcpiConfig) -> Relocatable {
         xsdt.append(mcfg_at as u64);
     }
     let mut tables = Vec::new();
+    if cfg.full {
+        tables.extend_from_slice(&facs());
+    }
     let mut sdts = Vec::new();
     let mut add = |t: &[u8]| {
         sdts.push((tables.len(), t.len()));
@@ -132,10 +161,14 @@ pub fn relocatable_tables(cfg: &AcpiConfig) -> Relocatable {
         add(m.as_slice());
     }
     add(dsdt.as_slice());
-    let mut pointers: Vec<usize> = (36..xsdt_len).step_by(8).collect();
+    let mut pointers: Vec<usize> = (xsdt_at + 36..xsdt_at + xsdt_len).step_by(8).collect();
     pointers.push(fadt_at + FADT_X_DSDT);
+    if cfg.full {
+        // The FACS is at offset 0: X_FIRMWARE_CTRL holds 0 plus the blob's address.
+        pointers.push(fadt_at + FADT_X_FIRMWARE_CTRL);
+    }
     Relocatable {
-        rsdp: rsdp(0),
+        rsdp: rsdp(xsdt_at as u64),
         tables,
         pointers,
         sdts,
@@ -161,7 +194,13 @@ pub fn build_tables(cfg: &AcpiConfig, base: u64) -> Vec<u8> {
         r.tables[at + SDT_CHECKSUM] = 0;
         r.tables[at + SDT_CHECKSUM] = checksum(&r.tables[at..at + len]);
     }
-    let mut out = rsdp(tables_at).to_vec();
+    let mut rsdp = r.rsdp;
+    add_u64(&mut rsdp, RSDP_XSDT, tables_at);
+    for (at, len) in [(RSDP_CHECKSUM, 20), (RSDP_EXT_CHECKSUM, 36)] {
+        rsdp[at] = 0;
+        rsdp[at] = checksum(&rsdp[..len]);
+    }
+    let mut out = rsdp.to_vec();
     out.resize(64, 0);
     out.extend_from_slice(&r.tables);
     out
@@ -288,7 +327,7 @@ fn gas_io(port: u16, bits: u8) -> [u8; 12] {
     g
 }
 
-fn fadt(dsdt_addr: u64) -> Sdt {
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Sdt {
     let mut f = Sdt::new(*b"FACP", 276, 6, OEM_ID, OEM_TABLE, 1);
     // CENTURY: the CMOS byte with the century (the RTC emulates it).
     f.write_u8(108, RTC_CENTURY_INDEX);
@@ -297,9 +336,22 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     // for its reset line.
     f.write_u16(109, 1 << 2);
     // Flags: WBINVD, PROC_C1, PWR_BUTTON and SLP_BUTTON (set: no fixed-feature buttons;
-    // the power button is the DSDT's control-method device), RESET_REG_SUP,
-    // HW_REDUCED_ACPI.
-    let flags: u32 = 1 | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10) | (1 << 20);
+    // the power button is the DSDT's control-method device), RESET_REG_SUP, and
+    // HW_REDUCED_ACPI unless the platform is a full one.
+    let mut flags: u32 = 1 | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10);
+    if cfg.full {
+        // SCI_INT; SMI_CMD stays 0 (always in ACPI mode); the PM1a blocks, 32-bit
+        // and extended.
+        f.write_u16(46, SCI_GSI);
+        f.write_u32(56, u32::from(PM1A_EVT_PORT));
+        f.write_u32(64, u32::from(PM1A_CNT_PORT));
+        f.write_u8(88, 4);
+        f.write_u8(89, 2);
+        f.write_bytes(148, &gas_io(PM1A_EVT_PORT, 32));
+        f.write_bytes(172, &gas_io(PM1A_CNT_PORT, 16));
+    } else {
+        flags |= 1 << 20;
+    }
     f.write_u32(112, flags);
     f.write_bytes(116, &gas_io(RESET_PORT, 8));
     f.write_u8(128, RESET_VALUE);
@@ -328,6 +380,13 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     body.extend_from_slice(&[2, 10, 0, 0]);
     body.extend_from_slice(&2u32.to_le_bytes());
     body.extend_from_slice(&0u16.to_le_bytes());
+    if cfg.full {
+        // The SCI on ISA IRQ 9 = GSI 9, level-triggered and active high, as QEMU's q35
+        // describes it (without this entry Linux takes an SCI as level and active low).
+        body.extend_from_slice(&[2, 10, 0, SCI_GSI as u8]);
+        body.extend_from_slice(&u32::from(SCI_GSI).to_le_bytes());
+        body.extend_from_slice(&0x000du16.to_le_bytes());
+    }
     // Local APIC NMI: all processors, LINT1.
     body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
     m.append_slice(&body);
@@ -559,8 +618,19 @@ mod tests {
             pci: Some(PciHost {
                 intx: vec![(1, 16)],
             }),
+            full: false,
         };
-        let (rsdp, tables, loader) = table_loader(&cfg);
+        for full in [false, true] {
+            let cfg = AcpiConfig {
+                full,
+                ..cfg.clone()
+            };
+            check_loader(&cfg);
+        }
+    }
+
+    fn check_loader(cfg: &AcpiConfig) {
+        let (rsdp, tables, loader) = table_loader(cfg);
         assert_eq!(loader.len() % 128, 0);
         // Firmware puts the RSDP in the F segment and the tables where it likes.
         let (rsdp_at, tables_at) = (0xf5000u64, 0x7ffe_0000u64);
@@ -571,11 +641,40 @@ mod tests {
         let rsdp = &files[LOADER_RSDP_FILE].1;
         let tables = &files[LOADER_TABLES_FILE].1;
         // Direct placement with the RSDP 64 bytes before the tables gives the same bytes.
-        let direct = build_tables(&cfg, tables_at - 64);
+        let direct = build_tables(cfg, tables_at - 64);
         assert_eq!(&direct[64..], &tables[..]);
         assert_eq!(&direct[..36], &rsdp[..]);
         assert_eq!(checksum(&rsdp[..20]), 0);
         assert_eq!(checksum(&rsdp[..36]), 0);
+        if cfg.full {
+            // The FACS leads the blob, and the FADT (after the XSDT) points at it and
+            // at the PM1 blocks, without HW_REDUCED_ACPI.
+            assert_eq!(&tables[..4], b"FACS");
+            let fadt = &tables[FACS_LEN + 36 + 8 * 3..];
+            assert_eq!(&fadt[..4], b"FACP");
+            let x_facs = u64::from_le_bytes(fadt[132..140].try_into().unwrap());
+            assert_eq!(x_facs, tables_at);
+            assert_eq!(
+                u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & (1 << 20),
+                0
+            );
+            assert_eq!(
+                u16::from_le_bytes(fadt[46..48].try_into().unwrap()),
+                SCI_GSI
+            );
+            assert_eq!(fadt[88], 4);
+            // The MADT routes the SCI as level-triggered, active high.
+            let sci_override = [2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0];
+            assert!(tables.windows(10).any(|w| w == sci_override));
+        } else {
+            // Hardware-reduced: the FADT right after the XSDT, flagged so.
+            let fadt = &tables[36 + 8 * 3..];
+            assert_eq!(&fadt[..4], b"FACP");
+            assert_ne!(
+                u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & (1 << 20),
+                0
+            );
+        }
     }
 
     fn table_at(blob: &[u8], base: u64, addr: u64) -> &[u8] {
@@ -597,6 +696,7 @@ mod tests {
             pci: Some(PciHost {
                 intx: vec![(1, 16), (2, 17)],
             }),
+            full: false,
         };
         let blob = build_tables(&cfg, base);
         assert_eq!(&blob[0..8], b"RSD PTR ");

@@ -61,6 +61,74 @@ impl BusDevice for I8042 {
     }
 }
 
+/// A full ACPI platform's PM1a registers, as one 6-port range: PM1_STS (+0, write 1 to
+/// clear; no event is ever raised), PM1_EN (+2) and PM1_CNT (+4: SCI_EN always reads 1,
+/// the machine being always in ACPI mode; SLP_EN with the S5 sleep type powers off).
+pub struct Pm1 {
+    exit: Arc<ExitSignal>,
+    s5_sleep_type: u8,
+    regs: [u8; 6],
+}
+
+/// PM1_CNT bits.
+const PM1_CNT_SCI_EN: u16 = 1;
+const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
+const PM1_CNT_SLP_EN: u16 = 1 << 13;
+/// Ports the PM1a event and control blocks take together.
+pub const PM1_PORTS: u64 = 6;
+
+impl Pm1 {
+    pub fn new(exit: Arc<ExitSignal>, s5_sleep_type: u8) -> Self {
+        Pm1 {
+            exit,
+            s5_sleep_type,
+            regs: [0; 6],
+        }
+    }
+}
+
+impl BusDevice for Pm1 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let mut regs = self.regs;
+        regs[4] |= PM1_CNT_SCI_EN as u8;
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(v) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| regs.get(o))
+            {
+                *b = *v;
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &v) in data.iter().enumerate() {
+            let Some(at) = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)) else {
+                return;
+            };
+            match at {
+                // PM1_STS: write 1 to clear.
+                0 | 1 => self.regs[at] &= !v,
+                2..=5 => self.regs[at] = v,
+                _ => {}
+            }
+        }
+        let cnt = u16::from_le_bytes([self.regs[4], self.regs[5]]);
+        if cnt & PM1_CNT_SLP_EN != 0 {
+            let sleep_type = ((cnt >> PM1_CNT_SLP_TYP_SHIFT) & 7) as u8;
+            if sleep_type == self.s5_sleep_type {
+                self.exit.request(ExitReason::PowerOff);
+            } else {
+                tracing::debug!(sleep_type, "PM1 sleep to a state other than S5 ignored");
+            }
+            // SLP_EN is write-only.
+            self.regs[5] &= !((PM1_CNT_SLP_EN >> 8) as u8);
+        }
+    }
+}
+
 /// The reset control register of PC chipsets (PIIX, ICH) at port 0xcf9: writing it with
 /// RST_CPU set resets the machine. Linux uses it for `reboot=p` (it writes SYS_RST, then
 /// SYS_RST | RST_CPU, with FULL_RST for a cold reboot). Only this register is decoded:
@@ -216,6 +284,35 @@ mod tests {
         rcr.write(0, &[0x02]);
         rcr.write(0, &[0x06]);
         assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn pm1_reads_in_acpi_mode_and_powers_off_on_s5() {
+        let exit = Arc::new(ExitSignal::new());
+        let mut pm = Pm1::new(exit.clone(), 5);
+        let mut cnt = [0u8; 2];
+        pm.read(4, &mut cnt);
+        assert_eq!(
+            u16::from_le_bytes(cnt) & PM1_CNT_SCI_EN,
+            1,
+            "always in ACPI mode"
+        );
+        pm.write(2, &0x0121u16.to_le_bytes());
+        let mut all = [0u8; 6];
+        pm.read(0, &mut all);
+        assert_eq!(&all[2..4], &[0x21, 0x01], "PM1_EN keeps what was written");
+        // S3 with SLP_EN: ignored, SLP_EN not kept; S5 without SLP_EN: nothing yet.
+        pm.write(4, &((3u16 << 10) | PM1_CNT_SLP_EN).to_le_bytes());
+        pm.read(4, &mut cnt);
+        assert_eq!(u16::from_le_bytes(cnt) & PM1_CNT_SLP_EN, 0);
+        pm.write(4, &(5u16 << 10).to_le_bytes());
+        assert_eq!(exit.get(), None);
+        pm.write(4, &((5u16 << 10) | PM1_CNT_SLP_EN).to_le_bytes());
+        assert_eq!(exit.get(), Some(ExitReason::PowerOff));
+        // Out-of-range and odd accesses do nothing harmful.
+        pm.write(5, &[1, 2, 3, 4]);
+        pm.read(u64::MAX, &mut all);
+        pm.write(u64::MAX, &[1]);
     }
 
     #[test]

@@ -234,16 +234,20 @@ impl Vcpu for EmuVcpu {
             ioevents: &vm.ioevents,
             poke: false,
         };
+        // The interrupt window is asked for only while an interrupt waits: one that went
+        // away while IF was clear (the guest masked or acknowledged it) must not leave the
+        // request up, or `run` returns at once forever without executing anything.
+        let mut window = false;
         if vm.chip.event_hint(self.id) && vm.chip.has_interrupt(self.id) {
             if self.cpu.interrupts_enabled() {
                 if let Some(vector) = vm.chip.acknowledge_interrupt(self.id) {
                     self.cpu.inject_external_interrupt(&mut platform, vector);
                 }
-                self.cpu.request_interrupt_window(false);
             } else {
-                self.cpu.request_interrupt_window(true);
+                window = true;
             }
         }
+        self.cpu.request_interrupt_window(window);
         let eligible = self
             .hybrid
             .as_ref()

@@ -289,3 +289,119 @@ fn an_irqfd_write_interrupts_the_guest_through_its_gsi() {
         writer.join().unwrap();
     }
 }
+
+/// Pulses GSI when the guest writes 1 to port 0x80; records port 0x80.
+struct RaiseOnSignal {
+    vm: std::sync::OnceLock<Arc<dyn Vm>>,
+    rec: Recorder,
+}
+
+impl IoHandler for RaiseOnSignal {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.rec.pio_read(port, data);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if port == 0x80 && data == [1] {
+            let vm = self.vm.get().expect("the VM is set before running");
+            vm.irq_chip().pulse_irq_line(GSI).unwrap();
+        }
+        self.rec.pio_write(port, data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.rec.mmio_read(addr, data);
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.rec.mmio_write(addr, data);
+    }
+}
+
+/// A guest that takes an interrupt while IF is clear, spins for several of emu's slices,
+/// then (if `block`) raises its task priority above the interrupt's, sets IF with POPF
+/// and writes 2 to port 0x80. Its handler writes 0x42.
+fn window_guest(hv: &dyn Hypervisor, block: bool) -> (Arc<dyn Vm>, Box<dyn Vcpu>) {
+    let code = assemble(CODE, |a| {
+        a.cli()?;
+        // Local APIC on, IOAPIC pin GSI to VECTOR (edge, fixed, CPU 0), then ask for it.
+        a.mov(eax, 0xfee0_00f0u32)?;
+        a.mov(dword_ptr(rax), 0x1ff)?;
+        a.mov(eax, 0xfec0_0000u32)?;
+        a.mov(dword_ptr(rax), 0x10 + 2 * GSI)?;
+        a.mov(dword_ptr(rax + 0x10), VECTOR as u32)?;
+        a.mov(dword_ptr(rax), 0x11 + 2 * GSI)?;
+        a.mov(dword_ptr(rax + 0x10), 0)?;
+        a.mov(al, 1)?;
+        a.out(0x80, al)?;
+        a.mov(ecx, 2_000_000)?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.dec(ecx)?;
+        a.jnz(spin)?;
+        if block {
+            a.mov(eax, 0xfee0_0080u32)?;
+            a.mov(dword_ptr(rax), 0xf0)?;
+        }
+        // IF back on the way Linux's local_irq_restore does it.
+        a.mov(rsp, IDT)?;
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x200)?;
+        a.popfq()?;
+        // A few blocks with IF set: where an interrupt that can be taken is taken.
+        a.mov(ecx, 1000)?;
+        let mut open = a.create_label();
+        a.set_label(&mut open)?;
+        a.dec(ecx)?;
+        a.jnz(open)?;
+        a.mov(al, 2)?;
+        a.out(0x80, al)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.hlt()?;
+        a.jmp(top)
+    });
+    let handler = assemble(HANDLER, |a| {
+        a.mov(al, 0x42)?;
+        a.out(0x80, al)?;
+        a.mov(eax, 0xfee0_00b0u32)?;
+        a.mov(dword_ptr(rax), 0)?;
+        a.iretq()
+    });
+    guest(hv, &code, &handler)
+}
+
+#[test]
+fn an_interrupt_blocked_while_if_is_clear_does_not_stall_the_cpu() {
+    // Firmware left a line unmasked and Linux masks it with interrupts off: the interrupt
+    // that was waiting can no longer be taken when IF is set again, and the CPU must go
+    // on running (emu once kept asking for an interrupt window after the interrupt went
+    // away, and returned from every `run` before the next instruction). emu only: the
+    // window bookkeeping is its own, and PVM's KVM does not deliver this edge at all.
+    {
+        let hv = emu::EmuHypervisor::new();
+        let name = hv.name();
+        for (block, want) in [(false, vec![1, 0x42, 2]), (true, vec![1, 2])] {
+            let (vm, mut vcpu) = window_guest(&hv, block);
+            let io = RaiseOnSignal {
+                vm: std::sync::OnceLock::new(),
+                rec: Recorder::default(),
+            };
+            assert!(io.vm.set(vm).is_ok());
+            let t0 = Instant::now();
+            while io.rec.port_80.lock().unwrap().last() != Some(&2) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "{name} (blocked: {block}): the CPU stalled; port 0x80 saw {:?}",
+                    io.rec.port_80.lock().unwrap()
+                );
+                match vcpu.run(&io).unwrap() {
+                    VcpuExit::Io | VcpuExit::Interrupted | VcpuExit::Hlt => {}
+                    other => panic!("{name}: unexpected exit {other:?}"),
+                }
+            }
+            assert_eq!(
+                *io.rec.port_80.lock().unwrap(),
+                want,
+                "{name} (blocked: {block})"
+            );
+        }
+    }
+}

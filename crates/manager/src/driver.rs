@@ -208,7 +208,34 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     if vm.rng {
         c.args(["-device", "virtio-rng-pci"]);
     }
+    if let Some(ci) = &vm.cloud_init {
+        // The same NoCloud seed Vessel's VMM builds, as a file in the run folder.
+        let seed = vmm::cloud_init::seed_image(ci, &seed_name(def)).map_err(|e| {
+            Error::invalid(
+                "cloud_init",
+                format!("{e}: {:?}", std::error::Error::source(&e)),
+            )
+        })?;
+        let path = run.0.join("cidata.img");
+        std::fs::write(&path, seed).map_err(|e| {
+            Error::invalid("cloud_init", format!("writing {}: {e}", path.display()))
+        })?;
+        c.arg("-drive").arg(format!(
+            "file={},if=virtio,format=raw,readonly=on",
+            chardev_path(&path)?
+        ));
+    }
     Ok(c)
+}
+
+/// The name cloud-init's generated meta-data gives the guest: the VM's own, else the
+/// domain's when it is a DNS label, else Vessel's default.
+fn seed_name(def: &DomainDef) -> String {
+    def.vm
+        .name
+        .clone()
+        .or_else(|| Some(def.name.clone()).filter(|n| vmm::cloud_init::valid_hostname(n)))
+        .unwrap_or_else(|| vmm::config::DEFAULT_VM_NAME.to_string())
 }
 
 fn disk_format(f: DiskFormat) -> &'static str {
@@ -258,6 +285,17 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Co
         .arg(run.console())
         .arg("--console-log")
         .arg(log);
+    if let Some(ci) = &vm.cloud_init {
+        let mut a = format!("user-data={}", ci.user_data.to_string_lossy());
+        if let Some(m) = &ci.meta_data {
+            a.push_str(&format!(",meta-data={}", m.to_string_lossy()));
+        }
+        if let Some(n) = &ci.network_config {
+            a.push_str(&format!(",network-config={}", n.to_string_lossy()));
+        }
+        c.arg("--cloud-init").arg(a);
+        c.arg("--name").arg(seed_name(def));
+    }
     for d in &vm.disks {
         let mut a = d.path.to_string_lossy().into_owned();
         if let Some(f) = d.format {
@@ -440,6 +478,50 @@ pub fn note(run: &RunDir, line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_drivers_give_a_domain_its_cloud_init_seed() {
+        let dir = std::env::temp_dir().join(format!("vessel-seed-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ud = dir.join("user-data");
+        std::fs::write(&ud, "#cloud-config\n").unwrap();
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "web-1",
+            "vm": {
+                "firmware": "/usr/share/seabios/bios.bin",
+                "cloud_init": {"user_data": ud},
+            },
+        }))
+        .unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+        };
+        let run = RunDir(dir.clone());
+        let log = dir.join("console.log");
+        let args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        // Vessel builds the seed itself from the flag, named after the domain.
+        let v = args(&vessel_command(&p, &def, &run, &log));
+        let at = v.iter().position(|a| a == "--cloud-init").unwrap();
+        assert_eq!(v[at + 1], format!("user-data={}", ud.display()));
+        assert_eq!(v[at + 2..at + 4], ["--name", "web-1"]);
+        // QEMU gets the same seed as a read-only drive in the run folder.
+        let q = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        let seed = dir.join("cidata.img");
+        assert!(
+            q.iter()
+                .any(|a| a.contains(&format!("file={},", seed.display()))
+                    && a.contains("readonly=on"))
+        );
+        let want =
+            vmm::cloud_init::seed_image(def.vm.cloud_init.as_ref().unwrap(), "web-1").unwrap();
+        assert_eq!(std::fs::read(&seed).unwrap(), want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn pidfiles_identify_our_process() {

@@ -103,15 +103,36 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         None => 1,
     };
     let os = child(root, "os").ok_or_else(|| bad("missing <os>"))?;
-    let kernel = child(os, "kernel")
+    let kernel = child(os, "kernel").map(text).filter(|s| !s.is_empty());
+    let loader = child(os, "loader")
         .map(text)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| bad("missing <os><kernel>: only direct kernel boot is supported"))?;
+        .map(PathBuf::from);
+    let boot_hd = os
+        .children()
+        .any(|n| n.has_tag_name("boot") && n.attribute("dev") == Some("hd"));
     let initrd = child(os, "initrd")
         .map(text)
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
-    let mut vm = VmConfig::new(kernel);
+    let mut vm = match kernel {
+        Some(k) => VmConfig::new(k),
+        // A disk image's own bootloader, through the BIOS (SeaBIOS unless <loader>
+        // names another), with its disks on virtio-pci as firmware needs them.
+        None if boot_hd || loader.is_some() => {
+            let mut vm = VmConfig::new("");
+            vm.kernel = None;
+            vm.firmware = Some(loader.unwrap_or_else(|| vmm::config::DEFAULT_BIOS.into()));
+            vm.virtio_transport = vmm::config::Transport::Pci;
+            vm
+        }
+        None => {
+            return Err(bad(
+                "missing <os><kernel> (direct kernel boot) or <os><boot dev='hd'/> \
+                 (the disk's bootloader through SeaBIOS)",
+            ))
+        }
+    };
     vm.initrd = initrd;
     if let Some(c) = child(os, "cmdline") {
         vm.cmdline = text(c);
@@ -267,6 +288,9 @@ pub fn to_xml(d: &DomainDef) -> String {
             esc(&f.to_string_lossy())
         ));
     }
+    if d.vm.kernel.is_none() {
+        x.push_str("    <boot dev='hd'/>\n");
+    }
     if let Some(i) = &d.vm.initrd {
         x.push_str(&format!(
             "    <initrd>{}</initrd>\n",
@@ -390,6 +414,26 @@ mod tests {
             with("<cpu mode='custom'><model>x86-64-v3</model></cpu>"),
             vmm::CpuModel::X86_64V3
         );
+    }
+
+    #[test]
+    fn boot_dev_hd_without_a_kernel_boots_the_disk_through_seabios() {
+        let xml = "<domain type='vessel'><name>img</name><memory unit='MiB'>1024</memory>
+            <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+            <source file='/var/lib/cloud.qcow2'/><target dev='vda' bus='virtio'/></disk>
+            </devices></domain>";
+        let d = parse_domain(xml).unwrap();
+        assert_eq!(d.vm.kernel, None);
+        assert_eq!(
+            d.vm.firmware.as_deref(),
+            Some(std::path::Path::new(vmm::config::DEFAULT_BIOS))
+        );
+        assert_eq!(d.vm.virtio_transport, vmm::config::Transport::Pci);
+        // dumpxml says the same again.
+        let again = parse_domain(&to_xml(&d)).unwrap();
+        assert_eq!(again.vm, d.vm);
+        assert!(to_xml(&d).contains("<boot dev='hd'/>"));
     }
 
     #[test]

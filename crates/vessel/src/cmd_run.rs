@@ -10,14 +10,17 @@ use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Kernel image: a bzImage or an ELF vmlinux (PVH when it has the Xen entry note).
-    /// Default: the guest assets' kernel (scripts/guest-assets.sh).
+    /// Without it, a first --disk with a boot sector boots through the firmware (its
+    /// bootloader, kernel and initramfs); otherwise the guest assets' kernel boots
+    /// (scripts/guest-assets.sh).
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initial ramdisk. Default: the guest assets' initramfs when --kernel is not given.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Boot through this BIOS image (e.g. SeaBIOS's /usr/share/seabios/bios.bin)
-    /// instead of a kernel.
+    /// Boot through this BIOS image instead of a kernel. Default, when the first --disk
+    /// has a boot sector and no --kernel is given: Debian's SeaBIOS,
+    /// /usr/share/seabios/bios.bin.
     /// With --kernel, the kernel boots through the firmware (give QEMU's linuxboot
     /// option ROM with --option-rom).
     #[arg(long)]
@@ -62,9 +65,18 @@ pub struct RunArgs {
     #[arg(long)]
     vsock: Option<VsockConfig>,
     /// How virtio devices attach when they do not say: mmio (windows described in ACPI,
-    /// for direct kernel boot) or pci (virtio-pci functions with MSI-X).
-    #[arg(long, default_value = "mmio")]
-    virtio_transport: vmm::config::Transport,
+    /// the default for direct kernel boot) or pci (virtio-pci functions with MSI-X, the
+    /// default when booting through firmware, which drives only those).
+    #[arg(long)]
+    virtio_transport: Option<vmm::config::Transport>,
+    /// cloud-init NoCloud data: user-data=FILE[,meta-data=FILE][,network-config=FILE].
+    /// Attached as a read-only disk labelled cidata after the --disk ones; without
+    /// meta-data, the instance-id and hostname are the VM's --name.
+    #[arg(long = "cloud-init")]
+    cloud_init: Option<vmm::cloud_init::CloudInitConfig>,
+    /// The VM's name (a DNS label); default "vessel".
+    #[arg(long)]
+    name: Option<String>,
     /// Serve the Firecracker-compatible control API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -109,9 +121,22 @@ pub fn assets_dir() -> PathBuf {
 }
 
 fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
-    let (kernel, initrd) = match (args.kernel, &args.firmware) {
-        (Some(k), _) => (Some(k), args.initrd),
-        (None, Some(_)) => (None, None),
+    let (kernel, initrd, firmware) = match (args.kernel, args.firmware) {
+        (Some(k), f) => (Some(k), args.initrd, f),
+        (None, Some(f)) => (None, None, Some(f)),
+        // A disk image with a boot sector and no kernel: its own bootloader boots it,
+        // through SeaBIOS. (A bare root file system falls through to the assets' kernel.)
+        (None, None) if args.disks.first().is_some_and(|d| d.has_boot_sector()) => {
+            let bios = PathBuf::from(vmm::config::DEFAULT_BIOS);
+            if !bios.is_file() {
+                bail!(
+                    "no --kernel given: booting the disk through firmware needs SeaBIOS at {} \
+                     (apt-get install seabios) or --firmware PATH",
+                    bios.display()
+                );
+            }
+            (None, None, Some(bios))
+        }
         (None, None) => {
             let dir = assets_dir();
             let k = dir.join("vmlinuz");
@@ -121,12 +146,21 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
                     dir.display()
                 );
             }
-            (Some(k), args.initrd.or(Some(dir.join("initramfs.cpio.gz"))))
+            (
+                Some(k),
+                args.initrd.or(Some(dir.join("initramfs.cpio.gz"))),
+                None,
+            )
         }
     };
+    let virtio_transport = args.virtio_transport.unwrap_or(if firmware.is_some() {
+        vmm::config::Transport::Pci
+    } else {
+        vmm::config::Transport::Mmio
+    });
     Ok(VmConfig {
         kernel,
-        firmware: args.firmware,
+        firmware,
         option_roms: args.option_roms,
         initrd,
         cmdline: args.cmdline,
@@ -140,7 +174,9 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         virtio_console: args.virtio_console,
         nets: args.nets,
         vsock: args.vsock,
-        virtio_transport: args.virtio_transport,
+        virtio_transport,
+        name: args.name,
+        cloud_init: args.cloud_init,
     })
 }
 

@@ -90,6 +90,10 @@ impl std::str::FromStr for Transport {
 }
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// The BIOS a disk image boots through when no kernel is given: Debian's SeaBIOS
+/// (package `seabios`), as QEMU's q35 machine uses it.
+pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios.bin";
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_CPUS: u8 = 254;
@@ -146,7 +150,16 @@ pub struct VmConfig {
     /// interfaces may).
     #[serde(default)]
     pub virtio_transport: Transport,
+    /// The VM's name: a DNS label. cloud-init's default instance-id and hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// cloud-init NoCloud data, attached as a read-only `cidata` disk after `disks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
 }
+
+/// The name a VM without one goes by (its cloud-init instance-id and hostname).
+pub const DEFAULT_VM_NAME: &str = "vessel";
 
 /// virtio-vsock, Firecracker style: host programs connect to `uds_path` and say
 /// `CONNECT <port>`; guest connections to host port P go to `<uds_path>_P`.
@@ -276,6 +289,24 @@ pub struct DiskConfig {
     pub transport: Option<Transport>,
 }
 
+impl DiskConfig {
+    /// Whether the image's first sector ends in the boot signature 0x55 0xAA, which a PC
+    /// BIOS checks before it boots a disk. Read without taking the image's locks; false
+    /// when it cannot be read (opening it for the VM reports why).
+    pub fn has_boot_sector(&self) -> bool {
+        use block::BlockBackend as _;
+        let format = self.format.map(|f| match f {
+            DiskFormat::Raw => block::Format::Raw,
+            DiskFormat::Qcow2 => block::Format::Qcow2,
+        });
+        let Ok(mut image) = block::open_with(&self.path, format, true, true) else {
+            return false;
+        };
+        let mut sector = [0u8; 512];
+        image.read_at(0, &mut sector).is_ok() && sector[510..] == [0x55, 0xaa]
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = String;
     /// `path[,format=raw|qcow2][,readonly][,transport=mmio|pci]`
@@ -355,6 +386,10 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{0}")]
     BadMac(String),
+    #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
+    BadName(String),
+    #[error("cloud-init file {0} does not exist or is not a file")]
+    CloudInitFileMissing(PathBuf),
 }
 
 impl VmConfig {
@@ -377,12 +412,20 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             virtio_transport: Transport::Mmio,
+            name: None,
+            cloud_init: None,
         }
+    }
+
+    /// The VM's name, or [`DEFAULT_VM_NAME`].
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(DEFAULT_VM_NAME)
     }
 
     /// How many virtio devices this VM has.
     pub fn virtio_device_count(&self) -> usize {
         self.disks.len()
+            + usize::from(self.cloud_init.is_some())
             + self.nets.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
@@ -426,6 +469,21 @@ impl VmConfig {
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
             return Err(ConfigError::DiskMissing(d.path.clone()));
+        }
+        if let Some(n) = self
+            .name
+            .as_ref()
+            .filter(|n| !crate::cloud_init::valid_hostname(n))
+        {
+            return Err(ConfigError::BadName(n.clone()));
+        }
+        if let Some(f) = self
+            .cloud_init
+            .iter()
+            .flat_map(|c| c.files())
+            .find(|f| !f.is_file())
+        {
+            return Err(ConfigError::CloudInitFileMissing(f.into()));
         }
         if let Some(Err(e)) = self
             .nets
@@ -508,6 +566,29 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_has_a_boot_sector_only_with_the_bios_signature() {
+        let dir = std::env::temp_dir().join(format!("vessel-bootsig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut mbr = vec![0u8; 4096];
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        let bootable = dir.join("mbr.raw");
+        std::fs::write(&bootable, &mbr).unwrap();
+        let plain = dir.join("plain.raw");
+        std::fs::write(&plain, vec![0u8; 4096]).unwrap();
+        let disk = |path: &std::path::Path| DiskConfig {
+            path: path.into(),
+            format: Some(DiskFormat::Raw),
+            read_only: false,
+            transport: None,
+        };
+        assert!(disk(&bootable).has_boot_sector());
+        assert!(!disk(&plain).has_boot_sector());
+        assert!(!disk(&dir.join("absent")).has_boot_sector());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn validation_rejects_bad_configs() {
         let exe = std::env::current_exe().unwrap();
         let ok = VmConfig::new(&exe);
@@ -537,6 +618,24 @@ mod tests {
                     ..ok.clone()
                 },
                 ConfigError::TooManyCpus(255),
+            ),
+            (
+                VmConfig {
+                    name: Some("a:b".into()),
+                    ..ok.clone()
+                },
+                ConfigError::BadName("a:b".into()),
+            ),
+            (
+                VmConfig {
+                    cloud_init: Some(crate::cloud_init::CloudInitConfig {
+                        user_data: exe.clone(),
+                        meta_data: Some("/nonexistent/meta".into()),
+                        network_config: None,
+                    }),
+                    ..ok.clone()
+                },
+                ConfigError::CloudInitFileMissing("/nonexistent/meta".into()),
             ),
         ];
         for (cfg, want) in bad {

@@ -2,6 +2,7 @@
 
 pub mod accel;
 pub mod api;
+pub mod cloud_init;
 pub mod config;
 pub mod console;
 pub mod control;

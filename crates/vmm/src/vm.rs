@@ -28,6 +28,8 @@ use crate::io::IoBuses;
 pub enum VmmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("building the cloud-init seed")]
+    CloudInitSeed(#[from] crate::cloud_init::SeedError),
     #[error(transparent)]
     Accel(#[from] accel::AccelError),
     #[error("reading {what} {path}: {source}")]
@@ -156,6 +158,20 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
             Some(io),
             disk.transport.unwrap_or(machine),
+        ));
+    }
+    if let Some(ci) = &config.cloud_init {
+        // The NoCloud seed: built in memory, read-only, after the configured disks.
+        let backend = crate::cloud_init::seed_disk(ci, config.name())?;
+        let io = IoThreadSetup {
+            name: format!("blk{}", devs.len()),
+            host_input: None,
+            coalesce: None,
+        };
+        devs.push((
+            Box::new(virtio::blk::Block::new(backend, "cidata", true)),
+            Some(io),
+            machine,
         ));
     }
     for net in &config.nets {
@@ -351,6 +367,8 @@ impl Vmm {
             cpus: config.cpus,
             virtio_devices: mmio_windows,
             pci: Some(acpi::PciHost { intx: pci_intx }),
+            // Firmware leaves the 8259 programmed: only a full platform has Linux mask it.
+            full: bios.is_some(),
         };
 
         // Kernel, initrd, boot tables — or the firmware, which finds its own way.
@@ -420,11 +438,18 @@ impl Vmm {
                 rtc.set_cmos_byte(index, value);
             }
             io.pio.insert(
-                dev(Arc::new(Mutex::new(fw_cfg(
-                    &config,
-                    mem_size,
-                    &acpi_config,
-                )?))),
+                dev(Arc::new(Mutex::new(devices::legacy::Pm1::new(
+                    exit.clone(),
+                    acpi::S5_SLEEP_TYPE,
+                )))),
+                u64::from(acpi::PM1A_EVT_PORT),
+                devices::legacy::PM1_PORTS,
+            )?;
+            io.pio.insert(
+                dev(Arc::new(Mutex::new(
+                    fw_cfg(&config, mem_size, &acpi_config)?
+                        .with_dma(Box::new(FwCfgDma(memory.clone()))),
+                ))),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
@@ -637,6 +662,26 @@ fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
         (0x5c, (high >> 8) as u8),
         (0x5d, (high >> 16) as u8),
     ]
+}
+
+/// Guest RAM as fw_cfg's DMA interface reaches it.
+#[derive(Debug)]
+struct FwCfgDma(GuestMemoryMmap);
+
+impl devices::fw_cfg::DmaMemory for FwCfgDma {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), devices::fw_cfg::DmaFault> {
+        use vm_memory::Bytes;
+        self.0
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| devices::fw_cfg::DmaFault)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), devices::fw_cfg::DmaFault> {
+        use vm_memory::Bytes;
+        self.0
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| devices::fw_cfg::DmaFault)
+    }
 }
 
 /// What a BIOS finds in fw_cfg: memory, CPUs, the E820 map, and its console on COM1.
