@@ -44,6 +44,11 @@ impl RunDir {
     pub fn exit_status(&self) -> PathBuf {
         self.0.join("exit-status")
     }
+    /// The `VmConfig` a Vessel VMM runs (`vessel run --config`).
+    pub fn config(&self) -> PathBuf {
+        self.0.join("vm.json")
+    }
+
     pub fn stderr(&self) -> PathBuf {
         self.0.join("vmm.log")
     }
@@ -257,72 +262,42 @@ fn chardev_path(p: &Path) -> Result<String> {
     Ok(s)
 }
 
-fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Command {
-    let vm = &def.vm;
+/// Vessel gets the domain's `VmConfig` itself, as a file in the run folder (never
+/// re-derived as flags, which would drop what has no flag), with the serial console on
+/// the console socket and, for cloud-init, the domain's name.
+fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
+    let mut vm = def.vm.clone();
+    vm.serial = vmm::SerialConfig::Stdio;
+    if vm.cloud_init.is_some() {
+        vm.name = Some(seed_name(def));
+    }
+    let json = serde_json::to_vec_pretty(&vm)
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
     let mut c = Command::new(&p.vessel);
-    c.arg("run");
-    if let Some(k) = &vm.kernel {
-        c.arg("--kernel").arg(k);
-    }
-    if let Some(f) = &vm.firmware {
-        c.arg("--firmware").arg(f);
-    }
-    if let Some(i) = &vm.initrd {
-        c.arg("--initrd").arg(i);
-    }
-    c.args(["--cmdline", &vm.cmdline]);
-    c.args(["--memory", &format!("{}M", vm.memory_mib)]);
-    c.args(["--cpus", &vm.cpus.to_string()]);
-    let accel = match vm.accel {
-        Accel::Auto => "auto",
-        Accel::Kvm => "kvm",
-        Accel::Emu => "emu",
-        Accel::Hybrid => "hybrid",
-    };
-    c.args(["--accel", accel]);
-    c.args(["--cpu", vm.cpu_model.name()]);
-    c.args(["--serial", "stdio", "--console-sock"])
+    c.arg("run").arg("--config").arg(run.config());
+    c.arg("--console-sock")
         .arg(run.console())
         .arg("--console-log")
         .arg(log);
-    if let Some(ci) = &vm.cloud_init {
-        let mut a = format!("user-data={}", ci.user_data.to_string_lossy());
-        if let Some(m) = &ci.meta_data {
-            a.push_str(&format!(",meta-data={}", m.to_string_lossy()));
-        }
-        if let Some(n) = &ci.network_config {
-            a.push_str(&format!(",network-config={}", n.to_string_lossy()));
-        }
-        c.arg("--cloud-init").arg(a);
-        c.arg("--name").arg(seed_name(def));
-    }
-    for d in &vm.disks {
-        let mut a = d.path.to_string_lossy().into_owned();
-        if let Some(f) = d.format {
-            a.push_str(&format!(",format={}", disk_format(f)));
-        }
-        if d.read_only {
-            a.push_str(",readonly");
-        }
-        c.arg("--disk").arg(a);
-    }
-    for n in &vm.nets {
-        let mut a = format!("tap={}", n.tap);
-        if let Some(m) = &n.mac {
-            a.push_str(&format!(",mac={m}"));
-        }
-        c.arg("--net").arg(a);
-    }
-    if vm.rng {
-        c.arg("--rng");
-    }
-    if let Some(v) = &vm.vsock {
-        c.arg("--vsock")
-            .arg(format!("cid={},uds={}", v.guest_cid, v.uds_path.display()));
-    }
     c.arg("--api-sock").arg(run.api());
     c.arg("--status-file").arg(run.exit_status());
-    c
+    Ok(c)
+}
+
+/// Writes a file only its owner can read (a domain's config names its disks and seeds).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("writing VM config", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("writing VM config", path, e))
 }
 
 /// Starts a domain's VMM. Returns the child (for the daemon that started it to reap) and
@@ -350,7 +325,7 @@ pub fn start(
     }
     let mut cmd = match def.driver {
         DriverKind::Qemu => qemu_command(p, def, run, serial_log)?,
-        DriverKind::Vessel => vessel_command(p, def, run, serial_log),
+        DriverKind::Vessel => vessel_command(p, def, run, serial_log)?,
     };
     let stderr = OpenOptions::new()
         .create(true)
@@ -504,11 +479,13 @@ mod tests {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect()
         };
-        // Vessel builds the seed itself from the flag, named after the domain.
-        let v = args(&vessel_command(&p, &def, &run, &log));
-        let at = v.iter().position(|a| a == "--cloud-init").unwrap();
-        assert_eq!(v[at + 1], format!("user-data={}", ud.display()));
-        assert_eq!(v[at + 2..at + 4], ["--name", "web-1"]);
+        // Vessel builds the seed itself from its config, named after the domain.
+        let v = args(&vessel_command(&p, &def, &run, &log).unwrap());
+        assert_eq!(v[..3], ["run", "--config", &run.config().to_string_lossy()]);
+        let vm: vmm::VmConfig =
+            serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
+        assert_eq!(vm.cloud_init, def.vm.cloud_init);
+        assert_eq!(vm.name.as_deref(), Some("web-1"));
         // QEMU gets the same seed as a read-only drive in the run folder.
         let q = args(&qemu_command(&p, &def, &run, &log).unwrap());
         let seed = dir.join("cidata.img");
@@ -520,6 +497,38 @@ mod tests {
         let want =
             vmm::cloud_init::seed_image(def.vm.cloud_init.as_ref().unwrap(), "web-1").unwrap();
         assert_eq!(std::fs::read(&seed).unwrap(), want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What has no `vessel run` flag of its own reaches the VMM too: the config is passed
+    /// as data, with only the serial console redirected.
+    #[test]
+    fn vessel_gets_the_domain_config_as_data() {
+        let dir = std::env::temp_dir().join(format!("vessel-cfg-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "k",
+            "vm": {"kernel": "/boot/vmlinuz", "serial": {"type": "null"}},
+        }))
+        .unwrap();
+        def.vm.virtio_transport = vmm::config::Transport::Pci;
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+        };
+        let run = RunDir(dir.clone());
+        vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let got: vmm::VmConfig =
+            serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(run.config())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut want = def.vm.clone();
+        want.serial = vmm::SerialConfig::Stdio;
+        assert_eq!(got, want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

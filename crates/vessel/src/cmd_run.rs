@@ -7,8 +7,35 @@ use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
 use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
+/// The flags that describe the VM: `--config` gives all of that as data instead.
+const CONFIG_FLAGS: [&str; 18] = [
+    "kernel",
+    "initrd",
+    "firmware",
+    "option_roms",
+    "cmdline",
+    "memory",
+    "cpus",
+    "accel",
+    "cpu_model",
+    "serial",
+    "disks",
+    "rng",
+    "virtio_console",
+    "nets",
+    "vsock",
+    "virtio_transport",
+    "cloud_init",
+    "name",
+];
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
+    /// The whole VM as a JSON `VmConfig` (what a manager stores for a domain), instead of
+    /// the flags that describe it; the flags below it that serve the running VMM
+    /// (--api-sock, --console-sock, --status-file...) still apply.
+    #[arg(long, conflicts_with_all = CONFIG_FLAGS)]
+    config: Option<PathBuf>,
     /// Kernel image: a bzImage or an ELF vmlinux (PVH when it has the Xen entry note).
     /// Without it, a first --disk with a boot sector boots through the firmware (its
     /// bootloader, kernel and initramfs); otherwise the guest assets' kernel boots
@@ -121,6 +148,12 @@ pub fn assets_dir() -> PathBuf {
 }
 
 fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the VM config {}", path.display()))?;
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a Vessel VM config", path.display()));
+    }
     let (kernel, initrd, firmware) = match (args.kernel, args.firmware) {
         (Some(k), f) => (Some(k), args.initrd, f),
         (None, Some(f)) => (None, None, Some(f)),

@@ -27,6 +27,33 @@ fn missing_kernel() {
     );
 }
 
+/// `--config` is the whole VM as data: it is read and checked like flags are, and it
+/// cannot be mixed with the flags that describe the VM.
+#[test]
+fn a_config_file_is_the_vm_and_excludes_vm_flags() {
+    let dir = TempDir::new("cfg");
+    let cfg = dir.file(
+        "vm.json",
+        br#"{"kernel": "/nonexistent/bzImage", "memory_mib": 256}"#,
+    );
+    let cfg = cfg.to_str().unwrap();
+    run_expecting_error(
+        &["run", "--config", cfg],
+        "/nonexistent/bzImage does not exist",
+    );
+    let bad = dir.file("bad.json", br#"{"kernel": "/k", "memroy_mib": 256}"#);
+    run_expecting_error(
+        &["run", "--config", bad.to_str().unwrap()],
+        "not a Vessel VM config",
+    );
+    let f = run_with_timeout(
+        vessel().args(["run", "--config", cfg, "--memory", "1G"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(f.status.code(), Some(2), "stderr: {}", f.stderr);
+    assert!(f.stderr.contains("cannot be used with"), "{}", f.stderr);
+}
+
 #[test]
 fn a_file_that_is_not_a_kernel() {
     let dir = TempDir::new("notk");
