@@ -28,6 +28,7 @@ impl L2Cache {
     }
 
     /// Tables it holds at most.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.cap
     }
@@ -41,6 +42,7 @@ impl L2Cache {
     }
 
     /// Tables read from disk so far (misses).
+    #[cfg(test)]
     pub fn reads(&self) -> u64 {
         self.reads
     }
