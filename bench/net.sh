@@ -4,12 +4,18 @@
 # file from the guest's tmpfs) and host→guest (busybox nc listening, output discarded),
 # a Python socket on the host side, MIB MiB each way; times are taken on the host from
 # the connection's start to its end. Also prints the VMM's CPU use and the TAP's frame
-# counts (their average size shows whether segmentation offload is at work). The same
-# runs with QEMU TCG (q35, virtio-net-pci on the same TAP) as the reference, then the ratio;
-# NET_CONFIGS=vessel-emu runs one side only.
+# counts (their average size shows whether segmentation offload is at work). Then
+# request/response latency: the host sends 64 bytes to a busybox `nc -e cat` echo in the
+# guest and waits for them back, RR_COUNT times (TCP_NODELAY), and reports the median and
+# 99th percentile round trip. The same runs with QEMU TCG (q35 with virtio-net-pci, and
+# microvm with virtio-mmio, on the same TAP) as the reference, then Vessel / the best QEMU
+# (for latency: the best QEMU's round trip / Vessel's, so above 1 is better here too);
+# NET_CONFIGS=vessel-emu,qemu-q35 runs those columns only.
 #
 #   bench/net.sh [MIB] [RUNS]        (defaults 32 and 1; needs root for the namespace)
+#                                    runs are interleaved: run 1 of each config, then 2...
 #   VESSEL=path/to/vessel bench/net.sh   measures that binary instead of building one
+#   VESSEL_BEFORE=path/to/vessel ...     also measures that one, as "vessel-before"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB="${1:-32}"
@@ -42,7 +48,17 @@ CONFIGS = {
                  "-initrd", f"{assets}/initramfs.cpio.gz", "-append", CMDLINE,
                  "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
                  "-device", "virtio-net-pci,netdev=n0"],
+    **({"vessel-before": [os.environ["VESSEL_BEFORE"], "run", "--accel", "emu", "--memory",
+                          "256M", "--serial", "stdio", "--kernel", f"{assets}/vmlinuz",
+                          "--initrd", f"{assets}/initramfs.cpio.gz", "--cmdline", CMDLINE,
+                          "--net", f"tap={TAP}"]} if os.environ.get("VESSEL_BEFORE") else {}),
+    "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256",
+                     "-nographic", "-no-reboot", "-kernel", f"{assets}/vmlinux",
+                     "-initrd", f"{assets}/initramfs.cpio.gz", "-append", CMDLINE,
+                     "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+                     "-device", "virtio-net-device,netdev=n0"],
 }
+RR_COUNT = int(os.environ.get("RR_COUNT", "1000"))
 
 class Guest:
     def __init__(self, argv):
@@ -50,7 +66,7 @@ class Guest:
                                   stderr=subprocess.STDOUT)
         self.buf, self.mark = b"", 0
 
-    def expect(self, needle, limit=180.0):
+    def expect(self, needle, limit=90.0):
         end = time.monotonic() + limit
         while time.monotonic() < end:
             i = self.buf.find(needle, self.mark)
@@ -126,7 +142,35 @@ def host_to_guest(g):
     g.run("wait")
     return TOTAL / 1e6 / secs
 
-def bench(name, argv):
+def request_response(g):
+    """Round trips of 64 bytes to an echo in the guest: (median, 99th percentile) in µs."""
+    g.send("nc -l -p 5002 -e cat &")
+    time.sleep(1.0)
+    for _ in range(100):
+        try:
+            s = socket.create_connection((GUEST, 5002), timeout=5)
+            break
+        except OSError:
+            time.sleep(0.2)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(10)
+    msg, rtts = b"x" * 64, []
+    for i in range(RR_COUNT + 20):
+        t0 = time.perf_counter()
+        s.sendall(msg)
+        got = 0
+        while got < len(msg):
+            b = s.recv(4096)
+            assert b, "the guest's echo closed the connection"
+            got += len(b)
+        if i >= 20:  # the first ones warm up both sides
+            rtts.append((time.perf_counter() - t0) * 1e6)
+    s.close()
+    g.run("wait")
+    rtts.sort()
+    return statistics.median(rtts), rtts[int(len(rtts) * 0.99)]
+
+def bench(name, argv, i):
     g = Guest(argv)
     try:
         g.expect(b"~ #")
@@ -139,19 +183,19 @@ def bench(name, argv):
         g.run(f"dd if=/dev/zero of=/tmp/zeros bs=64k count={TOTAL >> 16} 2>/dev/null")
         feats = g.run("cat /sys/bus/virtio/drivers/virtio_net/virtio*/features")
         print(f"{name}: virtio-net features the guest negotiated: {feats}", file=sys.stderr)
-        up, down = [], []
-        for i in range(runs):
-            (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
-            up.append(u); down.append(d)
-            print(f"{name} run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
-                  f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core)", file=sys.stderr)
+        (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
+        (r, r99), rcpu = measured(request_response, g)
+        print(f"{name} run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
+              f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core), "
+              f"round trip {r:.0f} us (p99 {r99:.0f} us; VMM {rcpu:.0%} of a core)",
+              file=sys.stderr)
         st = [open(f"/sys/class/net/{TAP}/statistics/{k}").read().strip()
               for k in ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")]
         print(f"{name} TAP: from the guest {st[0]} bytes in {st[1]} frames, to the guest "
               f"{st[2]} bytes in {st[3]} frames", file=sys.stderr)
         g.send("poweroff -f")
         g.p.wait(30)
-        return statistics.median(up), statistics.median(down)
+        return u, d, r, r99
     finally:
         if g.p.poll() is None:
             g.p.kill(); g.p.wait()
@@ -162,12 +206,30 @@ def bench(name, argv):
             time.sleep(0.05)
 
 only = [c for c in os.environ.get("NET_CONFIGS", "").split(",") if c]
-results = {name: bench(name, argv) for name, argv in CONFIGS.items() if not only or name in only}
-print(f"\nvirtio-net TCP, {mib} MiB each way, {runs} runs, medians (MB/s)")
-print(f"{'config':<12} {'guest->host':>12} {'host->guest':>12}")
-for name, (u, d) in results.items():
-    print(f"{name:<12} {u:>12.1f} {d:>12.1f}")
-if "vessel-emu" in results and "qemu-q35" in results:
-    (vu, vd), (qu, qd) = results["vessel-emu"], results["qemu-q35"]
-    print(f"vessel-emu / qemu-q35: guest->host {vu / qu:.2f}x, host->guest {vd / qd:.2f}x")
+configs = {n: a for n, a in CONFIGS.items() if not only or n in only}
+# Interleaved: run 1 of every configuration (each a fresh boot), then run 2, ...
+runs_of = {n: [] for n in configs}
+for i in range(runs):
+    for name, argv in configs.items():
+        try:
+            runs_of[name].append(bench(name, argv, i))
+        except (SystemExit, AssertionError, OSError) as e:
+            # A boot that hangs (QEMU microvm now and then) is a failed run, not the end.
+            print(f"{name} run {i+1}: failed: {e}", file=sys.stderr)
+results = {n: tuple(statistics.median(r[k] for r in rs) for k in range(4))
+           for n, rs in runs_of.items() if rs}
+print(f"\nvirtio-net TCP, {mib} MiB each way (MB/s), {RR_COUNT} round trips of 64 bytes "
+      f"(us), {runs} runs, medians")
+print(f"{'config':<14} {'guest->host':>12} {'host->guest':>12} {'rtt median':>11} {'rtt p99':>9}")
+for name, (u, d, r, r99) in results.items():
+    print(f"{name:<14} {u:>12.1f} {d:>12.1f} {r:>11.0f} {r99:>9.0f}")
+qemus = [n for n in results if n.startswith("qemu")]
+if qemus:
+    bu = max(results[n][0] for n in qemus)
+    bd = max(results[n][1] for n in qemus)
+    br = min(results[n][2] for n in qemus)
+    for name, (u, d, r, _) in results.items():
+        if not name.startswith("qemu"):
+            print(f"{name} / best QEMU ({'/'.join(qemus)}): guest->host {u / bu:.2f}x, "
+                  f"host->guest {d / bd:.2f}x, round trip {br / r:.2f}x")
 PY

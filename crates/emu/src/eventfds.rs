@@ -50,6 +50,21 @@ impl IoEvents {
         Ok(())
     }
 
+    /// Removes the ioevent registered for `addr` and `datamatch` (the latest one, if
+    /// there are several); false when there is none.
+    pub(crate) fn unregister(&self, addr: IoEventAddress, datamatch: Option<u32>) -> bool {
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = list
+            .iter()
+            .rposition(|e| e.addr == addr && e.datamatch == datamatch)
+        else {
+            return false;
+        };
+        list.remove(i);
+        self.any.store(!list.is_empty(), Ordering::Release);
+        true
+    }
+
     /// Signals the ioevent registered for a guest write of `data` at `addr`; false when
     /// none matches (the write then goes to the buses).
     pub(crate) fn signal(&self, addr: IoEventAddress, data: &[u8]) -> bool {
@@ -212,5 +227,22 @@ mod tests {
         ev.register(IoEventAddress::Pio(0x510), None, &any).unwrap();
         assert!(ev.signal(IoEventAddress::Pio(0x510), &[7]));
         assert_eq!(any.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_unregistered_ioevent_lets_writes_through_again() {
+        let ev = IoEvents::default();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let at = IoEventAddress::Mmio(0xe000_3000);
+        ev.register(at, None, &fd).unwrap();
+        assert!(ev.signal(at, &[0, 0]));
+        assert!(!ev.unregister(at, Some(0)), "no such datamatch registered");
+        assert!(ev.unregister(at, None));
+        assert!(
+            !ev.signal(at, &[0, 0]),
+            "still signalled after unregistering"
+        );
+        assert!(!ev.unregister(at, None), "unregistered twice");
+        assert_eq!(fd.read().unwrap(), 1);
     }
 }

@@ -269,6 +269,22 @@ impl Vm for EmuVm {
             })
     }
 
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        _fd: &EventFd,
+    ) -> Result<()> {
+        if self.shared.ioevents.unregister(addr, datamatch) {
+            Ok(())
+        } else {
+            Err(hypervisor::Error::VmIoctl {
+                op: "unregistering an ioevent",
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+        }
+    }
+
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()> {
         self.irqfds
             .register(&self.shared, gsi, fd)

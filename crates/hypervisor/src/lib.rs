@@ -164,6 +164,15 @@ pub trait Vm: Send + Sync {
         datamatch: Option<u32>,
         fd: &EventFd,
     ) -> Result<()>;
+    /// Undoes [`Vm::register_ioevent`] for `addr` and `datamatch` (a device whose
+    /// registers moved: a virtio-pci BAR the guest placed elsewhere); writes there reach
+    /// the buses again.
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        fd: &EventFd,
+    ) -> Result<()>;
     /// From now on each write to `fd` is an edge on `gsi` (high then low), delivered
     /// without waking any VMM thread where the accelerator can.
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()>;

@@ -1,7 +1,8 @@
 //! virtio-blk's data path with a real guest (Debian's kernel on the emu accelerator,
 //! the busybox initramfs): EVENT_IDX negotiated, many O_DIRECT requests in flight at
-//! random places on raw and qcow2 disks, checked by the guest, and a host-side write error (a full filesystem)
-//! reaching the guest as an I/O error while the VMM carries on.
+//! random places on a raw disk on virtio-mmio and a qcow2 disk on virtio-pci, checked by
+//! the guest, and a host-side write error (a full filesystem) reaching the guest as an
+//! I/O error while the VMM carries on.
 
 mod common;
 
@@ -68,16 +69,17 @@ fn write_verify_script(dev: &str) -> String {
 }
 
 #[test]
-fn random_o_direct_writes_in_flight_read_back_intact_on_raw_and_qcow2() {
+fn random_o_direct_writes_in_flight_read_back_intact_on_raw_mmio_and_qcow2_pci() {
     let dir = TempDir::new("blk-verify");
     let raw = dir.path().join("disk.raw");
     let qcow = dir.path().join("disk.qcow2");
     raw_image(&raw, 32);
     // 4 KiB clusters: the scattered writes allocate clusters and L2 tables as they go.
     qcow2_image(&qcow, 32);
+    // The qcow2 disk on virtio-pci: its notifies are ioevents that follow the BAR.
     let mut c = boot(&[
         format!("{},format=raw", raw.display()),
-        format!("{},format=qcow2", qcow.display()),
+        format!("{},format=qcow2,transport=pci", qcow.display()),
     ]);
     // The features the driver accepted, one character per bit: it took EVENT_IDX (29).
     let features = c.run("cat /sys/block/vda/device/features", CMD);

@@ -315,10 +315,11 @@ impl Batch {
 
     /// Run one request; returns its status and the bytes it wrote into guest buffers.
     fn run_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Result<(u8, u32), DeviceError> {
-        let status = |r: Result<(), block::BlockError>, what: &str| match r {
+        // What failed is only formatted when something did.
+        let status = |r: Result<(), block::BlockError>, what: &dyn Fn() -> String| match r {
             Ok(()) => S_OK,
             Err(e) => {
-                tracing::warn!("virtio-blk {what}: {e}");
+                tracing::warn!("virtio-blk {}: {e}", what());
                 S_IOERR
             }
         };
@@ -342,7 +343,7 @@ impl Batch {
                     crate::ram_watch::wrote(s.addr.0, s.len);
                 }
                 let len: u64 = data.iter().map(|s| s.len).sum();
-                match status(r, &format!("read at {offset:#x}")) {
+                match status(r, &|| format!("read at {offset:#x}")) {
                     S_OK => (S_OK, u32::try_from(len).unwrap_or(u32::MAX)),
                     s => (s, 0),
                 }
@@ -357,9 +358,9 @@ impl Batch {
                     })
                     .collect();
                 let r = self.disk().write_vectored_at(*offset, &bufs);
-                (status(r, &format!("write at {offset:#x}")), 0)
+                (status(r, &|| format!("write at {offset:#x}")), 0)
             }
-            Op::Flush => (status(self.disk().flush(), "flush"), 0),
+            Op::Flush => (status(self.disk().flush(), &|| "flush".into()), 0),
             Op::GetId { data, len } => {
                 let mut left = &self.id[..*len];
                 for s in data {
@@ -380,7 +381,7 @@ impl Batch {
                     } else {
                         disk.write_zeroes(off, len)
                     };
-                    st = status(r, &format!("discard/write-zeroes at {off:#x}"));
+                    st = status(r, &|| format!("discard/write-zeroes at {off:#x}"));
                     if st != S_OK {
                         break;
                     }

@@ -59,6 +59,10 @@ pub struct QueueOutcome {
     /// (a receive queue with buffers to spare): the transport asks the driver not to
     /// notify for it until it reports `starved`, so refilling costs the guest no exit.
     pub host_driven: bool,
+    /// The round moved bulk data (a transmitted frame of [`net::BULK_FRAME`] bytes or
+    /// more): a moderated queue (`transport::IoThread::coalesce`) holds back the
+    /// driver's next notifies only after such a round, so small exchanges never wait.
+    pub bulk: bool,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.

@@ -23,7 +23,13 @@ pub const TX_QUEUE: usize = 1;
 /// [`crate::transport::IoThread::coalesce`]): frames it queues meanwhile go in the same
 /// round, and a guest TCP sender whose buffers are still out coalesces its small writes
 /// into large segments instead of one frame per write. QEMU's `tx=timer` waits 150 µs.
+/// Only notifies after a round that sent bulk data ([`BULK_FRAME`]) wait: small
+/// request/response frames are served at once even when they come back to back.
 pub const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(1000);
+
+/// A transmitted frame (virtio-net header included) this large marks its round as bulk
+/// ([`crate::QueueOutcome::bulk`]): a TCP stream's segments are MSS-sized or larger.
+pub const BULK_FRAME: usize = 1024;
 
 /// Feature bits (virtio spec 5.1.3).
 pub mod features {
@@ -355,6 +361,7 @@ impl Net {
                 self.tx_dropped += 1;
             } else {
                 tracing::trace!(len = frame.len(), "virtio-net tx");
+                outcome.bulk |= frame.len() >= BULK_FRAME;
                 match self.backend.send(&frame) {
                     Ok(()) => self.tx_frames += 1,
                     Err(e) => {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use devices::pci::config::{self, BarKind, PciConfig, PciIds};
 use devices::pci::msix::{self, Msix};
 use devices::pci::PciDevice;
-use hypervisor::IrqChip;
+use hypervisor::{IoEventAddress, IrqChip};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
@@ -224,6 +224,20 @@ pub struct PciTransport {
     /// Where the MSI-X capability and the PCI configuration access capability sit.
     msix_cap: usize,
     pci_cfg_cap: usize,
+    /// Told where BAR 0 decodes whenever that changes (see
+    /// [`PciTransport::notify_through_ioevents`]).
+    bar_moved: Option<BarMoved>,
+}
+
+/// Called with BAR 0's old and new base (None: not decoding) when the guest moves it,
+/// or enables or disables its decoding.
+pub type BarMoved = Box<dyn FnMut(Option<u64>, Option<u64>) + Send>;
+
+/// The address of queue `queue`'s notification register when BAR 0 is at `bar_base`.
+pub fn notify_address(bar_base: u64, queue: u32) -> u64 {
+    bar_base
+        .wrapping_add(NOTIFY)
+        .wrapping_add(u64::from(queue) * u64::from(NOTIFY_MULTIPLIER))
 }
 
 impl std::fmt::Debug for PciTransport {
@@ -324,7 +338,51 @@ impl PciTransport {
             queue_sel: 0,
             msix_cap,
             pci_cfg_cap,
+            bar_moved: None,
         })
+    }
+
+    /// Calls `f` with BAR 0's old and new base whenever where it decodes changes.
+    pub fn on_bar_moved(&mut self, f: BarMoved) {
+        self.bar_moved = Some(f);
+    }
+
+    /// Each queue's notify becomes an ioevent on `vm` for its doorbell (`notifiers`,
+    /// from [`IoThread::queue_notifiers`]) wherever the guest places BAR 0, so a notify
+    /// wakes the I/O thread without reaching the VMM's buses or this transport (with KVM,
+    /// without leaving the kernel). The ioevents follow the BAR: unregistered where it
+    /// was, registered where it goes. A registration the accelerator refuses leaves that
+    /// queue's notifies to the BAR, which rings the same doorbell.
+    pub fn notify_through_ioevents(
+        &mut self,
+        vm: Arc<dyn hypervisor::Vm>,
+        notifiers: Vec<(u32, hypervisor::EventFd)>,
+    ) {
+        let mut registered: Vec<(u64, usize)> = Vec::new();
+        self.on_bar_moved(Box::new(move |_old, new| {
+            for (addr, i) in registered.drain(..) {
+                let Some((_, fd)) = notifiers.get(i) else {
+                    continue;
+                };
+                if let Err(e) = vm.unregister_ioevent(IoEventAddress::Mmio(addr), None, fd) {
+                    tracing::warn!(addr, "virtio-pci notify ioevent: {e}");
+                }
+            }
+            let Some(base) = new else { return };
+            for (i, (queue, fd)) in notifiers.iter().enumerate() {
+                let addr = notify_address(base, *queue);
+                match vm.register_ioevent(IoEventAddress::Mmio(addr), None, fd) {
+                    Ok(()) => registered.push((addr, i)),
+                    Err(e) => tracing::warn!(addr, "virtio-pci notify ioevent: {e}"),
+                }
+            }
+            tracing::debug!(base, ioevents = registered.len(), "virtio-pci notifies");
+        }));
+    }
+
+    /// BAR 0's base while it decodes.
+    fn bar_base(&self) -> Option<u64> {
+        self.config.bar_mapping(0).map(|m| m.base)
     }
 
     /// The device side, for threads that feed it from the host.
@@ -505,7 +563,14 @@ impl PciDevice for PciTransport {
     }
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let bar_before = self.bar_base();
         self.config.write(offset, data);
+        let bar_after = self.bar_base();
+        if bar_after != bar_before {
+            if let Some(f) = self.bar_moved.as_mut() {
+                f(bar_before, bar_after);
+            }
+        }
         let len = data.len();
         if overlaps(offset, len, &(config::COMMAND..config::COMMAND + 2)) {
             let disabled = self.config.command() & config::COMMAND_INTX_DISABLE != 0;

@@ -1229,42 +1229,52 @@ fn refilling_a_receive_queue_that_is_not_starved_asks_for_no_notify() {
     assert_eq!(avail_event, 4);
 }
 
-#[test]
-fn a_coalesced_queue_serves_the_first_notify_at_once_and_the_next_after_the_delay() {
-    let mut d = blk(false);
-    let mut io = d.t.io_thread("blk-coalesce", None).unwrap();
-    let delay = std::time::Duration::from_millis(300);
-    io.coalesce(0, delay);
+/// Sends frames of `payload` bytes on a transmit queue moderated by `delay`, one notify
+/// each right after the previous one was served; returns how long each took to leave.
+fn moderated_sends(payload: usize, delay: std::time::Duration) -> Vec<std::time::Duration> {
+    use crate::net::hdr;
+    let (mut d, fake) = net(u64::MAX);
+    let mut io = d.t.io_thread("net-coalesce", None).unwrap();
+    io.coalesce(crate::net::TX_QUEUE, delay);
     let exit = Arc::new(devices::ExitSignal::new());
     let thread = io
         .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
         .unwrap();
-    let wait_used = |d: &Driver, n: u16| {
+    let frame = net_frame(hdr::F_NEEDS_CSUM, hdr::GSO_NONE, payload);
+    d.mem.write_slice(&frame, GuestAddress(BUF)).unwrap();
+    let mut took = Vec::new();
+    for i in 0..3u16 {
+        d.post_buffers(1, i, &[(BUF, frame.len() as u32, 0)]);
         let t0 = std::time::Instant::now();
-        while d.used_idx() != n {
+        d.w(0x050, 1);
+        while fake.0.lock().unwrap().from_guest.len() < usize::from(i) + 1 {
             assert!(
                 t0.elapsed() < std::time::Duration::from_secs(5),
-                "never served"
+                "never sent"
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        t0.elapsed()
-    };
-    d.header(HDR, 0, 1);
-    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
-    d.w(0x050, 0);
-    assert!(
-        wait_used(&d, 1) < delay / 2,
-        "the first notify waits for nothing"
-    );
-    d.header(HDR, 0, 2);
-    d.post(3, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
-    d.w(0x050, 0);
-    assert!(
-        wait_used(&d, 2) >= delay / 2,
-        "a notify right after a round waits for the delay"
-    );
-    assert_eq!(d.byte(BUF), 2);
+        took.push(t0.elapsed());
+    }
     exit.request(devices::ExitReason::Quit);
     thread.join().unwrap();
+    took
+}
+
+#[test]
+fn a_moderated_transmit_queue_holds_back_bulk_but_never_small_frames() {
+    let delay = std::time::Duration::from_millis(300);
+    // Bulk: the first notify after a quiet spell is served at once, the next ones wait.
+    let bulk = moderated_sends(1448, delay);
+    assert!(bulk[0] < delay / 2, "the first frame waited: {bulk:?}");
+    assert!(
+        bulk[1] >= delay / 2 && bulk[2] >= delay / 2,
+        "back-to-back bulk frames were not moderated: {bulk:?}"
+    );
+    // Request/response: small frames back to back all leave at once.
+    let small = moderated_sends(64, delay);
+    assert!(
+        small.iter().all(|t| *t < delay / 2),
+        "a small frame waited for the moderation: {small:?}"
+    );
 }

@@ -418,6 +418,7 @@ impl DeviceCore {
                 Round::Done(o, more) => {
                     let all = outcome.get_or_insert_with(QueueOutcome::default);
                     all.used |= o.used;
+                    all.bulk |= o.bulk;
                     all.starved = o.starved;
                     all.also_process = all.also_process.or(o.also_process);
                     if more {
@@ -763,6 +764,8 @@ struct Coalesce {
     armed: bool,
     /// When the driver last notified the queue.
     last_notify: Option<std::time::Instant>,
+    /// The queue's last round moved bulk data ([`crate::QueueOutcome::bulk`]).
+    bulk: bool,
 }
 
 impl std::fmt::Debug for IoThread {
@@ -788,8 +791,9 @@ impl IoThread {
     }
 
     /// Moderates queue `queue` as a NIC moderates its transmit completions: the first
-    /// notify after a quiet spell (no notify for ten times `delay`) is served at once,
-    /// later ones `delay` after they come. What the driver adds meanwhile goes in the same
+    /// notify after a quiet spell (no notify for ten times `delay`), or after a round that
+    /// moved no bulk data ([`crate::QueueOutcome::bulk`]: small request/response frames),
+    /// is served at once, later ones `delay` after they come. What the driver adds meanwhile goes in the same
     /// round (with EVENT_IDX it does not even notify), and its buffers come back later,
     /// which lets a guest's TCP coalesce small writes into large segments (autocorking)
     /// instead of sending each as a frame of its own.
@@ -824,6 +828,7 @@ impl IoThread {
                     timer,
                     armed: false,
                     last_notify: None,
+                    bulk: false,
                 }),
                 Err(e) => {
                     tracing::warn!(thread = self.name, "no coalescing timer: {e}");
@@ -902,9 +907,9 @@ impl IoThread {
                     // The first notify after a quiet spell is served at once; while
                     // notifies keep coming, each waits `delay`.
                     let now = std::time::Instant::now();
-                    let quiet = c
-                        .last_notify
-                        .is_none_or(|t| now.duration_since(t) >= c.delay * QUIET_DELAYS);
+                    let quiet = !c.bulk
+                        || c.last_notify
+                            .is_none_or(|t| now.duration_since(t) >= c.delay * QUIET_DELAYS);
                     c.last_notify = Some(now);
                     if c.armed {
                     } else if quiet {
@@ -919,7 +924,7 @@ impl IoThread {
                 _ => run.push(q),
             }
         }
-        if let Some(c) = coalesce.filter(|_| timer_fired) {
+        if let Some(c) = coalesce.as_deref_mut().filter(|_| timer_fired) {
             let _ = c.timer.wait();
             c.armed = false;
             if !run.contains(&c.queue) {
@@ -928,6 +933,9 @@ impl IoThread {
         }
         for q in run {
             let outcome = self.core.process_queue(q);
+            if let Some(c) = coalesce.as_deref_mut().filter(|c| c.queue == q) {
+                c.bulk = outcome.is_some_and(|o| o.bulk);
+            }
             if *starved == Some(q) || outcome.is_some_and(|o| o.starved) {
                 *starved = outcome.is_none_or(|o| o.starved).then_some(q);
             }

@@ -521,12 +521,24 @@ impl Vmm {
                 }
                 Placement::Pci { slot, gsi } => {
                     // Interrupts stay calls into the chip (MSI-X messages, or the level
-                    // INTx line), and notifies reach the transport through the BAR,
-                    // which rings the I/O thread's doorbell: the guest moves the BAR,
-                    // and an ioevent cannot follow it yet.
+                    // INTx line); notifies are ioevents that follow the BAR wherever the
+                    // guest places it.
                     let mut t =
                         virtio::pci::PciTransport::new(device, memory.clone(), irq.clone(), gsi)?;
-                    io_threads.extend(io_thread(io_setup, |name, input| t.io_thread(name, input))?);
+                    if let Some(thread) =
+                        io_thread(io_setup, |name, input| t.io_thread(name, input))?
+                    {
+                        let notifiers = thread
+                            .queue_notifiers()
+                            .map(|(queue, fd)| fd.try_clone().map(|fd| (queue, fd)))
+                            .collect::<std::io::Result<Vec<_>>>()
+                            .map_err(|source| VmmError::EventFd {
+                                what: "a virtio-pci notify ioevent",
+                                source,
+                            })?;
+                        t.notify_through_ioevents(vm.clone(), notifiers);
+                        io_threads.push(thread);
+                    }
                     pci_root.add(usize::from(slot), Arc::new(Mutex::new(t)))?;
                 }
             }

@@ -12,6 +12,7 @@ pub struct L2Cache {
     tick: u64,
     tables: HashMap<u64, (Vec<u64>, u64)>,
     entries: usize,
+    reads: u64,
 }
 
 impl L2Cache {
@@ -22,13 +23,38 @@ impl L2Cache {
             tick: 0,
             tables: HashMap::new(),
             entries,
+            reads: 0,
         }
+    }
+
+    /// Tables it holds at most.
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Holds up to `cap` tables from now on (an image that grew).
+    pub fn set_capacity(&mut self, cap: usize) {
+        self.cap = cap.max(1);
+        while self.tables.len() > self.cap {
+            self.evict_one();
+        }
+    }
+
+    /// Tables read from disk so far (misses).
+    #[cfg(test)]
+    pub fn reads(&self) -> u64 {
+        self.reads
     }
 
     fn make_room(&mut self) {
         if self.tables.len() < self.cap {
             return;
         }
+        self.evict_one();
+    }
+
+    fn evict_one(&mut self) {
         if let Some(&victim) = self
             .tables
             .iter()
@@ -46,6 +72,7 @@ impl L2Cache {
         if !self.tables.contains_key(&offset) {
             self.make_room();
             let mut raw = vec![0u8; self.entries * 8];
+            self.reads += 1;
             f.read_at(offset, &mut raw)
                 .map_err(|source| Qcow2Error::ReadL2 { offset, source })?;
             let table = raw

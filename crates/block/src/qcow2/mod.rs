@@ -34,8 +34,17 @@ pub(crate) const ZERO: u64 = 1;
 const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits that must be clear in a standard L2 entry.
 const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-/// L2 tables cached per open image.
-const L2_CACHE_TABLES: usize = 32;
+/// Bytes of L2 tables cached per open image at most (QEMU's default on Linux): enough
+/// for the whole of a 256 GiB image with 64 KiB clusters, 512 MiB with 512-byte ones.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// How many L2 tables to cache for an image whose L1 table has `l1_entries` entries of
+/// `cluster_size`-byte tables: all of them (tables are read on first use, so this costs
+/// memory only for what the guest touches), up to [`L2_CACHE_BYTES`].
+fn l2_cache_tables(l1_entries: usize, cluster_size: u64) -> usize {
+    let most = usize::try_from(L2_CACHE_BYTES / cluster_size.max(1)).unwrap_or(usize::MAX);
+    l1_entries.clamp(1, most.max(1))
+}
 
 /// What a guest cluster maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +117,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read_at(header.l1_table_offset, &mut raw)
             .map_err(Qcow2Error::ReadL1)?;
-        let l1 = raw
+        let l1: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| {
                 let mut a = [0u8; 8];
@@ -131,7 +140,7 @@ impl Qcow2 {
             file_len,
         )?;
         refs.set_l1_reserved(header.l1_table_offset, l1_bytes);
-        let l2 = L2Cache::new(L2_CACHE_TABLES, (cs / 8) as usize);
+        let l2 = L2Cache::new(l2_cache_tables(l1.len(), cs), (cs / 8) as usize);
         let mut q = Qcow2 {
             file,
             header,
@@ -575,6 +584,8 @@ impl Qcow2 {
         let need = header::l1_entries_for(new_size, cb);
         if need > self.l1.len() as u64 {
             self.grow_l1(need)?;
+            let cs = self.cs();
+            self.l2.set_capacity(l2_cache_tables(self.l1.len(), cs));
         }
         self.file
             .write_at(header::OFF_SIZE, &new_size.to_be_bytes())
@@ -702,5 +713,68 @@ impl BlockBackend for Qcow2 {
             pos = (pos - pos % cs + cs).min(end);
         }
         Ok((status.unwrap_or(BlockStatus::Data), pos - offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{create_with, CreateOptions};
+    use crate::Format;
+
+    #[test]
+    fn the_l2_cache_holds_every_table_of_an_image_it_can_cover() {
+        // 4 KiB clusters: one L2 table maps 2 MiB, so 256 MiB takes 128 tables (the old
+        // fixed cache held 32 and re-read tables on every pass of a random workload).
+        let path =
+            std::env::temp_dir().join(format!("vessel-l2cache-{}.qcow2", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        create_with(
+            &path,
+            &CreateOptions {
+                format: Format::Qcow2,
+                size: Some(256 << 20),
+                backing: None,
+                cluster_size: Some(4096),
+            },
+        )
+        .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut q = Qcow2::open(Box::new(file), false).unwrap();
+        assert_eq!(q.l1.len(), 128);
+        assert_eq!(q.l2.capacity(), 128, "one slot per L2 table of the image");
+        let tables = 128u64;
+        for t in 0..tables {
+            q.write_at(t * (2 << 20), &[t as u8 + 1; 4096]).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        for t in 0..tables {
+            q.read_at(t * (2 << 20), &mut buf).unwrap();
+            assert_eq!(buf, [t as u8 + 1; 4096]);
+        }
+        let reads = q.l2.reads();
+        for t in (0..tables).rev() {
+            q.read_at(t * (2 << 20) + 4096, &mut buf).unwrap();
+            assert_eq!(buf, [0; 4096]);
+        }
+        assert_eq!(
+            q.l2.reads(),
+            reads,
+            "a second pass read L2 tables from disk again"
+        );
+    }
+
+    #[test]
+    fn the_l2_cache_is_bounded_for_huge_images() {
+        assert_eq!(l2_cache_tables(0, 65536), 1);
+        assert_eq!(l2_cache_tables(40, 65536), 40);
+        // 32 MiB of 64 KiB tables.
+        assert_eq!(l2_cache_tables(1 << 20, 65536), 512);
+        assert_eq!(l2_cache_tables(1 << 20, 512), 65536);
     }
 }

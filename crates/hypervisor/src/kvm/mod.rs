@@ -171,10 +171,7 @@ impl Vm for KvmVm {
         datamatch: Option<u32>,
         fd: &EventFd,
     ) -> Result<()> {
-        let addr = match addr {
-            IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(u64::from(port)),
-            IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
-        };
+        let addr = kvm_ioevent_address(addr);
         match datamatch {
             Some(v) => self.fd.register_ioevent(fd, &addr, v),
             None => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
@@ -185,11 +182,37 @@ impl Vm for KvmVm {
         })
     }
 
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        fd: &EventFd,
+    ) -> Result<()> {
+        let addr = kvm_ioevent_address(addr);
+        match datamatch {
+            Some(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            None => self
+                .fd
+                .unregister_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .map_err(|e| Error::VmIoctl {
+            op: "KVM_IOEVENTFD (deassign)",
+            source: io_err(e),
+        })
+    }
+
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()> {
         self.fd.register_irqfd(fd, gsi).map_err(|e| Error::VmIoctl {
             op: "KVM_IRQFD",
             source: io_err(e),
         })
+    }
+}
+
+fn kvm_ioevent_address(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(u64::from(port)),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
     }
 }
 
