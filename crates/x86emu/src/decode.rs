@@ -415,6 +415,43 @@ impl BlockCache {
         // Adds, not xors: compiled code computes it with flag-free LEAs.
         (gpa.wrapping_add(gpa >> 12).wrapping_add(ip >> 12) as usize) & (self.blocks.len - 1)
     }
+
+    /// The slot that holds the block at `gpa` for `ip`, or the one to decode it into. Each
+    /// hash picks a pair of slots (`slot` and its neighbour, one 128-byte line pair): two
+    /// hot blocks whose hashes collide would otherwise evict each other at every run (a
+    /// system call's entry and exit did, twice per call) and never compile. A new block
+    /// goes to an empty slot of the pair, else over the colder one (fewer runs; compiled
+    /// blocks are the hottest).
+    #[inline(always)]
+    fn way(&self, gpa: u64, ip: u64) -> usize {
+        let first = self.slot(gpa, ip);
+        let holds = |s: usize| {
+            self.blocks
+                .get(s)
+                .is_some_and(|b| b.gpa == gpa && b.ip == ip && b.bitness != 0)
+        };
+        if holds(first) {
+            return first;
+        }
+        let second = first ^ 1;
+        if holds(second) {
+            return second;
+        }
+        let heat = |s: usize| {
+            self.blocks
+                .get(s)
+                .map_or(0, |b| match (b.bitness, b.entry) {
+                    (0, _) => 0,
+                    (_, 0) => u64::from(b.runs) + 1,
+                    _ => u64::MAX,
+                })
+        };
+        if heat(second) < heat(first) {
+            second
+        } else {
+            first
+        }
+    }
     /// The block starting at `gpa` for `ip`, decoding it from `page` (the host page that
     /// holds `gpa`) on a miss or when its code changed. A block already checked in code
     /// epoch `epoch` is not compared again. Returns the block and whether it was checked or
@@ -429,7 +466,7 @@ impl BlockCache {
         page: *const u8,
         epoch: u64,
     ) -> Option<(usize, bool)> {
-        let slot = self.slot(gpa, ip);
+        let slot = self.way(gpa, ip);
         let state = {
             let b = self.blocks.get(slot)?;
             if b.gpa != gpa || b.ip != ip {
@@ -488,7 +525,7 @@ impl BlockCache {
         if bitness != 64 {
             return None;
         }
-        let slot = self.slot(gpa, ip);
+        let slot = self.way(gpa, ip);
         let off = (gpa & 0xfff) as usize;
         let head = 4096 - off;
         // SAFETY: `page` and `next` are valid 4 KiB pages (caller contract).

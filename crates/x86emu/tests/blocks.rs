@@ -1102,6 +1102,56 @@ fn iret_to_user(a: &mut CodeAssembler, user_rip: u64, user_rsp: u64, rflags: i32
     a.iretq().unwrap();
 }
 
+/// Two hot functions whose blocks hash to the same slot: both stay cached (a slot pair),
+/// so both compile, and compiled code finds the one in the pair's second slot through its
+/// own lookup. A direct-mapped cache had them evict each other at every call, forever
+/// interpreted (a system call's entry and exit paths did, twice per call).
+#[test]
+fn colliding_hot_blocks_both_compile() {
+    const F: u64 = CODE + 0x600;
+    // slot = gpa + (gpa >> 12) + (ip >> 12) mod 4096 slots, code identity-mapped: one page
+    // on, two bytes back, collides.
+    const G: u64 = F + 0x1000 - 2;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.mov(rcx, 2000u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(F).unwrap();
+        a.call(G).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.load(
+            F,
+            &asm(64, F, |a| {
+                a.add(rax, 1).unwrap();
+                a.ret().unwrap();
+            }),
+        );
+        g.load(
+            G,
+            &asm(64, G, |a| {
+                a.add(rax, 2).unwrap();
+                a.ret().unwrap();
+            }),
+        );
+        g.cpu.set_block_slots(4096);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (g.cpu.state().gpr[0], g.cpu.compiled_blocks())
+    };
+    let (i, _) = run(None);
+    assert_eq!(i, 6000);
+    let (c, blocks) = run(Some(16));
+    assert_eq!(c, i);
+    // The loop's three blocks, F and G.
+    assert!(blocks >= 5, "{blocks} blocks compiled");
+}
+
 /// Compiled code reaches a page-crossing block through its own lookup (after a CALL or a
 /// RET) as well as through links; the block's second page was checked at the privilege it
 /// was first run at, so user code that calls the same instruction, whose second page is

@@ -274,6 +274,10 @@ pub(super) struct Runtime {
     pub(super) exit: u64,
     /// Leaves after a block's end, with the next RIP in the context.
     pub(super) done: u64,
+    /// `look_up_and_go`'s second try, when the first slot of the pair holds another
+    /// block: the other slot (RAX the RIP, R11 its physical address, R9 the first
+    /// slot, RDX the context), entered at its chain entry or left through `done`.
+    pub(super) second_way: u64,
 }
 
 /// Host code for [`Runtime`], to be placed at `at`: the code and the runtime's addresses.
@@ -326,6 +330,8 @@ pub(super) fn runtime(asm: &mut Asm, at: u64) -> Option<(Vec<u8>, Runtime)> {
         a!(a.pop(r));
     }
     a!(a.ret());
+    let second_way_at = a.instructions().len();
+    second_way(&mut a, &mut done)?;
     let mut code = Vec::new();
     let offsets = asm.assemble(a.instructions(), at, &mut code)?;
     let addr = |i: usize| Some(at + u64::from(*offsets.get(i)?));
@@ -333,8 +339,53 @@ pub(super) fn runtime(asm: &mut Asm, at: u64) -> Option<(Vec<u8>, Runtime)> {
         enter: at,
         exit: addr(exit_at)?,
         done: addr(done_at)?,
+        second_way: addr(second_way_at)?,
     };
     Some((code, rt))
+}
+
+/// The second slot of the pair `look_up_and_go` found another block in (see
+/// `BlockCache::way`): the same checks, on the slot whose address differs in bit 6.
+/// Flag-free, like the lookup.
+fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
+    use iced_x86::code_asm::registers::gpr64::*;
+    let (_, b_gpa, b_ip, b_bits, b_epoch, b_chain) = block_layout();
+    // R9 ^= 64 without flags: R9 + 64 - 128 * bit6.
+    a!(a.mov(r8, 64u64));
+    a!(a.pext(r10, r9, r8));
+    a!(a.mov(r8, 7u64));
+    a!(a.shlx(r10, r10, r8));
+    a!(a.not(r10));
+    a!(a.lea(r9, ptr(r9 + r10 + 65)));
+    let go = |a: &mut CodeAssembler| -> Option<()> {
+        let mut ok = a.create_label();
+        a!(a.jrcxz(ok));
+        a!(a.jmp(*done));
+        a!(a.set_label(&mut ok));
+        Some(())
+    };
+    a!(a.mov(rcx, qword_ptr(r9 + b_gpa)));
+    a!(a.not(rcx));
+    a!(a.lea(rcx, ptr(rcx + r11 + 1)));
+    go(a)?;
+    a!(a.mov(rcx, qword_ptr(r9 + b_ip)));
+    a!(a.not(rcx));
+    a!(a.lea(rcx, ptr(rcx + rax + 1)));
+    go(a)?;
+    a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
+    a!(a.mov(r8, 0x7fu64));
+    a!(a.pext(rcx, rcx, r8));
+    a!(a.lea(rcx, ptr(rcx - 64)));
+    go(a)?;
+    a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
+    a!(a.not(rcx));
+    a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
+    a!(a.lea(rcx, ptr(rcx + r8 + 1)));
+    go(a)?;
+    a!(a.mov(rcx, qword_ptr(r9 + b_chain)));
+    a!(a.jrcxz(*done));
+    a!(a.jmp(rcx));
+    Some(())
 }
 
 /// Returned when the code ran to the end of its chain of blocks (the next RIP is in the
@@ -516,16 +567,22 @@ impl Emitter {
         a!(a.shlx(r9, r9, r8));
         a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, blocks)))));
         a!(a.lea(r9, ptr(r8 + r9)));
+        // Another block in the first slot of the pair: the shared second try.
+        let second = self.rt.second_way;
         a!(a.mov(rcx, qword_ptr(r9 + b_gpa)));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + r11 + 1)));
-        self.continue_if_rcx_zero(done)?;
-        let a = &mut self.a;
+        let mut gpa_ok = a.create_label();
+        a!(a.jrcxz(gpa_ok));
+        a!(a.jmp(second));
+        a!(a.set_label(&mut gpa_ok));
         a!(a.mov(rcx, qword_ptr(r9 + b_ip)));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + rax + 1)));
-        self.continue_if_rcx_zero(done)?;
-        let a = &mut self.a;
+        let mut ip_ok = a.create_label();
+        a!(a.jrcxz(ip_ok));
+        a!(a.jmp(second));
+        a!(a.set_label(&mut ip_ok));
         // 64-bit code, page-crossing or not (such a block checks its second page).
         a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
         a!(a.mov(r8, 0x7fu64));
