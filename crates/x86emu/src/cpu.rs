@@ -101,10 +101,7 @@ pub struct Core {
     pub(crate) wait_for_sipi: bool,
     pub(crate) window_request: bool,
     pub(crate) shutdown: bool,
-    pub(crate) tsc_epoch: Instant,
-    pub(crate) tsc_offset: u64,
-    /// The TSC is the host's own (see `set_tsc_host`).
-    tsc_host: bool,
+    pub(crate) tsc: TscClock,
     /// Events delivered and SYSCALLs run (see `kernel_entries`).
     pub(crate) entries: u64,
     /// Instructions retired since creation.
@@ -198,9 +195,11 @@ impl Core {
             wait_for_sipi: false,
             window_request: false,
             shutdown: false,
-            tsc_epoch: Instant::now(),
-            tsc_offset: 0,
-            tsc_host: false,
+            tsc: TscClock {
+                epoch: Instant::now(),
+                offset: 0,
+                host: false,
+            },
             entries: 0,
             retired: 0,
             walk_raced: false,
@@ -424,32 +423,23 @@ impl Core {
     /// Current time-stamp counter: 1 GHz of host monotonic time plus the guest's offset.
     /// Count the TSC from `epoch` (TSC = ns since it), so every vCPU of a VM agrees.
     pub fn set_tsc_epoch(&mut self, epoch: Instant) {
-        self.tsc_epoch = epoch;
-        self.tsc_offset = 0;
+        self.tsc.epoch = epoch;
+        self.tsc.offset = 0;
     }
 
     /// Make the TSC the host's RDTSC plus the guest's offset, for a VMM that also runs guest
     /// code natively (where RDTSC is the host's) and tells the guest the host's TSC rate.
     pub fn set_tsc_host(&mut self, host: bool) {
-        self.tsc_host = host;
-        self.tsc_offset = 0;
-    }
-
-    fn tsc_base(&self) -> u64 {
-        #[cfg(target_arch = "x86_64")]
-        if self.tsc_host {
-            // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
-            return unsafe { std::arch::x86_64::_rdtsc() };
-        }
-        self.tsc_epoch.elapsed().as_nanos() as u64
+        self.tsc.host = host;
+        self.tsc.offset = 0;
     }
 
     pub(crate) fn tsc(&self) -> u64 {
-        self.tsc_base().wrapping_add(self.tsc_offset)
+        self.tsc.now()
     }
 
     pub(crate) fn set_tsc(&mut self, v: u64) {
-        self.tsc_offset = v.wrapping_sub(self.tsc_base());
+        self.tsc.offset = v.wrapping_sub(self.tsc.base());
     }
 
     /// How many times the CPU entered its kernel: events delivered (exceptions, interrupts,
@@ -533,6 +523,9 @@ impl Core {
             cli_ok: u64::from(self.iopl_ok()),
             sti_ok: u64::from(self.iopl_ok() && !self.window_request),
             cpl0: u64::from(self.s.cpl() == 0),
+            rdtsc_ok: u64::from(self.s.cr4 & crate::state::cr::CR4_TSD == 0 || self.s.cpl() == 0),
+            tsc: &self.tsc,
+            rdtsc: jit_rdtsc as *const () as usize as u64,
             retired: 0,
             rip: 0,
             link: 0,
@@ -857,4 +850,38 @@ impl Cpu {
         self.core
             .fetch_slow(p, lin, off, bitness, ip, user, crossing)
     }
+}
+
+/// The time-stamp counter: 1 GHz of host monotonic time since `epoch` (or the host's own
+/// TSC) plus the guest's offset. Compiled RDTSC reads it through `jit_rdtsc`.
+#[derive(Debug)]
+pub(crate) struct TscClock {
+    pub(crate) epoch: Instant,
+    pub(crate) offset: u64,
+    /// The TSC is the host's own (see `Cpu::set_tsc_host`).
+    pub(crate) host: bool,
+}
+
+impl TscClock {
+    fn base(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if self.host {
+            // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
+            return unsafe { std::arch::x86_64::_rdtsc() };
+        }
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.base().wrapping_add(self.offset)
+    }
+}
+
+/// RDTSC for compiled code (which calls it with the SysV ABI).
+///
+/// # Safety
+/// `clock` points to the running CPU's `TscClock`, which lives for the call.
+pub(crate) unsafe extern "C" fn jit_rdtsc(clock: *const TscClock) -> u64 {
+    // SAFETY: caller contract.
+    unsafe { (*clock).now() }
 }

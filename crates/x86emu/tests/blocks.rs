@@ -1102,6 +1102,69 @@ fn iret_to_user(a: &mut CodeAssembler, user_rip: u64, user_rsp: u64, rflags: i32
     a.iretq().unwrap();
 }
 
+/// RDTSC runs in compiled code as a call of the CPU's clock: EDX:EAX from the TSC the
+/// guest set with WRMSR, never going back, and every other register and the status flags
+/// kept across it.
+#[test]
+fn compiled_rdtsc_reads_the_guest_tsc_and_keeps_the_rest() {
+    const START: u64 = 0x12_ffff_f000;
+    let code = asm(64, CODE, |a| {
+        let (mut top, mut bad) = (a.create_label(), a.create_label());
+        a.mov(ecx, 0x10u32).unwrap(); // IA32_TIME_STAMP_COUNTER
+        a.mov(eax, START as u32).unwrap();
+        a.mov(edx, (START >> 32) as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(rcx, 3000u64).unwrap();
+        a.xor(r9d, r9d).unwrap();
+        a.xor(r11d, r11d).unwrap();
+        a.mov(rbx, 0x1111u64).unwrap();
+        a.mov(rsi, 0x2222u64).unwrap();
+        a.mov(rdi, 0x3333u64).unwrap();
+        a.mov(r8, 0x4444u64).unwrap();
+        a.mov(r10, 0x5555u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.cmp(rbx, rsi).unwrap(); // CF = 1
+        a.rdtsc().unwrap();
+        a.adc(r11, 0).unwrap();
+        a.shl(rdx, 32).unwrap();
+        a.or(rax, rdx).unwrap();
+        a.cmp(rax, r9).unwrap();
+        a.jb(bad).unwrap();
+        a.mov(r9, rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut bad).unwrap();
+        a.mov(r12, 1u64).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    for jit in [None, Some(0)] {
+        let (r, blocks) = run(jit);
+        assert_eq!(r[12], 0, "the TSC went back ({jit:?})");
+        assert_eq!(r[11], 3000, "CF kept across RDTSC ({jit:?})");
+        assert_eq!(
+            [r[3], r[6], r[7], r[8], r[10]],
+            [0x1111, 0x2222, 0x3333, 0x4444, 0x5555],
+            "{jit:?}"
+        );
+        // Set at START, then 1 GHz of host time: well under a minute has passed.
+        assert!(
+            r[9] >= START && r[9] - START < 60_000_000_000,
+            "{:#x}",
+            r[9]
+        );
+        if jit.is_some() {
+            assert!(blocks >= 1);
+        }
+    }
+}
+
 /// Two hot functions whose blocks hash to the same slot: both stay cached (a slot pair),
 /// so both compile, and compiled code finds the one in the pair's second slot through its
 /// own lookup. A direct-mapped cache had them evict each other at every call, forever

@@ -108,6 +108,9 @@ pub(super) enum Kind {
     Sti,
     /// SWAPGS at CPL0.
     Swapgs,
+    /// RDTSC where it may run (else the interpreter raises #GP): a call of the CPU's
+    /// clock.
+    Rdtsc,
     /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
     RepStos,
     /// REP MOVSB/MOVSQ with 64-bit addresses and no segment override (likewise).
@@ -305,6 +308,7 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Cli => return Some(Kind::Cli),
         Code::Sti if !last => return Some(Kind::Sti),
         Code::Swapgs => return Some(Kind::Swapgs),
+        Code::Rdtsc => return Some(Kind::Rdtsc),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
         Code::Jmp_rm64 | Code::Call_rm64 if last => {

@@ -178,6 +178,7 @@ pub(super) fn translate(
             Kind::Cli => e.set_if(i as u32, false)?,
             Kind::Sti => e.set_if(i as u32, true)?,
             Kind::Swapgs => e.swapgs(i as u32)?,
+            Kind::Rdtsc => e.rdtsc(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
             Kind::Call => e.call(ins, i as u32, len)?,
@@ -1246,6 +1247,53 @@ impl Emitter {
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
         Some(())
+    }
+
+    /// RDTSC: EDX:EAX from the CPU's clock, read by a call of `cpu::jit_rdtsc` (Linux reads
+    /// the TSC at every system call's exit, for its random kernel-stack offset; leaving
+    /// for the interpreter there cost more than the call). The guest's registers are all
+    /// in the state (stores are written through), so the call only costs the host
+    /// registers' cached copies; the guest's status flags, which live in the host's, are
+    /// saved around it. Where CR4.TSD forbids it, the interpreter raises the #GP.
+    fn rdtsc(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rdi, rdx, rsp};
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        a!(a.mov(rcx, qword_ptr(rsp)));
+        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, rdtsc_ok)))));
+        a!(a.jrcxz(miss));
+        // The context pointer is at [rsp]; the call wants RSP 16-byte aligned, as it is
+        // here (see `runtime`): the flags' 8 bytes and 8 more.
+        a!(a.pushfq());
+        a!(a.lea(rsp, ptr(rsp - 8)));
+        a!(a.mov(rdi, qword_ptr(rsp + 16)));
+        a!(a.mov(rax, qword_ptr(rdi + ctx_off(offset_of!(Ctx, rdtsc)))));
+        a!(a.mov(rdi, qword_ptr(rdi + ctx_off(offset_of!(Ctx, tsc)))));
+        if host_avx() {
+            // The callee's legacy SSE: no dirty upper state (the guest's is in the state).
+            a!(a.vzeroupper());
+        }
+        a!(a.call(rax));
+        a!(a.lea(rsp, ptr(rsp + 8)));
+        a!(a.popfq());
+        a!(a.mov(rcx, 32u64));
+        a!(a.shrx(rdx, rax, rcx));
+        a!(a.mov(gpr32::eax, gpr32::eax));
+        // The SysV ABI's caller-saved registers: their cached guest values are gone.
+        self.clobber(&[
+            Register::RAX,
+            Register::RCX,
+            Register::RDX,
+            Register::RSI,
+            Register::RDI,
+            Register::R8,
+            Register::R9,
+            Register::R10,
+            Register::R11,
+        ]);
+        self.vcached = [0; 16];
+        self.store_guest(0, Register::RAX)?;
+        self.store_guest(2, Register::RDX)
     }
 
     /// SWAPGS at CPL0 (else the interpreter raises #GP): the GS base and KERNEL_GS_BASE

@@ -66,6 +66,11 @@ pub(crate) struct Ctx {
     pub(crate) sti_ok: u64,
     /// 1 at CPL0 (for SWAPGS).
     pub(crate) cpl0: u64,
+    /// 1 when RDTSC may run here (CR4.TSD clear, or CPL0).
+    pub(crate) rdtsc_ok: u64,
+    /// The CPU's TSC, and the function that reads it (`cpu::jit_rdtsc`).
+    pub(crate) tsc: *const crate::cpu::TscClock,
+    pub(crate) rdtsc: u64,
     /// Out: instructions run.
     pub(crate) retired: u64,
     /// Out, FINISHED: the next RIP.
