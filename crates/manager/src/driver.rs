@@ -189,10 +189,13 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         chardev_path(&run.qmp())?
     ));
     for (i, d) in vm.disks.iter().enumerate() {
-        let mut drive = format!("file={},if=virtio,index={i}", chardev_path(&d.path)?);
-        if let Some(f) = d.format {
-            drive.push_str(&format!(",format={}", disk_format(f)));
-        }
+        // Always a format: QEMU would probe (see docs/SECURITY.md).
+        let f = d.format.unwrap_or(DiskFormat::Raw);
+        let mut drive = format!(
+            "file={},if=virtio,index={i},format={}",
+            chardev_path(&d.path)?,
+            disk_format(f)
+        );
         if d.read_only {
             drive.push_str(",readonly=on");
         }

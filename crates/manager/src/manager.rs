@@ -456,25 +456,53 @@ impl Manager {
         Ok(self.info_of(&def))
     }
 
-    /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file; the volume must exist.
+    /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file and its recorded
+    /// format (the volume must exist; a different format given is refused), and gives a
+    /// file disk without a format raw, refusing one whose file starts with a qcow2 header:
+    /// formats are fixed at definition, never guessed from what a guest wrote later.
     fn resolve_volumes(&self, def: &mut DomainDef) -> Result<()> {
+        let to_disk = |f: block::Format| match f {
+            block::Format::Raw => vmm::config::DiskFormat::Raw,
+            block::Format::Qcow2 => vmm::config::DiskFormat::Qcow2,
+        };
         for d in def.vm.disks.iter_mut() {
             let Some(r) = d
                 .path
                 .to_str()
                 .and_then(|p| p.strip_prefix(domain::VOLUME_PREFIX))
             else {
+                if d.format.is_none() && d.path.is_file() {
+                    if block::probe(&d.path).ok() == Some(block::Format::Qcow2) {
+                        return Err(Error::invalid(
+                            "disk",
+                            format!(
+                                "{} starts with a qcow2 header but no format was given: \
+                                 formats are never guessed (give \"format\": \"qcow2\", \
+                                 or <driver type='qcow2'/>)",
+                                d.path.display()
+                            ),
+                        ));
+                    }
+                    d.format = Some(vmm::config::DiskFormat::Raw);
+                }
                 continue;
             };
             let (pool, vol) = r
                 .split_once('/')
                 .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
             let info = crate::storage::volume_info(self, pool, vol)?;
+            let recorded = to_disk(info.format);
+            if d.format.is_some_and(|f| f != recorded) {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "volume {pool}/{vol} is {}: its format is fixed",
+                        info.format
+                    ),
+                ));
+            }
             d.path = info.path;
-            d.format.get_or_insert(match info.format {
-                block::Format::Raw => vmm::config::DiskFormat::Raw,
-                block::Format::Qcow2 => vmm::config::DiskFormat::Qcow2,
-            });
+            d.format = Some(recorded);
         }
         Ok(())
     }

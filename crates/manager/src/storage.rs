@@ -195,7 +195,11 @@ pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
     if !path.is_file() {
         return Err(Error::not_found("volume", &format!("{pool}/{vol}")));
     }
-    let i = block::info(&path, None).map_err(block_err)?;
+    // The format recorded when the manager made the volume; a file placed in the pool by
+    // hand is raw. Never probed: a guest writes the content (a qcow2 header naming a host
+    // file on a raw volume would otherwise be followed).
+    let format = m.store.volume_format(pool, vol)?.unwrap_or(Format::Raw);
+    let i = block::info(&path, Some(format)).map_err(block_err)?;
     Ok(VolumeInfo {
         name: vol.to_string(),
         pool: pool.to_string(),
@@ -237,6 +241,10 @@ pub fn create_volume(
         let _ = std::fs::remove_file(&path);
         return Err(block_err(e));
     }
+    if let Err(e) = m.store.set_volume_format(pool, vol, format) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     volume_info(m, pool, vol)
 }
 
@@ -251,6 +259,11 @@ pub fn clone_volume(
     let from = volume_info(m, pool, src)?;
     let to = vol_path(m, pool, dst)?;
     ensure_absent(&to, pool, dst)?;
+    let new_format = if overlay {
+        Format::Qcow2
+    } else {
+        format.unwrap_or(from.format)
+    };
     let r = if overlay {
         if format.is_some_and(|f| f != Format::Qcow2) {
             return Err(Error::invalid("clone", "an overlay is always qcow2"));
@@ -267,12 +280,12 @@ pub fn clone_volume(
             &from.path,
             Some(from.format),
             &to,
-            format.unwrap_or(from.format),
+            new_format,
             &mut |_, _| {},
         )
         .map_err(block_err)
     };
-    if let Err(e) = r {
+    if let Err(e) = r.and_then(|()| m.store.set_volume_format(pool, dst, new_format)) {
         let _ = std::fs::remove_file(&to);
         return Err(e);
     }
@@ -322,7 +335,10 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
         if other == vol {
             continue;
         }
-        if let Ok(i) = block::info(&dir.join(&other), None) {
+        let Ok(Some(f)) = m.store.volume_format(pool, &other) else {
+            continue; // raw: names no backing file
+        };
+        if let Ok(i) = block::info(&dir.join(&other), Some(f)) {
             if let Some(b) = i.backing_file {
                 if block::resolve_backing(&dir.join(&other), &b) == info.path {
                     return Err(Error::Conflict(format!(
@@ -332,7 +348,8 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
             }
         }
     }
-    std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))
+    std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))?;
+    m.store.forget_volume(pool, vol)
 }
 
 /// Writes guest-visible bytes at `offset` (upload, in chunks).
@@ -357,7 +374,7 @@ pub fn write_volume(m: &Manager, pool: &str, vol: &str, offset: u64, data: &[u8]
             )
         })?;
     let _ = end;
-    let mut b = block::open(&info.path, Some(info.format), false).map_err(block_err)?;
+    let mut b = block::open_guest_disk(&info.path, Some(info.format), false).map_err(block_err)?;
     b.write_at(offset, data).map_err(block_err)?;
     b.flush().map_err(block_err)
 }
@@ -369,7 +386,8 @@ pub fn read_volume(m: &Manager, pool: &str, vol: &str, offset: u64, len: u64) ->
         return Err(Error::invalid("download", "offset past the volume's end"));
     }
     let n = len.min(info.capacity - offset).min(16 << 20);
-    let mut b = block::open_with(&info.path, Some(info.format), true, true).map_err(block_err)?;
+    let mut b = block::open_guest_disk_with(&info.path, Some(info.format), true, true)
+        .map_err(block_err)?;
     let mut buf = vec![0u8; n as usize];
     b.read_at(offset, &mut buf).map_err(block_err)?;
     Ok(buf)

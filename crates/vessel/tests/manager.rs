@@ -1452,3 +1452,85 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
         assert_eq!(info["info"]["last_stop"], "guest powered off", "{info}");
     }
 }
+
+/// Issue 22: a raw volume whose guest wrote a qcow2 header naming a host file: the
+/// manager never follows it (vol-info, vol-download, a domain using the volume).
+#[test]
+fn raw_volume_with_guest_written_qcow2_header_stays_raw() {
+    let d = Daemon::start("volprobe");
+    let c = d.client();
+    let secret_bytes = b"root-only secret: no client may read this".to_vec();
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let pool = d.dir.join("p");
+    d.ok(&["pool-define", "p", pool.to_str().unwrap(), "--build"]);
+    d.ok(&["vol-create", "p", "disk.raw", "4M", "--format", "raw"]);
+    // What the guest writes onto its disk: a qcow2 image whose backing file is the secret.
+    let evil = d.dir.join("evil.qcow2");
+    let name = secret.to_str().unwrap();
+    block::create(
+        &evil,
+        block::Format::Qcow2,
+        Some(4 << 20),
+        Some((name, Some(block::Format::Raw))),
+    )
+    .unwrap();
+    let header = std::fs::read(&evil).unwrap();
+    d.ok(&["vol-upload", "p", "disk.raw", evil.to_str().unwrap()]);
+    // The attack is real: probing the volume's file would follow the header.
+    let mut probed = block::open(&pool.join("disk.raw"), None, true).unwrap();
+    let mut b = vec![0u8; secret_bytes.len()];
+    probed.read_at(0, &mut b).unwrap();
+    assert_eq!(b, secret_bytes);
+    drop(probed);
+
+    let v: Value = serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "disk.raw"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+    assert_eq!(v["capacity"].as_u64(), Some(4 << 20));
+    assert!(v.get("backing_file").is_none(), "{v}");
+    let back = d.dir.join("back.bin");
+    d.ok(&["vol-download", "p", "disk.raw", back.to_str().unwrap()]);
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 4 << 20);
+    assert!(
+        got[..header.len()] == header[..],
+        "vol-download returns the volume's bytes"
+    );
+    assert!(!got
+        .windows(secret_bytes.len())
+        .any(|w| w == &secret_bytes[..]));
+
+    // A domain on the volume gets its recorded format; naming another is refused.
+    let def = json!({"name": "probe", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": "vol://p/disk.raw"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let got = c.get("/v1/domains/probe").unwrap()["definition"].clone();
+    assert_eq!(got["vm"]["disks"][0]["format"], "raw", "{got}");
+    let def = json!({"name": "probe2", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": "vol://p/disk.raw", "format": "qcow2"}]}});
+    let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("format is fixed"), "{msg}");
+    // A file disk with a qcow2 header and no format: refused, not probed.
+    let def = json!({"name": "probe3", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": pool.join("disk.raw")}]}});
+    let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("never guessed"), "{msg}");
+    c.call("DELETE", "/v1/domains/probe", None).unwrap();
+
+    // A file copied into the pool by hand has no record: raw, whatever its content.
+    std::fs::copy(&evil, pool.join("dropped.qcow2")).unwrap();
+    let v: Value =
+        serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "dropped.qcow2"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+    // Deleting a volume forgets its format: a file of that name later is raw.
+    d.ok(&["vol-create", "p", "q.qcow2", "1M"]);
+    d.ok(&["vol-delete", "p", "q.qcow2"]);
+    std::fs::copy(&evil, pool.join("q.qcow2")).unwrap();
+    let v: Value = serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "q.qcow2"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+}

@@ -325,7 +325,8 @@ impl VmmApi {
             .iter()
             .map(|d| crate::config::DiskConfig {
                 path: d.path_on_host.clone().into(),
-                format: None,
+                // As Firecracker's: drives are raw, their content never interpreted.
+                format: Some(crate::config::DiskFormat::Raw),
                 read_only: d.is_read_only,
                 transport: None,
             })
@@ -766,6 +767,8 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
         assert_eq!(c.disks.len(), 1);
         assert!(c.disks[0].read_only);
+        // Drives are raw, as Firecracker's: never probed (issue 22).
+        assert_eq!(c.disks[0].format, Some(crate::config::DiskFormat::Raw));
         assert_eq!(c.nets[0].tap, "tap0");
     }
 
