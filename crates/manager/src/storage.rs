@@ -212,6 +212,25 @@ pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
     })
 }
 
+/// Largest volume: what a qcow2 image with the default 64 KiB clusters addresses, for
+/// every format (a raw file that large would not fit a filesystem either).
+pub fn max_capacity() -> u64 {
+    block::qcow2::header::max_virtual_size(16)
+}
+
+fn check_capacity(capacity: u64) -> Result<()> {
+    if capacity > max_capacity() {
+        return Err(Error::invalid(
+            "volume capacity",
+            format!(
+                "{capacity} bytes is more than the largest volume ({} bytes)",
+                max_capacity()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn ensure_absent(path: &Path, pool: &str, vol: &str) -> Result<()> {
     if path.exists() {
         return Err(Error::Exists {
@@ -237,6 +256,7 @@ pub fn create_volume(
             "must be more than 0 bytes",
         ));
     }
+    check_capacity(capacity)?;
     if let Err(e) = block::create(&path, format, Some(capacity), None) {
         let _ = std::fs::remove_file(&path);
         return Err(block_err(e));
@@ -318,6 +338,7 @@ pub fn resize_volume(m: &Manager, pool: &str, vol: &str, capacity: u64) -> Resul
             ),
         ));
     }
+    check_capacity(capacity)?;
     block::resize(&info.path, Some(info.format), capacity).map_err(block_err)?;
     volume_info(m, pool, vol)
 }

@@ -1534,3 +1534,120 @@ fn raw_volume_with_guest_written_qcow2_header_stays_raw() {
     let v: Value = serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "q.qcow2"])).unwrap();
     assert_eq!(v["format"], "raw", "{v}");
 }
+
+/// Sends a request head announcing `len` body bytes (and none of them); returns the
+/// response's status line and body.
+fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {
+    write!(
+        stream,
+        "{head}Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Issue 22: bodies are capped before they are read, the token is checked first, nested
+/// XML and absurd capacities get typed errors, and the daemon stays up.
+#[test]
+fn hostile_requests_are_refused_before_their_bodies() {
+    let mut d = Daemon::start("caps");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() + 7) % 20000);
+    d.spawn_with(&["--listen-tcp", &addr, "--token-file", tf.to_str().unwrap()]);
+    let t0 = Instant::now();
+    let tcp = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let unix = || {
+        let s = UnixStream::connect(d.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+
+    // No token, a 63 MiB body announced: 401 at once, the body never awaited.
+    let t = Instant::now();
+    let r = head_only(&mut tcp(), "POST /v1/domains HTTP/1.1\r\n", 63 << 20);
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // With the token, over the 1 MiB cap: 413 before the body.
+    let auth = format!("POST /v1/domains HTTP/1.1\r\nAuthorization: Bearer {token}\r\n");
+    let r = head_only(&mut tcp(), &auth, (1 << 20) + 1);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    assert!(r.contains("too_large"), "{r}");
+    // The Unix socket has the same cap; uploads of volume data have their own.
+    let r = head_only(&mut unix(), "POST /v1/domains HTTP/1.1\r\n", 2 << 20);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let r = head_only(
+        &mut unix(),
+        "PUT /v1/pools/p/volumes/v/data HTTP/1.1\r\n",
+        65 << 20,
+    );
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let pool = d.dir.join("p");
+    d.ok(&["pool-define", "p", pool.to_str().unwrap(), "--build"]);
+    d.ok(&["vol-create", "p", "v", "16M", "--format", "raw"]);
+    let chunk = vec![0x5au8; 8 << 20];
+    let src = d.dir.join("chunk.bin");
+    std::fs::write(&src, &chunk).unwrap();
+    d.ok(&["vol-upload", "p", "v", src.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(pool.join("v")).unwrap()[..chunk.len()],
+        chunk[..]
+    );
+
+    // vol-create with capacity 2^64-1: 400, nothing created.
+    let c = d.client();
+    let (st, msg) = api_status(
+        c.post(
+            "/v1/pools/p/volumes",
+            Some(&json!({"name": "huge", "capacity": u64::MAX})),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("largest volume"), "{msg}");
+    assert!(!pool.join("huge").exists());
+    let (st, _) = api_status(
+        c.post(
+            "/v1/pools/p/volumes/v/resize",
+            Some(&json!({"capacity": u64::MAX})),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(st, 400);
+
+    // 3,000 nested elements (21 KB) and 500,000 attributes: typed errors, fast.
+    let deep = format!(
+        "<domain>{}{}</domain>",
+        "<a>".repeat(3000),
+        "</a>".repeat(3000)
+    );
+    let t = Instant::now();
+    let (st, msg) = api_status(c.define_text(&deep).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("nested deeper"), "{msg}");
+    let wide: String = (0..60_000).map(|i| format!(" a{i}='x'")).collect();
+    let (st, msg) = api_status(c.define_text(&format!("<domain{wide}/>")).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("attributes"), "{msg}");
+    // Past the body cap the client still gets the daemon's answer, not a broken pipe.
+    let wider: String = (0..100_000).map(|i| format!(" a{i}='x'")).collect();
+    let (st, msg) = api_status(c.define_text(&format!("<domain{wider}/>")).unwrap_err());
+    assert_eq!(st, 413, "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Still serving.
+    assert_eq!(c.get("/v1").unwrap()["api"], "v1");
+}
