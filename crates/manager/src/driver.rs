@@ -202,6 +202,8 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         c.arg("-drive").arg(drive);
     }
     for (i, n) in vm.nets.iter().enumerate() {
+        // Checked at definition too; a stored definition from an older version is not.
+        crate::domain::check_tap_name(&n.tap)?;
         c.arg("-netdev").arg(format!(
             "tap,id=net{i},ifname={},script=no,downscript=no",
             n.tap

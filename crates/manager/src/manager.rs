@@ -29,6 +29,9 @@ pub use networks::{InterfaceInfo, Lease, NetworkInfo};
 pub struct Config {
     pub state_dir: PathBuf,
     pub programs: Programs,
+    /// Folders pools may be defined in besides `STATE/pools` (`vessel daemon
+    /// --pool-root DIR`): a pool elsewhere would hand API clients that folder's files.
+    pub pool_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -105,7 +108,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn restrict(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("restricting", path, e))
+}
+
 impl Manager {
+    /// Folders pools may lie in: `STATE/pools` and the configured roots, resolved.
+    pub fn pool_roots(&self) -> Vec<PathBuf> {
+        std::iter::once(self.cfg.state_dir.join("pools"))
+            .chain(self.cfg.pool_roots.iter().cloned())
+            .filter_map(|p| p.canonicalize().ok())
+            .collect()
+    }
+
     /// Opens (or creates) the state directory and its database, then re-adopts VMM
     /// processes that outlived a previous daemon.
     pub fn open(cfg: Config) -> Result<Arc<Self>> {
@@ -113,11 +130,27 @@ impl Manager {
             cfg.state_dir.clone(),
             cfg.state_dir.join("run"),
             cfg.state_dir.join("log"),
+            cfg.state_dir.join("pools"),
         ] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io("creating state folder", &d, e))?;
         }
+        // The domain table and logs are the daemon user's alone (older versions left them
+        // world-readable).
+        restrict(&cfg.state_dir, 0o700)?;
         let state_lock = lock_state_dir(&cfg.state_dir)?;
-        let store = Store::open(&cfg.state_dir.join("vessel.db"))?;
+        let db = cfg.state_dir.join("vessel.db");
+        let store = Store::open(&db)?;
+        for f in ["vessel.db", "vessel.db-wal", "vessel.db-shm"] {
+            let p = cfg.state_dir.join(f);
+            if p.exists() {
+                restrict(&p, 0o600)?;
+            }
+        }
+        if let Ok(logs) = std::fs::read_dir(cfg.state_dir.join("log")) {
+            for e in logs.flatten() {
+                let _ = restrict(&e.path(), 0o600);
+            }
+        }
         let m = Arc::new(Manager {
             _state_lock: state_lock,
             cfg,

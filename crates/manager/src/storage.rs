@@ -146,6 +146,64 @@ pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
     })
 }
 
+/// `path` with symbolic links resolved as far as it exists (the rest appended as given).
+fn resolve_existing(path: &Path) -> Result<PathBuf> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut real = existing
+        .canonicalize()
+        .map_err(|e| Error::io("resolving", existing, e))?;
+    for r in rest.iter().rev() {
+        real.push(r);
+    }
+    Ok(real)
+}
+
+/// Refuses a pool folder outside the daemon's pool roots (`STATE/pools` and `vessel
+/// daemon --pool-root DIR`): a pool on /etc would let any API client read /etc/shadow.
+fn check_pool_root(m: &Manager, path: &Path) -> Result<PathBuf> {
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::invalid(
+            "pool path",
+            format!("{}: '..' is not allowed", path.display()),
+        ));
+    }
+    let real = resolve_existing(path)?;
+    let roots = m.pool_roots();
+    if roots.iter().any(|r| real.starts_with(r)) {
+        return Ok(real);
+    }
+    let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    Err(Error::invalid(
+        "pool path",
+        format!(
+            "{} is outside the pool roots ({}): pools live under the state folder's pools/ \
+             or a folder the daemon allows with --pool-root",
+            path.display(),
+            list.join(", ")
+        ),
+    ))
+}
+
+/// A pool's folder, checked against the pool roots again (a pool defined before they
+/// were enforced, or a folder replaced by a link since).
+fn pool_dir(m: &Manager, pool: &str) -> Result<PathBuf> {
+    let dir = m.store.get_pool(pool)?;
+    check_pool_root(m, &dir)
+}
+
 pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
     check_name("pool name", name)?;
     if !path.is_absolute() {
@@ -154,6 +212,7 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
             format!("{} is not an absolute path", path.display()),
         ));
     }
+    check_pool_root(m, path)?;
     let mut made = false;
     if !path.exists() {
         if !create {
@@ -173,9 +232,15 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
             format!("{} is not a directory", path.display()),
         ));
     }
-    let path = path
-        .canonicalize()
-        .map_err(|e| Error::io("resolving", path, e))?;
+    let path = match check_pool_root(m, path) {
+        Ok(p) => p,
+        Err(e) => {
+            if made {
+                let _ = std::fs::remove_dir(path);
+            }
+            return Err(e);
+        }
+    };
     if let Err(e) = m.store.insert_pool(name, &path) {
         if made {
             let _ = std::fs::remove_dir(&path);
@@ -187,7 +252,7 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
 
 fn vol_path(m: &Manager, pool: &str, vol: &str) -> Result<PathBuf> {
     check_name("volume name", vol)?;
-    Ok(m.store.get_pool(pool)?.join(vol))
+    Ok(pool_dir(m, pool)?.join(vol))
 }
 
 pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
@@ -351,7 +416,7 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
             info.used_by.join(", ")
         )));
     }
-    let dir = m.store.get_pool(pool)?;
+    let dir = pool_dir(m, pool)?;
     for other in volume_files(&dir)? {
         if other == vol {
             continue;
@@ -458,7 +523,7 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
             Ok(Response::empty(204).into())
         }
         ("GET", [p, "volumes"]) => {
-            let dir = m.store.get_pool(p)?;
+            let dir = pool_dir(m, p)?;
             let vols: Vec<VolumeInfo> = volume_files(&dir)?
                 .iter()
                 .filter_map(|v| volume_info(m, p, v).ok())

@@ -133,6 +133,9 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
+            // The tests' pools lie in their temporary folder.
+            .arg("--pool-root")
+            .arg(&self.dir)
             .args(extra)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
@@ -1034,6 +1037,12 @@ fn storage_pools_and_volumes() {
     let e = d.fails(&["vol-resize", "images", "overlay.qcow2", "256M"]);
     assert!(e.contains("in use by running domain(s) disky"), "{e}");
     wait_state(&c, "disky", "shutoff", BOOT_TIMEOUT);
+    // Serial logs are the daemon user's alone (issue 22).
+    let log_path = c.get("/v1/domains/disky").unwrap()["info"]["serial_log"]
+        .as_str()
+        .map(PathBuf::from)
+        .unwrap();
+    assert_eq!(mode(&log_path), 0o600, "{}", log_path.display());
     let log = serial_log(&c, "disky");
     assert!(log.contains(&format!("{}", (128u64 << 20) / 512)), "{log}");
     let first: String = data[..4].iter().map(|b| format!("{b:02x}")).collect();
@@ -1650,4 +1659,86 @@ fn hostile_requests_are_refused_before_their_bodies() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Still serving.
     assert_eq!(c.get("/v1").unwrap()["api"], "v1");
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Issue 22: pools only under the pool roots, TAP names that cannot inject QEMU
+/// options, state files for the daemon's user only.
+#[test]
+fn pools_names_and_state_files_are_policed() {
+    let d = Daemon::start("police");
+    let c = d.client();
+    // /etc, a '..' escape from an allowed root, and a link out of it: all refused.
+    let link = d.dir.join("etc-link");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    let escape = format!("{}/../../etc", d.dir.display());
+    for path in ["/etc", escape.as_str(), link.to_str().unwrap()] {
+        let e = d.fails(&["pool-define", "etc", path]);
+        assert!(
+            e.contains("pool") && (e.contains("outside the pool roots") || e.contains("'..'")),
+            "{path}: {e}"
+        );
+    }
+    let e = d.fails(&[
+        "pool-define",
+        "newdir",
+        "/var/tmp/vessel-police-pool",
+        "--build",
+    ]);
+    assert!(e.contains("outside the pool roots"), "{e}");
+    assert!(
+        !Path::new("/var/tmp/vessel-police-pool").exists(),
+        "refused pools create nothing"
+    );
+    assert_eq!(c.get("/v1/pools").unwrap(), json!([]));
+    // Under STATE/pools, with no flag needed.
+    let state_pool = d.dir.join("state/pools/default");
+    d.ok(&[
+        "pool-define",
+        "default",
+        state_pool.to_str().unwrap(),
+        "--build",
+    ]);
+    // Volume names are names, not paths.
+    for bad in ["../x", "a/b", ".hidden"] {
+        let (st, msg) = api_status(
+            c.post(
+                "/v1/pools/default/volumes",
+                Some(&json!({"name": bad, "capacity": 1 << 20})),
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(st, 400, "{bad}: {msg}");
+    }
+    d.ok(&["vol-create", "default", "v.qcow2", "1M"]);
+    assert_eq!(mode(&state_pool.join("v.qcow2")), 0o600);
+
+    // A TAP name carrying QEMU options is refused at definition.
+    let a = assets();
+    for tap in ["vq0,ifname=vq1", "", "sixteen-chars-xx", "a b", "../x"] {
+        let def = json!({"name": "tapper", "driver": "qemu", "vm": {
+            "kernel": a.join("vmlinuz"), "memory_mib": 64,
+            "nets": [{"tap": tap}]}});
+        let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+        assert_eq!(st, 400, "{tap:?}: {msg}");
+        assert!(msg.contains("TAP name"), "{tap:?}: {msg}");
+    }
+    let def = json!({"name": "tapper", "driver": "qemu", "vm": {
+        "kernel": a.join("vmlinuz"), "memory_mib": 64, "nets": [{"tap": "vq0"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+
+    // The domain table and the state folder are the daemon user's alone.
+    let state = d.dir.join("state");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("vessel.db")), 0o600);
+    for f in ["vessel.db-wal", "vessel.db-shm"] {
+        if state.join(f).exists() {
+            assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+        }
+    }
+    assert_eq!(mode(&state.join("log")), 0o700);
 }
