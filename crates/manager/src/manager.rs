@@ -178,8 +178,14 @@ impl Manager {
             .join(format!("{name}.serial.log"))
     }
 
+    /// The lock serializing operations on one domain. Entries nobody holds or waits for
+    /// are dropped on the way, so requests naming unknown domains (a client may send
+    /// thousands of long names) leave nothing behind.
     fn domain_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        lock(&self.locks)
+        let mut locks = lock(&self.locks);
+        // Only the map holds such an entry, and new holders clone it under this lock.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(Mutex::new(())))
             .clone()
