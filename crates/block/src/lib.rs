@@ -6,9 +6,12 @@
 //! use, nothing is sized from an unchecked value, and malformed images give typed errors.
 //!
 //! Format probing: [`open`] with `format: None` treats a file starting with the qcow2 magic
-//! as qcow2 and anything else as raw (logging a warning, as probing a raw image a guest can
-//! write is unsafe: the guest could write a qcow2 header into it). Callers that know the
-//! format should pass it.
+//! as qcow2 and anything else as raw (logging a warning). It is for the image tools
+//! (`vessel img`, like `qemu-img`) only. A disk a guest can write must never be probed: the
+//! guest could write a qcow2 header naming any host file as its "backing file" onto its raw
+//! disk and read that file after the next open. Disks for guests are opened with
+//! [`open_guest_disk`], which never interprets an image's content as a format it was not
+//! told, and refuses backing files whose format the image does not record.
 //!
 //! ```
 //! use block::{BlockBackend, Format};
@@ -236,6 +239,17 @@ pub enum OpenError {
         path: PathBuf,
         source: lock::LockError,
     },
+    #[error(
+        "{path} starts with a qcow2 header but no format was given: formats are never guessed \
+         for guest disks; give format=qcow2 to use it as qcow2, or format=raw to give the \
+         guest its bytes"
+    )]
+    FormatNotGiven { path: PathBuf },
+    #[error(
+        "{path} names backing file {backing:?} without its format; guest disks need it \
+         recorded (qemu-img rebase -u -F raw|qcow2 -b BACKING IMAGE)"
+    )]
+    BackingFormatMissing { path: PathBuf, backing: String },
     #[error("opening backing file {backing} of {path}")]
     Backing {
         path: PathBuf,
@@ -293,17 +307,64 @@ pub fn open_with(
     force_share: bool,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
     let mut seen = HashSet::new();
-    open_chain(path, format, read_only, force_share, 0, &mut seen)
+    let policy = Policy {
+        force_share,
+        guest: false,
+    };
+    open_chain(path, format, read_only, policy, 0, &mut seen)
+}
+
+/// Opens a disk a guest will read and write: the format is never guessed from content.
+///
+/// - `Some(format)`: opened as that format; a raw image's content is never interpreted.
+/// - `None` (the user gave no format): opened as raw; a file that starts with the qcow2
+///   magic is refused ([`OpenError::FormatNotGiven`]) rather than shown to the guest as
+///   raw bytes or opened as qcow2, so the user says which was meant.
+///
+/// In a qcow2 chain every backing file must have its format recorded in the image naming
+/// it ([`OpenError::BackingFormatMissing`] otherwise): a backing file is never probed
+/// either, since another guest may write it.
+pub fn open_guest_disk(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<Box<dyn BlockBackend>, OpenError> {
+    open_guest_disk_with(path, format, read_only, false)
+}
+
+/// [`open_guest_disk`] with [`open_with`]'s `force_share`: for reading a guest's disk
+/// from outside (a volume download) with the same rules.
+pub fn open_guest_disk_with(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    force_share: bool,
+) -> Result<Box<dyn BlockBackend>, OpenError> {
+    let mut seen = HashSet::new();
+    let policy = Policy {
+        force_share,
+        guest: true,
+    };
+    open_chain(path, format, read_only, policy, 0, &mut seen)
+}
+
+/// How [`open_chain`] treats locks and missing formats.
+#[derive(Clone, Copy)]
+struct Policy {
+    force_share: bool,
+    /// Never probe (see [`open_guest_disk`]).
+    guest: bool,
 }
 
 fn open_chain(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
-    force_share: bool,
+    policy: Policy,
     depth: usize,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
+    let force_share = policy.force_share;
     if depth > MAX_BACKING_CHAIN {
         return Err(OpenError::ChainTooDeep { path: path.into() });
     }
@@ -330,6 +391,17 @@ fn open_chain(
     }
     let format = match format {
         Some(f) => f,
+        None if policy.guest => {
+            // Probed only to refuse: the content never chooses how the guest sees it.
+            let f = probe_storage(&file).map_err(|source| OpenError::Probe {
+                path: path.into(),
+                source,
+            })?;
+            if f != Format::Raw {
+                return Err(OpenError::FormatNotGiven { path: path.into() });
+            }
+            Format::Raw
+        }
         None => {
             let f = probe_storage(&file).map_err(|source| OpenError::Probe {
                 path: path.into(),
@@ -362,19 +434,24 @@ fn open_chain(
                         path: path.into(),
                         source,
                     })?),
+                    None if policy.guest => {
+                        return Err(OpenError::BackingFormatMissing {
+                            path: path.into(),
+                            backing: name,
+                        })
+                    }
                     None => None,
                 };
-                let b =
-                    open_chain(&bpath, bfmt, true, force_share, depth + 1, seen).map_err(|e| {
-                        match e {
-                            e @ (OpenError::ChainLoop { .. } | OpenError::ChainTooDeep { .. }) => e,
-                            e => OpenError::Backing {
-                                path: path.into(),
-                                backing: bpath.clone(),
-                                source: Box::new(e),
-                            },
-                        }
-                    })?;
+                let b = open_chain(&bpath, bfmt, true, policy, depth + 1, seen).map_err(
+                    |e| match e {
+                        e @ (OpenError::ChainLoop { .. } | OpenError::ChainTooDeep { .. }) => e,
+                        e => OpenError::Backing {
+                            path: path.into(),
+                            backing: bpath.clone(),
+                            source: Box::new(e),
+                        },
+                    },
+                )?;
                 q.set_backing(b);
             }
             Ok(Box::new(q))

@@ -139,7 +139,12 @@ pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<(), CreateError>
                 source,
             };
             let mut q = Qcow2::open(Box::new(file), false).map_err(init)?;
-            q.resize(size.div_ceil(512) * 512).map_err(init)?;
+            // Rounded up to a sector; a size that overflows doing so is too large.
+            let sectors = size
+                .checked_next_multiple_of(512)
+                .ok_or(Qcow2Error::SizeTooLarge(size))
+                .map_err(init)?;
+            q.resize(sectors).map_err(init)?;
         }
     }
     log_info!(path = %path.display(), format = %opts.format, size, "image created");

@@ -33,19 +33,43 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl Handler for TokenGate {
-    fn handle(&self, req: Request) -> Reply {
+/// Largest request body the API reads (JSON and libvirt XML definitions), checked from
+/// Content-Length before the body is read.
+pub const MAX_REQUEST_BODY: u64 = 1 << 20;
+/// Largest body of one volume upload request (`PUT …/volumes/V/data`); `vessel
+/// vol-upload` streams a file in requests of 8 MiB.
+pub const MAX_UPLOAD_BODY: u64 = vmm::api::http::MAX_BODY as u64;
+
+fn unauthorized() -> Response {
+    Response::json(
+        401,
+        &json!({"error": {"code": "unauthorized",
+                "message": "missing or wrong token: send Authorization: Bearer TOKEN"}}),
+    )
+}
+
+impl TokenGate {
+    fn authorized(&self, req: &Request) -> bool {
         let given = req
             .header("authorization")
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !same(given.trim().as_bytes(), self.token.as_bytes()) {
-            return Response::json(
-                401,
-                &json!({"error": {"code": "unauthorized",
-                        "message": "missing or wrong token: send Authorization: Bearer TOKEN"}}),
-            )
-            .into();
+        same(given.trim().as_bytes(), self.token.as_bytes())
+    }
+}
+
+impl Handler for TokenGate {
+    /// The token first: an unauthenticated client gets 401 before its body is read.
+    fn admit(&self, req: &Request, body_len: u64) -> Option<Response> {
+        if !self.authorized(req) {
+            return Some(unauthorized());
+        }
+        self.inner.admit(req, body_len)
+    }
+
+    fn handle(&self, req: Request) -> Reply {
+        if !self.authorized(&req) {
+            return unauthorized().into();
         }
         self.inner.handle(req)
     }
@@ -89,6 +113,27 @@ fn query_u64(req: &Request, name: &'static str) -> Result<Option<u64>> {
 }
 
 impl Handler for Api {
+    /// Bodies are capped at [`MAX_REQUEST_BODY`], volume uploads at [`MAX_UPLOAD_BODY`].
+    fn admit(&self, req: &Request, body_len: u64) -> Option<Response> {
+        let seg = req.segments();
+        let upload =
+            req.method == "PUT" && matches!(seg.as_slice(), [_, "pools", _, "volumes", _, "data"]);
+        let cap = if upload {
+            MAX_UPLOAD_BODY
+        } else {
+            MAX_REQUEST_BODY
+        };
+        (body_len > cap).then(|| {
+            Response::json(
+                413,
+                &json!({"error": {"code": "too_large", "message": format!(
+                    "a request body of {body_len} bytes is larger than the {cap}-byte limit{}",
+                    if upload { "" } else { " (volume data goes through PUT …/volumes/V/data)" }
+                )}}),
+            )
+        })
+    }
+
     fn handle(&self, req: Request) -> Reply {
         match self.route(&req) {
             Ok(r) => r,

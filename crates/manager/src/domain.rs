@@ -119,6 +119,14 @@ impl DomainDef {
         self.vm
             .validate()
             .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
+        for n in &self.vm.nets {
+            check_tap_name(&n.tap)?;
+            if let Some(m) = &n.mac {
+                if !valid_mac(m) {
+                    return Err(Error::invalid("interface", format!("MAC address {m:?}")));
+                }
+            }
+        }
         for i in &self.interfaces {
             if i.network.is_some() == i.bridge.is_some() {
                 return Err(Error::invalid(
@@ -133,6 +141,26 @@ impl DomainDef {
             }
         }
         Ok(())
+    }
+}
+
+/// A TAP device name as Linux takes it (1-15 bytes) and nothing else: it goes into
+/// QEMU's `-netdev tap,ifname=…` and the VMM's `--net tap=…`, where a ',' would add
+/// options (`"vq0,ifname=vq1"` made QEMU create TAP vq1).
+pub fn check_tap_name(name: &str) -> Result<()> {
+    let ok = (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "TAP name",
+            format!("{name:?}: use 1-15 letters, digits, '-', '_' or '.'"),
+        ))
     }
 }
 

@@ -189,16 +189,36 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         chardev_path(&run.qmp())?
     ));
     for (i, d) in vm.disks.iter().enumerate() {
-        let mut drive = format!("file={},if=virtio,index={i}", chardev_path(&d.path)?);
-        if let Some(f) = d.format {
-            drive.push_str(&format!(",format={}", disk_format(f)));
-        }
+        // Always a format: QEMU would probe (see docs/SECURITY.md). A definition from
+        // before formats were fixed at define time gets what the Vessel VMM does: raw, or
+        // a refusal for a file that looks like qcow2 (never the guest's guess).
+        let f = match d.format {
+            Some(f) => f,
+            None if block::probe(&d.path).ok() == Some(block::Format::Qcow2) => {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "{} starts with a qcow2 header but no format was given: \
+                         redefine the domain with the disk's format",
+                        d.path.display()
+                    ),
+                ))
+            }
+            None => DiskFormat::Raw,
+        };
+        let mut drive = format!(
+            "file={},if=virtio,index={i},format={}",
+            chardev_path(&d.path)?,
+            disk_format(f)
+        );
         if d.read_only {
             drive.push_str(",readonly=on");
         }
         c.arg("-drive").arg(drive);
     }
     for (i, n) in vm.nets.iter().enumerate() {
+        // Checked at definition too; a stored definition from an older version is not.
+        crate::domain::check_tap_name(&n.tap)?;
         c.arg("-netdev").arg(format!(
             "tap,id=net{i},ifname={},script=no,downscript=no",
             n.tap
@@ -453,6 +473,47 @@ pub fn note(run: &RunDir, line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Issue 22: QEMU never probes a disk, and a TAP name cannot add -netdev options,
+    /// even for a definition stored before those were checked at define time.
+    #[test]
+    fn qemu_gets_explicit_formats_and_checked_tap_names() {
+        let dir = std::env::temp_dir().join(format!("vessel-qargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw = dir.join("d.raw");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let qcow = dir.join("d.qcow2");
+        block::create(&qcow, block::Format::Qcow2, Some(1 << 20), None).unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+        };
+        let run = RunDir(dir.join("run"));
+        let log = dir.join("serial.log");
+        let mut def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "q", "driver": "qemu",
+            "vm": {"kernel": "/k", "disks": [{"path": raw}]}}))
+        .unwrap();
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",format=raw")), "{a:?}");
+        def.vm.disks[0].path = qcow.clone();
+        let e = qemu_command(&p, &def, &run, &log).unwrap_err();
+        assert!(e.to_string().contains("qcow2 header"), "{e}");
+        def.vm.disks[0].format = Some(DiskFormat::Qcow2);
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",format=qcow2")), "{a:?}");
+        def.vm.nets =
+            serde_json::from_value(serde_json::json!([{"tap": "vq0,ifname=vq1"}])).unwrap();
+        let e = qemu_command(&p, &def, &run, &log).unwrap_err();
+        assert!(e.to_string().contains("TAP name"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn both_drivers_give_a_domain_its_cloud_init_seed() {

@@ -31,6 +31,12 @@ pub struct TcpOpts {
 /// Opens the state, binds the socket (and TCP, when asked) and serves the API until the
 /// process ends.
 pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
+    // Everything the daemon and its VMMs create (vessel.db and its journal, logs, run
+    // folders, volumes) is the daemon user's alone: 0600 files, 0700 folders.
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating socket folder", dir, e))?;
     }

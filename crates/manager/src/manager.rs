@@ -29,6 +29,9 @@ pub use networks::{InterfaceInfo, Lease, NetworkInfo};
 pub struct Config {
     pub state_dir: PathBuf,
     pub programs: Programs,
+    /// Folders pools may be defined in besides `STATE/pools` (`vessel daemon
+    /// --pool-root DIR`): a pool elsewhere would hand API clients that folder's files.
+    pub pool_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -105,7 +108,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn restrict(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("restricting", path, e))
+}
+
 impl Manager {
+    /// Folders pools may lie in: `STATE/pools` and the configured roots, resolved.
+    pub fn pool_roots(&self) -> Vec<PathBuf> {
+        std::iter::once(self.cfg.state_dir.join("pools"))
+            .chain(self.cfg.pool_roots.iter().cloned())
+            .filter_map(|p| p.canonicalize().ok())
+            .collect()
+    }
+
     /// Opens (or creates) the state directory and its database, then re-adopts VMM
     /// processes that outlived a previous daemon.
     pub fn open(cfg: Config) -> Result<Arc<Self>> {
@@ -113,11 +130,27 @@ impl Manager {
             cfg.state_dir.clone(),
             cfg.state_dir.join("run"),
             cfg.state_dir.join("log"),
+            cfg.state_dir.join("pools"),
         ] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io("creating state folder", &d, e))?;
         }
+        // The domain table and logs are the daemon user's alone (older versions left them
+        // world-readable).
+        restrict(&cfg.state_dir, 0o700)?;
         let state_lock = lock_state_dir(&cfg.state_dir)?;
-        let store = Store::open(&cfg.state_dir.join("vessel.db"))?;
+        let db = cfg.state_dir.join("vessel.db");
+        let store = Store::open(&db)?;
+        for f in ["vessel.db", "vessel.db-wal", "vessel.db-shm"] {
+            let p = cfg.state_dir.join(f);
+            if p.exists() {
+                restrict(&p, 0o600)?;
+            }
+        }
+        if let Ok(logs) = std::fs::read_dir(cfg.state_dir.join("log")) {
+            for e in logs.flatten() {
+                let _ = restrict(&e.path(), 0o600);
+            }
+        }
         let m = Arc::new(Manager {
             _state_lock: state_lock,
             cfg,
@@ -145,8 +178,14 @@ impl Manager {
             .join(format!("{name}.serial.log"))
     }
 
+    /// The lock serializing operations on one domain. Entries nobody holds or waits for
+    /// are dropped on the way, so requests naming unknown domains (a client may send
+    /// thousands of long names) leave nothing behind.
     fn domain_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        lock(&self.locks)
+        let mut locks = lock(&self.locks);
+        // Only the map holds such an entry, and new holders clone it under this lock.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(Mutex::new(())))
             .clone()
@@ -456,25 +495,53 @@ impl Manager {
         Ok(self.info_of(&def))
     }
 
-    /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file; the volume must exist.
+    /// Replaces `vol://POOL/VOLUME` disk paths with the volume's file and its recorded
+    /// format (the volume must exist; a different format given is refused), and gives a
+    /// file disk without a format raw, refusing one whose file starts with a qcow2 header:
+    /// formats are fixed at definition, never guessed from what a guest wrote later.
     fn resolve_volumes(&self, def: &mut DomainDef) -> Result<()> {
+        let to_disk = |f: block::Format| match f {
+            block::Format::Raw => vmm::config::DiskFormat::Raw,
+            block::Format::Qcow2 => vmm::config::DiskFormat::Qcow2,
+        };
         for d in def.vm.disks.iter_mut() {
             let Some(r) = d
                 .path
                 .to_str()
                 .and_then(|p| p.strip_prefix(domain::VOLUME_PREFIX))
             else {
+                if d.format.is_none() && d.path.is_file() {
+                    if block::probe(&d.path).ok() == Some(block::Format::Qcow2) {
+                        return Err(Error::invalid(
+                            "disk",
+                            format!(
+                                "{} starts with a qcow2 header but no format was given: \
+                                 formats are never guessed (give \"format\": \"qcow2\", \
+                                 or <driver type='qcow2'/>)",
+                                d.path.display()
+                            ),
+                        ));
+                    }
+                    d.format = Some(vmm::config::DiskFormat::Raw);
+                }
                 continue;
             };
             let (pool, vol) = r
                 .split_once('/')
                 .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
             let info = crate::storage::volume_info(self, pool, vol)?;
+            let recorded = to_disk(info.format);
+            if d.format.is_some_and(|f| f != recorded) {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "volume {pool}/{vol} is {}: its format is fixed",
+                        info.format
+                    ),
+                ));
+            }
             d.path = info.path;
-            d.format.get_or_insert(match info.format {
-                block::Format::Raw => vmm::config::DiskFormat::Raw,
-                block::Format::Qcow2 => vmm::config::DiskFormat::Qcow2,
-            });
+            d.format = Some(recorded);
         }
         Ok(())
     }

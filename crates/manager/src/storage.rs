@@ -146,6 +146,64 @@ pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
     })
 }
 
+/// `path` with symbolic links resolved as far as it exists (the rest appended as given).
+fn resolve_existing(path: &Path) -> Result<PathBuf> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut real = existing
+        .canonicalize()
+        .map_err(|e| Error::io("resolving", existing, e))?;
+    for r in rest.iter().rev() {
+        real.push(r);
+    }
+    Ok(real)
+}
+
+/// Refuses a pool folder outside the daemon's pool roots (`STATE/pools` and `vessel
+/// daemon --pool-root DIR`): a pool on /etc would let any API client read /etc/shadow.
+fn check_pool_root(m: &Manager, path: &Path) -> Result<PathBuf> {
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::invalid(
+            "pool path",
+            format!("{}: '..' is not allowed", path.display()),
+        ));
+    }
+    let real = resolve_existing(path)?;
+    let roots = m.pool_roots();
+    if roots.iter().any(|r| real.starts_with(r)) {
+        return Ok(real);
+    }
+    let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    Err(Error::invalid(
+        "pool path",
+        format!(
+            "{} is outside the pool roots ({}): pools live under the state folder's pools/ \
+             or a folder the daemon allows with --pool-root",
+            path.display(),
+            list.join(", ")
+        ),
+    ))
+}
+
+/// A pool's folder, checked against the pool roots again (a pool defined before they
+/// were enforced, or a folder replaced by a link since).
+fn pool_dir(m: &Manager, pool: &str) -> Result<PathBuf> {
+    let dir = m.store.get_pool(pool)?;
+    check_pool_root(m, &dir)
+}
+
 pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
     check_name("pool name", name)?;
     if !path.is_absolute() {
@@ -154,6 +212,7 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
             format!("{} is not an absolute path", path.display()),
         ));
     }
+    check_pool_root(m, path)?;
     let mut made = false;
     if !path.exists() {
         if !create {
@@ -173,9 +232,15 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
             format!("{} is not a directory", path.display()),
         ));
     }
-    let path = path
-        .canonicalize()
-        .map_err(|e| Error::io("resolving", path, e))?;
+    let path = match check_pool_root(m, path) {
+        Ok(p) => p,
+        Err(e) => {
+            if made {
+                let _ = std::fs::remove_dir(path);
+            }
+            return Err(e);
+        }
+    };
     if let Err(e) = m.store.insert_pool(name, &path) {
         if made {
             let _ = std::fs::remove_dir(&path);
@@ -187,7 +252,7 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
 
 fn vol_path(m: &Manager, pool: &str, vol: &str) -> Result<PathBuf> {
     check_name("volume name", vol)?;
-    Ok(m.store.get_pool(pool)?.join(vol))
+    Ok(pool_dir(m, pool)?.join(vol))
 }
 
 pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
@@ -195,7 +260,11 @@ pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
     if !path.is_file() {
         return Err(Error::not_found("volume", &format!("{pool}/{vol}")));
     }
-    let i = block::info(&path, None).map_err(block_err)?;
+    // The format recorded when the manager made the volume; a file placed in the pool by
+    // hand is raw. Never probed: a guest writes the content (a qcow2 header naming a host
+    // file on a raw volume would otherwise be followed).
+    let format = m.store.volume_format(pool, vol)?.unwrap_or(Format::Raw);
+    let i = block::info(&path, Some(format)).map_err(block_err)?;
     Ok(VolumeInfo {
         name: vol.to_string(),
         pool: pool.to_string(),
@@ -206,6 +275,25 @@ pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
         allocation: i.actual_size,
         backing_file: i.backing_file,
     })
+}
+
+/// Largest volume: what a qcow2 image with the default 64 KiB clusters addresses, for
+/// every format (a raw file that large would not fit a filesystem either).
+pub fn max_capacity() -> u64 {
+    block::qcow2::header::max_virtual_size(16)
+}
+
+fn check_capacity(capacity: u64) -> Result<()> {
+    if capacity > max_capacity() {
+        return Err(Error::invalid(
+            "volume capacity",
+            format!(
+                "{capacity} bytes is more than the largest volume ({} bytes)",
+                max_capacity()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn ensure_absent(path: &Path, pool: &str, vol: &str) -> Result<()> {
@@ -233,9 +321,14 @@ pub fn create_volume(
             "must be more than 0 bytes",
         ));
     }
+    check_capacity(capacity)?;
     if let Err(e) = block::create(&path, format, Some(capacity), None) {
         let _ = std::fs::remove_file(&path);
         return Err(block_err(e));
+    }
+    if let Err(e) = m.store.set_volume_format(pool, vol, format) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
     }
     volume_info(m, pool, vol)
 }
@@ -251,6 +344,11 @@ pub fn clone_volume(
     let from = volume_info(m, pool, src)?;
     let to = vol_path(m, pool, dst)?;
     ensure_absent(&to, pool, dst)?;
+    let new_format = if overlay {
+        Format::Qcow2
+    } else {
+        format.unwrap_or(from.format)
+    };
     let r = if overlay {
         if format.is_some_and(|f| f != Format::Qcow2) {
             return Err(Error::invalid("clone", "an overlay is always qcow2"));
@@ -267,12 +365,12 @@ pub fn clone_volume(
             &from.path,
             Some(from.format),
             &to,
-            format.unwrap_or(from.format),
+            new_format,
             &mut |_, _| {},
         )
         .map_err(block_err)
     };
-    if let Err(e) = r {
+    if let Err(e) = r.and_then(|()| m.store.set_volume_format(pool, dst, new_format)) {
         let _ = std::fs::remove_file(&to);
         return Err(e);
     }
@@ -305,6 +403,7 @@ pub fn resize_volume(m: &Manager, pool: &str, vol: &str, capacity: u64) -> Resul
             ),
         ));
     }
+    check_capacity(capacity)?;
     block::resize(&info.path, Some(info.format), capacity).map_err(block_err)?;
     volume_info(m, pool, vol)
 }
@@ -317,12 +416,15 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
             info.used_by.join(", ")
         )));
     }
-    let dir = m.store.get_pool(pool)?;
+    let dir = pool_dir(m, pool)?;
     for other in volume_files(&dir)? {
         if other == vol {
             continue;
         }
-        if let Ok(i) = block::info(&dir.join(&other), None) {
+        let Ok(Some(f)) = m.store.volume_format(pool, &other) else {
+            continue; // raw: names no backing file
+        };
+        if let Ok(i) = block::info(&dir.join(&other), Some(f)) {
             if let Some(b) = i.backing_file {
                 if block::resolve_backing(&dir.join(&other), &b) == info.path {
                     return Err(Error::Conflict(format!(
@@ -332,7 +434,8 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
             }
         }
     }
-    std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))
+    std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))?;
+    m.store.forget_volume(pool, vol)
 }
 
 /// Writes guest-visible bytes at `offset` (upload, in chunks).
@@ -357,7 +460,7 @@ pub fn write_volume(m: &Manager, pool: &str, vol: &str, offset: u64, data: &[u8]
             )
         })?;
     let _ = end;
-    let mut b = block::open(&info.path, Some(info.format), false).map_err(block_err)?;
+    let mut b = block::open_guest_disk(&info.path, Some(info.format), false).map_err(block_err)?;
     b.write_at(offset, data).map_err(block_err)?;
     b.flush().map_err(block_err)
 }
@@ -369,7 +472,8 @@ pub fn read_volume(m: &Manager, pool: &str, vol: &str, offset: u64, len: u64) ->
         return Err(Error::invalid("download", "offset past the volume's end"));
     }
     let n = len.min(info.capacity - offset).min(16 << 20);
-    let mut b = block::open_with(&info.path, Some(info.format), true, true).map_err(block_err)?;
+    let mut b = block::open_guest_disk_with(&info.path, Some(info.format), true, true)
+        .map_err(block_err)?;
     let mut buf = vec![0u8; n as usize];
     b.read_at(offset, &mut buf).map_err(block_err)?;
     Ok(buf)
@@ -419,7 +523,7 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
             Ok(Response::empty(204).into())
         }
         ("GET", [p, "volumes"]) => {
-            let dir = m.store.get_pool(p)?;
+            let dir = pool_dir(m, p)?;
             let vols: Vec<VolumeInfo> = volume_files(&dir)?
                 .iter()
                 .filter_map(|v| volume_info(m, p, v).ok())

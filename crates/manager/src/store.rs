@@ -21,6 +21,14 @@ CREATE TABLE IF NOT EXISTS pools (
     name TEXT PRIMARY KEY,
     path TEXT NOT NULL UNIQUE
 );
+-- The format each volume was created with: a volume's format is never probed from its
+-- content, which a guest writes (see docs/SECURITY.md).
+CREATE TABLE IF NOT EXISTS volumes (
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    format TEXT NOT NULL,
+    PRIMARY KEY (pool, name)
+);
 CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY,
     def TEXT NOT NULL
@@ -169,11 +177,53 @@ impl Store {
     }
 
     pub fn delete_pool(&self, name: &str) -> Result<()> {
-        let n = self.with(|c| c.execute("DELETE FROM pools WHERE name = ?1", [name]))?;
+        let n = self.with(|c| {
+            let n = c.execute("DELETE FROM pools WHERE name = ?1", [name])?;
+            // A pool defined again under this name may be another folder: its files get
+            // no formats from this one's records.
+            c.execute("DELETE FROM volumes WHERE pool = ?1", [name])?;
+            Ok(n)
+        })?;
         if n == 0 {
             return Err(Error::not_found("pool", name));
         }
         Ok(())
+    }
+
+    /// Records the format a volume was created with (replacing an older record).
+    pub fn set_volume_format(&self, pool: &str, vol: &str, format: block::Format) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO volumes (pool, name, format) VALUES (?1, ?2, ?3)",
+                params![pool, vol, format.to_string()],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// The recorded format of a volume; `None` for a file nobody created through the
+    /// manager (it is raw: see [`crate::storage::volume_info`]).
+    pub fn volume_format(&self, pool: &str, vol: &str) -> Result<Option<block::Format>> {
+        let f: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT format FROM volumes WHERE pool = ?1 AND name = ?2",
+                [pool, vol],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        // An unknown name in the table (written by a newer version) is not guessed at.
+        Ok(f.and_then(|s| s.parse().ok()))
+    }
+
+    pub fn forget_volume(&self, pool: &str, vol: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM volumes WHERE pool = ?1 AND name = ?2",
+                [pool, vol],
+            )
+        })
+        .map(|_| ())
     }
 }
 

@@ -69,9 +69,101 @@ fn memory_mib(n: Node) -> Result<u64> {
     Ok(bytes >> 20)
 }
 
-/// Parses a libvirt domain XML document.
+/// Deepest element nesting accepted (a libvirt domain needs about 6).
+pub const MAX_DEPTH: usize = 64;
+/// Most elements in one document.
+pub const MAX_ELEMENTS: usize = 10_000;
+/// Most attributes on one element (roxmltree checks duplicates pairwise).
+pub const MAX_ATTRIBUTES_PER_ELEMENT: usize = 64;
+/// Most attributes in one document.
+pub const MAX_ATTRIBUTES: usize = 20_000;
+
+/// Bounds a document's shape in one linear pass before it reaches the parser: nesting
+/// deeper than [`MAX_DEPTH`] once overflowed the connection thread's stack, and hundreds
+/// of thousands of attributes took the parser minutes (quadratic duplicate checks).
+/// Only counts: whatever is malformed is left for the parser to report.
+fn check_shape(xml: &str) -> Result<()> {
+    let b = xml.as_bytes();
+    let (mut i, mut depth, mut elements, mut attrs_total) = (0usize, 0usize, 0usize, 0usize);
+    // Skips to just past `end`, or to the end of the document.
+    let skip_past = |from: usize, end: &str| {
+        xml.get(from..)
+            .and_then(|rest| rest.find(end))
+            .map_or(b.len(), |at| from + at + end.len())
+    };
+    while i < b.len() {
+        let Some(at) = xml.get(i..).and_then(|rest| rest.find('<')) else {
+            break;
+        };
+        i += at;
+        let rest = &b[i..];
+        if rest.starts_with(b"<!--") {
+            i = skip_past(i + 4, "-->");
+        } else if rest.starts_with(b"<![CDATA[") {
+            i = skip_past(i + 9, "]]>");
+        } else if rest.starts_with(b"<?") {
+            i = skip_past(i + 2, "?>");
+        } else if rest.starts_with(b"<!") {
+            // A DTD: refused by the parser (entities are not allowed).
+            return Ok(());
+        } else if rest.starts_with(b"</") {
+            depth = depth.saturating_sub(1);
+            i = skip_past(i + 2, ">");
+        } else {
+            elements += 1;
+            if elements > MAX_ELEMENTS {
+                return Err(bad(format!("more than {MAX_ELEMENTS} elements")));
+            }
+            // The start tag: attributes are counted by their '=' outside quotes.
+            let (mut j, mut quote, mut attrs, mut last) = (i + 1, None, 0usize, 0u8);
+            while j < b.len() {
+                let c = b[j];
+                match quote {
+                    Some(q) if c == q => quote = None,
+                    Some(_) => {}
+                    None if c == b'"' || c == b'\'' => quote = Some(c),
+                    None if c == b'=' => attrs += 1,
+                    None if c == b'>' => break,
+                    None => {}
+                }
+                if !c.is_ascii_whitespace() {
+                    last = c;
+                }
+                j += 1;
+            }
+            if attrs > MAX_ATTRIBUTES_PER_ELEMENT {
+                return Err(bad(format!(
+                    "an element with more than {MAX_ATTRIBUTES_PER_ELEMENT} attributes"
+                )));
+            }
+            attrs_total += attrs;
+            if attrs_total > MAX_ATTRIBUTES {
+                return Err(bad(format!("more than {MAX_ATTRIBUTES} attributes")));
+            }
+            if last != b'/' {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(bad(format!(
+                        "elements nested deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            i = j + 1;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a libvirt domain XML document. Its shape is bounded first ([`MAX_DEPTH`],
+/// [`MAX_ELEMENTS`], [`MAX_ATTRIBUTES`]), in time linear in its length.
 pub fn parse_domain(xml: &str) -> Result<DomainDef> {
-    let doc = Document::parse(xml).map_err(|e| bad(e.to_string()))?;
+    check_shape(xml)?;
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        // Elements, attributes' text and text nodes: a backstop behind check_shape.
+        nodes_limit: 4 * MAX_ELEMENTS as u32,
+    };
+    let doc = Document::parse_with_options(xml, opts).map_err(|e| bad(e.to_string()))?;
     let root = doc.root_element();
     if !root.has_tag_name("domain") {
         return Err(bad(format!(
@@ -344,6 +436,65 @@ pub fn to_xml(d: &DomainDef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refused_fast(xml: &str, what: &str) {
+        let t0 = std::time::Instant::now();
+        let e = parse_domain(xml).unwrap_err();
+        assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+        assert!(e.to_string().contains(what), "{e}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursion() {
+        // 3,000 nested elements in 21 KB once overflowed the http-conn thread's stack.
+        let n = 3000;
+        let xml = format!("<domain>{}{}</domain>", "<a>".repeat(n), "</a>".repeat(n));
+        assert!(xml.len() < 22_000);
+        // On a small stack, as the connection threads have.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || refused_fast(&xml, "nested deeper than 64"))
+            .unwrap()
+            .join()
+            .unwrap();
+        // The bound itself: 64 levels pass the shape check (and fail later for content).
+        let ok = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        assert!(check_shape(&ok).is_ok());
+        let deep = format!(
+            "{}{}",
+            "<a>".repeat(MAX_DEPTH + 1),
+            "</a>".repeat(MAX_DEPTH + 1)
+        );
+        assert!(check_shape(&deep).is_err());
+        // Self-closing and commented-out tags do not nest.
+        let flat = format!(
+            "<domain>{}<!--{}--></domain>",
+            "<a/>".repeat(200),
+            "<b>".repeat(200)
+        );
+        assert!(check_shape(&flat).is_ok());
+    }
+
+    #[test]
+    fn many_attributes_are_refused_in_linear_time() {
+        // 500,000 attributes once kept the daemon busy for minutes.
+        let attrs: String = (0..500_000).map(|i| format!(" a{i}='x'")).collect();
+        refused_fast(&format!("<domain{attrs}/>"), "more than 64 attributes");
+        // Spread over many elements.
+        let many: String = (0..9_000)
+            .map(|i| format!("<e a='{i}' b='1' c='2'/>"))
+            .collect();
+        refused_fast(&format!("<domain>{many}</domain>"), "attributes");
+        let elems = "<e/>".repeat(MAX_ELEMENTS + 1);
+        refused_fast(&format!("<domain>{elems}</domain>"), "elements");
+        // Quoted '=' and '>' are values, not attributes or tag ends.
+        assert!(check_shape("<a b='x=y>z' c=\"=\"/>").is_ok());
+    }
 
     const XML: &str = r#"<domain type='kvm'>
   <name>web</name>

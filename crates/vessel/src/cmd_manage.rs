@@ -67,6 +67,10 @@ pub struct DaemonArgs {
     /// File holding the token TCP clients send (Authorization: Bearer TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// A folder storage pools may be defined in, besides STATE/pools. Repeat for more.
+    /// API clients can read and write every file in a pool.
+    #[arg(long = "pool-root")]
+    pool_roots: Vec<PathBuf>,
 }
 
 /// Runs the daemon in the foreground until it is killed.
@@ -80,6 +84,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             vessel,
             qemu: args.qemu,
         },
+        pool_roots: args.pool_roots,
     };
     let tcp = match (args.listen_tcp, args.token_file) {
         (Some(addr), Some(f)) => Some(manager::TcpOpts {

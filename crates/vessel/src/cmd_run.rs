@@ -75,7 +75,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// A virtio-blk disk: path[,format=raw|qcow2][,readonly][,transport=mmio|pci]. Repeat
-    /// for more disks.
+    /// for more disks. Without format= the disk is raw (formats are never guessed from
+    /// what a guest may have written); a file with a qcow2 header then needs format=.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// A virtio-rng device (entropy from the host's getrandom).

@@ -1,5 +1,5 @@
 //! A Debian cloud-style disk image (scripts/cloud-image.sh), unmodified, booted the way
-//! cloud users boot one: `vessel run --disk IMAGE --cloud-init user-data=FILE` on emu,
+//! cloud users boot one: `vessel run --disk IMAGE,format=qcow2 --cloud-init user-data=FILE` on emu,
 //! through SeaBIOS and the image's GRUB (its 32-bit `linux` entry) to Debian's kernel,
 //! initramfs and systemd; cloud-init reads the NoCloud seed, sets the hostname from the
 //! VM's name and runs the user-data's `runcmd`, whose token the test reads on the serial
@@ -136,7 +136,7 @@ fn a_cloud_image_boots_through_seabios_and_grub_and_cloud_init_configures_it() {
         vessel()
             .args(["run", "--accel", "emu", "--memory", "1G", "--name", name])
             .arg("--disk")
-            .arg(&disk)
+            .arg(format!("{},format=qcow2", disk.display()))
             .arg("--cloud-init")
             .arg(format!("user-data={}", ud.display()))
             .arg("--serial")
@@ -284,7 +284,7 @@ fn cloud_init_installs_an_ssh_key_and_the_test_logs_in_over_a_tap() {
         .arg(env!("CARGO_BIN_EXE_vessel"))
         .args(["run", "--accel", "emu", "--memory", "1G", "--name", name])
         .arg("--disk")
-        .arg(&disk)
+        .arg(format!("{},format=qcow2", disk.display()))
         .arg("--cloud-init")
         .arg(format!(
             "user-data={},network-config={}",

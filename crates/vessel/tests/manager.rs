@@ -133,6 +133,9 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
+            // The tests' pools lie in their temporary folder.
+            .arg("--pool-root")
+            .arg(&self.dir)
             .args(extra)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
@@ -1034,6 +1037,12 @@ fn storage_pools_and_volumes() {
     let e = d.fails(&["vol-resize", "images", "overlay.qcow2", "256M"]);
     assert!(e.contains("in use by running domain(s) disky"), "{e}");
     wait_state(&c, "disky", "shutoff", BOOT_TIMEOUT);
+    // Serial logs are the daemon user's alone (issue 22).
+    let log_path = c.get("/v1/domains/disky").unwrap()["info"]["serial_log"]
+        .as_str()
+        .map(PathBuf::from)
+        .unwrap();
+    assert_eq!(mode(&log_path), 0o600, "{}", log_path.display());
     let log = serial_log(&c, "disky");
     assert!(log.contains(&format!("{}", (128u64 << 20) / 512)), "{log}");
     let first: String = data[..4].iter().map(|b| format!("{b:02x}")).collect();
@@ -1451,4 +1460,321 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
         let info = c.get(&format!("/v1/domains/{name}")).unwrap();
         assert_eq!(info["info"]["last_stop"], "guest powered off", "{info}");
     }
+}
+
+/// Issue 22: a raw volume whose guest wrote a qcow2 header naming a host file: the
+/// manager never follows it (vol-info, vol-download, a domain using the volume).
+#[test]
+fn raw_volume_with_guest_written_qcow2_header_stays_raw() {
+    let d = Daemon::start("volprobe");
+    let c = d.client();
+    let secret_bytes = b"root-only secret: no client may read this".to_vec();
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let pool = d.dir.join("p");
+    d.ok(&["pool-define", "p", pool.to_str().unwrap(), "--build"]);
+    d.ok(&["vol-create", "p", "disk.raw", "4M", "--format", "raw"]);
+    // What the guest writes onto its disk: a qcow2 image whose backing file is the secret.
+    let evil = d.dir.join("evil.qcow2");
+    let name = secret.to_str().unwrap();
+    block::create(
+        &evil,
+        block::Format::Qcow2,
+        Some(4 << 20),
+        Some((name, Some(block::Format::Raw))),
+    )
+    .unwrap();
+    let header = std::fs::read(&evil).unwrap();
+    d.ok(&["vol-upload", "p", "disk.raw", evil.to_str().unwrap()]);
+    // The attack is real: probing the volume's file would follow the header.
+    let mut probed = block::open(&pool.join("disk.raw"), None, true).unwrap();
+    let mut b = vec![0u8; secret_bytes.len()];
+    probed.read_at(0, &mut b).unwrap();
+    assert_eq!(b, secret_bytes);
+    drop(probed);
+
+    let v: Value = serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "disk.raw"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+    assert_eq!(v["capacity"].as_u64(), Some(4 << 20));
+    assert!(v.get("backing_file").is_none(), "{v}");
+    let back = d.dir.join("back.bin");
+    d.ok(&["vol-download", "p", "disk.raw", back.to_str().unwrap()]);
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 4 << 20);
+    assert!(
+        got[..header.len()] == header[..],
+        "vol-download returns the volume's bytes"
+    );
+    assert!(!got
+        .windows(secret_bytes.len())
+        .any(|w| w == &secret_bytes[..]));
+
+    // A domain on the volume gets its recorded format; naming another is refused.
+    let def = json!({"name": "probe", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": "vol://p/disk.raw"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let got = c.get("/v1/domains/probe").unwrap()["definition"].clone();
+    assert_eq!(got["vm"]["disks"][0]["format"], "raw", "{got}");
+    let def = json!({"name": "probe2", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": "vol://p/disk.raw", "format": "qcow2"}]}});
+    let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("format is fixed"), "{msg}");
+    // A file disk with a qcow2 header and no format: refused, not probed.
+    let def = json!({"name": "probe3", "driver": "qemu", "vm": {
+        "kernel": secret, "memory_mib": 64,
+        "disks": [{"path": pool.join("disk.raw")}]}});
+    let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("never guessed"), "{msg}");
+    c.call("DELETE", "/v1/domains/probe", None).unwrap();
+
+    // A file copied into the pool by hand has no record: raw, whatever its content.
+    std::fs::copy(&evil, pool.join("dropped.qcow2")).unwrap();
+    let v: Value =
+        serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "dropped.qcow2"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+    // Deleting a volume forgets its format: a file of that name later is raw.
+    d.ok(&["vol-create", "p", "q.qcow2", "1M"]);
+    d.ok(&["vol-delete", "p", "q.qcow2"]);
+    std::fs::copy(&evil, pool.join("q.qcow2")).unwrap();
+    let v: Value = serde_json::from_str(&d.ok(&["--json", "vol-info", "p", "q.qcow2"])).unwrap();
+    assert_eq!(v["format"], "raw", "{v}");
+}
+
+/// Sends a request head announcing `len` body bytes (and none of them); returns the
+/// response's status line and body.
+fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {
+    write!(
+        stream,
+        "{head}Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Issue 22: bodies are capped before they are read, the token is checked first, nested
+/// XML and absurd capacities get typed errors, and the daemon stays up.
+#[test]
+fn hostile_requests_are_refused_before_their_bodies() {
+    let mut d = Daemon::start("caps");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() + 7) % 20000);
+    d.spawn_with(&["--listen-tcp", &addr, "--token-file", tf.to_str().unwrap()]);
+    let t0 = Instant::now();
+    let tcp = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let unix = || {
+        let s = UnixStream::connect(d.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+
+    // No token, a 63 MiB body announced: 401 at once, the body never awaited.
+    let t = Instant::now();
+    let r = head_only(&mut tcp(), "POST /v1/domains HTTP/1.1\r\n", 63 << 20);
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // With the token, over the 1 MiB cap: 413 before the body.
+    let auth = format!("POST /v1/domains HTTP/1.1\r\nAuthorization: Bearer {token}\r\n");
+    let r = head_only(&mut tcp(), &auth, (1 << 20) + 1);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    assert!(r.contains("too_large"), "{r}");
+    // The Unix socket has the same cap; uploads of volume data have their own.
+    let r = head_only(&mut unix(), "POST /v1/domains HTTP/1.1\r\n", 2 << 20);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let r = head_only(
+        &mut unix(),
+        "PUT /v1/pools/p/volumes/v/data HTTP/1.1\r\n",
+        65 << 20,
+    );
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let pool = d.dir.join("p");
+    d.ok(&["pool-define", "p", pool.to_str().unwrap(), "--build"]);
+    d.ok(&["vol-create", "p", "v", "16M", "--format", "raw"]);
+    let chunk = vec![0x5au8; 8 << 20];
+    let src = d.dir.join("chunk.bin");
+    std::fs::write(&src, &chunk).unwrap();
+    d.ok(&["vol-upload", "p", "v", src.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(pool.join("v")).unwrap()[..chunk.len()],
+        chunk[..]
+    );
+
+    // vol-create with capacity 2^64-1: 400, nothing created.
+    let c = d.client();
+    let (st, msg) = api_status(
+        c.post(
+            "/v1/pools/p/volumes",
+            Some(&json!({"name": "huge", "capacity": u64::MAX})),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("largest volume"), "{msg}");
+    assert!(!pool.join("huge").exists());
+    let (st, _) = api_status(
+        c.post(
+            "/v1/pools/p/volumes/v/resize",
+            Some(&json!({"capacity": u64::MAX})),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(st, 400);
+
+    // 3,000 nested elements (21 KB) and 500,000 attributes: typed errors, fast.
+    let deep = format!(
+        "<domain>{}{}</domain>",
+        "<a>".repeat(3000),
+        "</a>".repeat(3000)
+    );
+    let t = Instant::now();
+    let (st, msg) = api_status(c.define_text(&deep).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("nested deeper"), "{msg}");
+    let wide: String = (0..60_000).map(|i| format!(" a{i}='x'")).collect();
+    let (st, msg) = api_status(c.define_text(&format!("<domain{wide}/>")).unwrap_err());
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("attributes"), "{msg}");
+    // Past the body cap the client still gets the daemon's answer, not a broken pipe.
+    let wider: String = (0..100_000).map(|i| format!(" a{i}='x'")).collect();
+    let (st, msg) = api_status(c.define_text(&format!("<domain{wider}/>")).unwrap_err());
+    assert_eq!(st, 413, "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Still serving.
+    assert_eq!(c.get("/v1").unwrap()["api"], "v1");
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Issue 22: pools only under the pool roots, TAP names that cannot inject QEMU
+/// options, state files for the daemon's user only.
+#[test]
+fn pools_names_and_state_files_are_policed() {
+    let d = Daemon::start("police");
+    let c = d.client();
+    // /etc, a '..' escape from an allowed root, and a link out of it: all refused.
+    let link = d.dir.join("etc-link");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    let escape = format!("{}/../../etc", d.dir.display());
+    for path in ["/etc", escape.as_str(), link.to_str().unwrap()] {
+        let e = d.fails(&["pool-define", "etc", path]);
+        assert!(
+            e.contains("pool") && (e.contains("outside the pool roots") || e.contains("'..'")),
+            "{path}: {e}"
+        );
+    }
+    let e = d.fails(&[
+        "pool-define",
+        "newdir",
+        "/var/tmp/vessel-police-pool",
+        "--build",
+    ]);
+    assert!(e.contains("outside the pool roots"), "{e}");
+    assert!(
+        !Path::new("/var/tmp/vessel-police-pool").exists(),
+        "refused pools create nothing"
+    );
+    assert_eq!(c.get("/v1/pools").unwrap(), json!([]));
+    // Under STATE/pools, with no flag needed.
+    let state_pool = d.dir.join("state/pools/default");
+    d.ok(&[
+        "pool-define",
+        "default",
+        state_pool.to_str().unwrap(),
+        "--build",
+    ]);
+    // Volume names are names, not paths.
+    for bad in ["../x", "a/b", ".hidden"] {
+        let (st, msg) = api_status(
+            c.post(
+                "/v1/pools/default/volumes",
+                Some(&json!({"name": bad, "capacity": 1 << 20})),
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(st, 400, "{bad}: {msg}");
+    }
+    d.ok(&["vol-create", "default", "v.qcow2", "1M"]);
+    assert_eq!(mode(&state_pool.join("v.qcow2")), 0o600);
+
+    // A TAP name carrying QEMU options is refused at definition.
+    let a = assets();
+    for tap in ["vq0,ifname=vq1", "", "sixteen-chars-xx", "a b", "../x"] {
+        let def = json!({"name": "tapper", "driver": "qemu", "vm": {
+            "kernel": a.join("vmlinuz"), "memory_mib": 64,
+            "nets": [{"tap": tap}]}});
+        let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+        assert_eq!(st, 400, "{tap:?}: {msg}");
+        assert!(msg.contains("TAP name"), "{tap:?}: {msg}");
+    }
+    let def = json!({"name": "tapper", "driver": "qemu", "vm": {
+        "kernel": a.join("vmlinuz"), "memory_mib": 64, "nets": [{"tap": "vq0"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+
+    // The domain table and the state folder are the daemon user's alone.
+    let state = d.dir.join("state");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("vessel.db")), 0o600);
+    for f in ["vessel.db-wal", "vessel.db-shm"] {
+        if state.join(f).exists() {
+            assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+        }
+    }
+    assert_eq!(mode(&state.join("log")), 0o700);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Issue 22: failed requests keep no memory (5,000 DELETEs of unknown 60 KB names grew
+/// the daemon by 280 MB: a lock entry per name, never freed).
+#[test]
+fn failed_requests_keep_no_memory() {
+    let d = Daemon::start("leak");
+    let pid = d.child.as_ref().unwrap().id();
+    let c = d.client();
+    let delete_many = |from: usize, n: usize| {
+        for i in from..from + n {
+            let name = format!("{i}-{}", "x".repeat(60_000));
+            let (st, _) = api_status(
+                c.call("DELETE", &format!("/v1/domains/{name}"), None)
+                    .unwrap_err(),
+            );
+            assert!(st == 404 || st == 400, "{st}");
+        }
+    };
+    // Warm up (allocator arenas, threads), then measure.
+    delete_many(0, 200);
+    let before = rss_kib(pid);
+    delete_many(200, 2000);
+    let grown = rss_kib(pid).saturating_sub(before);
+    // 2,000 names of 60 KB kept would be 120 MB.
+    assert!(grown < 30 << 10, "RSS grew by {grown} KiB");
+    assert_eq!(c.get("/v1").unwrap()["api"], "v1");
 }

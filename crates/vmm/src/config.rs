@@ -279,7 +279,9 @@ pub enum DiskFormat {
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     pub path: PathBuf,
-    /// None probes the image (qcow2 magic, else raw).
+    /// None opens the image as raw, and refuses one that starts with a qcow2 header (the
+    /// user says which was meant). The format is never guessed from content a guest can
+    /// write: see [`block::open_guest_disk`] and docs/SECURITY.md.
     #[serde(default)]
     pub format: Option<DiskFormat>,
     #[serde(default)]
@@ -290,16 +292,27 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
-    /// Whether the image's first sector ends in the boot signature 0x55 0xAA, which a PC
-    /// BIOS checks before it boots a disk. Read without taking the image's locks; false
-    /// when it cannot be read (opening it for the VM reports why).
-    pub fn has_boot_sector(&self) -> bool {
-        use block::BlockBackend as _;
-        let format = self.format.map(|f| match f {
+    /// Opens the disk for the guest: with its given format, or raw when none was given
+    /// (never probed; a qcow2-looking file without a format is refused).
+    pub fn open(&self) -> Result<Box<dyn block::BlockBackend>, block::OpenError> {
+        block::open_guest_disk(&self.path, self.block_format(), self.read_only)
+    }
+
+    fn block_format(&self) -> Option<block::Format> {
+        self.format.map(|f| match f {
             DiskFormat::Raw => block::Format::Raw,
             DiskFormat::Qcow2 => block::Format::Qcow2,
-        });
-        let Ok(mut image) = block::open_with(&self.path, format, true, true) else {
+        })
+    }
+
+    /// Whether the image's first sector ends in the boot signature 0x55 0xAA, which a PC
+    /// BIOS checks before it boots a disk. Read without taking the image's locks, with
+    /// the guest's rules (never probed); false when it cannot be read (opening it for the
+    /// VM reports why).
+    pub fn has_boot_sector(&self) -> bool {
+        use block::BlockBackend as _;
+        let format = self.block_format();
+        let Ok(mut image) = block::open_guest_disk_with(&self.path, format, true, true) else {
             return false;
         };
         let mut sector = [0u8; 512];

@@ -19,7 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use crate::accel;
-use crate::config::{ConfigError, DiskFormat, SerialConfig, Transport, VmConfig};
+use crate::config::{ConfigError, SerialConfig, Transport, VmConfig};
 use crate::console;
 use crate::control::VmControl;
 use crate::io::IoBuses;
@@ -135,15 +135,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
     let mut devs: Vec<VirtioSetup> = Vec::new();
     let machine = config.virtio_transport;
     for disk in &config.disks {
-        let format = disk.format.map(|f| match f {
-            DiskFormat::Raw => block::Format::Raw,
-            DiskFormat::Qcow2 => block::Format::Qcow2,
-        });
-        let backend =
-            block::open(&disk.path, format, disk.read_only).map_err(|source| VmmError::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
+        let backend = disk.open().map_err(|source| VmmError::Disk {
+            path: disk.path.clone(),
+            source,
+        })?;
         let id = disk
             .path
             .file_name()

@@ -325,7 +325,8 @@ impl VmmApi {
             .iter()
             .map(|d| crate::config::DiskConfig {
                 path: d.path_on_host.clone().into(),
-                format: None,
+                // As Firecracker's: drives are raw, their content never interpreted.
+                format: Some(crate::config::DiskFormat::Raw),
                 read_only: d.is_read_only,
                 transport: None,
             })
@@ -671,9 +672,25 @@ impl VmmApi {
 /// The HTTP face of a [`VmmApi`].
 pub struct ApiHandler(pub Arc<VmmApi>);
 
+/// Largest request body, as Firecracker's API server (`MAX_PAYLOAD_SIZE`): checked from
+/// Content-Length before the body is read.
+pub const MAX_PAYLOAD: u64 = 51_200;
+
 impl Handler for ApiHandler {
     fn handle(&self, req: Request) -> Reply {
         Reply::Response(self.0.handle_req(&req))
+    }
+
+    fn admit(&self, _req: &Request, body_len: u64) -> Option<Response> {
+        (body_len > MAX_PAYLOAD).then(|| {
+            fault(
+                400,
+                format!(
+                    "Request payload with size {body_len} is larger than the limit of \
+                     {MAX_PAYLOAD} allowed by server."
+                ),
+            )
+        })
     }
 }
 
@@ -766,7 +783,49 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
         assert_eq!(c.disks.len(), 1);
         assert!(c.disks[0].read_only);
+        // Drives are raw, as Firecracker's: never probed (issue 22).
+        assert_eq!(c.disks[0].format, Some(crate::config::DiskFormat::Raw));
         assert_eq!(c.nets[0].tap, "tap0");
+    }
+
+    #[test]
+    fn bodies_over_51200_bytes_are_refused_before_they_are_read() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("vmm-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
+        spawn(&sock, api).unwrap();
+        let ask = |len: usize, body: &[u8]| {
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            write!(
+                s,
+                "PUT /machine-config HTTP/1.1\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+            )
+            .unwrap();
+            s.write_all(body).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        // Only the head is sent: the answer comes without the server waiting for the body.
+        let r = ask(51_201, b"");
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("\"fault_message\""), "{r}");
+        assert!(
+            r.contains("size 51201 is larger than the limit of 51200"),
+            "{r}"
+        );
+        let r = ask(usize::MAX, b"");
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        // At the limit the body is read and parsed (and refused for its content).
+        let mut body = br#"{"vcpu_count": 1, "mem_size_mib": 128}"#.to_vec();
+        body.resize(51_200, b' ');
+        let r = ask(body.len(), &body);
+        assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -159,6 +159,15 @@ impl From<Response> for Reply {
 
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> Reply;
+
+    /// Called with the request's head before a byte of its body is read (`req.body` is
+    /// empty; `body_len` is its Content-Length): `Some(response)` refuses the request
+    /// (a credential check, a body over this API's cap), its body is never read and the
+    /// connection closes. Bodies above [`MAX_BODY`] are refused after this in any case.
+    fn admit(&self, req: &Request, body_len: u64) -> Option<Response> {
+        let _ = (req, body_len);
+        None
+    }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -255,6 +264,15 @@ fn read_head<R: BufRead>(r: &mut R) -> Result<Option<Vec<u8>>, HttpError> {
 }
 
 fn content_length(headers: &[(String, String)]) -> Result<usize, HttpError> {
+    let len = declared_length(headers)?;
+    if len > MAX_BODY as u64 {
+        return Err(HttpError::BodyTooLarge(len));
+    }
+    Ok(len as usize)
+}
+
+/// The Content-Length a head declares (0 without one), unchecked against [`MAX_BODY`].
+fn declared_length(headers: &[(String, String)]) -> Result<u64, HttpError> {
     let mut len = 0u64;
     for (k, v) in headers {
         if k.eq_ignore_ascii_case("transfer-encoding") && !v.eq_ignore_ascii_case("identity") {
@@ -267,10 +285,7 @@ fn content_length(headers: &[(String, String)]) -> Result<usize, HttpError> {
                 .map_err(|_| HttpError::Malformed(format!("bad Content-Length {v:?}")))?;
         }
     }
-    if len > MAX_BODY as u64 {
-        return Err(HttpError::BodyTooLarge(len));
-    }
-    Ok(len as usize)
+    Ok(len)
 }
 
 fn read_body<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, HttpError> {
@@ -284,6 +299,19 @@ fn read_body<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, HttpError> {
 
 /// Reads one request; `Ok(None)` when the peer closed the connection between requests.
 pub fn read_request<R: BufRead>(r: &mut R) -> Result<Option<Request>, HttpError> {
+    let Some((mut req, len)) = read_request_head(r)? else {
+        return Ok(None);
+    };
+    if len > MAX_BODY as u64 {
+        return Err(HttpError::BodyTooLarge(len));
+    }
+    req.body = read_body(r, len as usize)?;
+    Ok(Some(req))
+}
+
+/// Reads one request's head: the request with an empty body, and the body's declared
+/// length (not yet checked against any cap).
+fn read_request_head<R: BufRead>(r: &mut R) -> Result<Option<(Request, u64)>, HttpError> {
     let Some(head) = read_head(r)? else {
         return Ok(None);
     };
@@ -318,15 +346,17 @@ pub fn read_request<R: BufRead>(r: &mut R) -> Result<Option<Request>, HttpError>
             None => (percent_decode(kv), String::new()),
         })
         .collect();
-    let len = content_length(&headers)?;
-    let body = read_body(r, len)?;
-    Ok(Some(Request {
-        method,
-        path: percent_decode(path),
-        query,
-        headers,
-        body,
-    }))
+    let len = declared_length(&headers)?;
+    Ok(Some((
+        Request {
+            method,
+            path: percent_decode(path),
+            query,
+            headers,
+            body: Vec::new(),
+        },
+        len,
+    )))
 }
 
 /// Writes a response head and body.
@@ -375,8 +405,32 @@ fn serve_conn(
     let mut w = write_half;
     let mut r = BufReader::new(stream);
     loop {
-        let req = match read_request(&mut r) {
-            Ok(Some(req)) => req,
+        let req = match read_request_head(&mut r) {
+            Ok(Some((mut req, len))) => {
+                // Credentials and the API's body cap are checked before the body is read:
+                // an unauthenticated client cannot make the server hold its bytes.
+                if let Some(refusal) = handler.admit(&req, len) {
+                    tracing::debug!(method = %req.method, path = %req.path, len, "refused");
+                    let _ = write_response(&mut w, &refusal, true);
+                    return;
+                }
+                let body = if len > MAX_BODY as u64 {
+                    Err(HttpError::BodyTooLarge(len))
+                } else {
+                    read_body(&mut r, len as usize)
+                };
+                match body {
+                    Ok(b) => {
+                        req.body = b;
+                        req
+                    }
+                    Err(HttpError::Io(_)) | Err(HttpError::Truncated) => return,
+                    Err(e) => {
+                        let _ = write_response(&mut w, &error_response(&e, json_error), true);
+                        return;
+                    }
+                }
+            }
             Ok(None) => return,
             Err(HttpError::Io(_)) | Err(HttpError::Truncated) => return,
             Err(e) => {
@@ -542,8 +596,16 @@ pub fn client_exchange(
     };
     head.push_str(&format!("Content-Length: {}\r\n\r\n", data.len()));
     stream.write_all(head.as_bytes())?;
-    stream.write_all(data)?;
-    stream.flush()?;
+    // A server that refuses a request from its head (a body over its cap, a missing
+    // token) answers and closes without reading the body: the answer is still read.
+    if let Err(e) = stream.write_all(data).and_then(|()| stream.flush()) {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return Err(e.into());
+        }
+    }
     let mut r = BufReader::new(stream);
     let Some(head) = read_head(&mut r)? else {
         return Err(HttpError::Truncated);
