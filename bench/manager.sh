@@ -93,7 +93,8 @@ vd = None
 def vessel_up():
     global vd
     t0 = time.perf_counter()
-    vd = subprocess.Popen([vessel, "daemon", "--socket", sock, "--state-dir", state],
+    vd = subprocess.Popen([vessel, "daemon", "--socket", sock, "--state-dir", state,
+                           "--pool-root", pool_v],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_socket_cmd(V + ["list"], t0)
 def vessel_down():

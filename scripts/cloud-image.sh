@@ -12,7 +12,7 @@
 # Boot it through SeaBIOS and GRUB with a cloud-init seed (treat the image as a base:
 # boot a qcow2 overlay on it, or QEMU's -snapshot):
 #
-#   vessel run --accel emu --memory 1G --disk OVERLAY.qcow2 --cloud-init user-data=FILE
+#   vessel run --accel emu --memory 1G --disk OVERLAY.qcow2,format=qcow2 --cloud-init user-data=FILE
 #
 # Everything in it is Debian's, installed with debootstrap; GRUB is placed without
 # grub-install (which needs a block device): its i386-pc core image goes into the BIOS
