@@ -82,6 +82,8 @@ impl std::fmt::Debug for Crossing {
 #[derive(Debug)]
 pub struct Core {
     pub(crate) s: CpuState,
+    /// What compiled code reads besides the state, at `jit_ctx_disp` bytes from it.
+    pub(crate) jit: Ctx,
     pub(crate) ram: GuestRam,
     pub(crate) tlb: Tlb,
     pub(crate) cpuid: CpuidTable,
@@ -177,11 +179,18 @@ impl Cpu {
     }
 }
 
+/// How far the compiled-code context lies from the state (compiled code reaches both
+/// through R15).
+pub(crate) const fn jit_ctx_disp() -> i64 {
+    std::mem::offset_of!(Core, jit) as i64 - std::mem::offset_of!(Core, s) as i64
+}
+
 impl Core {
     fn new(ram: GuestRam) -> Self {
         let ram_pages = (ram.end() >> 12) as usize;
         Core {
             s: CpuState::reset(),
+            jit: Ctx::default(),
             ram,
             tlb: Tlb::new(),
             cpuid: CpuidTable::default(),
@@ -496,22 +505,22 @@ impl Core {
     }
 
     #[inline(always)]
-    fn jit_ctx(&self, budget: u64, blocks: &BlockCache) -> Ctx {
+    fn fill_jit_ctx(&mut self, budget: u64, blocks: &BlockCache) {
         static NO_KICK: u8 = 0;
         let user = self.user();
         let kick = match &self.kick {
-            Some(k) => k.as_ptr() as *const u8,
-            None => &NO_KICK,
+            Some(k) => k.as_ptr() as u64,
+            None => &NO_KICK as *const u8 as u64,
         };
-        Ctx {
-            tlb: self.tlb.entries_ptr(),
-            code_pages: self.code.as_ptr(),
+        self.jit = Ctx {
+            tlb: self.tlb.entries_ptr() as u64,
+            code_pages: self.code.as_ptr() as u64,
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
             read_tag: crate::mmu::tlb_tag_offset(false, user),
             write_tag: crate::mmu::tlb_tag_offset(true, user),
             slot_mask: crate::mmu::tlb_slot_mask(),
             page_mask: !0xfff,
-            blocks: blocks.slots_ptr(),
+            blocks: blocks.slots_ptr() as u64,
             block_mask: blocks.slot_mask(),
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,
@@ -524,13 +533,12 @@ impl Core {
             sti_ok: u64::from(self.iopl_ok() && !self.window_request),
             cpl0: u64::from(self.s.cpl() == 0),
             rdtsc_ok: u64::from(self.s.cr4 & crate::state::cr::CR4_TSD == 0 || self.s.cpl() == 0),
-            tsc: &self.tsc,
+            tsc: &self.tsc as *const TscClock as u64,
             rdtsc: jit_rdtsc as *const () as usize as u64,
-            retired: 0,
             rip: 0,
             link: 0,
             slot: 0,
-        }
+        };
     }
 
     /// Whether CLI and STI may run (CPL <= IOPL, or real mode).
@@ -711,6 +719,7 @@ impl Cpu {
             if checked {
                 core.mark_code_page(t.gpa_page);
             }
+            self.blocks.sync_links(core.code_epoch);
             if let Some((link, generation)) = pending_link.take() {
                 self.blocks.link(link, slot, generation);
             }
@@ -725,15 +734,30 @@ impl Cpu {
             let mut start = 0;
             let mut finished = false;
             if let (Some(c), Some(enter)) = (block.compiled(), self.blocks.enter()) {
-                let mut ctx = core.jit_ctx(budget.saturating_sub(n) / 8 + 1, &self.blocks);
+                // At least 1 (the first block runs whatever the budget), at most 2^30 (the
+                // chain entries' check needs it within +-2^31).
+                let budget0 = budget.saturating_sub(n).clamp(1, 1 << 30);
+                core.fill_jit_ctx(budget0, &self.blocks);
                 let generation = self.blocks.generation();
-                // SAFETY: compiled code reads and writes the state, the TLB entries, the
-                // code-page map and guest RAM through pointers the TLB holds, all valid
-                // for the call; nothing else references them meanwhile.
-                let r = unsafe { enter(&mut core.s, &mut ctx, c.entry) };
-                core.retired += ctx.retired;
-                n += ctx.retired;
+                let cp: *mut Core = &mut *core;
+                // SAFETY: compiled code reads and writes the state and the context beside
+                // it (both in `*cp`, which nothing else references meanwhile), the TLB
+                // entries, the code-page map and guest RAM through pointers the TLB holds,
+                // all valid for the call.
+                let r = unsafe {
+                    enter(
+                        std::ptr::addr_of_mut!((*cp).s),
+                        std::ptr::addr_of_mut!((*cp).jit),
+                        c.entry,
+                    )
+                };
+                let ctx = &core.jit;
+                // Every block entered was charged its length; one left early is refunded
+                // below.
+                let charged = budget0.wrapping_sub(ctx.budget);
                 if r == FINISHED {
+                    core.retired += charged;
+                    n += charged;
                     core.s.rip = ctx.rip;
                     finished = true;
                     // Go on with the next block (if it is in this page), linking the exit
@@ -742,13 +766,17 @@ impl Cpu {
                     if ctx.link != 0 {
                         pending_link = Some((ctx.link as usize, generation));
                     }
-                    chain = ctx.budget != 0 && !core.kicked();
+                    chain = (ctx.budget as i64) > 0 && !core.kicked();
                 } else {
                     // Left before instruction r of the block it was in (a TLB miss, or an
                     // instruction it does not cover): the interpreter goes on from there.
                     let Some(b) = self.blocks.block(ctx.slot as usize) else {
                         return n.max(1);
                     };
+                    let ran = charged
+                        .wrapping_sub(b.insns().len() as u64 - r.min(b.insns().len() as u64));
+                    core.retired += ran;
+                    n += ran;
                     block = b;
                     start = r as usize;
                     match block.insns().get(start) {

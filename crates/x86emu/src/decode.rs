@@ -287,6 +287,10 @@ pub(crate) struct BlockCache {
     jit: Option<Jit>,
     /// Moves whenever all compiled code is dropped (link slots from before are gone).
     generation: u64,
+    /// The links made since they were last cut, each with the slot it leads to (see
+    /// `sync_links`), and the code epoch they were made in.
+    live_links: Vec<(u64, u32)>,
+    links_epoch: u64,
 }
 
 /// Whether `page[off..]` starts with `code`.
@@ -309,6 +313,8 @@ impl BlockCache {
             blocks: Slots::new(DEFAULT_BLOCK_SLOTS),
             jit: Jit::new(crate::jit::DEFAULT_THRESHOLD),
             generation: 0,
+            live_links: Vec::new(),
+            links_epoch: 0,
         }
     }
 
@@ -363,6 +369,7 @@ impl BlockCache {
                 }
             }
         }
+        self.live_links.clear();
         self.generation += 1;
         if let Some(j) = &mut self.jit {
             j.flushed();
@@ -397,7 +404,7 @@ impl BlockCache {
             Some(body) if b.bitness & CROSS != 0 => Some(&body.tlb_gen as *const u64),
             _ => None,
         };
-        match jit.compile(b.insns(), slot, &b.epoch, tlb_gen) {
+        match jit.compile(b.insns(), slot, tlb_gen) {
             Ok(c) => b.set_compiled(c),
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
@@ -669,6 +676,40 @@ impl BlockCache {
         // `drop_compiled`, which also forgets every `incoming` list.
         j.link(link as u64, c.chain_entry);
         body.incoming.push(link);
+        self.live_links.push((link as u64, slot as u32));
+    }
+
+    /// Cuts every link when the code epoch has moved since the last call: a chain entry
+    /// does not check the epoch, so a block whose bytes may have changed must be reached
+    /// through a lookup (which checks it again) before it is linked to again. Costs one
+    /// write per link made since the last cut.
+    #[inline(always)]
+    pub(crate) fn sync_links(&mut self, epoch: u64) {
+        if epoch != self.links_epoch {
+            self.cut_links(epoch);
+        }
+    }
+
+    #[cold]
+    fn cut_links(&mut self, epoch: u64) {
+        self.links_epoch = epoch;
+        let Some(j) = &mut self.jit else {
+            self.live_links.clear();
+            return;
+        };
+        // Each link slot lies in the arena, which is not reused before `drop_compiled`
+        // empties this list; a slot `reset_slot` already unlinked is written again,
+        // harmlessly.
+        for (link, slot) in self.live_links.drain(..) {
+            j.unlink(link);
+            if let Some(body) = self
+                .blocks
+                .get_mut(slot as usize)
+                .and_then(|b| b.body.as_mut())
+            {
+                body.incoming.clear();
+            }
+        }
     }
 
     #[cold]

@@ -192,7 +192,6 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
         return (0, 0, 0);
     };
     jit.model = u64::MAX;
-    let epoch = 0u64;
     let (mut offered, mut compiled, mut insns_done) = (0, 0, 0);
     let mut pos = 0usize;
     while pos < code.len() {
@@ -203,7 +202,7 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
             continue;
         }
         offered += 1;
-        match jit.compile(&block, 0, &epoch, None) {
+        match jit.compile(&block, 0, None) {
             Ok(Some(_)) => {
                 compiled += 1;
                 insns_done += block.len();

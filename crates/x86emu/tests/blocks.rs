@@ -360,8 +360,50 @@ fn linked_compiled_loops_stop_at_the_budget_and_at_a_kick() {
     raiser.join().unwrap();
 }
 
+/// Compiled code charges a block's length to the budget on entry, and the run loop
+/// refunds what a block that left early did not run: the count of retired instructions
+/// stays exact through early exits (STC is not compiled, so each pass leaves there) and
+/// TLB misses (a store to a fresh page every 16 passes).
+#[test]
+fn retired_count_is_exact_when_compiled_code_leaves_early() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rdx, 3000u64).unwrap();
+        a.xor(edi, edi).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.inc(rax).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.mov(rsi, rdi).unwrap();
+        a.shr(rsi, 4).unwrap();
+        a.shl(rsi, 12).unwrap();
+        a.mov(qword_ptr(r15 + rsi), rbx).unwrap();
+        a.stc().unwrap();
+        a.adc(rcx, 0).unwrap();
+        a.inc(rdi).unwrap();
+        a.dec(rdx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (
+            g.cpu.state().gpr,
+            g.cpu.retired_instructions(),
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let (interpreted, n_interpreted, _) = run(None);
+    let (compiled, n_compiled, blocks) = run(Some(0));
+    assert!(blocks >= 1, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+    assert_eq!(interpreted[1], 3000, "rcx");
+    assert_eq!(n_compiled, n_interpreted, "retired instructions");
+}
+
 /// A loop that rewrites an immediate in its own body: the compiled and linked code must
-/// notice (the store leaves compiled code, the epoch moves, the link's check fails).
+/// notice (the store leaves compiled code, the epoch moves, the links are cut).
 #[test]
 fn a_linked_loop_that_patches_itself_runs_the_new_code() {
     let assemble = |imm_at: u64| {

@@ -40,8 +40,9 @@ fn rflags_off() -> i32 {
     offset_of!(CpuState, rflags) as i32
 }
 
+/// A context field's offset from R15 (see `Ctx`).
 fn ctx_off(field: usize) -> i32 {
-    field as i32
+    (crate::cpu::jit_ctx_disp() + field as i64) as i32
 }
 
 /// Points `ins`'s memory operand at the host pointer in `host`, as translated inline.
@@ -88,15 +89,14 @@ pub(super) struct Translated {
 }
 
 /// Emits host code for a block's leading instructions, to be placed at `at`; `slot` is
-/// the block's cache slot and `epoch` the address of its checked-in epoch (and `tlb_gen`
-/// of its TLB generation, for a page-crossing block). None when fewer than `MIN_COVERED`
+/// the block's cache slot (and `tlb_gen` the address of its TLB generation, for a
+/// page-crossing block). None when fewer than `MIN_COVERED`
 /// are covered (or the assembler refuses something).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn translate(
     insns: &[Insn],
     at: u64,
     slot: usize,
-    epoch: u64,
     tlb_gen: Option<u64>,
     model: u64,
     asm: &mut Asm,
@@ -133,8 +133,8 @@ pub(super) fn translate(
         ))
     );
     let first_ip = insns.first()?.instr.ip();
-    let mut e = Emitter::new(first_ip, slot, epoch, tlb_gen, rt)?;
     let len = insns.len() as u32;
+    let mut e = Emitter::new(first_ip, slot, len, tlb_gen, rt)?;
     let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
     let mut skip = 0;
     for (i, (insn, (k, regs))) in insns.iter().zip(plans).enumerate() {
@@ -156,7 +156,7 @@ pub(super) fn translate(
                 } else {
                     None
                 };
-                e.pop_run(at, i as u32, ret, len)?;
+                e.pop_run(at, i as u32, ret)?;
             }
             skip = run.count - 1 + usize::from(run.ret);
             continue;
@@ -169,7 +169,7 @@ pub(super) fn translate(
             Kind::Lea => e.lea(ins)?,
             Kind::Div => e.div(ins, i as u32, &mut info)?,
             Kind::Nop => {}
-            Kind::Branch => e.branch(ins, len)?,
+            Kind::Branch => e.branch(ins)?,
             Kind::Push => e.push(ins, i as u32)?,
             Kind::PushMem => e.push_mem(ins, i as u32, &mut info)?,
             Kind::Pop => e.pop(ins, i as u32)?,
@@ -181,16 +181,15 @@ pub(super) fn translate(
             Kind::Rdtsc => e.rdtsc(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
-            Kind::Call => e.call(ins, i as u32, len)?,
-            Kind::Ret => e.ret(ins, i as u32, len)?,
-            Kind::IndJmp => e.indirect(ins, i as u32, len, false, &mut info)?,
-            Kind::IndCall => e.indirect(ins, i as u32, len, true, &mut info)?,
+            Kind::Call => e.call(ins, i as u32)?,
+            Kind::Ret => e.ret(ins, i as u32)?,
+            Kind::IndJmp => e.indirect(ins, i as u32, false, &mut info)?,
+            Kind::IndCall => e.indirect(ins, i as u32, true, &mut info)?,
         }
     }
     if !branch {
         if covered == insns.len() {
             // The whole block, which ended at its length limit: it goes on sequentially.
-            e.add_retired(len)?;
             e.go_to(insns.last()?.instr.next_ip())?;
         } else {
             a!(e.a.mov(gpr32::esi, covered as u32));
@@ -304,11 +303,7 @@ pub(super) fn runtime(asm: &mut Asm, at: u64) -> Option<(Vec<u8>, Runtime)> {
     a!(a.jmp(rdx));
     let exit_at = a.instructions().len();
     a!(a.set_label(&mut exit));
-    a!(a.mov(rdx, qword_ptr(rsp)));
-    a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
-    a!(a.lea(rcx, ptr(rcx + rsi)));
-    a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
-    a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, slot))), r8));
+    a!(a.mov(qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, slot))), r8));
     a!(a.jmp(leave));
     let done_at = a.instructions().len();
     a!(a.set_label(&mut done));
@@ -380,7 +375,7 @@ fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
     go(a)?;
     a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
     a!(a.not(rcx));
-    a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
+    a!(a.mov(r8, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, epoch)))));
     a!(a.lea(rcx, ptr(rcx + r8 + 1)));
     go(a)?;
     a!(a.mov(rcx, qword_ptr(r9 + b_chain)));
@@ -397,7 +392,7 @@ impl Emitter {
     fn new(
         first_ip: u64,
         slot: usize,
-        epoch: u64,
+        len: u32,
         tlb_gen: Option<u64>,
         rt: &Runtime,
     ) -> Option<Self> {
@@ -422,68 +417,67 @@ impl Emitter {
             body_at: 0,
             rt: *rt,
         };
-        e.prologue(epoch, tlb_gen)?;
+        e.prologue(len, tlb_gen)?;
         Some(e)
     }
 
     /// The chain entry, reached from another block (with `Runtime::enter`'s work done),
-    /// goes on only if this block's code was checked in the current code epoch, the chain
-    /// budget is not spent and no other thread has raised the kick flag; else it leaves
-    /// with RIP at this block. The body follows: the entry `Runtime::enter` jumps to.
-    /// A page-crossing block checks first, on either entry, that the TLB is in the
-    /// generation (at `tlb_gen`) its next page was checked in.
-    fn prologue(&mut self, epoch: u64, tlb_gen: Option<u64>) -> Option<()> {
+    /// goes on only if no other thread has raised the kick flag and the chain budget
+    /// (`Ctx::budget`, in instructions) covers this block; else it leaves with RIP at this
+    /// block. Then the entry `Runtime::enter` jumps to, which charges the block to the
+    /// budget unchecked, then the body. Either way the whole block is charged up front:
+    /// a block left early is refunded by the run loop, which knows where it stopped.
+    /// A page-crossing block checks before its body, on either entry, that the TLB is in
+    /// the generation (at `tlb_gen`) its next page was checked in.
+    /// No check of the code epoch: links are cut when it moves (`BlockCache::sync_links`).
+    fn prologue(&mut self, len: u32, tlb_gen: Option<u64>) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let a = &mut self.a;
         let mut body = a.create_label();
+        let mut charged = a.create_label();
+        let mut refund = a.create_label();
         let mut fail = a.create_label();
-        let mut ok = a.create_label();
+        let mut kick_ok = a.create_label();
+        let budget = qword_ptr(r15 + ctx_off(offset_of!(Ctx, budget)));
+        let len = i32::try_from(len).ok()?;
         a!(a.set_label(&mut self.chain_entry));
-        a!(a.mov(rdx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
-        a!(a.mov(rax, epoch));
-        a!(a.mov(rax, qword_ptr(rax)));
-        a!(a.not(rcx));
-        a!(a.lea(rcx, ptr(rcx + rax + 1)));
-        a!(a.jrcxz(ok));
-        a!(a.jmp(fail));
-        a!(a.set_label(&mut ok));
-        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, budget)))));
-        a!(a.jrcxz(fail));
-        a!(a.lea(rcx, ptr(rcx - 1)));
-        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, budget))), rcx));
-        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, kick)))));
+        a!(a.mov(rcx, qword_ptr(r15 + ctx_off(offset_of!(Ctx, kick)))));
         a!(a.movzx(gpr32::ecx, byte_ptr(rcx)));
-        a!(a.jrcxz(body));
+        a!(a.jrcxz(kick_ok));
+        a!(a.jmp(fail));
+        a!(a.set_label(&mut kick_ok));
+        a!(a.mov(rcx, budget));
+        a!(a.lea(rcx, ptr(rcx - len)));
+        a!(a.mov(budget, rcx));
+        // The budget stays within +-2^31: its upper half is 0 unless it went negative.
+        a!(a.rorx(rcx, rcx, 32));
+        a!(a.mov(gpr32::ecx, gpr32::ecx));
+        a!(a.jrcxz(charged));
+        a!(a.set_label(&mut refund));
+        a!(a.mov(rcx, budget));
+        a!(a.lea(rcx, ptr(rcx + len)));
+        a!(a.mov(budget, rcx));
         a!(a.set_label(&mut fail));
         a!(a.mov(rax, self.first_ip));
-        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, rip))), rax));
+        a!(a.mov(qword_ptr(r15 + ctx_off(offset_of!(Ctx, rip))), rax));
         a!(a.jmp(self.done));
         self.body_at = a.instructions().len();
         a!(a.set_label(&mut body));
+        a!(a.mov(rcx, budget));
+        a!(a.lea(rcx, ptr(rcx - len)));
+        a!(a.mov(budget, rcx));
+        a!(a.set_label(&mut charged));
         if let Some(tlb_gen) = tlb_gen {
             let mut same = a.create_label();
-            a!(a.mov(rdx, qword_ptr(rsp)));
-            a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, tlb_gen)))));
+            a!(a.mov(rcx, qword_ptr(r15 + ctx_off(offset_of!(Ctx, tlb_gen)))));
             a!(a.mov(rax, tlb_gen));
             a!(a.mov(rax, qword_ptr(rax)));
             a!(a.not(rcx));
             a!(a.lea(rcx, ptr(rcx + rax + 1)));
             a!(a.jrcxz(same));
-            a!(a.jmp(fail));
+            a!(a.jmp(refund));
             a!(a.set_label(&mut same));
         }
-        Some(())
-    }
-
-    /// Counts `n` more instructions run (flag-free).
-    fn add_retired(&mut self, n: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rcx, rdx, rsp};
-        let a = &mut self.a;
-        a!(a.mov(rdx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired)))));
-        a!(a.lea(rcx, ptr(rcx + n as i32)));
-        a!(a.mov(qword_ptr(rdx + ctx_off(offset_of!(Ctx, retired))), rcx));
         Some(())
     }
 
@@ -492,7 +486,7 @@ impl Emitter {
     /// the context, and is pointed at the target block's chain entry once that is
     /// compiled), else by leaving.
     fn go_to(&mut self, target: u64) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rsp};
+        use iced_x86::code_asm::registers::gpr64::rax;
         if target >> 12 != self.first_ip >> 12 {
             a!(self.a.mov(rax, target));
             self.store_rip_from_rax()?;
@@ -507,8 +501,7 @@ impl Emitter {
         self.store_rip_from_rax()?;
         let a = &mut self.a;
         a!(a.lea(rax, ptr(slot)));
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, link))), rax));
+        a!(a.mov(qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, link))), rax));
         a!(a.jmp(self.done));
         self.links.push((slot, stub_at));
         Some(())
@@ -527,13 +520,12 @@ impl Emitter {
         }
         let done = self.done;
         let a = &mut self.a;
-        a!(a.mov(rdx, qword_ptr(rsp)));
         a!(a.mov(r8, 12u64));
         a!(a.shrx(r9, rax, r8));
         a!(a.mov(r8, (tlb_slots - 1) as u64));
         a!(a.pext(r10, r9, r8));
         a!(a.lea(r10, ptr(r10 * 8)));
-        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, tlb)))));
+        a!(a.mov(r8, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.lea(r10, ptr(r8 + r10 * 8)));
         a!(a.mov(rcx, qword_ptr(r10 + vpn_off)));
         a!(a.not(rcx));
@@ -541,7 +533,10 @@ impl Emitter {
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
         a!(a.movzx(rcx, byte_ptr(r10 + perm_off)));
-        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, fetch_perm)))));
+        a!(a.mov(
+            r8,
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, fetch_perm)))
+        ));
         a!(a.pext(rcx, rcx, r8));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + 2)));
@@ -562,11 +557,11 @@ impl Emitter {
         a!(a.pext(
             r9,
             r9,
-            qword_ptr(rdx + ctx_off(offset_of!(Ctx, block_mask)))
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, block_mask)))
         ));
         a!(a.mov(r8, 6u64));
         a!(a.shlx(r9, r9, r8));
-        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, blocks)))));
+        a!(a.mov(r8, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, blocks)))));
         a!(a.lea(r9, ptr(r8 + r9)));
         // Another block in the first slot of the pair: the shared second try.
         let second = self.rt.second_way;
@@ -593,7 +588,7 @@ impl Emitter {
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
         a!(a.not(rcx));
-        a!(a.mov(r8, qword_ptr(rdx + ctx_off(offset_of!(Ctx, epoch)))));
+        a!(a.mov(r8, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, epoch)))));
         a!(a.lea(rcx, ptr(rcx + r8 + 1)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
@@ -738,25 +733,24 @@ impl Emitter {
             return None;
         }
         let a = &mut self.a;
-        a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
         if let Some(off) = m.seg_base {
-            a!(a.mov(tmp, qword_ptr(ctx + ctx_off(off))));
+            a!(a.mov(tmp, qword_ptr(gpr64::r15 + ctx_off(off))));
             a!(a.lea(lin, ptr(lin + tmp)));
         }
         // entry = tlb + slot * 64, the slot being the page number's low bits.
         a!(a.pext(
             ent,
             lin,
-            qword_ptr(ctx + ctx_off(offset_of!(Ctx, slot_mask)))
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, slot_mask)))
         ));
         a!(a.lea(ent, ptr(ent * 8)));
-        a!(a.mov(tmp, qword_ptr(ctx + ctx_off(offset_of!(Ctx, tlb)))));
+        a!(a.mov(tmp, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.lea(ent, ptr(tmp + ent * 8)));
         // The tag for this access at this privilege is the page number only if the access
         // is allowed and the page is RAM. Compared with the page of the access's last byte:
         // the entry sits in the slot of the first byte's page, so a match also means that
         // the access stays in that page.
-        let page_mask = qword_ptr(ctx + ctx_off(offset_of!(Ctx, page_mask)));
+        let page_mask = qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, page_mask)));
         if m.size > 1 {
             a!(a.lea(tmp, ptr(lin + (m.size as i32 - 1))));
             a!(a.pext(tmp, tmp, page_mask));
@@ -768,7 +762,7 @@ impl Emitter {
         } else {
             offset_of!(Ctx, read_tag)
         };
-        a!(a.mov(ctx, qword_ptr(ctx + ctx_off(tag))));
+        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(tag))));
         a!(a.mov(rcx, qword_ptr(ent + ctx)));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + tmp + 1)));
@@ -779,13 +773,15 @@ impl Emitter {
         if m.write {
             // A store to a page holding code: the interpreter does it and moves the epoch.
             a!(a.mov(tmp, qword_ptr(ent + gpa_off)));
-            a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
             a!(a.pext(
                 tmp,
                 tmp,
-                qword_ptr(ctx + ctx_off(offset_of!(Ctx, page_mask)))
+                qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, page_mask)))
             ));
-            a!(a.mov(rcx, qword_ptr(ctx + ctx_off(offset_of!(Ctx, code_pages)))));
+            a!(a.mov(
+                rcx,
+                qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, code_pages)))
+            ));
             a!(a.movzx(gpr32::ecx, byte_ptr(rcx + tmp)));
             self.continue_if_rcx_zero(miss)?;
         }
@@ -871,13 +867,12 @@ impl Emitter {
             return Some(());
         }
         self.simd_checked |= bit;
-        let s = self.scratch(&[Register::RCX], 2)?;
-        let (ctx, mask) = (r64(*s.first()?)?, r64(*s.get(1)?)?);
-        self.clobber(&[Register::RCX, *s.first()?, *s.get(1)?]);
+        let s = self.scratch(&[Register::RCX], 1)?;
+        let mask = r64(*s.first()?)?;
+        self.clobber(&[Register::RCX, *s.first()?]);
         let miss = self.miss_label(idx);
         let a = &mut self.a;
-        a!(a.mov(ctx, qword_ptr(gpr64::rsp)));
-        a!(a.mov(rcx, qword_ptr(ctx + ctx_off(offset_of!(Ctx, simd)))));
+        a!(a.mov(rcx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, simd)))));
         a!(a.mov(mask, bit));
         a!(a.pext(rcx, rcx, mask));
         a!(a.not(rcx));
@@ -1226,7 +1221,7 @@ impl Emitter {
     /// IOPL it leaves for the interpreter, which raises #GP; so does an STI while an
     /// interrupt waits for IF (the interpreter then stops after the next instruction).
     fn set_if(&mut self, idx: u32, set: bool) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx};
         let ok = if set {
             offset_of!(Ctx, sti_ok)
         } else {
@@ -1234,8 +1229,7 @@ impl Emitter {
         };
         let miss = self.miss_label(idx);
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(ok))));
+        a!(a.mov(rcx, qword_ptr(gpr64::r15 + ctx_off(ok))));
         a!(a.jrcxz(miss));
         a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
         a!(a.mov(r9, !crate::state::flags::IF));
@@ -1259,16 +1253,17 @@ impl Emitter {
         use iced_x86::code_asm::registers::gpr64::{rax, rcx, rdi, rdx, rsp};
         let miss = self.miss_label(idx);
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, rdtsc_ok)))));
+        a!(a.mov(
+            rcx,
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, rdtsc_ok)))
+        ));
         a!(a.jrcxz(miss));
-        // The context pointer is at [rsp]; the call wants RSP 16-byte aligned, as it is
-        // here (see `runtime`): the flags' 8 bytes and 8 more.
+        // The call wants RSP 16-byte aligned, as it is here (see `runtime`): the flags'
+        // 8 bytes and 8 more.
         a!(a.pushfq());
         a!(a.lea(rsp, ptr(rsp - 8)));
-        a!(a.mov(rdi, qword_ptr(rsp + 16)));
-        a!(a.mov(rax, qword_ptr(rdi + ctx_off(offset_of!(Ctx, rdtsc)))));
-        a!(a.mov(rdi, qword_ptr(rdi + ctx_off(offset_of!(Ctx, tsc)))));
+        a!(a.mov(rax, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, rdtsc)))));
+        a!(a.mov(rdi, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tsc)))));
         if host_avx() {
             // The callee's legacy SSE: no dirty upper state (the guest's is in the state).
             a!(a.vzeroupper());
@@ -1299,7 +1294,7 @@ impl Emitter {
     /// SWAPGS at CPL0 (else the interpreter raises #GP): the GS base and KERNEL_GS_BASE
     /// trade places in the state, and the context's copy of the GS base follows.
     fn swapgs(&mut self, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx, rsp};
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx};
         use std::mem::offset_of;
         let gs = (offset_of!(CpuState, seg)
             + crate::state::Seg::Gs as usize * std::mem::size_of::<crate::state::Segment>()
@@ -1308,15 +1303,16 @@ impl Emitter {
             (offset_of!(CpuState, msr) + offset_of!(crate::state::Msrs, kernel_gs_base)) as i32;
         let miss = self.miss_label(idx);
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(rcx, qword_ptr(rcx + ctx_off(offset_of!(Ctx, cpl0)))));
+        a!(a.mov(rcx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, cpl0)))));
         a!(a.jrcxz(miss));
         a!(a.mov(r8, qword_ptr(r15 + gs)));
         a!(a.mov(r9, qword_ptr(r15 + kgs)));
         a!(a.mov(qword_ptr(r15 + gs), r9));
         a!(a.mov(qword_ptr(r15 + kgs), r8));
-        a!(a.mov(rcx, qword_ptr(rsp)));
-        a!(a.mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, gs_base))), r9));
+        a!(a.mov(
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, gs_base))),
+            r9
+        ));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
         Some(())
     }
@@ -1485,13 +1481,7 @@ impl Emitter {
     /// POPs into registers other than RSP, and the block's final RET after them if `ret`:
     /// one translation of the range, and the return address checked, before anything is
     /// written. A range that is not in the TLB as one page takes them one by one.
-    fn pop_run(
-        &mut self,
-        pops: &[Insn],
-        idx: u32,
-        ret: Option<&Instruction>,
-        len: u32,
-    ) -> Option<()> {
+    fn pop_run(&mut self, pops: &[Insn], idx: u32, ret: Option<&Instruction>) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r10, rax, rbx, rdx};
         let k = pops.len() as i32;
         let total = 8 * (k + i32::from(ret.is_some()));
@@ -1514,7 +1504,6 @@ impl Emitter {
         if ret.is_some() {
             // RAX survives the stores above (they use R10 and RDX).
             self.store_rip_from_rax()?;
-            self.add_retired(len)?;
             self.look_up_and_go()?;
         } else {
             a!(self.a.jmp(join));
@@ -1526,7 +1515,7 @@ impl Emitter {
             self.pop(&p.instr, idx + j as u32)?;
         }
         match ret {
-            Some(r) => self.ret(r, idx + k as u32, len),
+            Some(r) => self.ret(r, idx + k as u32),
             None => self.join(&mut join, fast),
         }
     }
@@ -1577,7 +1566,7 @@ impl Emitter {
     }
 
     /// CALL rel32 ending the block: push the return address, go to the target.
-    fn call(&mut self, ins: &Instruction, idx: u32, len: u32) -> Option<()> {
+    fn call(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
         self.load_guest(Register::RDX, RSP)?;
         a!(self.a.lea(rdx, ptr(rdx - 8)));
@@ -1585,13 +1574,12 @@ impl Emitter {
         a!(self.a.mov(r10, ins.next_ip()));
         a!(self.a.mov(qword_ptr(rbx), r10));
         self.store_guest(RSP, Register::RDX)?;
-        self.add_retired(len)?;
         self.go_to(ins.near_branch_target())
     }
 
     /// RET [imm16] ending the block. A non-canonical return address is left to the
     /// interpreter (it raises #GP on the RET).
-    fn ret(&mut self, ins: &Instruction, idx: u32, len: u32) -> Option<()> {
+    fn ret(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{rax, rbx, rdx};
         self.load_guest(Register::RDX, RSP)?;
         self.stack_slot(false, idx)?;
@@ -1601,11 +1589,9 @@ impl Emitter {
         a!(self.a.lea(rdx, ptr(rdx + pop)));
         self.store_guest(RSP, Register::RDX)?;
         self.store_rip_from_rax()?;
-        self.add_retired(len)?;
-        a!(self.a.mov(rax, qword_ptr(gpr64::rsp)));
         a!(self
             .a
-            .mov(rax, qword_ptr(rax + ctx_off(offset_of!(Ctx, rip)))));
+            .mov(rax, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, rip)))));
         self.look_up_and_go()
     }
 
@@ -1632,7 +1618,6 @@ impl Emitter {
         &mut self,
         ins: &Instruction,
         idx: u32,
-        len: u32,
         call: bool,
         info: &mut InstructionInfoFactory,
     ) -> Option<()> {
@@ -1662,13 +1647,11 @@ impl Emitter {
         }
         // RAX survives both (they use RCX and RDX).
         self.store_rip_from_rax()?;
-        self.add_retired(len)?;
         self.look_up_and_go()
     }
 
     /// The block's final near `Jcc`/`JMP`.
-    fn branch(&mut self, ins: &Instruction, len: u32) -> Option<()> {
-        self.add_retired(len)?;
+    fn branch(&mut self, ins: &Instruction) -> Option<()> {
         let target = ins.near_branch_target();
         if ins.is_jcc_short_or_near() {
             let mut taken = self.a.create_label();
@@ -1700,11 +1683,10 @@ impl Emitter {
 
     /// Flag-free.
     fn store_rip_from_rax(&mut self) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rax, rcx, rsp};
-        a!(self.a.mov(rcx, qword_ptr(rsp)));
+        use iced_x86::code_asm::registers::gpr64::rax;
         a!(self
             .a
-            .mov(qword_ptr(rcx + ctx_off(offset_of!(Ctx, rip))), rax));
+            .mov(qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, rip))), rax));
         Some(())
     }
 

@@ -15,6 +15,11 @@
 //! instruction up to the first one the compiler does not cover (a near `Jcc`/`JMP` ending
 //! the block is covered). Compiled code belongs to its block: it goes when the block is
 //! decoded again.
+//!
+//! What compiled code needs besides the registers is a `Ctx` beside the state in the
+//! `Core`, at a fixed distance from R15. A block entered through a link checks only the
+//! kick flag and the instruction budget (each block is charged its length on entry); the
+//! code epoch is not checked there, because every link is cut when it moves.
 
 pub(crate) mod arena;
 mod asm;
@@ -24,13 +29,17 @@ mod emit;
 use crate::decode::Insn;
 use arena::Arena;
 
-/// What compiled code needs besides the register state; built before each call.
+/// What compiled code needs besides the register state; filled before each call. It lives
+/// in the `Core`, at a fixed distance from the state (`cpu::jit_ctx_disp`), so compiled
+/// code reaches it through R15 without loading a pointer first. Addresses are kept as
+/// integers: only compiled code follows them.
 #[repr(C)]
+#[derive(Debug, Default)]
 pub(crate) struct Ctx {
     /// The soft TLB's first entry.
-    pub(crate) tlb: *const u8,
+    pub(crate) tlb: u64,
     /// A byte per guest-physical RAM page: non-zero if it holds checked code.
-    pub(crate) code_pages: *const u8,
+    pub(crate) code_pages: u64,
     /// The TLB permission bit a fetch needs at the current privilege.
     pub(crate) fetch_perm: u64,
     /// Offsets in a TLB entry of the tags for a read and a write at the current privilege
@@ -43,20 +52,21 @@ pub(crate) struct Ctx {
     pub(crate) page_mask: u64,
     /// The block cache's first slot (see `decode::block_layout`), and the mask that picks
     /// a slot.
-    pub(crate) blocks: *const u8,
+    pub(crate) blocks: u64,
     pub(crate) block_mask: u64,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
-    /// The CPU's code epoch: a block entered through a link goes on only if it was
+    /// The CPU's code epoch: compiled code's own lookup enters a block only if it was
     /// checked in this epoch.
     pub(crate) epoch: u64,
-    /// Blocks that may still be entered through links.
+    /// In and out: instructions that blocks entered through links may still run (each
+    /// block is charged its length on entry); negative once spent.
     pub(crate) budget: u64,
     /// The TLB generation (`Tlb::flushes`): a page-crossing block goes on only in the one
     /// its next page was checked in.
     pub(crate) tlb_gen: u64,
     /// A byte other threads raise when they have an interrupt for this CPU.
-    pub(crate) kick: *const u8,
+    pub(crate) kick: u64,
     /// SIMD state usable at the current CR0/CR4/XCR0: bit 0 SSE (no #UD/#NM), bit 1 AVX.
     pub(crate) simd: u64,
     /// 1 when CLI may run here (CPL <= IOPL; neither changes inside compiled code).
@@ -69,10 +79,8 @@ pub(crate) struct Ctx {
     /// 1 when RDTSC may run here (CR4.TSD clear, or CPL0).
     pub(crate) rdtsc_ok: u64,
     /// The CPU's TSC, and the function that reads it (`cpu::jit_rdtsc`).
-    pub(crate) tsc: *const crate::cpu::TscClock,
+    pub(crate) tsc: u64,
     pub(crate) rdtsc: u64,
-    /// Out: instructions run.
-    pub(crate) retired: u64,
     /// Out, FINISHED: the next RIP.
     pub(crate) rip: u64,
     /// Out, FINISHED: the link slot of the exit taken, or 0 (see `BlockCache::link`).
@@ -167,15 +175,13 @@ impl Jit {
     /// Compiles a block; None when its first instructions are not covered. `Err(())` when
     /// the arena is full: the caller must drop every compiled block, then call
     /// [`Jit::flushed`].
-    /// `slot` is the block's cache slot, `epoch` the address of its checked-in epoch
-    /// (stable: the block cache never moves its blocks), `tlb_gen` for a page-crossing
-    /// block the address of the TLB generation it was checked in (stable while the block
-    /// lives).
+    /// `slot` is the block's cache slot, `tlb_gen` for a page-crossing block the address
+    /// of the TLB generation it was checked in (stable: the block cache never moves its
+    /// blocks).
     pub(crate) fn compile(
         &mut self,
         insns: &[Insn],
         slot: usize,
-        epoch: *const u64,
         tlb_gen: Option<*const u64>,
     ) -> Result<Option<Compiled>, ()> {
         let at = self.arena.next();
@@ -183,7 +189,6 @@ impl Jit {
             insns,
             at,
             slot,
-            epoch as u64,
             tlb_gen.map(|p| p as u64),
             self.model,
             &mut self.asm,
