@@ -248,6 +248,25 @@ impl Asm {
             return None;
         }
         let rip_label = ins.is_ip_rel_memory_operand();
+        // `mov r64, imm` of a constant below 2^32 is 10 bytes; `mov r32, imm32` does the
+        // same (it zero-extends) in 5 or 6. The emitter loads many small constants.
+        let short;
+        let ins = match ins.code() {
+            Code::Mov_r64_imm64 if ins.immediate64() <= u64::from(u32::MAX) => {
+                let r32 = iced_x86::Register::try_from(
+                    ins.op0_register() as usize - iced_x86::Register::RAX as usize
+                        + iced_x86::Register::EAX as usize,
+                )
+                .ok()?;
+                let mut m =
+                    Instruction::with2(Code::Mov_r32_imm32, r32, ins.immediate64() as u32).ok()?;
+                // A label's id rides in the IP.
+                m.set_ip(ins.ip());
+                short = m;
+                &short
+            }
+            _ => ins,
+        };
         // Encoded at 0: a label reference gets a displacement we overwrite.
         let len = self.encoder.encode(ins, 0).ok()? as u32;
         let disp = if rip_label {
