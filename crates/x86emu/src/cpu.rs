@@ -508,6 +508,7 @@ impl Core {
     fn fill_jit_ctx(&mut self, budget: u64, blocks: &BlockCache) {
         static NO_KICK: u8 = 0;
         let user = self.user();
+        let (jc, jc_stamp) = blocks.jump_cache(user);
         let kick = match &self.kick {
             Some(k) => k.as_ptr() as u64,
             None => &NO_KICK as *const u8 as u64,
@@ -525,6 +526,8 @@ impl Core {
             fs_base: self.s.seg[Seg::Fs as usize].base,
             gs_base: self.s.seg[Seg::Gs as usize].base,
             epoch: self.code_epoch,
+            jc,
+            jc_stamp,
             budget,
             tlb_gen: self.fetch_generation(user),
             kick,
@@ -719,7 +722,7 @@ impl Cpu {
             if checked {
                 core.mark_code_page(t.gpa_page);
             }
-            self.blocks.sync_links(core.code_epoch);
+            self.blocks.sync_links(core.code_epoch, core.tlb.flushes);
             if let Some((link, generation)) = pending_link.take() {
                 self.blocks.link(link, slot, generation);
             }

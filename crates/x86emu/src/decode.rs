@@ -291,6 +291,14 @@ pub(crate) struct BlockCache {
     /// `sync_links`), and the code epoch they were made in.
     live_links: Vec<(u64, u32)>,
     links_epoch: u64,
+    /// Compiled code's jump cache: for kernel then user code, `JUMP_CACHE` entries of
+    /// [RIP, stamp, chain entry, unused], hashed by RIP (see `jit::emit::look_up_and_go`).
+    /// An entry counts only while its stamp is `jc_stamp`, which moves whenever what it
+    /// says may have changed: the code epoch, the TLB's translations (a flush), or a
+    /// compiled block's slot.
+    jump_cache: Vec<[u64; 4]>,
+    jc_stamp: u64,
+    jc_seen: (u64, u64),
 }
 
 /// Whether `page[off..]` starts with `code`.
@@ -315,6 +323,10 @@ impl BlockCache {
             generation: 0,
             live_links: Vec::new(),
             links_epoch: 0,
+            jump_cache: vec![[0; 4]; 2 * crate::jit::JUMP_CACHE],
+            // Zeroed entries never match: no chain entry is 0.
+            jc_stamp: 1,
+            jc_seen: (0, 0),
         }
     }
 
@@ -370,6 +382,7 @@ impl BlockCache {
             }
         }
         self.live_links.clear();
+        self.jc_stamp += 1;
         self.generation += 1;
         if let Some(j) = &mut self.jit {
             j.flushed();
@@ -623,6 +636,10 @@ impl BlockCache {
             self.blocks.filled.push(slot as u32);
         }
         let b = self.blocks.get_mut(slot)?;
+        if b.entry != 0 {
+            // The jump cache may name its chain entry.
+            self.jc_stamp += 1;
+        }
         b.bitness = 0;
         b.insns = None;
         b.len = 0;
@@ -683,11 +700,23 @@ impl BlockCache {
     /// does not check the epoch, so a block whose bytes may have changed must be reached
     /// through a lookup (which checks it again) before it is linked to again. Costs one
     /// write per link made since the last cut.
+    /// Also moves the jump cache's stamp when the epoch or the TLB's flush count has.
     #[inline(always)]
-    pub(crate) fn sync_links(&mut self, epoch: u64) {
+    pub(crate) fn sync_links(&mut self, epoch: u64, tlb_flushes: u64) {
         if epoch != self.links_epoch {
             self.cut_links(epoch);
         }
+        if (epoch, tlb_flushes) != self.jc_seen {
+            self.jc_seen = (epoch, tlb_flushes);
+            self.jc_stamp += 1;
+        }
+    }
+
+    /// The jump cache for code at this privilege, and the stamp of its valid entries.
+    pub(crate) fn jump_cache(&self, user: bool) -> (u64, u64) {
+        let at = if user { crate::jit::JUMP_CACHE } else { 0 };
+        let base = self.jump_cache.get(at..).map_or(0, |e| e.as_ptr() as u64);
+        (base, self.jc_stamp)
     }
 
     #[cold]

@@ -402,6 +402,72 @@ fn retired_count_is_exact_when_compiled_code_leaves_early() {
     assert_eq!(n_compiled, n_interpreted, "retired instructions");
 }
 
+/// Compiled code's jump cache remembers, by linear address, where an indirect call's or a
+/// RET's target block is. After the guest repoints the page and flushes it (INVLPG), a
+/// call to the same address must run the new page's code.
+#[test]
+fn indirect_calls_follow_a_remapped_page_past_the_jump_cache() {
+    const VA: u64 = 0x4000_0000_0000;
+    const PAGE: u64 = 0x30_0000;
+    const PAGE2: u64 = 0x30_1000;
+    let run = |jit| {
+        let mut g = Guest::new();
+        g.map4k(VA, PAGE, 0);
+        g.load(
+            PAGE,
+            &asm(64, VA, |a| {
+                a.add(rbx, 1).unwrap();
+                a.ret().unwrap();
+            }),
+        );
+        g.load(
+            PAGE2,
+            &asm(64, VA, |a| {
+                a.add(rbx, 100).unwrap();
+                a.ret().unwrap();
+            }),
+        );
+        // The leaf entry's address, walked as the CPU does.
+        let mut table = g.pt.root;
+        for level in (2..=4).rev() {
+            let e = g.read_u64(table + ((VA >> (12 + 9 * (level - 1))) & 0x1ff) * 8);
+            table = e & 0x000f_ffff_ffff_f000;
+        }
+        let pte = table + ((VA >> 12) & 0x1ff) * 8;
+        let repointed = (g.read_u64(pte) & !0x000f_ffff_ffff_f000) | PAGE2;
+        g.load_code(|a| {
+            let mut first = a.create_label();
+            let mut second = a.create_label();
+            a.mov(rcx, 1000u64).unwrap();
+            a.set_label(&mut first).unwrap();
+            a.mov(rax, VA).unwrap();
+            a.call(rax).unwrap();
+            a.dec(rcx).unwrap();
+            a.jnz(first).unwrap();
+            a.mov(rdi, pte).unwrap();
+            a.mov(rax, repointed).unwrap();
+            a.mov(qword_ptr(rdi), rax).unwrap();
+            a.mov(rax, VA).unwrap();
+            a.invlpg(qword_ptr(rax)).unwrap();
+            a.mov(rcx, 1000u64).unwrap();
+            a.set_label(&mut second).unwrap();
+            a.mov(rax, VA).unwrap();
+            a.call(rax).unwrap();
+            a.dec(rcx).unwrap();
+            a.jnz(second).unwrap();
+            a.hlt().unwrap();
+        });
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 10_000_000), RunExit::Halted);
+        (g.cpu.state().gpr[3], g.cpu.compiled_blocks())
+    };
+    let (interpreted, _) = run(None);
+    assert_eq!(interpreted, 1000 + 100 * 1000);
+    let (compiled, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+}
+
 /// A loop that rewrites an immediate in its own body: the compiled and linked code must
 /// notice (the store leaves compiled code, the epoch moves, the links are cut).
 #[test]

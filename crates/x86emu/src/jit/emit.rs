@@ -276,7 +276,8 @@ pub(super) struct Runtime {
     pub(super) done: u64,
     /// `look_up_and_go`'s second try, when the first slot of the pair holds another
     /// block: the other slot (RAX the RIP, R11 its physical address, R9 the first
-    /// slot, RDX the context), entered at its chain entry or left through `done`.
+    /// slot, RDX the jump cache entry to fill), entered at its chain entry or left through
+    /// `done`.
     pub(super) second_way: u64,
 }
 
@@ -380,7 +381,22 @@ fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
     go(a)?;
     a!(a.mov(rcx, qword_ptr(r9 + b_chain)));
     a!(a.jrcxz(*done));
+    jump_cache_fill(a)?;
     a!(a.jmp(rcx));
+    Some(())
+}
+
+/// Entries per privilege in the jump cache (see `Ctx::jc`).
+pub(crate) const JUMP_CACHE: usize = 4096;
+
+/// Notes in the jump cache entry at RDX that RIP RAX goes on at RCX (a chain entry), valid
+/// while the stamp is `Ctx::jc_stamp`. Flag-free; clobbers R8.
+fn jump_cache_fill(a: &mut CodeAssembler) -> Option<()> {
+    use iced_x86::code_asm::registers::gpr64::*;
+    a!(a.mov(qword_ptr(rdx), rax));
+    a!(a.mov(r8, qword_ptr(r15 + ctx_off(offset_of!(Ctx, jc_stamp)))));
+    a!(a.mov(qword_ptr(rdx + 8), r8));
+    a!(a.mov(qword_ptr(rdx + 16), rcx));
     Some(())
 }
 
@@ -508,9 +524,10 @@ impl Emitter {
     }
 
     /// Goes on at the RIP in RAX (also in the context) in another page or after a RET:
-    /// translates it through the TLB and looks the block up in the block cache, as the run
-    /// loop would, and jumps to the block's chain entry if it is compiled and was checked in
-    /// this code epoch; else leaves. Flag-free; at the block end (clobbers anything).
+    /// through the jump cache when it knows the RIP, else translates it through the TLB
+    /// and looks the block up in the block cache, as the run loop would, and jumps to the
+    /// block's chain entry if it is compiled and was checked in this code epoch (noting it
+    /// in the jump cache); else leaves. Flag-free; at the block end (clobbers anything).
     fn look_up_and_go(&mut self) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let (tlb_entry, vpn_off, _, gpa_off, perm_off, tlb_slots) = tlb_layout();
@@ -520,6 +537,37 @@ impl Emitter {
         }
         let done = self.done;
         let a = &mut self.a;
+        // The jump cache first: RDX = its entry for this RIP, which the slow way below
+        // (and `second_way`) fill in when they find the block.
+        a!(a.mov(r8, 12u64));
+        a!(a.shrx(r9, rax, r8));
+        a!(a.lea(r9, ptr(r9 + rax)));
+        a!(a.mov(r8, (JUMP_CACHE - 1) as u64));
+        a!(a.pext(r9, r9, r8));
+        a!(a.lea(r9, ptr(r9 * 8)));
+        a!(a.mov(rdx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, jc)))));
+        a!(a.lea(rdx, ptr(rdx + r9 * 4)));
+        let mut slow = a.create_label();
+        let mut ip_hit = a.create_label();
+        let mut stamp_hit = a.create_label();
+        a!(a.mov(rcx, qword_ptr(rdx)));
+        a!(a.not(rcx));
+        a!(a.lea(rcx, ptr(rcx + rax + 1)));
+        a!(a.jrcxz(ip_hit));
+        a!(a.jmp(slow));
+        a!(a.set_label(&mut ip_hit));
+        a!(a.mov(rcx, qword_ptr(rdx + 8)));
+        a!(a.not(rcx));
+        a!(a.mov(
+            r8,
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, jc_stamp)))
+        ));
+        a!(a.lea(rcx, ptr(rcx + r8 + 1)));
+        a!(a.jrcxz(stamp_hit));
+        a!(a.jmp(slow));
+        a!(a.set_label(&mut stamp_hit));
+        a!(a.jmp(qword_ptr(rdx + 16)));
+        a!(a.set_label(&mut slow));
         a!(a.mov(r8, 12u64));
         a!(a.shrx(r9, rax, r8));
         a!(a.mov(r8, (tlb_slots - 1) as u64));
@@ -594,6 +642,7 @@ impl Emitter {
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(r9 + b_chain)));
         a!(a.jrcxz(done));
+        jump_cache_fill(a)?;
         a!(a.jmp(rcx));
         Some(())
     }

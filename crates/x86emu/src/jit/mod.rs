@@ -62,6 +62,11 @@ pub(crate) struct Ctx {
     /// In and out: instructions that blocks entered through links may still run (each
     /// block is charged its length on entry); negative once spent.
     pub(crate) budget: u64,
+    /// The jump cache for the current privilege (`decode::JumpCache`): 32-byte entries
+    /// of RIP, stamp and chain entry, which compiled code's lookup tries first, and the
+    /// stamp its entries must carry to be valid.
+    pub(crate) jc: u64,
+    pub(crate) jc_stamp: u64,
     /// The TLB generation (`Tlb::flushes`): a page-crossing block goes on only in the one
     /// its next page was checked in.
     pub(crate) tlb_gen: u64,
@@ -94,7 +99,7 @@ pub(crate) struct Ctx {
 /// instruction it did not run in block `ctx.slot`.
 pub(crate) type Enter = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx, u64) -> u64;
 
-pub(crate) use emit::FINISHED;
+pub(crate) use emit::{FINISHED, JUMP_CACHE};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Compiled {
