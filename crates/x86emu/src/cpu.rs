@@ -509,16 +509,17 @@ impl Core {
         static NO_KICK: u8 = 0;
         let user = self.user();
         let (jc, jc_stamp) = blocks.jump_cache(user);
+        let tlb = self.tlb.entries_ptr() as u64;
         let kick = match &self.kick {
             Some(k) => k.as_ptr() as u64,
             None => &NO_KICK as *const u8 as u64,
         };
         self.jit = Ctx {
-            tlb: self.tlb.entries_ptr() as u64,
+            tlb,
             code_pages: self.code.as_ptr() as u64,
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
-            read_tag: crate::mmu::tlb_tag_offset(false, user),
-            write_tag: crate::mmu::tlb_tag_offset(true, user),
+            read_tags: tlb + crate::mmu::tlb_tag_offset(false, user),
+            write_tags: tlb + crate::mmu::tlb_tag_offset(true, user),
             slot_mask: crate::mmu::tlb_slot_mask(),
             page_mask: !0xfff,
             blocks: blocks.slots_ptr() as u64,

@@ -786,15 +786,21 @@ impl Emitter {
             a!(a.mov(tmp, qword_ptr(gpr64::r15 + ctx_off(off))));
             a!(a.lea(lin, ptr(lin + tmp)));
         }
-        // entry = tlb + slot * 64, the slot being the page number's low bits.
+        // The slot is the page number's low bits; ENT = slot * 8, so that an entry's
+        // fields are at [base + ENT * 8]: the tags from the base for this access and
+        // privilege, the rest from the TLB's start.
         a!(a.pext(
             ent,
             lin,
             qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, slot_mask)))
         ));
         a!(a.lea(ent, ptr(ent * 8)));
-        a!(a.mov(tmp, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
-        a!(a.lea(ent, ptr(tmp + ent * 8)));
+        let tags = if m.write {
+            offset_of!(Ctx, write_tags)
+        } else {
+            offset_of!(Ctx, read_tags)
+        };
+        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(tags))));
         // The tag for this access at this privilege is the page number only if the access
         // is allowed and the page is RAM. Compared with the page of the access's last byte:
         // the entry sits in the slot of the first byte's page, so a match also means that
@@ -806,22 +812,17 @@ impl Emitter {
         } else {
             a!(a.pext(tmp, lin, page_mask));
         }
-        let tag = if m.write {
-            offset_of!(Ctx, write_tag)
-        } else {
-            offset_of!(Ctx, read_tag)
-        };
-        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(tag))));
-        a!(a.mov(rcx, qword_ptr(ent + ctx)));
+        a!(a.mov(rcx, qword_ptr(ctx + ent * 8)));
         a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + tmp + 1)));
         self.continue_if_rcx_zero(miss)?;
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(ent + addend_off)));
+        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
+        a!(a.mov(rcx, qword_ptr(ctx + ent * 8 + addend_off)));
         a!(a.lea(r64(host)?, ptr(rcx + lin)));
         if m.write {
             // A store to a page holding code: the interpreter does it and moves the epoch.
-            a!(a.mov(tmp, qword_ptr(ent + gpa_off)));
+            a!(a.mov(tmp, qword_ptr(ctx + ent * 8 + gpa_off)));
             a!(a.pext(
                 tmp,
                 tmp,

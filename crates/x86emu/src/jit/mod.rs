@@ -42,10 +42,10 @@ pub(crate) struct Ctx {
     pub(crate) code_pages: u64,
     /// The TLB permission bit a fetch needs at the current privilege.
     pub(crate) fetch_perm: u64,
-    /// Offsets in a TLB entry of the tags for a read and a write at the current privilege
-    /// (see `mmu::tlb_tag_offset`).
-    pub(crate) read_tag: u64,
-    pub(crate) write_tag: u64,
+    /// The first entry's tag for a read and for a write at the current privilege (see
+    /// `mmu::tlb_tag_offset`): the bases compiled code finds a slot's tags from.
+    pub(crate) read_tags: u64,
+    pub(crate) write_tags: u64,
     /// Constants for PEXT (whose mask may be a memory operand): the bits of a linear
     /// address that pick its TLB slot, and those of its page number.
     pub(crate) slot_mask: u64,
