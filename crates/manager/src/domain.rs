@@ -119,6 +119,14 @@ impl DomainDef {
         self.vm
             .validate()
             .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
+        if self.driver == DriverKind::Qemu {
+            if let Some(field) = qemu_cannot_honour(&self.vm) {
+                return Err(Error::invalid(
+                    "domain machine config",
+                    format!("unsupported configuration: the QEMU driver cannot honour {field}"),
+                ));
+            }
+        }
         for n in &self.vm.nets {
             check_tap_name(&n.tap)?;
             if let Some(m) = &n.mac {
@@ -142,6 +150,26 @@ impl DomainDef {
         }
         Ok(())
     }
+}
+
+/// The first `VmConfig` field the QEMU driver would have to drop, named for the user
+/// (checked at define time: a domain never starts without part of its definition).
+pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
+    if vm.vsock.is_some() {
+        return Some(
+            "vm.vsock (Vessel's vsock is Firecracker's Unix-socket flavour; QEMU's is vhost-vsock)",
+        );
+    }
+    if vm.virtio_console.is_some() {
+        return Some("vm.virtio_console (a virtio console: use the Vessel driver)");
+    }
+    if !vm.option_roms.is_empty() {
+        return Some("vm.option_roms");
+    }
+    if vm.accel == vmm::Accel::Hybrid {
+        return Some("vm.accel hybrid (Vessel's own accelerator)");
+    }
+    None
 }
 
 /// A TAP device name as Linux takes it (1-15 bytes) and nothing else: it goes into

@@ -288,6 +288,10 @@ fn chardev_path(p: &Path) -> Result<String> {
 fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
     let mut vm = def.vm.clone();
     vm.serial = vmm::SerialConfig::Stdio;
+    if vm.virtio_console.is_some() {
+        // The virtio console (hvc0) writes to a file in the run folder.
+        vm.virtio_console = Some(vmm::SerialConfig::File(run.0.join("hvc0.log")));
+    }
     if vm.cloud_init.is_some() {
         vm.name = Some(seed_name(def));
     }

@@ -14,6 +14,7 @@ pub mod qmp;
 pub mod storage;
 pub mod store;
 pub mod xml;
+pub mod xml_support;
 
 use std::path::Path;
 use std::sync::Arc;
