@@ -169,6 +169,16 @@ pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
     if vm.accel == vmm::Accel::Hybrid {
         return Some("vm.accel hybrid (Vessel's own accelerator)");
     }
+    if vm.disks.iter().any(|d| d.rate_limiter.is_some()) {
+        return Some("a disk's rate_limiter (Firecracker's token buckets)");
+    }
+    if vm
+        .nets
+        .iter()
+        .any(|n| n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some())
+    {
+        return Some("a network interface's rate limiter (Firecracker's token buckets)");
+    }
     None
 }
 
@@ -292,5 +302,37 @@ mod tests {
             serde_json::from_str::<DomainDef>(r#"{"name":"a","vm":{"kernel":"/k"},"x":1}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_qemu_driver_refuses_fields_it_would_drop() {
+        let kernel = std::env::current_exe().unwrap();
+        let with = |driver: &str, vm_extra: &str| {
+            let json = format!(
+                r#"{{"name":"a","driver":"{driver}","vm":{{"kernel":"{}"{vm_extra}}}}}"#,
+                kernel.display()
+            );
+            serde_json::from_str::<DomainDef>(&json).unwrap().validate()
+        };
+        let vsock = r#","vsock":{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#;
+        let hvc = r#","virtio_console":{"type":"null"}"#;
+        let limited = format!(
+            r#","disks":[{{"path":"{}","format":"raw","rate_limiter":{{"ops":{{"size":1,"refill_time":100}}}}}}]"#,
+            kernel.display()
+        );
+        for (extra, field) in [
+            (vsock, "vm.vsock"),
+            (hvc, "vm.virtio_console"),
+            (limited.as_str(), "rate_limiter"),
+        ] {
+            let e = with("qemu", extra).unwrap_err().to_string();
+            assert!(
+                e.contains("unsupported configuration") && e.contains(field),
+                "{e}"
+            );
+            // The Vessel driver gets the VmConfig itself: nothing to refuse.
+            with("vessel", extra).unwrap();
+        }
+        with("qemu", "").unwrap();
     }
 }

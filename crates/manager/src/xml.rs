@@ -443,6 +443,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         format,
         read_only: child(n, "readonly").is_some(),
         transport: None,
+        rate_limiter: None,
     })
 }
 

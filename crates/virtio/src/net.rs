@@ -8,11 +8,13 @@
 //! The TAP is told (TUNSETOFFLOAD) to hand us only the offloads the driver accepted.
 
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::queue::{add_used_batch, gather, scatter, Chain};
+use crate::rate_limiter::RateLimiter;
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
@@ -189,6 +191,19 @@ pub struct Net {
     pub tx_frames: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    limiters: NetLimiters,
+}
+
+/// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
+/// and `tx_rate_limiter`), shared with the VMM so it can change them while the guest runs.
+#[derive(Debug, Clone, Default)]
+pub struct NetLimiters {
+    pub rx: Arc<Mutex<RateLimiter>>,
+    pub tx: Arc<Mutex<RateLimiter>>,
+}
+
+fn lock_limiter(l: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Net {
@@ -217,7 +232,22 @@ impl Net {
             tx_frames: 0,
             rx_dropped: 0,
             tx_dropped: 0,
+            limiters: NetLimiters::default(),
         }
+    }
+
+    /// Receives and transmits within these limiters.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.limiters = NetLimiters {
+            rx: Arc::new(Mutex::new(rx)),
+            tx: Arc::new(Mutex::new(tx)),
+        };
+        self
+    }
+
+    /// The limiters, to change while the guest runs.
+    pub fn limiters(&self) -> NetLimiters {
+        self.limiters.clone()
     }
 
     /// A descriptor that polls readable when the host has frames for the guest.
@@ -260,7 +290,18 @@ impl Net {
         let size = queue.size();
         let mergeable = self.acked & features::MRG_RXBUF != 0;
         let mut chains: Vec<(Chain, usize)> = Vec::new();
+        let limiter = self.limiters.rx.clone();
+        let mut limiter = lock_limiter(&limiter);
+        let limited = limiter.is_limited();
         while let Some(len) = self.next_frame() {
+            if limited {
+                if let Err(wait) = limiter.consume(1, (len - VNET_HDR_LEN) as u64) {
+                    // Held until the limiter has the tokens; the TAP is not read meanwhile.
+                    self.pending = Some(len);
+                    outcome.throttled = Some(wait);
+                    break;
+                }
+            }
             let Some(h) = self.rx_buf.get_mut(..VNET_HDR_LEN) else {
                 break;
             };
@@ -344,8 +385,21 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceError> {
         let mut outcome = QueueOutcome::default();
         let size = queue.size();
+        let limiter = self.limiters.tx.clone();
+        let mut limiter = lock_limiter(&limiter);
+        let limited = limiter.is_limited();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let chain = Chain::collect(chain, size, mem)?;
+            if limited {
+                let bytes: u64 = chain.readable.iter().map(|d| u64::from(d.len())).sum();
+                let bytes = bytes.saturating_sub(VNET_HDR_LEN as u64);
+                if let Err(wait) = limiter.consume(1, bytes) {
+                    // Back on the ring until the limiter has the tokens.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    outcome.throttled = Some(wait);
+                    break;
+                }
+            }
             let frame = gather(mem, &chain.readable, MAX_FRAME as u64)?;
             if frame.len() < VNET_HDR_LEN {
                 return Err(DeviceError::BadRequest(

@@ -211,6 +211,11 @@ pub struct NetConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// Firecracker's token-bucket limits on received and transmitted frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -262,6 +267,8 @@ impl std::str::FromStr for NetConfig {
             tap: tap.ok_or("--net needs tap=NAME")?,
             mac,
             transport,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         })
     }
 }
@@ -289,6 +296,97 @@ pub struct DiskConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// Firecracker's token-bucket limits on the disk's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A token bucket as Firecracker's API defines it: `size` tokens refilled over
+/// `refill_time` milliseconds, plus a `one_time_burst`; size or refill time 0 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// Whether this bucket limits anything.
+    pub fn limits(&self) -> bool {
+        self.size != 0 && self.refill_time != 0
+    }
+
+    /// The device side of it (a full bucket); None when it limits nothing.
+    pub fn bucket(&self) -> Option<virtio::rate_limiter::TokenBucket> {
+        virtio::rate_limiter::TokenBucket::new(
+            self.size,
+            self.one_time_burst.unwrap_or(0),
+            self.refill_time,
+        )
+    }
+}
+
+/// A rate limiter: a bytes bucket (`bandwidth`) and an operations bucket (`ops`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketConfig>,
+    #[serde(default)]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl RateLimiterConfig {
+    /// Whether either bucket limits anything.
+    pub fn limits(&self) -> bool {
+        self.bandwidth.is_some_and(|b| b.limits()) || self.ops.is_some_and(|b| b.limits())
+    }
+
+    /// `{}` means "no limiter", as Firecracker stores it.
+    pub fn normalized(r: Option<RateLimiterConfig>) -> Option<RateLimiterConfig> {
+        r.filter(|r| r.bandwidth.is_some() || r.ops.is_some())
+    }
+
+    /// A PATCH: a bucket given replaces the old one, a bucket left out stays.
+    pub fn patched(
+        old: Option<RateLimiterConfig>,
+        new: Option<RateLimiterConfig>,
+    ) -> Option<RateLimiterConfig> {
+        let Some(new) = new else { return old };
+        let old = old.unwrap_or_default();
+        RateLimiterConfig::normalized(Some(RateLimiterConfig {
+            bandwidth: new.bandwidth.or(old.bandwidth),
+            ops: new.ops.or(old.ops),
+        }))
+    }
+
+    /// The device's limiter.
+    pub fn limiter(r: Option<&RateLimiterConfig>) -> virtio::rate_limiter::RateLimiter {
+        virtio::rate_limiter::RateLimiter::new(
+            r.and_then(|r| r.bandwidth.as_ref())
+                .and_then(TokenBucketConfig::bucket),
+            r.and_then(|r| r.ops.as_ref())
+                .and_then(TokenBucketConfig::bucket),
+        )
+    }
+
+    /// The change a PATCH with this limiter makes to a running device's buckets: each one
+    /// given is replaced (or removed, when it limits nothing), each one left out stays.
+    pub fn update(
+        &self,
+    ) -> (
+        virtio::rate_limiter::BucketUpdate,
+        virtio::rate_limiter::BucketUpdate,
+    ) {
+        use virtio::rate_limiter::BucketUpdate;
+        let one = |b: Option<TokenBucketConfig>| match b {
+            None => BucketUpdate::Keep,
+            Some(b) => b.bucket().map_or(BucketUpdate::Disable, BucketUpdate::Set),
+        };
+        (one(self.bandwidth), one(self.ops))
+    }
 }
 
 impl DiskConfig {
@@ -334,6 +432,7 @@ impl std::str::FromStr for DiskConfig {
             format: None,
             read_only: false,
             transport: None,
+            rate_limiter: None,
         };
         for opt in parts {
             match opt {
@@ -594,6 +693,7 @@ mod tests {
             format: Some(DiskFormat::Raw),
             read_only: false,
             transport: None,
+            rate_limiter: None,
         };
         assert!(disk(&bootable).has_boot_sector());
         assert!(!disk(&plain).has_boot_sector());
@@ -711,6 +811,7 @@ mod tests {
                 format: Some(DiskFormat::Qcow2),
                 read_only: true,
                 transport: None,
+                rate_limiter: None,
             }
         );
         let pci: DiskConfig = "/x,transport=pci".parse().unwrap();

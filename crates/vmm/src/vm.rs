@@ -99,6 +99,7 @@ type VirtioSetup = (
     Box<dyn virtio::VirtioDevice>,
     Option<IoThreadSetup>,
     Transport,
+    Option<crate::runtime::Changeable>,
 );
 
 fn unix_now() -> i64 {
@@ -149,10 +150,15 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: None,
             coalesce: None,
         };
+        let dev = virtio::blk::Block::new(backend, &id, disk.read_only).with_rate_limiter(
+            crate::config::RateLimiterConfig::limiter(disk.rate_limiter.as_ref()),
+        );
+        let change = crate::runtime::Changeable::Disk(disk.clone(), dev.handle());
         devs.push((
-            Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
+            Box::new(dev),
             Some(io),
             disk.transport.unwrap_or(machine),
+            Some(change),
         ));
     }
     if let Some(ci) = &config.cloud_init {
@@ -167,6 +173,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::blk::Block::new(backend, "cidata", true)),
             Some(io),
             machine,
+            None,
         ));
     }
     for net in &config.nets {
@@ -176,7 +183,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             None => virtio::net::default_mac(&net.tap),
         };
         let tap = virtio::tap::Tap::open(&net.tap)?;
-        let dev = virtio::net::Net::new(tap, mac);
+        let dev = virtio::net::Net::new(tap, mac).with_rate_limiters(
+            crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
+            crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
+        );
+        let change = crate::runtime::Changeable::Net(dev.limiters());
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
@@ -188,7 +199,12 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             ))),
             coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
         };
-        devs.push((Box::new(dev), Some(io), net.transport.unwrap_or(machine)));
+        devs.push((
+            Box::new(dev),
+            Some(io),
+            net.transport.unwrap_or(machine),
+            Some(change),
+        ));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
@@ -197,10 +213,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: Some(Box::new(dev.host_input())),
             coalesce: None,
         };
-        devs.push((Box::new(dev), Some(io), machine));
+        devs.push((Box::new(dev), Some(io), machine, None));
     }
     if config.rng {
-        devs.push((Box::new(virtio::rng::Rng), None, machine));
+        devs.push((Box::new(virtio::rng::Rng), None, machine, None));
     }
     if let Some(out) = &config.virtio_console {
         // Guest output is written on a thread of its own, not the vCPU's.
@@ -213,6 +229,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::console::Console::new(output_for(out)?)),
             Some(io),
             machine,
+            None,
         ));
     }
     Ok(devs)
@@ -235,7 +252,7 @@ fn placements(devs: &[VirtioSetup]) -> Vec<Placement> {
     let (mut windows, mut slots) = (0u64, 1u8);
     devs.iter()
         .enumerate()
-        .map(|(i, (_, _, transport))| {
+        .map(|(i, (_, _, transport, _))| {
             let gsi = VIRTIO_FIRST_GSI + i as u32;
             match transport {
                 Transport::Mmio => {
@@ -484,7 +501,7 @@ impl Vmm {
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
         let mut pci_root = devices::pci::PciRoot::new();
         let mut io_threads = Vec::new();
-        for ((device, io_setup, _), place) in virtio.into_iter().zip(places) {
+        for ((device, io_setup, _, change), place) in virtio.into_iter().zip(places) {
             match place {
                 Placement::Mmio(window) => {
                     let mut t = virtio::mmio::MmioTransport::new(
@@ -500,6 +517,9 @@ impl Vmm {
                     })?;
                     vm.register_irqfd(window.gsi, &irqfd)?;
                     t.use_irqfd(irqfd);
+                    if let Some(c) = change {
+                        control.devices().add(c, t.core());
+                    }
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
@@ -520,6 +540,9 @@ impl Vmm {
                     // guest places it.
                     let mut t =
                         virtio::pci::PciTransport::new(device, memory.clone(), irq.clone(), gsi)?;
+                    if let Some(c) = change {
+                        control.devices().add(c, t.core());
+                    }
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {

@@ -72,6 +72,8 @@ impl Manager {
                     tap,
                     mac: Some(network::mac_for(def, i)),
                     transport: None,
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
                 });
             }
             Ok(())

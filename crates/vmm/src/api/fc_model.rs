@@ -175,55 +175,8 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
-/// A token bucket: `size` tokens refilled over `refill_time` ms, plus a one-time burst.
-/// Size 0 or refill time 0 means no limit (as Firecracker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(default)]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
-
-impl TokenBucket {
-    /// Whether this bucket limits anything.
-    pub fn limits(&self) -> bool {
-        self.size != 0 && self.refill_time != 0
-    }
-}
-
-/// A rate limiter: a bytes bucket and an operations bucket, either optional.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiter {
-    #[serde(default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(default)]
-    pub ops: Option<TokenBucket>,
-}
-
-impl RateLimiter {
-    /// Whether either bucket limits anything.
-    pub fn limits(&self) -> bool {
-        self.bandwidth.is_some_and(|b| b.limits()) || self.ops.is_some_and(|b| b.limits())
-    }
-
-    /// `{}` means "no limiter", as Firecracker stores it.
-    pub fn normalized(r: Option<RateLimiter>) -> Option<RateLimiter> {
-        r.filter(|r| r.bandwidth.is_some() || r.ops.is_some())
-    }
-
-    /// A PATCH: a bucket given replaces the old one, a bucket left out stays.
-    pub fn patched(old: Option<RateLimiter>, new: Option<RateLimiter>) -> Option<RateLimiter> {
-        let Some(new) = new else { return old };
-        let old = old.unwrap_or_default();
-        RateLimiter::normalized(Some(RateLimiter {
-            bandwidth: new.bandwidth.or(old.bandwidth),
-            ops: new.ops.or(old.ops),
-        }))
-    }
-}
+/// Firecracker's `TokenBucket` and `RateLimiter`: the same records `VmConfig` keeps.
+pub use crate::config::{RateLimiterConfig as RateLimiter, TokenBucketConfig as TokenBucket};
 
 /// Block cache policy. Vessel's virtio-blk always offers FLUSH and honours it, which is
 /// `Writeback`; `Unsafe` (flushes ignored) is accepted and served the safe way.
@@ -567,7 +520,7 @@ impl FcConfig {
                     cache_type: CacheType::Writeback,
                     is_read_only: Some(d.read_only),
                     path_on_host: Some(d.path.display().to_string()),
-                    rate_limiter: None,
+                    rate_limiter: d.rate_limiter,
                     io_engine: Some(IoEngine::Sync),
                     socket: None,
                 })
@@ -581,8 +534,8 @@ impl FcConfig {
                     host_dev_name: n.tap.clone(),
                     guest_mac: n.mac.clone(),
                     mtu: None,
-                    rx_rate_limiter: None,
-                    tx_rate_limiter: None,
+                    rx_rate_limiter: n.rx_rate_limiter,
+                    tx_rate_limiter: n.tx_rate_limiter,
                 })
                 .collect(),
             vsock: c.vsock.as_ref().map(|v| Vsock {
@@ -619,6 +572,20 @@ impl FcConfig {
     /// The drive with this ID, if any.
     pub fn drive(&self, id: &str) -> Option<&Drive> {
         self.drives.iter().find(|d| d.drive_id == id)
+    }
+
+    /// The drives in the order the guest sees them: the root drive first (vda), then the
+    /// others as they were put.
+    fn boot_order(&self) -> Vec<&Drive> {
+        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        ordered.retain(|d| d.path_on_host.is_some());
+        ordered
+    }
+
+    /// Where drive `id` is in `VmConfig::disks`.
+    pub fn disk_index(&self, id: &str) -> Option<usize> {
+        self.boot_order().iter().position(|d| d.drive_id == id)
     }
 
     /// Firecracker's checks for a drive about to be put (its own earlier version aside).
@@ -752,32 +719,15 @@ impl FcConfig {
                     .into(),
             );
         }
-        for d in &self.drives {
-            if RateLimiter::normalized(d.rate_limiter).is_some_and(|r| r.limits()) {
-                return no(format!(
-                    "drive {} rate_limiter: rate limiters are not enforced by this VMM yet",
-                    d.drive_id
-                ));
-            }
-        }
-        for n in &self.nets {
-            for (dir, r) in [("rx", n.rx_rate_limiter), ("tx", n.tx_rate_limiter)] {
-                if RateLimiter::normalized(r).is_some_and(|r| r.limits()) {
-                    return no(format!(
-                        "network interface {} {dir}_rate_limiter: rate limiters are not \
-                         enforced by this VMM yet",
-                        n.iface_id
-                    ));
-                }
-            }
-        }
         if self
             .entropy
             .as_ref()
             .is_some_and(|e| RateLimiter::normalized(e.rate_limiter).is_some_and(|r| r.limits()))
         {
             return no(
-                "entropy rate_limiter: rate limiters are not enforced by this VMM yet".into(),
+                "entropy rate_limiter: the entropy device's rate limiter is not enforced by \
+                 this VMM yet"
+                    .into(),
             );
         }
 
@@ -791,8 +741,7 @@ impl FcConfig {
         c.memory_mib = m.mem_size_mib;
         // As Firecracker: the root device is the first disk (vda), named on the command
         // line by its partition UUID when it has one.
-        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        let ordered = self.boot_order();
         let has_root = c.cmdline.split_whitespace().any(|w| w.starts_with("root="));
         if let Some(root) = ordered.first().filter(|d| d.is_root_device && !has_root) {
             let ro = root.is_read_only.unwrap_or(false);
@@ -815,6 +764,7 @@ impl FcConfig {
                     format: Some(DiskFormat::Raw),
                     read_only: d.is_read_only.unwrap_or(false),
                     transport: None,
+                    rate_limiter: d.rate_limiter,
                 })
             })
             .collect();
@@ -825,6 +775,8 @@ impl FcConfig {
                 tap: n.host_dev_name.clone(),
                 mac: n.guest_mac.clone(),
                 transport: None,
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
             })
             .collect();
         c.vsock = self.vsock.as_ref().map(|v| VsockConfig {

@@ -100,6 +100,31 @@ impl Api {
             .fc
             .to_vm_config(&SerialConfig::Null, Accel::Auto)
             .expect("a bootable configuration");
+        // The changeable devices the VM would have: real disks over the files, on a
+        // transport core no driver ever starts; the interfaces' limiters.
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+            .unwrap();
+        for disk in &config.disks {
+            let block = virtio::blk::Block::new(disk.open().unwrap(), "t", disk.read_only);
+            let change = crate::runtime::Changeable::Disk(disk.clone(), block.handle());
+            let core = Arc::new(virtio::transport::DeviceCore::new(
+                Box::new(block),
+                mem.clone(),
+                Box::new(virtio::transport::GsiEdge::new(Arc::new(NoIrq), 16)),
+            ));
+            control.devices().add(change, core.clone());
+        }
+        for _ in &config.nets {
+            let core = Arc::new(virtio::transport::DeviceCore::new(
+                Box::new(virtio::rng::Rng),
+                mem.clone(),
+                Box::new(virtio::transport::GsiEdge::new(Arc::new(NoIrq), 17)),
+            ));
+            control.devices().add(
+                crate::runtime::Changeable::Net(virtio::net::NetLimiters::default()),
+                core,
+            );
+        }
         st.phase = Phase::Running { config, control };
     }
     fn config(&self) -> Value {
@@ -584,6 +609,72 @@ fn drive_patch_after_boot() {
         r#"{"drive_id": "nothere", "path_on_host": "foo.bar"}"#,
         "No drive with ID nothere",
     );
+    // A new backing file, then a limiter with it, then a limiter alone.
+    std::fs::write(s.path("scratch_new.ext4"), vec![0u8; 8192]).unwrap();
+    api.ok(
+        "PATCH",
+        "/drives/scratch",
+        &format!(
+            r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,
+            s.path("scratch_new.ext4")
+        ),
+    );
+    api.ok(
+        "PATCH",
+        "/drives/scratch",
+        &format!(
+            r#"{{"drive_id": "scratch", "path_on_host": "{}",
+                "rate_limiter": {{"bandwidth": {{"size": 1000000, "refill_time": 100}},
+                                  "ops": {{"size": 1, "refill_time": 100}}}}}}"#,
+            s.path("scratch_new.ext4")
+        ),
+    );
+    api.ok(
+        "PATCH",
+        "/drives/scratch",
+        r#"{"drive_id": "scratch", "rate_limiter": {"bandwidth": {"size": 5000, "refill_time": 100},
+            "ops": {"size": 500, "refill_time": 100}}}"#,
+    );
+    api.refused(
+        "PATCH",
+        "/drives/scratch",
+        r#"{"drive_id": "scratch", "path_on_host": "foo.bar",
+            "rate_limiter": {"bandwidth": {"size": 5000, "refill_time": 100}}}"#,
+        "No such file or directory",
+    );
+    let drives = api.config()["drives"].clone();
+    let scratch = drives
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["drive_id"] == "scratch")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        scratch,
+        serde_json::json!({
+            "drive_id": "scratch",
+            "partuuid": null,
+            "is_root_device": false,
+            "cache_type": "Unsafe",
+            "is_read_only": false,
+            "path_on_host": s.path("scratch_new.ext4"),
+            "rate_limiter": {
+                "bandwidth": {"size": 5000, "one_time_burst": null, "refill_time": 100},
+                "ops": {"size": 500, "one_time_burst": null, "refill_time": 100},
+            },
+            "io_engine": "Sync",
+            "socket": null,
+        })
+    );
+    // The VM's own configuration follows (the disk is the second, after the root one).
+    match &lock(&api.0.state).phase {
+        Phase::Running { config, .. } => {
+            assert!(config.disks[1].path.ends_with("scratch_new.ext4"));
+            assert_eq!(config.disks[1].rate_limiter.unwrap().ops.unwrap().size, 500);
+        }
+        other => panic!("{other:?}"),
+    }
     // Drives cannot be put after boot.
     api.refused(
         "PUT",
@@ -743,11 +834,23 @@ fn phase_rules_after_boot() {
         r#"{"level": "Error"}"#,
         "Invalid request method",
     );
+    let tx = r#"{"bandwidth": {"size": 1000000, "refill_time": 100, "one_time_burst": null}, "ops": null}"#;
+    api.ok(
+        "PATCH",
+        "/network-interfaces/1",
+        &format!(r#"{{"iface_id": "1", "tx_rate_limiter": {tx}}}"#),
+    );
+    let n = &api.config()["network-interfaces"][0];
+    assert_eq!(
+        n["tx_rate_limiter"],
+        serde_json::from_str::<Value>(tx).unwrap()
+    );
+    assert_eq!(n["rx_rate_limiter"], Value::Null);
     api.refused(
         "PATCH",
         "/network-interfaces/1",
-        r#"{"iface_id": "1", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
-        "not supported by this VMM yet",
+        r#"{"iface_id": "1", "host_dev_name": "other"}"#,
+        "unknown field `host_dev_name`",
     );
     api.refused(
         "PATCH",
@@ -954,15 +1057,14 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
             s.path("scratch.ext4")
         ),
     );
-    start("drive bw rate_limiter");
+    // Drive and interface limiters are enforced; the entropy device's is not yet.
     api.ok(
         "PUT",
-        "/drives/bw",
-        &format!(
-            r#"{{"drive_id": "bw", "path_on_host": "{}", "is_root_device": false}}"#,
-            s.path("scratch.ext4")
-        ),
+        "/entropy",
+        r#"{"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#,
     );
+    start("entropy rate_limiter");
+    api.ok("PUT", "/entropy", "{}");
     // A multicast MAC is accepted when put (as Firecracker does) and refused at start.
     api.ok(
         "PUT",

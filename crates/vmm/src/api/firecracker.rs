@@ -415,25 +415,45 @@ impl VmmApi {
             )
         };
         let control = self.control()?;
-        let st = lock(&self.state);
-        let Some(index) = st.fc.drives.iter().position(|d| d.drive_id == u.drive_id) else {
+        let mut st = lock(&self.state);
+        let Some(index) = st.fc.disk_index(&u.drive_id) else {
             return Err(err(format!("No drive with ID {}.", u.drive_id)));
         };
         if u.path_on_host.is_none() && u.rate_limiter.is_none() {
             return Err(err("Running method expected different backend.".into()));
         }
         if let Some(p) = &u.path_on_host {
+            // The file's own error first, in Firecracker's words.
             if let Err(e) = std::fs::File::open(p) {
                 return Err(err(format!("Error manipulating the backing file: {e} {p}")));
             }
+            control
+                .devices()
+                .replace_disk(index, p)
+                .map_err(|e| err(e.to_string()))?;
         }
-        drop(st);
-        let _ = (control, index);
-        Err(err(
-            "Changing a drive's backing file or rate limiter at run time is not supported by \
-             this VMM yet."
-                .into(),
-        ))
+        if let Some(r) = &u.rate_limiter {
+            control
+                .devices()
+                .update_disk_limiter(index, r)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let State { phase, fc } = &mut *st;
+        if let Some(d) = fc.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
+            if let Some(p) = &u.path_on_host {
+                d.path_on_host = Some(p.clone());
+            }
+            d.rate_limiter = RateLimiter::patched(d.rate_limiter, u.rate_limiter);
+            if let Phase::Running { config, .. } = phase {
+                if let Some(disk) = config.disks.get_mut(index) {
+                    if let Some(p) = &u.path_on_host {
+                        disk.path = p.into();
+                    }
+                    disk.rate_limiter = d.rate_limiter;
+                }
+            }
+        }
+        Ok(Response::empty(204))
     }
 
     fn put_net(&self, req: &Request, seg: &[&str]) -> Answer {
@@ -473,9 +493,9 @@ impl VmmApi {
                 ),
             ));
         }
-        let _control = self.control()?;
-        let st = lock(&self.state);
-        if !st.fc.nets.iter().any(|n| n.iface_id == u.iface_id) {
+        let control = self.control()?;
+        let mut st = lock(&self.state);
+        let Some(index) = st.fc.nets.iter().position(|n| n.iface_id == u.iface_id) else {
             return Err(fault(
                 400,
                 format!(
@@ -484,12 +504,32 @@ impl VmmApi {
                     u.iface_id
                 ),
             ));
+        };
+        control
+            .devices()
+            .update_net_limiters(
+                index,
+                u.rx_rate_limiter.as_ref(),
+                u.tx_rate_limiter.as_ref(),
+            )
+            .map_err(|e| {
+                fault(
+                    400,
+                    format!("Network config error: Unable to update the net device: {e}"),
+                )
+            })?;
+        let State { phase, fc } = &mut *st;
+        if let Some(n) = fc.nets.get_mut(index) {
+            n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, u.rx_rate_limiter);
+            n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, u.tx_rate_limiter);
+            if let Phase::Running { config, .. } = phase {
+                if let Some(c) = config.nets.get_mut(index) {
+                    c.rx_rate_limiter = n.rx_rate_limiter;
+                    c.tx_rate_limiter = n.tx_rate_limiter;
+                }
+            }
         }
-        Err(fault(
-            400,
-            "Network config error: Unable to update the net device: changing rate limiters \
-             at run time is not supported by this VMM yet.",
-        ))
+        Ok(Response::empty(204))
     }
 
     fn put_vsock(&self, req: &Request) -> Answer {
@@ -705,7 +745,7 @@ impl VmmApi {
         let first = req.segments().first().copied().unwrap_or("");
         self.metrics.record(&req.method, first, r.status >= 400);
         if r.status >= 400 {
-            tracing::warn!(
+            tracing::info!(
                 "Received Error. Status code: {}. Message: {}",
                 r.status,
                 String::from_utf8_lossy(&r.body).trim()

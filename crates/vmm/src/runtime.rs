@@ -1,0 +1,120 @@
+//! Changing devices while the guest runs, for the control API's PATCH requests: a disk's
+//! backing file (Firecracker's `PATCH /drives`) and the rate limiters of disks and network
+//! interfaces. Devices are found by their index in `VmConfig::disks` / `VmConfig::nets`.
+
+use std::sync::{Arc, Mutex};
+
+use virtio::blk::BlockHandle;
+use virtio::net::NetLimiters;
+use virtio::transport::DeviceCore;
+
+use crate::config::{DiskConfig, RateLimiterConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no disk {0}")]
+    NoDisk(usize),
+    #[error("no network interface {0}")]
+    NoNet(usize),
+    #[error("Error manipulating the backing file: {source} {path}")]
+    BackingFile {
+        path: String,
+        #[source]
+        source: block::OpenError,
+    },
+}
+
+/// A disk as the VMM built it, with what is needed to change it.
+#[derive(Debug)]
+struct Disk {
+    config: DiskConfig,
+    handle: BlockHandle,
+    core: Arc<DeviceCore>,
+}
+
+/// What a running VM's changeable devices are.
+#[derive(Debug, Default)]
+pub struct RuntimeDevices {
+    disks: Mutex<Vec<Disk>>,
+    nets: Mutex<Vec<NetLimiters>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A device to register, before its transport exists.
+#[derive(Debug)]
+pub(crate) enum Changeable {
+    Disk(DiskConfig, BlockHandle),
+    Net(NetLimiters),
+}
+
+impl RuntimeDevices {
+    /// Registers the next disk or interface (in `VmConfig` order) on its transport.
+    pub(crate) fn add(&self, device: Changeable, core: Arc<DeviceCore>) {
+        match device {
+            Changeable::Disk(config, handle) => lock(&self.disks).push(Disk {
+                config,
+                handle,
+                core,
+            }),
+            Changeable::Net(limiters) => lock(&self.nets).push(limiters),
+        }
+    }
+
+    /// Serves disk `index` from the file at `path` from now on (its format and
+    /// read-only setting stay), and tells the driver its capacity may have changed.
+    pub fn replace_disk(&self, index: usize, path: &str) -> Result<u64, RuntimeError> {
+        let mut disks = lock(&self.disks);
+        let d = disks.get_mut(index).ok_or(RuntimeError::NoDisk(index))?;
+        if d.config.path == std::path::Path::new(path) {
+            // The file it already serves (and holds the lock on).
+            return Ok(d.handle.capacity());
+        }
+        let config = DiskConfig {
+            path: path.into(),
+            ..d.config.clone()
+        };
+        let backend = config.open().map_err(|source| RuntimeError::BackingFile {
+            path: path.to_string(),
+            source,
+        })?;
+        let bytes = d.handle.replace_backend(backend);
+        d.config = config;
+        d.core.config_changed();
+        tracing::info!(disk = index, path, bytes, "disk backing file replaced");
+        Ok(bytes)
+    }
+
+    /// Applies a PATCH to disk `index`'s rate limiter.
+    pub fn update_disk_limiter(
+        &self,
+        index: usize,
+        update: &RateLimiterConfig,
+    ) -> Result<(), RuntimeError> {
+        let disks = lock(&self.disks);
+        let d = disks.get(index).ok_or(RuntimeError::NoDisk(index))?;
+        let (bw, ops) = update.update();
+        lock(d.handle.limiter()).update(bw, ops);
+        Ok(())
+    }
+
+    /// Applies a PATCH to interface `index`'s receive and transmit limiters.
+    pub fn update_net_limiters(
+        &self,
+        index: usize,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), RuntimeError> {
+        let nets = lock(&self.nets);
+        let n = nets.get(index).ok_or(RuntimeError::NoNet(index))?;
+        for (limiter, update) in [(&n.rx, rx), (&n.tx, tx)] {
+            if let Some(u) = update {
+                let (bw, ops) = u.update();
+                lock(limiter).update(bw, ops);
+            }
+        }
+        Ok(())
+    }
+}
