@@ -74,7 +74,9 @@ fn firecracker_getting_started_sequence() {
     let log = dir.path().join("serial.log");
 
     let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
-        .args(["run", "--api-only", "--accel", "kvm", "--api-sock"])
+        // As Firecracker's guide starts it: an API socket and nothing to boot, so the
+        // VMM waits for its configuration (no --api-only needed).
+        .args(["run", "--accel", "kvm", "--api-sock"])
         .arg(&sock)
         .arg("--serial")
         .arg(format!("file:{}", log.display()))
@@ -95,7 +97,13 @@ fn firecracker_getting_started_sequence() {
     let v: Value = serde_json::from_str(&b).unwrap();
     assert_eq!(v["state"], "Not started");
 
-    // The guide's calls, in its order.
+    // The guide's calls, in its order: the logger first.
+    let fclog = dir.path().join("firecracker.log");
+    let logger = format!(
+        r#"{{"log_path": "{}", "level": "Debug", "show_level": true, "show_log_origin": true}}"#,
+        fclog.display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/logger", Some(&logger)).0, 204);
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}}"#,
         kernel.display()
@@ -152,11 +160,21 @@ fn firecracker_getting_started_sequence() {
     let cfg: Value = serde_json::from_str(&b).unwrap();
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 64);
     assert_eq!(cfg["drives"][0]["is_root_device"], true);
-    assert!(cfg["boot-source"]["boot_args"]
-        .as_str()
-        .unwrap()
-        .ends_with("root=/dev/vda rw"));
+    // Firecracker's records as given: the drive's ID, the boot arguments without the
+    // root= the VMM adds for the root drive.
+    assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(
+        cfg["boot-source"]["boot_args"],
+        "console=ttyS0 reboot=k panic=1 pci=off"
+    );
     assert_eq!(cfg["vsock"]["guest_cid"], 3);
+    // The logger file has the API's requests, in Firecracker's line layout.
+    let text = std::fs::read_to_string(&fclog).unwrap();
+    assert!(
+        text.contains("[anonymous-instance:") && text.contains(":INFO:"),
+        "{text}"
+    );
+    assert!(text.contains("PUT request on \"/drives/rootfs\""), "{text}");
     assert!(vsock.exists(), "the vsock device listens on its socket");
     wait_for_text(&log, "fc guest up", Duration::from_secs(20));
 
