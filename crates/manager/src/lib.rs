@@ -8,6 +8,7 @@ pub mod domain;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod libvirt_xml;
 pub mod manager;
 pub mod network;
 pub mod qmp;

@@ -4,6 +4,7 @@
 mod cmd_img;
 mod cmd_manage;
 mod cmd_run;
+mod cmd_virsh;
 
 use clap::{Parser, Subcommand};
 
