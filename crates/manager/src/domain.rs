@@ -169,6 +169,9 @@ pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
     if vm.accel == vmm::Accel::Hybrid {
         return Some("vm.accel hybrid (Vessel's own accelerator)");
     }
+    if vm.rng_rate_limiter.is_some() {
+        return Some("vm.rng_rate_limiter (Firecracker's token buckets)");
+    }
     if vm.disks.iter().any(|d| d.rate_limiter.is_some()) {
         return Some("a disk's rate_limiter (Firecracker's token buckets)");
     }

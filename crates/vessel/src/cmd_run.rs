@@ -207,6 +207,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,
+        rng_rate_limiter: None,
         virtio_console: args.virtio_console,
         nets: args.nets,
         vsock: args.vsock,

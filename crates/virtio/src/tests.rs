@@ -1443,3 +1443,23 @@ fn net_rate_limiters_hold_tx_frames_on_the_ring_and_rx_frames_in_the_device() {
     );
     assert!(fake.0.lock().unwrap().to_guest.is_empty());
 }
+
+#[test]
+fn a_limited_rng_leaves_requests_until_its_bucket_refills() {
+    let limiter = crate::rate_limiter::RateLimiter::new(
+        crate::rate_limiter::TokenBucket::new(64, 0, 100),
+        None,
+    );
+    let mut d = Driver::new(Box::new(crate::rng::LimitedRng { limiter })).init(QSIZE);
+    assert_eq!(d.submit(&[(BUF, 64, F_WRITE)]), Some(64));
+    assert_eq!(
+        d.submit(&[(BUF, 64, F_WRITE)]),
+        None,
+        "no bytes left in the bucket"
+    );
+    let o = d.t.core().process_queue(0).unwrap();
+    let wait = o.throttled.expect("throttled");
+    std::thread::sleep(wait + std::time::Duration::from_millis(5));
+    let o = d.t.core().process_queue(0).unwrap();
+    assert!(o.used);
+}

@@ -137,6 +137,9 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// Firecracker's entropy `rate_limiter` on that device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// A virtio-console (hvc0) besides the UART, and where its output goes.
     #[serde(default)]
     pub virtio_console: Option<SerialConfig>,
@@ -520,6 +523,7 @@ impl VmConfig {
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limiter: None,
             virtio_console: None,
             nets: Vec::new(),
             vsock: None,

@@ -216,7 +216,21 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
         devs.push((Box::new(dev), Some(io), machine, None));
     }
     if config.rng {
-        devs.push((Box::new(virtio::rng::Rng), None, machine, None));
+        match config.rng_rate_limiter.filter(|r| r.limits()) {
+            // Throttled requests wait for a timer: on an I/O thread of its own.
+            Some(r) => {
+                let dev = virtio::rng::LimitedRng {
+                    limiter: crate::config::RateLimiterConfig::limiter(Some(&r)),
+                };
+                let io = IoThreadSetup {
+                    name: "rng".into(),
+                    host_input: None,
+                    coalesce: None,
+                };
+                devs.push((Box::new(dev), Some(io), machine, None));
+            }
+            None => devs.push((Box::new(virtio::rng::Rng), None, machine, None)),
+        }
     }
     if let Some(out) = &config.virtio_console {
         // Guest output is written on a thread of its own, not the vCPU's.

@@ -141,7 +141,7 @@ impl MachineConfig {
         };
         if m.vcpu_count == 0
             || m.vcpu_count > MAX_VCPUS
-            || (m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1)
+            || (m.smt && m.vcpu_count > 1 && !m.vcpu_count.is_multiple_of(2))
         {
             return Err(format!(
                 "The number of vCPUs must be greater than 0, less than {MAX_VCPUS} and must be 1 \
@@ -153,7 +153,7 @@ impl MachineConfig {
         } else {
             1
         };
-        if m.mem_size_mib == 0 || m.mem_size_mib % page_mib != 0 {
+        if m.mem_size_mib == 0 || !m.mem_size_mib.is_multiple_of(page_mib) {
             return Err(
                 "The memory size (MiB) is either 0, or not a multiple of the configured \
                         page size."
@@ -574,18 +574,53 @@ impl FcConfig {
         self.drives.iter().find(|d| d.drive_id == id)
     }
 
-    /// The drives in the order the guest sees them: the root drive first (vda), then the
-    /// others as they were put.
+    /// The drives in the order the guest sees them (vda, vdb, …): the list's order, which
+    /// [`FcConfig::insert_drive`] keeps with the root drive first.
     fn boot_order(&self) -> Vec<&Drive> {
-        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
-        ordered.retain(|d| d.path_on_host.is_some());
-        ordered
+        self.drives
+            .iter()
+            .filter(|d| d.path_on_host.is_some())
+            .collect()
     }
 
     /// Where drive `id` is in `VmConfig::disks`.
     pub fn disk_index(&self, id: &str) -> Option<usize> {
         self.boot_order().iter().position(|d| d.drive_id == id)
+    }
+
+    /// Puts a drive as Firecracker's block builder does: a new root drive goes first (it
+    /// is vda), another new one last; a drive put again keeps its place, and moves first
+    /// when it becomes the root.
+    pub fn insert_drive(&mut self, d: Drive) -> Result<(), String> {
+        self.check_drive(&d)?;
+        match self.drives.iter().position(|x| x.drive_id == d.drive_id) {
+            None if d.is_root_device => self.drives.insert(0, d),
+            None => self.drives.push(d),
+            Some(i) => {
+                let root = d.is_root_device;
+                self.drives[i] = d;
+                if root {
+                    self.drives.swap(0, i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts an interface as Firecracker's net builder does: a MAC in use by another
+    /// interface is refused and nothing changes; otherwise an interface with the same ID
+    /// is removed first (its place taken by the last one) and the new one is added last,
+    /// so when the new one is then refused (its TAP is another interface's) the old one
+    /// stays removed, as in Firecracker (its test_api.py relies on that: the MAC it had
+    /// is free again).
+    pub fn insert_net(&mut self, n: NetworkInterface) -> Result<(), String> {
+        self.check_mac(&n)?;
+        if let Some(i) = self.nets.iter().position(|x| x.iface_id == n.iface_id) {
+            self.nets.swap_remove(i);
+        }
+        self.check_net(&n)?;
+        self.nets.push(n);
+        Ok(())
     }
 
     /// Firecracker's checks for a drive about to be put (its own earlier version aside).
@@ -624,9 +659,8 @@ impl FcConfig {
         Ok(())
     }
 
-    /// Firecracker's checks for an interface about to be put: a valid MAC not used by
-    /// another interface, a TAP not used by another interface.
-    pub fn check_net(&self, n: &NetworkInterface) -> Result<(), String> {
+    /// A valid MAC not used by another interface.
+    fn check_mac(&self, n: &NetworkInterface) -> Result<(), String> {
         let others = || self.nets.iter().filter(|x| x.iface_id != n.iface_id);
         if let Some(m) = &n.guest_mac {
             let bytes = mac_bytes(m).ok_or_else(|| {
@@ -639,7 +673,15 @@ impl FcConfig {
                 return Err(format!("The MAC address is already in use: {m}"));
             }
         }
-        if let Some(x) = others().find(|x| x.host_dev_name == n.host_dev_name) {
+        Ok(())
+    }
+
+    /// Firecracker's checks for an interface about to be put: a valid MAC not used by
+    /// another interface, a TAP not used by another interface, a TAP name Linux takes.
+    pub fn check_net(&self, n: &NetworkInterface) -> Result<(), String> {
+        self.check_mac(n)?;
+        let mut others = self.nets.iter().filter(|x| x.iface_id != n.iface_id);
+        if let Some(x) = others.find(|x| x.host_dev_name == n.host_dev_name) {
             return Err(format!(
                 "Could not create the network device: the TAP device {} is already used by \
                  interface {}",
@@ -719,18 +761,6 @@ impl FcConfig {
                     .into(),
             );
         }
-        if self
-            .entropy
-            .as_ref()
-            .is_some_and(|e| RateLimiter::normalized(e.rate_limiter).is_some_and(|r| r.limits()))
-        {
-            return no(
-                "entropy rate_limiter: the entropy device's rate limiter is not enforced by \
-                 this VMM yet"
-                    .into(),
-            );
-        }
-
         let mut c = VmConfig::new(&boot.kernel_image_path);
         c.initrd = boot.initrd_path.as_ref().map(Into::into);
         c.cmdline = boot
@@ -743,7 +773,7 @@ impl FcConfig {
         // line by its partition UUID when it has one.
         let ordered = self.boot_order();
         let has_root = c.cmdline.split_whitespace().any(|w| w.starts_with("root="));
-        if let Some(root) = ordered.first().filter(|d| d.is_root_device && !has_root) {
+        if let Some(root) = ordered.iter().find(|d| d.is_root_device && !has_root) {
             let ro = root.is_read_only.unwrap_or(false);
             let dev = match &root.partuuid {
                 Some(u) => format!("root=PARTUUID={u}"),
@@ -784,6 +814,7 @@ impl FcConfig {
             uds_path: v.uds_path.clone().into(),
         });
         c.rng = self.entropy.is_some();
+        c.rng_rate_limiter = self.entropy.as_ref().and_then(|e| e.rate_limiter);
         c.serial = match self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
             Some(p) => SerialConfig::File(p),
             None => serial.clone(),

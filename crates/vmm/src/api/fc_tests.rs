@@ -557,7 +557,7 @@ fn drive_rules() {
         r#"{"drive_id": "scratch_1", "path_on_host": "foo.bar"}"#,
         NOT_BEFORE_START,
     );
-    // The order of first insertion is kept.
+    // Firecracker's order: the root drive first, the others as first put.
     let ids: Vec<String> = api.config()["drives"]
         .as_array()
         .unwrap()
@@ -727,10 +727,11 @@ fn network_interface_rules() {
         &net("1", "fctap2", "06:00:00:00:00:01"),
         "Could not create the network device",
     );
+    // As in Firecracker, the refused update removed interface 1: its MAC is free again.
     api.ok(
         "PUT",
         "/network-interfaces/3",
-        &net("3", "fctap3", "06:00:00:00:00:02"),
+        &net("3", "fctap3", "06:00:00:00:00:01"),
     );
     api.refused(
         "PUT",
@@ -786,7 +787,7 @@ fn network_interface_rules() {
         .iter()
         .map(|n| n["iface_id"].clone())
         .collect();
-    assert_eq!(ids, ["1", "2", "3"]);
+    assert_eq!(ids, ["2", "3"]);
 }
 
 #[test]
@@ -1057,14 +1058,25 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
             s.path("scratch.ext4")
         ),
     );
-    // Drive and interface limiters are enforced; the entropy device's is not yet.
+    // Drive, interface and entropy limiters are enforced: they reach the VmConfig.
     api.ok(
         "PUT",
         "/entropy",
         r#"{"rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#,
     );
-    start("entropy rate_limiter");
-    api.ok("PUT", "/entropy", "{}");
+    let c = lock(&api.0.state)
+        .fc
+        .to_vm_config(&SerialConfig::Null, Accel::Auto)
+        .unwrap();
+    assert!(c.rng);
+    assert_eq!(c.rng_rate_limiter.unwrap().ops.unwrap().size, 10);
+    api.ok(
+        "PUT",
+        "/serial",
+        r#"{"rate_limiter": {"size": 100, "refill_time": 100}}"#,
+    );
+    start("serial rate_limiter");
+    api.ok("PUT", "/serial", "{}");
     // A multicast MAC is accepted when put (as Firecracker does) and refused at start.
     api.ok(
         "PUT",

@@ -387,12 +387,8 @@ impl VmmApi {
         let mut st = self.preboot()?;
         d.rate_limiter = RateLimiter::normalized(d.rate_limiter);
         st.fc
-            .check_drive(&d)
+            .insert_drive(d)
             .map_err(|e| fault(400, format!("Drive config error: {e}")))?;
-        match st.fc.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
-            Some(x) => *x = d,
-            None => st.fc.drives.push(d),
-        }
         Ok(Response::empty(204))
     }
 
@@ -472,12 +468,8 @@ impl VmmApi {
         n.rx_rate_limiter = RateLimiter::normalized(n.rx_rate_limiter);
         n.tx_rate_limiter = RateLimiter::normalized(n.tx_rate_limiter);
         st.fc
-            .check_net(&n)
+            .insert_net(n)
             .map_err(|e| fault(400, format!("Network config error: {e}")))?;
-        match st.fc.nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
-            Some(x) => *x = n,
-            None => st.fc.nets.push(n),
-        }
         Ok(Response::empty(204))
     }
 
