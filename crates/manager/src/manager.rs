@@ -384,7 +384,7 @@ impl Manager {
         event == "rebooted"
     }
 
-    fn state_of(&self, name: &str) -> DomainState {
+    pub(crate) fn state_of(&self, name: &str) -> DomainState {
         if let Some(a) = lock(&self.active).get(name) {
             return a.state;
         }
