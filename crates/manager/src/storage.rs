@@ -517,6 +517,14 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
             Ok(Response::json(201, &val(&define_pool(m, &r.name, &r.path, r.create)?)).into())
         }
         ("GET", [p]) => ok(val(&pool_info(p, &m.store.get_pool(p)?)?)),
+        ("POST", [p, "build"]) => {
+            // virsh's pool-build: make the pool's folder (again), under a pool root.
+            let path = m.store.get_pool(p)?;
+            check_pool_root(m, &path)?;
+            std::fs::create_dir_all(&path)
+                .map_err(|e| Error::io("creating pool folder", &path, e))?;
+            ok(val(&pool_info(p, &path)?))
+        }
         ("DELETE", [p]) => {
             m.store.get_pool(p)?;
             m.store.delete_pool(p)?;

@@ -113,6 +113,14 @@ pub enum VirshCommand {
     Nodeinfo,
     /// Start a pool (directory pools are always active: this checks it exists).
     PoolStart { name: String },
+    /// Make a pool's folder (again).
+    PoolBuild { name: String },
+    /// Edit a domain's definition in $EDITOR: its libvirt XML, or its JSON when XML cannot
+    /// say all of it; saved as with `define --update`.
+    Edit { name: String },
+    /// Define a domain from a file and start it (Vessel has no transient domains: it stays
+    /// defined; `undefine` removes it).
+    Create { file: String },
     /// Print a pool as libvirt pool XML.
     PoolDumpxml { name: String },
     /// Print a volume as libvirt volume XML.
@@ -442,6 +450,21 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 ("Memory size", format!("{} KiB", host_memory_kib())),
             ]);
         }
+        VirshCommand::PoolBuild { name } => {
+            c.post(&format!("/v1/pools/{}/build", enc(&name)), None)?;
+            println!("Pool {name} built");
+        }
+        VirshCommand::Edit { name } => return edit(c, &name),
+        VirshCommand::Create { file } => {
+            let text = crate::cmd_manage::read_text(&file)?;
+            let v = c.define_text(&text)?;
+            let dom_name = s(&v["name"]);
+            c.post(&format!("{}/start", dom(&dom_name)), None)?;
+            println!(
+                "Domain '{dom_name}' created from {file} (defined and started: Vessel has no \
+                 transient domains; `vessel undefine {dom_name}` removes it)"
+            );
+        }
         VirshCommand::PoolStart { name } => {
             c.get(&format!("/v1/pools/{}", enc(&name)))?;
             println!("Pool {name} started (directory pools are always active)");
@@ -481,6 +504,53 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
         }
     }
+    Ok(0)
+}
+
+/// virsh's edit: the definition in $EDITOR (vi by default), redefined when it changed.
+fn edit(c: &Client, name: &str) -> Result<i32> {
+    let (def, _) = domain(c, name)?;
+    let xml = String::from_utf8_lossy(&c.raw("GET", &format!("{}/xml", dom(name)), None)?.body)
+        .into_owned();
+    // The XML says everything only when it reads back to the same definition (a JSON
+    // definition may hold what libvirt's XML has no element for, e.g. cloud-init).
+    let same = manager::xml::parse_domain(&xml)
+        .ok()
+        .and_then(|d| serde_json::to_value(d).ok())
+        .is_some_and(|d| d["vm"] == def["vm"] && d["interfaces"] == def["interfaces"]);
+    let (text, ext) = if same {
+        (xml, "xml")
+    } else {
+        eprintln!(
+            "vessel: {name}'s definition holds more than libvirt XML can say: editing its JSON"
+        );
+        (serde_json::to_string_pretty(&def)? + "\n", "json")
+    };
+    let dir = std::env::temp_dir().join(format!("vessel-edit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{name}.{ext}"));
+    std::fs::write(&file, &text)?;
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".into());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&file)
+        .status()
+        .with_context(|| format!("running {editor}"))?;
+    let edited = std::fs::read_to_string(&file)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !status.success() {
+        bail!("{editor} failed ({status}): the definition is unchanged");
+    }
+    if edited == text {
+        println!("Domain '{name}' XML configuration not changed.");
+        return Ok(0);
+    }
+    c.redefine_text(&edited)?;
+    println!("Domain '{name}' XML configuration edited.");
     Ok(0)
 }
 
