@@ -228,6 +228,10 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         if let Some(m) = &n.mac {
             dev.push_str(&format!(",mac={m}"));
         }
+        // QEMU's VIRTIO_NET_F_MTU: the same advertisement Vessel's virtio-net makes.
+        if let Some(mtu) = n.mtu {
+            dev.push_str(&format!(",host_mtu={mtu}"));
+        }
         c.arg("-device").arg(dev);
     }
     if vm.rng {
@@ -516,6 +520,11 @@ mod tests {
             serde_json::from_value(serde_json::json!([{"tap": "vq0,ifname=vq1"}])).unwrap();
         let e = qemu_command(&p, &def, &run, &log).unwrap_err();
         assert!(e.to_string().contains("TAP name"), "{e}");
+        // An interface's MTU is advertised by QEMU's virtio-net too.
+        def.vm.nets =
+            serde_json::from_value(serde_json::json!([{"tap": "vq0", "mtu": 9000}])).unwrap();
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",host_mtu=9000")), "{a:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -39,6 +39,8 @@ pub mod features {
     pub const CSUM: u64 = 1 << 0;
     /// The driver takes frames with partial checksums (the driver's RX).
     pub const GUEST_CSUM: u64 = 1 << 1;
+    /// The config space advertises an MTU (offered only when one was configured).
+    pub const MTU: u64 = 1 << 3;
     pub const MAC: u64 = 1 << 5;
     pub const GUEST_TSO4: u64 = 1 << 7;
     pub const GUEST_TSO6: u64 = 1 << 8;
@@ -192,6 +194,8 @@ pub struct Net {
     pub rx_dropped: u64,
     pub tx_dropped: u64,
     limiters: NetLimiters,
+    /// Advertised with VIRTIO_NET_F_MTU (Firecracker's `mtu`).
+    mtu: Option<u16>,
 }
 
 /// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
@@ -233,7 +237,15 @@ impl Net {
             rx_dropped: 0,
             tx_dropped: 0,
             limiters: NetLimiters::default(),
+            mtu: None,
         }
+    }
+
+    /// Advertises `mtu` to the driver (VIRTIO_NET_F_MTU), which then uses it for the
+    /// interface. The TAP's own MTU is the host's business, as in Firecracker.
+    pub fn with_mtu(mut self, mtu: Option<u16>) -> Self {
+        self.mtu = mtu;
+        self
     }
 
     /// Receives and transmits within these limiters.
@@ -451,11 +463,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        OFFERED
+        OFFERED | if self.mtu.is_some() { features::MTU } else { 0 }
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked = features & OFFERED;
+        self.acked = features & self.features();
         tracing::debug!(
             acked = format_args!("{:#x}", self.acked),
             "virtio-net features"
@@ -464,7 +476,16 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.mac, offset, data);
+        // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (spec 5.1.4); the
+        // fields past the MAC only when the MTU is advertised.
+        let Some(mtu) = self.mtu else {
+            return read_config_bytes(&self.mac, offset, data);
+        };
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&self.mac);
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(

@@ -1463,3 +1463,25 @@ fn a_limited_rng_leaves_requests_until_its_bucket_refills() {
     let o = d.t.core().process_queue(0).unwrap();
     assert!(o.used);
 }
+
+#[test]
+fn net_advertises_an_mtu_only_when_given_one() {
+    use crate::net::features::MTU;
+    let fake = FakeNet::default();
+    let plain = crate::net::Net::with_backend(Box::new(fake.clone()), [0x52, 0x54, 0, 0, 0, 1]);
+    let mut d = Driver::new(Box::new(plain));
+    d.w(0x014, 0);
+    assert_eq!(u64::from(d.r(0x010)) & MTU, 0);
+    let with = crate::net::Net::with_backend(Box::new(fake), [0x52, 0x54, 0, 0, 0, 1])
+        .with_mtu(Some(9000));
+    let mut d = Driver::new(Box::new(with)).init(QSIZE);
+    d.w(0x014, 0);
+    assert_ne!(u64::from(d.r(0x010)) & MTU, 0);
+    // virtio_net_config: the MAC, then status and max_virtqueue_pairs, then the MTU.
+    let mut mtu = [0u8; 2];
+    d.t.read(0x100 + 10, &mut mtu);
+    assert_eq!(u16::from_le_bytes(mtu), 9000);
+    let mut mac = [0u8; 6];
+    d.t.read(0x100, &mut mac);
+    assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1]);
+}

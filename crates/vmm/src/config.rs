@@ -214,6 +214,9 @@ pub struct NetConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// The MTU advertised to the guest (VIRTIO_NET_F_MTU), 68 to 65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
     /// Firecracker's token-bucket limits on received and transmitted frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
@@ -270,6 +273,7 @@ impl std::str::FromStr for NetConfig {
             tap: tap.ok_or("--net needs tap=NAME")?,
             mac,
             transport,
+            mtu: None,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         })
@@ -459,6 +463,8 @@ impl std::str::FromStr for DiskConfig {
 /// At most this many virtio devices: one IOAPIC pin each, GSIs 16..23 (a virtio-pci
 /// function's INTx line is its own GSI too).
 pub const MAX_VIRTIO_DEVICES: usize = 8;
+/// The smallest MTU an IPv4 interface takes (RFC 791).
+pub const MIN_MTU: u16 = 68;
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
@@ -501,6 +507,8 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{0}")]
     BadMac(String),
+    #[error("MTU {0} is too small (at least {MIN_MTU})")]
+    MtuTooSmall(u16),
     #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
     BadName(String),
     #[error("cloud-init file {0} does not exist or is not a file")]
@@ -608,6 +616,14 @@ impl VmConfig {
             .find(|m| m.is_err())
         {
             return Err(ConfigError::BadMac(e));
+        }
+        if let Some(m) = self
+            .nets
+            .iter()
+            .filter_map(|n| n.mtu)
+            .find(|&m| m < MIN_MTU)
+        {
+            return Err(ConfigError::MtuTooSmall(m));
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));

@@ -183,10 +183,12 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             None => virtio::net::default_mac(&net.tap),
         };
         let tap = virtio::tap::Tap::open(&net.tap)?;
-        let dev = virtio::net::Net::new(tap, mac).with_rate_limiters(
-            crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
-            crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
-        );
+        let dev = virtio::net::Net::new(tap, mac)
+            .with_mtu(net.mtu)
+            .with_rate_limiters(
+                crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
+                crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
+            );
         let change = crate::runtime::Changeable::Net(dev.limiters());
         let fd = dev
             .poll_fd()

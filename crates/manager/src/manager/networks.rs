@@ -74,6 +74,7 @@ impl Manager {
                     tap,
                     mac: Some(network::mac_for(def, i)),
                     transport: None,
+                    mtu: None,
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
                 });

@@ -533,7 +533,7 @@ impl FcConfig {
                     iface_id: format!("eth{i}"),
                     host_dev_name: n.tap.clone(),
                     guest_mac: n.mac.clone(),
-                    mtu: None,
+                    mtu: n.mtu,
                     rx_rate_limiter: n.rx_rate_limiter,
                     tx_rate_limiter: n.tx_rate_limiter,
                 })
@@ -695,10 +695,10 @@ impl FcConfig {
                 n.host_dev_name
             ));
         }
-        if let Some(mtu) = n.mtu {
+        if let Some(mtu) = n.mtu.filter(|&m| m < crate::config::MIN_MTU) {
             return Err(format!(
-                "Could not create the network device: mtu {mtu}: advertising an MTU \
-                 (VIRTIO_NET_F_MTU) is not supported by this VMM"
+                "Could not create the network device: mtu {mtu} is below {}",
+                crate::config::MIN_MTU
             ));
         }
         Ok(())
@@ -805,6 +805,7 @@ impl FcConfig {
                 tap: n.host_dev_name.clone(),
                 mac: n.guest_mac.clone(),
                 transport: None,
+                mtu: n.mtu,
                 rx_rate_limiter: n.rx_rate_limiter,
                 tx_rate_limiter: n.tx_rate_limiter,
             })

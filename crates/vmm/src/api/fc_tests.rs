@@ -194,7 +194,8 @@ fn preboot_requests_build_a_config() {
     api.ok(
         "PUT",
         "/network-interfaces/eth0",
-        r#"{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#,
+        r#"{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0",
+            "mtu": 9000}"#,
     );
     api.ok(
         "PUT",
@@ -221,6 +222,7 @@ fn preboot_requests_build_a_config() {
     assert_eq!(c.disks[0].format, Some(crate::config::DiskFormat::Raw));
     assert_eq!(c.nets[0].tap, "tap0");
     assert_eq!(c.nets[0].mac.as_deref(), Some("06:00:AC:10:00:02"));
+    assert_eq!(c.nets[0].mtu, Some(9000));
     let v = c.vsock.as_ref().unwrap();
     assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/tmp/v.sock")));
     assert!(c.rng, "PUT /entropy adds the virtio-rng device");
@@ -766,8 +768,14 @@ fn network_interface_rules() {
     api.refused(
         "PUT",
         "/network-interfaces/4",
-        r#"{"iface_id": "4", "host_dev_name": "t4", "mtu": 9000}"#,
-        "VIRTIO_NET_F_MTU",
+        r#"{"iface_id": "4", "host_dev_name": "t4", "mtu": 67}"#,
+        "mtu 67 is below 68",
+    );
+    api.refused(
+        "PUT",
+        "/network-interfaces/4",
+        r#"{"iface_id": "4", "host_dev_name": "t4", "mtu": 65536}"#,
+        "invalid value",
     );
     api.refused(
         "PUT",
