@@ -292,6 +292,14 @@ fn chardev_path(p: &Path) -> Result<String> {
 fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
     let mut vm = def.vm.clone();
     vm.serial = vmm::SerialConfig::Stdio;
+    if let Some(v) = vm
+        .vsock
+        .as_mut()
+        .filter(|v| v.uds_path.as_os_str().is_empty())
+    {
+        // A vsock device defined without a host socket (libvirt XML): in the run folder.
+        v.uds_path = run.0.join("vsock.sock");
+    }
     if vm.virtio_console.is_some() {
         // The virtio console (hvc0) writes to a file in the run folder.
         vm.virtio_console = Some(vmm::SerialConfig::File(run.0.join("hvc0.log")));

@@ -28,8 +28,9 @@ fn refuse(what: impl std::fmt::Display) -> Error {
     bad(unsupported(what))
 }
 
-/// Vessel's `<metadata>` element: which driver runs the domain, and its accelerator.
-fn vessel_metadata(root: Node) -> Result<Option<(DriverKind, Accel)>> {
+/// Vessel's `<metadata>` element: which driver runs the domain, its accelerator, and
+/// the host socket of its vsock device when the definition names one.
+fn vessel_metadata(root: Node) -> Result<Option<(DriverKind, Accel, Option<String>)>> {
     let Some(el) = child(root, "metadata").and_then(|m| {
         m.children()
             .find(|c| c.is_element() && c.tag_name().namespace() == Some(VESSEL_NS))
@@ -50,7 +51,11 @@ fn vessel_metadata(root: Node) -> Result<Option<(DriverKind, Accel)>> {
         .unwrap_or("auto")
         .parse()
         .map_err(|e: String| bad(format!("Vessel metadata: {e}")))?;
-    Ok(Some((driver, accel)))
+    Ok(Some((
+        driver,
+        accel,
+        el.attribute("vsock_uds").map(str::to_string),
+    )))
 }
 
 /// The value checks behind `xml_support`'s table: what each mapped element may say.
@@ -116,6 +121,7 @@ fn check_values(root: Node) -> Result<()> {
                 text_ok(&["/dev/urandom", "/dev/random"])?;
             }
             ("devices", "memballoon") => value_ok("model", &["none"])?,
+            ("devices", "vsock") => value_ok("model", &["virtio"])?,
             ("devices", "controller") => {
                 let ok = matches!(
                     (n.attribute("type"), n.attribute("model")),
@@ -301,11 +307,13 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     // not), then every element and attribute against the table.
     check_values(root)?;
     crate::xml_support::check(root).map_err(bad)?;
-    if let Some((d, a)) = vessel_metadata(root)? {
+    let mut vsock_uds = None;
+    if let Some((d, a, uds)) = vessel_metadata(root)? {
         driver = d;
         if d == DriverKind::Vessel {
             accel = a;
         }
+        vsock_uds = uds;
     }
     let name = child(root, "name")
         .map(text)
@@ -384,6 +392,28 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
                 "disk" => disks.push(parse_disk(dev)?),
                 "interface" => interfaces.push(parse_interface(dev)?),
                 "rng" => vm.rng = true,
+                "vsock" => {
+                    let cid = child(dev, "cid");
+                    let guest_cid = match cid.and_then(|c| c.attribute("address")) {
+                        Some(a) if cid.and_then(|c| c.attribute("auto")) != Some("yes") => a
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|c| (3..u64::from(u32::MAX)).contains(c))
+                            .ok_or_else(|| {
+                                refuse(format!(
+                                    "<cid address='{a}'>: CIDs 0 to 2 are reserved, use 3 or more"
+                                ))
+                            })?,
+                        // Firecracker-style vsock: the host side is a Unix socket, so no
+                        // host-wide unique CID is needed.
+                        _ => 3,
+                    };
+                    vm.vsock = Some(vmm::config::VsockConfig {
+                        guest_cid,
+                        // Empty: the manager puts it in the domain's run folder.
+                        uds_path: vsock_uds.clone().unwrap_or_default().into(),
+                    });
+                }
                 "console"
                     if child(dev, "target").and_then(|t| t.attribute("type")) == Some("virtio") =>
                 {
@@ -508,9 +538,15 @@ pub fn to_xml(d: &DomainDef) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "auto".into());
+        let uds = match &d.vm.vsock {
+            Some(v) if !v.uds_path.as_os_str().is_empty() => {
+                format!(" vsock_uds='{}'", esc(&v.uds_path.to_string_lossy()))
+            }
+            _ => String::new(),
+        };
         x.push_str(&format!(
             "  <metadata>\n    <vessel:domain xmlns:vessel='{VESSEL_NS}' driver='vessel' \
-             accel='{accel}'/>\n  </metadata>\n"
+             accel='{accel}'{uds}/>\n  </metadata>\n"
         ));
     }
     let kib = d.vm.memory_mib << 10;
@@ -593,6 +629,12 @@ pub fn to_xml(d: &DomainDef) -> String {
         x.push_str(
             "    <console type='pty'>\n      <target type='virtio' port='0'/>\n    </console>\n",
         );
+    }
+    if let Some(v) = &d.vm.vsock {
+        x.push_str(&format!(
+            "    <vsock model='virtio'>\n      <cid auto='no' address='{}'/>\n    </vsock>\n",
+            v.guest_cid
+        ));
     }
     if d.vm.rng {
         x.push_str(
@@ -801,7 +843,8 @@ mod tests {
             (dom("", "<watchdog model='i6300esb' action='reset'/>"), "<watchdog>"),
             (dom("", "<input type='mouse' bus='ps2'/>"), "<input>"),
             (dom("", "<sound model='ich6'/>"), "<sound>"),
-            (dom("", "<vsock model='virtio'><cid auto='yes'/></vsock>"), "<vsock>"),
+            (dom("", "<vsock model='vhost'><cid auto='yes'/></vsock>"), "model='vhost'"),
+            (dom("", "<vsock model='virtio'><cid auto='no' address='2'/></vsock>"), "3 or more"),
             (dom("", "<memballoon model='virtio'/>"), "memballoon model='virtio'"),
             (dom("", "<controller type='usb' index='0'/>"), "<controller type='usb'"),
             (dom("", "<controller type='ide' index='0'/>"), "<controller type='ide'"),
@@ -861,6 +904,22 @@ mod tests {
         ))
         .unwrap();
         assert!(d.vm.rng, "<rng> is virtio-rng");
+        // vsock: the CID given (or 3), the host socket left to the manager's run folder.
+        let v = parse_domain(&dom(
+            "",
+            "<vsock model='virtio'><cid auto='no' address='7'/></vsock>",
+        ))
+        .unwrap()
+        .vm
+        .vsock
+        .unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.as_os_str().is_empty()), (7, true));
+        let v = parse_domain(&dom("", "<vsock model='virtio'><cid auto='yes'/></vsock>"))
+            .unwrap()
+            .vm
+            .vsock
+            .unwrap();
+        assert_eq!(v.guest_cid, 3);
         assert!(d.vm.virtio_console.is_some(), "a virtio <console> is hvc0");
         assert_eq!(d.vm.cpus, 2);
         // Each table entry names what it maps to.
@@ -904,6 +963,10 @@ mod tests {
         vessel.vm.accel = Accel::Auto;
         vessel.vm.rng = true;
         vessel.vm.virtio_console = Some(vmm::SerialConfig::Null);
+        vessel.vm.vsock = Some(vmm::config::VsockConfig {
+            guest_cid: 9,
+            uds_path: "/run/vessel/web.vsock".into(),
+        });
         let mut tcg = v.clone();
         tcg.vm.accel = Accel::Emu;
         let fw = parse_domain(

@@ -186,6 +186,16 @@ pub const MAPPED: &[Mapped] = &[
     ),
     m("domain/devices/rng/alias", &["name"], "a live name only"),
     m(
+        "domain/devices/vsock",
+        &["model"],
+        "VmConfig.vsock (Firecracker-style: the host side on a Unix socket in the run folder)",
+    ),
+    m(
+        "domain/devices/vsock/cid",
+        &["auto", "address"],
+        "VsockConfig.guest_cid (auto: 3; the host side needs no unique CID)",
+    ),
+    m(
         "domain/devices/memballoon",
         &["model"],
         "model='none' only: no balloon",
@@ -199,8 +209,14 @@ pub const MAPPED: &[Mapped] = &[
 
 /// Why the elements libvirt users meet most often are refused.
 pub const REASONS: &[(&str, &str)] = &[
-    ("hostdev", "host device assignment (VFIO) is not supported by Vessel"),
-    ("graphics", "Vessel has no graphical console (its consoles are serial and virtio)"),
+    (
+        "hostdev",
+        "host device assignment (VFIO) is not supported by Vessel",
+    ),
+    (
+        "graphics",
+        "Vessel has no graphical console (its consoles are serial and virtio)",
+    ),
     ("video", "Vessel has no video device"),
     ("sound", "Vessel has no sound device"),
     ("audio", "Vessel has no sound device"),
@@ -209,41 +225,76 @@ pub const REASONS: &[(&str, &str)] = &[
     ("redirdev", "Vessel has no USB"),
     ("smartcard", "Vessel has no smartcard device"),
     ("hub", "Vessel has no USB"),
-    ("panic", "Vessel has no pvpanic device (a guest panic ends the VM as a reboot)"),
+    (
+        "panic",
+        "Vessel has no pvpanic device (a guest panic ends the VM as a reboot)",
+    ),
     ("tpm", "Vessel has no TPM"),
     ("filesystem", "Vessel has no virtio-fs or 9p device"),
     ("channel", "Vessel has no virtio-serial channels"),
     ("parallel", "Vessel has no parallel port"),
     ("shmem", "Vessel has no shared memory device"),
     ("iommu", "Vessel has no IOMMU"),
-    ("vsock", "a vsock device needs a host socket path the manager does not assign yet (use a JSON definition with vm.vsock)"),
     ("memory", "Vessel has no memory hot-plug"),
     ("lease", "Vessel keeps no leases"),
-    ("memoryBacking", "Vessel chooses how guest memory is backed (hugepages, sharing, locking cannot be set)"),
+    (
+        "memoryBacking",
+        "Vessel chooses how guest memory is backed (hugepages, sharing, locking cannot be set)",
+    ),
     ("maxMemory", "Vessel has no memory hot-plug"),
     ("numatune", "Vessel has no NUMA placement"),
     ("cputune", "Vessel has no vCPU pinning or scheduling tuning"),
     ("memtune", "Vessel has no memory limits"),
     ("blkiotune", "Vessel has no block I/O tuning"),
-    ("iothreads", "Vessel gives each device an I/O thread of its own; their number cannot be set"),
-    ("iothreadids", "Vessel gives each device an I/O thread of its own"),
-    ("launchSecurity", "Vessel has no confidential computing (SEV/TDX)"),
+    (
+        "iothreads",
+        "Vessel gives each device an I/O thread of its own; their number cannot be set",
+    ),
+    (
+        "iothreadids",
+        "Vessel gives each device an I/O thread of its own",
+    ),
+    (
+        "launchSecurity",
+        "Vessel has no confidential computing (SEV/TDX)",
+    ),
     ("sysinfo", "Vessel has no SMBIOS tables"),
     ("seclabel", "Vessel applies no SELinux/AppArmor labels"),
     ("resource", "Vessel places no VM in a resource partition"),
-    ("topology", "Vessel's guests see one CPU per socket; sockets, cores and threads cannot be set"),
+    (
+        "topology",
+        "Vessel's guests see one CPU per socket; sockets, cores and threads cannot be set",
+    ),
     ("numa", "Vessel has no guest NUMA topology"),
-    ("feature", "CPU feature policies are not supported: choose a CPU model"),
-    ("timer", "Vessel's timers (PIT, RTC, kvmclock) follow the host clock; their policies cannot be set"),
-    ("address", "Vessel assigns device addresses itself: remove <address>"),
-    ("boot", "per-device boot order is not supported: <os><boot dev='hd'/> boots the first disk"),
+    (
+        "feature",
+        "CPU feature policies are not supported: choose a CPU model",
+    ),
+    (
+        "timer",
+        "Vessel's timers (PIT, RTC, kvmclock) follow the host clock; their policies cannot be set",
+    ),
+    (
+        "address",
+        "Vessel assigns device addresses itself: remove <address>",
+    ),
+    (
+        "boot",
+        "per-device boot order is not supported: <os><boot dev='hd'/> boots the first disk",
+    ),
     ("vlan", "Vessel's interfaces carry no VLAN tags"),
-    ("virtualport", "Vessel's interfaces have no virtual port profiles (Open vSwitch, 802.1Qbh)"),
+    (
+        "virtualport",
+        "Vessel's interfaces have no virtual port profiles (Open vSwitch, 802.1Qbh)",
+    ),
     ("port", "Vessel's interfaces have no port isolation"),
     ("bandwidth", "Vessel's interfaces have no bandwidth limits"),
     ("filterref", "Vessel has no network filters"),
     ("target", "Vessel names TAP devices itself"),
-    ("serial", "Vessel reports the disk's file name as its serial"),
+    (
+        "serial",
+        "Vessel reports the disk's file name as its serial",
+    ),
     ("rate", "Vessel's virtio-rng has no rate limit"),
 ];
 
