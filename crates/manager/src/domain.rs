@@ -74,6 +74,11 @@ pub struct DomainDef {
     /// `vm.nets`.
     #[serde(default)]
     pub interfaces: Vec<Interface>,
+    /// The pool volumes behind disks (file path → "POOL/VOLUME"), recorded when a
+    /// `vol://POOL/VOLUME` disk (libvirt's `<disk type='volume'>`) is resolved at define,
+    /// so a dump names the volume again rather than its file.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub volumes: std::collections::BTreeMap<String, String>,
 }
 
 /// A disk path `vol://POOL/VOLUME` names a pool volume; `define` resolves it to the file.

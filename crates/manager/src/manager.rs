@@ -540,6 +540,10 @@ impl Manager {
                     ),
                 ));
             }
+            def.volumes.insert(
+                info.path.to_string_lossy().into_owned(),
+                format!("{pool}/{vol}"),
+            );
             d.path = info.path;
             d.format = Some(recorded);
         }

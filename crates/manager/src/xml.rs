@@ -434,6 +434,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         autostart: false,
         vm,
         interfaces,
+        volumes: Default::default(),
     })
 }
 
@@ -589,7 +590,14 @@ pub fn to_xml(d: &DomainDef) -> String {
     ));
     x.push_str("  <devices>\n");
     for (i, disk) in d.vm.disks.iter().enumerate() {
-        x.push_str("    <disk type='file' device='disk'>\n");
+        let volume = d
+            .volumes
+            .get(disk.path.to_string_lossy().as_ref())
+            .and_then(|v| v.split_once('/'));
+        x.push_str(&format!(
+            "    <disk type='{}' device='disk'>\n",
+            if volume.is_some() { "volume" } else { "file" }
+        ));
         if let Some(f) = disk.format {
             let f = match f {
                 DiskFormat::Raw => "raw",
@@ -597,10 +605,17 @@ pub fn to_xml(d: &DomainDef) -> String {
             };
             x.push_str(&format!("      <driver name='qemu' type='{f}'/>\n"));
         }
-        x.push_str(&format!(
-            "      <source file='{}'/>\n",
-            esc(&disk.path.to_string_lossy())
-        ));
+        match volume {
+            Some((pool, vol)) => x.push_str(&format!(
+                "      <source pool='{}' volume='{}'/>\n",
+                esc(pool),
+                esc(vol)
+            )),
+            None => x.push_str(&format!(
+                "      <source file='{}'/>\n",
+                esc(&disk.path.to_string_lossy())
+            )),
+        }
         let dev = format!("vd{}", (b'a' + (i % 26) as u8) as char);
         x.push_str(&format!("      <target dev='{dev}' bus='virtio'/>\n"));
         if disk.read_only {
@@ -996,7 +1011,21 @@ mod tests {
     fn dumps_pass_virt_xml_validate() {
         let dir = std::env::temp_dir().join(format!("vessel-xmlv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (i, d) in domains_to_dump().iter().enumerate() {
+        // A disk from a pool volume dumps as <disk type='volume'>.
+        let mut with_volume = parse_domain(XML).unwrap();
+        let file = "/var/lib/vessel/images/data.raw";
+        with_volume.vm.disks[1].path = file.into();
+        with_volume
+            .volumes
+            .insert(file.into(), "images/data.raw".into());
+        let dump = to_xml(&with_volume);
+        assert!(
+            dump.contains("<source pool='images' volume='data.raw'/>"),
+            "{dump}"
+        );
+        let mut all = domains_to_dump();
+        all.push(with_volume);
+        for (i, d) in all.iter().enumerate() {
             let f = dir.join(format!("d{i}.xml"));
             std::fs::write(&f, to_xml(d)).unwrap();
             let out = std::process::Command::new("virt-xml-validate")

@@ -1061,6 +1061,15 @@ fn storage_pools_and_volumes() {
     let def = c.get("/v1/domains/volref").unwrap()["definition"].clone();
     assert_eq!(def["vm"]["disks"][0]["path"], json!(pool.join("copy.raw")));
     assert_eq!(def["vm"]["disks"][0]["format"], "raw");
+    // dumpxml names the volume again, not its file; defining the dump changes nothing.
+    let dump = d.ok(&["dumpxml", "volref"]);
+    assert!(
+        dump.contains("<disk type='volume' device='disk'>")
+            && dump.contains("<source pool='images' volume='copy.raw'/>"),
+        "{dump}"
+    );
+    c.redefine_text(&dump).unwrap();
+    assert_eq!(d.ok(&["dumpxml", "volref"]), dump);
     let v: Value =
         serde_json::from_str(&d.ok(&["--json", "vol-info", "images", "copy.raw"])).unwrap();
     assert_eq!(v["used_by"], json!(["volref"]));
