@@ -101,6 +101,11 @@ fn check_values(root: Node) -> Result<()> {
             ("domain", "on_poweroff") => text_ok(&["destroy"])?,
             ("domain", "on_reboot") => text_ok(&["restart"])?,
             ("domain", "on_crash") => text_ok(&["destroy"])?,
+            ("devices", "disk") => {
+                value_ok("type", &["file", "volume"])?;
+                value_ok("device", &["disk"])?;
+            }
+            ("devices", "interface") => value_ok("type", &["network", "bridge"])?,
             ("disk", "driver") => value_ok("name", &["qemu"])?,
             ("disk", "target") => value_ok("bus", &["virtio"])?,
             ("interface", "model") => value_ok("type", &["virtio"])?,
@@ -301,7 +306,11 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         "vessel" => (DriverKind::Vessel, Accel::Auto),
         "qemu" => (DriverKind::Qemu, Accel::Emu),
         "kvm" => (DriverKind::Qemu, Accel::Kvm),
-        other => return Err(bad(format!("domain type {other:?} (vessel, qemu or kvm)"))),
+        other => {
+            return Err(refuse(format!(
+                "<domain type='{other}'>: Vessel runs kvm and qemu domains (and vessel)"
+            )))
+        }
     };
     // Values first (the clearer message for a mapped element used in a way Vessel has
     // not), then every element and attribute against the table.
@@ -441,12 +450,16 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
 fn parse_disk(n: Node) -> Result<DiskConfig> {
     let ty = n.attribute("type").unwrap_or("file");
     if ty != "file" && ty != "volume" {
-        return Err(bad(format!("<disk type={ty:?}>: file or volume disks")));
+        return Err(refuse(format!(
+            "<disk type='{ty}'>: Vessel's disks are image files (type='file') or pool \
+             volumes (type='volume')"
+        )));
     }
-    if let Some(d) = n.attribute("device") {
-        if d != "disk" && d != "cdrom" {
-            return Err(bad(format!("<disk device={d:?}>: disk or cdrom")));
-        }
+    if let Some(d) = n.attribute("device").filter(|d| *d != "disk") {
+        return Err(refuse(format!(
+            "<disk device='{d}'>: Vessel's disks are virtio disks (attach a CD image as a \
+             read-only disk)"
+        )));
     }
     let src = child(n, "source");
     let source = if ty == "volume" {
@@ -466,7 +479,11 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         None => None,
         Some("raw") => Some(DiskFormat::Raw),
         Some("qcow2") => Some(DiskFormat::Qcow2),
-        Some(other) => return Err(bad(format!("disk format {other:?} (raw or qcow2)"))),
+        Some(other) => {
+            return Err(refuse(format!(
+                "<driver type='{other}'>: Vessel's disk formats are raw and qcow2"
+            )))
+        }
     };
     // Disks appear to the guest in definition order (vda, vdb, …); <target dev> is not used.
     Ok(DiskConfig {
@@ -502,8 +519,10 @@ fn parse_interface(n: Node) -> Result<Interface> {
             ),
             mac,
         }),
-        other => Err(bad(format!(
-            "<interface type={other:?}>: network or bridge"
+        other => Err(refuse(format!(
+            "<interface type='{}'>: Vessel's interfaces are on a network (type='network') or \
+             a host bridge (type='bridge')",
+            other.unwrap_or("")
         ))),
     }
 }
@@ -829,8 +848,8 @@ mod tests {
             ("<domain><name>a</name><memory>1024</memory><os/></domain>", "kernel"),
             ("<domain><name>a</name><memory>1024</memory><cpu><model>Skylake</model></cpu><os><kernel>/k</kernel></os></domain>", "unknown CPU model"),
             ("<domain><name>a</name><memory>1024</memory><cpu mode='sideways'/><os><kernel>/k</kernel></os></domain>", "cpu mode"),
-            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "file or volume disks"),
-            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><interface type='user'/></devices></domain>", "interface"),
+            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><disk type='block'/></devices></domain>", "unsupported configuration: <disk type='block'>"),
+            ("<domain><name>a</name><memory>1024</memory><os><kernel>/k</kernel></os><devices><interface type='user'/></devices></domain>", "unsupported configuration: <interface type='user'>"),
         ];
         for (xml, want) in cases {
             let e = parse_domain(xml).unwrap_err().to_string();
