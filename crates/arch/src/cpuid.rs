@@ -208,6 +208,96 @@ fn set_brand(out: &mut [CpuIdEntry], brand: &str) {
     }
 }
 
+/// One register of one CPUID leaf changed bit by bit (Firecracker's custom CPU template
+/// modifiers): `set` bits become 1, `clear` bits 0, the others stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidModifier {
+    pub leaf: u32,
+    pub subleaf: u32,
+    /// 0 eax, 1 ebx, 2 ecx, 3 edx.
+    pub register: u8,
+    pub set: u32,
+    pub clear: u32,
+}
+
+/// A modifier that would give the guest what the accelerator does not have.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModifierError {
+    #[error(
+        "CPUID leaf {leaf:#x} subleaf {subleaf:#x} register {register}: bits {bits:#010x} \
+         name features this host's accelerator does not offer"
+    )]
+    Unsupported {
+        leaf: u32,
+        subleaf: u32,
+        register: &'static str,
+        bits: u32,
+    },
+    #[error("CPUID register index {0} (0 to 3: eax, ebx, ecx, edx)")]
+    BadRegister(u8),
+}
+
+/// The leaves whose bits are instruction-set or platform features: a modifier may clear
+/// them, and set only what the accelerator's table already has (the emu accelerator
+/// raises #UD for an extension it lacks; KVM would be asked for one it does not offer).
+fn is_feature_leaf(leaf: u32, register: u8) -> bool {
+    matches!(
+        (leaf, register),
+        (1, 2 | 3) | (7, 1..=3) | (0xd, _) | (0x8000_0001, 2 | 3) | (0x14, _) | (0x19, _)
+    )
+}
+
+/// Applies Firecracker-style CPUID modifiers to the accelerator's (already narrowed)
+/// table, as its custom CPU templates do: each names a leaf and subleaf and sets and
+/// clears bits of one register. Bits set in a feature leaf must already be offered.
+pub fn apply_modifiers(
+    table: &mut [CpuIdEntry],
+    mods: &[CpuidModifier],
+) -> Result<(), ModifierError> {
+    const NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+    for m in mods {
+        let name = *NAMES
+            .get(usize::from(m.register))
+            .ok_or(ModifierError::BadRegister(m.register))?;
+        let matches =
+            |e: &CpuIdEntry| e.function == m.leaf && (!e.significant_index || e.index == m.subleaf);
+        let entry = table.iter_mut().find(|e| matches(e));
+        match entry {
+            Some(e) => {
+                let r = match m.register {
+                    0 => &mut e.eax,
+                    1 => &mut e.ebx,
+                    2 => &mut e.ecx,
+                    _ => &mut e.edx,
+                };
+                let new_bits = m.set & !*r;
+                if new_bits != 0 && is_feature_leaf(m.leaf, m.register) {
+                    return Err(ModifierError::Unsupported {
+                        leaf: m.leaf,
+                        subleaf: m.subleaf,
+                        register: name,
+                        bits: new_bits,
+                    });
+                }
+                *r = (*r | m.set) & !m.clear;
+            }
+            // A leaf the accelerator does not have: clearing is already true; setting is
+            // asking for something it lacks.
+            None if m.set != 0 => {
+                return Err(ModifierError::Unsupported {
+                    leaf: m.leaf,
+                    subleaf: m.subleaf,
+                    register: name,
+                    bits: m.set,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 /// Shape `supported` for vCPU `apic_id` of a `cpus`-CPU guest: APIC IDs, topology, and the
 /// hypervisor bit. One core per CPU, one thread per core.
 pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
@@ -272,6 +362,73 @@ mod tests {
         assert_eq!(topo.len(), 2);
         assert_eq!(topo[1].eax, 2);
         assert_eq!(topo[1].edx, 3);
+    }
+}
+
+#[cfg(test)]
+mod modifier_tests {
+    use super::*;
+
+    fn table() -> Vec<CpuIdEntry> {
+        vec![
+            CpuIdEntry {
+                function: 1,
+                eax: 0x000a_0652,
+                ecx: 0x8000_0201,
+                edx: 0x0000_0001,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 7,
+                index: 0,
+                significant_index: true,
+                ebx: 0b1010,
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn modifiers_clear_and_set_bits_of_the_leaf_they_name() {
+        let mut t = table();
+        let m = |leaf, subleaf, register, set, clear| CpuidModifier {
+            leaf,
+            subleaf,
+            register,
+            set,
+            clear,
+        };
+        apply_modifiers(
+            &mut t,
+            &[
+                // Clear a feature; rewrite the signature (not a feature leaf register).
+                m(1, 0, 2, 0, 0x200),
+                m(1, 0, 0, 0x0005_0000, 0x000a_0000),
+                // Setting a feature the table already has is fine.
+                m(7, 0, 1, 0b10, 0b1000),
+            ],
+        )
+        .unwrap();
+        assert_eq!(t[0].ecx, 0x8000_0001);
+        assert_eq!(t[0].eax, 0x0005_0652);
+        assert_eq!(t[1].ebx, 0b0010);
+        // A feature the accelerator lacks is refused, the table left as it was.
+        let before = t.clone();
+        let e = apply_modifiers(&mut t, &[m(7, 0, 1, 1 << 5, 0)]).unwrap_err();
+        assert!(
+            matches!(e, ModifierError::Unsupported { bits: 0x20, .. }),
+            "{e}"
+        );
+        assert_eq!(t, before);
+        // A leaf it does not have: clearing is a no-op, setting is refused.
+        apply_modifiers(&mut t, &[m(0x8000_0008, 0, 0, 0, 0xff)]).unwrap();
+        assert!(apply_modifiers(&mut t, &[m(0x8000_0008, 0, 0, 1, 0)]).is_err());
+        // Another subleaf of an indexed leaf is a leaf it does not have.
+        assert!(apply_modifiers(&mut t, &[m(7, 1, 1, 1, 0)]).is_err());
+        assert_eq!(
+            apply_modifiers(&mut t, &[m(1, 0, 4, 0, 1)]),
+            Err(ModifierError::BadRegister(4))
+        );
     }
 }
 

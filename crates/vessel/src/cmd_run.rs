@@ -204,6 +204,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         cpus: args.cpus,
         accel: args.accel,
         cpu_model: args.cpu_model,
+        cpuid_modifiers: Vec::new(),
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,

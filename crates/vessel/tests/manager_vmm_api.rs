@@ -356,3 +356,72 @@ fn a_running_guest_sees_a_drive_patched_to_a_new_file() {
     let (s, _) = curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
     assert_eq!(s, 204);
 }
+
+/// `PUT /cpu-config`: a custom template's CPUID modifiers reach the guest (a feature
+/// cleared is gone from its /proc/cpuinfo), and one that asks for a feature the
+/// accelerator lacks fails InstanceStart rather than booting without it.
+#[test]
+fn a_custom_cpu_template_reaches_the_guest() {
+    let a = common::assets();
+    let dir = common::TempDir::new("fc-cpu");
+    let sock = dir.path().join("api.sock");
+    let log = dir.path().join("serial.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "--accel", "emu", "--api-sock"])
+        .arg(&sock)
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _vmm = common::Guarded(child);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let run = "grep+-c+sse4_2+/proc/cpuinfo;echo+FLAGS-$(grep+-c+sse4_1+/proc/cpuinfo)-DONE";
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "initrd_path": "{}",
+            "boot_args": "console=ttyS0 panic=-1 quiet vessel.run={run}"}}"#,
+        a.join("vmlinuz").display(),
+        a.join("initramfs.cpio.gz").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    // AVX-512F (leaf 7 EBX bit 16): not something the emu accelerator offers.
+    let avx512 = r#"{"cpuid_modifiers": [{"leaf": "0x7", "subleaf": "0x0", "flags": 1,
+        "modifiers": [{"register": "ebx", "bitmap": "0bxxxxxxxxxxxxxxx1xxxxxxxxxxxxxxxx"}]}]}"#;
+    assert_eq!(curl(&sock, "PUT", "/cpu-config", Some(avx512)).0, 204);
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        fault(&b).contains("cpu-config") && fault(&b).contains("does not offer"),
+        "{b}"
+    );
+    // Clear SSE4.2 (leaf 1 ECX bit 20): the guest does not see it; SSE4.1 stays.
+    let no_sse42 = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxx0xxxxxxxxxxxxxxxxxxxx"}]}]}"#;
+    assert_eq!(curl(&sock, "PUT", "/cpu-config", Some(no_sse42)).0, 204);
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(s, 204, "{b}");
+    common::wait_for_text(&log, "-DONE", Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("FLAGS-1-DONE"),
+        "SSE4.1 is still there: {text}"
+    );
+    let line = text.lines().find(|l| l.trim() == "0" || l.trim() == "1");
+    assert_eq!(line.map(str::trim), Some("0"), "SSE4.2 is gone: {text}");
+}

@@ -129,6 +129,10 @@ pub struct VmConfig {
     /// promised. The VM fails to start if the accelerator cannot provide them.
     #[serde(default)]
     pub cpu_model: CpuModel,
+    /// CPUID bits set or cleared on top of the model (Firecracker's custom CPU template
+    /// modifiers, `PUT /cpu-config`); a feature bit the accelerator lacks fails the start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_modifiers: Vec<arch::cpuid::CpuidModifier>,
     #[serde(default)]
     pub serial: SerialConfig,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
@@ -528,6 +532,7 @@ impl VmConfig {
             cpus: 1,
             accel: Accel::Auto,
             cpu_model: CpuModel::default(),
+            cpuid_modifiers: Vec::new(),
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,

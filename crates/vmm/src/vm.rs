@@ -56,6 +56,8 @@ pub enum VmmError {
     },
     #[error(transparent)]
     CpuModel(#[from] arch::cpuid::ModelError),
+    #[error("cpu-config: {0}")]
+    CpuidModifier(#[from] arch::cpuid::ModifierError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
     #[error("creating an eventfd for {what}: {source}")]
@@ -601,7 +603,8 @@ impl Vmm {
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
-        let supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        let mut supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        arch::cpuid::apply_modifiers(&mut supported, &config.cpuid_modifiers)?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(u32::from(id))?;

@@ -369,10 +369,10 @@ pub struct CpuidRegisterModifier {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuidRegister {
-    Eax,
-    Ebx,
-    Ecx,
-    Edx,
+    Eax = 0,
+    Ebx = 1,
+    Ecx = 2,
+    Edx = 3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -461,6 +461,59 @@ impl CpuConfig {
             }
         }
         Ok(())
+    }
+
+    /// The CPUID modifiers as `VmConfig` applies them, or what in the template this VMM
+    /// cannot apply (MSR modifiers, KVM capabilities, aarch64's registers and features).
+    pub fn cpuid_modifiers(&self) -> Result<Vec<arch::cpuid::CpuidModifier>, String> {
+        let refuse = |what: &str| {
+            Err(format!(
+                "cpu-config {what}: not applied by this VMM (only cpuid_modifiers are)"
+            ))
+        };
+        if !self.msr_modifiers.is_empty() {
+            return refuse("msr_modifiers");
+        }
+        if !self.kvm_capabilities.is_empty() {
+            return refuse("kvm_capabilities");
+        }
+        if !self.reg_modifiers.is_empty() || !self.vcpu_features.is_empty() {
+            return refuse("reg_modifiers/vcpu_features (aarch64)");
+        }
+        let mut out = Vec::new();
+        for l in &self.cpuid_modifiers {
+            let number = |v: &str| {
+                parse_number(v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| format!("CPUID {v:?} is not a 32-bit number"))
+            };
+            let (leaf, subleaf) = (number(&l.leaf)?, number(&l.subleaf)?);
+            for m in &l.modifiers {
+                let bits: Vec<char> = m
+                    .bitmap
+                    .trim_start_matches("0b")
+                    .chars()
+                    .filter(|&c| c != '_')
+                    .collect();
+                let (mut set, mut clear) = (0u32, 0u32);
+                // Most significant bit first.
+                for (i, c) in bits.iter().rev().enumerate().take(32) {
+                    match c {
+                        '1' => set |= 1 << i,
+                        '0' => clear |= 1 << i,
+                        _ => {}
+                    }
+                }
+                out.push(arch::cpuid::CpuidModifier {
+                    leaf,
+                    subleaf,
+                    register: m.register as u8,
+                    set,
+                    clear,
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -742,14 +795,10 @@ impl FcConfig {
                 m.huge_pages
             ));
         }
-        if let Some(c) = self.cpu_config.as_ref().filter(|c| !c.is_empty()) {
-            let _ = c;
-            return no(
-                "cpu-config: custom CPU templates are not applied by this VMM (its \
-                       CPU models are chosen with --cpu-model)"
-                    .into(),
-            );
-        }
+        let cpuid_modifiers = match &self.cpu_config {
+            Some(c) => c.cpuid_modifiers().map_err(Unsupported)?,
+            None => Vec::new(),
+        };
         if self
             .serial
             .as_ref()
@@ -769,6 +818,7 @@ impl FcConfig {
             .unwrap_or_else(|| crate::config::DEFAULT_CMDLINE.to_string());
         c.cpus = m.vcpu_count;
         c.memory_mib = m.mem_size_mib;
+        c.cpuid_modifiers = cpuid_modifiers;
         // As Firecracker: the root device is the first disk (vda), named on the command
         // line by its partition UUID when it has one.
         let ordered = self.boot_order();

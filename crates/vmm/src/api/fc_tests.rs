@@ -1053,9 +1053,43 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
         "PUT",
         "/cpu-config",
         r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
-            "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}]}"#,
+            "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"},
+                          {"register": "eax", "bitmap": "0b0000_0000_0000_0000_0000_0000_0000_1x1x"}]}]}"#,
     );
-    start("cpu-config");
+    // CPUID modifiers reach the VmConfig (bit 0 of leaf 1 ECX cleared; EAX's low bits).
+    let c = lock(&api.0.state)
+        .fc
+        .to_vm_config(&SerialConfig::Null, Accel::Auto)
+        .unwrap();
+    assert_eq!(
+        c.cpuid_modifiers,
+        [
+            arch::cpuid::CpuidModifier {
+                leaf: 1,
+                subleaf: 0,
+                register: 2,
+                set: 0,
+                clear: 1
+            },
+            arch::cpuid::CpuidModifier {
+                leaf: 1,
+                subleaf: 0,
+                register: 0,
+                set: 0b1010,
+                clear: !0b1111,
+            },
+        ]
+    );
+    // What it cannot apply is refused, naming it.
+    api.ok(
+        "PUT",
+        "/cpu-config",
+        r#"{"msr_modifiers": [{"addr": "0x10a",
+            "bitmap": "0b0000000000000000000000000000000000000000000000000000000000000001"}]}"#,
+    );
+    start("cpu-config msr_modifiers");
+    api.ok("PUT", "/cpu-config", r#"{"kvm_capabilities": ["!56"]}"#);
+    start("cpu-config kvm_capabilities");
     api.ok("PUT", "/cpu-config", "{}");
     api.ok(
         "PUT",
