@@ -789,11 +789,14 @@ impl FcConfig {
                     .into(),
             );
         }
-        if m.huge_pages != HugePages::None {
-            return no(format!(
-                "machine-config huge_pages {:?}: only \"None\" is supported by this VMM",
-                m.huge_pages
-            ));
+        // Vessel always advises transparent huge pages on guest RAM (madvise
+        // MADV_HUGEPAGE, Firecracker's "Transparent"); hugetlbfs pages it does not use.
+        if m.huge_pages == HugePages::Hugetlbfs2M {
+            return no(
+                "machine-config huge_pages \"2M\": hugetlbfs-backed guest memory is \
+                       not supported by this VMM (\"Transparent\" is what it does)"
+                    .into(),
+            );
         }
         let cpuid_modifiers = match &self.cpu_config {
             Some(c) => c.cpuid_modifiers().map_err(Unsupported)?,

@@ -1045,7 +1045,7 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
     api.ok(
         "PATCH",
         "/machine-config",
-        r#"{"track_dirty_pages": false, "huge_pages": "Transparent"}"#,
+        r#"{"track_dirty_pages": false, "huge_pages": "2M"}"#,
     );
     start("huge_pages");
     api.ok("PATCH", "/machine-config", r#"{"huge_pages": "None"}"#);
