@@ -301,6 +301,19 @@ pub fn apply_modifiers(
 /// Shape `supported` for vCPU `apic_id` of a `cpus`-CPU guest: APIC IDs, topology, and the
 /// hypervisor bit. One core per CPU, one thread per core.
 pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
+    guest_cpuid_smt(supported, apic_id, cpus, 1)
+}
+
+/// As [`guest_cpuid`], with `threads_per_core` threads (1 or 2) in each core: leaf 0xb's
+/// SMT level says so, and the low APIC ID bit is the thread (vCPUs 0 and 1 are the two
+/// threads of core 0), as Firecracker's `smt: true` presents it.
+pub fn guest_cpuid_smt(
+    supported: &[CpuIdEntry],
+    apic_id: u8,
+    cpus: u8,
+    threads_per_core: u8,
+) -> Vec<CpuIdEntry> {
+    let threads = threads_per_core.clamp(1, 2);
     let mut out: Vec<CpuIdEntry> = supported
         .iter()
         .filter(|e| e.function != LEAF_EXT_TOPOLOGY)
@@ -317,15 +330,15 @@ pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuId
             }
         }
     }
-    // Leaf 0xb: level 0 (SMT) has one thread; level 1 (core) holds all CPUs.
-    let core_shift = 32 - u32::from(cpus.max(1) - 1).leading_zeros();
+    // Leaf 0xb: level 0 (SMT) has the core's threads; level 1 (core) holds all CPUs.
+    let core_shift = (32 - u32::from(cpus.max(1) - 1).leading_zeros()).max(u32::from(threads) - 1);
     let id = u32::from(apic_id);
     out.push(CpuIdEntry {
         function: LEAF_EXT_TOPOLOGY,
         index: 0,
         significant_index: true,
-        eax: 0,
-        ebx: 1,
+        eax: u32::from(threads) - 1,
+        ebx: u32::from(threads),
         ecx: 1 << 8,
         edx: id,
     });
@@ -362,6 +375,33 @@ mod tests {
         assert_eq!(topo.len(), 2);
         assert_eq!(topo[1].eax, 2);
         assert_eq!(topo[1].edx, 3);
+    }
+}
+
+#[cfg(test)]
+mod smt_tests {
+    use super::*;
+
+    #[test]
+    fn two_threads_per_core_show_in_leaf_0xb() {
+        let sup = vec![CpuIdEntry {
+            function: 1,
+            ..Default::default()
+        }];
+        let c = guest_cpuid_smt(&sup, 3, 4, 2);
+        let topo: Vec<_> = c.iter().filter(|e| e.function == 0xb).collect();
+        // SMT level: 2 threads, 1 bit of APIC ID; core level: 4 CPUs, 2 bits.
+        assert_eq!((topo[0].eax, topo[0].ebx, topo[0].ecx >> 8), (1, 2, 1));
+        assert_eq!((topo[1].eax, topo[1].ebx, topo[1].ecx >> 8), (2, 4, 2));
+        assert_eq!(topo[0].edx, 3);
+        // One thread per core is what guest_cpuid gives.
+        let one = guest_cpuid(&sup, 3, 4);
+        let t0 = one.iter().find(|e| e.function == 0xb).unwrap();
+        assert_eq!((t0.eax, t0.ebx), (0, 1));
+        // A 2-CPU SMT guest: one core of two threads.
+        let c = guest_cpuid_smt(&sup, 1, 2, 2);
+        let topo: Vec<_> = c.iter().filter(|e| e.function == 0xb).collect();
+        assert_eq!((topo[0].eax, topo[1].eax), (1, 1));
     }
 }
 

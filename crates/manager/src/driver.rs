@@ -165,7 +165,11 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     c.args(["-name", &format!("guest={},debug-threads=on", def.name)]);
     c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
     c.args(["-m", &format!("{}M", vm.memory_mib)]);
-    c.args(["-smp", &vm.cpus.to_string()]);
+    // The same topology Vessel's VMM gives: threads per core, one socket.
+    c.args([
+        "-smp",
+        &format!("{},threads={}", vm.cpus, vm.threads_per_core),
+    ]);
     c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
     if let Some(k) = &vm.kernel {
         c.arg("-kernel").arg(k);

@@ -205,6 +205,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         accel: args.accel,
         cpu_model: args.cpu_model,
         cpuid_modifiers: Vec::new(),
+        threads_per_core: 1,
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,

@@ -425,3 +425,48 @@ fn a_custom_cpu_template_reaches_the_guest() {
     let line = text.lines().find(|l| l.trim() == "0" || l.trim() == "1");
     assert_eq!(line.map(str::trim), Some("0"), "SSE4.2 is gone: {text}");
 }
+
+/// `smt: true`: the guest sees its two vCPUs as the two threads of one core.
+#[test]
+fn smt_makes_two_vcpus_one_core_of_two_threads() {
+    let a = common::assets();
+    let dir = common::TempDir::new("fc-smt");
+    let sock = dir.path().join("api.sock");
+    let log = dir.path().join("serial.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "--accel", "emu", "--api-sock"])
+        .arg(&sock)
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _vmm = common::Guarded(child);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let run = "echo+SIBLINGS-$(cat+/sys/devices/system/cpu/cpu0/topology/thread_siblings_list)-END";
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "initrd_path": "{}",
+            "boot_args": "console=ttyS0 panic=-1 quiet vessel.run={run}"}}"#,
+        a.join("vmlinuz").display(),
+        a.join("initramfs.cpio.gz").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let m = r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": true}"#;
+    assert_eq!(curl(&sock, "PUT", "/machine-config", Some(m)).0, 204);
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(s, 204, "{b}");
+    common::wait_for_text(&log, "-END", Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("SIBLINGS-0-1-END"), "{text}");
+}

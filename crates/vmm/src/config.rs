@@ -133,6 +133,10 @@ pub struct VmConfig {
     /// modifiers, `PUT /cpu-config`); a feature bit the accelerator lacks fails the start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpuid_modifiers: Vec<arch::cpuid::CpuidModifier>,
+    /// Threads per core in the guest's CPU topology: 1, or 2 (Firecracker's `smt`; the
+    /// CPU count must then be 1 or even).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub threads_per_core: u8,
     #[serde(default)]
     pub serial: SerialConfig,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
@@ -470,6 +474,14 @@ pub const MAX_VIRTIO_DEVICES: usize = 8;
 /// The smallest MTU an IPv4 interface takes (RFC 791).
 pub const MIN_MTU: u16 = 68;
 
+fn one() -> u8 {
+    1
+}
+
+fn is_one(v: &u8) -> bool {
+    *v == 1
+}
+
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -511,6 +523,8 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{0}")]
     BadMac(String),
+    #[error("{threads} threads per core with {cpus} CPUs: 1 or 2 threads, and an even CPU count (or 1) with 2")]
+    BadThreads { threads: u8, cpus: u8 },
     #[error("MTU {0} is too small (at least {MIN_MTU})")]
     MtuTooSmall(u16),
     #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
@@ -533,6 +547,7 @@ impl VmConfig {
             accel: Accel::Auto,
             cpu_model: CpuModel::default(),
             cpuid_modifiers: Vec::new(),
+            threads_per_core: 1,
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,
@@ -595,6 +610,14 @@ impl VmConfig {
         }
         if self.cpus > MAX_CPUS {
             return Err(ConfigError::TooManyCpus(self.cpus.into()));
+        }
+        if !(1..=2).contains(&self.threads_per_core)
+            || (self.threads_per_core == 2 && self.cpus > 1 && self.cpus % 2 == 1)
+        {
+            return Err(ConfigError::BadThreads {
+                threads: self.threads_per_core,
+                cpus: self.cpus,
+            });
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
             return Err(ConfigError::DiskMissing(d.path.clone()));

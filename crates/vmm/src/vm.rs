@@ -608,7 +608,12 @@ impl Vmm {
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(u32::from(id))?;
-            vcpu.set_cpuid(&arch::cpuid::guest_cpuid(&supported, id, config.cpus))?;
+            vcpu.set_cpuid(&arch::cpuid::guest_cpuid_smt(
+                &supported,
+                id,
+                config.cpus,
+                config.threads_per_core,
+            ))?;
             vcpu.set_msrs(&arch::entry::boot_msrs())?;
             vcpu.configure_local_interrupts()?;
             // Through firmware the BSP starts where a CPU comes out of reset.

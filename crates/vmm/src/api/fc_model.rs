@@ -555,6 +555,7 @@ impl FcConfig {
             machine: MachineConfig {
                 vcpu_count: c.cpus,
                 mem_size_mib: c.memory_mib,
+                smt: c.threads_per_core == 2,
                 ..MachineConfig::default()
             },
             boot: c.kernel.as_ref().map(|k| BootSource {
@@ -769,13 +770,6 @@ impl FcConfig {
             return no("Cannot start microvm without kernel configuration.".into());
         };
         let m = &self.machine;
-        if m.smt {
-            return no(
-                "machine-config smt: simultaneous multithreading (two threads per \
-                       core in the guest's CPU topology) is not supported by this VMM"
-                    .into(),
-            );
-        }
         if let Some(t) = m.cpu_template.filter(|t| *t != CpuTemplate::None) {
             return no(format!(
                 "machine-config cpu_template {t:?}: Firecracker's static CPU templates are \
@@ -822,6 +816,8 @@ impl FcConfig {
         c.cpus = m.vcpu_count;
         c.memory_mib = m.mem_size_mib;
         c.cpuid_modifiers = cpuid_modifiers;
+        // Firecracker's SMT: two threads per core (a 1-vCPU machine has one thread).
+        c.threads_per_core = if m.smt && m.vcpu_count > 1 { 2 } else { 1 };
         // As Firecracker: the root device is the first disk (vda), named on the command
         // line by its partition UUID when it has one.
         let ordered = self.boot_order();

@@ -1028,8 +1028,14 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
             want,
         )
     };
+    // SMT is two threads per core in the guest's topology.
     api.ok("PATCH", "/machine-config", r#"{"smt": true}"#);
-    start("smt");
+    let c = lock(&api.0.state)
+        .fc
+        .to_vm_config(&SerialConfig::Null, Accel::Auto)
+        .unwrap();
+    assert_eq!((c.cpus, c.threads_per_core), (2, 2));
+    api.ok("PATCH", "/machine-config", r#"{"smt": false}"#);
     api.ok(
         "PATCH",
         "/machine-config",
