@@ -174,6 +174,9 @@ pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
     if vm.accel == vmm::Accel::Hybrid {
         return Some("vm.accel hybrid (Vessel's own accelerator)");
     }
+    if vm.serial_rate_limiter.is_some() {
+        return Some("vm.serial_rate_limiter (Firecracker's serial token bucket)");
+    }
     if !vm.cpuid_modifiers.is_empty() {
         return Some("vm.cpuid_modifiers (Firecracker's custom CPU template)");
     }

@@ -207,6 +207,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         cpuid_modifiers: Vec::new(),
         threads_per_core: 1,
         serial: args.serial,
+        serial_rate_limiter: None,
         disks: args.disks,
         rng: args.rng,
         rng_rate_limiter: None,

@@ -139,6 +139,10 @@ pub struct VmConfig {
     pub threads_per_core: u8,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A bytes bucket on the UART's output (Firecracker's `/serial` `rate_limiter`):
+    /// output beyond it is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_rate_limiter: Option<TokenBucketConfig>,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -549,6 +553,7 @@ impl VmConfig {
             cpuid_modifiers: Vec::new(),
             threads_per_core: 1,
             serial: SerialConfig::Stdio,
+            serial_rate_limiter: None,
             disks: Vec::new(),
             rng: false,
             rng_rate_limiter: None,

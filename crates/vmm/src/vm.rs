@@ -435,7 +435,10 @@ impl Vmm {
         // Devices.
         let exit = Arc::new(ExitSignal::new());
         let irq = vm.irq_chip();
-        let out = output_for(&config.serial)?;
+        let mut out = output_for(&config.serial)?;
+        if let Some(bucket) = config.serial_rate_limiter.as_ref().and_then(|b| b.bucket()) {
+            out = Box::new(crate::console::RateLimitedOutput::new(out, bucket));
+        }
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             IrqTrigger::new(irq.clone(), COM1_GSI),
             out,

@@ -796,17 +796,6 @@ impl FcConfig {
             Some(c) => c.cpuid_modifiers().map_err(Unsupported)?,
             None => Vec::new(),
         };
-        if self
-            .serial
-            .as_ref()
-            .is_some_and(|s| s.rate_limiter.is_some_and(|b| b.limits()))
-        {
-            return no(
-                "serial rate_limiter: rate limiting the serial console is not \
-                       supported by this VMM"
-                    .into(),
-            );
-        }
         let mut c = VmConfig::new(&boot.kernel_image_path);
         c.initrd = boot.initrd_path.as_ref().map(Into::into);
         c.cmdline = boot
@@ -869,6 +858,11 @@ impl FcConfig {
             Some(p) => SerialConfig::File(p),
             None => serial.clone(),
         };
+        c.serial_rate_limiter = self
+            .serial
+            .as_ref()
+            .and_then(|s| s.rate_limiter)
+            .filter(|b| b.limits());
         c.accel = accel;
         Ok(c)
     }

@@ -1123,7 +1123,11 @@ fn instance_start_refuses_what_it_cannot_honour_naming_the_field() {
         "/serial",
         r#"{"rate_limiter": {"size": 100, "refill_time": 100}}"#,
     );
-    start("serial rate_limiter");
+    let c = lock(&api.0.state)
+        .fc
+        .to_vm_config(&SerialConfig::Null, Accel::Auto)
+        .unwrap();
+    assert_eq!(c.serial_rate_limiter.unwrap().size, 100);
     api.ok("PUT", "/serial", "{}");
     // A multicast MAC is accepted when put (as Firecracker does) and refused at start.
     api.ok(
