@@ -321,6 +321,9 @@ fn a_running_guest_sees_a_drive_patched_to_a_new_file() {
         small.display()
     );
     assert_eq!(curl(&sock, "PUT", "/drives/scratch", Some(&drive)).0, 204);
+    let metrics = dir.path().join("metrics.json");
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(curl(&sock, "PUT", "/metrics", Some(&body)).0, 204);
     let (s, b) = curl(
         &sock,
         "PUT",
@@ -329,6 +332,18 @@ fn a_running_guest_sees_a_drive_patched_to_a_new_file() {
     );
     assert_eq!(s, 204, "{b}");
     common::wait_for_text(&log, "SIZE=2048 BYTE=A", Duration::from_secs(120));
+    // The guest's reads show in Firecracker's block metrics.
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(s, 204, "{b}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["block"]["read_bytes"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["block"]["read_count"].as_u64().unwrap() > 0, "{line}");
 
     let patch = format!(
         r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,

@@ -66,6 +66,18 @@ pub struct Block {
     capacity: Arc<AtomicU64>,
     config: Vec<u8>,
     limiter: Arc<Mutex<RateLimiter>>,
+    counters: Arc<BlockCounters>,
+}
+
+/// What a disk served, for metrics (Firecracker's `block` group names): requests that
+/// completed successfully and their bytes.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_count: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_count: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_count: AtomicU64,
 }
 
 /// What the VMM keeps of a disk to change it while the guest runs: its backing file
@@ -77,6 +89,7 @@ pub struct BlockHandle {
     disk: Arc<Mutex<Box<dyn BlockBackend>>>,
     capacity: Arc<AtomicU64>,
     limiter: Arc<Mutex<RateLimiter>>,
+    counters: Arc<BlockCounters>,
 }
 
 impl std::fmt::Debug for BlockHandle {
@@ -95,6 +108,11 @@ impl BlockHandle {
         *disk = backend;
         self.capacity.store(bytes, Ordering::Release);
         bytes
+    }
+
+    /// What the disk has served.
+    pub fn counters(&self) -> &BlockCounters {
+        &self.counters
     }
 
     /// The disk's capacity in bytes.
@@ -238,6 +256,7 @@ impl Block {
             read_only,
             config,
             limiter: Arc::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -253,6 +272,7 @@ impl Block {
             disk: self.disk.clone(),
             capacity: self.capacity.clone(),
             limiter: self.limiter.clone(),
+            counters: self.counters.clone(),
         }
     }
 
@@ -376,6 +396,7 @@ impl Block {
             id: self.id,
             requests,
             throttled,
+            counters: self.counters.clone(),
         })
     }
 }
@@ -387,6 +408,7 @@ struct Batch {
     requests: Vec<Request>,
     /// The rate limiter stopped the batch with requests left on the ring.
     throttled: Option<std::time::Duration>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Batch {
@@ -475,6 +497,27 @@ impl Batch {
     }
 }
 
+impl Batch {
+    fn count(&self, op: &Op) {
+        let c = &self.counters;
+        let bytes = |d: &[Segment]| d.iter().map(|s| s.len).sum::<u64>();
+        match op {
+            Op::Read { data, .. } => {
+                c.read_count.fetch_add(1, Ordering::Relaxed);
+                c.read_bytes.fetch_add(bytes(data), Ordering::Relaxed);
+            }
+            Op::Write { data, .. } => {
+                c.write_count.fetch_add(1, Ordering::Relaxed);
+                c.write_bytes.fetch_add(bytes(data), Ordering::Relaxed);
+            }
+            Op::Flush => {
+                c.flush_count.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 impl QueueWork for Batch {
     fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone {
         let mut done = WorkDone {
@@ -485,6 +528,9 @@ impl QueueWork for Batch {
             let result = self.run_one(mem, &req.op).and_then(|(status, written)| {
                 mem.write_obj(status, req.status_at)
                     .map_err(|_| DeviceError::GuestMemory(req.status_at.0))?;
+                if status == S_OK {
+                    self.count(&req.op);
+                }
                 Ok(written.saturating_add(1))
             });
             match result {

@@ -199,11 +199,22 @@ pub struct Net {
 }
 
 /// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
-/// and `tx_rate_limiter`), shared with the VMM so it can change them while the guest runs.
+/// and `tx_rate_limiter`), shared with the VMM so it can change them while the guest runs,
+/// and its traffic counters.
 #[derive(Debug, Clone, Default)]
 pub struct NetLimiters {
     pub rx: Arc<Mutex<RateLimiter>>,
     pub tx: Arc<Mutex<RateLimiter>>,
+    pub counters: Arc<NetCounters>,
+}
+
+/// Frames and bytes each way (Firecracker's `net` metrics), vnet headers not counted.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_packets: std::sync::atomic::AtomicU64,
+    pub rx_bytes: std::sync::atomic::AtomicU64,
+    pub tx_packets: std::sync::atomic::AtomicU64,
+    pub tx_bytes: std::sync::atomic::AtomicU64,
 }
 
 fn lock_limiter(l: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> {
@@ -253,6 +264,7 @@ impl Net {
         self.limiters = NetLimiters {
             rx: Arc::new(Mutex::new(rx)),
             tx: Arc::new(Mutex::new(tx)),
+            counters: self.limiters.counters.clone(),
         };
         self
     }
@@ -382,6 +394,13 @@ impl Net {
             add_used_batch(queue, mem, &used)?;
             tracing::trace!(len, buffers = count, "virtio-net rx");
             self.rx_frames += 1;
+            let c = &self.limiters.counters;
+            c.rx_packets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.rx_bytes.fetch_add(
+                (len - VNET_HDR_LEN) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             outcome.used = true;
         }
         // The TAP drives this queue: the driver's refills need no notify until a frame
@@ -429,7 +448,16 @@ impl Net {
                 tracing::trace!(len = frame.len(), "virtio-net tx");
                 outcome.bulk |= frame.len() >= BULK_FRAME;
                 match self.backend.send(&frame) {
-                    Ok(()) => self.tx_frames += 1,
+                    Ok(()) => {
+                        self.tx_frames += 1;
+                        let c = &self.limiters.counters;
+                        c.tx_packets
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(
+                            (frame.len() - VNET_HDR_LEN) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
                     Err(e) => {
                         self.tx_dropped += 1;
                         tracing::debug!("TAP {} send: {e}", self.backend.name())

@@ -24,6 +24,10 @@ pub enum RuntimeError {
     },
 }
 
+/// Device counters summed over the VM's disks and interfaces, by Firecracker's metric
+/// group and name (`block.read_bytes`, `net.rx_packets_count`, …).
+pub type DeviceTotals = std::collections::BTreeMap<(&'static str, &'static str), u64>;
+
 /// A disk as the VMM built it, with what is needed to change it.
 #[derive(Debug)]
 struct Disk {
@@ -85,6 +89,29 @@ impl RuntimeDevices {
         d.core.config_changed();
         tracing::info!(disk = index, path, bytes, "disk backing file replaced");
         Ok(bytes)
+    }
+
+    /// What the disks and interfaces have served so far.
+    pub fn totals(&self) -> DeviceTotals {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut t = DeviceTotals::new();
+        let mut add = |group, name, v: u64| *t.entry((group, name)).or_default() += v;
+        for d in lock(&self.disks).iter() {
+            let c = d.handle.counters();
+            add("block", "read_count", c.read_count.load(Relaxed));
+            add("block", "read_bytes", c.read_bytes.load(Relaxed));
+            add("block", "write_count", c.write_count.load(Relaxed));
+            add("block", "write_bytes", c.write_bytes.load(Relaxed));
+            add("block", "flush_count", c.flush_count.load(Relaxed));
+        }
+        for n in lock(&self.nets).iter() {
+            let c = &n.counters;
+            add("net", "rx_packets_count", c.rx_packets.load(Relaxed));
+            add("net", "rx_bytes_count", c.rx_bytes.load(Relaxed));
+            add("net", "tx_packets_count", c.tx_packets.load(Relaxed));
+            add("net", "tx_bytes_count", c.tx_bytes.load(Relaxed));
+        }
+        t
     }
 
     /// Applies a PATCH to disk `index`'s rate limiter.

@@ -9,10 +9,12 @@
 //! (level and origin only when `show_level` / `show_log_origin` ask for them).
 //!
 //! Metrics: the API's own counters (requests per endpoint and their failures,
-//! deprecated fields used), written as one JSON line per flush with Firecracker's
-//! names (`put_api_requests.drive_count`, …) and its delta semantics (each line counts
-//! what happened since the previous one); on `FlushMetrics` and every 60 s. Device
-//! counters (Firecracker's `block`, `net`, `vcpu` groups) are not kept yet.
+//! deprecated fields used) and the devices' (`block`: reads, writes, flushes and their
+//! bytes; `net`: packets and bytes each way), written as one JSON line per flush with
+//! Firecracker's names (`put_api_requests.drive_count`, `block.read_bytes`, …) and its
+//! delta semantics (each line counts what happened since the previous one); on
+//! `FlushMetrics` and every 60 s. Firecracker's other groups (vcpu, vmm, uart, …) are not
+//! kept.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -205,6 +207,8 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ApiLogLayer {
 pub struct ApiMetrics {
     counters: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     deprecated: AtomicU64,
+    /// The device totals at the previous line, to report their change.
+    last_devices: Mutex<crate::runtime::DeviceTotals>,
 }
 
 /// Firecracker's name for an endpoint's counters (`drive` for `/drives/…`).
@@ -258,8 +262,9 @@ impl ApiMetrics {
         self.deprecated.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One metrics line: the counts since the previous one.
-    pub fn take_line(&self, cfg: &Metrics) -> Value {
+    /// One metrics line: the counts since the previous one (`devices`: the devices'
+    /// totals now, when a VM runs).
+    pub fn take_line(&self, cfg: &Metrics, devices: Option<crate::runtime::DeviceTotals>) -> Value {
         let counts = std::mem::take(&mut *self.counters.lock().unwrap_or_else(|p| p.into_inner()));
         let mut groups: Map<String, Value> = Map::new();
         for group in ["get_api_requests", "put_api_requests", "patch_api_requests"] {
@@ -274,6 +279,17 @@ impl ApiMetrics {
             if let Some(Value::Object(g)) = groups.get_mut(group) {
                 g.insert(key, json!(n));
             }
+        }
+        if let Some(now) = devices {
+            let mut last = self.last_devices.lock().unwrap_or_else(|p| p.into_inner());
+            for (&(group, name), &v) in &now {
+                let before = last.get(&(group, name)).copied().unwrap_or(0);
+                let g = groups.entry(group.to_string()).or_insert_with(|| json!({}));
+                if let Value::Object(g) = g {
+                    g.insert(name.into(), json!(v.saturating_sub(before)));
+                }
+            }
+            *last = now;
         }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -335,9 +351,13 @@ impl MetricsSink {
         }))
     }
 
-    /// Writes one line of `metrics`.
-    pub fn flush(&self, metrics: &ApiMetrics) -> Result<(), String> {
-        let mut line = metrics.take_line(&self.cfg).to_string();
+    /// Writes one line of `metrics` (and of the devices' totals, when a VM runs).
+    pub fn flush(
+        &self,
+        metrics: &ApiMetrics,
+        devices: Option<crate::runtime::DeviceTotals>,
+    ) -> Result<(), String> {
+        let mut line = metrics.take_line(&self.cfg, devices).to_string();
         line.push('\n');
         self.file
             .lock()
@@ -345,26 +365,20 @@ impl MetricsSink {
             .write_all(line.as_bytes())
             .map_err(|e| format!("{}: {e}", self.cfg.metrics_path.display()))
     }
+}
 
-    /// Flushes every `period` on a thread of its own, for the life of the process.
-    pub fn flush_periodically(
-        self: &Arc<Self>,
-        metrics: Arc<ApiMetrics>,
-        period: std::time::Duration,
-    ) {
-        let me = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("vmm-metrics".into())
-            .spawn(move || loop {
-                std::thread::sleep(period);
-                let Some(sink) = me.upgrade() else { return };
-                if let Err(e) = sink.flush(&metrics) {
-                    tracing::warn!("writing metrics: {e}");
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("no periodic metrics: {e}");
-        }
+/// Runs `flush` every `period` on a thread of its own, until it returns false.
+pub fn flush_periodically(period: std::time::Duration, flush: impl Fn() -> bool + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("vmm-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            if !flush() {
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no periodic metrics: {e}");
     }
 }
 
@@ -397,14 +411,22 @@ mod tests {
             emit_id: true,
             properties: Some([("k".to_string(), "v".to_string())].into()),
         };
-        let l = m.take_line(&cfg);
+        let mut devices = crate::runtime::DeviceTotals::new();
+        devices.insert(("block", "read_bytes"), 4096);
+        let l = m.take_line(&cfg, Some(devices.clone()));
+        assert_eq!(l["block"]["read_bytes"], 4096);
         assert_eq!(l["put_api_requests"]["drive_count"], 2);
         assert_eq!(l["put_api_requests"]["drive_fails"], 1);
         assert_eq!(l["get_api_requests"]["instance_info_count"], 1);
         assert_eq!(l["deprecated_api"]["deprecated_http_api_calls"], 1);
         assert_eq!(l["id"], INSTANCE_ID);
         assert_eq!(l["properties"]["k"], "v");
-        let l = m.take_line(&cfg);
+        devices.insert(("block", "read_bytes"), 6144);
+        let l = m.take_line(&cfg, Some(devices));
+        assert_eq!(
+            l["block"]["read_bytes"], 2048,
+            "the change since the last line"
+        );
         assert!(l["put_api_requests"].get("drive_count").is_none());
         assert_eq!(l["deprecated_api"]["deprecated_http_api_calls"], 0);
     }

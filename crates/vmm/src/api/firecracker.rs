@@ -296,10 +296,8 @@ impl VmmApi {
             ActionType::FlushMetrics => {
                 self.control()?;
                 // As Firecracker: with no metrics file configured there is nothing to do.
-                if let Some(sink) = lock(&self.metrics_sink).clone() {
-                    sink.flush(&self.metrics)
-                        .map_err(|e| fault(400, format!("Internal VMM error: {e}")))?;
-                }
+                self.flush_metrics()
+                    .map_err(|e| fault(400, format!("Internal VMM error: {e}")))?;
                 Ok(Response::empty(204))
             }
             ActionType::Stop => self.with_control(VmControl::stop),
@@ -577,7 +575,19 @@ impl VmmApi {
         Ok(Response::empty(204))
     }
 
-    fn put_metrics(&self, req: &Request) -> Answer {
+    /// Writes a metrics line, when `/metrics` named a file.
+    fn flush_metrics(&self) -> Result<(), String> {
+        let Some(sink) = lock(&self.metrics_sink).clone() else {
+            return Ok(());
+        };
+        let devices = match &lock(&self.state).phase {
+            Phase::Running { control, .. } => Some(control.devices().totals()),
+            _ => None,
+        };
+        sink.flush(&self.metrics, devices)
+    }
+
+    fn put_metrics(self: &Arc<Self>, req: &Request) -> Answer {
         let m: Metrics = parse(req)?;
         let mut st = self.preboot()?;
         let mut sink = lock(&self.metrics_sink);
@@ -596,7 +606,16 @@ impl VmmApi {
                 ),
             )
         })?;
-        s.flush_periodically(self.metrics.clone(), METRICS_PERIOD);
+        let me = Arc::downgrade(self);
+        fc_log::flush_periodically(METRICS_PERIOD, move || {
+            let Some(api) = me.upgrade() else {
+                return false;
+            };
+            if let Err(e) = api.flush_metrics() {
+                tracing::warn!("writing metrics: {e}");
+            }
+            true
+        });
         *sink = Some(s);
         st.fc.metrics = Some(m);
         Ok(Response::empty(204))
