@@ -169,6 +169,43 @@ fn cpu_model(c: Node) -> Result<vmm::CpuModel> {
     }
 }
 
+/// `<cpu><topology>`: Vessel's guests have one socket (one die, one cluster) of cores
+/// with one or two threads each, and as many CPUs as `<vcpu>` says.
+fn topology_threads(t: Node, cpus: u8) -> Result<u8> {
+    let n = |a: &str| -> Result<u32> {
+        match t.attribute(a) {
+            None => Ok(1),
+            Some(v) => v
+                .parse()
+                .map_err(|_| bad(format!("<topology {a}='{v}'> is not a number"))),
+        }
+    };
+    let (sockets, dies, clusters, cores, threads) = (
+        n("sockets")?,
+        n("dies")?,
+        n("clusters")?,
+        n("cores")?,
+        n("threads")?,
+    );
+    if sockets != 1 || dies != 1 || clusters != 1 {
+        return Err(refuse(format!(
+            "<topology sockets='{sockets}' dies='{dies}' clusters='{clusters}'>: Vessel's \
+             guests have one socket"
+        )));
+    }
+    if !(1..=2).contains(&threads) {
+        return Err(refuse(format!(
+            "<topology threads='{threads}'>: one or two threads per core"
+        )));
+    }
+    if cores * threads != u32::from(cpus) {
+        return Err(bad(format!(
+            "<topology cores='{cores}' threads='{threads}'> is not the {cpus} vCPUs of <vcpu>"
+        )));
+    }
+    Ok(threads as u8)
+}
+
 fn bad(why: impl Into<String>) -> Error {
     Error::invalid("domain XML", why)
 }
@@ -389,6 +426,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     vm.cpus = cpus;
     if let Some(c) = child(root, "cpu") {
         vm.cpu_model = cpu_model(c)?;
+        if let Some(t) = child(c, "topology") {
+            vm.threads_per_core = topology_threads(t, cpus)?;
+        }
     }
     vm.accel = accel;
     vm.serial = vmm::SerialConfig::Null;
@@ -575,10 +615,18 @@ pub fn to_xml(d: &DomainDef) -> String {
         "  <currentMemory unit='KiB'>{kib}</currentMemory>\n"
     ));
     x.push_str(&format!("  <vcpu>{}</vcpu>\n", d.vm.cpus));
+    let topology = match d.vm.threads_per_core {
+        2 => format!(
+            "    <topology sockets='1' cores='{}' threads='2'/>\n",
+            (d.vm.cpus / 2).max(1)
+        ),
+        _ => String::new(),
+    };
     match d.vm.cpu_model {
-        vmm::CpuModel::Max => x.push_str("  <cpu mode='maximum'/>\n"),
+        vmm::CpuModel::Max if topology.is_empty() => x.push_str("  <cpu mode='maximum'/>\n"),
+        vmm::CpuModel::Max => x.push_str(&format!("  <cpu mode='maximum'>\n{topology}  </cpu>\n")),
         m => x.push_str(&format!(
-            "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{m}</model>\n  </cpu>\n"
+            "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{m}</model>\n{topology}  </cpu>\n"
         )),
     }
     x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
@@ -889,7 +937,8 @@ mod tests {
             (dom("<numatune><memory mode='strict' nodeset='0'/></numatune>", ""), "<numatune>"),
             (dom("<cputune><shares>2048</shares></cputune>", ""), "<cputune>"),
             (dom("<launchSecurity type='sev'><policy>0x0003</policy></launchSecurity>", ""), "<launchSecurity>"),
-            (dom("<cpu mode='host-model'><topology sockets='1' cores='2' threads='1'/></cpu>", ""), "<topology>"),
+            (dom("<vcpu>4</vcpu><cpu mode='host-model'><topology sockets='2' cores='2' threads='1'/></cpu>", ""), "one socket"),
+            (dom("<vcpu>4</vcpu><cpu mode='host-model'><topology sockets='1' cores='1' threads='4'/></cpu>", ""), "threads='4'"),
             (dom("<cpu mode='custom'><model>qemu64</model><feature policy='require' name='ssse3'/></cpu>", ""), "<feature>"),
             (dom("<vcpu current='1'>2</vcpu>", ""), "current='1'"),
             (dom("<vcpu placement='auto'>2</vcpu>", ""), "placement='auto'"),
@@ -996,6 +1045,7 @@ mod tests {
         vessel.driver = DriverKind::Vessel;
         vessel.vm.accel = Accel::Auto;
         vessel.vm.rng = true;
+        vessel.vm.threads_per_core = 2;
         vessel.vm.virtio_console = Some(vmm::SerialConfig::Null);
         vessel.vm.vsock = Some(vmm::config::VsockConfig {
             guest_cid: 9,

@@ -63,6 +63,11 @@ pub const MAPPED: &[Mapped] = &[
         "VmConfig.cpu_model",
     ),
     m("domain/cpu/model", &["fallback"], "VmConfig.cpu_model"),
+    m(
+        "domain/cpu/topology",
+        &["sockets", "dies", "clusters", "cores", "threads"],
+        "one socket of cores × threads (1 or 2): VmConfig.threads_per_core",
+    ),
     m("domain/os", &[], "boot"),
     m("domain/os/type", &["arch", "machine"], "x86_64 hvm only"),
     m("domain/os/kernel", &[], "VmConfig.kernel"),
@@ -261,10 +266,6 @@ pub const REASONS: &[(&str, &str)] = &[
     ("sysinfo", "Vessel has no SMBIOS tables"),
     ("seclabel", "Vessel applies no SELinux/AppArmor labels"),
     ("resource", "Vessel places no VM in a resource partition"),
-    (
-        "topology",
-        "Vessel's guests see one CPU per socket; sockets, cores and threads cannot be set",
-    ),
     ("numa", "Vessel has no guest NUMA topology"),
     (
         "feature",
