@@ -27,11 +27,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::fc_config::FcConfig;
 use super::fc_log::{self, ApiMetrics, MetricsSink};
 use super::fc_model::{
-    check_id, CpuConfig, Drive, DriveUpdate, Entropy, FcConfig, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, Serial,
-    Vsock,
+    check_id, CpuConfig, Drive, DriveUpdate, Entropy, Logger, MachineConfig, MachineConfigUpdate,
+    Metrics, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, Serial, Vsock,
 };
 use super::http::{Handler, Reply, Request, Response};
 use crate::config::{SerialConfig, VmConfig};
