@@ -527,11 +527,11 @@ fn drive_rules() {
         r#"{"drive_id": "x", "is_root_device": false, "socket": "/tmp/vub.sock"}"#,
         "vhost-user",
     );
-    api.refused(
+    // Async (io_uring) is how the host submits I/O: accepted, kept as given.
+    api.ok(
         "PUT",
-        "/drives/x",
-        &format!(r#"{{"drive_id": "x", "is_root_device": false, "path_on_host": "{}", "io_engine": "Async"}}"#, s.path("scratch.ext4")),
-        "io_engine Async",
+        "/drives/async_1",
+        &format!(r#"{{"drive_id": "async_1", "is_root_device": false, "path_on_host": "{}", "io_engine": "Async"}}"#, s.path("scratch.ext4")),
     );
     api.refused(
         "PUT",
@@ -545,7 +545,8 @@ fn drive_rules() {
         "/drives/nada",
         &format!(r#"{{"drive_id": "nada", "is_root_device": false, "path_on_host": "{}", "rate_limiter": {{}}}}"#, s.path("scratch.ext4")),
     );
-    assert_eq!(api.config()["drives"][2]["rate_limiter"], Value::Null);
+    assert_eq!(api.config()["drives"][2]["io_engine"], "Async");
+    assert_eq!(api.config()["drives"][3]["rate_limiter"], Value::Null);
     api.refused(
         "PUT",
         "/drives/bw",
@@ -566,7 +567,7 @@ fn drive_rules() {
         .iter()
         .map(|d| d["drive_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, ["rootfs", "scratch_1", "nada"]);
+    assert_eq!(ids, ["rootfs", "scratch_1", "async_1", "nada"]);
 }
 
 #[test]
