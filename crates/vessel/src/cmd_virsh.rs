@@ -109,7 +109,8 @@ pub enum VirshCommand {
     Version,
     /// Print what the daemon's host can run, as libvirt capabilities XML.
     Capabilities,
-    /// Print the daemon's host CPUs and memory.
+    /// Print this host's CPUs and memory (the daemon's host when it is reached over its
+    /// Unix socket).
     Nodeinfo,
     /// Start a pool (directory pools are always active: this checks it exists).
     PoolStart { name: String },
