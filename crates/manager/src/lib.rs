@@ -13,6 +13,7 @@ pub mod manager;
 pub mod network;
 pub mod qmp;
 pub mod storage;
+pub mod storage_api;
 pub mod store;
 pub mod xml;
 pub mod xml_support;
