@@ -28,6 +28,9 @@ command -v mkfs.vfat >/dev/null 2>&1 || pkgs+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || pkgs+=(mtools)
 [ -d /usr/lib/grub/x86_64-efi ] || pkgs+=(grub-efi-amd64-bin)
 command -v ssh >/dev/null 2>&1 || pkgs+=(openssh-client)
+# libvirt's schema checker: domain dumps must validate (manager xml tests).
+command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
+command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done
@@ -48,6 +51,10 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: cargo not found: install the Rust toolchain (rustup) first" >&2
     exit 1
 }
+
+# What CI enforces: formatting and a clean clippy.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 scripts/guest-assets.sh
 # Debian bookworm with systemd (debootstrap), for tests/debian_guest.rs; cached like the

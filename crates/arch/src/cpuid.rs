@@ -208,9 +208,112 @@ fn set_brand(out: &mut [CpuIdEntry], brand: &str) {
     }
 }
 
+/// One register of one CPUID leaf changed bit by bit (Firecracker's custom CPU template
+/// modifiers): `set` bits become 1, `clear` bits 0, the others stay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidModifier {
+    pub leaf: u32,
+    pub subleaf: u32,
+    /// 0 eax, 1 ebx, 2 ecx, 3 edx.
+    pub register: u8,
+    pub set: u32,
+    pub clear: u32,
+}
+
+/// A modifier that would give the guest what the accelerator does not have.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModifierError {
+    #[error(
+        "CPUID leaf {leaf:#x} subleaf {subleaf:#x} register {register}: bits {bits:#010x} \
+         name features this host's accelerator does not offer"
+    )]
+    Unsupported {
+        leaf: u32,
+        subleaf: u32,
+        register: &'static str,
+        bits: u32,
+    },
+    #[error("CPUID register index {0} (0 to 3: eax, ebx, ecx, edx)")]
+    BadRegister(u8),
+}
+
+/// The leaves whose bits are instruction-set or platform features: a modifier may clear
+/// them, and set only what the accelerator's table already has (the emu accelerator
+/// raises #UD for an extension it lacks; KVM would be asked for one it does not offer).
+fn is_feature_leaf(leaf: u32, register: u8) -> bool {
+    matches!(
+        (leaf, register),
+        (1, 2 | 3) | (7, 1..=3) | (0xd, _) | (0x8000_0001, 2 | 3) | (0x14, _) | (0x19, _)
+    )
+}
+
+/// Applies Firecracker-style CPUID modifiers to the accelerator's (already narrowed)
+/// table, as its custom CPU templates do: each names a leaf and subleaf and sets and
+/// clears bits of one register. Bits set in a feature leaf must already be offered.
+pub fn apply_modifiers(
+    table: &mut [CpuIdEntry],
+    mods: &[CpuidModifier],
+) -> Result<(), ModifierError> {
+    const NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+    for m in mods {
+        let name = *NAMES
+            .get(usize::from(m.register))
+            .ok_or(ModifierError::BadRegister(m.register))?;
+        let matches =
+            |e: &CpuIdEntry| e.function == m.leaf && (!e.significant_index || e.index == m.subleaf);
+        let entry = table.iter_mut().find(|e| matches(e));
+        match entry {
+            Some(e) => {
+                let r = match m.register {
+                    0 => &mut e.eax,
+                    1 => &mut e.ebx,
+                    2 => &mut e.ecx,
+                    _ => &mut e.edx,
+                };
+                let new_bits = m.set & !*r;
+                if new_bits != 0 && is_feature_leaf(m.leaf, m.register) {
+                    return Err(ModifierError::Unsupported {
+                        leaf: m.leaf,
+                        subleaf: m.subleaf,
+                        register: name,
+                        bits: new_bits,
+                    });
+                }
+                *r = (*r | m.set) & !m.clear;
+            }
+            // A leaf the accelerator does not have: clearing is already true; setting is
+            // asking for something it lacks.
+            None if m.set != 0 => {
+                return Err(ModifierError::Unsupported {
+                    leaf: m.leaf,
+                    subleaf: m.subleaf,
+                    register: name,
+                    bits: m.set,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 /// Shape `supported` for vCPU `apic_id` of a `cpus`-CPU guest: APIC IDs, topology, and the
 /// hypervisor bit. One core per CPU, one thread per core.
 pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
+    guest_cpuid_smt(supported, apic_id, cpus, 1)
+}
+
+/// As [`guest_cpuid`], with `threads_per_core` threads (1 or 2) in each core: leaf 0xb's
+/// SMT level says so, and the low APIC ID bit is the thread (vCPUs 0 and 1 are the two
+/// threads of core 0), as Firecracker's `smt: true` presents it.
+pub fn guest_cpuid_smt(
+    supported: &[CpuIdEntry],
+    apic_id: u8,
+    cpus: u8,
+    threads_per_core: u8,
+) -> Vec<CpuIdEntry> {
+    let threads = threads_per_core.clamp(1, 2);
     let mut out: Vec<CpuIdEntry> = supported
         .iter()
         .filter(|e| e.function != LEAF_EXT_TOPOLOGY)
@@ -227,15 +330,15 @@ pub fn guest_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuId
             }
         }
     }
-    // Leaf 0xb: level 0 (SMT) has one thread; level 1 (core) holds all CPUs.
-    let core_shift = 32 - u32::from(cpus.max(1) - 1).leading_zeros();
+    // Leaf 0xb: level 0 (SMT) has the core's threads; level 1 (core) holds all CPUs.
+    let core_shift = (32 - u32::from(cpus.max(1) - 1).leading_zeros()).max(u32::from(threads) - 1);
     let id = u32::from(apic_id);
     out.push(CpuIdEntry {
         function: LEAF_EXT_TOPOLOGY,
         index: 0,
         significant_index: true,
-        eax: 0,
-        ebx: 1,
+        eax: u32::from(threads) - 1,
+        ebx: u32::from(threads),
         ecx: 1 << 8,
         edx: id,
     });
@@ -272,6 +375,100 @@ mod tests {
         assert_eq!(topo.len(), 2);
         assert_eq!(topo[1].eax, 2);
         assert_eq!(topo[1].edx, 3);
+    }
+}
+
+#[cfg(test)]
+mod smt_tests {
+    use super::*;
+
+    #[test]
+    fn two_threads_per_core_show_in_leaf_0xb() {
+        let sup = vec![CpuIdEntry {
+            function: 1,
+            ..Default::default()
+        }];
+        let c = guest_cpuid_smt(&sup, 3, 4, 2);
+        let topo: Vec<_> = c.iter().filter(|e| e.function == 0xb).collect();
+        // SMT level: 2 threads, 1 bit of APIC ID; core level: 4 CPUs, 2 bits.
+        assert_eq!((topo[0].eax, topo[0].ebx, topo[0].ecx >> 8), (1, 2, 1));
+        assert_eq!((topo[1].eax, topo[1].ebx, topo[1].ecx >> 8), (2, 4, 2));
+        assert_eq!(topo[0].edx, 3);
+        // One thread per core is what guest_cpuid gives.
+        let one = guest_cpuid(&sup, 3, 4);
+        let t0 = one.iter().find(|e| e.function == 0xb).unwrap();
+        assert_eq!((t0.eax, t0.ebx), (0, 1));
+        // A 2-CPU SMT guest: one core of two threads.
+        let c = guest_cpuid_smt(&sup, 1, 2, 2);
+        let topo: Vec<_> = c.iter().filter(|e| e.function == 0xb).collect();
+        assert_eq!((topo[0].eax, topo[1].eax), (1, 1));
+    }
+}
+
+#[cfg(test)]
+mod modifier_tests {
+    use super::*;
+
+    fn table() -> Vec<CpuIdEntry> {
+        vec![
+            CpuIdEntry {
+                function: 1,
+                eax: 0x000a_0652,
+                ecx: 0x8000_0201,
+                edx: 0x0000_0001,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 7,
+                index: 0,
+                significant_index: true,
+                ebx: 0b1010,
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn modifiers_clear_and_set_bits_of_the_leaf_they_name() {
+        let mut t = table();
+        let m = |leaf, subleaf, register, set, clear| CpuidModifier {
+            leaf,
+            subleaf,
+            register,
+            set,
+            clear,
+        };
+        apply_modifiers(
+            &mut t,
+            &[
+                // Clear a feature; rewrite the signature (not a feature leaf register).
+                m(1, 0, 2, 0, 0x200),
+                m(1, 0, 0, 0x0005_0000, 0x000a_0000),
+                // Setting a feature the table already has is fine.
+                m(7, 0, 1, 0b10, 0b1000),
+            ],
+        )
+        .unwrap();
+        assert_eq!(t[0].ecx, 0x8000_0001);
+        assert_eq!(t[0].eax, 0x0005_0652);
+        assert_eq!(t[1].ebx, 0b0010);
+        // A feature the accelerator lacks is refused, the table left as it was.
+        let before = t.clone();
+        let e = apply_modifiers(&mut t, &[m(7, 0, 1, 1 << 5, 0)]).unwrap_err();
+        assert!(
+            matches!(e, ModifierError::Unsupported { bits: 0x20, .. }),
+            "{e}"
+        );
+        assert_eq!(t, before);
+        // A leaf it does not have: clearing is a no-op, setting is refused.
+        apply_modifiers(&mut t, &[m(0x8000_0008, 0, 0, 0, 0xff)]).unwrap();
+        assert!(apply_modifiers(&mut t, &[m(0x8000_0008, 0, 0, 1, 0)]).is_err());
+        // Another subleaf of an indexed leaf is a leaf it does not have.
+        assert!(apply_modifiers(&mut t, &[m(7, 1, 1, 1, 0)]).is_err());
+        assert_eq!(
+            apply_modifiers(&mut t, &[m(1, 0, 4, 0, 1)]),
+            Err(ModifierError::BadRegister(4))
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use crate::domain::DomainDef;
 use crate::error::{Error, Result};
 use crate::manager::Manager;
 use crate::network::NetworkDef;
-use crate::{storage, xml};
+use crate::xml;
 
 pub const API_VERSION: &str = "v1";
 
@@ -263,7 +263,7 @@ impl Api {
                 let a: A = body_json(req, "autostart body")?;
                 ok(to_value(&self.m.net_autostart(name, a.autostart)?))
             }
-            _ if seg.get(1) == Some(&"pools") => storage::route(&self.m, req, &seg[2..]),
+            _ if seg.get(1) == Some(&"pools") => crate::storage_api::route(&self.m, req, &seg[2..]),
             _ => Err(Error::not_found("API path", &format!("{m} {}", req.path))),
         }
     }

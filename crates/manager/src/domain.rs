@@ -74,6 +74,11 @@ pub struct DomainDef {
     /// `vm.nets`.
     #[serde(default)]
     pub interfaces: Vec<Interface>,
+    /// The pool volumes behind disks (file path → "POOL/VOLUME"), recorded when a
+    /// `vol://POOL/VOLUME` disk (libvirt's `<disk type='volume'>`) is resolved at define,
+    /// so a dump names the volume again rather than its file.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub volumes: std::collections::BTreeMap<String, String>,
 }
 
 /// A disk path `vol://POOL/VOLUME` names a pool volume; `define` resolves it to the file.
@@ -119,6 +124,14 @@ impl DomainDef {
         self.vm
             .validate()
             .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
+        if self.driver == DriverKind::Qemu {
+            if let Some(field) = qemu_cannot_honour(&self.vm) {
+                return Err(Error::invalid(
+                    "domain machine config",
+                    format!("unsupported configuration: the QEMU driver cannot honour {field}"),
+                ));
+            }
+        }
         for n in &self.vm.nets {
             check_tap_name(&n.tap)?;
             if let Some(m) = &n.mac {
@@ -142,6 +155,45 @@ impl DomainDef {
         }
         Ok(())
     }
+}
+
+/// The first `VmConfig` field the QEMU driver would have to drop, named for the user
+/// (checked at define time: a domain never starts without part of its definition).
+pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
+    if vm.vsock.is_some() {
+        return Some(
+            "vm.vsock (Vessel's vsock is Firecracker's Unix-socket flavour; QEMU's is vhost-vsock)",
+        );
+    }
+    if vm.virtio_console.is_some() {
+        return Some("vm.virtio_console (a virtio console: use the Vessel driver)");
+    }
+    if !vm.option_roms.is_empty() {
+        return Some("vm.option_roms");
+    }
+    if vm.accel == vmm::Accel::Hybrid {
+        return Some("vm.accel hybrid (Vessel's own accelerator)");
+    }
+    if vm.serial_rate_limiter.is_some() {
+        return Some("vm.serial_rate_limiter (Firecracker's serial token bucket)");
+    }
+    if !vm.cpuid_modifiers.is_empty() {
+        return Some("vm.cpuid_modifiers (Firecracker's custom CPU template)");
+    }
+    if vm.rng_rate_limiter.is_some() {
+        return Some("vm.rng_rate_limiter (Firecracker's token buckets)");
+    }
+    if vm.disks.iter().any(|d| d.rate_limiter.is_some()) {
+        return Some("a disk's rate_limiter (Firecracker's token buckets)");
+    }
+    if vm
+        .nets
+        .iter()
+        .any(|n| n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some())
+    {
+        return Some("a network interface's rate limiter (Firecracker's token buckets)");
+    }
+    None
 }
 
 /// A TAP device name as Linux takes it (1-15 bytes) and nothing else: it goes into
@@ -264,5 +316,37 @@ mod tests {
             serde_json::from_str::<DomainDef>(r#"{"name":"a","vm":{"kernel":"/k"},"x":1}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_qemu_driver_refuses_fields_it_would_drop() {
+        let kernel = std::env::current_exe().unwrap();
+        let with = |driver: &str, vm_extra: &str| {
+            let json = format!(
+                r#"{{"name":"a","driver":"{driver}","vm":{{"kernel":"{}"{vm_extra}}}}}"#,
+                kernel.display()
+            );
+            serde_json::from_str::<DomainDef>(&json).unwrap().validate()
+        };
+        let vsock = r#","vsock":{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#;
+        let hvc = r#","virtio_console":{"type":"null"}"#;
+        let limited = format!(
+            r#","disks":[{{"path":"{}","format":"raw","rate_limiter":{{"ops":{{"size":1,"refill_time":100}}}}}}]"#,
+            kernel.display()
+        );
+        for (extra, field) in [
+            (vsock, "vm.vsock"),
+            (hvc, "vm.virtio_console"),
+            (limited.as_str(), "rate_limiter"),
+        ] {
+            let e = with("qemu", extra).unwrap_err().to_string();
+            assert!(
+                e.contains("unsupported configuration") && e.contains(field),
+                "{e}"
+            );
+            // The Vessel driver gets the VmConfig itself: nothing to refuse.
+            with("vessel", extra).unwrap();
+        }
+        with("qemu", "").unwrap();
     }
 }

@@ -165,7 +165,11 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     c.args(["-name", &format!("guest={},debug-threads=on", def.name)]);
     c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
     c.args(["-m", &format!("{}M", vm.memory_mib)]);
-    c.args(["-smp", &vm.cpus.to_string()]);
+    // The same topology Vessel's VMM gives: threads per core, one socket.
+    c.args([
+        "-smp",
+        &format!("{},threads={}", vm.cpus, vm.threads_per_core),
+    ]);
     c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
     if let Some(k) = &vm.kernel {
         c.arg("-kernel").arg(k);
@@ -228,6 +232,10 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         if let Some(m) = &n.mac {
             dev.push_str(&format!(",mac={m}"));
         }
+        // QEMU's VIRTIO_NET_F_MTU: the same advertisement Vessel's virtio-net makes.
+        if let Some(mtu) = n.mtu {
+            dev.push_str(&format!(",host_mtu={mtu}"));
+        }
         c.arg("-device").arg(dev);
     }
     if vm.rng {
@@ -288,6 +296,18 @@ fn chardev_path(p: &Path) -> Result<String> {
 fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
     let mut vm = def.vm.clone();
     vm.serial = vmm::SerialConfig::Stdio;
+    if let Some(v) = vm
+        .vsock
+        .as_mut()
+        .filter(|v| v.uds_path.as_os_str().is_empty())
+    {
+        // A vsock device defined without a host socket (libvirt XML): in the run folder.
+        v.uds_path = run.0.join("vsock.sock");
+    }
+    if vm.virtio_console.is_some() {
+        // The virtio console (hvc0) writes to a file in the run folder.
+        vm.virtio_console = Some(vmm::SerialConfig::File(run.0.join("hvc0.log")));
+    }
     if vm.cloud_init.is_some() {
         vm.name = Some(seed_name(def));
     }
@@ -512,6 +532,11 @@ mod tests {
             serde_json::from_value(serde_json::json!([{"tap": "vq0,ifname=vq1"}])).unwrap();
         let e = qemu_command(&p, &def, &run, &log).unwrap_err();
         assert!(e.to_string().contains("TAP name"), "{e}");
+        // An interface's MTU is advertised by QEMU's virtio-net too.
+        def.vm.nets =
+            serde_json::from_value(serde_json::json!([{"tap": "vq0", "mtu": 9000}])).unwrap();
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",host_mtu=9000")), "{a:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -8,12 +8,15 @@ pub mod domain;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod libvirt_xml;
 pub mod manager;
 pub mod network;
 pub mod qmp;
 pub mod storage;
+pub mod storage_api;
 pub mod store;
 pub mod xml;
+pub mod xml_support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +33,44 @@ pub struct TcpOpts {
 
 /// Opens the state, binds the socket (and TCP, when asked) and serves the API until the
 /// process ends.
+/// SIGTERM, SIGINT and SIGHUP, blocked in the calling thread (and the threads it starts)
+/// so that one thread can wait for them. Processes the daemon spawns start with an empty
+/// mask (std's `Command` resets it), so VMMs and dnsmasq still take their signals.
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only edit it and this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Waits for a termination signal on a thread of its own, then removes the socket file
+/// and ends the daemon (its VMMs keep running, as after a crash: the next daemon re-adopts
+/// them). Without this the socket file stayed behind after SIGTERM.
+fn remove_socket_on_termination(set: libc::sigset_t, socket: std::path::PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid for the call; sigwait only writes `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            tracing::info!(signal = sig, "vessel daemon ending");
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no signal thread ({e}): the socket file stays after SIGTERM");
+    }
+}
+
 pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     // Everything the daemon and its VMMs create (vessel.db and its journal, logs, run
     // folders, volumes) is the daemon user's alone: 0600 files, 0700 folders.
@@ -40,9 +81,12 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating socket folder", dir, e))?;
     }
+    // Before any thread starts, so that they all inherit the blocked mask.
+    let signals = block_termination_signals();
     // The state first: it refuses a second daemon before that one touches any socket.
     let m = Manager::open(cfg)?;
     let listener = vmm::api::http::bind(socket).map_err(|e| Error::io("binding", socket, e))?;
+    remove_socket_on_termination(signals, socket.to_path_buf());
     // Whoever can connect controls every VM: only the daemon's user, as libvirt's socket.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| Error::io("restricting", socket, e))?;

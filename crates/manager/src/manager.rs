@@ -67,6 +67,13 @@ pub struct DomainInfo {
     pub serial_log: PathBuf,
 }
 
+/// How a domain last stopped.
+#[derive(Debug, Clone)]
+struct StopRecord {
+    state: DomainState,
+    why: String,
+}
+
 #[derive(Debug)]
 pub struct Manager {
     /// Held for the daemon's life: one daemon per state directory.
@@ -76,7 +83,9 @@ pub struct Manager {
     pub events: Events,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     active: Mutex<HashMap<String, Active>>,
-    last_stop: Mutex<HashMap<String, String>>,
+    /// How each domain last stopped: its state then (shut off or crashed, from the VMM's
+    /// exit status) and why, in words. The state is kept, never inferred from the words.
+    last_stop: Mutex<HashMap<String, StopRecord>>,
     generation: Mutex<u64>,
     /// Serializes network operations.
     net_lock: Mutex<()>,
@@ -244,7 +253,13 @@ impl Manager {
                 _ => {
                     tracing::info!(domain = %name, "VMM ended while the daemon was down");
                     let _ = std::fs::remove_dir_all(&dir.0);
-                    lock(&self.last_stop).insert(name, "ended while the daemon was down".into());
+                    lock(&self.last_stop).insert(
+                        name,
+                        StopRecord {
+                            state: DomainState::Shutoff,
+                            why: "ended while the daemon was down".into(),
+                        },
+                    );
                 }
             }
         }
@@ -374,7 +389,13 @@ impl Manager {
         }
         // Record why before the domain stops counting as active, so nobody sees a stopped
         // domain without its reason.
-        lock(&self.last_stop).insert(name.to_string(), why.clone());
+        lock(&self.last_stop).insert(
+            name.to_string(),
+            StopRecord {
+                state,
+                why: why.clone(),
+            },
+        );
         if event == "rebooted" {
             lock(&self.restarting).insert(name.to_string());
         }
@@ -384,21 +405,16 @@ impl Manager {
         event == "rebooted"
     }
 
-    fn state_of(&self, name: &str) -> DomainState {
+    pub(crate) fn state_of(&self, name: &str) -> DomainState {
         if let Some(a) = lock(&self.active).get(name) {
             return a.state;
         }
         if lock(&self.restarting).contains(name) {
             return DomainState::Running;
         }
-        if lock(&self.last_stop)
+        lock(&self.last_stop)
             .get(name)
-            .is_some_and(|w| w.starts_with("the VMM ended"))
-        {
-            DomainState::Crashed
-        } else {
-            DomainState::Shutoff
-        }
+            .map_or(DomainState::Shutoff, |r| r.state)
     }
 
     fn info_of(&self, d: &DomainDef) -> DomainInfo {
@@ -427,7 +443,7 @@ impl Manager {
             last_stop: if state.is_active() {
                 None
             } else {
-                lock(&self.last_stop).get(&d.name).cloned()
+                lock(&self.last_stop).get(&d.name).map(|r| r.why.clone())
             },
             serial_log: self.serial_log(&d.name),
         }
@@ -540,6 +556,10 @@ impl Manager {
                     ),
                 ));
             }
+            def.volumes.insert(
+                info.path.to_string_lossy().into_owned(),
+                format!("{pool}/{vol}"),
+            );
             d.path = info.path;
             d.format = Some(recorded);
         }
@@ -805,7 +825,10 @@ impl Manager {
                 return Ok(());
             }
             if current.is_none() && !restarting {
-                let why = lock(&self.last_stop).get(name).cloned().unwrap_or_default();
+                let why = lock(&self.last_stop)
+                    .get(name)
+                    .map(|r| r.why.clone())
+                    .unwrap_or_default();
                 return Err(Error::Conflict(format!(
                     "domain {name:?} did not come back after the reset: {why}"
                 )));

@@ -170,12 +170,14 @@ pub enum ManageCommand {
         #[arg(long)]
         timeout: Option<u64>,
     },
-    /// Define a network: a bridge with the host at ADDRESS (CIDR), DHCP, NAT.
+    /// Define a network from libvirt network XML (virsh's form: `net-define FILE`), or
+    /// from flags: NAME --address ADDRESS (CIDR) [--dhcp …] — a bridge, DHCP, NAT.
     NetDefine {
+        /// A libvirt network XML file ('-' reads stdin), or the name with --address.
         name: String,
-        /// The host's address on the network, e.g. 192.168.100.1/24.
+        /// The host's address on the network, e.g. 192.168.100.1/24 (the flag form).
         #[arg(long)]
-        address: String,
+        address: Option<String>,
         /// DHCP range START,END.
         #[arg(long)]
         dhcp: Option<String>,
@@ -205,10 +207,13 @@ pub enum ManageCommand {
         #[arg(long)]
         disable: bool,
     },
-    /// Define a directory storage pool.
+    /// Define a directory storage pool from libvirt pool XML (`pool-define FILE`), or
+    /// as NAME PATH (virsh's pool-define-as).
+    #[command(alias = "pool-define-as")]
     PoolDefine {
+        /// A libvirt pool XML file ('-' reads stdin), or the pool's name with PATH.
         name: String,
-        path: PathBuf,
+        path: Option<PathBuf>,
         /// Create the folder if it does not exist.
         #[arg(long)]
         build: bool,
@@ -219,11 +224,14 @@ pub enum ManageCommand {
     PoolInfo { name: String },
     /// Forget a pool (its folder and files stay).
     PoolUndefine { name: String },
-    /// Create a volume: SIZE like 10G or 512M.
+    /// Create a volume from libvirt volume XML (`vol-create POOL FILE`), or as POOL NAME
+    /// SIZE (virsh's vol-create-as; SIZE like 10G or 512M).
+    #[command(alias = "vol-create-as")]
     VolCreate {
         pool: String,
+        /// A libvirt volume XML file ('-' reads stdin), or the volume's name with SIZE.
         name: String,
-        size: String,
+        size: Option<String>,
         #[arg(long, default_value = "qcow2")]
         format: String,
     },
@@ -256,6 +264,8 @@ pub enum ManageCommand {
         name: String,
         file: PathBuf,
     },
+    #[command(flatten)]
+    Virsh(crate::cmd_virsh::VirshCommand),
     /// Save a volume's guest-visible content to a local (raw) file.
     VolDownload {
         pool: String,
@@ -264,7 +274,7 @@ pub enum ManageCommand {
     },
 }
 
-fn size_text(n: u64) -> String {
+pub(crate) fn size_text(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
@@ -279,7 +289,7 @@ fn size_text(n: u64) -> String {
     }
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -288,7 +298,7 @@ fn s(v: &Value) -> String {
 }
 
 /// Prints rows as aligned columns under a header and a rule, as virsh does.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -314,14 +324,14 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn kv(pairs: &[(&str, String)]) {
+pub(crate) fn kv(pairs: &[(&str, String)]) {
     let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (k, v) in pairs {
         println!("{:<w$} {v}", format!("{k}:"));
     }
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
@@ -393,11 +403,11 @@ fn domain_action(c: &Client, name: &str, action: &str, done: &str, json_out: boo
     Ok(())
 }
 
-fn dom(name: &str) -> String {
+pub(crate) fn dom(name: &str) -> String {
     format!("/v1/domains/{}", enc(name))
 }
 
-fn vol(pool: &str, name: &str) -> String {
+pub(crate) fn vol(pool: &str, name: &str) -> String {
     format!("/v1/pools/{}/volumes/{}", enc(pool), enc(name))
 }
 
@@ -433,6 +443,7 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     };
     match cmd {
         ManageCommand::Daemon(a) => return daemon(a, g),
+        ManageCommand::Virsh(v) => return crate::cmd_virsh::run(v, &c, json_out),
         ManageCommand::List { all } => {
             let v = c.get("/v1/domains")?;
             let list: Vec<&Value> = v
@@ -628,7 +639,20 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         }
         ManageCommand::NetDefine {
             name,
-            address,
+            address: None,
+            ..
+        } => {
+            let def = manager::libvirt_xml::network_from_xml(&read_text(&name)?)?;
+            let v = c.post("/v1/networks", Some(&serde_json::to_value(&def)?))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Network {} defined from {name}", def.name);
+            }
+        }
+        ManageCommand::NetDefine {
+            name,
+            address: Some(address),
             dhcp,
             hosts,
             no_nat,
@@ -756,6 +780,10 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             }
         }
         ManageCommand::PoolDefine { name, path, build } => {
+            let (name, path) = match path {
+                Some(p) => (name, p),
+                None => manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?,
+            };
             let path = if path.is_absolute() {
                 path
             } else {
@@ -818,7 +846,10 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             size,
             format,
         } => {
-            let cap = parse_size(&size)?;
+            let (name, cap, format) = match size {
+                Some(size) => (name, parse_size(&size)?, format),
+                None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
+            };
             let v = c.post(
                 &format!("/v1/pools/{}/volumes", enc(&pool)),
                 Some(&json!({"name": name, "capacity": cap, "format": format})),
@@ -949,6 +980,16 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A file's text, or stdin's for '-'.
+pub(crate) fn read_text(file: &str) -> Result<String> {
+    if file == "-" {
+        let mut t = String::new();
+        std::io::stdin().read_to_string(&mut t)?;
+        return Ok(t);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

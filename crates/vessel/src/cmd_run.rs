@@ -105,10 +105,12 @@ pub struct RunArgs {
     /// The VM's name (a DNS label); default "vessel".
     #[arg(long)]
     name: Option<String>,
-    /// Serve the Firecracker-compatible control API on this Unix socket.
+    /// Serve the Firecracker-compatible control API on this Unix socket. Without
+    /// --kernel, --firmware, --config or --disk, nothing boots until the API's
+    /// InstanceStart (as Firecracker does).
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// With --api-sock: boot nothing until the API's InstanceStart (as Firecracker does).
+    /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given.
     #[arg(long, requires = "api_sock")]
     api_only: bool,
     /// Serve the serial console (with --serial stdio) on this Unix socket instead of the
@@ -202,9 +204,13 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
         cpus: args.cpus,
         accel: args.accel,
         cpu_model: args.cpu_model,
+        cpuid_modifiers: Vec::new(),
+        threads_per_core: 1,
         serial: args.serial,
+        serial_rate_limiter: None,
         disks: args.disks,
         rng: args.rng,
+        rng_rate_limiter: None,
         virtio_console: args.virtio_console,
         nets: args.nets,
         vsock: args.vsock,
@@ -238,7 +244,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         );
     }
     let _cleanup = RemoveOnDrop(console_sock, relay);
-    if args.api_only {
+    // As Firecracker: an API socket and nothing to boot means "wait to be configured".
+    let nothing_to_boot = args.kernel.is_none()
+        && args.firmware.is_none()
+        && args.config.is_none()
+        && args.disks.is_empty();
+    if args.api_only || (api_sock.is_some() && nothing_to_boot) {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
         vmm::api::firecracker::spawn(&sock, api.clone())

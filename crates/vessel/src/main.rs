@@ -4,6 +4,7 @@
 mod cmd_img;
 mod cmd_manage;
 mod cmd_run;
+mod cmd_virsh;
 
 use clap::{Parser, Subcommand};
 
@@ -32,13 +33,23 @@ enum Command {
 }
 
 fn init_logging() {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("VESSEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        .with_filter(filter);
+    // The VMM API's `PUT /logger` file: off until the API names one and its level.
+    let (api_filter, api_level) = tracing_subscriber::reload::Layer::new(LevelFilter::OFF);
+    vmm::api::fc_log::set_level_hook(move |level| {
+        let _ = api_level.reload(level);
+    });
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(vmm::api::fc_log::ApiLogLayer.with_filter(api_filter))
         .init();
 }
 

@@ -1061,6 +1061,15 @@ fn storage_pools_and_volumes() {
     let def = c.get("/v1/domains/volref").unwrap()["definition"].clone();
     assert_eq!(def["vm"]["disks"][0]["path"], json!(pool.join("copy.raw")));
     assert_eq!(def["vm"]["disks"][0]["format"], "raw");
+    // dumpxml names the volume again, not its file; defining the dump changes nothing.
+    let dump = d.ok(&["dumpxml", "volref"]);
+    assert!(
+        dump.contains("<disk type='volume' device='disk'>")
+            && dump.contains("<source pool='images' volume='copy.raw'/>"),
+        "{dump}"
+    );
+    c.redefine_text(&dump).unwrap();
+    assert_eq!(d.ok(&["dumpxml", "volref"]), dump);
     let v: Value =
         serde_json::from_str(&d.ok(&["--json", "vol-info", "images", "copy.raw"])).unwrap();
     assert_eq!(v["used_by"], json!(["volref"]));
@@ -1194,12 +1203,15 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
         leased.contains(&"10.77.0.10") && leased.contains(&"10.77.0.11"),
         "{info}"
     );
+    // A stopped domain has no TAP and no address: its old lease is not one (virsh's
+    // domifaddr has nothing for a domain that does not run).
     let out = d.ok(&["domifaddr", "alpha"]);
     let row = out
         .lines()
         .find(|l| l.contains("52:54:00:77:00:0a"))
         .unwrap();
-    assert!(row.contains("lab") && row.contains("10.77.0.10"), "{out}");
+    assert!(row.contains("lab") && !row.contains("10.77.0.10"), "{out}");
+    assert!(!row.contains("vt"), "{out}");
     // The domains' TAP devices went with them.
     let links = d.in_netns(&["ip", "-br", "link"]);
     assert!(!links.contains("vt"), "{links}");
@@ -1777,4 +1789,182 @@ fn failed_requests_keep_no_memory() {
     // 2,000 names of 60 KB kept would be 120 MB.
     assert!(grown < 30 << 10, "RSS grew by {grown} KiB");
     assert_eq!(c.get("/v1").unwrap()["api"], "v1");
+}
+
+/// virsh's verbs against a daemon: libvirt's network, pool and volume XML in and out,
+/// domain queries, definition changes (refused live, accepted with --config), host
+/// queries. The XML is written here in the shape of libvirt's own files.
+#[test]
+fn virsh_verbs_and_xml_forms_against_a_daemon() {
+    let a = assets();
+    let d = Daemon::start_in_netns("virsh");
+    let net = d.dir.join("default.xml");
+    std::fs::write(
+        &net,
+        "<network>\n  <name>default</name>\n  <bridge name=\"vsbr0\"/>\n  <forward/>\n  \
+         <ip address=\"192.168.122.1\" netmask=\"255.255.255.0\">\n    <dhcp>\n      \
+         <range start=\"192.168.122.2\" end=\"192.168.122.254\"/>\n    </dhcp>\n  </ip>\n\
+         </network>\n",
+    )
+    .unwrap();
+    let out = d.ok(&["net-define", net.to_str().unwrap()]);
+    assert!(out.contains("Network default defined"), "{out}");
+    let dump = d.ok(&["net-dumpxml", "default"]);
+    for want in [
+        "<name>default</name>",
+        "<forward mode='nat'/>",
+        "vsbr0",
+        "prefix='24'",
+        "start='192.168.122.2' end='192.168.122.254'",
+    ] {
+        assert!(dump.contains(want), "{want}: {dump}");
+    }
+    // An element Vessel lacks is refused, not dropped.
+    let bad = d.dir.join("bad.xml");
+    std::fs::write(
+        &bad,
+        "<network><name>b</name><dns><host ip='10.0.0.2'/></dns>\
+        <ip address='10.0.0.1' prefix='24'/></network>",
+    )
+    .unwrap();
+    let e = d.fails(&["net-define", bad.to_str().unwrap()]);
+    assert!(
+        e.contains("unsupported configuration") && e.contains("<dns>"),
+        "{e}"
+    );
+    let leases = d.ok(&["net-dhcp-leases", "default"]);
+    assert!(leases.contains("MAC address"), "{leases}");
+
+    let pool_dir = d.dir.join("images");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let pool = d.dir.join("pool.xml");
+    std::fs::write(
+        &pool,
+        format!(
+            "<pool type='dir'><name>images</name><target><path>{}</path></target></pool>",
+            pool_dir.display()
+        ),
+    )
+    .unwrap();
+    d.ok(&["pool-define", pool.to_str().unwrap()]);
+    assert!(d.ok(&["pool-start", "images"]).contains("started"));
+    let dump = d.ok(&["pool-dumpxml", "images"]);
+    assert!(
+        dump.contains("<pool type='dir'>") && dump.contains(pool_dir.to_str().unwrap()),
+        "{dump}"
+    );
+    let volx = d.dir.join("vol.xml");
+    std::fs::write(
+        &volx,
+        "<volume><name>data.qcow2</name><capacity unit='M'>64</capacity>\
+        <target><format type='qcow2'/></target></volume>",
+    )
+    .unwrap();
+    d.ok(&["vol-create", "images", volx.to_str().unwrap()]);
+    let path = d.ok(&["vol-path", "data.qcow2", "--pool", "images"]);
+    assert_eq!(path.trim(), pool_dir.join("data.qcow2").to_str().unwrap());
+    let dump = d.ok(&["vol-dumpxml", "data.qcow2", "--pool", "images"]);
+    assert!(
+        dump.contains("<format type='qcow2'/>")
+            && dump.contains("<capacity unit='bytes'>67108864</capacity>"),
+        "{dump}"
+    );
+    // The flag forms stay (and answer to virsh's -as names).
+    d.ok(&[
+        "vol-create-as",
+        "images",
+        "raw.img",
+        "1M",
+        "--format",
+        "raw",
+    ]);
+
+    let def = serde_json::json!({"name": "vq", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet", "memory_mib": 128, "accel": "emu"}});
+    let f = d.dir.join("vq.json");
+    std::fs::write(&f, def.to_string()).unwrap();
+    d.ok(&["define", f.to_str().unwrap()]);
+    assert_eq!(d.ok(&["domstate", "vq"]).trim(), "shut off");
+    assert_eq!(d.ok(&["domid", "vq"]).trim(), "-");
+    d.ok(&["setmem", "vq", "262144"]);
+    d.ok(&["setvcpus", "vq", "2", "--config"]);
+    let vol = pool_dir.join("data.qcow2");
+    let e = d.fails(&[
+        "attach-disk",
+        "vq",
+        vol.to_str().unwrap(),
+        "vdc",
+        "--subdriver",
+        "qcow2",
+    ]);
+    assert!(e.contains("next one is vda"), "{e}");
+    d.ok(&[
+        "attach-disk",
+        "vq",
+        vol.to_str().unwrap(),
+        "vda",
+        "--subdriver",
+        "qcow2",
+    ]);
+    let blk = d.ok(&["domblklist", "vq"]);
+    assert!(blk.contains("vda") && blk.contains("data.qcow2"), "{blk}");
+    d.ok(&[
+        "attach-interface",
+        "vq",
+        "network",
+        "default",
+        "--mac",
+        "52:54:00:aa:bb:cc",
+    ]);
+    let ifl = d.ok(&["domiflist", "vq"]);
+    assert!(
+        ifl.contains("network") && ifl.contains("default") && ifl.contains("52:54:00:aa:bb:cc"),
+        "{ifl}"
+    );
+    d.ok(&["detach-interface", "vq", "network"]);
+    d.ok(&["detach-disk", "vq", "vda"]);
+    let info = d.client().get("/v1/domains/vq").unwrap();
+    assert_eq!(info["info"]["memory_mib"], 256);
+    assert_eq!(info["info"]["cpus"], 2);
+    assert_eq!(info["definition"]["vm"]["disks"], serde_json::json!([]));
+
+    // Running: no hot-plug, so a live change is refused and --config is taken.
+    d.ok(&["start", "vq"]);
+    assert_eq!(d.ok(&["domstate", "vq"]).trim(), "running");
+    let id: i32 = d.ok(&["domid", "vq"]).trim().parse().unwrap();
+    assert!(pid_alive(id));
+    let e = d.fails(&["setmem", "vq", "512M"]);
+    assert!(e.contains("--config"), "{e}");
+    let out = d.ok(&["setmem", "vq", "512M", "--config"]);
+    assert!(out.contains("next start"), "{out}");
+    d.ok(&["destroy", "vq"]);
+    assert!(d
+        .ok(&["domstate", "vq", "--reason"])
+        .starts_with("shut off ("));
+
+    assert!(d
+        .ok(&["version"])
+        .contains("Running against daemon: vessel"));
+    let caps = d.dir.join("caps.xml");
+    std::fs::write(&caps, d.ok(&["capabilities"])).unwrap();
+    let o = Command::new("virt-xml-validate")
+        .arg(&caps)
+        .arg("capability")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.ok(&["nodeinfo"]).contains("CPU(s)"));
+}
+
+/// SIGTERM ends the daemon cleanly: its socket file is removed (it used to stay behind).
+#[test]
+fn the_daemon_removes_its_socket_on_sigterm() {
+    let mut d = Daemon::start("sigterm");
+    assert!(d.socket().exists());
+    let mut child = d.child.take().unwrap();
+    kill(child.id() as i32, libc::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(!d.socket().exists(), "the socket file stayed");
 }

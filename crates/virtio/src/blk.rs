@@ -11,6 +11,7 @@
 //! avail_event we publish after each batch, and we interrupt only when used_event asks.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use block::BlockBackend;
@@ -18,6 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::queue::Chain;
+use crate::rate_limiter::RateLimiter;
 use crate::{
     device_type, read_config_bytes, DeviceError, QueueOutcome, QueueWork, Started, VirtioDevice,
     WorkDone, VIRTIO_RING_F_EVENT_IDX,
@@ -60,8 +62,68 @@ pub struct Block {
     disk: Arc<Mutex<Box<dyn BlockBackend>>>,
     id: [u8; ID_BYTES],
     read_only: bool,
-    capacity: u64,
+    /// In bytes; shared with [`BlockHandle`], which changes it with the backing file.
+    capacity: Arc<AtomicU64>,
     config: Vec<u8>,
+    limiter: Arc<Mutex<RateLimiter>>,
+    counters: Arc<BlockCounters>,
+}
+
+/// What a disk served, for metrics (Firecracker's `block` group names): requests that
+/// completed successfully and their bytes.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_count: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_count: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_count: AtomicU64,
+}
+
+/// What the VMM keeps of a disk to change it while the guest runs: its backing file
+/// (swapped under the disk's lock, so requests in flight finish on the old one) and its
+/// rate limiter. After [`BlockHandle::replace_backend`] the transport must tell the
+/// driver its configuration changed (the capacity).
+#[derive(Clone)]
+pub struct BlockHandle {
+    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
+    capacity: Arc<AtomicU64>,
+    limiter: Arc<Mutex<RateLimiter>>,
+    counters: Arc<BlockCounters>,
+}
+
+impl std::fmt::Debug for BlockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockHandle")
+            .field("capacity", &self.capacity.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockHandle {
+    /// Serves the disk from `backend` from now on; returns the new capacity in bytes.
+    pub fn replace_backend(&self, backend: Box<dyn BlockBackend>) -> u64 {
+        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = backend.size() / SECTOR_SIZE * SECTOR_SIZE;
+        *disk = backend;
+        self.capacity.store(bytes, Ordering::Release);
+        bytes
+    }
+
+    /// What the disk has served.
+    pub fn counters(&self) -> &BlockCounters {
+        &self.counters
+    }
+
+    /// The disk's capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// The disk's rate limiter, to update.
+    pub fn limiter(&self) -> &Arc<Mutex<RateLimiter>> {
+        &self.limiter
+    }
 }
 
 impl std::fmt::Debug for Block {
@@ -188,17 +250,35 @@ impl Block {
         config[52..56].copy_from_slice(&1u32.to_le_bytes());
         config[56] = 1;
         Block {
-            capacity: sectors * SECTOR_SIZE,
+            capacity: Arc::new(AtomicU64::new(sectors * SECTOR_SIZE)),
             disk: Arc::new(Mutex::new(disk)),
             id: idb,
             read_only,
             config,
+            limiter: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Serves requests within `limiter`'s budget (Firecracker's `rate_limiter`).
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Arc::new(Mutex::new(limiter));
+        self
+    }
+
+    /// The handle to change this disk while the guest runs.
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle {
+            disk: self.disk.clone(),
+            capacity: self.capacity.clone(),
+            limiter: self.limiter.clone(),
+            counters: self.counters.clone(),
         }
     }
 
     fn in_range(&self, sector: u64, len: u64) -> Option<u64> {
         let off = sector.checked_mul(SECTOR_SIZE)?;
-        (off.checked_add(len)? <= self.capacity).then_some(off)
+        (off.checked_add(len)? <= self.capacity.load(Ordering::Acquire)).then_some(off)
     }
 
     /// Check one chain into a request. Err only for malformed chains (the device then
@@ -284,18 +364,39 @@ impl Block {
         Op::Zero { discard, ranges }
     }
 
-    /// Pop every chain waiting on the queue and check it (device lock held).
+    /// Pop every chain waiting on the queue and check it (device lock held), as far as
+    /// the rate limiter lets: a request it stops is given back to the ring.
     fn take(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Batch, DeviceError> {
         let mut requests = Vec::new();
+        let mut throttled = None;
         let size = queue.size();
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let limited = limiter.is_limited();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let chain = Chain::collect(chain, size, mem)?;
-            requests.push(self.parse(mem, &chain)?);
+            let request = self.parse(mem, &chain)?;
+            if limited {
+                // Firecracker's accounting: one operation, and the data moved.
+                let bytes = match &request.op {
+                    Op::Read { data, .. } | Op::Write { data, .. } => {
+                        data.iter().map(|s| s.len).sum()
+                    }
+                    _ => 0,
+                };
+                if let Err(wait) = limiter.consume(1, bytes) {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    throttled = Some(wait);
+                    break;
+                }
+            }
+            requests.push(request);
         }
         Ok(Batch {
             disk: self.disk.clone(),
             id: self.id,
             requests,
+            throttled,
+            counters: self.counters.clone(),
         })
     }
 }
@@ -305,6 +406,9 @@ struct Batch {
     disk: Arc<Mutex<Box<dyn BlockBackend>>>,
     id: [u8; ID_BYTES],
     requests: Vec<Request>,
+    /// The rate limiter stopped the batch with requests left on the ring.
+    throttled: Option<std::time::Duration>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Batch {
@@ -393,13 +497,40 @@ impl Batch {
     }
 }
 
+impl Batch {
+    fn count(&self, op: &Op) {
+        let c = &self.counters;
+        let bytes = |d: &[Segment]| d.iter().map(|s| s.len).sum::<u64>();
+        match op {
+            Op::Read { data, .. } => {
+                c.read_count.fetch_add(1, Ordering::Relaxed);
+                c.read_bytes.fetch_add(bytes(data), Ordering::Relaxed);
+            }
+            Op::Write { data, .. } => {
+                c.write_count.fetch_add(1, Ordering::Relaxed);
+                c.write_bytes.fetch_add(bytes(data), Ordering::Relaxed);
+            }
+            Op::Flush => {
+                c.flush_count.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 impl QueueWork for Batch {
     fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone {
-        let mut done = WorkDone::default();
+        let mut done = WorkDone {
+            throttled: self.throttled,
+            ..WorkDone::default()
+        };
         for req in &self.requests {
             let result = self.run_one(mem, &req.op).and_then(|(status, written)| {
                 mem.write_obj(status, req.status_at)
                     .map_err(|_| DeviceError::GuestMemory(req.status_at.0))?;
+                if status == S_OK {
+                    self.count(&req.op);
+                }
                 Ok(written.saturating_add(1))
             });
             match result {
@@ -437,7 +568,11 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        // The capacity as it is now: a swapped backing file may have changed it.
+        let mut config = self.config.clone();
+        let sectors = self.capacity.load(Ordering::Acquire) / SECTOR_SIZE;
+        config[0..8].copy_from_slice(&sectors.to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn start_queue(
@@ -468,6 +603,7 @@ impl VirtioDevice for Block {
         }
         Ok(QueueOutcome {
             used: !done.used.is_empty(),
+            throttled: done.throttled,
             ..QueueOutcome::default()
         })
     }

@@ -15,6 +15,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod ram_watch;
+pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
 pub mod transport;
@@ -63,6 +64,9 @@ pub struct QueueOutcome {
     /// more): a moderated queue (`transport::IoThread::coalesce`) holds back the
     /// driver's next notifies only after such a round, so small exchanges never wait.
     pub bulk: bool,
+    /// The device's rate limiter stopped it with requests (or a held frame) left: its I/O
+    /// thread runs the queue again after this long, notify or not.
+    pub throttled: Option<std::time::Duration>,
 }
 
 /// A device that faulted on guest input puts itself in NEEDS_RESET; this says why.
@@ -109,6 +113,9 @@ pub struct WorkDone {
     /// A request the device could not complete at all (its status byte is outside
     /// guest memory): the device needs a reset after publishing `used`.
     pub error: Option<DeviceError>,
+    /// Requests were left on the ring by the device's rate limiter
+    /// ([`QueueOutcome::throttled`]).
+    pub throttled: Option<std::time::Duration>,
 }
 
 /// A virtio device model, transport-independent.

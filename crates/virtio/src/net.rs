@@ -8,11 +8,13 @@
 //! The TAP is told (TUNSETOFFLOAD) to hand us only the offloads the driver accepted.
 
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::queue::{add_used_batch, gather, scatter, Chain};
+use crate::rate_limiter::RateLimiter;
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
@@ -37,6 +39,8 @@ pub mod features {
     pub const CSUM: u64 = 1 << 0;
     /// The driver takes frames with partial checksums (the driver's RX).
     pub const GUEST_CSUM: u64 = 1 << 1;
+    /// The config space advertises an MTU (offered only when one was configured).
+    pub const MTU: u64 = 1 << 3;
     pub const MAC: u64 = 1 << 5;
     pub const GUEST_TSO4: u64 = 1 << 7;
     pub const GUEST_TSO6: u64 = 1 << 8;
@@ -189,6 +193,32 @@ pub struct Net {
     pub tx_frames: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    limiters: NetLimiters,
+    /// Advertised with VIRTIO_NET_F_MTU (Firecracker's `mtu`).
+    mtu: Option<u16>,
+}
+
+/// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
+/// and `tx_rate_limiter`), shared with the VMM so it can change them while the guest runs,
+/// and its traffic counters.
+#[derive(Debug, Clone, Default)]
+pub struct NetLimiters {
+    pub rx: Arc<Mutex<RateLimiter>>,
+    pub tx: Arc<Mutex<RateLimiter>>,
+    pub counters: Arc<NetCounters>,
+}
+
+/// Frames and bytes each way (Firecracker's `net` metrics), vnet headers not counted.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_packets: std::sync::atomic::AtomicU64,
+    pub rx_bytes: std::sync::atomic::AtomicU64,
+    pub tx_packets: std::sync::atomic::AtomicU64,
+    pub tx_bytes: std::sync::atomic::AtomicU64,
+}
+
+fn lock_limiter(l: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Net {
@@ -217,7 +247,31 @@ impl Net {
             tx_frames: 0,
             rx_dropped: 0,
             tx_dropped: 0,
+            limiters: NetLimiters::default(),
+            mtu: None,
         }
+    }
+
+    /// Advertises `mtu` to the driver (VIRTIO_NET_F_MTU), which then uses it for the
+    /// interface. The TAP's own MTU is the host's business, as in Firecracker.
+    pub fn with_mtu(mut self, mtu: Option<u16>) -> Self {
+        self.mtu = mtu;
+        self
+    }
+
+    /// Receives and transmits within these limiters.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.limiters = NetLimiters {
+            rx: Arc::new(Mutex::new(rx)),
+            tx: Arc::new(Mutex::new(tx)),
+            counters: self.limiters.counters.clone(),
+        };
+        self
+    }
+
+    /// The limiters, to change while the guest runs.
+    pub fn limiters(&self) -> NetLimiters {
+        self.limiters.clone()
     }
 
     /// A descriptor that polls readable when the host has frames for the guest.
@@ -260,7 +314,18 @@ impl Net {
         let size = queue.size();
         let mergeable = self.acked & features::MRG_RXBUF != 0;
         let mut chains: Vec<(Chain, usize)> = Vec::new();
+        let limiter = self.limiters.rx.clone();
+        let mut limiter = lock_limiter(&limiter);
+        let limited = limiter.is_limited();
         while let Some(len) = self.next_frame() {
+            if limited {
+                if let Err(wait) = limiter.consume(1, (len - VNET_HDR_LEN) as u64) {
+                    // Held until the limiter has the tokens; the TAP is not read meanwhile.
+                    self.pending = Some(len);
+                    outcome.throttled = Some(wait);
+                    break;
+                }
+            }
             let Some(h) = self.rx_buf.get_mut(..VNET_HDR_LEN) else {
                 break;
             };
@@ -329,6 +394,13 @@ impl Net {
             add_used_batch(queue, mem, &used)?;
             tracing::trace!(len, buffers = count, "virtio-net rx");
             self.rx_frames += 1;
+            let c = &self.limiters.counters;
+            c.rx_packets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.rx_bytes.fetch_add(
+                (len - VNET_HDR_LEN) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             outcome.used = true;
         }
         // The TAP drives this queue: the driver's refills need no notify until a frame
@@ -344,8 +416,21 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceError> {
         let mut outcome = QueueOutcome::default();
         let size = queue.size();
+        let limiter = self.limiters.tx.clone();
+        let mut limiter = lock_limiter(&limiter);
+        let limited = limiter.is_limited();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let chain = Chain::collect(chain, size, mem)?;
+            if limited {
+                let bytes: u64 = chain.readable.iter().map(|d| u64::from(d.len())).sum();
+                let bytes = bytes.saturating_sub(VNET_HDR_LEN as u64);
+                if let Err(wait) = limiter.consume(1, bytes) {
+                    // Back on the ring until the limiter has the tokens.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    outcome.throttled = Some(wait);
+                    break;
+                }
+            }
             let frame = gather(mem, &chain.readable, MAX_FRAME as u64)?;
             if frame.len() < VNET_HDR_LEN {
                 return Err(DeviceError::BadRequest(
@@ -363,7 +448,16 @@ impl Net {
                 tracing::trace!(len = frame.len(), "virtio-net tx");
                 outcome.bulk |= frame.len() >= BULK_FRAME;
                 match self.backend.send(&frame) {
-                    Ok(()) => self.tx_frames += 1,
+                    Ok(()) => {
+                        self.tx_frames += 1;
+                        let c = &self.limiters.counters;
+                        c.tx_packets
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(
+                            (frame.len() - VNET_HDR_LEN) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
                     Err(e) => {
                         self.tx_dropped += 1;
                         tracing::debug!("TAP {} send: {e}", self.backend.name())
@@ -397,11 +491,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        OFFERED
+        OFFERED | if self.mtu.is_some() { features::MTU } else { 0 }
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked = features & OFFERED;
+        self.acked = features & self.features();
         tracing::debug!(
             acked = format_args!("{:#x}", self.acked),
             "virtio-net features"
@@ -410,7 +504,16 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.mac, offset, data);
+        // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (spec 5.1.4); the
+        // fields past the MAC only when the MTU is advertised.
+        let Some(mtu) = self.mtu else {
+            return read_config_bytes(&self.mac, offset, data);
+        };
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&self.mac);
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(

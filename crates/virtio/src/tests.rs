@@ -1278,3 +1278,210 @@ fn a_moderated_transmit_queue_holds_back_bulk_but_never_small_frames() {
         "a small frame waited for the moderation: {small:?}"
     );
 }
+
+/// A blk driver whose disk is limited to one request per 100 ms.
+fn limited_blk() -> Driver {
+    let data = vec![7u8; 1 << 20];
+    let limiter = crate::rate_limiter::RateLimiter::new(
+        None,
+        crate::rate_limiter::TokenBucket::new(1, 0, 100),
+    );
+    Driver::new(Box::new(
+        Block::new(Box::new(MemDisk { data, ro: false }), "limited", false)
+            .with_rate_limiter(limiter),
+    ))
+    .init(QSIZE)
+}
+
+#[test]
+fn blk_rate_limiter_leaves_requests_on_the_ring_until_it_has_tokens() {
+    let mut d = limited_blk();
+    let read = [(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)];
+    d.header(HDR, 0, 0);
+    assert_eq!(d.submit(&read), Some(513), "the first request has a token");
+    // The second waits on the ring: no used entry, and the device is not broken.
+    d.mem.write_obj(0xffu8, GuestAddress(ST)).unwrap();
+    assert_eq!(d.submit(&read), None);
+    assert_eq!(d.byte(ST), 0xff);
+    assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    let core = d.t.core();
+    let o = core.process_queue(0).expect("the device runs");
+    let wait = o.throttled.expect("still throttled");
+    assert!(wait <= std::time::Duration::from_millis(100), "{wait:?}");
+    // Once the bucket refilled, the same request is served without a new notify.
+    std::thread::sleep(wait + std::time::Duration::from_millis(5));
+    let o = core.process_queue(0).expect("the device runs");
+    assert!(o.used && o.throttled.is_none(), "{o:?}");
+    assert_eq!(d.byte(ST), 0);
+    let used: u16 = d.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 2);
+}
+
+#[test]
+fn blk_backing_file_swap_changes_data_and_capacity_and_tells_the_driver() {
+    let block = Block::new(
+        Box::new(MemDisk {
+            data: vec![1u8; 1 << 20],
+            ro: false,
+        }),
+        "swap",
+        false,
+    );
+    let handle = block.handle();
+    let mut d = Driver::new(Box::new(block)).init(QSIZE);
+    let generation = d.r(0x0fc);
+    let bytes = handle.replace_backend(Box::new(MemDisk {
+        data: vec![2u8; 2 << 20],
+        ro: false,
+    }));
+    assert_eq!(bytes, 2 << 20);
+    d.t.core().config_changed();
+    assert_ne!(d.r(0x0fc), generation, "a new configuration generation");
+    assert_eq!(d.r(0x060) & INT_CONFIG_CHANGE, INT_CONFIG_CHANGE);
+    let mut cap = [0u8; 8];
+    d.t.read(0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 4096);
+    // Reads come from the new file, including past the old end.
+    d.header(HDR, 0, 3000);
+    let used = d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    assert_eq!(used, Some(513));
+    assert_eq!((d.byte(ST), d.byte(BUF)), (0, 2));
+}
+
+#[test]
+fn an_io_thread_serves_throttled_requests_when_the_limiter_refills() {
+    let mut d = limited_blk();
+    let io = d.t.io_thread("blk-limited", None).unwrap();
+    let exit = Arc::new(devices::ExitSignal::new());
+    let thread = io
+        .spawn(exit.clone(), Arc::new(crate::mmio::IoGate::default()))
+        .unwrap();
+    let used_idx = |d: &Driver| -> u16 { d.mem.read_obj(GuestAddress(USED + 2)).unwrap() };
+    let start = std::time::Instant::now();
+    for round in 0..3u16 {
+        d.header(HDR, 0, u64::from(round));
+        d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+        // One notify only: a throttled request is served by the thread's timer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while used_idx(&d) != round + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {round} never served"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    // One operation per 100 ms: the first passes at once, the next two wait a refill each.
+    let took = start.elapsed();
+    assert!(took >= std::time::Duration::from_millis(190), "{took:?}");
+    exit.request(devices::ExitReason::Quit);
+    thread.join().unwrap();
+}
+
+#[test]
+fn net_rate_limiters_hold_tx_frames_on_the_ring_and_rx_frames_in_the_device() {
+    use crate::net::hdr;
+    use crate::rate_limiter::{RateLimiter, TokenBucket};
+    let fake = FakeNet::default();
+    // Two frames per 100 ms each way.
+    let dev = crate::net::Net::with_backend(Box::new(fake.clone()), [0x52, 0x54, 0, 0, 0, 1])
+        .with_rate_limiters(
+            RateLimiter::new(None, TokenBucket::new(2, 0, 100)),
+            RateLimiter::new(None, TokenBucket::new(2, 0, 100)),
+        );
+    let limiters = dev.limiters();
+    let mut d = Driver::new(Box::new(dev)).init(QSIZE);
+    let frame = net_frame(0, hdr::GSO_NONE, 200);
+    for i in 0..5u64 {
+        d.mem
+            .write_slice(&frame, GuestAddress(BUF + i * 0x400))
+            .unwrap();
+    }
+    let bufs: Vec<_> = (0..5u64)
+        .map(|i| (BUF + i * 0x400, frame.len() as u32, 0))
+        .collect();
+    d.post_buffers(1, 0, &bufs);
+    d.w(0x050, 1);
+    assert_eq!(
+        fake.0.lock().unwrap().from_guest.len(),
+        2,
+        "two tokens, two frames"
+    );
+    assert_eq!(d.used_since(1, 0).len(), 2);
+    let o = d.t.core().process_queue(1).unwrap();
+    assert!(o.throttled.is_some(), "{o:?}");
+    // Lifting the limit (a PATCH) lets the rest go at the next run.
+    limiters.tx.lock().unwrap().update(
+        crate::rate_limiter::BucketUpdate::Keep,
+        crate::rate_limiter::BucketUpdate::Disable,
+    );
+    let o = d.t.core().process_queue(1).unwrap();
+    assert!(o.throttled.is_none());
+    assert_eq!(fake.0.lock().unwrap().from_guest.len(), 5);
+
+    // Receive: the third frame waits in the device, not dropped.
+    for _ in 0..3 {
+        fake.0
+            .lock()
+            .unwrap()
+            .to_guest
+            .push_back(net_frame(0, hdr::GSO_NONE, 100));
+    }
+    let rx: Vec<_> = (0..3u64)
+        .map(|i| (DATA + 0x4000 + i * 0x800, 2048, F_WRITE))
+        .collect();
+    d.post_buffers(0, 0, &rx);
+    let o = d.t.core().process_queue(0).unwrap();
+    assert_eq!(d.used_since(0, 0).len(), 2);
+    let wait = o.throttled.expect("held by the limiter");
+    std::thread::sleep(wait + std::time::Duration::from_millis(5));
+    d.t.core().process_queue(0).unwrap();
+    assert_eq!(
+        d.used_since(0, 0).len(),
+        3,
+        "the held frame is delivered, not lost"
+    );
+    assert!(fake.0.lock().unwrap().to_guest.is_empty());
+}
+
+#[test]
+fn a_limited_rng_leaves_requests_until_its_bucket_refills() {
+    let limiter = crate::rate_limiter::RateLimiter::new(
+        crate::rate_limiter::TokenBucket::new(64, 0, 100),
+        None,
+    );
+    let mut d = Driver::new(Box::new(crate::rng::LimitedRng { limiter })).init(QSIZE);
+    assert_eq!(d.submit(&[(BUF, 64, F_WRITE)]), Some(64));
+    assert_eq!(
+        d.submit(&[(BUF, 64, F_WRITE)]),
+        None,
+        "no bytes left in the bucket"
+    );
+    let o = d.t.core().process_queue(0).unwrap();
+    let wait = o.throttled.expect("throttled");
+    std::thread::sleep(wait + std::time::Duration::from_millis(5));
+    let o = d.t.core().process_queue(0).unwrap();
+    assert!(o.used);
+}
+
+#[test]
+fn net_advertises_an_mtu_only_when_given_one() {
+    use crate::net::features::MTU;
+    let fake = FakeNet::default();
+    let plain = crate::net::Net::with_backend(Box::new(fake.clone()), [0x52, 0x54, 0, 0, 0, 1]);
+    let mut d = Driver::new(Box::new(plain));
+    d.w(0x014, 0);
+    assert_eq!(u64::from(d.r(0x010)) & MTU, 0);
+    let with = crate::net::Net::with_backend(Box::new(fake), [0x52, 0x54, 0, 0, 0, 1])
+        .with_mtu(Some(9000));
+    let mut d = Driver::new(Box::new(with)).init(QSIZE);
+    d.w(0x014, 0);
+    assert_ne!(u64::from(d.r(0x010)) & MTU, 0);
+    // virtio_net_config: the MAC, then status and max_virtqueue_pairs, then the MTU.
+    let mut mtu = [0u8; 2];
+    d.t.read(0x100 + 10, &mut mtu);
+    assert_eq!(u16::from_le_bytes(mtu), 9000);
+    let mut mac = [0u8; 6];
+    d.t.read(0x100, &mut mac);
+    assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1]);
+}

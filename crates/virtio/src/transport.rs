@@ -382,6 +382,17 @@ impl DeviceCore {
         self.interrupt.raise(cause);
     }
 
+    /// The device's configuration space changed on the host's side (a disk's new backing
+    /// file and capacity): a new configuration generation and, once the driver is running,
+    /// a configuration-change interrupt, after which the driver reads it again.
+    pub fn config_changed(&self) {
+        let mut st = self.lock();
+        st.config_generation = st.config_generation.wrapping_add(1);
+        if st.status & status::DRIVER_OK != 0 {
+            self.interrupt(Cause::Config);
+        }
+    }
+
     /// Interrupts the driver for queue `index`'s new used entries if it asked for one.
     fn interrupt_for_used(&self, st: &mut CoreState, index: usize) {
         let (Some(queue), Some(since)) = (st.queues.get(index), st.signalled.get_mut(index)) else {
@@ -420,6 +431,7 @@ impl DeviceCore {
                     all.used |= o.used;
                     all.bulk |= o.bulk;
                     all.starved = o.starved;
+                    all.throttled = o.throttled.or(all.throttled);
                     all.also_process = all.also_process.or(o.also_process);
                     if more {
                         continue;
@@ -430,10 +442,16 @@ impl DeviceCore {
             };
             drop(st);
             let done = work.run(&self.mem);
+            let throttled = done.throttled;
             let mut st = self.lock();
             let more = self.publish(&mut st, index, done)?;
             let o = outcome.get_or_insert_with(QueueOutcome::default);
             o.used |= more.0;
+            if throttled.is_some() {
+                // What is left waits for the limiter, not for another round now.
+                o.throttled = throttled;
+                return outcome;
+            }
             // A round that found nothing stops even if the avail index says otherwise (a
             // driver that published an index past its ring).
             if !(more.0 && more.1) {
@@ -620,6 +638,7 @@ impl Doorbell {
             kick,
             host_input,
             coalesce: None,
+            host_queue: None,
         })
     }
 }
@@ -749,12 +768,44 @@ pub struct IoThread {
     /// A queue whose notifies are served this long after the first one (see
     /// [`IoThread::coalesce`]).
     coalesce: Option<(usize, Duration)>,
+    /// The queue host input last went to: while a rate limiter holds it, host input
+    /// waits too.
+    host_queue: Option<usize>,
 }
 
 /// How many coalescing delays without a notify make a quiet spell, after which the next
 /// notify is served at once (a streaming sender notifies more often than that, one that
 /// answers requests less).
 const QUIET_DELAYS: u32 = 10;
+
+/// The timer that brings back queues a rate limiter stopped
+/// ([`crate::QueueOutcome::throttled`]).
+struct Throttle {
+    timer: vmm_sys_util::timerfd::TimerFd,
+    /// When it fires (None: not armed).
+    due: Option<std::time::Instant>,
+    /// The queues to run then (a bit each).
+    queues: u64,
+    /// Host input is left unread until then (its descriptors stay readable).
+    host: bool,
+}
+
+impl Throttle {
+    /// Runs `queue` again after `wait` (or earlier, with the others already waiting).
+    fn hold(&mut self, queue: usize, wait: Duration, host: bool) {
+        self.queues |= 1u64.checked_shl(queue as u32).unwrap_or(0);
+        self.host |= host;
+        let due = std::time::Instant::now() + wait;
+        if self.due.is_some_and(|d| d <= due) {
+            return;
+        }
+        // At least a microsecond: a zero timer value disarms it.
+        match self.timer.reset(wait.max(Duration::from_micros(1)), None) {
+            Ok(()) => self.due = Some(due),
+            Err(e) => tracing::warn!("rate limiter timer: {e}"),
+        }
+    }
+}
 
 /// The coalescing timer of an I/O thread, while it has a queue to coalesce.
 struct Coalesce {
@@ -837,6 +888,18 @@ impl IoThread {
             },
             None => None,
         };
+        let mut throttle = match vmm_sys_util::timerfd::TimerFd::new() {
+            Ok(timer) => Some(Throttle {
+                timer,
+                due: None,
+                queues: 0,
+                host: false,
+            }),
+            Err(e) => {
+                tracing::warn!(thread = self.name, "no rate limiter timer: {e}");
+                None
+            }
+        };
         let queues = self.kick.notify.len();
         let mut fds: Vec<RawFd> = Vec::new();
         let mut pfds: Vec<libc::pollfd> = Vec::new();
@@ -844,9 +907,11 @@ impl IoThread {
             fds.clear();
             fds.push(exit_fd.as_raw_fd());
             fds.extend(self.kick.notify.iter().map(|fd| fd.as_raw_fd()));
-            // Always present (-1 is ignored by poll), so host descriptors start after it.
+            // Always present (-1 is ignored by poll), so host descriptors start after them.
             fds.push(coalesce.as_ref().map_or(-1, |c| c.timer.as_raw_fd()));
-            if let (Some(h), None) = (self.host_input.as_mut(), starved) {
+            fds.push(throttle.as_ref().map_or(-1, |t| t.timer.as_raw_fd()));
+            let host_held = throttle.as_ref().is_some_and(|t| t.host);
+            if let (Some(h), None, false) = (self.host_input.as_mut(), starved, host_held) {
                 h.fds(&mut fds);
             }
             pfds.clear();
@@ -875,24 +940,52 @@ impl IoThread {
             }
             let notified = pfds.get(1..=queues).unwrap_or_default();
             let timer_fired = pfds.get(queues + 1).is_some_and(|p| p.revents != 0);
-            let host = pfds.get(queues + 2..).unwrap_or_default();
-            self.serve(notified, timer_fired, host, &mut starved, coalesce.as_mut());
+            let throttle_fired = pfds.get(queues + 2).is_some_and(|p| p.revents != 0);
+            let host = pfds.get(queues + 3..).unwrap_or_default();
+            let mut held = Vec::new();
+            if let Some(t) = throttle.as_mut().filter(|_| throttle_fired) {
+                let _ = t.timer.wait();
+                t.due = None;
+                held = (0..64).filter(|q| t.queues & (1u64 << q) != 0).collect();
+                t.queues = 0;
+                t.host = false;
+            }
+            let stopped = self.serve(
+                notified,
+                timer_fired,
+                &held,
+                host,
+                &mut starved,
+                coalesce.as_mut(),
+            );
+            for (q, wait, host) in stopped {
+                match throttle.as_mut() {
+                    Some(t) => t.hold(q, wait, host),
+                    // No timer: wait here rather than spin on the queue.
+                    None => std::thread::sleep(wait),
+                }
+            }
             gate.leave();
         }
     }
 
     /// Runs the queues that were notified (or arms the coalescing timer for its queue,
-    /// and runs that one when the timer fired), and host input if there is some.
+    /// and runs that one when the timer fired), those a rate limiter held back until now
+    /// (`held`), and host input if there is some. Returns the queues a rate limiter
+    /// stopped: (queue, how long, whether host input waits too).
     fn serve(
         &mut self,
         notified: &[libc::pollfd],
         timer_fired: bool,
+        held: &[usize],
         host: &[libc::pollfd],
         starved: &mut Option<usize>,
         mut coalesce: Option<&mut Coalesce>,
-    ) {
+    ) -> Vec<(usize, Duration, bool)> {
         let mut done = 0u64;
-        let mut run: Vec<usize> = Vec::new();
+        let mut stopped = Vec::new();
+        let host_queue = self.host_queue;
+        let mut run: Vec<usize> = held.to_vec();
         for (q, p) in notified.iter().enumerate() {
             if p.revents & libc::POLLIN == 0 {
                 continue;
@@ -931,7 +1024,11 @@ impl IoThread {
                 run.push(c.queue);
             }
         }
+        run.dedup();
         for q in run {
+            if done & 1u64.checked_shl(q as u32).unwrap_or(0) != 0 {
+                continue;
+            }
             let outcome = self.core.process_queue(q);
             if let Some(c) = coalesce.as_deref_mut().filter(|c| c.queue == q) {
                 c.bulk = outcome.is_some_and(|o| o.bulk);
@@ -939,18 +1036,26 @@ impl IoThread {
             if *starved == Some(q) || outcome.is_some_and(|o| o.starved) {
                 *starved = outcome.is_none_or(|o| o.starved).then_some(q);
             }
+            if let Some(wait) = outcome.and_then(|o| o.throttled) {
+                stopped.push((q, wait, Some(q) == host_queue));
+            }
             done |= 1u64.checked_shl(q as u32).unwrap_or(0);
         }
         if host.iter().all(|p| p.revents == 0) {
-            return;
+            return stopped;
         }
         let revents: Vec<i16> = host.iter().map(|p| p.revents).collect();
         let Some(q) = self.host_input.as_mut().and_then(|h| h.ready(&revents)) else {
-            return;
+            return stopped;
         };
+        self.host_queue = Some(q);
         if done & 1u64.checked_shl(q as u32).unwrap_or(0) == 0 {
             let outcome = self.core.process_queue(q);
             *starved = outcome.is_none_or(|o| o.starved).then_some(q);
+            if let Some(wait) = outcome.and_then(|o| o.throttled) {
+                stopped.push((q, wait, true));
+            }
         }
+        stopped
     }
 }

@@ -129,14 +129,29 @@ pub struct VmConfig {
     /// promised. The VM fails to start if the accelerator cannot provide them.
     #[serde(default)]
     pub cpu_model: CpuModel,
+    /// CPUID bits set or cleared on top of the model (Firecracker's custom CPU template
+    /// modifiers, `PUT /cpu-config`); a feature bit the accelerator lacks fails the start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_modifiers: Vec<arch::cpuid::CpuidModifier>,
+    /// Threads per core in the guest's CPU topology: 1, or 2 (Firecracker's `smt`; the
+    /// CPU count must then be 1 or even).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub threads_per_core: u8,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A bytes bucket on the UART's output (Firecracker's `/serial` `rate_limiter`):
+    /// output beyond it is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_rate_limiter: Option<TokenBucketConfig>,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// Firecracker's entropy `rate_limiter` on that device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// A virtio-console (hvc0) besides the UART, and where its output goes.
     #[serde(default)]
     pub virtio_console: Option<SerialConfig>,
@@ -211,6 +226,14 @@ pub struct NetConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// The MTU advertised to the guest (VIRTIO_NET_F_MTU), 68 to 65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Firecracker's token-bucket limits on received and transmitted frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -262,6 +285,9 @@ impl std::str::FromStr for NetConfig {
             tap: tap.ok_or("--net needs tap=NAME")?,
             mac,
             transport,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         })
     }
 }
@@ -289,6 +315,97 @@ pub struct DiskConfig {
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// Firecracker's token-bucket limits on the disk's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A token bucket as Firecracker's API defines it: `size` tokens refilled over
+/// `refill_time` milliseconds, plus a `one_time_burst`; size or refill time 0 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// Whether this bucket limits anything.
+    pub fn limits(&self) -> bool {
+        self.size != 0 && self.refill_time != 0
+    }
+
+    /// The device side of it (a full bucket); None when it limits nothing.
+    pub fn bucket(&self) -> Option<virtio::rate_limiter::TokenBucket> {
+        virtio::rate_limiter::TokenBucket::new(
+            self.size,
+            self.one_time_burst.unwrap_or(0),
+            self.refill_time,
+        )
+    }
+}
+
+/// A rate limiter: a bytes bucket (`bandwidth`) and an operations bucket (`ops`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketConfig>,
+    #[serde(default)]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl RateLimiterConfig {
+    /// Whether either bucket limits anything.
+    pub fn limits(&self) -> bool {
+        self.bandwidth.is_some_and(|b| b.limits()) || self.ops.is_some_and(|b| b.limits())
+    }
+
+    /// `{}` means "no limiter", as Firecracker stores it.
+    pub fn normalized(r: Option<RateLimiterConfig>) -> Option<RateLimiterConfig> {
+        r.filter(|r| r.bandwidth.is_some() || r.ops.is_some())
+    }
+
+    /// A PATCH: a bucket given replaces the old one, a bucket left out stays.
+    pub fn patched(
+        old: Option<RateLimiterConfig>,
+        new: Option<RateLimiterConfig>,
+    ) -> Option<RateLimiterConfig> {
+        let Some(new) = new else { return old };
+        let old = old.unwrap_or_default();
+        RateLimiterConfig::normalized(Some(RateLimiterConfig {
+            bandwidth: new.bandwidth.or(old.bandwidth),
+            ops: new.ops.or(old.ops),
+        }))
+    }
+
+    /// The device's limiter.
+    pub fn limiter(r: Option<&RateLimiterConfig>) -> virtio::rate_limiter::RateLimiter {
+        virtio::rate_limiter::RateLimiter::new(
+            r.and_then(|r| r.bandwidth.as_ref())
+                .and_then(TokenBucketConfig::bucket),
+            r.and_then(|r| r.ops.as_ref())
+                .and_then(TokenBucketConfig::bucket),
+        )
+    }
+
+    /// The change a PATCH with this limiter makes to a running device's buckets: each one
+    /// given is replaced (or removed, when it limits nothing), each one left out stays.
+    pub fn update(
+        &self,
+    ) -> (
+        virtio::rate_limiter::BucketUpdate,
+        virtio::rate_limiter::BucketUpdate,
+    ) {
+        use virtio::rate_limiter::BucketUpdate;
+        let one = |b: Option<TokenBucketConfig>| match b {
+            None => BucketUpdate::Keep,
+            Some(b) => b.bucket().map_or(BucketUpdate::Disable, BucketUpdate::Set),
+        };
+        (one(self.bandwidth), one(self.ops))
+    }
 }
 
 impl DiskConfig {
@@ -334,6 +451,7 @@ impl std::str::FromStr for DiskConfig {
             format: None,
             read_only: false,
             transport: None,
+            rate_limiter: None,
         };
         for opt in parts {
             match opt {
@@ -357,6 +475,16 @@ impl std::str::FromStr for DiskConfig {
 /// At most this many virtio devices: one IOAPIC pin each, GSIs 16..23 (a virtio-pci
 /// function's INTx line is its own GSI too).
 pub const MAX_VIRTIO_DEVICES: usize = 8;
+/// The smallest MTU an IPv4 interface takes (RFC 791).
+pub const MIN_MTU: u16 = 68;
+
+fn one() -> u8 {
+    1
+}
+
+fn is_one(v: &u8) -> bool {
+    *v == 1
+}
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
@@ -399,6 +527,10 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{0}")]
     BadMac(String),
+    #[error("{threads} threads per core with {cpus} CPUs: 1 or 2 threads, and an even CPU count (or 1) with 2")]
+    BadThreads { threads: u8, cpus: u8 },
+    #[error("MTU {0} is too small (at least {MIN_MTU})")]
+    MtuTooSmall(u16),
     #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
     BadName(String),
     #[error("cloud-init file {0} does not exist or is not a file")]
@@ -418,9 +550,13 @@ impl VmConfig {
             cpus: 1,
             accel: Accel::Auto,
             cpu_model: CpuModel::default(),
+            cpuid_modifiers: Vec::new(),
+            threads_per_core: 1,
             serial: SerialConfig::Stdio,
+            serial_rate_limiter: None,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limiter: None,
             virtio_console: None,
             nets: Vec::new(),
             vsock: None,
@@ -480,6 +616,14 @@ impl VmConfig {
         if self.cpus > MAX_CPUS {
             return Err(ConfigError::TooManyCpus(self.cpus.into()));
         }
+        if !(1..=2).contains(&self.threads_per_core)
+            || (self.threads_per_core == 2 && self.cpus > 1 && self.cpus % 2 == 1)
+        {
+            return Err(ConfigError::BadThreads {
+                threads: self.threads_per_core,
+                cpus: self.cpus,
+            });
+        }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
             return Err(ConfigError::DiskMissing(d.path.clone()));
         }
@@ -505,6 +649,14 @@ impl VmConfig {
             .find(|m| m.is_err())
         {
             return Err(ConfigError::BadMac(e));
+        }
+        if let Some(m) = self
+            .nets
+            .iter()
+            .filter_map(|n| n.mtu)
+            .find(|&m| m < MIN_MTU)
+        {
+            return Err(ConfigError::MtuTooSmall(m));
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
@@ -594,6 +746,7 @@ mod tests {
             format: Some(DiskFormat::Raw),
             read_only: false,
             transport: None,
+            rate_limiter: None,
         };
         assert!(disk(&bootable).has_boot_sector());
         assert!(!disk(&plain).has_boot_sector());
@@ -711,6 +864,7 @@ mod tests {
                 format: Some(DiskFormat::Qcow2),
                 read_only: true,
                 transport: None,
+                rate_limiter: None,
             }
         );
         let pci: DiskConfig = "/x,transport=pci".parse().unwrap();

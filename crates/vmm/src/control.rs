@@ -49,6 +49,8 @@ pub struct VmControl {
     left_run: Condvar,
     /// Takes each vCPU out of `run()`.
     kickers: Mutex<Vec<Arc<dyn hypervisor::VcpuKicker>>>,
+    /// Disks and interfaces that can be changed while the guest runs.
+    devices: crate::runtime::RuntimeDevices,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -76,7 +78,13 @@ impl VmControl {
             unparked: Condvar::new(),
             left_run: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
+            devices: crate::runtime::RuntimeDevices::default(),
         }
+    }
+
+    /// The devices the control API may change while the guest runs.
+    pub fn devices(&self) -> &crate::runtime::RuntimeDevices {
+        &self.devices
     }
 
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod io;
+pub mod runtime;
 pub mod vm;
 
 pub use config::{Accel, CpuModel, SerialConfig, VmConfig};

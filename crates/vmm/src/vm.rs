@@ -56,6 +56,8 @@ pub enum VmmError {
     },
     #[error(transparent)]
     CpuModel(#[from] arch::cpuid::ModelError),
+    #[error("cpu-config: {0}")]
+    CpuidModifier(#[from] arch::cpuid::ModifierError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
     #[error("creating an eventfd for {what}: {source}")]
@@ -99,6 +101,7 @@ type VirtioSetup = (
     Box<dyn virtio::VirtioDevice>,
     Option<IoThreadSetup>,
     Transport,
+    Option<crate::runtime::Changeable>,
 );
 
 fn unix_now() -> i64 {
@@ -149,10 +152,15 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: None,
             coalesce: None,
         };
+        let dev = virtio::blk::Block::new(backend, &id, disk.read_only).with_rate_limiter(
+            crate::config::RateLimiterConfig::limiter(disk.rate_limiter.as_ref()),
+        );
+        let change = crate::runtime::Changeable::Disk(disk.clone(), dev.handle());
         devs.push((
-            Box::new(virtio::blk::Block::new(backend, &id, disk.read_only)),
+            Box::new(dev),
             Some(io),
             disk.transport.unwrap_or(machine),
+            Some(change),
         ));
     }
     if let Some(ci) = &config.cloud_init {
@@ -167,6 +175,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::blk::Block::new(backend, "cidata", true)),
             Some(io),
             machine,
+            None,
         ));
     }
     for net in &config.nets {
@@ -176,7 +185,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             None => virtio::net::default_mac(&net.tap),
         };
         let tap = virtio::tap::Tap::open(&net.tap)?;
-        let dev = virtio::net::Net::new(tap, mac);
+        let dev = virtio::net::Net::new(tap, mac)
+            .with_mtu(net.mtu)
+            .with_rate_limiters(
+                crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
+                crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
+            );
+        let change = crate::runtime::Changeable::Net(dev.limiters());
         let fd = dev
             .poll_fd()
             .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
@@ -188,7 +203,12 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             ))),
             coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
         };
-        devs.push((Box::new(dev), Some(io), net.transport.unwrap_or(machine)));
+        devs.push((
+            Box::new(dev),
+            Some(io),
+            net.transport.unwrap_or(machine),
+            Some(change),
+        ));
     }
     if let Some(v) = &config.vsock {
         let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
@@ -197,10 +217,24 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: Some(Box::new(dev.host_input())),
             coalesce: None,
         };
-        devs.push((Box::new(dev), Some(io), machine));
+        devs.push((Box::new(dev), Some(io), machine, None));
     }
     if config.rng {
-        devs.push((Box::new(virtio::rng::Rng), None, machine));
+        match config.rng_rate_limiter.filter(|r| r.limits()) {
+            // Throttled requests wait for a timer: on an I/O thread of its own.
+            Some(r) => {
+                let dev = virtio::rng::LimitedRng {
+                    limiter: crate::config::RateLimiterConfig::limiter(Some(&r)),
+                };
+                let io = IoThreadSetup {
+                    name: "rng".into(),
+                    host_input: None,
+                    coalesce: None,
+                };
+                devs.push((Box::new(dev), Some(io), machine, None));
+            }
+            None => devs.push((Box::new(virtio::rng::Rng), None, machine, None)),
+        }
     }
     if let Some(out) = &config.virtio_console {
         // Guest output is written on a thread of its own, not the vCPU's.
@@ -213,6 +247,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Box::new(virtio::console::Console::new(output_for(out)?)),
             Some(io),
             machine,
+            None,
         ));
     }
     Ok(devs)
@@ -235,7 +270,7 @@ fn placements(devs: &[VirtioSetup]) -> Vec<Placement> {
     let (mut windows, mut slots) = (0u64, 1u8);
     devs.iter()
         .enumerate()
-        .map(|(i, (_, _, transport))| {
+        .map(|(i, (_, _, transport, _))| {
             let gsi = VIRTIO_FIRST_GSI + i as u32;
             match transport {
                 Transport::Mmio => {
@@ -400,7 +435,10 @@ impl Vmm {
         // Devices.
         let exit = Arc::new(ExitSignal::new());
         let irq = vm.irq_chip();
-        let out = output_for(&config.serial)?;
+        let mut out = output_for(&config.serial)?;
+        if let Some(bucket) = config.serial_rate_limiter.as_ref().and_then(|b| b.bucket()) {
+            out = Box::new(crate::console::RateLimitedOutput::new(out, bucket));
+        }
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             IrqTrigger::new(irq.clone(), COM1_GSI),
             out,
@@ -484,7 +522,7 @@ impl Vmm {
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
         let mut pci_root = devices::pci::PciRoot::new();
         let mut io_threads = Vec::new();
-        for ((device, io_setup, _), place) in virtio.into_iter().zip(places) {
+        for ((device, io_setup, _, change), place) in virtio.into_iter().zip(places) {
             match place {
                 Placement::Mmio(window) => {
                     let mut t = virtio::mmio::MmioTransport::new(
@@ -500,6 +538,9 @@ impl Vmm {
                     })?;
                     vm.register_irqfd(window.gsi, &irqfd)?;
                     t.use_irqfd(irqfd);
+                    if let Some(c) = change {
+                        control.devices().add(c, t.core());
+                    }
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
@@ -520,6 +561,9 @@ impl Vmm {
                     // guest places it.
                     let mut t =
                         virtio::pci::PciTransport::new(device, memory.clone(), irq.clone(), gsi)?;
+                    if let Some(c) = change {
+                        control.devices().add(c, t.core());
+                    }
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
@@ -562,11 +606,17 @@ impl Vmm {
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
-        let supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        let mut supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        arch::cpuid::apply_modifiers(&mut supported, &config.cpuid_modifiers)?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(u32::from(id))?;
-            vcpu.set_cpuid(&arch::cpuid::guest_cpuid(&supported, id, config.cpus))?;
+            vcpu.set_cpuid(&arch::cpuid::guest_cpuid_smt(
+                &supported,
+                id,
+                config.cpus,
+                config.threads_per_core,
+            ))?;
             vcpu.set_msrs(&arch::entry::boot_msrs())?;
             vcpu.configure_local_interrupts()?;
             // Through firmware the BSP starts where a CPU comes out of reset.

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{lock, Manager};
-use crate::domain::DomainDef;
+use crate::domain::{DomainDef, DomainState};
 use crate::error::{Error, Result};
 use crate::network::{self, NetworkDef};
 
@@ -14,9 +14,11 @@ use crate::network::{self, NetworkDef};
 pub struct InterfaceInfo {
     pub network: Option<String>,
     pub bridge: Option<String>,
-    pub tap: String,
+    /// The TAP device while the domain runs (it is removed when the domain stops).
+    pub tap: Option<String>,
     pub mac: String,
-    /// The DHCP lease for this MAC, when its network handed one out.
+    /// The DHCP lease for this MAC while the domain runs, when its network handed one
+    /// out (a stopped domain's old lease is not its address).
     pub ip: Option<String>,
 }
 
@@ -72,6 +74,9 @@ impl Manager {
                     tap,
                     mac: Some(network::mac_for(def, i)),
                     transport: None,
+                    mtu: None,
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
                 });
             }
             Ok(())
@@ -233,23 +238,27 @@ impl Manager {
     /// its network's DHCP server leased to that MAC (`virsh domifaddr`).
     pub fn interfaces(&self, name: &str) -> Result<Vec<InterfaceInfo>> {
         let def = self.store.get_domain(name)?;
+        let live = !matches!(
+            self.state_of(name),
+            DomainState::Shutoff | DomainState::Crashed
+        );
         let mut out = Vec::new();
         for (i, itf) in def.interfaces.iter().enumerate() {
             let mac = network::mac_for(&def, i);
             let ip = match &itf.network {
-                Some(n) => self.store.get_network(n).ok().and_then(|nd| {
+                Some(n) if live => self.store.get_network(n).ok().and_then(|nd| {
                     self.net_info_of(&nd)
                         .leases
                         .into_iter()
                         .find(|l| l.mac.eq_ignore_ascii_case(&mac))
                         .map(|l| l.ip)
                 }),
-                None => None,
+                _ => None,
             };
             out.push(InterfaceInfo {
                 network: itf.network.clone(),
                 bridge: itf.bridge.clone(),
-                tap: network::tap_name(&def, i),
+                tap: live.then(|| network::tap_name(&def, i)),
                 mac,
                 ip,
             });

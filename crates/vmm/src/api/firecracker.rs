@@ -1,16 +1,21 @@
-//! The VMM's control API, compatible with Firecracker's (paths, field names, error shape
-//! `{"fault_message": "..."}`), documented in openapi/vmm.yaml.
+//! The VMM's control API, compatible with Firecracker's: the paths, bodies, status codes
+//! and fault messages of its swagger (`firecracker.yaml`), documented in openapi/vmm.yaml.
 //!
-//! Before boot, requests build a `VmConfig` (`/machine-config`, `/boot-source`, `/drives`
-//! as virtio-blk disks, `/network-interfaces` as virtio-net on TAP devices, `/vsock`);
-//! `PUT /actions {"action_type": "InstanceStart"}` validates it, builds the VM with
-//! `Vmm::new` and runs it on a thread. After boot only runtime requests are accepted:
-//! `PATCH /vm` pauses and resumes the vCPUs (guest time keeps running, as in
+//! Before boot, requests build an [`FcConfig`] (Firecracker's records kept as given:
+//! IDs, order, defaults); `PUT /actions {"action_type": "InstanceStart"}` turns it into a
+//! `VmConfig` (refusing, naming the field, what this VMM cannot honour), builds the VM
+//! with `Vmm::new` and runs it on a thread. After boot only runtime requests are
+//! accepted: `PATCH /vm` pauses and resumes the vCPUs (guest time keeps running, as in
 //! Firecracker), and `SendCtrlAltDel` asks the guest to shut down: Firecracker presses
 //! Ctrl-Alt-Del on its i8042; this VMM presses the ACPI power button (the guest's GED
-//! interrupt, `PNP0C0C`), which Linux turns into KEY_POWER for its init or acpid. What
-//! the VMM cannot do (rate limiters, changing devices after boot) is refused with a 400
-//! that says so, as Firecracker refuses what it does not support.
+//! interrupt, `PNP0C0C`), which Linux turns into KEY_POWER for its init or acpid.
+//!
+//! Requests are checked as Firecracker checks them, in its order: the method, path and
+//! body presence; resource IDs (alphanumeric and `_`); the JSON body (unknown fields
+//! refused); then the VM's phase (pre-boot only, run time only); then the content
+//! (unique root drive, MACs and TAPs, vCPU and memory rules). Endpoints of the swagger
+//! for devices this VMM does not have (balloon, MMDS, pmem, memory hot-plug) are
+//! answered 400 with a message naming the endpoint and why.
 //!
 //! Beyond Firecracker, for the manager: `action_type` `Stop` (end the VMM now, as
 //! quitting the console does), `Reset` (reset the machine: the VM ends as when the guest
@@ -19,111 +24,66 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::json;
 
+use super::fc_config::FcConfig;
+use super::fc_log::{self, ApiMetrics, MetricsSink};
+use super::fc_model::{
+    check_id, CpuConfig, Drive, DriveUpdate, Entropy, Logger, MachineConfig, MachineConfigUpdate,
+    Metrics, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, Serial, Vsock,
+};
 use super::http::{Handler, Reply, Request, Response};
-use crate::config::{SerialConfig, VmConfig, VsockConfig};
+use crate::config::{SerialConfig, VmConfig};
 use crate::{ExitReason, VmControl, Vmm};
 
-/// A Firecracker-style error: status 400 and a fault message.
+/// A Firecracker-style error: a status and a fault message.
 pub fn fault(status: u16, msg: impl Into<String>) -> Response {
     Response::json(status, &json!({ "fault_message": msg.into() }))
 }
 
-/// `PUT /machine-config` body (Firecracker's names).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    pub vcpu_count: u8,
-    pub mem_size_mib: u64,
-    #[serde(default)]
-    pub smt: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub huge_pages: Option<String>,
-}
+/// Firecracker's wording for requests in the wrong phase.
+pub const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+pub const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
 
-/// `PUT /boot-source` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootSource {
-    pub kernel_image_path: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_args: Option<String>,
-}
+/// How often metrics are written once `/metrics` is configured (Firecracker's period).
+const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// `PUT /drives/{drive_id}` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Drive {
-    pub drive_id: String,
-    pub path_on_host: String,
-    pub is_root_device: bool,
-    #[serde(default)]
-    pub is_read_only: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partuuid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<Value>,
-}
-
-/// `PUT /network-interfaces/{iface_id}` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkInterface {
-    pub iface_id: String,
-    pub host_dev_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_mac: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<Value>,
-}
-
-/// `PUT /vsock` body. `vsock_id` is accepted and ignored, as Firecracker deprecated it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Vsock {
-    pub guest_cid: u64,
-    pub uds_path: String,
-    #[serde(default, skip_serializing)]
-    pub vsock_id: Option<String>,
+#[derive(Debug, Deserialize)]
+enum ActionType {
+    FlushMetrics,
+    InstanceStart,
+    SendCtrlAltDel,
+    /// Vessel: end the VMM now.
+    Stop,
+    /// Vessel: reset the machine.
+    Reset,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Action {
-    action_type: String,
+    action_type: ActionType,
+}
+
+#[derive(Debug, Deserialize)]
+enum VmStateName {
+    Paused,
+    Resumed,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmState {
-    state: String,
+    state: VmStateName,
 }
 
 #[derive(Debug)]
 enum Phase {
-    /// Configuring: what has been set so far.
-    PreBoot {
-        machine: Option<MachineConfig>,
-        boot: Option<BootSource>,
-        /// In the order they were first put (a later PUT with the same id replaces).
-        drives: Vec<Drive>,
-        nets: Vec<NetworkInterface>,
-        vsock: Option<Vsock>,
-    },
+    /// Configuring.
+    PreBoot,
     Running {
         config: VmConfig,
         control: Arc<VmControl>,
@@ -134,22 +94,51 @@ enum Phase {
     },
 }
 
+/// The phase and what the API has been told, under one lock.
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    fc: FcConfig,
+}
+
+impl State {
+    fn preboot(&self) -> bool {
+        matches!(self.phase, Phase::PreBoot)
+    }
+}
+
 /// The API's state, shared between the HTTP threads and whoever runs the VM.
 #[derive(Debug)]
 pub struct VmmApi {
-    phase: Mutex<Phase>,
+    state: Mutex<State>,
     ended: Condvar,
     /// Serial backend and accelerator for a VM started through the API (Firecracker's API
-    /// has no field for either: they come from the command line).
+    /// has no field for either: they come from the command line; `PUT /serial` may
+    /// replace the serial backend).
     serial: SerialConfig,
     accel: crate::config::Accel,
     /// What the VM thread ended with.
     result: Mutex<Option<Result<ExitReason, String>>>,
+    metrics: Arc<ApiMetrics>,
+    metrics_sink: Mutex<Option<Arc<MetricsSink>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A 204 that carries Firecracker's `Deprecation` header when `deprecated` says why.
+fn no_content(deprecated: Option<&str>) -> Response {
+    let mut r = Response::empty(204);
+    if let Some(why) = deprecated {
+        tracing::warn!("{why}");
+        r.headers.push(("Deprecation".into(), "true".into()));
+    }
+    r
+}
+
+/// What a request handler returns: the response either way.
+type Answer = Result<Response, Response>;
 
 fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
     serde_json::from_slice(&req.body).map_err(|e| {
@@ -160,100 +149,82 @@ fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
     })
 }
 
-fn config_json(c: &VmConfig) -> Value {
-    json!({
-        "boot-source": {
-            "kernel_image_path": c.kernel,
-            "initrd_path": c.initrd,
-            "boot_args": c.cmdline,
-        },
-        "machine-config": {
-            "vcpu_count": c.cpus,
-            "mem_size_mib": c.memory_mib,
-            "smt": false,
-            "track_dirty_pages": false,
-        },
-        "drives": c.disks.iter().enumerate().map(|(i, d)| json!({
-            "drive_id": format!("drive{i}"),
-            "path_on_host": d.path,
-            "is_root_device": i == 0 && c.cmdline.contains("root=/dev/vda"),
-            "is_read_only": d.read_only,
-        })).collect::<Vec<_>>(),
-        "network-interfaces": c.nets.iter().enumerate().map(|(i, n)| json!({
-            "iface_id": format!("eth{i}"),
-            "host_dev_name": n.tap,
-            "guest_mac": n.mac,
-        })).collect::<Vec<_>>(),
-        "vsock": c.vsock.as_ref().map(|v| json!({
-            "guest_cid": v.guest_cid,
-            "uds_path": v.uds_path,
-        })),
-        "vessel": { "accel": c.accel },
-    })
+/// The checked resource ID from the path.
+fn path_id<'a>(seg: &[&'a str]) -> Result<&'a str, Response> {
+    let id = seg.get(1).copied().unwrap_or("");
+    check_id(id).map_err(|e| fault(400, e))?;
+    Ok(id)
+}
+
+fn unsupported_device(method: &str, path: &str, what: &str) -> Response {
+    fault(
+        400,
+        format!("{method} {path}: this VMM has no {what}; the endpoint is not supported."),
+    )
 }
 
 impl VmmApi {
-    /// An API waiting for configuration and InstanceStart.
-    pub fn new_preboot(serial: SerialConfig, accel: crate::config::Accel) -> Arc<Self> {
+    fn with_state(
+        phase: Phase,
+        fc: FcConfig,
+        serial: SerialConfig,
+        accel: crate::config::Accel,
+    ) -> Arc<Self> {
         Arc::new(VmmApi {
-            accel,
-            phase: Mutex::new(Phase::PreBoot {
-                machine: None,
-                boot: None,
-                drives: Vec::new(),
-                nets: Vec::new(),
-                vsock: None,
-            }),
+            state: Mutex::new(State { phase, fc }),
             ended: Condvar::new(),
             serial,
+            accel,
             result: Mutex::new(None),
+            metrics: Arc::default(),
+            metrics_sink: Mutex::new(None),
         })
     }
 
-    /// An API for a VM already started from command-line flags.
+    /// An API waiting for configuration and InstanceStart.
+    pub fn new_preboot(serial: SerialConfig, accel: crate::config::Accel) -> Arc<Self> {
+        Self::with_state(Phase::PreBoot, FcConfig::default(), serial, accel)
+    }
+
+    /// An API for a VM already started from command-line flags or a `VmConfig` file.
     pub fn new_running(config: VmConfig, control: Arc<VmControl>) -> Arc<Self> {
-        Arc::new(VmmApi {
-            serial: config.serial.clone(),
-            accel: config.accel,
-            phase: Mutex::new(Phase::Running { config, control }),
-            ended: Condvar::new(),
-            result: Mutex::new(None),
-        })
+        let fc = FcConfig::from_vm_config(&config);
+        let (serial, accel) = (config.serial.clone(), config.accel);
+        Self::with_state(Phase::Running { config, control }, fc, serial, accel)
     }
 
     /// Records how the VM ended and wakes [`VmmApi::wait_finished`].
     pub fn finish(&self, r: Result<ExitReason, String>) {
-        let mut p = lock(&self.phase);
-        let config = match &*p {
-            Phase::Running { config, .. } => config.clone(),
-            Phase::Finished { config, .. } => config.clone(),
-            Phase::PreBoot { .. } => VmConfig::new(""),
+        let mut st = lock(&self.state);
+        let config = match &st.phase {
+            Phase::Running { config, .. } | Phase::Finished { config, .. } => config.clone(),
+            Phase::PreBoot => VmConfig::new(""),
         };
         let how = match &r {
             Ok(reason) => format!("{reason:?}"),
             Err(e) => format!("error: {e}"),
         };
-        *p = Phase::Finished { config, how };
+        st.phase = Phase::Finished { config, how };
         *lock(&self.result) = Some(r);
         self.ended.notify_all();
     }
 
     /// Blocks until a VM started through the API has ended.
     pub fn wait_finished(&self) -> Result<ExitReason, String> {
-        let mut p = lock(&self.phase);
+        let mut st = lock(&self.state);
         loop {
-            if matches!(*p, Phase::Finished { .. }) {
+            if matches!(st.phase, Phase::Finished { .. }) {
                 return lock(&self.result)
                     .clone()
                     .unwrap_or(Err("no result".into()));
             }
-            p = self.ended.wait(p).unwrap_or_else(|e| e.into_inner());
+            st = self.ended.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     fn state_name(&self) -> &'static str {
-        match &*lock(&self.phase) {
-            Phase::PreBoot { .. } => "Not started",
+        match &lock(&self.state).phase {
+            Phase::PreBoot => "Not started",
             Phase::Running { control, .. } if control.is_paused() => "Paused",
             Phase::Running { .. } => "Running",
             Phase::Finished { .. } => "Finished",
@@ -262,12 +233,9 @@ impl VmmApi {
 
     /// The running VM's control handle, or the Firecracker-style refusal.
     fn control(&self) -> Result<Arc<VmControl>, Response> {
-        match &*lock(&self.phase) {
+        match &lock(&self.state).phase {
             Phase::Running { control, .. } => Ok(control.clone()),
-            Phase::PreBoot { .. } => Err(fault(
-                400,
-                "The requested operation is not supported before starting the microVM.",
-            )),
+            Phase::PreBoot => Err(fault(400, NOT_BEFORE_START)),
             Phase::Finished { .. } => Err(fault(400, "The microVM is not running.")),
         }
     }
@@ -276,108 +244,37 @@ impl VmmApi {
     fn with_control(
         &self,
         op: impl FnOnce(&VmControl) -> Result<(), crate::ControlError>,
-    ) -> Response {
-        match self.control() {
-            Ok(c) => match op(&c) {
-                Ok(()) => Response::empty(204),
-                Err(e) => fault(400, e.to_string()),
-            },
-            Err(r) => r,
+    ) -> Answer {
+        let c = self.control()?;
+        op(&c).map_err(|e| fault(400, e.to_string()))?;
+        Ok(Response::empty(204))
+    }
+
+    /// Locks the state for a pre-boot change, or answers Firecracker's refusal.
+    fn preboot(&self) -> Result<MutexGuard<'_, State>, Response> {
+        let st = lock(&self.state);
+        if st.preboot() {
+            Ok(st)
+        } else {
+            Err(fault(400, NOT_AFTER_START))
         }
     }
 
-    fn build_config(
-        &self,
-        machine: &Option<MachineConfig>,
-        boot: &Option<BootSource>,
-        drives: &[Drive],
-        nets: &[NetworkInterface],
-        vsock: &Option<Vsock>,
-    ) -> Result<VmConfig, Response> {
-        let Some(boot) = boot else {
-            return Err(fault(
-                400,
-                "Cannot start microvm without kernel configuration.",
-            ));
-        };
-        let mut c = VmConfig::new(&boot.kernel_image_path);
-        c.initrd = boot.initrd_path.as_ref().map(Into::into);
-        if let Some(a) = &boot.boot_args {
-            c.cmdline = a.clone();
-        }
-        if let Some(m) = machine {
-            c.cpus = m.vcpu_count;
-            c.memory_mib = m.mem_size_mib;
-        }
-        // As Firecracker: the root device is the first disk (vda), named on the command line.
-        let mut ordered: Vec<&Drive> = drives.iter().filter(|d| d.is_root_device).collect();
-        ordered.extend(drives.iter().filter(|d| !d.is_root_device));
-        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
-            if !c.cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
-                c.cmdline.push_str(if root.is_read_only {
-                    " root=/dev/vda ro"
-                } else {
-                    " root=/dev/vda rw"
-                });
-            }
-        }
-        c.disks = ordered
-            .iter()
-            .map(|d| crate::config::DiskConfig {
-                path: d.path_on_host.clone().into(),
-                // As Firecracker's: drives are raw, their content never interpreted.
-                format: Some(crate::config::DiskFormat::Raw),
-                read_only: d.is_read_only,
-                transport: None,
-            })
-            .collect();
-        c.nets = nets
-            .iter()
-            .map(|n| crate::config::NetConfig {
-                tap: n.host_dev_name.clone(),
-                mac: n.guest_mac.clone(),
-                transport: None,
-            })
-            .collect();
-        c.vsock = vsock.as_ref().map(|v| VsockConfig {
-            guest_cid: v.guest_cid,
-            uds_path: v.uds_path.clone().into(),
-        });
-        c.serial = self.serial.clone();
-        c.accel = self.accel;
-        c.validate().map_err(|e| fault(400, e.to_string()))?;
-        Ok(c)
-    }
-
-    fn instance_start(self: &Arc<Self>) -> Response {
-        let mut p = lock(&self.phase);
-        let Phase::PreBoot {
-            machine,
-            boot,
-            drives,
-            nets,
-            vsock,
-        } = &*p
-        else {
-            return fault(
-                400,
-                "The requested operation is not supported after starting the microVM.",
-            );
-        };
-        let config = match self.build_config(machine, boot, drives, nets, vsock) {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
-        let vmm = match Vmm::new(config.clone()) {
-            Ok(v) => v,
-            Err(e) => return fault(400, format!("Failed to start microVM: {e}")),
-        };
+    fn instance_start(self: &Arc<Self>) -> Answer {
+        let mut st = self.preboot()?;
+        let start_err = |e: String| fault(400, format!("Start microvm error: {e}"));
+        let config = st
+            .fc
+            .to_vm_config(&self.serial, self.accel)
+            .map_err(|e| start_err(e.to_string()))?;
+        config.validate().map_err(|e| start_err(e.to_string()))?;
+        let vmm = Vmm::new(config.clone()).map_err(|e| start_err(e.to_string()))?;
         let exit = vmm.exit_signal();
-        *p = Phase::Running {
+        st.phase = Phase::Running {
             config,
             control: vmm.control(),
         };
-        drop(p);
+        drop(st);
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("vm".into())
@@ -385,287 +282,487 @@ impl VmmApi {
         if let Err(e) = spawned {
             exit.request(ExitReason::Error);
             self.finish(Err(e.to_string()));
-            return fault(400, format!("Failed to start microVM: {e}"));
+            return Err(start_err(e.to_string()));
         }
-        Response::empty(204)
+        Ok(Response::empty(204))
+    }
+
+    fn put_actions(self: &Arc<Self>, req: &Request) -> Answer {
+        let a: Action = parse(req)?;
+        match a.action_type {
+            ActionType::InstanceStart => self.instance_start(),
+            // The guest-shutdown request: the ACPI power button.
+            ActionType::SendCtrlAltDel => self.with_control(VmControl::press_power_button),
+            ActionType::FlushMetrics => {
+                self.control()?;
+                // As Firecracker: with no metrics file configured there is nothing to do.
+                self.flush_metrics()
+                    .map_err(|e| fault(400, format!("Internal VMM error: {e}")))?;
+                Ok(Response::empty(204))
+            }
+            ActionType::Stop => self.with_control(VmControl::stop),
+            ActionType::Reset => self.with_control(VmControl::reset),
+        }
+    }
+
+    fn put_boot_source(&self, req: &Request) -> Answer {
+        let b: super::fc_model::BootSource = parse(req)?;
+        let mut st = self.preboot()?;
+        let err = |m: String| fault(400, format!("Boot source error: {m}"));
+        std::fs::File::open(&b.kernel_image_path)
+            .map_err(|e| err(format!("The kernel file cannot be opened: {e}")))?;
+        if !std::path::Path::new(&b.kernel_image_path).is_file() {
+            return Err(err(format!(
+                "The kernel file cannot be opened: {} is not a file",
+                b.kernel_image_path
+            )));
+        }
+        if let Some(i) = &b.initrd_path {
+            std::fs::File::open(i).map_err(|e| {
+                err(format!(
+                    "The initrd file cannot be opened due to invalid path or invalid \
+                     permissions. {e}"
+                ))
+            })?;
+        }
+        st.fc.boot = Some(b);
+        Ok(Response::empty(204))
+    }
+
+    fn put_machine_config(&self, req: &Request) -> Answer {
+        let m: MachineConfig = parse(req)?;
+        let deprecated = m.cpu_template.is_some();
+        let mut st = self.preboot()?;
+        // A PUT replaces the whole machine configuration: what it leaves out is default.
+        let update = MachineConfigUpdate {
+            vcpu_count: Some(m.vcpu_count),
+            mem_size_mib: Some(m.mem_size_mib),
+            smt: Some(m.smt),
+            cpu_template: m.cpu_template,
+            track_dirty_pages: Some(m.track_dirty_pages),
+            huge_pages: Some(m.huge_pages),
+        };
+        st.fc.machine = MachineConfig::default()
+            .updated(&update)
+            .map_err(|e| fault(400, format!("Machine config error: {e}")))?;
+        if deprecated {
+            self.metrics.deprecated();
+        }
+        Ok(no_content(deprecated.then_some(
+            "PUT /machine-config: cpu_template field is deprecated.",
+        )))
+    }
+
+    fn patch_machine_config(&self, req: &Request) -> Answer {
+        let u: MachineConfigUpdate = parse(req)?;
+        if u.is_empty() {
+            return Err(fault(400, "Empty PATCH request."));
+        }
+        let mut st = self.preboot()?;
+        st.fc.machine = st
+            .fc
+            .machine
+            .updated(&u)
+            .map_err(|e| fault(400, format!("Machine config error: {e}")))?;
+        let deprecated = u.cpu_template.is_some();
+        if deprecated {
+            self.metrics.deprecated();
+        }
+        Ok(no_content(deprecated.then_some(
+            "PATCH /machine-config: cpu_template field is deprecated.",
+        )))
+    }
+
+    fn put_drive(&self, req: &Request, seg: &[&str]) -> Answer {
+        let id = path_id(seg)?;
+        let mut d: Drive = parse(req)?;
+        if d.drive_id != id {
+            return Err(fault(
+                400,
+                "The id from the path does not match the id from the body!",
+            ));
+        }
+        let mut st = self.preboot()?;
+        d.rate_limiter = RateLimiter::normalized(d.rate_limiter);
+        st.fc
+            .insert_drive(d)
+            .map_err(|e| fault(400, format!("Drive config error: {e}")))?;
+        Ok(Response::empty(204))
+    }
+
+    fn patch_drive(&self, req: &Request, seg: &[&str]) -> Answer {
+        let id = path_id(seg)?;
+        let u: DriveUpdate = parse(req)?;
+        if u.drive_id != id {
+            return Err(fault(
+                400,
+                "The id from the path does not match the id from the body!",
+            ));
+        }
+        let err = |m: String| {
+            fault(
+                400,
+                format!(
+                    "Drive config error: Unable to patch the block device: {m} Please verify \
+                     the request arguments."
+                ),
+            )
+        };
+        let control = self.control()?;
+        let mut st = lock(&self.state);
+        let Some(index) = st.fc.disk_index(&u.drive_id) else {
+            return Err(err(format!("No drive with ID {}.", u.drive_id)));
+        };
+        if u.path_on_host.is_none() && u.rate_limiter.is_none() {
+            return Err(err("Running method expected different backend.".into()));
+        }
+        if let Some(p) = &u.path_on_host {
+            // The file's own error first, in Firecracker's words.
+            if let Err(e) = std::fs::File::open(p) {
+                return Err(err(format!("Error manipulating the backing file: {e} {p}")));
+            }
+            control
+                .devices()
+                .replace_disk(index, p)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if let Some(r) = &u.rate_limiter {
+            control
+                .devices()
+                .update_disk_limiter(index, r)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let State { phase, fc } = &mut *st;
+        if let Some(d) = fc.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
+            if let Some(p) = &u.path_on_host {
+                d.path_on_host = Some(p.clone());
+            }
+            d.rate_limiter = RateLimiter::patched(d.rate_limiter, u.rate_limiter);
+            if let Phase::Running { config, .. } = phase {
+                if let Some(disk) = config.disks.get_mut(index) {
+                    if let Some(p) = &u.path_on_host {
+                        disk.path = p.into();
+                    }
+                    disk.rate_limiter = d.rate_limiter;
+                }
+            }
+        }
+        Ok(Response::empty(204))
+    }
+
+    fn put_net(&self, req: &Request, seg: &[&str]) -> Answer {
+        let id = path_id(seg)?;
+        let mut n: NetworkInterface = parse(req)?;
+        if n.iface_id != id {
+            return Err(fault(
+                400,
+                format!(
+                    "The id from the path [{id}] does not match the id from the body [{}]!",
+                    n.iface_id
+                ),
+            ));
+        }
+        let mut st = self.preboot()?;
+        n.rx_rate_limiter = RateLimiter::normalized(n.rx_rate_limiter);
+        n.tx_rate_limiter = RateLimiter::normalized(n.tx_rate_limiter);
+        st.fc
+            .insert_net(n)
+            .map_err(|e| fault(400, format!("Network config error: {e}")))?;
+        Ok(Response::empty(204))
+    }
+
+    fn patch_net(&self, req: &Request, seg: &[&str]) -> Answer {
+        let id = path_id(seg)?;
+        let u: NetworkInterfaceUpdate = parse(req)?;
+        if u.iface_id != id {
+            return Err(fault(
+                400,
+                format!(
+                    "The id from the path [{id}] does not match the id from the body [{}]!",
+                    u.iface_id
+                ),
+            ));
+        }
+        let control = self.control()?;
+        let mut st = lock(&self.state);
+        let Some(index) = st.fc.nets.iter().position(|n| n.iface_id == u.iface_id) else {
+            return Err(fault(
+                400,
+                format!(
+                    "Network config error: Unable to update the net device: no interface \
+                     with ID {}.",
+                    u.iface_id
+                ),
+            ));
+        };
+        control
+            .devices()
+            .update_net_limiters(
+                index,
+                u.rx_rate_limiter.as_ref(),
+                u.tx_rate_limiter.as_ref(),
+            )
+            .map_err(|e| {
+                fault(
+                    400,
+                    format!("Network config error: Unable to update the net device: {e}"),
+                )
+            })?;
+        let State { phase, fc } = &mut *st;
+        if let Some(n) = fc.nets.get_mut(index) {
+            n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, u.rx_rate_limiter);
+            n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, u.tx_rate_limiter);
+            if let Phase::Running { config, .. } = phase {
+                if let Some(c) = config.nets.get_mut(index) {
+                    c.rx_rate_limiter = n.rx_rate_limiter;
+                    c.tx_rate_limiter = n.tx_rate_limiter;
+                }
+            }
+        }
+        Ok(Response::empty(204))
+    }
+
+    fn put_vsock(&self, req: &Request) -> Answer {
+        let v: Vsock = parse(req)?;
+        let mut st = self.preboot()?;
+        // The same rules as --vsock: CIDs 0-2 and VMADDR_CID_ANY are reserved.
+        if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+            return Err(fault(
+                400,
+                format!(
+                    "Vsock config error: Invalid vsock guest_cid {}: it is reserved (use 3 or \
+                     more).",
+                    v.guest_cid
+                ),
+            ));
+        }
+        if v.uds_path.is_empty() {
+            return Err(fault(
+                400,
+                "Vsock config error: Invalid vsock uds_path: it is empty.",
+            ));
+        }
+        let deprecated = v.vsock_id.is_some();
+        st.fc.vsock = Some(v);
+        if deprecated {
+            self.metrics.deprecated();
+        }
+        Ok(no_content(
+            deprecated.then_some("PUT /vsock: vsock_id field is deprecated."),
+        ))
+    }
+
+    fn put_entropy(&self, req: &Request) -> Answer {
+        let mut e: Entropy = parse(req)?;
+        let mut st = self.preboot()?;
+        e.rate_limiter = RateLimiter::normalized(e.rate_limiter);
+        st.fc.entropy = Some(e);
+        Ok(Response::empty(204))
+    }
+
+    fn put_serial(&self, req: &Request) -> Answer {
+        let s: Serial = parse(req)?;
+        let mut st = self.preboot()?;
+        st.fc.serial = Some(s);
+        Ok(Response::empty(204))
+    }
+
+    fn put_logger(&self, req: &Request) -> Answer {
+        let l: Logger = parse(req)?;
+        let mut st = self.preboot()?;
+        fc_log::configure_logger(&l).map_err(|e| fault(400, format!("Logger error: {e}")))?;
+        st.fc.logger = Some(l);
+        Ok(Response::empty(204))
+    }
+
+    /// Writes a metrics line, when `/metrics` named a file.
+    fn flush_metrics(&self) -> Result<(), String> {
+        let Some(sink) = lock(&self.metrics_sink).clone() else {
+            return Ok(());
+        };
+        let devices = match &lock(&self.state).phase {
+            Phase::Running { control, .. } => Some(control.devices().totals()),
+            _ => None,
+        };
+        sink.flush(&self.metrics, devices)
+    }
+
+    fn put_metrics(self: &Arc<Self>, req: &Request) -> Answer {
+        let m: Metrics = parse(req)?;
+        let mut st = self.preboot()?;
+        let mut sink = lock(&self.metrics_sink);
+        if sink.is_some() {
+            return Err(fault(
+                400,
+                "Metrics error: Reinitialization of metrics not allowed.",
+            ));
+        }
+        let s = MetricsSink::open(m.clone()).map_err(|e| {
+            fault(
+                400,
+                format!(
+                    "Metrics error: Cannot initialize the metrics system due to bad user \
+                     input: {e}"
+                ),
+            )
+        })?;
+        let me = Arc::downgrade(self);
+        fc_log::flush_periodically(METRICS_PERIOD, move || {
+            let Some(api) = me.upgrade() else {
+                return false;
+            };
+            if let Err(e) = api.flush_metrics() {
+                tracing::warn!("writing metrics: {e}");
+            }
+            true
+        });
+        *sink = Some(s);
+        st.fc.metrics = Some(m);
+        Ok(Response::empty(204))
+    }
+
+    fn put_cpu_config(&self, req: &Request) -> Answer {
+        let c: CpuConfig = parse(req)?;
+        let mut st = self.preboot()?;
+        c.check()
+            .map_err(|e| fault(400, format!("Configure CPU error: {e}")))?;
+        st.fc.cpu_config = Some(c);
+        Ok(Response::empty(204))
+    }
+
+    fn patch_vm(&self, req: &Request) -> Answer {
+        let s: VmState = parse(req)?;
+        match s.state {
+            VmStateName::Paused => self.with_control(VmControl::pause),
+            VmStateName::Resumed => self.with_control(VmControl::resume),
+        }
+    }
+
+    /// Devices of Firecracker's swagger this VMM does not have. A PATCH or a GET of
+    /// run-time state before boot gets Firecracker's pre-boot refusal first.
+    fn absent_device(&self, req: &Request, first: &str) -> Response {
+        let what = match first {
+            "balloon" => "virtio-balloon device",
+            "mmds" => "microVM metadata service (MMDS)",
+            "pmem" => "virtio-pmem device",
+            _ => "virtio-mem device (memory hot-plug)",
+        };
+        let runtime_only = req.method == "PATCH"
+            || req.method == "DELETE"
+            || (req.method == "GET" && first != "mmds" && req.path != "/balloon");
+        if runtime_only && lock(&self.state).preboot() {
+            return fault(400, NOT_BEFORE_START);
+        }
+        unsupported_device(&req.method, &req.path, what)
+    }
+
+    fn get_instance_info(&self) -> Response {
+        Response::json(
+            200,
+            &json!({
+                "id": fc_log::INSTANCE_ID,
+                "state": self.state_name(),
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "vessel",
+            }),
+        )
+    }
+
+    fn get_status(&self) -> Response {
+        let v = match &lock(&self.state).phase {
+            Phase::PreBoot => json!({"state": "Not started"}),
+            Phase::Running { control, .. } if control.is_paused() => json!({"state": "Paused"}),
+            Phase::Running { .. } => json!({"state": "Running"}),
+            Phase::Finished { how, .. } => json!({"state": "Finished", "exit": how}),
+        };
+        Response::json(200, &v)
+    }
+
+    /// Routes one request (Firecracker's `ParsedRequest::try_from` order: method, path,
+    /// body presence; then the handler's checks).
+    fn route(self: &Arc<Self>, req: &Request) -> Answer {
+        let seg = req.segments();
+        let first = seg.first().copied().unwrap_or("");
+        let body = !req.body.is_empty();
+        match (req.method.as_str(), first, body) {
+            ("GET", "", false) => Ok(self.get_instance_info()),
+            ("GET", "version", false) => Ok(Response::json(
+                200,
+                &json!({"firecracker_version": env!("CARGO_PKG_VERSION")}),
+            )),
+            ("GET", "vm", false) if seg.get(1) == Some(&"config") => {
+                Ok(Response::json(200, &lock(&self.state).fc.full()))
+            }
+            ("GET", "machine-config", false) => {
+                Ok(Response::json(200, &json!(lock(&self.state).fc.machine)))
+            }
+            ("GET", "vessel", false) if seg.get(1) == Some(&"status") => Ok(self.get_status()),
+            ("GET", "mmds" | "balloon", false) => Err(self.absent_device(req, first)),
+            ("GET", "hotplug", false) if seg.get(1) == Some(&"memory") => {
+                Err(self.absent_device(req, first))
+            }
+            ("GET", _, true) => Err(fault(400, "GET request cannot have a body.")),
+            ("PUT", "actions", true) => self.put_actions(req),
+            ("PUT", "boot-source", true) => self.put_boot_source(req),
+            ("PUT", "cpu-config", true) => self.put_cpu_config(req),
+            ("PUT", "drives", true) => self.put_drive(req, &seg),
+            ("PUT", "logger", true) => self.put_logger(req),
+            ("PUT", "serial", true) => self.put_serial(req),
+            ("PUT", "machine-config", true) => self.put_machine_config(req),
+            ("PUT", "metrics", true) => self.put_metrics(req),
+            ("PUT", "network-interfaces", true) => self.put_net(req, &seg),
+            ("PUT", "vsock", true) => self.put_vsock(req),
+            ("PUT", "entropy", true) => self.put_entropy(req),
+            ("PUT", "balloon" | "mmds" | "pmem", true) => Err(self.absent_device(req, first)),
+            ("PUT", "hotplug", true) if seg.get(1) == Some(&"memory") => {
+                Err(self.absent_device(req, first))
+            }
+            ("PUT", _, false) => Err(fault(400, "Empty PUT request.")),
+            ("PATCH", "drives", true) => self.patch_drive(req, &seg),
+            ("PATCH", "machine-config", true) => self.patch_machine_config(req),
+            ("PATCH", "network-interfaces", true) => self.patch_net(req, &seg),
+            ("PATCH", "vm", true) => self.patch_vm(req),
+            ("PATCH", "balloon" | "mmds" | "pmem", _) => Err(self.absent_device(req, first)),
+            ("PATCH", "hotplug", true) if seg.get(1) == Some(&"memory") => {
+                Err(self.absent_device(req, first))
+            }
+            ("PATCH", _, false) => Err(fault(400, "Empty PATCH request.")),
+            ("DELETE", "drives" | "network-interfaces" | "pmem", false) => {
+                path_id(&seg)?;
+                self.control()?;
+                Err(fault(
+                    400,
+                    format!(
+                        "DELETE {}: hot-unplugging devices is not supported by this VMM.",
+                        req.path
+                    ),
+                ))
+            }
+            ("DELETE", _, true) => Err(fault(400, "Empty Delete request.")),
+            (m, path, _) => Err(fault(
+                400,
+                format!("Invalid request method and/or path: {m} {path}."),
+            )),
+        }
     }
 
     fn handle_req(self: &Arc<Self>, req: &Request) -> Response {
-        let seg = req.segments();
-        let preboot = matches!(*lock(&self.phase), Phase::PreBoot { .. });
-        let after_boot = || {
-            fault(
-                400,
-                "The requested operation is not supported after starting the microVM.",
-            )
-        };
-        match (req.method.as_str(), seg.as_slice()) {
-            ("GET", []) => Response::json(
-                200,
-                &json!({
-                    "id": "anonymous-instance",
-                    "state": self.state_name(),
-                    "vmm_version": env!("CARGO_PKG_VERSION"),
-                    "app_name": "vessel",
-                }),
-            ),
-            ("GET", ["version"]) => Response::json(
-                200,
-                &json!({"firecracker_version": env!("CARGO_PKG_VERSION")}),
-            ),
-            ("PUT", ["machine-config"]) | ("PATCH", ["machine-config"]) => {
-                if !preboot {
-                    return after_boot();
-                }
-                let m: MachineConfig = match parse(req) {
-                    Ok(m) => m,
-                    Err(r) => return r,
-                };
-                if m.vcpu_count == 0 || m.vcpu_count > crate::config::MAX_CPUS {
-                    return fault(
-                        400,
-                        format!(
-                            "Invalid vCPU count: {} (1 to {}).",
-                            m.vcpu_count,
-                            crate::config::MAX_CPUS
-                        ),
-                    );
-                }
-                if m.smt {
-                    return fault(
-                        400,
-                        "Enabling simultaneous multithreading is not supported by this VMM.",
-                    );
-                }
-                if m.mem_size_mib < crate::config::MIN_MEMORY_MIB {
-                    return fault(
-                        400,
-                        format!(
-                            "Invalid memory size: {} MiB (at least {}).",
-                            m.mem_size_mib,
-                            crate::config::MIN_MEMORY_MIB
-                        ),
-                    );
-                }
-                if let Phase::PreBoot { machine, .. } = &mut *lock(&self.phase) {
-                    *machine = Some(m);
-                }
-                Response::empty(204)
-            }
-            ("GET", ["machine-config"]) => {
-                let v = match &*lock(&self.phase) {
-                    Phase::PreBoot { machine, .. } => machine
-                        .as_ref()
-                        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
-                        .unwrap_or(json!({"vcpu_count": 1, "mem_size_mib": crate::config::DEFAULT_MEMORY_MIB, "smt": false, "track_dirty_pages": false})),
-                    Phase::Running { config, .. } | Phase::Finished { config, .. } => config_json(config)["machine-config"].clone(),
-                };
-                Response::json(200, &v)
-            }
-            ("PUT", ["boot-source"]) => {
-                if !preboot {
-                    return after_boot();
-                }
-                let b: BootSource = match parse(req) {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                if !std::path::Path::new(&b.kernel_image_path).is_file() {
-                    return fault(
-                        400,
-                        format!(
-                            "The kernel file cannot be opened: {} does not exist or is not a file",
-                            b.kernel_image_path
-                        ),
-                    );
-                }
-                if let Some(i) = &b.initrd_path {
-                    if !std::path::Path::new(i).is_file() {
-                        return fault(400, format!("The initrd file cannot be opened: {i} does not exist or is not a file"));
-                    }
-                }
-                if let Phase::PreBoot { boot, .. } = &mut *lock(&self.phase) {
-                    *boot = Some(b);
-                }
-                Response::empty(204)
-            }
-            ("PUT", ["drives", id]) => {
-                if !preboot {
-                    return after_boot();
-                }
-                let d: Drive = match parse(req) {
-                    Ok(d) => d,
-                    Err(r) => return r,
-                };
-                if d.drive_id != *id {
-                    return fault(
-                        400,
-                        format!(
-                            "The id from the path [{id}] does not match the id from the body [{}]!",
-                            d.drive_id
-                        ),
-                    );
-                }
-                if d.rate_limiter.is_some() {
-                    return fault(400, "Rate limiters are not supported by this VMM yet.");
-                }
-                if !std::path::Path::new(&d.path_on_host).is_file() {
-                    return fault(
-                        400,
-                        format!(
-                            "Unable to create the block device: {} does not exist or is not a file",
-                            d.path_on_host
-                        ),
-                    );
-                }
-                if let Phase::PreBoot { drives, .. } = &mut *lock(&self.phase) {
-                    if d.is_root_device
-                        && drives
-                            .iter()
-                            .any(|x| x.is_root_device && x.drive_id != d.drive_id)
-                    {
-                        return fault(400, "A root block device already exists!");
-                    }
-                    match drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
-                        Some(x) => *x = d,
-                        None => drives.push(d),
-                    }
-                }
-                Response::empty(204)
-            }
-            ("PATCH", ["drives", _]) => fault(
-                400,
-                "Updating a drive after boot is not supported by this VMM yet.",
-            ),
-            ("PUT", ["network-interfaces", id]) => {
-                if !preboot {
-                    return after_boot();
-                }
-                let n: NetworkInterface = match parse(req) {
-                    Ok(n) => n,
-                    Err(r) => return r,
-                };
-                if n.iface_id != *id {
-                    return fault(
-                        400,
-                        format!(
-                            "The id from the path [{id}] does not match the id from the body [{}]!",
-                            n.iface_id
-                        ),
-                    );
-                }
-                if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-                    return fault(400, "Rate limiters are not supported by this VMM yet.");
-                }
-                if let Some(m) = &n.guest_mac {
-                    if let Err(e) = crate::config::parse_mac(m) {
-                        return fault(400, e);
-                    }
-                }
-                if let Phase::PreBoot { nets, .. } = &mut *lock(&self.phase) {
-                    match nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
-                        Some(x) => *x = n,
-                        None => nets.push(n),
-                    }
-                }
-                Response::empty(204)
-            }
-            ("PATCH", ["network-interfaces", _]) => fault(
-                400,
-                "Updating a network interface after boot is not supported by this VMM yet.",
-            ),
-            ("PUT", ["vsock"]) => {
-                if !preboot {
-                    return after_boot();
-                }
-                let v: Vsock = match parse(req) {
-                    Ok(v) => v,
-                    Err(r) => return r,
-                };
-                // The same rules as --vsock: CIDs 0-2 and VMADDR_CID_ANY are reserved.
-                if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
-                    return fault(
-                        400,
-                        format!(
-                            "Invalid vsock guest_cid {}: it is reserved (use 3 or more).",
-                            v.guest_cid
-                        ),
-                    );
-                }
-                if v.uds_path.is_empty() {
-                    return fault(400, "Invalid vsock uds_path: it is empty.");
-                }
-                if let Phase::PreBoot { vsock, .. } = &mut *lock(&self.phase) {
-                    *vsock = Some(v);
-                }
-                Response::empty(204)
-            }
-            ("PUT", ["actions"]) => {
-                let a: Action = match parse(req) {
-                    Ok(a) => a,
-                    Err(r) => return r,
-                };
-                match a.action_type.as_str() {
-                    "InstanceStart" => self.instance_start(),
-                    // The guest-shutdown request: the ACPI power button.
-                    "SendCtrlAltDel" => self.with_control(VmControl::press_power_button),
-                    "FlushMetrics" => fault(400, "Metrics are not configured."),
-                    "Stop" => self.with_control(VmControl::stop),
-                    "Reset" => self.with_control(VmControl::reset),
-                    other => fault(400, format!("Invalid action_type {other:?} (InstanceStart, SendCtrlAltDel, FlushMetrics, Stop, Reset).")),
-                }
-            }
-            ("PATCH", ["vm"]) => {
-                let s: VmState = match parse(req) {
-                    Ok(s) => s,
-                    Err(r) => return r,
-                };
-                match s.state.as_str() {
-                    "Paused" => self.with_control(VmControl::pause),
-                    "Resumed" => self.with_control(VmControl::resume),
-                    other => fault(
-                        400,
-                        format!("Invalid VM state {other:?} (Paused or Resumed)."),
-                    ),
-                }
-            }
-            ("GET", ["vm", "config"]) => {
-                let v = match &*lock(&self.phase) {
-                    Phase::PreBoot {
-                        machine,
-                        boot,
-                        drives,
-                        nets,
-                        vsock,
-                    } => json!({
-                        "boot-source": boot,
-                        "machine-config": machine,
-                        "drives": drives,
-                        "network-interfaces": nets,
-                        "vsock": vsock,
-                    }),
-                    Phase::Running { config, .. } | Phase::Finished { config, .. } => {
-                        config_json(config)
-                    }
-                };
-                Response::json(200, &v)
-            }
-            ("GET", ["vessel", "status"]) => {
-                let v = match &*lock(&self.phase) {
-                    Phase::PreBoot { .. } => json!({"state": "Not started"}),
-                    Phase::Running { control, .. } if control.is_paused() => {
-                        json!({"state": "Paused"})
-                    }
-                    Phase::Running { .. } => json!({"state": "Running"}),
-                    Phase::Finished { how, .. } => json!({"state": "Finished", "exit": how}),
-                };
-                Response::json(200, &v)
-            }
-            (m, _) => fault(
-                400,
-                format!("Invalid request method and/or path: {m} {}.", req.path),
-            ),
+        tracing::info!(
+            "The API server received a {} request on {:?}.",
+            req.method,
+            req.path
+        );
+        let r = self.route(req).unwrap_or_else(|e| e);
+        let first = req.segments().first().copied().unwrap_or("");
+        self.metrics.record(&req.method, first, r.status >= 400);
+        if r.status >= 400 {
+            tracing::info!(
+                "Received Error. Status code: {}. Message: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body).trim()
+            );
         }
+        r
     }
 }
 
@@ -704,210 +801,5 @@ pub fn spawn(path: &std::path::Path, api: Arc<VmmApi>) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(method: &str, path: &str, body: &str) -> Request {
-        Request {
-            method: method.into(),
-            path: path.into(),
-            body: body.as_bytes().to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn msg(r: &Response) -> String {
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        v["fault_message"].as_str().unwrap().to_string()
-    }
-
-    #[test]
-    fn preboot_requests_build_a_config() {
-        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
-        let exe = std::env::current_exe().unwrap();
-        let boot = format!(
-            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
-            exe.display()
-        );
-        assert_eq!(
-            api.handle_req(&req("PUT", "/boot-source", &boot)).status,
-            204
-        );
-        assert_eq!(
-            api.handle_req(&req(
-                "PUT",
-                "/machine-config",
-                r#"{"vcpu_count": 2, "mem_size_mib": 256}"#
-            ))
-            .status,
-            204
-        );
-        let r = api.handle_req(&req("GET", "/vm/config", ""));
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(v["machine-config"]["vcpu_count"], 2);
-        assert_eq!(v["boot-source"]["boot_args"], "console=ttyS0");
-        let drive = format!(
-            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": true}}"#,
-            exe.display()
-        );
-        assert_eq!(
-            api.handle_req(&req("PUT", "/drives/rootfs", &drive)).status,
-            204
-        );
-        let net =
-            r#"{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#;
-        assert_eq!(
-            api.handle_req(&req("PUT", "/network-interfaces/eth0", net))
-                .status,
-            204
-        );
-        let vsock = r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#;
-        assert_eq!(api.handle_req(&req("PUT", "/vsock", vsock)).status, 204);
-        let p = lock(&api.phase);
-        let Phase::PreBoot {
-            machine,
-            boot,
-            drives,
-            nets,
-            vsock,
-        } = &*p
-        else {
-            panic!()
-        };
-        let c = api
-            .build_config(machine, boot, drives, nets, vsock)
-            .unwrap();
-        let v = c.vsock.as_ref().unwrap();
-        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/tmp/v.sock")));
-        assert_eq!((c.cpus, c.memory_mib), (2, 256));
-        assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
-        assert_eq!(c.disks.len(), 1);
-        assert!(c.disks[0].read_only);
-        // Drives are raw, as Firecracker's: never probed (issue 22).
-        assert_eq!(c.disks[0].format, Some(crate::config::DiskFormat::Raw));
-        assert_eq!(c.nets[0].tap, "tap0");
-    }
-
-    #[test]
-    fn bodies_over_51200_bytes_are_refused_before_they_are_read() {
-        use std::io::{Read, Write};
-        let dir = std::env::temp_dir().join(format!("vmm-cap-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("api.sock");
-        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
-        spawn(&sock, api).unwrap();
-        let ask = |len: usize, body: &[u8]| {
-            let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .unwrap();
-            write!(
-                s,
-                "PUT /machine-config HTTP/1.1\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
-            )
-            .unwrap();
-            s.write_all(body).unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out
-        };
-        // Only the head is sent: the answer comes without the server waiting for the body.
-        let r = ask(51_201, b"");
-        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
-        assert!(r.contains("\"fault_message\""), "{r}");
-        assert!(
-            r.contains("size 51201 is larger than the limit of 51200"),
-            "{r}"
-        );
-        let r = ask(usize::MAX, b"");
-        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
-        // At the limit the body is read and parsed (and refused for its content).
-        let mut body = br#"{"vcpu_count": 1, "mem_size_mib": 128}"#.to_vec();
-        body.resize(51_200, b' ');
-        let r = ask(body.len(), &body);
-        assert!(r.starts_with("HTTP/1.1 204"), "{r}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn bad_requests_get_fault_messages() {
-        let api = VmmApi::new_preboot(SerialConfig::Null, crate::config::Accel::Auto);
-        let cases = [
-            ("PUT", "/machine-config", "{", "deserializing"),
-            (
-                "PUT",
-                "/machine-config",
-                r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
-                "vCPU count",
-            ),
-            (
-                "PUT",
-                "/machine-config",
-                r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#,
-                "unknown field",
-            ),
-            (
-                "PUT",
-                "/boot-source",
-                r#"{"kernel_image_path": "/nonexistent"}"#,
-                "cannot be opened",
-            ),
-            (
-                "PUT",
-                "/drives/rootfs",
-                r#"{"drive_id": "rootfs"}"#,
-                "missing field",
-            ),
-            (
-                "PUT",
-                "/drives/rootfs",
-                r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#,
-                "does not match",
-            ),
-            (
-                "PUT",
-                "/drives/rootfs",
-                r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent", "is_root_device": true}"#,
-                "does not exist",
-            ),
-            (
-                "PUT",
-                "/network-interfaces/eth0",
-                r#"{"iface_id": "eth0", "host_dev_name": "t", "guest_mac": "zz"}"#,
-                "bad MAC",
-            ),
-            (
-                "PUT",
-                "/vsock",
-                r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#,
-                "reserved",
-            ),
-            (
-                "PUT",
-                "/actions",
-                r#"{"action_type": "SendCtrlAltDel"}"#,
-                "before starting",
-            ),
-            ("PATCH", "/vm", r#"{"state": "Resumed"}"#, "before starting"),
-            ("PATCH", "/vm", r#"{"state": "Frozen"}"#, "Invalid VM state"),
-            (
-                "PUT",
-                "/actions",
-                r#"{"action_type": "InstanceStart"}"#,
-                "kernel configuration",
-            ),
-            (
-                "PUT",
-                "/actions",
-                r#"{"action_type": "Explode"}"#,
-                "Invalid action_type",
-            ),
-            ("PATCH", "/vm", r#"{"state": "Paused"}"#, "before starting"),
-            ("DELETE", "/", "", "Invalid request"),
-        ];
-        for (m, p, b, want) in cases {
-            let r = api.handle_req(&req(m, p, b));
-            assert_eq!(r.status, 400, "{m} {p}");
-            assert!(msg(&r).contains(want), "{m} {p}: {}", msg(&r));
-        }
-    }
-}
+#[path = "fc_tests.rs"]
+mod tests;

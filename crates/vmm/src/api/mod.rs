@@ -2,5 +2,8 @@
 //! own Firecracker-compatible REST API.
 
 pub mod console;
+pub mod fc_config;
+pub mod fc_log;
+pub mod fc_model;
 pub mod firecracker;
 pub mod http;

@@ -1,0 +1,512 @@
+//! libvirt's network, storage pool and storage volume XML, for the virsh-shaped verbs
+//! (`net-define FILE`, `pool-define FILE`, `vol-create POOL FILE` and the `*-dumpxml`
+//! verbs). As for domains, every element and attribute is either mapped to Vessel's
+//! definition or refused in libvirt's wording; elements libvirt itself only reports
+//! (a pool's capacity, a volume's allocation of 0) are accepted and not kept, as libvirt
+//! does.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use roxmltree::{Document, Node};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::network::{DhcpHost, DhcpRange, NetworkDef};
+use crate::xml_support::unsupported;
+
+fn bad(what: &'static str, why: impl Into<String>) -> Error {
+    Error::invalid(what, why)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+fn text(n: Node) -> String {
+    n.text().unwrap_or("").trim().to_string()
+}
+
+fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+/// Parses a document of one of these small kinds, after the same bounds as domains, and
+/// checks each element path and attribute against `table`.
+fn parse<'i>(
+    what: &'static str,
+    xml: &'i str,
+    root_name: &str,
+    table: &[(&str, &[&str])],
+) -> Result<Document<'i>> {
+    if xml.len() > 1 << 20 {
+        return Err(bad(what, "more than 1 MiB of XML"));
+    }
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: 10_000,
+    };
+    let doc = Document::parse_with_options(xml, opts).map_err(|e| bad(what, e.to_string()))?;
+    let root = doc.root_element();
+    if !root.has_tag_name(root_name) {
+        return Err(bad(
+            what,
+            format!(
+                "the root element is <{}>, not <{root_name}>",
+                root.tag_name().name()
+            ),
+        ));
+    }
+    for n in root.descendants().filter(|n| n.is_element()) {
+        let mut parts: Vec<&str> = n
+            .ancestors()
+            .filter(|a| a.is_element())
+            .map(|a| a.tag_name().name())
+            .collect();
+        parts.reverse();
+        let path = parts.join("/");
+        let name = n.tag_name().name();
+        let Some((_, attrs)) = table.iter().find(|(p, _)| *p == path) else {
+            return Err(bad(
+                what,
+                unsupported(format!("<{name}> ({path}): Vessel does not support it")),
+            ));
+        };
+        if let Some(a) = n
+            .attributes()
+            .find(|a| a.namespace().is_some() || !attrs.contains(&a.name()))
+        {
+            return Err(bad(
+                what,
+                unsupported(format!(
+                    "<{name} {}='{}'> ({path}): Vessel does not support this attribute",
+                    a.name(),
+                    a.value()
+                )),
+            ));
+        }
+    }
+    Ok(doc)
+}
+
+const NETWORK: &[(&str, &[&str])] = &[
+    ("network", &[]),
+    ("network/name", &[]),
+    ("network/bridge", &["name"]),
+    ("network/forward", &["mode"]),
+    ("network/ip", &["address", "netmask", "prefix", "family"]),
+    ("network/ip/dhcp", &[]),
+    ("network/ip/dhcp/range", &["start", "end"]),
+    ("network/ip/dhcp/host", &["mac", "ip"]),
+];
+
+fn ipv4(what: &'static str, s: &str) -> Result<Ipv4Addr> {
+    s.parse()
+        .map_err(|_| bad(what, format!("{s:?} is not an IPv4 address")))
+}
+
+/// A libvirt `<network>`: a bridge, NAT (`<forward/>` or `mode='nat'`; none means an
+/// isolated network), one IPv4 subnet with its DHCP range and fixed hosts.
+pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
+    const W: &str = "network XML";
+    let doc = parse(W, xml, "network", NETWORK)?;
+    let root = doc.root_element();
+    let name = child(root, "name")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(W, "missing <name>"))?;
+    let nat = match child(root, "forward") {
+        None => false,
+        Some(f) => match f.attribute("mode").unwrap_or("nat") {
+            "nat" => true,
+            other => {
+                return Err(bad(
+                    W,
+                    unsupported(format!(
+                        "<forward mode='{other}'>: Vessel's networks are NAT or isolated"
+                    )),
+                ))
+            }
+        },
+    };
+    let ips: Vec<Node> = root.children().filter(|c| c.has_tag_name("ip")).collect();
+    let [ip] = ips.as_slice() else {
+        return Err(bad(
+            W,
+            unsupported("a network needs exactly one IPv4 <ip> (Vessel has no IPv6 yet)"),
+        ));
+    };
+    if let Some(f) = ip.attribute("family").filter(|f| *f != "ipv4") {
+        return Err(bad(W, unsupported(format!("<ip family='{f}'>: IPv4 only"))));
+    }
+    let address = ipv4(
+        W,
+        ip.attribute("address")
+            .ok_or_else(|| bad(W, "<ip> without address"))?,
+    )?;
+    let prefix = match (ip.attribute("prefix"), ip.attribute("netmask")) {
+        (Some(p), None) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| (1..=30).contains(p))
+            .ok_or_else(|| bad(W, format!("prefix {p:?} (1 to 30)")))?,
+        (None, Some(m)) => {
+            let bits = u32::from(ipv4(W, m)?);
+            if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                return Err(bad(W, format!("netmask {m} is not contiguous")));
+            }
+            bits.leading_ones() as u8
+        }
+        _ => return Err(bad(W, "<ip> needs one of netmask or prefix")),
+    };
+    let (mut dhcp, mut hosts) = (None, Vec::new());
+    if let Some(d) = child(*ip, "dhcp") {
+        for n in d.children().filter(|n| n.is_element()) {
+            let attr = |a: &str| {
+                n.attribute(a)
+                    .ok_or_else(|| bad(W, format!("<{}> without {a}", n.tag_name().name())))
+            };
+            match n.tag_name().name() {
+                "range" if dhcp.is_some() => {
+                    return Err(bad(W, unsupported("more than one DHCP <range>")))
+                }
+                "range" => {
+                    dhcp = Some(DhcpRange {
+                        start: ipv4(W, attr("start")?)?,
+                        end: ipv4(W, attr("end")?)?,
+                    })
+                }
+                _ => hosts.push(DhcpHost {
+                    mac: attr("mac")?.to_string(),
+                    ip: ipv4(W, attr("ip")?)?,
+                }),
+            }
+        }
+    }
+    let def = NetworkDef {
+        name,
+        bridge: child(root, "bridge")
+            .and_then(|b| b.attribute("name"))
+            .map(str::to_string),
+        address: format!("{address}/{prefix}"),
+        dhcp,
+        hosts,
+        nat,
+        autostart: false,
+    };
+    Ok(def)
+}
+
+/// A network definition as libvirt network XML (`net-dumpxml`).
+pub fn network_to_xml(def: &NetworkDef, bridge: &str) -> String {
+    let mut x = format!("<network>\n  <name>{}</name>\n", esc(&def.name));
+    if def.nat {
+        x.push_str("  <forward mode='nat'/>\n");
+    }
+    x.push_str(&format!("  <bridge name='{}'/>\n", esc(bridge)));
+    let (addr, prefix) = def.address.split_once('/').unwrap_or((&def.address, "24"));
+    x.push_str(&format!(
+        "  <ip address='{}' prefix='{}'>\n",
+        esc(addr),
+        esc(prefix)
+    ));
+    if def.dhcp.is_some() || !def.hosts.is_empty() {
+        x.push_str("    <dhcp>\n");
+        if let Some(r) = &def.dhcp {
+            x.push_str(&format!(
+                "      <range start='{}' end='{}'/>\n",
+                r.start, r.end
+            ));
+        }
+        for h in &def.hosts {
+            x.push_str(&format!(
+                "      <host mac='{}' ip='{}'/>\n",
+                esc(&h.mac),
+                h.ip
+            ));
+        }
+        x.push_str("    </dhcp>\n");
+    }
+    x.push_str("  </ip>\n</network>\n");
+    x
+}
+
+const POOL: &[(&str, &[&str])] = &[
+    ("pool", &["type"]),
+    ("pool/name", &[]),
+    // Empty for a directory pool: anything inside it is refused by this table.
+    ("pool/source", &[]),
+    ("pool/target", &[]),
+    ("pool/target/path", &[]),
+    // What libvirt reports: accepted and not kept, as libvirt does on define.
+    ("pool/capacity", &["unit"]),
+    ("pool/allocation", &["unit"]),
+    ("pool/available", &["unit"]),
+];
+
+/// A libvirt `<pool type='dir'>`: its name and target path.
+pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf)> {
+    const W: &str = "pool XML";
+    let doc = parse(W, xml, "pool", POOL)?;
+    let root = doc.root_element();
+    match root.attribute("type") {
+        Some("dir") => {}
+        other => {
+            return Err(bad(
+                W,
+                unsupported(format!(
+                    "<pool type='{}'>: Vessel's pools are directories (type='dir')",
+                    other.unwrap_or("")
+                )),
+            ))
+        }
+    }
+    let name = child(root, "name")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(W, "missing <name>"))?;
+    let path = child(root, "target")
+        .and_then(|t| child(t, "path"))
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(W, "missing <target><path>"))?;
+    Ok((name, path.into()))
+}
+
+/// A pool (the daemon's pool JSON) as libvirt pool XML (`pool-dumpxml`).
+pub fn pool_to_xml(p: &Value) -> String {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    format!(
+        "<pool type='dir'>\n  <name>{}</name>\n  <capacity unit='bytes'>{}</capacity>\n  \
+         <allocation unit='bytes'>{}</allocation>\n  <available unit='bytes'>{}</available>\n  \
+         <source>\n  </source>\n  <target>\n    <path>{}</path>\n  </target>\n</pool>\n",
+        esc(p["name"].as_str().unwrap_or("")),
+        n("capacity"),
+        n("capacity").saturating_sub(n("available")),
+        n("available"),
+        esc(p["path"].as_str().unwrap_or(""))
+    )
+}
+
+const VOLUME: &[(&str, &[&str])] = &[
+    ("volume", &["type"]),
+    ("volume/name", &[]),
+    ("volume/key", &[]),
+    ("volume/capacity", &["unit"]),
+    ("volume/allocation", &["unit"]),
+    ("volume/target", &[]),
+    ("volume/target/path", &[]),
+    ("volume/target/format", &["type"]),
+];
+
+/// libvirt's size units (`<capacity unit='G'>`), to bytes; bytes when none is given.
+fn sized(what: &'static str, n: Node) -> Result<u64> {
+    let v: u64 = text(n)
+        .parse()
+        .map_err(|_| bad(what, format!("<{}> is not a number", n.tag_name().name())))?;
+    let unit: u64 = match n.attribute("unit").unwrap_or("bytes") {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "K" | "KiB" => 1 << 10,
+        "MB" => 1000_u64.pow(2),
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1000_u64.pow(3),
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1000_u64.pow(4),
+        "T" | "TiB" => 1 << 40,
+        "PB" => 1000_u64.pow(5),
+        "P" | "PiB" => 1 << 50,
+        other => return Err(bad(what, format!("unknown size unit {other:?}"))),
+    };
+    v.checked_mul(unit)
+        .ok_or_else(|| bad(what, "size out of range"))
+}
+
+/// A libvirt `<volume>`: name, capacity, format (raw or qcow2; raw when absent).
+pub fn volume_from_xml(xml: &str) -> Result<(String, u64, String)> {
+    const W: &str = "volume XML";
+    let doc = parse(W, xml, "volume", VOLUME)?;
+    let root = doc.root_element();
+    if let Some(t) = root.attribute("type").filter(|t| *t != "file") {
+        return Err(bad(
+            W,
+            unsupported(format!("<volume type='{t}'>: files only")),
+        ));
+    }
+    let name = child(root, "name")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad(W, "missing <name>"))?;
+    let capacity = sized(
+        W,
+        child(root, "capacity").ok_or_else(|| bad(W, "missing <capacity>"))?,
+    )?;
+    if let Some(a) = child(root, "allocation") {
+        if sized(W, a)? != 0 {
+            return Err(bad(
+                W,
+                unsupported("<allocation> above 0: Vessel does not preallocate volumes"),
+            ));
+        }
+    }
+    let format = match child(root, "target").and_then(|t| child(t, "format")) {
+        None => "raw".to_string(),
+        Some(f) => match f.attribute("type") {
+            Some(t @ ("raw" | "qcow2")) => t.to_string(),
+            other => {
+                return Err(bad(
+                    W,
+                    unsupported(format!(
+                        "<format type='{}'>: raw or qcow2",
+                        other.unwrap_or("")
+                    )),
+                ))
+            }
+        },
+    };
+    if let Some(p) = child(root, "target")
+        .and_then(|t| child(t, "path"))
+        .map(text)
+    {
+        if !p.ends_with(&format!("/{name}")) {
+            return Err(bad(
+                W,
+                unsupported(format!(
+                    "<target><path>{p}</path>: a volume's file is its pool's folder/name"
+                )),
+            ));
+        }
+    }
+    Ok((name, capacity, format))
+}
+
+/// A volume (the daemon's volume JSON) as libvirt volume XML (`vol-dumpxml`).
+pub fn volume_to_xml(v: &Value) -> String {
+    let path = v["path"].as_str().unwrap_or("");
+    format!(
+        "<volume type='file'>\n  <name>{}</name>\n  <key>{}</key>\n  \
+         <capacity unit='bytes'>{}</capacity>\n  <allocation unit='bytes'>{}</allocation>\n  \
+         <target>\n    <path>{}</path>\n    <format type='{}'/>\n  </target>\n</volume>\n",
+        esc(v["name"].as_str().unwrap_or("")),
+        esc(path),
+        v["capacity"].as_u64().unwrap_or(0),
+        v["allocation"].as_u64().unwrap_or(0),
+        esc(path),
+        esc(v["format"].as_str().unwrap_or("raw"))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of libvirt's own default network (written here, not copied).
+    const DEFAULT_NET: &str = r#"<network>
+  <name>default</name>
+  <bridge name="virbr0"/>
+  <forward/>
+  <ip address="192.168.122.1" netmask="255.255.255.0">
+    <dhcp>
+      <range start="192.168.122.2" end="192.168.122.254"/>
+    </dhcp>
+  </ip>
+</network>"#;
+
+    #[test]
+    fn libvirts_default_network_maps_and_round_trips() {
+        let d = network_from_xml(DEFAULT_NET).unwrap();
+        assert_eq!(d.name, "default");
+        assert_eq!(d.bridge.as_deref(), Some("virbr0"));
+        assert_eq!(d.address, "192.168.122.1/24");
+        assert!(d.nat);
+        let r = d.dhcp.clone().unwrap();
+        assert_eq!(
+            (r.start.to_string(), r.end.to_string()),
+            ("192.168.122.2".into(), "192.168.122.254".into())
+        );
+        let again = network_from_xml(&network_to_xml(&d, "virbr0")).unwrap();
+        assert_eq!(again, d);
+        // No <forward>: isolated; hosts map; a prefix works as well as a netmask.
+        let iso = network_from_xml(
+            "<network><name>iso</name><ip address='10.1.0.1' prefix='16'><dhcp>\
+             <host mac='52:54:00:00:00:07' ip='10.1.0.7'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        assert!(!iso.nat);
+        assert_eq!(iso.address, "10.1.0.1/16");
+        assert_eq!(iso.hosts[0].mac, "52:54:00:00:00:07");
+    }
+
+    #[test]
+    fn network_elements_vessel_lacks_are_refused() {
+        for (xml, want) in [
+            ("<network><name>n</name><forward mode='bridge'/><ip address='10.0.0.1' prefix='24'/></network>", "mode='bridge'"),
+            ("<network><name>n</name><ip family='ipv6' address='fd00::1' prefix='64'/></network>", "family='ipv6'"),
+            ("<network><name>n</name><dns><host ip='10.0.0.2'/></dns><ip address='10.0.0.1' prefix='24'/></network>", "<dns>"),
+            ("<network><name>n</name><bridge name='b' stp='on'/><ip address='10.0.0.1' prefix='24'/></network>", "stp"),
+            ("<network><name>n</name><uuid>x</uuid><ip address='10.0.0.1' prefix='24'/></network>", "<uuid>"),
+            ("<network><name>n</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "contiguous"),
+            ("<network><name>n</name></network>", "exactly one IPv4"),
+            ("<network><name>n</name><ip address='10.0.0.1' prefix='24'><dhcp><host mac='52:54:00:00:00:01' name='web' ip='10.0.0.5'/></dhcp></ip></network>", "name='web'"),
+        ] {
+            let e = network_from_xml(xml).unwrap_err().to_string();
+            assert!(e.contains(want), "{xml}: {e}");
+        }
+    }
+
+    #[test]
+    fn pools_and_volumes_map_and_refuse() {
+        let (n, p) = pool_from_xml(
+            "<pool type='dir'><name>images</name><capacity unit='bytes'>1</capacity>\
+             <source/><target><path>/var/lib/vessel/images</path></target></pool>",
+        )
+        .unwrap();
+        assert_eq!(
+            (n.as_str(), p.to_str()),
+            ("images", Some("/var/lib/vessel/images"))
+        );
+        let dumped = pool_to_xml(
+            &serde_json::json!({"name": "images", "path": "/var/lib/vessel/images", "capacity": 100, "available": 40}),
+        );
+        assert_eq!(pool_from_xml(&dumped).unwrap().1, p);
+        for (xml, want) in [
+            ("<pool type='logical'><name>v</name><target><path>/dev/v</path></target></pool>", "type='logical'"),
+            ("<pool type='dir'><name>v</name><target><path>/p</path><permissions><mode>0700</mode></permissions></target></pool>", "<permissions>"),
+        ] {
+            let e = pool_from_xml(xml).unwrap_err().to_string();
+            assert!(e.contains(want), "{xml}: {e}");
+        }
+        let (n, cap, f) = volume_from_xml(
+            "<volume><name>disk.qcow2</name><capacity unit='G'>10</capacity>\
+             <allocation>0</allocation><target><format type='qcow2'/></target></volume>",
+        )
+        .unwrap();
+        assert_eq!(
+            (n.as_str(), cap, f.as_str()),
+            ("disk.qcow2", 10 << 30, "qcow2")
+        );
+        let (_, cap, f) =
+            volume_from_xml("<volume><name>r</name><capacity>512</capacity></volume>").unwrap();
+        assert_eq!((cap, f.as_str()), (512, "raw"));
+        let dumped = volume_to_xml(
+            &serde_json::json!({"name": "r", "path": "/p/r", "capacity": 512, "allocation": 0, "format": "raw"}),
+        );
+        assert_eq!(
+            volume_from_xml(&dumped).unwrap(),
+            ("r".into(), 512, "raw".into())
+        );
+        for (xml, want) in [
+            ("<volume><name>v</name><capacity>1</capacity><allocation unit='M'>1</allocation></volume>", "preallocate"),
+            ("<volume><name>v</name><capacity>1</capacity><target><format type='vmdk'/></target></volume>", "vmdk"),
+            ("<volume><name>v</name><capacity>1</capacity><backingStore><path>/b</path></backingStore></volume>", "<backingStore>"),
+            ("<volume><name>v</name><capacity unit='parsec'>1</capacity></volume>", "unit"),
+        ] {
+            let e = volume_from_xml(xml).unwrap_err().to_string();
+            assert!(e.contains(want), "{xml}: {e}");
+        }
+    }
+}
