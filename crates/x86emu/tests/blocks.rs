@@ -468,6 +468,56 @@ fn indirect_calls_follow_a_remapped_page_past_the_jump_cache() {
     assert_eq!(compiled, interpreted);
 }
 
+/// STC, CLC and CMC run as themselves (CF is in the host's flags), CLD and STD as stores
+/// to the state's DF: a block that starts with one compiles, and leaves the registers,
+/// the status flags and DF as the interpreter does (REP MOVSB reads DF after STD/CLD).
+#[test]
+fn carry_and_direction_flag_instructions_compile() {
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rdx, 300u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.clc().unwrap();
+        a.adc(rax, rbx).unwrap();
+        a.stc().unwrap();
+        a.adc(rcx, 5).unwrap();
+        a.cmc().unwrap();
+        a.sbb(rsi, 1).unwrap();
+        a.std().unwrap();
+        a.pushfq().unwrap();
+        a.pop(r8).unwrap();
+        a.add(r9, r8).unwrap();
+        a.cld().unwrap();
+        a.lea(rsi, qword_ptr(r15 + 0x100)).unwrap();
+        a.lea(rdi, qword_ptr(r15 + 0x140)).unwrap();
+        a.mov(r10, rcx).unwrap();
+        a.mov(ecx, 8).unwrap();
+        a.rep().movsb().unwrap();
+        a.mov(rcx, r10).unwrap();
+        a.dec(rdx).unwrap();
+        a.jnz(top).unwrap();
+        a.std().unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&code, &[7, 9, 0, 0, 100, 0, 0, 0, 0, 0], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (
+            g.cpu.state().gpr,
+            g.cpu.state().rflags,
+            g.cpu.compiled_blocks(),
+        )
+    };
+    let (interpreted, flags, _) = run(None);
+    let (compiled, cflags, blocks) = run(Some(0));
+    assert!(blocks >= 2, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+    assert_eq!(cflags, flags);
+    assert_ne!(flags & 0x400, 0, "DF set at the end");
+    assert_ne!(interpreted[8] & 0x400, 0, "PUSHF after STD sees DF");
+}
+
 /// A loop that rewrites an immediate in its own body: the compiled and linked code must
 /// notice (the store leaves compiled code, the epoch moves, the links are cut).
 #[test]

@@ -108,6 +108,9 @@ pub(super) enum Kind {
     Sti,
     /// SWAPGS at CPL0.
     Swapgs,
+    /// CLD and STD: DF lives in the state's RFLAGS, never in the host's.
+    Cld,
+    Std,
     /// RDTSC where it may run (else the interpreter raises #GP): a call of the CPU's
     /// clock.
     Rdtsc,
@@ -203,6 +206,10 @@ fn runs_natively(ins: &Instruction, model: u64) -> bool {
                 | M::Cmpxchg
                 | M::Cmpxchg16b
                 | M::Xadd
+                // CF lives in the host's RFLAGS like the other status flags.
+                | M::Stc
+                | M::Clc
+                | M::Cmc
                 // The host's fences order the host's accesses, which are the guest's.
                 | M::Lfence
                 | M::Mfence
@@ -308,6 +315,8 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Cli => return Some(Kind::Cli),
         Code::Sti if !last => return Some(Kind::Sti),
         Code::Swapgs => return Some(Kind::Swapgs),
+        Code::Cld => return Some(Kind::Cld),
+        Code::Std => return Some(Kind::Std),
         Code::Rdtsc => return Some(Kind::Rdtsc),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),

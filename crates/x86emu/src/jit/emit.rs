@@ -178,6 +178,8 @@ pub(super) fn translate(
             Kind::Cli => e.set_if(i as u32, false)?,
             Kind::Sti => e.set_if(i as u32, true)?,
             Kind::Swapgs => e.swapgs(i as u32)?,
+            Kind::Cld => e.set_df(false)?,
+            Kind::Std => e.set_df(true)?,
             Kind::Rdtsc => e.rdtsc(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
@@ -1290,6 +1292,24 @@ impl Emitter {
         }
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
         self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        Some(())
+    }
+
+    /// CLD/STD: DF in the state's RFLAGS (the host's DF stays clear; compiled string
+    /// instructions and the interpreter read the state's). Flag-free.
+    fn set_df(&mut self, set: bool) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9};
+        let df = crate::state::flags::DF;
+        let a = &mut self.a;
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, !df));
+        a!(a.pext(r8, r8, r9));
+        a!(a.pdep(r8, r8, r9));
+        if set {
+            a!(a.lea(r8, ptr(r8 + df as i32)));
+        }
+        a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
+        self.clobber(&[Register::R8, Register::R9]);
         Some(())
     }
 
