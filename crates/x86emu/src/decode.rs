@@ -301,6 +301,9 @@ pub(crate) struct BlockCache {
     jc_seen: (u64, u64),
 }
 
+/// Links remembered before all are cut regardless of the epoch (see `BlockCache::link`).
+const MAX_LIVE_LINKS: usize = 1 << 20;
+
 /// Whether `page[off..]` starts with `code`.
 ///
 /// # Safety
@@ -694,6 +697,11 @@ impl BlockCache {
         j.link(link as u64, c.chain_entry);
         body.incoming.push(link);
         self.live_links.push((link as u64, slot as u32));
+        // Relinks after evictions add entries while the epoch stands still: cutting
+        // everything now and then keeps the list bounded (a cut only costs relinks).
+        if self.live_links.len() >= MAX_LIVE_LINKS {
+            self.cut_links(self.links_epoch);
+        }
     }
 
     /// Cuts every link when the code epoch has moved since the last call: a chain entry
