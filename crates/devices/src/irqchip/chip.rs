@@ -68,7 +68,7 @@ pub const MAX_CPUS: u32 = 4096;
 const NO_SENDER: u32 = u32::MAX;
 
 /// A startup message the VMM must act on for a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StartupEvent {
     /// INIT: the LAPIC has been reset; the VMM resets the CPU and waits for a SIPI.
     Init,
@@ -76,9 +76,16 @@ pub enum StartupEvent {
     Sipi(u8),
 }
 
+/// Why a chip refused a snapshot's state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChipStateError {
+    #[error("the snapshot's interrupt controller has {snapshot} local APICs, this VM {chip}")]
+    CpuCount { chip: usize, snapshot: usize },
+}
+
 /// A snapshot of the whole chip ([`UserIrqChip::state`], [`UserIrqChip::from_state`]).
 /// Times are in the VM's `now_ns` clock, so restore it with the same time base.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserIrqChipState {
     pub lapics: Vec<LapicState>,
     pub ioapic: IoApicState,
@@ -379,6 +386,32 @@ impl UserIrqChip {
         };
         chip.notify(&chip.lock());
         chip
+    }
+
+    /// Puts every controller in the state `state` describes (a snapshot of a chip
+    /// with as many vCPUs), then lets each vCPU look for events again. Refused, with
+    /// nothing changed, for another vCPU count.
+    pub fn restore(&self, state: &UserIrqChipState) -> Result<(), ChipStateError> {
+        let n = self.wake.len();
+        if state.lapics.len() != n {
+            return Err(ChipStateError::CpuCount {
+                chip: n,
+                snapshot: state.lapics.len(),
+            });
+        }
+        let fresh = Self::from_state(state)
+            .state
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = self.lock();
+            *st = fresh;
+            self.notify(&st);
+        }
+        for cpu in 0..n {
+            self.kick(cpu as u32);
+        }
+        Ok(())
     }
 
     /// The LAPIC timer's input clock, for CPUID 0x15 (crystal) / 0x16 (bus).
