@@ -1,0 +1,404 @@
+//! Snapshot and restore of a Linux guest under the emu accelerator, through
+//! Firecracker's API and `vessel run --restore`: a guest shell loop that counts and
+//! prints the wall-clock time goes on in a new VMM process without a gap or a repeat,
+//! its clock agrees with the host's, and what it wrote to its virtio-blk disk before the
+//! snapshot is read back (from the disk, not the page cache) after it. Snapshots that
+//! are truncated, of another format version, or that do not fit the host (memory file,
+//! disk, accelerator) are refused with a message and nothing started, on the command
+//! line and through `PUT /snapshot/load`, whose VMM then still loads a good one.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{ChildStdin, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{assets, vessel, Guarded, TempDir};
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(120);
+const CMD: Duration = Duration::from_secs(30);
+const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// A VMM process with its console on pipes.
+struct Vm {
+    child: Guarded,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vm {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Vm {
+        let mut child = vessel()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vessel");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Vm {
+            child: Guarded(child),
+            stdin,
+            out,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits for `needle` after byte `from`; returns the offset past it.
+    fn wait_for(&mut self, needle: &str, from: usize, limit: Duration) -> usize {
+        let t0 = Instant::now();
+        loop {
+            let text = self.text();
+            if let Some(i) = text.get(from..).and_then(|t| t.find(needle)) {
+                return from + i + needle.len();
+            }
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.0.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("the VMM exited ({status}) before {needle:?}:\n{text}\n{err}");
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "the guest never printed {needle:?} within {limit:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let r = vmm::api::http::client_request(
+        sock,
+        method,
+        path,
+        body.map(|b| ("application/json", b.as_bytes())),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+fn wait_for_socket(sock: &Path) {
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < CMD, "no API socket at {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The guest loop's lines: (count, guest wall-clock seconds), whole lines only.
+fn ticks(text: &str) -> Vec<(u64, u64)> {
+    text.split("tick ")
+        .skip(1)
+        .filter_map(|t| {
+            let line = t.split(['\r', '\n']).next()?;
+            t.get(line.len()..)?
+                .starts_with(['\r', '\n'])
+                .then_some(())?;
+            let mut f = line.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Checks that the counts in `all` go up by one from `first` with nothing lost or
+/// repeated.
+fn assert_consecutive(all: &[(u64, u64)], first: u64, what: &str) {
+    let counts: Vec<u64> = all.iter().map(|t| t.0).collect();
+    assert_eq!(counts.first(), Some(&first), "{what}: {counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: ticks lost or repeated: {counts:?}"
+    );
+}
+
+/// Restoring from the command line must fail fast, say `why`, and leave no API socket.
+fn assert_refused(args: &[&std::ffi::OsStr], sock: &Path, why: &str) {
+    let t0 = Instant::now();
+    let out = vessel()
+        .args(args)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.contains(why), "{args:?}: wanted {why:?} in:\n{err}");
+    assert!(t0.elapsed() < CMD, "{args:?} took {:?}", t0.elapsed());
+    assert!(!sock.exists(), "{args:?} left an API socket");
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["vmstate", "memory"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
+    let a = assets();
+    let dir = TempDir::new("snap");
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let s1 = dir.path().join("api1.sock");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let boot_args: Vec<std::ffi::OsString> = vec![
+        os("run"),
+        os("--accel"),
+        os("emu"),
+        os("--memory"),
+        os("256M"),
+        os("--serial"),
+        os("stdio"),
+        os("--kernel"),
+        a.join("vmlinuz").into(),
+        os("--initrd"),
+        a.join("initramfs.cpio.gz").into(),
+        os("--cmdline"),
+        os(CMDLINE),
+        os("--disk"),
+        disk.clone().into(),
+        os("--api-sock"),
+        s1.clone().into(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = boot_args.iter().map(|s| s.as_os_str()).collect();
+    let mut vm1 = Vm::spawn(&args);
+    let at = vm1.wait_for("~ #", 0, BOOT);
+    // A marker on the disk's first sector, flushed; then the counting loop.
+    vm1.type_line(
+        "echo disk-marker-before | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null; \
+         i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.2; done &",
+    );
+    vm1.wait_for("tick 5 ", at, CMD);
+
+    // Snapshot creation is refused while the VM runs, then taken paused.
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.join("vmstate").display(),
+        snap.join("memory").display()
+    );
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["fault_message"].as_str().unwrap().contains("paused"),
+        "{v}"
+    );
+    let diff = create.replace("\"Full\"", "\"Diff\"");
+    let (s, v) = api(&s1, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 204, "{v}");
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&diff));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["fault_message"].as_str().unwrap().contains("Full"), "{v}");
+    let t0 = Instant::now();
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 204, "{v}");
+    eprintln!("snapshot created in {:?}", t0.elapsed());
+    // The old VMM dies; what it printed is the first half of the count.
+    vm1.child.0.kill().unwrap();
+    vm1.child.0.wait().unwrap();
+    let before = vm1.text();
+    let before_ticks = ticks(&before);
+    let last = before_ticks.last().expect("ticks before the snapshot").0;
+    // A line the old VMM was printing when it paused may end in the new one's output.
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+
+    // The refusals, each with nothing started.
+    let bad = dir.path().join("bad");
+    copy_snapshot(&snap, &bad);
+    let state = std::fs::read(snap.join("vmstate")).unwrap();
+    let sock = dir.path().join("refused.sock");
+    let restore_bad = |why: &str| {
+        assert_refused(
+            &[
+                "run".as_ref(),
+                "--restore".as_ref(),
+                bad.as_os_str(),
+                "--serial".as_ref(),
+                "null".as_ref(),
+            ],
+            &sock,
+            why,
+        )
+    };
+    std::fs::write(bad.join("vmstate"), &state[..state.len() / 2]).unwrap();
+    restore_bad("truncated");
+    let mut other = state.clone();
+    other[8] = 2;
+    std::fs::write(bad.join("vmstate"), &other).unwrap();
+    restore_bad("version 2");
+    let mut flipped = state.clone();
+    *flipped.last_mut().unwrap() ^= 0x20;
+    std::fs::write(bad.join("vmstate"), &flipped).unwrap();
+    restore_bad("checksum");
+    std::fs::write(bad.join("vmstate"), &state).unwrap();
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bad.join("memory"))
+        .unwrap();
+    mem.set_len(128 << 20).unwrap();
+    restore_bad("memory file");
+    assert_refused(
+        &[
+            "run".as_ref(),
+            "--restore".as_ref(),
+            snap.as_os_str(),
+            "--accel".as_ref(),
+            "kvm".as_ref(),
+        ],
+        &sock,
+        "accel",
+    );
+
+    // Through the API: a refused load leaves the VMM waiting, and a good one then runs.
+    let s2 = dir.path().join("api2.sock");
+    let mut vm2 = Vm::spawn(&[
+        "run".as_ref(),
+        "--api-sock".as_ref(),
+        s2.as_os_str(),
+        "--api-only".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+    ]);
+    wait_for_socket(&s2);
+    std::fs::write(bad.join("vmstate"), &state[..100]).unwrap();
+    let load = |state: &Path, mem: &Path| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            mem.display()
+        )
+    };
+    let (s, v) = api(
+        &s2,
+        "PUT",
+        "/snapshot/load",
+        Some(&load(&bad.join("vmstate"), &snap.join("memory"))),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["fault_message"].as_str().unwrap().contains("truncated"),
+        "{v}"
+    );
+    assert_eq!(api(&s2, "GET", "/", None).1["state"], "Not started");
+    let t0 = Instant::now();
+    let (s, v) = api(
+        &s2,
+        "PUT",
+        "/snapshot/load",
+        Some(&load(&snap.join("vmstate"), &snap.join("memory"))),
+    );
+    assert_eq!(s, 204, "{v}");
+    eprintln!("restored and running in {:?}", t0.elapsed());
+    assert_eq!(api(&s2, "GET", "/", None).1["state"], "Running");
+    let want = format!("tick {} ", last + 5);
+    vm2.wait_for(&want, 0, CMD);
+    let host = unix_now();
+    let after = format!("{tail}{}", vm2.text());
+    let all: Vec<(u64, u64)> = before_ticks.iter().copied().chain(ticks(&after)).collect();
+    assert_consecutive(&all, 1, "snapshot, then load through the API");
+    let guest = all.last().unwrap().1;
+    assert!(
+        guest.abs_diff(host) <= 2,
+        "the restored guest's clock says {guest}, the host's {host}"
+    );
+    let (s, v) = api(&s2, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
+    assert_eq!(s, 204, "{v}");
+    drop(vm2);
+
+    // From the command line, a while later: the count goes on from the same point, the
+    // clock has moved on with the host's, and the disk holds what was written before.
+    std::thread::sleep(Duration::from_secs(2));
+    let s3 = dir.path().join("api3.sock");
+    let mut vm3 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--api-sock".as_ref(),
+        s3.as_os_str(),
+    ]);
+    let at = vm3.wait_for(&want, 0, CMD);
+    let host = unix_now();
+    let after = format!("{tail}{}", vm3.text());
+    let all: Vec<(u64, u64)> = before_ticks.iter().copied().chain(ticks(&after)).collect();
+    assert_consecutive(&all, 1, "snapshot, then vessel run --restore");
+    let guest = all.last().unwrap().1;
+    assert!(
+        guest.abs_diff(host) <= 2,
+        "the restored guest's clock says {guest}, the host's {host}"
+    );
+    vm3.type_line(
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=512 count=1 2>/dev/null | \
+         head -c 18; echo; echo disk-marker-after | dd of=/dev/vda bs=512 seek=1 count=1 \
+         conv=sync,fsync 2>/dev/null && echo wrote''-after",
+    );
+    let end = vm3.wait_for("wrote-after", at, CMD);
+    assert!(
+        vm3.text()[at..end].contains("\ndisk-marker-before"),
+        "the disk's first sector after the restore:\n{}",
+        &vm3.text()[at..end]
+    );
+    let (s, v) = api(&s3, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
+    assert_eq!(s, 204, "{v}");
+    let t0 = Instant::now();
+    while vm3.child.0.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < CMD, "the restored VMM did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let on_disk = std::fs::read(&disk).unwrap();
+    assert!(on_disk.starts_with(b"disk-marker-before"));
+    assert!(on_disk[512..].starts_with(b"disk-marker-after"));
+
+    // A disk that changed size since the snapshot is refused.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(9 << 20)
+        .unwrap();
+    assert_refused(
+        &["run".as_ref(), "--restore".as_ref(), snap.as_os_str()],
+        &sock,
+        "disk",
+    );
+}
