@@ -79,6 +79,8 @@ mod tests {
         a.inject_nmi();
         a.init(true);
         a.state_mut().gpr[0] = 7;
+        a.state_mut().fpu.xmm[3] = u128::MAX - 5;
+        a.state_mut().fpu.ymm_hi[15] = 1 << 100;
         let snap = a.snapshot();
         let json = serde_json::to_string(&snap).unwrap();
         let back: CpuSnapshot = serde_json::from_str(&json).unwrap();

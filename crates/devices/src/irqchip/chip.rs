@@ -1278,6 +1278,38 @@ mod tests {
     }
 
     #[test]
+    fn restore_into_a_live_chip_through_serde() {
+        let c = chip(2);
+        linux_pic_init(&c);
+        route(&c, 9, 0x0000_8039, 1);
+        c.set_irq_line(9, true);
+        lapic_write(&c, 0, 0x310, 0x0100_0000);
+        lapic_write(&c, 0, 0x300, 0x0000_4608);
+        let s = c.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let back: UserIrqChipState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        // A fresh chip of the same size takes it and delivers what was pending.
+        let live = chip(2);
+        live.restore(&back).unwrap();
+        assert_eq!(live.state(), s);
+        assert!(live.event_hint(1));
+        assert_eq!(live.acknowledge_interrupt(1), Some(0x39));
+        assert_eq!(live.take_startup_events(1), vec![StartupEvent::Sipi(8)]);
+        // Another vCPU count is refused and changes nothing.
+        let other = chip(1);
+        let before = other.state();
+        assert_eq!(
+            other.restore(&s),
+            Err(ChipStateError::CpuCount {
+                chip: 1,
+                snapshot: 2
+            })
+        );
+        assert_eq!(other.state(), before);
+    }
+
+    #[test]
     fn hostile_inputs() {
         assert_eq!(UserIrqChip::new(0, 0, 0).cpus(), 1);
         assert_eq!(UserIrqChip::new(u32::MAX, 1, 1).cpus(), MAX_CPUS);
