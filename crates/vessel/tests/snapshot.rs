@@ -378,10 +378,36 @@ fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
         "the disk's first sector after the restore:\n{}",
         &vm3.text()[at..end]
     );
-    let (s, v) = api(&s3, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
+    // A snapshot of the restored VM over the files it was restored from (whose memory
+    // file it maps), restored again: the count still goes on.
+    let (s, v) = api(&s3, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(s, 204, "{v}");
+    let (s, v) = api(&s3, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 204, "{v}");
+    vm3.child.0.kill().unwrap();
+    vm3.child.0.wait().unwrap();
+    let second = format!("{tail}{}", vm3.text());
+    let second_ticks: Vec<(u64, u64)> =
+        before_ticks.iter().copied().chain(ticks(&second)).collect();
+    let last2 = second_ticks.last().unwrap().0;
+    let tail2 = second.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let mut vm4 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+    ]);
+    vm4.wait_for(&format!("tick {} ", last2 + 3), 0, CMD);
+    let all: Vec<(u64, u64)> = second_ticks
+        .iter()
+        .copied()
+        .chain(ticks(&format!("{tail2}{}", vm4.text())))
+        .collect();
+    assert_consecutive(&all, 1, "a snapshot of a restored VM, restored");
+    vm4.type_line("sync; poweroff -f");
     let t0 = Instant::now();
-    while vm3.child.0.try_wait().unwrap().is_none() {
+    while vm4.child.0.try_wait().unwrap().is_none() {
         assert!(t0.elapsed() < CMD, "the restored VMM did not stop");
         std::thread::sleep(Duration::from_millis(20));
     }

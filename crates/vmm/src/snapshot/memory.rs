@@ -78,9 +78,28 @@ fn all_zero(b: &[u8]) -> bool {
     head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
-/// Writes every region of `memory` to `path` (created or truncated) as [`layout`] places
-/// them; returns that layout. The VM must be paused.
+/// Writes every region of `memory` to `path` as [`layout`] places them; returns that
+/// layout. The VM must be paused. The file is written under a temporary name and renamed
+/// into place: a VM restored from the file `path` names keeps its mapping of the old one.
 pub fn write(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, MemoryError> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let r = write_to(memory, &tmp).and_then(|regions| {
+        std::fs::rename(&tmp, path)
+            .map(|()| regions)
+            .map_err(|source| MemoryError::Write {
+                path: path.into(),
+                source,
+            })
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn write_to(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, MemoryError> {
     let err = |source| MemoryError::Write {
         path: path.into(),
         source,
