@@ -428,3 +428,96 @@ fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
         "disk",
     );
 }
+
+/// Each vCPU's counting loop's lines "cpuC tick N", whole lines only: (C, N).
+fn cpu_ticks(text: &str) -> Vec<(u32, u64)> {
+    text.split("cpu")
+        .skip(1)
+        .filter_map(|t| {
+            let line = t.split(['\r', '\n']).next()?;
+            t.get(line.len()..)?
+                .starts_with(['\r', '\n'])
+                .then_some(())?;
+            let (c, n) = line.split_once(" tick ")?;
+            Some((c.parse().ok()?, n.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn two_vcpus_each_go_on_after_a_restore() {
+    let a = assets();
+    let dir = TempDir::new("snap-smp");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let s1 = dir.path().join("api1.sock");
+    let mut vm1 = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--cpus".as_ref(),
+        "2".as_ref(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        a.join("initramfs.cpio.gz").as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        s1.as_os_str(),
+    ]);
+    let at = vm1.wait_for("~ #", 0, BOOT);
+    // One loop pinned to each CPU: both CPUs' state (and their IPIs, timers) matter.
+    vm1.type_line(
+        "for c in 0 1; do taskset $((c+1)) sh -c \"i=0; while true; do i=\\$((i+1)); \
+         echo cpu$c tick \\$i; sleep 0.2; done\" & done",
+    );
+    vm1.wait_for("cpu1 tick 5\r\n", at, CMD);
+    let (s, v) = api(&s1, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 204, "{v}");
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.join("vmstate").display(),
+        snap.join("memory").display()
+    );
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 204, "{v}");
+    vm1.child.0.kill().unwrap();
+    vm1.child.0.wait().unwrap();
+    let before = vm1.text();
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let last = |all: &[(u32, u64)], c: u32| all.iter().rev().find(|t| t.0 == c).map(|t| t.1);
+    let before_ticks = cpu_ticks(&before);
+    let (last0, last1) = (
+        last(&before_ticks, 0).unwrap(),
+        last(&before_ticks, 1).unwrap(),
+    );
+
+    let mut vm2 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+    ]);
+    vm2.wait_for(&format!("cpu0 tick {}\r\n", last0 + 5), 0, CMD);
+    vm2.wait_for(&format!("cpu1 tick {}\r\n", last1 + 5), 0, CMD);
+    let all: Vec<(u32, u64)> = before_ticks
+        .into_iter()
+        .chain(cpu_ticks(&format!("{tail}{}", vm2.text())))
+        .collect();
+    for c in [0, 1] {
+        let counts: Vec<u64> = all.iter().filter(|t| t.0 == c).map(|t| t.1).collect();
+        assert!(
+            counts.first() == Some(&1) && counts.windows(2).all(|w| w[1] == w[0] + 1),
+            "cpu{c}'s loop lost or repeated ticks: {counts:?}"
+        );
+    }
+    vm2.type_line("grep -c ^processor /proc/cpuinfo; echo cpus''-counted");
+    let end = vm2.wait_for("cpus-counted", 0, CMD);
+    assert!(vm2.text()[..end].contains("\n2\r\n"), "{}", vm2.text());
+}
