@@ -341,17 +341,21 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             snapshot.config.cpus
         )));
     }
-    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
-    let ram: u64 = arch::layout::ram_regions(snapshot.config.memory_bytes())
-        .iter()
-        .map(|r| r.1)
-        .sum();
-    if want != ram {
+    // Exactly the RAM layout its configuration gives, nothing placed elsewhere.
+    let ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
+    let layout_ok = snapshot.memory.len() == ram.len()
+        && snapshot
+            .memory
+            .iter()
+            .zip(&ram)
+            .all(|(m, &(gpa, len))| m.gpa == gpa && m.len == len);
+    if !layout_ok {
         return Err(SnapshotError::Invalid(format!(
-            "its memory regions hold {want} bytes, its {} MiB of RAM {ram}",
+            "its memory regions are not the RAM layout of {} MiB",
             snapshot.config.memory_mib
         )));
     }
+    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
     let have = std::fs::metadata(mem_path)
         .map_err(|source| memory::MemoryError::Open {
             path: mem_path.into(),
@@ -401,3 +405,130 @@ pub fn files_in(dir: &Path) -> (PathBuf, PathBuf) {
 pub const STATE_FILE: &str = "vmstate";
 /// The memory file's name in a snapshot folder.
 pub const MEMORY_FILE: &str = "memory";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vessel-snap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn snapshot(mib: u64) -> VmSnapshot {
+        let mut config = VmConfig::new("/nonexistent/vmlinuz");
+        config.memory_mib = mib;
+        let memory = arch::layout::ram_regions(config.memory_bytes())
+            .into_iter()
+            .scan(0, |off, (gpa, len)| {
+                let r = MemRegion {
+                    gpa,
+                    len,
+                    file_offset: *off,
+                };
+                *off += len;
+                Some(r)
+            })
+            .collect();
+        VmSnapshot {
+            config,
+            accel: "emu".into(),
+            saved_unix_ns: 0,
+            cpuid_fingerprint: 0,
+            memory,
+            disks: Vec::new(),
+            vm: serde_json::Value::Null,
+            vcpus: vec![serde_json::Value::Null],
+            serial: SerialSnapshot::default(),
+            ged_pending: 0,
+            rtc: RtcSnapshot {
+                index: 0,
+                ram: vec![0; 128],
+                offset_s: 0,
+                held: None,
+            },
+            virtio: Vec::new(),
+        }
+    }
+
+    fn write(dir: &Path, snap: &VmSnapshot, mem_len: u64) -> (PathBuf, PathBuf) {
+        let (state, mem) = files_in(dir);
+        format::write(&state, &serde_json::to_vec(snap).unwrap()).unwrap();
+        std::fs::File::create(&mem)
+            .unwrap()
+            .set_len(mem_len)
+            .unwrap();
+        (state, mem)
+    }
+
+    #[test]
+    fn load_checks_the_layout_the_memory_file_and_the_vcpus() {
+        let dir = scratch("load");
+        let good = snapshot(64);
+        let (state, mem) = write(&dir, &good, 64 << 20);
+        let loaded = load(&state, &mem).unwrap();
+        assert_eq!(loaded.config().memory_mib, 64);
+        // The memory file of another size.
+        write(&dir, &good, 32 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("has 33554432 bytes"), "{e}");
+        // RAM placed where the configuration has none.
+        let mut moved = good.clone();
+        moved.memory[0].gpa = 0x1000_0000;
+        write(&dir, &moved, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("not the RAM layout"), "{e}");
+        // vCPU states that do not match the vCPU count.
+        let mut cpus = good.clone();
+        cpus.config.cpus = 2;
+        write(&dir, &cpus, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("1 vCPU states for 2 vCPUs"), "{e}");
+        // Unknown fields are a body this version does not read.
+        let (state, mem) = files_in(&dir);
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["extra"] = serde_json::json!(1);
+        format::write(&state, &serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("is corrupt"), "{e}");
+        // What cannot be snapshotted yet is refused on load too.
+        let mut vsock = good;
+        vsock.config.vsock = Some(crate::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        });
+        write(&dir, &vsock, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("vsock"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_memory_file_round_trip_is_sparse_and_private() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = scratch("mem");
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        ram.write_slice(b"hello", GuestAddress(0x8_0000)).unwrap();
+        let path = dir.join("memory");
+        let regions = memory::write(&ram, &path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(meta.blocks() * 512 < 1 << 20, "zero pages were written");
+        }
+        let mapped = memory::map(&path, &regions).unwrap();
+        let mut b = [0u8; 5];
+        mapped.read_slice(&mut b, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(&b, b"hello");
+        // Writes stay in the mapping, never in the file.
+        mapped
+            .write_slice(b"HELLO", GuestAddress(0x8_0000))
+            .unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[0x8_0000..0x8_0005], b"hello");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
