@@ -319,15 +319,33 @@ fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
         "{v}"
     );
     assert_eq!(api(&s2, "GET", "/", None).1["state"], "Not started");
+    let uffd = load(&snap.join("vmstate"), &snap.join("memory")).replace("\"File\"", "\"Uffd\"");
+    let (s, v) = api(&s2, "PUT", "/snapshot/load", Some(&uffd));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["fault_message"].as_str().unwrap().contains("Uffd"), "{v}");
+    // Loaded without resume_vm: it waits paused, printing nothing, until resumed.
+    let paused = load(&snap.join("vmstate"), &snap.join("memory"))
+        .replace("\"resume_vm\": true", "\"resume_vm\": false");
     let t0 = Instant::now();
+    let (s, v) = api(&s2, "PUT", "/snapshot/load", Some(&paused));
+    assert_eq!(s, 204, "{v}");
+    eprintln!("restored (paused) in {:?}", t0.elapsed());
+    assert_eq!(api(&s2, "GET", "/", None).1["state"], "Paused");
     let (s, v) = api(
         &s2,
         "PUT",
         "/snapshot/load",
         Some(&load(&snap.join("vmstate"), &snap.join("memory"))),
     );
+    assert_eq!(s, 400, "a second load: {v}");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        ticks(&vm2.text()).is_empty(),
+        "the guest ran before it was resumed: {}",
+        vm2.text()
+    );
+    let (s, v) = api(&s2, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(s, 204, "{v}");
-    eprintln!("restored and running in {:?}", t0.elapsed());
     assert_eq!(api(&s2, "GET", "/", None).1["state"], "Running");
     let want = format!("tick {} ", last + 5);
     vm2.wait_for(&want, 0, CMD);
