@@ -462,10 +462,13 @@ fn cpu_ticks(text: &str) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Two vCPUs, and the disk on virtio-pci (MSI-X, a BAR the guest placed).
 #[test]
-fn two_vcpus_each_go_on_after_a_restore() {
+fn two_vcpus_each_go_on_after_a_restore_with_virtio_pci() {
     let a = assets();
     let dir = TempDir::new("snap-smp");
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let snap = dir.path().join("snap");
     std::fs::create_dir_all(&snap).unwrap();
     let s1 = dir.path().join("api1.sock");
@@ -487,8 +490,23 @@ fn two_vcpus_each_go_on_after_a_restore() {
         CMDLINE.as_ref(),
         "--api-sock".as_ref(),
         s1.as_os_str(),
+        "--virtio-transport".as_ref(),
+        "pci".as_ref(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
     ]);
     let at = vm1.wait_for("~ #", 0, BOOT);
+    vm1.type_line(
+        "ls /sys/bus/pci/drivers/virtio-pci/ | grep -c 0000: ; echo pci-marker | dd of=/dev/vda \
+         bs=512 count=1 conv=sync,fsync 2>/dev/null; echo marker''-written",
+    );
+    let written = vm1.wait_for("marker-written", at, CMD);
+    assert!(
+        vm1.text()[at..written].contains("\n1\r\n"),
+        "the disk is not a virtio-pci function: {}",
+        &vm1.text()[at..written]
+    );
+    let at = written;
     // One loop pinned to each CPU: both CPUs' state (and their IPIs, timers) matter.
     vm1.type_line(
         "for c in 0 1; do taskset $((c+1)) sh -c \"i=0; while true; do i=\\$((i+1)); \
@@ -535,7 +553,15 @@ fn two_vcpus_each_go_on_after_a_restore() {
             "cpu{c}'s loop lost or repeated ticks: {counts:?}"
         );
     }
-    vm2.type_line("grep -c ^processor /proc/cpuinfo; echo cpus''-counted");
+    vm2.type_line(
+        "grep -c ^processor /proc/cpuinfo; echo 3 > /proc/sys/vm/drop_caches; \
+         dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 10; echo; echo cpus''-counted",
+    );
     let end = vm2.wait_for("cpus-counted", 0, CMD);
-    assert!(vm2.text()[..end].contains("\n2\r\n"), "{}", vm2.text());
+    let text = &vm2.text()[..end];
+    assert!(text.contains("\n2\r\n"), "{text}");
+    assert!(
+        text.contains("\npci-marker"),
+        "the disk after the restore:\n{text}"
+    );
 }

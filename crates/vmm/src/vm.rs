@@ -589,7 +589,7 @@ impl Vmm {
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
         let mut pci_root = devices::pci::PciRoot::new();
         let mut io_threads = Vec::new();
-        let mut mmio_transports = Vec::new();
+        let mut virtio_transports = Vec::new();
         let mut saved_virtio = restore.map(|r| r.snapshot.virtio.iter());
         for ((device, io_setup, _, change), place) in virtio.into_iter().zip(places) {
             match place {
@@ -624,8 +624,8 @@ impl Vmm {
                     if let Some(saved) = &mut saved_virtio {
                         let Some(crate::snapshot::VirtioSnapshot::Mmio(state)) = saved.next()
                         else {
-                            return Err(crate::snapshot::SnapshotError::Invalid(
-                                "fewer virtio-mmio device states than devices".into(),
+                            return Err(crate::snapshot::SnapshotError::Mismatch(
+                                "its virtio devices are not this VM's (count or transport)".into(),
                             )
                             .into());
                         };
@@ -633,7 +633,7 @@ impl Vmm {
                             .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;
                     }
                     let t = Arc::new(Mutex::new(t));
-                    mmio_transports.push(t.clone());
+                    virtio_transports.push(crate::snapshot::VirtioTransport::Mmio(t.clone()));
                     io.mmio.insert(dev(t), window.base, window.size)?;
                 }
                 Placement::Pci { slot, gsi } => {
@@ -659,7 +659,21 @@ impl Vmm {
                         t.notify_through_ioevents(vm.clone(), notifiers);
                         io_threads.push(thread);
                     }
-                    pci_root.add(usize::from(slot), Arc::new(Mutex::new(t)))?;
+                    // After the ioevents' hook (a restore places them where BAR 0 was),
+                    // before the bus decodes its BARs.
+                    if let Some(saved) = &mut saved_virtio {
+                        let Some(crate::snapshot::VirtioSnapshot::Pci(state)) = saved.next() else {
+                            return Err(crate::snapshot::SnapshotError::Mismatch(
+                                "its virtio devices are not this VM's (count or transport)".into(),
+                            )
+                            .into());
+                        };
+                        t.restore(state)
+                            .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;
+                    }
+                    let t = Arc::new(Mutex::new(t));
+                    virtio_transports.push(crate::snapshot::VirtioTransport::Pci(t.clone()));
+                    pci_root.add(usize::from(slot), t)?;
                 }
             }
         }
@@ -759,7 +773,7 @@ impl Vmm {
             serial: serial.clone(),
             ged,
             rtc,
-            mmio: mmio_transports,
+            virtio: virtio_transports,
             busy: Mutex::new(()),
         });
         if let Some(r) = restore {

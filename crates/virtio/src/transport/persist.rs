@@ -92,6 +92,8 @@ pub enum RestoreError {
         index: usize,
         why: String,
     },
+    #[error("the snapshot's transport of the device of type {device_type}: {why}")]
+    Transport { device_type: u32, why: String },
     #[error("the snapshot's device of type {device_type} acked features {features:#x} this device does not offer")]
     Features { device_type: u32, features: u64 },
 }

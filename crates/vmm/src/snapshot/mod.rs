@@ -27,9 +27,10 @@ use devices::serial::{SerialDevice, SerialSnapshot};
 use hypervisor::{CpuIdEntry, Vcpu};
 use serde::{Deserialize, Serialize};
 use virtio::mmio::{MmioSnapshot, MmioTransport};
+use virtio::pci::{PciSnapshot, PciTransport};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{Transport, VmConfig};
+use crate::config::VmConfig;
 use crate::control::VmControl;
 
 pub use memory::MemRegion;
@@ -85,6 +86,13 @@ pub struct DiskIdentity {
 #[serde(rename_all = "snake_case")]
 pub enum VirtioSnapshot {
     Mmio(MmioSnapshot),
+    Pci(PciSnapshot),
+}
+
+/// A virtio device's transport, as the snapshotter reaches it.
+pub(crate) enum VirtioTransport {
+    Mmio(Arc<Mutex<MmioTransport>>),
+    Pci(Arc<Mutex<PciTransport>>),
 }
 
 /// The state file's body.
@@ -191,17 +199,6 @@ pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
     if config.vsock.is_some() {
         return Some("virtio-vsock (its host connections)".into());
     }
-    let pci = config
-        .disks
-        .iter()
-        .map(|d| d.transport)
-        .chain(config.nets.iter().map(|n| n.transport))
-        .any(|t| t.unwrap_or(config.virtio_transport) == Transport::Pci)
-        || (config.virtio_transport == Transport::Pci
-            && (config.cloud_init.is_some() || config.rng || config.virtio_console.is_some()));
-    if pci {
-        return Some("virtio-pci devices".into());
-    }
     None
 }
 
@@ -234,7 +231,8 @@ pub struct Snapshotter {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) ged: Arc<Mutex<Ged>>,
     pub(crate) rtc: Arc<Mutex<Rtc>>,
-    pub(crate) mmio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio devices, in the VM's device order.
+    pub(crate) virtio: Vec<VirtioTransport>,
     /// One snapshot at a time.
     pub(crate) busy: Mutex<()>,
 }
@@ -272,9 +270,12 @@ impl Snapshotter {
             .collect::<hypervisor::Result<Vec<_>>>()
             .map_err(accel_err)?;
         let virtio = self
-            .mmio
+            .virtio
             .iter()
-            .map(|t| VirtioSnapshot::Mmio(lock(t).snapshot()))
+            .map(|t| match t {
+                VirtioTransport::Mmio(t) => VirtioSnapshot::Mmio(lock(t).snapshot()),
+                VirtioTransport::Pci(t) => VirtioSnapshot::Pci(lock(t).snapshot()),
+            })
             .collect();
         let mut snap = VmSnapshot {
             config: self.config.clone(),
