@@ -9,7 +9,7 @@
 //!
 //! What is refused, before any file is written (create) or any device started (load):
 //! a VM that is not paused; an accelerator that cannot snapshot (KVM, hybrid); devices
-//! whose state is not captured yet (virtio-pci, vsock, firmware boots); on load, a file
+//! whose state is not captured yet (vsock, firmware boots); on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
 //! size, a disk whose size changed, another accelerator, or a host whose CPU features
 //! differ from the snapshot's.
