@@ -67,10 +67,11 @@ pub(crate) fn restore_vm(
 ) -> hypervisor::Result<()> {
     refuse_host_tsc(vm)?;
     let s: EmuVmState = serde_json::from_value(state.clone()).map_err(state_error)?;
-    // The clock first: the chip's timers are in its time.
+    // The chip refuses another vCPU count before anything changes; its timers are in
+    // the VM time the clock then goes on from.
+    vm.chip.restore(&s.chip).map_err(state_error)?;
     vm.clock
         .resume_at(s.vm_ns.saturating_add(elapsed_ns), s.boot_unix_ns);
-    vm.chip.restore(&s.chip).map_err(state_error)?;
     tracing::debug!(vm_ns = s.vm_ns, elapsed_ns, "emu VM state restored");
     Ok(())
 }
@@ -108,4 +109,49 @@ pub(crate) fn restore_vcpu(
     kvmclock.system_time = s.kvmclock_page;
     kvmclock.version = s.kvmclock_version;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use hypervisor::Hypervisor;
+
+    #[test]
+    fn a_restored_vm_clock_goes_on_by_the_time_away_and_tscs_keep_their_distance() {
+        let hv = crate::EmuHypervisor::new();
+        let a = hv.create_vm(2).unwrap();
+        let mut cpu = a.create_vcpu(0).unwrap();
+        let mut regs = cpu.regs().unwrap();
+        regs.rax = 0x1234;
+        cpu.set_regs(&regs).unwrap();
+        let vm_state = a.save_state().unwrap();
+        let cpu_state = cpu.save_state().unwrap();
+        let saved: super::EmuVcpuState = serde_json::from_value(cpu_state.clone()).unwrap();
+        let saved_vm: super::EmuVmState = serde_json::from_value(vm_state.clone()).unwrap();
+
+        let b = hv.create_vm(2).unwrap();
+        let away = 5_000_000_000;
+        b.restore_state(&vm_state, away).unwrap();
+        let mut restored = b.create_vcpu(0).unwrap();
+        restored.restore_state(&cpu_state).unwrap();
+        assert_eq!(restored.regs().unwrap().rax, 0x1234);
+        let again: super::EmuVcpuState =
+            serde_json::from_value(restored.save_state().unwrap()).unwrap();
+        // VM time moved on by the time away (and the moments between the calls).
+        assert!(
+            again.vm_ns >= saved_vm.vm_ns + away,
+            "{again:?} {saved_vm:?}"
+        );
+        assert!(again.vm_ns < saved_vm.vm_ns + away + 5_000_000_000);
+        // The TSC kept its distance to VM time, within the time the calls took.
+        let before = saved.cpu.tsc.wrapping_sub(saved.vm_ns) as i64;
+        let after = again.cpu.tsc.wrapping_sub(again.vm_ns) as i64;
+        assert!((after - before).abs() < 50_000_000, "{before} {after}");
+
+        // Another vCPU count is refused.
+        let one = hv.create_vm(1).unwrap();
+        assert!(one.restore_state(&vm_state, 0).is_err());
+        // State that is not emu's is refused, not a panic.
+        assert!(b.restore_state(&serde_json::json!({"chip": 1}), 0).is_err());
+        assert!(restored.restore_state(&serde_json::Value::Null).is_err());
+    }
 }

@@ -162,6 +162,17 @@ pub fn decode<'a>(path: &Path, file: &'a [u8]) -> Result<&'a [u8], FormatError> 
     Ok(body)
 }
 
+/// Creates (or truncates) `path`, readable and writable by its owner only.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Reads and checks the state file at `path`; returns its body.
 pub fn read(path: &Path) -> Result<Vec<u8>, FormatError> {
     let read_err = |source| FormatError::Read {
@@ -190,7 +201,8 @@ pub fn write(path: &Path, body: &[u8]) -> Result<(), FormatError> {
     tmp_name.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp_name);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Owner-only: the state holds the guest's registers (keys in flight included).
+        let mut f = private_file(&tmp)?;
         f.write_all(&encode(body))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

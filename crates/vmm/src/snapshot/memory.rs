@@ -105,7 +105,8 @@ fn write_to(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, Mem
         source,
     };
     let regions = layout(memory);
-    let mut f = File::create(path).map_err(err)?;
+    // Owner-only: it is the guest's memory.
+    let mut f = super::format::private_file(path).map_err(err)?;
     let total: u64 = regions.iter().map(|r| r.len).sum();
     for (region, m) in memory.iter().zip(&regions) {
         let host = region

@@ -519,6 +519,11 @@ mod tests {
         {
             use std::os::unix::fs::MetadataExt;
             assert!(meta.blocks() * 512 < 1 << 20, "zero pages were written");
+            assert_eq!(
+                meta.mode() & 0o777,
+                0o600,
+                "guest memory readable by others"
+            );
         }
         let mapped = memory::map(&path, &regions).unwrap();
         let mut b = [0u8; 5];
