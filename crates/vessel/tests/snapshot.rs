@@ -565,3 +565,78 @@ fn two_vcpus_each_go_on_after_a_restore_with_virtio_pci() {
         "the disk after the restore:\n{text}"
     );
 }
+
+/// A kernel booted through SeaBIOS and QEMU's linuxboot_dma option ROM (fw_cfg, the full
+/// ACPI platform with PM1, virtio on PCI) goes on after a restore too.
+#[test]
+fn a_firmware_booted_guest_goes_on_after_a_restore() {
+    const BIOS: &str = "/usr/share/seabios/bios.bin";
+    const ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
+    assert!(
+        Path::new(BIOS).is_file() && Path::new(ROM).is_file(),
+        "apt-get install seabios qemu-system-data"
+    );
+    let a = assets();
+    let dir = TempDir::new("snap-fw");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let s1 = dir.path().join("api1.sock");
+    let mut vm1 = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--firmware".as_ref(),
+        BIOS.as_ref(),
+        "--option-rom".as_ref(),
+        ROM.as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        a.join("initramfs.cpio.gz").as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        s1.as_os_str(),
+    ]);
+    let at = vm1.wait_for("~ #", 0, BOOT);
+    vm1.type_line(
+        "i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.2; done &",
+    );
+    vm1.wait_for("tick 5 ", at, CMD);
+    let (s, v) = api(&s1, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 204, "{v}");
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.join("vmstate").display(),
+        snap.join("memory").display()
+    );
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 204, "{v}");
+    vm1.child.0.kill().unwrap();
+    vm1.child.0.wait().unwrap();
+    let before = vm1.text();
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let before_ticks = ticks(&before);
+    let last = before_ticks.last().unwrap().0;
+
+    let mut vm2 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+    ]);
+    vm2.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    let host = unix_now();
+    let all: Vec<(u64, u64)> = before_ticks
+        .into_iter()
+        .chain(ticks(&format!("{tail}{}", vm2.text())))
+        .collect();
+    assert_consecutive(&all, 1, "a firmware-booted guest");
+    let guest = all.last().unwrap().1;
+    assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+}

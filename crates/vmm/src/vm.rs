@@ -525,27 +525,35 @@ impl Vmm {
         )?;
         // The CMOS RTC lives in user space with either accelerator (KVM has none).
         let mut rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        let mut firmware_devices = None;
         if bios.is_some() {
             // A BIOS sizes memory from the CMOS as well as from fw_cfg.
             for (index, value) in cmos_memory_bytes(mem_size) {
                 rtc.set_cmos_byte(index, value);
             }
+            let pm1 = Arc::new(Mutex::new(devices::legacy::Pm1::new(
+                exit.clone(),
+                acpi::S5_SLEEP_TYPE,
+            )));
+            let fw = Arc::new(Mutex::new(
+                fw_cfg(&config, mem_size, &acpi_config)?
+                    .with_dma(Box::new(FwCfgDma(memory.clone()))),
+            ));
+            if let Some(saved) = restore.and_then(|r| r.snapshot.firmware) {
+                lock(&pm1).set_regs(saved.pm1);
+                lock(&fw).set_position(saved.fw_cfg);
+            }
             io.pio.insert(
-                dev(Arc::new(Mutex::new(devices::legacy::Pm1::new(
-                    exit.clone(),
-                    acpi::S5_SLEEP_TYPE,
-                )))),
+                dev(pm1.clone()),
                 u64::from(acpi::PM1A_EVT_PORT),
                 devices::legacy::PM1_PORTS,
             )?;
             io.pio.insert(
-                dev(Arc::new(Mutex::new(
-                    fw_cfg(&config, mem_size, &acpi_config)?
-                        .with_dma(Box::new(FwCfgDma(memory.clone()))),
-                ))),
+                dev(fw.clone()),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
+            firmware_devices = Some((fw, pm1));
             io.pio.insert(
                 dev(Arc::new(Mutex::new(devices::fw_cfg::DebugCon::new(
                     Box::new(FirmwareLog::default()),
@@ -774,6 +782,7 @@ impl Vmm {
             ged,
             rtc,
             virtio: virtio_transports,
+            firmware: firmware_devices,
             busy: Mutex::new(()),
         });
         if let Some(r) = restore {

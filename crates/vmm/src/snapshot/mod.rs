@@ -9,7 +9,7 @@
 //!
 //! What is refused, before any file is written (create) or any device started (load):
 //! a VM that is not paused; an accelerator that cannot snapshot (KVM, hybrid); devices
-//! whose state is not captured yet (vsock, firmware boots); on load, a file
+//! whose state is not captured yet (vsock); on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
 //! size, a disk whose size changed, another accelerator, or a host whose CPU features
 //! differ from the snapshot's.
@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use devices::fw_cfg::{FwCfg, FwCfgPosition};
 use devices::ged::Ged;
 use devices::irqchip::rtc::Rtc;
+use devices::legacy::Pm1;
 use devices::serial::{SerialDevice, SerialSnapshot};
 use hypervisor::{CpuIdEntry, Vcpu};
 use serde::{Deserialize, Serialize};
@@ -95,6 +97,14 @@ pub(crate) enum VirtioTransport {
     Pci(Arc<Mutex<PciTransport>>),
 }
 
+/// What a VM booted through firmware has besides: where its fw_cfg access stands and
+/// its ACPI PM1 registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareSnapshot {
+    pub fw_cfg: FwCfgPosition,
+    pub pm1: [u8; 6],
+}
+
 /// The state file's body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +133,9 @@ pub struct VmSnapshot {
     pub rtc: RtcSnapshot,
     /// The virtio devices, in the VM's device order.
     pub virtio: Vec<VirtioSnapshot>,
+    /// For a VM booted through firmware.
+    #[serde(default)]
+    pub firmware: Option<FirmwareSnapshot>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,9 +206,6 @@ pub(crate) fn cpuid_fingerprint(entries: &[CpuIdEntry]) -> u64 {
 
 /// What the VM has that a snapshot cannot capture yet; None when it can be taken.
 pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
-    if config.firmware.is_some() {
-        return Some("VMs booted through firmware (fw_cfg and ACPI PM state)".into());
-    }
     if config.vsock.is_some() {
         return Some("virtio-vsock (its host connections)".into());
     }
@@ -233,6 +243,8 @@ pub struct Snapshotter {
     pub(crate) rtc: Arc<Mutex<Rtc>>,
     /// The virtio devices, in the VM's device order.
     pub(crate) virtio: Vec<VirtioTransport>,
+    /// fw_cfg and the PM1 registers, for a VM booted through firmware.
+    pub(crate) firmware: Option<(Arc<Mutex<FwCfg>>, Arc<Mutex<Pm1>>)>,
     /// One snapshot at a time.
     pub(crate) busy: Mutex<()>,
 }
@@ -290,6 +302,10 @@ impl Snapshotter {
             ged_pending: lock(&self.ged).pending(),
             rtc: RtcSnapshot::of(&lock(&self.rtc)),
             virtio,
+            firmware: self.firmware.as_ref().map(|(f, p)| FirmwareSnapshot {
+                fw_cfg: lock(f).position(),
+                pm1: lock(p).regs(),
+            }),
         };
         let t_state = t0.elapsed();
         let t1 = Instant::now();
@@ -342,8 +358,22 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             snapshot.config.cpus
         )));
     }
-    // Exactly the RAM layout its configuration gives, nothing placed elsewhere.
-    let ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
+    // Exactly the RAM layout its configuration gives (and the firmware's region below
+    // 4 GiB), nothing placed elsewhere.
+    let mut ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
+    if let Some(f) = &snapshot.config.firmware {
+        let len = std::fs::metadata(f)
+            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?
+            .len();
+        let region = arch::firmware::bios_region(len)
+            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?;
+        ram.push(region);
+    }
+    if snapshot.config.firmware.is_some() != snapshot.firmware.is_some() {
+        return Err(SnapshotError::Invalid(
+            "its firmware state does not match its configuration".into(),
+        ));
+    }
     let layout_ok = snapshot.memory.len() == ram.len()
         && snapshot
             .memory
@@ -451,6 +481,7 @@ mod tests {
                 held: None,
             },
             virtio: Vec::new(),
+            firmware: None,
         }
     }
 
