@@ -8,7 +8,7 @@
 //! recipe as a boot with the kernel loading replaced by the saved state.
 //!
 //! What is refused, before any file is written (create) or any device started (load):
-//! a VM that is not paused; an accelerator that cannot snapshot (KVM, hybrid); devices
+//! a VM that is not paused; an accelerator that cannot snapshot (hybrid); devices
 //! whose state is not captured yet (vsock); on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
 //! size, a disk whose size changed, another accelerator, or a host whose CPU features
