@@ -729,3 +729,78 @@ fn a_kvm_guest_goes_on_after_a_restore() {
         "counts lost or repeated across the restore: {all:?}"
     );
 }
+
+/// Snapshot → kill → restore, over and over (`VESSEL_SNAPSHOT_CYCLES`, default 10; the
+/// issue's figure is 100), each restore from the snapshot the previous VMM took: the
+/// count never loses or repeats a tick.
+#[test]
+fn snapshot_and_restore_cycles_in_a_row() {
+    let cycles: u64 = std::env::var("VESSEL_SNAPSHOT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let a = assets();
+    let dir = TempDir::new("snap-cycles");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let sock = dir.path().join("api.sock");
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.join("vmstate").display(),
+        snap.join("memory").display()
+    );
+    let mut vm = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "128M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        a.join("initramfs.cpio.gz").as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+    ]);
+    let at = vm.wait_for("~ #", 0, BOOT);
+    vm.type_line(
+        "i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.05; done &",
+    );
+    vm.wait_for("tick 3 ", at, CMD);
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    let mut tail = String::new();
+    for cycle in 0..=cycles {
+        if cycle > 0 {
+            vm = Vm::spawn(&[
+                "run".as_ref(),
+                "--restore".as_ref(),
+                snap.as_os_str(),
+                "--serial".as_ref(),
+                "stdio".as_ref(),
+                "--api-sock".as_ref(),
+                sock.as_os_str(),
+            ]);
+            let last = all.last().map_or(0, |t| t.0);
+            vm.wait_for(&format!("tick {} ", last + 2), 0, CMD);
+            wait_for_socket(&sock);
+        }
+        let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        assert_eq!(s, 204, "cycle {cycle}: {v}");
+        let (s, v) = api(&sock, "PUT", "/snapshot/create", Some(&create));
+        assert_eq!(s, 204, "cycle {cycle}: {v}");
+        vm.child.0.kill().unwrap();
+        vm.child.0.wait().unwrap();
+        let _ = std::fs::remove_file(&sock);
+        let text = format!("{tail}{}", vm.text());
+        all.extend(ticks(&text));
+        tail = text.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+        assert_consecutive(&all, 1, &format!("after {cycle} restores"));
+    }
+    let host = unix_now();
+    let guest = all.last().unwrap().1;
+    assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+}
