@@ -112,15 +112,19 @@ fn wait_for_socket(sock: &Path) {
     }
 }
 
+/// Whether what follows a line ends it: a whole "\r\n" (or "\n"). A line the VMM stopped
+/// after its '\r' is not whole yet: the next VMM prints its '\n'.
+fn ended(rest: &str) -> bool {
+    rest.starts_with("\r\n") || rest.starts_with('\n')
+}
+
 /// The guest loop's lines: (count, guest wall-clock seconds), whole lines only.
 fn ticks(text: &str) -> Vec<(u64, u64)> {
     text.split("tick ")
         .skip(1)
         .filter_map(|t| {
             let line = t.split(['\r', '\n']).next()?;
-            t.get(line.len()..)?
-                .starts_with(['\r', '\n'])
-                .then_some(())?;
+            ended(t.get(line.len()..)?).then_some(())?;
             let mut f = line.split_whitespace();
             Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
         })
@@ -453,9 +457,7 @@ fn cpu_ticks(text: &str) -> Vec<(u32, u64)> {
         .skip(1)
         .filter_map(|t| {
             let line = t.split(['\r', '\n']).next()?;
-            t.get(line.len()..)?
-                .starts_with(['\r', '\n'])
-                .then_some(())?;
+            ended(t.get(line.len()..)?).then_some(())?;
             let (c, n) = line.split_once(" tick ")?;
             Some((c.parse().ok()?, n.parse().ok()?))
         })
