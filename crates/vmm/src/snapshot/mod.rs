@@ -265,9 +265,16 @@ impl Snapshotter {
         if let Some(what) = unsupported(&self.config) {
             return Err(SnapshotError::Unsupported(what));
         }
-        if !self.control.is_paused() {
-            return Err(SnapshotError::NotPaused);
-        }
+        self.control
+            .while_paused(|| self.create_paused(state_path, mem_path))
+            .ok_or(SnapshotError::NotPaused)?
+    }
+
+    fn create_paused(
+        &self,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<CreateTimes, SnapshotError> {
         let t0 = Instant::now();
         let accel_err = |source| SnapshotError::Accel {
             accel: self.accel.clone(),
