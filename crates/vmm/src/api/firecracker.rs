@@ -87,7 +87,8 @@ enum Phase {
     Running {
         config: VmConfig,
         control: Arc<VmControl>,
-        snapshotter: Arc<crate::snapshot::Snapshotter>,
+        /// None only for a stand-in VM (the API's tests).
+        snapshotter: Option<Arc<crate::snapshot::Snapshotter>>,
     },
     Finished {
         config: VmConfig,
@@ -195,7 +196,7 @@ impl VmmApi {
         let phase = Phase::Running {
             config,
             control: vmm.control(),
-            snapshotter: vmm.snapshotter(),
+            snapshotter: Some(vmm.snapshotter()),
         };
         Self::with_state(phase, fc, serial, accel)
     }
@@ -291,7 +292,7 @@ impl VmmApi {
         st.phase = Phase::Running {
             config,
             control: vmm.control(),
-            snapshotter: vmm.snapshotter(),
+            snapshotter: Some(vmm.snapshotter()),
         };
         drop(st);
         let me = self.clone();
@@ -311,7 +312,9 @@ impl VmmApi {
         let params: super::snapshot::SnapshotCreateParams = parse(req)?;
         params.check().map_err(|msg| fault(400, msg))?;
         let snapshotter = match &lock(&self.state).phase {
-            Phase::Running { snapshotter, .. } => snapshotter.clone(),
+            Phase::Running { snapshotter, .. } => snapshotter
+                .clone()
+                .ok_or_else(|| fault(400, "This VM cannot be snapshotted."))?,
             Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
             Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
         };

@@ -229,6 +229,9 @@ pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, Sn
         .collect()
 }
 
+/// fw_cfg and the PM1 registers of a VM booted through firmware.
+pub(crate) type FirmwareDevices = (Arc<Mutex<FwCfg>>, Arc<Mutex<Pm1>>);
+
 /// Everything of a built VM that has state, for [`Snapshotter::create`].
 pub struct Snapshotter {
     pub(crate) config: VmConfig,
@@ -244,7 +247,7 @@ pub struct Snapshotter {
     /// The virtio devices, in the VM's device order.
     pub(crate) virtio: Vec<VirtioTransport>,
     /// fw_cfg and the PM1 registers, for a VM booted through firmware.
-    pub(crate) firmware: Option<(Arc<Mutex<FwCfg>>, Arc<Mutex<Pm1>>)>,
+    pub(crate) firmware: Option<FirmwareDevices>,
     /// One snapshot at a time.
     pub(crate) busy: Mutex<()>,
 }
