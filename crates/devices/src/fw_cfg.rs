@@ -96,6 +96,34 @@ pub struct FwCfg {
     dma_high: u32,
 }
 
+/// Where the guest's fw_cfg access stands, for a snapshot: the selected item, the offset
+/// in it, and the DMA address's high half. The items are the VM's configuration, built
+/// again on restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FwCfgPosition {
+    pub selected: u16,
+    pub offset: u64,
+    pub dma_high: u32,
+}
+
+impl FwCfg {
+    /// The access position, for a snapshot.
+    pub fn position(&self) -> FwCfgPosition {
+        FwCfgPosition {
+            selected: self.selected,
+            offset: self.offset as u64,
+            dma_high: self.dma_high,
+        }
+    }
+
+    /// Puts back an access position (an offset past the item's end reads zeros).
+    pub fn set_position(&mut self, p: FwCfgPosition) {
+        self.selected = p.selected;
+        self.offset = usize::try_from(p.offset).unwrap_or(usize::MAX);
+        self.dma_high = p.dma_high;
+    }
+}
+
 impl FwCfg {
     /// The device with the signature, the feature bitmap and an empty file directory.
     ///

@@ -44,6 +44,12 @@ impl Ged {
         self.raise(EVENT_POWER_BUTTON)
     }
 
+    /// Restores the events a snapshot recorded as raised and not yet read (no new
+    /// interrupt: the one for them is in the interrupt controller's state).
+    pub fn set_pending(&mut self, events: u8) {
+        self.pending = events;
+    }
+
     /// Events raised and not yet read by the guest.
     pub fn pending(&self) -> u8 {
         self.pending

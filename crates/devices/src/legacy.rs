@@ -70,6 +70,18 @@ pub struct Pm1 {
     regs: [u8; 6],
 }
 
+impl Pm1 {
+    /// The event and control registers (status, enable, control), for a snapshot.
+    pub fn regs(&self) -> [u8; 6] {
+        self.regs
+    }
+
+    /// Puts back what [`Pm1::regs`] saved.
+    pub fn set_regs(&mut self, regs: [u8; 6]) {
+        self.regs = regs;
+    }
+}
+
 /// PM1_CNT bits.
 const PM1_CNT_SCI_EN: u16 = 1;
 const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;

@@ -37,6 +37,27 @@ impl Trigger for IrqTrigger {
 /// a log file both see output as the guest writes it.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The UART's state in a snapshot: vm-superio's `SerialState`, with serde.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// A snapshot's UART state that vm-superio refused.
+#[derive(Debug, thiserror::Error)]
+#[error("serial port state: {0}")]
+pub struct SerialStateError(String);
+
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialOut>,
 }
@@ -45,6 +66,47 @@ impl SerialDevice {
     pub fn new(trigger: IrqTrigger, out: SerialOut) -> Self {
         SerialDevice {
             uart: Serial::new(trigger, out),
+        }
+    }
+
+    /// A UART in the state a snapshot recorded (its registers and unread input);
+    /// refused when the snapshot holds more input than the FIFO does.
+    pub fn restored(
+        trigger: IrqTrigger,
+        out: SerialOut,
+        state: &SerialSnapshot,
+    ) -> Result<Self, SerialStateError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, trigger, NoEvents, out)
+            .map_err(|e| SerialStateError(format!("{e:?}")))?;
+        Ok(SerialDevice { uart })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

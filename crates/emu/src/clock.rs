@@ -1,5 +1,6 @@
 //! VM time: one epoch for every vCPU's TSC, the LAPIC timers, the PIT and kvmclock.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::kvmclock::Scale;
@@ -10,7 +11,11 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 #[derive(Debug)]
 pub struct VmClock {
     epoch: Instant,
-    boot_unix_ns: u128,
+    /// Added to the time since `epoch`: a restored VM's clock goes on from its snapshot.
+    offset_ns: AtomicU64,
+    /// The host's wall-clock time at VM time 0 (kvmclock's wall clock); a restored VM
+    /// keeps its original one.
+    boot_unix_ns: AtomicU64,
     /// The TSC rate the guest is told (kvmclock's scale).
     tsc_hz: u64,
     /// The guest TSC is the host's RDTSC (the hybrid accelerator, where user code reads
@@ -28,10 +33,13 @@ impl VmClock {
     pub fn new() -> Self {
         VmClock {
             epoch: Instant::now(),
-            boot_unix_ns: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default(),
+            offset_ns: AtomicU64::new(0),
+            boot_unix_ns: AtomicU64::new(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                    .unwrap_or_default(),
+            ),
             tsc_hz: TSC_HZ,
             host_tsc: false,
         }
@@ -61,7 +69,17 @@ impl VmClock {
 
     /// Nanoseconds since the VM started.
     pub fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        (self.epoch.elapsed().as_nanos() as u64)
+            .wrapping_add(self.offset_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets the VM's time to `ns` now (a restored VM's clock goes on from there) and its
+    /// wall-clock origin to `boot_unix_ns`. Set before any vCPU runs.
+    pub fn resume_at(&self, ns: u64, boot_unix_ns: u64) {
+        let since_epoch = self.epoch.elapsed().as_nanos() as u64;
+        self.offset_ns
+            .store(ns.wrapping_sub(since_epoch), Ordering::Relaxed);
+        self.boot_unix_ns.store(boot_unix_ns, Ordering::Relaxed);
     }
 
     /// The TSC and the matching VM time, read together.
@@ -80,10 +98,10 @@ impl VmClock {
     }
 
     pub fn boot_unix_ns(&self) -> u128 {
-        self.boot_unix_ns
+        u128::from(self.boot_unix_ns.load(Ordering::Relaxed))
     }
 
     pub fn boot_unix_seconds(&self) -> i64 {
-        (self.boot_unix_ns / 1_000_000_000) as i64
+        (self.boot_unix_ns() / 1_000_000_000) as i64
     }
 }

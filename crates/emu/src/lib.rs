@@ -8,6 +8,7 @@ pub mod cpuid;
 mod eventfds;
 pub mod hybrid;
 pub mod kvmclock;
+pub mod persist;
 pub mod platform;
 pub mod vcpu;
 
@@ -283,6 +284,14 @@ impl Vm for EmuVm {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             })
         }
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value> {
+        persist::save_vm(&self.shared)
+    }
+
+    fn restore_state(&self, state: &serde_json::Value, elapsed_ns: u64) -> Result<()> {
+        persist::restore_vm(&self.shared, state, elapsed_ns)
     }
 
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()> {

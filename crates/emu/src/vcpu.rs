@@ -201,6 +201,14 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
 
+    fn save_state(&self) -> Result<serde_json::Value> {
+        crate::persist::save_vcpu(&self.vm, &self.cpu, &self.kvmclock)
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        crate::persist::restore_vcpu(&self.vm, &mut self.cpu, &mut self.kvmclock, state)
+    }
+
     fn configure_local_interrupts(&mut self) -> Result<()> {
         // The user-space LAPIC comes out of reset wired as firmware leaves it.
         Ok(())

@@ -57,6 +57,8 @@ pub enum Error {
     Run(#[source] std::io::Error),
     #[error("the backend rejected {what}")]
     Unsupported { what: String },
+    #[error("snapshot state: {0}")]
+    State(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -176,6 +178,22 @@ pub trait Vm: Send + Sync {
     /// From now on each write to `fd` is an edge on `gsi` (high then low), delivered
     /// without waking any VMM thread where the accelerator can.
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()>;
+    /// The VM-wide state a snapshot keeps (interrupt controllers, timers, the VM's
+    /// clock), in the backend's own shape; take it with every vCPU out of `run()`.
+    /// Backends that cannot snapshot refuse.
+    fn save_state(&self) -> Result<serde_json::Value> {
+        Err(Error::Unsupported {
+            what: "snapshots with this accelerator".into(),
+        })
+    }
+    /// Puts the VM in the state [`Vm::save_state`] gave, before its vCPUs are restored
+    /// and run; the VM's clock goes on from the saved time plus `elapsed_ns` (the time
+    /// the VM spent saved, so guest time keeps up with the host's).
+    fn restore_state(&self, _state: &serde_json::Value, _elapsed_ns: u64) -> Result<()> {
+        Err(Error::Unsupported {
+            what: "snapshots with this accelerator".into(),
+        })
+    }
 }
 
 /// One virtual CPU, driven from its own thread.
@@ -199,5 +217,19 @@ pub trait Vcpu: Send {
     /// do not take the lost time for a lockup. Called after a pause, before running on.
     fn guest_paused(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// The vCPU's whole state (registers, FPU/XSAVE, MSRs, pending events, its
+    /// paravirtual clock), in the backend's own shape; take it between `run` calls.
+    fn save_state(&self) -> Result<serde_json::Value> {
+        Err(Error::Unsupported {
+            what: "snapshots with this accelerator".into(),
+        })
+    }
+    /// Puts the vCPU in the state [`Vcpu::save_state`] gave, after the VM's own state
+    /// was restored (its clock decides the TSC).
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Err(Error::Unsupported {
+            what: "snapshots with this accelerator".into(),
+        })
     }
 }

@@ -200,6 +200,25 @@ impl Api {
                 self.m.suspend(name)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "save"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct S {
+                    path: std::path::PathBuf,
+                }
+                let s: S = body_json(req, "save body")?;
+                self.m.save(name, &s.path)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("POST", ["restore"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct R {
+                    path: std::path::PathBuf,
+                }
+                let r: R = body_json(req, "restore body")?;
+                ok(to_value(&self.m.restore(&r.path)?))
+            }
             ("POST", ["domains", name, "resume"]) => {
                 self.m.resume(name)?;
                 ok(to_value(&self.m.info(name)?.1))

@@ -294,6 +294,18 @@ fn chardev_path(p: &Path) -> Result<String> {
 /// re-derived as flags, which would drop what has no flag), with the serial console on
 /// the console socket and, for cloud-init, the domain's name.
 fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
+    let mut c = Command::new(&p.vessel);
+    c.arg("run").arg("--config").arg(run.config());
+    vessel_control_args(&mut c, run, log);
+    Ok(c)
+}
+
+/// The `VmConfig` a Vessel VMM runs for `def` (its runtime definition, TAPs attached) in
+/// the run folder `run`.
+pub fn vessel_config(def: &DomainDef, run: &RunDir) -> vmm::VmConfig {
     let mut vm = def.vm.clone();
     vm.serial = vmm::SerialConfig::Stdio;
     if let Some(v) = vm
@@ -311,18 +323,25 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Re
     if vm.cloud_init.is_some() {
         vm.name = Some(seed_name(def));
     }
-    let json = serde_json::to_vec_pretty(&vm)
-        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
-    write_private(&run.config(), &json)?;
+    vm
+}
+
+/// A Vessel VMM that restores the snapshot in `dir` (`vessel run --restore`) instead of
+/// booting, controlled as one that boots.
+fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) -> Command {
     let mut c = Command::new(&p.vessel);
-    c.arg("run").arg("--config").arg(run.config());
+    c.arg("run").arg("--restore").arg(dir);
+    vessel_control_args(&mut c, run, log);
+    c
+}
+
+fn vessel_control_args(c: &mut Command, run: &RunDir, log: &Path) {
     c.arg("--console-sock")
         .arg(run.console())
         .arg("--console-log")
         .arg(log);
     c.arg("--api-sock").arg(run.api());
     c.arg("--status-file").arg(run.exit_status());
-    Ok(c)
 }
 
 /// Writes a file only its owner can read (a domain's config names its disks and seeds).
@@ -349,6 +368,19 @@ pub fn start(
     serial_log: &Path,
     fresh_log: bool,
 ) -> Result<(Child, ProcId)> {
+    start_or_restore(p, def, run, serial_log, fresh_log, None)
+}
+
+/// [`start`], or with `restore` (a Vessel domain only) a VMM that restores the snapshot
+/// in that folder.
+pub fn start_or_restore(
+    p: &Programs,
+    def: &DomainDef,
+    run: &RunDir,
+    serial_log: &Path,
+    fresh_log: bool,
+    restore: Option<&Path>,
+) -> Result<(Child, ProcId)> {
     std::fs::create_dir_all(&run.0).map_err(|e| Error::io("creating run folder", &run.0, e))?;
     if run.console().as_os_str().len() > 100 {
         return Err(Error::invalid(
@@ -363,9 +395,15 @@ pub fn start(
     if fresh_log {
         File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
     }
-    let mut cmd = match def.driver {
-        DriverKind::Qemu => qemu_command(p, def, run, serial_log)?,
-        DriverKind::Vessel => vessel_command(p, def, run, serial_log)?,
+    let mut cmd = match (def.driver, restore) {
+        (DriverKind::Qemu, None) => qemu_command(p, def, run, serial_log)?,
+        (DriverKind::Qemu, Some(_)) => {
+            return Err(Error::Unsupported(
+                "restoring a saved domain is not implemented for the QEMU driver yet".into(),
+            ))
+        }
+        (DriverKind::Vessel, None) => vessel_command(p, def, run, serial_log)?,
+        (DriverKind::Vessel, Some(dir)) => vessel_restore_command(p, dir, run, serial_log),
     };
     let stderr = OpenOptions::new()
         .create(true)

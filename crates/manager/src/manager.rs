@@ -22,6 +22,7 @@ use crate::network;
 use crate::store::Store;
 
 mod networks;
+mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
 
 /// Where the daemon keeps things and which programs it runs.
@@ -624,6 +625,16 @@ impl Manager {
 
     /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
     fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
+        self.start_inner(name, fresh_log, None)
+    }
+
+    /// Starts a domain, or with `restore` brings it back from the snapshot in that folder.
+    fn start_inner(
+        self: &Arc<Self>,
+        name: &str,
+        fresh_log: bool,
+        restore: Option<&Path>,
+    ) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let def = self.store.get_domain(name)?;
@@ -647,12 +658,19 @@ impl Manager {
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
-        let started = driver::start(
+        if let Some(dir) = restore {
+            if let Err(e) = snapshots::check_matches(dir, &runtime, &run) {
+                self.detach_interfaces(&def);
+                return Err(e);
+            }
+        }
+        let started = driver::start_or_restore(
             &self.cfg.programs,
             &runtime,
             &run,
             &self.serial_log(name),
             fresh_log,
+            restore,
         )
         .and_then(
             |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {

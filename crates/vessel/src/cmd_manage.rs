@@ -143,6 +143,11 @@ pub enum ManageCommand {
     Suspend { name: String },
     /// Resume a paused domain.
     Resume { name: String },
+    /// Save a running Vessel domain's state into the new folder FILE and stop it
+    /// (snapshot of its memory and devices; `restore FILE` brings it back).
+    Save { name: String, file: PathBuf },
+    /// Start a domain from the state `save` left in FILE.
+    Restore { file: PathBuf },
     /// Show a domain's state and resources.
     Dominfo { name: String },
     /// Print a domain's definition as libvirt domain XML.
@@ -541,6 +546,33 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             domain_action(&c, &name, "suspend", "suspended", json_out)?
         }
         ManageCommand::Resume { name } => domain_action(&c, &name, "resume", "resumed", json_out)?,
+        ManageCommand::Save { name, file } => {
+            let path = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            let v = c.post(
+                &format!("{}/save", dom(&name)),
+                Some(&json!({ "path": path })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' saved to {}", path.display());
+            }
+        }
+        ManageCommand::Restore { file } => {
+            let path = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            let v = c.post("/v1/restore", Some(&json!({ "path": path })))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Domain '{}' restored from {}",
+                    s(&v["name"]),
+                    path.display()
+                );
+            }
+        }
         ManageCommand::Dominfo { name } => {
             let v = c.get(&dom(&name))?;
             if json_out {

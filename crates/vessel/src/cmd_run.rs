@@ -29,6 +29,27 @@ const CONFIG_FLAGS: [&str; 18] = [
     "name",
 ];
 
+/// What a restored VM takes from its snapshot, not from flags.
+const RESTORE_CONFLICTS: [&str; 17] = [
+    "config",
+    "kernel",
+    "initrd",
+    "firmware",
+    "option_roms",
+    "cmdline",
+    "memory",
+    "cpus",
+    "cpu_model",
+    "disks",
+    "rng",
+    "virtio_console",
+    "nets",
+    "vsock",
+    "virtio_transport",
+    "cloud_init",
+    "name",
+];
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// The whole VM as a JSON `VmConfig` (what a manager stores for a domain), instead of
@@ -105,9 +126,18 @@ pub struct RunArgs {
     /// The VM's name (a DNS label); default "vessel".
     #[arg(long)]
     name: Option<String>,
+    /// Restore the VM a snapshot describes instead of booting one: a snapshot folder
+    /// (holding `vmstate` and `memory`, as `PUT /snapshot/create` writes them when given
+    /// those names), or a state file with --restore-mem. The console goes where --serial
+    /// says; --accel, when given, must name the snapshot's accelerator.
+    #[arg(long, conflicts_with_all = RESTORE_CONFLICTS)]
+    restore: Option<PathBuf>,
+    /// With --restore STATE: the snapshot's memory file.
+    #[arg(long, requires = "restore")]
+    restore_mem: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket. Without
-    /// --kernel, --firmware, --config or --disk, nothing boots until the API's
-    /// InstanceStart (as Firecracker does).
+    /// --kernel, --firmware, --config, --disk or --restore, nothing boots until the API's
+    /// InstanceStart or a snapshot load (as Firecracker does).
     #[arg(long)]
     api_sock: Option<PathBuf>,
     /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given.
@@ -248,7 +278,8 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let nothing_to_boot = args.kernel.is_none()
         && args.firmware.is_none()
         && args.config.is_none()
-        && args.disks.is_empty();
+        && args.disks.is_empty()
+        && args.restore.is_none();
     if args.api_only || (api_sock.is_some() && nothing_to_boot) {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
@@ -258,10 +289,16 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(&sock);
         return report(reason);
     }
-    let config = config_from(args)?;
-    let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
+    let (config, vmm) = match &args.restore {
+        Some(path) => restore(path, args.restore_mem.as_deref(), &args)?,
+        None => {
+            let config = config_from(args)?;
+            let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
+            (config, vmm)
+        }
+    };
     if let Some(sock) = &api_sock {
-        let api = vmm::api::firecracker::VmmApi::new_running(config, vmm.control());
+        let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
         vmm::api::firecracker::spawn(sock, api)
             .with_context(|| format!("serving the API on {}", sock.display()))?;
     }
@@ -281,6 +318,31 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(sock);
     }
     report(reason.map_err(anyhow::Error::from))
+}
+
+/// The VM of the snapshot at `path` (a folder, or a state file beside `mem`), built and
+/// ready to run; refused with nothing started when the snapshot or this host does not
+/// fit.
+fn restore(
+    path: &std::path::Path,
+    mem: Option<&std::path::Path>,
+    args: &RunArgs,
+) -> anyhow::Result<(VmConfig, Vmm)> {
+    let (state, memory) = match mem {
+        Some(m) => (path.to_path_buf(), m.to_path_buf()),
+        None if path.is_dir() => vmm::snapshot::files_in(path),
+        None => bail!(
+            "--restore {}: give a snapshot folder, or the state file with --restore-mem MEMORY",
+            path.display()
+        ),
+    };
+    let loaded = vmm::snapshot::load(&state, &memory)
+        .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
+    let vmm = Vmm::restore(&loaded, args.serial.clone(), args.accel)
+        .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
+    let mut config = loaded.snapshot.config;
+    config.serial = args.serial.clone();
+    Ok((config, vmm))
 }
 
 /// When `run` returns: relays the console's last output, removes its socket file.

@@ -1968,3 +1968,75 @@ fn the_daemon_removes_its_socket_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{}", d.log());
     assert!(!d.socket().exists(), "the socket file stayed");
 }
+
+/// `save` and `restore` on a Vessel domain under emu: the guest's counter goes on after
+/// the restore without a gap or a repeat (the serial log goes on too), a redefined
+/// domain refuses its old save, and a save never overwrites.
+#[test]
+fn vessel_domain_saves_and_restores_under_emu() {
+    let a = assets();
+    let d = Daemon::start("emusave");
+    let c = d.client();
+    let def = |mem: u64| {
+        json!({"name": "saved", "driver": "vessel",
+            "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                   "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+                   "memory_mib": mem, "accel": "emu"}})
+    };
+    c.post("/v1/domains", Some(&def(256))).unwrap();
+    c.post("/v1/domains/saved/start", None).unwrap();
+    let counts = || -> Vec<u64> {
+        serial_log(&c, "saved")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts().last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(),
+                serial_log(&c, "saved")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(3, "first boot");
+
+    let save = d.dir.join("saved.snap");
+    let save_s = save.to_str().unwrap();
+    let out = d.ok(&["save", "saved", save_s]);
+    assert!(out.contains("saved to"), "{out}");
+    assert_eq!(state(&c, "saved"), "shutoff");
+    assert!(d.run_pids().is_empty(), "the VMM still runs after the save");
+    for f in ["vmstate", "memory", "domain"] {
+        assert!(save.join(f).is_file(), "{f} missing in the save folder");
+    }
+    let at_save = *counts().last().unwrap();
+    // A save never overwrites; a domain redefined since refuses the old save.
+    let e = d.fails(&["save", "saved", save_s]);
+    assert!(e.contains("not running") || e.contains("exists"), "{e}");
+    c.redefine_text(&def(512).to_string()).unwrap();
+    let e = d.fails(&["restore", save_s]);
+    assert!(e.contains("redefined"), "{e}");
+    assert_eq!(state(&c, "saved"), "shutoff");
+    c.redefine_text(&def(256).to_string()).unwrap();
+
+    let out = d.ok(&["restore", save_s]);
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(state(&c, "saved"), "running");
+    wait_count(at_save + 5, "after the restore");
+    let all = counts();
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1) && all.first() == Some(&1),
+        "counts lost or repeated across save/restore: {all:?}"
+    );
+    assert_eq!(
+        serial_log(&c, "saved").matches("vessel-init:").count(),
+        1,
+        "the restore booted the guest again"
+    );
+    d.ok(&["destroy", "saved"]);
+}

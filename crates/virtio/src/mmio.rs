@@ -7,6 +7,9 @@
 //! thread, the VMM can register each queue's doorbell as an ioevent at
 //! [`QUEUE_NOTIFY_OFFSET`] so a notify never reaches the transport.
 
+mod persist;
+pub use persist::MmioSnapshot;
+
 use std::sync::Arc;
 
 use devices::BusDevice;

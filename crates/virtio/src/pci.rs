@@ -646,5 +646,8 @@ impl PciDevice for PciTransport {
     }
 }
 
+mod persist;
+pub use persist::PciSnapshot;
+
 #[cfg(test)]
 mod tests;

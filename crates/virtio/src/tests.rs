@@ -1485,3 +1485,67 @@ fn net_advertises_an_mtu_only_when_given_one() {
     d.t.read(0x100, &mut mac);
     assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1]);
 }
+
+#[test]
+fn a_snapshot_restores_queues_into_a_new_transport_on_the_same_memory() {
+    let mut d = blk(false);
+    d.header(HDR, 0, 3);
+    assert_eq!(
+        d.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]),
+        Some(513)
+    );
+    let snap = d.t.snapshot();
+    let json = serde_json::to_string(&snap).unwrap();
+    let snap: crate::mmio::MmioSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(snap.core.queues[0].next_used, 1);
+    assert!(snap.core.status & status::DRIVER_OK != 0);
+
+    // The "restored VMM": the same guest memory, a device built from the config again.
+    let irq = Arc::new(Pulses::default());
+    let data = (0..1 << 20).map(|i| (i / 512) as u8).collect();
+    let dev = Block::new(
+        Box::new(MemDisk { data, ro: false }),
+        "disk-serial-1",
+        false,
+    );
+    let mut t = MmioTransport::new(Box::new(dev), d.mem.clone(), irq.clone(), 5);
+    t.restore(&snap).unwrap();
+    assert_eq!(t.snapshot(), snap);
+    let mut d2 = Driver {
+        t,
+        mem: d.mem.clone(),
+        irq,
+        avail_idx: d.avail_idx,
+    };
+    assert_eq!(d2.status(), snap.core.status);
+    // The next request goes on from the ring indices the snapshot kept.
+    d2.header(HDR, 0, 7);
+    assert_eq!(
+        d2.submit(&[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]),
+        Some(513)
+    );
+    assert_eq!(d2.byte(BUF), 7);
+    let used_idx: u16 = d2.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used_idx, 2);
+
+    // Refusals leave the transport as it was.
+    let mut rng = Driver::new(Box::new(Rng)).init(QSIZE);
+    let before = rng.t.snapshot();
+    assert!(matches!(
+        rng.t.restore(&snap),
+        Err(crate::transport::RestoreError::DeviceType { .. })
+    ));
+    let mut bad = before.clone();
+    bad.core.queues[0].size = 15;
+    assert!(matches!(
+        rng.t.restore(&bad),
+        Err(crate::transport::RestoreError::Queue { .. })
+    ));
+    let mut bad = before.clone();
+    bad.core.driver_features |= 1 << 60;
+    assert!(matches!(
+        rng.t.restore(&bad),
+        Err(crate::transport::RestoreError::Features { .. })
+    ));
+    assert_eq!(rng.t.snapshot(), before);
+}

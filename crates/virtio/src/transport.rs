@@ -23,6 +23,9 @@
 //! interrupt from used_event over everything the round used
 //! ([`crate::VIRTIO_RING_F_EVENT_IDX`]).
 
+mod persist;
+pub use persist::{CoreSnapshot, QueueSnapshot, RestoreError};
+
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};

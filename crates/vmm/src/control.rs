@@ -51,6 +51,8 @@ pub struct VmControl {
     kickers: Mutex<Vec<Arc<dyn hypervisor::VcpuKicker>>>,
     /// Disks and interfaces that can be changed while the guest runs.
     devices: crate::runtime::RuntimeDevices,
+    /// Held while a snapshot reads the paused VM: a resume waits for it.
+    frozen: Mutex<()>,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -79,12 +81,20 @@ impl VmControl {
             left_run: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
             devices: crate::runtime::RuntimeDevices::default(),
+            frozen: Mutex::new(()),
         }
     }
 
     /// The devices the control API may change while the guest runs.
     pub fn devices(&self) -> &crate::runtime::RuntimeDevices {
         &self.devices
+    }
+
+    /// Runs `f` while the VM stays paused (a resume meanwhile waits); None, without
+    /// running it, when the VM is not paused.
+    pub fn while_paused<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        let _frozen = lock(&self.frozen);
+        self.is_paused().then(f)
     }
 
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {
@@ -140,6 +150,7 @@ impl VmControl {
     /// Lets the vCPUs run again. Resuming a running VM is a no-op.
     pub fn resume(&self) -> Result<(), ControlError> {
         self.running()?;
+        let _frozen = lock(&self.frozen);
         self.resume_threads();
         tracing::info!("VM resumed");
         Ok(())
@@ -302,6 +313,37 @@ mod tests {
         worker.join().unwrap();
         assert!(matches!(c.pause(), Err(ControlError::NotRunning(_))));
         assert!(c.press_power_button().is_err());
+    }
+
+    #[test]
+    fn a_resume_waits_for_what_runs_while_paused() {
+        let c = control();
+        assert_eq!(c.while_paused(|| 1), None, "not paused");
+        c.pause().unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.while_paused(|| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    c.is_paused()
+                })
+            })
+        };
+        started_rx.recv().unwrap();
+        let t0 = Instant::now();
+        c.resume().unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(200),
+            "resumed under a snapshot"
+        );
+        assert_eq!(
+            reader.join().unwrap(),
+            Some(true),
+            "the VM stayed paused throughout"
+        );
+        assert!(!c.is_paused());
     }
 
     #[test]

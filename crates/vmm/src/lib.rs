@@ -8,6 +8,7 @@ pub mod console;
 pub mod control;
 pub mod io;
 pub mod runtime;
+pub mod snapshot;
 pub mod vm;
 
 pub use config::{Accel, CpuModel, SerialConfig, VmConfig};

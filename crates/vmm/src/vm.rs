@@ -84,6 +84,8 @@ pub enum VmmError {
     Firmware(#[from] arch::firmware::FirmwareError),
     #[error("fw_cfg: {0}")]
     FwCfg(#[from] devices::fw_cfg::FwCfgError),
+    #[error("restoring the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// A device's own I/O thread, which runs it on the driver's notifies and, when given
@@ -302,7 +304,9 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices that run on I/O threads of their own (block, net, vsock, console).
     io_threads: Vec<virtio::transport::IoThread>,
-    vcpus: Vec<Box<dyn Vcpu>>,
+    /// Each locked by its thread while it runs, and by a snapshot of the paused VM.
+    vcpus: Vec<Arc<Mutex<Box<dyn Vcpu>>>>,
+    snapshotter: Arc<crate::snapshot::Snapshotter>,
     /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
     /// registry in `virtio::ram_watch` holds it weakly).
     _ram_watch: Option<Arc<virtio::ram_watch::Observer>>,
@@ -319,6 +323,10 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, VmmError> {
     std::fs::read(path).map_err(|source| VmmError::ReadFile {
         what,
@@ -332,9 +340,51 @@ impl Vmm {
     /// attach devices and configure vCPUs.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         config.validate()?;
+        Self::build(config, None)
+    }
+
+    /// Build the VM a snapshot describes, as `new` would with the kernel loading
+    /// replaced by the saved memory and state; `serial` is where its console goes now.
+    /// The VM has not run when this returns; a refusal leaves nothing started.
+    pub fn restore(
+        loaded: &crate::snapshot::Loaded,
+        serial: SerialConfig,
+        accel: crate::config::Accel,
+    ) -> Result<Self, VmmError> {
+        let mut config = loaded.config().clone();
+        config.serial = serial;
+        match config.validate() {
+            // A restored VM does not load its kernel again.
+            Ok(()) | Err(ConfigError::KernelMissing(_)) | Err(ConfigError::InitrdMissing(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if accel != crate::config::Accel::Auto && accel != config.accel {
+            return Err(crate::snapshot::SnapshotError::Mismatch(format!(
+                "it was taken with --accel {:?}, this VMM was asked for {accel:?}",
+                config.accel
+            ))
+            .into());
+        }
+        Self::build(config, Some(loaded))
+    }
+
+    fn build(
+        config: VmConfig,
+        restore: Option<&crate::snapshot::Loaded>,
+    ) -> Result<Self, VmmError> {
         let choice = accel::choose(config.accel)?;
         let hv = choice.hypervisor;
         tracing::info!(accel = hv.name(), "accelerator chosen");
+        if let Some(r) = restore {
+            if r.snapshot.accel != hv.name() {
+                return Err(crate::snapshot::SnapshotError::Mismatch(format!(
+                    "its state is {}'s; this host runs the VM with {}",
+                    r.snapshot.accel,
+                    hv.name()
+                ))
+                .into());
+            }
+        }
 
         // Memory: RAM, and the BIOS image's region below 4 GiB when booting through one.
         let mem_size = config.memory_bytes();
@@ -350,8 +400,14 @@ impl Vmm {
             let (base, len) = arch::firmware::bios_region(image.len() as u64)?;
             ranges.push((GuestAddress(base), len as usize));
         }
-        let memory = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
+        let memory = match restore {
+            // The snapshot's memory file, mapped privately: pages load as the guest
+            // touches them.
+            Some(r) => crate::snapshot::memory::map(&r.mem_path, &r.snapshot.memory)
+                .map_err(crate::snapshot::SnapshotError::from)?,
+            None => GuestMemoryMmap::from_ranges(&ranges)
+                .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?,
+        };
         let vm = hv.create_vm(config.cpus)?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region
@@ -403,6 +459,8 @@ impl Vmm {
 
         // Kernel, initrd, boot tables — or the firmware, which finds its own way.
         let loaded = match (&config.kernel, &bios) {
+            // Memory already holds the kernel, and the vCPUs their state.
+            _ if restore.is_some() => None,
             (_, Some(image)) => {
                 arch::firmware::load_bios(&memory, image)?;
                 tracing::info!(size = image.len(), "firmware loaded");
@@ -439,10 +497,12 @@ impl Vmm {
         if let Some(bucket) = config.serial_rate_limiter.as_ref().and_then(|b| b.bucket()) {
             out = Box::new(crate::console::RateLimitedOutput::new(out, bucket));
         }
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            IrqTrigger::new(irq.clone(), COM1_GSI),
-            out,
-        )));
+        let trigger = IrqTrigger::new(irq.clone(), COM1_GSI);
+        let serial = Arc::new(Mutex::new(match restore {
+            Some(r) => SerialDevice::restored(trigger, out, &r.snapshot.serial)
+                .map_err(|e| crate::snapshot::SnapshotError::Invalid(e.to_string()))?,
+            None => SerialDevice::new(trigger, out),
+        }));
         let mut io = IoBuses::default();
         let dev = |d: Arc<Mutex<dyn BusDevice>>| d;
         io.pio
@@ -465,27 +525,35 @@ impl Vmm {
         )?;
         // The CMOS RTC lives in user space with either accelerator (KVM has none).
         let mut rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        let mut firmware_devices = None;
         if bios.is_some() {
             // A BIOS sizes memory from the CMOS as well as from fw_cfg.
             for (index, value) in cmos_memory_bytes(mem_size) {
                 rtc.set_cmos_byte(index, value);
             }
+            let pm1 = Arc::new(Mutex::new(devices::legacy::Pm1::new(
+                exit.clone(),
+                acpi::S5_SLEEP_TYPE,
+            )));
+            let fw = Arc::new(Mutex::new(
+                fw_cfg(&config, mem_size, &acpi_config)?
+                    .with_dma(Box::new(FwCfgDma(memory.clone()))),
+            ));
+            if let Some(saved) = restore.and_then(|r| r.snapshot.firmware) {
+                lock(&pm1).set_regs(saved.pm1);
+                lock(&fw).set_position(saved.fw_cfg);
+            }
             io.pio.insert(
-                dev(Arc::new(Mutex::new(devices::legacy::Pm1::new(
-                    exit.clone(),
-                    acpi::S5_SLEEP_TYPE,
-                )))),
+                dev(pm1.clone()),
                 u64::from(acpi::PM1A_EVT_PORT),
                 devices::legacy::PM1_PORTS,
             )?;
             io.pio.insert(
-                dev(Arc::new(Mutex::new(
-                    fw_cfg(&config, mem_size, &acpi_config)?
-                        .with_dma(Box::new(FwCfgDma(memory.clone()))),
-                ))),
+                dev(fw.clone()),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
+            firmware_devices = Some((fw, pm1));
             io.pio.insert(
                 dev(Arc::new(Mutex::new(devices::fw_cfg::DebugCon::new(
                     Box::new(FirmwareLog::default()),
@@ -494,11 +562,15 @@ impl Vmm {
                 1,
             )?;
         }
+        if let Some(r) = restore {
+            r.snapshot.rtc.apply(&mut rtc)?;
+        }
+        let rtc = Arc::new(Mutex::new(rtc));
         let clock: Arc<dyn devices::irqchip::Clock> =
             Arc::new(devices::irqchip::MonotonicClock::new());
         io.pio.insert(
             dev(Arc::new(Mutex::new(devices::irqchip::Clocked::new(
-                Arc::new(Mutex::new(rtc)),
+                rtc.clone(),
                 clock,
             )))),
             0x70,
@@ -515,13 +587,18 @@ impl Vmm {
             irq.clone(),
             acpi::GED_GSI,
         )));
+        if let Some(r) = restore {
+            lock(&ged).set_pending(r.snapshot.ged_pending);
+        }
         io.pio
             .insert(dev(ged.clone()), u64::from(acpi::GED_PORT), 1)?;
-        let control = Arc::new(VmControl::new(exit.clone(), ged));
+        let control = Arc::new(VmControl::new(exit.clone(), ged.clone()));
 
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
         let mut pci_root = devices::pci::PciRoot::new();
         let mut io_threads = Vec::new();
+        let mut virtio_transports = Vec::new();
+        let mut saved_virtio = restore.map(|r| r.snapshot.virtio.iter());
         for ((device, io_setup, _, change), place) in virtio.into_iter().zip(places) {
             match place {
                 Placement::Mmio(window) => {
@@ -552,8 +629,20 @@ impl Vmm {
                         }
                         io_threads.push(thread);
                     }
-                    io.mmio
-                        .insert(dev(Arc::new(Mutex::new(t))), window.base, window.size)?;
+                    if let Some(saved) = &mut saved_virtio {
+                        let Some(crate::snapshot::VirtioSnapshot::Mmio(state)) = saved.next()
+                        else {
+                            return Err(crate::snapshot::SnapshotError::Mismatch(
+                                "its virtio devices are not this VM's (count or transport)".into(),
+                            )
+                            .into());
+                        };
+                        t.restore(state)
+                            .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;
+                    }
+                    let t = Arc::new(Mutex::new(t));
+                    virtio_transports.push(crate::snapshot::VirtioTransport::Mmio(t.clone()));
+                    io.mmio.insert(dev(t), window.base, window.size)?;
                 }
                 Placement::Pci { slot, gsi } => {
                     // Interrupts stay calls into the chip (MSI-X messages, or the level
@@ -578,7 +667,21 @@ impl Vmm {
                         t.notify_through_ioevents(vm.clone(), notifiers);
                         io_threads.push(thread);
                     }
-                    pci_root.add(usize::from(slot), Arc::new(Mutex::new(t)))?;
+                    // After the ioevents' hook (a restore places them where BAR 0 was),
+                    // before the bus decodes its BARs.
+                    if let Some(saved) = &mut saved_virtio {
+                        let Some(crate::snapshot::VirtioSnapshot::Pci(state)) = saved.next() else {
+                            return Err(crate::snapshot::SnapshotError::Mismatch(
+                                "its virtio devices are not this VM's (count or transport)".into(),
+                            )
+                            .into());
+                        };
+                        t.restore(state)
+                            .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;
+                    }
+                    let t = Arc::new(Mutex::new(t));
+                    virtio_transports.push(crate::snapshot::VirtioTransport::Pci(t.clone()));
+                    pci_root.add(usize::from(slot), t)?;
                 }
             }
         }
@@ -608,6 +711,33 @@ impl Vmm {
         // state: the others wait for INIT/SIPI from the guest.
         let mut supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
         arch::cpuid::apply_modifiers(&mut supported, &config.cpuid_modifiers)?;
+        let cpuid_fingerprint = crate::snapshot::cpuid_fingerprint(&arch::cpuid::guest_cpuid_smt(
+            &supported,
+            0,
+            config.cpus,
+            config.threads_per_core,
+        ));
+        if let Some(r) = restore {
+            if saved_virtio.is_some_and(|mut rest| rest.next().is_some()) {
+                return Err(crate::snapshot::SnapshotError::Invalid(
+                    "more virtio device states than devices".into(),
+                )
+                .into());
+            }
+            if r.snapshot.cpuid_fingerprint != cpuid_fingerprint {
+                return Err(crate::snapshot::SnapshotError::Mismatch(
+                    "this host would give the guest other CPU features (CPUID) than it had".into(),
+                )
+                .into());
+            }
+            // Before the vCPUs: their TSCs follow the VM clock this sets.
+            let elapsed = crate::snapshot::unix_now_ns().saturating_sub(r.snapshot.saved_unix_ns);
+            vm.restore_state(&r.snapshot.vm, elapsed)
+                .map_err(|source| crate::snapshot::SnapshotError::Accel {
+                    accel: hv.name().into(),
+                    source,
+                })?;
+        }
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(u32::from(id))?;
@@ -625,9 +755,39 @@ impl Vmm {
                 vcpu.set_sregs(&arch::entry::boot_sregs(loaded.protocol))?;
                 vcpu.set_fpu(&FpuState::default())?;
             }
+            if let Some(state) = restore.and_then(|r| r.snapshot.vcpus.get(usize::from(id))) {
+                vcpu.restore_state(state).map_err(|source| {
+                    crate::snapshot::SnapshotError::Accel {
+                        accel: hv.name().into(),
+                        source,
+                    }
+                })?;
+                // Its watchdogs are told the time it spent saved was a pause.
+                vcpu.guest_paused()?;
+            }
             vcpus.push(vcpu);
         }
         control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
+        let vcpus: Vec<Arc<Mutex<Box<dyn Vcpu>>>> =
+            vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        let snapshotter = Arc::new(crate::snapshot::Snapshotter {
+            config: config.clone(),
+            accel: hv.name().into(),
+            cpuid_fingerprint,
+            control: control.clone(),
+            vm: vm.clone(),
+            memory: memory.clone(),
+            vcpus: vcpus.clone(),
+            serial: serial.clone(),
+            ged,
+            rtc,
+            virtio: virtio_transports,
+            firmware: firmware_devices,
+            busy: Mutex::new(()),
+        });
+        if let Some(r) = restore {
+            tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");
+        }
 
         Ok(Vmm {
             config,
@@ -638,6 +798,7 @@ impl Vmm {
             serial,
             io_threads,
             vcpus,
+            snapshotter,
             _ram_watch: ram_watch,
             _memory: memory,
             _vm: vm,
@@ -657,6 +818,11 @@ impl Vmm {
     /// The handle to pause, resume, reset the VM or press its power button.
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
+    }
+
+    /// The handle that snapshots the VM (paused) while it runs.
+    pub fn snapshotter(&self) -> Arc<crate::snapshot::Snapshotter> {
+        self.snapshotter.clone()
     }
 
     /// Run until the guest powers off or resets, or something stops the VM.
@@ -684,7 +850,7 @@ impl Vmm {
             let control = self.control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, vcpu, &io, &control))
+                .spawn(move || vcpu_loop(id, &vcpu, &io, &control))
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
@@ -943,13 +1109,15 @@ fn stop_on_termination_signals(term: &'static EventFd) {
     }
 }
 
-fn vcpu_loop(id: usize, mut vcpu: Box<dyn Vcpu>, io: &IoBuses, control: &VmControl) {
+fn vcpu_loop(id: usize, vcpu: &Mutex<Box<dyn Vcpu>>, io: &IoBuses, control: &VmControl) {
     let exit = control.exit_signal();
     while exit.get().is_none() {
         // Parks here while the VM is paused.
         let Some(was_paused) = control.enter_run() else {
             break;
         };
+        // Only a snapshot of the paused VM takes it besides this thread.
+        let mut vcpu = lock(vcpu);
         if was_paused {
             if let Err(e) = vcpu.guest_paused() {
                 tracing::warn!(vcpu = id, "telling the guest it was paused: {e}");

@@ -15,6 +15,7 @@ mod interrupts;
 mod jit;
 pub mod mmu;
 pub mod msr;
+pub mod persist;
 pub mod platform;
 mod segments;
 pub mod state;

@@ -91,7 +91,7 @@ impl Seg {
 ///
 /// `attr` uses the VMX access-rights layout: type in bits 0-3, S bit 4, DPL bits 5-6,
 /// P bit 7, AVL bit 12, L bit 13, D/B bit 14, G bit 15.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub selector: u16,
     pub base: u64,
@@ -149,14 +149,14 @@ impl Segment {
 }
 
 /// GDTR / IDTR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
 }
 
 /// x87 + SSE state; fields mirror the FXSAVE image so FXSAVE/FXRSTOR are copies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FpuState {
     pub fcw: u16,
     pub fsw: u16,
@@ -166,10 +166,13 @@ pub struct FpuState {
     pub fip: u64,
     pub fdp: u64,
     /// 80-bit registers, each in the low 10 bytes of a 16-byte slot.
+    #[serde(with = "u128_words")]
     pub st: [u128; 8],
+    #[serde(with = "u128_words")]
     pub xmm: [u128; 16],
     pub mxcsr: u32,
     /// Bits 255:128 of YMM0-15 (the AVX state XSAVE keeps beside the legacy area).
+    #[serde(with = "u128_words")]
     pub ymm_hi: [u128; 16],
 }
 
@@ -191,7 +194,7 @@ impl Default for FpuState {
 }
 
 /// MSRs that have architectural effect or that Linux reads back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Msrs {
     pub star: u64,
     pub lstar: u64,
@@ -209,7 +212,7 @@ pub struct Msrs {
 }
 
 /// The complete architectural register state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuState {
     /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15.
     pub gpr: [u64; 16],
@@ -333,5 +336,37 @@ impl CpuState {
 
     pub fn long_mode_active(&self) -> bool {
         self.efer & cr::EFER_LMA != 0
+    }
+}
+
+/// 128-bit registers in a snapshot as pairs of 64-bit words (low, high): JSON numbers
+/// stop at 64 bits.
+mod u128_words {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(
+        v: &[u128; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let words: Vec<[u64; 2]> = v.iter().map(|&x| [x as u64, (x >> 64) as u64]).collect();
+        words.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u128; N], D::Error> {
+        let words = Vec::<[u64; 2]>::deserialize(d)?;
+        if words.len() != N {
+            return Err(D::Error::invalid_length(
+                words.len(),
+                &"one pair per register",
+            ));
+        }
+        let mut out = [0u128; N];
+        for (o, [lo, hi]) in out.iter_mut().zip(words) {
+            *o = u128::from(lo) | (u128::from(hi) << 64);
+        }
+        Ok(out)
     }
 }

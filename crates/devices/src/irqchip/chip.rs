@@ -68,7 +68,7 @@ pub const MAX_CPUS: u32 = 4096;
 const NO_SENDER: u32 = u32::MAX;
 
 /// A startup message the VMM must act on for a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StartupEvent {
     /// INIT: the LAPIC has been reset; the VMM resets the CPU and waits for a SIPI.
     Init,
@@ -76,9 +76,16 @@ pub enum StartupEvent {
     Sipi(u8),
 }
 
+/// Why a chip refused a snapshot's state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChipStateError {
+    #[error("the snapshot's interrupt controller has {snapshot} local APICs, this VM {chip}")]
+    CpuCount { chip: usize, snapshot: usize },
+}
+
 /// A snapshot of the whole chip ([`UserIrqChip::state`], [`UserIrqChip::from_state`]).
 /// Times are in the VM's `now_ns` clock, so restore it with the same time base.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserIrqChipState {
     pub lapics: Vec<LapicState>,
     pub ioapic: IoApicState,
@@ -379,6 +386,32 @@ impl UserIrqChip {
         };
         chip.notify(&chip.lock());
         chip
+    }
+
+    /// Puts every controller in the state `state` describes (a snapshot of a chip
+    /// with as many vCPUs), then lets each vCPU look for events again. Refused, with
+    /// nothing changed, for another vCPU count.
+    pub fn restore(&self, state: &UserIrqChipState) -> Result<(), ChipStateError> {
+        let n = self.wake.len();
+        if state.lapics.len() != n {
+            return Err(ChipStateError::CpuCount {
+                chip: n,
+                snapshot: state.lapics.len(),
+            });
+        }
+        let fresh = Self::from_state(state)
+            .state
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = self.lock();
+            *st = fresh;
+            self.notify(&st);
+        }
+        for cpu in 0..n {
+            self.kick(cpu as u32);
+        }
+        Ok(())
     }
 
     /// The LAPIC timer's input clock, for CPUID 0x15 (crystal) / 0x16 (bus).
@@ -1242,6 +1275,38 @@ mod tests {
         assert_eq!(r.cpus(), 1);
         r.tick(u64::MAX);
         r.acknowledge_interrupt(0);
+    }
+
+    #[test]
+    fn restore_into_a_live_chip_through_serde() {
+        let c = chip(2);
+        linux_pic_init(&c);
+        route(&c, 9, 0x0000_8039, 1);
+        c.set_irq_line(9, true);
+        lapic_write(&c, 0, 0x310, 0x0100_0000);
+        lapic_write(&c, 0, 0x300, 0x0000_4608);
+        let s = c.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let back: UserIrqChipState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        // A fresh chip of the same size takes it and delivers what was pending.
+        let live = chip(2);
+        live.restore(&back).unwrap();
+        assert_eq!(live.state(), s);
+        assert!(live.event_hint(1));
+        assert_eq!(live.acknowledge_interrupt(1), Some(0x39));
+        assert_eq!(live.take_startup_events(1), vec![StartupEvent::Sipi(8)]);
+        // Another vCPU count is refused and changes nothing.
+        let other = chip(1);
+        let before = other.state();
+        assert_eq!(
+            other.restore(&s),
+            Err(ChipStateError::CpuCount {
+                chip: 1,
+                snapshot: 2
+            })
+        );
+        assert_eq!(other.state(), before);
     }
 
     #[test]

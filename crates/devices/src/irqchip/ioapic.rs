@@ -59,7 +59,7 @@ const RTE_WRITABLE: u64 = (0xff << RTE_DEST_SHIFT)
     | 0x7ff;
 
 /// Plain state of the IOAPIC.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoApicState {
     pub id: u32,
     pub select: u32,

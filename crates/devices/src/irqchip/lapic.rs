@@ -177,7 +177,7 @@ impl VectorBits {
 
 /// The plain state of a [`Lapic`], for snapshots ([`Lapic::state`], [`Lapic::from_state`]).
 /// Times are in the VM's `now_ns` clock.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LapicState {
     pub id: u32,
     pub bsp: bool,

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use crate::bus::BusDevice;
 
-pub use chip::{StartupEvent, UserIrqChip, UserIrqChipState};
+pub use chip::{ChipStateError, StartupEvent, UserIrqChip, UserIrqChipState};
 
 /// How an interrupt message is delivered (ICR, redirection entry and MSI data bits 8–10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -48,7 +48,7 @@ const ELCR_MASTER_MASK: u8 = 0xf8;
 const ELCR_SLAVE_MASK: u8 = 0xde;
 
 /// Which initialization word the data port expects next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum InitStep {
     #[default]
     Ready,
@@ -58,7 +58,7 @@ pub enum InitStep {
 }
 
 /// The plain state of one 8259A.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pic8259State {
     pub irr: u8,
     pub imr: u8,

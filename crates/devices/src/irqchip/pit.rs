@@ -45,7 +45,7 @@ const P61_OUT2: u8 = 0x20;
 const REFRESH_PERIOD_NS: u64 = 15_085;
 
 /// Plain state of one counter.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChannelState {
     pub mode: u8,
     /// 1 LSB only, 2 MSB only, 3 LSB then MSB.

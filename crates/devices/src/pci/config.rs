@@ -327,6 +327,31 @@ impl PciConfig {
     }
 }
 
+/// A configuration space's saved bytes do not fit this function.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a saved PCI configuration space has {0} bytes, not {CONFIG_SIZE}")]
+pub struct ConfigSizeError(pub usize);
+
+impl PciConfig {
+    /// The whole configuration space, for a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Takes the bits software may write (BAR addresses, the command register,
+    /// capability controls…) from a snapshot; what the function fixed when it was built
+    /// (IDs, capability layout, BAR sizes) stays as it is.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), ConfigSizeError> {
+        if saved.len() != CONFIG_SIZE {
+            return Err(ConfigSizeError(saved.len()));
+        }
+        for ((b, w), s) in self.bytes.iter_mut().zip(self.writable.iter()).zip(saved) {
+            *b = (*b & !*w) | (*s & *w);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

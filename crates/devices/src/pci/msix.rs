@@ -241,6 +241,64 @@ fn aligned(offset: u64, len: usize) -> bool {
     matches!(len, 4 | 8) && offset.is_multiple_of(len as u64)
 }
 
+/// A function's MSI-X state in a snapshot: each vector's address, data and control,
+/// the pending bits, and the capability's enable and function-mask bits.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    /// Per vector: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<u64>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
+/// A snapshot's MSI-X state does not fit this function.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a saved MSI-X table has {saved} vectors, this function {have}")]
+pub struct MsixSizeError {
+    pub saved: usize,
+    pub have: usize,
+}
+
+impl Msix {
+    /// The table, pending bits and controls, for a snapshot.
+    pub fn snapshot(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Puts back what [`Msix::snapshot`] saved (no message is sent: pending vectors stay
+    /// pending until the guest unmasks them, as they were).
+    pub fn restore(&mut self, s: &MsixSnapshot) -> Result<(), MsixSizeError> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(MsixSizeError {
+                saved: s.entries.len(),
+                have: self.entries.len(),
+            });
+        }
+        for (e, &[addr_lo, addr_hi, data, control]) in self.entries.iter_mut().zip(&s.entries) {
+            *e = Entry {
+                addr_lo,
+                addr_hi,
+                data,
+                control,
+            };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2); devices reach them through [`IrqChip`].
 
 mod convert;
+mod persist;
 
 /// For backends that drive a KVM vCPU of their own (emu's hybrid mode).
 pub use convert::{regs_from_kvm, regs_to_kvm};
@@ -163,6 +164,14 @@ impl Vm for KvmVm {
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         self.irq.clone()
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value> {
+        persist::save_vm(self)
+    }
+
+    fn restore_state(&self, state: &serde_json::Value, elapsed_ns: u64) -> Result<()> {
+        persist::restore_vm(self, state, elapsed_ns)
     }
 
     fn register_ioevent(
@@ -334,6 +343,14 @@ fn lvt_with_mode(reg: u32, mode: u32) -> u32 {
 }
 
 impl Vcpu for KvmVcpu {
+    fn save_state(&self) -> Result<serde_json::Value> {
+        persist::save_vcpu(self)
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        persist::restore_vcpu(self, state)
+    }
+
     fn regs(&self) -> Result<Regs> {
         let r = self.fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?;
         Ok(convert::regs_from_kvm(&r))

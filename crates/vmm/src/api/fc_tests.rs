@@ -125,7 +125,11 @@ impl Api {
                 core,
             );
         }
-        st.phase = Phase::Running { config, control };
+        st.phase = Phase::Running {
+            config,
+            control,
+            snapshotter: None,
+        };
     }
     fn config(&self) -> Value {
         let r = self.call("GET", "/vm/config", "");

@@ -87,6 +87,8 @@ enum Phase {
     Running {
         config: VmConfig,
         control: Arc<VmControl>,
+        /// None only for a stand-in VM (the API's tests).
+        snapshotter: Option<Arc<crate::snapshot::Snapshotter>>,
     },
     Finished {
         config: VmConfig,
@@ -186,11 +188,17 @@ impl VmmApi {
         Self::with_state(Phase::PreBoot, FcConfig::default(), serial, accel)
     }
 
-    /// An API for a VM already started from command-line flags or a `VmConfig` file.
-    pub fn new_running(config: VmConfig, control: Arc<VmControl>) -> Arc<Self> {
+    /// An API for a VM already started from command-line flags or a `VmConfig` file (or
+    /// restored from a snapshot given on the command line).
+    pub fn new_running(config: VmConfig, vmm: &Vmm) -> Arc<Self> {
         let fc = FcConfig::from_vm_config(&config);
         let (serial, accel) = (config.serial.clone(), config.accel);
-        Self::with_state(Phase::Running { config, control }, fc, serial, accel)
+        let phase = Phase::Running {
+            config,
+            control: vmm.control(),
+            snapshotter: Some(vmm.snapshotter()),
+        };
+        Self::with_state(phase, fc, serial, accel)
     }
 
     /// Records how the VM ended and wakes [`VmmApi::wait_finished`].
@@ -261,7 +269,7 @@ impl VmmApi {
     }
 
     fn instance_start(self: &Arc<Self>) -> Answer {
-        let mut st = self.preboot()?;
+        let st = self.preboot()?;
         let start_err = |e: String| fault(400, format!("Start microvm error: {e}"));
         let config = st
             .fc
@@ -269,10 +277,22 @@ impl VmmApi {
             .map_err(|e| start_err(e.to_string()))?;
         config.validate().map_err(|e| start_err(e.to_string()))?;
         let vmm = Vmm::new(config.clone()).map_err(|e| start_err(e.to_string()))?;
+        self.start(st, config, vmm)
+            .map_err(|e| start_err(e.to_string()))
+    }
+
+    /// Runs `vmm` on a thread of its own; the API serves it from now on.
+    fn start(
+        self: &Arc<Self>,
+        mut st: MutexGuard<'_, State>,
+        config: VmConfig,
+        vmm: Vmm,
+    ) -> Result<Response, std::io::Error> {
         let exit = vmm.exit_signal();
         st.phase = Phase::Running {
             config,
             control: vmm.control(),
+            snapshotter: Some(vmm.snapshotter()),
         };
         drop(st);
         let me = self.clone();
@@ -282,9 +302,55 @@ impl VmmApi {
         if let Err(e) = spawned {
             exit.request(ExitReason::Error);
             self.finish(Err(e.to_string()));
-            return Err(start_err(e.to_string()));
+            return Err(e);
         }
         Ok(Response::empty(204))
+    }
+
+    /// `PUT /snapshot/create`: the paused VM's state and memory into two files.
+    fn snapshot_create(&self, req: &Request) -> Answer {
+        let params: super::snapshot::SnapshotCreateParams = parse(req)?;
+        params.check().map_err(|msg| fault(400, msg))?;
+        let snapshotter = match &lock(&self.state).phase {
+            Phase::Running { snapshotter, .. } => snapshotter
+                .clone()
+                .ok_or_else(|| fault(400, "This VM cannot be snapshotted."))?,
+            Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
+            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
+        };
+        snapshotter
+            .create(&params.snapshot_path, &params.mem_file_path)
+            .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
+        Ok(Response::empty(204))
+    }
+
+    /// `PUT /snapshot/load`: a VM restored from a snapshot instead of booted; it runs at
+    /// once with `resume_vm`, else it waits paused for `PATCH /vm`.
+    fn snapshot_load(self: &Arc<Self>, req: &Request) -> Answer {
+        let params: super::snapshot::SnapshotLoadParams = parse(req)?;
+        let mem = params.mem_path().map_err(|msg| fault(400, msg))?;
+        let mut st = lock(&self.state);
+        if !st.preboot() {
+            return Err(fault(
+                400,
+                "Loading a snapshot is not allowed after the microVM has started.",
+            ));
+        }
+        let loaded = crate::snapshot::load(&params.snapshot_path, &mem)
+            .map_err(|e| fault(400, format!("Failed to load the snapshot: {e}")))?;
+        let vmm = Vmm::restore(&loaded, self.serial.clone(), self.accel)
+            .map_err(|e| fault(400, format!("Failed to restore the microVM: {e}")))?;
+        if !params.resume_vm {
+            // No vCPU thread has started: this only sets the gate they find closed.
+            vmm.control()
+                .pause()
+                .map_err(|e| fault(400, format!("Failed to restore the microVM paused: {e}")))?;
+        }
+        let mut config = loaded.snapshot.config;
+        config.serial = self.serial.clone();
+        st.fc = FcConfig::from_vm_config(&config);
+        self.start(st, config, vmm)
+            .map_err(|e| fault(400, format!("Failed to restore the microVM: {e}")))
     }
 
     fn put_actions(self: &Arc<Self>, req: &Request) -> Answer {
@@ -713,6 +779,14 @@ impl VmmApi {
             ("PUT", "network-interfaces", true) => self.put_net(req, &seg),
             ("PUT", "vsock", true) => self.put_vsock(req),
             ("PUT", "entropy", true) => self.put_entropy(req),
+            ("PUT", "snapshot", true) => match seg.get(1) {
+                Some(&"create") => self.snapshot_create(req),
+                Some(&"load") => self.snapshot_load(req),
+                _ => Err(fault(
+                    400,
+                    format!("Invalid request method and/or path: PUT {}.", req.path),
+                )),
+            },
             ("PUT", "balloon" | "mmds" | "pmem", true) => Err(self.absent_device(req, first)),
             ("PUT", "hotplug", true) if seg.get(1) == Some(&"memory") => {
                 Err(self.absent_device(req, first))

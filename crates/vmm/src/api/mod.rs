@@ -7,3 +7,4 @@ pub mod fc_log;
 pub mod fc_model;
 pub mod firecracker;
 pub mod http;
+pub mod snapshot;

@@ -1,0 +1,103 @@
+//! Firecracker's snapshot requests: `PUT /snapshot/create` on a paused VM, and
+//! `PUT /snapshot/load` on a VMM that has not started one (`vessel run --api-sock
+//! --api-only`). The bodies carry Firecracker's field names; what this VMM cannot do
+//! yet (Diff snapshots, which need dirty-page tracking; a userfaultfd memory backend)
+//! is refused with a message that says so.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `PUT /snapshot/create` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    /// "Full" (the default) or "Diff".
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+    /// Firecracker's deprecated target version: accepted and ignored.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// "File" or "Uffd".
+    pub backend_type: String,
+    pub backend_path: PathBuf,
+}
+
+/// `PUT /snapshot/load` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    /// Deprecated in Firecracker; exactly one of it and `mem_backend`.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Option<serde_json::Value>,
+}
+
+impl SnapshotCreateParams {
+    /// Refuses what this VMM cannot take: anything but a Full snapshot.
+    pub fn check(&self) -> Result<(), String> {
+        match self.snapshot_type.as_deref() {
+            None | Some("Full") => Ok(()),
+            Some("Diff") => Err(
+                "Diff snapshots need dirty page tracking, which this VMM does \
+                                 not have yet: take a Full snapshot."
+                    .into(),
+            ),
+            Some(other) => Err(format!("Invalid snapshot_type {other:?} (Full or Diff).")),
+        }
+    }
+}
+
+impl SnapshotLoadParams {
+    /// The memory file, or why the request is refused.
+    pub fn mem_path(&self) -> Result<PathBuf, String> {
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err(
+                "Dirty page tracking is not supported by this VMM yet (enable_diff_snapshots, \
+                 track_dirty_pages)."
+                    .into(),
+            );
+        }
+        if self
+            .network_overrides
+            .as_ref()
+            .is_some_and(|v| !v.as_array().is_some_and(Vec::is_empty))
+        {
+            return Err("network_overrides are not supported by this VMM yet.".into());
+        }
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(b)) if b.backend_type == "File" => Ok(b.backend_path.clone()),
+            (None, Some(b)) if b.backend_type == "Uffd" => Err(
+                "The Uffd memory backend is not supported by this VMM: use File (the memory \
+                 file is mapped privately and loaded on demand)."
+                    .into(),
+            ),
+            (None, Some(b)) => Err(format!(
+                "Invalid backend_type {:?} (File or Uffd).",
+                b.backend_type
+            )),
+            (Some(_), Some(_)) | (None, None) => {
+                Err("Exactly one of mem_file_path and mem_backend must be given.".into())
+            }
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! Snapshots of a paused VM: a state file (`format`: header, checksum, JSON body) that
+//! holds the VM's configuration and the state of every vCPU and device, and guest
+//! memory in a file of its own (`memory`). docs/SNAPSHOT.md describes both.
+//!
+//! [`Snapshotter`] is what a built VM hands the API: it reaches the vCPUs, the
+//! accelerator's VM state and every device that has state. [`load`] reads and checks a
+//! snapshot without starting anything; `Vmm::restore` builds the VM from it, the same
+//! recipe as a boot with the kernel loading replaced by the saved state.
+//!
+//! What is refused, before any file is written (create) or any device started (load):
+//! a VM that is not paused; an accelerator that cannot snapshot (hybrid); devices
+//! whose state is not captured yet (vsock); on load, a file
+//! that is truncated, corrupt or of another format version, a memory file of another
+//! size, a disk whose size changed, another accelerator, or a host whose CPU features
+//! differ from the snapshot's.
+
+pub mod format;
+pub mod memory;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use devices::fw_cfg::{FwCfg, FwCfgPosition};
+use devices::ged::Ged;
+use devices::irqchip::rtc::Rtc;
+use devices::legacy::Pm1;
+use devices::serial::{SerialDevice, SerialSnapshot};
+use hypervisor::{CpuIdEntry, Vcpu};
+use serde::{Deserialize, Serialize};
+use virtio::mmio::{MmioSnapshot, MmioTransport};
+use virtio::pci::{PciSnapshot, PciTransport};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::control::VmControl;
+
+pub use memory::MemRegion;
+
+/// What the CMOS RTC keeps (its time follows the host's clock plus the guest's offset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcSnapshot {
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM.
+    pub ram: Vec<u8>,
+    /// Seconds the guest moved the clock by.
+    pub offset_s: i64,
+    /// The time held while register B's SET bit is on.
+    pub held: Option<i64>,
+}
+
+impl RtcSnapshot {
+    pub fn of(rtc: &Rtc) -> Self {
+        RtcSnapshot {
+            index: rtc.index,
+            ram: rtc.ram.to_vec(),
+            offset_s: rtc.offset_s,
+            held: rtc.held,
+        }
+    }
+
+    /// Puts the saved registers into `rtc` (whose time base is this host's clock).
+    pub fn apply(&self, rtc: &mut Rtc) -> Result<(), SnapshotError> {
+        if self.ram.len() != rtc.ram.len() {
+            return Err(SnapshotError::Invalid(format!(
+                "the RTC's CMOS RAM has {} bytes, not {}",
+                self.ram.len(),
+                rtc.ram.len()
+            )));
+        }
+        rtc.index = self.index & 0x7f;
+        rtc.ram.copy_from_slice(&self.ram);
+        rtc.offset_s = self.offset_s;
+        rtc.held = self.held;
+        Ok(())
+    }
+}
+
+/// A disk as the snapshot saw it: a restore refuses a disk whose size changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// A virtio device's transport and state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioSnapshot {
+    Mmio(MmioSnapshot),
+    Pci(PciSnapshot),
+}
+
+/// A virtio device's transport, as the snapshotter reaches it.
+pub(crate) enum VirtioTransport {
+    Mmio(Arc<Mutex<MmioTransport>>),
+    Pci(Arc<Mutex<PciTransport>>),
+}
+
+/// What a VM booted through firmware has besides: where its fw_cfg access stands and
+/// its ACPI PM1 registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareSnapshot {
+    pub fw_cfg: FwCfgPosition,
+    pub pm1: [u8; 6],
+}
+
+/// The state file's body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshot {
+    /// The VM as it was configured (its serial backend is replaced by the restoring
+    /// VMM's).
+    pub config: VmConfig,
+    /// The accelerator whose state `vm` and `vcpus` are ("emu").
+    pub accel: String,
+    /// The host's wall-clock time when the snapshot was taken, in ns since the Unix
+    /// epoch: the restored VM's clock moves on by the time since.
+    pub saved_unix_ns: u64,
+    /// A fingerprint of the guest's CPUID table: a host that would give the guest other
+    /// CPU features cannot restore it.
+    pub cpuid_fingerprint: u64,
+    /// Where each RAM region's bytes are in the memory file.
+    pub memory: Vec<MemRegion>,
+    pub disks: Vec<DiskIdentity>,
+    /// The accelerator's VM state (interrupt controllers, PIT, the VM clock).
+    pub vm: serde_json::Value,
+    /// Each vCPU's state, by index.
+    pub vcpus: Vec<serde_json::Value>,
+    pub serial: SerialSnapshot,
+    /// Events the GED raised that the guest has not read.
+    pub ged_pending: u8,
+    pub rtc: RtcSnapshot,
+    /// The virtio devices, in the VM's device order.
+    pub virtio: Vec<VirtioSnapshot>,
+    /// For a VM booted through firmware.
+    #[serde(default)]
+    pub firmware: Option<FirmwareSnapshot>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM must be paused to take a snapshot (PATCH /vm {{\"state\": \"Paused\"}})")]
+    NotPaused,
+    #[error("snapshots are not supported for {0} yet")]
+    Unsupported(String),
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error("{accel}: {source}")]
+    Accel {
+        accel: String,
+        source: hypervisor::Error,
+    },
+    #[error("the snapshot is invalid: {0}")]
+    Invalid(String),
+    #[error("the snapshot does not match this host or VM: {0}")]
+    Mismatch(String),
+    #[error("encoding the state: {0}")]
+    Encode(String),
+}
+
+/// How long the parts of a snapshot took, for the log and the bench.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CreateTimes {
+    pub state: Duration,
+    pub memory: Duration,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// FNV-1a over the CPUID entries, in order.
+pub(crate) fn cpuid_fingerprint(entries: &[CpuIdEntry]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u32| {
+        for b in v.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for e in entries {
+        for v in [
+            e.function,
+            e.index,
+            u32::from(e.significant_index),
+            e.eax,
+            e.ebx,
+            e.ecx,
+            e.edx,
+        ] {
+            eat(v);
+        }
+    }
+    h
+}
+
+/// What the VM has that a snapshot cannot capture yet; None when it can be taken.
+pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
+    if config.vsock.is_some() {
+        return Some("virtio-vsock (its host connections)".into());
+    }
+    None
+}
+
+/// The disks of `config` as they are now.
+pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, SnapshotError> {
+    config
+        .disks
+        .iter()
+        .map(|d| {
+            let len = std::fs::metadata(&d.path)
+                .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?
+                .len();
+            Ok(DiskIdentity {
+                path: d.path.clone(),
+                len,
+            })
+        })
+        .collect()
+}
+
+/// fw_cfg and the PM1 registers of a VM booted through firmware.
+pub(crate) type FirmwareDevices = (Arc<Mutex<FwCfg>>, Arc<Mutex<Pm1>>);
+
+/// Everything of a built VM that has state, for [`Snapshotter::create`].
+pub struct Snapshotter {
+    pub(crate) config: VmConfig,
+    pub(crate) accel: String,
+    pub(crate) cpuid_fingerprint: u64,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) vm: Arc<dyn hypervisor::Vm>,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<Arc<Mutex<Box<dyn Vcpu>>>>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) ged: Arc<Mutex<Ged>>,
+    pub(crate) rtc: Arc<Mutex<Rtc>>,
+    /// The virtio devices, in the VM's device order.
+    pub(crate) virtio: Vec<VirtioTransport>,
+    /// fw_cfg and the PM1 registers, for a VM booted through firmware.
+    pub(crate) firmware: Option<FirmwareDevices>,
+    /// One snapshot at a time.
+    pub(crate) busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter")
+            .field("accel", &self.accel)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshotter {
+    /// Writes the paused VM's state to `state_path` and its memory to `mem_path`.
+    pub fn create(&self, state_path: &Path, mem_path: &Path) -> Result<CreateTimes, SnapshotError> {
+        let _one = lock(&self.busy);
+        if let Some(what) = unsupported(&self.config) {
+            return Err(SnapshotError::Unsupported(what));
+        }
+        self.control
+            .while_paused(|| self.create_paused(state_path, mem_path))
+            .ok_or(SnapshotError::NotPaused)?
+    }
+
+    fn create_paused(
+        &self,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<CreateTimes, SnapshotError> {
+        let t0 = Instant::now();
+        let accel_err = |source| SnapshotError::Accel {
+            accel: self.accel.clone(),
+            source,
+        };
+        let saved_unix_ns = unix_now_ns();
+        let vm = self.vm.save_state().map_err(accel_err)?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| lock(v).save_state())
+            .collect::<hypervisor::Result<Vec<_>>>()
+            .map_err(accel_err)?;
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|t| match t {
+                VirtioTransport::Mmio(t) => VirtioSnapshot::Mmio(lock(t).snapshot()),
+                VirtioTransport::Pci(t) => VirtioSnapshot::Pci(lock(t).snapshot()),
+            })
+            .collect();
+        let mut snap = VmSnapshot {
+            config: self.config.clone(),
+            accel: self.accel.clone(),
+            saved_unix_ns,
+            cpuid_fingerprint: self.cpuid_fingerprint,
+            memory: memory::layout(&self.memory),
+            disks: disk_identities(&self.config)?,
+            vm,
+            vcpus,
+            serial: lock(&self.serial).snapshot(),
+            ged_pending: lock(&self.ged).pending(),
+            rtc: RtcSnapshot::of(&lock(&self.rtc)),
+            virtio,
+            firmware: self.firmware.as_ref().map(|(f, p)| FirmwareSnapshot {
+                fw_cfg: lock(f).position(),
+                pm1: lock(p).regs(),
+            }),
+        };
+        let t_state = t0.elapsed();
+        let t1 = Instant::now();
+        snap.memory = memory::write(&self.memory, mem_path)?;
+        let t_memory = t1.elapsed();
+        let body = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        format::write(state_path, &body)?;
+        let times = CreateTimes {
+            state: t_state + t0.elapsed().saturating_sub(t_state + t_memory),
+            memory: t_memory,
+        };
+        tracing::info!(
+            state = %state_path.display(),
+            memory = %mem_path.display(),
+            ?times,
+            "snapshot created"
+        );
+        Ok(times)
+    }
+}
+
+/// A snapshot read and checked, ready for `Vmm::restore`.
+#[derive(Debug)]
+pub struct Loaded {
+    pub snapshot: VmSnapshot,
+    pub state_path: PathBuf,
+    pub mem_path: PathBuf,
+}
+
+impl Loaded {
+    /// The VM's configuration, with the restoring VMM's serial backend.
+    pub fn config(&self) -> &VmConfig {
+        &self.snapshot.config
+    }
+}
+
+/// Reads and checks the state file at `state_path` and the size of the memory file at
+/// `mem_path`; starts nothing.
+pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError> {
+    let body = format::read(state_path)?;
+    let snapshot: VmSnapshot =
+        serde_json::from_slice(&body).map_err(|e| format::FormatError::Body {
+            path: state_path.into(),
+            why: e.to_string(),
+        })?;
+    if snapshot.vcpus.len() != usize::from(snapshot.config.cpus) {
+        return Err(SnapshotError::Invalid(format!(
+            "{} vCPU states for {} vCPUs",
+            snapshot.vcpus.len(),
+            snapshot.config.cpus
+        )));
+    }
+    // Exactly the RAM layout its configuration gives (and the firmware's region below
+    // 4 GiB), nothing placed elsewhere.
+    let mut ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
+    if let Some(f) = &snapshot.config.firmware {
+        let len = std::fs::metadata(f)
+            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?
+            .len();
+        let region = arch::firmware::bios_region(len)
+            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?;
+        ram.push(region);
+    }
+    if snapshot.config.firmware.is_some() != snapshot.firmware.is_some() {
+        return Err(SnapshotError::Invalid(
+            "its firmware state does not match its configuration".into(),
+        ));
+    }
+    let layout_ok = snapshot.memory.len() == ram.len()
+        && snapshot
+            .memory
+            .iter()
+            .zip(&ram)
+            .all(|(m, &(gpa, len))| m.gpa == gpa && m.len == len);
+    if !layout_ok {
+        return Err(SnapshotError::Invalid(format!(
+            "its memory regions are not the RAM layout of {} MiB",
+            snapshot.config.memory_mib
+        )));
+    }
+    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
+    let have = std::fs::metadata(mem_path)
+        .map_err(|source| memory::MemoryError::Open {
+            path: mem_path.into(),
+            source,
+        })?
+        .len();
+    if have != want {
+        return Err(memory::MemoryError::Size {
+            path: mem_path.into(),
+            want,
+            have,
+        }
+        .into());
+    }
+    let disks = disk_identities(&snapshot.config)?;
+    for (now, then) in disks.iter().zip(&snapshot.disks) {
+        if now != then {
+            return Err(SnapshotError::Mismatch(format!(
+                "disk {} has {} bytes, it had {} when the snapshot was taken",
+                now.path.display(),
+                now.len,
+                then.len
+            )));
+        }
+    }
+    if disks.len() != snapshot.disks.len() {
+        return Err(SnapshotError::Invalid(
+            "its disk list is inconsistent".into(),
+        ));
+    }
+    if let Some(what) = unsupported(&snapshot.config) {
+        return Err(SnapshotError::Unsupported(what));
+    }
+    Ok(Loaded {
+        snapshot,
+        state_path: state_path.into(),
+        mem_path: mem_path.into(),
+    })
+}
+
+/// The state and memory files of a snapshot folder (`vessel run --restore DIR`).
+pub fn files_in(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join(STATE_FILE), dir.join(MEMORY_FILE))
+}
+
+/// The state file's name in a snapshot folder.
+pub const STATE_FILE: &str = "vmstate";
+/// The memory file's name in a snapshot folder.
+pub const MEMORY_FILE: &str = "memory";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vessel-snap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn snapshot(mib: u64) -> VmSnapshot {
+        let mut config = VmConfig::new("/nonexistent/vmlinuz");
+        config.memory_mib = mib;
+        let memory = arch::layout::ram_regions(config.memory_bytes())
+            .into_iter()
+            .scan(0, |off, (gpa, len)| {
+                let r = MemRegion {
+                    gpa,
+                    len,
+                    file_offset: *off,
+                };
+                *off += len;
+                Some(r)
+            })
+            .collect();
+        VmSnapshot {
+            config,
+            accel: "emu".into(),
+            saved_unix_ns: 0,
+            cpuid_fingerprint: 0,
+            memory,
+            disks: Vec::new(),
+            vm: serde_json::Value::Null,
+            vcpus: vec![serde_json::Value::Null],
+            serial: SerialSnapshot::default(),
+            ged_pending: 0,
+            rtc: RtcSnapshot {
+                index: 0,
+                ram: vec![0; 128],
+                offset_s: 0,
+                held: None,
+            },
+            virtio: Vec::new(),
+            firmware: None,
+        }
+    }
+
+    fn write(dir: &Path, snap: &VmSnapshot, mem_len: u64) -> (PathBuf, PathBuf) {
+        let (state, mem) = files_in(dir);
+        format::write(&state, &serde_json::to_vec(snap).unwrap()).unwrap();
+        std::fs::File::create(&mem)
+            .unwrap()
+            .set_len(mem_len)
+            .unwrap();
+        (state, mem)
+    }
+
+    #[test]
+    fn load_checks_the_layout_the_memory_file_and_the_vcpus() {
+        let dir = scratch("load");
+        let good = snapshot(64);
+        let (state, mem) = write(&dir, &good, 64 << 20);
+        let loaded = load(&state, &mem).unwrap();
+        assert_eq!(loaded.config().memory_mib, 64);
+        // The memory file of another size.
+        write(&dir, &good, 32 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("has 33554432 bytes"), "{e}");
+        // RAM placed where the configuration has none.
+        let mut moved = good.clone();
+        moved.memory[0].gpa = 0x1000_0000;
+        write(&dir, &moved, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("not the RAM layout"), "{e}");
+        // vCPU states that do not match the vCPU count.
+        let mut cpus = good.clone();
+        cpus.config.cpus = 2;
+        write(&dir, &cpus, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("1 vCPU states for 2 vCPUs"), "{e}");
+        // Unknown fields are a body this version does not read.
+        let (state, mem) = files_in(&dir);
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["extra"] = serde_json::json!(1);
+        format::write(&state, &serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("is corrupt"), "{e}");
+        // What cannot be snapshotted yet is refused on load too.
+        let mut vsock = good;
+        vsock.config.vsock = Some(crate::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        });
+        write(&dir, &vsock, 64 << 20);
+        let e = load(&state, &mem).unwrap_err().to_string();
+        assert!(e.contains("vsock"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_memory_file_round_trip_is_sparse_and_private() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = scratch("mem");
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        ram.write_slice(b"hello", GuestAddress(0x8_0000)).unwrap();
+        let path = dir.join("memory");
+        let regions = memory::write(&ram, &path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(meta.blocks() * 512 < 1 << 20, "zero pages were written");
+            assert_eq!(
+                meta.mode() & 0o777,
+                0o600,
+                "guest memory readable by others"
+            );
+        }
+        let mapped = memory::map(&path, &regions).unwrap();
+        let mut b = [0u8; 5];
+        mapped.read_slice(&mut b, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(&b, b"hello");
+        // Writes stay in the mapping, never in the file.
+        mapped
+            .write_slice(b"HELLO", GuestAddress(0x8_0000))
+            .unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[0x8_0000..0x8_0005], b"hello");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
