@@ -124,6 +124,12 @@ pub struct RunArgs {
     /// process's parent (a restarted manager that re-adopted it).
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// What a VMM thread's forbidden system call does: trap (report it and exit with
+    /// status 148), kill (the kernel kills the VMM), log (the kernel logs it and lets it
+    /// run) or none (no seccomp filter: development only). Every thread also sets
+    /// NoNewPrivs and drops its capabilities once the VM is built.
+    #[arg(long, env = "VESSEL_SECCOMP", default_value = "trap")]
+    seccomp: sandbox::Mode,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -136,6 +142,8 @@ pub mod status {
     pub const REBOOT: i32 = 10;
     /// A vCPU triple-faulted.
     pub const TRIPLE_FAULT: i32 = 12;
+    // 148 (`sandbox::BAD_SYSCALL_STATUS`, the SIGSYS handler's): a VMM thread made a
+    // system call its seccomp filter forbids (`--seccomp trap`).
 }
 
 /// Where scripts/guest-assets.sh caches Debian's kernel and the busybox initramfs.
@@ -221,6 +229,10 @@ fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    sandbox::configure(args.seccomp).context("setting up the VMM's seccomp filters")?;
+    if args.seccomp == sandbox::Mode::None {
+        tracing::warn!("--seccomp none: the VMM's threads run without a seccomp filter");
+    }
     let status_file = args.status_file.clone();
     let code = run_vm(args)?;
     if let Some(path) = status_file {
@@ -252,11 +264,27 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     if args.api_only || (api_sock.is_some() && nothing_to_boot) {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
+        // InstanceStart's VM is built and run here, as Firecracker's VMM thread does: the
+        // API's threads stay in their own seccomp filter.
+        let starts = api.builds_elsewhere();
         vmm::api::firecracker::spawn(&sock, api.clone())
             .with_context(|| format!("serving the API on {}", sock.display()))?;
-        let reason = api.wait_finished().map_err(anyhow::Error::msg);
+        let reason = loop {
+            let Ok(start) = starts.recv() else {
+                break api.wait_finished();
+            };
+            match Vmm::new(start.config.clone()) {
+                Ok(vmm) => {
+                    start.started(vmm.control());
+                    let r = vmm.run().map_err(|e| e.to_string());
+                    api.finish(r.clone());
+                    break r;
+                }
+                Err(e) => start.failed(e.to_string()),
+            }
+        };
         let _ = std::fs::remove_file(&sock);
-        return report(reason);
+        return report(reason.map_err(anyhow::Error::msg));
     }
     let config = config_from(args)?;
     let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;

@@ -862,7 +862,10 @@ impl IoThread {
         let exit_fd = exit.subscribe()?;
         std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&exit, &exit_fd, &gate))
+            .spawn(move || {
+                sandbox::enter(sandbox::Role::Io);
+                self.run(&exit, &exit_fd, &gate)
+            })
     }
 
     /// Serve the device until `exit` is set (`exit_fd`, its subscription, turns readable).

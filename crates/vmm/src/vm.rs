@@ -684,11 +684,16 @@ impl Vmm {
             let control = self.control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, vcpu, &io, &control))
+                .spawn(move || {
+                    sandbox::enter(sandbox::Role::Vcpu);
+                    vcpu_loop(id, vcpu, &io, &control)
+                })
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
 
+        // Every thread is started: from here this one only waits, tears down and reports.
+        sandbox::enter(sandbox::Role::Main);
         let reason = wait_for_exit(&self.exit, term)?;
         // Each vCPU leaves `run()` (a kick is never lost), parked ones and paused I/O
         // threads wake up to see the end.
