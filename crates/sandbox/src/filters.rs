@@ -366,7 +366,13 @@ fn rules(role: Role) -> Result<Rules, Error> {
             );
             unix_sockets(&mut r)?;
         }
-        Role::Api | Role::Console => unix_sockets(&mut r)?,
+        Role::Api => {
+            // Before InstanceStart the API checks that the files it is given exist
+            // (the VM is then built on the main thread).
+            allow(&mut r, &[libc::SYS_statx, libc::SYS_newfstatat]);
+            unix_sockets(&mut r)?;
+        }
+        Role::Console => unix_sockets(&mut r)?,
         Role::Main => {
             allow(
                 &mut r,

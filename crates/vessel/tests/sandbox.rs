@@ -1,0 +1,243 @@
+//! The VMM's confinement (issue 22), seen from outside as an attacker would see it:
+//! every thread of a running `vessel run` has a seccomp filter, NoNewPrivs and no
+//! capabilities, no mapping is writable and executable, and a forbidden system call ends
+//! that VMM alone, with its documented status. Real guests on the emu accelerator, with
+//! the devices that have threads of their own.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// getppid(2): what `VESSEL_SECCOMP_SELFTEST` makes a thread call.
+const SELF_TEST_SYSCALL: i64 = 110;
+
+/// A VMM with two vCPUs, a disk, rng, vsock, the API socket and the console socket,
+/// whose guest idles after boot. `extra` args and `env` come last.
+fn spawn_vmm(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Guarded {
+    let a = assets();
+    let disk = dir.join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut cmd = vessel();
+    cmd.arg("run")
+        .args(["--accel", "emu", "--cpus", "2", "--memory", "256M"])
+        .arg("--kernel")
+        .arg(a.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(a.join("initramfs.cpio.gz"))
+        .args([
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet vessel.run=sleep+600",
+        ])
+        .arg("--disk")
+        .arg(format!("{},format=raw", disk.display()))
+        .arg("--rng")
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", dir.join("v.sock").display()))
+        .arg("--api-sock")
+        .arg(dir.join("api.sock"))
+        .arg("--console-sock")
+        .arg(dir.join("con.sock"))
+        .arg("--console-log")
+        .arg(dir.join("serial.log"))
+        .args(extra)
+        .env_remove("VESSEL_SECCOMP")
+        .env_remove("VESSEL_SECCOMP_SELFTEST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Guarded(cmd.spawn().expect("spawn vessel"))
+}
+
+/// Waits for the guest's init: by then every VMM thread has started.
+fn wait_booted(dir: &Path, vmm: &mut Child) {
+    let log = dir.join("serial.log");
+    let t0 = Instant::now();
+    loop {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("vessel-init:")
+        {
+            return;
+        }
+        if let Ok(Some(st)) = vmm.try_wait() {
+            panic!(
+                "the VMM ended ({st}) before the guest booted: {}",
+                std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+            );
+        }
+        assert!(t0.elapsed() < BOOT, "the guest did not boot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One line of /proc/PID/task/TID/status, e.g. `Seccomp`.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .to_string()
+}
+
+/// (thread name, Seccomp, NoNewPrivs, CapEff, CapPrm, CapBnd) of every thread of `pid`.
+fn threads(pid: u32) -> Vec<[String; 6]> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue;
+        };
+        v.push([
+            status_field(&status, "Name"),
+            status_field(&status, "Seccomp"),
+            status_field(&status, "NoNewPrivs"),
+            status_field(&status, "CapEff"),
+            status_field(&status, "CapPrm"),
+            status_field(&status, "CapBnd"),
+        ]);
+    }
+    v
+}
+
+#[test]
+fn every_vmm_thread_is_confined_and_no_mapping_is_writable_and_executable() {
+    let dir = TempDir::new("sandbox");
+    let mut vmm = spawn_vmm(dir.path(), &[], &[]);
+    wait_booted(dir.path(), &mut vmm.0);
+    let pid = vmm.0.id();
+    let ts = threads(pid);
+    let names: Vec<&str> = ts.iter().map(|t| t[0].as_str()).collect();
+    // The threads this VM has: the check below covers each kind.
+    for want in [
+        "vessel",
+        "vcpu0",
+        "vcpu1",
+        "blk0",
+        "vsock",
+        "vmm-api",
+        "console-out",
+        "console-accept",
+        "emu-irqfd",
+    ] {
+        assert!(names.contains(&want), "no {want} thread in {names:?}");
+    }
+    for [name, seccomp, nnp, eff, prm, bnd] in &ts {
+        assert_eq!(seccomp, "2", "{name}: not in seccomp filter mode");
+        assert_eq!(nnp, "1", "{name}: NoNewPrivs not set");
+        for (set, v) in [("CapEff", eff), ("CapPrm", prm), ("CapBnd", bnd)] {
+            assert_eq!(v, "0000000000000000", "{name}: {set} {v}");
+        }
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let rwx: Vec<&str> = maps
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with("rwx"))
+        })
+        .collect();
+    assert!(rwx.is_empty(), "writable and executable mappings: {rwx:#?}");
+    // The compiler's code is there, mapped read-execute (so the check above saw it).
+    assert!(
+        maps.lines()
+            .any(|l| l.contains("vessel-jit") && l.split_whitespace().nth(1) == Some("r-xs")),
+        "no read-execute JIT mapping in:\n{maps}"
+    );
+    // The API still works under its filter: pause and resume.
+    for state in ["Paused", "Resumed"] {
+        let o = Command::new("curl")
+            .args(["-sf", "-X", "PATCH", "--unix-socket"])
+            .arg(dir.path().join("api.sock"))
+            .args(["http://localhost/vm", "-d"])
+            .arg(format!(r#"{{"state": "{state}"}}"#))
+            .output()
+            .expect("curl");
+        assert!(o.status.success(), "PATCH /vm {state}: {o:?}");
+    }
+    assert!(vmm.0.try_wait().unwrap().is_none(), "the VMM ended");
+
+    // The same VMM with --seccomp none: the check above can fail.
+    drop(vmm);
+    let dir = TempDir::new("sandbox-none");
+    let mut vmm = spawn_vmm(dir.path(), &["--seccomp", "none"], &[]);
+    wait_booted(dir.path(), &mut vmm.0);
+    let ts = threads(vmm.0.id());
+    let vcpu = ts.iter().find(|t| t[0] == "vcpu0").expect("vcpu0");
+    assert_eq!(vcpu[1], "0", "--seccomp none still filters: {ts:?}");
+}
+
+/// Waits for the VMM to end; its status and stderr.
+fn wait_end(dir: &Path, vmm: &mut Guarded, limit: Duration) -> (std::process::ExitStatus, String) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = vmm.0.try_wait().unwrap() {
+            return (
+                st,
+                std::fs::read_to_string(dir.join("stderr")).unwrap_or_default(),
+            );
+        }
+        assert!(t0.elapsed() < limit, "the VMM did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_forbidden_system_call_ends_only_that_vmm_with_status_148() {
+    // A bystander VMM, booted and idle.
+    let bystander_dir = TempDir::new("sandbox-bystander");
+    let mut bystander = spawn_vmm(bystander_dir.path(), &[], &[]);
+    wait_booted(bystander_dir.path(), &mut bystander.0);
+
+    // Each kind of thread, in the default mode: the report names it and the call.
+    for role in ["vcpu", "io", "api", "console", "main"] {
+        let dir = TempDir::new(&format!("sandbox-{role}"));
+        let mut vmm = spawn_vmm(dir.path(), &[], &[("VESSEL_SECCOMP_SELFTEST", role)]);
+        let (st, stderr) = wait_end(dir.path(), &mut vmm, BOOT);
+        assert_eq!(st.code(), Some(148), "{role}: {st}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "a {role} thread made a forbidden system call (number {SELF_TEST_SYSCALL})"
+            )),
+            "{role}: {stderr}"
+        );
+    }
+    // --seccomp kill: the kernel kills the process with SIGSYS.
+    let dir = TempDir::new("sandbox-kill");
+    let mut vmm = spawn_vmm(
+        dir.path(),
+        &["--seccomp", "kill"],
+        &[("VESSEL_SECCOMP_SELFTEST", "vcpu")],
+    );
+    let (st, stderr) = wait_end(dir.path(), &mut vmm, BOOT);
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}: {stderr}");
+    // --seccomp log: the call is let through and the guest boots.
+    let dir = TempDir::new("sandbox-log");
+    let mut vmm = spawn_vmm(
+        dir.path(),
+        &["--seccomp", "log"],
+        &[("VESSEL_SECCOMP_SELFTEST", "vcpu")],
+    );
+    wait_booted(dir.path(), &mut vmm.0);
+
+    assert!(
+        bystander.0.try_wait().unwrap().is_none(),
+        "the bystander VMM ended too"
+    );
+    let threads = threads(bystander.0.id());
+    assert!(
+        threads.iter().any(|t| t[0] == "vcpu0"),
+        "bystander lost its vCPU: {threads:?}"
+    );
+}
