@@ -29,9 +29,10 @@ pub enum Role {
     /// A vCPU: runs guest code (KVM_RUN, or the emulator and its compiler) and the
     /// device registers the guest touches.
     Vcpu,
-    /// A device's I/O thread (virtio queues, disks, TAP, vsock sockets) and emu's irqfd
-    /// thread.
+    /// A device's I/O thread (virtio queues, disks, TAP) and emu's irqfd thread.
     Io,
+    /// vsock's I/O thread: also connects to the host's Unix sockets (`UDS_PORT`).
+    Vsock,
     /// The API socket's acceptor and its connections.
     Api,
     /// Serial console plumbing: standard input, the console socket and its log.
@@ -39,13 +40,21 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Main, Role::Vcpu, Role::Io, Role::Api, Role::Console];
+    pub const ALL: [Role; 6] = [
+        Role::Main,
+        Role::Vcpu,
+        Role::Io,
+        Role::Vsock,
+        Role::Api,
+        Role::Console,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Role::Main => "main",
             Role::Vcpu => "vcpu",
             Role::Io => "io",
+            Role::Vsock => "vsock",
             Role::Api => "api",
             Role::Console => "console",
         }
@@ -288,13 +297,12 @@ fn common(r: &mut Rules) -> Result<(), Error> {
     Ok(())
 }
 
-/// Unix sockets: the API and console sockets, vsock's host side.
-fn unix_sockets(r: &mut Rules) -> Result<(), Error> {
+/// Serving on sockets bound before: the API and console sockets, vsock's listener.
+fn serve_sockets(r: &mut Rules) {
     allow(
         r,
         &[
             libc::SYS_accept4,
-            libc::SYS_connect,
             libc::SYS_sendto,
             libc::SYS_recvfrom,
             libc::SYS_sendmsg,
@@ -306,6 +314,13 @@ fn unix_sockets(r: &mut Rules) -> Result<(), Error> {
             libc::SYS_getpeername,
         ],
     );
+}
+
+/// Connecting to Unix sockets by path (vsock's guest-initiated connections) — the only
+/// thread that reaches the host's file system after setup, besides the main thread.
+fn connect_unix_sockets(r: &mut Rules) -> Result<(), Error> {
+    serve_sockets(r);
+    allow(r, &[libc::SYS_connect]);
     allow_if(
         r,
         libc::SYS_socket,
@@ -364,15 +379,15 @@ fn rules(role: Role) -> Result<Rules, Error> {
                     libc::SYS_timerfd_gettime,
                 ],
             );
-            unix_sockets(&mut r)?;
         }
+        Role::Vsock => connect_unix_sockets(&mut r)?,
         Role::Api => {
             // Before InstanceStart the API checks that the files it is given exist
             // (the VM is then built on the main thread).
             allow(&mut r, &[libc::SYS_statx, libc::SYS_newfstatat]);
-            unix_sockets(&mut r)?;
+            serve_sockets(&mut r);
         }
-        Role::Console => unix_sockets(&mut r)?,
+        Role::Console => serve_sockets(&mut r),
         Role::Main => {
             allow(
                 &mut r,
@@ -389,7 +404,7 @@ fn rules(role: Role) -> Result<Rules, Error> {
                     libc::SYS_timer_delete,
                 ],
             );
-            unix_sockets(&mut r)?;
+            serve_sockets(&mut r);
         }
     }
     Ok(r)
@@ -417,9 +432,24 @@ mod tests {
         for role in Role::ALL {
             let r = rules(role).unwrap();
             assert!(!r.contains_key(&libc::SYS_getppid), "{role:?}");
-            for nr in [libc::SYS_execve, libc::SYS_fork, libc::SYS_ptrace] {
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_setuid,
+                libc::SYS_capset,
+            ] {
                 assert!(!r.contains_key(&nr), "{role:?} allows {nr}");
             }
+            // Only vsock's thread connects to sockets by path.
+            assert_eq!(
+                r.contains_key(&libc::SYS_connect),
+                role == Role::Vsock,
+                "{role:?}"
+            );
         }
     }
 }

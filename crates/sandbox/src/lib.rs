@@ -15,6 +15,7 @@
 mod caps;
 mod filters;
 
+
 use std::cell::Cell;
 use std::sync::OnceLock;
 
@@ -24,8 +25,8 @@ pub use filters::Role;
 /// [`Mode::Trap`]); the same number as Firecracker's.
 pub const BAD_SYSCALL_STATUS: i32 = 148;
 
-/// The environment variable that makes a thread of the named role (`vcpu`, `io`, `api`,
-/// `console`, `main`) make a forbidden system call right after it is confined: the test
+/// The environment variable that makes a thread of the named role (`vcpu`, `io`,
+/// `vsock`, `api`, `console`, `main`) make a forbidden system call right after it is confined: the test
 /// hook for "a forbidden system call ends only that VMM, with its documented status".
 pub const SELF_TEST_ENV: &str = "VESSEL_SECCOMP_SELFTEST";
 
@@ -85,6 +86,8 @@ pub enum Error {
     DropCaps(#[source] std::io::Error),
     #[error("installing the SIGSYS handler: {0}")]
     SigsysHandler(#[source] std::io::Error),
+    #[error("setting resource limits: {0}")]
+    Rlimit(#[source] std::io::Error),
     #[error("the sandbox is already configured")]
     AlreadyConfigured,
 }
@@ -114,6 +117,7 @@ pub fn configure(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Trap {
         install_sigsys_handler()?;
     }
+    no_core_dumps()?;
     POLICY
         .set(Policy {
             mode,
@@ -233,6 +237,19 @@ impl StackWriter<'_> {
         let (_, used) = digits.split_at(i);
         self.push(used);
     }
+}
+
+/// RLIMIT_CORE 0: a crashing VMM leaves no core file holding its guest's memory.
+fn no_core_dumps() -> Result<(), Error> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one rlimit, valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(Error::Rlimit(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn install_sigsys_handler() -> Result<(), Error> {

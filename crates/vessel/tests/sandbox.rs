@@ -201,7 +201,7 @@ fn a_forbidden_system_call_ends_only_that_vmm_with_status_148() {
     wait_booted(bystander_dir.path(), &mut bystander.0);
 
     // Each kind of thread, in the default mode: the report names it and the call.
-    for role in ["vcpu", "io", "api", "console", "main"] {
+    for role in ["vcpu", "io", "vsock", "api", "console", "main"] {
         let dir = TempDir::new(&format!("sandbox-{role}"));
         let mut vmm = spawn_vmm(dir.path(), &[], &[("VESSEL_SECCOMP_SELFTEST", role)]);
         let (st, stderr) = wait_end(dir.path(), &mut vmm, BOOT);

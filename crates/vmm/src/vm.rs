@@ -93,6 +93,8 @@ struct IoThreadSetup {
     host_input: Option<Box<dyn virtio::transport::HostInput>>,
     /// A queue served a while after its first notify (net's transmit queue).
     coalesce: Option<(usize, Duration)>,
+    /// What the thread's seccomp filter allows.
+    role: sandbox::Role,
 }
 
 /// A virtio device, its I/O thread if it has one (else it runs on the notifying vCPU),
@@ -151,6 +153,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: format!("blk{}", devs.len()),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         let dev = virtio::blk::Block::new(backend, &id, disk.read_only).with_rate_limiter(
             crate::config::RateLimiterConfig::limiter(disk.rate_limiter.as_ref()),
@@ -170,6 +173,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: format!("blk{}", devs.len()),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, "cidata", true)),
@@ -202,6 +206,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                 virtio::net::RX_QUEUE,
             ))),
             coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(dev),
@@ -216,6 +221,8 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: "vsock".into(),
             host_input: Some(Box::new(dev.host_input())),
             coalesce: None,
+            // The guest's connections go to host sockets by path.
+            role: sandbox::Role::Vsock,
         };
         devs.push((Box::new(dev), Some(io), machine, None));
     }
@@ -242,6 +249,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: "hvc".into(),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
@@ -863,11 +871,13 @@ fn io_thread(
         name,
         host_input,
         coalesce,
+        role,
     }) = setup
     else {
         return Ok(None);
     };
     let mut thread = make(&name, host_input).map_err(VmmError::Thread)?;
+    thread.confine_as(role);
     if let Some((queue, delay)) = coalesce {
         thread.coalesce(queue, delay);
     }
