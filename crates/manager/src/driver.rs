@@ -52,6 +52,10 @@ impl RunDir {
     pub fn stderr(&self) -> PathBuf {
         self.0.join("vmm.log")
     }
+    /// The empty folder a jailed Vessel VMM makes its root (`vessel run --jail`).
+    pub fn jail_root(&self) -> PathBuf {
+        self.0.join("root")
+    }
 }
 
 /// What identifies a running VMM process across daemon restarts.
@@ -134,6 +138,9 @@ pub struct Programs {
     /// The `vessel` executable (its `run` subcommand is the VMM).
     pub vessel: PathBuf,
     pub qemu: PathBuf,
+    /// Start Vessel VMMs in a jail (`vessel run --jail`); off only with `vessel daemon
+    /// --no-jail`, for development.
+    pub jail: bool,
 }
 
 fn qemu_accel(a: Accel) -> &'static str {
@@ -322,6 +329,11 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Re
         .arg(log);
     c.arg("--api-sock").arg(run.api());
     c.arg("--status-file").arg(run.exit_status());
+    if p.jail {
+        let root = run.jail_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating jail root", &root, e))?;
+        c.arg("--jail").arg(root);
+    }
     Ok(c)
 }
 
@@ -513,6 +525,7 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
         };
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
@@ -557,6 +570,7 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
         };
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
@@ -601,6 +615,7 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
         };
         let run = RunDir(dir.clone());
         vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();

@@ -14,7 +14,7 @@
 
 mod caps;
 mod filters;
-
+pub mod jail;
 
 use std::cell::Cell;
 use std::sync::OnceLock;

@@ -71,6 +71,10 @@ pub struct DaemonArgs {
     /// API clients can read and write every file in a pool.
     #[arg(long = "pool-root")]
     pool_roots: Vec<PathBuf>,
+    /// Start Vessel VMMs without their jail (namespaces and a root holding only the
+    /// VM's files): for development only. Their seccomp filters stay on.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// Runs the daemon in the foreground until it is killed.
@@ -83,6 +87,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         programs: manager::driver::Programs {
             vessel,
             qemu: args.qemu,
+            jail: !args.no_jail,
         },
         pool_roots: args.pool_roots,
     };

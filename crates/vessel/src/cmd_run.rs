@@ -1,6 +1,6 @@
 //! `vessel run`: build a `VmConfig` from flags and run the VMM in the foreground.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
@@ -130,6 +130,13 @@ pub struct RunArgs {
     /// NoNewPrivs and drops its capabilities once the VM is built.
     #[arg(long, env = "VESSEL_SECCOMP", default_value = "trap")]
     seccomp: sandbox::Mode,
+    /// Jail the VMM before it builds the VM: new mount, IPC and UTS namespaces (and a
+    /// network namespace when the VM has no --net), and pivot_root into this empty
+    /// folder, where only the VM's own files are bound (kernel, initrd, firmware, disks
+    /// and their backing files, logs, the folders of its sockets and exit status). The
+    /// manager passes it for every Vessel VMM unless its daemon runs with --no-jail.
+    #[arg(long, conflicts_with = "api_only")]
+    jail: Option<PathBuf>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -158,7 +165,28 @@ pub fn assets_dir() -> PathBuf {
     cache.join("vessel/assets")
 }
 
-fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
+fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let args = RunArgs {
+        config: args.config.clone(),
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        firmware: args.firmware.clone(),
+        option_roms: args.option_roms.clone(),
+        cmdline: args.cmdline.clone(),
+        disks: args.disks.clone(),
+        serial: args.serial.clone(),
+        virtio_console: args.virtio_console.clone(),
+        nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
+        cloud_init: args.cloud_init.clone(),
+        name: args.name.clone(),
+        api_sock: None,
+        console_sock: None,
+        console_log: None,
+        status_file: None,
+        jail: None,
+        ..*args
+    };
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the VM config {}", path.display()))?;
@@ -245,6 +273,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
+    // The VM's description first: the jail needs its files, and must be entered before
+    // any thread starts.
+    let config = if args.api_only {
+        None
+    } else {
+        Some(config_from(&args)?)
+    };
+    if let (Some(root), Some(config)) = (&args.jail, &config) {
+        enter_jail(root, config, &args)?;
+    }
     let mut relay = None;
     if let Some(sock) = &console_sock {
         if args.serial != SerialConfig::Stdio {
@@ -286,7 +324,9 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(&sock);
         return report(reason.map_err(anyhow::Error::msg));
     }
-    let config = config_from(args)?;
+    let Some(config) = config else {
+        bail!("no VM configuration");
+    };
     let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
     if let Some(sock) = &api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, vmm.control());
@@ -309,6 +349,93 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(sock);
     }
     report(reason.map_err(anyhow::Error::from))
+}
+
+/// Binds what the VM uses into the jail at `root` and enters it (see `--jail`).
+fn enter_jail(root: &Path, config: &VmConfig, args: &RunArgs) -> anyhow::Result<()> {
+    use sandbox::jail::{Access, JailSpec};
+    let mut binds: Vec<(PathBuf, Access)> = Vec::new();
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let ro = |p: &Path, binds: &mut Vec<(PathBuf, Access)>| binds.push((abs(p), Access::ReadOnly));
+    for p in config
+        .kernel
+        .iter()
+        .chain(&config.initrd)
+        .chain(&config.firmware)
+        .chain(&config.option_roms)
+    {
+        ro(p, &mut binds);
+    }
+    if let Some(c) = &config.cloud_init {
+        for p in std::iter::once(&c.user_data)
+            .chain(&c.meta_data)
+            .chain(&c.network_config)
+        {
+            ro(p, &mut binds);
+        }
+    }
+    for d in &config.disks {
+        for (i, f) in d.files().iter().enumerate() {
+            let access = if i == 0 && !d.read_only {
+                Access::ReadWrite
+            } else {
+                Access::ReadOnly
+            };
+            binds.push((abs(f), access));
+        }
+    }
+    // Files the VMM appends to: made now (as it would), then bound.
+    let outputs = [
+        &config.serial,
+        config
+            .virtio_console
+            .as_ref()
+            .unwrap_or(&SerialConfig::Null),
+    ];
+    let files = outputs
+        .into_iter()
+        .filter_map(|s| match s {
+            SerialConfig::File(p) => Some(p.clone()),
+            _ => None,
+        })
+        .chain(args.console_log.clone());
+    for f in files {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&f)
+            .with_context(|| format!("creating {}", f.display()))?;
+        binds.push((abs(&f), Access::ReadWrite));
+    }
+    // Sockets and the exit status are created inside: their folders.
+    let created = args
+        .api_sock
+        .iter()
+        .chain(&args.console_sock)
+        .chain(&args.status_file)
+        .cloned()
+        .chain(config.vsock.iter().map(|v| v.uds_path.clone()));
+    for p in created {
+        let p = abs(&p);
+        if let Some(dir) = p.parent() {
+            binds.push((dir.to_path_buf(), Access::ReadWrite));
+        }
+    }
+    // Host facts the accelerator's choice reads, and the devices.
+    for p in ["/proc/cpuinfo", "/proc/meminfo", "/sys/module"] {
+        binds.push((PathBuf::from(p), Access::ReadOnly));
+    }
+    binds.push((PathBuf::from("/dev/kvm"), Access::Device));
+    if !config.nets.is_empty() {
+        binds.push((PathBuf::from("/dev/net/tun"), Access::Device));
+    }
+    binds.retain(|(p, _)| p.exists());
+    let spec = JailSpec {
+        root: abs(root),
+        binds,
+        new_net: config.nets.is_empty(),
+    };
+    sandbox::jail::enter(&spec).with_context(|| format!("jailing the VMM in {}", root.display()))
 }
 
 /// When `run` returns: relays the console's last output, removes its socket file.

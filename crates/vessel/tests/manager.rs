@@ -838,6 +838,23 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(!maps.contains(" rwxp "), "{maps}");
+    // Jailed by default: namespaces of its own (network too: no TAP), and a root that
+    // holds only the VM's files.
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |p: String| std::fs::read_link(p).unwrap();
+        assert_ne!(
+            link(format!("/proc/{pid}/ns/{ns}")),
+            link(format!("/proc/self/ns/{ns}")),
+            "the VMM shares the host's {ns} namespace"
+        );
+    }
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    assert!(!root.join("etc/passwd").exists() && !root.join("usr").exists());
+    assert!(
+        root.join(k.strip_prefix("/").unwrap()).is_file(),
+        "no kernel in the jail"
+    );
+    assert!(root.join("dev/kvm").exists());
 
     // A second daemon whose VMMs' vCPU threads make a forbidden call once confined: its
     // domain crashes with status 148; the first daemon's VMM runs on.

@@ -241,3 +241,50 @@ fn a_forbidden_system_call_ends_only_that_vmm_with_status_148() {
         "bystander lost its vCPU: {threads:?}"
     );
 }
+
+#[test]
+fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
+    let dir = TempDir::new("sandbox-jail");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let secret = dir.path().join("../vessel-jail-secret");
+    std::fs::write(&secret, b"not for the VMM").unwrap();
+    let mut vmm = spawn_vmm(
+        dir.path(),
+        &["--jail", root.to_str().unwrap()],
+        &[("VESSEL_LOG", "debug")],
+    );
+    wait_booted(dir.path(), &mut vmm.0);
+    let pid = vmm.0.id();
+    let inside = Path::new("/proc").join(pid.to_string()).join("root");
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |p: String| std::fs::read_link(p).unwrap();
+        assert_ne!(
+            link(format!("/proc/{pid}/ns/{ns}")),
+            link(format!("/proc/self/ns/{ns}")),
+            "the jailed VMM shares the host's {ns} namespace"
+        );
+    }
+    let at = |p: &Path| inside.join(p.strip_prefix("/").unwrap());
+    assert!(at(&assets().join("vmlinuz")).is_file(), "no kernel inside");
+    assert!(at(&dir.path().join("d.raw")).is_file(), "no disk inside");
+    assert!(at(Path::new("/dev/kvm")).exists());
+    for gone in ["/etc/passwd", "/usr/bin", "/bin/sh", "/root/.bashrc"] {
+        assert!(
+            !at(Path::new(gone)).exists(),
+            "{gone} is visible in the jail"
+        );
+    }
+    assert!(!at(&secret).exists(), "a sibling of its folder is visible");
+    // Nothing is mounted on the host's side of the root folder.
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    // The sockets made inside are reachable outside: the API answers.
+    let o = Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(dir.path().join("api.sock"))
+        .arg("http://localhost/")
+        .output()
+        .expect("curl");
+    assert!(o.status.success(), "GET / through the jailed API: {o:?}");
+    let _ = std::fs::remove_file(&secret);
+}
