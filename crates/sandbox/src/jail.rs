@@ -202,10 +202,8 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     std::env::set_current_dir("/").map_err(sys("chdir /"))?;
     let old_in = cstr(Path::new("/.old"))?;
     // SAFETY: a NUL-terminated path valid for the call.
-    check(
-        unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) },
-        "unmounting the old root",
-    )?;
+    let rc = unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) };
+    check(rc, "unmounting the old root")?;
     std::fs::remove_dir("/.old").map_err(sys("removing the old root's mount point"))?;
     // The new root itself read-only: nothing but the bound paths can be written.
     mount(
