@@ -618,7 +618,22 @@ mod tests {
             jail: true,
         };
         let run = RunDir(dir.clone());
-        vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let jailed: Vec<_> = jailed.get_args().collect();
+        let root = run.jail_root();
+        assert!(
+            jailed
+                .windows(2)
+                .any(|w| w[0] == "--jail" && w[1] == root.as_os_str()),
+            "{jailed:?}"
+        );
+        assert!(root.is_dir(), "no jail root made");
+        let p = Programs { jail: false, ..p };
+        let free = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        assert!(
+            !free.get_args().any(|a| a == "--jail"),
+            "--no-jail still jails"
+        );
         let got: vmm::VmConfig =
             serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -288,3 +288,114 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
     assert!(o.status.success(), "GET / through the jailed API: {o:?}");
     let _ = std::fs::remove_file(&secret);
 }
+
+/// A network namespace this test creates and deletes.
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
+    let ns = NetNs(format!("vessel-jailnet-{}", std::process::id()));
+    let st = Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .expect("ip (iproute2) is needed");
+    assert!(st.success(), "ip netns add failed (needs root)");
+    let dir = TempDir::new("sandbox-jailnet");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let log = dir.path().join("serial.log");
+    let a = assets();
+    let script = "ip+addr+add+10.0.2.15/24+dev+eth0;ip+link+set+eth0+up;\
+                  for+i+in+1+2+3+4+5+6+7+8+9+10;do+ping+-c1+-W2+10.0.2.1+&&+echo+PING-OK&&break;sleep+1;done";
+    let mut vmm = Guarded(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(env!("CARGO_BIN_EXE_vessel"))
+            .args(["run", "--accel", "emu", "--memory", "256M"])
+            .arg("--kernel")
+            .arg(a.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(a.join("initramfs.cpio.gz"))
+            .arg("--cmdline")
+            .arg(format!("console=ttyS0 panic=-1 quiet vessel.run={script}"))
+            .args(["--net", "tap=vtapj0"])
+            .arg("--serial")
+            .arg(format!("file:{}", log.display()))
+            .arg("--jail")
+            .arg(&root)
+            .env_remove("VESSEL_SECCOMP")
+            .env_remove("VESSEL_SECCOMP_SELFTEST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The TAP exists once the VM is built: give the host side its address.
+    let t0 = Instant::now();
+    loop {
+        let up = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ip", "link", "show", "vtapj0"])
+            .output()
+            .unwrap();
+        if up.status.success() {
+            break;
+        }
+        if let Ok(Some(st)) = vmm.0.try_wait() {
+            panic!(
+                "the VMM ended ({st}): {}",
+                std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default()
+            );
+        }
+        assert!(t0.elapsed() < BOOT, "no TAP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for args in [
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtapj0"],
+        vec!["ip", "link", "set", "vtapj0", "up"],
+    ] {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {o:?}");
+    }
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("PING-OK") {
+            break;
+        }
+        assert!(
+            vmm.0.try_wait().unwrap().is_none(),
+            "the VMM ended: {text}\n{}",
+            std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default()
+        );
+        assert!(
+            t0.elapsed() < BOOT,
+            "the guest never reached the host: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `ip netns exec` execs the VMM: it kept the namespace that holds its TAP (a network
+    // namespace of its own would have cut the TAP's host side off), and has its own
+    // mounts.
+    use std::os::unix::fs::MetadataExt;
+    let pid = vmm.0.id();
+    let ino = |p: String| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(format!("/proc/{pid}/ns/net")),
+        ino(format!("/run/netns/{}", ns.0))
+    );
+    assert_ne!(
+        ino(format!("/proc/{pid}/ns/mnt")),
+        ino("/proc/self/ns/mnt".into())
+    );
+}
