@@ -138,10 +138,16 @@ pub struct Programs {
     /// The `vessel` executable (its `run` subcommand is the VMM).
     pub vessel: PathBuf,
     pub qemu: PathBuf,
-    /// Start Vessel VMMs in a jail (`vessel run --jail`); off only with `vessel daemon
-    /// --no-jail`, for development.
+    /// Start Vessel VMMs in a jail (`vessel run --jail`) as an unprivileged user; off
+    /// only with `vessel daemon --no-jail`, for development.
     pub jail: bool,
+    /// The user and group jailed Vessel VMMs become once their VM is built (`vessel
+    /// daemon --vmm-uid/--vmm-gid`; [`DEFAULT_VMM_IDS`] unless given).
+    pub vmm_ids: (u32, u32),
 }
+
+/// nobody and nogroup.
+pub const DEFAULT_VMM_IDS: (u32, u32) = (65534, 65534);
 
 fn qemu_accel(a: Accel) -> &'static str {
     match a {
@@ -332,7 +338,13 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Re
     if p.jail {
         let root = run.jail_root();
         std::fs::create_dir_all(&root).map_err(|e| Error::io("creating jail root", &root, e))?;
+        // The VMM's user removes its sockets and writes its exit status there.
+        let (uid, gid) = p.vmm_ids;
+        std::os::unix::fs::chown(&run.0, Some(uid), Some(gid))
+            .map_err(|e| Error::io("handing the run folder to the VMM's user", &run.0, e))?;
         c.arg("--jail").arg(root);
+        c.arg("--uid").arg(uid.to_string());
+        c.arg("--gid").arg(gid.to_string());
     }
     Ok(c)
 }
@@ -526,6 +538,7 @@ mod tests {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
             jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
@@ -571,6 +584,7 @@ mod tests {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
             jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
@@ -616,6 +630,7 @@ mod tests {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
             jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.clone());
         let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
@@ -628,6 +643,14 @@ mod tests {
             "{jailed:?}"
         );
         assert!(root.is_dir(), "no jail root made");
+        for (flag, id) in [("--uid", "65534"), ("--gid", "65534")] {
+            assert!(
+                jailed.windows(2).any(|w| w[0] == flag && w[1] == id),
+                "{jailed:?}"
+            );
+        }
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), 65534);
         let p = Programs { jail: false, ..p };
         let free = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
         assert!(

@@ -36,14 +36,12 @@ fn has_any() -> io::Result<bool> {
         .any(|d| d.effective | d.permitted | d.inheritable != 0))
 }
 
-/// Empties the bounding, ambient, inheritable, permitted and effective sets of the
-/// calling thread. A thread whose creator already dropped them has none, and makes no
-/// further calls (its creator's seccomp filter may not allow them).
-pub fn drop_all() -> io::Result<()> {
+/// Empties the bounding and ambient sets of the calling thread (before a change of user,
+/// which takes CAP_SETPCAP away). Nothing to do for a thread whose creator did it.
+pub fn drop_bounding() -> io::Result<()> {
     if !has_any()? {
         return Ok(());
     }
-    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
     for cap in 0..64 {
         // SAFETY: integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
@@ -69,6 +67,16 @@ pub fn drop_all() -> io::Result<()> {
     } != 0
     {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties the inheritable, permitted and effective sets of the calling thread. A thread
+/// whose creator already dropped them has none, and makes no further calls (its creator's
+/// seccomp filter does not allow them).
+pub fn drop_all() -> io::Result<()> {
+    if !has_any()? {
+        return Ok(());
     }
     let mut hdr = CapHeader {
         version: CAP_VERSION_3,

@@ -169,6 +169,24 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         return Err(JailError::Root(root));
     }
     let binds = plan(&spec.binds)?;
+    // SAFETY: umask only sets the process's mask (one thread, checked above).
+    let umask = unsafe { libc::umask(0o022) };
+    let r = build_and_enter(spec, &root, &binds);
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
+    r
+}
+
+/// [`enter`] once checked, with a umask that leaves the folders leading to each bound
+/// path searchable (0755): a daemon's 077 would keep the VMM's unprivileged user from
+/// reaching its own run folder.
+fn build_and_enter(
+    spec: &JailSpec,
+    root: &Path,
+    binds: &[(PathBuf, Access)],
+) -> Result<(), JailError> {
+    // Relative paths in the VM's configuration resolve from the same folder inside.
+    let cwd = std::env::current_dir().ok();
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if spec.new_net {
         flags |= libc::CLONE_NEWNET;
@@ -185,13 +203,17 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     )?;
     mount(
         Some(Path::new("tmpfs")),
-        &root,
+        root,
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         Some("mode=0755,size=1m"),
     )?;
-    for (path, access) in &binds {
-        bind(&root, path, *access)?;
+    for (path, access) in binds {
+        bind(root, path, *access)?;
+    }
+    if let Some(rel) = cwd.as_deref().and_then(|c| c.strip_prefix("/").ok()) {
+        // Inside a bound folder it exists already (nothing is made on the host).
+        let _ = std::fs::create_dir_all(root.join(rel));
     }
     let old = root.join(".old");
     std::fs::create_dir(&old).map_err(sys("creating the old root's mount point"))?;
@@ -205,6 +227,9 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     let rc = unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) };
     check(rc, "unmounting the old root")?;
     std::fs::remove_dir("/.old").map_err(sys("removing the old root's mount point"))?;
+    if let Some(cwd) = &cwd {
+        let _ = std::env::set_current_dir(cwd);
+    }
     // The new root itself read-only: nothing but the bound paths can be written.
     mount(
         None,

@@ -86,10 +86,19 @@ pub enum Error {
     DropCaps(#[source] std::io::Error),
     #[error("installing the SIGSYS handler: {0}")]
     SigsysHandler(#[source] std::io::Error),
+    #[error("becoming the VMM's user and group: {0}")]
+    Ids(#[source] std::io::Error),
     #[error("setting resource limits: {0}")]
     Rlimit(#[source] std::io::Error),
     #[error("the sandbox is already configured")]
     AlreadyConfigured,
+}
+
+/// The unprivileged user and group a VMM's threads take once the VM is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The chosen mode and the filters, compiled once.
@@ -97,6 +106,7 @@ struct Policy {
     mode: Mode,
     programs: filters::Programs,
     self_test: Option<Role>,
+    ids: Option<Ids>,
 }
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
@@ -106,10 +116,11 @@ thread_local! {
     static ROLE: Cell<&'static str> = const { Cell::new("unconfined") };
 }
 
-/// Chooses the mode for this process; from now on [`enter`] confines the calling thread.
+/// Chooses the mode for this process; from now on [`enter`] confines the calling thread
+/// (and, with `ids`, makes it that user and group, with no supplementary groups).
 /// Compiles every role's filter (so a filter that cannot be built fails here, before any
 /// VM runs) and, in [`Mode::Trap`], installs the SIGSYS handler.
-pub fn configure(mode: Mode) -> Result<(), Error> {
+pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
     let programs = filters::Programs::build(mode)?;
     let self_test = std::env::var(SELF_TEST_ENV)
         .ok()
@@ -123,6 +134,7 @@ pub fn configure(mode: Mode) -> Result<(), Error> {
             mode,
             programs,
             self_test,
+            ids,
         })
         .map_err(|_| Error::AlreadyConfigured)
 }
@@ -133,7 +145,8 @@ pub fn mode() -> Option<Mode> {
 }
 
 /// Confines the calling thread for `role`: NoNewPrivs, no capabilities (effective,
-/// permitted, inheritable, ambient and bounding sets), then the role's seccomp filter.
+/// permitted, inheritable, ambient and bounding sets), the configured user and group,
+/// then the role's seccomp filter.
 /// Does nothing before [`configure`]. A thread that cannot be confined must not go on
 /// running unconfined: the failure is reported and the process exits with status 1.
 pub fn enter(role: Role) {
@@ -163,9 +176,39 @@ fn confine(policy: &Policy, role: Role) -> Result<(), Error> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
     }
+    // The bounding set needs CAP_SETPCAP, which a change of user takes away.
+    caps::drop_bounding().map_err(Error::DropCaps)?;
+    if let Some(ids) = policy.ids {
+        become_user(ids).map_err(Error::Ids)?;
+    }
     caps::drop_all().map_err(Error::DropCaps)?;
     for prog in policy.programs.for_role(role) {
         seccompiler::apply_filter(prog).map_err(Error::InstallFilter)?;
+    }
+    Ok(())
+}
+
+/// Makes the calling thread (only: credentials are per thread in Linux, and the raw
+/// system calls, unlike glibc's wrappers, do not broadcast) `ids`, with no supplementary
+/// groups. A thread started by one that did this already is that user, and makes no
+/// calls (its creator's seccomp filter does not allow them).
+fn become_user(ids: Ids) -> std::io::Result<()> {
+    // SAFETY: getuid and getgid take no arguments.
+    if unsafe { (libc::getuid(), libc::getgid()) } == (ids.uid, ids.gid) {
+        return Ok(());
+    }
+    let (uid, gid) = (ids.uid as libc::c_long, ids.gid as libc::c_long);
+    // SAFETY: setgroups with size 0 reads no memory; setresgid and setresuid take
+    // integers.
+    let rcs = unsafe {
+        [
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+            libc::syscall(libc::SYS_setresgid, gid, gid, gid),
+            libc::syscall(libc::SYS_setresuid, uid, uid, uid),
+        ]
+    };
+    if rcs.iter().any(|&rc| rc != 0) {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -137,6 +137,14 @@ pub struct RunArgs {
     /// manager passes it for every Vessel VMM unless its daemon runs with --no-jail.
     #[arg(long, conflicts_with = "api_only")]
     jail: Option<PathBuf>,
+    /// Once the VM is built (its files open, its sockets bound), every VMM thread becomes
+    /// this user (and --gid's group, with no supplementary groups). The manager passes
+    /// its --vmm-uid/--vmm-gid (65534, nobody, by default) with --jail.
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    /// The group for --uid.
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -185,6 +193,8 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         console_log: None,
         status_file: None,
         jail: None,
+        uid: None,
+        gid: None,
         ..*args
     };
     if let Some(path) = &args.config {
@@ -257,7 +267,11 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    sandbox::configure(args.seccomp).context("setting up the VMM's seccomp filters")?;
+    let ids = args
+        .uid
+        .zip(args.gid)
+        .map(|(uid, gid)| sandbox::Ids { uid, gid });
+    sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
     if args.seccomp == sandbox::Mode::None {
         tracing::warn!("--seccomp none: the VMM's threads run without a seccomp filter");
     }

@@ -785,8 +785,8 @@ fn vessel_vmm_domains_are_supervised() {
     assert!(d.run_pids().is_empty());
 }
 
-/// (name, Seccomp, NoNewPrivs, CapEff) of each thread of `pid`.
-fn thread_confinement(pid: i32) -> Vec<[String; 4]> {
+/// (name, Seccomp, NoNewPrivs, CapEff, Uid, Gid) of each thread of `pid`.
+fn thread_confinement(pid: i32) -> Vec<[String; 6]> {
     let field = |status: &str, key: &str| {
         status
             .lines()
@@ -805,6 +805,8 @@ fn thread_confinement(pid: i32) -> Vec<[String; 4]> {
                 field(&s, "Seccomp:"),
                 field(&s, "NoNewPrivs:"),
                 field(&s, "CapEff:"),
+                field(&s, "Uid:"),
+                field(&s, "Gid:"),
             ]
         })
         .collect()
@@ -829,12 +831,19 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
         threads.iter().any(|t| t[0] == "vcpu0") && threads.iter().any(|t| t[0] == "vmm-api"),
         "{threads:?}"
     );
-    for [name, seccomp, nnp, eff] in &threads {
+    for [name, seccomp, nnp, eff, uid, gid] in &threads {
         assert_eq!(
             (seccomp.as_str(), nnp.as_str(), eff.as_str()),
             ("2", "1", "0000000000000000"),
             "thread {name} of the manager's VMM: Seccomp, NoNewPrivs, CapEff"
         );
+        // Real, effective, saved and file-system ids: all nobody's.
+        for (what, ids) in [("uid", uid), ("gid", gid)] {
+            assert!(
+                ids.split_whitespace().all(|id| id == "65534"),
+                "thread {name}: {what}s {ids}"
+            );
+        }
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(!maps.contains(" rwxp "), "{maps}");

@@ -251,7 +251,14 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
     std::fs::write(&secret, b"not for the VMM").unwrap();
     let mut vmm = spawn_vmm(
         dir.path(),
-        &["--jail", root.to_str().unwrap()],
+        &[
+            "--jail",
+            root.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+        ],
         &[("VESSEL_LOG", "debug")],
     );
     wait_booted(dir.path(), &mut vmm.0);
@@ -264,6 +271,17 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
             link(format!("/proc/self/ns/{ns}")),
             "the jailed VMM shares the host's {ns} namespace"
         );
+    }
+    // Every thread is nobody (real, effective, saved and file-system ids).
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        for key in ["Uid", "Gid"] {
+            let ids = status_field(&status, key);
+            assert!(
+                ids.split_whitespace().all(|id| id == "65534"),
+                "{key}: {ids} in\n{status}"
+            );
+        }
     }
     let at = |p: &Path| inside.join(p.strip_prefix("/").unwrap());
     assert!(at(&assets().join("vmlinuz")).is_file(), "no kernel inside");
