@@ -217,7 +217,7 @@ fn build_and_enter(
     }
     let old = root.join(".old");
     std::fs::create_dir(&old).map_err(sys("creating the old root's mount point"))?;
-    let (new_c, old_c) = (cstr(&root)?, cstr(&old)?);
+    let (new_c, old_c) = (cstr(root)?, cstr(&old)?);
     // SAFETY: two NUL-terminated paths valid for the call.
     let rc = unsafe { libc::syscall(libc::SYS_pivot_root, new_c.as_ptr(), old_c.as_ptr()) };
     check(rc as libc::c_int, "pivot_root")?;

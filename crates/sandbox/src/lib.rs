@@ -113,7 +113,8 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 
 thread_local! {
     /// The role this thread entered, for the SIGSYS handler's report.
-    static ROLE: Cell<&'static str> = const { Cell::new("unconfined") };
+    /// A thread started by a confined one inherits its filter without entering a role.
+    static ROLE: Cell<&'static str> = const { Cell::new("inherited-filter") };
 }
 
 /// Chooses the mode for this process; from now on [`enter`] confines the calling thread
@@ -137,11 +138,6 @@ pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
             ids,
         })
         .map_err(|_| Error::AlreadyConfigured)
-}
-
-/// The mode [`configure`] chose, if any.
-pub fn mode() -> Option<Mode> {
-    POLICY.get().map(|p| p.mode)
 }
 
 /// Confines the calling thread for `role`: NoNewPrivs, no capabilities (effective,
@@ -226,6 +222,10 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) }
     };
     let role = ROLE.with(|r| r.get());
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`; every filter allows it.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
     let mut buf = [0u8; 200];
     let mut w = StackWriter {
         buf: &mut buf,
@@ -233,7 +233,9 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     };
     w.push(b"\r\nvessel: seccomp: a ");
     w.push(role.as_bytes());
-    w.push(b" thread made a forbidden system call (number ");
+    w.push(b" thread (");
+    w.push(name.get(..name_len).unwrap_or_default());
+    w.push(b") made a forbidden system call (number ");
     w.push_int(i64::from(nr));
     w.push(b"); the VMM stops (exit status ");
     w.push_int(i64::from(BAD_SYSCALL_STATUS));
