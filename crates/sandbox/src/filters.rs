@@ -141,6 +141,45 @@ impl Programs {
     }
 }
 
+/// The jail's waiting parent (see `jail::enter`): wait for `child`, pass signals on to
+/// it, exit. It has no SIGSYS handler, so a forbidden call kills it (KILL_PROCESS) in
+/// both trap and kill modes; none in [`Mode::None`].
+pub(crate) fn waiter(mode: Mode, child: libc::pid_t) -> Result<Option<BpfProgram>, Error> {
+    let mismatch = match mode {
+        Mode::None => return Ok(None),
+        Mode::Log => SeccompAction::Log,
+        Mode::Trap | Mode::Kill => SeccompAction::KillProcess,
+    };
+    let mut r = Rules::new();
+    allow(
+        &mut r,
+        &[
+            libc::SYS_wait4,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_restart_syscall,
+            libc::SYS_exit_group,
+            libc::SYS_exit,
+        ],
+    );
+    allow_if(
+        &mut r,
+        libc::SYS_kill,
+        vec![rule(vec![cond(0, Len::Dword, Op::Eq, child as u64)?])?],
+    );
+    let f = SeccompFilter::new(r, mismatch, SeccompAction::Allow, arch()).map_err(|source| {
+        Error::BuildFilter {
+            role: "waiter",
+            source,
+        }
+    })?;
+    BpfProgram::try_from(f)
+        .map(Some)
+        .map_err(|source| Error::BuildFilter {
+            role: "waiter",
+            source,
+        })
+}
+
 fn arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
 }

@@ -1,6 +1,7 @@
 //! The jail a VMM enters before it builds its VM (`vessel run --jail ROOT`, which the
-//! manager passes by default): new mount, IPC and UTS namespaces (and a network namespace
-//! when the VM has no TAP), and `pivot_root` into `ROOT`, a fresh tmpfs holding only bind
+//! manager passes by default): a new PID namespace (the VMM goes on as its process 1,
+//! its parent stays outside as a confined waiter), new mount, IPC and UTS namespaces (and
+//! a network namespace when the VM has no TAP), and `pivot_root` into `ROOT`, a fresh tmpfs holding only bind
 //! mounts of the files and folders the VM uses, at the same paths as outside, so the
 //! VM's configuration needs no rewriting. Everything else of the host's file system is
 //! gone for the process.
@@ -33,6 +34,10 @@ pub struct JailSpec {
     pub binds: Vec<(PathBuf, Access)>,
     /// A network namespace of its own (no host interfaces): for VMs without a TAP.
     pub new_net: bool,
+    /// What a forbidden call of the waiting parent does (see [`enter`]).
+    pub mode: Option<crate::Mode>,
+    /// The user and group the waiting parent becomes.
+    pub ids: Option<crate::Ids>,
 }
 
 /// Why the jail could not be set up.
@@ -156,11 +161,20 @@ fn plan(binds: &[(PathBuf, Access)]) -> Result<Vec<(PathBuf, Access)>, JailError
 }
 
 /// Enters the jail `spec` describes. See the module's documentation.
+///
+/// The VMM goes on in a child, process 1 of a new PID namespace (it sees no other
+/// process). The process that called this stays outside as the child's waiter — the PID
+/// the caller's parent (the manager) knows — and never returns: it confines itself
+/// (NoNewPrivs, no capabilities, `spec.ids`, a filter allowing only `wait4`, `kill` of
+/// the child and exit), passes SIGTERM, SIGINT and SIGHUP on to the child, and exits
+/// with the child's status (128 + the signal when a signal killed it). The child dies
+/// with its waiter (PR_SET_PDEATHSIG).
 pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     let n = threads();
     if n != 1 {
         return Err(JailError::Threads(n));
     }
+    split_pid_namespace(spec)?;
     let root = normal(&spec.root)?;
     let empty = std::fs::read_dir(&root)
         .map(|mut d| d.next().is_none())
@@ -175,6 +189,104 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     // SAFETY: as above.
     unsafe { libc::umask(umask) };
     r
+}
+
+/// The child's PID, for the waiter's signal handler.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let child = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill(2) is async-signal-safe and touches no memory.
+        unsafe { libc::kill(child, sig) };
+    }
+}
+
+/// Forks into a new PID namespace; returns in the child, waits in the parent.
+fn split_pid_namespace(spec: &JailSpec) -> Result<(), JailError> {
+    // SAFETY: unshare takes flags only; the process has one thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+    check(rc, "unshare (PID namespace)")?;
+    // The child learns of a waiter that died before PR_SET_PDEATHSIG took hold: the
+    // pipe's only writer is gone.
+    let mut pipe = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `pipe`.
+    let rc = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(rc, "pipe")?;
+    let [alive_r, alive_w] = pipe;
+    // SAFETY: the process has one thread, so the child is a full copy that may go on
+    // running Rust code.
+    let child = unsafe { libc::fork() };
+    match child {
+        -1 => Err(sys("fork")(io::Error::last_os_error())),
+        0 => {
+            // SAFETY: integer arguments; close on descriptors this process owns; poll
+            // on one pollfd it owns.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                libc::close(alive_w);
+                let mut p = libc::pollfd {
+                    fd: alive_r,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                if libc::poll(&mut p, 1, 0) > 0 && p.revents & libc::POLLHUP != 0 {
+                    libc::_exit(1);
+                }
+                libc::close(alive_r);
+            }
+            crate::JAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        child => {
+            // SAFETY: closing a descriptor this process owns.
+            unsafe { libc::close(alive_r) };
+            wait_for(child, spec)
+        }
+    }
+}
+
+/// The waiter: see [`enter`]. Never returns.
+fn wait_for(child: libc::pid_t, spec: &JailSpec) -> ! {
+    CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a handler that only calls kill(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    if let Err(e) = crate::confine_waiter(child, spec.mode, spec.ids) {
+        eprintln!("vessel: cannot confine the jail's waiter: {e}");
+        // SAFETY: kill and _exit take integers.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int into `status`.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue;
+            };
+            // SAFETY: _exit takes an integer; nothing of this process needs flushing.
+            unsafe { libc::_exit(code) };
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // SAFETY: as above.
+            unsafe { libc::_exit(1) };
+        }
+    }
 }
 
 /// [`enter`] once checked, with a umask that leaves the folders leading to each bound

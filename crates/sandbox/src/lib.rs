@@ -111,6 +111,10 @@ struct Policy {
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
 
+/// This process is the VMM inside a jail, whose waiter's death must kill it
+/// (PR_SET_PDEATHSIG, which a change of user clears: re-armed after each).
+pub(crate) static JAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 thread_local! {
     /// The role this thread entered, for the SIGSYS handler's report.
     /// A thread started by a confined one inherits its filter without entering a role.
@@ -175,7 +179,12 @@ fn confine(policy: &Policy, role: Role) -> Result<(), Error> {
     // The bounding set needs CAP_SETPCAP, which a change of user takes away.
     caps::drop_bounding().map_err(Error::DropCaps)?;
     if let Some(ids) = policy.ids {
-        become_user(ids).map_err(Error::Ids)?;
+        if become_user(ids).map_err(Error::Ids)?
+            && JAILED.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // SAFETY: integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        }
     }
     caps::drop_all().map_err(Error::DropCaps)?;
     for prog in policy.programs.for_role(role) {
@@ -184,14 +193,36 @@ fn confine(policy: &Policy, role: Role) -> Result<(), Error> {
     Ok(())
 }
 
+/// Confines the jail's waiting parent (`jail::enter`): NoNewPrivs, no capabilities,
+/// `ids`, and a filter that allows waiting for `child`, signalling it, and exiting.
+pub(crate) fn confine_waiter(
+    child: libc::pid_t,
+    mode: Option<Mode>,
+    ids: Option<Ids>,
+) -> Result<(), Error> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    caps::drop_bounding().map_err(Error::DropCaps)?;
+    if let Some(ids) = ids {
+        become_user(ids).map_err(Error::Ids)?;
+    }
+    caps::drop_all().map_err(Error::DropCaps)?;
+    if let Some(prog) = filters::waiter(mode.unwrap_or(Mode::Trap), child)? {
+        seccompiler::apply_filter(&prog).map_err(Error::InstallFilter)?;
+    }
+    Ok(())
+}
+
 /// Makes the calling thread (only: credentials are per thread in Linux, and the raw
 /// system calls, unlike glibc's wrappers, do not broadcast) `ids`, with no supplementary
 /// groups. A thread started by one that did this already is that user, and makes no
-/// calls (its creator's seccomp filter does not allow them).
-fn become_user(ids: Ids) -> std::io::Result<()> {
+/// calls (its creator's seccomp filter does not allow them). True when it changed.
+fn become_user(ids: Ids) -> std::io::Result<bool> {
     // SAFETY: getuid and getgid take no arguments.
     if unsafe { (libc::getuid(), libc::getgid()) } == (ids.uid, ids.gid) {
-        return Ok(());
+        return Ok(false);
     }
     let (uid, gid) = (ids.uid as libc::c_long, ids.gid as libc::c_long);
     // SAFETY: setgroups with size 0 reads no memory; setresgid and setresuid take
@@ -206,7 +237,7 @@ fn become_user(ids: Ids) -> std::io::Result<()> {
     if rcs.iter().any(|&rc| rc != 0) {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(true)
 }
 
 /// SIGSYS from a seccomp filter (SECCOMP_RET_TRAP): report and exit. Only

@@ -267,14 +267,6 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let ids = args
-        .uid
-        .zip(args.gid)
-        .map(|(uid, gid)| sandbox::Ids { uid, gid });
-    sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
-    if args.seccomp == sandbox::Mode::None {
-        tracing::warn!("--seccomp none: the VMM's threads run without a seccomp filter");
-    }
     let status_file = args.status_file.clone();
     let code = run_vm(args)?;
     if let Some(path) = status_file {
@@ -294,8 +286,18 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         Some(config_from(&args)?)
     };
+    let ids = args
+        .uid
+        .zip(args.gid)
+        .map(|(uid, gid)| sandbox::Ids { uid, gid });
     if let (Some(root), Some(config)) = (&args.jail, &config) {
-        enter_jail(root, config, &args)?;
+        // From here on this is the VMM, process 1 of its PID namespace (the filters
+        // below name its own PID).
+        enter_jail(root, config, &args, ids)?;
+    }
+    sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
+    if args.seccomp == sandbox::Mode::None {
+        tracing::warn!("--seccomp none: the VMM's threads run without a seccomp filter");
     }
     let mut relay = None;
     if let Some(sock) = &console_sock {
@@ -366,7 +368,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 /// Binds what the VM uses into the jail at `root` and enters it (see `--jail`).
-fn enter_jail(root: &Path, config: &VmConfig, args: &RunArgs) -> anyhow::Result<()> {
+fn enter_jail(
+    root: &Path,
+    config: &VmConfig,
+    args: &RunArgs,
+    ids: Option<sandbox::Ids>,
+) -> anyhow::Result<()> {
     use sandbox::jail::{Access, JailSpec};
     let mut binds: Vec<(PathBuf, Access)> = Vec::new();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
@@ -448,6 +455,8 @@ fn enter_jail(root: &Path, config: &VmConfig, args: &RunArgs) -> anyhow::Result<
         root: abs(root),
         binds,
         new_net: config.nets.is_empty(),
+        mode: Some(args.seccomp),
+        ids,
     };
     sandbox::jail::enter(&spec).with_context(|| format!("jailing the VMM in {}", root.display()))
 }

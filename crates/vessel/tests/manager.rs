@@ -826,6 +826,28 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
         .as_i64()
         .unwrap() as i32;
     wait_for_log(&c, "tiny", "tiny guest up");
+    // The jailed VMM is the child (process 1 of its PID namespace) of the process the
+    // manager started, which only waits for it, confined too.
+    let waiter = thread_confinement(pid);
+    assert_eq!(waiter.len(), 1, "{waiter:?}");
+    assert_eq!(
+        waiter[0][1..],
+        [
+            "2",
+            "1",
+            "0000000000000000",
+            "65534\t65534\t65534\t65534",
+            "65534\t65534\t65534\t65534"
+        ],
+        "the waiter"
+    );
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the jailed VMM")
+        .parse()
+        .unwrap();
     let threads = thread_confinement(pid);
     assert!(
         threads.iter().any(|t| t[0] == "vcpu0") && threads.iter().any(|t| t[0] == "vmm-api"),

@@ -80,6 +80,21 @@ fn wait_booted(dir: &Path, vmm: &mut Child) {
     }
 }
 
+/// The VMM a jailed `vessel run` (`waiter`) runs as its child, process 1 of a new PID
+/// namespace.
+fn jailed_vmm(waiter: u32) -> u32 {
+    let t0 = Instant::now();
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{waiter}/task/{waiter}/children"))
+            .unwrap_or_default();
+        if let Some(c) = children.split_whitespace().next() {
+            return c.parse().unwrap();
+        }
+        assert!(t0.elapsed() < BOOT, "the jailed VMM has no child");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One line of /proc/PID/task/TID/status, e.g. `Seccomp`.
 fn status_field(status: &str, key: &str) -> String {
     status
@@ -265,7 +280,26 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
         &[("VESSEL_LOG", "debug")],
     );
     wait_booted(dir.path(), &mut vmm.0);
-    let pid = vmm.0.id();
+    let waiter = vmm.0.id();
+    let pid = jailed_vmm(waiter);
+    // The VMM is process 1 of its own PID namespace; the process outside only waits for
+    // it, confined too.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status_field(&status, "NSpid").ends_with("\t1")
+            || status_field(&status, "NSpid").ends_with(" 1"),
+        "{status}"
+    );
+    let w = std::fs::read_to_string(format!("/proc/{waiter}/status")).unwrap();
+    for (key, want) in [
+        ("Seccomp", "2"),
+        ("NoNewPrivs", "1"),
+        ("CapEff", "0000000000000000"),
+        ("Threads", "1"),
+    ] {
+        assert_eq!(status_field(&w, key), want, "the waiter's {key}");
+    }
+    assert!(status_field(&w, "Uid").starts_with("65534"), "{w}");
     let inside = Path::new("/proc").join(pid.to_string()).join("root");
     for ns in ["mnt", "net", "ipc", "uts"] {
         let link = |p: String| std::fs::read_link(p).unwrap();
@@ -409,7 +443,7 @@ fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
     // namespace of its own would have cut the TAP's host side off), and has its own
     // mounts.
     use std::os::unix::fs::MetadataExt;
-    let pid = vmm.0.id();
+    let pid = jailed_vmm(vmm.0.id());
     let ino = |p: String| std::fs::metadata(p).unwrap().ino();
     assert_eq!(
         ino(format!("/proc/{pid}/ns/net")),
