@@ -6,9 +6,9 @@
 //! Every thread gets three filters (seccomp runs them all and the strictest answer wins):
 //! - `clone3` fails with ENOSYS, so glibc falls back to `clone`, whose flags a filter can
 //!   see (`clone3` passes them in memory);
-//! - in the roles that open no files, `openat` fails with EACCES (glibc's malloc reads
-//!   `/proc/sys/vm/overcommit_memory` once, from whichever thread first shrinks an
-//!   arena, and copes with the failure);
+//! - in the roles that open no files (all but the main thread and the API), `openat`
+//!   fails with EACCES (glibc's malloc reads `/proc/sys/vm/overcommit_memory` once, from
+//!   whichever thread first shrinks an arena, and copes with the failure);
 //! - the role's allowlist; anything else is the mode's action.
 
 use std::collections::BTreeMap;
@@ -40,6 +40,13 @@ pub enum Role {
 }
 
 impl Role {
+    /// Whether threads of this role open files after they are confined: the main thread
+    /// (its exit status), and the API, which opens the files it is given to check them
+    /// (`/boot-source`, `/drives`) and to write to (`/logger`, `/metrics`).
+    fn opens_files(self) -> bool {
+        matches!(self, Role::Main | Role::Api)
+    }
+
     pub const ALL: [Role; 6] = [
         Role::Main,
         Role::Vcpu,
@@ -66,11 +73,6 @@ impl Role {
 
     fn index(self) -> usize {
         self as usize
-    }
-
-    /// Whether threads of this role open files after they are confined.
-    fn opens_files(self) -> bool {
-        matches!(self, Role::Main)
     }
 }
 
@@ -385,11 +387,9 @@ fn rules(role: Role) -> Result<Rules, Error> {
         libc::SYS_ioctl,
         ioctl_types(&[KVM_IOCTL, TTY_TUN_IOCTL])?,
     );
-    if !role.opens_files() {
-        // Answered with EACCES by the second filter (the allowlist must let them through
-        // for that answer to be the one that counts).
-        allow(&mut r, &[libc::SYS_openat, libc::SYS_open]);
-    }
+    // In the roles that open no files, answered with EACCES by the second filter (the
+    // allowlist must let them through for that answer to be the one that counts).
+    allow(&mut r, &[libc::SYS_openat]);
     match role {
         Role::Vcpu => {
             allow(
@@ -409,7 +409,7 @@ fn rules(role: Role) -> Result<Rules, Error> {
                 ],
             );
         }
-        Role::Io => {
+        Role::Io | Role::Vsock => {
             allow(
                 &mut r,
                 &[
@@ -422,12 +422,24 @@ fn rules(role: Role) -> Result<Rules, Error> {
                     libc::SYS_timerfd_gettime,
                 ],
             );
+            if role == Role::Vsock {
+                connect_unix_sockets(&mut r)?;
+            }
         }
-        Role::Vsock => connect_unix_sockets(&mut r)?,
         Role::Api => {
             // Before InstanceStart the API checks that the files it is given exist
             // (the VM is then built on the main thread).
-            allow(&mut r, &[libc::SYS_statx, libc::SYS_newfstatat]);
+            // and opens a drive PATCHed in at run time (its path canonicalized).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_statx,
+                    libc::SYS_newfstatat,
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
+                    libc::SYS_getcwd,
+                ],
+            );
             serve_sockets(&mut r);
         }
         Role::Console => serve_sockets(&mut r),

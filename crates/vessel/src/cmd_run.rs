@@ -279,9 +279,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
+    // As Firecracker: an API socket and nothing to boot means "wait to be configured".
+    let nothing_to_boot = args.kernel.is_none()
+        && args.firmware.is_none()
+        && args.config.is_none()
+        && args.disks.is_empty();
+    let preboot = args.api_only || (api_sock.is_some() && nothing_to_boot);
     // The VM's description first: the jail needs its files, and must be entered before
     // any thread starts.
-    let config = if args.api_only {
+    let config = if preboot {
+        if args.jail.is_some() {
+            bail!("--jail needs the VM's files up front: it cannot wait for InstanceStart");
+        }
         None
     } else {
         Some(config_from(&args)?)
@@ -310,12 +319,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         );
     }
     let _cleanup = RemoveOnDrop(console_sock, relay);
-    // As Firecracker: an API socket and nothing to boot means "wait to be configured".
-    let nothing_to_boot = args.kernel.is_none()
-        && args.firmware.is_none()
-        && args.config.is_none()
-        && args.disks.is_empty();
-    if args.api_only || (api_sock.is_some() && nothing_to_boot) {
+    if preboot {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
         // InstanceStart's VM is built and run here, as Firecracker's VMM thread does: the

@@ -237,6 +237,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                     name: "rng".into(),
                     host_input: None,
                     coalesce: None,
+                    role: sandbox::Role::Io,
                 };
                 devs.push((Box::new(dev), Some(io), machine, None));
             }
