@@ -459,6 +459,36 @@ fn open_chain(
     }
 }
 
+/// The files a guest disk opened with [`open_guest_disk`] consists of: `path`, then each
+/// backing file of its qcow2 chain, as that open names them (for a jail that must hold
+/// exactly these). Opened read-only without locks, only to read the headers; a chain the
+/// guest open would refuse is listed as far as it goes (the open then reports why).
+pub fn guest_disk_files(path: &Path, format: Option<Format>) -> Vec<PathBuf> {
+    let mut files = vec![path.to_path_buf()];
+    let (mut cur, mut fmt) = (path.to_path_buf(), format);
+    while fmt == Some(Format::Qcow2) && files.len() <= MAX_BACKING_CHAIN {
+        let Ok(file) = File::open(&cur) else { break };
+        let Ok(q) = Qcow2::open(Box::new(file), true) else {
+            break;
+        };
+        let Some(name) = q.header().backing_file.clone() else {
+            break;
+        };
+        let next = resolve_backing(&cur, &name);
+        fmt = q
+            .header()
+            .backing_format
+            .as_deref()
+            .and_then(|s| s.parse().ok());
+        if files.contains(&next) {
+            break;
+        }
+        files.push(next.clone());
+        cur = next;
+    }
+    files
+}
+
 /// A backing file name relative to the directory of the image naming it.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);

@@ -141,3 +141,38 @@ fn guest_disk_qcow2_with_recorded_backing_format_opens() {
     d.read_at(0, &mut b).unwrap();
     assert_eq!(b, [7; 4]);
 }
+
+#[test]
+fn a_guest_disks_files_are_its_chain_and_never_a_raw_disks_contents() {
+    let dir = TempDir::new("chain-files");
+    let base = dir.path("base.raw");
+    block::create(&base, Format::Raw, Some(DISK), None).unwrap();
+    let mid = dir.path("mid.qcow2");
+    block::create(
+        &mid,
+        Format::Qcow2,
+        None,
+        Some(("base.raw", Some(Format::Raw))),
+    )
+    .unwrap();
+    let top = dir.path("top.qcow2");
+    block::create(
+        &top,
+        Format::Qcow2,
+        None,
+        Some(("mid.qcow2", Some(Format::Qcow2))),
+    )
+    .unwrap();
+    assert_eq!(
+        block::guest_disk_files(&top, Some(Format::Qcow2)),
+        vec![top.clone(), mid.clone(), base.clone()]
+    );
+    // A raw disk holding a qcow2 header (as a guest writes it): just the disk.
+    let secret = dir.path("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let raw = dir.path("guest.raw");
+    std::fs::write(&raw, guest_written_qcow2(&dir, &secret, true)).unwrap();
+    for f in [Some(Format::Raw), None] {
+        assert_eq!(block::guest_disk_files(&raw, f), vec![raw.clone()]);
+    }
+}

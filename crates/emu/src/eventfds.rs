@@ -126,11 +126,12 @@ impl Irqfds {
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
         if thread.is_none() {
             let (shared, vm) = (self.shared.clone(), vm.clone());
-            *thread = Some(
-                std::thread::Builder::new()
-                    .name("emu-irqfd".into())
-                    .spawn(move || serve(&shared, &vm))?,
-            );
+            *thread = Some(std::thread::Builder::new().name("emu-irqfd".into()).spawn(
+                move || {
+                    sandbox::enter(sandbox::Role::Io);
+                    serve(&shared, &vm)
+                },
+            )?);
         }
         self.shared.control.write(1)
     }

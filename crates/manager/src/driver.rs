@@ -52,6 +52,10 @@ impl RunDir {
     pub fn stderr(&self) -> PathBuf {
         self.0.join("vmm.log")
     }
+    /// The empty folder a jailed Vessel VMM makes its root (`vessel run --jail`).
+    pub fn jail_root(&self) -> PathBuf {
+        self.0.join("root")
+    }
 }
 
 /// What identifies a running VMM process across daemon restarts.
@@ -134,7 +138,16 @@ pub struct Programs {
     /// The `vessel` executable (its `run` subcommand is the VMM).
     pub vessel: PathBuf,
     pub qemu: PathBuf,
+    /// Start Vessel VMMs in a jail (`vessel run --jail`) as an unprivileged user; off
+    /// only with `vessel daemon --no-jail`, for development.
+    pub jail: bool,
+    /// The user and group jailed Vessel VMMs become once their VM is built (`vessel
+    /// daemon --vmm-uid/--vmm-gid`; [`DEFAULT_VMM_IDS`] unless given).
+    pub vmm_ids: (u32, u32),
 }
+
+/// nobody and nogroup.
+pub const DEFAULT_VMM_IDS: (u32, u32) = (65534, 65534);
 
 fn qemu_accel(a: Accel) -> &'static str {
     match a {
@@ -299,7 +312,7 @@ fn vessel_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Re
     write_private(&run.config(), &json)?;
     let mut c = Command::new(&p.vessel);
     c.arg("run").arg("--config").arg(run.config());
-    vessel_control_args(&mut c, run, log);
+    vessel_control_args(p, &mut c, run, log)?;
     Ok(c)
 }
 
@@ -328,20 +341,32 @@ pub fn vessel_config(def: &DomainDef, run: &RunDir) -> vmm::VmConfig {
 
 /// A Vessel VMM that restores the snapshot in `dir` (`vessel run --restore`) instead of
 /// booting, controlled as one that boots.
-fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) -> Command {
+fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) -> Result<Command> {
     let mut c = Command::new(&p.vessel);
     c.arg("run").arg("--restore").arg(dir);
-    vessel_control_args(&mut c, run, log);
-    c
+    vessel_control_args(p, &mut c, run, log)?;
+    Ok(c)
 }
 
-fn vessel_control_args(c: &mut Command, run: &RunDir, log: &Path) {
+fn vessel_control_args(p: &Programs, c: &mut Command, run: &RunDir, log: &Path) -> Result<()> {
     c.arg("--console-sock")
         .arg(run.console())
         .arg("--console-log")
         .arg(log);
     c.arg("--api-sock").arg(run.api());
     c.arg("--status-file").arg(run.exit_status());
+    if p.jail {
+        let root = run.jail_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating jail root", &root, e))?;
+        // The VMM's user removes its sockets and writes its exit status there.
+        let (uid, gid) = p.vmm_ids;
+        std::os::unix::fs::chown(&run.0, Some(uid), Some(gid))
+            .map_err(|e| Error::io("handing the run folder to the VMM's user", &run.0, e))?;
+        c.arg("--jail").arg(root);
+        c.arg("--uid").arg(uid.to_string());
+        c.arg("--gid").arg(gid.to_string());
+    }
+    Ok(())
 }
 
 /// Writes a file only its owner can read (a domain's config names its disks and seeds).
@@ -403,7 +428,7 @@ pub fn start_or_restore(
             ))
         }
         (DriverKind::Vessel, None) => vessel_command(p, def, run, serial_log)?,
-        (DriverKind::Vessel, Some(dir)) => vessel_restore_command(p, dir, run, serial_log),
+        (DriverKind::Vessel, Some(dir)) => vessel_restore_command(p, dir, run, serial_log)?,
     };
     let stderr = OpenOptions::new()
         .create(true)
@@ -551,6 +576,8 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
@@ -595,6 +622,8 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
@@ -639,9 +668,34 @@ mod tests {
         let p = Programs {
             vessel: "vessel".into(),
             qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
         };
         let run = RunDir(dir.clone());
-        vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let jailed: Vec<_> = jailed.get_args().collect();
+        let root = run.jail_root();
+        assert!(
+            jailed
+                .windows(2)
+                .any(|w| w[0] == "--jail" && w[1] == root.as_os_str()),
+            "{jailed:?}"
+        );
+        assert!(root.is_dir(), "no jail root made");
+        for (flag, id) in [("--uid", "65534"), ("--gid", "65534")] {
+            assert!(
+                jailed.windows(2).any(|w| w[0] == flag && w[1] == id),
+                "{jailed:?}"
+            );
+        }
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), 65534);
+        let p = Programs { jail: false, ..p };
+        let free = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        assert!(
+            !free.get_args().any(|a| a == "--jail"),
+            "--no-jail still jails"
+        );
         let got: vmm::VmConfig =
             serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
         use std::os::unix::fs::PermissionsExt;

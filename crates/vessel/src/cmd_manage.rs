@@ -71,6 +71,16 @@ pub struct DaemonArgs {
     /// API clients can read and write every file in a pool.
     #[arg(long = "pool-root")]
     pool_roots: Vec<PathBuf>,
+    /// Start Vessel VMMs without their jail (namespaces and a root holding only the
+    /// VM's files): for development only. Their seccomp filters stay on.
+    #[arg(long)]
+    no_jail: bool,
+    /// The user jailed Vessel VMMs become once their VM is built (default 65534, nobody).
+    #[arg(long, default_value_t = manager::driver::DEFAULT_VMM_IDS.0)]
+    vmm_uid: u32,
+    /// Their group (default 65534, nogroup).
+    #[arg(long, default_value_t = manager::driver::DEFAULT_VMM_IDS.1)]
+    vmm_gid: u32,
 }
 
 /// Runs the daemon in the foreground until it is killed.
@@ -83,6 +93,8 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         programs: manager::driver::Programs {
             vessel,
             qemu: args.qemu,
+            jail: !args.no_jail,
+            vmm_ids: (args.vmm_uid, args.vmm_gid),
         },
         pool_roots: args.pool_roots,
     };

@@ -1,6 +1,6 @@
 //! `vessel run`: build a `VmConfig` from flags and run the VMM in the foreground.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
@@ -154,6 +154,27 @@ pub struct RunArgs {
     /// process's parent (a restarted manager that re-adopted it).
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// What a VMM thread's forbidden system call does: trap (report it and exit with
+    /// status 148), kill (the kernel kills the VMM), log (the kernel logs it and lets it
+    /// run) or none (no seccomp filter: development only). Every thread also sets
+    /// NoNewPrivs and drops its capabilities once the VM is built.
+    #[arg(long, env = "VESSEL_SECCOMP", default_value = "trap")]
+    seccomp: sandbox::Mode,
+    /// Jail the VMM before it builds the VM: new mount, IPC and UTS namespaces (and a
+    /// network namespace when the VM has no --net), and pivot_root into this empty
+    /// folder, where only the VM's own files are bound (kernel, initrd, firmware, disks
+    /// and their backing files, logs, the folders of its sockets and exit status). The
+    /// manager passes it for every Vessel VMM unless its daemon runs with --no-jail.
+    #[arg(long, conflicts_with = "api_only")]
+    jail: Option<PathBuf>,
+    /// Once the VM is built (its files open, its sockets bound), every VMM thread becomes
+    /// this user (and --gid's group, with no supplementary groups). The manager passes
+    /// its --vmm-uid/--vmm-gid (65534, nobody, by default) with --jail.
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    /// The group for --uid.
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -166,6 +187,8 @@ pub mod status {
     pub const REBOOT: i32 = 10;
     /// A vCPU triple-faulted.
     pub const TRIPLE_FAULT: i32 = 12;
+    // 148 (`sandbox::BAD_SYSCALL_STATUS`, the SIGSYS handler's): a VMM thread made a
+    // system call its seccomp filter forbids (`--seccomp trap`).
 }
 
 /// Where scripts/guest-assets.sh caches Debian's kernel and the busybox initramfs.
@@ -180,7 +203,32 @@ pub fn assets_dir() -> PathBuf {
     cache.join("vessel/assets")
 }
 
-fn config_from(args: RunArgs) -> anyhow::Result<VmConfig> {
+fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let args = RunArgs {
+        config: args.config.clone(),
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        firmware: args.firmware.clone(),
+        option_roms: args.option_roms.clone(),
+        cmdline: args.cmdline.clone(),
+        disks: args.disks.clone(),
+        serial: args.serial.clone(),
+        virtio_console: args.virtio_console.clone(),
+        nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
+        cloud_init: args.cloud_init.clone(),
+        name: args.name.clone(),
+        api_sock: None,
+        console_sock: None,
+        console_log: None,
+        status_file: None,
+        jail: None,
+        uid: None,
+        gid: None,
+        restore: None,
+        restore_mem: None,
+        ..*args
+    };
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the VM config {}", path.display()))?;
@@ -263,6 +311,46 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
+    // As Firecracker: an API socket and nothing to boot means "wait to be configured".
+    let nothing_to_boot = args.kernel.is_none()
+        && args.firmware.is_none()
+        && args.config.is_none()
+        && args.disks.is_empty()
+        && args.restore.is_none();
+    let preboot = args.api_only || (api_sock.is_some() && nothing_to_boot);
+    // The VM's description first: the jail needs its files, and must be entered before
+    // any thread starts.
+    // A snapshot to restore is read first too: its configuration names the VM's files.
+    let mut loaded = None;
+    let mut snapshot_files = Vec::new();
+    let config = if preboot {
+        if args.jail.is_some() {
+            bail!("--jail needs the VM's files up front: it cannot wait for InstanceStart");
+        }
+        None
+    } else if let Some(path) = &args.restore {
+        let (l, state, memory) = load_snapshot(path, args.restore_mem.as_deref())?;
+        let mut config = l.snapshot.config.clone();
+        config.serial = args.serial.clone();
+        loaded = Some((l, state.clone()));
+        snapshot_files = vec![state, memory];
+        Some(config)
+    } else {
+        Some(config_from(&args)?)
+    };
+    let ids = args
+        .uid
+        .zip(args.gid)
+        .map(|(uid, gid)| sandbox::Ids { uid, gid });
+    if let (Some(root), Some(config)) = (&args.jail, &config) {
+        // From here on this is the VMM, process 1 of its PID namespace (the filters
+        // below name its own PID).
+        enter_jail(root, config, &args, ids, &snapshot_files)?;
+    }
+    sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
+    if args.seccomp == sandbox::Mode::None {
+        tracing::warn!("--seccomp none: the VMM's threads run without a seccomp filter");
+    }
     let mut relay = None;
     if let Some(sock) = &console_sock {
         if args.serial != SerialConfig::Stdio {
@@ -274,28 +362,38 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         );
     }
     let _cleanup = RemoveOnDrop(console_sock, relay);
-    // As Firecracker: an API socket and nothing to boot means "wait to be configured".
-    let nothing_to_boot = args.kernel.is_none()
-        && args.firmware.is_none()
-        && args.config.is_none()
-        && args.disks.is_empty()
-        && args.restore.is_none();
-    if args.api_only || (api_sock.is_some() && nothing_to_boot) {
+    if preboot {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
+        // InstanceStart's VM is built and run here, as Firecracker's VMM thread does: the
+        // API's threads stay in their own seccomp filter.
+        let starts = api.builds_elsewhere();
         vmm::api::firecracker::spawn(&sock, api.clone())
             .with_context(|| format!("serving the API on {}", sock.display()))?;
-        let reason = api.wait_finished().map_err(anyhow::Error::msg);
+        let reason = loop {
+            let Ok(start) = starts.recv() else {
+                break api.wait_finished();
+            };
+            match Vmm::new(start.config.clone()) {
+                Ok(vmm) => {
+                    start.started(vmm.control(), vmm.snapshotter());
+                    let r = vmm.run().map_err(|e| e.to_string());
+                    api.finish(r.clone());
+                    break r;
+                }
+                Err(e) => start.failed(e.to_string()),
+            }
+        };
         let _ = std::fs::remove_file(&sock);
-        return report(reason);
+        return report(reason.map_err(anyhow::Error::msg));
     }
-    let (config, vmm) = match &args.restore {
-        Some(path) => restore(path, args.restore_mem.as_deref(), &args)?,
-        None => {
-            let config = config_from(args)?;
-            let vmm = Vmm::new(config.clone()).context("cannot start the VM")?;
-            (config, vmm)
-        }
+    let Some(config) = config else {
+        bail!("no VM configuration");
+    };
+    let vmm = match loaded {
+        Some((loaded, state)) => Vmm::restore(&loaded, args.serial.clone(), args.accel)
+            .with_context(|| format!("cannot restore the snapshot {}", state.display()))?,
+        None => Vmm::new(config.clone()).context("cannot start the VM")?,
     };
     if let Some(sock) = &api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
@@ -320,14 +418,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     report(reason.map_err(anyhow::Error::from))
 }
 
-/// The VM of the snapshot at `path` (a folder, or a state file beside `mem`), built and
-/// ready to run; refused with nothing started when the snapshot or this host does not
-/// fit.
-fn restore(
-    path: &std::path::Path,
-    mem: Option<&std::path::Path>,
-    args: &RunArgs,
-) -> anyhow::Result<(VmConfig, Vmm)> {
+/// The snapshot at `path` (a folder, or a state file beside `mem`), read and checked,
+/// with its state and memory files; refused with nothing started when it does not fit.
+fn load_snapshot(
+    path: &Path,
+    mem: Option<&Path>,
+) -> anyhow::Result<(vmm::snapshot::Loaded, PathBuf, PathBuf)> {
     let (state, memory) = match mem {
         Some(m) => (path.to_path_buf(), m.to_path_buf()),
         None if path.is_dir() => vmm::snapshot::files_in(path),
@@ -338,11 +434,103 @@ fn restore(
     };
     let loaded = vmm::snapshot::load(&state, &memory)
         .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
-    let vmm = Vmm::restore(&loaded, args.serial.clone(), args.accel)
-        .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
-    let mut config = loaded.snapshot.config;
-    config.serial = args.serial.clone();
-    Ok((config, vmm))
+    Ok((loaded, state, memory))
+}
+
+/// Binds what the VM uses into the jail at `root` and enters it (see `--jail`).
+fn enter_jail(
+    root: &Path,
+    config: &VmConfig,
+    args: &RunArgs,
+    ids: Option<sandbox::Ids>,
+    snapshot_files: &[PathBuf],
+) -> anyhow::Result<()> {
+    use sandbox::jail::{Access, JailSpec};
+    let mut binds: Vec<(PathBuf, Access)> = Vec::new();
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let ro = |p: &Path, binds: &mut Vec<(PathBuf, Access)>| binds.push((abs(p), Access::ReadOnly));
+    for p in config
+        .kernel
+        .iter()
+        .chain(snapshot_files)
+        .chain(&config.initrd)
+        .chain(&config.firmware)
+        .chain(&config.option_roms)
+    {
+        ro(p, &mut binds);
+    }
+    if let Some(c) = &config.cloud_init {
+        for p in std::iter::once(&c.user_data)
+            .chain(&c.meta_data)
+            .chain(&c.network_config)
+        {
+            ro(p, &mut binds);
+        }
+    }
+    for d in &config.disks {
+        for (i, f) in d.files().iter().enumerate() {
+            let access = if i == 0 && !d.read_only {
+                Access::ReadWrite
+            } else {
+                Access::ReadOnly
+            };
+            binds.push((abs(f), access));
+        }
+    }
+    // Files the VMM appends to: made now (as it would), then bound.
+    let outputs = [
+        &config.serial,
+        config
+            .virtio_console
+            .as_ref()
+            .unwrap_or(&SerialConfig::Null),
+    ];
+    let files = outputs
+        .into_iter()
+        .filter_map(|s| match s {
+            SerialConfig::File(p) => Some(p.clone()),
+            _ => None,
+        })
+        .chain(args.console_log.clone());
+    for f in files {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&f)
+            .with_context(|| format!("creating {}", f.display()))?;
+        binds.push((abs(&f), Access::ReadWrite));
+    }
+    // Sockets and the exit status are created inside: their folders.
+    let created = args
+        .api_sock
+        .iter()
+        .chain(&args.console_sock)
+        .chain(&args.status_file)
+        .cloned()
+        .chain(config.vsock.iter().map(|v| v.uds_path.clone()));
+    for p in created {
+        let p = abs(&p);
+        if let Some(dir) = p.parent() {
+            binds.push((dir.to_path_buf(), Access::ReadWrite));
+        }
+    }
+    // Host facts the accelerator's choice reads, and the devices.
+    for p in ["/proc/cpuinfo", "/proc/meminfo", "/sys/module"] {
+        binds.push((PathBuf::from(p), Access::ReadOnly));
+    }
+    binds.push((PathBuf::from("/dev/kvm"), Access::Device));
+    if !config.nets.is_empty() {
+        binds.push((PathBuf::from("/dev/net/tun"), Access::Device));
+    }
+    binds.retain(|(p, _)| p.exists());
+    let spec = JailSpec {
+        root: abs(root),
+        binds,
+        new_net: config.nets.is_empty(),
+        mode: Some(args.seccomp),
+        ids,
+    };
+    sandbox::jail::enter(&spec).with_context(|| format!("jailing the VMM in {}", root.display()))
 }
 
 /// When `run` returns: relays the console's last output, removes its socket file.

@@ -51,6 +51,8 @@ struct Daemon {
     child: Option<Child>,
     /// Run the daemon (and so its VMMs and dnsmasq) in a new network namespace.
     netns: bool,
+    /// Extra environment for the daemon (and so its VMMs).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -80,6 +82,7 @@ impl Daemon {
             dir,
             child: None,
             netns: false,
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -95,6 +98,7 @@ impl Daemon {
             dir,
             child: None,
             netns: true,
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -138,6 +142,7 @@ impl Daemon {
             .arg(&self.dir)
             .args(extra)
             .env("VESSEL_LOG", "info")
+            .envs(self.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -778,6 +783,130 @@ fn vessel_vmm_domains_are_supervised() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(state(&c, "bouncy"), "shutoff");
     assert!(d.run_pids().is_empty());
+}
+
+/// (name, Seccomp, NoNewPrivs, CapEff, Uid, Gid) of each thread of `pid`.
+fn thread_confinement(pid: i32) -> Vec<[String; 6]> {
+    let field = |status: &str, key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|s| {
+            [
+                field(&s, "Name:"),
+                field(&s, "Seccomp:"),
+                field(&s, "NoNewPrivs:"),
+                field(&s, "CapEff:"),
+                field(&s, "Uid:"),
+                field(&s, "Gid:"),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
+    let d = Daemon::start("confined");
+    let c = d.client();
+    let k = tiny_kernel(&d.dir, "tiny guest up\n", None);
+    let def = |name: &str| {
+        json!({"name": name, "driver": "vessel",
+               "vm": {"kernel": k, "cmdline": "", "memory_mib": 64, "accel": "kvm"}})
+    };
+    c.post("/v1/domains", Some(&def("tiny"))).unwrap();
+    let pid = c.post("/v1/domains/tiny/start", None).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    wait_for_log(&c, "tiny", "tiny guest up");
+    // The jailed VMM is the child (process 1 of its PID namespace) of the process the
+    // manager started, which only waits for it, confined too.
+    let waiter = thread_confinement(pid);
+    assert_eq!(waiter.len(), 1, "{waiter:?}");
+    assert_eq!(
+        waiter[0][1..],
+        [
+            "2",
+            "1",
+            "0000000000000000",
+            "65534\t65534\t65534\t65534",
+            "65534\t65534\t65534\t65534"
+        ],
+        "the waiter"
+    );
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the jailed VMM")
+        .parse()
+        .unwrap();
+    let threads = thread_confinement(pid);
+    assert!(
+        threads.iter().any(|t| t[0] == "vcpu0") && threads.iter().any(|t| t[0] == "vmm-api"),
+        "{threads:?}"
+    );
+    for [name, seccomp, nnp, eff, uid, gid] in &threads {
+        assert_eq!(
+            (seccomp.as_str(), nnp.as_str(), eff.as_str()),
+            ("2", "1", "0000000000000000"),
+            "thread {name} of the manager's VMM: Seccomp, NoNewPrivs, CapEff"
+        );
+        // Real, effective, saved and file-system ids: all nobody's.
+        for (what, ids) in [("uid", uid), ("gid", gid)] {
+            assert!(
+                ids.split_whitespace().all(|id| id == "65534"),
+                "thread {name}: {what}s {ids}"
+            );
+        }
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains(" rwxp "), "{maps}");
+    // Jailed by default: namespaces of its own (network too: no TAP), and a root that
+    // holds only the VM's files.
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |p: String| std::fs::read_link(p).unwrap();
+        assert_ne!(
+            link(format!("/proc/{pid}/ns/{ns}")),
+            link(format!("/proc/self/ns/{ns}")),
+            "the VMM shares the host's {ns} namespace"
+        );
+    }
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    assert!(!root.join("etc/passwd").exists() && !root.join("usr").exists());
+    assert!(
+        root.join(k.strip_prefix("/").unwrap()).is_file(),
+        "no kernel in the jail"
+    );
+    assert!(root.join("dev/kvm").exists());
+
+    // A second daemon whose VMMs' vCPU threads make a forbidden call once confined: its
+    // domain crashes with status 148; the first daemon's VMM runs on.
+    let mut bad = Daemon {
+        dir: std::env::temp_dir().join(format!("vm-confined-bad-{}", std::process::id())),
+        child: None,
+        netns: false,
+        env: vec![("VESSEL_SECCOMP_SELFTEST", "vcpu")],
+    };
+    let _ = std::fs::remove_dir_all(&bad.dir);
+    std::fs::create_dir_all(&bad.dir).unwrap();
+    bad.spawn();
+    let bc = bad.client();
+    bc.post("/v1/domains", Some(&def("victim"))).unwrap();
+    bc.post("/v1/domains/victim/start", None).unwrap();
+    wait_state(&bc, "victim", "crashed", Duration::from_secs(30));
+    let out = bad.ok(&["dominfo", "victim"]);
+    assert!(out.contains("exit status: 148"), "{out}");
+    assert!(pid_alive(pid), "the other daemon's VMM died too");
+    assert_eq!(state(&c, "tiny"), "running");
+    c.post("/v1/domains/tiny/destroy", None).unwrap();
 }
 
 #[test]

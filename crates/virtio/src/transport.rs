@@ -642,6 +642,7 @@ impl Doorbell {
             host_input,
             coalesce: None,
             host_queue: None,
+            role: sandbox::Role::Io,
         })
     }
 }
@@ -774,6 +775,8 @@ pub struct IoThread {
     /// The queue host input last went to: while a rate limiter holds it, host input
     /// waits too.
     host_queue: Option<usize>,
+    /// The seccomp role the thread confines itself to when it starts.
+    role: sandbox::Role,
 }
 
 /// How many coalescing delays without a notify make a quiet spell, after which the next
@@ -851,6 +854,12 @@ impl IoThread {
     /// round (with EVENT_IDX it does not even notify), and its buffers come back later,
     /// which lets a guest's TCP coalesce small writes into large segments (autocorking)
     /// instead of sending each as a frame of its own.
+    /// The thread confines itself to `role` rather than [`sandbox::Role::Io`] (vsock's,
+    /// which connects to host sockets).
+    pub fn confine_as(&mut self, role: sandbox::Role) {
+        self.role = role;
+    }
+
     pub fn coalesce(&mut self, queue: usize, delay: Duration) {
         self.coalesce = Some((queue, delay));
     }
@@ -865,7 +874,10 @@ impl IoThread {
         let exit_fd = exit.subscribe()?;
         std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&exit, &exit_fd, &gate))
+            .spawn(move || {
+                sandbox::enter(self.role);
+                self.run(&exit, &exit_fd, &gate)
+            })
     }
 
     /// Serve the device until `exit` is set (`exit_fd`, its subscription, turns readable).

@@ -415,6 +415,11 @@ impl DiskConfig {
         block::open_guest_disk(&self.path, self.block_format(), self.read_only)
     }
 
+    /// The files [`DiskConfig::open`] opens: the image, then its backing chain.
+    pub fn files(&self) -> Vec<PathBuf> {
+        block::guest_disk_files(&self.path, self.block_format())
+    }
+
     fn block_format(&self) -> Option<block::Format> {
         self.format.map(|f| match f {
             DiskFormat::Raw => block::Format::Raw,

@@ -89,6 +89,7 @@ pub fn spawn_stdin_pump(
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            sandbox::enter(sandbox::Role::Console);
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 256];
             let mut esc = EscapeState::default();

@@ -95,6 +95,8 @@ struct IoThreadSetup {
     host_input: Option<Box<dyn virtio::transport::HostInput>>,
     /// A queue served a while after its first notify (net's transmit queue).
     coalesce: Option<(usize, Duration)>,
+    /// What the thread's seccomp filter allows.
+    role: sandbox::Role,
 }
 
 /// A virtio device, its I/O thread if it has one (else it runs on the notifying vCPU),
@@ -153,6 +155,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: format!("blk{}", devs.len()),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         let dev = virtio::blk::Block::new(backend, &id, disk.read_only).with_rate_limiter(
             crate::config::RateLimiterConfig::limiter(disk.rate_limiter.as_ref()),
@@ -172,6 +175,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: format!("blk{}", devs.len()),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, "cidata", true)),
@@ -204,6 +208,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                 virtio::net::RX_QUEUE,
             ))),
             coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(dev),
@@ -218,6 +223,8 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: "vsock".into(),
             host_input: Some(Box::new(dev.host_input())),
             coalesce: None,
+            // The guest's connections go to host sockets by path.
+            role: sandbox::Role::Vsock,
         };
         devs.push((Box::new(dev), Some(io), machine, None));
     }
@@ -232,6 +239,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                     name: "rng".into(),
                     host_input: None,
                     coalesce: None,
+                    role: sandbox::Role::Io,
                 };
                 devs.push((Box::new(dev), Some(io), machine, None));
             }
@@ -244,6 +252,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             name: "hvc".into(),
             host_input: None,
             coalesce: None,
+            role: sandbox::Role::Io,
         };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
@@ -850,11 +859,16 @@ impl Vmm {
             let control = self.control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, &vcpu, &io, &control))
+                .spawn(move || {
+                    sandbox::enter(sandbox::Role::Vcpu);
+                    vcpu_loop(id, &vcpu, &io, &control)
+                })
                 .map_err(VmmError::Thread)?;
             threads.push(t);
         }
 
+        // Every thread is started: from here this one only waits, tears down and reports.
+        sandbox::enter(sandbox::Role::Main);
         let reason = wait_for_exit(&self.exit, term)?;
         // Each vCPU leaves `run()` (a kick is never lost), parked ones and paused I/O
         // threads wake up to see the end.
@@ -1024,11 +1038,13 @@ fn io_thread(
         name,
         host_input,
         coalesce,
+        role,
     }) = setup
     else {
         return Ok(None);
     };
     let mut thread = make(&name, host_input).map_err(VmmError::Thread)?;
+    thread.confine_as(role);
     if let Some((queue, delay)) = coalesce {
         thread.coalesce(queue, delay);
     }

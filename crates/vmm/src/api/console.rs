@@ -75,6 +75,7 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<ConsoleRelay
     std::thread::Builder::new()
         .name("console-out".into())
         .spawn(move || {
+            sandbox::enter(sandbox::Role::Console);
             let mut buf = [0u8; 4096];
             loop {
                 // Wait for bytes without holding the lock, then read and pass them on
@@ -112,6 +113,8 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<ConsoleRelay
     std::thread::Builder::new()
         .name("console-accept".into())
         .spawn(move || {
+            // Its per-client threads inherit this filter.
+            sandbox::enter(sandbox::Role::Console);
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let (Ok(reader), Ok(mut to_guest)) = (conn.try_clone(), outer.try_clone()) else {

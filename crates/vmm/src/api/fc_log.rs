@@ -371,10 +371,13 @@ impl MetricsSink {
 pub fn flush_periodically(period: std::time::Duration, flush: impl Fn() -> bool + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("vmm-metrics".into())
-        .spawn(move || loop {
-            std::thread::sleep(period);
-            if !flush() {
-                return;
+        .spawn(move || {
+            sandbox::enter(sandbox::Role::Api);
+            loop {
+                std::thread::sleep(period);
+                if !flush() {
+                    return;
+                }
             }
         });
     if let Err(e) = spawned {

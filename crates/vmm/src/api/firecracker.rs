@@ -22,7 +22,7 @@
 //! reboots, `vessel run` exits with its reboot status and the manager starts the domain
 //! again) and `GET /vessel/status` (state and how the VM ended).
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -123,6 +123,34 @@ pub struct VmmApi {
     result: Mutex<Option<Result<ExitReason, String>>>,
     metrics: Arc<ApiMetrics>,
     metrics_sink: Mutex<Option<Arc<MetricsSink>>>,
+    /// Where InstanceStart hands the build, when a thread other than the API's builds and
+    /// runs the VM ([`VmmApi::builds_elsewhere`]).
+    builder: Mutex<Option<mpsc::Sender<StartRequest>>>,
+}
+
+/// InstanceStart's validated configuration, for the thread that builds and runs the VM
+/// (so the API's threads never open files or create VMs, and stay in their own
+/// seccomp filter). Answer with [`StartRequest::started`] or [`StartRequest::failed`].
+#[derive(Debug)]
+pub struct StartRequest {
+    pub config: VmConfig,
+    reply: mpsc::Sender<Result<Started, String>>,
+}
+
+/// What the API keeps of a VM built elsewhere: its control and its snapshotter.
+type Started = (Arc<VmControl>, Arc<crate::snapshot::Snapshotter>);
+
+impl StartRequest {
+    /// The VM is built: the API now controls it through `control`, and snapshots it with
+    /// `snapshotter`.
+    pub fn started(self, control: Arc<VmControl>, snapshotter: Arc<crate::snapshot::Snapshotter>) {
+        let _ = self.reply.send(Ok((control, snapshotter)));
+    }
+
+    /// The VM could not be built; the API stays in its pre-boot phase.
+    pub fn failed(self, why: String) {
+        let _ = self.reply.send(Err(why));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,7 +208,17 @@ impl VmmApi {
             result: Mutex::new(None),
             metrics: Arc::default(),
             metrics_sink: Mutex::new(None),
+            builder: Mutex::new(None),
         })
+    }
+
+    /// From now on InstanceStart sends its configuration to the returned receiver and
+    /// waits for the answer, instead of building and running the VM on a thread of its
+    /// own. The receiver's owner runs the VM and calls [`VmmApi::finish`].
+    pub fn builds_elsewhere(&self) -> mpsc::Receiver<StartRequest> {
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.builder) = Some(tx);
+        rx
     }
 
     /// An API waiting for configuration and InstanceStart.
@@ -269,13 +307,34 @@ impl VmmApi {
     }
 
     fn instance_start(self: &Arc<Self>) -> Answer {
-        let st = self.preboot()?;
+        let mut st = self.preboot()?;
         let start_err = |e: String| fault(400, format!("Start microvm error: {e}"));
         let config = st
             .fc
             .to_vm_config(&self.serial, self.accel)
             .map_err(|e| start_err(e.to_string()))?;
         config.validate().map_err(|e| start_err(e.to_string()))?;
+        let builder = lock(&self.builder).clone();
+        if let Some(builder) = builder {
+            let (reply, answer) = mpsc::channel();
+            let gone = || "the VMM's main thread is gone".to_string();
+            builder
+                .send(StartRequest {
+                    config: config.clone(),
+                    reply,
+                })
+                .map_err(|_| start_err(gone()))?;
+            let (control, snapshotter) = answer
+                .recv()
+                .unwrap_or_else(|_| Err(gone()))
+                .map_err(start_err)?;
+            st.phase = Phase::Running {
+                config,
+                control,
+                snapshotter: Some(snapshotter),
+            };
+            return Ok(Response::empty(204));
+        }
         let vmm = Vmm::new(config.clone()).map_err(|e| start_err(e.to_string()))?;
         self.start(st, config, vmm)
             .map_err(|e| start_err(e.to_string()))
@@ -870,7 +929,10 @@ pub fn spawn(path: &std::path::Path, api: Arc<VmmApi>) -> std::io::Result<()> {
     let listener = super::http::bind(path)?;
     std::thread::Builder::new()
         .name("vmm-api".into())
-        .spawn(move || super::http::serve(listener, Arc::new(ApiHandler(api)), fault))?;
+        .spawn(move || {
+            sandbox::enter(sandbox::Role::Api);
+            super::http::serve(listener, Arc::new(ApiHandler(api)), fault)
+        })?;
     Ok(())
 }
 

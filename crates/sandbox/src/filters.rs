@@ -1,0 +1,510 @@
+//! The allowlists: which system calls each kind of VMM thread may make, built from what
+//! those threads were seen to call (`strace -f` of boots with every device, the API and
+//! console sockets, the KVM, emu and hybrid accelerators, and firmware boots; see
+//! docs/SECURITY.md).
+//!
+//! Every thread gets three filters (seccomp runs them all and the strictest answer wins):
+//! - `clone3` fails with ENOSYS, so glibc falls back to `clone`, whose flags a filter can
+//!   see (`clone3` passes them in memory);
+//! - in the roles that open no files (all but the main thread and the API), `openat`
+//!   fails with EACCES (glibc's malloc reads `/proc/sys/vm/overcommit_memory` once, from
+//!   whichever thread first shrinks an arena, and copes with the failure);
+//! - the role's allowlist; anything else is the mode's action.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule,
+};
+
+use crate::{Error, Mode};
+
+/// The kinds of threads in a VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The thread that built the VM and waits for its end (and, after that, removes its
+    /// sockets and writes its exit status).
+    Main,
+    /// A vCPU: runs guest code (KVM_RUN, or the emulator and its compiler) and the
+    /// device registers the guest touches.
+    Vcpu,
+    /// A device's I/O thread (virtio queues, disks, TAP) and emu's irqfd thread.
+    Io,
+    /// vsock's I/O thread: also connects to the host's Unix sockets (`UDS_PORT`).
+    Vsock,
+    /// The API socket's acceptor and its connections.
+    Api,
+    /// Serial console plumbing: standard input, the console socket and its log.
+    Console,
+}
+
+impl Role {
+    /// Whether threads of this role open files after they are confined: the main thread
+    /// (its exit status), and the API, which opens the files it is given to check them
+    /// (`/boot-source`, `/drives`) and to write to (`/logger`, `/metrics`).
+    fn opens_files(self) -> bool {
+        matches!(self, Role::Main | Role::Api)
+    }
+
+    pub const ALL: [Role; 6] = [
+        Role::Main,
+        Role::Vcpu,
+        Role::Io,
+        Role::Vsock,
+        Role::Api,
+        Role::Console,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Main => "main",
+            Role::Vcpu => "vcpu",
+            Role::Io => "io",
+            Role::Vsock => "vsock",
+            Role::Api => "api",
+            Role::Console => "console",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Every role's compiled filters.
+pub(crate) struct Programs {
+    clone3: BpfProgram,
+    no_open: BpfProgram,
+    allow: Vec<Option<BpfProgram>>,
+}
+
+impl Programs {
+    pub(crate) fn build(mode: Mode) -> Result<Programs, Error> {
+        let mismatch = match mode {
+            Mode::None => None,
+            Mode::Log => Some(SeccompAction::Log),
+            Mode::Trap => Some(SeccompAction::Trap),
+            Mode::Kill => Some(SeccompAction::KillProcess),
+        };
+        let compile = |role: &'static str, rules, mismatch, matched| {
+            let f = SeccompFilter::new(rules, mismatch, matched, arch())
+                .map_err(|source| Error::BuildFilter { role, source })?;
+            BpfProgram::try_from(f).map_err(|source| Error::BuildFilter { role, source })
+        };
+        let clone3 = compile(
+            "every",
+            [(libc::SYS_clone3, vec![])].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+        )?;
+        let no_open = compile(
+            "every",
+            [(libc::SYS_openat, vec![]), (libc::SYS_open, vec![])]
+                .into_iter()
+                .collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+        )?;
+        let mut allow = Vec::new();
+        for role in Role::ALL {
+            allow.push(match &mismatch {
+                None => None,
+                Some(action) => Some(compile(
+                    role.name(),
+                    rules(role)?,
+                    action.clone(),
+                    SeccompAction::Allow,
+                )?),
+            });
+        }
+        Ok(Programs {
+            clone3,
+            no_open,
+            allow,
+        })
+    }
+
+    /// The filters a thread of `role` installs, in order (none in [`Mode::None`]).
+    pub(crate) fn for_role(&self, role: Role) -> Vec<&BpfProgram> {
+        let Some(Some(allow)) = self.allow.get(role.index()) else {
+            return Vec::new();
+        };
+        let mut v = vec![&self.clone3];
+        if !role.opens_files() {
+            v.push(&self.no_open);
+        }
+        v.push(allow);
+        v
+    }
+}
+
+/// The jail's waiting parent (see `jail::enter`): wait for `child`, pass signals on to
+/// it, exit. It has no SIGSYS handler, so a forbidden call kills it (KILL_PROCESS) in
+/// both trap and kill modes; none in [`Mode::None`].
+pub(crate) fn waiter(mode: Mode, child: libc::pid_t) -> Result<Option<BpfProgram>, Error> {
+    let mismatch = match mode {
+        Mode::None => return Ok(None),
+        Mode::Log => SeccompAction::Log,
+        Mode::Trap | Mode::Kill => SeccompAction::KillProcess,
+    };
+    let mut r = Rules::new();
+    allow(
+        &mut r,
+        &[
+            libc::SYS_wait4,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_restart_syscall,
+            libc::SYS_exit_group,
+            libc::SYS_exit,
+        ],
+    );
+    allow_if(
+        &mut r,
+        libc::SYS_kill,
+        vec![rule(vec![cond(0, Len::Dword, Op::Eq, child as u64)?])?],
+    );
+    let f = SeccompFilter::new(r, mismatch, SeccompAction::Allow, arch()).map_err(|source| {
+        Error::BuildFilter {
+            role: "waiter",
+            source,
+        }
+    })?;
+    BpfProgram::try_from(f)
+        .map(Some)
+        .map_err(|source| Error::BuildFilter {
+            role: "waiter",
+            source,
+        })
+}
+
+fn arch() -> seccompiler::TargetArch {
+    seccompiler::TargetArch::x86_64
+}
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<SeccompCondition, Error> {
+    SeccompCondition::new(arg, len, op, value).map_err(|source| Error::BuildFilter {
+        role: "every",
+        source,
+    })
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, Error> {
+    SeccompRule::new(conds).map_err(|source| Error::BuildFilter {
+        role: "every",
+        source,
+    })
+}
+
+/// Allows `nrs` whatever their arguments.
+fn allow(r: &mut Rules, nrs: &[libc::c_long]) {
+    for &nr in nrs {
+        r.insert(nr, Vec::new());
+    }
+}
+
+/// Allows `nr` when any of `rules` matches (an empty list would allow it outright).
+fn allow_if(r: &mut Rules, nr: libc::c_long, rules: Vec<SeccompRule>) {
+    r.entry(nr).or_default().extend(rules);
+}
+
+/// `ioctl` requests by type (the second byte of the request number): KVM's (0xAE) and
+/// 'T' (terminals' TCGETS/TCSETS/FIONBIO, and TUN's TUNSETOFFLOAD...).
+fn ioctl_types(types: &[u64]) -> Result<Vec<SeccompRule>, Error> {
+    types
+        .iter()
+        .map(|&t| rule(vec![cond(1, Len::Dword, Op::MaskedEq(0xff00), t << 8)?]))
+        .collect()
+}
+
+const KVM_IOCTL: u64 = 0xae;
+const TTY_TUN_IOCTL: u64 = b'T' as u64;
+
+/// What every thread does: memory (never writable and executable at once), locks,
+/// time, signals, reading and writing the descriptors it was given, thread start and
+/// end, and confining the threads it starts.
+fn common(r: &mut Rules) -> Result<(), Error> {
+    allow(
+        r,
+        &[
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_preadv2,
+            libc::SYS_pwritev2,
+            libc::SYS_lseek,
+            libc::SYS_close,
+            libc::SYS_fstat,
+            libc::SYS_fcntl,
+            libc::SYS_eventfd2,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_futex,
+            libc::SYS_sched_yield,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_nanosleep,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_clock_gettime,
+            libc::SYS_clock_getres,
+            libc::SYS_gettimeofday,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_getuid,
+            libc::SYS_getgid,
+            libc::SYS_geteuid,
+            libc::SYS_getegid,
+            libc::SYS_getrandom,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_sigaltstack,
+            libc::SYS_restart_syscall,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_mremap,
+            libc::SYS_brk,
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+            // Confining threads started by a confined thread (filters only narrow).
+            libc::SYS_capget,
+            libc::SYS_seccomp,
+            // Made to fail with ENOSYS by the first filter.
+            libc::SYS_clone3,
+        ],
+    );
+    // W^X: never a mapping both writable and executable.
+    let prot = libc::PROT_WRITE as u64 | libc::PROT_EXEC as u64;
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        allow_if(
+            r,
+            nr,
+            vec![
+                rule(vec![cond(2, Len::Dword, Op::MaskedEq(prot), 0)?])?,
+                rule(vec![cond(
+                    2,
+                    Len::Dword,
+                    Op::MaskedEq(prot),
+                    libc::PROT_WRITE as u64,
+                )?])?,
+                rule(vec![cond(
+                    2,
+                    Len::Dword,
+                    Op::MaskedEq(prot),
+                    libc::PROT_EXEC as u64,
+                )?])?,
+            ],
+        );
+    }
+    // Threads, never processes.
+    let thread = libc::CLONE_THREAD as u64;
+    allow_if(
+        r,
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            Len::Qword,
+            Op::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    // Naming a new thread, NoNewPrivs before a filter.
+    let mut prctls = Vec::new();
+    for op in [
+        libc::PR_SET_NAME,
+        libc::PR_GET_NAME,
+        libc::PR_SET_NO_NEW_PRIVS,
+    ] {
+        prctls.push(rule(vec![cond(0, Len::Dword, Op::Eq, op as u64)?])?);
+    }
+    allow_if(r, libc::SYS_prctl, prctls);
+    // Kicking a vCPU thread: signals only to this process's own threads.
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u64;
+    allow_if(
+        r,
+        libc::SYS_tgkill,
+        vec![rule(vec![cond(0, Len::Dword, Op::Eq, pid)?])?],
+    );
+    Ok(())
+}
+
+/// Serving on sockets bound before: the API and console sockets, vsock's listener.
+fn serve_sockets(r: &mut Rules) {
+    allow(
+        r,
+        &[
+            libc::SYS_accept4,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_shutdown,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+        ],
+    );
+}
+
+/// Connecting to Unix sockets by path (vsock's guest-initiated connections) — the only
+/// thread that reaches the host's file system after setup, besides the main thread.
+fn connect_unix_sockets(r: &mut Rules) -> Result<(), Error> {
+    serve_sockets(r);
+    allow(r, &[libc::SYS_connect]);
+    allow_if(
+        r,
+        libc::SYS_socket,
+        vec![rule(vec![cond(
+            0,
+            Len::Dword,
+            Op::Eq,
+            libc::AF_UNIX as u64,
+        )?])?],
+    );
+    Ok(())
+}
+
+fn rules(role: Role) -> Result<Rules, Error> {
+    let mut r = Rules::new();
+    common(&mut r)?;
+    allow_if(
+        &mut r,
+        libc::SYS_ioctl,
+        ioctl_types(&[KVM_IOCTL, TTY_TUN_IOCTL])?,
+    );
+    // In the roles that open no files, answered with EACCES by the second filter (the
+    // allowlist must let them through for that answer to be the one that counts).
+    allow(&mut r, &[libc::SYS_openat]);
+    match role {
+        Role::Vcpu => {
+            allow(
+                &mut r,
+                &[
+                    // The compiler's W^X code arenas (a memfd mapped twice).
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                    // The hybrid accelerator's per-thread timer and its signal.
+                    libc::SYS_timer_create,
+                    libc::SYS_timer_settime,
+                    libc::SYS_timer_gettime,
+                    libc::SYS_timer_delete,
+                    libc::SYS_rt_sigaction,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                ],
+            );
+        }
+        Role::Io | Role::Vsock => {
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_fallocate,
+                    libc::SYS_ftruncate,
+                    libc::SYS_timerfd_create,
+                    libc::SYS_timerfd_settime,
+                    libc::SYS_timerfd_gettime,
+                ],
+            );
+            if role == Role::Vsock {
+                connect_unix_sockets(&mut r)?;
+            }
+        }
+        Role::Api => {
+            // Before InstanceStart the API checks that the files it is given exist
+            // (the VM is then built on the main thread).
+            // and opens a drive PATCHed in at run time (its path canonicalized).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_statx,
+                    libc::SYS_newfstatat,
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
+                    libc::SYS_getcwd,
+                ],
+            );
+            serve_sockets(&mut r);
+        }
+        Role::Console => serve_sockets(&mut r),
+        Role::Main => {
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_openat,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    libc::SYS_statx,
+                    libc::SYS_newfstatat,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_ftruncate,
+                    libc::SYS_rt_sigaction,
+                    libc::SYS_timer_delete,
+                ],
+            );
+            serve_sockets(&mut r);
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_role_compiles_in_every_mode() {
+        for mode in [Mode::Log, Mode::Trap, Mode::Kill] {
+            let p = Programs::build(mode).unwrap();
+            for role in Role::ALL {
+                assert!(!p.for_role(role).is_empty(), "{role:?}");
+                assert_eq!(Role::from_name(role.name()), Some(role));
+            }
+        }
+        let none = Programs::build(Mode::None).unwrap();
+        assert!(none.for_role(Role::Vcpu).is_empty());
+    }
+
+    #[test]
+    fn the_self_test_call_is_forbidden_everywhere() {
+        for role in Role::ALL {
+            let r = rules(role).unwrap();
+            assert!(!r.contains_key(&libc::SYS_getppid), "{role:?}");
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_setuid,
+                libc::SYS_capset,
+            ] {
+                assert!(!r.contains_key(&nr), "{role:?} allows {nr}");
+            }
+            // Only vsock's thread connects to sockets by path.
+            assert_eq!(
+                r.contains_key(&libc::SYS_connect),
+                role == Role::Vsock,
+                "{role:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The VMM's confinement (issue 22): each thread of `vessel run` confines itself when it
+//! starts, according to its [`Role`]: NoNewPrivs, no capabilities, and a seccomp filter
+//! that allows only the system calls that role makes (`filters`).
+//!
+//! The binary chooses a [`Mode`] once with [`configure`]; until then [`enter`] does
+//! nothing, so libraries, their tests and the manager daemon (which share the code that
+//! spawns these threads) run unconfined.
+//!
+//! A forbidden system call, by default ([`Mode::Trap`]), raises SIGSYS; the handler
+//! writes the call's number and the thread's role to stderr and ends the process with
+//! [`BAD_SYSCALL_STATUS`]. [`Mode::Kill`] lets the kernel kill the process (SIGSYS,
+//! SECCOMP_RET_KILL_PROCESS), [`Mode::Log`] only has the kernel log the call (the audit
+//! log, `dmesg`), and [`Mode::None`] installs no filter, for development.
+
+mod caps;
+mod filters;
+pub mod jail;
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+pub use filters::Role;
+
+/// The exit status of a VMM whose thread made a forbidden system call (in
+/// [`Mode::Trap`]); the same number as Firecracker's.
+pub const BAD_SYSCALL_STATUS: i32 = 148;
+
+/// The environment variable that makes a thread of the named role (`vcpu`, `io`,
+/// `vsock`, `api`, `console`, `main`) make a forbidden system call right after it is confined: the test
+/// hook for "a forbidden system call ends only that VMM, with its documented status".
+pub const SELF_TEST_ENV: &str = "VESSEL_SECCOMP_SELFTEST";
+
+/// What a forbidden system call does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No filter (development only). Capabilities are still dropped.
+    None,
+    /// The kernel logs the call (audit log) and lets it run: for finding what a filter
+    /// lacks.
+    Log,
+    /// SIGSYS: Vessel reports the call and its thread, and exits with
+    /// [`BAD_SYSCALL_STATUS`].
+    Trap,
+    /// The kernel kills the process at once (SECCOMP_RET_KILL_PROCESS).
+    Kill,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Mode::None),
+            "log" => Ok(Mode::Log),
+            "trap" => Ok(Mode::Trap),
+            "kill" => Ok(Mode::Kill),
+            _ => Err(format!("{s:?}: expected trap, kill, log or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::None => "none",
+            Mode::Log => "log",
+            Mode::Trap => "trap",
+            Mode::Kill => "kill",
+        })
+    }
+}
+
+/// Why the confinement could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("building the seccomp filter for {role} threads: {source}")]
+    BuildFilter {
+        role: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("installing a seccomp filter: {0}")]
+    InstallFilter(#[source] seccompiler::Error),
+    #[error("setting NoNewPrivs: {0}")]
+    NoNewPrivs(#[source] std::io::Error),
+    #[error("dropping capabilities: {0}")]
+    DropCaps(#[source] std::io::Error),
+    #[error("installing the SIGSYS handler: {0}")]
+    SigsysHandler(#[source] std::io::Error),
+    #[error("becoming the VMM's user and group: {0}")]
+    Ids(#[source] std::io::Error),
+    #[error("setting resource limits: {0}")]
+    Rlimit(#[source] std::io::Error),
+    #[error("the sandbox is already configured")]
+    AlreadyConfigured,
+}
+
+/// The unprivileged user and group a VMM's threads take once the VM is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The chosen mode and the filters, compiled once.
+struct Policy {
+    mode: Mode,
+    programs: filters::Programs,
+    self_test: Option<Role>,
+    ids: Option<Ids>,
+}
+
+static POLICY: OnceLock<Policy> = OnceLock::new();
+
+/// This process is the VMM inside a jail, whose waiter's death must kill it
+/// (PR_SET_PDEATHSIG, which a change of user clears: re-armed after each).
+pub(crate) static JAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    /// The role this thread entered, for the SIGSYS handler's report.
+    /// A thread started by a confined one inherits its filter without entering a role.
+    static ROLE: Cell<&'static str> = const { Cell::new("inherited-filter") };
+}
+
+/// Chooses the mode for this process; from now on [`enter`] confines the calling thread
+/// (and, with `ids`, makes it that user and group, with no supplementary groups).
+/// Compiles every role's filter (so a filter that cannot be built fails here, before any
+/// VM runs) and, in [`Mode::Trap`], installs the SIGSYS handler.
+pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
+    let programs = filters::Programs::build(mode)?;
+    let self_test = std::env::var(SELF_TEST_ENV)
+        .ok()
+        .and_then(|v| Role::from_name(&v));
+    if mode == Mode::Trap {
+        install_sigsys_handler()?;
+    }
+    no_core_dumps()?;
+    POLICY
+        .set(Policy {
+            mode,
+            programs,
+            self_test,
+            ids,
+        })
+        .map_err(|_| Error::AlreadyConfigured)
+}
+
+/// Confines the calling thread for `role`: NoNewPrivs, no capabilities (effective,
+/// permitted, inheritable, ambient and bounding sets), the configured user and group,
+/// then the role's seccomp filter.
+/// Does nothing before [`configure`]. A thread that cannot be confined must not go on
+/// running unconfined: the failure is reported and the process exits with status 1.
+pub fn enter(role: Role) {
+    let Some(policy) = POLICY.get() else {
+        return;
+    };
+    if let Err(e) = confine(policy, role) {
+        tracing::error!(role = role.name(), "cannot confine this thread: {e}");
+        eprintln!("vessel: cannot confine a {} thread: {e}", role.name());
+        std::process::exit(1);
+    }
+    ROLE.with(|r| r.set(role.name()));
+    tracing::debug!(role = role.name(), mode = %policy.mode, "thread confined");
+    if policy.self_test == Some(role) {
+        tracing::warn!(
+            role = role.name(),
+            "{SELF_TEST_ENV}: making a forbidden system call (getppid)"
+        );
+        // SAFETY: getppid takes no arguments and touches no memory; with the filter on,
+        // it never returns to here.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+}
+
+fn confine(policy: &Policy, role: Role) -> Result<(), Error> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    // The bounding set needs CAP_SETPCAP, which a change of user takes away.
+    caps::drop_bounding().map_err(Error::DropCaps)?;
+    if let Some(ids) = policy.ids {
+        if become_user(ids).map_err(Error::Ids)?
+            && JAILED.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // SAFETY: integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        }
+    }
+    caps::drop_all().map_err(Error::DropCaps)?;
+    for prog in policy.programs.for_role(role) {
+        seccompiler::apply_filter(prog).map_err(Error::InstallFilter)?;
+    }
+    Ok(())
+}
+
+/// Confines the jail's waiting parent (`jail::enter`): NoNewPrivs, no capabilities,
+/// `ids`, and a filter that allows waiting for `child`, signalling it, and exiting.
+pub(crate) fn confine_waiter(
+    child: libc::pid_t,
+    mode: Option<Mode>,
+    ids: Option<Ids>,
+) -> Result<(), Error> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    caps::drop_bounding().map_err(Error::DropCaps)?;
+    if let Some(ids) = ids {
+        become_user(ids).map_err(Error::Ids)?;
+    }
+    caps::drop_all().map_err(Error::DropCaps)?;
+    if let Some(prog) = filters::waiter(mode.unwrap_or(Mode::Trap), child)? {
+        seccompiler::apply_filter(&prog).map_err(Error::InstallFilter)?;
+    }
+    Ok(())
+}
+
+/// Makes the calling thread (only: credentials are per thread in Linux, and the raw
+/// system calls, unlike glibc's wrappers, do not broadcast) `ids`, with no supplementary
+/// groups. A thread started by one that did this already is that user, and makes no
+/// calls (its creator's seccomp filter does not allow them). True when it changed.
+fn become_user(ids: Ids) -> std::io::Result<bool> {
+    // SAFETY: getuid and getgid take no arguments.
+    if unsafe { (libc::getuid(), libc::getgid()) } == (ids.uid, ids.gid) {
+        return Ok(false);
+    }
+    let (uid, gid) = (ids.uid as libc::c_long, ids.gid as libc::c_long);
+    // SAFETY: setgroups with size 0 reads no memory; setresgid and setresuid take
+    // integers.
+    let rcs = unsafe {
+        [
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+            libc::syscall(libc::SYS_setresgid, gid, gid, gid),
+            libc::syscall(libc::SYS_setresuid, uid, uid, uid),
+        ]
+    };
+    if rcs.iter().any(|&rc| rc != 0) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// SIGSYS from a seccomp filter (SECCOMP_RET_TRAP): report and exit. Only
+/// async-signal-safe calls (write, _exit), no allocation.
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // siginfo_t for SIGSYS (asm-generic/siginfo.h): after si_signo, si_errno, si_code
+    // and padding, at offset 16: void *_call_addr; int _syscall; unsigned int _arch.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel hands the handler a valid siginfo_t, which is 128 bytes;
+        // offset 24 is the SIGSYS layout's `_syscall` field.
+        unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) }
+    };
+    let role = ROLE.with(|r| r.get());
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`; every filter allows it.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
+    let mut buf = [0u8; 200];
+    let mut w = StackWriter {
+        buf: &mut buf,
+        len: 0,
+    };
+    w.push(b"\r\nvessel: seccomp: a ");
+    w.push(role.as_bytes());
+    w.push(b" thread (");
+    w.push(name.get(..name_len).unwrap_or_default());
+    w.push(b") made a forbidden system call (number ");
+    w.push_int(i64::from(nr));
+    w.push(b"); the VMM stops (exit status ");
+    w.push_int(i64::from(BAD_SYSCALL_STATUS));
+    w.push(b")\n");
+    let len = w.len;
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` outlives the call.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::_exit(BAD_SYSCALL_STATUS);
+    }
+}
+
+/// Formats into a fixed buffer (no allocation in a signal handler).
+struct StackWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl StackWriter<'_> {
+    fn push(&mut self, s: &[u8]) {
+        for &b in s {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_int(&mut self, v: i64) {
+        if v < 0 {
+            self.push(b"-");
+        }
+        let mut digits = [0u8; 20];
+        let mut n = v.unsigned_abs();
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let (_, used) = digits.split_at(i);
+        self.push(used);
+    }
+}
+
+/// RLIMIT_CORE 0: a crashing VMM leaves no core file holding its guest's memory.
+fn no_core_dumps() -> Result<(), Error> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one rlimit, valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(Error::Rlimit(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn install_sigsys_handler() -> Result<(), Error> {
+    // SAFETY: a zeroed sigaction is a valid starting point; the handler has the
+    // SA_SIGINFO signature and only makes async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(Error::SigsysHandler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [Mode::None, Mode::Log, Mode::Trap, Mode::Kill] {
+            assert_eq!(m.to_string().parse::<Mode>(), Ok(m));
+        }
+        assert!("off".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn the_handler_formats_without_allocating() {
+        let mut buf = [0u8; 16];
+        let mut w = StackWriter {
+            buf: &mut buf,
+            len: 0,
+        };
+        w.push(b"n=");
+        w.push_int(-39);
+        w.push_int(0);
+        assert_eq!(&buf[..6], b"n=-390");
+        let mut small = [0u8; 3];
+        let mut w = StackWriter {
+            buf: &mut small,
+            len: 0,
+        };
+        w.push_int(123_456);
+        assert_eq!(&small, b"123");
+    }
+}
