@@ -427,9 +427,10 @@ fn rules(role: Role) -> Result<Rules, Error> {
             }
         }
         Role::Api => {
-            // Before InstanceStart the API checks that the files it is given exist
-            // (the VM is then built on the main thread).
-            // and opens a drive PATCHed in at run time (its path canonicalized).
+            // Before InstanceStart the API checks that the files it is given exist (the
+            // VM is then built on the main thread, also one restored by
+            // `PUT /snapshot/load`), and opens a drive PATCHed in at run time (its path
+            // canonicalized).
             allow(
                 &mut r,
                 &[
@@ -438,6 +439,20 @@ fn rules(role: Role) -> Result<Rules, Error> {
                     libc::SYS_readlink,
                     libc::SYS_readlinkat,
                     libc::SYS_getcwd,
+                    // `PUT /snapshot/create` writes the state and memory files under
+                    // temporary names, synced, then renamed (or removed on failure).
+                    libc::SYS_ftruncate,
+                    libc::SYS_fallocate,
+                    libc::SYS_lseek,
+                    libc::SYS_pwrite64,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_fchmod,
+                    libc::SYS_rename,
+                    libc::SYS_renameat,
+                    libc::SYS_renameat2,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
                 ],
             );
             serve_sockets(&mut r);

@@ -374,14 +374,26 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
             let Ok(start) = starts.recv() else {
                 break api.wait_finished();
             };
-            match Vmm::new(start.config.clone()) {
+            let built = match &start.restore {
+                None => Vmm::new(start.config.clone()).map_err(|e| e.to_string()),
+                Some((loaded, paused)) => Vmm::restore(loaded, args.serial.clone(), args.accel)
+                    .map_err(|e| e.to_string())
+                    .and_then(|vmm| {
+                        if *paused {
+                            // No vCPU thread has started: this only closes their gate.
+                            vmm.control().pause().map_err(|e| e.to_string())?;
+                        }
+                        Ok(vmm)
+                    }),
+            };
+            match built {
                 Ok(vmm) => {
                     start.started(vmm.control(), vmm.snapshotter());
                     let r = vmm.run().map_err(|e| e.to_string());
                     api.finish(r.clone());
                     break r;
                 }
-                Err(e) => start.failed(e.to_string()),
+                Err(e) => start.failed(e),
             }
         };
         let _ = std::fs::remove_file(&sock);

@@ -134,6 +134,9 @@ pub struct VmmApi {
 #[derive(Debug)]
 pub struct StartRequest {
     pub config: VmConfig,
+    /// A snapshot to restore (`PUT /snapshot/load`) instead of booting `config`, and
+    /// whether its vCPUs wait paused.
+    pub restore: Option<(Box<crate::snapshot::Loaded>, bool)>,
     reply: mpsc::Sender<Result<Started, String>>,
 }
 
@@ -321,6 +324,7 @@ impl VmmApi {
             builder
                 .send(StartRequest {
                     config: config.clone(),
+                    restore: None,
                     reply,
                 })
                 .map_err(|_| start_err(gone()))?;
@@ -397,6 +401,34 @@ impl VmmApi {
         }
         let loaded = crate::snapshot::load(&params.snapshot_path, &mem)
             .map_err(|e| fault(400, format!("Failed to load the snapshot: {e}")))?;
+        let builder = lock(&self.builder).clone();
+        if let Some(builder) = builder {
+            // Built on the main thread, as for InstanceStart (this thread's filter lets
+            // it build nothing).
+            let mut config = loaded.snapshot.config.clone();
+            config.serial = self.serial.clone();
+            let (reply, answer) = mpsc::channel();
+            let failed = |e: String| fault(400, format!("Failed to restore the microVM: {e}"));
+            let gone = || "the VMM's main thread is gone".to_string();
+            builder
+                .send(StartRequest {
+                    config: config.clone(),
+                    restore: Some((Box::new(loaded), !params.resume_vm)),
+                    reply,
+                })
+                .map_err(|_| failed(gone()))?;
+            let (control, snapshotter) = answer
+                .recv()
+                .unwrap_or_else(|_| Err(gone()))
+                .map_err(failed)?;
+            st.fc = FcConfig::from_vm_config(&config);
+            st.phase = Phase::Running {
+                config,
+                control,
+                snapshotter: Some(snapshotter),
+            };
+            return Ok(Response::empty(204));
+        }
         let vmm = Vmm::restore(&loaded, self.serial.clone(), self.accel)
             .map_err(|e| fault(400, format!("Failed to restore the microVM: {e}")))?;
         if !params.resume_vm {
