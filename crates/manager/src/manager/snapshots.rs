@@ -58,6 +58,15 @@ pub(super) fn check_matches(dir: &Path, runtime: &DomainDef, run: &driver::RunDi
     Ok(())
 }
 
+/// Moves `from` to `to`, copying when they are on different file systems.
+fn move_file(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map_err(|e| Error::io("moving the snapshot to", to, e))?;
+    std::fs::remove_file(from).map_err(|e| Error::io("removing", from, e))
+}
+
 impl Manager {
     /// Saves a running Vessel domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
@@ -81,6 +90,9 @@ impl Manager {
                     &serde_json::json!({"state": "Paused"}),
                 )?;
             }
+            // A jailed VMM sees only its own files and run folder: it writes the snapshot
+            // there, and the files move to the folder asked for.
+            let (run_state, run_mem) = (run.0.join("save.vmstate"), run.0.join("save.memory"));
             let saved = (|| {
                 std::fs::create_dir(&dir).map_err(|e| Error::io("creating", &dir, e))?;
                 super::restrict(&dir, 0o700)?;
@@ -93,13 +105,17 @@ impl Manager {
                     "/snapshot/create",
                     &serde_json::json!({
                         "snapshot_type": "Full",
-                        "snapshot_path": state_file,
-                        "mem_file_path": mem_file,
+                        "snapshot_path": run_state,
+                        "mem_file_path": run_mem,
                     }),
-                )
+                )?;
+                move_file(&run_state, &state_file)?;
+                move_file(&run_mem, &mem_file)
             })();
             if let Err(e) = saved {
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(&run_state);
+                let _ = std::fs::remove_file(&run_mem);
                 if was_running {
                     let _ = driver::vmm_api(
                         &run,
