@@ -12,8 +12,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{assets, vessel, wait_for_text, Guarded, TempDir};
-use serde_json::Value;
+use common::{api, assets, vessel, wait_for_text, Guarded, TempDir};
 
 const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
@@ -58,18 +57,6 @@ fn press_power_button(sock: &Path) {
         Some(r#"{"action_type": "SendCtrlAltDel"}"#),
     );
     assert_eq!(s, 204, "{v}");
-}
-
-fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let r = vmm::api::http::client_request(
-        sock,
-        method,
-        path,
-        body.map(|b| ("application/json", b.as_bytes())),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    (r.status, v)
 }
 
 fn state(sock: &Path) -> String {

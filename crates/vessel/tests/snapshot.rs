@@ -15,8 +15,7 @@ use std::process::{ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{assets, vessel, Guarded, TempDir};
-use serde_json::Value;
+use common::{api, assets, vessel, Guarded, TempDir};
 
 const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
@@ -90,18 +89,6 @@ impl Vm {
         self.stdin.write_all(b"\n").unwrap();
         self.stdin.flush().unwrap();
     }
-}
-
-fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let r = vmm::api::http::client_request(
-        sock,
-        method,
-        path,
-        body.map(|b| ("application/json", b.as_bytes())),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    (r.status, v)
 }
 
 fn wait_for_socket(sock: &Path) {

@@ -187,3 +187,17 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         .collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+/// One request to a VMM's API socket: the status and the JSON body (null when there is
+/// none).
+pub fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let r = vmm::api::http::client_request(
+        sock,
+        method,
+        path,
+        body.map(|b| ("application/json", b.as_bytes())),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+    (r.status, v)
+}
