@@ -1273,7 +1273,7 @@ impl Emitter {
     /// IOPL it leaves for the interpreter, which raises #GP; so does an STI while an
     /// interrupt waits for IF (the interpreter then stops after the next instruction).
     fn set_if(&mut self, idx: u32, set: bool) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx};
+        use iced_x86::code_asm::registers::gpr64::{r15, rcx};
         let ok = if set {
             offset_of!(Ctx, sti_ok)
         } else {
@@ -1281,32 +1281,29 @@ impl Emitter {
         };
         let miss = self.miss_label(idx);
         let a = &mut self.a;
-        a!(a.mov(rcx, qword_ptr(gpr64::r15 + ctx_off(ok))));
+        a!(a.mov(rcx, qword_ptr(r15 + ctx_off(ok))));
         a!(a.jrcxz(miss));
-        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(r9, !crate::state::flags::IF));
-        a!(a.pext(r8, r8, r9));
-        a!(a.pdep(r8, r8, r9));
-        if set {
-            a!(a.lea(r8, ptr(r8 + crate::state::flags::IF as i32)));
-        }
-        a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
-        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
-        Some(())
+        self.clobber(&[Register::RCX]);
+        self.set_state_flag(crate::state::flags::IF, set)
     }
 
     /// CLD/STD: DF in the state's RFLAGS (the host's DF stays clear; compiled string
     /// instructions and the interpreter read the state's). Flag-free.
     fn set_df(&mut self, set: bool) -> Option<()> {
+        self.set_state_flag(crate::state::flags::DF, set)
+    }
+
+    /// Sets or clears `flag` (one bit) in the state's RFLAGS, flag-free (PEXT/PDEP clear
+    /// it, an LEA sets it). Clobbers R8 and R9.
+    fn set_state_flag(&mut self, flag: u64, set: bool) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{r15, r8, r9};
-        let df = crate::state::flags::DF;
         let a = &mut self.a;
         a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(r9, !df));
+        a!(a.mov(r9, !flag));
         a!(a.pext(r8, r8, r9));
         a!(a.pdep(r8, r8, r9));
         if set {
-            a!(a.lea(r8, ptr(r8 + df as i32)));
+            a!(a.lea(r8, ptr(r8 + i32::try_from(flag).ok()?)));
         }
         a!(a.mov(qword_ptr(r15 + rflags_off()), r8));
         self.clobber(&[Register::R8, Register::R9]);
@@ -1659,9 +1656,6 @@ impl Emitter {
         a!(self.a.lea(rdx, ptr(rdx + pop)));
         self.store_guest(RSP, Register::RDX)?;
         self.store_rip_from_rax()?;
-        a!(self
-            .a
-            .mov(rax, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, rip)))));
         self.look_up_and_go()
     }
 
