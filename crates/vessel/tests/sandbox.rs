@@ -411,6 +411,21 @@ fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
         assert!(t0.elapsed() < BOOT, "no TAP");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Checked while the VMM surely runs (the guest powers off once it has pinged).
+    // `ip netns exec` execs the VMM: it kept the namespace that holds its TAP (a network
+    // namespace of its own would have cut the TAP's host side off), and has its own
+    // mounts.
+    use std::os::unix::fs::MetadataExt;
+    let pid = jailed_vmm(vmm.0.id());
+    let ino = |p: String| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(format!("/proc/{pid}/ns/net")),
+        ino(format!("/run/netns/{}", ns.0))
+    );
+    assert_ne!(
+        ino(format!("/proc/{pid}/ns/mnt")),
+        ino("/proc/self/ns/mnt".into())
+    );
     for args in [
         vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtapj0"],
         vec!["ip", "link", "set", "vtapj0", "up"],
@@ -439,18 +454,4 @@ fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // `ip netns exec` execs the VMM: it kept the namespace that holds its TAP (a network
-    // namespace of its own would have cut the TAP's host side off), and has its own
-    // mounts.
-    use std::os::unix::fs::MetadataExt;
-    let pid = jailed_vmm(vmm.0.id());
-    let ino = |p: String| std::fs::metadata(p).unwrap().ino();
-    assert_eq!(
-        ino(format!("/proc/{pid}/ns/net")),
-        ino(format!("/run/netns/{}", ns.0))
-    );
-    assert_ne!(
-        ino(format!("/proc/{pid}/ns/mnt")),
-        ino("/proc/self/ns/mnt".into())
-    );
 }
