@@ -7,8 +7,96 @@
 //! by the others without a lock around execution: at the latest at their next block
 //! boundary outside a chain of compiled blocks, which is what x86's cross-modifying-code
 //! rule asks of a guest anyway (the writer makes the others serialise, by an IPI).
+//!
+//! Compiled stores do not look at the marks: a TLB entry lets compiled code store to its
+//! page only while the page is not marked (its write tags are stripped otherwise, as
+//! QEMU's TLB_NOTDIRTY does), so such a store leaves compiled code and the interpreter
+//! notes it. Marking a page therefore strips the entries that still allow stores to it:
+//! the marking CPU's own at once, the other CPUs' at their next block boundary outside a
+//! chain, when each also counts a code write to the page in case it stored to it
+//! meanwhile (see [`WriteMap`]).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// Per CPU: how many of its TLB entries let compiled code store to each RAM page, so
+/// that a CPU marking a page finds the CPUs that must strip theirs; and the pages others
+/// marked for it to strip.
+#[derive(Debug)]
+pub(crate) struct WriteMap {
+    /// Written by the owning CPU only. 255 means "at least that many", and stays so
+    /// until its TLB is emptied.
+    counts: Box<[AtomicU8]>,
+    /// Pages other CPUs marked while this CPU's count for them was not zero.
+    requests: Mutex<Vec<usize>>,
+    pending: AtomicBool,
+}
+
+impl WriteMap {
+    pub(crate) fn new(pages: usize) -> Self {
+        WriteMap {
+            counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
+            requests: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether some entry may let compiled code store to `pfn`. Sequentially consistent
+    /// with `add`: see [`CodeTracker::mark`].
+    fn any(&self, pfn: usize) -> bool {
+        self.counts
+            .get(pfn)
+            .is_some_and(|c| c.load(Ordering::SeqCst) != 0)
+    }
+
+    /// An entry that lets compiled code store to `pfn` was made. The caller then checks
+    /// the page's mark (after this store: see [`CodeTracker::mark`]).
+    pub(crate) fn add(&self, pfn: usize) {
+        if let Some(c) = self.counts.get(pfn) {
+            let n = c.load(Ordering::Relaxed);
+            if n != u8::MAX {
+                c.store(n + 1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Such an entry was dropped or stripped.
+    pub(crate) fn remove(&self, pfn: usize) {
+        if let Some(c) = self.counts.get(pfn) {
+            let n = c.load(Ordering::Relaxed);
+            if n != u8::MAX && n != 0 {
+                c.store(n - 1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every entry was dropped.
+    pub(crate) fn clear(&self) {
+        for c in self.counts.iter() {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether other CPUs marked pages this CPU may store to.
+    #[inline(always)]
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The pages to strip, taken.
+    pub(crate) fn take_requests(&self) -> Vec<usize> {
+        self.pending.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *self.requests.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn request(&self, pfn: usize) {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pfn);
+        self.pending.store(true, Ordering::Release);
+    }
+}
 
 #[derive(Debug)]
 pub struct CodeTracker {
@@ -16,6 +104,8 @@ pub struct CodeTracker {
     pages: Box<[AtomicU8]>,
     /// Stores to marked pages so far, by any CPU.
     writes: AtomicU64,
+    /// The write maps of the CPUs that share this tracker.
+    cpus: RwLock<Vec<Arc<WriteMap>>>,
 }
 
 impl CodeTracker {
@@ -25,6 +115,7 @@ impl CodeTracker {
         CodeTracker {
             pages: (0..n).map(|_| AtomicU8::new(0)).collect(),
             writes: AtomicU64::new(0),
+            cpus: RwLock::new(Vec::new()),
         }
     }
 
@@ -33,10 +124,40 @@ impl CodeTracker {
         self.pages.len()
     }
 
-    pub(crate) fn mark(&self, pfn: usize) {
-        if let Some(b) = self.pages.get(pfn) {
-            b.store(1, Ordering::Relaxed);
+    /// A CPU with write map `own` shares this tracker from now on.
+    pub(crate) fn register(&self, own: &Arc<WriteMap>) {
+        let mut cpus = self.cpus.write().unwrap_or_else(PoisonError::into_inner);
+        if !cpus.iter().any(|c| Arc::ptr_eq(c, own)) {
+            cpus.push(own.clone());
         }
+    }
+
+    /// Marks `pfn` as holding checked code: true if the caller, whose write map is `own`,
+    /// must strip its own entries that let compiled code store to it; the other CPUs'
+    /// are asked to strip theirs.
+    pub(crate) fn mark(&self, pfn: usize, own: &WriteMap) -> bool {
+        let Some(b) = self.pages.get(pfn) else {
+            return false;
+        };
+        // Sequentially consistent with a CPU that makes a writable entry (`WriteMap::add`,
+        // then `is_marked`): either it sees this mark, or this sees its count.
+        if b.load(Ordering::Relaxed) != 0 || b.swap(1, Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
+        for c in cpus.iter() {
+            if !std::ptr::eq(Arc::as_ptr(c), own) && c.any(pfn) {
+                c.request(pfn);
+            }
+        }
+        own.any(pfn)
+    }
+
+    /// Whether `pfn` holds checked code; sequentially consistent with `mark`.
+    pub(crate) fn is_marked(&self, pfn: usize) -> bool {
+        self.pages
+            .get(pfn)
+            .is_some_and(|b| b.load(Ordering::SeqCst) != 0)
     }
 
     /// A store to `pfn`: true if the page held checked code (the caller's own epoch must
@@ -70,10 +191,5 @@ impl CodeTracker {
     #[inline(always)]
     pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
-    }
-
-    /// For compiled code: the page bytes (AtomicU8 has u8's layout).
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.pages.as_ptr().cast()
     }
 }

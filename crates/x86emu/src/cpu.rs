@@ -151,6 +151,7 @@ impl Cpu {
     /// time on one guest RAM. Ignored if `t` does not cover this CPU's RAM.
     pub fn set_code_tracker(&mut self, t: Arc<CodeTracker>) {
         if t.pages() >= self.code.pages() {
+            t.register(&self.tlb.writers);
             self.code = t;
             self.code_writes_seen = self.code.writes();
             self.code_epoch += 1;
@@ -188,11 +189,14 @@ pub(crate) const fn jit_ctx_disp() -> i64 {
 impl Core {
     fn new(ram: GuestRam) -> Self {
         let ram_pages = (ram.end() >> 12) as usize;
+        let writers = Arc::new(crate::code::WriteMap::new(ram_pages));
+        let code = Arc::new(CodeTracker::new((ram_pages as u64) << 12));
+        code.register(&writers);
         Core {
             s: CpuState::reset(),
             jit: Ctx::default(),
             ram,
-            tlb: Tlb::new(),
+            tlb: Tlb::new(writers),
             cpuid: CpuidTable::default(),
             halted: false,
             shadow: false,
@@ -213,7 +217,7 @@ impl Core {
             retired: 0,
             walk_raced: false,
             code_epoch: 0,
-            code: Arc::new(CodeTracker::new((ram_pages as u64) << 12)),
+            code,
             code_writes_seen: 0,
             kick: None,
             hostexec: Default::default(),
@@ -466,7 +470,22 @@ impl Core {
 
     /// Notes that `gpa_page` holds code checked in the current code epoch.
     fn mark_code_page(&mut self, gpa_page: u64) {
-        self.code.mark((gpa_page >> 12) as usize);
+        let pfn = (gpa_page >> 12) as usize;
+        if self.code.mark(pfn, &self.tlb.writers) {
+            self.tlb.strip_page(pfn);
+        }
+    }
+
+    /// Strips the entries other CPUs asked for (pages they marked as code), and counts a
+    /// code write to each page this CPU could store to until now, since compiled code may
+    /// have stored to it unnoticed after the mark.
+    #[cold]
+    fn strip_requested(&mut self) {
+        for pfn in self.tlb.writers.take_requests() {
+            if self.tlb.strip_page(pfn) {
+                self.note_write((pfn as u64) << 12);
+            }
+        }
     }
 
     /// A write to `gpa_page`: if it holds checked code, every block must be checked again
@@ -481,6 +500,9 @@ impl Core {
     /// Moves this CPU's code epoch if any CPU wrote checked code since it last looked.
     #[inline(always)]
     fn see_code_writes(&mut self) {
+        if self.tlb.writers.pending() {
+            self.strip_requested();
+        }
         let w = self.code.writes();
         if w != self.code_writes_seen {
             self.code_writes_seen = w;
@@ -516,7 +538,6 @@ impl Core {
         };
         self.jit = Ctx {
             tlb,
-            code_pages: self.code.as_ptr() as u64,
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
             read_tags: tlb + crate::mmu::tlb_tag_offset(false, user),
             write_tags: tlb + crate::mmu::tlb_tag_offset(true, user),

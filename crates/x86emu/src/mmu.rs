@@ -1,10 +1,12 @@
 //! Linear-to-physical translation: 4-level paging, the soft TLB, and the guest memory
 //! accessors every instruction uses.
 
+use crate::code::WriteMap;
 use crate::cpu::Core;
 use crate::exceptions::{pf, vector, Fault, Result};
 use crate::platform::Platform;
 use crate::state::cr;
+use std::sync::Arc;
 
 /// Kind of a memory access, for permission checks and #PF error codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,15 @@ const EMPTY: TlbEntry = TlbEntry {
 };
 
 impl TlbEntry {
+    /// Whether compiled code may store through this entry at some privilege.
+    fn writable(&self) -> bool {
+        self.tags[2] != u64::MAX || self.tags[3] != u64::MAX
+    }
+
+    fn pfn(&self) -> usize {
+        (self.gpa_page >> 12) as usize
+    }
+
     /// The host pointer to the page, or null for MMIO.
     fn host(&self) -> *mut u8 {
         if self.perm & P_MMIO != 0 {
@@ -110,6 +121,8 @@ pub(crate) struct Tlb {
     /// The largest page shift any entry was filled from since the last full flush: an
     /// INVLPG looks beyond the address's own slot only for mappings that large.
     max_shift: u8,
+    /// The pages compiled code may store to through these entries (see `code`).
+    pub(crate) writers: Arc<WriteMap>,
 }
 
 /// Slot numbers, with their capacity reserved up front; once full, the flush that would
@@ -139,13 +152,81 @@ impl Listed {
 unsafe impl Send for Tlb {}
 
 impl Tlb {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(writers: Arc<WriteMap>) -> Self {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
             filled: Listed::new(),
             global: Listed::new(),
             flushes: 0,
             max_shift: 12,
+            writers,
+        }
+    }
+
+    /// Empties `e`, keeping the write map's count.
+    fn drop_entry(writers: &WriteMap, e: &mut TlbEntry) {
+        if e.writable() {
+            writers.remove(e.pfn());
+        }
+        *e = EMPTY;
+    }
+
+    /// Takes from slot `i` the right of compiled code to store through it: true if it had it.
+    pub(crate) fn strip_slot(&mut self, i: usize) -> bool {
+        match self.entries.get_mut(i) {
+            Some(e) if e.writable() => {
+                self.writers.remove(e.pfn());
+                e.tags[2] = u64::MAX;
+                e.tags[3] = u64::MAX;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes from every entry of guest-physical page `pfn` the right of compiled code to
+    /// store through it: true if one had it.
+    pub(crate) fn strip_page(&mut self, pfn: usize) -> bool {
+        let (entries, writers) = (&mut self.entries, &self.writers);
+        let mut strip = |i: usize| match entries.get_mut(i) {
+            Some(e) if e.writable() && e.pfn() == pfn => {
+                writers.remove(pfn);
+                e.tags[2] = u64::MAX;
+                e.tags[3] = u64::MAX;
+                true
+            }
+            _ => false,
+        };
+        let mut any = false;
+        match (self.filled.slots(), self.global.slots()) {
+            (Some(filled), Some(global)) => {
+                for &i in filled.iter().chain(global) {
+                    any |= strip(usize::from(i));
+                }
+            }
+            _ => {
+                for i in 0..TLB_SIZE {
+                    any |= strip(i);
+                }
+            }
+        }
+        any
+    }
+
+    /// Gives slot `i` back the right of compiled code to store through it, as its
+    /// permissions allow (the caller checked that its page holds no code).
+    fn arm_slot(&mut self, i: usize) {
+        let Some(e) = self.entries.get_mut(i) else {
+            return;
+        };
+        if e.vpn == u64::MAX || e.writable() || e.perm & P_MMIO != 0 {
+            return;
+        }
+        let tag = |bit: u8| if e.perm & bit != 0 { e.vpn } else { u64::MAX };
+        e.tags[2] = tag(P_WRITE_SUP);
+        e.tags[3] = tag(P_WRITE_USER);
+        if e.writable() {
+            self.writers.add(e.pfn());
         }
     }
 
@@ -161,11 +242,14 @@ impl Tlb {
             (Some(filled), Some(global)) => {
                 for &i in filled.iter().chain(global) {
                     if let Some(e) = self.entries.get_mut(usize::from(i)) {
-                        *e = EMPTY;
+                        Self::drop_entry(&self.writers, e);
                     }
                 }
             }
-            _ => self.entries.fill(EMPTY),
+            _ => {
+                self.entries.fill(EMPTY);
+                self.writers.clear();
+            }
         }
         self.filled.0.clear();
         self.global.0.clear();
@@ -174,9 +258,10 @@ impl Tlb {
     /// CR3 reload: global pages survive.
     pub(crate) fn flush_non_global(&mut self) {
         self.flushes += 1;
+        let writers = &self.writers;
         let drop = |e: &mut TlbEntry| {
             if e.perm & P_GLOBAL == 0 {
-                *e = EMPTY;
+                Self::drop_entry(writers, e);
             }
         };
         match self.filled.slots() {
@@ -201,6 +286,12 @@ impl Tlb {
             return;
         };
         let old = std::mem::replace(e, new);
+        if old.writable() {
+            self.writers.remove(old.pfn());
+        }
+        if new.writable() {
+            self.writers.add(new.pfn());
+        }
         let was = (old.vpn != u64::MAX).then_some(old.perm & P_GLOBAL != 0);
         let global = new.perm & P_GLOBAL != 0;
         if was != Some(global) {
@@ -226,7 +317,7 @@ impl Tlb {
             if e.vpn != u64::MAX {
                 let shift = u32::from(e.page_shift);
                 if (e.vpn << 12) >> shift == lin >> shift {
-                    *e = EMPTY;
+                    Self::drop_entry(&self.writers, e);
                 }
             }
         }
@@ -266,12 +357,22 @@ impl Core {
         user: bool,
     ) -> Result<Translation> {
         let vpn = lin >> 12;
-        let e = &self.tlb.entries[(vpn as usize) & (TLB_SIZE - 1)];
+        let slot = (vpn as usize) & (TLB_SIZE - 1);
+        let e = &self.tlb.entries[slot];
         let t = if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
-            Translation {
+            let stripped = access == Access::Write
+                && e.perm & P_MMIO == 0
+                && e.tags[2 + usize::from(user)] != vpn;
+            let t = Translation {
                 host: e.host(),
                 gpa_page: e.gpa_page,
+            };
+            if stripped {
+                self.note_write(t.gpa_page);
+                self.arm_for_stores(slot);
+                return Ok(t);
             }
+            t
         } else {
             self.translate_slow(lin, access, user)?
         };
@@ -279,6 +380,25 @@ impl Core {
             self.note_write(t.gpa_page);
         }
         Ok(t)
+    }
+
+    /// A store the interpreter made through slot `i`, whose entry compiled code may not
+    /// store through: it may again, unless its page holds code (still, or again). Called
+    /// after the store was noted, which cleared the page's mark.
+    #[cold]
+    pub(crate) fn arm_for_stores(&mut self, i: usize) {
+        let Some(pfn) = self.tlb.entries.get(i).map(TlbEntry::pfn) else {
+            return;
+        };
+        if self.code.is_marked(pfn) {
+            return;
+        }
+        self.tlb.arm_slot(i);
+        // After the count it made: a CPU marking the page meanwhile either saw it (and
+        // asked this one to strip) or is seen here.
+        if self.code.is_marked(pfn) {
+            self.tlb.strip_slot(i);
+        }
     }
 
     #[cold]
@@ -327,7 +447,12 @@ impl Core {
             perm,
             page_shift,
         };
+        let writable = entry.writable();
         self.tlb.put(slot, entry);
+        // After the count `put` made: see `arm_for_stores`.
+        if writable && self.code.is_marked(entry.pfn()) {
+            self.tlb.strip_slot(slot);
+        }
         Ok(Translation { host, gpa_page })
     }
 
@@ -602,7 +727,11 @@ impl Core {
         }
         let (host, gpa_page) = (e.host(), e.gpa_page);
         if access == Access::Write {
+            let stripped = e.tags[2 + usize::from(user)] != vpn;
             self.note_write(gpa_page);
+            if stripped {
+                self.arm_for_stores((vpn as usize) & (TLB_SIZE - 1));
+            }
         }
         // SAFETY: `host` is a valid 4 KiB RAM page (TLB contract) and off < 4096.
         Some(unsafe { host.add(off) })
@@ -784,7 +913,7 @@ mod tests {
     /// kind: the lists a CR3 reload or a full flush walk must not lose it.
     #[test]
     fn flushes_find_slots_refilled_with_the_other_kind() {
-        let mut t = Tlb::new();
+        let mut t = Tlb::new(Arc::new(WriteMap::new(16)));
         t.put(5, entry(5, true));
         t.put(7, entry(7, false));
         t.flush_non_global();
@@ -804,10 +933,58 @@ mod tests {
         assert!(t.filled.0.is_empty() && t.global.0.is_empty());
     }
 
+    fn writable(vpn: u64, pfn: u64) -> TlbEntry {
+        TlbEntry {
+            vpn,
+            gpa_page: pfn << 12,
+            tags: [vpn; 4],
+            perm: P_READ_SUP | P_WRITE_SUP,
+            ..EMPTY
+        }
+    }
+
+    /// A page marked as code loses the entries that let compiled code store to it: the
+    /// marking CPU's at once, another CPU's when it takes the request; a page no entry
+    /// can store to asks no one.
+    #[test]
+    fn marking_a_page_strips_the_entries_compiled_stores_go_through() {
+        use crate::code::CodeTracker;
+        let code = CodeTracker::new(64 << 12);
+        let (wa, wb) = (Arc::new(WriteMap::new(64)), Arc::new(WriteMap::new(64)));
+        code.register(&wa);
+        code.register(&wb);
+        let (mut a, mut b) = (Tlb::new(wa.clone()), Tlb::new(wb.clone()));
+        a.put(1, writable(1, 5));
+        b.put(2, writable(2, 5));
+        b.put(3, writable(3, 6));
+        b.put(4, writable(4, 7));
+        assert!(code.mark(5, &wa), "the marking CPU has an entry for page 5");
+        assert!(a.strip_page(5) && !a.entries[1].writable());
+        assert!(wb.pending());
+        assert_eq!(wb.take_requests(), vec![5]);
+        assert!(!wb.pending());
+        assert!(b.strip_page(5));
+        assert!(!b.entries[2].writable() && b.entries[3].writable());
+        // Marked already: nothing to do; once stripped, nothing to ask.
+        assert!(!code.mark(5, &wa));
+        assert!(code.note_write(5));
+        assert!(!code.mark(5, &wa) && !wb.pending());
+        // Dropped entries are forgotten: by INVLPG, a CR3 reload, a full flush.
+        b.flush_page(3 << 12);
+        assert!(!code.mark(6, &wa) && !wb.pending());
+        b.flush_all();
+        assert!(!code.mark(7, &wa) && !wb.pending());
+        // A refill over a writable entry forgets the old page.
+        a.put(9, writable(9, 10));
+        a.put(9, writable(9 + TLB_SIZE as u64, 11));
+        assert!(!code.mark(10, &wa));
+        assert!(code.mark(11, &wa));
+    }
+
     /// More fills than the lists hold: the flushes scan every slot instead.
     #[test]
     fn overflowing_lists_fall_back_to_a_full_scan() {
-        let mut t = Tlb::new();
+        let mut t = Tlb::new(Arc::new(WriteMap::new(16)));
         for round in 0..3u64 {
             for i in 0..TLB_SIZE {
                 let global = (i as u64 + round).is_multiple_of(2);

@@ -667,6 +667,54 @@ fn compiled_calls_across_pages_follow_the_page_tables() {
     assert_eq!((c1, c2), (i1, i2));
 }
 
+/// Code patched through a second, writable mapping of its page, whose TLB entry was made
+/// before the page held code (a JIT's dual mapping): compiled stores through it must
+/// still be noticed once the page runs as code.
+#[test]
+fn a_store_through_an_alias_made_before_the_page_held_code_is_noticed() {
+    const EXEC: u64 = 0x4000_0000;
+    const WRITE: u64 = 0x4020_0000;
+    const FRAME: u64 = 0x40_0000;
+    let func = asm(64, EXEC, |a| {
+        a.mov(eax, 1).unwrap(); // b8 01 00 00 00
+        a.ret().unwrap();
+    });
+    let caller = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        // The alias's entry, writable, before the page runs as code.
+        a.mov(qword_ptr(WRITE + 0x800), 0).unwrap();
+        a.mov(rcx, 600u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(EXEC).unwrap();
+        a.add(rdx, rax).unwrap();
+        a.cmp(rcx, 300).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(dword_ptr(WRITE + 1), 7).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest_with(&caller, &[0; 10], 0);
+        g.load(FRAME, &func);
+        g.cpu.set_jit_threshold(jit);
+        let ram = g.cpu.ram();
+        assert!(g.pt.map(ram, EXEC, FRAME, 2, x86emu::testing::PTE_W));
+        let ram = g.cpu.ram();
+        assert!(g.pt.map(ram, WRITE, FRAME, 2, x86emu::testing::PTE_W));
+        g.cpu.flush_tlb();
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.compiled_blocks())
+    };
+    let (interpreted, _) = run(None);
+    assert_eq!(interpreted[2], 301 + 299 * 7);
+    let (compiled, blocks) = run(Some(0));
+    assert!(blocks >= 3, "{blocks} blocks compiled");
+    assert_eq!(compiled, interpreted);
+}
+
 /// With nearly every register cached, the scratch register an uncached index is loaded
 /// into must not be the one holding the cached base. (Had it been, the address would be
 /// index * 9 instead of DATA + index * 8: the index is chosen so that the wrong address

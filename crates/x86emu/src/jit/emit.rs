@@ -779,7 +779,7 @@ impl Emitter {
         self.clobber(&[Register::RCX, lin, host, ent, tmp, ctx]);
         let [ent, tmp, ctx] = [r64(ent)?, r64(tmp)?, r64(ctx)?];
         let lin = r64(lin)?;
-        let (entry_size, _, addend_off, gpa_off, _, _) = tlb_layout();
+        let (entry_size, _, addend_off, _, _, _) = tlb_layout();
         if entry_size != 64 {
             return None;
         }
@@ -822,21 +822,6 @@ impl Emitter {
         a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
         a!(a.mov(rcx, qword_ptr(ctx + ent * 8 + addend_off)));
         a!(a.lea(r64(host)?, ptr(rcx + lin)));
-        if m.write {
-            // A store to a page holding code: the interpreter does it and moves the epoch.
-            a!(a.mov(tmp, qword_ptr(ctx + ent * 8 + gpa_off)));
-            a!(a.pext(
-                tmp,
-                tmp,
-                qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, page_mask)))
-            ));
-            a!(a.mov(
-                rcx,
-                qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, code_pages)))
-            ));
-            a!(a.movzx(gpr32::ecx, byte_ptr(rcx + tmp)));
-            self.continue_if_rcx_zero(miss)?;
-        }
         Some(())
     }
 

@@ -38,8 +38,6 @@ use arena::Arena;
 pub(crate) struct Ctx {
     /// The soft TLB's first entry.
     pub(crate) tlb: u64,
-    /// A byte per guest-physical RAM page: non-zero if it holds checked code.
-    pub(crate) code_pages: u64,
     /// The TLB permission bit a fetch needs at the current privilege.
     pub(crate) fetch_perm: u64,
     /// The first entry's tag for a read and for a write at the current privilege (see
