@@ -49,6 +49,18 @@ impl WriteMap {
             .is_some_and(|c| c.load(Ordering::SeqCst) != 0)
     }
 
+    /// How many of the owner's entries may let compiled code store to `pfn` (`u8::MAX`:
+    /// at least that many). For the owner.
+    pub(crate) fn count(&self, pfn: usize) -> u8 {
+        self.counts
+            .get(pfn)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn pages(&self) -> usize {
+        self.counts.len()
+    }
+
     /// An entry that lets compiled code store to `pfn` was made. The caller then checks
     /// the page's mark (after this store: see [`CodeTracker::mark`]).
     pub(crate) fn add(&self, pfn: usize) {

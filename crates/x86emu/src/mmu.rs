@@ -123,6 +123,10 @@ pub(crate) struct Tlb {
     max_shift: u8,
     /// The pages compiled code may store to through these entries (see `code`).
     pub(crate) writers: Arc<WriteMap>,
+    /// Per page: the slot last filled with an entry that lets compiled code store to it,
+    /// where `strip_page` looks first (a page usually has one such entry: the guest
+    /// kernel's direct map).
+    last_writable: Box<[u16]>,
 }
 
 /// Slot numbers, with their capacity reserved up front; once full, the flush that would
@@ -159,6 +163,7 @@ impl Tlb {
             global: Listed::new(),
             flushes: 0,
             max_shift: 12,
+            last_writable: vec![0; writers.pages()].into_boxed_slice(),
             writers,
         }
     }
@@ -187,7 +192,27 @@ impl Tlb {
     /// Takes from every entry of guest-physical page `pfn` the right of compiled code to
     /// store through it: true if one had it.
     pub(crate) fn strip_page(&mut self, pfn: usize) -> bool {
+        let mut left = self.writers.count(pfn);
+        if left == 0 {
+            return false;
+        }
+        if let Some(&i) = self.last_writable.get(pfn) {
+            let i = usize::from(i);
+            if self
+                .entries
+                .get(i)
+                .is_some_and(|e| e.writable() && e.pfn() == pfn)
+            {
+                self.strip_slot(i);
+                if left == 1 {
+                    return true;
+                }
+                left = left.saturating_sub(1);
+            }
+        }
         let (entries, writers) = (&mut self.entries, &self.writers);
+        // Counts of u8::MAX are "at least": scan everything then.
+        let exact = left != u8::MAX;
         let mut strip = |i: usize| match entries.get_mut(i) {
             Some(e) if e.writable() && e.pfn() == pfn => {
                 writers.remove(pfn);
@@ -198,15 +223,26 @@ impl Tlb {
             _ => false,
         };
         let mut any = false;
+        let mut visit = |i: usize| {
+            if strip(i) {
+                any = true;
+                left = left.saturating_sub(1);
+            }
+            exact && left == 0
+        };
         match (self.filled.slots(), self.global.slots()) {
             (Some(filled), Some(global)) => {
                 for &i in filled.iter().chain(global) {
-                    any |= strip(usize::from(i));
+                    if visit(usize::from(i)) {
+                        break;
+                    }
                 }
             }
             _ => {
                 for i in 0..TLB_SIZE {
-                    any |= strip(i);
+                    if visit(i) {
+                        break;
+                    }
                 }
             }
         }
@@ -227,6 +263,9 @@ impl Tlb {
         e.tags[3] = tag(P_WRITE_USER);
         if e.writable() {
             self.writers.add(e.pfn());
+            if let Some(h) = self.last_writable.get_mut(e.pfn()) {
+                *h = i as u16;
+            }
         }
     }
 
@@ -291,6 +330,9 @@ impl Tlb {
         }
         if new.writable() {
             self.writers.add(new.pfn());
+            if let Some(h) = self.last_writable.get_mut(new.pfn()) {
+                *h = i as u16;
+            }
         }
         let was = (old.vpn != u64::MAX).then_some(old.perm & P_GLOBAL != 0);
         let global = new.perm & P_GLOBAL != 0;
@@ -979,6 +1021,12 @@ mod tests {
         a.put(9, writable(9 + TLB_SIZE as u64, 11));
         assert!(!code.mark(10, &wa));
         assert!(code.mark(11, &wa));
+        // Two aliases of one page: both stripped, the one the hint names and the other.
+        a.put(12, writable(12, 20));
+        a.put(13, writable(13, 20));
+        assert!(code.mark(20, &wa) && a.strip_page(20));
+        assert!(!a.entries[12].writable() && !a.entries[13].writable());
+        assert_eq!(wa.count(20), 0);
     }
 
     /// More fills than the lists hold: the flushes scan every slot instead.
