@@ -1297,6 +1297,88 @@ fn compiled_push_and_pop_runs_match_the_interpreter() {
     assert_eq!(cstack, istack, "stack contents");
 }
 
+/// Random runs of stack instructions mixed with RSP-based operands and with code that
+/// uses RDX (the host register compiled stack instructions work on) and RSP as an
+/// ordinary register: compiled and interpreted runs leave the same registers and stack.
+#[test]
+fn compiled_stack_code_mixed_with_rsp_and_rdx_arithmetic_matches_the_interpreter() {
+    const REGS: [AsmRegister64; 6] = [rax, rbx, rdx, rsi, r8, r12];
+    let one = |a: &mut CodeAssembler, r: &mut Rng| {
+        let x = REGS[r.below(6) as usize];
+        let d = (r.below(8) * 8) as i32;
+        match r.below(16) {
+            0 | 1 => a.push(x).unwrap(),
+            2 => a.push(r.below(1000) as i32).unwrap(),
+            3 | 4 => a.pop(x).unwrap(),
+            5 => a.mov(x, qword_ptr(rsp + d)).unwrap(),
+            6 => a.mov(qword_ptr(rsp + d), x).unwrap(),
+            7 => a.add(x, qword_ptr(rsp + d)).unwrap(),
+            8 => a.sub(rsp, 16).unwrap(),
+            9 => a.add(rsp, 8).unwrap(),
+            10 => a.lea(rsp, qword_ptr(rsp - 8)).unwrap(),
+            11 => a.lea(rdx, qword_ptr(rsp + 8 * r.below(4) as i32)).unwrap(),
+            12 => a.lea(rdx, qword_ptr(rdx + r.below(64) as i32)).unwrap(),
+            13 => a.xchg(rdx, x).unwrap(),
+            14 => a.push(qword_ptr(rsp + d)).unwrap(),
+            // Reads RDX only (here a stack address) and writes another register.
+            _ => a.add(if x == rdx { rax } else { x }, rdx).unwrap(),
+        }
+    };
+    // Each case runs its code three times in a loop: the first pass fills the TLB, the
+    // others run compiled.
+    let looped = |f: &mut dyn FnMut(&mut CodeAssembler)| {
+        asm(64, CODE, |a| {
+            let mut top = a.create_label();
+            a.mov(r13, 3u64).unwrap();
+            a.set_label(&mut top).unwrap();
+            f(a);
+            a.dec(r13).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        })
+    };
+    let mut cases: Vec<Vec<u8>> = vec![looped(&mut |a| {
+        // RDX: an address in RSP's page, read between two PUSHes.
+        a.lea(rdx, qword_ptr(rsp + 0x40)).unwrap();
+        a.push(rax).unwrap();
+        a.add(rbx, rdx).unwrap();
+        a.push(rbx).unwrap();
+        a.mov(rsi, qword_ptr(rsp + 8)).unwrap();
+    })];
+    for seed in 1..=300u64 {
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let n = 8 + r.below(24);
+        let ops: Vec<u64> = (0..2 * n).map(|_| r.next()).collect();
+        cases.push(looped(&mut |a| {
+            let mut r = Rng(ops[0] | 1);
+            for _ in 0..n {
+                one(a, &mut r);
+            }
+        }));
+    }
+    let mut r = Rng(7);
+    for (seed, code) in cases.iter().enumerate() {
+        // Near a page end now and then, so that runs split.
+        let rsp0 = 0x70000 + 8 * r.below(24) - 0x60;
+        let regs: [u64; 10] = std::array::from_fn(|_| r.next());
+        let run = |jit| {
+            let mut g = guest_with(code, &regs, 0);
+            let mut st = g.cpu.state().clone();
+            st.gpr[4] = rsp0;
+            g.cpu.set_state(st);
+            g.cpu.set_jit_threshold(jit);
+            assert_eq!(g.cpu.run(&mut NoDevices, 10_000), RunExit::Halted);
+            let mut stack = [0u8; 0x1000];
+            assert!(g.cpu.ram().read(0x6f800, &mut stack));
+            ((g.cpu.state().gpr, stack.to_vec()), g.cpu.compiled_blocks())
+        };
+        let (interpreted, _) = run(None);
+        let (compiled, blocks) = run(Some(0));
+        assert!(blocks >= 1, "case {seed}: nothing compiled");
+        assert!(compiled == interpreted, "case {seed}: {code:02x?}");
+    }
+}
+
 /// Enters 64-bit user code (the test GDT's selectors 0x23 and 0x1b) at `user_rip` with
 /// `user_rsp` and `rflags`.
 fn iret_to_user(a: &mut CodeAssembler, user_rip: u64, user_rsp: u64, rflags: i32) {
