@@ -44,20 +44,24 @@ struct TlbEntry {
     /// gets a host pointer with one add; see `host` (0 for MMIO).
     addend: u64,
     gpa_page: u64,
-    /// For compiled code: `vpn` where a read (0: supervisor, 1: user) or a write (2, 3)
-    /// is allowed and the page is RAM, else `u64::MAX`, so one compare checks the page,
-    /// the permission and that there is a host pointer.
+    /// For compiled code: `!vpn` where a read (0: supervisor, 1: user) or a write (2, 3)
+    /// is allowed and the page is RAM, else [`NO_TAG`], so one compare checks the page,
+    /// the permission and that there is a host pointer. Complemented, because compiled
+    /// code compares with one LEA: `!tag + page + 1` is 0 only for `tag == page`.
     tags: [u64; 4],
     perm: u8,
     /// log2 of the page size of the mapping this entry was filled from (12, 21, 30).
     page_shift: u8,
 }
 
+/// The tag of an access that is not allowed: `!u64::MAX`, which no page number matches.
+const NO_TAG: u64 = 0;
+
 const EMPTY: TlbEntry = TlbEntry {
     vpn: u64::MAX,
     addend: 0,
     gpa_page: 0,
-    tags: [u64::MAX; 4],
+    tags: [NO_TAG; 4],
     perm: P_MMIO,
     page_shift: 12,
 };
@@ -65,7 +69,7 @@ const EMPTY: TlbEntry = TlbEntry {
 impl TlbEntry {
     /// Whether compiled code may store through this entry at some privilege.
     fn writable(&self) -> bool {
-        self.tags[2] != u64::MAX || self.tags[3] != u64::MAX
+        self.tags[2] != NO_TAG || self.tags[3] != NO_TAG
     }
 
     fn pfn(&self) -> usize {
@@ -181,8 +185,8 @@ impl Tlb {
         match self.entries.get_mut(i) {
             Some(e) if e.writable() => {
                 self.writers.remove(e.pfn());
-                e.tags[2] = u64::MAX;
-                e.tags[3] = u64::MAX;
+                e.tags[2] = NO_TAG;
+                e.tags[3] = NO_TAG;
                 true
             }
             _ => false,
@@ -216,8 +220,8 @@ impl Tlb {
         let mut strip = |i: usize| match entries.get_mut(i) {
             Some(e) if e.writable() && e.pfn() == pfn => {
                 writers.remove(pfn);
-                e.tags[2] = u64::MAX;
-                e.tags[3] = u64::MAX;
+                e.tags[2] = NO_TAG;
+                e.tags[3] = NO_TAG;
                 true
             }
             _ => false,
@@ -258,7 +262,7 @@ impl Tlb {
         if e.vpn == u64::MAX || e.writable() || e.perm & P_MMIO != 0 {
             return;
         }
-        let tag = |bit: u8| if e.perm & bit != 0 { e.vpn } else { u64::MAX };
+        let tag = |bit: u8| if e.perm & bit != 0 { !e.vpn } else { NO_TAG };
         e.tags[2] = tag(P_WRITE_SUP);
         e.tags[3] = tag(P_WRITE_USER);
         if e.writable() {
@@ -404,7 +408,7 @@ impl Core {
         let t = if e.vpn == vpn && e.perm & needed_perm(access, user) != 0 {
             let stripped = access == Access::Write
                 && e.perm & P_MMIO == 0
-                && e.tags[2 + usize::from(user)] != vpn;
+                && e.tags[2 + usize::from(user)] != !vpn;
             let t = Translation {
                 host: e.host(),
                 gpa_page: e.gpa_page,
@@ -461,9 +465,9 @@ impl Core {
         self.tlb.max_shift = self.tlb.max_shift.max(page_shift);
         let tag = |bit: u8| {
             if perm & bit != 0 && !host.is_null() {
-                vpn
+                !vpn
             } else {
-                u64::MAX
+                NO_TAG
             }
         };
         // MMIO: no host pointer, and no fetch from the TLB (see P_MMIO).
@@ -769,7 +773,7 @@ impl Core {
         }
         let (host, gpa_page) = (e.host(), e.gpa_page);
         if access == Access::Write {
-            let stripped = e.tags[2 + usize::from(user)] != vpn;
+            let stripped = e.tags[2 + usize::from(user)] != !vpn;
             self.note_write(gpa_page);
             if stripped {
                 self.arm_for_stores((vpn as usize) & (TLB_SIZE - 1));
@@ -979,7 +983,7 @@ mod tests {
         TlbEntry {
             vpn,
             gpa_page: pfn << 12,
-            tags: [vpn; 4],
+            tags: [!vpn; 4],
             perm: P_READ_SUP | P_WRITE_SUP,
             ..EMPTY
         }

@@ -803,8 +803,8 @@ impl Emitter {
             offset_of!(Ctx, read_tags)
         };
         a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(tags))));
-        // The tag for this access at this privilege is the page number only if the access
-        // is allowed and the page is RAM. Compared with the page of the access's last byte:
+        // The tag for this access at this privilege is the page number (complemented: see
+        // `mmu::TlbEntry::tags`) only if the access is allowed and the page is RAM. Compared with the page of the access's last byte:
         // the entry sits in the slot of the first byte's page, so a match also means that
         // the access stays in that page.
         let page_mask = qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, page_mask)));
@@ -815,7 +815,6 @@ impl Emitter {
             a!(a.pext(tmp, lin, page_mask));
         }
         a!(a.mov(rcx, qword_ptr(ctx + ent * 8)));
-        a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + tmp + 1)));
         self.continue_if_rcx_zero(miss)?;
         let a = &mut self.a;
