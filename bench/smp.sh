@@ -30,7 +30,7 @@ command -v qemu-system-x86_64 >/dev/null || {
 scripts/guest-assets.sh >/dev/null
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 cargo build -q --release -p vessel
-VESSEL="$PWD/target/release/vessel"
+VESSEL="${VESSEL_BIN:-$PWD/target/release/vessel}"
 
 # The initramfs with /smp-bench appended as a second cpio archive: it starts one job per
 # online CPU and prints the guest clock around them. /init runs it (vessel.run=) and

@@ -319,6 +319,12 @@ impl Vcpu for EmuVcpu {
             RunExit::InstructionLimit | RunExit::InterruptWindow | RunExit::Kicked => {
                 VcpuExit::Interrupted
             }
+            RunExit::Paused => {
+                // Spinning on another vCPU: where vCPUs outnumber host CPUs, that one may
+                // be waiting for this thread's host CPU.
+                std::thread::yield_now();
+                VcpuExit::Interrupted
+            }
         })
     }
 }

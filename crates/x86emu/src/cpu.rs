@@ -33,7 +33,16 @@ pub enum RunExit {
     /// The flag given to [`Cpu::set_kick`] was raised (another thread has an event for
     /// this CPU) while it could take an interrupt.
     Kicked,
+    /// The CPU ran [`PAUSE_SPIN`] PAUSEs: it is spinning on a lock or a flag another
+    /// vCPU will release, and a VMM with more vCPUs than host CPUs should let that one
+    /// run (KVM's pause-loop exit).
+    Paused,
 }
+
+/// PAUSEs before `run` returns [`RunExit::Paused`]. Each one costs an interpreted
+/// instruction (compiled code leaves before PAUSE), so a spin of this many is a few
+/// microseconds.
+pub const PAUSE_SPIN: u32 = 64;
 
 /// A software x86-64 CPU: the architectural core plus its decoded-block cache.
 ///
@@ -95,6 +104,8 @@ pub struct Core {
     pub(crate) new_shadow: bool,
     /// The current instruction touched MMIO or ports.
     pub(crate) io_done: bool,
+    /// PAUSEs executed since `run` last returned `Paused`.
+    pub(crate) pauses: u32,
     /// RIP of the instruction after the current one; branches overwrite it.
     pub(crate) next_rip: u64,
     pub(crate) nmi_pending: bool,
@@ -202,6 +213,7 @@ impl Core {
             shadow: false,
             new_shadow: false,
             io_done: false,
+            pauses: 0,
             next_rip: 0,
             nmi_pending: false,
             nmi_blocked: false,
@@ -646,6 +658,10 @@ impl Cpu {
             self.see_code_writes();
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
+            if self.pauses >= PAUSE_SPIN {
+                self.pauses = 0;
+                return RunExit::Paused;
+            }
             if self.io_done {
                 // The device may have written guest memory, code included (unless devices
                 // report their writes: see `set_recheck_each_run`).
@@ -837,7 +853,10 @@ impl Cpu {
                 }
                 core.s.rip = core.next_rip & ip_mask;
                 core.retired += 1;
-                if core.next_rip != insn.instr.next_ip() || core.io_done || core.code_epoch != epoch
+                if core.next_rip != insn.instr.next_ip()
+                    || core.io_done
+                    || core.code_epoch != epoch
+                    || core.pauses >= PAUSE_SPIN
                 {
                     break;
                 }

@@ -21,7 +21,7 @@ mod segments;
 pub mod state;
 pub mod testing;
 
-pub use cpu::{Core, Cpu, RunExit};
+pub use cpu::{Core, Cpu, RunExit, PAUSE_SPIN};
 pub use cpuid::{CpuidEntry, CpuidTable};
 pub use decode::DEFAULT_BLOCK_SLOTS;
 pub use exceptions::Fault;

@@ -204,7 +204,11 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             reg_write(cpu, iced_x86::Register::AL, v);
             Ok(())
         }
-        Mnemonic::Nop | Mnemonic::Pause | Mnemonic::Endbr64 | Mnemonic::Endbr32 => Ok(()),
+        Mnemonic::Pause => {
+            cpu.pauses = cpu.pauses.saturating_add(1);
+            Ok(())
+        }
+        Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Endbr32 => Ok(()),
         _ => Err(Fault::ud()),
     }
 }

@@ -336,11 +336,11 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         _ => {}
     }
     let m = ins.mnemonic();
-    // Prefetches are hints: no access, no fault; PAUSE and ENDBR are NOPs here too.
+    // Prefetches are hints: no access, no fault; ENDBR is a NOP here too. (PAUSE is the
+    // interpreter's: it counts spins, see `RunExit::Paused`.)
     if matches!(
         m,
         M::Nop
-            | M::Pause
             | M::Endbr64
             | M::Endbr32
             | M::Prefetch
