@@ -61,6 +61,8 @@ fn main() {
         Command::Img(cmd) => cmd_img::run(cmd).map(|()| 0),
         Command::Manage(cmd) => cmd_manage::run(cmd, &cli.global),
     };
+    // An API request that ended the VM (or arrived as it ended) still gets its answer.
+    vmm::api::http::drain(std::time::Duration::from_millis(500));
     match status {
         Ok(code) => std::process::exit(code),
         Err(e) => {

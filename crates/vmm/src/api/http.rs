@@ -443,14 +443,19 @@ fn serve_conn(
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         tracing::debug!(method = %req.method, path = %req.path, "request");
+        let answering = Answering::start();
         match handler.handle(req) {
             Reply::Response(resp) => {
-                if write_response(&mut w, &resp, close).is_err() || close {
+                let sent = write_response(&mut w, &resp, close);
+                drop(answering);
+                if sent.is_err() || close {
                     return;
                 }
             }
             Reply::Upgrade(resp, take) => {
-                if write_response(&mut w, &resp, false).is_err() {
+                let sent = write_response(&mut w, &resp, false);
+                drop(answering);
+                if sent.is_err() {
                     return;
                 }
                 // Clients wait for the response head before sending on an upgraded
@@ -462,6 +467,35 @@ fn serve_conn(
                 return;
             }
         }
+    }
+}
+
+/// Requests being handled or answered, across every server of the process: `drain` waits
+/// for them, so that a VMM that ends because of a request (the guest powering off at
+/// `SendCtrlAltDel`) still sends its answer.
+static ANSWERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Answering;
+
+impl Answering {
+    fn start() -> Self {
+        ANSWERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Answering
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        ANSWERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits until no request is being answered, at most `limit`. For a process about to
+/// exit.
+pub fn drain(limit: std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    while ANSWERING.load(std::sync::atomic::Ordering::SeqCst) != 0 && t0.elapsed() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -655,6 +689,45 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<Option<Request>, HttpError> {
         read_request(&mut BufReader::new(raw))
+    }
+
+    /// `drain` returns only once a request being handled has been answered: the answer
+    /// of a request that ends the process is not lost.
+    #[test]
+    fn drain_waits_for_the_answer_in_progress() {
+        struct Slow;
+        impl Handler for Slow {
+            fn handle(&self, _req: Request) -> Reply {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Reply::Response(Response::empty(204))
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("vessel-drain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            serve(listener, Arc::new(Slow), |s, m| {
+                Response::json(s, &serde_json::json!({ "m": m }))
+            })
+        });
+        let client = {
+            let sock = sock.clone();
+            std::thread::spawn(move || client_request(&sock, "PUT", "/actions", None))
+        };
+        // The request is in the handler by now.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let t0 = std::time::Instant::now();
+        drain(std::time::Duration::from_secs(5));
+        let waited = t0.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(100),
+            "{waited:?}"
+        );
+        assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
+        assert_eq!(client.join().unwrap().unwrap().status, 204);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
