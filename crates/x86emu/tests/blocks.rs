@@ -1306,7 +1306,7 @@ fn compiled_stack_code_mixed_with_rsp_and_rdx_arithmetic_matches_the_interpreter
     let one = |a: &mut CodeAssembler, r: &mut Rng| {
         let x = REGS[r.below(6) as usize];
         let d = (r.below(8) * 8) as i32;
-        match r.below(16) {
+        match r.below(19) {
             0 | 1 => a.push(x).unwrap(),
             2 => a.push(r.below(1000) as i32).unwrap(),
             3 | 4 => a.pop(x).unwrap(),
@@ -1320,6 +1320,11 @@ fn compiled_stack_code_mixed_with_rsp_and_rdx_arithmetic_matches_the_interpreter
             12 => a.lea(rdx, qword_ptr(rdx + r.below(64) as i32)).unwrap(),
             13 => a.xchg(rdx, x).unwrap(),
             14 => a.push(qword_ptr(rsp + d)).unwrap(),
+            // Register-only work (whose stores compiled code may defer) next to RSP as an
+            // operand (which needs a stand-in host register).
+            15 => a.mov(x, rsp).unwrap(),
+            16 => a.add(x, 0x11).unwrap(),
+            17 => a.xor(x, rdx).unwrap(),
             // Reads RDX only (here a stack address) and writes another register.
             _ => a.add(if x == rdx { rax } else { x }, rdx).unwrap(),
         }
