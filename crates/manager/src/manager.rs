@@ -181,6 +181,11 @@ impl Manager {
         RunDir(self.cfg.state_dir.join("run").join(name))
     }
 
+    /// The control API socket of domain `name`'s Vessel VMM.
+    pub fn run_api_socket(&self, name: &str) -> PathBuf {
+        self.run_dir(name).api()
+    }
+
     pub fn serial_log(&self, name: &str) -> PathBuf {
         self.cfg
             .state_dir
