@@ -525,4 +525,16 @@ function refreshAll() {
   refreshNetworks();
 }
 
-tryStart();
+// A link may carry the token and a domain to open in its fragment (never sent to the
+// server): http://HOST:PORT/#token=TOKEN&domain=NAME. The token moves to sessionStorage
+// and the fragment is cleared from the address bar.
+(() => {
+  const f = new URLSearchParams(location.hash.slice(1));
+  if (f.get("token")) {
+    S.token = f.get("token");
+    sessionStorage.setItem("vessel-token", S.token);
+  }
+  if (f.get("domain")) S.selected = f.get("domain");
+  if (location.hash) history.replaceState(null, "", location.pathname);
+})();
+tryStart().then(() => { if (S.running && S.selected) select(S.selected); });
