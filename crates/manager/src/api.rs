@@ -20,14 +20,19 @@ pub struct Api {
     pub m: Arc<Manager>,
     /// The shared console connections (browser viewers and `vessel console`).
     pub hubs: Arc<crate::web::console_hub::Hubs>,
+    /// The loopback dashboard listener `vessel dashboard` asks for, once opened.
+    pub local: crate::web::LocalDashboard,
+    me: std::sync::Weak<Api>,
 }
 
 impl Api {
-    pub fn new(m: Arc<Manager>) -> Self {
-        Api {
+    pub fn new(m: Arc<Manager>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Api {
             m,
             hubs: crate::web::console_hub::Hubs::new(),
-        }
+            local: Default::default(),
+            me: me.clone(),
+        })
     }
 }
 
@@ -268,6 +273,13 @@ impl Api {
                 crate::web::console_ws(&self.m, &self.hubs, req, name)
             }
             ("GET", ["stats"]) => Ok(crate::web::stats_json(&self.m).into()),
+            ("POST", ["dashboard"]) => {
+                let me = self
+                    .me
+                    .upgrade()
+                    .ok_or_else(|| Error::Conflict("the daemon is stopping".into()))?;
+                ok(self.local.open(me)?)
+            }
             ("GET", ["events"]) => {
                 let since = query_u64(req, "since")?.unwrap_or(0);
                 let timeout = query_u64(req, "timeout")?.unwrap_or(0).min(300);

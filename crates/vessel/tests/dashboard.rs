@@ -429,6 +429,53 @@ fn console_websocket_and_metrics() {
     }
 }
 
+/// `vessel dashboard` (through the owner-only Unix socket) opens a loopback listener with a
+/// fresh token: the page is there, the API only with that token.
+#[test]
+fn dashboard_verb_opens_a_loopback_listener_with_its_own_token() {
+    let d = Daemon::start("verb");
+    let run = |args: &[&str]| {
+        let o = Command::new(EXE)
+            .arg("--socket")
+            .arg(d.dir.join("s.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let url = run(&["dashboard", "--domain", "web"]);
+    let rest = url.strip_prefix("http://127.0.0.1:").expect(&url);
+    let (port, frag) = rest.split_once("/#token=").expect(&url);
+    let (token, domain) = frag.split_once("&domain=").expect(&url);
+    assert_eq!(domain, "web");
+    assert_eq!(token.len(), 32);
+    assert_ne!(token, TOKEN);
+    assert_eq!(
+        run(&["dashboard"]),
+        url.split_once("&domain").unwrap().0,
+        "opened once"
+    );
+    let port: u16 = port.parse().unwrap();
+    let get = |path: &str, auth: Option<&str>| {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let h = auth.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = h.iter().map(|h| ("Authorization", h.as_str())).collect();
+        vmm::api::http::client_exchange(Box::new(s), "GET", path, None, false, &headers)
+            .unwrap()
+            .0
+            .status
+    };
+    assert_eq!(get("/", None), 200);
+    assert_eq!(get("/v1/domains", None), 401);
+    assert_eq!(
+        get("/v1/domains", Some(TOKEN)),
+        401,
+        "the TCP listener's token is not this one's"
+    );
+    assert_eq!(get("/v1/domains", Some(token)), 200);
+}
+
 /// Checks every line of a text exposition: comments are `# HELP name text` or `# TYPE
 /// name counter|gauge`, a TYPE comes before its samples, and samples are `name{labels}
 /// value` with a finite value.

@@ -8,7 +8,10 @@ pub mod console_hub;
 pub mod stats;
 pub mod ws;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
 
 use vmm::api::http::{Conn, Reply, Request, Response};
 
@@ -181,4 +184,55 @@ fn relay(client: Box<dyn Conn>, att: Attachment) {
     drop(keys);
     c.shutdown_conn();
     let _ = t.join();
+}
+
+/// A dashboard listener on a loopback port with a token of its own, opened when a client
+/// of the (owner-only) Unix socket asks for it (`vessel dashboard`): the way in for a
+/// daemon that has no TCP listener. It stays open while the daemon runs; asking again
+/// answers the same address.
+#[derive(Default)]
+pub struct LocalDashboard {
+    opened: Mutex<Option<Value>>,
+}
+
+/// 32 hex digits from the kernel's random source.
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("reading", "/dev/urandom", e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+impl LocalDashboard {
+    /// Opens the listener (once) and answers `{"url", "port", "token"}`.
+    pub fn open(&self, api: Arc<crate::api::Api>) -> Result<Value> {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = opened.as_ref() {
+            return Ok(v.clone());
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| Error::io("binding", "127.0.0.1:0", e))?;
+        let port = l
+            .local_addr()
+            .map_err(|e| Error::io("reading the address of", "127.0.0.1:0", e))?
+            .port();
+        let token = random_token()?;
+        let gate = Arc::new(crate::api::TokenGate {
+            inner: api,
+            token: token.clone(),
+        });
+        std::thread::Builder::new()
+            .name("dashboard-tcp".into())
+            .spawn(move || vmm::api::http::serve_tcp(l, gate, crate::api::protocol_error))
+            .map_err(|e| Error::io("starting the dashboard listener on", "127.0.0.1", e))?;
+        tracing::info!(port, "dashboard listening on loopback (token required)");
+        let v = json!({
+            "url": format!("http://127.0.0.1:{port}/#token={token}"),
+            "port": port,
+            "token": token,
+        });
+        *opened = Some(v.clone());
+        Ok(v)
+    }
 }
