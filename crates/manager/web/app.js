@@ -244,6 +244,7 @@ function openConsole(name, takeover = false) {
   setConsoleStatus("connecting");
   ws.onopen = () => {
     S.retry = 0;
+    S.connects = (S.connects || 0) + 1;
     S.term.reset();  // the daemon sends the recent output again
     setConsoleStatus("connected");
     S.term.focus();

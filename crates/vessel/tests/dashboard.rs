@@ -303,6 +303,32 @@ fn console_websocket_and_metrics() {
         }
     }
 
+    // A page from another site cannot open a console, token or not.
+    {
+        use base64::Engine as _;
+        let mut req = format!("ws://127.0.0.1:{}/v1/domains/web/console/ws", d.port)
+            .into_client_request()
+            .unwrap();
+        let proto = format!(
+            "vessel-console, vessel.token.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(TOKEN)
+        );
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_str(&proto).unwrap(),
+        );
+        req.headers_mut()
+            .insert("Origin", HeaderValue::from_static("http://evil.example"));
+        let s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        match tungstenite::client(req, s) {
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                assert_eq!(r.status(), 400)
+            }
+            Err(e) => panic!("expected 400, got {e}"),
+            Ok(_) => panic!("a console opened from another origin"),
+        }
+    }
+
     let mut a = Viewer {
         ws: open_console(&d, "web", Some(TOKEN)).unwrap(),
         seen: String::new(),
@@ -847,6 +873,46 @@ fn dashboard_in_headless_chromium() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // Resize: the terminal refits to a narrower window (and tells the daemon).
+    let cols = p.eval("vessel.term.cols").as_u64().unwrap();
+    p.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 700, "height": 1000, "deviceScaleFactor": 1, "mobile": false}),
+    );
+    p.wait_true(
+        &format!("vessel.term.cols < {cols} && vessel.term.cols > 20"),
+        Duration::from_secs(10),
+        "the terminal refitting to a narrower window",
+    );
+    p.call("Emulation.clearDeviceMetricsOverride", json!({}));
+    p.wait_true(
+        &format!("vessel.term.cols === {cols}"),
+        Duration::from_secs(10),
+        "the terminal refitting to the wider window",
+    );
+    // Reconnect: the page's WebSocket drops; the page opens a new one by itself and the
+    // recent output comes back.
+    let connects = p.eval("vessel.connects").as_u64().unwrap();
+    p.eval("vessel.ws.close(); true");
+    p.wait_true(
+        &format!(
+            "vessel.connects === {} && document.querySelector('#console-status').textContent.includes('typing goes to the guest')",
+            connects + 1
+        ),
+        Duration::from_secs(20),
+        "the console reconnecting",
+    );
+    let t0 = Instant::now();
+    while !p.terminal_text().contains(&kernel) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no output after reconnecting: {}",
+            p.terminal_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p.eval("vessel.term.focus(); true");
 
     // The CPU graph moves: its points change between samples, and the guest used CPU.
     let graph = "document.querySelector('#domain-graphs canvas[data-graph=\"cpu\"]').toDataURL()";

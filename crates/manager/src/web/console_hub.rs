@@ -154,7 +154,10 @@ impl Drop for Keys {
                 st.writer = None;
                 st.fill_writer();
             }
-            st.viewers.is_empty()
+            if st.viewers.is_empty() {
+                st.closed = true;
+            }
+            st.closed
         };
         if last {
             // The reader thread sees the end and removes the hub.
@@ -197,16 +200,15 @@ impl Hubs {
         take_over: bool,
         wake: Option<Arc<dyn Wake>>,
     ) -> Result<Attachment> {
-        let hub = {
-            let mut hubs = lock(&self.hubs);
-            let open = hubs.get(name).filter(|h| !lock(&h.state).closed).cloned();
-            match open {
-                Some(h) => h,
-                None => {
-                    let h = self.connect(name, sock, log)?;
-                    hubs.insert(name.to_string(), h.clone());
-                    h
-                }
+        // The map stays locked until the viewer is in: a hub its last viewer is leaving
+        // (marked closed) is never joined.
+        let mut hubs = lock(&self.hubs);
+        let hub = match hubs.get(name).filter(|h| !lock(&h.state).closed).cloned() {
+            Some(h) => h,
+            None => {
+                let h = self.connect(name, sock, log)?;
+                hubs.insert(name.to_string(), h.clone());
+                h
             }
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -227,6 +229,7 @@ impl Hubs {
             st.viewers.push(v);
             id
         };
+        drop(hubs);
         let a = Attachment {
             id,
             rx,

@@ -116,6 +116,12 @@ pub fn console_ws(
     name: &str,
 ) -> Result<Reply> {
     let head = ws::accept(req).map_err(|e| Error::invalid("WebSocket handshake", e))?;
+    if !ws::same_origin(req) {
+        return Err(Error::invalid(
+            "WebSocket handshake",
+            "the page that opened it is not the daemon's own (Origin differs from Host)",
+        ));
+    }
     let sock = m.console_socket(name)?;
     let write = req.query("write") != Some("0");
     let take_over = req.query("takeover") == Some("1");

@@ -59,6 +59,22 @@ pub fn is_upgrade(req: &Request) -> bool {
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
 }
 
+/// Whether a browser's handshake comes from a page the daemon served: its Origin (when
+/// there is one; other clients send none) names the same host and port as its Host. A
+/// page from elsewhere cannot reach a console even where no token is asked (a Unix
+/// socket forwarded to a port).
+pub fn same_origin(req: &Request) -> bool {
+    let Some(origin) = req.header("origin") else {
+        return true;
+    };
+    let host = req.header("host").unwrap_or("");
+    let o = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or("");
+    !host.is_empty() && o.eq_ignore_ascii_case(host)
+}
+
 /// The 101 answer to a valid opening handshake, or why it is not one.
 pub fn accept(req: &Request) -> Result<Response, String> {
     if req.method != "GET" {
@@ -276,5 +292,10 @@ mod tests {
         assert!(
             token_from_protocols(&req(&[("Sec-WebSocket-Protocol", "vessel.token.%%%")])).is_none()
         );
+        assert!(same_origin(&req(&[("Host", "127.0.0.1:7070")])));
+        let from = |o: &str| req(&[("Host", "127.0.0.1:7070"), ("Origin", o)]);
+        assert!(same_origin(&from("http://127.0.0.1:7070")));
+        assert!(!same_origin(&from("http://evil.example")));
+        assert!(!same_origin(&from("null")));
     }
 }
