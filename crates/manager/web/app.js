@@ -457,42 +457,50 @@ async function refreshPools() {
   }
   box.replaceChildren();
   for (const p of pools) {
-    const vols = await api("GET", `/v1/pools/${encodeURIComponent(p.name)}/volumes`).catch(() => []);
+    const pool = encodeURIComponent(p.name);
+    const vols = await api("GET", `/v1/pools/${pool}/volumes`).catch(() => []);
     const tb = el("tbody");
     for (const v of vols) {
+      const vol = encodeURIComponent(v.name);
       const bar = el("progress", { value: 0, max: 1, hidden: "" });
-      const file = el("input", { type: "file" });
+      const file = el("input", { type: "file", class: "upload" });
       file.onchange = async () => {
         if (!file.files[0]) return;
         bar.hidden = false;
-        try { await uploadInto(p.name, v.name, file.files[0], bar); } catch (e) { showError(e); }
-        refreshPools();
-      };
-      const clone = el("button", { text: "clone", onclick: async () => {
-        const name = prompt(`Name of the clone of ${v.name}`);
-        if (!name) return;
         try {
-          await api("POST", `/v1/pools/${encodeURIComponent(p.name)}/volumes/${encodeURIComponent(v.name)}/clone`, { name });
+          await uploadInto(p.name, v.name, file.files[0], bar);
+          bar.dataset.done = "1";
+        } catch (e) {
+          showError(e);
+        }
+      };
+      const cloneName = el("input", { class: "clone-name", placeholder: "clone name", size: 10 });
+      const clone = el("button", { class: "clone", text: "clone", onclick: async () => {
+        if (!cloneName.value) return;
+        try {
+          await api("POST", `/v1/pools/${pool}/volumes/${vol}/clone`, { name: cloneName.value });
         } catch (e) { showError(e); }
         refreshPools();
       } });
-      tb.append(el("tr", {}, el("td", { text: v.name }), el("td", { text: v.format }),
+      tb.append(el("tr", { "data-volume": v.name }, el("td", { text: v.name }), el("td", { text: v.format }),
         el("td", { text: mib(v.capacity) }), el("td", { text: mib(v.allocation) }),
-        el("td", { text: (v.used_by || []).join(", ") }), el("td", {}, clone, " upload: ", file, bar)));
+        el("td", { text: (v.used_by || []).join(", ") }),
+        el("td", {}, cloneName, clone, " upload: ", file, bar)));
     }
-    const name = el("input", { placeholder: "new volume", size: 12 });
-    const size = el("input", { placeholder: "MiB", size: 6, type: "number", min: 1 });
-    const fmt = el("select", {}, el("option", { text: "qcow2" }), el("option", { text: "raw" }));
-    const create = el("button", { text: "create", onclick: async () => {
+    const name = el("input", { class: "new-name", placeholder: "new volume", size: 12 });
+    const size = el("input", { class: "new-size", placeholder: "MiB", size: 6, type: "number", min: 1 });
+    const fmt = el("select", { class: "new-format" }, el("option", { text: "qcow2" }), el("option", { text: "raw" }));
+    const create = el("button", { class: "create", text: "create", onclick: async () => {
       try {
-        await api("POST", `/v1/pools/${encodeURIComponent(p.name)}/volumes`,
+        await api("POST", `/v1/pools/${pool}/volumes`,
           { name: name.value, capacity: Number(size.value) * (1 << 20), format: fmt.value });
       } catch (e) { showError(e); }
       refreshPools();
     } });
-    box.append(el("h3", { text: `${p.name} (${p.path}) · ${mib(p.available)} free` }),
+    box.append(el("div", { "data-pool": p.name },
+      el("h3", { text: `${p.name} (${p.path}) · ${mib(p.available)} free` }),
       el("table", {}, el("thead", {}, el("tr", {}, ...["Volume", "Format", "Capacity", "Allocated", "Used by", ""].map((t) => el("th", { text: t })))), tb),
-      el("p", {}, name, size, fmt, create));
+      el("p", {}, name, size, fmt, create)));
   }
   if (!pools.length) box.textContent = "no pools defined (vessel pool-define)";
 }

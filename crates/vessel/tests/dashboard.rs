@@ -957,4 +957,78 @@ fn dashboard_in_headless_chromium() {
         "the stop event in the list",
     );
     p.screenshot(&shots.join("dashboard-shutoff.png"));
+
+    // Storage from the page: in a pool (defined through the API), create a volume, upload
+    // a file into it (two requests: the progress bar moves) and clone it.
+    let pool = d.dir.join("state").join("pools").join("p1");
+    d.api(
+        "POST",
+        "/v1/pools",
+        Some(&json!({"name": "p1", "path": pool, "create": true})),
+    );
+    p.eval("refreshPools(); true");
+    let in_pool = |sel: &str| format!("document.querySelector('[data-pool=\"p1\"] {sel}')");
+    p.wait_true(
+        &format!("!!{}", in_pool(".new-name")),
+        Duration::from_secs(10),
+        "the pool's form",
+    );
+    p.eval(&format!(
+        "{}.value = 'disk1'; {}.value = '16'; {}.value = 'raw'; true",
+        in_pool(".new-name"),
+        in_pool(".new-size"),
+        in_pool(".new-format")
+    ));
+    p.click("[data-pool='p1'] button.create");
+    p.wait_true(
+        &format!("!!{}", in_pool("tr[data-volume=\"disk1\"]")),
+        Duration::from_secs(10),
+        "the new volume",
+    );
+    let upload: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
+    let file = d.dir.join("upload.bin");
+    std::fs::write(&file, &upload).unwrap();
+    let doc = p.call("DOM.getDocument", json!({}));
+    let node = p.call(
+        "DOM.querySelector",
+        json!({"nodeId": doc["root"]["nodeId"], "selector": "[data-pool='p1'] tr[data-volume='disk1'] input.upload"}),
+    );
+    p.call(
+        "DOM.setFileInputFiles",
+        json!({"files": [file], "nodeId": node["nodeId"]}),
+    );
+    p.wait_true(
+        &format!(
+            "(() => {{ const b = {}; return !!b && b.dataset.done === '1' && b.value === b.max && b.max === {}; }})()",
+            in_pool("tr[data-volume=\"disk1\"] progress"),
+            upload.len()
+        ),
+        Duration::from_secs(60),
+        "the upload's progress bar full",
+    );
+    let (status, data) = d.request(
+        "GET",
+        &format!(
+            "/v1/pools/p1/volumes/disk1/data?offset=0&length={}",
+            upload.len()
+        ),
+        None,
+        true,
+    );
+    assert_eq!(status, 200);
+    assert!(data == upload, "the volume holds the uploaded file");
+    p.eval(&format!(
+        "{}.value = 'disk2'; true",
+        in_pool("tr[data-volume=\"disk1\"] .clone-name")
+    ));
+    p.click("[data-pool='p1'] tr[data-volume='disk1'] button.clone");
+    p.wait_true(
+        &format!("!!{}", in_pool("tr[data-volume=\"disk2\"]")),
+        Duration::from_secs(10),
+        "the clone",
+    );
+    assert_eq!(
+        d.api("GET", "/v1/pools/p1/volumes/disk2", None)["name"],
+        "disk2"
+    );
 }
