@@ -177,13 +177,8 @@ impl Manager {
         Ok(m)
     }
 
-    fn run_dir(&self, name: &str) -> RunDir {
+    pub(crate) fn run_dir(&self, name: &str) -> RunDir {
         RunDir(self.cfg.state_dir.join("run").join(name))
-    }
-
-    /// The control API socket of domain `name`'s Vessel VMM.
-    pub fn run_api_socket(&self, name: &str) -> PathBuf {
-        self.run_dir(name).api()
     }
 
     pub fn serial_log(&self, name: &str) -> PathBuf {

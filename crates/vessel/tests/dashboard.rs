@@ -455,6 +455,53 @@ fn console_websocket_and_metrics() {
     }
 }
 
+/// A QEMU domain's disk counters come from QMP's `query-blockstats`.
+#[test]
+fn metrics_of_a_qemu_domain() {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "qemu-system-x86_64 not found: install it (apt-get install qemu-system-x86; scripts/test.sh does)");
+    let a = assets();
+    let d = Daemon::start("qemu");
+    let disk = d.dir.join("disk.raw");
+    std::fs::write(&disk, vec![0x5au8; 4 << 20]).unwrap();
+    let def = json!({"name": "q", "driver": "qemu",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=dd+if=/dev/vda+of=/dev/null+bs=4096+count=512;sleep+60",
+               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk, "format": "raw"}]}});
+    d.api("POST", "/v1/domains", Some(&def));
+    d.api("POST", "/v1/domains/q/start", None);
+    let t0 = Instant::now();
+    loop {
+        let (status, body) = d.request("GET", "/metrics", None, true);
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        strict_text_format(&text);
+        let read = text
+            .lines()
+            .find_map(|l| l.strip_prefix("vessel_domain_disk_read_bytes_total{domain=\"q\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if read >= f64::from(2u32 << 20) {
+            assert!(text.contains("vessel_domain_info{domain=\"q\",state=\"running\",driver=\"qemu\",accel=\"emu\"} 1"), "{text}");
+            assert!(
+                text.contains("vessel_domain_cpu_seconds_total{domain=\"q\",thread=\"guest\"}"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "the guest's disk reads never showed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    d.api("POST", "/v1/domains/q/destroy", None);
+}
+
 /// `vessel dashboard` (through the owner-only Unix socket) opens a loopback listener with a
 /// fresh token: the page is there, the API only with that token.
 #[test]

@@ -179,6 +179,36 @@ fn vmm_counters(run_api: &Path) -> Option<serde_json::Value> {
         .flatten()
 }
 
+/// A QEMU domain's counters: its block devices' from QMP `query-blockstats`, its network
+/// traffic from its TAP devices (what the host's end receives, the guest sent).
+fn qemu_counters(m: &Manager, name: &str, s: &mut DomainStats) {
+    if let Ok(v) = crate::driver::qmp(&m.run_dir(name), "query-blockstats") {
+        let devs = v.as_array().map(Vec::as_slice).unwrap_or_default();
+        let sum = |k: &str| -> u64 {
+            devs.iter()
+                .filter_map(|d| d.get("stats")?.get(k)?.as_u64())
+                .fold(0, u64::saturating_add)
+        };
+        s.disk_read_bytes = Some(sum("rd_bytes"));
+        s.disk_write_bytes = Some(sum("wr_bytes"));
+    }
+    let taps: Vec<String> = m
+        .interfaces(name)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.tap)
+        .filter(|t| !t.is_empty() && !t.contains('/') && t != "." && t != "..")
+        .collect();
+    let stat = |tap: &str, f: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{f}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    s.net_rx_bytes = Some(taps.iter().map(|t| stat(t, "tx_bytes")).sum());
+    s.net_tx_bytes = Some(taps.iter().map(|t| stat(t, "rx_bytes")).sum());
+}
+
 fn counter(v: &serde_json::Value, group: &str, name: &str) -> u64 {
     v.get(group)
         .and_then(|g| g.get(name))
@@ -219,14 +249,14 @@ fn domain_stats(m: &Manager) -> Vec<DomainStats> {
                         kib_field(&t, "VmRSS")
                     })
                     .reduce(|a, b| a.saturating_add(b));
-                if i.driver == DriverKind::Vessel {
-                    if let Some(c) = vmm_counters(&m.run_api_socket(&i.name)) {
-                        // A VM without disks or interfaces has served nothing: zero.
-                        s.disk_read_bytes = Some(counter(&c, "block", "read_bytes"));
-                        s.disk_write_bytes = Some(counter(&c, "block", "write_bytes"));
-                        s.net_rx_bytes = Some(counter(&c, "net", "rx_bytes_count"));
-                        s.net_tx_bytes = Some(counter(&c, "net", "tx_bytes_count"));
-                    }
+                if i.driver == DriverKind::Qemu {
+                    qemu_counters(m, &i.name, &mut s);
+                } else if let Some(c) = vmm_counters(&m.run_dir(&i.name).api()) {
+                    // A VM without disks or interfaces has served nothing: zero.
+                    s.disk_read_bytes = Some(counter(&c, "block", "read_bytes"));
+                    s.disk_write_bytes = Some(counter(&c, "block", "write_bytes"));
+                    s.net_rx_bytes = Some(counter(&c, "net", "rx_bytes_count"));
+                    s.net_tx_bytes = Some(counter(&c, "net", "tx_bytes_count"));
                 }
             }
             s
