@@ -371,7 +371,7 @@ function takeSample(s) {
   }
   const h = s.host;
   $("#host-summary").textContent =
-    `${h.cpus} CPUs · ${mib(h.memory_total_bytes - h.memory_available_bytes)} of ${mib(h.memory_total_bytes)} used`;
+    `${h.hostname} · ${h.cpus} CPUs · ${mib(h.memory_total_bytes - h.memory_available_bytes)} of ${mib(h.memory_total_bytes)} used`;
   if (!p) return;
   const dt = Math.max(0.001, s.time - p.time);
   const ph = p.host;

@@ -37,6 +37,7 @@ pub struct DomainStats {
 /// The host's counters.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostStats {
+    pub hostname: String,
     pub cpus: usize,
     /// CPU seconds all CPUs spent busy, and in all, since boot.
     pub cpu_busy_s: f64,
@@ -327,6 +328,7 @@ fn host_stats() -> HostStats {
     let (disk_read_bytes, disk_write_bytes) = host_disks(&read("/proc/diskstats"));
     let (net_rx_bytes, net_tx_bytes) = host_net(&read("/proc/net/dev"));
     HostStats {
+        hostname: read("/proc/sys/kernel/hostname").trim().to_string(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_busy_s,
         cpu_total_s,
