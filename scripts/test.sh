@@ -31,6 +31,8 @@ command -v ssh >/dev/null 2>&1 || pkgs+=(openssh-client)
 # libvirt's schema checker: domain dumps must validate (manager xml tests).
 command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
+# The dashboard's browser test drives Debian's Chromium headless (tests/dashboard.rs).
+command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
 for tool in cpio lz4 xz zstd strings; do
     command -v "$tool" >/dev/null 2>&1 || pkgs+=("$tool")
 done

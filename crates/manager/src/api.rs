@@ -2,13 +2,11 @@
 //! socket. Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx/5xx status.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmm::api::http::{Conn, Handler, Reply, Request, Response};
+use vmm::api::http::{Handler, Reply, Request, Response};
 
 use crate::domain::DomainDef;
 use crate::error::{Error, Result};
@@ -20,6 +18,22 @@ pub const API_VERSION: &str = "v1";
 
 pub struct Api {
     pub m: Arc<Manager>,
+    /// The shared console connections (browser viewers and `vessel console`).
+    pub hubs: Arc<crate::web::console_hub::Hubs>,
+    /// The loopback dashboard listener `vessel dashboard` asks for, once opened.
+    pub local: crate::web::LocalDashboard,
+    me: std::sync::Weak<Api>,
+}
+
+impl Api {
+    pub fn new(m: Arc<Manager>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Api {
+            m,
+            hubs: crate::web::console_hub::Hubs::new(),
+            local: Default::default(),
+            me: me.clone(),
+        })
+    }
 }
 
 /// Puts a bearer-token check in front of the API (for the opt-in TCP listener).
@@ -49,26 +63,33 @@ fn unauthorized() -> Response {
 }
 
 impl TokenGate {
+    /// The token from `Authorization: Bearer TOKEN`, or for a WebSocket (browsers cannot
+    /// set that header there) from its `vessel.token.BASE64URL` subprotocol.
     fn authorized(&self, req: &Request) -> bool {
-        let given = req
+        if let Some(given) = req
             .header("authorization")
             .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or("");
-        same(given.trim().as_bytes(), self.token.as_bytes())
+        {
+            return same(given.trim().as_bytes(), self.token.as_bytes());
+        }
+        crate::web::ws::is_upgrade(req)
+            && crate::web::ws::token_from_protocols(req)
+                .is_some_and(|t| same(&t, self.token.as_bytes()))
     }
 }
 
 impl Handler for TokenGate {
     /// The token first: an unauthenticated client gets 401 before its body is read.
+    /// The dashboard's static files are public: they hold no data and ask for the token.
     fn admit(&self, req: &Request, body_len: u64) -> Option<Response> {
-        if !self.authorized(req) {
+        if !crate::web::is_public(req) && !self.authorized(req) {
             return Some(unauthorized());
         }
         self.inner.admit(req, body_len)
     }
 
     fn handle(&self, req: Request) -> Reply {
-        if !self.authorized(&req) {
+        if !crate::web::is_public(&req) && !self.authorized(&req) {
             return unauthorized().into();
         }
         self.inner.handle(req)
@@ -151,6 +172,12 @@ impl Api {
     fn route(&self, req: &Request) -> Result<Reply> {
         let seg = req.segments();
         let m = req.method.as_str();
+        if let Some(r) = crate::web::asset(req) {
+            return Ok(r.into());
+        }
+        if (m, seg.as_slice()) == ("GET", ["metrics"].as_slice()) {
+            return Ok(crate::web::metrics(&self.m).into());
+        }
         if seg.first() != Some(&API_VERSION) {
             return Err(Error::not_found("API path", &req.path));
         }
@@ -240,17 +267,18 @@ impl Api {
                 Ok(Response::bytes(200, "application/octet-stream", data).into())
             }
             ("POST", ["domains", name, "console"]) => {
-                let sock = self.m.console_socket(name)?;
-                let console = UnixStream::connect(&sock)
-                    .map_err(|e| Error::io("connecting to the console", &sock, e))?;
-                let mut head = Response::empty(101);
-                head.headers
-                    .push(("Upgrade".into(), "vessel-console".into()));
-                head.headers.push(("Connection".into(), "Upgrade".into()));
-                Ok(Reply::Upgrade(
-                    head,
-                    Box::new(move |client| relay(client, console)),
-                ))
+                crate::web::console_raw(&self.m, &self.hubs, name)
+            }
+            ("GET", ["domains", name, "console", "ws"]) => {
+                crate::web::console_ws(&self.m, &self.hubs, req, name)
+            }
+            ("GET", ["stats"]) => Ok(crate::web::stats_json(&self.m).into()),
+            ("POST", ["dashboard"]) => {
+                let me = self
+                    .me
+                    .upgrade()
+                    .ok_or_else(|| Error::Conflict("the daemon is stopping".into()))?;
+                ok(self.local.open(me)?)
             }
             ("GET", ["events"]) => {
                 let since = query_u64(req, "since")?.unwrap_or(0);
@@ -318,20 +346,4 @@ fn read_from(path: &std::path::Path, offset: u64) -> Result<Vec<u8>> {
         .read_to_end(&mut out)
         .map_err(|e| Error::io("reading", path, e))?;
     Ok(out)
-}
-
-/// Copies bytes both ways until either side closes.
-fn relay(client: Box<dyn Conn>, console: UnixStream) {
-    let (Ok(mut c2), Ok(mut k2)) = (client.try_clone_conn(), console.try_clone()) else {
-        return;
-    };
-    let t = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut k2, &mut c2);
-        c2.shutdown_conn();
-    });
-    let mut c = client;
-    let mut k = console;
-    let _ = std::io::copy(&mut c, &mut k);
-    let _ = k.shutdown(Shutdown::Both);
-    let _ = t.join();
 }

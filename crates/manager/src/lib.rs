@@ -15,6 +15,7 @@ pub mod qmp;
 pub mod storage;
 pub mod storage_api;
 pub mod store;
+pub mod web;
 pub mod xml;
 pub mod xml_support;
 
@@ -93,7 +94,7 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     tracing::info!(socket = %socket.display(), "vessel daemon listening");
     let auto = m.clone();
     std::thread::spawn(move || auto.autostart_all());
-    let api = Arc::new(api::Api { m });
+    let api = api::Api::new(m);
     if let Some(t) = tcp {
         if t.token.len() < 16 {
             return Err(Error::invalid(

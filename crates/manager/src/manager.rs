@@ -177,7 +177,7 @@ impl Manager {
         Ok(m)
     }
 
-    fn run_dir(&self, name: &str) -> RunDir {
+    pub(crate) fn run_dir(&self, name: &str) -> RunDir {
         RunDir(self.cfg.state_dir.join("run").join(name))
     }
 

@@ -178,6 +178,13 @@ pub enum ManageCommand {
         #[arg(long)]
         disable: bool,
     },
+    /// Open the web dashboard on a loopback port with a fresh token and print its address
+    /// (a daemon started with --listen-tcp serves it there too).
+    Dashboard {
+        /// Open this domain's page.
+        #[arg(long)]
+        domain: Option<String>,
+    },
     /// Print state-change events as they happen.
     Events {
         /// Only this domain's events.
@@ -642,6 +649,20 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 println!("Domain '{name}' unmarked as autostarted");
             } else {
                 println!("Domain '{name}' marked as autostarted");
+            }
+        }
+        ManageCommand::Dashboard { domain } => {
+            let v = c.post("/v1/dashboard", None)?;
+            let mut url = v["url"].as_str().unwrap_or_default().to_string();
+            if let Some(d) = domain {
+                url.push_str("&domain=");
+                url.push_str(&vmm::api::http::percent_encode(&d));
+            }
+            if json_out {
+                println!("{}", json!({"url": url, "port": v["port"]}));
+            } else {
+                println!("{url}");
+                eprintln!("(open it in a browser on this host; the token in it is the password)");
             }
         }
         ManageCommand::Events { domain, timeout } => {

@@ -854,6 +854,16 @@ impl VmmApi {
                 Ok(Response::json(200, &json!(lock(&self.state).fc.machine)))
             }
             ("GET", "vessel", false) if seg.get(1) == Some(&"status") => Ok(self.get_status()),
+            ("GET", "vessel", false) if seg.get(1) == Some(&"counters") => {
+                let totals = match &lock(&self.state).phase {
+                    Phase::Running { control, .. } => Some(control.devices().totals()),
+                    _ => None,
+                };
+                Ok(Response::json(
+                    200,
+                    &super::counters::to_json(totals.as_ref()),
+                ))
+            }
             ("GET", "mmds" | "balloon", false) => Err(self.absent_device(req, first)),
             ("GET", "hotplug", false) if seg.get(1) == Some(&"memory") => {
                 Err(self.absent_device(req, first))

@@ -15,6 +15,8 @@ pub trait Conn: Read + Write + Send + 'static {
     fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
     fn shutdown_conn(&self);
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()>;
+    /// The descriptor, for a handler that polls an upgraded connection (WebSocket).
+    fn raw_fd_conn(&self) -> std::os::fd::RawFd;
 }
 
 impl Conn for UnixStream {
@@ -27,6 +29,9 @@ impl Conn for UnixStream {
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn raw_fd_conn(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 impl Conn for TcpStream {
@@ -38,6 +43,9 @@ impl Conn for TcpStream {
     }
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn raw_fd_conn(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 
@@ -363,7 +371,10 @@ fn read_request_head<R: BufRead>(r: &mut R) -> Result<Option<(Request, u64)>, Ht
 pub fn write_response<W: Write>(w: &mut W, resp: &Response, close: bool) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     head.push_str("Server: vessel\r\n");
-    if resp.status != 204 {
+    // 1xx and 204 carry no body and so no Content-Length (RFC 9110 8.6); the dashboard's
+    // WebSocket handshake is a 101 that browsers check.
+    let bodiless = resp.status == 204 || resp.status < 200;
+    if !bodiless {
         head.push_str(&format!("Content-Type: {}\r\n", resp.content_type));
         head.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
     }
@@ -375,7 +386,7 @@ pub fn write_response<W: Write>(w: &mut W, resp: &Response, close: bool) -> io::
     }
     head.push_str("\r\n");
     w.write_all(head.as_bytes())?;
-    if resp.status != 204 {
+    if !bodiless {
         w.write_all(&resp.body)?;
     }
     w.flush()

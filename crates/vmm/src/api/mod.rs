@@ -2,6 +2,7 @@
 //! own Firecracker-compatible REST API.
 
 pub mod console;
+pub mod counters;
 pub mod fc_config;
 pub mod fc_log;
 pub mod fc_model;
