@@ -39,11 +39,26 @@ MEM = "512"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 LOOP = b'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done &\n'
 
+# Every VMM started, ended however the script ends (a failed check, Ctrl-C, SIGTERM).
+STARTED = []
+
+def end_all(*_):
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+import atexit, signal
+atexit.register(end_all)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+
 class Proc:
     """A VMM with its console on pipes, read by a thread."""
     def __init__(self, argv):
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL)
+        STARTED.append(self.p)
         self.buf = bytearray()
         self.lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
