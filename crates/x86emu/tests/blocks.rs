@@ -715,6 +715,117 @@ fn a_store_through_an_alias_made_before_the_page_held_code_is_noticed() {
     assert_eq!(compiled, interpreted);
 }
 
+/// A stack page remapped between two runs (with a TLB flush): compiled stack accesses
+/// must write it at its new frame, never through a translation kept from before.
+#[test]
+fn compiled_stack_accesses_follow_a_remapped_stack_page() {
+    const STACK: u64 = 0x4000_0000;
+    const FRAME_A: u64 = 0x40_0000;
+    const FRAME_B: u64 = 0x60_0000;
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 3u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.push(r12).unwrap();
+        a.mov(rbx, qword_ptr(rsp)).unwrap();
+        a.add(rsi, rbx).unwrap();
+        a.pop(rdx).unwrap();
+        a.push(rdx).unwrap();
+        a.pop(rdi).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let slot = STACK + 0x800 - 8;
+    let run = |jit| {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        let mut out = Vec::new();
+        for (frame, value) in [(FRAME_A, 0x1111u64), (FRAME_B, 0x2222)] {
+            let ram = g.cpu.ram();
+            assert!(g.pt.map(ram, STACK, frame, 2, x86emu::testing::PTE_W));
+            let mut s = g.cpu.state().clone();
+            s.rip = CODE;
+            s.gpr[4] = STACK + 0x800;
+            s.gpr[12] = value;
+            g.cpu.set_state(s);
+            g.cpu.flush_tlb();
+            assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+            out.push(g.cpu.state().gpr);
+        }
+        let at = |frame: u64| g.read_u64(frame + (slot - STACK));
+        (out, at(FRAME_A), at(FRAME_B), g.cpu.compiled_blocks())
+    };
+    let (iout, ia, ib, _) = run(None);
+    assert_eq!((ia, ib), (0x1111, 0x2222));
+    let (cout, ca, cb, blocks) = run(Some(0));
+    assert!(blocks >= 1);
+    assert_eq!((ca, cb), (ia, ib), "the stack slot in each frame");
+    assert_eq!(cout, iout);
+}
+
+/// A stack whose two pages are far apart in guest-physical memory (as a real guest's
+/// are: identity-mapped test RAM hides a wrong host pointer for the second page), with
+/// runs of PUSHes and POPs whose range straddles the page boundary right after the upper
+/// page was used alone: the range must not be taken as lying in one page.
+#[test]
+fn compiled_stack_runs_straddling_two_distant_stack_pages_match_the_interpreter() {
+    const TOP: u64 = 0x5000_2000;
+    const UPPER: u64 = 0x32_0000; // frame of TOP - 0x1000
+    const LOWER: u64 = 0x35_0000; // frame of TOP - 0x2000
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rcx, 3u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        // The upper page alone, written.
+        a.push(rax).unwrap();
+        a.pop(rdx).unwrap();
+        a.lea(rsp, qword_ptr(rsp - 0x20)).unwrap();
+        // 0x20 below: a run whose range straddles into the lower page.
+        // RBX, which changes every pass, lowest: in the lower page.
+        a.push(r8).unwrap();
+        a.push(rdi).unwrap();
+        a.push(rsi).unwrap();
+        a.push(rbx).unwrap();
+        a.pop(r9).unwrap();
+        a.pop(r10).unwrap();
+        a.pop(r12).unwrap();
+        a.pop(r13).unwrap();
+        a.lea(rsp, qword_ptr(rsp + 0x20)).unwrap();
+        a.add(rbx, 0x101).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let regs = [7, 0x11, 0, 0, 0x22, 0x33, 0x44, 0, 0, 0];
+        let mut g = guest_with(&code, &regs, 0);
+        g.map4k(TOP - 0x1000, UPPER, x86emu::testing::PTE_W);
+        g.map4k(TOP - 0x2000, LOWER, x86emu::testing::PTE_W);
+        let mut s = g.cpu.state().clone();
+        s.rip = CODE;
+        s.gpr[4] = TOP - 0x1000 + 0x30;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 100_000), RunExit::Halted);
+        let mut lower = [0u8; 0x20];
+        assert!(g.cpu.ram().read(LOWER + 0xfe0, &mut lower));
+        let mut upper = [0u8; 0x20];
+        assert!(g.cpu.ram().read(UPPER, &mut upper));
+        (g.cpu.state().gpr, lower, upper, g.cpu.compiled_blocks())
+    };
+    let (interpreted, i_lower, i_upper, _) = run(None);
+    assert_ne!(i_lower, [0; 0x20], "the run reached the lower page");
+    let (compiled, c_lower, c_upper, blocks) = run(Some(0));
+    assert!(blocks >= 1);
+    assert_eq!(
+        (c_lower, c_upper),
+        (i_lower, i_upper),
+        "the stack pages' bytes"
+    );
+    assert_eq!(compiled, interpreted);
+}
+
 /// With nearly every register cached, the scratch register an uncached index is loaded
 /// into must not be the one holding the cached base. (Had it been, the address would be
 /// index * 9 instead of DATA + index * 8: the index is chosen so that the wrong address
