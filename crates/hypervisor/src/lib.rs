@@ -107,6 +107,32 @@ pub trait IrqChip: Send + Sync {
     }
     /// Deliver a message-signalled interrupt.
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+    /// Whether this chip can hold an interrupt back until a vCPU halts
+    /// ([`IrqChip::pulse_irq_line_moderated`]); when false those are plain deliveries.
+    fn moderates(&self) -> bool {
+        false
+    }
+    /// An edge on `gsi` that may wait, at most `max_delay`, while every vCPU is busy,
+    /// and goes out when one halts: completions that come while the guest is still
+    /// submitting requests then share one interrupt. A chip that cannot see its vCPUs
+    /// halt (KVM's, in the kernel) delivers it now.
+    fn pulse_irq_line_moderated(&self, gsi: u32, _max_delay: std::time::Duration) -> Result<()> {
+        self.pulse_irq_line(gsi)
+    }
+    /// [`IrqChip::signal_msi`], held back as [`IrqChip::pulse_irq_line_moderated`] holds
+    /// an edge.
+    fn signal_msi_moderated(
+        &self,
+        address: u64,
+        data: u32,
+        _max_delay: std::time::Duration,
+    ) -> Result<()> {
+        self.signal_msi(address, data)
+    }
+    /// Delivers the interrupts [`IrqChip::pulse_irq_line_moderated`] and
+    /// [`IrqChip::signal_msi_moderated`] hold back, now (a device that knows no more
+    /// completions are coming soon).
+    fn release_moderated(&self) {}
 }
 
 /// Where a guest write signals an ioevent.

@@ -567,6 +567,10 @@ impl VirtioDevice for Block {
         f
     }
 
+    fn moderate_interrupts(&self, _index: usize) -> bool {
+        true
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // The capacity as it is now: a swapped backing file may have changed it.
         let mut config = self.config.clone();

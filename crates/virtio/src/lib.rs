@@ -150,6 +150,13 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop in-flight state.
     fn reset(&mut self) {}
+    /// Whether queue `index`'s interrupts may be moderated: held while the guest keeps
+    /// several requests in flight, so their completions share one (see
+    /// `transport::Moderation`). For request/response queues (a disk's), not for a
+    /// NIC's, whose frames come when the host sends them.
+    fn moderate_interrupts(&self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).
