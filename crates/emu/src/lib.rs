@@ -326,4 +326,8 @@ impl Vm for EmuVm {
                 source,
             })
     }
+
+    fn inline_io(&self) -> bool {
+        true
+    }
 }

@@ -204,6 +204,12 @@ pub trait Vm: Send + Sync {
     /// From now on each write to `fd` is an edge on `gsi` (high then low), delivered
     /// without waking any VMM thread where the accelerator can.
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()>;
+    /// Whether a guest's MMIO and port accesses reach the VMM's buses on the vCPU thread
+    /// without a costly exit (a software CPU): a device may then serve a notify on that
+    /// thread at once, cheaper than waking an I/O thread through an ioevent.
+    fn inline_io(&self) -> bool {
+        false
+    }
     /// The VM-wide state a snapshot keeps (interrupt controllers, timers, the VM's
     /// clock), in the backend's own shape; take it with every vCPU out of `run()`.
     /// Backends that cannot snapshot refuse.

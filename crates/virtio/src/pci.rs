@@ -422,6 +422,13 @@ impl PciTransport {
         self.doorbell.io_thread(name, host_input)
     }
 
+    /// Notifies serve on the notifying vCPU what needs no waiting, before waking the I/O
+    /// thread (see [`Doorbell::serve_inline`]); false when the device cannot. Call after
+    /// `io_thread`, and register no ioevent for the queues then.
+    pub fn serve_inline(&mut self) -> bool {
+        self.doorbell.serve_inline()
+    }
+
     /// The value of the common configuration field at `start`.
     fn read_common_field(&self, start: u64) -> u64 {
         use common::*;

@@ -1656,3 +1656,106 @@ fn a_disk_at_queue_depth_four_shares_one_interrupt_on_a_moderating_chip() {
     }
     assert_eq!(d.pulses(), pulses, "no interrupt sent at once meanwhile");
 }
+
+/// A disk whose first `cached` bytes are in the "page cache": reads there can be served
+/// without waiting ([`block::BlockBackend::try_read_vectored_at`]).
+#[derive(Debug)]
+struct CachedDisk {
+    disk: MemDisk,
+    cached: u64,
+}
+
+impl block::BlockBackend for CachedDisk {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), block::BlockError> {
+        self.disk.read_at(o, b)
+    }
+    fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), block::BlockError> {
+        self.disk.write_at(o, b)
+    }
+    fn try_read_vectored_at(&mut self, o: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> bool {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        o + len <= self.cached && self.disk.read_vectored_at(o, bufs).is_ok()
+    }
+    fn flush(&mut self) -> Result<(), block::BlockError> {
+        Ok(())
+    }
+    fn discard(&mut self, o: u64, l: u64) -> Result<(), block::BlockError> {
+        self.disk.discard(o, l)
+    }
+    fn write_zeroes(&mut self, o: u64, l: u64) -> Result<(), block::BlockError> {
+        self.disk.write_zeroes(o, l)
+    }
+    fn block_status(
+        &mut self,
+        o: u64,
+        len: u64,
+    ) -> Result<(block::BlockStatus, u64), block::BlockError> {
+        self.disk.block_status(o, len)
+    }
+}
+
+#[test]
+fn a_notify_serves_cached_reads_on_the_vcpu_and_leaves_the_rest_to_the_io_thread() {
+    let mut data = vec![0u8; 1 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i / 512) as u8;
+    }
+    let disk = CachedDisk {
+        disk: MemDisk { data, ro: false },
+        cached: 64 << 10,
+    };
+    let mut d = Driver::new(Box::new(Block::new(Box::new(disk), "c", false))).init(QSIZE);
+    // Inline serving needs an I/O thread for what it leaves (not started here: its
+    // rounds are run by hand below).
+    assert!(!d.t.serve_inline(), "no I/O thread yet");
+    let _io = d.t.io_thread("blk-inline", None).unwrap();
+    assert!(d.t.serve_inline());
+    // A read of cached sectors completes within the notify.
+    d.header(HDR, 0, 3);
+    d.post(0, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!((d.byte(ST), d.byte(BUF)), (0, 3));
+    // Then one past the cache, a cached one behind it, and a write: the first already
+    // would wait, so all three are left for the I/O thread, in order.
+    for (i, (kind, sector)) in [(0u32, 200u64), (0, 5), (1, 7)].into_iter().enumerate() {
+        let i = i as u64 + 1;
+        let hdr = HDR + i * 0x10;
+        d.header(hdr, kind, sector);
+        let flags = if kind == 0 { F_WRITE } else { 0 };
+        d.mem.write_obj(0xffu8, GuestAddress(ST + i)).unwrap();
+        d.post(
+            (i * 3) as u16,
+            &[
+                (hdr, 16, 0),
+                (BUF + i * 0x400, 512, flags),
+                (ST + i, 1, F_WRITE),
+            ],
+        );
+    }
+    d.w(0x050, 0);
+    assert_eq!(d.used_idx(), 1, "served on the notifying thread");
+    assert_eq!(d.byte(ST + 1), 0xff);
+    // The I/O thread's round finishes them.
+    d.t.core().process_queue(0);
+    assert_eq!(d.used_idx(), 4);
+    for i in 1..=3 {
+        assert_eq!(d.byte(ST + i), 0, "request {i}");
+    }
+    assert_eq!(d.byte(BUF + 0x400), 200);
+    assert_eq!(d.byte(BUF + 0x800), 5);
+    // Left work dies with a reset: a late I/O thread round serves nothing.
+    d.header(HDR, 0, 300);
+    d.post(9, &[(HDR, 16, 0), (BUF, 512, F_WRITE), (ST, 1, F_WRITE)]);
+    d.w(0x050, 0);
+    assert_eq!(d.used_idx(), 4);
+    d.w(0x070, 0);
+    assert!(d.t.core().process_queue(0).is_none());
+    assert_eq!(d.used_idx(), 4);
+}
