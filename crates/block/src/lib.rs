@@ -98,6 +98,14 @@ pub trait BlockBackend: Send + fmt::Debug {
         }
         Ok(())
     }
+    /// [`BlockBackend::read_vectored_at`] only if it needs no disk access (raw images
+    /// whose bytes are in the host's page cache): true when done; false when the caller
+    /// must do the full read (the buffers may hold part of the data meanwhile). Errors
+    /// are left to that read. By default nothing is tried.
+    fn try_read_vectored_at(&mut self, offset: u64, bufs: &mut [io::IoSliceMut<'_>]) -> bool {
+        let _ = (offset, bufs);
+        false
+    }
     /// Writes `bufs` in turn from guest `offset` on (one `pwritev` for raw images).
     fn write_vectored_at(
         &mut self,
@@ -142,6 +150,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Result<(), BlockError> {
         (**self).read_vectored_at(offset, bufs)
+    }
+    fn try_read_vectored_at(&mut self, offset: u64, bufs: &mut [io::IoSliceMut<'_>]) -> bool {
+        (**self).try_read_vectored_at(offset, bufs)
     }
     fn write_vectored_at(
         &mut self,

@@ -86,6 +86,11 @@ impl BlockBackend for Raw {
             .map_err(|source| BlockError::RawRead { offset, source })
     }
 
+    fn try_read_vectored_at(&mut self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> bool {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, len).is_ok() && self.file.try_read_vectored_at(offset, bufs)
+    }
+
     fn write_vectored_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_write(offset, len)?;

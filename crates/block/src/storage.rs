@@ -36,6 +36,14 @@ pub trait Storage: Send + Debug {
         }
         Ok(())
     }
+    /// Fills `bufs` from `offset` on only if it can without waiting for the disk (the
+    /// bytes are in the host's page cache): true when done, false when nothing useful
+    /// happened and [`Storage::read_vectored_at`] must do it (it may have filled part of
+    /// the buffers meanwhile). Never fails: a real error shows in that read.
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> bool {
+        let _ = (offset, bufs);
+        false
+    }
     /// Makes every completed write durable (a write barrier).
     fn sync(&self) -> io::Result<()>;
     /// Current length of the file in bytes.
@@ -86,6 +94,38 @@ impl Storage for File {
             })
             .collect();
         vectored(self, offset, &mut iov, Direction::Read)
+    }
+
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> bool {
+        // One call, all or nothing: the kernel takes at most IOV_MAX (1024) entries.
+        if bufs.len() > 1024 {
+            return false;
+        }
+        let Ok(pos) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points at a buffer of `bufs`, borrowed mutably for this
+        // call, with its length; the fd is open while `self` lives. RWF_NOWAIT makes
+        // the call return EAGAIN (or a short count) rather than wait for the disk.
+        let n = unsafe {
+            libc::preadv2(
+                self.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                pos,
+                libc::RWF_NOWAIT,
+            )
+        };
+        // A short count (part cached, or the end of the file) is left to the full read.
+        usize::try_from(n).is_ok_and(|n| n == total && n > 0)
     }
 
     fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> io::Result<()> {
@@ -362,6 +402,35 @@ impl Storage for MemStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_read_is_served_without_waiting_and_a_short_one_is_not() {
+        let path = std::env::temp_dir().join(format!("block-nowait-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // Just written: in the page cache.
+        f.write_all_at(&[5u8; 8192], 0).unwrap();
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 2048]);
+        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        assert!(Storage::try_read_vectored_at(&f, 1024, &mut bufs));
+        assert!(a.iter().chain(&b).all(|&x| x == 5));
+        // Past the end of the file: short, left to the full read (which zero-fills).
+        let mut c = vec![0u8; 4096];
+        assert!(!Storage::try_read_vectored_at(
+            &f,
+            6144,
+            &mut [IoSliceMut::new(&mut c)]
+        ));
+        // Nothing to read is nothing served.
+        assert!(!Storage::try_read_vectored_at(&f, 0, &mut []));
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn files_read_and_write_scattered_buffers_in_one_pass() {

@@ -76,6 +76,7 @@ impl Hypervisor for EmuHypervisor {
                 chip,
                 clock,
                 ioevents: eventfds::IoEvents::default(),
+                moderate: kvm.is_none(),
             }),
             irqfds,
             code: Arc::new(Mutex::new(None)),
@@ -100,6 +101,8 @@ pub(crate) struct VmShared {
     pub(crate) chip: UserIrqChip,
     pub(crate) clock: VmClock,
     pub(crate) ioevents: eventfds::IoEvents,
+    /// Whether device interrupts may be held until a vCPU halts (not in hybrid mode).
+    pub(crate) moderate: bool,
 }
 
 struct Region {
@@ -134,6 +137,27 @@ impl IrqChip for ChipHandle {
     fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
         self.0.chip.signal_msi(address, data);
         Ok(())
+    }
+    fn moderates(&self) -> bool {
+        // A hybrid vCPU runs guest user code on KVM for stretches that end only at its
+        // next timer, which would hold an interrupt that long: not moderated there.
+        self.0.moderate
+    }
+    fn pulse_irq_line_moderated(&self, gsi: u32, max_delay: std::time::Duration) -> Result<()> {
+        self.0.chip.pulse_irq_line_moderated(gsi, max_delay);
+        Ok(())
+    }
+    fn signal_msi_moderated(
+        &self,
+        address: u64,
+        data: u32,
+        max_delay: std::time::Duration,
+    ) -> Result<()> {
+        self.0.chip.signal_msi_moderated(address, data, max_delay);
+        Ok(())
+    }
+    fn release_moderated(&self) {
+        self.0.chip.release_held();
     }
 }
 
@@ -301,5 +325,9 @@ impl Vm for EmuVm {
                 op: "registering an irqfd",
                 source,
             })
+    }
+
+    fn inline_io(&self) -> bool {
+        true
     }
 }

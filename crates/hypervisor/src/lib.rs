@@ -107,6 +107,32 @@ pub trait IrqChip: Send + Sync {
     }
     /// Deliver a message-signalled interrupt.
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+    /// Whether this chip can hold an interrupt back until a vCPU halts
+    /// ([`IrqChip::pulse_irq_line_moderated`]); when false those are plain deliveries.
+    fn moderates(&self) -> bool {
+        false
+    }
+    /// An edge on `gsi` that may wait, at most `max_delay`, while every vCPU is busy,
+    /// and goes out when one halts: completions that come while the guest is still
+    /// submitting requests then share one interrupt. A chip that cannot see its vCPUs
+    /// halt (KVM's, in the kernel) delivers it now.
+    fn pulse_irq_line_moderated(&self, gsi: u32, _max_delay: std::time::Duration) -> Result<()> {
+        self.pulse_irq_line(gsi)
+    }
+    /// [`IrqChip::signal_msi`], held back as [`IrqChip::pulse_irq_line_moderated`] holds
+    /// an edge.
+    fn signal_msi_moderated(
+        &self,
+        address: u64,
+        data: u32,
+        _max_delay: std::time::Duration,
+    ) -> Result<()> {
+        self.signal_msi(address, data)
+    }
+    /// Delivers the interrupts [`IrqChip::pulse_irq_line_moderated`] and
+    /// [`IrqChip::signal_msi_moderated`] hold back, now (a device that knows no more
+    /// completions are coming soon).
+    fn release_moderated(&self) {}
 }
 
 /// Where a guest write signals an ioevent.
@@ -178,6 +204,12 @@ pub trait Vm: Send + Sync {
     /// From now on each write to `fd` is an edge on `gsi` (high then low), delivered
     /// without waking any VMM thread where the accelerator can.
     fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> Result<()>;
+    /// Whether a guest's MMIO and port accesses reach the VMM's buses on the vCPU thread
+    /// without a costly exit (a software CPU): a device may then serve a notify on that
+    /// thread at once, cheaper than waking an I/O thread through an ioevent.
+    fn inline_io(&self) -> bool {
+        false
+    }
     /// The VM-wide state a snapshot keeps (interrupt controllers, timers, the VM's
     /// clock), in the backend's own shape; take it with every vCPU out of `run()`.
     /// Backends that cannot snapshot refuse.

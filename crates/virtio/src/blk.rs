@@ -417,6 +417,43 @@ impl Batch {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Run one request if it needs no waiting on the host: a read served from the page
+    /// cache, an ID, a status. None when it would wait (or is a write, flush, discard:
+    /// buffered writes cannot be tried without blocking on every host).
+    fn try_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Option<Result<(u8, u32), DeviceError>> {
+        let Op::Read { offset, data } = op else {
+            return match op {
+                Op::GetId { .. } | Op::Status(_) => Some(self.run_one(mem, op)),
+                _ => None,
+            };
+        };
+        let ranges = match host_ranges(mem, data) {
+            Ok(r) => r,
+            Err(at) => return Some(Err(DeviceError::GuestMemory(at))),
+        };
+        let mut bufs: Vec<IoSliceMut<'_>> = ranges
+            .iter()
+            .map(|&(p, n)| {
+                // SAFETY: as in `run_one`'s reads: `p` and `n` come from a VolatileSlice
+                // of `mem`, alive for this borrow; only the backend writes through it.
+                IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
+            })
+            .collect();
+        // Never wait for the disk's lock either: whoever holds it may be doing I/O.
+        let mut disk = self.disk.try_lock().ok()?;
+        let done = disk.try_read_vectored_at(*offset, &mut bufs);
+        drop(disk);
+        // Reported even when not done: part of the buffers may have been filled.
+        for s in data {
+            crate::ram_watch::wrote(s.addr.0, s.len);
+        }
+        if !done {
+            return None;
+        }
+        let len: u64 = data.iter().map(|s| s.len).sum();
+        Some(Ok((S_OK, u32::try_from(len).unwrap_or(u32::MAX))))
+    }
+
     /// Run one request; returns its status and the bytes it wrote into guest buffers.
     fn run_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Result<(u8, u32), DeviceError> {
         // What failed is only formatted when something did.
@@ -518,6 +555,24 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Writes a finished request's status byte and counts it; the used length.
+    fn finish(
+        &self,
+        mem: &GuestMemoryMmap,
+        req: &Request,
+        result: Result<(u8, u32), DeviceError>,
+    ) -> Result<u32, DeviceError> {
+        let (status, written) = result?;
+        mem.write_obj(status, req.status_at)
+            .map_err(|_| DeviceError::GuestMemory(req.status_at.0))?;
+        if status == S_OK {
+            self.count(&req.op);
+        }
+        Ok(written.saturating_add(1))
+    }
+}
+
 impl QueueWork for Batch {
     fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone {
         let mut done = WorkDone {
@@ -525,15 +580,7 @@ impl QueueWork for Batch {
             ..WorkDone::default()
         };
         for req in &self.requests {
-            let result = self.run_one(mem, &req.op).and_then(|(status, written)| {
-                mem.write_obj(status, req.status_at)
-                    .map_err(|_| DeviceError::GuestMemory(req.status_at.0))?;
-                if status == S_OK {
-                    self.count(&req.op);
-                }
-                Ok(written.saturating_add(1))
-            });
-            match result {
+            match self.finish(mem, req, self.run_one(mem, &req.op)) {
                 Ok(len) => done.used.push((req.head, len)),
                 Err(e) => {
                     done.error = Some(e);
@@ -542,6 +589,35 @@ impl QueueWork for Batch {
             }
         }
         done
+    }
+
+    fn run_nowait(&mut self, mem: &GuestMemoryMmap) -> WorkDone {
+        let mut done = WorkDone::default();
+        let mut served = 0;
+        for req in &self.requests {
+            let Some(result) = self.try_one(mem, &req.op) else {
+                break;
+            };
+            served += 1;
+            match self.finish(mem, req, result) {
+                Ok(len) => done.used.push((req.head, len)),
+                Err(e) => {
+                    // The device needs a reset: nothing after it runs.
+                    done.error = Some(e);
+                    served = self.requests.len();
+                    break;
+                }
+            }
+        }
+        self.requests.drain(..served);
+        if self.requests.is_empty() {
+            done.throttled = self.throttled.take();
+        }
+        done
+    }
+
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
     }
 }
 
@@ -565,6 +641,14 @@ impl VirtioDevice for Block {
             f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
+    }
+
+    fn moderate_interrupts(&self, _index: usize) -> bool {
+        true
+    }
+
+    fn serves_nowait(&self) -> bool {
+        true
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -103,6 +103,16 @@ impl std::fmt::Debug for Started {
 pub trait QueueWork: Send {
     /// Serve the requests; guest buffers are written, the used ring is not.
     fn run(self: Box<Self>, mem: &GuestMemoryMmap) -> WorkDone;
+    /// Serve, in order, the requests that need no waiting on the host (a read whose data
+    /// is in the page cache), up to the first that would; those are left for
+    /// [`QueueWork::run`]. Returns what was completed; by default nothing.
+    fn run_nowait(&mut self, _mem: &GuestMemoryMmap) -> WorkDone {
+        WorkDone::default()
+    }
+    /// Whether requests are left to run.
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// What [`QueueWork::run`] completed.
@@ -150,6 +160,19 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop in-flight state.
     fn reset(&mut self) {}
+    /// Whether queue `index`'s interrupts may be moderated: held while the guest keeps
+    /// several requests in flight, so their completions share one (see
+    /// `transport::Moderation`). For request/response queues (a disk's), not for a
+    /// NIC's, whose frames come when the host sends them.
+    fn moderate_interrupts(&self, _index: usize) -> bool {
+        false
+    }
+    /// Whether the work [`VirtioDevice::start_queue`] returns can serve what needs no
+    /// waiting on the host ([`QueueWork::run_nowait`]), so a notify may be served on the
+    /// notifying vCPU (`transport::Doorbell::serve_inline`).
+    fn serves_nowait(&self) -> bool {
+        false
+    }
 }
 
 /// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).

@@ -130,6 +130,13 @@ impl MmioTransport {
         self.doorbell.io_thread(name, host_input)
     }
 
+    /// Notifies serve on the notifying vCPU what needs no waiting, before waking the I/O
+    /// thread (see [`Doorbell::serve_inline`]); false when the device cannot. Call after
+    /// `io_thread`, and register no ioevent for the queues then.
+    pub fn serve_inline(&mut self) -> bool {
+        self.doorbell.serve_inline()
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
         let q = self.queue_sel as usize;
         match offset {

@@ -25,7 +25,9 @@ use hypervisor::{IoEventAddress, IrqChip};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use crate::transport::{Cause, DeviceCore, Doorbell, HostInput, Interrupt, IoThread};
+use crate::transport::{
+    Cause, DeviceCore, Doorbell, HostInput, Interrupt, IoThread, QUEUE_INTERRUPT_HOLD,
+};
 use crate::{device_type, VirtioDevice};
 
 /// The virtio PCI vendor, and the first modern device ID (0x1040 + device type).
@@ -174,8 +176,10 @@ impl PciInterrupt {
     }
 }
 
-impl Interrupt for PciInterrupt {
-    fn raise(&self, cause: Cause) {
+impl PciInterrupt {
+    /// Raises `cause`'s vector (or INTx); with `hold`, an MSI may wait that long while
+    /// the guest's vCPUs are all busy.
+    fn raise_within(&self, cause: Cause, hold: Option<std::time::Duration>) {
         let vector = {
             let v = self.vectors();
             match cause {
@@ -187,7 +191,7 @@ impl Interrupt for PciInterrupt {
         if msix.enabled() {
             // With MSI-X on, a cause without a vector interrupts nothing (4.1.5.1.3.1).
             if vector != NO_VECTOR {
-                msix.trigger(vector);
+                msix.trigger_within(vector, hold);
             }
             return;
         }
@@ -195,6 +199,24 @@ impl Interrupt for PciInterrupt {
         if !self.intx_disabled.load(Ordering::Acquire) {
             self.set_intx(true);
         }
+    }
+}
+
+impl Interrupt for PciInterrupt {
+    fn raise(&self, cause: Cause) {
+        self.raise_within(cause, None);
+    }
+
+    fn raise_held(&self, cause: Cause) {
+        self.raise_within(cause, Some(QUEUE_INTERRUPT_HOLD));
+    }
+
+    fn moderated(&self) -> bool {
+        self.irq.moderates()
+    }
+
+    fn release_held(&self) {
+        self.irq.release_moderated();
     }
 
     fn reset(&self) {
@@ -398,6 +420,13 @@ impl PciTransport {
         host_input: Option<Box<dyn HostInput>>,
     ) -> std::io::Result<IoThread> {
         self.doorbell.io_thread(name, host_input)
+    }
+
+    /// Notifies serve on the notifying vCPU what needs no waiting, before waking the I/O
+    /// thread (see [`Doorbell::serve_inline`]); false when the device cannot. Call after
+    /// `io_thread`, and register no ioevent for the queues then.
+    pub fn serve_inline(&mut self) -> bool {
+        self.doorbell.serve_inline()
     }
 
     /// The value of the common configuration field at `start`.

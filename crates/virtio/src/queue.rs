@@ -143,6 +143,17 @@ pub fn needs_interrupt(
     }
 }
 
+/// The driver's used_event (EVENT_IDX: interrupt me once the used index passes it);
+/// None when the ring is outside guest memory.
+pub fn used_event(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    use std::sync::atomic::Ordering;
+    use virtio_queue::QueueT;
+    GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .and_then(|a| mem.load::<u16>(a, Ordering::Relaxed).ok())
+        .map(u16::from_le)
+}
+
 /// For a queue that ran out of buffers: asks the driver (with EVENT_IDX, through
 /// avail_event) to notify once its avail index moves past `seen`, the index it had
 /// published before the device looked. True if it already has: more buffers may have

@@ -631,10 +631,18 @@ impl Vmm {
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
                         // A queue notify is an eventfd write by the accelerator, which
-                        // wakes the I/O thread without the bus or the transport.
+                        // wakes the I/O thread without the bus or the transport; or, on
+                        // a software CPU, it reaches the transport, which serves on the
+                        // vCPU what needs no waiting.
                         let doorbell = window.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
-                        for (queue, fd) in thread.queue_notifiers() {
-                            vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
+                        if !(vm.inline_io() && t.serve_inline()) {
+                            for (queue, fd) in thread.queue_notifiers() {
+                                vm.register_ioevent(
+                                    IoEventAddress::Mmio(doorbell),
+                                    Some(queue),
+                                    fd,
+                                )?;
+                            }
                         }
                         io_threads.push(thread);
                     }
@@ -665,15 +673,18 @@ impl Vmm {
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
-                        let notifiers = thread
-                            .queue_notifiers()
-                            .map(|(queue, fd)| fd.try_clone().map(|fd| (queue, fd)))
-                            .collect::<std::io::Result<Vec<_>>>()
-                            .map_err(|source| VmmError::EventFd {
-                                what: "a virtio-pci notify ioevent",
-                                source,
-                            })?;
-                        t.notify_through_ioevents(vm.clone(), notifiers);
+                        // As for virtio-mmio: no ioevents where the vCPU serves inline.
+                        if !(vm.inline_io() && t.serve_inline()) {
+                            let notifiers = thread
+                                .queue_notifiers()
+                                .map(|(queue, fd)| fd.try_clone().map(|fd| (queue, fd)))
+                                .collect::<std::io::Result<Vec<_>>>()
+                                .map_err(|source| VmmError::EventFd {
+                                    what: "a virtio-pci notify ioevent",
+                                    source,
+                                })?;
+                            t.notify_through_ioevents(vm.clone(), notifiers);
+                        }
                         io_threads.push(thread);
                     }
                     // After the ioevents' hook (a restore places them where BAR 0 was),

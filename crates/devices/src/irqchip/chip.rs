@@ -109,7 +109,23 @@ struct ChipState {
     kicked: Vec<bool>,
     /// The vCPU is sleeping in `wait` (only those are notified).
     waiting: Vec<bool>,
+    /// Interrupts held back while every vCPU is busy (see
+    /// [`UserIrqChip::pulse_irq_line_moderated`]), each once.
+    held: Vec<Held>,
+    /// When the oldest of `held` must go out at the latest.
+    held_until: Option<Instant>,
 }
+
+/// An interrupt [`UserIrqChip::pulse_irq_line_moderated`] or
+/// [`UserIrqChip::signal_msi_moderated`] holds until a vCPU halts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Edge(u32),
+    Msi(u64, u32),
+}
+
+/// Distinct interrupts held at once; one more is delivered with the others at once.
+const MAX_HELD: usize = 64;
 
 impl ChipState {
     fn pic_reaches(&self, cpu: usize) -> bool {
@@ -217,6 +233,32 @@ impl ChipState {
         }
     }
 
+    /// Delivers the interrupts held back; true if there were any.
+    fn release_held(&mut self) -> bool {
+        self.held_until = None;
+        if self.held.is_empty() {
+            return false;
+        }
+        for irq in std::mem::take(&mut self.held) {
+            self.deliver_held(irq);
+        }
+        true
+    }
+
+    fn deliver_held(&mut self, irq: Held) {
+        match irq {
+            Held::Edge(gsi) => {
+                self.set_irq_line(gsi, true);
+                self.set_irq_line(gsi, false);
+            }
+            Held::Msi(address, data) => {
+                if let Some(d) = msi_delivery(address, data) {
+                    self.deliver_message(d);
+                }
+            }
+        }
+    }
+
     fn set_irq_line(&mut self, gsi: u32, active: bool) {
         match gsi {
             0 | PIT_GSI => {
@@ -316,6 +358,8 @@ impl UserIrqChip {
                 extint: vec![false; n],
                 kicked: vec![false; n],
                 waiting: vec![false; n],
+                held: Vec::new(),
+                held_until: None,
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
             hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
@@ -327,7 +371,11 @@ impl UserIrqChip {
 
     /// A snapshot of every controller.
     pub fn state(&self) -> UserIrqChipState {
-        let st = self.lock();
+        let mut st = self.lock();
+        // Interrupts held back go into the controllers' state rather than be lost.
+        if st.release_held() {
+            self.notify(&st);
+        }
         let (pic_master, pic_slave) = st.pic.state();
         let (pit_channels, pit_speaker) = st.pit.state();
         UserIrqChipState {
@@ -371,6 +419,8 @@ impl UserIrqChip {
             extint,
             kicked: vec![false; n],
             waiting: vec![false; n],
+            held: Vec::new(),
+            held_until: None,
         };
         let (timer_hz, tsc_hz) = st
             .lapics
@@ -511,32 +561,60 @@ impl UserIrqChip {
     /// Deliver the MSI with this address/data pair. Addresses outside 0xfeexxxxx and
     /// reserved delivery modes are dropped.
     pub fn signal_msi(&self, address: u64, data: u32) {
-        if address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
-            tracing::debug!(address, data, "MSI to a non-interrupt address dropped");
+        let Some(delivery) = msi_delivery(address, data) else {
             return;
-        }
-        let Some(mode) = DeliveryMode::from_bits(data >> 8) else {
-            tracing::debug!(address, data, "MSI with a reserved delivery mode dropped");
-            return;
-        };
-        let id = ((address >> MSI_DEST_SHIFT) & 0xff) as u32;
-        let delivery = Delivery {
-            dest: if address & MSI_DEST_LOGICAL != 0 {
-                Destination::Logical(id)
-            } else {
-                Destination::Physical(id)
-            },
-            vector: data as u8,
-            mode,
-            trigger: if data & MSI_TRIGGER_LEVEL != 0 {
-                Trigger::Level
-            } else {
-                Trigger::Edge
-            },
         };
         let mut st = self.lock();
         st.deliver_message(delivery);
         self.notify(&st);
+    }
+
+    /// An edge on `gsi` that may wait while every vCPU is busy: it goes out when one of
+    /// them halts ([`UserIrqChip::wait`]), or with the first [`UserIrqChip::tick`] after
+    /// `max_delay`; at once if a vCPU is halted now. A device's completions that come
+    /// while the guest is still submitting more so share one interrupt, as a NIC's
+    /// interrupt moderation does, without delaying a guest that waits for them.
+    pub fn pulse_irq_line_moderated(&self, gsi: u32, max_delay: Duration) {
+        self.hold(Held::Edge(gsi), max_delay);
+    }
+
+    /// [`UserIrqChip::signal_msi`], held back as
+    /// [`UserIrqChip::pulse_irq_line_moderated`] holds an edge.
+    pub fn signal_msi_moderated(&self, address: u64, data: u32, max_delay: Duration) {
+        if msi_delivery(address, data).is_some() {
+            self.hold(Held::Msi(address, data), max_delay);
+        }
+    }
+
+    fn hold(&self, irq: Held, max_delay: Duration) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let idle = st.waiting.iter().any(|&w| w);
+        let overdue = st.held_until.is_some_and(|due| now >= due);
+        if idle || overdue || max_delay.is_zero() || st.held.len() >= MAX_HELD {
+            st.release_held();
+            st.deliver_held(irq);
+            self.notify(&st);
+            return;
+        }
+        if !st.held.contains(&irq) {
+            st.held.push(irq);
+        }
+        let due = now.checked_add(max_delay).unwrap_or(now);
+        st.held_until = Some(st.held_until.map_or(due, |d| d.min(due)));
+    }
+
+    /// Whether interrupts are held back (see [`UserIrqChip::pulse_irq_line_moderated`]).
+    pub fn holds_interrupts(&self) -> bool {
+        !self.lock().held.is_empty()
+    }
+
+    /// Delivers the interrupts held back now.
+    pub fn release_held(&self) {
+        let mut st = self.lock();
+        if st.release_held() {
+            self.notify(&st);
+        }
     }
 
     /// Deliver an NMI to `cpu` (a platform NMI, e.g. from the VMM's API).
@@ -739,6 +817,10 @@ impl UserIrqChip {
     /// raise their vectors, and the vCPUs with something pending are woken.
     pub fn tick(&self, now_ns: u64) {
         let mut st = self.lock();
+        // Held interrupts whose time is up (see `pulse_irq_line_moderated`).
+        if st.held_until.is_some_and(|due| Instant::now() >= due) {
+            st.release_held();
+        }
         if st.pit.tick(now_ns) > 0 {
             // Missed periods collapse into one edge.
             st.set_irq_line(PIT_GSI, true);
@@ -773,6 +855,10 @@ impl UserIrqChip {
         };
         let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
+        // A vCPU halts: the interrupts held while all of them were busy go out now.
+        if st.release_held() {
+            self.notify(&st);
+        }
         let woken = loop {
             if std::mem::take(&mut st.kicked[i]) || st.has_event(i, interruptible) {
                 break true;
@@ -795,6 +881,34 @@ impl UserIrqChip {
     }
 }
 
+/// The delivery an MSI address/data pair asks for; None (and a debug line) for an
+/// address outside 0xfeexxxxx or a reserved delivery mode, which are dropped.
+fn msi_delivery(address: u64, data: u32) -> Option<Delivery> {
+    if address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
+        tracing::debug!(address, data, "MSI to a non-interrupt address dropped");
+        return None;
+    }
+    let Some(mode) = DeliveryMode::from_bits(data >> 8) else {
+        tracing::debug!(address, data, "MSI with a reserved delivery mode dropped");
+        return None;
+    };
+    let id = ((address >> MSI_DEST_SHIFT) & 0xff) as u32;
+    Some(Delivery {
+        dest: if address & MSI_DEST_LOGICAL != 0 {
+            Destination::Logical(id)
+        } else {
+            Destination::Physical(id)
+        },
+        vector: data as u8,
+        mode,
+        trigger: if data & MSI_TRIGGER_LEVEL != 0 {
+            Trigger::Level
+        } else {
+            Trigger::Edge
+        },
+    })
+}
+
 impl hypervisor::IrqChip for UserIrqChip {
     fn set_irq_line(&self, gsi: u32, active: bool) -> hypervisor::Result<()> {
         UserIrqChip::set_irq_line(self, gsi, active);
@@ -804,6 +918,29 @@ impl hypervisor::IrqChip for UserIrqChip {
     fn signal_msi(&self, address: u64, data: u32) -> hypervisor::Result<()> {
         UserIrqChip::signal_msi(self, address, data);
         Ok(())
+    }
+
+    fn moderates(&self) -> bool {
+        true
+    }
+
+    fn pulse_irq_line_moderated(&self, gsi: u32, max_delay: Duration) -> hypervisor::Result<()> {
+        UserIrqChip::pulse_irq_line_moderated(self, gsi, max_delay);
+        Ok(())
+    }
+
+    fn signal_msi_moderated(
+        &self,
+        address: u64,
+        data: u32,
+        max_delay: Duration,
+    ) -> hypervisor::Result<()> {
+        UserIrqChip::signal_msi_moderated(self, address, data, max_delay);
+        Ok(())
+    }
+
+    fn release_moderated(&self) {
+        UserIrqChip::release_held(self);
     }
 }
 
@@ -1170,6 +1307,81 @@ mod tests {
         c.tick(6000);
         assert_eq!(c.acknowledge_interrupt(1), Some(0x41));
         assert_eq!(c.next_deadline_ns(1), None);
+    }
+
+    #[test]
+    fn moderated_interrupts_wait_for_a_halt() {
+        let c = chip(1);
+        route(&c, 5, 0x0000_0035, 0); // edge, fixed, physical 0
+                                      // The vCPU is busy: the edge and the MSI are held, each once.
+        c.pulse_irq_line_moderated(5, Duration::from_secs(60));
+        c.pulse_irq_line_moderated(5, Duration::from_secs(60));
+        c.signal_msi_moderated(0xfee0_0000, 0x0046, Duration::from_secs(60));
+        assert!(c.holds_interrupts());
+        assert!(!c.event_hint(0));
+        assert!(!c.has_interrupt(0));
+        // Timers ticking before the deadline leave them held.
+        c.tick(1);
+        assert!(!c.has_interrupt(0));
+        // It halts: both go out and the wait returns at once.
+        let start = Instant::now();
+        assert!(c.wait(0, Duration::from_secs(20), true));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!c.holds_interrupts());
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x46));
+        lapic_write(&c, 0, 0xb0, 0);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+        lapic_write(&c, 0, 0xb0, 0);
+        assert!(!c.has_interrupt(0));
+    }
+
+    #[test]
+    fn moderated_interrupts_have_a_deadline() {
+        let c = chip(1);
+        route(&c, 5, 0x0000_0035, 0);
+        // No delay allowed: delivered at once.
+        c.pulse_irq_line_moderated(5, Duration::ZERO);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+        lapic_write(&c, 0, 0xb0, 0);
+        // Past its deadline, the next tick delivers it.
+        c.pulse_irq_line_moderated(5, Duration::from_millis(1));
+        assert!(!c.has_interrupt(0));
+        std::thread::sleep(Duration::from_millis(5));
+        c.tick(1);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+        lapic_write(&c, 0, 0xb0, 0);
+        // Or the device releases it.
+        c.pulse_irq_line_moderated(5, Duration::from_secs(60));
+        assert!(!c.has_interrupt(0));
+        c.release_held();
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+        lapic_write(&c, 0, 0xb0, 0);
+        // A snapshot does not lose one: it is delivered into the state first.
+        c.pulse_irq_line_moderated(5, Duration::from_secs(60));
+        let saved = c.state();
+        assert!(!c.holds_interrupts());
+        let restored = UserIrqChip::from_state(&saved);
+        assert_eq!(restored.acknowledge_interrupt(0), Some(0x35));
+        // MSIs the chip would drop are not held either.
+        c.signal_msi_moderated(0xfed0_0000, 0x0047, Duration::from_secs(60));
+        assert!(!c.holds_interrupts());
+    }
+
+    #[test]
+    fn moderated_interrupt_to_a_halted_vcpu_goes_at_once() {
+        let c = Arc::new(chip(1));
+        route(&c, 5, 0x0000_0035, 0);
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait(0, Duration::from_secs(20), true))
+        };
+        // Once it sleeps, a moderated edge wakes it.
+        while !c.lock().waiting[0] {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.pulse_irq_line_moderated(5, Duration::from_secs(60));
+        assert!(waiter.join().unwrap());
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
     }
 
     #[test]

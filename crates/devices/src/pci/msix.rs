@@ -132,9 +132,19 @@ impl Msix {
     }
 
     fn send(&self, v: usize) {
-        let e = self.entries[v];
+        self.send_within(v, None);
+    }
+
+    /// Sends vector `v`'s message, or with `hold` lets the chip hold it back that long
+    /// at most while every vCPU is busy ([`IrqChip::signal_msi_moderated`]).
+    fn send_within(&self, v: usize, hold: Option<std::time::Duration>) {
+        let Some(e) = self.entries.get(v) else { return };
         let addr = u64::from(e.addr_lo) | (u64::from(e.addr_hi) << 32);
-        if let Err(err) = self.irq.signal_msi(addr, e.data) {
+        let sent = match hold {
+            Some(d) => self.irq.signal_msi_moderated(addr, e.data, d),
+            None => self.irq.signal_msi(addr, e.data),
+        };
+        if let Err(err) = sent {
             tracing::warn!(vector = v, "MSI-X delivery failed: {err}");
         }
     }
@@ -142,6 +152,12 @@ impl Msix {
     /// Raise `vector`: sent now, or left pending while masked. False when MSI-X is off
     /// or there is no such vector (the caller falls back to INTx or drops it).
     pub fn trigger(&mut self, vector: u16) -> bool {
+        self.trigger_within(vector, None)
+    }
+
+    /// [`Msix::trigger`] for an interrupt the chip may hold back up to `hold` while the
+    /// guest's vCPUs are all busy (see [`IrqChip::signal_msi_moderated`]).
+    pub fn trigger_within(&mut self, vector: u16, hold: Option<std::time::Duration>) -> bool {
         let v = usize::from(vector);
         if !self.enabled || v >= self.entries.len() {
             return false;
@@ -149,7 +165,7 @@ impl Msix {
         if self.masked(v) {
             self.pending[v / 64] |= 1 << (v % 64);
         } else {
-            self.send(v);
+            self.send_within(v, hold);
         }
         true
     }

@@ -102,6 +102,9 @@ impl DeviceCore {
     /// The device's state, for a snapshot of a paused VM.
     pub fn snapshot(&self) -> CoreSnapshot {
         let _in_flight = self.lock_in_flight();
+        // Requests a vCPU took off a ring and left for the I/O thread, which the paused
+        // VM's gate keeps out: completed now, or the snapshot would lose them.
+        self.finish_deferred();
         let st = self.lock();
         CoreSnapshot {
             device_type: self.device_type,
