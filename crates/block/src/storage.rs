@@ -403,16 +403,21 @@ impl Storage for MemStorage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cached_read_is_served_without_waiting_and_a_short_one_is_not() {
-        let path = std::env::temp_dir().join(format!("block-nowait-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
+    /// A new, empty file at `path`, open for reading and writing.
+    fn scratch_file(path: &std::path::Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
-            .open(&path)
-            .unwrap();
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_cached_read_is_served_without_waiting_and_a_short_one_is_not() {
+        let path = std::env::temp_dir().join(format!("block-nowait-{}", std::process::id()));
+        let f = scratch_file(&path);
         // Just written: in the page cache.
         f.write_all_at(&[5u8; 8192], 0).unwrap();
         let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 2048]);
@@ -435,13 +440,7 @@ mod tests {
     #[test]
     fn files_read_and_write_scattered_buffers_in_one_pass() {
         let path = std::env::temp_dir().join(format!("block-vec-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let f = scratch_file(&path);
         let (a, b, c) = (vec![1u8; 1000], vec![2u8; 1500], vec![3u8; 500]);
         Storage::write_vectored_at(
             &f,
