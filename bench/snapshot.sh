@@ -89,6 +89,12 @@ class Proc:
             self.p.kill()
         self.p.wait()
 
+def resumes_after(q, last):
+    """The restored guest's next tick is the one after the saved guest's last; ends it."""
+    m = q.wait_for(rb"tick (\d+)\r?\n", 30)
+    assert int(m.group(1)) == last + 1, (last, m.group(1))
+    q.kill()
+
 def last_tick(text):
     t = re.findall(rb"tick (\d+)\r?\n", text)
     return int(t[-1]) if t else 0
@@ -166,9 +172,7 @@ def vessel_run(d):
     while json.loads(http(s3, "GET", "/")[1]).get("state") != "Running":
         time.sleep(0.0005)
     r["start-running"] = (time.perf_counter() - t0) * 1000
-    m = q.wait_for(rb"tick (\d+)\r?\n", 30)
-    assert int(m.group(1)) == last + 1, (last, m.group(1))
-    q.kill()
+    resumes_after(q, last)
     return r
 
 class Qmp:
@@ -223,9 +227,7 @@ def qemu_run(d):
             qmp.cmd("cont")
         time.sleep(0.0005)
     r["start-running"] = (time.perf_counter() - t0) * 1000
-    m = q.wait_for(rb"tick (\d+)\r?\n", 30)
-    assert int(m.group(1)) == last + 1, (last, m.group(1))
-    q.kill()
+    resumes_after(q, last)
     return r
 
 res = {"vessel-emu": [], "qemu-q35-tcg": []}

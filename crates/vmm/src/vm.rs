@@ -649,10 +649,7 @@ impl Vmm {
                     if let Some(saved) = &mut saved_virtio {
                         let Some(crate::snapshot::VirtioSnapshot::Mmio(state)) = saved.next()
                         else {
-                            return Err(crate::snapshot::SnapshotError::Mismatch(
-                                "its virtio devices are not this VM's (count or transport)".into(),
-                            )
-                            .into());
+                            return Err(crate::snapshot::SnapshotError::foreign_virtio().into());
                         };
                         t.restore(state)
                             .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;
@@ -691,10 +688,7 @@ impl Vmm {
                     // before the bus decodes its BARs.
                     if let Some(saved) = &mut saved_virtio {
                         let Some(crate::snapshot::VirtioSnapshot::Pci(state)) = saved.next() else {
-                            return Err(crate::snapshot::SnapshotError::Mismatch(
-                                "its virtio devices are not this VM's (count or transport)".into(),
-                            )
-                            .into());
+                            return Err(crate::snapshot::SnapshotError::foreign_virtio().into());
                         };
                         t.restore(state)
                             .map_err(|e| crate::snapshot::SnapshotError::Mismatch(e.to_string()))?;

@@ -161,6 +161,13 @@ pub enum SnapshotError {
     Encode(String),
 }
 
+impl SnapshotError {
+    /// The snapshot's virtio devices are not the ones this VM builds.
+    pub(crate) fn foreign_virtio() -> Self {
+        SnapshotError::Mismatch("its virtio devices are not this VM's (count or transport)".into())
+    }
+}
+
 /// How long the parts of a snapshot took, for the log and the bench.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CreateTimes {
