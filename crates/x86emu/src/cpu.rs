@@ -119,6 +119,8 @@ pub struct Core {
     pub(crate) entries: u64,
     /// Instructions retired since creation.
     pub(crate) retired: u64,
+    /// Blocks the run loop looked up and started (compiled code's own chaining aside).
+    pub(crate) dispatched: u64,
     /// Set when a page walk lost an A/D-bit update race; the walk is retried.
     pub(crate) walk_raced: bool,
     /// Moves whenever code cached in the block cache may have changed (see `decode`).
@@ -227,6 +229,7 @@ impl Core {
             },
             entries: 0,
             retired: 0,
+            dispatched: 0,
             walk_raced: false,
             code_epoch: 0,
             code,
@@ -282,6 +285,12 @@ impl Core {
     /// Instructions retired since the CPU was created.
     pub fn retired_instructions(&self) -> u64 {
         self.retired
+    }
+
+    /// Blocks the run loop has looked up and started since creation: what compiled code
+    /// did not chain to by itself.
+    pub fn dispatched_blocks(&self) -> u64 {
+        self.dispatched
     }
 
     /// True if an external interrupt could be delivered now (IF=1, no STI/MOV SS shadow).
@@ -539,14 +548,17 @@ impl Core {
     }
 
     #[inline(always)]
-    fn fill_jit_ctx(&mut self, budget: u64, blocks: &BlockCache) {
+    fn fill_jit_ctx(&mut self, budget: u64, blocks: &BlockCache, bits: u32) {
         static NO_KICK: u8 = 0;
         let user = self.user();
-        let (jc, jc_stamp) = blocks.jump_cache(user);
+        let (jc, jc_stamp) = blocks.jump_cache(user, bits == 32);
         let tlb = self.tlb.entries_ptr() as u64;
+        // With IF clear the flag is no reason to stop (`run` takes it up only once an
+        // interrupt can be delivered): an interrupt left pending under CLI (the PIT's,
+        // through a kernel decompressor's whole run) would otherwise end every block.
         let kick = match &self.kick {
-            Some(k) => k.as_ptr() as u64,
-            None => &NO_KICK as *const u8 as u64,
+            Some(k) if self.s.rflags & flags::IF != 0 => k.as_ptr() as u64,
+            _ => &NO_KICK as *const u8 as u64,
         };
         self.jit = Ctx {
             tlb,
@@ -562,6 +574,7 @@ impl Core {
             epoch: self.code_epoch,
             jc,
             jc_stamp,
+            bits: u64::from(bits),
             budget,
             tlb_gen: self.fetch_generation(user),
             kick,
@@ -713,6 +726,8 @@ impl Cpu {
             32 => 0xffff_ffff,
             _ => 0xffff,
         };
+        // Compiled 32-bit code takes offsets for linear addresses (see `jit::cover`).
+        let compiled_ok = bitness == 64 || (bitness == 32 && self.core.s.flat32());
         let core = &mut self.core;
         let mut n = 0u64;
         // An exit of compiled code to link to the next block, and the compiled-code
@@ -767,6 +782,7 @@ impl Cpu {
             let Some(mut block) = self.blocks.block(slot) else {
                 return n.max(1);
             };
+            core.dispatched += 1;
             let mut chain = false;
             // Only block-ending instructions (STI, MOV SS, HLT, POPF, IRET...) set an
             // interrupt shadow, halt or change TF, so the others skip those checks.
@@ -774,11 +790,13 @@ impl Cpu {
             core.new_shadow = false;
             let mut start = 0;
             let mut finished = false;
-            if let (Some(c), Some(enter)) = (block.compiled(), self.blocks.enter()) {
+            if let (Some(c), Some(enter), true) =
+                (block.compiled(), self.blocks.enter(), compiled_ok)
+            {
                 // At least 1 (the first block runs whatever the budget), at most 2^30 (the
                 // chain entries' check needs it within +-2^31).
                 let budget0 = budget.saturating_sub(n).clamp(1, 1 << 30);
-                core.fill_jit_ctx(budget0, &self.blocks);
+                core.fill_jit_ctx(budget0, &self.blocks, bitness);
                 let generation = self.blocks.generation();
                 let cp: *mut Core = &mut *core;
                 // SAFETY: compiled code reads and writes the state and the context beside
@@ -807,7 +825,8 @@ impl Cpu {
                     if ctx.link != 0 {
                         pending_link = Some((ctx.link as usize, generation));
                     }
-                    chain = (ctx.budget as i64) > 0 && !core.kicked();
+                    chain = (ctx.budget as i64) > 0
+                        && !(core.kicked() && core.s.rflags & flags::IF != 0);
                 } else {
                     // Left before instruction r of the block it was in (a TLB miss, or an
                     // instruction it does not cover): the interpreter goes on from there.

@@ -291,7 +291,8 @@ pub(crate) struct BlockCache {
     /// `sync_links`), and the code epoch they were made in.
     live_links: Vec<(u64, u32)>,
     links_epoch: u64,
-    /// Compiled code's jump cache: for kernel then user code, `JUMP_CACHE` entries of
+    /// Compiled code's jump cache: for 64-bit kernel and user code, then 32-bit kernel
+    /// and user code, `JUMP_CACHE` entries of
     /// [RIP, stamp, chain entry, unused], hashed by RIP (see `jit::emit::look_up_and_go`).
     /// An entry counts only while its stamp is `jc_stamp`, which moves whenever what it
     /// says may have changed: the code epoch, the TLB's translations (a flush), or a
@@ -326,7 +327,7 @@ impl BlockCache {
             generation: 0,
             live_links: Vec::new(),
             links_epoch: 0,
-            jump_cache: vec![[0; 4]; 2 * crate::jit::JUMP_CACHE],
+            jump_cache: vec![[0; 4]; 4 * crate::jit::JUMP_CACHE],
             // Zeroed entries never match: no chain entry is 0.
             jc_stamp: 1,
             jc_seen: (0, 0),
@@ -399,7 +400,7 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        if b.runs > jit.threshold || b.bitness & !CROSS != 64 {
+        if b.runs > jit.threshold || !matches!(b.bitness & !CROSS, 64 | 32) {
             return;
         }
         b.runs += 1;
@@ -720,9 +721,10 @@ impl BlockCache {
         }
     }
 
-    /// The jump cache for code at this privilege, and the stamp of its valid entries.
-    pub(crate) fn jump_cache(&self, user: bool) -> (u64, u64) {
-        let at = if user { crate::jit::JUMP_CACHE } else { 0 };
+    /// The jump cache for code at this privilege and bitness (a RIP means other code in
+    /// 32-bit and in 64-bit mode), and the stamp of its valid entries.
+    pub(crate) fn jump_cache(&self, user: bool, bits32: bool) -> (u64, u64) {
+        let at = (usize::from(user) + 2 * usize::from(bits32)) * crate::jit::JUMP_CACHE;
         let base = self.jump_cache.get(at..).map_or(0, |e| e.as_ptr() as u64);
         (base, self.jc_stamp)
     }

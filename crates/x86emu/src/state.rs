@@ -303,6 +303,16 @@ impl CpuState {
         self.efer & cr::EFER_LMA != 0 && self.seg[Seg::Cs as usize].long()
     }
 
+    /// CS, DS, ES and SS are flat: base 0, a 4 GiB limit and (data) expand-up, so that
+    /// an offset through any of them is its linear address, never beyond the limit unless
+    /// it passes 4 GiB.
+    pub fn flat32(&self) -> bool {
+        [Seg::Cs, Seg::Ds, Seg::Es, Seg::Ss].iter().all(|&r| {
+            let s = &self.seg[r as usize];
+            s.base == 0 && s.limit == u32::MAX && s.attr & 0x1c != 0x14
+        })
+    }
+
     /// Code size in bits: 16, 32 or 64.
     pub fn bitness(&self) -> u32 {
         if self.cr0 & cr::CR0_PE == 0 {

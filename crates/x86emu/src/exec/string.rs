@@ -69,8 +69,8 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     } else {
         u64::from(size)
     };
-    if rep && matches!(kind, Kind::Movs | Kind::Stos) && step == u64::from(size) && asz == 8 {
-        match bulk_forward(cpu, kind, size, src_seg)? {
+    if rep && matches!(kind, Kind::Movs | Kind::Stos) && asz >= 4 {
+        match bulk(cpu, kind, size, src_seg, am, step != u64::from(size))? {
             Bulk::Done => return Ok(()),
             Bulk::Yield => {
                 cpu.next_rip = cpu.s.rip;
@@ -176,45 +176,87 @@ enum Bulk {
     OneByOne,
 }
 
-/// REP MOVS/STOS with 64-bit addresses and DF=0, a page at a time through host pointers.
-/// Registers advance only past what was copied, so a fault leaves the instruction
-/// restartable exactly where a one-element-at-a-time loop would.
-fn bulk_forward(cpu: &mut Core, kind: Kind, size: u32, src_seg: Seg) -> Result<Bulk> {
+/// REP MOVS/STOS with 32- or 64-bit addresses (`am` their mask), in either direction
+/// (`backward`: DF=1, as Linux's decompressor copies itself up), a page at a time
+/// through host pointers. Registers advance only past what was copied, so a fault leaves
+/// the instruction restartable exactly where a one-element-at-a-time loop would.
+fn bulk(
+    cpu: &mut Core,
+    kind: Kind,
+    size: u32,
+    src_seg: Seg,
+    am: u64,
+    backward: bool,
+) -> Result<Bulk> {
     use crate::mmu::Access;
-    let size = u64::from(size);
+    let esize = u64::from(size);
     let user = cpu.user();
     let mut moved = 0u64;
     loop {
-        let count = cpu.s.gpr[1];
+        let count = cpu.s.gpr[1] & am;
         if count == 0 {
             return Ok(Bulk::Done);
         }
         if moved >= BULK_PER_STEP {
             return Ok(Bulk::Yield);
         }
-        let (si, di) = (cpu.s.gpr[6], cpu.s.gpr[7]);
-        let dst = cpu.seg_lin(Seg::Es, di, size as u32)?;
-        let mut room = 4096 - (dst & 0xfff);
+        let (si, di) = (cpu.s.gpr[6] & am, cpu.s.gpr[7] & am);
+        // Elements from the current one to its page's end (forward) or start (backward),
+        // and, with 32-bit addresses, before an offset would wrap.
+        let room = |lin: u64, off: u64| {
+            let (page, wrap) = if backward {
+                // 0 when the element itself straddles the page end.
+                let end = (lin & 0xfff) + esize;
+                (if end > 4096 { 0 } else { end }, off.saturating_add(esize))
+            } else {
+                (4096 - (lin & 0xfff), (am - off).saturating_add(1))
+            };
+            page.min(wrap) / esize
+        };
+        let dst = cpu.seg_lin(Seg::Es, di, size)?;
+        let mut elems = room(dst, di);
         let src = if kind == Kind::Movs {
-            let src = cpu.seg_lin(src_seg, si, size as u32)?;
-            room = room.min(4096 - (src & 0xfff));
+            let src = cpu.seg_lin(src_seg, si, size)?;
+            elems = elems.min(room(src, si));
             Some(src)
         } else {
             None
         };
-        let elems = (room / size).min(count).min(BULK_PER_STEP / size);
+        elems = elems.min(count).min(BULK_PER_STEP / esize);
         if elems == 0 {
             return Ok(Bulk::OneByOne);
         }
-        let bytes = (elems * size) as usize;
+        let bytes = elems * esize;
+        // The last element's offset (the range's lowest byte going down): a segment
+        // limit below 4 GiB may end the range early (seg_lin checked only the first).
+        let last = |off: u64| {
+            if backward {
+                off.wrapping_add(esize).wrapping_sub(bytes)
+            } else {
+                off.wrapping_add(bytes).wrapping_sub(esize)
+            }
+        };
+        if am != u64::MAX {
+            let src_ok = kind != Kind::Movs || cpu.seg_lin(src_seg, last(si), size).is_ok();
+            if !src_ok || cpu.seg_lin(Seg::Es, last(di), size).is_err() {
+                return Ok(Bulk::OneByOne);
+            }
+        }
+        let page_off = |lin: u64| {
+            if backward {
+                (lin & 0xfff) + esize - bytes
+            } else {
+                lin & 0xfff
+            }
+        };
         let from = match src {
             Some(src) => {
                 let t = cpu.translate(src, Access::Read, user)?;
                 if t.host.is_null() {
                     return Ok(Bulk::OneByOne);
                 }
-                // SAFETY: a RAM page from the TLB; src's offset + bytes <= 4096 (room).
-                Some(unsafe { t.host.add((src & 0xfff) as usize) })
+                // SAFETY: a RAM page from the TLB; the range lies in it (room).
+                Some(unsafe { t.host.add(page_off(src) as usize) })
             }
             None => None,
         };
@@ -223,25 +265,31 @@ fn bulk_forward(cpu: &mut Core, kind: Kind, size: u32, src_seg: Seg) -> Result<B
             return Ok(Bulk::OneByOne);
         }
         // SAFETY: as above for the destination.
-        let to = unsafe { t.host.add((dst & 0xfff) as usize) };
+        let to = unsafe { t.host.add(page_off(dst) as usize) };
+        let n = bytes as usize;
         match from {
             Some(from) => {
                 let (f, d) = (from as usize, to as usize);
-                if d > f && d < f + bytes {
-                    // Forward element order replicates a pattern here; memmove would not.
+                // The element order replicates a pattern where the destination overlaps
+                // the source's later part (forward: above it; backward: below it);
+                // memmove would not.
+                let replicates = if backward {
+                    d < f && d + n > f
+                } else {
+                    d > f && d < f + n
+                };
+                if replicates {
                     return Ok(Bulk::OneByOne);
                 }
-                // SAFETY: both ranges lie in guest RAM pages (above); `copy` allows overlap,
-                // and the overlap left (destination below source) copies as forward
-                // element order does.
-                unsafe { std::ptr::copy(from, to, bytes) };
-                cpu.s.gpr[6] = si.wrapping_add(bytes as u64);
+                // SAFETY: both ranges lie in guest RAM pages (above); `copy` allows the
+                // overlap left, which copies as the element order does.
+                unsafe { std::ptr::copy(from, to, n) };
             }
             None => {
                 let v = cpu.s.gpr[0].to_le_bytes();
                 let pat = &v[..size as usize];
                 // SAFETY: the destination range lies in a guest RAM page (above).
-                let out = unsafe { std::slice::from_raw_parts_mut(to, bytes) };
+                let out = unsafe { std::slice::from_raw_parts_mut(to, n) };
                 if size == 1 {
                     out.fill(v[0]);
                 } else {
@@ -251,9 +299,17 @@ fn bulk_forward(cpu: &mut Core, kind: Kind, size: u32, src_seg: Seg) -> Result<B
                 }
             }
         }
-        cpu.s.gpr[7] = di.wrapping_add(bytes as u64);
-        cpu.s.gpr[1] = count - elems;
-        moved += bytes as u64;
+        let delta = if backward {
+            bytes.wrapping_neg()
+        } else {
+            bytes
+        };
+        if kind == Kind::Movs {
+            set_masked(cpu, 6, si.wrapping_add(delta) & am, am);
+        }
+        set_masked(cpu, 7, di.wrapping_add(delta) & am, am);
+        set_masked(cpu, 1, count - elems, am);
+        moved += bytes;
     }
 }
 

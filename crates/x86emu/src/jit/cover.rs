@@ -4,7 +4,7 @@
 use std::mem::offset_of;
 
 use iced_x86::{
-    Code, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
+    Code, CodeSize, Instruction, InstructionInfoFactory, Mnemonic as M, OpAccess, OpKind, Register,
 };
 
 use super::Ctx;
@@ -118,6 +118,11 @@ pub(super) enum Kind {
     RepStos,
     /// REP MOVSB/MOVSQ with 64-bit addresses and no segment override (likewise).
     RepMovs,
+    /// One MOVS (no REP) of 1, 2, 4 or 8 bytes, through the TLB like any memory operand
+    /// (a byte-copy loop's body: GRUB's `memmove`).
+    Movs,
+    /// One STOS (no REP).
+    Stos,
 }
 
 /// Integer instructions whose host execution at CPL3 is the guest's: no privileged
@@ -243,6 +248,70 @@ fn legacy(r: Register) -> bool {
 /// What compiled code does with `ins`; `model` is the CPU model's ISA (see
 /// `hostexec::isa`). None: not covered.
 pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
+    match ins.code_size() {
+        CodeSize::Code64 => kind64(ins, last, model),
+        CodeSize::Code32 => kind32(ins, last, model),
+        _ => None,
+    }
+}
+
+/// 32-bit protected-mode (or compatibility-mode) code, which runs only with flat CS, DS,
+/// ES and SS (base 0, 4 GiB limit: checked where compiled code is entered), so that an
+/// offset is its linear address. The instructions that run as themselves in 64-bit mode
+/// do the same there with 32-bit addresses. Not (yet) covered: the implicit stack
+/// (PUSH/POP/CALL/RET with ESP), strings (ESI/EDI), FS/GS and CS-relative operands, and
+/// encodings 64-bit mode lacks, except INC/DEC r16/r32, which the host runs in their
+/// ModRM form.
+fn kind32(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
+    // Near branches are compiled from their target, not re-encoded. (With an operand-size
+    // prefix the target wraps at 64 KiB: the interpreter's.)
+    if last
+        && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near())
+        && ins.op0_kind() == OpKind::NearBranch32
+    {
+        return Some(Kind::Branch);
+    }
+    let short_inc_dec = short_inc_dec(ins.code()).is_some();
+    if !short_inc_dec && !ins.code().op_code().mode64() {
+        return None;
+    }
+    if ins.has_rep_prefix() || ins.has_repne_prefix() {
+        return None;
+    }
+    let k = kind64(ins, last, model)?;
+    matches!(
+        k,
+        Kind::Native
+            | Kind::Lea
+            | Kind::Nop
+            | Kind::Branch
+            | Kind::Div
+            | Kind::Vector(_)
+            | Kind::Vzeroupper
+            | Kind::Cli
+            | Kind::Sti
+            | Kind::Cld
+            | Kind::Std
+            | Kind::Rdtsc
+            | Kind::Movs
+            | Kind::Stos
+    )
+    .then_some(k)
+}
+
+/// The ModRM form of a one-byte INC/DEC (0x40-0x4f outside 64-bit mode, REX prefixes in
+/// it): the same operation, encodable in 64-bit mode.
+pub(super) fn short_inc_dec(code: Code) -> Option<Code> {
+    Some(match code {
+        Code::Inc_r16 => Code::Inc_rm16,
+        Code::Inc_r32 => Code::Inc_rm32,
+        Code::Dec_r16 => Code::Dec_rm16,
+        Code::Dec_r32 => Code::Dec_rm32,
+        _ => return None,
+    })
+}
+
+fn kind64(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     if last && (ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near()) {
         return Some(Kind::Branch);
     }
@@ -271,6 +340,19 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         && !ins.has_lock_prefix()
     {
         return Some(Kind::RepMovs);
+    }
+    if !(ins.has_rep_prefix() || ins.has_repne_prefix() || ins.has_lock_prefix())
+        && plain_string(ins)
+    {
+        match ins.code() {
+            Code::Movsb_m8_m8 | Code::Movsw_m16_m16 | Code::Movsd_m32_m32 | Code::Movsq_m64_m64 => {
+                return Some(Kind::Movs)
+            }
+            Code::Stosb_m8_AL | Code::Stosw_m16_AX | Code::Stosd_m32_EAX | Code::Stosq_m64_RAX => {
+                return Some(Kind::Stos)
+            }
+            _ => {}
+        }
     }
     if ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;
@@ -424,12 +506,51 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     Some(Kind::Native)
 }
 
-/// A memory operand compiled code can address: 64-bit base (or RIP) and index registers.
+/// A memory operand compiled code can address: in 64-bit code, 64-bit base (or RIP) and
+/// index registers; in 32-bit code, 32-bit ones in a flat segment (DS, ES or SS).
 pub(super) fn plain_address(ins: &Instruction) -> bool {
     let base = ins.memory_base();
     let index = ins.memory_index();
+    if ins.code_size() == CodeSize::Code32 {
+        return (base == Register::None || base.is_gpr32())
+            && (index == Register::None || index.is_gpr32())
+            && matches!(
+                ins.memory_segment(),
+                Register::DS | Register::ES | Register::SS
+            );
+    }
     (base == Register::None || base == Register::RIP || base.is_gpr64())
         && (index == Register::None || index.is_gpr64())
+}
+
+/// A string instruction's operands are RSI/RDI (ESI/EDI in 32-bit code, where a source
+/// override may name another flat segment); no FS/GS source, no 16-bit addresses.
+fn plain_string(ins: &Instruction) -> bool {
+    let seg_ok = match ins.segment_prefix() {
+        Register::None => true,
+        Register::DS | Register::ES | Register::SS => ins.code_size() == CodeSize::Code32,
+        _ => false,
+    };
+    let (dst, src) = match ins.code_size() {
+        CodeSize::Code64 => (OpKind::MemoryESRDI, OpKind::MemorySegRSI),
+        CodeSize::Code32 => (OpKind::MemoryESEDI, OpKind::MemorySegESI),
+        _ => return false,
+    };
+    // MOVS reads the source; STOS stores a register.
+    seg_ok
+        && ins.op0_kind() == dst
+        && matches!(ins.op1_kind(), k if k == src || k == OpKind::Register)
+}
+
+/// A memory operand's displacement, as `Emitter::address` adds it: in 32-bit code
+/// sign-extended (the sum wraps to 32 bits anyway, see `Mem::wrap32`).
+pub(super) fn displacement(ins: &Instruction) -> u64 {
+    let d = ins.memory_displacement64();
+    if ins.code_size() == CodeSize::Code32 {
+        d as u32 as i32 as i64 as u64
+    } else {
+        d
+    }
 }
 
 /// How one memory operand is reached.
@@ -442,6 +563,8 @@ pub(super) struct Mem {
     pub(super) seg_base: Option<usize>,
     pub(super) size: u32,
     pub(super) write: bool,
+    /// The effective address wraps at 4 GiB (32-bit code).
+    pub(super) wrap32: bool,
 }
 
 /// Registers of one instruction: guest index → host register, and what to load and store.
@@ -553,10 +676,11 @@ pub(super) fn plan_mem(ins: &Instruction, info: &mut InstructionInfoFactory) -> 
         base: gpr_index(ins.memory_base()),
         index: gpr_index(ins.memory_index()),
         scale: ins.memory_index_scale(),
-        disp: ins.memory_displacement64(),
+        disp: displacement(ins),
         seg_base,
         size: ins.memory_size().size() as u32,
         write,
+        wrap32: ins.code_size() == CodeSize::Code32,
     })
 }
 

@@ -3,14 +3,17 @@
 use std::mem::offset_of;
 
 use iced_x86::code_asm::{
-    byte_ptr, dword_ptr, get_xmm, get_ymm, gpr32, gpr64, ptr, qword_ptr, xmmword_ptr,
-    AsmRegister64, AsmRegisterXmm, AsmRegisterYmm, CodeAssembler, CodeLabel,
+    byte_ptr, dword_ptr, get_xmm, get_ymm, gpr16, gpr32, gpr64, gpr8, ptr, qword_ptr, word_ptr,
+    xmmword_ptr, AsmRegister64, AsmRegisterXmm, AsmRegisterYmm, CodeAssembler, CodeLabel,
 };
-use iced_x86::{Code, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register};
+use iced_x86::{
+    Code, CodeSize, ConditionCode, Instruction, InstructionInfoFactory, OpKind, Register,
+};
 
 use super::asm::Asm;
 use super::cover::{
-    gpr_index, high_byte, kind, plan_mem, plan_regs, sized, Kind, Mem, Regs, POOL, R15, RSP,
+    displacement, gpr_index, high_byte, kind, plan_mem, plan_regs, short_inc_dec, sized, Kind, Mem,
+    Regs, POOL, R15, RSP,
 };
 use super::Ctx;
 use crate::decode::block_layout;
@@ -133,8 +136,12 @@ pub(super) fn translate(
         ))
     );
     let first_ip = insns.first()?.instr.ip();
+    let bits = match insns.first()?.instr.code_size() {
+        CodeSize::Code32 => 32,
+        _ => 64,
+    };
     let len = insns.len() as u32;
-    let mut e = Emitter::new(first_ip, slot, len, tlb_gen, rt)?;
+    let mut e = Emitter::new(first_ip, slot, len, tlb_gen, rt, bits)?;
     let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
     let mut skip = 0;
     for (i, (insn, (k, regs))) in insns.iter().zip(plans).enumerate() {
@@ -183,6 +190,8 @@ pub(super) fn translate(
             Kind::Rdtsc => e.rdtsc(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
+            Kind::Movs => e.movs(ins, i as u32)?,
+            Kind::Stos => e.stos(ins, i as u32)?,
             Kind::Call => e.call(ins, i as u32)?,
             Kind::Ret => e.ret(ins, i as u32)?,
             Kind::IndJmp => e.indirect(ins, i as u32, false, &mut info)?,
@@ -262,6 +271,8 @@ struct Emitter {
     /// The index of the instruction the block's body starts at (its entry).
     body_at: usize,
     rt: Runtime,
+    /// 64, or 32 for 32-bit code (see `cover::kind`).
+    bits: u32,
 }
 
 /// Code all compiled blocks share, placed once (see `runtime`).
@@ -371,10 +382,13 @@ fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
     a!(a.not(rcx));
     a!(a.lea(rcx, ptr(rcx + rax + 1)));
     go(a)?;
+    // The bitness of the code running (`Ctx::bits`).
     a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
     a!(a.mov(r8, 0x7fu64));
     a!(a.pext(rcx, rcx, r8));
-    a!(a.lea(rcx, ptr(rcx - 64)));
+    a!(a.not(rcx));
+    a!(a.mov(r8, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, bits)))));
+    a!(a.lea(rcx, ptr(rcx + r8 + 1)));
     go(a)?;
     a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
     a!(a.not(rcx));
@@ -413,6 +427,7 @@ impl Emitter {
         len: u32,
         tlb_gen: Option<u64>,
         rt: &Runtime,
+        bits: u32,
     ) -> Option<Self> {
         let mut a = a!(CodeAssembler::new(64));
         let exit = a.create_label();
@@ -434,6 +449,7 @@ impl Emitter {
             slot,
             body_at: 0,
             rt: *rt,
+            bits,
         };
         e.prologue(len, tlb_gen)?;
         Some(e)
@@ -538,6 +554,7 @@ impl Emitter {
             return None;
         }
         let done = self.done;
+        let bits = self.bits as i32;
         let a = &mut self.a;
         // The jump cache first: RDX = its entry for this RIP, which the slow way below
         // (and `second_way`) fill in when they find the block.
@@ -629,11 +646,12 @@ impl Emitter {
         a!(a.jrcxz(ip_ok));
         a!(a.jmp(second));
         a!(a.set_label(&mut ip_ok));
-        // 64-bit code, page-crossing or not (such a block checks its second page).
+        // Code of this block's bitness, page-crossing or not (such a block checks its
+        // second page).
         a!(a.movzx(gpr32::ecx, byte_ptr(r9 + b_bits)));
         a!(a.mov(r8, 0x7fu64));
         a!(a.pext(rcx, rcx, r8));
-        a!(a.lea(rcx, ptr(rcx - 64)));
+        a!(a.lea(rcx, ptr(rcx - bits)));
         self.continue_if_rcx_zero(done)?;
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(r9 + b_epoch)));
@@ -727,6 +745,20 @@ impl Emitter {
         let base = operand(self, m.base, cached[0])?;
         let index = operand(self, m.index, cached[1])?;
         self.clobber(&[dst]);
+        if m.wrap32 {
+            // The low half of the 64-bit sum is the 32-bit one.
+            let d32 = gpr32::get_gpr32(sized(dst, Register::EAX)?)?;
+            let a = &mut self.a;
+            match (base, index, disp32) {
+                (Some(b), Some(i), Some(disp)) => a!(a.lea(d32, ptr(b + i * m.scale + disp))),
+                (Some(b), None, Some(disp)) => a!(a.lea(d32, ptr(b + disp))),
+                (None, Some(i), Some(disp)) => a!(a.lea(d32, ptr(i * m.scale + disp))),
+                (None, None, _) => a!(a.mov(d32, m.disp as u32)),
+                // 32-bit displacements always fit (see `cover::displacement`).
+                _ => return None,
+            }
+            return Some(());
+        }
         let a = &mut self.a;
         match (base, index, disp32) {
             (Some(b), Some(i), Some(disp)) => a!(a.lea(d, ptr(b + i * m.scale + disp))),
@@ -882,6 +914,9 @@ impl Emitter {
                 };
                 out.set_op_register(k, r);
             }
+        }
+        if let Some(code) = short_inc_dec(out.code()) {
+            out.set_code(code);
         }
         // IP 0: not a label (see `asm`).
         out.set_ip(0);
@@ -1160,10 +1195,11 @@ impl Emitter {
             base: gpr_index(ins.memory_base()),
             index: gpr_index(ins.memory_index()),
             scale: ins.memory_index_scale(),
-            disp: ins.memory_displacement64(),
+            disp: displacement(ins),
             seg_base: None,
             size: 0,
             write: false,
+            wrap32: false,
         };
         let d = ins.op0_register();
         let g = gpr_index(d)?;
@@ -1408,6 +1444,100 @@ impl Emitter {
         self.continue_if_rcx_zero(miss)
     }
 
+    /// Leaves for `miss` unless DF is clear. Flag-free.
+    fn df_clear_or(&mut self, miss: CodeLabel) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r15, r8, r9, rcx};
+        let a = &mut self.a;
+        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
+        a!(a.mov(r9, crate::state::flags::DF));
+        a!(a.pext(rcx, r8, r9));
+        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
+        self.continue_if_rcx_zero(miss)
+    }
+
+    /// Guest register `g` as a string instruction's address, in RDX (its low half in
+    /// 32-bit code).
+    fn string_address(&mut self, g: usize) -> Option<()> {
+        self.load_guest(Register::RDX, g)?;
+        if self.bits == 32 {
+            a!(self.a.mov(gpr32::edx, gpr32::edx));
+        }
+        Some(())
+    }
+
+    /// Guest register `g` moved on by `n` (as a string instruction moves RSI or RDI with
+    /// DF clear: wrapping at 4 GiB in 32-bit code). Clobbers RDX.
+    fn string_advance(&mut self, g: usize, n: i32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rdx;
+        self.load_guest(Register::RDX, g)?;
+        if self.bits == 32 {
+            a!(self.a.lea(gpr32::edx, ptr(rdx + n)));
+        } else {
+            a!(self.a.lea(rdx, ptr(rdx + n)));
+        }
+        self.clobber(&[Register::RDX]);
+        self.store_guest(g, Register::RDX)
+    }
+
+    /// One MOVS with DF clear, its source and destination each in the TLB as one page
+    /// (else it leaves for the interpreter before the instruction).
+    fn movs(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r8, rax, rbx};
+        let size = ins.memory_size().size() as u32;
+        let miss = self.miss_label(idx);
+        self.df_clear_or(miss)?;
+        self.string_address(6)?;
+        self.range_at_rdx(false, size, idx)?;
+        a!(self.a.mov(rax, rbx));
+        self.clobber(&[Register::RAX]);
+        self.string_address(7)?;
+        self.range_at_rdx(true, size, idx)?;
+        let a = &mut self.a;
+        match size {
+            1 => {
+                a!(a.movzx(gpr32::r8d, byte_ptr(rax)));
+                a!(a.mov(byte_ptr(rbx), gpr8::r8b));
+            }
+            2 => {
+                a!(a.movzx(gpr32::r8d, word_ptr(rax)));
+                a!(a.mov(word_ptr(rbx), gpr16::r8w));
+            }
+            4 => {
+                a!(a.mov(gpr32::r8d, dword_ptr(rax)));
+                a!(a.mov(dword_ptr(rbx), gpr32::r8d));
+            }
+            8 => {
+                a!(a.mov(r8, qword_ptr(rax)));
+                a!(a.mov(qword_ptr(rbx), r8));
+            }
+            _ => return None,
+        }
+        self.clobber(&[Register::R8, Register::RBX]);
+        self.string_advance(6, size as i32)?;
+        self.string_advance(7, size as i32)
+    }
+
+    /// One STOS with DF clear, its destination in the TLB as one page.
+    fn stos(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{rax, rbx};
+        let size = ins.memory_size().size() as u32;
+        let miss = self.miss_label(idx);
+        self.df_clear_or(miss)?;
+        self.string_address(7)?;
+        self.range_at_rdx(true, size, idx)?;
+        self.load_guest(Register::RAX, 0)?;
+        let a = &mut self.a;
+        match size {
+            1 => a!(a.mov(byte_ptr(rbx), gpr8::al)),
+            2 => a!(a.mov(word_ptr(rbx), gpr16::ax)),
+            4 => a!(a.mov(dword_ptr(rbx), gpr32::eax)),
+            8 => a!(a.mov(qword_ptr(rbx), rax)),
+            _ => return None,
+        }
+        self.clobber(&[Register::RBX]);
+        self.string_advance(7, size as i32)
+    }
+
     /// REP MOVSB/MOVSQ (`memcpy`, `copy_user`) whose source and destination each lie in
     /// one page, with DF clear and RCX > 0: a TLB lookup per page, then the host's own REP
     /// MOVS on the host pointers (overlap behaves as the guest's would: the host pointers
@@ -1589,6 +1719,7 @@ impl Emitter {
             seg_base: None,
             size,
             write,
+            wrap32: false,
         };
         let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
         self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)

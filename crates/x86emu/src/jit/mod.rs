@@ -11,9 +11,10 @@
 //! there. So compiled code never faults and never sees a device: what it cannot do fast,
 //! the interpreter does.
 //!
-//! A block is compiled after it ran `threshold` times, in 64-bit mode only, from its first
-//! instruction up to the first one the compiler does not cover (a near `Jcc`/`JMP` ending
-//! the block is covered). Compiled code belongs to its block: it goes when the block is
+//! A block is compiled after it ran `threshold` times, in 64-bit mode or in 32-bit code
+//! (run only with flat segments: see `cover::kind32`), from its first instruction up to
+//! the first one the compiler does not cover (a near `Jcc`/`JMP` ending the block is
+//! covered). Compiled code belongs to its block: it goes when the block is
 //! decoded again.
 //!
 //! What compiled code needs besides the registers is a `Ctx` beside the state in the
@@ -65,6 +66,9 @@ pub(crate) struct Ctx {
     /// stamp its entries must carry to be valid.
     pub(crate) jc: u64,
     pub(crate) jc_stamp: u64,
+    /// The bitness of the code running (64, or 32 in flat 32-bit segments), which
+    /// compiled code's lookup checks a block against.
+    pub(crate) bits: u64,
     /// The TLB generation (`Tlb::flushes`): a page-crossing block goes on only in the one
     /// its next page was checked in.
     pub(crate) tlb_gen: u64,
