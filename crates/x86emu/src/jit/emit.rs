@@ -1407,13 +1407,8 @@ impl Emitter {
     /// Leaves for `miss` unless DF is clear and 1 <= RCX <= a page's worth of elements of
     /// 2^`shift` bytes; then R10 = RCX and R11 = the bytes they cover. Flag-free.
     fn rep_count(&mut self, shift: u64, miss: CodeLabel) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, r11, r15, r8, r9, rcx};
-        let a = &mut self.a;
-        a!(a.mov(r8, qword_ptr(r15 + rflags_off())));
-        a!(a.mov(r9, crate::state::flags::DF));
-        a!(a.pext(rcx, r8, r9));
-        self.clobber(&[Register::RCX, Register::R8, Register::R9]);
-        self.continue_if_rcx_zero(miss)?;
+        use iced_x86::code_asm::registers::gpr64::{r10, r11, r8, rcx};
+        self.df_clear_or(miss)?;
         // (count - 1) >> (12 - shift) == 0.
         self.load_guest(Register::R10, 1)?;
         let a = &mut self.a;
