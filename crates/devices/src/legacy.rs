@@ -7,11 +7,20 @@ use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ExitSignal};
 
 /// The i8042 keyboard controller, as far as a VMM needs it: its command 0xfe pulses the
-/// CPU reset line, which is how Linux reboots with `reboot=k`. No keyboard is attached.
+/// CPU reset line, which is how Linux reboots with `reboot=k`; and the answers firmware
+/// waits for (SeaBIOS's controller self-test, the keyboard's reset and acknowledgements),
+/// without which each of its probes runs to a half-second timeout. A keyboard that sends
+/// no keys is attached; the auxiliary (mouse) port has nothing behind it.
 pub struct I8042 {
     exit: Arc<ExitSignal>,
     command_byte: u8,
-    expect_command_byte: bool,
+    /// The controller command whose parameter the next data byte is.
+    pending: Option<u8>,
+    /// A keyboard command waiting for its parameter byte (LEDs, scan code set, rate).
+    kbd_param: bool,
+    /// Bytes for the guest to read at the data port, oldest first.
+    out: std::collections::VecDeque<u8>,
+    last: u8,
 }
 
 /// Port offsets from 0x60.
@@ -19,16 +28,88 @@ const I8042_DATA: u64 = 0;
 const I8042_COMMAND: u64 = 4;
 const CMD_READ_COMMAND_BYTE: u8 = 0x20;
 const CMD_WRITE_COMMAND_BYTE: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_PULSE_RESET: u8 = 0xfe;
-/// Status: system flag set (POST passed), buffers empty.
+/// Status: output buffer full, and the system flag (POST passed).
+const STATUS_OBF: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
+/// Command byte: keyboard and auxiliary clocks disabled.
+const CB_KBD_DISABLED: u8 = 0x10;
+const CB_AUX_DISABLED: u8 = 0x20;
+/// Keyboard answers: acknowledge, self-test passed, resend.
+const KBD_ACK: u8 = 0xfa;
+const KBD_BAT_OK: u8 = 0xaa;
+const KBD_RESEND: u8 = 0xfe;
+/// More bytes than any command answers with: what a guest never reads is dropped.
+const OUT_MAX: usize = 16;
 
 impl I8042 {
     pub fn new(exit: Arc<ExitSignal>) -> Self {
         I8042 {
             exit,
             command_byte: 0,
-            expect_command_byte: false,
+            pending: None,
+            kbd_param: false,
+            out: std::collections::VecDeque::new(),
+            last: 0,
+        }
+    }
+
+    fn answer(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.out.len() < OUT_MAX {
+                self.out.push_back(b);
+            }
+        }
+    }
+
+    fn controller_command(&mut self, v: u8) {
+        match v {
+            CMD_PULSE_RESET => self.exit.request(ExitReason::Reset),
+            CMD_READ_COMMAND_BYTE => self.answer(&[self.command_byte]),
+            CMD_WRITE_COMMAND_BYTE | CMD_WRITE_OUTPUT_PORT | CMD_WRITE_AUX => {
+                self.pending = Some(v)
+            }
+            CMD_SELF_TEST => self.answer(&[0x55]),
+            CMD_KBD_TEST | CMD_AUX_TEST => self.answer(&[0x00]),
+            CMD_KBD_DISABLE => self.command_byte |= CB_KBD_DISABLED,
+            CMD_KBD_ENABLE => self.command_byte &= !CB_KBD_DISABLED,
+            CMD_AUX_DISABLE => self.command_byte |= CB_AUX_DISABLED,
+            CMD_AUX_ENABLE => self.command_byte &= !CB_AUX_DISABLED,
+            // A20 enabled, the reset line not asserted.
+            CMD_READ_OUTPUT_PORT => self.answer(&[0x03]),
+            _ => tracing::trace!(v, "i8042 command ignored"),
+        }
+    }
+
+    /// A byte for the keyboard itself.
+    fn keyboard(&mut self, v: u8) {
+        if std::mem::take(&mut self.kbd_param) {
+            self.answer(&[KBD_ACK]);
+            return;
+        }
+        match v {
+            // Reset: acknowledge, then the self-test's result.
+            0xff => self.answer(&[KBD_ACK, KBD_BAT_OK]),
+            // Identify: an MF2 keyboard.
+            0xf2 => self.answer(&[KBD_ACK, 0xab, 0x83]),
+            0xee => self.answer(&[0xee]),
+            // Set LEDs, scan code set, typematic rate: a parameter byte follows.
+            0xed | 0xf0 | 0xf3 => {
+                self.kbd_param = true;
+                self.answer(&[KBD_ACK]);
+            }
+            0xf4..=0xf6 => self.answer(&[KBD_ACK]),
+            _ => self.answer(&[KBD_RESEND]),
         }
     }
 }
@@ -36,8 +117,13 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
-            I8042_COMMAND => STATUS_SYSTEM_FLAG,
-            I8042_DATA => self.command_byte,
+            I8042_COMMAND => STATUS_SYSTEM_FLAG | if self.out.is_empty() { 0 } else { STATUS_OBF },
+            I8042_DATA => {
+                if let Some(b) = self.out.pop_front() {
+                    self.last = b;
+                }
+                self.last
+            }
             _ => 0xff,
         };
         data.fill(0);
@@ -48,14 +134,17 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
-        match (offset, v) {
-            (I8042_COMMAND, CMD_PULSE_RESET) => self.exit.request(ExitReason::Reset),
-            (I8042_COMMAND, CMD_WRITE_COMMAND_BYTE) => self.expect_command_byte = true,
-            (I8042_COMMAND, CMD_READ_COMMAND_BYTE) => {}
-            (I8042_DATA, v) if self.expect_command_byte => {
-                self.command_byte = v;
-                self.expect_command_byte = false;
+        match offset {
+            I8042_COMMAND => {
+                self.pending = None;
+                self.controller_command(v);
             }
+            I8042_DATA => match self.pending.take() {
+                Some(CMD_WRITE_COMMAND_BYTE) => self.command_byte = v,
+                // Nothing on the auxiliary port answers.
+                Some(_) => {}
+                None => self.keyboard(v),
+            },
             _ => tracing::trace!(offset, v, "i8042 write ignored"),
         }
     }
@@ -271,6 +360,57 @@ mod tests {
         assert_eq!(exit.get(), None);
         k.write(I8042_COMMAND, &[CMD_PULSE_RESET]);
         assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    fn read(k: &mut I8042, port: u64) -> u8 {
+        let mut v = [0u8];
+        k.read(port, &mut v);
+        v[0]
+    }
+
+    /// What SeaBIOS's PS/2 setup asks, in its order: each answer is there to read (the
+    /// output buffer flag up) and the buffer is empty after it.
+    #[test]
+    fn i8042_answers_firmwares_probe() {
+        let mut k = I8042::new(Arc::new(ExitSignal::new()));
+        k.write(I8042_COMMAND, &[CMD_KBD_DISABLE]);
+        k.write(I8042_COMMAND, &[CMD_AUX_DISABLE]);
+        assert_eq!(read(&mut k, I8042_COMMAND) & STATUS_OBF, 0);
+        let expect = |k: &mut I8042, want: &[u8]| {
+            for &w in want {
+                assert_eq!(read(k, I8042_COMMAND) & STATUS_OBF, STATUS_OBF, "{want:x?}");
+                assert_eq!(read(k, I8042_DATA), w);
+            }
+            assert_eq!(read(k, I8042_COMMAND) & STATUS_OBF, 0, "{want:x?}: no more");
+        };
+        k.write(I8042_COMMAND, &[CMD_SELF_TEST]);
+        expect(&mut k, &[0x55]);
+        k.write(I8042_COMMAND, &[CMD_KBD_TEST]);
+        expect(&mut k, &[0x00]);
+        k.write(I8042_DATA, &[0xff]);
+        expect(&mut k, &[KBD_ACK, KBD_BAT_OK]);
+        k.write(I8042_DATA, &[0xf5]);
+        expect(&mut k, &[KBD_ACK]);
+        k.write(I8042_DATA, &[0xf0]);
+        expect(&mut k, &[KBD_ACK]);
+        k.write(I8042_DATA, &[0x02]);
+        expect(&mut k, &[KBD_ACK]);
+        k.write(I8042_COMMAND, &[CMD_WRITE_COMMAND_BYTE]);
+        k.write(I8042_DATA, &[0x61]);
+        expect(&mut k, &[]);
+        k.write(I8042_COMMAND, &[CMD_READ_COMMAND_BYTE]);
+        expect(&mut k, &[0x61]);
+        k.write(I8042_DATA, &[0xf4]);
+        expect(&mut k, &[KBD_ACK]);
+        // The mouse port: nothing answers.
+        k.write(I8042_COMMAND, &[CMD_WRITE_AUX]);
+        k.write(I8042_DATA, &[0xff]);
+        expect(&mut k, &[]);
+        // A guest that never reads cannot grow the buffer.
+        for _ in 0..1000 {
+            k.write(I8042_COMMAND, &[CMD_SELF_TEST]);
+        }
+        assert_eq!(k.out.len(), OUT_MAX);
     }
 
     #[test]
