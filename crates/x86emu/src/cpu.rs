@@ -726,8 +726,13 @@ impl Cpu {
             32 => 0xffff_ffff,
             _ => 0xffff,
         };
-        // Compiled 32-bit code takes offsets for linear addresses (see `jit::cover`).
-        let compiled_ok = bitness == 64 || (bitness == 32 && self.core.s.flat32());
+        // Compiled 32-bit code takes offsets for linear addresses, and moves ESP as RSP's
+        // low half (see `jit::cover::kind32`).
+        let compiled_ok = bitness == 64
+            || (bitness == 32
+                && self.core.s.flat32()
+                && self.core.s.seg[Seg::Ss as usize].default_big()
+                && self.core.s.gpr[4] >> 32 == 0);
         let core = &mut self.core;
         let mut n = 0u64;
         // An exit of compiled code to link to the next block, and the compiled-code

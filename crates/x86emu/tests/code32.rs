@@ -14,6 +14,7 @@ const SRC: u64 = 0x20_0100;
 /// Ends up in the next page during the forward copy: the second page's accesses miss.
 const DST: u64 = 0x20_3fe8;
 const STORE: u64 = 0x20_6000;
+const COUNTER: u64 = 0x20_6100;
 
 /// Flat 32-bit protected mode, paging off, at CODE; upper register halves hold garbage
 /// that 32-bit addressing must ignore. `ds_base` other than 0 makes DS non-flat.
@@ -59,7 +60,9 @@ fn loader_code() -> Vec<u8> {
         let mut back = a.create_label();
         let mut back_done = a.create_label();
         let mut fill = a.create_label();
-        a.mov(ebp, 3).unwrap();
+        let mut func = a.create_label();
+        let mut after = a.create_label();
+        a.mov(dword_ptr(COUNTER as u32), 3).unwrap();
         a.set_label(&mut pass).unwrap();
         a.mov(esi, SRC as u32).unwrap();
         a.mov(edi, DST as u32).unwrap();
@@ -101,15 +104,39 @@ fn loader_code() -> Vec<u8> {
         a.mov(ecx, 7).unwrap();
         a.div(ecx).unwrap();
         a.imul_3(ecx, dword_ptr(esi + 4), 3).unwrap();
-        a.dec(ebp).unwrap();
+        // A cdecl call: arguments pushed, a frame, callee-saved registers, RET imm16.
+        a.push(0x1234_5678).unwrap();
+        a.push(-5).unwrap();
+        a.push(ecx).unwrap();
+        a.call(func).unwrap();
+        a.add(esp, 4).unwrap();
+        a.dec(dword_ptr(COUNTER as u32)).unwrap();
         a.jnz(pass).unwrap();
         a.hlt().unwrap();
+        a.set_label(&mut func).unwrap();
+        a.push(ebp).unwrap();
+        a.mov(ebp, esp).unwrap();
+        a.push(ebx).unwrap();
+        a.push(edi).unwrap();
+        a.mov(eax, dword_ptr(ebp + 8)).unwrap();
+        a.add(eax, dword_ptr(ebp + 12)).unwrap();
+        a.xor(eax, dword_ptr(ebp + 16)).unwrap();
+        a.mov(dword_ptr(ebp - 0x40), eax).unwrap();
+        a.pop(edi).unwrap();
+        a.pop(ebx).unwrap();
+        a.jmp(after).unwrap();
+        a.set_label(&mut after).unwrap();
+        a.leave().unwrap();
+        a.ret_1(8).unwrap();
     })
 }
 
 fn memory(g: &Guest) -> Vec<u8> {
     let mut m = vec![0u8; 0x8000];
     assert!(g.cpu.ram().read(0x20_0000, &mut m));
+    let mut stack = vec![0u8; 0x100];
+    assert!(g.cpu.ram().read(0x7_0000 - 0x100, &mut stack));
+    m.extend_from_slice(&stack);
     m
 }
 
@@ -162,6 +189,39 @@ fn compiled_32bit_code_waits_for_flat_segments() {
         (g.cpu.state().gpr, memory(&g))
     };
     assert!(mem != flat_mem || gpr != flat_gpr, "DS's base matters here");
+    let (c_gpr, c_mem) = run(Some(0));
+    assert_eq!(c_gpr, gpr);
+    assert!(c_mem == mem, "memory differs");
+}
+
+/// Compiled 32-bit code moves ESP as RSP's low half, which holds only while the upper
+/// half is clear: otherwise the interpreter runs it, and keeps the upper half, as a
+/// 32-bit stack's pushes and pops do.
+#[test]
+fn compiled_32bit_code_waits_for_a_clear_upper_rsp() {
+    let code = asm(32, CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ebx, 100).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.push(ecx).unwrap();
+        a.push(7).unwrap();
+        a.pop(eax).unwrap();
+        a.pop(edx).unwrap();
+        a.dec(ebx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |jit| {
+        let mut g = guest32(&code, 0);
+        let mut s = g.cpu.state().clone();
+        s.gpr[4] |= 0x55_0000_0000;
+        g.cpu.set_state(s);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (g.cpu.state().gpr, memory(&g))
+    };
+    let (gpr, mem) = run(None);
+    assert_eq!(gpr[4], 0x55_0007_0000, "the upper half stays");
     let (c_gpr, c_mem) = run(Some(0));
     assert_eq!(c_gpr, gpr);
     assert!(c_mem == mem, "memory differs");

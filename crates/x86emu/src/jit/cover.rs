@@ -256,13 +256,22 @@ pub(super) fn kind(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
 }
 
 /// 32-bit protected-mode (or compatibility-mode) code, which runs only with flat CS, DS,
-/// ES and SS (base 0, 4 GiB limit: checked where compiled code is entered), so that an
-/// offset is its linear address. The instructions that run as themselves in 64-bit mode
-/// do the same there with 32-bit addresses. Not (yet) covered: the implicit stack
-/// (PUSH/POP/CALL/RET with ESP), strings (ESI/EDI), FS/GS and CS-relative operands, and
-/// encodings 64-bit mode lacks, except INC/DEC r16/r32, which the host runs in their
-/// ModRM form.
+/// ES and SS (base 0, 4 GiB limit), a 32-bit stack and RSP's upper half clear (checked
+/// where compiled code is entered), so that an offset is its linear address and ESP
+/// moves as RSP's low half. The instructions that run as themselves in 64-bit mode do the
+/// same there with 32-bit addresses; PUSH/POP of registers and immediates, LEAVE, and a
+/// final CALL rel32/RET move ESP one 4-byte slot at a time. Not (yet) covered: other
+/// stack instructions, REP strings, FS/GS and CS-relative operands, and encodings 64-bit
+/// mode lacks, except INC/DEC r16/r32, which the host runs in their ModRM form.
 fn kind32(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
+    match ins.code() {
+        Code::Push_r32 | Code::Pushd_imm32 | Code::Pushd_imm8 => return Some(Kind::Push),
+        Code::Pop_r32 => return Some(Kind::Pop),
+        Code::Leaved => return Some(Kind::Leave),
+        Code::Call_rel32_32 if last => return Some(Kind::Call),
+        Code::Retnd | Code::Retnd_imm16 if last => return Some(Kind::Ret),
+        _ => {}
+    }
     // Near branches are compiled from their target, not re-encoded. (With an operand-size
     // prefix the target wraps at 64 KiB: the interpreter's.)
     if last

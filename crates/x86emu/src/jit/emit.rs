@@ -153,7 +153,7 @@ pub(super) fn translate(
         // Runs of PUSHes or POPs (a function's prologue or epilogue, with the RET after
         // the POPs) translate their stack range once.
         let run = stack_run(insns, &kinds, i);
-        if run.count >= 2 || (run.count == 1 && run.ret) {
+        if bits == 64 && (run.count >= 2 || (run.count == 1 && run.ret)) {
             let at = insns.get(i..i + run.count)?;
             if k == Kind::Push {
                 e.push_run(at, i as u32)?;
@@ -1220,14 +1220,64 @@ impl Emitter {
     /// Translates the 8-byte stack slot at the linear address in RDX into a host pointer in
     /// RBX (or leaves through the miss path of instruction `idx`).
     fn stack_slot(&mut self, write: bool, idx: u32) -> Option<()> {
-        self.range_at_rdx(write, 8, idx)
+        self.range_at_rdx(write, self.slot_size() as u32, idx)
+    }
+
+    /// A stack slot's size: 8 bytes, or 4 in 32-bit code.
+    fn slot_size(&self) -> i32 {
+        if self.bits == 32 {
+            4
+        } else {
+            8
+        }
+    }
+
+    /// RDX moved by `n` bytes as the stack pointer moves: wrapping at 4 GiB in 32-bit
+    /// code (where RSP's upper half is clear: see `cover::kind32`).
+    fn move_sp(&mut self, n: i32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rdx;
+        if self.bits == 32 {
+            a!(self.a.lea(gpr32::edx, ptr(rdx + n)));
+        } else {
+            a!(self.a.lea(rdx, ptr(rdx + n)));
+        }
+        Some(())
+    }
+
+    /// Stores R10 to the stack slot at RBX (its low half in 32-bit code).
+    fn store_slot_r10(&mut self) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::{r10, rbx};
+        if self.bits == 32 {
+            a!(self.a.mov(dword_ptr(rbx), gpr32::r10d));
+        } else {
+            a!(self.a.mov(qword_ptr(rbx), r10));
+        }
+        Some(())
+    }
+
+    /// Loads `dst` from the stack slot at RBX (zero-extended in 32-bit code).
+    fn load_slot(&mut self, dst: AsmRegister64) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rbx;
+        if self.bits == 32 {
+            let d = if dst == gpr64::rax {
+                gpr32::eax
+            } else if dst == gpr64::r10 {
+                gpr32::r10d
+            } else {
+                return None;
+            };
+            a!(self.a.mov(d, dword_ptr(rbx)));
+        } else {
+            a!(self.a.mov(dst, qword_ptr(rbx)));
+        }
+        Some(())
     }
 
     /// PUSH r64/imm: the value goes to RSP-8, then RSP moves (PUSH RSP pushes the old one).
     fn push(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        use iced_x86::code_asm::registers::gpr64::r10;
         self.load_guest(Register::RDX, RSP)?;
-        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.move_sp(-self.slot_size())?;
         self.stack_slot(true, idx)?;
         if ins.op0_kind() == OpKind::Register {
             self.load_guest(Register::R10, gpr_index(ins.op0_register())?)?;
@@ -1235,7 +1285,7 @@ impl Emitter {
             a!(self.a.mov(r10, ins.immediate(0)));
             self.clobber(&[Register::R10]);
         }
-        a!(self.a.mov(qword_ptr(rbx), r10));
+        self.store_slot_r10()?;
         self.store_guest(RSP, Register::RDX)
     }
 
@@ -1722,34 +1772,41 @@ impl Emitter {
 
     /// POP r64: RSP moves first, so POP RSP leaves the popped value.
     fn pop(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        use iced_x86::code_asm::registers::gpr64::r10;
         self.load_guest(Register::RDX, RSP)?;
         self.stack_slot(false, idx)?;
-        a!(self.a.mov(r10, qword_ptr(rbx)));
-        a!(self.a.lea(rdx, ptr(rdx + 8)));
+        self.load_slot(r10)?;
+        self.clobber(&[Register::R10]);
+        self.move_sp(self.slot_size())?;
         self.store_guest(RSP, Register::RDX)?;
         self.store_guest(gpr_index(ins.op0_register())?, Register::R10)
     }
 
     /// LEAVE: RSP = RBP, then POP RBP.
     fn leave(&mut self, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        use iced_x86::code_asm::registers::gpr64::r10;
         self.load_guest(Register::RDX, 5)?;
+        if self.bits == 32 {
+            // ESP = EBP (RSP's upper half stays clear).
+            a!(self.a.mov(gpr32::edx, gpr32::edx));
+        }
         self.stack_slot(false, idx)?;
-        a!(self.a.mov(r10, qword_ptr(rbx)));
-        a!(self.a.lea(rdx, ptr(rdx + 8)));
+        self.load_slot(r10)?;
+        self.clobber(&[Register::R10]);
+        self.move_sp(self.slot_size())?;
         self.store_guest(RSP, Register::RDX)?;
         self.store_guest(5, Register::R10)
     }
 
     /// CALL rel32 ending the block: push the return address, go to the target.
     fn call(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{r10, rbx, rdx};
+        use iced_x86::code_asm::registers::gpr64::r10;
         self.load_guest(Register::RDX, RSP)?;
-        a!(self.a.lea(rdx, ptr(rdx - 8)));
+        self.move_sp(-self.slot_size())?;
         self.stack_slot(true, idx)?;
         a!(self.a.mov(r10, ins.next_ip()));
-        a!(self.a.mov(qword_ptr(rbx), r10));
+        self.clobber(&[Register::R10]);
+        self.store_slot_r10()?;
         self.store_guest(RSP, Register::RDX)?;
         self.go_to(ins.near_branch_target())
     }
@@ -1757,13 +1814,15 @@ impl Emitter {
     /// RET [imm16] ending the block. A non-canonical return address is left to the
     /// interpreter (it raises #GP on the RET).
     fn ret(&mut self, ins: &Instruction, idx: u32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::{rax, rbx, rdx};
+        use iced_x86::code_asm::registers::gpr64::rax;
         self.load_guest(Register::RDX, RSP)?;
         self.stack_slot(false, idx)?;
-        a!(self.a.mov(rax, qword_ptr(rbx)));
-        self.canonical_rax(idx)?;
-        let pop = 8 + i32::from(ins.immediate16());
-        a!(self.a.lea(rdx, ptr(rdx + pop)));
+        self.load_slot(rax)?;
+        self.clobber(&[Register::RAX]);
+        if self.bits == 64 {
+            self.canonical_rax(idx)?;
+        }
+        self.move_sp(self.slot_size() + i32::from(ins.immediate16()))?;
         self.store_guest(RSP, Register::RDX)?;
         self.store_rip_from_rax()?;
         self.look_up_and_go()
