@@ -1802,6 +1802,176 @@ fn hostile_requests_are_refused_before_their_bodies() {
     assert_eq!(c.get("/v1").unwrap()["api"], "v1");
 }
 
+/// A TCP connection from `src` (every 127.x.y.z address is loopback on Linux): a second
+/// client address for the per-client caps.
+fn connect_from(src: std::net::Ipv4Addr, dst: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let dst: std::net::SocketAddrV4 = dst.parse().unwrap();
+    let sin = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(a).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (from, to) = (sin(src, 0), sin(*dst.ip(), dst.port()));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket calls on a descriptor this function owns, with valid sockaddr_in
+    // structures of the given length; TcpStream takes the descriptor over (and closes it
+    // on failure).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = std::net::TcpStream::from_raw_fd(fd);
+        if libc::bind(fd, &from as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &to as *const _ as *const libc::sockaddr, len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
+/// One `GET /v1` with the token on a kept-alive connection; its status.
+fn get_kept_alive(s: &mut std::net::TcpStream, token: &str) -> u16 {
+    write!(
+        s,
+        "GET /v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "closed: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head[9..12].parse().unwrap()
+}
+
+/// Issue 22: slow clients without the token cannot lock others out of the TCP listener.
+/// 520 of them used to keep every TCP client at 503 for 160 s (the idle timeout applied
+/// to each read, and they held every slot). Now a trickled head is cut off at the head
+/// timeout, a client with the token is served while an attacker keeps opening slow
+/// connections from two addresses, and a kept-alive authenticated connection is never
+/// closed for them.
+#[test]
+fn slow_clients_cannot_lock_out_others() {
+    let mut d = Daemon::start("slow");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() + 11) % 20000);
+    d.spawn_with(&["--listen-tcp", &addr, "--token-file", tf.to_str().unwrap()]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A head trickled a byte every 500 ms: each read is prompt, the head never ends.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let t = Instant::now();
+    let trickle = b"GET /v1 HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for c in trickle.iter().cycle() {
+        if t.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        let mut b = [0u8; 64];
+        if slow.write_all(&[*c]).is_err() || matches!(slow.read(&mut b), Ok(0)) {
+            closed = true;
+            break;
+        }
+    }
+    let took = t.elapsed();
+    assert!(
+        closed,
+        "a trickling client still holds its connection after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(8) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+
+    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(get_kept_alive(&mut kept, token), 200);
+
+    // The attacker: 520 connections without a token, each with a partial head it
+    // trickles on, reopened as the daemon closes them (60 a second, evenly), from the
+    // client's own address and two others.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let mut conns: Vec<std::net::TcpStream> = Vec::new();
+            let mut opened = 0u64;
+            let mut round = 0u64;
+            let started = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let budget = (started.elapsed().as_millis() as u64 * 60 / 1000).min(opened + 3);
+                while conns.len() < 520 && opened < budget.max(3) {
+                    let src = std::net::Ipv4Addr::new(127, 0, 0, 1 + (opened % 3) as u8);
+                    opened += 1;
+                    if let Ok(mut c) = connect_from(src, &addr) {
+                        if c.write_all(b"GET /v1/domains HTTP/1.1\r\n").is_ok() {
+                            conns.push(c);
+                        }
+                    }
+                }
+                round += 1;
+                if round.is_multiple_of(10) {
+                    conns.retain_mut(|c| c.write_all(b"X").is_ok());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(10) {
+        let c = Client::tcp(&addr, token);
+        match c.get("/v1/domains") {
+            Ok(v) => assert_eq!(v, json!([])),
+            Err(e) => panic!("a client with the token was refused: {e}"),
+        }
+        served += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(get_kept_alive(&mut kept, token), 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = attacker.join().unwrap();
+    assert!(
+        opened >= 520,
+        "the attacker opened only {opened} connections"
+    );
+    assert!(served >= 20, "{served}");
+    // The Unix socket was never affected.
+    assert_eq!(d.client().get("/v1").unwrap()["api"], "v1");
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

@@ -15,6 +15,9 @@ pub trait Conn: Read + Write + Send + 'static {
     fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
     fn shutdown_conn(&self);
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()>;
+    fn set_write_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()>;
+    /// Who is at the other end, for the per-client connection cap.
+    fn peer_conn(&self) -> Peer;
     /// The descriptor, for a handler that polls an upgraded connection (WebSocket).
     fn raw_fd_conn(&self) -> std::os::fd::RawFd;
 }
@@ -28,6 +31,12 @@ impl Conn for UnixStream {
     }
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn set_write_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+    fn peer_conn(&self) -> Peer {
+        Peer::Local
     }
     fn raw_fd_conn(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
@@ -44,9 +53,29 @@ impl Conn for TcpStream {
     fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn set_write_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+    fn peer_conn(&self) -> Peer {
+        match self.peer_addr() {
+            Ok(a) => Peer::Ip(a.ip()),
+            Err(_) => Peer::Unknown,
+        }
+    }
     fn raw_fd_conn(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
     }
+}
+
+/// The client a connection comes from, as far as the per-client caps are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A Unix socket's peer: the socket file's permissions already decide who connects.
+    Local,
+    /// A TCP peer, by address.
+    Ip(std::net::IpAddr),
+    /// A TCP peer whose address could not be read.
+    Unknown,
 }
 
 /// Longest request or response head (request line + headers).
@@ -56,8 +85,59 @@ pub const MAX_BODY: usize = 64 * 1024 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Connections served at once; more get a 503.
 pub const MAX_CONNECTIONS: usize = 512;
-/// How long a connection may stay silent while a request is expected.
+/// How long a connection may stay silent while a request is expected (between requests
+/// on a kept-alive connection, and within a body), and how long a response may wait for
+/// a client that does not read it.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a client has for one whole request head: from the connection's accept for
+/// the first request, from its first byte for the next ones. Per read, the idle timeout
+/// never fired on a client trickling a byte at a time.
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The slowest body accepted, on top of [`HEAD_TIMEOUT`]: a body of N bytes must arrive
+/// within `HEAD_TIMEOUT + N / MIN_BODY_RATE` seconds.
+pub const MIN_BODY_RATE: u64 = 64 * 1024;
+/// A connection that has not yet had a request admitted ("pending": no complete head,
+/// or no token yet) may be closed to make room for a new one once it is this old. A
+/// client's head arrives with its connection; a burst of parallel connections gets 503s
+/// rather than resets.
+pub const PENDING_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+/// On TCP: connections one client address may hold, and how many of them pending.
+pub const MAX_PER_CLIENT: usize = 64;
+pub const MAX_PENDING_PER_CLIENT: usize = 16;
+
+/// The connection caps and timeouts of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Connections one [`Peer`] may hold.
+    pub per_client: usize,
+    /// Pending connections (no request admitted yet) one [`Peer`] may hold.
+    pub pending_per_client: usize,
+    /// See [`HEAD_TIMEOUT`].
+    pub head_timeout: std::time::Duration,
+    /// See [`PENDING_GRACE`].
+    pub pending_grace: std::time::Duration,
+}
+
+impl Limits {
+    /// A Unix socket: its file's permissions decide who connects; one cap for everyone.
+    pub const UNIX: Limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        per_client: MAX_CONNECTIONS,
+        pending_per_client: MAX_CONNECTIONS,
+        head_timeout: HEAD_TIMEOUT,
+        pending_grace: PENDING_GRACE,
+    };
+    /// A TCP listener: per-address caps as well.
+    pub const TCP: Limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        per_client: MAX_PER_CLIENT,
+        pending_per_client: MAX_PENDING_PER_CLIENT,
+        head_timeout: HEAD_TIMEOUT,
+        pending_grace: PENDING_GRACE,
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -402,20 +482,60 @@ fn error_response(e: &HttpError, json_error: &dyn Fn(u16, String) -> Response) -
     json_error(status, e.to_string())
 }
 
+/// A connection's read half whose reads end at a deadline (a whole head, a whole body),
+/// not only after a silence: each read waits at most until the deadline, and at most
+/// [`IDLE_TIMEOUT`].
+struct Timed {
+    conn: Box<dyn Conn>,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let wait = match self.deadline {
+            Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                Some(left) if !left.is_zero() => left.min(IDLE_TIMEOUT),
+                _ => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+            },
+            None => IDLE_TIMEOUT,
+        };
+        self.conn.set_read_timeout_conn(Some(wait))?;
+        self.conn.read(buf)
+    }
+}
+
 /// Serves one connection until the peer closes it or a handler upgrades it.
 fn serve_conn(
     stream: Box<dyn Conn>,
     handler: &dyn Handler,
     json_error: &dyn Fn(u16, String) -> Response,
+    slot: &Slot,
+    limits: &Limits,
 ) {
-    // An idle or trickling client does not hold its thread forever.
-    let _ = stream.set_read_timeout_conn(Some(IDLE_TIMEOUT));
+    // A client that does not read its answers does not hold its thread forever either.
+    let _ = stream.set_write_timeout_conn(Some(IDLE_TIMEOUT));
     let Ok(write_half) = stream.try_clone_conn() else {
         return;
     };
     let mut w = write_half;
-    let mut r = BufReader::new(stream);
+    let mut r = BufReader::new(Timed {
+        conn: stream,
+        // The first request's whole head is due within the head timeout of the accept.
+        deadline: Some(slot.accepted + limits.head_timeout),
+    });
+    let mut first = true;
     loop {
+        if !first {
+            // Between requests a kept-alive connection may be silent for the idle
+            // timeout; once a head starts, all of it is due within the head timeout.
+            r.get_mut().deadline = None;
+            match r.fill_buf() {
+                Ok([]) | Err(_) => return,
+                Ok(_) => {}
+            }
+            r.get_mut().deadline = Some(std::time::Instant::now() + limits.head_timeout);
+        }
+        first = false;
         let req = match read_request_head(&mut r) {
             Ok(Some((mut req, len))) => {
                 // Credentials and the API's body cap are checked before the body is read:
@@ -425,9 +545,15 @@ fn serve_conn(
                     let _ = write_response(&mut w, &refusal, true);
                     return;
                 }
+                // Admitted (on TCP: the token was right): no longer a connection that
+                // can be closed to make room for others.
+                slot.admitted();
                 let body = if len > MAX_BODY as u64 {
                     Err(HttpError::BodyTooLarge(len))
                 } else {
+                    let allowed =
+                        limits.head_timeout + std::time::Duration::from_secs(len / MIN_BODY_RATE);
+                    r.get_mut().deadline = Some(std::time::Instant::now() + allowed);
                     read_body(&mut r, len as usize)
                 };
                 match body {
@@ -474,10 +600,130 @@ fn serve_conn(
                 drop(r);
                 // An attached console may be quiet for as long as it likes.
                 let _ = w.set_read_timeout_conn(None);
+                let _ = w.set_write_timeout_conn(None);
                 take(w);
                 return;
             }
         }
+    }
+}
+
+/// One open connection in a listener's [`Table`].
+struct Entry {
+    peer: Peer,
+    accepted: std::time::Instant,
+    /// No request admitted yet.
+    pending: bool,
+    /// A handle to shut the connection down when it is closed to make room.
+    handle: Box<dyn Conn>,
+}
+
+/// The connections a listener serves, for its caps: at most `max_connections`, at most
+/// `per_client` from one peer, of which at most `pending_per_client` pending. When a cap
+/// is reached, the oldest pending connection (past the grace period) that counts against
+/// it is closed to make room; only if there is none is the new connection refused with a
+/// 503. So clients that connect and send nothing (or trickle) cannot lock others out: a
+/// client that sends its head promptly always finds room, and an admitted connection is
+/// never closed for another.
+#[derive(Default)]
+struct Table {
+    conns: std::sync::Mutex<std::collections::HashMap<u64, Entry>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's place in its [`Table`], given back when the connection ends.
+struct Slot {
+    table: Arc<Table>,
+    id: u64,
+    accepted: std::time::Instant,
+}
+
+impl Slot {
+    fn admitted(&self) {
+        if let Some(e) = self.table.lock().get_mut(&self.id) {
+            e.pending = false;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+impl Table {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Entry>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection from `peer`, closing a stale pending one if a cap
+    /// demands it; `Err` with the reason when there is no room.
+    fn enter(
+        self: &Arc<Self>,
+        peer: Peer,
+        handle: Box<dyn Conn>,
+        limits: &Limits,
+    ) -> Result<Slot, String> {
+        let now = std::time::Instant::now();
+        let mut conns = self.lock();
+        // Closes the oldest stale pending connection among those `which` selects.
+        let make_room = |conns: &mut std::collections::HashMap<u64, Entry>,
+                         which: &dyn Fn(&Entry) -> bool|
+         -> bool {
+            let oldest = conns
+                .iter()
+                .filter(|(_, e)| e.pending && which(e))
+                .filter(|(_, e)| now.duration_since(e.accepted) >= limits.pending_grace)
+                .min_by_key(|(_, e)| e.accepted)
+                .map(|(id, _)| *id);
+            match oldest.and_then(|id| conns.remove(&id)) {
+                Some(e) => {
+                    tracing::debug!(peer = ?e.peer, "closing a pending connection for a new one");
+                    e.handle.shutdown_conn();
+                    true
+                }
+                None => false,
+            }
+        };
+        let mine = conns.values().filter(|e| e.peer == peer).count();
+        if mine >= limits.per_client && !make_room(&mut conns, &|e| e.peer == peer) {
+            return Err(format!(
+                "more than {} open connections from one client; try again",
+                limits.per_client
+            ));
+        }
+        let pending = conns
+            .values()
+            .filter(|e| e.pending && e.peer == peer)
+            .count();
+        if pending >= limits.pending_per_client && !make_room(&mut conns, &|e| e.peer == peer) {
+            return Err(format!(
+                "more than {} connections from one client without a request; try again",
+                limits.pending_per_client
+            ));
+        }
+        if conns.len() >= limits.max_connections && !make_room(&mut conns, &|_| true) {
+            return Err(format!(
+                "more than {} open connections; try again",
+                limits.max_connections
+            ));
+        }
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        conns.insert(
+            id,
+            Entry {
+                peer,
+                accepted: now,
+                pending: true,
+                handle,
+            },
+        );
+        Ok(Slot {
+            table: self.clone(),
+            id,
+            accepted: now,
+        })
     }
 }
 
@@ -510,30 +756,53 @@ pub fn drain(limit: std::time::Duration) {
     }
 }
 
-/// Accepts connections forever, one thread each. `json_error` shapes protocol errors in the
-/// API's own error format.
+/// Accepts connections forever, one thread each, with [`Limits::UNIX`]. `json_error`
+/// shapes protocol errors in the API's own error format.
 pub fn serve(
     listener: UnixListener,
     handler: Arc<dyn Handler>,
     json_error: fn(u16, String) -> Response,
 ) {
-    accept_loop(
-        || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
-        handler,
-        json_error,
-    )
+    serve_with(listener, handler, json_error, Limits::UNIX)
 }
 
-/// [`serve`] on a TCP listener (put a [`Handler`] that checks credentials in front).
-pub fn serve_tcp(
-    listener: TcpListener,
+/// [`serve`] with other limits.
+pub fn serve_with(
+    listener: UnixListener,
     handler: Arc<dyn Handler>,
     json_error: fn(u16, String) -> Response,
+    limits: Limits,
 ) {
     accept_loop(
         || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
         handler,
         json_error,
+        limits,
+    )
+}
+
+/// [`serve`] on a TCP listener with [`Limits::TCP`] (put a [`Handler`] that checks
+/// credentials in front: its `admit` decides when a connection stops being pending).
+pub fn serve_tcp(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    json_error: fn(u16, String) -> Response,
+) {
+    serve_tcp_with(listener, handler, json_error, Limits::TCP)
+}
+
+/// [`serve_tcp`] with other limits.
+pub fn serve_tcp_with(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    json_error: fn(u16, String) -> Response,
+    limits: Limits,
+) {
+    accept_loop(
+        || listener.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+        handler,
+        json_error,
+        limits,
     )
 }
 
@@ -541,32 +810,34 @@ fn accept_loop(
     accept: impl Fn() -> io::Result<Box<dyn Conn>>,
     handler: Arc<dyn Handler>,
     json_error: fn(u16, String) -> Response,
+    limits: Limits,
 ) {
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let table = Arc::new(Table::default());
     loop {
         match accept() {
             Ok(mut stream) => {
-                use std::sync::atomic::Ordering;
-                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    let busy = json_error(
-                        503,
-                        format!("more than {MAX_CONNECTIONS} open connections; try again"),
-                    );
-                    let _ = write_response(&mut stream, &busy, true);
-                    continue;
-                }
-                open.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_write_timeout_conn(Some(std::time::Duration::from_secs(1)));
+                let slot = match stream
+                    .try_clone_conn()
+                    .map_err(|e| format!("cannot serve the connection: {e}"))
+                    .and_then(|handle| table.enter(stream.peer_conn(), handle, &limits))
+                {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        tracing::debug!(peer = ?stream.peer_conn(), "{why}");
+                        let _ = write_response(&mut stream, &json_error(503, why), true);
+                        continue;
+                    }
+                };
                 let h = handler.clone();
-                let count = open.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("http-conn".into())
                         .spawn(move || {
-                            serve_conn(stream, h.as_ref(), &json_error);
-                            count.fetch_sub(1, Ordering::Relaxed);
+                            serve_conn(stream, h.as_ref(), &json_error, &slot, &limits);
+                            drop(slot);
                         });
                 if let Err(e) = spawned {
-                    open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!("cannot start a connection thread: {e}");
                 }
             }
@@ -739,6 +1010,220 @@ mod tests {
         assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
         assert_eq!(client.join().unwrap().unwrap().status, 204);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    struct Ok204;
+    impl Handler for Ok204 {
+        fn handle(&self, _req: Request) -> Reply {
+            Reply::Response(Response::empty(204))
+        }
+    }
+
+    fn plain_error(s: u16, m: String) -> Response {
+        Response::json(s, &serde_json::json!({ "m": m }))
+    }
+
+    fn temp_sock(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vessel-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        (dir, sock)
+    }
+
+    /// Whether the server closed `s` (EOF or reset) within `limit`, sending `trickle`
+    /// a byte at a time meanwhile (`s` has a short read timeout).
+    fn closed_within<S: Read + Write>(
+        s: &mut S,
+        trickle: &[u8],
+        limit: std::time::Duration,
+    ) -> bool {
+        let t0 = std::time::Instant::now();
+        let mut i = 0;
+        while t0.elapsed() < limit {
+            if s.write_all(&trickle[i % trickle.len()..][..1]).is_err() {
+                return true;
+            }
+            i += 1;
+            let mut b = [0u8; 256];
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return true
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// Issue 22: a client that trickles its head a byte at a time (each read well within
+    /// the idle timeout) is cut off once the whole head is overdue.
+    #[test]
+    fn a_trickled_head_is_cut_off_at_the_head_timeout() {
+        let (dir, sock) = temp_sock("trickle");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let limits = Limits {
+            head_timeout: std::time::Duration::from_millis(800),
+            ..Limits::UNIX
+        };
+        std::thread::spawn(move || serve_with(listener, Arc::new(Ok204), plain_error, limits));
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(
+            closed_within(
+                &mut s,
+                b"GET / HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                std::time::Duration::from_secs(5)
+            ),
+            "a trickling client kept its connection for 5 s"
+        );
+        assert!(
+            t0.elapsed() >= std::time::Duration::from_millis(700),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A prompt client is still served, and may keep its connection open between
+        // requests for longer than the head timeout.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        for _ in 0..2 {
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut b = [0u8; 256];
+            let n = s.read(&mut b).unwrap();
+            assert!(
+                b[..n].starts_with(b"HTTP/1.1 204"),
+                "{:?}",
+                String::from_utf8_lossy(&b[..n])
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1200));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 22: connections that never send a head cannot fill a listener: once past the
+    /// grace period, the oldest of them is closed to make room for a new client.
+    #[test]
+    fn silent_clients_cannot_lock_out_a_prompt_one() {
+        let (dir, sock) = temp_sock("silent");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let limits = Limits {
+            max_connections: 8,
+            pending_grace: std::time::Duration::from_millis(300),
+            ..Limits::UNIX
+        };
+        std::thread::spawn(move || serve_with(listener, Arc::new(Ok204), plain_error, limits));
+        let silent: Vec<_> = (0..8)
+            .map(|_| UnixStream::connect(&sock).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Within the grace period the listener is full: a 503 (sent at once, before any
+        // request), not a silent drop.
+        let mut refused = UnixStream::connect(&sock).unwrap();
+        refused
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = refused.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        for _ in 0..20 {
+            let r = client_request(&sock, "GET", "/", None).unwrap();
+            assert_eq!(r.status, 204);
+        }
+        // A connection that was admitted is never closed for another one.
+        let mut kept = UnixStream::connect(&sock).unwrap();
+        kept.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        kept.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut b = [0u8; 256];
+        assert!(kept.read(&mut b).unwrap() > 0);
+        let more: Vec<_> = (0..16)
+            .map(|_| UnixStream::connect(&sock).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        kept.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let n = kept.read(&mut b).unwrap();
+        assert!(
+            b[..n].starts_with(b"HTTP/1.1 204"),
+            "{:?}",
+            String::from_utf8_lossy(&b[..n])
+        );
+        drop((silent, more));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A TCP connection from `src` (any 127.x.y.z address is loopback on Linux).
+    fn connect_from(src: std::net::Ipv4Addr, dst: std::net::SocketAddr) -> TcpStream {
+        use std::os::fd::FromRawFd;
+        let std::net::SocketAddr::V4(dst) = dst else {
+            panic!("IPv4 only")
+        };
+        let sin = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let (from, to) = (sin(src, 0), sin(*dst.ip(), dst.port()));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor this function owns, with valid
+        // sockaddr_in structures of the given length; the descriptor is handed to
+        // TcpStream only once connected.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            assert_eq!(
+                libc::bind(fd, &from as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            assert_eq!(
+                libc::connect(fd, &to as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            TcpStream::from_raw_fd(fd)
+        }
+    }
+
+    /// Issue 22: on TCP, one client address may hold only so many connections without a
+    /// request; another address is not affected.
+    #[test]
+    fn tcp_caps_pending_connections_per_client() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            pending_per_client: 4,
+            pending_grace: std::time::Duration::from_secs(60),
+            ..Limits::TCP
+        };
+        std::thread::spawn(move || serve_tcp_with(listener, Arc::new(Ok204), plain_error, limits));
+        let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+        let held: Vec<_> = (0..4).map(|_| connect_from(attacker, addr)).collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut fifth = connect_from(attacker, addr);
+        fifth
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut out = String::new();
+        let _ = fifth.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(out.contains("without a request"), "{out}");
+        for _ in 0..10 {
+            let s = connect_from(std::net::Ipv4Addr::LOCALHOST, addr);
+            let (r, _) = client_exchange(Box::new(s), "GET", "/", None, false, &[]).unwrap();
+            assert_eq!(r.status, 204);
+        }
+        drop(held);
     }
 
     #[test]
