@@ -190,6 +190,7 @@ impl Api {
             ("GET", ["domains"]) => ok(to_value(&self.m.list()?)),
             ("POST", ["domains"]) => {
                 let def = parse_definition(req)?;
+                self.check_domain_files(&def, req)?;
                 Ok(Response::json(201, &to_value(&self.m.define(def)?)).into())
             }
             ("GET", ["domains", name]) => {
@@ -203,6 +204,7 @@ impl Api {
             }
             ("PUT", ["domains", name]) => {
                 let def = parse_definition(req)?;
+                self.check_domain_files(&def, req)?;
                 ok(to_value(&self.m.redefine(name, def)?))
             }
             ("DELETE", ["domains", name]) => {
@@ -234,6 +236,7 @@ impl Api {
                     path: std::path::PathBuf,
                 }
                 let s: S = body_json(req, "save body")?;
+                self.check_path(req, &s.path, vmm::api::access::Want::Create)?;
                 self.m.save(name, &s.path)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
@@ -244,6 +247,7 @@ impl Api {
                     path: std::path::PathBuf,
                 }
                 let r: R = body_json(req, "restore body")?;
+                self.check_path(req, &r.path, vmm::api::access::Want::Read)?;
                 ok(to_value(&self.m.restore(&r.path)?))
             }
             ("POST", ["domains", name, "resume"]) => {
@@ -313,6 +317,47 @@ impl Api {
             _ if seg.get(1) == Some(&"pools") => crate::storage_api::route(&self.m, req, &seg[2..]),
             _ => Err(Error::not_found("API path", &format!("{m} {}", req.path))),
         }
+    }
+}
+
+impl Api {
+    /// Issue 22: the host files a domain names must be ones its sender may use, since
+    /// the VMM (or QEMU) opens them with the daemon's rights. On the Unix socket, the
+    /// peer's rights (`SO_PEERCRED`; nothing to check for root or the daemon's own user);
+    /// over TCP (the token, no host user), only files inside the pool roots (where
+    /// `vol-upload` puts them) and the daemon's `--file-root` folders. Pool volumes (`vol://POOL/VOLUME`) are the pools' own.
+    fn check_domain_files(&self, def: &DomainDef, req: &Request) -> Result<()> {
+        for (p, want) in vmm::api::access::config_files(&def.vm) {
+            if !p
+                .to_string_lossy()
+                .starts_with(crate::domain::VOLUME_PREFIX)
+            {
+                self.check_path(req, &p, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One host path a request names (see [`Api::check_domain_files`]).
+    fn check_path(
+        &self,
+        req: &Request,
+        p: &std::path::Path,
+        want: vmm::api::access::Want,
+    ) -> Result<()> {
+        if let Some(cred) = &req.peer {
+            return vmm::api::access::check(p, Some(cred), want).map_err(Error::Forbidden);
+        }
+        let real = crate::storage::resolve_existing(p)?;
+        if self.m.file_roots().iter().any(|r| real.starts_with(r)) {
+            return Ok(());
+        }
+        Err(Error::Forbidden(format!(
+            "{}: a client over TCP may name only files inside the pool roots and the \
+             daemon's --file-root folders (upload it as a volume and use \
+             vol://POOL/VOLUME)",
+            p.display()
+        )))
     }
 }
 

@@ -15,6 +15,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The client may not use what it named (a host file outside its rights).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("{what} {path}: {source}")]
@@ -61,6 +64,7 @@ impl Error {
             Error::Exists { .. } | Error::Conflict(_) => 409,
             Error::Invalid { .. } => 400,
             Error::Unsupported(_) => 501,
+            Error::Forbidden(_) => 403,
             _ => 500,
         }
     }
@@ -73,6 +77,7 @@ impl Error {
             Error::Invalid { .. } => "invalid",
             Error::Conflict(_) => "conflict",
             Error::Unsupported(_) => "unsupported",
+            Error::Forbidden(_) => "forbidden",
             Error::Db(_) => "database",
             Error::Io { .. } => "io",
             Error::Qmp(_) => "qmp",

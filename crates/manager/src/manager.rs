@@ -33,6 +33,10 @@ pub struct Config {
     /// Folders pools may be defined in besides `STATE/pools` (`vessel daemon
     /// --pool-root DIR`): a pool elsewhere would hand API clients that folder's files.
     pub pool_roots: Vec<PathBuf>,
+    /// Folders whose files clients over TCP may name in domain definitions (kernels,
+    /// images), besides the pool roots (`vessel daemon --file-root DIR`). A TCP client
+    /// has no host user to check its rights against.
+    pub file_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -125,6 +129,19 @@ fn restrict(path: &Path, mode: u32) -> Result<()> {
 }
 
 impl Manager {
+    /// Folders whose files TCP clients may name: the pool roots and the file roots,
+    /// resolved.
+    pub fn file_roots(&self) -> Vec<PathBuf> {
+        let mut roots = self.pool_roots();
+        roots.extend(
+            self.cfg
+                .file_roots
+                .iter()
+                .filter_map(|p| p.canonicalize().ok()),
+        );
+        roots
+    }
+
     /// Folders pools may lie in: `STATE/pools` and the configured roots, resolved.
     pub fn pool_roots(&self) -> Vec<PathBuf> {
         std::iter::once(self.cfg.state_dir.join("pools"))

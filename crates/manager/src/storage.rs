@@ -95,7 +95,7 @@ pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
 }
 
 /// `path` with symbolic links resolved as far as it exists (the rest appended as given).
-fn resolve_existing(path: &Path) -> Result<PathBuf> {
+pub(crate) fn resolve_existing(path: &Path) -> Result<PathBuf> {
     let mut existing = path;
     let mut rest = Vec::new();
     while !existing.exists() {

@@ -71,6 +71,11 @@ pub struct DaemonArgs {
     /// API clients can read and write every file in a pool.
     #[arg(long = "pool-root")]
     pool_roots: Vec<PathBuf>,
+    /// A folder whose files clients over TCP may name in domain definitions (kernels,
+    /// initrds, images), besides the pool roots. Repeat for more. Clients on the Unix
+    /// socket may name the files their own user may use.
+    #[arg(long = "file-root")]
+    file_roots: Vec<PathBuf>,
     /// Start Vessel VMMs without their jail (namespaces and a root holding only the
     /// VM's files): for development only. Their seccomp filters stay on.
     #[arg(long)]
@@ -97,6 +102,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             vmm_ids: (args.vmm_uid, args.vmm_gid),
         },
         pool_roots: args.pool_roots,
+        file_roots: args.file_roots,
     };
     let tcp = match (args.listen_tcp, args.token_file) {
         (Some(addr), Some(f)) => Some(manager::TcpOpts {

@@ -396,7 +396,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
                 Err(e) => start.failed(e),
             }
         };
-        let _ = std::fs::remove_file(&sock);
+        vmm::api::http::remove_socket(&sock);
         return report(reason.map_err(anyhow::Error::msg));
     }
     let Some(config) = config else {
@@ -425,7 +425,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let reason = vmm.run();
     drop(raw);
     if let Some(sock) = &api_sock {
-        let _ = std::fs::remove_file(sock);
+        vmm::api::http::remove_socket(sock);
     }
     report(reason.map_err(anyhow::Error::from))
 }
@@ -554,7 +554,7 @@ impl Drop for RemoveOnDrop {
             r.flush();
         }
         if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
+            vmm::api::http::remove_socket(p);
         }
     }
 }

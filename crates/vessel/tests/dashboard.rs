@@ -78,6 +78,9 @@ impl Daemon {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--token-file")
             .arg(dir.join("token"))
+            // The browser defines domains over TCP: their kernels are the guest assets.
+            .arg("--file-root")
+            .arg(common::assets())
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1972,6 +1972,110 @@ fn slow_clients_cannot_lock_out_others() {
     assert_eq!(d.client().get("/v1").unwrap()["api"], "v1");
 }
 
+/// Issue 22: the host files a domain names are checked against its sender. Over TCP
+/// (no host user) only files in the pool roots and `--file-root` folders; on the Unix
+/// socket, the peer's own rights. Before, any client could name a root-only file as a
+/// domain's kernel or disk and the daemon's VMM opened it as root.
+#[test]
+fn domain_files_are_checked_against_the_client() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start("files");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let outside = std::env::temp_dir().join(format!("vm-files-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = outside.join("secret");
+    std::fs::write(&secret, vec![7u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kernels = d.dir.join("kernels");
+    std::fs::create_dir_all(&kernels).unwrap();
+    let allowed = kernels.join("k");
+    std::fs::write(&allowed, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&allowed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() + 13) % 20000);
+    d.spawn_with(&[
+        "--listen-tcp",
+        &addr,
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--file-root",
+        kernels.to_str().unwrap(),
+    ]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tcp = Client::tcp(&addr, token);
+    let def = |name: &str, kernel: &Path, disk: Option<&Path>| {
+        let mut v = json!({"name": name, "vm": {"kernel": kernel}});
+        if let Some(p) = disk {
+            v["vm"]["disks"] = json!([{"path": p, "format": "raw"}]);
+        }
+        v
+    };
+    for (name, k, disk) in [
+        ("a", secret.as_path(), None),
+        ("b", allowed.as_path(), Some(secret.as_path())),
+        ("c", Path::new("/etc/shadow"), None),
+    ] {
+        let (st, msg) = api_status(
+            tcp.post("/v1/domains", Some(&def(name, k, disk)))
+                .unwrap_err(),
+        );
+        assert_eq!(st, 403, "{name}: {msg}");
+        assert!(msg.contains("pool roots"), "{msg}");
+    }
+    // A kernel in a --file-root folder is fine over TCP.
+    tcp.post("/v1/domains", Some(&def("ok", &allowed, None)))
+        .unwrap();
+    // Saving a domain's state over TCP lands only in the roots too.
+    let (st, _) = api_status(
+        tcp.post(
+            "/v1/domains/ok/save",
+            Some(&json!({"path": outside.join("save")})),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(st, 403);
+    // The Unix socket: the daemon's user (root here) names what it likes...
+    d.client()
+        .post("/v1/domains", Some(&def("local", &secret, None)))
+        .unwrap();
+    // ...and another user whom the socket's mode lets in names only its own files.
+    std::fs::set_permissions(d.socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let as_nobody = |body: &Value| {
+        let o = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-s",
+            ])
+            .arg("--unix-socket")
+            .arg(d.socket())
+            .args(["-X", "POST", "http://localhost/v1/domains"])
+            .args(["-H", "Content-Type: application/json", "-d"])
+            .arg(body.to_string())
+            .output()
+            .expect("setpriv and curl: apt-get install util-linux curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = as_nobody(&def("n1", &secret, None));
+    assert!(
+        out.contains("forbidden") && out.contains("permission denied"),
+        "{out}"
+    );
+    let out = as_nobody(&def("n2", &allowed, None));
+    assert!(out.contains("\"n2\""), "{out}");
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

@@ -41,6 +41,37 @@ fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Stri
     (status, body)
 }
 
+/// [`curl`] run as another user (`setpriv`): a client whose rights are not the VMM's.
+fn curl_as(uid: u32, sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let o = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "curl", "-s", "-i", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method])
+        .arg(format!("http://localhost{path}"))
+        .args(["-H", "Content-Type: application/json", "-d", body])
+        .output()
+        .expect("setpriv not found: apt-get install util-linux");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let status = out
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no HTTP status from curl as uid {uid}: {out:?} {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn fault(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
     v["fault_message"]
@@ -484,4 +515,89 @@ fn smt_makes_two_vcpus_one_core_of_two_threads() {
     common::wait_for_text(&log, "-END", Duration::from_secs(120));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("SIBLINGS-0-1-END"), "{text}");
+}
+
+/// Issue 22: the VMM checks the files a request names against the rights of the user
+/// that sent it (the socket's peer), and a vsock `uds_path` naming an existing file
+/// never deletes it. Before, a root VMM whose socket another user could reach accepted
+/// `/etc/shadow`-like files from that user, and a `uds_path` on a file deleted it.
+#[test]
+fn requests_name_only_files_their_sender_may_use() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "run the tests as root: they send requests as another user"
+    );
+    let dir = TempDir::new("peer");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    lib.print(&mut a, "peer guest up\n").unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.jmp(spin).unwrap();
+    lib.emit(&mut a).unwrap();
+    let code = a.assemble(common::guest::LOAD).unwrap();
+    let kernel = dir.file("vmlinux.elf", &linux64_elf(&code));
+    let secret = dir.file("secret", &vec![7u8; 1 << 20]);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let victim = dir.file("victim", b"precious");
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["run", "--accel", "kvm", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _vmm = common::Guarded(child);
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The socket opened to others, as an operator sharing it with a group would.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let nobody = 65534;
+    let boot = |k: &Path| format!(r#"{{"kernel_image_path": "{}"}}"#, k.display());
+    let drive = |p: &Path| {
+        format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+            p.display()
+        )
+    };
+    for (path, body) in [
+        ("/boot-source", boot(&secret)),
+        ("/drives/d", drive(&secret)),
+        (
+            "/vsock",
+            format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, victim.display()),
+        ),
+    ] {
+        let (s, b) = curl_as(nobody, &sock, "PUT", path, &body);
+        assert_eq!(s, 400, "{path} as nobody: {b}");
+        assert!(fault(&b).contains("permission denied"), "{path}: {b}");
+    }
+    // Root may: the same secret is accepted from root (the kernel check only opens it).
+    let (s, b) = curl(&sock, "PUT", "/drives/d", Some(&drive(&secret)));
+    assert_eq!(s, 204, "{b}");
+    // A uds_path on an existing file: the start fails naming it, the file stays.
+    assert_eq!(
+        curl(&sock, "PUT", "/boot-source", Some(&boot(&kernel))).0,
+        204
+    );
+    let vsock = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, victim.display());
+    assert_eq!(curl(&sock, "PUT", "/vsock", Some(&vsock)).0, 204);
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(s, 400, "InstanceStart with uds_path on a file: {b}");
+    assert!(fault(&b).contains("victim"), "{b}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }

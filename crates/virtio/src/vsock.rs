@@ -466,9 +466,16 @@ impl std::fmt::Debug for Vsock {
 }
 
 impl Vsock {
-    /// Listen on `uds_path` (replacing a stale socket file) for guest CID `cid`.
+    /// Listen on `uds_path` (replacing a stale socket file) for guest CID `cid`. Anything
+    /// there that is not a socket is left alone and the bind fails: the path may come
+    /// from an API client, and must never delete a file.
     pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
-        let _ = std::fs::remove_file(uds_path);
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::symlink_metadata(uds_path).is_ok_and(|m| m.file_type().is_socket())
+            && std::os::unix::net::UnixStream::connect(uds_path).is_err()
+        {
+            let _ = std::fs::remove_file(uds_path);
+        }
         let listener = UnixListener::bind(uds_path)
             .and_then(|l| l.set_nonblocking(true).map(|_| l))
             .map_err(|source| VsockError::Bind {
@@ -636,6 +643,24 @@ mod tests {
         b.handle_tx(answer(OP_CREDIT_UPDATE, 4096), &[]);
         assert_eq!(fds(&b), 2, "credit: the stream is waited on");
         drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 22: a `uds_path` naming an existing file fails and leaves the file alone
+    /// (it used to be deleted); a stale socket is replaced.
+    #[test]
+    fn a_uds_path_on_a_file_never_deletes_it() {
+        let dir = std::env::temp_dir().join(format!("vsock-uds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("v.sock");
+        std::fs::write(&p, "precious").unwrap();
+        assert!(Vsock::new(3, &p).is_err());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
+        std::fs::remove_file(&p).unwrap();
+        drop(UnixListener::bind(&p).unwrap());
+        let v = Vsock::new(3, &p).unwrap();
+        drop(v);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1318,3 +1318,125 @@ fn bodies_over_51200_bytes_are_refused_before_they_are_read() {
     assert!(r.starts_with("HTTP/1.1 204"), "{r}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 22: the files a request names are checked against the rights of the client
+/// that sent it (its socket peer), not the VMM's: a root VMM whose socket another user
+/// may use does not hand that user root-only files as kernel, initrd, drive or snapshot,
+/// nor let it create sockets, logs or metrics where it may not write.
+#[test]
+fn files_are_checked_against_the_api_clients_rights() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "run the tests as root: they check another user's rights"
+    );
+    let s = Scratch::new("peer");
+    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = s.path("secret");
+    std::fs::write(&secret, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = s.path("vmlinux");
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_peer = |api: &Api, uid: u32, method: &str, path: &str, body: &str| {
+        let mut r = req(method, path, body);
+        r.peer = Some(super::super::http::Cred {
+            pid: 0,
+            uid,
+            gid: uid,
+        });
+        api.0.handle_req(&r)
+    };
+    let api = Api::preboot();
+    let nobody = 65534;
+    let denied = |r: Response| {
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(&r.body));
+        assert!(msg(&r).contains("permission denied"), "{}", msg(&r));
+    };
+    let boot = |k: &str| format!(r#"{{"kernel_image_path": "{k}"}}"#);
+    denied(as_peer(&api, nobody, "PUT", "/boot-source", &boot(&secret)));
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{public}", "initrd_path": "{secret}"}}"#),
+    ));
+    let drive = |p: &str, ro: bool| {
+        format!(
+            r#"{{"drive_id": "d", "path_on_host": "{p}", "is_root_device": false, "is_read_only": {ro}}}"#
+        )
+    };
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/drives/d",
+        &drive(&secret, true),
+    ));
+    // Readable is not writable.
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/drives/d",
+        &drive(&public, false),
+    ));
+    let vsock = |p: &str| format!(r#"{{"guest_cid": 3, "uds_path": "{p}"}}"#);
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/vsock",
+        &vsock(&s.path("v.sock")),
+    ));
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/logger",
+        &format!(r#"{{"log_path": "{}"}}"#, s.path("fc.log")),
+    ));
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, s.path("m.json")),
+    ));
+    denied(as_peer(
+        &api,
+        nobody,
+        "PUT",
+        "/snapshot/load",
+        &format!(r#"{{"snapshot_path": "{secret}", "mem_file_path": "{public}"}}"#),
+    ));
+    // What the peer may use is accepted.
+    for (path, body) in [
+        ("/boot-source", boot(&public)),
+        ("/drives/d", drive(&public, true)),
+    ] {
+        let r = as_peer(&api, nobody, "PUT", path, &body);
+        assert_eq!(
+            r.status,
+            204,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // The same requests from root are the VMM's own business.
+    for (path, body) in [
+        ("/boot-source", boot(&secret)),
+        ("/drives/d", drive(&secret, false)),
+        ("/vsock", vsock(&s.path("v.sock"))),
+    ] {
+        let r = as_peer(&api, 0, "PUT", path, &body);
+        assert_eq!(
+            r.status,
+            204,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}

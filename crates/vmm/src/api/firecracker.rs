@@ -22,11 +22,13 @@
 //! reboots, `vessel run` exits with its reboot status and the manager starts the domain
 //! again) and `GET /vessel/status` (state and how the VM ended).
 
+use std::path::Path;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use serde::Deserialize;
 use serde_json::json;
 
+use super::access::{self, Want};
 use super::fc_config::FcConfig;
 use super::fc_log::{self, ApiMetrics, MetricsSink};
 use super::fc_model::{
@@ -374,6 +376,10 @@ impl VmmApi {
     fn snapshot_create(&self, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotCreateParams = parse(req)?;
         params.check().map_err(|msg| fault(400, msg))?;
+        for p in [&params.snapshot_path, &params.mem_file_path] {
+            access::check(p, req.peer.as_ref(), Want::Create)
+                .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
+        }
         let snapshotter = match &lock(&self.state).phase {
             Phase::Running { snapshotter, .. } => snapshotter
                 .clone()
@@ -392,6 +398,10 @@ impl VmmApi {
     fn snapshot_load(self: &Arc<Self>, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotLoadParams = parse(req)?;
         let mem = params.mem_path().map_err(|msg| fault(400, msg))?;
+        let refused = |e: String| fault(400, format!("Failed to load the snapshot: {e}"));
+        for p in [&params.snapshot_path, &mem] {
+            access::check(p, req.peer.as_ref(), Want::Read).map_err(refused)?;
+        }
         let mut st = lock(&self.state);
         if !st.preboot() {
             return Err(fault(
@@ -401,6 +411,8 @@ impl VmmApi {
         }
         let loaded = crate::snapshot::load(&params.snapshot_path, &mem)
             .map_err(|e| fault(400, format!("Failed to load the snapshot: {e}")))?;
+        // The state file is the client's: the files its configuration names are too.
+        access::check_config(&loaded.snapshot.config, req.peer.as_ref()).map_err(refused)?;
         let builder = lock(&self.builder).clone();
         if let Some(builder) = builder {
             // Built on the main thread, as for InstanceStart (this thread's filter lets
@@ -466,6 +478,9 @@ impl VmmApi {
         let b: super::fc_model::BootSource = parse(req)?;
         let mut st = self.preboot()?;
         let err = |m: String| fault(400, format!("Boot source error: {m}"));
+        for p in std::iter::once(&b.kernel_image_path).chain(b.initrd_path.iter()) {
+            access::check(Path::new(p), req.peer.as_ref(), Want::Read).map_err(err)?;
+        }
         std::fs::File::open(&b.kernel_image_path)
             .map_err(|e| err(format!("The kernel file cannot be opened: {e}")))?;
         if !std::path::Path::new(&b.kernel_image_path).is_file() {
@@ -539,6 +554,15 @@ impl VmmApi {
                 "The id from the path does not match the id from the body!",
             ));
         }
+        if let Some(p) = &d.path_on_host {
+            let want = if d.is_read_only.unwrap_or(false) {
+                Want::Read
+            } else {
+                Want::ReadWrite
+            };
+            access::check(Path::new(p), req.peer.as_ref(), want)
+                .map_err(|e| fault(400, format!("Drive config error: {e}")))?;
+        }
         let mut st = self.preboot()?;
         d.rate_limiter = RateLimiter::normalized(d.rate_limiter);
         st.fc
@@ -574,6 +598,18 @@ impl VmmApi {
             return Err(err("Running method expected different backend.".into()));
         }
         if let Some(p) = &u.path_on_host {
+            let read_only = st
+                .fc
+                .drives
+                .iter()
+                .find(|d| d.drive_id == u.drive_id)
+                .is_some_and(|d| d.is_read_only.unwrap_or(false));
+            let want = if read_only {
+                Want::Read
+            } else {
+                Want::ReadWrite
+            };
+            access::check(Path::new(p), req.peer.as_ref(), want).map_err(&err)?;
             // The file's own error first, in Firecracker's words.
             if let Err(e) = std::fs::File::open(p) {
                 return Err(err(format!("Error manipulating the backing file: {e} {p}")));
@@ -699,6 +735,8 @@ impl VmmApi {
                 "Vsock config error: Invalid vsock uds_path: it is empty.",
             ));
         }
+        access::check(Path::new(&v.uds_path), req.peer.as_ref(), Want::Create)
+            .map_err(|e| fault(400, format!("Vsock config error: {e}")))?;
         let deprecated = v.vsock_id.is_some();
         st.fc.vsock = Some(v);
         if deprecated {
@@ -727,6 +765,10 @@ impl VmmApi {
     fn put_logger(&self, req: &Request) -> Answer {
         let l: Logger = parse(req)?;
         let mut st = self.preboot()?;
+        if let Some(p) = &l.log_path {
+            access::check(p, req.peer.as_ref(), Want::Create)
+                .map_err(|e| fault(400, format!("Logger error: {e}")))?;
+        }
         fc_log::configure_logger(&l).map_err(|e| fault(400, format!("Logger error: {e}")))?;
         st.fc.logger = Some(l);
         Ok(Response::empty(204))
@@ -747,6 +789,14 @@ impl VmmApi {
     fn put_metrics(self: &Arc<Self>, req: &Request) -> Answer {
         let m: Metrics = parse(req)?;
         let mut st = self.preboot()?;
+        access::check(&m.metrics_path, req.peer.as_ref(), Want::Create).map_err(|e| {
+            fault(
+                400,
+                format!(
+                    "Metrics error: Cannot initialize the metrics system due to bad user                      input: {e}"
+                ),
+            )
+        })?;
         let mut sink = lock(&self.metrics_sink);
         if sink.is_some() {
             return Err(fault(

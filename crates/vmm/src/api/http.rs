@@ -18,6 +18,10 @@ pub trait Conn: Read + Write + Send + 'static {
     fn set_write_timeout_conn(&self, t: Option<std::time::Duration>) -> io::Result<()>;
     /// Who is at the other end, for the per-client connection cap.
     fn peer_conn(&self) -> Peer;
+    /// The peer process's credentials, on a Unix socket (`SO_PEERCRED`).
+    fn cred_conn(&self) -> Option<Cred> {
+        None
+    }
     /// The descriptor, for a handler that polls an upgraded connection (WebSocket).
     fn raw_fd_conn(&self) -> std::os::fd::RawFd;
 }
@@ -37,6 +41,30 @@ impl Conn for UnixStream {
     }
     fn peer_conn(&self) -> Peer {
         Peer::Local
+    }
+    fn cred_conn(&self) -> Option<Cred> {
+        let mut c = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED writes at most `len` bytes into `c`, a valid ucred; the
+        // descriptor is this stream's own.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.raw_fd_conn(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut c as *mut libc::ucred as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(Cred {
+            pid: c.pid,
+            uid: c.uid,
+            gid: c.gid,
+        })
     }
     fn raw_fd_conn(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
@@ -65,6 +93,15 @@ impl Conn for TcpStream {
     fn raw_fd_conn(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
     }
+}
+
+/// A Unix socket peer's credentials, as the kernel recorded them when it connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cred {
+    /// 0 when the peer is in a PID namespace the server cannot see.
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The client a connection comes from, as far as the per-client caps are concerned.
@@ -164,6 +201,9 @@ pub struct Request {
     pub query: Vec<(String, String)>,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Who sent it, on a Unix socket: an API that opens files names checks them against
+    /// these credentials.
+    pub peer: Option<Cred>,
 }
 
 impl Request {
@@ -267,6 +307,7 @@ fn reason(status: u16) -> &'static str {
         204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -442,6 +483,7 @@ fn read_request_head<R: BufRead>(r: &mut R) -> Result<Option<(Request, u64)>, Ht
             query,
             headers,
             body: Vec::new(),
+            peer: None,
         },
         len,
     )))
@@ -514,6 +556,7 @@ fn serve_conn(
 ) {
     // A client that does not read its answers does not hold its thread forever either.
     let _ = stream.set_write_timeout_conn(Some(IDLE_TIMEOUT));
+    let peer = stream.cred_conn();
     let Ok(write_half) = stream.try_clone_conn() else {
         return;
     };
@@ -538,6 +581,7 @@ fn serve_conn(
         first = false;
         let req = match read_request_head(&mut r) {
             Ok(Some((mut req, len))) => {
+                req.peer = peer;
                 // Credentials and the API's body cap are checked before the body is read:
                 // an unauthenticated client cannot make the server hold its bytes.
                 if let Some(refusal) = handler.admit(&req, len) {
@@ -850,17 +894,47 @@ fn accept_loop(
 }
 
 /// Binds a Unix socket, replacing a stale socket file (one nobody answers on).
+/// Anything else at that path (a regular file, a folder, a link) is left alone and the
+/// bind fails: a socket path given by an API client must never delete a file.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running server", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
+    remove_stale_socket(path)?;
     UnixListener::bind(path)
+}
+
+/// Removes a socket file nobody answers on. A live socket is `AddrInUse`; anything
+/// that is not a socket is `AlreadyExists` and stays. Nothing there: `Ok`.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; it is left alone",
+                path.display()
+            ),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running server", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Removes `path` if it is a socket (one this process bound, at its end); never a file
+/// that took its place.
+pub fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// A parsed response.
@@ -1224,6 +1298,27 @@ mod tests {
             assert_eq!(r.status, 204);
         }
         drop(held);
+    }
+
+    /// Issue 22: binding a socket where a file is never deletes the file.
+    #[test]
+    fn bind_leaves_anything_but_a_stale_socket_alone() {
+        let (dir, sock) = temp_sock("bind");
+        std::fs::write(&sock, "precious").unwrap();
+        let e = bind(&sock).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read_to_string(&sock).unwrap(), "precious");
+        remove_socket(&sock);
+        assert!(sock.exists());
+        std::fs::remove_file(&sock).unwrap();
+        // A stale socket is replaced; a live one is not.
+        drop(UnixListener::bind(&sock).unwrap());
+        let live = bind(&sock).unwrap();
+        assert_eq!(bind(&sock).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        remove_socket(&sock);
+        assert!(!sock.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

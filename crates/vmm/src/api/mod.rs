@@ -1,6 +1,7 @@
 //! Control APIs over Unix sockets: the HTTP plumbing shared with the manager, and the VMM's
 //! own Firecracker-compatible REST API.
 
+pub mod access;
 pub mod console;
 pub mod counters;
 pub mod fc_config;
