@@ -509,10 +509,15 @@ pub fn check_with(
             path: path.into(),
             source,
         })?;
-        let mut q = Qcow2::open(Box::new(f), !repair_leaks).map_err(|source| CheckError::Open {
+        // Opened with the read-only rules (an image with internal snapshots is checked and
+        // repaired too); a repair only lowers the refcounts of leaked clusters.
+        let mut q = Qcow2::open(Box::new(f), true).map_err(|source| CheckError::Open {
             path: path.into(),
             source,
         })?;
+        if repair_leaks {
+            q.allow_refcount_repair();
+        }
         report.qcow2 = Some(crate::qcow2::check::check(&mut q, repair_leaks).map_err(
             |source| CheckError::Walk {
                 path: path.into(),

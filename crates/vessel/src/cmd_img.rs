@@ -206,7 +206,9 @@ fn wants_json(json: bool, output: &Option<String>) -> bool {
 }
 
 /// Runs one `vessel img` subcommand.
-pub fn run(cmd: ImgCommand) -> Result<()> {
+/// Runs an `img` subcommand; its exit status (`check`'s are qemu-img's: 2 when the
+/// image is corrupt, 3 when it leaks clusters and nothing worse).
+pub fn run(cmd: ImgCommand) -> Result<i32> {
     match cmd {
         ImgCommand::Create {
             format,
@@ -341,6 +343,9 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
                         if r.leaks_fixed > 0 {
                             println!("Leaked clusters repaired: {}", r.leaks_fixed);
                         }
+                        if r.flags_fixed > 0 {
+                            println!("COPIED flags repaired: {}", r.flags_fixed);
+                        }
                         if r.corruptions == 0 && r.leaks == r.leaks_fixed {
                             println!("No errors were found on the image.");
                         }
@@ -367,10 +372,18 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
                 }
             }
             if !report.is_consistent() {
-                bail!(
-                    "{} is corrupt: repair it with `qemu-img check -r all`",
+                eprintln!(
+                    "vessel: {} is corrupt: repair it with `qemu-img check -r all`",
                     filename.display()
                 );
+                return Ok(2);
+            }
+            if report
+                .qcow2
+                .as_ref()
+                .is_some_and(|r| r.leaks > r.leaks_fixed)
+            {
+                return Ok(3);
             }
         }
         ImgCommand::Resize {
@@ -392,7 +405,7 @@ pub fn run(cmd: ImgCommand) -> Result<()> {
             println!("Image resized.");
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ fn main() {
     init_logging();
     let status = match cli.command {
         Command::Run(args) => cmd_run::run(*args),
-        Command::Img(cmd) => cmd_img::run(cmd).map(|()| 0),
+        Command::Img(cmd) => cmd_img::run(cmd),
         Command::Manage(cmd) => cmd_manage::run(cmd, &cli.global),
     };
     // An API request that ended the VM (or arrived as it ended) still gets its answer.

@@ -169,3 +169,67 @@ fn accel_auto_explains_why_it_picks_emu_over_kvm_here() {
         "vessel should still be running"
     );
 }
+
+/// Issue 22: `vessel img check` exits as `qemu-img check` does (0 clean, 2 corrupt, 3
+/// leaks only) on images qemu-img wrote and one field changed; `-r leaks` repairs what
+/// qemu-img's would. Before, an L1 entry with reserved bits set passed (exit 0) and
+/// `vessel img convert` then failed on it.
+#[test]
+fn img_check_exits_as_qemu_img_check_does() {
+    let dir = std::env::temp_dir().join(format!("vessel-imgcheck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("i.qcow2");
+    let tool = |prog: &str, args: &[&str]| {
+        let o = std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{prog}: {e}: apt-get install qemu-utils"));
+        o.status.code().unwrap_or(-1)
+    };
+    let path = img.to_str().unwrap();
+    let fresh = || {
+        let _ = std::fs::remove_file(&img);
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            path,
+            "4M",
+        ];
+        assert_eq!(tool("qemu-img", &args), 0);
+        assert_eq!(tool("qemu-io", &["-c", "write -P 1 0 16k", path]), 0);
+        std::fs::read(&img).unwrap()
+    };
+    let vessel = |args: &[&str]| {
+        let mut all = vec!["img", "check"];
+        all.extend_from_slice(args);
+        all.push(path);
+        tool(env!("CARGO_BIN_EXE_vessel"), &all)
+    };
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    // An L1 entry with a reserved bit set.
+    let mut b = fresh();
+    let l1 = be64(&b, 40) as usize;
+    let e = be64(&b, l1) | 1 << 56;
+    b[l1..l1 + 8].copy_from_slice(&e.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(tool("qemu-img", &["check", "-q", path]), 2);
+    assert_eq!(vessel(&[]), 2);
+    // A leaked cluster (the refcount of a cluster nothing uses raised), then repaired.
+    let mut b = fresh();
+    let rb = (be64(&b, be64(&b, 48) as usize) & !0x1ff) as usize;
+    let clusters = b.len().div_ceil(4096);
+    b.resize((clusters + 1) * 4096, 0);
+    b[rb + clusters * 2..rb + clusters * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(tool("qemu-img", &["check", "-q", path]), 3);
+    assert_eq!(vessel(&[]), 3);
+    assert_eq!(vessel(&["-r", "leaks"]), 0);
+    assert_eq!(tool("qemu-img", &["check", "-q", path]), 0);
+    assert_eq!(vessel(&[]), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{compressed, header::MAX_L1_BYTES, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{
+    compressed, header::MAX_L1_BYTES, Qcow2, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED,
+    OFFSET_MASK, ZERO,
+};
 use crate::error::Qcow2Error;
 
 /// Messages kept in a report; counts stay exact beyond it.
@@ -24,6 +27,10 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Leaked clusters whose refcount was lowered by a repair.
     pub leaks_fixed: u64,
+    /// COPIED flags set right by a leak repair: a cluster whose leaked reference no
+    /// longer counts may have refcount 1 now (`qemu-img check -r leaks` does the same).
+    #[serde(default)]
+    pub flags_fixed: u64,
     /// Guest clusters with data allocated in this image.
     pub allocated_clusters: u64,
     /// Guest clusters the virtual size spans.
@@ -52,11 +59,21 @@ impl CheckReport {
     }
 }
 
+/// An active L1 or L2 entry and where it lies, for the COPIED check.
+struct Flagged {
+    /// The cluster it points at.
+    host: u64,
+    /// The entry as stored, and its file offset.
+    entry: u64,
+    at: u64,
+    what: &'static str,
+}
+
 struct Walker<'a> {
     q: &'a mut Qcow2,
     expect: HashMap<u64, u64>,
-    /// (host offset, has COPIED flag, what) of active L2 tables and data clusters.
-    copied: Vec<(u64, bool, &'static str)>,
+    /// Active L2 tables and data clusters, whose COPIED flags are checked.
+    copied: Vec<Flagged>,
     /// L2 table offset -> (L1 entries pointing at it, whether the active L1 is among them).
     l2_refs: HashMap<u64, (u64, bool)>,
     report: CheckReport,
@@ -108,17 +125,33 @@ impl Walker<'_> {
     }
 
     /// Records the L2 tables an L1 table (the active one when `active`) points at.
-    fn collect_l1(&mut self, l1: &[u64], active: bool) {
-        for &e in l1 {
+    fn collect_l1(&mut self, l1: &[u64], l1_off: u64, active: bool) {
+        let which = if active { "L1" } else { "snapshot L1" };
+        for (i, &e) in l1.iter().enumerate() {
+            if e & L1_RESERVED != 0 {
+                self.report
+                    .corrupt(format!("{which} entry {i} ({e:#x}) has reserved bits set"));
+            }
             let l2_off = e & OFFSET_MASK;
             if l2_off == 0 {
+                if e & !L1_RESERVED != 0 {
+                    // Flags with no table (qemu-img reads the header as the table).
+                    self.report.corrupt(format!(
+                        "{which} entry {i} ({e:#x}) has flags but no L2 table"
+                    ));
+                }
                 continue;
             }
             let slot = self.l2_refs.entry(l2_off).or_insert((0, false));
             slot.0 += 1;
             slot.1 |= active;
             if active {
-                self.copied.push((l2_off, e & COPIED != 0, "L2 table"));
+                self.copied.push(Flagged {
+                    host: l2_off,
+                    entry: e,
+                    at: l1_off + i as u64 * 8,
+                    what: "L2 table",
+                });
             }
         }
     }
@@ -136,8 +169,20 @@ impl Walker<'_> {
                 continue;
             }
             let table = self.read_table(l2_off, l2_entries)?;
-            for &entry in &table {
+            for (i, &entry) in table.iter().enumerate() {
+                if entry & COMPRESSED == 0 && entry & L2_RESERVED != 0 {
+                    self.report.corrupt(format!(
+                        "L2 table at {l2_off:#x}, entry {i} ({entry:#x}) has reserved bits set"
+                    ));
+                }
                 if entry & COMPRESSED != 0 {
+                    if entry & COPIED != 0 {
+                        self.report.corrupt(format!(
+                            "L2 table at {l2_off:#x}, entry {i}: a compressed cluster with the \
+                             COPIED flag"
+                        ));
+                    }
+                    let entry = entry & !COPIED;
                     let (start, n) = compressed::host_clusters(&self.q.header, entry);
                     if active {
                         self.report.allocated_clusters += 1;
@@ -153,8 +198,12 @@ impl Walker<'_> {
                     self.report.allocated_clusters += 1;
                 }
                 if self.reference(host, 1, times, "data cluster") && active {
-                    self.copied
-                        .push((host, entry & COPIED != 0, "data cluster"));
+                    self.copied.push(Flagged {
+                        host,
+                        entry,
+                        at: l2_off + i as u64 * 8,
+                        what: "data cluster",
+                    });
                 }
             }
         }
@@ -163,6 +212,14 @@ impl Walker<'_> {
 
     fn walk_snapshots(&mut self) -> Result<(), Qcow2Error> {
         let h = self.q.header.clone();
+        // The table's offset is checked even with no snapshots, as qemu-img does.
+        if !h.snapshots_offset.is_multiple_of(self.cs()) || h.snapshots_offset > i64::MAX as u64 {
+            self.report.corrupt(format!(
+                "snapshot table offset {:#x} is invalid",
+                h.snapshots_offset
+            ));
+            return Ok(());
+        }
         if h.nb_snapshots == 0 {
             return Ok(());
         }
@@ -173,7 +230,7 @@ impl Walker<'_> {
         }
         let mut pos = h.snapshots_offset;
         let mut l1s = Vec::new();
-        for _ in 0..h.nb_snapshots {
+        for i in 0..h.nb_snapshots {
             let mut e = [0u8; 40];
             if pos.saturating_add(40) > self.file_len {
                 self.report
@@ -189,6 +246,11 @@ impl Walker<'_> {
             let id_len = u16::from_be_bytes(e[12..14].try_into().unwrap_or_default());
             let name_len = u16::from_be_bytes(e[14..16].try_into().unwrap_or_default());
             let extra = u32::from_be_bytes(e[36..40].try_into().unwrap_or_default());
+            // Version 3 snapshots carry their VM state and disk sizes in the extra data.
+            if h.version >= 3 && extra < 16 {
+                self.report
+                    .corrupt(format!("snapshot table entry {i} is incomplete"));
+            }
             let len = 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
             pos = pos.saturating_add(len.div_ceil(8) * 8);
             l1s.push((l1_off, l1_size));
@@ -207,7 +269,7 @@ impl Walker<'_> {
                 continue;
             }
             let l1 = self.read_table(off, u64::from(size))?;
-            self.collect_l1(&l1, false);
+            self.collect_l1(&l1, off, false);
         }
         Ok(())
     }
@@ -247,7 +309,7 @@ pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Erro
         w.reference(*b, 1, 1, "refcount block");
     }
     let l1 = w.q.l1.clone();
-    w.collect_l1(&l1, true);
+    w.collect_l1(&l1, l1_off, true);
     w.walk_snapshots()?;
     w.walk_l2s()?;
 
@@ -297,7 +359,8 @@ pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Erro
         }
     }
     w.report.image_end_offset = end;
-    if repair_leaks && !w.q.read_only && w.report.corruptions == 0 {
+    let repairing = repair_leaks && !w.q.read_only && w.report.corruptions == 0;
+    if repairing {
         // Only lowering refcounts that nothing references: safe in any order, and a crash
         // midway leaves the remaining leaks.
         for &(idx, want) in &leaked {
@@ -305,18 +368,52 @@ pub fn check(q: &mut Qcow2, repair_leaks: bool) -> Result<CheckReport, Qcow2Erro
             if want == 0 {
                 w.q.refs.note_freed(idx);
             }
+            if want == 0 {
+                stored.remove(&idx);
+            } else {
+                stored.insert(idx, want);
+            }
             w.report.leaks_fixed += 1;
         }
-        w.q.sync()?;
     }
+    // COPIED must be set exactly on entries whose cluster has refcount 1. After a leak
+    // repair (and only when nothing else was wrong, as qemu-img) a wrong flag is set
+    // right: the leaked references were what kept it right.
     let copied = std::mem::take(&mut w.copied);
-    for (host, flag, what) in copied {
-        let have = stored.get(&(host / cs)).copied().unwrap_or(0);
-        if flag != (have == 1) {
+    for f in copied {
+        let have = stored.get(&(f.host / cs)).copied().unwrap_or(0);
+        let flag = f.entry & COPIED != 0;
+        if flag == (have == 1) {
+            continue;
+        }
+        if repairing && w.report.leaks_fixed > 0 {
+            let fixed = if have == 1 {
+                f.entry | COPIED
+            } else {
+                f.entry & !COPIED
+            };
+            w.q.file
+                .write_at(f.at, &fixed.to_be_bytes())
+                .map_err(|source| Qcow2Error::WriteL2 {
+                    offset: f.at,
+                    source,
+                })?;
+            if f.what == "L2 table" {
+                let i = ((f.at - l1_off) / 8) as usize;
+                if let Some(e) = w.q.l1.get_mut(i) {
+                    *e = fixed;
+                }
+            }
+            w.report.flags_fixed += 1;
+        } else {
             w.report.corrupt(format!(
-                "{what} at {host:#x}: COPIED flag {flag} but refcount {have}"
+                "{} at {:#x}: COPIED flag {flag} but refcount {have}",
+                f.what, f.host
             ));
         }
+    }
+    if repairing {
+        w.q.sync()?;
     }
     Ok(w.report)
 }

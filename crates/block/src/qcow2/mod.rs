@@ -31,9 +31,9 @@ pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// L2 entry flag (v3): the cluster reads as zeros.
 pub(crate) const ZERO: u64 = 1;
 /// Reserved bits that must be clear in an L1 entry.
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+pub(crate) const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits that must be clear in a standard L2 entry.
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+pub(crate) const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Bytes of L2 tables cached per open image at most (QEMU's default on Linux): enough
 /// for the whole of a 256 GiB image with 64 KiB clusters, 512 MiB with 512-byte ones.
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -163,6 +163,13 @@ impl Qcow2 {
         }
         debug!(size = q.header.size, cluster_bits, "qcow2: opened");
         Ok(q)
+    }
+
+    /// Lets [`check::check`] lower leaked refcounts in an image opened read-only (so with
+    /// the read-only open's rules: internal snapshots are fine, their refcounts are part
+    /// of the walk). The file must have been opened for writing.
+    pub(crate) fn allow_refcount_repair(&mut self) {
+        self.read_only = false;
     }
 
     /// The parsed header.
