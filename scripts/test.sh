@@ -64,4 +64,9 @@ scripts/guest-assets.sh
 scripts/debian-rootfs.sh
 # A Debian cloud-style disk image (GPT, GRUB, cloud-init), for tests/cloud_image.rs.
 scripts/cloud-image.sh
-cargo test --workspace --all-targets --no-fail-fast
+status=0
+cargo test --workspace --all-targets --no-fail-fast || status=$?
+# Every fuzz target for a bounded time on stable Rust (crates/fuzzing; about 2 minutes in
+# all): a panic fails the run and leaves its input in target/fuzz-artifacts.
+cargo run -q -p fuzzing --bin fuzz-run -- --seconds "${VESSEL_FUZZ_SECONDS:-20}" all || status=$?
+exit $status

@@ -136,23 +136,7 @@ fn query_u64(req: &Request, name: &'static str) -> Result<Option<u64>> {
 impl Handler for Api {
     /// Bodies are capped at [`MAX_REQUEST_BODY`], volume uploads at [`MAX_UPLOAD_BODY`].
     fn admit(&self, req: &Request, body_len: u64) -> Option<Response> {
-        let seg = req.segments();
-        let upload =
-            req.method == "PUT" && matches!(seg.as_slice(), [_, "pools", _, "volumes", _, "data"]);
-        let cap = if upload {
-            MAX_UPLOAD_BODY
-        } else {
-            MAX_REQUEST_BODY
-        };
-        (body_len > cap).then(|| {
-            Response::json(
-                413,
-                &json!({"error": {"code": "too_large", "message": format!(
-                    "a request body of {body_len} bytes is larger than the {cap}-byte limit{}",
-                    if upload { "" } else { " (volume data goes through PUT …/volumes/V/data)" }
-                )}}),
-            )
-        })
+        body_cap_refusal(req, body_len)
     }
 
     fn handle(&self, req: Request) -> Reply {
@@ -165,6 +149,75 @@ impl Handler for Api {
                 error_response(&e).into()
             }
         }
+    }
+}
+
+/// The refusal of a request whose body is over its cap ([`MAX_REQUEST_BODY`], or
+/// [`MAX_UPLOAD_BODY`] for volume data), decided from its head.
+pub fn body_cap_refusal(req: &Request, body_len: u64) -> Option<Response> {
+    let seg = req.segments();
+    let upload =
+        req.method == "PUT" && matches!(seg.as_slice(), [_, "pools", _, "volumes", _, "data"]);
+    let cap = if upload {
+        MAX_UPLOAD_BODY
+    } else {
+        MAX_REQUEST_BODY
+    };
+    (body_len > cap).then(|| {
+        Response::json(
+            413,
+            &json!({"error": {"code": "too_large", "message": format!(
+                "a request body of {body_len} bytes is larger than the {cap}-byte limit{}",
+                if upload { "" } else { " (volume data goes through PUT …/volumes/V/data)" }
+            )}}),
+        )
+    })
+}
+
+/// Everything the API does to a request before it acts on it — the body cap, the route's
+/// names, query numbers and bodies (domain definitions in JSON or libvirt XML, validated
+/// and written back as XML; network definitions; the other bodies as JSON) — with no
+/// manager behind it: the fuzz target for the API's request parsing (crates/fuzzing).
+/// Returns a short outcome (the route and how parsing ended).
+pub fn parse_only(req: &Request) -> String {
+    if let Some(r) = body_cap_refusal(req, req.body.len() as u64) {
+        return format!("refused {}", r.status);
+    }
+    let seg = req.segments();
+    let parsed = (|| -> Result<&'static str> {
+        if seg.first() != Some(&API_VERSION) {
+            return Err(Error::not_found("API path", &req.path));
+        }
+        for name in seg.iter().skip(2).step_by(2) {
+            crate::domain::check_name("name", name)?;
+        }
+        for q in ["wait", "offset", "length"] {
+            query_u64(req, q)?;
+        }
+        match (req.method.as_str(), &seg[1..]) {
+            ("POST", ["domains"]) | ("PUT", ["domains", _]) => {
+                let def = parse_definition(req)?;
+                def.validate()?;
+                let again = xml::parse_domain(&xml::to_xml(&def))?;
+                let _ = again.validate();
+                Ok("domain")
+            }
+            ("POST", ["networks"]) => {
+                let n: NetworkDef = body_json(req, "network definition")?;
+                n.validate()?;
+                Ok("network")
+            }
+            ("PUT", [_, _, "volumes", _, "data"]) => Ok("upload"),
+            (_, _) if !req.body.is_empty() => {
+                let _: Value = body_json(req, "body")?;
+                Ok("json")
+            }
+            _ => Ok("bodiless"),
+        }
+    })();
+    match parsed {
+        Ok(route) => format!("ok {route}"),
+        Err(e) => format!("{} {}: {e}", e.status(), e.code()),
     }
 }
 
