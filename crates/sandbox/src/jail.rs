@@ -188,7 +188,33 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     let r = build_and_enter(spec, &root, &binds);
     // SAFETY: as above.
     unsafe { libc::umask(umask) };
-    r
+    r?;
+    limit_open_files()
+}
+
+/// Descriptors a jailed VMM may hold: its disks, TAPs, eventfds, API connections (at most
+/// 512, three descriptors each) and the guest's vsock connections, with room to spare.
+/// A guest that opens vsock connections without end runs into this, not the host's
+/// limit.
+pub const JAIL_MAX_FILES: u64 = 4096;
+
+/// RLIMIT_NOFILE at [`JAIL_MAX_FILES`] (soft and hard; never raised).
+fn limit_open_files() -> Result<(), JailError> {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit, valid for the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
+    check(rc, "reading RLIMIT_NOFILE")?;
+    let max = now.rlim_max.min(JAIL_MAX_FILES);
+    let new = libc::rlimit {
+        rlim_cur: now.rlim_cur.min(max),
+        rlim_max: max,
+    };
+    // SAFETY: setrlimit reads one rlimit, valid for the call.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) };
+    check(rc, "limiting RLIMIT_NOFILE")
 }
 
 /// The child's PID, for the waiter's signal handler.

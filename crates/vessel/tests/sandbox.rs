@@ -300,6 +300,18 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
         assert_eq!(status_field(&w, key), want, "the waiter's {key}");
     }
     assert!(status_field(&w, "Uid").starts_with("65534"), "{w}");
+    // Issue 22: at most 4096 descriptors (a guest opening vsock connections without
+    // end meets this limit, not the host's).
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or("");
+    assert_eq!(
+        files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["4096", "4096"],
+        "{limits}"
+    );
     let inside = Path::new("/proc").join(pid.to_string()).join("root");
     for ns in ["mnt", "net", "ipc", "uts"] {
         let link = |p: String| std::fs::read_link(p).unwrap();
