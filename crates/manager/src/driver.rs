@@ -144,10 +144,30 @@ pub struct Programs {
     /// The user and group jailed Vessel VMMs become once their VM is built (`vessel
     /// daemon --vmm-uid/--vmm-gid`; [`DEFAULT_VMM_IDS`] unless given).
     pub vmm_ids: (u32, u32),
+    /// A user per jailed VMM instead (`vessel daemon --vmm-uid-range START:COUNT`): START
+    /// plus a hash of the domain's name, modulo COUNT. Two VMMs of the same user could
+    /// at most signal each other (seccomp refuses it anyway); distinct users cannot even
+    /// read each other's `/proc`.
+    pub vmm_uid_range: Option<(u32, u32)>,
 }
 
 /// nobody and nogroup.
 pub const DEFAULT_VMM_IDS: (u32, u32) = (65534, 65534);
+
+impl Programs {
+    /// The user and group the VMM of the domain whose run folder is `run` becomes.
+    fn vmm_ids_for(&self, run: &RunDir) -> (u32, u32) {
+        let Some((start, count)) = self.vmm_uid_range.filter(|&(_, n)| n > 0) else {
+            return self.vmm_ids;
+        };
+        let name = run.0.file_name().unwrap_or_default().as_encoded_bytes();
+        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let slot = (hash % u64::from(count)) as u32;
+        (start.saturating_add(slot), self.vmm_ids.1)
+    }
+}
 
 fn qemu_accel(a: Accel) -> &'static str {
     match a {
@@ -359,7 +379,7 @@ fn vessel_control_args(p: &Programs, c: &mut Command, run: &RunDir, log: &Path) 
         let root = run.jail_root();
         std::fs::create_dir_all(&root).map_err(|e| Error::io("creating jail root", &root, e))?;
         // The VMM's user removes its sockets and writes its exit status there.
-        let (uid, gid) = p.vmm_ids;
+        let (uid, gid) = p.vmm_ids_for(run);
         std::os::unix::fs::chown(&run.0, Some(uid), Some(gid))
             .map_err(|e| Error::io("handing the run folder to the VMM's user", &run.0, e))?;
         c.arg("--jail").arg(root);
@@ -578,6 +598,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
         };
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
@@ -624,6 +645,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
         };
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
@@ -670,6 +692,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
         };
         let run = RunDir(dir.clone());
         let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
@@ -690,6 +713,32 @@ mod tests {
         }
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), 65534);
+        // A user per VMM: within the range, the same for the same domain, different for
+        // these two.
+        let per_vm = Programs {
+            vmm_uid_range: Some((1_000_000, 65536)),
+            ..p.clone()
+        };
+        let uid_of = |name: &str| {
+            let run = RunDir(dir.join(name));
+            std::fs::create_dir_all(&run.0).unwrap();
+            let c = vessel_command(&per_vm, &def, &run, &dir.join("console.log")).unwrap();
+            let args: Vec<_> = c
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let uid: u32 = args
+                .windows(2)
+                .find(|w| w[0] == "--uid")
+                .map(|w| w[1].parse().unwrap())
+                .unwrap();
+            assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), uid);
+            uid
+        };
+        let (a, b) = (uid_of("web"), uid_of("db"));
+        assert!((1_000_000..1_065_536).contains(&a), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(uid_of("web"), a);
         let p = Programs { jail: false, ..p };
         let free = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
         assert!(

@@ -86,6 +86,23 @@ pub struct DaemonArgs {
     /// Their group (default 65534, nogroup).
     #[arg(long, default_value_t = manager::driver::DEFAULT_VMM_IDS.1)]
     vmm_gid: u32,
+    /// Give each jailed VMM its own user instead of --vmm-uid: START plus a hash of the
+    /// domain's name modulo COUNT (e.g. 1000000:65536, a range no account uses).
+    #[arg(long, value_parser = parse_uid_range, value_name = "START:COUNT")]
+    vmm_uid_range: Option<(u32, u32)>,
+}
+
+/// `START:COUNT` for `--vmm-uid-range`.
+fn parse_uid_range(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or("use START:COUNT, e.g. 1000000:65536")?;
+    let start: u32 = a.parse().map_err(|_| format!("bad START {a:?}"))?;
+    let count: u32 = b.parse().map_err(|_| format!("bad COUNT {b:?}"))?;
+    if count == 0 || start == 0 || start.checked_add(count).is_none() {
+        return Err("START must be above 0 and START+COUNT fit in 32 bits, COUNT above 0".into());
+    }
+    Ok((start, count))
 }
 
 /// Runs the daemon in the foreground until it is killed.
@@ -100,6 +117,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             qemu: args.qemu,
             jail: !args.no_jail,
             vmm_ids: (args.vmm_uid, args.vmm_gid),
+            vmm_uid_range: args.vmm_uid_range,
         },
         pool_roots: args.pool_roots,
         file_roots: args.file_roots,
