@@ -78,9 +78,12 @@ impl Daemon {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--token-file")
             .arg(dir.join("token"))
-            // The browser defines domains over TCP: their kernels are the guest assets.
+            // Domains are defined over TCP here (the browser, and this test's requests):
+            // their kernels are the guest assets, their disks in the test's folder.
             .arg("--file-root")
             .arg(common::assets())
+            .arg("--file-root")
+            .arg(&dir)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
