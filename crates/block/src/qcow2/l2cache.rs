@@ -94,6 +94,35 @@ impl L2Cache {
         }
     }
 
+    /// The table at host `offset` if it is cached, or if the host has its bytes in the
+    /// page cache (read with [`Storage::try_read_vectored_at`], then kept): never waits
+    /// for the disk. None when it would.
+    pub fn try_get(&mut self, f: &dyn Storage, offset: u64) -> Option<&[u64]> {
+        if !self.tables.contains_key(&offset) {
+            let mut raw = vec![0u8; self.entries * 8];
+            if !f.try_read_vectored_at(offset, &mut [std::io::IoSliceMut::new(&mut raw)]) {
+                return None;
+            }
+            self.make_room();
+            self.reads += 1;
+            let table = raw
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    u64::from_be_bytes(a)
+                })
+                .collect();
+            self.tables.insert(offset, (table, 0));
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        self.tables.get_mut(&offset).map(|(t, last)| {
+            *last = tick;
+            t.as_slice()
+        })
+    }
+
     /// Records a freshly written all-zero table without reading it back.
     pub fn insert_zeroed(&mut self, offset: u64) {
         self.make_room();

@@ -241,6 +241,70 @@ impl Qcow2 {
         self.decode(guest, entry)
     }
 
+    /// [`Qcow2::lookup`] without waiting for the disk: None when the L2 table is neither
+    /// cached nor in the host's page cache, or the entry is invalid (the full read
+    /// reports that).
+    fn try_lookup(&mut self, guest: u64) -> Option<Mapping> {
+        let l2_off = self.l2_offset(guest).ok()?;
+        if l2_off == 0 {
+            return Some(Mapping::Unallocated);
+        }
+        let (_, l2_index) = self.split(guest);
+        let entry = self
+            .l2
+            .try_get(self.file.as_ref(), l2_off)?
+            .get(l2_index)
+            .copied()
+            .unwrap_or(0);
+        self.decode(guest, entry).ok()
+    }
+
+    /// [`Qcow2::read_in_cluster`] only if nothing needs the disk: the L2 table and the
+    /// data (here or in the backing chain) are in memory or the host's page cache, or the
+    /// cluster reads as zeros. False when the full read must do it.
+    fn try_read_in_cluster(&mut self, offset: u64, buf: &mut [u8]) -> bool {
+        let in_cluster = offset % self.cs();
+        match self.try_lookup(offset) {
+            None => false,
+            Some(Mapping::Zero { .. }) => {
+                buf.fill(0);
+                true
+            }
+            Some(Mapping::Unallocated) => {
+                let Some(b) = self.backing.as_mut() else {
+                    buf.fill(0);
+                    return true;
+                };
+                let avail = b.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+                let (head, tail) = buf.split_at_mut(avail);
+                if !head.is_empty()
+                    && !b.try_read_vectored_at(offset, &mut [std::io::IoSliceMut::new(head)])
+                {
+                    return false;
+                }
+                tail.fill(0);
+                true
+            }
+            Some(Mapping::Data { host, .. }) => self
+                .file
+                .try_read_vectored_at(host + in_cluster, &mut [std::io::IoSliceMut::new(buf)]),
+            // Only the cluster inflated last is at hand without reading the file.
+            Some(Mapping::Compressed { entry }) => {
+                let s = in_cluster as usize;
+                match &self.inflated {
+                    Some((e, data)) if *e == entry => match data.get(s..s + buf.len()) {
+                        Some(src) => {
+                            buf.copy_from_slice(src);
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                }
+            }
+        }
+    }
+
     fn decode(&self, guest: u64, entry: u64) -> Result<Mapping, Qcow2Error> {
         let bad = |why| Qcow2Error::InvalidL2Entry { guest, entry, why };
         if entry & COMPRESSED != 0 {
@@ -651,6 +715,29 @@ impl BlockBackend for Qcow2 {
         Ok(())
     }
 
+    /// Served from what is in memory or the host's page cache, cluster by cluster (an
+    /// overlay's allocated clusters from its file, the rest from the backing chain's own
+    /// try), or not at all: a guest read of a cached image then needs no I/O thread.
+    fn try_read_vectored_at(&mut self, offset: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> bool {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if self.check_range(offset, len).is_err() {
+            return false;
+        }
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            for (pos, range) in self.chunks(at, b.len()) {
+                let Some(part) = b.get_mut(range) else {
+                    return false;
+                };
+                if !self.try_read_in_cluster(pos, part) {
+                    return false;
+                }
+            }
+            at += b.len() as u64;
+        }
+        true
+    }
+
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
@@ -774,6 +861,92 @@ mod tests {
             reads,
             "a second pass read L2 tables from disk again"
         );
+    }
+
+    #[test]
+    fn a_read_served_without_waiting_matches_the_full_read_across_a_backing_chain() {
+        let dir = std::env::temp_dir().join(format!("vessel-qcow2-nowait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
+        let opts = |size, backing| CreateOptions {
+            format: Format::Qcow2,
+            size,
+            backing,
+            cluster_size: Some(4096),
+        };
+        create_with(&base, &opts(Some(1 << 20), None)).unwrap();
+        {
+            let mut b = crate::open(&base, Some(Format::Qcow2), false).unwrap();
+            let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 + 1).collect();
+            b.write_at(0, &data).unwrap();
+            b.flush().unwrap();
+        }
+        create_with(
+            &top,
+            &opts(None, Some(("base.qcow2".into(), Some(Format::Qcow2)))),
+        )
+        .unwrap();
+        {
+            let mut t = crate::open(&top, Some(Format::Qcow2), false).unwrap();
+            t.write_at(6000, &[0xee; 5000]).unwrap(); // allocates clusters 1 and 2 here
+            t.write_zeroes(12288, 4096).unwrap(); // cluster 3 reads as zeros
+            t.flush().unwrap();
+        }
+        let mut d = crate::open(&top, Some(Format::Qcow2), true).unwrap();
+        // Just written, so in the page cache: served in full, and the same bytes as the
+        // full read (overlay data, a zero cluster, backing data, unallocated past the
+        // backing's data), buffers straddling clusters.
+        let (mut a, mut b, mut c) = (vec![0u8; 3000], vec![0u8; 9000], vec![0u8; 70000]);
+        let mut bufs = [
+            std::io::IoSliceMut::new(&mut a),
+            std::io::IoSliceMut::new(&mut b),
+            std::io::IoSliceMut::new(&mut c),
+        ];
+        assert!(d.try_read_vectored_at(1000, &mut bufs));
+        let mut want = vec![0u8; 82000];
+        d.read_at(1000, &mut want).unwrap();
+        assert_eq!([a, b, c].concat(), want);
+        assert!(want.contains(&0xee) && want.iter().any(|&x| x != 0 && x != 0xee));
+        // Out of range: left to the full read, which reports it.
+        let mut tail = [0u8; 512];
+        assert!(
+            !d.try_read_vectored_at((1 << 20) - 256, &mut [std::io::IoSliceMut::new(&mut tail)])
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_read_that_would_need_the_disk_is_not_tried() {
+        // MemStorage cannot promise a read without waiting: with no L2 table cached,
+        // nothing is served, and the full read still works.
+        let path = std::env::temp_dir().join(format!("vessel-qcow2-mem-{}", std::process::id()));
+        create_with(
+            &path,
+            &CreateOptions {
+                format: Format::Qcow2,
+                size: Some(1 << 20),
+                backing: None,
+                cluster_size: None,
+            },
+        )
+        .unwrap();
+        let mut image = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        image.resize(image.len() + (1 << 20), 0);
+        let mut q = Qcow2::open(Box::new(crate::storage::MemStorage::new(image)), false).unwrap();
+        q.write_at(0, &[7; 4096]).unwrap();
+        q.l2 = L2Cache::new(4, (q.cs() / 8) as usize);
+        let mut buf = [0u8; 4096];
+        assert!(!q.try_read_vectored_at(0, &mut [std::io::IoSliceMut::new(&mut buf)]));
+        q.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        // The table is cached now, but the data cluster is still in MemStorage.
+        assert!(!q.try_read_vectored_at(0, &mut [std::io::IoSliceMut::new(&mut buf)]));
+        // A never-written cluster of an image without a backing file reads as zeros.
+        let mut hole = [1u8; 4096];
+        assert!(q.try_read_vectored_at(65536 * 3, &mut [std::io::IoSliceMut::new(&mut hole)]));
+        assert_eq!(hole, [0; 4096]);
     }
 
     #[test]
