@@ -8,13 +8,20 @@
 #   bench/image-boot.sh [RUNS]        (default 3)
 #
 # Rows, timed on the host from the VMM's start: the kernel's first line ("Linux
-# version"), cloud-init's runcmd done (a token the user-data prints on ttyS0), and the
-# serial getty's `login:` prompt. Both VMs get the same seed file (made here with
-# mkfs.vfat and mtools, label cidata: byte for byte what each VM reads) as a read-only
-# virtio disk, and a throwaway qcow2 overlay on the image. SSH is not measured (no
-# network in this benchmark).
+# version"), cloud-init's runcmd done (a token the user-data prints on ttyS0), the
+# serial getty's `login:` prompt, and "ssh ready": the first `ssh debian@GUEST true`
+# that succeeds with the key the user-data installed. Both VMs get the same seed file
+# (made here with mkfs.vfat and mtools, label cidata: byte for byte what each VM reads)
+# as a read-only virtio disk, a throwaway qcow2 overlay on the image, and a virtio-net
+# NIC on a TAP (vtap0) inside a network namespace this script creates for that boot
+# (the guest 10.0.2.15 by the seed's network-config, the host side 10.0.2.1): traffic
+# stays in the namespace. Every VMM, ssh and namespace it starts is ended by PID or
+# name however the script ends.
 #
-# Environment: IMAGE_BOOT_QEMU_CPU (default max), IMAGE_BOOT_MEM_MIB (default 1024).
+# Environment: IMAGE_BOOT_QEMU_CPU (default max), IMAGE_BOOT_MEM_MIB (default 1024),
+# IMAGE_BOOT_KEEP_CONSOLE=DIR keeps each boot's console, every line prefixed with the host
+# seconds from the VMM's start when it arrived (DIR/<vm>-<run>.log): the phases of the
+# boot side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -22,38 +29,70 @@ command -v qemu-system-x86_64 >/dev/null || {
     echo "bench/image-boot.sh: installing qemu-system-x86" >&2
     apt-get install -y -qq qemu-system-x86 >/dev/null
 }
-for tool in mkfs.vfat mcopy; do
+for tool in mkfs.vfat mcopy ssh ssh-keygen ip; do
     command -v "$tool" >/dev/null || {
-        echo "bench/image-boot.sh: needs $tool: apt-get install dosfstools mtools" >&2
+        echo "bench/image-boot.sh: needs $tool: apt-get install dosfstools mtools openssh-client iproute2" >&2
         exit 1
     }
 done
+[ "$(id -u)" = 0 ] || { echo "bench/image-boot.sh: needs root (network namespaces, TAPs)" >&2; exit 1; }
 scripts/cloud-image.sh >/dev/null
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 cargo build -q --release -p vessel
 VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
 
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cat >"$work/user-data" <<'EOF'
+NS_PREFIX="vessel-imgbench-$$"
+cleanup() {
+    # The Python driver ends its VMMs and ssh by PID; this catches what a kill of the
+    # driver itself left behind: anything still running in our namespaces, then them.
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NS_PREFIX-" || true); do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            kill -9 "$pid" 2>/dev/null || true
+        done
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ssh-keygen -q -t ed25519 -N '' -C vessel-bench -f "$work/id_ed25519"
+MAC=52:54:00:12:34:56
+cat >"$work/user-data" <<EOF2
 #cloud-config
+ssh_authorized_keys:
+  - $(cat "$work/id_ed25519.pub")
 runcmd:
-  - [sh, -c, 'echo "vessel-bench-cloud-init-done $(hostname)" > /dev/ttyS0']
-EOF
+  - [sh, -c, 'echo "vessel-bench-cloud-init-done \$(hostname)" > /dev/ttyS0']
+EOF2
 printf 'instance-id: bench\nlocal-hostname: bench\n' >"$work/meta-data"
+cat >"$work/network-config" <<EOF2
+version: 2
+ethernets:
+  nic0:
+    match:
+      macaddress: "$MAC"
+    addresses: [10.0.2.15/24]
+EOF2
 truncate -s 1M "$work/seed.img"
 mkfs.vfat -n cidata "$work/seed.img" >/dev/null
-MTOOLS_SKIP_CHECK=1 mcopy -i "$work/seed.img" "$work/user-data" "$work/meta-data" ::/
+MTOOLS_SKIP_CHECK=1 mcopy -i "$work/seed.img" "$work/user-data" "$work/meta-data" \
+    "$work/network-config" ::/
 
-python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" <<'PY'
-import os, select, statistics, subprocess, sys, time
+python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" "$NS_PREFIX" "$MAC" <<'PY'
+import os, select, signal, statistics, subprocess, sys, time
 
-runs, image, vessel, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+runs, image, vessel, work, ns_prefix, mac = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
+                                             sys.argv[4], sys.argv[5], sys.argv[6])
 mem = os.environ.get("IMAGE_BOOT_MEM_MIB", "1024")
 qcpu = os.environ.get("IMAGE_BOOT_QEMU_CPU", "max")
+keep = os.environ.get("IMAGE_BOOT_KEEP_CONSOLE")
 seed = f"{work}/seed.img"
+key = f"{work}/id_ed25519"
 MARKS = [("kernel", b"Linux version"), ("cloud-init runcmd", b"vessel-bench-cloud-init-done bench"),
          ("login:", b"bench login:")]
+ROWS = [name for name, _ in MARKS] + ["ssh ready"]
 LIMIT = 900
 
 def overlay():
@@ -67,54 +106,98 @@ def overlay():
 def vessel_argv():
     return [vessel, "run", "--accel", "emu", "--memory", f"{mem}M", "--cpus", "1",
             "--serial", "stdio", "--disk", f"{overlay()},format=qcow2",
-            "--disk", f"{seed},format=raw,readonly"]
+            "--disk", f"{seed},format=raw,readonly", "--net", f"tap=vtap0,mac={mac}"]
 
 def qemu_argv():
     return ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", qcpu, "-m", mem,
             "-smp", "1", "-display", "none", "-monitor", "none", "-serial", "stdio",
             "-no-reboot",
             "-drive", f"file={overlay()},if=virtio,format=qcow2",
-            "-drive", f"file={seed},if=virtio,format=raw,readonly=on"]
+            "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+            "-netdev", "tap,id=n0,ifname=vtap0,script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
 
-def boot(argv):
+def ns_run(ns, *args):
+    return subprocess.run(["ip", "netns", "exec", ns, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+def ssh_argv(ns):
+    return ["ip", "netns", "exec", ns, "ssh", "-i", key, "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "debian@10.0.2.15", "true"]
+
+def stop(p):
+    if p is not None and p.poll() is None:
+        p.kill()
+    if p is not None:
+        p.wait()
+
+def boot(vm, i, argv):
+    ns = f"{ns_prefix}-{vm}-{i}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    ns_run(ns, "ip", "link", "set", "lo", "up")
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
-    out, seen = b"", {}
+    # `ip netns exec` execs the VMM: p.pid is the VMM's.
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out, seen, tap_up, probe, next_probe = b"", {}, False, None, 0.0
+    stamped, line_start = [], 0
     try:
-        while len(seen) < len(MARKS):
-            if time.monotonic() - t0 > LIMIT or p.poll() is not None:
+        while len(seen) < len(ROWS):
+            now = time.monotonic() - t0
+            if now > LIMIT or p.poll() is not None:
                 return None, out
-            r, _, _ = select.select([p.stdout], [], [], 0.5)
+            # The VMM creates vtap0 in the namespace: give the host side its address.
+            if not tap_up and ns_run(ns, "ip", "link", "show", "vtap0"):
+                tap_up = (ns_run(ns, "ip", "addr", "add", "10.0.2.1/24", "dev", "vtap0")
+                          and ns_run(ns, "ip", "link", "set", "vtap0", "up"))
+            if probe is not None and probe.poll() is not None:
+                if probe.returncode == 0 and "ssh ready" not in seen:
+                    seen["ssh ready"] = time.monotonic() - t0
+                probe = None
+            if tap_up and probe is None and "ssh ready" not in seen and now >= next_probe:
+                probe = subprocess.Popen(ssh_argv(ns), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                next_probe = now + 1.0
+            r, _, _ = select.select([p.stdout], [], [], 0.2)
             if r:
                 chunk = os.read(p.stdout.fileno(), 65536)
                 out += chunk
                 now = time.monotonic() - t0
+                while (nl := out.find(b"\n", line_start)) >= 0:
+                    stamped.append(b"%8.2f %s" % (now, out[line_start:nl + 1]))
+                    line_start = nl + 1
                 for name, needle in MARKS:
                     if name not in seen and needle in out:
                         seen[name] = now
     finally:
-        p.kill()
-        p.wait()
+        stop(probe)
+        stop(p)
+        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            with open(f"{keep}/{vm}-{i + 1}.log", "wb") as f:
+                f.write(b"".join(stamped) + out[line_start:])
     return seen, out
 
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 vms = {"vessel-emu": vessel_argv, "qemu-q35-tcg": qemu_argv}
-results = {vm: {name: [] for name, _ in MARKS} for vm in vms}
+results = {vm: {name: [] for name in ROWS} for vm in vms}
 for i in range(runs):
     for vm, argv in vms.items():
-        seen, out = boot(argv())
+        seen, out = boot(vm, i, argv())
         if seen is None:
             tail = out[-3000:].decode(errors="replace")
             print(f"run {i + 1} {vm}: did not reach every mark; console tail:\n{tail}", flush=True)
             continue
-        print(f"run {i + 1} {vm}: " + ", ".join(f"{k} {v:.2f} s" for k, v in seen.items()),
+        print(f"run {i + 1} {vm}: " + ", ".join(f"{k} {seen[k]:.2f} s" for k in ROWS),
               flush=True)
         for k, v in seen.items():
             results[vm][k].append(v)
 
 print(f"\nmedians of {runs} (host seconds from VMM start; 1 vCPU, {mem} MiB, QEMU -cpu {qcpu})")
 print(f"{'mark':<20} {'vessel-emu':>12} {'qemu-q35-tcg':>14} {'vessel/qemu':>12}")
-for name, _ in MARKS:
+for name in ROWS:
     v, q = results["vessel-emu"][name], results["qemu-q35-tcg"][name]
     mv = statistics.median(v) if v else float("nan")
     mq = statistics.median(q) if q else float("nan")
