@@ -11,6 +11,7 @@ pub mod entry;
 pub mod firmware;
 pub mod layout;
 pub mod pvh;
+pub mod smbios;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -196,6 +196,9 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     let vm = &def.vm;
     let mut c = Command::new(&p.qemu);
     c.args(["-name", &format!("guest={},debug-threads=on", def.name)]);
+    if let Some(u) = &def.uuid {
+        c.args(["-uuid", u]);
+    }
     c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
     c.args(["-m", &format!("{}M", vm.memory_mib)]);
     // The same topology Vessel's VMM gives: threads per core, one socket.
@@ -355,6 +358,10 @@ pub fn vessel_config(def: &DomainDef, run: &RunDir) -> vmm::VmConfig {
     }
     if vm.cloud_init.is_some() {
         vm.name = Some(seed_name(def));
+    }
+    // The domain's UUID is the machine's (SMBIOS), as libvirt gives QEMU -uuid.
+    if vm.uuid.is_none() {
+        vm.uuid = def.uuid.clone();
     }
     vm
 }

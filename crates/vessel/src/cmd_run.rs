@@ -8,7 +8,7 @@ use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 /// The flags that describe the VM: `--config` gives all of that as data instead.
-const CONFIG_FLAGS: [&str; 18] = [
+const CONFIG_FLAGS: [&str; 19] = [
     "kernel",
     "initrd",
     "firmware",
@@ -27,10 +27,11 @@ const CONFIG_FLAGS: [&str; 18] = [
     "virtio_transport",
     "cloud_init",
     "name",
+    "uuid",
 ];
 
 /// What a restored VM takes from its snapshot, not from flags.
-const RESTORE_CONFLICTS: [&str; 17] = [
+const RESTORE_CONFLICTS: [&str; 18] = [
     "config",
     "kernel",
     "initrd",
@@ -48,6 +49,7 @@ const RESTORE_CONFLICTS: [&str; 17] = [
     "virtio_transport",
     "cloud_init",
     "name",
+    "uuid",
 ];
 
 #[derive(clap::Args, Debug)]
@@ -126,6 +128,10 @@ pub struct RunArgs {
     /// The VM's name (a DNS label); default "vessel".
     #[arg(long)]
     name: Option<String>,
+    /// The system UUID the guest reads from SMBIOS (firmware boot): dmidecode's and
+    /// /sys/class/dmi/id/product_uuid's, which cloud-init and systemd use.
+    #[arg(long)]
+    uuid: Option<String>,
     /// Restore the VM a snapshot describes instead of booting one: a snapshot folder
     /// (holding `vmstate` and `memory`, as `PUT /snapshot/create` writes them when given
     /// those names), or a state file with --restore-mem. The console goes where --serial
@@ -218,6 +224,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         vsock: args.vsock.clone(),
         cloud_init: args.cloud_init.clone(),
         name: args.name.clone(),
+        uuid: args.uuid.clone(),
         api_sock: None,
         console_sock: None,
         console_log: None,
@@ -295,6 +302,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         virtio_transport,
         name: args.name,
         cloud_init: args.cloud_init,
+        uuid: args.uuid,
     })
 }
 

@@ -58,6 +58,7 @@ fn user_data(dir: &TempDir, token: &str) -> PathBuf {
             "#cloud-config\n\
              runcmd:\n\
              \x20 - [sh, -c, 'echo \"{token} host=$(hostname) user=$(id -un)\" > /dev/ttyS0']\n\
+             \x20 - [sh, -c, 'echo \"{token} dmi=$(cat /sys/class/dmi/id/sys_vendor),$(cat /sys/class/dmi/id/product_serial),$(cat /sys/class/dmi/id/product_uuid)\" > /dev/ttyS0']\n\
              power_state:\n\
              \x20 mode: poweroff\n\
              \x20 condition: true\n"
@@ -132,9 +133,11 @@ fn a_cloud_image_boots_through_seabios_and_grub_and_cloud_init_configures_it() {
     let ud = user_data(&dir, &token);
     let console = dir.path().join("console.log");
     let name = "ci-guest";
+    let uuid = "6f1e2d3c-4b5a-4978-8796-a5b4c3d2e1f0";
     let (code, text) = run_logged(
         vessel()
             .args(["run", "--accel", "emu", "--memory", "1G", "--name", name])
+            .args(["--uuid", uuid])
             .arg("--disk")
             .arg(format!("{},format=qcow2", disk.display()))
             .arg("--cloud-init")
@@ -149,6 +152,15 @@ fn a_cloud_image_boots_through_seabios_and_grub_and_cloud_init_configures_it() {
     assert!(
         text.contains("Loading Linux"),
         "the image's grub.cfg ran: {text}"
+    );
+    // SMBIOS through fw_cfg: the system's vendor, the VM's name as its serial and the
+    // given UUID as the system UUID, as the guest's kernel reads them.
+    let want = format!("{token} dmi=Vessel,{name},{uuid}");
+    assert!(text.contains(&want), "no {want:?} on the console: {text}");
+    // The FADT's PM timer: Linux finds it and registers the acpi_pm clocksource.
+    assert!(
+        text.contains("PM-Timer IO Port: 0x628") && text.contains("clocksource: acpi_pm"),
+        "the ACPI PM timer: {text}"
     );
     // cloud-init's power_state module powered the machine off through ACPI.
     assert_eq!(code, Some(0), "vessel's exit status; console:\n{text}");

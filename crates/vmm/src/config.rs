@@ -171,6 +171,10 @@ pub struct VmConfig {
     /// cloud-init NoCloud data, attached as a read-only `cidata` disk after `disks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
+    /// The system UUID the firmware's SMBIOS tables give the guest
+    /// (`/sys/class/dmi/id/product_uuid`): the manager passes the domain's UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 /// The name a VM without one goes by (its cloud-init instance-id and hostname).
@@ -540,6 +544,8 @@ pub enum ConfigError {
     BadName(String),
     #[error("cloud-init file {0} does not exist or is not a file")]
     CloudInitFileMissing(PathBuf),
+    #[error("UUID {0:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")]
+    BadUuid(String),
 }
 
 impl VmConfig {
@@ -568,6 +574,7 @@ impl VmConfig {
             virtio_transport: Transport::Mmio,
             name: None,
             cloud_init: None,
+            uuid: None,
         }
     }
 
@@ -638,6 +645,13 @@ impl VmConfig {
             .filter(|n| !crate::cloud_init::valid_hostname(n))
         {
             return Err(ConfigError::BadName(n.clone()));
+        }
+        if let Some(u) = self
+            .uuid
+            .as_ref()
+            .filter(|u| arch::smbios::parse_uuid(u).is_none())
+        {
+            return Err(ConfigError::BadUuid(u.clone()));
         }
         if let Some(f) = self
             .cloud_init

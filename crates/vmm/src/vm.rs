@@ -964,6 +964,14 @@ fn fw_cfg(
     f.add_file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())?;
     // The same ACPI tables a directly booted kernel gets, for the firmware to place
     // through QEMU's table loader.
+    // SMBIOS as QEMU hands it to SeaBIOS: the structures and a 2.1 entry point, which
+    // the firmware completes with its own type 0 and places in the F segment.
+    let (smbios, anchor) = arch::smbios::tables(&arch::smbios::SmbiosInfo {
+        uuid: config.uuid.as_deref().and_then(arch::smbios::parse_uuid),
+        serial: config.name.clone(),
+    });
+    f.add_file("etc/smbios/smbios-tables", smbios)?;
+    f.add_file("etc/smbios/smbios-anchor", anchor)?;
     let (rsdp, tables, loader) = acpi::table_loader(acpi_config);
     f.add_file(acpi::LOADER_RSDP_FILE, rsdp)?;
     f.add_file(acpi::LOADER_TABLES_FILE, tables)?;
