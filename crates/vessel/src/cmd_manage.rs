@@ -272,16 +272,24 @@ pub enum ManageCommand {
     PoolInfo { name: String },
     /// Forget a pool (its folder and files stay).
     PoolUndefine { name: String },
-    /// Create a volume from libvirt volume XML (`vol-create POOL FILE`), or as POOL NAME
-    /// SIZE (virsh's vol-create-as; SIZE like 10G or 512M).
+    /// Create a volume from libvirt volume XML (`vol-create POOL FILE`), as POOL NAME
+    /// SIZE (virsh's vol-create-as; SIZE like 10G or 512M), or as POOL NAME --from IMAGE:
+    /// a local disk image imported with its size and its own format (raw or qcow2; a
+    /// qcow2's backing chain is read through, so the volume stands alone).
     #[command(alias = "vol-create-as")]
     VolCreate {
         pool: String,
-        /// A libvirt volume XML file ('-' reads stdin), or the volume's name with SIZE.
+        /// A libvirt volume XML file ('-' reads stdin), or the volume's name with SIZE or
+        /// --from.
         name: String,
+        #[arg(conflicts_with = "from")]
         size: Option<String>,
-        #[arg(long, default_value = "qcow2")]
-        format: String,
+        /// The volume's format: qcow2 (default) or raw; with --from, the image's format.
+        #[arg(long)]
+        format: Option<String>,
+        /// A disk image file to import as the new volume.
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
     /// List a pool's volumes.
     VolList { pool: String },
@@ -932,11 +940,34 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         ManageCommand::VolCreate {
             pool,
             name,
+            size: _,
+            format,
+            from: Some(image),
+        } => {
+            let (cap, format) = import_volume(&c, &pool, &name, &image, format)?;
+            if json_out {
+                print_json(&c.get(&vol(&pool, &name))?);
+            } else {
+                println!(
+                    "Vol {name} created ({format}, {}) from {}",
+                    size_text(cap),
+                    image.display()
+                );
+            }
+        }
+        ManageCommand::VolCreate {
+            pool,
+            name,
             size,
             format,
+            from: None,
         } => {
             let (name, cap, format) = match size {
-                Some(size) => (name, parse_size(&size)?, format),
+                Some(size) => (
+                    name,
+                    parse_size(&size)?,
+                    format.unwrap_or_else(|| "qcow2".into()),
+                ),
                 None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
             };
             let v = c.post(
@@ -1079,6 +1110,72 @@ pub(crate) fn read_text(file: &str) -> Result<String> {
         return Ok(t);
     }
     std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+}
+
+/// `vol-create POOL NAME --from IMAGE`: a volume of the image's size in its format (or
+/// `format`), filled with the image's guest-visible content. Ranges the image reports
+/// as zeros, and chunks that read as all zeros, are not sent: the new volume is sparse
+/// where the image is. Returns the capacity and the format.
+fn import_volume(
+    c: &Client,
+    pool: &str,
+    name: &str,
+    image: &Path,
+    format: Option<String>,
+) -> Result<(u64, String)> {
+    let probed = block::probe(image).with_context(|| format!("reading {}", image.display()))?;
+    let mut src = block::open(image, Some(probed), true)
+        .with_context(|| format!("opening {} as {probed}", image.display()))?;
+    let cap = src.size();
+    let format = format.unwrap_or_else(|| probed.to_string());
+    c.post(
+        &format!("/v1/pools/{}/volumes", enc(pool)),
+        Some(&json!({"name": name, "capacity": cap, "format": format})),
+    )?;
+    let pb = progress(cap, "importing");
+    let copied = copy_into_volume(c, pool, name, image, src.as_mut(), &pb);
+    pb.finish_and_clear();
+    if let Err(e) = copied {
+        // No half-imported volume is left behind.
+        let _ = c.call("DELETE", &vol(pool, name), None);
+        return Err(e);
+    }
+    Ok((cap, format))
+}
+
+fn copy_into_volume(
+    c: &Client,
+    pool: &str,
+    name: &str,
+    image: &Path,
+    src: &mut dyn block::BlockBackend,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    let cap = src.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0u64;
+    while off < cap {
+        let want = (cap - off).min(CHUNK);
+        let (status, run) = src
+            .block_status(off, want)
+            .with_context(|| format!("reading {} at {off}", image.display()))?;
+        let n = run.clamp(1, want);
+        if status == block::BlockStatus::Data {
+            let chunk = &mut buf[..n as usize];
+            src.read_at(off, chunk)
+                .with_context(|| format!("reading {} at {off}", image.display()))?;
+            if chunk.iter().any(|&b| b != 0) {
+                c.raw(
+                    "PUT",
+                    &format!("{}/data?offset={off}", vol(pool, name)),
+                    Some(("application/octet-stream", chunk)),
+                )?;
+            }
+        }
+        off += n;
+        pb.set_position(off);
+    }
+    Ok(())
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -1082,6 +1082,123 @@ fn qemu_img_info(path: &Path) -> Value {
 }
 
 #[test]
+fn vol_create_from_imports_an_image_with_its_format_and_content() {
+    require_qemu();
+    let d = Daemon::start("volfrom");
+    let pool = d.dir.join("images");
+    d.ok(&["pool-define", "images", pool.to_str().unwrap(), "--build"]);
+    // A qcow2 overlay on a qcow2 base, each holding part of the data, 256 MiB large.
+    let base = d.dir.join("base.qcow2");
+    let top = d.dir.join("top.qcow2");
+    let img = |args: &[&str]| {
+        let o = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        "256M",
+    ]);
+    img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]
+        .iter()
+        .copied()
+        .chain([base.to_str().unwrap(), top.to_str().unwrap()])
+        .collect::<Vec<_>>());
+    for (file, pattern, at) in [(&base, "0x5a", "1M"), (&top, "0xc3", "200M")] {
+        let o = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {pattern} {at} 3M")])
+            .arg(file)
+            .output()
+            .expect("qemu-io (qemu-utils)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let out = d.ok(&[
+        "vol-create",
+        "images",
+        "web.qcow2",
+        "--from",
+        top.to_str().unwrap(),
+    ]);
+    assert!(out.contains("Vol web.qcow2 created (qcow2, "), "{out}");
+    let v: Value =
+        serde_json::from_str(&d.ok(&["--json", "vol-info", "images", "web.qcow2"])).unwrap();
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["capacity"].as_u64(), Some(256 << 20));
+    // It stands alone (no backing file), and only the data was written.
+    let q = qemu_img_info(&pool.join("web.qcow2"));
+    assert!(q.get("backing-filename").is_none(), "{q}");
+    assert!(q["actual-size"].as_u64().unwrap() < 32 << 20, "{q}");
+    // The guest-visible bytes are the image's, backing chain included.
+    let want = d.dir.join("want.raw");
+    img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+    let got = d.dir.join("got.raw");
+    d.ok(&["vol-download", "images", "web.qcow2", got.to_str().unwrap()]);
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap());
+    // A raw image stays raw unless asked; --format converts.
+    d.ok(&[
+        "vol-create",
+        "images",
+        "plain.raw",
+        "--from",
+        want.to_str().unwrap(),
+    ]);
+    assert_eq!(qemu_img_info(&pool.join("plain.raw"))["format"], "raw");
+    d.ok(&[
+        "vol-create",
+        "images",
+        "conv.qcow2",
+        "--from",
+        want.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    assert_eq!(qemu_img_info(&pool.join("conv.qcow2"))["format"], "qcow2");
+    // A missing image and a name taken are refused, and leave nothing behind.
+    let e = d.fails(&[
+        "vol-create",
+        "images",
+        "x.qcow2",
+        "--from",
+        "/nonexistent.img",
+    ]);
+    assert!(e.contains("/nonexistent.img"), "{e}");
+    assert!(!pool.join("x.qcow2").exists());
+    let e = d.fails(&[
+        "vol-create",
+        "images",
+        "web.qcow2",
+        "--from",
+        top.to_str().unwrap(),
+    ]);
+    assert!(e.contains("web.qcow2"), "{e}");
+    // SIZE and --from together are a usage error (clap's status 2).
+    let o = d.cli(&[
+        "vol-create",
+        "images",
+        "y",
+        "1M",
+        "--from",
+        top.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--from"));
+}
+
+#[test]
 fn storage_pools_and_volumes() {
     require_qemu();
     let d = Daemon::start("vol");
