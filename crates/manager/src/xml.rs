@@ -28,9 +28,60 @@ fn refuse(what: impl std::fmt::Display) -> Error {
     bad(unsupported(what))
 }
 
-/// Vessel's `<metadata>` element: which driver runs the domain, its accelerator, and
-/// the host socket of its vsock device when the definition names one.
-fn vessel_metadata(root: Node) -> Result<Option<(DriverKind, Accel, Option<String>)>> {
+/// What Vessel's `<metadata>` element says.
+struct VesselMetadata {
+    driver: DriverKind,
+    accel: Accel,
+    /// The host socket of the vsock device, when the definition names one.
+    vsock_uds: Option<String>,
+    /// `<vessel:cloud-init user-data='FILE' [meta-data='FILE'] [network-config='FILE']/>`:
+    /// the domain's NoCloud seed, as `cloud_init` in JSON definitions.
+    cloud_init: Option<vmm::cloud_init::CloudInitConfig>,
+}
+
+/// The attributes of `<vessel:cloud-init>`, in JSON's field order.
+const CLOUD_INIT_ATTRS: [&str; 3] = ["user-data", "meta-data", "network-config"];
+
+fn cloud_init_metadata(el: Node) -> Result<Option<vmm::cloud_init::CloudInitConfig>> {
+    let mut found = None;
+    for c in el.children().filter(|c| c.is_element()) {
+        if c.tag_name().namespace() != Some(VESSEL_NS) || c.tag_name().name() != "cloud-init" {
+            return Err(bad(format!(
+                "Vessel metadata element <{}> (only <vessel:cloud-init> goes inside \
+                 <vessel:domain>)",
+                c.tag_name().name()
+            )));
+        }
+        if found.is_some() {
+            return Err(bad("more than one <vessel:cloud-init>"));
+        }
+        if let Some(a) = c
+            .attributes()
+            .find(|a| !CLOUD_INIT_ATTRS.contains(&a.name()))
+        {
+            return Err(bad(format!(
+                "<vessel:cloud-init> attribute {:?} (user-data, meta-data, network-config)",
+                a.name()
+            )));
+        }
+        let file = |name: &str| {
+            c.attribute(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        found = Some(vmm::cloud_init::CloudInitConfig {
+            user_data: file("user-data")
+                .ok_or_else(|| bad("<vessel:cloud-init> needs user-data='FILE'"))?,
+            meta_data: file("meta-data"),
+            network_config: file("network-config"),
+        });
+    }
+    Ok(found)
+}
+
+/// Vessel's `<metadata>` element: which driver runs the domain, its accelerator, the
+/// host socket of its vsock device and its cloud-init seed, when the definition says.
+fn vessel_metadata(root: Node) -> Result<Option<VesselMetadata>> {
     let Some(el) = child(root, "metadata").and_then(|m| {
         m.children()
             .find(|c| c.is_element() && c.tag_name().namespace() == Some(VESSEL_NS))
@@ -51,11 +102,12 @@ fn vessel_metadata(root: Node) -> Result<Option<(DriverKind, Accel, Option<Strin
         .unwrap_or("auto")
         .parse()
         .map_err(|e: String| bad(format!("Vessel metadata: {e}")))?;
-    Ok(Some((
+    Ok(Some(VesselMetadata {
         driver,
         accel,
-        el.attribute("vsock_uds").map(str::to_string),
-    )))
+        vsock_uds: el.attribute("vsock_uds").map(str::to_string),
+        cloud_init: cloud_init_metadata(el)?,
+    }))
 }
 
 /// The value checks behind `xml_support`'s table: what each mapped element may say.
@@ -354,12 +406,14 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     check_values(root)?;
     crate::xml_support::check(root).map_err(bad)?;
     let mut vsock_uds = None;
-    if let Some((d, a, uds)) = vessel_metadata(root)? {
-        driver = d;
-        if d == DriverKind::Vessel {
-            accel = a;
+    let mut cloud_init = None;
+    if let Some(m) = vessel_metadata(root)? {
+        driver = m.driver;
+        if m.driver == DriverKind::Vessel {
+            accel = m.accel;
         }
-        vsock_uds = uds;
+        vsock_uds = m.vsock_uds;
+        cloud_init = m.cloud_init;
     }
     let name = child(root, "name")
         .map(text)
@@ -476,6 +530,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         }
     }
     vm.disks = disks;
+    vm.cloud_init = cloud_init;
     Ok(DomainDef {
         name,
         uuid,
@@ -593,7 +648,7 @@ pub fn to_xml(d: &DomainDef) -> String {
     if let Some(u) = &d.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
     }
-    if d.driver == DriverKind::Vessel {
+    if d.driver == DriverKind::Vessel || d.vm.cloud_init.is_some() {
         let accel = serde_json::to_value(d.vm.accel)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -604,10 +659,32 @@ pub fn to_xml(d: &DomainDef) -> String {
             }
             _ => String::new(),
         };
-        x.push_str(&format!(
-            "  <metadata>\n    <vessel:domain xmlns:vessel='{VESSEL_NS}' driver='vessel' \
-             accel='{accel}'{uds}/>\n  </metadata>\n"
-        ));
+        let driver = match d.driver {
+            DriverKind::Vessel => "vessel",
+            DriverKind::Qemu => "qemu",
+        };
+        let head = format!(
+            "  <metadata>\n    <vessel:domain xmlns:vessel='{VESSEL_NS}' driver='{driver}' \
+             accel='{accel}'{uds}"
+        );
+        x.push_str(&head);
+        match &d.vm.cloud_init {
+            Some(ci) => {
+                x.push_str(">\n      <vessel:cloud-init");
+                let files = [
+                    Some(&ci.user_data),
+                    ci.meta_data.as_ref(),
+                    ci.network_config.as_ref(),
+                ];
+                for (name, f) in CLOUD_INIT_ATTRS.iter().zip(files) {
+                    if let Some(f) = f {
+                        x.push_str(&format!(" {name}='{}'", esc(&f.to_string_lossy())));
+                    }
+                }
+                x.push_str("/>\n    </vessel:domain>\n  </metadata>\n");
+            }
+            None => x.push_str("/>\n  </metadata>\n"),
+        }
     }
     let kib = d.vm.memory_mib << 10;
     x.push_str(&format!("  <memory unit='KiB'>{kib}</memory>\n"));
@@ -1036,6 +1113,55 @@ mod tests {
         // The old spelling is still read.
         let old = plain.replace("type='kvm'", "type='vessel'");
         assert_eq!(parse_domain(&old).unwrap().driver, DriverKind::Vessel);
+    }
+
+    #[test]
+    fn cloud_init_rides_in_vessel_metadata_on_both_drivers() {
+        for driver in ["vessel", "qemu"] {
+            let xml = format!(
+                "<domain type='qemu'><name>web-1</name><memory unit='MiB'>1024</memory>\
+                 <metadata><vessel:domain xmlns:vessel='{VESSEL_NS}' driver='{driver}' accel='emu'>\
+                 <vessel:cloud-init user-data='/srv/ud.yaml' network-config='/srv/net &amp; co.yaml'/>\
+                 </vessel:domain></metadata>\
+                 <os><type>hvm</type><boot dev='hd'/></os></domain>"
+            );
+            let d = parse_domain(&xml).unwrap();
+            let ci = d.vm.cloud_init.clone().expect("cloud_init");
+            assert_eq!(ci.user_data, PathBuf::from("/srv/ud.yaml"));
+            assert_eq!(ci.meta_data, None);
+            assert_eq!(ci.network_config, Some("/srv/net & co.yaml".into()));
+            // A dump says the same, and reads back the same.
+            let dump = to_xml(&d);
+            assert!(
+                dump.contains("<vessel:cloud-init user-data='/srv/ud.yaml'"),
+                "{dump}"
+            );
+            let again = parse_domain(&dump).unwrap();
+            assert_eq!(again.vm.cloud_init, d.vm.cloud_init, "{dump}");
+            assert_eq!(again.driver, d.driver, "{dump}");
+        }
+        let base = |inner: &str| {
+            format!(
+                "<domain type='kvm'><name>v</name><memory unit='MiB'>256</memory>\
+                 <metadata><vessel:domain xmlns:vessel='{VESSEL_NS}'>{inner}</vessel:domain>\
+                 </metadata><os><kernel>/k</kernel></os></domain>"
+            )
+        };
+        for (inner, why) in [
+            ("<vessel:cloud-init meta-data='/m'/>", "needs user-data"),
+            (
+                "<vessel:cloud-init user-data='/u' vendor-data='/v'/>",
+                "vendor-data",
+            ),
+            (
+                "<vessel:cloud-init user-data='/u'/><vessel:cloud-init user-data='/u'/>",
+                "more than one",
+            ),
+            ("<vessel:seed user-data='/u'/>", "<seed>"),
+        ] {
+            let e = parse_domain(&base(inner)).unwrap_err().to_string();
+            assert!(e.contains(why), "{inner}: {e}");
+        }
     }
 
     fn domains_to_dump() -> Vec<DomainDef> {

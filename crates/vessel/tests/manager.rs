@@ -1663,10 +1663,11 @@ fn vessel_domain_suspends_resumes_reboots_and_shuts_down_under_emu() {
 
 #[test]
 fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
-    // The cloud image from scripts/cloud-image.sh as a domain with no kernel: SeaBIOS,
-    // the image's GRUB, systemd, and cloud-init reading the domain's seed (Vessel's VMM
-    // builds it from --cloud-init, QEMU gets the same bytes as a drive), which names the
-    // guest after the domain, prints a token and powers off.
+    // The cloud image from scripts/cloud-image.sh as a libvirt XML domain with
+    // `<boot dev='hd'/>` and no kernel, its seed in Vessel's `<metadata>`: SeaBIOS, the
+    // image's GRUB, systemd, and cloud-init reading the domain's seed (Vessel's VMM
+    // builds it, QEMU gets the same bytes as a drive), which names the guest after the
+    // domain, prints a token with the SMBIOS system UUID (the domain's) and powers off.
     require_qemu();
     let image = common::assets().join("debian-bookworm-cloud.qcow2");
     assert!(
@@ -1681,13 +1682,27 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
         &ud,
         "#cloud-config\n\
          runcmd:\n\
-         \x20 - [sh, -c, 'echo \"vessel-managed host=$(hostname)\" > /dev/ttyS0']\n\
+         \x20 - [sh, -c, 'echo \"vessel-managed host=$(hostname) uuid=$(cat /sys/class/dmi/id/product_uuid)\" > /dev/ttyS0']\n\
          power_state:\n\
          \x20 mode: poweroff\n\
          \x20 condition: true\n",
     )
     .unwrap();
-    for (name, driver) in [("cloud-vessel", "vessel"), ("cloud-qemu", "qemu")] {
+    let domains = [
+        (
+            "cloud-vessel",
+            "vessel",
+            "kvm",
+            "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f60",
+        ),
+        (
+            "cloud-qemu",
+            "qemu",
+            "qemu",
+            "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f61",
+        ),
+    ];
+    for (name, driver, ty, uuid) in domains {
         let disk = d.dir.join(format!("{name}.qcow2"));
         let o = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -1696,15 +1711,35 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
             .output()
             .expect("qemu-img (apt-get install qemu-utils)");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let def = json!({"name": name, "driver": driver,
-            "vm": {"firmware": "/usr/share/seabios/bios.bin", "virtio_transport": "pci",
-                   "memory_mib": 1024, "accel": "emu",
-                   "disks": [{"path": disk, "format": "qcow2"}],
-                   "cloud_init": {"user_data": ud}}});
-        c.post("/v1/domains", Some(&def)).unwrap();
-        c.post(&format!("/v1/domains/{name}/start"), None).unwrap();
+        let xml = format!(
+            "<domain type='{ty}'>\n\
+             <name>{name}</name><uuid>{uuid}</uuid>\n\
+             <memory unit='MiB'>1024</memory><vcpu>1</vcpu>\n\
+             <metadata><vessel:domain xmlns:vessel='https://vessel.dev/xmlns/domain/1' \
+             driver='{driver}' accel='emu'>\
+             <vessel:cloud-init user-data='{}'/></vessel:domain></metadata>\n\
+             <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>\n\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices>\n\
+             </domain>\n",
+            ud.display(),
+            disk.display()
+        );
+        let f = d.dir.join(format!("{name}.xml"));
+        std::fs::write(&f, xml).unwrap();
+        d.ok(&["define", f.to_str().unwrap()]);
+        // The seed is the domain's, in JSON as in the dump.
+        let info = c.get(&format!("/v1/domains/{name}")).unwrap();
+        assert_eq!(
+            info["definition"]["vm"]["cloud_init"]["user_data"],
+            json!(ud),
+            "{info}"
+        );
+        let dump = d.ok(&["dumpxml", name]);
+        assert!(dump.contains("<vessel:cloud-init user-data="), "{dump}");
+        d.ok(&["start", name]);
     }
-    for name in ["cloud-vessel", "cloud-qemu"] {
+    for (name, _, _, uuid) in domains {
         wait_state(&c, name, "shutoff", Duration::from_secs(900));
         let log = serial_log(&c, name);
         assert!(
@@ -1712,8 +1747,8 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
             "{name}: {log}"
         );
         assert!(
-            log.contains(&format!("vessel-managed host={name}")),
-            "{name}: no token from cloud-init's runcmd:\n{log}"
+            log.contains(&format!("vessel-managed host={name} uuid={uuid}")),
+            "{name}: no token with the domain's name and UUID from cloud-init's runcmd:\n{log}"
         );
         let info = c.get(&format!("/v1/domains/{name}")).unwrap();
         assert_eq!(info["info"]["last_stop"], "guest powered off", "{info}");
