@@ -55,7 +55,6 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 ssh-keygen -q -t ed25519 -N '' -C vessel-bench -f "$work/id_ed25519"
 MAC=52:54:00:12:34:56
@@ -80,7 +79,9 @@ mkfs.vfat -n cidata "$work/seed.img" >/dev/null
 MTOOLS_SKIP_CHECK=1 mcopy -i "$work/seed.img" "$work/user-data" "$work/meta-data" \
     "$work/network-config" ::/
 
-python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" "$NS_PREFIX" "$MAC" <<'PY'
+# The driver runs in the background so a signal to this script reaches it at once: it
+# ends its VMM and ssh by PID and deletes its namespace, then `cleanup` runs.
+python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" "$NS_PREFIX" "$MAC" <<'PY' &
 import os, select, signal, statistics, subprocess, sys, time
 
 runs, image, vessel, work, ns_prefix, mac = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
@@ -203,3 +204,6 @@ for name in ROWS:
     mq = statistics.median(q) if q else float("nan")
     print(f"{name:<20} {mv:>11.2f}s {mq:>13.2f}s {mv / mq:>11.2f}x")
 PY
+driver=$!
+trap 'kill -TERM $driver 2>/dev/null; wait $driver; exit 143' INT TERM
+wait $driver
