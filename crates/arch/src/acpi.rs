@@ -44,10 +44,6 @@ pub const RTC_CENTURY_INDEX: u8 = 0x32;
 pub const PM1A_EVT_PORT: u16 = 0x620;
 pub const PM1A_CNT_PORT: u16 = 0x624;
 pub const SCI_GSI: u16 = 9;
-/// A full platform's ACPI power management timer (PM_TMR_BLK): a 24-bit counter at
-/// 3.579545 MHz in a 32-bit port. Firmware (SeaBIOS keeps time with it once the FADT
-/// names it) and Linux (the `acpi_pm` clocksource, a TSC calibration source) read it.
-pub const PM_TMR_PORT: u16 = 0x628;
 
 /// The Generic Event Device's event register (one byte, read clears it).
 pub const GED_PORT: u16 = 0x610;
@@ -344,19 +340,15 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Sdt {
     // HW_REDUCED_ACPI unless the platform is a full one.
     let mut flags: u32 = 1 | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10);
     if cfg.full {
-        // SCI_INT; SMI_CMD stays 0 (always in ACPI mode); the PM1a blocks and the PM
-        // timer, 32-bit and extended.
+        // SCI_INT; SMI_CMD stays 0 (always in ACPI mode); the PM1a blocks, 32-bit
+        // and extended.
         f.write_u16(46, SCI_GSI);
         f.write_u32(56, u32::from(PM1A_EVT_PORT));
         f.write_u32(64, u32::from(PM1A_CNT_PORT));
         f.write_u8(88, 4);
         f.write_u8(89, 2);
-        f.write_u32(76, u32::from(PM_TMR_PORT));
-        f.write_u8(91, 4);
         f.write_bytes(148, &gas_io(PM1A_EVT_PORT, 32));
         f.write_bytes(172, &gas_io(PM1A_CNT_PORT, 16));
-        // X_PM_TMR_BLK: 32 bits wide, the counter in the low 24 (TMR_VAL_EXT clear).
-        f.write_bytes(208, &gas_io(PM_TMR_PORT, 32));
     } else {
         flags |= 1 << 20;
     }
@@ -671,17 +663,6 @@ mod tests {
                 SCI_GSI
             );
             assert_eq!(fadt[88], 4);
-            // The PM timer: a 4-byte port block, and the same port in X_PM_TMR_BLK.
-            assert_eq!(
-                u32::from_le_bytes(fadt[76..80].try_into().unwrap()),
-                u32::from(PM_TMR_PORT)
-            );
-            assert_eq!(fadt[91], 4);
-            assert_eq!(fadt[208], 1, "X_PM_TMR_BLK in system I/O space");
-            assert_eq!(
-                u64::from_le_bytes(fadt[212..220].try_into().unwrap()),
-                u64::from(PM_TMR_PORT)
-            );
             // The MADT routes the SCI as level-triggered, active high.
             let sci_override = [2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0];
             assert!(tables.windows(10).any(|w| w == sci_override));

@@ -157,11 +157,6 @@ fn a_cloud_image_boots_through_seabios_and_grub_and_cloud_init_configures_it() {
     // given UUID as the system UUID, as the guest's kernel reads them.
     let want = format!("{token} dmi=Vessel,{name},{uuid}");
     assert!(text.contains(&want), "no {want:?} on the console: {text}");
-    // The FADT's PM timer: Linux finds it and registers the acpi_pm clocksource.
-    assert!(
-        text.contains("PM-Timer IO Port: 0x628") && text.contains("clocksource: acpi_pm"),
-        "the ACPI PM timer: {text}"
-    );
     // cloud-init's power_state module powered the machine off through ACPI.
     assert_eq!(code, Some(0), "vessel's exit status; console:\n{text}");
 }

@@ -558,11 +558,6 @@ impl Vmm {
                 devices::legacy::PM1_PORTS,
             )?;
             io.pio.insert(
-                dev(Arc::new(Mutex::new(devices::legacy::PmTimer::new()))),
-                u64::from(acpi::PM_TMR_PORT),
-                4,
-            )?;
-            io.pio.insert(
                 dev(fw.clone()),
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
