@@ -753,11 +753,25 @@ fn rx_kernel() -> Vec<u8> {
 
 /// An interrupt raised by another thread (the console's input pump) while user code runs
 /// natively gets the vCPU out of KVM_RUN through the irqchip's notifier, and user code
-/// sees what the kernel's handler did.
+/// sees what the kernel's handler did. The input may land between two stints (the vCPU
+/// then takes it in emulation, with no kick): such a try proves nothing about the kick,
+/// and the test tries again, up to three times.
 #[test]
 fn an_interrupt_from_another_thread_reaches_natively_running_user_code() {
-    use std::io::Write;
     require_kvm();
+    let mut last = String::new();
+    for _ in 0..3 {
+        match interrupt_from_another_thread_try() {
+            Ok(()) => return,
+            Err(stderr) => last = stderr,
+        }
+    }
+    panic!("in three tries the UART interrupt never kicked the vCPU out of KVM_RUN:\n{last}");
+}
+
+/// One try: Err(stderr) when the input arrived with no kick (between stints).
+fn interrupt_from_another_thread_try() -> Result<(), String> {
+    use std::io::Write;
     let dir = TempDir::new("hybrid-rx");
     let k = dir.file("kernel.elf", &rx_kernel());
     let child = vessel()
@@ -820,8 +834,9 @@ fn an_interrupt_from_another_thread_reaches_natively_running_user_code() {
     let stints = stat(&stderr, "stints").unwrap_or(0.0);
     eprintln!("input to DONE in {latency:?}; stints {stints}, kicks {kicks}");
     assert!(stints >= 1.0, "user code never ran natively:\n{stderr}");
-    assert!(
-        kicks >= 1.0,
-        "the UART interrupt did not kick the vCPU out of KVM_RUN:\n{stderr}"
-    );
+    if kicks >= 1.0 {
+        Ok(())
+    } else {
+        Err(stderr)
+    }
 }
