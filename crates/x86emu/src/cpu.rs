@@ -556,9 +556,14 @@ impl Core {
         // With IF clear the flag is no reason to stop (`run` takes it up only once an
         // interrupt can be delivered): an interrupt left pending under CLI (the PIT's,
         // through a kernel decompressor's whole run) would otherwise end every block.
-        let kick = match &self.kick {
-            Some(k) if self.s.rflags & flags::IF != 0 => k.as_ptr() as u64,
-            _ => &NO_KICK as *const u8 as u64,
+        let kick_armed = match &self.kick {
+            Some(k) => k.as_ptr() as u64,
+            None => &NO_KICK as *const u8 as u64,
+        };
+        let kick = if self.s.rflags & flags::IF != 0 {
+            kick_armed
+        } else {
+            &NO_KICK as *const u8 as u64
         };
         self.jit = Ctx {
             tlb,
@@ -578,6 +583,7 @@ impl Core {
             budget,
             tlb_gen: self.fetch_generation(user),
             kick,
+            kick_armed,
             simd: u64::from(self.sse_check().is_ok()) | u64::from(self.avx_check().is_ok()) << 1,
             cli_ok: u64::from(self.iopl_ok()),
             sti_ok: u64::from(self.iopl_ok() && !self.window_request),

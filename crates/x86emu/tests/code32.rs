@@ -405,3 +405,69 @@ fn rep_movs_and_stos_in_bulk_with_64bit_addresses_from_address_zero_and_down() {
     assert!(g.cpu.ram().read(0, &mut zeroed));
     assert_eq!(zeroed, vec![0x5a; 0x80]);
 }
+
+/// A platform whose port 0x80 raises the kick flag (as a device thread would).
+struct KickOnOut(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl x86emu::Platform for KickOnOut {
+    fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&mut self, port: u16, _data: &[u8]) {
+        if port == 0x80 {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Entered under CLI, compiled code is given a kick flag that never rises. Once STI has
+/// run, an interrupt that waits must be taken within a few blocks, not when the linked
+/// loop ends or the run's budget is spent (a compiled STI puts the CPU's own flag back;
+/// STI ending its block hands the check to the run loop).
+#[test]
+fn a_compiled_sti_rearms_the_kick_check() {
+    let code = asm(64, CODE, |a| {
+        let mut warm = a.create_label();
+        let mut top = a.create_label();
+        let mut mid = a.create_label();
+        // The loop once through with nothing waiting: its blocks compile and link.
+        a.mov(ecx, 1000).unwrap();
+        a.mov(esi, 1).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.cli().unwrap();
+        a.inc(rax).unwrap();
+        a.sti().unwrap();
+        a.inc(rbx).unwrap();
+        a.jmp(mid).unwrap();
+        a.set_label(&mut mid).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(top).unwrap();
+        a.dec(esi).unwrap();
+        a.js(warm).unwrap();
+        // Then under CLI an interrupt comes to wait (the kick flag up) and the loop runs
+        // again, entered from the run loop with IF clear.
+        a.cli().unwrap();
+        a.out(0x80, al).unwrap();
+        a.mov(ecx, 100_000).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.jmp(top).unwrap();
+        a.set_label(&mut warm).unwrap();
+        a.hlt().unwrap();
+    });
+    let mut g = Guest::new();
+    g.load(CODE, &code);
+    g.cpu.set_jit_threshold(Some(0));
+    let kick = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    g.cpu.set_kick(kick.clone());
+    let mut s = g.cpu.state().clone();
+    s.rflags &= !(1 << 9);
+    g.cpu.set_state(s);
+    let exit = g.cpu.run(&mut KickOnOut(kick), 10_000_000);
+    let passes = g.cpu.state().gpr[0];
+    assert_eq!(exit, RunExit::Kicked, "after {passes} passes");
+    assert!(passes < 10, "{passes} passes ran before the kick was seen");
+}

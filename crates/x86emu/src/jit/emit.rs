@@ -1353,6 +1353,12 @@ impl Emitter {
         let a = &mut self.a;
         a!(a.mov(rcx, qword_ptr(r15 + ctx_off(ok))));
         a!(a.jrcxz(miss));
+        if set {
+            // Interrupts can be taken from here on: the blocks after this one check the
+            // kick flag again (entered under CLI, they were given one that never rises).
+            a!(a.mov(rcx, qword_ptr(r15 + ctx_off(offset_of!(Ctx, kick_armed)))));
+            a!(a.mov(qword_ptr(r15 + ctx_off(offset_of!(Ctx, kick))), rcx));
+        }
         self.clobber(&[Register::RCX]);
         self.set_state_flag(crate::state::flags::IF, set)
     }

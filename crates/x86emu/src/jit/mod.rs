@@ -72,8 +72,11 @@ pub(crate) struct Ctx {
     /// The TLB generation (`Tlb::flushes`): a page-crossing block goes on only in the one
     /// its next page was checked in.
     pub(crate) tlb_gen: u64,
-    /// A byte other threads raise when they have an interrupt for this CPU.
+    /// A byte other threads raise when they have an interrupt for this CPU; under CLI one
+    /// that never rises (the interrupt could not be taken), until a compiled STI puts
+    /// `kick_armed` (the CPU's own flag) here.
     pub(crate) kick: u64,
+    pub(crate) kick_armed: u64,
     /// SIMD state usable at the current CR0/CR4/XCR0: bit 0 SSE (no #UD/#NM), bit 1 AVX.
     pub(crate) simd: u64,
     /// 1 when CLI may run here (CPL <= IOPL; neither changes inside compiled code).
