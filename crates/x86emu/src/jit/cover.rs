@@ -284,9 +284,7 @@ fn kind32(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
     if !short_inc_dec && !ins.code().op_code().mode64() {
         return None;
     }
-    if ins.has_rep_prefix() || ins.has_repne_prefix() {
-        return None;
-    }
+    // (REP strings come back as RepStos/RepMovs, which are not on the list.)
     let k = kind64(ins, last, model)?;
     matches!(
         k,

@@ -1232,8 +1232,9 @@ impl Emitter {
         }
     }
 
-    /// RDX moved by `n` bytes as the stack pointer moves: wrapping at 4 GiB in 32-bit
-    /// code (where RSP's upper half is clear: see `cover::kind32`).
+    /// RDX moved by `n` bytes as the stack pointer (or a string instruction's RSI/RDI)
+    /// moves: wrapping at 4 GiB in 32-bit code (where RSP's upper half is clear: see
+    /// `cover::kind32`).
     fn move_sp(&mut self, n: i32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rdx;
         if self.bits == 32 {
@@ -1506,9 +1507,9 @@ impl Emitter {
         self.continue_if_rcx_zero(miss)
     }
 
-    /// Guest register `g` as a string instruction's address, in RDX (its low half in
-    /// 32-bit code).
-    fn string_address(&mut self, g: usize) -> Option<()> {
+    /// Guest register `g` as an address (a string instruction's, or ESP from EBP), in
+    /// RDX: its low half in 32-bit code.
+    fn address_in_rdx(&mut self, g: usize) -> Option<()> {
         self.load_guest(Register::RDX, g)?;
         if self.bits == 32 {
             a!(self.a.mov(gpr32::edx, gpr32::edx));
@@ -1519,13 +1520,8 @@ impl Emitter {
     /// Guest register `g` moved on by `n` (as a string instruction moves RSI or RDI with
     /// DF clear: wrapping at 4 GiB in 32-bit code). Clobbers RDX.
     fn string_advance(&mut self, g: usize, n: i32) -> Option<()> {
-        use iced_x86::code_asm::registers::gpr64::rdx;
         self.load_guest(Register::RDX, g)?;
-        if self.bits == 32 {
-            a!(self.a.lea(gpr32::edx, ptr(rdx + n)));
-        } else {
-            a!(self.a.lea(rdx, ptr(rdx + n)));
-        }
+        self.move_sp(n)?;
         self.clobber(&[Register::RDX]);
         self.store_guest(g, Register::RDX)
     }
@@ -1537,11 +1533,11 @@ impl Emitter {
         let size = ins.memory_size().size() as u32;
         let miss = self.miss_label(idx);
         self.df_clear_or(miss)?;
-        self.string_address(6)?;
+        self.address_in_rdx(6)?;
         self.range_at_rdx(false, size, idx)?;
         a!(self.a.mov(rax, rbx));
         self.clobber(&[Register::RAX]);
-        self.string_address(7)?;
+        self.address_in_rdx(7)?;
         self.range_at_rdx(true, size, idx)?;
         let a = &mut self.a;
         match size {
@@ -1574,7 +1570,7 @@ impl Emitter {
         let size = ins.memory_size().size() as u32;
         let miss = self.miss_label(idx);
         self.df_clear_or(miss)?;
-        self.string_address(7)?;
+        self.address_in_rdx(7)?;
         self.range_at_rdx(true, size, idx)?;
         self.load_guest(Register::RAX, 0)?;
         let a = &mut self.a;
@@ -1791,11 +1787,8 @@ impl Emitter {
     /// LEAVE: RSP = RBP, then POP RBP.
     fn leave(&mut self, idx: u32) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::r10;
-        self.load_guest(Register::RDX, 5)?;
-        if self.bits == 32 {
-            // ESP = EBP (RSP's upper half stays clear).
-            a!(self.a.mov(gpr32::edx, gpr32::edx));
-        }
+        // ESP = EBP (RSP's upper half stays clear in 32-bit code).
+        self.address_in_rdx(5)?;
         self.stack_slot(false, idx)?;
         self.load_slot(r10)?;
         self.clobber(&[Register::R10]);
