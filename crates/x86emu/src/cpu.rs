@@ -553,6 +553,7 @@ impl Core {
         let user = self.user();
         let (jc, jc_stamp) = blocks.jump_cache(user, bits == 32);
         let tlb = self.tlb.entries_ptr() as u64;
+        let view = self.tlb.view_ptr() as u64;
         // With IF clear the flag is no reason to stop (`run` takes it up only once an
         // interrupt can be delivered): an interrupt left pending under CLI (the PIT's,
         // through a kernel decompressor's whole run) would otherwise end every block.
@@ -568,9 +569,9 @@ impl Core {
         self.jit = Ctx {
             tlb,
             fetch_perm: u64::from(needed_perm(Access::Fetch, user)),
-            read_tags: tlb + crate::mmu::tlb_tag_offset(false, user),
-            write_tags: tlb + crate::mmu::tlb_tag_offset(true, user),
-            slot_mask: crate::mmu::tlb_slot_mask(),
+            read_tags: view + crate::mmu::tlb_tag_offset(false, user),
+            write_tags: view + crate::mmu::tlb_tag_offset(true, user),
+            addends: view + crate::mmu::tlb_addend_offset(),
             page_mask: !0xfff,
             blocks: blocks.slots_ptr() as u64,
             block_mask: blocks.slot_mask(),

@@ -19,8 +19,11 @@ pub enum Access {
 /// Entries of the soft TLB (direct mapped by page number). 1024 left a Python loop's
 /// code, stack and heap evicting one another: 26M refills and compiled-code exits in a run
 /// that needs 0.5M with 4096. A systemd boot still walked the page tables 2.2M times with
-/// 4096 (1.4M compiled-code exits), 0.9M times with 16384 (0.86M exits); 1 MiB per vCPU.
-const TLB_SIZE: usize = 16384;
+/// 4096 (1.4M compiled-code exits), 0.9M times with 16384 (0.86M exits). 65536: the slot
+/// is the page number's low 16 bits, which compiled code picks with RORX and MOVZX (two
+/// 1-cycle steps where PEXT and a scaling LEA took four, on every memory access's
+/// dependency chain); 4 MiB of entries and 2.5 MiB of `JitView` per vCPU.
+const TLB_SIZE: usize = 65536;
 
 // Permission bits cached in a TLB entry. Write bits are only set once the dirty bit is set,
 // so the first write to a clean page takes the slow path and sets D.
@@ -85,15 +88,46 @@ impl TlbEntry {
     }
 }
 
-/// The bits of a linear address that pick its TLB slot.
-pub(crate) fn tlb_slot_mask() -> u64 {
-    ((TLB_SIZE - 1) as u64) << 12
-}
-
-/// Where compiled code finds the tag for an access (see `TlbEntry::tags`).
+/// Where compiled code finds the tags for an access in `Tlb::view_ptr` (see
+/// `TlbEntry::tags`): an array of one `u64` per slot.
 pub(crate) fn tlb_tag_offset(write: bool, user: bool) -> u64 {
     let i = usize::from(write) * 2 + usize::from(user);
-    (std::mem::offset_of!(TlbEntry, tags) + 8 * i) as u64
+    (8 * TLB_SIZE * i) as u64
+}
+
+/// Where compiled code finds the host addends in `Tlb::view_ptr`: one `u64` per slot.
+pub(crate) fn tlb_addend_offset() -> u64 {
+    (8 * TLB_SIZE * 4) as u64
+}
+
+/// What compiled code reads of the TLB, one array per field (the four tags of
+/// `TlbEntry::tags`, then the addends), so that the entries of neighbouring pages share
+/// cache lines and a slot's field is at `base + slot * 8`. Kept equal to `entries` by
+/// every change to a slot (`Tlb::sync`).
+struct JitView(Box<[u64]>);
+
+impl std::fmt::Debug for JitView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JitView")
+    }
+}
+
+impl JitView {
+    fn new() -> Self {
+        // NO_TAG and a zero addend: the view of an empty slot.
+        JitView(vec![0; 5 * TLB_SIZE].into_boxed_slice())
+    }
+
+    fn set(&mut self, i: usize, e: &TlbEntry) {
+        for (k, tag) in e.tags.iter().enumerate() {
+            if let Some(v) = self.0.get_mut(k * TLB_SIZE + i) {
+                *v = *tag;
+            }
+        }
+        if let Some(v) = self.0.get_mut(4 * TLB_SIZE + i) {
+            *v = e.addend;
+        }
+    }
 }
 
 /// Where compiled code finds a TLB entry's fields: (entry size, offsets of the page
@@ -114,6 +148,7 @@ pub(crate) fn tlb_layout() -> (usize, i32, i32, i32, i32, usize) {
 #[derive(Debug)]
 pub(crate) struct Tlb {
     entries: Box<[TlbEntry; TLB_SIZE]>,
+    view: JitView,
     /// Slots filled with non-global entries since the last flush of them, so a CR3 reload
     /// (every context switch) clears only those instead of scanning the whole TLB, or
     /// walking the kernel's global entries that survive it.
@@ -162,7 +197,12 @@ unsafe impl Send for Tlb {}
 impl Tlb {
     pub(crate) fn new(writers: Arc<WriteMap>) -> Self {
         Tlb {
-            entries: Box::new([EMPTY; TLB_SIZE]),
+            // Built on the heap: 4 MiB would not fit a vCPU thread's stack.
+            entries: vec![EMPTY; TLB_SIZE]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("TLB_SIZE entries")),
+            view: JitView::new(),
             filled: Listed::new(),
             global: Listed::new(),
             flushes: 0,
@@ -172,12 +212,13 @@ impl Tlb {
         }
     }
 
-    /// Empties `e`, keeping the write map's count.
-    fn drop_entry(writers: &WriteMap, e: &mut TlbEntry) {
+    /// Empties slot `i`'s entry `e`, keeping the write map's count.
+    fn drop_entry(writers: &WriteMap, view: &mut JitView, i: usize, e: &mut TlbEntry) {
         if e.writable() {
             writers.remove(e.pfn());
         }
         *e = EMPTY;
+        view.set(i, e);
     }
 
     /// Takes from slot `i` the right of compiled code to store through it: true if it had it.
@@ -187,6 +228,7 @@ impl Tlb {
                 self.writers.remove(e.pfn());
                 e.tags[2] = NO_TAG;
                 e.tags[3] = NO_TAG;
+                self.view.set(i, e);
                 true
             }
             _ => false,
@@ -214,7 +256,7 @@ impl Tlb {
                 left = left.saturating_sub(1);
             }
         }
-        let (entries, writers) = (&mut self.entries, &self.writers);
+        let (entries, writers, view) = (&mut self.entries, &self.writers, &mut self.view);
         // Counts of u8::MAX are "at least": scan everything then.
         let exact = left != u8::MAX;
         let mut strip = |i: usize| match entries.get_mut(i) {
@@ -222,6 +264,7 @@ impl Tlb {
                 writers.remove(pfn);
                 e.tags[2] = NO_TAG;
                 e.tags[3] = NO_TAG;
+                view.set(i, e);
                 true
             }
             _ => false,
@@ -265,6 +308,7 @@ impl Tlb {
         let tag = |bit: u8| if e.perm & bit != 0 { !e.vpn } else { NO_TAG };
         e.tags[2] = tag(P_WRITE_SUP);
         e.tags[3] = tag(P_WRITE_USER);
+        self.view.set(i, e);
         if e.writable() {
             self.writers.add(e.pfn());
             if let Some(h) = self.last_writable.get_mut(e.pfn()) {
@@ -278,19 +322,27 @@ impl Tlb {
         self.entries.as_ptr().cast()
     }
 
+    /// The arrays compiled code checks and translates memory accesses with (see
+    /// `JitView`, `tlb_tag_offset`, `tlb_addend_offset`).
+    pub(crate) fn view_ptr(&self) -> *const u8 {
+        self.view.0.as_ptr().cast()
+    }
+
     pub(crate) fn flush_all(&mut self) {
         self.flushes += 1;
         self.max_shift = 12;
         match (self.filled.slots(), self.global.slots()) {
             (Some(filled), Some(global)) => {
                 for &i in filled.iter().chain(global) {
-                    if let Some(e) = self.entries.get_mut(usize::from(i)) {
-                        Self::drop_entry(&self.writers, e);
+                    let i = usize::from(i);
+                    if let Some(e) = self.entries.get_mut(i) {
+                        Self::drop_entry(&self.writers, &mut self.view, i, e);
                     }
                 }
             }
             _ => {
                 self.entries.fill(EMPTY);
+                self.view.0.fill(0);
                 self.writers.clear();
             }
         }
@@ -301,22 +353,27 @@ impl Tlb {
     /// CR3 reload: global pages survive.
     pub(crate) fn flush_non_global(&mut self) {
         self.flushes += 1;
-        let writers = &self.writers;
-        let drop = |e: &mut TlbEntry| {
+        let (writers, view) = (&self.writers, &mut self.view);
+        let mut drop = |i: usize, e: &mut TlbEntry| {
             if e.perm & P_GLOBAL == 0 {
-                Self::drop_entry(writers, e);
+                Self::drop_entry(writers, view, i, e);
             }
         };
         match self.filled.slots() {
             Some(filled) => {
                 for &i in filled {
                     // A slot refilled with a global entry since is listed as global too.
-                    if let Some(e) = self.entries.get_mut(usize::from(i)) {
-                        drop(e);
+                    let i = usize::from(i);
+                    if let Some(e) = self.entries.get_mut(i) {
+                        drop(i, e);
                     }
                 }
             }
-            None => self.entries.iter_mut().for_each(drop),
+            None => self
+                .entries
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, e)| drop(i, e)),
         }
         self.filled.0.clear();
     }
@@ -329,6 +386,7 @@ impl Tlb {
             return;
         };
         let old = std::mem::replace(e, new);
+        self.view.set(i, &new);
         if old.writable() {
             self.writers.remove(old.pfn());
         }
@@ -357,13 +415,14 @@ impl Tlb {
         let span = 1usize << (self.max_shift - 12).min(TLB_SIZE.trailing_zeros() as u8);
         let first = ((lin >> self.max_shift) << (self.max_shift - 12)) as usize;
         for i in 0..span {
-            let Some(e) = self.entries.get_mut(first.wrapping_add(i) & (TLB_SIZE - 1)) else {
+            let i = first.wrapping_add(i) & (TLB_SIZE - 1);
+            let Some(e) = self.entries.get_mut(i) else {
                 continue;
             };
             if e.vpn != u64::MAX {
                 let shift = u32::from(e.page_shift);
                 if (e.vpn << 12) >> shift == lin >> shift {
-                    Self::drop_entry(&self.writers, e);
+                    Self::drop_entry(&self.writers, &mut self.view, i, e);
                 }
             }
         }

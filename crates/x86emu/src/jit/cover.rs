@@ -579,8 +579,11 @@ pub(super) struct Regs {
     pub(super) map: [Register; 16],
     pub(super) load: [bool; 16],
     pub(super) store: [bool; 16],
-    /// Holds the host address of the memory operand.
+    /// Holds the host address of the memory operand, or with `lin` its page's addend.
     pub(super) host_ptr: Register,
+    /// Holds the memory operand's linear address, which the instruction then takes as
+    /// its index (`host_ptr + lin`); None when no register is left for it.
+    pub(super) lin: Register,
 }
 
 /// Plans the registers of a native instruction; None if it needs more than the pool has.
@@ -595,6 +598,7 @@ pub(super) fn plan_regs(
         load: [false; 16],
         store: [false; 16],
         host_ptr: Register::None,
+        lin: Register::None,
     };
     let explicit = |g: usize| {
         (0..ins.op_count())
@@ -650,6 +654,7 @@ pub(super) fn plan_regs(
         }
     }
     regs.host_ptr = free.next()?;
+    regs.lin = free.next().unwrap_or(Register::None);
     // AH..BH stay themselves (their full registers are their own), but then nothing the
     // instruction is rewritten with may need a REX prefix: neither a stand-in for RSP or
     // R15 nor the memory operand's host pointer.
@@ -659,6 +664,9 @@ pub(super) fn plan_regs(
         let memory = (0..ins.op_count()).any(|k| ins.op_kind(k) == OpKind::Memory);
         if used[RSP] || used[R15] || (memory && !legacy(regs.host_ptr)) {
             return None;
+        }
+        if !legacy(regs.lin) {
+            regs.lin = Register::None;
         }
     }
     Some(regs)

@@ -58,6 +58,13 @@ fn at_host(ins: &mut Instruction, host: Register) {
     ins.set_segment_prefix(Register::None);
 }
 
+/// Points `ins`'s memory operand at `base + index`: a page's addend and the linear
+/// address, as translated inline (see `Emitter::memory_operand_split`).
+fn at_host_plus(ins: &mut Instruction, base: Register, index: Register) {
+    at_host(ins, base);
+    ins.set_memory_index(index);
+}
+
 fn r64(r: Register) -> Option<AsmRegister64> {
     gpr64::get_gpr64(r)
 }
@@ -804,41 +811,51 @@ impl Emitter {
         scratch: [Register; 4],
         miss: CodeLabel,
     ) -> Option<()> {
+        self.tlb_addend(m, lin, host, scratch, miss)?;
+        let (host, lin) = (r64(host)?, r64(lin)?);
+        a!(self.a.lea(host, ptr(host + lin)));
+        Some(())
+    }
+
+    /// As `tlb`, but leaves in `host` the page's addend: the host pointer is `host + lin`,
+    /// which an instruction can take as its memory operand, saving a step on the way to
+    /// its data. Clobbers RCX and two of `scratch`.
+    fn tlb_addend(
+        &mut self,
+        m: &Mem,
+        lin: Register,
+        host: Register,
+        scratch: [Register; 4],
+        miss: CodeLabel,
+    ) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rcx;
-        // Three scratch registers: the fewer this clobbers, the more guest registers stay
-        // cached in the host's.
-        let [ent, tmp, ctx] = [scratch[0], scratch[1], scratch[2]];
-        self.clobber(&[Register::RCX, lin, host, ent, tmp, ctx]);
-        let [ent, tmp, ctx] = [r64(ent)?, r64(tmp)?, r64(ctx)?];
+        // Two scratch registers (`host` serves as a third until its turn): the fewer this
+        // clobbers, the more guest registers stay cached in the host's.
+        let [ent, tmp] = [scratch[0], scratch[1]];
+        self.clobber(&[Register::RCX, lin, host, ent, tmp]);
+        let ent16 = gpr16::get_gpr16(sized(ent, Register::AX)?)?;
+        let ent32 = gpr32::get_gpr32(sized(ent, Register::EAX)?)?;
+        let [ent, tmp, host] = [r64(ent)?, r64(tmp)?, r64(host)?];
         let lin = r64(lin)?;
-        let (entry_size, _, addend_off, _, _, _) = tlb_layout();
-        if entry_size != 64 {
-            return None;
-        }
         let a = &mut self.a;
         if let Some(off) = m.seg_base {
             a!(a.mov(tmp, qword_ptr(gpr64::r15 + ctx_off(off))));
             a!(a.lea(lin, ptr(lin + tmp)));
         }
-        // The slot is the page number's low bits; ENT = slot * 8, so that an entry's
-        // fields are at [base + ENT * 8]: the tags from the base for this access and
-        // privilege, the rest from the TLB's start.
-        a!(a.pext(
-            ent,
-            lin,
-            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, slot_mask)))
-        ));
-        a!(a.lea(ent, ptr(ent * 8)));
+        // The slot is the page number's low 16 bits (see `mmu::TLB_SIZE`); a slot's tag
+        // and addend are at [array + slot * 8] (see `mmu::JitView`).
+        a!(a.rorx(ent, lin, 12));
+        a!(a.movzx(ent32, ent16));
         let tags = if m.write {
             offset_of!(Ctx, write_tags)
         } else {
             offset_of!(Ctx, read_tags)
         };
-        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(tags))));
+        a!(a.mov(host, qword_ptr(gpr64::r15 + ctx_off(tags))));
         // The tag for this access at this privilege is the page number (complemented: see
-        // `mmu::TlbEntry::tags`) only if the access is allowed and the page is RAM. Compared with the page of the access's last byte:
-        // the entry sits in the slot of the first byte's page, so a match also means that
-        // the access stays in that page.
+        // `mmu::TlbEntry::tags`) only if the access is allowed and the page is RAM.
+        // Compared with the page of the access's last byte: the entry sits in the slot of
+        // the first byte's page, so a match also means that the access stays in that page.
         let page_mask = qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, page_mask)));
         if m.size > 1 {
             a!(a.lea(tmp, ptr(lin + (m.size as i32 - 1))));
@@ -846,13 +863,15 @@ impl Emitter {
         } else {
             a!(a.pext(tmp, lin, page_mask));
         }
-        a!(a.mov(rcx, qword_ptr(ctx + ent * 8)));
+        a!(a.mov(rcx, qword_ptr(host + ent * 8)));
         a!(a.lea(rcx, ptr(rcx + tmp + 1)));
         self.continue_if_rcx_zero(miss)?;
         let a = &mut self.a;
-        a!(a.mov(ctx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, tlb)))));
-        a!(a.mov(rcx, qword_ptr(ctx + ent * 8 + addend_off)));
-        a!(a.lea(r64(host)?, ptr(rcx + lin)));
+        a!(a.mov(
+            host,
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, addends)))
+        ));
+        a!(a.mov(host, qword_ptr(host + ent * 8)));
         Some(())
     }
 
@@ -861,17 +880,35 @@ impl Emitter {
     /// (a miss or a misaligned address leaves before the instruction; the interpreter then
     /// raises what it raises).
     fn memory_operand(&mut self, m: &Mem, idx: u32, host: Register, align: u64) -> Option<()> {
+        let lin = *self.scratch(&[Register::RCX, host], 1)?.first()?;
+        self.memory_operand_split(m, idx, host, lin, align)?;
+        let (host, lin) = (r64(host)?, r64(lin)?);
+        a!(self.a.lea(host, ptr(host + lin)));
+        Some(())
+    }
+
+    /// As `memory_operand`, but leaves the host pointer as `host + lin`: the page's addend
+    /// in `host`, the linear address in `lin` (which the caller keeps from the
+    /// instruction's own registers).
+    fn memory_operand_split(
+        &mut self,
+        m: &Mem,
+        idx: u32,
+        host: Register,
+        lin: Register,
+        align: u64,
+    ) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rcx;
-        let s = self.scratch(&[Register::RCX, host], 7)?;
-        let (lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?);
-        let scratch = [*s.get(3)?, *s.get(4)?, *s.get(5)?, *s.get(6)?];
+        // The address step's scratch registers serve the lookup after it.
+        let s = self.scratch(&[Register::RCX, host, lin], 2)?;
+        let (b, i) = (*s.first()?, *s.get(1)?);
         self.address(m, lin, b, i)?;
         let miss = self.miss_label(idx);
-        self.tlb(m, lin, host, scratch, miss)?;
+        self.tlb_addend(m, lin, host, [b, i, Register::None, Register::None], miss)?;
         if align > 1 {
             // Host pages are page-aligned: the pointer's low bits are the address's.
             a!(self.a.mov(rcx, align - 1));
-            a!(self.a.pext(rcx, r64(host)?, rcx));
+            a!(self.a.pext(rcx, r64(lin)?, rcx));
             self.continue_if_rcx_zero(miss)?;
         }
         Some(())
@@ -894,8 +931,13 @@ impl Emitter {
             } else {
                 1
             };
-            self.memory_operand(&m, idx, regs.host_ptr, align)?;
-            at_host(&mut out, regs.host_ptr);
+            if regs.lin == Register::None {
+                self.memory_operand(&m, idx, regs.host_ptr, align)?;
+                at_host(&mut out, regs.host_ptr);
+            } else {
+                self.memory_operand_split(&m, idx, regs.host_ptr, regs.lin, align)?;
+                at_host_plus(&mut out, regs.host_ptr, regs.lin);
+            }
         }
         for g in 0..16 {
             if regs.load[g] {

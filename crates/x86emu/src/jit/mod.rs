@@ -41,13 +41,13 @@ pub(crate) struct Ctx {
     pub(crate) tlb: u64,
     /// The TLB permission bit a fetch needs at the current privilege.
     pub(crate) fetch_perm: u64,
-    /// The first entry's tag for a read and for a write at the current privilege (see
-    /// `mmu::tlb_tag_offset`): the bases compiled code finds a slot's tags from.
+    /// The arrays of the TLB's tags for a read and for a write at the current privilege,
+    /// and of its host addends (see `mmu::JitView`): a memory access's slot indexes them.
     pub(crate) read_tags: u64,
     pub(crate) write_tags: u64,
-    /// Constants for PEXT (whose mask may be a memory operand): the bits of a linear
-    /// address that pick its TLB slot, and those of its page number.
-    pub(crate) slot_mask: u64,
+    pub(crate) addends: u64,
+    /// A constant for PEXT (whose mask may be a memory operand): the bits of a linear
+    /// address that make its page number.
     pub(crate) page_mask: u64,
     /// The block cache's first slot (see `decode::block_layout`), and the mask that picks
     /// a slot.
