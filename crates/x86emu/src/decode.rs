@@ -695,7 +695,16 @@ impl BlockCache {
         };
         // `link` is a link slot that compiled code reported: in the arena, and valid until
         // `drop_compiled`, which also forgets every `incoming` list.
-        j.link(link as u64, c.chain_entry);
+        // A chain entry checks the kick flag and the instruction budget. Links forward
+        // skip both: every cycle of linked blocks has a link backward (links stay in one
+        // page, where a run of forward ones is at most a page of code long), and the
+        // jump cache's entries check, so no run goes on unchecked for more than that.
+        let target = if j.forward(link as u64) {
+            c.entry
+        } else {
+            c.chain_entry
+        };
+        j.link(link as u64, target);
         body.incoming.push(link);
         self.live_links.push((link as u64, slot as u32));
         // Relinks after evictions add entries while the epoch stands still: cutting

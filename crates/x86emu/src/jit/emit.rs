@@ -93,7 +93,7 @@ pub(super) struct Translated {
     /// Where another compiled block whose exit is linked here continues (see `Ctx`).
     pub(super) chain_entry: u64,
     /// The link slots of the exits to targets in the same page, each followed by its
-    /// unlinked target (see `BlockCache::link`).
+    /// unlinked target and whether the exit goes forward (see `BlockCache::link`).
     pub(super) links: Vec<u64>,
     pub(super) link_defaults: Vec<u64>,
 }
@@ -208,7 +208,8 @@ pub(super) fn translate(
     if !branch {
         if covered == insns.len() {
             // The whole block, which ended at its length limit: it goes on sequentially.
-            e.go_to(insns.last()?.instr.next_ip())?;
+            let last = &insns.last()?.instr;
+            e.go_to(last.next_ip(), last.ip())?;
         } else {
             a!(e.a.mov(gpr32::esi, covered as u32));
             a!(e.a.jmp(e.exit));
@@ -265,7 +266,7 @@ struct Emitter {
     /// host stack) and the miss path to continue at.
     div_faults: Vec<(CodeLabel, CodeLabel)>,
     /// Link slots and the index of the instruction of the exit each starts as.
-    links: Vec<(CodeLabel, usize)>,
+    links: Vec<(CodeLabel, usize, bool)>,
     /// Host register i holds guest register i's current value (which is always in the
     /// state too: stores are written through, so exits need no spilling).
     cached: [bool; 16],
@@ -526,7 +527,9 @@ impl Emitter {
     /// block's page (the slot starts out leaving with the target and the slot's address in
     /// the context, and is pointed at the target block's chain entry once that is
     /// compiled), else by leaving.
-    fn go_to(&mut self, target: u64) -> Option<()> {
+    /// `from` is the IP of the instruction that goes there: a link forward (to a higher
+    /// IP) enters the target past its kick and budget checks (see `BlockCache::link`).
+    fn go_to(&mut self, target: u64, from: u64) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rax;
         if target >> 12 != self.first_ip >> 12 {
             a!(self.a.mov(rax, target));
@@ -544,7 +547,7 @@ impl Emitter {
         a!(a.lea(rax, ptr(slot)));
         a!(a.mov(qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, link))), rax));
         a!(a.jmp(self.done));
-        self.links.push((slot, stub_at));
+        self.links.push((slot, stub_at, target > from));
         Some(())
     }
 
@@ -1849,7 +1852,7 @@ impl Emitter {
         self.clobber(&[Register::R10]);
         self.store_slot_r10()?;
         self.store_guest(RSP, Register::RDX)?;
-        self.go_to(ins.near_branch_target())
+        self.go_to(ins.near_branch_target(), ins.ip())
     }
 
     /// RET [imm16] ending the block. A non-canonical return address is left to the
@@ -1949,10 +1952,10 @@ impl Emitter {
                 ConditionCode::g => a!(a.jg(taken)),
                 ConditionCode::None => return None,
             }
-            self.go_to(ins.next_ip())?;
+            self.go_to(ins.next_ip(), ins.ip())?;
             a!(self.a.set_label(&mut taken));
         }
-        self.go_to(target)
+        self.go_to(target, ins.ip())
     }
 
     /// Flag-free.
@@ -1985,10 +1988,10 @@ impl Emitter {
         }
         let links = std::mem::take(&mut self.links);
         let mut slots_at = Vec::with_capacity(links.len());
-        for (mut slot, _) in links.iter().copied() {
+        for (mut slot, _, forward) in links.iter().copied() {
             slots_at.push(self.a.instructions().len());
             a!(self.a.set_label(&mut slot));
-            a!(self.a.dq(&[0, 0]));
+            a!(self.a.dq(&[0, 0, u64::from(forward)]));
         }
         let mut code = Vec::new();
         let offsets = asm.assemble(self.a.instructions(), at, &mut code)?;
@@ -2000,7 +2003,7 @@ impl Emitter {
             link_defaults: Vec::with_capacity(links.len()),
             code: Vec::new(),
         };
-        for (&(_, stub_at), &slot_at) in links.iter().zip(&slots_at) {
+        for (&(_, stub_at, _), &slot_at) in links.iter().zip(&slots_at) {
             t.links.push(addr(slot_at)?);
             t.link_defaults.push(addr(stub_at)?);
         }

@@ -213,8 +213,8 @@ impl Jit {
             return Ok(None);
         }
         for (&link, &default) in t.links.iter().zip(&t.link_defaults) {
-            // Each link slot is 16 bytes inside the code just placed: the jump target, then
-            // the target to restore when unlinking.
+            // Each link slot is 24 bytes inside the code just placed: the jump target, the
+            // target to restore when unlinking, and whether the exit goes forward.
             self.arena.write_u64(link, default);
             self.arena.write_u64(link + 8, default);
         }
@@ -239,6 +239,12 @@ impl Jit {
     /// Points link slot `link` (in placed code) at `target`.
     pub(crate) fn link(&mut self, link: u64, target: u64) {
         self.arena.write_u64(link, target);
+    }
+
+    /// Whether link slot `link` is an exit to a higher IP than its own (see
+    /// `BlockCache::link`).
+    pub(crate) fn forward(&self, link: u64) -> bool {
+        self.arena.read_u64(link + 16) != 0
     }
 
     /// Points link slot `link` back at its unlinked target (kept after it).
