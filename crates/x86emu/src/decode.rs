@@ -261,6 +261,11 @@ pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32) {
     )
 }
 
+/// Where compiled code finds a block's body entry (`Compiled::entry`) in its slot.
+pub(crate) fn block_entry_offset() -> i32 {
+    std::mem::offset_of!(Block, entry) as i32
+}
+
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")

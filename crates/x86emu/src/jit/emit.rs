@@ -16,8 +16,8 @@ use super::cover::{
     Regs, POOL, R15, RSP,
 };
 use super::Ctx;
-use crate::decode::block_layout;
 use crate::decode::Insn;
+use crate::decode::{block_entry_offset, block_layout};
 use crate::exec::hostexec::host_avx;
 use crate::mmu::tlb_layout;
 use crate::state::{CpuState, FpuState};
@@ -413,15 +413,29 @@ fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
 /// Entries per privilege in the jump cache (see `Ctx::jc`).
 pub(crate) const JUMP_CACHE: usize = 4096;
 
-/// Notes in the jump cache entry at RDX that RIP RAX goes on at RCX (a chain entry), valid
-/// while the stamp is `Ctx::jc_stamp`. Flag-free; clobbers R8.
+/// Notes in the jump cache entry at RDX that RIP RAX goes on at RCX (the chain entry of
+/// the block in slot R9) or, from a lower RIP, at the block's body entry (see `Dir`),
+/// valid while the stamp is `Ctx::jc_stamp`. Flag-free; clobbers R8.
 fn jump_cache_fill(a: &mut CodeAssembler) -> Option<()> {
     use iced_x86::code_asm::registers::gpr64::*;
     a!(a.mov(qword_ptr(rdx), rax));
     a!(a.mov(r8, qword_ptr(r15 + ctx_off(offset_of!(Ctx, jc_stamp)))));
     a!(a.mov(qword_ptr(rdx + 8), r8));
     a!(a.mov(qword_ptr(rdx + 16), rcx));
+    a!(a.mov(r8, qword_ptr(r9 + block_entry_offset())));
+    a!(a.mov(qword_ptr(rdx + 24), r8));
     Some(())
+}
+
+/// Where a jump to another block goes relative to the instruction that makes it. Going
+/// forward (to a higher RIP) it may skip the target's kick and budget checks: every
+/// cycle of blocks has a step backward, which checks (see `BlockCache::link`).
+#[derive(Clone, Copy)]
+enum Dir {
+    Forward,
+    Backward,
+    /// Known only when it runs (RET, indirect JMP/CALL): from the instruction at this IP.
+    From(u64),
 }
 
 /// Returned when the code ran to the end of its chain of blocks (the next RIP is in the
@@ -534,7 +548,12 @@ impl Emitter {
         if target >> 12 != self.first_ip >> 12 {
             a!(self.a.mov(rax, target));
             self.store_rip_from_rax()?;
-            return self.look_up_and_go();
+            let dir = if target > from {
+                Dir::Forward
+            } else {
+                Dir::Backward
+            };
+            return self.look_up_and_go(dir);
         }
         let slot = self.a.create_label();
         let mut stub = self.a.create_label();
@@ -556,7 +575,7 @@ impl Emitter {
     /// and looks the block up in the block cache, as the run loop would, and jumps to the
     /// block's chain entry if it is compiled and was checked in this code epoch (noting it
     /// in the jump cache); else leaves. Flag-free; at the block end (clobbers anything).
-    fn look_up_and_go(&mut self) -> Option<()> {
+    fn look_up_and_go(&mut self, dir: Dir) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let (tlb_entry, vpn_off, _, gpa_off, perm_off, tlb_slots) = tlb_layout();
         let (bsize, b_gpa, b_ip, b_bits, b_epoch, b_chain) = block_layout();
@@ -595,7 +614,21 @@ impl Emitter {
         a!(a.jrcxz(stamp_hit));
         a!(a.jmp(slow));
         a!(a.set_label(&mut stamp_hit));
-        a!(a.jmp(qword_ptr(rdx + 16)));
+        match dir {
+            Dir::Forward => a!(a.jmp(qword_ptr(rdx + 24))),
+            Dir::Backward => a!(a.jmp(qword_ptr(rdx + 16))),
+            Dir::From(from) => {
+                // R9 = 1 when RAX <= from, else 0 (the two are in one half of the address
+                // space, and a RIP of 32-bit code is below 2^32): the entry at
+                // RDX + 24 - 8 * R9.
+                a!(a.mov(r8, from.wrapping_add(1).wrapping_neg()));
+                a!(a.lea(r9, ptr(rax + r8)));
+                a!(a.mov(r8, 63u64));
+                a!(a.shrx(r9, r9, r8));
+                a!(a.not(r9));
+                a!(a.jmp(qword_ptr(rdx + r9 * 8 + 32)));
+            }
+        }
         a!(a.set_label(&mut slow));
         a!(a.mov(r8, 12u64));
         a!(a.shrx(r9, rax, r8));
@@ -1777,7 +1810,8 @@ impl Emitter {
         if ret.is_some() {
             // RAX survives the stores above (they use R10 and RDX).
             self.store_rip_from_rax()?;
-            self.look_up_and_go()?;
+            let from = ret.map_or(0, Instruction::ip);
+            self.look_up_and_go(Dir::From(from))?;
         } else {
             a!(self.a.jmp(join));
         }
@@ -1869,7 +1903,7 @@ impl Emitter {
         self.move_sp(self.slot_size() + i32::from(ins.immediate16()))?;
         self.store_guest(RSP, Register::RDX)?;
         self.store_rip_from_rax()?;
-        self.look_up_and_go()
+        self.look_up_and_go(Dir::From(ins.ip()))
     }
 
     /// Leaves before instruction `idx` unless RAX is canonical (the interpreter raises
@@ -1924,7 +1958,7 @@ impl Emitter {
         }
         // RAX survives both (they use RCX and RDX).
         self.store_rip_from_rax()?;
-        self.look_up_and_go()
+        self.look_up_and_go(Dir::From(ins.ip()))
     }
 
     /// The block's final near `Jcc`/`JMP`.
