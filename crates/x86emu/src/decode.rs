@@ -261,6 +261,10 @@ pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32) {
     )
 }
 
+/// Runs after which a block compiled before its code was dropped (the arena filled) is
+/// compiled again.
+const RECOMPILE_RUNS: u32 = 8;
+
 /// Where compiled code finds a block's body entry (`Compiled::entry`) in its slot.
 pub(crate) fn block_entry_offset() -> i32 {
     std::mem::offset_of!(Block, entry) as i32
@@ -378,13 +382,27 @@ impl BlockCache {
     }
 
     fn drop_compiled(&mut self) {
+        self.drop_compiled_keeping(false);
+    }
+
+    /// Drops every compiled block; with `heat`, those compiled so far are compiled again
+    /// after `RECOMPILE_RUNS` runs instead of `threshold` (for a full arena, when the
+    /// threshold stays).
+    fn drop_compiled_keeping(&mut self, heat: bool) {
+        let threshold = self.jit.as_ref().map_or(0, |j| j.threshold);
         for i in 0..self.blocks.filled.len() {
             let Some(&slot) = self.blocks.filled.get(i) else {
                 break;
             };
             if let Some(b) = self.blocks.get_mut(slot as usize) {
+                // A block that was compiled is compiled again after a few runs, not after
+                // `threshold` more: a hot block would otherwise run interpreted that long.
+                b.runs = if heat && b.compiled().is_some() {
+                    threshold.saturating_sub(RECOMPILE_RUNS)
+                } else {
+                    0
+                };
                 b.set_compiled(None);
-                b.runs = 0;
                 if let Some(body) = &mut b.body {
                     body.incoming.clear();
                 }
@@ -430,7 +448,7 @@ impl BlockCache {
             Ok(c) => b.set_compiled(c),
             Err(()) => {
                 // The arena is full: start over; hot blocks compile again.
-                self.drop_compiled();
+                self.drop_compiled_keeping(true);
             }
         }
     }
