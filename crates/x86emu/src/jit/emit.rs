@@ -416,10 +416,16 @@ pub(crate) const JUMP_CACHE: usize = 4096;
 /// Notes in the jump cache entry at RDX that RIP RAX goes on at RCX (the chain entry of
 /// the block in slot R9) or, from a lower RIP, at the block's body entry (see `Dir`),
 /// valid while the stamp is `Ctx::jc_stamp`. Flag-free; clobbers R8.
+///
+/// The RIP is stored complemented and the context holds the stamp complemented, so that
+/// each of the lookup's compares is one LEA.
 fn jump_cache_fill(a: &mut CodeAssembler) -> Option<()> {
     use iced_x86::code_asm::registers::gpr64::*;
-    a!(a.mov(qword_ptr(rdx), rax));
+    a!(a.mov(r8, rax));
+    a!(a.not(r8));
+    a!(a.mov(qword_ptr(rdx), r8));
     a!(a.mov(r8, qword_ptr(r15 + ctx_off(offset_of!(Ctx, jc_stamp)))));
+    a!(a.not(r8));
     a!(a.mov(qword_ptr(rdx + 8), r8));
     a!(a.mov(qword_ptr(rdx + 16), rcx));
     a!(a.mov(r8, qword_ptr(r9 + block_entry_offset())));
@@ -587,25 +593,28 @@ impl Emitter {
         let a = &mut self.a;
         // The jump cache first: RDX = its entry for this RIP, which the slow way below
         // (and `second_way`) fill in when they find the block.
-        a!(a.mov(r8, 12u64));
-        a!(a.shrx(r9, rax, r8));
+        // The entry for the hash RIP + RIP >> 12 (the rotated-in low bits lie above the
+        // mask).
+        a!(a.rorx(r9, rax, 12));
         a!(a.lea(r9, ptr(r9 + rax)));
-        a!(a.mov(r8, (JUMP_CACHE - 1) as u64));
-        a!(a.pext(r9, r9, r8));
+        a!(a.pext(
+            r9,
+            r9,
+            qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, jc_mask)))
+        ));
         a!(a.lea(r9, ptr(r9 * 8)));
         a!(a.mov(rdx, qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, jc)))));
         a!(a.lea(rdx, ptr(rdx + r9 * 4)));
         let mut slow = a.create_label();
         let mut ip_hit = a.create_label();
         let mut stamp_hit = a.create_label();
+        // Both stored complemented (see `jump_cache_fill`).
         a!(a.mov(rcx, qword_ptr(rdx)));
-        a!(a.not(rcx));
         a!(a.lea(rcx, ptr(rcx + rax + 1)));
         a!(a.jrcxz(ip_hit));
         a!(a.jmp(slow));
         a!(a.set_label(&mut ip_hit));
         a!(a.mov(rcx, qword_ptr(rdx + 8)));
-        a!(a.not(rcx));
         a!(a.mov(
             r8,
             qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, jc_stamp)))

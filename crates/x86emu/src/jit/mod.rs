@@ -65,7 +65,10 @@ pub(crate) struct Ctx {
     /// of RIP, stamp and chain entry, which compiled code's lookup tries first, and the
     /// stamp its entries must carry to be valid.
     pub(crate) jc: u64,
+    /// Complemented (see `emit::jump_cache_fill`).
     pub(crate) jc_stamp: u64,
+    /// A PEXT mask (see `page_mask`): the bits of a RIP hash that pick its entry.
+    pub(crate) jc_mask: u64,
     /// The bitness of the code running (64, or 32 in flat 32-bit segments), which
     /// compiled code's lookup checks a block against.
     pub(crate) bits: u64,
