@@ -174,6 +174,7 @@ impl Cpu {
 
     /// Enters the trap handler for `cause`.
     pub(crate) fn take_trap(&mut self, code: u64, tval: u64, interrupt: bool) {
+        tracing::trace!(pc = self.pc, code, tval, interrupt, prv = ?self.prv, "trap");
         let deleg = if interrupt {
             self.csr.mideleg
         } else {
@@ -436,7 +437,9 @@ impl Cpu {
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         let end = self.instret.saturating_add(budget);
         self.update_regime();
-        while self.instret < end {
+        // Traps retire nothing: count them too, so a trap loop still ends the run.
+        let mut traps = 0u64;
+        while self.instret < end && traps < budget {
             if let Some(irq) = self.pending_interrupt(bus) {
                 self.take_trap(irq as u64, 0, true);
             }
@@ -446,6 +449,7 @@ impl Cpu {
                     if self.exit_on_exception {
                         return RunExit::Exception(e);
                     }
+                    traps += 1;
                     self.take_exception(e);
                     continue;
                 }
@@ -458,6 +462,7 @@ impl Cpu {
                         if self.exit_on_exception {
                             return RunExit::Exception(e);
                         }
+                        traps += 1;
                         self.take_exception(e);
                         continue;
                     }
@@ -485,6 +490,7 @@ impl Cpu {
                         if self.exit_on_exception {
                             return RunExit::Exception(e);
                         }
+                        traps += 1;
                         self.take_exception(e);
                         break;
                     }

@@ -15,6 +15,7 @@ mod fpu;
 pub mod mmu;
 pub mod ram;
 pub mod trap;
+pub mod virt;
 
 pub use bus::{Bus, NoDevices};
 pub use cpu::{Cpu, Priv, RunExit, TimeSource};
