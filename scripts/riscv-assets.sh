@@ -135,6 +135,8 @@ case "$(head -c 4 "$img" | od -An -tx1 | tr -d ' ')" in
     *) cp "$img" "$ASSETS/Image.tmp" ;;
 esac
 cp kernel/boot/config-"$kver" "$ASSETS/config"
+# Symbols, for reading a guest PC when a boot stalls.
+cp kernel/boot/System.map-"$kver" "$ASSETS/System.map" 2>/dev/null || true
 mv "$ASSETS/initramfs.cpio.gz.tmp" "$ASSETS/initramfs.cpio.gz"
 mv "$ASSETS/Image.tmp" "$ASSETS/Image"
 echo "$kver" >"$ASSETS/kernel-version"

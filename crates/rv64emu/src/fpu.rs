@@ -94,7 +94,10 @@ impl Fmt for Double {
         self.to_bits() as u64
     }
     fn host_sqrt(self) -> (Self, Status) {
-        let (r, st) = sqrt64(f64::from_bits(self.to_bits() as u64), Round::NearestTiesToEven);
+        let (r, st) = sqrt64(
+            f64::from_bits(self.to_bits() as u64),
+            Round::NearestTiesToEven,
+        );
         (Double::from_bits(r.to_bits() as u128), st)
     }
 }
@@ -317,8 +320,7 @@ impl Cpu {
                 let (v, st) = if F::WIDTH == 64 {
                     let (r, st) = sqrt64(f64::from_bits(a.to_bits() as u64), round);
                     (r.to_bits(), st)
-                } else if round == Round::NearestTiesToEven || round == Round::NearestTiesToAway
-                {
+                } else if round == Round::NearestTiesToEven || round == Round::NearestTiesToAway {
                     let (r, st) = a.host_sqrt();
                     (r.boxed(), st)
                 } else {
@@ -332,10 +334,7 @@ impl Cpu {
                     // A truncated binary64 root that is itself a binary32 value while the
                     // true root is above it: rounding up must still go up.
                     let mut value = value;
-                    if st64.contains(Status::INEXACT)
-                        && !loses
-                        && round == Round::TowardPositive
-                    {
+                    if st64.contains(Status::INEXACT) && !loses && round == Round::TowardPositive {
                         value = value.next_up().value;
                     }
                     (value.boxed(), st64 | status)
@@ -507,7 +506,14 @@ impl Cpu {
                     return Err(ill);
                 }
                 let x = self.x[i.rs1 as usize & 31];
-                self.fset(i.rd, if F::WIDTH == 32 { BOX | (x & 0xffff_ffff) } else { x });
+                self.fset(
+                    i.rd,
+                    if F::WIDTH == 32 {
+                        BOX | (x & 0xffff_ffff)
+                    } else {
+                        x
+                    },
+                );
             }
             _ => return Err(ill),
         }

@@ -59,13 +59,6 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_phandle(PH_CPU_INTC)?;
     f.end_node(intc)?;
     f.end_node(cpu)?;
-    let map = f.begin_node("cpu-map")?;
-    let cluster = f.begin_node("cluster0")?;
-    let core = f.begin_node("core0")?;
-    f.property_u32("cpu", 0)?;
-    f.end_node(core)?;
-    f.end_node(cluster)?;
-    f.end_node(map)?;
     f.end_node(cpus)?;
 
     let soc = f.begin_node("soc")?;
@@ -77,7 +70,11 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     let test = f.begin_node(&format!("test@{TEST_BASE:x}"))?;
     f.property_string_list(
         "compatible",
-        vec!["sifive,test1".into(), "sifive,test0".into(), "syscon".into()],
+        vec![
+            "sifive,test1".into(),
+            "sifive,test0".into(),
+            "syscon".into(),
+        ],
     )?;
     f.property_array_u64("reg", &[TEST_BASE, 0x1000])?;
     f.property_phandle(PH_TEST)?;

@@ -59,7 +59,11 @@ pub enum VirtError {
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
     #[error("{what} ({size} bytes) does not fit in guest RAM at {at:#x}")]
-    TooBig { what: &'static str, size: u64, at: u64 },
+    TooBig {
+        what: &'static str,
+        size: u64,
+        at: u64,
+    },
     #[error("{0} is not a riscv64 Linux Image (no RISCV magic in its header)")]
     NotAnImage(PathBuf),
     #[error("building the device tree: {0}")]
@@ -174,7 +178,8 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, VirtError> {
 
 /// Where the Image wants to sit above the start of RAM (its header's text_offset).
 fn image_offset(path: &PathBuf, image: &[u8]) -> Result<u64, VirtError> {
-    let magic_ok = image.get(48..56) == Some(b"RISCV\0\0\0") || image.get(56..60) == Some(b"RSC\x05");
+    let magic_ok =
+        image.get(48..56) == Some(b"RISCV\0\0\0") || image.get(56..60) == Some(b"RSC\x05");
     if !magic_ok {
         return Err(VirtError::NotAnImage(path.clone()));
     }
@@ -240,8 +245,8 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
     let plic = Arc::new(Plic::new());
     let mut virtio = Vec::new();
     for (n, d) in cfg.disks.iter().enumerate() {
-        let backend =
-            block::open(&d.path, None, d.read_only).map_err(|e| VirtError::Disk(d.path.clone(), e))?;
+        let backend = block::open(&d.path, None, d.read_only)
+            .map_err(|e| VirtError::Disk(d.path.clone(), e))?;
         let dev = virtio::blk::Block::new(backend, &format!("vd{n}"), d.read_only);
         virtio.push(MmioTransport::new(
             Box::new(dev),
