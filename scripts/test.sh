@@ -66,6 +66,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 scripts/guest-assets.sh
+# Debian's riscv64 kernel and a riscv64 busybox initramfs, for tests/riscv_guest.rs.
+scripts/riscv-assets.sh
 # Debian bookworm with systemd (debootstrap), for tests/debian_guest.rs; cached like the
 # guest assets and rebuilt only when the script changes.
 scripts/debian-rootfs.sh

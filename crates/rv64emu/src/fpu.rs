@@ -9,7 +9,7 @@ use crate::cpu::{Cpu, Flow};
 use crate::csr::status;
 use crate::decode::{Insn, Op};
 use crate::trap::Exception;
-use rustc_apfloat::ieee::{Double, Single};
+use rustc_apfloat::ieee::{Double, Quad, Single};
 use rustc_apfloat::{Float, FloatConvert, Round, Status, StatusAnd};
 
 const CANON_S: u64 = 0x7fc0_0000;
@@ -44,7 +44,7 @@ fn flags_of(s: Status) -> u64 {
 }
 
 /// One of the two formats, with what differs between them.
-trait Fmt: Float + FloatConvert<Single> + FloatConvert<Double> + Copy {
+trait Fmt: Float + FloatConvert<Single> + FloatConvert<Double> + FloatConvert<Quad> + Copy {
     const CANON: u64;
     const WIDTH: u32;
     fn unbox(reg: u64) -> Self;
@@ -117,11 +117,26 @@ fn sqrt64(x: f64, round: Round) -> (f64, Status) {
     if x == 0.0 || x.is_infinite() {
         return (x, Status::OK);
     }
+    // Tiny inputs are scaled by an even power of two first, so the residual below does
+    // not vanish into the subnormal range; the root scales back exactly.
+    let tiny = x < f64::from_bits(0x0830_0000_0000_0000); // 2^-892
+    let (x, back) = if tiny {
+        (x * f64::from_bits(0x4c70_0000_0000_0000), 100) // × 2^200
+    } else {
+        (x, 0)
+    };
     let r = x.sqrt();
     // r*r - x, with one rounding: its sign says which side of the true root r is.
     let residual = r.mul_add(r, -x);
+    let unscale = |v: f64| {
+        if back == 0 {
+            v
+        } else {
+            v * f64::from_bits(0x39b0_0000_0000_0000) // × 2^-100
+        }
+    };
     if residual == 0.0 {
-        return (r, Status::OK);
+        return (unscale(r), Status::OK);
     }
     let above = residual > 0.0;
     let r = match round {
@@ -129,7 +144,33 @@ fn sqrt64(x: f64, round: Round) -> (f64, Status) {
         Round::TowardPositive if !above => f64::from_bits(r.to_bits() + 1),
         _ => r,
     };
-    (r, Status::INEXACT)
+    (unscale(r), Status::INEXACT)
+}
+
+/// APFloat (as LLVM's) reports a result rounded toward zero to the largest finite value
+/// as merely inexact; IEEE 754 calls it an overflow when the value, rounded with an
+/// unbounded exponent, is beyond that. `exact` recomputes the operation in binary128
+/// (wide enough never to overflow here) toward zero to tell the two apart.
+fn with_overflow<F: Fmt>(r: StatusAnd<F>, exact: impl FnOnce() -> Quad) -> StatusAnd<F> {
+    let StatusAnd { value, mut status } = r;
+    if status.contains(Status::INEXACT)
+        && !status.contains(Status::OVERFLOW)
+        && value.abs().bitwise_eq(F::largest())
+    {
+        // 2^(emax+1): the largest finite value plus one of its ulps, exact in binary128.
+        let largest = quad(F::largest());
+        let below = quad(F::largest().next_down().value);
+        let limit = (largest + (largest - below).value).value;
+        if exact().abs() >= limit {
+            status |= Status::OVERFLOW;
+        }
+    }
+    StatusAnd { value, status }
+}
+
+fn quad<F: Fmt>(x: F) -> Quad {
+    let mut loses = false;
+    x.convert(&mut loses).value
 }
 
 fn is_snan<F: Float>(x: F) -> bool {
@@ -282,7 +323,10 @@ impl Cpu {
             2 => (-a, c),
             _ => (-a, -c),
         };
-        let StatusAnd { value, mut status } = a.mul_add_r(b, c, round);
+        let r = a.mul_add_r(b, c, round);
+        let StatusAnd { value, mut status } = with_overflow(r, || {
+            quad(a).mul_add_r(quad(b), quad(c), Round::TowardZero).value
+        });
         if inf_zero {
             status |= Status::INVALID_OP;
         }
@@ -302,12 +346,23 @@ impl Cpu {
             // fadd, fsub, fmul, fdiv
             0..=3 => {
                 let round = self.rounding(rm, i)?;
-                let StatusAnd { value, status } = match i.funct >> 2 {
+                let op = i.funct >> 2;
+                let r = match op {
                     0 => a.add_r(b, round),
                     1 => a.sub_r(b, round),
                     2 => a.mul_r(b, round),
                     _ => a.div_r(b, round),
                 };
+                let StatusAnd { value, status } = with_overflow(r, || {
+                    let (x, y) = (quad(a), quad(b));
+                    let t = Round::TowardZero;
+                    match op {
+                        0 => x.add_r(y, t).value,
+                        1 => x.sub_r(y, t).value,
+                        2 => x.mul_r(y, t).value,
+                        _ => x.div_r(y, t).value,
+                    }
+                });
                 self.fflag(flags_of(status));
                 self.fset(i.rd, value.boxed());
             }
@@ -406,8 +461,8 @@ impl Cpu {
                         return Err(ill);
                     }
                     let d = Double::unbox(self.f[i.rs1 as usize & 31]);
-                    let StatusAnd { value, status }: StatusAnd<Single> =
-                        d.convert_r(round, &mut loses);
+                    let r: StatusAnd<Single> = d.convert_r(round, &mut loses);
+                    let StatusAnd { value, status } = with_overflow(r, || quad(d));
                     let st = if d.is_nan() {
                         if d.is_signaling() {
                             Status::INVALID_OP

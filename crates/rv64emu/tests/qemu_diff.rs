@@ -46,7 +46,12 @@ fn program(rng: &mut Rng, body: &[String], rvc: bool) -> String {
         ".option norvc\n"
     };
     s += ".text\n.globl _start\n_start:\n";
-    s += "    la x8, mem\n    addi x2, x8, 256\n    la x1, init\n";
+    s += "    la x8, mem\n    addi x2, x8, 256\n    la x1, finit\n";
+    for r in 0..32 {
+        s += &format!("    fld f{r}, {}(x1)\n", 8 * r);
+    }
+    s += &format!("    csrwi fcsr, 0\n    csrwi frm, {}\n", rng.below(5));
+    s += "    la x1, init\n";
     for r in 3..32 {
         if r != 8 {
             s += &format!("    ld x{r}, {}(x1)\n", 8 * r);
@@ -61,9 +66,13 @@ fn program(rng: &mut Rng, body: &[String], rvc: bool) -> String {
     for r in 1..32 {
         s += &format!("    sd x{r}, {}(x8)\n", MEM + 8 * r);
     }
+    for r in 0..32 {
+        s += &format!("    fsd f{r}, {}(x8)\n", MEM + 256 + 8 * r);
+    }
+    s += &format!("    frcsr t0\n    sd t0, {}(x8)\n", MEM + 512);
     s += &format!(
         "    li a0, 1\n    mv a1, x8\n    li a2, {}\n    li a7, 64\n    ecall\n    li a0, 0\n    li a7, 93\n    ecall\n",
-        MEM + 256
+        DUMP
     );
     s += ".data\n.align 6\ninit:\n";
     for _ in 0..32 {
@@ -73,8 +82,60 @@ fn program(rng: &mut Rng, body: &[String], rvc: bool) -> String {
     for _ in 0..MEM / 8 {
         s += &format!("    .dword {:#x}\n", rng.value());
     }
-    s += "    .space 256\n";
+    s += &format!("    .space {}\n", DUMP - MEM);
+    s += "finit:\n";
+    for _ in 0..32 {
+        s += &format!("    .dword {:#x}\n", fp_value(rng));
+    }
     s
+}
+
+/// Bytes each program writes: the memory window, x0..x31, f0..f31, fcsr.
+const DUMP: u64 = MEM + 512 + 8;
+
+/// An FP register value: binary64 or NaN-boxed binary32, biased to the edge cases.
+fn fp_value(rng: &mut Rng) -> u64 {
+    const D: [u64; 14] = [
+        0,
+        1 << 63,
+        0x3ff0_0000_0000_0000,
+        0xbff0_0000_0000_0000,
+        0x7ff0_0000_0000_0000,
+        0xfff0_0000_0000_0000,
+        0x7ff8_0000_0000_0000,
+        0x7ff4_0000_0000_0000,
+        0x0000_0000_0000_0001,
+        0x000f_ffff_ffff_ffff,
+        0x7fef_ffff_ffff_ffff,
+        0x0010_0000_0000_0000,
+        0x41e0_0000_0000_0000,
+        0x43e0_0000_0000_0000,
+    ];
+    const S: [u32; 12] = [
+        0,
+        0x8000_0000,
+        0x3f80_0000,
+        0xbf80_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x7fa0_0000,
+        1,
+        0x007f_ffff,
+        0x7f7f_ffff,
+        0x4f00_0000,
+    ];
+    let boxed = |v: u32| 0xffff_ffff_0000_0000 | v as u64;
+    match rng.below(8) {
+        0 => *rng.pick(&D),
+        1 => boxed(*rng.pick(&S)),
+        2 => (rng.next() as f64 / 3.0e9).to_bits() ^ (rng.below(2) << 63),
+        3 => boxed(((rng.next() as i64 as f32) / 7.0).to_bits()),
+        4 => boxed((rng.next() % 1000) as f32 as u32 ^ 0x4000_0000),
+        5 => ((rng.below(2000) as f64 - 1000.0) * 0.375).to_bits(),
+        6 => boxed(rng.next() as u32),
+        _ => rng.next(),
+    }
 }
 
 fn compare(name: &str, source: &str, qemu: &[u8], emu: &[u8]) {
@@ -87,10 +148,15 @@ fn compare(name: &str, source: &str, qemu: &[u8], emu: &[u8]) {
         let q = u64::from_le_bytes(qemu[8 * w..8 * w + 8].try_into().unwrap());
         let e = u64::from_le_bytes(emu[8 * w..8 * w + 8].try_into().unwrap());
         if q != e {
-            let what = if (w as u64) < MEM / 8 {
+            let w = w as u64;
+            let what = if w < MEM / 8 {
                 format!("mem+{:#x}", 8 * w)
+            } else if w < MEM / 8 + 32 {
+                format!("x{}", w - MEM / 8)
+            } else if w < MEM / 8 + 64 {
+                format!("f{}", w - MEM / 8 - 32)
             } else {
-                format!("x{}", w as u64 - MEM / 8)
+                "fcsr".to_string()
             };
             diffs.push(format!("{what}: qemu {q:#018x} emu {e:#018x}"));
         }
@@ -126,7 +192,7 @@ fn differential(
         let elf = build(&dir.0, &format!("{family}{n}"), &source, march);
         let q = run_qemu(&elf);
         let e = run_emu(&elf);
-        assert_eq!(q.len() as u64, MEM + 256, "qemu wrote a short dump");
+        assert_eq!(q.len() as u64, DUMP, "qemu wrote a short dump");
         compare(&format!("{family} program {n}"), &source, &q, &e);
     }
 }
@@ -341,5 +407,84 @@ fn compressed_matches_qemu() {
             }
             _ => vec!["c.nop".to_string()],
         }
+    });
+}
+
+#[test]
+fn float_and_double_match_qemu_in_every_rounding_mode() {
+    const RM: [&str; 6] = ["rne", "rtz", "rdn", "rup", "rmm", "dyn"];
+    differential("fp", 5, 150, 40, false, "rv64g", |rng, _| {
+        let fmt = *rng.pick(&["s", "d"]);
+        let (fd, fa, fb, fc) = (rng.below(32), rng.below(32), rng.below(32), rng.below(32));
+        let rm = *rng.pick(&RM);
+        let xd = dest(rng);
+        let xs = src(rng);
+        let other = if fmt == "s" { "d" } else { "s" };
+        let line = match rng.below(14) {
+            0..=3 => {
+                let op = *rng.pick(&["fadd", "fsub", "fmul", "fdiv"]);
+                format!("{op}.{fmt} f{fd}, f{fa}, f{fb}, {rm}")
+            }
+            4 => format!("fsqrt.{fmt} f{fd}, f{fa}, {rm}"),
+            5 => {
+                let op = *rng.pick(&["fmadd", "fmsub", "fnmsub", "fnmadd"]);
+                format!("{op}.{fmt} f{fd}, f{fa}, f{fb}, f{fc}, {rm}")
+            }
+            6 => {
+                let op = *rng.pick(&["fmin", "fmax", "fsgnj", "fsgnjn", "fsgnjx"]);
+                format!("{op}.{fmt} f{fd}, f{fa}, f{fb}")
+            }
+            7 => {
+                let op = *rng.pick(&["feq", "flt", "fle"]);
+                format!("{op}.{fmt} x{xd}, f{fa}, f{fb}")
+            }
+            8 => {
+                let to = *rng.pick(&["w", "wu", "l", "lu"]);
+                format!("fcvt.{to}.{fmt} x{xd}, f{fa}, {rm}")
+            }
+            9 => {
+                let from = *rng.pick(&["w", "wu", "l", "lu"]);
+                // Conversions that are always exact take no rounding mode.
+                if fmt == "d" && (from == "w" || from == "wu") {
+                    format!("fcvt.{fmt}.{from} f{fd}, x{xs}")
+                } else {
+                    format!("fcvt.{fmt}.{from} f{fd}, x{xs}, {rm}")
+                }
+            }
+            10 => {
+                if fmt == "d" {
+                    format!("fcvt.d.s f{fd}, f{fa}")
+                } else {
+                    format!("fcvt.s.{other} f{fd}, f{fa}, {rm}")
+                }
+            }
+            11 => {
+                if rng.below(2) == 0 {
+                    format!("fclass.{fmt} x{xd}, f{fa}")
+                } else if fmt == "s" {
+                    format!("fmv.x.w x{xd}, f{fa}")
+                } else {
+                    format!("fmv.x.d x{xd}, f{fa}")
+                }
+            }
+            12 => {
+                if fmt == "s" {
+                    format!("fmv.w.x f{fd}, x{xs}")
+                } else {
+                    format!("fmv.d.x f{fd}, x{xs}")
+                }
+            }
+            _ => {
+                let (op, size) = if fmt == "s" { ("flw", 4) } else { ("fld", 8) };
+                let off = rng.below(MEM / size) * size;
+                if rng.below(2) == 0 {
+                    format!("{op} f{fd}, {off}(x8)")
+                } else {
+                    let st = if fmt == "s" { "fsw" } else { "fsd" };
+                    format!("{st} f{fa}, {off}(x8)")
+                }
+            }
+        };
+        vec![line]
     });
 }
