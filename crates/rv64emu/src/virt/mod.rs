@@ -70,6 +70,8 @@ pub enum VirtError {
     Fdt(vm_fdt::Error),
     #[error("opening disk {0}: {1}")]
     Disk(PathBuf, block::OpenError),
+    #[error("starting a device thread: {0}")]
+    Thread(std::io::Error),
     #[error("more than {VIRTIO_SLOTS} virtio devices")]
     TooManyDevices,
 }
@@ -258,6 +260,20 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
     if virtio.len() > VIRTIO_SLOTS as usize {
         return Err(VirtError::TooManyDevices);
     }
+    // Each device is served on an I/O thread, as on x86: the block device completes
+    // requests there, and notifies only wake it.
+    let exit_signal = Arc::new(devices::ExitSignal::new());
+    let gate = Arc::new(virtio::transport::IoGate::default());
+    let mut io_threads = Vec::new();
+    for (n, t) in virtio.iter_mut().enumerate() {
+        let io = t
+            .io_thread(&format!("virtio-mmio{n}"), None)
+            .map_err(VirtError::Thread)?;
+        io_threads.push(
+            io.spawn(exit_signal.clone(), gate.clone())
+                .map_err(VirtError::Thread)?,
+        );
+    }
 
     let blob = fdt::build(&fdt::FdtParams {
         ram_size,
@@ -310,6 +326,14 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
             }
         }
     };
+    exit_signal.request(match exit {
+        VirtExit::Poweroff => devices::ExitReason::PowerOff,
+        VirtExit::Reset => devices::ExitReason::Reset,
+        VirtExit::Failure(code) => devices::ExitReason::DebugExit(code),
+    });
+    for t in io_threads {
+        let _ = t.join();
+    }
     drop(memory);
     Ok(exit)
 }
