@@ -8,7 +8,6 @@ use crate::decode::{decode16, decode32, is_32bit, Insn};
 use crate::mmu::{self, Access, Ctx, Hit, Tlb};
 use crate::ram::GuestRam;
 use crate::trap::{self, Exception, Interrupt};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Privilege modes.
@@ -89,7 +88,14 @@ pub struct Cpu {
     /// Translation on for (fetch, data): when it flips, the TLB holds the other regime.
     regime: (bool, bool),
     device_touched: bool,
+    /// MTIP as last computed, and the retired-instruction count at which to read the
+    /// clock again: reading it for every block cost a third of the run time.
+    mtip: bool,
+    timer_check_at: u64,
 }
+
+/// Instructions between two looks at the clock for the timer interrupt (~20 µs here).
+const TIMER_CHECK_INTERVAL: u64 = 2048;
 
 impl Cpu {
     /// A hart at reset (M-mode, `pc` = `reset_pc`) over `ram`.
@@ -116,6 +122,8 @@ impl Cpu {
             cache: BlockCache::default(),
             regime: (false, false),
             device_touched: false,
+            mtip: false,
+            timer_check_at: 0,
         }
     }
 
@@ -127,8 +135,10 @@ impl Cpu {
     pub fn mtime(&self) -> u64 {
         match self.time {
             TimeSource::Host { start, hz } => {
-                let ns = start.elapsed().as_nanos();
-                (ns * hz as u128 / 1_000_000_000) as u64
+                let t = start.elapsed();
+                t.as_secs()
+                    .wrapping_mul(hz)
+                    .wrapping_add(t.subsec_nanos() as u64 * hz / 1_000_000_000)
             }
             TimeSource::Instret { shift } => self.instret >> shift,
         }
@@ -148,11 +158,22 @@ impl Cpu {
     }
 
     /// The interrupt to take now, if any.
-    fn pending_interrupt(&self, bus: &mut dyn Bus) -> Option<Interrupt> {
+    fn pending_interrupt(&mut self, bus: &mut dyn Bus) -> Option<Interrupt> {
         if self.csr.mie == 0 {
             return None;
         }
-        let pending = self.mip(bus) & self.csr.mie;
+        if self.instret >= self.timer_check_at {
+            self.mtip = self.mtime() >= self.mtimecmp;
+            self.timer_check_at = self.instret + TIMER_CHECK_INTERVAL;
+        }
+        let mut mip = self.csr.mip | bus.external_pending();
+        if self.mtip {
+            mip |= trap::MTIP;
+        }
+        if self.msip {
+            mip |= trap::MSIP;
+        }
+        let pending = mip & self.csr.mie;
         if pending == 0 {
             return None;
         }
@@ -382,14 +403,17 @@ impl Cpu {
                     ((1u64 << (8 * size as u64)) - 1) << shift
                 };
                 self.mtimecmp = (self.mtimecmp & !mask) | ((value << shift) & mask);
+                self.timer_check_at = 0;
             }
             // mtime is the host clock here: writes are ignored.
             _ => {}
         }
     }
 
-    /// Fetches and decodes the block at the current PC, whose physical address is `pa`.
-    fn build_block(&mut self, hit: Hit) -> Result<Arc<[Insn]>, Exception> {
+    /// Fetches and decodes the block at the current PC, whose physical address is `pa`;
+    /// returns its cache id, or the one instruction that straddles two pages (not
+    /// cached: its halves may be remapped apart).
+    fn build_block(&mut self, hit: Hit) -> Result<Result<u32, Insn>, Exception> {
         if hit.host.is_null() {
             return Err(Exception::InstructionAccessFault(self.pc));
         }
@@ -411,7 +435,7 @@ impl Cpu {
                         }
                         // SAFETY: a RAM page translation for a 2-byte in-page read.
                         let hi = unsafe { read_host(hi_hit.host, 2) } as u32;
-                        return Ok(Arc::from(vec![decode32(lo as u32 | (hi << 16))]));
+                        return Ok(Err(decode32(lo as u32 | (hi << 16))));
                     }
                     break;
                 }
@@ -427,9 +451,7 @@ impl Cpu {
                 break;
             }
         }
-        let block: Arc<[Insn]> = Arc::from(out);
-        self.cache.insert(hit.pa, block.clone());
-        Ok(block)
+        Ok(Ok(self.cache.insert(hit.pa, out)))
     }
 
     /// Runs until `budget` instructions have retired, WFI, a stop request or (with
@@ -437,6 +459,8 @@ impl Cpu {
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         let end = self.instret.saturating_add(budget);
         self.update_regime();
+        // The clock moved while the VMM had the hart (after WFI above all).
+        self.timer_check_at = 0;
         // Traps retire nothing: count them too, so a trap loop still ends the run.
         let mut traps = 0u64;
         while self.instret < end && traps < budget {
@@ -454,10 +478,11 @@ impl Cpu {
                     continue;
                 }
             };
-            let block = match self.cache.get(hit.pa) {
-                Some(b) => b,
+            let (block, straddler) = match self.cache.get(hit.pa) {
+                Some(id) => (id, None),
                 None => match self.build_block(hit) {
-                    Ok(b) => b,
+                    Ok(Ok(id)) => (id, None),
+                    Ok(Err(insn)) => (u32::MAX, Some(insn)),
                     Err(e) => {
                         if self.exit_on_exception {
                             return RunExit::Exception(e);
@@ -468,8 +493,18 @@ impl Cpu {
                     }
                 },
             };
-            for insn in block.iter() {
-                match self.exec(insn, bus) {
+            let mut k = 0;
+            loop {
+                let insn = match straddler {
+                    Some(i) if k == 0 => i,
+                    Some(_) => break,
+                    None => match self.cache.insn(block, k) {
+                        Some(i) => i,
+                        None => break,
+                    },
+                };
+                k += 1;
+                match self.exec(&insn, bus) {
                     Ok(Flow::Next) => {
                         self.pc = self.pc.wrapping_add(insn.len as u64);
                         self.instret += 1;
@@ -679,7 +714,10 @@ impl Cpu {
                     *a = v & 0x003f_ffff_ffff_ffff;
                 }
             }
-            csr::MCYCLE | csr::MINSTRET => self.instret = v,
+            csr::MCYCLE | csr::MINSTRET => {
+                self.instret = v;
+                self.timer_check_at = 0;
+            }
             0xb03..=0xb1f | 0x323..=0x33f => {}
             csr::TSELECT | 0x7a1..=0x7a3 => {}
             _ => return Err(()),
