@@ -84,11 +84,6 @@ pub struct VirtBus {
     exit: Option<VirtExit>,
 }
 
-fn bytes_of(v: u64, size: u8) -> [u8; 8] {
-    let _ = size;
-    v.to_le_bytes()
-}
-
 impl Bus for VirtBus {
     fn read(&mut self, pa: u64, size: u8) -> Option<u64> {
         let n = size as usize;
@@ -120,7 +115,7 @@ impl Bus for VirtBus {
 
     fn write(&mut self, pa: u64, size: u8, value: u64) -> bool {
         let n = size as usize;
-        let b = bytes_of(value, size);
+        let b = value.to_le_bytes();
         if pa.wrapping_sub(UART_BASE) < 0x100 {
             let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
             uart.write(pa - UART_BASE, &b[..1]);
@@ -179,11 +174,11 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, VirtError> {
 }
 
 /// Where the Image wants to sit above the start of RAM (its header's text_offset).
-fn image_offset(path: &PathBuf, image: &[u8]) -> Result<u64, VirtError> {
+fn image_offset(path: &std::path::Path, image: &[u8]) -> Result<u64, VirtError> {
     let magic_ok =
         image.get(48..56) == Some(b"RISCV\0\0\0") || image.get(56..60) == Some(b"RSC\x05");
     if !magic_ok {
-        return Err(VirtError::NotAnImage(path.clone()));
+        return Err(VirtError::NotAnImage(path.to_path_buf()));
     }
     let mut off = [0u8; 8];
     off.copy_from_slice(&image[8..16]);

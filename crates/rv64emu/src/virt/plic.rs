@@ -186,14 +186,12 @@ impl Plic {
                 if ctx < CONTEXTS {
                     match (off - CONTEXT) % CONTEXT_STRIDE {
                         0 => s.threshold[ctx] = v & 7,
-                        4 => {
-                            // Complete: a line still high is pending again.
-                            if v > 0 && v < NUM_SOURCES {
-                                let bit = 1u64 << v;
-                                s.in_service &= !bit;
-                                if s.level & bit != 0 {
-                                    s.pending |= bit;
-                                }
+                        // Complete: a line still high is pending again.
+                        4 if v > 0 && v < NUM_SOURCES => {
+                            let bit = 1u64 << v;
+                            s.in_service &= !bit;
+                            if s.level & bit != 0 {
+                                s.pending |= bit;
                             }
                         }
                         _ => {}
