@@ -247,11 +247,30 @@ fn pte(table: &str, index: u64, target: &str, flags: u64) -> String {
 
 #[test]
 fn sv39_paging_sets_accessed_and_dirty_and_faults_on_permissions() {
+    paging(false);
+}
+
+#[test]
+fn sv48_paging_sets_accessed_and_dirty_and_faults_on_permissions() {
+    paging(true);
+}
+
+/// The same checks under Sv39 or Sv48; Sv48 puts one more table above the same tree.
+fn paging(sv48: bool) {
     // V=1 R=2 W=4 X=8 U=16 G=32 A=64 D=128
     let mut setup = String::new();
-    setup += "    li t0, (0x80000000 >> 12) << 10 | 0xcf\n    la t1, root\n    sd t0, 16(t1)\n";
+    let top = if sv48 {
+        setup += &pte("root", 0, "l2", 1);
+        "l2"
+    } else {
+        "root"
+    };
+    setup += &format!(
+        "    li t0, (0x80000000 >> 12) << 10 | 0xcf\n    la t1, {top}\n    sd t0, 16(t1)\n"
+    );
     setup += "    li t0, 0xc7\n    sd t0, 0(t1)\n"; // identity gigapage 0 for the finisher
-    setup += &pte("root", 1, "l1", 1);
+    setup += &pte(top, 1, "l1", 1);
+    let mode = if sv48 { 9 } else { 8 };
     setup += &pte("l1", 0, "l0", 1);
     setup += &pte("l0", 0, "data", 1 | 2 | 4);
     setup += &pte("l0", 1, "data2", 1 | 2);
@@ -266,7 +285,7 @@ fn sv39_paging_sets_accessed_and_dirty_and_faults_on_permissions() {
     csrw medeleg, t0
     la t0, root
     srli t0, t0, 12
-    li t1, 8 << 60
+    li t1, {mode} << 60
     or t0, t0, t1
     csrw satp, t0
     li t0, 3 << 11
@@ -330,6 +349,7 @@ strap:
 .data
 .align 12
 root: .space 4096
+l2:   .space 4096
 l1:   .space 4096
 l0:   .space 4096
 data: .dword 0x1111
@@ -340,7 +360,7 @@ upage: .dword 0x3333
       .space 4088
 "
     );
-    let (cpu, s) = run("paging", &src);
+    let (cpu, s) = run(if sv48 { "sv48" } else { "sv39" }, &src);
     const A: u64 = 64;
     const D: u64 = 128;
     assert_eq!(rec(&cpu, 0), 0x1111);
