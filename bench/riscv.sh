@@ -90,4 +90,6 @@ for name in configs:
 v_t, q_t = med(results["vessel-riscv"][0]), med(results["qemu-virt"][0])
 v_r, q_r = med(results["vessel-riscv"][1]), med(results["qemu-virt"][1])
 print(f"vessel-riscv / qemu-virt: time {v_t / q_t:.2f}x, peak RSS {v_r / q_r:.2f}x")
+if any(not results[name][0] for name in configs):
+    sys.exit("bench/riscv.sh: a configuration never reached init")
 PY

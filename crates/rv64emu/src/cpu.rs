@@ -92,7 +92,16 @@ pub struct Cpu {
     /// clock again: reading it for every block cost a third of the run time.
     mtip: bool,
     timer_check_at: u64,
+    ctx_fetch: Ctx,
+    ctx_data: Ctx,
 }
+
+/// The context of unpaged accesses: the TLB's identity entries pass it at any privilege.
+const NO_CTX: Ctx = Ctx {
+    user: false,
+    sum: false,
+    mxr: false,
+};
 
 /// Instructions between two looks at the clock for the timer interrupt (~20 µs here).
 const TIMER_CHECK_INTERVAL: u64 = 2048;
@@ -124,6 +133,8 @@ impl Cpu {
             device_touched: false,
             mtip: false,
             timer_check_at: 0,
+            ctx_fetch: NO_CTX,
+            ctx_data: NO_CTX,
         }
     }
 
@@ -250,6 +261,21 @@ impl Cpu {
             self.regime = regime;
             self.tlb.flush();
         }
+        // The permission context of each access kind, kept here so a TLB hit does not
+        // rederive it from the privilege and mstatus.
+        let ctx = |on: bool, p: Priv, st: u64| {
+            if on {
+                Ctx {
+                    user: p == Priv::User,
+                    sum: st & status::SUM != 0,
+                    mxr: st & status::MXR != 0,
+                }
+            } else {
+                NO_CTX
+            }
+        };
+        self.ctx_fetch = ctx(regime.0, self.prv, self.csr.mstatus);
+        self.ctx_data = ctx(regime.1, self.data_priv(), self.csr.mstatus);
     }
 
     pub(crate) fn flush_tlb(&mut self) {
@@ -277,23 +303,10 @@ impl Cpu {
         } else {
             self.regime.1
         };
-        let ctx = if paged {
-            let p = if access == Access::Fetch {
-                self.prv
-            } else {
-                self.data_priv()
-            };
-            Ctx {
-                user: p == Priv::User,
-                sum: self.csr.mstatus & status::SUM != 0,
-                mxr: self.csr.mstatus & status::MXR != 0,
-            }
+        let ctx = if access == Access::Fetch {
+            self.ctx_fetch
         } else {
-            Ctx {
-                user: false,
-                sum: false,
-                mxr: false,
-            }
+            self.ctx_data
         };
         if let Some(hit) = self.tlb.lookup(va, access, ctx) {
             return Ok(hit);

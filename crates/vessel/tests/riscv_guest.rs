@@ -94,6 +94,7 @@ fn virtio_blk_reads_and_writes_a_disk() {
             .arg(assets.join("initramfs.cpio.gz"))
             .arg("--disk")
             .arg(&disk)
+            .args(["--firmware", vmm::riscv::DEFAULT_OPENSBI])
             .args([
                 "--cmdline",
                 "console=ttyS0 quiet vessel.run=head+-c+16+/dev/vda;echo+written-by-riscv|dd+of=/dev/vda+bs=4096+seek=1+conv=notrunc,fsync",
