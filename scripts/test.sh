@@ -28,6 +28,13 @@ command -v mkfs.vfat >/dev/null 2>&1 || pkgs+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || pkgs+=(mtools)
 [ -d /usr/lib/grub/x86_64-efi ] || pkgs+=(grub-efi-amd64-bin)
 command -v ssh >/dev/null 2>&1 || pkgs+=(openssh-client)
+# riscv64 (crates/rv64emu): its instruction tests assemble with Debian's riscv64 binutils
+# and compare against qemu-riscv64; the riscv64 guest boots Debian's OpenSBI and is
+# benchmarked beside qemu-system-riscv64.
+command -v riscv64-linux-gnu-as >/dev/null 2>&1 || pkgs+=(binutils-riscv64-linux-gnu)
+command -v qemu-riscv64 >/dev/null 2>&1 || pkgs+=(qemu-user)
+[ -e /usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin ] || pkgs+=(opensbi)
+command -v qemu-system-riscv64 >/dev/null 2>&1 || pkgs+=(qemu-system-misc)
 # libvirt's schema checker: domain dumps must validate (manager xml tests).
 command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
@@ -59,6 +66,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 scripts/guest-assets.sh
+# Debian's riscv64 kernel and a riscv64 busybox initramfs, for tests/riscv_guest.rs.
+scripts/riscv-assets.sh
 # Debian bookworm with systemd (debootstrap), for tests/debian_guest.rs; cached like the
 # guest assets and rebuilt only when the script changes.
 scripts/debian-rootfs.sh

@@ -8,7 +8,8 @@ use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 /// The flags that describe the VM: `--config` gives all of that as data instead.
-const CONFIG_FLAGS: [&str; 19] = [
+const CONFIG_FLAGS: [&str; 20] = [
+    "arch",
     "kernel",
     "initrd",
     "firmware",
@@ -31,8 +32,9 @@ const CONFIG_FLAGS: [&str; 19] = [
 ];
 
 /// What a restored VM takes from its snapshot, not from flags.
-const RESTORE_CONFLICTS: [&str; 18] = [
+const RESTORE_CONFLICTS: [&str; 19] = [
     "config",
+    "arch",
     "kernel",
     "initrd",
     "firmware",
@@ -59,6 +61,11 @@ pub struct RunArgs {
     /// (--api-sock, --console-sock, --status-file...) still apply.
     #[arg(long, conflicts_with_all = CONFIG_FLAGS)]
     config: Option<PathBuf>,
+    /// Guest architecture: x86_64, or riscv64 (Vessel's RISC-V CPU on a `virt`-like
+    /// machine, OpenSBI as firmware; kernel and initramfs default to
+    /// scripts/riscv-assets.sh's).
+    #[arg(long, default_value = "x86_64")]
+    arch: vmm::config::Arch,
     /// Kernel image: a bzImage or an ELF vmlinux (PVH when it has the Xen entry note).
     /// Without it, a first --disk with a boot sector boots through the firmware (its
     /// bootloader, kernel and initramfs); otherwise the guest assets' kernel boots
@@ -242,6 +249,9 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         return serde_json::from_str(&text)
             .with_context(|| format!("{}: not a Vessel VM config", path.display()));
     }
+    if args.arch == vmm::config::Arch::Riscv64 {
+        return riscv_config(args);
+    }
     let (kernel, initrd, firmware) = match (args.kernel, args.firmware) {
         (Some(k), f) => (Some(k), args.initrd, f),
         (None, Some(f)) => (None, None, Some(f)),
@@ -280,6 +290,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         vmm::config::Transport::Mmio
     });
     Ok(VmConfig {
+        arch: args.arch,
         kernel,
         firmware,
         option_roms: args.option_roms,
@@ -304,6 +315,43 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         cloud_init: args.cloud_init,
         uuid: args.uuid,
     })
+}
+
+/// A riscv64 VM: the firmware (`--firmware`) defaults to Debian's OpenSBI, the kernel
+/// and initramfs to scripts/riscv-assets.sh's.
+fn riscv_config(args: RunArgs) -> anyhow::Result<VmConfig> {
+    let (kernel, initrd) = match args.kernel {
+        Some(k) => (k, args.initrd),
+        None => {
+            let dir = assets_dir().join("riscv64");
+            let k = dir.join("Image");
+            if !k.is_file() {
+                bail!(
+                    "no --kernel given and no riscv64 guest assets in {}: run scripts/riscv-assets.sh first",
+                    dir.display()
+                );
+            }
+            (k, args.initrd.or(Some(dir.join("initramfs.cpio.gz"))))
+        }
+    };
+    let mut vm = VmConfig::new(kernel);
+    vm.arch = args.arch;
+    vm.initrd = initrd;
+    vm.firmware = args.firmware;
+    vm.cmdline = args.cmdline;
+    vm.memory_mib = args.memory;
+    vm.cpus = args.cpus;
+    vm.accel = args.accel;
+    vm.serial = args.serial;
+    vm.disks = args.disks;
+    vm.rng = args.rng;
+    vm.virtio_console = args.virtio_console;
+    vm.nets = args.nets;
+    vm.vsock = args.vsock;
+    vm.name = args.name;
+    vm.cloud_init = args.cloud_init;
+    vm.uuid = args.uuid;
+    Ok(vm)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
@@ -346,6 +394,17 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         Some(config_from(&args)?)
     };
+    if let Some(config) = config
+        .as_ref()
+        .filter(|c| c.arch == vmm::config::Arch::Riscv64)
+    {
+        if args.api_sock.is_some() || args.jail.is_some() || console_sock.is_some() {
+            bail!("--arch riscv64 runs in the foreground only: no --api-sock, --console-sock or --jail yet");
+        }
+        let (reason, note) = vmm::riscv::run(config).context("cannot run the riscv64 VM")?;
+        eprintln!("vessel: {note}");
+        return report(Ok(reason));
+    }
     let ids = args
         .uid
         .zip(args.gid)

@@ -100,9 +100,42 @@ pub const MAX_CPUS: u8 = 254;
 /// Below this the boot data alone does not fit.
 pub const MIN_MEMORY_MIB: u64 = 8;
 
+/// The guest's instruction-set architecture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// x86-64 on KVM or Vessel's x86-64 CPU.
+    #[default]
+    X86_64,
+    /// riscv64 on Vessel's RISC-V CPU (`rv64emu`), on the `virt`-like machine.
+    Riscv64,
+}
+
+impl Arch {
+    pub fn is_x86_64(&self) -> bool {
+        *self == Arch::X86_64
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x86_64" | "x86-64" | "amd64" => Ok(Arch::X86_64),
+            "riscv64" => Ok(Arch::Riscv64),
+            other => Err(format!(
+                "unknown architecture {other:?} (x86_64 or riscv64)"
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
+    /// The guest architecture; x86_64 unless said.
+    #[serde(default, skip_serializing_if = "Arch::is_x86_64")]
+    pub arch: Arch,
     /// The kernel for direct boot; None with `firmware`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
@@ -552,6 +585,7 @@ impl VmConfig {
     /// A config with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
+            arch: Arch::X86_64,
             kernel: Some(kernel.into()),
             firmware: None,
             option_roms: Vec::new(),

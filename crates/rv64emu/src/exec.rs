@@ -1,0 +1,362 @@
+//! Executing one decoded instruction: integer, M, A, Zicsr, Zifencei and the
+//! privileged instructions. F/D live in `fpu`.
+
+use crate::bus::Bus;
+use crate::cpu::{Cpu, Flow, Priv};
+use crate::csr::status;
+use crate::decode::{Insn, Op};
+use crate::mmu::Access;
+use crate::trap::Exception;
+use std::sync::atomic::Ordering;
+
+impl Cpu {
+    #[inline]
+    fn set(&mut self, rd: u8, v: u64) {
+        if rd != 0 {
+            self.x[rd as usize & 31] = v;
+        }
+    }
+
+    #[inline]
+    fn r(&self, r: u8) -> u64 {
+        self.x[r as usize & 31]
+    }
+
+    fn illegal(&self, i: &Insn) -> Exception {
+        Exception::IllegalInstruction(i.raw as u64)
+    }
+
+    fn branch(&mut self, i: &Insn, taken: bool) -> Flow {
+        if taken {
+            self.pc = self.pc.wrapping_add(i.imm as u64);
+        } else {
+            self.pc = self.pc.wrapping_add(i.len as u64);
+        }
+        Flow::Jump
+    }
+
+    pub(crate) fn exec(&mut self, i: &Insn, bus: &mut dyn Bus) -> Result<Flow, Exception> {
+        let a = self.r(i.rs1);
+        let b = self.r(i.rs2);
+        let imm = i.imm as u64;
+        use Op::*;
+        let v = match i.op {
+            Illegal => return Err(self.illegal(i)),
+            Lui => imm,
+            Auipc => self.pc.wrapping_add(imm),
+            Jal => {
+                let ret = self.pc.wrapping_add(i.len as u64);
+                self.pc = self.pc.wrapping_add(imm);
+                self.set(i.rd, ret);
+                return Ok(Flow::Jump);
+            }
+            Jalr => {
+                let ret = self.pc.wrapping_add(i.len as u64);
+                self.pc = a.wrapping_add(imm) & !1;
+                self.set(i.rd, ret);
+                return Ok(Flow::Jump);
+            }
+            Beq => return Ok(self.branch(i, a == b)),
+            Bne => return Ok(self.branch(i, a != b)),
+            Blt => return Ok(self.branch(i, (a as i64) < (b as i64))),
+            Bge => return Ok(self.branch(i, (a as i64) >= (b as i64))),
+            Bltu => return Ok(self.branch(i, a < b)),
+            Bgeu => return Ok(self.branch(i, a >= b)),
+            Lb => self.load(bus, a.wrapping_add(imm), 1)? as i8 as u64,
+            Lh => self.load(bus, a.wrapping_add(imm), 2)? as i16 as u64,
+            Lw => self.load(bus, a.wrapping_add(imm), 4)? as i32 as u64,
+            Ld => self.load(bus, a.wrapping_add(imm), 8)?,
+            Lbu => self.load(bus, a.wrapping_add(imm), 1)?,
+            Lhu => self.load(bus, a.wrapping_add(imm), 2)?,
+            Lwu => self.load(bus, a.wrapping_add(imm), 4)?,
+            Sb | Sh | Sw | Sd => {
+                let size = match i.op {
+                    Sb => 1,
+                    Sh => 2,
+                    Sw => 4,
+                    _ => 8,
+                };
+                self.store(bus, a.wrapping_add(imm), size, b)?;
+                return Ok(Flow::Next);
+            }
+            Addi => a.wrapping_add(imm),
+            Slti => ((a as i64) < (imm as i64)) as u64,
+            Sltiu => (a < imm) as u64,
+            Xori => a ^ imm,
+            Ori => a | imm,
+            Andi => a & imm,
+            Slli => a << (imm & 63),
+            Srli => a >> (imm & 63),
+            Srai => ((a as i64) >> (imm & 63)) as u64,
+            Add => a.wrapping_add(b),
+            Sub => a.wrapping_sub(b),
+            Sll => a << (b & 63),
+            Slt => ((a as i64) < (b as i64)) as u64,
+            Sltu => (a < b) as u64,
+            Xor => a ^ b,
+            Srl => a >> (b & 63),
+            Sra => ((a as i64) >> (b & 63)) as u64,
+            Or => a | b,
+            And => a & b,
+            Addiw => a.wrapping_add(imm) as i32 as u64,
+            Slliw => ((a as u32) << (imm & 31)) as i32 as u64,
+            Srliw => ((a as u32) >> (imm & 31)) as i32 as u64,
+            Sraiw => ((a as i32) >> (imm & 31)) as u64,
+            Addw => a.wrapping_add(b) as i32 as u64,
+            Subw => a.wrapping_sub(b) as i32 as u64,
+            Sllw => ((a as u32) << (b & 31)) as i32 as u64,
+            Srlw => ((a as u32) >> (b & 31)) as i32 as u64,
+            Sraw => ((a as i32) >> (b & 31)) as u64,
+            Mul => a.wrapping_mul(b),
+            Mulh => (((a as i64 as i128) * (b as i64 as i128)) >> 64) as u64,
+            Mulhsu => (((a as i64 as i128).wrapping_mul(b as u128 as i128)) >> 64) as u64,
+            Mulhu => (((a as u128) * (b as u128)) >> 64) as u64,
+            Div => {
+                let (x, y) = (a as i64, b as i64);
+                if y == 0 {
+                    u64::MAX
+                } else {
+                    x.wrapping_div(y) as u64
+                }
+            }
+            Divu => a.checked_div(b).unwrap_or(u64::MAX),
+            Rem => {
+                let (x, y) = (a as i64, b as i64);
+                if y == 0 {
+                    a
+                } else {
+                    x.wrapping_rem(y) as u64
+                }
+            }
+            Remu => {
+                if b == 0 {
+                    a
+                } else {
+                    a % b
+                }
+            }
+            Mulw => (a as i32).wrapping_mul(b as i32) as u64,
+            Divw => {
+                let (x, y) = (a as i32, b as i32);
+                if y == 0 {
+                    u64::MAX
+                } else {
+                    x.wrapping_div(y) as u64
+                }
+            }
+            Divuw => match (a as u32).checked_div(b as u32) {
+                Some(q) => q as i32 as u64,
+                None => u64::MAX,
+            },
+            Remw => {
+                let (x, y) = (a as i32, b as i32);
+                if y == 0 {
+                    x as u64
+                } else {
+                    x.wrapping_rem(y) as u64
+                }
+            }
+            Remuw => {
+                let (x, y) = (a as u32, b as u32);
+                if y == 0 {
+                    x as i32 as u64
+                } else {
+                    (x % y) as i32 as u64
+                }
+            }
+            Lr => {
+                let size = i.funct;
+                if a & (size as u64 - 1) != 0 {
+                    return Err(Exception::LoadMisaligned(a));
+                }
+                let hit = self.translate(a, Access::Load)?;
+                if hit.host.is_null() {
+                    return Err(Exception::LoadAccessFault(a));
+                }
+                let v = self.load(bus, a, size)?;
+                self.reservation = Some(hit.pa);
+                if size == 4 {
+                    v as i32 as u64
+                } else {
+                    v
+                }
+            }
+            Sc => {
+                let size = i.funct;
+                if a & (size as u64 - 1) != 0 {
+                    return Err(Exception::StoreMisaligned(a));
+                }
+                let hit = self.translate(a, Access::Store)?;
+                if hit.host.is_null() {
+                    return Err(Exception::StoreAccessFault(a));
+                }
+                let ok = self.reservation.take() == Some(hit.pa);
+                if ok {
+                    self.store(bus, a, size, b)?;
+                }
+                (!ok) as u64
+            }
+            Amo => self.amo(i, a, b)?,
+            Fence => return Ok(Flow::Next),
+            FenceI => {
+                self.flush_code();
+                self.pc = self.pc.wrapping_add(i.len as u64);
+                return Ok(Flow::Jump);
+            }
+            Ecall => {
+                return Err(match self.prv {
+                    Priv::User => Exception::EcallFromU,
+                    Priv::Supervisor => Exception::EcallFromS,
+                    Priv::Machine => Exception::EcallFromM,
+                })
+            }
+            Ebreak => return Err(Exception::Breakpoint(self.pc)),
+            Mret => {
+                if self.prv != Priv::Machine {
+                    return Err(self.illegal(i));
+                }
+                let st = self.csr.mstatus;
+                let mpp = (st & status::MPP) >> status::MPP_SHIFT;
+                let mut s = st & !(status::MIE | status::MPP);
+                if st & status::MPIE != 0 {
+                    s |= status::MIE;
+                }
+                s |= status::MPIE;
+                if mpp != 3 {
+                    s &= !status::MPRV;
+                }
+                self.csr.mstatus = s;
+                self.prv = match mpp {
+                    0 => Priv::User,
+                    1 => Priv::Supervisor,
+                    _ => Priv::Machine,
+                };
+                self.pc = self.csr.mepc;
+                self.update_regime();
+                return Ok(Flow::Jump);
+            }
+            Sret => {
+                if self.prv == Priv::User
+                    || (self.prv == Priv::Supervisor && self.csr.mstatus & status::TSR != 0)
+                {
+                    return Err(self.illegal(i));
+                }
+                let st = self.csr.mstatus;
+                let spp = st & status::SPP != 0;
+                let mut s = st & !(status::SIE | status::SPP | status::MPRV);
+                if st & status::SPIE != 0 {
+                    s |= status::SIE;
+                }
+                s |= status::SPIE;
+                self.csr.mstatus = s;
+                self.prv = if spp { Priv::Supervisor } else { Priv::User };
+                self.pc = self.csr.sepc;
+                self.update_regime();
+                return Ok(Flow::Jump);
+            }
+            Wfi => {
+                if self.prv == Priv::User
+                    || (self.prv == Priv::Supervisor && self.csr.mstatus & status::TW != 0)
+                {
+                    return Err(self.illegal(i));
+                }
+                return Ok(Flow::Wfi);
+            }
+            SfenceVma => {
+                if self.prv == Priv::User
+                    || (self.prv == Priv::Supervisor && self.csr.mstatus & status::TVM != 0)
+                {
+                    return Err(self.illegal(i));
+                }
+                self.flush_tlb();
+                self.pc = self.pc.wrapping_add(i.len as u64);
+                return Ok(Flow::Jump);
+            }
+            Csr => return self.exec_csr(i, bus),
+            FLoad | FStore | FOp | FFused => return self.exec_fp(i, bus),
+        };
+        self.set(i.rd, v);
+        Ok(Flow::Next)
+    }
+
+    fn amo(&mut self, i: &Insn, addr: u64, src: u64) -> Result<u64, Exception> {
+        let size = i.imm as u64;
+        if addr & (size - 1) != 0 {
+            return Err(Exception::StoreMisaligned(addr));
+        }
+        let hit = self.translate(addr, Access::Store)?;
+        // Loads must be allowed too (a write-only page cannot exist, but MXR-free
+        // checks keep the rule explicit).
+        self.translate(addr, Access::Load)?;
+        if hit.host.is_null() {
+            return Err(Exception::StoreAccessFault(addr));
+        }
+        let f5 = i.funct;
+        let op = move |old: u64| -> u64 {
+            let (o, s) = if size == 4 {
+                (old as i32 as i64 as u64, src as i32 as i64 as u64)
+            } else {
+                (old, src)
+            };
+            match f5 {
+                0b00001 => s,
+                0b00000 => o.wrapping_add(s),
+                0b00100 => o ^ s,
+                0b01100 => o & s,
+                0b01000 => o | s,
+                0b10000 => (o as i64).min(s as i64) as u64,
+                0b10100 => (o as i64).max(s as i64) as u64,
+                0b11000 => o.min(s),
+                _ => o.max(s),
+            }
+        };
+        let old = if size == 4 {
+            let cell = self
+                .ram
+                .atomic_u32(hit.pa)
+                .ok_or(Exception::StoreAccessFault(addr))?;
+            let prev = cell
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
+                    Some(op(o as u64) as u32)
+                })
+                .unwrap_or_else(|o| o);
+            prev as i32 as u64
+        } else {
+            let cell = self
+                .ram
+                .atomic_u64(hit.pa)
+                .ok_or(Exception::StoreAccessFault(addr))?;
+            cell.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| Some(op(o)))
+                .unwrap_or_else(|o| o)
+        };
+        Ok(old)
+    }
+
+    fn exec_csr(&mut self, i: &Insn, bus: &mut dyn Bus) -> Result<Flow, Exception> {
+        let addr = i.imm as u16 & 0xfff;
+        let src = if i.funct >= 5 {
+            i.rs1 as u64
+        } else {
+            self.r(i.rs1)
+        };
+        let kind = i.funct & 3;
+        // CSRRW with rd = x0 does not read; CSRRS/C with a zero source do not write.
+        let writes = kind == 1 || i.rs1 != 0;
+        let old = if kind == 1 && i.rd == 0 {
+            0
+        } else {
+            self.csr_read(bus, addr).map_err(|_| self.illegal(i))?
+        };
+        if writes {
+            let new = match kind {
+                1 => src,
+                2 => old | src,
+                _ => old & !src,
+            };
+            self.csr_write(addr, new).map_err(|_| self.illegal(i))?;
+        }
+        self.set(i.rd, old);
+        self.pc = self.pc.wrapping_add(i.len as u64);
+        Ok(Flow::Jump)
+    }
+}

@@ -1,0 +1,371 @@
+//! The `virt`-like riscv64 machine: RAM at 2 GiB, OpenSBI as M-mode firmware, a device
+//! tree generated here, CLINT (served by the CPU), PLIC, the 8250 UART, virtio-mmio disks
+//! and a SiFive test device for poweroff. [`boot`] loads everything and runs the hart.
+
+mod fdt;
+pub mod layout;
+pub mod plic;
+
+use crate::cpu::{Cpu, RunExit, TimeSource};
+use crate::ram::GuestRam;
+use crate::Bus;
+use devices::bus::BusDevice;
+use devices::serial::{IrqTrigger, SerialDevice, SerialOut};
+use layout::*;
+use plic::Plic;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use virtio::mmio::MmioTransport;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// A disk for a virtio-blk slot.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// What to boot.
+pub struct VirtConfig {
+    pub memory_mib: u64,
+    /// OpenSBI's `fw_dynamic.bin`.
+    pub firmware: PathBuf,
+    /// A riscv64 Linux `Image`.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub disks: Vec<DiskSpec>,
+    /// Where the UART's output goes.
+    pub serial_out: SerialOut,
+    /// Feed the host's stdin to the UART.
+    pub stdin: bool,
+}
+
+/// How the machine ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtExit {
+    Poweroff,
+    Reset,
+    /// The test device's failure command, with its code.
+    Failure(u32),
+}
+
+#[derive(Debug, Error)]
+pub enum VirtError {
+    #[error("guest memory of {0} MiB: {1}")]
+    Memory(u64, String),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{what} ({size} bytes) does not fit in guest RAM at {at:#x}")]
+    TooBig {
+        what: &'static str,
+        size: u64,
+        at: u64,
+    },
+    #[error("{0} is not a riscv64 Linux Image (no RISCV magic in its header)")]
+    NotAnImage(PathBuf),
+    #[error("building the device tree: {0}")]
+    Fdt(vm_fdt::Error),
+    #[error("opening disk {0}: {1}")]
+    Disk(PathBuf, block::OpenError),
+    #[error("starting a device thread: {0}")]
+    Thread(std::io::Error),
+    #[error("more than {VIRTIO_SLOTS} virtio devices")]
+    TooManyDevices,
+}
+
+/// The platform side of the hart: everything outside RAM and the CLINT.
+pub struct VirtBus {
+    plic: Arc<Plic>,
+    uart: Arc<Mutex<SerialDevice>>,
+    virtio: Vec<MmioTransport>,
+    exit: Option<VirtExit>,
+}
+
+impl Bus for VirtBus {
+    fn read(&mut self, pa: u64, size: u8) -> Option<u64> {
+        let n = size as usize;
+        if pa.wrapping_sub(UART_BASE) < 0x100 {
+            let mut b = [0u8; 8];
+            let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+            uart.read(pa - UART_BASE, &mut b[..n.min(1)]);
+            return Some(b[0] as u64);
+        }
+        if pa.wrapping_sub(PLIC_BASE) < plic::SIZE {
+            return Some(self.plic.read(pa - PLIC_BASE) as u64);
+        }
+        let slot = pa.wrapping_sub(VIRTIO_BASE) / VIRTIO_STRIDE;
+        if pa >= VIRTIO_BASE && slot < VIRTIO_SLOTS as u64 {
+            let off = pa - VIRTIO_BASE - slot * VIRTIO_STRIDE;
+            let Some(t) = self.virtio.get_mut(slot as usize) else {
+                // An empty slot reads as magic 0: "no device".
+                return Some(0);
+            };
+            let mut b = [0u8; 8];
+            t.read(off, &mut b[..n]);
+            return Some(u64::from_le_bytes(b));
+        }
+        if pa.wrapping_sub(TEST_BASE) < 0x1000 {
+            return Some(0);
+        }
+        None
+    }
+
+    fn write(&mut self, pa: u64, size: u8, value: u64) -> bool {
+        let n = size as usize;
+        let b = value.to_le_bytes();
+        if pa.wrapping_sub(UART_BASE) < 0x100 {
+            let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+            uart.write(pa - UART_BASE, &b[..1]);
+            return true;
+        }
+        if pa.wrapping_sub(PLIC_BASE) < plic::SIZE {
+            self.plic.write(pa - PLIC_BASE, value as u32);
+            return true;
+        }
+        let slot = pa.wrapping_sub(VIRTIO_BASE) / VIRTIO_STRIDE;
+        if pa >= VIRTIO_BASE && slot < VIRTIO_SLOTS as u64 {
+            let off = pa - VIRTIO_BASE - slot * VIRTIO_STRIDE;
+            if let Some(t) = self.virtio.get_mut(slot as usize) {
+                t.write(off, &b[..n]);
+            }
+            return true;
+        }
+        if pa.wrapping_sub(TEST_BASE) < 0x1000 {
+            let v = value as u32;
+            match v & 0xffff {
+                x if x == TEST_POWEROFF => self.exit = Some(VirtExit::Poweroff),
+                x if x == TEST_RESET => self.exit = Some(VirtExit::Reset),
+                x if x == TEST_FAIL => self.exit = Some(VirtExit::Failure(v >> 16)),
+                _ => {}
+            }
+            return true;
+        }
+        false
+    }
+
+    fn external_pending(&mut self) -> u64 {
+        self.plic.output()
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.exit.is_some()
+    }
+}
+
+/// OpenSBI's `struct fw_dynamic_info` (version 2): how fw_dynamic learns where the next
+/// stage is and in which mode to enter it.
+fn fw_dynamic_info(next_addr: u64) -> [u8; 48] {
+    const MAGIC: u64 = 0x4942_534f; // "OSBI"
+    const VERSION: u64 = 2;
+    const NEXT_MODE_S: u64 = 1;
+    let fields = [MAGIC, VERSION, next_addr, NEXT_MODE_S, 0, 0];
+    let mut out = [0u8; 48];
+    for (i, f) in fields.iter().enumerate() {
+        out[8 * i..8 * i + 8].copy_from_slice(&f.to_le_bytes());
+    }
+    out
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, VirtError> {
+    std::fs::read(path).map_err(|e| VirtError::Read(path.clone(), e))
+}
+
+/// Where the Image wants to sit above the start of RAM (its header's text_offset).
+fn image_offset(path: &std::path::Path, image: &[u8]) -> Result<u64, VirtError> {
+    let magic_ok =
+        image.get(48..56) == Some(b"RISCV\0\0\0") || image.get(56..60) == Some(b"RSC\x05");
+    if !magic_ok {
+        return Err(VirtError::NotAnImage(path.to_path_buf()));
+    }
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&image[8..16]);
+    let off = u64::from_le_bytes(off);
+    Ok(if off == 0 { 0x20_0000 } else { off })
+}
+
+/// Builds the machine and runs it to poweroff, reset or failure.
+pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
+    let ram_size = cfg.memory_mib << 20;
+    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), ram_size as usize)])
+        .map_err(|e| VirtError::Memory(cfg.memory_mib, e.to_string()))?;
+    let mut ram = GuestRam::new();
+    for region in memory.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VirtError::Memory(cfg.memory_mib, e.to_string()))?;
+        // SAFETY: `memory` owns the mapping and outlives the CPU (both live until this
+        // function returns); devices reach it only through vm-memory's raw accesses.
+        unsafe { ram.add_region(region.start_addr().0, host, region.len() as usize) }
+            .map_err(|e| VirtError::Memory(cfg.memory_mib, e.to_string()))?;
+    }
+    let ram_end = RAM_BASE + ram_size;
+    let put = |what: &'static str, at: u64, data: &[u8]| -> Result<(), VirtError> {
+        if at + data.len() as u64 > ram_end || !ram.write_bytes(at, data) {
+            return Err(VirtError::TooBig {
+                what,
+                size: data.len() as u64,
+                at,
+            });
+        }
+        Ok(())
+    };
+
+    let firmware = read(&cfg.firmware)?;
+    put("firmware", RAM_BASE, &firmware)?;
+    let kernel = read(&cfg.kernel)?;
+    let kernel_at = RAM_BASE + image_offset(&cfg.kernel, &kernel)?;
+    put("kernel", kernel_at, &kernel)?;
+
+    // The device tree and OpenSBI's boot info at the top of RAM, the initrd below them.
+    let fdt_at = (ram_end - 0x20_0000) & !0xfff;
+    let info_at = ram_end - 0x1000;
+    let initrd = match &cfg.initrd {
+        Some(p) => {
+            let data = read(p)?;
+            let start = (fdt_at - data.len() as u64) & !0xfff;
+            if start < kernel_at + kernel.len() as u64 + 0x100_0000 {
+                return Err(VirtError::TooBig {
+                    what: "initrd",
+                    size: data.len() as u64,
+                    at: start,
+                });
+            }
+            put("initrd", start, &data)?;
+            Some((start, start + data.len() as u64))
+        }
+        None => None,
+    };
+
+    let plic = Arc::new(Plic::new());
+    let mut virtio = Vec::new();
+    for (n, d) in cfg.disks.iter().enumerate() {
+        let backend = block::open(&d.path, None, d.read_only)
+            .map_err(|e| VirtError::Disk(d.path.clone(), e))?;
+        let dev = virtio::blk::Block::new(backend, &format!("vd{n}"), d.read_only);
+        virtio.push(MmioTransport::new(
+            Box::new(dev),
+            memory.clone(),
+            plic.clone(),
+            VIRTIO_IRQ_BASE + n as u32,
+        ));
+    }
+    if virtio.len() > VIRTIO_SLOTS as usize {
+        return Err(VirtError::TooManyDevices);
+    }
+    // Each device is served on an I/O thread, as on x86: the block device completes
+    // requests there, and notifies only wake it.
+    let exit_signal = Arc::new(devices::ExitSignal::new());
+    let gate = Arc::new(virtio::transport::IoGate::default());
+    let mut io_threads = Vec::new();
+    for (n, t) in virtio.iter_mut().enumerate() {
+        let io = t
+            .io_thread(&format!("virtio-mmio{n}"), None)
+            .map_err(VirtError::Thread)?;
+        io_threads.push(
+            io.spawn(exit_signal.clone(), gate.clone())
+                .map_err(VirtError::Thread)?,
+        );
+    }
+
+    let blob = fdt::build(&fdt::FdtParams {
+        ram_size,
+        cmdline: cfg.cmdline.clone(),
+        initrd,
+        virtio_slots: virtio.len() as u32,
+    })
+    .map_err(VirtError::Fdt)?;
+    put("device tree", fdt_at, &blob)?;
+    put("boot info", info_at, &fw_dynamic_info(kernel_at))?;
+
+    let uart = Arc::new(Mutex::new(SerialDevice::new(
+        IrqTrigger::new(plic.clone(), UART_IRQ),
+        cfg.serial_out,
+    )));
+    if cfg.stdin {
+        spawn_stdin(uart.clone());
+    }
+    let mut bus = VirtBus {
+        plic,
+        uart,
+        virtio,
+        exit: None,
+    };
+
+    let mut cpu = Cpu::new(ram, RAM_BASE);
+    cpu.clint_base = Some(CLINT_BASE);
+    cpu.time = TimeSource::Host {
+        start: Instant::now(),
+        hz: TIMEBASE_HZ,
+    };
+    cpu.x[10] = 0; // hart id
+    cpu.x[11] = fdt_at;
+    cpu.x[12] = info_at;
+    tracing::info!(kernel_at, fdt_at, ?initrd, "riscv64 virt: starting OpenSBI");
+    let exit = loop {
+        match cpu.run(&mut bus, 1_000_000) {
+            RunExit::Budget => {
+                tracing::trace!(pc = cpu.pc, prv = ?cpu.prv, instret = cpu.instret, "hart");
+            }
+            RunExit::Stop => {
+                if let Some(e) = bus.exit {
+                    break e;
+                }
+            }
+            RunExit::Wfi => wait_for_interrupt(&cpu, &mut bus),
+            RunExit::Exception(e) => {
+                // Only with exit_on_exception, which this machine never sets.
+                tracing::error!(?e, "unexpected exception exit");
+            }
+        }
+    };
+    exit_signal.request(match exit {
+        VirtExit::Poweroff => devices::ExitReason::PowerOff,
+        VirtExit::Reset => devices::ExitReason::Reset,
+        VirtExit::Failure(code) => devices::ExitReason::DebugExit(code),
+    });
+    for t in io_threads {
+        let _ = t.join();
+    }
+    drop(memory);
+    Ok(exit)
+}
+
+/// WFI with nothing pending: sleep until the timer is due or a device raises a line.
+fn wait_for_interrupt(cpu: &Cpu, bus: &mut VirtBus) {
+    let deadline = Instant::now() + Duration::from_millis(10);
+    loop {
+        if cpu.mip(bus) & cpu.csr.mie != 0 || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn spawn_stdin(uart: Arc<Mutex<SerialDevice>>) {
+    let _ = std::thread::Builder::new()
+        .name("riscv-stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let put = uart
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(rest);
+                    rest = &rest[put..];
+                    if put == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+}

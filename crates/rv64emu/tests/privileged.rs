@@ -1,0 +1,438 @@
+//! Privileged-architecture tests: bare-metal programs (assembled with Debian's riscv64
+//! binutils) run on rv64emu from M-mode and record what they saw; the test checks the
+//! record. Traps and their CSRs, delegation to S, Sv39 paging with A/D updates and
+//! permission faults, and timer and software interrupts.
+
+mod common;
+
+use common::{build_bare, load_segments, require_tools, symbols, Scratch};
+use rv64emu::{Bus, Cpu, GuestRam, RunExit};
+use std::collections::HashMap;
+
+const BASE: u64 = 0x8000_0000;
+const FINISHER: u64 = 0x10_0000;
+const CLINT: u64 = 0x200_0000;
+
+/// A platform with only a test finisher: a write to it ends the run.
+#[derive(Default)]
+struct Finisher {
+    done: bool,
+}
+
+impl Bus for Finisher {
+    fn read(&mut self, _pa: u64, _size: u8) -> Option<u64> {
+        None
+    }
+    fn write(&mut self, pa: u64, _size: u8, _value: u64) -> bool {
+        if pa == FINISHER {
+            self.done = true;
+            return true;
+        }
+        false
+    }
+    fn stop_requested(&mut self) -> bool {
+        self.done
+    }
+}
+
+const PRELUDE: &str = "
+.equ RES, 0x80100000
+.equ FINISH, 0x100000
+.equ CLINT, 0x2000000
+.text
+.globl _start
+_start:
+    li s11, RES
+    la t0, mtrap
+    csrw mtvec, t0
+";
+
+const FINISH: &str = "
+finish:
+    li t0, FINISH
+    sw zero, 0(t0)
+1:  j 1b
+";
+
+/// Runs a bare-metal program to its finisher write; returns the CPU and symbols.
+fn run(name: &str, source: &str) -> (Cpu, HashMap<String, u64>) {
+    require_tools();
+    let dir = Scratch::new(name);
+    let elf = build_bare(&dir.0, name, source, BASE);
+    let syms = symbols(&elf);
+    let mut ram = GuestRam::new();
+    ram.add_owned(BASE, 0x20_0000).unwrap();
+    let entry = load_segments(&elf, &ram);
+    let mut cpu = Cpu::new(ram, entry);
+    cpu.clint_base = Some(CLINT);
+    let mut bus = Finisher::default();
+    for _ in 0..10_000 {
+        match cpu.run(&mut bus, 1_000_000) {
+            RunExit::Stop => return (cpu, syms),
+            RunExit::Wfi => std::thread::sleep(std::time::Duration::from_micros(20)),
+            RunExit::Budget => {}
+            RunExit::Exception(e) => panic!("{name}: unexpected exit {e:?}"),
+        }
+    }
+    panic!("{name}: never reached the finisher; pc {:#x}", cpu.pc);
+}
+
+/// The `n`th 8-byte record the program wrote at RES.
+fn rec(cpu: &Cpu, n: u64) -> u64 {
+    let mut b = [0u8; 8];
+    assert!(cpu.ram().read_bytes(0x8010_0000 + 8 * n, &mut b));
+    u64::from_le_bytes(b)
+}
+
+fn mem(cpu: &Cpu, pa: u64) -> u64 {
+    let mut b = [0u8; 8];
+    assert!(cpu.ram().read_bytes(pa, &mut b));
+    u64::from_le_bytes(b)
+}
+
+/// A handler that records (cause, epc, tval) and resumes after the instruction.
+const MTRAP_SKIP: &str = "
+.align 2
+mtrap:
+    csrr t0, mcause
+    sd t0, 0(s11)
+    csrr t0, mepc
+    sd t0, 8(s11)
+    csrr t0, mtval
+    sd t0, 16(s11)
+    addi s11, s11, 24
+    csrr t0, mepc
+    addi t0, t0, 4
+    csrw mepc, t0
+    mret
+";
+
+#[test]
+fn exceptions_record_cause_epc_and_tval() {
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+ill:   .word 0xffffffff
+ecl:   ecall
+brk:   ebreak
+ldf:   ld t0, 1(zero)
+csrf:  csrr t0, 0x7c0
+mis:   li t1, 0x80100801
+amof:  amoadd.d t0, t1, (t1)
+    j finish
+{MTRAP_SKIP}{FINISH}"
+    );
+    let (cpu, s) = run("exceptions", &src);
+    let expect = [
+        (2, s["ill"], 0xffff_ffff),
+        (11, s["ecl"], 0),
+        (3, s["brk"], s["brk"]),
+        (5, s["ldf"], 1),
+        (2, s["csrf"], 0x7c00_22f3),
+        (6, s["amof"], 0x8010_0801),
+    ];
+    for (n, (cause, epc, tval)) in expect.into_iter().enumerate() {
+        let n = n as u64;
+        assert_eq!(
+            (rec(&cpu, 3 * n), rec(&cpu, 3 * n + 1), rec(&cpu, 3 * n + 2)),
+            (cause, epc, tval),
+            "trap {n}"
+        );
+    }
+}
+
+#[test]
+fn delegation_moves_traps_and_interrupts_to_s_mode() {
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+    la t0, strap
+    csrw stvec, t0
+    li t0, 1 << 8          # ecall from U goes to S
+    csrw medeleg, t0
+    li t0, 1 << 1          # supervisor software interrupts go to S
+    csrw mideleg, t0
+    li t0, 3 << 11
+    csrc mstatus, t0
+    li t0, 1 << 11         # MPP = S
+    csrs mstatus, t0
+    la t0, smain
+    csrw mepc, t0
+    mret
+smain:
+    li t0, 1 << 8          # SPP = U
+    csrc sstatus, t0
+    la t0, umain
+    csrw sepc, t0
+    sret
+umain:
+    ecall
+    j umain
+s_after:
+sill:
+    csrr t0, mstatus       # not S's: illegal, not delegated, goes to M
+    li t0, 2
+    csrs sie, t0
+    csrsi sstatus, 2       # SIE
+    csrs sip, t0           # raise SSIP: taken in S at once
+    nop
+    nop
+secall:
+    ecall                  # from S: goes to M
+    j finish
+
+.align 2
+strap:
+    csrr t0, scause
+    sd t0, 0(s11)
+    csrr t0, sepc
+    sd t0, 8(s11)
+    csrr t0, sstatus
+    sd t0, 16(s11)
+    addi s11, s11, 24
+    csrr t0, scause
+    bltz t0, 1f
+    la t0, s_after         # ecall from U: continue in S
+    csrw sepc, t0
+    li t0, 1 << 8
+    csrs sstatus, t0
+    sret
+1:  li t0, 2
+    csrc sip, t0
+    sret
+
+.align 2
+mtrap:
+    csrr t0, mcause
+    sd t0, 0(s11)
+    csrr t0, mepc
+    sd t0, 8(s11)
+    csrr t0, mstatus
+    sd t0, 16(s11)
+    addi s11, s11, 24
+    csrr t0, mepc
+    addi t0, t0, 4
+    csrw mepc, t0
+    mret
+{FINISH}"
+    );
+    let (cpu, s) = run("delegation", &src);
+    const SPP: u64 = 1 << 8;
+    const MPP: u64 = 3 << 11;
+    // 1: U's ecall, taken in S, from U.
+    assert_eq!(rec(&cpu, 0), 8);
+    assert_eq!(rec(&cpu, 1), s["umain"]);
+    assert_eq!(rec(&cpu, 2) & SPP, 0);
+    // 2: S reading mstatus: illegal, to M, from S.
+    assert_eq!(rec(&cpu, 3), 2);
+    assert_eq!(rec(&cpu, 4), s["sill"]);
+    assert_eq!(rec(&cpu, 5) & MPP, 1 << 11);
+    // 3: the delegated software interrupt, in S, from S.
+    assert_eq!(rec(&cpu, 6), (1 << 63) | 1);
+    assert_eq!(rec(&cpu, 8) & SPP, SPP);
+    // 4: S's ecall, to M.
+    assert_eq!(rec(&cpu, 9), 9);
+    assert_eq!(rec(&cpu, 10), s["secall"]);
+    assert_eq!(rec(&cpu, 11) & MPP, 1 << 11);
+    assert_eq!(cpu.prv, rv64emu::Priv::Supervisor);
+}
+
+/// Writes a PTE at `table[index]` pointing to `target` with `flags`.
+fn pte(table: &str, index: u64, target: &str, flags: u64) -> String {
+    format!(
+        "    la t0, {target}\n    srli t0, t0, 12\n    slli t0, t0, 10\n    ori t0, t0, {flags}\n    la t1, {table}\n    sd t0, {}(t1)\n",
+        index * 8
+    )
+}
+
+#[test]
+fn sv39_paging_sets_accessed_and_dirty_and_faults_on_permissions() {
+    paging(false);
+}
+
+#[test]
+fn sv48_paging_sets_accessed_and_dirty_and_faults_on_permissions() {
+    paging(true);
+}
+
+/// The same checks under Sv39 or Sv48; Sv48 puts one more table above the same tree.
+fn paging(sv48: bool) {
+    // V=1 R=2 W=4 X=8 U=16 G=32 A=64 D=128
+    let mut setup = String::new();
+    let top = if sv48 {
+        setup += &pte("root", 0, "l2", 1);
+        "l2"
+    } else {
+        "root"
+    };
+    setup += &format!(
+        "    li t0, (0x80000000 >> 12) << 10 | 0xcf\n    la t1, {top}\n    sd t0, 16(t1)\n"
+    );
+    setup += "    li t0, 0xc7\n    sd t0, 0(t1)\n"; // identity gigapage 0 for the finisher
+    setup += &pte(top, 1, "l1", 1);
+    let mode = if sv48 { 9 } else { 8 };
+    setup += &pte("l1", 0, "l0", 1);
+    setup += &pte("l0", 0, "data", 1 | 2 | 4);
+    setup += &pte("l0", 1, "data2", 1 | 2);
+    setup += &pte("l0", 2, "upage", 1 | 2 | 4 | 16 | 64 | 128);
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+{setup}
+    la t0, strap
+    csrw stvec, t0
+    li t0, (1 << 13) | (1 << 15)   # page faults go to S
+    csrw medeleg, t0
+    la t0, root
+    srli t0, t0, 12
+    li t1, {mode} << 60
+    or t0, t0, t1
+    csrw satp, t0
+    li t0, 3 << 11
+    csrc mstatus, t0
+    li t0, 1 << 11
+    csrs mstatus, t0
+    la t0, smain
+    csrw mepc, t0
+    mret
+smain:
+    sfence.vma
+    li s0, 0x40000000
+    li s2, 0x40001000
+    li s3, 0x40002000
+    li s4, 0x40003000
+    la s1, l0
+    ld t0, 0(s0)          # read: A set, D not
+    sd t0, 0(s11)
+    ld t0, 0(s1)
+    sd t0, 8(s11)
+    li t0, 0x55
+    sd t0, 8(s0)          # write: D set
+    ld t0, 0(s1)
+    sd t0, 16(s11)
+    addi s11, s11, 24
+rofault:
+    sd t0, 0(s2)     # read-only page: store page fault
+ufault:
+    ld t0, 0(s3)     # U page without SUM: load page fault
+    li t0, 1 << 18
+    csrs sstatus, t0
+    ld t0, 0(s3)     # with SUM: allowed
+    sd t0, 0(s11)
+    addi s11, s11, 8
+unmapped:
+    ld t0, 0(s4)     # no PTE: load page fault
+    la t0, data2          # remap page 0 to data2; sfence makes it visible
+    srli t0, t0, 12
+    slli t0, t0, 10
+    ori t0, t0, 0x43
+    sd t0, 0(s1)
+    sfence.vma
+    ld t0, 0(s0)
+    sd t0, 0(s11)
+    j finish
+
+.align 2
+strap:
+    csrr t0, scause
+    sd t0, 0(s11)
+    csrr t0, sepc
+    sd t0, 8(s11)
+    csrr t0, stval
+    sd t0, 16(s11)
+    addi s11, s11, 24
+    csrr t0, sepc
+    addi t0, t0, 4
+    csrw sepc, t0
+    sret
+{MTRAP_SKIP}{FINISH}
+.data
+.align 12
+root: .space 4096
+l2:   .space 4096
+l1:   .space 4096
+l0:   .space 4096
+data: .dword 0x1111
+      .space 4088
+data2: .dword 0x2222
+      .space 4088
+upage: .dword 0x3333
+      .space 4088
+"
+    );
+    let (cpu, s) = run(if sv48 { "sv48" } else { "sv39" }, &src);
+    const A: u64 = 64;
+    const D: u64 = 128;
+    assert_eq!(rec(&cpu, 0), 0x1111);
+    assert_eq!(rec(&cpu, 1) & (A | D), A, "a load sets A only");
+    assert_eq!(rec(&cpu, 2) & (A | D), A | D, "a store sets D");
+    assert_eq!(mem(&cpu, s["data"] + 8), 0x55);
+    assert_eq!(
+        (rec(&cpu, 3), rec(&cpu, 4), rec(&cpu, 5)),
+        (15, s["rofault"], 0x4000_1000)
+    );
+    assert_eq!(
+        (rec(&cpu, 6), rec(&cpu, 7), rec(&cpu, 8)),
+        (13, s["ufault"], 0x4000_2000)
+    );
+    assert_eq!(rec(&cpu, 9), 0x3333, "SUM opens U pages to S");
+    assert_eq!(
+        (rec(&cpu, 10), rec(&cpu, 11), rec(&cpu, 12)),
+        (13, s["unmapped"], 0x4000_3000)
+    );
+    assert_eq!(
+        rec(&cpu, 13),
+        0x2222,
+        "sfence.vma drops the old translation"
+    );
+    // The only access to the read-only page faulted: neither A nor D may be set.
+    assert_eq!(mem(&cpu, s["l0"] + 8) & (A | D), 0);
+}
+
+#[test]
+fn timer_and_software_interrupts_wake_wfi() {
+    let src = format!(
+        "{PRELUDE}
+    li s10, 0
+    li s9, 0
+    li t0, CLINT + 0xbff8
+    ld t1, 0(t0)
+    addi t1, t1, 1000      # 100 us at 10 MHz
+    li t0, CLINT + 0x4000
+    sd t1, 0(t0)
+    li t0, 1 << 7
+    csrs mie, t0
+    csrsi mstatus, 8
+1:  wfi
+    beqz s10, 1b
+    li t0, 1 << 3
+    csrs mie, t0
+    li t0, CLINT
+    li t1, 1
+    sw t1, 0(t0)
+2:  beqz s9, 2b
+    j finish
+
+.align 2
+mtrap:
+    csrr t0, mcause
+    sd t0, 0(s11)
+    addi s11, s11, 8
+    li t1, (1 << 63) | 7
+    bne t0, t1, 1f
+    li s10, 1
+    li t0, CLINT + 0x4000
+    li t1, -1
+    sd t1, 0(t0)
+    mret
+1:  li s9, 1
+    li t0, CLINT
+    sw zero, 0(t0)
+    mret
+{FINISH}"
+    );
+    let (cpu, _) = run("interrupts", &src);
+    assert_eq!(rec(&cpu, 0), (1 << 63) | 7, "machine timer");
+    assert_eq!(rec(&cpu, 1), (1 << 63) | 3, "machine software");
+    assert_eq!(rec(&cpu, 2), 0, "no further interrupt");
+}
