@@ -493,6 +493,13 @@ fn rules(role: Role) -> Result<Rules, Error> {
                 ],
             );
             serve_sockets(&mut r);
+            // `PUT /migration/send` connects to the destination VMM (Unix or TCP).
+            allow(&mut r, &[libc::SYS_connect]);
+            let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+                .into_iter()
+                .map(|f| rule(vec![cond(0, Len::Dword, Op::Eq, f as u64)?]))
+                .collect::<Result<Vec<_>, _>>()?;
+            allow_if(&mut r, libc::SYS_socket, families);
         }
         Role::Console => serve_sockets(&mut r),
         Role::Main => {
@@ -609,10 +616,11 @@ mod tests {
             ] {
                 assert!(!r.contains_key(&nr), "{role:?} allows {nr}");
             }
-            // Only vsock's thread connects to sockets by path.
+            // Only vsock's thread (to sockets by path) and the API's (to a migration's
+            // destination) connect.
             assert_eq!(
                 r.contains_key(&libc::SYS_connect),
-                role == Role::Vsock,
+                role == Role::Vsock || role == Role::Api,
                 "{role:?}"
             );
         }

@@ -412,8 +412,11 @@ impl Vmm {
         let memory = match restore {
             // The snapshot's memory file, mapped privately: pages load as the guest
             // touches them.
-            Some(r) => crate::snapshot::memory::map(&r.mem_path, &r.snapshot.memory)
-                .map_err(crate::snapshot::SnapshotError::from)?,
+            Some(r) => match &r.received {
+                Some(m) => m.clone(),
+                None => crate::snapshot::memory::map(&r.mem_path, &r.snapshot.memory)
+                    .map_err(crate::snapshot::SnapshotError::from)?,
+            },
             None => GuestMemoryMmap::from_ranges(&ranges)
                 .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?,
         };

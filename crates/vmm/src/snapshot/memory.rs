@@ -69,7 +69,7 @@ pub fn layout(memory: &GuestMemoryMmap) -> Vec<MemRegion> {
         .collect()
 }
 
-fn all_zero(b: &[u8]) -> bool {
+pub(crate) fn all_zero(b: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
         // aligned middle of the slice.

@@ -286,6 +286,28 @@ impl Snapshotter {
         mem_path: &Path,
     ) -> Result<CreateTimes, SnapshotError> {
         let t0 = Instant::now();
+        let mut snap = self.state()?;
+        let t_state = t0.elapsed();
+        let t1 = Instant::now();
+        snap.memory = memory::write(&self.memory, mem_path)?;
+        let t_memory = t1.elapsed();
+        let body = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        format::write(state_path, &body)?;
+        let times = CreateTimes {
+            state: t_state + t0.elapsed().saturating_sub(t_state + t_memory),
+            memory: t_memory,
+        };
+        tracing::info!(
+            state = %state_path.display(),
+            memory = %mem_path.display(),
+            ?times,
+            "snapshot created"
+        );
+        Ok(times)
+    }
+
+    /// The paused VM's state, its memory laid out as [`memory::layout`] places it.
+    pub(crate) fn state(&self) -> Result<VmSnapshot, SnapshotError> {
         let accel_err = |source| SnapshotError::Accel {
             accel: self.accel.clone(),
             source,
@@ -306,7 +328,7 @@ impl Snapshotter {
                 VirtioTransport::Pci(t) => VirtioSnapshot::Pci(lock(t).snapshot()),
             })
             .collect();
-        let mut snap = VmSnapshot {
+        Ok(VmSnapshot {
             config: self.config.clone(),
             accel: self.accel.clone(),
             saved_unix_ns,
@@ -323,24 +345,7 @@ impl Snapshotter {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
             }),
-        };
-        let t_state = t0.elapsed();
-        let t1 = Instant::now();
-        snap.memory = memory::write(&self.memory, mem_path)?;
-        let t_memory = t1.elapsed();
-        let body = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
-        format::write(state_path, &body)?;
-        let times = CreateTimes {
-            state: t_state + t0.elapsed().saturating_sub(t_state + t_memory),
-            memory: t_memory,
-        };
-        tracing::info!(
-            state = %state_path.display(),
-            memory = %mem_path.display(),
-            ?times,
-            "snapshot created"
-        );
-        Ok(times)
+        })
     }
 }
 
@@ -350,6 +355,8 @@ pub struct Loaded {
     pub snapshot: VmSnapshot,
     pub state_path: PathBuf,
     pub mem_path: PathBuf,
+    /// Guest memory received from a migration's source, used instead of `mem_path`.
+    pub received: Option<GuestMemoryMmap>,
 }
 
 impl Loaded {
@@ -368,6 +375,33 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             path: state_path.into(),
             why: e.to_string(),
         })?;
+    check_layout(&snapshot)?;
+    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
+    let have = std::fs::metadata(mem_path)
+        .map_err(|source| memory::MemoryError::Open {
+            path: mem_path.into(),
+            source,
+        })?
+        .len();
+    if have != want {
+        return Err(memory::MemoryError::Size {
+            path: mem_path.into(),
+            want,
+            have,
+        }
+        .into());
+    }
+    check_host(&snapshot)?;
+    Ok(Loaded {
+        snapshot,
+        state_path: state_path.into(),
+        mem_path: mem_path.into(),
+        received: None,
+    })
+}
+
+/// Whether the snapshot's vCPUs and memory regions are what its configuration builds.
+pub(crate) fn check_layout(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     if snapshot.vcpus.len() != usize::from(snapshot.config.cpus) {
         return Err(SnapshotError::Invalid(format!(
             "{} vCPU states for {} vCPUs",
@@ -403,21 +437,11 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             snapshot.config.memory_mib
         )));
     }
-    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
-    let have = std::fs::metadata(mem_path)
-        .map_err(|source| memory::MemoryError::Open {
-            path: mem_path.into(),
-            source,
-        })?
-        .len();
-    if have != want {
-        return Err(memory::MemoryError::Size {
-            path: mem_path.into(),
-            want,
-            have,
-        }
-        .into());
-    }
+    Ok(())
+}
+
+/// Whether this host can run the snapshot: its disks as they were, nothing refused.
+pub(crate) fn check_host(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     let disks = disk_identities(&snapshot.config)?;
     for (now, then) in disks.iter().zip(&snapshot.disks) {
         if now != then {
@@ -437,11 +461,7 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
     if let Some(what) = unsupported(&snapshot.config) {
         return Err(SnapshotError::Unsupported(what));
     }
-    Ok(Loaded {
-        snapshot,
-        state_path: state_path.into(),
-        mem_path: mem_path.into(),
-    })
+    Ok(())
 }
 
 /// The state and memory files of a snapshot folder (`vessel run --restore DIR`).
