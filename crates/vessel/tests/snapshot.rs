@@ -211,12 +211,18 @@ fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
         v["fault_message"].as_str().unwrap().contains("paused"),
         "{v}"
     );
-    let diff = create.replace("\"Full\"", "\"Diff\"");
+    let bogus = create.replace("\"Full\"", "\"Partial\"");
     let (s, v) = api(&s1, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(s, 204, "{v}");
-    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&diff));
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&bogus));
     assert_eq!(s, 400, "{v}");
-    assert!(v["fault_message"].as_str().unwrap().contains("Full"), "{v}");
+    assert!(
+        v["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("Full or Diff"),
+        "{v}"
+    );
     let t0 = Instant::now();
     let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
     assert_eq!(s, 204, "{v}");
@@ -997,4 +1003,146 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
     let host = unix_now();
     let guest = all.last().unwrap().1;
     assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+}
+
+/// Blocks a file takes on disk.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Diff snapshots (Firecracker's `snapshot_type: "Diff"`): a Full snapshot, then a Diff
+/// that holds only the pages written since (far less than the Full's memory), rebased
+/// onto a copy of the Full's memory file with `vessel rebase-snap`, restores to a guest
+/// whose count goes on from the Diff; a Diff taken in the restored VMM follows the
+/// snapshot it was restored from, and restores the same way.
+#[test]
+fn diff_snapshots_rebased_onto_their_base_restore() {
+    let a = assets();
+    let dir = TempDir::new("snap-diff");
+    let sock = dir.path().join("api.sock");
+    let [full, diff1, diff2] = ["full", "diff1", "diff2"].map(|n| {
+        let d = dir.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    });
+    let create = |to: &Path, kind: &str| {
+        format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            to.join("vmstate").display(),
+            to.join("memory").display()
+        )
+    };
+    let mut vm = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "128M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        a.join("initramfs.cpio.gz").as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+    ]);
+    let at = vm.wait_for("~ #", 0, BOOT);
+    vm.type_line(
+        "i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.05; done &",
+    );
+    vm.wait_for("tick 3 ", at, CMD);
+    let pause = |sock: &Path| {
+        let (s, v) = api(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        assert_eq!(s, 204, "{v}");
+    };
+    let snapshot = |sock: &Path, to: &Path, kind: &str| {
+        let (s, v) = api(sock, "PUT", "/snapshot/create", Some(&create(to, kind)));
+        assert_eq!(s, 204, "{kind}: {v}");
+    };
+    pause(&sock);
+    snapshot(&sock, &full, "Full");
+    let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(s, 204, "{v}");
+    let last = ticks(&vm.text()).last().unwrap().0;
+    vm.wait_for(&format!("tick {} ", last + 10), 0, CMD);
+    pause(&sock);
+    snapshot(&sock, &diff1, "Diff");
+    vm.child.0.kill().unwrap();
+    vm.child.0.wait().unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let mut text = vm.text();
+    let (full_mem, diff_mem) = (
+        allocated(&full.join("memory")),
+        allocated(&diff1.join("memory")),
+    );
+    eprintln!("full snapshot memory {full_mem} bytes, diff {diff_mem} bytes");
+    assert!(
+        diff_mem * 4 < full_mem,
+        "the diff is not much smaller than the full snapshot: {diff_mem} vs {full_mem}"
+    );
+
+    let merged = dir.path().join("merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    std::fs::copy(full.join("memory"), merged.join("memory")).unwrap();
+    let rebase = |base: &Path, diff: &Path| {
+        let out = vessel()
+            .arg("rebase-snap")
+            .arg("--base-file")
+            .arg(base)
+            .arg("--diff-file")
+            .arg(diff)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    rebase(&merged.join("memory"), &diff1.join("memory"));
+
+    // Restored from the diff's state and the rebased memory; a second Diff there.
+    let restore = |state: &Path, mem: &Path| {
+        Vm::spawn(&[
+            "run".as_ref(),
+            "--restore".as_ref(),
+            state.as_os_str(),
+            "--restore-mem".as_ref(),
+            mem.as_os_str(),
+            "--serial".as_ref(),
+            "stdio".as_ref(),
+            "--api-sock".as_ref(),
+            sock.as_os_str(),
+        ])
+    };
+    let mut all = ticks(&text);
+    let mut tail = text.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let mut vm = restore(&diff1.join("vmstate"), &merged.join("memory"));
+    let last = all.last().unwrap().0;
+    vm.wait_for(&format!("tick {} ", last + 10), 0, CMD);
+    wait_for_socket(&sock);
+    pause(&sock);
+    snapshot(&sock, &diff2, "Diff");
+    vm.child.0.kill().unwrap();
+    vm.child.0.wait().unwrap();
+    let _ = std::fs::remove_file(&sock);
+    text = format!("{tail}{}", vm.text());
+    all.extend(ticks(&text));
+    tail = text.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    assert_consecutive(&all, 1, "after restoring the first diff");
+    assert!(allocated(&diff2.join("memory")) * 4 < full_mem);
+
+    // The restored VMM's memory file is the second diff's base.
+    rebase(&merged.join("memory"), &diff2.join("memory"));
+    let mut vm = restore(&diff2.join("vmstate"), &merged.join("memory"));
+    let last = all.last().unwrap().0;
+    vm.wait_for(&format!("tick {} ", last + 10), 0, CMD);
+    vm.child.0.kill().unwrap();
+    vm.child.0.wait().unwrap();
+    all.extend(ticks(&format!("{tail}{}", vm.text())));
+    assert_consecutive(&all, 1, "after restoring the second diff");
 }

@@ -803,6 +803,11 @@ impl Vmm {
             busy: Mutex::new(()),
         });
         if let Some(r) = restore {
+            // The memory file is the base of the first Diff snapshot: the dirty log
+            // starts here (an accelerator without one refuses Diff snapshots anyway).
+            if r.received.is_none() {
+                let _ = vm.take_dirty_log();
+            }
             tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");
         }
 

@@ -378,7 +378,7 @@ impl VmmApi {
     /// `PUT /snapshot/create`: the paused VM's state and memory into two files.
     fn snapshot_create(&self, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotCreateParams = parse(req)?;
-        params.check().map_err(|msg| fault(400, msg))?;
+        let kind = params.check().map_err(|msg| fault(400, msg))?;
         for p in [&params.snapshot_path, &params.mem_file_path] {
             access::check(p, req.peer.as_ref(), Want::Create)
                 .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
@@ -391,7 +391,7 @@ impl VmmApi {
             Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
         };
         snapshotter
-            .create(&params.snapshot_path, &params.mem_file_path)
+            .create(&params.snapshot_path, &params.mem_file_path, kind)
             .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
         Ok(Response::empty(204))
     }
