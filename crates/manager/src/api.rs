@@ -293,6 +293,35 @@ impl Api {
                 self.m.save(name, &s.path)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "migrate"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct M {
+                    /// The destination daemon's API socket.
+                    dest: std::path::PathBuf,
+                    #[serde(default)]
+                    live: bool,
+                    #[serde(default)]
+                    undefine_source: bool,
+                }
+                let m: M = body_json(req, "migrate body")?;
+                if !m.live {
+                    return Err(Error::Unsupported(
+                        "only live migration is implemented: give --live".into(),
+                    ));
+                }
+                self.check_path(req, &m.dest, vmm::api::access::Want::Read)?;
+                ok(self.m.migrate_out(name, &m.dest, m.undefine_source)?)
+            }
+            ("POST", ["migrations", "incoming"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct I {
+                    definition: crate::domain::DomainDef,
+                }
+                let i: I = body_json(req, "incoming migration body")?;
+                ok(json!({ "url": self.m.migrate_in(i.definition)? }))
+            }
             ("POST", ["restore"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]

@@ -21,6 +21,7 @@ use crate::events::Events;
 use crate::network;
 use crate::store::Store;
 
+mod migration;
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
@@ -642,7 +643,7 @@ impl Manager {
 
     /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
     fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
-        self.start_inner(name, fresh_log, None)
+        self.start_inner(name, fresh_log, driver::Boot::Fresh)
     }
 
     /// Starts a domain, or with `restore` brings it back from the snapshot in that folder.
@@ -650,7 +651,7 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
         fresh_log: bool,
-        restore: Option<&Path>,
+        boot: driver::Boot<'_>,
     ) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
@@ -675,7 +676,7 @@ impl Manager {
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
-        if let Some(dir) = restore {
+        if let driver::Boot::Restore(dir) = boot {
             if let Err(e) = snapshots::check_matches(dir, &runtime, &run) {
                 self.detach_interfaces(&def);
                 return Err(e);
@@ -687,18 +688,22 @@ impl Manager {
             &run,
             &self.serial_log(name),
             fresh_log,
-            restore,
+            boot,
         )
-        .and_then(
-            |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {
+        .and_then(|(mut child, id)| {
+            let ready = match boot {
+                driver::Boot::Incoming => driver::wait_incoming(&runtime, &run, &mut child),
+                _ => driver::wait_ready(&runtime, &run, &mut child),
+            };
+            match ready {
                 Ok(()) => Ok((child, id)),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     Err(e)
                 }
-            },
-        );
+            }
+        });
         let (child, id) = match started {
             Ok(x) => x,
             Err(e) => {

@@ -184,6 +184,19 @@ pub enum ManageCommand {
     Save { name: String, file: PathBuf },
     /// Start a domain from the state `save` left in FILE.
     Restore { file: PathBuf },
+    /// Move a running Vessel domain to another daemon (DEST: its API socket) while it
+    /// runs; its definition goes with it (defined there, kept here shut off unless
+    /// --undefinesource).
+    Migrate {
+        name: String,
+        dest: PathBuf,
+        /// Live migration (the guest runs during the copy): the only kind implemented.
+        #[arg(long)]
+        live: bool,
+        /// Undefine the domain here once it runs at the destination.
+        #[arg(long)]
+        undefinesource: bool,
+    },
     /// Show a domain's state and resources.
     Dominfo { name: String },
     /// Print a domain's definition as libvirt domain XML.
@@ -608,6 +621,30 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 print_json(&v);
             } else {
                 println!("Domain '{name}' saved to {}", path.display());
+            }
+        }
+        ManageCommand::Migrate {
+            name,
+            dest,
+            live,
+            undefinesource,
+        } => {
+            let dest = std::path::absolute(&dest)
+                .with_context(|| format!("resolving {}", dest.display()))?;
+            let v = c.post(
+                &format!("{}/migrate", dom(&name)),
+                Some(&json!({ "dest": dest, "live": live, "undefine_source": undefinesource })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Domain '{name}' migrated to {} (downtime {:.1} ms, total {:.1} ms, {} rounds)",
+                    dest.display(),
+                    v["downtime_ms"].as_f64().unwrap_or(0.0),
+                    v["total_ms"].as_f64().unwrap_or(0.0),
+                    v["rounds"].as_u64().unwrap_or(0)
+                );
             }
         }
         ManageCommand::Restore { file } => {

@@ -30,10 +30,9 @@ const CONFIG_FLAGS: [&str; 19] = [
     "uuid",
 ];
 
-/// What a migrated VM takes from its source, not from flags (--jail needs the VM's files
-/// before the VM is known).
-const INCOMING_CONFLICTS: [&str; 21] = [
-    "config",
+/// What a migrated VM takes from its source, not from flags (--config names the VM
+/// expected, see --incoming).
+const INCOMING_CONFLICTS: [&str; 19] = [
     "kernel",
     "initrd",
     "firmware",
@@ -53,7 +52,6 @@ const INCOMING_CONFLICTS: [&str; 21] = [
     "uuid",
     "restore",
     "api_only",
-    "jail",
 ];
 
 /// What a restored VM takes from its snapshot, not from flags.
@@ -166,7 +164,9 @@ pub struct RunArgs {
     restore: Option<PathBuf>,
     /// Wait for a VM migrating in from another VMM (`PUT /migration/send` there) at
     /// unix:PATH or tcp:HOST:PORT, as QEMU's -incoming; run it once it has arrived. The
-    /// VM is the source's: the flags that describe one are refused, as with --restore.
+    /// VM is the source's: the flags that describe one are refused, as with --restore;
+    /// --config FILE names the VM expected (one with another configuration is refused),
+    /// and is what --jail needs.
     #[arg(long, conflicts_with_all = INCOMING_CONFLICTS)]
     incoming: Option<vmm::migration::Endpoint>,
     /// With --restore STATE: the snapshot's memory file.
@@ -477,12 +477,24 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
 /// runs here, and runs it.
 fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Result<i32> {
     use vmm::migration::receive;
+    let expected = match &args.config {
+        Some(_) => Some(config_from(&args)?),
+        None => None,
+    };
     let listener = receive::Listener::bind(from)
         .with_context(|| format!("listening for a migration on {from}"))?;
     let ids = args
         .uid
         .zip(args.gid)
         .map(|(uid, gid)| sandbox::Ids { uid, gid });
+    if let Some(root) = &args.jail {
+        let Some(config) = &expected else {
+            bail!(
+                "--jail with --incoming needs --config: the VM's files are bound before it arrives"
+            );
+        };
+        enter_jail(root, config, &args, ids, &[])?;
+    }
     sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
     let console_sock = args.console_sock.clone();
     let mut relay = None;
@@ -500,6 +512,15 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
     let incoming = receive::receive(&listener, from)
         .with_context(|| format!("receiving a migrating VM on {from}"))?;
     drop(listener);
+    if let Some(want) = &expected {
+        let mut got = incoming.loaded.config().clone();
+        got.serial = want.serial.clone();
+        if &got != want {
+            let why = "the VM that arrived is not the one --config describes".to_string();
+            let _ = incoming.answer(&Err(why.clone()));
+            bail!("{why}");
+        }
+    }
     let vmm = match Vmm::restore(&incoming.loaded, args.serial.clone(), args.accel) {
         Ok(vmm) => vmm,
         Err(e) => {

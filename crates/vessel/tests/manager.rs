@@ -2595,3 +2595,105 @@ fn vessel_domain_saves_and_restores_under_emu() {
     );
     d.ok(&["destroy", "saved"]);
 }
+
+/// `migrate NAME --live DEST` between two daemons (two state directories stand for two
+/// hosts; their VMMs jailed): the domain's definition goes with it, its counter goes on at
+/// the destination from where it stopped at the source, and back again with
+/// `--undefinesource`, which leaves it defined at one daemon only. A destination that is
+/// no daemon is refused and the domain runs on.
+#[test]
+fn vessel_domain_migrates_live_between_daemons() {
+    let a = assets();
+    let src = Daemon::start("migsrc");
+    let dst = Daemon::start("migdst");
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let def = json!({"name": "mover", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu"}});
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/mover/start", None).unwrap();
+    let counts = |c: &Client| -> Vec<u64> {
+        serial_log(c, "mover")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "mover")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(&at_src, 3, "first boot");
+
+    let nowhere = src.dir.join("nowhere.sock");
+    let e = src.fails(&["migrate", "mover", "--live", nowhere.to_str().unwrap()]);
+    assert!(e.contains("destination"), "{e}");
+    assert_eq!(state(&at_src, "mover"), "running");
+    let now = *counts(&at_src).last().unwrap();
+    wait_count(&at_src, now + 2, "after a refused migration");
+
+    let out = src.ok(&["migrate", "mover", "--live", dst.socket().to_str().unwrap()]);
+    assert!(
+        out.contains("migrated") && out.contains("downtime"),
+        "{out}"
+    );
+    wait_state(&at_src, "mover", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "mover"), "running");
+    assert!(src.run_pids().is_empty(), "the source's VMM still runs");
+    let last = *counts(&at_src).last().unwrap();
+    wait_count(&at_dst, last + 5, "at the destination");
+    // A line the source was printing when it stopped ends in the destination's log.
+    let parse = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let both = parse(&format!(
+        "{}{}",
+        serial_log(&at_src, "mover"),
+        serial_log(&at_dst, "mover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+    let there = counts(&at_dst);
+
+    let out = dst.ok(&[
+        "migrate",
+        "mover",
+        "--live",
+        src.socket().to_str().unwrap(),
+        "--undefinesource",
+    ]);
+    assert!(out.contains("migrated"), "{out}");
+    let gone = at_dst.get("/v1/domains/mover");
+    assert!(
+        gone.is_err(),
+        "still defined at the first destination: {gone:?}"
+    );
+    assert_eq!(state(&at_src, "mover"), "running");
+    let back = *counts(&at_src).last().unwrap();
+    wait_count(&at_src, back + 5, "back at the source");
+    // The source's log went on where it stopped; the destination's held the middle.
+    let all = counts(&at_src);
+    let resumed = all.iter().position(|&n| n > last).unwrap();
+    assert!(
+        all[..resumed].windows(2).all(|w| w[1] == w[0] + 1) && all[0] == 1,
+        "{all:?}"
+    );
+    assert!(
+        all[resumed..].windows(2).all(|w| w[1] == w[0] + 1),
+        "{all:?}"
+    );
+    assert!(all[resumed] > *there.last().unwrap(), "{all:?}");
+    src.ok(&["destroy", "mover"]);
+}

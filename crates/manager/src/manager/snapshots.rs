@@ -145,7 +145,7 @@ impl Manager {
             ));
         }
         // The serial log goes on: the guest does.
-        let info = self.start_inner(name, false, Some(path))?;
+        let info = self.start_inner(name, false, crate::driver::Boot::Restore(path))?;
         self.events.emit(
             name,
             "restored",
