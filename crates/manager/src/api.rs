@@ -293,6 +293,14 @@ impl Api {
                 self.m.save(name, &s.path)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "managedsave"]) => {
+                self.m.managed_save_domain(name, false)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("DELETE", ["domains", name, "managedsave"]) => {
+                self.m.managed_save_remove(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
             ("POST", ["domains", name, "migrate"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]

@@ -38,6 +38,8 @@ pub struct Config {
     /// images), besides the pool roots (`vessel daemon --file-root DIR`). A TCP client
     /// has no host user to check its rights against.
     pub file_roots: Vec<PathBuf>,
+    /// Managedsave every running Vessel domain when the daemon is told to end.
+    pub save_on_shutdown: bool,
 }
 
 #[derive(Debug)]
@@ -297,7 +299,11 @@ impl Manager {
         let Ok(defs) = self.store.list_domains() else {
             return;
         };
-        for d in defs.into_iter().filter(|d| d.autostart) {
+        // Domains the last daemon saved as it ended come back too.
+        for d in defs
+            .into_iter()
+            .filter(|d| d.autostart || self.saved_at_shutdown(&d.name))
+        {
             if lock(&self.active).contains_key(&d.name) {
                 continue;
             }
@@ -643,6 +649,9 @@ impl Manager {
 
     /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
     fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
+        if let Some(dir) = self.managed_save(name) {
+            return self.start_managed(name, &dir);
+        }
         self.start_inner(name, fresh_log, driver::Boot::Fresh)
     }
 

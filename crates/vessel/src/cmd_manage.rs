@@ -90,6 +90,11 @@ pub struct DaemonArgs {
     /// domain's name modulo COUNT (e.g. 1000000:65536, a range no account uses).
     #[arg(long, value_parser = parse_uid_range, value_name = "START:COUNT")]
     vmm_uid_range: Option<(u32, u32)>,
+    /// On SIGTERM (host shutdown), managedsave every running Vessel domain before ending;
+    /// the next daemon starts them again from their saves (libvirt-guests'
+    /// ON_SHUTDOWN=suspend).
+    #[arg(long)]
+    save_on_shutdown: bool,
 }
 
 /// `START:COUNT` for `--vmm-uid-range`.
@@ -121,6 +126,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         },
         pool_roots: args.pool_roots,
         file_roots: args.file_roots,
+        save_on_shutdown: args.save_on_shutdown,
     };
     let tcp = match (args.listen_tcp, args.token_file) {
         (Some(addr), Some(f)) => Some(manager::TcpOpts {
@@ -184,6 +190,11 @@ pub enum ManageCommand {
     Save { name: String, file: PathBuf },
     /// Start a domain from the state `save` left in FILE.
     Restore { file: PathBuf },
+    /// Save a running Vessel domain's state where the daemon keeps it, and stop it; its
+    /// next `start` (or autostart) restores it.
+    Managedsave { name: String },
+    /// Drop a domain's managed save: its next start boots it.
+    ManagedsaveRemove { name: String },
     /// Move a running Vessel domain to another daemon (DEST: its API socket) while it
     /// runs; its definition goes with it (defined there, kept here shut off unless
     /// --undefinesource).
@@ -645,6 +656,22 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                     v["total_ms"].as_f64().unwrap_or(0.0),
                     v["rounds"].as_u64().unwrap_or(0)
                 );
+            }
+        }
+        ManageCommand::Managedsave { name } => {
+            let v = c.post(&format!("{}/managedsave", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' state saved by the daemon");
+            }
+        }
+        ManageCommand::ManagedsaveRemove { name } => {
+            let v = c.call("DELETE", &format!("{}/managedsave", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Removed managedsave image for domain '{name}'");
             }
         }
         ManageCommand::Restore { file } => {

@@ -2697,3 +2697,97 @@ fn vessel_domain_migrates_live_between_daemons() {
     assert!(all[resumed] > *there.last().unwrap(), "{all:?}");
     src.ok(&["destroy", "mover"]);
 }
+
+/// `managedsave`: the domain stops with its state kept by the daemon and its next `start`
+/// restores it (the count goes on, the guest does not boot again); a daemon with
+/// `--save-on-shutdown` saves its running domains on SIGTERM and the next daemon brings
+/// them back; `managedsave-remove` makes the next start a boot.
+#[test]
+fn vessel_domain_managedsave_and_save_on_shutdown() {
+    let a = assets();
+    let mut d = Daemon {
+        dir: std::env::temp_dir().join(format!("vm-msave-{}", std::process::id())),
+        child: None,
+        netns: false,
+        env: Vec::new(),
+    };
+    let _ = std::fs::remove_dir_all(&d.dir);
+    std::fs::create_dir_all(&d.dir).unwrap();
+    d.spawn_with(&["--save-on-shutdown"]);
+    let c = d.client();
+    let def = json!({"name": "kept", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu"}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post("/v1/domains/kept/start", None).unwrap();
+    let counts = |c: &Client| -> Vec<u64> {
+        serial_log(c, "kept")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "kept")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let consecutive = |c: &Client| {
+        let all = counts(c);
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "counts lost or repeated: {all:?}"
+        );
+        assert_eq!(
+            serial_log(c, "kept").matches("vessel-init:").count(),
+            1,
+            "the guest booted again"
+        );
+    };
+    wait_count(&c, 3, "first boot");
+
+    d.ok(&["managedsave", "kept"]);
+    assert_eq!(state(&c, "kept"), "shutoff");
+    assert!(d.run_pids().is_empty(), "the VMM runs on after managedsave");
+    let at_save = *counts(&c).last().unwrap();
+    d.ok(&["start", "kept"]);
+    wait_count(&c, at_save + 5, "after start from the managed save");
+    consecutive(&c);
+    assert!(
+        !d.dir.join("state/managed-save/kept").exists(),
+        "the managed save stays after its restore"
+    );
+
+    // Host shutdown: SIGTERM saves it; the next daemon restores it.
+    let mut child = d.child.take().unwrap();
+    kill(child.id() as i32, libc::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", d.log());
+    assert!(
+        d.run_pids().is_empty(),
+        "the VMM runs on after the daemon ended"
+    );
+    d.spawn_with(&["--save-on-shutdown"]);
+    let c = d.client();
+    wait_state(&c, "kept", "running", BOOT_TIMEOUT);
+    let now = *counts(&c).last().unwrap();
+    wait_count(&c, now + 5, "after the daemon restart");
+    consecutive(&c);
+
+    // Without its managed save the next start boots.
+    d.ok(&["managedsave", "kept"]);
+    d.ok(&["managedsave-remove", "kept"]);
+    let e = d.fails(&["managedsave-remove", "kept"]);
+    assert!(e.contains("no managed save"), "{e}");
+    d.ok(&["start", "kept"]);
+    wait_for_log(&c, "kept", "vessel-init:");
+    wait_count(&c, 2, "after a boot");
+    assert_eq!(counts(&c).first(), Some(&1));
+    d.ok(&["destroy", "kept"]);
+}

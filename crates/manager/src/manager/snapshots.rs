@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 
 /// The file in a save folder naming its domain.
 const DOMAIN_FILE: &str = "domain";
+/// In a managed save folder: the daemon saved the domain as it ended, and the next daemon
+/// starts it again.
+const RESUME_FILE: &str = "resume";
 
 /// A save target: an absolute path that does not exist yet, in a folder that does.
 fn save_target(path: &Path) -> Result<PathBuf> {
@@ -68,6 +71,87 @@ fn move_file(from: &Path, to: &Path) -> Result<()> {
 }
 
 impl Manager {
+    /// Where the daemon keeps a domain's managed save.
+    fn managed_save_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("managed-save").join(name)
+    }
+
+    /// The domain's managed save, if it has one.
+    pub fn managed_save(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.managed_save_dir(name);
+        dir.join(DOMAIN_FILE).is_file().then_some(dir)
+    }
+
+    /// Whether the last daemon saved the domain as it ended.
+    pub(super) fn saved_at_shutdown(&self, name: &str) -> bool {
+        self.managed_save(name)
+            .is_some_and(|d| d.join(RESUME_FILE).is_file())
+    }
+
+    /// `managedsave`: saves the running Vessel domain where the daemon keeps it and stops
+    /// it; its next start restores it. `at_shutdown` marks it for the next daemon.
+    pub fn managed_save_domain(&self, name: &str, at_shutdown: bool) -> Result<()> {
+        let dir = self.managed_save_dir(name);
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+        }
+        if dir.exists() {
+            // A stale one (the domain was started without restoring it): replaced.
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))?;
+        }
+        self.save(name, &dir)?;
+        if at_shutdown {
+            std::fs::write(dir.join(RESUME_FILE), b"")
+                .map_err(|e| Error::io("marking", dir.join(RESUME_FILE), e))?;
+        }
+        Ok(())
+    }
+
+    /// `managedsave-remove`: the domain's next start boots it.
+    pub fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.store.get_domain(name)?;
+        match self.managed_save(name) {
+            Some(dir) => std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e)),
+            None => Err(Error::Conflict(format!(
+                "domain {name:?} has no managed save"
+            ))),
+        }
+    }
+
+    /// Starts the domain from its managed save, which is then dropped (a domain
+    /// redefined since refuses it: `managedsave-remove` first).
+    pub(super) fn start_managed(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        dir: &Path,
+    ) -> Result<DomainInfo> {
+        let info = self.start_inner(name, false, crate::driver::Boot::Restore(dir))?;
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(domain = name, "removing the managed save: {e}");
+        }
+        self.events
+            .emit(name, "restored", "running", Some("managed save".into()));
+        Ok(info)
+    }
+
+    /// Managedsaves every running Vessel domain (the daemon is ending: host shutdown).
+    pub fn save_all_at_shutdown(&self) {
+        let running: Vec<String> = lock(&self.active).keys().cloned().collect();
+        for name in running {
+            let vessel = self
+                .store
+                .get_domain(&name)
+                .is_ok_and(|d| d.driver == DriverKind::Vessel);
+            if !vessel {
+                continue;
+            }
+            match self.managed_save_domain(&name, true) {
+                Ok(()) => tracing::info!(domain = %name, "saved at shutdown"),
+                Err(e) => tracing::warn!(domain = %name, "saving at shutdown failed: {e}"),
+            }
+        }
+    }
+
     /// Saves a running Vessel domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
         let dir = save_target(path)?;
