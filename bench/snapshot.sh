@@ -241,20 +241,21 @@ def qemu_run(d):
     return r
 
 WRITER = (b'dd if=/dev/urandom of=/tmp/src bs=1M count=32 2>/dev/null; '
-          b'w=0; t0=$(date +%s); while true; do cp /tmp/src /tmp/dst; w=$((w+1)); '
-          b'echo "wrote $w $(( $(date +%s) - t0 ))"; done &\n')
+          b'w=0; while true; do cp /tmp/src /tmp/dst; w=$((w+1)); '
+          b'echo "wrote $w $(cut -d" " -f1 /proc/uptime)"; done &\n')
 
 def writer_mbs(text):
-    """The guest writer's rate: 32 MiB per copy over the guest's own seconds."""
-    w = re.findall(rb"wrote (\d+) (\d+)\r?\n", text)
-    if not w or int(w[-1][1]) == 0:
+    """The guest writer's rate before the migration: 32 MiB per copy, over the guest's
+    uptime between its first and last report at the source."""
+    w = [(int(n), float(t)) for n, t in re.findall(rb"wrote (\d+) ([\d.]+)\r?\n", text)]
+    if len(w) < 2 or w[-1][1] <= w[0][1]:
         return 0.0
-    return int(w[-1][0]) * 32 * 1.048576 / int(w[-1][1])
+    return (w[-1][0] - w[0][0]) * 32 * 1.048576 / (w[-1][1] - w[0][1])
 
 def count_and_write(argv):
     p = boot_and_count(argv)
     p.type(WRITER)
-    p.wait_for(rb"wrote 3 ", 120)
+    p.wait_for(rb"wrote 6 ", 120)
     return p
 
 def vessel_migrate(d):

@@ -293,6 +293,29 @@ impl Api {
                 self.m.save(name, &s.path)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "snapshots"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct C {
+                    name: String,
+                    #[serde(default)]
+                    description: Option<String>,
+                }
+                let c: C = body_json(req, "snapshot body")?;
+                ok(to_value(&self.m.snapshot_create(
+                    name,
+                    &c.name,
+                    c.description,
+                )?))
+            }
+            ("GET", ["domains", name, "snapshots"]) => ok(to_value(&self.m.snapshot_list(name)?)),
+            ("POST", ["domains", name, "snapshots", snap, "revert"]) => {
+                ok(to_value(&self.m.snapshot_revert(name, snap)?))
+            }
+            ("DELETE", ["domains", name, "snapshots", snap]) => {
+                self.m.snapshot_delete(name, snap)?;
+                ok(json!({}))
+            }
             ("POST", ["domains", name, "managedsave"]) => {
                 self.m.managed_save_domain(name, false)?;
                 ok(to_value(&self.m.info(name)?.1))

@@ -22,6 +22,9 @@ use crate::network;
 use crate::store::Store;
 
 mod migration;
+mod named_snapshots;
+
+pub use named_snapshots::SnapshotInfo;
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};

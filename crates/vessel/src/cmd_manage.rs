@@ -195,6 +195,20 @@ pub enum ManageCommand {
     Managedsave { name: String },
     /// Drop a domain's managed save: its next start boots it.
     ManagedsaveRemove { name: String },
+    /// Take a named snapshot of a Vessel domain: its memory and devices (when it runs)
+    /// and its raw disks; it goes on running.
+    SnapshotCreateAs {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List a domain's snapshots.
+    SnapshotList { name: String },
+    /// Put a domain back as it was at a snapshot (stopping it first).
+    SnapshotRevert { name: String, snapshot: String },
+    /// Delete a domain's snapshot.
+    SnapshotDelete { name: String, snapshot: String },
     /// Move a running Vessel domain to another daemon (DEST: its API socket) while it
     /// runs; its definition goes with it (defined there, kept here shut off unless
     /// --undefinesource).
@@ -665,6 +679,57 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             } else {
                 println!("Domain '{name}' state saved by the daemon");
             }
+        }
+        ManageCommand::SnapshotCreateAs {
+            name,
+            snapshot,
+            description,
+        } => {
+            let v = c.post(
+                &format!("{}/snapshots", dom(&name)),
+                Some(&json!({ "name": snapshot, "description": description })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain snapshot {snapshot} created");
+            }
+        }
+        ManageCommand::SnapshotList { name } => {
+            let v = c.get(&format!("{}/snapshots", dom(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(" {:<20} {:<22} State", "Name", "Creation Time");
+                println!("{}", "-".repeat(56));
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        " {:<20} {:<22} {}",
+                        s["name"].as_str().unwrap_or(""),
+                        s["created"].as_u64().unwrap_or(0),
+                        s["state"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        ManageCommand::SnapshotRevert { name, snapshot } => {
+            let v = c.post(
+                &format!("{}/snapshots/{}/revert", dom(&name), enc(&snapshot)),
+                None,
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' reverted to snapshot {snapshot}");
+            }
+        }
+        ManageCommand::SnapshotDelete { name, snapshot } => {
+            c.call(
+                "DELETE",
+                &format!("{}/snapshots/{}", dom(&name), enc(&snapshot)),
+                None,
+            )?;
+            println!("Domain snapshot {snapshot} deleted");
         }
         ManageCommand::ManagedsaveRemove { name } => {
             let v = c.call("DELETE", &format!("{}/managedsave", dom(&name)), None)?;

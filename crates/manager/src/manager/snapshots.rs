@@ -155,6 +155,25 @@ impl Manager {
     /// Saves a running Vessel domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
         let dir = save_target(path)?;
+        self.capture(name, &dir, &|| Ok(()), true)?;
+        self.destroy(name)?;
+        self.events
+            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
+        Ok(())
+    }
+
+    /// Writes the running Vessel domain's VM state into the new folder `dir` (`vmstate`,
+    /// `memory`, `domain`), the VM paused meanwhile; `also` runs before it goes on (copies
+    /// of its disks). With `stop` it stays paused (the caller stops it), else it resumes
+    /// if it ran. On failure nothing is left in `dir` and the VM goes on as it was.
+    pub(super) fn capture(
+        &self,
+        name: &str,
+        dir: &Path,
+        also: &dyn Fn() -> Result<()>,
+        stop: bool,
+    ) -> Result<()> {
+        let dir = dir.to_path_buf();
         {
             let l = self.domain_lock(name);
             let _g = lock(&l);
@@ -194,7 +213,8 @@ impl Manager {
                     }),
                 )?;
                 move_file(&run_state, &state_file)?;
-                move_file(&run_mem, &mem_file)
+                move_file(&run_mem, &mem_file)?;
+                also()
             })();
             if let Err(e) = saved {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -210,10 +230,15 @@ impl Manager {
                 }
                 return Err(e);
             }
+            if was_running && !stop {
+                driver::vmm_api(
+                    &run,
+                    "PATCH",
+                    "/vm",
+                    &serde_json::json!({"state": "Resumed"}),
+                )?;
+            }
         }
-        self.destroy(name)?;
-        self.events
-            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
         Ok(())
     }
 
