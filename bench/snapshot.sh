@@ -274,6 +274,7 @@ def vessel_migrate(d):
     p.p.wait(timeout=30)
     r["writer_mbs"] = writer_mbs(p.text())
     resumes_after(q, last_tick(p.text()))
+    r["guest_ok"] = 1.0
     return r
 
 def qemu_migrate(d):
@@ -303,7 +304,15 @@ def qemu_migrate(d):
     p.kill()
     while dst.cmd("query-status")["return"].get("status") != "running":
         time.sleep(0.001)
-    resumes_after(q, last)
+    # QEMU's destination guest has been seen to crash here (a list corruption in the
+    # kernel under the writer): counted, not fatal, so the run still gives its figures.
+    try:
+        resumes_after(q, last)
+        r["guest_ok"] = 1.0
+    except (SystemExit, AssertionError) as e:
+        print(f"qemu: the migrated guest did not go on: {str(e)[-300:]}", flush=True)
+        r["guest_ok"] = 0.0
+        q.kill()
     return r
 
 res = {"vessel-emu": [], "qemu-q35-tcg": []}
@@ -333,15 +342,19 @@ for name, rs in res.items():
         row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
     print(f"{name:18}{row}")
 
-mcols = ["total", "downtime", "rounds", "sent_mib", "writer_mbs"]
+mcols = ["total", "downtime", "rounds", "sent_mib", "writer_mbs", "guest_ok"]
 print(f"\nlive migration over a Unix socket, writer running, medians of {runs} "
-      "(ms; sent in MiB; writer in MB/s; downtime anchor: QEMU/Cloud Hypervisor's default "
-      "limit 300 ms, the issue's target 100 ms)")
+      "(ms; sent in MiB; writer in MB/s; guest_ok: the share of runs whose guest went on "
+      "at the destination; downtime anchor: QEMU/Cloud Hypervisor's default limit 300 ms, "
+      "the issue's target 100 ms)")
 print(f"{'':18}" + "".join(f"{c:>16}" for c in mcols))
 for name, rs in mig.items():
     row = ""
     for c in mcols:
         v = [r[c] for r in rs if c in r]
-        row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
+        if c == "guest_ok":
+            row += f"{sum(v):13.0f}/{len(v):<2}" if v else f"{'-':>16}"
+        else:
+            row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
     print(f"{name:18}{row}")
 PY

@@ -232,6 +232,10 @@ impl Vm for EmuVm {
         }
     }
 
+    fn dirty_log_is_free(&self) -> bool {
+        self.kvm.is_none()
+    }
+
     fn stop_dirty_log(&self) {
         if let Some(t) = &*self.code.lock().unwrap_or_else(|p| p.into_inner()) {
             t.stop_dirty_log();

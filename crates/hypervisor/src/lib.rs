@@ -196,6 +196,12 @@ pub trait Vm: Send + Sync {
     }
     /// Ends the log [`Vm::take_dirty_log`] started.
     fn stop_dirty_log(&self) {}
+    /// Whether keeping the dirty log costs the guest nothing worth noting, so the VMM may
+    /// keep it running at all times (emu: a bit per page beside its code marks). KVM's
+    /// costs write faults and huge pages: it runs only once something asks for it.
+    fn dirty_log_is_free(&self) -> bool {
+        false
+    }
     /// From now on a guest write to `addr` (of 4 bytes equal to `datamatch` when given,
     /// of any size otherwise) signals `fd` instead of reaching the VMM's buses.
     fn register_ioevent(

@@ -805,7 +805,7 @@ impl Vmm {
         if let Some(r) = restore {
             // The memory file is the base of the first Diff snapshot: the dirty log
             // starts here (an accelerator without one refuses Diff snapshots anyway).
-            if r.received.is_none() {
+            if r.received.is_none() && vm.dirty_log_is_free() {
                 let _ = vm.take_dirty_log();
             }
             tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");

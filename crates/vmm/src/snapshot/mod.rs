@@ -307,16 +307,25 @@ impl Snapshotter {
         let t_state = t0.elapsed();
         let t1 = Instant::now();
         // The dirty log's take both gives a Diff its pages and makes this snapshot the
-        // base of the next Diff. An accelerator without a log takes Full snapshots only.
-        let taken = self.vm.take_dirty_log();
-        snap.memory = match (kind, taken) {
-            (SnapshotKind::Full, _) => memory::write(&self.memory, mem_path),
-            (SnapshotKind::Diff, Ok(dirty)) => memory::write_diff(&self.memory, mem_path, &dirty),
-            (SnapshotKind::Diff, Err(e)) => {
-                return Err(SnapshotError::Accel {
-                    accel: self.accel.clone(),
-                    source: e,
-                })
+        // base of the next Diff (where the log costs the guest nothing it runs from every
+        // snapshot on; under kvm from the first Diff, which has every page). An
+        // accelerator without a log takes Full snapshots only.
+        snap.memory = match kind {
+            SnapshotKind::Full => {
+                if self.vm.dirty_log_is_free() {
+                    let _ = self.vm.take_dirty_log();
+                }
+                memory::write(&self.memory, mem_path)
+            }
+            SnapshotKind::Diff => {
+                let dirty = self
+                    .vm
+                    .take_dirty_log()
+                    .map_err(|source| SnapshotError::Accel {
+                        accel: self.accel.clone(),
+                        source,
+                    })?;
+                memory::write_diff(&self.memory, mem_path, &dirty)
             }
         }
         .inspect_err(|_| {
