@@ -874,6 +874,9 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
     let s2 = dir.path().join("api2.sock");
     let s3 = dir.path().join("api3.sock");
     let incoming = dir.path().join("incoming.sock");
+    // A disk both VMMs reach under the same path (shared storage).
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
     let mut vm1 = Vm::spawn(&[
         "run".as_ref(),
         "--accel".as_ref(),
@@ -890,6 +893,8 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
         CMDLINE.as_ref(),
         "--api-sock".as_ref(),
         s1.as_os_str(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
     ]);
     let at = vm1.wait_for("~ #", 0, BOOT);
     // A file in memory whose checksum must survive; a writer that keeps rewriting 8 MiB
@@ -897,7 +902,8 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
     // checksum it had when written (a page a migration lost or sent stale breaks it);
     // the count.
     vm1.type_line(
-        "dd if=/dev/urandom of=/tmp/fixed bs=1M count=4 2>/dev/null; \
+        "echo disk-marker-before | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null; \
+         dd if=/dev/urandom of=/tmp/fixed bs=1M count=4 2>/dev/null; \
          echo \"sum fi\"\"xed $(md5sum </tmp/fixed | cut -c1-32)\"; \
          j=0; while true; do \
            if [ -f /tmp/sum ] && [ \"$(md5sum </tmp/data)\" != \"$(cat /tmp/sum)\" ]; then \
@@ -922,6 +928,48 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
     assert_eq!(s, 400, "{v}");
     let last = ticks(&vm1.text()).last().unwrap().0;
     vm1.wait_for(&format!("tick {} ", last + 3), 0, CMD);
+
+    // A destination that expects another VM refuses this one after it arrived: the
+    // source goes on, with its disk's image lock taken back.
+    let other = dir.path().join("other.json");
+    let mut cfg = vmm::VmConfig::new(a.join("vmlinuz"));
+    cfg.memory_mib = 128;
+    cfg.serial = vmm::SerialConfig::Null;
+    std::fs::write(&other, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let refusing = dir.path().join("refusing.sock");
+    let mut no = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", refusing.display()).as_ref(),
+        "--config".as_ref(),
+        other.as_os_str(),
+    ]);
+    wait_for_socket(&refusing);
+    let (s, v) = api(
+        &s1,
+        "PUT",
+        "/migration/send",
+        Some(&format!(
+            r#"{{"destination_url": "unix:{}"}}"#,
+            refusing.display()
+        )),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("--config"), "{v}");
+    let _ = no.child.0.wait();
+    let last = ticks(&vm1.text()).last().unwrap().0;
+    vm1.wait_for(&format!("tick {} ", last + 3), 0, CMD);
+    let resize = vessel()
+        .args(["img", "resize"])
+        .arg(&disk)
+        .arg("8M")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&resize.stderr);
+    assert!(
+        !resize.status.success() && err.contains("in use"),
+        "the source's image lock was not taken back: {err}"
+    );
 
     // Over a Unix socket.
     let mut vm2 = Vm::spawn(&[
@@ -970,6 +1018,21 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
     let tail2 = middle.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
     let last = ticks(&middle).last().unwrap().0;
     let at = vm3.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    // The disk: what the first VMM wrote is read back (from the disk, not the page cache),
+    // and the third writes on.
+    vm3.type_line(
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=512 count=1 2>/dev/null | \
+         head -c 18; echo; echo disk-marker-after | dd of=/dev/vda bs=512 seek=1 count=1 \
+         conv=sync,fsync 2>/dev/null && echo wrote''-after",
+    );
+    let end = vm3.wait_for("wrote-after", at, CMD);
+    assert!(
+        vm3.text()[at..end].contains("\ndisk-marker-before"),
+        "the disk's first sector after two migrations:\n{}",
+        &vm3.text()[at..end]
+    );
+    let on_disk = std::fs::read(&disk).unwrap();
+    assert!(on_disk[512..].starts_with(b"disk-marker-after"));
     // Split so that the shell's echo of the line is not taken for its output.
     vm3.type_line("echo \"sum af\"\"ter $(md5sum </tmp/fixed | cut -c1-32)\"");
     let sum = vm3.wait_for("sum after ", at, CMD);

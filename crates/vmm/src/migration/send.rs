@@ -236,12 +236,22 @@ impl Snapshotter {
                 let body = serde_json::to_vec(&state)
                     .map_err(|e| crate::snapshot::SnapshotError::Encode(e.to_string()))?;
                 wire::write_state(&mut s.w, &body)?;
-                wire::write_end(&mut s.w)?;
-                s.report.bytes += 10 + body.len() as u64;
-                s.w.flush()?;
-                let conn = s.w.get_mut();
-                conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-                Ok(wire::read_answer(conn)?)
+                // The destination opens the disks next: this VMM, stopped, lets go of its
+                // image locks (QEMU inactivates its block devices here), and takes them
+                // back if the VM stays.
+                let released = block::lock::release_all();
+                let answer = (|| -> Result<Result<(), String>, MigrationError> {
+                    wire::write_end(&mut s.w)?;
+                    s.report.bytes += 10 + body.len() as u64;
+                    s.w.flush()?;
+                    let conn = s.w.get_mut();
+                    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+                    Ok(wire::read_answer(conn)?)
+                })();
+                if !matches!(answer, Ok(Ok(()))) {
+                    block::lock::retake(&released);
+                }
+                answer
             })
             .ok_or_else(|| MigrationError::Pause("the VM was resumed meanwhile".into()))??;
         answer.map_err(MigrationError::Refused)?;
