@@ -351,7 +351,8 @@ impl Api {
                     definition: crate::domain::DomainDef,
                 }
                 let i: I = body_json(req, "incoming migration body")?;
-                ok(json!({ "url": self.m.migrate_in(i.definition)? }))
+                let (url, defined) = self.m.migrate_in(i.definition)?;
+                ok(json!({ "url": url, "defined": defined }))
             }
             ("POST", ["restore"]) => {
                 #[derive(serde::Deserialize)]

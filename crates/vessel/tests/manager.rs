@@ -2696,6 +2696,32 @@ fn vessel_domain_migrates_live_between_daemons() {
     );
     assert!(all[resumed] > *there.last().unwrap(), "{all:?}");
     src.ok(&["destroy", "mover"]);
+
+    // A domain the source VMM cannot migrate (vsock) is refused after the destination
+    // defined it and started its VMM: the destination forgets it again.
+    let mut pinned = def.clone();
+    pinned["name"] = json!("pinned");
+    pinned["vm"]["vsock"] = json!({"guest_cid": 3, "uds_path": ""});
+    at_src.post("/v1/domains", Some(&pinned)).unwrap();
+    at_src.post("/v1/domains/pinned/start", None).unwrap();
+    wait_state(&at_src, "pinned", "running", Duration::from_secs(10));
+    let e = src.fails(&[
+        "migrate",
+        "pinned",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    assert!(e.contains("vsock"), "{e}");
+    assert!(
+        at_dst.get("/v1/domains/pinned").is_err(),
+        "the failed migration left the domain defined at the destination"
+    );
+    assert!(
+        dst.run_pids().is_empty(),
+        "a VMM is left at the destination"
+    );
+    assert_eq!(state(&at_src, "pinned"), "running");
+    src.ok(&["destroy", "pinned"]);
 }
 
 /// `managedsave`: the domain stops with its state kept by the daemon and its next `start`

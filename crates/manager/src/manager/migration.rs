@@ -56,32 +56,41 @@ fn relay(listener: UnixListener, dest: PathBuf) -> std::io::Result<u64> {
 
 impl Manager {
     /// Destination side: defines `def` here (or finds it defined the same), starts its
-    /// VMM waiting for the domain, and returns where the source is to send it.
-    pub fn migrate_in(self: &Arc<Self>, def: DomainDef) -> Result<String> {
+    /// VMM waiting for the domain, and returns where the source is to send it and
+    /// whether the domain was defined for it (a failed migration undefines it again).
+    pub fn migrate_in(self: &Arc<Self>, def: DomainDef) -> Result<(String, bool)> {
         if def.driver != DriverKind::Vessel {
             return Err(Error::Unsupported(
                 "migrating a domain is not implemented for the QEMU driver yet".into(),
             ));
         }
         let name = def.name.clone();
-        match self.store.get_domain(&name) {
+        let defined = match self.store.get_domain(&name) {
             Ok(have) => {
                 if have.vm != def.vm || have.driver != def.driver {
                     return Err(Error::Conflict(format!(
                         "domain {name:?} is defined here with another configuration"
                     )));
                 }
+                false
             }
             Err(Error::NotFound { .. }) => {
                 self.define(def)?;
+                true
             }
             Err(e) => return Err(e),
-        }
+        };
         // The serial log goes on, as the guest does (a domain migrating back continues
         // the log it left here).
-        self.start_inner(&name, false, driver::Boot::Incoming)?;
+        if let Err(e) = self.start_inner(&name, false, driver::Boot::Incoming) {
+            if defined {
+                let _ = self.undefine(&name);
+            }
+            return Err(e);
+        }
         self.events.emit(&name, "migrating-in", "running", None);
-        Ok(format!("unix:{}", self.run_dir(&name).incoming().display()))
+        let url = format!("unix:{}", self.run_dir(&name).incoming().display());
+        Ok((url, defined))
     }
 
     /// Source side: live-migrates the running Vessel domain `name` to the daemon whose
@@ -110,6 +119,7 @@ impl Manager {
                 Some(&serde_json::json!({ "definition": def })),
             )
             .map_err(reached)?;
+        let defined_there = v.get("defined").and_then(|d| d.as_bool()) == Some(true);
         let Some(target) = v
             .get("url")
             .and_then(|u| u.as_str())
@@ -159,8 +169,12 @@ impl Manager {
         let report = match sent {
             Ok(r) => r,
             Err(e) => {
-                // The destination's VMM ends with its broken stream; end it for sure.
+                // The destination's VMM ends with its broken stream; end it for sure, and
+                // undefine the domain there if the migration defined it.
                 let _ = peer.post(&format!("/v1/domains/{name}/destroy"), None);
+                if defined_there {
+                    let _ = peer.call("DELETE", &format!("/v1/domains/{name}"), None);
+                }
                 return Err(e);
             }
         };
