@@ -491,10 +491,14 @@ pub fn start_or_restore(
     }
     let mut cmd = match (def.driver, boot) {
         (DriverKind::Qemu, Boot::Fresh) => qemu_command(p, def, run, serial_log)?,
-        (DriverKind::Qemu, Boot::Restore(_)) => {
-            return Err(Error::Unsupported(
-                "restoring a saved domain is not implemented for the QEMU driver yet".into(),
-            ))
+        (DriverKind::Qemu, Boot::Restore(dir)) => {
+            let mut c = qemu_command(p, def, run, serial_log)?;
+            let state = dir.join(crate::manager::QEMU_STATE);
+            c.arg("-incoming").arg(format!(
+                "exec:cat {}",
+                crate::manager::shell_quoted(&state)?
+            ));
+            c
         }
         (DriverKind::Qemu, Boot::Incoming) => {
             return Err(Error::Unsupported(

@@ -23,8 +23,10 @@ use crate::store::Store;
 
 mod migration;
 mod named_snapshots;
+mod qemu_save;
 
 pub use named_snapshots::SnapshotInfo;
+pub(crate) use qemu_save::{shell_quoted, QEMU_STATE};
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
@@ -689,7 +691,11 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
         if let driver::Boot::Restore(dir) = boot {
-            if let Err(e) = snapshots::check_matches(dir, &runtime, &run) {
+            let matches = match def.driver {
+                DriverKind::Qemu => qemu_save::check_matches(dir, &def),
+                DriverKind::Vessel => snapshots::check_matches(dir, &runtime, &run),
+            };
+            if let Err(e) = matches {
                 self.detach_interfaces(&def);
                 return Err(e);
             }
@@ -745,6 +751,10 @@ impl Manager {
         self.events
             .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
         self.watch(name.to_string(), generation, Some(child), id);
+        if let (driver::Boot::Restore(_), DriverKind::Qemu) = (boot, def.driver) {
+            // QEMU loads the saved state and waits, stopped as it was saved.
+            qemu_save::continue_after_load(&run)?;
+        }
         Ok(self.info_of(&def))
     }
 

@@ -90,7 +90,7 @@ pub struct DaemonArgs {
     /// domain's name modulo COUNT (e.g. 1000000:65536, a range no account uses).
     #[arg(long, value_parser = parse_uid_range, value_name = "START:COUNT")]
     vmm_uid_range: Option<(u32, u32)>,
-    /// On SIGTERM (host shutdown), managedsave every running Vessel domain before ending;
+    /// On SIGTERM (host shutdown), managedsave every running domain before ending;
     /// the next daemon starts them again from their saves (libvirt-guests'
     /// ON_SHUTDOWN=suspend).
     #[arg(long)]

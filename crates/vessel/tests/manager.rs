@@ -2912,3 +2912,77 @@ fn vessel_domain_snapshots_create_list_revert_delete() {
     let e = d.fails(&["snapshot-revert", "snappy", "first"]);
     assert!(e.contains("does not exist"), "{e}");
 }
+
+/// `save` / `restore` and `managedsave` of a QEMU domain, through QMP (`migrate
+/// "exec:cat > FILE"`, `-incoming "exec:cat FILE"`, `cont`): the guest's count goes on
+/// without a gap or repeat and it does not boot again; a redefined domain refuses the save.
+#[test]
+fn qemu_domain_saves_and_restores_through_qmp() {
+    require_qemu();
+    let d = Daemon::start("qsave");
+    let c = d.client();
+    let def = |mem: u64| {
+        let mut v = qemu_domain(
+            "qsaved",
+            "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+        );
+        v["vm"]["memory_mib"] = json!(mem);
+        v
+    };
+    c.post("/v1/domains", Some(&def(256))).unwrap();
+    c.post("/v1/domains/qsaved/start", None).unwrap();
+    let counts = || -> Vec<u64> {
+        serial_log(&c, "qsaved")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts().last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(),
+                serial_log(&c, "qsaved")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let consecutive = || {
+        let all = counts();
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "counts lost or repeated: {all:?}"
+        );
+        assert_eq!(
+            serial_log(&c, "qsaved").matches("vessel-init:").count(),
+            1,
+            "the guest booted again"
+        );
+    };
+    wait_count(3, "first boot");
+
+    let save = d.dir.join("qsaved.snap");
+    let save_s = save.to_str().unwrap();
+    d.ok(&["save", "qsaved", save_s]);
+    assert_eq!(state(&c, "qsaved"), "shutoff");
+    assert!(save.join("qemu.state").is_file());
+    let at_save = *counts().last().unwrap();
+    c.redefine_text(&def(512).to_string()).unwrap();
+    let e = d.fails(&["restore", save_s]);
+    assert!(e.contains("redefined"), "{e}");
+    c.redefine_text(&def(256).to_string()).unwrap();
+    d.ok(&["restore", save_s]);
+    assert_eq!(state(&c, "qsaved"), "running");
+    wait_count(at_save + 5, "after the restore");
+    consecutive();
+
+    d.ok(&["managedsave", "qsaved"]);
+    assert_eq!(state(&c, "qsaved"), "shutoff");
+    let at_save = *counts().last().unwrap();
+    d.ok(&["start", "qsaved"]);
+    wait_count(at_save + 5, "after start from the managed save");
+    consecutive();
+    d.ok(&["destroy", "qsaved"]);
+}

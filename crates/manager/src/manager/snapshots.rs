@@ -1,8 +1,9 @@
-//! `save` and `restore` (virsh's verbs) for Vessel domains: the domain's VMM writes a
-//! snapshot of the paused VM into a new folder (`vmstate`, `memory`, and `domain`, the
+//! `save` and `restore` (virsh's verbs), and `managedsave`: a Vessel domain's VMM writes
+//! a snapshot of the paused VM into a new folder (`vmstate`, `memory`, and `domain`, the
 //! domain's name), then stops; a restore starts the domain's VMM from that folder
 //! (`vessel run --restore`) after checking that the saved VM is the one the domain's
-//! definition describes. docs/SNAPSHOT.md has the files.
+//! definition describes. QEMU domains go through QMP (`qemu_save`). docs/SNAPSHOT.md has
+//! the files.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use crate::driver;
 use crate::error::{Error, Result};
 
 /// The file in a save folder naming its domain.
-const DOMAIN_FILE: &str = "domain";
+pub(super) const DOMAIN_FILE: &str = "domain";
 /// In a managed save folder: the daemon saved the domain as it ended, and the next daemon
 /// starts it again.
 const RESUME_FILE: &str = "resume";
@@ -62,7 +63,7 @@ pub(super) fn check_matches(dir: &Path, runtime: &DomainDef, run: &driver::RunDi
 }
 
 /// Moves `from` to `to`, copying when they are on different file systems.
-fn move_file(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn move_file(from: &Path, to: &Path) -> Result<()> {
     if std::fs::rename(from, to).is_ok() {
         return Ok(());
     }
@@ -126,6 +127,7 @@ impl Manager {
         dir: &Path,
     ) -> Result<DomainInfo> {
         let info = self.start_inner(name, false, crate::driver::Boot::Restore(dir))?;
+        // QEMU has loaded the state (its incoming stream ended) once it runs.
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(domain = name, "removing the managed save: {e}");
         }
@@ -134,17 +136,10 @@ impl Manager {
         Ok(info)
     }
 
-    /// Managedsaves every running Vessel domain (the daemon is ending: host shutdown).
+    /// Managedsaves every running domain (the daemon is ending: host shutdown).
     pub fn save_all_at_shutdown(&self) {
         let running: Vec<String> = lock(&self.active).keys().cloned().collect();
         for name in running {
-            let vessel = self
-                .store
-                .get_domain(&name)
-                .is_ok_and(|d| d.driver == DriverKind::Vessel);
-            if !vessel {
-                continue;
-            }
             match self.managed_save_domain(&name, true) {
                 Ok(()) => tracing::info!(domain = %name, "saved at shutdown"),
                 Err(e) => tracing::warn!(domain = %name, "saving at shutdown failed: {e}"),
@@ -155,7 +150,13 @@ impl Manager {
     /// Saves a running Vessel domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
         let dir = save_target(path)?;
-        self.capture(name, &dir, &|| Ok(()), true)?;
+        let def = self.store.get_domain(name)?;
+        if def.driver == DriverKind::Qemu {
+            self.active_id(name)?;
+            self.qemu_save(name, &dir, &def)?;
+        } else {
+            self.capture(name, &dir, &|| Ok(()), true)?;
+        }
         self.destroy(name)?;
         self.events
             .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
@@ -247,12 +248,7 @@ impl Manager {
         let name = std::fs::read_to_string(path.join(DOMAIN_FILE))
             .map_err(|e| Error::io("reading the saved domain's name", path.join(DOMAIN_FILE), e))?;
         let name = name.trim();
-        let def = self.store.get_domain(name)?;
-        if def.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "restore is not implemented for the QEMU driver yet".into(),
-            ));
-        }
+        self.store.get_domain(name)?;
         // The serial log goes on: the guest does.
         let info = self.start_inner(name, false, crate::driver::Boot::Restore(path))?;
         self.events.emit(
