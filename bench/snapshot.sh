@@ -19,6 +19,16 @@
 # says completed; start-running = qemu spawned with -incoming until the loaded (paused) VM
 # is continued and query-status says running.
 # Every restore is checked: the counter must go on from where the snapshot left it.
+#
+# Live migration (second table), the same guest with a writer running: it copies a 32 MiB
+# file of random bytes in tmpfs over and over (its rate, from the guest's own clock, is
+# the writer column), to a second VMM process on the same host over a Unix socket:
+#   Vessel: `vessel run --incoming unix:PATH`, then PUT /migration/send on the source
+#           (downtime limit 300 ms, its default); total and downtime from its answer
+#           (downtime: source paused until the destination says it runs the VM)
+#   QEMU:   a second qemu with -incoming unix:PATH, `migrate` with no bandwidth cap and
+#           its default downtime-limit (300 ms); total-time and downtime from query-migrate
+# Both checked: the destination's counter goes on from the source's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -230,6 +240,81 @@ def qemu_run(d):
     resumes_after(q, last)
     return r
 
+WRITER = (b'dd if=/dev/urandom of=/tmp/src bs=1M count=32 2>/dev/null; '
+          b'w=0; while true; do cp /tmp/src /tmp/dst; w=$((w+1)); '
+          b'echo "wrote $w $(cut -d" " -f1 /proc/uptime)"; done &\n')
+
+def writer_mbs(text):
+    """The guest writer's rate before the migration: 32 MiB per copy, over the guest's
+    uptime between its first and last report at the source."""
+    w = [(int(n), float(t)) for n, t in re.findall(rb"wrote (\d+) ([\d.]+)\r?\n", text)]
+    if len(w) < 2 or w[-1][1] <= w[0][1]:
+        return 0.0
+    return (w[-1][0] - w[0][0]) * 32 * 1.048576 / (w[-1][1] - w[0][1])
+
+def count_and_write(argv):
+    p = boot_and_count(argv)
+    p.type(WRITER)
+    p.wait_for(rb"wrote 6 ", 120)
+    return p
+
+def vessel_migrate(d):
+    r = {}
+    s1, s2, inc = f"{d}/a.sock", f"{d}/b.sock", f"{d}/in.sock"
+    p = count_and_write([vessel, "run", "--accel", "emu", "--memory", MEM + "M", "--serial", "stdio",
+                         "--kernel", f"{assets}/vmlinuz", "--initrd", f"{assets}/initramfs.cpio.gz",
+                         "--cmdline", CMDLINE, "--api-sock", s1])
+    q = Proc([vessel, "run", "--incoming", f"unix:{inc}", "--serial", "stdio", "--api-sock", s2])
+    wait_path(inc)
+    st, body = http(s1, "PUT", "/migration/send", {"destination_url": f"unix:{inc}"})
+    assert st == 200, body
+    rep = json.loads(body)
+    r["total"], r["downtime"], r["rounds"] = rep["total_ms"], rep["downtime_ms"], rep["rounds"]
+    r["sent_mib"] = rep["bytes"] / 2**20
+    p.p.wait(timeout=30)
+    r["writer_mbs"] = writer_mbs(p.text())
+    resumes_after(q, last_tick(p.text()))
+    r["guest_ok"] = 1.0
+    return r
+
+def qemu_migrate(d):
+    r = {}
+    base = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", MEM, "-nographic",
+            "-no-reboot", "-kernel", f"{assets}/vmlinuz", "-initrd", f"{assets}/initramfs.cpio.gz",
+            "-append", CMDLINE]
+    q1, q2, inc = f"{d}/q1.sock", f"{d}/q2.sock", f"{d}/in.sock"
+    p = count_and_write(base + ["-qmp", f"unix:{q1},server,nowait"])
+    src = Qmp(q1)
+    q = Proc(base + ["-qmp", f"unix:{q2},server,nowait", "-incoming", f"unix:{inc}"])
+    dst = Qmp(q2)
+    wait_path(inc)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    src.cmd("migrate", uri=f"unix:{inc}")
+    while True:
+        m = src.cmd("query-migrate")["return"]
+        if m.get("status") in ("completed", "failed"):
+            break
+        time.sleep(0.001)
+    assert m["status"] == "completed", m
+    r["total"], r["downtime"] = m["total-time"], m["downtime"]
+    r["rounds"] = m["ram"].get("dirty-sync-count", 0)
+    r["sent_mib"] = m["ram"]["transferred"] / 2**20
+    r["writer_mbs"] = writer_mbs(p.text())
+    last = last_tick(p.text())
+    p.kill()
+    while dst.cmd("query-status")["return"].get("status") != "running":
+        time.sleep(0.001)
+    # QEMU's destination guest has been seen to crash here (a list corruption in the
+    # kernel under the writer): counted, not fatal, so the run still gives its figures.
+    try:
+        resumes_after(q, last)
+        r["guest_ok"] = 1.0
+    except (SystemExit, AssertionError) as e:
+        print(f"qemu: the migrated guest did not go on: {str(e)[-300:]}", flush=True)
+        r["guest_ok"] = 0.0
+        q.kill()
+    return r
+
 res = {"vessel-emu": [], "qemu-q35-tcg": []}
 for i in range(runs):
     for name, f in (("vessel-emu", vessel_run), ("qemu-q35-tcg", qemu_run)):
@@ -237,6 +322,15 @@ for i in range(runs):
             r = f(d)
         res[name].append(r)
         print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+
+mig = {"vessel-emu": [], "qemu-q35-tcg": []}
+for i in range(runs):
+    for name, f in (("vessel-emu", vessel_migrate), ("qemu-q35-tcg", qemu_migrate)):
+        with tempfile.TemporaryDirectory(prefix="vessel-bench-mig-") as d:
+            r = f(d)
+        mig[name].append(r)
+        print(f"run {i + 1} {name} migration: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()),
+              flush=True)
 
 cols = ["pause", "create", "mem_written_mib", "load", "first-tick", "start-running"]
 print(f"\n512 MiB guest, 1 vCPU, medians of {runs} (ms; mem_written in MiB)")
@@ -246,5 +340,21 @@ for name, rs in res.items():
     for c in cols:
         v = [r[c] for r in rs if c in r]
         row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
+    print(f"{name:18}{row}")
+
+mcols = ["total", "downtime", "rounds", "sent_mib", "writer_mbs", "guest_ok"]
+print(f"\nlive migration over a Unix socket, writer running, medians of {runs} "
+      "(ms; sent in MiB; writer in MB/s; guest_ok: the share of runs whose guest went on "
+      "at the destination; downtime anchor: QEMU/Cloud Hypervisor's default limit 300 ms, "
+      "the issue's target 100 ms)")
+print(f"{'':18}" + "".join(f"{c:>16}" for c in mcols))
+for name, rs in mig.items():
+    row = ""
+    for c in mcols:
+        v = [r[c] for r in rs if c in r]
+        if c == "guest_ok":
+            row += f"{sum(v):13.0f}/{len(v):<2}" if v else f"{'-':>16}"
+        else:
+            row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
     print(f"{name:18}{row}")
 PY

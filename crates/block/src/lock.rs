@@ -91,7 +91,104 @@ pub fn lock_image(file: &File, write: bool) -> Result<(), LockError> {
                 tries += 1;
                 std::thread::sleep(CONFLICT_RETRY_DELAY);
             }
+            Ok(()) => {
+                remember(file, write);
+                return Ok(());
+            }
             r => return r,
+        }
+    }
+}
+
+fn remember(file: &File, write: bool) {
+    let fd = file.as_raw_fd();
+    let Some((dev, ino)) = identity(fd) else {
+        return;
+    };
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    // A descriptor number closed and reused, or the same image locked again.
+    held.retain(|h| h.fd != fd && identity(h.fd) == Some((h.dev, h.ino)));
+    held.push(Held {
+        fd,
+        dev,
+        ino,
+        write,
+    });
+}
+
+/// An image this process locked: its descriptor's number and the file it was open on,
+/// so that a live migration can hand the locks over (see [`release_all`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    fd: i32,
+    dev: u64,
+    ino: u64,
+    write: bool,
+}
+
+static HELD: std::sync::Mutex<Vec<Held>> = std::sync::Mutex::new(Vec::new());
+
+/// (device, inode) of what `fd` is open on now, if it is open.
+fn identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: fstat writes only the stat struct given; an fd that is not open fails with
+    // EBADF, which is all it can do.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
+    }
+}
+
+fn set_all(h: &Held, ty: i32) -> io::Result<()> {
+    for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
+        let mut fl = flock(ty, byte);
+        // SAFETY: as in `fcntl`, on a descriptor this process holds open (checked by the
+        // caller against the file it was locked on).
+        if unsafe { libc::fcntl(h.fd, libc::F_OFD_SETLK, &mut fl as *mut libc::flock) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Drops every image lock this process holds (a live migration's source, stopped, lets
+/// the destination open the disks); [`retake`] takes them again if the VM stays here.
+/// Images closed since they were locked are forgotten.
+pub fn release_all() -> Vec<Held> {
+    release_where(|_, _| true)
+}
+
+/// [`release_all`] for the images whose (device, inode) `pick` accepts.
+fn release_where(pick: impl Fn(u64, u64) -> bool) -> Vec<Held> {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    held.retain(|h| identity(h.fd) == Some((h.dev, h.ino)));
+    let mine: Vec<Held> = held
+        .iter()
+        .copied()
+        .filter(|h| pick(h.dev, h.ino))
+        .collect();
+    for h in &mine {
+        if let Err(e) = set_all(h, libc::F_UNLCK) {
+            warn!(fd = h.fd, "releasing an image lock: {e}");
+        }
+    }
+    mine
+}
+
+/// Takes again the locks [`release_all`] dropped (the migration failed: the VM goes on
+/// here). One another process took meanwhile is reported, not fatal: the VM keeps its
+/// disks open either way.
+pub fn retake(released: &[Held]) {
+    for h in released {
+        if identity(h.fd) != Some((h.dev, h.ino)) {
+            continue;
+        }
+        // SAFETY: the descriptor is open on the file it was locked on (checked above); the
+        // `File` is only borrowed for the call and never closed here.
+        let file = std::mem::ManuallyDrop::new(unsafe {
+            <File as std::os::unix::io::FromRawFd>::from_raw_fd(h.fd)
+        });
+        if let Err(e) = lock_image(&file, h.write) {
+            warn!(fd = h.fd, "taking an image lock back: {e}");
         }
     }
 }
@@ -140,4 +237,45 @@ fn apply(file: &File, perm: u32, shared: u32) -> Result<(), LockError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn locks_are_handed_over_and_taken_back() {
+        let path = std::env::temp_dir().join(format!("vessel-lock-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        let ours = open();
+        lock_image(&ours, true).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let this = |dev: u64, ino: u64| (dev, ino) == (meta.dev(), meta.ino());
+        // Another open file description (as another process's) conflicts...
+        assert!(matches!(
+            lock_image(&open(), true),
+            Err(LockError::Conflict { .. })
+        ));
+        // ...until ours hands its locks over.
+        let released = release_where(this);
+        assert_eq!(released.len(), 1);
+        let other = open();
+        lock_image(&other, true).unwrap();
+        drop(other);
+        retake(&released);
+        assert!(matches!(
+            lock_image(&open(), true),
+            Err(LockError::Conflict { .. })
+        ));
+        drop(ours);
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -22,6 +22,8 @@ pub enum ExitReason {
     Quit,
     /// The VMM itself failed (a vCPU error).
     Error,
+    /// The VM moved to another VMM (live migration), which runs it now.
+    Migrated,
 }
 
 /// A one-shot stop request: the first reason wins; waiters wake once it is set, and

@@ -216,6 +216,32 @@ impl Vm for EmuVm {
         }))
     }
 
+    fn take_dirty_log(&self) -> Result<Vec<u64>> {
+        // In hybrid mode user code writes RAM natively, where nothing sees it.
+        if self.kvm.is_some() {
+            return Err(hypervisor::Error::Unsupported {
+                what: "dirty page tracking with the hybrid accelerator".into(),
+            });
+        }
+        let code = self.code.lock().unwrap_or_else(|p| p.into_inner());
+        match &*code {
+            Some(t) => Ok(t.take_dirty_log()),
+            None => Err(hypervisor::Error::Unsupported {
+                what: "dirty page tracking before the vCPUs exist".into(),
+            }),
+        }
+    }
+
+    fn dirty_log_is_free(&self) -> bool {
+        self.kvm.is_none()
+    }
+
+    fn stop_dirty_log(&self) {
+        if let Some(t) = &*self.code.lock().unwrap_or_else(|p| p.into_inner()) {
+            t.stop_dirty_log();
+        }
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut cpu = Cpu::new(self.ram_map()?);
         // Each vCPU caches the blocks it decodes; together they get about what one would

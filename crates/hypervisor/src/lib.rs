@@ -184,6 +184,24 @@ pub trait Vm: Send + Sync {
     fn ram_write_observer(&self) -> Option<Arc<dyn Fn(u64, u64) + Send + Sync>> {
         None
     }
+    /// Starts logging which guest pages are written, or takes the log running and starts
+    /// the next: a bitmap of guest-physical page numbers (bit `pfn % 64` of word
+    /// `pfn / 64`) written since the previous call, every page on the first. It covers
+    /// the vCPUs' stores and the writes the VMM reports through
+    /// [`Vm::ram_write_observer`]. Backends that cannot track writes refuse.
+    fn take_dirty_log(&self) -> Result<Vec<u64>> {
+        Err(Error::Unsupported {
+            what: "dirty page tracking with this accelerator".into(),
+        })
+    }
+    /// Ends the log [`Vm::take_dirty_log`] started.
+    fn stop_dirty_log(&self) {}
+    /// Whether keeping the dirty log costs the guest nothing worth noting, so the VMM may
+    /// keep it running at all times (emu: a bit per page beside its code marks). KVM's
+    /// costs write faults and huge pages: it runs only once something asks for it.
+    fn dirty_log_is_free(&self) -> bool {
+        false
+    }
     /// From now on a guest write to `addr` (of 4 bytes equal to `datamatch` when given,
     /// of any size otherwise) signals `fd` instead of reaching the VMM's buses.
     fn register_ioevent(

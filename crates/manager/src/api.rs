@@ -293,6 +293,67 @@ impl Api {
                 self.m.save(name, &s.path)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "snapshots"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct C {
+                    name: String,
+                    #[serde(default)]
+                    description: Option<String>,
+                }
+                let c: C = body_json(req, "snapshot body")?;
+                ok(to_value(&self.m.snapshot_create(
+                    name,
+                    &c.name,
+                    c.description,
+                )?))
+            }
+            ("GET", ["domains", name, "snapshots"]) => ok(to_value(&self.m.snapshot_list(name)?)),
+            ("POST", ["domains", name, "snapshots", snap, "revert"]) => {
+                ok(to_value(&self.m.snapshot_revert(name, snap)?))
+            }
+            ("DELETE", ["domains", name, "snapshots", snap]) => {
+                self.m.snapshot_delete(name, snap)?;
+                ok(json!({}))
+            }
+            ("POST", ["domains", name, "managedsave"]) => {
+                self.m.managed_save_domain(name, false)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("DELETE", ["domains", name, "managedsave"]) => {
+                self.m.managed_save_remove(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("POST", ["domains", name, "migrate"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct M {
+                    /// The destination daemon's API socket.
+                    dest: std::path::PathBuf,
+                    #[serde(default)]
+                    live: bool,
+                    #[serde(default)]
+                    undefine_source: bool,
+                }
+                let m: M = body_json(req, "migrate body")?;
+                if !m.live {
+                    return Err(Error::Unsupported(
+                        "only live migration is implemented: give --live".into(),
+                    ));
+                }
+                self.check_path(req, &m.dest, vmm::api::access::Want::Read)?;
+                ok(self.m.migrate_out(name, &m.dest, m.undefine_source)?)
+            }
+            ("POST", ["migrations", "incoming"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct I {
+                    definition: crate::domain::DomainDef,
+                }
+                let i: I = body_json(req, "incoming migration body")?;
+                let (url, defined) = self.m.migrate_in(i.definition)?;
+                ok(json!({ "url": url, "defined": defined }))
+            }
             ("POST", ["restore"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]

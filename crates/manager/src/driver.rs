@@ -44,6 +44,15 @@ impl RunDir {
     pub fn exit_status(&self) -> PathBuf {
         self.0.join("exit-status")
     }
+    /// Where a Vessel VMM waits for a domain migrating in (`vessel run --incoming`).
+    pub fn incoming(&self) -> PathBuf {
+        self.0.join("incoming.sock")
+    }
+    /// Where the daemon takes a domain's migration stream from its jailed VMM, to pass
+    /// on to the destination.
+    pub fn migrate_out(&self) -> PathBuf {
+        self.0.join("migrate.sock")
+    }
     /// The `VmConfig` a Vessel VMM runs (`vessel run --config`).
     pub fn config(&self) -> PathBuf {
         self.0.join("vm.json")
@@ -156,7 +165,7 @@ pub const DEFAULT_VMM_IDS: (u32, u32) = (65534, 65534);
 
 impl Programs {
     /// The user and group the VMM of the domain whose run folder is `run` becomes.
-    fn vmm_ids_for(&self, run: &RunDir) -> (u32, u32) {
+    pub(crate) fn vmm_ids_for(&self, run: &RunDir) -> (u32, u32) {
         let Some((start, count)) = self.vmm_uid_range.filter(|&(_, n)| n > 0) else {
             return self.vmm_ids;
         };
@@ -375,6 +384,27 @@ fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) ->
     Ok(c)
 }
 
+/// A Vessel VMM that waits for `def` migrating in (`vessel run --incoming`), checked
+/// against the configuration `def` gives, controlled as one that boots.
+fn vessel_incoming_command(
+    p: &Programs,
+    def: &DomainDef,
+    run: &RunDir,
+    log: &Path,
+) -> Result<Command> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
+    let mut c = Command::new(&p.vessel);
+    c.arg("run")
+        .arg("--incoming")
+        .arg(format!("unix:{}", run.incoming().display()))
+        .arg("--config")
+        .arg(run.config());
+    vessel_control_args(p, &mut c, run, log)?;
+    Ok(c)
+}
+
 fn vessel_control_args(p: &Programs, c: &mut Command, run: &RunDir, log: &Path) -> Result<()> {
     c.arg("--console-sock")
         .arg(run.console())
@@ -420,18 +450,30 @@ pub fn start(
     serial_log: &Path,
     fresh_log: bool,
 ) -> Result<(Child, ProcId)> {
-    start_or_restore(p, def, run, serial_log, fresh_log, None)
+    start_or_restore(p, def, run, serial_log, fresh_log, Boot::Fresh)
 }
 
-/// [`start`], or with `restore` (a Vessel domain only) a VMM that restores the snapshot
-/// in that folder.
+/// How a domain's VMM starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Boot<'a> {
+    /// Boots the guest.
+    Fresh,
+    /// Restores the snapshot in that folder (a Vessel domain only).
+    Restore(&'a Path),
+    /// Waits for the domain migrating in from another daemon at [`RunDir::incoming`] (a
+    /// Vessel domain only).
+    Incoming,
+}
+
+/// [`start`], or (a Vessel domain only) a VMM that restores a snapshot or waits for a
+/// migrating domain.
 pub fn start_or_restore(
     p: &Programs,
     def: &DomainDef,
     run: &RunDir,
     serial_log: &Path,
     fresh_log: bool,
-    restore: Option<&Path>,
+    boot: Boot<'_>,
 ) -> Result<(Child, ProcId)> {
     std::fs::create_dir_all(&run.0).map_err(|e| Error::io("creating run folder", &run.0, e))?;
     if run.console().as_os_str().len() > 100 {
@@ -447,15 +489,27 @@ pub fn start_or_restore(
     if fresh_log {
         File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
     }
-    let mut cmd = match (def.driver, restore) {
-        (DriverKind::Qemu, None) => qemu_command(p, def, run, serial_log)?,
-        (DriverKind::Qemu, Some(_)) => {
+    let mut cmd = match (def.driver, boot) {
+        (DriverKind::Qemu, Boot::Fresh) => qemu_command(p, def, run, serial_log)?,
+        (DriverKind::Qemu, Boot::Restore(dir)) => {
+            let mut c = qemu_command(p, def, run, serial_log)?;
+            let state = dir.join(crate::manager::QEMU_STATE);
+            c.arg("-incoming").arg(format!(
+                "exec:cat {}",
+                crate::manager::shell_quoted(&state)?
+            ));
+            c
+        }
+        (DriverKind::Qemu, Boot::Incoming) => {
             return Err(Error::Unsupported(
-                "restoring a saved domain is not implemented for the QEMU driver yet".into(),
+                "migrating a domain is not implemented for the QEMU driver yet".into(),
             ))
         }
-        (DriverKind::Vessel, None) => vessel_command(p, def, run, serial_log)?,
-        (DriverKind::Vessel, Some(dir)) => vessel_restore_command(p, dir, run, serial_log)?,
+        (DriverKind::Vessel, Boot::Fresh) => vessel_command(p, def, run, serial_log)?,
+        (DriverKind::Vessel, Boot::Restore(dir)) => {
+            vessel_restore_command(p, dir, run, serial_log)?
+        }
+        (DriverKind::Vessel, Boot::Incoming) => vessel_incoming_command(p, def, run, serial_log)?,
     };
     let stderr = OpenOptions::new()
         .create(true)
@@ -492,6 +546,16 @@ pub fn start_or_restore(
 /// Waits for the VMM's control socket to answer, or for the guest to end already; a VMM
 /// that fails to start is an error carrying the last lines of its log.
 pub fn wait_ready(def: &DomainDef, run: &RunDir, child: &mut Child) -> Result<()> {
+    wait_ready_for(def, run, child, false)
+}
+
+/// [`wait_ready`] for a VMM started with [`Boot::Incoming`]: until it listens for the
+/// domain (its control socket comes once the domain has arrived).
+pub fn wait_incoming(def: &DomainDef, run: &RunDir, child: &mut Child) -> Result<()> {
+    wait_ready_for(def, run, child, true)
+}
+
+fn wait_ready_for(def: &DomainDef, run: &RunDir, child: &mut Child, incoming: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -512,6 +576,8 @@ pub fn wait_ready(def: &DomainDef, run: &RunDir, child: &mut Child) -> Result<()
         }
         let ready = match def.driver {
             DriverKind::Qemu => Qmp::connect(&run.qmp(), Duration::from_secs(2)).is_ok(),
+            // A probe connection would be taken for the source: the socket's file it is.
+            DriverKind::Vessel if incoming => run.incoming().exists(),
             DriverKind::Vessel => std::os::unix::net::UnixStream::connect(run.api()).is_ok(),
         };
         if ready {
@@ -541,6 +607,16 @@ pub fn qmp_status(run: &RunDir) -> Result<String> {
 
 /// Sends one request to a Vessel VMM's control API; errors carry its `fault_message`.
 pub fn vmm_api(run: &RunDir, method: &str, path: &str, body: &serde_json::Value) -> Result<()> {
+    vmm_api_json(run, method, path, body).map(|_| ())
+}
+
+/// [`vmm_api`], returning the answer's JSON body (null when it has none).
+pub fn vmm_api_json(
+    run: &RunDir,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let b = body.to_string();
     let r = vmm::api::http::client_request(
         &run.api(),
@@ -550,7 +626,7 @@ pub fn vmm_api(run: &RunDir, method: &str, path: &str, body: &serde_json::Value)
     )
     .map_err(|e| Error::Conflict(format!("the VMM's control API: {e}")))?;
     if r.status / 100 == 2 {
-        return Ok(());
+        return Ok(serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null));
     }
     let msg = serde_json::from_slice::<serde_json::Value>(&r.body)
         .ok()

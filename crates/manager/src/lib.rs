@@ -54,7 +54,11 @@ fn block_termination_signals() -> libc::sigset_t {
 /// Waits for a termination signal on a thread of its own, then removes the socket file
 /// and ends the daemon (its VMMs keep running, as after a crash: the next daemon re-adopts
 /// them). Without this the socket file stayed behind after SIGTERM.
-fn remove_socket_on_termination(set: libc::sigset_t, socket: std::path::PathBuf) {
+fn remove_socket_on_termination(
+    set: libc::sigset_t,
+    socket: std::path::PathBuf,
+    save: Option<Arc<Manager>>,
+) {
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -64,7 +68,11 @@ fn remove_socket_on_termination(set: libc::sigset_t, socket: std::path::PathBuf)
                 continue;
             }
             tracing::info!(signal = sig, "vessel daemon ending");
+            // Refuse new requests first: nothing starts while the domains are saved.
             let _ = std::fs::remove_file(&socket);
+            if let Some(m) = &save {
+                m.save_all_at_shutdown();
+            }
             std::process::exit(0);
         });
     if let Err(e) = spawned {
@@ -87,7 +95,8 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     // The state first: it refuses a second daemon before that one touches any socket.
     let m = Manager::open(cfg)?;
     let listener = vmm::api::http::bind(socket).map_err(|e| Error::io("binding", socket, e))?;
-    remove_socket_on_termination(signals, socket.to_path_buf());
+    let save = m.cfg.save_on_shutdown.then(|| m.clone());
+    remove_socket_on_termination(signals, socket.to_path_buf(), save);
     // Whoever can connect controls every VM: only the daemon's user, as libvirt's socket.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| Error::io("restricting", socket, e))?;

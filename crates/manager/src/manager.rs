@@ -21,6 +21,12 @@ use crate::events::Events;
 use crate::network;
 use crate::store::Store;
 
+mod migration;
+mod named_snapshots;
+mod qemu_save;
+
+pub use named_snapshots::SnapshotInfo;
+pub(crate) use qemu_save::{shell_quoted, QEMU_STATE};
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
@@ -37,6 +43,8 @@ pub struct Config {
     /// images), besides the pool roots (`vessel daemon --file-root DIR`). A TCP client
     /// has no host user to check its rights against.
     pub file_roots: Vec<PathBuf>,
+    /// Managedsave every running Vessel domain when the daemon is told to end.
+    pub save_on_shutdown: bool,
 }
 
 #[derive(Debug)]
@@ -296,7 +304,11 @@ impl Manager {
         let Ok(defs) = self.store.list_domains() else {
             return;
         };
-        for d in defs.into_iter().filter(|d| d.autostart) {
+        // Domains the last daemon saved as it ended come back too.
+        for d in defs
+            .into_iter()
+            .filter(|d| d.autostart || self.saved_at_shutdown(&d.name))
+        {
             if lock(&self.active).contains_key(&d.name) {
                 continue;
             }
@@ -642,7 +654,10 @@ impl Manager {
 
     /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
     fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
-        self.start_inner(name, fresh_log, None)
+        if let Some(dir) = self.managed_save(name) {
+            return self.start_managed(name, &dir);
+        }
+        self.start_inner(name, fresh_log, driver::Boot::Fresh)
     }
 
     /// Starts a domain, or with `restore` brings it back from the snapshot in that folder.
@@ -650,7 +665,7 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
         fresh_log: bool,
-        restore: Option<&Path>,
+        boot: driver::Boot<'_>,
     ) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
@@ -675,8 +690,12 @@ impl Manager {
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
-        if let Some(dir) = restore {
-            if let Err(e) = snapshots::check_matches(dir, &runtime, &run) {
+        if let driver::Boot::Restore(dir) = boot {
+            let matches = match def.driver {
+                DriverKind::Qemu => qemu_save::check_matches(dir, &def),
+                DriverKind::Vessel => snapshots::check_matches(dir, &runtime, &run),
+            };
+            if let Err(e) = matches {
                 self.detach_interfaces(&def);
                 return Err(e);
             }
@@ -687,18 +706,22 @@ impl Manager {
             &run,
             &self.serial_log(name),
             fresh_log,
-            restore,
+            boot,
         )
-        .and_then(
-            |(mut child, id)| match driver::wait_ready(&runtime, &run, &mut child) {
+        .and_then(|(mut child, id)| {
+            let ready = match boot {
+                driver::Boot::Incoming => driver::wait_incoming(&runtime, &run, &mut child),
+                _ => driver::wait_ready(&runtime, &run, &mut child),
+            };
+            match ready {
                 Ok(()) => Ok((child, id)),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     Err(e)
                 }
-            },
-        );
+            }
+        });
         let (child, id) = match started {
             Ok(x) => x,
             Err(e) => {
@@ -728,6 +751,10 @@ impl Manager {
         self.events
             .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
         self.watch(name.to_string(), generation, Some(child), id);
+        if let (driver::Boot::Restore(_), DriverKind::Qemu) = (boot, def.driver) {
+            // QEMU loads the saved state and waits, stopped as it was saved.
+            qemu_save::continue_after_load(&run)?;
+        }
         Ok(self.info_of(&def))
     }
 

@@ -248,10 +248,12 @@ const KVM_VCPU_ONLY: &[u64] = &[KVM_CREATE_VCPU, KVM_SET_USER_MEMORY_REGION];
 /// the requests that create or reshape a VM (but the vCPU's own setup on its thread).
 fn ioctl_rules(role: Role) -> Result<Vec<SeccompRule>, Error> {
     let mut kvm = vec![cond(1, Len::Dword, Op::MaskedEq(0xff00), KVM_IOCTL << 8)?];
-    let vcpu_only: &[u64] = if role == Role::Vcpu {
-        &[]
-    } else {
-        KVM_VCPU_ONLY
+    let vcpu_only: &[u64] = match role {
+        Role::Vcpu => &[],
+        // A migration or Diff snapshot (on the API's thread) switches dirty logging on
+        // the VM's slots, which sets them again with another flag.
+        Role::Api => &[KVM_CREATE_VCPU],
+        _ => KVM_VCPU_ONLY,
     };
     for &nr in KVM_BUILD_ONLY.iter().chain(vcpu_only) {
         kvm.push(cond(1, Len::Dword, Op::Ne, nr)?);
@@ -493,6 +495,13 @@ fn rules(role: Role) -> Result<Rules, Error> {
                 ],
             );
             serve_sockets(&mut r);
+            // `PUT /migration/send` connects to the destination VMM (Unix or TCP).
+            allow(&mut r, &[libc::SYS_connect]);
+            let families = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+                .into_iter()
+                .map(|f| rule(vec![cond(0, Len::Dword, Op::Eq, f as u64)?]))
+                .collect::<Result<Vec<_>, _>>()?;
+            allow_if(&mut r, libc::SYS_socket, families);
         }
         Role::Console => serve_sockets(&mut r),
         Role::Main => {
@@ -579,13 +588,17 @@ mod tests {
             for nr in KVM_BUILD_ONLY {
                 assert!(!ioctl_allowed(role, *nr), "{role:?} may {nr:#x}");
             }
-            for nr in KVM_VCPU_ONLY {
-                assert_eq!(
-                    ioctl_allowed(role, *nr),
-                    role == Role::Vcpu,
-                    "{role:?} {nr:#x}"
-                );
-            }
+            assert_eq!(
+                ioctl_allowed(role, KVM_CREATE_VCPU),
+                role == Role::Vcpu,
+                "{role:?}"
+            );
+            // The API's thread switches dirty logging on the VM's slots.
+            assert_eq!(
+                ioctl_allowed(role, KVM_SET_USER_MEMORY_REGION),
+                matches!(role, Role::Vcpu | Role::Api),
+                "{role:?}"
+            );
             for nr in [KVM_RUN, KVM_IRQ_LINE, TCGETS] {
                 assert!(ioctl_allowed(role, nr), "{role:?} may not {nr:#x}");
             }
@@ -609,10 +622,11 @@ mod tests {
             ] {
                 assert!(!r.contains_key(&nr), "{role:?} allows {nr}");
             }
-            // Only vsock's thread connects to sockets by path.
+            // Only vsock's thread (to sockets by path) and the API's (to a migration's
+            // destination) connect.
             assert_eq!(
                 r.contains_key(&libc::SYS_connect),
-                role == Role::Vsock,
+                role == Role::Vsock || role == Role::Api,
                 "{role:?}"
             );
         }

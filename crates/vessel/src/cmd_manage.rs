@@ -90,6 +90,11 @@ pub struct DaemonArgs {
     /// domain's name modulo COUNT (e.g. 1000000:65536, a range no account uses).
     #[arg(long, value_parser = parse_uid_range, value_name = "START:COUNT")]
     vmm_uid_range: Option<(u32, u32)>,
+    /// On SIGTERM (host shutdown), managedsave every running domain before ending;
+    /// the next daemon starts them again from their saves (libvirt-guests'
+    /// ON_SHUTDOWN=suspend).
+    #[arg(long)]
+    save_on_shutdown: bool,
 }
 
 /// `START:COUNT` for `--vmm-uid-range`.
@@ -121,6 +126,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         },
         pool_roots: args.pool_roots,
         file_roots: args.file_roots,
+        save_on_shutdown: args.save_on_shutdown,
     };
     let tcp = match (args.listen_tcp, args.token_file) {
         (Some(addr), Some(f)) => Some(manager::TcpOpts {
@@ -184,6 +190,38 @@ pub enum ManageCommand {
     Save { name: String, file: PathBuf },
     /// Start a domain from the state `save` left in FILE.
     Restore { file: PathBuf },
+    /// Save a running Vessel domain's state where the daemon keeps it, and stop it; its
+    /// next `start` (or autostart) restores it.
+    Managedsave { name: String },
+    /// Drop a domain's managed save: its next start boots it.
+    ManagedsaveRemove { name: String },
+    /// Take a named snapshot of a Vessel domain: its memory and devices (when it runs)
+    /// and its raw disks; it goes on running.
+    SnapshotCreateAs {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List a domain's snapshots.
+    SnapshotList { name: String },
+    /// Put a domain back as it was at a snapshot (stopping it first).
+    SnapshotRevert { name: String, snapshot: String },
+    /// Delete a domain's snapshot.
+    SnapshotDelete { name: String, snapshot: String },
+    /// Move a running Vessel domain to another daemon (DEST: its API socket) while it
+    /// runs; its definition goes with it (defined there, kept here shut off unless
+    /// --undefinesource).
+    Migrate {
+        name: String,
+        dest: PathBuf,
+        /// Live migration (the guest runs during the copy): the only kind implemented.
+        #[arg(long)]
+        live: bool,
+        /// Undefine the domain here once it runs at the destination.
+        #[arg(long)]
+        undefinesource: bool,
+    },
     /// Show a domain's state and resources.
     Dominfo { name: String },
     /// Print a domain's definition as libvirt domain XML.
@@ -608,6 +646,97 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 print_json(&v);
             } else {
                 println!("Domain '{name}' saved to {}", path.display());
+            }
+        }
+        ManageCommand::Migrate {
+            name,
+            dest,
+            live,
+            undefinesource,
+        } => {
+            let dest = std::path::absolute(&dest)
+                .with_context(|| format!("resolving {}", dest.display()))?;
+            let v = c.post(
+                &format!("{}/migrate", dom(&name)),
+                Some(&json!({ "dest": dest, "live": live, "undefine_source": undefinesource })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Domain '{name}' migrated to {} (downtime {:.1} ms, total {:.1} ms, {} rounds)",
+                    dest.display(),
+                    v["downtime_ms"].as_f64().unwrap_or(0.0),
+                    v["total_ms"].as_f64().unwrap_or(0.0),
+                    v["rounds"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        ManageCommand::Managedsave { name } => {
+            let v = c.post(&format!("{}/managedsave", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' state saved by the daemon");
+            }
+        }
+        ManageCommand::SnapshotCreateAs {
+            name,
+            snapshot,
+            description,
+        } => {
+            let v = c.post(
+                &format!("{}/snapshots", dom(&name)),
+                Some(&json!({ "name": snapshot, "description": description })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain snapshot {snapshot} created");
+            }
+        }
+        ManageCommand::SnapshotList { name } => {
+            let v = c.get(&format!("{}/snapshots", dom(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(" {:<20} {:<22} State", "Name", "Creation Time");
+                println!("{}", "-".repeat(56));
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        " {:<20} {:<22} {}",
+                        s["name"].as_str().unwrap_or(""),
+                        s["created"].as_u64().unwrap_or(0),
+                        s["state"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        ManageCommand::SnapshotRevert { name, snapshot } => {
+            let v = c.post(
+                &format!("{}/snapshots/{}/revert", dom(&name), enc(&snapshot)),
+                None,
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Domain '{name}' reverted to snapshot {snapshot}");
+            }
+        }
+        ManageCommand::SnapshotDelete { name, snapshot } => {
+            c.call(
+                "DELETE",
+                &format!("{}/snapshots/{}", dom(&name), enc(&snapshot)),
+                None,
+            )?;
+            println!("Domain snapshot {snapshot} deleted");
+        }
+        ManageCommand::ManagedsaveRemove { name } => {
+            let v = c.call("DELETE", &format!("{}/managedsave", dom(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Removed managedsave image for domain '{name}'");
             }
         }
         ManageCommand::Restore { file } => {

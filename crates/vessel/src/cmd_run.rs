@@ -31,6 +31,30 @@ const CONFIG_FLAGS: [&str; 20] = [
     "uuid",
 ];
 
+/// What a migrated VM takes from its source, not from flags (--config names the VM
+/// expected, see --incoming).
+const INCOMING_CONFLICTS: [&str; 19] = [
+    "kernel",
+    "initrd",
+    "firmware",
+    "option_roms",
+    "cmdline",
+    "memory",
+    "cpus",
+    "cpu_model",
+    "disks",
+    "rng",
+    "virtio_console",
+    "nets",
+    "vsock",
+    "virtio_transport",
+    "cloud_init",
+    "name",
+    "uuid",
+    "restore",
+    "api_only",
+];
+
 /// What a restored VM takes from its snapshot, not from flags.
 const RESTORE_CONFLICTS: [&str; 19] = [
     "config",
@@ -145,6 +169,13 @@ pub struct RunArgs {
     /// says; --accel, when given, must name the snapshot's accelerator.
     #[arg(long, conflicts_with_all = RESTORE_CONFLICTS)]
     restore: Option<PathBuf>,
+    /// Wait for a VM migrating in from another VMM (`PUT /migration/send` there) at
+    /// unix:PATH or tcp:HOST:PORT, as QEMU's -incoming; run it once it has arrived. The
+    /// VM is the source's: the flags that describe one are refused, as with --restore;
+    /// --config FILE names the VM expected (one with another configuration is refused),
+    /// and is what --jail needs.
+    #[arg(long, conflicts_with_all = INCOMING_CONFLICTS)]
+    incoming: Option<vmm::migration::Endpoint>,
     /// With --restore STATE: the snapshot's memory file.
     #[arg(long, requires = "restore")]
     restore_mem: Option<PathBuf>,
@@ -240,6 +271,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         uid: None,
         gid: None,
         restore: None,
+        incoming: None,
         restore_mem: None,
         ..*args
     };
@@ -365,6 +397,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
+    if let Some(from) = args.incoming.clone() {
+        return run_incoming(args, &from);
+    }
     let api_sock = args.api_sock.clone();
     let console_sock = args.console_sock.clone();
     // As Firecracker: an API socket and nothing to boot means "wait to be configured".
@@ -492,6 +527,82 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let reason = vmm.run();
     drop(raw);
     if let Some(sock) = &api_sock {
+        vmm::api::http::remove_socket(sock);
+    }
+    report(reason.map_err(anyhow::Error::from))
+}
+
+/// `--incoming`: waits for the VM, builds it as a restore does, tells the source it
+/// runs here, and runs it.
+fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Result<i32> {
+    use vmm::migration::receive;
+    let expected = match &args.config {
+        Some(_) => Some(config_from(&args)?),
+        None => None,
+    };
+    let listener = receive::Listener::bind(from)
+        .with_context(|| format!("listening for a migration on {from}"))?;
+    let ids = args
+        .uid
+        .zip(args.gid)
+        .map(|(uid, gid)| sandbox::Ids { uid, gid });
+    if let Some(root) = &args.jail {
+        let Some(config) = &expected else {
+            bail!(
+                "--jail with --incoming needs --config: the VM's files are bound before it arrives"
+            );
+        };
+        enter_jail(root, config, &args, ids, &[])?;
+    }
+    sandbox::configure(args.seccomp, ids).context("setting up the VMM's seccomp filters")?;
+    let console_sock = args.console_sock.clone();
+    let mut relay = None;
+    if let Some(sock) = &console_sock {
+        if args.serial != SerialConfig::Stdio {
+            bail!("--console-sock serves the stdio console: use it with --serial stdio");
+        }
+        relay = Some(
+            vmm::api::console::serve_stdio(sock, args.console_log.clone())
+                .with_context(|| format!("serving the console on {}", sock.display()))?,
+        );
+    }
+    let _cleanup = RemoveOnDrop(console_sock, relay);
+    tracing::info!(at = %from, "waiting for a migrating VM");
+    let incoming = receive::receive(&listener, from)
+        .with_context(|| format!("receiving a migrating VM on {from}"))?;
+    drop(listener);
+    if let Some(want) = &expected {
+        let mut got = incoming.loaded.config().clone();
+        got.serial = want.serial.clone();
+        if &got != want {
+            let why = "the VM that arrived is not the one --config describes".to_string();
+            let _ = incoming.answer(&Err(why.clone()));
+            bail!("{why}");
+        }
+    }
+    let vmm = match Vmm::restore(&incoming.loaded, args.serial.clone(), args.accel) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            let _ = incoming.answer(&Err(e.to_string()));
+            return Err(anyhow::Error::from(e).context("cannot run the migrated VM"));
+        }
+    };
+    let mut config = incoming.loaded.config().clone();
+    config.serial = args.serial.clone();
+    if let Some(sock) = &args.api_sock {
+        let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
+        if let Err(e) = vmm::api::firecracker::spawn(sock, api) {
+            let _ = incoming.answer(&Err(format!("serving the API: {e}")));
+            return Err(e).with_context(|| format!("serving the API on {}", sock.display()));
+        }
+    }
+    tracing::info!(pages = incoming.pages, "migrated VM received");
+    // Once answered the source ends: this VMM runs the VM from here on.
+    incoming
+        .answer(&Ok(()))
+        .context("telling the migration's source that the VM runs here")?;
+    let reason = vmm.run();
+    if let Some(sock) = &args.api_sock {
         vmm::api::http::remove_socket(sock);
     }
     report(reason.map_err(anyhow::Error::from))
@@ -637,6 +748,10 @@ fn report(reason: anyhow::Result<ExitReason>) -> anyhow::Result<i32> {
             format!("guest wrote {v:#x} to the debug-exit port"),
         ),
         ExitReason::Error => (status::ERROR, "the VMM stopped on an error".to_string()),
+        ExitReason::Migrated => (
+            status::POWER_OFF,
+            "the VM migrated to another VMM".to_string(),
+        ),
     };
     eprintln!("\r\nvessel: {what} (exit status {code})");
     Ok(code)

@@ -28,6 +28,17 @@ enum Command {
     /// Disk image tools: create, info, convert, check, resize.
     #[command(subcommand)]
     Img(cmd_img::ImgCommand),
+    /// Copy a Diff snapshot's memory file onto the memory file of the snapshot it
+    /// follows, which then is the Diff snapshot's memory (Firecracker's rebase-snap).
+    RebaseSnap {
+        /// The memory file of the snapshot the diff follows (a Full one, or one rebased
+        /// before); changed in place.
+        #[arg(long)]
+        base_file: std::path::PathBuf,
+        /// The Diff snapshot's memory file.
+        #[arg(long)]
+        diff_file: std::path::PathBuf,
+    },
     #[command(flatten)]
     Manage(cmd_manage::ManageCommand),
 }
@@ -59,6 +70,20 @@ fn main() {
     let status = match cli.command {
         Command::Run(args) => cmd_run::run(*args),
         Command::Img(cmd) => cmd_img::run(cmd),
+        Command::RebaseSnap {
+            base_file,
+            diff_file,
+        } => vmm::snapshot::memory::rebase(&base_file, &diff_file)
+            .map(|n| {
+                eprintln!(
+                    "vessel: {} MiB of {} copied onto {}",
+                    n >> 20,
+                    diff_file.display(),
+                    base_file.display()
+                );
+                0
+            })
+            .map_err(anyhow::Error::from),
         Command::Manage(cmd) => cmd_manage::run(cmd, &cli.global),
     };
     // An API request that ended the VM (or arrived as it ended) still gets its answer.

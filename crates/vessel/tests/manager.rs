@@ -2595,3 +2595,394 @@ fn vessel_domain_saves_and_restores_under_emu() {
     );
     d.ok(&["destroy", "saved"]);
 }
+
+/// `migrate NAME --live DEST` between two daemons (two state directories stand for two
+/// hosts; their VMMs jailed): the domain's definition goes with it, its counter goes on at
+/// the destination from where it stopped at the source, and back again with
+/// `--undefinesource`, which leaves it defined at one daemon only. A destination that is
+/// no daemon is refused and the domain runs on.
+#[test]
+fn vessel_domain_migrates_live_between_daemons() {
+    let a = assets();
+    let src = Daemon::start("migsrc");
+    let dst = Daemon::start("migdst");
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let def = json!({"name": "mover", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu"}});
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/mover/start", None).unwrap();
+    let counts = |c: &Client| -> Vec<u64> {
+        serial_log(c, "mover")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "mover")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(&at_src, 3, "first boot");
+
+    let nowhere = src.dir.join("nowhere.sock");
+    let e = src.fails(&["migrate", "mover", "--live", nowhere.to_str().unwrap()]);
+    assert!(e.contains("destination"), "{e}");
+    assert_eq!(state(&at_src, "mover"), "running");
+    let now = *counts(&at_src).last().unwrap();
+    wait_count(&at_src, now + 2, "after a refused migration");
+
+    let out = src.ok(&["migrate", "mover", "--live", dst.socket().to_str().unwrap()]);
+    assert!(
+        out.contains("migrated") && out.contains("downtime"),
+        "{out}"
+    );
+    wait_state(&at_src, "mover", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "mover"), "running");
+    assert!(src.run_pids().is_empty(), "the source's VMM still runs");
+    let last = *counts(&at_src).last().unwrap();
+    wait_count(&at_dst, last + 5, "at the destination");
+    // A line the source was printing when it stopped ends in the destination's log.
+    let parse = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let both = parse(&format!(
+        "{}{}",
+        serial_log(&at_src, "mover"),
+        serial_log(&at_dst, "mover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+    let there = counts(&at_dst);
+
+    let out = dst.ok(&[
+        "migrate",
+        "mover",
+        "--live",
+        src.socket().to_str().unwrap(),
+        "--undefinesource",
+    ]);
+    assert!(out.contains("migrated"), "{out}");
+    let gone = at_dst.get("/v1/domains/mover");
+    assert!(
+        gone.is_err(),
+        "still defined at the first destination: {gone:?}"
+    );
+    assert_eq!(state(&at_src, "mover"), "running");
+    let back = *counts(&at_src).last().unwrap();
+    wait_count(&at_src, back + 5, "back at the source");
+    // The source's log went on where it stopped; the destination's held the middle.
+    let all = counts(&at_src);
+    let resumed = all.iter().position(|&n| n > last).unwrap();
+    assert!(
+        all[..resumed].windows(2).all(|w| w[1] == w[0] + 1) && all[0] == 1,
+        "{all:?}"
+    );
+    assert!(
+        all[resumed..].windows(2).all(|w| w[1] == w[0] + 1),
+        "{all:?}"
+    );
+    assert!(all[resumed] > *there.last().unwrap(), "{all:?}");
+    src.ok(&["destroy", "mover"]);
+
+    // A domain the source VMM cannot migrate (vsock) is refused after the destination
+    // defined it and started its VMM: the destination forgets it again.
+    let mut pinned = def.clone();
+    pinned["name"] = json!("pinned");
+    pinned["vm"]["vsock"] = json!({"guest_cid": 3, "uds_path": ""});
+    at_src.post("/v1/domains", Some(&pinned)).unwrap();
+    at_src.post("/v1/domains/pinned/start", None).unwrap();
+    wait_state(&at_src, "pinned", "running", Duration::from_secs(10));
+    let e = src.fails(&[
+        "migrate",
+        "pinned",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    assert!(e.contains("vsock"), "{e}");
+    assert!(
+        at_dst.get("/v1/domains/pinned").is_err(),
+        "the failed migration left the domain defined at the destination"
+    );
+    assert!(
+        dst.run_pids().is_empty(),
+        "a VMM is left at the destination"
+    );
+    assert_eq!(state(&at_src, "pinned"), "running");
+    src.ok(&["destroy", "pinned"]);
+}
+
+/// `managedsave`: the domain stops with its state kept by the daemon and its next `start`
+/// restores it (the count goes on, the guest does not boot again); a daemon with
+/// `--save-on-shutdown` saves its running domains on SIGTERM and the next daemon brings
+/// them back; `managedsave-remove` makes the next start a boot.
+#[test]
+fn vessel_domain_managedsave_and_save_on_shutdown() {
+    let a = assets();
+    let mut d = Daemon {
+        dir: std::env::temp_dir().join(format!("vm-msave-{}", std::process::id())),
+        child: None,
+        netns: false,
+        env: Vec::new(),
+    };
+    let _ = std::fs::remove_dir_all(&d.dir);
+    std::fs::create_dir_all(&d.dir).unwrap();
+    d.spawn_with(&["--save-on-shutdown"]);
+    let c = d.client();
+    let def = json!({"name": "kept", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu"}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post("/v1/domains/kept/start", None).unwrap();
+    let counts = |c: &Client| -> Vec<u64> {
+        serial_log(c, "kept")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "kept")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let consecutive = |c: &Client| {
+        let all = counts(c);
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "counts lost or repeated: {all:?}"
+        );
+        assert_eq!(
+            serial_log(c, "kept").matches("vessel-init:").count(),
+            1,
+            "the guest booted again"
+        );
+    };
+    wait_count(&c, 3, "first boot");
+
+    d.ok(&["managedsave", "kept"]);
+    assert_eq!(state(&c, "kept"), "shutoff");
+    assert!(d.run_pids().is_empty(), "the VMM runs on after managedsave");
+    let at_save = *counts(&c).last().unwrap();
+    d.ok(&["start", "kept"]);
+    wait_count(&c, at_save + 5, "after start from the managed save");
+    consecutive(&c);
+    assert!(
+        !d.dir.join("state/managed-save/kept").exists(),
+        "the managed save stays after its restore"
+    );
+
+    // Host shutdown: SIGTERM saves it; the next daemon restores it.
+    let mut child = d.child.take().unwrap();
+    kill(child.id() as i32, libc::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", d.log());
+    assert!(
+        d.run_pids().is_empty(),
+        "the VMM runs on after the daemon ended"
+    );
+    d.spawn_with(&["--save-on-shutdown"]);
+    let c = d.client();
+    wait_state(&c, "kept", "running", BOOT_TIMEOUT);
+    let now = *counts(&c).last().unwrap();
+    wait_count(&c, now + 5, "after the daemon restart");
+    consecutive(&c);
+
+    // Without its managed save the next start boots.
+    d.ok(&["managedsave", "kept"]);
+    d.ok(&["managedsave-remove", "kept"]);
+    let e = d.fails(&["managedsave-remove", "kept"]);
+    assert!(e.contains("no managed save"), "{e}");
+    d.ok(&["start", "kept"]);
+    wait_for_log(&c, "kept", "vessel-init:");
+    wait_count(&c, 2, "after a boot");
+    assert_eq!(counts(&c).first(), Some(&1));
+    d.ok(&["destroy", "kept"]);
+}
+
+/// `snapshot-create-as` / `snapshot-list` / `snapshot-revert` / `snapshot-delete` on a
+/// running Vessel domain with a raw disk: the snapshot keeps the disk's contents and the
+/// guest's memory; after a revert the disk holds what it held at the snapshot and the
+/// guest's count goes on from the snapshot's (the counts after it happen again). A
+/// snapshot of a shut-off domain keeps its disk only.
+#[test]
+fn vessel_domain_snapshots_create_list_revert_delete() {
+    let a = assets();
+    let d = Daemon::start("dsnap");
+    let c = d.client();
+    let disk = d.dir.join("disk.raw");
+    std::fs::write(&disk, vec![b'A'; 1 << 20]).unwrap();
+    let def = json!({"name": "snappy", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post("/v1/domains/snappy/start", None).unwrap();
+    let counts = || -> Vec<u64> {
+        serial_log(&c, "snappy")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts().last().copied().unwrap_or(0) < n {
+            assert!(t0.elapsed() < BOOT_TIMEOUT, "{what}: {:?}", counts());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(3, "first boot");
+
+    d.ok(&["snapshot-create-as", "snappy", "first"]);
+    assert_eq!(state(&c, "snappy"), "running", "the domain goes on");
+    let at_snap = *counts().last().unwrap();
+    wait_count(at_snap + 5, "after the snapshot");
+    let e = d.fails(&["snapshot-create-as", "snappy", "first"]);
+    assert!(e.contains("already"), "{e}");
+    let e = d.fails(&["snapshot-create-as", "snappy", "../x"]);
+    assert!(e.contains("snapshot name"), "{e}");
+    // The disk changes after the snapshot (as a guest's writes would).
+    std::fs::write(&disk, vec![b'B'; 1 << 20]).unwrap();
+    let list = d.ok(&["snapshot-list", "snappy"]);
+    assert!(list.contains("first") && list.contains("running"), "{list}");
+
+    d.ok(&["snapshot-revert", "snappy", "first"]);
+    assert_eq!(state(&c, "snappy"), "running");
+    assert!(
+        std::fs::read(&disk).unwrap().iter().all(|&b| b == b'A'),
+        "the disk was not put back"
+    );
+    // The count goes on from the snapshot's, not from where it was before the revert:
+    // it drops back once, then counts on.
+    let t0 = Instant::now();
+    loop {
+        let all = counts();
+        let drop = all.windows(2).position(|w| w[1] <= w[0]).map(|i| i + 1);
+        if let Some(after) = drop.map(|i| &all[i..]).filter(|a| a.len() >= 3) {
+            assert!(
+                (4..=at_snap + 1).contains(&after[0]) && after.windows(2).all(|w| w[1] == w[0] + 1),
+                "snapshot at {at_snap}, the count after the revert: {all:?}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "the count never went back: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        serial_log(&c, "snappy").matches("vessel-init:").count(),
+        1,
+        "the revert booted the guest"
+    );
+
+    // Shut off: the disk only; a revert leaves it shut off.
+    d.ok(&["destroy", "snappy"]);
+    d.ok(&["snapshot-create-as", "snappy", "cold"]);
+    std::fs::write(&disk, vec![b'C'; 1 << 20]).unwrap();
+    d.ok(&["snapshot-revert", "snappy", "cold"]);
+    assert_eq!(state(&c, "snappy"), "shutoff");
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == b'A'));
+    let list = d.ok(&["snapshot-list", "snappy"]);
+    assert!(list.contains("cold") && list.contains("shutoff"), "{list}");
+
+    d.ok(&["snapshot-delete", "snappy", "first"]);
+    d.ok(&["snapshot-delete", "snappy", "cold"]);
+    let list = d.ok(&["snapshot-list", "snappy"]);
+    assert!(!list.contains("first") && !list.contains("cold"), "{list}");
+    let e = d.fails(&["snapshot-revert", "snappy", "first"]);
+    assert!(e.contains("does not exist"), "{e}");
+}
+
+/// `save` / `restore` and `managedsave` of a QEMU domain, through QMP (`migrate
+/// "exec:cat > FILE"`, `-incoming "exec:cat FILE"`, `cont`): the guest's count goes on
+/// without a gap or repeat and it does not boot again; a redefined domain refuses the save.
+#[test]
+fn qemu_domain_saves_and_restores_through_qmp() {
+    require_qemu();
+    let d = Daemon::start("qsave");
+    let c = d.client();
+    let def = |mem: u64| {
+        let mut v = qemu_domain(
+            "qsaved",
+            "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+        );
+        v["vm"]["memory_mib"] = json!(mem);
+        v
+    };
+    c.post("/v1/domains", Some(&def(256))).unwrap();
+    c.post("/v1/domains/qsaved/start", None).unwrap();
+    let counts = || -> Vec<u64> {
+        serial_log(&c, "qsaved")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts().last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(),
+                serial_log(&c, "qsaved")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let consecutive = || {
+        let all = counts();
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "counts lost or repeated: {all:?}"
+        );
+        assert_eq!(
+            serial_log(&c, "qsaved").matches("vessel-init:").count(),
+            1,
+            "the guest booted again"
+        );
+    };
+    wait_count(3, "first boot");
+
+    let save = d.dir.join("qsaved.snap");
+    let save_s = save.to_str().unwrap();
+    d.ok(&["save", "qsaved", save_s]);
+    assert_eq!(state(&c, "qsaved"), "shutoff");
+    assert!(save.join("qemu.state").is_file());
+    let at_save = *counts().last().unwrap();
+    c.redefine_text(&def(512).to_string()).unwrap();
+    let e = d.fails(&["restore", save_s]);
+    assert!(e.contains("redefined"), "{e}");
+    c.redefine_text(&def(256).to_string()).unwrap();
+    d.ok(&["restore", save_s]);
+    assert_eq!(state(&c, "qsaved"), "running");
+    wait_count(at_save + 5, "after the restore");
+    consecutive();
+
+    d.ok(&["managedsave", "qsaved"]);
+    assert_eq!(state(&c, "qsaved"), "shutoff");
+    let at_save = *counts().last().unwrap();
+    d.ok(&["start", "qsaved"]);
+    wait_count(at_save + 5, "after start from the managed save");
+    consecutive();
+    d.ok(&["destroy", "qsaved"]);
+}

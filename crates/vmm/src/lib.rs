@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod io;
+pub mod migration;
 pub mod riscv;
 pub mod runtime;
 pub mod snapshot;

@@ -412,8 +412,11 @@ impl Vmm {
         let memory = match restore {
             // The snapshot's memory file, mapped privately: pages load as the guest
             // touches them.
-            Some(r) => crate::snapshot::memory::map(&r.mem_path, &r.snapshot.memory)
-                .map_err(crate::snapshot::SnapshotError::from)?,
+            Some(r) => match &r.received {
+                Some(m) => m.clone(),
+                None => crate::snapshot::memory::map(&r.mem_path, &r.snapshot.memory)
+                    .map_err(crate::snapshot::SnapshotError::from)?,
+            },
             None => GuestMemoryMmap::from_ranges(&ranges)
                 .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?,
         };
@@ -800,6 +803,11 @@ impl Vmm {
             busy: Mutex::new(()),
         });
         if let Some(r) = restore {
+            // The memory file is the base of the first Diff snapshot: the dirty log
+            // starts here (an accelerator without one refuses Diff snapshots anyway).
+            if r.received.is_none() && vm.dirty_log_is_free() {
+                let _ = vm.take_dirty_log();
+            }
             tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");
         }
 

@@ -110,9 +110,15 @@ impl WriteMap {
     }
 }
 
+/// A page's byte in [`CodeTracker`]: it holds checked code.
+const CODE: u8 = 1;
+/// It was not written since the dirty log was last taken ([`CodeTracker::take_dirty_log`]).
+const LOG_CLEAN: u8 = 2;
+
 #[derive(Debug)]
 pub struct CodeTracker {
-    /// A byte per RAM page (compiled code reads it unchecked, so it covers all of RAM).
+    /// A byte per RAM page, [`CODE`] and [`LOG_CLEAN`]: stores to a page with either must
+    /// be noted. (Compiled code reads it unchecked, so it covers all of RAM.)
     pages: Box<[AtomicU8]>,
     /// Stores to marked pages so far, by any CPU.
     writes: AtomicU64,
@@ -152,8 +158,10 @@ impl CodeTracker {
             return false;
         };
         // Sequentially consistent with a CPU that makes a writable entry (`WriteMap::add`,
-        // then `is_marked`): either it sees this mark, or this sees its count.
-        if b.load(Ordering::Relaxed) != 0 || b.swap(1, Ordering::SeqCst) != 0 {
+        // then `is_marked`): either it sees this mark, or this sees its count. A page
+        // that is only clean for the dirty log may still have its strips pending: they
+        // are asked for again (a CPU strips what it has, once).
+        if b.load(Ordering::Relaxed) & CODE != 0 || b.fetch_or(CODE, Ordering::SeqCst) & CODE != 0 {
             return false;
         }
         let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
@@ -178,7 +186,10 @@ impl CodeTracker {
     pub(crate) fn note_write(&self, pfn: usize) -> bool {
         match self.pages.get(pfn) {
             Some(b) if b.load(Ordering::Relaxed) != 0 => {
-                b.store(0, Ordering::Relaxed);
+                // Clearing LOG_CLEAN is what records the page as dirty.
+                if b.swap(0, Ordering::Relaxed) & CODE == 0 {
+                    return false;
+                }
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -197,6 +208,44 @@ impl CodeTracker {
         let last = (gpa.saturating_add(len - 1) >> 12) as usize;
         for pfn in first..=last.min(self.pages.len().saturating_sub(1)) {
             self.note_write(pfn);
+        }
+    }
+
+    /// Starts a dirty log of guest RAM, or takes the one running and starts the next:
+    /// the pages any CPU or reported external write stored to since the previous call, as
+    /// a bitmap (bit `pfn % 64` of word `pfn / 64`); every page counts as written on the
+    /// first call. Live migration sends these again.
+    ///
+    /// It works as code marks do (QEMU's TLB_NOTDIRTY): a page logged clean takes every
+    /// CPU's right to store to it from compiled code, so its next store goes through the
+    /// interpreter's `note_write`, which clears the mark. A CPU that may have stored
+    /// through an entry it still had (its strip not done yet) counts its page as written,
+    /// here and again when it strips the entry.
+    pub fn take_dirty_log(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.pages.len().div_ceil(64)];
+        let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
+        for (pfn, b) in self.pages.iter().enumerate() {
+            let old = b.fetch_or(LOG_CLEAN, Ordering::SeqCst);
+            let armed = cpus.iter().any(|c| c.any(pfn));
+            if old & LOG_CLEAN == 0 || armed {
+                if let Some(w) = out.get_mut(pfn / 64) {
+                    *w |= 1 << (pfn % 64);
+                }
+            }
+            if armed {
+                for c in cpus.iter().filter(|c| c.any(pfn)) {
+                    c.request(pfn);
+                }
+            }
+        }
+        out
+    }
+
+    /// Ends the dirty log: pages are no longer held clean (their entries regain the
+    /// right to store at the next store through them).
+    pub fn stop_dirty_log(&self) {
+        for b in self.pages.iter() {
+            b.fetch_and(!LOG_CLEAN, Ordering::SeqCst);
         }
     }
 

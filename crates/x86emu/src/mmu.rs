@@ -634,9 +634,13 @@ impl Core {
             }
             // Atomic like the hardware's locked A/D update: another vCPU may be changing
             // this entry (e.g. clearing it); never write back a stale copy.
-            if ne != e && !self.ram.compare_exchange_pte(gpa, e, ne, wide) {
-                self.walk_raced = true;
-                return Err(Fault::gp0());
+            if ne != e {
+                if !self.ram.compare_exchange_pte(gpa, e, ne, wide) {
+                    self.walk_raced = true;
+                    return Err(Fault::gp0());
+                }
+                // A store like any other, for the dirty log (and code marks).
+                self.note_write(gpa & !0xfff);
             }
         }
         let mut perm = P_READ_SUP;
@@ -1090,6 +1094,44 @@ mod tests {
         assert!(code.mark(20, &wa) && a.strip_page(20));
         assert!(!a.entries[12].writable() && !a.entries[13].writable());
         assert_eq!(wa.count(20), 0);
+    }
+
+    #[test]
+    fn the_dirty_log_sees_noted_stores_and_entries_still_armed() {
+        use crate::code::CodeTracker;
+        let code = CodeTracker::new(64 << 12);
+        let wa = Arc::new(WriteMap::new(64));
+        code.register(&wa);
+        let mut a = Tlb::new(wa.clone());
+        let bit = |log: &[u64], pfn: usize| log[pfn / 64] >> (pfn % 64) & 1 == 1;
+        let first = code.take_dirty_log();
+        assert!((0..64).all(|p| bit(&first, p)), "first take: all");
+        assert!(
+            code.take_dirty_log().iter().all(|&w| w == 0),
+            "nothing written"
+        );
+        // A store the interpreter noted; an entry compiled code may still store through.
+        assert!(!code.note_write(3), "not code");
+        a.put(5, writable(5, 7));
+        let log = code.take_dirty_log();
+        assert!(bit(&log, 3) && bit(&log, 7) && !bit(&log, 4));
+        assert!(wa.pending(), "the CPU is asked to strip the armed entry");
+        for pfn in wa.take_requests() {
+            if a.strip_page(pfn) {
+                code.note_write(pfn);
+            }
+        }
+        assert!(!a.entries[5].writable());
+        let log = code.take_dirty_log();
+        assert!(bit(&log, 7) && !bit(&log, 3), "stripped: counted once more");
+        assert!(code.take_dirty_log().iter().all(|&w| w == 0));
+        // Code marks still work on logged pages, and a store to code is both.
+        assert!(!code.mark(9, &wa));
+        assert!(code.is_marked(9));
+        assert!(code.note_write(9), "a store to code");
+        assert!(bit(&code.take_dirty_log(), 9));
+        code.stop_dirty_log();
+        assert!(!code.is_marked(10), "no longer held clean");
     }
 
     /// More fills than the lists hold: the flushes scan every slot instead.

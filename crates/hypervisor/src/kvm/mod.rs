@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
@@ -84,6 +84,9 @@ impl Hypervisor for KvmHypervisor {
         Ok(Arc::new(KvmVm {
             irq: Arc::new(KvmIrqChip { fd: fd.clone() }),
             fd,
+            slots: Mutex::new(Vec::new()),
+            logging: Arc::default(),
+            device_dirty: Arc::default(),
         }))
     }
 
@@ -114,6 +117,37 @@ impl Hypervisor for KvmHypervisor {
 struct KvmVm {
     fd: Arc<VmFd>,
     irq: Arc<KvmIrqChip>,
+    /// The memory slots as set, to switch dirty logging on and off.
+    slots: Mutex<Vec<kvm_userspace_memory_region>>,
+    /// KVM_MEM_LOG_DIRTY_PAGES is on for every slot (it costs the guest write faults and
+    /// huge pages, so only while a migration or Diff snapshot wants it).
+    logging: Arc<std::sync::atomic::AtomicBool>,
+    /// Pages the VMM's devices wrote while logging, by page number: KVM logs only what
+    /// the guest writes.
+    device_dirty: Arc<Mutex<Vec<u64>>>,
+}
+
+impl KvmVm {
+    /// Sets every slot again with dirty logging on or off.
+    fn set_logging(&self, slots: &[kvm_userspace_memory_region], on: bool) -> Result<()> {
+        for s in slots {
+            let mut r = *s;
+            r.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same host range this slot was created with, which the VM's
+            // owner keeps mapped for the VM's life (add_memory_region's contract).
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(|e| Error::VmIoctl {
+                op: "KVM_SET_USER_MEMORY_REGION (dirty logging)",
+                source: io_err(e),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn set_page(map: &mut [u64], pfn: u64) {
+    if let Some(w) = usize::try_from(pfn / 64).ok().and_then(|i| map.get_mut(i)) {
+        *w |= 1 << (pfn % 64);
+    }
 }
 
 impl Vm for KvmVm {
@@ -136,7 +170,84 @@ impl Vm for KvmVm {
             guest_addr,
             size,
             source: io_err(e),
-        })
+        })?;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(region);
+        Ok(())
+    }
+
+    fn ram_write_observer(&self) -> Option<Arc<dyn Fn(u64, u64) + Send + Sync>> {
+        let (logging, dirty) = (self.logging.clone(), self.device_dirty.clone());
+        Some(Arc::new(move |gpa, len| {
+            if len == 0 || !logging.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let mut map = dirty.lock().unwrap_or_else(|p| p.into_inner());
+            for pfn in gpa / 4096..=gpa.saturating_add(len - 1) / 4096 {
+                set_page(&mut map, pfn);
+            }
+        }))
+    }
+
+    fn take_dirty_log(&self) -> Result<Vec<u64>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let end = slots
+            .iter()
+            .map(|s| s.guest_phys_addr + s.memory_size)
+            .max()
+            .unwrap_or(0);
+        let words = usize::try_from(end / 4096)
+            .map_err(|_| Error::Unsupported {
+                what: "a dirty log of this much memory".into(),
+            })?
+            .div_ceil(64);
+        if !self.logging.load(SeqCst) {
+            *self.device_dirty.lock().unwrap_or_else(|p| p.into_inner()) = vec![0; words];
+            self.logging.store(true, SeqCst);
+            self.set_logging(&slots, true)?;
+            return Ok(vec![!0; words]);
+        }
+        let mut out = std::mem::replace(
+            &mut *self.device_dirty.lock().unwrap_or_else(|p| p.into_inner()),
+            vec![0; words],
+        );
+        out.resize(words, 0);
+        for s in slots.iter() {
+            let size = usize::try_from(s.memory_size).map_err(|_| Error::Unsupported {
+                what: "a dirty log of this much memory".into(),
+            })?;
+            let bits = self
+                .fd
+                .get_dirty_log(s.slot, size)
+                .map_err(|e| Error::VmIoctl {
+                    op: "KVM_GET_DIRTY_LOG",
+                    source: io_err(e),
+                })?;
+            let base = s.guest_phys_addr / 4096;
+            for (i, &w) in bits.iter().enumerate().filter(|(_, w)| **w != 0) {
+                for b in 0..64 {
+                    if w >> b & 1 == 1 {
+                        set_page(&mut out, base + i as u64 * 64 + b);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn stop_dirty_log(&self) {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .logging
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Err(e) = self.set_logging(&slots, false) {
+                tracing::warn!("turning dirty logging off: {e}");
+            }
+        }
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

@@ -1,8 +1,9 @@
-//! `save` and `restore` (virsh's verbs) for Vessel domains: the domain's VMM writes a
-//! snapshot of the paused VM into a new folder (`vmstate`, `memory`, and `domain`, the
+//! `save` and `restore` (virsh's verbs), and `managedsave`: a Vessel domain's VMM writes
+//! a snapshot of the paused VM into a new folder (`vmstate`, `memory`, and `domain`, the
 //! domain's name), then stops; a restore starts the domain's VMM from that folder
 //! (`vessel run --restore`) after checking that the saved VM is the one the domain's
-//! definition describes. docs/SNAPSHOT.md has the files.
+//! definition describes. QEMU domains go through QMP (`qemu_save`). docs/SNAPSHOT.md has
+//! the files.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,10 @@ use crate::driver;
 use crate::error::{Error, Result};
 
 /// The file in a save folder naming its domain.
-const DOMAIN_FILE: &str = "domain";
+pub(super) const DOMAIN_FILE: &str = "domain";
+/// In a managed save folder: the daemon saved the domain as it ended, and the next daemon
+/// starts it again.
+const RESUME_FILE: &str = "resume";
 
 /// A save target: an absolute path that does not exist yet, in a folder that does.
 fn save_target(path: &Path) -> Result<PathBuf> {
@@ -59,7 +63,7 @@ pub(super) fn check_matches(dir: &Path, runtime: &DomainDef, run: &driver::RunDi
 }
 
 /// Moves `from` to `to`, copying when they are on different file systems.
-fn move_file(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn move_file(from: &Path, to: &Path) -> Result<()> {
     if std::fs::rename(from, to).is_ok() {
         return Ok(());
     }
@@ -68,9 +72,109 @@ fn move_file(from: &Path, to: &Path) -> Result<()> {
 }
 
 impl Manager {
+    /// Where the daemon keeps a domain's managed save.
+    fn managed_save_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("managed-save").join(name)
+    }
+
+    /// The domain's managed save, if it has one.
+    pub fn managed_save(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.managed_save_dir(name);
+        dir.join(DOMAIN_FILE).is_file().then_some(dir)
+    }
+
+    /// Whether the last daemon saved the domain as it ended.
+    pub(super) fn saved_at_shutdown(&self, name: &str) -> bool {
+        self.managed_save(name)
+            .is_some_and(|d| d.join(RESUME_FILE).is_file())
+    }
+
+    /// `managedsave`: saves the running Vessel domain where the daemon keeps it and stops
+    /// it; its next start restores it. `at_shutdown` marks it for the next daemon.
+    pub fn managed_save_domain(&self, name: &str, at_shutdown: bool) -> Result<()> {
+        let dir = self.managed_save_dir(name);
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+        }
+        if dir.exists() {
+            // A stale one (the domain was started without restoring it): replaced.
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))?;
+        }
+        self.save(name, &dir)?;
+        if at_shutdown {
+            std::fs::write(dir.join(RESUME_FILE), b"")
+                .map_err(|e| Error::io("marking", dir.join(RESUME_FILE), e))?;
+        }
+        Ok(())
+    }
+
+    /// `managedsave-remove`: the domain's next start boots it.
+    pub fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.store.get_domain(name)?;
+        match self.managed_save(name) {
+            Some(dir) => std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e)),
+            None => Err(Error::Conflict(format!(
+                "domain {name:?} has no managed save"
+            ))),
+        }
+    }
+
+    /// Starts the domain from its managed save, which is then dropped (a domain
+    /// redefined since refuses it: `managedsave-remove` first).
+    pub(super) fn start_managed(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        dir: &Path,
+    ) -> Result<DomainInfo> {
+        let info = self.start_inner(name, false, crate::driver::Boot::Restore(dir))?;
+        // QEMU has loaded the state (its incoming stream ended) once it runs.
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(domain = name, "removing the managed save: {e}");
+        }
+        self.events
+            .emit(name, "restored", "running", Some("managed save".into()));
+        Ok(info)
+    }
+
+    /// Managedsaves every running domain (the daemon is ending: host shutdown).
+    pub fn save_all_at_shutdown(&self) {
+        let running: Vec<String> = lock(&self.active).keys().cloned().collect();
+        for name in running {
+            match self.managed_save_domain(&name, true) {
+                Ok(()) => tracing::info!(domain = %name, "saved at shutdown"),
+                Err(e) => tracing::warn!(domain = %name, "saving at shutdown failed: {e}"),
+            }
+        }
+    }
+
     /// Saves a running Vessel domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
         let dir = save_target(path)?;
+        let def = self.store.get_domain(name)?;
+        if def.driver == DriverKind::Qemu {
+            self.active_id(name)?;
+            self.qemu_save(name, &dir, &def)?;
+        } else {
+            self.capture(name, &dir, &|| Ok(()), true)?;
+        }
+        self.destroy(name)?;
+        self.events
+            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
+        Ok(())
+    }
+
+    /// Writes the running Vessel domain's VM state into the new folder `dir` (`vmstate`,
+    /// `memory`, `domain`), the VM paused meanwhile; `also` runs before it goes on (copies
+    /// of its disks). With `stop` it stays paused (the caller stops it), else it resumes
+    /// if it ran. On failure nothing is left in `dir` and the VM goes on as it was.
+    pub(super) fn capture(
+        &self,
+        name: &str,
+        dir: &Path,
+        also: &dyn Fn() -> Result<()>,
+        stop: bool,
+    ) -> Result<()> {
+        let dir = dir.to_path_buf();
         {
             let l = self.domain_lock(name);
             let _g = lock(&l);
@@ -110,7 +214,8 @@ impl Manager {
                     }),
                 )?;
                 move_file(&run_state, &state_file)?;
-                move_file(&run_mem, &mem_file)
+                move_file(&run_mem, &mem_file)?;
+                also()
             })();
             if let Err(e) = saved {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -126,10 +231,15 @@ impl Manager {
                 }
                 return Err(e);
             }
+            if was_running && !stop {
+                driver::vmm_api(
+                    &run,
+                    "PATCH",
+                    "/vm",
+                    &serde_json::json!({"state": "Resumed"}),
+                )?;
+            }
         }
-        self.destroy(name)?;
-        self.events
-            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
         Ok(())
     }
 
@@ -138,14 +248,9 @@ impl Manager {
         let name = std::fs::read_to_string(path.join(DOMAIN_FILE))
             .map_err(|e| Error::io("reading the saved domain's name", path.join(DOMAIN_FILE), e))?;
         let name = name.trim();
-        let def = self.store.get_domain(name)?;
-        if def.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "restore is not implemented for the QEMU driver yet".into(),
-            ));
-        }
+        self.store.get_domain(name)?;
         // The serial log goes on: the guest does.
-        let info = self.start_inner(name, false, Some(path))?;
+        let info = self.start_inner(name, false, crate::driver::Boot::Restore(path))?;
         self.events.emit(
             name,
             "restored",

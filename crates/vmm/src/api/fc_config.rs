@@ -265,13 +265,9 @@ impl FcConfig {
                  not applied by this VMM (use \"None\")"
             ));
         }
-        if m.track_dirty_pages {
-            return no(
-                "machine-config track_dirty_pages: dirty page tracking is not supported by \
-                 this VMM"
-                    .into(),
-            );
-        }
+        // track_dirty_pages needs nothing to be switched on: an accelerator that keeps a
+        // dirty log keeps it always, and a Diff snapshot under one that does not is
+        // refused when asked for.
         // Vessel always advises transparent huge pages on guest RAM (madvise
         // MADV_HUGEPAGE, Firecracker's "Transparent"); hugetlbfs pages it does not use.
         if m.huge_pages == HugePages::Hugetlbfs2M {

@@ -128,6 +128,8 @@ pub struct VmmApi {
     /// Where InstanceStart hands the build, when a thread other than the API's builds and
     /// runs the VM ([`VmmApi::builds_elsewhere`]).
     builder: Mutex<Option<mpsc::Sender<StartRequest>>>,
+    /// A migration that succeeded: this VMM ends once its answer is sent.
+    migrated: Mutex<Option<Arc<crate::snapshot::Snapshotter>>>,
 }
 
 /// InstanceStart's validated configuration, for the thread that builds and runs the VM
@@ -214,6 +216,7 @@ impl VmmApi {
             metrics: Arc::default(),
             metrics_sink: Mutex::new(None),
             builder: Mutex::new(None),
+            migrated: Mutex::new(None),
         })
     }
 
@@ -375,7 +378,7 @@ impl VmmApi {
     /// `PUT /snapshot/create`: the paused VM's state and memory into two files.
     fn snapshot_create(&self, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotCreateParams = parse(req)?;
-        params.check().map_err(|msg| fault(400, msg))?;
+        let kind = params.check().map_err(|msg| fault(400, msg))?;
         for p in [&params.snapshot_path, &params.mem_file_path] {
             access::check(p, req.peer.as_ref(), Want::Create)
                 .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
@@ -388,9 +391,31 @@ impl VmmApi {
             Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
         };
         snapshotter
-            .create(&params.snapshot_path, &params.mem_file_path)
+            .create(&params.snapshot_path, &params.mem_file_path, kind)
             .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
         Ok(Response::empty(204))
+    }
+
+    /// `PUT /migration/send`: the running (or paused) VM moves to the VMM waiting at
+    /// `destination_url`; the answer reports the rounds, downtime and total time, and this
+    /// VMM ends after sending it. On failure the VM goes on here.
+    fn migration_send(&self, req: &Request) -> Answer {
+        let params: super::migration::MigrationSendParams = parse(req)?;
+        let (to, limits) = params
+            .check()
+            .map_err(|e| fault(400, format!("Failed to migrate: {e}")))?;
+        let snapshotter = match &lock(&self.state).phase {
+            Phase::Running { snapshotter, .. } => snapshotter
+                .clone()
+                .ok_or_else(|| fault(400, "This VM cannot be migrated."))?,
+            Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
+            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
+        };
+        let report = snapshotter
+            .migrate(&to, limits)
+            .map_err(|e| fault(400, format!("Failed to migrate: {e}")))?;
+        *lock(&self.migrated) = Some(snapshotter);
+        Ok(Response::json(200, &json!(report)))
     }
 
     /// `PUT /snapshot/load`: a VM restored from a snapshot instead of booted; it runs at
@@ -930,6 +955,7 @@ impl VmmApi {
             ("PUT", "network-interfaces", true) => self.put_net(req, &seg),
             ("PUT", "vsock", true) => self.put_vsock(req),
             ("PUT", "entropy", true) => self.put_entropy(req),
+            ("PUT", "migration", true) if seg.get(1) == Some(&"send") => self.migration_send(req),
             ("PUT", "snapshot", true) => match seg.get(1) {
                 Some(&"create") => self.snapshot_create(req),
                 Some(&"load") => self.snapshot_load(req),
@@ -1000,7 +1026,12 @@ pub const MAX_PAYLOAD: u64 = 51_200;
 
 impl Handler for ApiHandler {
     fn handle(&self, req: Request) -> Reply {
-        Reply::Response(self.0.handle_req(&req))
+        let resp = self.0.handle_req(&req);
+        match lock(&self.0.migrated).take() {
+            // The VM runs elsewhere now: this VMM ends once the client has the report.
+            Some(s) => Reply::Upgrade(resp, Box::new(move |_| s.finish_migration())),
+            None => Reply::Response(resp),
+        }
     }
 
     fn admit(&self, _req: &Request, body_len: u64) -> Option<Response> {

@@ -9,4 +9,5 @@ pub mod fc_log;
 pub mod fc_model;
 pub mod firecracker;
 pub mod http;
+pub mod migration;
 pub mod snapshot;

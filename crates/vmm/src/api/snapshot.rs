@@ -1,8 +1,7 @@
 //! Firecracker's snapshot requests: `PUT /snapshot/create` on a paused VM, and
 //! `PUT /snapshot/load` on a VMM that has not started one (`vessel run --api-sock
 //! --api-only`). The bodies carry Firecracker's field names; what this VMM cannot do
-//! yet (Diff snapshots, which need dirty-page tracking; a userfaultfd memory backend)
-//! is refused with a message that says so.
+//! (a userfaultfd memory backend) is refused with a message that says so.
 
 use std::path::PathBuf;
 
@@ -52,15 +51,11 @@ pub struct SnapshotLoadParams {
 }
 
 impl SnapshotCreateParams {
-    /// Refuses what this VMM cannot take: anything but a Full snapshot.
-    pub fn check(&self) -> Result<(), String> {
+    /// Full or Diff, or why the request is refused.
+    pub fn check(&self) -> Result<crate::snapshot::SnapshotKind, String> {
         match self.snapshot_type.as_deref() {
-            None | Some("Full") => Ok(()),
-            Some("Diff") => Err(
-                "Diff snapshots need dirty page tracking, which this VMM does \
-                                 not have yet: take a Full snapshot."
-                    .into(),
-            ),
+            None | Some("Full") => Ok(crate::snapshot::SnapshotKind::Full),
+            Some("Diff") => Ok(crate::snapshot::SnapshotKind::Diff),
             Some(other) => Err(format!("Invalid snapshot_type {other:?} (Full or Diff).")),
         }
     }
@@ -69,13 +64,8 @@ impl SnapshotCreateParams {
 impl SnapshotLoadParams {
     /// The memory file, or why the request is refused.
     pub fn mem_path(&self) -> Result<PathBuf, String> {
-        if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err(
-                "Dirty page tracking is not supported by this VMM yet (enable_diff_snapshots, \
-                 track_dirty_pages)."
-                    .into(),
-            );
-        }
+        // enable_diff_snapshots / track_dirty_pages: a restored VM's dirty log starts at
+        // the restore whatever they say (Diff snapshots then follow the loaded one).
         if self
             .network_overrides
             .as_ref()

@@ -24,6 +24,7 @@ pub struct MemRegion {
 
 /// The size of the runs checked for zeros.
 const CHUNK: usize = 64 << 10;
+const PAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -69,7 +70,7 @@ pub fn layout(memory: &GuestMemoryMmap) -> Vec<MemRegion> {
         .collect()
 }
 
-fn all_zero(b: &[u8]) -> bool {
+pub(crate) fn all_zero(b: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
         // aligned middle of the slice.
@@ -82,10 +83,29 @@ fn all_zero(b: &[u8]) -> bool {
 /// layout. The VM must be paused. The file is written under a temporary name and renamed
 /// into place: a VM restored from the file `path` names keeps its mapping of the old one.
 pub fn write(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, MemoryError> {
+    write_some(memory, path, None)
+}
+
+/// A Diff snapshot's memory file: as [`write`], but only the pages marked in `dirty` (a
+/// bitmap of guest-physical page numbers), zero or not; every other page is a hole, to
+/// be taken from the snapshot the diff follows ([`rebase`]).
+pub fn write_diff(
+    memory: &GuestMemoryMmap,
+    path: &Path,
+    dirty: &[u64],
+) -> Result<Vec<MemRegion>, MemoryError> {
+    write_some(memory, path, Some(dirty))
+}
+
+fn write_some(
+    memory: &GuestMemoryMmap,
+    path: &Path,
+    dirty: Option<&[u64]>,
+) -> Result<Vec<MemRegion>, MemoryError> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp_name);
-    let r = write_to(memory, &tmp).and_then(|regions| {
+    let r = write_to(memory, &tmp, dirty).and_then(|regions| {
         std::fs::rename(&tmp, path)
             .map(|()| regions)
             .map_err(|source| MemoryError::Write {
@@ -99,7 +119,11 @@ pub fn write(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, Me
     r
 }
 
-fn write_to(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, MemoryError> {
+fn write_to(
+    memory: &GuestMemoryMmap,
+    path: &Path,
+    dirty: Option<&[u64]>,
+) -> Result<Vec<MemRegion>, MemoryError> {
     let err = |source| MemoryError::Write {
         path: path.into(),
         source,
@@ -119,9 +143,20 @@ fn write_to(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, Mem
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
         let mut pos = 0;
         while pos < len {
-            let end = (pos + CHUNK).min(len);
+            let step = if dirty.is_some() { PAGE } else { CHUNK };
+            let end = (pos + step).min(len);
             let chunk = &bytes[pos..end];
-            if !all_zero(chunk) {
+            let wanted = match dirty {
+                Some(map) => {
+                    let pfn = (m.gpa + pos as u64) / PAGE as u64;
+                    usize::try_from(pfn / 64)
+                        .ok()
+                        .and_then(|i| map.get(i))
+                        .is_some_and(|w| w >> (pfn % 64) & 1 == 1)
+                }
+                None => !all_zero(chunk),
+            };
+            if wanted {
                 f.seek(SeekFrom::Start(m.file_offset + pos as u64))
                     .map_err(err)?;
                 f.write_all(chunk).map_err(err)?;
@@ -132,6 +167,79 @@ fn write_to(memory: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemRegion>, Mem
     // The holes at the end, too.
     f.set_len(total).map_err(err)?;
     Ok(regions)
+}
+
+/// Copies what a Diff snapshot's memory file at `diff` holds (its data, not its holes)
+/// onto the memory file `base` of the snapshot it follows, in place (Firecracker's
+/// `rebase-snap`): `base` then is the memory of the diff's snapshot. Both must have the
+/// same size. Needs a file system that reports holes (SEEK_HOLE), as the ones Linux
+/// mounts for local files do; on one that does not, the holes' zeros would be copied too.
+pub fn rebase(base: &Path, diff: &Path) -> Result<u64, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let open_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MemoryError::Open { path, source }
+    };
+    let d = File::open(diff).map_err(open_err(diff))?;
+    let b = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(open_err(base))?;
+    let len = d.metadata().map_err(open_err(diff))?.len();
+    let have = b.metadata().map_err(open_err(base))?.len();
+    if have != len {
+        return Err(MemoryError::Size {
+            path: base.into(),
+            want: len,
+            have,
+        });
+    }
+    let seek = |from: u64, whence: libc::c_int| -> Result<Option<u64>, MemoryError> {
+        let at = libc::off_t::try_from(from).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        // SAFETY: lseek on a descriptor `d` owns; it moves only that file's offset.
+        let r = unsafe { libc::lseek(d.as_raw_fd(), at, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `from`.
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(MemoryError::Open {
+                    path: diff.into(),
+                    source: e,
+                }),
+            };
+        }
+        Ok(u64::try_from(r).ok())
+    };
+    let mut copied = 0;
+    let mut pos = 0;
+    let mut buf = vec![0u8; CHUNK];
+    while pos < len {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut at = start;
+        while at < end {
+            let n = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+            let chunk = &mut buf[..n];
+            d.read_exact_at(chunk, at).map_err(open_err(diff))?;
+            b.write_all_at(chunk, at)
+                .map_err(|source| MemoryError::Write {
+                    path: base.into(),
+                    source,
+                })?;
+            at += n as u64;
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    b.sync_all().map_err(|source| MemoryError::Write {
+        path: base.into(),
+        source,
+    })?;
+    Ok(copied)
 }
 
 /// Maps `path` as guest memory laid out as `regions`, private to this process.

@@ -168,6 +168,17 @@ impl SnapshotError {
     }
 }
 
+/// What a snapshot's memory file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// The pages written since the VMM's previous snapshot, its restore, or (with
+    /// none) its boot; the rest are holes, taken from the snapshot it follows
+    /// (`memory::rebase`).
+    Diff,
+}
+
 /// How long the parts of a snapshot took, for the log and the bench.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CreateTimes {
@@ -270,13 +281,18 @@ impl std::fmt::Debug for Snapshotter {
 
 impl Snapshotter {
     /// Writes the paused VM's state to `state_path` and its memory to `mem_path`.
-    pub fn create(&self, state_path: &Path, mem_path: &Path) -> Result<CreateTimes, SnapshotError> {
+    pub fn create(
+        &self,
+        state_path: &Path,
+        mem_path: &Path,
+        kind: SnapshotKind,
+    ) -> Result<CreateTimes, SnapshotError> {
         let _one = lock(&self.busy);
         if let Some(what) = unsupported(&self.config) {
             return Err(SnapshotError::Unsupported(what));
         }
         self.control
-            .while_paused(|| self.create_paused(state_path, mem_path))
+            .while_paused(|| self.create_paused(state_path, mem_path, kind))
             .ok_or(SnapshotError::NotPaused)?
     }
 
@@ -284,8 +300,56 @@ impl Snapshotter {
         &self,
         state_path: &Path,
         mem_path: &Path,
+        kind: SnapshotKind,
     ) -> Result<CreateTimes, SnapshotError> {
         let t0 = Instant::now();
+        let mut snap = self.state()?;
+        let t_state = t0.elapsed();
+        let t1 = Instant::now();
+        // The dirty log's take both gives a Diff its pages and makes this snapshot the
+        // base of the next Diff (where the log costs the guest nothing it runs from every
+        // snapshot on; under kvm from the first Diff, which has every page). An
+        // accelerator without a log takes Full snapshots only.
+        snap.memory = match kind {
+            SnapshotKind::Full => {
+                if self.vm.dirty_log_is_free() {
+                    let _ = self.vm.take_dirty_log();
+                }
+                memory::write(&self.memory, mem_path)
+            }
+            SnapshotKind::Diff => {
+                let dirty = self
+                    .vm
+                    .take_dirty_log()
+                    .map_err(|source| SnapshotError::Accel {
+                        accel: self.accel.clone(),
+                        source,
+                    })?;
+                memory::write_diff(&self.memory, mem_path, &dirty)
+            }
+        }
+        .inspect_err(|_| {
+            // The pages the log gave up are nowhere now: the next Diff has them all.
+            self.vm.stop_dirty_log();
+        })?;
+        let t_memory = t1.elapsed();
+        let body = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        format::write(state_path, &body)?;
+        let times = CreateTimes {
+            state: t_state + t0.elapsed().saturating_sub(t_state + t_memory),
+            memory: t_memory,
+        };
+        tracing::info!(
+            state = %state_path.display(),
+            memory = %mem_path.display(),
+            ?times,
+            "snapshot created"
+        );
+        Ok(times)
+    }
+
+    /// The paused VM's state, its memory laid out as [`memory::layout`] places it.
+    pub(crate) fn state(&self) -> Result<VmSnapshot, SnapshotError> {
         let accel_err = |source| SnapshotError::Accel {
             accel: self.accel.clone(),
             source,
@@ -306,7 +370,7 @@ impl Snapshotter {
                 VirtioTransport::Pci(t) => VirtioSnapshot::Pci(lock(t).snapshot()),
             })
             .collect();
-        let mut snap = VmSnapshot {
+        Ok(VmSnapshot {
             config: self.config.clone(),
             accel: self.accel.clone(),
             saved_unix_ns,
@@ -323,24 +387,7 @@ impl Snapshotter {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
             }),
-        };
-        let t_state = t0.elapsed();
-        let t1 = Instant::now();
-        snap.memory = memory::write(&self.memory, mem_path)?;
-        let t_memory = t1.elapsed();
-        let body = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
-        format::write(state_path, &body)?;
-        let times = CreateTimes {
-            state: t_state + t0.elapsed().saturating_sub(t_state + t_memory),
-            memory: t_memory,
-        };
-        tracing::info!(
-            state = %state_path.display(),
-            memory = %mem_path.display(),
-            ?times,
-            "snapshot created"
-        );
-        Ok(times)
+        })
     }
 }
 
@@ -350,6 +397,8 @@ pub struct Loaded {
     pub snapshot: VmSnapshot,
     pub state_path: PathBuf,
     pub mem_path: PathBuf,
+    /// Guest memory received from a migration's source, used instead of `mem_path`.
+    pub received: Option<GuestMemoryMmap>,
 }
 
 impl Loaded {
@@ -368,6 +417,33 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             path: state_path.into(),
             why: e.to_string(),
         })?;
+    check_layout(&snapshot)?;
+    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
+    let have = std::fs::metadata(mem_path)
+        .map_err(|source| memory::MemoryError::Open {
+            path: mem_path.into(),
+            source,
+        })?
+        .len();
+    if have != want {
+        return Err(memory::MemoryError::Size {
+            path: mem_path.into(),
+            want,
+            have,
+        }
+        .into());
+    }
+    check_host(&snapshot)?;
+    Ok(Loaded {
+        snapshot,
+        state_path: state_path.into(),
+        mem_path: mem_path.into(),
+        received: None,
+    })
+}
+
+/// Whether the snapshot's vCPUs and memory regions are what its configuration builds.
+pub(crate) fn check_layout(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     if snapshot.vcpus.len() != usize::from(snapshot.config.cpus) {
         return Err(SnapshotError::Invalid(format!(
             "{} vCPU states for {} vCPUs",
@@ -403,21 +479,11 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
             snapshot.config.memory_mib
         )));
     }
-    let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
-    let have = std::fs::metadata(mem_path)
-        .map_err(|source| memory::MemoryError::Open {
-            path: mem_path.into(),
-            source,
-        })?
-        .len();
-    if have != want {
-        return Err(memory::MemoryError::Size {
-            path: mem_path.into(),
-            want,
-            have,
-        }
-        .into());
-    }
+    Ok(())
+}
+
+/// Whether this host can run the snapshot: its disks as they were, nothing refused.
+pub(crate) fn check_host(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     let disks = disk_identities(&snapshot.config)?;
     for (now, then) in disks.iter().zip(&snapshot.disks) {
         if now != then {
@@ -437,11 +503,7 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError>
     if let Some(what) = unsupported(&snapshot.config) {
         return Err(SnapshotError::Unsupported(what));
     }
-    Ok(Loaded {
-        snapshot,
-        state_path: state_path.into(),
-        mem_path: mem_path.into(),
-    })
+    Ok(())
 }
 
 /// The state and memory files of a snapshot folder (`vessel run --restore DIR`).
@@ -551,6 +613,52 @@ mod tests {
         write(&dir, &vsock, 64 << 20);
         let e = load(&state, &mem).unwrap_err().to_string();
         assert!(e.contains("vsock"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_diff_holds_the_dirty_pages_and_rebases_onto_its_base() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = scratch("diff");
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        ram.write_slice(b"base", GuestAddress(0x3000)).unwrap();
+        ram.write_slice(b"keep", GuestAddress(0x5000)).unwrap();
+        let base = dir.join("base");
+        memory::write(&ram, &base).unwrap();
+        // Page 3 changes, page 7 is written, page 5 is zeroed: all three dirty.
+        ram.write_slice(b"next", GuestAddress(0x3000)).unwrap();
+        ram.write_slice(b"new!", GuestAddress(0x7000)).unwrap();
+        ram.write_slice(&[0u8; 4], GuestAddress(0x5000)).unwrap();
+        let mut dirty = vec![0u64; 4];
+        dirty[0] = (1 << 3) | (1 << 5) | (1 << 7);
+        let diff = dir.join("diff");
+        memory::write_diff(&ram, &diff, &dirty).unwrap();
+        let meta = std::fs::metadata(&diff).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(
+                meta.blocks() * 512 <= 64 << 10,
+                "only dirty pages are written"
+            );
+        }
+        assert_eq!(memory::rebase(&base, &diff).unwrap() % 4096, 0);
+        let merged = std::fs::read(&base).unwrap();
+        assert_eq!(&merged[0x3000..0x3004], b"next");
+        assert_eq!(&merged[0x7000..0x7004], b"new!");
+        assert_eq!(
+            &merged[0x5000..0x5004],
+            &[0; 4],
+            "a zeroed page is in the diff"
+        );
+        // A diff of another size is refused.
+        std::fs::File::options()
+            .write(true)
+            .open(&diff)
+            .unwrap()
+            .set_len(1 << 19)
+            .unwrap();
+        assert!(memory::rebase(&base, &diff).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,209 @@
+//! Live migration between two VMM processes: the source sends guest memory in rounds
+//! while the guest runs (each round the pages written during the one before, from the
+//! accelerator's dirty log), then pauses the guest and sends the pages written last and
+//! the VM's state; the destination builds the VM from them as a snapshot restore does,
+//! runs it and answers; the source then ends. docs/MIGRATION.md has the stream and the
+//! options.
+//!
+//! `send` is the source's side (`PUT /migration/send`), `receive` the destination's
+//! (`vessel run --incoming URL`), `wire` the stream they share.
+
+pub mod receive;
+pub mod send;
+pub mod wire;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration goes: `unix:PATH` or `tcp:HOST:PORT` (QEMU's and Cloud
+/// Hypervisor's URL forms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("tcp:{a}: give tcp:HOST:PORT"));
+            }
+            return Ok(Endpoint::Tcp(a.into()));
+        }
+        Err(format!("{s}: give unix:PATH or tcp:HOST:PORT"))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connection of either kind.
+#[derive(Debug)]
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    pub fn connect(to: &Endpoint) -> std::io::Result<Conn> {
+        Ok(match to {
+            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a.as_str())?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// How the source decides when to stop the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Stop and copy once the pages left would take at most this long to send at the
+    /// rate the last round achieved (QEMU's and Cloud Hypervisor's default: 300 ms).
+    pub downtime_limit: Duration,
+    /// Stop and copy after this many rounds whatever is left (a guest that writes
+    /// faster than the link carries never converges).
+    pub max_rounds: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+        }
+    }
+}
+
+/// What a finished migration measured (source's view).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Rounds of pre-copy with the guest running (the first sends all of RAM).
+    pub rounds: u32,
+    /// Pages sent with the guest stopped.
+    pub last_pages: u64,
+    /// Pages sent in all.
+    pub pages: u64,
+    /// Of them, all-zero pages sent as a mark only.
+    pub zero_pages: u64,
+    /// Bytes written to the stream.
+    pub bytes: u64,
+    /// From the request to the destination's answer, ms.
+    pub total_ms: f64,
+    /// From the guest's pause here to the destination's answer that it runs it, ms.
+    pub downtime_ms: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("connecting to {to}: {source}")]
+    Connect { to: String, source: std::io::Error },
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("{0}")]
+    Accel(hypervisor::Error),
+    #[error("pausing the VM: {0}")]
+    Pause(String),
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
+impl From<std::io::Error> for MigrationError {
+    fn from(e: std::io::Error) -> Self {
+        MigrationError::Wire(wire::WireError::Io(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_as_qemu_writes_them() {
+        assert_eq!(
+            "unix:/tmp/m.sock".parse(),
+            Ok(Endpoint::Unix("/tmp/m.sock".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse(),
+            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
+        );
+        assert_eq!("tcp:[::1]:5".parse(), Ok(Endpoint::Tcp("[::1]:5".into())));
+        for bad in [
+            "unix:",
+            "tcp:host",
+            "tcp::80",
+            "tcp:h:99999",
+            "/tmp/x",
+            "fd:3",
+        ] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            Endpoint::Unix("/a".into()).to_string(),
+            "unix:/a",
+            "shown as given"
+        );
+    }
+}
