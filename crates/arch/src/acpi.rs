@@ -64,11 +64,26 @@ pub struct VirtioMmioDevice {
 
 /// The PCI host bridge as the tables describe it: ECAM (MCFG), the bridge with its
 /// windows (`PCI0`, `PNP0A08`) and where each slot's INTA#..INTD# arrive (`_PRT`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PciHost {
     /// (slot, GSI): every pin of the slot's function goes to that one GSI (level,
     /// active low, as PCI lines are).
     pub intx: Vec<(u8, u32)>,
+    /// Where bus 0's ECAM is (MCFG, and the motherboard resource reserving it).
+    pub ecam_base: u64,
+    /// The 32-bit memory window BARs are placed in: (start, size).
+    pub mmio_window: (u64, u64),
+}
+
+impl PciHost {
+    /// The host bridge at the places [`crate::layout`] gives it.
+    pub fn new(intx: Vec<(u8, u32)>) -> Self {
+        PciHost {
+            intx,
+            ecam_base: PCI_ECAM_START,
+            mmio_window: (PCI_MMIO_START, PCI_MMIO_SIZE),
+        }
+    }
 }
 
 /// What the tables describe.
@@ -128,7 +143,7 @@ const SDT_CHECKSUM: usize = 9;
 pub fn relocatable_tables(cfg: &AcpiConfig) -> Relocatable {
     let dsdt = dsdt(cfg);
     let madt = madt(cfg);
-    let mcfg = cfg.pci.as_ref().map(|_| mcfg());
+    let mcfg = cfg.pci.as_ref().map(mcfg);
     let xsdt_len = 36 + 8 * (2 + usize::from(mcfg.is_some()));
     // A full platform's FACS goes first: it must be 64-byte aligned, and the blob is.
     let facs_len = if cfg.full { FACS_LEN } else { 0 };
@@ -249,7 +264,15 @@ fn loader_name(name: &str) -> [u8; LOADER_NAME] {
 /// commands for [`LOADER_FILE`]: allocate both, add the tables' address to every
 /// pointer, then fix every checksum.
 pub fn table_loader(cfg: &AcpiConfig) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let r = relocatable_tables(cfg);
+    let mut r = relocatable_tables(cfg);
+    // Every checksum byte starts at zero: OVMF stores the checksum of the range, which
+    // includes the byte itself (SeaBIOS subtracts it from what is there, which gives
+    // the same result from zero).
+    for &(at, _) in &r.sdts {
+        r.tables[at + SDT_CHECKSUM] = 0;
+    }
+    r.rsdp[RSDP_CHECKSUM] = 0;
+    r.rsdp[RSDP_EXT_CHECKSUM] = 0;
     let rsdp_name = loader_name(LOADER_RSDP_FILE);
     let tables_name = loader_name(LOADER_TABLES_FILE);
     let mut l = Loader(Vec::new());
@@ -394,10 +417,10 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 /// MCFG: one ECAM allocation, segment 0, bus 0 only.
-fn mcfg() -> Sdt {
+fn mcfg(pci: &PciHost) -> Sdt {
     let mut m = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE, 1);
     let mut entry = Vec::with_capacity(16);
-    entry.extend_from_slice(&PCI_ECAM_START.to_le_bytes());
+    entry.extend_from_slice(&pci.ecam_base.to_le_bytes());
     entry.extend_from_slice(&0u16.to_le_bytes()); // PCI segment group
     entry.extend_from_slice(&[0, 0]); // start and end bus
     entry.extend_from_slice(&0u32.to_le_bytes());
@@ -424,8 +447,8 @@ fn pci_host(pci: &PciHost, sink: &mut dyn AmlSink) {
     let mem = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
-        PCI_MMIO_START as u32,
-        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        pci.mmio_window.0 as u32,
+        (pci.mmio_window.0 + pci.mmio_window.1 - 1) as u32,
         None,
     );
     let crs = aml::Name::new(
@@ -455,7 +478,7 @@ fn pci_host(pci: &PciHost, sink: &mut dyn AmlSink) {
 
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let ecam = aml::Memory32Fixed::new(false, pci.ecam_base as u32, PCI_ECAM_SIZE as u32);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam]));
     aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
@@ -578,7 +601,14 @@ mod tests {
 
     /// Runs table-loader commands the way firmware does, placing each file at the
     /// address `place` gives it; returns the files.
-    fn run_loader(loader: &[u8], files: &mut std::collections::HashMap<String, (u64, Vec<u8>)>) {
+    /// Runs the loader's commands as firmware does: SeaBIOS subtracts a range's sum
+    /// from the checksum byte, OVMF (`stores_checksum`) stores the checksum of the range
+    /// (the byte included) in it.
+    fn run_loader(
+        loader: &[u8],
+        files: &mut std::collections::HashMap<String, (u64, Vec<u8>)>,
+        stores_checksum: bool,
+    ) {
         let name = |b: &[u8]| {
             String::from_utf8(b.iter().take_while(|&&c| c != 0).copied().collect()).unwrap()
         };
@@ -603,7 +633,11 @@ mod tests {
                     let sum = f[start..start + len]
                         .iter()
                         .fold(0u8, |a, b| a.wrapping_add(*b));
-                    f[at] = f[at].wrapping_sub(sum);
+                    f[at] = if stores_checksum {
+                        0u8.wrapping_sub(sum)
+                    } else {
+                        f[at].wrapping_sub(sum)
+                    };
                 }
                 c => panic!("unknown loader command {c}"),
             }
@@ -615,9 +649,7 @@ mod tests {
         let cfg = AcpiConfig {
             cpus: 2,
             virtio_devices: vec![],
-            pci: Some(PciHost {
-                intx: vec![(1, 16)],
-            }),
+            pci: Some(PciHost::new(vec![(1, 16)])),
             full: false,
         };
         for full in [false, true] {
@@ -637,7 +669,11 @@ mod tests {
         let mut files = std::collections::HashMap::new();
         files.insert(LOADER_RSDP_FILE.to_string(), (rsdp_at, rsdp));
         files.insert(LOADER_TABLES_FILE.to_string(), (tables_at, tables));
-        run_loader(&loader, &mut files);
+        // Both firmwares' ways with checksums give the same tables.
+        let mut ovmf_files = files.clone();
+        run_loader(&loader, &mut files, false);
+        run_loader(&loader, &mut ovmf_files, true);
+        assert_eq!(files, ovmf_files);
         let rsdp = &files[LOADER_RSDP_FILE].1;
         let tables = &files[LOADER_TABLES_FILE].1;
         // Direct placement with the RSDP 64 bytes before the tables gives the same bytes.
@@ -693,9 +729,7 @@ mod tests {
                 size: 0x1000,
                 gsi: 5,
             }],
-            pci: Some(PciHost {
-                intx: vec![(1, 16), (2, 17)],
-            }),
+            pci: Some(PciHost::new(vec![(1, 16), (2, 17)])),
             full: false,
         };
         let blob = build_tables(&cfg, base);

@@ -46,7 +46,10 @@ pub const LEGACY_BIOS_SIZE: u64 = 128 << 10;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FirmwareError {
-    #[error("a BIOS image of {0} bytes: it must be a multiple of 64 KiB, at most 16 MiB")]
+    #[error(
+        "a firmware image of {0} bytes: a BIOS must be a multiple of 64 KiB, UEFI code and \
+         variables multiples of 4 KiB, at most 16 MiB"
+    )]
     Size(u64),
     #[error("writing the BIOS image to guest memory at {0:#x}")]
     Write(u64),
@@ -72,6 +75,65 @@ pub fn load_bios(mem: &vm_memory::GuestMemoryMmap, image: &[u8]) -> Result<(), F
     mem.write_slice(&image[(len - tail) as usize..], GuestAddress(low))
         .map_err(|_| FirmwareError::Write(low))?;
     Ok(())
+}
+
+/// Where the signature of a UEFI firmware volume header ("_FVH") sits in it: an image
+/// that starts with one is UEFI firmware (OVMF's code, or its combined image), not a
+/// legacy BIOS.
+const FV_SIGNATURE_OFFSET: usize = 40;
+const FV_SIGNATURE: &[u8; 4] = b"_FVH";
+
+/// Whether `image` is UEFI firmware (a firmware volume), rather than a BIOS.
+pub fn is_uefi(image: &[u8]) -> bool {
+    image.get(FV_SIGNATURE_OFFSET..FV_SIGNATURE_OFFSET + 4) == Some(FV_SIGNATURE.as_slice())
+}
+
+/// UEFI firmware's two flash devices as QEMU maps them (`-drive if=pflash`): the code
+/// ends at 4 GiB, the variable store sits right below it. OVMF's build fixes these
+/// addresses (its flash base is 4 GiB minus both sizes), so the two images must be a
+/// matching pair (OVMF_CODE_4M.fd with OVMF_VARS_4M.fd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UefiFlash {
+    pub vars_base: u64,
+    pub vars_len: u64,
+    pub code_base: u64,
+    pub code_len: u64,
+}
+
+/// The flash layout for a code image of `code_len` and a variable store of `vars_len`
+/// bytes: each a multiple of 4 KiB (the flash's erase block), 16 MiB at most together.
+pub fn uefi_flash(code_len: u64, vars_len: u64) -> Result<UefiFlash, FirmwareError> {
+    let block = 4096;
+    for len in [code_len, vars_len] {
+        if len == 0 || !len.is_multiple_of(block) {
+            return Err(FirmwareError::Size(len));
+        }
+    }
+    let total = code_len + vars_len;
+    if total > BIOS_MAX_SIZE {
+        return Err(FirmwareError::Size(total));
+    }
+    let code_base = crate::layout::MMIO_GAP_END - code_len;
+    Ok(UefiFlash {
+        vars_base: code_base - vars_len,
+        vars_len,
+        code_base,
+        code_len,
+    })
+}
+
+/// Copy UEFI code to its region ending at 4 GiB (which `mem` must hold).
+pub fn load_uefi_code(
+    mem: &vm_memory::GuestMemoryMmap,
+    flash: &UefiFlash,
+    code: &[u8],
+) -> Result<(), FirmwareError> {
+    use vm_memory::{Bytes, GuestAddress};
+    if code.len() as u64 != flash.code_len {
+        return Err(FirmwareError::Size(code.len() as u64));
+    }
+    mem.write_slice(code, GuestAddress(flash.code_base))
+        .map_err(|_| FirmwareError::Write(flash.code_base))
 }
 
 /// A bzImage prepared for a boot through firmware, the way QEMU's `linuxboot` option
@@ -227,6 +289,22 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0xffff0)).unwrap(), 0xea);
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert_eq!(load_bios(&small, &image), Err(FirmwareError::Write(base)));
+    }
+
+    #[test]
+    fn uefi_code_ends_at_4_gib_with_its_variables_below() {
+        let f = uefi_flash(0x37c000, 0x84000).unwrap();
+        assert_eq!(f.code_base + f.code_len, 1 << 32);
+        // OVMF's 4 MiB build: its flash starts at 0xffc00000.
+        assert_eq!(f.vars_base, 0xffc0_0000);
+        assert!(uefi_flash(0x37c000, 100).is_err());
+        assert!(uefi_flash(0, 4096).is_err());
+        assert!(uefi_flash(16 << 20, 4096).is_err());
+        let mut image = vec![0u8; 64];
+        assert!(!is_uefi(&image));
+        image[40..44].copy_from_slice(b"_FVH");
+        assert!(is_uefi(&image));
+        assert!(!is_uefi(&image[..42]));
     }
 
     #[test]

@@ -47,16 +47,27 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 
+/// The q35-like platform UEFI firmware (OVMF) boots on: OVMF's q35 build puts ECAM at
+/// 0xb000_0000 (256 MiB) and its 32-bit PCI window from there to 0xfc00_0000, so low RAM
+/// ends where ECAM starts.
+pub const UEFI_MMIO_GAP_START: u64 = 0xb000_0000;
+pub const UEFI_PCI_ECAM_START: u64 = 0xb000_0000;
+pub const UEFI_PCI_ECAM_SIZE: u64 = 0x1000_0000;
+pub const UEFI_PCI_MMIO_START: u64 = 0xc000_0000;
+pub const UEFI_PCI_MMIO_SIZE: u64 = 0xfc00_0000 - UEFI_PCI_MMIO_START;
+
 /// The guest RAM regions (start, length) for `mem_size` bytes of memory: one below the
 /// MMIO gap and, for large guests, the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
-    if mem_size <= MMIO_GAP_START {
+    ram_regions_below(mem_size, MMIO_GAP_START)
+}
+
+/// As [`ram_regions`], with the MMIO gap starting at `gap_start`.
+pub fn ram_regions_below(mem_size: u64, gap_start: u64) -> Vec<(u64, u64)> {
+    if mem_size <= gap_start {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, MMIO_GAP_START),
-            (MMIO_GAP_END, mem_size - MMIO_GAP_START),
-        ]
+        vec![(0, gap_start), (MMIO_GAP_END, mem_size - gap_start)]
     }
 }
 
@@ -70,6 +81,13 @@ mod tests {
         assert_eq!(
             ram_regions(4 << 30),
             vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]
+        );
+        assert_eq!(
+            ram_regions_below(3 << 30, UEFI_MMIO_GAP_START),
+            vec![
+                (0, UEFI_MMIO_GAP_START),
+                (MMIO_GAP_END, (3 << 30) - UEFI_MMIO_GAP_START)
+            ]
         );
     }
 }

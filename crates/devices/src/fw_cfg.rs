@@ -225,6 +225,11 @@ impl FwCfg {
     fn select(&mut self, selector: u16) {
         self.selected = selector;
         self.offset = 0;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let key = selector & !KEY_WRITE_CHANNEL;
+            let name = self.files.iter().find(|(_, k)| *k == key).map(|(n, _)| n);
+            tracing::trace!(key, ?name, "fw_cfg: item selected");
+        }
     }
 
     /// One DMA request: the control structure at `addr` (big-endian control, length,

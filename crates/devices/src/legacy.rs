@@ -230,6 +230,66 @@ impl BusDevice for Pm1 {
     }
 }
 
+/// The ACPI power management timer: a free-running 24-bit counter at 3.579545 MHz
+/// (the PC's 14.31818 MHz crystal divided by 4), read as a dword; writes are ignored.
+/// It counts host monotonic time from the device's creation.
+///
+/// ```
+/// use devices::{legacy::PmTimer, BusDevice};
+/// let mut t = PmTimer::new();
+/// let mut a = [0u8; 4];
+/// t.read(0, &mut a);
+/// std::thread::sleep(std::time::Duration::from_millis(2));
+/// let mut b = [0u8; 4];
+/// t.read(0, &mut b);
+/// let ticks = u32::from_le_bytes(b).wrapping_sub(u32::from_le_bytes(a)) & 0xff_ffff;
+/// assert!(ticks >= 7_000, "2 ms is about 7159 ticks, got {ticks}");
+/// ```
+#[derive(Debug)]
+pub struct PmTimer {
+    start: std::time::Instant,
+}
+
+/// The PM timer's rate in Hz.
+pub const PM_TIMER_HZ: u128 = 3_579_545;
+/// The PM timer's counter bits (24: the FADT's TMR_VAL_EXT is clear).
+const PM_TIMER_MASK: u32 = 0x00ff_ffff;
+
+impl PmTimer {
+    pub fn new() -> Self {
+        PmTimer {
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn count(&self) -> u32 {
+        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        (ticks as u32) & PM_TIMER_MASK
+    }
+}
+
+impl Default for PmTimer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BusDevice for PmTimer {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = self.count().to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| v.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 /// The reset control register of PC chipsets (PIIX, ICH) at port 0xcf9: writing it with
 /// RST_CPU set resets the machine. Linux uses it for `reboot=p` (it writes SYS_RST, then
 /// SYS_RST | RST_CPU, with FULL_RST for a cold reboot). Only this register is decoded:

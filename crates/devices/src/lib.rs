@@ -10,6 +10,7 @@ pub mod ged;
 pub mod irqchip;
 pub mod legacy;
 pub mod pci;
+pub mod pflash;
 pub mod serial;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -8,11 +8,12 @@ use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 /// The flags that describe the VM: `--config` gives all of that as data instead.
-const CONFIG_FLAGS: [&str; 20] = [
+const CONFIG_FLAGS: [&str; 21] = [
     "arch",
     "kernel",
     "initrd",
     "firmware",
+    "firmware_vars",
     "option_roms",
     "cmdline",
     "memory",
@@ -33,10 +34,11 @@ const CONFIG_FLAGS: [&str; 20] = [
 
 /// What a migrated VM takes from its source, not from flags (--config names the VM
 /// expected, see --incoming).
-const INCOMING_CONFLICTS: [&str; 19] = [
+const INCOMING_CONFLICTS: [&str; 20] = [
     "kernel",
     "initrd",
     "firmware",
+    "firmware_vars",
     "option_roms",
     "cmdline",
     "memory",
@@ -56,12 +58,13 @@ const INCOMING_CONFLICTS: [&str; 19] = [
 ];
 
 /// What a restored VM takes from its snapshot, not from flags.
-const RESTORE_CONFLICTS: [&str; 19] = [
+const RESTORE_CONFLICTS: [&str; 20] = [
     "config",
     "arch",
     "kernel",
     "initrd",
     "firmware",
+    "firmware_vars",
     "option_roms",
     "cmdline",
     "memory",
@@ -103,9 +106,15 @@ pub struct RunArgs {
     /// has a boot sector and no --kernel is given: Debian's SeaBIOS,
     /// /usr/share/seabios/bios.bin.
     /// With --kernel, the kernel boots through the firmware (give QEMU's linuxboot
-    /// option ROM with --option-rom).
+    /// option ROM with --option-rom). `ovmf` (or a UEFI image's path) boots through
+    /// UEFI: Debian's OVMF, /usr/share/OVMF/OVMF_CODE_4M.fd.
     #[arg(long)]
     firmware: Option<PathBuf>,
+    /// UEFI firmware's variable store, kept across runs (QEMU's second pflash drive);
+    /// made from the template beside the code (OVMF_VARS_4M.fd) when it does not exist.
+    /// Without it, variables last for this run only.
+    #[arg(long = "firmware-vars", requires = "firmware")]
+    firmware_vars: Option<PathBuf>,
     /// An option ROM for the firmware to run, e.g. /usr/share/qemu/linuxboot.bin.
     #[arg(long = "option-rom", requires = "firmware")]
     option_roms: Vec<PathBuf>,
@@ -253,6 +262,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         firmware: args.firmware.clone(),
+        firmware_vars: args.firmware_vars.clone(),
         option_roms: args.option_roms.clone(),
         cmdline: args.cmdline.clone(),
         disks: args.disks.clone(),
@@ -284,7 +294,35 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if args.arch == vmm::config::Arch::Riscv64 {
         return riscv_config(args);
     }
-    let (kernel, initrd, firmware) = match (args.kernel, args.firmware) {
+    // `--firmware ovmf`: Debian's OVMF.
+    let named_firmware = args.firmware.map(|f| {
+        if f.as_os_str() == "ovmf" {
+            PathBuf::from(vmm::config::OVMF_CODE)
+        } else {
+            f
+        }
+    });
+    if let (Some(code), Some(vars)) = (&named_firmware, &args.firmware_vars) {
+        if !vars.exists() {
+            let template = vmm::config::uefi_vars_template(code)
+                .filter(|t| t.is_file())
+                .with_context(|| {
+                    format!(
+                        "{} does not exist and there is no variable template beside {}",
+                        vars.display(),
+                        code.display()
+                    )
+                })?;
+            std::fs::copy(&template, vars).with_context(|| {
+                format!(
+                    "making the UEFI variable store {} from {}",
+                    vars.display(),
+                    template.display()
+                )
+            })?;
+        }
+    }
+    let (kernel, initrd, firmware) = match (args.kernel, named_firmware) {
         (Some(k), f) => (Some(k), args.initrd, f),
         (None, Some(f)) => (None, None, Some(f)),
         // A disk image with a boot sector and no kernel: its own bootloader boots it,
@@ -325,6 +363,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         arch: args.arch,
         kernel,
         firmware,
+        firmware_vars: args.firmware_vars,
         option_roms: args.option_roms,
         initrd,
         cmdline: args.cmdline,
@@ -648,6 +687,17 @@ fn enter_jail(
         .chain(&config.option_roms)
     {
         ro(p, &mut binds);
+    }
+    // UEFI variables are written in place; without a store, the template is read.
+    if let Some(v) = &config.firmware_vars {
+        binds.push((abs(v), Access::ReadWrite));
+    } else if let Some(t) = config
+        .firmware
+        .as_deref()
+        .and_then(vmm::config::uefi_vars_template)
+        .filter(|t| t.is_file())
+    {
+        ro(&t, &mut binds);
     }
     if let Some(c) = &config.cloud_init {
         for p in std::iter::once(&c.user_data)

@@ -94,6 +94,18 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
 /// The BIOS a disk image boots through when no kernel is given: Debian's SeaBIOS
 /// (package `seabios`), as QEMU's q35 machine uses it.
 pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios.bin";
+/// UEFI firmware: Debian's OVMF (package `ovmf`), its 4 MiB build without Secure Boot, as
+/// QEMU takes it on two pflash drives: the code, and a copy of the variable template.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The variable-store template that ships beside UEFI code: OVMF_CODE*.fd's
+/// OVMF_VARS*.fd (Debian's and Fedora's naming), or None if the name has no "CODE".
+pub fn uefi_vars_template(code: &std::path::Path) -> Option<PathBuf> {
+    let name = code.file_name()?.to_str()?;
+    name.contains("CODE")
+        .then(|| code.with_file_name(name.replacen("CODE", "VARS", 1)))
+}
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// APIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_CPUS: u8 = 254;
@@ -148,6 +160,12 @@ pub struct VmConfig {
     /// firmware, QEMU's `linuxboot.bin` among them boots the kernel through the firmware.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub option_roms: Vec<PathBuf>,
+    /// UEFI firmware's variable store (QEMU's second pflash drive, OVMF_VARS.fd): read
+    /// and written in place, so variables persist. None with UEFI firmware: a copy of
+    /// the template next to the code (OVMF_CODE*.fd -> OVMF_VARS*.fd) lives in memory
+    /// for this run only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_vars: Option<PathBuf>,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
@@ -551,6 +569,8 @@ pub enum ConfigError {
          --option-rom /usr/share/qemu/linuxboot.bin (Debian's qemu-system-data)"
     )]
     KernelAndFirmware,
+    #[error("UEFI variable store {0} does not exist or is not a file")]
+    FirmwareVarsMissing(PathBuf),
     #[error("option ROM {0} does not exist or is not a file")]
     OptionRomMissing(PathBuf),
     #[error("initrd {0} does not exist or is not a file")]
@@ -589,6 +609,7 @@ impl VmConfig {
             kernel: Some(kernel.into()),
             firmware: None,
             option_roms: Vec::new(),
+            firmware_vars: None,
             initrd: None,
             cmdline: default_cmdline(),
             memory_mib: DEFAULT_MEMORY_MIB,
@@ -636,6 +657,9 @@ impl VmConfig {
             (Some(k), None) if !k.is_file() => return Err(ConfigError::KernelMissing(k.clone())),
             (None, Some(f)) if !f.is_file() => return Err(ConfigError::FirmwareMissing(f.clone())),
             _ => {}
+        }
+        if let Some(v) = self.firmware_vars.as_ref().filter(|v| !v.is_file()) {
+            return Err(ConfigError::FirmwareVarsMissing(v.clone()));
         }
         if let Some(r) = self.option_roms.iter().find(|r| !r.is_file()) {
             return Err(ConfigError::OptionRomMissing(r.clone()));

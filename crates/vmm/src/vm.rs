@@ -82,6 +82,13 @@ pub enum VmmError {
     VirtioPci(#[from] virtio::pci::PciTransportError),
     #[error("firmware: {0}")]
     Firmware(#[from] arch::firmware::FirmwareError),
+    #[error(
+        "UEFI firmware needs a variable store: give one (a copy of OVMF_VARS_4M.fd) \
+         or keep the code beside its OVMF_VARS template"
+    )]
+    UefiVarsTemplate,
+    #[error("UEFI variable store: {0}")]
+    Flash(String),
     #[error("fw_cfg: {0}")]
     FwCfg(#[from] devices::fw_cfg::FwCfgError),
     #[error("restoring the snapshot: {0}")]
@@ -401,13 +408,35 @@ impl Vmm {
             Some(p) => Some(read_file("firmware", p)?),
             None => None,
         };
-        let mut ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
-            .into_iter()
-            .map(|(start, len)| (GuestAddress(start), len as usize))
+        // UEFI firmware boots on a q35-like platform (see `uefi`), a BIOS on the
+        // generic one.
+        let mut uefi = match &bios {
+            Some(image) if arch::firmware::is_uefi(image) => {
+                Some(UefiPlatform::new(image, &config)?)
+            }
+            _ => None,
+        };
+        let gap_start = if uefi.is_some() {
+            layout::UEFI_MMIO_GAP_START
+        } else {
+            layout::MMIO_GAP_START
+        };
+        let ram = layout::ram_regions_below(mem_size, gap_start);
+        let mut ranges: Vec<(GuestAddress, usize)> = ram
+            .iter()
+            .map(|&(start, len)| (GuestAddress(start), len as usize))
             .collect();
-        if let Some(image) = &bios {
-            let (base, len) = arch::firmware::bios_region(image.len() as u64)?;
-            ranges.push((GuestAddress(base), len as usize));
+        match (&bios, &uefi) {
+            // The code is memory; the variable store is a device (a flash the
+            // firmware programs).
+            (_, Some(u)) => {
+                ranges.push((GuestAddress(u.flash.code_base), u.flash.code_len as usize))
+            }
+            (Some(image), None) => {
+                let (base, len) = arch::firmware::bios_region(image.len() as u64)?;
+                ranges.push((GuestAddress(base), len as usize));
+            }
+            (None, None) => {}
         }
         let memory = match restore {
             // The snapshot's memory file, mapped privately: pages load as the guest
@@ -461,10 +490,15 @@ impl Vmm {
             .collect();
 
         // What the ACPI tables describe, whoever places them.
+        let mut pci_host = acpi::PciHost::new(pci_intx);
+        if uefi.is_some() {
+            pci_host.ecam_base = layout::UEFI_PCI_ECAM_START;
+            pci_host.mmio_window = (layout::UEFI_PCI_MMIO_START, layout::UEFI_PCI_MMIO_SIZE);
+        }
         let acpi_config = AcpiConfig {
             cpus: config.cpus,
             virtio_devices: mmio_windows,
-            pci: Some(acpi::PciHost { intx: pci_intx }),
+            pci: Some(pci_host),
             // Firmware leaves the 8259 programmed: only a full platform has Linux mask it.
             full: bios.is_some(),
         };
@@ -473,6 +507,13 @@ impl Vmm {
         let loaded = match (&config.kernel, &bios) {
             // Memory already holds the kernel, and the vCPUs their state.
             _ if restore.is_some() => None,
+            (_, Some(image)) if uefi.is_some() => {
+                if let Some(u) = &uefi {
+                    arch::firmware::load_uefi_code(&memory, &u.flash, image)?;
+                }
+                tracing::info!(size = image.len(), "UEFI firmware loaded");
+                None
+            }
             (_, Some(image)) => {
                 arch::firmware::load_bios(&memory, image)?;
                 tracing::info!(size = image.len(), "firmware loaded");
@@ -538,9 +579,10 @@ impl Vmm {
         // The CMOS RTC lives in user space with either accelerator (KVM has none).
         let mut rtc = devices::irqchip::rtc::Rtc::new(unix_now());
         let mut firmware_devices = None;
+        let mut uefi_platform = false;
         if bios.is_some() {
             // A BIOS sizes memory from the CMOS as well as from fw_cfg.
-            for (index, value) in cmos_memory_bytes(mem_size) {
+            for (index, value) in cmos_memory_bytes(mem_size, gap_start) {
                 rtc.set_cmos_byte(index, value);
             }
             let pm1 = Arc::new(Mutex::new(devices::legacy::Pm1::new(
@@ -548,7 +590,7 @@ impl Vmm {
                 acpi::S5_SLEEP_TYPE,
             )));
             let fw = Arc::new(Mutex::new(
-                fw_cfg(&config, mem_size, &acpi_config)?
+                fw_cfg(&config, &ram, uefi.is_some(), &acpi_config)?
                     .with_dma(Box::new(FwCfgDma(memory.clone()))),
             ));
             if let Some(saved) = restore.and_then(|r| r.snapshot.firmware) {
@@ -566,6 +608,22 @@ impl Vmm {
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
             firmware_devices = Some((fw, pm1));
+            if let Some(u) = uefi.take() {
+                // The variable store's flash, and the ACPI timer OVMF counts its
+                // delays with (at the PMBASE it programs into the LPC bridge; the
+                // FADT leaves it out, so Linux keeps its own clocks).
+                io.mmio.insert(
+                    dev(Arc::new(Mutex::new(u.vars))),
+                    u.flash.vars_base,
+                    u.flash.vars_len,
+                )?;
+                io.pio.insert(
+                    dev(Arc::new(Mutex::new(devices::legacy::PmTimer::new()))),
+                    u64::from(devices::pci::q35::PM_TIMER_PORT),
+                    4,
+                )?;
+                uefi_platform = true;
+            }
             io.pio.insert(
                 dev(Arc::new(Mutex::new(devices::fw_cfg::DebugCon::new(
                     Box::new(FirmwareLog::default()),
@@ -607,7 +665,19 @@ impl Vmm {
         let control = Arc::new(VmControl::new(exit.clone(), ged.clone()));
 
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
-        let mut pci_root = devices::pci::PciRoot::new();
+        let mut pci_root = if uefi_platform {
+            devices::pci::PciRoot::with_host_bridge(Arc::new(Mutex::new(
+                devices::pci::q35::ChipsetFunction::mch(),
+            )))
+        } else {
+            devices::pci::PciRoot::new()
+        };
+        if uefi_platform {
+            pci_root.add(
+                devices::pci::q35::LPC_SLOT,
+                Arc::new(Mutex::new(devices::pci::q35::ChipsetFunction::lpc())),
+            )?;
+        }
         let mut io_threads = Vec::new();
         let mut virtio_transports = Vec::new();
         let mut saved_virtio = restore.map(|r| r.snapshot.virtio.iter());
@@ -717,10 +787,15 @@ impl Vmm {
             u64::from(devices::pci::CONFIG_DATA_PORT),
             4,
         )?;
+        let (ecam_base, ecam_size) = if uefi_platform {
+            (layout::UEFI_PCI_ECAM_START, layout::UEFI_PCI_ECAM_SIZE)
+        } else {
+            (layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+        };
         io.mmio.insert(
             dev(Arc::new(Mutex::new(devices::pci::Ecam(pci.clone())))),
-            layout::PCI_ECAM_START,
-            layout::PCI_ECAM_SIZE,
+            ecam_base,
+            ecam_size,
         )?;
         io.pci = Some(pci);
 
@@ -896,11 +971,11 @@ impl Vmm {
 /// The CMOS bytes a PC BIOS reads the memory size from: extended memory in KiB
 /// (0x30/0x31, and 0x17/0x18), memory above 16 MiB in 64 KiB units (0x34/0x35), and
 /// memory above 4 GiB in 64 KiB units (0x5b-0x5d).
-fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
-    let low = mem_size.min(layout::MMIO_GAP_START);
+fn cmos_memory_bytes(mem_size: u64, gap_start: u64) -> Vec<(u8, u8)> {
+    let low = mem_size.min(gap_start);
     let ext_kib = (low.saturating_sub(1 << 20) >> 10).min(0xffff);
     let above_16m = (low.saturating_sub(16 << 20) >> 16).min(0xffff);
-    let high = (mem_size.saturating_sub(layout::MMIO_GAP_START) >> 16).min(0xff_ffff);
+    let high = (mem_size.saturating_sub(gap_start) >> 16).min(0xff_ffff);
     vec![
         (0x17, ext_kib as u8),
         (0x18, (ext_kib >> 8) as u8),
@@ -912,6 +987,47 @@ fn cmos_memory_bytes(mem_size: u64) -> Vec<(u8, u8)> {
         (0x5c, (high >> 8) as u8),
         (0x5d, (high >> 16) as u8),
     ]
+}
+
+/// What UEFI firmware boots on beyond what a BIOS gets: its two flash devices (the
+/// code in memory, the variable store a flash device), the q35 chipset functions it
+/// programs, ECAM where its q35 build puts it and the ACPI timer it counts time with.
+struct UefiPlatform {
+    flash: arch::firmware::UefiFlash,
+    vars: devices::pflash::Pflash,
+}
+
+impl UefiPlatform {
+    fn new(code: &[u8], config: &VmConfig) -> Result<Self, VmmError> {
+        // The store the user named, written in place; or the template beside the code,
+        // in memory only.
+        let (vars, backing) = match &config.firmware_vars {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|source| VmmError::ReadFile {
+                        what: "UEFI variable store",
+                        path: path.clone(),
+                        source,
+                    })?;
+                (read_file("UEFI variable store", path)?, Some(file))
+            }
+            None => {
+                let template = config
+                    .firmware
+                    .as_deref()
+                    .and_then(crate::config::uefi_vars_template)
+                    .ok_or(VmmError::UefiVarsTemplate)?;
+                (read_file("UEFI variable template", &template)?, None)
+            }
+        };
+        let flash = arch::firmware::uefi_flash(code.len() as u64, vars.len() as u64)?;
+        let vars = devices::pflash::Pflash::new(vars, backing, false)
+            .map_err(|e| VmmError::Flash(e.to_string()))?;
+        Ok(UefiPlatform { flash, vars })
+    }
 }
 
 /// Guest RAM as fw_cfg's DMA interface reaches it.
@@ -937,9 +1053,11 @@ impl devices::fw_cfg::DmaMemory for FwCfgDma {
 /// What a BIOS finds in fw_cfg: memory, CPUs, the E820 map, and its console on COM1.
 fn fw_cfg(
     config: &VmConfig,
-    mem_size: u64,
+    ram: &[(u64, u64)],
+    uefi: bool,
     acpi_config: &AcpiConfig,
 ) -> Result<devices::fw_cfg::FwCfg, VmmError> {
+    let mem_size = config.memory_bytes();
     use devices::fw_cfg::*;
     let mut f = FwCfg::new();
     f.set(KEY_RAM_SIZE, mem_size.to_le_bytes().to_vec());
@@ -949,7 +1067,7 @@ fn fw_cfg(
     // etc/e820: { u64 address; u64 length; u32 type } little-endian, RAM only: the
     // BIOS reserves its own areas.
     let mut e820 = Vec::new();
-    for (start, len) in layout::ram_regions(mem_size) {
+    for &(start, len) in ram {
         e820.extend_from_slice(&start.to_le_bytes());
         e820.extend_from_slice(&len.to_le_bytes());
         e820.extend_from_slice(&arch::e820::E820_RAM.to_le_bytes());
@@ -965,6 +1083,11 @@ fn fw_cfg(
     // With nothing to boot it retries (a reset: the VM ends as on a reboot) after 5 s
     // rather than its default minute.
     f.add_file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())?;
+    if uefi {
+        // No 64-bit PCI window: OVMF would place BARs above 32 GiB, outside the window
+        // the DSDT gives Linux; in the 32-bit window there is room for ours.
+        f.add_file("opt/ovmf/X-PciMmio64Mb", b"0".to_vec())?;
+    }
     // The same ACPI tables a directly booted kernel gets, for the firmware to place
     // through QEMU's table loader.
     // SMBIOS as QEMU hands it to SeaBIOS: the structures and a 2.1 entry point, which
@@ -997,7 +1120,7 @@ fn fw_cfg(
             Some(p) => Some(read_file("initrd", p)?),
             None => None,
         };
-        let low_end = mem_size.min(layout::MMIO_GAP_START);
+        let low_end = ram.first().map_or(0, |&(_, len)| len);
         let linux = arch::firmware::linux_for_firmware(
             &kernel,
             initrd.as_deref(),

@@ -269,6 +269,17 @@ impl PciConfig {
         }
     }
 
+    /// Let the guest write these bits of the bytes at `offset` (chipset registers a
+    /// function keeps for firmware, beyond the standard header).
+    pub fn set_writable(&mut self, offset: usize, mask: &[u8]) {
+        if let Some(dst) = self
+            .writable
+            .get_mut(offset..offset.saturating_add(mask.len()))
+        {
+            dst.copy_from_slice(mask);
+        }
+    }
+
     /// Device-side write of bytes the guest sees (a capability's read-only fields).
     pub fn set_bytes(&mut self, offset: usize, data: &[u8]) {
         if let Some(dst) = self

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod msix;
+pub mod q35;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -173,6 +174,14 @@ impl PciRoot {
     }
 
     /// Put `device` in `slot`.
+    /// Bus 0 with `bridge` as its host bridge (a chipset's, which firmware programs)
+    /// instead of the generic one.
+    pub fn with_host_bridge(bridge: Slot) -> Self {
+        let mut root = Self::new();
+        root.slots[HOST_BRIDGE_SLOT] = Some(bridge);
+        root
+    }
+
     pub fn add(&mut self, slot: usize, device: Slot) -> Result<(), PciError> {
         match self.slots.get_mut(slot) {
             Some(s @ None) => {
