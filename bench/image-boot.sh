@@ -5,7 +5,11 @@
 # emu accelerator and on QEMU q35 with TCG (its SeaBIOS), 1 GiB, one vCPU. Runs are
 # interleaved (Vessel, QEMU, Vessel, ...); prints medians and Vessel / QEMU.
 #
-#   bench/image-boot.sh [RUNS]        (default 3)
+#   bench/image-boot.sh [RUNS]                   (default 3)
+#   bench/image-boot.sh --firmware ovmf [RUNS]   UEFI: Debian's OVMF on both (QEMU with
+#                                                its two pflash drives, code and a fresh
+#                                                copy of the variable template each boot),
+#                                                through the image's EFI GRUB
 #
 # Rows, timed on the host from the VMM's start: the kernel's first line ("Linux
 # version"), cloud-init's runcmd done (a token the user-data prints on ttyS0), the
@@ -24,6 +28,19 @@
 # boot side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+FIRMWARE=seabios
+if [ "${1:-}" = "--firmware" ]; then
+    FIRMWARE="${2:?--firmware seabios|ovmf}"
+    shift 2
+fi
+case "$FIRMWARE" in
+    seabios) ;;
+    ovmf) [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || {
+            echo "bench/image-boot.sh: --firmware ovmf needs Debian's ovmf: apt-get install ovmf" >&2
+            exit 1
+        } ;;
+    *) echo "bench/image-boot.sh: --firmware seabios|ovmf" >&2; exit 1 ;;
+esac
 RUNS="${1:-3}"
 command -v qemu-system-x86_64 >/dev/null || {
     echo "bench/image-boot.sh: installing qemu-system-x86" >&2
@@ -81,11 +98,15 @@ MTOOLS_SKIP_CHECK=1 mcopy -i "$work/seed.img" "$work/user-data" "$work/meta-data
 
 # The driver runs in the background so a signal to this script reaches it at once: it
 # ends its VMM and ssh by PID and deletes its namespace, then `cleanup` runs.
-python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" "$NS_PREFIX" "$MAC" <<'PY' &
-import os, select, signal, statistics, subprocess, sys, time
+python3 - "$RUNS" "$ASSETS/debian-bookworm-cloud.qcow2" "$VESSEL" "$work" "$NS_PREFIX" "$MAC" \
+    "$FIRMWARE" <<'PY' &
+import os, select, shutil, signal, statistics, subprocess, sys, time
 
-runs, image, vessel, work, ns_prefix, mac = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
-                                             sys.argv[4], sys.argv[5], sys.argv[6])
+runs, image, vessel, work, ns_prefix, mac, firmware = (
+    int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6],
+    sys.argv[7])
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 mem = os.environ.get("IMAGE_BOOT_MEM_MIB", "1024")
 qcpu = os.environ.get("IMAGE_BOOT_QEMU_CPU", "max")
 keep = os.environ.get("IMAGE_BOOT_KEEP_CONSOLE")
@@ -104,15 +125,28 @@ def overlay():
                    check=True)
     return ov
 
+def fresh_vars(vm):
+    # Each boot starts from the template, as a new VM would.
+    path = f"{work}/{vm}-vars.fd"
+    shutil.copyfile(OVMF_VARS, path)
+    return path
+
 def vessel_argv():
+    fw = []
+    if firmware == "ovmf":
+        fw = ["--firmware", "ovmf", "--firmware-vars", fresh_vars("vessel")]
     return [vessel, "run", "--accel", "emu", "--memory", f"{mem}M", "--cpus", "1",
-            "--serial", "stdio", "--disk", f"{overlay()},format=qcow2",
+            "--serial", "stdio", "--disk", f"{overlay()},format=qcow2", *fw,
             "--disk", f"{seed},format=raw,readonly", "--net", f"tap=vtap0,mac={mac}"]
 
 def qemu_argv():
+    fw = []
+    if firmware == "ovmf":
+        fw = ["-drive", f"if=pflash,format=raw,unit=0,file={OVMF_CODE},readonly=on",
+              "-drive", f"if=pflash,format=raw,unit=1,file={fresh_vars('qemu')}"]
     return ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", qcpu, "-m", mem,
             "-smp", "1", "-display", "none", "-monitor", "none", "-serial", "stdio",
-            "-no-reboot",
+            "-no-reboot", *fw,
             "-drive", f"file={overlay()},if=virtio,format=qcow2",
             "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
             "-netdev", "tap,id=n0,ifname=vtap0,script=no,downscript=no",
@@ -196,7 +230,8 @@ for i in range(runs):
         for k, v in seen.items():
             results[vm][k].append(v)
 
-print(f"\nmedians of {runs} (host seconds from VMM start; 1 vCPU, {mem} MiB, QEMU -cpu {qcpu})")
+print(f"\nmedians of {runs} (host seconds from VMM start; 1 vCPU, {mem} MiB, QEMU -cpu {qcpu}, "
+      f"firmware {firmware})")
 print(f"{'mark':<20} {'vessel-emu':>12} {'qemu-q35-tcg':>14} {'vessel/qemu':>12}")
 for name in ROWS:
     v, q = results["vessel-emu"][name], results["qemu-q35-tcg"][name]

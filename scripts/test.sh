@@ -19,6 +19,7 @@ command -v gcc >/dev/null 2>&1 || pkgs+=(gcc)
 # Firmware boot tests: Debian's SeaBIOS, QEMU's linuxboot option ROM, GRUB for BIOS
 # (binaries only: grub-pc-bin installs nothing on the host's own disk).
 [ -e /usr/share/seabios/bios.bin ] || pkgs+=(seabios)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || pkgs+=(ovmf)
 [ -e /usr/share/qemu/linuxboot.bin ] || pkgs+=(qemu-system-data)
 [ -d /usr/lib/grub/i386-pc ] || pkgs+=(grub-pc-bin)
 # The cloud image (scripts/cloud-image.sh) and its tests: the partition table, the ESP,
