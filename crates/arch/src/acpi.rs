@@ -44,6 +44,12 @@ pub const RTC_CENTURY_INDEX: u8 = 0x32;
 pub const PM1A_EVT_PORT: u16 = 0x620;
 pub const PM1A_CNT_PORT: u16 = 0x624;
 pub const SCI_GSI: u16 = 9;
+/// A full platform's GPE0 block (GPE0_STS, GPE0_EN: 16 events each), which drives the
+/// SCI, and the events in it.
+pub const GPE0_PORT: u16 = 0x630;
+pub const GPE0_LEN: u8 = 4;
+/// The power button's GPE: `\_GPE._E00` notifies `\_SB.PWRB`.
+pub const GPE_POWER_BUTTON: u8 = 0;
 
 /// The Generic Event Device's event register (one byte, read clears it).
 pub const GED_PORT: u16 = 0x610;
@@ -372,6 +378,10 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Sdt {
         f.write_u8(89, 2);
         f.write_bytes(148, &gas_io(PM1A_EVT_PORT, 32));
         f.write_bytes(172, &gas_io(PM1A_CNT_PORT, 16));
+        // GPE0_BLK and its length, 32-bit and extended.
+        f.write_u32(80, u32::from(GPE0_PORT));
+        f.write_u8(92, GPE0_LEN);
+        f.write_bytes(220, &gas_io(GPE0_PORT, 8 * GPE0_LEN));
     } else {
         flags |= 1 << 20;
     }
@@ -505,6 +515,9 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
     rtc(&mut d);
     power_button(&mut d);
     ged(&mut d);
+    if cfg.full {
+        gpe_methods(&mut d);
+    }
     if let Some(pci) = &cfg.pci {
         pci_host(pci, &mut d);
     }
@@ -544,6 +557,16 @@ fn power_button(sink: &mut dyn AmlSink) {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]).to_aml_bytes(sink);
+}
+
+/// A full platform's events come as GPEs on the SCI: `\_GPE._E00` (edge: the OS clears
+/// the status before it runs the method) notifies the power button.
+fn gpe_methods(sink: &mut dyn AmlSink) {
+    let button: aml::Path = "\\_SB_.PWRB".into();
+    let notify = aml::Notify::new(&button, &BUTTON_NOTIFY_STATUS);
+    let name = format!("_E{GPE_POWER_BUTTON:02X}");
+    let method = aml::Method::new(name.as_str().into(), 0, false, vec![&notify]);
+    aml::Scope::new("\\_GPE".into(), vec![&method]).to_aml_bytes(sink);
 }
 
 /// The Generic Event Device: one edge interrupt, and an `_EVT` that reads the event
@@ -699,6 +722,18 @@ mod tests {
                 SCI_GSI
             );
             assert_eq!(fadt[88], 4);
+            // The GPE0 block, and the power button's method for its GPE.
+            assert_eq!(
+                u32::from_le_bytes(fadt[80..84].try_into().unwrap()),
+                u32::from(GPE0_PORT)
+            );
+            assert_eq!(fadt[92], GPE0_LEN);
+            assert_eq!(
+                u64::from_le_bytes(fadt[224..232].try_into().unwrap()),
+                u64::from(GPE0_PORT)
+            );
+            assert!(tables.windows(4).any(|w| w == b"_GPE"));
+            assert!(tables.windows(4).any(|w| w == b"_E00"));
             // The MADT routes the SCI as level-triggered, active high.
             let sci_override = [2, 10, 0, 9, 9, 0, 0, 0, 0x0d, 0];
             assert!(tables.windows(10).any(|w| w == sci_override));

@@ -20,6 +20,9 @@ pub struct Ged {
     irq: Arc<dyn IrqChip>,
     gsi: u32,
     pending: u8,
+    /// On a full ACPI platform events go out as this GPE bit on the SCI instead (the
+    /// DSDT's `\_GPE._Exx` for it notifies the same devices `_EVT` would).
+    gpe: Option<(Arc<std::sync::Mutex<crate::gpe::Gpe0>>, u8)>,
 }
 
 impl Ged {
@@ -28,13 +31,24 @@ impl Ged {
             irq,
             gsi,
             pending: 0,
+            gpe: None,
         }
     }
 
-    /// Records `events` and interrupts the guest, which runs `_EVT`.
+    /// Signal events as GPE `bit` of `gpe` rather than with the GED's own interrupt.
+    pub fn through_gpe(mut self, gpe: Arc<std::sync::Mutex<crate::gpe::Gpe0>>, bit: u8) -> Self {
+        self.gpe = Some((gpe, bit));
+        self
+    }
+
+    /// Records `events` and interrupts the guest, which runs `_EVT` (or the GPE's
+    /// method).
     pub fn raise(&mut self, events: u8) -> Result<(), hypervisor::Error> {
         self.pending |= events;
-        self.irq.pulse_irq_line(self.gsi)
+        match &self.gpe {
+            Some((gpe, bit)) => gpe.lock().unwrap_or_else(|p| p.into_inner()).raise(*bit),
+            None => self.irq.pulse_irq_line(self.gsi),
+        }
     }
 
     /// Presses the power button: a guest that handles it (Linux's `button` driver sends
@@ -74,6 +88,25 @@ mod tests {
     use super::*;
 
     use crate::testing::Lines;
+
+    #[test]
+    fn on_a_full_platform_a_press_is_a_gpe_on_the_sci() {
+        let lines = Arc::new(Lines::default());
+        let gpe = Arc::new(std::sync::Mutex::new(crate::gpe::Gpe0::new(
+            lines.clone(),
+            9,
+        )));
+        // The OS enabled GPE 0.
+        gpe.lock().unwrap().write(2, &[1, 0]);
+        let mut ged = Ged::new(lines.clone(), 5).through_gpe(gpe.clone(), 0);
+        ged.press_power_button().unwrap();
+        assert_eq!(
+            *lines.0.lock().unwrap(),
+            vec![(9, true)],
+            "the SCI, not GSI 5"
+        );
+        assert!(gpe.lock().unwrap().sci());
+    }
 
     #[test]
     fn a_press_interrupts_and_the_read_clears_it() {

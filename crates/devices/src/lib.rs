@@ -7,6 +7,7 @@ pub mod bus;
 pub mod exit;
 pub mod fw_cfg;
 pub mod ged;
+pub mod gpe;
 pub mod irqchip;
 pub mod legacy;
 pub mod pci;

@@ -223,8 +223,22 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         }
         c.args(["-append", &vm.cmdline]);
     }
-    if let Some(f) = &vm.firmware {
-        c.arg("-bios").arg(f);
+    match (&vm.firmware, &vm.firmware_vars) {
+        // UEFI: the code and the variable store on QEMU's two pflash drives.
+        (Some(code), Some(vars)) => {
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ));
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        }
+        (Some(f), None) => {
+            c.arg("-bios").arg(f);
+        }
+        (None, _) => {}
     }
     c.args(["-nodefaults", "-no-user-config", "-display", "none"]);
     c.arg("-chardev").arg(format!(
@@ -485,6 +499,11 @@ pub fn start_or_restore(
             ),
         ));
     }
+    // A UEFI domain's variable store, made from its template on the first start (either
+    // driver writes it in place from then on).
+    def.vm
+        .prepare_firmware_vars()
+        .map_err(|e| Error::invalid("UEFI variable store", e.to_string()))?;
     // A new log for each start (a restart after a guest reboot continues it).
     if fresh_log {
         File::create(serial_log).map_err(|e| Error::io("creating serial log", serial_log, e))?;
@@ -756,6 +775,39 @@ mod tests {
             vmm::cloud_init::seed_image(def.vm.cloud_init.as_ref().unwrap(), "web-1").unwrap();
         assert_eq!(std::fs::read(&seed).unwrap(), want);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn qemu_gets_uefi_code_and_variables_on_its_two_pflash_drives() {
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "efi",
+            "vm": {
+                "firmware": "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "firmware_vars": "/var/lib/vessel/efi_VARS.fd",
+            },
+        }))
+        .unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let dir = std::env::temp_dir().join(format!("vessel-efi-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = RunDir(dir.clone());
+        let q: Vec<String> = qemu_command(&p, &def, &run, &dir.join("console.log"))
+            .unwrap()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!q.iter().any(|a| a == "-bios"), "{q:?}");
+        assert!(q.contains(
+            &"if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into()
+        ));
+        assert!(q.contains(&"if=pflash,format=raw,unit=1,file=/var/lib/vessel/efi_VARS.fd".into()));
     }
 
     /// What has no `vessel run` flag of its own reaches the VMM too: the config is passed

@@ -147,7 +147,8 @@ fn check_values(root: Node) -> Result<()> {
                 text_ok(&["hvm"])?;
             }
             ("os", "boot") => value_ok("dev", &["hd"])?,
-            ("os", "loader") => value_ok("type", &["rom"])?,
+            ("os", "loader") => value_ok("type", &["rom", "pflash"])?,
+            ("domain", "os") => value_ok("firmware", &["efi", "bios"])?,
             ("domain", "vcpu") => value_ok("placement", &["static"])?,
             ("domain", "clock") => value_ok("offset", &["utc"])?,
             ("domain", "on_poweroff") => text_ok(&["destroy"])?,
@@ -443,7 +444,14 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     };
     let os = child(root, "os").ok_or_else(|| bad("missing <os>"))?;
     let kernel = child(os, "kernel").map(text).filter(|s| !s.is_empty());
+    // `<os firmware='efi'>` with no loader of its own: Debian's OVMF.
+    let efi = os.attribute("firmware") == Some("efi");
     let loader = child(os, "loader")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| efi.then(|| vmm::config::OVMF_CODE.into()));
+    let nvram = child(os, "nvram")
         .map(text)
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
@@ -473,6 +481,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         }
     };
     vm.initrd = initrd;
+    vm.firmware_vars = nvram;
     if let Some(c) = child(os, "cmdline") {
         vm.cmdline = text(c);
     }
@@ -714,9 +723,21 @@ pub fn to_xml(d: &DomainDef) -> String {
         ));
     }
     if let Some(f) = &d.vm.firmware {
+        // UEFI code with its variable store, as libvirt writes it.
+        let kind = if d.vm.firmware_vars.is_some() {
+            " readonly='yes' type='pflash'"
+        } else {
+            ""
+        };
         x.push_str(&format!(
-            "    <loader>{}</loader>\n",
+            "    <loader{kind}>{}</loader>\n",
             esc(&f.to_string_lossy())
+        ));
+    }
+    if let Some(v) = &d.vm.firmware_vars {
+        x.push_str(&format!(
+            "    <nvram>{}</nvram>\n",
+            esc(&v.to_string_lossy())
         ));
     }
     if d.vm.kernel.is_none() {
@@ -956,6 +977,43 @@ mod tests {
         let again = parse_domain(&to_xml(&d)).unwrap();
         assert_eq!(again.vm, d.vm);
         assert!(to_xml(&d).contains("<boot dev='hd'/>"));
+    }
+
+    #[test]
+    fn uefi_domains_name_ovmf_and_its_variable_store_as_libvirt_does() {
+        // virt-install's form: the code on pflash, the store with its template.
+        let xml = "<domain type='vessel'><name>efi</name><memory unit='MiB'>1024</memory>
+            <os><type arch='x86_64' machine='q35'>hvm</type>
+            <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+            <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/vessel/efi_VARS.fd</nvram>
+            <boot dev='hd'/></os></domain>";
+        let d = parse_domain(xml).unwrap();
+        assert_eq!(
+            d.vm.firmware.as_deref(),
+            Some(std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd"))
+        );
+        assert_eq!(
+            d.vm.firmware_vars.as_deref(),
+            Some(std::path::Path::new("/var/lib/vessel/efi_VARS.fd"))
+        );
+        let out = to_xml(&d);
+        assert!(
+            out.contains("type='pflash'") && out.contains("<nvram>"),
+            "{out}"
+        );
+        assert_eq!(parse_domain(&out).unwrap().vm, d.vm);
+        // `<os firmware='efi'>` alone picks Debian's OVMF.
+        let xml = "<domain type='vessel'><name>efi</name><memory unit='MiB'>1024</memory>
+            <os firmware='efi'><type>hvm</type><boot dev='hd'/></os></domain>";
+        let d = parse_domain(xml).unwrap();
+        assert_eq!(
+            d.vm.firmware.as_deref(),
+            Some(std::path::Path::new(vmm::config::OVMF_CODE))
+        );
+        assert_eq!(d.vm.virtio_transport, vmm::config::Transport::Pci);
+        let bad = "<domain type='vessel'><name>e</name><memory unit='MiB'>64</memory>
+            <os firmware='coreboot'><type>hvm</type><boot dev='hd'/></os></domain>";
+        assert!(parse_domain(bad).is_err());
     }
 
     #[test]

@@ -68,7 +68,11 @@ pub const MAPPED: &[Mapped] = &[
         &["sockets", "dies", "clusters", "cores", "threads"],
         "one socket of cores × threads (1 or 2): VmConfig.threads_per_core",
     ),
-    m("domain/os", &[], "boot"),
+    m(
+        "domain/os",
+        &["firmware"],
+        "boot; firmware='efi': Debian's OVMF (VmConfig.firmware)",
+    ),
     m("domain/os/type", &["arch", "machine"], "x86_64 hvm only"),
     m("domain/os/kernel", &[], "VmConfig.kernel"),
     m("domain/os/initrd", &[], "VmConfig.initrd"),
@@ -76,7 +80,12 @@ pub const MAPPED: &[Mapped] = &[
     m(
         "domain/os/loader",
         &["type", "readonly"],
-        "VmConfig.firmware (a ROM image)",
+        "VmConfig.firmware (a BIOS ROM, or UEFI code on pflash)",
+    ),
+    m(
+        "domain/os/nvram",
+        &["template"],
+        "VmConfig.firmware_vars (made from the code's OVMF_VARS template)",
     ),
     m(
         "domain/os/boot",

@@ -302,26 +302,6 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             f
         }
     });
-    if let (Some(code), Some(vars)) = (&named_firmware, &args.firmware_vars) {
-        if !vars.exists() {
-            let template = vmm::config::uefi_vars_template(code)
-                .filter(|t| t.is_file())
-                .with_context(|| {
-                    format!(
-                        "{} does not exist and there is no variable template beside {}",
-                        vars.display(),
-                        code.display()
-                    )
-                })?;
-            std::fs::copy(&template, vars).with_context(|| {
-                format!(
-                    "making the UEFI variable store {} from {}",
-                    vars.display(),
-                    template.display()
-                )
-            })?;
-        }
-    }
     let (kernel, initrd, firmware) = match (args.kernel, named_firmware) {
         (Some(k), f) => (Some(k), args.initrd, f),
         (None, Some(f)) => (None, None, Some(f)),
@@ -466,7 +446,10 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         snapshot_files = vec![state, memory];
         Some(config)
     } else {
-        Some(config_from(&args)?)
+        let config = config_from(&args)?;
+        // Before the jail, which binds the store: it must exist.
+        config.prepare_firmware_vars()?;
+        Some(config)
     };
     if let Some(config) = config
         .as_ref()

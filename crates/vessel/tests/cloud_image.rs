@@ -52,6 +52,16 @@ fn overlay(dir: &TempDir) -> PathBuf {
 
 /// user-data: print a token and the hostname on the serial console, then power off.
 fn user_data(dir: &TempDir, token: &str) -> PathBuf {
+    user_data_then(dir, token, true)
+}
+
+/// The same, powering off only with `power_off` (else the test presses the button).
+fn user_data_then(dir: &TempDir, token: &str, power_off: bool) -> PathBuf {
+    let power_state = if power_off {
+        "power_state:\n  mode: poweroff\n  condition: true\n"
+    } else {
+        ""
+    };
     dir.file(
         "user-data",
         format!(
@@ -59,9 +69,8 @@ fn user_data(dir: &TempDir, token: &str) -> PathBuf {
              runcmd:\n\
              \x20 - [sh, -c, 'echo \"{token} host=$(hostname) user=$(id -un)\" > /dev/ttyS0']\n\
              \x20 - [sh, -c, 'echo \"{token} dmi=$(cat /sys/class/dmi/id/sys_vendor),$(cat /sys/class/dmi/id/product_serial),$(cat /sys/class/dmi/id/product_uuid)\" > /dev/ttyS0']\n\
-             power_state:\n\
-             \x20 mode: poweroff\n\
-             \x20 condition: true\n"
+             \x20 - [sh, -c, 'echo \"{token} efi=$(test -d /sys/firmware/efi && echo yes || echo no)\" > /dev/ttyS0']\n\
+             {power_state}"
         )
         .as_bytes(),
     )
@@ -157,8 +166,126 @@ fn a_cloud_image_boots_through_seabios_and_grub_and_cloud_init_configures_it() {
     // given UUID as the system UUID, as the guest's kernel reads them.
     let want = format!("{token} dmi=Vessel,{name},{uuid}");
     assert!(text.contains(&want), "no {want:?} on the console: {text}");
+    assert!(
+        text.contains(&format!("{token} efi=no")),
+        "a BIOS boot: {text}"
+    );
     // cloud-init's power_state module powered the machine off through ACPI.
     assert_eq!(code, Some(0), "vessel's exit status; console:\n{text}");
+}
+
+/// UTF-16LE, as UEFI variable names are stored.
+fn utf16(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+}
+
+#[test]
+fn a_cloud_image_boots_through_ovmf_and_its_efi_grub() {
+    let code = Path::new(vmm::config::OVMF_CODE);
+    let template = Path::new(vmm::config::OVMF_VARS_TEMPLATE);
+    assert!(
+        code.is_file() && template.is_file(),
+        "{} is missing: apt-get install ovmf",
+        code.display()
+    );
+    let dir = TempDir::new("cloud-image-ovmf");
+    let disk = overlay(&dir);
+    let token = format!("vessel-uefi-{}", std::process::id());
+    // No power-off from cloud-init: the test presses the power button.
+    let ud = user_data_then(&dir, &token, false);
+    let console = dir.path().join("console.log");
+    let sock = dir.path().join("api.sock");
+    // Made from the template, then kept: the variables the boot manager writes stay.
+    let vars = dir.path().join("vars.fd");
+    let name = "uefi-guest";
+    let uuid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let child = vessel()
+        .args(["run", "--accel", "emu", "--memory", "1G", "--name", name])
+        .args(["--uuid", uuid, "--firmware", "ovmf", "--firmware-vars"])
+        .arg(&vars)
+        .arg("--disk")
+        .arg(format!("{},format=qcow2", disk.display()))
+        .arg("--cloud-init")
+        .arg(format!("user-data={}", ud.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vessel");
+    let mut g = Guarded(child);
+    // The last runcmd line: cloud-init is done with the user-data, systemd-logind has
+    // long been up to act on the button.
+    wait_for_text(&console, &format!("{token} efi="), LIMIT);
+    // The power button, a GPE on the SCI of this full ACPI platform; the guest shuts
+    // itself down.
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    let t0 = Instant::now();
+    let exit = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the guest did not power off after the power button; console:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    check_console("vessel", &text, &token, name);
+    assert!(
+        text.contains("reboot: Power down"),
+        "the guest powered off through ACPI: {text}"
+    );
+    // OVMF's boot manager on the serial console (through the LPC bridge's COM1), the
+    // ESP's GRUB, and a kernel that sees EFI.
+    assert!(
+        text.contains("BdsDxe: starting Boot"),
+        "OVMF's boot manager: {text}"
+    );
+    assert!(
+        text.contains("Loading Linux"),
+        "the image's EFI GRUB: {text}"
+    );
+    assert!(
+        text.contains("efi: EFI v2"),
+        "the kernel saw no EFI: {text}"
+    );
+    assert!(
+        text.contains(&format!("{token} efi=yes")),
+        "/sys/firmware/efi in the guest: {text}"
+    );
+    // The tables came through OVMF's run of the table loader (Vessel's OEM ID on the
+    // FADT the kernel lists), SMBIOS through its SMBIOS driver.
+    assert!(
+        text.contains("ACPI: FACP") && text.contains("VESSEL"),
+        "Vessel's ACPI tables: {text}"
+    );
+    let want = format!("{token} dmi=Vessel,{name},{uuid}");
+    assert!(text.contains(&want), "no {want:?} on the console: {text}");
+    assert_eq!(exit, Some(0), "vessel's exit status; console:\n{text}");
+    // The variable store was written in place: the boot manager's BootOrder is in it.
+    let store = std::fs::read(&vars).expect("the variable store");
+    assert_eq!(
+        store.len() as u64,
+        std::fs::metadata(template).unwrap().len()
+    );
+    assert_ne!(store, std::fs::read(template).unwrap(), "variables written");
+    let boot_order = utf16("BootOrder");
+    assert!(
+        store.windows(boot_order.len()).any(|w| w == boot_order),
+        "no BootOrder variable in the flash"
+    );
 }
 
 #[test]

@@ -569,8 +569,13 @@ pub enum ConfigError {
          --option-rom /usr/share/qemu/linuxboot.bin (Debian's qemu-system-data)"
     )]
     KernelAndFirmware,
-    #[error("UEFI variable store {0} does not exist or is not a file")]
+    #[error(
+        "UEFI variable store {0} does not exist or is not a file, and there is no \
+         OVMF_VARS template beside the code to make it from"
+    )]
     FirmwareVarsMissing(PathBuf),
+    #[error("making the UEFI variable store {0} from its template: {1}")]
+    FirmwareVarsCreate(PathBuf, String),
     #[error("option ROM {0} does not exist or is not a file")]
     OptionRomMissing(PathBuf),
     #[error("initrd {0} does not exist or is not a file")]
@@ -646,6 +651,24 @@ impl VmConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.virtio_console.is_some())
+    }
+
+    /// Makes the UEFI variable store from the template beside the code when it does
+    /// not exist yet, as libvirt does with its nvram template. Nothing to do without
+    /// one, or when it exists.
+    pub fn prepare_firmware_vars(&self) -> Result<(), ConfigError> {
+        let (Some(code), Some(vars)) = (&self.firmware, &self.firmware_vars) else {
+            return Ok(());
+        };
+        if vars.exists() {
+            return Ok(());
+        }
+        let template = uefi_vars_template(code)
+            .filter(|t| t.is_file())
+            .ok_or_else(|| ConfigError::FirmwareVarsMissing(vars.clone()))?;
+        std::fs::copy(&template, vars)
+            .map(|_| ())
+            .map_err(|e| ConfigError::FirmwareVarsCreate(vars.clone(), e.to_string()))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -593,10 +593,21 @@ impl Vmm {
                 fw_cfg(&config, &ram, uefi.is_some(), &acpi_config)?
                     .with_dma(Box::new(FwCfgDma(memory.clone()))),
             ));
+            // The GPE0 block: a full platform's events, on the SCI.
+            let gpe = Arc::new(Mutex::new(devices::gpe::Gpe0::new(
+                irq.clone(),
+                u32::from(acpi::SCI_GSI),
+            )));
             if let Some(saved) = restore.and_then(|r| r.snapshot.firmware) {
                 lock(&pm1).set_regs(saved.pm1);
                 lock(&fw).set_position(saved.fw_cfg);
+                lock(&gpe).set_regs(saved.gpe0)?;
             }
+            io.pio.insert(
+                dev(gpe.clone()),
+                u64::from(acpi::GPE0_PORT),
+                devices::gpe::GPE0_PORTS,
+            )?;
             io.pio.insert(
                 dev(pm1.clone()),
                 u64::from(acpi::PM1A_EVT_PORT),
@@ -607,7 +618,7 @@ impl Vmm {
                 u64::from(devices::fw_cfg::FW_CFG_PORT),
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
-            firmware_devices = Some((fw, pm1));
+            firmware_devices = Some((fw, pm1, gpe));
             if let Some(u) = uefi.take() {
                 // The variable store's flash, and the ACPI timer OVMF counts its
                 // delays with (at the PMBASE it programs into the LPC bridge; the
@@ -653,10 +664,12 @@ impl Vmm {
         )?;
         // The Generic Event Device the DSDT describes: the power button.
         const _: () = assert!(acpi::GED_EVENT_POWER_BUTTON == devices::ged::EVENT_POWER_BUTTON);
-        let ged = Arc::new(Mutex::new(devices::ged::Ged::new(
-            irq.clone(),
-            acpi::GED_GSI,
-        )));
+        let mut ged = devices::ged::Ged::new(irq.clone(), acpi::GED_GSI);
+        if let Some((_, _, gpe)) = &firmware_devices {
+            // A full platform signals its events as GPEs on the SCI.
+            ged = ged.through_gpe(gpe.clone(), acpi::GPE_POWER_BUTTON);
+        }
+        let ged = Arc::new(Mutex::new(ged));
         if let Some(r) = restore {
             lock(&ged).set_pending(r.snapshot.ged_pending);
         }

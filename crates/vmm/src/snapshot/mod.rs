@@ -103,6 +103,9 @@ pub(crate) enum VirtioTransport {
 pub struct FirmwareSnapshot {
     pub fw_cfg: FwCfgPosition,
     pub pm1: [u8; 6],
+    /// GPE0_STS and GPE0_EN (absent from snapshots that predate the block: all clear).
+    #[serde(default)]
+    pub gpe0: [u8; 4],
 }
 
 /// The state file's body.
@@ -248,7 +251,11 @@ pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, Sn
 }
 
 /// fw_cfg and the PM1 registers of a VM booted through firmware.
-pub(crate) type FirmwareDevices = (Arc<Mutex<FwCfg>>, Arc<Mutex<Pm1>>);
+pub(crate) type FirmwareDevices = (
+    Arc<Mutex<FwCfg>>,
+    Arc<Mutex<Pm1>>,
+    Arc<Mutex<devices::gpe::Gpe0>>,
+);
 
 /// Everything of a built VM that has state, for [`Snapshotter::create`].
 pub struct Snapshotter {
@@ -383,9 +390,10 @@ impl Snapshotter {
             ged_pending: lock(&self.ged).pending(),
             rtc: RtcSnapshot::of(&lock(&self.rtc)),
             virtio,
-            firmware: self.firmware.as_ref().map(|(f, p)| FirmwareSnapshot {
+            firmware: self.firmware.as_ref().map(|(f, p, g)| FirmwareSnapshot {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
+                gpe0: lock(g).regs(),
             }),
         })
     }
