@@ -820,6 +820,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_uefi_variable_store_is_made_from_the_template_beside_the_code() {
+        assert_eq!(
+            uefi_vars_template(std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd")),
+            Some(PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"))
+        );
+        assert_eq!(
+            uefi_vars_template(std::path::Path::new("/x/bios.bin")),
+            None
+        );
+        let d = std::env::temp_dir().join(format!("vessel-vars-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("OVMF_CODE.fd"), b"code").unwrap();
+        std::fs::write(d.join("OVMF_VARS.fd"), b"template").unwrap();
+        let mut c = VmConfig::new("/nonexistent/vmlinuz");
+        c.kernel = None;
+        c.firmware = Some(d.join("OVMF_CODE.fd"));
+        c.firmware_vars = Some(d.join("mine.fd"));
+        c.prepare_firmware_vars().unwrap();
+        assert_eq!(std::fs::read(d.join("mine.fd")).unwrap(), b"template");
+        // An existing store is kept as it is.
+        std::fs::write(d.join("mine.fd"), b"written").unwrap();
+        c.prepare_firmware_vars().unwrap();
+        assert_eq!(std::fs::read(d.join("mine.fd")).unwrap(), b"written");
+        // No template: an error naming the store.
+        c.firmware = Some(d.join("custom.fd"));
+        c.firmware_vars = Some(d.join("other.fd"));
+        let e = c.prepare_firmware_vars().unwrap_err();
+        assert!(e.to_string().contains("other.fd"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_memory_mib("512M"), Ok(512));
         assert_eq!(parse_memory_mib("2G"), Ok(2048));

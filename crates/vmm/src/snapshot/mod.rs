@@ -230,7 +230,19 @@ pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
     if config.vsock.is_some() {
         return Some("virtio-vsock (its host connections)".into());
     }
+    if config.firmware.as_deref().is_some_and(is_uefi_file) {
+        return Some("UEFI firmware (its flash and the q35 platform)".into());
+    }
     None
+}
+
+/// Whether the firmware at `path` is UEFI code (read from its header).
+fn is_uefi_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 64];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| arch::firmware::is_uefi(&head))
 }
 
 /// The disks of `config` as they are now.
@@ -533,6 +545,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_uefi_vm_is_refused_a_snapshot_a_bios_one_is_not() {
+        let d = scratch("uefi");
+        let mut image = vec![0u8; 4096];
+        let bios = d.join("bios.bin");
+        std::fs::write(&bios, &image).unwrap();
+        image[40..44].copy_from_slice(b"_FVH");
+        let code = d.join("OVMF_CODE.fd");
+        std::fs::write(&code, &image).unwrap();
+        let mut config = VmConfig::new("/nonexistent/vmlinuz");
+        config.kernel = None;
+        config.firmware = Some(bios);
+        assert_eq!(unsupported(&config), None);
+        config.firmware = Some(code);
+        assert!(unsupported(&config).is_some_and(|w| w.contains("UEFI")));
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     fn snapshot(mib: u64) -> VmSnapshot {
