@@ -199,8 +199,9 @@ fn a_cloud_image_boots_through_ovmf_and_its_efi_grub() {
     let vars = dir.path().join("vars.fd");
     let name = "uefi-guest";
     let uuid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    // 3 GiB: more than fits below OVMF's ECAM at 0xb0000000, so RAM goes on above 4 GiB.
     let child = vessel()
-        .args(["run", "--accel", "emu", "--memory", "1G", "--name", name])
+        .args(["run", "--accel", "emu", "--memory", "3G", "--name", name])
         .args(["--uuid", uuid, "--firmware", "ovmf", "--firmware-vars"])
         .arg(&vars)
         .arg("--disk")
@@ -243,6 +244,10 @@ fn a_cloud_image_boots_through_ovmf_and_its_efi_grub() {
     };
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     check_console("vessel", &text, &token, name);
+    assert!(
+        text.contains("BIOS-e820: [mem 0x0000000100000000-"),
+        "the RAM above 4 GiB, through OVMF's memory map: {text}"
+    );
     assert!(
         text.contains("reboot: Power down"),
         "the guest powered off through ACPI: {text}"
@@ -335,6 +340,78 @@ fn the_same_image_and_seed_boot_under_qemu_q35() {
     );
     check_console("qemu", &text, &token, name);
     assert_eq!(code, Some(0), "qemu's exit status; console:\n{text}");
+}
+
+#[test]
+fn the_same_image_and_seed_boot_under_qemu_q35_with_ovmf() {
+    let qemu = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "{qemu} is missing: apt-get install qemu-system-x86"
+    );
+    let code = Path::new(vmm::config::OVMF_CODE);
+    assert!(
+        code.is_file(),
+        "{} is missing: apt-get install ovmf",
+        code.display()
+    );
+    let dir = TempDir::new("cloud-image-qemu-ovmf");
+    let disk = overlay(&dir);
+    let token = format!("vessel-ci-{}", std::process::id());
+    let ud = user_data(&dir, &token);
+    let name = "ci-guest";
+    let seed = vmm::cloud_init::seed_image(
+        &vmm::cloud_init::CloudInitConfig {
+            user_data: ud,
+            meta_data: None,
+            network_config: None,
+        },
+        name,
+    )
+    .expect("the seed");
+    let seed = dir.file("seed.img", &seed);
+    let vars = dir.file(
+        "vars.fd",
+        &std::fs::read(vmm::config::OVMF_VARS_TEMPLATE).expect("OVMF's variable template"),
+    );
+    let console = dir.path().join("console.log");
+    let (exit, text) = run_logged(
+        Command::new(qemu)
+            .args([
+                "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1G",
+            ])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                seed.display()
+            )),
+        &console,
+        LIMIT,
+    );
+    check_console("qemu", &text, &token, name);
+    assert!(
+        text.contains(&format!("{token} efi=yes")),
+        "QEMU booted through UEFI: {text}"
+    );
+    assert_eq!(exit, Some(0), "qemu's exit status; console:\n{text}");
 }
 
 /// A network namespace this test creates and deletes.

@@ -438,6 +438,8 @@ impl Vmm {
             }
             (None, None) => {}
         }
+        // Below 4 GiB, before the RAM above it: the regions go in address order.
+        ranges.sort_by_key(|&(start, _)| start);
         let memory = match restore {
             // The snapshot's memory file, mapped privately: pages load as the guest
             // touches them.
