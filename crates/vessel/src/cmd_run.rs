@@ -306,17 +306,25 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         (Some(k), f) => (Some(k), args.initrd, f),
         (None, Some(f)) => (None, None, Some(f)),
         // A disk image with a boot sector and no kernel: its own bootloader boots it,
-        // through SeaBIOS. (A bare root file system falls through to the assets' kernel.)
+        // through SeaBIOS, or through OVMF when it is a UEFI-only image. (A bare root
+        // file system falls through to the assets' kernel.)
         (None, None) if args.disks.first().is_some_and(|d| d.has_boot_sector()) => {
-            let bios = PathBuf::from(vmm::config::DEFAULT_BIOS);
-            if !bios.is_file() {
+            let uefi = args.disks.first().and_then(|d| d.firmware_boot())
+                == Some(vmm::config::FirmwareBoot::Uefi);
+            let (firmware, package) = if uefi {
+                (vmm::config::OVMF_CODE, "ovmf")
+            } else {
+                (vmm::config::DEFAULT_BIOS, "seabios")
+            };
+            let firmware = PathBuf::from(firmware);
+            if !firmware.is_file() {
                 bail!(
-                    "no --kernel given: booting the disk through firmware needs SeaBIOS at {} \
-                     (apt-get install seabios) or --firmware PATH",
-                    bios.display()
+                    "no --kernel given: booting the disk through firmware needs {} \
+                     (apt-get install {package}) or --firmware PATH",
+                    firmware.display()
                 );
             }
-            (None, None, Some(bios))
+            (None, None, Some(firmware))
         }
         (None, None) => {
             let dir = assets_dir();

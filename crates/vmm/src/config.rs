@@ -99,6 +99,16 @@ pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios.bin";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// Which firmware boots a disk image (see [`DiskConfig::firmware_boot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirmwareBoot {
+    Bios,
+    Uefi,
+}
+
+/// The boot code's part of an MBR (the disk signature and partition table follow).
+const MBR_CODE_LEN: usize = 440;
+
 /// The variable-store template that ships beside UEFI code: OVMF_CODE*.fd's
 /// OVMF_VARS*.fd (Debian's and Fedora's naming), or None if the name has no "CODE".
 pub fn uefi_vars_template(code: &std::path::Path) -> Option<PathBuf> {
@@ -487,13 +497,28 @@ impl DiskConfig {
     /// the guest's rules (never probed); false when it cannot be read (opening it for the
     /// VM reports why).
     pub fn has_boot_sector(&self) -> bool {
+        self.firmware_boot().is_some()
+    }
+
+    /// How firmware would boot the image, read as [`DiskConfig::has_boot_sector`] reads
+    /// it: a boot sector with code in it is a BIOS's to run; one with no code (GPT's
+    /// protective MBR) in front of a GPT header is a UEFI-only image, which boots from
+    /// its EFI system partition; None without the boot signature.
+    pub fn firmware_boot(&self) -> Option<FirmwareBoot> {
         use block::BlockBackend as _;
         let format = self.block_format();
-        let Ok(mut image) = block::open_guest_disk_with(&self.path, format, true, true) else {
-            return false;
-        };
-        let mut sector = [0u8; 512];
-        image.read_at(0, &mut sector).is_ok() && sector[510..] == [0x55, 0xaa]
+        let mut image = block::open_guest_disk_with(&self.path, format, true, true).ok()?;
+        let mut sectors = [0u8; 1024];
+        image.read_at(0, &mut sectors).ok()?;
+        if sectors[510..512] != [0x55, 0xaa] {
+            return None;
+        }
+        let no_code = sectors[..MBR_CODE_LEN].iter().all(|&b| b == 0);
+        Some(if no_code && &sectors[512..520] == b"EFI PART" {
+            FirmwareBoot::Uefi
+        } else {
+            FirmwareBoot::Bios
+        })
     }
 }
 
@@ -883,6 +908,17 @@ mod tests {
         assert!(disk(&bootable).has_boot_sector());
         assert!(!disk(&plain).has_boot_sector());
         assert!(!disk(&dir.join("absent")).has_boot_sector());
+        // No boot code, a GPT behind the protective MBR: a UEFI-only image. With code
+        // (GRUB's boot.img, as the cloud image has) the BIOS boots it.
+        assert_eq!(disk(&bootable).firmware_boot(), Some(FirmwareBoot::Bios));
+        mbr[512..520].copy_from_slice(b"EFI PART");
+        let gpt = dir.join("gpt.raw");
+        std::fs::write(&gpt, &mbr).unwrap();
+        assert_eq!(disk(&gpt).firmware_boot(), Some(FirmwareBoot::Uefi));
+        mbr[0] = 0xeb;
+        std::fs::write(&gpt, &mbr).unwrap();
+        assert_eq!(disk(&gpt).firmware_boot(), Some(FirmwareBoot::Bios));
+        assert_eq!(disk(&plain).firmware_boot(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
