@@ -1663,6 +1663,17 @@ fn vessel_domain_suspends_resumes_reboots_and_shuts_down_under_emu() {
 
 #[test]
 fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
+    cloud_image_domains(false);
+}
+
+#[test]
+fn a_cloud_image_boots_through_uefi_on_both_drivers() {
+    cloud_image_domains(true);
+}
+
+/// With `efi`, the same through OVMF: `<os firmware='efi'>` and an `<nvram>` store the
+/// manager makes from OVMF's template.
+fn cloud_image_domains(efi: bool) {
     // The cloud image from scripts/cloud-image.sh as a libvirt XML domain with
     // `<boot dev='hd'/>` and no kernel, its seed in Vessel's `<metadata>`: SeaBIOS, the
     // image's GRUB, systemd, and cloud-init reading the domain's seed (Vessel's VMM
@@ -1675,7 +1686,7 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
         "{} is missing: run scripts/cloud-image.sh (as root) first",
         image.display()
     );
-    let d = Daemon::start("cloudimg");
+    let d = Daemon::start(if efi { "cloudefi" } else { "cloudimg" });
     let c = d.client();
     let ud = d.dir.join("user-data");
     std::fs::write(
@@ -1688,20 +1699,37 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
          \x20 condition: true\n",
     )
     .unwrap();
-    let domains = [
-        (
-            "cloud-vessel",
-            "vessel",
-            "kvm",
-            "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f60",
-        ),
-        (
-            "cloud-qemu",
-            "qemu",
-            "qemu",
-            "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f61",
-        ),
-    ];
+    let domains = if efi {
+        [
+            (
+                "efi-vessel",
+                "vessel",
+                "kvm",
+                "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f62",
+            ),
+            (
+                "efi-qemu",
+                "qemu",
+                "qemu",
+                "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f63",
+            ),
+        ]
+    } else {
+        [
+            (
+                "cloud-vessel",
+                "vessel",
+                "kvm",
+                "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f60",
+            ),
+            (
+                "cloud-qemu",
+                "qemu",
+                "qemu",
+                "0d7f6d0e-8a3e-4c55-9f0e-1b2c3d4e5f61",
+            ),
+        ]
+    };
     for (name, driver, ty, uuid) in domains {
         let disk = d.dir.join(format!("{name}.qcow2"));
         let o = Command::new("qemu-img")
@@ -1711,6 +1739,15 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
             .output()
             .expect("qemu-img (apt-get install qemu-utils)");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let os = if efi {
+            format!(
+                "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
+                 <nvram>{}</nvram><boot dev='hd'/></os>",
+                d.dir.join(format!("{name}_VARS.fd")).display()
+            )
+        } else {
+            "<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>".into()
+        };
         let xml = format!(
             "<domain type='{ty}'>\n\
              <name>{name}</name><uuid>{uuid}</uuid>\n\
@@ -1718,7 +1755,7 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
              <metadata><vessel:domain xmlns:vessel='https://vessel.dev/xmlns/domain/1' \
              driver='{driver}' accel='emu'>\
              <vessel:cloud-init user-data='{}'/></vessel:domain></metadata>\n\
-             <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>\n\
+             {os}\n\
              <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
              <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices>\n\
              </domain>\n",
@@ -1742,10 +1779,19 @@ fn a_cloud_image_boots_from_disk_with_a_cloud_init_seed_on_both_drivers() {
     for (name, _, _, uuid) in domains {
         wait_state(&c, name, "shutoff", Duration::from_secs(900));
         let log = serial_log(&c, name);
-        assert!(
-            log.contains("SeaBIOS") || name == "cloud-qemu",
-            "{name}: {log}"
-        );
+        if efi {
+            // OVMF's boot manager on both; the store made and written in place.
+            assert!(log.contains("BdsDxe: starting Boot"), "{name}: {log}");
+            let vars = std::fs::read(d.dir.join(format!("{name}_VARS.fd"))).unwrap();
+            let template = std::fs::read("/usr/share/OVMF/OVMF_VARS_4M.fd").unwrap();
+            assert_eq!(vars.len(), template.len());
+            assert_ne!(vars, template, "{name}: no variable written");
+        } else {
+            assert!(
+                log.contains("SeaBIOS") || name == "cloud-qemu",
+                "{name}: {log}"
+            );
+        }
         assert!(
             log.contains(&format!("vessel-managed host={name} uuid={uuid}")),
             "{name}: no token with the domain's name and UUID from cloud-init's runcmd:\n{log}"

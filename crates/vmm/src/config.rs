@@ -707,7 +707,16 @@ impl VmConfig {
             _ => {}
         }
         if let Some(v) = self.firmware_vars.as_ref().filter(|v| !v.is_file()) {
-            return Err(ConfigError::FirmwareVarsMissing(v.clone()));
+            // One not made yet is made from the template on the first start.
+            let can_make = !v.exists()
+                && self
+                    .firmware
+                    .as_deref()
+                    .and_then(uefi_vars_template)
+                    .is_some_and(|t| t.is_file());
+            if !can_make {
+                return Err(ConfigError::FirmwareVarsMissing(v.clone()));
+            }
         }
         if let Some(r) = self.option_roms.iter().find(|r| !r.is_file()) {
             return Err(ConfigError::OptionRomMissing(r.clone()));
@@ -862,6 +871,8 @@ mod tests {
         c.kernel = None;
         c.firmware = Some(d.join("OVMF_CODE.fd"));
         c.firmware_vars = Some(d.join("mine.fd"));
+        // A store not made yet is valid while its template is there.
+        assert_eq!(c.validate(), Ok(()));
         c.prepare_firmware_vars().unwrap();
         assert_eq!(std::fs::read(d.join("mine.fd")).unwrap(), b"template");
         // An existing store is kept as it is.
@@ -869,10 +880,15 @@ mod tests {
         c.prepare_firmware_vars().unwrap();
         assert_eq!(std::fs::read(d.join("mine.fd")).unwrap(), b"written");
         // No template: an error naming the store.
+        std::fs::write(d.join("custom.fd"), b"code").unwrap();
         c.firmware = Some(d.join("custom.fd"));
         c.firmware_vars = Some(d.join("other.fd"));
         let e = c.prepare_firmware_vars().unwrap_err();
         assert!(e.to_string().contains("other.fd"), "{e}");
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::FirmwareVarsMissing(d.join("other.fd")))
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
