@@ -14,7 +14,9 @@ set -euo pipefail
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
-STAMP="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+# shellcheck source=scripts/module-order.sh
+. "$(dirname "${BASH_SOURCE[0]}")/module-order.sh"
+STAMP="$(cat "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/module-order.sh" | sha256sum | cut -d' ' -f1)"
 
 if [ $FORCE = 0 ] && [ -s "$ASSETS/vmlinuz" ] && [ -s "$ASSETS/initramfs.cpio.gz" ] && [ -s "$ASSETS/vmlinux" ] &&
     [ "$(cat "$ASSETS/assets-stamp" 2>/dev/null)" = "$STAMP" ]; then
@@ -58,26 +60,7 @@ find "$moddir" -name '*.ko.zst' -exec zstd -q --rm -d {} +
 # button and evdev: the ACPI power button (PNP0C0C) as /dev/input/event*, for acpid.
 wanted=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng
         vmw_vsock_virtio_transport vsock_loopback ext4 crc32c_generic button evdev)
-declare -A path_of done_mod
-while IFS= read -r ko; do
-    name="$(basename "$ko" .ko)"
-    path_of[$name]="$ko"
-    path_of[${name//-/_}]="$ko"
-done < <(find "$moddir" -name '*.ko')
-order=()
-visit() {
-    local m="${1//-/_}"
-    [ -n "${done_mod[$m]:-}" ] && return 0
-    done_mod[$m]=1
-    local ko="${path_of[$m]:-}"
-    [ -n "$ko" ] || return 0 # built into the kernel
-    local deps
-    deps="$(strings -n 3 "$ko" | sed -n 's/^depends=//p' | head -n1)"
-    local d
-    for d in ${deps//,/ }; do visit "$d"; done
-    order+=("$ko")
-}
-for m in "${wanted[@]}"; do visit "$m"; done
+module_order "$moddir" "${wanted[@]}"
 
 root="$work/initramfs"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc/acpi,lib/modules,mnt,root,usr/bin,usr/sbin,var/log,var/run}

@@ -15,7 +15,9 @@ ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}/riscv64"
 SUITE="${VESSEL_RISCV_SUITE:-trixie}"
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
-STAMP="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+# shellcheck source=scripts/module-order.sh
+. "$(dirname "${BASH_SOURCE[0]}")/module-order.sh"
+STAMP="$(cat "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/module-order.sh" | sha256sum | cut -d' ' -f1)"
 
 if [ $FORCE = 0 ] && [ -s "$ASSETS/Image" ] && [ -s "$ASSETS/initramfs.cpio.gz" ] &&
     [ "$(cat "$ASSETS/assets-stamp" 2>/dev/null)" = "$STAMP" ]; then
@@ -65,26 +67,7 @@ find "$moddir" -name '*.ko.zst' -exec zstd -q --rm -d {} +
 
 # Load order: a depth-first walk of each module's modinfo `depends=`.
 wanted=(virtio_mmio virtio_blk virtio_net virtio_console virtio-rng ext4 crc32c_generic)
-declare -A path_of done_mod
-while IFS= read -r ko; do
-    name="$(basename "$ko" .ko)"
-    path_of[$name]="$ko"
-    path_of[${name//-/_}]="$ko"
-done < <(find "$moddir" -name '*.ko')
-order=()
-visit() {
-    local m="${1//-/_}"
-    [ -n "${done_mod[$m]:-}" ] && return 0
-    done_mod[$m]=1
-    local ko="${path_of[$m]:-}"
-    [ -n "$ko" ] || return 0 # built into the kernel
-    local deps
-    deps="$(strings -n 3 "$ko" | sed -n 's/^depends=//p' | head -n1)"
-    local d
-    for d in ${deps//,/ }; do visit "$d"; done
-    order+=("$ko")
-}
-for m in "${wanted[@]}"; do visit "$m"; done
+module_order "$moddir" "${wanted[@]}"
 
 root="$work/initramfs"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules,mnt,root,usr/bin,usr/sbin,var/log,var/run}
