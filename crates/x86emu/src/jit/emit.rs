@@ -853,7 +853,7 @@ impl Emitter {
         m: &Mem,
         lin: Register,
         host: Register,
-        scratch: [Register; 4],
+        scratch: [Register; 2],
         miss: CodeLabel,
     ) -> Option<()> {
         self.tlb_addend(m, lin, host, scratch, miss)?;
@@ -864,19 +864,19 @@ impl Emitter {
 
     /// As `tlb`, but leaves in `host` the page's addend: the host pointer is `host + lin`,
     /// which an instruction can take as its memory operand, saving a step on the way to
-    /// its data. Clobbers RCX and two of `scratch`.
+    /// its data. Clobbers RCX and `scratch`.
     fn tlb_addend(
         &mut self,
         m: &Mem,
         lin: Register,
         host: Register,
-        scratch: [Register; 4],
+        scratch: [Register; 2],
         miss: CodeLabel,
     ) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::rcx;
         // Two scratch registers (`host` serves as a third until its turn): the fewer this
         // clobbers, the more guest registers stay cached in the host's.
-        let [ent, tmp] = [scratch[0], scratch[1]];
+        let [ent, tmp] = scratch;
         self.clobber(&[Register::RCX, lin, host, ent, tmp]);
         let ent16 = gpr16::get_gpr16(sized(ent, Register::AX)?)?;
         let ent32 = gpr32::get_gpr32(sized(ent, Register::EAX)?)?;
@@ -949,7 +949,7 @@ impl Emitter {
         let (b, i) = (*s.first()?, *s.get(1)?);
         self.address(m, lin, b, i)?;
         let miss = self.miss_label(idx);
-        self.tlb_addend(m, lin, host, [b, i, Register::None, Register::None], miss)?;
+        self.tlb_addend(m, lin, host, [b, i], miss)?;
         if align > 1 {
             // Host pages are page-aligned: the pointer's low bits are the address's.
             a!(self.a.mov(rcx, align - 1));
@@ -1161,7 +1161,7 @@ impl Emitter {
         m.size = if wide { 8 } else { 4 };
         let s = self.scratch(&[Register::RCX], 9)?;
         let (lin, b, i, off, host) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?, *s.get(4)?);
-        let scratch = [*s.get(5)?, *s.get(6)?, *s.get(7)?, *s.get(8)?];
+        let scratch = [*s.get(5)?, *s.get(6)?];
         self.address(&m, lin, b, i)?;
         self.load_guest(off, gpr_index(ins.op1_register())?)?;
         self.clobber(&[off, Register::RCX]);
@@ -1209,7 +1209,7 @@ impl Emitter {
         if let Some(m) = plan_mem(ins, info) {
             let s = self.scratch(&[Register::RCX, Register::RAX, Register::RDX], 8)?;
             let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
-            let scratch = [*s.get(4)?, *s.get(5)?, *s.get(6)?, *s.get(7)?];
+            let scratch = [*s.get(4)?, *s.get(5)?];
             self.address(&m, lin, b, i)?;
             let miss = self.miss_label(idx);
             self.tlb(&m, lin, host, scratch, miss)?;
@@ -1856,7 +1856,7 @@ impl Emitter {
             write,
             wrap32: false,
         };
-        let scratch = [Register::RSI, Register::RDI, Register::R8, Register::R9];
+        let scratch = [Register::RSI, Register::RDI];
         self.tlb(&m, Register::RDX, Register::RBX, scratch, miss)
     }
 
@@ -1947,7 +1947,7 @@ impl Emitter {
             m.write = false;
             let s = self.scratch(&[Register::RCX, Register::RAX], 8)?;
             let (host, lin, b, i) = (*s.first()?, *s.get(1)?, *s.get(2)?, *s.get(3)?);
-            let scratch = [*s.get(4)?, *s.get(5)?, *s.get(6)?, *s.get(7)?];
+            let scratch = [*s.get(4)?, *s.get(5)?];
             self.address(&m, lin, b, i)?;
             let miss = self.miss_label(idx);
             self.tlb(&m, lin, host, scratch, miss)?;
