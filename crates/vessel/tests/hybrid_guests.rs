@@ -636,9 +636,18 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
             .unwrap_or("(none)")
     );
     assert!(stints > 0.0, "no native stints:\n{}", hybrid.stderr);
+    // Whether the loop ran natively is read from the vCPU's own accounting, not from a
+    // speed ratio: emu's compiled loop keeps getting faster, and CI hosts are noisy. The
+    // speed itself is bench/real.sh's to report (its vessel-hybrid column).
+    let native_ms = stat(&hybrid.stderr, "native_ms").unwrap_or(0.0);
     assert!(
-        te.as_secs_f64() >= 5.0 * th.as_secs_f64(),
-        "hybrid loop {th:?} is not 5x faster than emu {te:?}"
+        native_ms >= 0.5 * th.as_secs_f64() * 1e3,
+        "the hybrid loop took {th:?} but only {native_ms} ms ran natively:\n{}",
+        hybrid.stderr
+    );
+    assert!(
+        te.as_secs_f64() >= 2.0 * th.as_secs_f64(),
+        "hybrid loop {th:?} is not even 2x faster than emu {te:?}"
     );
     // The 100 Hz timer interrupted user code in both modes, while it ran natively too.
     for (name, r) in [("emu", &emu), ("hybrid", &hybrid)] {
