@@ -12,11 +12,14 @@
 //! VMM's kick signal, whose handler does nothing): a per-thread POSIX timer armed for the
 //! interrupt controller's next deadline, and the irqchip's event notifier.
 //!
-//! KVM shadows the guest page tables and does not see x86emu's writes to them: when
-//! x86emu flushed its TLB since the last entry (INVLPG, CR3 writes), every memslot is
-//! deleted and added again, which drops the shadow.
+//! KVM shadows the guest page tables and does not see x86emu's writes to them. With one
+//! vCPU, x86emu watches every page table KVM may have copied (`x86emu::ptwatch`): when a
+//! store took a mapping or a right away, every memslot is deleted and added again, which
+//! drops the shadow; context switches and page faults cost nothing. With several vCPUs
+//! (whose kernels store to tables while another runs natively) the memslots are replaced
+//! whenever x86emu flushed its TLB since the last entry (INVLPG, CR3 writes).
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use x86emu::ptwatch::{TableSync, TableWatch};
 use x86emu::{Cpu, Platform, Seg};
 
 use crate::convert;
@@ -63,12 +67,18 @@ const MAX_STINT: Duration = Duration::from_millis(4);
 const MIN_STINT: Duration = Duration::from_micros(200);
 /// Emulated slice length while looking for a stretch of user code to move to KVM.
 pub const PROBE_SLICE: u64 = 10_000;
-/// A stint that ran less than this before the kernel was needed did not pay for itself.
-const SHORT_STINT: Duration = Duration::from_micros(300);
+/// A stint that ran less than this before the kernel was needed did not pay for itself:
+/// KVM_RUN alone takes ~50 µs on a PVM host, and the rest of the round trip ~60 µs, while
+/// x86emu runs user code ~15x slower than the host: past ~10 µs of user work, native won.
+const SHORT_STINT: Duration = Duration::from_micros(60);
 /// How often the statistics are logged (at info level) while the vCPU runs.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 /// At most this many user-only probe slices are required before the next stint.
 const MAX_NEED: u32 = 64;
+/// Address spaces whose stint history is kept (forgotten all at once past that).
+const MAX_SPACES: usize = 1024;
+/// CR3 without its PCID and flag bits: the address space.
+const CR3_ROOT: u64 = 0x000f_ffff_ffff_f000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HybridError {
@@ -93,6 +103,12 @@ pub struct HybridVm {
     cpuid: kvm_bindings::CpuId,
     slots: Mutex<Vec<kvm_userspace_memory_region>>,
     tsc_hz: u64,
+    /// The page tables KVM may hold copies of (used while the VM has one vCPU).
+    watch: Mutex<TableWatch>,
+    vcpus: AtomicU32,
+    /// VESSEL_HYBRID_WATCH=0: replace the memslots at every TLB flush, as with several
+    /// vCPUs (for comparison).
+    watch_off: bool,
 }
 
 impl std::fmt::Debug for HybridVm {
@@ -127,6 +143,9 @@ impl HybridVm {
             cpuid,
             slots: Mutex::new(Vec::new()),
             tsc_hz,
+            watch: Mutex::new(TableWatch::new()),
+            vcpus: AtomicU32::new(0),
+            watch_off: std::env::var_os("VESSEL_HYBRID_WATCH").is_some_and(|v| v == "0"),
         })
     }
 
@@ -330,9 +349,11 @@ pub struct HybridVcpu {
     xstate_avx: bool,
     tsc_aux: Option<u64>,
     flushes_seen: Option<u64>,
-    /// User-only probe slices seen in a row, and how many are needed before a stint.
+    /// User-only probe slices seen in a row, and how many each address space (by CR3)
+    /// needs before a stint: processes differ (in a pipeline, one makes a system call
+    /// every few microseconds, the other computes for milliseconds).
     streak: u32,
-    need: u32,
+    need: std::collections::HashMap<u64, u32>,
     /// Set after an error: this vCPU stays on x86emu.
     disabled: bool,
     last_log: Instant,
@@ -341,6 +362,7 @@ pub struct HybridVcpu {
 
 impl HybridVcpu {
     pub fn new(vm: Arc<HybridVm>, id: u32) -> Self {
+        vm.vcpus.fetch_add(1, Ordering::SeqCst);
         HybridVcpu {
             vm,
             id,
@@ -354,7 +376,7 @@ impl HybridVcpu {
             tsc_aux: None,
             flushes_seen: None,
             streak: 0,
-            need: 1,
+            need: std::collections::HashMap::new(),
             disabled: false,
             last_log: Instant::now(),
             stats: Stats::default(),
@@ -406,16 +428,49 @@ impl HybridVcpu {
     /// has to replace the memslots first (x86emu flushed its TLB), that costs ~0.1-6 ms
     /// here: ask for a stretch of user code about as long as the refresh (one probe slice
     /// is ~70 µs of emulation) before paying it.
-    pub fn ready(&self, cpu: &Cpu) -> bool {
-        let need = if self.flushes_seen.is_some_and(|f| f != cpu.tlb_flushes()) {
+    pub fn ready(&mut self, cpu: &mut Cpu) -> bool {
+        let need = self.need_of(cpu.state().cr3);
+        if self.streak < need {
+            return false;
+        }
+        let need = if self.refresh_due(cpu) {
             let mean_us = (self.stats.refresh.as_micros() as u64)
                 .checked_div(self.stats.slot_refreshes)
                 .unwrap_or(0);
-            self.need.max(((mean_us / 70) as u32).clamp(1, MAX_NEED))
+            need.max(((mean_us / 70) as u32).clamp(1, MAX_NEED))
         } else {
-            self.need
+            need
         };
         self.streak >= need
+    }
+
+    fn need_of(&self, cr3: u64) -> u32 {
+        self.need.get(&(cr3 & CR3_ROOT)).copied().unwrap_or(1)
+    }
+
+    fn set_need(&mut self, cr3: u64, need: u32) {
+        if self.need.len() >= MAX_SPACES {
+            self.need.clear();
+        }
+        self.need.insert(cr3 & CR3_ROOT, need);
+    }
+
+    /// Whether KVM watches its copies of the page tables through `TableWatch`.
+    fn watching(&self) -> bool {
+        !self.vm.watch_off && self.vm.vcpus.load(Ordering::Relaxed) == 1
+    }
+
+    fn watch(&self) -> std::sync::MutexGuard<'_, TableWatch> {
+        self.vm.watch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the next entry has to drop KVM's copies of the page tables first.
+    fn refresh_due(&mut self, cpu: &mut Cpu) -> bool {
+        if self.watching() {
+            self.watch().sync(cpu) == TableSync::Stale
+        } else {
+            self.flushes_seen.is_some_and(|f| f != cpu.tlb_flushes())
+        }
     }
 
     fn ensure_vcpu(&mut self) -> Result<(), HybridError> {
@@ -613,11 +668,18 @@ impl HybridVcpu {
         self.ensure_vcpu()?;
         self.streak = 0;
         let flushes = cpu.tlb_flushes();
-        if self.flushes_seen.is_some_and(|f| f != flushes) {
+        if self.refresh_due(cpu) {
             let t = Instant::now();
             self.vm.refresh_slots()?;
             self.stats.slot_refreshes += 1;
             self.stats.refresh += t.elapsed();
+            if self.watching() {
+                let cr3 = cpu.state().cr3;
+                self.watch().restart(cpu, cr3);
+            }
+        } else if self.watching() {
+            let cr3 = cpu.state().cr3;
+            self.watch().add_root(cpu, cr3);
         }
         self.flushes_seen = Some(flushes);
 
@@ -706,20 +768,22 @@ impl HybridVcpu {
         self.stats.stints += 1;
         self.stats.native += native;
         self.stats.switch += (t_run - t_in) + t_out.elapsed();
+        let cr3 = cpu.state().cr3;
         match end {
             StintEnd::Kernel => {
                 self.stats.kernel_exits += 1;
                 // Short stretches of user code between kernel entries: emulating them is
                 // cheaper than the switch; ask for longer user-only stretches first.
-                self.need = if native < SHORT_STINT {
-                    (self.need * 2).min(MAX_NEED)
+                let need = if native < SHORT_STINT {
+                    (self.need_of(cr3) * 2).min(MAX_NEED)
                 } else {
                     1
                 };
+                self.set_need(cr3, need);
             }
             StintEnd::Kicked | StintEnd::NotEntered => {
                 self.stats.kicked_exits += 1;
-                self.need = 1;
+                self.set_need(cr3, 1);
             }
         }
         Ok(end)
@@ -868,6 +932,7 @@ impl HybridVcpu {
             kicks = self.kicker.kicks.load(Ordering::Relaxed),
             mmio_exits = s.mmio_exits,
             slot_refreshes = s.slot_refreshes,
+            watched_tables = self.watch().tables(),
             native_ms = s.native.as_secs_f64() * 1e3,
             switch_us_mean = if s.stints > 0 {
                 s.switch.as_secs_f64() * 1e6 / s.stints as f64

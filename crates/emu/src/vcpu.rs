@@ -261,8 +261,11 @@ impl Vcpu for EmuVcpu {
             .as_ref()
             .is_some_and(|h| self.profile.is_none() && h.eligible(&self.cpu));
         if eligible && !vm.chip.event_hint(self.id) {
-            let cpu = &self.cpu;
-            if let Some(h) = self.hybrid.as_mut().filter(|h| h.ready(cpu)) {
+            let ready = match self.hybrid.as_mut() {
+                Some(h) => h.ready(&mut self.cpu),
+                None => false,
+            };
+            if let Some(h) = self.hybrid.as_mut().filter(|_| ready) {
                 let id = self.id;
                 let chip = &vm.chip;
                 let clock = &vm.clock;

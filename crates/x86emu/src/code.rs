@@ -114,6 +114,10 @@ impl WriteMap {
 const CODE: u8 = 1;
 /// It was not written since the dirty log was last taken ([`CodeTracker::take_dirty_log`]).
 const LOG_CLEAN: u8 = 2;
+/// It is a page table that another translator of the guest's page tables (the hybrid
+/// accelerator's KVM vCPU) may hold a copy of: the next store to it is recorded in
+/// [`CodeTracker::take_table_writes`].
+const TABLE: u8 = 4;
 
 #[derive(Debug)]
 pub struct CodeTracker {
@@ -124,6 +128,10 @@ pub struct CodeTracker {
     writes: AtomicU64,
     /// The write maps of the CPUs that share this tracker.
     cpus: RwLock<Vec<Arc<WriteMap>>>,
+    /// Watched page tables stored to since [`CodeTracker::take_table_writes`], a bit per
+    /// page, and how many such stores were noted so far.
+    table_writes: Box<[AtomicU64]>,
+    table_write_count: AtomicU64,
 }
 
 impl CodeTracker {
@@ -134,6 +142,8 @@ impl CodeTracker {
             pages: (0..n).map(|_| AtomicU8::new(0)).collect(),
             writes: AtomicU64::new(0),
             cpus: RwLock::new(Vec::new()),
+            table_writes: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            table_write_count: AtomicU64::new(0),
         }
     }
 
@@ -154,6 +164,16 @@ impl CodeTracker {
     /// must strip its own entries that let compiled code store to it; the other CPUs'
     /// are asked to strip theirs.
     pub(crate) fn mark(&self, pfn: usize, own: &WriteMap) -> bool {
+        self.mark_with(pfn, CODE, own)
+    }
+
+    /// Watches `pfn` as a page table: its next store is recorded for
+    /// [`CodeTracker::take_table_writes`]. Strips stores as [`CodeTracker::mark`] does.
+    pub(crate) fn watch_table(&self, pfn: usize, own: &WriteMap) -> bool {
+        self.mark_with(pfn, TABLE, own)
+    }
+
+    fn mark_with(&self, pfn: usize, bit: u8, own: &WriteMap) -> bool {
         let Some(b) = self.pages.get(pfn) else {
             return false;
         };
@@ -161,7 +181,7 @@ impl CodeTracker {
         // then `is_marked`): either it sees this mark, or this sees its count. A page
         // that is only clean for the dirty log may still have its strips pending: they
         // are asked for again (a CPU strips what it has, once).
-        if b.load(Ordering::Relaxed) & CODE != 0 || b.fetch_or(CODE, Ordering::SeqCst) & CODE != 0 {
+        if b.load(Ordering::Relaxed) & bit != 0 || b.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
             return false;
         }
         let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
@@ -187,13 +207,55 @@ impl CodeTracker {
         match self.pages.get(pfn) {
             Some(b) if b.load(Ordering::Relaxed) != 0 => {
                 // Clearing LOG_CLEAN is what records the page as dirty.
-                if b.swap(0, Ordering::Relaxed) & CODE == 0 {
+                let old = b.swap(0, Ordering::Relaxed);
+                if old & TABLE != 0 {
+                    self.note_table_write(pfn);
+                }
+                if old & CODE == 0 {
                     return false;
                 }
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 true
             }
             _ => false,
+        }
+    }
+
+    #[cold]
+    fn note_table_write(&self, pfn: usize) {
+        if let Some(w) = self.table_writes.get(pfn / 64) {
+            w.fetch_or(1 << (pfn % 64), Ordering::SeqCst);
+        }
+        self.table_write_count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many stores to watched page tables were noted so far: when it has not moved,
+    /// [`CodeTracker::take_table_writes`] has nothing to give.
+    pub fn table_write_count(&self) -> u64 {
+        self.table_write_count.load(Ordering::SeqCst)
+    }
+
+    /// The watched page tables stored to since the last call, taken. Each is no longer
+    /// watched (watch it again after reading it).
+    pub fn take_table_writes(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (i, w) in self.table_writes.iter().enumerate() {
+            if w.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = w.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                out.push(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// Stops watching `pfn` as a page table.
+    pub fn unwatch_table(&self, pfn: usize) {
+        if let Some(b) = self.pages.get(pfn) {
+            b.fetch_and(!TABLE, Ordering::SeqCst);
         }
     }
 

@@ -489,6 +489,14 @@ impl Core {
         self.tlb.flushes
     }
 
+    /// Watches guest page `pfn` as a page table another translator may copy: its next
+    /// store, by compiled code too, is noted for [`crate::ptwatch::TableWatch`].
+    pub fn watch_page_table(&mut self, pfn: usize) {
+        if self.code.watch_table(pfn, &self.tlb.writers) {
+            self.tlb.strip_page(pfn);
+        }
+    }
+
     /// Notes that `gpa_page` holds code checked in the current code epoch.
     fn mark_code_page(&mut self, gpa_page: u64) {
         let pfn = (gpa_page >> 12) as usize;

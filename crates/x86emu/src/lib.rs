@@ -17,6 +17,7 @@ pub mod mmu;
 pub mod msr;
 pub mod persist;
 pub mod platform;
+pub mod ptwatch;
 mod segments;
 pub mod state;
 pub mod testing;
