@@ -17,6 +17,7 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use common::{assets, vessel, Guarded, TempDir};
 
 const IMAGE: &str = "debian-bookworm.ext4";
@@ -395,6 +396,8 @@ impl Guest {
 enum Vmm<'a> {
     /// `vessel run --accel emu`, with `--cpu MODEL` when given.
     Emu(Option<&'a str>),
+    /// `vessel run --accel hybrid`: the kernel on x86emu, user code on a KVM vCPU.
+    Hybrid,
     /// QEMU TCG q35, virtio-blk-pci, `-cpu max`: the reference.
     QemuTcg,
 }
@@ -449,11 +452,15 @@ fn battery(vmm: Vmm) {
     let dir = TempDir::new("debian");
     let (v3_img, v3_prog) = v3_disk(&dir);
     let (cmd, what, model) = match vmm {
-        Vmm::Emu(model) => {
+        Vmm::Emu(_) | Vmm::Hybrid => {
+            let (accel, model) = match vmm {
+                Vmm::Emu(model) => ("emu", model),
+                _ => ("hybrid", None),
+            };
             let ov = overlay(&dir, &image);
             let mut cmd = vessel();
             cmd.args([
-                "run", "--accel", "emu", "--memory", "1G", "--serial", "stdio",
+                "run", "--accel", accel, "--memory", "1G", "--serial", "stdio",
             ])
             .arg("--kernel")
             .arg(assets().join("vmlinuz"))
@@ -467,7 +474,7 @@ fn battery(vmm: Vmm) {
             if let Some(m) = model {
                 cmd.args(["--cpu", m]);
             }
-            let what = format!("vessel emu (--cpu {})", model.unwrap_or("default"));
+            let what = format!("vessel {accel} (--cpu {})", model.unwrap_or("default"));
             (cmd, what, model)
         }
         Vmm::QemuTcg => {
@@ -517,7 +524,10 @@ fn battery(vmm: Vmm) {
     eprintln!("{what}: root shell {:.1?} after start", start.elapsed());
 
     let mut f = Failures::default();
-    let result = run_battery(&mut g, model, &v3_prog, &mut f);
+    let mut result = run_battery(&mut g, model, &v3_prog, &mut f);
+    if result.is_ok() && matches!(vmm, Vmm::Emu(None) | Vmm::Hybrid) {
+        result = run_workloads(&mut g, &mut f);
+    }
     if let Err(e) = result {
         f.0.push(format!("the battery stopped: {e}"));
         // What the kernel said about the programs that died, for the report.
@@ -694,6 +704,97 @@ fn run_battery(
     Ok(())
 }
 
+/// Memory management seen from user code: copy-on-write after fork, memory unmapped and
+/// mapped again, MADV_DONTNEED, mprotect. Under `hybrid` the kernel changes the page
+/// tables on x86emu while user code reads them through KVM's shadow copies.
+const MM_SCRIPT: &str = r#"import ctypes, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+P = 4096
+N = 32
+bad = []
+def addr(m):
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+# Copy-on-write after fork: each side sees its own writes only.
+buf = mmap.mmap(-1, N * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for r in range(16):
+    for i in range(N):
+        buf[i * P] = r
+    pid = os.fork()
+    if pid == 0:
+        for i in range(N):
+            buf[i * P] = 0xEE
+        os._exit(0 if all(buf[i * P] == 0xEE for i in range(N)) else 1)
+    _, st = os.waitpid(pid, 0)
+    if st != 0 or any(buf[i * P] != r for i in range(N)):
+        bad.append("cow %d" % r)
+# Unmapped and mapped again: fresh zero pages, never the old contents.
+for r in range(16):
+    m = mmap.mmap(-1, N * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[:] = b"\x55" * (N * P)
+    m.close()
+    m = mmap.mmap(-1, N * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if m[:] != bytes(N * P):
+        bad.append("remap %d" % r)
+    m.close()
+# MADV_DONTNEED on private anonymous memory: zeros on the next read.
+m = mmap.mmap(-1, N * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for r in range(16):
+    m[:] = b"\x66" * (N * P)
+    libc.madvise(ctypes.c_void_p(addr(m)), N * P, 4)
+    if m[:] != bytes(N * P):
+        bad.append("dontneed %d" % r)
+# Write-protected by mprotect: a store kills the writer with SIGSEGV.
+for r in range(8):
+    pid = os.fork()
+    if pid == 0:
+        m[0] = 1
+        libc.mprotect(ctypes.c_void_p(addr(m)), N * P, 1)
+        m[0] = 2
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    if not (os.WIFSIGNALED(st) and os.WTERMSIG(st) == 11):
+        bad.append("mprotect %d: %x" % (r, st))
+print("mm", "ok" if not bad else " ".join(bad))
+"#;
+
+/// bench/real.sh's workloads (smaller) and the memory-management script: their results.
+fn run_workloads(g: &mut Guest, f: &mut Failures) -> Result<(), String> {
+    let checks: [(&str, &str); 5] = [
+        (
+            "python3 -c 's=0\nfor i in range(1000000): s+=i*i\nprint(s)'",
+            "333332833333500000",
+        ),
+        (
+            "head -c 64M /dev/zero | sha256sum",
+            "3b6a07d0d404fab4e23b6d34bc6696a6a312dd92821332385e5af7c01c421351  -",
+        ),
+        (
+            "seq 1 2000000 | gzip -c | gzip -dc | sha256sum",
+            "d2d7c0abc3eb76d91b0b5a2702e92a9f2908269c9c1b3604bdfe2521c71d6274  -",
+        ),
+        (
+            "n=0; for i in $(seq 200); do /bin/true && n=$((n+1)); done; echo $n",
+            "200",
+        ),
+        (
+            "echo ${MM} | base64 -d > /tmp/mm.py && python3 /tmp/mm.py",
+            "mm ok",
+        ),
+    ];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(MM_SCRIPT);
+    for (cmd, want) in checks {
+        let cmd = cmd.replace("${MM}", &b64);
+        // python3 -c takes the newlines from bash's $'...'.
+        let cmd = cmd.replacen("python3 -c '", "python3 -c $'", 1);
+        let out = g.run(&cmd, CMD)?;
+        f.check(out == want, || {
+            let shown: String = cmd.chars().take(80).collect();
+            format!("`{shown}` printed {out:?}, should print {want:?}")
+        });
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // One test per CPU model.
 
@@ -711,6 +812,13 @@ fn debian_bookworm_on_emu_x86_64_v2_matches_the_host() {
 #[test]
 fn debian_bookworm_on_emu_x86_64_v3_matches_the_host() {
     battery(Vmm::Emu(Some("x86-64-v3")));
+}
+
+/// The battery, bench/real.sh's workloads and the memory-management checks with guest user
+/// code running natively (`--accel hybrid`, a PVM host's /dev/kvm).
+#[test]
+fn debian_bookworm_on_hybrid_matches_the_host() {
+    battery(Vmm::Hybrid);
 }
 
 /// The reference: the same image and battery under QEMU TCG. When this passes and an emu
