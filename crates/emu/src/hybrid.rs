@@ -751,6 +751,7 @@ impl HybridVcpu {
         };
         let mut fpu = fpu;
         self.save_xsave(&mut fpu)?;
+        cpu.code_written_elsewhere();
         let s = cpu.state_mut();
         convert::regs_into_emu(&hypervisor::kvm::regs_from_kvm(&r), s);
         s.rflags &= !RFLAGS_RF;

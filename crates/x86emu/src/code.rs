@@ -132,6 +132,8 @@ pub struct CodeTracker {
     /// page, and how many such stores were noted so far.
     table_writes: Box<[AtomicU64]>,
     table_write_count: AtomicU64,
+    /// More than one CPU shares it.
+    shared: AtomicBool,
 }
 
 impl CodeTracker {
@@ -144,6 +146,7 @@ impl CodeTracker {
             cpus: RwLock::new(Vec::new()),
             table_writes: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             table_write_count: AtomicU64::new(0),
+            shared: AtomicBool::new(false),
         }
     }
 
@@ -158,6 +161,7 @@ impl CodeTracker {
         if !cpus.iter().any(|c| Arc::ptr_eq(c, own)) {
             cpus.push(own.clone());
         }
+        self.shared.store(cpus.len() > 1, Ordering::Relaxed);
     }
 
     /// Marks `pfn` as holding checked code: true if the caller, whose write map is `own`,
@@ -219,6 +223,12 @@ impl CodeTracker {
             }
             _ => false,
         }
+    }
+
+    /// Whether several CPUs share the tracker (code may change under one CPU by another's
+    /// store, not only by its own).
+    pub(crate) fn shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
     }
 
     #[cold]

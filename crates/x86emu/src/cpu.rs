@@ -125,6 +125,9 @@ pub struct Core {
     pub(crate) walk_raced: bool,
     /// Moves whenever code cached in the block cache may have changed (see `decode`).
     pub(crate) code_epoch: u64,
+    /// A block was checked in a page user code may write (see
+    /// [`Core::code_written_elsewhere`]).
+    pub(crate) user_writable_code: bool,
     /// Which RAM pages hold checked code, shared with the VM's other CPUs.
     pub(crate) code: Arc<CodeTracker>,
     /// `code.writes()` when this CPU last looked.
@@ -232,6 +235,7 @@ impl Core {
             dispatched: 0,
             walk_raced: false,
             code_epoch: 0,
+            user_writable_code: false,
             code,
             code_writes_seen: 0,
             kick: None,
@@ -487,6 +491,15 @@ impl Core {
     /// shadow) must drop it when this moved.
     pub fn tlb_flushes(&self) -> u64 {
         self.tlb.flushes
+    }
+
+    /// Guest user code ran somewhere x86emu does not see its stores (natively, on a KVM
+    /// vCPU): if blocks were cached from pages that user code may write (a JIT's), check
+    /// every block against memory again before it runs.
+    pub fn code_written_elsewhere(&mut self) {
+        if std::mem::take(&mut self.user_writable_code) {
+            self.code_epoch += 1;
+        }
     }
 
     /// Watches guest page `pfn` as a page table another translator may copy: its next
@@ -795,6 +808,9 @@ impl Cpu {
             };
             if checked {
                 core.mark_code_page(t.gpa_page);
+                if user && core.tlb.user_writable(lin) {
+                    core.user_writable_code = true;
+                }
             }
             self.blocks.sync_links(core.code_epoch, core.tlb.flushes);
             if let Some((link, generation)) = pending_link.take() {
