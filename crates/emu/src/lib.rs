@@ -251,11 +251,11 @@ impl Vm for EmuVm {
                 (x86emu::DEFAULT_BLOCK_SLOTS / usize::from(self.cpus)).max(1 << 16),
             );
         }
-        // In hybrid mode user code also writes RAM natively, unseen: keep checking then.
-        if self.kvm.is_none()
-            && self
-                .writes_reported
-                .load(std::sync::atomic::Ordering::SeqCst)
+        // In hybrid mode user code also writes RAM natively, unseen: the hybrid vCPU has
+        // x86emu check its user code again after each native stint instead.
+        if self
+            .writes_reported
+            .load(std::sync::atomic::Ordering::SeqCst)
         {
             cpu.set_recheck_each_run(false);
         }

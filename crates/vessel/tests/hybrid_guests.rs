@@ -444,6 +444,18 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     report_rax(a)?;
     syscall(a, SYS_PF_COUNT)?;
     report_rax(a)?;
+    // Code rewritten by user code: a routine's immediate changed natively in hybrid
+    // (after a long stretch), then the routine called right after a system call, where
+    // x86emu runs the first user instructions: it must run the new code.
+    let mut smc = a.create_label();
+    a.call(smc)?;
+    report_rax(a)?;
+    spin(a, SPIN)?;
+    a.lea(rax, ptr(smc))?;
+    a.mov(dword_ptr(rax + 1), 0x22)?;
+    syscall(a, SYS_PF_COUNT)?;
+    a.call(smc)?;
+    report_rax(a)?;
     // Timer ticks while user code spins with nothing else to do.
     syscall(a, SYS_TICKS)?;
     a.mov(r15, rax)?;
@@ -452,7 +464,10 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     a.sub(rax, r15)?;
     a.mov(rdi, rax)?;
     syscall(a, SYS_PRINT_TICKS)?;
-    syscall(a, SYS_EXIT)
+    syscall(a, SYS_EXIT)?;
+    a.set_label(&mut smc)?;
+    a.mov(eax, 0x11)?;
+    a.ret()
 }
 
 struct Run {
@@ -606,6 +621,8 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
         "R 0000000000000010".to_string(), // the COW copy kept 3*5+1
         "R 0000000000000055".to_string(), // and took the write
         "R 000000000000000a".to_string(), // ... through a 10th fault
+        "R 0000000000000011".to_string(), // the routine as first written
+        "R 0000000000000022".to_string(), // ... and as user code rewrote it
         "DONE".to_string(),
     ];
     assert_eq!(emu.reports(), want, "emu output:\n{}", emu.text());

@@ -125,9 +125,8 @@ pub struct Core {
     pub(crate) walk_raced: bool,
     /// Moves whenever code cached in the block cache may have changed (see `decode`).
     pub(crate) code_epoch: u64,
-    /// A block was checked in a page user code may write (see
-    /// [`Core::code_written_elsewhere`]).
-    pub(crate) user_writable_code: bool,
+    /// A block was checked at CPL3 since [`Core::code_written_elsewhere`].
+    pub(crate) user_code_checked: bool,
     /// Which RAM pages hold checked code, shared with the VM's other CPUs.
     pub(crate) code: Arc<CodeTracker>,
     /// `code.writes()` when this CPU last looked.
@@ -235,7 +234,7 @@ impl Core {
             dispatched: 0,
             walk_raced: false,
             code_epoch: 0,
-            user_writable_code: false,
+            user_code_checked: false,
             code,
             code_writes_seen: 0,
             kick: None,
@@ -494,10 +493,12 @@ impl Core {
     }
 
     /// Guest user code ran somewhere x86emu does not see its stores (natively, on a KVM
-    /// vCPU): if blocks were cached from pages that user code may write (a JIT's), check
-    /// every block against memory again before it runs.
+    /// vCPU), and may have rewritten code (a JIT's, also one that flips its pages between
+    /// writable and executable): if x86emu checked user code since the last call, every
+    /// block is checked against memory again before it runs. Blocks checked earlier were
+    /// made stale by an earlier call already.
     pub fn code_written_elsewhere(&mut self) {
-        if std::mem::take(&mut self.user_writable_code) {
+        if std::mem::take(&mut self.user_code_checked) {
             self.code_epoch += 1;
         }
     }
@@ -808,9 +809,7 @@ impl Cpu {
             };
             if checked {
                 core.mark_code_page(t.gpa_page);
-                if user && core.tlb.user_writable(lin) {
-                    core.user_writable_code = true;
-                }
+                core.user_code_checked |= user;
             }
             self.blocks.sync_links(core.code_epoch, core.tlb.flushes);
             if let Some((link, generation)) = pending_link.take() {

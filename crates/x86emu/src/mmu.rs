@@ -237,14 +237,6 @@ impl Tlb {
 
     /// Takes from every entry of guest-physical page `pfn` the right of compiled code to
     /// store through it: true if one had it.
-    /// Whether the entry for `lin` lets user code store to its page.
-    pub(crate) fn user_writable(&self, lin: u64) -> bool {
-        let vpn = lin >> 12;
-        self.entries
-            .get((vpn as usize) & (TLB_SIZE - 1))
-            .is_some_and(|e| e.vpn == vpn && e.perm & P_WRITE_USER != 0)
-    }
-
     pub(crate) fn strip_page(&mut self, pfn: usize) -> bool {
         let mut left = self.writers.count(pfn);
         if left == 0 {
