@@ -34,6 +34,8 @@ const IGNORED: u64 = (1 << 8) | (0x7 << 9) | (0x7f << 52);
 const ADDR: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
 /// Copies kept at most (64 MiB of them): past that the watch starts again from the roots.
 const MAX_TABLES: usize = 16_384;
+/// Lost pages collected at most before dropping every copy is the cheaper way.
+const MAX_LOST: usize = 64;
 
 /// What [`TableWatch::sync`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +45,10 @@ pub enum TableSync {
     /// Some entry lost a mapping or a right: the other translator must drop its copies,
     /// then call [`TableWatch::restart`].
     Stale,
+    /// Only leaf entries did: the other translator must drop its translations to the
+    /// pages [`TableWatch::take_lost_pages`] gives (what they mapped before), wherever
+    /// they are, and nothing else.
+    Pages,
 }
 
 #[derive(Debug)]
@@ -61,6 +67,8 @@ pub struct TableWatch {
     seen: u64,
     /// A stale entry was found since the last restart.
     stale: bool,
+    /// Guest-physical ranges that lost leaf mappings since they were last taken.
+    lost: Vec<(u64, u64)>,
 }
 
 /// Whether an entry changed from `old` to `new` lost something a translation copied from
@@ -143,11 +151,28 @@ impl TableWatch {
                 };
                 for (i, (&old, &new)) in t.entries.iter().zip(now.iter()).enumerate() {
                     let leaf = level == 1 || (level < 4 && new & PS != 0);
-                    if old != new && narrows(old, new, leaf) || narrows(new, new, leaf) {
-                        if !self.stale {
-                            tracing::trace!(pfn, level, i, old, new, "page-table entry narrowed");
+                    let lost = if old != new && narrows(old, new, leaf) {
+                        Some(old)
+                    } else if narrows(new, new, leaf) {
+                        Some(new)
+                    } else {
+                        None
+                    };
+                    if let Some(e) = lost {
+                        tracing::trace!(pfn, level, i, old, new, "page-table entry narrowed");
+                        // A leaf's old page: dropping the translations to it is enough.
+                        // A table's: everything under it may be stale.
+                        let was_leaf = level == 1 || (level < 4 && e & PS != 0);
+                        if was_leaf && self.lost.len() < MAX_LOST {
+                            let size = match level {
+                                1 => 1 << 12,
+                                2 => 1 << 21,
+                                _ => 1 << 30,
+                            };
+                            self.lost.push((e & ADDR & !(size - 1), size));
+                        } else {
+                            self.stale = true;
                         }
-                        self.stale = true;
                     }
                     if let Some(c) = child(level, i, new) {
                         if child(level, i, old) != Some(c) {
@@ -166,9 +191,22 @@ impl TableWatch {
         }
         if self.stale {
             TableSync::Stale
+        } else if !self.lost.is_empty() {
+            TableSync::Pages
         } else {
             TableSync::Clean
         }
+    }
+
+    /// The guest-physical ranges (start, length) that leaf entries mapped before they lost
+    /// them, taken; after a [`TableSync::Pages`].
+    pub fn take_lost_pages(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// Dropping the translations to the lost pages failed: treat it as stale.
+    pub fn set_stale(&mut self) {
+        self.stale = true;
     }
 
     /// Watches the user half of the tables under `cr3` (a no-op for a root already
@@ -192,6 +230,7 @@ impl TableWatch {
         self.tables.clear();
         self.roots.clear();
         self.stale = false;
+        self.lost.clear();
         self.add_root(cpu, cr3);
     }
 
