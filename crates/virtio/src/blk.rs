@@ -126,9 +126,9 @@ impl InlineWrites {
 
 /// The calling thread's voluntary context switches so far (times it slept).
 fn voluntary_switches() -> Option<i64> {
-    // SAFETY: getrusage only writes the rusage it is given, which lives for the call.
+    // SAFETY: rusage is plain integers (timevals and counts): all zeros is a value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid `who` and a pointer to a writable rusage.
+    // SAFETY: a valid `who` and a pointer to a writable rusage that outlives the call.
     let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
     (r == 0).then_some(usage.ru_nvcsw)
 }
