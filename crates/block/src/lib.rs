@@ -106,6 +106,13 @@ pub trait BlockBackend: Send + fmt::Debug {
         let _ = (offset, bufs);
         false
     }
+    /// Whether a write is one positioned write into the host file and nothing else
+    /// (raw images): no metadata of ours to update or allocate, so a small one usually
+    /// ends in the host's page cache at once. A device may then serve it on a vCPU
+    /// rather than wake its I/O thread. By default false.
+    fn writes_in_place(&self) -> bool {
+        false
+    }
     /// Writes `bufs` in turn from guest `offset` on (one `pwritev` for raw images).
     fn write_vectored_at(
         &mut self,
@@ -153,6 +160,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn try_read_vectored_at(&mut self, offset: u64, bufs: &mut [io::IoSliceMut<'_>]) -> bool {
         (**self).try_read_vectored_at(offset, bufs)
+    }
+    fn writes_in_place(&self) -> bool {
+        (**self).writes_in_place()
     }
     fn write_vectored_at(
         &mut self,

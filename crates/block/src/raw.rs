@@ -91,6 +91,10 @@ impl BlockBackend for Raw {
         self.check(offset, len).is_ok() && self.file.try_read_vectored_at(offset, bufs)
     }
 
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
     fn write_vectored_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), BlockError> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_write(offset, len)?;

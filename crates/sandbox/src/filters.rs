@@ -303,6 +303,8 @@ fn common(r: &mut Rules) -> Result<(), Error> {
             libc::SYS_clock_gettime,
             libc::SYS_clock_getres,
             libc::SYS_gettimeofday,
+            // Its own context switches: whether a write on a vCPU had to sleep.
+            libc::SYS_getrusage,
             libc::SYS_gettid,
             libc::SYS_getpid,
             libc::SYS_getuid,

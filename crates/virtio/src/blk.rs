@@ -13,6 +13,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
@@ -67,6 +68,69 @@ pub struct Block {
     config: Vec<u8>,
     limiter: Arc<Mutex<RateLimiter>>,
     counters: Arc<BlockCounters>,
+    inline_writes: Arc<InlineWrites>,
+}
+
+/// Writes up to this size may be served on the notifying vCPU ([`InlineWrites`]).
+const INLINE_WRITE_MAX: u64 = 64 << 10;
+/// After a write on a vCPU had to sleep, writes go to the I/O thread this long.
+const INLINE_WRITE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether small writes are served on the notifying vCPU, as reads from the page cache
+/// are. No host has a non-blocking buffered write to try first (ext4 refuses
+/// RWF_NOWAIT for them), but a small write to a raw image
+/// ([`BlockBackend::writes_in_place`]) is a copy into the page cache, a few
+/// microseconds, where waking the I/O thread and later the halted vCPU costs two thread
+/// wake-ups per request. A host that makes a write wait (dirty-page throttling, a
+/// journal commit, a page fault on guest memory) puts the thread to sleep, which the
+/// thread's voluntary context switches show (its wall time would also count the host
+/// preempting it): after one such write, writes go to the I/O thread for a while, so the
+/// guest stalls at most once per pause.
+#[derive(Debug)]
+struct InlineWrites {
+    since: Instant,
+    /// Nanoseconds after `since` before which writes go to the I/O thread.
+    paused_until: AtomicU64,
+}
+
+impl InlineWrites {
+    fn new() -> Self {
+        InlineWrites {
+            since: Instant::now(),
+            paused_until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a write of `len` bytes may be served on the vCPU now.
+    fn allowed(&self, len: u64) -> bool {
+        len <= INLINE_WRITE_MAX && self.now() >= self.paused_until.load(Ordering::Relaxed)
+    }
+
+    /// An inline write ran while the thread's voluntary context switches went from
+    /// `before` to `after` ([`voluntary_switches`]).
+    fn done(&self, before: Option<i64>, after: Option<i64>) {
+        // A thread whose count cannot be read is treated as one that slept.
+        if before.is_none() || before != after {
+            tracing::debug!("a write on the vCPU slept: writes go to the I/O thread");
+            let until = self
+                .now()
+                .saturating_add(INLINE_WRITE_PAUSE.as_nanos() as u64);
+            self.paused_until.store(until, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The calling thread's voluntary context switches so far (times it slept).
+fn voluntary_switches() -> Option<i64> {
+    // SAFETY: rusage is plain integers (timevals and counts): all zeros is a value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid `who` and a pointer to a writable rusage that outlives the call.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (r == 0).then_some(usage.ru_nvcsw)
 }
 
 /// What a disk served, for metrics (Firecracker's `block` group names): requests that
@@ -257,6 +321,7 @@ impl Block {
             config,
             limiter: Arc::default(),
             counters: Arc::default(),
+            inline_writes: Arc::new(InlineWrites::new()),
         }
     }
 
@@ -397,6 +462,7 @@ impl Block {
             requests,
             throttled,
             counters: self.counters.clone(),
+            inline_writes: self.inline_writes.clone(),
         })
     }
 }
@@ -409,6 +475,7 @@ struct Batch {
     /// The rate limiter stopped the batch with requests left on the ring.
     throttled: Option<std::time::Duration>,
     counters: Arc<BlockCounters>,
+    inline_writes: Arc<InlineWrites>,
 }
 
 impl Batch {
@@ -418,12 +485,26 @@ impl Batch {
     }
 
     /// Run one request if it needs no waiting on the host: a read served from the page
-    /// cache, an ID, a status. None when it would wait (or is a write, flush, discard:
-    /// buffered writes cannot be tried without blocking on every host).
+    /// cache, a small write to a raw image ([`InlineWrites`]), an ID, a status. None when
+    /// it would wait (or is a flush, discard, a large write, a write to an image with
+    /// metadata).
     fn try_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Option<Result<(u8, u32), DeviceError>> {
         let Op::Read { offset, data } = op else {
             return match op {
                 Op::GetId { .. } | Op::Status(_) => Some(self.run_one(mem, op)),
+                Op::Write { offset, data }
+                    if self.inline_writes.allowed(data.iter().map(|s| s.len).sum()) =>
+                {
+                    // Never wait for the disk's lock: whoever holds it may be doing I/O.
+                    let mut disk = self.disk.try_lock().ok()?;
+                    if !disk.writes_in_place() {
+                        return None;
+                    }
+                    let before = voluntary_switches();
+                    let r = write(&mut **disk, mem, *offset, data);
+                    self.inline_writes.done(before, voluntary_switches());
+                    Some(r)
+                }
                 _ => None,
             };
         };
@@ -489,18 +570,7 @@ impl Batch {
                     s => (s, 0),
                 }
             }
-            Op::Write { offset, data } => {
-                let ranges = host_ranges(mem, data).map_err(DeviceError::GuestMemory)?;
-                let bufs: Vec<IoSlice<'_>> = ranges
-                    .iter()
-                    .map(|&(p, n)| {
-                        // SAFETY: as for reads; the backend only reads these bytes.
-                        IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
-                    })
-                    .collect();
-                let r = self.disk().write_vectored_at(*offset, &bufs);
-                (status(r, &|| format!("write at {offset:#x}")), 0)
-            }
+            Op::Write { offset, data } => write(&mut **self.disk(), mem, *offset, data)?,
             Op::Flush => (status(self.disk().flush(), &|| "flush".into()), 0),
             Op::GetId { data, len } => {
                 let mut left = &self.id[..*len];
@@ -531,6 +601,33 @@ impl Batch {
             }
             Op::Status(s) => (*s, 0),
         })
+    }
+}
+
+/// Writes the guest buffers `data` to `disk` at `offset`: the status and the bytes
+/// written into guest buffers (none).
+fn write(
+    disk: &mut dyn BlockBackend,
+    mem: &GuestMemoryMmap,
+    offset: u64,
+    data: &[Segment],
+) -> Result<(u8, u32), DeviceError> {
+    let ranges = host_ranges(mem, data).map_err(DeviceError::GuestMemory)?;
+    let bufs: Vec<IoSlice<'_>> = ranges
+        .iter()
+        .map(|&(p, n)| {
+            // SAFETY: `p` and `n` come from a VolatileSlice of `mem`, which keeps the
+            // mapping alive for this borrow; the backend only reads these bytes (the
+            // guest may change them meanwhile, as with a DMA source).
+            IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
+        })
+        .collect();
+    match disk.write_vectored_at(offset, &bufs) {
+        Ok(()) => Ok((S_OK, 0)),
+        Err(e) => {
+            tracing::warn!("virtio-blk write at {offset:#x}: {e}");
+            Ok((S_IOERR, 0))
+        }
     }
 }
 
