@@ -20,6 +20,8 @@
 #   REAL_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
 #   REAL_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
 #   REAL_CMDLINE=...        kernel command line for every VM alike
+#   VESSEL_BASE_ACCEL=hybrid  runs vessel-base with that accelerator (default emu), and
+#                           compares it with that column
 #   VESSEL_BASE=PATH        adds a "vessel-base" column: another vessel binary (the build
 #                           before a change), run interleaved with this one
 #
@@ -80,7 +82,8 @@ vms = {
     "qemu-q35": lambda: qemu_argv("q35"),
 }
 if os.environ.get("VESSEL_BASE"):
-    vms["vessel-base"] = lambda: vessel_argv(os.environ["VESSEL_BASE"])
+    base_accel = os.environ.get("VESSEL_BASE_ACCEL", "emu")
+    vms["vessel-base"] = lambda: vessel_argv(os.environ["VESSEL_BASE"], accel=base_accel)
 only = [c for c in os.environ.get("REAL_CONFIGS", "").split(",") if c]
 known = list(vms) + ["native"]
 if [c for c in only if c not in known]:
@@ -287,6 +290,8 @@ if "vessel-emu" in columns and qemus:
     head += f"{'Vessel/QEMU best':>18}"
 if "vessel-hybrid" in columns and qemus:
     head += f"{'hybrid/QEMU':>13}"
+if "vessel-hybrid" in columns and "native" in columns:
+    head += f"{'hybrid/native':>15}"
 if "vessel-base" in columns:
     head += f"{'Vessel/base':>13}"
 print(head)
@@ -319,7 +324,15 @@ for key, label, unit in ROWS:
             row += f"{ratio:>12.2f}x"
         else:
             row += f"{'—':>13}"
-    v, b = vals.get("vessel-emu"), vals.get("vessel-base")
+    if "vessel-hybrid" in columns and "native" in columns:
+        v, n = vals.get("vessel-hybrid"), vals.get("native")
+        if v and n:
+            row += f"{(n / v) if unit == 'MB/s' else (v / n):>14.2f}x"
+        else:
+            row += f"{'—':>15}"
+    v = vals.get("vessel-hybrid" if os.environ.get("VESSEL_BASE_ACCEL") == "hybrid"
+                 else "vessel-emu")
+    b = vals.get("vessel-base")
     if v and b:
         row += f"{(b / v) if unit == 'MB/s' else (v / b):>12.2f}x"
     print(row)
