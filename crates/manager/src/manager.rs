@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -19,14 +20,14 @@ use crate::driver::{self, ProcId, Programs, RunDir};
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::network;
+use crate::state::{self, End, Event, Reason, Start};
 use crate::store::Store;
 
 mod migration;
 mod named_snapshots;
-mod qemu_save;
 
 pub use named_snapshots::SnapshotInfo;
-pub(crate) use qemu_save::{shell_quoted, QEMU_STATE};
+pub(crate) use snapshots::move_file;
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
@@ -47,15 +48,44 @@ pub struct Config {
     pub save_on_shutdown: bool,
 }
 
-#[derive(Debug)]
-struct Active {
+/// A running VMM.
+#[derive(Clone, Debug)]
+struct Vmm {
     id: ProcId,
-    state: DomainState,
     /// Bumped at every start, so a stale supervisor cannot end a newer run.
     generation: u64,
-    /// Set by destroy, so the exit is reported as destroyed, not crashed.
-    destroying: bool,
     started: Instant,
+}
+
+/// One domain's row in the runtime table: its libvirt state and reason, changed only
+/// through [`state::next`], and its VMM while it has one.
+#[derive(Clone, Debug)]
+struct Runtime {
+    state: DomainState,
+    reason: Reason,
+    vmm: Option<Vmm>,
+    /// Between a guest reboot and its VMM's restart: running, with no VMM.
+    restarting: bool,
+    /// What the manager is ending the VMM for (destroy, save, migrate), so its end is
+    /// recorded as that and not read from its exit status.
+    ending: Option<End>,
+    /// Why it last stopped, in words (the state and reason are kept, never inferred from
+    /// these).
+    why: Option<String>,
+}
+
+impl Runtime {
+    fn active(&self) -> bool {
+        self.vmm.is_some() || self.restarting
+    }
+}
+
+/// Every domain's runtime row under one lock, and a condition variable signalled at
+/// every change, which waiters (destroy, shutdown --wait, reboot, migration) sleep on.
+#[derive(Debug, Default)]
+struct Table {
+    rows: Mutex<HashMap<String, Runtime>>,
+    changed: Condvar,
 }
 
 /// What `list` and `dominfo` report.
@@ -74,17 +104,12 @@ pub struct DomainInfo {
     pub pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<f64>,
+    /// Why the domain is in its state: libvirt's reason ("booted", "user", "destroyed" …).
+    pub reason: Reason,
     /// Why the domain last stopped, when it is not running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_stop: Option<String>,
     pub serial_log: PathBuf,
-}
-
-/// How a domain last stopped.
-#[derive(Debug, Clone)]
-struct StopRecord {
-    state: DomainState,
-    why: String,
 }
 
 #[derive(Debug)]
@@ -95,15 +120,10 @@ pub struct Manager {
     pub store: Store,
     pub events: Events,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    active: Mutex<HashMap<String, Active>>,
-    /// How each domain last stopped: its state then (shut off or crashed, from the VMM's
-    /// exit status) and why, in words. The state is kept, never inferred from the words.
-    last_stop: Mutex<HashMap<String, StopRecord>>,
-    generation: Mutex<u64>,
+    table: Table,
+    generation: AtomicU64,
     /// Serializes network operations.
     net_lock: Mutex<()>,
-    /// Domains between a guest reboot and their VMM's restart: still "running".
-    restarting: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Two daemons on one state directory would both adopt the same VMMs: refuse the second.
@@ -192,11 +212,9 @@ impl Manager {
             store,
             events: Events::default(),
             locks: Mutex::new(HashMap::new()),
-            active: Mutex::new(HashMap::new()),
-            last_stop: Mutex::new(HashMap::new()),
-            generation: Mutex::new(0),
+            table: Table::default(),
+            generation: AtomicU64::new(0),
             net_lock: Mutex::new(()),
-            restarting: Mutex::new(Default::default()),
         });
         m.adopt()?;
         Ok(m)
@@ -227,9 +245,75 @@ impl Manager {
     }
 
     fn next_generation(&self) -> u64 {
-        let mut g = lock(&self.generation);
-        *g += 1;
-        *g
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The runtime table, for one short look or change (never held across a driver call).
+    fn rows(&self) -> MutexGuard<'_, HashMap<String, Runtime>> {
+        lock(&self.table.rows)
+    }
+
+    /// Changes a domain's row and wakes whoever waits on the table.
+    fn update<T>(&self, name: &str, f: impl FnOnce(&mut Runtime) -> T) -> T {
+        let mut rows = self.rows();
+        let row = rows.entry(name.to_string()).or_insert_with(|| Runtime {
+            state: DomainState::Shutoff,
+            reason: Reason::Unknown,
+            vmm: None,
+            restarting: false,
+            ending: None,
+            why: None,
+        });
+        let out = f(row);
+        drop(rows);
+        self.table.changed.notify_all();
+        out
+    }
+
+    /// Waits until `done` holds for the domain's row (None: no row), or `limit` passes;
+    /// returns whether it held.
+    fn wait_for(
+        &self,
+        name: &str,
+        limit: Duration,
+        done: impl Fn(Option<&Runtime>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut rows = self.rows();
+        loop {
+            if done(rows.get(name)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            rows = self
+                .table
+                .changed
+                .wait_timeout(rows, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Applies `event` to the domain's state through the state machine.
+    fn transition(&self, name: &str, event: Event) -> Result<(DomainState, Reason)> {
+        self.update(name, |r| {
+            let (state, reason) = state::next(r.state, event, name)?;
+            r.state = state;
+            r.reason = reason;
+            Ok((state, reason))
+        })
+    }
+
+    /// The names of the domains with a VMM.
+    pub(crate) fn running_names(&self) -> Vec<String> {
+        self.rows()
+            .iter()
+            .filter(|(_, r)| r.vmm.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Finds VMM processes a previous daemon started and watches them again.
@@ -243,28 +327,23 @@ impl Manager {
             let defined = self.store.get_domain(&name).is_ok();
             match id {
                 Some(id) if id.alive() && defined => {
-                    let state = match id.driver {
-                        DriverKind::Qemu => match driver::qmp_status(&dir).as_deref() {
-                            Ok("paused") => DomainState::Paused,
-                            _ => DomainState::Running,
-                        },
-                        DriverKind::Vessel => match driver::vmm_state(&dir).as_deref() {
-                            Ok("Paused") => DomainState::Paused,
-                            _ => DomainState::Running,
-                        },
-                    };
+                    let paused = driver::of(id.driver).probe_paused(&dir);
                     let generation = self.next_generation();
                     tracing::info!(domain = %name, pid = id.pid, "re-adopted a running VMM");
-                    lock(&self.active).insert(
-                        name.clone(),
-                        Active {
+                    let state = self.update(&name, |r| {
+                        // A previous daemon started it: how, this one cannot know.
+                        (r.state, r.reason) = if paused {
+                            (DomainState::Paused, Reason::User)
+                        } else {
+                            (DomainState::Running, Reason::Unknown)
+                        };
+                        r.vmm = Some(Vmm {
                             id: id.clone(),
-                            state,
                             generation,
-                            destroying: false,
                             started: Instant::now(),
-                        },
-                    );
+                        });
+                        r.state
+                    });
                     self.events.emit(
                         &name,
                         "adopted",
@@ -279,13 +358,10 @@ impl Manager {
                 _ => {
                     tracing::info!(domain = %name, "VMM ended while the daemon was down");
                     let _ = std::fs::remove_dir_all(&dir.0);
-                    lock(&self.last_stop).insert(
-                        name,
-                        StopRecord {
-                            state: DomainState::Shutoff,
-                            why: "ended while the daemon was down".into(),
-                        },
-                    );
+                    self.update(&name, |r| {
+                        r.reason = Reason::Daemon;
+                        r.why = Some("ended while the daemon was down".into());
+                    });
                 }
             }
         }
@@ -309,7 +385,7 @@ impl Manager {
             .into_iter()
             .filter(|d| d.autostart || self.saved_at_shutdown(&d.name))
         {
-            if lock(&self.active).contains_key(&d.name) {
+            if self.is_active(&d.name) {
                 continue;
             }
             if let Err(e) = self.start(&d.name) {
@@ -318,7 +394,7 @@ impl Manager {
         }
     }
 
-    /// Supervises a VMM: reaps our own child, or polls an adopted process.
+    /// Supervises a VMM: reaps our own child, or waits on an adopted process's pidfd.
     fn watch(self: &Arc<Self>, name: String, generation: u64, child: Option<Child>, id: ProcId) {
         let me = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
@@ -327,9 +403,7 @@ impl Manager {
                 let status = match child {
                     Some(mut c) => c.wait().ok(),
                     None => {
-                        while id.alive() {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                        id.wait_exit();
                         // Not our child, so no wait status: a Vessel VMM leaves its exit
                         // status in the run directory (a QEMU has none: None).
                         me.upgrade().and_then(|m| {
@@ -349,7 +423,7 @@ impl Manager {
                     if rebooted {
                         if let Err(e) = m.start_with(&name, false) {
                             tracing::warn!(domain = %name, "restart after reboot failed: {e}");
-                            lock(&m.restarting).remove(&name);
+                            m.update(&name, |r| r.restarting = false);
                         }
                     }
                 }
@@ -366,41 +440,31 @@ impl Manager {
         generation: u64,
         status: Option<std::process::ExitStatus>,
     ) -> bool {
-        let mut active = lock(&self.active);
-        let Some(a) = active.get(name) else {
+        let mut rows = self.rows();
+        let Some(row) = rows.get_mut(name) else {
             return false;
         };
-        if a.generation != generation {
+        let Some(vmm) = row.vmm.as_ref().filter(|v| v.generation == generation) else {
             return false;
-        }
-        let destroyed = a.destroying;
-        let shutting = a.state == DomainState::InShutdown;
-        let (event, state, why) = match status {
-            _ if destroyed => ("stopped", DomainState::Shutoff, "destroyed".to_string()),
-            Some(s) if s.success() => (
-                "stopped",
-                DomainState::Shutoff,
-                if shutting {
-                    "shutdown"
-                } else {
-                    "guest powered off"
-                }
-                .to_string(),
-            ),
-            // `vessel run` exits 10 when the guest rebooted.
-            Some(s) if s.code() == Some(10) && a.id.driver == DriverKind::Vessel => {
-                ("rebooted", DomainState::Shutoff, "guest rebooted".into())
-            }
-            Some(s) => (
-                "crashed",
-                DomainState::Crashed,
-                format!("the VMM ended: {s}"),
-            ),
-            None => (
-                "stopped",
-                DomainState::Shutoff,
-                "the VMM process ended".into(),
-            ),
+        };
+        let end = row
+            .ending
+            .unwrap_or_else(|| driver::of(vmm.id.driver).ended(status));
+        let Ok((state, reason)) = state::next(row.state, Event::Ended(end), name) else {
+            return false;
+        };
+        let why = match end {
+            End::Destroyed => "destroyed".to_string(),
+            End::PoweredOff if row.state == DomainState::InShutdown => "shutdown".into(),
+            End::PoweredOff => "guest powered off".into(),
+            End::Rebooted => "guest rebooted".into(),
+            End::Saved => "saved".into(),
+            End::MigratedAway => "migrated".into(),
+            End::Unknown => "the VMM process ended".into(),
+            End::Failed => match status {
+                Some(s) => format!("the VMM ended: {s}"),
+                None => "the VMM ended".into(),
+            },
         };
         let run = self.run_dir(name);
         if state == DomainState::Crashed {
@@ -414,66 +478,59 @@ impl Manager {
             );
         }
         let _ = std::fs::remove_dir_all(&run.0);
+        // The domain stops counting as active together with its state and reason, so
+        // nobody sees a stopped domain without them; a reboot keeps it running.
+        let rebooted = end == End::Rebooted;
+        row.state = if rebooted {
+            DomainState::Running
+        } else {
+            state
+        };
+        row.reason = if rebooted { row.reason } else { reason };
+        row.why = Some(why.clone());
+        row.vmm = None;
+        row.ending = None;
+        row.restarting = rebooted;
+        drop(rows);
+        self.table.changed.notify_all();
         if let Ok(def) = self.store.get_domain(name) {
             self.detach_interfaces(&def);
         }
-        // Record why before the domain stops counting as active, so nobody sees a stopped
-        // domain without its reason.
-        lock(&self.last_stop).insert(
-            name.to_string(),
-            StopRecord {
-                state,
-                why: why.clone(),
-            },
-        );
-        if event == "rebooted" {
-            lock(&self.restarting).insert(name.to_string());
-        }
-        active.remove(name);
-        drop(active);
+        let event = match end {
+            End::Rebooted => "rebooted",
+            End::Failed => "crashed",
+            _ => "stopped",
+        };
         self.events.emit(name, event, state.as_str(), Some(why));
-        event == "rebooted"
+        rebooted
     }
 
     pub(crate) fn state_of(&self, name: &str) -> DomainState {
-        if let Some(a) = lock(&self.active).get(name) {
-            return a.state;
-        }
-        if lock(&self.restarting).contains(name) {
-            return DomainState::Running;
-        }
-        lock(&self.last_stop)
+        self.rows()
             .get(name)
             .map_or(DomainState::Shutoff, |r| r.state)
     }
 
     fn info_of(&self, d: &DomainDef) -> DomainInfo {
-        let active = lock(&self.active);
-        let a = active.get(&d.name);
-        let state = a.map(|a| a.state).unwrap_or(DomainState::Shutoff);
-        let pid = a.map(|a| a.id.pid);
-        let uptime_s = a.map(|a| a.started.elapsed().as_secs_f64());
-        drop(active);
-        let state = if state == DomainState::Shutoff {
-            self.state_of(&d.name)
-        } else {
-            state
-        };
+        let row = self.rows().get(&d.name).cloned();
+        let state = row.as_ref().map_or(DomainState::Shutoff, |r| r.state);
+        let vmm = row.as_ref().and_then(|r| r.vmm.clone());
         DomainInfo {
             name: d.name.clone(),
             uuid: d.uuid.clone().unwrap_or_default(),
             driver: d.driver,
             state,
             state_text: state.as_str(),
+            reason: row.as_ref().map_or(Reason::Unknown, |r| r.reason),
             autostart: d.autostart,
             cpus: d.vm.cpus,
             memory_mib: d.vm.memory_mib,
-            pid,
-            uptime_s,
+            pid: vmm.as_ref().map(|v| v.id.pid),
+            uptime_s: vmm.as_ref().map(|v| v.started.elapsed().as_secs_f64()),
             last_stop: if state.is_active() {
                 None
             } else {
-                lock(&self.last_stop).get(&d.name).map(|r| r.why.clone())
+                row.and_then(|r| r.why)
             },
             serial_log: self.serial_log(&d.name),
         }
@@ -607,7 +664,7 @@ impl Manager {
         }
         self.store.delete_domain(name)?;
         let _ = std::fs::remove_file(self.serial_log(name));
-        lock(&self.last_stop).remove(name);
+        self.rows().remove(name);
         self.events.emit(name, "undefined", "shut off", None);
         Ok(())
     }
@@ -637,15 +694,14 @@ impl Manager {
     }
 
     pub fn is_active(&self, name: &str) -> bool {
-        lock(&self.active).contains_key(name) || lock(&self.restarting).contains(name)
+        self.rows().get(name).is_some_and(Runtime::active)
     }
 
     /// Waits (briefly) for a restart after a guest reboot to finish.
     fn settle(&self, name: &str) {
-        let t0 = Instant::now();
-        while lock(&self.restarting).contains(name) && t0.elapsed() < Duration::from_secs(15) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.wait_for(name, Duration::from_secs(15), |r| {
+            !r.is_some_and(|r| r.restarting)
+        });
     }
 
     pub fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
@@ -657,25 +713,28 @@ impl Manager {
         if let Some(dir) = self.managed_save(name) {
             return self.start_managed(name, &dir);
         }
-        self.start_inner(name, fresh_log, driver::Boot::Fresh)
+        self.start_inner(name, fresh_log, driver::Boot::Fresh, Start::Boot)
     }
 
-    /// Starts a domain, or with `restore` brings it back from the snapshot in that folder.
+    /// Starts a domain's VMM as `boot` (booting, restoring the state saved in a folder,
+    /// or waiting for the domain migrating in); `how` is the reason it runs.
     fn start_inner(
         self: &Arc<Self>,
         name: &str,
         fresh_log: bool,
         boot: driver::Boot<'_>,
+        how: Start,
     ) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let def = self.store.get_domain(name)?;
-        if lock(&self.active).contains_key(name) {
+        if self.rows().get(name).is_some_and(|r| r.vmm.is_some()) {
             return Err(Error::Conflict(format!(
                 "domain {name:?} is already running"
             )));
         }
         def.validate()?;
+        let driver = driver::of(def.driver);
         // A writable disk may be used by one running domain only.
         for disk in def.vm.disks.iter().filter(|d| !d.read_only) {
             for other in self.disk_users(&disk.path)? {
@@ -691,16 +750,12 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
         if let driver::Boot::Restore(dir) = boot {
-            let matches = match def.driver {
-                DriverKind::Qemu => qemu_save::check_matches(dir, &def),
-                DriverKind::Vessel => snapshots::check_matches(dir, &runtime, &run),
-            };
-            if let Err(e) = matches {
+            if let Err(e) = driver.check_state(dir, &def, &runtime, &run) {
                 self.detach_interfaces(&def);
                 return Err(e);
             }
         }
-        let started = driver::start_or_restore(
+        let started = driver::start(
             &self.cfg.programs,
             &runtime,
             &run,
@@ -709,11 +764,7 @@ impl Manager {
             boot,
         )
         .and_then(|(mut child, id)| {
-            let ready = match boot {
-                driver::Boot::Incoming => driver::wait_incoming(&runtime, &run, &mut child),
-                _ => driver::wait_ready(&runtime, &run, &mut child),
-            };
-            match ready {
+            match driver::wait_ready(&runtime, &run, &mut child, boot) {
                 Ok(()) => Ok((child, id)),
                 Err(e) => {
                     let _ = child.kill();
@@ -731,120 +782,102 @@ impl Manager {
             }
         };
         let generation = self.next_generation();
-        {
-            let mut active = lock(&self.active);
-            active.insert(
-                name.to_string(),
-                Active {
-                    id: id.clone(),
-                    state: DomainState::Running,
-                    generation,
-                    destroying: false,
-                    started: Instant::now(),
-                },
-            );
-            // A restart after a reboot ends here, atomically with the domain becoming
-            // active again: at no moment is it neither.
-            lock(&self.restarting).remove(name);
-        }
-        lock(&self.last_stop).remove(name);
+        // A restart after a reboot ends here, atomically with the domain having its VMM
+        // again: at no moment is it neither.
+        let entered = self.update(name, |r| {
+            // A guest reboot's restart: running throughout, for the reason it ran.
+            (r.state, r.reason) = if r.restarting {
+                (DomainState::Running, r.reason)
+            } else {
+                state::next(r.state, Event::Started(how), name)?
+            };
+            r.restarting = false;
+            r.vmm = Some(Vmm {
+                id: id.clone(),
+                generation,
+                started: Instant::now(),
+            });
+            r.ending = None;
+            r.why = None;
+            Ok::<_, Error>(())
+        });
+        entered?;
         self.events
             .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
         self.watch(name.to_string(), generation, Some(child), id);
-        if let (driver::Boot::Restore(_), DriverKind::Qemu) = (boot, def.driver) {
-            // QEMU loads the saved state and waits, stopped as it was saved.
-            qemu_save::continue_after_load(&run)?;
-        }
+        driver.after_ready(&run, boot)?;
         Ok(self.info_of(&def))
     }
 
-    /// The active domain's identity, or a conflict error saying it is not running.
+    /// The active domain's identity, state and driver, or a conflict error saying it is
+    /// not running.
     fn active_id(&self, name: &str) -> Result<(ProcId, DomainState)> {
         self.store.get_domain(name)?;
-        lock(&self.active)
+        self.rows()
             .get(name)
-            .map(|a| (a.id.clone(), a.state))
+            .and_then(|r| r.vmm.as_ref().map(|v| (v.id.clone(), r.state)))
             .ok_or_else(|| Error::Conflict(format!("domain {name:?} is not running")))
     }
 
-    fn set_state(&self, name: &str, s: DomainState) {
-        if let Some(a) = lock(&self.active).get_mut(name) {
-            a.state = s;
-        }
-    }
-
-    /// Asks the guest to power off: the ACPI power button, through QMP for QEMU and through
-    /// the Vessel VMM's `SendCtrlAltDel` (which presses its GED power button). With `wait`,
-    /// waits that long for it to stop and reports whether it did.
+    /// Asks the guest to power off: the ACPI power button, through the domain's driver.
+    /// With `wait`, waits that long for it to stop and reports whether it did.
     pub fn shutdown(&self, name: &str, wait: Option<Duration>) -> Result<DomainState> {
         {
             let l = self.domain_lock(name);
             let _g = lock(&l);
-            let (id, _) = self.active_id(name)?;
-            let run = self.run_dir(name);
-            match id.driver {
-                DriverKind::Qemu => {
-                    driver::qmp(&run, "system_powerdown")?;
-                }
-                DriverKind::Vessel => {
-                    driver::vmm_api(
-                        &run,
-                        "PUT",
-                        "/actions",
-                        &serde_json::json!({"action_type": "SendCtrlAltDel"}),
-                    )?;
-                }
-            }
-            self.set_state(name, DomainState::InShutdown);
+            let (id, state) = self.active_id(name)?;
+            state::next(state, Event::ShutdownRequested, name)?;
+            driver::of(id.driver).shutdown(&self.run_dir(name))?;
+            self.transition(name, Event::ShutdownRequested)?;
             self.events
                 .emit(name, "shutdown-requested", "in shutdown", None);
         }
         if let Some(w) = wait {
-            let deadline = Instant::now() + w;
-            while self.is_active(name) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.wait_for(name, w, |r| !r.is_some_and(Runtime::active));
         }
         Ok(self.state_of(name))
     }
 
     /// Stops the VMM at once: SIGTERM, then SIGKILL after 3 s. Returns when it has ended.
     pub fn destroy(&self, name: &str) -> Result<()> {
+        self.end_vmm(name, End::Destroyed)
+    }
+
+    /// Ends the domain's VMM, its end recorded as `end`: SIGTERM, then SIGKILL after 3 s.
+    /// Returns once the supervisor has recorded it.
+    pub(crate) fn end_vmm(&self, name: &str, end: End) -> Result<()> {
         let l = self.domain_lock(name);
-        let t0 = Instant::now();
         let (_g, id) = loop {
             self.settle(name);
             let g = lock(&l);
             self.store.get_domain(name)?;
-            // Marking and reading under one lock: the supervisor sees `destroying` for
-            // this very process, and a guest reboot now does not restart it.
-            let found = lock(&self.active).get_mut(name).map(|a| {
-                a.destroying = true;
-                a.id.clone()
+            // Marking and reading under one lock: the supervisor sees `ending` for this
+            // very process, and a guest reboot now does not restart it.
+            let found = self.update(name, |r| {
+                let id = r.vmm.as_ref().map(|v| v.id.clone());
+                if id.is_some() {
+                    r.ending = Some(end);
+                }
+                (id, r.restarting)
             });
             match found {
-                Some(id) => break (g, id),
-                None if lock(&self.restarting).contains(name)
-                    && t0.elapsed() < Duration::from_secs(15) =>
-                {
+                (Some(id), _) => break (g, id),
+                (None, true) => {
                     drop(g);
                     continue;
                 }
-                None => return Err(Error::Conflict(format!("domain {name:?} is not running"))),
+                (None, false) => {
+                    return Err(Error::Conflict(format!("domain {name:?} is not running")))
+                }
             }
         };
+        let gone =
+            |r: Option<&Runtime>| !r.is_some_and(|r| r.vmm.as_ref().is_some_and(|v| v.id == id));
         driver::signal(&id, libc::SIGTERM);
-        let t0 = Instant::now();
-        while id.alive() {
-            if t0.elapsed() > Duration::from_secs(3) {
-                driver::signal(&id, libc::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The supervisor records the stop; wait for it so the caller sees "shut off".
-        let t1 = Instant::now();
-        while self.is_active(name) && t1.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(2));
+        if !self.wait_for(name, Duration::from_secs(3), gone) {
+            driver::signal(&id, libc::SIGKILL);
+            // The supervisor records the stop; wait for it so the caller sees "shut off".
+            self.wait_for(name, Duration::from_secs(5), gone);
         }
         Ok(())
     }
@@ -859,48 +892,36 @@ impl Manager {
             let l = self.domain_lock(name);
             let _g = lock(&l);
             let (id, _) = self.active_id(name)?;
-            match id.driver {
-                DriverKind::Qemu => {
-                    driver::qmp(&self.run_dir(name), "system_reset")?;
+            let generation = self
+                .rows()
+                .get(name)
+                .and_then(|r| r.vmm.as_ref().map(|v| v.generation));
+            match driver::of(id.driver).reset(&self.run_dir(name))? {
+                driver::Reset::InPlace => {
                     self.events.emit(name, "rebooted", "running", None);
                     return Ok(());
                 }
-                DriverKind::Vessel => {
-                    let generation = lock(&self.active).get(name).map(|a| a.generation);
-                    driver::vmm_api(
-                        &self.run_dir(name),
-                        "PUT",
-                        "/actions",
-                        &serde_json::json!({"action_type": "Reset"}),
-                    )?;
-                    generation
-                }
+                driver::Reset::Restarts => generation,
             }
         };
-        // The supervisor sees the VMM end (status 10) and starts the domain again, taking
-        // the domain lock, so wait outside it.
-        let t0 = Instant::now();
-        loop {
-            let current = lock(&self.active).get(name).map(|a| a.generation);
-            let restarting = lock(&self.restarting).contains(name);
-            if current.is_some() && current != generation && !restarting {
-                return Ok(());
-            }
-            if current.is_none() && !restarting {
-                let why = lock(&self.last_stop)
-                    .get(name)
-                    .map(|r| r.why.clone())
-                    .unwrap_or_default();
-                return Err(Error::Conflict(format!(
-                    "domain {name:?} did not come back after the reset: {why}"
-                )));
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Conflict(format!(
-                    "domain {name:?} did not restart within 30 s after the reset"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // The supervisor sees the VMM end and starts the domain again, taking the domain
+        // lock, so wait outside it.
+        let settled = |r: Option<&Runtime>| match r {
+            Some(r) if r.restarting => false,
+            Some(r) => r.vmm.as_ref().map(|v| v.generation) != generation,
+            None => true,
+        };
+        if !self.wait_for(name, Duration::from_secs(30), settled) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} did not restart within 30 s after the reset"
+            )));
+        }
+        match self.rows().get(name) {
+            Some(r) if r.vmm.is_some() => Ok(()),
+            r => Err(Error::Conflict(format!(
+                "domain {name:?} did not come back after the reset: {}",
+                r.and_then(|r| r.why.clone()).unwrap_or_default()
+            ))),
         }
     }
 
@@ -916,30 +937,18 @@ impl Manager {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let (id, state) = self.active_id(name)?;
-        if pause && state == DomainState::Paused {
-            return Err(Error::Conflict(format!(
-                "domain {name:?} is already paused"
-            )));
-        }
-        if !pause && state != DomainState::Paused {
-            return Err(Error::Conflict(format!("domain {name:?} is not paused")));
-        }
+        let event = if pause { Event::Paused } else { Event::Resumed };
+        // Refused before the VMM is asked.
+        state::next(state, event, name)?;
+        let d = driver::of(id.driver);
         let run = self.run_dir(name);
-        match id.driver {
-            DriverKind::Qemu => {
-                driver::qmp(&run, if pause { "stop" } else { "cont" })?;
-            }
-            DriverKind::Vessel => {
-                let s = if pause { "Paused" } else { "Resumed" };
-                driver::vmm_api(&run, "PATCH", "/vm", &serde_json::json!({ "state": s }))?;
-            }
-        }
-        let (s, ev) = if pause {
-            (DomainState::Paused, "suspended")
+        if pause {
+            d.pause(&run)?;
         } else {
-            (DomainState::Running, "resumed")
-        };
-        self.set_state(name, s);
+            d.resume(&run)?;
+        }
+        let (s, _) = self.transition(name, event)?;
+        let ev = if pause { "suspended" } else { "resumed" };
         self.events.emit(name, ev, s.as_str(), None);
         Ok(())
     }

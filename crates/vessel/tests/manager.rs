@@ -2539,10 +2539,30 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(e.contains("--config"), "{e}");
     let out = d.ok(&["setmem", "vq", "512M", "--config"]);
     assert!(out.contains("next start"), "{out}");
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "running (booted)"
+    );
+    d.ok(&["suspend", "vq"]);
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "paused (user)"
+    );
+    // The state machine refuses what the state does not allow, before the VMM is asked.
+    let e = d.fails(&["suspend", "vq"]);
+    assert!(e.contains("already paused"), "{e}");
+    d.ok(&["resume", "vq"]);
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "running (unpaused)"
+    );
     d.ok(&["destroy", "vq"]);
-    assert!(d
-        .ok(&["domstate", "vq", "--reason"])
-        .starts_with("shut off ("));
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "shut off (destroyed)"
+    );
+    let e = d.fails(&["resume", "vq"]);
+    assert!(e.contains("not running"), "{e}");
 
     assert!(d
         .ok(&["version"])
@@ -2770,6 +2790,101 @@ fn vessel_domain_migrates_live_between_daemons() {
     src.ok(&["destroy", "pinned"]);
 }
 
+/// `migrate --live` of a QEMU domain between two daemons: the destination's QEMU waits
+/// with `-incoming unix:`, the source's QEMU sends over QMP's `migrate` (through the
+/// source daemon's relay) and quits; the guest's count goes on without a gap or repeat,
+/// and both ends record why (libvirt's reasons: running (migrated) there, shut off
+/// (migrated) here). Back again with `--undefinesource`.
+#[test]
+fn qemu_domain_migrates_live_between_daemons() {
+    require_qemu();
+    let src = Daemon::start("qmigsrc");
+    let dst = Daemon::start("qmigdst");
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let def = qemu_domain(
+        "qmover",
+        "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+    );
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/qmover/start", None).unwrap();
+    let parse = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let counts = |c: &Client| parse(&serial_log(c, "qmover"));
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "qmover")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(&at_src, 3, "first boot");
+
+    let out = src.ok(&[
+        "migrate",
+        "qmover",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    assert!(out.contains("migrated"), "{out}");
+    wait_state(&at_src, "qmover", "shutoff", Duration::from_secs(10));
+    assert_eq!(
+        src.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "shut off (migrated)"
+    );
+    assert_eq!(state(&at_dst, "qmover"), "running");
+    assert_eq!(
+        dst.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "running (migrated)"
+    );
+    assert!(src.run_pids().is_empty(), "the source's QEMU still runs");
+    let last = *counts(&at_src).last().unwrap();
+    wait_count(&at_dst, last + 5, "at the destination");
+    let both = parse(&format!(
+        "{}{}",
+        serial_log(&at_src, "qmover"),
+        serial_log(&at_dst, "qmover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+
+    let there = *counts(&at_dst).last().unwrap();
+    dst.ok(&[
+        "migrate",
+        "qmover",
+        "--live",
+        src.socket().to_str().unwrap(),
+        "--undefinesource",
+    ]);
+    assert!(at_dst.get("/v1/domains/qmover").is_err());
+    assert!(
+        dst.run_pids().is_empty(),
+        "the destination's QEMU still runs"
+    );
+    assert_eq!(state(&at_src, "qmover"), "running");
+    wait_count(&at_src, there + 3, "back at the source");
+    let all = counts(&at_src);
+    let resumed = all.iter().position(|&n| n > last).unwrap();
+    assert!(
+        all[resumed] > there && all[resumed..].windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on back at the source: {all:?}"
+    );
+    src.ok(&["destroy", "qmover"]);
+    assert_eq!(
+        src.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "shut off (destroyed)"
+    );
+}
+
 /// `managedsave`: the domain stops with its state kept by the daemon and its next `start`
 /// restores it (the count goes on, the guest does not boot again); a daemon with
 /// `--save-on-shutdown` saves its running domains on SIGTERM and the next daemon brings
@@ -2871,15 +2986,28 @@ fn vessel_domain_managedsave_and_save_on_shutdown() {
 /// snapshot of a shut-off domain keeps its disk only.
 #[test]
 fn vessel_domain_snapshots_create_list_revert_delete() {
+    snapshot_verbs("vessel", "dsnap");
+}
+
+/// The same verbs on a QEMU domain: its VM state is QEMU's migration stream (`migrate
+/// "exec:cat > FILE"`), its raw disks copied while it is stopped, and a revert starts QEMU
+/// with `-incoming` from the snapshot's state.
+#[test]
+fn qemu_domain_snapshots_create_list_revert_delete() {
+    require_qemu();
+    snapshot_verbs("qemu", "qsnap");
+}
+
+fn snapshot_verbs(driver: &str, daemon: &str) {
     let a = assets();
-    let d = Daemon::start("dsnap");
+    let d = Daemon::start(daemon);
     let c = d.client();
     let disk = d.dir.join("disk.raw");
     std::fs::write(&disk, vec![b'A'; 1 << 20]).unwrap();
-    let def = json!({"name": "snappy", "driver": "vessel",
+    let def = json!({"name": "snappy", "driver": driver,
         "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
                "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
-               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk}]}});
+               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk, "format": "raw"}]}});
     c.post("/v1/domains", Some(&def)).unwrap();
     c.post("/v1/domains/snappy/start", None).unwrap();
     let counts = || -> Vec<u64> {
@@ -2912,6 +3040,10 @@ fn vessel_domain_snapshots_create_list_revert_delete() {
 
     d.ok(&["snapshot-revert", "snappy", "first"]);
     assert_eq!(state(&c, "snappy"), "running");
+    assert_eq!(
+        d.ok(&["domstate", "snappy", "--reason"]).trim(),
+        "running (from snapshot)"
+    );
     assert!(
         std::fs::read(&disk).unwrap().iter().all(|&b| b == b'A'),
         "the disk was not put back"

@@ -1,8 +1,10 @@
-//! `migrate NAME --live DEST` (virsh's verb) between two daemons, for Vessel domains.
+//! `migrate NAME --live DEST` (virsh's verb) between two daemons, for domains of either
+//! driver (each sends through [`crate::driver::Driver::migrate`]).
 //!
 //! The destination daemon defines the domain from the definition the source sends (or
-//! finds it defined the same) and starts its VMM waiting for it (`vessel run --incoming`,
-//! with the configuration it expects). The source's VMM is jailed and may sit in a
+//! finds it defined the same) and starts its VMM waiting for it (`vessel run --incoming`
+//! with the configuration it expects, or QEMU's `-incoming unix:`). The source's Vessel
+//! VMM is jailed and may sit in a
 //! network namespace of its own, so it sends to a socket in its own run folder, where
 //! this daemon takes the stream and passes it on to the destination's VMM (libvirt's
 //! tunnelled migration). Once the destination runs the domain, the source's VMM ends;
@@ -19,6 +21,7 @@ use super::{lock, Manager};
 use crate::domain::{DomainDef, DriverKind};
 use crate::driver;
 use crate::error::{Error, Result};
+use crate::state::{End, Start};
 
 /// How long the relay waits for the source VMM to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
@@ -59,11 +62,6 @@ impl Manager {
     /// VMM waiting for the domain, and returns where the source is to send it and
     /// whether the domain was defined for it (a failed migration undefines it again).
     pub fn migrate_in(self: &Arc<Self>, def: DomainDef) -> Result<(String, bool)> {
-        if def.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "migrating a domain is not implemented for the QEMU driver yet".into(),
-            ));
-        }
         let name = def.name.clone();
         let defined = match self.store.get_domain(&name) {
             Ok(have) => {
@@ -82,7 +80,7 @@ impl Manager {
         };
         // The serial log goes on, as the guest does (a domain migrating back continues
         // the log it left here).
-        if let Err(e) = self.start_inner(&name, false, driver::Boot::Incoming) {
+        if let Err(e) = self.start_inner(&name, false, driver::Boot::Incoming, Start::Incoming) {
             if defined {
                 let _ = self.undefine(&name);
             }
@@ -104,11 +102,7 @@ impl Manager {
     ) -> Result<serde_json::Value> {
         let def = self.store.get_domain(name)?;
         let (id, _) = self.active_id(name)?;
-        if id.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "migrating a domain is not implemented for the QEMU driver yet".into(),
-            ));
-        }
+        let d = driver::of(id.driver);
         let peer = crate::client::Client::new(dest.to_path_buf());
         let reached = |e: crate::client::ClientError| {
             Error::Conflict(format!("the destination daemon {}: {e}", dest.display()))
@@ -137,7 +131,7 @@ impl Manager {
         let sent = (|| {
             let listener = UnixListener::bind(&relay_path)
                 .map_err(|e| Error::io("listening for the migration", &relay_path, e))?;
-            if self.cfg.programs.jail {
+            if self.cfg.programs.jail && id.driver == DriverKind::Vessel {
                 // The jailed VMM's user connects to it.
                 let (uid, gid) = self.cfg.programs.vmm_ids_for(&run);
                 std::os::unix::fs::chown(&relay_path, Some(uid), Some(gid))
@@ -147,14 +141,13 @@ impl Manager {
             let report = {
                 let l = self.domain_lock(name);
                 let _g = lock(&l);
-                driver::vmm_api_json(
-                    &run,
-                    "PUT",
-                    "/migration/send",
-                    &serde_json::json!({
-                        "destination_url": format!("unix:{}", relay_path.display())
-                    }),
-                )
+                // The VMM ends once the destination runs the domain: as migrated.
+                self.update(name, |r| r.ending = Some(End::MigratedAway));
+                let sent = d.migrate(&run, &relay_path);
+                if sent.is_err() {
+                    self.update(name, |r| r.ending = None);
+                }
+                sent
             };
             if report.is_err() {
                 // Ends the relay's wait when the VMM never connected.
@@ -179,12 +172,11 @@ impl Manager {
             }
         };
         // The source's VMM ends by itself once the destination runs the domain.
-        let t0 = Instant::now();
-        while self.is_active(name) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for(name, Duration::from_secs(30), |r| {
+            r.is_none_or(|r| r.vmm.is_none())
+        });
         if self.is_active(name) {
-            self.destroy(name)?;
+            self.end_vmm(name, End::MigratedAway)?;
         }
         if undefine_source {
             self.undefine(name)?;
