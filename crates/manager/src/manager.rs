@@ -44,7 +44,7 @@ pub struct Config {
     /// images), besides the pool roots (`vessel daemon --file-root DIR`). A TCP client
     /// has no host user to check its rights against.
     pub file_roots: Vec<PathBuf>,
-    /// Managedsave every running Vessel domain when the daemon is told to end.
+    /// Managedsave every running domain when the daemon is told to end.
     pub save_on_shutdown: bool,
 }
 

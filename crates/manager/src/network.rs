@@ -376,11 +376,9 @@ pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
     let dir = run_dir(state, &def.name);
     if let Some(id) = ProcId::read(&dir.join("dnsmasq.pid")) {
         driver::signal(&id, libc::SIGTERM);
-        let t0 = std::time::Instant::now();
-        while id.alive() && t0.elapsed() < std::time::Duration::from_secs(3) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        if !id.wait_exit_for(Some(std::time::Duration::from_secs(3))) {
+            driver::signal(&id, libc::SIGKILL);
         }
-        driver::signal(&id, libc::SIGKILL);
     }
     if def.nat {
         for rule in nat_rules(def)? {

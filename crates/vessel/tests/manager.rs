@@ -599,6 +599,7 @@ fn restart_readopts_a_running_domain() {
 
     let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
     assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["reason"], "user", "{info}");
     assert_eq!(info["pid"].as_i64(), Some(pid as i64));
     let out = d.ok(&["list"]);
     assert!(out.contains("keep") && out.contains("paused"), "{out}");
@@ -619,7 +620,13 @@ fn restart_readopts_a_running_domain() {
     drop(con);
     c.post("/v1/domains/keep/destroy", None).unwrap();
     assert!(!pid_alive(pid));
-    assert_eq!(state(&c, "keep"), "shutoff");
+    // The adopted VMM's end was seen (on its pidfd) and recorded as what was asked.
+    let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
+    assert_eq!(
+        (info["state"].as_str(), info["reason"].as_str()),
+        (Some("shutoff"), Some("destroyed")),
+        "{info}"
+    );
 }
 
 /// A tiny 64-bit guest for Vessel's VMM on KVM: prints a line, then exits through the

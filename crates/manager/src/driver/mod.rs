@@ -118,35 +118,55 @@ impl ProcId {
     /// Returns once this process has ended: on its pidfd (readable when it exits), so
     /// a VMM the daemon did not start is watched without polling.
     pub fn wait_exit(&self) {
+        self.wait_exit_for(None);
+    }
+
+    /// [`ProcId::wait_exit`] for at most `limit` (None: no limit); returns whether it
+    /// ended.
+    pub fn wait_exit_for(&self, limit: Option<Duration>) -> bool {
+        let deadline = limit.map(|l| Instant::now() + l);
+        let look = || {
+            while self.alive() {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            true
+        };
         // SAFETY: pidfd_open(2) takes a PID and flags and returns a new descriptor or -1;
         // no memory is passed.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) } as i32;
         if fd < 0 {
-            // Gone already (ESRCH), or a kernel before 5.3: fall back to looking.
-            while self.alive() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            return;
+            // Gone already (ESRCH), or a kernel before 5.3: look instead.
+            return look();
         }
         // SAFETY: `fd` is the descriptor pidfd_open just returned, owned from here on.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         // The PID may have been reused between reading the pidfile and opening it.
         if !self.alive() {
-            return;
+            return true;
         }
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd for the call's duration; -1 waits without limit.
-        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                // Cannot wait on it: fall back to looking.
-                while self.alive() {
-                    std::thread::sleep(Duration::from_millis(100));
+        loop {
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
                 }
-                return;
+            };
+            // SAFETY: one valid pollfd for the call's duration.
+            match unsafe { libc::poll(&mut p, 1, ms) } {
+                n if n > 0 => return true,
+                0 => return !self.alive(),
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                // Cannot wait on it: look instead.
+                _ => return look(),
             }
         }
     }
@@ -485,6 +505,18 @@ mod tests {
             ..me
         };
         assert!(!reused.alive());
+        // A process that ends is seen ending on its pidfd, and one that runs on is not.
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let id = proc_id(child.id() as i32, DriverKind::Vessel).unwrap();
+        assert!(!id.wait_exit_for(Some(Duration::from_millis(50))));
+        let t0 = Instant::now();
+        // A child stays a zombie until reaped, and a zombie does not count as alive.
+        assert!(id.wait_exit_for(Some(Duration::from_secs(10))));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        child.wait().unwrap();
         std::fs::write(&f, "garbage").unwrap();
         assert_eq!(ProcId::read(&f), None);
         let _ = std::fs::remove_dir_all(&dir);

@@ -91,7 +91,7 @@ impl Manager {
         Ok((url, defined))
     }
 
-    /// Source side: live-migrates the running Vessel domain `name` to the daemon whose
+    /// Source side: live-migrates the running domain `name` to the daemon whose
     /// API socket is `dest`; returns the source VMM's report (rounds, downtime, total
     /// time). The domain is then shut off here, and with `undefine_source` undefined.
     pub fn migrate_out(

@@ -69,7 +69,7 @@ impl Manager {
             .is_some_and(|d| d.join(RESUME_FILE).is_file())
     }
 
-    /// `managedsave`: saves the running Vessel domain where the daemon keeps it and stops
+    /// `managedsave`: saves the running domain where the daemon keeps it and stops
     /// it; its next start restores it. `at_shutdown` marks it for the next daemon.
     pub fn managed_save_domain(&self, name: &str, at_shutdown: bool) -> Result<()> {
         let dir = self.managed_save_dir(name);
