@@ -10,8 +10,6 @@ use manager::client::Client;
 use serde_json::{json, Value};
 use vmm::api::http::percent_encode as enc;
 
-use crate::cmd_img::parse_size;
-
 /// Options every manager verb takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GlobalOpts {
@@ -185,17 +183,17 @@ pub enum ManageCommand {
     Suspend { name: String },
     /// Resume a paused domain.
     Resume { name: String },
-    /// Save a running Vessel domain's state into the new folder FILE and stop it
-    /// (snapshot of its memory and devices; `restore FILE` brings it back).
+    /// Save a running domain's state into the new folder FILE and stop it (snapshot of
+    /// its memory and devices; `restore FILE` brings it back).
     Save { name: String, file: PathBuf },
     /// Start a domain from the state `save` left in FILE.
     Restore { file: PathBuf },
-    /// Save a running Vessel domain's state where the daemon keeps it, and stop it; its
+    /// Save a running domain's state where the daemon keeps it, and stop it; its
     /// next `start` (or autostart) restores it.
     Managedsave { name: String },
     /// Drop a domain's managed save: its next start boots it.
     ManagedsaveRemove { name: String },
-    /// Take a named snapshot of a Vessel domain: its memory and devices (when it runs)
+    /// Take a named snapshot of a domain: its memory and devices (when it runs)
     /// and its raw disks; it goes on running.
     SnapshotCreateAs {
         name: String,
@@ -209,7 +207,7 @@ pub enum ManageCommand {
     SnapshotRevert { name: String, snapshot: String },
     /// Delete a domain's snapshot.
     SnapshotDelete { name: String, snapshot: String },
-    /// Move a running Vessel domain to another daemon (DEST: its API socket) while it
+    /// Move a running domain to another daemon (DEST: its API socket) while it
     /// runs; its definition goes with it (defined there, kept here shut off unless
     /// --undefinesource).
     Migrate {
@@ -256,116 +254,12 @@ pub enum ManageCommand {
         #[arg(long)]
         timeout: Option<u64>,
     },
-    /// Define a network from libvirt network XML (virsh's form: `net-define FILE`), or
-    /// from flags: NAME --address ADDRESS (CIDR) [--dhcp …] — a bridge, DHCP, NAT.
-    NetDefine {
-        /// A libvirt network XML file ('-' reads stdin), or the name with --address.
-        name: String,
-        /// The host's address on the network, e.g. 192.168.100.1/24 (the flag form).
-        #[arg(long)]
-        address: Option<String>,
-        /// DHCP range START,END.
-        #[arg(long)]
-        dhcp: Option<String>,
-        /// A fixed lease MAC,IP (repeatable).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// No NAT to the host's uplink.
-        #[arg(long)]
-        no_nat: bool,
-        /// Bridge device name (default vbr-NAME).
-        #[arg(long)]
-        bridge: Option<String>,
-    },
-    /// List networks.
-    NetList,
-    /// Show a network's definition, state and DHCP leases.
-    NetInfo { name: String },
-    /// Bring a network up (bridge, NAT, dnsmasq).
-    NetStart { name: String },
-    /// Take a network down.
-    NetDestroy { name: String },
-    /// Forget a network (it must be down).
-    NetUndefine { name: String },
-    /// Start a network when the daemon starts (--disable to stop doing so).
-    NetAutostart {
-        name: String,
-        #[arg(long)]
-        disable: bool,
-    },
-    /// Define a directory storage pool from libvirt pool XML (`pool-define FILE`), or
-    /// as NAME PATH (virsh's pool-define-as).
-    #[command(alias = "pool-define-as")]
-    PoolDefine {
-        /// A libvirt pool XML file ('-' reads stdin), or the pool's name with PATH.
-        name: String,
-        path: Option<PathBuf>,
-        /// Create the folder if it does not exist.
-        #[arg(long)]
-        build: bool,
-    },
-    /// List storage pools.
-    PoolList,
-    /// Show a pool's path and space.
-    PoolInfo { name: String },
-    /// Forget a pool (its folder and files stay).
-    PoolUndefine { name: String },
-    /// Create a volume from libvirt volume XML (`vol-create POOL FILE`), as POOL NAME
-    /// SIZE (virsh's vol-create-as; SIZE like 10G or 512M), or as POOL NAME --from IMAGE:
-    /// a local disk image imported with its size and its own format (raw or qcow2; a
-    /// qcow2's backing chain is read through, so the volume stands alone).
-    #[command(alias = "vol-create-as")]
-    VolCreate {
-        pool: String,
-        /// A libvirt volume XML file ('-' reads stdin), or the volume's name with SIZE or
-        /// --from.
-        name: String,
-        #[arg(conflicts_with = "from")]
-        size: Option<String>,
-        /// The volume's format: qcow2 (default) or raw; with --from, the image's format.
-        #[arg(long)]
-        format: Option<String>,
-        /// A disk image file to import as the new volume.
-        #[arg(long)]
-        from: Option<PathBuf>,
-    },
-    /// List a pool's volumes.
-    VolList { pool: String },
-    /// Show a volume's format, capacity and allocation.
-    VolInfo { pool: String, name: String },
-    /// Clone a volume: a qcow2 overlay on it (default) or a full copy (--copy).
-    VolClone {
-        pool: String,
-        source: String,
-        name: String,
-        #[arg(long)]
-        copy: bool,
-        /// Format of a full copy (default: the source's).
-        #[arg(long)]
-        format: Option<String>,
-    },
-    /// Grow a volume to SIZE (shrinking is refused).
-    VolResize {
-        pool: String,
-        name: String,
-        size: String,
-    },
-    /// Delete a volume (refused while a domain uses it).
-    VolDelete { pool: String, name: String },
-    /// Write a local file's bytes into a volume (its guest-visible content).
-    VolUpload {
-        pool: String,
-        name: String,
-        file: PathBuf,
-    },
+    #[command(flatten)]
+    Net(crate::cmd_network::NetCommand),
+    #[command(flatten)]
+    Storage(crate::cmd_storage::StorageCommand),
     #[command(flatten)]
     Virsh(crate::cmd_virsh::VirshCommand),
-    /// Save a volume's guest-visible content to a local (raw) file.
-    VolDownload {
-        pool: String,
-        name: String,
-        file: PathBuf,
-    },
 }
 
 pub(crate) fn size_text(n: u64) -> String {
@@ -463,29 +357,6 @@ fn domain_kv(i: &Value) {
     kv(&p);
 }
 
-fn vol_kv(v: &Value) {
-    kv(&[
-        ("Name", s(&v["name"])),
-        ("Pool", s(&v["pool"])),
-        ("Path", s(&v["path"])),
-        ("Format", s(&v["format"])),
-        ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
-        (
-            "Allocation",
-            size_text(v["allocation"].as_u64().unwrap_or(0)),
-        ),
-        ("Backing file", s(&v["backing_file"])),
-        (
-            "Used by",
-            v["used_by"]
-                .as_array()
-                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
-                .filter(|x| !x.is_empty())
-                .unwrap_or_else(|| "-".into()),
-        ),
-    ]);
-}
-
 /// POST a lifecycle action to a domain and report it as virsh does.
 fn domain_action(c: &Client, name: &str, action: &str, done: &str, json_out: bool) -> Result<()> {
     let v = c.post(&format!("{}/{action}", dom(name)), None)?;
@@ -505,23 +376,6 @@ pub(crate) fn vol(pool: &str, name: &str) -> String {
     format!("/v1/pools/{}/volumes/{}", enc(pool), enc(name))
 }
 
-/// A progress bar on a terminal, nothing otherwise.
-fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    if let Ok(st) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-    {
-        pb.set_style(st.progress_chars("=> "));
-    }
-    pb.set_message(what.to_string());
-    pb
-}
-
-const CHUNK: u64 = 8 << 20;
-
 /// Runs one verb against the daemon.
 pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     let sock = g.socket.clone().unwrap_or_else(default_socket);
@@ -538,6 +392,8 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     match cmd {
         ManageCommand::Daemon(a) => return daemon(a, g),
         ManageCommand::Virsh(v) => return crate::cmd_virsh::run(v, &c, json_out),
+        ManageCommand::Net(n) => return crate::cmd_network::run(n, &c, json_out),
+        ManageCommand::Storage(v) => return crate::cmd_storage::run(v, &c, json_out),
         ManageCommand::List { all } => {
             let v = c.get("/v1/domains")?;
             let list: Vec<&Value> = v
@@ -863,370 +719,6 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 let _ = std::io::stdout().flush();
             }
         }
-        ManageCommand::NetDefine {
-            name,
-            address: None,
-            ..
-        } => {
-            let def = manager::libvirt_xml::network_from_xml(&read_text(&name)?)?;
-            let v = c.post("/v1/networks", Some(&serde_json::to_value(&def)?))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Network {} defined from {name}", def.name);
-            }
-        }
-        ManageCommand::NetDefine {
-            name,
-            address: Some(address),
-            dhcp,
-            hosts,
-            no_nat,
-            bridge,
-        } => {
-            let mut body = json!({"name": name, "address": address, "nat": !no_nat});
-            if let Some(b) = bridge {
-                body["bridge"] = json!(b);
-            }
-            if let Some(r) = dhcp {
-                let Some((a, b)) = r.split_once(',') else {
-                    bail!("--dhcp wants START,END (e.g. 192.168.100.10,192.168.100.99)");
-                };
-                body["dhcp"] = json!({"start": a.trim(), "end": b.trim()});
-            }
-            let mut hs = Vec::new();
-            for h in hosts {
-                let Some((m, ip)) = h.split_once(',') else {
-                    bail!("--host wants MAC,IP (e.g. 52:54:00:00:00:01,192.168.100.5)");
-                };
-                hs.push(json!({"mac": m.trim(), "ip": ip.trim()}));
-            }
-            body["hosts"] = json!(hs);
-            let v = c.post("/v1/networks", Some(&body))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Network {name} defined (bridge {})", s(&v["bridge"]));
-            }
-        }
-        ManageCommand::NetList => {
-            let v = c.get("/v1/networks")?;
-            if json_out {
-                print_json(&v);
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|n| {
-                        vec![
-                            s(&n["definition"]["name"]),
-                            if n["active"] == true {
-                                "active"
-                            } else {
-                                "inactive"
-                            }
-                            .into(),
-                            if n["definition"]["autostart"] == true {
-                                "yes"
-                            } else {
-                                "no"
-                            }
-                            .into(),
-                            s(&n["bridge"]),
-                            s(&n["definition"]["address"]),
-                        ]
-                    })
-                    .collect();
-                table(&["Name", "State", "Autostart", "Bridge", "Address"], &rows);
-            }
-        }
-        ManageCommand::NetInfo { name } => {
-            let v = c.get(&format!("/v1/networks/{}", enc(&name)))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                let d = &v["definition"];
-                kv(&[
-                    ("Name", s(&d["name"])),
-                    (
-                        "Active",
-                        if v["active"] == true { "yes" } else { "no" }.into(),
-                    ),
-                    ("Bridge", s(&v["bridge"])),
-                    ("Address", s(&d["address"])),
-                    ("NAT", if d["nat"] == true { "yes" } else { "no" }.into()),
-                    (
-                        "DHCP",
-                        d["dhcp"]
-                            .as_object()
-                            .map(|r| format!("{}-{}", s(&r["start"]), s(&r["end"])))
-                            .unwrap_or_else(|| "-".into()),
-                    ),
-                ]);
-                for l in v["leases"].as_array().into_iter().flatten() {
-                    println!("Lease:     {} {}", s(&l["mac"]), s(&l["ip"]));
-                }
-            }
-        }
-        ManageCommand::NetStart { name } => {
-            let v = c.post(&format!("/v1/networks/{}/start", enc(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Network {name} started");
-            }
-        }
-        ManageCommand::NetDestroy { name } => {
-            let v = c.post(&format!("/v1/networks/{}/stop", enc(&name)), None)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Network {name} destroyed");
-            }
-        }
-        ManageCommand::NetUndefine { name } => {
-            c.call("DELETE", &format!("/v1/networks/{}", enc(&name)), None)?;
-            if !json_out {
-                println!("Network {name} has been undefined");
-            }
-        }
-        ManageCommand::NetAutostart { name, disable } => {
-            let v = c.call(
-                "PUT",
-                &format!("/v1/networks/{}/autostart", enc(&name)),
-                Some(&json!({"autostart": !disable})),
-            )?;
-            if json_out {
-                print_json(&v);
-            } else if disable {
-                println!("Network {name} unmarked as autostarted");
-            } else {
-                println!("Network {name} marked as autostarted");
-            }
-        }
-        ManageCommand::PoolDefine { name, path, build } => {
-            let (name, path) = match path {
-                Some(p) => (name, p),
-                None => manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?,
-            };
-            let path = if path.is_absolute() {
-                path
-            } else {
-                std::env::current_dir()?.join(path)
-            };
-            let v = c.post(
-                "/v1/pools",
-                Some(&json!({"name": name, "path": path, "create": build})),
-            )?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Pool '{name}' defined on {}", s(&v["path"]));
-            }
-        }
-        ManageCommand::PoolList => {
-            let v = c.get("/v1/pools")?;
-            if json_out {
-                print_json(&v);
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        vec![
-                            s(&p["name"]),
-                            s(&p["path"]),
-                            s(&p["volumes"]),
-                            size_text(p["available"].as_u64().unwrap_or(0)),
-                        ]
-                    })
-                    .collect();
-                table(&["Name", "Path", "Volumes", "Available"], &rows);
-            }
-        }
-        ManageCommand::PoolInfo { name } => {
-            let v = c.get(&format!("/v1/pools/{}", enc(&name)))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                kv(&[
-                    ("Name", s(&v["name"])),
-                    ("Path", s(&v["path"])),
-                    ("Volumes", s(&v["volumes"])),
-                    ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
-                    ("Available", size_text(v["available"].as_u64().unwrap_or(0))),
-                ]);
-            }
-        }
-        ManageCommand::PoolUndefine { name } => {
-            c.call("DELETE", &format!("/v1/pools/{}", enc(&name)), None)?;
-            if !json_out {
-                println!("Pool '{name}' has been undefined");
-            }
-        }
-        ManageCommand::VolCreate {
-            pool,
-            name,
-            size: _,
-            format,
-            from: Some(image),
-        } => {
-            let (cap, format) = import_volume(&c, &pool, &name, &image, format)?;
-            if json_out {
-                print_json(&c.get(&vol(&pool, &name))?);
-            } else {
-                println!(
-                    "Vol {name} created ({format}, {}) from {}",
-                    size_text(cap),
-                    image.display()
-                );
-            }
-        }
-        ManageCommand::VolCreate {
-            pool,
-            name,
-            size,
-            format,
-            from: None,
-        } => {
-            let (name, cap, format) = match size {
-                Some(size) => (
-                    name,
-                    parse_size(&size)?,
-                    format.unwrap_or_else(|| "qcow2".into()),
-                ),
-                None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
-            };
-            let v = c.post(
-                &format!("/v1/pools/{}/volumes", enc(&pool)),
-                Some(&json!({"name": name, "capacity": cap, "format": format})),
-            )?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Vol {name} created ({format}, {})", size_text(cap));
-            }
-        }
-        ManageCommand::VolList { pool } => {
-            let v = c.get(&format!("/v1/pools/{}/volumes", enc(&pool)))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| {
-                        vec![
-                            s(&x["name"]),
-                            s(&x["format"]),
-                            size_text(x["capacity"].as_u64().unwrap_or(0)),
-                            size_text(x["allocation"].as_u64().unwrap_or(0)),
-                            s(&x["path"]),
-                        ]
-                    })
-                    .collect();
-                table(&["Name", "Format", "Capacity", "Allocation", "Path"], &rows);
-            }
-        }
-        ManageCommand::VolInfo { pool, name } => {
-            let v = c.get(&vol(&pool, &name))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                vol_kv(&v);
-            }
-        }
-        ManageCommand::VolClone {
-            pool,
-            source,
-            name,
-            copy,
-            format,
-        } => {
-            let mut body = json!({"name": name, "mode": if copy { "copy" } else { "overlay" }});
-            if let Some(f) = format {
-                body["format"] = json!(f);
-            }
-            let v = c.post(&format!("{}/clone", vol(&pool, &source)), Some(&body))?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!("Vol {name} cloned from {source}");
-            }
-        }
-        ManageCommand::VolResize { pool, name, size } => {
-            let cap = parse_size(&size)?;
-            let v = c.post(
-                &format!("{}/resize", vol(&pool, &name)),
-                Some(&json!({"capacity": cap})),
-            )?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!(
-                    "Size of volume '{name}' successfully changed to {}",
-                    size_text(cap)
-                );
-            }
-        }
-        ManageCommand::VolDelete { pool, name } => {
-            c.call("DELETE", &vol(&pool, &name), None)?;
-            if !json_out {
-                println!("Vol {name} deleted");
-            }
-        }
-        ManageCommand::VolUpload { pool, name, file } => {
-            let mut f = std::fs::File::open(&file)
-                .with_context(|| format!("opening {}", file.display()))?;
-            let len = f.metadata()?.len();
-            let pb = progress(len, "uploading");
-            let mut buf = vec![0u8; CHUNK as usize];
-            let mut off = 0u64;
-            loop {
-                let n = read_full(&mut f, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                c.raw(
-                    "PUT",
-                    &format!("{}/data?offset={off}", vol(&pool, &name)),
-                    Some(("application/octet-stream", &buf[..n])),
-                )?;
-                off += n as u64;
-                pb.set_position(off);
-            }
-            pb.finish_and_clear();
-            if !json_out {
-                println!("Uploaded {} into {pool}/{name}", size_text(off));
-            }
-        }
-        ManageCommand::VolDownload { pool, name, file } => {
-            let cap = c.get(&vol(&pool, &name))?["capacity"].as_u64().unwrap_or(0);
-            let mut f = std::fs::File::create(&file)
-                .with_context(|| format!("creating {}", file.display()))?;
-            let pb = progress(cap, "downloading");
-            let mut off = 0u64;
-            while off < cap {
-                let r = c.raw(
-                    "GET",
-                    &format!("{}/data?offset={off}&length={CHUNK}", vol(&pool, &name)),
-                    None,
-                )?;
-                if r.body.is_empty() {
-                    break;
-                }
-                f.write_all(&r.body)?;
-                off += r.body.len() as u64;
-                pb.set_position(off);
-            }
-            pb.finish_and_clear();
-            if !json_out {
-                println!("Downloaded {} from {pool}/{name}", size_text(off));
-            }
-        }
     }
     Ok(0)
 }
@@ -1239,83 +731,6 @@ pub(crate) fn read_text(file: &str) -> Result<String> {
         return Ok(t);
     }
     std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
-}
-
-/// `vol-create POOL NAME --from IMAGE`: a volume of the image's size in its format (or
-/// `format`), filled with the image's guest-visible content. Ranges the image reports
-/// as zeros, and chunks that read as all zeros, are not sent: the new volume is sparse
-/// where the image is. Returns the capacity and the format.
-fn import_volume(
-    c: &Client,
-    pool: &str,
-    name: &str,
-    image: &Path,
-    format: Option<String>,
-) -> Result<(u64, String)> {
-    let probed = block::probe(image).with_context(|| format!("reading {}", image.display()))?;
-    let mut src = block::open(image, Some(probed), true)
-        .with_context(|| format!("opening {} as {probed}", image.display()))?;
-    let cap = src.size();
-    let format = format.unwrap_or_else(|| probed.to_string());
-    c.post(
-        &format!("/v1/pools/{}/volumes", enc(pool)),
-        Some(&json!({"name": name, "capacity": cap, "format": format})),
-    )?;
-    let pb = progress(cap, "importing");
-    let copied = copy_into_volume(c, pool, name, image, src.as_mut(), &pb);
-    pb.finish_and_clear();
-    if let Err(e) = copied {
-        // No half-imported volume is left behind.
-        let _ = c.call("DELETE", &vol(pool, name), None);
-        return Err(e);
-    }
-    Ok((cap, format))
-}
-
-fn copy_into_volume(
-    c: &Client,
-    pool: &str,
-    name: &str,
-    image: &Path,
-    src: &mut dyn block::BlockBackend,
-    pb: &indicatif::ProgressBar,
-) -> Result<()> {
-    let cap = src.size();
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut off = 0u64;
-    while off < cap {
-        let want = (cap - off).min(CHUNK);
-        let (status, run) = src
-            .block_status(off, want)
-            .with_context(|| format!("reading {} at {off}", image.display()))?;
-        let n = run.clamp(1, want);
-        if status == block::BlockStatus::Data {
-            let chunk = &mut buf[..n as usize];
-            src.read_at(off, chunk)
-                .with_context(|| format!("reading {} at {off}", image.display()))?;
-            if chunk.iter().any(|&b| b != 0) {
-                c.raw(
-                    "PUT",
-                    &format!("{}/data?offset={off}", vol(pool, name)),
-                    Some(("application/octet-stream", chunk)),
-                )?;
-            }
-        }
-        off += n;
-        pb.set_position(off);
-    }
-    Ok(())
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Interactive console: raw terminal, Ctrl-] detaches.

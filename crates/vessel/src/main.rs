@@ -3,7 +3,9 @@
 
 mod cmd_img;
 mod cmd_manage;
+mod cmd_network;
 mod cmd_run;
+mod cmd_storage;
 mod cmd_virsh;
 
 use clap::{Parser, Subcommand};
