@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::network;
 use crate::state::{self, End, Event, Reason, Start};
+use crate::storage::{self, PoolHost};
 use crate::store::Store;
 
 mod migration;
@@ -154,6 +155,21 @@ fn restrict(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("restricting", path, e))
+}
+
+impl PoolHost for Manager {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn pool_roots(&self) -> Vec<PathBuf> {
+        Manager::pool_roots(self)
+    }
+    fn disk_users(&self, path: &Path) -> Result<Vec<String>> {
+        Manager::disk_users(self, path)
+    }
+    fn is_active(&self, domain: &str) -> bool {
+        Manager::is_active(self, domain)
+    }
 }
 
 impl Manager {
@@ -632,7 +648,7 @@ impl Manager {
             let (pool, vol) = r
                 .split_once('/')
                 .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
-            let info = crate::storage::volume_info(self, pool, vol)?;
+            let info = storage::volume_info(self, pool, vol)?;
             let recorded = to_disk(info.format);
             if d.format.is_some_and(|f| f != recorded) {
                 return Err(Error::invalid(
