@@ -976,3 +976,184 @@ impl Manager {
         Ok(self.run_dir(name).console())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn open(tag: &str) -> (Arc<Manager>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vessel-mgr-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = Manager::open(Config {
+            state_dir: dir.clone(),
+            programs: Programs {
+                vessel: "vessel".into(),
+                qemu: "qemu-system-x86_64".into(),
+                jail: false,
+                vmm_ids: driver::DEFAULT_VMM_IDS,
+                vmm_uid_range: None,
+            },
+            pool_roots: vec![],
+            file_roots: vec![],
+            save_on_shutdown: false,
+        })
+        .unwrap();
+        (m, dir)
+    }
+
+    /// Puts a VMM of `driver` in the table for `name`, as a start would.
+    fn running(m: &Manager, name: &str, driver: DriverKind, ending: Option<End>) -> u64 {
+        let generation = m.next_generation();
+        m.update(name, |r| {
+            (r.state, r.reason) = (DomainState::Running, Reason::Booted);
+            r.vmm = Some(Vmm {
+                id: ProcId {
+                    pid: i32::MAX,
+                    start_time: 0,
+                    driver,
+                },
+                generation,
+                started: Instant::now(),
+            });
+            r.ending = ending;
+        });
+        generation
+    }
+
+    /// How a VMM ended is read from its exit status by its driver, unless the manager
+    /// ended it (then that is the reason), and never from message text; a stale
+    /// supervisor changes nothing; waiters wake on the change.
+    #[test]
+    fn a_vmm_end_comes_from_its_status_or_from_what_the_manager_asked() {
+        let (m, dir) = open("ends");
+        let kernel = std::env::current_exe().unwrap();
+        for (name, driver) in [("v", "vessel"), ("q", "qemu")] {
+            let def: DomainDef = serde_json::from_value(serde_json::json!({
+                "name": name, "driver": driver, "vm": {"kernel": kernel}}))
+            .unwrap();
+            m.define(def).unwrap();
+        }
+        let status = |code: i32| Some(std::process::ExitStatus::from_raw((code & 0xff) << 8));
+        let killed = Some(std::process::ExitStatus::from_raw(libc::SIGKILL));
+        let row = |name: &str| m.rows().get(name).cloned().unwrap();
+        for (name, driver, st, ending, want, reason, why) in [
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                None,
+                DomainState::Shutoff,
+                Reason::Shutdown,
+                "guest powered off",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(1),
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: exit status: 1",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                killed,
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: signal: 9 (SIGKILL)",
+            ),
+            // The manager's SIGTERM shows as a status too: what it asked for wins.
+            (
+                "v",
+                DriverKind::Vessel,
+                status(1),
+                Some(End::Destroyed),
+                DomainState::Shutoff,
+                Reason::Destroyed,
+                "destroyed",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                Some(End::Saved),
+                DomainState::Shutoff,
+                Reason::Saved,
+                "saved",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                Some(End::MigratedAway),
+                DomainState::Shutoff,
+                Reason::MigratedAway,
+                "migrated",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                None,
+                None,
+                DomainState::Shutoff,
+                Reason::Unknown,
+                "the VMM process ended",
+            ),
+            (
+                "q",
+                DriverKind::Qemu,
+                status(0),
+                None,
+                DomainState::Shutoff,
+                Reason::Shutdown,
+                "guest powered off",
+            ),
+            // Only Vessel's VMM means "rebooted" by 10.
+            (
+                "q",
+                DriverKind::Qemu,
+                status(10),
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: exit status: 10",
+            ),
+        ] {
+            let g = running(&m, name, driver, ending);
+            assert!(!m.vmm_exited(name, g + 100, st), "a stale supervisor");
+            assert!(m.is_active(name));
+            assert!(!m.vmm_exited(name, g, st));
+            let r = row(name);
+            assert_eq!((r.state, r.reason), (want, reason), "{st:?} {ending:?}");
+            assert_eq!(r.why.as_deref(), Some(why));
+            assert!(r.vmm.is_none() && r.ending.is_none() && !m.is_active(name));
+        }
+        // A guest reboot: the domain stays running, for the reason it ran, with no VMM
+        // until the supervisor starts it again.
+        let g = running(&m, "v", DriverKind::Vessel, None);
+        assert!(m.vmm_exited("v", g, status(10)));
+        let r = row("v");
+        assert_eq!((r.state, r.reason), (DomainState::Running, Reason::Booted));
+        assert!(r.restarting && m.is_active("v"));
+        // A waiter sleeps until the table changes, not on a timer.
+        let waiter = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let ok = m.wait_for("v", Duration::from_secs(30), |r| {
+                    !r.is_some_and(Runtime::active)
+                });
+                (ok, t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        m.update("v", |r| r.restarting = false);
+        let (ok, took) = waiter.join().unwrap();
+        assert!(ok && took < Duration::from_secs(10), "{took:?}");
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
