@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -23,9 +23,11 @@ use crate::network;
 use crate::state::{self, End, Event, Reason, Start};
 use crate::storage::{self, PoolHost};
 use crate::store::Store;
+use runtime::{Runtime, Table, Vmm};
 
 mod migration;
 mod named_snapshots;
+mod runtime;
 
 pub use named_snapshots::SnapshotInfo;
 pub(crate) use snapshots::move_file;
@@ -47,46 +49,6 @@ pub struct Config {
     pub file_roots: Vec<PathBuf>,
     /// Managedsave every running domain when the daemon is told to end.
     pub save_on_shutdown: bool,
-}
-
-/// A running VMM.
-#[derive(Clone, Debug)]
-struct Vmm {
-    id: ProcId,
-    /// Bumped at every start, so a stale supervisor cannot end a newer run.
-    generation: u64,
-    started: Instant,
-}
-
-/// One domain's row in the runtime table: its libvirt state and reason, changed only
-/// through [`state::next`], and its VMM while it has one.
-#[derive(Clone, Debug)]
-struct Runtime {
-    state: DomainState,
-    reason: Reason,
-    vmm: Option<Vmm>,
-    /// Between a guest reboot and its VMM's restart: running, with no VMM.
-    restarting: bool,
-    /// What the manager is ending the VMM for (destroy, save, migrate), so its end is
-    /// recorded as that and not read from its exit status.
-    ending: Option<End>,
-    /// Why it last stopped, in words (the state and reason are kept, never inferred from
-    /// these).
-    why: Option<String>,
-}
-
-impl Runtime {
-    fn active(&self) -> bool {
-        self.vmm.is_some() || self.restarting
-    }
-}
-
-/// Every domain's runtime row under one lock, and a condition variable signalled at
-/// every change, which waiters (destroy, shutdown --wait, reboot, migration) sleep on.
-#[derive(Debug, Default)]
-struct Table {
-    rows: Mutex<HashMap<String, Runtime>>,
-    changed: Condvar,
 }
 
 /// What `list` and `dominfo` report.
@@ -262,74 +224,6 @@ impl Manager {
 
     fn next_generation(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// The runtime table, for one short look or change (never held across a driver call).
-    fn rows(&self) -> MutexGuard<'_, HashMap<String, Runtime>> {
-        lock(&self.table.rows)
-    }
-
-    /// Changes a domain's row and wakes whoever waits on the table.
-    fn update<T>(&self, name: &str, f: impl FnOnce(&mut Runtime) -> T) -> T {
-        let mut rows = self.rows();
-        let row = rows.entry(name.to_string()).or_insert_with(|| Runtime {
-            state: DomainState::Shutoff,
-            reason: Reason::Unknown,
-            vmm: None,
-            restarting: false,
-            ending: None,
-            why: None,
-        });
-        let out = f(row);
-        drop(rows);
-        self.table.changed.notify_all();
-        out
-    }
-
-    /// Waits until `done` holds for the domain's row (None: no row), or `limit` passes;
-    /// returns whether it held.
-    fn wait_for(
-        &self,
-        name: &str,
-        limit: Duration,
-        done: impl Fn(Option<&Runtime>) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut rows = self.rows();
-        loop {
-            if done(rows.get(name)) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            rows = self
-                .table
-                .changed
-                .wait_timeout(rows, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Applies `event` to the domain's state through the state machine.
-    fn transition(&self, name: &str, event: Event) -> Result<(DomainState, Reason)> {
-        self.update(name, |r| {
-            let (state, reason) = state::next(r.state, event, name)?;
-            r.state = state;
-            r.reason = reason;
-            Ok((state, reason))
-        })
-    }
-
-    /// The names of the domains with a VMM.
-    pub(crate) fn running_names(&self) -> Vec<String> {
-        self.rows()
-            .iter()
-            .filter(|(_, r)| r.vmm.is_some())
-            .map(|(n, _)| n.clone())
-            .collect()
     }
 
     /// Finds VMM processes a previous daemon started and watches them again.
