@@ -738,9 +738,12 @@ impl Manager {
             let (id, state) = self.active_id(name)?;
             state::next(state, Event::ShutdownRequested, name)?;
             driver::of(id.driver).shutdown(&self.run_dir(name))?;
-            self.transition(name, Event::ShutdownRequested)?;
-            self.events
-                .emit(name, "shutdown-requested", "in shutdown", None);
+            // A guest may power off before this: then it is shut off already, which is
+            // what was asked.
+            if self.transition(name, Event::ShutdownRequested).is_ok() {
+                self.events
+                    .emit(name, "shutdown-requested", "in shutdown", None);
+            }
         }
         if let Some(w) = wait {
             self.wait_for(name, w, |r| !r.is_some_and(Runtime::active));
