@@ -4,12 +4,11 @@
 //! The destination daemon defines the domain from the definition the source sends (or
 //! finds it defined the same) and starts its VMM waiting for it (`vessel run --incoming`
 //! with the configuration it expects, or QEMU's `-incoming unix:`). The source's Vessel
-//! VMM is jailed and may sit in a
-//! network namespace of its own, so it sends to a socket in its own run folder, where
-//! this daemon takes the stream and passes it on to the destination's VMM (libvirt's
-//! tunnelled migration). Once the destination runs the domain, the source's VMM ends;
-//! the definition stays here, shut off, unless asked to leave (virsh's
-//! `--undefinesource`). docs/MIGRATION.md.
+//! VMM is jailed and may sit in a network namespace of its own, so it sends to a socket
+//! in its own run folder, where this daemon takes the stream and passes it on to the
+//! destination's VMM (libvirt's tunnelled migration; a QEMU sends through it too). Once
+//! the destination runs the domain, the source's VMM ends; the definition stays here,
+//! shut off, unless asked to leave (virsh's `--undefinesource`). docs/MIGRATION.md.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -1,6 +1,6 @@
 //! `snapshot-create-as`, `snapshot-list`, `snapshot-revert` and `snapshot-delete`
-//! (virsh's verbs) for domains of either driver: a named snapshot of a domain is its VM state (when
-//! it ran: `vmstate` and `memory`, as a save writes them) and a copy of each of its
+//! (virsh's verbs) for domains of either driver: a named snapshot of a domain is its VM
+//! state (when it ran: the files its driver's save writes) and a copy of each of its
 //! writable disks, taken with the VM paused, in `STATE/snapshots/DOMAIN/SNAPSHOT/`. A
 //! revert stops the domain, puts the disks back, and starts it from the saved state
 //! (or leaves it shut off, for a snapshot of a shut-off domain).
