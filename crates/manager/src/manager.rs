@@ -240,7 +240,7 @@ impl Manager {
                     let paused = driver::of(id.driver).probe_paused(&dir);
                     let generation = self.next_generation();
                     tracing::info!(domain = %name, pid = id.pid, "re-adopted a running VMM");
-                    let state = self.update(&name, |r| {
+                    self.update(&name, |r| {
                         // A previous daemon started it: how, this one cannot know.
                         (r.state, r.reason) = if paused {
                             (DomainState::Paused, Reason::User)
@@ -252,14 +252,8 @@ impl Manager {
                             generation,
                             started: Instant::now(),
                         });
-                        r.state
                     });
-                    self.events.emit(
-                        &name,
-                        "adopted",
-                        state.as_str(),
-                        Some(format!("pid {}", id.pid)),
-                    );
+                    self.announce(&name, "adopted", Some(format!("pid {}", id.pid)));
                     self.watch(name, generation, None, id);
                 }
                 Some(id) if id.alive() => {
@@ -411,7 +405,13 @@ impl Manager {
             End::Failed => "crashed",
             _ => "stopped",
         };
-        self.events.emit(name, event, state.as_str(), Some(why));
+        self.events.emit_with(
+            name,
+            event,
+            state.as_str(),
+            Some(reason.as_str()),
+            Some(why),
+        );
         rebooted
     }
 
@@ -712,8 +712,13 @@ impl Manager {
             Ok::<_, Error>(())
         });
         entered?;
-        self.events
-            .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
+        self.events.emit_with(
+            name,
+            "started",
+            "running",
+            self.rows().get(name).map(|r| r.reason.as_str()),
+            Some(format!("pid {}", id.pid)),
+        );
         self.watch(name.to_string(), generation, Some(child), id);
         driver.after_ready(&run, boot)?;
         Ok(self.info_of(&def))
@@ -741,8 +746,7 @@ impl Manager {
             // A guest may power off before this: then it is shut off already, which is
             // what was asked.
             if self.transition(name, Event::ShutdownRequested).is_ok() {
-                self.events
-                    .emit(name, "shutdown-requested", "in shutdown", None);
+                self.announce(name, "shutdown-requested", None);
             }
         }
         if let Some(w) = wait {
@@ -860,9 +864,8 @@ impl Manager {
         } else {
             d.resume(&run)?;
         }
-        let (s, _) = self.transition(name, event)?;
-        let ev = if pause { "suspended" } else { "resumed" };
-        self.events.emit(name, ev, s.as_str(), None);
+        self.transition(name, event)?;
+        self.announce(name, if pause { "suspended" } else { "resumed" }, None);
         Ok(())
     }
 

@@ -85,7 +85,8 @@ impl Manager {
             }
             return Err(e);
         }
-        self.events.emit(&name, "migrating-in", "running", None);
+        self.events
+            .emit_with(&name, "migrating-in", "running", Some("migrated"), None);
         let url = format!("unix:{}", self.run_dir(&name).incoming().display());
         Ok((url, defined))
     }
@@ -180,10 +181,11 @@ impl Manager {
         if undefine_source {
             self.undefine(name)?;
         }
-        self.events.emit(
+        self.events.emit_with(
             name,
             "migrated",
             "shut off",
+            Some("migrated"),
             Some(format!("to {}", dest.display())),
         );
         Ok(report)

@@ -213,10 +213,11 @@ impl Manager {
         } else {
             self.info(domain)?.1
         };
-        self.events.emit(
+        self.events.emit_with(
             domain,
             "snapshot-reverted",
             if with_memory { "running" } else { "shut off" },
+            with_memory.then_some("from snapshot"),
             Some(name.into()),
         );
         Ok(info)

@@ -121,4 +121,16 @@ impl Manager {
             .map(|(n, _)| n.clone())
             .collect()
     }
+
+    /// Emits a state-changing event with the domain's state and reason as they are now.
+    pub(super) fn announce(&self, name: &str, event: &str, detail: Option<String>) {
+        let (state, reason) = self
+            .rows()
+            .get(name)
+            .map_or((DomainState::Shutoff, Reason::Unknown), |r| {
+                (r.state, r.reason)
+            });
+        self.events
+            .emit_with(name, event, state.as_str(), Some(reason.as_str()), detail);
+    }
 }

@@ -116,8 +116,13 @@ impl Manager {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(domain = name, "removing the managed save: {e}");
         }
-        self.events
-            .emit(name, "restored", "running", Some("managed save".into()));
+        self.events.emit_with(
+            name,
+            "restored",
+            "running",
+            Some("restored"),
+            Some("managed save".into()),
+        );
         Ok(info)
     }
 
@@ -137,8 +142,13 @@ impl Manager {
         let dir = save_target(path)?;
         self.capture(name, &dir, &|| Ok(()), true)?;
         self.end_vmm(name, End::Saved)?;
-        self.events
-            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
+        self.events.emit_with(
+            name,
+            "saved",
+            "shut off",
+            Some("saved"),
+            Some(dir.display().to_string()),
+        );
         Ok(())
     }
 
@@ -198,10 +208,11 @@ impl Manager {
             crate::driver::Boot::Restore(path),
             Start::Restore,
         )?;
-        self.events.emit(
+        self.events.emit_with(
             name,
             "restored",
             "running",
+            Some("restored"),
             Some(path.display().to_string()),
         );
         Ok(info)
