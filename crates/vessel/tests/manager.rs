@@ -2856,6 +2856,19 @@ fn qemu_domain_migrates_live_between_daemons() {
         "running (migrated)"
     );
     assert!(src.run_pids().is_empty(), "the source's QEMU still runs");
+    // The events say so too, with libvirt's reasons.
+    let reasons = |c: &Client, event: &str| -> Vec<Value> {
+        c.get("/v1/events?since=0&domain=qmover&timeout=0").unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| e["reason"].clone())
+            .collect()
+    };
+    assert_eq!(reasons(&at_dst, "started"), [json!("migrated")]);
+    assert_eq!(reasons(&at_src, "started"), [json!("booted")]);
+    assert_eq!(reasons(&at_src, "stopped"), [json!("migrated")]);
     let last = *counts(&at_src).last().unwrap();
     wait_count(&at_dst, last + 5, "at the destination");
     let both = parse(&format!(
