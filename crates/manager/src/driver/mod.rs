@@ -323,6 +323,12 @@ pub trait Driver: Sync + std::fmt::Debug {
         run: &RunDir,
     ) -> Result<()>;
 
+    /// The user and group the VMM runs as once started, when not the daemon's (files the
+    /// VMM is to open are handed to it).
+    fn vmm_user(&self, _p: &Programs, _run: &RunDir) -> Option<(u32, u32)> {
+        None
+    }
+
     /// Sends the running domain's VM, live, to the VMM listening on the Unix socket `to`;
     /// returns the VMM's report (rounds, downtime, total time).
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value>;

@@ -160,6 +160,11 @@ impl Driver for VesselDriver {
         Ok(())
     }
 
+    /// A jailed VMM becomes an unprivileged user once its VM is built.
+    fn vmm_user(&self, p: &Programs, run: &RunDir) -> Option<(u32, u32)> {
+        p.jail.then(|| p.vmm_ids_for(run))
+    }
+
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value> {
         vmm_api_json(
             run,

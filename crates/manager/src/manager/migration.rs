@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{lock, Manager};
-use crate::domain::{DomainDef, DriverKind};
+use crate::domain::DomainDef;
 use crate::driver;
 use crate::error::{Error, Result};
 use crate::state::{End, Start};
@@ -131,9 +131,8 @@ impl Manager {
         let sent = (|| {
             let listener = UnixListener::bind(&relay_path)
                 .map_err(|e| Error::io("listening for the migration", &relay_path, e))?;
-            if self.cfg.programs.jail && id.driver == DriverKind::Vessel {
-                // The jailed VMM's user connects to it.
-                let (uid, gid) = self.cfg.programs.vmm_ids_for(&run);
+            if let Some((uid, gid)) = d.vmm_user(&self.cfg.programs, &run) {
+                // The VMM connects to it as its own user.
                 std::os::unix::fs::chown(&relay_path, Some(uid), Some(gid))
                     .map_err(|e| Error::io("handing the migration socket over", &relay_path, e))?;
             }
