@@ -331,6 +331,7 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
         }
         let log = std::fs::File::create(dir.join("dnsmasq.log"))
             .map_err(|e| Error::io("creating", dir.join("dnsmasq.log"), e))?;
+        driver::default_signals(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -579,6 +579,22 @@ fn restart_readopts_a_running_domain() {
         .as_i64()
         .unwrap() as i32;
     wait_for_log(&c, "keep", "vessel-init:");
+    // The VMM starts with no signal blocked: the daemon blocks SIGTERM for its signal
+    // thread, and a QEMU that kept that mask never saw destroy's SIGTERM (it was killed
+    // 3 s later).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        assert_eq!(
+            blocked & (1 << (sig - 1)),
+            0,
+            "signal {sig} blocked in QEMU"
+        );
+    }
     c.post("/v1/domains/keep/suspend", None).unwrap();
 
     // Autostart: this one is not running now; the restarted daemon starts it.
@@ -2563,7 +2579,14 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         d.ok(&["domstate", "vq", "--reason"]).trim(),
         "running (unpaused)"
     );
+    // SIGTERM ends the VMM: no SIGKILL 3 s later.
+    let t0 = Instant::now();
     d.ok(&["destroy", "vq"]);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "destroy took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(
         d.ok(&["domstate", "vq", "--reason"]).trim(),
         "shut off (destroyed)"

@@ -382,6 +382,7 @@ pub fn start(
         .stderr(stderr)
         // Own process group: a Ctrl-C meant for the daemon does not reach the VMMs.
         .process_group(0);
+    default_signals(&mut cmd);
     let what = match def.driver {
         DriverKind::Qemu => p.qemu.display().to_string(),
         DriverKind::Vessel => format!("{} run", p.vessel.display()),
@@ -402,6 +403,28 @@ pub fn start(
     });
     id.write(&run.pidfile())?;
     Ok((child, id))
+}
+
+/// Starts `cmd` with no signal blocked. The daemon blocks SIGTERM, SIGINT and SIGHUP in
+/// its threads (its signal thread waits for them), and a child kept that mask: a VMM
+/// never saw destroy's SIGTERM and was killed 3 s later.
+pub(crate) fn default_signals(cmd: &mut Command) {
+    // SAFETY: the hook runs in the child between fork and exec; it only calls
+    // sigemptyset and pthread_sigmask, which are async-signal-safe, on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            // SAFETY: sigemptyset initializes the set it is given.
+            if libc::sigemptyset(set.as_mut_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `set` was initialized just above; the old mask is not asked for.
+            match libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        });
+    }
 }
 
 /// Waits for the VMM's control socket to answer (or, migrating in, for it to listen), or
