@@ -124,13 +124,18 @@ impl DomainDef {
         self.vm
             .validate()
             .map_err(|e| Error::invalid("domain machine config", e.to_string()))?;
-        if self.driver == DriverKind::Qemu {
-            if let Some(field) = qemu_cannot_honour(&self.vm) {
-                return Err(Error::invalid(
-                    "domain machine config",
-                    format!("unsupported configuration: the QEMU driver cannot honour {field}"),
-                ));
-            }
+        crate::driver::of(self.driver).check(&self.vm)?;
+        // The manager owns the serial console (its log and console socket): a serial
+        // given in a definition would be replaced at start.
+        if !matches!(
+            self.vm.serial,
+            vmm::SerialConfig::Stdio | vmm::SerialConfig::Null
+        ) {
+            return Err(Error::invalid(
+                "domain machine config",
+                "unsupported configuration: vm.serial is the manager's (a log plus the \
+                 console socket: vessel console NAME); leave it out",
+            ));
         }
         for n in &self.vm.nets {
             check_tap_name(&n.tap)?;
@@ -155,45 +160,6 @@ impl DomainDef {
         }
         Ok(())
     }
-}
-
-/// The first `VmConfig` field the QEMU driver would have to drop, named for the user
-/// (checked at define time: a domain never starts without part of its definition).
-pub fn qemu_cannot_honour(vm: &vmm::VmConfig) -> Option<&'static str> {
-    if vm.vsock.is_some() {
-        return Some(
-            "vm.vsock (Vessel's vsock is Firecracker's Unix-socket flavour; QEMU's is vhost-vsock)",
-        );
-    }
-    if vm.virtio_console.is_some() {
-        return Some("vm.virtio_console (a virtio console: use the Vessel driver)");
-    }
-    if !vm.option_roms.is_empty() {
-        return Some("vm.option_roms");
-    }
-    if vm.accel == vmm::Accel::Hybrid {
-        return Some("vm.accel hybrid (Vessel's own accelerator)");
-    }
-    if vm.serial_rate_limiter.is_some() {
-        return Some("vm.serial_rate_limiter (Firecracker's serial token bucket)");
-    }
-    if !vm.cpuid_modifiers.is_empty() {
-        return Some("vm.cpuid_modifiers (Firecracker's custom CPU template)");
-    }
-    if vm.rng_rate_limiter.is_some() {
-        return Some("vm.rng_rate_limiter (Firecracker's token buckets)");
-    }
-    if vm.disks.iter().any(|d| d.rate_limiter.is_some()) {
-        return Some("a disk's rate_limiter (Firecracker's token buckets)");
-    }
-    if vm
-        .nets
-        .iter()
-        .any(|n| n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some())
-    {
-        return Some("a network interface's rate limiter (Firecracker's token buckets)");
-    }
-    None
 }
 
 /// A TAP device name as Linux takes it (1-15 bytes) and nothing else: it goes into

@@ -20,6 +20,10 @@ pub struct Event {
     pub event: String,
     /// The domain's state after the event.
     pub state: String,
+    /// libvirt's reason for that state ("booted", "destroyed", "migrated" …), for the
+    /// events that change it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -39,6 +43,18 @@ fn now() -> f64 {
 
 impl Events {
     pub fn emit(&self, domain: &str, event: &str, state: &str, detail: Option<String>) {
+        self.emit_with(domain, event, state, None, detail)
+    }
+
+    /// [`Events::emit`] for an event that changed the domain's state, with its reason.
+    pub fn emit_with(
+        &self,
+        domain: &str,
+        event: &str,
+        state: &str,
+        reason: Option<&'static str>,
+        detail: Option<String>,
+    ) {
         let mut g = self.log.lock().unwrap_or_else(|p| p.into_inner());
         g.0 += 1;
         let e = Event {
@@ -47,6 +63,7 @@ impl Events {
             domain: domain.to_string(),
             event: event.to_string(),
             state: state.to_string(),
+            reason,
             detail,
         };
         tracing::info!(domain, event, state, "event");

@@ -12,6 +12,7 @@ pub mod libvirt_xml;
 pub mod manager;
 pub mod network;
 pub mod qmp;
+pub mod state;
 pub mod storage;
 pub mod storage_api;
 pub mod store;

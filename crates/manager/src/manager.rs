@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,14 +20,17 @@ use crate::driver::{self, ProcId, Programs, RunDir};
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::network;
+use crate::state::{self, End, Event, Reason, Start};
+use crate::storage::{self, PoolHost};
 use crate::store::Store;
+use runtime::{Runtime, Table, Vmm};
 
 mod migration;
 mod named_snapshots;
-mod qemu_save;
+mod runtime;
 
 pub use named_snapshots::SnapshotInfo;
-pub(crate) use qemu_save::{shell_quoted, QEMU_STATE};
+pub(crate) use snapshots::move_file;
 mod networks;
 mod snapshots;
 pub use networks::{InterfaceInfo, Lease, NetworkInfo};
@@ -43,19 +47,8 @@ pub struct Config {
     /// images), besides the pool roots (`vessel daemon --file-root DIR`). A TCP client
     /// has no host user to check its rights against.
     pub file_roots: Vec<PathBuf>,
-    /// Managedsave every running Vessel domain when the daemon is told to end.
+    /// Managedsave every running domain when the daemon is told to end.
     pub save_on_shutdown: bool,
-}
-
-#[derive(Debug)]
-struct Active {
-    id: ProcId,
-    state: DomainState,
-    /// Bumped at every start, so a stale supervisor cannot end a newer run.
-    generation: u64,
-    /// Set by destroy, so the exit is reported as destroyed, not crashed.
-    destroying: bool,
-    started: Instant,
 }
 
 /// What `list` and `dominfo` report.
@@ -74,17 +67,12 @@ pub struct DomainInfo {
     pub pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<f64>,
+    /// Why the domain is in its state: libvirt's reason ("booted", "user", "destroyed" …).
+    pub reason: Reason,
     /// Why the domain last stopped, when it is not running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_stop: Option<String>,
     pub serial_log: PathBuf,
-}
-
-/// How a domain last stopped.
-#[derive(Debug, Clone)]
-struct StopRecord {
-    state: DomainState,
-    why: String,
 }
 
 #[derive(Debug)]
@@ -95,15 +83,10 @@ pub struct Manager {
     pub store: Store,
     pub events: Events,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    active: Mutex<HashMap<String, Active>>,
-    /// How each domain last stopped: its state then (shut off or crashed, from the VMM's
-    /// exit status) and why, in words. The state is kept, never inferred from the words.
-    last_stop: Mutex<HashMap<String, StopRecord>>,
-    generation: Mutex<u64>,
+    table: Table,
+    generation: AtomicU64,
     /// Serializes network operations.
     net_lock: Mutex<()>,
-    /// Domains between a guest reboot and their VMM's restart: still "running".
-    restarting: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Two daemons on one state directory would both adopt the same VMMs: refuse the second.
@@ -134,6 +117,21 @@ fn restrict(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("restricting", path, e))
+}
+
+impl PoolHost for Manager {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn pool_roots(&self) -> Vec<PathBuf> {
+        Manager::pool_roots(self)
+    }
+    fn disk_users(&self, path: &Path) -> Result<Vec<String>> {
+        Manager::disk_users(self, path)
+    }
+    fn is_active(&self, domain: &str) -> bool {
+        Manager::is_active(self, domain)
+    }
 }
 
 impl Manager {
@@ -192,11 +190,9 @@ impl Manager {
             store,
             events: Events::default(),
             locks: Mutex::new(HashMap::new()),
-            active: Mutex::new(HashMap::new()),
-            last_stop: Mutex::new(HashMap::new()),
-            generation: Mutex::new(0),
+            table: Table::default(),
+            generation: AtomicU64::new(0),
             net_lock: Mutex::new(()),
-            restarting: Mutex::new(Default::default()),
         });
         m.adopt()?;
         Ok(m)
@@ -227,9 +223,7 @@ impl Manager {
     }
 
     fn next_generation(&self) -> u64 {
-        let mut g = lock(&self.generation);
-        *g += 1;
-        *g
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Finds VMM processes a previous daemon started and watches them again.
@@ -243,34 +237,23 @@ impl Manager {
             let defined = self.store.get_domain(&name).is_ok();
             match id {
                 Some(id) if id.alive() && defined => {
-                    let state = match id.driver {
-                        DriverKind::Qemu => match driver::qmp_status(&dir).as_deref() {
-                            Ok("paused") => DomainState::Paused,
-                            _ => DomainState::Running,
-                        },
-                        DriverKind::Vessel => match driver::vmm_state(&dir).as_deref() {
-                            Ok("Paused") => DomainState::Paused,
-                            _ => DomainState::Running,
-                        },
-                    };
+                    let paused = driver::of(id.driver).probe_paused(&dir);
                     let generation = self.next_generation();
                     tracing::info!(domain = %name, pid = id.pid, "re-adopted a running VMM");
-                    lock(&self.active).insert(
-                        name.clone(),
-                        Active {
+                    self.update(&name, |r| {
+                        // A previous daemon started it: how, this one cannot know.
+                        (r.state, r.reason) = if paused {
+                            (DomainState::Paused, Reason::User)
+                        } else {
+                            (DomainState::Running, Reason::Unknown)
+                        };
+                        r.vmm = Some(Vmm {
                             id: id.clone(),
-                            state,
                             generation,
-                            destroying: false,
                             started: Instant::now(),
-                        },
-                    );
-                    self.events.emit(
-                        &name,
-                        "adopted",
-                        state.as_str(),
-                        Some(format!("pid {}", id.pid)),
-                    );
+                        });
+                    });
+                    self.announce(&name, "adopted", Some(format!("pid {}", id.pid)));
                     self.watch(name, generation, None, id);
                 }
                 Some(id) if id.alive() => {
@@ -279,13 +262,10 @@ impl Manager {
                 _ => {
                     tracing::info!(domain = %name, "VMM ended while the daemon was down");
                     let _ = std::fs::remove_dir_all(&dir.0);
-                    lock(&self.last_stop).insert(
-                        name,
-                        StopRecord {
-                            state: DomainState::Shutoff,
-                            why: "ended while the daemon was down".into(),
-                        },
-                    );
+                    self.update(&name, |r| {
+                        r.reason = Reason::Daemon;
+                        r.why = Some("ended while the daemon was down".into());
+                    });
                 }
             }
         }
@@ -309,7 +289,7 @@ impl Manager {
             .into_iter()
             .filter(|d| d.autostart || self.saved_at_shutdown(&d.name))
         {
-            if lock(&self.active).contains_key(&d.name) {
+            if self.is_active(&d.name) {
                 continue;
             }
             if let Err(e) = self.start(&d.name) {
@@ -318,7 +298,7 @@ impl Manager {
         }
     }
 
-    /// Supervises a VMM: reaps our own child, or polls an adopted process.
+    /// Supervises a VMM: reaps our own child, or waits on an adopted process's pidfd.
     fn watch(self: &Arc<Self>, name: String, generation: u64, child: Option<Child>, id: ProcId) {
         let me = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
@@ -327,9 +307,7 @@ impl Manager {
                 let status = match child {
                     Some(mut c) => c.wait().ok(),
                     None => {
-                        while id.alive() {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                        id.wait_exit();
                         // Not our child, so no wait status: a Vessel VMM leaves its exit
                         // status in the run directory (a QEMU has none: None).
                         me.upgrade().and_then(|m| {
@@ -349,7 +327,7 @@ impl Manager {
                     if rebooted {
                         if let Err(e) = m.start_with(&name, false) {
                             tracing::warn!(domain = %name, "restart after reboot failed: {e}");
-                            lock(&m.restarting).remove(&name);
+                            m.update(&name, |r| r.restarting = false);
                         }
                     }
                 }
@@ -366,41 +344,31 @@ impl Manager {
         generation: u64,
         status: Option<std::process::ExitStatus>,
     ) -> bool {
-        let mut active = lock(&self.active);
-        let Some(a) = active.get(name) else {
+        let mut rows = self.rows();
+        let Some(row) = rows.get_mut(name) else {
             return false;
         };
-        if a.generation != generation {
+        let Some(vmm) = row.vmm.as_ref().filter(|v| v.generation == generation) else {
             return false;
-        }
-        let destroyed = a.destroying;
-        let shutting = a.state == DomainState::InShutdown;
-        let (event, state, why) = match status {
-            _ if destroyed => ("stopped", DomainState::Shutoff, "destroyed".to_string()),
-            Some(s) if s.success() => (
-                "stopped",
-                DomainState::Shutoff,
-                if shutting {
-                    "shutdown"
-                } else {
-                    "guest powered off"
-                }
-                .to_string(),
-            ),
-            // `vessel run` exits 10 when the guest rebooted.
-            Some(s) if s.code() == Some(10) && a.id.driver == DriverKind::Vessel => {
-                ("rebooted", DomainState::Shutoff, "guest rebooted".into())
-            }
-            Some(s) => (
-                "crashed",
-                DomainState::Crashed,
-                format!("the VMM ended: {s}"),
-            ),
-            None => (
-                "stopped",
-                DomainState::Shutoff,
-                "the VMM process ended".into(),
-            ),
+        };
+        let end = row
+            .ending
+            .unwrap_or_else(|| driver::of(vmm.id.driver).ended(status));
+        let Ok((state, reason)) = state::next(row.state, Event::Ended(end), name) else {
+            return false;
+        };
+        let why = match end {
+            End::Destroyed => "destroyed".to_string(),
+            End::PoweredOff if row.state == DomainState::InShutdown => "shutdown".into(),
+            End::PoweredOff => "guest powered off".into(),
+            End::Rebooted => "guest rebooted".into(),
+            End::Saved => "saved".into(),
+            End::MigratedAway => "migrated".into(),
+            End::Unknown => "the VMM process ended".into(),
+            End::Failed => match status {
+                Some(s) => format!("the VMM ended: {s}"),
+                None => "the VMM ended".into(),
+            },
         };
         let run = self.run_dir(name);
         if state == DomainState::Crashed {
@@ -414,66 +382,65 @@ impl Manager {
             );
         }
         let _ = std::fs::remove_dir_all(&run.0);
+        // The domain stops counting as active together with its state and reason, so
+        // nobody sees a stopped domain without them; a reboot keeps it running.
+        let rebooted = end == End::Rebooted;
+        row.state = if rebooted {
+            DomainState::Running
+        } else {
+            state
+        };
+        row.reason = if rebooted { row.reason } else { reason };
+        row.why = Some(why.clone());
+        row.vmm = None;
+        row.ending = None;
+        row.restarting = rebooted;
+        drop(rows);
+        self.table.changed.notify_all();
         if let Ok(def) = self.store.get_domain(name) {
             self.detach_interfaces(&def);
         }
-        // Record why before the domain stops counting as active, so nobody sees a stopped
-        // domain without its reason.
-        lock(&self.last_stop).insert(
-            name.to_string(),
-            StopRecord {
-                state,
-                why: why.clone(),
-            },
+        let event = match end {
+            End::Rebooted => "rebooted",
+            End::Failed => "crashed",
+            _ => "stopped",
+        };
+        self.events.emit_with(
+            name,
+            event,
+            state.as_str(),
+            Some(reason.as_str()),
+            Some(why),
         );
-        if event == "rebooted" {
-            lock(&self.restarting).insert(name.to_string());
-        }
-        active.remove(name);
-        drop(active);
-        self.events.emit(name, event, state.as_str(), Some(why));
-        event == "rebooted"
+        rebooted
     }
 
     pub(crate) fn state_of(&self, name: &str) -> DomainState {
-        if let Some(a) = lock(&self.active).get(name) {
-            return a.state;
-        }
-        if lock(&self.restarting).contains(name) {
-            return DomainState::Running;
-        }
-        lock(&self.last_stop)
+        self.rows()
             .get(name)
             .map_or(DomainState::Shutoff, |r| r.state)
     }
 
     fn info_of(&self, d: &DomainDef) -> DomainInfo {
-        let active = lock(&self.active);
-        let a = active.get(&d.name);
-        let state = a.map(|a| a.state).unwrap_or(DomainState::Shutoff);
-        let pid = a.map(|a| a.id.pid);
-        let uptime_s = a.map(|a| a.started.elapsed().as_secs_f64());
-        drop(active);
-        let state = if state == DomainState::Shutoff {
-            self.state_of(&d.name)
-        } else {
-            state
-        };
+        let row = self.rows().get(&d.name).cloned();
+        let state = row.as_ref().map_or(DomainState::Shutoff, |r| r.state);
+        let vmm = row.as_ref().and_then(|r| r.vmm.clone());
         DomainInfo {
             name: d.name.clone(),
             uuid: d.uuid.clone().unwrap_or_default(),
             driver: d.driver,
             state,
             state_text: state.as_str(),
+            reason: row.as_ref().map_or(Reason::Unknown, |r| r.reason),
             autostart: d.autostart,
             cpus: d.vm.cpus,
             memory_mib: d.vm.memory_mib,
-            pid,
-            uptime_s,
+            pid: vmm.as_ref().map(|v| v.id.pid),
+            uptime_s: vmm.as_ref().map(|v| v.started.elapsed().as_secs_f64()),
             last_stop: if state.is_active() {
                 None
             } else {
-                lock(&self.last_stop).get(&d.name).map(|r| r.why.clone())
+                row.and_then(|r| r.why)
             },
             serial_log: self.serial_log(&d.name),
         }
@@ -575,7 +542,7 @@ impl Manager {
             let (pool, vol) = r
                 .split_once('/')
                 .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
-            let info = crate::storage::volume_info(self, pool, vol)?;
+            let info = storage::volume_info(self, pool, vol)?;
             let recorded = to_disk(info.format);
             if d.format.is_some_and(|f| f != recorded) {
                 return Err(Error::invalid(
@@ -607,7 +574,7 @@ impl Manager {
         }
         self.store.delete_domain(name)?;
         let _ = std::fs::remove_file(self.serial_log(name));
-        lock(&self.last_stop).remove(name);
+        self.rows().remove(name);
         self.events.emit(name, "undefined", "shut off", None);
         Ok(())
     }
@@ -637,15 +604,14 @@ impl Manager {
     }
 
     pub fn is_active(&self, name: &str) -> bool {
-        lock(&self.active).contains_key(name) || lock(&self.restarting).contains(name)
+        self.rows().get(name).is_some_and(Runtime::active)
     }
 
     /// Waits (briefly) for a restart after a guest reboot to finish.
     fn settle(&self, name: &str) {
-        let t0 = Instant::now();
-        while lock(&self.restarting).contains(name) && t0.elapsed() < Duration::from_secs(15) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.wait_for(name, Duration::from_secs(15), |r| {
+            !r.is_some_and(|r| r.restarting)
+        });
     }
 
     pub fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
@@ -657,25 +623,28 @@ impl Manager {
         if let Some(dir) = self.managed_save(name) {
             return self.start_managed(name, &dir);
         }
-        self.start_inner(name, fresh_log, driver::Boot::Fresh)
+        self.start_inner(name, fresh_log, driver::Boot::Fresh, Start::Boot)
     }
 
-    /// Starts a domain, or with `restore` brings it back from the snapshot in that folder.
+    /// Starts a domain's VMM as `boot` (booting, restoring the state saved in a folder,
+    /// or waiting for the domain migrating in); `how` is the reason it runs.
     fn start_inner(
         self: &Arc<Self>,
         name: &str,
         fresh_log: bool,
         boot: driver::Boot<'_>,
+        how: Start,
     ) -> Result<DomainInfo> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let def = self.store.get_domain(name)?;
-        if lock(&self.active).contains_key(name) {
+        if self.rows().get(name).is_some_and(|r| r.vmm.is_some()) {
             return Err(Error::Conflict(format!(
                 "domain {name:?} is already running"
             )));
         }
         def.validate()?;
+        let driver = driver::of(def.driver);
         // A writable disk may be used by one running domain only.
         for disk in def.vm.disks.iter().filter(|d| !d.read_only) {
             for other in self.disk_users(&disk.path)? {
@@ -691,16 +660,12 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;
         if let driver::Boot::Restore(dir) = boot {
-            let matches = match def.driver {
-                DriverKind::Qemu => qemu_save::check_matches(dir, &def),
-                DriverKind::Vessel => snapshots::check_matches(dir, &runtime, &run),
-            };
-            if let Err(e) = matches {
+            if let Err(e) = driver.check_state(dir, &def, &runtime, &run) {
                 self.detach_interfaces(&def);
                 return Err(e);
             }
         }
-        let started = driver::start_or_restore(
+        let started = driver::start(
             &self.cfg.programs,
             &runtime,
             &run,
@@ -709,11 +674,7 @@ impl Manager {
             boot,
         )
         .and_then(|(mut child, id)| {
-            let ready = match boot {
-                driver::Boot::Incoming => driver::wait_incoming(&runtime, &run, &mut child),
-                _ => driver::wait_ready(&runtime, &run, &mut child),
-            };
-            match ready {
+            match driver::wait_ready(&runtime, &run, &mut child, boot) {
                 Ok(()) => Ok((child, id)),
                 Err(e) => {
                     let _ = child.kill();
@@ -731,120 +692,109 @@ impl Manager {
             }
         };
         let generation = self.next_generation();
-        {
-            let mut active = lock(&self.active);
-            active.insert(
-                name.to_string(),
-                Active {
-                    id: id.clone(),
-                    state: DomainState::Running,
-                    generation,
-                    destroying: false,
-                    started: Instant::now(),
-                },
-            );
-            // A restart after a reboot ends here, atomically with the domain becoming
-            // active again: at no moment is it neither.
-            lock(&self.restarting).remove(name);
-        }
-        lock(&self.last_stop).remove(name);
-        self.events
-            .emit(name, "started", "running", Some(format!("pid {}", id.pid)));
+        // A restart after a reboot ends here, atomically with the domain having its VMM
+        // again: at no moment is it neither.
+        let entered = self.update(name, |r| {
+            // A guest reboot's restart: running throughout, for the reason it ran.
+            (r.state, r.reason) = if r.restarting {
+                (DomainState::Running, r.reason)
+            } else {
+                state::next(r.state, Event::Started(how), name)?
+            };
+            r.restarting = false;
+            r.vmm = Some(Vmm {
+                id: id.clone(),
+                generation,
+                started: Instant::now(),
+            });
+            r.ending = None;
+            r.why = None;
+            Ok::<_, Error>(())
+        });
+        entered?;
+        self.events.emit_with(
+            name,
+            "started",
+            "running",
+            self.rows().get(name).map(|r| r.reason.as_str()),
+            Some(format!("pid {}", id.pid)),
+        );
         self.watch(name.to_string(), generation, Some(child), id);
-        if let (driver::Boot::Restore(_), DriverKind::Qemu) = (boot, def.driver) {
-            // QEMU loads the saved state and waits, stopped as it was saved.
-            qemu_save::continue_after_load(&run)?;
-        }
+        driver.after_ready(&run, boot)?;
         Ok(self.info_of(&def))
     }
 
-    /// The active domain's identity, or a conflict error saying it is not running.
+    /// The active domain's identity, state and driver, or a conflict error saying it is
+    /// not running.
     fn active_id(&self, name: &str) -> Result<(ProcId, DomainState)> {
         self.store.get_domain(name)?;
-        lock(&self.active)
+        self.rows()
             .get(name)
-            .map(|a| (a.id.clone(), a.state))
+            .and_then(|r| r.vmm.as_ref().map(|v| (v.id.clone(), r.state)))
             .ok_or_else(|| Error::Conflict(format!("domain {name:?} is not running")))
     }
 
-    fn set_state(&self, name: &str, s: DomainState) {
-        if let Some(a) = lock(&self.active).get_mut(name) {
-            a.state = s;
-        }
-    }
-
-    /// Asks the guest to power off: the ACPI power button, through QMP for QEMU and through
-    /// the Vessel VMM's `SendCtrlAltDel` (which presses its GED power button). With `wait`,
-    /// waits that long for it to stop and reports whether it did.
+    /// Asks the guest to power off: the ACPI power button, through the domain's driver.
+    /// With `wait`, waits that long for it to stop and reports whether it did.
     pub fn shutdown(&self, name: &str, wait: Option<Duration>) -> Result<DomainState> {
         {
             let l = self.domain_lock(name);
             let _g = lock(&l);
-            let (id, _) = self.active_id(name)?;
-            let run = self.run_dir(name);
-            match id.driver {
-                DriverKind::Qemu => {
-                    driver::qmp(&run, "system_powerdown")?;
-                }
-                DriverKind::Vessel => {
-                    driver::vmm_api(
-                        &run,
-                        "PUT",
-                        "/actions",
-                        &serde_json::json!({"action_type": "SendCtrlAltDel"}),
-                    )?;
-                }
+            let (id, state) = self.active_id(name)?;
+            state::next(state, Event::ShutdownRequested, name)?;
+            driver::of(id.driver).shutdown(&self.run_dir(name))?;
+            // A guest may power off before this: then it is shut off already, which is
+            // what was asked.
+            if self.transition(name, Event::ShutdownRequested).is_ok() {
+                self.announce(name, "shutdown-requested", None);
             }
-            self.set_state(name, DomainState::InShutdown);
-            self.events
-                .emit(name, "shutdown-requested", "in shutdown", None);
         }
         if let Some(w) = wait {
-            let deadline = Instant::now() + w;
-            while self.is_active(name) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.wait_for(name, w, |r| !r.is_some_and(Runtime::active));
         }
         Ok(self.state_of(name))
     }
 
     /// Stops the VMM at once: SIGTERM, then SIGKILL after 3 s. Returns when it has ended.
     pub fn destroy(&self, name: &str) -> Result<()> {
+        self.end_vmm(name, End::Destroyed)
+    }
+
+    /// Ends the domain's VMM, its end recorded as `end`: SIGTERM, then SIGKILL after 3 s.
+    /// Returns once the supervisor has recorded it.
+    pub(crate) fn end_vmm(&self, name: &str, end: End) -> Result<()> {
         let l = self.domain_lock(name);
-        let t0 = Instant::now();
         let (_g, id) = loop {
             self.settle(name);
             let g = lock(&l);
             self.store.get_domain(name)?;
-            // Marking and reading under one lock: the supervisor sees `destroying` for
-            // this very process, and a guest reboot now does not restart it.
-            let found = lock(&self.active).get_mut(name).map(|a| {
-                a.destroying = true;
-                a.id.clone()
+            // Marking and reading under one lock: the supervisor sees `ending` for this
+            // very process, and a guest reboot now does not restart it.
+            let found = self.update(name, |r| {
+                let id = r.vmm.as_ref().map(|v| v.id.clone());
+                if id.is_some() {
+                    r.ending = Some(end);
+                }
+                (id, r.restarting)
             });
             match found {
-                Some(id) => break (g, id),
-                None if lock(&self.restarting).contains(name)
-                    && t0.elapsed() < Duration::from_secs(15) =>
-                {
+                (Some(id), _) => break (g, id),
+                (None, true) => {
                     drop(g);
                     continue;
                 }
-                None => return Err(Error::Conflict(format!("domain {name:?} is not running"))),
+                (None, false) => {
+                    return Err(Error::Conflict(format!("domain {name:?} is not running")))
+                }
             }
         };
+        let gone =
+            |r: Option<&Runtime>| !r.is_some_and(|r| r.vmm.as_ref().is_some_and(|v| v.id == id));
         driver::signal(&id, libc::SIGTERM);
-        let t0 = Instant::now();
-        while id.alive() {
-            if t0.elapsed() > Duration::from_secs(3) {
-                driver::signal(&id, libc::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The supervisor records the stop; wait for it so the caller sees "shut off".
-        let t1 = Instant::now();
-        while self.is_active(name) && t1.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(2));
+        if !self.wait_for(name, Duration::from_secs(3), gone) {
+            driver::signal(&id, libc::SIGKILL);
+            // The supervisor records the stop; wait for it so the caller sees "shut off".
+            self.wait_for(name, Duration::from_secs(5), gone);
         }
         Ok(())
     }
@@ -859,48 +809,36 @@ impl Manager {
             let l = self.domain_lock(name);
             let _g = lock(&l);
             let (id, _) = self.active_id(name)?;
-            match id.driver {
-                DriverKind::Qemu => {
-                    driver::qmp(&self.run_dir(name), "system_reset")?;
+            let generation = self
+                .rows()
+                .get(name)
+                .and_then(|r| r.vmm.as_ref().map(|v| v.generation));
+            match driver::of(id.driver).reset(&self.run_dir(name))? {
+                driver::Reset::InPlace => {
                     self.events.emit(name, "rebooted", "running", None);
                     return Ok(());
                 }
-                DriverKind::Vessel => {
-                    let generation = lock(&self.active).get(name).map(|a| a.generation);
-                    driver::vmm_api(
-                        &self.run_dir(name),
-                        "PUT",
-                        "/actions",
-                        &serde_json::json!({"action_type": "Reset"}),
-                    )?;
-                    generation
-                }
+                driver::Reset::Restarts => generation,
             }
         };
-        // The supervisor sees the VMM end (status 10) and starts the domain again, taking
-        // the domain lock, so wait outside it.
-        let t0 = Instant::now();
-        loop {
-            let current = lock(&self.active).get(name).map(|a| a.generation);
-            let restarting = lock(&self.restarting).contains(name);
-            if current.is_some() && current != generation && !restarting {
-                return Ok(());
-            }
-            if current.is_none() && !restarting {
-                let why = lock(&self.last_stop)
-                    .get(name)
-                    .map(|r| r.why.clone())
-                    .unwrap_or_default();
-                return Err(Error::Conflict(format!(
-                    "domain {name:?} did not come back after the reset: {why}"
-                )));
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Conflict(format!(
-                    "domain {name:?} did not restart within 30 s after the reset"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // The supervisor sees the VMM end and starts the domain again, taking the domain
+        // lock, so wait outside it.
+        let settled = |r: Option<&Runtime>| match r {
+            Some(r) if r.restarting => false,
+            Some(r) => r.vmm.as_ref().map(|v| v.generation) != generation,
+            None => true,
+        };
+        if !self.wait_for(name, Duration::from_secs(30), settled) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} did not restart within 30 s after the reset"
+            )));
+        }
+        match self.rows().get(name) {
+            Some(r) if r.vmm.is_some() => Ok(()),
+            r => Err(Error::Conflict(format!(
+                "domain {name:?} did not come back after the reset: {}",
+                r.and_then(|r| r.why.clone()).unwrap_or_default()
+            ))),
         }
     }
 
@@ -916,31 +854,18 @@ impl Manager {
         let l = self.domain_lock(name);
         let _g = lock(&l);
         let (id, state) = self.active_id(name)?;
-        if pause && state == DomainState::Paused {
-            return Err(Error::Conflict(format!(
-                "domain {name:?} is already paused"
-            )));
-        }
-        if !pause && state != DomainState::Paused {
-            return Err(Error::Conflict(format!("domain {name:?} is not paused")));
-        }
+        let event = if pause { Event::Paused } else { Event::Resumed };
+        // Refused before the VMM is asked.
+        state::next(state, event, name)?;
+        let d = driver::of(id.driver);
         let run = self.run_dir(name);
-        match id.driver {
-            DriverKind::Qemu => {
-                driver::qmp(&run, if pause { "stop" } else { "cont" })?;
-            }
-            DriverKind::Vessel => {
-                let s = if pause { "Paused" } else { "Resumed" };
-                driver::vmm_api(&run, "PATCH", "/vm", &serde_json::json!({ "state": s }))?;
-            }
-        }
-        let (s, ev) = if pause {
-            (DomainState::Paused, "suspended")
+        if pause {
+            d.pause(&run)?;
         } else {
-            (DomainState::Running, "resumed")
-        };
-        self.set_state(name, s);
-        self.events.emit(name, ev, s.as_str(), None);
+            d.resume(&run)?;
+        }
+        self.transition(name, event)?;
+        self.announce(name, if pause { "suspended" } else { "resumed" }, None);
         Ok(())
     }
 
@@ -949,5 +874,186 @@ impl Manager {
     pub fn console_socket(&self, name: &str) -> Result<PathBuf> {
         self.active_id(name)?;
         Ok(self.run_dir(name).console())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn open(tag: &str) -> (Arc<Manager>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("vessel-mgr-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = Manager::open(Config {
+            state_dir: dir.clone(),
+            programs: Programs {
+                vessel: "vessel".into(),
+                qemu: "qemu-system-x86_64".into(),
+                jail: false,
+                vmm_ids: driver::DEFAULT_VMM_IDS,
+                vmm_uid_range: None,
+            },
+            pool_roots: vec![],
+            file_roots: vec![],
+            save_on_shutdown: false,
+        })
+        .unwrap();
+        (m, dir)
+    }
+
+    /// Puts a VMM of `driver` in the table for `name`, as a start would.
+    fn running(m: &Manager, name: &str, driver: DriverKind, ending: Option<End>) -> u64 {
+        let generation = m.next_generation();
+        m.update(name, |r| {
+            (r.state, r.reason) = (DomainState::Running, Reason::Booted);
+            r.vmm = Some(Vmm {
+                id: ProcId {
+                    pid: i32::MAX,
+                    start_time: 0,
+                    driver,
+                },
+                generation,
+                started: Instant::now(),
+            });
+            r.ending = ending;
+        });
+        generation
+    }
+
+    /// How a VMM ended is read from its exit status by its driver, unless the manager
+    /// ended it (then that is the reason), and never from message text; a stale
+    /// supervisor changes nothing; waiters wake on the change.
+    #[test]
+    fn a_vmm_end_comes_from_its_status_or_from_what_the_manager_asked() {
+        let (m, dir) = open("ends");
+        let kernel = std::env::current_exe().unwrap();
+        for (name, driver) in [("v", "vessel"), ("q", "qemu")] {
+            let def: DomainDef = serde_json::from_value(serde_json::json!({
+                "name": name, "driver": driver, "vm": {"kernel": kernel}}))
+            .unwrap();
+            m.define(def).unwrap();
+        }
+        let status = |code: i32| Some(std::process::ExitStatus::from_raw((code & 0xff) << 8));
+        let killed = Some(std::process::ExitStatus::from_raw(libc::SIGKILL));
+        let row = |name: &str| m.rows().get(name).cloned().unwrap();
+        for (name, driver, st, ending, want, reason, why) in [
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                None,
+                DomainState::Shutoff,
+                Reason::Shutdown,
+                "guest powered off",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(1),
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: exit status: 1",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                killed,
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: signal: 9 (SIGKILL)",
+            ),
+            // The manager's SIGTERM shows as a status too: what it asked for wins.
+            (
+                "v",
+                DriverKind::Vessel,
+                status(1),
+                Some(End::Destroyed),
+                DomainState::Shutoff,
+                Reason::Destroyed,
+                "destroyed",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                Some(End::Saved),
+                DomainState::Shutoff,
+                Reason::Saved,
+                "saved",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                status(0),
+                Some(End::MigratedAway),
+                DomainState::Shutoff,
+                Reason::MigratedAway,
+                "migrated",
+            ),
+            (
+                "v",
+                DriverKind::Vessel,
+                None,
+                None,
+                DomainState::Shutoff,
+                Reason::Unknown,
+                "the VMM process ended",
+            ),
+            (
+                "q",
+                DriverKind::Qemu,
+                status(0),
+                None,
+                DomainState::Shutoff,
+                Reason::Shutdown,
+                "guest powered off",
+            ),
+            // Only Vessel's VMM means "rebooted" by 10.
+            (
+                "q",
+                DriverKind::Qemu,
+                status(10),
+                None,
+                DomainState::Crashed,
+                Reason::Crashed,
+                "the VMM ended: exit status: 10",
+            ),
+        ] {
+            let g = running(&m, name, driver, ending);
+            assert!(!m.vmm_exited(name, g + 100, st), "a stale supervisor");
+            assert!(m.is_active(name));
+            assert!(!m.vmm_exited(name, g, st));
+            let r = row(name);
+            assert_eq!((r.state, r.reason), (want, reason), "{st:?} {ending:?}");
+            assert_eq!(r.why.as_deref(), Some(why));
+            assert!(r.vmm.is_none() && r.ending.is_none() && !m.is_active(name));
+        }
+        // A guest reboot: the domain stays running, for the reason it ran, with no VMM
+        // until the supervisor starts it again.
+        let g = running(&m, "v", DriverKind::Vessel, None);
+        assert!(m.vmm_exited("v", g, status(10)));
+        let r = row("v");
+        assert_eq!((r.state, r.reason), (DomainState::Running, Reason::Booted));
+        assert!(r.restarting && m.is_active("v"));
+        // A waiter sleeps until the table changes, not on a timer.
+        let waiter = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let ok = m.wait_for("v", Duration::from_secs(30), |r| {
+                    !r.is_some_and(Runtime::active)
+                });
+                (ok, t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        m.update("v", |r| r.restarting = false);
+        let (ok, took) = waiter.join().unwrap();
+        assert!(ok && took < Duration::from_secs(10), "{took:?}");
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

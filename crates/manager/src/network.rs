@@ -331,6 +331,7 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
         }
         let log = std::fs::File::create(dir.join("dnsmasq.log"))
             .map_err(|e| Error::io("creating", dir.join("dnsmasq.log"), e))?;
+        driver::default_signals(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -376,11 +377,9 @@ pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
     let dir = run_dir(state, &def.name);
     if let Some(id) = ProcId::read(&dir.join("dnsmasq.pid")) {
         driver::signal(&id, libc::SIGTERM);
-        let t0 = std::time::Instant::now();
-        while id.alive() && t0.elapsed() < std::time::Duration::from_secs(3) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        if !id.wait_exit_for(Some(std::time::Duration::from_secs(3))) {
+            driver::signal(&id, libc::SIGKILL);
         }
-        driver::signal(&id, libc::SIGKILL);
     }
     if def.nat {
         for rule in nat_rules(def)? {

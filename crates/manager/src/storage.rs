@@ -9,7 +9,19 @@ use serde::Serialize;
 
 use crate::domain::check_name;
 use crate::error::{Error, Result};
-use crate::manager::Manager;
+use crate::store::Store;
+
+/// What pools and volumes need of the daemon around them: its store, the folders pools
+/// may lie in, and which domains use a disk file. The manager provides it; this module
+/// knows nothing else of the manager.
+pub trait PoolHost {
+    fn store(&self) -> &Store;
+    /// Folders pools may lie in, resolved.
+    fn pool_roots(&self) -> Vec<PathBuf>;
+    /// Defined domains whose disks include `path`.
+    fn disk_users(&self, path: &Path) -> Result<Vec<String>>;
+    fn is_active(&self, domain: &str) -> bool;
+}
 
 /// The chain of an error's messages, "a: b: c".
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -118,7 +130,7 @@ pub(crate) fn resolve_existing(path: &Path) -> Result<PathBuf> {
 
 /// Refuses a pool folder outside the daemon's pool roots (`STATE/pools` and `vessel
 /// daemon --pool-root DIR`): a pool on /etc would let any API client read /etc/shadow.
-pub(crate) fn check_pool_root(m: &Manager, path: &Path) -> Result<PathBuf> {
+pub(crate) fn check_pool_root(m: &dyn PoolHost, path: &Path) -> Result<PathBuf> {
     if path
         .components()
         .any(|c| matches!(c, std::path::Component::ParentDir))
@@ -147,12 +159,12 @@ pub(crate) fn check_pool_root(m: &Manager, path: &Path) -> Result<PathBuf> {
 
 /// A pool's folder, checked against the pool roots again (a pool defined before they
 /// were enforced, or a folder replaced by a link since).
-pub(crate) fn pool_dir(m: &Manager, pool: &str) -> Result<PathBuf> {
-    let dir = m.store.get_pool(pool)?;
+pub(crate) fn pool_dir(m: &dyn PoolHost, pool: &str) -> Result<PathBuf> {
+    let dir = m.store().get_pool(pool)?;
     check_pool_root(m, &dir)
 }
 
-pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
+pub fn define_pool(m: &dyn PoolHost, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
     check_name("pool name", name)?;
     if !path.is_absolute() {
         return Err(Error::invalid(
@@ -189,7 +201,7 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
             return Err(e);
         }
     };
-    if let Err(e) = m.store.insert_pool(name, &path) {
+    if let Err(e) = m.store().insert_pool(name, &path) {
         if made {
             let _ = std::fs::remove_dir(&path);
         }
@@ -198,12 +210,12 @@ pub fn define_pool(m: &Manager, name: &str, path: &Path, create: bool) -> Result
     pool_info(name, &path)
 }
 
-fn vol_path(m: &Manager, pool: &str, vol: &str) -> Result<PathBuf> {
+fn vol_path(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<PathBuf> {
     check_name("volume name", vol)?;
     Ok(pool_dir(m, pool)?.join(vol))
 }
 
-pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
+pub fn volume_info(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<VolumeInfo> {
     let path = vol_path(m, pool, vol)?;
     if !path.is_file() {
         return Err(Error::not_found("volume", &format!("{pool}/{vol}")));
@@ -211,7 +223,7 @@ pub fn volume_info(m: &Manager, pool: &str, vol: &str) -> Result<VolumeInfo> {
     // The format recorded when the manager made the volume; a file placed in the pool by
     // hand is raw. Never probed: a guest writes the content (a qcow2 header naming a host
     // file on a raw volume would otherwise be followed).
-    let format = m.store.volume_format(pool, vol)?.unwrap_or(Format::Raw);
+    let format = m.store().volume_format(pool, vol)?.unwrap_or(Format::Raw);
     let i = block::info(&path, Some(format)).map_err(block_err)?;
     Ok(VolumeInfo {
         name: vol.to_string(),
@@ -255,7 +267,7 @@ fn ensure_absent(path: &Path, pool: &str, vol: &str) -> Result<()> {
 }
 
 pub fn create_volume(
-    m: &Manager,
+    m: &dyn PoolHost,
     pool: &str,
     vol: &str,
     capacity: u64,
@@ -274,7 +286,7 @@ pub fn create_volume(
         let _ = std::fs::remove_file(&path);
         return Err(block_err(e));
     }
-    if let Err(e) = m.store.set_volume_format(pool, vol, format) {
+    if let Err(e) = m.store().set_volume_format(pool, vol, format) {
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }
@@ -282,7 +294,7 @@ pub fn create_volume(
 }
 
 pub fn clone_volume(
-    m: &Manager,
+    m: &dyn PoolHost,
     pool: &str,
     src: &str,
     dst: &str,
@@ -318,7 +330,7 @@ pub fn clone_volume(
         )
         .map_err(block_err)
     };
-    if let Err(e) = r.and_then(|()| m.store.set_volume_format(pool, dst, new_format)) {
+    if let Err(e) = r.and_then(|()| m.store().set_volume_format(pool, dst, new_format)) {
         let _ = std::fs::remove_file(&to);
         return Err(e);
     }
@@ -326,14 +338,14 @@ pub fn clone_volume(
 }
 
 /// Running domains using a volume.
-fn running_users(m: &Manager, path: &Path) -> Result<Vec<String>> {
+fn running_users(m: &dyn PoolHost, path: &Path) -> Result<Vec<String>> {
     Ok(m.disk_users(path)?
         .into_iter()
         .filter(|d| m.is_active(d))
         .collect())
 }
 
-pub fn resize_volume(m: &Manager, pool: &str, vol: &str, capacity: u64) -> Result<VolumeInfo> {
+pub fn resize_volume(m: &dyn PoolHost, pool: &str, vol: &str, capacity: u64) -> Result<VolumeInfo> {
     let info = volume_info(m, pool, vol)?;
     let users = running_users(m, &info.path)?;
     if !users.is_empty() {
@@ -356,7 +368,7 @@ pub fn resize_volume(m: &Manager, pool: &str, vol: &str, capacity: u64) -> Resul
     volume_info(m, pool, vol)
 }
 
-pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
+pub fn delete_volume(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<()> {
     let info = volume_info(m, pool, vol)?;
     if !info.used_by.is_empty() {
         return Err(Error::Conflict(format!(
@@ -369,7 +381,7 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
         if other == vol {
             continue;
         }
-        let Ok(Some(f)) = m.store.volume_format(pool, &other) else {
+        let Ok(Some(f)) = m.store().volume_format(pool, &other) else {
             continue; // raw: names no backing file
         };
         if let Ok(i) = block::info(&dir.join(&other), Some(f)) {
@@ -383,11 +395,17 @@ pub fn delete_volume(m: &Manager, pool: &str, vol: &str) -> Result<()> {
         }
     }
     std::fs::remove_file(&info.path).map_err(|e| Error::io("deleting", &info.path, e))?;
-    m.store.forget_volume(pool, vol)
+    m.store().forget_volume(pool, vol)
 }
 
 /// Writes guest-visible bytes at `offset` (upload, in chunks).
-pub fn write_volume(m: &Manager, pool: &str, vol: &str, offset: u64, data: &[u8]) -> Result<()> {
+pub fn write_volume(
+    m: &dyn PoolHost,
+    pool: &str,
+    vol: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<()> {
     let info = volume_info(m, pool, vol)?;
     if !running_users(m, &info.path)?.is_empty() {
         return Err(Error::Conflict(format!(
@@ -414,7 +432,13 @@ pub fn write_volume(m: &Manager, pool: &str, vol: &str, offset: u64, data: &[u8]
 }
 
 /// Reads guest-visible bytes (download, in chunks of at most 16 MiB).
-pub fn read_volume(m: &Manager, pool: &str, vol: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+pub fn read_volume(
+    m: &dyn PoolHost,
+    pool: &str,
+    vol: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
     let info = volume_info(m, pool, vol)?;
     if offset > info.capacity {
         return Err(Error::invalid("download", "offset past the volume's end"));

@@ -88,10 +88,11 @@ fn q_u64(req: &Request, name: &'static str, default: u64) -> Result<u64> {
 
 /// `/v1/pools/...` routes; `seg` is what follows `pools`.
 pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
+    let m: &dyn crate::storage::PoolHost = &**m;
     match (req.method.as_str(), seg) {
         ("GET", []) => {
             let pools: Vec<PoolInfo> = m
-                .store
+                .store()
                 .list_pools()?
                 .iter()
                 .map(|(n, p)| pool_info(n, p))
@@ -102,18 +103,18 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
             let r: PoolReq = body(req, "pool definition")?;
             Ok(Response::json(201, &val(&define_pool(m, &r.name, &r.path, r.create)?)).into())
         }
-        ("GET", [p]) => ok(val(&pool_info(p, &m.store.get_pool(p)?)?)),
+        ("GET", [p]) => ok(val(&pool_info(p, &m.store().get_pool(p)?)?)),
         ("POST", [p, "build"]) => {
             // virsh's pool-build: make the pool's folder (again), under a pool root.
-            let path = m.store.get_pool(p)?;
+            let path = m.store().get_pool(p)?;
             check_pool_root(m, &path)?;
             std::fs::create_dir_all(&path)
                 .map_err(|e| Error::io("creating pool folder", &path, e))?;
             ok(val(&pool_info(p, &path)?))
         }
         ("DELETE", [p]) => {
-            m.store.get_pool(p)?;
-            m.store.delete_pool(p)?;
+            m.store().get_pool(p)?;
+            m.store().delete_pool(p)?;
             Ok(Response::empty(204).into())
         }
         ("GET", [p, "volumes"]) => {

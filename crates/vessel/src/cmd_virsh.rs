@@ -227,13 +227,14 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
         VirshCommand::Domstate { name, reason } => {
             let (_, info) = domain(c, &name)?;
             if json_out {
-                print_json(&json!({"state": info["state"], "reason": info["last_stop"]}));
+                print_json(&json!({
+                    "state": info["state"],
+                    "reason": info["reason"],
+                    "detail": info["last_stop"],
+                }));
             } else if reason {
-                let why = info["last_stop"].as_str().unwrap_or(if running(&info) {
-                    "booted"
-                } else {
-                    "unknown"
-                });
+                // libvirt's reason word, as the daemon's state machine recorded it.
+                let why = info["reason"].as_str().unwrap_or("unknown");
                 println!("{} ({why})", s(&info["state_text"]));
             } else {
                 println!("{}", s(&info["state_text"]));

@@ -3,7 +3,10 @@
 
 mod cmd_img;
 mod cmd_manage;
+mod cmd_network;
 mod cmd_run;
+mod cmd_saves;
+mod cmd_storage;
 mod cmd_virsh;
 
 use clap::{Parser, Subcommand};

@@ -579,6 +579,22 @@ fn restart_readopts_a_running_domain() {
         .as_i64()
         .unwrap() as i32;
     wait_for_log(&c, "keep", "vessel-init:");
+    // The VMM starts with no signal blocked: the daemon blocks SIGTERM for its signal
+    // thread, and a QEMU that kept that mask never saw destroy's SIGTERM (it was killed
+    // 3 s later).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        assert_eq!(
+            blocked & (1 << (sig - 1)),
+            0,
+            "signal {sig} blocked in QEMU"
+        );
+    }
     c.post("/v1/domains/keep/suspend", None).unwrap();
 
     // Autostart: this one is not running now; the restarted daemon starts it.
@@ -599,6 +615,7 @@ fn restart_readopts_a_running_domain() {
 
     let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
     assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["reason"], "user", "{info}");
     assert_eq!(info["pid"].as_i64(), Some(pid as i64));
     let out = d.ok(&["list"]);
     assert!(out.contains("keep") && out.contains("paused"), "{out}");
@@ -619,7 +636,13 @@ fn restart_readopts_a_running_domain() {
     drop(con);
     c.post("/v1/domains/keep/destroy", None).unwrap();
     assert!(!pid_alive(pid));
-    assert_eq!(state(&c, "keep"), "shutoff");
+    // The adopted VMM's end was seen (on its pidfd) and recorded as what was asked.
+    let info = c.get("/v1/domains/keep").unwrap()["info"].clone();
+    assert_eq!(
+        (info["state"].as_str(), info["reason"].as_str()),
+        (Some("shutoff"), Some("destroyed")),
+        "{info}"
+    );
 }
 
 /// A tiny 64-bit guest for Vessel's VMM on KVM: prints a line, then exits through the
@@ -2539,10 +2562,37 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(e.contains("--config"), "{e}");
     let out = d.ok(&["setmem", "vq", "512M", "--config"]);
     assert!(out.contains("next start"), "{out}");
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "running (booted)"
+    );
+    d.ok(&["suspend", "vq"]);
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "paused (user)"
+    );
+    // The state machine refuses what the state does not allow, before the VMM is asked.
+    let e = d.fails(&["suspend", "vq"]);
+    assert!(e.contains("already paused"), "{e}");
+    d.ok(&["resume", "vq"]);
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "running (unpaused)"
+    );
+    // SIGTERM ends the VMM: no SIGKILL 3 s later.
+    let t0 = Instant::now();
     d.ok(&["destroy", "vq"]);
-    assert!(d
-        .ok(&["domstate", "vq", "--reason"])
-        .starts_with("shut off ("));
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "destroy took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        d.ok(&["domstate", "vq", "--reason"]).trim(),
+        "shut off (destroyed)"
+    );
+    let e = d.fails(&["resume", "vq"]);
+    assert!(e.contains("not running"), "{e}");
 
     assert!(d
         .ok(&["version"])
@@ -2686,6 +2736,10 @@ fn vessel_domain_migrates_live_between_daemons() {
     let now = *counts(&at_src).last().unwrap();
     wait_count(&at_src, now + 2, "after a refused migration");
 
+    // A snapshot first: it leaves the VMM's dirty log running, and the migration must
+    // still send all of RAM in its first round (it sent only what changed since, and the
+    // guest triple-faulted at the destination).
+    src.ok(&["snapshot-create-as", "mover", "before"]);
     let out = src.ok(&["migrate", "mover", "--live", dst.socket().to_str().unwrap()]);
     assert!(
         out.contains("migrated") && out.contains("downtime"),
@@ -2768,6 +2822,118 @@ fn vessel_domain_migrates_live_between_daemons() {
     );
     assert_eq!(state(&at_src, "pinned"), "running");
     src.ok(&["destroy", "pinned"]);
+}
+
+/// `migrate --live` of a QEMU domain between two daemons: the destination's QEMU waits
+/// with `-incoming unix:`, the source's QEMU sends over QMP's `migrate` (through the
+/// source daemon's relay) and quits; the guest's count goes on without a gap or repeat,
+/// and both ends record why (libvirt's reasons: running (migrated) there, shut off
+/// (migrated) here). Back again with `--undefinesource`.
+#[test]
+fn qemu_domain_migrates_live_between_daemons() {
+    require_qemu();
+    let src = Daemon::start("qmigsrc");
+    let dst = Daemon::start("qmigdst");
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let def = qemu_domain(
+        "qmover",
+        "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+    );
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/qmover/start", None).unwrap();
+    let parse = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let counts = |c: &Client| parse(&serial_log(c, "qmover"));
+    let wait_count = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts(c).last().copied().unwrap_or(0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                counts(c),
+                serial_log(c, "qmover")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(&at_src, 3, "first boot");
+
+    let out = src.ok(&[
+        "migrate",
+        "qmover",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    // QEMU's own figures, in the report shape Vessel's VMM gives.
+    assert!(
+        out.contains("migrated") && !out.contains("total 0.0 ms") && !out.contains(" 0 rounds"),
+        "{out}"
+    );
+    wait_state(&at_src, "qmover", "shutoff", Duration::from_secs(10));
+    assert_eq!(
+        src.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "shut off (migrated)"
+    );
+    assert_eq!(state(&at_dst, "qmover"), "running");
+    assert_eq!(
+        dst.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "running (migrated)"
+    );
+    assert!(src.run_pids().is_empty(), "the source's QEMU still runs");
+    // The events say so too, with libvirt's reasons.
+    let reasons = |c: &Client, event: &str| -> Vec<Value> {
+        c.get("/v1/events?since=0&domain=qmover&timeout=0").unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| e["reason"].clone())
+            .collect()
+    };
+    assert_eq!(reasons(&at_dst, "started"), [json!("migrated")]);
+    assert_eq!(reasons(&at_src, "started"), [json!("booted")]);
+    assert_eq!(reasons(&at_src, "stopped"), [json!("migrated")]);
+    let last = *counts(&at_src).last().unwrap();
+    wait_count(&at_dst, last + 5, "at the destination");
+    let both = parse(&format!(
+        "{}{}",
+        serial_log(&at_src, "qmover"),
+        serial_log(&at_dst, "qmover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+
+    let there = *counts(&at_dst).last().unwrap();
+    dst.ok(&[
+        "migrate",
+        "qmover",
+        "--live",
+        src.socket().to_str().unwrap(),
+        "--undefinesource",
+    ]);
+    assert!(at_dst.get("/v1/domains/qmover").is_err());
+    assert!(
+        dst.run_pids().is_empty(),
+        "the destination's QEMU still runs"
+    );
+    assert_eq!(state(&at_src, "qmover"), "running");
+    wait_count(&at_src, there + 3, "back at the source");
+    let all = counts(&at_src);
+    let resumed = all.iter().position(|&n| n > last).unwrap();
+    assert!(
+        all[resumed] > there && all[resumed..].windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on back at the source: {all:?}"
+    );
+    src.ok(&["destroy", "qmover"]);
+    assert_eq!(
+        src.ok(&["domstate", "qmover", "--reason"]).trim(),
+        "shut off (destroyed)"
+    );
 }
 
 /// `managedsave`: the domain stops with its state kept by the daemon and its next `start`
@@ -2871,15 +3037,28 @@ fn vessel_domain_managedsave_and_save_on_shutdown() {
 /// snapshot of a shut-off domain keeps its disk only.
 #[test]
 fn vessel_domain_snapshots_create_list_revert_delete() {
+    snapshot_verbs("vessel", "dsnap");
+}
+
+/// The same verbs on a QEMU domain: its VM state is QEMU's migration stream (`migrate
+/// "exec:cat > FILE"`), its raw disks copied while it is stopped, and a revert starts QEMU
+/// with `-incoming` from the snapshot's state.
+#[test]
+fn qemu_domain_snapshots_create_list_revert_delete() {
+    require_qemu();
+    snapshot_verbs("qemu", "qsnap");
+}
+
+fn snapshot_verbs(driver: &str, daemon: &str) {
     let a = assets();
-    let d = Daemon::start("dsnap");
+    let d = Daemon::start(daemon);
     let c = d.client();
     let disk = d.dir.join("disk.raw");
     std::fs::write(&disk, vec![b'A'; 1 << 20]).unwrap();
-    let def = json!({"name": "snappy", "driver": "vessel",
+    let def = json!({"name": "snappy", "driver": driver,
         "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
                "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
-               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk}]}});
+               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk, "format": "raw"}]}});
     c.post("/v1/domains", Some(&def)).unwrap();
     c.post("/v1/domains/snappy/start", None).unwrap();
     let counts = || -> Vec<u64> {
@@ -2912,6 +3091,10 @@ fn vessel_domain_snapshots_create_list_revert_delete() {
 
     d.ok(&["snapshot-revert", "snappy", "first"]);
     assert_eq!(state(&c, "snappy"), "running");
+    assert_eq!(
+        d.ok(&["domstate", "snappy", "--reason"]).trim(),
+        "running (from snapshot)"
+    );
     assert!(
         std::fs::read(&disk).unwrap().iter().all(|&b| b == b'A'),
         "the disk was not put back"

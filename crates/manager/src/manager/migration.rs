@@ -1,13 +1,14 @@
-//! `migrate NAME --live DEST` (virsh's verb) between two daemons, for Vessel domains.
+//! `migrate NAME --live DEST` (virsh's verb) between two daemons, for domains of either
+//! driver (each sends through [`crate::driver::Driver::migrate`]).
 //!
 //! The destination daemon defines the domain from the definition the source sends (or
-//! finds it defined the same) and starts its VMM waiting for it (`vessel run --incoming`,
-//! with the configuration it expects). The source's VMM is jailed and may sit in a
-//! network namespace of its own, so it sends to a socket in its own run folder, where
-//! this daemon takes the stream and passes it on to the destination's VMM (libvirt's
-//! tunnelled migration). Once the destination runs the domain, the source's VMM ends;
-//! the definition stays here, shut off, unless asked to leave (virsh's
-//! `--undefinesource`). docs/MIGRATION.md.
+//! finds it defined the same) and starts its VMM waiting for it (`vessel run --incoming`
+//! with the configuration it expects, or QEMU's `-incoming unix:`). The source's Vessel
+//! VMM is jailed and may sit in a network namespace of its own, so it sends to a socket
+//! in its own run folder, where this daemon takes the stream and passes it on to the
+//! destination's VMM (libvirt's tunnelled migration; a QEMU sends through it too). Once
+//! the destination runs the domain, the source's VMM ends; the definition stays here,
+//! shut off, unless asked to leave (virsh's `--undefinesource`). docs/MIGRATION.md.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{lock, Manager};
-use crate::domain::{DomainDef, DriverKind};
+use crate::domain::DomainDef;
 use crate::driver;
 use crate::error::{Error, Result};
+use crate::state::{End, Start};
 
 /// How long the relay waits for the source VMM to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
@@ -59,11 +61,6 @@ impl Manager {
     /// VMM waiting for the domain, and returns where the source is to send it and
     /// whether the domain was defined for it (a failed migration undefines it again).
     pub fn migrate_in(self: &Arc<Self>, def: DomainDef) -> Result<(String, bool)> {
-        if def.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "migrating a domain is not implemented for the QEMU driver yet".into(),
-            ));
-        }
         let name = def.name.clone();
         let defined = match self.store.get_domain(&name) {
             Ok(have) => {
@@ -82,18 +79,19 @@ impl Manager {
         };
         // The serial log goes on, as the guest does (a domain migrating back continues
         // the log it left here).
-        if let Err(e) = self.start_inner(&name, false, driver::Boot::Incoming) {
+        if let Err(e) = self.start_inner(&name, false, driver::Boot::Incoming, Start::Incoming) {
             if defined {
                 let _ = self.undefine(&name);
             }
             return Err(e);
         }
-        self.events.emit(&name, "migrating-in", "running", None);
+        self.events
+            .emit_with(&name, "migrating-in", "running", Some("migrated"), None);
         let url = format!("unix:{}", self.run_dir(&name).incoming().display());
         Ok((url, defined))
     }
 
-    /// Source side: live-migrates the running Vessel domain `name` to the daemon whose
+    /// Source side: live-migrates the running domain `name` to the daemon whose
     /// API socket is `dest`; returns the source VMM's report (rounds, downtime, total
     /// time). The domain is then shut off here, and with `undefine_source` undefined.
     pub fn migrate_out(
@@ -104,11 +102,7 @@ impl Manager {
     ) -> Result<serde_json::Value> {
         let def = self.store.get_domain(name)?;
         let (id, _) = self.active_id(name)?;
-        if id.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "migrating a domain is not implemented for the QEMU driver yet".into(),
-            ));
-        }
+        let d = driver::of(id.driver);
         let peer = crate::client::Client::new(dest.to_path_buf());
         let reached = |e: crate::client::ClientError| {
             Error::Conflict(format!("the destination daemon {}: {e}", dest.display()))
@@ -137,9 +131,8 @@ impl Manager {
         let sent = (|| {
             let listener = UnixListener::bind(&relay_path)
                 .map_err(|e| Error::io("listening for the migration", &relay_path, e))?;
-            if self.cfg.programs.jail {
-                // The jailed VMM's user connects to it.
-                let (uid, gid) = self.cfg.programs.vmm_ids_for(&run);
+            if let Some((uid, gid)) = d.vmm_user(&self.cfg.programs, &run) {
+                // The VMM connects to it as its own user.
                 std::os::unix::fs::chown(&relay_path, Some(uid), Some(gid))
                     .map_err(|e| Error::io("handing the migration socket over", &relay_path, e))?;
             }
@@ -147,14 +140,13 @@ impl Manager {
             let report = {
                 let l = self.domain_lock(name);
                 let _g = lock(&l);
-                driver::vmm_api_json(
-                    &run,
-                    "PUT",
-                    "/migration/send",
-                    &serde_json::json!({
-                        "destination_url": format!("unix:{}", relay_path.display())
-                    }),
-                )
+                // The VMM ends once the destination runs the domain: as migrated.
+                self.update(name, |r| r.ending = Some(End::MigratedAway));
+                let sent = d.migrate(&run, &relay_path);
+                if sent.is_err() {
+                    self.update(name, |r| r.ending = None);
+                }
+                sent
             };
             if report.is_err() {
                 // Ends the relay's wait when the VMM never connected.
@@ -179,20 +171,20 @@ impl Manager {
             }
         };
         // The source's VMM ends by itself once the destination runs the domain.
-        let t0 = Instant::now();
-        while self.is_active(name) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for(name, Duration::from_secs(30), |r| {
+            r.is_none_or(|r| r.vmm.is_none())
+        });
         if self.is_active(name) {
-            self.destroy(name)?;
+            self.end_vmm(name, End::MigratedAway)?;
         }
         if undefine_source {
             self.undefine(name)?;
         }
-        self.events.emit(
+        self.events.emit_with(
             name,
             "migrated",
             "shut off",
+            Some("migrated"),
             Some(format!("to {}", dest.display())),
         );
         Ok(report)

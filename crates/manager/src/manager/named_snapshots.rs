@@ -1,6 +1,6 @@
 //! `snapshot-create-as`, `snapshot-list`, `snapshot-revert` and `snapshot-delete`
-//! (virsh's verbs) for Vessel domains: a named snapshot of a domain is its VM state (when
-//! it ran: `vmstate` and `memory`, as a save writes them) and a copy of each of its
+//! (virsh's verbs) for domains of either driver: a named snapshot of a domain is its VM
+//! state (when it ran: the files its driver's save writes) and a copy of each of its
 //! writable disks, taken with the VM paused, in `STATE/snapshots/DOMAIN/SNAPSHOT/`. A
 //! revert stops the domain, puts the disks back, and starts it from the saved state
 //! (or leaves it shut off, for a snapshot of a shut-off domain).
@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{lock, DomainInfo, Manager};
-use crate::domain::DriverKind;
 use crate::error::{Error, Result};
 
 /// What `snapshot-list` shows of one snapshot (its `meta.json`).
@@ -59,11 +58,6 @@ impl Manager {
     /// The writable disks a snapshot keeps; refused for what it cannot keep yet.
     fn snapshot_disks(&self, domain: &str) -> Result<Vec<PathBuf>> {
         let def = self.store.get_domain(domain)?;
-        if def.driver != DriverKind::Vessel {
-            return Err(Error::Unsupported(
-                "snapshots are not implemented for the QEMU driver yet".into(),
-            ));
-        }
         let mut disks = Vec::new();
         for d in def.vm.disks.iter().filter(|d| !d.read_only) {
             if d.format == Some(vmm::config::DiskFormat::Qcow2) {
@@ -190,13 +184,14 @@ impl Manager {
                 )));
             }
         }
-        let with_memory = vmm::snapshot::files_in(&dir).0.is_file();
         let def = self.store.get_domain(domain)?;
+        let driver = crate::driver::of(def.driver);
+        let with_memory = driver.has_state(&dir);
         if with_memory && def.interfaces.is_empty() {
             // Before anything stops: a snapshot the domain's definition no longer fits is
             // refused with the domain left as it is. (With interfaces the start checks it,
             // once their TAP devices exist.)
-            super::snapshots::check_matches(&dir, &def, &self.run_dir(domain))?;
+            driver.check_state(&dir, &def, &def, &self.run_dir(domain))?;
         }
         if self.is_active(domain) {
             self.destroy(domain)?;
@@ -209,14 +204,20 @@ impl Manager {
             }
         }
         let info = if with_memory {
-            self.start_inner(domain, false, crate::driver::Boot::Restore(&dir))?
+            self.start_inner(
+                domain,
+                false,
+                crate::driver::Boot::Restore(&dir),
+                crate::state::Start::Snapshot,
+            )?
         } else {
             self.info(domain)?.1
         };
-        self.events.emit(
+        self.events.emit_with(
             domain,
             "snapshot-reverted",
             if with_memory { "running" } else { "shut off" },
+            with_memory.then_some("from snapshot"),
             Some(name.into()),
         );
         Ok(info)

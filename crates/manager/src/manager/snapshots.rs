@@ -2,15 +2,16 @@
 //! a snapshot of the paused VM into a new folder (`vmstate`, `memory`, and `domain`, the
 //! domain's name), then stops; a restore starts the domain's VMM from that folder
 //! (`vessel run --restore`) after checking that the saved VM is the one the domain's
-//! definition describes. QEMU domains go through QMP (`qemu_save`). docs/SNAPSHOT.md has
-//! the files.
+//! definition describes, each driver writing and checking its own state files
+//! ([`crate::driver::Driver::save_state`]). docs/SNAPSHOT.md has the files.
 
 use std::path::{Path, PathBuf};
 
 use super::{lock, DomainInfo, Manager};
-use crate::domain::{DomainDef, DomainState, DriverKind};
+use crate::domain::DomainState;
 use crate::driver;
 use crate::error::{Error, Result};
+use crate::state::{End, Start};
 
 /// The file in a save folder naming its domain.
 pub(super) const DOMAIN_FILE: &str = "domain";
@@ -41,29 +42,8 @@ fn save_target(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Refuses a saved VM whose configuration is not the one `runtime` (the domain's
-/// definition with its interfaces attached) would run: the domain was redefined since.
-pub(super) fn check_matches(dir: &Path, runtime: &DomainDef, run: &driver::RunDir) -> Result<()> {
-    let (state, mem) = vmm::snapshot::files_in(dir);
-    let loaded = vmm::snapshot::load(&state, &mem)
-        .map_err(|e| Error::invalid("saved domain", e.to_string()))?;
-    let mut saved = loaded.snapshot.config;
-    let mut now = driver::vessel_config(runtime, run);
-    saved.serial = vmm::SerialConfig::Stdio;
-    now.serial = vmm::SerialConfig::Stdio;
-    if saved != now {
-        return Err(Error::Conflict(format!(
-            "the VM saved in {} is not the one domain {:?} now defines (it was redefined \
-             since it was saved)",
-            dir.display(),
-            runtime.name
-        )));
-    }
-    Ok(())
-}
-
 /// Moves `from` to `to`, copying when they are on different file systems.
-pub(super) fn move_file(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn move_file(from: &Path, to: &Path) -> Result<()> {
     if std::fs::rename(from, to).is_ok() {
         return Ok(());
     }
@@ -89,7 +69,7 @@ impl Manager {
             .is_some_and(|d| d.join(RESUME_FILE).is_file())
     }
 
-    /// `managedsave`: saves the running Vessel domain where the daemon keeps it and stops
+    /// `managedsave`: saves the running domain where the daemon keeps it and stops
     /// it; its next start restores it. `at_shutdown` marks it for the next daemon.
     pub fn managed_save_domain(&self, name: &str, at_shutdown: bool) -> Result<()> {
         let dir = self.managed_save_dir(name);
@@ -126,19 +106,29 @@ impl Manager {
         name: &str,
         dir: &Path,
     ) -> Result<DomainInfo> {
-        let info = self.start_inner(name, false, crate::driver::Boot::Restore(dir))?;
+        let info = self.start_inner(
+            name,
+            false,
+            crate::driver::Boot::Restore(dir),
+            Start::Restore,
+        )?;
         // QEMU has loaded the state (its incoming stream ended) once it runs.
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(domain = name, "removing the managed save: {e}");
         }
-        self.events
-            .emit(name, "restored", "running", Some("managed save".into()));
+        self.events.emit_with(
+            name,
+            "restored",
+            "running",
+            Some("restored"),
+            Some("managed save".into()),
+        );
         Ok(info)
     }
 
     /// Managedsaves every running domain (the daemon is ending: host shutdown).
     pub fn save_all_at_shutdown(&self) {
-        let running: Vec<String> = lock(&self.active).keys().cloned().collect();
+        let running = self.running_names();
         for name in running {
             match self.managed_save_domain(&name, true) {
                 Ok(()) => tracing::info!(domain = %name, "saved at shutdown"),
@@ -147,26 +137,26 @@ impl Manager {
         }
     }
 
-    /// Saves a running Vessel domain's state into the new folder `path` and stops it.
+    /// Saves a running domain's state into the new folder `path` and stops it.
     pub fn save(&self, name: &str, path: &Path) -> Result<()> {
         let dir = save_target(path)?;
-        let def = self.store.get_domain(name)?;
-        if def.driver == DriverKind::Qemu {
-            self.active_id(name)?;
-            self.qemu_save(name, &dir, &def)?;
-        } else {
-            self.capture(name, &dir, &|| Ok(()), true)?;
-        }
-        self.destroy(name)?;
-        self.events
-            .emit(name, "saved", "shutoff", Some(dir.display().to_string()));
+        self.capture(name, &dir, &|| Ok(()), true)?;
+        self.end_vmm(name, End::Saved)?;
+        self.events.emit_with(
+            name,
+            "saved",
+            "shut off",
+            Some("saved"),
+            Some(dir.display().to_string()),
+        );
         Ok(())
     }
 
-    /// Writes the running Vessel domain's VM state into the new folder `dir` (`vmstate`,
-    /// `memory`, `domain`), the VM paused meanwhile; `also` runs before it goes on (copies
-    /// of its disks). With `stop` it stays paused (the caller stops it), else it resumes
-    /// if it ran. On failure nothing is left in `dir` and the VM goes on as it was.
+    /// Writes the running domain's VM state into the new folder `dir` (its driver's
+    /// files and `domain`), the VM paused meanwhile; `also` runs before it goes on
+    /// (copies of its disks). With `stop` it stays paused (the caller stops it), else it
+    /// resumes if it ran. On failure nothing is left in `dir` and the VM goes on as it
+    /// was.
     pub(super) fn capture(
         &self,
         name: &str,
@@ -174,71 +164,33 @@ impl Manager {
         also: &dyn Fn() -> Result<()>,
         stop: bool,
     ) -> Result<()> {
-        let dir = dir.to_path_buf();
-        {
-            let l = self.domain_lock(name);
-            let _g = lock(&l);
-            let (id, state) = self.active_id(name)?;
-            if id.driver != DriverKind::Vessel {
-                return Err(Error::Unsupported(
-                    "save is not implemented for the QEMU driver yet".into(),
-                ));
-            }
-            let run = self.run_dir(name);
-            let was_running = state != DomainState::Paused;
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let def = self.store.get_domain(name)?;
+        let (id, state) = self.active_id(name)?;
+        let d = driver::of(id.driver);
+        let run = self.run_dir(name);
+        let was_running = state != DomainState::Paused;
+        if was_running {
+            d.pause(&run)?;
+        }
+        let saved = (|| {
+            std::fs::create_dir(dir).map_err(|e| Error::io("creating", dir, e))?;
+            super::restrict(dir, 0o700)?;
+            std::fs::write(dir.join(DOMAIN_FILE), format!("{name}\n"))
+                .map_err(|e| Error::io("writing", dir.join(DOMAIN_FILE), e))?;
+            d.save_state(&run, &def, dir)?;
+            also()
+        })();
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(dir);
             if was_running {
-                driver::vmm_api(
-                    &run,
-                    "PATCH",
-                    "/vm",
-                    &serde_json::json!({"state": "Paused"}),
-                )?;
+                let _ = d.resume(&run);
             }
-            // A jailed VMM sees only its own files and run folder: it writes the snapshot
-            // there, and the files move to the folder asked for.
-            let (run_state, run_mem) = (run.0.join("save.vmstate"), run.0.join("save.memory"));
-            let saved = (|| {
-                std::fs::create_dir(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-                super::restrict(&dir, 0o700)?;
-                std::fs::write(dir.join(DOMAIN_FILE), format!("{name}\n"))
-                    .map_err(|e| Error::io("writing", dir.join(DOMAIN_FILE), e))?;
-                let (state_file, mem_file) = vmm::snapshot::files_in(&dir);
-                driver::vmm_api(
-                    &run,
-                    "PUT",
-                    "/snapshot/create",
-                    &serde_json::json!({
-                        "snapshot_type": "Full",
-                        "snapshot_path": run_state,
-                        "mem_file_path": run_mem,
-                    }),
-                )?;
-                move_file(&run_state, &state_file)?;
-                move_file(&run_mem, &mem_file)?;
-                also()
-            })();
-            if let Err(e) = saved {
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_file(&run_state);
-                let _ = std::fs::remove_file(&run_mem);
-                if was_running {
-                    let _ = driver::vmm_api(
-                        &run,
-                        "PATCH",
-                        "/vm",
-                        &serde_json::json!({"state": "Resumed"}),
-                    );
-                }
-                return Err(e);
-            }
-            if was_running && !stop {
-                driver::vmm_api(
-                    &run,
-                    "PATCH",
-                    "/vm",
-                    &serde_json::json!({"state": "Resumed"}),
-                )?;
-            }
+            return Err(e);
+        }
+        if was_running && !stop {
+            d.resume(&run)?;
         }
         Ok(())
     }
@@ -250,11 +202,17 @@ impl Manager {
         let name = name.trim();
         self.store.get_domain(name)?;
         // The serial log goes on: the guest does.
-        let info = self.start_inner(name, false, crate::driver::Boot::Restore(path))?;
-        self.events.emit(
+        let info = self.start_inner(
+            name,
+            false,
+            crate::driver::Boot::Restore(path),
+            Start::Restore,
+        )?;
+        self.events.emit_with(
             name,
             "restored",
             "running",
+            Some("restored"),
             Some(path.display().to_string()),
         );
         Ok(info)

@@ -192,7 +192,10 @@ impl Snapshotter {
         let regions = regions(&self.memory);
         wire::write_header(&mut s.w)?;
         wire::write_layout(&mut s.w, &regions)?;
-        // The first take counts every page written: all of RAM goes in round one.
+        // The first take after a stop counts every page written: all of RAM goes in
+        // round one. A snapshot leaves the log running (the base of the next Diff), and a
+        // take then gives only what changed since it.
+        self.vm.stop_dirty_log();
         let mut dirty = self.vm.take_dirty_log().map_err(MigrationError::Accel)?;
         let mut before = u64::MAX;
         loop {

@@ -1,0 +1,801 @@
+//! The QEMU driver: `qemu-system-x86_64` on q35, controlled over QMP. Its saves, named
+//! snapshots and migrations are QEMU's migration stream: to a file with `migrate
+//! "exec:cat > FILE"` (QEMU 7.2 has no `file:` URI) and back with `-incoming "exec:cat
+//! FILE"`, or to the destination's `-incoming unix:` socket. A save folder also keeps
+//! the definition's machine, so a domain redefined since refuses it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm::config::{DiskFormat, Transport};
+use vmm::{Accel, VmConfig};
+
+use super::{seed_name, Boot, Driver, Programs, Reset, RunDir};
+use crate::domain::{DomainDef, DriverKind};
+use crate::error::{Error, Result};
+use crate::qmp::Qmp;
+use crate::state::End;
+
+/// QEMU's migration stream in a save folder.
+pub(crate) const QEMU_STATE: &str = "qemu.state";
+/// The domain's machine (`vm`) as saved, in a save folder.
+const DEFINITION: &str = "definition.json";
+/// How long a save, a load or a migration may take.
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug)]
+pub struct QemuDriver;
+
+impl Driver for QemuDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Qemu
+    }
+
+    fn check(&self, vm: &VmConfig) -> Result<()> {
+        match cannot_honour(vm) {
+            Some(field) => Err(Error::invalid(
+                "domain machine config",
+                format!("unsupported configuration: the QEMU driver cannot honour {field}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn command(
+        &self,
+        p: &Programs,
+        def: &DomainDef,
+        run: &RunDir,
+        log: &Path,
+        boot: Boot<'_>,
+    ) -> Result<Command> {
+        let mut c = qemu_command(p, def, run, log)?;
+        match boot {
+            Boot::Fresh => {}
+            Boot::Restore(dir) => {
+                let state = shell_quoted(&dir.join(QEMU_STATE))?;
+                c.arg("-incoming").arg(format!("exec:cat {state}"));
+            }
+            Boot::Incoming => {
+                c.arg("-incoming")
+                    .arg(format!("unix:{}", chardev_path(&run.incoming())?));
+            }
+        }
+        Ok(c)
+    }
+
+    fn ready(&self, run: &RunDir, boot: Boot<'_>) -> bool {
+        let monitor = Qmp::connect(&run.qmp(), Duration::from_secs(2)).is_ok();
+        match boot {
+            // QEMU answers QMP before it listens for the incoming stream.
+            Boot::Incoming => monitor && run.incoming().exists(),
+            _ => monitor,
+        }
+    }
+
+    fn after_ready(&self, run: &RunDir, boot: Boot<'_>) -> Result<()> {
+        match boot {
+            // QEMU loads the saved state and waits, stopped as it was saved.
+            Boot::Restore(_) => continue_after_load(run),
+            _ => Ok(()),
+        }
+    }
+
+    fn probe_paused(&self, run: &RunDir) -> bool {
+        matches!(qmp_status(run).as_deref(), Ok("paused"))
+    }
+
+    fn shutdown(&self, run: &RunDir) -> Result<()> {
+        qmp(run, "system_powerdown").map(drop)
+    }
+
+    fn reset(&self, run: &RunDir) -> Result<Reset> {
+        qmp(run, "system_reset").map(|_| Reset::InPlace)
+    }
+
+    fn pause(&self, run: &RunDir) -> Result<()> {
+        qmp(run, "stop").map(drop)
+    }
+
+    fn resume(&self, run: &RunDir) -> Result<()> {
+        qmp(run, "cont").map(drop)
+    }
+
+    fn ended(&self, status: Option<std::process::ExitStatus>) -> End {
+        match status {
+            Some(s) if s.success() => End::PoweredOff,
+            Some(_) => End::Failed,
+            None => End::Unknown,
+        }
+    }
+
+    fn save_state(&self, run: &RunDir, def: &DomainDef, dir: &Path) -> Result<()> {
+        let stream = run.0.join("save.qemu-state");
+        let quoted = shell_quoted(&stream)?;
+        let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+        q.execute("stop", None)?;
+        let saved = (|| -> Result<()> {
+            send(&mut q, &format!("exec:cat > {quoted}"))?;
+            let vm = serde_json::to_vec_pretty(&def.vm)
+                .map_err(|e| Error::invalid("domain", e.to_string()))?;
+            std::fs::write(dir.join(DEFINITION), vm).map_err(|e| Error::io("writing", dir, e))?;
+            crate::manager::move_file(&stream, &dir.join(QEMU_STATE))
+        })();
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&stream);
+        }
+        saved
+    }
+
+    fn has_state(&self, dir: &Path) -> bool {
+        dir.join(QEMU_STATE).is_file()
+    }
+
+    fn check_state(
+        &self,
+        dir: &Path,
+        stored: &DomainDef,
+        _runtime: &DomainDef,
+        _run: &RunDir,
+    ) -> Result<()> {
+        let saved: VmConfig = std::fs::read(dir.join(DEFINITION))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "saved domain",
+                    format!("{} holds no QEMU save", dir.display()),
+                )
+            })?;
+        if saved != stored.vm {
+            return Err(Error::Conflict(format!(
+                "the VM saved in {} is not the one domain {:?} now defines (it was redefined \
+                 since it was saved)",
+                dir.display(),
+                stored.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value> {
+        let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+        let m = send(&mut q, &format!("unix:{}", chardev_path(to)?))?;
+        // The source QEMU stays, stopped, after a completed migration: it has no more use.
+        let _ = q.execute("quit", None);
+        Ok(report(&m))
+    }
+}
+
+/// Sends the VM's migration stream to `uri` and waits for it to complete; returns QEMU's
+/// `query-migrate` report.
+fn send(q: &mut Qmp, uri: &str) -> Result<serde_json::Value> {
+    // A file or a local socket is not a network: no bandwidth cap (QEMU's default is
+    // 128 MiB/s).
+    q.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 1u64 << 40})),
+    )?;
+    q.execute("migrate", Some(json!({ "uri": uri })))?;
+    let t0 = Instant::now();
+    loop {
+        let m = q.execute("query-migrate", None)?;
+        match m.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(m),
+            Some("failed") | Some("cancelled") => {
+                return Err(Error::Conflict(format!("QEMU's migration failed: {m}")))
+            }
+            _ if t0.elapsed() > LIMIT => {
+                let _ = q.execute("migrate_cancel", None);
+                return Err(Error::Conflict(format!(
+                    "QEMU's migration took over {LIMIT:?}"
+                )));
+            }
+            // QMP has events for it, but this monitor connection is request/answer.
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// QEMU's `query-migrate` answer in the report Vessel's VMM gives (one shape for either
+/// driver), with QEMU's own answer beside it. QEMU does not count the pages sent while
+/// stopped: `last_pages` is 0.
+fn report(m: &serde_json::Value) -> serde_json::Value {
+    let ram = |k: &str| m["ram"][k].as_u64().unwrap_or(0);
+    let r = vmm::migration::Report {
+        rounds: u32::try_from(ram("dirty-sync-count")).unwrap_or(u32::MAX),
+        last_pages: 0,
+        pages: ram("normal").saturating_add(ram("duplicate")),
+        zero_pages: ram("duplicate"),
+        bytes: ram("transferred"),
+        total_ms: m["total-time"].as_f64().unwrap_or(0.0),
+        downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+    };
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    v["qemu"] = m.clone();
+    v
+}
+
+/// After a restore's QEMU has loaded the state (it waits paused, as the VM was saved
+/// stopped), lets it run.
+fn continue_after_load(run: &RunDir) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let st = qmp_status(run)?;
+        match st.as_str() {
+            "paused" | "postmigrate" | "prelaunch" => {
+                qmp(run, "cont")?;
+                return Ok(());
+            }
+            "running" => return Ok(()),
+            _ if t0.elapsed() > LIMIT => {
+                return Err(Error::Conflict(format!(
+                    "QEMU did not load the saved state within {LIMIT:?} (status {st})"
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Runs one QMP command on a domain's monitor.
+pub fn qmp(run: &RunDir, command: &str) -> Result<serde_json::Value> {
+    let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+    Ok(q.execute(command, None)?)
+}
+
+/// QEMU's run state through QMP (`running`, `paused`, …).
+pub fn qmp_status(run: &RunDir) -> Result<String> {
+    let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+    Ok(q.status()?)
+}
+
+/// `path` quoted for the shell QEMU's `exec:` runs; paths with a quote are refused.
+pub(crate) fn shell_quoted(path: &Path) -> Result<String> {
+    let s = path.to_str().filter(|s| !s.contains('\'')).ok_or_else(|| {
+        Error::invalid(
+            "save path",
+            format!(
+                "{}: a QEMU save path must be UTF-8 without quotes",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(format!("'{s}'"))
+}
+
+/// The first part of `vm` QEMU would run without, named for the user (checked at define
+/// time: a domain never starts without part of its definition). Every field is named
+/// here, so a field added to `VmConfig` does not compile until this driver says what it
+/// does with it.
+pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
+    let VmConfig {
+        arch,
+        // -kernel, -initrd, -append; -bios or the two pflash drives.
+        kernel: _,
+        initrd: _,
+        cmdline: _,
+        firmware: _,
+        firmware_vars: _,
+        option_roms,
+        // -m, -smp (threads), -cpu, -accel.
+        memory_mib: _,
+        cpus: _,
+        threads_per_core: _,
+        cpu_model: _,
+        accel,
+        cpuid_modifiers,
+        // The manager's: the console socket and log.
+        serial: _,
+        serial_rate_limiter,
+        disks,
+        rng: _,
+        rng_rate_limiter,
+        virtio_console,
+        nets,
+        vsock,
+        // q35's virtio devices are PCI functions; mmio is Vessel's default for direct
+        // kernel boot, and the guest sees the same devices either way.
+        virtio_transport: _,
+        // The cloud-init seed's hostname; -uuid.
+        name: _,
+        cloud_init: _,
+        uuid: _,
+    } = vm;
+    if *arch != vmm::config::Arch::X86_64 {
+        return Some("vm.arch (only x86_64: qemu-system-x86_64)");
+    }
+    if vsock.is_some() {
+        return Some(
+            "vm.vsock (Vessel's vsock is Firecracker's Unix-socket flavour; QEMU's is vhost-vsock)",
+        );
+    }
+    if virtio_console.is_some() {
+        return Some("vm.virtio_console (a virtio console: use the Vessel driver)");
+    }
+    if !option_roms.is_empty() {
+        return Some("vm.option_roms");
+    }
+    if *accel == Accel::Hybrid {
+        return Some("vm.accel hybrid (Vessel's own accelerator)");
+    }
+    if serial_rate_limiter.is_some() {
+        return Some("vm.serial_rate_limiter (Firecracker's serial token bucket)");
+    }
+    if !cpuid_modifiers.is_empty() {
+        return Some("vm.cpuid_modifiers (Firecracker's custom CPU template)");
+    }
+    if rng_rate_limiter.is_some() {
+        return Some("vm.rng_rate_limiter (Firecracker's token buckets)");
+    }
+    for d in disks {
+        let vmm::config::DiskConfig {
+            path: _,
+            format: _,
+            read_only: _,
+            transport,
+            rate_limiter,
+        } = d;
+        if rate_limiter.is_some() {
+            return Some("a disk's rate_limiter (Firecracker's token buckets)");
+        }
+        if *transport == Some(Transport::Mmio) {
+            return Some("a disk's transport mmio (q35's virtio devices are PCI)");
+        }
+    }
+    for n in nets {
+        let vmm::config::NetConfig {
+            tap: _,
+            mac: _,
+            mtu: _,
+            transport,
+            rx_rate_limiter,
+            tx_rate_limiter,
+        } = n;
+        if rx_rate_limiter.is_some() || tx_rate_limiter.is_some() {
+            return Some("a network interface's rate limiter (Firecracker's token buckets)");
+        }
+        if *transport == Some(Transport::Mmio) {
+            return Some("a network interface's transport mmio (q35's virtio devices are PCI)");
+        }
+    }
+    None
+}
+
+fn qemu_accel(a: Accel) -> &'static str {
+    match a {
+        Accel::Kvm => "kvm",
+        Accel::Emu | Accel::Hybrid => "tcg",
+        Accel::Auto => match hypervisor::host::KvmSupport::probe() {
+            hypervisor::host::KvmSupport::Native => "kvm",
+            _ => "tcg",
+        },
+    }
+}
+
+/// QEMU's spelling of a CPU model (QEMU 7.2 has no x86-64-vN models: name the features).
+fn qemu_cpu(m: vmm::CpuModel) -> &'static str {
+    match m {
+        vmm::CpuModel::Qemu64 => "qemu64",
+        vmm::CpuModel::X86_64V2 => "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
+        vmm::CpuModel::X86_64V3 => {
+            "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave"
+        }
+        vmm::CpuModel::Max => "max",
+    }
+}
+
+fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Result<Command> {
+    let vm = &def.vm;
+    let mut c = Command::new(&p.qemu);
+    c.args(["-name", &format!("guest={},debug-threads=on", def.name)]);
+    // The machine's own UUID when the VM names one, else the domain's (as libvirt's -uuid).
+    if let Some(u) = vm.uuid.as_ref().or(def.uuid.as_ref()) {
+        c.args(["-uuid", u]);
+    }
+    c.args(["-machine", "q35", "-accel", qemu_accel(vm.accel)]);
+    c.args(["-m", &format!("{}M", vm.memory_mib)]);
+    // The same topology Vessel's VMM gives: threads per core, one socket.
+    c.args([
+        "-smp",
+        &format!("{},threads={}", vm.cpus, vm.threads_per_core),
+    ]);
+    c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
+    if let Some(k) = &vm.kernel {
+        c.arg("-kernel").arg(k);
+        if let Some(i) = &vm.initrd {
+            c.arg("-initrd").arg(i);
+        }
+        c.args(["-append", &vm.cmdline]);
+    }
+    match (&vm.firmware, &vm.firmware_vars) {
+        // UEFI: the code and the variable store on QEMU's two pflash drives.
+        (Some(code), Some(vars)) => {
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ));
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        }
+        (Some(f), None) => {
+            c.arg("-bios").arg(f);
+        }
+        (None, _) => {}
+    }
+    c.args(["-nodefaults", "-no-user-config", "-display", "none"]);
+    c.arg("-chardev").arg(format!(
+        "socket,id=console0,path={},server=on,wait=off,logfile={},logappend=on",
+        chardev_path(&run.console())?,
+        chardev_path(log)?
+    ));
+    c.args(["-serial", "chardev:console0"]);
+    c.arg("-qmp").arg(format!(
+        "unix:{},server=on,wait=off",
+        chardev_path(&run.qmp())?
+    ));
+    for (i, d) in vm.disks.iter().enumerate() {
+        // Always a format: QEMU would probe (see docs/SECURITY.md). A definition from
+        // before formats were fixed at define time gets what the Vessel VMM does: raw, or
+        // a refusal for a file that looks like qcow2 (never the guest's guess).
+        let f = match d.format {
+            Some(f) => f,
+            None if block::probe(&d.path).ok() == Some(block::Format::Qcow2) => {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "{} starts with a qcow2 header but no format was given: \
+                         redefine the domain with the disk's format",
+                        d.path.display()
+                    ),
+                ))
+            }
+            None => DiskFormat::Raw,
+        };
+        let mut drive = format!(
+            "file={},if=virtio,index={i},format={}",
+            chardev_path(&d.path)?,
+            disk_format(f)
+        );
+        if d.read_only {
+            drive.push_str(",readonly=on");
+        }
+        c.arg("-drive").arg(drive);
+    }
+    for (i, n) in vm.nets.iter().enumerate() {
+        // Checked at definition too; a stored definition from an older version is not.
+        crate::domain::check_tap_name(&n.tap)?;
+        c.arg("-netdev").arg(format!(
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            n.tap
+        ));
+        // No option ROM: the kernel is booted directly, and the ROM files may not be installed.
+        let mut dev = format!("virtio-net-pci,netdev=net{i},romfile=");
+        if let Some(m) = &n.mac {
+            dev.push_str(&format!(",mac={m}"));
+        }
+        // QEMU's VIRTIO_NET_F_MTU: the same advertisement Vessel's virtio-net makes.
+        if let Some(mtu) = n.mtu {
+            dev.push_str(&format!(",host_mtu={mtu}"));
+        }
+        c.arg("-device").arg(dev);
+    }
+    if vm.rng {
+        c.args(["-device", "virtio-rng-pci"]);
+    }
+    if let Some(ci) = &vm.cloud_init {
+        // The same NoCloud seed Vessel's VMM builds, as a file in the run folder.
+        let seed = vmm::cloud_init::seed_image(ci, &seed_name(def)).map_err(|e| {
+            Error::invalid(
+                "cloud_init",
+                format!("{e}: {:?}", std::error::Error::source(&e)),
+            )
+        })?;
+        let path = run.0.join("cidata.img");
+        std::fs::write(&path, seed).map_err(|e| {
+            Error::invalid("cloud_init", format!("writing {}: {e}", path.display()))
+        })?;
+        c.arg("-drive").arg(format!(
+            "file={},if=virtio,format=raw,readonly=on",
+            chardev_path(&path)?
+        ));
+    }
+    Ok(c)
+}
+
+fn disk_format(f: DiskFormat) -> &'static str {
+    match f {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    }
+}
+
+/// QEMU option values are comma-separated: a path with a comma would be misread.
+fn chardev_path(p: &Path) -> Result<String> {
+    let s = p.to_string_lossy().into_owned();
+    if s.contains(',') {
+        return Err(Error::invalid(
+            "path",
+            format!("{s}: QEMU cannot take paths containing ','"),
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::vessel::vessel_command;
+    use crate::driver::DEFAULT_VMM_IDS;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Issue 22: QEMU never probes a disk, and a TAP name cannot add -netdev options,
+    /// even for a definition stored before those were checked at define time.
+    #[test]
+    fn qemu_gets_explicit_formats_and_checked_tap_names() {
+        let dir = std::env::temp_dir().join(format!("vessel-qargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw = dir.join("d.raw");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let qcow = dir.join("d.qcow2");
+        block::create(&qcow, block::Format::Qcow2, Some(1 << 20), None).unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let run = RunDir(dir.join("run"));
+        let log = dir.join("serial.log");
+        let mut def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "q", "driver": "qemu",
+            "vm": {"kernel": "/k", "disks": [{"path": raw}]}}))
+        .unwrap();
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",format=raw")), "{a:?}");
+        def.vm.disks[0].path = qcow.clone();
+        let e = qemu_command(&p, &def, &run, &log).unwrap_err();
+        assert!(e.to_string().contains("qcow2 header"), "{e}");
+        def.vm.disks[0].format = Some(DiskFormat::Qcow2);
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",format=qcow2")), "{a:?}");
+        def.vm.nets =
+            serde_json::from_value(serde_json::json!([{"tap": "vq0,ifname=vq1"}])).unwrap();
+        let e = qemu_command(&p, &def, &run, &log).unwrap_err();
+        assert!(e.to_string().contains("TAP name"), "{e}");
+        // An interface's MTU is advertised by QEMU's virtio-net too.
+        def.vm.nets =
+            serde_json::from_value(serde_json::json!([{"tap": "vq0", "mtu": 9000}])).unwrap();
+        let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        assert!(a.iter().any(|x| x.ends_with(",host_mtu=9000")), "{a:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn both_drivers_give_a_domain_its_cloud_init_seed() {
+        let dir = std::env::temp_dir().join(format!("vessel-seed-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ud = dir.join("user-data");
+        std::fs::write(&ud, "#cloud-config\n").unwrap();
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "web-1",
+            "vm": {
+                "firmware": "/usr/share/seabios/bios.bin",
+                "cloud_init": {"user_data": ud},
+            },
+        }))
+        .unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let run = RunDir(dir.clone());
+        let log = dir.join("console.log");
+        let args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        // Vessel builds the seed itself from its config, named after the domain.
+        let v = args(&vessel_command(&p, &def, &run, &log).unwrap());
+        assert_eq!(v[..3], ["run", "--config", &run.config().to_string_lossy()]);
+        let vm: vmm::VmConfig =
+            serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
+        assert_eq!(vm.cloud_init, def.vm.cloud_init);
+        assert_eq!(vm.name.as_deref(), Some("web-1"));
+        // QEMU gets the same seed as a read-only drive in the run folder.
+        let q = args(&qemu_command(&p, &def, &run, &log).unwrap());
+        let seed = dir.join("cidata.img");
+        assert!(
+            q.iter()
+                .any(|a| a.contains(&format!("file={},", seed.display()))
+                    && a.contains("readonly=on"))
+        );
+        let want =
+            vmm::cloud_init::seed_image(def.vm.cloud_init.as_ref().unwrap(), "web-1").unwrap();
+        assert_eq!(std::fs::read(&seed).unwrap(), want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn qemu_gets_uefi_code_and_variables_on_its_two_pflash_drives() {
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "efi",
+            "vm": {
+                "firmware": "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "firmware_vars": "/var/lib/vessel/efi_VARS.fd",
+            },
+        }))
+        .unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let dir = std::env::temp_dir().join(format!("vessel-efi-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = RunDir(dir.clone());
+        let q: Vec<String> = qemu_command(&p, &def, &run, &dir.join("console.log"))
+            .unwrap()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!q.iter().any(|a| a == "-bios"), "{q:?}");
+        assert!(q.contains(
+            &"if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into()
+        ));
+        assert!(q.contains(&"if=pflash,format=raw,unit=1,file=/var/lib/vessel/efi_VARS.fd".into()));
+    }
+
+    /// Issue 16: every `VmConfig` field QEMU accepts reaches its command line, and every
+    /// other field is refused at define time by name (a table of both).
+    #[test]
+    fn qemu_maps_every_field_it_accepts_and_refuses_the_rest_by_name() {
+        let dir = std::env::temp_dir().join(format!("vessel-qmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ud = dir.join("user-data");
+        std::fs::write(&ud, "#cloud-config\n").unwrap();
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "full", "driver": "qemu", "uuid": "11111111-2222-4333-8444-555555555555",
+            "vm": {
+                "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=1",
+                "firmware": "/usr/share/seabios/bios.bin",
+                "memory_mib": 768, "cpus": 4, "threads_per_core": 2,
+                "cpu_model": "qemu64", "accel": "kvm",
+                "disks": [{"path": "/d.qcow2", "format": "qcow2", "read_only": true,
+                           "transport": "pci"}],
+                "rng": true,
+                "nets": [{"tap": "vt0", "mac": "52:54:00:00:00:07", "mtu": 1400,
+                          "transport": "pci"}],
+                "name": "host-1", "cloud_init": {"user_data": ud},
+                "uuid": "66666666-7777-4888-8999-aaaaaaaaaaaa",
+            }
+        }))
+        .unwrap();
+        assert!(QemuDriver.check(&def.vm).is_ok());
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let run = RunDir(dir.clone());
+        let a = args(&qemu_command(&p, &def, &run, &dir.join("log")).unwrap()).join(" ");
+        for want in [
+            "-kernel /k",
+            "-initrd /i",
+            "-append console=ttyS0 x=1",
+            "-bios /usr/share/seabios/bios.bin",
+            "-m 768M",
+            "-smp 4,threads=2",
+            "-cpu qemu64",
+            "-accel kvm",
+            "file=/d.qcow2,if=virtio,index=0,format=qcow2,readonly=on",
+            "-device virtio-rng-pci",
+            "tap,id=net0,ifname=vt0",
+            "mac=52:54:00:00:00:07",
+            "host_mtu=1400",
+            "cidata.img,if=virtio,format=raw,readonly=on",
+            // The machine's own UUID wins over the domain's, as it does for Vessel's VMM.
+            "-uuid 66666666-7777-4888-8999-aaaaaaaaaaaa",
+        ] {
+            assert!(a.contains(want), "{want} missing: {a}");
+        }
+        let seed = std::fs::read(dir.join("cidata.img")).unwrap();
+        let want =
+            vmm::cloud_init::seed_image(def.vm.cloud_init.as_ref().unwrap(), "host-1").unwrap();
+        assert_eq!(seed, want, "the seed names the VM's own name");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let bucket = serde_json::json!({"size": 1, "refill_time": 100});
+        let limiter = serde_json::json!({"ops": bucket});
+        for (field, value, named) in [
+            ("arch", serde_json::json!("riscv64"), "vm.arch"),
+            ("option_roms", serde_json::json!(["/rom"]), "vm.option_roms"),
+            ("accel", serde_json::json!("hybrid"), "hybrid"),
+            (
+                "serial_rate_limiter",
+                bucket.clone(),
+                "vm.serial_rate_limiter",
+            ),
+            (
+                "cpuid_modifiers",
+                serde_json::json!([{"leaf": 1, "subleaf": 0, "register": 2, "set": 0, "clear": 1}]),
+                "vm.cpuid_modifiers",
+            ),
+            ("rng_rate_limiter", limiter.clone(), "vm.rng_rate_limiter"),
+            (
+                "virtio_console",
+                serde_json::json!({"type": "null"}),
+                "vm.virtio_console",
+            ),
+            (
+                "vsock",
+                serde_json::json!({"guest_cid": 3, "uds_path": "/v"}),
+                "vm.vsock",
+            ),
+            (
+                "disks",
+                serde_json::json!([{"path": "/d", "rate_limiter": limiter}]),
+                "a disk's rate_limiter",
+            ),
+            (
+                "disks",
+                serde_json::json!([{"path": "/d", "transport": "mmio"}]),
+                "a disk's transport mmio",
+            ),
+            (
+                "nets",
+                serde_json::json!([{"tap": "t0", "tx_rate_limiter": limiter}]),
+                "a network interface's rate limiter",
+            ),
+            (
+                "nets",
+                serde_json::json!([{"tap": "t0", "transport": "mmio"}]),
+                "a network interface's transport mmio",
+            ),
+        ] {
+            let mut vm = serde_json::json!({"kernel": "/k"});
+            vm[field] = value;
+            let vm: VmConfig = serde_json::from_value(vm).unwrap();
+            let e = QemuDriver.check(&vm).unwrap_err().to_string();
+            assert!(
+                e.contains("unsupported configuration") && e.contains(named),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    /// A QEMU migration reports in the same shape as Vessel's VMM (the CLI prints its
+    /// downtime for either driver).
+    #[test]
+    fn qemu_migration_reports_in_vessels_shape() {
+        let m = serde_json::json!({"status": "completed", "total-time": 1037, "downtime": 9,
+            "ram": {"transferred": 190000000u64, "normal": 46000, "duplicate": 20000,
+                    "dirty-sync-count": 4}});
+        let r: vmm::migration::Report = serde_json::from_value(report(&m)).unwrap();
+        assert_eq!(
+            (r.rounds, r.pages, r.zero_pages, r.bytes),
+            (4, 66000, 20000, 190000000)
+        );
+        assert_eq!((r.total_ms, r.downtime_ms), (1037.0, 9.0));
+        assert_eq!(report(&m)["qemu"], m);
+    }
+}

@@ -1,0 +1,459 @@
+//! The Vessel driver: this executable's `vessel run` with the domain's `VmConfig` as data
+//! (`--config`), controlled through the VMM's API socket (Firecracker's API plus
+//! Vessel's snapshot and migration endpoints).
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::json;
+
+use super::{seed_name, vmm_api, vmm_api_json, Boot, Driver, Programs, Reset, RunDir};
+use crate::domain::{DomainDef, DriverKind};
+use crate::error::{Error, Result};
+use crate::state::End;
+
+/// `vessel run`'s exit status when the guest rebooted.
+const REBOOTED: i32 = 10;
+
+#[derive(Debug)]
+pub struct VesselDriver;
+
+impl Driver for VesselDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Vessel
+    }
+
+    /// The VMM gets the `VmConfig` itself; only what the manager cannot run under its
+    /// control API is refused.
+    fn check(&self, vm: &vmm::VmConfig) -> Result<()> {
+        if vm.arch != vmm::config::Arch::X86_64 {
+            return Err(Error::invalid(
+                "domain machine config",
+                format!(
+                    "unsupported configuration: the Vessel driver cannot run vm.arch {:?} \
+                     under the manager yet (that machine has no control API: use vessel run)",
+                    vm.arch
+                ),
+            ));
+        }
+        if matches!(vm.virtio_console, Some(vmm::SerialConfig::File(_))) {
+            return Err(Error::invalid(
+                "domain machine config",
+                "unsupported configuration: vm.virtio_console to a file: the manager writes \
+                 hvc0 into the domain's run folder (hvc0.log); give {\"type\": \"null\"}",
+            ));
+        }
+        Ok(())
+    }
+
+    fn command(
+        &self,
+        p: &Programs,
+        def: &DomainDef,
+        run: &RunDir,
+        log: &Path,
+        boot: Boot<'_>,
+    ) -> Result<Command> {
+        match boot {
+            Boot::Fresh => vessel_command(p, def, run, log),
+            Boot::Restore(dir) => vessel_restore_command(p, dir, run, log),
+            Boot::Incoming => vessel_incoming_command(p, def, run, log),
+        }
+    }
+
+    fn ready(&self, run: &RunDir, boot: Boot<'_>) -> bool {
+        match boot {
+            // A probe connection would be taken for the source: the socket's file it is.
+            Boot::Incoming => run.incoming().exists(),
+            _ => std::os::unix::net::UnixStream::connect(run.api()).is_ok(),
+        }
+    }
+
+    fn probe_paused(&self, run: &RunDir) -> bool {
+        matches!(vmm_state(run).as_deref(), Ok("Paused"))
+    }
+
+    /// `SendCtrlAltDel` presses the VMM's ACPI power button.
+    fn shutdown(&self, run: &RunDir) -> Result<()> {
+        vmm_api(
+            run,
+            "PUT",
+            "/actions",
+            &json!({"action_type": "SendCtrlAltDel"}),
+        )
+    }
+
+    /// The VMM ends as when its guest reboots, and is started again.
+    fn reset(&self, run: &RunDir) -> Result<Reset> {
+        vmm_api(run, "PUT", "/actions", &json!({"action_type": "Reset"}))?;
+        Ok(Reset::Restarts)
+    }
+
+    fn pause(&self, run: &RunDir) -> Result<()> {
+        vmm_api(run, "PATCH", "/vm", &json!({"state": "Paused"}))
+    }
+
+    fn resume(&self, run: &RunDir) -> Result<()> {
+        vmm_api(run, "PATCH", "/vm", &json!({"state": "Resumed"}))
+    }
+
+    fn ended(&self, status: Option<std::process::ExitStatus>) -> End {
+        match status {
+            Some(s) if s.success() => End::PoweredOff,
+            Some(s) if s.code() == Some(REBOOTED) => End::Rebooted,
+            Some(_) => End::Failed,
+            None => End::Unknown,
+        }
+    }
+
+    /// A jailed VMM sees only its own files and run folder: it writes the snapshot
+    /// there, and the files move to `dir`.
+    fn save_state(&self, run: &RunDir, _def: &DomainDef, dir: &Path) -> Result<()> {
+        let (run_state, run_mem) = (run.0.join("save.vmstate"), run.0.join("save.memory"));
+        let (state_file, mem_file) = vmm::snapshot::files_in(dir);
+        let saved = vmm_api(
+            run,
+            "PUT",
+            "/snapshot/create",
+            &json!({
+                "snapshot_type": "Full",
+                "snapshot_path": run_state,
+                "mem_file_path": run_mem,
+            }),
+        )
+        .and_then(|()| crate::manager::move_file(&run_state, &state_file))
+        .and_then(|()| crate::manager::move_file(&run_mem, &mem_file));
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&run_state);
+            let _ = std::fs::remove_file(&run_mem);
+        }
+        saved
+    }
+
+    fn has_state(&self, dir: &Path) -> bool {
+        vmm::snapshot::files_in(dir).0.is_file()
+    }
+
+    fn check_state(
+        &self,
+        dir: &Path,
+        _stored: &DomainDef,
+        runtime: &DomainDef,
+        run: &RunDir,
+    ) -> Result<()> {
+        let (state, mem) = vmm::snapshot::files_in(dir);
+        let loaded = vmm::snapshot::load(&state, &mem)
+            .map_err(|e| Error::invalid("saved domain", e.to_string()))?;
+        let mut saved = loaded.snapshot.config;
+        let mut now = vessel_config(runtime, run);
+        saved.serial = vmm::SerialConfig::Stdio;
+        now.serial = vmm::SerialConfig::Stdio;
+        if saved != now {
+            return Err(Error::Conflict(format!(
+                "the VM saved in {} is not the one domain {:?} now defines (it was redefined \
+                 since it was saved)",
+                dir.display(),
+                runtime.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// A jailed VMM becomes an unprivileged user once its VM is built.
+    fn vmm_user(&self, p: &Programs, run: &RunDir) -> Option<(u32, u32)> {
+        p.jail.then(|| p.vmm_ids_for(run))
+    }
+
+    fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value> {
+        vmm_api_json(
+            run,
+            "PUT",
+            "/migration/send",
+            &json!({ "destination_url": format!("unix:{}", to.display()) }),
+        )
+    }
+}
+
+/// A Vessel VMM's run state from its API (`Running`, `Paused`, …).
+fn vmm_state(run: &RunDir) -> Result<String> {
+    let r = vmm::api::http::client_request(&run.api(), "GET", "/vessel/status", None)
+        .map_err(|e| Error::Conflict(format!("the VMM's control API: {e}")))?;
+    serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
+        .ok_or_else(|| Error::Conflict(format!("the VMM's status: status {}", r.status)))
+}
+
+/// Vessel gets the domain's `VmConfig` itself, as a file in the run folder (never
+/// re-derived as flags, which would drop what has no flag), with the serial console on
+/// the console socket and, for cloud-init, the domain's name.
+pub(super) fn vessel_command(
+    p: &Programs,
+    def: &DomainDef,
+    run: &RunDir,
+    log: &Path,
+) -> Result<Command> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
+    let mut c = Command::new(&p.vessel);
+    c.arg("run").arg("--config").arg(run.config());
+    vessel_control_args(p, &mut c, run, log)?;
+    Ok(c)
+}
+
+/// The `VmConfig` a Vessel VMM runs for `def` (its runtime definition, TAPs attached) in
+/// the run folder `run`.
+pub fn vessel_config(def: &DomainDef, run: &RunDir) -> vmm::VmConfig {
+    let mut vm = def.vm.clone();
+    vm.serial = vmm::SerialConfig::Stdio;
+    if let Some(v) = vm
+        .vsock
+        .as_mut()
+        .filter(|v| v.uds_path.as_os_str().is_empty())
+    {
+        // A vsock device defined without a host socket (libvirt XML): in the run folder.
+        v.uds_path = run.0.join("vsock.sock");
+    }
+    if vm.virtio_console.is_some() {
+        // The virtio console (hvc0) writes to a file in the run folder.
+        vm.virtio_console = Some(vmm::SerialConfig::File(run.0.join("hvc0.log")));
+    }
+    if vm.cloud_init.is_some() {
+        vm.name = Some(seed_name(def));
+    }
+    // The domain's UUID is the machine's (SMBIOS), as libvirt gives QEMU -uuid.
+    if vm.uuid.is_none() {
+        vm.uuid = def.uuid.clone();
+    }
+    vm
+}
+
+/// A Vessel VMM that restores the snapshot in `dir` (`vessel run --restore`) instead of
+/// booting, controlled as one that boots.
+fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) -> Result<Command> {
+    let mut c = Command::new(&p.vessel);
+    c.arg("run").arg("--restore").arg(dir);
+    vessel_control_args(p, &mut c, run, log)?;
+    Ok(c)
+}
+
+/// A Vessel VMM that waits for `def` migrating in (`vessel run --incoming`), checked
+/// against the configuration `def` gives, controlled as one that boots.
+fn vessel_incoming_command(
+    p: &Programs,
+    def: &DomainDef,
+    run: &RunDir,
+    log: &Path,
+) -> Result<Command> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
+    let mut c = Command::new(&p.vessel);
+    c.arg("run")
+        .arg("--incoming")
+        .arg(format!("unix:{}", run.incoming().display()))
+        .arg("--config")
+        .arg(run.config());
+    vessel_control_args(p, &mut c, run, log)?;
+    Ok(c)
+}
+
+fn vessel_control_args(p: &Programs, c: &mut Command, run: &RunDir, log: &Path) -> Result<()> {
+    c.arg("--console-sock")
+        .arg(run.console())
+        .arg("--console-log")
+        .arg(log);
+    c.arg("--api-sock").arg(run.api());
+    c.arg("--status-file").arg(run.exit_status());
+    if p.jail {
+        let root = run.jail_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("creating jail root", &root, e))?;
+        // The VMM's user removes its sockets and writes its exit status there.
+        let (uid, gid) = p.vmm_ids_for(run);
+        std::os::unix::fs::chown(&run.0, Some(uid), Some(gid))
+            .map_err(|e| Error::io("handing the run folder to the VMM's user", &run.0, e))?;
+        c.arg("--jail").arg(root);
+        c.arg("--uid").arg(uid.to_string());
+        c.arg("--gid").arg(gid.to_string());
+    }
+    Ok(())
+}
+
+/// Writes a file only its owner can read (a domain's config names its disks and seeds).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("writing VM config", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("writing VM config", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::DEFAULT_VMM_IDS;
+
+    /// as data, with only the serial console redirected.
+    #[test]
+    fn vessel_gets_the_domain_config_as_data() {
+        let dir = std::env::temp_dir().join(format!("vessel-cfg-drv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "k",
+            "vm": {"kernel": "/boot/vmlinuz", "serial": {"type": "null"}},
+        }))
+        .unwrap();
+        def.vm.virtio_transport = vmm::config::Transport::Pci;
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: true,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        let run = RunDir(dir.clone());
+        let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        let jailed: Vec<_> = jailed.get_args().collect();
+        let root = run.jail_root();
+        assert!(
+            jailed
+                .windows(2)
+                .any(|w| w[0] == "--jail" && w[1] == root.as_os_str()),
+            "{jailed:?}"
+        );
+        assert!(root.is_dir(), "no jail root made");
+        for (flag, id) in [("--uid", "65534"), ("--gid", "65534")] {
+            assert!(
+                jailed.windows(2).any(|w| w[0] == flag && w[1] == id),
+                "{jailed:?}"
+            );
+        }
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), 65534);
+        // A user per VMM: within the range, the same for the same domain, different for
+        // these two.
+        let per_vm = Programs {
+            vmm_uid_range: Some((1_000_000, 65536)),
+            ..p.clone()
+        };
+        let uid_of = |name: &str| {
+            let run = RunDir(dir.join(name));
+            std::fs::create_dir_all(&run.0).unwrap();
+            let c = vessel_command(&per_vm, &def, &run, &dir.join("console.log")).unwrap();
+            let args: Vec<_> = c
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let uid: u32 = args
+                .windows(2)
+                .find(|w| w[0] == "--uid")
+                .map(|w| w[1].parse().unwrap())
+                .unwrap();
+            assert_eq!(std::fs::metadata(&run.0).unwrap().uid(), uid);
+            uid
+        };
+        let (a, b) = (uid_of("web"), uid_of("db"));
+        assert!((1_000_000..1_065_536).contains(&a), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(uid_of("web"), a);
+        let p = Programs { jail: false, ..p };
+        let free = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
+        assert!(
+            !free.get_args().any(|a| a == "--jail"),
+            "--no-jail still jails"
+        );
+        let got: vmm::VmConfig =
+            serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(run.config())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut want = def.vm.clone();
+        want.serial = vmm::SerialConfig::Stdio;
+        assert_eq!(got, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 16: whatever the Vessel driver accepts reaches the VMM as given: the
+    /// `VmConfig` it writes differs from the definition only where the manager routes
+    /// things (serial and hvc0 into the run folder, an unnamed vsock socket there, the
+    /// domain's UUID and name where the VM has none); what it would have to replace is
+    /// refused by name.
+    #[test]
+    fn vessel_runs_every_field_it_accepts_as_given() {
+        let dir = std::env::temp_dir().join(format!("vessel-vmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bucket = serde_json::json!({"size": 1, "refill_time": 100});
+        let limiter = serde_json::json!({"ops": bucket});
+        let def: DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "full", "uuid": "11111111-2222-4333-8444-555555555555",
+            "vm": {
+                "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=1",
+                "option_roms": ["/rom"],
+                "memory_mib": 768, "cpus": 4, "threads_per_core": 2,
+                "cpu_model": "x86-64-v2", "accel": "hybrid",
+                "cpuid_modifiers": [{"leaf": 1, "subleaf": 0, "register": 2, "set": 0, "clear": 1}],
+                "serial_rate_limiter": bucket,
+                "disks": [{"path": "/d.qcow2", "format": "qcow2", "read_only": true,
+                           "transport": "pci", "rate_limiter": limiter}],
+                "rng": true, "rng_rate_limiter": limiter,
+                "virtio_console": {"type": "null"},
+                "nets": [{"tap": "vt0", "mac": "52:54:00:00:00:07", "mtu": 1400,
+                          "transport": "mmio", "rx_rate_limiter": limiter}],
+                "vsock": {"guest_cid": 9, "uds_path": ""},
+                "virtio_transport": "pci",
+            }
+        }))
+        .unwrap();
+        VesselDriver.check(&def.vm).unwrap();
+        let run = RunDir(dir.clone());
+        let got = vessel_config(&def, &run);
+        let mut want = def.vm.clone();
+        want.serial = vmm::SerialConfig::Stdio;
+        want.virtio_console = Some(vmm::SerialConfig::File(dir.join("hvc0.log")));
+        want.vsock.as_mut().unwrap().uds_path = dir.join("vsock.sock");
+        want.uuid = def.uuid.clone();
+        assert_eq!(got, want);
+        // Through the file `vessel run --config` reads, unchanged.
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: false,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+        };
+        vessel_command(&p, &def, &run, &dir.join("log")).unwrap();
+        let read: vmm::VmConfig =
+            serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
+        assert_eq!(read, want);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        for (field, value, named) in [
+            ("arch", serde_json::json!("riscv64"), "vm.arch"),
+            (
+                "virtio_console",
+                serde_json::json!({"type": "file", "path": "/tmp/hvc"}),
+                "vm.virtio_console",
+            ),
+        ] {
+            let mut vm = serde_json::json!({"kernel": "/k"});
+            vm[field] = value;
+            let vm: vmm::VmConfig = serde_json::from_value(vm).unwrap();
+            let e = VesselDriver.check(&vm).unwrap_err().to_string();
+            assert!(
+                e.contains("unsupported configuration") && e.contains(named),
+                "{field}: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The manager CLI's storage verbs (`pool-*`, `vol-*`, named as virsh names them):
+//! libvirt pool and volume XML or flags, and volume data uploads and downloads, against
+//! the daemon's REST API.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use manager::client::Client;
+use serde_json::{json, Value};
+
+use crate::cmd_img::parse_size;
+use crate::cmd_manage::{kv, print_json, read_text, s, size_text, table, vol};
+use vmm::api::http::percent_encode as enc;
+
+/// Storage pool and volume verbs.
+#[derive(clap::Subcommand, Debug)]
+pub enum StorageCommand {
+    /// Define a directory storage pool from libvirt pool XML (`pool-define FILE`), or
+    /// as NAME PATH (virsh's pool-define-as).
+    #[command(alias = "pool-define-as")]
+    PoolDefine {
+        /// A libvirt pool XML file ('-' reads stdin), or the pool's name with PATH.
+        name: String,
+        path: Option<PathBuf>,
+        /// Create the folder if it does not exist.
+        #[arg(long)]
+        build: bool,
+    },
+    /// List storage pools.
+    PoolList,
+    /// Show a pool's path and space.
+    PoolInfo { name: String },
+    /// Forget a pool (its folder and files stay).
+    PoolUndefine { name: String },
+    /// Create a volume from libvirt volume XML (`vol-create POOL FILE`), as POOL NAME
+    /// SIZE (virsh's vol-create-as; SIZE like 10G or 512M), or as POOL NAME --from IMAGE:
+    /// a local disk image imported with its size and its own format (raw or qcow2; a
+    /// qcow2's backing chain is read through, so the volume stands alone).
+    #[command(alias = "vol-create-as")]
+    VolCreate {
+        pool: String,
+        /// A libvirt volume XML file ('-' reads stdin), or the volume's name with SIZE or
+        /// --from.
+        name: String,
+        #[arg(conflicts_with = "from")]
+        size: Option<String>,
+        /// The volume's format: qcow2 (default) or raw; with --from, the image's format.
+        #[arg(long)]
+        format: Option<String>,
+        /// A disk image file to import as the new volume.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// List a pool's volumes.
+    VolList { pool: String },
+    /// Show a volume's format, capacity and allocation.
+    VolInfo { pool: String, name: String },
+    /// Clone a volume: a qcow2 overlay on it (default) or a full copy (--copy).
+    VolClone {
+        pool: String,
+        source: String,
+        name: String,
+        #[arg(long)]
+        copy: bool,
+        /// Format of a full copy (default: the source's).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Grow a volume to SIZE (shrinking is refused).
+    VolResize {
+        pool: String,
+        name: String,
+        size: String,
+    },
+    /// Delete a volume (refused while a domain uses it).
+    VolDelete { pool: String, name: String },
+    /// Write a local file's bytes into a volume (its guest-visible content).
+    VolUpload {
+        pool: String,
+        name: String,
+        file: PathBuf,
+    },
+    /// Save a volume's guest-visible content to a local (raw) file.
+    VolDownload {
+        pool: String,
+        name: String,
+        file: PathBuf,
+    },
+}
+
+/// Runs one storage verb against the daemon.
+pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
+    match cmd {
+        StorageCommand::PoolDefine { name, path, build } => {
+            let (name, path) = match path {
+                Some(p) => (name, p),
+                None => manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?,
+            };
+            let path = if path.is_absolute() {
+                path
+            } else {
+                std::env::current_dir()?.join(path)
+            };
+            let v = c.post(
+                "/v1/pools",
+                Some(&json!({"name": name, "path": path, "create": build})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Pool '{name}' defined on {}", s(&v["path"]));
+            }
+        }
+        StorageCommand::PoolList => {
+            let v = c.get("/v1/pools")?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        vec![
+                            s(&p["name"]),
+                            s(&p["path"]),
+                            s(&p["volumes"]),
+                            size_text(p["available"].as_u64().unwrap_or(0)),
+                        ]
+                    })
+                    .collect();
+                table(&["Name", "Path", "Volumes", "Available"], &rows);
+            }
+        }
+        StorageCommand::PoolInfo { name } => {
+            let v = c.get(&format!("/v1/pools/{}", enc(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                kv(&[
+                    ("Name", s(&v["name"])),
+                    ("Path", s(&v["path"])),
+                    ("Volumes", s(&v["volumes"])),
+                    ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
+                    ("Available", size_text(v["available"].as_u64().unwrap_or(0))),
+                ]);
+            }
+        }
+        StorageCommand::PoolUndefine { name } => {
+            c.call("DELETE", &format!("/v1/pools/{}", enc(&name)), None)?;
+            if !json_out {
+                println!("Pool '{name}' has been undefined");
+            }
+        }
+        StorageCommand::VolCreate {
+            pool,
+            name,
+            size: _,
+            format,
+            from: Some(image),
+        } => {
+            let (cap, format) = import_volume(c, &pool, &name, &image, format)?;
+            if json_out {
+                print_json(&c.get(&vol(&pool, &name))?);
+            } else {
+                println!(
+                    "Vol {name} created ({format}, {}) from {}",
+                    size_text(cap),
+                    image.display()
+                );
+            }
+        }
+        StorageCommand::VolCreate {
+            pool,
+            name,
+            size,
+            format,
+            from: None,
+        } => {
+            let (name, cap, format) = match size {
+                Some(size) => (
+                    name,
+                    parse_size(&size)?,
+                    format.unwrap_or_else(|| "qcow2".into()),
+                ),
+                None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
+            };
+            let v = c.post(
+                &format!("/v1/pools/{}/volumes", enc(&pool)),
+                Some(&json!({"name": name, "capacity": cap, "format": format})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Vol {name} created ({format}, {})", size_text(cap));
+            }
+        }
+        StorageCommand::VolList { pool } => {
+            let v = c.get(&format!("/v1/pools/{}/volumes", enc(&pool)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(&x["name"]),
+                            s(&x["format"]),
+                            size_text(x["capacity"].as_u64().unwrap_or(0)),
+                            size_text(x["allocation"].as_u64().unwrap_or(0)),
+                            s(&x["path"]),
+                        ]
+                    })
+                    .collect();
+                table(&["Name", "Format", "Capacity", "Allocation", "Path"], &rows);
+            }
+        }
+        StorageCommand::VolInfo { pool, name } => {
+            let v = c.get(&vol(&pool, &name))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                vol_kv(&v);
+            }
+        }
+        StorageCommand::VolClone {
+            pool,
+            source,
+            name,
+            copy,
+            format,
+        } => {
+            let mut body = json!({"name": name, "mode": if copy { "copy" } else { "overlay" }});
+            if let Some(f) = format {
+                body["format"] = json!(f);
+            }
+            let v = c.post(&format!("{}/clone", vol(&pool, &source)), Some(&body))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Vol {name} cloned from {source}");
+            }
+        }
+        StorageCommand::VolResize { pool, name, size } => {
+            let cap = parse_size(&size)?;
+            let v = c.post(
+                &format!("{}/resize", vol(&pool, &name)),
+                Some(&json!({"capacity": cap})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Size of volume '{name}' successfully changed to {}",
+                    size_text(cap)
+                );
+            }
+        }
+        StorageCommand::VolDelete { pool, name } => {
+            c.call("DELETE", &vol(&pool, &name), None)?;
+            if !json_out {
+                println!("Vol {name} deleted");
+            }
+        }
+        StorageCommand::VolUpload { pool, name, file } => {
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let len = f.metadata()?.len();
+            let pb = progress(len, "uploading");
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut off = 0u64;
+            loop {
+                let n = read_full(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                c.raw(
+                    "PUT",
+                    &format!("{}/data?offset={off}", vol(&pool, &name)),
+                    Some(("application/octet-stream", &buf[..n])),
+                )?;
+                off += n as u64;
+                pb.set_position(off);
+            }
+            pb.finish_and_clear();
+            if !json_out {
+                println!("Uploaded {} into {pool}/{name}", size_text(off));
+            }
+        }
+        StorageCommand::VolDownload { pool, name, file } => {
+            let cap = c.get(&vol(&pool, &name))?["capacity"].as_u64().unwrap_or(0);
+            let mut f = std::fs::File::create(&file)
+                .with_context(|| format!("creating {}", file.display()))?;
+            let pb = progress(cap, "downloading");
+            let mut off = 0u64;
+            while off < cap {
+                let r = c.raw(
+                    "GET",
+                    &format!("{}/data?offset={off}&length={CHUNK}", vol(&pool, &name)),
+                    None,
+                )?;
+                if r.body.is_empty() {
+                    break;
+                }
+                f.write_all(&r.body)?;
+                off += r.body.len() as u64;
+                pb.set_position(off);
+            }
+            pb.finish_and_clear();
+            if !json_out {
+                println!("Downloaded {} from {pool}/{name}", size_text(off));
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn vol_kv(v: &Value) {
+    kv(&[
+        ("Name", s(&v["name"])),
+        ("Pool", s(&v["pool"])),
+        ("Path", s(&v["path"])),
+        ("Format", s(&v["format"])),
+        ("Capacity", size_text(v["capacity"].as_u64().unwrap_or(0))),
+        (
+            "Allocation",
+            size_text(v["allocation"].as_u64().unwrap_or(0)),
+        ),
+        ("Backing file", s(&v["backing_file"])),
+        (
+            "Used by",
+            v["used_by"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                .filter(|x| !x.is_empty())
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ]);
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(st) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+    {
+        pb.set_style(st.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+const CHUNK: u64 = 8 << 20;
+
+/// `vol-create POOL NAME --from IMAGE`: a volume of the image's size in its format (or
+/// `format`), filled with the image's guest-visible content. Ranges the image reports
+/// as zeros, and chunks that read as all zeros, are not sent: the new volume is sparse
+/// where the image is. Returns the capacity and the format.
+fn import_volume(
+    c: &Client,
+    pool: &str,
+    name: &str,
+    image: &Path,
+    format: Option<String>,
+) -> Result<(u64, String)> {
+    let probed = block::probe(image).with_context(|| format!("reading {}", image.display()))?;
+    let mut src = block::open(image, Some(probed), true)
+        .with_context(|| format!("opening {} as {probed}", image.display()))?;
+    let cap = src.size();
+    let format = format.unwrap_or_else(|| probed.to_string());
+    c.post(
+        &format!("/v1/pools/{}/volumes", enc(pool)),
+        Some(&json!({"name": name, "capacity": cap, "format": format})),
+    )?;
+    let pb = progress(cap, "importing");
+    let copied = copy_into_volume(c, pool, name, image, src.as_mut(), &pb);
+    pb.finish_and_clear();
+    if let Err(e) = copied {
+        // No half-imported volume is left behind.
+        let _ = c.call("DELETE", &vol(pool, name), None);
+        return Err(e);
+    }
+    Ok((cap, format))
+}
+
+fn copy_into_volume(
+    c: &Client,
+    pool: &str,
+    name: &str,
+    image: &Path,
+    src: &mut dyn block::BlockBackend,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    let cap = src.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0u64;
+    while off < cap {
+        let want = (cap - off).min(CHUNK);
+        let (status, run) = src
+            .block_status(off, want)
+            .with_context(|| format!("reading {} at {off}", image.display()))?;
+        let n = run.clamp(1, want);
+        if status == block::BlockStatus::Data {
+            let chunk = &mut buf[..n as usize];
+            src.read_at(off, chunk)
+                .with_context(|| format!("reading {} at {off}", image.display()))?;
+            if chunk.iter().any(|&b| b != 0) {
+                c.raw(
+                    "PUT",
+                    &format!("{}/data?offset={off}", vol(pool, name)),
+                    Some(("application/octet-stream", chunk)),
+                )?;
+            }
+        }
+        off += n;
+        pb.set_position(off);
+    }
+    Ok(())
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
