@@ -732,8 +732,10 @@ fn spinning_user_code_is_kicked_out_by_a_signal() {
         let now = base.elapsed().as_nanos() as u64;
         let r = p.regs();
         assert_eq!(e, Exit::Errno(libc::EINTR), "round {i}");
+        // On a loaded host the first kick can come before the vCPU ran anything: RIP is
+        // then still at the first instruction, before the loop.
         assert!(
-            r.rip >= l[0] && r.rip < l[1],
+            (r.rip >= l[0] && r.rip < l[1]) || (i == 0 && r.rip == CODE),
             "rip {:#x} inside the loop",
             r.rip
         );
