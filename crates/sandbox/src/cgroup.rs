@@ -283,7 +283,7 @@ pub fn enter(spec: &Spec) -> Result<Vec<PathBuf>, CgroupError> {
         if spec.version == Version::V2 {
             enable_v2(&base, &group, ctl)?;
         }
-        std::fs::create_dir_all(&group).map_err(io_err("creating the cgroup", &group))?;
+        create(&group)?;
         if !groups.contains(&group) {
             groups.push(group);
         }
@@ -304,6 +304,18 @@ pub fn enter(spec: &Spec) -> Result<Vec<PathBuf>, CgroupError> {
     Ok(groups)
 }
 
+/// Makes `group` and its parents. Another VMM's starter may remove an empty parent
+/// ([`remove`]) between the two: then again.
+fn create(group: &Path) -> Result<(), CgroupError> {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(group) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
+            r => return r.map_err(io_err("creating the cgroup", group)),
+        }
+    }
+}
+
 /// cgroup v2: a controller works in a group only when every ancestor below the
 /// caller's group hands it down (`cgroup.subtree_control`).
 fn enable_v2(base: &Path, group: &Path, controller: &str) -> Result<(), CgroupError> {
@@ -321,14 +333,14 @@ fn enable_v2(base: &Path, group: &Path, controller: &str) -> Result<(), CgroupEr
                 .map_err(io_err("handing down the controller in", &control))?;
         }
         dir.push(c);
-        std::fs::create_dir_all(&dir).map_err(io_err("creating the cgroup", &dir))?;
+        create(&dir)?;
     }
     Ok(())
 }
 
 /// Removes the group `spec` describes once nothing runs in it (the VMM and its waiter
-/// have ended); its parent stays, other VMMs' groups may be there. Groups that do not
-/// exist are not an error.
+/// have ended), and its parent folder if no other VMM's group is there (any more).
+/// Groups that do not exist are not an error.
 pub fn remove(spec: &Spec) -> Result<(), CgroupError> {
     check(spec)?;
     let mounts = Mounts::read().map_err(CgroupError::Mounts)?;
@@ -340,22 +352,16 @@ pub fn remove(spec: &Spec) -> Result<(), CgroupError> {
             }
             _ => {}
         }
-    }
-    Ok(())
-}
-
-/// The folders of the group `spec` describes, for a caller in this process's groups.
-pub fn folders(spec: &Spec) -> Result<Vec<PathBuf>, CgroupError> {
-    check(spec)?;
-    let mounts = Mounts::read().map_err(CgroupError::Mounts)?;
-    let mut v = Vec::new();
-    for ctl in controllers(spec) {
-        let (_, g) = mounts.folders(spec, ctl)?;
-        if !v.contains(&g) {
-            v.push(g);
+        // Fails while another VMM's group is there (never the caller's own group: the
+        // parent is a relative path of one component or more).
+        if let Some(parent) = group
+            .parent()
+            .filter(|_| spec.parent.components().count() > 0)
+        {
+            let _ = std::fs::remove_dir(parent);
         }
     }
-    Ok(v)
+    Ok(())
 }
 
 #[cfg(test)]
