@@ -338,6 +338,39 @@ fn enable_v2(base: &Path, group: &Path, controller: &str) -> Result<(), CgroupEr
     Ok(())
 }
 
+/// Whether this process may make VMM groups below its own in `parent` for the cpu and
+/// memory controllers: makes one (handing the controllers down on v2) and removes it.
+/// A host can have the controllers and still refuse (a read-only cgroup mount in a
+/// container; on v2, a group of the caller's with processes in it).
+pub fn probe(version: Version, parent: &Path) -> Result<(), CgroupError> {
+    let spec = Spec {
+        version,
+        parent: parent.to_path_buf(),
+        id: format!("probe-{}", std::process::id()),
+        settings: vec![
+            Setting {
+                file: "cpu.max".into(),
+                value: String::new(),
+            },
+            Setting {
+                file: "memory.max".into(),
+                value: String::new(),
+            },
+        ],
+    };
+    check(&spec)?;
+    let mounts = Mounts::read().map_err(CgroupError::Mounts)?;
+    let made = controllers(&spec).into_iter().try_for_each(|ctl| {
+        let (base, group) = mounts.folders(&spec, ctl)?;
+        if version == Version::V2 {
+            enable_v2(&base, &group, ctl)?;
+        }
+        create(&group)
+    });
+    let removed = remove(&spec);
+    made.and(removed)
+}
+
 /// Removes the group `spec` describes once nothing runs in it (the VMM and its waiter
 /// have ended), and its parent folder if no other VMM's group is there (any more).
 /// Groups that do not exist are not an error.
@@ -441,5 +474,32 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert!(matches!(check(&sp), Err(CgroupError::Parent(_))));
         sp.parent = PathBuf::from("a/../b");
         assert!(check(&sp).is_err());
+    }
+
+    /// The daemon's check before it gives VMMs groups: on this host (root, writable
+    /// cgroups, as the sandbox tests need) it succeeds and leaves nothing behind.
+    #[test]
+    fn a_probe_makes_and_removes_a_group_below_this_process() {
+        let v = Version::detect()
+            .expect("no cgroup hierarchy with the cpu and memory controllers on this host");
+        let parent = PathBuf::from(format!("vessel-probe-test-{}", std::process::id()));
+        probe(v, &parent).expect("root may make cgroups below its own");
+        let mounts = Mounts::read().unwrap();
+        let s = Spec {
+            version: v,
+            parent: parent.clone(),
+            id: "x".into(),
+            settings: vec![
+                "cpu.max=1".parse().unwrap(),
+                "memory.max=1".parse().unwrap(),
+            ],
+        };
+        for ctl in ["cpu", "memory"] {
+            let (base, _) = mounts.folders(&s, ctl).unwrap();
+            assert!(
+                !base.join(&parent).exists(),
+                "{ctl}: the probe's group stays"
+            );
+        }
     }
 }

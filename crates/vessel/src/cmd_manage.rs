@@ -118,14 +118,25 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
     let vmm_cgroups = if args.no_jail {
         None
     } else {
-        let v = sandbox::cgroup::Version::detect();
-        match v {
-            Some(v) => tracing::info!(version = %v, "jailed VMMs get cgroup CPU and memory limits"),
-            None => tracing::warn!(
-                "no cgroup hierarchy with the cpu and memory controllers: jailed VMMs get no CPU or memory limits"
-            ),
+        let parent = std::path::Path::new(manager::driver::VMM_PARENT_CGROUP);
+        match sandbox::cgroup::Version::detect() {
+            Some(v) => match sandbox::cgroup::probe(v, parent) {
+                Ok(()) => {
+                    tracing::info!(version = %v, "jailed VMMs get cgroup CPU and memory limits");
+                    Some(v)
+                }
+                Err(e) => {
+                    tracing::warn!("jailed VMMs get no CPU or memory limits: {e}");
+                    None
+                }
+            },
+            None => {
+                tracing::warn!(
+                    "no cgroup hierarchy with the cpu and memory controllers: jailed VMMs get no CPU or memory limits"
+                );
+                None
+            }
         }
-        v
     };
     let cfg = manager::Config {
         state_dir,

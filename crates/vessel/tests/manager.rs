@@ -943,24 +943,54 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
     let memory_mount =
         memory_mount.expect("this host has no memory cgroup controller: the VMMs get no limits");
     let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let group = groups
-        .lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
-            let ok = if v2 {
-                ctls.is_empty()
-            } else {
-                ctls.split(',').any(|c| c == "memory")
-            };
-            ok.then(|| path.to_string())
-        })
-        .unwrap();
-    assert!(
-        group.ends_with("/vessel/tiny"),
-        "the VMM's memory cgroup: {group}"
+    let group_of = |controller: &str| {
+        let g = groups
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+                let ok = if v2 {
+                    ctls.is_empty()
+                } else {
+                    ctls.split(',').any(|c| c == controller)
+                };
+                ok.then(|| path.to_string())
+            })
+            .unwrap();
+        assert!(
+            g.ends_with("/vessel/tiny"),
+            "the VMM's {controller} cgroup is {g}: the daemon made none (its log says why)"
+        );
+        g
+    };
+    let mount_of = |controller: &str| {
+        mounts
+            .lines()
+            .find_map(|m| {
+                let f: Vec<&str> = m.split_whitespace().collect();
+                let ok = if v2 {
+                    f[2] == "cgroup2"
+                } else {
+                    f[2] == "cgroup" && f[3].split(',').any(|o| o == controller)
+                };
+                ok.then(|| f[1].to_string())
+            })
+            .unwrap_or_else(|| panic!("this host has no {controller} cgroup controller"))
+    };
+    let cpu_group = Path::new(&mount_of("cpu")).join(group_of("cpu").trim_start_matches('/'));
+    let (file, want) = if v2 {
+        ("cpu.max", "100000 100000")
+    } else {
+        ("cpu.cfs_quota_us", "100000")
+    };
+    assert_eq!(
+        std::fs::read_to_string(cpu_group.join(file))
+            .unwrap()
+            .trim(),
+        want,
+        "{file}: one vCPU's worth"
     );
-    let group = Path::new(&memory_mount).join(group.trim_start_matches('/'));
+    let group = Path::new(&memory_mount).join(group_of("memory").trim_start_matches('/'));
     let file = if v2 {
         "memory.max"
     } else {
