@@ -397,6 +397,7 @@ impl Manager {
         row.restarting = rebooted;
         drop(rows);
         self.table.changed.notify_all();
+        crate::driver::release_cgroup(&self.cfg.programs, name);
         if let Ok(def) = self.store.get_domain(name) {
             self.detach_interfaces(&def);
         }
@@ -893,6 +894,7 @@ mod tests {
                 jail: false,
                 vmm_ids: driver::DEFAULT_VMM_IDS,
                 vmm_uid_range: None,
+                vmm_cgroups: None,
             },
             pool_roots: vec![],
             file_roots: vec![],

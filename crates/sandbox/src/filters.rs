@@ -18,7 +18,7 @@ use seccompiler::{
     SeccompFilter, SeccompRule,
 };
 
-use crate::{Error, Mode};
+use crate::{ioctls, Error, Mode};
 
 /// The kinds of threads in a VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -214,59 +214,13 @@ fn allow_if(r: &mut Rules, nr: libc::c_long, rules: Vec<SeccompRule>) {
     r.entry(nr).or_default().extend(rules);
 }
 
-const KVM_IOCTL: u64 = 0xae;
-const TTY_TUN_IOCTL: u64 = b'T' as u64;
-
-// KVM requests that create or reshape a VM (values from <linux/kvm.h>).
-const KVM_CREATE_VM: u64 = 0xae01;
-const KVM_CREATE_VCPU: u64 = 0xae41;
-const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
-const KVM_CREATE_IRQCHIP: u64 = 0xae60;
-const KVM_CREATE_PIT2: u64 = 0x4040_ae77;
-const KVM_CREATE_DEVICE: u64 = 0xc00c_aee0;
-const KVM_SET_TSS_ADDR: u64 = 0xae47;
-const KVM_SET_IDENTITY_MAP_ADDR: u64 = 0x4008_ae48;
-
-/// Requests only the VM's build makes, on the main thread before any filter: no
-/// confined thread creates a VM (on the `/dev/kvm` descriptor) or its interrupt
-/// controllers and devices.
-const KVM_BUILD_ONLY: &[u64] = &[
-    KVM_CREATE_VM,
-    KVM_CREATE_IRQCHIP,
-    KVM_CREATE_PIT2,
-    KVM_CREATE_DEVICE,
-    KVM_SET_TSS_ADDR,
-    KVM_SET_IDENTITY_MAP_ADDR,
-];
-
-/// Requests that only a vCPU thread makes after the build: the hybrid accelerator
-/// creates its KVM vCPU lazily and remaps guest memory on the vCPU's own thread.
-const KVM_VCPU_ONLY: &[u64] = &[KVM_CREATE_VCPU, KVM_SET_USER_MEMORY_REGION];
-
-/// `ioctl` for `role`: by type (the second byte of the request number), KVM's (0xAE) and
-/// 'T' (terminals' TCGETS/TCSETS/FIONBIO, and TUN's TUNSETOFFLOAD...); of KVM's, not
-/// the requests that create or reshape a VM (but the vCPU's own setup on its thread).
+/// `ioctl` for `role`: only the requests that role makes, each by its exact number
+/// (`ioctls::allowed`).
 fn ioctl_rules(role: Role) -> Result<Vec<SeccompRule>, Error> {
-    let mut kvm = vec![cond(1, Len::Dword, Op::MaskedEq(0xff00), KVM_IOCTL << 8)?];
-    let vcpu_only: &[u64] = match role {
-        Role::Vcpu => &[],
-        // A migration or Diff snapshot (on the API's thread) switches dirty logging on
-        // the VM's slots, which sets them again with another flag.
-        Role::Api => &[KVM_CREATE_VCPU],
-        _ => KVM_VCPU_ONLY,
-    };
-    for &nr in KVM_BUILD_ONLY.iter().chain(vcpu_only) {
-        kvm.push(cond(1, Len::Dword, Op::Ne, nr)?);
-    }
-    Ok(vec![
-        rule(kvm)?,
-        rule(vec![cond(
-            1,
-            Len::Dword,
-            Op::MaskedEq(0xff00),
-            TTY_TUN_IOCTL << 8,
-        )?])?,
-    ])
+    ioctls::allowed(role)
+        .into_iter()
+        .map(|nr| rule(vec![cond(1, Len::Dword, Op::Eq, nr)?]))
+        .collect()
 }
 
 /// What every thread does: memory (never writable and executable at once), locks,
@@ -578,32 +532,51 @@ mod tests {
         }
     }
 
-    /// Issue 22: KVM requests that create or reshape a VM are refused to every confined
-    /// thread (the vCPU's own KVM vCPU and memory slots excepted, for the hybrid
-    /// accelerator); the rest of KVM's requests and the terminals' still pass.
+    /// Issue 22: each role may make only its own `ioctl` requests, by number: the
+    /// requests that build a VM are refused to every confined thread, KVM_RUN and a
+    /// vCPU's registers to all but vCPU threads (the API's may read them, for a
+    /// snapshot), the hybrid accelerator's vCPU creation and memory slots to all but
+    /// vCPU threads (the API's switches dirty logging on the slots).
     #[test]
-    fn kvm_requests_that_build_a_vm_are_refused_after_the_build() {
-        const KVM_RUN: u64 = 0xae80;
-        const KVM_IRQ_LINE: u64 = 0x4008_ae61;
-        const TCGETS: u64 = 0x5401;
-        for role in [Role::Vcpu, Role::Io, Role::Api, Role::Main] {
-            for nr in KVM_BUILD_ONLY {
+    fn each_role_makes_only_its_own_ioctl_requests() {
+        use ioctls::*;
+        for role in Role::ALL {
+            for nr in BUILD_ONLY {
                 assert!(!ioctl_allowed(role, *nr), "{role:?} may {nr:#x}");
             }
+            let vcpu = role == Role::Vcpu;
+            assert_eq!(ioctl_allowed(role, KVM_RUN), vcpu, "{role:?} KVM_RUN");
+            assert_eq!(ioctl_allowed(role, KVM_SET_REGS), vcpu, "{role:?}");
+            assert_eq!(ioctl_allowed(role, KVM_CREATE_VCPU), vcpu, "{role:?}");
             assert_eq!(
-                ioctl_allowed(role, KVM_CREATE_VCPU),
-                role == Role::Vcpu,
+                ioctl_allowed(role, KVM_GET_REGS),
+                vcpu || role == Role::Api,
                 "{role:?}"
             );
-            // The API's thread switches dirty logging on the VM's slots.
             assert_eq!(
                 ioctl_allowed(role, KVM_SET_USER_MEMORY_REGION),
-                matches!(role, Role::Vcpu | Role::Api),
+                vcpu || role == Role::Api,
                 "{role:?}"
             );
-            for nr in [KVM_RUN, KVM_IRQ_LINE, TCGETS] {
-                assert!(ioctl_allowed(role, nr), "{role:?} may not {nr:#x}");
-            }
+            assert_eq!(
+                ioctl_allowed(role, KVM_IRQ_LINE),
+                role != Role::Main,
+                "{role:?}"
+            );
+            assert_eq!(
+                ioctl_allowed(role, KVM_GET_DIRTY_LOG),
+                role == Role::Api,
+                "{role:?}"
+            );
+            assert_eq!(
+                ioctl_allowed(role, TCSETS),
+                matches!(role, Role::Console | Role::Main),
+                "{role:?}"
+            );
+            assert!(ioctl_allowed(role, FIONBIO), "{role:?} FIONBIO");
+            // An unknown request of a known type, and one of another type.
+            assert!(!ioctl_allowed(role, 0xaeff), "{role:?}");
+            assert!(!ioctl_allowed(role, 0x8000_4d00), "{role:?}");
         }
     }
 

@@ -38,6 +38,58 @@ pub struct JailSpec {
     pub mode: Option<crate::Mode>,
     /// The user and group the waiting parent becomes.
     pub ids: Option<crate::Ids>,
+    /// Resource limits for the VMM and its waiter (`--resource-limit`); without a
+    /// `no-file` limit, [`JAIL_MAX_FILES`].
+    pub rlimits: Vec<ResourceLimit>,
+    /// The VMM's own cgroup and the limits in it (`--cgroup`).
+    pub cgroup: Option<crate::cgroup::Spec>,
+}
+
+/// The smallest `fsize` limit: RLIMIT_FSIZE bounds memory files as any other, and the
+/// emulator's code arenas are memory files (64 MiB for compiled blocks, 1 MiB for host
+/// stubs); under a smaller limit a VMM would run its guest interpreted only.
+pub const MIN_FILE_SIZE_LIMIT: u64 = 128 << 20;
+
+/// A resource limit the jail sets (soft and hard) for the VMM, named as Firecracker's
+/// jailer's `--resource-limit` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResourceLimit {
+    /// `fsize=BYTES`: no file the VMM writes grows past this (RLIMIT_FSIZE). The VMM
+    /// ignores SIGXFSZ, so a write past it fails (EFBIG: the guest sees an I/O error, a
+    /// log stops growing) instead of killing the VMM.
+    FileSize(u64),
+    /// `no-file=N`: one more than the highest descriptor number the VMM may open
+    /// (RLIMIT_NOFILE).
+    OpenFiles(u64),
+}
+
+impl std::str::FromStr for ResourceLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected RESOURCE=VALUE (fsize=BYTES, no-file=N)"))?;
+        let n: u64 = value
+            .parse()
+            .map_err(|_| format!("{value:?}: not a number"))?;
+        match name {
+            "fsize" if n < MIN_FILE_SIZE_LIMIT => Err(format!(
+                "fsize={n}: at least {MIN_FILE_SIZE_LIMIT} (the emulator's code arenas are memory files it bounds too)"
+            )),
+            "fsize" => Ok(ResourceLimit::FileSize(n)),
+            "no-file" => Ok(ResourceLimit::OpenFiles(n)),
+            _ => Err(format!("{name:?}: the resources are fsize and no-file")),
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResourceLimit::FileSize(n) => write!(f, "fsize={n}"),
+            ResourceLimit::OpenFiles(n) => write!(f, "no-file={n}"),
+        }
+    }
 }
 
 /// Why the jail could not be set up.
@@ -49,6 +101,8 @@ pub enum JailError {
     Path { path: PathBuf, why: String },
     #[error("the jail must be entered while the process has one thread (it has {0})")]
     Threads(usize),
+    #[error("the VMM's cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{step}: {source}")]
     Sys {
         step: String,
@@ -174,6 +228,12 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     if n != 1 {
         return Err(JailError::Threads(n));
     }
+    // Before the fork: the waiter is limited and in the group too, and the VMM never
+    // runs outside them.
+    set_limits(&spec.rlimits)?;
+    if let Some(cg) = &spec.cgroup {
+        crate::cgroup::enter(cg)?;
+    }
     split_pid_namespace(spec)?;
     let root = normal(&spec.root)?;
     let empty = std::fs::read_dir(&root)
@@ -188,8 +248,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     let r = build_and_enter(spec, &root, &binds);
     // SAFETY: as above.
     unsafe { libc::umask(umask) };
-    r?;
-    limit_open_files()
+    r
 }
 
 /// Descriptors a jailed VMM may hold: its disks, TAPs, eventfds, API connections (at most
@@ -198,23 +257,51 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
 /// limit.
 pub const JAIL_MAX_FILES: u64 = 4096;
 
-/// RLIMIT_NOFILE at [`JAIL_MAX_FILES`] (soft and hard; never raised).
-fn limit_open_files() -> Result<(), JailError> {
-    let mut now = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit, valid for the call.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
-    check(rc, "reading RLIMIT_NOFILE")?;
-    let max = now.rlim_max.min(JAIL_MAX_FILES);
+/// Sets `limits`, and RLIMIT_NOFILE at [`JAIL_MAX_FILES`] (or below the hard limit
+/// already set) when they have no `no-file`.
+fn set_limits(limits: &[ResourceLimit]) -> Result<(), JailError> {
+    if !limits
+        .iter()
+        .any(|l| matches!(l, ResourceLimit::OpenFiles(_)))
+    {
+        let mut now = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit, valid for the call.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
+        check(rc, "reading RLIMIT_NOFILE")?;
+        let max = now.rlim_max.min(JAIL_MAX_FILES);
+        set_limit(libc::RLIMIT_NOFILE, now.rlim_cur.min(max), max, "no-file")?;
+    }
+    for l in limits {
+        match *l {
+            ResourceLimit::FileSize(n) => {
+                // SAFETY: SIG_IGN for SIGXFSZ; no handler runs.
+                if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+                    return Err(sys("ignoring SIGXFSZ")(io::Error::last_os_error()));
+                }
+                set_limit(libc::RLIMIT_FSIZE, n, n, "fsize")?;
+            }
+            ResourceLimit::OpenFiles(n) => set_limit(libc::RLIMIT_NOFILE, n, n, "no-file")?,
+        }
+    }
+    Ok(())
+}
+
+fn set_limit(
+    resource: libc::__rlimit_resource_t,
+    cur: u64,
+    max: u64,
+    name: &str,
+) -> Result<(), JailError> {
     let new = libc::rlimit {
-        rlim_cur: now.rlim_cur.min(max),
+        rlim_cur: cur,
         rlim_max: max,
     };
     // SAFETY: setrlimit reads one rlimit, valid for the call.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) };
-    check(rc, "limiting RLIMIT_NOFILE")
+    let rc = unsafe { libc::setrlimit(resource, &new) };
+    check(rc, format!("setting the {name} limit to {max}"))
 }
 
 /// The child's PID, for the waiter's signal handler.
@@ -442,5 +529,22 @@ mod tests {
         );
         assert!(plan(&[(p("relative"), Access::ReadOnly)]).is_err());
         assert!(plan(&[(p("/x/.."), Access::ReadOnly)]).is_err());
+    }
+
+    #[test]
+    fn resource_limits_are_named_as_firecrackers_jailer_names_them() {
+        assert_eq!(
+            "fsize=250000000".parse::<ResourceLimit>(),
+            Ok(ResourceLimit::FileSize(250_000_000))
+        );
+        assert!("fsize=65536".parse::<ResourceLimit>().is_err());
+        assert_eq!(
+            "no-file=1024".parse::<ResourceLimit>(),
+            Ok(ResourceLimit::OpenFiles(1024))
+        );
+        for bad in ["nofile=1", "fsize", "fsize=-1", "fsize=1k"] {
+            assert!(bad.parse::<ResourceLimit>().is_err(), "{bad}");
+        }
+        assert_eq!(ResourceLimit::OpenFiles(7).to_string(), "no-file=7");
     }
 }

@@ -13,7 +13,9 @@
 //! log, `dmesg`), and [`Mode::None`] installs no filter, for development.
 
 mod caps;
+pub mod cgroup;
 mod filters;
+mod ioctls;
 pub mod jail;
 
 use std::cell::Cell;

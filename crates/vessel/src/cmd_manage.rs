@@ -113,6 +113,31 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
     let socket = g.socket.clone().unwrap_or_else(default_socket);
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let vessel = std::env::current_exe().context("finding the vessel executable")?;
+    // Each jailed VMM's CPU and memory limits go in its own cgroup, where the host has
+    // the controllers.
+    let vmm_cgroups = if args.no_jail {
+        None
+    } else {
+        let parent = std::path::Path::new(manager::driver::VMM_PARENT_CGROUP);
+        match sandbox::cgroup::Version::detect() {
+            Some(v) => match sandbox::cgroup::probe(v, parent) {
+                Ok(()) => {
+                    tracing::info!(version = %v, "jailed VMMs get cgroup CPU and memory limits");
+                    Some(v)
+                }
+                Err(e) => {
+                    tracing::warn!("jailed VMMs get no CPU or memory limits: {e}");
+                    None
+                }
+            },
+            None => {
+                tracing::warn!(
+                    "no cgroup hierarchy with the cpu and memory controllers: jailed VMMs get no CPU or memory limits"
+                );
+                None
+            }
+        }
+    };
     let cfg = manager::Config {
         state_dir,
         programs: manager::driver::Programs {
@@ -121,6 +146,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             jail: !args.no_jail,
             vmm_ids: (args.vmm_uid, args.vmm_gid),
             vmm_uid_range: args.vmm_uid_range,
+            vmm_cgroups,
         },
         pool_roots: args.pool_roots,
         file_roots: args.file_roots,

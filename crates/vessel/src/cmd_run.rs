@@ -228,6 +228,34 @@ pub struct RunArgs {
     /// The group for --uid.
     #[arg(long, requires = "uid")]
     gid: Option<u32>,
+    /// With --jail: a resource limit for the VMM (soft and hard), named as Firecracker's
+    /// jailer names them: fsize=BYTES (no file it writes grows past this: a write past
+    /// it fails, the VMM goes on) or no-file=N (descriptors). Repeatable. Without
+    /// no-file, a jailed VMM gets 4096.
+    #[arg(
+        long = "resource-limit",
+        value_name = "RESOURCE=VALUE",
+        requires = "jail"
+    )]
+    resource_limits: Vec<sandbox::jail::ResourceLimit>,
+    /// With --jail: write VALUE to FILE in the VMM's own cgroup before it starts
+    /// (cpu.max=200000 100000, memory.max=1073741824 on cgroup v2;
+    /// cpu.cfs_quota_us=200000, memory.limit_in_bytes=1073741824 on v1), as
+    /// Firecracker's jailer's --cgroup. Repeatable. The group is
+    /// PARENT/ID below the caller's own group (see --parent-cgroup, --id).
+    #[arg(long = "cgroup", value_name = "FILE=VALUE", requires = "jail")]
+    cgroups: Vec<sandbox::cgroup::Setting>,
+    /// The cgroup version --cgroup writes to: 1 or 2 (default: this host's, 2 when
+    /// the unified hierarchy has the cpu and memory controllers).
+    #[arg(long, requires = "cgroups")]
+    cgroup_version: Option<sandbox::cgroup::Version>,
+    /// The folder, relative to the caller's own cgroup, that holds the VMM's group
+    /// (default: vessel).
+    #[arg(long, requires = "cgroups")]
+    parent_cgroup: Option<PathBuf>,
+    /// The name of the VMM's cgroup (Firecracker's jailer's --id; default: vessel-PID).
+    #[arg(long, requires = "cgroups")]
+    id: Option<String>,
 }
 
 /// Process exit statuses, so scripts can tell how the guest ended.
@@ -280,6 +308,11 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         jail: None,
         uid: None,
         gid: None,
+        resource_limits: Vec::new(),
+        cgroups: Vec::new(),
+        cgroup_version: None,
+        parent_cgroup: None,
+        id: None,
         restore: None,
         incoming: None,
         restore_mem: None,
@@ -754,12 +787,36 @@ fn enter_jail(
         binds.push((PathBuf::from("/dev/net/tun"), Access::Device));
     }
     binds.retain(|(p, _)| p.exists());
+    let cgroup = if args.cgroups.is_empty() {
+        None
+    } else {
+        let version = match args.cgroup_version {
+            Some(v) => v,
+            None => sandbox::cgroup::Version::detect().context(
+                "--cgroup: this host has no cgroup hierarchy with the cpu and memory controllers",
+            )?,
+        };
+        Some(sandbox::cgroup::Spec {
+            version,
+            parent: args
+                .parent_cgroup
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(sandbox::cgroup::DEFAULT_PARENT)),
+            id: args
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("vessel-{}", std::process::id())),
+            settings: args.cgroups.clone(),
+        })
+    };
     let spec = JailSpec {
         root: abs(root),
         binds,
         new_net: config.nets.is_empty(),
         mode: Some(args.seccomp),
         ids,
+        rlimits: args.resource_limits.clone(),
+        cgroup,
     };
     sandbox::jail::enter(&spec).with_context(|| format!("jailing the VMM in {}", root.display()))
 }

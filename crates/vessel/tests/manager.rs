@@ -909,6 +909,98 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
         "no kernel in the jail"
     );
     assert!(root.join("dev/kvm").exists());
+    // Issue 22: its own cgroup below the daemon's, `vessel/tiny`, with CPU for its one
+    // vCPU and memory for its guest and itself; a file size and descriptor limit.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        let l = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        l[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(limit("Max open files"), ["4096", "4096"], "{limits}");
+    let fsize: Vec<u64> = limit("Max file size")
+        .iter()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("no file size limit: {limits}"))
+        })
+        .collect();
+    assert!(fsize[0] == fsize[1] && fsize[0] >= 1 << 30, "{limits}");
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let memory_mount = mounts.lines().find_map(|m| {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        let ok = if v2 {
+            f[2] == "cgroup2"
+        } else {
+            f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory")
+        };
+        ok.then(|| f[1].to_string())
+    });
+    let memory_mount =
+        memory_mount.expect("this host has no memory cgroup controller: the VMMs get no limits");
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let group_of = |controller: &str| {
+        let g = groups
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctls, path) = (f.next()?, f.next()?, f.next()?);
+                let ok = if v2 {
+                    ctls.is_empty()
+                } else {
+                    ctls.split(',').any(|c| c == controller)
+                };
+                ok.then(|| path.to_string())
+            })
+            .unwrap();
+        assert!(
+            g.ends_with("/vessel/tiny"),
+            "the VMM's {controller} cgroup is {g}: the daemon made none (its log says why)"
+        );
+        g
+    };
+    let mount_of = |controller: &str| {
+        mounts
+            .lines()
+            .find_map(|m| {
+                let f: Vec<&str> = m.split_whitespace().collect();
+                let ok = if v2 {
+                    f[2] == "cgroup2"
+                } else {
+                    f[2] == "cgroup" && f[3].split(',').any(|o| o == controller)
+                };
+                ok.then(|| f[1].to_string())
+            })
+            .unwrap_or_else(|| panic!("this host has no {controller} cgroup controller"))
+    };
+    let cpu_group = Path::new(&mount_of("cpu")).join(group_of("cpu").trim_start_matches('/'));
+    let (file, want) = if v2 {
+        ("cpu.max", "100000 100000")
+    } else {
+        ("cpu.cfs_quota_us", "100000")
+    };
+    assert_eq!(
+        std::fs::read_to_string(cpu_group.join(file))
+            .unwrap()
+            .trim(),
+        want,
+        "{file}: one vCPU's worth"
+    );
+    let group = Path::new(&memory_mount).join(group_of("memory").trim_start_matches('/'));
+    let file = if v2 {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    assert_eq!(
+        std::fs::read_to_string(group.join(file)).unwrap().trim(),
+        ((64u64 + 512 + 128) << 20).to_string(),
+        "{file}"
+    );
 
     // A second daemon whose VMMs' vCPU threads make a forbidden call once confined: its
     // domain crashes with status 148; the first daemon's VMM runs on.
@@ -930,6 +1022,16 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
     assert!(pid_alive(pid), "the other daemon's VMM died too");
     assert_eq!(state(&c, "tiny"), "running");
     c.post("/v1/domains/tiny/destroy", None).unwrap();
+    // Its cgroup goes with it.
+    let t0 = std::time::Instant::now();
+    while group.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} stays",
+            group.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

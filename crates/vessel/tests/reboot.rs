@@ -103,6 +103,28 @@ fn panic_when_init_exits_reboots_with_panic_minus_1() {
     assert_eq!(status, Some(REBOOTED));
 }
 
+/// Issue 22's test plan: the *panicking* guest under each of Linux's reboot methods ends
+/// its VMM with the documented status (a panic reboots through emergency_restart, not
+/// through the reboot system call's path).
+#[test]
+fn a_panicking_guest_under_each_reboot_method_ends_its_vmm() {
+    for (method, want) in [
+        ("acpi", REBOOTED),
+        ("kbd", REBOOTED),
+        ("pci", REBOOTED),
+        ("efi", REBOOTED),
+        ("bios", REBOOTED),
+        ("triple", TRIPLE_FAULT),
+    ] {
+        let status = exit_status_after(
+            &format!("console=ttyS0 quiet panic=-1 rdinit=/bin/busybox reboot={method}"),
+            &[],
+            "Attempted to kill init",
+        );
+        assert_eq!(status, Some(want), "reboot={method}");
+    }
+}
+
 #[test]
 fn a_guest_halted_with_interrupts_off_leaves_the_host_idle() {
     // `halt -f`: every CPU ends in cli; hlt. The VM stays (as on QEMU) but costs nothing.

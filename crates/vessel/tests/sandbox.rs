@@ -21,6 +21,11 @@ const SELF_TEST_SYSCALL: i64 = 110;
 /// A VMM with two vCPUs, a disk, rng, vsock, the API socket and the console socket,
 /// whose guest idles after boot. `extra` args and `env` come last.
 fn spawn_vmm(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Guarded {
+    spawn_vmm_running(dir, "sleep+600", extra, env)
+}
+
+/// [`spawn_vmm`] whose guest runs `run` (the initramfs's `vessel.run=`, `+` for spaces).
+fn spawn_vmm_running(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Guarded {
     let a = assets();
     let disk = dir.join("d.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -31,10 +36,8 @@ fn spawn_vmm(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Guarded {
         .arg(a.join("vmlinuz"))
         .arg("--initrd")
         .arg(a.join("initramfs.cpio.gz"))
-        .args([
-            "--cmdline",
-            "console=ttyS0 panic=-1 quiet vessel.run=sleep+600",
-        ])
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 panic=-1 quiet vessel.run={run}"))
         .arg("--disk")
         .arg(format!("{},format=raw", disk.display()))
         .arg("--rng")
@@ -466,4 +469,285 @@ fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The cgroup version the tests give `--cgroup-version`: 2 on a host whose
+/// `/sys/fs/cgroup` is the unified hierarchy, 1 else (this project's hosts so far).
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// The folders of `pid`'s cgroups whose path ends in `leaf` (from /proc/PID/cgroup and
+/// the mounts), by controller ("" for v2's).
+fn cgroup_folders(pid: u32, leaf: &str) -> Vec<(String, std::path::PathBuf)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mut v = Vec::new();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctls, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        if !path.ends_with(leaf) {
+            continue;
+        }
+        let mount = mounts.lines().find_map(|m| {
+            let m: Vec<&str> = m.split_whitespace().collect();
+            let ok = match ctls {
+                "" => m[2] == "cgroup2",
+                c => m[2] == "cgroup" && m[3].split(',').any(|o| c.split(',').any(|x| x == o)),
+            };
+            ok.then(|| m[1].to_string())
+        });
+        let Some(mount) = mount else {
+            continue;
+        };
+        v.push((
+            ctls.to_string(),
+            Path::new(&mount).join(path.trim_start_matches('/')),
+        ));
+    }
+    v
+}
+
+/// Removes the test's cgroups once their processes are gone (and their parent).
+struct CgroupCleanup(Vec<std::path::PathBuf>);
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            let t0 = Instant::now();
+            while std::fs::remove_dir(g).is_err() && g.exists() && t0.elapsed().as_secs() < 10 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Some(parent) = g.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+/// Issue 22: `--resource-limit` and `--cgroup` (Firecracker's jailer's flags): the jailed
+/// VMM and its waiter are in a cgroup of their own with the values given, under the
+/// caller's; its file size and descriptor limits are the ones given; a guest that
+/// writes more to a growing (qcow2) disk than the file size limit gets I/O errors, the
+/// image stays at the limit and uncorrupted, and the VMM goes on serving.
+#[test]
+fn a_jailed_vmm_is_held_to_its_cgroup_and_resource_limits() {
+    let dir = TempDir::new("sandbox-limits");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let id = format!("limits-{}", std::process::id());
+    // Where the group will be: below this test's own groups.
+    let _cleanup = CgroupCleanup(
+        cgroup_folders(std::process::id(), "")
+            .into_iter()
+            .map(|(_, g)| g.join("vessel-test-limits").join(&id))
+            .collect(),
+    );
+    let (version, cpu, mem) = if cgroup_v2() {
+        ("2", "cpu.max=200000 100000", "memory.max=805306368")
+    } else {
+        (
+            "1",
+            "cpu.cfs_quota_us=200000",
+            "memory.limit_in_bytes=805306368",
+        )
+    };
+    const FSIZE: u64 = 128 << 20;
+    let fsize = format!("fsize={FSIZE}");
+    let qcow = dir.path().join("grow.qcow2");
+    let st = vessel()
+        .args(["img", "create", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("256M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let disk = format!("{},format=qcow2", qcow.display());
+    let mut vmm = spawn_vmm_running(
+        dir.path(),
+        // 200 MiB onto the qcow2 disk, which grows a cluster at a time.
+        "dd+if=/dev/zero+of=/dev/vdb+bs=1M+count=200;echo+dd-rc=$?;sleep+600",
+        &[
+            "--disk",
+            &disk,
+            "--jail",
+            root.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--resource-limit",
+            &fsize,
+            "--resource-limit",
+            "no-file=512",
+            "--cgroup-version",
+            version,
+            "--cgroup",
+            cpu,
+            "--cgroup",
+            mem,
+            "--parent-cgroup",
+            "vessel-test-limits",
+            "--id",
+            &id,
+        ],
+        &[],
+    );
+    wait_booted(dir.path(), &mut vmm.0);
+    let waiter = vmm.0.id();
+    let pid = jailed_vmm(waiter);
+    let groups = cgroup_folders(pid, &format!("/vessel-test-limits/{id}"));
+    let ctls: Vec<&str> = groups.iter().map(|(c, _)| c.as_str()).collect();
+    if version == "1" {
+        assert!(
+            ctls.iter().any(|c| c.split(',').any(|x| x == "cpu")) && ctls.contains(&"memory"),
+            "the VMM is not in its own cpu and memory groups: {ctls:?}"
+        );
+    } else {
+        assert_eq!(ctls, [""], "not in its own v2 group");
+    }
+    for (_, g) in &groups {
+        let procs = std::fs::read_to_string(g.join("cgroup.procs")).unwrap();
+        let procs: Vec<u32> = procs.lines().map(|l| l.parse().unwrap()).collect();
+        assert!(
+            procs.contains(&pid) && procs.contains(&waiter),
+            "{}: {procs:?} lacks the VMM {pid} or its waiter {waiter}",
+            g.display()
+        );
+        // The group lies below the test's own (nothing is made at the hierarchy's root
+        // unless the caller is there).
+        let parent = g.parent().unwrap();
+        assert!(parent.ends_with("vessel-test-limits"), "{}", g.display());
+    }
+    for setting in [cpu, mem] {
+        let (file, value) = setting.split_once('=').unwrap();
+        let g = groups
+            .iter()
+            .find(|(_, g)| g.join(file).exists())
+            .unwrap_or_else(|| panic!("no group has {file}"));
+        assert_eq!(
+            std::fs::read_to_string(g.1.join(file)).unwrap().trim(),
+            value,
+            "{file}"
+        );
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| {
+        let l = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        l[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        limit("Max file size"),
+        format!("{FSIZE} {FSIZE}"),
+        "{limits}"
+    );
+    assert_eq!(limit("Max open files"), "512 512", "{limits}");
+    // The guest's writes past the limit fail; the image stops there; the VMM goes on.
+    let log = dir.path().join("serial.log");
+    wait_for_text(&log, "\ndd-rc=", BOOT);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("I/O error, dev vdb"),
+        "no write failed: {text}"
+    );
+    let len = std::fs::metadata(&qcow).unwrap().len();
+    assert!(len <= FSIZE, "the image grew to {len}");
+    assert!(
+        len > FSIZE / 2,
+        "the guest's writes did not reach the image ({len})"
+    );
+    assert!(
+        vmm.0.try_wait().unwrap().is_none(),
+        "the VMM ended at the limit"
+    );
+    let o = Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(dir.path().join("api.sock"))
+        .arg("http://localhost/")
+        .output()
+        .expect("curl");
+    assert!(o.status.success(), "GET / after the image filled: {o:?}");
+    // The image is whole: leaked clusters at most (qemu-img check exits 3), as after a
+    // full disk.
+    // SAFETY: kill(2) on our own child (the waiter passes SIGTERM on).
+    unsafe { libc::kill(waiter as i32, libc::SIGTERM) };
+    wait_end(dir.path(), &mut vmm, Duration::from_secs(30));
+    let o = Command::new("qemu-img")
+        .arg("check")
+        .arg(&qcow)
+        .output()
+        .expect("qemu-img (apt-get install qemu-utils)");
+    assert!(
+        matches!(o.status.code(), Some(0) | Some(3)),
+        "qemu-img check: {o:?}"
+    );
+}
+
+/// Issue 22: a cgroup memory limit holds. A VMM whose guest needs more than its group's
+/// limit is killed by the kernel (its waiter reports 128 + SIGKILL), and the group
+/// counts the OOM kill; nothing outside the group is touched.
+#[test]
+fn a_vmm_over_its_cgroup_memory_limit_is_killed_alone() {
+    let dir = TempDir::new("sandbox-oom");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let id = format!("oom-{}", std::process::id());
+    let (version, mem) = if cgroup_v2() {
+        ("2", "memory.max=50331648")
+    } else {
+        ("1", "memory.limit_in_bytes=50331648")
+    };
+    let mut vmm = spawn_vmm(
+        dir.path(),
+        &[
+            "--jail",
+            root.to_str().unwrap(),
+            "--cgroup-version",
+            version,
+            "--cgroup",
+            mem,
+            "--parent-cgroup",
+            "vessel-test-oom",
+            "--id",
+            &id,
+        ],
+        &[],
+    );
+    // Where the group is: below this test's own groups (the VMM may be gone already).
+    let groups: Vec<_> = cgroup_folders(std::process::id(), "")
+        .into_iter()
+        .map(|(c, g)| (c, g.join("vessel-test-oom").join(&id)))
+        .collect();
+    let _cleanup = CgroupCleanup(groups.iter().map(|(_, g)| g.clone()).collect());
+    let (st, stderr) = wait_end(dir.path(), &mut vmm, BOOT);
+    assert_eq!(st.code(), Some(128 + libc::SIGKILL), "{st}: {stderr}");
+    let (file, key) = if version == "2" {
+        ("memory.events", "oom_kill")
+    } else {
+        ("memory.oom_control", "oom_kill")
+    };
+    let g = &groups
+        .iter()
+        .find(|(_, g)| g.join(file).exists())
+        .unwrap()
+        .1;
+    let events = std::fs::read_to_string(g.join(file)).unwrap();
+    let kills: u64 = events
+        .lines()
+        .find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [k, n] if k == key => n.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or(0);
+    assert!(kills >= 1, "no OOM kill counted: {events}");
+    assert!(
+        !std::fs::read_to_string(dir.path().join("serial.log"))
+            .unwrap_or_default()
+            .contains("vessel-init:"),
+        "the guest booted within 48 MiB of VMM memory"
+    );
 }

@@ -219,6 +219,44 @@ pub struct Programs {
     /// at most signal each other (seccomp refuses it anyway); distinct users cannot even
     /// read each other's `/proc`.
     pub vmm_uid_range: Option<(u32, u32)>,
+    /// The cgroup version whose hierarchy gives each jailed Vessel VMM its CPU and memory
+    /// limits (`vessel run --cgroup`); None where the host has no cgroup hierarchy with
+    /// the cpu and memory controllers ([`sandbox::cgroup::Version::detect`]).
+    pub vmm_cgroups: Option<sandbox::cgroup::Version>,
+}
+
+/// The folder below the daemon's own cgroup that holds its VMMs' groups, one per
+/// domain, named after it.
+pub const VMM_PARENT_CGROUP: &str = "vessel";
+
+/// Removes the cgroup of `name`'s jailed VMM once it has ended (see
+/// `vessel::vessel_limit_args`); nothing when the daemon gives none.
+pub fn release_cgroup(p: &Programs, name: &str) {
+    let Some(version) = p.vmm_cgroups.filter(|_| p.jail) else {
+        return;
+    };
+    let spec = sandbox::cgroup::Spec {
+        version,
+        parent: PathBuf::from(VMM_PARENT_CGROUP),
+        id: name.to_string(),
+        // Only their controllers count here: the group is in those hierarchies.
+        settings: ["cpu.max=max", "memory.max=max"]
+            .into_iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+    };
+    // A VMM killed with its waiter (PR_SET_PDEATHSIG) may take a moment to leave.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match sandbox::cgroup::remove(&spec) {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => {
+                tracing::warn!(domain = %name, "removing the VMM's cgroup: {e}");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 /// nobody and nogroup.

@@ -554,6 +554,7 @@ mod tests {
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
             vmm_uid_range: None,
+            vmm_cgroups: None,
         };
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
@@ -601,6 +602,7 @@ mod tests {
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
             vmm_uid_range: None,
+            vmm_cgroups: None,
         };
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
@@ -646,6 +648,7 @@ mod tests {
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
             vmm_uid_range: None,
+            vmm_cgroups: None,
         };
         let dir = std::env::temp_dir().join(format!("vessel-efi-drv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -695,6 +698,7 @@ mod tests {
             jail: true,
             vmm_ids: DEFAULT_VMM_IDS,
             vmm_uid_range: None,
+            vmm_cgroups: None,
         };
         let run = RunDir(dir.clone());
         let a = args(&qemu_command(&p, &def, &run, &dir.join("log")).unwrap()).join(" ");
