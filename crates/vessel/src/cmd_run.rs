@@ -7,8 +7,9 @@ use vmm::config::{parse_memory_mib, DEFAULT_CMDLINE};
 use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
-/// The flags that describe the VM: `--config` gives all of that as data instead.
-const CONFIG_FLAGS: [&str; 21] = [
+/// The flags that describe the guest machine: what `--config`, a snapshot (`--restore`)
+/// and a migration's source (`--incoming`) each give instead.
+const GUEST_FLAGS: [&str; 19] = [
     "arch",
     "kernel",
     "initrd",
@@ -18,9 +19,7 @@ const CONFIG_FLAGS: [&str; 21] = [
     "cmdline",
     "memory",
     "cpus",
-    "accel",
     "cpu_model",
-    "serial",
     "disks",
     "rng",
     "virtio_console",
@@ -31,55 +30,31 @@ const CONFIG_FLAGS: [&str; 21] = [
     "name",
     "uuid",
 ];
+
+/// `a` then `b`, in a constant (`T` must be their total length).
+const fn join<const A: usize, const B: usize, const T: usize>(
+    a: [&'static str; A],
+    b: [&'static str; B],
+) -> [&'static str; T] {
+    assert!(A + B == T);
+    let mut out = [""; T];
+    let mut i = 0;
+    while i < T {
+        out[i] = if i < A { a[i] } else { b[i - A] };
+        i += 1;
+    }
+    out
+}
+
+/// The flags that describe the VM: `--config` gives all of that as data instead.
+const CONFIG_FLAGS: [&str; 21] = join(GUEST_FLAGS, ["accel", "serial"]);
 
 /// What a migrated VM takes from its source, not from flags (--config names the VM
 /// expected, see --incoming).
-const INCOMING_CONFLICTS: [&str; 20] = [
-    "kernel",
-    "initrd",
-    "firmware",
-    "firmware_vars",
-    "option_roms",
-    "cmdline",
-    "memory",
-    "cpus",
-    "cpu_model",
-    "disks",
-    "rng",
-    "virtio_console",
-    "nets",
-    "vsock",
-    "virtio_transport",
-    "cloud_init",
-    "name",
-    "uuid",
-    "restore",
-    "api_only",
-];
+const INCOMING_CONFLICTS: [&str; 21] = join(GUEST_FLAGS, ["restore", "api_only"]);
 
 /// What a restored VM takes from its snapshot, not from flags.
-const RESTORE_CONFLICTS: [&str; 20] = [
-    "config",
-    "arch",
-    "kernel",
-    "initrd",
-    "firmware",
-    "firmware_vars",
-    "option_roms",
-    "cmdline",
-    "memory",
-    "cpus",
-    "cpu_model",
-    "disks",
-    "rng",
-    "virtio_console",
-    "nets",
-    "vsock",
-    "virtio_transport",
-    "cloud_init",
-    "name",
-    "uuid",
-];
+const RESTORE_CONFLICTS: [&str; 20] = join(GUEST_FLAGS, ["config"]);
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
