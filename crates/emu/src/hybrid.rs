@@ -524,10 +524,10 @@ impl HybridVcpu {
         }
     }
 
-    /// Whether enough user-only slices ran in a row to try a native stint. When the entry
-    /// has to replace the memslots first (x86emu flushed its TLB), that costs ~0.1-6 ms
-    /// here: ask for a stretch of user code about as long as the refresh (one probe slice
-    /// is ~70 µs of emulation) before paying it.
+    /// Whether enough user-only slices ran in a row (for this address space) to try a
+    /// native stint. When the entry has to replace the memslots first (see
+    /// `refresh_due`), that costs ~0.1-20 ms here: ask for a stretch of user code about as
+    /// long as the refresh (one probe slice is ~70 µs of emulation) before paying it.
     pub fn ready(&mut self, cpu: &mut Cpu) -> bool {
         let need = self.need_of(cpu.state().cr3);
         if self.streak < need {
@@ -571,6 +571,15 @@ impl HybridVcpu {
         } else {
             self.flushes_seen.is_some_and(|f| f != cpu.tlb_flushes())
         }
+    }
+
+    /// Replaces the memslots (dropping all of KVM's shadow page tables), counted.
+    fn refresh_slots(&mut self) -> Result<(), HybridError> {
+        let t = Instant::now();
+        self.vm.refresh_slots()?;
+        self.stats.slot_refreshes += 1;
+        self.stats.refresh += t.elapsed();
+        Ok(())
     }
 
     fn ensure_vcpu(&mut self) -> Result<(), HybridError> {
@@ -789,19 +798,13 @@ impl HybridVcpu {
                 }
             }
             if sync == TableSync::Stale {
-                let t = Instant::now();
-                vm.refresh_slots()?;
-                self.stats.slot_refreshes += 1;
-                self.stats.refresh += t.elapsed();
+                self.refresh_slots()?;
                 w.restart(cpu, cr3);
             } else {
                 w.add_root(cpu, cr3);
             }
         } else if self.refresh_due(cpu) {
-            let t = Instant::now();
-            self.vm.refresh_slots()?;
-            self.stats.slot_refreshes += 1;
-            self.stats.refresh += t.elapsed();
+            self.refresh_slots()?;
         }
         self.flushes_seen = Some(flushes);
 

@@ -261,10 +261,7 @@ impl Vcpu for EmuVcpu {
             .as_ref()
             .is_some_and(|h| self.profile.is_none() && h.eligible(&self.cpu));
         if eligible && !vm.chip.event_hint(self.id) {
-            let ready = match self.hybrid.as_mut() {
-                Some(h) => h.ready(&mut self.cpu),
-                None => false,
-            };
+            let ready = self.hybrid.as_mut().is_some_and(|h| h.ready(&mut self.cpu));
             if let Some(h) = self.hybrid.as_mut().filter(|_| ready) {
                 let id = self.id;
                 let chip = &vm.chip;

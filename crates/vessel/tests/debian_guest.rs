@@ -761,7 +761,7 @@ print("mm", "ok" if not bad else " ".join(bad))
 fn run_workloads(g: &mut Guest, f: &mut Failures) -> Result<(), String> {
     let checks: [(&str, &str); 5] = [
         (
-            "python3 -c 's=0\nfor i in range(1000000): s+=i*i\nprint(s)'",
+            "python3 -c $'s=0\\nfor i in range(1000000): s+=i*i\\nprint(s)'",
             "333332833333500000",
         ),
         (
@@ -784,8 +784,6 @@ fn run_workloads(g: &mut Guest, f: &mut Failures) -> Result<(), String> {
     let b64 = base64::engine::general_purpose::STANDARD.encode(MM_SCRIPT);
     for (cmd, want) in checks {
         let cmd = cmd.replace("${MM}", &b64);
-        // python3 -c takes the newlines from bash's $'...'.
-        let cmd = cmd.replacen("python3 -c '", "python3 -c $'", 1);
         let out = g.run(&cmd, CMD)?;
         f.check(out == want, || {
             let shown: String = cmd.chars().take(80).collect();

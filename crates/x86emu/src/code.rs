@@ -121,8 +121,8 @@ const TABLE: u8 = 4;
 
 #[derive(Debug)]
 pub struct CodeTracker {
-    /// A byte per RAM page, [`CODE`] and [`LOG_CLEAN`]: stores to a page with either must
-    /// be noted. (Compiled code reads it unchecked, so it covers all of RAM.)
+    /// A byte per RAM page, [`CODE`], [`LOG_CLEAN`] and [`TABLE`]: stores to a page with
+    /// any must be noted. (Compiled code reads it unchecked, so it covers all of RAM.)
     pages: Box<[AtomicU8]>,
     /// Stores to marked pages so far, by any CPU.
     writes: AtomicU64,

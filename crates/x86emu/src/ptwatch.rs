@@ -105,15 +105,15 @@ fn read_table(cpu: &Cpu, pfn: usize) -> Option<Box<[u64; 512]>> {
     Some(t)
 }
 
+/// Whether entry `e` at `level` maps a page (rather than linking a table).
+fn is_leaf(level: u8, e: u64) -> bool {
+    level == 1 || (level < 4 && e & PS != 0)
+}
+
 /// The table an entry at `level` links to, if it links one (and, in a PML4, only in the
 /// user half: the other translator runs user code only).
 fn child(level: u8, index: usize, e: u64) -> Option<usize> {
-    let links = e & P != 0
-        && match level {
-            4 => index < 256,
-            3 | 2 => e & PS == 0,
-            _ => false,
-        };
+    let links = e & P != 0 && level > 1 && !is_leaf(level, e) && (level < 4 || index < 256);
     links.then_some(((e & ADDR) >> 12) as usize)
 }
 
@@ -150,7 +150,7 @@ impl TableWatch {
                     continue;
                 };
                 for (i, (&old, &new)) in t.entries.iter().zip(now.iter()).enumerate() {
-                    let leaf = level == 1 || (level < 4 && new & PS != 0);
+                    let leaf = is_leaf(level, new);
                     let lost = if old != new && narrows(old, new, leaf) {
                         Some(old)
                     } else if narrows(new, new, leaf) {
@@ -162,8 +162,7 @@ impl TableWatch {
                         tracing::trace!(pfn, level, i, old, new, "page-table entry narrowed");
                         // A leaf's old page: dropping the translations to it is enough.
                         // A table's: everything under it may be stale.
-                        let was_leaf = level == 1 || (level < 4 && e & PS != 0);
-                        if was_leaf && self.lost.len() < MAX_LOST {
+                        if is_leaf(level, e) && self.lost.len() < MAX_LOST {
                             let size = match level {
                                 1 => 1 << 12,
                                 2 => 1 << 21,
