@@ -348,10 +348,18 @@ impl Cpu {
             self.csr_read(bus, addr).map_err(|_| self.illegal(i))?
         };
         if writes {
+            // mip's SEIP reads as the software bit OR the PLIC's line, but a set or clear
+            // builds on the software bit alone (privileged spec, mip): folding the line in
+            // would latch it, and the hart would take that interrupt forever.
+            let base = if addr == crate::csr::MIP {
+                self.csr.mip | (old & !crate::csr::MIP_WRITABLE)
+            } else {
+                old
+            };
             let new = match kind {
                 1 => src,
-                2 => old | src,
-                _ => old & !src,
+                2 => base | src,
+                _ => base & !src,
             };
             self.csr_write(addr, new).map_err(|_| self.illegal(i))?;
         }

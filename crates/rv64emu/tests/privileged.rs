@@ -13,22 +13,35 @@ const BASE: u64 = 0x8000_0000;
 const FINISHER: u64 = 0x10_0000;
 const CLINT: u64 = 0x200_0000;
 
-/// A platform with only a test finisher: a write to it ends the run.
+/// Writing 1 or 0 here raises or lowers the platform's SEIP line.
+const SEIP_LINE: u64 = 0x10_1000;
+
+/// A platform with a test finisher (a write to it ends the run) and one external
+/// interrupt line.
 #[derive(Default)]
 struct Finisher {
     done: bool,
+    seip: bool,
 }
 
 impl Bus for Finisher {
     fn read(&mut self, _pa: u64, _size: u8) -> Option<u64> {
         None
     }
-    fn write(&mut self, pa: u64, _size: u8, _value: u64) -> bool {
-        if pa == FINISHER {
-            self.done = true;
-            return true;
+    fn write(&mut self, pa: u64, _size: u8, value: u64) -> bool {
+        match pa {
+            FINISHER => self.done = true,
+            SEIP_LINE => self.seip = value != 0,
+            _ => return false,
         }
-        false
+        true
+    }
+    fn external_pending(&mut self) -> u64 {
+        if self.seip {
+            1 << 9
+        } else {
+            0
+        }
     }
     fn stop_requested(&mut self) -> bool {
         self.done
@@ -435,4 +448,44 @@ mtrap:
     assert_eq!(rec(&cpu, 0), (1 << 63) | 7, "machine timer");
     assert_eq!(rec(&cpu, 1), (1 << 63) | 3, "machine software");
     assert_eq!(rec(&cpu, 2), 0, "no further interrupt");
+}
+
+/// A set or clear of `mip` builds on SEIP's software bit, not on the interrupt
+/// controller's line: OpenSBI's `csrc mip, STIP` while the PLIC asserts SEIP must not
+/// latch SEIP (a Linux guest then takes that interrupt forever).
+#[test]
+fn mip_set_and_clear_keep_the_external_seip_line_out_of_the_software_bit() {
+    let src = format!(
+        "{PRELUDE}
+    li t1, 0x101000
+    li t2, 1
+    sw t2, 0(t1)
+    csrr t0, mip
+    sd t0, 0(s11)
+    li t2, 0x20
+    csrs mip, t2
+    csrc mip, t2
+    sw zero, 0(t1)
+    csrr t0, mip
+    sd t0, 8(s11)
+    li t2, 0x200
+    csrs mip, t2
+    csrr t0, mip
+    sd t0, 16(s11)
+    csrc mip, t2
+    csrr t0, mip
+    sd t0, 24(s11)
+    j finish
+{MTRAP_SKIP}{FINISH}"
+    );
+    let (cpu, _) = run("mip_seip", &src);
+    let seip = 1u64 << 9;
+    assert_ne!(rec(&cpu, 0) & seip, 0, "the line reads through mip");
+    assert_eq!(
+        rec(&cpu, 1) & (seip | 0x20),
+        0,
+        "the line was latched into mip"
+    );
+    assert_ne!(rec(&cpu, 2) & seip, 0, "software sets SEIP");
+    assert_eq!(rec(&cpu, 3) & seip, 0, "software clears SEIP");
 }
