@@ -395,9 +395,11 @@ impl Manager {
         row.vmm = None;
         row.ending = None;
         row.restarting = rebooted;
+        // Before anyone sees the domain stopped: a start that follows at once makes a
+        // group of the same name, which a later removal would take from under its VMM.
+        crate::driver::release_cgroup(&self.cfg.programs, name);
         drop(rows);
         self.table.changed.notify_all();
-        crate::driver::release_cgroup(&self.cfg.programs, name);
         if let Ok(def) = self.store.get_domain(name) {
             self.detach_interfaces(&def);
         }
