@@ -114,7 +114,15 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
             let _ = g.0.kill();
             let _ = g.0.wait();
             let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
-            panic!("vessel did not finish within {limit:?}; stderr:\n{stderr}");
+            let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+            // The tail of the console says where a hung guest stopped.
+            let tail: String = {
+                let lines: Vec<&str> = stdout.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            };
+            panic!(
+                "vessel did not finish within {limit:?}; stderr:\n{stderr}\nlast console lines:\n{tail}"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
