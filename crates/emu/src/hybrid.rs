@@ -24,10 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, Msrs,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_msr_entry,
+    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_xsave, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use x86emu::code::CodeTracker;
 use x86emu::ptwatch::{TableSync, TableWatch};
 use x86emu::{Cpu, Platform, Seg};
 
@@ -109,6 +111,22 @@ pub struct HybridVm {
     /// VESSEL_HYBRID_WATCH=0: replace the memslots at every TLB flush, as with several
     /// vCPUs (for comparison).
     watch_off: bool,
+    /// KVM logs native stores to the pages x86emu holds code from (see `CodeLog`):
+    /// false where KVM lacks manual dirty-log protection, or VESSEL_HYBRID_CODELOG=0.
+    code_log_on: AtomicBool,
+    code_log: Mutex<CodeLog>,
+}
+
+/// Which of x86emu's code pages KVM write-protects for its dirty log ("armed"), a bit per
+/// guest page. Native user code may store to guest code (a JIT, a dynamic linker's
+/// text relocations); without the log, every stint would have to make x86emu check all
+/// its cached blocks against memory again.
+#[derive(Debug, Default)]
+struct CodeLog {
+    armed: Vec<u64>,
+    /// Arm every code page at the next stint (the memslots were replaced, which sets
+    /// every page dirty and unprotected again).
+    full: bool,
 }
 
 impl std::fmt::Debug for HybridVm {
@@ -121,6 +139,16 @@ impl std::fmt::Debug for HybridVm {
 
 /// KVM_GET_TSC_KHZ on a VM fd (KVM_CAP_VM_TSC_CONTROL): _IO(KVMIO, 0xa3).
 const KVM_GET_TSC_KHZ: libc::c_ulong = 0xaea3;
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with both its flags: KVM_GET_DIRTY_LOG protects
+/// nothing, and a new memslot starts with every page dirty and unprotected, so only the
+/// pages cleared with KVM_CLEAR_DIRTY_LOG are ever write-protected.
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+const MANUAL_PROTECT_INITIALLY_SET: u64 = 3;
+/// KVM_CLEAR_DIRTY_LOG: _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log).
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
+/// Memslots whose dirty log lines up with the code tracker's words start at a multiple
+/// of 64 pages.
+const LOG_ALIGN: u64 = 64 << 12;
 
 impl HybridVm {
     pub fn new() -> Result<Self, HybridError> {
@@ -138,7 +166,15 @@ impl HybridVm {
         };
         ensure_kick_handler();
         ensure_segv_guard();
-        tracing::info!(tsc_hz, "hybrid accelerator: KVM VM created");
+        let code_log_on = std::env::var_os("VESSEL_HYBRID_CODELOG").is_none_or(|v| v != "0")
+            && vm
+                .enable_cap(&kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [MANUAL_PROTECT_INITIALLY_SET, 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
+        tracing::info!(tsc_hz, code_log_on, "hybrid accelerator: KVM VM created");
         Ok(HybridVm {
             vm,
             cpuid,
@@ -147,6 +183,11 @@ impl HybridVm {
             watch: Mutex::new(TableWatch::new()),
             vcpus: AtomicU32::new(0),
             watch_off: std::env::var_os("VESSEL_HYBRID_WATCH").is_some_and(|v| v == "0"),
+            code_log_on: AtomicBool::new(code_log_on),
+            code_log: Mutex::new(CodeLog {
+                armed: Vec::new(),
+                full: true,
+            }),
         })
     }
 
@@ -161,9 +202,16 @@ impl HybridVm {
     /// `host` must stay mapped for `len` bytes as long as the VM exists.
     pub unsafe fn add_region(&self, gpa: u64, host: *mut u8, len: u64) -> Result<(), HybridError> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if !gpa.is_multiple_of(LOG_ALIGN) {
+            self.code_log_on.store(false, Ordering::SeqCst);
+        }
         let region = kvm_userspace_memory_region {
             slot: slots.len() as u32,
-            flags: 0,
+            flags: if self.code_log_on.load(Ordering::SeqCst) {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: gpa,
             memory_size: len,
             userspace_addr: host as u64,
@@ -226,7 +274,112 @@ impl HybridVm {
             unsafe { self.vm.set_user_memory_region(*r) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (re-add)"))?;
         }
+        self.code_log.lock().unwrap_or_else(|p| p.into_inner()).full = true;
         Ok(())
+    }
+
+    /// Before a stint: KVM write-protects the pages x86emu marked as code since the last
+    /// call (all of them after the memslots were replaced), so native stores to them show
+    /// in the dirty log.
+    fn arm_code_log(&self, tracker: &CodeTracker) -> Result<(), HybridError> {
+        let mut log = self.code_log.lock().unwrap_or_else(|p| p.into_inner());
+        let words = if std::mem::take(&mut log.full) {
+            tracker.log_new_code();
+            tracker.take_new_code();
+            log.armed = vec![0; tracker.pages().div_ceil(64)];
+            tracker.code_pages()
+        } else {
+            tracker.take_new_code()
+        };
+        if words.is_empty() {
+            return Ok(());
+        }
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for r in slots.iter() {
+            let first = (r.guest_phys_addr >> 12) as usize / 64;
+            let pages = (r.memory_size >> 12) as usize;
+            let end = first + pages.div_ceil(64);
+            let mine: Vec<(usize, u64)> = words
+                .iter()
+                .copied()
+                .filter(|&(i, _)| i >= first && i < end)
+                .collect();
+            let (Some(&(lo, _)), Some(&(hi, _))) = (mine.first(), mine.last()) else {
+                continue;
+            };
+            let first_page = (lo - first) * 64;
+            let num_pages = ((hi - lo + 1) * 64).min(pages - first_page);
+            let mut bitmap = vec![0u64; hi - lo + 1];
+            for (i, bits) in mine {
+                // Bits past the slot's end are not its pages.
+                let valid = match pages.saturating_sub((i - first) * 64) {
+                    n if n >= 64 => u64::MAX,
+                    n => (1u64 << n) - 1,
+                };
+                bitmap[i - lo] = bits & valid;
+                if let Some(a) = log.armed.get_mut(i) {
+                    *a |= bits & valid;
+                }
+            }
+            let mut arg = kvm_clear_dirty_log {
+                slot: r.slot,
+                num_pages: num_pages as u32,
+                first_page: first_page as u64,
+                __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: bitmap.as_mut_ptr().cast(),
+                },
+            };
+            // SAFETY: `arg` names a slot of this VM and a bitmap of at least `num_pages`
+            // bits that lives across the call; KVM only reads it.
+            let rc = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.vm),
+                    KVM_CLEAR_DIRTY_LOG,
+                    &mut arg,
+                )
+            };
+            if rc != 0 {
+                return Err(HybridError::Ioctl {
+                    op: "KVM_CLEAR_DIRTY_LOG",
+                    source: kvm_ioctls::Error::last(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// After a stint: the armed code pages native code stored to are noted as written in
+    /// `tracker` (x86emu checks their blocks again before running them) and disarmed (the
+    /// note unmarks them; marking one again arms it again). Returns how many.
+    fn take_code_writes(&self, tracker: &CodeTracker) -> Result<u64, HybridError> {
+        let mut log = self.code_log.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for r in slots.iter() {
+            let first = (r.guest_phys_addr >> 12) as usize / 64;
+            let end = (first + (r.memory_size >> 12).div_ceil(64) as usize).min(log.armed.len());
+            let Some(armed) = log.armed.get_mut(first..end) else {
+                continue;
+            };
+            if armed.iter().all(|&w| w == 0) {
+                continue;
+            }
+            let dirty = self
+                .vm
+                .get_dirty_log(r.slot, r.memory_size as usize)
+                .map_err(ioctl("KVM_GET_DIRTY_LOG"))?;
+            for (k, (a, d)) in armed.iter_mut().zip(dirty).enumerate() {
+                let mut hit = *a & d;
+                *a &= !hit;
+                while hit != 0 {
+                    let pfn = (first + k) * 64 + hit.trailing_zeros() as usize;
+                    tracker.note_external_write((pfn as u64) << 12, 4096);
+                    hit &= hit - 1;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -430,6 +583,8 @@ pub struct Stats {
     pub refresh: Duration,
     /// Pages whose translations KVM dropped (instead of replacing the memslots).
     pub page_drops: u64,
+    /// Code pages native code stored to (seen in KVM's dirty log).
+    pub code_writes: u64,
     /// Emulated probe slices that ran user code only, and the others.
     pub user_slices: u64,
     pub other_slices: u64,
@@ -553,6 +708,12 @@ impl HybridVcpu {
             self.need.clear();
         }
         self.need.insert(cr3 & CR3_ROOT, need);
+    }
+
+    /// Whether KVM's dirty log tells which code pages native code stored to (one vCPU:
+    /// with several, another's stint could store while this one's x86emu runs).
+    fn code_log_active(&self) -> bool {
+        self.vm.code_log_on.load(Ordering::Relaxed) && self.vm.vcpus.load(Ordering::Relaxed) == 1
     }
 
     /// Whether KVM watches its copies of the page tables through `TableWatch`.
@@ -807,6 +968,15 @@ impl HybridVcpu {
             self.refresh_slots()?;
         }
         self.flushes_seen = Some(flushes);
+        let tracker = cpu.code_tracker();
+        let code_log = self.code_log_active() && {
+            let armed = self.vm.arm_code_log(&tracker);
+            if let Err(e) = &armed {
+                tracing::debug!("hybrid: arming the code log: {e}");
+                self.vm.code_log_on.store(false, Ordering::SeqCst);
+            }
+            armed.is_ok()
+        };
 
         let s = cpu.state();
         let mut regs = hypervisor::kvm::regs_to_kvm(&convert::regs_from_emu(s));
@@ -876,7 +1046,16 @@ impl HybridVcpu {
         };
         let mut fpu = fpu;
         self.save_xsave(&mut fpu)?;
-        cpu.code_written_elsewhere();
+        match code_log.then(|| self.vm.take_code_writes(&tracker)) {
+            Some(Ok(n)) => self.stats.code_writes += n,
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::debug!("hybrid: reading the code log: {e}");
+                    self.vm.code_log_on.store(false, Ordering::SeqCst);
+                }
+                cpu.code_written_elsewhere();
+            }
+        }
         let s = cpu.state_mut();
         convert::regs_into_emu(&hypervisor::kvm::regs_from_kvm(&r), s);
         s.rflags &= !RFLAGS_RF;
@@ -1059,6 +1238,7 @@ impl HybridVcpu {
             mmio_exits = s.mmio_exits,
             slot_refreshes = s.slot_refreshes,
             page_drops = s.page_drops,
+            code_writes = s.code_writes,
             watched_tables = self.watch().tables(),
             native_ms = s.native.as_secs_f64() * 1e3,
             switch_us_mean = if s.stints > 0 {

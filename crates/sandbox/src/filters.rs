@@ -563,9 +563,16 @@ mod tests {
                 role != Role::Main,
                 "{role:?}"
             );
+            // The API's thread for migration, a vCPU's for the hybrid accelerator's log
+            // of stores to code pages.
             assert_eq!(
                 ioctl_allowed(role, KVM_GET_DIRTY_LOG),
-                role == Role::Api,
+                matches!(role, Role::Api | Role::Vcpu),
+                "{role:?}"
+            );
+            assert_eq!(
+                ioctl_allowed(role, KVM_CLEAR_DIRTY_LOG),
+                role == Role::Vcpu,
                 "{role:?}"
             );
             assert_eq!(

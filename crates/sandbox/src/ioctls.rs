@@ -44,6 +44,7 @@ pub(crate) const KVM_GET_SUPPORTED_CPUID: u64 = iowr(0x05, size_of::<kb::kvm_cpu
 pub(crate) const KVM_CREATE_VM: u64 = io(0x01);
 pub(crate) const KVM_CREATE_VCPU: u64 = io(0x41);
 pub(crate) const KVM_GET_DIRTY_LOG: u64 = iow(0x42, size_of::<kb::kvm_dirty_log>());
+pub(crate) const KVM_CLEAR_DIRTY_LOG: u64 = iowr(0xc0, size_of::<kb::kvm_clear_dirty_log>());
 pub(crate) const KVM_SET_USER_MEMORY_REGION: u64 =
     iow(0x46, size_of::<kb::kvm_userspace_memory_region>());
 pub(crate) const KVM_SET_TSS_ADDR: u64 = io(0x47);
@@ -159,10 +160,13 @@ const VCPU_RUN: &[u64] = &[
 ];
 
 /// The hybrid accelerator makes its KVM vCPU lazily on the vCPU's thread, and maps and
-/// remaps guest memory there.
+/// remaps guest memory there; around each native stint it arms and reads the dirty log
+/// of the pages x86emu holds code from.
 const HYBRID_VCPU: &[u64] = &[
     KVM_CREATE_VCPU,
     KVM_SET_USER_MEMORY_REGION,
+    KVM_GET_DIRTY_LOG,
+    KVM_CLEAR_DIRTY_LOG,
     KVM_CHECK_EXTENSION,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_GET_SUPPORTED_CPUID,
@@ -272,6 +276,7 @@ mod tests {
             (KVM_GET_IRQCHIP, 0xc208_ae62),
             (KVM_GET_CLOCK, 0x8030_ae7c),
             (KVM_GET_DIRTY_LOG, 0x4010_ae42),
+            (KVM_CLEAR_DIRTY_LOG, 0xc018_aec0),
             (KVM_SET_IDENTITY_MAP_ADDR, 0x4008_ae48),
             (TUNSETIFF, 0x4004_54ca),
             (TUNSETOFFLOAD, 0x4004_54d0),

@@ -653,6 +653,14 @@ fn hybrid_runs_user_code_natively_with_the_same_results_as_emu() {
             .unwrap_or("(none)")
     );
     assert!(stints > 0.0, "no native stints:\n{}", hybrid.stderr);
+    // The routine rewritten natively was seen through KVM's dirty log of code pages
+    // (where the host has manual dirty-log protection, as PVM hosts do).
+    let code_writes = stat(&hybrid.stderr, "code_writes").unwrap_or(0.0);
+    assert!(
+        code_writes >= 1.0,
+        "the native store to code was not seen in the code log:\n{}",
+        hybrid.stderr
+    );
     // Whether the loop ran natively is read from the vCPU's own accounting, not from a
     // speed ratio: emu's compiled loop keeps getting faster, and CI hosts are noisy. The
     // speed itself is bench/real.sh's to report (its vessel-hybrid column).

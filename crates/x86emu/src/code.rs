@@ -134,6 +134,21 @@ pub struct CodeTracker {
     table_write_count: AtomicU64,
     /// More than one CPU shares it.
     shared: AtomicBool,
+    /// Pages newly marked as code since [`CodeTracker::take_new_code`], a bit per page,
+    /// kept once [`CodeTracker::log_new_code`] asked for them: another translator that
+    /// runs the guest's code (the hybrid accelerator's KVM vCPU) watches those for stores.
+    new_code: Box<[AtomicU64]>,
+    log_new: AtomicBool,
+}
+
+/// The nonzero words of a bitmap, each taken (left zero).
+fn take_words(map: &[AtomicU64]) -> Vec<(usize, u64)> {
+    map.iter()
+        .enumerate()
+        .filter(|(_, w)| w.load(Ordering::Relaxed) != 0)
+        .map(|(i, w)| (i, w.swap(0, Ordering::SeqCst)))
+        .filter(|&(_, bits)| bits != 0)
+        .collect()
 }
 
 impl CodeTracker {
@@ -147,6 +162,8 @@ impl CodeTracker {
             table_writes: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             table_write_count: AtomicU64::new(0),
             shared: AtomicBool::new(false),
+            new_code: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            log_new: AtomicBool::new(false),
         }
     }
 
@@ -187,6 +204,11 @@ impl CodeTracker {
         // are asked for again (a CPU strips what it has, once).
         if b.load(Ordering::Relaxed) & bit != 0 || b.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
             return false;
+        }
+        if bit == CODE && self.log_new.load(Ordering::Relaxed) {
+            if let Some(w) = self.new_code.get(pfn / 64) {
+                w.fetch_or(1 << (pfn % 64), Ordering::Relaxed);
+            }
         }
         let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
         for c in cpus.iter() {
@@ -249,14 +271,38 @@ impl CodeTracker {
     /// watched (watch it again after reading it).
     pub fn take_table_writes(&self) -> Vec<usize> {
         let mut out = Vec::new();
-        for (i, w) in self.table_writes.iter().enumerate() {
-            if w.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut bits = w.swap(0, Ordering::SeqCst);
+        for (i, mut bits) in take_words(&self.table_writes) {
             while bits != 0 {
                 out.push(i * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// From now on, pages newly marked as code are kept for [`CodeTracker::take_new_code`].
+    pub fn log_new_code(&self) {
+        self.log_new.store(true, Ordering::SeqCst);
+    }
+
+    /// The pages newly marked as code since the last call, taken: (word, bits) pairs, bit
+    /// `pfn % 64` of word `pfn / 64`, nonzero words only.
+    pub fn take_new_code(&self) -> Vec<(usize, u64)> {
+        take_words(&self.new_code)
+    }
+
+    /// Every page marked as code now, as (word, bits) pairs like [`Self::take_new_code`].
+    pub fn code_pages(&self) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
+        for (i, chunk) in self.pages.chunks(64).enumerate() {
+            let mut bits = 0u64;
+            for (j, b) in chunk.iter().enumerate() {
+                if b.load(Ordering::Relaxed) & CODE != 0 {
+                    bits |= 1 << j;
+                }
+            }
+            if bits != 0 {
+                out.push((i, bits));
             }
         }
         out
