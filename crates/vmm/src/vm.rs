@@ -456,9 +456,15 @@ impl Vmm {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| VmmError::GuestMemory(config.memory_mib, e.to_string()))?;
-            // SAFETY: advice on a mapping `memory` owns; it changes no contents.
-            unsafe {
-                libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+            // Huge pages let KVM map guest RAM in 2 MiB steps. A software MMU gains
+            // little from them and pays their first touch: each fault in a
+            // MADV_HUGEPAGE range compacts and zeroes 2 MiB (measured on the Debian guest:
+            // boot 6.1 -> 5.5 s under emu, 6.9 -> 6.0 s under hybrid, without them).
+            if hv.name() == "kvm" {
+                // SAFETY: advice on a mapping `memory` owns; it changes no contents.
+                unsafe {
+                    libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+                }
             }
             // SAFETY: `memory` owns the mapping and lives in the Vmm alongside the VM.
             unsafe {
