@@ -16,6 +16,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod portable;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -139,6 +140,10 @@ pub struct VmSnapshot {
     /// For a VM booted through firmware.
     #[serde(default)]
     pub firmware: Option<FirmwareSnapshot>,
+    /// The vCPUs' state for a restore under another accelerator (absent from snapshots
+    /// that predate it).
+    #[serde(default)]
+    pub portable: Option<portable::Portable>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +160,12 @@ pub enum SnapshotError {
     Accel {
         accel: String,
         source: hypervisor::Error,
+    },
+    #[error("a snapshot taken under {from} cannot go on under {to}: {why}")]
+    CrossAccel {
+        from: String,
+        to: String,
+        why: String,
     },
     #[error("the snapshot is invalid: {0}")]
     Invalid(String),
@@ -274,6 +285,8 @@ pub struct Snapshotter {
     pub(crate) config: VmConfig,
     pub(crate) accel: String,
     pub(crate) cpuid_fingerprint: u64,
+    /// The CPUID feature words the guest sees, for `portable`.
+    pub(crate) cpuid_features: Vec<portable::FeatureWord>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) vm: Arc<dyn hypervisor::Vm>,
     pub(crate) memory: GuestMemoryMmap,
@@ -381,6 +394,12 @@ impl Snapshotter {
             .map(|v| lock(v).save_state())
             .collect::<hypervisor::Result<Vec<_>>>()
             .map_err(accel_err)?;
+        let portable_vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| portable::save(lock(v).as_ref()))
+            .collect::<hypervisor::Result<Vec<_>>>()
+            .map_err(accel_err)?;
         let virtio = self
             .virtio
             .iter()
@@ -406,6 +425,10 @@ impl Snapshotter {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
                 gpe0: lock(g).regs(),
+            }),
+            portable: Some(portable::Portable {
+                vcpus: portable_vcpus,
+                features: self.cpuid_features.clone(),
             }),
         })
     }
@@ -599,6 +622,7 @@ mod tests {
             },
             virtio: Vec::new(),
             firmware: None,
+            portable: None,
         }
     }
 
