@@ -3250,6 +3250,84 @@ fn vessel_domain_snapshots_create_list_revert_delete() {
     snapshot_verbs("vessel", "dsnap");
 }
 
+/// A Vessel domain's qcow2 disk in the named snapshots: the image (written through by
+/// Vessel's qcow2, so whole while the VM is paused) is copied with the memory; after
+/// QEMU's own `qemu-io` rewrote a cluster and allocated a new one, a revert puts the
+/// image back (`qemu-io` reads the old data, the new cluster is unallocated again,
+/// `qemu-img check` is clean) and the guest goes on from the snapshot without booting.
+#[test]
+fn vessel_domain_snapshots_keep_qcow2_disks() {
+    let a = assets();
+    let d = Daemon::start("q2snap");
+    let c = d.client();
+    let disk = d.dir.join("disk.qcow2");
+    let p = disk.to_str().unwrap();
+    let tool = |prog: &str, args: &[&str]| -> String {
+        let o = Command::new(prog).args(args).output().unwrap_or_else(|e| {
+            panic!("{prog}: {e} (apt-get install qemu-utils; scripts/test.sh does)")
+        });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{prog} {args:?}: {text}");
+        text
+    };
+    tool("qemu-img", &["create", "-f", "qcow2", p, "4M"]);
+    tool("qemu-io", &["-c", "write -P 0x41 0 64k", p]);
+    let def = json!({"name": "q2", "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
+               "memory_mib": 256, "accel": "emu", "disks": [{"path": disk, "format": "qcow2"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post("/v1/domains/q2/start", None).unwrap();
+    let counts = || -> Vec<u64> {
+        serial_log(&c, "q2")
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+            .collect()
+    };
+    let wait_count = |n: u64, what: &str| {
+        let t0 = Instant::now();
+        while counts().last().copied().unwrap_or(0) < n {
+            assert!(t0.elapsed() < BOOT_TIMEOUT, "{what}: {:?}", counts());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_count(3, "first boot");
+    d.ok(&["snapshot-create-as", "q2", "first"]);
+    assert_eq!(state(&c, "q2"), "running", "the domain goes on");
+    let at_snap = *counts().last().unwrap();
+    d.ok(&["destroy", "q2"]);
+    let before = std::fs::metadata(&disk).unwrap().len();
+    tool("qemu-io", &["-c", "write -P 0x42 0 64k", p]);
+    tool("qemu-io", &["-c", "write -P 0x43 1M 64k", p]);
+    assert!(
+        std::fs::metadata(&disk).unwrap().len() > before,
+        "no cluster allocated"
+    );
+
+    d.ok(&["snapshot-revert", "q2", "first"]);
+    assert_eq!(
+        d.ok(&["domstate", "q2", "--reason"]).trim(),
+        "running (from snapshot)"
+    );
+    wait_count(at_snap + 3, "after the revert");
+    assert_eq!(
+        serial_log(&c, "q2").matches("vessel-init:").count(),
+        1,
+        "the revert booted the guest"
+    );
+    d.ok(&["destroy", "q2"]);
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), before);
+    tool("qemu-io", &["-c", "read -P 0x41 0 64k", p]);
+    let map = tool("qemu-io", &["-c", "alloc 1M 64k", p]);
+    assert!(map.contains("0/65536 bytes allocated"), "{map}");
+    tool("qemu-img", &["check", p]);
+    d.ok(&["snapshot-delete", "q2", "first"]);
+}
+
 /// The same verbs on a QEMU domain: its VM state is QEMU's migration stream (`migrate
 /// "exec:cat > FILE"`), its raw disks copied while it is stopped, and a revert starts QEMU
 /// with `-incoming` from the snapshot's state.

@@ -256,15 +256,36 @@ fn is_uefi_file(path: &Path) -> bool {
         .is_ok_and(|()| arch::firmware::is_uefi(&head))
 }
 
+/// The size the guest sees of the disk at `path`: a qcow2 image's virtual size (its file
+/// grows as clusters are allocated, and a revert puts an older, shorter file back),
+/// else the file's length.
+fn disk_len(path: &Path, format: Option<crate::config::DiskFormat>) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if format == Some(crate::config::DiskFormat::Raw) {
+        return Ok(len);
+    }
+    // qcow2's header: magic "QFI\xfb", then the virtual size at byte 24 (big-endian).
+    let mut head = [0u8; 32];
+    match f.read_exact(&mut head) {
+        Ok(()) if head[..4] == *b"QFI\xfb" => {
+            let mut size = [0u8; 8];
+            size.copy_from_slice(&head[24..32]);
+            Ok(u64::from_be_bytes(size))
+        }
+        _ => Ok(len),
+    }
+}
+
 /// The disks of `config` as they are now.
 pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, SnapshotError> {
     config
         .disks
         .iter()
         .map(|d| {
-            let len = std::fs::metadata(&d.path)
-                .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?
-                .len();
+            let len = disk_len(&d.path, d.format)
+                .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?;
             Ok(DiskIdentity {
                 path: d.path.clone(),
                 len,
