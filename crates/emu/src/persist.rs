@@ -111,6 +111,71 @@ pub(crate) fn restore_vcpu(
     Ok(())
 }
 
+/// Why the interrupt and event state in an emu snapshot cannot be carried to another
+/// accelerator, or None when it is quiet (see `hypervisor::kvm::cross_restore_blocker`,
+/// its KVM twin: only the CPU registers move, the target's interrupt controllers start
+/// fresh).
+pub fn cross_restore_blocker(
+    vm: &serde_json::Value,
+    vcpus: &[serde_json::Value],
+) -> Option<String> {
+    let vm: EmuVmState = match serde_json::from_value(vm.clone()) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("its emu VM state does not decode: {e}")),
+    };
+    let chip = &vm.chip;
+    for (i, l) in chip.lapics.iter().enumerate() {
+        if l.isr.iter().chain(&l.irr).any(|&w| w != 0) || l.nmi_pending {
+            return Some(format!(
+                "vCPU {i}'s LAPIC has an interrupt pending or in service"
+            ));
+        }
+        if l.timer_deadline_ns.is_some() || (l.tsc_deadline != 0 && l.lvt[0] & (1 << 16) == 0) {
+            return Some(format!("vCPU {i}'s LAPIC timer is armed"));
+        }
+    }
+    for (p, name) in [(&chip.pic_master, "master"), (&chip.pic_slave, "slave")] {
+        if p.isr != 0 || p.irr & !p.imr != 0 {
+            return Some(format!(
+                "the {name} PIC has an interrupt pending or in service"
+            ));
+        }
+    }
+    if let Some(pin) = chip
+        .ioapic
+        .redirection
+        .iter()
+        .position(|e| e & (1 << 16) == 0)
+    {
+        return Some(format!("IOAPIC pin {pin} is unmasked"));
+    }
+    if chip.pit_channels[0].loaded {
+        return Some("PIT channel 0 is programmed".into());
+    }
+    if chip.startup.iter().any(|s| !s.is_empty()) || chip.extint.iter().any(|&e| e) {
+        return Some("a startup IPI or an ExtINT is waiting".into());
+    }
+    for (i, v) in vcpus.iter().enumerate() {
+        let s: EmuVcpuState = match serde_json::from_value(v.clone()) {
+            Ok(s) => s,
+            Err(e) => return Some(format!("vCPU {i}'s emu state does not decode: {e}")),
+        };
+        let c = &s.cpu;
+        if c.halted || c.wait_for_sipi || c.shutdown {
+            return Some(format!(
+                "vCPU {i} is not runnable (halted, waiting for a startup IPI or shut down)"
+            ));
+        }
+        if c.shadow || c.nmi_pending {
+            return Some(format!("vCPU {i} has an event being delivered"));
+        }
+        if s.kvmclock_page.is_some() {
+            return Some(format!("vCPU {i} registered kvmclock"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use hypervisor::Hypervisor;

@@ -4,7 +4,7 @@
 //! never see `kvm_regs` and friends. The shapes follow the architecture, not any one API.
 
 /// General-purpose registers, RIP and RFLAGS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Regs {
     pub rax: u64,
     pub rbx: u64,
@@ -27,7 +27,7 @@ pub struct Regs {
 }
 
 /// A segment register with its hidden (descriptor-cache) part.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub base: u64,
     pub limit: u32,
@@ -124,14 +124,14 @@ impl Segment {
 }
 
 /// GDTR / IDTR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
 }
 
 /// Segment and control registers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sregs {
     pub cs: Segment,
     pub ds: Segment,
@@ -248,7 +248,7 @@ pub struct CpuIdEntry {
 }
 
 /// One model-specific register value.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsrEntry {
     pub index: u32,
     pub value: u64,

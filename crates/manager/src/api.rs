@@ -328,8 +328,11 @@ impl Api {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct M {
-                    /// The destination daemon's API socket.
-                    dest: std::path::PathBuf,
+                    /// The destination daemon's API socket, or `tcp://HOST:PORT`.
+                    dest: String,
+                    /// The destination's TCP API token, for a `tcp://` destination.
+                    #[serde(default)]
+                    dest_token: Option<String>,
                     #[serde(default)]
                     live: bool,
                     #[serde(default)]
@@ -341,18 +344,36 @@ impl Api {
                         "only live migration is implemented: give --live".into(),
                     ));
                 }
-                self.check_path(req, &m.dest, vmm::api::access::Want::Read)?;
-                ok(self.m.migrate_out(name, &m.dest, m.undefine_source)?)
+                if !m.dest.starts_with("tcp://") {
+                    self.check_path(
+                        req,
+                        std::path::Path::new(&m.dest),
+                        vmm::api::access::Want::Read,
+                    )?;
+                }
+                ok(self
+                    .m
+                    .migrate_out(name, &m.dest, m.dest_token.as_deref(), m.undefine_source)?)
             }
             ("POST", ["migrations", "incoming"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct I {
                     definition: crate::domain::DomainDef,
+                    /// "unix" (the default) or "tcp".
+                    #[serde(default)]
+                    transport: Option<String>,
                 }
                 let i: I = body_json(req, "incoming migration body")?;
-                let (url, defined) = self.m.migrate_in(i.definition)?;
-                ok(json!({ "url": url, "defined": defined }))
+                let tcp = match i.transport.as_deref() {
+                    None | Some("unix") => false,
+                    Some("tcp") => true,
+                    Some(t) => {
+                        return Err(Error::invalid("transport", format!("{t:?}: unix or tcp")))
+                    }
+                };
+                let inc = self.m.migrate_in(i.definition, tcp)?;
+                ok(json!({ "url": inc.url, "defined": inc.defined, "nonce": inc.nonce }))
             }
             ("POST", ["restore"]) => {
                 #[derive(serde::Deserialize)]

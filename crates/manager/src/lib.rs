@@ -104,7 +104,7 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     tracing::info!(socket = %socket.display(), "vessel daemon listening");
     let auto = m.clone();
     std::thread::spawn(move || auto.autostart_all());
-    let api = api::Api::new(m);
+    let api = api::Api::new(m.clone());
     if let Some(t) = tcp {
         if t.token.len() < 16 {
             return Err(Error::invalid(
@@ -114,6 +114,9 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
         }
         let l =
             std::net::TcpListener::bind(&t.addr).map_err(|e| Error::io("binding", &t.addr, e))?;
+        if let Ok(a) = l.local_addr() {
+            let _ = m.tcp_ip.set(a.ip());
+        }
         tracing::info!(addr = %t.addr, "also listening on TCP (token required)");
         let gate = Arc::new(api::TokenGate {
             inner: api.clone(),

@@ -87,6 +87,9 @@ pub struct Manager {
     generation: AtomicU64,
     /// Serializes network operations.
     net_lock: Mutex<()>,
+    /// The address of the opt-in TCP API listener, where incoming migrations over TCP
+    /// listen too (`migration`).
+    pub(crate) tcp_ip: std::sync::OnceLock<std::net::IpAddr>,
 }
 
 /// Two daemons on one state directory would both adopt the same VMMs: refuse the second.
@@ -193,6 +196,7 @@ impl Manager {
             table: Table::default(),
             generation: AtomicU64::new(0),
             net_lock: Mutex::new(()),
+            tcp_ip: std::sync::OnceLock::new(),
         });
         m.adopt()?;
         Ok(m)

@@ -150,7 +150,8 @@ pub struct RunArgs {
     /// Restore the VM a snapshot describes instead of booting one: a snapshot folder
     /// (holding `vmstate` and `memory`, as `PUT /snapshot/create` writes them when given
     /// those names), or a state file with --restore-mem. The console goes where --serial
-    /// says; --accel, when given, must name the snapshot's accelerator.
+    /// says; --accel, when given and not the snapshot's, restores under that accelerator
+    /// from the vCPUs' registers (refused when its interrupt state cannot be carried).
     #[arg(long, conflicts_with_all = RESTORE_CONFLICTS)]
     restore: Option<PathBuf>,
     /// Wait for a VM migrating in from another VMM (`PUT /migration/send` there) at

@@ -42,7 +42,12 @@ pub enum SaveCommand {
     /// --undefinesource).
     Migrate {
         name: String,
-        dest: PathBuf,
+        /// The destination daemon's API socket, or `tcp://HOST:PORT` (its --listen-tcp,
+        /// with --dest-token-file): the stream then goes over TCP too.
+        dest: String,
+        /// The file holding the destination daemon's TCP token.
+        #[arg(long)]
+        dest_token_file: Option<PathBuf>,
         /// Live migration (the guest runs during the copy): the only kind implemented.
         #[arg(long)]
         live: bool,
@@ -71,21 +76,37 @@ pub fn run(cmd: SaveCommand, c: &Client, json_out: bool) -> Result<i32> {
         SaveCommand::Migrate {
             name,
             dest,
+            dest_token_file,
             live,
             undefinesource,
         } => {
-            let dest = std::path::absolute(&dest)
-                .with_context(|| format!("resolving {}", dest.display()))?;
+            let dest = if dest.starts_with("tcp://") {
+                dest
+            } else {
+                std::path::absolute(&dest)
+                    .with_context(|| format!("resolving {dest}"))?
+                    .display()
+                    .to_string()
+            };
+            let token = match &dest_token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading the token file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
             let v = c.post(
                 &format!("{}/migrate", dom(&name)),
-                Some(&json!({ "dest": dest, "live": live, "undefine_source": undefinesource })),
+                Some(&json!({ "dest": dest, "dest_token": token, "live": live,
+                              "undefine_source": undefinesource })),
             )?;
             if json_out {
                 print_json(&v);
             } else {
                 println!(
-                    "Domain '{name}' migrated to {} (downtime {:.1} ms, total {:.1} ms, {} rounds)",
-                    dest.display(),
+                    "Domain '{name}' migrated to {dest} (downtime {:.1} ms, total {:.1} ms, {} rounds)",
                     v["downtime_ms"].as_f64().unwrap_or(0.0),
                     v["total_ms"].as_f64().unwrap_or(0.0),
                     v["rounds"].as_u64().unwrap_or(0)

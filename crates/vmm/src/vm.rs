@@ -374,33 +374,24 @@ impl Vmm {
             Ok(()) | Err(ConfigError::KernelMissing(_)) | Err(ConfigError::InitrdMissing(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        if accel != crate::config::Accel::Auto && accel != config.accel {
-            return Err(crate::snapshot::SnapshotError::Mismatch(format!(
-                "it was taken with --accel {:?}, this VMM was asked for {accel:?}",
-                config.accel
-            ))
-            .into());
+        // Another accelerator than the snapshot's goes on from its portable state
+        // (`snapshot::portable`), which `build` checks.
+        if accel != crate::config::Accel::Auto {
+            config.accel = accel;
         }
         Self::build(config, Some(loaded))
     }
 
     fn build(
-        config: VmConfig,
+        mut config: VmConfig,
         restore: Option<&crate::snapshot::Loaded>,
     ) -> Result<Self, VmmError> {
         let choice = accel::choose(config.accel)?;
         let hv = choice.hypervisor;
         tracing::info!(accel = hv.name(), "accelerator chosen");
-        if let Some(r) = restore {
-            if r.snapshot.accel != hv.name() {
-                return Err(crate::snapshot::SnapshotError::Mismatch(format!(
-                    "its state is {}'s; this host runs the VM with {}",
-                    r.snapshot.accel,
-                    hv.name()
-                ))
-                .into());
-            }
-        }
+        // A restore under another accelerator than the snapshot's: the vCPUs take its
+        // portable registers and the interrupt controllers start fresh.
+        let cross = restore.filter(|r| r.snapshot.accel != hv.name());
 
         // Memory: RAM, and the BIOS image's region below 4 GiB when booting through one.
         let mem_size = config.memory_bytes();
@@ -822,14 +813,38 @@ impl Vmm {
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
-        let mut supported = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        let model = arch::cpuid::apply_model(&hv.supported_cpuid()?, config.cpu_model)?;
+        let mut supported = model.clone();
         arch::cpuid::apply_modifiers(&mut supported, &config.cpuid_modifiers)?;
-        let cpuid_fingerprint = crate::snapshot::cpuid_fingerprint(&arch::cpuid::guest_cpuid_smt(
-            &supported,
-            0,
-            config.cpus,
-            config.threads_per_core,
-        ));
+        let mut guest_cpuid =
+            arch::cpuid::guest_cpuid_smt(&supported, 0, config.cpus, config.threads_per_core);
+        let portable = match cross {
+            Some(r) => {
+                let p = crate::snapshot::portable::check(
+                    &r.snapshot,
+                    hv.name(),
+                    config.cpus,
+                    &guest_cpuid,
+                )?;
+                // The guest keeps the features it was shown, no more.
+                let narrow = crate::snapshot::portable::narrowing(p, &guest_cpuid);
+                if !narrow.is_empty() {
+                    config.cpuid_modifiers.extend(narrow);
+                    supported = model;
+                    arch::cpuid::apply_modifiers(&mut supported, &config.cpuid_modifiers)?;
+                    guest_cpuid = arch::cpuid::guest_cpuid_smt(
+                        &supported,
+                        0,
+                        config.cpus,
+                        config.threads_per_core,
+                    );
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        let cpuid_fingerprint = crate::snapshot::cpuid_fingerprint(&guest_cpuid);
+        let cpuid_features = crate::snapshot::portable::features(&guest_cpuid);
         if let Some(r) = restore {
             if saved_virtio.is_some_and(|mut rest| rest.next().is_some()) {
                 return Err(crate::snapshot::SnapshotError::Invalid(
@@ -837,7 +852,7 @@ impl Vmm {
                 )
                 .into());
             }
-            if r.snapshot.cpuid_fingerprint != cpuid_fingerprint {
+            if portable.is_none() && r.snapshot.cpuid_fingerprint != cpuid_fingerprint {
                 return Err(crate::snapshot::SnapshotError::Mismatch(
                     "this host would give the guest other CPU features (CPUID) than it had".into(),
                 )
@@ -845,11 +860,13 @@ impl Vmm {
             }
             // Before the vCPUs: their TSCs follow the VM clock this sets.
             let elapsed = crate::snapshot::unix_now_ns().saturating_sub(r.snapshot.saved_unix_ns);
-            vm.restore_state(&r.snapshot.vm, elapsed)
-                .map_err(|source| crate::snapshot::SnapshotError::Accel {
-                    accel: hv.name().into(),
-                    source,
-                })?;
+            if portable.is_none() {
+                vm.restore_state(&r.snapshot.vm, elapsed)
+                    .map_err(|source| crate::snapshot::SnapshotError::Accel {
+                        accel: hv.name().into(),
+                        source,
+                    })?;
+            }
         }
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -868,7 +885,15 @@ impl Vmm {
                 vcpu.set_sregs(&arch::entry::boot_sregs(loaded.protocol))?;
                 vcpu.set_fpu(&FpuState::default())?;
             }
-            if let Some(state) = restore.and_then(|r| r.snapshot.vcpus.get(usize::from(id))) {
+            if let Some(p) = portable.and_then(|p| p.vcpus.get(usize::from(id))) {
+                crate::snapshot::portable::apply(vcpu.as_mut(), p).map_err(|source| {
+                    crate::snapshot::SnapshotError::Accel {
+                        accel: hv.name().into(),
+                        source,
+                    }
+                })?;
+            } else if let Some(state) = restore.and_then(|r| r.snapshot.vcpus.get(usize::from(id)))
+            {
                 vcpu.restore_state(state).map_err(|source| {
                     crate::snapshot::SnapshotError::Accel {
                         accel: hv.name().into(),
@@ -887,6 +912,7 @@ impl Vmm {
             config: config.clone(),
             accel: hv.name().into(),
             cpuid_fingerprint,
+            cpuid_features,
             control: control.clone(),
             vm: vm.clone(),
             memory: memory.clone(),

@@ -8,6 +8,7 @@ mod persist;
 
 /// For backends that drive a KVM vCPU of their own (emu's hybrid mode).
 pub use convert::{regs_from_kvm, regs_to_kvm};
+pub use persist::cross_restore_blocker;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Once};

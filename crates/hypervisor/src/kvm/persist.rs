@@ -172,3 +172,81 @@ pub(super) fn restore_vcpu(v: &mut KvmVcpu, state: &serde_json::Value) -> Result
         .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
+
+/// Why the interrupt and event state in a KVM snapshot cannot be carried to another
+/// accelerator, or None when it is quiet: a cross-accelerator restore moves the CPU
+/// registers only and starts the target's interrupt controllers fresh, so anything in
+/// flight there (an interrupt pending or in service, an armed LAPIC timer, an unmasked
+/// IOAPIC pin, a programmed PIT, an event being injected, kvmclock) would be lost.
+pub fn cross_restore_blocker(
+    vm: &serde_json::Value,
+    vcpus: &[serde_json::Value],
+) -> Option<String> {
+    let vm: VmState = match serde_json::from_value(vm.clone()) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("its KVM VM state does not decode: {e}")),
+    };
+    for (c, name) in [(&vm.pic_master, "master"), (&vm.pic_slave, "slave")] {
+        // SAFETY: both PIC chips' ids select the `pic` member (checked on restore too),
+        // and every member of the union is plain bytes, valid for any bit pattern.
+        let pic = unsafe { c.chip.pic };
+        if pic.isr != 0 || pic.irr & !pic.imr != 0 {
+            return Some(format!(
+                "the {name} PIC has an interrupt pending or in service"
+            ));
+        }
+    }
+    // SAFETY: as above; the IOAPIC chip's id selects the `ioapic` member.
+    let ioapic = unsafe { vm.ioapic.chip.ioapic };
+    for (pin, e) in ioapic.redirtbl.iter().enumerate() {
+        // SAFETY: `bits` covers the whole 64-bit entry.
+        if unsafe { e.bits } & (1 << 16) == 0 {
+            return Some(format!("IOAPIC pin {pin} is unmasked"));
+        }
+    }
+    if vm.pit.channels[0].mode <= 5 {
+        return Some("PIT channel 0 is programmed".into());
+    }
+    for (i, v) in vcpus.iter().enumerate() {
+        let s: VcpuState = match serde_json::from_value(v.clone()) {
+            Ok(s) => s,
+            Err(e) => return Some(format!("vCPU {i}'s KVM state does not decode: {e}")),
+        };
+        let reg = |off: usize| -> u32 {
+            let b = &s.lapic.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        // ISR at 0x100 and IRR at 0x200, eight 32-bit words 16 bytes apart.
+        if (0..8).any(|w| reg(0x100 + 16 * w) != 0 || reg(0x200 + 16 * w) != 0) {
+            return Some(format!(
+                "vCPU {i}'s LAPIC has an interrupt pending or in service"
+            ));
+        }
+        // Initial count at 0x380; LVT timer at 0x320 (bit 16: masked).
+        if reg(0x380) != 0 && reg(0x320) & (1 << 16) == 0 {
+            return Some(format!("vCPU {i}'s LAPIC timer is armed"));
+        }
+        let e = &s.events;
+        if e.exception.injected != 0
+            || e.exception.pending != 0
+            || e.interrupt.injected != 0
+            || e.interrupt.shadow != 0
+            || e.nmi.injected != 0
+            || e.nmi.pending != 0
+        {
+            return Some(format!("vCPU {i} has an event being delivered"));
+        }
+        if s.mp_state.mp_state != kvm_bindings::KVM_MP_STATE_RUNNABLE {
+            return Some(format!(
+                "vCPU {i} is not runnable (halted or waiting for a startup IPI)"
+            ));
+        }
+        if s.msrs
+            .iter()
+            .any(|m| m.index == 0x4b56_4d01 && m.data & 1 != 0)
+        {
+            return Some(format!("vCPU {i} registered kvmclock"));
+        }
+    }
+    None
+}

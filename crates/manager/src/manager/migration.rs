@@ -8,9 +8,15 @@
 //! in its own run folder, where this daemon takes the stream and passes it on to the
 //! destination's VMM (libvirt's tunnelled migration; a QEMU sends through it too). Once
 //! the destination runs the domain, the source's VMM ends; the definition stays here,
-//! shut off, unless asked to leave (virsh's `--undefinesource`). docs/MIGRATION.md.
+//! shut off, unless asked to leave (virsh's `--undefinesource`).
+//!
+//! Between daemons that share no file system the destination is its TCP API
+//! (`tcp://HOST:PORT` and its token): it then also listens for the stream on a TCP port
+//! of its own, on the API's address, and passes it to its VMM's socket; the first bytes
+//! must be the one-time nonce it gave in its (authenticated) answer. docs/MIGRATION.md.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,46 +28,153 @@ use crate::driver;
 use crate::error::{Error, Result};
 use crate::state::{End, Start};
 
-/// How long the relay waits for the source VMM to connect.
+/// How long a relay waits for the other end to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 
-/// Passes one migration stream from the source VMM (connecting to `listener`) to the
-/// destination VMM at `dest`, and its answer back.
-fn relay(listener: UnixListener, dest: PathBuf) -> std::io::Result<u64> {
-    listener.set_nonblocking(true)?;
-    let t0 = Instant::now();
-    let from = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < CONNECT_WAIT => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    from.set_nonblocking(false)?;
-    let to = UnixStream::connect(&dest)?;
-    let (mut from_r, mut to_w) = (from.try_clone()?, to.try_clone()?);
+/// A stream both ways, as the relays use it.
+trait Duplex: Read + Write + Send + Sized + 'static {
+    fn clone_half(&self) -> std::io::Result<Self>;
+    fn close_write(&self);
+}
+
+impl Duplex for UnixStream {
+    fn clone_half(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Duplex for TcpStream {
+    fn clone_half(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Copies `from` to `to` and `to`'s answer back; the bytes forwarded.
+fn pump<A: Duplex, B: Duplex>(from: A, to: B) -> std::io::Result<u64> {
+    let (mut from_r, mut to_w) = (from.clone_half()?, to.clone_half()?);
     let forward = std::thread::spawn(move || {
         let n = std::io::copy(&mut from_r, &mut to_w);
-        let _ = to_w.shutdown(std::net::Shutdown::Write);
+        to_w.close_write();
         n
     });
     let (mut to_r, mut from_w) = (to, from);
     let _ = std::io::copy(&mut to_r, &mut from_w);
     let _ = from_w.flush();
-    let _ = from_w.shutdown(std::net::Shutdown::Write);
+    from_w.close_write();
     forward
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the relay thread panicked")))
+}
+
+/// Where the source daemon passes the stream on to.
+enum Target {
+    /// The destination VMM's socket (both daemons on one file system).
+    Unix(PathBuf),
+    /// The destination daemon's migration port; the stream starts with its nonce.
+    Tcp { addr: String, nonce: String },
+}
+
+/// Accepts one connection on `listener` within [`CONNECT_WAIT`], or gives up.
+fn accept_one<S>(accept: impl Fn() -> std::io::Result<S>) -> std::io::Result<S> {
+    let t0 = Instant::now();
+    loop {
+        match accept() {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && t0.elapsed() < CONNECT_WAIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Passes one migration stream from the source VMM (connecting to `listener`) to the
+/// destination, and its answer back.
+fn relay(listener: UnixListener, target: Target) -> std::io::Result<u64> {
+    listener.set_nonblocking(true)?;
+    let (from, _) = accept_one(|| listener.accept())?;
+    from.set_nonblocking(false)?;
+    match target {
+        Target::Unix(dest) => pump(from, UnixStream::connect(&dest)?),
+        Target::Tcp { addr, nonce } => {
+            let mut to = TcpStream::connect(&addr)?;
+            to.set_nodelay(true)?;
+            to.write_all(nonce.as_bytes())?;
+            pump(from, to)
+        }
+    }
+}
+
+/// Destination side over TCP: takes the connection that starts with `nonce` (others
+/// are dropped) and passes it to the VMM waiting at `vmm`.
+fn receive_tcp(listener: TcpListener, nonce: String, vmm: PathBuf) -> std::io::Result<u64> {
+    listener.set_nonblocking(true)?;
+    let t0 = Instant::now();
+    loop {
+        let (mut s, peer) = accept_one(|| listener.accept())?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut got = vec![0u8; nonce.len()];
+        if s.read_exact(&mut got).is_ok() && got == nonce.as_bytes() {
+            s.set_read_timeout(None)?;
+            s.set_nodelay(true)?;
+            return pump(s, UnixStream::connect(&vmm)?);
+        }
+        tracing::warn!(%peer, "a migration connection without this migration's nonce: dropped");
+        if t0.elapsed() > CONNECT_WAIT {
+            return Err(std::io::Error::other(
+                "no migration stream with its nonce came",
+            ));
+        }
+    }
+}
+
+/// 32 hex digits from the kernel's random source.
+fn nonce() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("reading", Path::new("/dev/urandom"), e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// What the destination daemon answers an incoming migration with.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Where the source sends the stream: `unix:PATH` or `tcp:IP:PORT`.
+    pub url: String,
+    /// The migration defined the domain here (a failed one undefines it again).
+    pub defined: bool,
+    /// Over TCP: the bytes the stream must start with.
+    pub nonce: Option<String>,
 }
 
 impl Manager {
     /// Destination side: defines `def` here (or finds it defined the same), starts its
     /// VMM waiting for the domain, and returns where the source is to send it and
     /// whether the domain was defined for it (a failed migration undefines it again).
-    pub fn migrate_in(self: &Arc<Self>, def: DomainDef) -> Result<(String, bool)> {
+    pub fn migrate_in(self: &Arc<Self>, def: DomainDef, tcp: bool) -> Result<Incoming> {
         let name = def.name.clone();
+        let tcp = match tcp {
+            false => None,
+            true => {
+                let ip = *self.tcp_ip.get().ok_or_else(|| {
+                    Error::Unsupported(
+                        "migration over TCP needs this daemon's TCP listener (--listen-tcp)".into(),
+                    )
+                })?;
+                let l = TcpListener::bind((ip, 0)).map_err(|e| {
+                    Error::io("listening for the migration on", Path::new("tcp"), e)
+                })?;
+                Some((l, nonce()?))
+            }
+        };
         let defined = match self.store.get_domain(&name) {
             Ok(have) => {
                 if have.vm != def.vm || have.driver != def.driver {
@@ -87,42 +200,95 @@ impl Manager {
         }
         self.events
             .emit_with(&name, "migrating-in", "running", Some("migrated"), None);
-        let url = format!("unix:{}", self.run_dir(&name).incoming().display());
-        Ok((url, defined))
+        let vmm = self.run_dir(&name).incoming();
+        let Some((listener, nonce)) = tcp else {
+            return Ok(Incoming {
+                url: format!("unix:{}", vmm.display()),
+                defined,
+                nonce: None,
+            });
+        };
+        let url = match listener.local_addr() {
+            Ok(a) => format!("tcp:{a}"),
+            Err(e) => {
+                return Err(Error::io(
+                    "listening for the migration on",
+                    Path::new("tcp"),
+                    e,
+                ))
+            }
+        };
+        let expect = nonce.clone();
+        let domain = name.clone();
+        std::thread::spawn(move || {
+            let r = receive_tcp(listener, expect, vmm);
+            tracing::info!(domain, ?r, "migration stream received over TCP");
+        });
+        Ok(Incoming {
+            url,
+            defined,
+            nonce: Some(nonce),
+        })
     }
 
     /// Source side: live-migrates the running domain `name` to the daemon whose
-    /// API socket is `dest`; returns the source VMM's report (rounds, downtime, total
+    /// API socket is `dest` (or `tcp://HOST:PORT`, its TCP API, with `dest_token`);
+    /// returns the source VMM's report (rounds, downtime, total
     /// time). The domain is then shut off here, and with `undefine_source` undefined.
     pub fn migrate_out(
         self: &Arc<Self>,
         name: &str,
-        dest: &Path,
+        dest: &str,
+        dest_token: Option<&str>,
         undefine_source: bool,
     ) -> Result<serde_json::Value> {
         let def = self.store.get_domain(name)?;
         let (id, _) = self.active_id(name)?;
         let d = driver::of(id.driver);
-        let peer = crate::client::Client::new(dest.to_path_buf());
-        let reached = |e: crate::client::ClientError| {
-            Error::Conflict(format!("the destination daemon {}: {e}", dest.display()))
+        // Over TCP the stream goes to the host this daemon reached the other at.
+        let (peer, tcp_host) = match dest.strip_prefix("tcp://") {
+            Some(addr) => {
+                let token = dest_token.ok_or_else(|| {
+                    Error::invalid(
+                        "dest_token",
+                        "a tcp:// destination needs its daemon's token",
+                    )
+                })?;
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                (
+                    crate::client::Client::tcp(addr, token),
+                    Some(host.to_string()),
+                )
+            }
+            None => (crate::client::Client::new(PathBuf::from(dest)), None),
         };
+        let reached = |e: crate::client::ClientError| {
+            Error::Conflict(format!("the destination daemon {dest}: {e}"))
+        };
+        let mut body = serde_json::json!({ "definition": def });
+        if tcp_host.is_some() {
+            body["transport"] = "tcp".into();
+        }
         let v = peer
-            .post(
-                "/v1/migrations/incoming",
-                Some(&serde_json::json!({ "definition": def })),
-            )
+            .post("/v1/migrations/incoming", Some(&body))
             .map_err(reached)?;
         let defined_there = v.get("defined").and_then(|d| d.as_bool()) == Some(true);
-        let Some(target) = v
-            .get("url")
-            .and_then(|u| u.as_str())
-            .and_then(|u| u.strip_prefix("unix:"))
-            .map(PathBuf::from)
-        else {
+        let url = v.get("url").and_then(|u| u.as_str()).unwrap_or_default();
+        let target = match (&tcp_host, url.split_once(':')) {
+            (None, Some(("unix", path))) => Some(Target::Unix(PathBuf::from(path))),
+            (Some(host), Some(("tcp", addr))) => {
+                let port = addr.rsplit_once(':').map(|(_, p)| p);
+                let nonce = v.get("nonce").and_then(|n| n.as_str());
+                port.zip(nonce).map(|(port, nonce)| Target::Tcp {
+                    addr: format!("{host}:{port}"),
+                    nonce: nonce.to_string(),
+                })
+            }
+            _ => None,
+        };
+        let Some(target) = target else {
             return Err(Error::Conflict(format!(
-                "the destination daemon {} gave no unix: address: {v}",
-                dest.display()
+                "the destination daemon {dest} gave no address to send to: {v}"
             )));
         };
         let run = self.run_dir(name);
@@ -185,8 +351,53 @@ impl Manager {
             "migrated",
             "shut off",
             Some("migrated"),
-            Some(format!("to {}", dest.display())),
+            Some(format!("to {dest}")),
         );
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The destination's TCP end passes on only the stream that starts with the nonce,
+    /// without it, to the VMM's socket, and the VMM's answer back; a connection with
+    /// other first bytes is dropped first.
+    #[test]
+    fn only_the_stream_with_the_nonce_reaches_the_vmm() {
+        let dir = std::env::temp_dir().join(format!("mig-nonce-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm_path = dir.join("incoming.sock");
+        let vmm = UnixListener::bind(&vmm_path).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let nonce = nonce().unwrap();
+        assert_eq!(nonce.len(), 32);
+        let expect = nonce.clone();
+        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path));
+
+        let mut stranger = TcpStream::connect(addr).unwrap();
+        stranger.write_all(&[b'0'; 32]).unwrap();
+        let mut buf = [0u8; 1];
+        // Dropped: end of stream, or a reset.
+        assert!(matches!(stranger.read(&mut buf), Ok(0) | Err(_)));
+
+        let mut source = TcpStream::connect(addr).unwrap();
+        source.write_all(nonce.as_bytes()).unwrap();
+        source.write_all(b"the VM").unwrap();
+        source.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut at_vmm, _) = vmm.accept().unwrap();
+        let mut got = Vec::new();
+        at_vmm.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"the VM");
+        at_vmm.write_all(b"ok").unwrap();
+        drop(at_vmm);
+        let mut answer = Vec::new();
+        source.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer, b"ok");
+        assert_eq!(receiver.join().unwrap().unwrap(), 6);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod portable;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -139,6 +140,10 @@ pub struct VmSnapshot {
     /// For a VM booted through firmware.
     #[serde(default)]
     pub firmware: Option<FirmwareSnapshot>,
+    /// The vCPUs' state for a restore under another accelerator (absent from snapshots
+    /// that predate it).
+    #[serde(default)]
+    pub portable: Option<portable::Portable>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +160,12 @@ pub enum SnapshotError {
     Accel {
         accel: String,
         source: hypervisor::Error,
+    },
+    #[error("a snapshot taken under {from} cannot go on under {to}: {why}")]
+    CrossAccel {
+        from: String,
+        to: String,
+        why: String,
     },
     #[error("the snapshot is invalid: {0}")]
     Invalid(String),
@@ -245,15 +256,36 @@ fn is_uefi_file(path: &Path) -> bool {
         .is_ok_and(|()| arch::firmware::is_uefi(&head))
 }
 
+/// The size the guest sees of the disk at `path`: a qcow2 image's virtual size (its file
+/// grows as clusters are allocated, and a revert puts an older, shorter file back),
+/// else the file's length.
+fn disk_len(path: &Path, format: Option<crate::config::DiskFormat>) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if format == Some(crate::config::DiskFormat::Raw) {
+        return Ok(len);
+    }
+    // qcow2's header: magic "QFI\xfb", then the virtual size at byte 24 (big-endian).
+    let mut head = [0u8; 32];
+    match f.read_exact(&mut head) {
+        Ok(()) if head[..4] == *b"QFI\xfb" => {
+            let mut size = [0u8; 8];
+            size.copy_from_slice(&head[24..32]);
+            Ok(u64::from_be_bytes(size))
+        }
+        _ => Ok(len),
+    }
+}
+
 /// The disks of `config` as they are now.
 pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, SnapshotError> {
     config
         .disks
         .iter()
         .map(|d| {
-            let len = std::fs::metadata(&d.path)
-                .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?
-                .len();
+            let len = disk_len(&d.path, d.format)
+                .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?;
             Ok(DiskIdentity {
                 path: d.path.clone(),
                 len,
@@ -274,6 +306,8 @@ pub struct Snapshotter {
     pub(crate) config: VmConfig,
     pub(crate) accel: String,
     pub(crate) cpuid_fingerprint: u64,
+    /// The CPUID feature words the guest sees, for `portable`.
+    pub(crate) cpuid_features: Vec<portable::FeatureWord>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) vm: Arc<dyn hypervisor::Vm>,
     pub(crate) memory: GuestMemoryMmap,
@@ -381,6 +415,12 @@ impl Snapshotter {
             .map(|v| lock(v).save_state())
             .collect::<hypervisor::Result<Vec<_>>>()
             .map_err(accel_err)?;
+        let portable_vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| portable::save(lock(v).as_ref()))
+            .collect::<hypervisor::Result<Vec<_>>>()
+            .map_err(accel_err)?;
         let virtio = self
             .virtio
             .iter()
@@ -406,6 +446,10 @@ impl Snapshotter {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
                 gpe0: lock(g).regs(),
+            }),
+            portable: Some(portable::Portable {
+                vcpus: portable_vcpus,
+                features: self.cpuid_features.clone(),
             }),
         })
     }
@@ -599,6 +643,7 @@ mod tests {
             },
             virtio: Vec::new(),
             firmware: None,
+            portable: None,
         }
     }
 
