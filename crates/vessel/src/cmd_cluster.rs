@@ -23,6 +23,10 @@ pub enum ClusterCommand {
         #[arg(value_parser = ["on", "off"])]
         mode: String,
     },
+    /// Started by a cluster daemon: kills the host's VMMs (under RUN_DIR) once the
+    /// daemon is gone, so that they cannot run beside the copies other hosts start.
+    #[command(hide = true)]
+    ClusterWatchdog { run_dir: std::path::PathBuf },
 }
 
 fn row(v: &Value) -> Vec<String> {
@@ -45,6 +49,10 @@ const HEADERS: [&str; 6] = ["Host", "vCPUs", "Memory MiB", "Domains", "State", "
 
 pub fn run(cmd: ClusterCommand, c: &Client, json_out: bool) -> Result<i32> {
     match cmd {
+        ClusterCommand::ClusterWatchdog { run_dir } => {
+            let n = manager::cluster::watchdog::run(&run_dir);
+            eprintln!("vessel cluster-watchdog: the daemon is gone; stopped {n} VMMs");
+        }
         ClusterCommand::HostList => {
             let v = c.get("/v1/cluster/hosts")?;
             if json_out {

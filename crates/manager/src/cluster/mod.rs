@@ -17,6 +17,7 @@
 pub mod api;
 pub mod placement;
 mod store;
+pub mod watchdog;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -133,6 +134,8 @@ impl Cluster {
             fenced: AtomicBool::new(false),
             work: Mutex::new(tx),
         });
+        // Before any VMM starts: none may outlive this daemon unwatched.
+        watchdog::spawn(&c.m.cfg.programs.vessel, &c.m.cfg.state_dir.join("run"))?;
         c.register()?;
         tracing::info!(host = %c.opts.host, "joined the cluster");
         let me = c.clone();
