@@ -58,9 +58,29 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 }
 
 struct Etcd {
-    name: String,
     client: String,
+    /// Its command line, to start it again on the same data.
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
     child: Option<Child>,
+}
+
+impl Etcd {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
 }
 
 /// Three etcd members and three daemons; dropping it kills them all and the VMMs the
@@ -184,7 +204,7 @@ impl Cluster {
         for (i, (cp, pp)) in ports.iter().enumerate() {
             let name = format!("e{i}");
             let client = format!("http://127.0.0.1:{cp}");
-            let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+            let peer = format!("http://127.0.0.1:{pp}");
             // In memory where there is /dev/shm: fsync on a busy disk made members miss
             // heartbeats. Elections get more slack than the defaults for the same reason.
             let shm = Path::new("/dev/shm");
@@ -193,30 +213,38 @@ impl Cluster {
             } else {
                 dir.join(&name)
             };
-            let child = Command::new("etcd")
-                .args(["--name", &name, "--data-dir"])
-                .arg(&data)
-                .args(["--heartbeat-interval", "200", "--election-timeout", "2000"])
-                .args(["--listen-client-urls", &client])
-                .args(["--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pp}")])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{pp}"),
-                ])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &format!("vessel-{tag}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            c.etcd.push(Etcd {
-                name,
+            let mut args: Vec<std::ffi::OsString> = vec!["--name".into(), name.clone().into()];
+            args.extend(["--data-dir".into(), data.into_os_string()]);
+            for a in [
+                "--heartbeat-interval",
+                "200",
+                "--election-timeout",
+                "2000",
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &format!("vessel-{tag}"),
+            ] {
+                args.push(a.into());
+            }
+            let mut e = Etcd {
                 client,
-                child: Some(child),
-            });
+                args,
+                log: dir.join(format!("{name}.log")),
+                child: None,
+            };
+            e.spawn();
+            c.etcd.push(e);
         }
         let eps = c.endpoints();
         wait_until("etcd cluster healthy", Duration::from_secs(30), || {
@@ -491,7 +519,6 @@ fn placement_spreads_drains_and_survives_one_etcd_member() {
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     let e = c.hosts[2].fails(&["host-list"]);
     assert!(e.contains("etcd"), "{e}");
-    let _ = &c.etcd[0].name;
 }
 
 /// SIGKILL of a host's daemon: its VMMs stop (the watchdog), its running domains run
@@ -550,6 +577,21 @@ fn killed_host_is_evacuated_once_and_lost_quorum_fences() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // Drain h1: its running domains stop there and run on h2, never on both.
+    let on_h1: Vec<String> = c.hosts[1].running().into_keys().collect();
+    assert!(!on_h1.is_empty(), "{:?}", c.runners());
+    c.hosts[2].ok(&["host-maintenance", "h1", "on"]);
+    wait_until(
+        "h1's domains running on h2",
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.len() == 3 && now.values().all(|h| h[0] == "h2")
+        },
+    );
+    c.hosts[2].ok(&["host-maintenance", "h1", "off"]);
+
     // Quorum lost: the hosts cannot renew their leases and stop their VMMs.
     c.kill_etcd(0);
     c.kill_etcd(1);
@@ -560,5 +602,20 @@ fn killed_host_is_evacuated_once_and_lost_quorum_fences() {
     );
     let e = c.hosts[1].fails(&["start", "r0"]);
     assert!(e.contains("etcd") || e.contains("lease"), "{e}");
-    assert!(c.hosts[1].log().contains("fencing"), "{}", c.hosts[1].log());
+    assert!(c.hosts[2].log().contains("fencing"), "{}", c.hosts[2].log());
+
+    // Quorum back: the hosts register again and start what is still placed on them.
+    c.etcd[0].spawn();
+    c.etcd[1].spawn();
+    wait_until(
+        "the cluster converges: three domains running again",
+        Duration::from_secs(60),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.len() == 3
+        },
+    );
+    let hosts = c.hosts[1].json(&["host-list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts}");
 }
