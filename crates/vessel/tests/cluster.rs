@@ -423,9 +423,14 @@ fn placement_spreads_drains_and_survives_one_etcd_member() {
     assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
 
     // Nine domains defined through all three daemons in turn: 3/3/3.
+    let t0 = Instant::now();
     for i in 0..9 {
         c.define(i % 3, &format!("d{i}"), 128);
     }
+    eprintln!(
+        "placement: {:?} per define (CLI round trip included)",
+        t0.elapsed() / 9
+    );
     let p = c.placement(1);
     for h in ["h0", "h1", "h2"] {
         assert_eq!(p[h].len(), 3, "spread placement: {p:?}");
