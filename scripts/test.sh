@@ -39,6 +39,11 @@ command -v qemu-system-riscv64 >/dev/null 2>&1 || pkgs+=(qemu-system-misc)
 # libvirt's schema checker: domain dumps must validate (manager xml tests).
 command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
+# The cluster tests (tests/cluster.rs) run three etcd members; the etcd client crate
+# compiles etcd's protobuf files with protoc at build time.
+command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
 # The dashboard's browser test drives Debian's Chromium headless (tests/dashboard.rs).
 command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
 for tool in cpio lz4 xz zstd strings; do

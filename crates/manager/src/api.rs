@@ -22,6 +22,8 @@ pub struct Api {
     pub hubs: Arc<crate::web::console_hub::Hubs>,
     /// The loopback dashboard listener `vessel dashboard` asks for, once opened.
     pub local: crate::web::LocalDashboard,
+    /// The cluster this daemon belongs to (`vessel daemon --cluster`), once joined.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     me: std::sync::Weak<Api>,
 }
 
@@ -31,6 +33,7 @@ impl Api {
             m,
             hubs: crate::web::console_hub::Hubs::new(),
             local: Default::default(),
+            cluster: Default::default(),
             me: me.clone(),
         })
     }
@@ -233,6 +236,16 @@ impl Api {
         }
         if seg.first() != Some(&API_VERSION) {
             return Err(Error::not_found("API path", &req.path));
+        }
+        if let Some(c) = self.cluster.get() {
+            if let Some(r) = crate::cluster::api::route(c, self, req, &seg[1..])? {
+                return Ok(r);
+            }
+        } else if seg.get(1) == Some(&"cluster") {
+            return Err(Error::Unsupported(
+                "this daemon is not in a cluster: start it with --cluster ENDPOINTS --host-name NAME"
+                    .into(),
+            ));
         }
         match (m, &seg[1..]) {
             ("GET", []) => ok(json!({
@@ -461,7 +474,7 @@ impl Api {
     /// peer's rights (`SO_PEERCRED`; nothing to check for root or the daemon's own user);
     /// over TCP (the token, no host user), only files inside the pool roots (where
     /// `vol-upload` puts them) and the daemon's `--file-root` folders. Pool volumes (`vol://POOL/VOLUME`) are the pools' own.
-    fn check_domain_files(&self, def: &DomainDef, req: &Request) -> Result<()> {
+    pub(crate) fn check_domain_files(&self, def: &DomainDef, req: &Request) -> Result<()> {
         for (p, want) in vmm::api::access::config_files(&def.vm) {
             if !p
                 .to_string_lossy()
@@ -498,7 +511,7 @@ impl Api {
 
 /// A domain definition from a request body: libvirt XML when it starts with '<' or the
 /// content type says XML, else Vessel's JSON.
-fn parse_definition(req: &Request) -> Result<DomainDef> {
+pub(crate) fn parse_definition(req: &Request) -> Result<DomainDef> {
     let text = std::str::from_utf8(&req.body)
         .map_err(|_| Error::invalid("domain definition", "the body is not UTF-8"))?;
     let is_xml = req

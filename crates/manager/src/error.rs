@@ -32,6 +32,9 @@ pub enum Error {
     Spawn { what: String, why: String },
     #[error("disk image: {0}")]
     Block(String),
+    /// The cluster's etcd is unreachable or without quorum.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl Error {
@@ -65,6 +68,7 @@ impl Error {
             Error::Invalid { .. } => 400,
             Error::Unsupported(_) => 501,
             Error::Forbidden(_) => 403,
+            Error::Cluster(_) => 503,
             _ => 500,
         }
     }
@@ -83,6 +87,7 @@ impl Error {
             Error::Qmp(_) => "qmp",
             Error::Spawn { .. } => "spawn",
             Error::Block(_) => "block",
+            Error::Cluster(_) => "cluster_unavailable",
         }
     }
 }

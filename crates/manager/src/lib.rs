@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod domain;
 pub mod driver;
 pub mod error;
@@ -59,6 +60,7 @@ fn remove_socket_on_termination(
     set: libc::sigset_t,
     socket: std::path::PathBuf,
     save: Option<Arc<Manager>>,
+    cluster: Arc<std::sync::OnceLock<Arc<cluster::Cluster>>>,
 ) {
     let spawned = std::thread::Builder::new()
         .name("signals".into())
@@ -71,7 +73,11 @@ fn remove_socket_on_termination(
             tracing::info!(signal = sig, "vessel daemon ending");
             // Refuse new requests first: nothing starts while the domains are saved.
             let _ = std::fs::remove_file(&socket);
-            if let Some(m) = &save {
+            // A cluster host's lease ends with it: its VMMs stop so that other hosts
+            // may start its domains (saving them would leave them to this host).
+            if let Some(c) = cluster.get() {
+                c.leave();
+            } else if let Some(m) = &save {
                 m.save_all_at_shutdown();
             }
             std::process::exit(0);
@@ -81,7 +87,12 @@ fn remove_socket_on_termination(
     }
 }
 
-pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
+pub fn serve(
+    cfg: Config,
+    socket: &Path,
+    tcp: Option<TcpOpts>,
+    cluster: Option<cluster::ClusterOpts>,
+) -> Result<()> {
     // Everything the daemon and its VMMs create (vessel.db and its journal, logs, run
     // folders, volumes) is the daemon user's alone: 0600 files, 0700 folders.
     // SAFETY: umask only sets the process's file mode mask; it cannot fail.
@@ -97,7 +108,8 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     let m = Manager::open(cfg)?;
     let listener = vmm::api::http::bind(socket).map_err(|e| Error::io("binding", socket, e))?;
     let save = m.cfg.save_on_shutdown.then(|| m.clone());
-    remove_socket_on_termination(signals, socket.to_path_buf(), save);
+    let joined: Arc<std::sync::OnceLock<Arc<cluster::Cluster>>> = Default::default();
+    remove_socket_on_termination(signals, socket.to_path_buf(), save, joined.clone());
     // Whoever can connect controls every VM: only the daemon's user, as libvirt's socket.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| Error::io("restricting", socket, e))?;
@@ -105,6 +117,11 @@ pub fn serve(cfg: Config, socket: &Path, tcp: Option<TcpOpts>) -> Result<()> {
     let auto = m.clone();
     std::thread::spawn(move || auto.autostart_all());
     let api = api::Api::new(m.clone());
+    if let Some(opts) = cluster {
+        let c = cluster::Cluster::join(m.clone(), opts)?;
+        let _ = joined.set(c.clone());
+        let _ = api.cluster.set(c);
+    }
     if let Some(t) = tcp {
         if t.token.len() < 16 {
             return Err(Error::invalid(

@@ -93,6 +93,26 @@ pub struct DaemonArgs {
     /// ON_SHUTDOWN=suspend).
     #[arg(long)]
     save_on_shutdown: bool,
+    /// Join a cluster: its etcd client URLs, comma-separated
+    /// (http://10.0.0.1:2379,http://10.0.0.2:2379,…). See docs/CLUSTER.md.
+    #[arg(long, value_delimiter = ',', requires = "host_name")]
+    cluster: Vec<String>,
+    /// This host's name in the cluster (unique among its hosts).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// Seconds the host stays registered after its last heartbeat; a host that cannot
+    /// renew for half of it stops its VMMs, and its domains move when it expires.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
+    /// How placement weighs the hosts that fit: spread (emptiest first) or pack.
+    #[arg(long, default_value = "spread")]
+    weigher: manager::cluster::Weigher,
+    /// vCPUs this host offers (default: its CPUs times 4).
+    #[arg(long)]
+    host_vcpus: Option<u64>,
+    /// Memory this host offers, in MiB (default: all of it).
+    #[arg(long)]
+    host_memory_mib: Option<u64>,
 }
 
 /// `START:COUNT` for `--vmm-uid-range`.
@@ -162,8 +182,24 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         }),
         _ => None,
     };
+    let cluster = match args.host_name {
+        Some(host) if !args.cluster.is_empty() => Some(manager::cluster::ClusterOpts {
+            endpoints: args.cluster,
+            api: match &tcp {
+                Some(t) => format!("{} or tcp://{}", socket.display(), t.addr),
+                None => socket.display().to_string(),
+            },
+            host,
+            lease_ttl: args.lease_ttl,
+            weigher: args.weigher,
+            vcpus: args.host_vcpus,
+            memory_mib: args.host_memory_mib,
+        }),
+        Some(_) => bail!("--host-name names this host in a cluster: give --cluster too"),
+        None => None,
+    };
     eprintln!("vessel daemon: listening on {}", socket.display());
-    manager::serve(cfg, &socket, tcp).map_err(anyhow::Error::from)?;
+    manager::serve(cfg, &socket, tcp, cluster).map_err(anyhow::Error::from)?;
     Ok(0)
 }
 
@@ -251,6 +287,8 @@ pub enum ManageCommand {
     Storage(crate::cmd_storage::StorageCommand),
     #[command(flatten)]
     Virsh(crate::cmd_virsh::VirshCommand),
+    #[command(flatten)]
+    Cluster(crate::cmd_cluster::ClusterCommand),
 }
 
 pub(crate) fn size_text(n: u64) -> String {
@@ -386,6 +424,7 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         ManageCommand::Saves(v) => return crate::cmd_saves::run(v, &c, json_out),
         ManageCommand::Net(n) => return crate::cmd_network::run(n, &c, json_out),
         ManageCommand::Storage(v) => return crate::cmd_storage::run(v, &c, json_out),
+        ManageCommand::Cluster(v) => return crate::cmd_cluster::run(v, &c, json_out),
         ManageCommand::List { all } => {
             let v = c.get("/v1/domains")?;
             let list: Vec<&Value> = v

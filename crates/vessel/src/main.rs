@@ -1,6 +1,7 @@
 //! `vessel`: one binary for the VMM (`vessel run`), disk image tools (`vessel img`), the
 //! manager daemon (`vessel daemon`) and its CLI verbs.
 
+mod cmd_cluster;
 mod cmd_img;
 mod cmd_manage;
 mod cmd_network;

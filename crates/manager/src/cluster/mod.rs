@@ -1,0 +1,843 @@
+//! Many hosts: daemons that share their state in etcd (`vessel daemon --cluster`).
+//!
+//! etcd holds, under [`PREFIX`]:
+//! - `hosts/H`: each host's [`HostRecord`], under the host's lease (gone when it dies);
+//! - `maintenance/H`: hosts drained by `host-maintenance H on` (no lease: it outlives them);
+//! - `domains/N`: each cluster domain's [`DomainRecord`] (definition, host, wanted state);
+//! - `running/N`: the host that runs N now, under that host's lease: the lock that keeps a
+//!   domain from ever running on two hosts (a host starts N only after creating this key);
+//! - `epoch`: rewritten by every placement, so that placements are serialized by etcd's
+//!   compare-and-swap instead of a lock of our own.
+//!
+//! Each daemon watches the prefix and reconciles the domains placed on it (define, start,
+//! stop, undefine) on one thread; placement, drains and evacuation are etcd transactions
+//! any daemon may run. A daemon that cannot renew its lease in time stops its own VMMs
+//! before etcd lets the lease expire (fencing), so an evacuated domain never runs twice.
+
+pub mod api;
+pub mod placement;
+mod store;
+pub mod watchdog;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, WatchOptions};
+
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+pub use placement::{DomainRecord, HostRecord, Weigher};
+pub use store::State;
+
+/// Every key the cluster writes starts with this.
+pub const PREFIX: &str = "/vessel/v1/";
+
+/// How a daemon joins a cluster (`vessel daemon --cluster …`).
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    /// etcd client URLs (http://127.0.0.1:2379, …).
+    pub endpoints: Vec<String>,
+    pub host: String,
+    /// Seconds a host stays registered after its last heartbeat.
+    pub lease_ttl: u64,
+    pub weigher: Weigher,
+    /// Capacity to announce instead of the machine's (several test hosts share one).
+    pub vcpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+    /// Where this daemon answers, as other hosts' errors name it.
+    pub api: String,
+}
+
+/// Work for the reconcile thread.
+enum Work {
+    Domain(String),
+    /// Everything again (after joining, a reconnect, or a new lease).
+    Resync,
+}
+
+pub struct Cluster {
+    pub opts: ClusterOpts,
+    rt: tokio::runtime::Runtime,
+    client: etcd_client::Client,
+    m: Arc<Manager>,
+    /// This host's current lease (0 while it has none).
+    lease: AtomicI64,
+    /// Set while the host has lost its lease and stopped its VMMs.
+    fenced: AtomicBool,
+    work: Mutex<mpsc::Sender<Work>>,
+}
+
+/// How long one etcd request may take before the API answers that the cluster is
+/// unavailable (without quorum etcd does not answer at all).
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an operation retries etcd errors that pass.
+const RETRY_FOR: Duration = Duration::from_secs(8);
+
+/// What etcd answers while it elects a leader or a member is going away: worth a retry.
+/// (A timeout is not: the request has already waited [`OP_TIMEOUT`].)
+fn is_transient(e: &Error) -> bool {
+    matches!(e, Error::Cluster(m) if !m.contains("timed out")
+        && ["leader changed", "no leader", "Unavailable", "transport error", "Connection refused"]
+            .iter()
+            .any(|t| m.contains(t)))
+}
+
+fn unavailable(endpoints: &[String], why: impl std::fmt::Display) -> Error {
+    Error::Cluster(format!(
+        "the cluster's etcd ({}) did not answer: {why}; without an etcd quorum the cluster \
+         is read-only: placement, start and drain are refused until it is back",
+        endpoints.join(",")
+    ))
+}
+
+pub fn key(kind: &str, name: &str) -> String {
+    format!("{PREFIX}{kind}/{name}")
+}
+
+impl Cluster {
+    /// Connects, registers this host under a fresh lease and starts the heartbeat, the
+    /// watch and the reconcile thread.
+    pub fn join(m: Arc<Manager>, opts: ClusterOpts) -> Result<Arc<Self>> {
+        crate::domain::check_name("host", &opts.host)?;
+        if opts.lease_ttl < 2 {
+            return Err(Error::invalid("lease TTL", "use at least 2 seconds"));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Cluster(format!("starting the etcd client's runtime: {e}")))?;
+        let conn = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_timeout(OP_TIMEOUT);
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(
+                    OP_TIMEOUT,
+                    etcd_client::Client::connect(&opts.endpoints, Some(conn)),
+                )
+                .await
+            })
+            .map_err(|_| unavailable(&opts.endpoints, "timed out connecting"))?
+            .map_err(|e| unavailable(&opts.endpoints, e))?;
+        let (tx, rx) = mpsc::channel();
+        let c = Arc::new(Cluster {
+            opts,
+            rt,
+            client,
+            m,
+            lease: AtomicI64::new(0),
+            fenced: AtomicBool::new(false),
+            work: Mutex::new(tx),
+        });
+        // Before any VMM starts: none may outlive this daemon unwatched.
+        watchdog::spawn(&c.m.cfg.programs.vessel, &c.m.cfg.state_dir.join("run"))?;
+        c.register()?;
+        tracing::info!(host = %c.opts.host, "joined the cluster");
+        let me = c.clone();
+        std::thread::Builder::new()
+            .name("cluster-reconcile".into())
+            .spawn(move || me.reconcile_loop(rx))
+            .map_err(|e| Error::Cluster(format!("starting the reconcile thread: {e}")))?;
+        let me = c.clone();
+        std::thread::Builder::new()
+            .name("cluster-events".into())
+            .spawn(move || me.follow_events())
+            .map_err(|e| Error::Cluster(format!("starting the events thread: {e}")))?;
+        let me = c.clone();
+        c.rt.spawn(async move { me.heartbeat().await });
+        let me = c.clone();
+        c.rt.spawn(async move { me.watch_loop().await });
+        Ok(c)
+    }
+
+    /// Runs one etcd request from a plain thread, bounded by [`OP_TIMEOUT`].
+    fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        self.rt
+            .block_on(async { tokio::time::timeout(OP_TIMEOUT, f).await })
+            .map_err(|_| unavailable(&self.opts.endpoints, "timed out"))?
+            .map_err(|e| unavailable(&self.opts.endpoints, e))
+    }
+
+    fn client(&self) -> etcd_client::Client {
+        self.client.clone()
+    }
+
+    fn send(&self, w: Work) {
+        if let Ok(tx) = self.work.lock() {
+            let _ = tx.send(w);
+        }
+    }
+
+    /// What this host announces: its capacity and what it can offer domains.
+    fn record(&self) -> HostRecord {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib / 1024);
+        let mut accelerators = vec!["emu".to_string()];
+        if std::path::Path::new("/dev/kvm").exists() {
+            accelerators.extend(["kvm".to_string(), "hybrid".to_string()]);
+        }
+        HostRecord {
+            name: self.opts.host.clone(),
+            // Nova's default CPU allocation ratio is 16; 4 keeps emu guests usable.
+            vcpus: self.opts.vcpus.unwrap_or(cpus * 4),
+            memory_mib: self.opts.memory_mib.unwrap_or(mem),
+            accelerators,
+            pools: self
+                .m
+                .store
+                .list_pools()
+                .map(|p| p.into_iter().map(|(n, _)| n).collect())
+                .unwrap_or_default(),
+            networks: self
+                .m
+                .store
+                .list_networks()
+                .map(|n| n.into_iter().map(|n| n.name).collect())
+                .unwrap_or_default(),
+            api: self.opts.api.clone(),
+        }
+    }
+
+    /// A fresh lease and this host's record under it.
+    fn register(&self) -> Result<()> {
+        self.rt.block_on(self.register_async())
+    }
+
+    async fn register_async(&self) -> Result<()> {
+        let ttl = self.opts.lease_ttl as i64;
+        let eps = &self.opts.endpoints;
+        let mut c = self.client();
+        let lease = tokio::time::timeout(OP_TIMEOUT, c.lease_grant(ttl, None))
+            .await
+            .map_err(|_| unavailable(eps, "timed out"))?
+            .map_err(|e| unavailable(eps, e))?
+            .id();
+        let rec = serde_json::to_vec(&self.record()).unwrap_or_default();
+        let put = etcd_client::PutOptions::new().with_lease(lease);
+        tokio::time::timeout(
+            OP_TIMEOUT,
+            c.put(key("hosts", &self.opts.host), rec, Some(put)),
+        )
+        .await
+        .map_err(|_| unavailable(eps, "timed out"))?
+        .map_err(|e| unavailable(eps, e))?;
+        self.lease.store(lease, Ordering::SeqCst);
+        self.fenced.store(false, Ordering::SeqCst);
+        self.send(Work::Resync);
+        Ok(())
+    }
+
+    /// Renews the lease; when renewals fail for half its TTL, stops this host's VMMs
+    /// (before etcd can expire the lease and let other hosts start the domains), then
+    /// registers again once etcd answers.
+    async fn heartbeat(self: Arc<Self>) {
+        let ttl = Duration::from_secs(self.opts.lease_ttl);
+        let tick = (ttl / 6).max(Duration::from_millis(200));
+        loop {
+            let lease = self.lease.load(Ordering::SeqCst);
+            // Registration has just renewed it.
+            let mut last_ok = Instant::now();
+            let mut keepalive = None;
+            loop {
+                let sent = Instant::now();
+                if keepalive.is_none() {
+                    let mut c = self.client();
+                    keepalive = tokio::time::timeout(tick, c.lease_keep_alive(lease))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok());
+                }
+                if let Some((keeper, stream)) = keepalive.as_mut() {
+                    let renewed = tokio::time::timeout(tick, async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await;
+                    match renewed {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = sent,
+                        Ok(Ok(Some(_))) => {
+                            tracing::warn!("etcd says this host's lease expired");
+                            break;
+                        }
+                        other => {
+                            tracing::debug!(?other, "lease renewal failed");
+                            // A new stream next time (etcd may have lost a member).
+                            keepalive = None;
+                        }
+                    }
+                }
+                if last_ok.elapsed() >= ttl / 2 {
+                    tracing::warn!(
+                        "no lease renewal for {:?}: fencing this host",
+                        last_ok.elapsed()
+                    );
+                    break;
+                }
+                tokio::time::sleep(tick).await;
+            }
+            self.fence_and_rejoin().await;
+        }
+    }
+
+    async fn fence_and_rejoin(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.fence()).await;
+        loop {
+            match self.register_async().await {
+                Ok(()) => {
+                    tracing::info!("registered again under a new lease");
+                    return;
+                }
+                Err(e) => tracing::debug!("registering again: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Stops every VMM of this host: its lease is (about to be) gone, so other hosts may
+    /// start its domains.
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+        self.lease.store(0, Ordering::SeqCst);
+        let names: Vec<String> = self
+            .m
+            .list()
+            .map(|l| l.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default();
+        for n in names.iter().filter(|n| self.m.is_active(n)) {
+            tracing::warn!(domain = %n, "fencing: stopping the domain, this host lost its lease");
+            if let Err(e) = self.m.destroy(n) {
+                tracing::error!(domain = %n, "fencing failed: {e}");
+            }
+        }
+    }
+
+    /// On daemon shutdown: stop the VMMs (their lease ends with the daemon, and other
+    /// hosts will start them) and hand the lease back so that they do so at once.
+    pub fn leave(&self) {
+        let lease = self.lease.load(Ordering::SeqCst);
+        self.fence();
+        if lease != 0 {
+            let mut c = self.client();
+            let _ = self.call(c.lease_revoke(lease));
+        }
+    }
+
+    /// Watches the prefix from a consistent read; on any break, reads again.
+    async fn watch_loop(self: Arc<Self>) {
+        loop {
+            let mut c = self.client();
+            let rev = match tokio::time::timeout(
+                OP_TIMEOUT,
+                c.get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix())),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r.header().map_or(0, |h| h.revision()),
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.send(Work::Resync);
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1);
+            let (_watcher, mut stream) = match c.watch(PREFIX, Some(opts)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!("watch: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled() {
+                    break;
+                }
+                for ev in resp.events() {
+                    let Some(k) = ev.kv().and_then(|kv| kv.key_str().ok()) else {
+                        continue;
+                    };
+                    let Some(rest) = k.strip_prefix(PREFIX) else {
+                        continue;
+                    };
+                    match rest.split_once('/') {
+                        Some(("domains" | "running", n)) => self.send(Work::Domain(n.into())),
+                        // A host gone (its domains go elsewhere) or come (one that did
+                        // not fit anywhere may fit now).
+                        Some(("hosts", _)) => self.send(Work::Resync),
+                        _ => {}
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A domain that starts or stops here (through the API, or a VMM that ends by
+    /// itself) is reconciled too, so that its running lock follows it.
+    fn follow_events(self: Arc<Self>) {
+        let mut since = 0;
+        loop {
+            let (events, last) = self.m.events.wait(since, None, Duration::from_secs(60));
+            since = last;
+            for e in events {
+                self.send(Work::Domain(e.domain));
+            }
+        }
+    }
+
+    fn reconcile_loop(self: Arc<Self>, rx: mpsc::Receiver<Work>) {
+        while let Ok(w) = rx.recv() {
+            // Coalesce a burst of events into one pass per name.
+            let mut names = BTreeSet::new();
+            let mut all = false;
+            for w in std::iter::once(w).chain(rx.try_iter()) {
+                match w {
+                    Work::Domain(n) => {
+                        names.insert(n);
+                    }
+                    Work::Resync => all = true,
+                }
+            }
+            if self.fenced.load(Ordering::SeqCst) {
+                continue;
+            }
+            let state = match self.state() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("reconcile: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                    if all {
+                        self.send(Work::Resync);
+                    }
+                    for n in names {
+                        self.send(Work::Domain(n));
+                    }
+                    continue;
+                }
+            };
+            if all {
+                self.evacuate(&state);
+                names.extend(state.domains.keys().cloned());
+            }
+            let mut again = Vec::new();
+            for n in names {
+                if let Err(e) = self.reconcile(&n) {
+                    tracing::warn!(domain = %n, "reconcile: {e}");
+                    if matches!(e, Error::Cluster(_)) {
+                        again.push(n);
+                    }
+                }
+            }
+            // etcd did not answer: no event may come to bring these back, so try again.
+            if !again.is_empty() {
+                std::thread::sleep(Duration::from_millis(500));
+                for n in again {
+                    self.send(Work::Domain(n));
+                }
+            }
+        }
+    }
+
+    /// Brings this host's side of one domain in line with etcd.
+    fn reconcile(&self, name: &str) -> Result<()> {
+        let me = self.opts.host.as_str();
+        let lease = self.lease.load(Ordering::SeqCst);
+        let state = self.state()?;
+        let rec = state.domains.get(name).map(|(r, _)| r);
+        let holder = state.running.get(name);
+        // Ours under the current lease; a key of ours under an older lease (from before
+        // this host fenced itself) may be taken over.
+        let mine = holder.is_some_and(|h| h.host == me && h.lease == lease);
+        let free = holder.is_none_or(|h| h.host == me && h.lease != lease);
+        let defined = self.m.info(name).is_ok();
+        let active = self.m.is_active(name);
+        match rec {
+            Some(r) if r.host == me => {
+                if !defined {
+                    self.m.define(r.def.clone())?;
+                }
+                if active && !mine && !free {
+                    tracing::error!(domain = %name, "runs on {holder:?} too: stopping it here");
+                    self.m.destroy(name)?;
+                } else if active && free {
+                    self.claim(name, holder.map(|h| h.mod_rev))?;
+                } else if !active && mine {
+                    // It ended here (stopped through the API, or by itself).
+                    self.release(name);
+                    if r.running {
+                        self.set_running(name, false)?;
+                    }
+                } else if r.running
+                    && !active
+                    && free
+                    && self.claim(name, holder.map(|h| h.mod_rev))?
+                {
+                    if let Err(e) = self.m.start(name) {
+                        self.release(name);
+                        return Err(e);
+                    }
+                    tracing::info!(domain = %name, "started here");
+                }
+                // Otherwise another host still holds it: its key goes when that host
+                // stops it or its lease ends, and that event brings us back.
+            }
+            _ => {
+                // Placed elsewhere, or no longer in the cluster.
+                if active {
+                    tracing::info!(domain = %name, "placed on another host: stopping it here");
+                    self.m.destroy(name)?;
+                }
+                if holder.is_some_and(|h| h.host == me) {
+                    self.release(name);
+                }
+                if defined && self.m.info(name).is_ok() {
+                    self.m.undefine(name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the `running/N` lock for this host (over a stale key of its own at
+    /// `stale_rev`); false when another host got it first.
+    fn claim(&self, name: &str, stale_rev: Option<i64>) -> Result<bool> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let lease = self.lease.load(Ordering::SeqCst);
+        if lease == 0 {
+            return Ok(false);
+        }
+        let k = key("running", name);
+        let cmp = match stale_rev {
+            None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+            Some(rev) => Compare::mod_revision(k.clone(), CompareOp::Equal, rev),
+        };
+        let txn = Txn::new().when(vec![cmp]).and_then(vec![TxnOp::put(
+            k,
+            self.opts.host.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let mut c = self.client();
+        Ok(self.call(c.txn(txn))?.succeeded())
+    }
+
+    /// Drops the `running/N` lock if this host holds it.
+    fn release(&self, name: &str) {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let k = key("running", name);
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                k.clone(),
+                CompareOp::Equal,
+                self.opts.host.clone(),
+            )])
+            .and_then(vec![TxnOp::delete(k, None)]);
+        let mut c = self.client();
+        if let Err(e) = self.call(c.txn(txn)) {
+            tracing::warn!(domain = %name, "releasing its running key: {e}");
+        }
+    }
+
+    /// Moves the domains of hosts that are gone (lease expired) to live ones. Every
+    /// daemon may try; the compare-and-swap on each record lets one of them win.
+    fn evacuate(&self, state: &State) {
+        let lost: Vec<(String, DomainRecord, i64)> = state
+            .domains
+            .iter()
+            .filter(|(_, (r, _))| !state.hosts.contains_key(&r.host))
+            .map(|(n, (r, rev))| (n.clone(), r.clone(), *rev))
+            .collect();
+        for (name, rec, rev) in lost {
+            match self.move_domain(state, &rec, rev) {
+                Ok(to) => tracing::warn!(
+                    domain = %name, from = %rec.host, to = %to,
+                    "evacuated: its host's lease expired"
+                ),
+                // Usually another daemon moved it first.
+                Err(e) => tracing::info!(domain = %name, "evacuating from {}: {e}", rec.host),
+            }
+        }
+    }
+
+    /// Reads everything under [`PREFIX`] in one consistent read.
+    pub fn state(&self) -> Result<State> {
+        let mut c = self.client();
+        let r = self.call(c.get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix())))?;
+        Ok(State::from_response(&r))
+    }
+
+    /// The live hosts a domain may go to now, leaving out `except`.
+    fn candidates(state: &State, except: Option<&str>) -> Vec<HostRecord> {
+        state
+            .hosts
+            .values()
+            .filter(|h| !state.maintenance.contains(&h.name) && Some(h.name.as_str()) != except)
+            .cloned()
+            .collect()
+    }
+
+    fn records(state: &State) -> Vec<DomainRecord> {
+        state.domains.values().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// Places a new domain and records it; the chosen host's daemon defines it.
+    pub fn define(&self, def: crate::domain::DomainDef) -> Result<String> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        def.validate()?;
+        for _ in 0..10 {
+            let state = self.state()?;
+            if state.domains.contains_key(&def.name) {
+                return Err(Error::Exists {
+                    kind: "domain",
+                    name: def.name,
+                });
+            }
+            let host = placement::place(
+                &def,
+                &Self::candidates(&state, None),
+                &Self::records(&state),
+                self.opts.weigher,
+            )
+            .map_err(Error::Conflict)?;
+            let rec = DomainRecord {
+                def: def.clone(),
+                host: host.clone(),
+                running: false,
+            };
+            let k = key("domains", &def.name);
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(
+                        format!("{PREFIX}epoch"),
+                        CompareOp::Equal,
+                        state.epoch_rev,
+                    ),
+                ])
+                .and_then(vec![
+                    TxnOp::put(k, serde_json::to_vec(&rec).unwrap_or_default(), None),
+                    TxnOp::put(format!("{PREFIX}epoch"), def.name.clone(), None),
+                ]);
+            let mut c = self.client();
+            if self.call(c.txn(txn))?.succeeded() {
+                tracing::info!(domain = %def.name, host = %host, "placed");
+                return Ok(host);
+            }
+        }
+        Err(Error::Conflict(
+            "placement kept racing with other placements: try again".into(),
+        ))
+    }
+
+    /// Moves one recorded domain to the best other live host (evacuation and drain).
+    fn move_domain(&self, state: &State, rec: &DomainRecord, rev: i64) -> Result<String> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let to = placement::place(
+            &rec.def,
+            &Self::candidates(state, Some(&rec.host)),
+            &Self::records(state),
+            self.opts.weigher,
+        )
+        .map_err(Error::Conflict)?;
+        let k = key("domains", &rec.def.name);
+        let moved = DomainRecord {
+            host: to.clone(),
+            ..rec.clone()
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then(vec![
+                TxnOp::put(k, serde_json::to_vec(&moved).unwrap_or_default(), None),
+                TxnOp::put(format!("{PREFIX}epoch"), rec.def.name.clone(), None),
+            ]);
+        let mut c = self.client();
+        if self.call(c.txn(txn))?.succeeded() {
+            Ok(to)
+        } else {
+            Err(Error::Conflict(format!(
+                "domain {:?} changed meanwhile (another daemon moved it)",
+                rec.def.name
+            )))
+        }
+    }
+
+    /// Sets whether a recorded domain should run; None when it is not a cluster domain.
+    pub fn set_running(&self, name: &str, running: bool) -> Result<Option<DomainRecord>> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        for _ in 0..10 {
+            let state = self.state()?;
+            let Some((rec, rev)) = state.domains.get(name) else {
+                return Ok(None);
+            };
+            if rec.running == running {
+                return Ok(Some(rec.clone()));
+            }
+            let k = key("domains", name);
+            let next = DomainRecord {
+                running,
+                ..rec.clone()
+            };
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    k.clone(),
+                    CompareOp::Equal,
+                    *rev,
+                )])
+                .and_then(vec![TxnOp::put(
+                    k,
+                    serde_json::to_vec(&next).unwrap_or_default(),
+                    None,
+                )]);
+            let mut c = self.client();
+            if self.call(c.txn(txn))?.succeeded() {
+                return Ok(Some(next));
+            }
+        }
+        Err(Error::Conflict(format!(
+            "domain {name:?} kept changing: try again"
+        )))
+    }
+
+    /// Waits until `running/N` names a host (the domain's owner started it).
+    pub fn wait_running(&self, name: &str, within: Duration) -> Result<String> {
+        let t0 = Instant::now();
+        let k = key("running", name);
+        let mut c = self.client();
+        let r = self.call(c.get(k.clone(), None))?;
+        if let Some(kv) = r.kvs().first() {
+            return Ok(String::from_utf8_lossy(kv.value()).into_owned());
+        }
+        let rev = r.header().map_or(0, |h| h.revision());
+        let opts = WatchOptions::new().with_start_revision(rev + 1);
+        let (_w, mut stream) = self.call(c.watch(k, Some(opts)))?;
+        let got = self.rt.block_on(async {
+            tokio::time::timeout(within.saturating_sub(t0.elapsed()), async {
+                while let Ok(Some(resp)) = stream.message().await {
+                    for ev in resp.events() {
+                        if ev.event_type() == EventType::Put {
+                            if let Some(kv) = ev.kv() {
+                                return Some(String::from_utf8_lossy(kv.value()).into_owned());
+                            }
+                        }
+                    }
+                }
+                None
+            })
+            .await
+        });
+        match got {
+            Ok(Some(h)) => Ok(h),
+            _ => Err(Error::Conflict(format!(
+                "domain {name:?} did not start within {} s: see its host's daemon log",
+                within.as_secs()
+            ))),
+        }
+    }
+
+    /// Drains (or undrains) a host: its domains move to the others now.
+    pub fn set_maintenance(&self, host: &str, on: bool) -> Result<Vec<(String, String)>> {
+        let mut c = self.client();
+        let k = key("maintenance", host);
+        if !on {
+            self.call(c.delete(k, None))?;
+            return Ok(Vec::new());
+        }
+        let state = self.state()?;
+        if !state.hosts.contains_key(host) {
+            return Err(Error::not_found("host", host));
+        }
+        self.call(c.put(k, "on", None))?;
+        let mut moved = Vec::new();
+        let mut failed = Vec::new();
+        for _ in 0..5 {
+            let state = self.state()?;
+            let todo: Vec<(DomainRecord, i64)> = state
+                .domains
+                .values()
+                .filter(|(r, _)| r.host == host)
+                .cloned()
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            failed.clear();
+            for (rec, rev) in todo {
+                match self.move_domain(&state, &rec, rev) {
+                    Ok(to) => moved.push((rec.def.name.clone(), to)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Err(Error::Conflict(format!(
+                "host {host} is in maintenance but some domains could not move: {}",
+                failed.join("; ")
+            )));
+        }
+        Ok(moved)
+    }
+
+    /// Forgets a cluster domain (after its host undefined it).
+    pub fn forget(&self, name: &str) -> Result<()> {
+        let mut c = self.client();
+        self.call(c.delete(key("domains", name), None))?;
+        Ok(())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Hosts with what is placed on them, for `host-list` and `host-info`.
+    pub fn hosts(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let state = self.state()?;
+        let records = Self::records(&state);
+        let mut out = BTreeMap::new();
+        for h in state.hosts.values() {
+            let u = placement::usage(&h.name, &records);
+            let domains: Vec<serde_json::Value> = state
+                .domains
+                .values()
+                .filter(|(r, _)| r.host == h.name)
+                .map(|(r, _)| {
+                    serde_json::json!({
+                        "name": r.def.name,
+                        "running": state.running.get(&r.def.name).is_some_and(|x| x.host == h.name),
+                        "wanted": if r.running { "running" } else { "shutoff" },
+                    })
+                })
+                .collect();
+            out.insert(
+                h.name.clone(),
+                serde_json::json!({
+                    "host": h,
+                    "maintenance": state.maintenance.contains(&h.name),
+                    "used": u,
+                    "domains": domains,
+                }),
+            );
+        }
+        Ok(out)
+    }
+}

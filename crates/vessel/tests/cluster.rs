@@ -1,0 +1,626 @@
+//! Many hosts on one machine: three etcd members (Debian's `etcd`, on loopback ports
+//! picked free) and three `vessel daemon --cluster` hosts, each with its own socket and
+//! state folder, sharing one pool folder as shared storage. Placement by the spread
+//! weigher, a drain, evacuation after SIGKILL of a host, fencing, and etcd member and
+//! quorum loss. Every process is started here and killed by PID at the end.
+//!
+//! Needs `etcd` and `etcdctl` (`apt-get install etcd-server etcd-client`; scripts/test.sh
+//! does) and /dev/kvm for the tiny guests; without them these tests fail saying so.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{linux64_elf, Lib64};
+use iced_x86::code_asm::*;
+use serde_json::{json, Value};
+
+const EXE: &str = env!("CARGO_BIN_EXE_vessel");
+/// Short, so that the tests see expiry soon; a real cluster uses the default 10 s.
+/// (Hosts fence after half of it without a renewal: a loaded test machine needs 3 s.)
+const LEASE_TTL: &str = "6";
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a PID this test started; no memory involved.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| !s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out after {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Etcd {
+    client: String,
+    /// Its command line, to start it again on the same data.
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+}
+
+/// Three etcd members and three daemons; dropping it kills them all and the VMMs the
+/// daemons recorded, by PID.
+struct Cluster {
+    dir: PathBuf,
+    etcd: Vec<Etcd>,
+    hosts: Vec<Host>,
+}
+
+struct Host {
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Host {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(EXE)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "vessel {args:?} on {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert_eq!(o.status.code(), Some(1), "vessel {args:?} should fail");
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Domain → VMM PID, for the VMMs of this host that are alive.
+    fn running(&self) -> BTreeMap<String, i32> {
+        std::fs::read_dir(self.dir.join("state/run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = std::fs::read_to_string(e.path().join("vmm.pid"))
+                    .ok()?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                pid_alive(pid).then(|| (e.file_name().to_string_lossy().into_owned(), pid))
+            })
+            .collect()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(c.id() as i32, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    fn start(tag: &str) -> Cluster {
+        for (tool, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
+            let ok = Command::new(tool)
+                .arg(arg)
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "{tool} not found: apt-get install etcd-server etcd-client (scripts/test.sh does)"
+            );
+        }
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "/dev/kvm missing: the cluster tests boot tiny KVM guests"
+        );
+        let dir = std::env::temp_dir().join(format!("vessel-cluster-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut c = Cluster {
+            dir: dir.clone(),
+            etcd: Vec::new(),
+            hosts: Vec::new(),
+        };
+        for (i, (cp, pp)) in ports.iter().enumerate() {
+            let name = format!("e{i}");
+            let client = format!("http://127.0.0.1:{cp}");
+            let peer = format!("http://127.0.0.1:{pp}");
+            // In memory where there is /dev/shm: fsync on a busy disk made members miss
+            // heartbeats. Elections get more slack than the defaults for the same reason.
+            let shm = Path::new("/dev/shm");
+            let data = if shm.is_dir() {
+                shm.join(dir.file_name().unwrap()).join(&name)
+            } else {
+                dir.join(&name)
+            };
+            let mut args: Vec<std::ffi::OsString> = vec!["--name".into(), name.clone().into()];
+            args.extend(["--data-dir".into(), data.into_os_string()]);
+            for a in [
+                "--heartbeat-interval",
+                "200",
+                "--election-timeout",
+                "2000",
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &format!("vessel-{tag}"),
+            ] {
+                args.push(a.into());
+            }
+            let mut e = Etcd {
+                client,
+                args,
+                log: dir.join(format!("{name}.log")),
+                child: None,
+            };
+            e.spawn();
+            c.etcd.push(e);
+        }
+        let eps = c.endpoints();
+        wait_until("etcd cluster healthy", Duration::from_secs(30), || {
+            Command::new("etcdctl")
+                .args([
+                    "--endpoints",
+                    &eps,
+                    "--command-timeout=2s",
+                    "put",
+                    "/probe",
+                    "1",
+                ])
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        for i in 0..3 {
+            let name = format!("h{i}");
+            let hdir = dir.join(&name);
+            std::fs::create_dir_all(&hdir).unwrap();
+            let mut h = Host {
+                name,
+                dir: hdir,
+                child: None,
+            };
+            c.spawn(&mut h);
+            c.hosts.push(h);
+        }
+        c
+    }
+
+    fn endpoints(&self) -> String {
+        self.etcd
+            .iter()
+            .map(|e| e.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&self, h: &mut Host) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(h.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(EXE)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(h.socket())
+            .arg("--state-dir")
+            .arg(h.dir.join("state"))
+            .arg("--pool-root")
+            .arg(self.dir.join("shared"))
+            .args(["--cluster", &self.endpoints(), "--host-name", &h.name])
+            .args(["--lease-ttl", LEASE_TTL])
+            .args(["--host-vcpus", "16", "--host-memory-mib", "4096"])
+            .env("VESSEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        h.child = Some(child);
+        let t0 = Instant::now();
+        while UnixStream::connect(h.socket()).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon {} did not come up: {}",
+                h.name,
+                h.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Host → the domains placed on it, as any daemon reads them from etcd.
+    fn placement(&self, via: usize) -> BTreeMap<String, Vec<String>> {
+        let v = self.hosts[via].json(&["host-list"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                let names: Vec<String> = h["domains"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d["name"].as_str().unwrap().to_string())
+                    .collect();
+                (h["host"]["name"].as_str().unwrap().to_string(), names)
+            })
+            .collect()
+    }
+
+    /// Domain → the hosts whose live VMMs run it.
+    fn runners(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for h in &self.hosts {
+            for d in h.running().into_keys() {
+                out.entry(d).or_default().push(h.name.clone());
+            }
+        }
+        out
+    }
+
+    fn kill_etcd(&mut self, i: usize) {
+        if let Some(mut c) = self.etcd[i].child.take() {
+            kill(c.id() as i32, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// A tiny guest for Vessel's VMM on KVM: prints a line and halts for good.
+    fn guest(&self) -> PathBuf {
+        let p = self.dir.join("shared/tiny.elf");
+        if !p.exists() {
+            let mut a = CodeAssembler::new(64).unwrap();
+            let mut lib = Lib64::new(&mut a);
+            lib.print(&mut a, "tiny cluster guest up\n").unwrap();
+            let mut spin = a.create_label();
+            a.set_label(&mut spin).unwrap();
+            a.hlt().unwrap();
+            a.jmp(spin).unwrap();
+            lib.emit(&mut a).unwrap();
+            let code = a.assemble(common::guest::LOAD).unwrap();
+            std::fs::write(&p, linux64_elf(&code)).unwrap();
+        }
+        p
+    }
+
+    /// Defines a domain through host `via` from a JSON file in the shared folder.
+    fn define(&self, via: usize, name: &str, mem: u64) -> String {
+        let def = json!({"name": name, "driver": "vessel",
+            "vm": {"kernel": self.guest(), "cmdline": "", "memory_mib": mem, "accel": "kvm"}});
+        let f = self.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        let v = self.hosts[via].json(&["define", f.to_str().unwrap()]);
+        v["host"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn dump_logs(&self) {
+        for h in &self.hosts {
+            eprintln!("--- daemon {} log:\n{}", h.name, h.log());
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for h in &mut self.hosts {
+            h.kill9();
+            for pid in h.running().into_values() {
+                kill(pid, libc::SIGKILL);
+            }
+        }
+        for i in 0..self.etcd.len() {
+            self.kill_etcd(i);
+        }
+        if let Some(n) = self.dir.file_name() {
+            let _ = std::fs::remove_dir_all(Path::new("/dev/shm").join(n));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Spread placement lands evenly; each owner defines its domains; a drain moves them
+/// off; one etcd member lost changes nothing; quorum lost gives clear errors.
+#[test]
+fn placement_spreads_drains_and_survives_one_etcd_member() {
+    let mut c = Cluster::start("place");
+    let hosts = c.hosts[0].json(&["host-list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
+
+    // Nine domains defined through all three daemons in turn: 3/3/3.
+    let t0 = Instant::now();
+    for i in 0..9 {
+        c.define(i % 3, &format!("d{i}"), 128);
+    }
+    eprintln!(
+        "placement: {:?} per define (CLI round trip included)",
+        t0.elapsed() / 9
+    );
+    let p = c.placement(1);
+    for h in ["h0", "h1", "h2"] {
+        assert_eq!(p[h].len(), 3, "spread placement: {p:?}");
+    }
+    // Each domain's own host defined it in its SQLite; the others did not.
+    for (i, h) in c.hosts.iter().enumerate() {
+        let want: Vec<String> = p[&h.name].clone();
+        wait_until(
+            &format!("host {} defines {want:?}", h.name),
+            Duration::from_secs(15),
+            || {
+                let mut have: Vec<String> = h
+                    .json(&["list", "--all"])
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d["name"].as_str().unwrap().to_string())
+                    .collect();
+                have.sort();
+                have == want
+            },
+        );
+        // A domain placed elsewhere: refused with its host's name.
+        let other = &p[&format!("h{}", (i + 1) % 3)][0];
+        let e = h.fails(&["dominfo", other]);
+        assert!(
+            e.contains(&format!("placed on host h{}", (i + 1) % 3)),
+            "{e}"
+        );
+    }
+    // host-info names the domains.
+    let info = c.hosts[2].ok(&["host-info", "h0"]);
+    for d in &p["h0"] {
+        assert!(info.contains(d.as_str()), "{info}");
+    }
+
+    // Drain h1: its domains go to h0 and h2, nothing new lands on it.
+    let out = c.hosts[0].ok(&["host-maintenance", "h1", "on"]);
+    assert!(out.contains("moved to"), "{out}");
+    let p = c.placement(2);
+    assert!(p["h1"].is_empty(), "{p:?}");
+    assert_eq!(p["h0"].len() + p["h2"].len(), 9, "{p:?}");
+    wait_until(
+        "h1 undefines its moved domains",
+        Duration::from_secs(15),
+        || {
+            c.hosts[1]
+                .json(&["list", "--all"])
+                .as_array()
+                .unwrap()
+                .is_empty()
+        },
+    );
+    assert_ne!(c.define(1, "after-drain", 128), "h1");
+    c.hosts[1].ok(&["host-maintenance", "h1", "off"]);
+    assert_eq!(c.define(0, "back", 128), "h1", "the emptiest host again");
+
+    // A domain too large for any host: refused, naming each host's reason.
+    let f = c.dir.join("huge.json");
+    std::fs::write(
+        &f,
+        json!({"name": "huge", "driver": "vessel",
+               "vm": {"kernel": c.guest(), "cmdline": "", "memory_mib": 8192, "accel": "kvm"}})
+        .to_string(),
+    )
+    .unwrap();
+    let e = c.hosts[0].fails(&["define", f.to_str().unwrap()]);
+    assert!(e.contains("no host fits") && e.contains("h2:"), "{e}");
+
+    // One etcd member lost: placement still works.
+    c.kill_etcd(2);
+    let h = c.define(0, "one-member-down", 128);
+    assert!(["h0", "h1", "h2"].contains(&h.as_str()), "{h}");
+
+    // Quorum lost: clear errors, nothing placed.
+    c.kill_etcd(1);
+    let t0 = Instant::now();
+    let f = c.dir.join("no-quorum.json");
+    std::fs::write(
+        &f,
+        json!({"name": "no-quorum", "driver": "vessel",
+               "vm": {"kernel": c.guest(), "cmdline": "", "memory_mib": 128, "accel": "kvm"}})
+        .to_string(),
+    )
+    .unwrap();
+    let e = c.hosts[1].fails(&["define", f.to_str().unwrap()]);
+    assert!(
+        e.contains("did not answer") && e.contains("read-only"),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let e = c.hosts[2].fails(&["host-list"]);
+    assert!(e.contains("etcd"), "{e}");
+}
+
+/// SIGKILL of a host's daemon: its VMMs stop (the watchdog), its running domains run
+/// again on the others within 30 s, never on two hosts at once; losing etcd's
+/// quorum fences the hosts (their VMMs stop) so that nothing runs without a lease.
+#[test]
+fn killed_host_is_evacuated_once_and_lost_quorum_fences() {
+    let mut c = Cluster::start("evac");
+    for i in 0..3 {
+        c.define(i, &format!("r{i}"), 64);
+    }
+    for i in 0..3 {
+        let v = c.hosts[(i + 1) % 3].json(&["start", &format!("r{i}")]);
+        assert_eq!(v["state"], "running", "{v}");
+    }
+    wait_until("three domains running", Duration::from_secs(30), || {
+        c.runners().len() == 3
+    });
+    let before = c.runners();
+    assert!(before.values().all(|h| h.len() == 1), "{before:?}");
+    let victim_domains: Vec<String> = before
+        .iter()
+        .filter(|(_, h)| h[0] == "h0")
+        .map(|(d, _)| d.clone())
+        .collect();
+    assert!(!victim_domains.is_empty(), "{before:?}");
+
+    // The host's daemon dies: its watchdog stops its VMMs, its lease runs out.
+    let vmms = c.hosts[0].running();
+    c.hosts[0].kill9();
+    let t0 = Instant::now();
+    wait_until(
+        "h0's VMMs stop with its daemon",
+        Duration::from_secs(5),
+        || vmms.values().all(|p| !pid_alive(*p)),
+    );
+    wait_until(
+        "h0's domains running on h1/h2",
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            victim_domains
+                .iter()
+                .all(|d| now.get(d).is_some_and(|h| h[0] != "h0"))
+        },
+    );
+    eprintln!("evacuated in {:?}", t0.elapsed());
+    let p = c.placement(1);
+    assert!(!p.contains_key("h0"), "h0 still listed: {p:?}");
+    // Nothing runs twice for a while after, either.
+    for _ in 0..10 {
+        let now = c.runners();
+        assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+        assert_eq!(now.len(), 3, "{now:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Drain h1: its running domains stop there and run on h2, never on both.
+    let on_h1: Vec<String> = c.hosts[1].running().into_keys().collect();
+    assert!(!on_h1.is_empty(), "{:?}", c.runners());
+    c.hosts[2].ok(&["host-maintenance", "h1", "on"]);
+    wait_until(
+        "h1's domains running on h2",
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.len() == 3 && now.values().all(|h| h[0] == "h2")
+        },
+    );
+    c.hosts[2].ok(&["host-maintenance", "h1", "off"]);
+
+    // Quorum lost: the hosts cannot renew their leases and stop their VMMs.
+    c.kill_etcd(0);
+    c.kill_etcd(1);
+    wait_until(
+        "fenced hosts stop their VMMs",
+        Duration::from_secs(20),
+        || c.runners().is_empty(),
+    );
+    let e = c.hosts[1].fails(&["start", "r0"]);
+    assert!(e.contains("etcd") || e.contains("lease"), "{e}");
+    assert!(c.hosts[2].log().contains("fencing"), "{}", c.hosts[2].log());
+
+    // Quorum back: the hosts register again and start what is still placed on them.
+    c.etcd[0].spawn();
+    c.etcd[1].spawn();
+    wait_until(
+        "the cluster converges: three domains running again",
+        Duration::from_secs(60),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.len() == 3
+        },
+    );
+    let hosts = c.hosts[1].json(&["host-list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts}");
+}
