@@ -1,8 +1,9 @@
 //! Decoded blocks, cached by the physical address of their first instruction, and a
 //! jump cache from the virtual PC straight to a block.
 //!
-//! A block runs from its start to the first instruction that may change control flow,
-//! privilege or translation, or to the end of the page. RISC-V only promises that
+//! A block runs from its start to the first jump or instruction that may change
+//! privilege or translation, or to the end of the page; conditional branches do not end
+//! it (a taken one leaves it early), so a loop body with a test is one block. RISC-V only promises that
 //! instruction fetch sees earlier stores after a FENCE.I, so the cache is dropped on
 //! FENCE.I (and when it grows past its bound) rather than on every store.
 
