@@ -6,6 +6,7 @@
 # Vessel/QEMU ratio. "Boot to init" ends when /init prints its first line on the UART.
 #
 #   bench/riscv.sh [RUNS]        (default 3)
+#   VESSEL_BIN=path/to/vessel bench/riscv.sh   (time that binary instead of building one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -17,8 +18,12 @@ FW=/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin
 [ -s "$FW" ] || apt-get install -y -qq opensbi >/dev/null
 scripts/riscv-assets.sh >/dev/null
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}/riscv64"
-cargo build -q --release -p vessel
-VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
+if [ -n "${VESSEL_BIN:-}" ]; then
+    VESSEL="$VESSEL_BIN"
+else
+    cargo build -q --release -p vessel
+    VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
+fi
 
 python3 - "$RUNS" "$ASSETS" "$VESSEL" "$FW" <<'PY'
 import os, statistics, subprocess, sys, time, select

@@ -22,6 +22,7 @@ fn main() {
             .cloned()
             .unwrap_or_else(|| "console=ttyS0 earlycon=sbi".into()),
         disks: Vec::new(),
+        devices: Vec::new(),
         serial_out: Box::new(std::io::stdout()),
         stdin: true,
     };

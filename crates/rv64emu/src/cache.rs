@@ -1,7 +1,9 @@
-//! Decoded blocks, cached by the physical address of their first instruction.
+//! Decoded blocks, cached by the physical address of their first instruction, and a
+//! jump cache from the virtual PC straight to a block.
 //!
-//! A block runs from its start to the first instruction that may change control flow,
-//! privilege or translation, or to the end of the page. RISC-V only promises that
+//! A block runs from its start to the first jump or instruction that may change
+//! privilege or translation, or to the end of the page; conditional branches do not end
+//! it (a taken one leaves it early), so a loop body with a test is one block. RISC-V only promises that
 //! instruction fetch sees earlier stores after a FENCE.I, so the cache is dropped on
 //! FENCE.I (and when it grows past its bound) rather than on every store.
 
@@ -11,14 +13,40 @@ use rustc_hash::FxHashMap;
 /// The most instructions one block holds.
 pub const MAX_BLOCK: usize = 64;
 const MAX_BLOCKS: usize = 1 << 16;
+const JUMP_SIZE: usize = 1 << 12;
+
+/// One jump cache slot: the PC (with bit 0 set for a user-mode fetch: PCs are even) and
+/// the generation it was filled in, so forgetting them all is one increment.
+#[derive(Clone, Copy, Debug, Default)]
+struct Jump {
+    tag: u64,
+    gen: u32,
+    block: u32,
+}
 
 /// Blocks live in an arena and are named by index: the run loop copies each instruction
 /// out by index, so no reference count is touched per block (an `Arc` per block cost a
 /// third of the run time in atomic increments and decrements).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BlockCache {
     index: FxHashMap<u64, u32>,
     blocks: Vec<Box<[Insn]>>,
+    /// Virtual PC → block, valid while the fetch translation that found it is: every
+    /// TLB flush and every block flush forgets it. It saves the fetch translation and
+    /// the hash lookup of the block at each block boundary (a third of the run time).
+    jumps: Box<[Jump]>,
+    gen: u32,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache {
+            index: FxHashMap::default(),
+            blocks: Vec::new(),
+            jumps: vec![Jump::default(); JUMP_SIZE].into_boxed_slice(),
+            gen: 1,
+        }
+    }
 }
 
 impl BlockCache {
@@ -27,10 +55,38 @@ impl BlockCache {
         self.index.get(&pa).copied()
     }
 
-    /// The `k`th instruction of block `id`; None past its end or after a flush.
+    /// The block a fetch at virtual `pc` (by a user-mode hart if `user`) found last.
     #[inline]
-    pub fn insn(&self, id: u32, k: usize) -> Option<Insn> {
-        self.blocks.get(id as usize)?.get(k).copied()
+    pub fn jump(&self, pc: u64, user: bool) -> Option<u32> {
+        let j = &self.jumps[(pc as usize >> 1) & (JUMP_SIZE - 1)];
+        (j.tag == pc | user as u64 && j.gen == self.gen).then_some(j.block)
+    }
+
+    #[inline]
+    pub fn remember_jump(&mut self, pc: u64, user: bool, block: u32) {
+        self.jumps[(pc as usize >> 1) & (JUMP_SIZE - 1)] = Jump {
+            tag: pc | user as u64,
+            gen: self.gen,
+            block,
+        };
+    }
+
+    /// Drops every virtual → block link (the translations they rest on changed).
+    pub fn forget_jumps(&mut self) {
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            // Wrapped: old generations could match again.
+            self.jumps.fill(Jump::default());
+            self.gen = 1;
+        }
+    }
+
+    /// The instructions of block `id`. The slice stays valid until the next `insert`
+    /// or `flush`: the run loop holds it only while a block runs, and neither happens
+    /// then (FENCE.I's flush waits for the end of its block).
+    #[inline]
+    pub fn block(&self, id: u32) -> &[Insn] {
+        self.blocks.get(id as usize).map_or(&[], |b| b)
     }
 
     pub fn insert(&mut self, pa: u64, block: Vec<Insn>) -> u32 {
@@ -46,5 +102,6 @@ impl BlockCache {
     pub fn flush(&mut self) {
         self.index.clear();
         self.blocks.clear();
+        self.forget_jumps();
     }
 }

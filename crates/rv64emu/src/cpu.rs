@@ -94,6 +94,10 @@ pub struct Cpu {
     timer_check_at: u64,
     ctx_fetch: Ctx,
     ctx_data: Ctx,
+    /// FENCE.I ran: drop the decoded blocks when the current block ends.
+    code_flush_pending: bool,
+    /// `ctx_data.key()`, for the TLB's fast path.
+    data_key: u8,
 }
 
 /// The context of unpaged accesses: the TLB's identity entries pass it at any privilege.
@@ -135,6 +139,8 @@ impl Cpu {
             timer_check_at: 0,
             ctx_fetch: NO_CTX,
             ctx_data: NO_CTX,
+            code_flush_pending: false,
+            data_key: NO_CTX.key(),
         }
     }
 
@@ -259,7 +265,7 @@ impl Cpu {
         );
         if regime != self.regime {
             self.regime = regime;
-            self.tlb.flush();
+            self.flush_tlb();
         }
         // The permission context of each access kind, kept here so a TLB hit does not
         // rederive it from the privilege and mstatus.
@@ -276,14 +282,18 @@ impl Cpu {
         };
         self.ctx_fetch = ctx(regime.0, self.prv, self.csr.mstatus);
         self.ctx_data = ctx(regime.1, self.data_priv(), self.csr.mstatus);
+        self.data_key = self.ctx_data.key();
     }
 
+    /// Forgets every translation, and the jump cache links that rest on them.
     pub(crate) fn flush_tlb(&mut self) {
         self.tlb.flush();
+        self.cache.forget_jumps();
     }
 
+    /// FENCE.I: the decoded blocks go once the running block ends.
     pub(crate) fn flush_code(&mut self) {
-        self.cache.flush();
+        self.code_flush_pending = true;
     }
 
     /// The privilege loads and stores run at (MPRV).
@@ -314,12 +324,27 @@ impl Cpu {
         if paged {
             mmu::walk(&self.ram, &mut self.tlb, self.csr.satp, va, access, ctx)
         } else {
-            Ok(mmu::identity(&self.ram, &mut self.tlb, va, access))
+            Ok(mmu::identity(&self.ram, &mut self.tlb, va, access, ctx))
         }
     }
 
     /// Loads `size` bytes at `va` (zero-extended).
+    #[inline(always)]
     pub(crate) fn load(&mut self, bus: &mut dyn Bus, va: u64, size: u8) -> Result<u64, Exception> {
+        if (va & 0xfff) + size as u64 <= 0x1000 {
+            if let Some(p) = self.tlb.fast(va, Access::Load, self.data_key) {
+                // SAFETY: `p` points into a RAM page (GuestRam contract) and the access
+                // stays inside that page (checked above).
+                return Ok(unsafe { read_host(p, size) });
+            }
+        }
+        self.load_slow(bus, va, size)
+    }
+
+    /// A load that misses the TLB's fast path: through the full check, or byte by byte
+    /// across a page boundary, or to a device.
+    #[inline(never)]
+    fn load_slow(&mut self, bus: &mut dyn Bus, va: u64, size: u8) -> Result<u64, Exception> {
         if (va & 0xfff) + size as u64 > 0x1000 {
             // Crosses a page: byte by byte, each translated.
             let mut v = 0u64;
@@ -339,7 +364,26 @@ impl Cpu {
     }
 
     /// Stores the low `size` bytes of `value` at `va`.
+    #[inline(always)]
     pub(crate) fn store(
+        &mut self,
+        bus: &mut dyn Bus,
+        va: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), Exception> {
+        if (va & 0xfff) + size as u64 <= 0x1000 {
+            if let Some(p) = self.tlb.fast(va, Access::Store, self.data_key) {
+                // SAFETY: as in `load`.
+                unsafe { write_host(p, size, value) };
+                return Ok(());
+            }
+        }
+        self.store_slow(bus, va, size, value)
+    }
+
+    #[inline(never)]
+    fn store_slow(
         &mut self,
         bus: &mut dyn Bus,
         va: u64,
@@ -467,6 +511,16 @@ impl Cpu {
         Ok(Ok(self.cache.insert(hit.pa, out)))
     }
 
+    /// The block at the current PC through the fetch translation and the block index,
+    /// decoding it if it is new; Err(insn) is a lone page-straddling instruction.
+    fn find_block(&mut self) -> Result<Result<u32, Insn>, Exception> {
+        let hit = self.translate(self.pc, Access::Fetch)?;
+        match self.cache.get(hit.pa) {
+            Some(id) => Ok(Ok(id)),
+            None => self.build_block(hit),
+        }
+    }
+
     /// Runs until `budget` instructions have retired, WFI, a stop request or (with
     /// `exit_on_exception`) an exception.
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
@@ -480,21 +534,14 @@ impl Cpu {
             if let Some(irq) = self.pending_interrupt(bus) {
                 self.take_trap(irq as u64, 0, true);
             }
-            let hit = match self.translate(self.pc, Access::Fetch) {
-                Ok(h) => h,
-                Err(e) => {
-                    if self.exit_on_exception {
-                        return RunExit::Exception(e);
-                    }
-                    traps += 1;
-                    self.take_exception(e);
-                    continue;
-                }
-            };
-            let (block, straddler) = match self.cache.get(hit.pa) {
+            let user = self.prv == Priv::User;
+            let (block, straddler) = match self.cache.jump(self.pc, user) {
                 Some(id) => (id, None),
-                None => match self.build_block(hit) {
-                    Ok(Ok(id)) => (id, None),
+                None => match self.find_block() {
+                    Ok(Ok(id)) => {
+                        self.cache.remember_jump(self.pc, user, id);
+                        (id, None)
+                    }
                     Ok(Err(insn)) => (u32::MAX, Some(insn)),
                     Err(e) => {
                         if self.exit_on_exception {
@@ -506,18 +553,17 @@ impl Cpu {
                     }
                 },
             };
-            let mut k = 0;
-            loop {
-                let insn = match straddler {
-                    Some(i) if k == 0 => i,
-                    Some(_) => break,
-                    None => match self.cache.insn(block, k) {
-                        Some(i) => i,
-                        None => break,
-                    },
-                };
-                k += 1;
-                match self.exec(&insn, bus) {
+            let straddle = straddler.map(|i| [i]);
+            let insns: *const [Insn] = match &straddle {
+                Some(one) => one.as_slice(),
+                None => self.cache.block(block),
+            };
+            // SAFETY: the block's instructions are not freed or moved while it runs:
+            // blocks are boxed, inserted only by `find_block` above, and flushed only
+            // after the loop (FENCE.I defers its flush to `code_flush_pending`).
+            let insns = unsafe { &*insns };
+            for insn in insns {
+                match self.exec(insn, bus) {
                     Ok(Flow::Next) => {
                         self.pc = self.pc.wrapping_add(insn.len as u64);
                         self.instret += 1;
@@ -543,6 +589,10 @@ impl Cpu {
                         break;
                     }
                 }
+            }
+            if self.code_flush_pending {
+                self.code_flush_pending = false;
+                self.cache.flush();
             }
             if self.device_touched {
                 self.device_touched = false;
@@ -684,7 +734,7 @@ impl Cpu {
                 let mode = v >> 60;
                 if matches!(mode, mmu::SATP_BARE | mmu::SATP_SV39 | mmu::SATP_SV48) {
                     self.csr.satp = v & !(0xffffu64 << 44);
-                    self.tlb.flush();
+                    self.flush_tlb();
                     self.update_regime();
                 }
             }

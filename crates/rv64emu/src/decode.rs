@@ -135,23 +135,7 @@ impl Insn {
         use Op::*;
         matches!(
             self.op,
-            Illegal
-                | Jal
-                | Jalr
-                | Beq
-                | Bne
-                | Blt
-                | Bge
-                | Bltu
-                | Bgeu
-                | FenceI
-                | Ecall
-                | Ebreak
-                | Mret
-                | Sret
-                | Wfi
-                | SfenceVma
-                | Csr
+            Illegal | Jal | Jalr | FenceI | Ecall | Ebreak | Mret | Sret | Wfi | SfenceVma | Csr
         )
     }
 }

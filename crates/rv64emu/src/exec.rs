@@ -26,13 +26,15 @@ impl Cpu {
         Exception::IllegalInstruction(i.raw as u64)
     }
 
+    /// A not-taken branch falls through inside its block (blocks run on past them), a
+    /// taken one ends the block.
     fn branch(&mut self, i: &Insn, taken: bool) -> Flow {
         if taken {
             self.pc = self.pc.wrapping_add(i.imm as u64);
+            Flow::Jump
         } else {
-            self.pc = self.pc.wrapping_add(i.len as u64);
+            Flow::Next
         }
-        Flow::Jump
     }
 
     pub(crate) fn exec(&mut self, i: &Insn, bus: &mut dyn Bus) -> Result<Flow, Exception> {

@@ -57,6 +57,15 @@ pub struct Ctx {
     pub mxr: bool,
 }
 
+impl Ctx {
+    /// The context as a small nonzero number, which TLB entries record once their
+    /// permissions passed for it.
+    #[inline]
+    pub fn key(self) -> u8 {
+        1 | (self.user as u8) << 1 | (self.sum as u8) << 2 | (self.mxr as u8) << 3
+    }
+}
+
 /// Translation modes `satp` selects.
 pub const SATP_BARE: u64 = 0;
 pub const SATP_SV39: u64 = 8;
@@ -74,6 +83,9 @@ struct Entry {
     perm: u64,
     /// Host address of the page if it is RAM, else null (MMIO).
     host: *mut u8,
+    /// The [`Ctx::key`] the permissions last passed for: a hit in the same context
+    /// skips the permission check.
+    ctx: u8,
 }
 
 const EMPTY: Entry = Entry {
@@ -81,6 +93,7 @@ const EMPTY: Entry = Entry {
     pa_page: 0,
     perm: 0,
     host: std::ptr::null_mut(),
+    ctx: 0,
 };
 
 /// A translation the TLB hands back.
@@ -133,17 +146,31 @@ impl Tlb {
         }
     }
 
-    /// A cached translation of `va`, if one exists that allows this access.
-    #[inline]
-    pub fn lookup(&self, va: u64, access: Access, ctx: Ctx) -> Option<Hit> {
+    /// The host address of `va` when its page is RAM and its entry already passed for
+    /// the context `key`: the hot path of loads and stores.
+    #[inline(always)]
+    pub fn fast(&self, va: u64, access: Access, key: u8) -> Option<*mut u8> {
         let vpn = va >> 12;
         let e = &self.entries[access as usize][(vpn as usize) % TLB_SIZE];
+        if e.tag == vpn.wrapping_add(1) && e.ctx == key && !e.host.is_null() {
+            Some(e.host.wrapping_add((va & 0xfff) as usize))
+        } else {
+            None
+        }
+    }
+
+    /// A cached translation of `va`, if one exists that allows this access.
+    #[inline]
+    pub fn lookup(&mut self, va: u64, access: Access, ctx: Ctx) -> Option<Hit> {
+        let vpn = va >> 12;
+        let e = &mut self.entries[access as usize][(vpn as usize) % TLB_SIZE];
         if e.tag != vpn.wrapping_add(1) {
             return None;
         }
         if !perm_ok(e.perm, access, ctx) || (access == Access::Store && e.perm & pte::D == 0) {
             return None;
         }
+        e.ctx = ctx.key();
         let off = va & 0xfff;
         Some(Hit {
             pa: e.pa_page | off,
@@ -155,13 +182,22 @@ impl Tlb {
         })
     }
 
-    fn insert(&mut self, va: u64, access: Access, pa_page: u64, perm: u64, host: *mut u8) {
+    fn insert(
+        &mut self,
+        va: u64,
+        access: Access,
+        pa_page: u64,
+        perm: u64,
+        host: *mut u8,
+        ctx: Ctx,
+    ) {
         let vpn = va >> 12;
         self.entries[access as usize][(vpn as usize) % TLB_SIZE] = Entry {
             tag: vpn.wrapping_add(1),
             pa_page,
             perm,
             host,
+            ctx: ctx.key(),
         };
     }
 }
@@ -230,7 +266,7 @@ pub fn walk(
         let host = ram.page_ptr(pa_page).unwrap_or(std::ptr::null_mut());
         // A load-side entry must not let a later store skip setting D.
         let perm = want & (pte::R | pte::W | pte::X | pte::U | pte::D);
-        tlb.insert(va, access, pa_page, perm, host);
+        tlb.insert(va, access, pa_page, perm, host, ctx);
         let off = va & 0xfff;
         return Ok(Hit {
             pa: pa_page | off,
@@ -244,13 +280,13 @@ pub fn walk(
 }
 
 /// Fills the TLB with an identity mapping (translation off).
-pub fn identity(ram: &GuestRam, tlb: &mut Tlb, pa: u64, access: Access) -> Hit {
+pub fn identity(ram: &GuestRam, tlb: &mut Tlb, pa: u64, access: Access, ctx: Ctx) -> Hit {
     let page = pa & !0xfff;
     let host = ram.page_ptr(page).unwrap_or(std::ptr::null_mut());
     let ctx_free = pte::R | pte::W | pte::X | pte::D;
     // Identity entries must pass the check for any privilege: store them with U clear
     // and the bare-mode lookup path ignores the U rule (see Cpu::translate).
-    tlb.insert(pa, access, page, ctx_free, host);
+    tlb.insert(pa, access, page, ctx_free, host, ctx);
     let off = pa & 0xfff;
     Hit {
         pa,

@@ -489,3 +489,95 @@ fn mip_set_and_clear_keep_the_external_seip_line_out_of_the_software_bit() {
     assert_ne!(rec(&cpu, 2) & seip, 0, "software sets SEIP");
     assert_eq!(rec(&cpu, 3) & seip, 0, "software clears SEIP");
 }
+
+/// The decoded-block cache and the jump cache from virtual PC to block must not outlive
+/// what they were built from: code rewritten then FENCE.I runs anew, and a code page
+/// remapped then SFENCE.VMA runs the new page at the same virtual address.
+#[test]
+fn code_caches_follow_fence_i_and_a_remapped_code_page() {
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+    la s0, patch
+    jalr ra, 0(s0)
+    sd a0, 0(s11)
+    li t0, 0x00200513     # addi a0, zero, 2
+    sw t0, 0(s0)
+    fence.i
+    jalr ra, 0(s0)
+    sd a0, 8(s11)
+    j finish
+.align 2
+patch:
+    addi a0, zero, 1
+    ret
+{MTRAP_SKIP}{FINISH}
+"
+    );
+    let (cpu, _) = run("fencei", &src);
+    assert_eq!(rec(&cpu, 0), 1);
+    assert_eq!(rec(&cpu, 1), 2, "FENCE.I must drop the old decoded code");
+
+    let mut setup = String::new();
+    setup += "    li t0, (0x80000000 >> 12) << 10 | 0xcf\n    la t1, root\n    sd t0, 16(t1)\n";
+    setup += "    li t0, 0xc7\n    sd t0, 0(t1)\n"; // identity gigapage 0 for the finisher
+    setup += &pte("root", 1, "l1", 1);
+    setup += &pte("l1", 0, "l0", 1);
+    setup += &pte("l0", 0, "codea", 1 | 2 | 8 | 64);
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+{setup}
+    la t0, root
+    srli t0, t0, 12
+    li t1, 8 << 60
+    or t0, t0, t1
+    csrw satp, t0
+    li t0, 3 << 11
+    csrc mstatus, t0
+    li t0, 1 << 11
+    csrs mstatus, t0
+    la t0, smain
+    csrw mepc, t0
+    mret
+smain:
+    sfence.vma
+    li s0, 0x40000000
+    jalr ra, 0(s0)
+    sd a0, 0(s11)
+    jalr ra, 0(s0)        # a second call: through the jump cache
+    sd a0, 8(s11)
+    la t0, codeb          # remap the code page; sfence makes it visible
+    srli t0, t0, 12
+    slli t0, t0, 10
+    ori t0, t0, 0x4b
+    la s1, l0
+    sd t0, 0(s1)
+    sfence.vma
+    jalr ra, 0(s0)
+    sd a0, 16(s11)
+    j finish
+{MTRAP_SKIP}{FINISH}
+.align 12
+codea:
+    li a0, 0xa
+    ret
+.align 12
+codeb:
+    li a0, 0xb
+    ret
+.data
+.align 12
+root: .space 4096
+l1:   .space 4096
+l0:   .space 4096
+"
+    );
+    let (cpu, _) = run("remap", &src);
+    assert_eq!((rec(&cpu, 0), rec(&cpu, 1)), (0xa, 0xa));
+    assert_eq!(
+        rec(&cpu, 2),
+        0xb,
+        "after sfence.vma the same virtual PC must run the new page"
+    );
+}

@@ -114,3 +114,100 @@ fn virtio_blk_reads_and_writes_a_disk() {
         "the guest's write did not reach the disk"
     );
 }
+
+/// A network namespace for one test, deleted when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(st.success(), "ip netns add failed (needs root)");
+        NetNs(name)
+    }
+
+    fn ip(&self, args: &[&str]) -> bool {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn virtio_net_pings_the_host_side_of_a_tap_and_virtio_rng_feeds_hwrng() {
+    let assets = riscv_assets();
+    let ns = NetNs::new("rvnet");
+    // The VMM creates the TAP inside the namespace; give the host side its address as
+    // soon as it appears, while the guest boots (the guest retries its ping meanwhile).
+    let ns_name = ns.0.clone();
+    let host_side = std::thread::spawn(move || {
+        let ns = NetNs(ns_name);
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut configured = false;
+        while std::time::Instant::now() < deadline {
+            if ns.ip(&["link", "show", "rvtap0"]) {
+                configured = ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "rvtap0"])
+                    && ns.ip(&["link", "set", "rvtap0", "up"]);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Not ours to delete: the test's NetNs does.
+        std::mem::forget(ns);
+        configured
+    });
+    let out = run_with_timeout(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(env!("CARGO_BIN_EXE_vessel"))
+            .args(["run", "--arch", "riscv64", "--seccomp", "none", "--kernel"])
+            .arg(assets.join("Image"))
+            .arg("--initrd")
+            .arg(assets.join("initramfs.cpio.gz"))
+            .args(["--net", "tap=rvtap0,mac=52:54:00:12:34:57", "--rng"])
+            .args([
+                "--cmdline",
+                "console=ttyS0 quiet vessel.run=cat+/sys/class/misc/hw_random/rng_current;\
+                 head+-c+64+/dev/hwrng|wc+-c;\
+                 ip+addr+add+10.0.2.15/24+dev+eth0;ip+link+set+eth0+up;\
+                 for+i+in+$(seq+60);do+ping+-c1+-W2+10.0.2.1&&echo+ping-$((6*7))-ok&&break;sleep+1;done",
+            ]),
+        LIMIT,
+    );
+    assert!(
+        host_side.join().unwrap(),
+        "the VMM did not create rvtap0 in the namespace; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("virtio_rng"),
+        "the guest's hwrng is not virtio-rng:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.lines().any(|l| l.trim() == "64"),
+        "the guest did not read 64 bytes from /dev/hwrng:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("ping-42-ok"),
+        "the guest did not ping the host side:\n{}",
+        out.stdout
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", out.stderr);
+}

@@ -4,7 +4,7 @@
 
 use crate::config::{Accel, ConfigError, SerialConfig, VmConfig};
 use devices::ExitReason;
-use rv64emu::virt::{DiskSpec, VirtConfig, VirtExit};
+use rv64emu::virt::{DiskSpec, VirtConfig, VirtExit, VirtioSpec};
 use std::path::PathBuf;
 
 /// Debian's OpenSBI (package `opensbi`), the default M-mode firmware.
@@ -22,6 +22,8 @@ pub enum RiscvError {
     Accel(Accel),
     #[error("OpenSBI firmware {0} not found: apt-get install opensbi, or give --firmware")]
     NoFirmware(PathBuf),
+    #[error("network interface {0}: {1}")]
+    Net(String, String),
     #[error("opening the serial log {0}: {1}")]
     SerialFile(PathBuf, std::io::Error),
     #[error(transparent)]
@@ -42,15 +44,15 @@ pub fn run(config: &VmConfig) -> Result<(ExitReason, String), RiscvError> {
     if config.cpus != 1 {
         return Err(RiscvError::Unsupported("more than one hart"));
     }
-    if !config.nets.is_empty() {
-        return Err(RiscvError::Unsupported("network interfaces"));
-    }
     if config.vsock.is_some() {
         return Err(RiscvError::Unsupported("vsock"));
     }
-    if config.rng || config.virtio_console.is_some() || config.cloud_init.is_some() {
+    if config.virtio_console.is_some() || config.cloud_init.is_some() {
+        return Err(RiscvError::Unsupported("virtio-console or cloud-init"));
+    }
+    if config.nets.iter().any(|n| n.transport.is_some()) {
         return Err(RiscvError::Unsupported(
-            "virtio-rng, virtio-console or cloud-init",
+            "a network transport choice (virtio-mmio only)",
         ));
     }
     if config.disks.iter().any(|d| d.format.is_some()) {
@@ -78,6 +80,7 @@ pub fn run(config: &VmConfig) -> Result<(ExitReason, String), RiscvError> {
     let Some(kernel) = config.kernel.clone() else {
         return Err(ConfigError::NothingToBoot.into());
     };
+    let devices = virtio_devices(config)?;
     let exit = rv64emu::virt::boot(VirtConfig {
         memory_mib: config.memory_mib,
         firmware,
@@ -92,6 +95,7 @@ pub fn run(config: &VmConfig) -> Result<(ExitReason, String), RiscvError> {
                 read_only: d.read_only,
             })
             .collect(),
+        devices,
         serial_out,
         stdin,
     })?;
@@ -104,4 +108,56 @@ pub fn run(config: &VmConfig) -> Result<(ExitReason, String), RiscvError> {
         reason,
         "riscv64 guest on Vessel's RISC-V CPU (rv64emu)".to_string(),
     ))
+}
+
+/// The network and entropy devices, as the x86 machine builds them (the same virtio
+/// device code), for virtio-mmio slots after the disks.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, RiscvError> {
+    let mut out = Vec::new();
+    for net in &config.nets {
+        let mac = match net.mac_bytes() {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(RiscvError::Net(net.tap.clone(), e)),
+            None => virtio::net::default_mac(&net.tap),
+        };
+        let tap = virtio::tap::Tap::open(&net.tap)
+            .map_err(|e| RiscvError::Net(net.tap.clone(), e.to_string()))?;
+        let dev = virtio::net::Net::new(tap, mac)
+            .with_mtu(net.mtu)
+            .with_rate_limiters(
+                crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
+                crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
+            );
+        let fd = dev.poll_fd().map_err(|e| {
+            RiscvError::Net(
+                net.tap.clone(),
+                format!("duplicating the TAP descriptor: {e}"),
+            )
+        })?;
+        out.push(VirtioSpec {
+            name: format!("net-{}", net.tap),
+            device: Box::new(dev),
+            host_input: Some(Box::new(virtio::transport::FdInput::new(
+                fd,
+                virtio::net::RX_QUEUE,
+            ))),
+            coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
+        });
+    }
+    if config.rng {
+        let device: Box<dyn virtio::VirtioDevice> =
+            match config.rng_rate_limiter.filter(|r| r.limits()) {
+                Some(r) => Box::new(virtio::rng::LimitedRng {
+                    limiter: crate::config::RateLimiterConfig::limiter(Some(&r)),
+                }),
+                None => Box::new(virtio::rng::Rng),
+            };
+        out.push(VirtioSpec {
+            name: "rng".into(),
+            device,
+            host_input: None,
+            coalesce: None,
+        });
+    }
+    Ok(out)
 }

@@ -1,6 +1,7 @@
 //! The `virt`-like riscv64 machine: RAM at 2 GiB, OpenSBI as M-mode firmware, a device
 //! tree generated here, CLINT (served by the CPU), PLIC, the 8250 UART, virtio-mmio disks
-//! and a SiFive test device for poweroff. [`boot`] loads everything and runs the hart.
+//! and the other virtio-mmio devices the VMM hands in (network, entropy), and a SiFive
+//! test device for poweroff. [`boot`] loads everything and runs the hart.
 
 mod fdt;
 pub mod layout;
@@ -27,6 +28,18 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// A virtio device besides the disks, built by the VMM (which owns the host side: a
+/// TAP, a rate limiter), and what its I/O thread waits on besides the guest's notifies.
+pub struct VirtioSpec {
+    /// The I/O thread's name.
+    pub name: String,
+    pub device: Box<dyn virtio::VirtioDevice>,
+    /// Host input for a queue (a TAP's descriptor for net's receive queue).
+    pub host_input: Option<Box<dyn virtio::transport::HostInput>>,
+    /// A queue served a while after its first notify (net's transmit queue).
+    pub coalesce: Option<(usize, Duration)>,
+}
+
 /// What to boot.
 pub struct VirtConfig {
     pub memory_mib: u64,
@@ -37,6 +50,8 @@ pub struct VirtConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub disks: Vec<DiskSpec>,
+    /// Further virtio devices, in slots after the disks.
+    pub devices: Vec<VirtioSpec>,
     /// Where the UART's output goes.
     pub serial_out: SerialOut,
     /// Feed the host's stdin to the UART.
@@ -252,18 +267,33 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
             VIRTIO_IRQ_BASE + n as u32,
         ));
     }
+    let mut setups: Vec<(String, Option<Box<dyn virtio::transport::HostInput>>, _)> = (0..virtio
+        .len())
+        .map(|n| (format!("virtio-mmio{n}"), None, None))
+        .collect();
+    for spec in cfg.devices {
+        let slot = virtio.len() as u32;
+        virtio.push(MmioTransport::new(
+            spec.device,
+            memory.clone(),
+            plic.clone(),
+            VIRTIO_IRQ_BASE + slot,
+        ));
+        setups.push((spec.name, spec.host_input, spec.coalesce));
+    }
     if virtio.len() > VIRTIO_SLOTS as usize {
         return Err(VirtError::TooManyDevices);
     }
     // Each device is served on an I/O thread, as on x86: the block device completes
-    // requests there, and notifies only wake it.
+    // requests there, the network device reads its TAP there, and notifies only wake it.
     let exit_signal = Arc::new(devices::ExitSignal::new());
     let gate = Arc::new(virtio::transport::IoGate::default());
     let mut io_threads = Vec::new();
-    for (n, t) in virtio.iter_mut().enumerate() {
-        let io = t
-            .io_thread(&format!("virtio-mmio{n}"), None)
-            .map_err(VirtError::Thread)?;
+    for (t, (name, host_input, coalesce)) in virtio.iter_mut().zip(setups) {
+        let mut io = t.io_thread(&name, host_input).map_err(VirtError::Thread)?;
+        if let Some((queue, delay)) = coalesce {
+            io.coalesce(queue, delay);
+        }
         io_threads.push(
             io.spawn(exit_signal.clone(), gate.clone())
                 .map_err(VirtError::Thread)?,
