@@ -264,6 +264,45 @@ fn serial_log(c: &Client, name: &str) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
 }
 
+/// What a counting guest runs: it prints `count N` every 0.2 s, so a test can see that
+/// it goes on, without a gap or a repeat, across a migration.
+const COUNTING: &str = "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done";
+
+/// A Vessel domain `name` that runs [`COUNTING`] under emu.
+fn counting_vessel_domain(name: &str) -> Value {
+    let a = assets();
+    json!({"name": name, "driver": "vessel",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": format!("console=ttyS0 panic=-1 quiet {COUNTING}"),
+               "memory_mib": 256, "accel": "emu"}})
+}
+
+/// The counts in `text`, in order.
+fn parse_counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
+        .collect()
+}
+
+/// The counts domain `name` printed so far at the daemon of `c`.
+fn counts(c: &Client, name: &str) -> Vec<u64> {
+    parse_counts(&serial_log(c, name))
+}
+
+/// Waits until domain `name` at the daemon of `c` printed count `n`.
+fn wait_count(c: &Client, name: &str, n: u64, what: &str) {
+    let t0 = Instant::now();
+    while counts(c, name).last().copied().unwrap_or(0) < n {
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "{what}: {:?}\n{}",
+            counts(c, name),
+            serial_log(c, name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_for_log(c: &Client, name: &str, needle: &str) -> String {
     let t0 = Instant::now();
     loop {
@@ -2801,42 +2840,20 @@ fn vessel_domain_saves_and_restores_under_emu() {
 /// no daemon is refused and the domain runs on.
 #[test]
 fn vessel_domain_migrates_live_between_daemons() {
-    let a = assets();
     let src = Daemon::start("migsrc");
     let dst = Daemon::start("migdst");
     let (at_src, at_dst) = (src.client(), dst.client());
-    let def = json!({"name": "mover", "driver": "vessel",
-        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
-               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
-               "memory_mib": 256, "accel": "emu"}});
+    let def = counting_vessel_domain("mover");
     at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src.post("/v1/domains/mover/start", None).unwrap();
-    let counts = |c: &Client| -> Vec<u64> {
-        serial_log(c, "mover")
-            .lines()
-            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
-            .collect()
-    };
-    let wait_count = |c: &Client, n: u64, what: &str| {
-        let t0 = Instant::now();
-        while counts(c).last().copied().unwrap_or(0) < n {
-            assert!(
-                t0.elapsed() < BOOT_TIMEOUT,
-                "{what}: {:?}\n{}",
-                counts(c),
-                serial_log(c, "mover")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_count(&at_src, 3, "first boot");
+    wait_count(&at_src, "mover", 3, "first boot");
 
     let nowhere = src.dir.join("nowhere.sock");
     let e = src.fails(&["migrate", "mover", "--live", nowhere.to_str().unwrap()]);
     assert!(e.contains("destination"), "{e}");
     assert_eq!(state(&at_src, "mover"), "running");
-    let now = *counts(&at_src).last().unwrap();
-    wait_count(&at_src, now + 2, "after a refused migration");
+    let now = *counts(&at_src, "mover").last().unwrap();
+    wait_count(&at_src, "mover", now + 2, "after a refused migration");
 
     // A snapshot first: it leaves the VMM's dirty log running, and the migration must
     // still send all of RAM in its first round (it sent only what changed since, and the
@@ -2850,8 +2867,8 @@ fn vessel_domain_migrates_live_between_daemons() {
     wait_state(&at_src, "mover", "shutoff", Duration::from_secs(10));
     assert_eq!(state(&at_dst, "mover"), "running");
     assert!(src.run_pids().is_empty(), "the source's VMM still runs");
-    let last = *counts(&at_src).last().unwrap();
-    wait_count(&at_dst, last + 5, "at the destination");
+    let last = *counts(&at_src, "mover").last().unwrap();
+    wait_count(&at_dst, "mover", last + 5, "at the destination");
     // A line the source was printing when it stopped ends in the destination's log.
     let parse = |text: &str| -> Vec<u64> {
         text.lines()
@@ -2867,7 +2884,7 @@ fn vessel_domain_migrates_live_between_daemons() {
         both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
         "the count did not go on at the destination: {both:?}"
     );
-    let there = counts(&at_dst);
+    let there = counts(&at_dst, "mover");
 
     let out = dst.ok(&[
         "migrate",
@@ -2883,10 +2900,10 @@ fn vessel_domain_migrates_live_between_daemons() {
         "still defined at the first destination: {gone:?}"
     );
     assert_eq!(state(&at_src, "mover"), "running");
-    let back = *counts(&at_src).last().unwrap();
-    wait_count(&at_src, back + 5, "back at the source");
+    let back = *counts(&at_src, "mover").last().unwrap();
+    wait_count(&at_src, "mover", back + 5, "back at the source");
     // The source's log went on where it stopped; the destination's held the middle.
-    let all = counts(&at_src);
+    let all = counts(&at_src, "mover");
     let resumed = all.iter().position(|&n| n > last).unwrap();
     assert!(
         all[..resumed].windows(2).all(|w| w[1] == w[0] + 1) && all[0] == 1,
@@ -2935,7 +2952,6 @@ fn vessel_domain_migrates_live_between_daemons() {
 /// running at the source and nothing defined at the destination.
 #[test]
 fn vessel_domain_migrates_live_over_tcp_between_daemons() {
-    let a = assets();
     let src = Daemon::start("tmigsrc");
     let mut dst = Daemon::start("tmigdst");
     dst.kill9();
@@ -2955,31 +2971,11 @@ fn vessel_domain_migrates_live_over_tcp_between_daemons() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let (at_src, at_dst) = (src.client(), dst.client());
-    let def = json!({"name": "tmover", "driver": "vessel",
-        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
-               "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
-               "memory_mib": 256, "accel": "emu"}});
-    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src
+        .post("/v1/domains", Some(&counting_vessel_domain("tmover")))
+        .unwrap();
     at_src.post("/v1/domains/tmover/start", None).unwrap();
-    let counts = |c: &Client| -> Vec<u64> {
-        serial_log(c, "tmover")
-            .lines()
-            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
-            .collect()
-    };
-    let wait_count = |c: &Client, n: u64, what: &str| {
-        let t0 = Instant::now();
-        while counts(c).last().copied().unwrap_or(0) < n {
-            assert!(
-                t0.elapsed() < BOOT_TIMEOUT,
-                "{what}: {:?}\n{}",
-                counts(c),
-                serial_log(c, "tmover")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_count(&at_src, 3, "first boot");
+    wait_count(&at_src, "tmover", 3, "first boot");
     let dest = format!("tcp://{addr}");
 
     let e = src.fails(&[
@@ -3015,8 +3011,8 @@ fn vessel_domain_migrates_live_over_tcp_between_daemons() {
     assert!(src.run_pids().is_empty(), "the source's VMM still runs");
     let log = std::fs::read_to_string(dst.dir.join("daemon.log")).unwrap();
     assert!(log.contains("migration stream received over TCP"), "{log}");
-    let last = *counts(&at_src).last().unwrap();
-    wait_count(&at_dst, last + 5, "at the destination");
+    let last = *counts(&at_src, "tmover").last().unwrap();
+    wait_count(&at_dst, "tmover", last + 5, "at the destination");
     let parse = |text: &str| -> Vec<u64> {
         text.lines()
             .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
@@ -3045,31 +3041,10 @@ fn qemu_domain_migrates_live_between_daemons() {
     let src = Daemon::start("qmigsrc");
     let dst = Daemon::start("qmigdst");
     let (at_src, at_dst) = (src.client(), dst.client());
-    let def = qemu_domain(
-        "qmover",
-        "vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
-    );
+    let def = qemu_domain("qmover", COUNTING);
     at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src.post("/v1/domains/qmover/start", None).unwrap();
-    let parse = |text: &str| -> Vec<u64> {
-        text.lines()
-            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
-            .collect()
-    };
-    let counts = |c: &Client| parse(&serial_log(c, "qmover"));
-    let wait_count = |c: &Client, n: u64, what: &str| {
-        let t0 = Instant::now();
-        while counts(c).last().copied().unwrap_or(0) < n {
-            assert!(
-                t0.elapsed() < BOOT_TIMEOUT,
-                "{what}: {:?}\n{}",
-                counts(c),
-                serial_log(c, "qmover")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_count(&at_src, 3, "first boot");
+    wait_count(&at_src, "qmover", 3, "first boot");
 
     let out = src.ok(&[
         "migrate",
@@ -3106,9 +3081,9 @@ fn qemu_domain_migrates_live_between_daemons() {
     assert_eq!(reasons(&at_dst, "started"), [json!("migrated")]);
     assert_eq!(reasons(&at_src, "started"), [json!("booted")]);
     assert_eq!(reasons(&at_src, "stopped"), [json!("migrated")]);
-    let last = *counts(&at_src).last().unwrap();
-    wait_count(&at_dst, last + 5, "at the destination");
-    let both = parse(&format!(
+    let last = *counts(&at_src, "qmover").last().unwrap();
+    wait_count(&at_dst, "qmover", last + 5, "at the destination");
+    let both = parse_counts(&format!(
         "{}{}",
         serial_log(&at_src, "qmover"),
         serial_log(&at_dst, "qmover")
@@ -3118,7 +3093,7 @@ fn qemu_domain_migrates_live_between_daemons() {
         "the count did not go on at the destination: {both:?}"
     );
 
-    let there = *counts(&at_dst).last().unwrap();
+    let there = *counts(&at_dst, "qmover").last().unwrap();
     dst.ok(&[
         "migrate",
         "qmover",
@@ -3132,8 +3107,8 @@ fn qemu_domain_migrates_live_between_daemons() {
         "the destination's QEMU still runs"
     );
     assert_eq!(state(&at_src, "qmover"), "running");
-    wait_count(&at_src, there + 3, "back at the source");
-    let all = counts(&at_src);
+    wait_count(&at_src, "qmover", there + 3, "back at the source");
+    let all = counts(&at_src, "qmover");
     let resumed = all.iter().position(|&n| n > last).unwrap();
     assert!(
         all[resumed] > there && all[resumed..].windows(2).all(|w| w[1] == w[0] + 1),
