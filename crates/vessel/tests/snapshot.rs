@@ -636,12 +636,10 @@ fn a_firmware_booted_guest_goes_on_after_a_restore() {
     assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
 }
 
-/// The kvm accelerator (the in-kernel irqchip, PIT and clock; registers, LAPIC, MSRs and
-/// events from KVM): a generated guest that counts in a register and prints the count
-/// goes on after a restore in a new VMM.
-#[test]
-fn a_kvm_guest_goes_on_after_a_restore() {
-    use common::guest::{linux64_elf, Lib64, LOAD};
+/// A generated 64-bit guest that counts in a register and prints `count N` (hex) between
+/// short spins: CPU state only, so it shows a lost or repeated step across a restore.
+fn counting_guest() -> Vec<u8> {
+    use common::guest::{Lib64, LOAD};
     use iced_x86::code_asm::*;
 
     let mut a = CodeAssembler::new(64).unwrap();
@@ -661,7 +659,17 @@ fn a_kvm_guest_goes_on_after_a_restore() {
     a.jnz(wait).unwrap();
     a.jmp(top).unwrap();
     lib.emit(&mut a).unwrap();
-    let code = a.assemble(LOAD).unwrap();
+    a.assemble(LOAD).unwrap()
+}
+
+/// The kvm accelerator (the in-kernel irqchip, PIT and clock; registers, LAPIC, MSRs and
+/// events from KVM): a generated guest that counts in a register and prints the count
+/// goes on after a restore in a new VMM.
+#[test]
+fn a_kvm_guest_goes_on_after_a_restore() {
+    use common::guest::linux64_elf;
+
+    let code = counting_guest();
 
     let dir = TempDir::new("snap-kvm");
     let kernel = dir.file("count.elf", &linux64_elf(&code));
@@ -763,27 +771,9 @@ fn hex_counts(text: &str) -> Vec<u64> {
 /// host's KVM does not offer, and its snapshot is refused under kvm.
 #[test]
 fn a_generated_guest_goes_on_across_accelerators() {
-    use common::guest::{linux64_elf, Lib64, LOAD};
-    use iced_x86::code_asm::*;
+    use common::guest::linux64_elf;
 
-    let mut a = CodeAssembler::new(64).unwrap();
-    let mut lib = Lib64::new(&mut a);
-    let mut top = a.create_label();
-    let mut wait = a.create_label();
-    a.xor(r12d, r12d).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.inc(r12).unwrap();
-    lib.print(&mut a, "count ").unwrap();
-    a.mov(rax, r12).unwrap();
-    a.call(lib.puthex).unwrap();
-    lib.print(&mut a, "\n").unwrap();
-    a.mov(ecx, 20_000u32).unwrap();
-    a.set_label(&mut wait).unwrap();
-    a.dec(ecx).unwrap();
-    a.jnz(wait).unwrap();
-    a.jmp(top).unwrap();
-    lib.emit(&mut a).unwrap();
-    let code = a.assemble(LOAD).unwrap();
+    let code = counting_guest();
 
     let dir = TempDir::new("snap-cross");
     let kernel = dir.file("count.elf", &linux64_elf(&code));
