@@ -296,9 +296,8 @@ impl HybridVm {
         }
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for r in slots.iter() {
-            let first = (r.guest_phys_addr >> 12) as usize / 64;
+            let (first, end) = log_words(r);
             let pages = (r.memory_size >> 12) as usize;
-            let end = first + pages.div_ceil(64);
             let mine: Vec<(usize, u64)> = words
                 .iter()
                 .copied()
@@ -356,8 +355,8 @@ impl HybridVm {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         for r in slots.iter() {
-            let first = (r.guest_phys_addr >> 12) as usize / 64;
-            let end = (first + (r.memory_size >> 12).div_ceil(64) as usize).min(log.armed.len());
+            let (first, end) = log_words(r);
+            let end = end.min(log.armed.len());
             let Some(armed) = log.armed.get_mut(first..end) else {
                 continue;
             };
@@ -381,6 +380,13 @@ impl HybridVm {
         }
         Ok(n)
     }
+}
+
+/// The words of the code tracker's bitmaps (a bit per guest page) that memslot `r` covers:
+/// first, end (exclusive). Slots with a dirty log start at a multiple of 64 pages.
+fn log_words(r: &kvm_userspace_memory_region) -> (usize, usize) {
+    let first = (r.guest_phys_addr >> 12) as usize / 64;
+    (first, first + (r.memory_size >> 12).div_ceil(64) as usize)
 }
 
 /// The host TSC rate measured against the monotonic clock (when KVM cannot say).
@@ -1046,15 +1052,18 @@ impl HybridVcpu {
         };
         let mut fpu = fpu;
         self.save_xsave(&mut fpu)?;
-        match code_log.then(|| self.vm.take_code_writes(&tracker)) {
-            Some(Ok(n)) => self.stats.code_writes += n,
-            other => {
-                if let Some(Err(e)) = other {
+        let code_writes = code_log
+            .then(|| self.vm.take_code_writes(&tracker))
+            .and_then(|r| {
+                r.inspect_err(|e| {
                     tracing::debug!("hybrid: reading the code log: {e}");
                     self.vm.code_log_on.store(false, Ordering::SeqCst);
-                }
-                cpu.code_written_elsewhere();
-            }
+                })
+                .ok()
+            });
+        match code_writes {
+            Some(n) => self.stats.code_writes += n,
+            None => cpu.code_written_elsewhere(),
         }
         let s = cpu.state_mut();
         convert::regs_into_emu(&hypervisor::kvm::regs_from_kvm(&r), s);
