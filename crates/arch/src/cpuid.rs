@@ -108,9 +108,9 @@ enum Reg {
 
 /// Leaf 1 ECX bits that describe the platform, not the instruction set: kept in every model.
 const L1_ECX_PLATFORM: u32 = (1 << 21) | (1 << 24) | ECX_HYPERVISOR;
-/// Leaf 7 EBX/EDX bits that are hints about the implementation, kept in every model: ERMS
-/// (fast REP MOVSB) and IA32_ARCH_CAPABILITIES.
-const L7_EBX_HINTS: u32 = 1 << 9;
+/// Leaf 7 EBX/EDX bits that are hints about the implementation, kept in every model:
+/// IA32_TSC_ADJUST, ERMS (fast REP MOVSB) and IA32_ARCH_CAPABILITIES.
+const L7_EBX_HINTS: u32 = (1 << 1) | (1 << 9);
 const L7_EDX_HINTS: u32 = 1 << 29;
 
 /// A model the accelerator cannot provide.

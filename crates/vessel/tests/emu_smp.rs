@@ -63,6 +63,16 @@ fn litmus_on(cpus: u32) {
         c.run("cat /sys/devices/system/cpu/online", CMD),
         format!("0-{}", cpus - 1)
     );
+    // Every CPU shows IA32_TSC_ADJUST, so Linux trusts one package's TSCs and skips its
+    // pairwise warp test for each CPU it brings up; and it never found them out of step.
+    assert_eq!(c.run("grep -c ' tsc_adjust' /proc/cpuinfo", CMD), n);
+    assert_eq!(
+        c.run(
+            "dmesg | grep -c -e 'TSC.*unstable' -e 'TSC synchronization' -e 'TSC ADJUST'",
+            CMD
+        ),
+        "0"
+    );
 
     let t = Instant::now();
     let out = c.run(&format!("/smp-litmus {BUDGET_MS}"), LITMUS);

@@ -48,6 +48,10 @@ const F16C: u32 = 1 << 29;
 const RDRAND: u32 = 1 << 30;
 const HYPERVISOR: u32 = 1 << 31;
 // Leaf 7 EBX / ECX.
+/// IA32_TSC_ADJUST exists (see `msr`). With it Linux trusts that CPUs of one package share
+/// their TSC and skips its pairwise TSC warp test, which spins the new CPU and the boot
+/// CPU against each other for each CPU brought up.
+const TSC_ADJUST: u32 = 1 << 1;
 const BMI1: u32 = 1 << 3;
 const AVX2: u32 = 1 << 5;
 const BMI2: u32 = 1 << 8;
@@ -197,7 +201,7 @@ impl CpuidTable {
             7,
             0,
             CpuidEntry {
-                ebx: ERMS | CLFLUSHOPT | host.l7_ebx,
+                ebx: TSC_ADJUST | ERMS | CLFLUSHOPT | host.l7_ebx,
                 ecx: RDPID | host.l7_ecx,
                 edx: ARCH_CAPABILITIES,
                 ..Default::default()

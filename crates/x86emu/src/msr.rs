@@ -11,6 +11,7 @@ pub const TSC: u32 = 0x10;
 pub const PLATFORM_ID: u32 = 0x17;
 pub const APIC_BASE: u32 = 0x1b;
 pub const FEATURE_CONTROL: u32 = 0x3a;
+pub const TSC_ADJUST: u32 = 0x3b;
 pub const BIOS_SIGN_ID: u32 = 0x8b;
 pub const MTRRCAP: u32 = 0xfe;
 pub const ARCH_CAPABILITIES: u32 = 0x10a;
@@ -54,6 +55,7 @@ impl Core {
         let m = &self.s.msr;
         Some(match index {
             TSC => self.tsc(),
+            TSC_ADJUST => m.tsc_adjust,
             APIC_BASE => m.apic_base,
             PLATFORM_ID | BIOS_SIGN_ID | MTRRCAP | MCG_CAP | MCG_STATUS => 0,
             FEATURE_CONTROL => 1,
@@ -88,7 +90,19 @@ impl Core {
         }
         let m = &mut self.s.msr;
         match index {
-            TSC => self.set_tsc(v),
+            // The SDM ties the two: a TSC write moves TSC_ADJUST by the same amount, and a
+            // TSC_ADJUST write moves the TSC.
+            TSC => {
+                let delta = v.wrapping_sub(self.tsc());
+                self.s.msr.tsc_adjust = self.s.msr.tsc_adjust.wrapping_add(delta);
+                self.set_tsc(v);
+            }
+            TSC_ADJUST => {
+                let delta = v.wrapping_sub(m.tsc_adjust);
+                m.tsc_adjust = v;
+                let now = self.tsc();
+                self.set_tsc(now.wrapping_add(delta));
+            }
             APIC_BASE => m.apic_base = v,
             BIOS_SIGN_ID | MCG_STATUS | FEATURE_CONTROL => {}
             SYSENTER_CS => m.sysenter_cs = v & 0xffff,

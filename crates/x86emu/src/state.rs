@@ -209,6 +209,10 @@ pub struct Msrs {
     pub sysenter_esp: u64,
     pub sysenter_eip: u64,
     pub mtrr_def_type: u64,
+    /// IA32_TSC_ADJUST: what software added to this CPU's TSC (writes to either move both).
+    /// Absent from snapshots older than the MSR.
+    #[serde(default)]
+    pub tsc_adjust: u64,
 }
 
 /// The complete architectural register state.

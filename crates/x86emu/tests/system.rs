@@ -624,3 +624,43 @@ fn unmasked_simd_exception_raises_xm_and_keeps_the_destination() {
     );
     assert_ne!(s.fpu.mxcsr & 0x4, 0, "ZE recorded");
 }
+
+#[test]
+fn tsc_adjust_is_advertised_and_moves_with_the_tsc() {
+    use x86emu::msr::{TSC, TSC_ADJUST};
+    let mut g = Guest::new();
+    g.load_code(|a| {
+        a.mov(eax, 7u32).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.cpuid().unwrap();
+    });
+    for _ in 0..3 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    assert_ne!(
+        g.cpu.state().gpr[3] & (1 << 1),
+        0,
+        "CPUID.7.0:EBX[1] TSC_ADJUST"
+    );
+    assert_eq!(g.cpu.read_msr(TSC_ADJUST), Some(0), "0 at reset");
+
+    // A TSC_ADJUST write moves the TSC by the difference.
+    let before = g.cpu.read_msr(TSC).unwrap();
+    g.cpu.write_msr(TSC_ADJUST, 1 << 40).unwrap();
+    let after = g.cpu.read_msr(TSC).unwrap();
+    assert!(
+        after.wrapping_sub(before) >= 1 << 40 && after.wrapping_sub(before) < (1 << 40) + (1 << 36),
+        "TSC {before:#x} -> {after:#x}"
+    );
+    assert_eq!(g.cpu.read_msr(TSC_ADJUST), Some(1 << 40));
+
+    // A TSC write moves TSC_ADJUST by what it moved the TSC.
+    let now = g.cpu.read_msr(TSC).unwrap();
+    g.cpu.write_msr(TSC, now - (1 << 41)).unwrap();
+    let adjust = g.cpu.read_msr(TSC_ADJUST).unwrap();
+    let moved = (1u64 << 40).wrapping_sub(adjust);
+    assert!(
+        moved > 1 << 40 && moved <= (1 << 41) + (1 << 36),
+        "TSC_ADJUST {adjust:#x} after the TSC went back 2^41"
+    );
+}
