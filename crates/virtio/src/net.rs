@@ -29,9 +29,10 @@ pub const TX_QUEUE: usize = 1;
 /// request/response frames are served at once even when they come back to back.
 pub const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(1000);
 
-/// How long after a round that sent bulk frames the transmit queue's notifies still go
-/// to the I/O thread, which coalesces them ([`TX_COALESCE`]), rather than being served on
-/// the notifying vCPU: as long as the I/O thread's own quiet spell.
+/// How long after a bulk frame either way ([`BULK_FRAME`]) the transmit queue's notifies
+/// still go to the I/O thread rather than being served on the notifying vCPU: a guest's
+/// stream is coalesced there ([`TX_COALESCE`]), and the host's TCP work for the ACKs of
+/// a stream to the guest stays off the vCPU. As long as the I/O thread's quiet spell.
 pub const TX_STREAMING: std::time::Duration = std::time::Duration::from_micros(10_000);
 
 /// A transmitted frame (virtio-net header included) this large marks its round as bulk
@@ -201,8 +202,8 @@ pub struct Net {
     limiters: NetLimiters,
     /// Advertised with VIRTIO_NET_F_MTU (Firecracker's `mtu`).
     mtu: Option<u16>,
-    /// Until when the guest counts as streaming: the last transmit round that sent bulk
-    /// frames, plus [`TX_STREAMING`].
+    /// Until when the link counts as streaming: the last bulk frame either way (sent
+    /// by the guest, or received from the host), plus [`TX_STREAMING`].
     streaming_until: Option<std::time::Instant>,
 }
 
