@@ -173,6 +173,20 @@ pub trait VirtioDevice: Send {
     fn serves_nowait(&self) -> bool {
         false
     }
+    /// Whether notifies of queue `index` may be served on the notifying vCPU
+    /// (`transport::Doorbell::serve_inline`); the VMM then registers no ioevent for that
+    /// queue. By default every queue of a device that [`VirtioDevice::serves_nowait`].
+    /// A queue whose round never waits on the host qualifies too (a NIC's transmit queue:
+    /// a frame written to a non-blocking TAP).
+    fn serves_inline(&self, _index: usize) -> bool {
+        self.serves_nowait()
+    }
+    /// Whether this notify of an inline queue is served on the vCPU now; false leaves it
+    /// to the I/O thread (a NIC's transmit queue in a bulk stream, which the thread
+    /// coalesces).
+    fn inline_now(&self, _index: usize) -> bool {
+        true
+    }
 }
 
 /// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).

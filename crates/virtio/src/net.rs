@@ -29,6 +29,12 @@ pub const TX_QUEUE: usize = 1;
 /// request/response frames are served at once even when they come back to back.
 pub const TX_COALESCE: std::time::Duration = std::time::Duration::from_micros(1000);
 
+/// How long after a bulk frame either way ([`BULK_FRAME`]) the transmit queue's notifies
+/// still go to the I/O thread rather than being served on the notifying vCPU: a guest's
+/// stream is coalesced there ([`TX_COALESCE`]), and the host's TCP work for the ACKs of
+/// a stream to the guest stays off the vCPU. As long as the I/O thread's quiet spell.
+pub const TX_STREAMING: std::time::Duration = std::time::Duration::from_micros(10_000);
+
 /// A transmitted frame (virtio-net header included) this large marks its round as bulk
 /// ([`crate::QueueOutcome::bulk`]): a TCP stream's segments are MSS-sized or larger.
 pub const BULK_FRAME: usize = 1024;
@@ -196,6 +202,9 @@ pub struct Net {
     limiters: NetLimiters,
     /// Advertised with VIRTIO_NET_F_MTU (Firecracker's `mtu`).
     mtu: Option<u16>,
+    /// Until when the link counts as streaming: the last bulk frame either way (sent
+    /// by the guest, or received from the host), plus [`TX_STREAMING`].
+    streaming_until: Option<std::time::Instant>,
 }
 
 /// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
@@ -249,6 +258,7 @@ impl Net {
             tx_dropped: 0,
             limiters: NetLimiters::default(),
             mtu: None,
+            streaming_until: None,
         }
     }
 
@@ -402,6 +412,9 @@ impl Net {
                 std::sync::atomic::Ordering::Relaxed,
             );
             outcome.used = true;
+            if len >= BULK_FRAME {
+                self.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
+            }
         }
         // The TAP drives this queue: the driver's refills need no notify until a frame
         // finds too few buffers.
@@ -469,6 +482,9 @@ impl Net {
                 .map_err(|_| DeviceError::BadRequest("cannot add to the used ring"))?;
             outcome.used = true;
         }
+        if outcome.bulk {
+            self.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
+        }
         Ok(outcome)
     }
 
@@ -529,8 +545,26 @@ impl VirtioDevice for Net {
         }
     }
 
+    /// Transmitting never waits on the host (the TAP does not block): a frame the guest
+    /// queues leaves from the notifying vCPU, without waking the I/O thread. A response
+    /// so reaches the host before the guest's next instruction.
+    fn serves_inline(&self, index: usize) -> bool {
+        index == TX_QUEUE
+    }
+
+    /// While the guest streams, its notifies go to the I/O thread, which coalesces them
+    /// so the guest's TCP gathers small writes into large segments (and the copying
+    /// overlaps the guest's work).
+    fn inline_now(&self, index: usize) -> bool {
+        index == TX_QUEUE
+            && self
+                .streaming_until
+                .is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
     fn reset(&mut self) {
         self.pending = None;
+        self.streaming_until = None;
         if self.acked != 0 {
             self.acked = 0;
             self.apply_offloads();

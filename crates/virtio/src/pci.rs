@@ -424,9 +424,15 @@ impl PciTransport {
 
     /// Notifies serve on the notifying vCPU what needs no waiting, before waking the I/O
     /// thread (see [`Doorbell::serve_inline`]); false when the device cannot. Call after
-    /// `io_thread`, and register no ioevent for the queues then.
+    /// `io_thread`, and register no ioevent for the queues it serves so then
+    /// (`serves_inline`).
     pub fn serve_inline(&mut self) -> bool {
         self.doorbell.serve_inline()
+    }
+
+    /// Whether queue `queue`'s notifies are served inline (register no ioevent for it).
+    pub fn serves_inline(&self, queue: u32) -> bool {
+        self.doorbell.serves_inline(queue)
     }
 
     /// The value of the common configuration field at `start`.

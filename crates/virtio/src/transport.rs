@@ -704,6 +704,9 @@ impl DeviceCore {
             return false;
         }
         let mut st = self.lock();
+        if !st.device.inline_now(index) {
+            return false;
+        }
         let mut work = match self.start_locked(&mut st, index) {
             None => return true,
             Some(Round::Done(o, more)) => return !more && o.throttled.is_none(),
@@ -860,9 +863,9 @@ impl Kick {
 pub struct Doorbell {
     core: Arc<DeviceCore>,
     kick: Option<Arc<Kick>>,
-    /// Notifies first run the device on the notifying thread as far as it goes without
-    /// waiting ([`Doorbell::serve_inline`]).
-    inline: bool,
+    /// The queues (a bit each) whose notifies first run the device on the notifying
+    /// thread as far as it goes without waiting ([`Doorbell::serve_inline`]).
+    inline: u64,
 }
 
 impl Doorbell {
@@ -870,7 +873,7 @@ impl Doorbell {
         Doorbell {
             core,
             kick: None,
-            inline: false,
+            inline: 0,
         }
     }
 
@@ -880,7 +883,7 @@ impl Doorbell {
             Some(kick) => {
                 // Only when no ioevent took the write first.
                 tracing::trace!(queue, "queue notify through the transport");
-                if !(self.inline && self.core.process_inline(queue as usize)) {
+                if !(self.serves_inline(queue) && self.core.process_inline(queue as usize)) {
                     kick.ring(queue)
                 }
             }
@@ -896,11 +899,28 @@ impl Doorbell {
     /// only for the rest. For accelerators whose MMIO exits stay in the vCPU thread (a
     /// software CPU); the VMM then registers no ioevent for the queues. With an I/O
     /// thread only.
-    /// False (and nothing changes) when the device cannot
-    /// ([`crate::VirtioDevice::serves_nowait`]) or there is no I/O thread.
+    /// Only the queues the device serves so ([`crate::VirtioDevice::serves_inline`]):
+    /// the VMM registers ioevents for the others ([`Doorbell::serves_inline`]).
+    /// False (and nothing changes) when the device has no such queue or there is no I/O
+    /// thread.
     pub fn serve_inline(&mut self) -> bool {
-        self.inline = self.kick.is_some() && self.core.lock().device.serves_nowait();
-        self.inline
+        self.inline = 0;
+        if self.kick.is_some() {
+            let st = self.core.lock();
+            for i in 0..st.queues.len().min(64) {
+                if st.device.serves_inline(i) {
+                    self.inline |= 1 << i;
+                }
+            }
+        }
+        self.inline != 0
+    }
+
+    /// Whether notifies of queue `queue` are served on the notifying thread first (after
+    /// [`Doorbell::serve_inline`]).
+    pub fn serves_inline(&self, queue: u32) -> bool {
+        1u64.checked_shl(queue)
+            .is_some_and(|b| self.inline & b != 0)
     }
 
     /// Whether an I/O thread serves the device.

@@ -720,14 +720,12 @@ impl Vmm {
                         // a software CPU, it reaches the transport, which serves on the
                         // vCPU what needs no waiting.
                         let doorbell = window.base + virtio::mmio::QUEUE_NOTIFY_OFFSET;
-                        if !(vm.inline_io() && t.serve_inline()) {
-                            for (queue, fd) in thread.queue_notifiers() {
-                                vm.register_ioevent(
-                                    IoEventAddress::Mmio(doorbell),
-                                    Some(queue),
-                                    fd,
-                                )?;
+                        let inline = vm.inline_io() && t.serve_inline();
+                        for (queue, fd) in thread.queue_notifiers() {
+                            if inline && t.serves_inline(queue) {
+                                continue;
                             }
+                            vm.register_ioevent(IoEventAddress::Mmio(doorbell), Some(queue), fd)?;
                         }
                         io_threads.push(thread);
                     }
@@ -756,15 +754,17 @@ impl Vmm {
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
                         // As for virtio-mmio: no ioevents where the vCPU serves inline.
-                        if !(vm.inline_io() && t.serve_inline()) {
-                            let notifiers = thread
-                                .queue_notifiers()
-                                .map(|(queue, fd)| fd.try_clone().map(|fd| (queue, fd)))
-                                .collect::<std::io::Result<Vec<_>>>()
-                                .map_err(|source| VmmError::EventFd {
-                                    what: "a virtio-pci notify ioevent",
-                                    source,
-                                })?;
+                        let inline = vm.inline_io() && t.serve_inline();
+                        let notifiers = thread
+                            .queue_notifiers()
+                            .filter(|(queue, _)| !(inline && t.serves_inline(*queue)))
+                            .map(|(queue, fd)| fd.try_clone().map(|fd| (queue, fd)))
+                            .collect::<std::io::Result<Vec<_>>>()
+                            .map_err(|source| VmmError::EventFd {
+                                what: "a virtio-pci notify ioevent",
+                                source,
+                            })?;
+                        if !notifiers.is_empty() {
                             t.notify_through_ioevents(vm.clone(), notifiers);
                         }
                         io_threads.push(thread);
