@@ -1,6 +1,7 @@
 //! Boots the riscv64 `virt` machine straight from the library:
 //! `cargo run -p rv64emu --example virt_boot -- FW_DYNAMIC IMAGE [INITRD] [CMDLINE]`.
-//! `vessel run --arch riscv64` is the real entry point; this one skips the VMM.
+//! `vessel run --arch riscv64` is the real entry point; this one skips the VMM (and has
+//! no console input).
 
 fn main() {
     tracing_subscriber::fmt()
@@ -24,7 +25,8 @@ fn main() {
         disks: Vec::new(),
         devices: Vec::new(),
         serial_out: Box::new(std::io::stdout()),
-        stdin: true,
+        exit: Default::default(),
+        io_gate: Default::default(),
     };
     match rv64emu::virt::boot(cfg) {
         Ok(exit) => {

@@ -1,5 +1,5 @@
 //! The device tree the VMM hands OpenSBI and Linux: one hart, RAM, CLINT, PLIC, the
-//! 16550 UART, a SiFive test device (poweroff/reboot), and the virtio-mmio slots.
+//! 16550 UART, the Goldfish RTC, a SiFive test device (poweroff/reboot), and the virtio-mmio slots.
 
 use super::layout::*;
 
@@ -91,6 +91,13 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_u32("offset", 0)?;
     f.property_u32("value", TEST_RESET)?;
     f.end_node(reboot)?;
+
+    let rtc = f.begin_node(&format!("rtc@{RTC_BASE:x}"))?;
+    f.property_string("compatible", "google,goldfish-rtc")?;
+    f.property_array_u64("reg", &[RTC_BASE, super::rtc::SIZE])?;
+    f.property_u32("interrupt-parent", PH_PLIC)?;
+    f.property_u32("interrupts", RTC_IRQ)?;
+    f.end_node(rtc)?;
 
     let uart = f.begin_node(&format!("serial@{UART_BASE:x}"))?;
     f.property_string("compatible", "ns16550a")?;

@@ -2,6 +2,8 @@
 //! firmware and kernels built for it find things where they expect).
 
 pub const TEST_BASE: u64 = 0x10_0000;
+pub const RTC_BASE: u64 = 0x10_1000;
+pub const RTC_IRQ: u32 = 11;
 pub const CLINT_BASE: u64 = 0x200_0000;
 pub const PLIC_BASE: u64 = 0xc00_0000;
 pub const UART_BASE: u64 = 0x1000_0000;

@@ -1,11 +1,12 @@
 //! The `virt`-like riscv64 machine: RAM at 2 GiB, OpenSBI as M-mode firmware, a device
-//! tree generated here, CLINT (served by the CPU), PLIC, the 8250 UART, virtio-mmio disks
-//! and the other virtio-mmio devices the VMM hands in (network, entropy), and a SiFive
-//! test device for poweroff. [`boot`] loads everything and runs the hart.
+//! tree generated here, CLINT (served by the CPU), PLIC, the 8250 UART, the Goldfish RTC,
+//! virtio-mmio disks and the other virtio-mmio devices the VMM hands in (network,
+//! entropy), and a SiFive test device for poweroff. [`boot`] loads everything and runs the hart.
 
 mod fdt;
 pub mod layout;
 pub mod plic;
+pub mod rtc;
 
 use crate::cpu::{Cpu, RunExit, TimeSource};
 use crate::ram::GuestRam;
@@ -52,10 +53,35 @@ pub struct VirtConfig {
     pub disks: Vec<DiskSpec>,
     /// Further virtio devices, in slots after the disks.
     pub devices: Vec<VirtioSpec>,
-    /// Where the UART's output goes.
+    /// Where the UART's output goes (its input is [`Machine::uart`]'s to feed).
     pub serial_out: SerialOut,
-    /// Feed the host's stdin to the UART.
-    pub stdin: bool,
+    /// The machine's end: set by the guest (poweroff, reset) or from outside (the
+    /// VMM's stop or reset), which the hart sees between stints.
+    pub exit: Arc<devices::ExitSignal>,
+    /// The gate the I/O threads pass (closed while the VMM pauses the machine).
+    pub io_gate: Arc<virtio::transport::IoGate>,
+}
+
+/// The VMM's hold on the hart: it passes this gate before each stint of guest code, so
+/// a pause parks it between two stints (at most a budget of instructions or a WFI
+/// wait later).
+pub trait HartGate {
+    /// Before a stint: false when the machine is ending instead (the hart then looks
+    /// at the exit signal).
+    fn enter(&self) -> bool;
+    /// After the stint `enter` let through.
+    fn leave(&self);
+}
+
+/// A gate always open, for a machine nothing else controls.
+#[derive(Debug, Default)]
+pub struct OpenGate;
+
+impl HartGate for OpenGate {
+    fn enter(&self) -> bool {
+        true
+    }
+    fn leave(&self) {}
 }
 
 /// How the machine ended.
@@ -65,6 +91,8 @@ pub enum VirtExit {
     Reset,
     /// The test device's failure command, with its code.
     Failure(u32),
+    /// Ended from outside (the exit signal's reason: the VMM's stop or reset).
+    Ended(devices::ExitReason),
 }
 
 #[derive(Debug, Error)]
@@ -96,7 +124,26 @@ pub struct VirtBus {
     plic: Arc<Plic>,
     uart: Arc<Mutex<SerialDevice>>,
     virtio: Vec<MmioTransport>,
+    rtc: rtc::GoldfishRtc,
+    /// The RTC's line as last driven: the PLIC hears only changes (a level re-driven
+    /// high would pend again while the guest's handler runs).
+    rtc_line: bool,
     exit: Option<VirtExit>,
+}
+
+impl VirtBus {
+    /// Fires the RTC's alarm when due and drives its line.
+    fn poll_rtc(&mut self) {
+        let level = self.rtc.poll(rtc::host_now_ns());
+        self.drive_rtc_line(level);
+    }
+
+    fn drive_rtc_line(&mut self, level: bool) {
+        if level != self.rtc_line {
+            self.rtc_line = level;
+            self.plic.set_line(RTC_IRQ, level);
+        }
+    }
 }
 
 impl Bus for VirtBus {
@@ -124,6 +171,9 @@ impl Bus for VirtBus {
         }
         if pa.wrapping_sub(TEST_BASE) < 0x1000 {
             return Some(0);
+        }
+        if pa.wrapping_sub(RTC_BASE) < rtc::SIZE {
+            return Some(self.rtc.read(pa - RTC_BASE, rtc::host_now_ns()) as u64);
         }
         None
     }
@@ -156,6 +206,13 @@ impl Bus for VirtBus {
                 x if x == TEST_FAIL => self.exit = Some(VirtExit::Failure(v >> 16)),
                 _ => {}
             }
+            return true;
+        }
+        if pa.wrapping_sub(RTC_BASE) < rtc::SIZE {
+            self.rtc
+                .write(pa - RTC_BASE, value as u32, rtc::host_now_ns());
+            let level = self.rtc.irq();
+            self.drive_rtc_line(level);
             return true;
         }
         false
@@ -201,8 +258,23 @@ fn image_offset(path: &std::path::Path, image: &[u8]) -> Result<u64, VirtError> 
     Ok(if off == 0 { 0x20_0000 } else { off })
 }
 
-/// Builds the machine and runs it to poweroff, reset or failure.
+/// A built machine: its hart, bus, memory and running I/O threads.
+pub struct Machine {
+    cpu: Cpu,
+    bus: VirtBus,
+    memory: GuestMemoryMmap<()>,
+    exit: Arc<devices::ExitSignal>,
+    io_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Builds the machine and runs it to its end, nothing else controlling it.
 pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
+    Ok(build(cfg)?.run(&OpenGate))
+}
+
+/// Loads firmware, kernel, initrd and device tree into a new machine and starts its
+/// devices' I/O threads; the hart has not run yet.
+pub fn build(cfg: VirtConfig) -> Result<Machine, VirtError> {
     let ram_size = cfg.memory_mib << 20;
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), ram_size as usize)])
         .map_err(|e| VirtError::Memory(cfg.memory_mib, e.to_string()))?;
@@ -286,8 +358,8 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
     }
     // Each device is served on an I/O thread, as on x86: the block device completes
     // requests there, the network device reads its TAP there, and notifies only wake it.
-    let exit_signal = Arc::new(devices::ExitSignal::new());
-    let gate = Arc::new(virtio::transport::IoGate::default());
+    let exit_signal = cfg.exit.clone();
+    let gate = cfg.io_gate.clone();
     let mut io_threads = Vec::new();
     for (t, (name, host_input, coalesce)) in virtio.iter_mut().zip(setups) {
         let mut io = t.io_thread(&name, host_input).map_err(VirtError::Thread)?;
@@ -314,13 +386,12 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
         IrqTrigger::new(plic.clone(), UART_IRQ),
         cfg.serial_out,
     )));
-    if cfg.stdin {
-        spawn_stdin(uart.clone());
-    }
-    let mut bus = VirtBus {
+    let bus = VirtBus {
         plic,
         uart,
         virtio,
+        rtc: rtc::GoldfishRtc::new(),
+        rtc_line: false,
         exit: None,
     };
 
@@ -333,69 +404,83 @@ pub fn boot(cfg: VirtConfig) -> Result<VirtExit, VirtError> {
     cpu.x[10] = 0; // hart id
     cpu.x[11] = fdt_at;
     cpu.x[12] = info_at;
-    tracing::info!(kernel_at, fdt_at, ?initrd, "riscv64 virt: starting OpenSBI");
-    let exit = loop {
-        match cpu.run(&mut bus, 1_000_000) {
-            RunExit::Budget => {
-                tracing::trace!(pc = cpu.pc, prv = ?cpu.prv, instret = cpu.instret, "hart");
-            }
-            RunExit::Stop => {
-                if let Some(e) = bus.exit {
-                    break e;
-                }
-            }
-            RunExit::Wfi => wait_for_interrupt(&cpu, &mut bus),
-            RunExit::Exception(e) => {
-                // Only with exit_on_exception, which this machine never sets.
-                tracing::error!(?e, "unexpected exception exit");
-            }
-        }
-    };
-    exit_signal.request(match exit {
-        VirtExit::Poweroff => devices::ExitReason::PowerOff,
-        VirtExit::Reset => devices::ExitReason::Reset,
-        VirtExit::Failure(code) => devices::ExitReason::DebugExit(code),
-    });
-    for t in io_threads {
-        let _ = t.join();
-    }
-    drop(memory);
-    Ok(exit)
+    tracing::info!(kernel_at, fdt_at, ?initrd, "riscv64 virt: built");
+    Ok(Machine {
+        cpu,
+        bus,
+        memory,
+        exit: exit_signal,
+        io_threads,
+    })
 }
 
-/// WFI with nothing pending: sleep until the timer is due or a device raises a line.
-fn wait_for_interrupt(cpu: &Cpu, bus: &mut VirtBus) {
+impl Machine {
+    /// The UART, whose input the VMM feeds (the host's stdin or a console socket).
+    pub fn uart(&self) -> Arc<Mutex<SerialDevice>> {
+        self.bus.uart.clone()
+    }
+
+    /// Runs the hart to the machine's end, passing `gate` before each stint; sets the
+    /// exit signal (if nothing outside did) and waits for the I/O threads.
+    pub fn run(self, gate: &dyn HartGate) -> VirtExit {
+        let Machine {
+            mut cpu,
+            mut bus,
+            memory,
+            exit: exit_signal,
+            io_threads,
+        } = self;
+        tracing::info!("riscv64 virt: starting OpenSBI");
+        let exit = loop {
+            if let Some(r) = exit_signal.get() {
+                break VirtExit::Ended(r);
+            }
+            if !gate.enter() {
+                continue;
+            }
+            let stint = cpu.run(&mut bus, 1_000_000);
+            match stint {
+                RunExit::Budget => {
+                    bus.poll_rtc();
+                    tracing::trace!(pc = cpu.pc, prv = ?cpu.prv, instret = cpu.instret, "hart");
+                }
+                RunExit::Stop => {
+                    if let Some(e) = bus.exit {
+                        gate.leave();
+                        break e;
+                    }
+                }
+                RunExit::Wfi => wait_for_interrupt(&cpu, &mut bus, &exit_signal),
+                RunExit::Exception(e) => {
+                    // Only with exit_on_exception, which this machine never sets.
+                    tracing::error!(?e, "unexpected exception exit");
+                }
+            }
+            gate.leave();
+        };
+        exit_signal.request(match exit {
+            VirtExit::Poweroff => devices::ExitReason::PowerOff,
+            VirtExit::Reset => devices::ExitReason::Reset,
+            VirtExit::Failure(code) => devices::ExitReason::DebugExit(code),
+            VirtExit::Ended(r) => r,
+        });
+        for t in io_threads {
+            let _ = t.join();
+        }
+        drop(memory);
+        exit
+    }
+}
+
+/// WFI with nothing pending: sleep until the timer is due, a device raises a line or
+/// the machine ends (within 10 ms, when the VMM's gate gets its turn).
+fn wait_for_interrupt(cpu: &Cpu, bus: &mut VirtBus, exit: &devices::ExitSignal) {
     let deadline = Instant::now() + Duration::from_millis(10);
     loop {
-        if cpu.mip(bus) & cpu.csr.mie != 0 || Instant::now() >= deadline {
+        bus.poll_rtc();
+        if cpu.mip(bus) & cpu.csr.mie != 0 || Instant::now() >= deadline || exit.get().is_some() {
             return;
         }
         std::thread::sleep(Duration::from_micros(50));
     }
-}
-
-fn spawn_stdin(uart: Arc<Mutex<SerialDevice>>) {
-    let _ = std::thread::Builder::new()
-        .name("riscv-stdin".into())
-        .spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let put = uart
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(rest);
-                    rest = &rest[put..];
-                    if put == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
-        });
 }
