@@ -3483,7 +3483,7 @@ fn qemu_domain_saves_and_restores_through_qmp() {
 /// CPU under the Vessel driver (jailed, its console on the manager's socket and log),
 /// keeps its architecture in dumpxml, pauses and resumes through the VMM's control
 /// API (the guest's counter stops and goes on), has no power button to shut down with,
-/// and is destroyed.
+/// reboots (a new VMM), and is destroyed.
 #[test]
 fn riscv64_virt_domain_from_xml_runs_on_the_software_cpu() {
     let rv = common::assets().join("riscv64");
@@ -3553,6 +3553,22 @@ fn riscv64_virt_domain_from_xml_runs_on_the_software_cpu() {
     }
     let e = d.fails(&["shutdown", "rvvm"]);
     assert!(e.contains("no power button"), "{e}");
+    // Reboot: the VMM ends with the reboot status and the manager boots it again.
+    d.ok(&["reboot", "rvvm"]);
+    let t0 = Instant::now();
+    while serial_log(&c, "rvvm")
+        .matches("vessel-init: riscv64")
+        .count()
+        < 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(400),
+            "no second boot:\n{}",
+            serial_log(&c, "rvvm")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state(&c, "rvvm"), "running");
     let out = d.ok(&["destroy", "rvvm"]);
     assert_eq!(out.trim(), "Domain 'rvvm' destroyed");
     assert!(d.ok(&["list", "--all"]).contains("shut off"));
