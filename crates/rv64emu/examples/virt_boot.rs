@@ -15,6 +15,7 @@ fn main() {
     }
     let cfg = rv64emu::virt::VirtConfig {
         memory_mib: 512,
+        harts: 1,
         firmware: args[1].clone().into(),
         kernel: args[2].clone().into(),
         initrd: args.get(3).filter(|s| !s.is_empty()).map(Into::into),

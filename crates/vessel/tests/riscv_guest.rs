@@ -148,6 +148,57 @@ fn goldfish_rtc_gives_the_guest_the_hosts_time() {
     );
 }
 
+/// Two harts: OpenSBI starts the second through SBI HSM (a CLINT software interrupt),
+/// Linux brings it up and schedules on both; two processes pinned one to each hash the
+/// same file at once (scheduler IPIs, remote TLB and I-cache fences through SBI, the
+/// kernel's atomics and LR/SC across harts) and both get the right digest.
+#[test]
+fn two_harts_boot_and_run_pinned_processes_at_once() {
+    let assets = riscv_assets();
+    let out = run_with_timeout(
+        vessel()
+            .args([
+                "run",
+                "--arch",
+                "riscv64",
+                "--cpus",
+                "2",
+                "--seccomp",
+                "none",
+                "--kernel",
+            ])
+            .arg(assets.join("Image"))
+            .arg("--initrd")
+            .arg(assets.join("initramfs.cpio.gz"))
+            .args([
+                "--cmdline",
+                "console=ttyS0 quiet vessel.run=head+-c+4000000+/dev/zero+>/tmp/z;\
+                 for+m+in+1+2;do+taskset+$m+md5sum+/tmp/z+>/tmp/h$m&done;wait;cat+/tmp/h1+/tmp/h2;\
+                 echo+pinned-$(taskset+2+awk+'{print+$39}'+/proc/self/stat)",
+            ]),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", out.stderr);
+    assert!(
+        out.stdout.contains("up, 2 cpu(s)"),
+        "the guest did not bring up two harts:\n{}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stdout
+            .matches("90b741f98410e3bb408d92fa49f9c436  /tmp/z")
+            .count(),
+        2,
+        "both harts' digests:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("pinned-1"),
+        "nothing ran on hart 1:\n{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn virtio_blk_reads_and_writes_a_disk() {
     let assets = riscv_assets();

@@ -51,8 +51,8 @@ pub fn check(config: &VmConfig) -> Result<(), RiscvError> {
         Accel::Auto | Accel::Emu => {}
         other => return Err(RiscvError::Accel(other)),
     }
-    if config.cpus != 1 {
-        return Err(RiscvError::Unsupported("more than one hart"));
+    if config.cpus == 0 || u32::from(config.cpus) > rv64emu::virt::layout::MAX_HARTS {
+        return Err(RiscvError::Unsupported("more than 8 harts"));
     }
     if config.vsock.is_some() {
         return Err(RiscvError::Unsupported("vsock"));
@@ -98,6 +98,9 @@ impl HartGate for ControlGate {
     }
     fn leave(&self) {
         self.0.leave_run();
+    }
+    fn hart_thread_started(&self) {
+        sandbox::enter(sandbox::Role::Vcpu);
     }
 }
 
@@ -149,6 +152,7 @@ impl RiscvVm {
         let exit = self.control.exit_signal().clone();
         let machine = VirtConfig {
             memory_mib: config.memory_mib,
+            harts: config.cpus.into(),
             firmware: firmware(config),
             kernel,
             initrd: config.initrd.clone(),

@@ -13,6 +13,8 @@ pub const VIRTIO_STRIDE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 1;
 pub const VIRTIO_SLOTS: u32 = 8;
 pub const RAM_BASE: u64 = 0x8000_0000;
+/// Harts the machine takes (QEMU `virt`'s per socket).
+pub const MAX_HARTS: u32 = 8;
 /// The `mtime` rate the device tree announces.
 pub const TIMEBASE_HZ: u64 = 10_000_000;
 /// The ISA the device tree announces; `misa` says the same.
