@@ -444,13 +444,18 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         && args.config.is_none()
         && args.disks.is_empty()
         && args.restore.is_none();
-    let preboot = args.api_only || (api_sock.is_some() && nothing_to_boot);
+    // (A riscv64 VM boots the riscv64 assets when it names no kernel.)
+    let preboot = args.api_only
+        || (api_sock.is_some() && nothing_to_boot && args.arch != vmm::config::Arch::Riscv64);
     // The VM's description first: the jail needs its files, and must be entered before
     // any thread starts.
     // A snapshot to restore is read first too: its configuration names the VM's files.
     let mut loaded = None;
     let mut snapshot_files = Vec::new();
     let config = if preboot {
+        if args.arch == vmm::config::Arch::Riscv64 {
+            bail!("--api-only with --arch riscv64: the API's InstanceStart builds x86_64 VMs only");
+        }
         if args.jail.is_some() {
             bail!("--jail needs the VM's files up front: it cannot wait for InstanceStart");
         }

@@ -21,6 +21,11 @@ pub enum RiscvError {
     #[error("riscv64 guests do not have {0} yet")]
     Unsupported(&'static str),
     #[error(
+        "{0} vCPUs: the riscv64 machine has 1 to {max} harts",
+        max = rv64emu::virt::layout::MAX_HARTS
+    )]
+    Harts(u8),
+    #[error(
         "--accel {0:?}: a riscv64 guest runs only on Vessel's RISC-V CPU (--accel auto or emu)"
     )]
     Accel(Accel),
@@ -52,7 +57,7 @@ pub fn check(config: &VmConfig) -> Result<(), RiscvError> {
         other => return Err(RiscvError::Accel(other)),
     }
     if config.cpus == 0 || u32::from(config.cpus) > rv64emu::virt::layout::MAX_HARTS {
-        return Err(RiscvError::Unsupported("more than 8 harts"));
+        return Err(RiscvError::Harts(config.cpus));
     }
     if config.vsock.is_some() {
         return Err(RiscvError::Unsupported("vsock"));

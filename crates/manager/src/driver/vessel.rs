@@ -526,7 +526,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"kernel": "/k", "arch": "riscv64"})).unwrap();
         VesselDriver.check(&rv).unwrap();
         for (field, value, named) in [
-            ("cpus", serde_json::json!(9), "more than 8 harts"),
+            ("cpus", serde_json::json!(9), "1 to 8 harts"),
             ("cpus", serde_json::json!(2), ""),
             ("rng", serde_json::json!(true), ""),
         ] {
