@@ -234,8 +234,9 @@ impl Bus for VirtBus {
                 x if x == TEST_FAIL => Some(VirtExit::Failure(v >> 16)),
                 _ => None,
             };
-            if exit.is_some() {
-                lock(&dev.exit).get_or_insert(exit.unwrap_or(VirtExit::Poweroff));
+            if let Some(e) = exit {
+                // The first command wins, as the exit signal's first reason does.
+                lock(&dev.exit).get_or_insert(e);
             }
             return true;
         }
