@@ -139,10 +139,20 @@ fn check_values(root: Node) -> Result<()> {
         };
         match (parent, name) {
             ("os", "type") => {
-                if let Some(a) = attr(n, "arch").filter(|a| a != "x86_64") {
-                    return Err(refuse(format!(
-                        "architecture '{a}': Vessel runs x86_64 guests only"
-                    )));
+                match (attr(n, "arch").as_deref(), attr(n, "machine").as_deref()) {
+                    (None | Some("x86_64"), _) => {}
+                    // On Vessel's RISC-V CPU, whose machine is laid out as QEMU's virt.
+                    (Some("riscv64"), None | Some("virt")) => {}
+                    (Some("riscv64"), Some(m)) => {
+                        return Err(refuse(format!(
+                            "<type arch='riscv64' machine='{m}'>: Vessel's riscv64 machine is virt"
+                        )))
+                    }
+                    (Some(a), _) => {
+                        return Err(refuse(format!(
+                            "architecture '{a}': Vessel runs x86_64 and riscv64 guests"
+                        )))
+                    }
                 }
                 text_ok(&["hvm"])?;
             }
@@ -408,7 +418,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     crate::xml_support::check(root).map_err(bad)?;
     let mut vsock_uds = None;
     let mut cloud_init = None;
+    let mut explicit_driver = false;
     if let Some(m) = vessel_metadata(root)? {
+        explicit_driver = true;
         driver = m.driver;
         if m.driver == DriverKind::Vessel {
             accel = m.accel;
@@ -495,6 +507,22 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     }
     vm.accel = accel;
     vm.serial = vmm::SerialConfig::Null;
+    if child(os, "type").and_then(|t| t.attribute("arch")) == Some("riscv64") {
+        vm.arch = vmm::config::Arch::Riscv64;
+        // A riscv64 guest runs on Vessel's software CPU: QEMU's TCG (type='qemu') is
+        // what that is in libvirt's terms, and only the Vessel driver has it.
+        if !explicit_driver {
+            if root.attribute("type") == Some("kvm") {
+                return Err(refuse(
+                    "<domain type='kvm'> with a riscv64 guest: this host has no riscv64 \
+                     KVM; use type='qemu' (Vessel's RISC-V CPU)",
+                ));
+            }
+            driver = DriverKind::Vessel;
+            accel = Accel::Auto;
+            vm.accel = accel;
+        }
+    }
 
     let mut disks = Vec::new();
     let mut interfaces = Vec::new();
@@ -649,7 +677,9 @@ fn esc(s: &str) -> String {
 /// Writes a definition as libvirt domain XML.
 pub fn to_xml(d: &DomainDef) -> String {
     // libvirt's schema knows kvm and qemu: a Vessel domain is kvm plus Vessel's metadata.
+    // A riscv64 guest is emulated on this host: qemu (TCG) in libvirt's terms.
     let ty = match (d.driver, d.vm.accel) {
+        _ if d.vm.arch == vmm::config::Arch::Riscv64 => "qemu",
         (DriverKind::Vessel, _) | (DriverKind::Qemu, Accel::Kvm) => "kvm",
         (DriverKind::Qemu, _) => "qemu",
     };
@@ -715,7 +745,12 @@ pub fn to_xml(d: &DomainDef) -> String {
             "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{m}</model>\n{topology}  </cpu>\n"
         )),
     }
-    x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
+    x.push_str(match d.vm.arch {
+        vmm::config::Arch::X86_64 => "  <os>\n    <type arch='x86_64'>hvm</type>\n",
+        vmm::config::Arch::Riscv64 => {
+            "  <os>\n    <type arch='riscv64' machine='virt'>hvm</type>\n"
+        }
+    });
     if let Some(k) = &d.vm.kernel {
         x.push_str(&format!(
             "    <kernel>{}</kernel>\n",
@@ -1049,6 +1084,38 @@ mod tests {
         )
     }
 
+    /// libvirt's riscv64 `virt` domain (type qemu: emulated) runs on Vessel's RISC-V
+    /// CPU under the Vessel driver, and dumps back as the same architecture and machine.
+    #[test]
+    fn a_riscv64_virt_domain_is_vessels_and_keeps_its_arch() {
+        let xml = dom(
+            "",
+            "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+        )
+        .replace("type='kvm'", "type='qemu'")
+        .replace(
+            "<type arch='x86_64'>",
+            "<type arch='riscv64' machine='virt'>",
+        );
+        let d = parse_domain(&xml).unwrap();
+        assert_eq!(d.vm.arch, vmm::config::Arch::Riscv64);
+        assert_eq!((d.driver, d.vm.accel), (DriverKind::Vessel, Accel::Auto));
+        assert!(d.vm.rng);
+        let dump = to_xml(&d);
+        assert!(
+            dump.contains("<type arch='riscv64' machine='virt'>hvm</type>")
+                && dump.starts_with("<domain type='qemu'>"),
+            "{dump}"
+        );
+        let again = parse_domain(&dump).unwrap();
+        assert_eq!(again.vm, d.vm, "{dump}");
+        assert_eq!(again.driver, DriverKind::Vessel);
+        // x86_64 stays as it was.
+        let x86 = parse_domain(&dom("", "")).unwrap();
+        assert_eq!(x86.vm.arch, vmm::config::Arch::X86_64);
+        assert!(to_xml(&x86).contains("<type arch='x86_64'>hvm</type>"));
+    }
+
     /// libvirt's element classes, each mapped (Ok) or refused with libvirt's wording and
     /// the element named (Err). Our own XML, in the shape of libvirt's test suite.
     #[test]
@@ -1098,6 +1165,8 @@ mod tests {
             (dom("<memory dumpCore='off' unit='MiB'>256</memory>", "").replace("<memory unit='MiB'>256</memory>", ""), "dumpCore"),
             (dom("", "").replace("<type arch='x86_64'>", "<type arch='aarch64' machine='virt'>"), "architecture 'aarch64'"),
             (dom("", "").replace("<type arch='x86_64'>", "<type arch='i686'>"), "architecture 'i686'"),
+            (dom("", "").replace("<type arch='x86_64'>", "<type arch='riscv64' machine='sifive_u'>"), "machine='sifive_u'"),
+            (dom("", "").replace("<type arch='x86_64'>", "<type arch='riscv64' machine='virt'>"), "no riscv64 KVM"),
             (dom("", "").replace("<kernel>/k</kernel>", "<kernel>/k</kernel><boot dev='network'/>"), "dev='network'"),
         ];
         for (xml, want) in &refused {

@@ -73,7 +73,11 @@ pub const MAPPED: &[Mapped] = &[
         &["firmware"],
         "boot; firmware='efi': Debian's OVMF (VmConfig.firmware)",
     ),
-    m("domain/os/type", &["arch", "machine"], "x86_64 hvm only"),
+    m(
+        "domain/os/type",
+        &["arch", "machine"],
+        "VmConfig.arch: x86_64, or riscv64 on machine virt (Vessel's RISC-V CPU)",
+    ),
     m("domain/os/kernel", &[], "VmConfig.kernel"),
     m("domain/os/initrd", &[], "VmConfig.initrd"),
     m("domain/os/cmdline", &[], "VmConfig.cmdline"),

@@ -1,6 +1,7 @@
 //! Boots the riscv64 `virt` machine straight from the library:
 //! `cargo run -p rv64emu --example virt_boot -- FW_DYNAMIC IMAGE [INITRD] [CMDLINE]`.
-//! `vessel run --arch riscv64` is the real entry point; this one skips the VMM.
+//! `vessel run --arch riscv64` is the real entry point; this one skips the VMM (and has
+//! no console input).
 
 fn main() {
     tracing_subscriber::fmt()
@@ -14,6 +15,7 @@ fn main() {
     }
     let cfg = rv64emu::virt::VirtConfig {
         memory_mib: 512,
+        harts: 1,
         firmware: args[1].clone().into(),
         kernel: args[2].clone().into(),
         initrd: args.get(3).filter(|s| !s.is_empty()).map(Into::into),
@@ -24,7 +26,8 @@ fn main() {
         disks: Vec::new(),
         devices: Vec::new(),
         serial_out: Box::new(std::io::stdout()),
-        stdin: true,
+        exit: Default::default(),
+        io_gate: Default::default(),
     };
     match rv64emu::virt::boot(cfg) {
         Ok(exit) => {

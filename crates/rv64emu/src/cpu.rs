@@ -73,15 +73,18 @@ pub struct Cpu {
     pub prv: Priv,
     pub csr: Csrs,
     pub hartid: u64,
-    pub mtimecmp: u64,
-    pub msip: bool,
+    /// Every hart's MSIP and MTIMECMP; this hart's slot is `hartid`.
+    pub clint: std::sync::Arc<crate::clint::Clint>,
     pub instret: u64,
     /// Base of the CLINT the CPU serves, if any.
     pub clint_base: Option<u64>,
     /// Return exceptions from `run` instead of taking them (user-mode harnesses).
     pub exit_on_exception: bool,
     pub time: TimeSource,
-    pub(crate) reservation: Option<u64>,
+    /// LR's reservation: the physical address and the value it loaded. SC stores only
+    /// if memory still holds that value (a compare-and-swap), so a store by another
+    /// hart in between fails it.
+    pub(crate) reservation: Option<(u64, u64)>,
     pub(crate) ram: GuestRam,
     tlb: Tlb,
     cache: BlockCache,
@@ -120,8 +123,7 @@ impl Cpu {
             prv: Priv::Machine,
             csr: Csrs::new(),
             hartid: 0,
-            mtimecmp: u64::MAX,
-            msip: false,
+            clint: Default::default(),
             instret: 0,
             clint_base: None,
             exit_on_exception: false,
@@ -164,11 +166,12 @@ impl Cpu {
     /// `mip` as the hart sees it: software bits plus the wired timer, software and
     /// external lines.
     pub fn mip(&self, bus: &mut dyn Bus) -> u64 {
+        let hart = self.hartid as usize;
         let mut v = self.csr.mip | bus.external_pending();
-        if self.mtime() >= self.mtimecmp {
+        if self.mtime() >= self.clint.mtimecmp(hart) {
             v |= trap::MTIP;
         }
-        if self.msip {
+        if self.clint.msip(hart) {
             v |= trap::MSIP;
         }
         v
@@ -179,15 +182,16 @@ impl Cpu {
         if self.csr.mie == 0 {
             return None;
         }
+        let hart = self.hartid as usize;
         if self.instret >= self.timer_check_at {
-            self.mtip = self.mtime() >= self.mtimecmp;
+            self.mtip = self.mtime() >= self.clint.mtimecmp(hart);
             self.timer_check_at = self.instret + TIMER_CHECK_INTERVAL;
         }
         let mut mip = self.csr.mip | bus.external_pending();
         if self.mtip {
             mip |= trap::MTIP;
         }
-        if self.msip {
+        if self.clint.msip(hart) {
             mip |= trap::MSIP;
         }
         let pending = mip & self.csr.mie;
@@ -435,8 +439,14 @@ impl Cpu {
 
     fn clint_read(&self, off: u64, size: u8) -> u64 {
         let (reg, base) = match off {
-            0..=3 => (self.msip as u64, 0),
-            CLINT_MTIMECMP..=0x4007 => (self.mtimecmp, CLINT_MTIMECMP),
+            0..=0x3fff => {
+                let hart = (off / 4) as usize;
+                (self.clint.msip(hart) as u64, off & !3)
+            }
+            CLINT_MTIMECMP..CLINT_MTIME => {
+                let hart = ((off - CLINT_MTIMECMP) / 8) as usize;
+                (self.clint.mtimecmp(hart), off & !7)
+            }
             CLINT_MTIME..=0xbfff => (self.mtime(), CLINT_MTIME),
             _ => return 0,
         };
@@ -451,15 +461,17 @@ impl Cpu {
 
     fn clint_write(&mut self, off: u64, size: u8, value: u64) {
         match off {
-            0 => self.msip = value & 1 != 0,
-            CLINT_MTIMECMP..=0x4007 => {
-                let shift = 8 * (off - CLINT_MTIMECMP);
+            // A write to another hart's word is an inter-processor interrupt.
+            0..=0x3fff if off & 3 == 0 => self.clint.set_msip((off / 4) as usize, value & 1 != 0),
+            CLINT_MTIMECMP..CLINT_MTIME => {
+                let hart = ((off - CLINT_MTIMECMP) / 8) as usize;
+                let shift = 8 * (off & 7);
                 let mask = if size >= 8 {
                     u64::MAX
                 } else {
                     ((1u64 << (8 * size as u64)) - 1) << shift
                 };
-                self.mtimecmp = (self.mtimecmp & !mask) | ((value << shift) & mask);
+                self.clint.write_mtimecmp(hart, value << shift, mask);
                 self.timer_check_at = 0;
             }
             // mtime is the host clock here: writes are ignored.

@@ -176,7 +176,7 @@ impl Cpu {
                     return Err(Exception::LoadAccessFault(a));
                 }
                 let v = self.load(bus, a, size)?;
-                self.reservation = Some(hit.pa);
+                self.reservation = Some((hit.pa, v));
                 if size == 4 {
                     v as i32 as u64
                 } else {
@@ -192,10 +192,12 @@ impl Cpu {
                 if hit.host.is_null() {
                     return Err(Exception::StoreAccessFault(a));
                 }
-                let ok = self.reservation.take() == Some(hit.pa);
-                if ok {
-                    self.store(bus, a, size, b)?;
-                }
+                let ok = match self.reservation.take() {
+                    Some((pa, seen)) if pa == hit.pa => {
+                        self.store_if_unchanged(hit.pa, size, seen, b)
+                    }
+                    _ => false,
+                };
                 (!ok) as u64
             }
             Amo => self.amo(i, a, b)?,
@@ -279,6 +281,26 @@ impl Cpu {
         };
         self.set(i.rd, v);
         Ok(Flow::Next)
+    }
+
+    /// SC's store: `value` goes to RAM at `pa` only if it still holds `seen`.
+    fn store_if_unchanged(&mut self, pa: u64, size: u8, seen: u64, value: u64) -> bool {
+        if size == 4 {
+            self.ram.atomic_u32(pa).is_some_and(|c| {
+                c.compare_exchange(
+                    seen as u32,
+                    value as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            })
+        } else {
+            self.ram.atomic_u64(pa).is_some_and(|c| {
+                c.compare_exchange(seen, value, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
+        }
     }
 
     fn amo(&mut self, i: &Insn, addr: u64, src: u64) -> Result<u64, Exception> {

@@ -7,6 +7,7 @@
 
 pub mod bus;
 mod cache;
+pub mod clint;
 pub mod cpu;
 pub mod csr;
 pub mod decode;

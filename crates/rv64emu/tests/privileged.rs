@@ -581,3 +581,147 @@ l0:   .space 4096
         "after sfence.vma the same virtual PC must run the new page"
     );
 }
+
+/// Two harts on one RAM and one CLINT: hart 0 wakes hart 1 from WFI by writing its
+/// MSIP word (an IPI), and an SC fails when the other hart stored to the reserved word
+/// between the LR and the SC (and succeeds without one).
+#[test]
+fn a_clint_ipi_wakes_the_other_hart_and_its_store_breaks_a_reservation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const FLAG: &str = "0x80180000"; // hart 1: 1 = woken, 3 = stored; hart 0: 2 = store now
+    let src = format!(
+        "{PRELUDE}
+    li s1, {FLAG}
+    li s2, {FLAG} + 0x100      # the reserved word
+    csrr t0, mhartid
+    bnez t0, hart1
+    # Hart 0: wait until hart 1 sleeps (its flag at -1), then interrupt it.
+0:  ld t1, 0(s1)
+    li t2, -1
+    bne t1, t2, 0b
+    li t0, CLINT + 4
+    li t1, 1
+    sw t1, 0(t0)
+1:  ld t1, 0(s1)
+    li t2, 1
+    bne t1, t2, 1b
+    # LR, then the other hart stores to the word, then SC: must fail.
+    lr.d t3, (s2)
+    li t1, 2
+    sd t1, 0(s1)
+2:  ld t1, 0(s1)
+    li t2, 3
+    bne t1, t2, 2b
+    li t4, 0x1234
+    sc.d t5, t4, (s2)
+    sd t5, 0(s11)
+    # Undisturbed: must succeed.
+    lr.d t3, (s2)
+    sc.d t5, t4, (s2)
+    sd t5, 8(s11)
+    ld t1, 0(s2)
+    sd t1, 16(s11)
+    j finish
+
+hart1:
+    la t0, mtrap1
+    csrw mtvec, t0
+    li t0, 1 << 3
+    csrs mie, t0
+    csrsi mstatus, 8
+    li t1, -1
+    sd t1, 0(s1)
+3:  wfi
+    ld t1, 0(s1)
+    li t2, 1
+    bne t1, t2, 3b
+4:  ld t1, 0(s1)
+    li t2, 2
+    bne t1, t2, 4b
+    li t1, 0x5678
+    sd t1, 0(s2)
+    li t1, 3
+    sd t1, 0(s1)
+5:  j 5b
+
+.align 2
+mtrap1:
+    csrr t0, mcause
+    sd t0, 24(s11)
+    li t0, CLINT + 4
+    sw zero, 0(t0)
+    li t1, 1
+    sd t1, 0(s1)
+    mret
+.align 2
+mtrap:
+    j mtrap
+{FINISH}"
+    );
+    require_tools();
+    let dir = Scratch::new("two_harts");
+    let elf = build_bare(&dir.0, "two_harts", &src, BASE);
+    // One RAM for both harts.
+    let mut backing = vec![0u64; 0x20_0000 / 8];
+    let host = backing.as_mut_ptr().cast::<u8>();
+    let clint = Arc::new(rv64emu::clint::Clint::new(2));
+    let mut cpus: Vec<Cpu> = (0..2)
+        .map(|hart| {
+            let mut ram = GuestRam::new();
+            // SAFETY: `backing` outlives both CPUs (dropped at the end of this test,
+            // after the hart threads are joined) and is only used through them.
+            unsafe { ram.add_region(BASE, host, 0x20_0000) }.unwrap();
+            let entry = load_segments(&elf, &ram);
+            let mut cpu = Cpu::new(ram, entry);
+            cpu.hartid = hart;
+            cpu.clint = clint.clone();
+            cpu.clint_base = Some(CLINT);
+            cpu
+        })
+        .collect();
+    let hart1 = cpus.pop().unwrap();
+    let mut hart0 = cpus.pop().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let other = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut cpu = hart1;
+            let mut bus = Finisher::default();
+            while !done.load(Ordering::SeqCst) {
+                if let RunExit::Wfi = cpu.run(&mut bus, 10_000) {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            }
+            cpu
+        })
+    };
+    let mut bus = Finisher::default();
+    let t0 = std::time::Instant::now();
+    while !bus.done {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "hart 0 never finished; pc {:#x}",
+            hart0.pc
+        );
+        if let RunExit::Wfi = hart0.run(&mut bus, 10_000) {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    let hart1 = other.join().unwrap();
+    assert_eq!(
+        rec(&hart0, 0),
+        1,
+        "SC after the other hart's store must fail"
+    );
+    assert_eq!(rec(&hart0, 1), 0, "an undisturbed SC succeeds");
+    assert_eq!(rec(&hart0, 2), 0x1234, "the successful SC's value");
+    assert_eq!(
+        rec(&hart0, 3),
+        (1 << 63) | 3,
+        "hart 1 took a software interrupt"
+    );
+    drop((hart0, hart1));
+    drop(backing);
+}

@@ -444,13 +444,18 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         && args.config.is_none()
         && args.disks.is_empty()
         && args.restore.is_none();
-    let preboot = args.api_only || (api_sock.is_some() && nothing_to_boot);
+    // (A riscv64 VM boots the riscv64 assets when it names no kernel.)
+    let preboot = args.api_only
+        || (api_sock.is_some() && nothing_to_boot && args.arch != vmm::config::Arch::Riscv64);
     // The VM's description first: the jail needs its files, and must be entered before
     // any thread starts.
     // A snapshot to restore is read first too: its configuration names the VM's files.
     let mut loaded = None;
     let mut snapshot_files = Vec::new();
     let config = if preboot {
+        if args.arch == vmm::config::Arch::Riscv64 {
+            bail!("--api-only with --arch riscv64: the API's InstanceStart builds x86_64 VMs only");
+        }
         if args.jail.is_some() {
             bail!("--jail needs the VM's files up front: it cannot wait for InstanceStart");
         }
@@ -468,17 +473,6 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         config.prepare_firmware_vars()?;
         Some(config)
     };
-    if let Some(config) = config
-        .as_ref()
-        .filter(|c| c.arch == vmm::config::Arch::Riscv64)
-    {
-        if args.api_sock.is_some() || args.jail.is_some() || console_sock.is_some() {
-            bail!("--arch riscv64 runs in the foreground only: no --api-sock, --console-sock or --jail yet");
-        }
-        let (reason, note) = vmm::riscv::run(config).context("cannot run the riscv64 VM")?;
-        eprintln!("vessel: {note}");
-        return report(Ok(reason));
-    }
     let ids = args
         .uid
         .zip(args.gid)
@@ -503,6 +497,15 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         );
     }
     let _cleanup = RemoveOnDrop(console_sock, relay);
+    if let Some(config) = config
+        .as_ref()
+        .filter(|c| c.arch == vmm::config::Arch::Riscv64)
+    {
+        if loaded.is_some() {
+            bail!("a riscv64 VM cannot be restored from a snapshot");
+        }
+        return run_riscv(config.clone(), api_sock.as_deref());
+    }
     if preboot {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
@@ -569,6 +572,31 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         vmm::api::http::remove_socket(sock);
     }
     report(reason.map_err(anyhow::Error::from))
+}
+
+/// A riscv64 VM on Vessel's RISC-V CPU, with the control API on `api_sock` (no
+/// snapshots or migration: its machine has neither).
+fn run_riscv(config: VmConfig, api_sock: Option<&Path>) -> anyhow::Result<i32> {
+    let vm = vmm::riscv::RiscvVm::new(config.clone()).context("cannot run the riscv64 VM")?;
+    if let Some(sock) = api_sock {
+        let api =
+            vmm::api::firecracker::VmmApi::new_running_without_snapshots(config, vm.control());
+        vmm::api::firecracker::spawn(sock, api)
+            .with_context(|| format!("serving the API on {}", sock.display()))?;
+    }
+    eprintln!("vessel: {}", vmm::riscv::NOTE);
+    let raw = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprintln!("vessel: console on this terminal; Ctrl-A x quits");
+        vmm::console::RawTerminal::enter(0)
+    } else {
+        None
+    };
+    let reason = vm.run();
+    drop(raw);
+    if let Some(sock) = api_sock {
+        vmm::api::http::remove_socket(sock);
+    }
+    report(reason.context("cannot run the riscv64 VM"))
 }
 
 /// `--incoming`: waits for the VM, builds it as a restore does, tells the source it
@@ -678,9 +706,13 @@ fn enter_jail(
     let mut binds: Vec<(PathBuf, Access)> = Vec::new();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let ro = |p: &Path, binds: &mut Vec<(PathBuf, Access)>| binds.push((abs(p), Access::ReadOnly));
+    // A riscv64 VM boots its M-mode firmware, Debian's OpenSBI unless it names one.
+    let riscv_firmware =
+        (config.arch == vmm::config::Arch::Riscv64).then(|| vmm::riscv::firmware(config));
     for p in config
         .kernel
         .iter()
+        .chain(&riscv_firmware)
         .chain(snapshot_files)
         .chain(&config.initrd)
         .chain(&config.firmware)

@@ -233,3 +233,36 @@ fn img_check_exits_as_qemu_img_check_does() {
     assert_eq!(vessel(&[]), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What the riscv64 machine cannot do is refused before anything starts: a VM built
+/// later through the API (InstanceStart builds x86_64 only), more harts than it has.
+#[test]
+fn riscv64_refusals_name_what_is_missing() {
+    let dir = TempDir::new("cli-rv");
+    let sock = dir.path().join("api.sock");
+    run_expecting_error(
+        &[
+            "run",
+            "--arch",
+            "riscv64",
+            "--api-only",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        "InstanceStart builds x86_64 VMs only",
+    );
+    // A file for a kernel: the harts are refused before the kernel is read.
+    let kernel = std::env::current_exe().unwrap();
+    run_expecting_error(
+        &[
+            "run",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cpus",
+            "9",
+        ],
+        "9 vCPUs: the riscv64 machine has 1 to 8 harts",
+    );
+}

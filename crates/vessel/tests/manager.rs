@@ -3478,3 +3478,98 @@ fn qemu_domain_saves_and_restores_through_qmp() {
     consecutive();
     d.ok(&["destroy", "qsaved"]);
 }
+
+/// Issue 19: libvirt's riscv64 `virt` domain, defined from XML, runs on Vessel's RISC-V
+/// CPU under the Vessel driver (jailed, its console on the manager's socket and log),
+/// keeps its architecture in dumpxml, pauses and resumes through the VMM's control
+/// API (the guest's counter stops and goes on), has no power button to shut down with,
+/// reboots (a new VMM), and is destroyed.
+#[test]
+fn riscv64_virt_domain_from_xml_runs_on_the_software_cpu() {
+    let rv = common::assets().join("riscv64");
+    assert!(
+        rv.join("Image").is_file() && rv.join("initramfs.cpio.gz").is_file(),
+        "riscv64 guest assets missing in {}: run scripts/riscv-assets.sh",
+        rv.display()
+    );
+    let d = Daemon::start("rv64");
+    let c = d.client();
+    let xml = format!(
+        "<domain type='qemu'>\n  <name>rvvm</name>\n  <memory unit='MiB'>256</memory>\n  \
+         <os><type arch='riscv64' machine='virt'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
+         <cmdline>console=ttyS0 quiet {COUNTING}</cmdline></os>\n  \
+         <devices><serial type='pty'/><console type='pty'/></devices>\n</domain>\n",
+        rv.join("Image").display(),
+        rv.join("initramfs.cpio.gz").display()
+    );
+    let f = d.dir.join("rvvm.xml");
+    std::fs::write(&f, xml).unwrap();
+    let out = d.ok(&["define", f.to_str().unwrap()]);
+    assert!(out.contains("Domain 'rvvm' defined"), "{out}");
+    let out = d.ok(&["dumpxml", "rvvm"]);
+    assert!(
+        out.contains("<type arch='riscv64' machine='virt'>hvm</type>")
+            && out.contains("driver='vessel'"),
+        "{out}"
+    );
+    d.ok(&["start", "rvvm"]);
+    let t0 = Instant::now();
+    while counts(&c, "rvvm").last().copied().unwrap_or(0) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(400),
+            "the riscv64 guest did not count:\n{}\n{}",
+            serial_log(&c, "rvvm"),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = serial_log(&c, "rvvm");
+    assert!(
+        log.contains("vessel-init: riscv64"),
+        "not the riscv64 guest:\n{log}"
+    );
+
+    let out = d.ok(&["suspend", "rvvm"]);
+    assert_eq!(out.trim(), "Domain 'rvvm' suspended");
+    assert!(d.ok(&["list"]).contains("paused"));
+    // A line the hart was writing when it stopped may still come out.
+    std::thread::sleep(Duration::from_millis(300));
+    let at_pause = counts(&c, "rvvm").last().copied();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        counts(&c, "rvvm").last().copied(),
+        at_pause,
+        "the paused guest went on counting"
+    );
+    d.ok(&["resume", "rvvm"]);
+    let t0 = Instant::now();
+    while counts(&c, "rvvm").last().copied() <= at_pause.map(|n| n + 2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the resumed guest does not count:\n{}",
+            serial_log(&c, "rvvm")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = d.fails(&["shutdown", "rvvm"]);
+    assert!(e.contains("no power button"), "{e}");
+    // Reboot: the VMM ends with the reboot status and the manager boots it again.
+    d.ok(&["reboot", "rvvm"]);
+    let t0 = Instant::now();
+    while serial_log(&c, "rvvm")
+        .matches("vessel-init: riscv64")
+        .count()
+        < 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(400),
+            "no second boot:\n{}",
+            serial_log(&c, "rvvm")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state(&c, "rvvm"), "running");
+    let out = d.ok(&["destroy", "rvvm"]);
+    assert_eq!(out.trim(), "Domain 'rvvm' destroyed");
+    assert!(d.ok(&["list", "--all"]).contains("shut off"));
+}

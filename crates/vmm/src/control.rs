@@ -31,12 +31,15 @@ pub enum ControlError {
     PauseTimeout(Duration),
     #[error("raising the power button's interrupt: {0}")]
     Irq(#[from] hypervisor::Error),
+    #[error("this machine has no power button ({0}): stop or reset it instead")]
+    NoPowerButton(&'static str),
 }
 
 /// The handle to a running VM.
 pub struct VmControl {
     exit: Arc<ExitSignal>,
-    ged: Arc<Mutex<Ged>>,
+    /// The ACPI power button; Err names the machine that has none.
+    ged: Result<Arc<Mutex<Ged>>, &'static str>,
     /// Keeps the devices' I/O threads out of guest memory while paused.
     io_gate: Arc<virtio::transport::IoGate>,
     paused: AtomicBool,
@@ -74,6 +77,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl VmControl {
     pub fn new(exit: Arc<ExitSignal>, ged: Arc<Mutex<Ged>>) -> Self {
+        Self::with_power_button(exit, Ok(ged))
+    }
+
+    /// The handle to a machine without an ACPI power button (`machine` names it in the
+    /// refusal of [`VmControl::press_power_button`]).
+    pub fn without_power_button(exit: Arc<ExitSignal>, machine: &'static str) -> Self {
+        Self::with_power_button(exit, Err(machine))
+    }
+
+    fn with_power_button(
+        exit: Arc<ExitSignal>,
+        ged: Result<Arc<Mutex<Ged>>, &'static str>,
+    ) -> Self {
         VmControl {
             exit,
             ged,
@@ -174,7 +190,11 @@ impl VmControl {
     /// Presses the ACPI power button (the guest decides what to do about it).
     pub fn press_power_button(&self) -> Result<(), ControlError> {
         self.running()?;
-        lock(&self.ged).press_power_button()?;
+        let ged = self
+            .ged
+            .as_ref()
+            .map_err(|m| ControlError::NoPowerButton(m))?;
+        lock(ged).press_power_button()?;
         Ok(())
     }
 

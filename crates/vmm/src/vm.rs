@@ -1244,7 +1244,7 @@ fn io_thread(
 
 /// Waits for the VM's end, or a termination signal through `term` (which ends it as a
 /// quit).
-fn wait_for_exit(exit: &ExitSignal, term: &EventFd) -> Result<ExitReason, VmmError> {
+pub(crate) fn wait_for_exit(exit: &ExitSignal, term: &EventFd) -> Result<ExitReason, VmmError> {
     let ended = exit.subscribe().map_err(|source| VmmError::EventFd {
         what: "the VM's end",
         source,
@@ -1291,7 +1291,7 @@ extern "C" fn on_termination(_: libc::c_int) {
 }
 
 /// The process's termination eventfd, with the signal handlers that write it installed.
-fn termination_eventfd() -> std::io::Result<&'static EventFd> {
+pub(crate) fn termination_eventfd() -> std::io::Result<&'static EventFd> {
     static TERM: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
     if let Some(t) = TERM.get() {
         return Ok(t);

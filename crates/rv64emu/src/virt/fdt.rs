@@ -1,5 +1,5 @@
-//! The device tree the VMM hands OpenSBI and Linux: one hart, RAM, CLINT, PLIC, the
-//! 16550 UART, a SiFive test device (poweroff/reboot), and the virtio-mmio slots.
+//! The device tree the VMM hands OpenSBI and Linux: the harts, RAM, CLINT, PLIC, the
+//! 16550 UART, the Goldfish RTC, a SiFive test device (poweroff/reboot), and the virtio-mmio slots.
 
 use super::layout::*;
 
@@ -12,11 +12,14 @@ pub struct FdtParams {
     pub initrd: Option<(u64, u64)>,
     /// How many virtio-mmio slots are populated.
     pub virtio_slots: u32,
+    /// How many harts (hart ids 0..harts).
+    pub harts: u32,
 }
 
-const PH_CPU_INTC: u32 = 1;
 const PH_PLIC: u32 = 2;
 const PH_TEST: u32 = 3;
+/// Hart n's interrupt controller is PH_CPU_INTC + n.
+const PH_CPU_INTC: u32 = 0x100;
 
 /// Builds the flattened device tree.
 pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
@@ -45,20 +48,22 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_u32("#address-cells", 1)?;
     f.property_u32("#size-cells", 0)?;
     f.property_u32("timebase-frequency", TIMEBASE_HZ as u32)?;
-    let cpu = f.begin_node("cpu@0")?;
-    f.property_string("device_type", "cpu")?;
-    f.property_u32("reg", 0)?;
-    f.property_string("status", "okay")?;
-    f.property_string("compatible", "riscv")?;
-    f.property_string("riscv,isa", ISA)?;
-    f.property_string("mmu-type", "riscv,sv48")?;
-    let intc = f.begin_node("interrupt-controller")?;
-    f.property_u32("#interrupt-cells", 1)?;
-    f.property_null("interrupt-controller")?;
-    f.property_string("compatible", "riscv,cpu-intc")?;
-    f.property_phandle(PH_CPU_INTC)?;
-    f.end_node(intc)?;
-    f.end_node(cpu)?;
+    for hart in 0..p.harts {
+        let cpu = f.begin_node(&format!("cpu@{hart}"))?;
+        f.property_string("device_type", "cpu")?;
+        f.property_u32("reg", hart)?;
+        f.property_string("status", "okay")?;
+        f.property_string("compatible", "riscv")?;
+        f.property_string("riscv,isa", ISA)?;
+        f.property_string("mmu-type", "riscv,sv48")?;
+        let intc = f.begin_node("interrupt-controller")?;
+        f.property_u32("#interrupt-cells", 1)?;
+        f.property_null("interrupt-controller")?;
+        f.property_string("compatible", "riscv,cpu-intc")?;
+        f.property_phandle(PH_CPU_INTC + hart)?;
+        f.end_node(intc)?;
+        f.end_node(cpu)?;
+    }
     f.end_node(cpus)?;
 
     let soc = f.begin_node("soc")?;
@@ -92,6 +97,13 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_u32("value", TEST_RESET)?;
     f.end_node(reboot)?;
 
+    let rtc = f.begin_node(&format!("rtc@{RTC_BASE:x}"))?;
+    f.property_string("compatible", "google,goldfish-rtc")?;
+    f.property_array_u64("reg", &[RTC_BASE, super::rtc::SIZE])?;
+    f.property_u32("interrupt-parent", PH_PLIC)?;
+    f.property_u32("interrupts", RTC_IRQ)?;
+    f.end_node(rtc)?;
+
     let uart = f.begin_node(&format!("serial@{UART_BASE:x}"))?;
     f.property_string("compatible", "ns16550a")?;
     f.property_array_u64("reg", &[UART_BASE, 0x100])?;
@@ -116,7 +128,11 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
         vec!["sifive,clint0".into(), "riscv,clint0".into()],
     )?;
     f.property_array_u64("reg", &[CLINT_BASE, crate::cpu::CLINT_SIZE])?;
-    f.property_array_u32("interrupts-extended", &[PH_CPU_INTC, 3, PH_CPU_INTC, 7])?;
+    // Each hart's software (3) and timer (7) interrupts.
+    let lines: Vec<u32> = (0..p.harts)
+        .flat_map(|h| [PH_CPU_INTC + h, 3, PH_CPU_INTC + h, 7])
+        .collect();
+    f.property_array_u32("interrupts-extended", &lines)?;
     f.end_node(clint)?;
 
     let plic = f.begin_node(&format!("plic@{PLIC_BASE:x}"))?;
@@ -129,7 +145,11 @@ pub fn build(p: &FdtParams) -> Result<Vec<u8>, vm_fdt::Error> {
     f.property_u32("#interrupt-cells", 1)?;
     f.property_null("interrupt-controller")?;
     f.property_u32("riscv,ndev", super::plic::NUM_SOURCES - 1)?;
-    f.property_array_u32("interrupts-extended", &[PH_CPU_INTC, 11, PH_CPU_INTC, 9])?;
+    // Contexts 2h and 2h + 1: hart h's M (11) and S (9) external interrupts.
+    let lines: Vec<u32> = (0..p.harts)
+        .flat_map(|h| [PH_CPU_INTC + h, 11, PH_CPU_INTC + h, 9])
+        .collect();
+    f.property_array_u32("interrupts-extended", &lines)?;
     f.property_phandle(PH_PLIC)?;
     f.end_node(plic)?;
 

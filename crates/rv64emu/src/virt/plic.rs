@@ -1,16 +1,15 @@
 //! The platform-level interrupt controller (SiFive's PLIC register layout, as QEMU's
-//! `virt` and OpenSBI know it), with two contexts for the one hart: 0 drives MEIP,
-//! 1 drives SEIP.
+//! `virt` and OpenSBI know it), with two contexts per hart: 2h drives hart h's MEIP,
+//! 2h + 1 its SEIP.
 //!
 //! Sources latch on an edge (or while a level is high) and clear when claimed; the
-//! hart-facing output is kept in an atomic so the CPU polls it without a lock.
+//! hart-facing outputs are kept in atomics so each hart polls its own without a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Sources 1..NUM_SOURCES (0 is "none").
 pub const NUM_SOURCES: u32 = 64;
-const CONTEXTS: usize = 2;
 pub const SIZE: u64 = 0x400_0000;
 
 const PRIORITY_END: u64 = 0x1000;
@@ -31,27 +30,33 @@ struct State {
     level: u64,
     /// Claimed and not yet completed.
     in_service: u64,
-    enable: [u64; CONTEXTS],
-    threshold: [u32; CONTEXTS],
+    enable: Vec<u64>,
+    threshold: Vec<u32>,
 }
 
 /// The PLIC; shared by the CPU (MMIO, output) and the devices (input lines).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plic {
     state: Mutex<State>,
-    /// MEIP/SEIP as the hart's `mip` sees them.
-    output: AtomicU64,
+    /// MEIP/SEIP as each hart's `mip` sees them.
+    outputs: Box<[AtomicU64]>,
 }
 
-impl Default for State {
+impl Default for Plic {
     fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl State {
+    fn new(contexts: usize) -> Self {
         State {
             priority: [0; NUM_SOURCES as usize],
             pending: 0,
             level: 0,
             in_service: 0,
-            enable: [0; CONTEXTS],
-            threshold: [0; CONTEXTS],
+            enable: vec![0; contexts],
+            threshold: vec![0; contexts],
         }
     }
 }
@@ -74,12 +79,12 @@ impl State {
         best.0
     }
 
-    fn output(&self) -> u64 {
+    fn output(&self, hart: usize) -> u64 {
         let mut v = 0;
-        if self.best(0) != 0 {
+        if self.best(2 * hart) != 0 {
             v |= MEIP;
         }
-        if self.best(1) != 0 {
+        if self.best(2 * hart + 1) != 0 {
             v |= SEIP;
         }
         v
@@ -87,12 +92,23 @@ impl State {
 }
 
 impl Plic {
+    /// A PLIC for one hart.
     pub fn new() -> Self {
-        Self::default()
+        Self::for_harts(1)
+    }
+
+    pub fn for_harts(harts: usize) -> Self {
+        let harts = harts.max(1);
+        Plic {
+            state: Mutex::new(State::new(2 * harts)),
+            outputs: (0..harts).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     fn update(&self, s: &State) {
-        self.output.store(s.output(), Ordering::Release);
+        for (h, o) in self.outputs.iter().enumerate() {
+            o.store(s.output(h), Ordering::Release);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -100,10 +116,18 @@ impl Plic {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The MEIP/SEIP bits the hart sees.
+    /// The MEIP/SEIP bits hart 0 sees.
     #[inline]
     pub fn output(&self) -> u64 {
-        self.output.load(Ordering::Acquire)
+        self.output_for(0)
+    }
+
+    /// The MEIP/SEIP bits hart `hart` sees.
+    #[inline]
+    pub fn output_for(&self, hart: usize) -> u64 {
+        self.outputs
+            .get(hart)
+            .map_or(0, |o| o.load(Ordering::Acquire))
     }
 
     /// Drives source `src`'s line.
@@ -139,7 +163,7 @@ impl Plic {
             }
             _ if off >= CONTEXT => {
                 let ctx = ((off - CONTEXT) / CONTEXT_STRIDE) as usize;
-                if ctx >= CONTEXTS {
+                if ctx >= s.threshold.len() {
                     return 0;
                 }
                 match (off - CONTEXT) % CONTEXT_STRIDE {
@@ -183,7 +207,7 @@ impl Plic {
             }
             _ if off >= CONTEXT => {
                 let ctx = ((off - CONTEXT) / CONTEXT_STRIDE) as usize;
-                if ctx < CONTEXTS {
+                if ctx < s.threshold.len() {
                     match (off - CONTEXT) % CONTEXT_STRIDE {
                         0 => s.threshold[ctx] = v & 7,
                         // Complete: a line still high is pending again.
@@ -247,5 +271,19 @@ mod tests {
         assert_eq!(p.output(), MEIP);
         p.write(CONTEXT, 2); // threshold 2 masks priority 2
         assert_eq!(p.output(), 0);
+    }
+
+    #[test]
+    fn each_hart_sees_its_own_contexts() {
+        let p = Plic::for_harts(2);
+        p.write(4 * 5, 1);
+        p.write(ENABLE + 3 * ENABLE_STRIDE, 1 << 5); // hart 1's S context
+        p.set_line(5, true);
+        assert_eq!((p.output_for(0), p.output_for(1)), (0, SEIP));
+        assert_eq!(p.read(CONTEXT + 3 * CONTEXT_STRIDE + 4), 5);
+        assert_eq!(p.output_for(1), 0);
+        // Contexts past the last hart's read as nothing and ignore writes.
+        assert_eq!(p.read(CONTEXT + 4 * CONTEXT_STRIDE + 4), 0);
+        p.write(CONTEXT + 4 * CONTEXT_STRIDE, 1);
     }
 }

@@ -247,6 +247,19 @@ impl VmmApi {
         Self::with_state(phase, fc, serial, accel)
     }
 
+    /// The API of a running VM that cannot be snapshotted or migrated (a riscv64 one):
+    /// its control only.
+    pub fn new_running_without_snapshots(config: VmConfig, control: Arc<VmControl>) -> Arc<Self> {
+        let fc = FcConfig::from_vm_config(&config);
+        let (serial, accel) = (config.serial.clone(), config.accel);
+        let phase = Phase::Running {
+            config,
+            control,
+            snapshotter: None,
+        };
+        Self::with_state(phase, fc, serial, accel)
+    }
+
     /// Records how the VM ended and wakes [`VmmApi::wait_finished`].
     pub fn finish(&self, r: Result<ExitReason, String>) {
         let mut st = lock(&self.state);
