@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SMP scaling: N parallel CPU-bound jobs (`head -c 64m /dev/zero | md5sum`) on N vCPUs,
+# SMP scaling: N parallel CPU-bound jobs (`head -c 64m /dev/zero | md5sum`) on N vCPUs, then
+# SMP_FORKS (200) runs of /bin/true one after another (fork, exec, exit, wait) on the same,
 # N = 1, 2, 4 (and 8 where the host has 8 cores), on Vessel's emu accelerator and on QEMU
 # TCG with one host thread per vCPU (q35, `-accel tcg,thread=multi`), the same Debian kernel
 # (bzImage) and busybox initramfs, 256 MiB. Runs are interleaved (run 1 of every N and VMM,
@@ -13,8 +14,10 @@
 # Environment:
 #   SMP_NS=1,2,4        the vCPU counts (default 1,2,4, plus 8 with 8 host cores)
 #   SMP_MB=64           MiB each job hashes
+#   SMP_FORKS=200       how many /bin/true the fork+exec row runs
 #   SMP_CONFIGS=vessel-emu,qemu-mttcg   which VMMs to run
 #   SMP_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
+#   VESSEL_BEFORE=path/to/vessel   also measures that build, as "vessel-before"
 #   SMP_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
 #
 # Every run checks that the guest saw N CPUs and that all N digests are right; a run that
@@ -53,6 +56,17 @@ wait
 b=$(cut -d' ' -f1 /proc/uptime)
 sums=$(cut -d' ' -f1 /tmp/md5.* | sort | uniq -c | tr -s ' ' | tr '\n' ' ' | tr ' ' ':')
 echo "SMPBENCH-RESULT cpus=$n start=$a end=$b sums=$sums"
+# Then process start-up, one at a time: the guest puts each child on an idle CPU, so every
+# fork and exit wakes another vCPU, and each vCPU runs the same code cold.
+forks=${2:-200}
+a=$(cut -d' ' -f1 /proc/uptime)
+i=0
+while [ $i -lt $forks ]; do
+    /bin/true
+    i=$((i + 1))
+done
+b=$(cut -d' ' -f1 /proc/uptime)
+echo "SMPBENCH-FORK forks=$forks start=$a end=$b"
 SH
 chmod +x "$WORK/extra/smp-bench"
 (cd "$WORK/extra" && echo smp-bench | cpio -o -H newc --quiet | gzip) >"$WORK/extra.cpio.gz"
@@ -76,12 +90,14 @@ ns = [int(x) for x in os.environ.get("SMP_NS", "").split(",") if x] or \
     [1, 2, 4] + ([8] if host_cores >= 8 else [])
 qcpu = os.environ.get("SMP_QEMU_CPU", "max")
 vcpu = os.environ.get("SMP_VESSEL_CPU", "")
-cmdline = f"console=ttyS0 panic=-1 quiet vessel.run=/smp-bench+{mb}"
+forks = int(os.environ.get("SMP_FORKS", "200"))
+cmdline = f"console=ttyS0 panic=-1 quiet vessel.run=/smp-bench+{mb}+{forks}"
 want_md5 = hashlib.md5(bytes(mb << 20)).hexdigest()
 MARK, START, RESULT = b"vessel-init:", b"SMPBENCH-START", b"SMPBENCH-RESULT"
+FORK = b"SMPBENCH-FORK"
 
-def vessel_argv(n):
-    argv = [vessel, "run", "--accel", "emu", "--cpus", str(n), "--memory", "256M",
+def vessel_argv(n, binary=vessel):
+    argv = [binary, "run", "--accel", "emu", "--cpus", str(n), "--memory", "256M",
             "--serial", "stdio", "--kernel", kbz, "--initrd", initrd, "--cmdline", cmdline]
     return argv + (["--cpu", vcpu] if vcpu else [])
 
@@ -91,6 +107,8 @@ def qemu_argv(n):
             "-no-reboot", "-kernel", kbz, "-initrd", initrd, "-append", cmdline]
 
 vmms = {"vessel-emu": vessel_argv, "qemu-mttcg": qemu_argv}
+if os.environ.get("VESSEL_BEFORE"):
+    vmms["vessel-before"] = lambda n: vessel_argv(n, os.environ["VESSEL_BEFORE"])
 only = [c for c in os.environ.get("SMP_CONFIGS", "").split(",") if c]
 if [c for c in only if c not in vmms]:
     sys.exit(f"bench/smp.sh: unknown SMP_CONFIGS {only}; known: {list(vmms)}")
@@ -129,7 +147,7 @@ class Guest:
         self.p.kill()
         self.p.wait()
 
-results = {(c, n): {"jobs": [], "host": [], "boot": []} for c in configs for n in ns}
+results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": []} for c in configs for n in ns}
 failures = {(c, n): 0 for c in configs for n in ns}
 
 def one(config, n, i):
@@ -163,14 +181,23 @@ def one(config, n, i):
             print(f"run {i} {config} {n} vCPUs: wrong result {end[1]!r} (want cpus={n}, "
                   f"{n} x {want_md5})", file=sys.stderr)
             return
+        fork_line = g.expect(FORK, 60 + forks)
+        if fork_line is None:
+            failures[(config, n)] += 1
+            print(f"run {i} {config} {n} vCPUs: no fork+exec result; last output:\n{g.tail()}",
+                  file=sys.stderr)
+            return
+        fk = dict(kv.split("=", 1) for kv in fork_line[1].split()[1:])
+        fork_ms = (float(fk["end"]) - float(fk["start"])) * 1000 / forks
         jobs = float(f["end"]) - float(f["start"])
         host = end[0] - start[0]
         r = results[(config, n)]
         r["jobs"].append(jobs)
         r["host"].append(host)
         r["boot"].append(boot[0])
+        r["fork"].append(fork_ms)
         print(f"run {i} {config} {n} vCPUs: boot {boot[0]:.2f} s, jobs {jobs:.2f} s "
-              f"(host {host:.2f} s)", file=sys.stderr)
+              f"(host {host:.2f} s), fork+exec {fork_ms:.2f} ms", file=sys.stderr)
     finally:
         g.close()
 
@@ -191,18 +218,23 @@ print(f"vessel-emu: cpu {vcpu or 'default'}; qemu-mttcg: {qver}, q35, "
       f"-accel tcg,thread=multi, -cpu {qcpu}")
 print("jobs: wall time of the N jobs, guest clock (host clock beside it); "
       "throughput: N x T(1) / T(N), relative to the same VMM's 1 vCPU")
+print(f"fork+exec: {forks} x /bin/true one after another, guest clock per run, and "
+      "relative to the same VMM's 1 vCPU")
 head = f"{'config':<11} {'vCPUs':>5} {'jobs (s)':>9} {'host (s)':>9} {'throughput':>11} " \
-       f"{'boot (s)':>9} {'failed':>7}"
+       f"{'boot (s)':>9} {'fork+exec (ms)':>15} {'failed':>7}"
 print(head)
 for config in configs:
     t1 = med(results[(config, 1)]["jobs"]) if (config, 1) in results else float("nan")
+    f1 = med(results[(config, 1)]["fork"]) if (config, 1) in results else float("nan")
     for n in ns:
         r = results[(config, n)]
         tn = med(r["jobs"])
         rel = n * t1 / tn if r["jobs"] and t1 == t1 else float("nan")
+        fn = med(r["fork"])
+        fork = f"{fn:.2f} ({fn / f1:.2f}x)" if r["fork"] and f1 == f1 else "nan"
         print(f"{config:<11} {n:>5} {tn:>9.2f} {med(r['host']):>9.2f} {rel:>10.2f}x "
-              f"{med(r['boot']):>9.2f} {failures[(config, n)]:>7}")
-if len(configs) == 2:
+              f"{med(r['boot']):>9.2f} {fork:>15} {failures[(config, n)]:>7}")
+if "vessel-emu" in configs and "qemu-mttcg" in configs:
     print("vessel-emu / qemu-mttcg, jobs time: " + ", ".join(
         f"{n} vCPU{'s' if n > 1 else ''} "
         f"{med(results[('vessel-emu', n)]['jobs']) / med(results[('qemu-mttcg', n)]['jobs']):.2f}x"
