@@ -360,6 +360,102 @@ static void check_counter(const char *name, void (*fn)(struct worker *)) {
            sum - ctr.v, bad, unpinned);
 }
 
+/* ---- LOCKed bit operations on one shared word: each CPU sets and clears only its own bit
+ * (as Linux's page and folio flags are set by one CPU while another clears a neighbour),
+ * with every form the kernel uses (OR/AND/XOR with an immediate on a byte, a word, a dword
+ * or a qword, with a register, BTS/BTR/BTC with an immediate or a register). An RMW that is not atomic
+ * writes back a stale copy of the other CPUs' bits: a CPU then finds its bit wrong. ---- */
+
+static union {
+    volatile u64 q;
+    volatile unsigned char b[8];
+} bitw ALIGNED;
+
+#define OWN_BIT(k) ((bitw.q >> (k)) & 1)
+#define BYTE_OPS(K)                                                                        \
+    case K:                                                                                \
+        __asm__ __volatile__("lock orb %1, %0" : "+m"(bitw.b[0]) : "i"(1 << K) : "memory");  \
+        bad += OWN_BIT(K) != 1;                                                            \
+        __asm__ __volatile__("lock andb %1, %0"                                            \
+                             : "+m"(bitw.b[0])                                             \
+                             : "i"(0xff & ~(1 << K))                                       \
+                             : "memory");                                                  \
+        bad += OWN_BIT(K) != 0;                                                            \
+        __asm__ __volatile__("lock xorw %1, %0"                                            \
+                             : "+m"(*(volatile unsigned short *)&bitw.q)                   \
+                             : "i"(1 << K)                                                 \
+                             : "memory");                                                  \
+        bad += OWN_BIT(K) != 1;                                                            \
+        __asm__ __volatile__("lock andl %1, %0"                                            \
+                             : "+m"(*(volatile unsigned *)&bitw.q)                         \
+                             : "i"(~(1 << K))                                              \
+                             : "memory");                                                  \
+        bad += OWN_BIT(K) != 0;                                                            \
+        __asm__ __volatile__("lock orq %1, %0" : "+m"(bitw.q) : "i"(1 << K) : "memory");     \
+        bad += OWN_BIT(K) != 1;                                                            \
+        __asm__ __volatile__("lock andq %1, %0" : "+m"(bitw.q) : "i"(~(1 << K)) : "memory"); \
+        bad += OWN_BIT(K) != 0;                                                            \
+        __asm__ __volatile__("lock btsq %1, %0" : "+m"(bitw.q) : "i"(K) : "memory", "cc");   \
+        bad += OWN_BIT(K) != 1;                                                            \
+        __asm__ __volatile__("lock btrq %1, %0" : "+m"(bitw.q) : "i"(K) : "memory", "cc");   \
+        bad += OWN_BIT(K) != 0;                                                            \
+        __asm__ __volatile__("lock btcl %1, %0"                                            \
+                             : "+m"(*(volatile unsigned *)&bitw.q)                         \
+                             : "i"(K)                                                      \
+                             : "memory", "cc");                                            \
+        bad += OWN_BIT(K) != 1;                                                            \
+        __asm__ __volatile__("lock xorb %1, %0" : "+m"(bitw.b[0]) : "i"(1 << K) : "memory"); \
+        bad += OWN_BIT(K) != 0;                                                            \
+        break;
+
+static void bitops_fn(struct worker *w) {
+    long n = 0, bad = 0;
+    int k = w->cpu & 7;
+    u64 mask = 1ull << k;
+    while (!stop_flag) {
+        switch (k) {
+            BYTE_OPS(0)
+            BYTE_OPS(1)
+            BYTE_OPS(2)
+            BYTE_OPS(3)
+            BYTE_OPS(4)
+            BYTE_OPS(5)
+            BYTE_OPS(6)
+            BYTE_OPS(7)
+        }
+        __asm__ __volatile__("lock orq %1, %0" : "+m"(bitw.q) : "r"(mask) : "memory");
+        bad += OWN_BIT(k) != 1;
+        __asm__ __volatile__("lock andq %1, %0" : "+m"(bitw.q) : "r"(~mask) : "memory");
+        bad += OWN_BIT(k) != 0;
+        __asm__ __volatile__("lock btsq %1, %0" : "+m"(bitw.q) : "r"((u64)k) : "memory", "cc");
+        bad += OWN_BIT(k) != 1;
+        __asm__ __volatile__("lock btrq %1, %0" : "+m"(bitw.q) : "r"((u64)k) : "memory", "cc");
+        bad += OWN_BIT(k) != 0;
+        __asm__ __volatile__("lock btcq %1, %0" : "+m"(bitw.q) : "r"((u64)k) : "memory", "cc");
+        bad += OWN_BIT(k) != 1;
+        __asm__ __volatile__("lock xorq %1, %0" : "+m"(bitw.q) : "r"(mask) : "memory");
+        bad += OWN_BIT(k) != 0;
+        n++;
+    }
+    w->ops = n;
+    w->bad = bad;
+}
+
+static void check_bitops(void) {
+    bitw.q = 0;
+    /* Up to 8 CPUs share the byte, each with its own bit. */
+    int n = ncpu < 8 ? ncpu : 8;
+    for (int i = 0; i < n; i++)
+        W[i] = (struct worker){.cpu = i, .role = i & 1, .fn = bitops_fn};
+    int unpinned = run_workers(n, budget_ms);
+    long rounds_done = 0, bad = 0;
+    for (int i = 0; i < n; i++)
+        rounds_done += W[i].ops, bad += W[i].bad;
+    report("lock-bitops", bad == 0 && bitw.q == 0 && rounds_done > 0 && !unpinned,
+           "rounds=%ld wrong_own_bit=%ld final=%#llx unpinned=%d", rounds_done, bad,
+           (unsigned long long)bitw.q, unpinned);
+}
+
 /* ---- spinlocks (CMPXCHG, XCHG with its implicit lock, LOCK BTS) around a plain counter ---- */
 
 static struct {
@@ -824,6 +920,8 @@ int main(int argc, char **argv) {
         check_counter("lock-add", lockadd_fn);
     if (want("lock-xadd"))
         check_counter("lock-xadd", xadd_fn);
+    if (want("lock-bitops"))
+        check_bitops();
     if (want("cmpxchg-spinlock"))
         check_spinlock("cmpxchg-spinlock", cmpxchg_lock_fn);
     if (want("xchg-spinlock"))
