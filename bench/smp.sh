@@ -151,6 +151,10 @@ results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": []} for c in con
 failures = {(c, n): 0 for c in configs for n in ns}
 
 def one(config, n, i):
+    def failed(why):
+        failures[(config, n)] += 1
+        print(f"run {i} {config} {n} vCPUs: {why}", file=sys.stderr)
+
     slow = config.startswith("vessel")
     # A QEMU boot that has not reached init in 90 s has hung: counted, tried again (twice).
     for attempt in range(1 if slow else 3):
@@ -158,9 +162,7 @@ def one(config, n, i):
         boot = g.expect(MARK, 300 if slow else 90)
         if boot is not None:
             break
-        failures[(config, n)] += 1
-        print(f"run {i} {config} {n} vCPUs: never reached init; last output:\n{g.tail()}",
-              file=sys.stderr)
+        failed(f"never reached init; last output:\n{g.tail()}")
         g.close()
     else:
         return
@@ -169,24 +171,15 @@ def one(config, n, i):
         start = g.expect(START, 120)
         end = g.expect(RESULT, limit) if start else None
         if end is None:
-            failures[(config, n)] += 1
-            print(f"run {i} {config} {n} vCPUs: no result; last output:\n{g.tail()}",
-                  file=sys.stderr)
-            return
+            return failed(f"no result; last output:\n{g.tail()}")
         f = dict(kv.split("=", 1) for kv in end[1].split()[1:])
         sums = [s for s in f.get("sums", "").split(":") if s]
         ok_sums = sums == [str(n), want_md5]
         if f.get("cpus") != str(n) or not ok_sums:
-            failures[(config, n)] += 1
-            print(f"run {i} {config} {n} vCPUs: wrong result {end[1]!r} (want cpus={n}, "
-                  f"{n} x {want_md5})", file=sys.stderr)
-            return
+            return failed(f"wrong result {end[1]!r} (want cpus={n}, {n} x {want_md5})")
         fork_line = g.expect(FORK, 60 + forks)
         if fork_line is None:
-            failures[(config, n)] += 1
-            print(f"run {i} {config} {n} vCPUs: no fork+exec result; last output:\n{g.tail()}",
-                  file=sys.stderr)
-            return
+            return failed(f"no fork+exec result; last output:\n{g.tail()}")
         fk = dict(kv.split("=", 1) for kv in fork_line[1].split()[1:])
         fork_ms = (float(fk["end"]) - float(fk["start"])) * 1000 / forks
         jobs = float(f["end"]) - float(f["start"])

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run_with_timeout, vessel, TempDir};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The riscv64 assets; panics naming the setup step when they are missing.
@@ -29,21 +29,36 @@ fn riscv_assets() -> PathBuf {
     dir
 }
 
+/// `vessel run` of the riscv64 assets' kernel and initramfs, without seccomp; the caller
+/// adds the rest.
+fn riscv_run_args(assets: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = ["run", "--arch", "riscv64", "--seccomp", "none"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    v.push("--kernel".into());
+    v.push(assets.join("Image").into());
+    v.push("--initrd".into());
+    v.push(assets.join("initramfs.cpio.gz").into());
+    v
+}
+
+fn riscv_run(assets: &Path) -> std::process::Command {
+    let mut c = vessel();
+    c.args(riscv_run_args(assets));
+    c
+}
+
 const LIMIT: Duration = Duration::from_secs(600);
 
 #[test]
 fn debian_riscv64_kernel_boots_to_busybox_and_powers_off() {
     let assets = riscv_assets();
     let out = run_with_timeout(
-        vessel()
-            .args(["run", "--arch", "riscv64", "--seccomp", "none", "--kernel"])
-            .arg(assets.join("Image"))
-            .arg("--initrd")
-            .arg(assets.join("initramfs.cpio.gz"))
-            .args([
-                "--cmdline",
-                "console=ttyS0 vessel.run=echo+rv-$((6*7));cat+/proc/cpuinfo",
-            ]),
+        riscv_run(&assets).args([
+            "--cmdline",
+            "console=ttyS0 vessel.run=echo+rv-$((6*7));cat+/proc/cpuinfo",
+        ]),
         LIMIT,
     );
     assert!(
@@ -110,11 +125,7 @@ fn goldfish_rtc_gives_the_guest_the_hosts_time() {
     let assets = riscv_assets();
     let before = unix_now();
     let out = run_with_timeout(
-        vessel()
-            .args(["run", "--arch", "riscv64", "--seccomp", "none", "--kernel"])
-            .arg(assets.join("Image"))
-            .arg("--initrd")
-            .arg(assets.join("initramfs.cpio.gz"))
+        riscv_run(&assets)
             .args([
                 "--cmdline",
                 "console=ttyS0 quiet vessel.run=echo+rtc-name=$(cat+/sys/class/rtc/rtc0/name);\
@@ -207,11 +218,7 @@ fn virtio_blk_reads_and_writes_a_disk() {
     image[..16].copy_from_slice(b"vessel-rv-disk!\n");
     let disk = dir.file("disk.raw", &image);
     let out = run_with_timeout(
-        vessel()
-            .args(["run", "--arch", "riscv64", "--seccomp", "none", "--kernel"])
-            .arg(assets.join("Image"))
-            .arg("--initrd")
-            .arg(assets.join("initramfs.cpio.gz"))
+        riscv_run(&assets)
             .arg("--disk")
             .arg(&disk)
             .args(["--firmware", vmm::riscv::DEFAULT_OPENSBI])
@@ -295,10 +302,7 @@ fn virtio_net_pings_the_host_side_of_a_tap_and_virtio_rng_feeds_hwrng() {
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .arg(env!("CARGO_BIN_EXE_vessel"))
-            .args(["run", "--arch", "riscv64", "--seccomp", "none", "--kernel"])
-            .arg(assets.join("Image"))
-            .arg("--initrd")
-            .arg(assets.join("initramfs.cpio.gz"))
+            .args(riscv_run_args(&assets))
             .args(["--net", "tap=rvtap0,mac=52:54:00:12:34:57", "--rng"])
             .args([
                 "--cmdline",
@@ -333,15 +337,9 @@ fn virtio_net_pings_the_host_side_of_a_tap_and_virtio_rng_feeds_hwrng() {
 }
 
 /// One request to the VMM's API socket: (status, body).
-fn api(sock: &std::path::Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let r = vmm::api::http::client_request(
-        sock,
-        method,
-        path,
-        body.map(|b| ("application/json", b.as_bytes())),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let (status, body) = common::api_raw(sock, method, path, body);
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The counter lines (`count N`) of the console log so far.

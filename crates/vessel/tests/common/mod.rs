@@ -199,6 +199,13 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 /// One request to a VMM's API socket: the status and the JSON body (null when there is
 /// none).
 pub fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let (status, body) = api_raw(sock, method, path, body);
+    let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, v)
+}
+
+/// One request to a VMM's API socket: the status and the body as it came.
+pub fn api_raw(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Vec<u8>) {
     let r = vmm::api::http::client_request(
         sock,
         method,
@@ -206,6 +213,5 @@ pub fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, s
         body.map(|b| ("application/json", b.as_bytes())),
     )
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
-    (r.status, v)
+    (r.status, r.body)
 }
