@@ -38,6 +38,7 @@
 //! ```
 
 pub mod error;
+pub mod folder;
 pub mod lock;
 pub mod ops;
 pub mod qcow2;
@@ -56,7 +57,11 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 pub use error::{BlockError, Qcow2Error};
-pub use ops::{check, convert, create, info, resize, CheckReport, CreateOptions, ImageInfo};
+pub use folder::{Folder, FolderError};
+pub use ops::{
+    check, convert, create, create_in, info, info_in, resize, resize_in, CheckReport,
+    CreateOptions, ImageInfo,
+};
 pub use qcow2::Qcow2;
 pub use raw::Raw;
 pub use storage::Storage;
@@ -271,6 +276,10 @@ pub enum OpenError {
          recorded (qemu-img rebase -u -F raw|qcow2 -b BACKING IMAGE)"
     )]
     BackingFormatMissing { path: PathBuf, backing: String },
+    /// A file of a chain confined to a folder ([`open_guest_disk_in`]) is not a regular
+    /// file in it, reached without links.
+    #[error("{0}")]
+    Folder(#[from] FolderError),
     #[error("opening backing file {backing} of {path}")]
     Backing {
         path: PathBuf,
@@ -331,6 +340,7 @@ pub fn open_with(
     let policy = Policy {
         force_share,
         guest: false,
+        folder: None,
     };
     open_chain(path, format, read_only, policy, 0, &mut seen)
 }
@@ -365,45 +375,84 @@ pub fn open_guest_disk_with(
     let policy = Policy {
         force_share,
         guest: true,
+        folder: None,
     };
     open_chain(path, format, read_only, policy, 0, &mut seen)
 }
 
-/// How [`open_chain`] treats locks and missing formats.
+/// [`open_guest_disk_with`] for a disk whose image and whole backing chain must lie in
+/// `folder` (a pool's): each file is opened beneath it, without following links, and must
+/// be a regular file ([`Folder`]), so a backing file naming `/etc/shadow`, `../x`, or a
+/// link to either is refused ([`OpenError::Folder`]) and never opened. What is opened is
+/// what is used: nothing is opened again by path.
+pub fn open_guest_disk_in(
+    folder: &Folder,
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    force_share: bool,
+) -> Result<Box<dyn BlockBackend>, OpenError> {
+    let mut seen = HashSet::new();
+    let policy = Policy {
+        force_share,
+        guest: true,
+        folder: Some(folder),
+    };
+    open_chain(path, format, read_only, policy, 0, &mut seen)
+}
+
+/// How [`open_chain`] treats locks, missing formats and where files may be.
 #[derive(Clone, Copy)]
-struct Policy {
+struct Policy<'a> {
     force_share: bool,
     /// Never probe (see [`open_guest_disk`]).
     guest: bool,
+    /// Every file of the chain is opened beneath this folder ([`open_guest_disk_in`]).
+    folder: Option<&'a Folder>,
+}
+
+/// Opens one file of a chain as `policy` says: beneath its folder, or by path.
+fn open_image_file(path: &Path, read_only: bool, policy: Policy<'_>) -> Result<File, OpenError> {
+    match policy.folder {
+        Some(folder) => Ok(folder.open_file(path, read_only)?),
+        None => OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| OpenError::OpenFile {
+                path: path.into(),
+                source,
+            }),
+    }
+}
+
+/// The identity of an open file (device and inode), for finding loops in a chain
+/// without resolving its paths again.
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64), OpenError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().map_err(|source| OpenError::OpenFile {
+        path: path.into(),
+        source,
+    })?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn open_chain(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
-    policy: Policy,
+    policy: Policy<'_>,
     depth: usize,
-    seen: &mut HashSet<PathBuf>,
+    seen: &mut HashSet<(u64, u64)>,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
     let force_share = policy.force_share;
     if depth > MAX_BACKING_CHAIN {
         return Err(OpenError::ChainTooDeep { path: path.into() });
     }
-    let canon = path.canonicalize().map_err(|source| OpenError::OpenFile {
-        path: path.into(),
-        source,
-    })?;
-    if !seen.insert(canon) {
+    let file = open_image_file(path, read_only, policy)?;
+    if !seen.insert(file_id(&file, path)?) {
         return Err(OpenError::ChainLoop { path: path.into() });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|source| OpenError::OpenFile {
-            path: path.into(),
-            source,
-        })?;
     if !force_share {
         lock::lock_image(&file, !read_only).map_err(|source| OpenError::Locked {
             path: path.into(),
@@ -485,10 +534,30 @@ fn open_chain(
 /// exactly these). Opened read-only without locks, only to read the headers; a chain the
 /// guest open would refuse is listed as far as it goes (the open then reports why).
 pub fn guest_disk_files(path: &Path, format: Option<Format>) -> Vec<PathBuf> {
+    chain_files(None, path, format)
+}
+
+/// [`guest_disk_files`] of a disk opened with [`open_guest_disk_in`]: the chain as far
+/// as it stays a chain of regular files in `folder`.
+pub fn guest_disk_files_in(folder: &Folder, path: &Path, format: Option<Format>) -> Vec<PathBuf> {
+    chain_files(Some(folder), path, format)
+}
+
+fn chain_files(folder: Option<&Folder>, path: &Path, format: Option<Format>) -> Vec<PathBuf> {
+    let policy = Policy {
+        force_share: true,
+        guest: true,
+        folder,
+    };
+    if folder.is_some() && open_image_file(path, true, policy).is_err() {
+        return Vec::new();
+    }
     let mut files = vec![path.to_path_buf()];
     let (mut cur, mut fmt) = (path.to_path_buf(), format);
     while fmt == Some(Format::Qcow2) && files.len() <= MAX_BACKING_CHAIN {
-        let Ok(file) = File::open(&cur) else { break };
+        let Ok(file) = open_image_file(&cur, true, policy) else {
+            break;
+        };
         let Ok(q) = Qcow2::open(Box::new(file), true) else {
             break;
         };
@@ -501,7 +570,9 @@ pub fn guest_disk_files(path: &Path, format: Option<Format>) -> Vec<PathBuf> {
             .backing_format
             .as_deref()
             .and_then(|s| s.parse().ok());
-        if files.contains(&next) {
+        if files.contains(&next)
+            || (folder.is_some() && open_image_file(&next, true, policy).is_err())
+        {
             break;
         }
         files.push(next.clone());

@@ -13,7 +13,7 @@ use crate::error::{BlockError, Qcow2Error};
 use crate::qcow2::header::{self, Header, HeaderError};
 use crate::qcow2::Qcow2;
 use crate::storage::Storage;
-use crate::{open, probe, resolve_backing, BlockStatus, Format, OpenError};
+use crate::{open, probe, resolve_backing, BlockStatus, Folder, FolderError, Format, OpenError};
 
 pub use crate::qcow2::check::CheckReport as Qcow2CheckReport;
 
@@ -53,6 +53,8 @@ pub enum CreateError {
     BackingNameTooLong,
     #[error("opening the backing file")]
     OpenBacking(#[source] OpenError),
+    #[error("{0}")]
+    InFolder(#[source] FolderError),
     #[error("creating {path}")]
     CreateFile { path: PathBuf, source: io::Error },
     #[error("writing the new image {path}")]
@@ -81,6 +83,59 @@ pub fn create(
 
 /// [`create`] with every option.
 pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<(), CreateError> {
+    let (size, backing_format) = sizes(path, opts, &mut |bpath, fmt| {
+        let bfmt = match fmt {
+            Some(f) => f,
+            None => probe(bpath)?,
+        };
+        Ok((open(bpath, Some(bfmt), true)?, bfmt))
+    })?;
+    let cfile = |source| CreateError::CreateFile {
+        path: path.into(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(cfile)?;
+    fill(file, path, opts, size, backing_format)
+}
+
+/// [`create_with`] for a new file in `folder` (a pool's): the file must not exist yet
+/// (no entry of its name, a dangling link included, which would otherwise be followed),
+/// and its backing file, whose format must be given, is opened beneath the folder as a
+/// guest disk's is ([`crate::open_guest_disk_in`]).
+pub fn create_in(folder: &Folder, path: &Path, opts: &CreateOptions) -> Result<(), CreateError> {
+    let (size, backing_format) = sizes(path, opts, &mut |bpath, fmt| {
+        let Some(bfmt) = fmt else {
+            return Err(OpenError::BackingFormatMissing {
+                path: path.into(),
+                backing: bpath.display().to_string(),
+            });
+        };
+        Ok((
+            crate::open_guest_disk_in(folder, bpath, Some(bfmt), true, false)?,
+            bfmt,
+        ))
+    })?;
+    let file = folder.create_file(path).map_err(CreateError::InFolder)?;
+    fill(file, path, opts, size, backing_format)
+}
+
+/// The new image's size and its backing file's format, from the options and the backing
+/// file (opened with `open_backing`).
+#[allow(clippy::type_complexity)]
+fn sizes(
+    path: &Path,
+    opts: &CreateOptions,
+    open_backing: &mut dyn FnMut(
+        &Path,
+        Option<Format>,
+    ) -> Result<(Box<dyn crate::BlockBackend>, Format), OpenError>,
+) -> Result<(u64, Option<Format>), CreateError> {
     let mut size = opts.size;
     let mut backing_format = None;
     if let Some((name, fmt)) = &opts.backing {
@@ -91,27 +146,26 @@ pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<(), CreateError>
             return Err(CreateError::BackingNameTooLong);
         }
         let bpath = resolve_backing(path, name);
-        let bfmt = match fmt {
-            Some(f) => *f,
-            None => probe(&bpath).map_err(CreateError::OpenBacking)?,
-        };
-        let b = open(&bpath, Some(bfmt), true).map_err(CreateError::OpenBacking)?;
+        let (b, bfmt) = open_backing(&bpath, *fmt).map_err(CreateError::OpenBacking)?;
         size = size.or(Some(b.size()));
         backing_format = Some(bfmt);
     }
-    let size = size.ok_or(CreateError::NoSize)?;
+    Ok((size.ok_or(CreateError::NoSize)?, backing_format))
+}
+
+/// Writes a new image of `size` into `file` (just opened for it).
+fn fill(
+    file: File,
+    path: &Path,
+    opts: &CreateOptions,
+    size: u64,
+    backing_format: Option<Format>,
+) -> Result<(), CreateError> {
     let cfile = |source| CreateError::CreateFile {
         path: path.into(),
         source,
     };
     // Lock before truncating, so an image another process uses is left alone.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(cfile)?;
     crate::lock::lock_image(&file, true).map_err(|source| CreateError::Locked {
         path: path.into(),
         source,
@@ -252,11 +306,27 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, InfoError>
         Some(f) => f,
         None => probe(path)?,
     };
+    let f = File::open(path).map_err(|source| InfoError::Read {
+        path: path.into(),
+        source,
+    })?;
+    info_of(f, path, format)
+}
+
+/// [`info`] of an image in `folder` ([`Folder::open_file`]: a regular file reached
+/// without links), with its format given.
+pub fn info_in(folder: &Folder, path: &Path, format: Format) -> Result<ImageInfo, InfoError> {
+    let f = folder
+        .open_file(path, true)
+        .map_err(|e| InfoError::Probe(e.into()))?;
+    info_of(f, path, format)
+}
+
+fn info_of(f: File, path: &Path, format: Format) -> Result<ImageInfo, InfoError> {
     let rd = |source| InfoError::Read {
         path: path.into(),
         source,
     };
-    let f = File::open(path).map_err(rd)?;
     let len = Storage::file_len(&f).map_err(rd)?;
     let actual_size = f.allocated_bytes().map_err(rd)?;
     let mut out = ImageInfo {
@@ -370,18 +440,43 @@ pub fn convert_with(
     dst_opts: &CreateOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ConvertError> {
+    if dst_opts.backing.is_some() {
+        return Err(ConvertError::BackingUnsupported);
+    }
+    let s = open(src, src_format, true).map_err(ConvertError::OpenSource)?;
+    convert_from(s, None, dst, dst_opts, progress)
+}
+
+/// [`convert_with`] from an image already open (for example with
+/// [`crate::open_guest_disk_in`]); with `folder`, the destination is a new file made in
+/// it ([`create_in`]).
+pub fn convert_from(
+    mut s: Box<dyn crate::BlockBackend>,
+    folder: Option<&Folder>,
+    dst: &Path,
+    dst_opts: &CreateOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ConvertError> {
     const CHUNK: u64 = 1 << 20;
     if dst_opts.backing.is_some() {
         return Err(ConvertError::BackingUnsupported);
     }
-    let mut s = open(src, src_format, true).map_err(ConvertError::OpenSource)?;
     let size = s.size();
     let opts = CreateOptions {
         size: Some(size),
         ..dst_opts.clone()
     };
-    create_with(dst, &opts).map_err(ConvertError::CreateDestination)?;
-    let mut d = open(dst, Some(opts.format), false).map_err(ConvertError::OpenDestination)?;
+    let mut d = match folder {
+        Some(folder) => {
+            create_in(folder, dst, &opts).map_err(ConvertError::CreateDestination)?;
+            crate::open_guest_disk_in(folder, dst, Some(opts.format), false, false)
+        }
+        None => {
+            create_with(dst, &opts).map_err(ConvertError::CreateDestination)?;
+            open(dst, Some(opts.format), false)
+        }
+    }
+    .map_err(ConvertError::OpenDestination)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     progress(0, size);
@@ -561,6 +656,23 @@ pub fn resize(path: &Path, format: Option<Format>, new_size: u64) -> Result<(), 
             path: path.into(),
             source,
         })?;
+    resize_file(f, path, format, new_size)
+}
+
+/// [`resize`] of an image in `folder` ([`Folder::open_file`]), with its format given.
+pub fn resize_in(
+    folder: &Folder,
+    path: &Path,
+    format: Format,
+    new_size: u64,
+) -> Result<(), ResizeError> {
+    let f = folder
+        .open_file(path, false)
+        .map_err(|e| ResizeError::Probe(e.into()))?;
+    resize_file(f, path, format, new_size)
+}
+
+fn resize_file(f: File, path: &Path, format: Format, new_size: u64) -> Result<(), ResizeError> {
     crate::lock::lock_image(&f, true).map_err(|source| ResizeError::Locked {
         path: path.into(),
         source,

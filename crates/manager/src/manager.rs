@@ -550,6 +550,7 @@ impl Manager {
                 .split_once('/')
                 .ok_or_else(|| Error::invalid("disk", format!("{r:?}: use vol://POOL/VOLUME")))?;
             let info = storage::volume_info(self, pool, vol)?;
+            storage::check_chain(self, &info)?;
             let recorded = to_disk(info.format);
             if d.format.is_some_and(|f| f != recorded) {
                 return Err(Error::invalid(
@@ -566,6 +567,41 @@ impl Manager {
             );
             d.path = info.path;
             d.format = Some(recorded);
+        }
+        Ok(())
+    }
+
+    /// Confines each disk in a pool root to its folder for this start (`DiskConfig::folder`:
+    /// the Vessel VMM opens it and its backing chain beneath that folder, without links),
+    /// and opens each such chain here the same way, so a backing file that names a host
+    /// file outside the pool (or a volume swapped for a link) fails the start before any
+    /// VMM runs. QEMU opens the chain by path itself: for it this check is all there is.
+    fn confine_disks(&self, def: &mut DomainDef) -> Result<()> {
+        let roots = self.pool_roots();
+        for d in def.vm.disks.iter_mut() {
+            let (Some(parent), Some(file)) = (d.path.parent(), d.path.file_name()) else {
+                continue;
+            };
+            // The folder resolved; the file itself not (a link there is refused).
+            let Ok(dir) = parent.canonicalize() else {
+                continue;
+            };
+            if !roots.iter().any(|r| dir.starts_with(r)) {
+                continue;
+            }
+            d.path = dir.join(file);
+            d.folder = Some(dir);
+            if let Err(e) = d.open_with(true, true) {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "{}: {}: a pool's disks and their backing files must be files in \
+                         the pool",
+                        d.path.display(),
+                        storage::chain(&e)
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -663,6 +699,8 @@ impl Manager {
                 }
             }
         }
+        let mut def = def;
+        self.confine_disks(&mut def)?;
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;

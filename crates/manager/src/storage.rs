@@ -38,7 +38,18 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn block_err(e: impl std::error::Error) -> Error {
+/// A block error; a file refused by a pool's folder (outside it, a link, not a regular
+/// file) is the request's fault, not the daemon's.
+fn block_err(e: impl std::error::Error + 'static) -> Error {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<block::FolderError>()
+            .is_some_and(|f| !matches!(f, block::FolderError::Open { .. }))
+        {
+            return Error::invalid("disk image", chain(&e));
+        }
+        cur = c.source();
+    }
     Error::Block(chain(&e))
 }
 
@@ -210,21 +221,44 @@ pub fn define_pool(m: &dyn PoolHost, name: &str, path: &Path, create: bool) -> R
     pool_info(name, &path)
 }
 
-fn vol_path(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<PathBuf> {
+/// A pool's folder, open: every volume file, and every backing file of a volume's chain,
+/// is opened beneath it without following links (`block::Folder`), so a qcow2 header
+/// naming a host file, or a link put in place of a volume, is refused rather than opened.
+pub(crate) fn pool_folder(m: &dyn PoolHost, pool: &str) -> Result<block::Folder> {
+    let dir = pool_dir(m, pool)?;
+    block::Folder::open(&dir).map_err(block_err)
+}
+
+/// A volume's pool folder (open) and its path.
+fn vol_in(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<(block::Folder, PathBuf)> {
     check_name("volume name", vol)?;
-    Ok(pool_dir(m, pool)?.join(vol))
+    let folder = pool_folder(m, pool)?;
+    let path = folder.path().join(vol);
+    Ok((folder, path))
 }
 
 pub fn volume_info(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<VolumeInfo> {
-    let path = vol_path(m, pool, vol)?;
-    if !path.is_file() {
+    let (folder, path) = vol_in(m, pool, vol)?;
+    volume_info_in(m, &folder, pool, vol, &path)
+}
+
+fn volume_info_in(
+    m: &dyn PoolHost,
+    folder: &block::Folder,
+    pool: &str,
+    vol: &str,
+    path: &Path,
+) -> Result<VolumeInfo> {
+    // Not followed: a link here is refused by the open below, not reported missing.
+    if std::fs::symlink_metadata(path).is_err() {
         return Err(Error::not_found("volume", &format!("{pool}/{vol}")));
     }
+    let path = path.to_path_buf();
     // The format recorded when the manager made the volume; a file placed in the pool by
     // hand is raw. Never probed: a guest writes the content (a qcow2 header naming a host
     // file on a raw volume would otherwise be followed).
     let format = m.store().volume_format(pool, vol)?.unwrap_or(Format::Raw);
-    let i = block::info(&path, Some(format)).map_err(block_err)?;
+    let i = block::info_in(folder, &path, format).map_err(block_err)?;
     Ok(VolumeInfo {
         name: vol.to_string(),
         pool: pool.to_string(),
@@ -257,7 +291,9 @@ fn check_capacity(capacity: u64) -> Result<()> {
 }
 
 fn ensure_absent(path: &Path, pool: &str, vol: &str) -> Result<()> {
-    if path.exists() {
+    // Any entry counts, a dangling link included (creating through it would make a file
+    // wherever it points; `block::create_in` refuses that too, atomically).
+    if std::fs::symlink_metadata(path).is_ok() {
         return Err(Error::Exists {
             kind: "volume",
             name: format!("{pool}/{vol}"),
@@ -273,7 +309,7 @@ pub fn create_volume(
     capacity: u64,
     format: Format,
 ) -> Result<VolumeInfo> {
-    let path = vol_path(m, pool, vol)?;
+    let (folder, path) = vol_in(m, pool, vol)?;
     ensure_absent(&path, pool, vol)?;
     if capacity == 0 {
         return Err(Error::invalid(
@@ -282,9 +318,20 @@ pub fn create_volume(
         ));
     }
     check_capacity(capacity)?;
-    if let Err(e) = block::create(&path, format, Some(capacity), None) {
-        let _ = std::fs::remove_file(&path);
-        return Err(block_err(e));
+    let opts = block::CreateOptions {
+        format,
+        size: Some(capacity),
+        backing: None,
+        cluster_size: None,
+    };
+    match block::create_in(&folder, &path, &opts) {
+        Ok(()) => {}
+        // Not ours: nothing to remove.
+        Err(e @ block::ops::CreateError::InFolder(_)) => return Err(block_err(e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(block_err(e));
+        }
     }
     if let Err(e) = m.store().set_volume_format(pool, vol, format) {
         let _ = std::fs::remove_file(&path);
@@ -301,8 +348,10 @@ pub fn clone_volume(
     overlay: bool,
     format: Option<Format>,
 ) -> Result<VolumeInfo> {
-    let from = volume_info(m, pool, src)?;
-    let to = vol_path(m, pool, dst)?;
+    let (folder, from_path) = vol_in(m, pool, src)?;
+    let from = volume_info_in(m, &folder, pool, src, &from_path)?;
+    let to = folder.path().join(dst);
+    check_name("volume name", dst)?;
     ensure_absent(&to, pool, dst)?;
     let new_format = if overlay {
         Format::Qcow2
@@ -313,28 +362,44 @@ pub fn clone_volume(
         if format.is_some_and(|f| f != Format::Qcow2) {
             return Err(Error::invalid("clone", "an overlay is always qcow2"));
         }
-        block::create(
-            &to,
-            Format::Qcow2,
-            Some(from.capacity),
-            Some((src, Some(from.format))),
-        )
-        .map_err(block_err)
+        let opts = block::CreateOptions {
+            format: Format::Qcow2,
+            size: Some(from.capacity),
+            backing: Some((src.to_string(), Some(from.format))),
+            cluster_size: None,
+        };
+        block::create_in(&folder, &to, &opts).map_err(block_err)
     } else {
-        block::convert(
-            &from.path,
-            Some(from.format),
-            &to,
-            new_format,
-            &mut |_, _| {},
-        )
-        .map_err(block_err)
+        let opts = block::CreateOptions {
+            format: new_format,
+            size: None,
+            backing: None,
+            cluster_size: None,
+        };
+        block::open_guest_disk_in(&folder, &from.path, Some(from.format), true, false)
+            .map_err(block_err)
+            .and_then(|s| {
+                block::ops::convert_from(s, Some(&folder), &to, &opts, &mut |_, _| {})
+                    .map_err(block_err)
+            })
     };
     if let Err(e) = r.and_then(|()| m.store().set_volume_format(pool, dst, new_format)) {
-        let _ = std::fs::remove_file(&to);
+        // Only a regular file this call made (never what a link names).
+        if std::fs::symlink_metadata(&to).is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(&to);
+        }
         return Err(e);
     }
     volume_info(m, pool, dst)
+}
+
+/// Opens a volume's whole chain as a guest would (beneath its pool), only to refuse one
+/// whose backing files leave the pool before a domain is defined on it.
+pub(crate) fn check_chain(m: &dyn PoolHost, info: &VolumeInfo) -> Result<()> {
+    let folder = pool_folder(m, &info.pool)?;
+    block::open_guest_disk_in(&folder, &info.path, Some(info.format), true, true)
+        .map(drop)
+        .map_err(block_err)
 }
 
 /// Running domains using a volume.
@@ -364,7 +429,8 @@ pub fn resize_volume(m: &dyn PoolHost, pool: &str, vol: &str, capacity: u64) -> 
         ));
     }
     check_capacity(capacity)?;
-    block::resize(&info.path, Some(info.format), capacity).map_err(block_err)?;
+    let folder = pool_folder(m, pool)?;
+    block::resize_in(&folder, &info.path, info.format, capacity).map_err(block_err)?;
     volume_info(m, pool, vol)
 }
 
@@ -376,15 +442,16 @@ pub fn delete_volume(m: &dyn PoolHost, pool: &str, vol: &str) -> Result<()> {
             info.used_by.join(", ")
         )));
     }
-    let dir = pool_dir(m, pool)?;
-    for other in volume_files(&dir)? {
+    let folder = pool_folder(m, pool)?;
+    let dir = folder.path();
+    for other in volume_files(dir)? {
         if other == vol {
             continue;
         }
         let Ok(Some(f)) = m.store().volume_format(pool, &other) else {
             continue; // raw: names no backing file
         };
-        if let Ok(i) = block::info(&dir.join(&other), Some(f)) {
+        if let Ok(i) = block::info_in(&folder, &dir.join(&other), f) {
             if let Some(b) = i.backing_file {
                 if block::resolve_backing(&dir.join(&other), &b) == info.path {
                     return Err(Error::Conflict(format!(
@@ -426,7 +493,9 @@ pub fn write_volume(
             )
         })?;
     let _ = end;
-    let mut b = block::open_guest_disk(&info.path, Some(info.format), false).map_err(block_err)?;
+    let folder = pool_folder(m, pool)?;
+    let mut b = block::open_guest_disk_in(&folder, &info.path, Some(info.format), false, false)
+        .map_err(block_err)?;
     b.write_at(offset, data).map_err(block_err)?;
     b.flush().map_err(block_err)
 }
@@ -444,7 +513,8 @@ pub fn read_volume(
         return Err(Error::invalid("download", "offset past the volume's end"));
     }
     let n = len.min(info.capacity - offset).min(16 << 20);
-    let mut b = block::open_guest_disk_with(&info.path, Some(info.format), true, true)
+    let folder = pool_folder(m, pool)?;
+    let mut b = block::open_guest_disk_in(&folder, &info.path, Some(info.format), true, true)
         .map_err(block_err)?;
     let mut buf = vec![0u8; n as usize];
     b.read_at(offset, &mut buf).map_err(block_err)?;

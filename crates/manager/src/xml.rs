@@ -622,6 +622,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         path: source.into(),
         format,
         read_only: child(n, "readonly").is_some(),
+        folder: None,
         transport: None,
         rate_limiter: None,
     })

@@ -2047,6 +2047,129 @@ fn raw_volume_with_guest_written_qcow2_header_stays_raw() {
     assert_eq!(v["format"], "raw", "{v}");
 }
 
+/// Issue 22: a pool volume's backing chain stays in its pool, and links put in a pool are
+/// never followed. A qcow2 volume whose header (left by a local user, or uploaded as the
+/// bytes of a raw volume that a domain then names as qcow2) names a host file as backing,
+/// and a link swapped in for a volume, are refused by every volume operation, at define
+/// and at start.
+#[test]
+fn pool_volume_chains_stay_in_their_pool_and_links_are_not_followed() {
+    let d = Daemon::start("volchain");
+    let c = d.client();
+    let secret_bytes = b"host secret outside the pool: never to be read".to_vec();
+    // Inside the daemon's pool root, outside the pool's folder.
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let pool = d.dir.join("p");
+    d.ok(&["pool-define", "p", pool.to_str().unwrap(), "--build"]);
+    let leaked = |file: &Path| {
+        std::fs::read(file)
+            .unwrap_or_default()
+            .windows(secret_bytes.len())
+            .any(|w| w == &secret_bytes[..])
+    };
+
+    for (vol, name) in [
+        ("abs.qcow2", secret.to_str().unwrap().to_string()),
+        ("rel.qcow2", "../secret".to_string()),
+    ] {
+        d.ok(&["vol-create", "p", vol, "4M"]);
+        // Replaced by hand: a qcow2 naming the secret as its (raw) backing file.
+        let path = pool.join(vol);
+        std::fs::remove_file(&path).unwrap();
+        block::create(
+            &path,
+            block::Format::Qcow2,
+            Some(4 << 20),
+            Some((&name, Some(block::Format::Raw))),
+        )
+        .unwrap();
+        // The attack is real: a guest open by path follows it.
+        let mut b = block::open_guest_disk(&path, Some(block::Format::Qcow2), true).unwrap();
+        let mut got = vec![0u8; secret_bytes.len()];
+        b.read_at(0, &mut got).unwrap();
+        assert_eq!(got, secret_bytes, "{name}");
+        drop(b);
+        let back = d.dir.join("back.bin");
+        let e = d.fails(&["vol-download", "p", vol, back.to_str().unwrap()]);
+        assert!(e.contains("outside"), "{name}: {e}");
+        assert!(!leaked(&back), "{name}");
+        let e = d.fails(&["vol-upload", "p", vol, secret.to_str().unwrap()]);
+        assert!(e.contains("outside"), "{name}: {e}");
+        let e = d.fails(&[
+            "vol-clone",
+            "p",
+            vol,
+            "copy.raw",
+            "--copy",
+            "--format",
+            "raw",
+        ]);
+        assert!(e.contains("outside"), "{name}: {e}");
+        assert!(!pool.join("copy.raw").exists());
+        let def = json!({"name": "chain", "driver": "qemu", "vm": {
+            "kernel": secret, "memory_mib": 64,
+            "disks": [{"path": format!("vol://p/{vol}")}]}});
+        let (st, msg) = api_status(c.post("/v1/domains", Some(&def)).unwrap_err());
+        assert_eq!(st, 400, "{msg}");
+        assert!(msg.contains("outside"), "{name}: {msg}");
+    }
+
+    // A raw volume a domain names by path as qcow2: harmless at define, then its bytes
+    // become a qcow2 header naming the secret (vol-upload, or the guest of another
+    // domain). The start is refused, for either driver.
+    d.ok(&["vol-create", "p", "data.img", "4M", "--format", "raw"]);
+    let plain = d.dir.join("plain.qcow2");
+    block::create(&plain, block::Format::Qcow2, Some(4 << 20), None).unwrap();
+    d.ok(&["vol-upload", "p", "data.img", plain.to_str().unwrap()]);
+    for driver in ["qemu", "vessel"] {
+        let name = format!("bypath-{driver}");
+        let def = json!({"name": name, "driver": driver, "vm": {
+            "kernel": secret, "memory_mib": 64,
+            "disks": [{"path": pool.join("data.img"), "format": "qcow2"}]}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+    }
+    let evil = d.dir.join("evil.qcow2");
+    block::create(
+        &evil,
+        block::Format::Qcow2,
+        Some(4 << 20),
+        Some((secret.to_str().unwrap(), Some(block::Format::Raw))),
+    )
+    .unwrap();
+    d.ok(&["vol-upload", "p", "data.img", evil.to_str().unwrap()]);
+    for driver in ["qemu", "vessel"] {
+        let e = d.fails(&["start", &format!("bypath-{driver}")]);
+        assert!(
+            e.contains("outside") && e.contains("must be files in the pool"),
+            "{driver}: {e}"
+        );
+        c.call("DELETE", &format!("/v1/domains/bypath-{driver}"), None)
+            .unwrap();
+    }
+
+    // A link in the pool, to the secret or dangling: never followed.
+    std::os::unix::fs::symlink(&secret, pool.join("link.raw")).unwrap();
+    let back = d.dir.join("link.bin");
+    for args in [
+        vec!["vol-info", "p", "link.raw"],
+        vec!["vol-download", "p", "link.raw", back.to_str().unwrap()],
+        vec!["vol-resize", "p", "link.raw", "8M"],
+    ] {
+        let e = d.fails(&args);
+        assert!(e.contains("symbolic link"), "{args:?}: {e}");
+    }
+    assert!(!leaked(&back));
+    assert_eq!(std::fs::read(&secret).unwrap(), secret_bytes, "not resized");
+    let target = d.dir.join("made-through-a-link");
+    std::os::unix::fs::symlink(&target, pool.join("new.raw")).unwrap();
+    d.fails(&["vol-create", "p", "new.raw", "1M", "--format", "raw"]);
+    assert!(
+        !target.exists(),
+        "a dangling link is not followed to create its target"
+    );
+}
+
 /// Sends a request head announcing `len` body bytes (and none of them); returns the
 /// response's status line and body.
 fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {

@@ -377,6 +377,13 @@ pub struct DiskConfig {
     pub format: Option<DiskFormat>,
     #[serde(default)]
     pub read_only: bool,
+    /// The folder the image and every backing file of its chain must be in, opened
+    /// beneath it without following links (`block::open_guest_disk_in`): the manager sets
+    /// it to a pool volume's pool, so a qcow2 header naming a host file outside the pool,
+    /// or a link swapped in for the volume, is refused. An absolute path with no link on
+    /// it; `path` must lie below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<PathBuf>,
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
@@ -477,12 +484,44 @@ impl DiskConfig {
     /// Opens the disk for the guest: with its given format, or raw when none was given
     /// (never probed; a qcow2-looking file without a format is refused).
     pub fn open(&self) -> Result<Box<dyn block::BlockBackend>, block::OpenError> {
-        block::open_guest_disk(&self.path, self.block_format(), self.read_only)
+        self.open_with(self.read_only, false)
     }
 
-    /// The files [`DiskConfig::open`] opens: the image, then its backing chain.
+    /// [`DiskConfig::open`], read-only when asked, sharing the image's locks with
+    /// `force_share` (`block::open_guest_disk_with`); beneath [`DiskConfig::folder`] when
+    /// it is given.
+    pub fn open_with(
+        &self,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<Box<dyn block::BlockBackend>, block::OpenError> {
+        match &self.folder {
+            Some(dir) => {
+                let folder = block::Folder::open(dir)?;
+                block::open_guest_disk_in(
+                    &folder,
+                    &self.path,
+                    self.block_format(),
+                    read_only,
+                    force_share,
+                )
+            }
+            None => {
+                block::open_guest_disk_with(&self.path, self.block_format(), read_only, force_share)
+            }
+        }
+    }
+
+    /// The files [`DiskConfig::open`] opens: the image, then its backing chain (with a
+    /// folder, only as far as the chain stays in it: the open refuses the rest).
     pub fn files(&self) -> Vec<PathBuf> {
-        block::guest_disk_files(&self.path, self.block_format())
+        match self.folder.as_deref().map(block::Folder::open) {
+            Some(Ok(folder)) => {
+                block::guest_disk_files_in(&folder, &self.path, self.block_format())
+            }
+            Some(Err(_)) => Vec::new(),
+            None => block::guest_disk_files(&self.path, self.block_format()),
+        }
     }
 
     fn block_format(&self) -> Option<block::Format> {
@@ -506,8 +545,7 @@ impl DiskConfig {
     /// its EFI system partition; None without the boot signature.
     pub fn firmware_boot(&self) -> Option<FirmwareBoot> {
         use block::BlockBackend as _;
-        let format = self.block_format();
-        let mut image = block::open_guest_disk_with(&self.path, format, true, true).ok()?;
+        let mut image = self.open_with(true, true).ok()?;
         let mut sectors = [0u8; 1024];
         image.read_at(0, &mut sectors).ok()?;
         if sectors[510..512] != [0x55, 0xaa] {
@@ -535,6 +573,7 @@ impl std::str::FromStr for DiskConfig {
             path: PathBuf::from(path),
             format: None,
             read_only: false,
+            folder: None,
             transport: None,
             rate_limiter: None,
         };
@@ -918,6 +957,7 @@ mod tests {
             path: path.into(),
             format: Some(DiskFormat::Raw),
             read_only: false,
+            folder: None,
             transport: None,
             rate_limiter: None,
         };
@@ -935,6 +975,45 @@ mod tests {
         std::fs::write(&gpt, &mbr).unwrap();
         assert_eq!(disk(&gpt).firmware_boot(), Some(FirmwareBoot::Bios));
         assert_eq!(disk(&plain).firmware_boot(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 22: a disk with a folder opens its image and chain beneath it only; the jail
+    /// is given only the files of that confined chain.
+    #[test]
+    fn a_disk_with_a_folder_never_opens_a_backing_file_outside_it() {
+        use block::BlockBackend as _;
+        let dir = std::env::temp_dir().join(format!("vessel-folder-{}", std::process::id()));
+        let pool = dir.join("pool");
+        std::fs::create_dir_all(&pool).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, b"outside the pool").unwrap();
+        let top = pool.join("top.qcow2");
+        let name = secret.to_str().unwrap();
+        block::create(
+            &top,
+            block::Format::Qcow2,
+            Some(1 << 20),
+            Some((name, Some(block::Format::Raw))),
+        )
+        .unwrap();
+        let mut disk = DiskConfig {
+            path: top.clone(),
+            format: Some(DiskFormat::Qcow2),
+            read_only: true,
+            folder: None,
+            transport: None,
+            rate_limiter: None,
+        };
+        let mut b = [0u8; 7];
+        disk.open().unwrap().read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"outside", "without a folder the header is followed");
+        assert_eq!(disk.files(), vec![top.clone(), secret.clone()]);
+        disk.folder = Some(pool.clone());
+        let e = disk.open().unwrap_err().to_string();
+        assert!(e.contains("backing file"), "{e}");
+        assert_eq!(disk.files(), vec![top.clone()]);
+        assert!(!disk.has_boot_sector());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1047,6 +1126,7 @@ mod tests {
                 path: "/img/a.qcow2".into(),
                 format: Some(DiskFormat::Qcow2),
                 read_only: true,
+                folder: None,
                 transport: None,
                 rate_limiter: None,
             }

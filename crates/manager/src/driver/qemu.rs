@@ -335,6 +335,7 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
             path: _,
             format: _,
             read_only: _,
+            folder: _,
             transport,
             rate_limiter,
         } = d;

@@ -14,7 +14,6 @@ use super::{
 use crate::domain::{DomainDef, DriverKind};
 use crate::error::{Error, Result};
 use crate::state::End;
-use vmm::config::DiskFormat;
 
 /// What a VMM needs besides its guest's memory: the emulator's code arena (64 MiB per
 /// vCPU), its block caches and TLBs, device buffers, the page cache of its disks that the
@@ -70,12 +69,8 @@ pub(super) fn vessel_limit_args(
     const LOG_BYTES: u64 = 1 << 30;
     let mut largest = LOG_BYTES.max((vm.memory_mib << 20) + (64 << 20));
     for d in vm.disks.iter().filter(|d| !d.read_only) {
-        let format = d.format.map(|f| match f {
-            DiskFormat::Raw => block::Format::Raw,
-            DiskFormat::Qcow2 => block::Format::Qcow2,
-        });
         // Read-only and sharing the image's lock: a migration's source VMM may hold it.
-        match block::open_guest_disk_with(&d.path, format, true, true) {
+        match d.open_with(true, true) {
             // qcow2 metadata is at most an L2 entry and a refcount per cluster, and its
             // header and tables: an eighth on top, and 64 MiB, bounds it.
             Ok(b) => largest = largest.max(b.size() + b.size() / 8 + (64 << 20)),

@@ -316,6 +316,7 @@ impl FcConfig {
                     // As Firecracker's: drives are raw, their content never interpreted.
                     format: Some(DiskFormat::Raw),
                     read_only: d.is_read_only.unwrap_or(false),
+                    folder: None,
                     transport: None,
                     rate_limiter: d.rate_limiter,
                 })
