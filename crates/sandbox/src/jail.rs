@@ -45,10 +45,29 @@ pub struct JailSpec {
     pub cgroup: Option<crate::cgroup::Spec>,
 }
 
-/// The smallest `fsize` limit: RLIMIT_FSIZE bounds memory files as any other, and the
-/// emulator's code arenas are memory files (64 MiB for compiled blocks, 1 MiB for host
-/// stubs); under a smaller limit a VMM would run its guest interpreted only.
-pub const MIN_FILE_SIZE_LIMIT: u64 = 128 << 20;
+/// The smallest `fsize` limit. RLIMIT_FSIZE bounds memory files as any other, and the
+/// emulator's code arenas are memory files: the 64 MiB arena for compiled blocks is sized
+/// when its vCPU is made, before the limit is set ([`apply_file_size_limit`]), but the
+/// 1 MiB arena for host stubs is made later, on the vCPU's thread, as the guest first
+/// needs one, and must fit under the limit.
+pub const MIN_FILE_SIZE_LIMIT: u64 = 1 << 20;
+
+/// The `fsize` limit the jail was given, set by [`apply_file_size_limit`] (0: none).
+static FILE_SIZE_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the jail's `fsize` limit (RLIMIT_FSIZE), if it was given one. The VMM calls this
+/// once its VM is built and before its vCPUs run: the limit bounds memory files too, and
+/// the emulator's 64 MiB code arena per vCPU is a memory file sized when the vCPU is made,
+/// so a limit set before that would leave the guest interpreted only (and would need a
+/// floor of 128 MiB, which could not cap a console log). Until then nothing the guest
+/// controls has written a byte.
+pub fn apply_file_size_limit() -> Result<(), JailError> {
+    let n = FILE_SIZE_LIMIT.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if n == 0 {
+        return Ok(());
+    }
+    set_limit(libc::RLIMIT_FSIZE, n, n, "fsize")
+}
 
 /// A resource limit the jail sets (soft and hard) for the VMM, named as Firecracker's
 /// jailer's `--resource-limit` names them.
@@ -74,7 +93,7 @@ impl std::str::FromStr for ResourceLimit {
             .map_err(|_| format!("{value:?}: not a number"))?;
         match name {
             "fsize" if n < MIN_FILE_SIZE_LIMIT => Err(format!(
-                "fsize={n}: at least {MIN_FILE_SIZE_LIMIT} (the emulator's code arenas are memory files it bounds too)"
+                "fsize={n}: at least {MIN_FILE_SIZE_LIMIT} (the emulator's host-stub arena is a memory file it bounds too)"
             )),
             "fsize" => Ok(ResourceLimit::FileSize(n)),
             "no-file" => Ok(ResourceLimit::OpenFiles(n)),
@@ -229,7 +248,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         return Err(JailError::Threads(n));
     }
     // Before the fork: the waiter is limited and in the group too, and the VMM never
-    // runs outside them.
+    // runs outside them (its `fsize` is set once its VM is built, before the guest runs).
     set_limits(&spec.rlimits)?;
     if let Some(cg) = &spec.cgroup {
         crate::cgroup::enter(cg)?;
@@ -281,7 +300,8 @@ fn set_limits(limits: &[ResourceLimit]) -> Result<(), JailError> {
                 if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
                     return Err(sys("ignoring SIGXFSZ")(io::Error::last_os_error()));
                 }
-                set_limit(libc::RLIMIT_FSIZE, n, n, "fsize")?;
+                // Set once the VM is built: see `apply_file_size_limit`.
+                FILE_SIZE_LIMIT.store(n.max(1), std::sync::atomic::Ordering::SeqCst);
             }
             ResourceLimit::OpenFiles(n) => set_limit(libc::RLIMIT_NOFILE, n, n, "no-file")?,
         }

@@ -552,7 +552,9 @@ fn a_jailed_vmm_is_held_to_its_cgroup_and_resource_limits() {
             "memory.limit_in_bytes=805306368",
         )
     };
-    const FSIZE: u64 = 128 << 20;
+    // Well below the emulator's 64 MiB code arena, a memory file RLIMIT_FSIZE bounds too:
+    // the limit is set once the vCPUs (and their arenas) exist.
+    const FSIZE: u64 = 16 << 20;
     let fsize = format!("fsize={FSIZE}");
     let qcow = dir.path().join("grow.qcow2");
     let st = vessel()
@@ -565,8 +567,8 @@ fn a_jailed_vmm_is_held_to_its_cgroup_and_resource_limits() {
     let disk = format!("{},format=qcow2", qcow.display());
     let mut vmm = spawn_vmm_running(
         dir.path(),
-        // 200 MiB onto the qcow2 disk, which grows a cluster at a time.
-        "dd+if=/dev/zero+of=/dev/vdb+bs=1M+count=200;echo+dd-rc=$?;sleep+600",
+        // 64 MiB onto the qcow2 disk, which grows a cluster at a time.
+        "dd+if=/dev/zero+of=/dev/vdb+bs=1M+count=64;echo+dd-rc=$?;sleep+600",
         &[
             "--disk",
             &disk,
@@ -646,6 +648,13 @@ fn a_jailed_vmm_is_held_to_its_cgroup_and_resource_limits() {
         "{limits}"
     );
     assert_eq!(limit("Max open files"), "512 512", "{limits}");
+    // The guest runs compiled code all the same: the code arena was sized first.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains("vessel-jit") && l.split_whitespace().nth(1) == Some("r-xs")),
+        "no code arena under fsize={FSIZE}:\n{maps}"
+    );
     // The guest's writes past the limit fail; the image stops there; the VMM goes on.
     let log = dir.path().join("serial.log");
     wait_for_text(&log, "\ndd-rc=", BOOT);

@@ -28,6 +28,8 @@ use crate::io::IoBuses;
 pub enum VmmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("setting the jail's file size limit")]
+    FileSizeLimit(#[source] sandbox::jail::JailError),
     #[error("building the cloud-init seed")]
     CloudInitSeed(#[from] crate::cloud_init::SeedError),
     #[error(transparent)]
@@ -971,6 +973,8 @@ impl Vmm {
 
     /// Run until the guest powers off or resets, or something stops the VM.
     pub fn run(self) -> Result<ExitReason, VmmError> {
+        // Now that every vCPU (and its code arena, a memory file) exists, before any runs.
+        sandbox::jail::apply_file_size_limit().map_err(VmmError::FileSizeLimit)?;
         // Installed before the guest runs: a SIGTERM that comes as soon as the guest
         // shows signs of life still ends the VM as a quit.
         let term = termination_eventfd().map_err(|source| VmmError::EventFd {
