@@ -275,6 +275,11 @@ fn controllers(spec: &Spec) -> Vec<&str> {
 /// Makes the group in every hierarchy a setting needs, writes the values, and moves
 /// this process into it. Returns the group's folders.
 pub fn enter(spec: &Spec) -> Result<Vec<PathBuf>, CgroupError> {
+    enter_process(spec, std::process::id())
+}
+
+/// [`enter`] for the process `pid` (this one, or in tests a child).
+fn enter_process(spec: &Spec, pid: u32) -> Result<Vec<PathBuf>, CgroupError> {
     check(spec)?;
     let mounts = Mounts::read().map_err(CgroupError::Mounts)?;
     let mut groups: Vec<PathBuf> = Vec::new();
@@ -295,7 +300,7 @@ pub fn enter(spec: &Spec) -> Result<Vec<PathBuf>, CgroupError> {
         let file = group.join(&s.file);
         std::fs::write(&file, &s.value).map_err(io_err("writing", &file))?;
     }
-    let pid = std::process::id().to_string();
+    let pid = pid.to_string();
     for group in &groups {
         let procs = group.join("cgroup.procs");
         std::fs::write(&procs, &pid).map_err(io_err("joining", &procs))?;
@@ -474,6 +479,75 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert!(matches!(check(&sp), Err(CgroupError::Parent(_))));
         sp.parent = PathBuf::from("a/../b");
         assert!(check(&sp).is_err());
+    }
+
+    /// The v2 code path on this host, for real: hosts here mount the cpu and memory
+    /// controllers on v1, where the VMM tests run the v1 path; a controller v1 leaves
+    /// free (hugetlb on these hosts; pids on many v2 ones) is on the unified hierarchy,
+    /// so a group is made there, the controller handed down through each
+    /// `cgroup.subtree_control`, its value written and a process moved in, then removed.
+    #[test]
+    fn the_v2_path_makes_a_group_hands_its_controller_down_and_removes_it() {
+        let mounts = Mounts::read().unwrap();
+        let root = mounts
+            .v2
+            .clone()
+            .expect("no cgroup2 mount on this host (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+        let own = mounts.own_group(None);
+        let base = root.join(own.strip_prefix("/").unwrap());
+        let free = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap();
+        let free: Vec<&str> = free.split_whitespace().collect();
+        let setting = if free.contains(&"pids") {
+            "pids.max=64"
+        } else if free.contains(&"hugetlb") {
+            "hugetlb.2MB.max=2097152"
+        } else {
+            panic!(
+                "the unified hierarchy at {} offers neither pids nor hugetlb ({free:?}): \
+                 free one from cgroup v1 to test the v2 path",
+                base.display()
+            )
+        };
+        let (file, value) = setting.split_once('=').unwrap();
+        let ctl = file.split('.').next().unwrap();
+        let parent = PathBuf::from(format!("vessel-v2-test-{}", std::process::id()));
+        let spec = Spec {
+            version: Version::V2,
+            parent: parent.clone(),
+            id: "vm1".into(),
+            settings: vec![setting.parse().unwrap()],
+        };
+        let control = base.join("cgroup.subtree_control");
+        let was_on = std::fs::read_to_string(&control)
+            .unwrap()
+            .split_whitespace()
+            .any(|c| c == ctl);
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let entered = enter_process(&spec, child.id());
+        let in_group = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id()));
+        let written = std::fs::read_to_string(base.join(&parent).join("vm1").join(file));
+        let handed = std::fs::read_to_string(base.join(&parent).join("cgroup.subtree_control"));
+        let _ = child.kill();
+        let _ = child.wait();
+        let removed = remove(&spec);
+        if !was_on {
+            // Leave the host's hierarchy as it was.
+            let _ = std::fs::write(&control, format!("-{ctl}"));
+        }
+        let groups = entered.expect("the v2 group");
+        assert_eq!(groups, vec![base.join(&parent).join("vm1")]);
+        let want = format!("0::{}\n", own.join(&parent).join("vm1").display());
+        assert!(
+            in_group.unwrap().lines().any(|l| format!("{l}\n") == want),
+            "{want}"
+        );
+        assert_eq!(written.unwrap().trim(), value);
+        assert!(handed.unwrap().split_whitespace().any(|c| c == ctl));
+        removed.unwrap();
+        assert!(!base.join(&parent).exists(), "the groups are removed");
     }
 
     /// The daemon's check before it gives VMMs groups: on this host (root, writable
