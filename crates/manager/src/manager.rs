@@ -571,13 +571,21 @@ impl Manager {
         Ok(())
     }
 
-    /// Confines each disk in a pool root to its folder for this start (`DiskConfig::folder`:
-    /// the Vessel VMM opens it and its backing chain beneath that folder, without links),
-    /// and opens each such chain here the same way, so a backing file that names a host
-    /// file outside the pool (or a volume swapped for a link) fails the start before any
-    /// VMM runs. QEMU opens the chain by path itself: for it this check is all there is.
+    /// Confines each disk that is a pool's file (a `vol://` volume, or a file named by
+    /// path in a pool's folder) to that folder for this start (`DiskConfig::folder`: the
+    /// Vessel VMM opens it and its backing chain beneath the folder, without links), and
+    /// opens each such chain here the same way, so a backing file that names a host file
+    /// outside the pool (or a volume swapped for a link) fails the start before any VMM
+    /// runs. QEMU opens the chain by path itself: for it this check is all there is.
     fn confine_disks(&self, def: &mut DomainDef) -> Result<()> {
         let roots = self.pool_roots();
+        let pools: Vec<PathBuf> = self
+            .store
+            .list_pools()?
+            .into_iter()
+            .filter_map(|(_, p)| p.canonicalize().ok())
+            .filter(|p| roots.iter().any(|r| p.starts_with(r)))
+            .collect();
         for d in def.vm.disks.iter_mut() {
             let (Some(parent), Some(file)) = (d.path.parent(), d.path.file_name()) else {
                 continue;
@@ -586,7 +594,7 @@ impl Manager {
             let Ok(dir) = parent.canonicalize() else {
                 continue;
             };
-            if !roots.iter().any(|r| dir.starts_with(r)) {
+            if !pools.contains(&dir) {
                 continue;
             }
             d.path = dir.join(file);

@@ -480,6 +480,19 @@ impl RateLimiterConfig {
     }
 }
 
+impl VmConfig {
+    /// This configuration without what a manager derives for each start rather than
+    /// defines (each disk's [`DiskConfig::folder`]), for comparing a saved VM with a
+    /// definition.
+    pub fn as_defined(&self) -> VmConfig {
+        let mut c = self.clone();
+        for d in &mut c.disks {
+            d.folder = None;
+        }
+        c
+    }
+}
+
 impl DiskConfig {
     /// Opens the disk for the guest: with its given format, or raw when none was given
     /// (never probed; a qcow2-looking file without a format is refused).

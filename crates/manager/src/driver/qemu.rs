@@ -149,7 +149,7 @@ impl Driver for QemuDriver {
                     format!("{} holds no QEMU save", dir.display()),
                 )
             })?;
-        if saved != stored.vm {
+        if saved.as_defined() != stored.vm.as_defined() {
             return Err(Error::Conflict(format!(
                 "the VM saved in {} is not the one domain {:?} now defines (it was redefined \
                  since it was saved)",

@@ -224,7 +224,7 @@ impl Driver for VesselDriver {
         let mut now = vessel_config(runtime, run);
         saved.serial = vmm::SerialConfig::Stdio;
         now.serial = vmm::SerialConfig::Stdio;
-        if saved != now {
+        if saved.as_defined() != now.as_defined() {
             return Err(Error::Conflict(format!(
                 "the VM saved in {} is not the one domain {:?} now defines (it was redefined \
                  since it was saved)",
