@@ -33,10 +33,10 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
                 let bit = off.rem_euclid(bits as i64) as u64;
                 let addr = ea(cpu, ins).wrapping_add((unit * i64::from(size)) as u64);
                 let seg = mem_seg(ins);
-                let v = cpu.read_mem(p, seg, addr, size)?;
-                if let Some(n) = apply(v, bit) {
-                    cpu.write_mem(p, seg, addr, size, n)?;
-                }
+                // LOCKed, the unit is updated atomically like any locked operand (Linux's
+                // set_bit/clear_bit with a variable bit number are LOCK BTS/BTR r, m).
+                let v =
+                    cpu.rmw_mem(p, seg, addr, size, ins.has_lock_prefix(), |v| apply(v, bit))?;
                 (v >> bit) & 1
             } else {
                 let bit = raw & (bits - 1);

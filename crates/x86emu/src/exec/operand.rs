@@ -335,6 +335,21 @@ impl Core {
         }
         let off = ea(self, ins);
         let seg = mem_seg(ins);
+        self.rmw_mem(p, seg, off, size, locked, f)
+    }
+
+    /// Read-modify-write of `size` bytes at `seg:off` (atomic with respect to other vCPUs
+    /// when `locked`), for instructions whose memory operand is not where they write (a
+    /// bit string's unit). Returns the old value.
+    pub(crate) fn rmw_mem(
+        &mut self,
+        p: &mut dyn Platform,
+        seg: Seg,
+        off: u64,
+        size: u32,
+        locked: bool,
+        f: impl Fn(u64) -> Option<u64>,
+    ) -> Result<u64> {
         if !locked {
             let old = self.read_mem(p, seg, off, size)?;
             if let Some(new) = f(old) {
