@@ -456,6 +456,62 @@ static void check_bitops(void) {
            (unsigned long long)bitw.q, unpinned);
 }
 
+/* ---- narrow atomics side by side in one word, as in Linux's queued spinlock: every CPU
+ * exchanges tokens into the 16-bit tail half (XCHG) while each toggles its own bit of the
+ * low byte (LOCK CMPXCHG of 8 bits). Every token exchanged in must come out exactly once
+ * (from some exchange, or as the value left), and no CPU's bit may go wrong. ---- */
+
+static union {
+    volatile u64 q;
+    volatile unsigned short h[4];
+    volatile unsigned char b[8];
+} qsw ALIGNED;
+
+static void toggle_own(int k) {
+    unsigned char expect = qsw.b[0], want;
+    do {
+        want = (unsigned char)(expect ^ (1u << k));
+    } while (!__atomic_compare_exchange_n(&qsw.b[0], &expect, want, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+}
+
+static void narrow_fn(struct worker *w) {
+    long n = 0, bad = 0, sum_in = 0, sum_out = 0;
+    int k = w->cpu & 7;
+    while (!stop_flag) {
+        unsigned short t = (unsigned short)(((w->cpu & 7) + 1) << 12 | (n & 0xfff));
+        sum_in += t;
+        __asm__ __volatile__("xchgw %0, %1" : "+r"(t), "+m"(qsw.h[1]) : : "memory");
+        sum_out += t;
+        toggle_own(k);
+        bad += ((qsw.b[0] >> k) & 1) != 1;
+        toggle_own(k);
+        bad += ((qsw.b[0] >> k) & 1) != 0;
+        n++;
+    }
+    w->ops = n;
+    w->bad = bad;
+    w->extra = sum_in;
+    w->seen = sum_out;
+}
+
+static void check_narrow(void) {
+    qsw.q = 0;
+    int n = ncpu < 8 ? ncpu : 8;
+    for (int i = 0; i < n; i++)
+        W[i] = (struct worker){.cpu = i, .role = i & 1, .fn = narrow_fn};
+    int unpinned = run_workers(n, budget_ms);
+    long rounds_done = 0, bad = 0, in = 0, out = 0;
+    for (int i = 0; i < n; i++)
+        rounds_done += W[i].ops, bad += W[i].bad, in += W[i].extra, out += W[i].seen;
+    out += qsw.h[1];
+    report("narrow-atomics", bad == 0 && in == out && qsw.b[0] == 0 && rounds_done > 0 &&
+                                 !unpinned,
+           "rounds=%ld wrong_own_bit=%ld tokens_in=%ld tokens_out=%ld lost_or_doubled=%ld "
+           "unpinned=%d",
+           rounds_done, bad, in, out, in - out, unpinned);
+}
+
 /* ---- spinlocks (CMPXCHG, XCHG with its implicit lock, LOCK BTS) around a plain counter ---- */
 
 static struct {
@@ -920,6 +976,8 @@ int main(int argc, char **argv) {
         check_counter("lock-add", lockadd_fn);
     if (want("lock-xadd"))
         check_counter("lock-xadd", xadd_fn);
+    if (want("narrow-atomics"))
+        check_narrow();
     if (want("lock-bitops"))
         check_bitops();
     if (want("cmpxchg-spinlock"))
