@@ -656,7 +656,7 @@ fn tsc_adjust_is_advertised_and_moves_with_the_tsc() {
 
     // A TSC write moves TSC_ADJUST by what it moved the TSC.
     let now = g.cpu.read_msr(TSC).unwrap();
-    g.cpu.write_msr(TSC, now - (1 << 41)).unwrap();
+    g.cpu.write_msr(TSC, now.wrapping_sub(1 << 41)).unwrap();
     let adjust = g.cpu.read_msr(TSC_ADJUST).unwrap();
     let moved = (1u64 << 40).wrapping_sub(adjust);
     assert!(
