@@ -336,13 +336,16 @@ pub fn open_with(
     read_only: bool,
     force_share: bool,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
-    let mut seen = HashSet::new();
-    let policy = Policy {
-        force_share,
-        guest: false,
-        folder: None,
-    };
-    open_chain(path, format, read_only, policy, 0, &mut seen)
+    open_top(
+        path,
+        format,
+        read_only,
+        Policy {
+            force_share,
+            guest: false,
+            folder: None,
+        },
+    )
 }
 
 /// Opens a disk a guest will read and write: the format is never guessed from content.
@@ -371,13 +374,16 @@ pub fn open_guest_disk_with(
     read_only: bool,
     force_share: bool,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
-    let mut seen = HashSet::new();
-    let policy = Policy {
-        force_share,
-        guest: true,
-        folder: None,
-    };
-    open_chain(path, format, read_only, policy, 0, &mut seen)
+    open_top(
+        path,
+        format,
+        read_only,
+        Policy {
+            force_share,
+            guest: true,
+            folder: None,
+        },
+    )
 }
 
 /// [`open_guest_disk_with`] for a disk whose image and whole backing chain must lie in
@@ -392,13 +398,26 @@ pub fn open_guest_disk_in(
     read_only: bool,
     force_share: bool,
 ) -> Result<Box<dyn BlockBackend>, OpenError> {
-    let mut seen = HashSet::new();
-    let policy = Policy {
-        force_share,
-        guest: true,
-        folder: Some(folder),
-    };
-    open_chain(path, format, read_only, policy, 0, &mut seen)
+    open_top(
+        path,
+        format,
+        read_only,
+        Policy {
+            force_share,
+            guest: true,
+            folder: Some(folder),
+        },
+    )
+}
+
+/// Opens the top image at `path` and its chain under `policy`.
+fn open_top(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+    policy: Policy<'_>,
+) -> Result<Box<dyn BlockBackend>, OpenError> {
+    open_chain(path, format, read_only, policy, 0, &mut HashSet::new())
 }
 
 /// How [`open_chain`] treats locks, missing formats and where files may be.

@@ -35,6 +35,17 @@ impl Shared {
     }
 }
 
+/// Runs `cpu` (CPU `i` of a test) until its program halts.
+fn run_to_hlt(cpu: &mut Cpu, i: usize) {
+    loop {
+        match cpu.run(&mut NoDevices, 100_000) {
+            RunExit::InstructionLimit | RunExit::Paused => continue,
+            RunExit::Halted => break,
+            other => panic!("cpu {i}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn locked_increments_and_spinlock_across_threads() {
     let mut shared = Shared::new();
@@ -78,13 +89,7 @@ fn locked_increments_and_spinlock_across_threads() {
                 s.rip = CODE;
                 s.gpr[4] = 0x8_0000 + i as u64 * 0x1000;
                 cpu.set_state(s);
-                loop {
-                    match cpu.run(&mut NoDevices, 100_000) {
-                        RunExit::InstructionLimit => continue,
-                        RunExit::Halted => break,
-                        other => panic!("cpu {i}: {other:?}"),
-                    }
-                }
+                run_to_hlt(&mut cpu, i);
             })
         })
         .collect();
@@ -193,13 +198,7 @@ fn locked_bit_string_operations_are_atomic_against_locked_byte_operations() {
                     s.gpr[9] = !(1u64 << i) & 0xff; // r9b
                     s.gpr[11] = BAD + i as u64 * 8;
                     cpu.set_state(s);
-                    loop {
-                        match cpu.run(&mut NoDevices, 100_000) {
-                            RunExit::InstructionLimit | RunExit::Paused => continue,
-                            RunExit::Halted => break,
-                            other => panic!("cpu {i}: {other:?}"),
-                        }
-                    }
+                    run_to_hlt(&mut cpu, i);
                 })
             })
             .collect();
