@@ -14,12 +14,7 @@
 //! notes it. Marking a page therefore strips the entries that still allow stores to it:
 //! the marking CPU's own at once, the other CPUs' at their next block boundary outside a
 //! chain, when each also counts a code write to the page in case it stored to it
-//! meanwhile (see [`WriteMap`]). A CPU that is not running guest code cannot be storing:
-//! the marking CPU counts that write for it at once, so only requests to running CPUs are
-//! *unsettled* until served. A serialising instruction (CPUID) needs every block checked
-//! again only while some request is unsettled or the write count moved; before this was
-//! known, each CPUID of a multi-vCPU guest (glibc's start-up runs dozens per process)
-//! checked every block again and cut every link.
+//! meanwhile (see [`WriteMap`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -35,12 +30,6 @@ pub(crate) struct WriteMap {
     /// Pages other CPUs marked while this CPU's count for them was not zero.
     requests: Mutex<Vec<usize>>,
     pending: AtomicBool,
-    /// The owner is running guest code (inside `Cpu::run`): only then can its compiled code
-    /// store through entries it has not stripped yet.
-    running: AtomicBool,
-    /// Requests made while it was running and not served yet: each counts in
-    /// [`CodeTracker`]'s unsettled requests until the owner serves its requests.
-    owed: AtomicU64,
 }
 
 impl WriteMap {
@@ -49,8 +38,6 @@ impl WriteMap {
             counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             requests: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
-            running: AtomicBool::new(false),
-            owed: AtomicU64::new(0),
         }
     }
 
@@ -114,30 +101,12 @@ impl WriteMap {
         std::mem::take(&mut *self.requests.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Asks the owner to strip its entries for `pfn`; whether it may be storing through
-    /// them now (it is running: the request is unsettled until served).
-    fn request(&self, pfn: usize) -> bool {
+    fn request(&self, pfn: usize) {
         self.requests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(pfn);
-        // Sequentially consistent with the owner's `set_running`: either the owner, starting
-        // or stopping, sees this request pending, or this sees it running.
-        self.pending.store(true, Ordering::SeqCst);
-        self.running.load(Ordering::SeqCst)
-    }
-
-    /// The owner enters (true) or leaves guest code. Whether requests are pending, read
-    /// after the change: see `request`.
-    pub(crate) fn set_running(&self, on: bool) -> bool {
-        self.running.store(on, Ordering::SeqCst);
-        self.pending.load(Ordering::SeqCst) || self.owed.load(Ordering::SeqCst) != 0
-    }
-
-    /// Unsettled requests the owner has served (called after it stripped and counted
-    /// them), taken.
-    pub(crate) fn take_owed(&self) -> u64 {
-        self.owed.swap(0, Ordering::SeqCst)
+        self.pending.store(true, Ordering::Release);
     }
 }
 
@@ -157,8 +126,6 @@ pub struct CodeTracker {
     pages: Box<[AtomicU8]>,
     /// Stores to marked pages so far, by any CPU.
     writes: AtomicU64,
-    /// Requests to strip made to running CPUs and not served yet (see the module's text).
-    unsettled: AtomicU64,
     /// The write maps of the CPUs that share this tracker.
     cpus: RwLock<Vec<Arc<WriteMap>>>,
     /// Watched page tables stored to since [`CodeTracker::take_table_writes`], a bit per
@@ -191,7 +158,6 @@ impl CodeTracker {
         CodeTracker {
             pages: (0..n).map(|_| AtomicU8::new(0)).collect(),
             writes: AtomicU64::new(0),
-            unsettled: AtomicU64::new(0),
             cpus: RwLock::new(Vec::new()),
             table_writes: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             table_write_count: AtomicU64::new(0),
@@ -215,29 +181,29 @@ impl CodeTracker {
         self.shared.store(cpus.len() > 1, Ordering::Relaxed);
     }
 
-    /// Marks `pfn` as holding checked code. None if it was marked already; else whether
-    /// the caller, whose write map is `own`, must strip its own entries that let compiled
-    /// code store to it (the other CPUs' are asked to strip theirs). A store noted as
-    /// unmarked just before may land after the caller read the page: a caller that marks
-    /// a page anew reads its code again afterwards.
-    pub(crate) fn mark(&self, pfn: usize, own: &WriteMap) -> Option<bool> {
+    /// Marks `pfn` as holding checked code: true if the caller, whose write map is `own`,
+    /// must strip its own entries that let compiled code store to it; the other CPUs'
+    /// are asked to strip theirs.
+    pub(crate) fn mark(&self, pfn: usize, own: &WriteMap) -> bool {
         self.mark_with(pfn, CODE, own)
     }
 
     /// Watches `pfn` as a page table: its next store is recorded for
     /// [`CodeTracker::take_table_writes`]. Strips stores as [`CodeTracker::mark`] does.
     pub(crate) fn watch_table(&self, pfn: usize, own: &WriteMap) -> bool {
-        self.mark_with(pfn, TABLE, own).unwrap_or(false)
+        self.mark_with(pfn, TABLE, own)
     }
 
-    fn mark_with(&self, pfn: usize, bit: u8, own: &WriteMap) -> Option<bool> {
-        let b = self.pages.get(pfn)?;
+    fn mark_with(&self, pfn: usize, bit: u8, own: &WriteMap) -> bool {
+        let Some(b) = self.pages.get(pfn) else {
+            return false;
+        };
         // Sequentially consistent with a CPU that makes a writable entry (`WriteMap::add`,
         // then `is_marked`): either it sees this mark, or this sees its count. A page
         // that is only clean for the dirty log may still have its strips pending: they
         // are asked for again (a CPU strips what it has, once).
         if b.load(Ordering::Relaxed) & bit != 0 || b.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
-            return None;
+            return false;
         }
         if bit == CODE && self.log_new.load(Ordering::Relaxed) {
             if let Some(w) = self.new_code.get(pfn / 64) {
@@ -247,29 +213,10 @@ impl CodeTracker {
         let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
         for c in cpus.iter() {
             if !std::ptr::eq(Arc::as_ptr(c), own) && c.any(pfn) {
-                if c.request(pfn) {
-                    self.unsettled.fetch_add(1, Ordering::SeqCst);
-                    c.owed.fetch_add(1, Ordering::SeqCst);
-                } else if bit == CODE {
-                    // It stored there, if at all, before it stopped: count that now.
-                    self.writes.fetch_add(1, Ordering::SeqCst);
-                }
+                c.request(pfn);
             }
         }
-        Some(own.any(pfn))
-    }
-
-    /// A CPU served `n` unsettled requests (after counting their writes).
-    pub(crate) fn settle(&self, n: u64) {
-        if n != 0 {
-            self.unsettled.fetch_sub(n, Ordering::SeqCst);
-        }
-    }
-
-    /// Whether some CPU may still store, unnoticed, to a page holding checked code: a
-    /// request to strip is unsettled.
-    pub(crate) fn unsettled(&self) -> bool {
-        self.unsettled.load(Ordering::SeqCst) != 0
+        own.any(pfn)
     }
 
     /// Whether `pfn` holds checked code; sequentially consistent with `mark`.

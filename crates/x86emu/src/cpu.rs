@@ -511,18 +511,11 @@ impl Core {
         }
     }
 
-    /// Notes that `gpa_page` holds code checked in the current code epoch: true if it was
-    /// not marked before, when the code must be read again (see `CodeTracker::mark`).
-    fn mark_code_page(&mut self, gpa_page: u64) -> bool {
+    /// Notes that `gpa_page` holds code checked in the current code epoch.
+    fn mark_code_page(&mut self, gpa_page: u64) {
         let pfn = (gpa_page >> 12) as usize;
-        match self.code.mark(pfn, &self.tlb.writers) {
-            None => false,
-            Some(strip) => {
-                if strip {
-                    self.tlb.strip_page(pfn);
-                }
-                true
-            }
+        if self.code.mark(pfn, &self.tlb.writers) {
+            self.tlb.strip_page(pfn);
         }
     }
 
@@ -535,34 +528,6 @@ impl Core {
             if self.tlb.strip_page(pfn) {
                 self.note_write((pfn as u64) << 12);
             }
-        }
-        // After the writes were counted: a CPU that finds no request unsettled must see them.
-        let served = self.tlb.writers.take_owed();
-        self.code.settle(served);
-    }
-
-    /// A serialising instruction: from here on this CPU runs code as memory holds it, also
-    /// code another CPU wrote (x86's cross-modifying-code protocol: the writer stores, then
-    /// signals; this CPU sees the signal, then serialises). Other CPUs' stores are counted
-    /// as they are made, except those compiled code makes through an entry its CPU was
-    /// asked to strip and has not yet: while such a request is unsettled, every block is
-    /// checked again.
-    pub(crate) fn serialize_code(&mut self) {
-        if self.tlb.writers.pending() {
-            self.strip_requested();
-        }
-        let w = self.code.writes();
-        if w != self.code_writes_seen || self.code.unsettled() {
-            self.code_writes_seen = w;
-            self.code_epoch += 1;
-        }
-    }
-
-    /// This CPU enters or leaves guest code (see `code::WriteMap::set_running`): requests
-    /// made meanwhile are served now, so that none stays unsettled while it is away.
-    fn set_running(&mut self, on: bool) {
-        if self.tlb.writers.set_running(on) {
-            self.strip_requested();
         }
     }
 
@@ -697,14 +662,6 @@ impl Cpu {
     /// Runs until an exit condition or until about `max_instructions` have been executed
     /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
-        self.set_running(true);
-        let exit = self.run_guest(platform, max_instructions);
-        self.set_running(false);
-        exit
-    }
-
-    #[inline(always)]
-    fn run_guest(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         // Devices and the VMM may have written code since the last run (unless they
         // report their writes; other vCPUs' are seen through the code tracker).
         if self.recheck_each_run {
@@ -814,7 +771,6 @@ impl Cpu {
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
             let epoch = core.code_epoch;
-            let mut next_page = None;
             let found = match self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch) {
                 Some(f) => Some(f),
                 // The first instruction runs past the page end: a block of its own, which
@@ -835,7 +791,7 @@ impl Cpu {
                                 epoch,
                             );
                             if let Some((_, true)) = f {
-                                next_page = Some((tn.host, core.mark_code_page(tn.gpa_page)));
+                                core.mark_code_page(tn.gpa_page);
                             }
                             f
                         }
@@ -852,19 +808,8 @@ impl Cpu {
                 return 1;
             };
             if checked {
-                let fresh = core.mark_code_page(t.gpa_page);
+                core.mark_code_page(t.gpa_page);
                 core.user_code_checked |= user;
-                // Marked anew: a store another CPU noted just before the mark may have
-                // landed after the block's bytes were read.
-                if (fresh || next_page.is_some_and(|(_, fresh)| fresh))
-                    && !self.blocks.holds_after_mark(
-                        slot,
-                        t.host,
-                        next_page.map(|(h, _)| h.cast_const()),
-                    )
-                {
-                    continue;
-                }
             }
             self.blocks.sync_links(core.code_epoch, core.tlb.flushes);
             if let Some((link, generation)) = pending_link.take() {

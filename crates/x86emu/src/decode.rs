@@ -552,39 +552,6 @@ impl BlockCache {
         Some((slot, !matches!(state, Lookup::Trusted)))
     }
 
-    /// Whether the block in `slot` still matches memory (`page`, and `next` for a
-    /// page-crossing block), read again after its page was marked as code. If not, it is
-    /// no longer trusted in any epoch, so the next lookup decodes it again.
-    #[cold]
-    pub(crate) fn holds_after_mark(
-        &mut self,
-        slot: usize,
-        page: *const u8,
-        next: Option<*const u8>,
-    ) -> bool {
-        let Some(b) = self.blocks.get_mut(slot) else {
-            return false;
-        };
-        let off = (b.gpa & 0xfff) as usize;
-        let holds = b.body.as_ref().is_some_and(|body| match next {
-            // SAFETY: `page` and `next` are valid 4 KiB pages (caller contract).
-            Some(next) => unsafe {
-                let head = 4096 - off;
-                body.code.len() > head
-                    && body.code.get(..head)
-                        == Some(std::slice::from_raw_parts(page.add(off), head))
-                    && body.code.get(head..)
-                        == Some(std::slice::from_raw_parts(next, body.code.len() - head))
-            },
-            // SAFETY: as above.
-            None => unsafe { still_there(page, off, &body.code) },
-        });
-        if !holds {
-            b.epoch = u64::MAX;
-        }
-        holds
-    }
-
     /// The block at `gpa` for `ip` whose first instruction runs past the end of its page
     /// (`page`), after `get` found it does: its bytes go on in `next` (the host page of
     /// guest-physical `next_gpa`, which the next linear page maps in TLB generation

@@ -487,19 +487,15 @@ impl Core {
         Ok(t)
     }
 
-    /// A store the interpreter is making through slot `i`, whose entry compiled code may
-    /// not store through: it may again, unless its page holds code (still, or again).
-    /// Called after the store was noted, which cleared the page's mark, and before it is
-    /// made.
+    /// A store the interpreter made through slot `i`, whose entry compiled code may not
+    /// store through: it may again, unless its page holds code (still, or again). Called
+    /// after the store was noted, which cleared the page's mark.
     #[cold]
     pub(crate) fn arm_for_stores(&mut self, i: usize) {
         let Some(pfn) = self.tlb.entries.get(i).map(TlbEntry::pfn) else {
             return;
         };
-        // Marked since the store was noted: another CPU checked the page's code, perhaps
-        // before this store lands, and a serialising instruction there must see it.
         if self.code.is_marked(pfn) {
-            self.note_write((pfn as u64) << 12);
             return;
         }
         self.tlb.arm_slot(i);
@@ -507,7 +503,6 @@ impl Core {
         // asked this one to strip) or is seen here.
         if self.code.is_marked(pfn) {
             self.tlb.strip_slot(i);
-            self.note_write((pfn as u64) << 12);
         }
     }
 
@@ -1072,11 +1067,7 @@ mod tests {
         b.put(2, writable(2, 5));
         b.put(3, writable(3, 6));
         b.put(4, writable(4, 7));
-        assert_eq!(
-            code.mark(5, &wa),
-            Some(true),
-            "the marking CPU has an entry for page 5"
-        );
+        assert!(code.mark(5, &wa), "the marking CPU has an entry for page 5");
         assert!(a.strip_page(5) && !a.entries[1].writable());
         assert!(wb.pending());
         assert_eq!(wb.take_requests(), vec![5]);
@@ -1084,65 +1075,25 @@ mod tests {
         assert!(b.strip_page(5));
         assert!(!b.entries[2].writable() && b.entries[3].writable());
         // Marked already: nothing to do; once stripped, nothing to ask.
-        assert_eq!(code.mark(5, &wa), None);
+        assert!(!code.mark(5, &wa));
         assert!(code.note_write(5));
-        assert!(code.mark(5, &wa) == Some(false) && !wb.pending());
+        assert!(!code.mark(5, &wa) && !wb.pending());
         // Dropped entries are forgotten: by INVLPG, a CR3 reload, a full flush.
         b.flush_page(3 << 12);
-        assert!(code.mark(6, &wa) == Some(false) && !wb.pending());
+        assert!(!code.mark(6, &wa) && !wb.pending());
         b.flush_all();
-        assert!(code.mark(7, &wa) == Some(false) && !wb.pending());
+        assert!(!code.mark(7, &wa) && !wb.pending());
         // A refill over a writable entry forgets the old page.
         a.put(9, writable(9, 10));
         a.put(9, writable(9 + TLB_SIZE as u64, 11));
-        assert_eq!(code.mark(10, &wa), Some(false));
-        assert_eq!(code.mark(11, &wa), Some(true));
+        assert!(!code.mark(10, &wa));
+        assert!(code.mark(11, &wa));
         // Two aliases of one page: both stripped, the one the hint names and the other.
         a.put(12, writable(12, 20));
         a.put(13, writable(13, 20));
-        assert!(code.mark(20, &wa) == Some(true) && a.strip_page(20));
+        assert!(code.mark(20, &wa) && a.strip_page(20));
         assert!(!a.entries[12].writable() && !a.entries[13].writable());
         assert_eq!(wa.count(20), 0);
-    }
-
-    /// A request to strip made to a CPU running guest code stays unsettled (a serialising
-    /// CPU must check every block again) until that CPU serves it; one made to a CPU that
-    /// is not running counts the code write at once and leaves nothing unsettled, and a
-    /// CPU leaving guest code learns of the requests it must serve first.
-    #[test]
-    fn requests_to_running_cpus_stay_unsettled_until_served() {
-        use crate::code::CodeTracker;
-        let code = CodeTracker::new(64 << 12);
-        let (wa, wb) = (Arc::new(WriteMap::new(64)), Arc::new(WriteMap::new(64)));
-        code.register(&wa);
-        code.register(&wb);
-        let mut b = Tlb::new(wb.clone());
-        b.put(2, writable(2, 5));
-        b.put(3, writable(3, 6));
-
-        // B is not running: its stores, if any, were made; A counts one for it.
-        let writes = code.writes();
-        assert_eq!(code.mark(5, &wa), Some(false));
-        assert!(!code.unsettled() && code.writes() == writes + 1);
-        assert!(
-            wb.set_running(true),
-            "entering, B finds the request pending"
-        );
-        assert_eq!(wb.take_requests(), vec![5]);
-        assert!(b.strip_page(5));
-        code.settle(wb.take_owed());
-        assert!(!code.unsettled());
-
-        // B is running: its compiled code may store until it strips.
-        let writes = code.writes();
-        assert_eq!(code.mark(6, &wa), Some(false));
-        assert!(code.unsettled() && code.writes() == writes);
-        assert!(wb.pending());
-        assert_eq!(wb.take_requests(), vec![6]);
-        assert!(b.strip_page(6) && code.note_write(6));
-        code.settle(wb.take_owed());
-        assert!(!code.unsettled() && code.writes() == writes + 1);
-        assert!(!wb.set_running(false), "nothing left to serve");
     }
 
     #[test]
@@ -1175,7 +1126,7 @@ mod tests {
         assert!(bit(&log, 7) && !bit(&log, 3), "stripped: counted once more");
         assert!(code.take_dirty_log().iter().all(|&w| w == 0));
         // Code marks still work on logged pages, and a store to code is both.
-        assert_eq!(code.mark(9, &wa), Some(false));
+        assert!(!code.mark(9, &wa));
         assert!(code.is_marked(9));
         assert!(code.note_write(9), "a store to code");
         assert!(bit(&code.take_dirty_log(), 9));
