@@ -4,6 +4,7 @@
 //! (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2); devices reach them through [`IrqChip`].
 
 mod convert;
+mod fxsave;
 mod persist;
 
 /// For backends that drive a KVM vCPU of their own (emu's hybrid mode).
@@ -485,7 +486,16 @@ impl Vcpu for KvmVcpu {
         self.fd.set_sregs(&k).map_err(vcpu_err("KVM_SET_SREGS"))
     }
 
+    /// From KVM_GET_XSAVE where the host has it: the kernel fills the legacy area of
+    /// its XSAVE image in full, with the reset values of the parts the guest left in
+    /// their initial state. KVM_GET_FPU copies that area raw, so on an XSAVE host it
+    /// gives a stale or zero MXCSR and XMM registers whose component is not marked in use.
     fn fpu(&self) -> Result<FpuState> {
+        if let Ok(x) = self.fd.get_xsave() {
+            return Ok(FpuState {
+                fxsave: fxsave::from_xsave(&x),
+            });
+        }
         let f = self.fd.get_fpu().map_err(vcpu_err("KVM_GET_FPU"))?;
         Ok(FpuState::from_fields(&FxsaveFields {
             fcw: f.fcw,
@@ -500,7 +510,18 @@ impl Vcpu for KvmVcpu {
         }))
     }
 
+    /// Through KVM_SET_XSAVE where the host has it, with the x87 and SSE components
+    /// marked in use. KVM_SET_FPU writes the legacy area only: the kernel's XRSTOR then
+    /// loads the initial state of any component its header does not mark (a fresh vCPU's
+    /// XMM registers come back as zeros).
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
+        if let Ok(mut x) = self.fd.get_xsave() {
+            fxsave::into_xsave(&fpu.fxsave, &mut x);
+            // SAFETY: `x` is a whole 4 KiB kvm_xsave, as KVM_GET_XSAVE filled it. KVM
+            // reads its guest FPU's uabi size, larger only for a process that asked for
+            // dynamic XSAVE features (AMX) for its guests; Vessel never does.
+            return unsafe { self.fd.set_xsave(&x) }.map_err(vcpu_err("KVM_SET_XSAVE"));
+        }
         let x = fpu.fields();
         let f = kvm_fpu {
             fcw: x.fcw,
