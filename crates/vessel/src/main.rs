@@ -95,8 +95,60 @@ fn main() {
     match status {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vessel: {e:#}");
+            eprintln!("vessel: {}", error_text(&e));
             std::process::exit(1);
         }
+    }
+}
+
+/// The error and its causes, joined by ": ". A cause whose text its error already ends
+/// with (an error that formats its source into its own message, as thiserror's
+/// `"…: {0}"` with `#[from]` does) is said once, not twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if !previous.ends_with(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+        previous = said;
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    /// An error that formats its source into its own message.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "restoring the snapshot: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_its_error_already_states_is_said_once() {
+        let inner = std::io::Error::other("the memory file has 3 bytes");
+        let e = anyhow::Error::from(Outer(inner)).context("cannot restore the snapshot S");
+        assert_eq!(
+            error_text(&e),
+            "cannot restore the snapshot S: restoring the snapshot: the memory file has 3 bytes"
+        );
+        let e = anyhow::Error::from(std::io::Error::other("disk gone")).context("opening D");
+        assert_eq!(error_text(&e), "opening D: disk gone");
     }
 }

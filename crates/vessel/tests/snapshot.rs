@@ -149,6 +149,16 @@ fn assert_refused(args: &[&std::ffi::OsStr], sock: &Path, why: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
     assert!(err.contains(why), "{args:?}: wanted {why:?} in:\n{err}");
+    // Said once: the message does not end in a reason followed by itself again.
+    let line = err.lines().find(|l| l.contains(why)).unwrap_or_default();
+    let parts: Vec<&str> = line.split(": ").collect();
+    for i in 1..parts.len() {
+        let tail = parts[i..].join(": ");
+        assert!(
+            !line.ends_with(&format!("{tail}: {tail}")),
+            "{args:?}: the reason is said twice:\n{err}"
+        );
+    }
     assert!(t0.elapsed() < CMD, "{args:?} took {:?}", t0.elapsed());
     assert!(!sock.exists(), "{args:?} left an API socket");
 }
