@@ -111,26 +111,61 @@ fn relay(listener: UnixListener, target: Target) -> std::io::Result<u64> {
     }
 }
 
+/// How long a connection to the migration port may take to send its nonce.
+const NONCE_WAIT: Duration = Duration::from_secs(10);
+/// Connections whose first bytes are awaited at once; more are dropped unread.
+const NONCE_CHECKS: usize = 16;
+
 /// Destination side over TCP: takes the connection that starts with `nonce` (others
-/// are dropped) and passes it to the VMM waiting at `vmm`.
+/// are dropped) and passes it to the VMM waiting at `vmm`. Each connection's nonce is
+/// awaited on a thread of its own, so one that connects first and sends nothing does
+/// not hold up the real stream behind it.
 fn receive_tcp(listener: TcpListener, nonce: String, vmm: PathBuf) -> std::io::Result<u64> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     listener.set_nonblocking(true)?;
+    let (found, stream) = std::sync::mpsc::channel::<TcpStream>();
+    let checking = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     loop {
-        let (mut s, peer) = accept_one(|| listener.accept())?;
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut got = vec![0u8; nonce.len()];
-        if s.read_exact(&mut got).is_ok() && got == nonce.as_bytes() {
+        if let Ok(s) = stream.try_recv() {
             s.set_read_timeout(None)?;
             s.set_nodelay(true)?;
             return pump(s, UnixStream::connect(&vmm)?);
         }
-        tracing::warn!(%peer, "a migration connection without this migration's nonce: dropped");
-        if t0.elapsed() > CONNECT_WAIT {
-            return Err(std::io::Error::other(
-                "no migration stream with its nonce came",
-            ));
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                if checking.fetch_add(1, Ordering::SeqCst) >= NONCE_CHECKS {
+                    checking.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(%peer, "too many migration connections at once: dropped");
+                    continue;
+                }
+                let (nonce, found, checking) = (nonce.clone(), found.clone(), checking.clone());
+                std::thread::spawn(move || {
+                    let mut got = vec![0u8; nonce.len()];
+                    let ok = s.set_nonblocking(false).is_ok()
+                        && s.set_read_timeout(Some(NONCE_WAIT)).is_ok()
+                        && s.read_exact(&mut got).is_ok()
+                        && got == nonce.as_bytes();
+                    checking.fetch_sub(1, Ordering::SeqCst);
+                    if ok {
+                        let _ = found.send(s);
+                    } else {
+                        tracing::warn!(
+                            %peer,
+                            "a migration connection without this migration's nonce: dropped"
+                        );
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if t0.elapsed() > CONNECT_WAIT {
+                    return Err(std::io::Error::other(
+                        "no migration stream with its nonce came",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -398,6 +433,43 @@ mod tests {
         source.read_to_end(&mut answer).unwrap();
         assert_eq!(answer, b"ok");
         assert_eq!(receiver.join().unwrap().unwrap(), 6);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A connection that comes first and sends nothing does not delay the stream with
+    /// the nonce behind it (it used to, by the nonce read's 10 s).
+    #[test]
+    fn a_silent_connection_does_not_hold_up_the_stream() {
+        let dir = std::env::temp_dir().join(format!("mig-silent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm_path = dir.join("incoming.sock");
+        let vmm = UnixListener::bind(&vmm_path).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let nonce = nonce().unwrap();
+        let expect = nonce.clone();
+        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path));
+
+        let silent = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let mut source = TcpStream::connect(addr).unwrap();
+        source.write_all(nonce.as_bytes()).unwrap();
+        source.write_all(b"the VM").unwrap();
+        source.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut at_vmm, _) = vmm.accept().unwrap();
+        let mut got = Vec::new();
+        at_vmm.read_to_end(&mut got).unwrap();
+        let waited = t0.elapsed();
+        assert_eq!(got, b"the VM");
+        assert!(
+            waited < Duration::from_secs(2),
+            "the stream waited {waited:?} behind a silent connection"
+        );
+        drop(at_vmm);
+        assert_eq!(receiver.join().unwrap().unwrap(), 6);
+        drop(silent);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
