@@ -3075,8 +3075,20 @@ fn vessel_domain_migrates_live_between_daemons() {
 /// running at the source and nothing defined at the destination.
 #[test]
 fn vessel_domain_migrates_live_over_tcp_between_daemons() {
-    let src = Daemon::start("tmigsrc");
-    let mut dst = Daemon::start("tmigdst");
+    migrate_over_tcp("tmigsrc", "tmigdst", counting_vessel_domain("tmover"));
+}
+
+/// The same for a QEMU domain: the destination daemon passes the TCP stream to its
+/// QEMU's `-incoming unix:` socket, the source's QEMU sends through its daemon's relay.
+#[test]
+fn qemu_domain_migrates_live_over_tcp_between_daemons() {
+    require_qemu();
+    migrate_over_tcp("qtmigsrc", "qtmigdst", qemu_domain("tmover", COUNTING));
+}
+
+fn migrate_over_tcp(src_tag: &str, dst_tag: &str, def: Value) {
+    let src = Daemon::start(src_tag);
+    let mut dst = Daemon::start(dst_tag);
     dst.kill9();
     let token = "tcp-migration-token-0123";
     let tf = dst.dir.join("token");
@@ -3094,9 +3106,7 @@ fn vessel_domain_migrates_live_over_tcp_between_daemons() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let (at_src, at_dst) = (src.client(), dst.client());
-    at_src
-        .post("/v1/domains", Some(&counting_vessel_domain("tmover")))
-        .unwrap();
+    at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src.post("/v1/domains/tmover/start", None).unwrap();
     wait_count(&at_src, "tmover", 3, "first boot");
     let dest = format!("tcp://{addr}");
@@ -3355,8 +3365,21 @@ fn vessel_domain_snapshots_create_list_revert_delete() {
 /// `qemu-img check` is clean) and the guest goes on from the snapshot without booting.
 #[test]
 fn vessel_domain_snapshots_keep_qcow2_disks() {
+    qcow2_snapshot_verbs("vessel", "q2snap");
+}
+
+/// The same for a QEMU domain's qcow2 disk: QEMU flushes its qcow2 metadata when it
+/// stops and its migration stream ends (the image is whole), so the image is copied
+/// beside QEMU's state, and put back before a revert's QEMU opens it.
+#[test]
+fn qemu_domain_snapshots_keep_qcow2_disks() {
+    require_qemu();
+    qcow2_snapshot_verbs("qemu", "qq2snap");
+}
+
+fn qcow2_snapshot_verbs(driver: &str, daemon: &str) {
     let a = assets();
-    let d = Daemon::start("q2snap");
+    let d = Daemon::start(daemon);
     let c = d.client();
     let disk = d.dir.join("disk.qcow2");
     let p = disk.to_str().unwrap();
@@ -3374,7 +3397,7 @@ fn vessel_domain_snapshots_keep_qcow2_disks() {
     };
     tool("qemu-img", &["create", "-f", "qcow2", p, "4M"]);
     tool("qemu-io", &["-c", "write -P 0x41 0 64k", p]);
-    let def = json!({"name": "q2", "driver": "vessel",
+    let def = json!({"name": "q2", "driver": driver,
         "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
                "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;sleep+0.2;done",
                "memory_mib": 256, "accel": "emu", "disks": [{"path": disk, "format": "qcow2"}]}});

@@ -55,28 +55,22 @@ impl Manager {
         self.cfg.state_dir.join("snapshots").join(domain)
     }
 
-    /// The writable disks a snapshot keeps; refused for what it cannot keep yet.
+    /// The writable disks a snapshot keeps, copied whole while the VM is paused.
     ///
-    /// A qcow2 image is copied whole, as a raw one: Vessel's qcow2 writes its metadata
-    /// through (`block::qcow2`), so the file is whole once the VM is paused. Its backing
-    /// file is opened read-only and shared by the copy. QEMU caches qcow2 metadata until a
-    /// flush, so its qcow2 disks are still refused.
+    /// A qcow2 image is copied as a raw one is. Vessel's qcow2 writes its metadata
+    /// through (`block::qcow2`), so the file is whole once the VM is paused. QEMU caches
+    /// qcow2 metadata, but flushes it when it stops and when its migration stream ends
+    /// (the save runs before the copy), and reads it again when it goes on. A backing
+    /// file is opened read-only and shared by the copy.
     fn snapshot_disks(&self, domain: &str) -> Result<Vec<PathBuf>> {
         let def = self.store.get_domain(domain)?;
-        let mut disks = Vec::new();
-        for d in def.vm.disks.iter().filter(|d| !d.read_only) {
-            if d.format == Some(vmm::config::DiskFormat::Qcow2)
-                && def.driver != crate::domain::DriverKind::Vessel
-            {
-                return Err(Error::Unsupported(format!(
-                    "snapshots of qcow2 disks ({}) are not implemented for the QEMU driver yet: \
-                     raw disks only",
-                    d.path.display()
-                )));
-            }
-            disks.push(d.path.clone());
-        }
-        Ok(disks)
+        Ok(def
+            .vm
+            .disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| d.path.clone())
+            .collect())
     }
 
     /// `snapshot-create-as DOMAIN NAME`: the running domain's memory and devices and its
