@@ -113,8 +113,8 @@ pub(crate) fn restore_vcpu(
 
 /// Why the interrupt and event state in an emu snapshot cannot be carried to another
 /// accelerator, or None when it is quiet (see `hypervisor::kvm::cross_restore_blocker`,
-/// its KVM twin: only the CPU registers move, the target's interrupt controllers start
-/// fresh).
+/// its KVM twin: the CPU registers and LAPICs move, the target's other interrupt
+/// controllers start fresh).
 pub fn cross_restore_blocker(
     vm: &serde_json::Value,
     vcpus: &[serde_json::Value],
@@ -124,14 +124,16 @@ pub fn cross_restore_blocker(
         Err(e) => return Some(format!("its emu VM state does not decode: {e}")),
     };
     let chip = &vm.chip;
+    // The LAPICs' registers, vectors and count timers are carried
+    // (`vmm::snapshot::cross_lapic`); an NMI and a TSC deadline are not.
     for (i, l) in chip.lapics.iter().enumerate() {
-        if l.isr.iter().chain(&l.irr).any(|&w| w != 0) || l.nmi_pending {
-            return Some(format!(
-                "vCPU {i}'s LAPIC has an interrupt pending or in service"
-            ));
+        if l.nmi_pending {
+            return Some(format!("vCPU {i}'s LAPIC has an NMI pending"));
         }
-        if l.timer_deadline_ns.is_some() || (l.tsc_deadline != 0 && l.lvt[0] & (1 << 16) == 0) {
-            return Some(format!("vCPU {i}'s LAPIC timer is armed"));
+        if l.lvt[0] & (3 << 17) == 2 << 17 && l.timer_deadline_ns.is_some() {
+            return Some(format!(
+                "vCPU {i}'s LAPIC timer is armed in TSC-deadline mode"
+            ));
         }
     }
     for (p, name) in [(&chip.pic_master, "master"), (&chip.pic_slave, "slave")] {

@@ -37,19 +37,37 @@ const USER_STACK: u64 = 0x5ff0;
 /// The reset value with rounding toward +infinity.
 const MXCSR: u32 = 0x5f80;
 
-/// The guest: the kernel part, then ring 3's loop.
-fn cpl3_guest() -> Vec<u8> {
+/// The LAPIC's registers (xAPIC MMIO).
+const LAPIC: u64 = 0xfee0_0000;
+const TIMER_VECTOR: u8 = 0x40;
+/// 1 ms at the LAPIC timer's 1 GHz.
+const TIMER_COUNT: u32 = 1_000_000;
+/// Where the timer's interrupt handler counts.
+const TICKS: u64 = 0x5800;
+
+/// The guest: the kernel part, then ring 3's loop; with `timer`, a periodic LAPIC timer
+/// interrupts ring 3 every millisecond and its handler counts.
+fn cpl3_guest(timer: bool) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     let mut lib = Lib64::new(&mut a);
-    build(&mut a, &lib).unwrap();
+    build(&mut a, &lib, timer).unwrap();
     lib.emit(&mut a).unwrap();
     a.assemble(LOAD).unwrap()
 }
 
-fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
+fn build(a: &mut CodeAssembler, lib: &Lib64, timer: bool) -> Result<(), IcedError> {
     install_exception_handlers(a, lib)?;
     let mut gp = a.create_label();
     set_idt_gate(a, 13, gp)?;
+    let mut tick = a.create_label();
+    if timer {
+        set_idt_gate(a, TIMER_VECTOR, tick)?;
+        a.mov(rdi, LAPIC)?;
+        a.mov(dword_ptr(rdi + 0xf0), 0x1ff)?; // SVR: enabled
+        a.mov(dword_ptr(rdi + 0x3e0), 0xb)?; // divide by 1
+        a.mov(dword_ptr(rdi + 0x320), u32::from(TIMER_VECTOR) | 1 << 17)?; // periodic
+        a.mov(dword_ptr(rdi + 0x380), TIMER_COUNT)?;
+    }
     // SSE for ring 3 (CR4.OSFXSR, OSXMMEXCPT); no XSAVE, which is not carried across.
     a.mov(rax, cr4)?;
     a.or(rax, 0x600)?;
@@ -83,7 +101,7 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     let mut user = a.create_label();
     a.push(0x23)?; // SS: user data | RPL 3
     a.push(USER_STACK as i32)?;
-    a.push(0x2)?; // RFLAGS: interrupts off
+    a.push(if timer { 0x202 } else { 0x2 })?; // RFLAGS: IF with the timer
     a.push(0x2b)?; // CS: user code | RPL 3
     a.lea(rax, ptr(user))?;
     a.push(rax)?;
@@ -154,6 +172,10 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     lib.print(a, " mxcsr ")?;
     a.mov(rax, rdi)?;
     a.call(lib.puthex)?;
+    lib.print(a, " ticks ")?;
+    a.mov(rax, TICKS)?;
+    a.mov(rax, qword_ptr(rax))?;
+    a.call(lib.puthex)?;
     lib.print(a, "\n")?;
     a.pop(rax)?;
     a.add(rsp, 8)?; // the error code
@@ -161,11 +183,21 @@ fn build(a: &mut CodeAssembler, lib: &Lib64) -> Result<(), IcedError> {
     a.iretq()?;
     a.set_label(&mut fault)?;
     lib.print(a, "GP outside the report\n")?;
-    debug_exit(a, 0x7e)
+    debug_exit(a, 0x7e)?;
+
+    // The timer: count, EOI.
+    a.set_label(&mut tick)?;
+    a.push(rax)?;
+    a.mov(rax, TICKS)?;
+    a.inc(qword_ptr(rax))?;
+    a.mov(rax, LAPIC + 0xb0)?;
+    a.mov(dword_ptr(rax), 0)?;
+    a.pop(rax)?;
+    a.iretq()
 }
 
-/// One report: (count, sum, full, sse, mxcsr).
-type Report = (u64, u64, u64, u64, u64);
+/// One report: (count, sum, full, sse, mxcsr, ticks).
+type Report = (u64, u64, u64, u64, u64, u64);
 
 /// The reports in `text`, whole lines only.
 fn reports(text: &str) -> Vec<Report> {
@@ -177,8 +209,8 @@ fn reports(text: &str) -> Vec<Report> {
             let f: Vec<&str> = line.split(' ').collect();
             let hex = |s: &str| u64::from_str_radix(s, 16).ok();
             match f.as_slice() {
-                [n, "sum", s, "full", x, "sse", v, "mxcsr", m] if n.len() == 16 => {
-                    Some((hex(n)?, hex(s)?, hex(x)?, hex(v)?, hex(m)?))
+                [n, "sum", s, "full", x, "sse", v, "mxcsr", m, "ticks", k] if n.len() == 16 => {
+                    Some((hex(n)?, hex(s)?, hex(x)?, hex(v)?, hex(m)?, hex(k)?))
                 }
                 _ => None,
             }
@@ -341,8 +373,8 @@ fn wait_for_socket(sock: &Path) {
 /// KVM shows no SSE3..AVX and no leaf 7 extensions, so the template keeps the x86-64
 /// baseline: of leaf 1 ECX only CMPXCHG16B, x2APIC, TSC-deadline and the hypervisor bit,
 /// nothing of leaf 7, of leaf 0x80000001 ECX only LAHF/SAHF, and no 1 GiB pages or RDTSCP.
-fn guest_files(dir: &TempDir) -> PathBuf {
-    let kernel = dir.file("cpl3.elf", &linux64_elf(&cpl3_guest()));
+fn guest_files(dir: &TempDir, timer: bool) -> PathBuf {
+    let kernel = dir.file("cpl3.elf", &linux64_elf(&cpl3_guest(timer)));
     let keep_l1_ecx: u32 = (1 << 13) | (1 << 21) | (1 << 24) | (1 << 31);
     let clear = |leaf: u32, register: u8, clear: u32| {
         format!(
@@ -384,12 +416,27 @@ fn assert_taken_under(snap: &Path, accel: &str) {
 /// accelerator from the snapshot the previous one took.
 #[test]
 fn a_cpl3_guest_goes_on_across_accelerators_by_snapshot() {
-    let cycles: usize = std::env::var("VESSEL_CROSS_CYCLES")
+    snapshot_chain(false, cycles());
+}
+
+fn cycles() -> usize {
+    std::env::var("VESSEL_CROSS_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(4)
+}
+
+/// The same with the guest's LAPIC timer running (`VESSEL_CROSS_CYCLES` too): each
+/// VMM's LAPIC goes on from the previous one's (registers, vectors pending or in
+/// service, the count left), so the timer keeps interrupting ring 3 after every move.
+#[test]
+fn a_cpl3_guest_with_a_lapic_timer_goes_on_across_accelerators_by_snapshot() {
+    snapshot_chain(true, cycles());
+}
+
+fn snapshot_chain(timer: bool, cycles: usize) {
     let dir = TempDir::new("cross-snap");
-    let config = guest_files(&dir);
+    let config = guest_files(&dir, timer);
     let mut all = String::new();
     let mut from: Option<PathBuf> = None;
     let t0 = Instant::now();
@@ -429,7 +476,11 @@ fn a_cpl3_guest_goes_on_across_accelerators_by_snapshot() {
         assert_eq!(s, 204, "{v}");
         vm.child.0.kill().unwrap();
         vm.child.0.wait().unwrap();
-        all.push_str(&vm.all_text());
+        let own = vm.all_text();
+        if timer {
+            assert_ticking(&own, accel);
+        }
+        all.push_str(&own);
         assert_taken_under(&snap, accel);
         from = Some(snap);
     }
@@ -445,8 +496,18 @@ fn a_cpl3_guest_goes_on_across_accelerators_by_snapshot() {
 /// of the other accelerator.
 #[test]
 fn a_cpl3_guest_goes_on_across_accelerators_by_live_migration() {
+    migration_chain(false);
+}
+
+/// The same with the guest's LAPIC timer running.
+#[test]
+fn a_cpl3_guest_with_a_lapic_timer_goes_on_across_accelerators_by_live_migration() {
+    migration_chain(true);
+}
+
+fn migration_chain(timer: bool) {
     let dir = TempDir::new("cross-mig");
-    let config = guest_files(&dir);
+    let config = guest_files(&dir, timer);
     let sock0 = dir.path().join("api0.sock");
     let mut source = Vmm::spawn(&[
         "run".as_ref(),
@@ -479,7 +540,11 @@ fn a_cpl3_guest_goes_on_across_accelerators_by_live_migration() {
         eprintln!("migrated to {accel}: {v}");
         let err = source.wait_sent();
         assert!(err.contains("migrated"), "{err}");
-        all.push_str(&source.all_text());
+        let own = source.all_text();
+        if timer {
+            assert_ticking(&own, "the source");
+        }
+        all.push_str(&own);
         let next = reports(&all).last().map_or(0, |r| r.0) + 30;
         dest.wait_for_count(&all, next);
         assert_eq!(
@@ -492,6 +557,21 @@ fn a_cpl3_guest_goes_on_across_accelerators_by_live_migration() {
     }
     source.child.0.kill().unwrap();
     source.child.0.wait().unwrap();
-    all.push_str(&source.all_text());
+    let own = source.all_text();
+    if timer {
+        assert_ticking(&own, "the last destination");
+    }
+    all.push_str(&own);
     assert_goes_on(&all, 90);
+}
+
+/// The timer interrupted ring 3 while this VMM ran the guest: its reports' tick counts
+/// grew.
+fn assert_ticking(own: &str, who: &str) {
+    let r = reports(own);
+    let (first, last) = (r.first().map(|r| r.5), r.last().map(|r| r.5));
+    assert!(
+        matches!((first, last), (Some(a), Some(b)) if b > a),
+        "no timer interrupts under {who}: ticks {first:?} → {last:?}"
+    );
 }

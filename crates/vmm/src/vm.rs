@@ -907,6 +907,18 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
+        if let Some(r) = cross {
+            // The LAPICs go on from the snapshot's (the rest of the interrupt
+            // controllers start fresh: `portable::check` made sure they were quiet).
+            crate::snapshot::cross_lapic::carry(
+                &r.snapshot.accel,
+                hv.name(),
+                &r.snapshot.vm,
+                &r.snapshot.vcpus,
+                vm.as_ref(),
+                &mut vcpus,
+            )?;
+        }
         control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
         let vcpus: Vec<Arc<Mutex<Box<dyn Vcpu>>>> =
             vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();

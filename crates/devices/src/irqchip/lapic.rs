@@ -207,6 +207,39 @@ pub struct LapicState {
     pub eoi_vectors: Vec<u8>,
 }
 
+impl LapicState {
+    /// The timer's current-count register at VM time `now_ns` (what another
+    /// accelerator's LAPIC takes as the count left).
+    pub fn timer_count_at(&self, now_ns: u64) -> u32 {
+        Lapic::from_state(self).current_count(now_ns)
+    }
+
+    /// Arms the timer its registers describe at VM time `now_ns` with `count` left of
+    /// the current period (another accelerator's current count); a one-shot timer whose
+    /// count ran out stays disarmed. TSC-deadline mode is left as it is.
+    pub fn arm_timer_at(&mut self, now_ns: u64, count: u32) {
+        let l = Lapic::from_state(self);
+        let mode = self.lvt[LVT_TIMER] & LVT_TIMER_MODE;
+        if mode == TIMER_TSC_DEADLINE {
+            return;
+        }
+        let count = if count == 0 && mode == TIMER_PERIODIC {
+            self.initial_count
+        } else {
+            count.min(self.initial_count)
+        };
+        self.timer_start_ns = now_ns;
+        self.timer_start_count = count;
+        self.timer_deadline_ns = (count != 0).then(|| {
+            let mut ns = ticks_to_ns(u64::from(count).saturating_mul(l.divisor()), l.timer_hz);
+            if mode == TIMER_PERIODIC {
+                ns = ns.max(MIN_PERIODIC_NS);
+            }
+            now_ns.saturating_add(ns)
+        });
+    }
+}
+
 /// One vCPU's local APIC.
 ///
 /// ```

@@ -14,6 +14,7 @@
 //! size, a disk whose size changed, another accelerator, or a host whose CPU features
 //! differ from the snapshot's.
 
+pub(crate) mod cross_lapic;
 pub mod format;
 pub mod memory;
 pub mod portable;

@@ -3,10 +3,12 @@
 //! guest was shown. A restore under the accelerator that took the snapshot uses its
 //! own, fuller state; one under the other (emu ↔ kvm) uses this.
 //!
-//! What a cross-accelerator restore does not carry, and so refuses when it is in use
-//! (`blocker`): the interrupt controllers, PIT and pending events (the target's start
-//! fresh), kvmclock, and the XSAVE state past FXSAVE (XCR0, the YMM upper halves). The
-//! TSC moves to KVM as its value; emu's TSC is its VM clock, which a new VM starts at 0.
+//! The local APICs are converted from the accelerator's own state (`cross_lapic`). What a
+//! cross-accelerator restore does not carry, and so refuses when it is in use
+//! (`blocker`): the IOAPIC, PICs, PIT, a TSC-deadline timer and pending exceptions and
+//! NMIs (the target's start fresh), kvmclock, and the XSAVE state past FXSAVE (XCR0, the
+//! YMM upper halves). The TSC moves to KVM as its value; emu's TSC is its VM clock, which
+//! a new VM starts at 0.
 
 use arch::cpuid::CpuidModifier;
 use hypervisor::regs::bits;
