@@ -625,6 +625,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         folder: None,
         transport: None,
         rate_limiter: None,
+        queues: None,
     })
 }
 

@@ -110,6 +110,7 @@ pub(crate) const FIOCLEX: u64 = 0x5451;
 pub(crate) const TUNSETIFF: u64 = ioc(1, b'T' as u64, 202, size_of::<libc::c_int>());
 pub(crate) const TUNSETOFFLOAD: u64 = ioc(1, b'T' as u64, 208, size_of::<libc::c_uint>());
 pub(crate) const TUNSETVNETHDRSZ: u64 = ioc(1, b'T' as u64, 216, size_of::<libc::c_int>());
+pub(crate) const TUNSETQUEUE: u64 = ioc(1, b'T' as u64, 217, size_of::<libc::c_int>());
 
 /// Raising interrupts: every thread that runs a device model (a device's I/O thread, the
 /// console's input, a vCPU's register write, the API's power button).
@@ -191,8 +192,9 @@ const ANY_FD: &[u64] = &[TCGETS, FIONBIO, FIOCLEX, FIONCLEX, FIONREAD];
 /// thread.
 const TERMINAL: &[u64] = &[TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ];
 
-/// A TAP's offloads, set when the guest acknowledges virtio-net's features.
-const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ];
+/// A TAP's offloads, set when the guest acknowledges virtio-net's features, and which
+/// of a multi-queue TAP's queues the kernel may use (the guest's queue pairs in use).
+const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE];
 
 /// The requests a thread of `role` may make. Never in any role: creating a VM, its
 /// interrupt controllers, PIT or devices, its TSS and identity map, restoring the VM's
@@ -281,6 +283,7 @@ mod tests {
             (TUNSETIFF, 0x4004_54ca),
             (TUNSETOFFLOAD, 0x4004_54d0),
             (TUNSETVNETHDRSZ, 0x4004_54d8),
+            (TUNSETQUEUE, 0x4004_54d9),
         ] {
             assert_eq!(got, want, "{got:#x} should be {want:#x}");
         }

@@ -112,8 +112,8 @@ pub struct RunArgs {
     /// Serial console: stdio, null, or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
-    /// A virtio-blk disk: path[,format=raw|qcow2][,readonly][,transport=mmio|pci]. Repeat
-    /// for more disks. Without format= the disk is raw (formats are never guessed from
+    /// A virtio-blk disk: path[,format=raw|qcow2][,readonly][,transport=mmio|pci][,queues=N]
+    /// (N request queues, QEMU's num-queues; 1 by default). Repeat for more disks. Without format= the disk is raw (formats are never guessed from
     /// what a guest may have written); a file with a qcow2 header then needs format=.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
@@ -124,7 +124,8 @@ pub struct RunArgs {
     #[arg(long)]
     virtio_console: Option<SerialConfig>,
     /// A virtio-net interface on a host TAP device:
-    /// tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci].
+    /// tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci][,queues=N] (N queue pairs on
+    /// a multi-queue TAP, QEMU's queues; 1 by default).
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH (host side on a Unix socket, Firecracker style).

@@ -326,6 +326,118 @@ fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
     assert_eq!(c.wait_exit(CMD), Some(0));
 }
 
+/// The interrupts of the guest's `/proc/interrupts` lines whose name ends with `name`
+/// (MSI-X vectors are per queue: `virtio0-req.1`), summed over the CPUs.
+fn interrupts(table: &str, name: &str) -> u64 {
+    table
+        .lines()
+        .filter(|l| l.trim_end().ends_with(name))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[test]
+fn a_two_cpu_guest_uses_two_queues_of_a_disk_and_two_queue_pairs_of_an_interface() {
+    let ns = NetNs::new("mq");
+    let dir = TempDir::new("mq");
+    let disk = dir.path().join("scratch.raw");
+    std::fs::write(&disk, vec![0x5au8; 8 << 20]).unwrap();
+    let disk_arg = format!("{},format=raw,queues=2", disk.display());
+    let mut vessel_in_ns = ns.exec();
+    vessel_in_ns.arg(env!("CARGO_BIN_EXE_vessel"));
+    // virtio-pci: one MSI-X vector per queue, so the guest's interrupt table shows
+    // which queues carried requests.
+    let mut c = Console::boot_with(
+        vessel_in_ns,
+        &[
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--cpus",
+            "2",
+            "--virtio-transport",
+            "pci",
+            "--disk",
+            &disk_arg,
+            "--net",
+            "tap=vtapmq,queues=2",
+        ],
+    );
+    c.expect("vessel-init:", BOOT);
+    c.expect("# ", BOOT);
+    for args in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtapmq"],
+        vec!["ip", "link", "set", "vtapmq", "up"],
+    ] {
+        let o = ns.exec().args(&args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // The drivers negotiated multi-queue and made a queue per CPU.
+    let hw = c.run("ls /sys/block/vda/mq; ls /sys/class/net/eth0/queues", CMD);
+    for q in ["0", "1", "rx-0", "rx-1", "tx-0", "tx-1"] {
+        assert!(hw.split_whitespace().any(|w| w == q), "no {q}: {hw}");
+    }
+    let bits = c.run("cat /sys/bus/virtio/devices/virtio*/features", CMD);
+    let mut lines = bits.lines().map(str::trim);
+    let (blk, net) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    assert_eq!(
+        blk.as_bytes().get(12),
+        Some(&b'1'),
+        "VIRTIO_BLK_F_MQ: {bits}"
+    );
+    assert_eq!(net.as_bytes().get(17), Some(&b'1'), "CTRL_VQ: {bits}");
+    assert_eq!(
+        net.as_bytes().get(22),
+        Some(&b'1'),
+        "VIRTIO_NET_F_MQ: {bits}"
+    );
+
+    // Each CPU reads its own half of the disk and pings the host: the requests and
+    // frames go out on that CPU's queues, and the answers come back on them.
+    c.run(
+        "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up",
+        CMD,
+    );
+    let out = c.run(
+        "for cpu in 0 1; do \
+           taskset -c $cpu dd if=/dev/vda of=/dev/null bs=64k count=32 skip=$((cpu * 32)) \
+             2>/dev/null; \
+           taskset -c $cpu ping -c 3 -W 5 10.0.2.1 | grep -c 'bytes from'; \
+         done; md5sum /dev/vda | cut -d' ' -f1",
+        Duration::from_secs(90),
+    );
+    let mut lines = out.lines().map(str::trim);
+    assert_eq!(lines.next(), Some("3"), "pings from CPU 0: {out}");
+    assert_eq!(lines.next(), Some("3"), "pings from CPU 1: {out}");
+    let host_md5 = Command::new("md5sum").arg(&disk).output().unwrap();
+    let host_md5 = String::from_utf8_lossy(&host_md5.stdout);
+    let guest_md5 = lines.next().unwrap_or_default();
+    assert!(
+        !guest_md5.is_empty() && host_md5.starts_with(guest_md5),
+        "{host_md5} vs {guest_md5}"
+    );
+    let table = c.run("cat /proc/interrupts", CMD);
+    for q in [
+        "req.0", "req.1", "input.0", "input.1", "output.0", "output.1",
+    ] {
+        assert!(
+            interrupts(&table, q) > 0,
+            "no interrupt on queue {q}:\n{table}"
+        );
+    }
+    c.send("poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+}
+
 #[test]
 fn host_and_guest_talk_over_vsock_both_ways() {
     use std::io::{BufRead, BufReader, Read, Write};

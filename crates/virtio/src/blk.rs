@@ -34,6 +34,8 @@ const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// The config space's `num_queues` says how many request queues there are.
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 
@@ -69,7 +71,12 @@ pub struct Block {
     limiter: Arc<Mutex<RateLimiter>>,
     counters: Arc<BlockCounters>,
     inline_writes: Arc<InlineWrites>,
+    /// One size per request queue: several with VIRTIO_BLK_F_MQ ([`Block::with_queues`]).
+    queue_sizes: Vec<u16>,
 }
+
+/// The most request queues a disk offers (Linux maps at most one per CPU).
+pub const MAX_QUEUES: u16 = 16;
 
 /// Writes up to this size may be served on the notifying vCPU ([`InlineWrites`]).
 const INLINE_WRITE_MAX: u64 = 64 << 10;
@@ -322,7 +329,18 @@ impl Block {
             limiter: Arc::default(),
             counters: Arc::default(),
             inline_writes: Arc::new(InlineWrites::new()),
+            queue_sizes: vec![QUEUE_SIZE],
         }
+    }
+
+    /// Offers `queues` request queues (VIRTIO_BLK_F_MQ when more than one, QEMU's
+    /// `num-queues`): a guest with several CPUs gives each CPU (or group of them) its own
+    /// queue, so CPUs submit without sharing a ring. Clamped to 1..=[`MAX_QUEUES`].
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        let n = queues.clamp(1, MAX_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(n)];
+        self.config[34..36].copy_from_slice(&n.to_le_bytes());
+        self
     }
 
     /// Serves requests within `limiter`'s budget (Firecracker's `rate_limiter`).
@@ -724,7 +742,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -732,6 +750,9 @@ impl VirtioDevice for Block {
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_RING_F_EVENT_IDX;
+        if self.queue_sizes.len() > 1 {
+            f |= VIRTIO_BLK_F_MQ;
+        }
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         } else {

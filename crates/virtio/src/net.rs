@@ -7,7 +7,8 @@
 //! asks for nothing the driver did not negotiate, and fills in `num_buffers` on receive.
 //! The TAP is told (TUNSETOFFLOAD) to hand us only the offloads the driver accepted.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -18,8 +19,13 @@ use crate::rate_limiter::RateLimiter;
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDevice};
 
+/// The first queue pair's queues. Pair `k` of a multi-queue device has receive queue
+/// `2k` and transmit queue `2k + 1`; the control queue follows the last pair.
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+
+/// The most queue pairs an interface offers (VIRTIO_NET_F_MQ).
+pub const MAX_QUEUE_PAIRS: u16 = 8;
 
 /// How long after the driver's first transmit notify its queue is served (an I/O thread's
 /// [`crate::transport::IoThread::coalesce`]): frames it queues meanwhile go in the same
@@ -57,6 +63,18 @@ pub mod features {
     pub const HOST_ECN: u64 = 1 << 13;
     pub const HOST_UFO: u64 = 1 << 14;
     pub const MRG_RXBUF: u64 = 1 << 15;
+    /// A control queue (offered with [`MQ`] only: its one command Vessel serves).
+    pub const CTRL_VQ: u64 = 1 << 17;
+    /// Several queue pairs; the driver says how many it uses on the control queue.
+    pub const MQ: u64 = 1 << 22;
+}
+
+/// Control queue commands (virtio spec 5.1.6.5): class, command, answer.
+mod ctrl {
+    pub const CLASS_MQ: u8 = 4;
+    pub const MQ_VQ_PAIRS_SET: u8 = 0;
+    pub const OK: u8 = 0;
+    pub const ERR: u8 = 1;
 }
 
 /// `virtio_net_hdr` flags and GSO types (virtio spec 5.1.6).
@@ -100,6 +118,11 @@ pub trait NetBackend: Send {
     fn set_offload(&mut self, flags: u32) -> Result<(), TapError>;
     /// A descriptor that polls readable when `recv` has a frame.
     fn poll_fd(&self) -> std::io::Result<OwnedFd>;
+    /// Whether the host may hand frames to this queue (a multi-queue TAP's queues
+    /// beyond those the driver uses are detached, so the kernel steers no flow there).
+    fn set_enabled(&mut self, _enabled: bool) -> Result<(), TapError> {
+        Ok(())
+    }
 }
 
 impl NetBackend for Tap {
@@ -117,6 +140,9 @@ impl NetBackend for Tap {
     }
     fn poll_fd(&self) -> std::io::Result<OwnedFd> {
         self.try_clone_fd()
+    }
+    fn set_enabled(&mut self, enabled: bool) -> Result<(), TapError> {
+        Tap::set_queue_enabled(self, enabled)
     }
 }
 
@@ -186,15 +212,40 @@ pub fn rx_header_fixup(h: &mut [u8], acked: u64) -> bool {
     gso_allowed(gso, acked, GUEST_TSO4, GUEST_TSO6, GUEST_ECN, GUEST_UFO)
 }
 
-pub struct Net {
+/// One receive and transmit queue and the host queue behind them.
+struct Pair {
     backend: Box<dyn NetBackend>,
-    mac: [u8; 6],
-    /// Features the driver accepted (0 until FEATURES_OK, and after a reset).
-    acked: u64,
     /// One frame's worth of receive buffer, reused.
     rx_buf: Vec<u8>,
     /// The length of a frame in `rx_buf` that found no guest buffers yet.
     pending: Option<usize>,
+    /// Until when the pair counts as streaming: the last bulk frame either way (sent
+    /// by the guest, or received from the host), plus [`TX_STREAMING`].
+    streaming_until: Option<std::time::Instant>,
+    /// Whether the driver uses the pair (the host input polls the TAP queue only then).
+    enabled: Arc<AtomicBool>,
+}
+
+impl Pair {
+    fn new(backend: Box<dyn NetBackend>, enabled: bool) -> Self {
+        Pair {
+            backend,
+            rx_buf: vec![0u8; MAX_FRAME],
+            pending: None,
+            streaming_until: None,
+            enabled: Arc::new(AtomicBool::new(enabled)),
+        }
+    }
+}
+
+pub struct Net {
+    /// Queue pair `k` is `pairs[k]`; one unless the device is multi-queue.
+    pairs: Vec<Pair>,
+    mac: [u8; 6],
+    /// Features the driver accepted (0 until FEATURES_OK, and after a reset).
+    acked: u64,
+    /// The queue sizes: two per pair, and the control queue's with several pairs.
+    queue_sizes: Vec<u16>,
     pub rx_frames: u64,
     pub tx_frames: u64,
     pub rx_dropped: u64,
@@ -202,9 +253,6 @@ pub struct Net {
     limiters: NetLimiters,
     /// Advertised with VIRTIO_NET_F_MTU (Firecracker's `mtu`).
     mtu: Option<u16>,
-    /// Until when the link counts as streaming: the last bulk frame either way (sent
-    /// by the guest, or received from the host), plus [`TX_STREAMING`].
-    streaming_until: Option<std::time::Instant>,
 }
 
 /// An interface's receive and transmit rate limiters (Firecracker's `rx_rate_limiter`
@@ -233,7 +281,8 @@ fn lock_limiter(l: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
-            .field("backend", &self.backend.name())
+            .field("backend", &self.pairs.first().map(|p| p.backend.name()))
+            .field("pairs", &self.pairs.len())
             .field("mac", &self.mac)
             .field("acked", &self.acked)
             .finish_non_exhaustive()
@@ -246,19 +295,41 @@ impl Net {
     }
 
     pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        Self::with_backends(vec![backend], mac)
+    }
+
+    /// A multi-queue device (VIRTIO_NET_F_MQ) with one queue pair per backend (the
+    /// queues of a multi-queue TAP, [`Tap::open_queues`]); clamped to
+    /// [`MAX_QUEUE_PAIRS`]. Until the driver says how many pairs it uses, only the
+    /// first: the other backends are disabled.
+    pub fn with_backends(mut backends: Vec<Box<dyn NetBackend>>, mac: [u8; 6]) -> Self {
+        backends.truncate(usize::from(MAX_QUEUE_PAIRS));
+        let n = backends.len();
+        let mut pairs: Vec<Pair> = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Pair::new(b, i == 0))
+            .collect();
+        for p in pairs.iter_mut().skip(1) {
+            if let Err(e) = p.backend.set_enabled(false) {
+                tracing::warn!("virtio-net: {e}");
+            }
+        }
+        let mut queue_sizes = vec![256; 2 * n.max(1)];
+        if n > 1 {
+            queue_sizes.push(64);
+        }
         Net {
-            backend,
+            pairs,
             mac,
             acked: 0,
-            rx_buf: vec![0u8; MAX_FRAME],
-            pending: None,
+            queue_sizes,
             rx_frames: 0,
             tx_frames: 0,
             rx_dropped: 0,
             tx_dropped: 0,
             limiters: NetLimiters::default(),
             mtu: None,
-            streaming_until: None,
         }
     }
 
@@ -284,23 +355,99 @@ impl Net {
         self.limiters.clone()
     }
 
-    /// A descriptor that polls readable when the host has frames for the guest.
+    /// A descriptor that polls readable when the host has frames for the guest (the
+    /// first pair's).
     pub fn poll_fd(&self) -> std::io::Result<OwnedFd> {
-        self.backend.poll_fd()
+        self.pairs.first().map_or_else(
+            || Err(std::io::ErrorKind::NotFound.into()),
+            |p| p.backend.poll_fd(),
+        )
+    }
+
+    /// How many queue pairs the device has.
+    pub fn queue_pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The host input of queue pair `pair` for an I/O thread: its TAP queue, polled
+    /// while the driver uses the pair.
+    pub fn host_input(&self, pair: usize) -> std::io::Result<PairInput> {
+        let p = self.pairs.get(pair).ok_or(std::io::ErrorKind::NotFound)?;
+        Ok(PairInput {
+            fd: Some(p.backend.poll_fd()?),
+            queue: 2 * pair,
+            enabled: p.enabled.clone(),
+        })
+    }
+
+    /// The control queue's index (after the last pair), when there are several pairs.
+    fn ctrl_queue(&self) -> Option<usize> {
+        (self.pairs.len() > 1).then_some(2 * self.pairs.len())
     }
 
     /// True when a received frame waits for guest buffers.
     pub fn rx_blocked(&self) -> bool {
-        self.pending.is_some()
+        self.pairs.iter().any(|p| p.pending.is_some())
     }
 
-    /// The next frame's length in `rx_buf`: the held one, or a fresh one from the host.
-    fn next_frame(&mut self) -> Option<usize> {
-        if let Some(n) = self.pending.take() {
+    /// Lets the host use the first `n` pairs' TAP queues and no others.
+    fn use_pairs(&mut self, n: usize) {
+        for (i, p) in self.pairs.iter_mut().enumerate() {
+            let on = i < n;
+            if p.enabled.swap(on, Ordering::AcqRel) != on {
+                if let Err(e) = p.backend.set_enabled(on) {
+                    tracing::warn!("virtio-net: {e}");
+                }
+            }
+        }
+    }
+
+    /// Serves the control queue: VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, the one command the
+    /// features offered allow; anything else is answered VIRTIO_NET_ERR.
+    fn control(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceError> {
+        let mut outcome = QueueOutcome::default();
+        let size = queue.size();
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let chain = Chain::collect(chain, size, mem)?;
+            let cmd = gather(mem, &chain.readable, 64)?;
+            let answer = match cmd.as_slice() {
+                [ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, lo, hi, ..] => {
+                    let n = usize::from(u16::from_le_bytes([*lo, *hi]));
+                    if (1..=self.pairs.len()).contains(&n) && self.acked & features::MQ != 0 {
+                        tracing::debug!(pairs = n, "virtio-net: queue pairs in use");
+                        self.use_pairs(n);
+                        ctrl::OK
+                    } else {
+                        ctrl::ERR
+                    }
+                }
+                _ => ctrl::ERR,
+            };
+            if chain.writable.is_empty() {
+                return Err(DeviceError::BadRequest(
+                    "control command with no room for the answer",
+                ));
+            }
+            scatter(mem, &chain.writable, &[answer])?;
+            add_used_batch(queue, mem, &[(chain.head, 1)])?;
+            outcome.used = true;
+        }
+        Ok(outcome)
+    }
+
+    /// The next frame's length in the pair's `rx_buf`: the held one, or a fresh one
+    /// from the host.
+    fn next_frame(&mut self, pair: usize) -> Option<usize> {
+        let p = self.pairs.get_mut(pair)?;
+        if let Some(n) = p.pending.take() {
             return Some(n);
         }
         loop {
-            match self.backend.recv(&mut self.rx_buf) {
+            match p.backend.recv(&mut p.rx_buf) {
                 Ok(Some(n)) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => return Some(n),
                 Ok(Some(n)) => {
                     tracing::debug!(len = n, "virtio-net rx: runt frame from the host dropped");
@@ -308,7 +455,7 @@ impl Net {
                 }
                 Ok(None) => return None,
                 Err(e) => {
-                    tracing::warn!("reading TAP {}: {e}", self.backend.name());
+                    tracing::warn!("reading TAP {}: {e}", p.backend.name());
                     return None;
                 }
             }
@@ -317,6 +464,7 @@ impl Net {
 
     fn receive(
         &mut self,
+        pair: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceError> {
@@ -327,16 +475,19 @@ impl Net {
         let limiter = self.limiters.rx.clone();
         let mut limiter = lock_limiter(&limiter);
         let limited = limiter.is_limited();
-        while let Some(len) = self.next_frame() {
+        while let Some(len) = self.next_frame(pair) {
+            let Some(p) = self.pairs.get_mut(pair) else {
+                break;
+            };
             if limited {
                 if let Err(wait) = limiter.consume(1, (len - VNET_HDR_LEN) as u64) {
                     // Held until the limiter has the tokens; the TAP is not read meanwhile.
-                    self.pending = Some(len);
+                    p.pending = Some(len);
                     outcome.throttled = Some(wait);
                     break;
                 }
             }
-            let Some(h) = self.rx_buf.get_mut(..VNET_HDR_LEN) else {
+            let Some(h) = p.rx_buf.get_mut(..VNET_HDR_LEN) else {
                 break;
             };
             if !rx_header_fixup(h, self.acked) {
@@ -377,7 +528,7 @@ impl Net {
                     self.rx_dropped += 1;
                 } else {
                     tracing::trace!(len, "virtio-net rx: no guest buffer, frame held");
-                    self.pending = Some(len);
+                    p.pending = Some(len);
                     outcome.starved = true;
                 }
                 break;
@@ -392,12 +543,12 @@ impl Net {
                 continue;
             }
             let count = chains.len() as u16;
-            self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+            p.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
             let mut used = Vec::with_capacity(chains.len());
             let mut at = 0usize;
             for (chain, r) in &chains {
                 let n = (*r).min(len - at);
-                scatter(mem, &chain.writable, &self.rx_buf[at..at + n])?;
+                scatter(mem, &chain.writable, &p.rx_buf[at..at + n])?;
                 used.push((chain.head, n as u32));
                 at += n;
             }
@@ -413,7 +564,7 @@ impl Net {
             );
             outcome.used = true;
             if len >= BULK_FRAME {
-                self.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
+                p.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
             }
         }
         // The TAP drives this queue: the driver's refills need no notify until a frame
@@ -424,6 +575,7 @@ impl Net {
 
     fn transmit(
         &mut self,
+        pair: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceError> {
@@ -460,7 +612,10 @@ impl Net {
             } else {
                 tracing::trace!(len = frame.len(), "virtio-net tx");
                 outcome.bulk |= frame.len() >= BULK_FRAME;
-                match self.backend.send(&frame) {
+                let Some(p) = self.pairs.get_mut(pair) else {
+                    break;
+                };
+                match p.backend.send(&frame) {
                     Ok(()) => {
                         self.tx_frames += 1;
                         let c = &self.limiters.counters;
@@ -473,7 +628,7 @@ impl Net {
                     }
                     Err(e) => {
                         self.tx_dropped += 1;
-                        tracing::debug!("TAP {} send: {e}", self.backend.name())
+                        tracing::debug!("TAP {} send: {e}", p.backend.name())
                     }
                 }
             }
@@ -483,16 +638,20 @@ impl Net {
             outcome.used = true;
         }
         if outcome.bulk {
-            self.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
+            if let Some(p) = self.pairs.get_mut(pair) {
+                p.streaming_until = Some(std::time::Instant::now() + TX_STREAMING);
+            }
         }
         Ok(outcome)
     }
 
     fn apply_offloads(&mut self) {
         let flags = tap_offloads(self.acked);
-        if let Err(e) = self.backend.set_offload(flags) {
-            // The kernel then keeps handing us whole frames: slower, still correct.
-            tracing::warn!("virtio-net: {e}");
+        for p in &mut self.pairs {
+            if let Err(e) = p.backend.set_offload(flags) {
+                // The kernel then keeps handing us whole frames: slower, still correct.
+                tracing::warn!("virtio-net: {e}");
+            }
         }
     }
 }
@@ -503,11 +662,16 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[256, 256]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
-        OFFERED | if self.mtu.is_some() { features::MTU } else { 0 }
+        let mq = if self.pairs.len() > 1 {
+            features::MQ | features::CTRL_VQ
+        } else {
+            0
+        };
+        OFFERED | mq | if self.mtu.is_some() { features::MTU } else { 0 }
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -517,18 +681,21 @@ impl VirtioDevice for Net {
             "virtio-net features"
         );
         self.apply_offloads();
+        // Until the driver asks for more (and a driver without MQ never does): one pair.
+        self.use_pairs(1);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (spec 5.1.4); the
-        // fields past the MAC only when the MTU is advertised.
-        let Some(mtu) = self.mtu else {
+        // fields past the MAC only when the MTU or several queue pairs are advertised.
+        if self.mtu.is_none() && self.pairs.len() < 2 {
             return read_config_bytes(&self.mac, offset, data);
-        };
+        }
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
-        config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        let pairs = u16::try_from(self.pairs.len().max(1)).unwrap_or(MAX_QUEUE_PAIRS);
+        config[8..10].copy_from_slice(&pairs.to_le_bytes());
+        config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
@@ -538,10 +705,17 @@ impl VirtioDevice for Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceError> {
-        match index {
-            RX_QUEUE => self.receive(queue, mem),
-            TX_QUEUE => self.transmit(queue, mem),
-            _ => Ok(QueueOutcome::default()),
+        if Some(index) == self.ctrl_queue() {
+            return self.control(queue, mem);
+        }
+        let pair = index / 2;
+        if pair >= self.pairs.len() {
+            return Ok(QueueOutcome::default());
+        }
+        if index % 2 == RX_QUEUE {
+            self.receive(pair, queue, mem)
+        } else {
+            self.transmit(pair, queue, mem)
         }
     }
 
@@ -549,26 +723,60 @@ impl VirtioDevice for Net {
     /// queues leaves from the notifying vCPU, without waking the I/O thread. A response
     /// so reaches the host before the guest's next instruction.
     fn serves_inline(&self, index: usize) -> bool {
-        index == TX_QUEUE
+        index % 2 == TX_QUEUE && index / 2 < self.pairs.len()
     }
 
     /// While the guest streams, its notifies go to the I/O thread, which coalesces them
     /// so the guest's TCP gathers small writes into large segments (and the copying
     /// overlaps the guest's work).
     fn inline_now(&self, index: usize) -> bool {
-        index == TX_QUEUE
-            && self
-                .streaming_until
-                .is_none_or(|t| std::time::Instant::now() >= t)
+        index % 2 == TX_QUEUE
+            && self.pairs.get(index / 2).is_some_and(|p| {
+                p.streaming_until
+                    .is_none_or(|t| std::time::Instant::now() >= t)
+            })
     }
 
     fn reset(&mut self) {
-        self.pending = None;
-        self.streaming_until = None;
+        for p in &mut self.pairs {
+            p.pending = None;
+            p.streaming_until = None;
+        }
+        self.use_pairs(1);
         if self.acked != 0 {
             self.acked = 0;
             self.apply_offloads();
         }
+    }
+}
+
+/// What an I/O thread polls for a queue pair's host input ([`Net::host_input`]): its
+/// TAP queue while the driver uses the pair. A detached TAP queue polls as an error;
+/// that is not a failure while the pair is off.
+#[derive(Debug)]
+pub struct PairInput {
+    fd: Option<OwnedFd>,
+    queue: usize,
+    enabled: Arc<AtomicBool>,
+}
+
+impl crate::transport::HostInput for PairInput {
+    fn fds(&mut self, out: &mut Vec<RawFd>) {
+        if self.enabled.load(Ordering::Acquire) {
+            out.extend(self.fd.as_ref().map(|fd| fd.as_raw_fd()));
+        }
+    }
+
+    fn ready(&mut self, revents: &[i16]) -> Option<usize> {
+        let r = revents.first().copied().unwrap_or(0);
+        if r & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            if self.enabled.load(Ordering::Acquire) {
+                tracing::warn!("TAP queue failed; no more host input on it");
+                self.fd = None;
+            }
+            return None;
+        }
+        (r & libc::POLLIN != 0).then_some(self.queue)
     }
 }
 

@@ -15,6 +15,10 @@ pub const VNET_HDR_LEN: usize = 12;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -64,6 +68,22 @@ pub struct Tap {
 impl Tap {
     /// Create (or attach to an existing persistent) TAP device `name`, non-blocking.
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        Self::open_with(name, 0)
+    }
+
+    /// `queues` queues of the multi-queue TAP device `name` (IFF_MULTI_QUEUE; created
+    /// if missing, attached if it exists and is multi-queue), one descriptor each: the
+    /// kernel spreads the flows it sends over them. One queue is [`Tap::open`].
+    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
+        if queues <= 1 {
+            return Ok(vec![Self::open(name)?]);
+        }
+        (0..queues)
+            .map(|_| Self::open_with(name, IFF_MULTI_QUEUE))
+            .collect()
+    }
+
+    fn open_with(name: &str, extra: libc::c_short) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() > 15 {
             return Err(TapError::BadName(name.to_string()));
         }
@@ -75,7 +95,7 @@ impl Tap {
             .map_err(TapError::OpenTun)?;
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -122,6 +142,29 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Attaches or detaches this queue of a multi-queue TAP (TUNSETQUEUE): the kernel
+    /// hands frames only to attached queues.
+    pub fn set_queue_enabled(&self, enabled: bool) -> Result<(), TapError> {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: if enabled {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads an ifreq's flags, which `req` is laid out as.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                op: "TUNSETQUEUE",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// A duplicate descriptor of the same TAP queue (for readiness polling).

@@ -117,7 +117,8 @@ impl Driver {
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
         assert_ne!(self.r(0x070) & status::FEATURES_OK, 0);
-        for q in 0..2u64 {
+        // Every queue the device has (a queue past the last reads a max size of 0).
+        for q in 0..8u64 {
             self.w(0x030, q as u32);
             if self.r(0x034) == 0 {
                 continue;
@@ -543,6 +544,8 @@ struct FakeNetState {
     to_guest: std::collections::VecDeque<Vec<u8>>,
     from_guest: Vec<Vec<u8>>,
     offloads: Vec<u32>,
+    /// What `set_enabled` was told, in order.
+    enabled: Vec<bool>,
 }
 
 impl crate::net::NetBackend for FakeNet {
@@ -561,6 +564,10 @@ impl crate::net::NetBackend for FakeNet {
     }
     fn set_offload(&mut self, flags: u32) -> Result<(), crate::tap::TapError> {
         self.0.lock().unwrap().offloads.push(flags);
+        Ok(())
+    }
+    fn set_enabled(&mut self, enabled: bool) -> Result<(), crate::tap::TapError> {
+        self.0.lock().unwrap().enabled.push(enabled);
         Ok(())
     }
     fn poll_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -1979,4 +1986,123 @@ fn while_the_host_streams_to_the_guest_its_acks_go_through_the_io_thread() {
     assert!(fake.0.lock().unwrap().from_guest.is_empty());
     d.t.core().process_queue(crate::net::TX_QUEUE);
     assert_eq!(fake.0.lock().unwrap().from_guest.len(), 1);
+}
+
+impl Driver {
+    /// Continue queue `q`'s avail ring where the driver left it (the helpers keep one
+    /// index for all queues).
+    fn on_queue(&mut self, q: u64) -> &mut Self {
+        self.avail_idx = self
+            .mem
+            .read_obj(GuestAddress(AVAIL + q * 0x4000 + 2))
+            .unwrap();
+        self
+    }
+}
+
+/// Where the multi-queue tests keep their buffers: past the rings of five queues.
+const MQ_BUF: u64 = 0x40000;
+
+#[test]
+fn a_disk_with_several_queues_offers_mq_and_serves_every_queue() {
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i / 512) as u8).collect();
+    let dev = Block::new(Box::new(MemDisk { data, ro: false }), "mq", false).with_queues(3);
+    let mut d = Driver::new(Box::new(dev)).init(QSIZE);
+    d.w(0x014, 0);
+    assert_ne!(d.r(0x010) & (1 << 12), 0, "VIRTIO_BLK_F_MQ offered");
+    let mut n = [0u8; 2];
+    d.t.read(0x100 + 34, &mut n);
+    assert_eq!(u16::from_le_bytes(n), 3, "num_queues");
+    // A read of sector q + 5 on each queue q, answered on that queue.
+    for q in 0..3u64 {
+        let (hdr, buf, st) = (
+            MQ_BUF + q * 0x2000,
+            MQ_BUF + q * 0x2000 + 0x100,
+            MQ_BUF + q * 0x2000 + 0x1000,
+        );
+        d.header(hdr, 0, q + 5);
+        let used = d
+            .on_queue(q)
+            .submit_on(q, &[(hdr, 16, 0), (buf, 512, F_WRITE), (st, 1, F_WRITE)]);
+        assert_eq!(used, Some(513), "queue {q}");
+        assert_eq!(d.byte(st), 0);
+        assert_eq!(d.byte(buf), (q + 5) as u8);
+    }
+    // One queue is the old device: no MQ.
+    let one = Block::new(
+        Box::new(MemDisk {
+            data: vec![0; 4096],
+            ro: false,
+        }),
+        "one",
+        false,
+    );
+    assert_eq!(crate::VirtioDevice::features(&one) & (1 << 12), 0);
+    assert_eq!(crate::VirtioDevice::queue_max_sizes(&one).len(), 1);
+}
+
+#[test]
+fn a_multi_queue_nic_uses_the_pairs_the_driver_sets_each_on_its_own_tap_queue() {
+    use crate::net::{features, hdr};
+    let (a, b) = (FakeNet::default(), FakeNet::default());
+    let dev = crate::net::Net::with_backends(
+        vec![Box::new(a.clone()), Box::new(b.clone())],
+        [0x52, 0x54, 0, 0, 0, 2],
+    );
+    // Until the driver says otherwise only the first pair is used.
+    assert_eq!(b.0.lock().unwrap().enabled, vec![false]);
+    let mut d = Driver::new(Box::new(dev)).init(QSIZE);
+    d.w(0x014, 0);
+    let offered = u64::from(d.r(0x010));
+    assert_eq!(
+        offered & (features::MQ | features::CTRL_VQ),
+        features::MQ | features::CTRL_VQ
+    );
+    let mut pairs = [0u8; 2];
+    d.t.read(0x100 + 8, &mut pairs);
+    assert_eq!(u16::from_le_bytes(pairs), 2, "max_virtqueue_pairs");
+    // rx0 tx0 rx1 tx1 ctrl.
+    d.w(0x030, 4);
+    assert_ne!(d.r(0x034), 0, "the control queue");
+    d.w(0x030, 5);
+    assert_eq!(d.r(0x034), 0, "no sixth queue");
+
+    // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2: answered OK, and the second TAP queue attached.
+    let (cmd, ack) = (MQ_BUF, MQ_BUF + 0x100);
+    d.mem.write_slice(&[4, 0, 2, 0], GuestAddress(cmd)).unwrap();
+    d.mem.write_obj(0xffu8, GuestAddress(ack)).unwrap();
+    let used = d
+        .on_queue(4)
+        .submit_on(4, &[(cmd, 4, 0), (ack, 1, F_WRITE)]);
+    assert_eq!(used, Some(1));
+    assert_eq!(d.byte(ack), 0, "VIRTIO_NET_OK");
+    assert_eq!(b.0.lock().unwrap().enabled, vec![false, true]);
+    // Three pairs is more than there are; an unknown class is refused.
+    for bad in [[4u8, 0, 3, 0], [0, 0, 1, 0]] {
+        d.mem.write_slice(&bad, GuestAddress(cmd)).unwrap();
+        d.on_queue(4)
+            .submit_on(4, &[(cmd, 4, 0), (ack, 1, F_WRITE)]);
+        assert_eq!(d.byte(ack), 1, "VIRTIO_NET_ERR for {bad:?}");
+    }
+
+    // A frame sent on the second pair's transmit queue leaves through its TAP queue.
+    let frame = net_frame(0, hdr::GSO_NONE, 100);
+    d.mem
+        .write_slice(&frame, GuestAddress(MQ_BUF + 0x1000))
+        .unwrap();
+    d.on_queue(3)
+        .submit_on(3, &[(MQ_BUF + 0x1000, frame.len() as u32, 0)]);
+    assert_eq!(b.0.lock().unwrap().from_guest, vec![frame.clone()]);
+    assert!(a.0.lock().unwrap().from_guest.is_empty());
+    // And one from the second TAP queue reaches the second receive queue.
+    b.0.lock().unwrap().to_guest.push_back(frame.clone());
+    let used = d
+        .on_queue(2)
+        .submit_on(2, &[(MQ_BUF + 0x2000, 2048, F_WRITE)]);
+    assert_eq!(used, Some(frame.len() as u32));
+    assert!(d.used_since(0, 0).is_empty(), "nothing on the first pair");
+
+    // A reset goes back to one pair.
+    d.w(0x070, 0);
+    assert_eq!(b.0.lock().unwrap().enabled, vec![false, true, false]);
 }

@@ -948,6 +948,8 @@ impl Doorbell {
             coalesce: None,
             host_queue: None,
             role: sandbox::Role::Io,
+            queues: (0..self.core.num_queues()).collect(),
+            siblings: Vec::new(),
         })
     }
 }
@@ -1082,6 +1084,34 @@ pub struct IoThread {
     host_queue: Option<usize>,
     /// The seccomp role the thread confines itself to when it starts.
     role: sandbox::Role,
+    /// The queues whose notifies this thread serves (all of the device's, but those
+    /// [`IoThread::split_off`] gave to a sibling).
+    queues: Vec<usize>,
+    /// Threads started with this one, each serving queues of its own
+    /// ([`IoThread::split_off`]).
+    siblings: Vec<IoThread>,
+}
+
+/// Queues of a device served by an I/O thread of their own beside the device's first
+/// ([`IoThread::split_off`]): a queue pair of a multi-queue NIC, with its TAP queue.
+pub struct QueueGroup {
+    /// The thread's name.
+    pub name: String,
+    /// The queues it serves.
+    pub queues: Vec<usize>,
+    /// Its host input (the pair's TAP queue).
+    pub host_input: Option<Box<dyn HostInput>>,
+    /// A queue it coalesces ([`IoThread::coalesce`]).
+    pub coalesce: Option<(usize, Duration)>,
+}
+
+impl std::fmt::Debug for QueueGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueGroup")
+            .field("name", &self.name)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How many coalescing delays without a notify make a quiet spell, after which the next
@@ -1169,19 +1199,51 @@ impl IoThread {
         self.coalesce = Some((queue, delay));
     }
 
+    /// Gives `group`'s queues to a thread of their own, started with this one (same
+    /// device, same doorbells and seccomp role): the queue pairs of a multi-queue NIC
+    /// are served side by side, each with its own TAP queue, as the guest's CPUs use
+    /// them side by side. Queues this thread does not serve are ignored.
+    pub fn split_off(&mut self, group: QueueGroup) {
+        let queues: Vec<usize> = group
+            .queues
+            .into_iter()
+            .filter(|q| self.queues.contains(q))
+            .collect();
+        self.queues.retain(|q| !queues.contains(q));
+        self.siblings.push(IoThread {
+            name: group.name,
+            core: self.core.clone(),
+            kick: self.kick.clone(),
+            host_input: group.host_input,
+            coalesce: group.coalesce,
+            host_queue: None,
+            role: self.role,
+            queues,
+            siblings: Vec::new(),
+        });
+    }
+
     /// Start the thread; it ends once `exit` is set, and serves nothing while `gate` is
     /// closed.
+    /// Its siblings ([`IoThread::split_off`]) start too, and the handle joins them.
     pub fn spawn(
-        self,
+        mut self,
         exit: Arc<ExitSignal>,
         gate: Arc<IoGate>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let siblings = std::mem::take(&mut self.siblings)
+            .into_iter()
+            .map(|t| t.spawn(exit.clone(), gate.clone()))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let exit_fd = exit.subscribe()?;
         std::thread::Builder::new()
             .name(self.name.clone())
             .spawn(move || {
                 sandbox::enter(self.role);
-                self.run(&exit, &exit_fd, &gate)
+                self.run(&exit, &exit_fd, &gate);
+                for t in siblings {
+                    let _ = t.join();
+                }
             })
     }
 
@@ -1220,13 +1282,17 @@ impl IoThread {
                 None
             }
         };
-        let queues = self.kick.notify.len();
+        let queues = self.queues.len();
         let mut fds: Vec<RawFd> = Vec::new();
         let mut pfds: Vec<libc::pollfd> = Vec::new();
         while exit.get().is_none() {
             fds.clear();
             fds.push(exit_fd.as_raw_fd());
-            fds.extend(self.kick.notify.iter().map(|fd| fd.as_raw_fd()));
+            fds.extend(
+                self.queues
+                    .iter()
+                    .map(|&q| self.kick.notify.get(q).map_or(-1, |fd| fd.as_raw_fd())),
+            );
             // Always present (-1 is ignored by poll), so host descriptors start after them.
             fds.push(coalesce.as_ref().map_or(-1, |c| c.timer.as_raw_fd()));
             fds.push(throttle.as_ref().map_or(-1, |t| t.timer.as_raw_fd()));
@@ -1306,10 +1372,13 @@ impl IoThread {
         let mut stopped = Vec::new();
         let host_queue = self.host_queue;
         let mut run: Vec<usize> = held.to_vec();
-        for (q, p) in notified.iter().enumerate() {
+        for (i, p) in notified.iter().enumerate() {
             if p.revents & libc::POLLIN == 0 {
                 continue;
             }
+            let Some(&q) = self.queues.get(i) else {
+                continue;
+            };
             // Clears the doorbell before the device looks at the ring: a notify after
             // this is seen by the next poll.
             if let Some(fd) = self.kick.notify.get(q) {

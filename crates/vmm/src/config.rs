@@ -294,6 +294,11 @@ pub struct NetConfig {
     /// The MTU advertised to the guest (VIRTIO_NET_F_MTU), 68 to 65535.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
+    /// Queue pairs (VIRTIO_NET_F_MQ, QEMU's `queues`): several need a multi-queue TAP
+    /// (one is created so when missing). 1 when absent; at most
+    /// [`virtio::net::MAX_QUEUE_PAIRS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
     /// Firecracker's token-bucket limits on received and transmitted frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
@@ -326,11 +331,12 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 impl std::str::FromStr for NetConfig {
     type Err = String;
-    /// `tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci]`
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci][,queues=N]`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
         let mut transport = None;
+        let mut queues = None;
         for opt in s.split(',') {
             match opt.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
@@ -339,9 +345,10 @@ impl std::str::FromStr for NetConfig {
                     mac = Some(v.to_string());
                 }
                 Some(("transport", v)) => transport = Some(v.parse()?),
+                Some(("queues", v)) => queues = Some(parse_queues(v)?),
                 _ => {
                     return Err(format!(
-                        "unknown --net option {opt:?} (tap=NAME, mac=MAC, transport=mmio|pci)"
+                        "unknown --net option {opt:?} (tap=NAME, mac=MAC, transport=mmio|pci, queues=N)"
                     ))
                 }
             }
@@ -351,10 +358,19 @@ impl std::str::FromStr for NetConfig {
             mac,
             transport,
             mtu: None,
+            queues,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         })
     }
+}
+
+/// A `queues=N` option's value: 1 or more.
+fn parse_queues(v: &str) -> Result<u16, String> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("queues={v:?}: a queue count, 1 or more"))
 }
 
 /// Disk image formats `--disk` accepts.
@@ -390,6 +406,10 @@ pub struct DiskConfig {
     /// Firecracker's token-bucket limits on the disk's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Request queues (VIRTIO_BLK_F_MQ, QEMU's `num-queues`): a guest with several CPUs
+    /// submits on several. 1 when absent; at most [`virtio::blk::MAX_QUEUES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// A token bucket as Firecracker's API defines it: `size` tokens refilled over
@@ -575,7 +595,7 @@ impl DiskConfig {
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
-    /// `path[,format=raw|qcow2][,readonly][,transport=mmio|pci]`
+    /// `path[,format=raw|qcow2][,readonly][,transport=mmio|pci][,queues=N]`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts
@@ -589,17 +609,19 @@ impl std::str::FromStr for DiskConfig {
             folder: None,
             transport: None,
             rate_limiter: None,
+            queues: None,
         };
         for opt in parts {
             match opt {
                 "readonly" | "ro" | "readonly=on" => disk.read_only = true,
                 "format=raw" => disk.format = Some(DiskFormat::Raw),
                 "format=qcow2" => disk.format = Some(DiskFormat::Qcow2),
-                other => match other.strip_prefix("transport=") {
-                    Some(t) => disk.transport = Some(t.parse()?),
-                    None => {
+                other => match other.split_once('=') {
+                    Some(("transport", t)) => disk.transport = Some(t.parse()?),
+                    Some(("queues", n)) => disk.queues = Some(parse_queues(n)?),
+                    _ => {
                         return Err(format!(
-                        "unknown --disk option {other:?} (format=raw|qcow2, readonly, transport=mmio|pci)"
+                        "unknown --disk option {other:?} (format=raw|qcow2, readonly, transport=mmio|pci, queues=N)"
                     ))
                     }
                 },
@@ -675,6 +697,12 @@ pub enum ConfigError {
     BadThreads { threads: u8, cpus: u8 },
     #[error("MTU {0} is too small (at least {MIN_MTU})")]
     MtuTooSmall(u16),
+    #[error("{what} with {queues} queues: 1 to {max}")]
+    BadQueues {
+        what: &'static str,
+        queues: u16,
+        max: u16,
+    },
     #[error("VM name {0:?} is not a DNS label (letters, digits and inner hyphens, 1 to 63)")]
     BadName(String),
     #[error("cloud-init file {0} does not exist or is not a file")]
@@ -844,6 +872,24 @@ impl VmConfig {
         {
             return Err(ConfigError::MtuTooSmall(m));
         }
+        let queue_counts = self
+            .disks
+            .iter()
+            .map(|d| ("a disk", d.queues, virtio::blk::MAX_QUEUES))
+            .chain(
+                self.nets
+                    .iter()
+                    .map(|n| ("an interface", n.queues, virtio::net::MAX_QUEUE_PAIRS)),
+            );
+        for (what, queues, max) in queue_counts {
+            if let Some(q) = queues.filter(|&q| q == 0 || q > max) {
+                return Err(ConfigError::BadQueues {
+                    what,
+                    queues: q,
+                    max,
+                });
+            }
+        }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio_device_count()));
         }
@@ -973,6 +1019,7 @@ mod tests {
             folder: None,
             transport: None,
             rate_limiter: None,
+            queues: None,
         };
         assert!(disk(&bootable).has_boot_sector());
         assert!(!disk(&plain).has_boot_sector());
@@ -1017,6 +1064,7 @@ mod tests {
             folder: None,
             transport: None,
             rate_limiter: None,
+            queues: None,
         };
         let mut b = [0u8; 7];
         disk.open().unwrap().read_at(0, &mut b).unwrap();
@@ -1142,6 +1190,7 @@ mod tests {
                 folder: None,
                 transport: None,
                 rate_limiter: None,
+                queues: None,
             }
         );
         let pci: DiskConfig = "/x,transport=pci".parse().unwrap();

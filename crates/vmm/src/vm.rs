@@ -106,6 +106,8 @@ struct IoThreadSetup {
     coalesce: Option<(usize, Duration)>,
     /// What the thread's seccomp filter allows.
     role: sandbox::Role,
+    /// Queues served by threads of their own beside it (a multi-queue NIC's pairs).
+    split: Vec<virtio::transport::QueueGroup>,
 }
 
 /// A virtio device, its I/O thread if it has one (else it runs on the notifying vCPU),
@@ -165,10 +167,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: None,
             coalesce: None,
             role: sandbox::Role::Io,
+            split: Vec::new(),
         };
-        let dev = virtio::blk::Block::new(backend, &id, disk.read_only).with_rate_limiter(
-            crate::config::RateLimiterConfig::limiter(disk.rate_limiter.as_ref()),
-        );
+        let dev = virtio::blk::Block::new(backend, &id, disk.read_only)
+            .with_rate_limiter(crate::config::RateLimiterConfig::limiter(
+                disk.rate_limiter.as_ref(),
+            ))
+            .with_queues(disk.queues.unwrap_or(1));
         let change = crate::runtime::Changeable::Disk(disk.clone(), dev.handle());
         devs.push((
             Box::new(dev),
@@ -185,6 +190,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: None,
             coalesce: None,
             role: sandbox::Role::Io,
+            split: Vec::new(),
         };
         devs.push((
             Box::new(virtio::blk::Block::new(backend, "cidata", true)),
@@ -199,25 +205,40 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             Some(Err(e)) => return Err(VmmError::Net(e)),
             None => virtio::net::default_mac(&net.tap),
         };
-        let tap = virtio::tap::Tap::open(&net.tap)?;
-        let dev = virtio::net::Net::new(tap, mac)
+        let taps = virtio::tap::Tap::open_queues(&net.tap, usize::from(net.queues.unwrap_or(1)))?;
+        let backends = taps
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn virtio::net::NetBackend>)
+            .collect();
+        let dev = virtio::net::Net::with_backends(backends, mac)
             .with_mtu(net.mtu)
             .with_rate_limiters(
                 crate::config::RateLimiterConfig::limiter(net.rx_rate_limiter.as_ref()),
                 crate::config::RateLimiterConfig::limiter(net.tx_rate_limiter.as_ref()),
             );
         let change = crate::runtime::Changeable::Net(dev.limiters());
-        let fd = dev
-            .poll_fd()
-            .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))?;
+        let input = |pair: usize| {
+            dev.host_input(pair)
+                .map_err(|e| VmmError::Net(format!("duplicating the TAP descriptor: {e}")))
+        };
+        // Each further queue pair on a thread of its own, with its TAP queue; the first
+        // thread keeps the first pair and the control queue.
+        let split = (1..dev.queue_pairs())
+            .map(|pair| {
+                Ok(virtio::transport::QueueGroup {
+                    name: format!("net-{}-{pair}", net.tap),
+                    queues: vec![2 * pair, 2 * pair + 1],
+                    host_input: Some(Box::new(input(pair)?)),
+                    coalesce: Some((2 * pair + 1, virtio::net::TX_COALESCE)),
+                })
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
         let io = IoThreadSetup {
             name: format!("net-{}", net.tap),
-            host_input: Some(Box::new(virtio::transport::FdInput::new(
-                fd,
-                virtio::net::RX_QUEUE,
-            ))),
+            host_input: Some(Box::new(input(0)?)),
             coalesce: Some((virtio::net::TX_QUEUE, virtio::net::TX_COALESCE)),
             role: sandbox::Role::Io,
+            split,
         };
         devs.push((
             Box::new(dev),
@@ -234,6 +255,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             coalesce: None,
             // The guest's connections go to host sockets by path.
             role: sandbox::Role::Vsock,
+            split: Vec::new(),
         };
         devs.push((Box::new(dev), Some(io), machine, None));
     }
@@ -249,6 +271,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
                     host_input: None,
                     coalesce: None,
                     role: sandbox::Role::Io,
+                    split: Vec::new(),
                 };
                 devs.push((Box::new(dev), Some(io), machine, None));
             }
@@ -262,6 +285,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             host_input: None,
             coalesce: None,
             role: sandbox::Role::Io,
+            split: Vec::new(),
         };
         devs.push((
             Box::new(virtio::console::Console::new(output_for(out)?)),
@@ -1246,6 +1270,7 @@ fn io_thread(
         host_input,
         coalesce,
         role,
+        split,
     }) = setup
     else {
         return Ok(None);
@@ -1254,6 +1279,9 @@ fn io_thread(
     thread.confine_as(role);
     if let Some((queue, delay)) = coalesce {
         thread.coalesce(queue, delay);
+    }
+    for group in split {
+        thread.split_off(group);
     }
     Ok(Some(thread))
 }

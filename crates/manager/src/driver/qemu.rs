@@ -338,7 +338,11 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
             folder: _,
             transport,
             rate_limiter,
+            queues,
         } = d;
+        if queues.is_some_and(|q| q > 1) {
+            return Some("a disk's queues (this driver gives QEMU one queue per disk)");
+        }
         if rate_limiter.is_some() {
             return Some("a disk's rate_limiter (Firecracker's token buckets)");
         }
@@ -352,9 +356,13 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
             mac: _,
             mtu: _,
             transport,
+            queues,
             rx_rate_limiter,
             tx_rate_limiter,
         } = n;
+        if queues.is_some_and(|q| q > 1) {
+            return Some("a network interface's queues (this driver gives QEMU one pair)");
+        }
         if rx_rate_limiter.is_some() || tx_rate_limiter.is_some() {
             return Some("a network interface's rate limiter (Firecracker's token buckets)");
         }

@@ -75,6 +75,7 @@ impl Manager {
                     mac: Some(network::mac_for(def, i)),
                     transport: None,
                     mtu: None,
+                    queues: None,
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
                 });

@@ -319,6 +319,7 @@ impl FcConfig {
                     folder: None,
                     transport: None,
                     rate_limiter: d.rate_limiter,
+                    queues: None,
                 })
             })
             .collect();
@@ -330,6 +331,7 @@ impl FcConfig {
                 mac: n.guest_mac.clone(),
                 transport: None,
                 mtu: n.mtu,
+                queues: None,
                 rx_rate_limiter: n.rx_rate_limiter,
                 tx_rate_limiter: n.tx_rate_limiter,
             })
