@@ -612,7 +612,19 @@ impl Net {
             } else {
                 tracing::trace!(len = frame.len(), "virtio-net tx");
                 outcome.bulk |= frame.len() >= BULK_FRAME;
-                let Some(p) = self.pairs.get_mut(pair) else {
+                // A pair whose TAP queue is detached (the driver's pair count is not
+                // known yet, as after a restore) sends through the first: a detached
+                // queue refuses writes.
+                let out = if self
+                    .pairs
+                    .get(pair)
+                    .is_some_and(|p| p.enabled.load(Ordering::Acquire))
+                {
+                    pair
+                } else {
+                    0
+                };
+                let Some(p) = self.pairs.get_mut(out) else {
                     break;
                 };
                 match p.backend.send(&frame) {
