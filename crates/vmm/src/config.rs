@@ -1198,6 +1198,24 @@ mod tests {
         assert!("/x,transport=isa".parse::<DiskConfig>().is_err());
         let n: NetConfig = "tap=t0,transport=mmio".parse().unwrap();
         assert_eq!(n.transport, Some(Transport::Mmio));
+        // Multi-queue, as QEMU's num-queues and queues.
+        let d: DiskConfig = "/x,queues=4".parse().unwrap();
+        assert_eq!(d.queues, Some(4));
+        let n: NetConfig = "tap=t0,queues=2".parse().unwrap();
+        assert_eq!(n.queues, Some(2));
+        assert!("/x,queues=0".parse::<DiskConfig>().is_err());
+        assert!("tap=t0,queues=two".parse::<NetConfig>().is_err());
+        // Files that exist, so only the queue count is wrong.
+        let exe = std::env::current_exe().unwrap();
+        let mut vm = VmConfig::new(&exe);
+        vm.disks.push(DiskConfig {
+            path: exe.clone(),
+            queues: Some(virtio::blk::MAX_QUEUES),
+            ..d
+        });
+        assert!(vm.validate().is_ok(), "{:?}", vm.validate());
+        vm.disks[0].queues = Some(virtio::blk::MAX_QUEUES + 1);
+        assert!(matches!(vm.validate(), Err(ConfigError::BadQueues { .. })));
         // Absent transports stay out of the JSON, so existing definitions round-trip.
         let json = serde_json::to_string(&"/x".parse::<DiskConfig>().unwrap()).unwrap();
         assert!(!json.contains("transport"), "{json}");
