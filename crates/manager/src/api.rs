@@ -266,7 +266,14 @@ impl Api {
             ("GET", ["domains", name, "interfaces"]) => ok(to_value(&self.m.interfaces(name)?)),
             ("GET", ["domains", name, "xml"]) => {
                 let (def, _) = self.m.info(name)?;
-                Ok(Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes()).into())
+                let mut r = Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes());
+                // What libvirt's XML cannot say of this domain: a client warns its user.
+                let unsaid = xml::unsaid(&def);
+                if !unsaid.is_empty() {
+                    r.headers
+                        .push(("X-Vessel-Unsaid".into(), unsaid.join(", ")));
+                }
+                Ok(r.into())
             }
             ("PUT", ["domains", name]) => {
                 let def = parse_definition(req)?;
@@ -521,7 +528,7 @@ pub(crate) fn parse_definition(req: &Request) -> Result<DomainDef> {
     if is_xml {
         xml::parse_domain(text)
     } else {
-        serde_json::from_str(text).map_err(|e| Error::invalid("domain JSON", e.to_string()))
+        crate::domain::from_json(text)
     }
 }
 

@@ -53,6 +53,10 @@ pub struct Interface {
     pub bridge: Option<String>,
     #[serde(default)]
     pub mac: Option<String>,
+    /// virtio-mmio or virtio-pci (libvirt's `<address type='virtio-mmio'/>` or
+    /// `<address type='pci'/>`); the machine's `virtio_transport` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<vmm::config::Transport>,
 }
 
 /// What `define` takes and `GET /v1/domains/{name}` returns.
@@ -79,6 +83,24 @@ pub struct DomainDef {
     /// so a dump names the volume again rather than its file.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub volumes: std::collections::BTreeMap<String, String>,
+}
+
+/// A definition in JSON. A QEMU domain that names no `vm.virtio_transport` gets
+/// QEMU's, PCI (q35), rather than `VmConfig`'s default virtio-mmio, which the QEMU driver
+/// refuses; one that names mmio is refused by name at define.
+pub fn from_json(text: &str) -> Result<DomainDef> {
+    let bad = |e: serde_json::Error| Error::invalid("domain JSON", e.to_string());
+    let mut v: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+    let qemu = matches!(
+        v.get("driver").and_then(|d| d.as_str()),
+        Some("qemu" | "kvm")
+    );
+    if let Some(vm) = v.get_mut("vm").and_then(|vm| vm.as_object_mut()) {
+        if qemu && !vm.contains_key("virtio_transport") {
+            vm.insert("virtio_transport".into(), "pci".into());
+        }
+    }
+    serde_json::from_value(v).map_err(bad)
 }
 
 /// A disk path `vol://POOL/VOLUME` names a pool volume; `define` resolves it to the file.
@@ -278,6 +300,27 @@ mod tests {
         .unwrap();
         assert_eq!(d.driver, DriverKind::Qemu);
         assert_eq!(d.vm.memory_mib, 256);
+        // A QEMU domain that names no transport is q35's (virtio-pci); one that names
+        // mmio keeps it, and the QEMU driver refuses it by name; a Vessel domain keeps
+        // Vessel's default.
+        use vmm::config::Transport;
+        let t = |j: &str| from_json(j).unwrap().vm.virtio_transport;
+        assert_eq!(
+            t(r#"{"name":"a","driver":"qemu","vm":{"kernel":"/k"}}"#),
+            Transport::Pci
+        );
+        let mmio = format!(
+            r#"{{"name":"a","driver":"qemu","vm":{{"kernel":"{}","virtio_transport":"mmio"}}}}"#,
+            std::env::current_exe().unwrap().display()
+        );
+        assert_eq!(t(&mmio), Transport::Mmio);
+        let e = from_json(&mmio)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("machine='microvm'") && e.contains("q35"), "{e}");
+        assert_eq!(t(r#"{"name":"a","vm":{"kernel":"/k"}}"#), Transport::Mmio);
         assert!(
             serde_json::from_str::<DomainDef>(r#"{"name":"a","vm":{"kernel":"/k"},"x":1}"#)
                 .is_err()
@@ -292,7 +335,7 @@ mod tests {
                 r#"{{"name":"a","driver":"{driver}","vm":{{"kernel":"{}"{vm_extra}}}}}"#,
                 kernel.display()
             );
-            serde_json::from_str::<DomainDef>(&json).unwrap().validate()
+            from_json(&json).unwrap().validate()
         };
         let vsock = r#","vsock":{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#;
         let hvc = r#","virtio_console":{"type":"null"}"#;

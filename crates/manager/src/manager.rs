@@ -176,6 +176,16 @@ impl Manager {
         let state_lock = lock_state_dir(&cfg.state_dir)?;
         let db = cfg.state_dir.join("vessel.db");
         let store = Store::open(&db)?;
+        // QEMU always ran its virtio devices on q35's PCI bus, whatever the definition
+        // said; definitions from before the QEMU driver refused mmio now say what ran.
+        for mut d in store.list_domains()? {
+            if d.driver == DriverKind::Qemu && d.vm.virtio_transport == vmm::config::Transport::Mmio
+            {
+                d.vm.virtio_transport = vmm::config::Transport::Pci;
+                tracing::info!(domain = %d.name, "QEMU domain: virtio_transport mmio -> pci (q35, as it ran)");
+                store.update_domain(&d)?;
+            }
+        }
         for f in ["vessel.db", "vessel.db-wal", "vessel.db-shm"] {
             let p = cfg.state_dir.join(f);
             if p.exists() {
@@ -983,8 +993,10 @@ mod tests {
         let (m, dir) = open("ends");
         let kernel = std::env::current_exe().unwrap();
         for (name, driver) in [("v", "vessel"), ("q", "qemu")] {
-            let def: DomainDef = serde_json::from_value(serde_json::json!({
-                "name": name, "driver": driver, "vm": {"kernel": kernel}}))
+            let def = crate::domain::from_json(
+                &serde_json::json!({"name": name, "driver": driver, "vm": {"kernel": kernel}})
+                    .to_string(),
+            )
             .unwrap();
             m.define(def).unwrap();
         }

@@ -110,6 +110,52 @@ fn vessel_metadata(root: Node) -> Result<Option<VesselMetadata>> {
     }))
 }
 
+/// The virtio transport an x86_64 `<type machine=…>` names: Vessel's two machines are
+/// q35 (virtio-pci, as QEMU's q35) and microvm (virtio-mmio, as QEMU's and Firecracker's
+/// microvm). Any other (i440fx's `pc`, `isapc`, …) is refused: running it as q35 would
+/// change the guest's chipset without a word.
+fn x86_machine(m: &str) -> Result<vmm::config::Transport> {
+    match m {
+        "q35" => Ok(vmm::config::Transport::Pci),
+        _ if m.starts_with("pc-q35-") => Ok(vmm::config::Transport::Pci),
+        "microvm" => Ok(vmm::config::Transport::Mmio),
+        _ => Err(refuse(format!(
+            "<type machine='{m}'>: Vessel's x86_64 machines are q35 (virtio-pci) and microvm \
+             (virtio-mmio)"
+        ))),
+    }
+}
+
+/// The transport a device's `<address>` chooses: `<address type='pci'/>` (Vessel places
+/// it on its PCI bus) or `<address type='virtio-mmio'/>`; a fixed slot or any other bus is
+/// refused, as Vessel assigns addresses itself.
+fn device_transport(dev: Node) -> Result<Option<vmm::config::Transport>> {
+    let Some(a) = child(dev, "address") else {
+        return Ok(None);
+    };
+    let kind = a.attribute("type").unwrap_or("");
+    let fixed: Vec<String> = a
+        .attributes()
+        .filter(|x| x.name() != "type")
+        .map(|x| format!("{}='{}'", x.name(), x.value()))
+        .collect();
+    if !fixed.is_empty() {
+        return Err(refuse(format!(
+            "<address type='{kind}' {}>: Vessel assigns device addresses itself; \
+             <address type='pci'/> or <address type='virtio-mmio'/> chooses the transport",
+            fixed.join(" ")
+        )));
+    }
+    match kind {
+        "pci" => Ok(Some(vmm::config::Transport::Pci)),
+        "virtio-mmio" => Ok(Some(vmm::config::Transport::Mmio)),
+        other => Err(refuse(format!(
+            "<address type='{other}'>: Vessel's virtio devices are on PCI (type='pci') or \
+             virtio-mmio (type='virtio-mmio')"
+        ))),
+    }
+}
+
 /// The value checks behind `xml_support`'s table: what each mapped element may say.
 fn check_values(root: Node) -> Result<()> {
     let attr = |n: Node, a: &str| n.attribute(a).map(str::to_string);
@@ -140,7 +186,10 @@ fn check_values(root: Node) -> Result<()> {
         match (parent, name) {
             ("os", "type") => {
                 match (attr(n, "arch").as_deref(), attr(n, "machine").as_deref()) {
-                    (None | Some("x86_64"), _) => {}
+                    (None | Some("x86_64"), None) => {}
+                    (None | Some("x86_64"), Some(m)) => {
+                        x86_machine(m)?;
+                    }
                     // On Vessel's RISC-V CPU, whose machine is laid out as QEMU's virt.
                     (Some("riscv64"), None | Some("virt")) => {}
                     (Some("riscv64"), Some(m)) => {
@@ -169,6 +218,11 @@ fn check_values(root: Node) -> Result<()> {
                 value_ok("device", &["disk"])?;
             }
             ("devices", "interface") => value_ok("type", &["network", "bridge"])?,
+            ("disk" | "interface", "address") => {
+                if let Some(dev) = n.parent_element() {
+                    device_transport(dev)?;
+                }
+            }
             ("disk", "driver") => value_ok("name", &["qemu"])?,
             ("disk", "target") => value_ok("bus", &["virtio"])?,
             ("interface", "model") => value_ok("type", &["virtio"])?,
@@ -524,6 +578,17 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         }
     }
 
+    // The machine names the transport; without one a QEMU domain is q35 (its virtio
+    // devices PCI), a Vessel one keeps Vessel's default for how it boots.
+    let machine = child(os, "type").and_then(|t| t.attribute("machine"));
+    if vm.arch == vmm::config::Arch::X86_64 {
+        match machine {
+            Some(m) => vm.virtio_transport = x86_machine(m)?,
+            None if driver == DriverKind::Qemu => vm.virtio_transport = vmm::config::Transport::Pci,
+            None => {}
+        }
+    }
+
     let mut disks = Vec::new();
     let mut interfaces = Vec::new();
     if let Some(devices) = child(root, "devices") {
@@ -623,7 +688,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         format,
         read_only: child(n, "readonly").is_some(),
         folder: None,
-        transport: None,
+        transport: device_transport(n)?,
         rate_limiter: None,
         queues: None,
     })
@@ -634,6 +699,7 @@ fn parse_interface(n: Node) -> Result<Interface> {
     let mac = child(n, "mac")
         .and_then(|m| m.attribute("address"))
         .map(str::to_string);
+    let transport = device_transport(n)?;
     match n.attribute("type") {
         Some("network") => Ok(Interface {
             network: Some(
@@ -643,6 +709,7 @@ fn parse_interface(n: Node) -> Result<Interface> {
             ),
             bridge: None,
             mac,
+            transport,
         }),
         Some("bridge") => Ok(Interface {
             network: None,
@@ -652,6 +719,7 @@ fn parse_interface(n: Node) -> Result<Interface> {
                     .to_string(),
             ),
             mac,
+            transport,
         }),
         other => Err(refuse(format!(
             "<interface type='{}'>: Vessel's interfaces are on a network (type='network') or \
@@ -677,6 +745,42 @@ fn esc(s: &str) -> String {
 }
 
 /// Writes a definition as libvirt domain XML.
+/// What of `d` its libvirt XML cannot say (`vm.rng_rate_limiter`, `interfaces`, …):
+/// the fields that differ once the dump is read back. A dump of such a domain is not
+/// the whole of it, and `dumpxml` says so.
+pub fn unsaid(d: &DomainDef) -> Vec<String> {
+    let again = match parse_domain(&to_xml(d)) {
+        Ok(a) => a,
+        Err(e) => return vec![format!("(the dump does not read back: {e})")],
+    };
+    let (Ok(was), Ok(now)) = (serde_json::to_value(d), serde_json::to_value(&again)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let empty = serde_json::Map::new();
+    let was_vm = was["vm"].as_object().unwrap_or(&empty);
+    for (k, v) in was_vm {
+        if now["vm"].get(k) != Some(v) {
+            out.push(format!("vm.{k}"));
+        }
+    }
+    for k in ["name", "uuid", "driver", "interfaces"] {
+        if was.get(k) != now.get(k) {
+            out.push(k.to_string());
+        }
+    }
+    out
+}
+
+/// A device's own transport as libvirt writes it (none: the machine's).
+fn address(t: Option<vmm::config::Transport>) -> &'static str {
+    match t {
+        None => "",
+        Some(vmm::config::Transport::Pci) => "      <address type='pci'/>\n",
+        Some(vmm::config::Transport::Mmio) => "      <address type='virtio-mmio'/>\n",
+    }
+}
+
 pub fn to_xml(d: &DomainDef) -> String {
     // libvirt's schema knows kvm and qemu: a Vessel domain is kvm plus Vessel's metadata.
     // A riscv64 guest is emulated on this host: qemu (TCG) in libvirt's terms.
@@ -747,9 +851,14 @@ pub fn to_xml(d: &DomainDef) -> String {
             "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{m}</model>\n{topology}  </cpu>\n"
         )),
     }
-    x.push_str(match d.vm.arch {
-        vmm::config::Arch::X86_64 => "  <os>\n    <type arch='x86_64'>hvm</type>\n",
-        vmm::config::Arch::Riscv64 => {
+    x.push_str(match (d.vm.arch, d.vm.virtio_transport) {
+        (vmm::config::Arch::X86_64, vmm::config::Transport::Pci) => {
+            "  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n"
+        }
+        (vmm::config::Arch::X86_64, vmm::config::Transport::Mmio) => {
+            "  <os>\n    <type arch='x86_64' machine='microvm'>hvm</type>\n"
+        }
+        (vmm::config::Arch::Riscv64, _) => {
             "  <os>\n    <type arch='riscv64' machine='virt'>hvm</type>\n"
         }
     });
@@ -823,6 +932,7 @@ pub fn to_xml(d: &DomainDef) -> String {
         if disk.read_only {
             x.push_str("      <readonly/>\n");
         }
+        x.push_str(address(disk.transport));
         x.push_str("    </disk>\n");
     }
     for i in &d.interfaces {
@@ -836,7 +946,9 @@ pub fn to_xml(d: &DomainDef) -> String {
         if let Some(m) = &i.mac {
             x.push_str(&format!("      <mac address='{}'/>\n", esc(m)));
         }
-        x.push_str("      <model type='virtio'/>\n    </interface>\n");
+        x.push_str("      <model type='virtio'/>\n");
+        x.push_str(address(i.transport));
+        x.push_str("    </interface>\n");
     }
     x.push_str("    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n");
     x.push_str(
@@ -932,7 +1044,7 @@ mod tests {
   <currentMemory unit='MiB'>512</currentMemory>
   <vcpu placement='static'>2</vcpu>
   <cpu mode='custom' match='exact'><model fallback='forbid'>x86-64-v2</model></cpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
     <kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd</initrd>
     <cmdline>console=ttyS0 &amp; quiet</cmdline></os>
   <features><acpi/></features>
@@ -1115,7 +1227,7 @@ mod tests {
         // x86_64 stays as it was.
         let x86 = parse_domain(&dom("", "")).unwrap();
         assert_eq!(x86.vm.arch, vmm::config::Arch::X86_64);
-        assert!(to_xml(&x86).contains("<type arch='x86_64'>hvm</type>"));
+        assert!(to_xml(&x86).contains("<type arch='x86_64' machine='q35'>hvm</type>"));
     }
 
     /// libvirt's element classes, each mapped (Ok) or refused with libvirt's wording and
@@ -1155,7 +1267,13 @@ mod tests {
             (dom("", "<disk type='file' device='disk'><source file='/d'/><target dev='hda' bus='ide'/></disk>"), "bus='ide'"),
             (dom("", "<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/d'/></disk>"), "cache='none'"),
             (dom("", "<disk type='file' device='disk' snapshot='no'><source file='/d'/></disk>"), "snapshot='no'"),
-            (dom("", "<disk type='file' device='disk'><source file='/d'/><address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/></disk>"), "<address>"),
+            (dom("", "<disk type='file' device='disk'><source file='/d'/><address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/></disk>"), "function='0x0'>: Vessel assigns device addresses itself"),
+            (dom("", "<disk type='file' device='disk'><source file='/d'/><address type='ccw'/></disk>"), "<address type='ccw'>"),
+            (dom("", "<interface type='network'><source network='default'/><address type='virtio-mmio' bus='1'/></interface>"), "bus='1'"),
+            (dom("", "<rng model='virtio'><backend model='random'>/dev/urandom</backend><address type='pci'/></rng>"), "<address> (domain/devices/rng/address)"),
+            (dom("", "").replace("<type arch='x86_64'>", "<type arch='x86_64' machine='pc'>"), "<type machine='pc'>: Vessel's x86_64 machines are q35"),
+            (dom("", "").replace("<type arch='x86_64'>", "<type arch='x86_64' machine='pc-i440fx-7.2'>"), "machine='pc-i440fx-7.2'"),
+            (dom("", "").replace("<type arch='x86_64'>", "<type arch='x86_64' machine='isapc'>"), "machine='isapc'"),
             (dom("", "<disk type='file' device='disk'><source file='/d'/><serial>WD-1</serial></disk>"), "<serial>"),
             (dom("", "<interface type='network'><source network='default'/><model type='e1000'/></interface>"), "type='e1000'"),
             (dom("", "<interface type='network'><source network='default'/><vlan><tag id='42'/></vlan></interface>"), "<vlan>"),
@@ -1293,6 +1411,73 @@ mod tests {
         }
     }
 
+    /// Issue 16: a libvirt user's machine and device addresses say which virtio
+    /// transport the guest gets (q35: PCI; microvm: virtio-mmio), and a dump says it
+    /// again, so define -> dumpxml -> define keeps it.
+    #[test]
+    fn machine_and_address_choose_the_virtio_transport_and_dump_back() {
+        use vmm::config::Transport::{Mmio, Pci};
+        let vessel = |machine: &str, devices: &str| {
+            let xml = dom("", devices)
+                .replace(
+                    "<type arch='x86_64'>",
+                    &format!("<type arch='x86_64'{machine}>"),
+                )
+                .replace(
+                    "<os>",
+                    &format!(
+                        "<metadata><vessel:domain xmlns:vessel='{VESSEL_NS}' driver='vessel'/>\
+                         </metadata><os>"
+                    ),
+                );
+            parse_domain(&xml).unwrap()
+        };
+        // Vessel: q35 is virtio-pci even for a direct kernel boot; microvm and no machine
+        // are virtio-mmio (Vessel's default for a kernel).
+        assert_eq!(vessel(" machine='q35'", "").vm.virtio_transport, Pci);
+        assert_eq!(vessel(" machine='pc-q35-7.2'", "").vm.virtio_transport, Pci);
+        assert_eq!(vessel(" machine='microvm'", "").vm.virtio_transport, Mmio);
+        assert_eq!(vessel("", "").vm.virtio_transport, Mmio);
+        // A QEMU domain without a machine is q35, as QEMU runs it.
+        assert_eq!(parse_domain(&dom("", "")).unwrap().vm.virtio_transport, Pci);
+        // A device's own <address type=…/> is its transport.
+        let d = vessel(
+            " machine='microvm'",
+            "<disk type='file' device='disk'><source file='/a'/><address type='pci'/></disk>\
+             <disk type='file' device='disk'><source file='/b'/></disk>\
+             <disk type='file' device='disk'><source file='/c'/><address type='virtio-mmio'/></disk>\
+             <interface type='bridge'><source bridge='br0'/><address type='pci'/></interface>",
+        );
+        let t: Vec<_> = d.vm.disks.iter().map(|d| d.transport).collect();
+        assert_eq!(t, [Some(Pci), None, Some(Mmio)]);
+        assert_eq!(d.interfaces[0].transport, Some(Pci));
+        let dump = to_xml(&d);
+        assert!(dump.contains("machine='microvm'"), "{dump}");
+        assert_eq!(dump.matches("<address type='pci'/>").count(), 2, "{dump}");
+        assert_eq!(dump.matches("<address type='virtio-mmio'/>").count(), 1);
+        assert_eq!(parse_domain(&dump).unwrap(), d);
+        // A JSON-defined Vessel domain on virtio-pci with a kernel dumps as q35 and
+        // comes back as virtio-pci (the dump used to say no machine: mmio on define).
+        let mut pci = vessel("", "");
+        pci.vm.virtio_transport = Pci;
+        assert_eq!(parse_domain(&to_xml(&pci)).unwrap(), pci);
+    }
+
+    /// A dump names what it cannot say (dumpxml warns), and nothing for a domain it says
+    /// whole.
+    #[test]
+    fn unsaid_names_what_a_dump_would_lose() {
+        for d in domains_to_dump() {
+            assert_eq!(unsaid(&d), Vec::<String>::new(), "{}", to_xml(&d));
+        }
+        let mut d = parse_domain(XML).unwrap();
+        d.vm.rng_rate_limiter =
+            serde_json::from_value(serde_json::json!({"ops": {"size": 1, "refill_time": 100}}))
+                .unwrap();
+        d.vm.option_roms = vec!["/rom".into()];
+        assert_eq!(unsaid(&d), ["vm.option_roms", "vm.rng_rate_limiter"]);
+    }
+
     fn domains_to_dump() -> Vec<DomainDef> {
         let mut v = parse_domain(XML).unwrap();
         v.vm.disks[1].path = "/var/lib/vessel/images/data.raw".into();
@@ -1306,6 +1491,11 @@ mod tests {
             guest_cid: 9,
             uds_path: "/run/vessel/web.vsock".into(),
         });
+        // Vessel's virtio-mmio machine, one disk and one interface on PCI.
+        vessel.vm.virtio_transport = vmm::config::Transport::Mmio;
+        vessel.vm.disks[0].transport = Some(vmm::config::Transport::Pci);
+        vessel.interfaces[0].transport = Some(vmm::config::Transport::Pci);
+        vessel.interfaces[1].transport = Some(vmm::config::Transport::Mmio);
         let mut tcg = v.clone();
         tcg.vm.accel = Accel::Emu;
         let fw = parse_domain(

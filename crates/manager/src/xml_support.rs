@@ -76,7 +76,8 @@ pub const MAPPED: &[Mapped] = &[
     m(
         "domain/os/type",
         &["arch", "machine"],
-        "VmConfig.arch: x86_64, or riscv64 on machine virt (Vessel's RISC-V CPU)",
+        "VmConfig.arch: x86_64 on q35 (virtio_transport pci) or microvm (mmio), or riscv64 \
+         on machine virt (Vessel's RISC-V CPU)",
     ),
     m("domain/os/kernel", &[], "VmConfig.kernel"),
     m("domain/os/initrd", &[], "VmConfig.initrd"),
@@ -143,6 +144,11 @@ pub const MAPPED: &[Mapped] = &[
         "virtio disks in definition order (vda, vdb, …)",
     ),
     m("domain/devices/disk/readonly", &[], "DiskConfig.read_only"),
+    m(
+        "domain/devices/disk/address",
+        &["type"],
+        "DiskConfig.transport: type='pci' or type='virtio-mmio', no fixed slot",
+    ),
     m("domain/devices/disk/alias", &["name"], "a live name only"),
     m(
         "domain/devices/interface",
@@ -160,6 +166,11 @@ pub const MAPPED: &[Mapped] = &[
         "Interface.mac",
     ),
     m("domain/devices/interface/model", &["type"], "virtio-net"),
+    m(
+        "domain/devices/interface/address",
+        &["type"],
+        "Interface.transport: type='pci' or type='virtio-mmio', no fixed slot",
+    ),
     m(
         "domain/devices/interface/alias",
         &["name"],
@@ -290,7 +301,8 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "address",
-        "Vessel assigns device addresses itself: remove <address>",
+        "Vessel assigns device addresses itself (on a disk or interface, <address \
+         type='pci'/> or <address type='virtio-mmio'/> chooses its transport)",
     ),
     (
         "boot",

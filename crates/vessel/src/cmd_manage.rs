@@ -558,6 +558,17 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         ManageCommand::Dumpxml { name } => {
             let r = c.raw("GET", &format!("{}/xml", dom(&name)), None)?;
             std::io::stdout().write_all(&r.body)?;
+            if let Some((_, unsaid)) = r
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("x-vessel-unsaid"))
+            {
+                eprintln!(
+                    "vessel: warning: libvirt XML cannot say {unsaid} of domain {name}: \
+                     defining this dump would drop them; its JSON (vessel --json dominfo \
+                     {name}) holds them"
+                );
+            }
         }
         ManageCommand::Console { name, log } => {
             if log {

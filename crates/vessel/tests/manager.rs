@@ -2817,6 +2817,22 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert_eq!(info["info"]["cpus"], 2);
     assert_eq!(info["definition"]["vm"]["disks"], serde_json::json!([]));
 
+    // A dump that cannot say all of a domain says what it leaves out.
+    let mut lim = def.clone();
+    lim["name"] = "vlim".into();
+    lim["vm"]["rng"] = true.into();
+    lim["vm"]["rng_rate_limiter"] = json!({"bandwidth": {"size": 4096, "refill_time": 100}});
+    d.client().post("/v1/domains", Some(&lim)).unwrap();
+    let o = d.cli(&["dumpxml", "vlim"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("<rng"));
+    assert!(
+        err.contains("libvirt XML cannot say vm.rng_rate_limiter of domain vlim"),
+        "{err}"
+    );
+    assert!(d.cli(&["dumpxml", "vq"]).stderr.is_empty());
+    d.ok(&["undefine", "vlim"]);
+
     // Running: no hot-plug, so a live change is refused and --config is taken.
     d.ok(&["start", "vq"]);
     assert_eq!(d.ok(&["domstate", "vq"]).trim(), "running");

@@ -73,7 +73,7 @@ impl Manager {
                 rt.vm.nets.push(vmm::config::NetConfig {
                     tap,
                     mac: Some(network::mac_for(def, i)),
-                    transport: None,
+                    transport: itf.transport,
                     mtu: None,
                     queues: None,
                     rx_rate_limiter: None,
