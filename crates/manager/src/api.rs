@@ -261,7 +261,31 @@ impl Api {
             }
             ("GET", ["domains", name]) => {
                 let (def, info) = self.m.info(name)?;
-                ok(json!({"definition": def, "info": info}))
+                // A running domain's devices as they are now (virsh's live XML).
+                let live = self
+                    .m
+                    .live_definition(name)
+                    .filter(|_| self.m.is_active(name));
+                ok(json!({"definition": def, "info": info, "live": live}))
+            }
+            ("POST", ["domains", name, "attach"]) => {
+                let device: crate::manager::Device = body_json(req, "device")?;
+                if let crate::manager::Device::Disk(d) = &device {
+                    // The disk's files only (the domain's own were checked at define).
+                    let mut vm = vmm::VmConfig::new("");
+                    vm.kernel = None;
+                    vm.disks = vec![d.clone()];
+                    let probe = DomainDef {
+                        vm,
+                        ..self.m.info(name)?.0
+                    };
+                    self.check_domain_files(&probe, req)?;
+                }
+                ok(to_value(&self.m.attach_live(name, device)?))
+            }
+            ("POST", ["domains", name, "detach"]) => {
+                let device: crate::manager::DeviceRef = body_json(req, "device")?;
+                ok(to_value(&self.m.detach_live(name, device)?))
             }
             ("GET", ["domains", name, "interfaces"]) => ok(to_value(&self.m.interfaces(name)?)),
             ("GET", ["domains", name, "xml"]) => {

@@ -25,10 +25,12 @@ use crate::storage::{self, PoolHost};
 use crate::store::Store;
 use runtime::{Runtime, Table, Vmm};
 
+mod hotplug;
 mod migration;
 mod named_snapshots;
 mod runtime;
 
+pub use hotplug::{Device, DeviceRef};
 pub use named_snapshots::SnapshotInfo;
 pub(crate) use snapshots::move_file;
 mod networks;
@@ -395,6 +397,8 @@ impl Manager {
                     .join(format!("{name}.vmm.log")),
             );
         }
+        // Its TAPs, those attached live included, go with it.
+        let taps = self.live_taps(name);
         let _ = std::fs::remove_dir_all(&run.0);
         // The domain stops counting as active together with its state and reason, so
         // nobody sees a stopped domain without them; a reboot keeps it running.
@@ -416,6 +420,9 @@ impl Manager {
         self.table.changed.notify_all();
         if let Ok(def) = self.store.get_domain(name) {
             self.detach_interfaces(&def);
+        }
+        for t in taps {
+            network::delete_tap(&t);
         }
         let event = match end {
             End::Rebooted => "rebooted",
@@ -624,6 +631,19 @@ impl Manager {
         Ok(())
     }
 
+    /// A writable disk may be used by one running domain only.
+    fn refuse_shared_disk(&self, name: &str, path: &Path) -> Result<()> {
+        for other in self.disk_users(path)? {
+            if other != name && self.is_active(&other) {
+                return Err(Error::Conflict(format!(
+                    "disk {} is in use by running domain {other:?}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn undefine(&self, name: &str) -> Result<()> {
         let l = self.domain_lock(name);
         let _g = lock(&l);
@@ -706,16 +726,8 @@ impl Manager {
         }
         def.validate()?;
         let driver = driver::of(def.driver);
-        // A writable disk may be used by one running domain only.
         for disk in def.vm.disks.iter().filter(|d| !d.read_only) {
-            for other in self.disk_users(&disk.path)? {
-                if other != name && self.is_active(&other) {
-                    return Err(Error::Conflict(format!(
-                        "disk {} is in use by running domain {other:?}",
-                        disk.path.display()
-                    )));
-                }
-            }
+            self.refuse_shared_disk(name, &disk.path)?;
         }
         let mut def = def;
         self.confine_disks(&mut def)?;
@@ -775,6 +787,7 @@ impl Manager {
             Ok::<_, Error>(())
         });
         entered?;
+        self.record_live(&run, &runtime);
         self.events.emit_with(
             name,
             "started",

@@ -1,10 +1,11 @@
 //! A small QMP client: connect to QEMU's monitor socket, negotiate capabilities, run
-//! commands. Events that arrive between a command and its answer are skipped.
+//! commands. Events that arrive between a command and its answer are kept for
+//! [`Qmp::wait_event`] (a device unplug ends in one).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -30,7 +31,12 @@ pub enum QmpError {
 pub struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// Events read while waiting for an answer, oldest first (at most [`KEPT_EVENTS`]).
+    events: std::collections::VecDeque<Value>,
 }
+
+/// How many unclaimed events a connection keeps.
+const KEPT_EVENTS: usize = 256;
 
 impl Qmp {
     /// Connects and leaves capabilities negotiation mode.
@@ -45,6 +51,7 @@ impl Qmp {
         let mut q = Qmp {
             r: BufReader::new(s),
             w,
+            events: Default::default(),
         };
         let greeting = q.read_msg()?;
         if greeting.get("QMP").is_none() {
@@ -83,6 +90,7 @@ impl Qmp {
             let v = self.read_msg()?;
             if v.get("event").is_some() {
                 tracing::debug!(event = %v, "QMP event");
+                self.keep(v);
                 continue;
             }
             if let Some(r) = v.get("return") {
@@ -100,6 +108,54 @@ impl Qmp {
             }
             return Err(QmpError::Protocol(v.to_string()));
         }
+    }
+
+    fn keep(&mut self, event: Value) {
+        if self.events.len() == KEPT_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    /// Waits up to `limit` for the event `name` whose `data` satisfies `matches`, seen
+    /// since this connection began; returns its data, or None at the limit.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+        limit: Duration,
+    ) -> Result<Option<Value>, QmpError> {
+        let is = |e: &Value| e["event"] == name && matches(&e["data"]);
+        if let Some(i) = self.events.iter().position(is) {
+            return Ok(self.events.remove(i).map(|e| e["data"].clone()));
+        }
+        let deadline = Instant::now() + limit;
+        let old = self.r.get_ref().read_timeout()?;
+        let found = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            self.r.get_ref().set_read_timeout(Some(left))?;
+            match self.read_msg() {
+                Ok(e) if is(&e) => break Some(e["data"].clone()),
+                Ok(e) if e.get("event").is_some() => self.keep(e),
+                Ok(other) => {
+                    return Err(QmpError::Protocol(other.to_string()));
+                }
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break None
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.r.get_ref().set_read_timeout(old)?;
+        Ok(found)
     }
 
     /// `query-status`'s `status` (running, paused, shutdown, …).
@@ -148,6 +204,9 @@ mod tests {
         });
         let mut q = Qmp::connect(&sock, Duration::from_secs(5)).unwrap();
         assert_eq!(q.status().unwrap(), "paused");
+        // The STOP event that came before the answer was kept.
+        let stop = q.wait_event("STOP", |_| true, Duration::from_millis(1));
+        assert_eq!(stop.unwrap(), Some(Value::Null));
         let e = q.execute("cont", None).unwrap_err();
         assert!(e.to_string().contains("nope"));
         assert!(matches!(q.execute("x", None), Err(QmpError::Protocol(_))));

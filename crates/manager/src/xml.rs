@@ -772,6 +772,42 @@ pub fn unsaid(d: &DomainDef) -> Vec<String> {
     out
 }
 
+/// One device element, as `virsh attach-device`/`detach-device` take it: a `<disk>` or an
+/// `<interface>`, checked against the same table and values as in a domain.
+pub fn parse_device(xml: &str) -> Result<crate::manager::Device> {
+    check_shape(xml)?;
+    let doc = Document::parse_with_options(
+        xml,
+        roxmltree::ParsingOptions {
+            allow_dtd: false,
+            nodes_limit: 4 * MAX_ELEMENTS as u32,
+        },
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let root = doc.root_element().tag_name().name();
+    if root != "disk" && root != "interface" {
+        return Err(refuse(format!(
+            "<{root}>: Vessel attaches and detaches <disk> and <interface> devices"
+        )));
+    }
+    // The element in a domain of its own, so every check a domain's devices get applies.
+    let body = &xml[doc.root_element().range()];
+    let d = parse_domain(&format!(
+        "<domain type='kvm'><name>device</name><memory unit='MiB'>1</memory>\
+         <os><kernel>/k</kernel></os><devices>{body}</devices></domain>"
+    ))?;
+    Ok(
+        match (
+            d.vm.disks.into_iter().next(),
+            d.interfaces.into_iter().next(),
+        ) {
+            (Some(disk), None) => crate::manager::Device::Disk(disk),
+            (None, Some(itf)) => crate::manager::Device::Interface(itf),
+            _ => return Err(bad("not one <disk> or <interface>")),
+        },
+    )
+}
+
 /// A device's own transport as libvirt writes it (none: the machine's).
 fn address(t: Option<vmm::config::Transport>) -> &'static str {
     match t {
@@ -1476,6 +1512,46 @@ mod tests {
                 .unwrap();
         d.vm.option_roms = vec!["/rom".into()];
         assert_eq!(unsaid(&d), ["vm.option_roms", "vm.rng_rate_limiter"]);
+    }
+
+    /// virsh attach-device's XML: one disk or interface, checked as in a domain.
+    #[test]
+    fn a_device_element_parses_as_in_a_domain() {
+        use crate::manager::Device;
+        let d = parse_device(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='/var/lib/d.qcow2'/><target dev='vdb' bus='virtio'/><readonly/></disk>",
+        )
+        .unwrap();
+        let Device::Disk(d) = d else { panic!("{d:?}") };
+        assert_eq!(
+            (d.path.to_str(), d.format, d.read_only),
+            (Some("/var/lib/d.qcow2"), Some(DiskFormat::Qcow2), true)
+        );
+        let i = parse_device(
+            "<interface type='network'><mac address='52:54:00:00:00:09'/>\
+             <source network='default'/><model type='virtio'/></interface>",
+        )
+        .unwrap();
+        let Device::Interface(i) = i else {
+            panic!("{i:?}")
+        };
+        assert_eq!(i.mac.as_deref(), Some("52:54:00:00:00:09"));
+        for (xml, want) in [
+            ("<hostdev mode='subsystem' type='pci'/>", "<hostdev>"),
+            (
+                "<disk type='file'><source file='/d'/><iotune/></disk>",
+                "<iotune>",
+            ),
+            ("<interface type='user'/>", "type='user'"),
+            (
+                "<disk type='file'><source file='/d'/></disk><disk/>",
+                "domain XML",
+            ),
+        ] {
+            let e = parse_device(xml).unwrap_err().to_string();
+            assert!(e.contains(want), "{xml}: {e}");
+        }
     }
 
     fn domains_to_dump() -> Vec<DomainDef> {

@@ -4,10 +4,13 @@
 //! definition (`setmem`, `setvcpus`, `attach-disk`/`detach-disk`,
 //! `attach-interface`/`detach-interface`).
 //!
-//! Vessel's device models have no hot-plug (of CPUs, memory, disks or interfaces): a
-//! change to a running domain is refused unless `--config` asks for it in the definition,
-//! where it applies from the domain's next start, as virsh's `--config` does. A domain
-//! that is not running is changed in its definition with or without `--config`.
+//! Where a change applies follows virsh: `--config` changes the definition (the next
+//! start), `--live` the running domain, `--persistent` both (the definition alone when
+//! the domain does not run), `--current` (the default) the running domain if it runs,
+//! else the definition. Live changes go through the domain's driver: QEMU domains (q35)
+//! take disks and interfaces on spare PCIe root ports; the Vessel driver, whose virtio
+//! devices the guest finds only at boot, and any memory or vCPU change refuse `--live`
+//! by name, and `--config` still applies.
 
 use anyhow::{bail, Context, Result};
 use manager::client::Client;
@@ -16,18 +19,38 @@ use vmm::api::http::percent_encode as enc;
 
 use crate::cmd_manage::{dom, kv, print_json, s, table, vol};
 
-/// Where a change applies (virsh's `--config`, `--live`, `--current`).
+/// Where a change applies (virsh's `--config`, `--live`, `--persistent`, `--current`).
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct Scope {
     /// Change the definition (the domain gets it at its next start).
     #[arg(long)]
     config: bool,
-    /// Change the running domain (Vessel has no hot-plug: refused while it runs).
+    /// Change the running domain (hot-plug; refused where its machine has none).
     #[arg(long)]
     live: bool,
-    /// The running domain if it runs, else its definition (the default).
+    /// Both: the running domain and its definition (the definition alone when it does
+    /// not run).
     #[arg(long)]
+    persistent: bool,
+    /// The running domain if it runs, else its definition (the default).
+    #[arg(long, conflicts_with_all = ["config", "live", "persistent"])]
     current: bool,
+}
+
+impl Scope {
+    /// (the running domain, the definition) this scope changes for a domain that runs
+    /// or not.
+    fn targets(self, running: bool, name: &str) -> Result<(bool, bool)> {
+        let live = self.live || (self.persistent && running);
+        let config = self.config || self.persistent;
+        if live && !running {
+            bail!("Requested operation is not valid: domain '{name}' is not running");
+        }
+        Ok(match (live, config) {
+            (false, false) => (running, !running),
+            t => t,
+        })
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -105,6 +128,21 @@ pub enum VirshCommand {
         #[command(flatten)]
         scope: Scope,
     },
+    /// Attach a device described by libvirt XML: one <disk> or <interface> element.
+    AttachDevice {
+        name: String,
+        file: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Detach the device a libvirt XML <disk> (by its source) or <interface> (by its
+    /// source, and its MAC when given) describes.
+    DetachDevice {
+        name: String,
+        file: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
     /// Print the versions of this client and of the daemon.
     Version,
     /// Print what the daemon's host can run, as libvirt capabilities XML.
@@ -166,7 +204,8 @@ fn running(info: &Value) -> bool {
     matches!(info["state"].as_str(), Some("running" | "paused"))
 }
 
-/// Applies `change` to the domain's definition, as the scope allows.
+/// Applies `change` to the domain's definition, or refuses a change to the running
+/// domain (memory and vCPUs: no balloon or CPU hot-plug on either driver).
 fn change_definition(
     c: &Client,
     name: &str,
@@ -174,24 +213,120 @@ fn change_definition(
     what: &str,
     change: impl FnOnce(&mut Value) -> Result<()>,
 ) -> Result<()> {
-    let (mut def, info) = domain(c, name)?;
-    let live = running(&info);
-    if scope.live || (live && !scope.config) {
+    let (_, info) = domain(c, name)?;
+    let (live, _) = scope.targets(running(&info), name)?;
+    if live {
         bail!(
-            "Vessel cannot change {what} of a running domain (no hot-plug): use --config to \
-             change its definition, which applies from its next start"
+            "Operation not supported: cannot change {what} of a running domain (neither \
+             driver has memory ballooning or vCPU hot-plug): use --config to change its \
+             definition, which applies from its next start"
         );
     }
+    redefine(c, name, &info, what, change)
+}
+
+/// Applies `change` to the domain's stored definition.
+fn redefine(
+    c: &Client,
+    name: &str,
+    info: &Value,
+    what: &str,
+    change: impl FnOnce(&mut Value) -> Result<()>,
+) -> Result<()> {
+    let (mut def, _) = domain(c, name)?;
     change(&mut def)?;
     let body = serde_json::to_vec(&def)?;
     c.raw("PUT", &dom(name), Some(("application/json", &body)))
         .with_context(|| format!("redefining {name}"))?;
-    if live {
+    if running(info) {
         println!("Domain '{name}': {what} changed in its definition (applies from its next start)");
     } else {
         println!("Domain '{name}': {what} changed");
     }
     Ok(())
+}
+
+/// The running domain's live definition.
+fn live_definition(c: &Client, name: &str) -> Result<Value> {
+    let v = c.get(&dom(name))?;
+    if v["live"].is_null() {
+        bail!("Requested operation is not valid: domain '{name}' is not running");
+    }
+    Ok(v["live"].clone())
+}
+
+/// A device as the daemon's JSON takes it: ("disk", DiskConfig) or ("interface",
+/// Interface).
+fn device_json(d: &manager::manager::Device) -> Result<(&'static str, Value)> {
+    Ok(match d {
+        manager::manager::Device::Disk(x) => ("disk", serde_json::to_value(x)?),
+        manager::manager::Device::Interface(x) => ("interface", serde_json::to_value(x)?),
+    })
+}
+
+/// The file of the disk `disk` names in definition `def`: its path, or the file of the
+/// pool volume (`vol://POOL/VOLUME`) it names.
+fn disk_path(def: &Value, disk: &Value) -> Result<String> {
+    let p = s(&disk["path"]);
+    let file = match p.strip_prefix(manager::domain::VOLUME_PREFIX) {
+        Some(vol) => def["volumes"]
+            .as_object()
+            .and_then(|m| m.iter().find(|(_, v)| v.as_str() == Some(vol)))
+            .map(|(f, _)| f.clone())
+            .with_context(|| format!("no disk from volume {vol}"))?,
+        None => p,
+    };
+    let has = def["vm"]["disks"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|d| d["path"] == file.as_str()));
+    if !has {
+        bail!("no disk {file}");
+    }
+    Ok(file)
+}
+
+/// The one interface of `ifaces` that `want` (an XML <interface>) describes: the same
+/// network or bridge, and the same MAC when it gives one.
+fn matching_interface(ifaces: &[Value], want: &Value) -> Result<usize> {
+    let kind = if want["network"].is_string() {
+        "network"
+    } else {
+        "bridge"
+    };
+    let same: Vec<Value> = ifaces
+        .iter()
+        .map(|i| {
+            if i[kind] == want[kind] {
+                i.clone()
+            } else {
+                Value::Null
+            }
+        })
+        .collect();
+    pick_interface(&same, kind, want["mac"].as_str())
+}
+
+/// Which interface of `ifaces` (a definition's) is meant: of `kind` (network or bridge),
+/// with `mac` when given; one only.
+fn pick_interface(ifaces: &[Value], kind: &str, mac: Option<&str>) -> Result<usize> {
+    let matching: Vec<usize> = (0..ifaces.len())
+        .filter(|&i| {
+            ifaces[i].get(kind).is_some_and(|v| !v.is_null())
+                && mac.is_none_or(|m| {
+                    ifaces[i]["mac"]
+                        .as_str()
+                        .is_some_and(|x| x.eq_ignore_ascii_case(m))
+                })
+        })
+        .collect();
+    match matching.as_slice() {
+        [i] => Ok(*i),
+        [] => bail!(
+            "no {kind} interface{}",
+            mac.map(|m| format!(" with MAC {m}")).unwrap_or_default()
+        ),
+        _ => bail!("several {kind} interfaces: say which with --mac"),
+    }
 }
 
 /// virsh's memory size: KiB unless a suffix says otherwise.
@@ -245,7 +380,13 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             println!("{}", s(&info["pid"]));
         }
         VirshCommand::Domblklist { name } => {
-            let (def, _) = domain(c, &name)?;
+            // The running domain's disks as they are now, else its definition's.
+            let v = c.get(&dom(&name))?;
+            let def = if v["live"].is_null() {
+                v["definition"].clone()
+            } else {
+                v["live"].clone()
+            };
             let disks = def["vm"]["disks"].as_array().cloned().unwrap_or_default();
             if json_out {
                 print_json(&Value::Array(disks));
@@ -259,7 +400,12 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
         }
         VirshCommand::Domiflist { name } => {
-            let (def, _) = domain(c, &name)?;
+            let v = c.get(&dom(&name))?;
+            let def = if v["live"].is_null() {
+                v["definition"].clone()
+            } else {
+                v["live"].clone()
+            };
             let live = c.get(&format!("{}/interfaces", dom(&name)))?;
             let ifaces = def["interfaces"].as_array().cloned().unwrap_or_default();
             if json_out {
@@ -322,38 +468,74 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 Some(m) => bail!("--mode {m:?}: readonly, or nothing for read-write"),
             };
             let source = std::path::absolute(&source)?;
-            change_definition(c, &name, scope, "the disks", |d| {
-                let disks = d["vm"]["disks"].as_array().map_or(0, Vec::len);
-                if target != disk_target(disks) {
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            let disk = json!({"path": source, "format": format, "read_only": read_only});
+            if live {
+                let now = live_definition(c, &name)?;
+                let next = disk_target(now["vm"]["disks"].as_array().map_or(0, Vec::len));
+                if target != next {
                     bail!(
-                        "target {target}: Vessel's disks appear in definition order, so the \
-                         next one is {}",
-                        disk_target(disks)
+                        "target {target}: the running guest names its next disk {next} \
+                         (disks are named in the order the guest finds them)"
                     );
                 }
-                let disk = json!({"path": source, "format": format, "read_only": read_only});
-                match d["vm"]["disks"].as_array_mut() {
-                    Some(a) => a.push(disk),
-                    None => d["vm"]["disks"] = json!([disk]),
-                }
-                Ok(())
-            })?;
+                c.post(
+                    &format!("{}/attach", dom(&name)),
+                    Some(&json!({ "disk": disk })),
+                )?;
+                println!("Disk attached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the disks", |d| {
+                    let disks = d["vm"]["disks"].as_array().map_or(0, Vec::len);
+                    if target != disk_target(disks) {
+                        bail!(
+                            "target {target}: Vessel's disks appear in definition order, so \
+                             the next one is {}",
+                            disk_target(disks)
+                        );
+                    }
+                    match d["vm"]["disks"].as_array_mut() {
+                        Some(a) => a.push(disk),
+                        None => d["vm"]["disks"] = json!([disk]),
+                    }
+                    Ok(())
+                })?;
+            }
         }
         VirshCommand::DetachDisk {
             name,
             target,
             scope,
         } => {
-            change_definition(c, &name, scope, "the disks", |d| {
-                let disks = d["vm"]["disks"]
-                    .as_array_mut()
-                    .context("the domain has no disks")?;
-                let Some(i) = (0..disks.len()).find(|&i| disk_target(i) == target) else {
-                    bail!("no disk with target {target}");
-                };
-                disks.remove(i);
-                Ok(())
-            })?;
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            let find = |disks: &[Value]| {
+                (0..disks.len())
+                    .find(|&i| disk_target(i) == target)
+                    .with_context(|| format!("no disk with target {target}"))
+            };
+            if live {
+                let now = live_definition(c, &name)?;
+                let disks = now["vm"]["disks"].as_array().cloned().unwrap_or_default();
+                let path = disks[find(&disks)?]["path"].clone();
+                c.post(
+                    &format!("{}/detach", dom(&name)),
+                    Some(&json!({ "disk": path })),
+                )?;
+                println!("Disk detached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the disks", |d| {
+                    let disks = d["vm"]["disks"]
+                        .as_array_mut()
+                        .context("the domain has no disks")?;
+                    let i = find(disks)?;
+                    disks.remove(i);
+                    Ok(())
+                })?;
+            }
         }
         VirshCommand::AttachInterface {
             name,
@@ -374,13 +556,29 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 "bridge" => json!({"bridge": source, "mac": mac}),
                 other => bail!("interface type {other:?}: network or bridge"),
             };
-            change_definition(c, &name, scope, "the interfaces", |d| {
-                match d["interfaces"].as_array_mut() {
-                    Some(a) => a.push(iface),
-                    None => d["interfaces"] = json!([iface]),
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            let mut iface = iface;
+            if live {
+                let now: Value = c.post(
+                    &format!("{}/attach", dom(&name)),
+                    Some(&json!({ "interface": iface })),
+                )?;
+                // The definition gets the MAC the running guest has.
+                if let Some(m) = now["interfaces"].as_array().and_then(|a| a.last()) {
+                    iface["mac"] = m["mac"].clone();
                 }
-                Ok(())
-            })?;
+                println!("Interface attached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the interfaces", |d| {
+                    match d["interfaces"].as_array_mut() {
+                        Some(a) => a.push(iface),
+                        None => d["interfaces"] = json!([iface]),
+                    }
+                    Ok(())
+                })?;
+            }
         }
         VirshCommand::DetachInterface {
             name,
@@ -388,33 +586,95 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             mac,
             scope,
         } => {
-            change_definition(c, &name, scope, "the interfaces", |d| {
-                let ifaces = d["interfaces"]
-                    .as_array_mut()
-                    .context("the domain has no interfaces")?;
-                let matching: Vec<usize> = (0..ifaces.len())
-                    .filter(|&i| {
-                        ifaces[i].get(&r#type).is_some_and(|v| !v.is_null())
-                            && mac.as_deref().is_none_or(|m| {
-                                ifaces[i]["mac"]
-                                    .as_str()
-                                    .is_some_and(|x| x.eq_ignore_ascii_case(m))
-                            })
-                    })
-                    .collect();
-                match matching.as_slice() {
-                    [i] => {
-                        ifaces.remove(*i);
-                        Ok(())
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            if live {
+                let now = live_definition(c, &name)?;
+                let ifaces = now["interfaces"].as_array().cloned().unwrap_or_default();
+                let i = pick_interface(&ifaces, &r#type, mac.as_deref())?;
+                let m = now["vm"]["nets"][i]["mac"]
+                    .as_str()
+                    .or(ifaces[i]["mac"].as_str())
+                    .context("the interface has no MAC")?
+                    .to_string();
+                c.post(
+                    &format!("{}/detach", dom(&name)),
+                    Some(&json!({ "interface": m })),
+                )?;
+                println!("Interface detached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the interfaces", |d| {
+                    let ifaces = d["interfaces"]
+                        .as_array_mut()
+                        .context("the domain has no interfaces")?;
+                    let i = pick_interface(ifaces, &r#type, mac.as_deref())?;
+                    ifaces.remove(i);
+                    Ok(())
+                })?;
+            }
+        }
+        VirshCommand::AttachDevice { name, file, scope } => {
+            let device = manager::xml::parse_device(&crate::cmd_manage::read_text(&file)?)?;
+            let (key, body) = device_json(&device)?;
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            if live {
+                c.post(
+                    &format!("{}/attach", dom(&name)),
+                    Some(&json!({ key: body.clone() })),
+                )?;
+                println!("Device attached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the devices", |d| {
+                    let list = match key {
+                        "disk" => &mut d["vm"]["disks"],
+                        _ => &mut d["interfaces"],
+                    };
+                    match list.as_array_mut() {
+                        Some(a) => a.push(body),
+                        None => *list = json!([body]),
                     }
-                    [] => bail!(
-                        "no {} interface{}",
-                        r#type,
-                        mac.map(|m| format!(" with MAC {m}")).unwrap_or_default()
-                    ),
-                    _ => bail!("several {} interfaces: say which with --mac", r#type),
-                }
-            })?;
+                    Ok(())
+                })?;
+            }
+        }
+        VirshCommand::DetachDevice { name, file, scope } => {
+            let device = manager::xml::parse_device(&crate::cmd_manage::read_text(&file)?)?;
+            let (key, body) = device_json(&device)?;
+            let (_, info) = domain(c, &name)?;
+            let (live, config) = scope.targets(running(&info), &name)?;
+            if live {
+                let now = live_definition(c, &name)?;
+                let what = match key {
+                    "disk" => json!(disk_path(&now, &body)?),
+                    _ => {
+                        let ifaces = now["interfaces"].as_array().cloned().unwrap_or_default();
+                        let i = matching_interface(&ifaces, &body)?;
+                        now["vm"]["nets"][i]["mac"].clone()
+                    }
+                };
+                c.post(
+                    &format!("{}/detach", dom(&name)),
+                    Some(&json!({ key: what })),
+                )?;
+                println!("Device detached successfully");
+            }
+            if config {
+                redefine(c, &name, &info, "the devices", |d| {
+                    if key == "disk" {
+                        let path = disk_path(d, &body)?;
+                        let disks = d["vm"]["disks"].as_array_mut().context("no disks")?;
+                        disks.retain(|x| x["path"] != path.as_str());
+                    } else {
+                        let ifaces = d["interfaces"].as_array_mut().context("no interfaces")?;
+                        let i = matching_interface(ifaces, &body)?;
+                        ifaces.remove(i);
+                    }
+                    Ok(())
+                })?;
+            }
         }
         VirshCommand::Version => {
             let v = c.get("/v1")?;

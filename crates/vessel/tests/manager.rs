@@ -2822,7 +2822,7 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     lim["name"] = "vlim".into();
     lim["vm"]["rng"] = true.into();
     lim["vm"]["rng_rate_limiter"] = json!({"bandwidth": {"size": 4096, "refill_time": 100}});
-    d.client().post("/v1/domains", Some(&lim)).unwrap();
+    c_define(&d, &lim);
     let o = d.cli(&["dumpxml", "vlim"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("<rng"));
@@ -2833,7 +2833,12 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(d.cli(&["dumpxml", "vq"]).stderr.is_empty());
     d.ok(&["undefine", "vlim"]);
 
-    // Running: no hot-plug, so a live change is refused and --config is taken.
+    // --live needs a running domain, as virsh says.
+    let e = d.fails(&["detach-disk", "vq", "vda", "--live"]);
+    assert!(e.contains("domain 'vq' is not running"), "{e}");
+
+    // Running: the Vessel driver has no hot-plug, so a live change is refused by name
+    // and --config is taken.
     d.ok(&["start", "vq"]);
     assert_eq!(d.ok(&["domstate", "vq"]).trim(), "running");
     let id: i32 = d.ok(&["domid", "vq"]).trim().parse().unwrap();
@@ -2842,6 +2847,40 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(e.contains("--config"), "{e}");
     let out = d.ok(&["setmem", "vq", "512M", "--config"]);
     assert!(out.contains("next start"), "{out}");
+    let raw = pool_dir.join("raw.img");
+    for scope in [&[][..], &["--live"], &["--persistent"]] {
+        let mut args = vec!["attach-disk", "vq", raw.to_str().unwrap(), "vda"];
+        args.extend_from_slice(scope);
+        let e = d.fails(&args);
+        assert!(
+            e.contains(
+                "Operation not supported: the Vessel driver cannot attach a disk to a \
+                        running domain"
+            ) && e.contains("use --config"),
+            "{scope:?}: {e}"
+        );
+    }
+    let e = d.fails(&["attach-interface", "vq", "network", "default", "--live"]);
+    assert!(
+        e.contains("cannot attach an interface to a running domain"),
+        "{e}"
+    );
+    let out = d.ok(&[
+        "attach-disk",
+        "vq",
+        raw.to_str().unwrap(),
+        "vda",
+        "--config",
+    ]);
+    assert!(out.contains("next start"), "{out}");
+    // The running domain's disks are still none; its definition has the new one.
+    assert!(!d.ok(&["domblklist", "vq"]).contains("raw.img"));
+    let info = d.client().get("/v1/domains/vq").unwrap();
+    assert_eq!(info["live"]["vm"]["disks"], serde_json::json!([]));
+    assert_eq!(
+        info["definition"]["vm"]["disks"][0]["path"],
+        raw.to_str().unwrap()
+    );
     assert_eq!(
         d.ok(&["domstate", "vq", "--reason"]).trim(),
         "running (booted)"
@@ -2886,6 +2925,197 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(d.ok(&["nodeinfo"]).contains("CPU(s)"));
+}
+
+/// Defines a domain from its JSON through the API.
+fn c_define(d: &Daemon, def: &Value) {
+    d.client().post("/v1/domains", Some(def)).unwrap();
+}
+
+/// The guest's block devices and network interfaces, as the hot-plug guest last printed
+/// them (`blk vda vdb net eth0 lo`), after `from` bytes of its log.
+fn guest_devices(c: &Client, name: &str, from: usize) -> Option<(Vec<String>, Vec<String>)> {
+    let log = serial_log(c, name);
+    let line =
+        log.get(from..)?.lines().rev().find(|l| {
+            l.starts_with("blk ") && l.contains(" net ") && l.trim_end().ends_with("lo")
+        })?;
+    let (blk, net) = line.strip_prefix("blk ")?.split_once(" net ")?;
+    let words = |s: &str| s.split_whitespace().map(str::to_string).collect();
+    Some((words(blk), words(net)))
+}
+
+/// Waits until the guest reports devices for which `want` holds, in lines printed after
+/// `from` bytes of its log; returns the log's length then.
+fn wait_devices(
+    c: &Client,
+    name: &str,
+    from: usize,
+    what: &str,
+    want: impl Fn(&[String], &[String]) -> bool,
+) -> usize {
+    let t0 = Instant::now();
+    loop {
+        if let Some((blk, net)) = guest_devices(c, name, from) {
+            if want(&blk, &net) {
+                return serial_log(c, name).len();
+            }
+        }
+        assert!(
+            t0.elapsed() < BOOT_TIMEOUT,
+            "{what}: the guest never showed it:\n{}",
+            serial_log(c, name).get(from..).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 16: virsh's attach-disk, attach-interface, detach-disk and detach-interface with
+/// --live on a QEMU domain: the guest sees the disk and the NIC come and go (its
+/// /sys/block and /sys/class/net); a disk present since start cannot be unplugged from
+/// q35's root bus and is refused by name; the domain's state cannot be saved once its
+/// devices changed live; the TAP goes with the interface.
+#[test]
+fn qemu_domain_attaches_and_detaches_disks_and_interfaces_live() {
+    require_qemu();
+    let a = assets();
+    let d = Daemon::start_in_netns("hotplug");
+    let c = d.client();
+    c.post(
+        "/v1/networks",
+        Some(&json!({"name": "hp", "address": "10.78.0.1/24", "nat": false})),
+    )
+    .unwrap();
+    d.ok(&["net-start", "hp"]);
+    let cold = d.dir.join("cold.img");
+    let hot = d.dir.join("hot.img");
+    std::fs::write(&cold, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&hot, vec![0u8; 2 << 20]).unwrap();
+    let show = "vessel.run=while+true;do+echo+blk+$(ls+/sys/block)+net+$(ls+/sys/class/net);sleep+0.5;done";
+    let def = json!({"name": "hq", "driver": "qemu",
+        "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+               "cmdline": format!("console=ttyS0 panic=-1 quiet {show}"),
+               "memory_mib": 256, "accel": "emu",
+               "disks": [{"path": cold, "format": "raw"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    // A QEMU domain defined without a transport is q35's: virtio-pci.
+    let info = c.get("/v1/domains/hq").unwrap();
+    assert_eq!(info["definition"]["vm"]["virtio_transport"], "pci");
+    d.ok(&["start", "hq"]);
+    let at = wait_devices(&c, "hq", 0, "the cold disk", |b, n| {
+        b == ["vda"] && !n.iter().any(|x| x.starts_with("eth"))
+    });
+
+    let out = d.ok(&["attach-disk", "hq", hot.to_str().unwrap(), "vdb", "--live"]);
+    assert!(out.contains("Disk attached successfully"), "{out}");
+    let at = wait_devices(&c, "hq", at, "the attached disk", |b, _| {
+        b == ["vda", "vdb"]
+    });
+    // Its size as the guest reads it: 2 MiB is 4096 sectors.
+    let blk = d.ok(&["domblklist", "hq"]);
+    assert!(blk.contains("vdb") && blk.contains("hot.img"), "{blk}");
+    // Only the running domain has it (--live): the definition does not.
+    let info = c.get("/v1/domains/hq").unwrap();
+    assert_eq!(
+        info["definition"]["vm"]["disks"].as_array().unwrap().len(),
+        1
+    );
+
+    let out = d.ok(&[
+        "attach-interface",
+        "hq",
+        "network",
+        "hp",
+        "--mac",
+        "52:54:00:12:34:56",
+    ]);
+    assert!(out.contains("Interface attached successfully"), "{out}");
+    let at = wait_devices(&c, "hq", at, "the attached NIC", |_, n| {
+        n.iter().any(|x| x == "eth0")
+    });
+    let ifl = d.ok(&["domiflist", "hq"]);
+    assert!(
+        ifl.contains("52:54:00:12:34:56") && ifl.contains("hp"),
+        "{ifl}"
+    );
+    let tap = c.get("/v1/domains/hq/interfaces").unwrap()[0]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(d.in_netns(&["ip", "-o", "link"]).contains(&tap));
+
+    // A VM state taken now would hold devices the definition does not start.
+    let e = d.fails(&["save", "hq", d.dir.join("hq.save").to_str().unwrap()]);
+    assert!(e.contains("attached or detached while it runs"), "{e}");
+    // vda was there at start, on q35's root bus: no hot-unplug there.
+    let e = d.fails(&["detach-disk", "hq", "vda", "--live"]);
+    assert!(e.contains("was there when the domain started"), "{e}");
+
+    let out = d.ok(&["detach-interface", "hq", "network", "--live"]);
+    assert!(out.contains("Interface detached successfully"), "{out}");
+    let at = wait_devices(&c, "hq", at, "the NIC gone", |_, n| {
+        !n.iter().any(|x| x.starts_with("eth"))
+    });
+    assert!(
+        !d.in_netns(&["ip", "-o", "link"]).contains(&tap),
+        "the TAP stays"
+    );
+    let out = d.ok(&["detach-disk", "hq", "vdb", "--live"]);
+    assert!(out.contains("Disk detached successfully"), "{out}");
+    let at = wait_devices(&c, "hq", at, "the disk gone", |b, _| b == ["vda"]);
+    assert!(!d.ok(&["domblklist", "hq"]).contains("hot.img"));
+
+    // virsh's attach-device and detach-device with libvirt XML: --persistent plugs the
+    // NIC in and records it in the definition; --live unplugs it from the guest only.
+    let nic = d.dir.join("nic.xml");
+    std::fs::write(
+        &nic,
+        "<interface type='network'>\n  <mac address='52:54:00:65:43:21'/>\n  \
+         <source network='hp'/>\n  <model type='virtio'/>\n</interface>\n",
+    )
+    .unwrap();
+    let out = d.ok(&["attach-device", "hq", nic.to_str().unwrap(), "--persistent"]);
+    assert!(out.contains("Device attached successfully"), "{out}");
+    let at = wait_devices(&c, "hq", at, "the NIC from XML", |_, n| {
+        n.iter().any(|x| x == "eth0")
+    });
+    let info = c.get("/v1/domains/hq").unwrap();
+    assert_eq!(
+        info["definition"]["interfaces"][0]["mac"],
+        "52:54:00:65:43:21"
+    );
+    assert_eq!(info["live"]["vm"]["nets"][0]["mac"], "52:54:00:65:43:21");
+    let out = d.ok(&["detach-device", "hq", nic.to_str().unwrap(), "--live"]);
+    assert!(out.contains("Device detached successfully"), "{out}");
+    wait_devices(&c, "hq", at, "the NIC from XML gone", |_, n| {
+        !n.iter().any(|x| x.starts_with("eth"))
+    });
+    let info = c.get("/v1/domains/hq").unwrap();
+    assert_eq!(
+        info["definition"]["interfaces"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(info["live"]["interfaces"], json!([]));
+
+    // --persistent: the running guest and the definition both get it.
+    d.ok(&[
+        "attach-disk",
+        "hq",
+        hot.to_str().unwrap(),
+        "vdb",
+        "--persistent",
+    ]);
+    let info = c.get("/v1/domains/hq").unwrap();
+    assert_eq!(
+        info["definition"]["vm"]["disks"][1]["path"],
+        hot.to_str().unwrap()
+    );
+    assert_eq!(
+        info["live"]["vm"]["disks"][1]["path"],
+        hot.to_str().unwrap()
+    );
+    d.ok(&["destroy", "hq"]);
+    assert!(c.get("/v1/domains/hq").unwrap()["live"].is_null());
 }
 
 /// SIGTERM ends the daemon cleanly: its socket file is removed (it used to stay behind).

@@ -297,6 +297,29 @@ pub enum Reset {
     Restarts,
 }
 
+/// A device added to or removed from a running VM (virsh's `attach-*`/`detach-*
+/// --live`).
+#[derive(Clone, Copy, Debug)]
+pub enum Hotplug<'a> {
+    AttachDisk(&'a vmm::config::DiskConfig),
+    DetachDisk(&'a vmm::config::DiskConfig),
+    /// Its TAP already made and on its bridge.
+    AttachNet(&'a vmm::config::NetConfig),
+    DetachNet(&'a vmm::config::NetConfig),
+}
+
+impl Hotplug<'_> {
+    /// libvirt's words for the operation ("attach a disk", …).
+    pub fn what(&self) -> &'static str {
+        match self {
+            Hotplug::AttachDisk(_) => "attach a disk to",
+            Hotplug::DetachDisk(_) => "detach a disk from",
+            Hotplug::AttachNet(_) => "attach an interface to",
+            Hotplug::DetachNet(_) => "detach an interface from",
+        }
+    }
+}
+
 /// What the manager asks of a hypervisor: one implementation per [`DriverKind`]
 /// (libvirt's `virHypervisorDriver` table in Rust), so the manager's verbs never branch on
 /// which hypervisor runs a domain. What a driver cannot do is an [`Error::Unsupported`]
@@ -370,6 +393,15 @@ pub trait Driver: Sync + std::fmt::Debug {
     /// Sends the running domain's VM, live, to the VMM listening on the Unix socket `to`;
     /// returns the VMM's report (rounds, downtime, total time).
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value>;
+
+    /// Refuses, before anything is made for it (a TAP, a volume), a change to the
+    /// running VM whose live definition is `live` that its machine cannot take: an
+    /// [`Error::Unsupported`] saying why, never a change left for later.
+    fn can_hotplug(&self, live: &DomainDef, change: Hotplug<'_>) -> Result<()>;
+
+    /// Adds a device to, or removes one from, the running VM whose live definition is
+    /// `live`; returns once the guest has it (or has let it go).
+    fn hotplug(&self, run: &RunDir, live: &DomainDef, change: Hotplug<'_>) -> Result<()>;
 }
 
 /// The driver of a kind.

@@ -12,7 +12,7 @@ use serde_json::json;
 use vmm::config::{DiskFormat, Transport};
 use vmm::{Accel, VmConfig};
 
-use super::{seed_name, Boot, Driver, Programs, Reset, RunDir};
+use super::{seed_name, Boot, Driver, Hotplug, Programs, Reset, RunDir};
 use crate::domain::{DomainDef, DriverKind};
 use crate::error::{Error, Result};
 use crate::qmp::Qmp;
@@ -166,6 +166,179 @@ impl Driver for QemuDriver {
         // The source QEMU stays, stopped, after a completed migration: it has no more use.
         let _ = q.execute("quit", None);
         Ok(report(&m))
+    }
+
+    fn can_hotplug(&self, live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
+        if live.vm.virtio_transport != Transport::Pci {
+            return Err(Error::Unsupported(format!(
+                "Operation not supported: cannot {} a running domain whose virtio devices \
+                 are virtio-mmio: use --config",
+                change.what()
+            )));
+        }
+        Ok(())
+    }
+
+    fn hotplug(&self, run: &RunDir, live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
+        self.can_hotplug(live, change)?;
+        let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+        match change {
+            Hotplug::AttachDisk(d) => {
+                let id = disk_id(&d.path);
+                let node = format!("node-{id}");
+                let port = free_port(&mut q)?;
+                let file = json!({"driver": "file", "filename": chardev_path(&d.path)?,
+                                  "read-only": d.read_only});
+                q.execute(
+                    "blockdev-add",
+                    Some(
+                        json!({"driver": disk_format(drive_format(d)?), "node-name": node,
+                                "read-only": d.read_only, "file": file}),
+                    ),
+                )?;
+                let dev = json!({"driver": "virtio-blk-pci", "id": id, "drive": node,
+                                 "bus": port});
+                if let Err(e) = q.execute("device_add", Some(dev)) {
+                    let _ = q.execute("blockdev-del", Some(json!({ "node-name": node })));
+                    return Err(e.into());
+                }
+            }
+            Hotplug::DetachDisk(d) => {
+                let id = disk_id(&d.path);
+                unplug(&mut q, &id, "the disk")?;
+                q.execute(
+                    "blockdev-del",
+                    Some(json!({ "node-name": format!("node-{id}") })),
+                )?;
+            }
+            Hotplug::AttachNet(n) => {
+                crate::domain::check_tap_name(&n.tap)?;
+                let id = net_id(n);
+                let netdev = format!("nd-{}", n.tap);
+                let port = free_port(&mut q)?;
+                q.execute(
+                    "netdev_add",
+                    Some(json!({"type": "tap", "id": netdev, "ifname": n.tap,
+                                "script": "no", "downscript": "no"})),
+                )?;
+                let mut dev = json!({"driver": "virtio-net-pci", "id": id, "netdev": netdev,
+                                     "bus": port, "romfile": ""});
+                if let Some(m) = &n.mac {
+                    dev["mac"] = json!(m);
+                }
+                if let Some(mtu) = n.mtu {
+                    dev["host_mtu"] = json!(mtu);
+                }
+                if let Err(e) = q.execute("device_add", Some(dev)) {
+                    let _ = q.execute("netdev_del", Some(json!({ "id": netdev })));
+                    return Err(e.into());
+                }
+            }
+            Hotplug::DetachNet(n) => {
+                unplug(&mut q, &net_id(n), "the interface")?;
+                q.execute("netdev_del", Some(json!({ "id": format!("nd-{}", n.tap) })))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Spare PCIe root ports a q35 domain starts with, for devices attached while it runs
+/// (q35's root bus has no hot-plug; libvirt gives such domains spare ports too).
+pub(crate) const HOTPLUG_PORTS: usize = 4;
+
+/// How long a guest may take to release a device it is asked to unplug (the guest's
+/// ACPI or PCIe hot-plug driver acknowledges it; a TCG guest is slow).
+const UNPLUG_LIMIT: Duration = Duration::from_secs(60);
+
+/// The QEMU id of a hot-plugged disk: one per image file (a file is attached once).
+fn disk_id(path: &Path) -> String {
+    let h = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    format!("hd-{h:016x}")
+}
+
+/// The QEMU id of a hot-plugged interface: its TAP's name (one per interface).
+fn net_id(n: &vmm::config::NetConfig) -> String {
+    format!("hn-{}", n.tap)
+}
+
+/// The root ports QEMU reports (`query-pci`), each with the ids of the devices behind it.
+fn hotplug_ports(q: &mut Qmp) -> Result<Vec<(String, Vec<String>)>> {
+    let buses = q.execute("query-pci", None)?;
+    let mut ports = Vec::new();
+    for bus in buses.as_array().into_iter().flatten() {
+        for dev in bus["devices"].as_array().into_iter().flatten() {
+            let Some(id) = dev["qdev_id"].as_str().filter(|i| i.starts_with("hp")) else {
+                continue;
+            };
+            let behind = dev["pci_bridge"]["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["qdev_id"].as_str().map(str::to_string))
+                .collect();
+            ports.push((id.to_string(), behind));
+        }
+    }
+    Ok(ports)
+}
+
+/// A root port with nothing behind it.
+fn free_port(q: &mut Qmp) -> Result<String> {
+    hotplug_ports(q)?
+        .into_iter()
+        .find(|(_, behind)| behind.is_empty())
+        .map(|(port, _)| port)
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "all {HOTPLUG_PORTS} hot-plug slots of this domain are in use: detach a device \
+                 first, or use --config (it applies from the next start)"
+            ))
+        })
+}
+
+/// Asks the guest to release device `id` and waits until QEMU reports it gone.
+fn unplug(q: &mut Qmp, id: &str, what: &str) -> Result<()> {
+    if !hotplug_ports(q)?
+        .iter()
+        .any(|(_, b)| b.iter().any(|d| d == id))
+    {
+        return Err(Error::Unsupported(format!(
+            "Operation not supported: {what} was there when the domain started, on q35's root \
+             bus, which has no hot-unplug; use --config (it goes at the next start)"
+        )));
+    }
+    q.execute("device_del", Some(json!({ "id": id })))?;
+    match q.wait_event("DEVICE_DELETED", |d| d["device"] == id, UNPLUG_LIMIT)? {
+        Some(_) => Ok(()),
+        None => Err(Error::Conflict(format!(
+            "the guest did not release {what} within {UNPLUG_LIMIT:?} (its OS must acknowledge \
+             the unplug); it is still attached"
+        ))),
+    }
+}
+
+/// A disk's format for QEMU: always given (QEMU would probe; see docs/SECURITY.md). A
+/// definition from before formats were fixed at define time gets what the Vessel VMM
+/// does: raw, or a refusal for a file that looks like qcow2 (never the guest's guess).
+fn drive_format(d: &vmm::config::DiskConfig) -> Result<DiskFormat> {
+    match d.format {
+        Some(f) => Ok(f),
+        None if block::probe(&d.path).ok() == Some(block::Format::Qcow2) => Err(Error::invalid(
+            "disk",
+            format!(
+                "{} starts with a qcow2 header but no format was given: redefine the domain \
+                 with the disk's format",
+                d.path.display()
+            ),
+        )),
+        None => Ok(DiskFormat::Raw),
     }
 }
 
@@ -457,23 +630,7 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         chardev_path(&run.qmp())?
     ));
     for (i, d) in vm.disks.iter().enumerate() {
-        // Always a format: QEMU would probe (see docs/SECURITY.md). A definition from
-        // before formats were fixed at define time gets what the Vessel VMM does: raw, or
-        // a refusal for a file that looks like qcow2 (never the guest's guess).
-        let f = match d.format {
-            Some(f) => f,
-            None if block::probe(&d.path).ok() == Some(block::Format::Qcow2) => {
-                return Err(Error::invalid(
-                    "disk",
-                    format!(
-                        "{} starts with a qcow2 header but no format was given: \
-                         redefine the domain with the disk's format",
-                        d.path.display()
-                    ),
-                ))
-            }
-            None => DiskFormat::Raw,
-        };
+        let f = drive_format(d)?;
         let mut drive = format!(
             "file={},if=virtio,index={i},format={}",
             chardev_path(&d.path)?,
@@ -504,6 +661,12 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     }
     if vm.rng {
         c.args(["-device", "virtio-rng-pci"]);
+    }
+    for k in 0..HOTPLUG_PORTS {
+        c.arg("-device").arg(format!(
+            "pcie-root-port,id=hp{k},bus=pcie.0,chassis={}",
+            k + 1
+        ));
     }
     if let Some(ci) = &vm.cloud_init {
         // The same NoCloud seed Vessel's VMM builds, as a file in the run folder.

@@ -9,7 +9,8 @@ use std::process::Command;
 use serde_json::json;
 
 use super::{
-    seed_name, vmm_api, vmm_api_json, Boot, Driver, Programs, Reset, RunDir, VMM_PARENT_CGROUP,
+    seed_name, vmm_api, vmm_api_json, Boot, Driver, Hotplug, Programs, Reset, RunDir,
+    VMM_PARENT_CGROUP,
 };
 use crate::domain::{DomainDef, DriverKind};
 use crate::error::{Error, Result};
@@ -247,6 +248,22 @@ impl Driver for VesselDriver {
             "/migration/send",
             &json!({ "destination_url": format!("unix:{}", to.display()) }),
         )
+    }
+
+    fn hotplug(&self, _run: &RunDir, live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
+        self.can_hotplug(live, change)
+    }
+
+    fn can_hotplug(&self, _live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
+        // Linux finds virtio-mmio devices once, at boot (the DSDT or the command line),
+        // and Vessel's PCI root has no hot-plug controller.
+        Err(Error::Unsupported(format!(
+            "Operation not supported: the Vessel driver cannot {} a running domain: its \
+             virtio devices (virtio-mmio, or virtio-pci on a root bus without hot-plug) \
+             are found by the guest only at boot; use --config to change the definition, \
+             which applies from the next start",
+            change.what()
+        )))
     }
 }
 

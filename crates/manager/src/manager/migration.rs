@@ -279,6 +279,7 @@ impl Manager {
     ) -> Result<serde_json::Value> {
         let def = self.store.get_domain(name)?;
         let (id, _) = self.active_id(name)?;
+        self.refuse_changed_live(name, "migrate")?;
         let d = driver::of(id.driver);
         // Over TCP the stream goes to the host this daemon reached the other at.
         let (peer, tcp_host) = match dest.strip_prefix("tcp://") {

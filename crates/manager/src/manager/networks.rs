@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{lock, Manager};
-use crate::domain::{DomainDef, DomainState};
+use crate::domain::{DomainDef, DomainState, Interface};
 use crate::error::{Error, Result};
 use crate::network::{self, NetworkDef};
 
@@ -46,26 +46,8 @@ impl Manager {
         let mut made: Vec<String> = Vec::new();
         let r = (|| -> Result<()> {
             for (i, itf) in def.interfaces.iter().enumerate() {
-                let bridge = match (&itf.network, &itf.bridge) {
-                    (Some(n), _) => {
-                        let nd = self.store.get_network(n)?;
-                        if !network::is_active(&self.cfg.state_dir, &nd) {
-                            return Err(Error::Conflict(format!(
-                                "network {n:?} is not active: start it first (vessel net-start {n})"
-                            )));
-                        }
-                        nd.bridge_name()
-                    }
-                    (None, Some(b)) => {
-                        if !network::link_exists(b) {
-                            return Err(Error::invalid(
-                                "interface",
-                                format!("bridge {b} does not exist on this host"),
-                            ));
-                        }
-                        b.clone()
-                    }
-                    (None, None) => continue,
+                let Some(bridge) = self.bridge_of(itf)? else {
+                    continue;
                 };
                 let tap = network::tap_name(def, i);
                 network::create_tap(&tap, &bridge)?;
@@ -89,6 +71,32 @@ impl Manager {
             return Err(e);
         }
         Ok(rt)
+    }
+
+    /// The bridge an interface's TAP joins: its network's (which must be active) or the
+    /// host bridge it names.
+    pub(super) fn bridge_of(&self, itf: &Interface) -> Result<Option<String>> {
+        Ok(Some(match (&itf.network, &itf.bridge) {
+            (Some(n), _) => {
+                let nd = self.store.get_network(n)?;
+                if !network::is_active(&self.cfg.state_dir, &nd) {
+                    return Err(Error::Conflict(format!(
+                        "network {n:?} is not active: start it first (vessel net-start {n})"
+                    )));
+                }
+                nd.bridge_name()
+            }
+            (None, Some(b)) => {
+                if !network::link_exists(b) {
+                    return Err(Error::invalid(
+                        "interface",
+                        format!("bridge {b} does not exist on this host"),
+                    ));
+                }
+                b.clone()
+            }
+            (None, None) => return Ok(None),
+        }))
     }
 
     pub(super) fn detach_interfaces(&self, def: &DomainDef) {
@@ -238,14 +246,20 @@ impl Manager {
     /// A domain's interfaces: where each is attached, its TAP and MAC, and the address
     /// its network's DHCP server leased to that MAC (`virsh domifaddr`).
     pub fn interfaces(&self, name: &str) -> Result<Vec<InterfaceInfo>> {
-        let def = self.store.get_domain(name)?;
+        let stored = self.store.get_domain(name)?;
         let live = !matches!(
             self.state_of(name),
             DomainState::Shutoff | DomainState::Crashed
         );
+        // A running domain's interfaces as they are now (attached or detached live).
+        let now = live.then(|| self.live_definition(name)).flatten();
+        let def = now.as_ref().unwrap_or(&stored);
         let mut out = Vec::new();
         for (i, itf) in def.interfaces.iter().enumerate() {
-            let mac = network::mac_for(&def, i);
+            let net = now.as_ref().and_then(|d| d.vm.nets.get(i));
+            let mac = net
+                .and_then(|n| n.mac.clone())
+                .unwrap_or_else(|| network::mac_for(def, i));
             let ip = match &itf.network {
                 Some(n) if live => self.store.get_network(n).ok().and_then(|nd| {
                     self.net_info_of(&nd)
@@ -259,7 +273,10 @@ impl Manager {
             out.push(InterfaceInfo {
                 network: itf.network.clone(),
                 bridge: itf.bridge.clone(),
-                tap: live.then(|| network::tap_name(&def, i)),
+                tap: live.then(|| {
+                    net.map(|n| n.tap.clone())
+                        .unwrap_or_else(|| network::tap_name(def, i))
+                }),
                 mac,
                 ip,
             });

@@ -168,6 +168,7 @@ impl Manager {
         let _g = lock(&l);
         let def = self.store.get_domain(name)?;
         let (id, state) = self.active_id(name)?;
+        self.refuse_changed_live(name, "save the state of")?;
         let d = driver::of(id.driver);
         let run = self.run_dir(name);
         let was_running = state != DomainState::Paused;
