@@ -110,6 +110,40 @@ fn vessel_metadata(root: Node) -> Result<Option<VesselMetadata>> {
     }))
 }
 
+/// Every refusal a definition earns, at once (a new user's libvirt XML would otherwise
+/// take a define per element): the value checks, then the table's, each element named
+/// once, as one `unsupported configuration: A; B; …`.
+fn refuse_all(root: Node) -> Result<()> {
+    const MAX: usize = 24;
+    let mut why = check_values(root);
+    let valued: Vec<roxmltree::NodeId> = why.iter().map(|(id, _)| *id).collect();
+    why.extend(
+        crate::xml_support::refusals(root)
+            .into_iter()
+            .filter(|(id, _)| !valued.contains(id)),
+    );
+    // In document order, as the user reads the file.
+    why.sort_by_key(|(id, _)| id.get());
+    let mut said: Vec<String> = Vec::new();
+    for (_, w) in why {
+        let w = w
+            .strip_prefix("unsupported configuration: ")
+            .unwrap_or(&w)
+            .to_string();
+        if !said.contains(&w) {
+            said.push(w);
+        }
+    }
+    match said.len() {
+        0 => Ok(()),
+        n if n > MAX => {
+            said.truncate(MAX);
+            Err(refuse(format!("{}; and {} more", said.join("; "), n - MAX)))
+        }
+        _ => Err(refuse(said.join("; "))),
+    }
+}
+
 /// The virtio transport an x86_64 `<type machine=…>` names: Vessel's two machines are
 /// q35 (virtio-pci, as QEMU's q35) and microvm (virtio-mmio, as QEMU's and Firecracker's
 /// microvm). Any other (i440fx's `pc`, `isapc`, …) is refused: running it as q35 would
@@ -157,110 +191,122 @@ fn device_transport(dev: Node) -> Result<Option<vmm::config::Transport>> {
 }
 
 /// The value checks behind `xml_support`'s table: what each mapped element may say.
-fn check_values(root: Node) -> Result<()> {
+/// Every element is looked at, so a definition's refusals come all at once.
+fn check_values(root: Node) -> Vec<(roxmltree::NodeId, String)> {
+    root.descendants()
+        .filter(|n| n.is_element())
+        .filter_map(|n| match check_value(n) {
+            Ok(()) => None,
+            Err(Error::Invalid { why, .. }) => Some((n.id(), why)),
+            Err(e) => Some((n.id(), e.to_string())),
+        })
+        .collect()
+}
+
+/// [`check_values`] for one element.
+fn check_value(n: Node) -> Result<()> {
     let attr = |n: Node, a: &str| n.attribute(a).map(str::to_string);
-    for n in root.descendants().filter(|n| n.is_element()) {
-        let parent = n
-            .parent_element()
-            .map(|p| p.tag_name().name())
-            .unwrap_or("");
-        let name = n.tag_name().name();
-        let value_ok = |a: &str, allowed: &[&str]| match n.attribute(a) {
-            Some(v) if !allowed.contains(&v) => Err(refuse(format!(
-                "<{name} {a}='{v}'>: Vessel supports {}",
+    let parent = n
+        .parent_element()
+        .map(|p| p.tag_name().name())
+        .unwrap_or("");
+    let name = n.tag_name().name();
+    let value_ok = |a: &str, allowed: &[&str]| match n.attribute(a) {
+        Some(v) if !allowed.contains(&v) => Err(refuse(format!(
+            "<{name} {a}='{v}'>: Vessel supports {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    };
+    let text_ok = |allowed: &[&str]| {
+        let t = text(n);
+        if t.is_empty() || allowed.contains(&t.as_str()) {
+            Ok(())
+        } else {
+            Err(refuse(format!(
+                "<{name}>{t}</{name}>: Vessel supports {}",
                 allowed.join(", ")
-            ))),
-            _ => Ok(()),
-        };
-        let text_ok = |allowed: &[&str]| {
-            let t = text(n);
-            if t.is_empty() || allowed.contains(&t.as_str()) {
-                Ok(())
-            } else {
-                Err(refuse(format!(
-                    "<{name}>{t}</{name}>: Vessel supports {}",
-                    allowed.join(", ")
-                )))
-            }
-        };
-        match (parent, name) {
-            ("os", "type") => {
-                match (attr(n, "arch").as_deref(), attr(n, "machine").as_deref()) {
-                    (None | Some("x86_64"), None) => {}
-                    (None | Some("x86_64"), Some(m)) => {
-                        x86_machine(m)?;
-                    }
-                    // On Vessel's RISC-V CPU, whose machine is laid out as QEMU's virt.
-                    (Some("riscv64"), None | Some("virt")) => {}
-                    (Some("riscv64"), Some(m)) => {
-                        return Err(refuse(format!(
-                            "<type arch='riscv64' machine='{m}'>: Vessel's riscv64 machine is virt"
-                        )))
-                    }
-                    (Some(a), _) => {
-                        return Err(refuse(format!(
-                            "architecture '{a}': Vessel runs x86_64 and riscv64 guests"
-                        )))
-                    }
-                }
-                text_ok(&["hvm"])?;
-            }
-            ("os", "boot") => value_ok("dev", &["hd"])?,
-            ("os", "loader") => value_ok("type", &["rom", "pflash"])?,
-            ("domain", "os") => value_ok("firmware", &["efi", "bios"])?,
-            ("domain", "vcpu") => value_ok("placement", &["static"])?,
-            ("domain", "clock") => value_ok("offset", &["utc"])?,
-            ("domain", "on_poweroff") => text_ok(&["destroy"])?,
-            ("domain", "on_reboot") => text_ok(&["restart"])?,
-            ("domain", "on_crash") => text_ok(&["destroy"])?,
-            ("devices", "disk") => {
-                value_ok("type", &["file", "volume"])?;
-                value_ok("device", &["disk"])?;
-            }
-            ("devices", "interface") => value_ok("type", &["network", "bridge"])?,
-            ("disk" | "interface", "address") => {
-                if let Some(dev) = n.parent_element() {
-                    device_transport(dev)?;
-                }
-            }
-            ("disk", "driver") => value_ok("name", &["qemu"])?,
-            ("disk", "target") => value_ok("bus", &["virtio"])?,
-            ("interface", "model") => value_ok("type", &["virtio"])?,
-            ("devices", "serial") => value_ok("type", &["pty"])?,
-            ("serial", "target") => {
-                value_ok("port", &["0"])?;
-                value_ok("type", &["isa-serial"])?;
-            }
-            ("target", "model") => value_ok("name", &["isa-serial"])?,
-            ("devices", "console") => value_ok("type", &["pty"])?,
-            ("console", "target") => {
-                value_ok("type", &["serial", "virtio"])?;
-                value_ok("port", &["0"])?;
-            }
-            ("devices", "rng") => value_ok("model", &["virtio"])?,
-            ("rng", "backend") => {
-                value_ok("model", &["random"])?;
-                text_ok(&["/dev/urandom", "/dev/random"])?;
-            }
-            ("devices", "memballoon") => value_ok("model", &["none"])?,
-            ("devices", "vsock") => value_ok("model", &["virtio"])?,
-            ("devices", "controller") => {
-                let ok = matches!(
-                    (n.attribute("type"), n.attribute("model")),
-                    (Some("pci"), Some("pci-root" | "pcie-root")) | (Some("usb"), Some("none"))
-                );
-                if !ok || n.attribute("index").is_some_and(|i| i != "0") {
-                    return Err(refuse(format!(
-                        "<controller type='{}' model='{}'>: Vessel has its own PCI root and no \
-                         other controllers (type='usb' model='none' says there is no USB)",
-                        n.attribute("type").unwrap_or(""),
-                        n.attribute("model").unwrap_or("")
-                    )));
-                }
-            }
-            _ => {}
+            )))
         }
+    };
+    match (parent, name) {
+        ("os", "type") => {
+            match (attr(n, "arch").as_deref(), attr(n, "machine").as_deref()) {
+                (None | Some("x86_64"), None) => {}
+                (None | Some("x86_64"), Some(m)) => {
+                    x86_machine(m)?;
+                }
+                // On Vessel's RISC-V CPU, whose machine is laid out as QEMU's virt.
+                (Some("riscv64"), None | Some("virt")) => {}
+                (Some("riscv64"), Some(m)) => {
+                    return Err(refuse(format!(
+                        "<type arch='riscv64' machine='{m}'>: Vessel's riscv64 machine is virt"
+                    )))
+                }
+                (Some(a), _) => {
+                    return Err(refuse(format!(
+                        "architecture '{a}': Vessel runs x86_64 and riscv64 guests"
+                    )))
+                }
+            }
+            text_ok(&["hvm"])?;
+        }
+        ("os", "boot") => value_ok("dev", &["hd"])?,
+        ("os", "loader") => value_ok("type", &["rom", "pflash"])?,
+        ("domain", "os") => value_ok("firmware", &["efi", "bios"])?,
+        ("domain", "vcpu") => value_ok("placement", &["static"])?,
+        ("domain", "clock") => value_ok("offset", &["utc"])?,
+        ("domain", "on_poweroff") => text_ok(&["destroy"])?,
+        ("domain", "on_reboot") => text_ok(&["restart"])?,
+        ("domain", "on_crash") => text_ok(&["destroy"])?,
+        ("devices", "disk") => {
+            value_ok("type", &["file", "volume"])?;
+            value_ok("device", &["disk"])?;
+        }
+        ("devices", "interface") => value_ok("type", &["network", "bridge"])?,
+        ("disk" | "interface", "address") => {
+            if let Some(dev) = n.parent_element() {
+                device_transport(dev)?;
+            }
+        }
+        ("disk", "driver") => value_ok("name", &["qemu"])?,
+        ("disk", "target") => value_ok("bus", &["virtio"])?,
+        ("interface", "model") => value_ok("type", &["virtio"])?,
+        ("devices", "serial") => value_ok("type", &["pty"])?,
+        ("serial", "target") => {
+            value_ok("port", &["0"])?;
+            value_ok("type", &["isa-serial"])?;
+        }
+        ("target", "model") => value_ok("name", &["isa-serial"])?,
+        ("devices", "console") => value_ok("type", &["pty"])?,
+        ("console", "target") => {
+            value_ok("type", &["serial", "virtio"])?;
+            value_ok("port", &["0"])?;
+        }
+        ("devices", "rng") => value_ok("model", &["virtio"])?,
+        ("rng", "backend") => {
+            value_ok("model", &["random"])?;
+            text_ok(&["/dev/urandom", "/dev/random"])?;
+        }
+        ("devices", "memballoon") => value_ok("model", &["none"])?,
+        ("devices", "vsock") => value_ok("model", &["virtio"])?,
+        ("devices", "controller") => {
+            let ok = matches!(
+                (n.attribute("type"), n.attribute("model")),
+                (Some("pci"), Some("pci-root" | "pcie-root")) | (Some("usb"), Some("none"))
+            );
+            if !ok || n.attribute("index").is_some_and(|i| i != "0") {
+                return Err(refuse(format!(
+                    "<controller type='{}' model='{}'>: Vessel has its own PCI root and no \
+                     other controllers (type='usb' model='none' says there is no USB)",
+                    n.attribute("type").unwrap_or(""),
+                    n.attribute("model").unwrap_or("")
+                )));
+            }
+        }
+        _ => {}
     }
+
     Ok(())
 }
 
@@ -468,8 +514,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
     };
     // Values first (the clearer message for a mapped element used in a way Vessel has
     // not), then every element and attribute against the table.
-    check_values(root)?;
-    crate::xml_support::check(root).map_err(bad)?;
+    refuse_all(root)?;
     let mut vsock_uds = None;
     let mut cloud_init = None;
     let mut explicit_driver = false;
@@ -1497,6 +1542,44 @@ mod tests {
         let mut pci = vessel("", "");
         pci.vm.virtio_transport = Pci;
         assert_eq!(parse_domain(&to_xml(&pci)).unwrap(), pci);
+    }
+
+    /// A domain as virt-install writes one (our own text in that shape): every refusal
+    /// comes in one answer, each element named once, rather than one define per element.
+    #[test]
+    fn every_refusal_of_a_definition_comes_at_once() {
+        let xml = dom(
+            "<features><acpi/><vmport state='off'/></features>\
+             <clock offset='utc'><timer name='hpet' present='no'/></clock>\
+             <pm><suspend-to-mem enabled='no'/></pm>",
+            "<disk type='file' device='disk'><driver name='qemu' type='raw' discard='unmap'/>\
+             <source file='/d'/><target dev='vda' bus='virtio'/>\
+             <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/></disk>\
+             <controller type='pci' index='1' model='pcie-root-port'><target chassis='1'/></controller>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             <graphics type='spice' autoport='yes'/><memballoon model='virtio'/>",
+        );
+        let e = parse_domain(&xml).unwrap_err().to_string();
+        assert_eq!(e.matches("unsupported configuration").count(), 1, "{e}");
+        for want in [
+            "<vmport>",
+            "<timer>",
+            "<pm>",
+            "discard='unmap'",
+            "slot='0x00' function='0x0'>: Vessel assigns device addresses itself",
+            "<controller type='pci' model='pcie-root-port'>",
+            "<channel>",
+            "<graphics>",
+            "memballoon model='virtio'",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A controller's <target> is not an interface's: no word about TAP names.
+        assert!(!e.contains("TAP"), "{e}");
+        // The <address> is named once: by its value check, not again by the table.
+        assert!(!e.contains("(domain/devices/disk/address)"), "{e}");
+        // In document order.
+        assert!(e.find("<vmport>") < e.find("<graphics>"), "{e}");
     }
 
     /// A dump names what it cannot say (dumpxml warns), and nothing for a domain it says

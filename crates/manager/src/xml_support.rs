@@ -236,7 +236,8 @@ pub const MAPPED: &[Mapped] = &[
     ),
 ];
 
-/// Why the elements libvirt users meet most often are refused.
+/// Why the elements libvirt users meet most often are refused: by name, or by
+/// `parent/name` where the name means different things in different places.
 pub const REASONS: &[(&str, &str)] = &[
     (
         "hostdev",
@@ -313,15 +314,18 @@ pub const REASONS: &[(&str, &str)] = &[
         "virtualport",
         "Vessel's interfaces have no virtual port profiles (Open vSwitch, 802.1Qbh)",
     ),
-    ("port", "Vessel's interfaces have no port isolation"),
+    (
+        "interface/port",
+        "Vessel's interfaces have no port isolation",
+    ),
     ("bandwidth", "Vessel's interfaces have no bandwidth limits"),
     ("filterref", "Vessel has no network filters"),
-    ("target", "Vessel names TAP devices itself"),
+    ("interface/target", "Vessel names TAP devices itself"),
     (
-        "serial",
+        "disk/serial",
         "Vessel reports the disk's file name as its serial",
     ),
-    ("rate", "Vessel's virtio-rng has no rate limit"),
+    ("rng/rate", "Vessel's virtio-rng has no rate limit"),
 ];
 
 /// libvirt's wording for something a driver cannot do.
@@ -339,27 +343,33 @@ fn path_of(n: Node) -> String {
     parts.join("/")
 }
 
-/// Checks every element and attribute against [`MAPPED`]; the first one that is not
-/// there is refused with its reason.
-pub fn check(root: Node) -> Result<(), String> {
+/// Every element and attribute not in [`MAPPED`], in document order, each refused with
+/// its reason (an unmapped element's own content is not looked into).
+pub fn refusals(root: Node) -> Vec<(roxmltree::NodeId, String)> {
+    let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(n) = stack.pop() {
         let path = path_of(n);
         let name = n.tag_name().name();
         let Some(rule) = MAPPED.iter().find(|r| r.path == path) else {
+            let parent = n.parent_element().map_or("", |p| p.tag_name().name());
             let why = REASONS
                 .iter()
-                .find(|(el, _)| *el == name)
+                .find(|(el, _)| *el == name || el.split_once('/') == Some((parent, name)))
                 .map_or("Vessel does not support it", |(_, why)| why);
-            return Err(unsupported(format!("<{name}> ({path}): {why}")));
+            out.push((n.id(), unsupported(format!("<{name}> ({path}): {why}"))));
+            continue;
         };
         for a in n.attributes() {
             if a.namespace().is_some() || !rule.attrs.contains(&a.name()) {
-                return Err(unsupported(format!(
-                    "<{name} {}='{}'> ({path}): Vessel does not support this attribute",
-                    a.name(),
-                    a.value()
-                )));
+                out.push((
+                    n.id(),
+                    unsupported(format!(
+                        "<{name} {}='{}'> ({path}): Vessel does not support this attribute",
+                        a.name(),
+                        a.value()
+                    )),
+                ));
             }
         }
         // libvirt's application metadata: not Vessel's to interpret (its own element is
@@ -367,7 +377,8 @@ pub fn check(root: Node) -> Result<(), String> {
         if path == "domain/metadata" {
             continue;
         }
-        stack.extend(n.children().filter(|c| c.is_element()));
+        // Children in document order (the stack takes the last first).
+        stack.extend(n.children().filter(|c| c.is_element()).rev());
     }
-    Ok(())
+    out
 }
