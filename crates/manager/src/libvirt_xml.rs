@@ -441,6 +441,55 @@ mod tests {
         assert_eq!(iso.hosts[0].mac, "52:54:00:00:00:07");
     }
 
+    /// libvirt's own schemas accept every network, pool and volume dump (virt-xml-validate
+    /// from Debian's libvirt-clients, which scripts/test.sh installs), and each dump
+    /// defines back to the same thing.
+    #[test]
+    fn network_pool_and_volume_dumps_pass_virt_xml_validate() {
+        let dir = std::env::temp_dir().join(format!("vessel-nxv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut net = network_from_xml(DEFAULT_NET).unwrap();
+        net.hosts.push(DhcpHost {
+            mac: "52:54:00:00:00:07".into(),
+            ip: "192.168.122.7".parse().unwrap(),
+        });
+        let iso = network_from_xml(
+            "<network><name>iso</name><ip address='10.1.0.1' prefix='16'/></network>",
+        )
+        .unwrap();
+        let pool = serde_json::json!({"name": "images", "path": "/var/lib/vessel/images",
+                                      "capacity": 100, "available": 40});
+        let vol = serde_json::json!({"name": "d.qcow2", "path": "/var/lib/vessel/images/d.qcow2",
+                                     "capacity": 1u64 << 30, "allocation": 0, "format": "qcow2"});
+        let dumps = [
+            ("network", network_to_xml(&net, "virbr0")),
+            ("network", network_to_xml(&iso, "vbr-iso")),
+            ("storagepool", pool_to_xml(&pool)),
+            ("storagevol", volume_to_xml(&vol)),
+        ];
+        for (i, (kind, xml)) in dumps.iter().enumerate() {
+            let f = dir.join(format!("{i}.xml"));
+            std::fs::write(&f, xml).unwrap();
+            let out = std::process::Command::new("virt-xml-validate")
+                .arg(&f)
+                .arg(kind)
+                .output()
+                .expect("virt-xml-validate (apt-get install libvirt-clients)");
+            assert!(
+                out.status.success(),
+                "{xml}\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(network_from_xml(&dumps[0].1).unwrap(), net);
+        assert_eq!(
+            volume_from_xml(&dumps[3].1).unwrap(),
+            ("d.qcow2".into(), 1 << 30, "qcow2".into())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn network_elements_vessel_lacks_are_refused() {
         for (xml, want) in [
