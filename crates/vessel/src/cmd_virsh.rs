@@ -93,6 +93,15 @@ pub enum VirshCommand {
         /// The image format: raw or qcow2 (raw when absent; never guessed).
         #[arg(long)]
         subdriver: Option<String>,
+        /// qemu (virsh's driver name; Vessel's disks are image files either way).
+        #[arg(long)]
+        driver: Option<String>,
+        /// virtio (Vessel's disks are virtio disks).
+        #[arg(long)]
+        targetbus: Option<String>,
+        /// disk (Vessel has no cdrom or floppy: attach an ISO as a read-only disk).
+        #[arg(long = "type")]
+        device: Option<String>,
         /// readonly, or nothing for read-write.
         #[arg(long)]
         mode: Option<String>,
@@ -454,9 +463,23 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             source,
             target,
             subdriver,
+            driver,
+            targetbus,
+            device,
             mode,
             scope,
         } => {
+            // virsh's other flags, taken where they say what Vessel does and refused by
+            // name where they do not.
+            for (flag, given, only) in [
+                ("--driver", &driver, "qemu"),
+                ("--targetbus", &targetbus, "virtio"),
+                ("--type", &device, "disk"),
+            ] {
+                if let Some(v) = given.as_deref().filter(|v| *v != only) {
+                    bail!("unsupported configuration: {flag} {v}: Vessel supports {only}");
+                }
+            }
             let format = match subdriver.as_deref() {
                 None | Some("raw") => "raw",
                 Some("qcow2") => "qcow2",

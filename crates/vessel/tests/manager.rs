@@ -2787,13 +2787,38 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         "qcow2",
     ]);
     assert!(e.contains("next one is vda"), "{e}");
+    // virsh's own flags: what Vessel does is taken, anything else refused by name.
+    for (flag, value) in [
+        ("--targetbus", "ide"),
+        ("--type", "cdrom"),
+        ("--driver", "xen"),
+    ] {
+        let e = d.fails(&[
+            "attach-disk",
+            "vq",
+            vol.to_str().unwrap(),
+            "vda",
+            flag,
+            value,
+        ]);
+        assert!(
+            e.contains(&format!("unsupported configuration: {flag} {value}")),
+            "{e}"
+        );
+    }
     d.ok(&[
         "attach-disk",
         "vq",
         vol.to_str().unwrap(),
         "vda",
+        "--driver",
+        "qemu",
         "--subdriver",
         "qcow2",
+        "--targetbus",
+        "virtio",
+        "--type",
+        "disk",
     ]);
     let blk = d.ok(&["domblklist", "vq"]);
     assert!(blk.contains("vda") && blk.contains("data.qcow2"), "{blk}");
