@@ -290,7 +290,28 @@ impl Api {
             ("GET", ["domains", name, "interfaces"]) => ok(to_value(&self.m.interfaces(name)?)),
             ("GET", ["domains", name, "xml"]) => {
                 let (def, _) = self.m.info(name)?;
-                let mut r = Response::bytes(200, "application/xml", xml::to_xml(&def).into_bytes());
+                // As virsh's dumpxml: a running domain as it runs now (devices attached
+                // or detached live), unless ?inactive asks for the definition.
+                let live = match req.query("inactive") {
+                    Some(_) => None,
+                    None => self
+                        .m
+                        .live_definition(name)
+                        .filter(|_| self.m.is_active(name)),
+                };
+                let shown = match live {
+                    Some(mut l) => {
+                        // The VMM's TAPs and confined folders are the run's, not XML's.
+                        l.vm.nets.clear();
+                        for d in &mut l.vm.disks {
+                            d.folder = None;
+                        }
+                        l
+                    }
+                    None => def.clone(),
+                };
+                let mut r =
+                    Response::bytes(200, "application/xml", xml::to_xml(&shown).into_bytes());
                 // What libvirt's XML cannot say of this domain: a client warns its user.
                 let unsaid = xml::unsaid(&def);
                 if !unsaid.is_empty() {

@@ -248,7 +248,12 @@ pub enum ManageCommand {
     /// Show a domain's state and resources.
     Dominfo { name: String },
     /// Print a domain's definition as libvirt domain XML.
-    Dumpxml { name: String },
+    Dumpxml {
+        name: String,
+        /// The definition (the next start's), not the running domain as it runs now.
+        #[arg(long)]
+        inactive: bool,
+    },
     /// Show a domain's interfaces: network, TAP, MAC and DHCP-leased address.
     Domifaddr { name: String },
     /// Attach to a domain's serial console (Ctrl-] detaches); --log prints what it wrote.
@@ -555,8 +560,9 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 table(&["Interface", "MAC address", "Network", "Address"], &rows);
             }
         }
-        ManageCommand::Dumpxml { name } => {
-            let r = c.raw("GET", &format!("{}/xml", dom(&name)), None)?;
+        ManageCommand::Dumpxml { name, inactive } => {
+            let q = if inactive { "?inactive=1" } else { "" };
+            let r = c.raw("GET", &format!("{}/xml{q}", dom(&name)), None)?;
             std::io::stdout().write_all(&r.body)?;
             if let Some((_, unsaid)) = r
                 .headers

@@ -795,8 +795,11 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
 /// virsh's edit: the definition in $EDITOR (vi by default), redefined when it changed.
 fn edit(c: &Client, name: &str) -> Result<i32> {
     let (def, _) = domain(c, name)?;
-    let xml = String::from_utf8_lossy(&c.raw("GET", &format!("{}/xml", dom(name)), None)?.body)
-        .into_owned();
+    let xml = String::from_utf8_lossy(
+        &c.raw("GET", &format!("{}/xml?inactive=1", dom(name)), None)?
+            .body,
+    )
+    .into_owned();
     // The XML says everything only when it reads back to the same definition (a JSON
     // definition may hold what libvirt's XML has no element for, e.g. cloud-init).
     let same = manager::xml::parse_domain(&xml)

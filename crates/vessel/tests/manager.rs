@@ -3039,6 +3039,9 @@ fn qemu_domain_attaches_and_detaches_disks_and_interfaces_live() {
     // Its size as the guest reads it: 2 MiB is 4096 sectors.
     let blk = d.ok(&["domblklist", "hq"]);
     assert!(blk.contains("vdb") && blk.contains("hot.img"), "{blk}");
+    // dumpxml shows the domain as it runs; --inactive its definition.
+    assert!(d.ok(&["dumpxml", "hq"]).contains("hot.img"));
+    assert!(!d.ok(&["dumpxml", "hq", "--inactive"]).contains("hot.img"));
     // Only the running domain has it (--live): the definition does not.
     let info = c.get("/v1/domains/hq").unwrap();
     assert_eq!(
