@@ -564,16 +564,30 @@ fn cli_lifecycle_with_libvirt_xml() {
     assert!(e.contains("vessel destroy xmlvm"), "{e}");
     let out = d.ok(&["destroy", "xmlvm"]);
     assert_eq!(out.trim(), "Domain 'xmlvm' destroyed");
-    std::thread::sleep(Duration::from_millis(300));
-    kill(watcher.id() as i32, libc::SIGKILL);
+    // destroy returns once the domain is shut off; its 'stopped' event follows: read
+    // until it comes (a fixed 300 ms missed it on a loaded host), then end the watcher.
+    let out = watcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut seen = String::new();
-    watcher
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut seen)
-        .unwrap();
+    let t0 = Instant::now();
+    while !seen.contains("event 'stopped'") && t0.elapsed() < Duration::from_secs(30) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+    }
+    kill(watcher.id() as i32, libc::SIGKILL);
     let _ = watcher.wait();
+    let _ = reader.join();
+    seen.extend(rx.try_iter().map(|l| l + "\n"));
     for line in [
         "event 'started' for domain 'xmlvm': running",
         "event 'suspended' for domain 'xmlvm': paused",
