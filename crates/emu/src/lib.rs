@@ -80,6 +80,7 @@ impl Hypervisor for EmuHypervisor {
             }),
             irqfds,
             code: Arc::new(Mutex::new(None)),
+            compiled: Mutex::new(None),
             writes_reported: Default::default(),
             regions: Mutex::new(Vec::new()),
             kvm,
@@ -118,6 +119,9 @@ struct EmuVm {
     /// The vCPUs' shared record of code pages (the first vCPU's), so code one writes is
     /// checked again by the others.
     code: Arc<Mutex<Option<Arc<CodeTracker>>>>,
+    /// The vCPUs' shared compiled code (the first compiling vCPU's): a block is compiled
+    /// once per VM, and a vCPU runs at once what another compiled.
+    compiled: Mutex<Option<x86emu::CodeCache>>,
     /// The VMM reports device writes to RAM (see `ram_write_observer`), so vCPUs need not
     /// check their cached code against memory on every slice.
     writes_reported: std::sync::atomic::AtomicBool,
@@ -279,6 +283,13 @@ impl Vm for EmuVm {
         if let Some(v) = std::env::var_os("VESSEL_EMU_JIT") {
             let threshold = v.to_str().and_then(|v| v.parse::<u32>().ok());
             cpu.set_jit_threshold(threshold.filter(|t| *t > 0));
+        }
+        {
+            let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+            match &*compiled {
+                Some(c) => cpu.share_code(c),
+                None => *compiled = cpu.code_cache(),
+            }
         }
         if id != 0 {
             // Application processors wait for INIT/SIPI from the bootstrap processor.

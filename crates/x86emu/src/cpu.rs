@@ -182,9 +182,28 @@ impl Cpu {
         self.recheck_each_run = on;
     }
 
-    /// Blocks compiled to host code so far.
+    /// Blocks compiled to host code so far (by this CPU).
     pub fn compiled_blocks(&self) -> u64 {
         self.blocks.compiled_blocks()
+    }
+
+    /// Blocks this CPU runs as code another CPU compiled (see [`Cpu::share_code`]).
+    pub fn adopted_blocks(&self) -> u64 {
+        self.blocks.adopted_blocks()
+    }
+
+    /// The memory this CPU places compiled code in, to share with the machine's other
+    /// CPUs; None when it does not compile.
+    pub fn code_cache(&self) -> Option<crate::CodeCache> {
+        self.blocks.code_cache()
+    }
+
+    /// Places compiled code in `cache` (another CPU's, see [`Cpu::code_cache`]) and runs
+    /// what the other CPUs compiled there: a block is then compiled once per machine, not
+    /// once per CPU. Every CPU sharing it must share the code tracker too
+    /// ([`Cpu::set_code_tracker`]) and the guest RAM. Drops what this CPU compiled.
+    pub fn share_code(&mut self, cache: &crate::CodeCache) {
+        self.blocks.share_code(cache);
     }
 
     /// Sizes this CPU's block cache (`n` slots, rounded to a power of two; the default is
@@ -662,6 +681,13 @@ impl Cpu {
     /// Runs until an exit condition or until about `max_instructions` have been executed
     /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
+        self.blocks.enter_run();
+        let exit = self.run_blocks(platform, max_instructions);
+        self.blocks.leave_run();
+        exit
+    }
+
+    fn run_blocks(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         // Devices and the VMM may have written code since the last run (unless they
         // report their writes; other vCPUs' are seen through the code tracker).
         if self.recheck_each_run {
@@ -699,6 +725,7 @@ impl Cpu {
                 }
             }
             self.see_code_writes();
+            self.blocks.see_flush();
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
             if self.pauses >= PAUSE_SPIN {

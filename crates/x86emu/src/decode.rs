@@ -23,7 +23,7 @@ use iced_x86::{
 
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
-use crate::jit::{Compiled, Enter, Jit};
+use crate::jit::{Compiled, Enter, Jit, NoCode};
 
 /// Block slots of a CPU by default (direct mapped by physical address and IP page). A
 /// systemd boot runs about 375k distinct blocks: with 128k slots they evicted one another
@@ -309,6 +309,8 @@ pub(crate) struct BlockCache {
     jump_cache: Vec<[u64; 4]>,
     jc_stamp: u64,
     jc_seen: (u64, u64),
+    /// Some block has code (since the last `drop_compiled`).
+    any_compiled: bool,
 }
 
 /// Links remembered before all are cut regardless of the epoch (see `BlockCache::link`).
@@ -340,6 +342,64 @@ impl BlockCache {
             // Zeroed entries never match: no chain entry is 0.
             jc_stamp: 1,
             jc_seen: (0, 0),
+            any_compiled: false,
+        }
+    }
+
+    /// Places compiled code in `cache` from now on, and runs what other CPUs placed there.
+    pub(crate) fn share_code(&mut self, cache: &crate::jit::shared::CodeCache) {
+        let Some(j) = &self.jit else { return };
+        if std::sync::Arc::ptr_eq(j.shared(), &cache.0) {
+            return;
+        }
+        let threshold = j.threshold;
+        self.drop_compiled();
+        self.jit = Jit::with(cache.0.clone(), threshold);
+    }
+
+    /// The code memory this CPU places compiled code in.
+    pub(crate) fn code_cache(&self) -> Option<crate::jit::shared::CodeCache> {
+        self.jit
+            .as_ref()
+            .map(|j| crate::jit::shared::CodeCache(j.shared().clone()))
+    }
+
+    /// Blocks this CPU took from another CPU's compiler.
+    pub(crate) fn adopted_blocks(&self) -> u64 {
+        self.jit.as_ref().map_or(0, |j| j.adopted)
+    }
+
+    /// Entering `Cpu::run`: drops every compiled block first when a flush of the shared
+    /// code asks for it.
+    #[inline(always)]
+    pub(crate) fn enter_run(&mut self) {
+        if let Some(j) = &mut self.jit {
+            if j.running(true) {
+                self.drop_compiled_keeping(true);
+                if let Some(j) = &mut self.jit {
+                    j.quiesce();
+                }
+            }
+        }
+    }
+
+    /// Leaving `Cpu::run`: no compiled code of this CPU runs until `enter_run`.
+    #[inline(always)]
+    pub(crate) fn leave_run(&mut self) {
+        if let Some(j) = &mut self.jit {
+            j.running(false);
+        }
+    }
+
+    /// Between blocks in `Cpu::run`: drops every compiled block when another CPU asked
+    /// for a flush of the shared code.
+    #[inline(always)]
+    pub(crate) fn see_flush(&mut self) {
+        if self.jit.as_ref().is_some_and(|j| j.flush_asked()) {
+            self.drop_compiled_keeping(true);
+            if let Some(j) = &mut self.jit {
+                j.quiesce();
+            }
         }
     }
 
@@ -411,9 +471,7 @@ impl BlockCache {
         self.live_links.clear();
         self.jc_stamp += 1;
         self.generation += 1;
-        if let Some(j) = &mut self.jit {
-            j.flushed();
-        }
+        self.any_compiled = false;
     }
 
     /// Counts a run of the block in `slot` and compiles it when it turns hot.
@@ -428,27 +486,55 @@ impl BlockCache {
         }
         b.runs += 1;
         if b.runs > jit.threshold {
-            self.compile(slot);
+            self.compile(slot, None);
+        } else if matches!(b.runs, 1 | 4 | 16 | 64) {
+            let runs = b.runs - b.runs / 4;
+            // Another CPU may have compiled it meanwhile, or the CPUs together may have
+            // run it often enough: then it runs compiled from now on.
+            self.compile(slot, Some(runs));
         }
     }
 
+    /// Gives the block in `slot` code: compiled now, or (with `warming`, the runs since
+    /// the last call) if another CPU of the machine compiled the same or the CPUs
+    /// together made it hot.
     #[cold]
-    fn compile(&mut self, slot: usize) {
+    fn compile(&mut self, slot: usize, warming: Option<u32>) {
         let Some(jit) = &mut self.jit else { return };
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
+        let Some(body) = &b.body else { return };
         // A page-crossing block's code checks that the TLB generation is the one its next
         // page was found in.
-        let tlb_gen = match &b.body {
-            Some(body) if b.bitness & CROSS != 0 => Some(&body.tlb_gen as *const u64),
-            _ => None,
+        let tlb_gen = (b.bitness & CROSS != 0).then_some(&body.tlb_gen as *const u64);
+        let key = crate::jit::shared::Key {
+            gpa: b.gpa,
+            ip: b.ip,
+            bitness: b.bitness,
+            cross_gpa: body.cross_gpa,
+            model: jit.model,
         };
-        match jit.compile(b.insns(), slot, tlb_gen) {
-            Ok(c) => b.set_compiled(c),
-            Err(()) => {
-                // The arena is full: start over; hot blocks compile again.
-                self.drop_compiled_keeping(true);
+        match jit.compile(key, &body.code, b.insns(), slot, tlb_gen, warming) {
+            Ok(c) => {
+                b.set_compiled(Some(c));
+                self.any_compiled = true;
+            }
+            Err(NoCode::Uncovered) => {}
+            Err(NoCode::Full) if warming.is_some() => {}
+            Err(NoCode::Full) => {
+                // The code memory is full: start over; hot blocks compile again once every
+                // CPU has let go of the old code.
+                if self.any_compiled || jit.flush_asked() {
+                    self.drop_compiled_keeping(true);
+                    if let Some(j) = &mut self.jit {
+                        j.quiesce();
+                    }
+                }
+                let threshold = self.jit.as_ref().map_or(0, |j| j.threshold);
+                if let Some(b) = self.blocks.get_mut(slot) {
+                    b.runs = threshold.saturating_sub(RECOMPILE_RUNS);
+                }
             }
         }
     }

@@ -26,6 +26,7 @@ pub use cpu::{Core, Cpu, RunExit, PAUSE_SPIN};
 pub use cpuid::{CpuidEntry, CpuidTable};
 pub use decode::DEFAULT_BLOCK_SLOTS;
 pub use exceptions::Fault;
+pub use jit::shared::CodeCache;
 pub use platform::{GuestRam, NoDevices, Platform, RamError};
 pub use state::{CpuState, DescriptorTable, FpuState, Msrs, Seg, Segment};
 

@@ -202,13 +202,25 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
             continue;
         }
         offered += 1;
-        match jit.compile(&block, 0, None) {
-            Ok(Some(_)) => {
+        let key = crate::jit::shared::Key {
+            gpa: pos as u64,
+            ip: ip + pos as u64,
+            bitness: 64,
+            cross_gpa: 0,
+            model: u64::MAX,
+        };
+        let bytes = &code[pos..pos + len];
+        match jit.compile(key, bytes, &block, 0, None, None) {
+            Ok(_) => {
                 compiled += 1;
                 insns_done += block.len();
             }
-            Ok(None) => {}
-            Err(()) => jit.flushed(),
+            Err(crate::jit::NoCode::Uncovered) => {}
+            Err(crate::jit::NoCode::Full) => {
+                // Nothing of this compiler runs: the memory comes back at once.
+                jit.quiesce();
+                let _ = jit.compile(key, bytes, &block, 0, None, None);
+            }
         }
         pos += len;
     }

@@ -2,6 +2,7 @@
 //! across them, and a CMPXCHG spinlock must provide mutual exclusion.
 
 use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
 use x86emu::testing::{long_mode_state, PageTableBuilder, PTE_W};
 use x86emu::{Cpu, GuestRam, NoDevices, RunExit};
 
@@ -223,4 +224,154 @@ fn locked_bit_string_operations_are_atomic_against_locked_byte_operations() {
         drop(ram0);
         drop(shared);
     }
+}
+
+/// Builds the shared page tables (code and data pages identity-mapped) and returns CR3.
+fn identity_tables(ram: &GuestRam) -> u64 {
+    let mut pt = PageTableBuilder::new(ram, 0x1000, 0x10000);
+    pt.map(ram, 0, 0, 2, PTE_W);
+    pt.map(ram, 0x20_0000, 0x20_0000, 2, PTE_W);
+    pt.root
+}
+
+/// A CPU of a machine: it shares the first CPU's code tracker and compiled code.
+fn machine_cpu(ram: GuestRam, first: Option<&Cpu>) -> Cpu {
+    let mut cpu = Cpu::new(ram);
+    if let Some(f) = first {
+        cpu.set_code_tracker(f.code_tracker());
+        cpu.share_code(&f.code_cache().expect("compiled code on this host"));
+    }
+    cpu
+}
+
+/// Runs the program at `rip` on `cpu` from a fresh state and returns RAX.
+fn run_program(cpu: &mut Cpu, root: u64, rip: u64, i: usize) -> u64 {
+    let mut s = long_mode_state(root, 0, 0, 0);
+    s.rip = rip;
+    s.gpr[4] = 0x8_0000 + i as u64 * 0x1000;
+    cpu.set_state(s);
+    run_to_hlt(cpu, i);
+    cpu.state().gpr[0]
+}
+
+/// Two CPUs of one machine share compiled code: the second runs the first's blocks
+/// without compiling them again, and when it rewrites an instruction of that code, the
+/// first runs the new instruction (not the code compiled for the old one).
+#[test]
+fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
+    const LOOPS: u32 = 5_000;
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    let mut imm = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.mov(ecx, LOOPS).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.rol(rax, 3).unwrap();
+    a.set_label(&mut imm).unwrap();
+    a.add(rax, 0x11).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a
+        .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .unwrap();
+    let imm_at = code.label_ip(&imm).unwrap();
+    let bytes = code.inner.code_buffer.as_slice();
+    // `add rax, imm32`: REX.W 05 id.
+    let off = (imm_at - CODE) as usize;
+    assert_eq!(bytes.get(off..off + 3), Some(&[0x48, 0x05, 0x11][..]));
+    ram0.write(CODE, bytes);
+    // The patcher: a guest store of a new immediate (the low byte of `add rax, imm32`).
+    const PATCH: u64 = CODE + 0x800;
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(rbx, imm_at + 2).unwrap();
+    p.mov(byte_ptr(rbx), 0x2d).unwrap();
+    p.hlt().unwrap();
+    ram0.write(PATCH, &p.assemble(PATCH).unwrap());
+    let expect = |add: u64| (0..LOOPS).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add));
+
+    let mut cpu0 = machine_cpu(shared.map(), None);
+    let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
+    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
+    assert!(cpu0.compiled_blocks() > 0, "the loop was not compiled");
+    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+    assert_eq!(
+        cpu1.compiled_blocks(),
+        0,
+        "the second CPU compiled the loop again"
+    );
+    assert!(
+        cpu1.adopted_blocks() > 0,
+        "the second CPU ran no shared code"
+    );
+    run_program(&mut cpu1, root, PATCH, 1);
+    assert_eq!(
+        run_program(&mut cpu0, root, CODE, 0),
+        expect(0x2d),
+        "the first CPU ran code compiled before the second rewrote it"
+    );
+    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x2d));
+    drop((cpu0, cpu1, ram0));
+    drop(shared);
+}
+
+/// CPUs running at once share a code memory too small for their program: it fills up
+/// again and again, each time every CPU drops its compiled blocks before the memory is
+/// reused, and every CPU's result stays right.
+#[test]
+fn cpus_sharing_a_full_code_memory_flush_it_together() {
+    const BLOCKS: u64 = 1_500;
+    const LOOPS: u32 = 300;
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    // A chain of small blocks, each ending in a JMP to the next, run LOOPS times.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.mov(ecx, LOOPS).unwrap();
+    a.set_label(&mut top).unwrap();
+    for i in 0..BLOCKS {
+        let mut next = a.create_label();
+        a.add(rax, (i * 7 + 1) as i32).unwrap();
+        a.jmp(next).unwrap();
+        a.set_label(&mut next).unwrap();
+    }
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    assert!(code.len() < 0x10_0000, "the program overlaps the data");
+    ram0.write(CODE, &code);
+    let expect = u64::from(LOOPS) * (0..BLOCKS).map(|i| i * 7 + 1).sum::<u64>();
+    let cache = x86emu::CodeCache::new(64 << 10).expect("compiled code on this host");
+    let first = machine_cpu(shared.map(), None);
+    let tracker = first.code_tracker();
+    drop(first);
+    let handles: Vec<_> = (0..CPUS)
+        .map(|i| {
+            let ram = shared.map();
+            let (cache, tracker) = (cache.clone(), tracker.clone());
+            std::thread::spawn(move || {
+                let mut cpu = Cpu::new(ram);
+                cpu.set_code_tracker(tracker);
+                cpu.share_code(&cache);
+                let r = run_program(&mut cpu, root, CODE, i);
+                (r, cpu.compiled_blocks() + cpu.adopted_blocks())
+            })
+        })
+        .collect();
+    let mut code_blocks = 0;
+    for (i, h) in handles.into_iter().enumerate() {
+        let (r, blocks) = h.join().unwrap();
+        assert_eq!(r, expect, "cpu {i}");
+        code_blocks += blocks;
+    }
+    assert!(code_blocks > 0, "no CPU ran compiled code");
+    assert!(cache.flushes() > 0, "the code memory never filled up");
+    drop(ram0);
+    drop(shared);
 }

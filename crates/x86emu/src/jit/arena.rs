@@ -1,8 +1,8 @@
-//! Executable memory for compiled blocks: one per CPU, filled front to back and emptied as
-//! a whole when full (every compiled block is dropped then).
+//! Executable memory for generated host code (the host-instruction stubs of
+//! `exec::hostexec`): filled front to back and emptied as a whole when full.
 //!
 //! Never writable and executable at once (W^X): the memory is a memfd mapped twice, once
-//! read-write (where the compiler places code and patches links) and once read-execute
+//! read-write (where code is placed) and once read-execute
 //! (where it runs). A guest that finds a way to make the host write somewhere it chooses
 //! still cannot write code at an address the host executes.
 
@@ -14,8 +14,6 @@ pub(crate) struct Arena {
     rw: *mut u8,
     len: usize,
     used: usize,
-    /// Bytes kept across `reset` (code every block uses).
-    pinned: usize,
 }
 
 // SAFETY: the mapping is owned by one CPU, which is used by one thread at a time.
@@ -56,7 +54,6 @@ impl Arena {
                 rw: rw.cast(),
                 len,
                 used: 0,
-                pinned: 0,
             }),
             _ => {
                 if let Some(rw) = rw {
@@ -66,36 +63,6 @@ impl Arena {
                 tracing::debug!("no executable mapping for compiled blocks; interpreting only");
                 None
             }
-        }
-    }
-
-    /// The writable view of the 8 bytes at `at` (an address in the executable view), if
-    /// they lie in the arena.
-    fn writable_u64(&self, at: u64) -> Option<*mut u64> {
-        let off = at.checked_sub(self.base as u64)? as usize;
-        if off.checked_add(8)? > self.len {
-            return None;
-        }
-        // SAFETY: off + 8 <= len: inside the writable mapping.
-        Some(unsafe { self.rw.add(off) }.cast())
-    }
-
-    /// Writes the 8 bytes at `at` (a link slot in placed code), through the writable view;
-    /// ignored outside the arena.
-    pub(crate) fn write_u64(&mut self, at: u64, v: u64) {
-        if let Some(p) = self.writable_u64(at) {
-            // SAFETY: `p` lies in the writable mapping (see `writable_u64`); the code
-            // there is not running (one thread per CPU, and it is compiling now).
-            unsafe { p.write_unaligned(v) };
-        }
-    }
-
-    /// Reads the 8 bytes at `at` in the arena (0 outside it).
-    pub(crate) fn read_u64(&self, at: u64) -> u64 {
-        match self.writable_u64(at) {
-            // SAFETY: as in `write_u64`.
-            Some(p) => unsafe { p.read_unaligned() },
-            None => 0,
         }
     }
 
@@ -126,15 +93,9 @@ impl Arena {
         self.len - self.used
     }
 
-    /// Keeps what was placed so far across `reset`.
-    pub(crate) fn pin(&mut self) {
-        self.pinned = self.used;
-    }
-
-    /// Forgets everything placed since `pin`; the caller drops every pointer `put`
-    /// returned for it.
+    /// Forgets everything placed; the caller drops every pointer `put` returned.
     pub(crate) fn reset(&mut self) {
-        self.used = self.pinned;
+        self.used = 0;
     }
 }
 
@@ -150,7 +111,7 @@ impl Drop for Arena {
 }
 
 /// A memfd for code (executable, where the kernel asks that it be said).
-fn memfd() -> Option<libc::c_int> {
+pub(crate) fn memfd() -> Option<libc::c_int> {
     const NAME: &std::ffi::CStr = c"vessel-jit";
     // MFD_EXEC (kernels with vm.memfd_noexec) is refused as unknown by older ones.
     for flags in [libc::MFD_CLOEXEC | 0x10, libc::MFD_CLOEXEC] {
@@ -193,10 +154,6 @@ mod tests {
         // SAFETY: `at` holds the complete function just placed.
         let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(at as *const u8) };
         assert_eq!(f(), 42);
-        // A patch through the writable view is what runs next.
-        a.write_u64(at, u64::from_le_bytes([0xb8, 7, 0, 0, 0, 0xc3, 0, 0]));
-        assert_eq!(a.read_u64(at) & 0xff, 0xb8);
-        assert_eq!(f(), 7);
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
         assert!(
             !maps

@@ -14,7 +14,9 @@
 //! label's id as its IP (0: no label), a branch to a label carries the id as its target,
 //! and a memory operand naming a label is RIP-based with the id as its displacement. Label
 //! ids count from 1 and there are fewer than instructions; a branch target above that is
-//! an address (code shared by all blocks; addresses below 64 KiB are never mapped).
+//! an address (code shared by all blocks; addresses below 64 KiB are never mapped). A
+//! RIP-based displacement of `PRIVATE` or more names a field of the block's record (see
+//! `emit::RECORD_SLOT`), `Asm::record_at` bytes past the block's start.
 
 use iced_x86::{Code, Encoder, FlowControl, Instruction, OpKind};
 
@@ -82,6 +84,8 @@ pub(crate) struct Asm {
     offsets: Vec<u32>,
     /// Label id → index of the instruction it labels (+1; 0: none).
     labels: Vec<u32>,
+    /// How far past a block's start its record lies (the code memory's size).
+    pub(crate) record_at: usize,
 }
 
 impl std::fmt::Debug for Asm {
@@ -98,6 +102,7 @@ impl Asm {
             pieces: Vec::new(),
             offsets: Vec::new(),
             labels: Vec::new(),
+            record_at: 0,
         })
     }
 
@@ -181,7 +186,10 @@ impl Asm {
                     let from = out.len();
                     out.extend_from_slice(bytes);
                     if let Some((at_byte, target)) = disp {
-                        let t = *offsets.get(label_index(&self.labels, target)?)? as i64;
+                        let t = match target.checked_sub(PRIVATE) {
+                            Some(field) => (self.record_at as u64 + field) as i64,
+                            None => *offsets.get(label_index(&self.labels, target)?)? as i64,
+                        };
                         let rel = i32::try_from(t - (here + len as i64)).ok()?;
                         out.get_mut(from + at_byte as usize..from + at_byte as usize + 4)?
                             .copy_from_slice(&rel.to_le_bytes());
@@ -291,6 +299,10 @@ impl Asm {
 
 /// Where a branch target is an address rather than a label id.
 const MIN_ADDRESS: u64 = 0x1_0000;
+
+/// Where a RIP-based displacement names a field of the block's record instead of a label
+/// (small enough to encode at IP 0, far above any label id).
+pub(super) const PRIVATE: u64 = 1 << 30;
 
 /// The index of the instruction a label (by id) stands at.
 fn label_index(labels: &[u32], id: u64) -> Option<usize> {

@@ -92,22 +92,38 @@ pub(super) struct Translated {
     pub(super) entry: u64,
     /// Where another compiled block whose exit is linked here continues (see `Ctx`).
     pub(super) chain_entry: u64,
-    /// The link slots of the exits to targets in the same page, each followed by its
-    /// unlinked target and whether the exit goes forward (see `BlockCache::link`).
-    pub(super) links: Vec<u64>,
-    pub(super) link_defaults: Vec<u64>,
+    /// Per exit to a target in the same page, in the order of its link slot in the
+    /// block's record: where its unlinked path starts, and whether it goes forward (see
+    /// `BlockCache::link`).
+    pub(super) links: Vec<(u64, bool)>,
 }
 
-/// Emits host code for a block's leading instructions, to be placed at `at`; `slot` is
-/// the block's cache slot (and `tlb_gen` the address of its TLB generation, for a
-/// page-crossing block). None when fewer than `MIN_COVERED`
-/// are covered (or the assembler refuses something).
-#[allow(clippy::too_many_arguments)]
+/// What compiled code keeps per CPU, not in the code (which all CPUs of a machine share):
+/// each block's record lies the code memory's size after the block's first byte, in
+/// the CPU's own writable memory (see `shared::View`), and holds the block's cache slot,
+/// the address of its TLB generation (page-crossing blocks), then a `LINK_SIZE`-byte
+/// link slot per exit in the same page: the jump target, the unlinked target, and
+/// whether the exit goes forward.
+pub(super) const RECORD_SLOT: u64 = 0;
+pub(super) const RECORD_TLB_GEN: u64 = 8;
+pub(super) const RECORD_LINKS: u64 = 16;
+pub(super) const LINK_SIZE: u64 = 24;
+
+/// A RIP-relative memory operand at `field` of the block's record (see `RECORD_SLOT`):
+/// the assembler places it (see `asm::PRIVATE`).
+fn record(field: u64) -> iced_x86::MemoryOperand {
+    iced_x86::MemoryOperand::with_base_displ(Register::RIP, (super::asm::PRIVATE + field) as i64)
+}
+
+/// Emits host code for a block's leading instructions, to be placed at `at`; `cross`
+/// for a page-crossing block (which checks its TLB generation). The code depends on
+/// nothing of the CPU that compiles it: what does is in the block's record (see
+/// `RECORD_SLOT`). None when fewer than `MIN_COVERED` are covered (or the assembler
+/// refuses something).
 pub(super) fn translate(
     insns: &[Insn],
     at: u64,
-    slot: usize,
-    tlb_gen: Option<u64>,
+    cross: bool,
     model: u64,
     asm: &mut Asm,
     rt: &Runtime,
@@ -148,7 +164,7 @@ pub(super) fn translate(
         _ => 64,
     };
     let len = insns.len() as u32;
-    let mut e = Emitter::new(first_ip, slot, len, tlb_gen, rt, bits)?;
+    let mut e = Emitter::new(first_ip, len, cross, rt, bits)?;
     let kinds: Vec<Kind> = plans.iter().map(|(k, _)| *k).collect();
     let mut skip = 0;
     for (i, (insn, (k, regs))) in insns.iter().zip(plans).enumerate() {
@@ -265,8 +281,9 @@ struct Emitter {
     /// DIVs that would raise #DE: where their path starts (the guest's flags saved on the
     /// host stack) and the miss path to continue at.
     div_faults: Vec<(CodeLabel, CodeLabel)>,
-    /// Link slots and the index of the instruction of the exit each starts as.
-    links: Vec<(CodeLabel, usize, bool)>,
+    /// Per exit linked through the record: the index of the instruction its unlinked
+    /// path starts at, and whether it goes forward.
+    links: Vec<(usize, bool)>,
     /// Host register i holds guest register i's current value (which is always in the
     /// state too: stores are written through, so exits need no spilling).
     cached: [bool; 16],
@@ -275,7 +292,6 @@ struct Emitter {
     /// The SIMD state checks done in this block (bit 0 SSE, bit 1 AVX; see `Ctx::simd`).
     simd_checked: u64,
     first_ip: u64,
-    slot: usize,
     /// The index of the instruction the block's body starts at (its entry).
     body_at: usize,
     rt: Runtime,
@@ -449,14 +465,7 @@ enum Dir {
 pub(crate) const FINISHED: u64 = u64::MAX;
 
 impl Emitter {
-    fn new(
-        first_ip: u64,
-        slot: usize,
-        len: u32,
-        tlb_gen: Option<u64>,
-        rt: &Runtime,
-        bits: u32,
-    ) -> Option<Self> {
+    fn new(first_ip: u64, len: u32, cross: bool, rt: &Runtime, bits: u32) -> Option<Self> {
         let mut a = a!(CodeAssembler::new(64));
         let exit = a.create_label();
         let done = a.create_label();
@@ -474,12 +483,11 @@ impl Emitter {
             vcached: [0; 16],
             simd_checked: 0,
             first_ip,
-            slot,
             body_at: 0,
             rt: *rt,
             bits,
         };
-        e.prologue(len, tlb_gen)?;
+        e.prologue(len, cross)?;
         Some(e)
     }
 
@@ -492,7 +500,7 @@ impl Emitter {
     /// A page-crossing block checks before its body, on either entry, that the TLB is in
     /// the generation (at `tlb_gen`) its next page was checked in.
     /// No check of the code epoch: links are cut when it moves (`BlockCache::sync_links`).
-    fn prologue(&mut self, len: u32, tlb_gen: Option<u64>) -> Option<()> {
+    fn prologue(&mut self, len: u32, cross: bool) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::*;
         let a = &mut self.a;
         let mut body = a.create_label();
@@ -529,10 +537,12 @@ impl Emitter {
         a!(a.lea(rcx, ptr(rcx - len)));
         a!(a.mov(budget, rcx));
         a!(a.set_label(&mut charged));
-        if let Some(tlb_gen) = tlb_gen {
+        if cross {
             let mut same = a.create_label();
             a!(a.mov(rcx, qword_ptr(r15 + ctx_off(offset_of!(Ctx, tlb_gen)))));
-            a!(a.mov(rax, tlb_gen));
+            let load =
+                Instruction::with2(Code::Mov_r64_rm64, Register::RAX, record(RECORD_TLB_GEN));
+            a!(a.add_instruction(a!(load)));
             a!(a.mov(rax, qword_ptr(rax)));
             a!(a.not(rcx));
             a!(a.lea(rcx, ptr(rcx + rax + 1)));
@@ -561,18 +571,20 @@ impl Emitter {
             };
             return self.look_up_and_go(dir);
         }
-        let slot = self.a.create_label();
+        let slot = RECORD_LINKS + LINK_SIZE * self.links.len() as u64;
         let mut stub = self.a.create_label();
-        a!(self.a.jmp(qword_ptr(slot)));
+        let jump = Instruction::with1(Code::Jmp_rm64, record(slot));
+        a!(self.a.add_instruction(a!(jump)));
         let stub_at = self.a.instructions().len();
         a!(self.a.set_label(&mut stub));
         a!(self.a.mov(rax, target));
         self.store_rip_from_rax()?;
         let a = &mut self.a;
-        a!(a.lea(rax, ptr(slot)));
+        let lea = Instruction::with2(Code::Lea_r64_m, Register::RAX, record(slot));
+        a!(a.add_instruction(a!(lea)));
         a!(a.mov(qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, link))), rax));
         a!(a.jmp(self.done));
-        self.links.push((slot, stub_at, target > from));
+        self.links.push((stub_at, target > from));
         Some(())
     }
 
@@ -2015,7 +2027,8 @@ impl Emitter {
     fn finish(mut self, at: u64, asm: &mut Asm) -> Option<Translated> {
         let a = &mut self.a;
         a!(a.set_label(&mut self.exit));
-        a!(a.mov(gpr32::r8d, u32::try_from(self.slot).ok()?));
+        let slot = Instruction::with2(Code::Mov_r64_rm64, Register::R8, record(RECORD_SLOT));
+        a!(a.add_instruction(a!(slot)));
         a!(a.jmp(self.rt.exit));
         a!(a.set_label(&mut self.done));
         a!(a.jmp(self.rt.done));
@@ -2030,12 +2043,6 @@ impl Emitter {
             a!(self.a.jmp(self.exit));
         }
         let links = std::mem::take(&mut self.links);
-        let mut slots_at = Vec::with_capacity(links.len());
-        for (mut slot, _, forward) in links.iter().copied() {
-            slots_at.push(self.a.instructions().len());
-            a!(self.a.set_label(&mut slot));
-            a!(self.a.dq(&[0, 0, u64::from(forward)]));
-        }
         let mut code = Vec::new();
         let offsets = asm.assemble(self.a.instructions(), at, &mut code)?;
         let addr = |i: usize| Some(at + u64::from(*offsets.get(i)?));
@@ -2043,12 +2050,10 @@ impl Emitter {
             chain_entry: addr(self.chain_entry_at)?,
             entry: addr(self.body_at)?,
             links: Vec::with_capacity(links.len()),
-            link_defaults: Vec::with_capacity(links.len()),
             code: Vec::new(),
         };
-        for (&(_, stub_at, _), &slot_at) in links.iter().zip(&slots_at) {
-            t.links.push(addr(slot_at)?);
-            t.link_defaults.push(addr(stub_at)?);
+        for &(stub_at, forward) in &links {
+            t.links.push((addr(stub_at)?, forward));
         }
         t.code = code;
         Some(t)

@@ -26,9 +26,12 @@ pub(crate) mod arena;
 mod asm;
 mod cover;
 mod emit;
+pub(crate) mod shared;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::decode::Insn;
-use arena::Arena;
 
 /// What compiled code needs besides the register state; filled before each call. It lives
 /// in the `Core`, at a fixed distance from the state (`cpu::jit_ctx_disp`), so compiled
@@ -117,29 +120,42 @@ pub(crate) struct Compiled {
     pub(crate) chain_entry: u64,
 }
 
-/// Executable memory per CPU (only what compiled code fills is ever touched). A Debian
-/// boot to its login prompt compiles about 40 MB: with 16 MiB the arena filled twice,
-/// and each time every hot block ran interpreted again until it was compiled again.
-/// QEMU's TCG buffer is 1 GiB by default.
-const ARENA_SIZE: usize = 64 << 20;
+/// The code memory of a machine, shared by its CPUs (only what compiled code fills is
+/// ever touched). A Debian boot to its login prompt compiles about 40 MB per CPU when
+/// each CPU compiles for itself; QEMU's TCG buffer is 1 GiB by default. Each CPU also
+/// reserves as much again for its blocks' records (see `shared::View`).
+pub(crate) const CODE_SIZE: usize = 128 << 20;
 /// Runs before a block is compiled: compiling costs about as much as interpreting a block
 /// a hundred times. In a Debian boot to login (VMM CPU, interleaved rounds), 128 was 4%
 /// faster than 256 and than 64, once a full code arena no longer made every hot block
 /// earn its compile again (in an earlier Linux boot 256 and 1024 were equally fast).
 pub(crate) const DEFAULT_THRESHOLD: u32 = 128;
 
+/// Why no code came back.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NoCode {
+    /// The block's first instructions are not covered.
+    Uncovered,
+    /// The code memory is full or waits for other CPUs to drop their blocks: the caller
+    /// drops its compiled blocks (see `Jit::quiesce`) and tries again later.
+    Full,
+}
+
 #[derive(Debug)]
 pub(crate) struct Jit {
-    arena: Arena,
+    shared: Arc<shared::Shared>,
+    view: shared::View,
+    mark: Arc<shared::Mark>,
     asm: asm::Asm,
-    /// The code blocks share, at the start of the arena.
+    /// The code blocks share, at the start of the memory (in this view).
     rt: emit::Runtime,
     pub(crate) enter: Enter,
     pub(crate) threshold: u32,
     /// The CPU model's ISA bits (`hostexec::isa`) compiled code was made for.
     pub(crate) model: u64,
-    /// Blocks compiled since the CPU was created.
+    /// Blocks this CPU compiled, and blocks it took as another CPU compiled them.
     pub(crate) compiled: u64,
+    pub(crate) adopted: u64,
     /// `/tmp/perf-PID.map`, when `VESSEL_PERF_MAP` is set: names compiled code for `perf`.
     perf_map: Option<std::fs::File>,
 }
@@ -162,107 +178,239 @@ fn open_perf_map() -> Option<std::fs::File> {
 }
 
 impl Jit {
-    /// None when the host cannot run compiled blocks (not x86-64 with BMI2 and LAHF/SAHF in
-    /// 64-bit mode, or no executable memory).
+    /// A compiler with code memory of its own. None when the host cannot run compiled
+    /// blocks (not x86-64 with BMI2 and LAHF/SAHF in 64-bit mode, or no executable memory).
     pub(crate) fn new(threshold: u32) -> Option<Self> {
+        Self::with(Arc::new(Self::memory(CODE_SIZE)?), threshold)
+    }
+
+    /// Code memory of `size` bytes with the runtime placed in it.
+    pub(crate) fn memory(size: usize) -> Option<shared::Shared> {
         if !host_supported() {
             return None;
         }
-        let mut arena = Arena::new(ARENA_SIZE)?;
         let mut asm = asm::Asm::new()?;
-        let (code, rt) = emit::runtime(&mut asm, arena.next())?;
-        if arena.put(&code)? as u64 != rt.enter {
-            return None;
+        shared::Shared::new(size, |at| {
+            let (code, rt) = emit::runtime(&mut asm, at)?;
+            Some((code, [rt.enter, rt.exit, rt.done, rt.second_way]))
+        })
+    }
+
+    /// A compiler that places its code in `shared` and runs what other CPUs placed there.
+    pub(crate) fn with(shared: Arc<shared::Shared>, threshold: u32) -> Option<Self> {
+        let view = shared::View::new(&shared)?;
+        let [enter, exit, done, second_way] = shared.rt.map(|off| view.at(off));
+        let rt = emit::Runtime {
+            enter,
+            exit,
+            done,
+            second_way,
+        };
+        let mark = Arc::new(shared::Mark::default());
+        {
+            let mut inner = shared.lock();
+            // Blocks from before the last flush are none of this CPU's.
+            mark.seen
+                .store(shared.flush.load(Ordering::SeqCst), Ordering::SeqCst);
+            inner.marks.push(mark.clone());
+            shared.cpus.store(inner.marks.len(), Ordering::Relaxed);
         }
-        arena.pin();
-        // SAFETY: `rt.enter` starts the function `runtime` emitted for this ABI.
-        let enter = unsafe { std::mem::transmute::<u64, Enter>(rt.enter) };
+        // SAFETY: `rt.enter` starts the function `runtime` emitted for this ABI, mapped
+        // executable in this view.
+        let enter_fn = unsafe { std::mem::transmute::<u64, Enter>(rt.enter) };
+        let mut asm = asm::Asm::new()?;
+        asm.record_at = shared.len;
         Some(Jit {
-            arena,
+            shared,
+            view,
+            mark,
             asm,
             rt,
-            enter,
+            enter: enter_fn,
             threshold,
             model: 0,
             compiled: 0,
+            adopted: 0,
             perf_map: open_perf_map(),
         })
     }
 
-    /// Compiles a block; None when its first instructions are not covered. `Err(())` when
-    /// the arena is full: the caller must drop every compiled block, then call
-    /// [`Jit::flushed`].
-    /// `slot` is the block's cache slot, `tlb_gen` for a page-crossing block the address
-    /// of the TLB generation it was checked in (stable: the block cache never moves its
-    /// blocks).
+    /// The code memory, to hand to other CPUs of the machine.
+    pub(crate) fn shared(&self) -> &Arc<shared::Shared> {
+        &self.shared
+    }
+
+    /// Code for the block `insns` decoded from `bytes` (`key` says where): another CPU's
+    /// if it compiled the same, else compiled now. `slot` is the block's cache slot, and
+    /// `tlb_gen` (page-crossing blocks) the address of its TLB generation: both go in the
+    /// block's record, with its links unlinked. With `warming` (runs since this CPU last
+    /// asked), the block is compiled only once the machine's CPUs together ran it
+    /// `threshold` times.
     pub(crate) fn compile(
         &mut self,
+        key: shared::Key,
+        bytes: &[u8],
         insns: &[Insn],
         slot: usize,
         tlb_gen: Option<*const u64>,
-    ) -> Result<Option<Compiled>, ()> {
-        let at = self.arena.next();
+        warming: Option<u32>,
+    ) -> Result<Compiled, NoCode> {
+        if warming.is_some() && self.shared.cpus.load(Ordering::Relaxed) < 2 {
+            // Alone, no other CPU compiles anything.
+            return Err(NoCode::Uncovered);
+        }
+        let shared = self.shared.clone();
+        let mut inner = shared.lock();
+        if shared.flushing(&inner) {
+            shared.try_reset(&mut inner);
+            if shared.flushing(&inner) {
+                return Err(NoCode::Full);
+            }
+        }
+        if let Some(p) = inner
+            .blocks
+            .get(&key)
+            .filter(|p| *p.bytes == *bytes)
+            .cloned()
+        {
+            drop(inner);
+            self.adopted += 1;
+            return Ok(self.install(&p, slot, tlb_gen));
+        }
+        if let Some(runs) = warming {
+            let heat = inner.heat.entry(key).or_default();
+            *heat = heat.saturating_add(runs);
+            if *heat <= self.threshold {
+                return Err(NoCode::Uncovered);
+            }
+            inner.heat.remove(&key);
+        }
+        let off = shared::Shared::next(&inner);
+        let at = self.view.at(off);
         let Some(t) = emit::translate(
             insns,
             at,
-            slot,
-            tlb_gen.map(|p| p as u64),
+            tlb_gen.is_some(),
             self.model,
             &mut self.asm,
             &self.rt,
         ) else {
-            return Ok(None);
+            return Err(NoCode::Uncovered);
         };
-        let Some(start) = self.arena.put(&t.code) else {
-            return Err(());
-        };
-        if start as u64 != at {
-            return Ok(None);
+        let record = (emit::RECORD_LINKS + emit::LINK_SIZE * t.links.len() as u64) as usize;
+        if !shared.place(&mut inner, off, &t.code, record) {
+            shared.request_flush(&mut inner);
+            return Err(NoCode::Full);
         }
-        for (&link, &default) in t.links.iter().zip(&t.link_defaults) {
-            // Each link slot is 24 bytes inside the code just placed: the jump target, the
-            // target to restore when unlinking, and whether the exit goes forward.
-            self.arena.write_u64(link, default);
-            self.arena.write_u64(link + 8, default);
-        }
-        if let (Some(f), Some(first)) = (&mut self.perf_map, insns.first()) {
-            use std::io::Write;
-            // One write per line: with O_APPEND, lines of several CPUs do not interleave.
-            let line = format!(
-                "{:x} {:x} guest_{:x}\n",
-                start as u64,
-                t.code.len(),
-                first.instr.ip()
-            );
-            let _ = f.write_all(line.as_bytes());
-        }
+        let rel = |a: u64| (a - at) as usize;
+        let p = Arc::new(shared::Placed {
+            bytes: bytes.into(),
+            ip: key.ip,
+            off,
+            len: t.code.len(),
+            entry: rel(t.entry),
+            chain_entry: rel(t.chain_entry),
+            links: t
+                .links
+                .iter()
+                .map(|&(stub, fwd)| (rel(stub), fwd))
+                .collect(),
+        });
+        inner.blocks.insert(key, p.clone());
+        drop(inner);
         self.compiled += 1;
-        Ok(Some(Compiled {
-            entry: t.entry,
-            chain_entry: t.chain_entry,
-        }))
+        Ok(self.install(&p, slot, tlb_gen))
     }
 
-    /// Points link slot `link` (in placed code) at `target`.
+    /// Fills the record of placed code for this CPU.
+    fn install(
+        &mut self,
+        p: &shared::Placed,
+        slot: usize,
+        tlb_gen: Option<*const u64>,
+    ) -> Compiled {
+        let start = self.view.at(p.off);
+        let record = self.view.record(start);
+        self.view.write(record + emit::RECORD_SLOT, slot as u64);
+        self.view.write(
+            record + emit::RECORD_TLB_GEN,
+            tlb_gen.map_or(0, |g| g as u64),
+        );
+        for (i, &(stub, forward)) in p.links.iter().enumerate() {
+            let link = record + emit::RECORD_LINKS + emit::LINK_SIZE * i as u64;
+            let default = start + stub as u64;
+            self.view.write(link, default);
+            self.view.write(link + 8, default);
+            self.view.write(link + 16, u64::from(forward));
+        }
+        if let Some(f) = &mut self.perf_map {
+            use std::io::Write;
+            // One write per line: with O_APPEND, lines of several CPUs do not interleave.
+            let line = format!("{start:x} {:x} guest_{:x}\n", p.len, p.ip);
+            let _ = f.write_all(line.as_bytes());
+        }
+        Compiled {
+            entry: start + p.entry as u64,
+            chain_entry: start + p.chain_entry as u64,
+        }
+    }
+
+    /// Points link slot `link` (in a record of this CPU) at `target`.
     pub(crate) fn link(&mut self, link: u64, target: u64) {
-        self.arena.write_u64(link, target);
+        self.view.write(link, target);
     }
 
     /// Whether link slot `link` is an exit to a higher IP than its own (see
     /// `BlockCache::link`).
     pub(crate) fn forward(&self, link: u64) -> bool {
-        self.arena.read_u64(link + 16) != 0
+        self.view.read(link + 16) != 0
     }
 
     /// Points link slot `link` back at its unlinked target (kept after it).
     pub(crate) fn unlink(&mut self, link: u64) {
-        let default = self.arena.read_u64(link + 8);
-        self.arena.write_u64(link, default);
+        let default = self.view.read(link + 8);
+        self.view.write(link, default);
     }
 
-    /// All compiled blocks were dropped: the arena can be refilled.
-    pub(crate) fn flushed(&mut self) {
-        self.arena.reset();
+    /// Marks this CPU as entering (`true`) or leaving `Cpu::run`. Entering, returns
+    /// whether it must first drop every compiled block (another CPU asked for a flush).
+    pub(crate) fn running(&mut self, on: bool) -> bool {
+        self.mark.in_run.store(on, Ordering::SeqCst);
+        let flush = self.shared.flush.load(Ordering::SeqCst);
+        if on {
+            return flush != self.mark.seen.load(Ordering::Relaxed);
+        }
+        if flush != self.mark.seen.load(Ordering::Relaxed) {
+            // Outside `run` this CPU holds up no flush: the memory may be given back.
+            let mut inner = self.shared.lock();
+            self.shared.try_reset(&mut inner);
+        }
+        false
+    }
+
+    /// Whether another CPU asked for a flush this CPU has not dropped its blocks for.
+    #[inline(always)]
+    pub(crate) fn flush_asked(&self) -> bool {
+        self.shared.flush.load(Ordering::Relaxed) != self.mark.seen.load(Ordering::Relaxed)
+    }
+
+    /// This CPU dropped every compiled block: notes it for the pending flush, and gives
+    /// the memory back if it was the last.
+    pub(crate) fn quiesce(&mut self) {
+        let mut inner = self.shared.lock();
+        self.mark
+            .seen
+            .store(self.shared.flush.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.shared.try_reset(&mut inner);
+    }
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.marks.retain(|m| !Arc::ptr_eq(m, &self.mark));
+        self.shared.cpus.store(inner.marks.len(), Ordering::Relaxed);
+        self.shared.try_reset(&mut inner);
     }
 }
 
