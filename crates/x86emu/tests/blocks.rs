@@ -1569,6 +1569,50 @@ fn compiled_rdtsc_reads_the_guest_tsc_and_keeps_the_rest() {
     }
 }
 
+/// RDTSCP runs in compiled code like RDTSC and loads ECX from IA32_TSC_AUX (Linux reads
+/// its clock with it wherever the CPU has it: every kvmclock read).
+#[test]
+fn compiled_rdtscp_reads_the_tsc_and_tsc_aux() {
+    let code = asm(64, CODE, |a| {
+        let (mut top, mut bad) = (a.create_label(), a.create_label());
+        a.mov(ecx, 0xc000_0103u32).unwrap(); // IA32_TSC_AUX
+        a.mov(eax, 0x77u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(r14, 3000u64).unwrap();
+        a.xor(r9d, r9d).unwrap();
+        a.xor(r13d, r13d).unwrap();
+        a.mov(rbx, 0x1111u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rcx, rbx).unwrap();
+        a.rdtscp().unwrap();
+        a.add(r13, rcx).unwrap();
+        a.shl(rdx, 32).unwrap();
+        a.or(rax, rdx).unwrap();
+        a.cmp(rax, r9).unwrap();
+        a.jb(bad).unwrap();
+        a.mov(r9, rax).unwrap();
+        a.dec(r14).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut bad).unwrap();
+        a.mov(r12, 1u64).unwrap();
+        a.hlt().unwrap();
+    });
+    for jit in [None, Some(0)] {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        let r = g.cpu.state().gpr;
+        assert_eq!(r[12], 0, "the TSC went back ({jit:?})");
+        assert_eq!(r[13], 3000 * 0x77, "ECX from TSC_AUX ({jit:?})");
+        assert_eq!(r[3], 0x1111, "{jit:?}");
+        if jit.is_some() {
+            assert!(g.cpu.compiled_blocks() >= 1);
+        }
+    }
+}
+
 /// Two hot functions whose blocks hash to the same slot: both stay cached (a slot pair),
 /// so both compile, and compiled code finds the one in the pair's second slot through its
 /// own lookup. A direct-mapped cache had them evict each other at every call, forever

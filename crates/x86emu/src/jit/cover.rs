@@ -112,8 +112,10 @@ pub(super) enum Kind {
     Cld,
     Std,
     /// RDTSC where it may run (else the interpreter raises #GP): a call of the CPU's
-    /// clock.
+    /// clock. RDTSCP also loads ECX from IA32_TSC_AUX (Linux's clock reads use it where
+    /// the CPU has it: every kvmclock read of a guest with more than one vCPU).
     Rdtsc,
+    Rdtscp,
     /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
     RepStos,
     /// REP MOVSB/MOVSQ with 64-bit addresses and no segment override (likewise).
@@ -300,6 +302,7 @@ fn kind32(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
             | Kind::Cld
             | Kind::Std
             | Kind::Rdtsc
+            | Kind::Rdtscp
             | Kind::Movs
             | Kind::Stos
     )
@@ -407,6 +410,7 @@ fn kind64(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Cld => return Some(Kind::Cld),
         Code::Std => return Some(Kind::Std),
         Code::Rdtsc => return Some(Kind::Rdtsc),
+        Code::Rdtscp => return Some(Kind::Rdtscp),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
         Code::Jmp_rm64 | Code::Call_rm64 if last => {

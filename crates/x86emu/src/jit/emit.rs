@@ -210,7 +210,8 @@ pub(super) fn translate(
             Kind::Swapgs => e.swapgs(i as u32)?,
             Kind::Cld => e.set_df(false)?,
             Kind::Std => e.set_df(true)?,
-            Kind::Rdtsc => e.rdtsc(i as u32)?,
+            Kind::Rdtsc => e.rdtsc(i as u32, false)?,
+            Kind::Rdtscp => e.rdtsc(i as u32, true)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
             Kind::Movs => e.movs(ins, i as u32)?,
@@ -1492,7 +1493,7 @@ impl Emitter {
     /// in the state (stores are written through), so the call only costs the host
     /// registers' cached copies; the guest's status flags, which live in the host's, are
     /// saved around it. Where CR4.TSD forbids it, the interpreter raises the #GP.
-    fn rdtsc(&mut self, idx: u32) -> Option<()> {
+    fn rdtsc(&mut self, idx: u32, aux: bool) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{rax, rcx, rdi, rdx, rsp};
         let miss = self.miss_label(idx);
         let a = &mut self.a;
@@ -1531,7 +1532,13 @@ impl Emitter {
         ]);
         self.vcached = [0; 16];
         self.store_guest(0, Register::RAX)?;
-        self.store_guest(2, Register::RDX)
+        self.store_guest(2, Register::RDX)?;
+        if aux {
+            let at = (offset_of!(CpuState, msr) + offset_of!(crate::state::Msrs, tsc_aux)) as i32;
+            a!(self.a.mov(gpr32::ecx, dword_ptr(gpr64::r15 + at)));
+            self.store_guest(1, Register::RCX)?;
+        }
+        Some(())
     }
 
     /// SWAPGS at CPL0 (else the interpreter raises #GP): the GS base and KERNEL_GS_BASE
