@@ -84,7 +84,7 @@ pub(crate) struct Asm {
     offsets: Vec<u32>,
     /// Label id → index of the instruction it labels (+1; 0: none).
     labels: Vec<u32>,
-    /// How far past a block's start its record lies (the code memory's size).
+    /// How far past the start of the block being assembled its record lies.
     pub(crate) record_at: usize,
 }
 

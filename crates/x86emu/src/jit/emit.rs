@@ -99,7 +99,7 @@ pub(super) struct Translated {
 }
 
 /// What compiled code keeps per CPU, not in the code (which all CPUs of a machine share):
-/// each block's record lies the code memory's size after the block's first byte, in
+/// each block's record lies at a fixed distance from the block's first byte (`Asm::record_at`), in
 /// the CPU's own writable memory (see `shared::View`), and holds the block's cache slot,
 /// the address of its TLB generation (page-crossing blocks), then a `LINK_SIZE`-byte
 /// link slot per exit in the same page: the jump target, the unlinked target, and

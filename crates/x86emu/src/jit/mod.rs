@@ -218,8 +218,7 @@ impl Jit {
         // SAFETY: `rt.enter` starts the function `runtime` emitted for this ABI, mapped
         // executable in this view.
         let enter_fn = unsafe { std::mem::transmute::<u64, Enter>(rt.enter) };
-        let mut asm = asm::Asm::new()?;
-        asm.record_at = shared.len;
+        let asm = asm::Asm::new()?;
         Some(Jit {
             shared,
             view,
@@ -287,6 +286,9 @@ impl Jit {
         }
         let off = shared::Shared::next(&inner);
         let at = self.view.at(off);
+        // The record's distance from the code, the same in every view.
+        let rec = inner.records;
+        self.asm.record_at = shared.len + rec - off;
         let Some(t) = emit::translate(
             insns,
             at,
@@ -298,7 +300,7 @@ impl Jit {
             return Err(NoCode::Uncovered);
         };
         let record = (emit::RECORD_LINKS + emit::LINK_SIZE * t.links.len() as u64) as usize;
-        if !shared.place(&mut inner, off, &t.code, record) {
+        if !shared.place(&mut inner, off, &t.code, rec, record) {
             shared.request_flush(&mut inner);
             return Err(NoCode::Full);
         }
@@ -308,6 +310,7 @@ impl Jit {
             ip: key.ip,
             off,
             len: t.code.len(),
+            rec,
             entry: rel(t.entry),
             chain_entry: rel(t.chain_entry),
             links: t
@@ -330,7 +333,7 @@ impl Jit {
         tlb_gen: Option<*const u64>,
     ) -> Compiled {
         let start = self.view.at(p.off);
-        let record = self.view.record(start);
+        let record = self.view.at(self.shared.len + p.rec);
         self.view.write(record + emit::RECORD_SLOT, slot as u64);
         self.view.write(
             record + emit::RECORD_TLB_GEN,

@@ -52,6 +52,8 @@ pub(crate) struct Placed {
     pub(crate) ip: u64,
     pub(crate) off: usize,
     pub(crate) len: usize,
+    /// Where its record lies in each CPU's record region.
+    pub(crate) rec: usize,
     pub(crate) entry: usize,
     pub(crate) chain_entry: usize,
     /// Per link slot of the record: the offset of the exit's unlinked path, and whether it
@@ -65,6 +67,9 @@ pub(crate) struct Inner {
     /// flushes).
     pub(crate) used: usize,
     pub(crate) pinned: usize,
+    /// Bytes of every CPU's record region handed out (records are packed: a CPU touches
+    /// only the pages that hold the records of blocks it runs).
+    pub(crate) records: usize,
     pub(crate) blocks: FxHashMap<Key, Arc<Placed>>,
     /// Runs of blocks not compiled yet, summed over the CPUs that reported them: a block
     /// every CPU runs a little is hot for the machine (see `Jit::compile`).
@@ -134,6 +139,7 @@ impl Shared {
             inner: Mutex::new(Inner {
                 used: 0,
                 pinned: 0,
+                records: 0,
                 blocks: FxHashMap::default(),
                 heat: FxHashMap::default(),
                 reset: 0,
@@ -176,19 +182,28 @@ impl Shared {
         (inner.used + 15) & !15
     }
 
-    /// Places `code` at `off` (= `next`), padded so the block's record (`record` bytes)
-    /// fits in the span of its own code: records of different blocks never overlap.
-    /// False when it does not fit.
-    pub(crate) fn place(&self, inner: &mut Inner, off: usize, code: &[u8], record: usize) -> bool {
-        let span = code.len().max(record);
-        match off.checked_add(span) {
-            Some(end) if end <= self.len && off == Self::next(inner) => {
-                self.write(off, code);
-                inner.used = end;
-                true
-            }
-            _ => false,
+    /// Places `code` at `off` (= `next`) and its record of `record` bytes at `rec` (=
+    /// `records`) in the record regions. False when either does not fit.
+    pub(crate) fn place(
+        &self,
+        inner: &mut Inner,
+        off: usize,
+        code: &[u8],
+        rec: usize,
+        record: usize,
+    ) -> bool {
+        let (Some(end), Some(rec_end)) = (off.checked_add(code.len()), rec.checked_add(record))
+        else {
+            return false;
+        };
+        if end > self.len || rec_end > self.len || off != Self::next(inner) || rec != inner.records
+        {
+            return false;
         }
+        self.write(off, code);
+        inner.used = end;
+        inner.records = (rec_end + 7) & !7;
+        true
     }
 
     /// Asks every CPU to drop its compiled blocks (the memory is full); the memory is
@@ -219,6 +234,7 @@ impl Shared {
             .all(|m| !m.in_run.load(Ordering::SeqCst) || m.seen.load(Ordering::SeqCst) == flush);
         if quiet {
             inner.used = inner.pinned;
+            inner.records = 0;
             inner.blocks.clear();
             inner.heat.clear();
             inner.reset = flush;
@@ -238,7 +254,8 @@ impl Drop for Shared {
 }
 
 /// One CPU's view of the shared code: the memfd mapped read-execute at `base`, and
-/// `len` bytes of private read-write memory right after it for the blocks' records.
+/// `len` bytes of private read-write memory right after it for the blocks' records
+/// (block i's at the same offset in every CPU's region).
 /// Never writable and executable at once (W^X).
 #[derive(Debug)]
 pub(crate) struct View {
@@ -326,11 +343,6 @@ impl View {
             Some(p) => unsafe { p.read_unaligned() },
             None => 0,
         }
-    }
-
-    /// The record of the block whose code starts at `code` (an address in this view).
-    pub(crate) fn record(&self, code: u64) -> u64 {
-        code + self.len as u64
     }
 }
 
