@@ -145,6 +145,7 @@ impl Manager {
                     mtu: None,
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
+                    queues: None,
                 };
                 d.can_hotplug(&live, Hotplug::AttachNet(&probe))?;
                 let Some(bridge) = self.bridge_of(&itf)? else {
@@ -180,6 +181,7 @@ impl Manager {
                     mtu: None,
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
+                    queues: None,
                 };
                 let mut vm = live.vm.clone();
                 vm.nets.push(net.clone());
