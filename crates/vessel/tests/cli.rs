@@ -153,8 +153,10 @@ fn accel_auto_explains_why_it_picks_emu_over_kvm_here() {
     BufReader::new(g.0.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    // Said at start, while the guest (a shell that never ends) runs: not at exit. 0.1-0.3 s
+    // on an idle host; 5.1 s once under a full test run's load, so the bound is loose.
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() < Duration::from_secs(30),
         "took {:?}",
         start.elapsed()
     );
