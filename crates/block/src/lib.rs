@@ -600,6 +600,78 @@ fn chain_files(folder: Option<&Folder>, path: &Path, format: Option<Format>) -> 
     files
 }
 
+/// The chain of a guest disk as [`open_guest_disk`] would open it by path: the image, then
+/// each backing file with the format recorded in the image naming it. Only qcow2 headers
+/// are read (a raw image's content never is), read-only, without locks, and each file is
+/// opened with `O_NONBLOCK` so a FIFO cannot stall the caller. Fails where that open
+/// would (a qcow2 header on an image given no format, a backing file without a recorded
+/// format, a loop, a chain too deep). For a manager that records a chain when a disk is
+/// defined and refuses another at each start.
+pub fn guest_disk_chain(
+    path: &Path,
+    format: Option<Format>,
+) -> Result<Vec<(PathBuf, Format)>, OpenError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out: Vec<(PathBuf, Format)> = Vec::new();
+    let mut seen = HashSet::new();
+    let (mut cur, mut fmt) = (path.to_path_buf(), format);
+    loop {
+        if out.len() > MAX_BACKING_CHAIN {
+            return Err(OpenError::ChainTooDeep { path: cur });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&cur)
+            .map_err(|source| OpenError::OpenFile {
+                path: cur.clone(),
+                source,
+            })?;
+        if !seen.insert(file_id(&file, &cur)?) {
+            return Err(OpenError::ChainLoop { path: cur });
+        }
+        let f = match fmt {
+            Some(f) => f,
+            None => {
+                // Probed only to refuse, as the guest open does.
+                let f = probe_storage(&file).map_err(|source| OpenError::Probe {
+                    path: cur.clone(),
+                    source,
+                })?;
+                if f != Format::Raw {
+                    return Err(OpenError::FormatNotGiven { path: cur });
+                }
+                f
+            }
+        };
+        out.push((cur.clone(), f));
+        if f == Format::Raw {
+            return Ok(out);
+        }
+        let q = Qcow2::open(Box::new(file), true).map_err(|source| OpenError::Qcow2 {
+            path: cur.clone(),
+            source,
+        })?;
+        let Some(name) = q.header().backing_file.clone() else {
+            return Ok(out);
+        };
+        let next = resolve_backing(&cur, &name);
+        fmt = Some(match q.header().backing_format.as_deref() {
+            Some(s) => s.parse().map_err(|source| OpenError::BackingFormat {
+                path: cur.clone(),
+                source,
+            })?,
+            None => {
+                return Err(OpenError::BackingFormatMissing {
+                    path: cur,
+                    backing: name,
+                })
+            }
+        });
+        cur = next;
+    }
+}
+
 /// A backing file name relative to the directory of the image naming it.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);

@@ -83,6 +83,12 @@ pub struct DomainDef {
     /// so a dump names the volume again rather than its file.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub volumes: std::collections::BTreeMap<String, String>,
+    /// The chain of each file disk (disk path → its image, then its backing files),
+    /// recorded by define from the files themselves (whatever a definition gives here is
+    /// replaced); a start refuses a disk outside the pools whose chain differs
+    /// ([`crate::disk_chain`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chains: std::collections::BTreeMap<String, Vec<crate::disk_chain::ChainFile>>,
 }
 
 /// A definition in JSON. A QEMU domain that names no `vm.virtio_transport` gets

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod cluster;
+pub mod disk_chain;
 pub mod domain;
 pub mod driver;
 pub mod error;

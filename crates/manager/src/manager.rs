@@ -488,6 +488,7 @@ impl Manager {
     pub fn define(&self, mut def: DomainDef) -> Result<DomainInfo> {
         self.resolve_volumes(&mut def)?;
         def.validate()?;
+        crate::disk_chain::record_all(&mut def)?;
         if def.uuid.is_none() {
             def.uuid = Some(domain::new_uuid());
         }
@@ -514,6 +515,7 @@ impl Manager {
         }
         self.resolve_volumes(&mut def)?;
         def.validate()?;
+        crate::disk_chain::record_all(&mut def)?;
         def.vm.serial = vmm::SerialConfig::Null;
         let l = self.domain_lock(name);
         let _g = lock(&l);
@@ -594,6 +596,7 @@ impl Manager {
     /// opens each such chain here the same way, so a backing file that names a host file
     /// outside the pool (or a volume swapped for a link) fails the start before any VMM
     /// runs. QEMU opens the chain by path itself: for it this check is all there is.
+    /// Every other disk must have the chain recorded at define ([`crate::disk_chain`]).
     fn confine_disks(&self, def: &mut DomainDef) -> Result<()> {
         let roots = self.pool_roots();
         let pools: Vec<PathBuf> = self
@@ -604,16 +607,21 @@ impl Manager {
             .filter(|p| roots.iter().any(|r| p.starts_with(r)))
             .collect();
         for d in def.vm.disks.iter_mut() {
-            let (Some(parent), Some(file)) = (d.path.parent(), d.path.file_name()) else {
-                continue;
-            };
             // The folder resolved; the file itself not (a link there is refused).
-            let Ok(dir) = parent.canonicalize() else {
+            let in_pool = match (d.path.parent(), d.path.file_name()) {
+                (Some(parent), Some(file)) => parent
+                    .canonicalize()
+                    .ok()
+                    .filter(|dir| pools.contains(dir))
+                    .map(|dir| (dir, file.to_owned())),
+                _ => None,
+            };
+            let Some((dir, file)) = in_pool else {
+                // Outside the pools: the chain recorded at define, or none.
+                let key = crate::disk_chain::key(&d.path);
+                crate::disk_chain::check(d, def.chains.get(&key).map(Vec::as_slice))?;
                 continue;
             };
-            if !pools.contains(&dir) {
-                continue;
-            }
             d.path = dir.join(file);
             d.folder = Some(dir);
             if let Err(e) = d.open_with(true, true) {

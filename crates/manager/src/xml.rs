@@ -686,6 +686,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         vm,
         interfaces,
         volumes: Default::default(),
+        chains: Default::default(),
     })
 }
 

@@ -2184,6 +2184,119 @@ fn pool_volume_chains_stay_in_their_pool_and_links_are_not_followed() {
     );
 }
 
+/// Issue 22: a file disk outside every pool keeps the format and backing chain recorded
+/// when its domain was defined. A guest that writes a qcow2 header naming a host file
+/// onto its raw disk reads those bytes back at its next boot (the host file is never
+/// opened); a qcow2 disk whose backing name was rewritten after define, and a link put
+/// in place of a disk, fail the start for either driver, naming the disk.
+#[test]
+fn file_disk_chains_outside_pools_are_fixed_at_define() {
+    let a = assets();
+    let d = Daemon::start("filechain");
+    let c = d.client();
+    let secret_bytes = b"SECRETSECRET: a host file outside every pool".to_vec();
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let secret_hex: String = secret_bytes[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // No pool is defined on this folder.
+    let files = d.dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    // A qcow2 image whose (raw) backing file is `backing`.
+    let qcow2_over = |path: &Path, backing: &Path| {
+        let _ = std::fs::remove_file(path);
+        block::create(
+            path,
+            block::Format::Qcow2,
+            Some(4 << 20),
+            Some((backing.to_str().unwrap(), Some(block::Format::Raw))),
+        )
+        .unwrap();
+    };
+
+    // A raw file disk, no format given: recorded raw at define.
+    let raw = files.join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let def = json!({"name": "rawfile", "driver": "vessel", "vm": {
+        "kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+        "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=xxd+-p+-l+16+/dev/vda",
+        "memory_mib": 256, "accel": "emu", "disks": [{"path": raw}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    let got = c.get("/v1/domains/rawfile").unwrap()["definition"].clone();
+    assert_eq!(got["vm"]["disks"][0]["format"], "raw", "{got}");
+    let rec = &got["chains"][raw.to_str().unwrap()];
+    assert_eq!(rec.as_array().map(Vec::len), Some(1), "{got}");
+    assert_eq!(rec[0]["format"], "raw", "{got}");
+    // What the guest writes at the start of its disk: a qcow2 header naming the secret.
+    let evil = d.dir.join("evil.qcow2");
+    qcow2_over(&evil, &secret);
+    let header = std::fs::read(&evil).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.write_all_at(&header, 0).unwrap();
+    }
+    // The attack is real: probing the disk would follow the header to the secret.
+    let mut probed = block::open(&raw, None, true).unwrap();
+    let mut b = vec![0u8; secret_bytes.len()];
+    probed.read_at(0, &mut b).unwrap();
+    assert_eq!(b, secret_bytes);
+    drop(probed);
+    c.post("/v1/domains/rawfile/start", None).unwrap();
+    wait_state(&c, "rawfile", "shutoff", Duration::from_secs(240));
+    let log = serial_log(&c, "rawfile");
+    assert!(
+        log.contains("514649fb"),
+        "the guest reads its raw bytes: {log}"
+    );
+    assert!(
+        !log.contains(&secret_hex),
+        "the secret reached the guest: {log}"
+    );
+
+    // A qcow2 file disk over a raw base, then its backing name rewritten to the secret.
+    let base = files.join("base.raw");
+    std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+    let top = files.join("top.qcow2");
+    qcow2_over(&top, &base);
+    for driver in ["qemu", "vessel"] {
+        let def = json!({"name": format!("q-{driver}"), "driver": driver, "vm": {
+            "kernel": a.join("vmlinuz"), "memory_mib": 64, "accel": "emu",
+            "disks": [{"path": top, "format": "qcow2"}]}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+    }
+    let got = c.get("/v1/domains/q-qemu").unwrap()["definition"].clone();
+    assert_eq!(
+        got["chains"][top.to_str().unwrap()][1]["path"],
+        json!(base),
+        "{got}"
+    );
+    qcow2_over(&top, &secret);
+    for driver in ["qemu", "vessel"] {
+        let e = d.fails(&["start", &format!("q-{driver}")]);
+        assert!(
+            e.contains(top.to_str().unwrap()) && e.contains("fixed at define"),
+            "{driver}: {e}"
+        );
+        assert_eq!(state(&c, &format!("q-{driver}")), "shutoff", "{driver}");
+        c.call("DELETE", &format!("/v1/domains/q-{driver}"), None)
+            .unwrap();
+    }
+
+    // A link to the secret in place of the raw disk: refused, the secret untouched.
+    std::fs::remove_file(&raw).unwrap();
+    std::os::unix::fs::symlink(&secret, &raw).unwrap();
+    let e = d.fails(&["start", "rawfile"]);
+    assert!(
+        e.contains(raw.to_str().unwrap()) && e.contains("fixed at define"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&secret).unwrap(), secret_bytes);
+    c.call("DELETE", "/v1/domains/rawfile", None).unwrap();
+}
+
 /// Sends a request head announcing `len` body bytes (and none of them); returns the
 /// response's status line and body.
 fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {
