@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::guest::*;
-use common::{api, vessel, Guarded, TempDir};
+use common::{api, chain_step_args, vessel, Guarded, TempDir};
 use iced_x86::code_asm::*;
 
 const CMD: Duration = Duration::from_secs(60);
@@ -443,19 +443,7 @@ fn snapshot_chain(timer: bool, cycles: usize) {
     for step in 0..cycles.max(2) {
         let accel = ["emu", "kvm"][step % 2];
         let sock = dir.path().join(format!("api{step}.sock"));
-        let mut args: Vec<&std::ffi::OsStr> =
-            vec!["run".as_ref(), "--api-sock".as_ref(), sock.as_os_str()];
-        match &from {
-            None => args.extend(["--config".as_ref(), config.as_os_str()]),
-            Some(snap) => args.extend([
-                "--accel".as_ref(),
-                accel.as_ref(),
-                "--serial".as_ref(),
-                "stdio".as_ref(),
-                "--restore".as_ref(),
-                snap.as_os_str(),
-            ]),
-        }
+        let args = chain_step_args(&sock, &config, from.as_deref(), accel);
         let mut vm = Vmm::spawn(&args);
         let next = reports(&all).last().map_or(0, |r| r.0) + 30;
         vm.wait_for_count(&all, next);

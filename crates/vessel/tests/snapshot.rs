@@ -15,7 +15,7 @@ use std::process::{ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{api, assets, vessel, Guarded, TempDir};
+use common::{api, assets, chain_step_args, vessel, Guarded, TempDir};
 
 const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
@@ -809,19 +809,7 @@ fn a_generated_guest_goes_on_across_accelerators() {
     let mut from: Option<std::path::PathBuf> = None;
     for (step, accel) in ["kvm", "emu", "kvm"].into_iter().enumerate() {
         let sock = dir.path().join(format!("api{step}.sock"));
-        let mut args: Vec<&std::ffi::OsStr> =
-            vec!["run".as_ref(), "--api-sock".as_ref(), sock.as_os_str()];
-        match &from {
-            None => args.extend(["--config".as_ref(), config.as_os_str()]),
-            Some(snap) => args.extend([
-                "--accel".as_ref(),
-                accel.as_ref(),
-                "--serial".as_ref(),
-                "stdio".as_ref(),
-                "--restore".as_ref(),
-                snap.as_os_str(),
-            ]),
-        }
+        let args = chain_step_args(&sock, &config, from.as_deref(), accel);
         let mut vm = Vm::spawn(&args);
         let next = hex_counts(&all_text).last().copied().unwrap_or(0) + 20;
         vm.wait_for(&format!("count {next:016x}\n"), 0, CMD);

@@ -134,6 +134,31 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
     }
 }
 
+/// `vessel run` arguments of one VMM in a chain of snapshots: its API on `sock`, and
+/// the VM of `config` booted fresh, or (`from`) that snapshot restored under `accel` with
+/// its serial console on stdout.
+pub fn chain_step_args<'a>(
+    sock: &'a Path,
+    config: &'a Path,
+    from: Option<&'a Path>,
+    accel: &'a str,
+) -> Vec<&'a std::ffi::OsStr> {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["run".as_ref(), "--api-sock".as_ref(), sock.as_os_str()];
+    match from {
+        None => args.extend(["--config".as_ref(), config.as_os_str()]),
+        Some(snap) => args.extend([
+            "--accel".as_ref(),
+            accel.as_ref(),
+            "--serial".as_ref(),
+            "stdio".as_ref(),
+            "--restore".as_ref(),
+            snap.as_os_str(),
+        ]),
+    }
+    args
+}
+
 /// The guest assets folder; panics with the setup step when the assets are missing.
 pub fn assets() -> PathBuf {
     let dir = std::env::var_os("VESSEL_ASSETS")
