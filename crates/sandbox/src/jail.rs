@@ -46,8 +46,8 @@ pub struct JailSpec {
 }
 
 /// The smallest `fsize` limit. RLIMIT_FSIZE bounds memory files as any other, and the
-/// emulator's code arenas are memory files: the 64 MiB arena for compiled blocks is sized
-/// when its vCPU is made, before the limit is set ([`apply_file_size_limit`]), but the
+/// emulator's code arenas are memory files: the VM's code memory for compiled blocks is
+/// sized when its first vCPU is made, before the limit is set ([`apply_file_size_limit`]), but the
 /// 1 MiB arena for host stubs is made later, on the vCPU's thread, as the guest first
 /// needs one, and must fit under the limit.
 pub const MIN_FILE_SIZE_LIMIT: u64 = 1 << 20;
