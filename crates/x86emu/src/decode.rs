@@ -375,10 +375,7 @@ impl BlockCache {
     pub(crate) fn enter_run(&mut self) {
         if let Some(j) = &mut self.jit {
             if j.running(true) {
-                self.drop_compiled_keeping(true);
-                if let Some(j) = &mut self.jit {
-                    j.quiesce();
-                }
+                self.drop_for_flush();
             }
         }
     }
@@ -396,10 +393,17 @@ impl BlockCache {
     #[inline(always)]
     pub(crate) fn see_flush(&mut self) {
         if self.jit.as_ref().is_some_and(|j| j.flush_asked()) {
-            self.drop_compiled_keeping(true);
-            if let Some(j) = &mut self.jit {
-                j.quiesce();
-            }
+            self.drop_for_flush();
+        }
+    }
+
+    /// Drops every compiled block (hot ones compile again soon) and tells the shared code
+    /// memory this CPU no longer holds any of its code.
+    #[cold]
+    fn drop_for_flush(&mut self) {
+        self.drop_compiled_keeping(true);
+        if let Some(j) = &mut self.jit {
+            j.quiesce();
         }
     }
 
@@ -526,10 +530,7 @@ impl BlockCache {
                 // The code memory is full: start over; hot blocks compile again once every
                 // CPU has let go of the old code.
                 if self.any_compiled || jit.flush_asked() {
-                    self.drop_compiled_keeping(true);
-                    if let Some(j) = &mut self.jit {
-                        j.quiesce();
-                    }
+                    self.drop_for_flush();
                 }
                 let threshold = self.jit.as_ref().map_or(0, |j| j.threshold);
                 if let Some(b) = self.blocks.get_mut(slot) {
