@@ -51,9 +51,7 @@ fn run_to_hlt(cpu: &mut Cpu, i: usize) {
 fn locked_increments_and_spinlock_across_threads() {
     let mut shared = Shared::new();
     let ram0 = shared.map();
-    let mut pt = PageTableBuilder::new(&ram0, 0x1000, 0x10000);
-    pt.map(&ram0, 0, 0, 2, PTE_W);
-    pt.map(&ram0, 0x20_0000, 0x20_0000, 2, PTE_W);
+    let root = identity_tables(&ram0);
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     let mut spin = a.create_label();
@@ -80,17 +78,11 @@ fn locked_increments_and_spinlock_across_threads() {
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
     ram0.write(CODE, &code);
-    let root = pt.root;
     let handles: Vec<_> = (0..CPUS)
         .map(|i| {
             let ram = shared.map();
             std::thread::spawn(move || {
-                let mut cpu = Cpu::new(ram);
-                let mut s = long_mode_state(root, 0, 0, 0);
-                s.rip = CODE;
-                s.gpr[4] = 0x8_0000 + i as u64 * 0x1000;
-                cpu.set_state(s);
-                run_to_hlt(&mut cpu, i);
+                run_program(&mut Cpu::new(ram), root, CODE, i);
             })
         })
         .collect();
@@ -124,9 +116,7 @@ fn locked_bit_string_operations_are_atomic_against_locked_byte_operations() {
     for jit in [None, Some(0)] {
         let mut shared = Shared::new();
         let ram0 = shared.map();
-        let mut pt = PageTableBuilder::new(&ram0, 0x1000, 0x10000);
-        pt.map(&ram0, 0, 0, 2, PTE_W);
-        pt.map(&ram0, 0x20_0000, 0x20_0000, 2, PTE_W);
+        let root = identity_tables(&ram0);
         // rbx = WORD, rax = 64 + i (the bit, one qword on), rsi = i, dl = 1 << i,
         // r9b = !(1 << i), r11 = this CPU's bad counter, ecx = iterations.
         let check = |a: &mut CodeAssembler, set: bool, bad: &mut CodeLabel| {
@@ -180,7 +170,6 @@ fn locked_bit_string_operations_are_atomic_against_locked_byte_operations() {
             ram0.write(at, &a.assemble(at).unwrap());
             programs.push(at);
         }
-        let root = pt.root;
         let handles: Vec<_> = (0..CPUS)
             .map(|i| {
                 let ram = shared.map();
