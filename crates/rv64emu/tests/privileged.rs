@@ -632,10 +632,12 @@ hart1:
     csrsi mstatus, 8
     li t1, -1
     sd t1, 0(s1)
+    # Sleep until the handler has run: hart 0 may already have moved the flag on
+    # from 1 to 2 by the time this hart reads it.
 3:  wfi
     ld t1, 0(s1)
-    li t2, 1
-    bne t1, t2, 3b
+    li t2, -1
+    beq t1, t2, 3b
 4:  ld t1, 0(s1)
     li t2, 2
     bne t1, t2, 4b
@@ -698,18 +700,22 @@ mtrap:
     };
     let mut bus = Finisher::default();
     let t0 = std::time::Instant::now();
-    while !bus.done {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(20),
-            "hart 0 never finished; pc {:#x}",
-            hart0.pc
-        );
+    while !bus.done && t0.elapsed() < std::time::Duration::from_secs(20) {
         if let RunExit::Wfi = hart0.run(&mut bus, 10_000) {
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
     }
+    // Join before asserting: hart 1's thread uses `backing`, which a panic here
+    // would free under it.
     done.store(true, Ordering::SeqCst);
     let hart1 = other.join().unwrap();
+    assert!(
+        bus.done,
+        "hart 0 never finished; pc {:#x}, hart 1 at {:#x}, flag {:#x}",
+        hart0.pc,
+        hart1.pc,
+        mem(&hart0, 0x8018_0000)
+    );
     assert_eq!(
         rec(&hart0, 0),
         1,
