@@ -243,8 +243,8 @@ impl Jit {
     /// if it compiled the same, else compiled now. `slot` is the block's cache slot, and
     /// `tlb_gen` (page-crossing blocks) the address of its TLB generation: both go in the
     /// block's record, with its links unlinked. With `warming` (runs since this CPU last
-    /// asked), the block is compiled only once the machine's CPUs together ran it
-    /// `threshold` times.
+    /// asked; 0 to only look for another CPU's code), the block is compiled only once the
+    /// machine's CPUs together ran it `threshold` times.
     pub(crate) fn compile(
         &mut self,
         key: shared::Key,
@@ -277,6 +277,9 @@ impl Jit {
             return Ok(self.install(&p, slot, tlb_gen));
         }
         if let Some(runs) = warming {
+            if runs == 0 {
+                return Err(NoCode::Uncovered);
+            }
             let heat = inner.heat.entry(key).or_default();
             *heat = heat.saturating_add(runs);
             if *heat <= self.threshold {
