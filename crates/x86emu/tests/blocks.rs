@@ -1613,6 +1613,52 @@ fn compiled_rdtscp_reads_the_tsc_and_tsc_aux() {
     }
 }
 
+/// PAUSE runs in compiled code and is counted there as the interpreter counts it: a spin
+/// loop ends its run with `Paused` after exactly `PAUSE_SPIN` of them either way, keeps the
+/// flags the loop's branch tests across the PAUSE, and (compiled) goes round without
+/// coming back to the dispatcher for every turn.
+#[test]
+fn compiled_pause_counts_the_spin_and_keeps_the_flags() {
+    let spin = u64::from(x86emu::PAUSE_SPIN);
+    let code = asm(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.xor(r10d, r10d).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(r10, 1).unwrap();
+        a.cmp(r10, 200).unwrap();
+        a.pause().unwrap();
+        a.jne(top).unwrap();
+        a.hlt().unwrap();
+    });
+    for jit in [None, Some(0)] {
+        let mut g = guest_with(&code, &[0; 10], 0);
+        g.cpu.set_jit_threshold(jit);
+        for turn in 1..=200 / spin {
+            assert_eq!(
+                g.cpu.run(&mut NoDevices, 1_000_000),
+                RunExit::Paused,
+                "{jit:?}"
+            );
+            assert_eq!(g.cpu.state().gpr[10], turn * spin, "{jit:?}");
+        }
+        assert_eq!(
+            g.cpu.run(&mut NoDevices, 1_000_000),
+            RunExit::Halted,
+            "{jit:?}"
+        );
+        assert_eq!(g.cpu.state().gpr[10], 200, "{jit:?}");
+        if jit.is_some() {
+            assert!(
+                g.cpu.dispatched_blocks() < 50,
+                "compiled turns chain: {} dispatches",
+                g.cpu.dispatched_blocks()
+            );
+        } else {
+            assert!(g.cpu.dispatched_blocks() >= 200);
+        }
+    }
+}
+
 /// Two hot functions whose blocks hash to the same slot: both stay cached (a slot pair),
 /// so both compile, and compiled code finds the one in the pair's second slot through its
 /// own lookup. A direct-mapped cache had them evict each other at every call, forever

@@ -205,7 +205,7 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
             Ok(())
         }
         Mnemonic::Pause => {
-            cpu.pauses = cpu.pauses.saturating_add(1);
+            cpu.jit.pauses = cpu.jit.pauses.saturating_add(1);
             Ok(())
         }
         Mnemonic::Nop | Mnemonic::Endbr64 | Mnemonic::Endbr32 => Ok(()),

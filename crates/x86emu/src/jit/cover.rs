@@ -116,6 +116,10 @@ pub(super) enum Kind {
     /// the CPU has it: every kvmclock read of a guest with more than one vCPU).
     Rdtsc,
     Rdtscp,
+    /// PAUSE: counted, as the interpreter counts it; the code leaves before the one that
+    /// completes a spin (`PAUSE_SPIN`), so that `run` returns `Paused`. A spin-wait loop
+    /// (`csd_lock_wait`, `mutex_spin_on_owner`) then runs compiled between its yields.
+    Pause,
     /// REP STOSB/STOSQ with 64-bit addresses (the page check is at run time).
     RepStos,
     /// REP MOVSB/MOVSQ with 64-bit addresses and no segment override (likewise).
@@ -303,6 +307,7 @@ fn kind32(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
             | Kind::Std
             | Kind::Rdtsc
             | Kind::Rdtscp
+            | Kind::Pause
             | Kind::Movs
             | Kind::Stos
     )
@@ -411,6 +416,7 @@ fn kind64(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         Code::Std => return Some(Kind::Std),
         Code::Rdtsc => return Some(Kind::Rdtsc),
         Code::Rdtscp => return Some(Kind::Rdtscp),
+        Code::Pause => return Some(Kind::Pause),
         Code::Call_rel32_64 if last => return Some(Kind::Call),
         Code::Retnq | Code::Retnq_imm16 if last => return Some(Kind::Ret),
         Code::Jmp_rm64 | Code::Call_rm64 if last => {
@@ -429,8 +435,7 @@ fn kind64(ins: &Instruction, last: bool, model: u64) -> Option<Kind> {
         _ => {}
     }
     let m = ins.mnemonic();
-    // Prefetches are hints: no access, no fault; ENDBR is a NOP here too. (PAUSE is the
-    // interpreter's: it counts spins, see `RunExit::Paused`.)
+    // Prefetches are hints: no access, no fault; ENDBR is a NOP here too.
     if matches!(
         m,
         M::Nop

@@ -212,6 +212,7 @@ pub(super) fn translate(
             Kind::Std => e.set_df(true)?,
             Kind::Rdtsc => e.rdtsc(i as u32, false)?,
             Kind::Rdtscp => e.rdtsc(i as u32, true)?,
+            Kind::Pause => e.pause(i as u32)?,
             Kind::RepStos => e.rep_stos(ins, i as u32)?,
             Kind::RepMovs => e.rep_movs(ins, i as u32)?,
             Kind::Movs => e.movs(ins, i as u32)?,
@@ -1493,6 +1494,22 @@ impl Emitter {
     /// in the state (stores are written through), so the call only costs the host
     /// registers' cached copies; the guest's status flags, which live in the host's, are
     /// saved around it. Where CR4.TSD forbids it, the interpreter raises the #GP.
+    fn pause(&mut self, idx: u32) -> Option<()> {
+        use iced_x86::code_asm::registers::gpr64::rcx;
+        let miss = self.miss_label(idx);
+        let a = &mut self.a;
+        let pauses = qword_ptr(gpr64::r15 + ctx_off(offset_of!(Ctx, pauses)));
+        let last = i64::from(crate::cpu::PAUSE_SPIN) - 1;
+        // The guest's flags may live in the host's: LEA and JRCXZ leave them alone.
+        a!(a.mov(rcx, pauses));
+        a!(a.lea(rcx, ptr(rcx - last)));
+        a!(a.jrcxz(miss));
+        a!(a.lea(rcx, ptr(rcx + last + 1)));
+        a!(a.mov(pauses, rcx));
+        self.clobber(&[Register::RCX]);
+        Some(())
+    }
+
     fn rdtsc(&mut self, idx: u32, aux: bool) -> Option<()> {
         use iced_x86::code_asm::registers::gpr64::{rax, rcx, rdi, rdx, rsp};
         let miss = self.miss_label(idx);

@@ -97,6 +97,9 @@ pub(crate) struct Ctx {
     /// The CPU's TSC, and the function that reads it (`cpu::jit_rdtsc`).
     pub(crate) tsc: u64,
     pub(crate) rdtsc: u64,
+    /// In and out: PAUSEs since `run` last returned `Paused` (compiled code counts them
+    /// too, and leaves before the one that completes a spin, see `RunExit::Paused`).
+    pub(crate) pauses: u64,
     /// Out, FINISHED: the next RIP.
     pub(crate) rip: u64,
     /// Out, FINISHED: the link slot of the exit taken, or 0 (see `BlockCache::link`).
