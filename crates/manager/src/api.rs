@@ -394,7 +394,11 @@ impl Api {
                 #[serde(deny_unknown_fields)]
                 struct M {
                     /// The destination daemon's API socket, or `tcp://HOST:PORT`.
-                    dest: String,
+                    #[serde(default)]
+                    dest: Option<String>,
+                    /// A cluster host (answered by the cluster's routes).
+                    #[serde(default)]
+                    to: Option<String>,
                     /// The destination's TCP API token, for a `tcp://` destination.
                     #[serde(default)]
                     dest_token: Option<String>,
@@ -404,21 +408,33 @@ impl Api {
                     undefine_source: bool,
                 }
                 let m: M = body_json(req, "migrate body")?;
+                let Some(dest) = m.dest else {
+                    return Err(Error::invalid(
+                        "migrate body",
+                        match m.to {
+                            Some(h) => format!(
+                                "--to {h} names a cluster host, and this daemon is not in \
+                                 a cluster: give the destination daemon (its socket or tcp://)"
+                            ),
+                            None => "give the destination daemon (its socket or tcp://)".into(),
+                        },
+                    ));
+                };
                 if !m.live {
                     return Err(Error::Unsupported(
                         "only live migration is implemented: give --live".into(),
                     ));
                 }
-                if !m.dest.starts_with("tcp://") {
+                if !dest.starts_with("tcp://") {
                     self.check_path(
                         req,
-                        std::path::Path::new(&m.dest),
+                        std::path::Path::new(&dest),
                         vmm::api::access::Want::Read,
                     )?;
                 }
                 ok(self
                     .m
-                    .migrate_out(name, &m.dest, m.dest_token.as_deref(), m.undefine_source)?)
+                    .migrate_out(name, &dest, m.dest_token.as_deref(), m.undefine_source)?)
             }
             ("POST", ["migrations", "incoming"]) => {
                 #[derive(serde::Deserialize)]

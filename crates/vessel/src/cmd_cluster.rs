@@ -23,6 +23,17 @@ pub enum ClusterCommand {
         #[arg(value_parser = ["on", "off"])]
         mode: String,
     },
+    /// Create a server group: its members (domains defined with `define --group`) go on
+    /// one host (affinity) or each on a host of its own (anti-affinity).
+    GroupCreate {
+        name: String,
+        #[arg(long, value_parser = ["affinity", "anti-affinity"])]
+        policy: String,
+    },
+    /// List the server groups, their policy and members.
+    GroupList,
+    /// Delete a server group that has no members.
+    GroupDelete { name: String },
     /// Started by a cluster daemon: kills the host's VMMs (under RUN_DIR) once the
     /// daemon is gone, so that they cannot run beside the copies other hosts start.
     #[command(hide = true)]
@@ -52,6 +63,47 @@ pub fn run(cmd: ClusterCommand, c: &Client, json_out: bool) -> Result<i32> {
         ClusterCommand::ClusterWatchdog { run_dir } => {
             let n = manager::cluster::watchdog::run(&run_dir);
             eprintln!("vessel cluster-watchdog: the daemon is gone; stopped {n} VMMs");
+        }
+        ClusterCommand::GroupCreate { name, policy } => {
+            let v = c.post(
+                "/v1/cluster/groups",
+                Some(&json!({"name": name, "policy": policy})),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Server group '{name}' created ({policy})");
+            }
+        }
+        ClusterCommand::GroupList => {
+            let v = c.get("/v1/cluster/groups")?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<_> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| {
+                        let members: Vec<String> = g["members"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|m| format!("{}@{}", s(&m["name"]), s(&m["host"])))
+                            .collect();
+                        vec![s(&g["name"]), s(&g["policy"]), members.join(" ")]
+                    })
+                    .collect();
+                table(&["Group", "Policy", "Members"], &rows);
+            }
+        }
+        ClusterCommand::GroupDelete { name } => {
+            c.call("DELETE", &format!("/v1/cluster/groups/{}", enc(&name)), None)?;
+            if json_out {
+                print_json(&json!({"name": name, "deleted": true}));
+            } else {
+                println!("Server group '{name}' deleted");
+            }
         }
         ClusterCommand::HostList => {
             let v = c.get("/v1/cluster/hosts")?;
@@ -100,7 +152,15 @@ pub fn run(cmd: ClusterCommand, c: &Client, json_out: bool) -> Result<i32> {
             } else if on {
                 println!("Host '{host}' is in maintenance");
                 for m in v["moved"].as_array().into_iter().flatten() {
-                    println!("  {} moved to {}", s(&m["domain"]), s(&m["to"]));
+                    let how = match (m["how"].as_str(), m["reason"].as_str()) {
+                        (Some("live"), _) => format!(
+                            "live, downtime {:.1} ms",
+                            m["downtime_ms"].as_f64().unwrap_or(0.0)
+                        ),
+                        (Some(h), Some(r)) => format!("{h}: {r}"),
+                        (h, _) => h.unwrap_or("?").to_string(),
+                    };
+                    println!("  {} moved to {} ({how})", s(&m["domain"]), s(&m["to"]));
                 }
             } else {
                 println!("Host '{host}' takes domains again");

@@ -189,6 +189,12 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
                 Some(t) => format!("{} or tcp://{}", socket.display(), t.addr),
                 None => socket.display().to_string(),
             },
+            socket: std::path::absolute(&socket)
+                .unwrap_or_else(|_| socket.clone())
+                .display()
+                .to_string(),
+            tcp: tcp.as_ref().map(|t| t.addr.to_string()),
+            token: tcp.as_ref().map(|t| t.token.clone()),
             host,
             lease_ttl: args.lease_ttl,
             weigher: args.weigher,
@@ -220,6 +226,10 @@ pub enum ManageCommand {
         /// running domain gets it at its next start).
         #[arg(long)]
         update: bool,
+        /// In a cluster: join this server group (created with `group-create`); its
+        /// policy constrains where the domain is placed.
+        #[arg(long, conflicts_with = "update")]
+        group: Option<String>,
     },
     /// Remove a domain's definition (it must not be running).
     Undefine { name: String },
@@ -461,7 +471,11 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 table(&["PID", "Name", "State", "Driver", "CPUs", "Memory"], &rows);
             }
         }
-        ManageCommand::Define { file, update } => {
+        ManageCommand::Define {
+            file,
+            update,
+            group,
+        } => {
             let text = if file == Path::new("-") {
                 let mut t = String::new();
                 std::io::stdin().read_to_string(&mut t)?;
@@ -472,6 +486,15 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             };
             let v = if update {
                 c.redefine_text(&text)?
+            } else if let Some(g) = &group {
+                let ct = if text.trim_start().starts_with('<') {
+                    "application/xml"
+                } else {
+                    "application/json"
+                };
+                let path = format!("/v1/domains?group={}", vmm::api::http::percent_encode(g));
+                let r = c.raw("POST", &path, Some((ct, text.as_bytes())))?;
+                serde_json::from_slice(&r.body)?
             } else {
                 c.define_text(&text)?
             };

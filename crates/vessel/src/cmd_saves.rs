@@ -43,8 +43,13 @@ pub enum SaveCommand {
     Migrate {
         name: String,
         /// The destination daemon's API socket, or `tcp://HOST:PORT` (its --listen-tcp,
-        /// with --dest-token-file): the stream then goes over TCP too.
-        dest: String,
+        /// with --dest-token-file): the stream then goes over TCP too. In a cluster,
+        /// leave it out: --to HOST, or placement picks the host.
+        #[arg(required_unless_present_any = ["to", "live"])]
+        dest: Option<String>,
+        /// In a cluster: the host to move to (without it, placement picks one).
+        #[arg(long, conflicts_with = "dest")]
+        to: Option<String>,
         /// The file holding the destination daemon's TCP token.
         #[arg(long)]
         dest_token_file: Option<PathBuf>,
@@ -75,10 +80,36 @@ pub fn run(cmd: SaveCommand, c: &Client, json_out: bool) -> Result<i32> {
         }
         SaveCommand::Migrate {
             name,
-            dest,
+            dest: None,
+            to,
+            live,
+            ..
+        } => {
+            // A cluster domain: its host's daemon picks or checks the destination host.
+            let v = c.post(
+                &format!("{}/migrate", dom(&name)),
+                Some(&json!({ "live": live, "to": to })),
+            )?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "Domain '{name}' migrated from host {} to host {} (downtime {:.1} ms, total {:.1} ms, {} rounds)",
+                    v["from"].as_str().unwrap_or("?"),
+                    v["to"].as_str().unwrap_or("?"),
+                    v["downtime_ms"].as_f64().unwrap_or(0.0),
+                    v["total_ms"].as_f64().unwrap_or(0.0),
+                    v["rounds"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        SaveCommand::Migrate {
+            name,
+            dest: Some(dest),
             dest_token_file,
             live,
             undefinesource,
+            ..
         } => {
             let dest = if dest.starts_with("tcp://") {
                 dest

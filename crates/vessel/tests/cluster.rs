@@ -94,6 +94,8 @@ struct Cluster {
 struct Host {
     name: String,
     dir: PathBuf,
+    /// Its TCP API (`127.0.0.1:PORT`), where the other hosts send live migrations.
+    tcp: String,
     child: Option<Child>,
 }
 
@@ -190,6 +192,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("vessel-cluster-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("shared")).unwrap();
+        // One token for the cluster: hosts reach each other's TCP API with it.
+        std::fs::write(dir.join("token"), "cluster-test-token-0123456789\n").unwrap();
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
@@ -270,6 +274,7 @@ impl Cluster {
             let mut h = Host {
                 name,
                 dir: hdir,
+                tcp: format!("127.0.0.1:{}", free_port()),
                 child: None,
             };
             c.spawn(&mut h);
@@ -303,6 +308,8 @@ impl Cluster {
             .args(["--cluster", &self.endpoints(), "--host-name", &h.name])
             .args(["--lease-ttl", LEASE_TTL])
             .args(["--host-vcpus", "16", "--host-memory-mib", "4096"])
+            .args(["--listen-tcp", &h.tcp, "--token-file"])
+            .arg(self.dir.join("token"))
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -626,4 +633,276 @@ fn killed_host_is_evacuated_once_and_lost_quorum_fences() {
     );
     let hosts = c.hosts[1].json(&["host-list"]);
     assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts}");
+}
+
+/// What the migrating guest runs (spaces as `+`): it writes a token to its disk (a file
+/// in the shared folder), then prints `count N TOKEN` every 0.2 s, reading the token back
+/// from the disk each time with the page cache dropped, so that the reads after a
+/// migration go through the destination's VMM to the shared file.
+const COUNTING_WITH_DISK: &str = "vessel.run=echo+disk-token-42+>/dev/vda;sync;i=0;\
+    while+true;do+i=$((i-(-1)));echo+3+>/proc/sys/vm/drop_caches;\
+    echo+count+$i+$(head+-c+13+/dev/vda);sleep+0.2;done";
+
+/// `(count, token)` of each whole `count N TOKEN` line of a serial log.
+fn counts(log: &str) -> Vec<(u64, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut w = l.trim_end().strip_prefix("count ")?.split(' ');
+            let n = w.next()?.parse().ok()?;
+            Some((n, w.next().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// A Linux guest under emu running [`COUNTING_WITH_DISK`] on a raw disk in the
+    /// shared folder, defined through host `via`; returns its host.
+    fn define_counting(&self, via: usize, name: &str, extra: Value) -> String {
+        let a = common::assets();
+        assert!(
+            a.join("vmlinuz").is_file() && a.join("initramfs.cpio.gz").is_file(),
+            "guest assets missing in {}: run scripts/guest-assets.sh",
+            a.display()
+        );
+        let disk = self.dir.join(format!("shared/{name}.raw"));
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let mut def = json!({"name": name, "driver": "vessel",
+            "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                   "cmdline": format!("console=ttyS0 panic=-1 quiet {COUNTING_WITH_DISK}"),
+                   "memory_mib": 256, "accel": "emu",
+                   "disks": [{"path": disk, "format": "raw"}]}});
+        if let (Some(vm), Some(x)) = (def["vm"].as_object_mut(), extra.as_object()) {
+            vm.extend(x.clone());
+        }
+        let f = self.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        let v = self.hosts[via].json(&["define", f.to_str().unwrap()]);
+        v["host"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).unwrap()
+    }
+
+    /// The counts domain `name` printed at host `h` so far.
+    fn counts_at(&self, h: &str, name: &str) -> Vec<(u64, String)> {
+        let o = self.host(h).cli(&["console", name, "--log"]);
+        counts(&String::from_utf8_lossy(&o.stdout))
+    }
+
+    fn wait_count(&self, h: &str, name: &str, n: u64, what: &str) -> Vec<(u64, String)> {
+        let t0 = Instant::now();
+        loop {
+            let got = self.counts_at(h, name);
+            if got.last().is_some_and(|(c, _)| *c >= n) {
+                return got;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{what}: domain {name} on {h} printed {got:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The host whose live VMM runs `name` (exactly one).
+    fn runner(&self, name: &str) -> String {
+        let r = self.runners();
+        assert!(r.values().all(|h| h.len() == 1), "twice: {r:?}");
+        r.get(name).map(|h| h[0].clone()).unwrap_or_default()
+    }
+
+    /// Checks that `name`, which ran on `from` up to count `before`, goes on at `to`
+    /// without restarting, reading the token back from the shared disk there.
+    fn check_goes_on(&self, name: &str, to: &str, before: u64) {
+        assert_eq!(self.runner(name), to);
+        let p = self.placement(0);
+        assert!(p[to].contains(&name.to_string()), "{p:?}");
+        let got = self.wait_count(to, name, before + 5, "after the migration");
+        let first = got.first().map_or(0, |(c, _)| *c);
+        // A guest that booted again would count from 1.
+        assert!(first > before.min(3), "the count restarted at {to}: {got:?}");
+        assert!(
+            got.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+            "the count skipped or repeated at {to}: {got:?}"
+        );
+        assert!(
+            got.iter().all(|(_, t)| t == "disk-token-42"),
+            "the token written before the migration did not read back at {to}: {got:?}"
+        );
+        let log = self.host(to).ok(&["console", name, "--log"]);
+        assert!(!log.contains("vessel-init:"), "booted again at {to}: {log}");
+    }
+}
+
+/// A running guest moves live between hosts: `migrate --live --to HOST` and placement's
+/// pick without `--to` (each over TCP between the hosts' daemons, asked through a daemon
+/// that is not the domain's host); its counter goes on and the token it wrote to its disk
+/// on shared storage before reads back after; etcd places it on the destination only
+/// once the destination runs it. A drain then moves running domains live, and one that
+/// cannot migrate (vsock) cold, saying why.
+#[test]
+fn running_domains_migrate_live_between_hosts_and_drain_live() {
+    let c = Cluster::start("live");
+    let home = c.define_counting(0, "mover", json!({}));
+    c.hosts[1].json(&["start", "mover"]);
+    let got = c.wait_count(&home, "mover", 3, "first boot");
+    assert!(got.iter().all(|(_, t)| t == "disk-token-42"), "{got:?}");
+    let disk = std::fs::read(c.dir.join("shared/mover.raw")).unwrap();
+    assert!(disk.starts_with(b"disk-token-42\n"), "the guest's write is not on the shared disk");
+
+    // To a named host, asked through its own host's daemon.
+    let to = if home == "h1" { "h2" } else { "h1" };
+    let via = c.hosts.iter().position(|h| h.name == home).unwrap();
+    let before = c.counts_at(&home, "mover").last().unwrap().0;
+    let t0 = Instant::now();
+    let out = c.hosts[via].ok(&["migrate", "mover", "--live", "--to", to]);
+    eprintln!("migrate --to {to}: {out} (CLI round trip {:?})", t0.elapsed());
+    assert!(
+        out.contains(&format!("from host {home} to host {to}")) && out.contains("downtime"),
+        "{out}"
+    );
+    c.check_goes_on("mover", to, before);
+    assert!(
+        c.host(&home).json(&["list", "--all"]).as_array().unwrap().is_empty(),
+        "the source still defines the domain"
+    );
+    assert!(c.host(to).log().contains("migration stream received over TCP"));
+
+    // Without --to, through a daemon that is not its host: placement picks.
+    let other = c.hosts.iter().position(|h| h.name != to).unwrap();
+    let before = c.counts_at(to, "mover").last().unwrap().0;
+    let v = c.hosts[other].json(&["migrate", "mover", "--live"]);
+    eprintln!("migrate (placement picks): {v}");
+    let picked = v["to"].as_str().unwrap().to_string();
+    assert_ne!(picked, to, "{v}");
+    assert!(v["downtime_ms"].as_f64().unwrap() > 0.0, "{v}");
+    c.check_goes_on("mover", &picked, before);
+
+    // Refused: onto its own host, a host that does not exist, a shut-off domain.
+    let e = c.host(&picked).fails(&["migrate", "mover", "--live", "--to", &picked]);
+    assert!(e.contains("already"), "{e}");
+    let e = c.host(&picked).fails(&["migrate", "mover", "--live", "--to", "h9"]);
+    assert!(e.contains("h9"), "{e}");
+    assert_eq!(c.runner("mover"), picked);
+
+    // Beside it on the same host (the others in maintenance meanwhile, with nothing on
+    // them to move): a domain that cannot migrate live (vsock), and one left shut off.
+    let others: Vec<String> = ["h0", "h1", "h2"]
+        .iter()
+        .filter(|h| **h != picked)
+        .map(|h| h.to_string())
+        .collect();
+    for h in &others {
+        c.hosts[0].ok(&["host-maintenance", h, "on"]);
+    }
+    let pinned_host = c.define_counting(
+        0,
+        "pinned",
+        json!({"vsock": {"guest_cid": 3, "uds_path": ""}}),
+    );
+    assert_eq!(pinned_host, picked);
+    assert_eq!(c.define(1, "idle", 64), picked);
+    for h in &others {
+        c.hosts[0].ok(&["host-maintenance", h, "off"]);
+    }
+    c.hosts[0].json(&["start", "pinned"]);
+    wait_until("pinned runs", Duration::from_secs(30), || {
+        c.runner("pinned") == picked
+    });
+    c.wait_count(&picked, "pinned", 2, "pinned boots");
+    let e = c.host(&picked).fails(&["migrate", "pinned", "--live"]);
+    assert!(e.contains("vsock") && e.contains("runs on here"), "{e}");
+    assert_eq!(c.runner("pinned"), picked);
+
+    // Drain its host: mover goes live, pinned cold, with the reason.
+    let before = c.counts_at(&picked, "mover").last().unwrap().0;
+    let i = c.hosts.iter().position(|h| h.name != picked).unwrap();
+    let out = c.hosts[i].ok(&["host-maintenance", &picked, "on"]);
+    eprintln!("drain: {out}");
+    assert!(out.contains("mover moved to") && out.contains("live, downtime"), "{out}");
+    assert!(out.contains("pinned moved to") && out.contains("cold:") && out.contains("vsock"), "{out}");
+    assert!(out.contains("idle moved to") && out.contains("(shut off)"), "{out}");
+    let now = c.runner("mover");
+    assert_ne!(now, picked);
+    c.check_goes_on("mover", &now, before);
+    wait_until("pinned runs again elsewhere", Duration::from_secs(30), || {
+        let r = c.runner("pinned");
+        !r.is_empty() && r != picked
+    });
+    c.hosts[i].ok(&["host-maintenance", &picked, "off"]);
+}
+
+/// Server groups: anti-affinity members each on a host of their own, one more refused
+/// with each host's reason; affinity members all on the first one's host even with
+/// the spread weigher; a group with members cannot be deleted; a start that would
+/// break the group (its record edited behind the cluster's back) is a clear error.
+#[test]
+fn server_groups_constrain_placement_and_start() {
+    let c = Cluster::start("groups");
+    c.hosts[0].ok(&["group-create", "web", "--policy", "anti-affinity"]);
+    c.hosts[1].ok(&["group-create", "db", "--policy", "affinity"]);
+    let e = c.hosts[2].fails(&["group-create", "web", "--policy", "affinity"]);
+    assert!(e.contains("exists"), "{e}");
+    let define = |via: usize, name: &str, group: &str| -> Result<String, String> {
+        let def = json!({"name": name, "driver": "vessel",
+            "vm": {"kernel": c.guest(), "cmdline": "", "memory_mib": 64, "accel": "kvm"}});
+        let f = c.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        let o = c.hosts[via].cli(&["--json", "define", f.to_str().unwrap(), "--group", group]);
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            Ok(v["host"].as_str().unwrap().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    };
+    let mut web: Vec<String> = (0..3).map(|i| define(i, &format!("web{i}"), "web").unwrap()).collect();
+    web.sort();
+    assert_eq!(web, ["h0", "h1", "h2"]);
+    let e = define(0, "web3", "web").unwrap_err();
+    assert!(e.contains("no host fits") && e.contains("anti-affinity group \"web\""), "{e}");
+    let db: Vec<String> = (0..3).map(|i| define(i, &format!("db{i}"), "db").unwrap()).collect();
+    assert!(db.iter().all(|h| *h == db[0]), "{db:?}");
+    let e = define(0, "x", "nogroup").unwrap_err();
+    assert!(e.contains("nogroup"), "{e}");
+    let groups = c.hosts[2].ok(&["group-list"]);
+    assert!(groups.contains("anti-affinity") && groups.contains("web0@"), "{groups}");
+    let e = c.hosts[0].fails(&["group-delete", "web"]);
+    assert!(e.contains("still has members"), "{e}");
+
+    // Starting the members is fine; then a record moved by hand onto web0's host.
+    c.hosts[0].json(&["start", "web1"]);
+    let web0_host = c.placement(0).into_iter().find(|(_, d)| d.contains(&"web0".to_string())).unwrap().0;
+    let k = "/vessel/v1/domains/web2";
+    let o = Command::new("etcdctl")
+        .args(["--endpoints", &c.endpoints(), "get", k, "--print-value-only"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    let mut rec: Value = serde_json::from_slice(&o.stdout).unwrap();
+    rec["host"] = json!(web0_host);
+    let ok = Command::new("etcdctl")
+        .args(["--endpoints", &c.endpoints(), "put", k, &rec.to_string()])
+        .env("ETCDCTL_API", "3")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let e = c.hosts[1].fails(&["start", "web2"]);
+    assert!(
+        e.contains("may not start on host") && e.contains("anti-affinity group \"web\" has web0 here"),
+        "{e}"
+    );
+    assert!(!c.runners().contains_key("web2"));
+
+    // Without members, the group goes.
+    for d in ["db0", "db1", "db2"] {
+        let h = c.placement(0).into_iter().find(|(_, v)| v.contains(&d.to_string())).unwrap().0;
+        let i = c.hosts.iter().position(|x| x.name == h).unwrap();
+        c.hosts[i].ok(&["undefine", d]);
+    }
+    c.hosts[2].ok(&["group-delete", "db"]);
+    assert!(!c.hosts[0].ok(&["group-list"]).contains("db"));
 }

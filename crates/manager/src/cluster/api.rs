@@ -57,11 +57,39 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
             let m: M = serde_json::from_slice(&req.body)
                 .map_err(|e| Error::invalid("maintenance body", e.to_string()))?;
             let moved = c.set_maintenance(h, m.maintenance)?;
-            let moved: Vec<_> = moved
-                .into_iter()
-                .map(|(d, to)| json!({"domain": d, "to": to}))
-                .collect();
             ok(json!({"host": h, "maintenance": m.maintenance, "moved": moved}))
+        }
+        ("GET", ["cluster", "groups"]) => ok(json!(c.groups()?)),
+        ("POST", ["cluster", "groups"]) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct G {
+                name: String,
+                policy: super::Policy,
+            }
+            let g: G = serde_json::from_slice(&req.body)
+                .map_err(|e| Error::invalid("server group body", e.to_string()))?;
+            let g = c.create_group(&g.name, g.policy)?;
+            Ok(Some(Response::json(201, &json!(g)).into()))
+        }
+        ("DELETE", ["cluster", "groups", g]) => {
+            c.delete_group(g)?;
+            Ok(Some(Response::empty(204).into()))
+        }
+        ("POST", ["migrations", "incoming"]) => {
+            // Only a migration the cluster recorded to this host may come in: anything
+            // else would be a domain here that etcd does not place here.
+            let v: serde_json::Value = serde_json::from_slice(&req.body)
+                .map_err(|e| Error::invalid("incoming migration body", e.to_string()))?;
+            let name = v["definition"]["name"].as_str().unwrap_or_default();
+            let state = c.state()?;
+            match state.migrations.get(name) {
+                Some((m, _)) if m.to == me => Ok(None),
+                _ => Err(Error::Conflict(format!(
+                    "no live migration of domain {name:?} to host {me} is recorded in the \
+                     cluster: cluster domains move with `vessel migrate NAME --live [--to HOST]`"
+                ))),
+            }
         }
         ("POST", ["domains"]) => {
             if c.is_fenced() {
@@ -72,7 +100,8 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
             let def = crate::api::parse_definition(req)?;
             api.check_domain_files(&def, req)?;
             let name = def.name.clone();
-            let host = c.define(def)?;
+            let group = req.query("group").map(str::to_string);
+            let host = c.define(def, group)?;
             Ok(Some(
                 Response::json(201, &json!({"name": name, "host": host})).into(),
             ))
@@ -89,6 +118,14 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
             let Some((rec, _)) = state.domains.get(*name) else {
                 return Ok(None);
             };
+            if state.migrations.get(*name).is_some_and(|(m, _)| m.to == me) {
+                // The source's requests while it migrates here (its clean-up after a
+                // failed migration among them): this host's own business until then.
+                return Ok(None);
+            }
+            if let ("POST", ["migrate"]) = (req.method.as_str(), rest) {
+                return migrate(c, &state, rec, req).map(|v| Some(Response::json(200, &v).into()));
+            }
             if rec.host != me {
                 let api = state
                     .hosts
@@ -117,4 +154,56 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
         }
         _ => Ok(None),
     }
+}
+
+/// `migrate NAME --live [--to HOST]` of a cluster domain: its host's daemon sends it
+/// (a request to another daemon is passed on to that one).
+fn migrate(
+    c: &Cluster,
+    state: &super::State,
+    rec: &super::DomainRecord,
+    req: &Request,
+) -> Result<serde_json::Value> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct M {
+        #[serde(default)]
+        live: bool,
+        #[serde(default)]
+        to: Option<String>,
+        /// A daemon outside the cluster: refused for a cluster domain.
+        #[serde(default)]
+        dest: Option<String>,
+        #[serde(default)]
+        dest_token: Option<String>,
+        #[serde(default)]
+        undefine_source: bool,
+    }
+    let m: M = serde_json::from_slice(&req.body)
+        .map_err(|e| Error::invalid("migrate body", e.to_string()))?;
+    let _ = (m.dest_token, m.undefine_source);
+    if m.dest.is_some() {
+        return Err(Error::Conflict(format!(
+            "domain {:?} is a cluster domain: it moves to another host of the cluster \
+             (`migrate NAME --live --to HOST`, or without --to where placement picks), not \
+             to a daemon outside it",
+            rec.def.name
+        )));
+    }
+    if !m.live {
+        return Err(Error::Unsupported(
+            "only live migration is implemented: give --live".into(),
+        ));
+    }
+    if rec.host == c.opts.host {
+        return c.migrate_live(&rec.def.name, m.to.as_deref());
+    }
+    let Some(h) = state.hosts.get(&rec.host) else {
+        return Err(Error::Conflict(format!(
+            "domain {:?} is placed on host {}, whose lease has expired: it is evacuated, \
+             not migrated",
+            rec.def.name, rec.host
+        )));
+    };
+    c.forward_migrate(h, &rec.def.name, m.to.as_deref())
 }

@@ -28,8 +28,8 @@ use etcd_client::{EventType, WatchOptions};
 
 use crate::error::{Error, Result};
 use crate::manager::Manager;
-pub use placement::{DomainRecord, HostRecord, Weigher};
-pub use store::State;
+pub use placement::{DomainRecord, Group, HostRecord, Policy, Weigher};
+pub use store::{Migration, State};
 
 /// Every key the cluster writes starts with this.
 pub const PREFIX: &str = "/vessel/v1/";
@@ -48,6 +48,26 @@ pub struct ClusterOpts {
     pub memory_mib: Option<u64>,
     /// Where this daemon answers, as other hosts' errors name it.
     pub api: String,
+    /// Its Unix socket, and its TCP API's `HOST:PORT` when it has one.
+    pub socket: String,
+    pub tcp: Option<String>,
+    /// The TCP API token, which every host of a cluster shares: hosts send each other
+    /// live migrations and drain requests with it.
+    pub token: Option<String>,
+}
+
+/// One domain a drain moved, and how.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Moved {
+    pub domain: String,
+    pub to: String,
+    /// "live", "shut off" (nothing ran: only its record moved), or "cold" (stopped here
+    /// and started there) with `reason` saying why it could not move live.
+    pub how: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
 }
 
 /// Work for the reconcile thread.
@@ -210,6 +230,8 @@ impl Cluster {
                 .map(|n| n.into_iter().map(|n| n.name).collect())
                 .unwrap_or_default(),
             api: self.opts.api.clone(),
+            socket: self.opts.socket.clone(),
+            tcp: self.opts.tcp.clone(),
         }
     }
 
@@ -461,6 +483,11 @@ impl Cluster {
         let me = self.opts.host.as_str();
         let lease = self.lease.load(Ordering::SeqCst);
         let state = self.state()?;
+        if let Some((m, _)) = state.migrations.get(name) {
+            // Both ends are the migration's until it commits or gives up.
+            tracing::debug!(domain = %name, "migrating from {} to {}: left alone", m.from, m.to);
+            return Ok(());
+        }
         let rec = state.domains.get(name).map(|(r, _)| r);
         let holder = state.running.get(name);
         // Ours under the current lease; a key of ours under an older lease (from before
@@ -597,8 +624,9 @@ impl Cluster {
         state.domains.values().map(|(r, _)| r.clone()).collect()
     }
 
-    /// Places a new domain and records it; the chosen host's daemon defines it.
-    pub fn define(&self, def: crate::domain::DomainDef) -> Result<String> {
+    /// Places a new domain (joining server group `group`, if given) and records it; the
+    /// chosen host's daemon defines it.
+    pub fn define(&self, def: crate::domain::DomainDef, group: Option<String>) -> Result<String> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         def.validate()?;
         for _ in 0..10 {
@@ -609,8 +637,18 @@ impl Cluster {
                     name: def.name,
                 });
             }
+            let g = match &group {
+                None => None,
+                Some(g) => Some(
+                    state
+                        .groups
+                        .get(g)
+                        .ok_or_else(|| Error::not_found("server group", g))?,
+                ),
+            };
             let host = placement::place(
                 &def,
+                g,
                 &Self::candidates(&state, None),
                 &Self::records(&state),
                 self.opts.weigher,
@@ -620,17 +658,25 @@ impl Cluster {
                 def: def.clone(),
                 host: host.clone(),
                 running: false,
+                group: group.clone(),
             };
             let k = key("domains", &def.name);
+            let mut when = vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)];
+            if let Some(g) = &group {
+                // The group may not go away between this read and the write.
+                when.push(Compare::create_revision(
+                    key("groups", g),
+                    CompareOp::Greater,
+                    0,
+                ));
+            }
+            when.push(Compare::mod_revision(
+                format!("{PREFIX}epoch"),
+                CompareOp::Equal,
+                state.epoch_rev,
+            ));
             let txn = Txn::new()
-                .when(vec![
-                    Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-                    Compare::mod_revision(
-                        format!("{PREFIX}epoch"),
-                        CompareOp::Equal,
-                        state.epoch_rev,
-                    ),
-                ])
+                .when(when)
                 .and_then(vec![
                     TxnOp::put(k, serde_json::to_vec(&rec).unwrap_or_default(), None),
                     TxnOp::put(format!("{PREFIX}epoch"), def.name.clone(), None),
@@ -649,8 +695,15 @@ impl Cluster {
     /// Moves one recorded domain to the best other live host (evacuation and drain).
     fn move_domain(&self, state: &State, rec: &DomainRecord, rev: i64) -> Result<String> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        if state.migrations.contains_key(&rec.def.name) {
+            return Err(Error::Conflict(format!(
+                "domain {:?} is migrating live: it moves with that migration",
+                rec.def.name
+            )));
+        }
         let to = placement::place(
             &rec.def,
+            Self::group_of(state, rec),
             &Self::candidates(state, Some(&rec.host)),
             &Self::records(state),
             self.opts.weigher,
@@ -662,11 +715,10 @@ impl Cluster {
             ..rec.clone()
         };
         let txn = Txn::new()
-            .when(vec![Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                rev,
-            )])
+            .when(vec![
+                Compare::mod_revision(k.clone(), CompareOp::Equal, rev),
+                Compare::create_revision(key("migrations", &rec.def.name), CompareOp::Equal, 0),
+            ])
             .and_then(vec![
                 TxnOp::put(k, serde_json::to_vec(&moved).unwrap_or_default(), None),
                 TxnOp::put(format!("{PREFIX}epoch"), rec.def.name.clone(), None),
@@ -692,6 +744,9 @@ impl Cluster {
             };
             if rec.running == running {
                 return Ok(Some(rec.clone()));
+            }
+            if running {
+                Self::check_group(&state, rec)?;
             }
             let k = key("domains", name);
             let next = DomainRecord {
@@ -755,8 +810,10 @@ impl Cluster {
         }
     }
 
-    /// Drains (or undrains) a host: its domains move to the others now.
-    pub fn set_maintenance(&self, host: &str, on: bool) -> Result<Vec<(String, String)>> {
+    /// Drains (or undrains) a host: its domains move to the others now. A running
+    /// domain migrates live (its host's daemon sends it); one that cannot is stopped
+    /// there and started elsewhere (cold), and the answer says why.
+    pub fn set_maintenance(&self, host: &str, on: bool) -> Result<Vec<Moved>> {
         let mut c = self.client();
         let k = key("maintenance", host);
         if !on {
@@ -764,11 +821,44 @@ impl Cluster {
             return Ok(Vec::new());
         }
         let state = self.state()?;
-        if !state.hosts.contains_key(host) {
+        let Some(h) = state.hosts.get(host).cloned() else {
             return Err(Error::not_found("host", host));
-        }
+        };
         self.call(c.put(k, "on", None))?;
         let mut moved = Vec::new();
+        let mut not_live = BTreeMap::new();
+        let running: Vec<String> = state
+            .domains
+            .values()
+            .filter(|(r, _)| {
+                r.host == host
+                    && state
+                        .running
+                        .get(&r.def.name)
+                        .is_some_and(|x| x.host == host)
+            })
+            .map(|(r, _)| r.def.name.clone())
+            .collect();
+        for name in running {
+            let live = if host == self.opts.host {
+                self.migrate_live(&name, None)
+            } else {
+                self.forward_migrate(&h, &name, None)
+            };
+            match live {
+                Ok(v) => moved.push(Moved {
+                    domain: name,
+                    to: v["to"].as_str().unwrap_or_default().to_string(),
+                    how: "live".into(),
+                    reason: None,
+                    downtime_ms: v["downtime_ms"].as_f64(),
+                }),
+                Err(e) => {
+                    tracing::warn!(domain = %name, "drain: no live migration ({e}): moving it cold");
+                    not_live.insert(name, e.to_string());
+                }
+            }
+        }
         let mut failed = Vec::new();
         for _ in 0..5 {
             let state = self.state()?;
@@ -783,8 +873,18 @@ impl Cluster {
             }
             failed.clear();
             for (rec, rev) in todo {
+                let name = rec.def.name.clone();
                 match self.move_domain(&state, &rec, rev) {
-                    Ok(to) => moved.push((rec.def.name.clone(), to)),
+                    Ok(to) => {
+                        let reason = not_live.remove(&name);
+                        moved.push(Moved {
+                            how: if reason.is_some() { "cold" } else { "shut off" }.into(),
+                            domain: name,
+                            to,
+                            reason,
+                            downtime_ms: None,
+                        })
+                    }
                     Err(e) => failed.push(e.to_string()),
                 }
             }
@@ -796,6 +896,328 @@ impl Cluster {
             )));
         }
         Ok(moved)
+    }
+
+    /// A client of another host's daemon: its TCP API with the cluster's token when both
+    /// have one, else its Unix socket (hosts on one machine, as in the tests).
+    fn peer(&self, h: &HostRecord) -> crate::client::Client {
+        match (&h.tcp, &self.opts.token) {
+            (Some(addr), Some(token)) => crate::client::Client::tcp(addr, token),
+            _ => crate::client::Client::new(&h.socket),
+        }
+    }
+
+    /// Asks the daemon of `h`, the domain's host, to migrate it live.
+    pub fn forward_migrate(
+        &self,
+        h: &HostRecord,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let body = serde_json::json!({"live": true, "to": to});
+        self.peer(h)
+            .post(
+                &format!(
+                    "/v1/domains/{}/migrate",
+                    vmm::api::http::percent_encode(name)
+                ),
+                Some(&body),
+            )
+            .map_err(|e| Error::Conflict(format!("host {}'s daemon: {e}", h.name)))
+    }
+
+    fn group_of<'a>(state: &'a State, rec: &DomainRecord) -> Option<&'a Group> {
+        rec.group.as_ref().and_then(|g| state.groups.get(g))
+    }
+
+    /// Refuses to start a domain where its server group forbids it (a placement made
+    /// before the group's other members moved, or a record written by hand).
+    fn check_group(state: &State, rec: &DomainRecord) -> Result<()> {
+        let Some(g) = Self::group_of(state, rec) else {
+            return Ok(());
+        };
+        let hosts: Vec<HostRecord> = state.hosts.values().cloned().collect();
+        match placement::group_refusal(g, &rec.def.name, &rec.host, &hosts, &Self::records(state))
+        {
+            Some(why) => Err(Error::Conflict(format!(
+                "domain {:?} may not start on host {}: it would break its server group \
+                 ({why}); move it (migrate, or drain the host) first",
+                rec.def.name, rec.host
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Live-migrates `name`, running here, to host `to` (or the one placement picks):
+    /// the destination's daemon starts a VMM waiting for it, this host's VMM streams the
+    /// domain to it (over TCP when both hosts have a TCP API), and once the destination
+    /// runs it and the VMM here has ended, one transaction moves its record and its
+    /// running lock to the destination. While `migrations/N` exists, neither host's
+    /// reconciling touches the domain. Returns the VMM's report with `from` and `to`.
+    pub fn migrate_live(&self, name: &str, to: Option<&str>) -> Result<serde_json::Value> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let me = self.opts.host.clone();
+        let t0 = Instant::now();
+        let state = self.state()?;
+        let Some((rec, rev)) = state.domains.get(name).cloned() else {
+            return Err(Error::not_found("domain", name));
+        };
+        if rec.host != me {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is placed on host {}: its daemon migrates it",
+                rec.host
+            )));
+        }
+        if !self.m.is_active(name) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is not running: a shut-off domain moves with its record \
+                 (host-maintenance), not live"
+            )));
+        }
+        if state.migrations.contains_key(name) {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} is migrating already"
+            )));
+        }
+        let group = Self::group_of(&state, &rec);
+        let records = Self::records(&state);
+        let dest = match to {
+            Some(h) if h == me => {
+                return Err(Error::invalid(
+                    "destination host",
+                    format!("{name:?} runs on {h} already"),
+                ))
+            }
+            Some(h) => {
+                let Some(hr) = state.hosts.get(h) else {
+                    return Err(Error::not_found("host", h));
+                };
+                if state.maintenance.contains(h) {
+                    return Err(Error::Conflict(format!("host {h} is in maintenance")));
+                }
+                placement::place(&rec.def, group, &[hr.clone()], &records, self.opts.weigher)
+                    .map_err(Error::Conflict)?
+            }
+            None => placement::place(
+                &rec.def,
+                group,
+                &Self::candidates(&state, Some(&me)),
+                &records,
+                self.opts.weigher,
+            )
+            .map_err(Error::Conflict)?,
+        };
+        let Some(dh) = state.hosts.get(&dest).cloned() else {
+            return Err(Error::not_found("host", &dest));
+        };
+        let lease = self.lease.load(Ordering::SeqCst);
+        if lease == 0 {
+            return Err(Error::Cluster(format!(
+                "host {me} has lost its etcd lease: no migration until it is back"
+            )));
+        }
+        let mk = key("migrations", name);
+        let mig = Migration {
+            from: me.clone(),
+            to: dest.clone(),
+        };
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(key("domains", name), CompareOp::Equal, rev),
+                Compare::create_revision(mk.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::put(
+                mk.clone(),
+                serde_json::to_vec(&mig).unwrap_or_default(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut c = self.client();
+        if !self.call(c.txn(txn))?.succeeded() {
+            return Err(Error::Conflict(format!(
+                "domain {name:?} changed meanwhile: try again"
+            )));
+        }
+        let (target, token) = match (&dh.tcp, &self.opts.token) {
+            (Some(addr), Some(t)) => (format!("tcp://{addr}"), Some(t.as_str())),
+            _ => (dh.socket.clone(), None),
+        };
+        tracing::info!(domain = %name, to = %dest, via = %target, "migrating live");
+        let sent = self.m.migrate_out(name, &target, token, true);
+        let report = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.call(c.delete(mk, None));
+                let still = if self.m.is_active(name) {
+                    "it runs on here"
+                } else {
+                    "it is no longer running here"
+                };
+                return Err(Error::Conflict(format!(
+                    "live migration of {name:?} to host {dest} failed: {e}; {still}"
+                )));
+            }
+        };
+        self.commit_migration(name, &mig)?;
+        tracing::info!(domain = %name, to = %dest, "migrated live");
+        let mut out = serde_json::json!({"domain": name, "from": me, "to": dest});
+        if let (Some(o), Some(r)) = (out.as_object_mut(), report.as_object()) {
+            for (k, v) in r {
+                o.entry(k.clone()).or_insert(v.clone());
+            }
+            o.insert(
+                "cluster_ms".into(),
+                serde_json::json!(t0.elapsed().as_secs_f64() * 1000.0),
+            );
+        }
+        Ok(out)
+    }
+
+    /// After the destination runs the domain: its record, its running lock (under the
+    /// destination's lease) and the end of the migration, in one transaction.
+    fn commit_migration(&self, name: &str, mig: &Migration) -> Result<()> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let mk = key("migrations", name);
+        let mut last = String::new();
+        for _ in 0..10 {
+            let state = self.state()?;
+            let (Some((rec, rev)), Some((_, mrev))) =
+                (state.domains.get(name), state.migrations.get(name))
+            else {
+                last = "its record or its migration key is gone".into();
+                break;
+            };
+            let Some(&dest_lease) = state.leases.get(&mig.to) else {
+                last = format!("host {} lost its lease", mig.to);
+                break;
+            };
+            let moved = DomainRecord {
+                host: mig.to.clone(),
+                running: true,
+                ..rec.clone()
+            };
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(key("domains", name), CompareOp::Equal, *rev),
+                    Compare::mod_revision(mk.clone(), CompareOp::Equal, *mrev),
+                    Compare::lease(key("hosts", &mig.to), CompareOp::Equal, dest_lease),
+                ])
+                .and_then(vec![
+                    TxnOp::put(
+                        key("domains", name),
+                        serde_json::to_vec(&moved).unwrap_or_default(),
+                        None,
+                    ),
+                    TxnOp::put(
+                        key("running", name),
+                        mig.to.clone(),
+                        Some(PutOptions::new().with_lease(dest_lease)),
+                    ),
+                    TxnOp::delete(mk.clone(), None),
+                    TxnOp::put(format!("{PREFIX}epoch"), name.to_string(), None),
+                ]);
+            let mut c = self.client();
+            match self.call(c.txn(txn)) {
+                Ok(r) if r.succeeded() => return Ok(()),
+                Ok(_) => last = "the cluster changed meanwhile".into(),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        let mut c = self.client();
+        let _ = self.call(c.delete(mk, None));
+        Err(Error::Conflict(format!(
+            "domain {name:?} runs on host {} now, but recording it failed ({last}): the \
+             cluster's reconciling settles it",
+            mig.to
+        )))
+    }
+
+    /// Creates a server group (Nova's): domains join it at define.
+    pub fn create_group(&self, name: &str, policy: Policy) -> Result<Group> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        crate::domain::check_name("server group", name)?;
+        let g = Group {
+            name: name.to_string(),
+            policy,
+        };
+        let k = key("groups", name);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(
+                k,
+                serde_json::to_vec(&g).unwrap_or_default(),
+                None,
+            )]);
+        let mut c = self.client();
+        if self.call(c.txn(txn))?.succeeded() {
+            Ok(g)
+        } else {
+            Err(Error::Exists {
+                kind: "server group",
+                name: name.to_string(),
+            })
+        }
+    }
+
+    /// Deletes a server group that has no members left.
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let state = self.state()?;
+        if !state.groups.contains_key(name) {
+            return Err(Error::not_found("server group", name));
+        }
+        let members = Self::members(&state, name);
+        if !members.is_empty() {
+            return Err(Error::Conflict(format!(
+                "server group {name:?} still has members: {}",
+                members.join(", ")
+            )));
+        }
+        // The epoch: no define may join it meanwhile.
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                format!("{PREFIX}epoch"),
+                CompareOp::Equal,
+                state.epoch_rev,
+            )])
+            .and_then(vec![
+                TxnOp::delete(key("groups", name), None),
+                TxnOp::put(format!("{PREFIX}epoch"), name.to_string(), None),
+            ]);
+        let mut c = self.client();
+        if self.call(c.txn(txn))?.succeeded() {
+            Ok(())
+        } else {
+            Err(Error::Conflict(
+                "the cluster changed meanwhile: try again".into(),
+            ))
+        }
+    }
+
+    fn members(state: &State, group: &str) -> Vec<String> {
+        state
+            .domains
+            .values()
+            .filter(|(r, _)| r.group.as_deref() == Some(group))
+            .map(|(r, _)| r.def.name.clone())
+            .collect()
+    }
+
+    /// Server groups with their policy and members (and the hosts these are on).
+    pub fn groups(&self) -> Result<Vec<serde_json::Value>> {
+        let state = self.state()?;
+        Ok(state
+            .groups
+            .values()
+            .map(|g| {
+                let members: Vec<serde_json::Value> = state
+                    .domains
+                    .values()
+                    .filter(|(r, _)| r.group.as_deref() == Some(g.name.as_str()))
+                    .map(|(r, _)| serde_json::json!({"name": r.def.name, "host": r.host}))
+                    .collect();
+                serde_json::json!({"name": g.name, "policy": g.policy, "members": members})
+            })
+            .collect())
     }
 
     /// Forgets a cluster domain (after its host undefined it).

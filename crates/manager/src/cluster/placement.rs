@@ -19,6 +19,12 @@ pub struct HostRecord {
     pub networks: Vec<String>,
     /// Where its daemon answers (its Unix socket, and TCP address when it has one).
     pub api: String,
+    /// Its daemon's Unix socket, for hosts that share a file system with it.
+    #[serde(default)]
+    pub socket: String,
+    /// Its daemon's TCP API (`HOST:PORT`), where other hosts send live migrations.
+    #[serde(default)]
+    pub tcp: Option<String>,
 }
 
 /// A domain as the cluster records it: its definition, the host it is placed on, and
@@ -29,6 +35,90 @@ pub struct DomainRecord {
     pub host: String,
     #[serde(default)]
     pub running: bool,
+    /// The server group it joined at define (never changes afterwards, as in Nova).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Nova's server group policies: members on one host, or each on a host of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    Affinity,
+    AntiAffinity,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "affinity" => Ok(Policy::Affinity),
+            "anti-affinity" => Ok(Policy::AntiAffinity),
+            _ => Err(format!("policy {s:?}: use affinity or anti-affinity")),
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Affinity => "affinity",
+            Policy::AntiAffinity => "anti-affinity",
+        })
+    }
+}
+
+/// A server group (`groups/G` in etcd). Its members are the domains whose record names
+/// it, so a domain that is undefined leaves it with nothing else to update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub policy: Policy,
+}
+
+/// Why `host` breaks `group` for domain `name`, given where the other members are
+/// placed; `hosts` are the hosts it may go to now (an affinity group follows its
+/// members only where they can still be followed: not to a drained or lost host).
+pub fn group_refusal(
+    group: &Group,
+    name: &str,
+    host: &str,
+    hosts: &[HostRecord],
+    domains: &[DomainRecord],
+) -> Option<String> {
+    let members = domains
+        .iter()
+        .filter(|d| d.group.as_deref() == Some(group.name.as_str()) && d.def.name != name);
+    match group.policy {
+        Policy::AntiAffinity => {
+            let here: Vec<&str> = members
+                .filter(|d| d.host == host)
+                .map(|d| d.def.name.as_str())
+                .collect();
+            (!here.is_empty()).then(|| {
+                format!(
+                    "{host}: anti-affinity group {:?} has {} here",
+                    group.name,
+                    here.join(", ")
+                )
+            })
+        }
+        Policy::Affinity => {
+            let mut at: Vec<&str> = members
+                .map(|d| d.host.as_str())
+                .filter(|h| hosts.iter().any(|x| x.name == *h))
+                .collect();
+            at.sort_unstable();
+            at.dedup();
+            (!at.is_empty() && !at.contains(&host)).then(|| {
+                format!(
+                    "{host}: affinity group {:?} has its members on {}",
+                    group.name,
+                    at.join(", ")
+                )
+            })
+        }
+    }
 }
 
 /// Spread fills the emptiest host first (Nova's default RAM weigher); pack the fullest.
@@ -119,10 +209,12 @@ fn refusal(h: &HostRecord, u: &Usage, def: &DomainDef) -> Option<String> {
     None
 }
 
-/// Picks the host for `def` among `hosts` (the live ones not in maintenance), given every
-/// domain already placed. Errors name each host and why it did not fit.
+/// Picks the host for `def` (a member of `group`, if any) among `hosts` (the live ones not
+/// in maintenance), given every domain already placed. Errors name each host and why it
+/// did not fit.
 pub fn place(
     def: &DomainDef,
+    group: Option<&Group>,
     hosts: &[HostRecord],
     domains: &[DomainRecord],
     weigher: Weigher,
@@ -136,7 +228,9 @@ pub fn place(
         // The domain's own record (a move) does not count against any host.
         let others = domains.iter().filter(|d| d.def.name != def.name);
         let u = usage(&h.name, others);
-        match refusal(h, &u, def) {
+        let refused = refusal(h, &u, def)
+            .or_else(|| group.and_then(|g| group_refusal(g, &def.name, &h.name, hosts, domains)));
+        match refused {
             Some(r) => why.push(r),
             None => fit.push((h, u)),
         }
@@ -177,6 +271,8 @@ mod tests {
             pools: vec![],
             networks: vec![],
             api: String::new(),
+            socket: String::new(),
+            tcp: None,
         }
     }
 
@@ -191,11 +287,12 @@ mod tests {
         let mut placed = Vec::new();
         for i in 0..n {
             let d = def(&format!("d{i}"), 64);
-            let h = place(&d, hosts, &placed, w).unwrap();
+            let h = place(&d, None, hosts, &placed, w).unwrap();
             placed.push(DomainRecord {
                 def: d,
                 host: h,
                 running: false,
+                group: None,
             });
         }
         placed
@@ -216,24 +313,85 @@ mod tests {
     fn filters_refuse_with_each_hosts_reason() {
         let hosts = [host("a", 100), host("b", 4096)];
         assert_eq!(
-            place(&def("x", 512), &hosts, &[], Weigher::Pack).unwrap(),
+            place(&def("x", 512), None, &hosts, &[], Weigher::Pack).unwrap(),
             "b"
         );
-        let e = place(&def("x", 8192), &hosts, &[], Weigher::Spread).unwrap_err();
+        let e = place(&def("x", 8192), None, &hosts, &[], Weigher::Spread).unwrap_err();
         assert!(
             e.contains("a: 100 MiB free") && e.contains("b: 4096 MiB free"),
             "{e}"
         );
         let mut kvm = def("k", 64);
         kvm.vm.accel = vmm::config::Accel::Kvm;
-        let e = place(&kvm, &hosts, &[], Weigher::Spread).unwrap_err();
+        let e = place(&kvm, None, &hosts, &[], Weigher::Spread).unwrap_err();
         assert!(e.contains("no kvm accelerator"), "{e}");
         // vCPUs: sixteen on each host, a seventeenth does not fit.
         let mut big = def("big", 64);
         big.vm.cpus = 17;
-        assert!(place(&big, &hosts, &[], Weigher::Spread)
+        assert!(place(&big, None, &hosts, &[], Weigher::Spread)
             .unwrap_err()
             .contains("16 vCPUs free"));
-        assert!(place(&def("x", 1), &[], &[], Weigher::Spread).is_err());
+        assert!(place(&def("x", 1), None, &[], &[], Weigher::Spread).is_err());
+    }
+
+    /// Anti-affinity puts each member on a host of its own and refuses one more than
+    /// there are hosts; affinity puts every member with the first, and follows it to
+    /// another host only when the first member's host is no longer a candidate.
+    #[test]
+    fn server_groups_filter_hosts() {
+        let hosts = [host("a", 4096), host("b", 4096), host("c", 4096)];
+        let anti = Group {
+            name: "web".into(),
+            policy: Policy::AntiAffinity,
+        };
+        let mut placed: Vec<DomainRecord> = Vec::new();
+        // Pack would put them all on one host: the group overrides the weigher.
+        for i in 0..3 {
+            let d = def(&format!("w{i}"), 64);
+            let h = place(&d, Some(&anti), &hosts, &placed, Weigher::Pack).unwrap();
+            placed.push(DomainRecord {
+                def: d,
+                host: h,
+                running: false,
+                group: Some("web".into()),
+            });
+        }
+        let mut used: Vec<&str> = placed.iter().map(|d| d.host.as_str()).collect();
+        used.sort_unstable();
+        assert_eq!(used, ["a", "b", "c"]);
+        let e = place(&def("w3", 64), Some(&anti), &hosts, &placed, Weigher::Pack).unwrap_err();
+        assert!(
+            e.contains("anti-affinity group \"web\" has w0 here") && e.contains("c:"),
+            "{e}"
+        );
+        // A domain outside the group is not held back by it.
+        assert!(place(&def("other", 64), None, &hosts, &placed, Weigher::Pack).is_ok());
+
+        let aff = Group {
+            name: "db".into(),
+            policy: Policy::Affinity,
+        };
+        let mut placed: Vec<DomainRecord> = Vec::new();
+        for i in 0..4 {
+            let d = def(&format!("d{i}"), 64);
+            let h = place(&d, Some(&aff), &hosts, &placed, Weigher::Spread).unwrap();
+            placed.push(DomainRecord {
+                def: d,
+                host: h,
+                running: false,
+                group: Some("db".into()),
+            });
+        }
+        assert!(placed.iter().all(|d| d.host == placed[0].host), "{placed:?}");
+        let first = placed[0].host.clone();
+        let e = group_refusal(&aff, "d9", "zz", &hosts, &placed).unwrap();
+        assert!(e.contains(&format!("has its members on {first}")), "{e}");
+        // Its host drained: the members may go elsewhere, together.
+        let rest: Vec<HostRecord> = hosts.iter().filter(|h| h.name != first).cloned().collect();
+        let to = place(&placed[0].def, Some(&aff), &rest, &placed, Weigher::Spread).unwrap();
+        assert_ne!(to, first);
+        placed[0].host = to.clone();
+        let next = place(&placed[1].def, Some(&aff), &rest, &placed, Weigher::Spread).unwrap();
+        assert_eq!(next, to);
     }
 }

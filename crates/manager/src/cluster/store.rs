@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::placement::{DomainRecord, HostRecord};
+use super::placement::{DomainRecord, Group, HostRecord};
 use super::PREFIX;
 
 /// The holder of a domain's `running/N` key.
@@ -14,11 +14,24 @@ pub struct Holder {
     pub mod_rev: i64,
 }
 
+/// A live migration between hosts under way (`migrations/N`, under the source's lease:
+/// it goes with the source, and with it the hold on both hosts' reconciling of N).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+}
+
 /// Everything under the prefix at one revision.
 #[derive(Debug, Default)]
 pub struct State {
     pub revision: i64,
     pub hosts: BTreeMap<String, HostRecord>,
+    /// Each live host's lease (its record's).
+    pub leases: BTreeMap<String, i64>,
+    /// Domain → the migration moving it, and its key's mod revision.
+    pub migrations: BTreeMap<String, (Migration, i64)>,
+    pub groups: BTreeMap<String, Group>,
     pub maintenance: BTreeSet<String>,
     /// Each domain's record and its key's mod revision (for compare-and-swap).
     pub domains: BTreeMap<String, (DomainRecord, i64)>,
@@ -43,6 +56,7 @@ impl State {
             let parsed = match rest.split_once('/') {
                 Some(("hosts", h)) => serde_json::from_slice(kv.value())
                     .map(|rec: HostRecord| {
+                        s.leases.insert(h.to_string(), kv.lease());
                         s.hosts.insert(h.to_string(), rec);
                     })
                     .map_err(|e| e.to_string()),
@@ -53,6 +67,17 @@ impl State {
                 Some(("domains", n)) => serde_json::from_slice(kv.value())
                     .map(|rec: DomainRecord| {
                         s.domains.insert(n.to_string(), (rec, kv.mod_revision()));
+                    })
+                    .map_err(|e| e.to_string()),
+                Some(("migrations", n)) => serde_json::from_slice(kv.value())
+                    .map(|m: Migration| {
+                        s.migrations
+                            .insert(n.to_string(), (m, kv.mod_revision()));
+                    })
+                    .map_err(|e| e.to_string()),
+                Some(("groups", g)) => serde_json::from_slice(kv.value())
+                    .map(|rec: Group| {
+                        s.groups.insert(g.to_string(), rec);
                     })
                     .map_err(|e| e.to_string()),
                 Some(("running", n)) => {
