@@ -98,7 +98,11 @@ pub fn run(cmd: ClusterCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
         }
         ClusterCommand::GroupDelete { name } => {
-            c.call("DELETE", &format!("/v1/cluster/groups/{}", enc(&name)), None)?;
+            c.call(
+                "DELETE",
+                &format!("/v1/cluster/groups/{}", enc(&name)),
+                None,
+            )?;
             if json_out {
                 print_json(&json!({"name": name, "deleted": true}));
             } else {

@@ -721,7 +721,10 @@ impl Cluster {
         let got = self.wait_count(to, name, before + 5, "after the migration");
         let first = got.first().map_or(0, |(c, _)| *c);
         // A guest that booted again would count from 1.
-        assert!(first > before.min(3), "the count restarted at {to}: {got:?}");
+        assert!(
+            first > before.min(3),
+            "the count restarted at {to}: {got:?}"
+        );
         assert!(
             got.windows(2).all(|w| w[1].0 == w[0].0 + 1),
             "the count skipped or repeated at {to}: {got:?}"
@@ -749,7 +752,10 @@ fn running_domains_migrate_live_between_hosts_and_drain_live() {
     let got = c.wait_count(&home, "mover", 3, "first boot");
     assert!(got.iter().all(|(_, t)| t == "disk-token-42"), "{got:?}");
     let disk = std::fs::read(c.dir.join("shared/mover.raw")).unwrap();
-    assert!(disk.starts_with(b"disk-token-42\n"), "the guest's write is not on the shared disk");
+    assert!(
+        disk.starts_with(b"disk-token-42\n"),
+        "the guest's write is not on the shared disk"
+    );
 
     // To a named host, asked through its own host's daemon.
     let to = if home == "h1" { "h2" } else { "h1" };
@@ -757,17 +763,27 @@ fn running_domains_migrate_live_between_hosts_and_drain_live() {
     let before = c.counts_at(&home, "mover").last().unwrap().0;
     let t0 = Instant::now();
     let out = c.hosts[via].ok(&["migrate", "mover", "--live", "--to", to]);
-    eprintln!("migrate --to {to}: {out} (CLI round trip {:?})", t0.elapsed());
+    eprintln!(
+        "migrate --to {to}: {out} (CLI round trip {:?})",
+        t0.elapsed()
+    );
     assert!(
         out.contains(&format!("from host {home} to host {to}")) && out.contains("downtime"),
         "{out}"
     );
     c.check_goes_on("mover", to, before);
     assert!(
-        c.host(&home).json(&["list", "--all"]).as_array().unwrap().is_empty(),
+        c.host(&home)
+            .json(&["list", "--all"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
         "the source still defines the domain"
     );
-    assert!(c.host(to).log().contains("migration stream received over TCP"));
+    assert!(c
+        .host(to)
+        .log()
+        .contains("migration stream received over TCP"));
 
     // Without --to, through a daemon that is not its host: placement picks.
     let other = c.hosts.iter().position(|h| h.name != to).unwrap();
@@ -780,9 +796,13 @@ fn running_domains_migrate_live_between_hosts_and_drain_live() {
     c.check_goes_on("mover", &picked, before);
 
     // Refused: onto its own host, a host that does not exist, a shut-off domain.
-    let e = c.host(&picked).fails(&["migrate", "mover", "--live", "--to", &picked]);
+    let e = c
+        .host(&picked)
+        .fails(&["migrate", "mover", "--live", "--to", &picked]);
     assert!(e.contains("already"), "{e}");
-    let e = c.host(&picked).fails(&["migrate", "mover", "--live", "--to", "h9"]);
+    let e = c
+        .host(&picked)
+        .fails(&["migrate", "mover", "--live", "--to", "h9"]);
     assert!(e.contains("h9"), "{e}");
     assert_eq!(c.runner("mover"), picked);
 
@@ -820,16 +840,29 @@ fn running_domains_migrate_live_between_hosts_and_drain_live() {
     let i = c.hosts.iter().position(|h| h.name != picked).unwrap();
     let out = c.hosts[i].ok(&["host-maintenance", &picked, "on"]);
     eprintln!("drain: {out}");
-    assert!(out.contains("mover moved to") && out.contains("live, downtime"), "{out}");
-    assert!(out.contains("pinned moved to") && out.contains("cold:") && out.contains("vsock"), "{out}");
-    assert!(out.contains("idle moved to") && out.contains("(shut off)"), "{out}");
+    assert!(
+        out.contains("mover moved to") && out.contains("live, downtime"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pinned moved to") && out.contains("cold:") && out.contains("vsock"),
+        "{out}"
+    );
+    assert!(
+        out.contains("idle moved to") && out.contains("(shut off)"),
+        "{out}"
+    );
     let now = c.runner("mover");
     assert_ne!(now, picked);
     c.check_goes_on("mover", &now, before);
-    wait_until("pinned runs again elsewhere", Duration::from_secs(30), || {
-        let r = c.runner("pinned");
-        !r.is_empty() && r != picked
-    });
+    wait_until(
+        "pinned runs again elsewhere",
+        Duration::from_secs(30),
+        || {
+            let r = c.runner("pinned");
+            !r.is_empty() && r != picked
+        },
+    );
     c.hosts[i].ok(&["host-maintenance", &picked, "off"]);
 }
 
@@ -857,26 +890,47 @@ fn server_groups_constrain_placement_and_start() {
             Err(String::from_utf8_lossy(&o.stderr).into_owned())
         }
     };
-    let mut web: Vec<String> = (0..3).map(|i| define(i, &format!("web{i}"), "web").unwrap()).collect();
+    let mut web: Vec<String> = (0..3)
+        .map(|i| define(i, &format!("web{i}"), "web").unwrap())
+        .collect();
     web.sort();
     assert_eq!(web, ["h0", "h1", "h2"]);
     let e = define(0, "web3", "web").unwrap_err();
-    assert!(e.contains("no host fits") && e.contains("anti-affinity group \"web\""), "{e}");
-    let db: Vec<String> = (0..3).map(|i| define(i, &format!("db{i}"), "db").unwrap()).collect();
+    assert!(
+        e.contains("no host fits") && e.contains("anti-affinity group \"web\""),
+        "{e}"
+    );
+    let db: Vec<String> = (0..3)
+        .map(|i| define(i, &format!("db{i}"), "db").unwrap())
+        .collect();
     assert!(db.iter().all(|h| *h == db[0]), "{db:?}");
     let e = define(0, "x", "nogroup").unwrap_err();
     assert!(e.contains("nogroup"), "{e}");
     let groups = c.hosts[2].ok(&["group-list"]);
-    assert!(groups.contains("anti-affinity") && groups.contains("web0@"), "{groups}");
+    assert!(
+        groups.contains("anti-affinity") && groups.contains("web0@"),
+        "{groups}"
+    );
     let e = c.hosts[0].fails(&["group-delete", "web"]);
     assert!(e.contains("still has members"), "{e}");
 
     // Starting the members is fine; then a record moved by hand onto web0's host.
     c.hosts[0].json(&["start", "web1"]);
-    let web0_host = c.placement(0).into_iter().find(|(_, d)| d.contains(&"web0".to_string())).unwrap().0;
+    let web0_host = c
+        .placement(0)
+        .into_iter()
+        .find(|(_, d)| d.contains(&"web0".to_string()))
+        .unwrap()
+        .0;
     let k = "/vessel/v1/domains/web2";
     let o = Command::new("etcdctl")
-        .args(["--endpoints", &c.endpoints(), "get", k, "--print-value-only"])
+        .args([
+            "--endpoints",
+            &c.endpoints(),
+            "get",
+            k,
+            "--print-value-only",
+        ])
         .env("ETCDCTL_API", "3")
         .output()
         .unwrap();
@@ -892,14 +946,20 @@ fn server_groups_constrain_placement_and_start() {
     assert!(ok);
     let e = c.hosts[1].fails(&["start", "web2"]);
     assert!(
-        e.contains("may not start on host") && e.contains("anti-affinity group \"web\" has web0 here"),
+        e.contains("may not start on host")
+            && e.contains("anti-affinity group \"web\" has web0 here"),
         "{e}"
     );
     assert!(!c.runners().contains_key("web2"));
 
     // Without members, the group goes.
     for d in ["db0", "db1", "db2"] {
-        let h = c.placement(0).into_iter().find(|(_, v)| v.contains(&d.to_string())).unwrap().0;
+        let h = c
+            .placement(0)
+            .into_iter()
+            .find(|(_, v)| v.contains(&d.to_string()))
+            .unwrap()
+            .0;
         let i = c.hosts.iter().position(|x| x.name == h).unwrap();
         c.hosts[i].ok(&["undefine", d]);
     }

@@ -675,12 +675,10 @@ impl Cluster {
                 CompareOp::Equal,
                 state.epoch_rev,
             ));
-            let txn = Txn::new()
-                .when(when)
-                .and_then(vec![
-                    TxnOp::put(k, serde_json::to_vec(&rec).unwrap_or_default(), None),
-                    TxnOp::put(format!("{PREFIX}epoch"), def.name.clone(), None),
-                ]);
+            let txn = Txn::new().when(when).and_then(vec![
+                TxnOp::put(k, serde_json::to_vec(&rec).unwrap_or_default(), None),
+                TxnOp::put(format!("{PREFIX}epoch"), def.name.clone(), None),
+            ]);
             let mut c = self.client();
             if self.call(c.txn(txn))?.succeeded() {
                 tracing::info!(domain = %def.name, host = %host, "placed");
@@ -937,8 +935,7 @@ impl Cluster {
             return Ok(());
         };
         let hosts: Vec<HostRecord> = state.hosts.values().cloned().collect();
-        match placement::group_refusal(g, &rec.def.name, &rec.host, &hosts, &Self::records(state))
-        {
+        match placement::group_refusal(g, &rec.def.name, &rec.host, &hosts, &Self::records(state)) {
             Some(why) => Err(Error::Conflict(format!(
                 "domain {:?} may not start on host {}: it would break its server group \
                  ({why}); move it (migrate, or drain the host) first",
@@ -1141,7 +1138,11 @@ impl Cluster {
         };
         let k = key("groups", name);
         let txn = Txn::new()
-            .when(vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .when(vec![Compare::create_revision(
+                k.clone(),
+                CompareOp::Equal,
+                0,
+            )])
             .and_then(vec![TxnOp::put(
                 k,
                 serde_json::to_vec(&g).unwrap_or_default(),

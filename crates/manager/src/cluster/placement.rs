@@ -382,7 +382,10 @@ mod tests {
                 group: Some("db".into()),
             });
         }
-        assert!(placed.iter().all(|d| d.host == placed[0].host), "{placed:?}");
+        assert!(
+            placed.iter().all(|d| d.host == placed[0].host),
+            "{placed:?}"
+        );
         let first = placed[0].host.clone();
         let e = group_refusal(&aff, "d9", "zz", &hosts, &placed).unwrap();
         assert!(e.contains(&format!("has its members on {first}")), "{e}");

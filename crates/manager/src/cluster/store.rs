@@ -71,8 +71,7 @@ impl State {
                     .map_err(|e| e.to_string()),
                 Some(("migrations", n)) => serde_json::from_slice(kv.value())
                     .map(|m: Migration| {
-                        s.migrations
-                            .insert(n.to_string(), (m, kv.mod_revision()));
+                        s.migrations.insert(n.to_string(), (m, kv.mod_revision()));
                     })
                     .map_err(|e| e.to_string()),
                 Some(("groups", g)) => serde_json::from_slice(kv.value())

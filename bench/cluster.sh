@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Cluster placement latency: three etcd members (Debian's etcd, data in /dev/shm) and
+# three `vessel daemon --cluster` hosts on this machine; domains (defined, not started)
+# are placed through the daemons in turn until 1,000 are defined. Prints the latency of
+# one placement (a define through the API: placement read, filters and weigher, etcd
+# transaction) at 100 and at 1,000 defined domains, and of `host-list` at both sizes.
+# Each request is one HTTP exchange over the daemon's Unix socket (no CLI process).
+#
+#   bench/cluster.sh [SAMPLES]   (default 20 placements measured at each size;
+#                                 VESSEL=path uses that binary instead of a release build)
+# Installs etcd-server and etcd-client if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SAMPLES="${1:-20}"
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "bench/cluster.sh: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ -z "${VESSEL:-}" ]; then
+    cargo build -q --release -p vessel
+    VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
+fi
+
+python3 - "$SAMPLES" "$VESSEL" <<'PY'
+import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+samples, vessel = int(sys.argv[1]), sys.argv[2]
+work = tempfile.mkdtemp(prefix="vessel-cluster-bench-")
+shm = tempfile.mkdtemp(prefix="vessel-cluster-bench-", dir="/dev/shm") if os.path.isdir("/dev/shm") else work
+procs = []
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+def request(sock, method, path, body=None):
+    """One HTTP exchange on the daemon's Unix socket: (status, JSON answer)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    head = (f"{method} {path} HTTP/1.1\r\nHost: vessel\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    s.sendall(head.encode() + data)
+    out = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+    s.close()
+    head, _, rest = out.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    return status, rest
+
+try:
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    initial = ",".join(f"e{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
+    eps = ",".join(f"http://127.0.0.1:{c}" for c, _ in ports)
+    for i, (c, p) in enumerate(ports):
+        log = open(f"{work}/e{i}.log", "w")
+        procs.append(subprocess.Popen([
+            "etcd", "--name", f"e{i}", "--data-dir", f"{shm}/e{i}",
+            "--listen-client-urls", f"http://127.0.0.1:{c}",
+            "--advertise-client-urls", f"http://127.0.0.1:{c}",
+            "--listen-peer-urls", f"http://127.0.0.1:{p}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
+            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--heartbeat-interval", "200", "--election-timeout", "2000"],
+            stdout=subprocess.DEVNULL, stderr=log))
+    t0 = time.time()
+    while subprocess.run(["etcdctl", "--endpoints", eps, "--command-timeout=2s", "put", "/probe", "1"],
+                         env={**os.environ, "ETCDCTL_API": "3"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL).returncode != 0:
+        if time.time() - t0 > 30:
+            sys.exit("etcd did not come up: see " + work)
+        time.sleep(0.2)
+    os.makedirs(f"{work}/shared")
+    kernel = f"{work}/shared/kernel"
+    open(kernel, "wb").write(b"\0" * 4096)
+    socks = []
+    for i in range(3):
+        d = f"{work}/h{i}"
+        os.makedirs(d)
+        sock = f"{d}/s.sock"
+        log = open(f"{d}/daemon.log", "w")
+        procs.append(subprocess.Popen([
+            vessel, "daemon", "--socket", sock, "--state-dir", f"{d}/state",
+            "--pool-root", f"{work}/shared", "--cluster", eps, "--host-name", f"h{i}",
+            "--host-vcpus", "100000", "--host-memory-mib", "1000000"],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "VESSEL_LOG": "warn"}))
+        t0 = time.time()
+        while not os.path.exists(sock):
+            if time.time() - t0 > 20:
+                sys.exit(f"daemon h{i} did not come up: see {d}/daemon.log")
+            time.sleep(0.05)
+        socks.append(sock)
+    time.sleep(1)
+
+    n = 0
+    def define():
+        global n
+        body = {"name": f"d{n}", "driver": "vessel",
+                "vm": {"kernel": kernel, "cmdline": "", "memory_mib": 16, "accel": "emu"}}
+        t = time.perf_counter()
+        status, rest = request(socks[n % 3], "POST", "/v1/domains", body)
+        dt = time.perf_counter() - t
+        if status != 201:
+            sys.exit(f"define d{n}: HTTP {status}: {rest[:300]!r}")
+        n += 1
+        return dt
+
+    def host_list():
+        t = time.perf_counter()
+        status, _ = request(socks[0], "GET", "/v1/cluster/hosts")
+        assert status == 200
+        return time.perf_counter() - t
+
+    def ms(xs):
+        xs = sorted(xs)
+        p95 = xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+        return f"median {statistics.median(xs) * 1e3:7.2f} ms   p95 {p95 * 1e3:7.2f} ms"
+
+    rows = []
+    for size in (100, 1000):
+        while n < size - samples:
+            define()
+        placed = [define() for _ in range(samples)]
+        lists = [host_list() for _ in range(samples)]
+        rows.append((size, placed, lists))
+    print(f"Cluster placement, 3 etcd members + 3 hosts on one machine ({os.cpu_count()} CPUs), {vessel}")
+    for size, placed, lists in rows:
+        print(f"  {size:5d} defined domains: placement (define) {ms(placed)}   host-list {ms(lists)}")
+    status, rest = request(socks[1], "GET", "/v1/cluster/hosts")
+    hosts = json.loads(rest)
+    print("  spread over hosts: " + ", ".join(
+        f"{h['host']['name']}={h['used']['domains']}" for h in hosts))
+finally:
+    for p in reversed(procs):
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    shutil.rmtree(work, ignore_errors=True)
+    if shm != work:
+        shutil.rmtree(shm, ignore_errors=True)
+PY
