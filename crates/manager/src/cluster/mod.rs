@@ -992,8 +992,14 @@ impl Cluster {
                 if state.maintenance.contains(h) {
                     return Err(Error::Conflict(format!("host {h} is in maintenance")));
                 }
-                placement::place(&rec.def, group, &[hr.clone()], &records, self.opts.weigher)
-                    .map_err(Error::Conflict)?
+                placement::place(
+                    &rec.def,
+                    group,
+                    std::slice::from_ref(hr),
+                    &records,
+                    self.opts.weigher,
+                )
+                .map_err(Error::Conflict)?
             }
             None => placement::place(
                 &rec.def,
