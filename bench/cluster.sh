@@ -5,13 +5,19 @@
 # one placement (a define through the API: placement read, filters and weigher, etcd
 # transaction) at 100 and at 1,000 defined domains, and of `host-list` at both sizes.
 # Each request is one HTTP exchange over the daemon's Unix socket (no CLI process).
+# Then live migration across hosts: a Linux guest under emu (256 MiB, the busybox
+# initramfs printing a counter) is migrated MIGRATIONS times between the hosts (placement
+# picks the destination; the stream goes over TCP between the daemons), and the VMM's
+# downtime and total time and the whole request's time are printed.
 #
-#   bench/cluster.sh [SAMPLES]   (default 20 placements measured at each size;
-#                                 VESSEL=path uses that binary instead of a release build)
+#   bench/cluster.sh [SAMPLES] [MIGRATIONS]   (defaults 20 placements measured at each
+#                                 size, 5 migrations; VESSEL=path uses that binary
+#                                 instead of a release build)
 # Installs etcd-server and etcd-client if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAMPLES="${1:-20}"
+MIGRATIONS="${2:-5}"
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
@@ -25,10 +31,13 @@ if [ -z "${VESSEL:-}" ]; then
     VESSEL="${CARGO_TARGET_DIR:-$PWD/target}/release/vessel"
 fi
 
-python3 - "$SAMPLES" "$VESSEL" <<'PY'
+scripts/guest-assets.sh >/dev/null
+ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+
+python3 - "$SAMPLES" "$VESSEL" "$MIGRATIONS" "$ASSETS" <<'PY'
 import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
-samples, vessel = int(sys.argv[1]), sys.argv[2]
+samples, vessel, migrations, assets = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 work = tempfile.mkdtemp(prefix="vessel-cluster-bench-")
 shm = tempfile.mkdtemp(prefix="vessel-cluster-bench-", dir="/dev/shm") if os.path.isdir("/dev/shm") else work
 procs = []
@@ -85,6 +94,7 @@ try:
     kernel = f"{work}/shared/kernel"
     open(kernel, "wb").write(b"\0" * 4096)
     socks = []
+    open(f"{work}/token", "w").write("cluster-bench-token-0123456789\n")
     for i in range(3):
         d = f"{work}/h{i}"
         os.makedirs(d)
@@ -93,7 +103,8 @@ try:
         procs.append(subprocess.Popen([
             vessel, "daemon", "--socket", sock, "--state-dir", f"{d}/state",
             "--pool-root", f"{work}/shared", "--cluster", eps, "--host-name", f"h{i}",
-            "--host-vcpus", "100000", "--host-memory-mib", "1000000"],
+            "--host-vcpus", "100000", "--host-memory-mib", "1000000",
+            "--listen-tcp", f"127.0.0.1:{free_port()}", "--token-file", f"{work}/token"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "VESSEL_LOG": "warn"}))
         t0 = time.time()
         while not os.path.exists(sock):
@@ -140,7 +151,42 @@ try:
     status, rest = request(socks[1], "GET", "/v1/cluster/hosts")
     hosts = json.loads(rest)
     print("  spread over hosts: " + ", ".join(
-        f"{h['host']['name']}={h['used']['domains']}" for h in hosts))
+        f"{h['host']['name']}={h['used']['domains']}" for h in hosts), flush=True)
+
+    if migrations > 0:
+        counting = ("vessel.run=i=0;while+true;do+i=$((i-(-1)));echo+count+$i;"
+                    "sleep+0.2;done")
+        body = {"name": "mover", "driver": "vessel",
+                "vm": {"kernel": f"{assets}/vmlinuz", "initrd": f"{assets}/initramfs.cpio.gz",
+                       "cmdline": f"console=ttyS0 panic=-1 quiet {counting}",
+                       "memory_mib": 256, "accel": "emu"}}
+        status, rest = request(socks[0], "POST", "/v1/domains", body)
+        assert status == 201, rest
+        status, rest = request(socks[0], "POST", "/v1/domains/mover/start")
+        assert status == 200, rest
+        host = json.loads(rest)["host"]
+        t0 = time.time()
+        while True:
+            _, log = request(socks[int(host[1:])], "GET", "/v1/domains/mover/log")
+            if b"count 3\r" in log or b"count 3\n" in log:
+                break
+            if time.time() - t0 > 120:
+                sys.exit(f"the migrating guest did not boot: {log[-500:]!r}")
+            time.sleep(0.2)
+        down, total, whole = [], [], []
+        for k in range(migrations):
+            t = time.perf_counter()
+            status, rest = request(socks[k % 3], "POST", "/v1/domains/mover/migrate", {"live": True})
+            dt = time.perf_counter() - t
+            if status != 200:
+                sys.exit(f"migration {k}: HTTP {status}: {rest[:400]!r}")
+            r = json.loads(rest)
+            down.append(r["downtime_ms"] / 1e3)
+            total.append(r["total_ms"] / 1e3)
+            whole.append(dt)
+            time.sleep(1)
+        print(f"  live migration across hosts (emu guest, 256 MiB, over TCP, {migrations} runs):")
+        print(f"    downtime {ms(down)}   VMM total {ms(total)}   request {ms(whole)}")
 finally:
     for p in reversed(procs):
         p.send_signal(signal.SIGKILL)
