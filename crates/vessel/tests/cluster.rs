@@ -795,6 +795,28 @@ fn running_domains_migrate_live_between_hosts_and_drain_live() {
     assert!(v["downtime_ms"].as_f64().unwrap() > 0.0, "{v}");
     c.check_goes_on("mover", &picked, before);
 
+    // A daemon takes in only a migration etcd records to it: a stray incoming request
+    // (here the domain's own definition, sent to a host it is not moving to) is refused.
+    let stray = c.hosts.iter().find(|h| h.name != picked).unwrap();
+    let def = std::fs::read_to_string(c.dir.join("mover.json")).unwrap();
+    let body = format!("{{\"definition\":{def}}}");
+    let mut s = UnixStream::connect(stray.socket()).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "POST /v1/migrations/incoming HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 409") && answer.contains("no live migration of domain"),
+        "{answer}"
+    );
+    assert!(stray.running().is_empty(), "{:?}", c.runners());
+
     // Refused: onto its own host, a host that does not exist, a shut-off domain.
     let e = c
         .host(&picked)
