@@ -988,6 +988,7 @@ fn migrate(from: &Path, to: &str, source: &mut Vm) -> serde_json::Value {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    eprintln!("the source VMM ended {:?} after its report", t0.elapsed());
     let mut err = String::new();
     if let Some(mut e) = source.child.0.stderr.take() {
         let _ = e.read_to_string(&mut err);
