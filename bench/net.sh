@@ -7,7 +7,8 @@
 # counts (their average size shows whether segmentation offload is at work). Then
 # request/response latency: the host sends 64 bytes to a busybox `nc -e cat` echo in the
 # guest and waits for them back, RR_COUNT times (TCP_NODELAY), and reports the median and
-# 99th percentile round trip. The same runs with QEMU TCG (q35 with virtio-net-pci, and
+# 99th percentile round trip, and the guest's virtio interrupts per round trip (from its
+# /proc/interrupts, by queue where the transport has a vector per queue). The same runs with QEMU TCG (q35 with virtio-net-pci, and
 # microvm with virtio-mmio, on the same TAP) as the reference, then Vessel / the best QEMU
 # (for latency: the best QEMU's round trip / Vessel's, so above 1 is better here too);
 # NET_CONFIGS=vessel-emu,qemu-q35 runs those columns only.
@@ -142,8 +143,23 @@ def host_to_guest(g):
     g.run("wait")
     return TOTAL / 1e6 / secs
 
+def virtio_irqs(g):
+    """The guest's virtio interrupt counts so far, all CPUs, by /proc/interrupts name."""
+    counts = {}
+    for line in g.run("grep virtio /proc/interrupts").splitlines():
+        f = line.split()
+        n = 0
+        for x in f[1:]:
+            if not x.isdigit():
+                break
+            n += int(x)
+        if len(f) > 1:
+            counts[f[-1]] = counts.get(f[-1], 0) + n
+    return counts
+
 def request_response(g):
-    """Round trips of 64 bytes to an echo in the guest: (median, 99th percentile) in µs."""
+    """Round trips of 64 bytes to an echo in the guest: (median, 99th percentile) in µs,
+    and the guest's virtio interrupts per round trip (by /proc/interrupts name)."""
     g.send("nc -l -p 5002 -e cat &")
     time.sleep(1.0)
     for _ in range(100):
@@ -156,6 +172,8 @@ def request_response(g):
     s.settimeout(10)
     msg, rtts = b"x" * 64, []
     for i in range(RR_COUNT + 20):
+        if i == 20:
+            irqs0 = virtio_irqs(g)
         t0 = time.perf_counter()
         s.sendall(msg)
         got = 0
@@ -165,10 +183,12 @@ def request_response(g):
             got += len(b)
         if i >= 20:  # the first ones warm up both sides
             rtts.append((time.perf_counter() - t0) * 1e6)
+    irqs1 = virtio_irqs(g)
     s.close()
     g.run("wait")
     rtts.sort()
-    return statistics.median(rtts), rtts[int(len(rtts) * 0.99)]
+    per_rt = {k: (v - irqs0.get(k, 0)) / RR_COUNT for k, v in irqs1.items()}
+    return statistics.median(rtts), rtts[int(len(rtts) * 0.99)], per_rt
 
 def bench(name, argv, i):
     g = Guest(argv)
@@ -184,18 +204,22 @@ def bench(name, argv, i):
         feats = g.run("cat /sys/bus/virtio/drivers/virtio_net/virtio*/features")
         print(f"{name}: virtio-net features the guest negotiated: {feats}", file=sys.stderr)
         (u, ucpu), (d, dcpu) = measured(guest_to_host, g), measured(host_to_guest, g)
-        (r, r99), rcpu = measured(request_response, g)
+        (r, r99, irq_rt), rcpu = measured(request_response, g)
         print(f"{name} run {i+1}: guest->host {u:.1f} MB/s (VMM {ucpu:.0%} of a core), "
               f"host->guest {d:.1f} MB/s (VMM {dcpu:.0%} of a core), "
               f"round trip {r:.0f} us (p99 {r99:.0f} us; VMM {rcpu:.0%} of a core)",
               file=sys.stderr)
+        print(f"{name} run {i+1}: guest virtio interrupts per round trip "
+              f"{sum(irq_rt.values()):.2f} ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(irq_rt.items()) if v)
+              + ")", file=sys.stderr)
         st = [open(f"/sys/class/net/{TAP}/statistics/{k}").read().strip()
               for k in ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")]
         print(f"{name} TAP: from the guest {st[0]} bytes in {st[1]} frames, to the guest "
               f"{st[2]} bytes in {st[3]} frames", file=sys.stderr)
         g.send("poweroff -f")
         g.p.wait(30)
-        return u, d, r, r99
+        return u, d, r, r99, sum(irq_rt.values())
     finally:
         if g.p.poll() is None:
             g.p.kill(); g.p.wait()
@@ -216,19 +240,20 @@ for i in range(runs):
         except (SystemExit, AssertionError, OSError) as e:
             # A boot that hangs (QEMU microvm now and then) is a failed run, not the end.
             print(f"{name} run {i+1}: failed: {e}", file=sys.stderr)
-results = {n: tuple(statistics.median(r[k] for r in rs) for k in range(4))
+results = {n: tuple(statistics.median(r[k] for r in rs) for k in range(5))
            for n, rs in runs_of.items() if rs}
 print(f"\nvirtio-net TCP, {mib} MiB each way (MB/s), {RR_COUNT} round trips of 64 bytes "
       f"(us), {runs} runs, medians")
-print(f"{'config':<14} {'guest->host':>12} {'host->guest':>12} {'rtt median':>11} {'rtt p99':>9}")
-for name, (u, d, r, r99) in results.items():
-    print(f"{name:<14} {u:>12.1f} {d:>12.1f} {r:>11.0f} {r99:>9.0f}")
+print(f"{'config':<14} {'guest->host':>12} {'host->guest':>12} {'rtt median':>11} {'rtt p99':>9}"
+      f" {'irqs/rtt':>9}")
+for name, (u, d, r, r99, irq) in results.items():
+    print(f"{name:<14} {u:>12.1f} {d:>12.1f} {r:>11.0f} {r99:>9.0f} {irq:>9.2f}")
 qemus = [n for n in results if n.startswith("qemu")]
 if qemus:
     bu = max(results[n][0] for n in qemus)
     bd = max(results[n][1] for n in qemus)
     br = min(results[n][2] for n in qemus)
-    for name, (u, d, r, _) in results.items():
+    for name, (u, d, r, _, _) in results.items():
         if not name.startswith("qemu"):
             print(f"{name} / best QEMU ({'/'.join(qemus)}): guest->host {u / bu:.2f}x, "
                   f"host->guest {d / bd:.2f}x, round trip {br / r:.2f}x")
