@@ -187,6 +187,14 @@ pub trait VirtioDevice: Send {
     fn inline_now(&self, _index: usize) -> bool {
         true
     }
+    /// How many queue pairs the driver said it uses (virtio-net's VQ_PAIRS_SET), for a
+    /// snapshot; None for a device that has no such choice.
+    fn queue_pairs_in_use(&self) -> Option<u16> {
+        None
+    }
+    /// A restore's [`VirtioDevice::queue_pairs_in_use`], after its features were acked;
+    /// a count the device cannot use is ignored.
+    fn use_queue_pairs(&mut self, _pairs: u16) {}
 }
 
 /// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).

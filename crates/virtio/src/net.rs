@@ -734,6 +734,12 @@ impl VirtioDevice for Net {
     /// Transmitting never waits on the host (the TAP does not block): a frame the guest
     /// queues leaves from the notifying vCPU, without waking the I/O thread. A response
     /// so reaches the host before the guest's next instruction.
+    ///
+    /// Its completion interrupts as soon as used_event asks, though Linux would also
+    /// free the buffer in its next receive poll. Holding it for that (up to 1 ms, tried
+    /// in bench/net.sh) cut the guest's interrupts per 64-byte round trip from 1.9 to
+    /// 1.1 but made the round trip slower (median 136 against 87 µs): the freeing then
+    /// runs ahead of the next response instead of while the host turns around.
     fn serves_inline(&self, index: usize) -> bool {
         index % 2 == TX_QUEUE && index / 2 < self.pairs.len()
     }
@@ -747,6 +753,27 @@ impl VirtioDevice for Net {
                 p.streaming_until
                     .is_none_or(|t| std::time::Instant::now() >= t)
             })
+    }
+
+    fn queue_pairs_in_use(&self) -> Option<u16> {
+        if self.pairs.len() < 2 || self.acked & features::MQ == 0 {
+            return None;
+        }
+        let n = self
+            .pairs
+            .iter()
+            .filter(|p| p.enabled.load(Ordering::Acquire))
+            .count();
+        u16::try_from(n).ok()
+    }
+
+    fn use_queue_pairs(&mut self, pairs: u16) {
+        let n = usize::from(pairs);
+        if (1..=self.pairs.len()).contains(&n) && self.acked & features::MQ != 0 {
+            self.use_pairs(n);
+        } else {
+            tracing::warn!(pairs, "virtio-net: a restore's queue pair count ignored");
+        }
     }
 
     fn reset(&mut self) {

@@ -72,6 +72,11 @@ impl Driver {
 
     fn with_chip(dev: Box<dyn crate::VirtioDevice>, irq: Pulses) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        Self::on_memory(dev, irq, mem)
+    }
+
+    /// A device on memory another driver already set up (a restore's).
+    fn on_memory(dev: Box<dyn crate::VirtioDevice>, irq: Pulses, mem: GuestMemoryMmap) -> Self {
         let irq = Arc::new(irq);
         let t = MmioTransport::new(dev, mem.clone(), irq.clone(), 5);
         Driver {
@@ -2120,4 +2125,62 @@ fn a_multi_queue_nic_uses_the_pairs_the_driver_sets_each_on_its_own_tap_queue() 
     // A reset goes back to one pair.
     d.w(0x070, 0);
     assert_eq!(b.0.lock().unwrap().enabled, vec![false, true, false]);
+}
+
+#[test]
+fn a_restored_two_pair_nic_keeps_using_both_pairs() {
+    use crate::net::hdr;
+    let (a, b) = (FakeNet::default(), FakeNet::default());
+    let dev = crate::net::Net::with_backends(
+        vec![Box::new(a.clone()), Box::new(b.clone())],
+        [0x52, 0x54, 0, 0, 0, 3],
+    );
+    let mut d = Driver::new(Box::new(dev)).init(QSIZE);
+    let (cmd, ack) = (MQ_BUF, MQ_BUF + 0x100);
+    d.mem.write_slice(&[4, 0, 2, 0], GuestAddress(cmd)).unwrap();
+    d.on_queue(4)
+        .submit_on(4, &[(cmd, 4, 0), (ack, 1, F_WRITE)]);
+    assert_eq!(d.byte(ack), 0, "VIRTIO_NET_OK");
+    let snap = d.t.core().snapshot();
+    assert_eq!(snap.queue_pairs, Some(2));
+    // Through the snapshot file's JSON, and one from before the field existed.
+    let json = serde_json::to_value(&snap).unwrap();
+    let snap: crate::transport::CoreSnapshot = serde_json::from_value(json.clone()).unwrap();
+    let mut old = json;
+    old.as_object_mut().unwrap().remove("queue_pairs");
+    let old: crate::transport::CoreSnapshot = serde_json::from_value(old).unwrap();
+    assert_eq!(old.queue_pairs, None);
+
+    // The restored VMM opens its TAP queues afresh: only the first attached.
+    let (a2, b2) = (FakeNet::default(), FakeNet::default());
+    let dev = crate::net::Net::with_backends(
+        vec![Box::new(a2.clone()), Box::new(b2.clone())],
+        [0x52, 0x54, 0, 0, 0, 3],
+    );
+    let mut r = Driver::on_memory(Box::new(dev), Pulses::default(), d.mem.clone());
+    let mut bad = snap.clone();
+    bad.queue_pairs = Some(3);
+    assert!(r.t.core().restore(&bad).is_err(), "three pairs of two");
+    r.t.core().restore(&snap).unwrap();
+    assert_eq!(b2.0.lock().unwrap().enabled, vec![false, true]);
+    // The second pair's frames leave through its own TAP queue, and its TAP queue's
+    // frames reach its receive queue.
+    let frame = net_frame(0, hdr::GSO_NONE, 80);
+    r.mem
+        .write_slice(&frame, GuestAddress(MQ_BUF + 0x1000))
+        .unwrap();
+    r.on_queue(3)
+        .submit_on(3, &[(MQ_BUF + 0x1000, frame.len() as u32, 0)]);
+    assert_eq!(b2.0.lock().unwrap().from_guest, vec![frame.clone()]);
+    assert!(a2.0.lock().unwrap().from_guest.is_empty());
+    b2.0.lock().unwrap().to_guest.push_back(frame.clone());
+    let used = r
+        .on_queue(2)
+        .submit_on(2, &[(MQ_BUF + 0x2000, 2048, F_WRITE)]);
+    assert_eq!(used, Some(frame.len() as u32));
+    // A snapshot of the restored device still says two.
+    assert_eq!(r.t.core().snapshot().queue_pairs, Some(2));
+    // A one-pair NIC saves no count.
+    let (one, _) = net(u64::MAX);
+    assert_eq!(one.t.core().snapshot().queue_pairs, None);
 }

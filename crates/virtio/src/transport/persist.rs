@@ -71,6 +71,10 @@ pub struct CoreSnapshot {
     pub status: u32,
     pub config_generation: u32,
     pub interrupt_status: u32,
+    /// How many queue pairs the driver uses (a multi-queue NIC's VQ_PAIRS_SET); absent
+    /// for other devices, and in snapshots from before it was saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<u16>,
 }
 
 /// Why a device refused a snapshot's state.
@@ -92,6 +96,10 @@ pub enum RestoreError {
         index: usize,
         why: String,
     },
+    #[error(
+        "the snapshot's device of type {device_type} uses {pairs} queue pairs, more than it has"
+    )]
+    QueuePairs { device_type: u32, pairs: u16 },
     #[error("the snapshot's transport of the device of type {device_type}: {why}")]
     Transport { device_type: u32, why: String },
     #[error("the snapshot's device of type {device_type} acked features {features:#x} this device does not offer")]
@@ -114,6 +122,7 @@ impl DeviceCore {
             status: st.status,
             config_generation: st.config_generation,
             interrupt_status: self.interrupt_status.load(Ordering::Acquire),
+            queue_pairs: st.device.queue_pairs_in_use(),
         }
     }
 
@@ -140,6 +149,12 @@ impl DeviceCore {
                 device: st.queues.len(),
                 snapshot: snap.queues.len(),
             });
+        }
+        if let Some(pairs) = snap
+            .queue_pairs
+            .filter(|&n| n == 0 || 2 * usize::from(n) > st.queues.len())
+        {
+            return Err(RestoreError::QueuePairs { device_type, pairs });
         }
         let mut queues = Vec::with_capacity(snap.queues.len());
         for (index, (q, have)) in snap.queues.iter().zip(&st.queues).enumerate() {
@@ -169,6 +184,10 @@ impl DeviceCore {
             let event_idx = snap.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
             for q in &mut st.queues {
                 q.set_event_idx(event_idx);
+            }
+            // After the features (which go back to one pair): the pairs the driver chose.
+            if let Some(pairs) = snap.queue_pairs {
+                st.device.use_queue_pairs(pairs);
             }
         }
         self.interrupt_status
