@@ -113,7 +113,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// A virtio-blk disk: path[,format=raw|qcow2][,readonly][,transport=mmio|pci][,queues=N]
-    /// (N request queues, QEMU's num-queues; 1 by default). Repeat for more disks. Without format= the disk is raw (formats are never guessed from
+    /// (N request queues, QEMU's num-queues; by default one per vCPU on virtio-pci, else 1). Repeat for more disks. Without format= the disk is raw (formats are never guessed from
     /// what a guest may have written); a file with a qcow2 header then needs format=.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
@@ -125,7 +125,7 @@ pub struct RunArgs {
     virtio_console: Option<SerialConfig>,
     /// A virtio-net interface on a host TAP device:
     /// tap=NAME[,mac=52:54:00:12:34:56][,transport=mmio|pci][,queues=N] (N queue pairs on
-    /// a multi-queue TAP, QEMU's queues; 1 by default).
+    /// a multi-queue TAP, QEMU's queues; by default one per vCPU on virtio-pci, else 1).
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH (host side on a Unix socket, Firecracker style).

@@ -560,11 +560,15 @@ fn two_vcpus_each_go_on_after_a_restore_with_virtio_pci() {
     }
     vm2.type_line(
         "grep -c ^processor /proc/cpuinfo; echo 3 > /proc/sys/vm/drop_caches; \
-         dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 10; echo; echo cpus''-counted",
+         dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 10; echo; \
+         echo vda-queues-$(ls /sys/block/vda/mq | wc -l); echo cpus''-counted",
     );
     let end = vm2.wait_for("cpus-counted", 0, CMD);
     let text = &vm2.text()[..end];
     assert!(text.contains("\n2\r\n"), "{text}");
+    // A virtio-pci disk with no queue count has one per vCPU, and the restored VMM
+    // opened as many as the snapshot's device had.
+    assert!(text.contains("vda-queues-2"), "{text}");
     assert!(
         text.contains("\npci-marker"),
         "the disk after the restore:\n{text}"

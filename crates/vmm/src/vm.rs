@@ -147,12 +147,91 @@ fn output_for(serial: &SerialConfig) -> Result<SerialOut, VmmError> {
     })
 }
 
+/// The queue count of a disk or interface whose configuration names none, on a VM that
+/// boots afresh: one per vCPU on virtio-pci (as QEMU's virtio-blk-pci since 5.2), where
+/// each queue interrupts on a vector of its own and the guest gives every CPU its own
+/// queue; up to `max`. One on virtio-mmio, whose device has a single interrupt.
+fn default_queues(config: &VmConfig, transport: Transport, max: u16) -> Option<u16> {
+    let n = u16::from(config.cpus).min(max);
+    (transport == Transport::Pci && n > 1).then_some(n)
+}
+
+/// How many queues each disk, and queue pairs each interface, opens.
+#[derive(Debug, PartialEq, Eq)]
+struct QueueCounts {
+    disks: Vec<u16>,
+    /// With whether one pair will do when the TAP takes no more (a default's).
+    nets: Vec<(u16, bool)>,
+}
+
+impl QueueCounts {
+    /// The configuration's counts; where it names none, on a fresh boot
+    /// [`default_queues`], on a restore what the snapshot's device has (the
+    /// configuration is left as defined, so a manager still finds its definition in
+    /// the snapshot, and snapshots from before the default restore as they were).
+    fn of(config: &VmConfig, restore: Option<&crate::snapshot::Loaded>) -> Self {
+        let machine = config.virtio_transport;
+        let saved = |i: usize| {
+            let snap = restore?.snapshot.virtio.get(i)?;
+            let core = match snap {
+                crate::snapshot::VirtioSnapshot::Mmio(m) => &m.core,
+                crate::snapshot::VirtioSnapshot::Pci(p) => &p.core,
+            };
+            u16::try_from(core.queues.len()).ok()
+        };
+        let disks = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.queues
+                    .or_else(|| match restore {
+                        // Bounded: a snapshot is untrusted input.
+                        Some(_) => saved(i).map(|n| n.clamp(1, virtio::blk::MAX_QUEUES)),
+                        None => default_queues(
+                            config,
+                            d.transport.unwrap_or(machine),
+                            virtio::blk::MAX_QUEUES,
+                        ),
+                    })
+                    .unwrap_or(1)
+            })
+            .collect();
+        // Interfaces follow the disks and the cloud-init seed; rx and tx per pair, and a
+        // control queue with several.
+        let first_net = config.disks.len() + usize::from(config.cloud_init.is_some());
+        let nets = config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match (n.queues, restore) {
+                (Some(q), _) => (q, false),
+                (None, Some(_)) => (
+                    saved(first_net + i)
+                        .map_or(1, |q| (q / 2).clamp(1, virtio::net::MAX_QUEUE_PAIRS)),
+                    false,
+                ),
+                (None, None) => (
+                    default_queues(
+                        config,
+                        n.transport.unwrap_or(machine),
+                        virtio::net::MAX_QUEUE_PAIRS,
+                    )
+                    .unwrap_or(1),
+                    true,
+                ),
+            })
+            .collect();
+        QueueCounts { disks, nets }
+    }
+}
+
 /// The VM's virtio devices, in the order their GSIs, MMIO windows and PCI slots are
 /// assigned.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
+fn virtio_devices(config: &VmConfig, counts: &QueueCounts) -> Result<Vec<VirtioSetup>, VmmError> {
     let mut devs: Vec<VirtioSetup> = Vec::new();
     let machine = config.virtio_transport;
-    for disk in &config.disks {
+    for (i, disk) in config.disks.iter().enumerate() {
         let backend = disk.open().map_err(|source| VmmError::Disk {
             path: disk.path.clone(),
             source,
@@ -173,7 +252,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             .with_rate_limiter(crate::config::RateLimiterConfig::limiter(
                 disk.rate_limiter.as_ref(),
             ))
-            .with_queues(disk.queues.unwrap_or(1));
+            .with_queues(counts.disks.get(i).copied().unwrap_or(1));
         let change = crate::runtime::Changeable::Disk(disk.clone(), dev.handle());
         devs.push((
             Box::new(dev),
@@ -199,13 +278,23 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSetup>, VmmError> {
             None,
         ));
     }
-    for net in &config.nets {
+    for (i, net) in config.nets.iter().enumerate() {
         let mac = match net.mac_bytes() {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(VmmError::Net(e)),
             None => virtio::net::default_mac(&net.tap),
         };
-        let taps = virtio::tap::Tap::open_queues(&net.tap, usize::from(net.queues.unwrap_or(1)))?;
+        let (pairs, one_will_do) = counts.nets.get(i).copied().unwrap_or((1, false));
+        let taps = match virtio::tap::Tap::open_queues(&net.tap, usize::from(pairs)) {
+            Ok(taps) => taps,
+            Err(e) if pairs > 1 && one_will_do => {
+                // A TAP made without multi_queue takes one queue only: not an error
+                // when the configuration asked for no count.
+                tracing::info!(tap = net.tap, "one queue pair: {e}");
+                virtio::tap::Tap::open_queues(&net.tap, 1)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let backends = taps
             .into_iter()
             .map(|t| Box::new(t) as Box<dyn virtio::net::NetBackend>)
@@ -497,7 +586,7 @@ impl Vmm {
         }
 
         // Virtio devices are opened first: the ACPI tables describe them.
-        let virtio = virtio_devices(&config)?;
+        let virtio = virtio_devices(&config, &QueueCounts::of(&config, restore))?;
         let places = placements(&virtio);
         let mmio_windows: Vec<VirtioMmioDevice> = places
             .iter()
@@ -1398,5 +1487,35 @@ fn vcpu_loop(id: usize, vcpu: &Mutex<Box<dyn Vcpu>>, io: &IoBuses, control: &VmC
                 exit.request(ExitReason::Error);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod queue_default_tests {
+    use super::*;
+
+    #[test]
+    fn pci_devices_get_a_queue_per_vcpu_up_to_the_maximum_and_mmio_ones_one() {
+        let mut config = VmConfig::new("/k");
+        config.cpus = 4;
+        config.virtio_transport = Transport::Pci;
+        config.disks = vec![
+            "/a".parse().unwrap(),
+            "/b,queues=3".parse().unwrap(),
+            "/c,transport=mmio".parse().unwrap(),
+        ];
+        config.nets = vec![
+            "tap=t0".parse().unwrap(),
+            "tap=t1,queues=1".parse().unwrap(),
+        ];
+        let counts = QueueCounts::of(&config, None);
+        assert_eq!(counts.disks, vec![4, 3, 1]);
+        assert_eq!(counts.nets, vec![(4, true), (1, false)]);
+        config.cpus = 32;
+        let counts = QueueCounts::of(&config, None);
+        assert_eq!(counts.disks[0], virtio::blk::MAX_QUEUES);
+        assert_eq!(counts.nets[0], (virtio::net::MAX_QUEUE_PAIRS, true));
+        config.cpus = 1;
+        assert_eq!(QueueCounts::of(&config, None).disks, vec![1, 3, 1]);
     }
 }
