@@ -415,7 +415,7 @@ impl Manager {
         row.restarting = rebooted;
         // Before anyone sees the domain stopped: a start that follows at once makes a
         // group of the same name, which a later removal would take from under its VMM.
-        crate::driver::release_cgroup(&self.cfg.programs, name);
+        crate::driver::release_cgroup(&self.cfg.programs, name, &run);
         drop(rows);
         self.table.changed.notify_all();
         if let Ok(def) = self.store.get_domain(name) {

@@ -31,6 +31,27 @@ pub use vessel::vessel_config;
 pub struct RunDir(pub PathBuf);
 
 impl RunDir {
+    /// The name of the domain's jailed VMM's cgroup (below `<the daemon's group>/vessel`):
+    /// the domain's, with a tag of this daemon's state folder. Daemons started from one
+    /// cgroup (a cluster's hosts on one machine, the two ends of a migration) would
+    /// otherwise share a group: the source's daemon could not remove it while the
+    /// destination's VMM was in it, and waited 2 s for nothing at every migration.
+    pub fn cgroup_id(&self) -> String {
+        // FNV-1a: the tag must stay the same across daemon builds (a restarted daemon
+        // removes the groups of the VMMs it adopted).
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self
+            .0
+            .parent()
+            .unwrap_or(&self.0)
+            .as_os_str()
+            .as_encoded_bytes()
+        {
+            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+        let name = self.0.file_name().unwrap_or_default().to_string_lossy();
+        format!("{name}.{h:08x}")
+    }
     pub fn pidfile(&self) -> PathBuf {
         self.0.join("vmm.pid")
     }
@@ -226,19 +247,19 @@ pub struct Programs {
 }
 
 /// The folder below the daemon's own cgroup that holds its VMMs' groups, one per
-/// domain, named after it.
+/// domain (see [`RunDir::cgroup_id`]).
 pub const VMM_PARENT_CGROUP: &str = "vessel";
 
 /// Removes the cgroup of `name`'s jailed VMM once it has ended (see
 /// `vessel::vessel_limit_args`); nothing when the daemon gives none.
-pub fn release_cgroup(p: &Programs, name: &str) {
+pub fn release_cgroup(p: &Programs, name: &str, run: &RunDir) {
     let Some(version) = p.vmm_cgroups.filter(|_| p.jail) else {
         return;
     };
     let spec = sandbox::cgroup::Spec {
         version,
         parent: PathBuf::from(VMM_PARENT_CGROUP),
-        id: name.to_string(),
+        id: run.cgroup_id(),
         // Only their controllers count here: the group is in those hierarchies.
         settings: ["cpu.max=max", "memory.max=max"]
             .into_iter()

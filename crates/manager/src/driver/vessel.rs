@@ -36,6 +36,7 @@ pub(super) fn vessel_limit_args(
     p: &Programs,
     def: &DomainDef,
     vm: &vmm::VmConfig,
+    run: &RunDir,
     c: &mut Command,
 ) {
     use sandbox::cgroup::Version;
@@ -63,7 +64,7 @@ pub(super) fn vessel_limit_args(
             c.arg("--cgroup").arg(s);
         }
         c.arg("--parent-cgroup").arg(VMM_PARENT_CGROUP);
-        c.arg("--id").arg(&def.name);
+        c.arg("--id").arg(run.cgroup_id());
     }
     c.arg("--resource-limit")
         .arg(format!("no-file={}", sandbox::jail::JAIL_MAX_FILES));
@@ -133,7 +134,7 @@ impl Driver for VesselDriver {
             Boot::Incoming => vessel_incoming_command(p, def, run, log),
         }?;
         if p.jail {
-            vessel_limit_args(p, def, &vessel_config(def, run), &mut c);
+            vessel_limit_args(p, def, &vessel_config(def, run), run, &mut c);
         }
         Ok(c)
     }
@@ -595,7 +596,13 @@ mod tests {
             };
             let mut c = Command::new("vessel");
             if jail {
-                vessel_limit_args(&p, &def, &def.vm, &mut c);
+                vessel_limit_args(
+                    &p,
+                    &def,
+                    &def.vm,
+                    &RunDir("/var/lib/vessel/run/lim".into()),
+                    &mut c,
+                );
             }
             c.get_args()
                 .map(|a| a.to_string_lossy().into_owned())
@@ -609,7 +616,10 @@ mod tests {
             "--cgroup-version 1".to_string(),
             "--cgroup cpu.cfs_quota_us=200000".into(),
             format!("--cgroup memory.limit_in_bytes={memory}"),
-            "--parent-cgroup vessel --id lim".into(),
+            format!(
+                "--parent-cgroup vessel --id {}",
+                RunDir("/var/lib/vessel/run/lim".into()).cgroup_id()
+            ),
             format!(
                 "--resource-limit fsize={}",
                 (3u64 << 30) + (3 << 27) + (64 << 20)
