@@ -40,6 +40,7 @@
 pub mod error;
 pub mod folder;
 pub mod lock;
+pub mod opened_chain;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
@@ -58,6 +59,9 @@ use tracing::{debug, warn};
 
 pub use error::{BlockError, Qcow2Error};
 pub use folder::{Folder, FolderError};
+pub use opened_chain::{
+    open_guest_disk_chain, open_guest_disk_chain_in, open_guest_disk_files, ChainFile,
+};
 pub use ops::{
     check, convert, create, create_in, info, info_in, resize, resize_in, CheckReport,
     CreateOptions, ImageInfo,
@@ -276,6 +280,10 @@ pub enum OpenError {
          recorded (qemu-img rebase -u -F raw|qcow2 -b BACKING IMAGE)"
     )]
     BackingFormatMissing { path: PathBuf, backing: String },
+    /// Files handed over for a disk ([`open_guest_disk_files`]) are not the chain its
+    /// headers now name.
+    #[error("{path}: the image's chain is not the one that was checked and handed over ({what})")]
+    ChainChanged { path: PathBuf, what: String },
     /// A file of a chain confined to a folder ([`open_guest_disk_in`]) is not a regular
     /// file in it, reached without links.
     #[error("{0}")]
@@ -611,65 +619,8 @@ pub fn guest_disk_chain(
     path: &Path,
     format: Option<Format>,
 ) -> Result<Vec<(PathBuf, Format)>, OpenError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut out: Vec<(PathBuf, Format)> = Vec::new();
-    let mut seen = HashSet::new();
-    let (mut cur, mut fmt) = (path.to_path_buf(), format);
-    loop {
-        if out.len() > MAX_BACKING_CHAIN {
-            return Err(OpenError::ChainTooDeep { path: cur });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&cur)
-            .map_err(|source| OpenError::OpenFile {
-                path: cur.clone(),
-                source,
-            })?;
-        if !seen.insert(file_id(&file, &cur)?) {
-            return Err(OpenError::ChainLoop { path: cur });
-        }
-        let f = match fmt {
-            Some(f) => f,
-            None => {
-                // Probed only to refuse, as the guest open does.
-                let f = probe_storage(&file).map_err(|source| OpenError::Probe {
-                    path: cur.clone(),
-                    source,
-                })?;
-                if f != Format::Raw {
-                    return Err(OpenError::FormatNotGiven { path: cur });
-                }
-                f
-            }
-        };
-        out.push((cur.clone(), f));
-        if f == Format::Raw {
-            return Ok(out);
-        }
-        let q = Qcow2::open(Box::new(file), true).map_err(|source| OpenError::Qcow2 {
-            path: cur.clone(),
-            source,
-        })?;
-        let Some(name) = q.header().backing_file.clone() else {
-            return Ok(out);
-        };
-        let next = resolve_backing(&cur, &name);
-        fmt = Some(match q.header().backing_format.as_deref() {
-            Some(s) => s.parse().map_err(|source| OpenError::BackingFormat {
-                path: cur.clone(),
-                source,
-            })?,
-            None => {
-                return Err(OpenError::BackingFormatMissing {
-                    path: cur,
-                    backing: name,
-                })
-            }
-        });
-        cur = next;
-    }
+    let chain = open_guest_disk_chain(path, format, true)?;
+    Ok(chain.into_iter().map(|c| (c.path, c.format)).collect())
 }
 
 /// A backing file name relative to the directory of the image naming it.

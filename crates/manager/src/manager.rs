@@ -590,14 +590,18 @@ impl Manager {
         Ok(())
     }
 
-    /// Confines each disk that is a pool's file (a `vol://` volume, or a file named by
-    /// path in a pool's folder) to that folder for this start (`DiskConfig::folder`: the
-    /// Vessel VMM opens it and its backing chain beneath the folder, without links), and
-    /// opens each such chain here the same way, so a backing file that names a host file
-    /// outside the pool (or a volume swapped for a link) fails the start before any VMM
-    /// runs. QEMU opens the chain by path itself: for it this check is all there is.
-    /// Every other disk must have the chain recorded at define ([`crate::disk_chain`]).
-    fn confine_disks(&self, def: &mut DomainDef) -> Result<()> {
+    /// Opens each disk's chain for this start and checks it, then names the open files in
+    /// the disk ([`crate::disk_chain::hand_over`]): the VMM (either driver) builds the
+    /// disk from these descriptors and opens nothing by name, so what is checked here is
+    /// what the guest gets, whatever is swapped in afterwards. The caller keeps the
+    /// returned files open until the VMM has started.
+    ///
+    /// A disk that is a pool's file (a `vol://` volume, or a file named by path in a
+    /// pool's folder) is opened beneath that folder without links
+    /// (`DiskConfig::folder` names it too), so a backing file that names a host file
+    /// outside the pool, or a volume swapped for a link, fails the start. Every disk's
+    /// chain must also be the one recorded at define ([`crate::disk_chain`]).
+    pub(super) fn confine_disks(&self, def: &mut DomainDef) -> Result<Vec<block::ChainFile>> {
         let roots = self.pool_roots();
         let pools: Vec<PathBuf> = self
             .store
@@ -606,7 +610,10 @@ impl Manager {
             .filter_map(|(_, p)| p.canonicalize().ok())
             .filter(|p| roots.iter().any(|r| p.starts_with(r)))
             .collect();
+        let mut held = Vec::new();
         for d in def.vm.disks.iter_mut() {
+            let key = crate::disk_chain::key(&d.path);
+            let recorded = def.chains.get(&key).map(Vec::as_slice);
             // The folder resolved; the file itself not (a link there is refused).
             let in_pool = match (d.path.parent(), d.path.file_name()) {
                 (Some(parent), Some(file)) => parent
@@ -616,27 +623,33 @@ impl Manager {
                     .map(|dir| (dir, file.to_owned())),
                 _ => None,
             };
-            let Some((dir, file)) = in_pool else {
+            let files = match in_pool {
                 // Outside the pools: the chain recorded at define, or none.
-                let key = crate::disk_chain::key(&d.path);
-                crate::disk_chain::check(d, def.chains.get(&key).map(Vec::as_slice))?;
-                continue;
+                None => crate::disk_chain::open_checked(d, None, recorded)?,
+                Some((dir, file)) => {
+                    d.path = dir.join(file);
+                    let folder = block::Folder::open(&dir).map_err(|e| {
+                        Error::invalid("disk", format!("{}: {}", dir.display(), storage::chain(&e)))
+                    })?;
+                    d.folder = Some(dir);
+                    crate::disk_chain::open_checked(d, Some(&folder), recorded).map_err(
+                        |e| match e {
+                            Error::Invalid { what, why } => Error::Invalid {
+                                what,
+                                why: format!(
+                                    "{why}: a pool's disks and their backing files must be \
+                                     files in the pool, as recorded at define"
+                                ),
+                            },
+                            e => e,
+                        },
+                    )?
+                }
             };
-            d.path = dir.join(file);
-            d.folder = Some(dir);
-            if let Err(e) = d.open_with(true, true) {
-                return Err(Error::invalid(
-                    "disk",
-                    format!(
-                        "{}: {}: a pool's disks and their backing files must be files in \
-                         the pool",
-                        d.path.display(),
-                        storage::chain(&e)
-                    ),
-                ));
-            }
+            crate::disk_chain::hand_over(d, &files);
+            held.extend(files);
         }
-        Ok(())
+        Ok(held)
     }
 
     /// A writable disk may be used by one running domain only.
@@ -738,7 +751,9 @@ impl Manager {
             self.refuse_shared_disk(name, &disk.path)?;
         }
         let mut def = def;
-        self.confine_disks(&mut def)?;
+        // Open until the VMM has started: it inherits them.
+        let _disk_files = self.confine_disks(&mut def)?;
+        crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def)?;

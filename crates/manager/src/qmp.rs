@@ -79,13 +79,68 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value.
     pub fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let line = Self::line(command, args);
+        self.w.write_all(line.as_bytes())?;
+        self.answer(command)
+    }
+
+    fn line(command: &str, args: Option<Value>) -> String {
         let mut msg = json!({ "execute": command });
         if let Some(a) = args {
             msg["arguments"] = a;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.w.write_all(line.as_bytes())?;
+        line
+    }
+
+    /// Gives QEMU a copy of the open file `fd` (`add-fd`, the descriptor passed with
+    /// SCM_RIGHTS on the monitor socket); returns its fd set and the descriptor's number
+    /// in QEMU, which QEMU can open as `/proc/self/fd/N` (the file itself, not a name).
+    pub fn add_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> Result<(i64, i64), QmpError> {
+        use std::os::fd::AsRawFd;
+        let line = Self::line("add-fd", None);
+        let mut iov = libc::iovec {
+            iov_base: line.as_ptr() as *mut libc::c_void,
+            iov_len: line.len(),
+        };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
+        let mut control = vec![0u8; space as usize];
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        // SAFETY: `msg` points at `control`, which has room for one cmsg with an int
+        // (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null and CMSG_DATA is in bounds.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
+        }
+        // SAFETY: `msg`, `iov`, `line` and `control` outlive the call; the socket is ours.
+        let n = unsafe { libc::sendmsg(self.w.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if (n as usize) < line.len() {
+            // The descriptor went with the first byte; the rest of the line follows.
+            self.w.write_all(&line.as_bytes()[n as usize..])?;
+        }
+        let r = self.answer("add-fd")?;
+        let num = |k: &str| r.get(k).and_then(Value::as_i64);
+        match (num("fdset-id"), num("fd")) {
+            (Some(set), Some(fd)) => Ok((set, fd)),
+            _ => Err(QmpError::Protocol(r.to_string())),
+        }
+    }
+
+    /// Reads until the answer to `command` (keeping events).
+    fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let v = self.read_msg()?;
             if v.get("event").is_some() {

@@ -734,6 +734,7 @@ fn parse_disk(n: Node) -> Result<DiskConfig> {
         format,
         read_only: child(n, "readonly").is_some(),
         folder: None,
+        fds: Vec::new(),
         transport: device_transport(n)?,
         rate_limiter: None,
         queues: None,

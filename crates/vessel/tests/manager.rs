@@ -2298,6 +2298,100 @@ fn file_disk_chains_outside_pools_are_fixed_at_define() {
     c.call("DELETE", "/v1/domains/rawfile", None).unwrap();
 }
 
+/// Issue 22: the files the manager checks at start are the files the guest gets. A test
+/// hook (`VESSEL_TEST_AFTER_DISK_CHECK`) runs between the check and the VMM's start and
+/// swaps the image for a qcow2 naming a secret host file and its base for a link to the
+/// secret: any open by name after the check would reach the secret. On both drivers the
+/// guest reads the base that was checked, handed to its VMM as an open file.
+#[test]
+fn disks_checked_at_start_are_the_files_the_guest_gets() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = assets();
+    let mut d = Daemon::start("swapcheck");
+    let secret_bytes = b"SECRETSECRET: a host file outside every pool".to_vec();
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let hex = |b: &[u8]| -> String { b[..8].iter().map(|b| format!("{b:02x}")).collect() };
+    let evil = d.dir.join("evil.qcow2");
+    block::create(
+        &evil,
+        block::Format::Qcow2,
+        Some(4 << 20),
+        Some((secret.to_str().unwrap(), Some(block::Format::Raw))),
+    )
+    .unwrap();
+    let hook = d.dir.join("swap.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\nf={dir}/files-$1\nmv $f/base.raw $f/base.checked\n\
+             ln -s {secret} $f/base.raw\nmv $f/top.qcow2 $f/top.checked\n\
+             cp {evil} $f/top.qcow2\necho swapped > $f/swapped\n",
+            dir = d.dir.display(),
+            secret = secret.display(),
+            evil = evil.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.kill9();
+    d.env.push((
+        "VESSEL_TEST_AFTER_DISK_CHECK",
+        Box::leak(hook.to_str().unwrap().to_string().into_boxed_str()),
+    ));
+    d.spawn();
+    let c = d.client();
+    let checked = b"CHECKED BASE: what the manager opened".to_vec();
+    for driver in ["qemu", "vessel"] {
+        let name = format!("swap-{driver}");
+        let files = d.dir.join(format!("files-{name}"));
+        std::fs::create_dir_all(&files).unwrap();
+        let base = files.join("base.raw");
+        let mut bytes = checked.clone();
+        bytes.resize(4 << 20, 0);
+        std::fs::write(&base, &bytes).unwrap();
+        let top = files.join("top.qcow2");
+        block::create(
+            &top,
+            block::Format::Qcow2,
+            Some(4 << 20),
+            Some((base.to_str().unwrap(), Some(block::Format::Raw))),
+        )
+        .unwrap();
+        let def = json!({"name": name, "driver": driver, "vm": {
+            "kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+            "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=xxd+-p+-l+16+/dev/vda",
+            "memory_mib": 256, "accel": "emu",
+            "disks": [{"path": top, "format": "qcow2"}]}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+        c.post(&format!("/v1/domains/{name}/start"), None).unwrap();
+        assert!(
+            files.join("swapped").exists(),
+            "{driver}: the hook did not swap the files: {}",
+            d.log()
+        );
+        // The swap is real: opening by name now reaches the secret.
+        let mut by_name =
+            block::open_guest_disk_with(&top, Some(block::Format::Qcow2), true, true).unwrap();
+        let mut b = vec![0u8; 8];
+        by_name.read_at(0, &mut b).unwrap();
+        assert_eq!(b, secret_bytes[..8], "{driver}");
+        drop(by_name);
+        wait_state(&c, &name, "shutoff", Duration::from_secs(240));
+        let log = serial_log(&c, &name);
+        assert!(
+            log.contains(&hex(&checked)),
+            "{driver}: the guest did not read the checked base: {log}"
+        );
+        assert!(
+            !log.contains(&hex(&secret_bytes)),
+            "{driver}: the secret reached the guest: {log}"
+        );
+        c.call("DELETE", &format!("/v1/domains/{name}"), None)
+            .unwrap();
+    }
+}
+
 /// Sends a request head announcing `len` body bytes (and none of them); returns the
 /// response's status line and body.
 fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {
@@ -3176,6 +3270,47 @@ fn qemu_domain_attaches_and_detaches_disks_and_interfaces_live() {
         info["definition"]["vm"]["disks"].as_array().unwrap().len(),
         1
     );
+
+    // Issue 22: a qcow2 disk over a base, attached live, gets a chain record in the live
+    // definition, and QEMU the files the manager opened (`add-fd`, `/proc/self/fd/N`
+    // nodes): the device appears. Descriptors named by a client are refused.
+    let hot_base = d.dir.join("hot-base.raw");
+    std::fs::write(&hot_base, vec![0u8; 3 << 20]).unwrap();
+    let hot2 = d.dir.join("hot2.qcow2");
+    block::create(
+        &hot2,
+        block::Format::Qcow2,
+        Some(3 << 20),
+        Some((hot_base.to_str().unwrap(), Some(block::Format::Raw))),
+    )
+    .unwrap();
+    let e = c
+        .post(
+            "/v1/domains/hq/attach",
+            Some(&json!({"disk": {"path": hot2, "format": "qcow2",
+                "fds": [{"fd": 3, "format": "qcow2", "path": hot2}]}})),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fds"), "{e}");
+    c.post(
+        "/v1/domains/hq/attach",
+        Some(&json!({"disk": {"path": hot2, "format": "qcow2"}})),
+    )
+    .unwrap();
+    let at = wait_devices(&c, "hq", at, "the attached qcow2 disk", |b, _| {
+        b == ["vda", "vdb", "vdc"]
+    });
+    let live = c.get("/v1/domains/hq").unwrap()["live"].clone();
+    let rec = &live["chains"][hot2.to_str().unwrap()];
+    assert_eq!(rec.as_array().map(Vec::len), Some(2), "{live}");
+    assert_eq!(rec[1]["path"], json!(hot_base), "{live}");
+    assert!(!live.to_string().contains("\"fds\""), "{live}");
+    c.post("/v1/domains/hq/detach", Some(&json!({ "disk": hot2 })))
+        .unwrap();
+    let at = wait_devices(&c, "hq", at, "the qcow2 disk gone", |b, _| {
+        b == ["vda", "vdb"]
+    });
 
     let out = d.ok(&[
         "attach-interface",

@@ -400,6 +400,15 @@ pub struct DiskConfig {
     /// it; `path` must lie below it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folder: Option<PathBuf>,
+    /// The files of the disk's chain, open already: the image, then each backing file,
+    /// as descriptors this VMM inherited from the manager that opened and checked them
+    /// (issue 22). When given, the disk is built from these alone and `path` and
+    /// `folder` only name it: nothing is opened by name, so a file swapped in after the
+    /// check is never what the guest gets. Set by a manager for each start, in the
+    /// config file it hands the VMM; never kept in a snapshot, and refused from API
+    /// clients (a descriptor number names whatever this process has open).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fds: Vec<InheritedFile>,
     /// virtio-mmio or virtio-pci; the machine's `virtio_transport` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
@@ -410,6 +419,44 @@ pub struct DiskConfig {
     /// submits on several. 1 when absent; at most [`virtio::blk::MAX_QUEUES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<u16>,
+}
+
+fn block_format(f: DiskFormat) -> block::Format {
+    match f {
+        DiskFormat::Raw => block::Format::Raw,
+        DiskFormat::Qcow2 => block::Format::Qcow2,
+    }
+}
+
+/// One file of a disk's chain that the VMM inherited open ([`DiskConfig::fds`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InheritedFile {
+    /// The descriptor number in the VMM (3 or more).
+    pub fd: i32,
+    pub format: DiskFormat,
+    /// The name it was opened by, for messages.
+    pub path: PathBuf,
+}
+
+impl InheritedFile {
+    /// A descriptor of its own for the file (close-on-exec): the disk can be opened more
+    /// than once (a boot-sector probe, then the VM's open), and the inherited one stays
+    /// for the VMM's life.
+    fn dup(&self) -> std::io::Result<std::fs::File> {
+        use std::os::fd::FromRawFd;
+        if self.fd < 3 {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: F_DUPFD_CLOEXEC reads no memory; on a descriptor not open it fails
+        // with EBADF, which is returned.
+        let fd = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just made by F_DUPFD_CLOEXEC and is owned by nothing else.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    }
 }
 
 /// A token bucket as Firecracker's API defines it: `size` tokens refilled over
@@ -508,6 +555,18 @@ impl VmConfig {
         let mut c = self.clone();
         for d in &mut c.disks {
             d.folder = None;
+            d.fds.clear();
+        }
+        c
+    }
+
+    /// This configuration without the descriptors it was handed ([`DiskConfig::fds`]):
+    /// what a snapshot or a migration keeps, since those numbers mean nothing to another
+    /// process.
+    pub fn without_fds(&self) -> VmConfig {
+        let mut c = self.clone();
+        for d in &mut c.disks {
+            d.fds.clear();
         }
         c
     }
@@ -528,6 +587,23 @@ impl DiskConfig {
         read_only: bool,
         force_share: bool,
     ) -> Result<Box<dyn block::BlockBackend>, block::OpenError> {
+        if !self.fds.is_empty() {
+            let files = self
+                .fds
+                .iter()
+                .map(|f| {
+                    Ok(block::ChainFile {
+                        path: f.path.clone(),
+                        file: f.dup().map_err(|source| block::OpenError::OpenFile {
+                            path: f.path.clone(),
+                            source,
+                        })?,
+                        format: block_format(f.format),
+                    })
+                })
+                .collect::<Result<Vec<_>, block::OpenError>>()?;
+            return block::open_guest_disk_files(files, read_only, force_share);
+        }
         match &self.folder {
             Some(dir) => {
                 let folder = block::Folder::open(dir)?;
@@ -545,9 +621,22 @@ impl DiskConfig {
         }
     }
 
+    /// The image's file, read-only unless it was handed over open ([`DiskConfig::fds`]:
+    /// then as it was handed over), for reading its size; nothing of its chain.
+    pub fn image_file(&self) -> std::io::Result<std::fs::File> {
+        match self.fds.first() {
+            Some(f) => f.dup(),
+            None => std::fs::File::open(&self.path),
+        }
+    }
+
     /// The files [`DiskConfig::open`] opens: the image, then its backing chain (with a
     /// folder, only as far as the chain stays in it: the open refuses the rest).
     pub fn files(&self) -> Vec<PathBuf> {
+        if !self.fds.is_empty() {
+            // Open already: nothing to reach by name.
+            return Vec::new();
+        }
         match self.folder.as_deref().map(block::Folder::open) {
             Some(Ok(folder)) => {
                 block::guest_disk_files_in(&folder, &self.path, self.block_format())
@@ -558,10 +647,7 @@ impl DiskConfig {
     }
 
     fn block_format(&self) -> Option<block::Format> {
-        self.format.map(|f| match f {
-            DiskFormat::Raw => block::Format::Raw,
-            DiskFormat::Qcow2 => block::Format::Qcow2,
-        })
+        self.format.map(block_format)
     }
 
     /// Whether the image's first sector ends in the boot signature 0x55 0xAA, which a PC
@@ -607,6 +693,7 @@ impl std::str::FromStr for DiskConfig {
             format: None,
             read_only: false,
             folder: None,
+            fds: Vec::new(),
             transport: None,
             rate_limiter: None,
             queues: None,
@@ -831,7 +918,12 @@ impl VmConfig {
                 cpus: self.cpus,
             });
         }
-        if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
+        // A disk handed over open has no name to reach (a jailed VMM sees none).
+        if let Some(d) = self
+            .disks
+            .iter()
+            .find(|d| d.fds.is_empty() && !d.path.is_file())
+        {
             return Err(ConfigError::DiskMissing(d.path.clone()));
         }
         if let Some(n) = self
@@ -1017,6 +1109,7 @@ mod tests {
             format: Some(DiskFormat::Raw),
             read_only: false,
             folder: None,
+            fds: Vec::new(),
             transport: None,
             rate_limiter: None,
             queues: None,
@@ -1062,6 +1155,7 @@ mod tests {
             format: Some(DiskFormat::Qcow2),
             read_only: true,
             folder: None,
+            fds: Vec::new(),
             transport: None,
             rate_limiter: None,
             queues: None,
@@ -1188,6 +1282,7 @@ mod tests {
                 format: Some(DiskFormat::Qcow2),
                 read_only: true,
                 folder: None,
+                fds: Vec::new(),
                 transport: None,
                 rate_limiter: None,
                 queues: None,

@@ -474,6 +474,7 @@ pub fn start(
         // Own process group: a Ctrl-C meant for the daemon does not reach the VMMs.
         .process_group(0);
     default_signals(&mut cmd);
+    inherit_fds(&mut cmd, &def.vm);
     let what = match def.driver {
         DriverKind::Qemu => p.qemu.display().to_string(),
         DriverKind::Vessel => format!("{} run", p.vessel.display()),
@@ -514,6 +515,33 @@ pub(crate) fn default_signals(cmd: &mut Command) {
                 0 => Ok(()),
                 e => Err(std::io::Error::from_raw_os_error(e)),
             }
+        });
+    }
+}
+
+/// Lets the VMM inherit the descriptors its disks name (`DiskConfig::fds`: the files the
+/// manager opened and checked, see `Manager::confine_disks`). They stay close-on-exec in
+/// the daemon, so no other VMM started meanwhile gets them; only this child clears the
+/// flag, on those numbers alone.
+pub(crate) fn inherit_fds(cmd: &mut Command, vm: &vmm::VmConfig) {
+    let fds: Vec<i32> = vm
+        .disks
+        .iter()
+        .flat_map(|d| d.fds.iter().map(|f| f.fd))
+        .collect();
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the hook runs in the child between fork and exec; fcntl is
+    // async-signal-safe, and `fds` was built before the fork (no allocation here).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
         });
     }
 }

@@ -187,15 +187,16 @@ impl Driver for QemuDriver {
                 let id = disk_id(&d.path);
                 let node = format!("node-{id}");
                 let port = free_port(&mut q)?;
-                let file = json!({"driver": "file", "filename": chardev_path(&d.path)?,
-                                  "read-only": d.read_only});
-                q.execute(
-                    "blockdev-add",
-                    Some(
-                        json!({"driver": disk_format(drive_format(d)?), "node-name": node,
-                                "read-only": d.read_only, "file": file}),
-                    ),
-                )?;
+                let mut sets = Vec::new();
+                let added = blockdev_of(&mut q, d, &mut sets).and_then(|mut dev| {
+                    dev["node-name"] = json!(node);
+                    Ok(q.execute("blockdev-add", Some(dev))?)
+                });
+                // QEMU opened its own files (`/proc/self/fd/N`): the copies go.
+                for set in sets {
+                    let _ = q.execute("remove-fd", Some(json!({ "fdset-id": set })));
+                }
+                added?;
                 let dev = json!({"driver": "virtio-blk-pci", "id": id, "drive": node,
                                  "bus": port});
                 if let Err(e) = q.execute("device_add", Some(dev)) {
@@ -327,6 +328,75 @@ fn unplug(q: &mut Qmp, id: &str, what: &str) -> Result<()> {
 /// A disk's format for QEMU: always given (QEMU would probe; see docs/SECURITY.md). A
 /// definition from before formats were fixed at define time gets what the Vessel VMM
 /// does: raw, or a refusal for a file that looks like qcow2 (never the guest's guess).
+/// `blockdev-add`'s arguments for a disk attached live (without its node name): its path,
+/// or (issue 22) the files the manager opened and checked, each passed to QEMU
+/// (`add-fd`, the fd sets it made pushed on `sets`) and opened there as
+/// `/proc/self/fd/N`, the chain given as nested `backing` nodes, ending in null.
+fn blockdev_of(
+    q: &mut Qmp,
+    d: &vmm::config::DiskConfig,
+    sets: &mut Vec<i64>,
+) -> Result<serde_json::Value> {
+    if d.fds.is_empty() {
+        let file = json!({"driver": "file", "filename": chardev_path(&d.path)?,
+                          "read-only": d.read_only});
+        return Ok(json!({"driver": disk_format(drive_format(d)?),
+                         "read-only": d.read_only, "file": file}));
+    }
+    let mut nodes = Vec::new();
+    for (i, f) in d.fds.iter().enumerate() {
+        // SAFETY: the manager holds the file `f.fd` names open until the hot-plug ends
+        // (`Manager::attach_live`).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(f.fd) };
+        let (set, theirs) = q.add_fd(fd)?;
+        sets.push(set);
+        let ro = i > 0 || d.read_only;
+        nodes.push(json!({"driver": disk_format(f.format), "read-only": ro,
+                          "file": {"driver": "file", "read-only": ro,
+                                   "filename": format!("/proc/self/fd/{theirs}")}}));
+    }
+    let mut chain = serde_json::Value::Null;
+    for mut n in nodes.into_iter().rev() {
+        if n["driver"] == "qcow2" {
+            n["backing"] = chain;
+        }
+        chain = n;
+    }
+    Ok(chain)
+}
+
+/// A `-drive`'s files: the disk's path, or (issue 22) the files the manager opened and
+/// checked, which QEMU inherits (`DiskConfig::fds`) and reopens through
+/// `/proc/self/fd/N` (the open file itself, whatever its name leads to now), each backing
+/// file given as the image's `backing` so QEMU never opens a name from a header. A chain
+/// that ends in qcow2 ends in `backing=` (none: QEMU 7.2 warns that the empty string is
+/// deprecated for null, which `-drive` cannot spell), so a header rewritten to name a
+/// backing file later is not followed either. The formats come with it (`format=` for
+/// the image).
+fn drive_files(d: &vmm::config::DiskConfig) -> Result<String> {
+    if d.fds.is_empty() {
+        return chardev_path(&d.path);
+    }
+    let mut s = String::new();
+    for (depth, f) in d.fds.iter().enumerate() {
+        let fmt = disk_format(f.format);
+        // The image's options, then its backing file's under `backing.`, and so on.
+        let at = "backing.".repeat(depth);
+        if depth == 0 {
+            s.push_str(&format!("/proc/self/fd/{},format={fmt}", f.fd));
+        } else {
+            s.push_str(&format!(
+                ",{at}driver={fmt},{at}file.filename=/proc/self/fd/{}",
+                f.fd
+            ));
+        }
+        if depth + 1 == d.fds.len() && f.format == DiskFormat::Qcow2 {
+            s.push_str(&format!(",{at}backing="));
+        }
+    }
+    Ok(s)
+}
+
 fn drive_format(d: &vmm::config::DiskConfig) -> Result<DiskFormat> {
     match d.format {
         Some(f) => Ok(f),
@@ -518,6 +588,8 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
             format: _,
             read_only: _,
             folder: _,
+            // Given as `/proc/self/fd/N` files (`drive_files`).
+            fds: _,
             transport,
             rate_limiter,
             queues,
@@ -631,11 +703,10 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     ));
     for (i, d) in vm.disks.iter().enumerate() {
         let f = drive_format(d)?;
-        let mut drive = format!(
-            "file={},if=virtio,index={i},format={}",
-            chardev_path(&d.path)?,
-            disk_format(f)
-        );
+        let mut drive = format!("file={},if=virtio,index={i}", drive_files(d)?);
+        if d.fds.is_empty() {
+            drive.push_str(&format!(",format={}", disk_format(f)));
+        }
         if d.read_only {
             drive.push_str(",readonly=on");
         }
@@ -988,5 +1059,35 @@ mod tests {
         );
         assert_eq!((r.total_ms, r.downtime_ms), (1037.0, 9.0));
         assert_eq!(report(&m)["qemu"], m);
+    }
+
+    /// Issue 22: a disk handed over as open files reaches QEMU as those files, each
+    /// backing file as the image's `backing` (so no header name is opened), a chain
+    /// ending in qcow2 ending in `backing=`; the path is not on the command line.
+    #[test]
+    fn handed_over_disks_are_given_to_qemu_as_their_open_files() {
+        let disk = |fds: serde_json::Value| -> vmm::config::DiskConfig {
+            serde_json::from_value(serde_json::json!({
+                "path": "/pool/top.qcow2", "format": "qcow2", "fds": fds}))
+            .unwrap()
+        };
+        let d = disk(serde_json::json!([
+            {"fd": 7, "format": "qcow2", "path": "/pool/top.qcow2"},
+            {"fd": 8, "format": "qcow2", "path": "/pool/mid.qcow2"},
+            {"fd": 9, "format": "raw", "path": "/pool/base.raw"}]));
+        assert_eq!(
+            drive_files(&d).unwrap(),
+            "/proc/self/fd/7,format=qcow2,backing.driver=qcow2,\
+             backing.file.filename=/proc/self/fd/8,backing.backing.driver=raw,\
+             backing.backing.file.filename=/proc/self/fd/9"
+        );
+        let d = disk(serde_json::json!([
+            {"fd": 7, "format": "qcow2", "path": "/pool/top.qcow2"}]));
+        assert_eq!(
+            drive_files(&d).unwrap(),
+            "/proc/self/fd/7,format=qcow2,backing="
+        );
+        let d = disk(serde_json::json!([]));
+        assert_eq!(drive_files(&d).unwrap(), "/pool/top.qcow2");
     }
 }

@@ -57,7 +57,10 @@ fn write_live(run: &RunDir, live: &DomainDef) -> Result<()> {
 impl Manager {
     /// Records what a domain's VMM started with (called once it runs).
     pub(super) fn record_live(&self, run: &RunDir, runtime: &DomainDef) {
-        if let Err(e) = write_live(run, runtime) {
+        // The descriptors its disks were handed mean nothing outside the VMM.
+        let mut runtime = runtime.clone();
+        runtime.vm = runtime.vm.without_fds();
+        if let Err(e) = write_live(run, &runtime) {
             tracing::warn!(domain = %runtime.name, "{e}");
         }
     }
@@ -119,7 +122,10 @@ impl Manager {
                 let mut one = stored.clone();
                 one.vm.disks = vec![disk.clone()];
                 self.resolve_volumes(&mut one)?;
-                self.confine_disks(&mut one)?;
+                // Recorded as define records a disk, then opened, checked against that
+                // record and handed to the VMM as `start` does (issue 22).
+                crate::disk_chain::record_all(&mut one)?;
+                let files = self.confine_disks(&mut one)?;
                 disk = one.vm.disks.remove(0);
                 if live.vm.disks.iter().any(|x| x.path == disk.path) {
                     return Err(Error::Conflict(format!(
@@ -133,9 +139,12 @@ impl Manager {
                 let mut vm = live.vm.clone();
                 vm.disks.push(disk.clone());
                 d.check(&vm)?;
+                // The driver passes on the files `disk.fds` names: open until here.
                 d.hotplug(&run, &live, Hotplug::AttachDisk(&disk))?;
-                live.vm = vm;
+                drop(files);
+                live.vm = vm.without_fds();
                 live.volumes.extend(one.volumes);
+                live.chains.extend(one.chains);
             }
             Device::Interface(itf) => {
                 let probe = NetConfig {

@@ -317,6 +317,7 @@ impl FcConfig {
                     format: Some(DiskFormat::Raw),
                     read_only: d.is_read_only.unwrap_or(false),
                     folder: None,
+                    fds: Vec::new(),
                     transport: None,
                     rate_limiter: d.rate_limiter,
                     queues: None,

@@ -673,6 +673,8 @@ impl VmmApi {
                 if let Some(disk) = config.disks.get_mut(index) {
                     if let Some(p) = &u.path_on_host {
                         disk.path = p.into();
+                        // Reopened by the new name: the inherited files are not it.
+                        disk.fds.clear();
                     }
                     disk.rate_limiter = d.rate_limiter;
                 }

@@ -260,16 +260,17 @@ fn is_uefi_file(path: &Path) -> bool {
 /// The size the guest sees of the disk at `path`: a qcow2 image's virtual size (its file
 /// grows as clusters are allocated, and a revert puts an older, shorter file back),
 /// else the file's length.
-fn disk_len(path: &Path, format: Option<crate::config::DiskFormat>) -> std::io::Result<u64> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+fn disk_len(d: &crate::config::DiskConfig) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    // The file the VM uses: handed over open to a jailed VMM, which has no path to it.
+    let f = d.image_file()?;
     let len = f.metadata()?.len();
-    if format == Some(crate::config::DiskFormat::Raw) {
+    if d.format == Some(crate::config::DiskFormat::Raw) {
         return Ok(len);
     }
     // qcow2's header: magic "QFI\xfb", then the virtual size at byte 24 (big-endian).
     let mut head = [0u8; 32];
-    match f.read_exact(&mut head) {
+    match f.read_exact_at(&mut head, 0) {
         Ok(()) if head[..4] == *b"QFI\xfb" => {
             let mut size = [0u8; 8];
             size.copy_from_slice(&head[24..32]);
@@ -285,7 +286,7 @@ pub(crate) fn disk_identities(config: &VmConfig) -> Result<Vec<DiskIdentity>, Sn
         .disks
         .iter()
         .map(|d| {
-            let len = disk_len(&d.path, d.format)
+            let len = disk_len(d)
                 .map_err(|e| SnapshotError::Mismatch(format!("disk {}: {e}", d.path.display())))?;
             Ok(DiskIdentity {
                 path: d.path.clone(),
@@ -431,7 +432,8 @@ impl Snapshotter {
             })
             .collect();
         Ok(VmSnapshot {
-            config: self.config.clone(),
+            // Descriptors mean nothing to the process that restores it: it opens by name.
+            config: self.config.without_fds(),
             accel: self.accel.clone(),
             saved_unix_ns,
             cpuid_fingerprint: self.cpuid_fingerprint,
