@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 /// otherwise.
 pub const DEFAULT_PARENT: &str = "vessel";
 
+/// cgroup v2's swap limit: absent where the kernel does not account swap, so a start is
+/// not refused for it ([`enter`] leaves it out there, with a warning).
+const SWAP_MAX: &str = "memory.swap.max";
+
 /// Which cgroup hierarchy holds the VMM's group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -298,6 +302,12 @@ fn enter_process(spec: &Spec, pid: u32) -> Result<Vec<PathBuf>, CgroupError> {
     for s in &spec.settings {
         let (_, group) = mounts.folders(spec, s.controller())?;
         let file = group.join(&s.file);
+        if spec.version == Version::V2 && s.file == SWAP_MAX && !file.exists() {
+            // A kernel that does not account swap (`swapaccount=0`, no
+            // CONFIG_MEMCG_SWAP) has no swap limit to set: memory.max still holds.
+            tracing::warn!(file = %file.display(), "no cgroup v2 swap accounting: the swap limit is not set");
+            continue;
+        }
         std::fs::write(&file, &s.value).map_err(io_err("writing", &file))?;
     }
     let pid = pid.to_string();
