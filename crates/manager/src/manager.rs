@@ -753,6 +753,14 @@ impl Manager {
         let mut def = def;
         // Open until the VMM has started: it inherits them.
         let _disk_files = self.confine_disks(&mut def)?;
+        if def.driver == DriverKind::Vessel && !matches!(boot, driver::Boot::Fresh) {
+            // A Vessel VMM that restores or takes in a migrating VM builds it from the
+            // state's configuration, which names its disks by path (snapshots keep no
+            // descriptors): it opens them by name, as checked here (docs/SECURITY.md).
+            for d in &mut def.vm.disks {
+                d.fds.clear();
+            }
+        }
         crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
