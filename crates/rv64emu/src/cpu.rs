@@ -95,6 +95,12 @@ pub struct Cpu {
     /// clock again: reading it for every block cost a third of the run time.
     mtip: bool,
     timer_check_at: u64,
+    /// The retired-instruction count at which to look for a pending interrupt again.
+    /// Whatever may make one takeable at once (a CSR instruction, a trap or xRET, a
+    /// device access, run entry) sets it to 0; otherwise lines raised from outside (the
+    /// PLIC's, another hart's IPI, the timer) are seen within [`IRQ_CHECK_INTERVAL`]
+    /// instructions. Looking at every block boundary cost a tenth of the run time.
+    pub(crate) irq_check_at: u64,
     ctx_fetch: Ctx,
     ctx_data: Ctx,
     /// FENCE.I ran: drop the decoded blocks when the current block ends.
@@ -112,6 +118,9 @@ const NO_CTX: Ctx = Ctx {
 
 /// Instructions between two looks at the clock for the timer interrupt (~20 µs here).
 const TIMER_CHECK_INTERVAL: u64 = 2048;
+
+/// Instructions between two looks at the interrupt lines when nothing forced one.
+const IRQ_CHECK_INTERVAL: u64 = 1024;
 
 impl Cpu {
     /// A hart at reset (M-mode, `pc` = `reset_pc`) over `ram`.
@@ -139,6 +148,7 @@ impl Cpu {
             device_touched: false,
             mtip: false,
             timer_check_at: 0,
+            irq_check_at: 0,
             ctx_fetch: NO_CTX,
             ctx_data: NO_CTX,
             code_flush_pending: false,
@@ -253,6 +263,7 @@ impl Cpu {
         }
         self.reservation = None;
         self.update_regime();
+        self.irq_check_at = 0;
     }
 
     pub(crate) fn take_exception(&mut self, e: Exception) {
@@ -513,6 +524,9 @@ impl Cpu {
             } else {
                 decode16(lo)
             };
+            let mut insn = insn;
+            insn.off = (off - (hit.pa & 0xfff) as usize) as u16;
+            insn.idx = out.len() as u8;
             off += insn.len as usize;
             let end = insn.ends_block();
             out.push(insn);
@@ -540,11 +554,15 @@ impl Cpu {
         self.update_regime();
         // The clock moved while the VMM had the hart (after WFI above all).
         self.timer_check_at = 0;
+        self.irq_check_at = 0;
         // Traps retire nothing: count them too, so a trap loop still ends the run.
         let mut traps = 0u64;
         while self.instret < end && traps < budget {
-            if let Some(irq) = self.pending_interrupt(bus) {
-                self.take_trap(irq as u64, 0, true);
+            if self.instret >= self.irq_check_at {
+                self.irq_check_at = self.instret.saturating_add(IRQ_CHECK_INTERVAL);
+                if let Some(irq) = self.pending_interrupt(bus) {
+                    self.take_trap(irq as u64, 0, true);
+                }
             }
             let user = self.prv == Priv::User;
             let (block, straddler) = match self.cache.jump(self.pc, user) {
@@ -574,32 +592,42 @@ impl Cpu {
             // blocks are boxed, inserted only by `find_block` above, and flushed only
             // after the loop (FENCE.I defers its flush to `code_flush_pending`).
             let insns = unsafe { &*insns };
-            for insn in insns {
-                match self.exec(insn, bus) {
-                    Ok(Flow::Next) => {
-                        self.pc = self.pc.wrapping_add(insn.len as u64);
-                        self.instret += 1;
-                    }
-                    Ok(Flow::Jump) => {
-                        self.instret += 1;
-                        break;
-                    }
-                    Ok(Flow::Wfi) => {
-                        self.pc = self.pc.wrapping_add(insn.len as u64);
-                        self.instret += 1;
-                        if self.mip(bus) & self.csr.mie == 0 {
-                            return RunExit::Wfi;
+            // While the block runs, `pc` and `instret` stay at its first instruction
+            // (each instruction's own are `pc + off`, `instret + idx`): no
+            // per-instruction update, and no chain of them through memory.
+            'block: {
+                for insn in insns {
+                    match self.exec(insn, bus) {
+                        Ok(Flow::Next) => {}
+                        Ok(Flow::Jump) => {
+                            self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+                            break 'block;
                         }
-                        break;
-                    }
-                    Err(e) => {
-                        if self.exit_on_exception {
-                            return RunExit::Exception(e);
+                        Ok(Flow::Wfi) => {
+                            self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
+                            self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+                            if self.mip(bus) & self.csr.mie == 0 {
+                                return RunExit::Wfi;
+                            }
+                            self.irq_check_at = 0;
+                            break 'block;
                         }
-                        traps += 1;
-                        self.take_exception(e);
-                        break;
+                        Err(e) => {
+                            self.pc = self.pc_of(insn);
+                            self.instret = self.instret.wrapping_add(insn.idx as u64);
+                            if self.exit_on_exception {
+                                return RunExit::Exception(e);
+                            }
+                            traps += 1;
+                            self.take_exception(e);
+                            break 'block;
+                        }
                     }
+                }
+                // Ran off the block's end.
+                if let Some(last) = insns.last() {
+                    self.pc = self.pc_of(last).wrapping_add(last.len as u64);
+                    self.instret = self.instret.wrapping_add(last.idx as u64 + 1);
                 }
             }
             if self.code_flush_pending {
@@ -608,6 +636,7 @@ impl Cpu {
             }
             if self.device_touched {
                 self.device_touched = false;
+                self.irq_check_at = 0;
                 if bus.stop_requested() {
                     return RunExit::Stop;
                 }

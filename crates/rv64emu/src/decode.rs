@@ -108,6 +108,11 @@ pub struct Insn {
     pub imm: i64,
     /// The raw word, for `mtval` on an illegal instruction.
     pub raw: u32,
+    /// Byte offset from its block's first instruction and its index in the block: the
+    /// run loop keeps `pc` and `instret` at the block's start while the block runs and
+    /// derives each instruction's own from these (0 outside a block).
+    pub off: u16,
+    pub idx: u8,
 }
 
 impl Insn {
@@ -122,6 +127,8 @@ impl Insn {
             len,
             imm: 0,
             raw,
+            off: 0,
+            idx: 0,
         }
     }
 

@@ -10,11 +10,17 @@ use crate::trap::Exception;
 use std::sync::atomic::Ordering;
 
 impl Cpu {
+    /// Writes `rd`; a write to x0 lands and is undone at once (cheaper than a branch).
     #[inline]
     fn set(&mut self, rd: u8, v: u64) {
-        if rd != 0 {
-            self.x[rd as usize & 31] = v;
-        }
+        self.x[rd as usize & 31] = v;
+        self.x[0] = 0;
+    }
+
+    /// The PC of `i`: while a block runs, `self.pc` is its first instruction's.
+    #[inline]
+    pub(crate) fn pc_of(&self, i: &Insn) -> u64 {
+        self.pc.wrapping_add(i.off as u64)
     }
 
     #[inline]
@@ -30,7 +36,7 @@ impl Cpu {
     /// taken one ends the block.
     fn branch(&mut self, i: &Insn, taken: bool) -> Flow {
         if taken {
-            self.pc = self.pc.wrapping_add(i.imm as u64);
+            self.pc = self.pc_of(i).wrapping_add(i.imm as u64);
             Flow::Jump
         } else {
             Flow::Next
@@ -45,15 +51,16 @@ impl Cpu {
         let v = match i.op {
             Illegal => return Err(self.illegal(i)),
             Lui => imm,
-            Auipc => self.pc.wrapping_add(imm),
+            Auipc => self.pc_of(i).wrapping_add(imm),
             Jal => {
-                let ret = self.pc.wrapping_add(i.len as u64);
-                self.pc = self.pc.wrapping_add(imm);
+                let pc = self.pc_of(i);
+                let ret = pc.wrapping_add(i.len as u64);
+                self.pc = pc.wrapping_add(imm);
                 self.set(i.rd, ret);
                 return Ok(Flow::Jump);
             }
             Jalr => {
-                let ret = self.pc.wrapping_add(i.len as u64);
+                let ret = self.pc_of(i).wrapping_add(i.len as u64);
                 self.pc = a.wrapping_add(imm) & !1;
                 self.set(i.rd, ret);
                 return Ok(Flow::Jump);
@@ -204,7 +211,7 @@ impl Cpu {
             Fence => return Ok(Flow::Next),
             FenceI => {
                 self.flush_code();
-                self.pc = self.pc.wrapping_add(i.len as u64);
+                self.pc = self.pc_of(i).wrapping_add(i.len as u64);
                 return Ok(Flow::Jump);
             }
             Ecall => {
@@ -214,7 +221,7 @@ impl Cpu {
                     Priv::Machine => Exception::EcallFromM,
                 })
             }
-            Ebreak => return Err(Exception::Breakpoint(self.pc)),
+            Ebreak => return Err(Exception::Breakpoint(self.pc_of(i))),
             Mret => {
                 if self.prv != Priv::Machine {
                     return Err(self.illegal(i));
@@ -237,6 +244,7 @@ impl Cpu {
                 };
                 self.pc = self.csr.mepc;
                 self.update_regime();
+                self.irq_check_at = 0;
                 return Ok(Flow::Jump);
             }
             Sret => {
@@ -256,6 +264,7 @@ impl Cpu {
                 self.prv = if spp { Priv::Supervisor } else { Priv::User };
                 self.pc = self.csr.sepc;
                 self.update_regime();
+                self.irq_check_at = 0;
                 return Ok(Flow::Jump);
             }
             Wfi => {
@@ -273,10 +282,18 @@ impl Cpu {
                     return Err(self.illegal(i));
                 }
                 self.flush_tlb();
-                self.pc = self.pc.wrapping_add(i.len as u64);
+                self.pc = self.pc_of(i).wrapping_add(i.len as u64);
                 return Ok(Flow::Jump);
             }
-            Csr => return self.exec_csr(i, bus),
+            Csr => {
+                // CSR reads see `instret` as of this instruction; the run loop adds the
+                // block's count when the block is left.
+                let idx = i.idx as u64;
+                self.instret = self.instret.wrapping_add(idx);
+                let r = self.exec_csr(i, bus);
+                self.instret = self.instret.wrapping_sub(idx);
+                return r;
+            }
             FLoad | FStore | FOp | FFused => return self.exec_fp(i, bus),
         };
         self.set(i.rd, v);
@@ -388,7 +405,9 @@ impl Cpu {
             self.csr_write(addr, new).map_err(|_| self.illegal(i))?;
         }
         self.set(i.rd, old);
-        self.pc = self.pc.wrapping_add(i.len as u64);
+        self.pc = self.pc_of(i).wrapping_add(i.len as u64);
+        // A CSR write may enable or raise an interrupt: look before the next block.
+        self.irq_check_at = 0;
         Ok(Flow::Jump)
     }
 }
