@@ -62,6 +62,8 @@ pub(crate) enum Flow {
     /// The PC was set.
     Jump,
     Wfi,
+    /// An exception, in `Cpu::pending_exception`; the PC is still the block's start.
+    Trap,
 }
 
 /// One RISC-V hart.
@@ -101,6 +103,8 @@ pub struct Cpu {
     /// PLIC's, another hart's IPI, the timer) are seen within [`IRQ_CHECK_INTERVAL`]
     /// instructions. Looking at every block boundary cost a tenth of the run time.
     pub(crate) irq_check_at: u64,
+    /// The exception an instruction raised (see `Flow::Trap`).
+    pub(crate) pending_exception: Exception,
     ctx_fetch: Ctx,
     ctx_data: Ctx,
     /// FENCE.I ran: drop the decoded blocks when the current block ends.
@@ -149,6 +153,7 @@ impl Cpu {
             mtip: false,
             timer_check_at: 0,
             irq_check_at: 0,
+            pending_exception: Exception::IllegalInstruction(0),
             ctx_fetch: NO_CTX,
             ctx_data: NO_CTX,
             code_flush_pending: false,
@@ -598,12 +603,12 @@ impl Cpu {
             'block: {
                 for insn in insns {
                     match self.exec(insn, bus) {
-                        Ok(Flow::Next) => {}
-                        Ok(Flow::Jump) => {
+                        Flow::Next => {}
+                        Flow::Jump => {
                             self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
                             break 'block;
                         }
-                        Ok(Flow::Wfi) => {
+                        Flow::Wfi => {
                             self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
                             self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
                             if self.mip(bus) & self.csr.mie == 0 {
@@ -612,7 +617,8 @@ impl Cpu {
                             self.irq_check_at = 0;
                             break 'block;
                         }
-                        Err(e) => {
+                        Flow::Trap => {
+                            let e = self.pending_exception;
                             self.pc = self.pc_of(insn);
                             self.instret = self.instret.wrapping_add(insn.idx as u64);
                             if self.exit_on_exception {

@@ -9,6 +9,16 @@ use crate::mmu::Access;
 use crate::trap::Exception;
 use std::sync::atomic::Ordering;
 
+/// The value of a fallible step, or the exception raised and `Flow::Trap` returned.
+macro_rules! tri {
+    ($cpu:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $cpu.raise(e),
+        }
+    };
+}
+
 impl Cpu {
     /// Writes `rd`; a write to x0 lands and is undone at once (cheaper than a branch).
     #[inline]
@@ -43,13 +53,22 @@ impl Cpu {
         }
     }
 
-    pub(crate) fn exec(&mut self, i: &Insn, bus: &mut dyn Bus) -> Result<Flow, Exception> {
+    /// An exception: kept in the hart until the run loop takes it.
+    #[cold]
+    fn raise(&mut self, e: Exception) -> Flow {
+        self.pending_exception = e;
+        Flow::Trap
+    }
+
+    /// Runs one instruction of the hot set (integer, M, loads, stores, branches) and
+    /// hands the rest to `exec_cold`.
+    #[inline(always)]
+    pub(crate) fn exec(&mut self, i: &Insn, bus: &mut dyn Bus) -> Flow {
         let a = self.r(i.rs1);
         let b = self.r(i.rs2);
         let imm = i.imm as u64;
         use Op::*;
         let v = match i.op {
-            Illegal => return Err(self.illegal(i)),
             Lui => imm,
             Auipc => self.pc_of(i).wrapping_add(imm),
             Jal => {
@@ -57,27 +76,27 @@ impl Cpu {
                 let ret = pc.wrapping_add(i.len as u64);
                 self.pc = pc.wrapping_add(imm);
                 self.set(i.rd, ret);
-                return Ok(Flow::Jump);
+                return Flow::Jump;
             }
             Jalr => {
                 let ret = self.pc_of(i).wrapping_add(i.len as u64);
                 self.pc = a.wrapping_add(imm) & !1;
                 self.set(i.rd, ret);
-                return Ok(Flow::Jump);
+                return Flow::Jump;
             }
-            Beq => return Ok(self.branch(i, a == b)),
-            Bne => return Ok(self.branch(i, a != b)),
-            Blt => return Ok(self.branch(i, (a as i64) < (b as i64))),
-            Bge => return Ok(self.branch(i, (a as i64) >= (b as i64))),
-            Bltu => return Ok(self.branch(i, a < b)),
-            Bgeu => return Ok(self.branch(i, a >= b)),
-            Lb => self.load(bus, a.wrapping_add(imm), 1)? as i8 as u64,
-            Lh => self.load(bus, a.wrapping_add(imm), 2)? as i16 as u64,
-            Lw => self.load(bus, a.wrapping_add(imm), 4)? as i32 as u64,
-            Ld => self.load(bus, a.wrapping_add(imm), 8)?,
-            Lbu => self.load(bus, a.wrapping_add(imm), 1)?,
-            Lhu => self.load(bus, a.wrapping_add(imm), 2)?,
-            Lwu => self.load(bus, a.wrapping_add(imm), 4)?,
+            Beq => return self.branch(i, a == b),
+            Bne => return self.branch(i, a != b),
+            Blt => return self.branch(i, (a as i64) < (b as i64)),
+            Bge => return self.branch(i, (a as i64) >= (b as i64)),
+            Bltu => return self.branch(i, a < b),
+            Bgeu => return self.branch(i, a >= b),
+            Lb => tri!(self, self.load(bus, a.wrapping_add(imm), 1)) as i8 as u64,
+            Lh => tri!(self, self.load(bus, a.wrapping_add(imm), 2)) as i16 as u64,
+            Lw => tri!(self, self.load(bus, a.wrapping_add(imm), 4)) as i32 as u64,
+            Ld => tri!(self, self.load(bus, a.wrapping_add(imm), 8)),
+            Lbu => tri!(self, self.load(bus, a.wrapping_add(imm), 1)),
+            Lhu => tri!(self, self.load(bus, a.wrapping_add(imm), 2)),
+            Lwu => tri!(self, self.load(bus, a.wrapping_add(imm), 4)),
             Sb | Sh | Sw | Sd => {
                 let size = match i.op {
                     Sb => 1,
@@ -85,8 +104,8 @@ impl Cpu {
                     Sw => 4,
                     _ => 8,
                 };
-                self.store(bus, a.wrapping_add(imm), size, b)?;
-                return Ok(Flow::Next);
+                tri!(self, self.store(bus, a.wrapping_add(imm), size, b));
+                return Flow::Next;
             }
             Addi => a.wrapping_add(imm),
             Slti => ((a as i64) < (imm as i64)) as u64,
@@ -173,6 +192,29 @@ impl Cpu {
                     (x % y) as i32 as u64
                 }
             }
+            _ => return self.exec_cold(i, bus),
+        };
+        self.set(i.rd, v);
+        Flow::Next
+    }
+
+    /// The instructions off the hot path (atomics, system, CSR, F/D), whose result
+    /// still travels as a `Result`: keeping it out of `exec` keeps that one's result a
+    /// byte in a register instead of a `Result` spilled to the stack per instruction.
+    #[inline(never)]
+    fn exec_cold(&mut self, i: &Insn, bus: &mut dyn Bus) -> Flow {
+        match self.exec_system(i, bus) {
+            Ok(f) => f,
+            Err(e) => self.raise(e),
+        }
+    }
+
+    fn exec_system(&mut self, i: &Insn, bus: &mut dyn Bus) -> Result<Flow, Exception> {
+        let a = self.r(i.rs1);
+        let b = self.r(i.rs2);
+        use Op::*;
+        let v = match i.op {
+            Illegal => return Err(self.illegal(i)),
             Lr => {
                 let size = i.funct;
                 if a & (size as u64 - 1) != 0 {
@@ -295,6 +337,7 @@ impl Cpu {
                 return r;
             }
             FLoad | FStore | FOp | FFused => return self.exec_fp(i, bus),
+            _ => return Err(self.illegal(i)),
         };
         self.set(i.rd, v);
         Ok(Flow::Next)
