@@ -3,10 +3,15 @@
 # riscv64`) beside QEMU's `qemu-system-riscv64 -M virt` TCG, the same Debian riscv64
 # kernel and busybox initramfs (scripts/riscv-assets.sh), the same firmware (Debian's
 # OpenSBI fw_dynamic), 512 MiB, one hart. Runs are interleaved; prints medians and the
-# Vessel/QEMU ratio. "Boot to init" ends when /init prints its first line on the UART.
+# Vessel/QEMU ratio of wall time and of CPU time (user + system of the process when
+# /init speaks: steadier than wall time on a shared host). "Boot to init" ends when
+# /init prints its first line on the UART.
 #
 #   bench/riscv.sh [RUNS]        (default 3)
 #   VESSEL_BIN=path/to/vessel bench/riscv.sh   (time that binary instead of building one)
+#   VESSEL_BASE=path/to/old/vessel bench/riscv.sh   (adds a "vessel-base" row: another
+#       build, e.g. main's, timed in the same interleaved runs, so a change's effect is
+#       read on the same host load; its ratio to QEMU is printed too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -32,14 +37,18 @@ runs, assets, vessel, fw = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[
 k, initrd = f"{assets}/Image", f"{assets}/initramfs.cpio.gz"
 cmdline = os.environ.get("BOOT_CMDLINE", "console=ttyS0")
 MARK = b"vessel-init:"
+def vessel_argv(binary):
+    return [binary, "run", "--arch", "riscv64", "--memory", "512M", "--firmware", fw,
+            "--kernel", k, "--initrd", initrd, "--cmdline", cmdline]
+
 configs = {
-    "vessel-riscv": [vessel, "run", "--arch", "riscv64", "--memory", "512M",
-                     "--firmware", fw, "--kernel", k, "--initrd", initrd,
-                     "--cmdline", cmdline],
+    "vessel-riscv": vessel_argv(vessel),
     "qemu-virt": ["qemu-system-riscv64", "-M", "virt", "-accel", "tcg", "-m", "512",
                   "-smp", "1", "-nographic", "-no-reboot", "-bios", fw, "-kernel", k,
                   "-initrd", initrd, "-append", cmdline],
 }
+if os.environ.get("VESSEL_BASE"):
+    configs["vessel-base"] = vessel_argv(os.environ["VESSEL_BASE"])
 
 def peak_rss_kib(pid):
     try:
@@ -49,6 +58,15 @@ def peak_rss_kib(pid):
     except OSError:
         pass
     return 0
+
+def cpu_s(pid):
+    # user + system time of the whole process so far: on a shared host it moves far
+    # less with the load than wall time does.
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 def one(argv, limit):
     start = time.monotonic()
@@ -64,37 +82,44 @@ def one(argv, limit):
                     break
                 buf += chunk
                 if MARK in buf:
-                    return time.monotonic() - start, peak_rss_kib(p.pid), None
-        return None, peak_rss_kib(p.pid), buf[-400:].decode(errors="replace")
+                    return time.monotonic() - start, peak_rss_kib(p.pid), cpu_s(p.pid), None
+        return None, peak_rss_kib(p.pid), None, buf[-400:].decode(errors="replace")
     finally:
         p.kill()
         p.wait()
 
-results = {name: ([], []) for name in configs}
+results = {name: ([], [], []) for name in configs}
 failures = {name: 0 for name in configs}
 for i in range(runs):
     for name, argv in configs.items():
-        t, rss, tail = one(argv, 300.0)
+        t, rss, cpu, tail = one(argv, 300.0)
         if t is None:
             failures[name] += 1
             print(f"run {i+1} {name}: did not reach init; last output:\n{tail}", file=sys.stderr)
             continue
         results[name][0].append(t)
         results[name][1].append(rss)
-        print(f"run {i+1} {name}: {t:.2f} s, peak RSS {rss/1024:.0f} MiB", file=sys.stderr)
+        results[name][2].append(cpu)
+        print(f"run {i+1} {name}: {t:.2f} s, cpu {cpu:.2f} s, peak RSS {rss/1024:.0f} MiB, "
+              f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 kver = open(assets + "/kernel-version").read().strip()
 print(f"\nriscv64 boot to init, {runs} runs each, medians (Debian {kver}, 512 MiB, 1 hart, cmdline {cmdline!r})")
-print(f"{'config':<14} {'time (s)':>9} {'peak RSS (MiB)':>15} {'hung':>5}")
+print(f"{'config':<14} {'time (s)':>9} {'cpu (s)':>8} {'peak RSS (MiB)':>15} {'hung':>5}")
 for name in configs:
-    ts, rs = results[name]
-    print(f"{name:<14} {med(ts):>9.2f} {med(rs)/1024:>15.0f} {failures[name]:>5}")
+    ts, rs, cs = results[name]
+    print(f"{name:<14} {med(ts):>9.2f} {med(cs):>8.2f} {med(rs)/1024:>15.0f} {failures[name]:>5}")
 v_t, q_t = med(results["vessel-riscv"][0]), med(results["qemu-virt"][0])
 v_r, q_r = med(results["vessel-riscv"][1]), med(results["qemu-virt"][1])
-print(f"vessel-riscv / qemu-virt: time {v_t / q_t:.2f}x, peak RSS {v_r / q_r:.2f}x")
+v_c, q_c = med(results["vessel-riscv"][2]), med(results["qemu-virt"][2])
+print(f"vessel-riscv / qemu-virt: time {v_t / q_t:.2f}x, cpu {v_c / q_c:.2f}x, peak RSS {v_r / q_r:.2f}x")
+if "vessel-base" in configs:
+    b_t, b_c = med(results["vessel-base"][0]), med(results["vessel-base"][2])
+    print(f"vessel-base / qemu-virt: time {b_t / q_t:.2f}x, cpu {b_c / q_c:.2f}x; "
+          f"vessel-riscv / vessel-base: time {v_t / b_t:.2f}x, cpu {v_c / b_c:.2f}x")
 if any(not results[name][0] for name in configs):
     sys.exit("bench/riscv.sh: a configuration never reached init")
 PY
