@@ -154,6 +154,52 @@ amof:  amoadd.d t0, t1, (t1)
     }
 }
 
+/// Inside one decoded block the run loop keeps pc and instret at the block's start:
+/// AUIPC, a CSR read of minstret and a fault in the middle of a block (after 2- and
+/// 4-byte instructions) must still see their own.
+#[test]
+fn mid_block_instructions_see_their_own_pc_and_instret() {
+    let src = format!(
+        "{PRELUDE}
+    li s10, 0x80100800
+    j blk
+.align 3
+blk:
+    csrr a0, minstret
+    addi t1, zero, 1
+    c.addi t1, 1
+aui:
+    auipc a1, 0
+    c.addi t1, 1
+    addi t1, t1, 1
+    csrr a2, minstret
+    sd a0, 0(s10)
+    sd a1, 8(s10)
+    sd a2, 16(s10)
+    c.addi t1, 1
+    addi t1, t1, 1
+ldm:
+    ld t0, 1(zero)
+    sd t1, 24(s10)
+    j finish
+{MTRAP_SKIP}{FINISH}"
+    );
+    let (cpu, s) = run("midblock", &src);
+    let at = |n: u64| rec(&cpu, 0x100 + n);
+    assert_eq!(
+        at(2).wrapping_sub(at(0)),
+        6,
+        "minstret counts the block's instructions"
+    );
+    assert_eq!(at(1), s["aui"], "auipc after a compressed instruction");
+    assert_eq!(
+        (rec(&cpu, 0), rec(&cpu, 1), rec(&cpu, 2)),
+        (5, s["ldm"], 1),
+        "a load fault in mid-block traps with its own pc"
+    );
+    assert_eq!(at(3), 6, "the instructions before the fault ran once");
+}
+
 #[test]
 fn delegation_moves_traps_and_interrupts_to_s_mode() {
     let src = format!(
