@@ -162,30 +162,18 @@ impl Drop for NetNs {
 /// Bytes each way in the network test: enough for many full-sized TSO frames.
 const XFER: usize = 4 << 20;
 
-#[test]
-fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
-    let ns = NetNs::new("net");
-    let busybox = assets().join("busybox");
-    let dir = TempDir::new("netxfer");
-    let received = dir.path().join("received");
+/// Boots the guest from inside `ns` with `args` (whose `--net` names `tap`), waits for its
+/// shell, and gives the host's end of the TAP the VMM made there 10.0.2.1/24.
+fn boot_in_ns_with_tap(ns: &NetNs, tap: &str, args: &[&str]) -> Console {
     let mut vessel_in_ns = ns.exec();
     vessel_in_ns.arg(env!("CARGO_BIN_EXE_vessel"));
-    let mut c = Console::boot_with(
-        vessel_in_ns,
-        &[
-            "--cmdline",
-            "console=ttyS0 panic=-1 quiet",
-            "--net",
-            "tap=vtap0,mac=52:54:00:12:34:56",
-        ],
-    );
+    let mut c = Console::boot_with(vessel_in_ns, args);
     c.expect("vessel-init:", BOOT);
     c.expect("# ", BOOT);
-    // The VMM created vtap0 inside the namespace: give the host side an address.
     for args in [
         vec!["ip", "link", "set", "lo", "up"],
-        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtap0"],
-        vec!["ip", "link", "set", "vtap0", "up"],
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", tap],
+        vec!["ip", "link", "set", tap, "up"],
     ] {
         let o = ns.exec().args(&args).output().unwrap();
         assert!(
@@ -194,6 +182,25 @@ fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+    c
+}
+
+#[test]
+fn the_guest_pings_and_sends_files_both_ways_over_virtio_net_with_offloads() {
+    let ns = NetNs::new("net");
+    let busybox = assets().join("busybox");
+    let dir = TempDir::new("netxfer");
+    let received = dir.path().join("received");
+    let mut c = boot_in_ns_with_tap(
+        &ns,
+        "vtap0",
+        &[
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--net",
+            "tap=vtap0,mac=52:54:00:12:34:56",
+        ],
+    );
     let mac = c.run("cat /sys/class/net/eth0/address", CMD);
     assert_eq!(mac, "52:54:00:12:34:56");
     c.run(
@@ -348,11 +355,10 @@ const ROUND_TRIPS: usize = 400;
 fn a_request_response_round_trip_costs_the_guest_at_most_one_interrupt_each_way() {
     use std::io::{Read, Write};
     let ns = NetNs::new("rr");
-    let mut vessel_in_ns = ns.exec();
-    vessel_in_ns.arg(env!("CARGO_BIN_EXE_vessel"));
     // virtio-pci: the receive and transmit queues interrupt on vectors of their own.
-    let mut c = Console::boot_with(
-        vessel_in_ns,
+    let mut c = boot_in_ns_with_tap(
+        &ns,
+        "vtaprr",
         &[
             "--cmdline",
             "console=ttyS0 panic=-1 quiet",
@@ -362,20 +368,6 @@ fn a_request_response_round_trip_costs_the_guest_at_most_one_interrupt_each_way(
             "tap=vtaprr",
         ],
     );
-    c.expect("vessel-init:", BOOT);
-    c.expect("# ", BOOT);
-    for args in [
-        vec!["ip", "link", "set", "lo", "up"],
-        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtaprr"],
-        vec!["ip", "link", "set", "vtaprr", "up"],
-    ] {
-        let o = ns.exec().args(&args).output().unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
     c.run(
         "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up",
         CMD,
@@ -448,12 +440,11 @@ fn a_two_cpu_guest_uses_two_queues_of_a_disk_and_two_queue_pairs_of_an_interface
     let disk = dir.path().join("scratch.raw");
     std::fs::write(&disk, vec![0x5au8; 8 << 20]).unwrap();
     let disk_arg = format!("{},format=raw,queues=2", disk.display());
-    let mut vessel_in_ns = ns.exec();
-    vessel_in_ns.arg(env!("CARGO_BIN_EXE_vessel"));
     // virtio-pci: one MSI-X vector per queue, so the guest's interrupt table shows
     // which queues carried requests.
-    let mut c = Console::boot_with(
-        vessel_in_ns,
+    let mut c = boot_in_ns_with_tap(
+        &ns,
+        "vtapmq",
         &[
             "--cmdline",
             "console=ttyS0 panic=-1 quiet",
@@ -467,20 +458,6 @@ fn a_two_cpu_guest_uses_two_queues_of_a_disk_and_two_queue_pairs_of_an_interface
             "tap=vtapmq,queues=2",
         ],
     );
-    c.expect("vessel-init:", BOOT);
-    c.expect("# ", BOOT);
-    for args in [
-        vec!["ip", "link", "set", "lo", "up"],
-        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", "vtapmq"],
-        vec!["ip", "link", "set", "vtapmq", "up"],
-    ] {
-        let o = ns.exec().args(&args).output().unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
     // The drivers negotiated multi-queue and made a queue per CPU.
     let hw = c.run("ls /sys/block/vda/mq; ls /sys/class/net/eth0/queues", CMD);
     for q in ["0", "1", "rx-0", "rx-1", "tx-0", "tx-1"] {
