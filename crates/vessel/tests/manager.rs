@@ -1995,13 +1995,7 @@ fn raw_volume_with_guest_written_qcow2_header_stays_raw() {
     // What the guest writes onto its disk: a qcow2 image whose backing file is the secret.
     let evil = d.dir.join("evil.qcow2");
     let name = secret.to_str().unwrap();
-    block::create(
-        &evil,
-        block::Format::Qcow2,
-        Some(4 << 20),
-        Some((name, Some(block::Format::Raw))),
-    )
-    .unwrap();
+    qcow2_over_raw(&evil, name, 4 << 20);
     let header = std::fs::read(&evil).unwrap();
     d.ok(&["vol-upload", "p", "disk.raw", evil.to_str().unwrap()]);
     // The attack is real: probing the volume's file would follow the header.
@@ -2092,13 +2086,7 @@ fn pool_volume_chains_stay_in_their_pool_and_links_are_not_followed() {
         // Replaced by hand: a qcow2 naming the secret as its (raw) backing file.
         let path = pool.join(vol);
         std::fs::remove_file(&path).unwrap();
-        block::create(
-            &path,
-            block::Format::Qcow2,
-            Some(4 << 20),
-            Some((&name, Some(block::Format::Raw))),
-        )
-        .unwrap();
+        qcow2_over_raw(&path, &name, 4 << 20);
         // The attack is real: a guest open by path follows it.
         let mut b = block::open_guest_disk(&path, Some(block::Format::Qcow2), true).unwrap();
         let mut got = vec![0u8; secret_bytes.len()];
@@ -2145,13 +2133,7 @@ fn pool_volume_chains_stay_in_their_pool_and_links_are_not_followed() {
         c.post("/v1/domains", Some(&def)).unwrap();
     }
     let evil = d.dir.join("evil.qcow2");
-    block::create(
-        &evil,
-        block::Format::Qcow2,
-        Some(4 << 20),
-        Some((secret.to_str().unwrap(), Some(block::Format::Raw))),
-    )
-    .unwrap();
+    qcow2_over_raw(&evil, secret.to_str().unwrap(), 4 << 20);
     d.ok(&["vol-upload", "p", "data.img", evil.to_str().unwrap()]);
     for driver in ["qemu", "vessel"] {
         let e = d.fails(&["start", &format!("bypath-{driver}")]);
@@ -2208,13 +2190,7 @@ fn file_disk_chains_outside_pools_are_fixed_at_define() {
     // A qcow2 image whose (raw) backing file is `backing`.
     let qcow2_over = |path: &Path, backing: &Path| {
         let _ = std::fs::remove_file(path);
-        block::create(
-            path,
-            block::Format::Qcow2,
-            Some(4 << 20),
-            Some((backing.to_str().unwrap(), Some(block::Format::Raw))),
-        )
-        .unwrap();
+        qcow2_over_raw(path, backing.to_str().unwrap(), 4 << 20);
     };
 
     // A raw file disk, no format given: recorded raw at define.
@@ -2313,13 +2289,7 @@ fn disks_checked_at_start_are_the_files_the_guest_gets() {
     std::fs::write(&secret, &secret_bytes).unwrap();
     let hex = |b: &[u8]| -> String { b[..8].iter().map(|b| format!("{b:02x}")).collect() };
     let evil = d.dir.join("evil.qcow2");
-    block::create(
-        &evil,
-        block::Format::Qcow2,
-        Some(4 << 20),
-        Some((secret.to_str().unwrap(), Some(block::Format::Raw))),
-    )
-    .unwrap();
+    qcow2_over_raw(&evil, secret.to_str().unwrap(), 4 << 20);
     let hook = d.dir.join("swap.sh");
     std::fs::write(
         &hook,
@@ -2351,13 +2321,7 @@ fn disks_checked_at_start_are_the_files_the_guest_gets() {
         bytes.resize(4 << 20, 0);
         std::fs::write(&base, &bytes).unwrap();
         let top = files.join("top.qcow2");
-        block::create(
-            &top,
-            block::Format::Qcow2,
-            Some(4 << 20),
-            Some((base.to_str().unwrap(), Some(block::Format::Raw))),
-        )
-        .unwrap();
+        qcow2_over_raw(&top, base.to_str().unwrap(), 4 << 20);
         let def = json!({"name": name, "driver": driver, "vm": {
             "kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
             "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=xxd+-p+-l+16+/dev/vda",
@@ -3277,13 +3241,7 @@ fn qemu_domain_attaches_and_detaches_disks_and_interfaces_live() {
     let hot_base = d.dir.join("hot-base.raw");
     std::fs::write(&hot_base, vec![0u8; 3 << 20]).unwrap();
     let hot2 = d.dir.join("hot2.qcow2");
-    block::create(
-        &hot2,
-        block::Format::Qcow2,
-        Some(3 << 20),
-        Some((hot_base.to_str().unwrap(), Some(block::Format::Raw))),
-    )
-    .unwrap();
+    qcow2_over_raw(&hot2, hot_base.to_str().unwrap(), 3 << 20);
     let e = c
         .post(
             "/v1/domains/hq/attach",
@@ -4255,4 +4213,15 @@ fn riscv64_virt_domain_from_xml_runs_on_the_software_cpu() {
     let out = d.ok(&["destroy", "rvvm"]);
     assert_eq!(out.trim(), "Domain 'rvvm' destroyed");
     assert!(d.ok(&["list", "--all"]).contains("shut off"));
+}
+
+/// A qcow2 image at `path` of `size` bytes whose backing file is the raw file `backing`.
+fn qcow2_over_raw(path: &Path, backing: &str, size: u64) {
+    block::create(
+        path,
+        block::Format::Qcow2,
+        Some(size),
+        Some((backing, Some(block::Format::Raw))),
+    )
+    .unwrap();
 }
