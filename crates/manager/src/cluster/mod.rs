@@ -1078,11 +1078,26 @@ impl Cluster {
     /// After the destination runs the domain: its record, its running lock (under the
     /// destination's lease) and the end of the migration, in one transaction.
     fn commit_migration(&self, name: &str, mig: &Migration) -> Result<()> {
+        const CHANGED: &str = "the cluster changed meanwhile";
         use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
         let mk = key("migrations", name);
         let mut last = String::new();
-        for _ in 0..10 {
-            let state = self.state()?;
+        // The destination runs the only copy now: an etcd that is away for a moment (a
+        // leader election takes a second or two) must not make this give up, so waits
+        // between tries double from 50 ms to 2 s (about 9 s in all).
+        let mut wait = Duration::from_millis(50);
+        for attempt in 0..10 {
+            if attempt > 0 && !last.is_empty() && last != CHANGED {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            let state = match self.state() {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
             let (Some((rec, rev)), Some((_, mrev))) =
                 (state.domains.get(name), state.migrations.get(name))
             else {
@@ -1121,7 +1136,7 @@ impl Cluster {
             let mut c = self.client();
             match self.call(c.txn(txn)) {
                 Ok(r) if r.succeeded() => return Ok(()),
-                Ok(_) => last = "the cluster changed meanwhile".into(),
+                Ok(_) => last = CHANGED.into(),
                 Err(e) => last = e.to_string(),
             }
         }
