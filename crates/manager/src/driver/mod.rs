@@ -37,20 +37,11 @@ impl RunDir {
     /// otherwise share a group: the source's daemon could not remove it while the
     /// destination's VMM was in it, and waited 2 s for nothing at every migration.
     pub fn cgroup_id(&self) -> String {
-        // FNV-1a: the tag must stay the same across daemon builds (a restarted daemon
-        // removes the groups of the VMMs it adopted).
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self
-            .0
-            .parent()
-            .unwrap_or(&self.0)
-            .as_os_str()
-            .as_encoded_bytes()
-        {
-            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
-        }
+        let daemon = self.0.parent().unwrap_or(&self.0).as_os_str();
+        // The low half of the hash is tag enough to tell a machine's daemons apart.
+        let tag = fnv1a(daemon.as_encoded_bytes()) as u32;
         let name = self.0.file_name().unwrap_or_default().to_string_lossy();
-        format!("{name}.{h:08x}")
+        format!("{name}.{tag:08x}")
     }
     pub fn pidfile(&self) -> PathBuf {
         self.0.join("vmm.pid")
@@ -280,6 +271,14 @@ pub fn release_cgroup(p: &Programs, name: &str, run: &RunDir) {
     }
 }
 
+/// 64-bit FNV-1a: a hash that stays the same across daemon builds, for names a restarted
+/// daemon must find again (a domain's VMM user, its cgroup's tag).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// nobody and nogroup.
 pub const DEFAULT_VMM_IDS: (u32, u32) = (65534, 65534);
 
@@ -290,10 +289,7 @@ impl Programs {
             return self.vmm_ids;
         };
         let name = run.0.file_name().unwrap_or_default().as_encoded_bytes();
-        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let slot = (hash % u64::from(count)) as u32;
+        let slot = (fnv1a(name) % u64::from(count)) as u32;
         (start.saturating_add(slot), self.vmm_ids.1)
     }
 }
