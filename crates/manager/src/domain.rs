@@ -89,6 +89,12 @@ pub struct DomainDef {
     /// ([`crate::disk_chain`]).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub chains: std::collections::BTreeMap<String, Vec<crate::disk_chain::ChainFile>>,
+    /// Where each file the VM boots from besides its disks (kernel, initrd, firmware,
+    /// option ROMs, cloud-init files) led at define, links followed (whatever a
+    /// definition gives here is replaced); a start refuses one that leads elsewhere
+    /// ([`crate::boot_files`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub boot_files: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// A definition in JSON. A QEMU domain that names no `vm.virtio_transport` gets

@@ -3,6 +3,7 @@
 //! storage pools with raw/qcow2 volumes, events, and a REST API on a Unix socket.
 
 pub mod api;
+pub mod boot_files;
 pub mod client;
 pub mod cluster;
 pub mod disk_chain;

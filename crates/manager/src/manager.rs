@@ -489,6 +489,7 @@ impl Manager {
         self.resolve_volumes(&mut def)?;
         def.validate()?;
         crate::disk_chain::record_all(&mut def)?;
+        crate::boot_files::record_all(&mut def)?;
         if def.uuid.is_none() {
             def.uuid = Some(domain::new_uuid());
         }
@@ -516,6 +517,7 @@ impl Manager {
         self.resolve_volumes(&mut def)?;
         def.validate()?;
         crate::disk_chain::record_all(&mut def)?;
+        crate::boot_files::record_all(&mut def)?;
         def.vm.serial = vmm::SerialConfig::Null;
         let l = self.domain_lock(name);
         let _g = lock(&l);
@@ -753,14 +755,7 @@ impl Manager {
         let mut def = def;
         // Open until the VMM has started: it inherits them.
         let _disk_files = self.confine_disks(&mut def)?;
-        if def.driver == DriverKind::Vessel && !matches!(boot, driver::Boot::Fresh) {
-            // A Vessel VMM that restores or takes in a migrating VM builds it from the
-            // state's configuration, which names its disks by path (snapshots keep no
-            // descriptors): it opens them by name, as checked here (docs/SECURITY.md).
-            for d in &mut def.vm.disks {
-                d.fds.clear();
-            }
-        }
+        let _boot_files = crate::boot_files::open_checked(&mut def)?;
         crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);

@@ -687,6 +687,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         interfaces,
         volumes: Default::default(),
         chains: Default::default(),
+        boot_files: Default::default(),
     })
 }
 

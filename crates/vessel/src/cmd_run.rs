@@ -53,8 +53,9 @@ const CONFIG_FLAGS: [&str; 21] = join(GUEST_FLAGS, ["accel", "serial"]);
 /// expected, see --incoming).
 const INCOMING_CONFLICTS: [&str; 21] = join(GUEST_FLAGS, ["restore", "api_only"]);
 
-/// What a restored VM takes from its snapshot, not from flags.
-const RESTORE_CONFLICTS: [&str; 20] = join(GUEST_FLAGS, ["config"]);
+/// What a restored VM takes from its snapshot, not from flags (--config names the VM
+/// expected, see --restore).
+const RESTORE_CONFLICTS: [&str; 19] = GUEST_FLAGS;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -153,6 +154,9 @@ pub struct RunArgs {
     /// those names), or a state file with --restore-mem. The console goes where --serial
     /// says; --accel, when given and not the snapshot's, restores under that accelerator
     /// from the vCPUs' registers (refused when its interrupt state cannot be carried).
+    /// --config FILE names the VM expected (another is refused) and gives the files its
+    /// disks use, handed over open (a manager's `fds`), instead of the names the snapshot
+    /// recorded.
     #[arg(long, conflicts_with_all = RESTORE_CONFLICTS)]
     restore: Option<PathBuf>,
     /// Wait for a VM migrating in from another VMM (`PUT /migration/send` there) at
@@ -383,6 +387,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         name: args.name,
         cloud_init: args.cloud_init,
         uuid: args.uuid,
+        opened: Vec::new(),
     })
 }
 
@@ -462,7 +467,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         }
         None
     } else if let Some(path) = &args.restore {
-        let (l, state, memory) = load_snapshot(path, args.restore_mem.as_deref())?;
+        let expected = match &args.config {
+            Some(_) => Some(config_from(&args)?),
+            None => None,
+        };
+        let (l, state, memory) =
+            load_snapshot(path, args.restore_mem.as_deref(), expected.as_ref())?;
         let mut config = l.snapshot.config.clone();
         config.serial = args.serial.clone();
         loaded = Some((l, state.clone()));
@@ -636,18 +646,10 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
     }
     let _cleanup = RemoveOnDrop(console_sock, relay);
     tracing::info!(at = %from, "waiting for a migrating VM");
-    let incoming = receive::receive(&listener, from)
+    // Checked against --config, and its disks given the files handed over with it.
+    let incoming = receive::receive_as(&listener, from, expected.as_ref())
         .with_context(|| format!("receiving a migrating VM on {from}"))?;
     drop(listener);
-    if let Some(want) = &expected {
-        let mut got = incoming.loaded.config().clone();
-        got.serial = want.serial.clone();
-        if &got != want {
-            let why = "the VM that arrived is not the one --config describes".to_string();
-            let _ = incoming.answer(&Err(why.clone()));
-            bail!("{why}");
-        }
-    }
     let vmm = match Vmm::restore(&incoming.loaded, args.serial.clone(), args.accel) {
         Ok(vmm) => vmm,
         Err(e) => {
@@ -681,6 +683,7 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
 fn load_snapshot(
     path: &Path,
     mem: Option<&Path>,
+    expected: Option<&VmConfig>,
 ) -> anyhow::Result<(vmm::snapshot::Loaded, PathBuf, PathBuf)> {
     let (state, memory) = match mem {
         Some(m) => (path.to_path_buf(), m.to_path_buf()),
@@ -690,7 +693,7 @@ fn load_snapshot(
             path.display()
         ),
     };
-    let loaded = vmm::snapshot::load(&state, &memory)
+    let loaded = vmm::snapshot::load_as(&state, &memory, expected)
         .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
     Ok((loaded, state, memory))
 }
@@ -706,7 +709,13 @@ fn enter_jail(
     use sandbox::jail::{Access, JailSpec};
     let mut binds: Vec<(PathBuf, Access)> = Vec::new();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let ro = |p: &Path, binds: &mut Vec<(PathBuf, Access)>| binds.push((abs(p), Access::ReadOnly));
+    // A file handed over open (a manager's `opened`) is read from its descriptor: its
+    // name need not, and must not, be reachable.
+    let ro = |p: &Path, binds: &mut Vec<(PathBuf, Access)>| {
+        if config.opened_file(p).is_none() {
+            binds.push((abs(p), Access::ReadOnly));
+        }
+    };
     // A riscv64 VM boots its M-mode firmware, Debian's OpenSBI unless it names one.
     let riscv_firmware =
         (config.arch == vmm::config::Arch::Riscv64).then(|| vmm::riscv::firmware(config));

@@ -2356,6 +2356,206 @@ fn disks_checked_at_start_are_the_files_the_guest_gets() {
     }
 }
 
+/// A Vessel domain restored from its managed save gets the disk files the manager checked
+/// for that start, handed over open, not what the names lead to once the VMM runs: the
+/// test hook swaps the qcow2 and its base for files reaching a secret between the check
+/// and the VMM's start, and the restored guest, which rereads its disk (caches dropped)
+/// every 0.3 s, reads the checked base's bytes before and after, never the secret's.
+#[test]
+fn a_restored_domain_gets_the_checked_disk_files_not_a_swap() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = assets();
+    let mut d = Daemon::start("swaprestore");
+    let secret_bytes = b"SECRETSECRET: a host file outside every pool".to_vec();
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    let hex = |b: &[u8]| -> String { b[..8].iter().map(|b| format!("{b:02x}")).collect() };
+    let evil = d.dir.join("evil.qcow2");
+    qcow2_over_raw(&evil, secret.to_str().unwrap(), 4 << 20);
+    let files = d.dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    // Swaps only when armed, once: the first start boots from the files as defined.
+    let hook = d.dir.join("swap.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\nf={files}\n[ -e $f/arm ] || exit 0\nrm $f/arm\n\
+             mv $f/base.raw $f/base.checked\nln -s {secret} $f/base.raw\n\
+             mv $f/top.qcow2 $f/top.checked\ncp {evil} $f/top.qcow2\necho swapped > $f/swapped\n",
+            files = files.display(),
+            secret = secret.display(),
+            evil = evil.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.kill9();
+    d.env.push((
+        "VESSEL_TEST_AFTER_DISK_CHECK",
+        Box::leak(hook.to_str().unwrap().to_string().into_boxed_str()),
+    ));
+    d.spawn();
+    let c = d.client();
+    let checked = b"CHECKED BASE: what the manager opened".to_vec();
+    let base = files.join("base.raw");
+    let mut bytes = checked.clone();
+    bytes.resize(4 << 20, 0);
+    std::fs::write(&base, &bytes).unwrap();
+    let top = files.join("top.qcow2");
+    qcow2_over_raw(&top, base.to_str().unwrap(), 4 << 20);
+    let name = "swaprestore";
+    let def = json!({"name": name, "driver": "vessel", "vm": {
+        "kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+        "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=i=0;while+true;do+i=$((i-(-1)));\
+                    echo+3+>/proc/sys/vm/drop_caches;echo+read+$i+$(xxd+-p+-l+8+/dev/vda);\
+                    sleep+0.3;done",
+        "memory_mib": 256, "accel": "emu",
+        "disks": [{"path": top, "format": "qcow2"}]}});
+    c.post("/v1/domains", Some(&def)).unwrap();
+    c.post(&format!("/v1/domains/{name}/start"), None).unwrap();
+    let reads = |c: &Client| -> Vec<(u64, String)> {
+        serial_log(c, name)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.trim_end().strip_prefix("read ")?.split(' ');
+                Some((w.next()?.parse().ok()?, w.next().unwrap_or("").to_string()))
+            })
+            .collect()
+    };
+    let wait_read = |c: &Client, n: u64, what: &str| {
+        let t0 = Instant::now();
+        while reads(c).last().map_or(0, |r| r.0) < n {
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{what}: {:?}\n{}",
+                reads(c),
+                serial_log(c, name)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_read(&c, 3, "first boot");
+    d.ok(&["managedsave", name]);
+    let at_save = reads(&c).last().unwrap().0;
+    std::fs::write(files.join("arm"), b"").unwrap();
+    d.ok(&["start", name]);
+    assert!(
+        files.join("swapped").exists(),
+        "the hook did not swap the files: {}",
+        d.log()
+    );
+    // The swap is real: opening by name now reaches the secret.
+    let mut by_name =
+        block::open_guest_disk_with(&top, Some(block::Format::Qcow2), true, true).unwrap();
+    let mut b = vec![0u8; 8];
+    by_name.read_at(0, &mut b).unwrap();
+    assert_eq!(b, secret_bytes[..8]);
+    drop(by_name);
+    wait_read(&c, at_save + 4, "after the restore");
+    let all = reads(&c);
+    assert_eq!(
+        serial_log(&c, name).matches("vessel-init:").count(),
+        1,
+        "the start booted the guest instead of restoring it"
+    );
+    assert!(
+        all.iter().all(|(_, h)| *h == hex(&checked)),
+        "the guest read something else than the checked base (secret {}): {all:?}",
+        hex(&secret_bytes)
+    );
+    d.ok(&["destroy", name]);
+    c.call("DELETE", &format!("/v1/domains/{name}"), None)
+        .unwrap();
+}
+
+/// The files a domain boots from besides its disks (kernel, initrd, cloud-init user-data)
+/// are opened at the start's check and handed over open, for either driver: the test
+/// hook, between the check and the VMM's start, renames the kernel away and puts a tiny
+/// kernel in its place, and swaps the initrd and the user-data for links to a secret.
+/// The guest still boots the checked kernel and initramfs and its cloud-init seed holds
+/// the checked user-data, never the secret; the next start, whose names now lead to the
+/// secret, is refused.
+#[test]
+fn boot_files_checked_at_start_are_the_files_the_guest_gets() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = assets();
+    let mut d = Daemon::start("bootswap");
+    let secret = d.dir.join("secret");
+    std::fs::write(&secret, b"SECRETSECRET: a host file outside every pool\n").unwrap();
+    let tiny = tiny_kernel(&d.dir, "SWAPPED KERNEL\n", Some(0));
+    let hook = d.dir.join("swap.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\nf={dir}/$1\nmv $f/vmlinuz $f/vmlinuz.checked\n\
+             cp {tiny} $f/vmlinuz\nmv $f/initrd $f/initrd.checked\nln -s {secret} $f/initrd\n\
+             mv $f/user-data $f/user-data.checked\nln -s {secret} $f/user-data\n\
+             echo swapped > $f/swapped\n",
+            dir = d.dir.display(),
+            tiny = tiny.display(),
+            secret = secret.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.kill9();
+    d.env.push((
+        "VESSEL_TEST_AFTER_DISK_CHECK",
+        Box::leak(hook.to_str().unwrap().to_string().into_boxed_str()),
+    ));
+    d.spawn();
+    let c = d.client();
+    for driver in ["qemu", "vessel"] {
+        let name = format!("boot-{driver}");
+        let files = d.dir.join(&name);
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::copy(a.join("vmlinuz"), files.join("vmlinuz")).unwrap();
+        std::fs::copy(a.join("initramfs.cpio.gz"), files.join("initrd")).unwrap();
+        std::fs::write(
+            files.join("user-data"),
+            b"#cloud-config\n# CHECKED-USERDATA\n",
+        )
+        .unwrap();
+        // The seed is the only disk (vda): grep finds a file's bytes in its FAT volume.
+        let def = json!({"name": name, "driver": driver, "vm": {
+            "kernel": files.join("vmlinuz"), "initrd": files.join("initrd"),
+            "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=echo+ud+$(grep+-c+CHECKED-USERDATA+/dev/vda);\
+                        echo+sd+$(grep+-c+SECRETSECRET+/dev/vda)",
+            "memory_mib": 256, "accel": "emu",
+            "cloud_init": {"user_data": files.join("user-data")}}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+        c.post(&format!("/v1/domains/{name}/start"), None).unwrap();
+        assert!(
+            files.join("swapped").exists(),
+            "{driver}: the hook did not swap the files: {}",
+            d.log()
+        );
+        wait_state(&c, &name, "shutoff", Duration::from_secs(240));
+        let log = serial_log(&c, &name);
+        assert!(
+            log.contains("vessel-init:") && !log.contains("SWAPPED KERNEL"),
+            "{driver}: the guest did not boot the checked kernel and initrd: {log}"
+        );
+        assert!(
+            log.contains("ud 1") && log.contains("sd 0"),
+            "{driver}: the seed does not hold the checked user-data alone: {log}"
+        );
+        // The names lead to the secret now: the next start is refused, nothing runs.
+        std::fs::remove_file(files.join("swapped")).unwrap();
+        let e = c
+            .post(&format!("/v1/domains/{name}/start"), None)
+            .unwrap_err();
+        let (status, body) = api_status(e);
+        assert!(
+            status == 400 && body.contains("fixed at define") && body.contains("initrd"),
+            "{driver}: {status} {body}"
+        );
+        assert_eq!(state(&c, &name), "shutoff");
+        c.call("DELETE", &format!("/v1/domains/{name}"), None)
+            .unwrap();
+    }
+}
+
 /// Sends a request head announcing `len` body bytes (and none of them); returns the
 /// response's status line and body.
 fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {

@@ -109,44 +109,59 @@ pub fn default_meta_data(name: &str) -> String {
     format!("instance-id: {name}\nlocal-hostname: {name}\n")
 }
 
-fn read_limited(path: &Path) -> Result<Vec<u8>, SeedError> {
+/// How a seed's files are opened: by name, or from descriptors handed over for them
+/// (`VmConfig::open_named`).
+pub type Opener<'a> = &'a dyn Fn(&Path) -> std::io::Result<std::fs::File>;
+
+fn read_limited(path: &Path, open: Opener<'_>) -> Result<Vec<u8>, SeedError> {
     let read = |source| SeedError::Read {
         path: path.into(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(read)?.len();
+    let file = open(path).map_err(read)?;
+    let size = file.metadata().map_err(read)?.len();
     if size > MAX_SEED_FILE {
         return Err(SeedError::TooLarge {
             path: path.into(),
             size,
         });
     }
-    std::fs::read(path).map_err(read)
+    crate::config::read_whole(&file).map_err(read)
 }
 
 /// The seed volume's bytes: a FAT file system labelled `cidata` with the files cloud-init
 /// reads. `name` (a [`valid_hostname`]) fills in meta-data when there is no file for it.
 pub fn seed_image(cfg: &CloudInitConfig, name: &str) -> Result<Vec<u8>, SeedError> {
-    let mut files: Vec<(&str, Vec<u8>)> = vec![("user-data", read_limited(&cfg.user_data)?)];
+    seed_image_from(cfg, name, &|p| std::fs::File::open(p))
+}
+
+/// [`seed_image`] with the files opened by `open`.
+pub fn seed_image_from(
+    cfg: &CloudInitConfig,
+    name: &str,
+    open: Opener<'_>,
+) -> Result<Vec<u8>, SeedError> {
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("user-data", read_limited(&cfg.user_data, open)?)];
     files.push((
         "meta-data",
         match &cfg.meta_data {
-            Some(p) => read_limited(p)?,
+            Some(p) => read_limited(p, open)?,
             None => default_meta_data(name).into_bytes(),
         },
     ));
     if let Some(p) = &cfg.network_config {
-        files.push(("network-config", read_limited(p)?));
+        files.push(("network-config", read_limited(p, open)?));
     }
     fat_volume(&files)
 }
 
-/// [`seed_image`] as a read-only disk held in memory.
+/// [`seed_image_from`] as a read-only disk held in memory.
 pub fn seed_disk(
     cfg: &CloudInitConfig,
     name: &str,
+    open: Opener<'_>,
 ) -> Result<Box<dyn block::BlockBackend>, SeedError> {
-    let image = seed_image(cfg, name)?;
+    let image = seed_image_from(cfg, name, open)?;
     tracing::info!(bytes = image.len(), "cloud-init: cidata seed built");
     let storage = block::storage::MemStorage::new(image);
     Ok(Box::new(

@@ -1,7 +1,7 @@
 //! `VmConfig`: the one description of a VM. CLI flags, the VMM's API and the manager's
 //! domain definitions all produce this shape, and `validate()` runs on every path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +236,23 @@ pub struct VmConfig {
     /// (`/sys/class/dmi/id/product_uuid`): the manager passes the domain's UUID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// Files this configuration names (kernel, initrd, firmware, option ROMs, cloud-init
+    /// files) that the VMM inherited open, by the name they stand for: it reads those
+    /// from the descriptor and never opens the name, so a file swapped in after the
+    /// manager's check is never what the guest gets. Set by a manager for each start,
+    /// like [`DiskConfig::fds`]; never kept in a snapshot, refused from API clients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opened: Vec<OpenedFile>,
+}
+
+/// A file of the configuration the VMM inherited open ([`VmConfig::opened`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenedFile {
+    /// The descriptor number in the VMM (3 or more).
+    pub fd: i32,
+    /// The name the configuration gives the file.
+    pub path: PathBuf,
 }
 
 /// The name a VM without one goes by (its cloud-init instance-id and hostname).
@@ -444,18 +461,40 @@ impl InheritedFile {
     /// than once (a boot-sector probe, then the VM's open), and the inherited one stays
     /// for the VMM's life.
     fn dup(&self) -> std::io::Result<std::fs::File> {
-        use std::os::fd::FromRawFd;
-        if self.fd < 3 {
-            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        dup_inherited(self.fd)
+    }
+}
+
+/// A descriptor of its own (close-on-exec) for inherited descriptor `fd`; refused below 3
+/// (the standard streams) and for a number not open.
+fn dup_inherited(fd: i32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC reads no memory; on a descriptor not open it fails
+    // with EBADF, which is returned.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just made by F_DUPFD_CLOEXEC and is owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(new) })
+}
+
+/// A file's whole content read from offset 0 with `read_at`, whatever the (shared)
+/// offset of the descriptor is.
+pub fn read_whole(f: &std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::with_capacity(f.metadata()?.len().min(1 << 30) as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read_at(&mut buf, out.len() as u64) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        // SAFETY: F_DUPFD_CLOEXEC reads no memory; on a descriptor not open it fails
-        // with EBADF, which is returned.
-        let fd = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 3) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just made by F_DUPFD_CLOEXEC and is owned by nothing else.
-        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
     }
 }
 
@@ -553,6 +592,7 @@ impl VmConfig {
     /// definition.
     pub fn as_defined(&self) -> VmConfig {
         let mut c = self.clone();
+        c.opened.clear();
         for d in &mut c.disks {
             d.folder = None;
             d.fds.clear();
@@ -560,11 +600,39 @@ impl VmConfig {
         c
     }
 
+    /// Takes the disks' descriptors and folders from `expected` (a manager's `--config`
+    /// for a restore or an incoming migration), when it describes this same VM (compared
+    /// as defined, the serial console aside): the state names its disks by path, and the
+    /// restoring VMM then opens the files the manager checked, not whatever the names
+    /// lead to now. Descriptors the state itself names are dropped: a state file is
+    /// data, and a number in it would name whatever this process has open.
+    pub fn adopt_files(&mut self, expected: Option<&VmConfig>) -> Result<(), String> {
+        self.opened.clear();
+        for d in &mut self.disks {
+            d.fds.clear();
+        }
+        let Some(want) = expected else {
+            return Ok(());
+        };
+        let mut got = self.as_defined();
+        got.serial = want.serial.clone();
+        if got != want.as_defined() {
+            return Err("the VM is not the one --config describes".into());
+        }
+        for (d, w) in self.disks.iter_mut().zip(&want.disks) {
+            d.fds = w.fds.clone();
+            d.folder = w.folder.clone();
+        }
+        self.opened = want.opened.clone();
+        Ok(())
+    }
+
     /// This configuration without the descriptors it was handed ([`DiskConfig::fds`]):
     /// what a snapshot or a migration keeps, since those numbers mean nothing to another
     /// process.
     pub fn without_fds(&self) -> VmConfig {
         let mut c = self.clone();
+        c.opened.clear();
         for d in &mut c.disks {
             d.fds.clear();
         }
@@ -827,6 +895,35 @@ impl VmConfig {
             name: None,
             cloud_init: None,
             uuid: None,
+            opened: Vec::new(),
+        }
+    }
+
+    /// The descriptor this VMM inherited for `path` ([`VmConfig::opened`]), if any.
+    pub fn opened_file(&self, path: &Path) -> Option<&OpenedFile> {
+        self.opened.iter().find(|o| o.path == path)
+    }
+
+    /// A file this configuration names, from the descriptor handed over for it when
+    /// there is one, else opened by name. Read it with `read_at` (see [`read_whole`]): a
+    /// descriptor's copies share one file offset.
+    pub fn open_named(&self, path: &Path) -> std::io::Result<std::fs::File> {
+        match self.opened_file(path) {
+            Some(o) => dup_inherited(o.fd),
+            None => std::fs::File::open(path),
+        }
+    }
+
+    /// The whole of a file this configuration names ([`VmConfig::open_named`]).
+    pub fn read_named(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        read_whole(&self.open_named(path)?)
+    }
+
+    /// Whether `path` is a regular file: the one handed over for it, else the name's.
+    fn names_a_file(&self, path: &Path) -> bool {
+        match self.opened_file(path) {
+            Some(o) => dup_inherited(o.fd).is_ok_and(|f| f.metadata().is_ok_and(|m| m.is_file())),
+            None => path.is_file(),
         }
     }
 
@@ -869,8 +966,12 @@ impl VmConfig {
             (Some(_), Some(_)) if !self.has_linuxboot_rom() => {
                 return Err(ConfigError::KernelAndFirmware)
             }
-            (Some(k), None) if !k.is_file() => return Err(ConfigError::KernelMissing(k.clone())),
-            (None, Some(f)) if !f.is_file() => return Err(ConfigError::FirmwareMissing(f.clone())),
+            (Some(k), None) if !self.names_a_file(k) => {
+                return Err(ConfigError::KernelMissing(k.clone()))
+            }
+            (None, Some(f)) if !self.names_a_file(f) => {
+                return Err(ConfigError::FirmwareMissing(f.clone()))
+            }
             _ => {}
         }
         if let Some(v) = self.firmware_vars.as_ref().filter(|v| !v.is_file()) {
@@ -885,11 +986,11 @@ impl VmConfig {
                 return Err(ConfigError::FirmwareVarsMissing(v.clone()));
             }
         }
-        if let Some(r) = self.option_roms.iter().find(|r| !r.is_file()) {
+        if let Some(r) = self.option_roms.iter().find(|r| !self.names_a_file(r)) {
             return Err(ConfigError::OptionRomMissing(r.clone()));
         }
         if let Some(i) = &self.initrd {
-            if !i.is_file() {
+            if !self.names_a_file(i) {
                 return Err(ConfigError::InitrdMissing(i.clone()));
             }
         }
@@ -944,7 +1045,7 @@ impl VmConfig {
             .cloud_init
             .iter()
             .flat_map(|c| c.files())
-            .find(|f| !f.is_file())
+            .find(|f| !self.names_a_file(f))
         {
             return Err(ConfigError::CloudInitFileMissing(f.into()));
         }

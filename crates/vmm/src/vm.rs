@@ -263,7 +263,7 @@ fn virtio_devices(config: &VmConfig, counts: &QueueCounts) -> Result<Vec<VirtioS
     }
     if let Some(ci) = &config.cloud_init {
         // The NoCloud seed: built in memory, read-only, after the configured disks.
-        let backend = crate::cloud_init::seed_disk(ci, config.name())?;
+        let backend = crate::cloud_init::seed_disk(ci, config.name(), &|p| config.open_named(p))?;
         let io = IoThreadSetup {
             name: format!("blk{}", devs.len()),
             host_input: None,
@@ -458,12 +458,20 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, VmmError> {
-    std::fs::read(path).map_err(|source| VmmError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+/// A file the configuration names: from the descriptor a manager handed over for it
+/// ([`VmConfig::opened`]), else by name.
+fn read_file(
+    config: &VmConfig,
+    what: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<u8>, VmmError> {
+    config
+        .read_named(path)
+        .map_err(|source| VmmError::ReadFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl Vmm {
@@ -511,7 +519,7 @@ impl Vmm {
         // Memory: RAM, and the BIOS image's region below 4 GiB when booting through one.
         let mem_size = config.memory_bytes();
         let bios = match &config.firmware {
-            Some(p) => Some(read_file("firmware", p)?),
+            Some(p) => Some(read_file(&config, "firmware", p)?),
             None => None,
         };
         // UEFI firmware boots on a q35-like platform (see `uefi`), a BIOS on the
@@ -634,9 +642,9 @@ impl Vmm {
                 None
             }
             (Some(path), None) => {
-                let kernel = read_file("kernel", path)?;
+                let kernel = read_file(&config, "kernel", path)?;
                 let initrd = match &config.initrd {
-                    Some(p) => Some(read_file("initrd", p)?),
+                    Some(p) => Some(read_file(&config, "initrd", p)?),
                     None => None,
                 };
                 let boot = arch::BootConfig {
@@ -1188,7 +1196,7 @@ impl UefiPlatform {
                         path: path.clone(),
                         source,
                     })?;
-                (read_file("UEFI variable store", path)?, Some(file))
+                (read_file(config, "UEFI variable store", path)?, Some(file))
             }
             None => {
                 let template = config
@@ -1196,7 +1204,10 @@ impl UefiPlatform {
                     .as_deref()
                     .and_then(crate::config::uefi_vars_template)
                     .ok_or(VmmError::UefiVarsTemplate)?;
-                (read_file("UEFI variable template", &template)?, None)
+                (
+                    read_file(config, "UEFI variable template", &template)?,
+                    None,
+                )
             }
         };
         let flash = arch::firmware::uefi_flash(code.len() as u64, vars.len() as u64)?;
@@ -1283,7 +1294,10 @@ fn fw_cfg(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        f.add_file(&format!("genroms/{name}"), read_file("option ROM", rom)?)?;
+        f.add_file(
+            &format!("genroms/{name}"),
+            read_file(config, "option ROM", rom)?,
+        )?;
         // The Linux loader goes first in the boot order.
         if name.starts_with("linuxboot") && config.kernel.is_some() {
             f.add_file("bootorder", format!("/rom@genroms/{name}\n").into_bytes())?;
@@ -1291,9 +1305,9 @@ fn fw_cfg(
     }
     // A kernel booted through the firmware: the loader ROM copies it from here.
     if let Some(path) = &config.kernel {
-        let kernel = read_file("kernel", path)?;
+        let kernel = read_file(config, "kernel", path)?;
         let initrd = match &config.initrd {
-            Some(p) => Some(read_file("initrd", p)?),
+            Some(p) => Some(read_file(config, "initrd", p)?),
             None => None,
         };
         let low_end = ram.first().map_or(0, |&(_, len)| len);

@@ -516,7 +516,8 @@ pub(crate) fn default_signals(cmd: &mut Command) {
 }
 
 /// Lets the VMM inherit the descriptors its disks name (`DiskConfig::fds`: the files the
-/// manager opened and checked, see `Manager::confine_disks`). They stay close-on-exec in
+/// manager opened and checked, see `Manager::confine_disks`) and those of its boot files
+/// (`VmConfig::opened`, see `crate::boot_files`). They stay close-on-exec in
 /// the daemon, so no other VMM started meanwhile gets them; only this child clears the
 /// flag, on those numbers alone.
 pub(crate) fn inherit_fds(cmd: &mut Command, vm: &vmm::VmConfig) {
@@ -524,6 +525,7 @@ pub(crate) fn inherit_fds(cmd: &mut Command, vm: &vmm::VmConfig) {
         .disks
         .iter()
         .flat_map(|d| d.fds.iter().map(|f| f.fd))
+        .chain(vm.opened.iter().map(|o| o.fd))
         .collect();
     if fds.is_empty() {
         return;

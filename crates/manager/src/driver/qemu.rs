@@ -545,6 +545,8 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
         name: _,
         cloud_init: _,
         uuid: _,
+        // The boot files handed over open: -kernel and the like get `/proc/self/fd/N`.
+        opened: _,
     } = vm;
     if *arch != vmm::config::Arch::X86_64 {
         return Some("vm.arch (only x86_64: qemu-system-x86_64)");
@@ -666,10 +668,13 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         &format!("{},threads={}", vm.cpus, vm.threads_per_core),
     ]);
     c.args(["-cpu", qemu_cpu(vm.cpu_model)]);
+    // The boot files the manager opened and checked, reopened by QEMU through its
+    // inherited descriptors (crate::boot_files), not looked up by name again.
+    let named = |p: &Path| crate::boot_files::qemu_name(vm, p);
     if let Some(k) = &vm.kernel {
-        c.arg("-kernel").arg(k);
+        c.arg("-kernel").arg(named(k));
         if let Some(i) = &vm.initrd {
-            c.arg("-initrd").arg(i);
+            c.arg("-initrd").arg(named(i));
         }
         c.args(["-append", &vm.cmdline]);
     }
@@ -678,7 +683,7 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         (Some(code), Some(vars)) => {
             c.arg("-drive").arg(format!(
                 "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                code.display()
+                named(code).display()
             ));
             c.arg("-drive").arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
@@ -686,7 +691,7 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
             ));
         }
         (Some(f), None) => {
-            c.arg("-bios").arg(f);
+            c.arg("-bios").arg(named(f));
         }
         (None, _) => {}
     }
@@ -741,12 +746,14 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     }
     if let Some(ci) = &vm.cloud_init {
         // The same NoCloud seed Vessel's VMM builds, as a file in the run folder.
-        let seed = vmm::cloud_init::seed_image(ci, &seed_name(def)).map_err(|e| {
-            Error::invalid(
-                "cloud_init",
-                format!("{e}: {:?}", std::error::Error::source(&e)),
-            )
-        })?;
+        // From the files opened at the start's check, which this daemon holds now.
+        let seed = vmm::cloud_init::seed_image_from(ci, &seed_name(def), &|p| vm.open_named(p))
+            .map_err(|e| {
+                Error::invalid(
+                    "cloud_init",
+                    format!("{e}: {:?}", std::error::Error::source(&e)),
+                )
+            })?;
         let path = run.0.join("cidata.img");
         std::fs::write(&path, seed).map_err(|e| {
             Error::invalid("cloud_init", format!("writing {}: {e}", path.display()))

@@ -130,7 +130,7 @@ impl Driver for VesselDriver {
     ) -> Result<Command> {
         let mut c = match boot {
             Boot::Fresh => vessel_command(p, def, run, log),
-            Boot::Restore(dir) => vessel_restore_command(p, dir, run, log),
+            Boot::Restore(dir) => vessel_restore_command(p, def, dir, run, log),
             Boot::Incoming => vessel_incoming_command(p, def, run, log),
         }?;
         if p.jail {
@@ -324,10 +324,24 @@ pub fn vessel_config(def: &DomainDef, run: &RunDir) -> vmm::VmConfig {
 }
 
 /// A Vessel VMM that restores the snapshot in `dir` (`vessel run --restore`) instead of
-/// booting, controlled as one that boots.
-fn vessel_restore_command(p: &Programs, dir: &Path, run: &RunDir, log: &Path) -> Result<Command> {
+/// booting, controlled as one that boots; checked against the configuration `def` gives,
+/// whose disks name the files the manager checked, handed over open.
+fn vessel_restore_command(
+    p: &Programs,
+    def: &DomainDef,
+    dir: &Path,
+    run: &RunDir,
+    log: &Path,
+) -> Result<Command> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)?;
     let mut c = Command::new(&p.vessel);
-    c.arg("run").arg("--restore").arg(dir);
+    c.arg("run")
+        .arg("--restore")
+        .arg(dir)
+        .arg("--config")
+        .arg(run.config());
     vessel_control_args(p, &mut c, run, log)?;
     Ok(c)
 }

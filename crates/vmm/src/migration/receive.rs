@@ -151,6 +151,17 @@ fn read_stream(
 /// Waits for a source on `listener` and takes the VM it sends, checked as a snapshot
 /// load checks one. Nothing is started.
 pub fn receive(listener: &Listener, from: &Endpoint) -> Result<Incoming, MigrationError> {
+    receive_as(listener, from, None)
+}
+
+/// [`receive`], the VM's disks taking the files `expected` was handed
+/// ([`VmConfig::adopt_files`]) before they are checked; refused (and the source told)
+/// when `expected` is another VM.
+pub fn receive_as(
+    listener: &Listener,
+    from: &Endpoint,
+    expected: Option<&crate::config::VmConfig>,
+) -> Result<Incoming, MigrationError> {
     let conn = listener
         .accept()
         .map_err(|source| MigrationError::Connect {
@@ -166,7 +177,11 @@ pub fn receive(listener: &Listener, from: &Endpoint) -> Result<Incoming, Migrati
         };
         let memory = allocate(&regions)?;
         let mut pages = 0;
-        let snapshot = read_stream(&mut r, &memory, &mut pages)?;
+        let mut snapshot = read_stream(&mut r, &memory, &mut pages)?;
+        snapshot
+            .config
+            .adopt_files(expected)
+            .map_err(SnapshotError::Mismatch)?;
         crate::snapshot::check_layout(&snapshot)?;
         let same = snapshot.memory.len() == regions.len()
             && snapshot

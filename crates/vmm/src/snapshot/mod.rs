@@ -242,18 +242,24 @@ pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
     if config.vsock.is_some() {
         return Some("virtio-vsock (its host connections)".into());
     }
-    if config.firmware.as_deref().is_some_and(is_uefi_file) {
+    if config
+        .firmware
+        .as_deref()
+        .is_some_and(|f| is_uefi_file(config, f))
+    {
         return Some("UEFI firmware (its flash and the q35 platform)".into());
     }
     None
 }
 
-/// Whether the firmware at `path` is UEFI code (read from its header).
-fn is_uefi_file(path: &Path) -> bool {
-    use std::io::Read;
+/// Whether the firmware at `path` is UEFI code (read from its header, through the
+/// descriptor handed over for it when there is one).
+fn is_uefi_file(config: &VmConfig, path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
     let mut head = [0u8; 64];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
+    config
+        .open_named(path)
+        .and_then(|f| f.read_exact_at(&mut head, 0))
         .is_ok_and(|()| arch::firmware::is_uefi(&head))
 }
 
@@ -478,12 +484,27 @@ impl Loaded {
 /// Reads and checks the state file at `state_path` and the size of the memory file at
 /// `mem_path`; starts nothing.
 pub fn load(state_path: &Path, mem_path: &Path) -> Result<Loaded, SnapshotError> {
+    load_as(state_path, mem_path, None)
+}
+
+/// [`load`], the snapshot's disks taking the files `expected` was handed
+/// ([`VmConfig::adopt_files`]) before they are checked; refused when `expected` is
+/// another VM.
+pub fn load_as(
+    state_path: &Path,
+    mem_path: &Path,
+    expected: Option<&VmConfig>,
+) -> Result<Loaded, SnapshotError> {
     let body = format::read(state_path)?;
-    let snapshot: VmSnapshot =
+    let mut snapshot: VmSnapshot =
         serde_json::from_slice(&body).map_err(|e| format::FormatError::Body {
             path: state_path.into(),
             why: e.to_string(),
         })?;
+    snapshot
+        .config
+        .adopt_files(expected)
+        .map_err(SnapshotError::Mismatch)?;
     check_layout(&snapshot)?;
     let want: u64 = snapshot.memory.iter().map(|r| r.len).sum();
     let have = std::fs::metadata(mem_path)
@@ -522,7 +543,7 @@ pub(crate) fn check_layout(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     // 4 GiB), nothing placed elsewhere.
     let mut ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
     if let Some(f) = &snapshot.config.firmware {
-        let len = std::fs::metadata(f)
+        let len = (snapshot.config.open_named(f).and_then(|f| f.metadata()))
             .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?
             .len();
         let region = arch::firmware::bios_region(len)
