@@ -331,70 +331,52 @@ fn unplug(q: &mut Qmp, id: &str, what: &str) -> Result<()> {
 /// `blockdev-add`'s arguments for a disk attached live (without its node name): its path,
 /// or (issue 22) the files the manager opened and checked, each passed to QEMU
 /// (`add-fd`, the fd sets it made pushed on `sets`) and opened there as
-/// `/proc/self/fd/N`, the chain given as nested `backing` nodes, ending in null.
+/// `/proc/self/fd/N` ([`blockdev`]).
 fn blockdev_of(
     q: &mut Qmp,
     d: &vmm::config::DiskConfig,
     sets: &mut Vec<i64>,
 ) -> Result<serde_json::Value> {
-    if d.fds.is_empty() {
-        let file = json!({"driver": "file", "filename": chardev_path(&d.path)?,
-                          "read-only": d.read_only});
-        return Ok(json!({"driver": disk_format(drive_format(d)?),
-                         "read-only": d.read_only, "file": file}));
-    }
-    let mut nodes = Vec::new();
-    for (i, f) in d.fds.iter().enumerate() {
+    let mut names = Vec::new();
+    for f in &d.fds {
         // SAFETY: the manager holds the file `f.fd` names open until the hot-plug ends
         // (`Manager::attach_live`).
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(f.fd) };
         let (set, theirs) = q.add_fd(fd)?;
         sets.push(set);
-        let ro = i > 0 || d.read_only;
-        nodes.push(json!({"driver": disk_format(f.format), "read-only": ro,
-                          "file": {"driver": "file", "read-only": ro,
-                                   "filename": format!("/proc/self/fd/{theirs}")}}));
+        names.push(format!("/proc/self/fd/{theirs}"));
+    }
+    blockdev(d, &names)
+}
+
+/// A disk as a tree of QEMU block nodes (`-blockdev` at start, `blockdev-add` live),
+/// `names` being how QEMU reaches each file the manager handed over (`DiskConfig::fds`:
+/// `/proc/self/fd/N`, the open file itself, whatever its name leads to now). Each format
+/// node sits on a `file` node; each backing file is the node above's `backing`, read-only,
+/// and a chain ending in qcow2 ends in `backing: null`, so QEMU never opens a name from a
+/// header (one rewritten after the check included). Without handed-over files: the path,
+/// with its format. JSON, not `-drive`'s comma syntax: a name cannot inject options.
+fn blockdev(d: &vmm::config::DiskConfig, names: &[String]) -> Result<serde_json::Value> {
+    let node = |format: DiskFormat, name: &str, ro: bool| {
+        json!({"driver": disk_format(format), "read-only": ro,
+               "file": {"driver": "file", "filename": name, "read-only": ro}})
+    };
+    if d.fds.is_empty() {
+        let name = d
+            .path
+            .to_str()
+            .ok_or_else(|| Error::invalid("disk", format!("{}: not UTF-8", d.path.display())))?;
+        return Ok(node(drive_format(d)?, name, d.read_only));
     }
     let mut chain = serde_json::Value::Null;
-    for mut n in nodes.into_iter().rev() {
-        if n["driver"] == "qcow2" {
+    for (i, (f, name)) in d.fds.iter().zip(names).enumerate().rev() {
+        let mut n = node(f.format, name, i > 0 || d.read_only);
+        if f.format == DiskFormat::Qcow2 {
             n["backing"] = chain;
         }
         chain = n;
     }
     Ok(chain)
-}
-
-/// A `-drive`'s files: the disk's path, or (issue 22) the files the manager opened and
-/// checked, which QEMU inherits (`DiskConfig::fds`) and reopens through
-/// `/proc/self/fd/N` (the open file itself, whatever its name leads to now), each backing
-/// file given as the image's `backing` so QEMU never opens a name from a header. A chain
-/// that ends in qcow2 ends in `backing=` (none: QEMU 7.2 warns that the empty string is
-/// deprecated for null, which `-drive` cannot spell), so a header rewritten to name a
-/// backing file later is not followed either. The formats come with it (`format=` for
-/// the image).
-fn drive_files(d: &vmm::config::DiskConfig) -> Result<String> {
-    if d.fds.is_empty() {
-        return chardev_path(&d.path);
-    }
-    let mut s = String::new();
-    for (depth, f) in d.fds.iter().enumerate() {
-        let fmt = disk_format(f.format);
-        // The image's options, then its backing file's under `backing.`, and so on.
-        let at = "backing.".repeat(depth);
-        if depth == 0 {
-            s.push_str(&format!("/proc/self/fd/{},format={fmt}", f.fd));
-        } else {
-            s.push_str(&format!(
-                ",{at}driver={fmt},{at}file.filename=/proc/self/fd/{}",
-                f.fd
-            ));
-        }
-        if depth + 1 == d.fds.len() && f.format == DiskFormat::Qcow2 {
-            s.push_str(&format!(",{at}backing="));
-        }
-    }
-    Ok(s)
 }
 
 fn drive_format(d: &vmm::config::DiskConfig) -> Result<DiskFormat> {
@@ -590,7 +572,7 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
             format: _,
             read_only: _,
             folder: _,
-            // Given as `/proc/self/fd/N` files (`drive_files`).
+            // Given as `/proc/self/fd/N` files (`blockdev`).
             fds: _,
             transport,
             rate_limiter,
@@ -706,16 +688,20 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
         "unix:{},server=on,wait=off",
         chardev_path(&run.qmp())?
     ));
+    // Each disk as -blockdev nodes ([`blockdev`]): -drive's `backing=` (none) is
+    // deprecated syntax in QEMU 7.2 and it cannot spell null.
+    let mut disk_devices = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
-        let f = drive_format(d)?;
-        let mut drive = format!("file={},if=virtio,index={i}", drive_files(d)?);
-        if d.fds.is_empty() {
-            drive.push_str(&format!(",format={}", disk_format(f)));
-        }
-        if d.read_only {
-            drive.push_str(",readonly=on");
-        }
-        c.arg("-drive").arg(drive);
+        let names: Vec<String> = d
+            .fds
+            .iter()
+            .map(|f| format!("/proc/self/fd/{}", f.fd))
+            .collect();
+        let mut node = blockdev(d, &names)?;
+        node["node-name"] = json!(format!("disk{i}"));
+        c.arg("-blockdev").arg(node.to_string());
+        // -drive's default cache mode (writeback), which a -device does not assume.
+        disk_devices.push(format!("virtio-blk-pci,drive=disk{i},write-cache=on"));
     }
     for (i, n) in vm.nets.iter().enumerate() {
         // Checked at definition too; a stored definition from an older version is not.
@@ -743,6 +729,11 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
             "pcie-root-port,id=hp{k},bus=pcie.0,chassis={}",
             k + 1
         ));
+    }
+    // Last, in the order QEMU created `-drive if=virtio` devices (after every -device):
+    // the PCI layout, so the guest's names and a state saved before, stay as they were.
+    for dev in disk_devices {
+        c.arg("-device").arg(dev);
     }
     if let Some(ci) = &vm.cloud_init {
         // The same NoCloud seed Vessel's VMM builds, as a file in the run folder.
@@ -822,13 +813,19 @@ mod tests {
             "vm": {"kernel": "/k", "disks": [{"path": raw}]}}))
         .unwrap();
         let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
-        assert!(a.iter().any(|x| x.ends_with(",format=raw")), "{a:?}");
+        assert!(
+            a.iter().any(|x| x.starts_with(r#"{"driver":"raw","#)),
+            "{a:?}"
+        );
         def.vm.disks[0].path = qcow.clone();
         let e = qemu_command(&p, &def, &run, &log).unwrap_err();
         assert!(e.to_string().contains("qcow2 header"), "{e}");
         def.vm.disks[0].format = Some(DiskFormat::Qcow2);
         let a = args(&qemu_command(&p, &def, &run, &log).unwrap());
-        assert!(a.iter().any(|x| x.ends_with(",format=qcow2")), "{a:?}");
+        assert!(
+            a.iter().any(|x| x.starts_with(r#"{"driver":"qcow2","#)),
+            "{a:?}"
+        );
         def.vm.nets =
             serde_json::from_value(serde_json::json!([{"tap": "vq0,ifname=vq1"}])).unwrap();
         let e = qemu_command(&p, &def, &run, &log).unwrap_err();
@@ -971,7 +968,8 @@ mod tests {
             "-smp 4,threads=2",
             "-cpu qemu64",
             "-accel kvm",
-            "file=/d.qcow2,if=virtio,index=0,format=qcow2,readonly=on",
+            r#"-blockdev {"driver":"qcow2","file":{"driver":"file","filename":"/d.qcow2","read-only":true},"node-name":"disk0","read-only":true}"#,
+            "-device virtio-blk-pci,drive=disk0,write-cache=on",
             "-device virtio-rng-pci",
             "tap,id=net0,ifname=vt0",
             "mac=52:54:00:00:00:07",
@@ -1069,8 +1067,9 @@ mod tests {
     }
 
     /// Issue 22: a disk handed over as open files reaches QEMU as those files, each
-    /// backing file as the image's `backing` (so no header name is opened), a chain
-    /// ending in qcow2 ending in `backing=`; the path is not on the command line.
+    /// backing file as the node above's read-only `backing` (so no header name is
+    /// opened), a chain ending in qcow2 ending in `backing: null`; the path is not on the
+    /// command line.
     #[test]
     fn handed_over_disks_are_given_to_qemu_as_their_open_files() {
         let disk = |fds: serde_json::Value| -> vmm::config::DiskConfig {
@@ -1078,23 +1077,36 @@ mod tests {
                 "path": "/pool/top.qcow2", "format": "qcow2", "fds": fds}))
             .unwrap()
         };
+        let names = |d: &vmm::config::DiskConfig| -> Vec<String> {
+            d.fds
+                .iter()
+                .map(|f| format!("/proc/self/fd/{}", f.fd))
+                .collect()
+        };
+        let file = |n: u32, ro: bool| json!({"driver": "file", "filename": format!("/proc/self/fd/{n}"), "read-only": ro});
         let d = disk(serde_json::json!([
             {"fd": 7, "format": "qcow2", "path": "/pool/top.qcow2"},
             {"fd": 8, "format": "qcow2", "path": "/pool/mid.qcow2"},
             {"fd": 9, "format": "raw", "path": "/pool/base.raw"}]));
         assert_eq!(
-            drive_files(&d).unwrap(),
-            "/proc/self/fd/7,format=qcow2,backing.driver=qcow2,\
-             backing.file.filename=/proc/self/fd/8,backing.backing.driver=raw,\
-             backing.backing.file.filename=/proc/self/fd/9"
+            blockdev(&d, &names(&d)).unwrap(),
+            json!({"driver": "qcow2", "read-only": false, "file": file(7, false),
+                   "backing": {"driver": "qcow2", "read-only": true, "file": file(8, true),
+                               "backing": {"driver": "raw", "read-only": true,
+                                           "file": file(9, true)}}})
         );
         let d = disk(serde_json::json!([
             {"fd": 7, "format": "qcow2", "path": "/pool/top.qcow2"}]));
         assert_eq!(
-            drive_files(&d).unwrap(),
-            "/proc/self/fd/7,format=qcow2,backing="
+            blockdev(&d, &names(&d)).unwrap(),
+            json!({"driver": "qcow2", "read-only": false, "file": file(7, false),
+                   "backing": null})
         );
         let d = disk(serde_json::json!([]));
-        assert_eq!(drive_files(&d).unwrap(), "/pool/top.qcow2");
+        assert_eq!(
+            blockdev(&d, &[]).unwrap(),
+            json!({"driver": "qcow2", "read-only": false,
+                   "file": {"driver": "file", "filename": "/pool/top.qcow2", "read-only": false}})
+        );
     }
 }
