@@ -1438,4 +1438,40 @@ mod tests {
         assert!("mac=52:54:00:aa:bb:cc".parse::<NetConfig>().is_err());
         assert!("tap=x,mac=zz".parse::<NetConfig>().is_err());
     }
+
+    /// Issue 22: a restore or an incoming migration takes the descriptors and folders
+    /// of the manager's `--config` for the same VM; another VM is refused, and numbers a
+    /// state file names itself are dropped.
+    #[test]
+    fn a_saved_vm_adopts_the_files_of_its_expected_config_only() {
+        let mut saved: VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "/k", "initrd": "/i", "serial": {"type": "null"},
+            "disks": [{"path": "/d.qcow2", "format": "qcow2",
+                       "fds": [{"fd": 40, "format": "raw", "path": "/etc/shadow"}]}],
+            "opened": [{"fd": 41, "path": "/k"}]}))
+        .unwrap();
+        let mut plain = saved.clone();
+        plain.adopt_files(None).unwrap();
+        assert!(plain.disks[0].fds.is_empty() && plain.opened.is_empty());
+        let mut want = saved.as_defined();
+        want.serial = SerialConfig::Stdio;
+        want.disks[0].fds = vec![InheritedFile {
+            fd: 7,
+            format: DiskFormat::Qcow2,
+            path: "/d.qcow2".into(),
+        }];
+        want.disks[0].folder = Some("/pool".into());
+        want.opened = vec![OpenedFile {
+            fd: 8,
+            path: "/k".into(),
+        }];
+        saved.adopt_files(Some(&want)).unwrap();
+        assert_eq!(saved.disks[0].fds, want.disks[0].fds);
+        assert_eq!(saved.disks[0].folder, want.disks[0].folder);
+        assert_eq!(saved.opened, want.opened);
+        let mut other = want.clone();
+        other.memory_mib += 1;
+        let e = saved.clone().adopt_files(Some(&other)).unwrap_err();
+        assert!(e.contains("--config"), "{e}");
+    }
 }
