@@ -257,7 +257,8 @@ impl Api {
             ("POST", ["domains"]) => {
                 let def = parse_definition(req)?;
                 self.check_domain_files(&def, req)?;
-                Ok(Response::json(201, &to_value(&self.m.define(def)?)).into())
+                let check = |d: &DomainDef| self.check_recorded_files(d, req);
+                Ok(Response::json(201, &to_value(&self.m.define_checked(def, &check)?)).into())
             }
             ("GET", ["domains", name]) => {
                 let (def, info) = self.m.info(name)?;
@@ -323,7 +324,8 @@ impl Api {
             ("PUT", ["domains", name]) => {
                 let def = parse_definition(req)?;
                 self.check_domain_files(&def, req)?;
-                ok(to_value(&self.m.redefine(name, def)?))
+                let check = |d: &DomainDef| self.check_recorded_files(d, req);
+                ok(to_value(&self.m.redefine_checked(name, def, &check)?))
             }
             ("DELETE", ["domains", name]) => {
                 self.m.undefine(name)?;
@@ -549,6 +551,33 @@ impl Api {
                 .starts_with(crate::domain::VOLUME_PREFIX)
             {
                 self.check_path(req, &p, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The files define recorded for `def` (where each boot file and each file of each
+    /// disk's chain led when recorded, `boot_files` and `chains`), checked against the
+    /// client as [`Api::check_domain_files`] checks the names: the names were checked
+    /// first and opened again to record, so a swap in between names a file the client
+    /// may not have. A pool volume's chain (`vol://`) is the pool's, not the client's.
+    pub(crate) fn check_recorded_files(&self, def: &DomainDef, req: &Request) -> Result<()> {
+        use vmm::api::access::Want;
+        for real in def.boot_files.values() {
+            self.check_path(req, real, Want::Read)?;
+        }
+        for d in &def.vm.disks {
+            let key = crate::disk_chain::key(&d.path);
+            if def.volumes.contains_key(&key) {
+                continue;
+            }
+            for (i, f) in def.chains.get(&key).into_iter().flatten().enumerate() {
+                let want = if i == 0 && !d.read_only {
+                    Want::ReadWrite
+                } else {
+                    Want::Read
+                };
+                self.check_path(req, &f.real, want)?;
             }
         }
         Ok(())

@@ -203,6 +203,20 @@ pub fn after_check_hook(domain: &str) {
     }
 }
 
+/// Tests only (debug builds): the program `VESSEL_TEST_AFTER_CLIENT_CHECK` names, run
+/// with the domain's name between the API's check of a definition's file names against
+/// the client and define's records of them (the same race at define, made
+/// deterministic).
+pub fn after_client_check_hook(domain: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    if let Some(p) = std::env::var_os("VESSEL_TEST_AFTER_CLIENT_CHECK") {
+        let r = std::process::Command::new(&p).arg(domain).status();
+        tracing::warn!(domain, hook = ?p, status = ?r, "test hook ran after the client check");
+    }
+}
+
 /// The key of a disk's record: its path as the definition gives it.
 pub fn key(path: &Path) -> String {
     path.to_string_lossy().into_owned()

@@ -485,11 +485,25 @@ impl Manager {
         Ok((d, i))
     }
 
-    pub fn define(&self, mut def: DomainDef) -> Result<DomainInfo> {
+    pub fn define(&self, def: DomainDef) -> Result<DomainInfo> {
+        self.define_checked(def, &|_| Ok(()))
+    }
+
+    /// [`Manager::define`], with `check` run on the definition once its records are
+    /// taken and before it is stored: the API checks the client's rights on the files
+    /// the records name, so a swap between its check of the names and the records is
+    /// refused rather than recorded.
+    pub fn define_checked(
+        &self,
+        mut def: DomainDef,
+        check: &dyn Fn(&DomainDef) -> Result<()>,
+    ) -> Result<DomainInfo> {
         self.resolve_volumes(&mut def)?;
         def.validate()?;
+        crate::disk_chain::after_client_check_hook(&def.name);
         crate::disk_chain::record_all(&mut def)?;
         crate::boot_files::record_all(&mut def)?;
+        check(&def)?;
         if def.uuid.is_none() {
             def.uuid = Some(domain::new_uuid());
         }
@@ -504,7 +518,17 @@ impl Manager {
 
     /// Replaces an existing domain's definition (keeping its UUID); a running domain gets
     /// it at its next start, as with `virsh define` on an existing domain.
-    pub fn redefine(&self, name: &str, mut def: DomainDef) -> Result<DomainInfo> {
+    pub fn redefine(&self, name: &str, def: DomainDef) -> Result<DomainInfo> {
+        self.redefine_checked(name, def, &|_| Ok(()))
+    }
+
+    /// [`Manager::redefine`] with a `check` as [`Manager::define_checked`] has.
+    pub fn redefine_checked(
+        &self,
+        name: &str,
+        mut def: DomainDef,
+        check: &dyn Fn(&DomainDef) -> Result<()>,
+    ) -> Result<DomainInfo> {
         if def.name != name {
             return Err(Error::invalid(
                 "domain definition",
@@ -518,6 +542,7 @@ impl Manager {
         def.validate()?;
         crate::disk_chain::record_all(&mut def)?;
         crate::boot_files::record_all(&mut def)?;
+        check(&def)?;
         def.vm.serial = vmm::SerialConfig::Null;
         let l = self.domain_lock(name);
         let _g = lock(&l);

@@ -2949,6 +2949,85 @@ fn domain_files_are_checked_against_the_client() {
     let _ = std::fs::remove_dir_all(&outside);
 }
 
+/// Issue 22: what define records is checked against the client too. A TCP client may
+/// name files in a `--file-root` folder only; a test hook, between the API's check of
+/// the names and define's records, swaps an allowed kernel for a link to a root-only
+/// secret outside the roots: the definition is refused (403), not recorded with the
+/// secret as its kernel.
+#[test]
+fn a_file_swapped_between_the_client_check_and_the_record_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start("recheck");
+    d.kill9();
+    let token = "0123456789abcdef0123";
+    let tf = d.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let outside = std::env::temp_dir().join(format!("vm-recheck-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = outside.join("secret");
+    std::fs::write(&secret, vec![7u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kernels = d.dir.join("kernels");
+    std::fs::create_dir_all(&kernels).unwrap();
+    for k in ["k", "swapped"] {
+        std::fs::write(kernels.join(k), vec![0u8; 4096]).unwrap();
+    }
+    let hook = d.dir.join("swap.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = swapped ] || exit 0\nrm {k}\nln -s {secret} {k}\n",
+            k = kernels.join("swapped").display(),
+            secret = secret.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.push((
+        "VESSEL_TEST_AFTER_CLIENT_CHECK",
+        Box::leak(hook.to_str().unwrap().to_string().into_boxed_str()),
+    ));
+    let addr = format!("127.0.0.1:{}", 20000 + (std::process::id() + 17) % 20000);
+    d.spawn_with(&[
+        "--listen-tcp",
+        &addr,
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--file-root",
+        kernels.to_str().unwrap(),
+    ]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tcp = Client::tcp(&addr, token);
+    // Unswapped: defined.
+    tcp.post(
+        "/v1/domains",
+        Some(&json!({"name": "k", "vm": {"kernel": kernels.join("k")}})),
+    )
+    .unwrap();
+    let (st, msg) = api_status(
+        tcp.post(
+            "/v1/domains",
+            Some(&json!({"name": "swapped", "vm": {"kernel": kernels.join("swapped")}})),
+        )
+        .unwrap_err(),
+    );
+    assert!(
+        kernels.join("swapped").is_symlink(),
+        "the hook did not swap the kernel: {}",
+        d.log()
+    );
+    assert_eq!(st, 403, "{msg}");
+    assert!(msg.contains("pool roots"), "{msg}");
+    let (st, _) = api_status(tcp.get("/v1/domains/swapped").unwrap_err());
+    assert_eq!(st, 404, "the refused definition was stored");
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
