@@ -177,6 +177,10 @@ pub struct RunArgs {
     /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given.
     #[arg(long, requires = "api_sock")]
     api_only: bool,
+    /// With --api-sock: the largest request body the API answers, in bytes (default
+    /// 51200, Firecracker's; its flag of the same name).
+    #[arg(long, requires = "api_sock", value_name = "BYTES")]
+    http_api_max_payload_size: Option<u64>,
     /// Serve the serial console (with --serial stdio) on this Unix socket instead of the
     /// terminal, for a manager to attach to.
     #[arg(long)]
@@ -520,6 +524,9 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     if preboot {
         let sock = api_sock.unwrap_or_default();
         let api = vmm::api::firecracker::VmmApi::new_preboot(args.serial.clone(), args.accel);
+        if let Some(n) = args.http_api_max_payload_size {
+            api.set_max_payload(n).map_err(anyhow::Error::msg)?;
+        }
         // InstanceStart's VM is built and run here, as Firecracker's VMM thread does: the
         // API's threads stay in their own seccomp filter.
         let starts = api.builds_elsewhere();
@@ -564,6 +571,9 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     };
     if let Some(sock) = &api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
+        if let Some(n) = args.http_api_max_payload_size {
+            api.set_max_payload(n).map_err(anyhow::Error::msg)?;
+        }
         vmm::api::firecracker::spawn(sock, api)
             .with_context(|| format!("serving the API on {}", sock.display()))?;
     }
@@ -661,6 +671,9 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
     config.serial = args.serial.clone();
     if let Some(sock) = &args.api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
+        if let Some(n) = args.http_api_max_payload_size {
+            api.set_max_payload(n).map_err(anyhow::Error::msg)?;
+        }
         if let Err(e) = vmm::api::firecracker::spawn(sock, api) {
             let _ = incoming.answer(&Err(format!("serving the API: {e}")));
             return Err(e).with_context(|| format!("serving the API on {}", sock.display()));

@@ -1323,6 +1323,75 @@ fn bodies_over_51200_bytes_are_refused_before_they_are_read() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Firecracker's `--http-api-max-payload-size` (`vessel run` takes the same flag): a
+/// larger limit admits larger bodies, and the refusal names the limit in force.
+#[test]
+fn the_payload_limit_can_be_raised() {
+    let api = VmmApi::new_preboot(SerialConfig::Null, Accel::Auto);
+    let h = ApiHandler(api.clone());
+    let r = req("PUT", "/mmds", "");
+    assert!(h.admit(&r, 1 << 20).is_some());
+    api.set_max_payload(2 << 20).unwrap();
+    assert!(h.admit(&r, 1 << 20).is_none());
+    let refused = h.admit(&r, (2 << 20) + 1).unwrap();
+    assert!(
+        msg(&refused).contains("larger than the limit of 2097152"),
+        "{}",
+        msg(&refused)
+    );
+    assert!(api.set_max_payload(0).is_err());
+    assert!(api.set_max_payload(u64::MAX).is_err());
+}
+
+/// test_api.py's test_negative_snapshot_load_api: each malformed body gets Firecracker's
+/// own words, and a body with the deprecated `mem_file_path` is marked deprecated even
+/// when it is refused.
+#[test]
+fn snapshot_load_bodies_are_refused_in_firecrackers_words() {
+    let api = Api::preboot();
+    for (body, want) in [
+        (
+            r#"{"snapshot_path": "foo", "mem_backend": {"backend_type": "File", "backend_path": "bar"}, "mem_file_path": "bar"}"#,
+            "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
+        ),
+        (
+            r#"{"snapshot_path": "foo", "mem_backend": {"backend_path": "bar"}}"#,
+            "missing field `backend_type`",
+        ),
+        (
+            r#"{"snapshot_path": "foo", "mem_backend": {"backend_type": "File"}}"#,
+            "missing field `backend_path`",
+        ),
+        (
+            r#"{"snapshot_path": "foo", "mem_backend": {"backend_type": "foo", "backend_path": "bar"}}"#,
+            "unknown variant `foo`, expected `File` or `Uffd`",
+        ),
+        (
+            r#"{"mem_backend": {"backend_type": "File", "backend_path": "bar"}}"#,
+            "missing field `snapshot_path`",
+        ),
+        (
+            r#"{"snapshot_path": "foo"}"#,
+            "missing field: either `mem_backend` or `mem_file_path` is required",
+        ),
+    ] {
+        api.refused("PUT", "/snapshot/load", body, want);
+    }
+    let r = api.call(
+        "PUT",
+        "/snapshot/load",
+        r#"{"snapshot_path": "/nonexistent/foo", "mem_file_path": "/nonexistent/bar"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("deprecation") && v == "true"),
+        "{:?}",
+        r.headers
+    );
+}
+
 /// Issue 22: the files a request names are checked against the rights of the client
 /// that sent it (its socket peer), not the VMM's: a root VMM whose socket another user
 /// may use does not hand that user root-only files as kernel, initrd, drive or snapshot,

@@ -130,6 +130,9 @@ pub struct VmmApi {
     builder: Mutex<Option<mpsc::Sender<StartRequest>>>,
     /// A migration that succeeded: this VMM ends once its answer is sent.
     migrated: Mutex<Option<Arc<crate::snapshot::Snapshotter>>>,
+    /// The largest request body answered ([`MAX_PAYLOAD`] unless the command line says;
+    /// Firecracker's `--http-api-max-payload-size`).
+    max_payload: std::sync::atomic::AtomicU64,
 }
 
 /// InstanceStart's validated configuration, for the thread that builds and runs the VM
@@ -217,7 +220,22 @@ impl VmmApi {
             metrics_sink: Mutex::new(None),
             builder: Mutex::new(None),
             migrated: Mutex::new(None),
+            max_payload: std::sync::atomic::AtomicU64::new(MAX_PAYLOAD),
         })
+    }
+
+    /// Raises (or lowers) the largest request body the API answers, up to the HTTP
+    /// layer's own limit.
+    pub fn set_max_payload(&self, bytes: u64) -> Result<(), String> {
+        let most = super::http::MAX_BODY as u64;
+        if bytes == 0 || bytes > most {
+            return Err(format!(
+                "the API's payload limit must be between 1 and {most} bytes, not {bytes}"
+            ));
+        }
+        self.max_payload
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// From now on InstanceStart sends its configuration to the returned receiver and
@@ -435,6 +453,24 @@ impl VmmApi {
     /// once with `resume_vm`, else it waits paused for `PATCH /vm`.
     fn snapshot_load(self: &Arc<Self>, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotLoadParams = parse(req)?;
+        // Firecracker marks a body with the deprecated field on every answer, refusals
+        // included.
+        let Some(why) = params.deprecated() else {
+            return self.load_snapshot_as(req, &params);
+        };
+        tracing::warn!("{why}");
+        let mark = |mut r: Response| {
+            r.headers.push(("Deprecation".into(), "true".into()));
+            r
+        };
+        self.load_snapshot_as(req, &params).map(mark).map_err(mark)
+    }
+
+    fn load_snapshot_as(
+        self: &Arc<Self>,
+        req: &Request,
+        params: &super::snapshot::SnapshotLoadParams,
+    ) -> Answer {
         let mem = params.mem_path().map_err(|msg| fault(400, msg))?;
         let refused = |e: String| fault(400, format!("Failed to load the snapshot: {e}"));
         for p in [&params.snapshot_path, &mem] {
@@ -1050,12 +1086,16 @@ impl Handler for ApiHandler {
     }
 
     fn admit(&self, _req: &Request, body_len: u64) -> Option<Response> {
-        (body_len > MAX_PAYLOAD).then(|| {
+        let limit = self
+            .0
+            .max_payload
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (body_len > limit).then(|| {
             fault(
                 400,
                 format!(
                     "Request payload with size {body_len} is larger than the limit of \
-                     {MAX_PAYLOAD} allowed by server."
+                     {limit} allowed by server."
                 ),
             )
         })

@@ -21,12 +21,18 @@ pub struct SnapshotCreateParams {
     pub version: Option<String>,
 }
 
+/// Where a loaded snapshot's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BackendType {
+    File,
+    Uffd,
+}
+
 /// `mem_backend` of `PUT /snapshot/load`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryBackend {
-    /// "File" or "Uffd".
-    pub backend_type: String,
+    pub backend_type: BackendType,
     pub backend_path: PathBuf,
 }
 
@@ -61,7 +67,17 @@ impl SnapshotCreateParams {
     }
 }
 
+/// How Firecracker begins the message of a body it cannot deserialize.
+pub const DESERIALIZING: &str = "An error occurred when deserializing the json body of a request: ";
+
 impl SnapshotLoadParams {
+    /// Firecracker's deprecation note when the body uses `mem_file_path`.
+    pub fn deprecated(&self) -> Option<&'static str> {
+        self.mem_file_path.as_ref().map(|_| {
+            "PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated."
+        })
+    }
+
     /// The memory file, or why the request is refused.
     pub fn mem_path(&self) -> Result<PathBuf, String> {
         // enable_diff_snapshots / track_dirty_pages: a restored VM's dirty log starts at
@@ -73,21 +89,23 @@ impl SnapshotLoadParams {
         {
             return Err("network_overrides are not supported by this VMM yet.".into());
         }
+        // Firecracker's words for the two body shapes it refuses while deserializing.
         match (&self.mem_file_path, &self.mem_backend) {
             (Some(p), None) => Ok(p.clone()),
-            (None, Some(b)) if b.backend_type == "File" => Ok(b.backend_path.clone()),
-            (None, Some(b)) if b.backend_type == "Uffd" => Err(
+            (None, Some(b)) if b.backend_type == BackendType::File => Ok(b.backend_path.clone()),
+            (None, Some(_)) => Err(
                 "The Uffd memory backend is not supported by this VMM: use File (the memory \
                  file is mapped privately and loaded on demand)."
                     .into(),
             ),
-            (None, Some(b)) => Err(format!(
-                "Invalid backend_type {:?} (File or Uffd).",
-                b.backend_type
+            (Some(_), Some(_)) => Err(format!(
+                "{DESERIALIZING}too many fields: either `mem_backend` or `mem_file_path` \
+                 exclusively is required."
             )),
-            (Some(_), Some(_)) | (None, None) => {
-                Err("Exactly one of mem_file_path and mem_backend must be given.".into())
-            }
+            (None, None) => Err(format!(
+                "{DESERIALIZING}missing field: either `mem_backend` or `mem_file_path` is \
+                 required."
+            )),
         }
     }
 }
