@@ -71,6 +71,17 @@ pub struct DomainDef {
     pub driver: DriverKind,
     #[serde(default)]
     pub autostart: bool,
+    /// libvirt's `<title>`: a short description, kept as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// libvirt's `<description>`, kept as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// libvirt's `<emulator>`: the program the domain's driver runs. Define refuses one
+    /// that is not the program this daemon runs for that driver (a client never chooses
+    /// what the daemon executes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator: Option<std::path::PathBuf>,
     /// The machine: kernel, initrd, cmdline, memory, CPUs, accelerator, disks. Its `serial`
     /// is set by the manager at start (a log file plus the console socket).
     pub vm: VmConfig,
@@ -143,17 +154,7 @@ impl DomainDef {
     pub fn validate(&self) -> Result<()> {
         check_name("domain name", &self.name)?;
         if let Some(u) = &self.uuid {
-            let ok = u.len() == 36
-                && u.char_indices().all(|(i, c)| match i {
-                    8 | 13 | 18 | 23 => c == '-',
-                    _ => c.is_ascii_hexdigit(),
-                });
-            if !ok {
-                return Err(Error::invalid(
-                    "uuid",
-                    format!("{u:?} (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
-                ));
-            }
+            check_uuid(u)?;
         }
         self.vm
             .validate()
@@ -257,6 +258,23 @@ impl DomainState {
 }
 
 /// A random RFC 4122 version-4 UUID.
+/// A UUID in its text form, as libvirt writes it.
+pub fn check_uuid(u: &str) -> Result<()> {
+    let ok = u.len() == 36
+        && u.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "uuid",
+            format!("{u:?} (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+        ))
+    }
+}
+
 pub fn new_uuid() -> String {
     let mut b = [0u8; 16];
     let got = std::fs::File::open("/dev/urandom")

@@ -96,6 +96,7 @@ fn parse<'i>(
 const NETWORK: &[(&str, &[&str])] = &[
     ("network", &[]),
     ("network/name", &[]),
+    ("network/uuid", &[]),
     ("network/bridge", &["name"]),
     ("network/forward", &["mode"]),
     ("network/ip", &["address", "netmask", "prefix", "family"]),
@@ -189,6 +190,13 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
     }
     let def = NetworkDef {
         name,
+        uuid: match child(root, "uuid").map(text) {
+            Some(u) => {
+                crate::domain::check_uuid(&u)?;
+                Some(u)
+            }
+            None => None,
+        },
         bridge: child(root, "bridge")
             .and_then(|b| b.attribute("name"))
             .map(str::to_string),
@@ -204,6 +212,9 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
 /// A network definition as libvirt network XML (`net-dumpxml`).
 pub fn network_to_xml(def: &NetworkDef, bridge: &str) -> String {
     let mut x = format!("<network>\n  <name>{}</name>\n", esc(&def.name));
+    if let Some(u) = &def.uuid {
+        x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
+    }
     if def.nat {
         x.push_str("  <forward mode='nat'/>\n");
     }
@@ -296,6 +307,8 @@ const VOLUME: &[(&str, &[&str])] = &[
     ("volume", &["type"]),
     ("volume/name", &[]),
     ("volume/key", &[]),
+    // Empty in libvirt's dumps of file volumes: anything inside it is refused here.
+    ("volume/source", &[]),
     ("volume/capacity", &["unit"]),
     ("volume/allocation", &["unit"]),
     ("volume/target", &[]),
@@ -444,6 +457,33 @@ mod tests {
     /// libvirt's own schemas accept every network, pool and volume dump (virt-xml-validate
     /// from Debian's libvirt-clients, which scripts/test.sh installs), and each dump
     /// defines back to the same thing.
+    /// libvirt's own dumps carry a network UUID and an empty volume <source>: both are
+    /// taken (the UUID kept and dumped again), not refused.
+    #[test]
+    fn a_network_keeps_its_uuid_and_a_volume_may_have_an_empty_source() {
+        let u = "7d1b2b8e-4bb4-4c64-9a55-3d2f5c1f0a11";
+        let n = network_from_xml(&format!(
+            "<network><name>n</name><uuid>{u}</uuid><ip address='10.9.0.1' prefix='24'/></network>"
+        ))
+        .unwrap();
+        assert_eq!(n.uuid.as_deref(), Some(u));
+        let dump = network_to_xml(&n, "vbr-n");
+        assert!(dump.contains(&format!("<uuid>{u}</uuid>")), "{dump}");
+        assert_eq!(network_from_xml(&dump).unwrap().uuid, n.uuid);
+        let (name, size, _) = volume_from_xml(
+            "<volume><name>v</name><source>\n</source><capacity unit='M'>1</capacity></volume>",
+        )
+        .unwrap();
+        assert_eq!((name.as_str(), size), ("v", 1 << 20));
+        let e = volume_from_xml(
+            "<volume><name>v</name><source><extent start='0' end='1'/></source>\
+             <capacity>1</capacity></volume>",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unsupported configuration: <extent>"), "{e}");
+    }
+
     #[test]
     fn network_pool_and_volume_dumps_pass_virt_xml_validate() {
         let dir = std::env::temp_dir().join(format!("vessel-nxv-{}", std::process::id()));
@@ -453,10 +493,11 @@ mod tests {
             mac: "52:54:00:00:00:07".into(),
             ip: "192.168.122.7".parse().unwrap(),
         });
-        let iso = network_from_xml(
+        let mut iso = network_from_xml(
             "<network><name>iso</name><ip address='10.1.0.1' prefix='16'/></network>",
         )
         .unwrap();
+        iso.uuid = Some("7d1b2b8e-4bb4-4c64-9a55-3d2f5c1f0a11".into());
         let pool = serde_json::json!({"name": "images", "path": "/var/lib/vessel/images",
                                       "capacity": 100, "available": 40});
         let vol = serde_json::json!({"name": "d.qcow2", "path": "/var/lib/vessel/images/d.qcow2",
@@ -497,7 +538,7 @@ mod tests {
             ("<network><name>n</name><ip family='ipv6' address='fd00::1' prefix='64'/></network>", "family='ipv6'"),
             ("<network><name>n</name><dns><host ip='10.0.0.2'/></dns><ip address='10.0.0.1' prefix='24'/></network>", "<dns>"),
             ("<network><name>n</name><bridge name='b' stp='on'/><ip address='10.0.0.1' prefix='24'/></network>", "stp"),
-            ("<network><name>n</name><uuid>x</uuid><ip address='10.0.0.1' prefix='24'/></network>", "<uuid>"),
+            ("<network><name>n</name><uuid>x</uuid><ip address='10.0.0.1' prefix='24'/></network>", "invalid uuid: \"x\""),
             ("<network><name>n</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "contiguous"),
             ("<network><name>n</name></network>", "exactly one IPv4"),
             ("<network><name>n</name><ip address='10.0.0.1' prefix='24'><dhcp><host mac='52:54:00:00:00:01' name='web' ip='10.0.0.5'/></dhcp></ip></network>", "name='web'"),

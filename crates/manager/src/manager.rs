@@ -500,6 +500,7 @@ impl Manager {
     ) -> Result<DomainInfo> {
         self.resolve_volumes(&mut def)?;
         def.validate()?;
+        self.check_emulator(&def)?;
         crate::disk_chain::after_client_check_hook(&def.name);
         crate::disk_chain::record_all(&mut def)?;
         crate::boot_files::record_all(&mut def)?;
@@ -514,6 +515,31 @@ impl Manager {
         self.store.insert_domain(&def)?;
         self.events.emit(&def.name, "defined", "shut off", None);
         Ok(self.info_of(&def))
+    }
+
+    /// A definition's `<emulator>` must name the program this daemon runs for its driver
+    /// (QEMU's `--qemu`, or this `vessel` for Vessel domains): it is kept for dumps, never
+    /// run instead.
+    fn check_emulator(&self, def: &DomainDef) -> Result<()> {
+        let Some(e) = &def.emulator else {
+            return Ok(());
+        };
+        let runs = match def.driver {
+            domain::DriverKind::Qemu => &self.cfg.programs.qemu,
+            domain::DriverKind::Vessel => &self.cfg.programs.vessel,
+        };
+        if same_program(e, runs) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "domain definition",
+            crate::xml_support::unsupported(format!(
+                "<emulator>{}</emulator>: this daemon runs {} for {} domains",
+                e.display(),
+                runs.display(),
+                def.driver.as_str()
+            )),
+        ))
     }
 
     /// Replaces an existing domain's definition (keeping its UUID); a running domain gets
@@ -540,6 +566,7 @@ impl Manager {
         }
         self.resolve_volumes(&mut def)?;
         def.validate()?;
+        self.check_emulator(&def)?;
         crate::disk_chain::record_all(&mut def)?;
         crate::boot_files::record_all(&mut def)?;
         check(&def)?;
@@ -1004,8 +1031,41 @@ impl Manager {
     }
 }
 
+/// Whether two program names are the same file: each as given, or found on $PATH when it
+/// is a bare name, with links resolved.
+fn same_program(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let resolve = |p: &std::path::Path| -> Option<PathBuf> {
+        let found = if p.components().count() == 1 && !p.is_absolute() {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join(p))
+                .find(|c| c.is_file())?
+        } else {
+            p.to_path_buf()
+        };
+        std::fs::canonicalize(found).ok()
+    };
+    a == b || matches!((resolve(a), resolve(b)), (Some(x), Some(y)) if x == y)
+}
+
 #[cfg(test)]
 mod tests {
+    /// `<emulator>` is compared as a file: a bare name is looked up on $PATH, links are
+    /// followed, and another program is not the same.
+    #[test]
+    fn an_emulator_is_the_same_program_by_file_not_by_spelling() {
+        let sh = std::fs::canonicalize("/bin/sh").unwrap();
+        assert!(super::same_program(Path::new("sh"), &sh));
+        assert!(super::same_program(Path::new("/bin/sh"), Path::new("sh")));
+        assert!(!super::same_program(
+            Path::new("/bin/true"),
+            Path::new("sh")
+        ));
+        assert!(!super::same_program(
+            Path::new("/nonexistent/qemu"),
+            Path::new("qemu-system-x86_64")
+        ));
+    }
+
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 

@@ -38,6 +38,9 @@ pub struct DhcpRange {
 #[serde(deny_unknown_fields)]
 pub struct NetworkDef {
     pub name: String,
+    /// libvirt's network UUID: kept as given, made at define when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// Bridge device name (default `vbr-<name>`, cut to 15 bytes).
     #[serde(default)]
     pub bridge: Option<String>,
@@ -118,6 +121,9 @@ impl NetworkDef {
 
     pub fn validate(&self) -> Result<()> {
         check_name("network name", &self.name)?;
+        if let Some(u) = &self.uuid {
+            crate::domain::check_uuid(u)?;
+        }
         check_ifname(&self.bridge_name())?;
         let (gw, _, _) = self.subnet()?;
         if let Some(r) = &self.dhcp {
@@ -456,6 +462,7 @@ mod tests {
     fn net(address: &str) -> NetworkDef {
         NetworkDef {
             name: "n".into(),
+            uuid: None,
             bridge: None,
             address: address.into(),
             dhcp: None,

@@ -397,6 +397,18 @@ fn memory_mib(n: Node) -> Result<u64> {
     let bytes = v
         .checked_mul(unit)
         .ok_or_else(|| bad("memory size out of range"))?;
+    if bytes % (1 << 20) != 0 {
+        let (down, up) = (bytes >> 20, (bytes >> 20) + 1);
+        return Err(refuse(format!(
+            "<{} unit='{}'>{v}</{0}>: Vessel gives a guest whole MiB of memory; this is \
+             {:.2} MiB (use {} or {} KiB)",
+            n.tag_name().name(),
+            n.attribute("unit").unwrap_or("KiB"),
+            bytes as f64 / f64::from(1 << 20),
+            down << 10,
+            up << 10
+        )));
+    }
     Ok(bytes >> 20)
 }
 
@@ -532,6 +544,13 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad("missing <name>"))?;
     let uuid = child(root, "uuid").map(text).filter(|s| !s.is_empty());
+    // Kept as given (libvirt keeps them; a dump gives them back).
+    let title = child(root, "title").map(text);
+    let description = child(root, "description").map(text);
+    let emulator = child(root, "devices")
+        .and_then(|d| child(d, "emulator"))
+        .map(text)
+        .map(PathBuf::from);
     let memory = match (child(root, "memory"), child(root, "currentMemory")) {
         (Some(m), Some(c)) => memory_mib(m)?.min(memory_mib(c)?),
         (Some(m), None) => memory_mib(m)?,
@@ -683,6 +702,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         uuid,
         driver,
         autostart: false,
+        title,
+        description,
+        emulator,
         vm,
         interfaces,
         volumes: Default::default(),
@@ -877,6 +899,12 @@ pub fn to_xml(d: &DomainDef) -> String {
     if let Some(u) = &d.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
     }
+    if let Some(t) = &d.title {
+        x.push_str(&format!("  <title>{}</title>\n", esc(t)));
+    }
+    if let Some(t) = &d.description {
+        x.push_str(&format!("  <description>{}</description>\n", esc(t)));
+    }
     if d.driver == DriverKind::Vessel || d.vm.cloud_init.is_some() {
         let accel = serde_json::to_value(d.vm.accel)
             .ok()
@@ -920,7 +948,10 @@ pub fn to_xml(d: &DomainDef) -> String {
     x.push_str(&format!(
         "  <currentMemory unit='KiB'>{kib}</currentMemory>\n"
     ));
-    x.push_str(&format!("  <vcpu>{}</vcpu>\n", d.vm.cpus));
+    x.push_str(&format!(
+        "  <vcpu placement='static'>{}</vcpu>\n",
+        d.vm.cpus
+    ));
     let topology = match d.vm.threads_per_core {
         2 => format!(
             "    <topology sockets='1' cores='{}' threads='2'/>\n",
@@ -983,7 +1014,24 @@ pub fn to_xml(d: &DomainDef) -> String {
         "    <cmdline>{}</cmdline>\n  </os>\n",
         esc(&d.vm.cmdline)
     ));
+    // What every Vessel machine has and does, said as libvirt says it: an x86 machine
+    // always has ACPI and APICs, its RTC follows UTC, power-off and crash stop it and a
+    // reboot restarts it.
+    if d.vm.arch == vmm::config::Arch::X86_64 {
+        x.push_str("  <features>\n    <acpi/>\n    <apic/>\n  </features>\n");
+        x.push_str("  <clock offset='utc'/>\n");
+    }
+    x.push_str(
+        "  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  \
+         <on_crash>destroy</on_crash>\n",
+    );
     x.push_str("  <devices>\n");
+    if let Some(e) = &d.emulator {
+        x.push_str(&format!(
+            "    <emulator>{}</emulator>\n",
+            esc(&e.to_string_lossy())
+        ));
+    }
     for (i, disk) in d.vm.disks.iter().enumerate() {
         let volume = d
             .volumes
@@ -1053,6 +1101,15 @@ pub fn to_xml(d: &DomainDef) -> String {
         x.push_str(
             "    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n",
         );
+    }
+    // No USB and no balloon, said explicitly (libvirt would otherwise add both); q35's
+    // PCI Express root.
+    if d.vm.arch == vmm::config::Arch::X86_64 {
+        if d.vm.virtio_transport == vmm::config::Transport::Pci {
+            x.push_str("    <controller type='pci' index='0' model='pcie-root'/>\n");
+        }
+        x.push_str("    <controller type='usb' index='0' model='none'/>\n");
+        x.push_str("    <memballoon model='none'/>\n");
     }
     x.push_str("  </devices>\n</domain>\n");
     x
@@ -1668,7 +1725,74 @@ mod tests {
             </devices></domain>",
         )
         .unwrap();
-        vec![v, vessel, tcg, fw]
+        // What libvirt keeps as given: a title, a description, the emulator.
+        let mut described = v.clone();
+        described.title = Some("Web server".into());
+        described.description = Some("the <front> & back".into());
+        described.emulator = Some("/usr/bin/qemu-system-x86_64".into());
+        vec![v, vessel, tcg, fw, described]
+    }
+
+    /// What a libvirt domain says that Vessel keeps or always does comes back in the
+    /// dump: nothing accepted is dropped between define and dumpxml.
+    #[test]
+    fn a_dump_says_everything_its_definition_said() {
+        let xml = dom(
+            "<title>Web</title><description>front end</description>\
+             <vcpu placement='static'>1</vcpu><features><acpi/><apic/></features>\
+             <clock offset='utc'/><on_poweroff>destroy</on_poweroff>\
+             <on_reboot>restart</on_reboot><on_crash>destroy</on_crash>",
+            "<emulator>/usr/bin/qemu-system-x86_64</emulator>\
+             <controller type='usb' index='0' model='none'/><memballoon model='none'/>\
+             <controller type='pci' index='0' model='pcie-root'/>",
+        );
+        let d = parse_domain(&xml).unwrap();
+        let dump = to_xml(&d);
+        for said in [
+            "<title>Web</title>",
+            "<description>front end</description>",
+            "<vcpu placement='static'>1</vcpu>",
+            "<acpi/>",
+            "<apic/>",
+            "<clock offset='utc'/>",
+            "<on_poweroff>destroy</on_poweroff>",
+            "<on_reboot>restart</on_reboot>",
+            "<on_crash>destroy</on_crash>",
+            "<emulator>/usr/bin/qemu-system-x86_64</emulator>",
+            "<controller type='usb' index='0' model='none'/>",
+            "<controller type='pci' index='0' model='pcie-root'/>",
+            "<memballoon model='none'/>",
+        ] {
+            assert!(dump.contains(said), "{said} missing from\n{dump}");
+        }
+        assert_eq!(parse_domain(&dump).unwrap(), d);
+    }
+
+    /// Memory in libvirt's units that is not a whole MiB used to be cut down to one in
+    /// silence (219100 KiB ran as 218112 KiB): it is refused, naming the sizes that fit.
+    #[test]
+    fn memory_that_is_not_whole_mib_is_refused_with_the_sizes_that_are() {
+        let xml = dom("", "").replace(
+            "<memory unit='MiB'>256</memory>",
+            "<memory unit='KiB'>219100</memory>",
+        );
+        let e = parse_domain(&xml).unwrap_err().to_string();
+        assert!(
+            e.contains("unsupported configuration: <memory unit='KiB'>219100</memory>")
+                && e.contains("218112 or 219136 KiB"),
+            "{e}"
+        );
+        let xml = dom("", "").replace(
+            "<memory unit='MiB'>256</memory>",
+            "<memory unit='KiB'>219136</memory><currentMemory>219100</currentMemory>",
+        );
+        let e = parse_domain(&xml).unwrap_err().to_string();
+        assert!(e.contains("<currentMemory unit='KiB'>219100"), "{e}");
+        let xml = dom("", "").replace(
+            "<memory unit='MiB'>256</memory>",
+            "<memory unit='KiB'>219136</memory>",
+        );
+        assert_eq!(parse_domain(&xml).unwrap().vm.memory_mib, 214);
     }
 
     #[test]

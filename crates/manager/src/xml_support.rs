@@ -35,11 +35,11 @@ pub const MAPPED: &[Mapped] = &[
     ),
     m("domain/name", &[], "the domain's name"),
     m("domain/uuid", &[], "the domain's UUID"),
-    m("domain/title", &[], "kept by libvirt only; not stored"),
+    m("domain/title", &[], "DomainDef.title, kept as given"),
     m(
         "domain/description",
         &[],
-        "kept by libvirt only; not stored",
+        "DomainDef.description, kept as given",
     ),
     m(
         "domain/metadata",
@@ -121,7 +121,7 @@ pub const MAPPED: &[Mapped] = &[
     m(
         "domain/devices/emulator",
         &[],
-        "ignored: each driver runs its own binary",
+        "DomainDef.emulator: must be the program the daemon runs for the driver",
     ),
     m(
         "domain/devices/disk",

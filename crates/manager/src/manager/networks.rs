@@ -28,6 +28,10 @@ pub struct Lease {
     pub mac: String,
     pub ip: String,
     pub hostname: Option<String>,
+    /// When it expires, in seconds since the epoch (None: never).
+    pub expiry: Option<i64>,
+    /// The client's DHCP client identifier, when it sent one.
+    pub client_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -105,8 +109,11 @@ impl Manager {
         }
     }
 
-    pub fn net_define(&self, n: NetworkDef) -> Result<NetworkInfo> {
+    pub fn net_define(&self, mut n: NetworkDef) -> Result<NetworkInfo> {
         n.validate()?;
+        if n.uuid.is_none() {
+            n.uuid = Some(crate::domain::new_uuid());
+        }
         let _g = lock(&self.net_lock);
         if let Some(other) = self
             .store
@@ -135,11 +142,16 @@ impl Manager {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
+            // dnsmasq's lease file: EXPIRY MAC IP HOSTNAME CLIENT-ID ("*" for none;
+            // an expiry of 0 never ends).
             let f: Vec<&str> = l.split_whitespace().collect();
+            let given = |i: usize| f.get(i).map(|s| s.to_string()).filter(|s| s != "*");
             Some(Lease {
                 mac: f.get(1)?.to_string(),
                 ip: f.get(2)?.to_string(),
-                hostname: f.get(3).map(|s| s.to_string()).filter(|s| s != "*"),
+                hostname: given(3),
+                expiry: f.first().and_then(|e| e.parse().ok()).filter(|e| *e != 0),
+                client_id: given(4),
             })
         })
         .collect();
