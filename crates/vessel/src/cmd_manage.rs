@@ -214,10 +214,35 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
 pub enum ManageCommand {
     /// Run the manager daemon in the foreground.
     Daemon(DaemonArgs),
-    /// List domains (running ones; --all for every defined one).
+    /// List domains (running ones; --all for every defined one), as virsh does: Id (the
+    /// VMM's process ID, or "-"), Name, State.
     List {
         #[arg(long, short)]
         all: bool,
+        /// Only the domains that do not run.
+        #[arg(long, conflicts_with = "all")]
+        inactive: bool,
+        /// Print only names, one a line.
+        #[arg(long, conflicts_with_all = ["uuid", "id"])]
+        name: bool,
+        /// Print only UUIDs, one a line.
+        #[arg(long, conflicts_with = "id")]
+        uuid: bool,
+        /// Print only the IDs of running domains, one a line.
+        #[arg(long)]
+        id: bool,
+        /// The table (the default).
+        #[arg(long, conflicts_with_all = ["name", "uuid", "id"])]
+        table: bool,
+        /// Only domains that start with the daemon.
+        #[arg(long, conflicts_with = "no_autostart")]
+        autostart: bool,
+        /// Only domains that do not.
+        #[arg(long)]
+        no_autostart: bool,
+        /// Every Vessel domain is persistent (defined): this changes nothing.
+        #[arg(long)]
+        persistent: bool,
     },
     /// Define a domain from a file: Vessel JSON or libvirt domain XML ('-' reads stdin).
     Define {
@@ -370,27 +395,26 @@ pub(crate) fn print_json(v: &Value) {
     );
 }
 
+/// A domain as virsh's dominfo prints it (its keys, in its order, memory in KiB), then
+/// what Vessel adds.
 fn domain_kv(i: &Value) {
+    let kib = i["memory_mib"]
+        .as_u64()
+        .map_or_else(|| "-".into(), |m| format!("{} KiB", m * 1024));
+    let yes_no = |b: bool| if b { "enable" } else { "disable" }.to_string();
     let mut p = vec![
+        ("Id", i.get("pid").map_or_else(|| "-".into(), s)),
         ("Name", s(&i["name"])),
         ("UUID", s(&i["uuid"])),
-        ("Driver", s(&i["driver"])),
+        ("OS Type", "hvm".into()),
         ("State", s(&i["state_text"])),
         ("CPU(s)", s(&i["cpus"])),
-        ("Memory", format!("{} MiB", s(&i["memory_mib"]))),
-        (
-            "Autostart",
-            if i["autostart"].as_bool() == Some(true) {
-                "enable"
-            } else {
-                "disable"
-            }
-            .to_string(),
-        ),
+        ("Max memory", kib.clone()),
+        ("Used memory", kib),
+        ("Persistent", "yes".into()),
+        ("Autostart", yes_no(i["autostart"].as_bool() == Some(true))),
+        ("Driver", s(&i["driver"])),
     ];
-    if let Some(pid) = i.get("pid") {
-        p.push(("PID", s(pid)));
-    }
     if let Some(u) = i["uptime_s"].as_f64() {
         p.push(("Uptime", format!("{u:.1} s")));
     }
@@ -398,7 +422,10 @@ fn domain_kv(i: &Value) {
         p.push(("Last stop", s(r)));
     }
     p.push(("Serial log", s(&i["serial_log"])));
-    kv(&p);
+    // virsh pads every key to 15 columns.
+    for (k, v) in p {
+        println!("{:<15} {v}", format!("{k}:"));
+    }
 }
 
 /// POST a lifecycle action to a domain and report it as virsh does.
@@ -440,20 +467,46 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         ManageCommand::Net(n) => return crate::cmd_network::run(n, &c, json_out),
         ManageCommand::Storage(v) => return crate::cmd_storage::run(v, &c, json_out),
         ManageCommand::Cluster(v) => return crate::cmd_cluster::run(v, &c, json_out),
-        ManageCommand::List { all } => {
+        ManageCommand::List {
+            all,
+            inactive,
+            name,
+            uuid,
+            id,
+            table: _,
+            autostart,
+            no_autostart,
+            persistent: _,
+        } => {
             let v = c.get("/v1/domains")?;
             let list: Vec<&Value> = v
                 .as_array()
                 .map(|a| {
                     a.iter()
                         .filter(|d| {
-                            all || !matches!(d["state"].as_str(), Some("shutoff" | "crashed"))
+                            let off = matches!(d["state"].as_str(), Some("shutoff" | "crashed"));
+                            (all || off == inactive)
+                                && (!autostart || d["autostart"] == true)
+                                && (!no_autostart || d["autostart"] != true)
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             if json_out {
                 print_json(&Value::Array(list.into_iter().cloned().collect()));
+            } else if name || uuid || id {
+                // virsh's one-per-line forms, each list ending with an empty line.
+                let key = if name {
+                    "name"
+                } else if uuid {
+                    "uuid"
+                } else {
+                    "pid"
+                };
+                for d in list.iter().filter(|d| d.get(key).is_some()) {
+                    println!("{}", s(&d[key]));
+                }
+                println!();
             } else {
                 let rows: Vec<Vec<String>> = list
                     .iter()
@@ -462,13 +515,11 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                             d.get("pid").map(s).unwrap_or_else(|| "-".into()),
                             s(&d["name"]),
                             s(&d["state_text"]),
-                            s(&d["driver"]),
-                            s(&d["cpus"]),
-                            format!("{} MiB", s(&d["memory_mib"])),
                         ]
                     })
                     .collect();
-                table(&["PID", "Name", "State", "Driver", "CPUs", "Memory"], &rows);
+                table(&["Id", "Name", "State"], &rows);
+                println!();
             }
         }
         ManageCommand::Define {

@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use manager::client::Client;
 use serde_json::{json, Value};
 
@@ -22,7 +22,12 @@ pub enum StorageCommand {
     PoolDefine {
         /// A libvirt pool XML file ('-' reads stdin), or the pool's name with PATH.
         name: String,
-        path: Option<PathBuf>,
+        /// virsh's pool type (`dir`, with --target), or the pool's folder.
+        #[arg(id = "type")]
+        path: Option<String>,
+        /// The pool's folder (virsh's pool-define-as NAME dir --target PATH).
+        #[arg(long)]
+        target: Option<PathBuf>,
         /// Create the folder if it does not exist.
         #[arg(long)]
         build: bool,
@@ -55,7 +60,9 @@ pub enum StorageCommand {
     /// List a pool's volumes.
     VolList { pool: String },
     /// Show a volume's format, capacity and allocation.
-    VolInfo { pool: String, name: String },
+    ///
+    /// As virsh: `vol-info VOL --pool POOL`, or `vol-info PATH`; or POOL VOL.
+    VolInfo { pool: String, name: Option<String> },
     /// Clone a volume: a qcow2 overlay on it (default) or a full copy (--copy).
     VolClone {
         pool: String,
@@ -74,7 +81,9 @@ pub enum StorageCommand {
         size: String,
     },
     /// Delete a volume (refused while a domain uses it).
-    VolDelete { pool: String, name: String },
+    ///
+    /// As virsh: `vol-delete VOL --pool POOL`, or `vol-delete PATH`; or POOL VOL.
+    VolDelete { pool: String, name: Option<String> },
     /// Write a local file's bytes into a volume (its guest-visible content).
     VolUpload {
         pool: String,
@@ -92,10 +101,23 @@ pub enum StorageCommand {
 /// Runs one storage verb against the daemon.
 pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
     match cmd {
-        StorageCommand::PoolDefine { name, path, build } => {
-            let (name, path) = match path {
-                Some(p) => (name, p),
-                None => manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?,
+        StorageCommand::PoolDefine {
+            name,
+            path,
+            target,
+            build,
+        } => {
+            let (name, path) = if let Some(t) = target {
+                dir_type(path.as_deref())?;
+                (name, t)
+            } else if let Some(p) = path {
+                if POOL_TYPES.contains(&p.as_str()) {
+                    dir_type(Some(&p))?;
+                    bail!("pool-define-as {name} dir needs --target PATH: the pool's folder");
+                }
+                (name, PathBuf::from(p))
+            } else {
+                manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?
             };
             let path = if path.is_absolute() {
                 path
@@ -219,6 +241,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
         }
         StorageCommand::VolInfo { pool, name } => {
+            let (pool, name) = pool_and_volume(c, pool, name)?;
             let v = c.get(&vol(&pool, &name))?;
             if json_out {
                 print_json(&v);
@@ -260,6 +283,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
         }
         StorageCommand::VolDelete { pool, name } => {
+            let (pool, name) = pool_and_volume(c, pool, name)?;
             c.call("DELETE", &vol(&pool, &name), None)?;
             if !json_out {
                 println!("Vol {name} deleted");
@@ -433,4 +457,78 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// The (pool, volume) of a verb given POOL VOL (or virsh's VOL --pool POOL, which its
+/// argument shapes turn into that), or one word: a volume's path, or its name when one
+/// pool alone has a volume of that name (virsh's vol-name-or-key-or-path).
+fn pool_and_volume(c: &Client, first: String, second: Option<String>) -> Result<(String, String)> {
+    match second {
+        Some(v) => Ok((first, v)),
+        None => locate_volume(c, &first, None),
+    }
+}
+
+/// Where the volume `vol` is: in `pool` when given, else the pool holding a volume with
+/// that path or, failing that, the only pool with a volume of that name.
+pub(crate) fn locate_volume(c: &Client, vol: &str, pool: Option<&str>) -> Result<(String, String)> {
+    if let Some(p) = pool {
+        return Ok((p.to_string(), vol.to_string()));
+    }
+    let pools = c.get("/v1/pools")?;
+    let mut by_name = Vec::new();
+    for p in pools.as_array().into_iter().flatten() {
+        let Some(pname) = p["name"].as_str() else {
+            continue;
+        };
+        let vols = c.get(&format!("/v1/pools/{}/volumes", enc(pname)))?;
+        for v in vols.as_array().into_iter().flatten() {
+            let name = s(&v["name"]);
+            if v["path"].as_str() == Some(vol) {
+                return Ok((pname.to_string(), name));
+            }
+            if name == vol {
+                by_name.push(pname.to_string());
+            }
+        }
+    }
+    match by_name.as_slice() {
+        [p] => Ok((p.clone(), vol.to_string())),
+        [] => bail!("failed to get vol '{vol}': no storage volume with matching path or name"),
+        many => bail!(
+            "failed to get vol '{vol}': pools {} each have one by that name; give --pool",
+            many.join(", ")
+        ),
+    }
+}
+
+/// libvirt's storage pool types (virsh pool-define-as NAME TYPE).
+const POOL_TYPES: [&str; 14] = [
+    "dir",
+    "fs",
+    "netfs",
+    "logical",
+    "disk",
+    "iscsi",
+    "iscsi-direct",
+    "scsi",
+    "mpath",
+    "rbd",
+    "sheepdog",
+    "gluster",
+    "zfs",
+    "vstorage",
+];
+
+/// Checks pool-define-as's TYPE word is `dir` (or absent); another libvirt type is
+/// refused by name.
+fn dir_type(ty: Option<&str>) -> Result<()> {
+    match ty {
+        None | Some("dir") => Ok(()),
+        Some(t) if POOL_TYPES.contains(&t) => bail!(
+            "unsupported configuration: pool type '{t}': Vessel's storage pools are directories \
+             (type 'dir')"
+        ),
+        Some(t) => bail!("pool-define-as takes a pool type (dir) with --target PATH, not {t:?}"),
+    }
 }

@@ -65,9 +65,22 @@ pub enum VirshCommand {
     /// Print a running domain's ID (its VMM's process ID), or "-".
     Domid { name: String },
     /// List a domain's disks: target (vda, vdb, …) and source.
-    Domblklist { name: String },
+    Domblklist {
+        name: String,
+        /// The definition's disks, not the running domain's.
+        #[arg(long)]
+        inactive: bool,
+        /// Also each disk's type and device (virsh's columns).
+        #[arg(long)]
+        details: bool,
+    },
     /// List a domain's interfaces: TAP, type, source, model, MAC.
-    Domiflist { name: String },
+    Domiflist {
+        name: String,
+        /// The definition's interfaces, not the running domain's.
+        #[arg(long)]
+        inactive: bool,
+    },
     /// Reset a running domain at once (the machine restarts, no guest shutdown).
     Reset { name: String },
     /// Set a domain's memory: SIZE in KiB, or with a suffix (512M, 2G).
@@ -153,7 +166,11 @@ pub enum VirshCommand {
         scope: Scope,
     },
     /// Print the versions of this client and of the daemon.
-    Version,
+    Version {
+        /// Also the daemon's own version line (virsh's --daemon).
+        #[arg(long)]
+        daemon: bool,
+    },
     /// Print what the daemon's host can run, as libvirt capabilities XML.
     Capabilities,
     /// Print this host's CPUs and memory (the daemon's host when it is reached over its
@@ -171,22 +188,22 @@ pub enum VirshCommand {
     Create { file: String },
     /// Print a pool as libvirt pool XML.
     PoolDumpxml { name: String },
-    /// Print a volume as libvirt volume XML.
+    /// Print a volume as libvirt volume XML (VOL: its name with --pool, or its path).
     VolDumpxml {
         vol: String,
         #[arg(long)]
-        pool: String,
+        pool: Option<String>,
     },
-    /// Print a volume's file path.
+    /// Print a volume's file path (VOL: its name with --pool, or its path).
     VolPath {
         vol: String,
         #[arg(long)]
-        pool: String,
+        pool: Option<String>,
     },
     /// Print a network as libvirt network XML.
     NetDumpxml { name: String },
-    /// List a network's DHCP leases.
-    NetDhcpLeases { name: String },
+    /// List a network's DHCP leases (only MAC's when given).
+    NetDhcpLeases { name: String, mac: Option<String> },
 }
 
 /// A domain's definition and state.
@@ -388,10 +405,14 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             let (_, info) = domain(c, &name)?;
             println!("{}", s(&info["pid"]));
         }
-        VirshCommand::Domblklist { name } => {
+        VirshCommand::Domblklist {
+            name,
+            inactive,
+            details,
+        } => {
             // The running domain's disks as they are now, else its definition's.
             let v = c.get(&dom(&name))?;
-            let def = if v["live"].is_null() {
+            let def = if inactive || v["live"].is_null() {
                 v["definition"].clone()
             } else {
                 v["live"].clone()
@@ -403,14 +424,26 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 let rows: Vec<Vec<String>> = disks
                     .iter()
                     .enumerate()
-                    .map(|(i, d)| vec![disk_target(i), s(&d["path"])])
+                    .map(|(i, d)| {
+                        let mut r = vec![disk_target(i), s(&d["path"])];
+                        if details {
+                            // Every Vessel disk is a file seen as a disk.
+                            r.splice(0..0, ["file".to_string(), "disk".to_string()]);
+                        }
+                        r
+                    })
                     .collect();
-                table(&["Target", "Source"], &rows);
+                if details {
+                    table(&["Type", "Device", "Target", "Source"], &rows);
+                } else {
+                    table(&["Target", "Source"], &rows);
+                }
+                println!();
             }
         }
-        VirshCommand::Domiflist { name } => {
+        VirshCommand::Domiflist { name, inactive } => {
             let v = c.get(&dom(&name))?;
-            let def = if v["live"].is_null() {
+            let def = if inactive || v["live"].is_null() {
                 v["definition"].clone()
             } else {
                 v["live"].clone()
@@ -438,6 +471,7 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                     })
                     .collect();
                 table(&["Interface", "Type", "Source", "Model", "MAC"], &rows);
+                println!();
             }
         }
         VirshCommand::Reset { name } => {
@@ -699,21 +733,24 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 })?;
             }
         }
-        VirshCommand::Version => {
+        VirshCommand::Version { daemon } => {
             let v = c.get("/v1")?;
             if json_out {
                 print_json(&json!({"client": env!("CARGO_PKG_VERSION"), "daemon": v}));
             } else {
-                println!(
-                    "Compiled against library: vessel {}",
-                    env!("CARGO_PKG_VERSION")
-                );
+                // virsh's four lines (scripts read "Running hypervisor:"), Vessel's words.
+                let me = env!("CARGO_PKG_VERSION");
+                println!("Compiled against library: vessel {me}");
+                println!("Using library: vessel {me}");
                 println!("Using API: vessel {}", s(&v["api"]));
-                println!(
-                    "Running against daemon: {} {}",
-                    s(&v["name"]),
-                    s(&v["version"])
-                );
+                println!("Running hypervisor: vessel {}", s(&v["version"]));
+                if daemon {
+                    println!(
+                        "Running against daemon: {} {}",
+                        s(&v["name"]),
+                        s(&v["version"])
+                    );
+                }
             }
         }
         VirshCommand::Capabilities => {
@@ -728,10 +765,15 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
         }
         VirshCommand::Nodeinfo => {
             // The host this client runs on, which is the daemon's over its Unix socket.
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let t = crate::host_topology::read();
             kv(&[
-                ("CPU model", "x86_64".into()),
-                ("CPU(s)", cpus.to_string()),
+                ("CPU model", std::env::consts::ARCH.into()),
+                ("CPU(s)", t.cpus.to_string()),
+                ("CPU frequency", format!("{} MHz", t.mhz)),
+                ("CPU socket(s)", t.sockets.to_string()),
+                ("Core(s) per socket", t.cores_per_socket.to_string()),
+                ("Thread(s) per core", t.threads_per_core.to_string()),
+                ("NUMA cell(s)", t.numa_cells.to_string()),
                 ("Memory size", format!("{} KiB", host_memory_kib())),
             ]);
         }
@@ -759,10 +801,12 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             print!("{}", manager::libvirt_xml::pool_to_xml(&v));
         }
         VirshCommand::VolDumpxml { vol: v, pool } => {
+            let (pool, v) = crate::cmd_storage::locate_volume(c, &v, pool.as_deref())?;
             let info = c.get(&vol(&pool, &v))?;
             print!("{}", manager::libvirt_xml::volume_to_xml(&info));
         }
         VirshCommand::VolPath { vol: v, pool } => {
+            let (pool, v) = crate::cmd_storage::locate_volume(c, &v, pool.as_deref())?;
             let info = c.get(&vol(&pool, &v))?;
             println!("{}", s(&info["path"]));
         }
@@ -775,21 +819,78 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 manager::libvirt_xml::network_to_xml(&def, v["bridge"].as_str().unwrap_or(""))
             );
         }
-        VirshCommand::NetDhcpLeases { name } => {
+        VirshCommand::NetDhcpLeases { name, mac } => {
             let v = c.get(&format!("/v1/networks/{}", enc(&name)))?;
-            let leases = v["leases"].as_array().cloned().unwrap_or_default();
+            let leases: Vec<Value> = v["leases"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| {
+                    mac.as_deref().is_none_or(|m| {
+                        l["mac"].as_str().is_some_and(|x| x.eq_ignore_ascii_case(m))
+                    })
+                })
+                .collect();
             if json_out {
                 print_json(&Value::Array(leases));
             } else {
+                // virsh's columns; the address with the network's prefix length.
+                let prefix = v["definition"]["address"]
+                    .as_str()
+                    .and_then(|a| a.split_once('/'))
+                    .map_or(String::new(), |(_, p)| format!("/{p}"));
                 let rows: Vec<Vec<String>> = leases
                     .iter()
-                    .map(|l| vec![s(&l["mac"]), s(&l["ip"]), s(&l["hostname"])])
+                    .map(|l| {
+                        vec![
+                            l["expiry"].as_i64().map_or_else(|| "-".into(), local_time),
+                            s(&l["mac"]),
+                            "ipv4".into(),
+                            format!("{}{prefix}", s(&l["ip"])),
+                            s(&l["hostname"]),
+                            s(&l["client_id"]),
+                        ]
+                    })
                     .collect();
-                table(&["MAC address", "IP address", "Hostname"], &rows);
+                table(
+                    &[
+                        "Expiry Time",
+                        "MAC address",
+                        "Protocol",
+                        "IP address",
+                        "Hostname",
+                        "Client ID or DUID",
+                    ],
+                    &rows,
+                );
+                println!();
             }
         }
     }
     Ok(0)
+}
+
+/// A time in seconds since the epoch as virsh prints lease expiries: local time,
+/// `YYYY-MM-DD HH:MM:SS`.
+fn local_time(t: i64) -> String {
+    // SAFETY: libc::tm is plain integers and one pointer, for which all-zero is valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let secs: libc::time_t = t;
+    // SAFETY: localtime_r reads `secs` and writes only into `tm`, both ours; a null
+    // return means the time could not be converted.
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return t.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 /// virsh's edit: the definition in $EDITOR (vi by default), redefined when it changed.

@@ -9,8 +9,10 @@ mod cmd_run;
 mod cmd_saves;
 mod cmd_storage;
 mod cmd_virsh;
+mod host_topology;
+mod virsh_args;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +71,10 @@ fn init_logging() {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(virsh_args::positional(
+        &Cli::command(),
+        std::env::args_os().collect(),
+    ));
     init_logging();
     let status = match cli.command {
         Command::Run(args) => cmd_run::run(*args),

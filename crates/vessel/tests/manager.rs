@@ -504,12 +504,24 @@ fn cli_lifecycle_with_libvirt_xml() {
     // `list` shows running domains only; `--all` shows this one.
     let out = d.ok(&["list"]);
     assert!(!out.contains("xmlvm"), "{out}");
+    // virsh's table: Id ("-" when not running), Name, State.
     let out = d.ok(&["list", "--all"]);
+    assert!(out.starts_with(" Id   Name"), "{out}");
     let row = out.lines().find(|l| l.contains("xmlvm")).unwrap();
-    assert!(
-        row.contains("shut off") && row.contains("qemu") && row.contains("256 MiB"),
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["-", "xmlvm", "shut", "off"],
         "{out}"
     );
+    assert!(d
+        .ok(&["list", "--all", "--name"])
+        .lines()
+        .any(|l| l == "xmlvm"));
+    assert!(!d.ok(&["list", "--name"]).contains("xmlvm"));
+    assert!(d.ok(&["list", "--inactive", "--name"]).contains("xmlvm"));
+    let out = d.ok(&["dominfo", "--domain", "xmlvm"]);
+    assert!(out.contains("Max memory:     262144 KiB"), "{out}");
+    assert!(out.contains("Driver:         qemu"), "{out}");
 
     // A watcher, as `virsh event --loop` would be.
     let mut watcher = Command::new(EXE)
@@ -527,7 +539,7 @@ fn cli_lifecycle_with_libvirt_xml() {
     assert!(out.contains("up, 2 cpu(s)"), "{out}");
     let out = d.ok(&["dominfo", "xmlvm"]);
     assert!(out.contains("State:") && out.contains("running"), "{out}");
-    assert!(out.contains("CPU(s):     2"), "{out}");
+    assert!(out.contains("CPU(s):         2"), "{out}");
     let j: Value = serde_json::from_str(&d.ok(&["--json", "list"])).unwrap();
     assert_eq!(j[0]["name"], "xmlvm");
     assert_eq!(j[0]["state"], "running");
@@ -612,10 +624,14 @@ fn cli_lifecycle_with_libvirt_xml() {
     let e = d.fails(&["define", f2.to_str().unwrap()]);
     assert!(e.contains("already exists"), "{e}");
     d.ok(&["define", "--update", f2.to_str().unwrap()]);
-    assert!(d.ok(&["dominfo", "xmlvm"]).contains("320 MiB"));
+    assert!(d
+        .ok(&["dominfo", "xmlvm"])
+        .contains("Used memory:    327680 KiB"));
     assert_eq!(c_uuid(&d, "xmlvm"), uuid);
     d.ok(&["autostart", "xmlvm"]);
-    assert!(d.ok(&["dominfo", "xmlvm"]).contains("Autostart:  enable"));
+    assert!(d
+        .ok(&["dominfo", "xmlvm"])
+        .contains("Autostart:      enable"));
     let out = d.ok(&["undefine", "xmlvm"]);
     assert_eq!(out.trim(), "Domain 'xmlvm' has been undefined");
     assert!(!d.ok(&["list", "--all"]).contains("xmlvm"));
@@ -3191,7 +3207,16 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         "{e}"
     );
     let leases = d.ok(&["net-dhcp-leases", "default"]);
-    assert!(leases.contains("MAC address"), "{leases}");
+    assert!(
+        leases.starts_with(" Expiry Time")
+            && leases.contains("MAC address")
+            && leases.contains("Client ID or DUID"),
+        "{leases}"
+    );
+    // Its dump has the UUID the define gave it; defining that dump again (under
+    // another name, as a copy of a libvirt network would be) keeps it.
+    let dump = d.ok(&["net-dumpxml", "--network", "default"]);
+    assert!(dump.contains("<uuid>"), "{dump}");
 
     let pool_dir = d.dir.join("images");
     std::fs::create_dir_all(&pool_dir).unwrap();
@@ -3206,6 +3231,25 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     .unwrap();
     d.ok(&["pool-define", pool.to_str().unwrap()]);
     assert!(d.ok(&["pool-start", "images"]).contains("started"));
+    // virsh's pool-define-as NAME TYPE --target PATH; another type is refused by name.
+    let other = d.dir.join("other");
+    d.ok(&[
+        "pool-define-as",
+        "other",
+        "dir",
+        "--target",
+        other.to_str().unwrap(),
+        "--build",
+    ]);
+    assert!(d
+        .ok(&["pool-dumpxml", "--pool", "other"])
+        .contains(other.to_str().unwrap()));
+    d.ok(&["pool-undefine", "other"]);
+    let e = d.fails(&["pool-define-as", "lvm", "logical", "--target", "/dev/vg"]);
+    assert!(
+        e.contains("unsupported configuration: pool type 'logical'"),
+        "{e}"
+    );
     let dump = d.ok(&["pool-dumpxml", "images"]);
     assert!(
         dump.contains("<pool type='dir'>") && dump.contains(pool_dir.to_str().unwrap()),
@@ -3221,6 +3265,16 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     d.ok(&["vol-create", "images", volx.to_str().unwrap()]);
     let path = d.ok(&["vol-path", "data.qcow2", "--pool", "images"]);
     assert_eq!(path.trim(), pool_dir.join("data.qcow2").to_str().unwrap());
+    // virsh's other shapes: the pool by name, the volume by its path or its name alone.
+    assert_eq!(
+        d.ok(&["vol-path", "--pool=images", "--vol", "data.qcow2"]),
+        path
+    );
+    assert_eq!(d.ok(&["vol-path", "data.qcow2"]), path);
+    assert!(d.ok(&["vol-info", path.trim()]).contains("data.qcow2"));
+    assert!(d
+        .ok(&["vol-info", "data.qcow2", "--pool", "images"])
+        .contains("data.qcow2"));
     let dump = d.ok(&["vol-dumpxml", "data.qcow2", "--pool", "images"]);
     assert!(
         dump.contains("<format type='qcow2'/>")
@@ -3244,6 +3298,12 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     std::fs::write(&f, def.to_string()).unwrap();
     d.ok(&["define", f.to_str().unwrap()]);
     assert_eq!(d.ok(&["domstate", "vq"]).trim(), "shut off");
+    // Every argument may be given by virsh's name for it.
+    assert_eq!(d.ok(&["domstate", "--domain", "vq"]).trim(), "shut off");
+    assert_eq!(
+        d.ok(&["domstate", "--domain=vq", "--reason"]).trim(),
+        "shut off (unknown)"
+    );
     assert_eq!(d.ok(&["domid", "vq"]).trim(), "-");
     d.ok(&["setmem", "vq", "262144"]);
     d.ok(&["setvcpus", "vq", "2", "--config"]);
@@ -3292,10 +3352,21 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     ]);
     let blk = d.ok(&["domblklist", "vq"]);
     assert!(blk.contains("vda") && blk.contains("data.qcow2"), "{blk}");
+    let blk = d.ok(&["domblklist", "--domain", "vq", "--details"]);
+    let row: Vec<&str> = blk
+        .lines()
+        .nth(2)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, ["file", "disk", "vda", vol.to_str().unwrap()], "{blk}");
     d.ok(&[
         "attach-interface",
+        "--domain",
         "vq",
+        "--type",
         "network",
+        "--source",
         "default",
         "--mac",
         "52:54:00:aa:bb:cc",
@@ -3409,8 +3480,9 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(e.contains("not running"), "{e}");
 
     assert!(d
-        .ok(&["version"])
+        .ok(&["version", "--daemon"])
         .contains("Running against daemon: vessel"));
+    assert!(d.ok(&["version"]).contains("Running hypervisor: vessel "));
     let caps = d.dir.join("caps.xml");
     std::fs::write(&caps, d.ok(&["capabilities"])).unwrap();
     let o = Command::new("virt-xml-validate")
@@ -3419,7 +3491,19 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(d.ok(&["nodeinfo"]).contains("CPU(s)"));
+    let node = d.ok(&["nodeinfo"]);
+    for key in [
+        "CPU model:",
+        "CPU(s):",
+        "CPU frequency:",
+        "CPU socket(s):",
+        "Core(s) per socket:",
+        "Thread(s) per core:",
+        "NUMA cell(s):",
+        "Memory size:",
+    ] {
+        assert!(node.contains(key), "{node}");
+    }
 }
 
 /// Defines a domain from its JSON through the API.
