@@ -97,8 +97,11 @@ const NETWORK: &[(&str, &[&str])] = &[
     ("network", &[]),
     ("network/name", &[]),
     ("network/uuid", &[]),
-    ("network/bridge", &["name"]),
+    ("network/bridge", &["name", "stp", "delay"]),
+    ("network/mac", &["address"]),
     ("network/forward", &["mode"]),
+    ("network/forward/nat", &[]),
+    ("network/forward/nat/port", &["start", "end"]),
     ("network/ip", &["address", "netmask", "prefix", "family"]),
     ("network/ip/dhcp", &[]),
     ("network/ip/dhcp/range", &["start", "end"]),
@@ -134,6 +137,39 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
             }
         },
     };
+    // libvirt's NAT masquerades TCP and UDP to ports 1024-65535 unless <port> says.
+    let nat_ports = match child(root, "forward").and_then(|f| child(f, "nat")) {
+        _ if !nat => None,
+        Some(n) => match child(n, "port") {
+            Some(p) => {
+                let port = |a: &str| {
+                    p.attribute(a)
+                        .and_then(|v| v.parse::<u16>().ok())
+                        .ok_or_else(|| bad(W, format!("<port> needs a {a} port (1-65535)")))
+                };
+                Some((port("start")?, port("end")?))
+            }
+            None => Some((1024, 65535)),
+        },
+        None => Some((1024, 65535)),
+    };
+    let bridge_el = child(root, "bridge");
+    let stp = match bridge_el.and_then(|b| b.attribute("stp")) {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(o) => return Err(bad(W, format!("<bridge stp='{o}'>: on or off"))),
+    };
+    let delay = match bridge_el.and_then(|b| b.attribute("delay")) {
+        None => 0,
+        Some(d) => d
+            .parse::<u32>()
+            .ok()
+            .filter(|d| *d <= 30)
+            .ok_or_else(|| bad(W, format!("<bridge delay='{d}'>: 0 to 30 seconds")))?,
+    };
+    let mac = child(root, "mac")
+        .and_then(|m| m.attribute("address"))
+        .map(str::to_string);
     let ips: Vec<Node> = root.children().filter(|c| c.has_tag_name("ip")).collect();
     let [ip] = ips.as_slice() else {
         return Err(bad(
@@ -204,6 +240,10 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
         dhcp,
         hosts,
         nat,
+        nat_ports,
+        stp,
+        delay,
+        mac,
         autostart: false,
     };
     Ok(def)
@@ -215,10 +255,23 @@ pub fn network_to_xml(def: &NetworkDef, bridge: &str) -> String {
     if let Some(u) = &def.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
     }
-    if def.nat {
-        x.push_str("  <forward mode='nat'/>\n");
+    match (def.nat, def.nat_ports) {
+        (true, Some((start, end))) => x.push_str(&format!(
+            "  <forward mode='nat'>\n    <nat>\n      <port start='{start}' end='{end}'/>\n    \
+             </nat>\n  </forward>\n"
+        )),
+        (true, None) => x.push_str("  <forward mode='nat'/>\n"),
+        (false, _) => {}
     }
-    x.push_str(&format!("  <bridge name='{}'/>\n", esc(bridge)));
+    x.push_str(&format!(
+        "  <bridge name='{}' stp='{}' delay='{}'/>\n",
+        esc(bridge),
+        if def.stp { "on" } else { "off" },
+        def.delay
+    ));
+    if let Some(m) = &def.mac {
+        x.push_str(&format!("  <mac address='{}'/>\n", esc(m)));
+    }
     let (addr, prefix) = def.address.split_once('/').unwrap_or((&def.address, "24"));
     x.push_str(&format!(
         "  <ip address='{}' prefix='{}'>\n",
@@ -470,6 +523,27 @@ mod tests {
         let dump = network_to_xml(&n, "vbr-n");
         assert!(dump.contains(&format!("<uuid>{u}</uuid>")), "{dump}");
         assert_eq!(network_from_xml(&dump).unwrap().uuid, n.uuid);
+        // What `virsh net-dumpxml default` prints on a libvirt host defines as it says,
+        // and dumps back to the same.
+        let lv = format!(
+            "<network><name>default</name><uuid>{u}</uuid><forward mode='nat'><nat>\
+             <port start='1024' end='65535'/></nat></forward>\
+             <bridge name='virbr0' stp='on' delay='0'/><mac address='52:54:00:0a:cd:21'/>\
+             <ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>\
+             <range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>"
+        );
+        let d = network_from_xml(&lv).unwrap();
+        assert!(d.stp && d.delay == 0 && d.nat_ports == Some((1024, 65535)));
+        assert_eq!(d.mac.as_deref(), Some("52:54:00:0a:cd:21"));
+        let dump = network_to_xml(&d, "virbr0");
+        for said in [
+            "<port start='1024' end='65535'/>",
+            "<bridge name='virbr0' stp='on' delay='0'/>",
+            "<mac address='52:54:00:0a:cd:21'/>",
+        ] {
+            assert!(dump.contains(said), "{said}: {dump}");
+        }
+        assert_eq!(network_from_xml(&dump).unwrap(), d);
         let (name, size, _) = volume_from_xml(
             "<volume><name>v</name><source>\n</source><capacity unit='M'>1</capacity></volume>",
         )
@@ -537,7 +611,7 @@ mod tests {
             ("<network><name>n</name><forward mode='bridge'/><ip address='10.0.0.1' prefix='24'/></network>", "mode='bridge'"),
             ("<network><name>n</name><ip family='ipv6' address='fd00::1' prefix='64'/></network>", "family='ipv6'"),
             ("<network><name>n</name><dns><host ip='10.0.0.2'/></dns><ip address='10.0.0.1' prefix='24'/></network>", "<dns>"),
-            ("<network><name>n</name><bridge name='b' stp='on'/><ip address='10.0.0.1' prefix='24'/></network>", "stp"),
+            ("<network><name>n</name><bridge name='b' stp='maybe'/><ip address='10.0.0.1' prefix='24'/></network>", "on or off"),
             ("<network><name>n</name><uuid>x</uuid><ip address='10.0.0.1' prefix='24'/></network>", "invalid uuid: \"x\""),
             ("<network><name>n</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "contiguous"),
             ("<network><name>n</name></network>", "exactly one IPv4"),

@@ -53,8 +53,28 @@ pub struct NetworkDef {
     /// Masquerade traffic leaving the network's subnet.
     #[serde(default = "yes")]
     pub nat: bool,
+    /// With NAT: the source ports TCP and UDP are masqueraded to (libvirt's
+    /// `<nat><port start end/>`, 1024-65535 unless it says); None masquerades keeping any
+    /// port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_ports: Option<(u16, u16)>,
+    /// The bridge's spanning tree protocol (libvirt's `<bridge stp>`, on unless it says).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stp: bool,
+    /// With STP: the bridge's forward delay in seconds (libvirt's `<bridge delay>`; the
+    /// kernel makes it at least 2 while STP is on).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay: u32,
+    /// The bridge's own MAC address (libvirt's `<mac address>`); the kernel's choice when
+    /// None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     #[serde(default)]
     pub autostart: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn yes() -> bool {
@@ -121,6 +141,16 @@ impl NetworkDef {
 
     pub fn validate(&self) -> Result<()> {
         check_name("network name", &self.name)?;
+        if let Some(m) = &self.mac {
+            vmm::config::parse_mac(m).map_err(bad)?;
+        }
+        if let Some((start, end)) = self.nat_ports {
+            if start == 0 || start > end {
+                return Err(bad(format!(
+                    "NAT ports {start}-{end}: an ordered range from 1"
+                )));
+            }
+        }
         if let Some(u) = &self.uuid {
             crate::domain::check_uuid(u)?;
         }
@@ -209,7 +239,34 @@ fn nat_rules(def: &NetworkDef) -> Result<Vec<Vec<String>>> {
     let br = def.bridge_name();
     let tag = format!("vessel-net-{}", def.name);
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    Ok(vec![
+    // TCP and UDP to their port range first (libvirt's order), then everything else.
+    let mut rules = Vec::new();
+    if let Some((start, end)) = def.nat_ports {
+        let ports = format!("{start}-{end}");
+        for proto in ["tcp", "udp"] {
+            rules.push(s(&[
+                "-t",
+                "nat",
+                "POSTROUTING",
+                "-s",
+                &cidr,
+                "!",
+                "-d",
+                &cidr,
+                "-p",
+                proto,
+                "-j",
+                "MASQUERADE",
+                "--to-ports",
+                &ports,
+                "-m",
+                "comment",
+                "--comment",
+                &tag,
+            ]));
+        }
+    }
+    rules.extend([
         s(&[
             "-t",
             "nat",
@@ -252,7 +309,8 @@ fn nat_rules(def: &NetworkDef) -> Result<Vec<Vec<String>>> {
             "--comment",
             &tag,
         ]),
-    ])
+    ]);
+    Ok(rules)
 }
 
 fn iptables(op: &str, rule: &[String]) -> Result<()> {
@@ -261,6 +319,25 @@ fn iptables(op: &str, rule: &[String]) -> Result<()> {
     args.push(op);
     args.extend(rule.iter().skip(2).map(String::as_str));
     sh("iptables", &args)
+}
+
+/// `ip` arguments that create the network's bridge with its MAC and spanning tree.
+fn bridge_add_args(def: &NetworkDef) -> Vec<String> {
+    let mut a: Vec<String> = vec!["link".into(), "add".into(), def.bridge_name()];
+    if let Some(m) = &def.mac {
+        a.extend(["address".into(), m.clone()]);
+    }
+    a.extend(["type".into(), "bridge".into()]);
+    if def.stp {
+        // The delay first: the kernel holds an STP bridge's to its minimum.
+        a.extend([
+            "forward_delay".into(),
+            (u64::from(def.delay) * 100).to_string(),
+            "stp_state".into(),
+            "1".into(),
+        ]);
+    }
+    a
 }
 
 /// Whether the network's bridge and (when it has DHCP) its dnsmasq are up.
@@ -286,7 +363,8 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
     }
     let mut undo: Vec<Box<dyn FnOnce()>> = Vec::new();
     let r = (|| -> Result<Option<std::process::Child>> {
-        sh("ip", &["link", "add", &br, "type", "bridge"])?;
+        let args = bridge_add_args(def);
+        sh("ip", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let b2 = br.clone();
         undo.push(Box::new(move || {
             let _ = sh("ip", &["link", "del", &b2]);
@@ -468,8 +546,47 @@ mod tests {
             dhcp: None,
             hosts: vec![],
             nat: true,
+            nat_ports: None,
+            stp: false,
+            delay: 0,
+            mac: None,
             autostart: false,
         }
+    }
+
+    /// libvirt's bridge and NAT settings reach `ip` and iptables as libvirt applies them.
+    #[test]
+    fn bridge_and_nat_settings_become_commands() {
+        let mut n = net("192.168.122.1/24");
+        assert_eq!(bridge_add_args(&n).join(" "), "link add vbr-n type bridge");
+        assert_eq!(nat_rules(&n).unwrap().len(), 3);
+        n.stp = true;
+        n.delay = 3;
+        n.mac = Some("52:54:00:0a:0b:0c".into());
+        n.nat_ports = Some((1024, 65535));
+        assert_eq!(
+            bridge_add_args(&n).join(" "),
+            "link add vbr-n address 52:54:00:0a:0b:0c type bridge forward_delay 300 stp_state 1"
+        );
+        let rules: Vec<String> = nat_rules(&n).unwrap().iter().map(|r| r.join(" ")).collect();
+        assert_eq!(rules.len(), 5);
+        assert!(
+            rules[0].contains("-p tcp -j MASQUERADE --to-ports 1024-65535"),
+            "{rules:?}"
+        );
+        assert!(
+            rules[1].contains("-p udp -j MASQUERADE --to-ports 1024-65535"),
+            "{rules:?}"
+        );
+        assert!(
+            rules[2].contains("! -d 192.168.122.0/24 -j MASQUERADE -m"),
+            "{rules:?}"
+        );
+        n.nat_ports = Some((2000, 1000));
+        assert!(n.validate().is_err());
+        n.nat_ports = None;
+        n.mac = Some("nope".into());
+        assert!(n.validate().is_err());
     }
 
     #[test]

@@ -545,7 +545,7 @@ fn cli_lifecycle_with_libvirt_xml() {
     assert_eq!(j[0]["state"], "running");
     let out = d.ok(&["dumpxml", "xmlvm"]);
     assert!(
-        out.contains("<vcpu>2</vcpu>") && out.contains("type='qemu'"),
+        out.contains("<vcpu placement='static'>2</vcpu>") && out.contains("type='qemu'"),
         "{out}"
     );
 
@@ -3186,7 +3186,9 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     let dump = d.ok(&["net-dumpxml", "default"]);
     for want in [
         "<name>default</name>",
-        "<forward mode='nat'/>",
+        "<forward mode='nat'>",
+        "<port start='1024' end='65535'/>",
+        "stp='on'",
         "vsbr0",
         "prefix='24'",
         "start='192.168.122.2' end='192.168.122.254'",
