@@ -302,6 +302,7 @@ pub fn network_to_xml(def: &NetworkDef, bridge: &str) -> String {
 const POOL: &[(&str, &[&str])] = &[
     ("pool", &["type"]),
     ("pool/name", &[]),
+    ("pool/uuid", &[]),
     // Empty for a directory pool: anything inside it is refused by this table.
     ("pool/source", &[]),
     ("pool/target", &[]),
@@ -312,8 +313,8 @@ const POOL: &[(&str, &[&str])] = &[
     ("pool/available", &["unit"]),
 ];
 
-/// A libvirt `<pool type='dir'>`: its name and target path.
-pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf)> {
+/// A libvirt `<pool type='dir'>`: its name, target path and UUID.
+pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf, Option<String>)> {
     const W: &str = "pool XML";
     let doc = parse(W, xml, "pool", POOL)?;
     let root = doc.root_element();
@@ -338,14 +339,24 @@ pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf)> {
         .map(text)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad(W, "missing <target><path>"))?;
-    Ok((name, path.into()))
+    let uuid = match child(root, "uuid").map(text) {
+        Some(u) => {
+            crate::domain::check_uuid(&u)?;
+            Some(u)
+        }
+        None => None,
+    };
+    Ok((name, path.into(), uuid))
 }
 
 /// A pool (the daemon's pool JSON) as libvirt pool XML (`pool-dumpxml`).
 pub fn pool_to_xml(p: &Value) -> String {
     let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    let uuid = p["uuid"]
+        .as_str()
+        .map_or(String::new(), |u| format!("\n  <uuid>{}</uuid>", esc(u)));
     format!(
-        "<pool type='dir'>\n  <name>{}</name>\n  <capacity unit='bytes'>{}</capacity>\n  \
+        "<pool type='dir'>\n  <name>{}</name>{uuid}\n  <capacity unit='bytes'>{}</capacity>\n  \
          <allocation unit='bytes'>{}</allocation>\n  <available unit='bytes'>{}</available>\n  \
          <source>\n  </source>\n  <target>\n    <path>{}</path>\n  </target>\n</pool>\n",
         esc(p["name"].as_str().unwrap_or("")),
@@ -573,6 +584,7 @@ mod tests {
         .unwrap();
         iso.uuid = Some("7d1b2b8e-4bb4-4c64-9a55-3d2f5c1f0a11".into());
         let pool = serde_json::json!({"name": "images", "path": "/var/lib/vessel/images",
+                                      "uuid": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
                                       "capacity": 100, "available": 40});
         let vol = serde_json::json!({"name": "d.qcow2", "path": "/var/lib/vessel/images/d.qcow2",
                                      "capacity": 1u64 << 30, "allocation": 0, "format": "qcow2"});
@@ -624,7 +636,7 @@ mod tests {
 
     #[test]
     fn pools_and_volumes_map_and_refuse() {
-        let (n, p) = pool_from_xml(
+        let (n, p, _) = pool_from_xml(
             "<pool type='dir'><name>images</name><capacity unit='bytes'>1</capacity>\
              <source/><target><path>/var/lib/vessel/images</path></target></pool>",
         )
@@ -637,6 +649,17 @@ mod tests {
             &serde_json::json!({"name": "images", "path": "/var/lib/vessel/images", "capacity": 100, "available": 40}),
         );
         assert_eq!(pool_from_xml(&dumped).unwrap().1, p);
+        // libvirt's pool dumps carry a UUID: taken, and dumped back.
+        let u = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let (_, _, got) = pool_from_xml(&format!(
+            "<pool type='dir'><name>images</name><uuid>{u}</uuid>\
+             <target><path>/var/lib/vessel/images</path></target></pool>"
+        ))
+        .unwrap();
+        assert_eq!(got.as_deref(), Some(u));
+        let dumped = pool_to_xml(&serde_json::json!({"name": "images", "uuid": u,
+            "path": "/var/lib/vessel/images", "capacity": 100, "available": 40}));
+        assert_eq!(pool_from_xml(&dumped).unwrap().2.as_deref(), Some(u));
         for (xml, want) in [
             ("<pool type='logical'><name>v</name><target><path>/dev/v</path></target></pool>", "type='logical'"),
             ("<pool type='dir'><name>v</name><target><path>/p</path><permissions><mode>0700</mode></permissions></target></pool>", "<permissions>"),

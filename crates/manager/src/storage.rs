@@ -56,6 +56,9 @@ fn block_err(e: impl std::error::Error + 'static) -> Error {
 #[derive(Debug, Serialize)]
 pub struct PoolInfo {
     pub name: String,
+    /// libvirt's pool UUID (none for a pool defined before Vessel kept them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub path: PathBuf,
     pub volumes: usize,
     /// Bytes of the filesystem holding the pool.
@@ -106,10 +109,19 @@ pub(crate) fn volume_files(dir: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// A pool's information, with its UUID from the store.
+pub fn pool_info_of(m: &dyn PoolHost, name: &str, path: &Path) -> Result<PoolInfo> {
+    Ok(PoolInfo {
+        uuid: m.store().pool_uuid(name)?,
+        ..pool_info(name, path)?
+    })
+}
+
 pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
     let (capacity, available) = statvfs(path);
     Ok(PoolInfo {
         name: name.to_string(),
+        uuid: None,
         path: path.to_path_buf(),
         volumes: volume_files(path).map(|v| v.len()).unwrap_or(0),
         capacity,
@@ -175,8 +187,23 @@ pub(crate) fn pool_dir(m: &dyn PoolHost, pool: &str) -> Result<PathBuf> {
     check_pool_root(m, &dir)
 }
 
-pub fn define_pool(m: &dyn PoolHost, name: &str, path: &Path, create: bool) -> Result<PoolInfo> {
+pub fn define_pool(
+    m: &dyn PoolHost,
+    name: &str,
+    path: &Path,
+    create: bool,
+    uuid: Option<&str>,
+) -> Result<PoolInfo> {
     check_name("pool name", name)?;
+    if let Some(u) = uuid {
+        crate::domain::check_uuid(u)?;
+        if let Some(other) = m.store().pool_with_uuid(u)? {
+            return Err(Error::Exists {
+                kind: "pool with that UUID",
+                name: other,
+            });
+        }
+    }
     if !path.is_absolute() {
         return Err(Error::invalid(
             "pool path",
@@ -218,7 +245,9 @@ pub fn define_pool(m: &dyn PoolHost, name: &str, path: &Path, create: bool) -> R
         }
         return Err(e);
     }
-    pool_info(name, &path)
+    let uuid = uuid.map_or_else(crate::domain::new_uuid, str::to_string);
+    m.store().set_pool_uuid(name, &uuid)?;
+    pool_info_of(m, name, &path)
 }
 
 /// A pool's folder, open: every volume file, and every backing file of a volume's chain,

@@ -11,8 +11,9 @@ use vmm::api::http::{Reply, Request, Response};
 use crate::error::{Error, Result};
 use crate::manager::Manager;
 use crate::storage::{
-    check_pool_root, clone_volume, create_volume, define_pool, delete_volume, pool_dir, pool_info,
-    read_volume, resize_volume, volume_files, volume_info, write_volume, PoolInfo, VolumeInfo,
+    check_pool_root, clone_volume, create_volume, define_pool, delete_volume, pool_dir,
+    pool_info_of, read_volume, resize_volume, volume_files, volume_info, write_volume, PoolInfo,
+    VolumeInfo,
 };
 
 #[derive(Debug, Deserialize)]
@@ -23,6 +24,9 @@ struct PoolReq {
     /// Create the folder when it does not exist (`pool-build`).
     #[serde(default)]
     create: bool,
+    /// libvirt's pool UUID; made when absent.
+    #[serde(default)]
+    uuid: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,22 +99,32 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
                 .store()
                 .list_pools()?
                 .iter()
-                .map(|(n, p)| pool_info(n, p))
+                .map(|(n, p)| pool_info_of(m, n, p))
                 .collect::<Result<_>>()?;
             ok(val(&pools))
         }
         ("POST", []) => {
             let r: PoolReq = body(req, "pool definition")?;
-            Ok(Response::json(201, &val(&define_pool(m, &r.name, &r.path, r.create)?)).into())
+            Ok(Response::json(
+                201,
+                &val(&define_pool(
+                    m,
+                    &r.name,
+                    &r.path,
+                    r.create,
+                    r.uuid.as_deref(),
+                )?),
+            )
+            .into())
         }
-        ("GET", [p]) => ok(val(&pool_info(p, &m.store().get_pool(p)?)?)),
+        ("GET", [p]) => ok(val(&pool_info_of(m, p, &m.store().get_pool(p)?)?)),
         ("POST", [p, "build"]) => {
             // virsh's pool-build: make the pool's folder (again), under a pool root.
             let path = m.store().get_pool(p)?;
             check_pool_root(m, &path)?;
             std::fs::create_dir_all(&path)
                 .map_err(|e| Error::io("creating pool folder", &path, e))?;
-            ok(val(&pool_info(p, &path)?))
+            ok(val(&pool_info_of(m, p, &path)?))
         }
         ("DELETE", [p]) => {
             m.store().get_pool(p)?;

@@ -29,6 +29,12 @@ CREATE TABLE IF NOT EXISTS volumes (
     format TEXT NOT NULL,
     PRIMARY KEY (pool, name)
 );
+-- libvirt's pool UUIDs (a table of their own, so databases from before them open as
+-- they are).
+CREATE TABLE IF NOT EXISTS pool_uuids (
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY,
     def TEXT NOT NULL
@@ -166,6 +172,37 @@ impl Store {
             .ok_or_else(|| Error::not_found("pool", name))
     }
 
+    /// The pool with this UUID, if any.
+    pub fn pool_with_uuid(&self, uuid: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT name FROM pool_uuids WHERE uuid = ?1", [uuid], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
+    /// Records a pool's UUID (replacing an older record).
+    pub fn set_pool_uuid(&self, name: &str, uuid: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO pool_uuids (name, uuid) VALUES (?1, ?2)",
+                params![name, uuid],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// A pool's UUID; None for a pool defined before Vessel kept them.
+    pub fn pool_uuid(&self, name: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT uuid FROM pool_uuids WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
     pub fn list_pools(&self) -> Result<Vec<(String, std::path::PathBuf)>> {
         self.with(|c| {
             let mut st = c.prepare("SELECT name, path FROM pools ORDER BY name")?;
@@ -179,6 +216,7 @@ impl Store {
     pub fn delete_pool(&self, name: &str) -> Result<()> {
         let n = self.with(|c| {
             let n = c.execute("DELETE FROM pools WHERE name = ?1", [name])?;
+            c.execute("DELETE FROM pool_uuids WHERE name = ?1", [name])?;
             // A pool defined again under this name may be another folder: its files get
             // no formats from this one's records.
             c.execute("DELETE FROM volumes WHERE pool = ?1", [name])?;

@@ -107,15 +107,15 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             target,
             build,
         } => {
-            let (name, path) = if let Some(t) = target {
+            let (name, path, uuid) = if let Some(t) = target {
                 dir_type(path.as_deref())?;
-                (name, t)
+                (name, t, None)
             } else if let Some(p) = path {
                 if POOL_TYPES.contains(&p.as_str()) {
                     dir_type(Some(&p))?;
                     bail!("pool-define-as {name} dir needs --target PATH: the pool's folder");
                 }
-                (name, PathBuf::from(p))
+                (name, PathBuf::from(p), None)
             } else {
                 manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?
             };
@@ -126,7 +126,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             };
             let v = c.post(
                 "/v1/pools",
-                Some(&json!({"name": name, "path": path, "create": build})),
+                Some(&json!({"name": name, "path": path, "create": build, "uuid": uuid})),
             )?;
             if json_out {
                 print_json(&v);

@@ -3254,9 +3254,36 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     );
     let dump = d.ok(&["pool-dumpxml", "images"]);
     assert!(
-        dump.contains("<pool type='dir'>") && dump.contains(pool_dir.to_str().unwrap()),
+        dump.contains("<pool type='dir'>")
+            && dump.contains(pool_dir.to_str().unwrap())
+            && dump.contains("<uuid>"),
         "{dump}"
     );
+    // A libvirt pool dump (its UUID included) defines as it says; a UUID another pool
+    // has is refused, as libvirt does.
+    let uuid = |x: &str| {
+        x.split("<uuid>")
+            .nth(1)
+            .and_then(|r| r.split('<').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let copy = dump
+        .replace("<name>images</name>", "<name>again</name>")
+        .replace(
+            pool_dir.to_str().unwrap(),
+            d.dir.join("again").to_str().unwrap(),
+        );
+    let lvpool = d.dir.join("lvpool.xml");
+    std::fs::write(&lvpool, &copy).unwrap();
+    std::fs::create_dir_all(d.dir.join("again")).unwrap();
+    let e = d.fails(&["pool-define", lvpool.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    let fresh = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    std::fs::write(&lvpool, copy.replace(&uuid(&dump), fresh)).unwrap();
+    d.ok(&["pool-define", lvpool.to_str().unwrap()]);
+    assert_eq!(uuid(&d.ok(&["pool-dumpxml", "again"])), fresh);
+    d.ok(&["pool-undefine", "again"]);
     let volx = d.dir.join("vol.xml");
     std::fs::write(
         &volx,
