@@ -316,19 +316,31 @@ const POOL: &[(&str, &[&str])] = &[
 /// A libvirt `<pool type='dir'>`: its name, target path and UUID.
 pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf, Option<String>)> {
     const W: &str = "pool XML";
+    // The pool's type first: an iSCSI or LVM pool is refused as that, not for the first
+    // element of its <source> (the table only knows a directory pool's).
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: 10_000,
+    };
+    let ty = (xml.len() <= 1 << 20)
+        .then(|| Document::parse_with_options(xml, opts).ok())
+        .flatten()
+        .and_then(|d| d.root_element().attribute("type").map(str::to_string));
+    if let Some(t) = ty.filter(|t| t != "dir") {
+        return Err(bad(
+            W,
+            unsupported(format!(
+                "<pool type='{t}'>: Vessel's pools are directories (type='dir')"
+            )),
+        ));
+    }
     let doc = parse(W, xml, "pool", POOL)?;
     let root = doc.root_element();
-    match root.attribute("type") {
-        Some("dir") => {}
-        other => {
-            return Err(bad(
-                W,
-                unsupported(format!(
-                    "<pool type='{}'>: Vessel's pools are directories (type='dir')",
-                    other.unwrap_or("")
-                )),
-            ))
-        }
+    if root.attribute("type") != Some("dir") {
+        return Err(bad(
+            W,
+            unsupported("<pool> without type='dir': Vessel's pools are directories"),
+        ));
     }
     let name = child(root, "name")
         .map(text)
