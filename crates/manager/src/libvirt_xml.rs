@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::network::{DhcpHost, DhcpRange, NetworkDef};
+use crate::storage::Permissions;
 use crate::xml_support::unsupported;
 
 fn bad(what: &'static str, why: impl Into<String>) -> Error {
@@ -307,14 +308,68 @@ const POOL: &[(&str, &[&str])] = &[
     ("pool/source", &[]),
     ("pool/target", &[]),
     ("pool/target/path", &[]),
+    ("pool/target/permissions", &[]),
+    ("pool/target/permissions/mode", &[]),
+    ("pool/target/permissions/owner", &[]),
+    ("pool/target/permissions/group", &[]),
     // What libvirt reports: accepted and not kept, as libvirt does on define.
     ("pool/capacity", &["unit"]),
     ("pool/allocation", &["unit"]),
     ("pool/available", &["unit"]),
 ];
 
-/// A libvirt `<pool type='dir'>`: its name, target path and UUID.
-pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf, Option<String>)> {
+/// `<target><permissions>`: mode in octal, owner and group as numbers (libvirt's -1 is
+/// "unspecified").
+fn permissions(what: &'static str, target: Option<Node>) -> Result<Option<Permissions>> {
+    let Some(p) = target.and_then(|t| child(t, "permissions")) else {
+        return Ok(None);
+    };
+    let part = |name: &str, radix: u32| -> Result<Option<u32>> {
+        match child(p, name).map(text) {
+            None => Ok(None),
+            Some(v) if v == "-1" => Ok(None),
+            Some(v) => u32::from_str_radix(&v, radix)
+                .ok()
+                .filter(|n| radix != 8 || *n <= 0o7777)
+                .map(Some)
+                .ok_or_else(|| {
+                    bad(
+                        what,
+                        format!("<permissions><{name}>{v}</{name}> is not valid"),
+                    )
+                }),
+        }
+    };
+    Ok(Some(Permissions {
+        mode: part("mode", 8)?,
+        owner: part("owner", 10)?,
+        group: part("group", 10)?,
+    }))
+}
+
+/// libvirt's `<permissions>` element for what a pool's or volume's JSON says it has.
+fn permissions_xml(v: &Value, indent: &str) -> String {
+    let p = &v["permissions"];
+    let mut x = String::new();
+    if let Some(m) = p["mode"].as_u64() {
+        x.push_str(&format!("{indent}  <mode>{m:04o}</mode>\n"));
+    }
+    for k in ["owner", "group"] {
+        if let Some(n) = p[k].as_u64() {
+            x.push_str(&format!("{indent}  <{k}>{n}</{k}>\n"));
+        }
+    }
+    if x.is_empty() {
+        return x;
+    }
+    format!("{indent}<permissions>\n{x}{indent}</permissions>\n")
+}
+
+/// A libvirt pool as pool-define reads it.
+type PoolXml = (String, PathBuf, Option<String>, Option<Permissions>);
+
+/// A libvirt `<pool type='dir'>`: its name, target path, UUID and permissions.
+pub fn pool_from_xml(xml: &str) -> Result<PoolXml> {
     const W: &str = "pool XML";
     // The pool's type first: an iSCSI or LVM pool is refused as that, not for the first
     // element of its <source> (the table only knows a directory pool's).
@@ -358,7 +413,8 @@ pub fn pool_from_xml(xml: &str) -> Result<(String, PathBuf, Option<String>)> {
         }
         None => None,
     };
-    Ok((name, path.into(), uuid))
+    let perms = permissions(W, child(root, "target"))?;
+    Ok((name, path.into(), uuid, perms))
 }
 
 /// A pool (the daemon's pool JSON) as libvirt pool XML (`pool-dumpxml`).
@@ -370,12 +426,13 @@ pub fn pool_to_xml(p: &Value) -> String {
     format!(
         "<pool type='dir'>\n  <name>{}</name>{uuid}\n  <capacity unit='bytes'>{}</capacity>\n  \
          <allocation unit='bytes'>{}</allocation>\n  <available unit='bytes'>{}</available>\n  \
-         <source>\n  </source>\n  <target>\n    <path>{}</path>\n  </target>\n</pool>\n",
+         <source>\n  </source>\n  <target>\n    <path>{}</path>\n{}  </target>\n</pool>\n",
         esc(p["name"].as_str().unwrap_or("")),
         n("capacity"),
         n("capacity").saturating_sub(n("available")),
         n("available"),
-        esc(p["path"].as_str().unwrap_or(""))
+        esc(p["path"].as_str().unwrap_or("")),
+        permissions_xml(p, "    ")
     )
 }
 
@@ -390,6 +447,10 @@ const VOLUME: &[(&str, &[&str])] = &[
     ("volume/target", &[]),
     ("volume/target/path", &[]),
     ("volume/target/format", &["type"]),
+    ("volume/target/permissions", &[]),
+    ("volume/target/permissions/mode", &[]),
+    ("volume/target/permissions/owner", &[]),
+    ("volume/target/permissions/group", &[]),
 ];
 
 /// libvirt's size units (`<capacity unit='G'>`), to bytes; bytes when none is given.
@@ -416,7 +477,7 @@ fn sized(what: &'static str, n: Node) -> Result<u64> {
 }
 
 /// A libvirt `<volume>`: name, capacity, format (raw or qcow2; raw when absent).
-pub fn volume_from_xml(xml: &str) -> Result<(String, u64, String)> {
+pub fn volume_from_xml(xml: &str) -> Result<(String, u64, String, Option<Permissions>)> {
     const W: &str = "volume XML";
     let doc = parse(W, xml, "volume", VOLUME)?;
     let root = doc.root_element();
@@ -470,7 +531,8 @@ pub fn volume_from_xml(xml: &str) -> Result<(String, u64, String)> {
             ));
         }
     }
-    Ok((name, capacity, format))
+    let perms = permissions(W, child(root, "target"))?;
+    Ok((name, capacity, format, perms))
 }
 
 /// A volume (the daemon's volume JSON) as libvirt volume XML (`vol-dumpxml`).
@@ -479,13 +541,14 @@ pub fn volume_to_xml(v: &Value) -> String {
     format!(
         "<volume type='file'>\n  <name>{}</name>\n  <key>{}</key>\n  \
          <capacity unit='bytes'>{}</capacity>\n  <allocation unit='bytes'>{}</allocation>\n  \
-         <target>\n    <path>{}</path>\n    <format type='{}'/>\n  </target>\n</volume>\n",
+         <target>\n    <path>{}</path>\n    <format type='{}'/>\n{}  </target>\n</volume>\n",
         esc(v["name"].as_str().unwrap_or("")),
         esc(path),
         v["capacity"].as_u64().unwrap_or(0),
         v["allocation"].as_u64().unwrap_or(0),
         esc(path),
-        esc(v["format"].as_str().unwrap_or("raw"))
+        esc(v["format"].as_str().unwrap_or("raw")),
+        permissions_xml(v, "    ")
     )
 }
 
@@ -567,7 +630,7 @@ mod tests {
             assert!(dump.contains(said), "{said}: {dump}");
         }
         assert_eq!(network_from_xml(&dump).unwrap(), d);
-        let (name, size, _) = volume_from_xml(
+        let (name, size, _, _) = volume_from_xml(
             "<volume><name>v</name><source>\n</source><capacity unit='M'>1</capacity></volume>",
         )
         .unwrap();
@@ -597,9 +660,11 @@ mod tests {
         iso.uuid = Some("7d1b2b8e-4bb4-4c64-9a55-3d2f5c1f0a11".into());
         let pool = serde_json::json!({"name": "images", "path": "/var/lib/vessel/images",
                                       "uuid": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+                                      "permissions": {"mode": 0o755, "owner": 0, "group": 0},
                                       "capacity": 100, "available": 40});
         let vol = serde_json::json!({"name": "d.qcow2", "path": "/var/lib/vessel/images/d.qcow2",
-                                     "capacity": 1u64 << 30, "allocation": 0, "format": "qcow2"});
+                                     "capacity": 1u64 << 30, "allocation": 0, "format": "qcow2",
+                                     "permissions": {"mode": 0o600, "owner": 0, "group": 107}});
         let dumps = [
             ("network", network_to_xml(&net, "virbr0")),
             ("network", network_to_xml(&iso, "vbr-iso")),
@@ -624,9 +689,57 @@ mod tests {
         assert_eq!(network_from_xml(&dumps[0].1).unwrap(), net);
         assert_eq!(
             volume_from_xml(&dumps[3].1).unwrap(),
-            ("d.qcow2".into(), 1 << 30, "qcow2".into())
+            (
+                "d.qcow2".into(),
+                1 << 30,
+                "qcow2".into(),
+                Some(Permissions {
+                    mode: Some(0o600),
+                    owner: Some(0),
+                    group: Some(107)
+                })
+            )
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// libvirt's pool and volume dumps carry <permissions>: read (mode in octal, -1 as
+    /// unspecified) and written back; anything else in it (a label) refused.
+    #[test]
+    fn permissions_of_pools_and_volumes_read_and_dump() {
+        let (_, _, _, p) = pool_from_xml(
+            "<pool type='dir'><name>p</name><target><path>/p</path><permissions>\
+             <mode>0711</mode><owner>-1</owner><group>107</group></permissions></target></pool>",
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Some(Permissions {
+                mode: Some(0o711),
+                owner: None,
+                group: Some(107)
+            })
+        );
+        let dump = pool_to_xml(&serde_json::json!({"name": "p", "path": "/p",
+            "permissions": {"mode": 0o711, "owner": 0, "group": 107}}));
+        assert!(
+            dump.contains("<mode>0711</mode>") && dump.contains("<group>107</group>"),
+            "{dump}"
+        );
+        let e = volume_from_xml(
+            "<volume><name>v</name><capacity>1</capacity><target><permissions>\
+             <label>virt_image_t</label></permissions></target></volume>",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unsupported configuration: <label>"), "{e}");
+        let e = volume_from_xml(
+            "<volume><name>v</name><capacity>1</capacity><target><permissions>\
+             <mode>0999</mode></permissions></target></volume>",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("<mode>0999</mode> is not valid"), "{e}");
     }
 
     #[test]
@@ -648,7 +761,7 @@ mod tests {
 
     #[test]
     fn pools_and_volumes_map_and_refuse() {
-        let (n, p, _) = pool_from_xml(
+        let (n, p, _, _) = pool_from_xml(
             "<pool type='dir'><name>images</name><capacity unit='bytes'>1</capacity>\
              <source/><target><path>/var/lib/vessel/images</path></target></pool>",
         )
@@ -663,7 +776,7 @@ mod tests {
         assert_eq!(pool_from_xml(&dumped).unwrap().1, p);
         // libvirt's pool dumps carry a UUID: taken, and dumped back.
         let u = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-        let (_, _, got) = pool_from_xml(&format!(
+        let (_, _, got, _) = pool_from_xml(&format!(
             "<pool type='dir'><name>images</name><uuid>{u}</uuid>\
              <target><path>/var/lib/vessel/images</path></target></pool>"
         ))
@@ -674,12 +787,12 @@ mod tests {
         assert_eq!(pool_from_xml(&dumped).unwrap().2.as_deref(), Some(u));
         for (xml, want) in [
             ("<pool type='logical'><name>v</name><target><path>/dev/v</path></target></pool>", "type='logical'"),
-            ("<pool type='dir'><name>v</name><target><path>/p</path><permissions><mode>0700</mode></permissions></target></pool>", "<permissions>"),
+            ("<pool type='dir'><name>v</name><target><path>/p</path><permissions><label>x</label></permissions></target></pool>", "<label>"),
         ] {
             let e = pool_from_xml(xml).unwrap_err().to_string();
             assert!(e.contains(want), "{xml}: {e}");
         }
-        let (n, cap, f) = volume_from_xml(
+        let (n, cap, f, _) = volume_from_xml(
             "<volume><name>disk.qcow2</name><capacity unit='G'>10</capacity>\
              <allocation>0</allocation><target><format type='qcow2'/></target></volume>",
         )
@@ -688,7 +801,7 @@ mod tests {
             (n.as_str(), cap, f.as_str()),
             ("disk.qcow2", 10 << 30, "qcow2")
         );
-        let (_, cap, f) =
+        let (_, cap, f, _) =
             volume_from_xml("<volume><name>r</name><capacity>512</capacity></volume>").unwrap();
         assert_eq!((cap, f.as_str()), (512, "raw"));
         let dumped = volume_to_xml(
@@ -696,7 +809,7 @@ mod tests {
         );
         assert_eq!(
             volume_from_xml(&dumped).unwrap(),
-            ("r".into(), 512, "raw".into())
+            ("r".into(), 512, "raw".into(), None)
         );
         for (xml, want) in [
             ("<volume><name>v</name><capacity>1</capacity><allocation unit='M'>1</allocation></volume>", "preallocate"),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use block::Format;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::domain::check_name;
 use crate::error::{Error, Result};
@@ -59,11 +59,85 @@ pub struct PoolInfo {
     /// libvirt's pool UUID (none for a pool defined before Vessel kept them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// The folder's mode, owner and group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
     pub path: PathBuf,
     pub volumes: usize,
     /// Bytes of the filesystem holding the pool.
     pub capacity: u64,
     pub available: u64,
+}
+
+/// libvirt's `<permissions>` of a pool's folder or a volume's file: what a definition
+/// asks for (each part optional) or what the file has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Permissions {
+    #[serde(default)]
+    pub mode: Option<u32>,
+    #[serde(default)]
+    pub owner: Option<u32>,
+    #[serde(default)]
+    pub group: Option<u32>,
+}
+
+/// What `path` has (links not followed).
+pub fn permissions_of(path: &Path) -> Option<Permissions> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some(Permissions {
+        mode: Some(m.mode() & 0o7777),
+        owner: Some(m.uid()),
+        group: Some(m.gid()),
+    })
+}
+
+/// Gives `path` what `want` asks for (what it leaves out stays).
+fn apply_permissions(path: &Path, want: Permissions) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if want.owner.is_some() || want.group.is_some() {
+        std::os::unix::fs::chown(path, want.owner, want.group)
+            .map_err(|e| Error::io("changing the owner of", path, e))?;
+    }
+    if let Some(mode) = want.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("changing the mode of", path, e))?;
+    }
+    Ok(())
+}
+
+/// Refuses when `path` does not have what `want` asks for: an existing folder is not
+/// changed behind its owner's back.
+fn check_permissions(path: &Path, want: Permissions) -> Result<()> {
+    let have = permissions_of(path).unwrap_or_default();
+    let differs = |w: Option<u32>, h: Option<u32>| w.is_some() && w != h;
+    if differs(want.mode, have.mode)
+        || differs(want.owner, have.owner)
+        || differs(want.group, have.group)
+    {
+        return Err(Error::invalid(
+            "pool permissions",
+            format!(
+                "{} has mode {:04o}, owner {}, group {}; the definition asks for {}: \
+                 change the folder or the definition (or let pool-define --build make it)",
+                path.display(),
+                have.mode.unwrap_or(0),
+                have.owner.unwrap_or(0),
+                have.group.unwrap_or(0),
+                [
+                    want.mode.map(|m| format!("mode {m:04o}")),
+                    want.owner.map(|o| format!("owner {o}")),
+                    want.group.map(|g| format!("group {g}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -80,6 +154,9 @@ pub struct VolumeInfo {
     pub backing_file: Option<String>,
     /// Defined domains whose disks use this volume.
     pub used_by: Vec<String>,
+    /// The file's mode, owner and group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
 }
 
 fn statvfs(path: &Path) -> (u64, u64) {
@@ -122,6 +199,7 @@ pub fn pool_info(name: &str, path: &Path) -> Result<PoolInfo> {
     Ok(PoolInfo {
         name: name.to_string(),
         uuid: None,
+        permissions: permissions_of(path),
         path: path.to_path_buf(),
         volumes: volume_files(path).map(|v| v.len()).unwrap_or(0),
         capacity,
@@ -193,6 +271,7 @@ pub fn define_pool(
     path: &Path,
     create: bool,
     uuid: Option<&str>,
+    permissions: Option<Permissions>,
 ) -> Result<PoolInfo> {
     check_name("pool name", name)?;
     if let Some(u) = uuid {
@@ -239,6 +318,20 @@ pub fn define_pool(
             return Err(e);
         }
     };
+    // libvirt's <permissions>: given to a folder made here, checked on one that was there.
+    if let Some(want) = permissions {
+        let r = if made {
+            apply_permissions(&path, want)
+        } else {
+            check_permissions(&path, want)
+        };
+        if let Err(e) = r {
+            if made {
+                let _ = std::fs::remove_dir(&path);
+            }
+            return Err(e);
+        }
+    }
     if let Err(e) = m.store().insert_pool(name, &path) {
         if made {
             let _ = std::fs::remove_dir(&path);
@@ -292,6 +385,7 @@ fn volume_info_in(
         name: vol.to_string(),
         pool: pool.to_string(),
         used_by: m.disk_users(&path)?,
+        permissions: permissions_of(&path),
         path,
         format: i.format,
         capacity: i.virtual_size,
@@ -337,6 +431,7 @@ pub fn create_volume(
     vol: &str,
     capacity: u64,
     format: Format,
+    permissions: Option<Permissions>,
 ) -> Result<VolumeInfo> {
     let (folder, path) = vol_in(m, pool, vol)?;
     ensure_absent(&path, pool, vol)?;
@@ -362,7 +457,12 @@ pub fn create_volume(
             return Err(block_err(e));
         }
     }
-    if let Err(e) = m.store().set_volume_format(pool, vol, format) {
+    let recorded = match permissions {
+        Some(p) => apply_permissions(&path, p),
+        None => Ok(()),
+    }
+    .and_then(|()| m.store().set_volume_format(pool, vol, format));
+    if let Err(e) = recorded {
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }

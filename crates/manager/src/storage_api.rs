@@ -27,6 +27,9 @@ struct PoolReq {
     /// libvirt's pool UUID; made when absent.
     #[serde(default)]
     uuid: Option<String>,
+    /// libvirt's <permissions>: given to a folder made here, checked on one that exists.
+    #[serde(default)]
+    permissions: Option<crate::storage::Permissions>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +39,9 @@ struct VolReq {
     capacity: u64,
     #[serde(default = "default_format")]
     format: String,
+    /// libvirt's <permissions>, given to the new file.
+    #[serde(default)]
+    permissions: Option<crate::storage::Permissions>,
 }
 
 fn default_format() -> String {
@@ -113,6 +119,7 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
                     &r.path,
                     r.create,
                     r.uuid.as_deref(),
+                    r.permissions,
                 )?),
             )
             .into())
@@ -142,7 +149,11 @@ pub fn route(m: &Arc<Manager>, req: &Request, seg: &[&str]) -> Result<Reply> {
         ("POST", [p, "volumes"]) => {
             let r: VolReq = body(req, "volume definition")?;
             let f = parse_format(&r.format)?;
-            Ok(Response::json(201, &val(&create_volume(m, p, &r.name, r.capacity, f)?)).into())
+            Ok(Response::json(
+                201,
+                &val(&create_volume(m, p, &r.name, r.capacity, f, r.permissions)?),
+            )
+            .into())
         }
         ("GET", [p, "volumes", v]) => ok(val(&volume_info(m, p, v)?)),
         ("DELETE", [p, "volumes", v]) => {

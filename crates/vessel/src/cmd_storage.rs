@@ -107,15 +107,15 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             target,
             build,
         } => {
-            let (name, path, uuid) = if let Some(t) = target {
+            let (name, path, uuid, permissions) = if let Some(t) = target {
                 dir_type(path.as_deref())?;
-                (name, t, None)
+                (name, t, None, None)
             } else if let Some(p) = path {
                 if POOL_TYPES.contains(&p.as_str()) {
                     dir_type(Some(&p))?;
                     bail!("pool-define-as {name} dir needs --target PATH: the pool's folder");
                 }
-                (name, PathBuf::from(p), None)
+                (name, PathBuf::from(p), None, None)
             } else {
                 manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?
             };
@@ -126,7 +126,10 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             };
             let v = c.post(
                 "/v1/pools",
-                Some(&json!({"name": name, "path": path, "create": build, "uuid": uuid})),
+                Some(
+                    &json!({"name": name, "path": path, "create": build, "uuid": uuid,
+                            "permissions": permissions}),
+                ),
             )?;
             if json_out {
                 print_json(&v);
@@ -200,17 +203,19 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             format,
             from: None,
         } => {
-            let (name, cap, format) = match size {
+            let (name, cap, format, permissions) = match size {
                 Some(size) => (
                     name,
                     parse_size(&size)?,
                     format.unwrap_or_else(|| "qcow2".into()),
+                    None,
                 ),
                 None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
             };
             let v = c.post(
                 &format!("/v1/pools/{}/volumes", enc(&pool)),
-                Some(&json!({"name": name, "capacity": cap, "format": format})),
+                Some(&json!({"name": name, "capacity": cap, "format": format,
+                             "permissions": permissions})),
             )?;
             if json_out {
                 print_json(&v);

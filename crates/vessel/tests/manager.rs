@@ -3281,6 +3281,24 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     assert!(e.contains("already exists"), "{e}");
     let fresh = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
     std::fs::write(&lvpool, copy.replace(&uuid(&dump), fresh)).unwrap();
+    // Its <permissions> (the dumped folder's) must be the new folder's: a folder that
+    // differs is refused, not changed.
+    let again_dir = d.dir.join("again");
+    std::fs::set_permissions(
+        &again_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let e = d.fails(&["pool-define", lvpool.to_str().unwrap()]);
+    assert!(e.contains("has mode 0700"), "{e}");
+    let images_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&pool_dir).unwrap().permissions(),
+    );
+    std::fs::set_permissions(
+        &again_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(images_mode & 0o7777),
+    )
+    .unwrap();
     d.ok(&["pool-define", lvpool.to_str().unwrap()]);
     assert_eq!(uuid(&d.ok(&["pool-dumpxml", "again"])), fresh);
     d.ok(&["pool-undefine", "again"]);
@@ -3288,7 +3306,8 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     std::fs::write(
         &volx,
         "<volume><name>data.qcow2</name><capacity unit='M'>64</capacity>\
-        <target><format type='qcow2'/></target></volume>",
+        <target><format type='qcow2'/><permissions><mode>0640</mode></permissions>\
+        </target></volume>",
     )
     .unwrap();
     d.ok(&["vol-create", "images", volx.to_str().unwrap()]);
@@ -3307,9 +3326,17 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     let dump = d.ok(&["vol-dumpxml", "data.qcow2", "--pool", "images"]);
     assert!(
         dump.contains("<format type='qcow2'/>")
-            && dump.contains("<capacity unit='bytes'>67108864</capacity>"),
+            && dump.contains("<capacity unit='bytes'>67108864</capacity>")
+            && dump.contains("<mode>0640</mode>"),
         "{dump}"
     );
+    // The <permissions> the XML gave reached the file.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(pool_dir.join("data.qcow2"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o640);
     // The flag forms stay (and answer to virsh's -as names).
     d.ok(&[
         "vol-create-as",
