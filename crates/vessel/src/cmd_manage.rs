@@ -255,6 +255,9 @@ pub enum ManageCommand {
         /// policy constrains where the domain is placed.
         #[arg(long, conflicts_with = "update")]
         group: Option<String>,
+        /// Check libvirt XML against libvirt's schema first (virt-xml-validate).
+        #[arg(long)]
+        validate: bool,
     },
     /// Remove a domain's definition (it must not be running).
     Undefine { name: String },
@@ -526,6 +529,7 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
             file,
             update,
             group,
+            validate,
         } => {
             let text = if file == Path::new("-") {
                 let mut t = String::new();
@@ -535,6 +539,9 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?
             };
+            if validate {
+                validate_xml(&text, "domain")?;
+            }
             let v = if update {
                 c.redefine_text(&text)?
             } else if let Some(g) = &group {
@@ -728,6 +735,30 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
 }
 
 /// A file's text, or stdin's for '-'.
+/// virsh's `--validate`: libvirt XML checked against libvirt's own schema (Debian's
+/// libvirt-clients' virt-xml-validate) before it is sent.
+pub(crate) fn validate_xml(text: &str, kind: &str) -> Result<()> {
+    if !text.trim_start().starts_with('<') {
+        bail!("--validate checks libvirt XML against its schema: this is not XML");
+    }
+    let f = std::env::temp_dir().join(format!("vessel-validate-{}.xml", std::process::id()));
+    std::fs::write(&f, text).with_context(|| format!("writing {}", f.display()))?;
+    let out = std::process::Command::new("virt-xml-validate")
+        .arg(&f)
+        .arg(kind)
+        .output();
+    let _ = std::fs::remove_file(&f);
+    let out = out.context("--validate runs virt-xml-validate (apt-get install libvirt-clients)")?;
+    if !out.status.success() {
+        bail!(
+            "the XML does not validate against libvirt's {kind} schema: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn read_text(file: &str) -> Result<String> {
     if file == "-" {
         let mut t = String::new();

@@ -32,6 +32,9 @@ pub enum NetCommand {
         /// Bridge device name (default vbr-NAME).
         #[arg(long)]
         bridge: Option<String>,
+        /// Check the XML against libvirt's schema first (virt-xml-validate).
+        #[arg(long)]
+        validate: bool,
     },
     /// List networks.
     NetList,
@@ -57,9 +60,14 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
         NetCommand::NetDefine {
             name,
             address: None,
+            validate,
             ..
         } => {
-            let def = manager::libvirt_xml::network_from_xml(&read_text(&name)?)?;
+            let text = read_text(&name)?;
+            if validate {
+                crate::cmd_manage::validate_xml(&text, "network")?;
+            }
+            let def = manager::libvirt_xml::network_from_xml(&text)?;
             let v = c.post("/v1/networks", Some(&serde_json::to_value(&def)?))?;
             if json_out {
                 print_json(&v);
@@ -74,7 +82,11 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
             hosts,
             no_nat,
             bridge,
+            validate,
         } => {
+            if validate {
+                bail!("--validate checks libvirt network XML: give net-define an XML file");
+            }
             let mut body = json!({"name": name, "address": address, "nat": !no_nat});
             if let Some(b) = bridge {
                 body["bridge"] = json!(b);

@@ -31,6 +31,9 @@ pub enum StorageCommand {
         /// Create the folder if it does not exist.
         #[arg(long)]
         build: bool,
+        /// Check the XML against libvirt's schema first (virt-xml-validate).
+        #[arg(long)]
+        validate: bool,
     },
     /// List storage pools.
     PoolList,
@@ -56,6 +59,9 @@ pub enum StorageCommand {
         /// A disk image file to import as the new volume.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// Check the XML against libvirt's schema first (virt-xml-validate).
+        #[arg(long)]
+        validate: bool,
     },
     /// List a pool's volumes.
     VolList { pool: String },
@@ -106,6 +112,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             path,
             target,
             build,
+            validate,
         } => {
             let (name, path, uuid, permissions) = if let Some(t) = target {
                 dir_type(path.as_deref())?;
@@ -117,7 +124,11 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
                 }
                 (name, PathBuf::from(p), None, None)
             } else {
-                manager::libvirt_xml::pool_from_xml(&read_text(&name)?)?
+                let text = read_text(&name)?;
+                if validate {
+                    crate::cmd_manage::validate_xml(&text, "storagepool")?;
+                }
+                manager::libvirt_xml::pool_from_xml(&text)?
             };
             let path = if path.is_absolute() {
                 path
@@ -184,6 +195,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             size: _,
             format,
             from: Some(image),
+            validate: _,
         } => {
             let (cap, format) = import_volume(c, &pool, &name, &image, format)?;
             if json_out {
@@ -202,6 +214,7 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             size,
             format,
             from: None,
+            validate,
         } => {
             let (name, cap, format, permissions) = match size {
                 Some(size) => (
@@ -210,7 +223,13 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
                     format.unwrap_or_else(|| "qcow2".into()),
                     None,
                 ),
-                None => manager::libvirt_xml::volume_from_xml(&read_text(&name)?)?,
+                None => {
+                    let text = read_text(&name)?;
+                    if validate {
+                        crate::cmd_manage::validate_xml(&text, "storagevol")?;
+                    }
+                    manager::libvirt_xml::volume_from_xml(&text)?
+                }
             };
             let v = c.post(
                 &format!("/v1/pools/{}/volumes", enc(&pool)),

@@ -53,6 +53,103 @@ impl Scope {
     }
 }
 
+/// attach-disk's virsh flags for what Vessel's disks cannot be given: taken by clap so
+/// the refusal names them (not "unexpected argument").
+#[derive(clap::Args, Debug, Clone)]
+pub struct DiskUnsettable {
+    #[arg(long, hide = true)]
+    cache: Option<String>,
+    #[arg(long, hide = true)]
+    io: Option<String>,
+    #[arg(long, hide = true)]
+    alias: Option<String>,
+    #[arg(long, hide = true)]
+    iothread: Option<String>,
+}
+
+impl DiskUnsettable {
+    fn refuse(&self) -> Result<()> {
+        for (flag, v, why) in [
+            (
+                "--cache",
+                &self.cache,
+                "Vessel's disks have no cache mode: writes reach the file and flushes are honoured",
+            ),
+            (
+                "--io",
+                &self.io,
+                "each disk has an I/O thread of its own; its mode cannot be set",
+            ),
+            ("--alias", &self.alias, "Vessel names devices itself"),
+            (
+                "--iothread",
+                &self.iothread,
+                "each disk has an I/O thread of its own",
+            ),
+        ] {
+            if let Some(v) = v {
+                bail!("unsupported configuration: {flag} {v}: {why}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// attach-interface's virsh flags for what Vessel's interfaces cannot be given.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InterfaceUnsettable {
+    #[arg(long, hide = true)]
+    target: Option<String>,
+    #[arg(long, hide = true)]
+    script: Option<String>,
+    #[arg(long, hide = true)]
+    inbound: Option<String>,
+    #[arg(long, hide = true)]
+    outbound: Option<String>,
+    #[arg(long, hide = true)]
+    alias: Option<String>,
+    #[arg(long, hide = true)]
+    managed: bool,
+    #[arg(long, hide = true)]
+    source_mode: Option<String>,
+}
+
+impl InterfaceUnsettable {
+    fn refuse(&self) -> Result<()> {
+        let managed = self.managed.then(|| "yes".to_string());
+        for (flag, v, why) in [
+            ("--target", &self.target, "Vessel names TAP devices itself"),
+            ("--script", &self.script, "Vessel runs no interface scripts"),
+            (
+                "--inbound",
+                &self.inbound,
+                "Vessel's interfaces have no bandwidth limits",
+            ),
+            (
+                "--outbound",
+                &self.outbound,
+                "Vessel's interfaces have no bandwidth limits",
+            ),
+            ("--alias", &self.alias, "Vessel names devices itself"),
+            (
+                "--managed",
+                &managed,
+                "Vessel has no host device assignment",
+            ),
+            (
+                "--source-mode",
+                &self.source_mode,
+                "Vessel's interfaces are TAPs on a network or bridge",
+            ),
+        ] {
+            if let Some(v) = v {
+                bail!("unsupported configuration: {flag} {v}: {why}");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum VirshCommand {
     /// Print a domain's state ("running", "shut off", …).
@@ -118,6 +215,12 @@ pub enum VirshCommand {
         /// readonly, or nothing for read-write.
         #[arg(long)]
         mode: Option<String>,
+        /// file (Vessel's disks are image files).
+        #[arg(long)]
+        sourcetype: Option<String>,
+        /// virsh's cache, io, alias and iothread: refused by name (Vessel sets none).
+        #[command(flatten)]
+        unsettable: Box<DiskUnsettable>,
         #[command(flatten)]
         scope: Scope,
     },
@@ -138,6 +241,10 @@ pub enum VirshCommand {
         /// virtio (Vessel's only model).
         #[arg(long)]
         model: Option<String>,
+        /// virsh's target, script, inbound, outbound, alias, managed and source-mode:
+        /// refused by name (Vessel sets none).
+        #[command(flatten)]
+        unsettable: Box<InterfaceUnsettable>,
         #[command(flatten)]
         scope: Scope,
     },
@@ -501,14 +608,18 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             targetbus,
             device,
             mode,
+            sourcetype,
+            unsettable,
             scope,
         } => {
             // virsh's other flags, taken where they say what Vessel does and refused by
             // name where they do not.
+            unsettable.refuse()?;
             for (flag, given, only) in [
                 ("--driver", &driver, "qemu"),
                 ("--targetbus", &targetbus, "virtio"),
                 ("--type", &device, "disk"),
+                ("--sourcetype", &sourcetype, "file"),
             ] {
                 if let Some(v) = given.as_deref().filter(|v| *v != only) {
                     bail!("unsupported configuration: {flag} {v}: Vessel supports {only}");
@@ -600,8 +711,10 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             source,
             mac,
             model,
+            unsettable,
             scope,
         } => {
+            unsettable.refuse()?;
             if model.as_deref().is_some_and(|m| m != "virtio") {
                 bail!(
                     "--model {:?}: Vessel's interfaces are virtio",

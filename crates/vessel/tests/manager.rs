@@ -3181,8 +3181,16 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
          </network>\n",
     )
     .unwrap();
-    let out = d.ok(&["net-define", net.to_str().unwrap()]);
+    let out = d.ok(&["net-define", "--validate", net.to_str().unwrap()]);
     assert!(out.contains("Network default defined"), "{out}");
+    // --validate holds XML to libvirt's schema before anything is sent.
+    let bogus = d.dir.join("bogus.xml");
+    std::fs::write(&bogus, "<network><name>b</name><frobnicate/></network>").unwrap();
+    let e = d.fails(&["net-define", "--validate", bogus.to_str().unwrap()]);
+    assert!(
+        e.contains("does not validate against libvirt's network schema"),
+        "{e}"
+    );
     let dump = d.ok(&["net-dumpxml", "default"]);
     for want in [
         "<name>default</name>",
@@ -3378,6 +3386,9 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         ("--targetbus", "ide"),
         ("--type", "cdrom"),
         ("--driver", "xen"),
+        ("--sourcetype", "block"),
+        ("--cache", "none"),
+        ("--io", "native"),
     ] {
         let e = d.fails(&[
             "attach-disk",
@@ -3427,6 +3438,18 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         "--mac",
         "52:54:00:aa:bb:cc",
     ]);
+    let e = d.fails(&[
+        "attach-interface",
+        "vq",
+        "network",
+        "default",
+        "--target",
+        "vnet7",
+    ]);
+    assert!(
+        e.contains("unsupported configuration: --target vnet7: Vessel names TAP devices itself"),
+        "{e}"
+    );
     let ifl = d.ok(&["domiflist", "vq"]);
     assert!(
         ifl.contains("network") && ifl.contains("default") && ifl.contains("52:54:00:aa:bb:cc"),
