@@ -451,6 +451,18 @@ const VOLUME: &[(&str, &[&str])] = &[
     ("volume/target/permissions/mode", &[]),
     ("volume/target/permissions/owner", &[]),
     ("volume/target/permissions/group", &[]),
+    // What libvirt's vol-dumpxml reports of a file (taken, not kept: the new file has its
+    // own), and a qcow2's version and cluster size, which must be what Vessel makes.
+    ("volume/physical", &["unit"]),
+    ("volume/target/timestamps", &[]),
+    ("volume/target/timestamps/atime", &[]),
+    ("volume/target/timestamps/mtime", &[]),
+    ("volume/target/timestamps/ctime", &[]),
+    ("volume/target/timestamps/btime", &[]),
+    ("volume/target/compat", &[]),
+    ("volume/target/clusterSize", &["unit"]),
+    // Empty only: a qcow2 feature (lazy_refcounts, extended_l2) is refused by the table.
+    ("volume/target/features", &[]),
 ];
 
 /// libvirt's size units (`<capacity unit='G'>`), to bytes; bytes when none is given.
@@ -459,7 +471,7 @@ fn sized(what: &'static str, n: Node) -> Result<u64> {
         .parse()
         .map_err(|_| bad(what, format!("<{}> is not a number", n.tag_name().name())))?;
     let unit: u64 = match n.attribute("unit").unwrap_or("bytes") {
-        "b" | "bytes" => 1,
+        "b" | "B" | "byte" | "bytes" => 1,
         "KB" => 1000,
         "k" | "K" | "KiB" => 1 << 10,
         "MB" => 1000_u64.pow(2),
@@ -500,6 +512,29 @@ pub fn volume_from_xml(xml: &str) -> Result<(String, u64, String, Option<Permiss
             return Err(bad(
                 W,
                 unsupported("<allocation> above 0: Vessel does not preallocate volumes"),
+            ));
+        }
+    }
+    // A qcow2 the way Vessel makes it: version 3 (libvirt's compat 1.1), 64 KiB clusters.
+    let target = child(root, "target");
+    if let Some(c) = target.and_then(|t| child(t, "compat")).map(text) {
+        if c != "1.1" {
+            return Err(bad(
+                W,
+                unsupported(format!(
+                    "<compat>{c}</compat>: Vessel makes qcow2 version 3 (compat 1.1)"
+                )),
+            ));
+        }
+    }
+    if let Some(cs) = target.and_then(|t| child(t, "clusterSize")) {
+        let bytes = sized(W, cs)?;
+        if bytes != 64 << 10 {
+            return Err(bad(
+                W,
+                unsupported(format!(
+                    "<clusterSize> of {bytes} bytes: Vessel makes qcow2 clusters of 65536"
+                )),
             ));
         }
     }
@@ -701,6 +736,46 @@ mod tests {
             )
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What `virsh vol-dumpxml` prints of an empty qcow2 on a libvirt host (its timestamps,
+    /// physical size, compat and cluster size) creates the same volume; another qcow2
+    /// version or cluster size is refused by name.
+    #[test]
+    fn a_libvirt_volume_dump_creates_its_volume() {
+        let dump = "<volume type='file'><name>d.qcow2</name><key>/i/d.qcow2</key>\
+            <capacity unit='bytes'>1073741824</capacity><allocation unit='bytes'>0</allocation>\
+            <physical unit='bytes'>196624</physical><target><path>/i/d.qcow2</path>\
+            <format type='qcow2'/><permissions><mode>0600</mode><owner>0</owner>\
+            <group>0</group></permissions><timestamps><atime>1700000000.1</atime>\
+            <mtime>1700000000.1</mtime><ctime>1700000000.1</ctime></timestamps>\
+            <compat>1.1</compat><clusterSize unit='B'>65536</clusterSize><features/>\
+            </target></volume>";
+        let (n, cap, f, p) = volume_from_xml(dump).unwrap();
+        assert_eq!((n.as_str(), cap, f.as_str()), ("d.qcow2", 1 << 30, "qcow2"));
+        assert_eq!(p.and_then(|p| p.mode), Some(0o600));
+        for (from, to, want) in [
+            (
+                "<compat>1.1</compat>",
+                "<compat>0.10</compat>",
+                "<compat>0.10</compat>",
+            ),
+            (
+                "65536</clusterSize>",
+                "2097152</clusterSize>",
+                "2097152 bytes",
+            ),
+            (
+                "<features/>",
+                "<features><lazy_refcounts/></features>",
+                "<lazy_refcounts>",
+            ),
+        ] {
+            let e = volume_from_xml(&dump.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{to}: {e}");
+        }
     }
 
     /// libvirt's pool and volume dumps carry <permissions>: read (mode in octal, -1 as

@@ -376,7 +376,7 @@ fn bad(why: impl Into<String>) -> Error {
 /// libvirt's memory units, to bytes.
 fn unit_bytes(unit: &str) -> Result<u64> {
     Ok(match unit {
-        "b" | "bytes" => 1,
+        "b" | "B" | "byte" | "bytes" => 1,
         "KB" => 1000,
         "k" | "K" | "KiB" => 1 << 10,
         "MB" => 1000 * 1000,
