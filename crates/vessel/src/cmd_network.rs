@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use manager::client::Client;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::cmd_manage::{kv, print_json, read_text, s, table};
 use vmm::api::http::percent_encode as enc;
@@ -36,8 +36,21 @@ pub enum NetCommand {
         #[arg(long)]
         validate: bool,
     },
-    /// List networks.
-    NetList,
+    /// List networks as virsh does: Name, State, Autostart, Persistent (active ones;
+    /// --all for every one). `net-info` shows a network's bridge and address.
+    NetList {
+        #[arg(long)]
+        all: bool,
+        /// Only the networks that are not active.
+        #[arg(long, conflicts_with = "all")]
+        inactive: bool,
+        /// Print only names, one a line.
+        #[arg(long, conflicts_with = "uuid")]
+        name: bool,
+        /// Print only UUIDs, one a line.
+        #[arg(long)]
+        uuid: bool,
+    },
     /// Show a network's definition, state and DHCP leases.
     NetInfo { name: String },
     /// Bring a network up (bridge, NAT, dnsmasq).
@@ -112,15 +125,30 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
                 println!("Network {name} defined (bridge {})", s(&v["bridge"]));
             }
         }
-        NetCommand::NetList => {
+        NetCommand::NetList {
+            all,
+            inactive,
+            name,
+            uuid,
+        } => {
             let v = c.get("/v1/networks")?;
+            let list: Vec<&Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| all || (n["active"] == true) != inactive)
+                .collect();
             if json_out {
-                print_json(&v);
+                print_json(&Value::Array(list.into_iter().cloned().collect()));
+            } else if name || uuid {
+                let key = if name { "name" } else { "uuid" };
+                for n in &list {
+                    println!("{}", s(&n["definition"][key]));
+                }
+                println!();
             } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                let rows: Vec<Vec<String>> = list
+                    .iter()
                     .map(|n| {
                         vec![
                             s(&n["definition"]["name"]),
@@ -136,12 +164,13 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
                                 "no"
                             }
                             .into(),
-                            s(&n["bridge"]),
-                            s(&n["definition"]["address"]),
+                            // Every Vessel network is defined (persistent).
+                            "yes".into(),
                         ]
                     })
                     .collect();
-                table(&["Name", "State", "Autostart", "Bridge", "Address"], &rows);
+                table(&["Name", "State", "Autostart", "Persistent"], &rows);
+                println!();
             }
         }
         NetCommand::NetInfo { name } => {

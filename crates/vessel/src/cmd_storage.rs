@@ -35,8 +35,25 @@ pub enum StorageCommand {
         #[arg(long)]
         validate: bool,
     },
-    /// List storage pools.
-    PoolList,
+    /// List storage pools as virsh does: Name, State, Autostart (a directory pool is
+    /// active whenever the daemon runs); --details adds Persistent, Capacity, Allocation
+    /// and Available. `pool-info` shows a pool's folder.
+    PoolList {
+        /// Every pool (they are all active).
+        #[arg(long)]
+        all: bool,
+        /// Only inactive pools: none.
+        #[arg(long, conflicts_with = "all")]
+        inactive: bool,
+        #[arg(long)]
+        details: bool,
+        /// Print only names, one a line.
+        #[arg(long, conflicts_with = "uuid")]
+        name: bool,
+        /// Print only UUIDs, one a line.
+        #[arg(long)]
+        uuid: bool,
+    },
     /// Show a pool's path and space.
     PoolInfo { name: String },
     /// Forget a pool (its folder and files stay).
@@ -148,25 +165,63 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
                 println!("Pool '{name}' defined on {}", s(&v["path"]));
             }
         }
-        StorageCommand::PoolList => {
+        StorageCommand::PoolList {
+            all: _,
+            inactive,
+            details,
+            name,
+            uuid,
+        } => {
             let v = c.get("/v1/pools")?;
+            // A directory pool is active whenever the daemon runs.
+            let list: Vec<&Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|_| !inactive)
+                .collect();
             if json_out {
-                print_json(&v);
+                print_json(&Value::Array(list.into_iter().cloned().collect()));
+            } else if name || uuid {
+                let key = if name { "name" } else { "uuid" };
+                for p in &list {
+                    println!("{}", s(&p[key]));
+                }
+                println!();
             } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                let n = |p: &Value, k: &str| p[k].as_u64().unwrap_or(0);
+                let rows: Vec<Vec<String>> = list
+                    .iter()
                     .map(|p| {
-                        vec![
-                            s(&p["name"]),
-                            s(&p["path"]),
-                            s(&p["volumes"]),
-                            size_text(p["available"].as_u64().unwrap_or(0)),
-                        ]
+                        let mut r = vec![s(&p["name"]), "active".into(), "yes".into()];
+                        if details {
+                            r.extend([
+                                "yes".into(),
+                                size_text(n(p, "capacity")),
+                                size_text(n(p, "capacity").saturating_sub(n(p, "available"))),
+                                size_text(n(p, "available")),
+                            ]);
+                        }
+                        r
                     })
                     .collect();
-                table(&["Name", "Path", "Volumes", "Available"], &rows);
+                if details {
+                    table(
+                        &[
+                            "Name",
+                            "State",
+                            "Autostart",
+                            "Persistent",
+                            "Capacity",
+                            "Allocation",
+                            "Available",
+                        ],
+                        &rows,
+                    );
+                } else {
+                    table(&["Name", "State", "Autostart"], &rows);
+                }
+                println!();
             }
         }
         StorageCommand::PoolInfo { name } => {

@@ -1613,11 +1613,16 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
     assert!(e.contains("vessel net-start lab"), "{e}");
 
     assert_eq!(d.ok(&["net-start", "lab"]).trim(), "Network lab started");
+    // virsh's columns: Name, State, Autostart, Persistent; the bridge is in net-info.
     let out = d.ok(&["net-list"]);
-    assert!(
-        out.contains("lab") && out.contains("active") && out.contains("vbr-lab"),
-        "{out}"
-    );
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.contains("lab"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, ["lab", "active", "no", "yes"], "{out}");
+    assert!(d.ok(&["net-info", "lab"]).contains("vbr-lab"));
     let links = d.in_netns(&["ip", "-br", "addr", "show", "vbr-lab"]);
     assert!(links.contains("10.77.0.1/24"), "{links}");
 
@@ -3241,6 +3246,23 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     .unwrap();
     d.ok(&["pool-define", pool.to_str().unwrap()]);
     assert!(d.ok(&["pool-start", "images"]).contains("started"));
+    let pools = d.ok(&["pool-list", "--all"]);
+    assert!(pools.starts_with(" Name"), "{pools}");
+    let row: Vec<&str> = pools
+        .lines()
+        .find(|l| l.contains("images"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, ["images", "active", "yes"], "{pools}");
+    assert!(d
+        .ok(&["pool-list", "--name"])
+        .lines()
+        .any(|l| l == "images"));
+    assert!(d
+        .ok(&["net-list", "--all", "--name"])
+        .lines()
+        .any(|l| l == "default"));
     // virsh's pool-define-as NAME TYPE --target PATH; another type is refused by name.
     let other = d.dir.join("other");
     d.ok(&[
