@@ -191,6 +191,16 @@ pub enum VirshCommand {
     Setvcpus {
         name: String,
         count: u8,
+        /// The maximum (with --config): a Vessel domain boots all its vCPUs, so its
+        /// maximum is its count.
+        #[arg(long)]
+        maximum: bool,
+        /// Through a guest agent: refused (Vessel has none).
+        #[arg(long)]
+        guest: bool,
+        /// Hot-pluggable vCPUs: refused (Vessel has no CPU hot-plug).
+        #[arg(long)]
+        hotpluggable: bool,
         #[command(flatten)]
         scope: Scope,
     },
@@ -593,7 +603,24 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 Ok(())
             })?;
         }
-        VirshCommand::Setvcpus { name, count, scope } => {
+        VirshCommand::Setvcpus {
+            name,
+            count,
+            maximum,
+            guest,
+            hotpluggable,
+            scope,
+        } => {
+            if guest {
+                bail!("unsupported configuration: --guest: Vessel has no guest agent");
+            }
+            if hotpluggable {
+                bail!("unsupported configuration: --hotpluggable: Vessel has no CPU hot-plug");
+            }
+            if maximum && !scope.config {
+                // virsh's rule: the maximum is part of the definition.
+                bail!("--maximum must be used with --config");
+            }
             change_definition(c, &name, scope, "the vCPU count", |d| {
                 d["vm"]["cpus"] = json!(count);
                 Ok(())

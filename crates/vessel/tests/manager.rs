@@ -3392,7 +3392,19 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
     );
     assert_eq!(d.ok(&["domid", "vq"]).trim(), "-");
     d.ok(&["setmem", "vq", "262144"]);
-    d.ok(&["setvcpus", "vq", "2", "--config"]);
+    let e = d.fails(&["setvcpus", "vq", "2", "--maximum"]);
+    assert!(e.contains("--maximum must be used with --config"), "{e}");
+    let e = d.fails(&["setvcpus", "vq", "2", "--guest"]);
+    assert!(e.contains("unsupported configuration: --guest"), "{e}");
+    d.ok(&[
+        "setvcpus",
+        "--domain",
+        "vq",
+        "--count",
+        "2",
+        "--maximum",
+        "--config",
+    ]);
     let vol = pool_dir.join("data.qcow2");
     let e = d.fails(&[
         "attach-disk",
