@@ -769,7 +769,7 @@ pub(crate) fn read_text(file: &str) -> Result<String> {
 }
 
 /// Interactive console: raw terminal, Ctrl-] detaches.
-fn attach(c: &Client, name: &str) -> Result<i32> {
+pub(crate) fn attach(c: &Client, name: &str) -> Result<i32> {
     let stream = c.console(name)?;
     let mut out = stream.get_ref().try_clone_conn()?;
     let interactive = std::io::stdin().is_terminal();

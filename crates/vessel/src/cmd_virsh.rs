@@ -302,7 +302,15 @@ pub enum VirshCommand {
     Edit { name: String },
     /// Define a domain from a file and start it (Vessel has no transient domains: it stays
     /// defined; `undefine` removes it).
-    Create { file: String },
+    Create {
+        file: String,
+        /// Attach to its console once started.
+        #[arg(long)]
+        console: bool,
+        /// Check libvirt XML against libvirt's schema first (virt-xml-validate).
+        #[arg(long)]
+        validate: bool,
+    },
     /// Print a pool as libvirt pool XML.
     PoolDumpxml { name: String },
     /// Print a volume as libvirt volume XML (VOL: its name with --pool, or its path).
@@ -922,8 +930,15 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             println!("Pool {name} built");
         }
         VirshCommand::Edit { name } => return edit(c, &name),
-        VirshCommand::Create { file } => {
+        VirshCommand::Create {
+            file,
+            console,
+            validate,
+        } => {
             let text = crate::cmd_manage::read_text(&file)?;
+            if validate {
+                crate::cmd_manage::validate_xml(&text, "domain")?;
+            }
             let v = c.define_text(&text)?;
             let dom_name = s(&v["name"]);
             c.post(&format!("{}/start", dom(&dom_name)), None)?;
@@ -931,6 +946,9 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 "Domain '{dom_name}' created from {file} (defined and started: Vessel has no \
                  transient domains; `vessel undefine {dom_name}` removes it)"
             );
+            if console {
+                return crate::cmd_manage::attach(c, &dom_name);
+            }
         }
         VirshCommand::PoolStart { name } => {
             c.get(&format!("/v1/pools/{}", enc(&name)))?;

@@ -3196,6 +3196,16 @@ fn virsh_verbs_and_xml_forms_against_a_daemon() {
         e.contains("does not validate against libvirt's network schema"),
         "{e}"
     );
+    std::fs::write(
+        &bogus,
+        "<domain type='kvm'><name>b</name><frobnicate/></domain>",
+    )
+    .unwrap();
+    let e = d.fails(&["create", "--validate", bogus.to_str().unwrap()]);
+    assert!(
+        e.contains("does not validate against libvirt's domain schema"),
+        "{e}"
+    );
     let dump = d.ok(&["net-dumpxml", "default"]);
     for want in [
         "<name>default</name>",
