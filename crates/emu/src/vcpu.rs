@@ -227,10 +227,14 @@ impl Vcpu for EmuVcpu {
             return Ok(VcpuExit::Interrupted);
         }
         let vm = self.vm.clone();
-        self.startup_events();
-        vm.chip.tick(vm.clock.now_ns());
-        if vm.chip.take_nmi(self.id) {
-            self.cpu.inject_nmi();
+        vm.chip.tick_cpu(self.id, vm.clock.now_ns());
+        // The hint is up to date for this vCPU's own events: without it, there is no
+        // startup message or NMI to take, and the chip's lock is left alone.
+        if vm.chip.event_hint(self.id) {
+            self.startup_events();
+            if vm.chip.take_nmi(self.id) {
+                self.cpu.inject_nmi();
+            }
         }
         let mut platform = EmuPlatform {
             io,

@@ -107,8 +107,10 @@ struct ChipState {
     /// An IOAPIC/MSI ExtINT message is waiting for this CPU's INTA.
     extint: Vec<bool>,
     kicked: Vec<bool>,
-    /// The vCPU is sleeping in `wait` (only those are notified).
-    waiting: Vec<bool>,
+    /// The vCPU sleeps in `wait`, woken by a maskable interrupt if `Some(true)`. Only those
+    /// are notified, once each: the notifier clears it, so a vCPU that waits for a host
+    /// CPU after its wake-up is not woken again by every later change of the chip.
+    waiting: Vec<Option<bool>>,
     /// Interrupts held back while every vCPU is busy (see
     /// [`UserIrqChip::pulse_irq_line_moderated`]), each once.
     held: Vec<Held>,
@@ -357,7 +359,7 @@ impl UserIrqChip {
                 startup: vec![Vec::new(); n],
                 extint: vec![false; n],
                 kicked: vec![false; n],
-                waiting: vec![false; n],
+                waiting: vec![None; n],
                 held: Vec::new(),
                 held_until: None,
             }),
@@ -374,7 +376,7 @@ impl UserIrqChip {
         let mut st = self.lock();
         // Interrupts held back go into the controllers' state rather than be lost.
         if st.release_held() {
-            self.notify(&st);
+            self.notify(&mut st);
         }
         let (pic_master, pic_slave) = st.pic.state();
         let (pit_channels, pit_speaker) = st.pit.state();
@@ -418,7 +420,7 @@ impl UserIrqChip {
             startup,
             extint,
             kicked: vec![false; n],
-            waiting: vec![false; n],
+            waiting: vec![None; n],
             held: Vec::new(),
             held_until: None,
         };
@@ -434,7 +436,7 @@ impl UserIrqChip {
             timer_hz,
             tsc_hz,
         };
-        chip.notify(&chip.lock());
+        chip.notify(&mut chip.lock());
         chip
     }
 
@@ -456,7 +458,7 @@ impl UserIrqChip {
         {
             let mut st = self.lock();
             *st = fresh;
-            self.notify(&st);
+            self.notify(&mut st);
         }
         for cpu in 0..n {
             self.kick(cpu as u32);
@@ -491,18 +493,30 @@ impl UserIrqChip {
     }
 
     /// Wake the vCPUs that now have something to do.
-    fn notify(&self, st: &ChipState) {
+    fn notify(&self, st: &mut ChipState) {
         for (cpu, (cv, hint)) in self.wake.iter().zip(&self.hint).enumerate() {
             let event = st.has_event(cpu, true);
             hint.store(event, Ordering::Release);
-            if event && st.waiting[cpu] {
-                cv.notify_all();
+            if let Some(interruptible) = st.waiting[cpu] {
+                if st.has_event(cpu, interruptible) {
+                    st.waiting[cpu] = None;
+                    cv.notify_all();
+                }
             }
             if event {
                 if let Some(n) = self.notifiers.get(cpu).and_then(OnceLock::get) {
                     (n.0)();
                 }
             }
+        }
+    }
+
+    /// After a change that concerns `cpu` alone (it took an interrupt, NMI or startup
+    /// message, or its own timer fired): its hint is all that can have changed, and no
+    /// other vCPU needs waking.
+    fn refresh_hint(&self, st: &ChipState, cpu: usize) {
+        if let Some(hint) = self.hint.get(cpu) {
+            hint.store(st.has_event(cpu, true), Ordering::Release);
         }
     }
 
@@ -543,7 +557,7 @@ impl UserIrqChip {
         let Some(i) = self.index(cpu) else { return };
         let mut st = self.lock();
         st.lapics[i].set_tpr(((cr8 & 0xf) << 4) as u32);
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     fn index(&self, cpu: u32) -> Option<usize> {
@@ -555,7 +569,7 @@ impl UserIrqChip {
     pub fn set_irq_line(&self, gsi: u32, active: bool) {
         let mut st = self.lock();
         st.set_irq_line(gsi, active);
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// Deliver the MSI with this address/data pair. Addresses outside 0xfeexxxxx and
@@ -566,7 +580,7 @@ impl UserIrqChip {
         };
         let mut st = self.lock();
         st.deliver_message(delivery);
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// An edge on `gsi` that may wait while every vCPU is busy: it goes out when one of
@@ -589,12 +603,12 @@ impl UserIrqChip {
     fn hold(&self, irq: Held, max_delay: Duration) {
         let now = Instant::now();
         let mut st = self.lock();
-        let idle = st.waiting.iter().any(|&w| w);
+        let idle = st.waiting.iter().any(Option::is_some);
         let overdue = st.held_until.is_some_and(|due| now >= due);
         if idle || overdue || max_delay.is_zero() || st.held.len() >= MAX_HELD {
             st.release_held();
             st.deliver_held(irq);
-            self.notify(&st);
+            self.notify(&mut st);
             return;
         }
         if !st.held.contains(&irq) {
@@ -613,7 +627,7 @@ impl UserIrqChip {
     pub fn release_held(&self) {
         let mut st = self.lock();
         if st.release_held() {
-            self.notify(&st);
+            self.notify(&mut st);
         }
     }
 
@@ -622,7 +636,7 @@ impl UserIrqChip {
         let Some(i) = self.index(cpu) else { return };
         let mut st = self.lock();
         st.lapics[i].deliver_nmi();
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// The platform NMI line: an edge on every LAPIC's LINT1, delivered as each LVT says
@@ -632,7 +646,7 @@ impl UserIrqChip {
         for l in &mut st.lapics {
             l.trigger_lint1();
         }
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// Whether a maskable interrupt is waiting for `cpu` (LAPIC, or the 8259 on vCPU 0).
@@ -656,14 +670,14 @@ impl UserIrqChip {
     pub fn acknowledge_interrupt(&self, cpu: u32) -> Option<u8> {
         let i = self.index(cpu)?;
         let mut st = self.lock();
-        let vector = if std::mem::take(&mut st.extint[i])
-            || (st.pic_reaches(i) && st.pic.interrupt_pending())
-        {
-            st.pic.acknowledge()
-        } else {
-            st.lapics[i].acknowledge()
-        };
-        self.notify(&st);
+        if std::mem::take(&mut st.extint[i]) || (st.pic_reaches(i) && st.pic.interrupt_pending()) {
+            // The 8259 is shared: its next request may be another vCPU's event.
+            let vector = st.pic.acknowledge();
+            self.notify(&mut st);
+            return vector;
+        }
+        let vector = st.lapics[i].acknowledge();
+        self.refresh_hint(&st, i);
         vector
     }
 
@@ -680,7 +694,7 @@ impl UserIrqChip {
         };
         let mut st = self.lock();
         let nmi = st.lapics[i].take_nmi();
-        self.notify(&st);
+        self.refresh_hint(&st, i);
         nmi
     }
 
@@ -691,7 +705,7 @@ impl UserIrqChip {
         };
         let mut st = self.lock();
         let events = std::mem::take(&mut st.startup[i]);
-        self.notify(&st);
+        self.refresh_hint(&st, i);
         events
     }
 
@@ -718,7 +732,7 @@ impl UserIrqChip {
         let mut st = self.lock();
         let ipi = st.lapics[i].mmio_write(offset, data, now_ns);
         st.after_lapic_write(i, ipi);
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// RDMSR of an APIC MSR (see [`Lapic::handles_msr`]); `None` means #GP.
@@ -739,7 +753,7 @@ impl UserIrqChip {
         let mut st = self.lock();
         let ipi = st.lapics[i].msr_write(msr, value, now_ns)?;
         st.after_lapic_write(i, ipi);
-        self.notify(&st);
+        self.notify(&mut st);
         Ok(())
     }
 
@@ -754,7 +768,7 @@ impl UserIrqChip {
         if let Some(d) = st.ioapic.mmio_write(offset, data) {
             st.deliver_message(d);
         }
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// A port read of the 8259s, ELCR, PIT or port 0x61 (absolute `port`); other ports
@@ -765,7 +779,7 @@ impl UserIrqChip {
             0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => {
                 st.pic.read_port(port, data);
                 // A poll read acknowledges.
-                self.notify(&st);
+                self.notify(&mut st);
             }
             0x40..=0x43 => st.pit.read(u64::from(port - 0x40), data, now_ns),
             0x61 => super::fill_byte(data, st.pit.read_port61(now_ns)),
@@ -782,7 +796,7 @@ impl UserIrqChip {
                 st.pit.write(u64::from(port - 0x40), data, now_ns);
                 // vCPU 0's deadline moved: let it recompute its sleep.
                 st.kicked[0] = true;
-                if st.waiting[0] {
+                if st.waiting[0].take().is_some() {
                     self.wake[0].notify_all();
                 }
             }
@@ -793,7 +807,7 @@ impl UserIrqChip {
             }
             _ => tracing::debug!(port, "irqchip: write to an unknown port"),
         }
-        self.notify(&st);
+        self.notify(&mut st);
     }
 
     /// When `cpu` next needs [`UserIrqChip::tick`]: its LAPIC timer and, for vCPU 0, the
@@ -829,7 +843,31 @@ impl UserIrqChip {
         for l in &mut st.lapics {
             l.tick(now_ns);
         }
-        self.notify(&st);
+        self.notify(&mut st);
+    }
+
+    /// [`UserIrqChip::tick`] as `cpu`'s CPU loop calls it: the PIT and held interrupts as
+    /// there, but of the local APICs only `cpu`'s own. Another vCPU's timer is its own
+    /// loop's business (a halted one sleeps until its deadline), so a busy vCPU neither
+    /// walks every LAPIC nor wakes anyone unless the PIT or a held interrupt did fire.
+    pub fn tick_cpu(&self, cpu: u32, now_ns: u64) {
+        let Some(i) = self.index(cpu) else { return };
+        let mut st = self.lock();
+        let mut shared = false;
+        if st.held_until.is_some_and(|due| Instant::now() >= due) {
+            shared |= st.release_held();
+        }
+        if st.pit.tick(now_ns) > 0 {
+            st.set_irq_line(PIT_GSI, true);
+            st.set_irq_line(PIT_GSI, false);
+            shared = true;
+        }
+        st.lapics[i].tick(now_ns);
+        if shared {
+            self.notify(&mut st);
+        } else {
+            self.refresh_hint(&st, i);
+        }
     }
 
     /// Make `cpu`'s current or next [`UserIrqChip::wait`] return (e.g. to pause it).
@@ -837,7 +875,7 @@ impl UserIrqChip {
         let Some(i) = self.index(cpu) else { return };
         let mut st = self.lock();
         st.kicked[i] = true;
-        if st.waiting[i] {
+        if st.waiting[i].take().is_some() {
             self.wake[i].notify_all();
         }
         if let Some(n) = self.notifiers.get(i).and_then(OnceLock::get) {
@@ -857,7 +895,7 @@ impl UserIrqChip {
         let mut st = self.lock();
         // A vCPU halts: the interrupts held while all of them were busy go out now.
         if st.release_held() {
-            self.notify(&st);
+            self.notify(&mut st);
         }
         let woken = loop {
             if std::mem::take(&mut st.kicked[i]) || st.has_event(i, interruptible) {
@@ -870,13 +908,13 @@ impl UserIrqChip {
                 },
                 None => Duration::from_secs(3600),
             };
-            st.waiting[i] = true;
+            st.waiting[i] = Some(interruptible);
             st = self.wake[i]
                 .wait_timeout(st, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         };
-        st.waiting[i] = false;
+        st.waiting[i] = None;
         woken
     }
 }
@@ -1376,7 +1414,7 @@ mod tests {
             std::thread::spawn(move || c.wait(0, Duration::from_secs(20), true))
         };
         // Once it sleeps, a moderated edge wakes it.
-        while !c.lock().waiting[0] {
+        while c.lock().waiting[0].is_none() {
             std::thread::sleep(Duration::from_millis(1));
         }
         c.pulse_irq_line_moderated(5, Duration::from_secs(60));
