@@ -8,6 +8,7 @@
 //! FENCE.I (and when it grows past its bound) rather than on every store.
 
 use crate::decode::Insn;
+use crate::jit::{Code, Jit};
 use rustc_hash::FxHashMap;
 
 /// The most instructions one block holds.
@@ -36,6 +37,12 @@ pub struct BlockCache {
     /// the hash lookup of the block at each block boundary (a third of the run time).
     jumps: Box<[Jump]>,
     gen: u32,
+    /// Per block: its compiled code once it ran `Jit::threshold` times, and its runs
+    /// until then. The code holds the addresses of the block's instructions, so both go
+    /// together (`flush`).
+    code: Vec<Option<Code>>,
+    runs: Vec<u32>,
+    jit: Option<Jit>,
 }
 
 impl Default for BlockCache {
@@ -45,6 +52,9 @@ impl Default for BlockCache {
             blocks: Vec::new(),
             jumps: vec![Jump::default(); JUMP_SIZE].into_boxed_slice(),
             gen: 1,
+            code: Vec::new(),
+            runs: Vec::new(),
+            jit: jit_from_env(),
         }
     }
 }
@@ -95,6 +105,8 @@ impl BlockCache {
         }
         let id = self.blocks.len() as u32;
         self.blocks.push(block.into_boxed_slice());
+        self.code.push(None);
+        self.runs.push(0);
         self.index.insert(pa, id);
         id
     }
@@ -102,6 +114,66 @@ impl BlockCache {
     pub fn flush(&mut self) {
         self.index.clear();
         self.blocks.clear();
+        self.code.clear();
+        self.runs.clear();
+        if let Some(j) = &mut self.jit {
+            j.reset();
+        }
         self.forget_jumps();
     }
+
+    /// The compiled code of block `id`, compiling it if this run makes it hot. Not
+    /// called while a block runs (compiling may flush every block).
+    #[inline]
+    pub fn code(&mut self, id: u32) -> Option<Code> {
+        let i = id as usize;
+        if let Some(c) = self.code.get(i).copied().flatten() {
+            return Some(c);
+        }
+        let threshold = self.jit.as_ref()?.threshold;
+        let runs = self.runs.get_mut(i)?;
+        *runs += 1;
+        if *runs < threshold {
+            return None;
+        }
+        self.compile(i)
+    }
+
+    #[cold]
+    fn compile(&mut self, i: usize) -> Option<Code> {
+        let jit = self.jit.as_mut()?;
+        let code = match jit.compile(self.blocks.get(i)?) {
+            Some(c) => c,
+            None => {
+                // The code memory is full: start over, this block first.
+                self.flush();
+                return None;
+            }
+        };
+        *self.code.get_mut(i)? = Some(code);
+        Some(code)
+    }
+
+    /// Compile every block after `threshold` runs (0 or 1: at its first), or never (None).
+    pub fn set_jit_threshold(&mut self, threshold: Option<u32>) {
+        self.flush();
+        self.jit = threshold.and_then(Jit::new);
+    }
+
+    /// Blocks compiled since the hart started.
+    pub fn compiled_blocks(&self) -> u64 {
+        self.jit.as_ref().map_or(0, |j| j.compiled)
+    }
+}
+
+/// `VESSEL_RV_JIT=0` interprets only; `=N` compiles blocks after N runs.
+fn jit_from_env() -> Option<Jit> {
+    let threshold = match std::env::var("VESSEL_RV_JIT") {
+        Ok(v) => v.parse::<u32>().ok().unwrap_or(crate::jit::DEFAULT_THRESHOLD),
+        Err(_) => crate::jit::DEFAULT_THRESHOLD,
+    };
+    if threshold == 0 {
+        return None;
+    }
+    Jit::new(threshold)
 }

@@ -57,8 +57,9 @@ const CLINT_MTIMECMP: u64 = 0x4000;
 const CLINT_MTIME: u64 = 0xbff8;
 
 /// How an executed instruction leaves the PC.
+#[repr(u8)]
 pub(crate) enum Flow {
-    Next,
+    Next = 0,
     /// The PC was set.
     Jump,
     Wfi,
@@ -495,6 +496,17 @@ impl Cpu {
         }
     }
 
+    /// Compile blocks to host code after `threshold` runs (1: at the first), or never
+    /// (None: interpret only). Drops every decoded block.
+    pub fn set_jit_threshold(&mut self, threshold: Option<u32>) {
+        self.cache.set_jit_threshold(threshold);
+    }
+
+    /// Blocks compiled to host code so far.
+    pub fn compiled_blocks(&self) -> u64 {
+        self.cache.compiled_blocks()
+    }
+
     /// Fetches and decodes the block at the current PC, whose physical address is `pa`;
     /// returns its cache id, or the one instruction that straddles two pages (not
     /// cached: its halves may be remapped apart).
@@ -588,6 +600,12 @@ impl Cpu {
                     }
                 },
             };
+            // Before the instructions are borrowed: compiling may flush every block (the
+            // block then is decoded again next time round).
+            let code = match straddler {
+                None => self.cache.code(block),
+                Some(_) => None,
+            };
             let straddle = straddler.map(|i| [i]);
             let insns: *const [Insn] = match &straddle {
                 Some(one) => one.as_slice(),
@@ -599,42 +617,70 @@ impl Cpu {
             let insns = unsafe { &*insns };
             // While the block runs, `pc` and `instret` stay at its first instruction
             // (each instruction's own are `pc + off`, `instret + idx`): no
-            // per-instruction update, and no chain of them through memory.
-            'block: {
-                for insn in insns {
-                    match self.exec(insn, bus) {
-                        Flow::Next => {}
-                        Flow::Jump => {
-                            self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
-                            break 'block;
-                        }
-                        Flow::Wfi => {
-                            self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
-                            self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
-                            if self.mip(bus) & self.csr.mie == 0 {
-                                return RunExit::Wfi;
+            // per-instruction update, and no chain of them through memory. The block
+            // is left by the instruction `left` names, or by running off its end.
+            let left = match code {
+                Some(code) => {
+                    let mut bus_ref = crate::jit::BusRef(&mut *bus);
+                    // SAFETY: `code` was compiled from `insns`, which stay where they are
+                    // while it runs (above); it gets this hart and a live `BusRef`, and
+                    // touches nothing else of them but through `exec`.
+                    let r = unsafe {
+                        code(
+                            self as *mut Cpu,
+                            (&mut bus_ref as *mut crate::jit::BusRef<'_>).cast(),
+                        )
+                    };
+                    let flow = match r & 0xff {
+                        0 => Flow::Next,
+                        1 => Flow::Jump,
+                        2 => Flow::Wfi,
+                        _ => Flow::Trap,
+                    };
+                    insns.get((r >> 8) as usize).map(|i| (flow, i))
+                }
+                None => {
+                    let mut left = None;
+                    for insn in insns {
+                        match self.exec(insn, bus) {
+                            Flow::Next => {}
+                            f => {
+                                left = Some((f, insn));
+                                break;
                             }
-                            self.irq_check_at = 0;
-                            break 'block;
-                        }
-                        Flow::Trap => {
-                            let e = self.pending_exception;
-                            self.pc = self.pc_of(insn);
-                            self.instret = self.instret.wrapping_add(insn.idx as u64);
-                            if self.exit_on_exception {
-                                return RunExit::Exception(e);
-                            }
-                            traps += 1;
-                            self.take_exception(e);
-                            break 'block;
                         }
                     }
+                    left.or_else(|| insns.last().map(|l| (Flow::Next, l)))
                 }
+            };
+            match left {
                 // Ran off the block's end.
-                if let Some(last) = insns.last() {
+                Some((Flow::Next, last)) => {
                     self.pc = self.pc_of(last).wrapping_add(last.len as u64);
                     self.instret = self.instret.wrapping_add(last.idx as u64 + 1);
                 }
+                Some((Flow::Jump, insn)) => {
+                    self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+                }
+                Some((Flow::Wfi, insn)) => {
+                    self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
+                    self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+                    if self.mip(bus) & self.csr.mie == 0 {
+                        return RunExit::Wfi;
+                    }
+                    self.irq_check_at = 0;
+                }
+                Some((Flow::Trap, insn)) => {
+                    let e = self.pending_exception;
+                    self.pc = self.pc_of(insn);
+                    self.instret = self.instret.wrapping_add(insn.idx as u64);
+                    if self.exit_on_exception {
+                        return RunExit::Exception(e);
+                    }
+                    traps += 1;
+                    self.take_exception(e);
+                }
+                None => {}
             }
             if self.code_flush_pending {
                 self.code_flush_pending = false;

@@ -13,6 +13,7 @@ pub mod csr;
 pub mod decode;
 mod exec;
 mod fpu;
+mod jit;
 pub mod mmu;
 pub mod ram;
 pub mod trap;

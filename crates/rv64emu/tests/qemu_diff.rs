@@ -191,9 +191,12 @@ fn differential(
         let source = program(&mut rng, &body, rvc);
         let elf = build(&dir.0, &format!("{family}{n}"), &source, march);
         let q = run_qemu(&elf);
-        let e = run_emu(&elf);
         assert_eq!(q.len() as u64, DUMP, "qemu wrote a short dump");
+        // Both ways the CPU runs a block: interpreted, and compiled to host code.
+        let e = run_emu(&elf, false);
         compare(&format!("{family} program {n}"), &source, &q, &e);
+        let c = run_emu(&elf, true);
+        compare(&format!("{family} program {n}, compiled"), &source, &q, &c);
     }
 }
 

@@ -133,8 +133,19 @@ pub fn load_elf(elf: &Path) -> Cpu {
 }
 
 /// Runs a user program on rv64emu, serving `write` and `exit`; returns what it wrote.
-pub fn run_emu(elf: &Path) -> Vec<u8> {
+/// Each block is interpreted (`compiled` false) or compiled to host code at its first
+/// run (true: then at least one block must have been).
+pub fn run_emu(elf: &Path, compiled: bool) -> Vec<u8> {
     let mut cpu = load_elf(elf);
+    cpu.set_jit_threshold(compiled.then_some(1));
+    let out = serve(&mut cpu);
+    if compiled {
+        assert!(cpu.compiled_blocks() > 0, "no block was compiled");
+    }
+    out
+}
+
+fn serve(cpu: &mut Cpu) -> Vec<u8> {
     cpu.exit_on_exception = true;
     // Let FP state be used like Linux allows it for user programs.
     cpu.csr.mstatus |= 1 << 13;

@@ -28,9 +28,9 @@ use super::operand::{ea, mem_seg};
 use crate::cpu::Core;
 use crate::decode::Insn;
 use crate::exceptions::{vector, Fault, Result};
-use crate::jit::arena::Arena;
 use crate::platform::Platform;
 use crate::state::cr::*;
+use codemem::Arena;
 
 /// What the stub reads and writes, at fixed offsets the generated code uses.
 #[repr(C, align(64))]

@@ -22,7 +22,6 @@
 //! kick flag and the instruction budget (each block is charged its length on entry); the
 //! code epoch is not checked there, because every link is cut when it moves.
 
-pub(crate) mod arena;
 mod asm;
 mod cover;
 mod emit;

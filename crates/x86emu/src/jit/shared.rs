@@ -107,7 +107,7 @@ impl Shared {
         len: usize,
         runtime: impl FnOnce(u64) -> Option<(Vec<u8>, [u64; 4])>,
     ) -> Option<Self> {
-        let fd = super::arena::memfd()?;
+        let fd = codemem::memfd()?;
         // SAFETY: `fd` is the memfd just created.
         let sized = unsafe { libc::ftruncate(fd, len as libc::off_t) } == 0;
         // SAFETY: a fresh shared mapping of the memfd just sized; no existing memory is

@@ -1,5 +1,5 @@
-//! Executable memory for generated host code (the host-instruction stubs of
-//! `exec::hostexec`): filled front to back and emptied as a whole when full.
+//! Executable memory for generated host code (x86emu's host-instruction stubs, rv64emu's
+//! compiled blocks): filled front to back and emptied as a whole when full.
 //!
 //! Never writable and executable at once (W^X): the memory is a memfd mapped twice, once
 //! read-write (where code is placed) and once read-execute
@@ -7,7 +7,7 @@
 //! still cannot write code at an address the host executes.
 
 /// A memfd mapped read-write and read-execute.
-pub(crate) struct Arena {
+pub struct Arena {
     /// The executable view: code runs here, and every address handed out is in it.
     base: *mut u8,
     /// The writable view of the same bytes.
@@ -30,7 +30,7 @@ impl std::fmt::Debug for Arena {
 
 impl Arena {
     /// None when the host refuses the mappings (the CPU then only interprets).
-    pub(crate) fn new(len: usize) -> Option<Self> {
+    pub fn new(len: usize) -> Option<Self> {
         let fd = memfd()?;
         let map = |prot| {
             // SAFETY: a fresh shared mapping of the memfd just sized; no existing memory
@@ -67,13 +67,13 @@ impl Arena {
     }
 
     /// Where the next `put` places its code.
-    pub(crate) fn next(&self) -> u64 {
+    pub fn next(&self) -> u64 {
         (self.base as u64 + self.used as u64 + 15) & !15
     }
 
     /// Copies `code` in at `next()` and returns where it starts; None when the arena is
     /// full.
-    pub(crate) fn put(&mut self, code: &[u8]) -> Option<*mut u8> {
+    pub fn put(&mut self, code: &[u8]) -> Option<*mut u8> {
         let start = (self.next() - self.base as u64) as usize;
         let end = start.checked_add(code.len())?;
         if end > self.len {
@@ -89,12 +89,12 @@ impl Arena {
     }
 
     /// Bytes still free.
-    pub(crate) fn room(&self) -> usize {
+    pub fn room(&self) -> usize {
         self.len - self.used
     }
 
     /// Forgets everything placed; the caller drops every pointer `put` returned.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.used = 0;
     }
 }
@@ -111,7 +111,7 @@ impl Drop for Arena {
 }
 
 /// A memfd for code (executable, where the kernel asks that it be said).
-pub(crate) fn memfd() -> Option<libc::c_int> {
+pub fn memfd() -> Option<libc::c_int> {
     const NAME: &std::ffi::CStr = c"vessel-jit";
     // MFD_EXEC (kernels with vm.memfd_noexec) is refused as unknown by older ones.
     for flags in [libc::MFD_CLOEXEC | 0x10, libc::MFD_CLOEXEC] {

@@ -1,0 +1,401 @@
+//! Compiled blocks: a hot block's instructions as host x86-64 code.
+//!
+//! The interpreter's cost is its dispatch (the `match` on each instruction's operation,
+//! operand fetches, the loop): well over half of a boot. A compiled block does the
+//! integer register work (ALU, LUI/AUIPC, M's multiplies, branches, JAL/JALR) in a few host
+//! instructions each on the hart's register file in place (`Cpu::x`, reached through RBX),
+//! and calls the interpreter's own `exec` for everything else (loads, stores, divisions,
+//! atomics, system, CSR, F/D), so every rule that lives there (translation, faults, device
+//! accesses, privilege) holds unchanged.
+//!
+//! The contract is the interpreter loop's: while the block runs, `Cpu::pc` stays at its
+//! first instruction; a taken branch or jump writes the new PC and leaves. The code returns
+//! `(index << 8) | flow`: the instruction that left the block and its `Flow`, or the last
+//! instruction with `Flow::Next` when it ran off the end. The run loop then does what it
+//! does after interpreting (PC, `instret`, traps, WFI).
+//!
+//! The encoder is a handful of fixed forms (below), each emitted once: no assembler pass.
+//! Code lives in a `codemem::Arena` (W^X); the block cache drops every block's code with
+//! its decoded instructions, whose addresses the code holds.
+
+use crate::bus::Bus;
+use crate::cpu::{Cpu, Flow};
+use crate::decode::{Insn, Op};
+use std::ffi::c_void;
+
+/// A compiled block, called with the hart and a [`BusRef`].
+pub(crate) type Code = unsafe extern "C" fn(*mut Cpu, *mut c_void) -> u32;
+
+/// What compiled code hands back to `exec_one`: the run loop's bus, behind a thin pointer.
+pub(crate) struct BusRef<'a>(pub &'a mut dyn Bus);
+
+/// Runs after which a block is compiled.
+pub const DEFAULT_THRESHOLD: u32 = 32;
+/// Code memory per hart.
+const ARENA_SIZE: usize = 32 << 20;
+/// The most code one block may need (64 instructions of at most ~48 bytes, and the frame).
+const MAX_BLOCK_CODE: usize = 64 * 48 + 64;
+
+pub(crate) struct Jit {
+    arena: codemem::Arena,
+    buf: Vec<u8>,
+    pub(crate) threshold: u32,
+    pub(crate) compiled: u64,
+}
+
+impl std::fmt::Debug for Jit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jit")
+            .field("threshold", &self.threshold)
+            .field("compiled", &self.compiled)
+            .finish()
+    }
+}
+
+/// The interpreter for one instruction of a compiled block.
+///
+/// # Safety
+/// `cpu`, `bus` and `insn` are what the run loop passed the block: the hart, a live
+/// `BusRef`, and an instruction of the block's (boxed, not freed while it runs).
+unsafe extern "C" fn exec_one(cpu: *mut Cpu, bus: *mut c_void, insn: *const Insn) -> u32 {
+    // SAFETY: the caller's contract; nothing else refers to them during the call.
+    let (cpu, bus, insn) = unsafe { (&mut *cpu, &mut *bus.cast::<BusRef<'_>>(), &*insn) };
+    cpu.exec(insn, bus.0) as u32
+}
+
+impl Jit {
+    /// None when the host has no x86-64 to run the code, or no executable memory.
+    pub(crate) fn new(threshold: u32) -> Option<Self> {
+        if !cfg!(target_arch = "x86_64") {
+            return None;
+        }
+        Some(Jit {
+            arena: codemem::Arena::new(ARENA_SIZE)?,
+            buf: Vec::with_capacity(MAX_BLOCK_CODE),
+            threshold,
+            compiled: 0,
+        })
+    }
+
+    /// Code for `insns`; None when the code memory is full (the caller drops every
+    /// block's code and calls `reset`).
+    pub(crate) fn compile(&mut self, insns: &[Insn]) -> Option<Code> {
+        if self.arena.room() < MAX_BLOCK_CODE + 16 {
+            return None;
+        }
+        self.buf.clear();
+        emit_block(&mut self.buf, insns);
+        let at = self.arena.put(&self.buf)?;
+        self.compiled += 1;
+        // SAFETY: `at` starts the function just emitted for this ABI, in executable memory
+        // that stays mapped (and unchanged) until `reset`.
+        Some(unsafe { std::mem::transmute::<*mut u8, Code>(at) })
+    }
+
+    /// Forgets all code; every `Code` handed out must be dropped first.
+    pub(crate) fn reset(&mut self) {
+        self.arena.reset();
+    }
+}
+
+const RAX: u8 = 0;
+const RCX: u8 = 1;
+const RDX: u8 = 2;
+const RBX: u8 = 3;
+
+/// Host code being written, with the jumps to the shared exit still to patch.
+struct Emit<'a> {
+    b: &'a mut Vec<u8>,
+    exits: Vec<usize>,
+}
+
+impl Emit<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.b.extend_from_slice(b);
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.b.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// `mov reg, [rbx + disp]` (64-bit).
+    fn load(&mut self, reg: u8, disp: u32) {
+        self.bytes(&[0x48, 0x8b, 0x80 | (reg << 3) | RBX]);
+        self.u32(disp);
+    }
+
+    /// `mov [rbx + disp], reg` (64-bit).
+    fn store(&mut self, reg: u8, disp: u32) {
+        self.bytes(&[0x48, 0x89, 0x80 | (reg << 3) | RBX]);
+        self.u32(disp);
+    }
+
+    /// `mov reg, imm64`.
+    fn imm(&mut self, reg: u8, v: u64) {
+        self.bytes(&[0x48, 0xb8 + reg]);
+        self.b.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// `movsxd rax, eax`.
+    fn sext32(&mut self) {
+        self.bytes(&[0x48, 0x63, 0xc0]);
+    }
+
+    /// `mov eax, code; jmp exit`.
+    fn leave(&mut self, code: u32) {
+        self.bytes(&[0xb8]);
+        self.u32(code);
+        self.bytes(&[0xe9]);
+        self.exits.push(self.b.len());
+        self.u32(0);
+    }
+
+    /// `jcc rel32` to a label placed later; returns the field to patch.
+    fn jcc_forward(&mut self, cc: u8) -> usize {
+        self.bytes(&[0x0f, 0x80 | cc]);
+        let at = self.b.len();
+        self.u32(0);
+        at
+    }
+
+    fn patch_here(&mut self, field: usize) {
+        let rel = (self.b.len() - (field + 4)) as u32;
+        self.b[field..field + 4].copy_from_slice(&rel.to_le_bytes());
+    }
+}
+
+/// Condition codes (the low nibble of `jcc`).
+const CC_B: u8 = 0x2;
+const CC_AE: u8 = 0x3;
+const CC_E: u8 = 0x4;
+const CC_NE: u8 = 0x5;
+const CC_L: u8 = 0xc;
+const CC_GE: u8 = 0xd;
+
+fn xoff(r: u8) -> u32 {
+    (std::mem::offset_of!(Cpu, x) + 8 * (r as usize & 31)) as u32
+}
+
+fn pc_off() -> u32 {
+    std::mem::offset_of!(Cpu, pc) as u32
+}
+
+fn exit_code(i: &Insn, flow: Flow) -> u32 {
+    (u32::from(i.idx) << 8) | flow as u32
+}
+
+fn emit_block(b: &mut Vec<u8>, insns: &[Insn]) {
+    let mut e = Emit {
+        b,
+        exits: Vec::new(),
+    };
+    // push rbx; push r12; mov rbx, rdi; mov r12, rsi; push r13 (keeps RSP 16-aligned
+    // at calls).
+    e.bytes(&[0x53, 0x41, 0x54, 0x41, 0x55, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4]);
+    for i in insns {
+        emit_insn(&mut e, i);
+    }
+    if let Some(last) = insns.last() {
+        e.leave(exit_code(last, Flow::Next));
+    }
+    // The exit: pop r13; pop r12; pop rbx; ret.
+    let exit = e.b.len();
+    e.bytes(&[0x41, 0x5d, 0x41, 0x5c, 0x5b, 0xc3]);
+    for f in std::mem::take(&mut e.exits) {
+        let rel = (exit as i64 - (f as i64 + 4)) as i32;
+        e.b[f..f + 4].copy_from_slice(&rel.to_le_bytes());
+    }
+}
+
+/// `rax = x[rs1] op x[rs2]` forms: the ModRM-free opcode bytes after `rax, rcx` are loaded.
+fn reg_op(op: Op) -> Option<&'static [u8]> {
+    use Op::*;
+    Some(match op {
+        Add => &[0x48, 0x01, 0xc8],
+        Sub => &[0x48, 0x29, 0xc8],
+        And => &[0x48, 0x21, 0xc8],
+        Or => &[0x48, 0x09, 0xc8],
+        Xor => &[0x48, 0x31, 0xc8],
+        // Shift counts: x86 masks CL to 6 bits (5 for 32-bit forms) as RISC-V does.
+        Sll => &[0x48, 0xd3, 0xe0],
+        Srl => &[0x48, 0xd3, 0xe8],
+        Sra => &[0x48, 0xd3, 0xf8],
+        Mul => &[0x48, 0x0f, 0xaf, 0xc1],
+        // 32-bit forms, sign-extended after.
+        Addw => &[0x01, 0xc8],
+        Subw => &[0x29, 0xc8],
+        Sllw => &[0xd3, 0xe0],
+        Srlw => &[0xd3, 0xe8],
+        Sraw => &[0xd3, 0xf8],
+        Mulw => &[0x0f, 0xaf, 0xc1],
+        _ => return None,
+    })
+}
+
+fn is_word(op: Op) -> bool {
+    use Op::*;
+    matches!(op, Addw | Subw | Sllw | Srlw | Sraw | Mulw | Addiw | Slliw | Srliw | Sraiw)
+}
+
+/// Immediate forms as the register form with the immediate in RCX, or a shift by imm8.
+fn imm_as_reg(op: Op) -> Option<Op> {
+    use Op::*;
+    Some(match op {
+        Addi => Add,
+        Xori => Xor,
+        Ori => Or,
+        Andi => And,
+        Addiw => Addw,
+        _ => return None,
+    })
+}
+
+/// `op rax, imm8` shifts: (opcode bytes, count mask).
+fn shift_imm(op: Op) -> Option<(&'static [u8], u8)> {
+    use Op::*;
+    Some(match op {
+        Slli => (&[0x48, 0xc1, 0xe0], 63),
+        Srli => (&[0x48, 0xc1, 0xe8], 63),
+        Srai => (&[0x48, 0xc1, 0xf8], 63),
+        Slliw => (&[0xc1, 0xe0], 31),
+        Srliw => (&[0xc1, 0xe8], 31),
+        Sraiw => (&[0xc1, 0xf8], 31),
+        _ => return None,
+    })
+}
+
+fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
+    use Op::*;
+    let rd = i.rd & 31;
+    if let Some(op) = reg_op(i.op) {
+        if rd != 0 {
+            e.load(RAX, xoff(i.rs1));
+            e.load(RCX, xoff(i.rs2));
+            e.bytes(op);
+            if is_word(i.op) {
+                e.sext32();
+            }
+            e.store(RAX, xoff(rd));
+        }
+        return;
+    }
+    if let Some(op) = imm_as_reg(i.op) {
+        if rd != 0 {
+            e.load(RAX, xoff(i.rs1));
+            e.imm(RCX, i.imm as u64);
+            e.bytes(reg_op(op).unwrap_or(&[]));
+            if is_word(i.op) {
+                e.sext32();
+            }
+            e.store(RAX, xoff(rd));
+        }
+        return;
+    }
+    if let Some((op, mask)) = shift_imm(i.op) {
+        if rd != 0 {
+            e.load(RAX, xoff(i.rs1));
+            e.bytes(op);
+            e.bytes(&[(i.imm as u8) & mask]);
+            if is_word(i.op) {
+                e.sext32();
+            }
+            e.store(RAX, xoff(rd));
+        }
+        return;
+    }
+    match i.op {
+        Slt | Sltu | Slti | Sltiu => {
+            if rd != 0 {
+                e.load(RAX, xoff(i.rs1));
+                if matches!(i.op, Slt | Sltu) {
+                    e.load(RCX, xoff(i.rs2));
+                } else {
+                    e.imm(RCX, i.imm as u64);
+                }
+                // xor edx, edx; cmp rax, rcx; setl/setb dl; mov rax, rdx
+                e.bytes(&[0x31, 0xd2, 0x48, 0x39, 0xc8]);
+                let set = if matches!(i.op, Slt | Slti) { 0x9c } else { 0x92 };
+                e.bytes(&[0x0f, set, 0xc2, 0x48, 0x89, 0xd0]);
+                e.store(RAX, xoff(rd));
+            }
+        }
+        Lui => {
+            if rd != 0 {
+                e.imm(RAX, i.imm as u64);
+                e.store(RAX, xoff(rd));
+            }
+        }
+        Auipc => {
+            if rd != 0 {
+                e.load(RAX, pc_off());
+                e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
+                e.bytes(&[0x48, 0x01, 0xc8]);
+                e.store(RAX, xoff(rd));
+            }
+        }
+        Beq | Bne | Blt | Bge | Bltu | Bgeu => {
+            e.load(RAX, xoff(i.rs1));
+            e.load(RCX, xoff(i.rs2));
+            e.bytes(&[0x48, 0x39, 0xc8]);
+            // Jump over the exit when the branch is not taken.
+            let not_taken = match i.op {
+                Beq => CC_NE,
+                Bne => CC_E,
+                Blt => CC_GE,
+                Bge => CC_L,
+                Bltu => CC_AE,
+                _ => CC_B,
+            };
+            let skip = e.jcc_forward(not_taken);
+            e.load(RAX, pc_off());
+            e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
+            e.bytes(&[0x48, 0x01, 0xc8]);
+            e.store(RAX, pc_off());
+            e.leave(exit_code(i, Flow::Jump));
+            e.patch_here(skip);
+        }
+        Jal => {
+            e.load(RAX, pc_off());
+            if rd != 0 {
+                e.imm(RCX, u64::from(i.off) + u64::from(i.len));
+                e.bytes(&[0x48, 0x01, 0xc1]); // add rcx, rax
+                e.store(RCX, xoff(rd));
+            }
+            e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
+            e.bytes(&[0x48, 0x01, 0xc8]);
+            e.store(RAX, pc_off());
+            e.leave(exit_code(i, Flow::Jump));
+        }
+        Jalr => {
+            // The target first: rd may be rs1.
+            e.load(RDX, xoff(i.rs1));
+            e.imm(RCX, i.imm as u64);
+            e.bytes(&[0x48, 0x01, 0xca]); // add rdx, rcx
+            e.bytes(&[0x48, 0x83, 0xe2, 0xfe]); // and rdx, -2
+            if rd != 0 {
+                e.load(RAX, pc_off());
+                e.imm(RCX, u64::from(i.off) + u64::from(i.len));
+                e.bytes(&[0x48, 0x01, 0xc8]);
+                e.store(RAX, xoff(rd));
+            }
+            e.store(RDX, pc_off());
+            e.leave(exit_code(i, Flow::Jump));
+        }
+        _ => {
+            // mov rdi, rbx; mov rsi, r12; mov rdx, insn; mov rax, exec_one; call rax
+            e.bytes(&[0x48, 0x89, 0xdf, 0x4c, 0x89, 0xe6]);
+            e.imm(RDX, i as *const Insn as u64);
+            e.imm(RAX, exec_one as *const () as u64);
+            e.bytes(&[0xff, 0xd0]);
+            // test eax, eax; jz next; or eax, idx << 8; jmp exit
+            e.bytes(&[0x85, 0xc0]);
+            let next = e.jcc_forward(CC_E);
+            e.bytes(&[0x0d]);
+            e.u32(u32::from(i.idx) << 8);
+            e.bytes(&[0xe9]);
+            e.exits.push(e.b.len());
+            e.u32(0);
+            e.patch_here(next);
+        }
+    }
+}
