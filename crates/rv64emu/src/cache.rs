@@ -169,7 +169,10 @@ impl BlockCache {
 /// `VESSEL_RV_JIT=0` interprets only; `=N` compiles blocks after N runs.
 fn jit_from_env() -> Option<Jit> {
     let threshold = match std::env::var("VESSEL_RV_JIT") {
-        Ok(v) => v.parse::<u32>().ok().unwrap_or(crate::jit::DEFAULT_THRESHOLD),
+        Ok(v) => v
+            .parse::<u32>()
+            .ok()
+            .unwrap_or(crate::jit::DEFAULT_THRESHOLD),
         Err(_) => crate::jit::DEFAULT_THRESHOLD,
     };
     if threshold == 0 {

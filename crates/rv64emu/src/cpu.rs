@@ -89,7 +89,7 @@ pub struct Cpu {
     /// hart in between fails it.
     pub(crate) reservation: Option<(u64, u64)>,
     pub(crate) ram: GuestRam,
-    tlb: Tlb,
+    pub(crate) tlb: Tlb,
     cache: BlockCache,
     /// Translation on for (fetch, data): when it flips, the TLB holds the other regime.
     regime: (bool, bool),
@@ -111,7 +111,7 @@ pub struct Cpu {
     /// FENCE.I ran: drop the decoded blocks when the current block ends.
     code_flush_pending: bool,
     /// `ctx_data.key()`, for the TLB's fast path.
-    data_key: u8,
+    pub(crate) data_key: u8,
 }
 
 /// The context of unpaged accesses: the TLB's identity entries pass it at any privilege.

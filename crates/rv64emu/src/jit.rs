@@ -33,8 +33,8 @@ pub(crate) struct BusRef<'a>(pub &'a mut dyn Bus);
 pub const DEFAULT_THRESHOLD: u32 = 32;
 /// Code memory per hart.
 const ARENA_SIZE: usize = 32 << 20;
-/// The most code one block may need (64 instructions of at most ~48 bytes, and the frame).
-const MAX_BLOCK_CODE: usize = 64 * 48 + 64;
+/// The most code one block may need (64 instructions of at most ~150 bytes, and the frame).
+const MAX_BLOCK_CODE: usize = 64 * 160 + 64;
 
 pub(crate) struct Jit {
     arena: codemem::Arena,
@@ -191,7 +191,9 @@ fn emit_block(b: &mut Vec<u8>, insns: &[Insn]) {
     };
     // push rbx; push r12; mov rbx, rdi; mov r12, rsi; push r13 (keeps RSP 16-aligned
     // at calls).
-    e.bytes(&[0x53, 0x41, 0x54, 0x41, 0x55, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4]);
+    e.bytes(&[
+        0x53, 0x41, 0x54, 0x41, 0x55, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4,
+    ]);
     for i in insns {
         emit_insn(&mut e, i);
     }
@@ -234,7 +236,10 @@ fn reg_op(op: Op) -> Option<&'static [u8]> {
 
 fn is_word(op: Op) -> bool {
     use Op::*;
-    matches!(op, Addw | Subw | Sllw | Srlw | Sraw | Mulw | Addiw | Slliw | Srliw | Sraiw)
+    matches!(
+        op,
+        Addw | Subw | Sllw | Srlw | Sraw | Mulw | Addiw | Slliw | Srliw | Sraiw
+    )
 }
 
 /// Immediate forms as the register form with the immediate in RCX, or a shift by imm8.
@@ -314,7 +319,11 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
                 }
                 // xor edx, edx; cmp rax, rcx; setl/setb dl; mov rax, rdx
                 e.bytes(&[0x31, 0xd2, 0x48, 0x39, 0xc8]);
-                let set = if matches!(i.op, Slt | Slti) { 0x9c } else { 0x92 };
+                let set = if matches!(i.op, Slt | Slti) {
+                    0x9c
+                } else {
+                    0x92
+                };
                 e.bytes(&[0x0f, set, 0xc2, 0x48, 0x89, 0xd0]);
                 e.store(RAX, xoff(rd));
             }
@@ -381,21 +390,105 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
             e.store(RDX, pc_off());
             e.leave(exit_code(i, Flow::Jump));
         }
-        _ => {
-            // mov rdi, rbx; mov rsi, r12; mov rdx, insn; mov rax, exec_one; call rax
-            e.bytes(&[0x48, 0x89, 0xdf, 0x4c, 0x89, 0xe6]);
-            e.imm(RDX, i as *const Insn as u64);
-            e.imm(RAX, exec_one as *const () as u64);
-            e.bytes(&[0xff, 0xd0]);
-            // test eax, eax; jz next; or eax, idx << 8; jmp exit
-            e.bytes(&[0x85, 0xc0]);
-            let next = e.jcc_forward(CC_E);
-            e.bytes(&[0x0d]);
-            e.u32(u32::from(i.idx) << 8);
-            e.bytes(&[0xe9]);
-            e.exits.push(e.b.len());
-            e.u32(0);
-            e.patch_here(next);
+        Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu | Sb | Sh | Sw | Sd => emit_access(e, i),
+        _ => emit_exec(e, i),
+    }
+}
+
+/// A load or store: the TLB's fast path inline (an in-page access to RAM whose entry
+/// passed for this context), else the interpreter.
+fn emit_access(e: &mut Emit<'_>, i: &Insn) {
+    use crate::mmu::{TLB_ENTRIES, TLB_ENTRY_CTX, TLB_ENTRY_HOST, TLB_ENTRY_SIZE, TLB_ENTRY_TAG};
+    use Op::*;
+    let (size, store, access): (u32, bool, usize) = match i.op {
+        Lb | Lbu => (1, false, 1),
+        Lh | Lhu => (2, false, 1),
+        Lw | Lwu => (4, false, 1),
+        Ld => (8, false, 1),
+        Sb => (1, true, 2),
+        Sh => (2, true, 2),
+        Sw => (4, true, 2),
+        _ => (8, true, 2),
+    };
+    let kind = (access * crate::mmu::TLB_SLOTS * TLB_ENTRY_SIZE) as u32;
+    let tlb = (std::mem::offset_of!(Cpu, tlb) + TLB_ENTRIES) as u32;
+    let key = std::mem::offset_of!(Cpu, data_key) as u32;
+    // rax = va; ecx = its page offset; out of line if the access crosses the page.
+    e.load(RAX, xoff(i.rs1));
+    e.imm(RCX, i.imm as u64);
+    e.bytes(&[0x48, 0x01, 0xc8]); // add rax, rcx
+    e.bytes(&[0x89, 0xc1, 0x81, 0xe1, 0xff, 0x0f, 0x00, 0x00]); // mov ecx, eax; and ecx, 0xfff
+    e.bytes(&[0x81, 0xf9]); // cmp ecx, 0x1000 - size
+    e.u32(0x1000 - size);
+    let mut slow = vec![e.jcc_forward(0x7)]; // ja
+                                             // r9 = the entry's slot: (vpn % slots) * size + the entries' base; rdx = vpn + 1.
+    e.bytes(&[0x48, 0x89, 0xc2, 0x48, 0xc1, 0xea, 0x0c]); // mov rdx, rax; shr rdx, 12
+    e.bytes(&[0x41, 0x89, 0xd0, 0x41, 0x81, 0xe0]); // mov r8d, edx; and r8d, slots - 1
+    e.u32(crate::mmu::TLB_SLOTS as u32 - 1);
+    e.bytes(&[0x45, 0x69, 0xc0]); // imul r8d, r8d, entry size
+    e.u32(TLB_ENTRY_SIZE as u32);
+    e.bytes(&[0x4c, 0x8b, 0x8b]); // mov r9, [rbx + tlb]
+    e.u32(tlb);
+    e.bytes(&[0x4d, 0x01, 0xc1, 0x48, 0xff, 0xc2]); // add r9, r8; inc rdx
+    e.bytes(&[0x49, 0x3b, 0x91]); // cmp rdx, [r9 + kind + tag]
+    e.u32(kind + TLB_ENTRY_TAG as u32);
+    slow.push(e.jcc_forward(CC_NE));
+    e.bytes(&[0x0f, 0xb6, 0x93]); // movzx edx, byte [rbx + data_key]
+    e.u32(key);
+    e.bytes(&[0x41, 0x3a, 0x91]); // cmp dl, [r9 + kind + ctx]
+    e.u32(kind + TLB_ENTRY_CTX as u32);
+    slow.push(e.jcc_forward(CC_NE));
+    e.bytes(&[0x4d, 0x8b, 0x89]); // mov r9, [r9 + kind + host]
+    e.u32(kind + TLB_ENTRY_HOST as u32);
+    e.bytes(&[0x4d, 0x85, 0xc9]); // test r9, r9
+    slow.push(e.jcc_forward(CC_E));
+    e.bytes(&[0x49, 0x01, 0xc9]); // add r9, rcx
+    if store {
+        e.load(RAX, xoff(i.rs2));
+        e.bytes(match size {
+            1 => &[0x41, 0x88, 0x01],
+            2 => &[0x66, 0x41, 0x89, 0x01],
+            4 => &[0x41, 0x89, 0x01],
+            _ => &[0x49, 0x89, 0x01],
+        });
+    } else {
+        e.bytes(match i.op {
+            Lb => &[0x49, 0x0f, 0xbe, 0x01],
+            Lbu => &[0x41, 0x0f, 0xb6, 0x01],
+            Lh => &[0x49, 0x0f, 0xbf, 0x01],
+            Lhu => &[0x41, 0x0f, 0xb7, 0x01],
+            Lw => &[0x49, 0x63, 0x01],
+            Lwu => &[0x41, 0x8b, 0x01],
+            _ => &[0x49, 0x8b, 0x01],
+        });
+        if i.rd & 31 != 0 {
+            e.store(RAX, xoff(i.rd));
         }
     }
+    e.bytes(&[0xe9]); // jmp done
+    let done = e.b.len();
+    e.u32(0);
+    for f in slow {
+        e.patch_here(f);
+    }
+    emit_exec(e, i);
+    e.patch_here(done);
+}
+
+/// The interpreter runs `i`; a flow other than `Next` leaves the block.
+fn emit_exec(e: &mut Emit<'_>, i: &Insn) {
+    // mov rdi, rbx; mov rsi, r12; mov rdx, insn; mov rax, exec_one; call rax
+    e.bytes(&[0x48, 0x89, 0xdf, 0x4c, 0x89, 0xe6]);
+    e.imm(RDX, i as *const Insn as u64);
+    e.imm(RAX, exec_one as *const () as u64);
+    e.bytes(&[0xff, 0xd0]);
+    // test eax, eax; jz next; or eax, idx << 8; jmp exit
+    e.bytes(&[0x85, 0xc0]);
+    let next = e.jcc_forward(CC_E);
+    e.bytes(&[0x0d]);
+    e.u32(u32::from(i.idx) << 8);
+    e.bytes(&[0xe9]);
+    e.exits.push(e.b.len());
+    e.u32(0);
+    e.patch_here(next);
 }

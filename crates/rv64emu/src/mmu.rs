@@ -73,6 +73,16 @@ pub const SATP_SV48: u64 = 9;
 
 const TLB_SIZE: usize = 512;
 
+/// What compiled code's inline fast path (`jit`) reads: entries of one access kind are
+/// `TLB_SLOTS` of `TLB_ENTRY_SIZE` bytes, the kinds one after another, behind the pointer
+/// at `TLB_ENTRIES` in a `Tlb`.
+pub(crate) const TLB_SLOTS: usize = TLB_SIZE;
+pub(crate) const TLB_ENTRY_SIZE: usize = std::mem::size_of::<Entry>();
+pub(crate) const TLB_ENTRY_TAG: usize = std::mem::offset_of!(Entry, tag);
+pub(crate) const TLB_ENTRY_CTX: usize = std::mem::offset_of!(Entry, ctx);
+pub(crate) const TLB_ENTRY_HOST: usize = std::mem::offset_of!(Entry, host);
+pub(crate) const TLB_ENTRIES: usize = std::mem::offset_of!(Tlb, entries);
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     /// Virtual page number + 1 (0 is empty).
