@@ -110,6 +110,43 @@ impl Drop for Arena {
     }
 }
 
+/// perf's map of generated code for this process (`/tmp/perf-PID.map`), kept when
+/// `VESSEL_PERF_MAP` is set, so `perf report` names compiled blocks.
+pub struct PerfMap(std::fs::File);
+
+impl PerfMap {
+    /// Opened for appending (every CPU of the process writes to it); None unless asked for.
+    pub fn open() -> Option<Self> {
+        std::env::var_os("VESSEL_PERF_MAP")?;
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Some(PerfMap(f)),
+            Err(e) => {
+                tracing::warn!(path, error = %e, "cannot open the perf map");
+                None
+            }
+        }
+    }
+
+    /// Names `len` bytes of code at `start`.
+    pub fn name(&mut self, start: u64, len: usize, name: std::fmt::Arguments<'_>) {
+        use std::io::Write;
+        // One write per line: with O_APPEND, lines of several CPUs do not interleave.
+        let line = format!("{start:x} {len:x} {name}\n");
+        let _ = self.0.write_all(line.as_bytes());
+    }
+}
+
+impl std::fmt::Debug for PerfMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PerfMap")
+    }
+}
+
 /// A memfd for code (executable, where the kernel asks that it be said).
 pub fn memfd() -> Option<libc::c_int> {
     const NAME: &std::ffi::CStr = c"vessel-jit";

@@ -42,6 +42,8 @@ pub struct BlockCache {
     /// together (`flush`).
     code: Vec<Option<Code>>,
     runs: Vec<u32>,
+    /// Per block: the physical address it was decoded from (names its code for perf).
+    pas: Vec<u64>,
     jit: Option<Jit>,
 }
 
@@ -54,6 +56,7 @@ impl Default for BlockCache {
             gen: 1,
             code: Vec::new(),
             runs: Vec::new(),
+            pas: Vec::new(),
             jit: jit_from_env(),
         }
     }
@@ -107,6 +110,7 @@ impl BlockCache {
         self.blocks.push(block.into_boxed_slice());
         self.code.push(None);
         self.runs.push(0);
+        self.pas.push(pa);
         self.index.insert(pa, id);
         id
     }
@@ -116,6 +120,7 @@ impl BlockCache {
         self.blocks.clear();
         self.code.clear();
         self.runs.clear();
+        self.pas.clear();
         if let Some(j) = &mut self.jit {
             j.reset();
         }
@@ -142,7 +147,8 @@ impl BlockCache {
     #[cold]
     fn compile(&mut self, i: usize) -> Option<Code> {
         let jit = self.jit.as_mut()?;
-        let code = match jit.compile(self.blocks.get(i)?) {
+        let pa = self.pas.get(i).copied().unwrap_or(0);
+        let code = match jit.compile(self.blocks.get(i)?, pa) {
             Some(c) => c,
             None => {
                 // The code memory is full: start over, this block first.

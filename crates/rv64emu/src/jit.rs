@@ -41,6 +41,7 @@ pub(crate) struct Jit {
     buf: Vec<u8>,
     pub(crate) threshold: u32,
     pub(crate) compiled: u64,
+    perf_map: Option<codemem::PerfMap>,
 }
 
 impl std::fmt::Debug for Jit {
@@ -74,12 +75,13 @@ impl Jit {
             buf: Vec::with_capacity(MAX_BLOCK_CODE),
             threshold,
             compiled: 0,
+            perf_map: codemem::PerfMap::open(),
         })
     }
 
-    /// Code for `insns`; None when the code memory is full (the caller drops every
-    /// block's code and calls `reset`).
-    pub(crate) fn compile(&mut self, insns: &[Insn]) -> Option<Code> {
+    /// Code for `insns`, the block at guest-physical `pa`; None when the code memory is
+    /// full (the caller drops every block's code and calls `reset`).
+    pub(crate) fn compile(&mut self, insns: &[Insn], pa: u64) -> Option<Code> {
         if self.arena.room() < MAX_BLOCK_CODE + 16 {
             return None;
         }
@@ -87,6 +89,9 @@ impl Jit {
         emit_block(&mut self.buf, insns);
         let at = self.arena.put(&self.buf)?;
         self.compiled += 1;
+        if let Some(m) = &mut self.perf_map {
+            m.name(at as u64, self.buf.len(), format_args!("rv64_{pa:x}"));
+        }
         // SAFETY: `at` starts the function just emitted for this ABI, in executable memory
         // that stays mapped (and unchanged) until `reset`.
         Some(unsafe { std::mem::transmute::<*mut u8, Code>(at) })

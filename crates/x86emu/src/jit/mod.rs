@@ -159,24 +159,7 @@ pub(crate) struct Jit {
     pub(crate) compiled: u64,
     pub(crate) adopted: u64,
     /// `/tmp/perf-PID.map`, when `VESSEL_PERF_MAP` is set: names compiled code for `perf`.
-    perf_map: Option<std::fs::File>,
-}
-
-/// Opens perf's map of JIT code for this process (appending: every CPU writes to it).
-fn open_perf_map() -> Option<std::fs::File> {
-    std::env::var_os("VESSEL_PERF_MAP")?;
-    let path = format!("/tmp/perf-{}.map", std::process::id());
-    match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-    {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(path, error = %e, "cannot open the perf map");
-            None
-        }
-    }
+    perf_map: Option<codemem::PerfMap>,
 }
 
 impl Jit {
@@ -232,7 +215,7 @@ impl Jit {
             model: 0,
             compiled: 0,
             adopted: 0,
-            perf_map: open_perf_map(),
+            perf_map: codemem::PerfMap::open(),
         })
     }
 
@@ -351,11 +334,8 @@ impl Jit {
             self.view.write(link + 8, default);
             self.view.write(link + 16, u64::from(forward));
         }
-        if let Some(f) = &mut self.perf_map {
-            use std::io::Write;
-            // One write per line: with O_APPEND, lines of several CPUs do not interleave.
-            let line = format!("{start:x} {:x} guest_{:x}\n", p.len, p.ip);
-            let _ = f.write_all(line.as_bytes());
+        if let Some(m) = &mut self.perf_map {
+            m.name(start, p.len, format_args!("guest_{:x}", p.ip));
         }
         Compiled {
             entry: start + p.entry as u64,
