@@ -1464,3 +1464,504 @@ fn a_kvm_guest_goes_on_after_live_migration() {
         "counts lost or repeated across the migration: {all:?}"
     );
 }
+
+/// A network namespace this test creates and deletes, with a persistent TAP device in
+/// it (as the manager's are) whose host end has `host_ip`/24.
+struct NetNs(String);
+
+impl NetNs {
+    fn with_tap(tag: &str, tap: &str, host_ip: &str) -> Self {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(st.success(), "ip netns add failed (needs root)");
+        let ns = NetNs(name);
+        let addr = format!("{host_ip}/24");
+        for args in [
+            vec!["ip", "link", "set", "lo", "up"],
+            vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+            vec!["ip", "addr", "add", &addr, "dev", tap],
+            vec!["ip", "link", "set", tap, "up"],
+        ] {
+            let o = ns.exec().args(&args).output().unwrap();
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        ns
+    }
+
+    fn exec(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+
+    /// A vessel command that runs in the namespace.
+    fn vessel(&self) -> std::process::Command {
+        let mut c = self.exec();
+        c.arg(env!("CARGO_BIN_EXE_vessel"));
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+impl Vm {
+    /// [`Vm::spawn`] with the command given (a vessel in a namespace).
+    fn spawn_with(mut cmd: std::process::Command, args: &[&std::ffi::OsStr]) -> Vm {
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vessel");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Vm {
+            child: Guarded(child),
+            stdin,
+            out,
+        }
+    }
+}
+
+/// The test's TCP peer, in the namespace: takes one connection, notes every "tcp N"
+/// line the guest sends and answers each with "ack N".
+struct Peer {
+    got: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Peer {
+    fn listen(ns: &NetNs, addr: &'static str) -> Peer {
+        use std::os::fd::AsRawFd;
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on this thread alone, with a namespace file held open.
+            let r = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            let conn = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(_) if !s.load(std::sync::atomic::Ordering::Relaxed) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => return,
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut w = conn.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(conn);
+            let mut line = String::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                use std::io::BufRead;
+                match r.read_line(&mut line) {
+                    Ok(0) => return,
+                    Ok(_) if line.ends_with('\n') => {
+                        if let Some(n) = line.trim().strip_prefix("tcp ") {
+                            if let Ok(n) = n.parse::<u64>() {
+                                g.lock().unwrap().push(n);
+                                let _ = w.write_all(format!("ack {n}\n").as_bytes());
+                            }
+                        }
+                        line.clear();
+                    }
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        ready.recv_timeout(CMD).expect("the peer never listened");
+        Peer {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn last(&self) -> u64 {
+        self.got.lock().unwrap().last().copied().unwrap_or(0)
+    }
+
+    /// Waits until the guest's lines reach `n`.
+    fn wait_for(&self, n: u64, what: &str) {
+        let t0 = Instant::now();
+        while self.last() < n {
+            assert!(
+                t0.elapsed() < CMD,
+                "{what}: the TCP peer got up to {} only, not {n}",
+                self.last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Asks the guest when its clock's second turns over and compares with the host's
+/// clock when the line arrives: within 1 s.
+fn assert_clock_within_a_second(vm: &mut Vm, from: usize, what: &str) {
+    vm.type_line(
+        "a=$(date +%s); while [ \"$(date +%s)\" = \"$a\" ]; do :; done; echo \"ed\"\"ge $(date +%s).\"",
+    );
+    let at = vm.wait_for("edge ", from, CMD);
+    let end = vm.wait_for(".", at, CMD);
+    let host = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let guest: f64 = vm.text()[at..end - 1].trim().parse().unwrap();
+    assert!(
+        (host - guest).abs() <= 1.0,
+        "{what}: the guest's clock turned {guest} when the host's read {host:.3}"
+    );
+}
+
+/// The issue's guest program across a snapshot and restore and then a live migration,
+/// on an interface to a TAP in a namespace the test makes: a counter with the wall
+/// clock, a file in memory whose checksum must hold, a writer that keeps rewriting 8
+/// MiB of memory (at 50 MB/s or more, measured) and checks before each rewrite that the
+/// last one kept its checksum, a TCP connection to a peer in the namespace that carries a line each
+/// count (answered by the peer), and a file on an ext2 virtio disk kept open and
+/// appended to each count. After each move: the count goes on without a gap or repeat,
+/// the TCP connection carries data both ways, the file takes more records (checked
+/// from the disk, in order), the memory checksums hold, and the guest's clock is within
+/// 1 s of the host's. The migration goes over a Unix socket, so the TAP's queue is
+/// handed over with SCM_RIGHTS while the source still holds it.
+#[test]
+fn a_guest_keeps_its_tcp_connection_and_open_file_across_restore_and_live_migration() {
+    let a = assets();
+    let dir = TempDir::new("hostio");
+    let ns = NetNs::with_tap("hostio", "vsnap0", "10.0.3.1");
+    let peer = Peer::listen(&ns, "10.0.3.1:7000");
+    let s1 = dir.path().join("api1.sock");
+    let s2 = dir.path().join("api2.sock");
+    let s3 = dir.path().join("api3.sock");
+    let snap = dir.path().join("snap");
+    let incoming = dir.path().join("incoming.sock");
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let mut vm1 = Vm::spawn_with(
+        ns.vessel(),
+        &[
+            "run".as_ref(),
+            "--accel".as_ref(),
+            "emu".as_ref(),
+            "--memory".as_ref(),
+            "256M".as_ref(),
+            "--serial".as_ref(),
+            "stdio".as_ref(),
+            "--kernel".as_ref(),
+            a.join("vmlinuz").as_os_str(),
+            "--initrd".as_ref(),
+            a.join("initramfs.cpio.gz").as_os_str(),
+            "--cmdline".as_ref(),
+            CMDLINE.as_ref(),
+            "--api-sock".as_ref(),
+            s1.as_os_str(),
+            "--disk".as_ref(),
+            disk.as_os_str(),
+            "--net".as_ref(),
+            "tap=vsnap0,mac=52:54:00:12:34:57".as_ref(),
+        ],
+    );
+    let at = vm1.wait_for("~ #", 0, BOOT);
+    vm1.type_line(
+        "ip addr add 10.0.3.15/24 dev eth0 && ip link set eth0 up && \
+         mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext2 /dev/vda /mnt && \
+         echo mount''ed-ok",
+    );
+    let at = vm1.wait_for("mounted-ok", at, CMD);
+    vm1.type_line(
+        "dd if=/dev/urandom of=/tmp/fixed bs=1M count=4 2>/dev/null; \
+         echo \"sum fi\"\"xed $(md5sum </tmp/fixed | cut -c1-32)\"; \
+         dd if=/dev/urandom of=/tmp/a bs=1M count=8 2>/dev/null; md5sum </tmp/a >/tmp/a.sum; \
+         dd if=/dev/urandom of=/tmp/b bs=1M count=8 2>/dev/null; md5sum </tmp/b >/tmp/b.sum; \
+         j=0; p=; while true; do for f in a b; do \
+           if [ -n \"$p\" ] && [ \"$(md5sum </tmp/data)\" != \"$(cat /tmp/$p.sum)\" ]; then \
+             echo \"churn-\"\"bad\"; fi; \
+           cp /tmp/$f /tmp/data; p=$f; j=$((j+1)); echo \"churn $j.\"; done; done & \
+         (exec 3>>/mnt/log; i=0; while true; do i=$((i+1)); echo \"rec $i\" >&3; \
+           echo \"tcp $i\"; echo \"tick $i $(date +%s)\" >&2; sleep 0.1; done) \
+           | nc 10.0.3.1 7000 > /tmp/acks &",
+    );
+    let sum = vm1.wait_for("sum fixed ", at, CMD);
+    vm1.wait_for("\n", sum, CMD);
+    vm1.wait_for("tick 10 ", at, CMD);
+    peer.wait_for(10, "before the snapshot");
+    let fixed = sum_of(&vm1.text(), "fixed").expect("the guest's checksum");
+
+    // Snapshot, end the VMM, restore in a new one.
+    let before = snapshot_and_kill(vm1, &s1, &snap);
+    let _ = std::fs::remove_file(&s1);
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let last = ticks(&before).last().unwrap().0;
+    let mut vm2 = Vm::spawn_with(
+        ns.vessel(),
+        &[
+            "run".as_ref(),
+            "--restore".as_ref(),
+            snap.as_os_str(),
+            "--serial".as_ref(),
+            "stdio".as_ref(),
+            "--api-sock".as_ref(),
+            s2.as_os_str(),
+        ],
+    );
+    vm2.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    peer.wait_for(last + 5, "after the restore");
+    assert_clock_within_a_second(&mut vm2, 0, "after the restore");
+
+    // Live migration over a Unix socket, the writer running.
+    let mut vm3 = Vm::spawn_with(
+        ns.vessel(),
+        &[
+            "run".as_ref(),
+            "--incoming".as_ref(),
+            format!("unix:{}", incoming.display()).as_ref(),
+            "--serial".as_ref(),
+            "stdio".as_ref(),
+            "--api-sock".as_ref(),
+            s3.as_os_str(),
+        ],
+    );
+    wait_for_socket(&incoming);
+    wait_for_socket(&s2);
+    // The writer's rate just before the migration (8 MiB a rewrite), as the guest's
+    // rewrites show it: the issue asks for a migration under at least 50 MB/s.
+    let (c0, t0) = (churns(&vm2.text()), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let churned = churns(&vm2.text());
+    let rate = (churned - c0) as f64 * 8.0 * 1.048_576 / t0.elapsed().as_secs_f64();
+    eprintln!("the guest writes {rate:.0} MB/s");
+    assert!(
+        rate >= 50.0,
+        "the guest's writer does {rate:.0} MB/s, under 50"
+    );
+    migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
+    let middle = format!("{tail}{}", vm2.text());
+    let tail2 = middle.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let last = ticks(&middle).last().unwrap().0;
+    let at = vm3.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    peer.wait_for(last + 5, "after the live migration");
+    assert!(
+        churns(&middle) > churned,
+        "the writer did not run during the migration"
+    );
+    assert_clock_within_a_second(&mut vm3, at, "after the live migration");
+
+    // The peer's answers reached the guest after both moves, the file on disk has every
+    // record in order (read back from the disk), and the file in memory is unchanged.
+    vm3.type_line(
+        "sync; echo 3 > /proc/sys/vm/drop_caches; echo \"acks $(tail -n 1 /tmp/acks | cut -d' ' -f2).\"; \
+         awk '$2 != NR { bad = 1 } END { print (bad ? \"log-\" \"bad\" : \"log-\" \"ok\"), NR \".\" }' /mnt/log; \
+         echo \"sum af\"\"ter $(md5sum </tmp/fixed | cut -c1-32)\"",
+    );
+    let s = vm3.wait_for("sum after ", at, CMD);
+    vm3.wait_for("\n", s, CMD);
+    let text = vm3.text();
+    // The last of each: the shell's echo of the command line holds the words too.
+    let acks: u64 = text[at..]
+        .rsplit("acks ")
+        .next()
+        .and_then(|t| t.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no ack count: {}", &text[at..]));
+    assert!(
+        acks > last,
+        "the guest's last answer from the peer is {acks}, not past {last}"
+    );
+    let records: u64 = text[at..]
+        .rsplit("log-ok ")
+        .next()
+        .filter(|_| text[at..].contains("log-ok "))
+        .and_then(|t| t.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the file's records are not all there in order: {}",
+                &text[at..]
+            )
+        });
+    assert!(
+        records > last,
+        "the file has {records} records, not past {last}"
+    );
+    assert_eq!(
+        sum_of(&text, "after").as_deref(),
+        Some(fixed.as_str()),
+        "the file in guest memory changed"
+    );
+    let full = format!("{before}{middle}{text}");
+    assert!(!full.contains("churn-bad"), "{full}");
+
+    let mut all = ticks(&before);
+    all.extend(ticks(&middle));
+    all.extend(ticks(&format!("{tail2}{text}")));
+    assert_consecutive(&all, 1, "across a restore and a live migration");
+    let sent = peer.got.lock().unwrap().clone();
+    assert!(
+        sent.windows(2).all(|w| w[1] == w[0] + 1) && sent.first() == Some(&1),
+        "the TCP stream lost or repeated lines: {sent:?}"
+    );
+    drop(vm3);
+}
+
+/// vsock across a snapshot and restore and a live migration: the guest's connection to
+/// a host program ends with a transport reset (the host end stayed with the old VMM,
+/// which closed it), as Firecracker's snapshots do; its listening sockets stay, and
+/// new host connections reach them through the same socket path in each new VMM. The
+/// migration hands the listening socket over (SCM_RIGHTS), so the path never stops
+/// answering.
+#[test]
+fn vsock_connections_reset_and_new_ones_work_after_restore_and_live_migration() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+
+    let a = assets();
+    let dir = TempDir::new("snap-vsock");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/vsock-test.c");
+    let initrd = common::initramfs_with_program(dir.path(), &src, "vsock-test", &[]);
+    let uds = dir.path().join("v.sock");
+    let s1 = dir.path().join("api1.sock");
+    let s2 = dir.path().join("api2.sock");
+    let s3 = dir.path().join("api3.sock");
+    let snap = dir.path().join("snap");
+    let incoming = dir.path().join("incoming.sock");
+    let vsock_arg = format!("cid=3,uds={}", uds.display());
+    let mut vm1 = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "128M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        initrd.as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        s1.as_os_str(),
+        "--vsock".as_ref(),
+        vsock_arg.as_ref(),
+    ]);
+    vm1.wait_for("vessel-init:", 0, BOOT);
+    let at = vm1.wait_for("# ", 0, BOOT);
+    // Host to guest: CONNECT, then a message and its answer.
+    let connect = |port: u32| -> (UnixStream, BufReader<UnixStream>) {
+        let mut s = UnixStream::connect(&uds).unwrap();
+        s.set_read_timeout(Some(CMD)).unwrap();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("OK "), "CONNECT {port}: {line:?}");
+        (s, r)
+    };
+    let ping = |port: u32, vm: &mut Vm, from: usize| {
+        let (mut s, mut r) = connect(port);
+        s.write_all(b"ping").unwrap();
+        let mut reply = [0u8; 16];
+        let n = r.read(&mut reply).unwrap();
+        assert_eq!(&reply[..n], b"pong:ping", "port {port}");
+        vm.wait_for("GUEST-ACCEPTED ping", from, CMD);
+    };
+    vm1.type_line("/vsock-test hold 5000 & /vsock-test listen 5001 &");
+    vm1.wait_for("HOLDING 5000", at, CMD);
+    vm1.wait_for("LISTENING 5001", at, CMD);
+    let (mut held, mut held_r) = connect(5000);
+    held.write_all(b"first").unwrap();
+    vm1.wait_for("GUEST-HELD first", at, CMD);
+
+    // Snapshot and restore: the host end sees the old VMM close it; the guest's end is
+    // reset; the listener on 5001 takes a new connection.
+    snapshot_and_kill(vm1, &s1, &snap);
+    let _ = std::fs::remove_file(&s1);
+    let mut rest = Vec::new();
+    let n = held_r.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "the held connection went on at the host: {rest:?}");
+    let mut vm2 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--api-sock".as_ref(),
+        s2.as_os_str(),
+    ]);
+    vm2.wait_for("GUEST-RESET", 0, CMD);
+    ping(5001, &mut vm2, 0);
+
+    // Live migration: the same again, and the socket path answers at the destination.
+    let at = vm2.text().len();
+    vm2.type_line("/vsock-test hold 5002 & /vsock-test listen 5003 &");
+    vm2.wait_for("HOLDING 5002", at, CMD);
+    vm2.wait_for("LISTENING 5003", at, CMD);
+    let (mut held, mut held_r) = connect(5002);
+    held.write_all(b"second").unwrap();
+    vm2.wait_for("GUEST-HELD second", at, CMD);
+    let mut vm3 = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", incoming.display()).as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--api-sock".as_ref(),
+        s3.as_os_str(),
+    ]);
+    wait_for_socket(&incoming);
+    wait_for_socket(&s2);
+    migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
+    let n = held_r.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "the held connection went on at the host: {rest:?}");
+    vm3.wait_for("GUEST-RESET", 0, CMD);
+    ping(5003, &mut vm3, 0);
+    let _ = held.shutdown(std::net::Shutdown::Both);
+}

@@ -195,6 +195,35 @@ pub trait VirtioDevice: Send {
     /// A restore's [`VirtioDevice::queue_pairs_in_use`], after its features were acked;
     /// a count the device cannot use is ignored.
     fn use_queue_pairs(&mut self, _pairs: u16) {}
+    /// Duplicates of the host descriptors the device works through that a migration's
+    /// destination on the same host takes over as they are (a TAP's queues, vsock's
+    /// listening socket): passed with SCM_RIGHTS, they keep frames and connections that
+    /// arrive during the move, where opening them again by name would have to wait for
+    /// this VMM to let go. None for a device without such descriptors.
+    fn host_handles(&self) -> std::io::Result<Option<HostHandle>> {
+        Ok(None)
+    }
+    /// The VM was restored (from a snapshot or a migration) with the driver running:
+    /// the queue to run once before the guest does, for what the device must tell the
+    /// driver about the move (vsock's transport reset), if any.
+    fn restored(&mut self) -> Option<usize> {
+        None
+    }
+}
+
+/// Host descriptors a device hands to a migration's destination ([`VirtioDevice::host_handles`]).
+#[derive(Debug)]
+pub enum HostHandle {
+    /// The TAP device `name`'s queues, in queue-pair order.
+    Tap {
+        name: String,
+        queues: Vec<std::os::fd::OwnedFd>,
+    },
+    /// vsock's listening socket bound at `path`.
+    VsockListener {
+        path: std::path::PathBuf,
+        fd: std::os::fd::OwnedFd,
+    },
 }
 
 /// Copy `data` into a config-space read at `offset` (bytes past the end read as zero).

@@ -755,6 +755,21 @@ impl VirtioDevice for Net {
             })
     }
 
+    fn host_handles(&self) -> std::io::Result<Option<crate::HostHandle>> {
+        let Some(first) = self.pairs.first() else {
+            return Ok(None);
+        };
+        let queues = self
+            .pairs
+            .iter()
+            .map(|p| p.backend.poll_fd())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Some(crate::HostHandle::Tap {
+            name: first.backend.name().to_string(),
+            queues,
+        }))
+    }
+
     fn queue_pairs_in_use(&self) -> Option<u16> {
         if self.pairs.len() < 2 || self.acked & features::MQ == 0 {
             return None;

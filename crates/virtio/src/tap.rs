@@ -22,6 +22,7 @@ const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 
 /// TUNSETOFFLOAD flags (linux/if_tun.h): what frames read from the TAP may carry.
 pub mod offload {
@@ -39,11 +40,15 @@ pub enum TapError {
     OpenTun(std::io::Error),
     #[error("TAP name {0:?} is empty or longer than 15 bytes")]
     BadName(String),
+    #[error("TAP {0} is in use by another process (a TAP made without multi_queue takes one)")]
+    Busy(String),
     #[error("creating or attaching TAP {name}: {source} (needs CAP_NET_ADMIN)")]
     SetIff {
         name: String,
         source: std::io::Error,
     },
+    #[error("the descriptor handed over for TAP {name} is not that TAP: {why}")]
+    NotThisTap { name: String, why: String },
     #[error("configuring TAP {name}: {op}: {source}")]
     Configure {
         name: String,
@@ -101,9 +106,13 @@ impl Tap {
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                return Err(TapError::Busy(name.to_string()));
+            }
             return Err(TapError::SetIff {
                 name: name.to_string(),
-                source: std::io::Error::last_os_error(),
+                source: e,
             });
         }
         let hdr = VNET_HDR_LEN as libc::c_int;
@@ -123,6 +132,52 @@ impl Tap {
         // hand us whole, checksummed frames.
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// A queue of TAP `name` that another VMM had open (a migration's source on this
+    /// host, [`crate::HostHandle::Tap`]): the same open file, so its flags, offloads
+    /// and queued frames come with it. Refused unless the descriptor is a TAP of that
+    /// name with virtio-net headers (the source is not trusted).
+    pub fn from_fd(name: &str, fd: std::os::fd::OwnedFd) -> Result<Tap, TapError> {
+        let file = File::from(fd);
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        let not = |why: String| TapError::NotThisTap {
+            name: name.to_string(),
+            why,
+        };
+        // SAFETY: TUNGETIFF writes an ifreq, which `req` is laid out as; on a descriptor
+        // that is not a TUN/TAP the kernel refuses it without writing.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF, &mut req) } < 0 {
+            return Err(not(std::io::Error::last_os_error().to_string()));
+        }
+        let got = req.name.split(|&b| b == 0).next().unwrap_or_default();
+        if got != name.as_bytes() {
+            return Err(not(format!("it is {:?}", String::from_utf8_lossy(got))));
+        }
+        let want = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if req.flags & want != want {
+            return Err(not(format!("its flags are {:#x}", req.flags)));
+        }
+        // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        {
+            return Err(TapError::Configure {
+                name: name.to_string(),
+                op: "O_NONBLOCK",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
     }
 
     /// Let the kernel hand us frames with these offloads ([`offload`] flags) — only

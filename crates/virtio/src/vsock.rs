@@ -22,6 +22,10 @@ use crate::{device_type, read_config_bytes, DeviceError, QueueOutcome, VirtioDev
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+/// virtio_vsock_event's id for a transport reset: the driver drops every connection
+/// and reads the guest CID again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 pub const HOST_CID: u64 = 2;
 const HDR_LEN: usize = 44;
 const TYPE_STREAM: u16 = 1;
@@ -47,6 +51,8 @@ pub enum VsockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the descriptor handed over for the vsock socket {path} is not its listener: {why}")]
+    NotThisListener { path: PathBuf, why: String },
 }
 
 /// A packet header (virtio_vsock_hdr), host-endian fields.
@@ -457,6 +463,9 @@ impl crate::transport::HostInput for VsockInput {
 pub struct Vsock {
     config: [u8; 8],
     backend: Arc<Mutex<Backend>>,
+    /// A restore must tell the driver its connections are gone (Firecracker does the
+    /// same): an event waits for the driver's next event buffer.
+    reset_pending: bool,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -482,7 +491,55 @@ impl Vsock {
                 path: uds_path.to_path_buf(),
                 source,
             })?;
-        Ok(Vsock {
+        Ok(Self::with_listener(cid, uds_path, listener))
+    }
+
+    /// The listening socket another VMM bound at `uds_path` (a migration's source on
+    /// this host, [`crate::HostHandle::VsockListener`]): host programs that connect
+    /// during the move wait in its backlog. Refused unless it is a Unix socket that
+    /// listens at that path (the source is not trusted).
+    pub fn from_listener_fd(
+        cid: u64,
+        uds_path: &Path,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<Vsock, VsockError> {
+        let not = |why: String| VsockError::NotThisListener {
+            path: uds_path.to_path_buf(),
+            why,
+        };
+        let mut on: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_ACCEPTCONN writes one int into `on`, whose size `len` gives.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut on as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 || on == 0 {
+            return Err(not("not a listening socket".into()));
+        }
+        let listener = UnixListener::from(fd);
+        let at = listener
+            .local_addr()
+            .map_err(|e| not(e.to_string()))?
+            .as_pathname()
+            .map(Path::to_path_buf);
+        if at.as_deref() != Some(uds_path) {
+            return Err(not(format!("it listens at {at:?}")));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| not(e.to_string()))?;
+        Ok(Self::with_listener(cid, uds_path, listener))
+    }
+
+    fn with_listener(cid: u64, uds_path: &Path, listener: UnixListener) -> Vsock {
+        Vsock {
+            reset_pending: false,
             config: cid.to_le_bytes(),
             backend: Arc::new(Mutex::new(Backend {
                 cid,
@@ -493,7 +550,7 @@ impl Vsock {
                 rx: VecDeque::new(),
                 next_port: FIRST_LOCAL_PORT,
             })),
-        })
+        }
     }
 
     /// The host sockets, as the device's I/O thread waits for them.
@@ -523,6 +580,25 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+
+    fn host_handles(&self) -> std::io::Result<Option<crate::HostHandle>> {
+        use std::os::fd::AsFd;
+        let b = self.lock();
+        Ok(Some(crate::HostHandle::VsockListener {
+            path: b.uds_path.clone(),
+            fd: b.listener.as_fd().try_clone_to_owned()?,
+        }))
+    }
+
+    fn reset(&mut self) {
+        self.reset_pending = false;
+    }
+
+    fn restored(&mut self) -> Option<usize> {
+        // The host ends of the guest's connections stayed with the VMM it left.
+        self.reset_pending = true;
+        Some(EVENT_QUEUE)
     }
 
     fn process_queue(
@@ -573,6 +649,26 @@ impl VirtioDevice for Vsock {
                         .add_used(mem, chain.head, len)
                         .map_err(|_| DeviceError::BadRequest("cannot add to the used ring"))?;
                     outcome.used = true;
+                }
+            }
+            EVENT_QUEUE if self.reset_pending => {
+                // Without a buffer it waits for the driver's next notify of this queue.
+                if let Some(chain) = queue.pop_descriptor_chain(mem) {
+                    let chain = Chain::collect(chain, size, mem)?;
+                    let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+                    let room: u64 = chain.writable.iter().map(|d| u64::from(d.len())).sum();
+                    let len = if room >= event.len() as u64 {
+                        scatter(mem, &chain.writable, &event)?;
+                        event.len() as u32
+                    } else {
+                        0
+                    };
+                    queue
+                        .add_used(mem, chain.head, len)
+                        .map_err(|_| DeviceError::BadRequest("cannot add to the used ring"))?;
+                    self.reset_pending = false;
+                    outcome.used = true;
+                    tracing::info!("vsock: transport reset sent to the driver");
                 }
             }
             _ => {}

@@ -614,6 +614,12 @@ impl VmConfig {
         let Some(want) = expected else {
             return Ok(());
         };
+        // Where vsock's host socket is, is the destination's to say, as its serial output
+        // is (a daemon puts it in the domain's run folder, which differs between daemons);
+        // the device binds it afresh there.
+        if let (Some(v), Some(w)) = (self.vsock.as_mut(), want.vsock.as_ref()) {
+            v.uds_path = w.uds_path.clone();
+        }
         let mut got = self.as_defined();
         got.serial = want.serial.clone();
         if got != want.as_defined() {

@@ -228,7 +228,16 @@ impl QueueCounts {
 
 /// The VM's virtio devices, in the order their GSIs, MMIO windows and PCI slots are
 /// assigned.
-fn virtio_devices(config: &VmConfig, counts: &QueueCounts) -> Result<Vec<VirtioSetup>, VmmError> {
+fn virtio_devices(
+    config: &VmConfig,
+    counts: &QueueCounts,
+    handover: Option<&Mutex<crate::migration::Handover>>,
+) -> Result<Vec<VirtioSetup>, VmmError> {
+    let take = |f: &mut dyn FnMut(&mut crate::migration::Handover)| {
+        if let Some(h) = handover {
+            f(&mut h.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    };
     let mut devs: Vec<VirtioSetup> = Vec::new();
     let machine = config.virtio_transport;
     for (i, disk) in config.disks.iter().enumerate() {
@@ -285,7 +294,17 @@ fn virtio_devices(config: &VmConfig, counts: &QueueCounts) -> Result<Vec<VirtioS
             None => virtio::net::default_mac(&net.tap),
         };
         let (pairs, one_will_do) = counts.nets.get(i).copied().unwrap_or((1, false));
-        let taps = match virtio::tap::Tap::open_queues(&net.tap, usize::from(pairs)) {
+        let mut handed = None;
+        take(&mut |h| handed = h.take_tap(&net.tap));
+        let opened = match handed {
+            // The queues the migration's source had open: as many as it used.
+            Some(fds) => fds
+                .into_iter()
+                .map(|fd| virtio::tap::Tap::from_fd(&net.tap, fd))
+                .collect::<Result<Vec<_>, _>>(),
+            None => virtio::tap::Tap::open_queues(&net.tap, usize::from(pairs)),
+        };
+        let taps = match opened {
             Ok(taps) => taps,
             Err(e) if pairs > 1 && one_will_do => {
                 // A TAP made without multi_queue takes one queue only: not an error
@@ -337,7 +356,12 @@ fn virtio_devices(config: &VmConfig, counts: &QueueCounts) -> Result<Vec<VirtioS
         ));
     }
     if let Some(v) = &config.vsock {
-        let dev = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?;
+        let mut handed = None;
+        take(&mut |h| handed = h.take_vsock(&v.uds_path));
+        let dev = match handed {
+            Some(fd) => virtio::vsock::Vsock::from_listener_fd(v.guest_cid, &v.uds_path, fd)?,
+            None => virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path)?,
+        };
         let io = IoThreadSetup {
             name: "vsock".into(),
             host_input: Some(Box::new(dev.host_input())),
@@ -594,7 +618,11 @@ impl Vmm {
         }
 
         // Virtio devices are opened first: the ACPI tables describe them.
-        let virtio = virtio_devices(&config, &QueueCounts::of(&config, restore))?;
+        let virtio = virtio_devices(
+            &config,
+            &QueueCounts::of(&config, restore),
+            restore.map(|r| &r.handover),
+        )?;
         let places = placements(&virtio);
         let mmio_windows: Vec<VirtioMmioDevice> = places
             .iter()
@@ -1065,6 +1093,9 @@ impl Vmm {
             if r.received.is_none() && vm.dirty_log_is_free() {
                 let _ = vm.take_dirty_log();
             }
+            // What the devices must tell their drivers about the move (vsock's
+            // transport reset), before the guest runs.
+            snapshotter.after_restore();
             tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");
         }
 

@@ -194,4 +194,24 @@ impl DeviceCore {
             .store(snap.interrupt_status, Ordering::Release);
         Ok(())
     }
+
+    /// The device's host descriptors for a migration's destination on this host.
+    pub fn host_handles(&self) -> std::io::Result<Option<crate::HostHandle>> {
+        self.lock().device.host_handles()
+    }
+
+    /// Once a restored VM is built, before its vCPUs run: runs the queue the device asks
+    /// for to tell a running driver about the move ([`crate::VirtioDevice::restored`]).
+    pub fn after_restore(&self) {
+        let queue = {
+            let mut st = self.lock();
+            if st.status & status::DRIVER_OK == 0 {
+                return;
+            }
+            st.device.restored()
+        };
+        if let Some(q) = queue {
+            self.process_queue(q);
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! `send` is the source's side (`PUT /migration/send`), `receive` the destination's
 //! (`vessel run --incoming URL`), `wire` the stream they share.
 
+pub mod fds;
 pub mod receive;
 pub mod send;
 pub mod wire;
@@ -61,17 +62,18 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
-/// A connection of either kind.
+/// A connection of either kind. A Unix one keeps the descriptors that came with the
+/// bytes read so far (`fds`), for the HANDLES record to claim.
 #[derive(Debug)]
 pub enum Conn {
-    Unix(UnixStream),
+    Unix(UnixStream, Vec<std::os::fd::OwnedFd>),
     Tcp(TcpStream),
 }
 
 impl Conn {
     pub fn connect(to: &Endpoint) -> std::io::Result<Conn> {
         Ok(match to {
-            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?, Vec::new()),
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a.as_str())?;
                 s.set_nodelay(true)?;
@@ -82,8 +84,25 @@ impl Conn {
 
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
-            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Unix(s, _) => s.set_read_timeout(t),
             Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Writes `data` with `fds` attached where the connection can carry them (Unix);
+    /// over TCP the descriptors stay behind.
+    fn write_with_fds(&mut self, data: &[u8], fds: &[std::os::fd::OwnedFd]) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s, _) => fds::send(s, data, fds),
+            Conn::Tcp(s) => s.write_all(data),
+        }
+    }
+
+    /// The descriptors received so far, taken.
+    fn take_fds(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        match self {
+            Conn::Unix(_, got) => std::mem::take(got),
+            Conn::Tcp(_) => Vec::new(),
         }
     }
 }
@@ -91,7 +110,7 @@ impl Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.read(buf),
+            Conn::Unix(s, got) => fds::recv(s, buf, got),
             Conn::Tcp(s) => s.read(buf),
         }
     }
@@ -100,15 +119,81 @@ impl Read for Conn {
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.write(buf),
+            Conn::Unix(s, _) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Conn::Unix(s) => s.flush(),
+            Conn::Unix(s, _) => s.flush(),
             Conn::Tcp(s) => s.flush(),
         }
+    }
+}
+
+/// What a HANDLES record says its descriptors are, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HandleKind {
+    /// `queues` descriptors: the queues of the TAP device `name`.
+    Tap { name: String, queues: u32 },
+    /// One descriptor: vsock's listening socket at `path`.
+    Vsock { path: PathBuf },
+}
+
+/// Host descriptors a migration's source on this host handed over, for the VM's
+/// devices to take instead of opening their TAP or binding their socket again.
+#[derive(Debug, Default)]
+pub struct Handover {
+    taps: std::collections::HashMap<String, Vec<std::os::fd::OwnedFd>>,
+    vsock: std::collections::HashMap<PathBuf, std::os::fd::OwnedFd>,
+}
+
+impl Handover {
+    /// Pairs the descriptors received with what the record says they are; None when
+    /// their count is not the one it says (they did not come through: a relay that
+    /// passes bytes only), so the devices open theirs by name.
+    pub fn of(kinds: &[HandleKind], mut fds: Vec<std::os::fd::OwnedFd>) -> Option<Handover> {
+        let want: usize = kinds
+            .iter()
+            .map(|k| match k {
+                HandleKind::Tap { queues, .. } => *queues as usize,
+                HandleKind::Vsock { .. } => 1,
+            })
+            .sum();
+        if want != fds.len() {
+            return None;
+        }
+        let mut h = Handover::default();
+        let mut rest = fds.drain(..);
+        for k in kinds {
+            match k {
+                HandleKind::Tap { name, queues } => {
+                    let q: Vec<_> = rest.by_ref().take(*queues as usize).collect();
+                    h.taps.insert(name.clone(), q);
+                }
+                HandleKind::Vsock { path } => {
+                    if let Some(fd) = rest.next() {
+                        h.vsock.insert(path.clone(), fd);
+                    }
+                }
+            }
+        }
+        Some(h)
+    }
+
+    /// The queues of TAP `name`, if they were handed over.
+    pub fn take_tap(&mut self, name: &str) -> Option<Vec<std::os::fd::OwnedFd>> {
+        self.taps.remove(name)
+    }
+
+    /// vsock's listener at `path`, if it was handed over.
+    pub fn take_vsock(&mut self, path: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
+        self.vsock.remove(path)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.taps.is_empty() && self.vsock.is_empty()
     }
 }
 

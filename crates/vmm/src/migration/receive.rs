@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{wire, Conn, Endpoint, MigrationError};
+use super::{wire, Conn, Endpoint, HandleKind, Handover, MigrationError};
 use crate::snapshot::{Loaded, SnapshotError, VmSnapshot};
 
 /// The most guest RAM a layout may ask for before its configuration arrives.
@@ -32,7 +32,7 @@ impl Listener {
 
     fn accept(&self) -> std::io::Result<Conn> {
         Ok(match self {
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0, Vec::new()),
             Listener::Tcp(l) => {
                 let s = l.accept()?.0;
                 s.set_nodelay(true)?;
@@ -93,9 +93,10 @@ fn allocate(regions: &[(u64, u64)]) -> Result<GuestMemoryMmap, MigrationError> {
 
 /// Reads the stream into memory until its end; the state it carried.
 fn read_stream(
-    r: &mut impl Read,
+    r: &mut BufReader<Conn>,
     memory: &GuestMemoryMmap,
     pages: &mut u64,
+    handover: &mut Handover,
 ) -> Result<VmSnapshot, MigrationError> {
     let mut state = None;
     let mut buf = vec![0u8; wire::PAGE * wire::MAX_RUN as usize];
@@ -143,6 +144,25 @@ fn read_stream(
                     .map_err(|e| invalid(format!("its state does not parse: {e}")))?;
                 state = Some(snap);
             }
+            wire::Record::Handles(body) => {
+                let kinds: Vec<HandleKind> = serde_json::from_slice(&body)
+                    .map_err(|e| invalid(format!("its handle list does not parse: {e}")))?;
+                // Every byte up to the record's end has been read from the socket, so
+                // descriptors attached to it are in.
+                let fds = r.get_mut().take_fds();
+                let got = fds.len();
+                match Handover::of(&kinds, fds) {
+                    Some(h) => {
+                        tracing::info!(handles = ?kinds, "host descriptors handed over");
+                        *handover = h;
+                    }
+                    None => tracing::info!(
+                        got,
+                        "the source's host descriptors did not come through: the devices \
+                         open theirs by name"
+                    ),
+                }
+            }
             wire::Record::End => return state.ok_or_else(|| invalid("it ended without a state")),
         }
     }
@@ -177,7 +197,8 @@ pub fn receive_as(
         };
         let memory = allocate(&regions)?;
         let mut pages = 0;
-        let mut snapshot = read_stream(&mut r, &memory, &mut pages)?;
+        let mut handover = Handover::default();
+        let mut snapshot = read_stream(&mut r, &memory, &mut pages, &mut handover)?;
         snapshot
             .config
             .adopt_files(expected)
@@ -196,16 +217,17 @@ pub fn receive_as(
             .into());
         }
         crate::snapshot::check_host(&snapshot)?;
-        Ok((snapshot, memory, pages))
+        Ok((snapshot, memory, pages, handover))
     })();
     let mut conn = r.into_inner();
     match result {
-        Ok((snapshot, memory, pages)) => Ok(Incoming {
+        Ok((snapshot, memory, pages, handover)) => Ok(Incoming {
             loaded: Loaded {
                 snapshot,
                 state_path: from.to_string().into(),
                 mem_path: from.to_string().into(),
                 received: Some(memory),
+                handover: std::sync::Mutex::new(handover),
             },
             conn,
             pages,

@@ -239,6 +239,20 @@ impl Snapshotter {
                 let body = serde_json::to_vec(&state)
                     .map_err(|e| crate::snapshot::SnapshotError::Encode(e.to_string()))?;
                 wire::write_state(&mut s.w, &body)?;
+                // TAP queues and vsock's listener go along to a destination on this host
+                // (a Unix socket), which takes them over as they are: frames and
+                // connections that come meanwhile wait in them. Over TCP the destination
+                // opens its own by name.
+                let (kinds, fds) = self.host_handles()?;
+                if !kinds.is_empty() && matches!(s.w.get_ref(), Conn::Unix(..)) {
+                    let list = serde_json::to_vec(&kinds)
+                        .map_err(|e| crate::snapshot::SnapshotError::Encode(e.to_string()))?;
+                    s.w.flush()?;
+                    s.w.get_mut()
+                        .write_with_fds(&wire::handles_record(&list), &fds)?;
+                    s.report.bytes += 9 + list.len() as u64;
+                }
+                drop(fds);
                 // The destination opens the disks next: this VMM, stopped, lets go of its
                 // image locks (QEMU inactivates its block devices here), and takes them
                 // back if the VM stays.

@@ -7,6 +7,8 @@
 //! PAGES    u8 2, u64 gpa, u32 count, count × 4096 bytes
 //! ZERO     u8 3, u64 gpa, u32 count                 (pages that are all zero)
 //! STATE    u8 4, u64 len, len bytes: the snapshot state file's JSON body
+//! HANDLES  u8 6, u64 len, len bytes: JSON list of the descriptors attached to the
+//!          record's bytes with SCM_RIGHTS (Unix streams only; optional)
 //! END      u8 5
 //! answer   (destination → source) u8 0: running; u8 1, u32 len, UTF-8 reason: refused
 //! ```
@@ -33,6 +35,9 @@ pub const PAGES: u8 = 2;
 pub const ZERO: u8 = 3;
 pub const STATE: u8 = 4;
 pub const END: u8 = 5;
+pub const HANDLES: u8 = 6;
+/// The largest HANDLES body a destination reads.
+const MAX_HANDLES: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -53,6 +58,7 @@ pub enum Record {
     Pages { gpa: u64, count: u32 },
     Zero { gpa: u64, count: u32 },
     State(Vec<u8>),
+    Handles(Vec<u8>),
     End,
 }
 
@@ -123,6 +129,15 @@ pub fn write_state(w: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
     w.write_all(body)
 }
 
+/// A HANDLES record whole, to be written with its descriptors attached.
+pub fn handles_record(body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + body.len());
+    v.push(HANDLES);
+    v.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
 pub fn write_end(w: &mut impl Write) -> std::io::Result<()> {
     w.write_all(&[END])
 }
@@ -164,6 +179,15 @@ pub fn read_record(r: &mut impl Read) -> Result<Record, WireError> {
             let mut body = vec![0u8; len as usize];
             r.read_exact(&mut body)?;
             Ok(Record::State(body))
+        }
+        HANDLES => {
+            let len = u64_of(r)?;
+            if len > MAX_HANDLES {
+                return Err(WireError::Invalid(format!("a handle list of {len} bytes")));
+            }
+            let mut body = vec![0u8; len as usize];
+            r.read_exact(&mut body)?;
+            Ok(Record::Handles(body))
         }
         END => Ok(Record::End),
         other => Err(WireError::Invalid(format!("unknown record type {other}"))),

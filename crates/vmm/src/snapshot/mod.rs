@@ -239,9 +239,6 @@ pub(crate) fn cpuid_fingerprint(entries: &[CpuIdEntry]) -> u64 {
 
 /// What the VM has that a snapshot cannot capture yet; None when it can be taken.
 pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
-    if config.vsock.is_some() {
-        return Some("virtio-vsock (its host connections)".into());
-    }
     if config
         .firmware
         .as_deref()
@@ -409,6 +406,47 @@ impl Snapshotter {
         Ok(times)
     }
 
+    /// Runs, in each restored device, what it must tell its driver about the move.
+    pub(crate) fn after_restore(&self) {
+        for t in &self.virtio {
+            let core = match t {
+                VirtioTransport::Mmio(t) => lock(t).core(),
+                VirtioTransport::Pci(t) => lock(t).core(),
+            };
+            core.after_restore();
+        }
+    }
+
+    /// Duplicates of the host descriptors the VM's devices work through (TAP queues,
+    /// vsock listeners), with what each is, for a migration's destination on this host.
+    pub(crate) fn host_handles(
+        &self,
+    ) -> std::io::Result<(Vec<crate::migration::HandleKind>, Vec<std::os::fd::OwnedFd>)> {
+        use crate::migration::HandleKind;
+        let (mut kinds, mut fds) = (Vec::new(), Vec::new());
+        for t in &self.virtio {
+            let core = match t {
+                VirtioTransport::Mmio(t) => lock(t).core(),
+                VirtioTransport::Pci(t) => lock(t).core(),
+            };
+            match core.host_handles()? {
+                Some(virtio::HostHandle::Tap { name, queues }) => {
+                    kinds.push(HandleKind::Tap {
+                        name,
+                        queues: queues.len() as u32,
+                    });
+                    fds.extend(queues);
+                }
+                Some(virtio::HostHandle::VsockListener { path, fd }) => {
+                    kinds.push(HandleKind::Vsock { path });
+                    fds.push(fd);
+                }
+                None => {}
+            }
+        }
+        Ok((kinds, fds))
+    }
+
     /// The paused VM's state, its memory laid out as [`memory::layout`] places it.
     pub(crate) fn state(&self) -> Result<VmSnapshot, SnapshotError> {
         let accel_err = |source| SnapshotError::Accel {
@@ -472,6 +510,9 @@ pub struct Loaded {
     pub mem_path: PathBuf,
     /// Guest memory received from a migration's source, used instead of `mem_path`.
     pub received: Option<GuestMemoryMmap>,
+    /// TAP queues and vsock listeners a migration's source on this host handed over
+    /// (taken by the devices that use them).
+    pub handover: Mutex<crate::migration::Handover>,
 }
 
 impl Loaded {
@@ -527,6 +568,7 @@ pub fn load_as(
         state_path: state_path.into(),
         mem_path: mem_path.into(),
         received: None,
+        handover: Mutex::default(),
     })
 }
 
