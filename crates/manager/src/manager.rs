@@ -422,7 +422,7 @@ impl Manager {
             self.detach_interfaces(&def);
         }
         for t in taps {
-            network::delete_tap(&t);
+            network::release_tap(&t);
         }
         let event = match end {
             End::Rebooted => "rebooted",
@@ -811,7 +811,7 @@ impl Manager {
         crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
-        let runtime = self.attach_interfaces(&def)?;
+        let runtime = self.attach_interfaces(&def, matches!(boot, driver::Boot::Incoming))?;
         if let driver::Boot::Restore(dir) = boot {
             if let Err(e) = driver.check_state(dir, &def, &runtime, &run) {
                 self.detach_interfaces(&def);

@@ -511,6 +511,53 @@ pub fn mac_for(dom: &DomainDef, i: usize) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
 }
 
+/// Whether a process has TAP `tap` open: an attached queue turns its carrier on (a
+/// persistent TAP nobody holds has none). Read from sysfs; false for a TAP that is down.
+pub fn tap_in_use(tap: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/carrier")).is_ok_and(|c| c.trim() == "1")
+}
+
+/// The bridge an interface is enslaved to, if any.
+pub fn master_of(link: &str) -> Option<String> {
+    std::fs::read_link(format!("/sys/class/net/{link}/master"))
+        .ok()?
+        .file_name()?
+        .to_str()
+        .map(str::to_string)
+}
+
+/// A TAP for a domain migrating in from another daemon on this host: its source's VMM
+/// still holds the TAP of this name (the names follow the domain's UUID) and hands its
+/// queues to the VMM here with the VM (`vmm::migration::fds`), so it is kept as it is,
+/// when it is on the bridge this daemon would put it on; otherwise made afresh. Returns
+/// whether it was kept.
+pub fn take_over_tap(tap: &str, bridge: &str) -> Result<bool> {
+    if link_exists(tap) && tap_in_use(tap) {
+        let on = master_of(tap);
+        if on.as_deref() == Some(bridge) {
+            return Ok(true);
+        }
+        return Err(Error::Conflict(format!(
+            "TAP {tap} is in use on {} here, not on bridge {bridge}",
+            on.as_deref().unwrap_or("no bridge")
+        )));
+    }
+    create_tap(tap, bridge).map(|()| false)
+}
+
+/// Removes TAP `tap` unless a VMM still holds it: after a migration to another daemon
+/// on this host the VMM there goes on with it.
+pub fn release_tap(tap: &str) {
+    if tap_in_use(tap) {
+        tracing::info!(
+            tap,
+            "TAP still in use (the domain migrated on this host): kept"
+        );
+        return;
+    }
+    delete_tap(tap);
+}
+
 /// Creates a TAP device on `bridge`.
 pub fn create_tap(tap: &str, bridge: &str) -> Result<()> {
     if link_exists(tap) {

@@ -53,6 +53,9 @@ struct Daemon {
     netns: bool,
     /// Extra environment for the daemon (and so its VMMs).
     env: Vec<(&'static str, &'static str)>,
+    /// Run the daemon in this named network namespace (`ip netns exec`), which other
+    /// daemons of the test share.
+    named_ns: Option<String>,
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -83,6 +86,7 @@ impl Daemon {
             child: None,
             netns: false,
             env: Vec::new(),
+            named_ns: None,
         };
         d.spawn();
         d
@@ -99,6 +103,23 @@ impl Daemon {
             child: None,
             netns: true,
             env: Vec::new(),
+            named_ns: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// A daemon in the named network namespace `ns` (made by the test, shared).
+    fn start_in_named_netns(tag: &str, ns: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            netns: false,
+            env: Vec::new(),
+            named_ns: Some(ns.to_string()),
         };
         d.spawn();
         d
@@ -125,7 +146,11 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let mut cmd = if self.netns {
+        let mut cmd = if let Some(ns) = &self.named_ns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, EXE]);
+            c
+        } else if self.netns {
             let mut c = Command::new("unshare");
             c.args(["--net", "--", EXE]);
             c
@@ -1081,6 +1106,7 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
         child: None,
         netns: false,
         env: vec![("VESSEL_SECCOMP_SELFTEST", "vcpu")],
+        named_ns: None,
     };
     let _ = std::fs::remove_dir_all(&bad.dir);
     std::fs::create_dir_all(&bad.dir).unwrap();
@@ -4025,31 +4051,196 @@ fn vessel_domain_migrates_live_between_daemons() {
     assert!(all[resumed] > *there.last().unwrap(), "{all:?}");
     src.ok(&["destroy", "mover"]);
 
-    // A domain the source VMM cannot migrate (vsock) is refused after the destination
-    // defined it and started its VMM: the destination forgets it again.
-    let mut pinned = def.clone();
-    pinned["name"] = json!("pinned");
-    pinned["vm"]["vsock"] = json!({"guest_cid": 3, "uds_path": ""});
-    at_src.post("/v1/domains", Some(&pinned)).unwrap();
-    at_src.post("/v1/domains/pinned/start", None).unwrap();
-    wait_state(&at_src, "pinned", "running", Duration::from_secs(10));
-    let e = src.fails(&[
+    // A domain with a vsock device migrates too: its socket is in the domain's run
+    // folder, which is each daemon's own, so the destination's VMM binds its own there
+    // (a new host connection reaches the guest at the destination).
+    let mut v = def.clone();
+    v["name"] = json!("withvsock");
+    v["vm"]["vsock"] = json!({"guest_cid": 3, "uds_path": ""});
+    at_src.post("/v1/domains", Some(&v)).unwrap();
+    at_src.post("/v1/domains/withvsock/start", None).unwrap();
+    wait_count(&at_src, "withvsock", 3, "the vsock domain's boot");
+    let out = src.ok(&[
         "migrate",
-        "pinned",
+        "withvsock",
         "--live",
         dst.socket().to_str().unwrap(),
     ]);
-    assert!(e.contains("vsock"), "{e}");
+    assert!(out.contains("migrated"), "{out}");
+    wait_state(&at_src, "withvsock", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "withvsock"), "running");
+    let last = *counts(&at_src, "withvsock").last().unwrap();
+    wait_count(
+        &at_dst,
+        "withvsock",
+        last + 3,
+        "the vsock domain at the destination",
+    );
+    let sock = dst.dir.join("state/run/withvsock/vsock.sock");
+    let mut s = UnixStream::connect(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    // No guest program listens on the port: the device answers the CONNECT with the
+    // connection's end, as it does for any port nobody listens on.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT 9999\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
     assert!(
-        at_dst.get("/v1/domains/pinned").is_err(),
-        "the failed migration left the domain defined at the destination"
+        !String::from_utf8_lossy(&answer).starts_with("OK"),
+        "{answer:?}"
+    );
+    dst.ok(&["destroy", "withvsock"]);
+}
+
+/// A network namespace the test makes (with what it holds), deleted at the end.
+struct NamedNs(String);
+
+impl NamedNs {
+    fn new(tag: &str) -> NamedNs {
+        let ns = NamedNs(format!("vessel-{tag}-{}", std::process::id()));
+        let st = Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(st.success(), "ip netns add failed (needs root)");
+        ns
+    }
+
+    /// `ip -n NS ARGS`, which must succeed.
+    fn ip(&self, args: &[&str]) {
+        let o = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Whether the guest at `ip` answers a ping from the namespace within `tries` s.
+    fn pings(&self, ip: &str, tries: u32) -> bool {
+        (0..tries).any(|_| {
+            // The assets' busybox: the host may have no ping of its own.
+            Command::new("ip")
+                .args(["netns", "exec", &self.0])
+                .arg(assets().join("busybox"))
+                .args(["ping", "-c1", "-W1", ip])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+
+    /// A file under /sys/class/net in the namespace (sysfs is the namespace's there).
+    fn sys(&self, path: &str) -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.0, "cat"])
+            .arg(format!("/sys/class/net/{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+}
+
+impl Drop for NamedNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Issue 17: a Vessel domain with an interface on a host bridge migrates live to another
+/// daemon on the same host (both in a namespace the test makes, with the bridge). The
+/// TAP's name follows the domain's UUID, so both daemons name it alike: the destination
+/// keeps the TAP the source's VMM holds (in use, on the same bridge) instead of making it
+/// again, the source's VMM hands its queue over with the VM (SCM_RIGHTS, through the
+/// source daemon's relay), and the source does not remove a TAP the destination's VMM
+/// holds. The guest answers pings from the bridge before and after, its count goes on
+/// without a gap or repeat, and the TAP goes when the domain is destroyed there.
+#[test]
+fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
+    let ns = NamedNs::new("mignet");
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["link", "add", "vtbr0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vtbr0"]);
+    ns.ip(&["link", "set", "vtbr0", "up"]);
+    let src = Daemon::start_in_named_netns("nmigsrc", &ns.0);
+    let dst = Daemon::start_in_named_netns("nmigdst", &ns.0);
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let mut def = counting_vessel_domain("netmover");
+    def["interfaces"] = json!([{"bridge": "vtbr0", "mac": "52:54:00:78:00:05"}]);
+    let counting = COUNTING.strip_prefix("vessel.run=").unwrap();
+    def["vm"]["cmdline"] = json!(format!(
+        "console=ttyS0 panic=-1 quiet \
+         vessel.run=ip+link+set+eth0+up;ip+addr+add+10.78.0.5/24+dev+eth0;{counting}"
+    ));
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/netmover/start", None).unwrap();
+    wait_count(&at_src, "netmover", 3, "first boot");
+    let tap = at_src.get("/v1/domains/netmover/interfaces").unwrap()[0]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        ns.pings("10.78.0.5", 20),
+        "the guest does not answer on the bridge: {}\n{}",
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", &ns.0, "-d", "link"])
+                .output()
+                .unwrap()
+                .stdout
+        ),
+        serial_log(&at_src, "netmover")
+    );
+
+    let out = src.ok(&[
+        "migrate",
+        "netmover",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    assert!(out.contains("migrated"), "{out}");
+    wait_state(&at_src, "netmover", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "netmover"), "running");
+    let last = *counts(&at_src, "netmover").last().unwrap();
+    wait_count(&at_dst, "netmover", last + 5, "at the destination");
+    let both = parse_counts(&format!(
+        "{}{}",
+        serial_log(&at_src, "netmover"),
+        serial_log(&at_dst, "netmover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+    // The same TAP, still on the bridge, held by the destination's VMM.
+    assert_eq!(
+        ns.sys(&format!("{tap}/carrier")),
+        "1",
+        "TAP {tap} is not in use"
     );
     assert!(
-        dst.run_pids().is_empty(),
-        "a VMM is left at the destination"
+        ns.sys(&format!("{tap}/master/uevent"))
+            .contains("INTERFACE=vtbr0"),
+        "TAP {tap} left the bridge"
     );
-    assert_eq!(state(&at_src, "pinned"), "running");
-    src.ok(&["destroy", "pinned"]);
+    assert!(
+        ns.pings("10.78.0.5", 20),
+        "the guest does not answer after the migration"
+    );
+
+    dst.ok(&["destroy", "netmover"]);
+    let t0 = Instant::now();
+    while !ns.sys(&format!("{tap}/carrier")).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "TAP {tap} is left after the domain ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `migrate --live tcp://HOST:PORT` between daemons that share no socket or file: the
@@ -4252,6 +4443,7 @@ fn vessel_domain_managedsave_and_save_on_shutdown() {
         child: None,
         netns: false,
         env: Vec::new(),
+        named_ns: None,
     };
     let _ = std::fs::remove_dir_all(&d.dir);
     std::fs::create_dir_all(&d.dir).unwrap();

@@ -72,6 +72,41 @@ fn pump<A: Duplex, B: Duplex>(from: A, to: B) -> std::io::Result<u64> {
         .unwrap_or_else(|_| Err(std::io::Error::other("the relay thread panicked")))
 }
 
+/// [`pump`] between two Unix sockets, passing on the descriptors that come with the
+/// source's bytes (SCM_RIGHTS: the TAP queues and vsock listener a VMM hands to a
+/// destination on this host, `vmm::migration::fds`), which a plain copy would drop.
+fn pump_unix(from: UnixStream, to: UnixStream) -> std::io::Result<u64> {
+    use vmm::migration::fds;
+    let (from_r, to_w) = (from.try_clone()?, to.try_clone()?);
+    let forward = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let mut got = Vec::new();
+            let n = match fds::recv(&from_r, &mut buf, &mut got) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    to_w.close_write();
+                    return Err(e);
+                }
+            };
+            fds::send(&to_w, &buf[..n], &got)?;
+            total += n as u64;
+        }
+        to_w.close_write();
+        Ok(total)
+    });
+    let (mut to_r, mut from_w) = (to, from);
+    let _ = std::io::copy(&mut to_r, &mut from_w);
+    let _ = from_w.flush();
+    from_w.close_write();
+    forward
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the relay thread panicked")))
+}
+
 /// Where the source daemon passes the stream on to.
 enum Target {
     /// The destination VMM's socket (both daemons on one file system).
@@ -101,7 +136,7 @@ fn relay(listener: UnixListener, target: Target) -> std::io::Result<u64> {
     let (from, _) = accept_one(|| listener.accept())?;
     from.set_nonblocking(false)?;
     match target {
-        Target::Unix(dest) => pump(from, UnixStream::connect(&dest)?),
+        Target::Unix(dest) => pump_unix(from, UnixStream::connect(&dest)?),
         Target::Tcp { addr, nonce } => {
             let mut to = TcpStream::connect(&addr)?;
             to.set_nodelay(true)?;

@@ -45,7 +45,7 @@ pub struct NetworkInfo {
 impl Manager {
     /// The definition the VMM gets: each interface becomes a TAP device on its network's
     /// (or the named) bridge, in `vm.nets`.
-    pub(super) fn attach_interfaces(&self, def: &DomainDef) -> Result<DomainDef> {
+    pub(super) fn attach_interfaces(&self, def: &DomainDef, incoming: bool) -> Result<DomainDef> {
         let mut rt = def.clone();
         let mut made: Vec<String> = Vec::new();
         let r = (|| -> Result<()> {
@@ -54,8 +54,14 @@ impl Manager {
                     continue;
                 };
                 let tap = network::tap_name(def, i);
-                network::create_tap(&tap, &bridge)?;
-                made.push(tap.clone());
+                if incoming {
+                    if !network::take_over_tap(&tap, &bridge)? {
+                        made.push(tap.clone());
+                    }
+                } else {
+                    network::create_tap(&tap, &bridge)?;
+                    made.push(tap.clone());
+                }
                 rt.vm.nets.push(vmm::config::NetConfig {
                     tap,
                     mac: Some(network::mac_for(def, i)),
@@ -105,7 +111,7 @@ impl Manager {
 
     pub(super) fn detach_interfaces(&self, def: &DomainDef) {
         for i in 0..def.interfaces.len() {
-            network::delete_tap(&network::tap_name(def, i));
+            network::release_tap(&network::tap_name(def, i));
         }
     }
 

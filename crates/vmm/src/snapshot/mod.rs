@@ -8,8 +8,8 @@
 //! recipe as a boot with the kernel loading replaced by the saved state.
 //!
 //! What is refused, before any file is written (create) or any device started (load):
-//! a VM that is not paused; an accelerator that cannot snapshot (hybrid); devices
-//! whose state is not captured yet (vsock); on load, a file
+//! a VM that is not paused; an accelerator that cannot snapshot (hybrid); UEFI
+//! firmware; on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
 //! size, a disk whose size changed, another accelerator, or a host whose CPU features
 //! differ from the snapshot's.
@@ -753,15 +753,17 @@ mod tests {
         format::write(&state, &serde_json::to_vec(&v).unwrap()).unwrap();
         let e = load(&state, &mem).unwrap_err().to_string();
         assert!(e.contains("is corrupt"), "{e}");
-        // What cannot be snapshotted yet is refused on load too.
+        // A vsock device's snapshot loads (its host connections are not in it: the
+        // restored device resets the driver's).
         let mut vsock = good;
         vsock.config.vsock = Some(crate::config::VsockConfig {
             guest_cid: 3,
             uds_path: "/tmp/v.sock".into(),
         });
         write(&dir, &vsock, 64 << 20);
-        let e = load(&state, &mem).unwrap_err().to_string();
-        assert!(e.contains("vsock"), "{e}");
+        if let Err(e) = load(&state, &mem) {
+            panic!("a vsock VM's snapshot was refused: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
