@@ -759,4 +759,24 @@ mod tests {
         drop(v);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A handed-over descriptor is taken only when it is a socket listening at the
+    /// device's path (a TAP's, only when it is that TAP); a restored device asks for its
+    /// event queue to be run (the transport reset; `snapshot.rs` sees the guest get it).
+    #[test]
+    fn handed_over_descriptors_are_checked() {
+        let dir = std::env::temp_dir().join(format!("vsock-hand-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (p, q) = (dir.join("a.sock"), dir.join("b.sock"));
+        let l = UnixListener::bind(&p).unwrap();
+        let fd = || std::os::fd::OwnedFd::from(l.try_clone().unwrap());
+        let null = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(Vsock::from_listener_fd(3, &q, fd()).is_err());
+        assert!(Vsock::from_listener_fd(3, &p, null()).is_err());
+        assert!(crate::tap::Tap::from_fd("vtap0", null()).is_err());
+        let mut v = Vsock::from_listener_fd(3, &p, fd()).unwrap();
+        assert_eq!(v.restored(), Some(EVENT_QUEUE));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

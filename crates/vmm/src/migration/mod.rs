@@ -264,6 +264,37 @@ impl From<std::io::Error> for MigrationError {
 mod tests {
     use super::*;
 
+    /// A HANDLES record reads back as written, and its descriptors go to the devices
+    /// only when as many came as it lists.
+    #[test]
+    fn handles_pair_with_their_descriptors_only_when_all_came() {
+        let kinds = vec![
+            HandleKind::Tap {
+                name: "vtap0".into(),
+                queues: 2,
+            },
+            HandleKind::Vsock {
+                path: "/run/v.sock".into(),
+            },
+        ];
+        let body = serde_json::to_vec(&kinds).unwrap();
+        let mut r = std::io::Cursor::new(wire::handles_record(&body));
+        let wire::Record::Handles(got) = wire::read_record(&mut r).unwrap() else {
+            panic!("not a HANDLES record");
+        };
+        assert_eq!(
+            serde_json::from_slice::<Vec<HandleKind>>(&got).unwrap(),
+            kinds
+        );
+        let fd = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(Handover::of(&kinds, vec![fd(), fd()]).is_none());
+        let mut h = Handover::of(&kinds, vec![fd(), fd(), fd()]).unwrap();
+        assert_eq!(h.take_tap("vtap0").map(|q| q.len()), Some(2));
+        assert!(h.take_tap("other").is_none());
+        assert!(h.take_vsock(std::path::Path::new("/run/v.sock")).is_some());
+        assert!(h.is_empty());
+    }
+
     #[test]
     fn endpoints_parse_as_qemu_writes_them() {
         assert_eq!(
