@@ -162,12 +162,15 @@ impl Tap {
         if req.flags & want != want {
             return Err(not(format!("its flags are {:#x}", req.flags)));
         }
-        // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+        // SAFETY: F_GETFL on a descriptor this function owns.
         let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if fl < 0
-            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
-        {
+        let set = if fl < 0 {
+            fl
+        } else {
+            // SAFETY: F_SETFL with the flags just read, on the same descriptor.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }
+        };
+        if fl < 0 || set < 0 {
             return Err(TapError::Configure {
                 name: name.to_string(),
                 op: "O_NONBLOCK",
