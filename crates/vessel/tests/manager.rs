@@ -4232,6 +4232,23 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
         "the guest does not answer after the migration"
     );
 
+    // save / restore and a named snapshot's revert with the interface: the domain's TAP
+    // is made again on the bridge, the guest answers, its count goes on.
+    let save = dst.dir.join("netmover.save");
+    let out = dst.ok(&["save", "netmover", save.to_str().unwrap()]);
+    assert!(out.contains("saved to"), "{out}");
+    let at_save = *counts(&at_dst, "netmover").last().unwrap();
+    let out = dst.ok(&["restore", save.to_str().unwrap()]);
+    assert!(out.contains("restored"), "{out}");
+    wait_count(&at_dst, "netmover", at_save + 5, "after the restore");
+    assert!(ns.pings("10.78.0.5", 20), "no answer after the restore");
+    dst.ok(&["snapshot-create-as", "netmover", "here"]);
+    let at_snap = *counts(&at_dst, "netmover").last().unwrap();
+    wait_count(&at_dst, "netmover", at_snap + 5, "after the snapshot");
+    dst.ok(&["snapshot-revert", "netmover", "here"]);
+    wait_count(&at_dst, "netmover", at_snap + 10, "after the revert");
+    assert!(ns.pings("10.78.0.5", 20), "no answer after the revert");
+
     dst.ok(&["destroy", "netmover"]);
     let t0 = Instant::now();
     while !ns.sys(&format!("{tap}/carrier")).is_empty() {
