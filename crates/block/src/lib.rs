@@ -52,6 +52,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -145,6 +146,29 @@ pub trait BlockBackend: Send + fmt::Debug {
     /// Status of a run starting at `offset` (at most `len` bytes): returns the status and
     /// the run's length (> 0 when `len` > 0).
     fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError>;
+    /// The reads and writes of this disk that several threads may do at once, without
+    /// the `&mut` access the rest of this trait needs (raw images: positioned I/O on the
+    /// file, nothing of ours to update). None when every request needs that access
+    /// (qcow2: its tables and allocation). Whatever it returns stays this disk's: flush,
+    /// discard and the others still go through the backend, and see its writes.
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        None
+    }
+}
+
+/// Positioned reads and writes of a disk that several threads issue at once (see
+/// [`BlockBackend::shared_io`]): each request as the backend's method of the same name.
+pub trait SharedIo: Send + Sync + fmt::Debug {
+    /// As [`BlockBackend::read_vectored_at`].
+    fn read_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> Result<(), BlockError>;
+    /// As [`BlockBackend::try_read_vectored_at`].
+    fn try_read_vectored_at(&self, offset: u64, bufs: &mut [io::IoSliceMut<'_>]) -> bool;
+    /// As [`BlockBackend::write_vectored_at`].
+    fn write_vectored_at(&self, offset: u64, bufs: &[io::IoSlice<'_>]) -> Result<(), BlockError>;
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
@@ -191,6 +215,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError> {
         (**self).block_status(offset, len)
+    }
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        (**self).shared_io()
     }
 }
 

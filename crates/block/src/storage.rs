@@ -9,8 +9,9 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
-/// Positioned I/O on the file that holds an image.
-pub trait Storage: Send + Debug {
+/// Positioned I/O on the file that holds an image. Shared between threads: a raw disk's
+/// requests from several queues run on it at once ([`crate::SharedIo`]).
+pub trait Storage: Send + Sync + Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the file if needed.
