@@ -7,6 +7,9 @@
 //! the lock released, the requests run against the disk, reading and writing guest RAM in
 //! place (`preadv`/`pwritev` on iovecs that point into it for raw images), and the
 //! transport publishes their completions together, with at most one interrupt.
+//! A raw image's reads and writes take no lock at all ([`block::SharedIo`]), so the
+//! batches of several queues (a multi-queue disk, each vCPU on its own) run at once;
+//! qcow2 requests, flushes, discards and write-zeroes take the disk's lock.
 //! VIRTIO_RING_F_EVENT_IDX is offered: the driver kicks only when it passes the
 //! avail_event we publish after each batch, and we interrupt only when used_event asks.
 
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use block::BlockBackend;
+use block::{BlockBackend, BlockError, SharedIo};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -62,7 +65,7 @@ const MAX_DISCARD_PAYLOAD: u64 = 4096;
 pub struct Block {
     /// Its own lock, not the device's: requests run against it after the device lock is
     /// released.
-    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
+    disk: Arc<Disk>,
     id: [u8; ID_BYTES],
     read_only: bool,
     /// In bytes; shared with [`BlockHandle`], which changes it with the backing file.
@@ -73,6 +76,51 @@ pub struct Block {
     inline_writes: Arc<InlineWrites>,
     /// One size per request queue: several with VIRTIO_BLK_F_MQ ([`Block::with_queues`]).
     queue_sizes: Vec<u16>,
+}
+
+/// A disk's backend and, where the backend has one, the path its reads and writes take
+/// without the backend's lock ([`BlockBackend::shared_io`], raw images): requests of
+/// several queues, served by several threads, then run at the same time.
+#[derive(Debug)]
+struct Disk {
+    backend: Mutex<Box<dyn BlockBackend>>,
+    /// The backend's shared path, swapped with it (under its lock).
+    shared: Mutex<Option<Arc<dyn SharedIo>>>,
+}
+
+impl Disk {
+    fn new(backend: Box<dyn BlockBackend>) -> Self {
+        Disk {
+            shared: Mutex::new(backend.shared_io()),
+            backend: Mutex::new(backend),
+        }
+    }
+
+    fn backend(&self) -> std::sync::MutexGuard<'_, Box<dyn BlockBackend>> {
+        // A panic in a backend is a bug already reported; its state is the best there is.
+        self.backend.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backend, unless someone holds it: they may be doing I/O.
+    fn try_backend(&self) -> Option<std::sync::MutexGuard<'_, Box<dyn BlockBackend>>> {
+        self.backend.try_lock().ok()
+    }
+
+    /// The shared path of the backend serving now, if it has one.
+    fn shared(&self) -> Option<Arc<dyn SharedIo>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Serves from `backend` from now on; requests already running finish on the old
+    /// one (those on its shared path keep it alive until they do).
+    fn replace(&self, backend: Box<dyn BlockBackend>) {
+        let mut b = self.backend();
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = backend.shared_io();
+        *b = backend;
+    }
 }
 
 /// The most request queues a disk offers (Linux maps at most one per CPU).
@@ -157,7 +205,7 @@ pub struct BlockCounters {
 /// driver its configuration changed (the capacity).
 #[derive(Clone)]
 pub struct BlockHandle {
-    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
+    disk: Arc<Disk>,
     capacity: Arc<AtomicU64>,
     limiter: Arc<Mutex<RateLimiter>>,
     counters: Arc<BlockCounters>,
@@ -174,9 +222,8 @@ impl std::fmt::Debug for BlockHandle {
 impl BlockHandle {
     /// Serves the disk from `backend` from now on; returns the new capacity in bytes.
     pub fn replace_backend(&self, backend: Box<dyn BlockBackend>) -> u64 {
-        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = backend.size() / SECTOR_SIZE * SECTOR_SIZE;
-        *disk = backend;
+        self.disk.replace(backend);
         self.capacity.store(bytes, Ordering::Release);
         bytes
     }
@@ -322,7 +369,7 @@ impl Block {
         config[56] = 1;
         Block {
             capacity: Arc::new(AtomicU64::new(sectors * SECTOR_SIZE)),
-            disk: Arc::new(Mutex::new(disk)),
+            disk: Arc::new(Disk::new(disk)),
             id: idb,
             read_only,
             config,
@@ -487,7 +534,7 @@ impl Block {
 
 /// Requests taken off the ring, to run without the device lock.
 struct Batch {
-    disk: Arc<Mutex<Box<dyn BlockBackend>>>,
+    disk: Arc<Disk>,
     id: [u8; ID_BYTES],
     requests: Vec<Request>,
     /// The rate limiter stopped the batch with requests left on the ring.
@@ -497,29 +544,35 @@ struct Batch {
 }
 
 impl Batch {
-    fn disk(&self) -> std::sync::MutexGuard<'_, Box<dyn BlockBackend>> {
-        // A panic in a backend is a bug already reported; its state is the best there is.
-        self.disk.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Run one request if it needs no waiting on the host: a read served from the page
     /// cache, a small write to a raw image ([`InlineWrites`]), an ID, a status. None when
     /// it would wait (or is a flush, discard, a large write, a write to an image with
-    /// metadata).
-    fn try_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Option<Result<(u8, u32), DeviceError>> {
+    /// metadata). `shared`: the disk's shared path ([`Disk::shared`]).
+    fn try_one(
+        &self,
+        mem: &GuestMemoryMmap,
+        op: &Op,
+        shared: Option<&dyn SharedIo>,
+    ) -> Option<Result<(u8, u32), DeviceError>> {
         let Op::Read { offset, data } = op else {
             return match op {
-                Op::GetId { .. } | Op::Status(_) => Some(self.run_one(mem, op)),
+                Op::GetId { .. } | Op::Status(_) => Some(self.run_one(mem, op, shared)),
                 Op::Write { offset, data }
                     if self.inline_writes.allowed(data.iter().map(|s| s.len).sum()) =>
                 {
-                    // Never wait for the disk's lock: whoever holds it may be doing I/O.
-                    let mut disk = self.disk.try_lock().ok()?;
-                    if !disk.writes_in_place() {
-                        return None;
-                    }
                     let before = voluntary_switches();
-                    let r = write(&mut **disk, mem, *offset, data);
+                    let r = match shared {
+                        Some(io) => write(mem, *offset, data, |b| io.write_vectored_at(*offset, b)),
+                        None => {
+                            // Never wait for the disk's lock: whoever holds it may be
+                            // doing I/O.
+                            let mut disk = self.disk.try_backend()?;
+                            if !disk.writes_in_place() {
+                                return None;
+                            }
+                            write(mem, *offset, data, |b| disk.write_vectored_at(*offset, b))
+                        }
+                    };
                     self.inline_writes.done(before, voluntary_switches());
                     Some(r)
                 }
@@ -538,10 +591,14 @@ impl Batch {
                 IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
             })
             .collect();
-        // Never wait for the disk's lock either: whoever holds it may be doing I/O.
-        let mut disk = self.disk.try_lock().ok()?;
-        let done = disk.try_read_vectored_at(*offset, &mut bufs);
-        drop(disk);
+        let done = match shared {
+            Some(io) => io.try_read_vectored_at(*offset, &mut bufs),
+            // Never wait for the disk's lock either: whoever holds it may be doing I/O.
+            None => self
+                .disk
+                .try_backend()?
+                .try_read_vectored_at(*offset, &mut bufs),
+        };
         // Reported even when not done: part of the buffers may have been filled.
         for s in data {
             crate::ram_watch::wrote(s.addr.0, s.len);
@@ -554,9 +611,15 @@ impl Batch {
     }
 
     /// Run one request; returns its status and the bytes it wrote into guest buffers.
-    fn run_one(&self, mem: &GuestMemoryMmap, op: &Op) -> Result<(u8, u32), DeviceError> {
+    /// Reads and writes take the disk's shared path when it has one (`shared`).
+    fn run_one(
+        &self,
+        mem: &GuestMemoryMmap,
+        op: &Op,
+        shared: Option<&dyn SharedIo>,
+    ) -> Result<(u8, u32), DeviceError> {
         // What failed is only formatted when something did.
-        let status = |r: Result<(), block::BlockError>, what: &dyn Fn() -> String| match r {
+        let status = |r: Result<(), BlockError>, what: &dyn Fn() -> String| match r {
             Ok(()) => S_OK,
             Err(e) => {
                 tracing::warn!("virtio-blk {}: {e}", what());
@@ -576,7 +639,10 @@ impl Batch {
                         IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
                     })
                     .collect();
-                let r = self.disk().read_vectored_at(*offset, &mut bufs);
+                let r = match shared {
+                    Some(io) => io.read_vectored_at(*offset, &mut bufs),
+                    None => self.disk.backend().read_vectored_at(*offset, &mut bufs),
+                };
                 // Before the used ring publishes it: a guest that sees the data may run it
                 // (reported even after a failure, which may have filled part of it).
                 for s in data {
@@ -588,8 +654,13 @@ impl Batch {
                     s => (s, 0),
                 }
             }
-            Op::Write { offset, data } => write(&mut **self.disk(), mem, *offset, data)?,
-            Op::Flush => (status(self.disk().flush(), &|| "flush".into()), 0),
+            Op::Write { offset, data } => match shared {
+                Some(io) => write(mem, *offset, data, |b| io.write_vectored_at(*offset, b))?,
+                None => write(mem, *offset, data, |b| {
+                    self.disk.backend().write_vectored_at(*offset, b)
+                })?,
+            },
+            Op::Flush => (status(self.disk.backend().flush(), &|| "flush".into()), 0),
             Op::GetId { data, len } => {
                 let mut left = &self.id[..*len];
                 for s in data {
@@ -602,7 +673,7 @@ impl Batch {
                 (S_OK, *len as u32)
             }
             Op::Zero { discard, ranges } => {
-                let mut disk = self.disk();
+                let mut disk = self.disk.backend();
                 let mut st = S_OK;
                 for &(off, len) in ranges {
                     let r = if *discard {
@@ -622,13 +693,13 @@ impl Batch {
     }
 }
 
-/// Writes the guest buffers `data` to `disk` at `offset`: the status and the bytes
+/// Writes the guest buffers `data` at `offset` with `to_disk`: the status and the bytes
 /// written into guest buffers (none).
 fn write(
-    disk: &mut dyn BlockBackend,
     mem: &GuestMemoryMmap,
     offset: u64,
     data: &[Segment],
+    to_disk: impl FnOnce(&[IoSlice<'_>]) -> Result<(), BlockError>,
 ) -> Result<(u8, u32), DeviceError> {
     let ranges = host_ranges(mem, data).map_err(DeviceError::GuestMemory)?;
     let bufs: Vec<IoSlice<'_>> = ranges
@@ -640,7 +711,7 @@ fn write(
             IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
         })
         .collect();
-    match disk.write_vectored_at(offset, &bufs) {
+    match to_disk(&bufs) {
         Ok(()) => Ok((S_OK, 0)),
         Err(e) => {
             tracing::warn!("virtio-blk write at {offset:#x}: {e}");
@@ -694,8 +765,9 @@ impl QueueWork for Batch {
             throttled: self.throttled,
             ..WorkDone::default()
         };
+        let shared = self.disk.shared();
         for req in &self.requests {
-            match self.finish(mem, req, self.run_one(mem, &req.op)) {
+            match self.finish(mem, req, self.run_one(mem, &req.op, shared.as_deref())) {
                 Ok(len) => done.used.push((req.head, len)),
                 Err(e) => {
                     done.error = Some(e);
@@ -709,8 +781,9 @@ impl QueueWork for Batch {
     fn run_nowait(&mut self, mem: &GuestMemoryMmap) -> WorkDone {
         let mut done = WorkDone::default();
         let mut served = 0;
+        let shared = self.disk.shared();
         for req in &self.requests {
-            let Some(result) = self.try_one(mem, &req.op) else {
+            let Some(result) = self.try_one(mem, &req.op, shared.as_deref()) else {
                 break;
             };
             served += 1;

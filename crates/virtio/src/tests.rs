@@ -2184,3 +2184,108 @@ fn a_restored_two_pair_nic_keeps_using_both_pairs() {
     let (one, _) = net(u64::MAX);
     assert_eq!(one.t.core().snapshot().queue_pairs, None);
 }
+
+/// A file whose reads at offset 0 wait until the test lets them go; reads elsewhere
+/// answer at once. Every byte read is its sector's number with the top bit set.
+#[derive(Debug)]
+struct GatedFile {
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl block::Storage for GatedFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset == 0 {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().unwrap().recv();
+        }
+        buf.fill((offset >> 9) as u8 | 0x80);
+        Ok(())
+    }
+    fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn file_len(&self) -> std::io::Result<u64> {
+        Ok(1 << 20)
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, _: u64, _: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        Ok(1 << 20)
+    }
+}
+
+#[test]
+fn a_raw_disks_queues_serve_requests_while_another_queue_waits_on_the_disk() {
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let file = GatedFile {
+        entered: entered_tx,
+        release: Mutex::new(release_rx),
+    };
+    let raw = block::Raw::new(Box::new(file), false).unwrap();
+    let dev = Block::new(Box::new(raw), "gated-mq", false).with_queues(2);
+    let d = Driver::new(Box::new(dev)).init(QSIZE);
+    // One read on each queue: queue 0's of sector 0 (held by the file), queue 1's of
+    // sector 8. Each queue's ring has its own avail index.
+    for (q, sector) in [(0u64, 0u64), (1, 8)] {
+        let base = q * 0x4000;
+        let (hdr, buf, st) = (HDR + q * 0x1000, BUF + q * 0x1000, ST + q * 0x100);
+        d.header(hdr, 0, sector);
+        d.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+        for (i, (addr, len, flags)) in [(hdr, 16u32, 0u16), (buf, 512, F_WRITE), (st, 1, F_WRITE)]
+            .into_iter()
+            .enumerate()
+        {
+            let at = DESC + base + i as u64 * 16;
+            let next = if i < 2 { F_NEXT } else { 0 };
+            d.mem.write_obj(addr, GuestAddress(at)).unwrap();
+            d.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            d.mem
+                .write_obj(flags | next, GuestAddress(at + 12))
+                .unwrap();
+            d.mem
+                .write_obj(i as u16 + 1, GuestAddress(at + 14))
+                .unwrap();
+        }
+        d.mem
+            .write_obj(0u16, GuestAddress(AVAIL + base + 4))
+            .unwrap();
+        d.mem
+            .write_obj(1u16, GuestAddress(AVAIL + base + 2))
+            .unwrap();
+    }
+    let core = d.t.core();
+    let waiting = {
+        let core = core.clone();
+        std::thread::spawn(move || core.process_queue(0))
+    };
+    entered
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("queue 0's read reached the file");
+    // Queue 0's request holds its queue; queue 1's runs beside it, on this thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = {
+        let core = core.clone();
+        std::thread::spawn(move || tx.send(core.process_queue(1)).unwrap())
+    };
+    let done = rx.recv_timeout(std::time::Duration::from_secs(5));
+    // Let queue 0 finish whatever happened, so the threads end.
+    release.send(()).unwrap();
+    let done = done.expect("queue 1 waited for queue 0's request on the disk");
+    assert!(done.is_some_and(|o| o.used), "{done:?}");
+    assert_eq!(d.used_since(1, 0), vec![(0, 513)]);
+    assert_eq!(d.byte(BUF + 0x1000), 0x88);
+    assert_eq!(d.byte(ST + 0x100), 0);
+    assert!(waiting.join().unwrap().is_some_and(|o| o.used));
+    other.join().unwrap();
+    assert_eq!(d.used_since(0, 0), vec![(0, 513)]);
+    assert_eq!(d.byte(BUF), 0x80);
+}

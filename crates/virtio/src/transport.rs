@@ -306,12 +306,16 @@ struct CoreState {
 /// whichever thread runs the device.
 pub struct DeviceCore {
     state: Mutex<CoreState>,
-    /// Held by whoever runs a device's work outside `state` (disk I/O), and by a driver
-    /// reset, which so waits for work in progress. Always taken before `state`.
-    in_flight: Mutex<()>,
-    /// Requests [`DeviceCore::process_inline`] took off a queue but could not serve
-    /// without waiting, for the I/O thread to finish (taken under `in_flight`).
-    deferred: Mutex<Option<(usize, Box<dyn crate::QueueWork>)>>,
+    /// One per queue: held by whoever runs that queue's work outside `state` (disk
+    /// I/O), so queues served by different threads (vCPUs serving inline, I/O threads)
+    /// run their requests at the same time. A driver reset and a snapshot take them all
+    /// (in queue order), and so wait for all work in progress. Always taken before
+    /// `state`.
+    in_flight: Vec<Mutex<()>>,
+    /// Per queue, requests [`DeviceCore::process_inline`] took off it but could not
+    /// serve without waiting, for the I/O thread to finish (taken under the queue's
+    /// `in_flight`).
+    deferred: Vec<Mutex<Option<Box<dyn crate::QueueWork>>>>,
     interrupt_status: AtomicU32,
     mem: GuestMemoryMmap,
     interrupt: Box<dyn Interrupt>,
@@ -353,7 +357,8 @@ impl DeviceCore {
             .collect();
         let offered = device.features() | VIRTIO_F_VERSION_1;
         let device_type = device.device_type();
-        let signalled = vec![0; device.queue_max_sizes().len()];
+        let count = device.queue_max_sizes().len();
+        let signalled = vec![0; count];
         let moderation = (0..signalled.len())
             .map(|i| Moderation::new(device.moderate_interrupts(i)))
             .collect();
@@ -367,8 +372,8 @@ impl DeviceCore {
                 status: 0,
                 config_generation: 0,
             }),
-            in_flight: Mutex::new(()),
-            deferred: Mutex::new(None),
+            in_flight: (0..count).map(|_| Mutex::new(())).collect(),
+            deferred: (0..count).map(|_| Mutex::new(None)).collect(),
             interrupt_status: AtomicU32::new(0),
             mem,
             interrupt,
@@ -489,14 +494,13 @@ impl DeviceCore {
     pub fn write_status(&self, v: u32) {
         // A reset waits for requests running outside the device lock: once the driver
         // reads status 0 back, the device no longer writes its memory.
-        let _in_flight = (v == 0).then(|| self.lock_in_flight());
+        let _in_flight = (v == 0).then(|| self.lock_all_in_flight());
         let mut st = self.lock();
         if v == 0 {
             // Requests of the rings being reset: never served now.
-            self.deferred
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            for d in &self.deferred {
+                d.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
             for q in &mut st.queues {
                 q.reset();
             }
@@ -539,8 +543,24 @@ impl DeviceCore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_in_flight(&self) -> MutexGuard<'_, ()> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    /// Queue `index`'s `in_flight`; None when there is no such queue.
+    fn lock_in_flight(&self, index: usize) -> Option<MutexGuard<'_, ()>> {
+        let m = self.in_flight.get(index)?;
+        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Every queue's `in_flight`, in queue order (the only order in which more than one
+    /// is ever taken, so two callers never wait for each other's).
+    pub(crate) fn lock_all_in_flight(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.in_flight
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    fn deferred(&self, index: usize) -> Option<MutexGuard<'_, Option<Box<dyn crate::QueueWork>>>> {
+        let m = self.deferred.get(index)?;
+        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The device status register.
@@ -627,11 +647,11 @@ impl DeviceCore {
     /// None when the device did not run: not started, needing a reset, or the queue not
     /// set up.
     pub fn process_queue(&self, index: usize) -> Option<QueueOutcome> {
-        let _in_flight = self.lock_in_flight();
+        let _in_flight = self.lock_in_flight(index)?;
         let mut outcome: Option<QueueOutcome> = None;
         // First what a vCPU took up but left to wait on the host.
-        if let Some((q, used)) = self.finish_deferred() {
-            outcome.get_or_insert_with(QueueOutcome::default).used |= used && q == index;
+        if let Some(used) = self.finish_deferred(index) {
+            outcome.get_or_insert_with(QueueOutcome::default).used |= used;
         }
         // Rounds until the ring stays empty: requests the driver adds while a batch runs
         // are taken up without waiting for another notify.
@@ -672,18 +692,14 @@ impl DeviceCore {
         }
     }
 
-    /// Runs and publishes the requests [`DeviceCore::process_inline`] left, if any
-    /// (`in_flight` held); their queue and whether anything was used.
-    pub(crate) fn finish_deferred(&self) -> Option<(usize, bool)> {
-        let (q, work) = self
-            .deferred
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
+    /// Runs and publishes the requests [`DeviceCore::process_inline`] left on queue
+    /// `index`, if any (its `in_flight` held); whether anything was used.
+    pub(crate) fn finish_deferred(&self, index: usize) -> Option<bool> {
+        let work = self.deferred(index)?.take()?;
         let done = work.run(&self.mem);
         let mut st = self.lock();
-        let (used, _) = self.publish(&mut st, q, done)?;
-        Some((q, used))
+        let (used, _) = self.publish(&mut st, index, done)?;
+        Some(used)
     }
 
     /// Runs the device on queue `index` on the calling (vCPU) thread as far as it can
@@ -692,15 +708,11 @@ impl DeviceCore {
     /// that must wait, requests the driver added meanwhile, a rate limiter's hold), or
     /// to run the queue because the I/O thread is busy with the device now.
     pub fn process_inline(&self, index: usize) -> bool {
-        let Ok(_in_flight) = self.in_flight.try_lock() else {
+        // Only this queue's: another queue's requests may be running meanwhile.
+        let Some(Ok(_in_flight)) = self.in_flight.get(index).map(Mutex::try_lock) else {
             return false;
         };
-        if self
-            .deferred
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        if self.deferred(index).is_none_or(|d| d.is_some()) {
             return false;
         }
         let mut st = self.lock();
@@ -724,7 +736,9 @@ impl DeviceCore {
         };
         drop(st);
         if left {
-            *self.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, work));
+            if let Some(mut d) = self.deferred(index) {
+                *d = Some(work);
+            }
         }
         !(left || more || throttled)
     }

@@ -109,10 +109,12 @@ pub enum RestoreError {
 impl DeviceCore {
     /// The device's state, for a snapshot of a paused VM.
     pub fn snapshot(&self) -> CoreSnapshot {
-        let _in_flight = self.lock_in_flight();
+        let _in_flight = self.lock_all_in_flight();
         // Requests a vCPU took off a ring and left for the I/O thread, which the paused
         // VM's gate keeps out: completed now, or the snapshot would lose them.
-        self.finish_deferred();
+        for index in 0..self.in_flight.len() {
+            self.finish_deferred(index);
+        }
         let st = self.lock();
         CoreSnapshot {
             device_type: self.device_type,
