@@ -707,3 +707,107 @@ fn qcow2_images_stay_consistent_when_the_vmm_is_killed_mid_write() {
         );
     }
 }
+
+/// Each thread of process `pid` by name: its CPU time in clock ticks (user + system) and
+/// its wake-ups (voluntary and involuntary context switches).
+fn thread_activity(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(stat), Ok(status)) = (
+            std::fs::read_to_string(dir.join("stat")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map(|(n, _)| n.to_string())
+            .unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.push((name, ticks, switches));
+    }
+    out
+}
+
+#[test]
+fn the_io_threads_sleep_while_the_guest_is_idle() {
+    let ns = NetNs::new("idle");
+    let dir = TempDir::new("idle");
+    let disk = dir.path().join("scratch.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let uds = dir.path().join("v.sock");
+    let log = dir.path().join("hvc0.log");
+    let mut c = boot_in_ns_with_tap(
+        &ns,
+        "vtapidle",
+        &[
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--disk",
+            &format!("{},format=raw", disk.display()),
+            "--net",
+            "tap=vtapidle",
+            "--vsock",
+            &format!("cid=3,uds={}", uds.display()),
+            "--virtio-console",
+            &format!("file:{}", log.display()),
+        ],
+    );
+    // Every device has had work, so each thread has run and gone back to waiting.
+    c.run(
+        "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up",
+        CMD,
+    );
+    let out = c.run(
+        "ping -c 1 -W 5 10.0.2.1 | grep -c 'bytes from'; \
+         dd if=/dev/vda of=/dev/null bs=64k count=16 2>/dev/null; echo hi > /dev/hvc0; \
+         sleep 2; echo SETTLED",
+        Duration::from_secs(60),
+    );
+    assert!(out.ends_with("SETTLED"), "{out}");
+    let io_thread = |name: &str| {
+        name.starts_with("blk")
+            || name.starts_with("net-")
+            || ["vsock", "hvc", "rng", "console-in", "emu-irqfd"].contains(&name)
+    };
+    let before = thread_activity(c.pid());
+    let names: Vec<&str> = before.iter().map(|(n, ..)| n.as_str()).collect();
+    for want in ["blk0", "net-vtapidle", "vsock", "hvc", "console-in"] {
+        assert!(names.contains(&want), "no {want} thread among {names:?}");
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let after = thread_activity(c.pid());
+    for (name, ticks, switches) in after.iter().filter(|(n, ..)| io_thread(n)) {
+        let Some((_, t0, s0)) = before.iter().find(|(n, ..)| n == name) else {
+            continue;
+        };
+        // A thread that woke on a timeout (a poll every few ms, the old 20 and 100 ms
+        // waits) shows hundreds of wake-ups in 10 s; an idle guest's kernel may still
+        // send a stray frame (an IPv6 or ARP probe), which costs the NIC's thread one.
+        assert!(
+            switches - s0 <= 4,
+            "I/O thread {name} woke {} times in 10 s of an idle guest",
+            switches - s0
+        );
+        assert_eq!(
+            ticks - t0,
+            0,
+            "I/O thread {name} used CPU while the guest idled"
+        );
+    }
+    c.send("poweroff -f");
+    assert_eq!(c.wait_exit(CMD), Some(0));
+}
