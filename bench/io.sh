@@ -11,6 +11,8 @@
 #   VESSEL_BEFORE=path/to/vessel ...    also measures that one, as "vessel-before" and
 #                                       "vessel-pci-before"
 #   IO_CONFIGS=vessel-emu,qemu-q35      only these columns
+#   IO_CPUS=2                           guests with 2 vCPUs (default 1); virtio-pci disks
+#                                       then get a request queue per vCPU on both VMMs
 # Writes end with conv=fsync; reads follow a drop_caches, so both cross the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,23 +39,26 @@ import os, re, select, statistics, subprocess, sys, time
 
 runs, assets, vessel, img, initrd = int(sys.argv[1]), *sys.argv[2:6]
 before = sys.argv[6]
+cpus = os.environ.get("IO_CPUS", "1")
 k = f"{assets}/vmlinuz"
 cmdline = "console=ttyS0 panic=-1 quiet"
 
 def vessel_argv(binary, transport="mmio"):
-    return [binary, "run", "--accel", "emu", "--memory", "256M", "--kernel", k,
-            "--initrd", initrd, "--cmdline", cmdline, "--disk", f"{img},format=raw",
-            "--virtio-transport", transport]
+    return [binary, "run", "--accel", "emu", "--memory", "256M", "--cpus", cpus,
+            "--kernel", k, "--initrd", initrd, "--cmdline", cmdline,
+            "--disk", f"{img},format=raw", "--virtio-transport", transport]
 
 configs = {"vessel-emu": vessel_argv(vessel), "vessel-pci": vessel_argv(vessel, "pci")}
 if before:
     configs["vessel-before"] = vessel_argv(before)
     configs["vessel-pci-before"] = vessel_argv(before, "pci")
 configs["qemu-q35"] = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
+                       "-smp", cpus,
                        "-nographic", "-no-reboot", "-kernel", k, "-initrd", initrd,
                        "-append", cmdline, "-drive", f"file={img},if=virtio,format=raw"]
 # microvm: virtio-mmio, no PCI; QEMU adds the devices to the kernel command line itself.
 configs["qemu-microvm"] = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "256",
+                           "-smp", cpus,
                            "-nographic", "-no-reboot", "-kernel", f"{assets}/vmlinux",
                            "-initrd", initrd, "-append", cmdline,
                            "-drive", f"file={img},if=none,id=d0,format=raw",
@@ -133,7 +138,7 @@ for i in range(runs):
 
 med = lambda xs: statistics.median(xs) if xs else float("nan")
 print(f"\nvirtio-blk: sequential 128 MiB in 1 MiB blocks (MB/s); 4 KiB random O_DIRECT "
-      f"(IOPS); {runs} runs, medians")
+      f"(IOPS); {cpus} vCPU(s); {runs} runs, medians")
 print(f"{'config':<14}" + "".join(f"{c:>15}" for c in cols))
 for n in configs:
     print(f"{n:<14}" + "".join(f"{med(res[n][c]):>15.1f}" for c in cols))
