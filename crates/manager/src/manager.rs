@@ -360,17 +360,33 @@ impl Manager {
         generation: u64,
         status: Option<std::process::ExitStatus>,
     ) -> bool {
+        let current = |row: &Runtime| {
+            let vmm = row.vmm.as_ref().filter(|v| v.generation == generation)?;
+            let end = row
+                .ending
+                .unwrap_or_else(|| driver::of(vmm.id.driver).ended(status));
+            let (state, reason) = state::next(row.state, Event::Ended(end), name).ok()?;
+            Some((end, state, reason))
+        };
+        if self.rows().get(name).and_then(current).is_none() {
+            return false;
+        }
+        // Its TAPs, those attached live included, go while the table still shows this
+        // VMM: a save, shutdown or destroy waits until the VMM is gone from the table, so
+        // a start right after it cannot make a TAP of the same name that this would then
+        // remove from under the new VMM.
+        let taps = self.live_taps(name);
+        if let Ok(def) = self.store.get_domain(name) {
+            self.detach_interfaces(&def);
+        }
+        for t in taps {
+            network::release_tap(&t);
+        }
         let mut rows = self.rows();
         let Some(row) = rows.get_mut(name) else {
             return false;
         };
-        let Some(vmm) = row.vmm.as_ref().filter(|v| v.generation == generation) else {
-            return false;
-        };
-        let end = row
-            .ending
-            .unwrap_or_else(|| driver::of(vmm.id.driver).ended(status));
-        let Ok((state, reason)) = state::next(row.state, Event::Ended(end), name) else {
+        let Some((end, state, reason)) = current(row) else {
             return false;
         };
         let why = match end {
@@ -397,8 +413,6 @@ impl Manager {
                     .join(format!("{name}.vmm.log")),
             );
         }
-        // Its TAPs, those attached live included, go with it.
-        let taps = self.live_taps(name);
         let _ = std::fs::remove_dir_all(&run.0);
         // The domain stops counting as active together with its state and reason, so
         // nobody sees a stopped domain without them; a reboot keeps it running.
@@ -418,12 +432,6 @@ impl Manager {
         crate::driver::release_cgroup(&self.cfg.programs, name, &run);
         drop(rows);
         self.table.changed.notify_all();
-        if let Ok(def) = self.store.get_domain(name) {
-            self.detach_interfaces(&def);
-        }
-        for t in taps {
-            network::release_tap(&t);
-        }
         let event = match end {
             End::Rebooted => "rebooted",
             End::Failed => "crashed",

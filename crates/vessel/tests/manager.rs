@@ -4238,10 +4238,9 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     let out = dst.ok(&["save", "netmover", save.to_str().unwrap()]);
     assert!(out.contains("saved to"), "{out}");
     let at_save = *counts(&at_dst, "netmover").last().unwrap();
-    // The daemon's end of the saved VMM may come after `save` answered; a restore at once
-    // then has its fresh TAP removed by that late end (a race in the daemon, seen here
-    // on a loaded host, not this test's subject): give it its time first.
-    std::thread::sleep(Duration::from_secs(2));
+    // At once: the saved VMM's TAP is gone before `save` answers, so the restore's new
+    // TAP of the same name is not removed by a late end of the old VMM (it was, on a
+    // loaded host, while the daemon released TAPs after marking the VMM gone).
     let out = dst.ok(&["restore", save.to_str().unwrap()]);
     assert!(out.contains("restored"), "{out}");
     wait_count(&at_dst, "netmover", at_save + 5, "after the restore");
