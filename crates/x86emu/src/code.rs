@@ -17,7 +17,7 @@
 //! meanwhile (see [`WriteMap`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 /// Per CPU: how many of its TLB entries let compiled code store to each RAM page, so
 /// that a CPU marking a page finds the CPUs that must strip theirs; and the pages others
@@ -30,6 +30,12 @@ pub(crate) struct WriteMap {
     /// Pages other CPUs marked while this CPU's count for them was not zero.
     requests: Mutex<Vec<usize>>,
     pending: AtomicBool,
+    /// The owning CPU's kick flag (see `Cpu::set_kick`): a request raises it, so the CPU
+    /// leaves a chain of compiled blocks (where it may store through an entry the request
+    /// is about) at its next backward edge and strips, instead of running on in the chain
+    /// (a spin loop whose PAUSEs stay compiled can) and storing to the code unnoted after
+    /// the marking CPU already looked for writes at a serialising instruction.
+    kick: OnceLock<Arc<AtomicBool>>,
 }
 
 impl WriteMap {
@@ -38,6 +44,7 @@ impl WriteMap {
             counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             requests: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            kick: OnceLock::new(),
         }
     }
 
@@ -107,6 +114,14 @@ impl WriteMap {
             .unwrap_or_else(PoisonError::into_inner)
             .push(pfn);
         self.pending.store(true, Ordering::Release);
+        if let Some(k) = self.kick.get() {
+            k.store(true, Ordering::Release);
+        }
+    }
+
+    /// The owning CPU's kick flag, raised with each request; the first one given stays.
+    pub(crate) fn set_kick(&self, flag: Arc<AtomicBool>) {
+        let _ = self.kick.set(flag);
     }
 }
 

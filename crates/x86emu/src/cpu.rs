@@ -321,6 +321,7 @@ impl Core {
     /// between blocks and returns [`RunExit::Kicked`] when it is up and the CPU can take
     /// an interrupt (without it, such an event waits for the end of the run).
     pub fn set_kick(&mut self, flag: Arc<AtomicBool>) {
+        self.tlb.writers.set_kick(flag.clone());
         self.kick = Some(flag);
     }
 
