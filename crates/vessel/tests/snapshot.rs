@@ -30,31 +30,7 @@ struct Vm {
 
 impl Vm {
     fn spawn(args: &[&std::ffi::OsStr]) -> Vm {
-        let mut child = vessel()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vessel");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let o = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Vm {
-            child: Guarded(child),
-            stdin,
-            out,
-        }
+        Vm::spawn_with(vessel(), args)
     }
 
     fn text(&self) -> String {
@@ -1522,7 +1498,8 @@ impl Drop for NetNs {
 }
 
 impl Vm {
-    /// [`Vm::spawn`] with the command given (a vessel in a namespace).
+    /// A VMM from `cmd` (`vessel()`, or a vessel in a namespace) with `args`, its output
+    /// collected as it comes.
     fn spawn_with(mut cmd: std::process::Command, args: &[&std::ffi::OsStr]) -> Vm {
         let mut child = cmd
             .args(args)
