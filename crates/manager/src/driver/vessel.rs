@@ -287,13 +287,18 @@ pub(super) fn vessel_command(
     run: &RunDir,
     log: &Path,
 ) -> Result<Command> {
-    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
-        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
-    write_private(&run.config(), &json)?;
+    write_vessel_config(def, run)?;
     let mut c = Command::new(&p.vessel);
     c.arg("run").arg("--config").arg(run.config());
     vessel_control_args(p, &mut c, run, log)?;
     Ok(c)
+}
+
+/// Writes [`vessel_config`] to the run folder's config file, which `--config` names.
+fn write_vessel_config(def: &DomainDef, run: &RunDir) -> Result<()> {
+    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
+        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
+    write_private(&run.config(), &json)
 }
 
 /// The `VmConfig` a Vessel VMM runs for `def` (its runtime definition, TAPs attached) in
@@ -333,9 +338,7 @@ fn vessel_restore_command(
     run: &RunDir,
     log: &Path,
 ) -> Result<Command> {
-    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
-        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
-    write_private(&run.config(), &json)?;
+    write_vessel_config(def, run)?;
     let mut c = Command::new(&p.vessel);
     c.arg("run")
         .arg("--restore")
@@ -354,9 +357,7 @@ fn vessel_incoming_command(
     run: &RunDir,
     log: &Path,
 ) -> Result<Command> {
-    let json = serde_json::to_vec_pretty(&vessel_config(def, run))
-        .map_err(|e| Error::invalid("domain", format!("{}: {e}", def.name)))?;
-    write_private(&run.config(), &json)?;
+    write_vessel_config(def, run)?;
     let mut c = Command::new(&p.vessel);
     c.arg("run")
         .arg("--incoming")
