@@ -275,6 +275,22 @@ impl ChipState {
         }
     }
 
+    /// The timers every vCPU's tick advances: interrupts held past their time go out
+    /// (see `pulse_irq_line_moderated`), and a PIT edge pulses ISA IRQ 0 (missed periods
+    /// collapse into one edge). True if either raised something.
+    fn tick_shared(&mut self, now_ns: u64) -> bool {
+        let mut raised = false;
+        if self.held_until.is_some_and(|due| Instant::now() >= due) {
+            raised |= self.release_held();
+        }
+        if self.pit.tick(now_ns) > 0 {
+            self.set_irq_line(PIT_GSI, true);
+            self.set_irq_line(PIT_GSI, false);
+            raised = true;
+        }
+        raised
+    }
+
     /// After a LAPIC register write: send its IPI and pass level EOIs to the IOAPIC.
     fn after_lapic_write(&mut self, cpu: usize, ipi: Option<super::Ipi>) {
         let sender = self.lapics[cpu].id();
@@ -831,15 +847,7 @@ impl UserIrqChip {
     /// raise their vectors, and the vCPUs with something pending are woken.
     pub fn tick(&self, now_ns: u64) {
         let mut st = self.lock();
-        // Held interrupts whose time is up (see `pulse_irq_line_moderated`).
-        if st.held_until.is_some_and(|due| Instant::now() >= due) {
-            st.release_held();
-        }
-        if st.pit.tick(now_ns) > 0 {
-            // Missed periods collapse into one edge.
-            st.set_irq_line(PIT_GSI, true);
-            st.set_irq_line(PIT_GSI, false);
-        }
+        st.tick_shared(now_ns);
         for l in &mut st.lapics {
             l.tick(now_ns);
         }
@@ -853,15 +861,7 @@ impl UserIrqChip {
     pub fn tick_cpu(&self, cpu: u32, now_ns: u64) {
         let Some(i) = self.index(cpu) else { return };
         let mut st = self.lock();
-        let mut shared = false;
-        if st.held_until.is_some_and(|due| Instant::now() >= due) {
-            shared |= st.release_held();
-        }
-        if st.pit.tick(now_ns) > 0 {
-            st.set_irq_line(PIT_GSI, true);
-            st.set_irq_line(PIT_GSI, false);
-            shared = true;
-        }
+        let shared = st.tick_shared(now_ns);
         st.lapics[i].tick(now_ns);
         if shared {
             self.notify(&mut st);
