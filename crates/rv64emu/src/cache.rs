@@ -25,6 +25,15 @@ struct Jump {
     block: u32,
 }
 
+/// A block's way to compiled code: its code once it ran `Jit::threshold` times, its runs
+/// until then, and the physical address it was decoded from (names its code for perf).
+#[derive(Clone, Copy, Debug)]
+struct Compiling {
+    code: Option<Code>,
+    runs: u32,
+    pa: u64,
+}
+
 /// Blocks live in an arena and are named by index: the run loop copies each instruction
 /// out by index, so no reference count is touched per block (an `Arc` per block cost a
 /// third of the run time in atomic increments and decrements).
@@ -37,13 +46,9 @@ pub struct BlockCache {
     /// the hash lookup of the block at each block boundary (a third of the run time).
     jumps: Box<[Jump]>,
     gen: u32,
-    /// Per block: its compiled code once it ran `Jit::threshold` times, and its runs
-    /// until then. The code holds the addresses of the block's instructions, so both go
-    /// together (`flush`).
-    code: Vec<Option<Code>>,
-    runs: Vec<u32>,
-    /// Per block: the physical address it was decoded from (names its code for perf).
-    pas: Vec<u64>,
+    /// Per block, its way to compiled code. The code holds the addresses of the block's
+    /// instructions, so both go together (`flush`).
+    state: Vec<Compiling>,
     jit: Option<Jit>,
 }
 
@@ -54,9 +59,7 @@ impl Default for BlockCache {
             blocks: Vec::new(),
             jumps: vec![Jump::default(); JUMP_SIZE].into_boxed_slice(),
             gen: 1,
-            code: Vec::new(),
-            runs: Vec::new(),
-            pas: Vec::new(),
+            state: Vec::new(),
             jit: jit_from_env(),
         }
     }
@@ -108,9 +111,11 @@ impl BlockCache {
         }
         let id = self.blocks.len() as u32;
         self.blocks.push(block.into_boxed_slice());
-        self.code.push(None);
-        self.runs.push(0);
-        self.pas.push(pa);
+        self.state.push(Compiling {
+            code: None,
+            runs: 0,
+            pa,
+        });
         self.index.insert(pa, id);
         id
     }
@@ -118,9 +123,7 @@ impl BlockCache {
     pub fn flush(&mut self) {
         self.index.clear();
         self.blocks.clear();
-        self.code.clear();
-        self.runs.clear();
-        self.pas.clear();
+        self.state.clear();
         if let Some(j) = &mut self.jit {
             j.reset();
         }
@@ -132,11 +135,11 @@ impl BlockCache {
     #[inline]
     pub fn code(&mut self, id: u32) -> Option<Code> {
         let i = id as usize;
-        if let Some(c) = self.code.get(i).copied().flatten() {
+        if let Some(c) = self.state.get(i).and_then(|c| c.code) {
             return Some(c);
         }
         let threshold = self.jit.as_ref()?.threshold;
-        let runs = self.runs.get_mut(i)?;
+        let runs = &mut self.state.get_mut(i)?.runs;
         *runs += 1;
         if *runs < threshold {
             return None;
@@ -147,7 +150,7 @@ impl BlockCache {
     #[cold]
     fn compile(&mut self, i: usize) -> Option<Code> {
         let jit = self.jit.as_mut()?;
-        let pa = self.pas.get(i).copied().unwrap_or(0);
+        let pa = self.state.get(i)?.pa;
         let code = match jit.compile(self.blocks.get(i)?, pa) {
             Some(c) => c,
             None => {
@@ -156,7 +159,7 @@ impl BlockCache {
                 return None;
             }
         };
-        *self.code.get_mut(i)? = Some(code);
+        self.state.get_mut(i)?.code = Some(code);
         Some(code)
     }
 

@@ -150,9 +150,21 @@ impl Emit<'_> {
     fn leave(&mut self, code: u32) {
         self.bytes(&[0xb8]);
         self.u32(code);
+        self.jmp_exit();
+    }
+
+    /// `jmp exit`, patched once the shared exit is placed.
+    fn jmp_exit(&mut self) {
         self.bytes(&[0xe9]);
         self.exits.push(self.b.len());
         self.u32(0);
+    }
+
+    /// `rax = pc + delta` (the PC of the block's start plus an offset from it).
+    fn pc_plus(&mut self, delta: u64) {
+        self.load(RAX, pc_off());
+        self.imm(RCX, delta);
+        self.bytes(&[0x48, 0x01, 0xc8]); // add rax, rcx
     }
 
     /// `jcc rel32` to a label placed later; returns the field to patch.
@@ -341,9 +353,7 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
         }
         Auipc => {
             if rd != 0 {
-                e.load(RAX, pc_off());
-                e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
-                e.bytes(&[0x48, 0x01, 0xc8]);
+                e.pc_plus(u64::from(i.off).wrapping_add(i.imm as u64));
                 e.store(RAX, xoff(rd));
             }
         }
@@ -361,22 +371,17 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
                 _ => CC_B,
             };
             let skip = e.jcc_forward(not_taken);
-            e.load(RAX, pc_off());
-            e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
-            e.bytes(&[0x48, 0x01, 0xc8]);
+            e.pc_plus(u64::from(i.off).wrapping_add(i.imm as u64));
             e.store(RAX, pc_off());
             e.leave(exit_code(i, Flow::Jump));
             e.patch_here(skip);
         }
         Jal => {
-            e.load(RAX, pc_off());
             if rd != 0 {
-                e.imm(RCX, u64::from(i.off) + u64::from(i.len));
-                e.bytes(&[0x48, 0x01, 0xc1]); // add rcx, rax
-                e.store(RCX, xoff(rd));
+                e.pc_plus(u64::from(i.off) + u64::from(i.len));
+                e.store(RAX, xoff(rd));
             }
-            e.imm(RCX, u64::from(i.off).wrapping_add(i.imm as u64));
-            e.bytes(&[0x48, 0x01, 0xc8]);
+            e.pc_plus(u64::from(i.off).wrapping_add(i.imm as u64));
             e.store(RAX, pc_off());
             e.leave(exit_code(i, Flow::Jump));
         }
@@ -387,9 +392,7 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
             e.bytes(&[0x48, 0x01, 0xca]); // add rdx, rcx
             e.bytes(&[0x48, 0x83, 0xe2, 0xfe]); // and rdx, -2
             if rd != 0 {
-                e.load(RAX, pc_off());
-                e.imm(RCX, u64::from(i.off) + u64::from(i.len));
-                e.bytes(&[0x48, 0x01, 0xc8]);
+                e.pc_plus(u64::from(i.off) + u64::from(i.len));
                 e.store(RAX, xoff(rd));
             }
             e.store(RDX, pc_off());
@@ -492,8 +495,6 @@ fn emit_exec(e: &mut Emit<'_>, i: &Insn) {
     let next = e.jcc_forward(CC_E);
     e.bytes(&[0x0d]);
     e.u32(u32::from(i.idx) << 8);
-    e.bytes(&[0xe9]);
-    e.exits.push(e.b.len());
-    e.u32(0);
+    e.jmp_exit();
     e.patch_here(next);
 }
