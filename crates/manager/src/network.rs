@@ -239,50 +239,29 @@ fn nat_rules(def: &NetworkDef) -> Result<Vec<Vec<String>>> {
     let br = def.bridge_name();
     let tag = format!("vessel-net-{}", def.name);
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    // Outgoing traffic of the subnet, masqueraded: `to_ports` with `-p PROTO`.
+    let masquerade = |to_ports: Option<(&str, &str)>| {
+        let mut r = s(&["-t", "nat", "POSTROUTING", "-s", &cidr, "!", "-d", &cidr]);
+        if let Some((proto, _)) = to_ports {
+            r.extend(s(&["-p", proto]));
+        }
+        r.extend(s(&["-j", "MASQUERADE"]));
+        if let Some((_, ports)) = to_ports {
+            r.extend(s(&["--to-ports", ports]));
+        }
+        r.extend(s(&["-m", "comment", "--comment", &tag]));
+        r
+    };
     // TCP and UDP to their port range first (libvirt's order), then everything else.
     let mut rules = Vec::new();
     if let Some((start, end)) = def.nat_ports {
         let ports = format!("{start}-{end}");
         for proto in ["tcp", "udp"] {
-            rules.push(s(&[
-                "-t",
-                "nat",
-                "POSTROUTING",
-                "-s",
-                &cidr,
-                "!",
-                "-d",
-                &cidr,
-                "-p",
-                proto,
-                "-j",
-                "MASQUERADE",
-                "--to-ports",
-                &ports,
-                "-m",
-                "comment",
-                "--comment",
-                &tag,
-            ]));
+            rules.push(masquerade(Some((proto, &ports))));
         }
     }
     rules.extend([
-        s(&[
-            "-t",
-            "nat",
-            "POSTROUTING",
-            "-s",
-            &cidr,
-            "!",
-            "-d",
-            &cidr,
-            "-j",
-            "MASQUERADE",
-            "-m",
-            "comment",
-            "--comment",
-            &tag,
-        ]),
+        masquerade(None),
         s(&[
             "-t",
             "filter",
