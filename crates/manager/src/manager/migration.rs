@@ -63,10 +63,19 @@ fn pump<A: Duplex, B: Duplex>(from: A, to: B) -> std::io::Result<u64> {
         to_w.close_write();
         n
     });
-    let (mut to_r, mut from_w) = (to, from);
-    let _ = std::io::copy(&mut to_r, &mut from_w);
-    let _ = from_w.flush();
-    from_w.close_write();
+    answer_back(to, from, forward)
+}
+
+/// The other half of a relay: `to`'s answer back to `from` on this thread, then the
+/// forwarding thread's count.
+fn answer_back<A: Duplex, B: Duplex>(
+    mut to: B,
+    mut from: A,
+    forward: std::thread::JoinHandle<std::io::Result<u64>>,
+) -> std::io::Result<u64> {
+    let _ = std::io::copy(&mut to, &mut from);
+    let _ = from.flush();
+    from.close_write();
     forward
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the relay thread panicked")))
@@ -98,13 +107,7 @@ fn pump_unix(from: UnixStream, to: UnixStream) -> std::io::Result<u64> {
         to_w.close_write();
         Ok(total)
     });
-    let (mut to_r, mut from_w) = (to, from);
-    let _ = std::io::copy(&mut to_r, &mut from_w);
-    let _ = from_w.flush();
-    from_w.close_write();
-    forward
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the relay thread panicked")))
+    answer_back(to, from, forward)
 }
 
 /// Where the source daemon passes the stream on to.
