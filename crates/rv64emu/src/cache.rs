@@ -14,21 +14,31 @@ use rustc_hash::FxHashMap;
 /// The most instructions one block holds.
 pub const MAX_BLOCK: usize = 64;
 const MAX_BLOCKS: usize = 1 << 16;
-const JUMP_SIZE: usize = 1 << 12;
+pub(crate) const JUMP_SIZE: usize = 1 << 12;
 
 /// One jump cache slot: the PC (with bit 0 set for a user-mode fetch: PCs are even) and
-/// the generation it was filled in, so forgetting them all is one increment.
+/// the generation it was filled in, so forgetting them all is one increment. Compiled
+/// code reads slots too (`jit`'s chaining), so the layout is fixed.
 #[derive(Clone, Copy, Debug, Default)]
-struct Jump {
+#[repr(C)]
+pub(crate) struct Jump {
     tag: u64,
     gen: u32,
     block: u32,
 }
 
+/// Where compiled code finds a jump slot's fields.
+pub(crate) const JUMP_TAG: i32 = std::mem::offset_of!(Jump, tag) as i32;
+pub(crate) const JUMP_GEN: i32 = std::mem::offset_of!(Jump, gen) as i32;
+pub(crate) const JUMP_BLOCK: i32 = std::mem::offset_of!(Jump, block) as i32;
+const _: () = assert!(std::mem::size_of::<Jump>() == 16);
+
 /// A block's way to compiled code: its code once it ran `Jit::threshold` times, its runs
 /// until then, and the physical address it was decoded from (names its code for perf).
+/// Compiled code reads `code` too (`jit`'s chaining), so the layout is fixed.
 #[derive(Clone, Copy, Debug)]
-struct Compiling {
+#[repr(C)]
+pub(crate) struct Compiling {
     code: Option<Code>,
     runs: u32,
     pa: u64,
@@ -45,7 +55,7 @@ pub struct BlockCache {
     /// TLB flush and every block flush forgets it. It saves the fetch translation and
     /// the hash lookup of the block at each block boundary (a third of the run time).
     jumps: Box<[Jump]>,
-    gen: u32,
+    pub(crate) gen: u32,
     /// Per block, its way to compiled code. The code holds the addresses of the block's
     /// instructions, so both go together (`flush`).
     state: Vec<Compiling>,
@@ -85,6 +95,19 @@ impl BlockCache {
             gen: self.gen,
             block,
         };
+    }
+
+    /// The jump cache's slots, for compiled code's chaining: they stay where they are for
+    /// the cache's life (forgetting them moves `gen`, or clears them in place).
+    pub(crate) fn jumps_ptr(&self) -> *const Jump {
+        self.jumps.as_ptr()
+    }
+
+    /// Each block's way to compiled code, indexed by block, for compiled code's
+    /// chaining; valid until the next `insert` or `flush` (neither runs inside compiled
+    /// code).
+    pub(crate) fn codes_ptr(&self) -> *const Compiling {
+        self.state.as_ptr()
     }
 
     /// Drops every virtual → block link (the translations they rest on changed).

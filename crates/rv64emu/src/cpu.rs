@@ -11,7 +11,9 @@ use crate::trap::{self, Exception, Interrupt};
 use std::time::Instant;
 
 /// Privilege modes.
+/// One byte (compiled code compares it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Priv {
     User = 0,
     Supervisor = 1,
@@ -58,6 +60,7 @@ const CLINT_MTIME: u64 = 0xbff8;
 
 /// How an executed instruction leaves the PC.
 #[repr(u8)]
+#[derive(Clone, Copy)]
 pub(crate) enum Flow {
     Next = 0,
     /// The PC was set.
@@ -90,10 +93,10 @@ pub struct Cpu {
     pub(crate) reservation: Option<(u64, u64)>,
     pub(crate) ram: GuestRam,
     pub(crate) tlb: Tlb,
-    cache: BlockCache,
+    pub(crate) cache: BlockCache,
     /// Translation on for (fetch, data): when it flips, the TLB holds the other regime.
     regime: (bool, bool),
-    device_touched: bool,
+    pub(crate) device_touched: bool,
     /// MTIP as last computed, and the retired-instruction count at which to read the
     /// clock again: reading it for every block cost a third of the run time.
     mtip: bool,
@@ -109,10 +112,21 @@ pub struct Cpu {
     ctx_fetch: Ctx,
     ctx_data: Ctx,
     /// FENCE.I ran: drop the decoded blocks when the current block ends.
-    code_flush_pending: bool,
+    pub(crate) code_flush_pending: bool,
     /// `ctx_data.key()`, for the TLB's fast path.
     pub(crate) data_key: u8,
+    /// What compiled code needs to go from one compiled block to the next without the
+    /// run loop (see `jit`): the `instret` at which the current `run` ends, the jump
+    /// cache's slots, and each block's code (as `BlockCache::codes_ptr` gave it before
+    /// the code was entered).
+    pub(crate) run_end: u64,
+    pub(crate) chain_jumps: *const crate::cache::Jump,
+    pub(crate) chain_codes: *const crate::cache::Compiling,
 }
+
+// SAFETY: the two chain pointers point into the hart's own block cache, which moves with
+// it; they are read only by compiled code that this hart runs.
+unsafe impl Send for Cpu {}
 
 /// The context of unpaged accesses: the TLB's identity entries pass it at any privilege.
 const NO_CTX: Ctx = Ctx {
@@ -159,6 +173,9 @@ impl Cpu {
             ctx_data: NO_CTX,
             code_flush_pending: false,
             data_key: NO_CTX.key(),
+            run_end: 0,
+            chain_jumps: std::ptr::null(),
+            chain_codes: std::ptr::null(),
         }
     }
 
@@ -566,8 +583,26 @@ impl Cpu {
 
     /// Runs until `budget` instructions have retired, WFI, a stop request or (with
     /// `exit_on_exception`) an exception.
+    /// Sets `pc` and `instret` as they are after `insn` left its block with `flow`
+    /// (running off the block's end is `Next` from its last instruction).
+    fn retire(&mut self, flow: Flow, insn: &Insn) {
+        match flow {
+            Flow::Next | Flow::Wfi => {
+                self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
+                self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+            }
+            Flow::Jump => self.instret = self.instret.wrapping_add(insn.idx as u64 + 1),
+            Flow::Trap => {
+                self.pc = self.pc_of(insn);
+                self.instret = self.instret.wrapping_add(insn.idx as u64);
+            }
+        }
+    }
+
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         let end = self.instret.saturating_add(budget);
+        self.run_end = end;
+        self.chain_jumps = self.cache.jumps_ptr();
         self.update_regime();
         // The clock moved while the VMM had the hart (after WFI above all).
         self.timer_check_at = 0;
@@ -621,23 +656,26 @@ impl Cpu {
             // is left by the instruction `left` names, or by running off its end.
             let left = match code {
                 Some(code) => {
+                    self.chain_codes = self.cache.codes_ptr();
                     let mut bus_ref = crate::jit::BusRef(&mut *bus);
                     // SAFETY: `code` was compiled from `insns`, which stay where they are
-                    // while it runs (above); it gets this hart and a live `BusRef`, and
-                    // touches nothing else of them but through `exec`.
+                    // while it runs (above), as do the blocks it may chain to (nothing
+                    // inserts or flushes blocks inside compiled code); it gets this hart
+                    // and a live `BusRef`, and touches nothing else of them but through
+                    // `exec`.
                     let r = unsafe {
                         code(
                             self as *mut Cpu,
                             (&mut bus_ref as *mut crate::jit::BusRef<'_>).cast(),
                         )
                     };
-                    let flow = match r & 0xff {
-                        0 => Flow::Next,
-                        1 => Flow::Jump,
-                        2 => Flow::Wfi,
-                        _ => Flow::Trap,
-                    };
-                    insns.get((r >> 8) as usize).map(|i| (flow, i))
+                    // Compiled code leaves `pc` and `instret` as they are after the
+                    // instruction that left (see `jit`).
+                    match r {
+                        2 => Some((Flow::Wfi, None)),
+                        3 => Some((Flow::Trap, None)),
+                        _ => None,
+                    }
                 }
                 None => {
                     let mut left = None;
@@ -651,36 +689,28 @@ impl Cpu {
                         }
                     }
                     left.or_else(|| insns.last().map(|l| (Flow::Next, l)))
+                        .map(|(f, insn)| {
+                            self.retire(f, insn);
+                            (f, Some(insn))
+                        })
                 }
             };
             match left {
-                // Ran off the block's end.
-                Some((Flow::Next, last)) => {
-                    self.pc = self.pc_of(last).wrapping_add(last.len as u64);
-                    self.instret = self.instret.wrapping_add(last.idx as u64 + 1);
-                }
-                Some((Flow::Jump, insn)) => {
-                    self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
-                }
-                Some((Flow::Wfi, insn)) => {
-                    self.pc = self.pc_of(insn).wrapping_add(insn.len as u64);
-                    self.instret = self.instret.wrapping_add(insn.idx as u64 + 1);
+                Some((Flow::Wfi, _)) => {
                     if self.mip(bus) & self.csr.mie == 0 {
                         return RunExit::Wfi;
                     }
                     self.irq_check_at = 0;
                 }
-                Some((Flow::Trap, insn)) => {
+                Some((Flow::Trap, _)) => {
                     let e = self.pending_exception;
-                    self.pc = self.pc_of(insn);
-                    self.instret = self.instret.wrapping_add(insn.idx as u64);
                     if self.exit_on_exception {
                         return RunExit::Exception(e);
                     }
                     traps += 1;
                     self.take_exception(e);
                 }
-                None => {}
+                _ => {}
             }
             if self.code_flush_pending {
                 self.code_flush_pending = false;

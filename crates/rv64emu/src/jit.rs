@@ -8,11 +8,13 @@
 //! atomics, system, CSR, F/D), so every rule that lives there (translation, faults, device
 //! accesses, privilege) holds unchanged.
 //!
-//! The contract is the interpreter loop's: while the block runs, `Cpu::pc` stays at its
-//! first instruction; a taken branch or jump writes the new PC and leaves. The code returns
-//! `(index << 8) | flow`: the instruction that left the block and its `Flow`, or the last
-//! instruction with `Flow::Next` when it ran off the end. The run loop then does what it
-//! does after interpreting (PC, `instret`, traps, WFI).
+//! While a block runs, `Cpu::pc` and `instret` stay at its first instruction, as in the
+//! interpreter loop; a taken branch or jump writes the new PC and leaves. Every exit then
+//! settles `pc` and `instret` itself and, where the run loop would only look the next
+//! block up and run it, jumps straight into that block's code (see `emit_tails`), so a
+//! hot loop runs without the run loop until the next interrupt check or the end of the
+//! run. The code returns 0 when the loop just goes on from `pc`, or the `Flow` of a WFI
+//! or a trap, which the loop handles as after interpreting.
 //!
 //! The encoder is a handful of fixed forms (below), each emitted once: no assembler pass.
 //! Code lives in a `codemem::Arena` (W^X); the block cache drops every block's code with
@@ -108,10 +110,20 @@ const RCX: u8 = 1;
 const RDX: u8 = 2;
 const RBX: u8 = 3;
 
-/// Host code being written, with the jumps to the shared exit still to patch.
+/// The block's shared tails, placed after its instructions (see `emit_block`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Label {
+    /// RCX = instructions the block retired, with `pc` set: count them and chain.
+    Retired,
+    /// EAX = a flow other than `Next` from `exec_one`; ECX, EDX, R8D = the
+    /// instruction's index, offset and length.
+    Exec,
+}
+
+/// Host code being written, with the jumps to the block's tails still to patch.
 struct Emit<'a> {
     b: &'a mut Vec<u8>,
-    exits: Vec<usize>,
+    fixups: Vec<(usize, Label)>,
 }
 
 impl Emit<'_> {
@@ -146,17 +158,17 @@ impl Emit<'_> {
         self.bytes(&[0x48, 0x63, 0xc0]);
     }
 
-    /// `mov eax, code; jmp exit`.
-    fn leave(&mut self, code: u32) {
-        self.bytes(&[0xb8]);
-        self.u32(code);
-        self.jmp_exit();
+    /// `mov ecx, idx + 1; jmp Retired`: `i` left the block with `pc` set.
+    fn retired(&mut self, i: &Insn) {
+        self.bytes(&[0xb9]);
+        self.u32(u32::from(i.idx) + 1);
+        self.jmp(Label::Retired);
     }
 
-    /// `jmp exit`, patched once the shared exit is placed.
-    fn jmp_exit(&mut self) {
+    /// `jmp label`, patched once the block's tails are placed.
+    fn jmp(&mut self, label: Label) {
         self.bytes(&[0xe9]);
-        self.exits.push(self.b.len());
+        self.fixups.push((self.b.len(), label));
         self.u32(0);
     }
 
@@ -197,31 +209,146 @@ fn pc_off() -> u32 {
     std::mem::offset_of!(Cpu, pc) as u32
 }
 
-fn exit_code(i: &Insn, flow: Flow) -> u32 {
-    (u32::from(i.idx) << 8) | flow as u32
-}
+/// The prologue: push rbx; push r12; push r13 (keeps RSP 16-aligned at calls);
+/// mov rbx, rdi; mov r12, rsi. A chained block is entered after it.
+const PROLOGUE: [u8; 11] = [
+    0x53, 0x41, 0x54, 0x41, 0x55, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4,
+];
+const CHAIN_ENTRY: u8 = PROLOGUE.len() as u8;
 
 fn emit_block(b: &mut Vec<u8>, insns: &[Insn]) {
     let mut e = Emit {
         b,
-        exits: Vec::new(),
+        fixups: Vec::new(),
     };
-    // push rbx; push r12; mov rbx, rdi; mov r12, rsi; push r13 (keeps RSP 16-aligned
-    // at calls).
-    e.bytes(&[
-        0x53, 0x41, 0x54, 0x41, 0x55, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4,
-    ]);
+    e.bytes(&PROLOGUE);
     for i in insns {
         emit_insn(&mut e, i);
     }
     if let Some(last) = insns.last() {
-        e.leave(exit_code(last, Flow::Next));
+        // Ran off the end: add qword [rbx + pc], off + len.
+        e.bytes(&[0x48, 0x81, 0x83]);
+        e.u32(pc_off());
+        e.u32(u32::from(last.off) + u32::from(last.len));
+        e.retired(last);
     }
-    // The exit: pop r13; pop r12; pop rbx; ret.
-    let exit = e.b.len();
+    emit_tails(&mut e);
+}
+
+/// The tails every exit of a block goes through. Each leaves `pc` and `instret` as they
+/// are after the instruction that left, so the run loop has nothing to finish, and the
+/// block may go straight on to the next one's code ("chaining") when the run loop would
+/// only look it up and call it: the run's instruction budget and the next interrupt check
+/// (`irq_check_at`) are not reached, no device was touched (a stop or an interrupt may
+/// wait), no FENCE.I waits, and the jump cache names a compiled block for the new PC in
+/// its current generation. Otherwise the code returns to the run loop: 0 (`pc` is where
+/// to go on), or 2 (WFI) or 3 (a trap in `pending_exception`).
+fn emit_tails(e: &mut Emit<'_>) {
+    use crate::cache::{Compiling, JUMP_BLOCK, JUMP_GEN, JUMP_SIZE, JUMP_TAG};
+    let instret = std::mem::offset_of!(Cpu, instret) as u32;
+    let gen = (std::mem::offset_of!(Cpu, cache)
+        + std::mem::offset_of!(crate::cache::BlockCache, gen)) as u32;
+    let mut done = Vec::new();
+    // Retired: add [rbx + instret], rcx.
+    let retired = e.b.len();
+    e.bytes(&[0x48, 0x01, 0x8b]);
+    e.u32(instret);
+    // mov rax, [rbx + instret]; cmp rax, [rbx + run_end]; jae done;
+    // cmp rax, [rbx + irq_check_at]; jae done.
+    e.load(RAX, instret);
+    for limit in [
+        std::mem::offset_of!(Cpu, run_end),
+        std::mem::offset_of!(Cpu, irq_check_at),
+    ] {
+        e.bytes(&[0x48, 0x3b, 0x83]);
+        e.u32(limit as u32);
+        done.push(e.jcc_forward(CC_AE));
+    }
+    // cmp byte [rbx + flag], 0; jne done: a device was touched, a FENCE.I waits.
+    for flag in [
+        std::mem::offset_of!(Cpu, device_touched),
+        std::mem::offset_of!(Cpu, code_flush_pending),
+    ] {
+        e.bytes(&[0x80, 0xbb]);
+        e.u32(flag as u32);
+        e.bytes(&[0x00]);
+        done.push(e.jcc_forward(CC_NE));
+    }
+    // The jump cache's tag for the PC: rcx = pc | (prv == User).
+    // mov rdx, [rbx + pc]; xor ecx, ecx; cmp byte [rbx + prv], User; sete cl; or rcx, rdx
+    e.load(RDX, pc_off());
+    e.bytes(&[0x31, 0xc9, 0x80, 0xbb]);
+    e.u32(std::mem::offset_of!(Cpu, prv) as u32);
+    e.bytes(&[
+        crate::cpu::Priv::User as u8,
+        0x0f,
+        0x94,
+        0xc1,
+        0x48,
+        0x09,
+        0xd1,
+    ]);
+    // r8 = the slot: ((pc >> 1) & (size - 1)) * 16 + the slots' base.
+    // mov r8, rdx; shr r8, 1; and r8d, size - 1; shl r8, 4; add r8, [rbx + chain_jumps]
+    e.bytes(&[0x49, 0x89, 0xd0, 0x49, 0xd1, 0xe8, 0x41, 0x81, 0xe0]);
+    e.u32(JUMP_SIZE as u32 - 1);
+    e.bytes(&[0x49, 0xc1, 0xe0, 0x04, 0x4c, 0x03, 0x83]);
+    e.u32(std::mem::offset_of!(Cpu, chain_jumps) as u32);
+    // cmp rcx, [r8 + tag]; jne done
+    e.bytes(&[0x49, 0x3b, 0x48, JUMP_TAG as u8]);
+    done.push(e.jcc_forward(CC_NE));
+    // mov ecx, [r8 + gen]; cmp ecx, [rbx + cache.gen]; jne done
+    e.bytes(&[0x41, 0x8b, 0x48, JUMP_GEN as u8, 0x3b, 0x8b]);
+    e.u32(gen);
+    done.push(e.jcc_forward(CC_NE));
+    // rcx = &codes[block]: mov ecx, [r8 + block]; imul rcx, rcx, size;
+    // add rcx, [rbx + chain_codes]
+    e.bytes(&[0x41, 0x8b, 0x48, JUMP_BLOCK as u8, 0x48, 0x69, 0xc9]);
+    e.u32(std::mem::size_of::<Compiling>() as u32);
+    e.bytes(&[0x48, 0x03, 0x8b]);
+    e.u32(std::mem::offset_of!(Cpu, chain_codes) as u32);
+    // mov rax, [rcx] (the code, first in `Compiling`); test rax, rax; jz done;
+    // add rax, CHAIN_ENTRY; jmp rax
+    e.bytes(&[0x48, 0x8b, 0x01, 0x48, 0x85, 0xc0]);
+    done.push(e.jcc_forward(CC_E));
+    e.bytes(&[0x48, 0x83, 0xc0, CHAIN_ENTRY, 0xff, 0xe0]);
+    // Done: xor eax, eax; jmp ret.
+    for f in done {
+        e.patch_here(f);
+    }
+    e.bytes(&[0x31, 0xc0]);
+    e.bytes(&[0xe9]);
+    let to_ret = e.b.len();
+    e.u32(0);
+    // Exec: a Jump retired idx + 1 (jump to Retired); a WFI idx + 1 and goes on after it
+    // (pc += off + len); a trap idx and stays at it (pc += off).
+    // cmp eax, 1; jne not_jump; inc ecx; jmp retired
+    let exec = e.b.len();
+    e.bytes(&[0x83, 0xf8, Flow::Jump as u8]);
+    let not_jump = e.jcc_forward(CC_NE);
+    e.bytes(&[0xff, 0xc1, 0xe9]);
+    let back = e.b.len();
+    e.u32((retired as i64 - (back as i64 + 4)) as u32);
+    e.patch_here(not_jump);
+    // cmp eax, 2; jne trap; inc ecx; add edx, r8d
+    e.bytes(&[0x83, 0xf8, Flow::Wfi as u8]);
+    let trap = e.jcc_forward(CC_NE);
+    e.bytes(&[0xff, 0xc1, 0x44, 0x01, 0xc2]);
+    e.patch_here(trap);
+    // add [rbx + instret], rcx; add [rbx + pc], rdx
+    e.bytes(&[0x48, 0x01, 0x8b]);
+    e.u32(instret);
+    e.bytes(&[0x48, 0x01, 0x93]);
+    e.u32(pc_off());
+    // Ret: pop r13; pop r12; pop rbx; ret.
+    e.patch_here(to_ret);
     e.bytes(&[0x41, 0x5d, 0x41, 0x5c, 0x5b, 0xc3]);
-    for f in std::mem::take(&mut e.exits) {
-        let rel = (exit as i64 - (f as i64 + 4)) as i32;
+    for (f, label) in std::mem::take(&mut e.fixups) {
+        let to = match label {
+            Label::Retired => retired,
+            Label::Exec => exec,
+        };
+        let rel = (to as i64 - (f as i64 + 4)) as i32;
         e.b[f..f + 4].copy_from_slice(&rel.to_le_bytes());
     }
 }
@@ -373,7 +500,7 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
             let skip = e.jcc_forward(not_taken);
             e.pc_plus(u64::from(i.off).wrapping_add(i.imm as u64));
             e.store(RAX, pc_off());
-            e.leave(exit_code(i, Flow::Jump));
+            e.retired(i);
             e.patch_here(skip);
         }
         Jal => {
@@ -383,7 +510,7 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
             }
             e.pc_plus(u64::from(i.off).wrapping_add(i.imm as u64));
             e.store(RAX, pc_off());
-            e.leave(exit_code(i, Flow::Jump));
+            e.retired(i);
         }
         Jalr => {
             // The target first: rd may be rs1.
@@ -396,7 +523,7 @@ fn emit_insn(e: &mut Emit<'_>, i: &Insn) {
                 e.store(RAX, xoff(rd));
             }
             e.store(RDX, pc_off());
-            e.leave(exit_code(i, Flow::Jump));
+            e.retired(i);
         }
         Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu | Sb | Sh | Sw | Sd => emit_access(e, i),
         _ => emit_exec(e, i),
@@ -490,11 +617,15 @@ fn emit_exec(e: &mut Emit<'_>, i: &Insn) {
     e.imm(RDX, i as *const Insn as u64);
     e.imm(RAX, exec_one as *const () as u64);
     e.bytes(&[0xff, 0xd0]);
-    // test eax, eax; jz next; or eax, idx << 8; jmp exit
+    // test eax, eax; jz next; mov ecx, idx; mov edx, off; mov r8d, len; jmp Exec
     e.bytes(&[0x85, 0xc0]);
     let next = e.jcc_forward(CC_E);
-    e.bytes(&[0x0d]);
-    e.u32(u32::from(i.idx) << 8);
-    e.jmp_exit();
+    e.bytes(&[0xb9]);
+    e.u32(u32::from(i.idx));
+    e.bytes(&[0xba]);
+    e.u32(u32::from(i.off));
+    e.bytes(&[0x41, 0xb8]);
+    e.u32(u32::from(i.len));
+    e.jmp(Label::Exec);
     e.patch_here(next);
 }

@@ -536,6 +536,70 @@ fn mip_set_and_clear_keep_the_external_seip_line_out_of_the_software_bit() {
     assert_eq!(rec(&cpu, 3) & seip, 0, "software clears SEIP");
 }
 
+/// The same with compiled blocks that go from one to the next without the run loop: a
+/// hot loop calls a routine until both are compiled and chained, the routine is rewritten
+/// and fenced, and the loop must run the new routine from then on; a routine rewritten
+/// without FENCE.I may run either way, but an unrelated FENCE.I then must pick it up.
+#[test]
+fn compiled_and_chained_blocks_follow_fence_i() {
+    let src = format!(
+        "{PRELUDE}
+.option norvc
+    la s0, patch
+    li s1, 0
+    li s2, 200
+1:  jalr ra, 0(s0)
+    add s1, s1, a0
+    addi s2, s2, -1
+    bnez s2, 1b
+    sd s1, 0(s11)
+    li t0, 0x00500513     # addi a0, zero, 5
+    sw t0, 0(s0)
+    fence.i
+    li s1, 0
+    li s2, 200
+1:  jalr ra, 0(s0)
+    add s1, s1, a0
+    addi s2, s2, -1
+    bnez s2, 1b
+    sd s1, 8(s11)
+    li t0, 0x00700513     # addi a0, zero, 7
+    sw t0, 0(s0)
+    la t1, other
+    jalr ra, 0(t1)        # a fence elsewhere
+    li s1, 0
+    li s2, 200
+1:  jalr ra, 0(s0)
+    add s1, s1, a0
+    addi s2, s2, -1
+    bnez s2, 1b
+    sd s1, 16(s11)
+    j finish
+.align 2
+patch:
+    addi a0, zero, 1
+    ret
+other:
+    fence.i
+    ret
+{MTRAP_SKIP}{FINISH}
+"
+    );
+    let (cpu, _) = run("fencechain", &src);
+    assert!(cpu.compiled_blocks() > 0, "nothing was compiled");
+    assert_eq!(rec(&cpu, 0), 200);
+    assert_eq!(
+        rec(&cpu, 1),
+        1000,
+        "compiled code ran after FENCE.I changed it"
+    );
+    assert_eq!(
+        rec(&cpu, 2),
+        1400,
+        "compiled code ran after a later FENCE.I"
+    );
+}
+
 /// The decoded-block cache and the jump cache from virtual PC to block must not outlive
 /// what they were built from: code rewritten then FENCE.I runs anew, and a code page
 /// remapped then SFENCE.VMA runs the new page at the same virtual address.
