@@ -4,8 +4,9 @@
 //! A block runs from its start to the first jump or instruction that may change
 //! privilege or translation, or to the end of the page; conditional branches do not end
 //! it (a taken one leaves it early), so a loop body with a test is one block. RISC-V only promises that
-//! instruction fetch sees earlier stores after a FENCE.I, so the cache is dropped on
-//! FENCE.I (and when it grows past its bound) rather than on every store.
+//! instruction fetch sees earlier stores after a FENCE.I, so blocks are checked against
+//! memory after each FENCE.I (and the cache is dropped when it grows past its bound)
+//! rather than on every store.
 
 use crate::decode::Insn;
 use crate::jit::{Code, Jit};
@@ -41,6 +42,8 @@ const _: () = assert!(std::mem::size_of::<Jump>() == 16);
 pub(crate) struct Compiling {
     code: Option<Code>,
     runs: u32,
+    /// The code epoch in which the block's bytes were last found in memory.
+    epoch: u32,
     pa: u64,
 }
 
@@ -60,6 +63,11 @@ pub struct BlockCache {
     /// instructions, so both go together (`flush`).
     state: Vec<Compiling>,
     jit: Option<Jit>,
+    /// Moves at each FENCE.I: a block runs again only once its bytes are found unchanged
+    /// in this epoch (see `Cpu::find_block`). Dropping every block instead made a Linux
+    /// boot, which fences at every executable page it maps, decode and compile each hot
+    /// block four times over.
+    code_epoch: u32,
 }
 
 impl Default for BlockCache {
@@ -71,6 +79,7 @@ impl Default for BlockCache {
             gen: 1,
             state: Vec::new(),
             jit: jit_from_env(),
+            code_epoch: 0,
         }
     }
 }
@@ -137,10 +146,38 @@ impl BlockCache {
         self.state.push(Compiling {
             code: None,
             runs: 0,
+            epoch: self.code_epoch,
             pa,
         });
         self.index.insert(pa, id);
         id
+    }
+
+    /// Whether block `id`'s bytes were found in memory since the last FENCE.I.
+    #[inline]
+    pub fn checked(&self, id: u32) -> bool {
+        self.state
+            .get(id as usize)
+            .is_some_and(|c| c.epoch == self.code_epoch)
+    }
+
+    /// Block `id`'s bytes are still in memory.
+    pub fn mark_checked(&mut self, id: u32) {
+        let epoch = self.code_epoch;
+        if let Some(c) = self.state.get_mut(id as usize) {
+            c.epoch = epoch;
+        }
+    }
+
+    /// FENCE.I: every block is checked against memory before it runs again, and the
+    /// jump cache (which skips that check) starts over.
+    pub fn new_code_epoch(&mut self) {
+        self.code_epoch = self.code_epoch.wrapping_add(1);
+        if self.code_epoch == 0 {
+            // Wrapped: a block last checked 2^32 fences ago would pass.
+            self.flush();
+        }
+        self.forget_jumps();
     }
 
     pub fn flush(&mut self) {

@@ -111,7 +111,7 @@ pub struct Cpu {
     pub(crate) pending_exception: Exception,
     ctx_fetch: Ctx,
     ctx_data: Ctx,
-    /// FENCE.I ran: drop the decoded blocks when the current block ends.
+    /// FENCE.I ran: check the decoded blocks against memory once the current block ends.
     pub(crate) code_flush_pending: bool,
     /// `ctx_data.key()`, for the TLB's fast path.
     pub(crate) data_key: u8,
@@ -329,7 +329,8 @@ impl Cpu {
         self.cache.forget_jumps();
     }
 
-    /// FENCE.I: the decoded blocks go once the running block ends.
+    /// FENCE.I: the decoded blocks are checked against memory once the running block
+    /// ends.
     pub(crate) fn flush_code(&mut self) {
         self.code_flush_pending = true;
     }
@@ -576,9 +577,30 @@ impl Cpu {
     fn find_block(&mut self) -> Result<Result<u32, Insn>, Exception> {
         let hit = self.translate(self.pc, Access::Fetch)?;
         match self.cache.get(hit.pa) {
-            Some(id) => Ok(Ok(id)),
-            None => self.build_block(hit),
+            Some(id) if self.cache.checked(id) => Ok(Ok(id)),
+            Some(id) if self.still_there(id, &hit) => {
+                self.cache.mark_checked(id);
+                Ok(Ok(id))
+            }
+            _ => self.build_block(hit),
         }
+    }
+
+    /// Whether memory at `hit` (where block `id` starts) still holds the block's
+    /// instructions.
+    fn still_there(&self, id: u32, hit: &Hit) -> bool {
+        if hit.host.is_null() {
+            return false;
+        }
+        let start = (hit.pa & 0xfff) as usize;
+        let page = hit.host.wrapping_sub(start);
+        self.cache.block(id).iter().all(|i| {
+            let off = start + i.off as usize;
+            // SAFETY: the block was decoded from this RAM page, each instruction inside
+            // it (`build_block` stops at the page end).
+            off + i.len as usize <= 0x1000
+                && unsafe { read_host(page.wrapping_add(off), i.len) } == u64::from(i.raw)
+        })
     }
 
     /// Runs until `budget` instructions have retired, WFI, a stop request or (with
@@ -714,7 +736,7 @@ impl Cpu {
             }
             if self.code_flush_pending {
                 self.code_flush_pending = false;
-                self.cache.flush();
+                self.cache.new_code_epoch();
             }
             if self.device_touched {
                 self.device_touched = false;
