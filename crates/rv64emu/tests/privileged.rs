@@ -542,39 +542,33 @@ fn mip_set_and_clear_keep_the_external_seip_line_out_of_the_software_bit() {
 /// without FENCE.I may run either way, but an unrelated FENCE.I then must pick it up.
 #[test]
 fn compiled_and_chained_blocks_follow_fence_i() {
+    // Calls `patch` 200 times, summing what it returns into record `n`.
+    let calls = |n: u32| {
+        format!(
+            "    li s1, 0
+    li s2, 200
+1:  jalr ra, 0(s0)
+    add s1, s1, a0
+    addi s2, s2, -1
+    bnez s2, 1b
+    sd s1, {}(s11)
+",
+            8 * n
+        )
+    };
+    let (first, second, third) = (calls(0), calls(1), calls(2));
     let src = format!(
         "{PRELUDE}
 .option norvc
     la s0, patch
-    li s1, 0
-    li s2, 200
-1:  jalr ra, 0(s0)
-    add s1, s1, a0
-    addi s2, s2, -1
-    bnez s2, 1b
-    sd s1, 0(s11)
-    li t0, 0x00500513     # addi a0, zero, 5
+{first}    li t0, 0x00500513     # addi a0, zero, 5
     sw t0, 0(s0)
     fence.i
-    li s1, 0
-    li s2, 200
-1:  jalr ra, 0(s0)
-    add s1, s1, a0
-    addi s2, s2, -1
-    bnez s2, 1b
-    sd s1, 8(s11)
-    li t0, 0x00700513     # addi a0, zero, 7
+{second}    li t0, 0x00700513     # addi a0, zero, 7
     sw t0, 0(s0)
     la t1, other
     jalr ra, 0(t1)        # a fence elsewhere
-    li s1, 0
-    li s2, 200
-1:  jalr ra, 0(s0)
-    add s1, s1, a0
-    addi s2, s2, -1
-    bnez s2, 1b
-    sd s1, 16(s11)
-    j finish
+{third}    j finish
 .align 2
 patch:
     addi a0, zero, 1
