@@ -557,14 +557,18 @@ impl Api {
     }
 
     /// The files define recorded for `def` (where each boot file and each file of each
-    /// disk's chain led when recorded, `boot_files` and `chains`), checked against the
-    /// client as [`Api::check_domain_files`] checks the names: the names were checked
-    /// first and opened again to record, so a swap in between names a file the client
-    /// may not have. A pool volume's chain (`vol://`) is the pool's, not the client's.
+    /// disk's chain led when recorded, and which file it was: `boot_files` and `chains`),
+    /// checked against the client as [`Api::check_domain_files`] checks the names: the
+    /// names were checked first and opened again to record, so a swap in between names
+    /// a file the client may not have. Each recorded file is opened and must still be
+    /// the file recorded ([`vmm::file_identity::FileId`]); the client's right is then
+    /// checked on that open file, so the file checked, the file recorded and (through
+    /// the same identity at each start) the file the VMM gets are one. A pool volume's
+    /// chain (`vol://`) is the pool's, not the client's.
     pub(crate) fn check_recorded_files(&self, def: &DomainDef, req: &Request) -> Result<()> {
         use vmm::api::access::Want;
-        for real in def.boot_files.values() {
-            self.check_path(req, real, Want::Read)?;
+        for b in def.boot_files.values() {
+            self.check_recorded(req, &b.real, b.id.as_ref(), Want::Read)?;
         }
         for d in &def.vm.disks {
             let key = crate::disk_chain::key(&d.path);
@@ -577,10 +581,42 @@ impl Api {
                 } else {
                     Want::Read
                 };
-                self.check_path(req, &f.real, want)?;
+                self.check_recorded(req, &f.real, f.id.as_ref(), want)?;
             }
         }
         Ok(())
+    }
+
+    /// One recorded file: opened (without reading it), compared with its identity, and
+    /// the client's right checked on the open file.
+    fn check_recorded(
+        &self,
+        req: &Request,
+        real: &std::path::Path,
+        id: Option<&vmm::file_identity::FileId>,
+        want: vmm::api::access::Want,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(real)
+            .map_err(|e| Error::io("opening", real, e))?;
+        let meta = f.metadata().map_err(|e| Error::io("reading", real, e))?;
+        if let Some(id) = id {
+            let now = vmm::file_identity::FileId::of(&meta, id.content.is_some());
+            if !id.matches(&now) {
+                return Err(Error::Forbidden(format!(
+                    "{}: {} since define recorded it: the definition's files must stay \
+                     put while it is defined",
+                    real.display(),
+                    id.difference(&now)
+                )));
+            }
+        }
+        let held = std::path::PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        self.check_path_shown(req, &held, real, want)
     }
 
     /// One host path a request names (see [`Api::check_domain_files`]).
@@ -590,10 +626,23 @@ impl Api {
         p: &std::path::Path,
         want: vmm::api::access::Want,
     ) -> Result<()> {
+        self.check_path_shown(req, p, p, want)
+    }
+
+    /// [`Api::check_path`] of the file at `at` (an open file's `/proc/self/fd/N`, or a
+    /// name), naming it `p` in errors.
+    fn check_path_shown(
+        &self,
+        req: &Request,
+        at: &std::path::Path,
+        p: &std::path::Path,
+        want: vmm::api::access::Want,
+    ) -> Result<()> {
         if let Some(cred) = &req.peer {
-            return vmm::api::access::check(p, Some(cred), want).map_err(Error::Forbidden);
+            return vmm::api::access::check_shown(at, p, Some(cred), want)
+                .map_err(Error::Forbidden);
         }
-        let real = crate::storage::resolve_existing(p)?;
+        let real = crate::storage::resolve_existing(at)?;
         if self.m.file_roots().iter().any(|r| real.starts_with(r)) {
             return Ok(());
         }

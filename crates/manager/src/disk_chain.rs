@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmm::config::{DiskConfig, DiskFormat};
+use vmm::file_identity::FileId;
 
 use crate::error::{Error, Result};
 
@@ -25,6 +26,12 @@ pub struct ChainFile {
     /// Where that name led at define, links followed: a link swapped in later shows.
     pub real: PathBuf,
     pub format: DiskFormat,
+    /// Which file that was (device, inode, birth time): a file renamed away and another
+    /// put under the same name shows, though the path is the same. Not its size or
+    /// times: the guest writes the image, and a commit its backing files. None in
+    /// records older than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FileId>,
 }
 
 /// A disk's chain opened now as the VMM will get it (beneath `folder` for a pool's disk),
@@ -56,6 +63,7 @@ fn open(
             use std::os::fd::AsRawFd;
             let fd = format!("/proc/self/fd/{}", c.file.as_raw_fd());
             let real = std::fs::read_link(fd).map_err(|e| refused(&e))?;
+            let id = FileId::of(&c.file.metadata().map_err(|e| refused(&e))?, false);
             let format = match c.format {
                 block::Format::Raw => DiskFormat::Raw,
                 block::Format::Qcow2 => DiskFormat::Qcow2,
@@ -64,6 +72,7 @@ fn open(
                 path: c.path.clone(),
                 real,
                 format,
+                id: Some(id),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -95,7 +104,8 @@ pub fn check(disk: &DiskConfig, recorded: Option<&[ChainFile]>) -> Result<()> {
 /// and returns the files it opened: the caller hands these to the VMM
 /// ([`hand_over`]), so the files checked are the files the guest gets, whatever is
 /// renamed or rewritten afterwards. Compared on where each file is and its format (its
-/// name may be spelled otherwise). None recorded: a pool's disk keeps its folder's
+/// name may be spelled otherwise), and on which file it is (a file renamed away and
+/// another put in its place is not the recorded one). None recorded: a pool's disk keeps its folder's
 /// confinement alone (a definition older than chain records); any other disk may start
 /// only as raw.
 pub fn open_checked(
@@ -118,9 +128,30 @@ pub fn open_checked(
     let Some(recorded) = recorded else {
         return Ok(files);
     };
-    let same = |a: &ChainFile, b: &ChainFile| a.real == b.real && a.format == b.format;
-    if now.len() == recorded.len() && now.iter().zip(recorded).all(|(a, b)| same(a, b)) {
-        return Ok(files);
+    let same_place =
+        |now: &ChainFile, rec: &ChainFile| now.real == rec.real && now.format == rec.format;
+    if now.len() == recorded.len() && now.iter().zip(recorded).all(|(a, b)| same_place(a, b)) {
+        // The same places: the same files too (not others renamed in under those names).
+        let swapped = now
+            .iter()
+            .zip(recorded)
+            .find_map(|(n, r)| match (&r.id, &n.id) {
+                (Some(rid), Some(nid)) if !rid.matches(nid) => Some((n, rid.difference(nid))),
+                _ => None,
+            });
+        let Some((file, why)) = swapped else {
+            return Ok(files);
+        };
+        return Err(Error::invalid(
+            "disk",
+            format!(
+                "{}: {} is not the file recorded when the domain was defined ({why}): \
+                 a disk's files are fixed at define (define the domain again to take \
+                 the new file)",
+                disk.path.display(),
+                file.real.display(),
+            ),
+        ));
     }
     Err(Error::invalid(
         "disk",

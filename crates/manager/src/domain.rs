@@ -101,11 +101,11 @@ pub struct DomainDef {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub chains: std::collections::BTreeMap<String, Vec<crate::disk_chain::ChainFile>>,
     /// Where each file the VM boots from besides its disks (kernel, initrd, firmware,
-    /// option ROMs, cloud-init files) led at define, links followed (whatever a
-    /// definition gives here is replaced); a start refuses one that leads elsewhere
-    /// ([`crate::boot_files`]).
+    /// option ROMs, cloud-init files, UEFI variables) led at define, links followed, and
+    /// which file it was (whatever a definition gives here is replaced); a start refuses
+    /// one that leads elsewhere or is another file ([`crate::boot_files`]).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub boot_files: std::collections::BTreeMap<String, std::path::PathBuf>,
+    pub boot_files: std::collections::BTreeMap<String, crate::boot_files::BootFile>,
 }
 
 /// A definition in JSON. A QEMU domain that names no `vm.virtio_transport` gets

@@ -815,7 +815,13 @@ impl Manager {
         let mut def = def;
         // Open until the VMM has started: it inherits them.
         let _disk_files = self.confine_disks(&mut def)?;
-        let _boot_files = crate::boot_files::open_checked(&mut def)?;
+        let (_boot_files, recorded_now) = crate::boot_files::open_checked(&mut def)?;
+        if recorded_now {
+            // A variable store made by this start: later starts check it as well.
+            let mut stored = self.store.get_domain(name)?;
+            stored.boot_files = def.boot_files.clone();
+            self.store.update_domain(&stored)?;
+        }
         crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);

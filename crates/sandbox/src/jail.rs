@@ -32,6 +32,10 @@ pub struct JailSpec {
     pub root: PathBuf,
     /// Paths (absolute, existing) to bind at the same place inside.
     pub binds: Vec<(PathBuf, Access)>,
+    /// Files the VMM holds open (descriptor, the absolute path to bind it at inside,
+    /// access): the open file itself is bound, not whatever its name leads to now, for
+    /// a machine that opens its files by name (riscv64's).
+    pub held: Vec<(std::os::fd::RawFd, PathBuf, Access)>,
     /// A network namespace of its own (no host interfaces): for VMs without a TAP.
     pub new_net: bool,
     /// What a forbidden call of the waiting parent does (see [`enter`]).
@@ -456,6 +460,15 @@ fn build_and_enter(
     for (path, access) in binds {
         bind(root, path, *access)?;
     }
+    for (fd, at, access) in &spec.held {
+        let at = normal(at)?;
+        // A mount of another namespace cannot be bound (EINVAL): the file is reached
+        // again in this one, where it is now, and must be the same file.
+        let here = reopen_here(*fd, &at)?;
+        use std::os::fd::AsRawFd;
+        let source = format!("/proc/self/fd/{}", here.as_raw_fd());
+        bind_at(root, Path::new(&source), &at, *access)?;
+    }
     if let Some(rel) = cwd.as_deref().and_then(|c| c.strip_prefix("/").ok()) {
         // Inside a bound folder it exists already (nothing is made on the host).
         let _ = std::fs::create_dir_all(root.join(rel));
@@ -487,13 +500,46 @@ fn build_and_enter(
     Ok(())
 }
 
+/// The file held open as `fd`, opened again (`O_PATH`) where it is now, in the mount
+/// namespace this process has entered; refused unless it is that very file (device and
+/// inode). `at` names it in errors.
+fn reopen_here(fd: std::os::fd::RawFd, at: &Path) -> Result<std::fs::File, JailError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let err = |why: String| JailError::Path {
+        path: at.into(),
+        why,
+    };
+    let held = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| err(format!("the file handed over as descriptor {fd}: {e}")))?;
+    let now = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| err(format!("where descriptor {fd} is: {e}")))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(&now)
+        .map_err(|e| err(format!("{}: {e}", now.display())))?;
+    let meta = f.metadata().map_err(|e| err(e.to_string()))?;
+    if (meta.dev(), meta.ino()) != (held.dev(), held.ino()) {
+        return Err(err(format!(
+            "{} is no longer the file handed over as descriptor {fd}",
+            now.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// Binds `path` at the same place under `root` with `access`.
 fn bind(root: &Path, path: &Path, access: Access) -> Result<(), JailError> {
+    bind_at(root, path, path, access)
+}
+
+/// Binds `path` (a name, or an open file's `/proc/self/fd/N`) at `at` under `root`.
+fn bind_at(root: &Path, path: &Path, at: &Path, access: Access) -> Result<(), JailError> {
     let meta = std::fs::metadata(path).map_err(|e| JailError::Path {
         path: path.into(),
         why: e.to_string(),
     })?;
-    let rel = path.strip_prefix("/").unwrap_or(path);
+    let rel = at.strip_prefix("/").unwrap_or(at);
     let target = root.join(rel);
     // A mount point inside a folder bound before is that folder's own file (same paths):
     // it exists, and nothing is created (or truncated) on the host.

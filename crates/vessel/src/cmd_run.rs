@@ -462,6 +462,8 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     // A snapshot to restore is read first too: its configuration names the VM's files.
     let mut loaded = None;
     let mut snapshot_files = Vec::new();
+    // Files a restore opened for its VM (without --config): open while it runs.
+    let mut _held_files = Vec::new();
     let config = if preboot {
         if args.arch == vmm::config::Arch::Riscv64 {
             bail!("--api-only with --arch riscv64: the API's InstanceStart builds x86_64 VMs only");
@@ -475,8 +477,9 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
             Some(_) => Some(config_from(&args)?),
             None => None,
         };
-        let (l, state, memory) =
+        let (l, state, memory, held) =
             load_snapshot(path, args.restore_mem.as_deref(), expected.as_ref())?;
+        _held_files = held;
         let mut config = l.snapshot.config.clone();
         config.serial = args.serial.clone();
         loaded = Some((l, state.clone()));
@@ -692,12 +695,13 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
 }
 
 /// The snapshot at `path` (a folder, or a state file beside `mem`), read and checked,
-/// with its state and memory files; refused with nothing started when it does not fit.
+/// with its state and memory files and the files it holds open for the VM (keep them
+/// while it runs); refused with nothing started when it does not fit.
 fn load_snapshot(
     path: &Path,
     mem: Option<&Path>,
     expected: Option<&VmConfig>,
-) -> anyhow::Result<(vmm::snapshot::Loaded, PathBuf, PathBuf)> {
+) -> anyhow::Result<(vmm::snapshot::Loaded, PathBuf, PathBuf, Vec<std::fs::File>)> {
     let (state, memory) = match mem {
         Some(m) => (path.to_path_buf(), m.to_path_buf()),
         None if path.is_dir() => vmm::snapshot::files_in(path),
@@ -706,9 +710,28 @@ fn load_snapshot(
             path.display()
         ),
     };
-    let loaded = vmm::snapshot::load_as(&state, &memory, expected)
-        .with_context(|| format!("cannot restore the snapshot {}", state.display()))?;
-    Ok((loaded, state, memory))
+    let context = || format!("cannot restore the snapshot {}", state.display());
+    // Without --config, the state's own configuration, its files opened once now and
+    // held: the checks and the VM read the same files, whatever is swapped meanwhile.
+    let mut held = Vec::new();
+    let own;
+    let expected = match expected {
+        Some(e) => e,
+        None => {
+            let mut config = vmm::snapshot::load(&state, &memory)
+                .with_context(context)?
+                .snapshot
+                .config;
+            held = config
+                .hold_files()
+                .map_err(anyhow::Error::msg)
+                .with_context(context)?;
+            own = config;
+            &own
+        }
+    };
+    let loaded = vmm::snapshot::load_as(&state, &memory, Some(expected)).with_context(context)?;
+    Ok((loaded, state, memory, held))
 }
 
 /// Binds what the VM uses into the jail at `root` and enters it (see `--jail`).
@@ -745,7 +768,9 @@ fn enter_jail(
     }
     // UEFI variables are written in place; without a store, the template is read.
     if let Some(v) = &config.firmware_vars {
-        binds.push((abs(v), Access::ReadWrite));
+        if config.opened_file(v).is_none() {
+            binds.push((abs(v), Access::ReadWrite));
+        }
     } else if let Some(t) = config
         .firmware
         .as_deref()
@@ -840,9 +865,28 @@ fn enter_jail(
             settings: args.cgroups.clone(),
         })
     };
+    // riscv64's machine opens its files by name: a file handed over is bound at its name
+    // from the open file (what the manager checked), not looked up again.
+    let mut held = Vec::new();
+    if config.arch == vmm::config::Arch::Riscv64 {
+        for o in &config.opened {
+            held.push((o.fd, abs(&o.path), Access::ReadOnly));
+        }
+        for d in &config.disks {
+            if let Some(f) = d.fds.first() {
+                let access = if d.read_only {
+                    Access::ReadOnly
+                } else {
+                    Access::ReadWrite
+                };
+                held.push((f.fd, abs(&d.path), access));
+            }
+        }
+    }
     let spec = JailSpec {
         root: abs(root),
         binds,
+        held,
         new_net: config.nets.is_empty(),
         mode: Some(args.seccomp),
         ids,

@@ -2592,8 +2592,22 @@ fn boot_files_checked_at_start_are_the_files_the_guest_gets() {
             log.contains("ud 1") && log.contains("sd 0"),
             "{driver}: the seed does not hold the checked user-data alone: {log}"
         );
-        // The names lead to the secret now: the next start is refused, nothing runs.
+        // The names lead elsewhere now (the kernel's to another file, the initrd's to the
+        // secret): the next start is refused, naming the first, and nothing runs.
         std::fs::remove_file(files.join("swapped")).unwrap();
+        let e = c
+            .post(&format!("/v1/domains/{name}/start"), None)
+            .unwrap_err();
+        let (status, body) = api_status(e);
+        assert!(
+            status == 400
+                && body.contains("fixed at define")
+                && body.contains("vmlinuz")
+                && body.contains("another file is there now"),
+            "{driver}: {status} {body}"
+        );
+        // The kernel put back, the initrd's link is what is refused.
+        std::fs::rename(files.join("vmlinuz.checked"), files.join("vmlinuz")).unwrap();
         let e = c
             .post(&format!("/v1/domains/{name}/start"), None)
             .unwrap_err();
@@ -2603,6 +2617,98 @@ fn boot_files_checked_at_start_are_the_files_the_guest_gets() {
             "{driver}: {status} {body}"
         );
         assert_eq!(state(&c, &name), "shutoff");
+        c.call("DELETE", &format!("/v1/domains/{name}"), None)
+            .unwrap();
+    }
+}
+
+/// Issue 22: a file recorded at define is that file, not its path. Between define and
+/// start, a kernel or a disk renamed away and replaced by another regular file under the
+/// same name (even with the same bytes), or a kernel rewritten in place, fails the start
+/// on both drivers; the recorded file put back starts again.
+#[test]
+fn a_file_replaced_under_its_name_between_define_and_start_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("fileid");
+    let c = d.client();
+    for driver in ["vessel", "qemu"] {
+        let name = format!("id-{driver}");
+        let files = d.dir.join(&name);
+        std::fs::create_dir_all(&files).unwrap();
+        let kernel = files.join("kernel");
+        // It prints its line, then echoes the console: it runs until destroyed.
+        std::fs::rename(tiny_kernel(&files, "CHECKED KERNEL\n", None), &kernel).unwrap();
+        let disk = files.join("disk.raw");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let def = json!({"name": name, "driver": driver, "vm": {
+            "kernel": kernel, "memory_mib": 64, "accel": "emu",
+            "disks": [{"path": disk, "format": "raw"}]}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+        let got = c.get(&format!("/v1/domains/{name}")).unwrap()["definition"].clone();
+        let k = kernel.to_str().unwrap();
+        assert_eq!(
+            got["boot_files"][k]["id"]["ino"],
+            json!(std::fs::metadata(&kernel).unwrap().ino()),
+            "{got}"
+        );
+        assert_eq!(
+            got["chains"][disk.to_str().unwrap()][0]["id"]["ino"],
+            json!(std::fs::metadata(&disk).unwrap().ino()),
+            "{got}"
+        );
+        let started = |what: &str| {
+            if driver == "qemu" {
+                // The tiny kernel is not one QEMU loads: only the manager's checks count.
+                return;
+            }
+            c.post(&format!("/v1/domains/{name}/start"), None)
+                .unwrap_or_else(|e| panic!("{driver}, {what}: {e:?}"));
+            let t0 = Instant::now();
+            while !serial_log(&c, &name).contains("CHECKED KERNEL") {
+                assert!(t0.elapsed() < Duration::from_secs(60), "{what}: no output");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            c.post(&format!("/v1/domains/{name}/destroy"), None)
+                .unwrap();
+        };
+        let refused = |what: &str, file: &Path, why: &str| {
+            let (status, body) = api_status(
+                c.post(&format!("/v1/domains/{name}/start"), None)
+                    .unwrap_err(),
+            );
+            assert!(
+                status == 400
+                    && body.contains(file.to_str().unwrap())
+                    && body.contains(why)
+                    && body.contains("fixed at define"),
+                "{driver}, {what}: {status} {body}"
+            );
+            assert_eq!(state(&c, &name), "shutoff", "{driver}, {what}");
+        };
+        started("as defined");
+        // The kernel renamed away and a copy (same bytes, another file) put in its place.
+        let away = files.join("kernel.away");
+        std::fs::rename(&kernel, &away).unwrap();
+        std::fs::copy(&away, &kernel).unwrap();
+        refused("kernel replaced", &kernel, "another file is there now");
+        std::fs::rename(&away, &kernel).unwrap();
+        started("kernel put back");
+        // The same for the disk.
+        let away = files.join("disk.away");
+        std::fs::rename(&disk, &away).unwrap();
+        std::fs::copy(&away, &disk).unwrap();
+        refused("disk replaced", &disk, "another file is there now");
+        std::fs::rename(&away, &disk).unwrap();
+        started("disk put back");
+        // The kernel rewritten in place: the same file, not the same kernel.
+        std::thread::sleep(Duration::from_millis(20));
+        let bytes = std::fs::read(&kernel).unwrap();
+        std::fs::write(&kernel, &bytes).unwrap();
+        refused("kernel rewritten", &kernel, "rewritten in place");
+        // Defining again takes the file as it is now.
+        c.call("PUT", &format!("/v1/domains/{name}"), Some(&def))
+            .unwrap();
+        started("defined again");
         c.call("DELETE", &format!("/v1/domains/{name}"), None)
             .unwrap();
     }

@@ -920,6 +920,104 @@ impl VmConfig {
         }
     }
 
+    /// [`VmConfig::open_named`] for reading and writing (the UEFI variable store): the
+    /// descriptor handed over must have been opened so; a name is opened so.
+    pub fn open_named_writable(&self, path: &Path) -> std::io::Result<std::fs::File> {
+        match self.opened_file(path) {
+            Some(o) => {
+                let f = dup_inherited(o.fd)?;
+                // SAFETY: F_GETFL reads the descriptor's flags and touches no memory.
+                let flags = unsafe { libc::fcntl(o.fd, libc::F_GETFL) };
+                if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "the descriptor handed over for it is not open for writing",
+                    ));
+                }
+                Ok(f)
+            }
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path),
+        }
+    }
+
+    /// Opens each file this configuration names, once, now, and names the open files in
+    /// it ([`DiskConfig::fds`], [`VmConfig::opened`]) as a manager hands its checked
+    /// files over: from here on the checks and the build read these files, whatever
+    /// is renamed or swapped meanwhile. For a configuration the VMM takes from a state
+    /// file with nothing to compare it to (`vessel run --restore` without `--config`).
+    /// Files already handed over are kept. Returns the files opened: they must stay
+    /// open while the VM runs.
+    pub fn hold_files(&mut self) -> Result<Vec<std::fs::File>, String> {
+        use std::os::fd::AsRawFd;
+        let mut held = Vec::new();
+        for d in self.disks.iter_mut().filter(|d| d.fds.is_empty()) {
+            let refused = |e: &dyn std::fmt::Display| format!("disk {}: {e}", d.path.display());
+            let format = d.format.map(block_format);
+            let chain = match d.folder.as_deref() {
+                Some(dir) => {
+                    let folder = block::Folder::open(dir).map_err(|e| refused(&e))?;
+                    block::open_guest_disk_chain_in(&folder, &d.path, format, d.read_only)
+                }
+                None => block::open_guest_disk_chain(&d.path, format, d.read_only),
+            }
+            .map_err(|e| refused(&e))?;
+            for c in chain {
+                d.fds.push(InheritedFile {
+                    fd: c.file.as_raw_fd(),
+                    format: match c.format {
+                        block::Format::Raw => DiskFormat::Raw,
+                        block::Format::Qcow2 => DiskFormat::Qcow2,
+                    },
+                    path: c.path,
+                });
+                held.push(c.file);
+            }
+        }
+        let template = self
+            .firmware
+            .as_deref()
+            .and_then(uefi_vars_template)
+            .filter(|t| t.is_file());
+        let read = self
+            .kernel
+            .iter()
+            .chain(&self.initrd)
+            .chain(&self.firmware)
+            .chain(&self.option_roms)
+            .cloned()
+            .chain(
+                self.cloud_init
+                    .iter()
+                    .flat_map(|c| c.files().map(Path::to_path_buf)),
+            )
+            .chain(template)
+            .map(|p| (p, false));
+        let vars = self
+            .firmware_vars
+            .clone()
+            .filter(|v| v.exists())
+            .map(|v| (v, true));
+        for (p, write) in read.chain(vars).collect::<Vec<_>>() {
+            if self.opened_file(&p).is_some() {
+                continue;
+            }
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            self.opened.push(OpenedFile {
+                fd: f.as_raw_fd(),
+                path: p,
+            });
+            held.push(f);
+        }
+        Ok(held)
+    }
+
     /// The whole of a file this configuration names ([`VmConfig::open_named`]).
     pub fn read_named(&self, path: &Path) -> std::io::Result<Vec<u8>> {
         read_whole(&self.open_named(path)?)
@@ -955,7 +1053,8 @@ impl VmConfig {
         let (Some(code), Some(vars)) = (&self.firmware, &self.firmware_vars) else {
             return Ok(());
         };
-        if vars.exists() {
+        // Handed over open (made by the manager if need be): the name is not looked at.
+        if vars.exists() || self.opened_file(vars).is_some() {
             return Ok(());
         }
         let template = uefi_vars_template(code)
@@ -980,7 +1079,11 @@ impl VmConfig {
             }
             _ => {}
         }
-        if let Some(v) = self.firmware_vars.as_ref().filter(|v| !v.is_file()) {
+        if let Some(v) = self
+            .firmware_vars
+            .as_ref()
+            .filter(|v| !self.names_a_file(v))
+        {
             // One not made yet is made from the template on the first start.
             let can_make = !v.exists()
                 && self

@@ -6,6 +6,7 @@ pub mod cloud_init;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod file_identity;
 pub mod io;
 pub mod migration;
 pub mod riscv;

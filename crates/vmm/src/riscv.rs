@@ -87,6 +87,25 @@ pub fn firmware(config: &VmConfig) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_OPENSBI))
 }
 
+/// The name the machine (which opens its files by name) is given for `path`, a file of
+/// `config` whose descriptor `fd` may have been handed over: `/proc/self/fd/N`, which
+/// reopens that file, not whatever the name leads to now. In a jail, which has no
+/// `/proc/self`, the held file is bound at its name instead (`vessel run --jail`), and
+/// the name is what reaches it.
+fn reopened(path: &std::path::Path, fd: Option<i32>) -> PathBuf {
+    match fd {
+        Some(fd) if std::path::Path::new("/proc/self/fd").is_dir() => {
+            PathBuf::from(format!("/proc/self/fd/{fd}"))
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// [`reopened`] for a boot file of `config`.
+fn boot_file(config: &VmConfig, path: &std::path::Path) -> PathBuf {
+    reopened(path, config.opened_file(path).map(|o| o.fd))
+}
+
 /// A checked riscv64 VM and the handle that controls it once it runs (pause, resume,
 /// stop, reset: the control API's calls).
 pub struct RiscvVm {
@@ -118,7 +137,7 @@ impl RiscvVm {
         checked.validate()?;
         check(&config)?;
         let fw = firmware(&config);
-        if !fw.is_file() {
+        if config.opened_file(&fw).is_none() && !fw.is_file() {
             return Err(RiscvError::NoFirmware(fw));
         }
         let control = Arc::new(VmControl::without_power_button(
@@ -158,15 +177,15 @@ impl RiscvVm {
         let machine = VirtConfig {
             memory_mib: config.memory_mib,
             harts: config.cpus.into(),
-            firmware: firmware(config),
-            kernel,
-            initrd: config.initrd.clone(),
+            firmware: boot_file(config, &firmware(config)),
+            kernel: boot_file(config, &kernel),
+            initrd: config.initrd.as_deref().map(|i| boot_file(config, i)),
             cmdline: config.cmdline.clone(),
             disks: config
                 .disks
                 .iter()
                 .map(|d| DiskSpec {
-                    path: d.path.clone(),
+                    path: reopened(&d.path, d.fds.first().map(|f| f.fd)),
                     read_only: d.read_only,
                 })
                 .collect(),

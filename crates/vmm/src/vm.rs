@@ -1218,15 +1218,14 @@ impl UefiPlatform {
         // in memory only.
         let (vars, backing) = match &config.firmware_vars {
             Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(|source| VmmError::ReadFile {
-                        what: "UEFI variable store",
-                        path: path.clone(),
-                        source,
-                    })?;
+                let file =
+                    config
+                        .open_named_writable(path)
+                        .map_err(|source| VmmError::ReadFile {
+                            what: "UEFI variable store",
+                            path: path.clone(),
+                            source,
+                        })?;
                 (read_file(config, "UEFI variable store", path)?, Some(file))
             }
             None => {

@@ -669,7 +669,7 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
             ));
             c.arg("-drive").arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
+                named(vars).display()
             ));
         }
         (Some(f), None) => {

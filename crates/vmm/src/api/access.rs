@@ -109,19 +109,28 @@ fn denied(shown: &Path) -> String {
 
 /// Checks `path` for `peer` (see the module's documentation); `Ok` when it may.
 pub fn check(path: &Path, peer: Option<&Cred>, want: Want) -> Result<(), String> {
+    check_shown(path, path, peer, want)
+}
+
+/// [`check`] of the file at `at`, naming it `shown` in errors: `at` may be an open file's
+/// `/proc/self/fd/N`, whose own mode is then what decides (the file held, whatever its
+/// name leads to meanwhile), the folders on its way being those of where it is now.
+pub fn check_shown(at: &Path, shown: &Path, peer: Option<&Cred>, want: Want) -> Result<(), String> {
     let Some(peer) = needs_check(peer) else {
         return Ok(());
     };
     let ids = Ids::of(peer);
     let existing = match want {
         Want::Read | Want::ReadWrite => true,
-        Want::Create => std::fs::symlink_metadata(path).is_ok(),
+        Want::Create => std::fs::symlink_metadata(at).is_ok(),
     };
+    // Errors name `shown`; a new file's folder is the shown name's.
+    let path = shown;
     if existing {
-        let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let real = std::fs::canonicalize(at).map_err(|e| format!("{}: {e}", path.display()))?;
         let parent = real.parent().unwrap_or(Path::new("/"));
         walk(&ids, parent, path)?;
-        let meta = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = std::fs::metadata(at).map_err(|e| format!("{}: {e}", path.display()))?;
         let bits = match want {
             Want::Read => 4,
             Want::ReadWrite => 6,
@@ -153,7 +162,8 @@ pub fn check(path: &Path, peer: Option<&Cred>, want: Want) -> Result<(), String>
 }
 
 /// Every host file a VM configuration names, with what the VMM does with it: kernel,
-/// firmware, option ROMs, initrd and cloud-init files (read), each disk and its backing
+/// firmware, option ROMs, initrd and cloud-init files (read), the UEFI variable store
+/// (written, or made from its template, which is read), each disk and its backing
 /// chain (the image read-write unless read-only, backing files read), serial and
 /// console log files and the vsock socket (created).
 pub fn config_files(config: &crate::config::VmConfig) -> Vec<(PathBuf, Want)> {
@@ -167,6 +177,21 @@ pub fn config_files(config: &crate::config::VmConfig) -> Vec<(PathBuf, Want)> {
         .collect();
     if let Some(ci) = &config.cloud_init {
         out.extend(ci.files().map(|p| (p.to_path_buf(), Want::Read)));
+    }
+    // UEFI: the variable store is written in place (or made from the template beside
+    // the code); without one, the template is read.
+    let template = config
+        .firmware
+        .as_deref()
+        .and_then(crate::config::uefi_vars_template)
+        .filter(|t| t.exists());
+    match &config.firmware_vars {
+        Some(v) if std::fs::symlink_metadata(v).is_ok() => out.push((v.clone(), Want::ReadWrite)),
+        Some(v) => {
+            out.push((v.clone(), Want::Create));
+            out.extend(template.map(|t| (t, Want::Read)));
+        }
+        None => out.extend(template.map(|t| (t, Want::Read))),
     }
     for d in &config.disks {
         for (i, f) in d.files().into_iter().enumerate() {
