@@ -174,7 +174,9 @@ pub struct RunArgs {
     /// InstanceStart or a snapshot load (as Firecracker does).
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given.
+    /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given;
+    /// a failed `PUT /snapshot/load` leaves the VMM waiting for another (without it, a VMM
+    /// waiting for configuration exits after a failed load, as Firecracker does).
     #[arg(long, requires = "api_sock")]
     api_only: bool,
     /// With --api-sock: the largest request body the API answers, in bytes (default
@@ -530,6 +532,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         if let Some(n) = args.http_api_max_payload_size {
             api.set_max_payload(n).map_err(anyhow::Error::msg)?;
         }
+        // Started as Firecracker is (an API socket, nothing to boot): a failed snapshot
+        // load ends the VMM as it ends Firecracker. --api-only (Vessel's) keeps waiting,
+        // so another load may follow.
+        if !args.api_only {
+            api.end_after_failed_load();
+        }
         // InstanceStart's VM is built and run here, as Firecracker's VMM thread does: the
         // API's threads stay in their own seccomp filter.
         let starts = api.builds_elsewhere();
@@ -567,6 +575,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let Some(config) = config else {
         bail!("no VM configuration");
     };
+    let restored_api = loaded.as_ref().and_then(|(l, _)| l.snapshot.api.clone());
     let vmm = match loaded {
         Some((loaded, state)) => Vmm::restore(&loaded, args.serial.clone(), args.accel)
             .with_context(|| format!("cannot restore the snapshot {}", state.display()))?,
@@ -574,6 +583,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     };
     if let Some(sock) = &api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
+        api.show_restored(restored_api.as_ref());
         if let Some(n) = args.http_api_max_payload_size {
             api.set_max_payload(n).map_err(anyhow::Error::msg)?;
         }

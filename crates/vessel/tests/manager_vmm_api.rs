@@ -601,3 +601,206 @@ fn requests_name_only_files_their_sender_may_use() {
     assert!(fault(&b).contains("victim"), "{b}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
+
+/// Issue 16: started as Firecracker is (an API socket, nothing to boot), the VMM ends
+/// with an error after a failed `PUT /snapshot/load`, as Firecracker's process exits;
+/// a body it does not understand, or a load while it may not load, leaves it waiting.
+/// With Vessel's `--api-only` it keeps waiting after a failed load too.
+#[test]
+fn a_failed_snapshot_load_ends_a_vmm_started_as_firecracker() {
+    let dir = TempDir::new("fcload");
+    let spawn = |sock: &Path, extra: &[&str]| {
+        let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["run", "--accel", "emu", "--api-sock"])
+            .arg(sock)
+            .args(extra)
+            .args(["--serial", "null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        common::Guarded(child)
+    };
+    let missing = format!(
+        r#"{{"snapshot_path": "{0}/none", "mem_backend": {{"backend_type": "File", "backend_path": "{0}/none.mem"}}}}"#,
+        dir.path().display()
+    );
+    let sock = dir.path().join("fc.sock");
+    let mut vmm = spawn(&sock, &[]);
+    // Refused while parsing: no harm done, the VMM waits.
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "x"}"#),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(fault(&b).contains("missing field"), "{b}");
+    assert_eq!(curl(&sock, "GET", "/", None).0, 200, "after a body refused");
+    // A load that fails: answered, then the process ends with an error.
+    let (s, b) = curl(&sock, "PUT", "/snapshot/load", Some(&missing));
+    assert_eq!(s, 400, "{b}");
+    assert!(fault(&b).contains("Failed to load the snapshot"), "{b}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = vmm.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the VMM still runs after a failed load"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(vmm.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("PUT /snapshot/load failed"), "{err}");
+
+    // Vessel's --api-only: the same failed load leaves it waiting for another.
+    let sock = dir.path().join("only.sock");
+    let mut vmm = spawn(&sock, &["--api-only"]);
+    let (s, _) = curl(&sock, "PUT", "/snapshot/load", Some(&missing));
+    assert_eq!(s, 400);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vmm.0.try_wait().unwrap().is_none(), "--api-only ended");
+    let (s, b) = curl(&sock, "GET", "/", None);
+    assert_eq!(
+        (
+            s,
+            serde_json::from_str::<Value>(&b).unwrap()["state"].clone()
+        ),
+        (200, "Not started".into())
+    );
+}
+
+/// Issue 16: a VMM that restores a snapshot answers `GET /vm/config` exactly as the one
+/// that took it: the drive's ID and cache type as given, the boot arguments without the
+/// root= the VMM adds, and a rate limiter PATCHed after boot (which the restored drive
+/// has too: the snapshot carries the configuration the VM ran with, not the one it was
+/// built with).
+#[test]
+fn a_restored_vm_shows_the_configuration_it_was_snapshotted_with() {
+    let dir = TempDir::new("fcrestorecfg");
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut lib = Lib64::new(&mut a);
+    lib.print(&mut a, "snap guest up\n").unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.pause().unwrap();
+    a.jmp(spin).unwrap();
+    lib.emit(&mut a).unwrap();
+    let code = a.assemble(common::guest::LOAD).unwrap();
+    let kernel = dir.file("vmlinux.elf", &linux64_elf(&code));
+    let rootfs = dir.file("rootfs.ext4", &vec![0u8; 1 << 20]);
+    let spawn = |sock: &Path, log: &Path| {
+        let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["run", "--accel", "emu", "--api-sock"])
+            .arg(sock)
+            .arg("--serial")
+            .arg(format!("file:{}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        common::Guarded(child)
+    };
+    let ok = |sock: &Path, method: &str, path: &str, body: &str| {
+        let (s, b) = curl(sock, method, path, Some(body));
+        assert!(s == 204 || s == 200, "{method} {path}: {s} {b}");
+    };
+    let (sock, log) = (dir.path().join("a.sock"), dir.path().join("a.log"));
+    let _first = spawn(&sock, &log);
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1"}}"#,
+            kernel.display()
+        ),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        &format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false, "cache_type": "Unsafe"}}"#,
+            rootfs.display()
+        ),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    wait_for_text(&log, "snap guest up", Duration::from_secs(20));
+    ok(
+        &sock,
+        "PATCH",
+        "/drives/rootfs",
+        r#"{"drive_id": "rootfs", "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}}}"#,
+    );
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (_, before) = curl(&sock, "GET", "/vm/config", None);
+    let before: Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(before["drives"][0]["drive_id"], "rootfs", "{before}");
+    assert_eq!(before["drives"][0]["cache_type"], "Unsafe", "{before}");
+    assert_eq!(
+        before["drives"][0]["rate_limiter"]["bandwidth"]["size"], 1048576,
+        "{before}"
+    );
+    let (state, mem) = (dir.path().join("vm.state"), dir.path().join("vm.mem"));
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    drop(_first);
+
+    let (sock2, log2) = (dir.path().join("b.sock"), dir.path().join("b.log"));
+    let _second = spawn(&sock2, &log2);
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": false}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    let (_, after) = curl(&sock2, "GET", "/vm/config", None);
+    let after: Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after, before, "GET /vm/config after the restore");
+    // The snapshot took the configuration the VM ran with: the PATCHed limiter.
+    let saved = String::from_utf8_lossy(&std::fs::read(&state).unwrap()).into_owned();
+    assert!(
+        saved.contains("1048576"),
+        "the state file lacks the PATCHed limiter"
+    );
+}

@@ -1086,6 +1086,7 @@ impl Vmm {
             virtio: virtio_transports,
             firmware: firmware_devices,
             busy: Mutex::new(()),
+            live: Mutex::new(None),
         });
         if let Some(r) = restore {
             // The memory file is the base of the first Diff snapshot: the dirty log

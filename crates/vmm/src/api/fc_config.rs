@@ -12,8 +12,10 @@ use super::fc_model::{
 };
 use crate::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
-/// Everything the API has been told, kept as given.
-#[derive(Debug, Clone, Default)]
+/// Everything the API has been told, kept as given (and carried in snapshots,
+/// `VmSnapshot::api`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FcConfig {
     pub machine: MachineConfig,
     pub boot: Option<BootSource>,
@@ -87,6 +89,20 @@ impl FcConfig {
             entropy: c.rng.then(Entropy::default),
             ..FcConfig::default()
         }
+    }
+
+    /// What the API shows for a VM restored from a snapshot: what the API that took it
+    /// had been told (`api`, the snapshot's), or else what its configuration says
+    /// ([`FcConfig::from_vm_config`]); the logger, metrics and serial are this VMM's own
+    /// (`self`, configured before the load), not the snapshot's.
+    pub fn restored(&self, api: Option<&Value>, config: &VmConfig) -> FcConfig {
+        let mut view = api
+            .and_then(|v| serde_json::from_value::<FcConfig>(v.clone()).ok())
+            .unwrap_or_else(|| FcConfig::from_vm_config(config));
+        view.logger = self.logger.clone();
+        view.metrics = self.metrics.clone();
+        view.serial = self.serial.clone();
+        view
     }
 
     /// `GET /vm/config`: Firecracker's `FullVmConfiguration`. As Firecracker, the logger,

@@ -133,6 +133,12 @@ pub struct VmmApi {
     /// The largest request body answered ([`MAX_PAYLOAD`] unless the command line says;
     /// Firecracker's `--http-api-max-payload-size`).
     max_payload: std::sync::atomic::AtomicU64,
+    /// Whether a failed `PUT /snapshot/load` ends this VMM, as it ends Firecracker
+    /// ([`VmmApi::end_after_failed_load`]).
+    load_failure_ends: std::sync::atomic::AtomicBool,
+    /// Why the last load failed, when that ends this VMM: it ends once the client has
+    /// the answer.
+    failed_load: Mutex<Option<String>>,
 }
 
 /// InstanceStart's validated configuration, for the thread that builds and runs the VM
@@ -221,7 +227,25 @@ impl VmmApi {
             builder: Mutex::new(None),
             migrated: Mutex::new(None),
             max_payload: std::sync::atomic::AtomicU64::new(MAX_PAYLOAD),
+            load_failure_ends: std::sync::atomic::AtomicBool::new(false),
+            failed_load: Mutex::new(None),
         })
+    }
+
+    /// From now on a `PUT /snapshot/load` that fails once its body is understood and
+    /// the VMM may load (the files, the state, the build) ends this VMM with an error
+    /// after the client has the answer, as Firecracker's process exits ("too dirty to
+    /// recover"). Without it the VMM stays in its pre-boot phase and may load again.
+    pub fn end_after_failed_load(&self) {
+        self.load_failure_ends
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Ends the VM phase with `why` and lets the thread waiting for InstanceStart go
+    /// ([`VmmApi::builds_elsewhere`]'s receiver sees no more requests).
+    fn end_failed(&self, why: String) {
+        *lock(&self.builder) = None;
+        self.finish(Err(why));
     }
 
     /// Raises (or lowers) the largest request body the API answers, up to the HTTP
@@ -263,6 +287,16 @@ impl VmmApi {
             snapshotter: Some(vmm.snapshotter()),
         };
         Self::with_state(phase, fc, serial, accel)
+    }
+
+    /// For a VM restored from a snapshot on the command line: shows what the API that
+    /// took the snapshot had been told (`VmSnapshot::api`), when it carries that.
+    pub fn show_restored(&self, api: Option<&serde_json::Value>) {
+        let mut st = lock(&self.state);
+        if let (Some(_), Phase::Running { config, .. }) = (api, &st.phase) {
+            let view = st.fc.restored(api, &config.clone());
+            st.fc = view;
+        }
     }
 
     /// The API of a running VM that cannot be snapshotted or migrated (a riscv64 one):
@@ -406,6 +440,27 @@ impl VmmApi {
         Ok(Response::empty(204))
     }
 
+    /// The running VM's snapshotter, told the configuration the VM runs with now and
+    /// what this API was told (IDs, PATCHes), which a snapshot or a migration carries
+    /// ([`crate::snapshot::Snapshotter::set_live`]). Err(None): the VM has none.
+    fn live_snapshotter(&self) -> Result<Arc<crate::snapshot::Snapshotter>, Option<Response>> {
+        let st = lock(&self.state);
+        match &st.phase {
+            Phase::Running {
+                snapshotter: Some(s),
+                config,
+                ..
+            } => {
+                let api = serde_json::to_value(&st.fc).unwrap_or(serde_json::Value::Null);
+                s.set_live(config, api);
+                Ok(s.clone())
+            }
+            Phase::Running { .. } => Err(None),
+            Phase::PreBoot => Err(Some(fault(400, NOT_BEFORE_START))),
+            Phase::Finished { .. } => Err(Some(fault(400, "The microVM is not running."))),
+        }
+    }
+
     /// `PUT /snapshot/create`: the paused VM's state and memory into two files.
     fn snapshot_create(&self, req: &Request) -> Answer {
         let params: super::snapshot::SnapshotCreateParams = parse(req)?;
@@ -414,13 +469,9 @@ impl VmmApi {
             access::check(p, req.peer.as_ref(), Want::Create)
                 .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
         }
-        let snapshotter = match &lock(&self.state).phase {
-            Phase::Running { snapshotter, .. } => snapshotter
-                .clone()
-                .ok_or_else(|| fault(400, "This VM cannot be snapshotted."))?,
-            Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
-            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
-        };
+        let snapshotter = self
+            .live_snapshotter()
+            .map_err(|e| e.unwrap_or_else(|| fault(400, "This VM cannot be snapshotted.")))?;
         snapshotter
             .create(&params.snapshot_path, &params.mem_file_path, kind)
             .map_err(|e| fault(400, format!("Failed to create the snapshot: {e}")))?;
@@ -435,13 +486,9 @@ impl VmmApi {
         let (to, limits) = params
             .check()
             .map_err(|e| fault(400, format!("Failed to migrate: {e}")))?;
-        let snapshotter = match &lock(&self.state).phase {
-            Phase::Running { snapshotter, .. } => snapshotter
-                .clone()
-                .ok_or_else(|| fault(400, "This VM cannot be migrated."))?,
-            Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
-            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
-        };
+        let snapshotter = self
+            .live_snapshotter()
+            .map_err(|e| e.unwrap_or_else(|| fault(400, "This VM cannot be migrated.")))?;
         let report = snapshotter
             .migrate(&to, limits)
             .map_err(|e| fault(400, format!("Failed to migrate: {e}")))?;
@@ -472,21 +519,46 @@ impl VmmApi {
         params: &super::snapshot::SnapshotLoadParams,
     ) -> Answer {
         let mem = params.mem_path().map_err(|msg| fault(400, msg))?;
-        let refused = |e: String| fault(400, format!("Failed to load the snapshot: {e}"));
-        for p in [&params.snapshot_path, &mem] {
-            access::check(p, req.peer.as_ref(), Want::Read).map_err(refused)?;
-        }
-        let mut st = lock(&self.state);
+        let st = lock(&self.state);
         if !st.preboot() {
             return Err(fault(
                 400,
                 "Loading a snapshot is not allowed after the microVM has started.",
             ));
         }
-        let loaded = crate::snapshot::load(&params.snapshot_path, &mem)
+        let r = self.restore_snapshot(req, params, &mem, st);
+        if let Err(resp) = &r {
+            if self
+                .load_failure_ends
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let why = String::from_utf8_lossy(&resp.body).trim().to_string();
+                *lock(&self.failed_load) = Some(format!("PUT /snapshot/load failed: {why}"));
+            }
+        }
+        r
+    }
+
+    /// The part of a load past its checks of the request: its failures leave the VMM
+    /// "too dirty to recover" for Firecracker ([`VmmApi::end_after_failed_load`]).
+    fn restore_snapshot(
+        self: &Arc<Self>,
+        req: &Request,
+        params: &super::snapshot::SnapshotLoadParams,
+        mem: &std::path::Path,
+        mut st: MutexGuard<'_, State>,
+    ) -> Answer {
+        let refused = |e: String| fault(400, format!("Failed to load the snapshot: {e}"));
+        for p in [&params.snapshot_path, &mem.to_path_buf()] {
+            access::check(p, req.peer.as_ref(), Want::Read).map_err(refused)?;
+        }
+        let loaded = crate::snapshot::load(&params.snapshot_path, mem)
             .map_err(|e| fault(400, format!("Failed to load the snapshot: {e}")))?;
         // The state file is the client's: the files its configuration names are too.
         access::check_config(&loaded.snapshot.config, req.peer.as_ref()).map_err(refused)?;
+        let restored_view = st
+            .fc
+            .restored(loaded.snapshot.api.as_ref(), &loaded.snapshot.config);
         let builder = lock(&self.builder).clone();
         if let Some(builder) = builder {
             // Built on the main thread, as for InstanceStart (this thread's filter lets
@@ -507,7 +579,7 @@ impl VmmApi {
                 .recv()
                 .unwrap_or_else(|_| Err(gone()))
                 .map_err(failed)?;
-            st.fc = FcConfig::from_vm_config(&config);
+            st.fc = restored_view;
             st.phase = Phase::Running {
                 config,
                 control,
@@ -525,7 +597,7 @@ impl VmmApi {
         }
         let mut config = loaded.snapshot.config;
         config.serial = self.serial.clone();
-        st.fc = FcConfig::from_vm_config(&config);
+        st.fc = restored_view;
         self.start(st, config, vmm)
             .map_err(|e| fault(400, format!("Failed to restore the microVM: {e}")))
     }
@@ -1078,6 +1150,11 @@ pub const MAX_PAYLOAD: u64 = 51_200;
 impl Handler for ApiHandler {
     fn handle(&self, req: Request) -> Reply {
         let resp = self.0.handle_req(&req);
+        if let Some(why) = lock(&self.0.failed_load).take() {
+            // A failed load ends this VMM (as Firecracker) once the client has the answer.
+            let api = self.0.clone();
+            return Reply::Upgrade(resp, Box::new(move |_| api.end_failed(why)));
+        }
         match lock(&self.0.migrated).take() {
             // The VM runs elsewhere now: this VMM ends once the client has the report.
             Some(s) => Reply::Upgrade(resp, Box::new(move |_| s.finish_migration())),

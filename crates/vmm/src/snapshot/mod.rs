@@ -145,6 +145,11 @@ pub struct VmSnapshot {
     /// that predate it).
     #[serde(default)]
     pub portable: Option<portable::Portable>,
+    /// What the Firecracker-compatible API had been told (its IDs, cache types, boot
+    /// arguments as given, rate limiters as PATCHed), so a VMM restoring it answers
+    /// `GET /vm/config` as the one that took it did. Absent when no API served the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +331,11 @@ pub struct Snapshotter {
     pub(crate) firmware: Option<FirmwareDevices>,
     /// One snapshot at a time.
     pub(crate) busy: Mutex<()>,
+    /// The configuration as the VMM's API changed it since the build (a drive given
+    /// another file, rate limiters PATCHed) and the API's own view of it
+    /// ([`Snapshotter::set_live`]): what a snapshot or a migration carries, not the
+    /// configuration the VM was built with.
+    pub(crate) live: Mutex<Option<(VmConfig, serde_json::Value)>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -338,6 +348,20 @@ impl std::fmt::Debug for Snapshotter {
 }
 
 impl Snapshotter {
+    /// Records the configuration the VM runs with now and the API's view of it (see
+    /// `live`): the next snapshot or migration carries these.
+    pub fn set_live(&self, config: &VmConfig, api: serde_json::Value) {
+        *lock(&self.live) = Some((config.clone(), api));
+    }
+
+    /// The configuration the VM runs with now.
+    fn config_now(&self) -> VmConfig {
+        match &*lock(&self.live) {
+            Some((c, _)) => c.clone(),
+            None => self.config.clone(),
+        }
+    }
+
     /// Writes the paused VM's state to `state_path` and its memory to `mem_path`.
     pub fn create(
         &self,
@@ -346,7 +370,7 @@ impl Snapshotter {
         kind: SnapshotKind,
     ) -> Result<CreateTimes, SnapshotError> {
         let _one = lock(&self.busy);
-        if let Some(what) = unsupported(&self.config) {
+        if let Some(what) = unsupported(&self.config_now()) {
             return Err(SnapshotError::Unsupported(what));
         }
         self.control
@@ -475,14 +499,16 @@ impl Snapshotter {
                 VirtioTransport::Pci(t) => VirtioSnapshot::Pci(lock(t).snapshot()),
             })
             .collect();
+        let config = self.config_now();
+        let api = lock(&self.live).as_ref().map(|(_, a)| a.clone());
         Ok(VmSnapshot {
             // Descriptors mean nothing to the process that restores it: it opens by name.
-            config: self.config.without_fds(),
+            config: config.without_fds(),
             accel: self.accel.clone(),
             saved_unix_ns,
             cpuid_fingerprint: self.cpuid_fingerprint,
             memory: memory::layout(&self.memory),
-            disks: disk_identities(&self.config)?,
+            disks: disk_identities(&config)?,
             vm,
             vcpus,
             serial: lock(&self.serial).snapshot(),
@@ -498,6 +524,7 @@ impl Snapshotter {
                 vcpus: portable_vcpus,
                 features: self.cpuid_features.clone(),
             }),
+            api,
         })
     }
 }
@@ -710,6 +737,7 @@ mod tests {
             virtio: Vec::new(),
             firmware: None,
             portable: None,
+            api: None,
         }
     }
 
