@@ -331,7 +331,16 @@ impl Api {
                 self.m.undefine(name)?;
                 Ok(Response::empty(204).into())
             }
-            ("POST", ["domains", name, "start"]) => ok(to_value(&self.m.start(name)?)),
+            ("POST", ["domains", name, "start"]) => {
+                let info = match query_u64(req, "paused")? {
+                    Some(1) => self.m.start_paused(name)?,
+                    None | Some(0) => self.m.start(name)?,
+                    Some(n) => {
+                        return Err(Error::invalid("paused", format!("{n}: give 0 or 1")));
+                    }
+                };
+                ok(to_value(&info))
+            }
             ("POST", ["domains", name, "shutdown"]) => {
                 let wait = query_u64(req, "wait")?.map(|s| Duration::from_secs(s.min(3600)));
                 let st = self.m.shutdown(name, wait)?;

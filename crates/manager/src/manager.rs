@@ -341,7 +341,7 @@ impl Manager {
                     // As libvirt's default on_reboot=restart: a guest that rebooted (the
                     // Vessel VMM exits 10 then) comes back, its log continuing.
                     if rebooted {
-                        if let Err(e) = m.start_with(&name, false) {
+                        if let Err(e) = m.start_with(&name, false, false) {
                             tracing::warn!(domain = %name, "restart after reboot failed: {e}");
                             m.update(&name, |r| r.restarting = false);
                         }
@@ -779,15 +779,32 @@ impl Manager {
     }
 
     pub fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
-        self.start_with(name, true)
+        self.start_with(name, true, false)
+    }
+
+    /// Starts a domain with its vCPUs paused (`virsh start --paused`): it is paused
+    /// (user) from its first moment, and runs once resumed. A managed save is restored
+    /// and then paused.
+    pub fn start_paused(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
+        self.start_with(name, true, true)
     }
 
     /// Starts a domain; `fresh_log` starts its serial log anew (not after a reboot).
-    fn start_with(self: &Arc<Self>, name: &str, fresh_log: bool) -> Result<DomainInfo> {
+    fn start_with(
+        self: &Arc<Self>,
+        name: &str,
+        fresh_log: bool,
+        paused: bool,
+    ) -> Result<DomainInfo> {
         if let Some(dir) = self.managed_save(name) {
-            return self.start_managed(name, &dir);
+            let info = self.start_managed(name, &dir)?;
+            if !paused {
+                return Ok(info);
+            }
+            self.suspend(name)?;
+            return self.info(name).map(|(_, i)| i);
         }
-        self.start_inner(name, fresh_log, driver::Boot::Fresh, Start::Boot)
+        self.start_inner(name, fresh_log, driver::Boot::Fresh { paused }, Start::Boot)
     }
 
     /// Starts a domain's VMM as `boot` (booting, restoring the state saved in a folder,
@@ -868,6 +885,9 @@ impl Manager {
             } else {
                 state::next(r.state, Event::Started(how), name)?
             };
+            if matches!(boot, driver::Boot::Fresh { paused: true }) {
+                (r.state, r.reason) = state::next(r.state, Event::Paused, name)?;
+            }
             r.restarting = false;
             r.vmm = Some(Vmm {
                 id: id.clone(),
@@ -887,6 +907,9 @@ impl Manager {
             self.rows().get(name).map(|r| r.reason.as_str()),
             Some(format!("pid {}", id.pid)),
         );
+        if matches!(boot, driver::Boot::Fresh { paused: true }) {
+            self.announce(name, "suspended", None);
+        }
         self.watch(name.to_string(), generation, Some(child), id);
         driver.after_ready(&run, boot)?;
         Ok(self.info_of(&def))

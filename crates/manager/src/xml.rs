@@ -799,7 +799,8 @@ fn parse_interface(n: Node) -> Result<Interface> {
     }
 }
 
-fn esc(s: &str) -> String {
+/// `s` escaped for XML text and attribute values (quoted either way).
+pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

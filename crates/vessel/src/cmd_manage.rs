@@ -267,6 +267,9 @@ pub enum ManageCommand {
         /// Attach to its console once started.
         #[arg(long)]
         console: bool,
+        /// Leave the guest paused: its vCPUs run once it is resumed (`vessel resume`).
+        #[arg(long)]
+        paused: bool,
     },
     /// Ask the guest to power off (it sees its ACPI power button pressed).
     Shutdown {
@@ -291,6 +294,13 @@ pub enum ManageCommand {
         /// The definition (the next start's), not the running domain as it runs now.
         #[arg(long)]
         inactive: bool,
+        /// Print only the nodes this XPath expression matches, each on its own (evaluated
+        /// by libxml2's xmllint, the library virsh uses).
+        #[arg(long)]
+        xpath: Option<String>,
+        /// With --xpath: the matching nodes as children of one <nodes> element.
+        #[arg(long, requires = "xpath")]
+        wrap: bool,
     },
     /// Show a domain's interfaces: network, TAP, MAC and DHCP-leased address.
     Domifaddr { name: String },
@@ -570,8 +580,13 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 println!("Domain '{name}' has been undefined");
             }
         }
-        ManageCommand::Start { name, console } => {
-            let v = c.post(&format!("{}/start", dom(&name)), None)?;
+        ManageCommand::Start {
+            name,
+            console,
+            paused,
+        } => {
+            let q = if paused { "?paused=1" } else { "" };
+            let v = c.post(&format!("{}/start{q}", dom(&name)), None)?;
             if json_out {
                 print_json(&v);
             } else {
@@ -641,10 +656,18 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
                 table(&["Interface", "MAC address", "Network", "Address"], &rows);
             }
         }
-        ManageCommand::Dumpxml { name, inactive } => {
+        ManageCommand::Dumpxml {
+            name,
+            inactive,
+            xpath,
+            wrap,
+        } => {
             let q = if inactive { "?inactive=1" } else { "" };
             let r = c.raw("GET", &format!("{}/xml{q}", dom(&name)), None)?;
-            std::io::stdout().write_all(&r.body)?;
+            match &xpath {
+                Some(x) => std::io::stdout().write_all(&select_xpath(&r.body, x, wrap)?)?,
+                None => std::io::stdout().write_all(&r.body)?,
+            }
             if let Some((_, unsaid)) = r
                 .headers
                 .iter()
@@ -734,7 +757,67 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     Ok(0)
 }
 
-/// A file's text, or stdin's for '-'.
+/// The nodes of the XML document `xml` that `expr` selects, as `virsh dumpxml --xpath`
+/// prints them: each on a line (an attribute as ` name="value"`), none for an empty
+/// set; with `wrap`, all as children of one `<nodes>` element. Evaluated by xmllint
+/// (libxml2, which virsh evaluates it with); an expression whose value is not a node
+/// set (`count(…)`) is refused, as virsh refuses it.
+pub(crate) fn select_xpath(xml: &[u8], expr: &str, wrap: bool) -> Result<Vec<u8>> {
+    let run = |args: &[&str], input: &[u8]| -> Result<std::process::Output> {
+        let mut child = std::process::Command::new("xmllint")
+            .args(args)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("--xpath needs xmllint: apt-get install libxml2-utils")?;
+        child
+            .stdin
+            .take()
+            .context("xmllint's input")?
+            .write_all(input)?;
+        Ok(child.wait_with_output()?)
+    };
+    // count() of anything but a node set is an XPath type error.
+    let probe = run(&["--xpath", &format!("count({expr})")], xml)?;
+    if !probe.status.success() {
+        bail!("XPath {expr:?} does not select nodes (virsh prints node sets only)");
+    }
+    let out = run(&["--xpath", expr], xml)?;
+    let mut nodes = match out.status.code() {
+        Some(0) => out.stdout,
+        // An empty set: nothing printed, as virsh.
+        Some(10) => Vec::new(),
+        _ => bail!(
+            "XPath evaluation failed for {expr:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    if !nodes.is_empty() && !nodes.ends_with(b"\n") {
+        nodes.push(b'\n');
+    }
+    if !wrap {
+        return Ok(nodes);
+    }
+    let text = String::from_utf8_lossy(&nodes);
+    let (attrs, elems): (Vec<&str>, Vec<&str>) = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .partition(|l| l.starts_with(' '));
+    let mut w = format!("<nodes{}", attrs.concat());
+    if elems.is_empty() {
+        w.push_str("/>\n");
+    } else {
+        w.push('>');
+        for e in elems {
+            w.push_str(e);
+        }
+        w.push_str("</nodes>\n");
+    }
+    Ok(w.into_bytes())
+}
+
 /// virsh's `--validate`: libvirt XML checked against libvirt's own schema (Debian's
 /// libvirt-clients' virt-xml-validate) before it is sent.
 pub(crate) fn validate_xml(text: &str, kind: &str) -> Result<()> {
@@ -759,6 +842,7 @@ pub(crate) fn validate_xml(text: &str, kind: &str) -> Result<()> {
     Ok(())
 }
 
+/// A file's text, or stdin's for '-'.
 pub(crate) fn read_text(file: &str) -> Result<String> {
     if file == "-" {
         let mut t = String::new();

@@ -174,6 +174,10 @@ pub struct RunArgs {
     /// InstanceStart or a snapshot load (as Firecracker does).
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Build the VM with its vCPUs paused: not one guest instruction runs until the API's
+    /// `PATCH /vm {"state": "Resumed"}` (`virsh start --paused`, QEMU's -S).
+    #[arg(long, requires = "api_sock", conflicts_with_all = ["api_only", "incoming"])]
+    paused: bool,
     /// With --api-sock: boot nothing until the API's InstanceStart, whatever else is given;
     /// a failed `PUT /snapshot/load` leaves the VMM waiting for another (without it, a VMM
     /// waiting for configuration exits after a failed load, as Firecracker does).
@@ -524,7 +528,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
         if loaded.is_some() {
             bail!("a riscv64 VM cannot be restored from a snapshot");
         }
-        return run_riscv(config.clone(), api_sock.as_deref());
+        return run_riscv(config.clone(), api_sock.as_deref(), args.paused);
     }
     if preboot {
         let sock = api_sock.unwrap_or_default();
@@ -581,6 +585,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot restore the snapshot {}", state.display()))?,
         None => Vmm::new(config.clone()).context("cannot start the VM")?,
     };
+    if args.paused {
+        // No vCPU thread has started: this only closes the gate they find first.
+        vmm.control()
+            .pause()
+            .map_err(|e| anyhow::anyhow!("cannot start the VM paused: {e}"))?;
+    }
     if let Some(sock) = &api_sock {
         let api = vmm::api::firecracker::VmmApi::new_running(config, &vmm);
         api.show_restored(restored_api.as_ref());
@@ -610,8 +620,14 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
 
 /// A riscv64 VM on Vessel's RISC-V CPU, with the control API on `api_sock` (no
 /// snapshots or migration: its machine has neither).
-fn run_riscv(config: VmConfig, api_sock: Option<&Path>) -> anyhow::Result<i32> {
+fn run_riscv(config: VmConfig, api_sock: Option<&Path>, paused: bool) -> anyhow::Result<i32> {
     let vm = vmm::riscv::RiscvVm::new(config.clone()).context("cannot run the riscv64 VM")?;
+    if paused {
+        // The hart has not started: it finds the gate closed.
+        vm.control()
+            .pause()
+            .map_err(|e| anyhow::anyhow!("cannot start the VM paused: {e}"))?;
+    }
     if let Some(sock) = api_sock {
         let api =
             vmm::api::firecracker::VmmApi::new_running_without_snapshots(config, vm.control());

@@ -34,6 +34,9 @@ pub enum StorageCommand {
         /// Check the XML against libvirt's schema first (virt-xml-validate).
         #[arg(long)]
         validate: bool,
+        /// pool-define-as: print the pool's XML instead of defining it.
+        #[arg(long, conflicts_with_all = ["build", "validate"])]
+        print_xml: bool,
     },
     /// List storage pools as virsh does: Name, State, Autostart (a directory pool is
     /// active whenever the daemon runs); --details adds Persistent, Capacity, Allocation
@@ -130,7 +133,11 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             target,
             build,
             validate,
+            print_xml,
         } => {
+            if print_xml && target.is_none() && path.is_none() {
+                bail!("--print-xml is pool-define-as's: give NAME dir --target PATH");
+            }
             let (name, path, uuid, permissions) = if let Some(t) = target {
                 dir_type(path.as_deref())?;
                 (name, t, None, None)
@@ -152,6 +159,16 @@ pub fn run(cmd: StorageCommand, c: &Client, json_out: bool) -> Result<i32> {
             } else {
                 std::env::current_dir()?.join(path)
             };
+            if print_xml {
+                let esc = manager::xml::esc;
+                print!(
+                    "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n  \
+                     </target>\n</pool>\n",
+                    esc(&name),
+                    esc(&path.to_string_lossy())
+                );
+                return Ok(0);
+            }
             let v = c.post(
                 "/v1/pools",
                 Some(

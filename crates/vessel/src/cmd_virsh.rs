@@ -231,6 +231,9 @@ pub enum VirshCommand {
         /// virsh's cache, io, alias and iothread: refused by name (Vessel sets none).
         #[command(flatten)]
         unsettable: Box<DiskUnsettable>,
+        /// Print the disk's XML (what attach-device would take) instead of attaching it.
+        #[arg(long)]
+        print_xml: bool,
         #[command(flatten)]
         scope: Scope,
     },
@@ -255,6 +258,10 @@ pub enum VirshCommand {
         /// refused by name (Vessel sets none).
         #[command(flatten)]
         unsettable: Box<InterfaceUnsettable>,
+        /// Print the interface's XML (what attach-device would take) instead of attaching
+        /// it.
+        #[arg(long)]
+        print_xml: bool,
         #[command(flatten)]
         scope: Scope,
     },
@@ -307,6 +314,9 @@ pub enum VirshCommand {
         /// Attach to its console once started.
         #[arg(long)]
         console: bool,
+        /// Leave the guest paused: its vCPUs run once it is resumed.
+        #[arg(long)]
+        paused: bool,
         /// Check libvirt XML against libvirt's schema first (virt-xml-validate).
         #[arg(long)]
         validate: bool,
@@ -645,6 +655,7 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             mode,
             sourcetype,
             unsettable,
+            print_xml,
             scope,
         } => {
             // virsh's other flags, taken where they say what Vessel does and refused by
@@ -672,6 +683,14 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             };
             let source = std::path::absolute(&source)?;
             let (_, info) = domain(c, &name)?;
+            if print_xml {
+                // As virsh: the element it would attach, the domain left as it is.
+                print!(
+                    "{}",
+                    disk_xml(&source, format, &target, read_only, device.is_some())
+                );
+                return Ok(0);
+            }
             let (live, config) = scope.targets(running(&info), &name)?;
             let disk = json!({"path": source, "format": format, "read_only": read_only});
             if live {
@@ -747,6 +766,7 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             mac,
             model,
             unsettable,
+            print_xml,
             scope,
         } => {
             unsettable.refuse()?;
@@ -762,6 +782,13 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
                 other => bail!("interface type {other:?}: network or bridge"),
             };
             let (_, info) = domain(c, &name)?;
+            if print_xml {
+                print!(
+                    "{}",
+                    interface_xml(&r#type, &source, mac.as_deref(), model.is_some())
+                );
+                return Ok(0);
+            }
             let (live, config) = scope.targets(running(&info), &name)?;
             let mut iface = iface;
             if live {
@@ -933,6 +960,7 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
         VirshCommand::Create {
             file,
             console,
+            paused,
             validate,
         } => {
             let text = crate::cmd_manage::read_text(&file)?;
@@ -941,7 +969,8 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
             }
             let v = c.define_text(&text)?;
             let dom_name = s(&v["name"]);
-            c.post(&format!("{}/start", dom(&dom_name)), None)?;
+            let q = if paused { "?paused=1" } else { "" };
+            c.post(&format!("{}/start{q}", dom(&dom_name)), None)?;
             println!(
                 "Domain '{dom_name}' created from {file} (defined and started: Vessel has no \
                  transient domains; `vessel undefine {dom_name}` removes it)"
@@ -1099,6 +1128,56 @@ fn edit(c: &Client, name: &str) -> Result<i32> {
     c.redefine_text(&edited)?;
     println!("Domain '{name}' XML configuration edited.");
     Ok(0)
+}
+
+/// The `<disk>` element `attach-disk --print-xml` prints, in virsh's layout: the device
+/// named when `--type` was given, the driver always (Vessel's format is never guessed).
+fn disk_xml(
+    source: &std::path::Path,
+    format: &str,
+    target: &str,
+    read_only: bool,
+    device_given: bool,
+) -> String {
+    let attr = |v: &str| manager::xml::esc(v);
+    let mut x = String::from("<disk type='file'");
+    if device_given {
+        x.push_str(" device='disk'");
+    }
+    x.push_str(">\n");
+    x.push_str(&format!("  <driver name='qemu' type='{format}'/>\n"));
+    x.push_str(&format!(
+        "  <source file='{}'/>\n",
+        attr(&source.to_string_lossy())
+    ));
+    x.push_str(&format!(
+        "  <target dev='{}' bus='virtio'/>\n",
+        attr(target)
+    ));
+    if read_only {
+        x.push_str("  <readonly/>\n");
+    }
+    x.push_str("</disk>\n");
+    x
+}
+
+/// The `<interface>` element `attach-interface --print-xml` prints, in virsh's layout.
+fn interface_xml(kind: &str, source: &str, mac: Option<&str>, model_given: bool) -> String {
+    let attr = |v: &str| manager::xml::esc(v);
+    let mut x = format!(
+        "<interface type='{}'>\n  <source {}='{}'/>\n",
+        attr(kind),
+        attr(kind),
+        attr(source)
+    );
+    if let Some(m) = mac {
+        x.push_str(&format!("  <mac address='{}'/>\n", attr(m)));
+    }
+    if model_given {
+        x.push_str("  <model type='virtio'/>\n");
+    }
+    x.push_str("</interface>\n");
+    x
 }
 
 #[cfg(test)]

@@ -2714,6 +2714,168 @@ fn a_file_replaced_under_its_name_between_define_and_start_is_refused() {
     }
 }
 
+/// Issue 16: virsh's `start`/`create --paused` (no guest instruction runs before
+/// `resume`, on both drivers), `dumpxml --xpath` (libxml2's XPath, each node on a line,
+/// `--wrap`, nothing for an empty set, a non-node-set refused) and `--print-xml` of
+/// `attach-disk`, `attach-interface` and `pool-define-as` (the XML printed, nothing
+/// changed).
+#[test]
+fn virsh_paused_starts_xpath_dumps_and_print_xml() {
+    let d = Daemon::start("pausedx");
+    let c = d.client();
+    // A tiny Vessel guest that prints a line and halts; QEMU's usual kernel.
+    let tiny = tiny_kernel(&d.dir, "TINY RAN\n", None);
+    let vdef = json!({"name": "pv", "driver": "vessel", "vm": {
+        "kernel": tiny, "memory_mib": 64, "accel": "emu"}});
+    c.post("/v1/domains", Some(&vdef)).unwrap();
+    c.post("/v1/domains", Some(&qemu_domain("pq", ""))).unwrap();
+    for name in ["pv", "pq"] {
+        let out = d.ok(&["start", name, "--paused"]);
+        assert!(out.contains("started"), "{out}");
+        assert_eq!(
+            d.ok(&["domstate", name, "--reason"]).trim(),
+            "paused (user)",
+            "{name}"
+        );
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            serial_log(&c, name),
+            "",
+            "{name}: the guest ran while started paused"
+        );
+        d.ok(&["resume", name]);
+        assert_eq!(d.ok(&["domstate", name]).trim(), "running", "{name}");
+        d.ok(&["destroy", name]);
+    }
+    let t0 = Instant::now();
+    d.ok(&["start", "pv"]);
+    while !serial_log(&c, "pv").contains("TINY RAN") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the tiny guest never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.ok(&["destroy", "pv"]);
+    // create --paused: defined, started, paused.
+    let xml_file = d.dir.join("created.xml");
+    let created = d
+        .ok(&["dumpxml", "pv"])
+        .replace("<name>pv</name>", "<name>pc</name>");
+    let created = created
+        .lines()
+        .filter(|l| !l.contains("<uuid>"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&xml_file, created).unwrap();
+    d.ok(&["create", xml_file.to_str().unwrap(), "--paused"]);
+    assert_eq!(d.ok(&["domstate", "pc"]).trim(), "paused");
+    d.ok(&["destroy", "pc"]);
+
+    // dumpxml --xpath.
+    let disk = d.dir.join("x.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    d.ok(&[
+        "attach-disk",
+        "pv",
+        disk.to_str().unwrap(),
+        "vda",
+        "--config",
+    ]);
+    assert_eq!(
+        d.ok(&["dumpxml", "pv", "--xpath", "/domain/name"]),
+        "<name>pv</name>\n"
+    );
+    assert_eq!(
+        d.ok(&["dumpxml", "pv", "--xpath", "//disk/source/@file"]),
+        format!(" file=\"{}\"\n", disk.display())
+    );
+    assert_eq!(
+        d.ok(&["dumpxml", "pv", "--xpath", "//disk/target/@dev", "--wrap"]),
+        "<nodes dev=\"vda\"/>\n"
+    );
+    assert_eq!(d.ok(&["dumpxml", "pv", "--xpath", "//hostdev"]), "");
+    let e = d.fails(&["dumpxml", "pv", "--xpath", "count(//disk)"]);
+    assert!(e.contains("does not select nodes"), "{e}");
+
+    // --print-xml: the element, and the definition as it was.
+    let before = c.get("/v1/domains/pv").unwrap()["definition"].clone();
+    let other = d.dir.join("y.qcow2");
+    let x = d.ok(&[
+        "attach-disk",
+        "pv",
+        other.to_str().unwrap(),
+        "vdb",
+        "--subdriver",
+        "qcow2",
+        "--mode",
+        "readonly",
+        "--print-xml",
+    ]);
+    assert_eq!(
+        x,
+        format!(
+            "<disk type='file'>\n  <driver name='qemu' type='qcow2'/>\n  <source file='{}'/>\n  \
+             <target dev='vdb' bus='virtio'/>\n  <readonly/>\n</disk>\n",
+            other.display()
+        )
+    );
+    let x = d.ok(&[
+        "attach-interface",
+        "pv",
+        "network",
+        "default",
+        "--mac",
+        "52:54:00:00:00:09",
+        "--print-xml",
+    ]);
+    assert_eq!(
+        x,
+        "<interface type='network'>\n  <source network='default'/>\n  \
+         <mac address='52:54:00:00:00:09'/>\n</interface>\n"
+    );
+    assert_eq!(
+        c.get("/v1/domains/pv").unwrap()["definition"],
+        before,
+        "--print-xml changed the domain"
+    );
+    // What attach-disk printed is what attach-device takes.
+    let printed = d.dir.join("disk.xml");
+    std::fs::write(
+        &printed,
+        d.ok(&[
+            "attach-disk",
+            "pv",
+            disk.to_str().unwrap(),
+            "vdb",
+            "--print-xml",
+        ]),
+    )
+    .unwrap();
+    d.ok(&["attach-device", "pv", printed.to_str().unwrap(), "--config"]);
+    let disks = c.get("/v1/domains/pv").unwrap()["definition"]["vm"]["disks"].clone();
+    assert_eq!(disks.as_array().map(Vec::len), Some(2), "{disks}");
+    let pool_dir = d.dir.join("pp");
+    let x = d.ok(&[
+        "pool-define-as",
+        "pp",
+        "dir",
+        "--target",
+        pool_dir.to_str().unwrap(),
+        "--print-xml",
+    ]);
+    assert_eq!(
+        x,
+        format!(
+            "<pool type='dir'>\n  <name>pp</name>\n  <target>\n    <path>{}</path>\n  \
+             </target>\n</pool>\n",
+            pool_dir.display()
+        )
+    );
+    let (st, _) = api_status(c.get("/v1/pools/pp").unwrap_err());
+    assert_eq!(st, 404, "--print-xml defined the pool");
+}
+
 /// Sends a request head announcing `len` body bytes (and none of them); returns the
 /// response's status line and body.
 fn head_only(stream: &mut dyn ReadWrite, head: &str, len: u64) -> String {

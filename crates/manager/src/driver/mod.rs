@@ -297,8 +297,9 @@ impl Programs {
 /// How a domain's VMM starts.
 #[derive(Clone, Copy, Debug)]
 pub enum Boot<'a> {
-    /// Boots the guest.
-    Fresh,
+    /// Boots the guest; `paused`: its vCPUs wait, not one guest instruction run, until
+    /// the domain is resumed (`virsh start --paused`).
+    Fresh { paused: bool },
     /// Restores the VM state a driver saved in that folder ([`Driver::save_state`]).
     Restore(&'a Path),
     /// Waits for the domain migrating in from another daemon at [`RunDir::incoming`].

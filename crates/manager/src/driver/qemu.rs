@@ -53,7 +53,11 @@ impl Driver for QemuDriver {
     ) -> Result<Command> {
         let mut c = qemu_command(p, def, run, log)?;
         match boot {
-            Boot::Fresh => {}
+            Boot::Fresh { paused: false } => {}
+            // QEMU's own: the CPUs stay stopped until `cont`.
+            Boot::Fresh { paused: true } => {
+                c.arg("-S");
+            }
             Boot::Restore(dir) => {
                 let state = shell_quoted(&dir.join(QEMU_STATE))?;
                 c.arg("-incoming").arg(format!("exec:cat {state}"));
@@ -84,7 +88,8 @@ impl Driver for QemuDriver {
     }
 
     fn probe_paused(&self, run: &RunDir) -> bool {
-        matches!(qmp_status(run).as_deref(), Ok("paused"))
+        // "prelaunch": started with -S (`start --paused`) and not resumed yet.
+        matches!(qmp_status(run).as_deref(), Ok("paused" | "prelaunch"))
     }
 
     fn shutdown(&self, run: &RunDir) -> Result<()> {

@@ -129,7 +129,13 @@ impl Driver for VesselDriver {
         boot: Boot<'_>,
     ) -> Result<Command> {
         let mut c = match boot {
-            Boot::Fresh => vessel_command(p, def, run, log),
+            Boot::Fresh { paused } => {
+                let mut c = vessel_command(p, def, run, log)?;
+                if paused {
+                    c.arg("--paused");
+                }
+                Ok(c)
+            }
             Boot::Restore(dir) => vessel_restore_command(p, def, dir, run, log),
             Boot::Incoming => vessel_incoming_command(p, def, run, log),
         }?;
