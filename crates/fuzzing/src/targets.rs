@@ -1,5 +1,5 @@
-//! The targets: the manager API's request parsing, the libvirt XML importer, the
-//! Firecracker-compatible API, and the three older ones (x86emu instruction bytes,
+//! The targets: the manager API's request parsing, the libvirt XML importers (domains;
+//! networks, pools and volumes), the Firecracker-compatible API, and the three older ones (x86emu instruction bytes,
 //! virtqueues, qcow2 images).
 
 use std::sync::Arc;
@@ -21,6 +21,13 @@ pub const ALL: &[Target] = &[
         run: libvirt_xml,
         seeds: libvirt_xml_seeds,
         dictionary: XML,
+        max_len: 16 << 10,
+    },
+    Target {
+        name: "libvirt_net_storage_xml",
+        run: libvirt_net_storage_xml,
+        seeds: libvirt_net_storage_xml_seeds,
+        dictionary: NET_STORAGE_XML,
         max_len: 16 << 10,
     },
     Target {
@@ -295,6 +302,105 @@ fn libvirt_xml_seeds() -> Vec<Vec<u8>> {
         b"<?xml version='1.0'?><!-- c --><domain type='qemu'><name>q</name><memory unit='KiB'>262144</memory><vcpu>1</vcpu><os><type>hvm</type><kernel>/k</kernel><cmdline>a=&quot;b&quot;</cmdline></os><devices><rng model='virtio'><backend model='random'>/dev/urandom</backend></rng></devices></domain>".to_vec(),
     ]
 }
+
+// ---- libvirt_net_storage_xml -------------------------------------------------------
+
+/// libvirt network, pool and volume XML (what `net-define`, `pool-define` and
+/// `vol-create` read) through their importers; a network they accept must come back
+/// unchanged through `net-dumpxml`'s exporter and the importer.
+pub fn libvirt_net_storage_xml(data: &[u8]) -> String {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return "utf8".into();
+    };
+    use manager::libvirt_xml as lx;
+    let net = match lx::network_from_xml(text) {
+        Err(e) => format!("net err {}", shape(&e.to_string())),
+        Ok(d) => {
+            let bridge = d.bridge.clone().unwrap_or_else(|| "virbr0".into());
+            let x = lx::network_to_xml(&d, &bridge);
+            match lx::network_from_xml(&x) {
+                Ok(mut again) => {
+                    // The dump names the bridge the network runs on.
+                    again.bridge = d.bridge.clone();
+                    assert_eq!(again, d, "the network XML round trip changed it:\n{x}");
+                    format!("net ok nat={} dhcp={}", d.nat, d.dhcp.is_some())
+                }
+                Err(e) => panic!("our own network XML does not import again: {e}\n{x}"),
+            }
+        }
+    };
+    let pool = match lx::pool_from_xml(text) {
+        Err(e) => format!("pool err {}", shape(&e.to_string())),
+        Ok((_, _, uuid, perms)) => format!("pool ok {} {}", uuid.is_some(), perms.is_some()),
+    };
+    let vol = match lx::volume_from_xml(text) {
+        Err(e) => format!("vol err {}", shape(&e.to_string())),
+        Ok((_, _, format, _)) => format!("vol ok {format}"),
+    };
+    format!("{net} | {pool} | {vol}")
+}
+
+fn libvirt_net_storage_xml_seeds() -> Vec<Vec<u8>> {
+    vec![
+        b"<network><name>default</name><uuid>a4ecf0f4-3a0a-4bd4-a6b5-3e0c1b7f1a2e</uuid>
+            <forward mode='nat'><nat><port start='1024' end='65535'/></nat></forward>
+            <bridge name='virbr0' stp='on' delay='0'/><mac address='52:54:00:0a:0b:0c'/>
+            <ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>
+            <range start='192.168.122.2' end='192.168.122.254'/>
+            <host mac='52:54:00:00:00:07' ip='192.168.122.7'/></dhcp></ip></network>"
+            .to_vec(),
+        b"<network><name>iso</name><ip address='10.1.0.1' prefix='16'/></network>".to_vec(),
+        b"<pool type='dir'><name>images</name><uuid>0b7a2f0e-1c5d-4b8e-9f3a-2d4c6e8a0b1c</uuid>
+            <target><path>/var/lib/vessel/images</path><permissions><mode>0755</mode>
+            <owner>0</owner><group>0</group></permissions></target></pool>"
+            .to_vec(),
+        b"<pool type='logical'><name>vg</name><source><device path='/dev/sdb'/></source></pool>"
+            .to_vec(),
+        b"<volume><name>disk.qcow2</name><capacity unit='GiB'>1</capacity>
+            <allocation>0</allocation><target><format type='qcow2'/>
+            <permissions><mode>0600</mode></permissions></target></volume>"
+            .to_vec(),
+        b"<volume type='file'><name>r.raw</name><capacity unit='bytes'>1048576</capacity></volume>"
+            .to_vec(),
+    ]
+}
+
+const NET_STORAGE_XML: &[&[u8]] = &[
+    b"<network>",
+    b"</network>",
+    b"<pool type='dir'>",
+    b"</pool>",
+    b"<volume>",
+    b"</volume>",
+    b"<name>",
+    b"</name>",
+    b"<uuid>",
+    b"<forward mode='nat'>",
+    b"<forward mode='route'/>",
+    b"<nat><port start='1' end='65535'/></nat>",
+    b"<bridge name='br0' stp='off' delay='5'/>",
+    b"<mac address='52:54:00:00:00:01'/>",
+    b"<ip address='10.0.0.1' netmask='255.255.255.0'>",
+    b"<ip family='ipv6' address='fd00::1' prefix='64'/>",
+    b"<dhcp>",
+    b"<range start='10.0.0.2' end='10.0.0.9'/>",
+    b"<host mac='52:54:00:00:00:02' ip='10.0.0.5'/>",
+    b"<target><path>",
+    b"</path></target>",
+    b"<permissions><mode>0700</mode><owner>107</owner><group>107</group></permissions>",
+    b"<capacity unit='KiB'>",
+    b"</capacity>",
+    b"<allocation unit='MiB'>0</allocation>",
+    b"<format type='raw'/>",
+    b"<format type='qcow2'/>",
+    b"<compat>1.1</compat>",
+    b"<features><lazy_refcounts/></features>",
+    b"<backingStore><path>/b</path></backingStore>",
+    b"<label>system_u:object_r:virt_image_t:s0</label>",
+    b"18446744073709551615",
+    b"&amp;",
+    b"<![CDATA[x]]>",
+];
 
 const XML: &[&[u8]] = &[
     b"<domain type='kvm'>",

@@ -10,6 +10,7 @@ fn every_target_survives_its_seeds_and_mutations() {
     for want in [
         "manager_api",
         "libvirt_xml",
+        "libvirt_net_storage_xml",
         "firecracker_api",
         "x86emu_exec",
         "virtio_queues",
@@ -58,4 +59,9 @@ fn api_targets_reach_the_parsers_behind_the_http_layer() {
     let xml = fuzzing::by_name("libvirt_xml").unwrap();
     let outs: Vec<String> = (xml.seeds)().iter().map(|s| (xml.run)(s)).collect();
     assert!(outs.iter().any(|o| o.starts_with("ok")), "{outs:?}");
+    let other = fuzzing::by_name("libvirt_net_storage_xml").unwrap();
+    let outs: Vec<String> = (other.seeds)().iter().map(|s| (other.run)(s)).collect();
+    for want in ["net ok", "pool ok", "vol ok", "pool err"] {
+        assert!(outs.iter().any(|o| o.contains(want)), "{want}: {outs:?}");
+    }
 }
