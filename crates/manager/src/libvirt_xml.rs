@@ -197,7 +197,13 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
             if bits.leading_ones() + bits.trailing_zeros() != 32 {
                 return Err(bad(W, format!("netmask {m} is not contiguous")));
             }
-            bits.leading_ones() as u8
+            // The prefix's own range: a /31, /32 or /0 network has no host addresses to
+            // lease (the dump, which says prefix=, would not read back either).
+            let p = bits.leading_ones() as u8;
+            if !(1..=30).contains(&p) {
+                return Err(bad(W, format!("netmask {m} (prefix {p}; 1 to 30)")));
+            }
+            p
         }
         _ => return Err(bad(W, "<ip> needs one of netmask or prefix")),
     };
@@ -825,6 +831,8 @@ mod tests {
             ("<network><name>n</name><dns><host ip='10.0.0.2'/></dns><ip address='10.0.0.1' prefix='24'/></network>", "<dns>"),
             ("<network><name>n</name><bridge name='b' stp='maybe'/><ip address='10.0.0.1' prefix='24'/></network>", "on or off"),
             ("<network><name>n</name><uuid>x</uuid><ip address='10.0.0.1' prefix='24'/></network>", "invalid uuid: \"x\""),
+            ("<network><name>n</name><ip address='10.0.0.1' netmask='255.255.255.255'/></network>", "prefix 32; 1 to 30"),
+            ("<network><name>n</name><ip address='10.0.0.1' netmask='0.0.0.0'/></network>", "prefix 0; 1 to 30"),
             ("<network><name>n</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "contiguous"),
             ("<network><name>n</name></network>", "exactly one IPv4"),
             ("<network><name>n</name><ip address='10.0.0.1' prefix='24'><dhcp><host mac='52:54:00:00:00:01' name='web' ip='10.0.0.5'/></dhcp></ip></network>", "name='web'"),
