@@ -1583,4 +1583,37 @@ mod tests {
         let e = saved.clone().adopt_files(Some(&other)).unwrap_err();
         assert!(e.contains("--config"), "{e}");
     }
+
+    /// Issue 22: a configuration taken from a state file with nothing to compare it to
+    /// has its files opened once (`hold_files`): what is read afterwards is those files,
+    /// whatever is renamed in under their names; the held files are handed on as a
+    /// manager's are.
+    #[test]
+    fn held_files_are_read_whatever_is_renamed_in_afterwards() {
+        let dir = std::env::temp_dir().join(format!("vessel-hold-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (k, d) = (dir.join("k"), dir.join("d.raw"));
+        std::fs::write(&k, b"HELD KERNEL").unwrap();
+        std::fs::write(&d, vec![b'h'; 4096]).unwrap();
+        let mut c: VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": k, "disks": [{"path": d, "format": "raw"}]}))
+        .unwrap();
+        let held = c.hold_files().unwrap();
+        assert_eq!(held.len(), 2);
+        assert_eq!(c.disks[0].fds.len(), 1);
+        assert_eq!(c.opened.len(), 1);
+        for p in [&k, &d] {
+            std::fs::rename(p, dir.join("away")).unwrap();
+            std::fs::write(p, b"SWAPPED").unwrap();
+        }
+        assert_eq!(c.read_named(&k).unwrap(), b"HELD KERNEL");
+        let mut b = [0u8; 4];
+        c.disks[0].open().unwrap().read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"hhhh");
+        // Holding again keeps what is held.
+        assert!(c.hold_files().unwrap().is_empty());
+        drop(held);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
