@@ -67,7 +67,7 @@ pub use ops::{
     check, convert, create, create_in, info, info_in, resize, resize_in, CheckReport,
     CreateOptions, ImageInfo,
 };
-pub use qcow2::Qcow2;
+pub use qcow2::{Qcow2, Qcow2Disk};
 pub use raw::Raw;
 pub use storage::Storage;
 
@@ -148,9 +148,11 @@ pub trait BlockBackend: Send + fmt::Debug {
     fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), BlockError>;
     /// The reads and writes of this disk that several threads may do at once, without
     /// the `&mut` access the rest of this trait needs (raw images: positioned I/O on the
-    /// file, nothing of ours to update). None when every request needs that access
-    /// (qcow2: its tables and allocation). Whatever it returns stays this disk's: flush,
-    /// discard and the others still go through the backend, and see its writes.
+    /// file, nothing of ours to update; qcow2 disks, [`Qcow2Disk`]: the same on
+    /// clusters already allocated, the rest under the image's own lock). None when every
+    /// request needs that access (a bare [`Qcow2`]). Whatever it returns stays this
+    /// disk's: flush, discard and the others still go through the backend, and see its
+    /// writes.
     fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
         None
     }
@@ -169,6 +171,15 @@ pub trait SharedIo: Send + Sync + fmt::Debug {
     fn try_read_vectored_at(&self, offset: u64, bufs: &mut [io::IoSliceMut<'_>]) -> bool;
     /// As [`BlockBackend::write_vectored_at`].
     fn write_vectored_at(&self, offset: u64, bufs: &[io::IoSlice<'_>]) -> Result<(), BlockError>;
+    /// [`SharedIo::write_vectored_at`] only if it is one positioned write into the host
+    /// file, decided without waiting (as [`BlockBackend::writes_in_place`], per request:
+    /// a qcow2 write to clusters it has allocated, not one that allocates). None when
+    /// the caller must do the full write; nothing was written then.
+    fn try_write_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Result<(), BlockError>>;
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
@@ -578,7 +589,7 @@ fn open_chain(
                 )?;
                 q.set_backing(b);
             }
-            Ok(Box::new(q))
+            Ok(Box::new(Qcow2Disk::new(q)))
         }
     }
 }

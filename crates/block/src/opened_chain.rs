@@ -232,7 +232,7 @@ fn open_given(
                     q.set_backing(backing);
                 }
             }
-            Ok(Box::new(q))
+            Ok(Box::new(crate::Qcow2Disk::new(q)))
         }
     }
 }

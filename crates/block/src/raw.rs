@@ -97,6 +97,13 @@ impl SharedIo for RawFile {
             .write_vectored_at(offset, bufs)
             .map_err(|source| BlockError::RawWrite { offset, source })
     }
+    fn try_write_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+    ) -> Option<Result<(), BlockError>> {
+        Some(SharedIo::write_vectored_at(self, offset, bufs))
+    }
 }
 
 impl BlockBackend for Raw {

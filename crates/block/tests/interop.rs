@@ -611,3 +611,128 @@ fn writes_fill_preallocated_clusters_in_place() {
     assert_qemu_clean(&img);
     assert_eq!(qemu_to_raw(&dir, &img, "qcow2"), shadow);
 }
+
+#[test]
+fn threads_on_the_shared_path_beside_discards_leave_their_data_and_a_clean_image() {
+    // Four threads each write, zero and read back their own MiB of a qcow2 overlay
+    // (4 KiB clusters over a raw backing file) through the disk's shared path, while two
+    // more write into and discard a scratch MiB: the clusters those discards free are
+    // allocated again for the other threads' data, so a write on the shared path that
+    // outlived its cluster would show up in someone else's region.
+    const MIB: u64 = 1 << 20;
+    const OWNERS: u64 = 4;
+    let dir = TempDir::new("shared");
+    let base = dir.path("base.raw");
+    let img = dir.path("top.qcow2");
+    let mut model = patterned_raw(&base, (OWNERS as usize + 1) << 20, 11);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        s(&base),
+        "-F",
+        "raw",
+        s(&img),
+    ]);
+    let disk = block::open_guest_disk(&img, Some(Format::Qcow2), false).unwrap();
+    let io = disk.shared_io().expect("a qcow2 disk has a shared path");
+    let disk = std::sync::Mutex::new(disk);
+    let scratch = OWNERS * MIB;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let mut owners = Vec::new();
+        for t in 0..OWNERS {
+            let (io, disk) = (&io, &disk);
+            let mut mine = model[(t * MIB) as usize..((t + 1) * MIB) as usize].to_vec();
+            owners.push(sc.spawn(move || {
+                let mut rng = Rng::new(100 + t);
+                let start = t * MIB;
+                for _ in 0..1500 {
+                    let off = rng.below(MIB / 512 - 24) * 512;
+                    let len = (rng.below(24) + 1) as usize * 512;
+                    let at = start + off;
+                    let r = off as usize..off as usize + len;
+                    match rng.below(16) {
+                        0 => {
+                            disk.lock().unwrap().write_zeroes(at, len as u64).unwrap();
+                            mine[r].fill(0);
+                        }
+                        1..=7 => {
+                            let mut b = vec![0u8; len];
+                            rng.fill(&mut b);
+                            io.write_vectored_at(at, &[std::io::IoSlice::new(&b)])
+                                .unwrap();
+                            mine[r].copy_from_slice(&b);
+                        }
+                        _ => {
+                            // Two buffers, split off the cluster grid.
+                            let mut b = vec![0u8; len];
+                            let (x, y) = b.split_at_mut(len / 3);
+                            io.read_vectored_at(
+                                at,
+                                &mut [std::io::IoSliceMut::new(x), std::io::IoSliceMut::new(y)],
+                            )
+                            .unwrap();
+                            assert!(b == mine[r], "thread {t}: bytes at {at:#x} changed");
+                        }
+                    }
+                }
+                mine
+            }));
+        }
+        let stop = &stop;
+        let (io2, disk2) = (&io, &disk);
+        let writer = sc.spawn(move || {
+            let mut rng = Rng::new(7);
+            let b = vec![0x5a; 4096];
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = scratch + rng.below(MIB / 4096) * 4096;
+                io2.write_vectored_at(at, &[std::io::IoSlice::new(&b)])
+                    .unwrap();
+                n += 1;
+            }
+            n
+        });
+        let discarder = sc.spawn(move || {
+            let mut rng = Rng::new(8);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = scratch + rng.below(MIB / 65536) * 65536;
+                disk2.lock().unwrap().discard(at, 65536).unwrap();
+                n += 1;
+            }
+            n
+        });
+        for (t, h) in owners.into_iter().enumerate() {
+            let mine = h.join().unwrap();
+            model[t << 20..(t + 1) << 20].copy_from_slice(&mine);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (w, d) = (writer.join().unwrap(), discarder.join().unwrap());
+        assert!(
+            w > 100 && d > 10,
+            "the scratch threads ran ({w} writes, {d} discards)"
+        );
+    });
+    let mut disk = disk.into_inner().unwrap();
+    let got = read_all(disk.as_mut());
+    for t in 0..OWNERS as usize {
+        assert!(
+            got[t << 20..(t + 1) << 20] == model[t << 20..(t + 1) << 20],
+            "region {t} differs after the run"
+        );
+    }
+    disk.flush().unwrap();
+    drop((disk, io));
+    assert_qemu_clean(&img);
+    let qemu = qemu_to_raw(&dir, &img, "qcow2");
+    assert!(
+        qemu[..(OWNERS as usize) << 20] == model[..(OWNERS as usize) << 20],
+        "qemu-img reads other data"
+    );
+}

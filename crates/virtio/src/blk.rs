@@ -7,9 +7,11 @@
 //! the lock released, the requests run against the disk, reading and writing guest RAM in
 //! place (`preadv`/`pwritev` on iovecs that point into it for raw images), and the
 //! transport publishes their completions together, with at most one interrupt.
-//! A raw image's reads and writes take no lock at all ([`block::SharedIo`]), so the
-//! batches of several queues (a multi-queue disk, each vCPU on its own) run at once;
-//! qcow2 requests, flushes, discards and write-zeroes take the disk's lock.
+//! Reads and writes take the disk's shared path ([`block::SharedIo`]) and not the
+//! disk's lock, so the batches of several queues (a multi-queue disk, each vCPU on its
+//! own) run at once: a raw image's take no lock at all, a qcow2 image's take its table
+//! lock only to look up clusters not yet looked up, and to allocate. Flushes, discards
+//! and write-zeroes take the disk's lock.
 //! VIRTIO_RING_F_EVENT_IDX is offered: the driver kicks only when it passes the
 //! avail_event we publish after each batch, and we interrupt only when used_event asks.
 
@@ -79,7 +81,7 @@ pub struct Block {
 }
 
 /// A disk's backend and, where the backend has one, the path its reads and writes take
-/// without the backend's lock ([`BlockBackend::shared_io`], raw images): requests of
+/// without the backend's lock ([`BlockBackend::shared_io`], raw and qcow2): requests of
 /// several queues, served by several threads, then run at the same time.
 #[derive(Debug)]
 struct Disk {
@@ -134,7 +136,8 @@ const INLINE_WRITE_PAUSE: Duration = Duration::from_secs(1);
 /// Whether small writes are served on the notifying vCPU, as reads from the page cache
 /// are. No host has a non-blocking buffered write to try first (ext4 refuses
 /// RWF_NOWAIT for them), but a small write to a raw image
-/// ([`BlockBackend::writes_in_place`]) is a copy into the page cache, a few
+/// ([`BlockBackend::writes_in_place`]), or to clusters a qcow2 image has allocated
+/// ([`SharedIo::try_write_vectored_at`]), is a copy into the page cache, a few
 /// microseconds, where waking the I/O thread and later the halted vCPU costs two thread
 /// wake-ups per request. A host that makes a write wait (dirty-page throttling, a
 /// journal commit, a page fault on guest memory) puts the thread to sleep, which the
@@ -562,7 +565,20 @@ impl Batch {
                 {
                     let before = voluntary_switches();
                     let r = match shared {
-                        Some(io) => write(mem, *offset, data, |b| io.write_vectored_at(*offset, b)),
+                        Some(io) => {
+                            // A write that would allocate (qcow2) goes to the I/O thread.
+                            let mut declined = false;
+                            let r = write(mem, *offset, data, |b| {
+                                io.try_write_vectored_at(*offset, b).unwrap_or_else(|| {
+                                    declined = true;
+                                    Ok(())
+                                })
+                            });
+                            if declined {
+                                return None;
+                            }
+                            r
+                        }
                         None => {
                             // Never wait for the disk's lock: whoever holds it may be
                             // doing I/O.

@@ -12,6 +12,9 @@ mod compressed;
 pub mod header;
 mod l2cache;
 mod refcount;
+mod shared;
+
+use std::sync::Arc;
 
 use tracing::{debug, warn};
 
@@ -21,6 +24,8 @@ use crate::{BlockBackend, BlockStatus};
 use header::Header;
 use l2cache::L2Cache;
 use refcount::Refcounts;
+use shared::Unlocked;
+pub use shared::{Qcow2Disk, Qcow2Io};
 
 /// Offset bits of L1 and standard L2 entries (9..=55).
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -70,7 +75,9 @@ struct PendingLink {
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
-    file: Box<dyn Storage>,
+    /// Shared with [`Qcow2Io`], which reads and writes data clusters without the lock
+    /// this struct sits behind there.
+    file: Arc<dyn Storage>,
     header: Header,
     l1: Vec<u64>,
     l2: L2Cache,
@@ -81,12 +88,17 @@ pub struct Qcow2 {
     inflated: Option<(u64, Vec<u8>)>,
     /// A request changed the file since the last flush.
     dirty: bool,
+    /// The data clusters [`Qcow2Io`] reads and writes without this struct: an entry
+    /// leaves it before its L2 entry changes, and a cluster is freed only after the I/O
+    /// on it has finished.
+    unlocked: Arc<Unlocked>,
 }
 
 impl Qcow2 {
     /// Opens the image in `file`. The backing file named in the header is not opened:
     /// attach it with [`Qcow2::set_backing`] (as [`crate::open`] does).
     pub fn open(file: Box<dyn Storage>, read_only: bool) -> Result<Self, Qcow2Error> {
+        let file: Arc<dyn Storage> = Arc::from(file);
         let file_len = file.file_len().map_err(Qcow2Error::FileLength)?;
         if file_len < u64::from(header::V2_HEADER_LEN) {
             return Err(header::HeaderError::Truncated.into());
@@ -151,6 +163,7 @@ impl Qcow2 {
             read_only,
             inflated: None,
             dirty: false,
+            unlocked: Arc::default(),
         };
         if !read_only && q.header.autoclear_features != 0 {
             // We maintain none of the autoclear features: clearing them tells other readers
@@ -470,6 +483,7 @@ impl Qcow2 {
         for p in &pending {
             let l2_off = self.l2_for_write(p.guest)?;
             let (_, idx) = self.split(p.guest);
+            self.unlocked.forget(p.guest >> self.header.cluster_bits);
             self.l2.set(self.file.as_ref(), l2_off, idx, p.entry)?;
         }
         let freed: Vec<Mapping> = pending.iter().map(|p| p.old).collect();
@@ -500,6 +514,10 @@ impl Qcow2 {
         }
         self.sync()?;
         let cs = self.cs();
+        // Requests still doing I/O on these clusters (looked up before the entries
+        // changed) finish first; later ones see the new entries.
+        let unlocked = Arc::clone(&self.unlocked);
+        let _no_io = unlocked.no_io();
         for (host, punch) in hosts {
             let left = self.refs.update(self.file.as_ref(), host, -1)?;
             if left == 0 && punch == 1 {
@@ -632,6 +650,7 @@ impl Qcow2 {
                 };
                 if l2_off != 0 {
                     let (_, idx) = self.split(pos);
+                    self.unlocked.forget(pos >> self.header.cluster_bits);
                     self.l2.set(self.file.as_ref(), l2_off, idx, new_entry)?;
                     old.push(mapping);
                 }
