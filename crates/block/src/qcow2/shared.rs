@@ -129,8 +129,11 @@ impl Access {
     }
 }
 
+/// Where a request's bytes lie, run by run, and how long each run is.
+type Runs = Vec<(Extent, u64)>;
+
 /// A request's runs, and the clusters its lookups found written in place.
-type Plan = (Vec<(Extent, u64)>, Vec<(u64, u64)>);
+type Plan = (Runs, Vec<(u64, u64)>);
 
 impl Qcow2 {
     /// The runs `[offset, offset+len)` consists of, if the request can be done by
@@ -270,7 +273,7 @@ impl Qcow2Io {
 
     /// The runs of `[offset, offset+len)` if [`Unlocked`] holds every cluster of it.
     /// The caller holds the gate.
-    fn recorded(&self, offset: u64, len: usize) -> Option<Vec<(Extent, u64)>> {
+    fn recorded(&self, offset: u64, len: usize) -> Option<Runs> {
         let cs = 1u64 << self.cluster_bits;
         let clusters = self
             .unlocked
@@ -298,7 +301,7 @@ impl Qcow2Io {
         offset: u64,
         len: usize,
         access: Access,
-    ) -> Result<Option<(Vec<(Extent, u64)>, RwLockReadGuard<'a, ()>)>, BlockError> {
+    ) -> Result<Option<(Runs, RwLockReadGuard<'a, ()>)>, BlockError> {
         let Some((runs, found)) = image.plan(offset, len, access)? else {
             return Ok(None);
         };
