@@ -101,7 +101,8 @@ pub struct DaemonArgs {
     #[arg(long)]
     host_name: Option<String>,
     /// Seconds the host stays registered after its last heartbeat; a host that cannot
-    /// renew for half of it stops its VMMs, and its domains move when it expires.
+    /// renew until shortly before it could expire stops its VMMs, and its domains move
+    /// when it expires.
     #[arg(long, default_value_t = 10)]
     lease_ttl: u64,
     /// How placement weighs the hosts that fit: spread (emptiest first) or pack.

@@ -94,7 +94,7 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
         ("POST", ["domains"]) => {
             if c.is_fenced() {
                 return Err(Error::Cluster(format!(
-                    "host {me} has lost its etcd lease: no placement until it is back"
+                    "host {me} could not renew its etcd lease in time and has stopped its domains: no placement through it until etcd answers again"
                 )));
             }
             let def = crate::api::parse_definition(req)?;

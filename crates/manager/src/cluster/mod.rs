@@ -70,6 +70,16 @@ pub struct Moved {
     pub downtime_ms: Option<f64>,
 }
 
+/// What one lease renewal found.
+enum Renewal {
+    /// etcd holds the lease, for this many more seconds.
+    Alive(i64),
+    /// etcd has no such lease (it expired).
+    Gone,
+    /// No answer, or an error: try again, elsewhere.
+    Failed(String),
+}
+
 /// Work for the reconcile thread.
 enum Work {
     Domain(String),
@@ -81,11 +91,16 @@ pub struct Cluster {
     pub opts: ClusterOpts,
     rt: tokio::runtime::Runtime,
     client: etcd_client::Client,
+    /// One client per endpoint, for the heartbeat to try members one by one.
+    members: Vec<etcd_client::Client>,
     m: Arc<Manager>,
     /// This host's current lease (0 while it has none).
     lease: AtomicI64,
-    /// Set while the host has lost its lease and stopped its VMMs.
+    /// Set while the host has stopped its VMMs for want of a lease renewal.
     fenced: AtomicBool,
+    /// The domains the last fence stopped: if etcd still holds the lease when it answers
+    /// again, they start again here (their `running/N` keys are still this host's).
+    fenced_names: Mutex<BTreeSet<String>>,
     work: Mutex<mpsc::Sender<Work>>,
 }
 
@@ -96,13 +111,22 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an operation retries etcd errors that pass.
 const RETRY_FOR: Duration = Duration::from_secs(8);
 
-/// What etcd answers while it elects a leader or a member is going away: worth a retry.
-/// (A timeout is not: the request has already waited [`OP_TIMEOUT`].)
+/// What etcd answers while it elects a leader or a member is going away: worth a retry
+/// while [`RETRY_FOR`] lasts. A request that timed out is retried too: under load an
+/// election can outlast one request's [`OP_TIMEOUT`] (without quorum the retries end,
+/// and the error is clear, within `RETRY_FOR` plus one `OP_TIMEOUT`).
 fn is_transient(e: &Error) -> bool {
-    matches!(e, Error::Cluster(m) if !m.contains("timed out")
-        && ["leader changed", "no leader", "Unavailable", "transport error", "Connection refused"]
-            .iter()
-            .any(|t| m.contains(t)))
+    matches!(e, Error::Cluster(m) if [
+            "leader changed",
+            "no leader",
+            "Unavailable",
+            "transport error",
+            "Connection refused",
+            "timed out",
+            "Timeout expired",
+        ]
+        .iter()
+        .any(|t| m.contains(t)))
 }
 
 fn unavailable(endpoints: &[String], why: impl std::fmt::Display) -> Error {
@@ -138,20 +162,31 @@ impl Cluster {
             .block_on(async {
                 tokio::time::timeout(
                     OP_TIMEOUT,
-                    etcd_client::Client::connect(&opts.endpoints, Some(conn)),
+                    etcd_client::Client::connect(&opts.endpoints, Some(conn.clone())),
                 )
                 .await
             })
             .map_err(|_| unavailable(&opts.endpoints, "timed out connecting"))?
             .map_err(|e| unavailable(&opts.endpoints, e))?;
+        // Channels connect lazily: a member that is down now costs nothing here.
+        let members = opts
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                rt.block_on(etcd_client::Client::connect([ep], Some(conn.clone())))
+                    .ok()
+            })
+            .collect();
         let (tx, rx) = mpsc::channel();
         let c = Arc::new(Cluster {
             opts,
             rt,
             client,
+            members,
             m,
             lease: AtomicI64::new(0),
             fenced: AtomicBool::new(false),
+            fenced_names: Mutex::new(BTreeSet::new()),
             work: Mutex::new(tx),
         });
         // Before any VMM starts: none may outlive this daemon unwatched.
@@ -259,66 +294,133 @@ impl Cluster {
         .map_err(|_| unavailable(eps, "timed out"))?
         .map_err(|e| unavailable(eps, e))?;
         self.lease.store(lease, Ordering::SeqCst);
+        // Under a new lease the old `running/N` keys are stale and reconciling takes
+        // them over as it would any.
+        if let Ok(mut f) = self.fenced_names.lock() {
+            f.clear();
+        }
         self.fenced.store(false, Ordering::SeqCst);
         self.send(Work::Resync);
         Ok(())
     }
 
-    /// Renews the lease; when renewals fail for half its TTL, stops this host's VMMs
-    /// (before etcd can expire the lease and let other hosts start the domains), then
-    /// registers again once etcd answers.
+    /// Renews the lease every tenth of its TTL. A failed renewal is retried at once and
+    /// often, each time on another etcd member (the one the stream used may be the one
+    /// that went away, or may have no leader for a while), so losing one member of three
+    /// changes nothing. Only when no renewal came through until shortly before the lease
+    /// could expire does this host stop its VMMs (fencing: other hosts may start them once
+    /// etcd expires the lease). The lease is dropped only when etcd says it is gone; if
+    /// etcd still holds it when it answers again, the host carries on under it.
     async fn heartbeat(self: Arc<Self>) {
         let ttl = Duration::from_secs(self.opts.lease_ttl);
-        let tick = (ttl / 6).max(Duration::from_millis(200));
+        let tick = (ttl / 10).max(Duration::from_millis(200));
+        let retry = (ttl / 30).clamp(Duration::from_millis(100), Duration::from_millis(500));
+        // Stopping the VMMs takes a moment; it must be over before etcd can expire the
+        // lease, which is no sooner than a TTL after the last renewal was sent.
+        let margin = (ttl / 4).max(Duration::from_secs(1)).min(ttl / 2);
+        let mut via = 0usize;
+        let mut keepalive: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
+        let mut held = self.lease.load(Ordering::SeqCst);
+        // Registration has just renewed it.
+        let mut expires = Instant::now() + ttl;
         loop {
             let lease = self.lease.load(Ordering::SeqCst);
-            // Registration has just renewed it.
-            let mut last_ok = Instant::now();
-            let mut keepalive = None;
-            loop {
-                let sent = Instant::now();
-                if keepalive.is_none() {
-                    let mut c = self.client();
-                    keepalive = tokio::time::timeout(tick, c.lease_keep_alive(lease))
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok());
-                }
-                if let Some((keeper, stream)) = keepalive.as_mut() {
-                    let renewed = tokio::time::timeout(tick, async {
-                        keeper.keep_alive().await?;
-                        stream.message().await
-                    })
-                    .await;
-                    match renewed {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = sent,
-                        Ok(Ok(Some(_))) => {
-                            tracing::warn!("etcd says this host's lease expired");
-                            break;
-                        }
-                        other => {
-                            tracing::debug!(?other, "lease renewal failed");
-                            // A new stream next time (etcd may have lost a member).
-                            keepalive = None;
-                        }
-                    }
-                }
-                if last_ok.elapsed() >= ttl / 2 {
-                    tracing::warn!(
-                        "no lease renewal for {:?}: fencing this host",
-                        last_ok.elapsed()
-                    );
-                    break;
-                }
-                tokio::time::sleep(tick).await;
+            if lease != held {
+                held = lease;
+                expires = Instant::now() + ttl;
+                keepalive = None;
             }
-            self.fence_and_rejoin().await;
+            let sent = Instant::now();
+            let fence_at = expires.checked_sub(margin).unwrap_or(sent);
+            let limit = tick
+                .min(fence_at.saturating_duration_since(sent))
+                .max(retry);
+            match self.renew(lease, &mut keepalive, via, limit).await {
+                Renewal::Alive(secs) => {
+                    expires = sent + Duration::from_secs(secs.max(1) as u64);
+                    if self.fenced.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            "etcd answers again and still holds this host's lease: its domains start again"
+                        );
+                        self.fenced.store(false, Ordering::SeqCst);
+                        self.send(Work::Resync);
+                    }
+                    tokio::time::sleep(tick).await;
+                    continue;
+                }
+                Renewal::Gone => {
+                    tracing::warn!("etcd says this host's lease expired");
+                    self.lease.store(0, Ordering::SeqCst);
+                    self.fence_and_rejoin().await;
+                    continue;
+                }
+                Renewal::Failed(why) => {
+                    tracing::info!(
+                        "lease renewal through etcd endpoint #{via} failed ({why}): trying another"
+                    );
+                    keepalive = None;
+                    via += 1;
+                }
+            }
+            if Instant::now() >= fence_at && !self.fenced.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    "no lease renewal for {:?} (the lease may expire in {:?}): fencing this host",
+                    Instant::now()
+                        .saturating_duration_since(expires.checked_sub(ttl).unwrap_or(sent)),
+                    expires.saturating_duration_since(Instant::now()),
+                );
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.fence()).await;
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    /// One renewal of `lease` over the open keep-alive stream, or a new stream through
+    /// client `via` (round robin over the cluster client and one client per endpoint).
+    async fn renew(
+        &self,
+        lease: i64,
+        keepalive: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+        via: usize,
+        limit: Duration,
+    ) -> Renewal {
+        if lease == 0 {
+            return Renewal::Gone;
+        }
+        let r = tokio::time::timeout(limit, async {
+            if let Some((keeper, stream)) = keepalive.as_mut() {
+                keeper.keep_alive().await?;
+                return stream.message().await.map(|m| m.map(|r| r.ttl()));
+            }
+            let mut c = match via % (self.members.len() + 1) {
+                0 => self.client(),
+                k => self.members[k - 1].clone(),
+            };
+            // Opening the stream renews the lease once (and fails if it is gone).
+            let (keeper, stream) = c.lease_keep_alive(lease).await?;
+            *keepalive = Some((keeper, stream));
+            Ok(Some(self.opts.lease_ttl as i64))
+        })
+        .await;
+        match r {
+            Ok(Ok(Some(secs))) if secs > 0 => Renewal::Alive(secs),
+            Ok(Ok(Some(_))) => Renewal::Gone,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                Renewal::Gone
+            }
+            Ok(Err(e)) => Renewal::Failed(e.to_string()),
+            Ok(Ok(None)) => Renewal::Failed("the keep-alive stream ended".into()),
+            Err(_) => Renewal::Failed(format!("no answer within {limit:?}")),
         }
     }
 
     async fn fence_and_rejoin(self: &Arc<Self>) {
-        let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || me.fence()).await;
+        if !self.fenced.load(Ordering::SeqCst) {
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.fence()).await;
+        }
         loop {
             match self.register_async().await {
                 Ok(()) => {
@@ -331,20 +433,23 @@ impl Cluster {
         }
     }
 
-    /// Stops every VMM of this host: its lease is (about to be) gone, so other hosts may
-    /// start its domains.
+    /// Stops every VMM of this host: its lease may be about to expire (or is gone), so
+    /// other hosts may start its domains. The lease itself is kept until etcd says it is
+    /// gone: a renewal that comes through after all ends the fence.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::SeqCst);
-        self.lease.store(0, Ordering::SeqCst);
         let names: Vec<String> = self
             .m
             .list()
             .map(|l| l.into_iter().map(|d| d.name).collect())
             .unwrap_or_default();
         for n in names.iter().filter(|n| self.m.is_active(n)) {
-            tracing::warn!(domain = %n, "fencing: stopping the domain, this host lost its lease");
+            tracing::warn!(domain = %n, "fencing: stopping the domain, this host's lease may expire");
             if let Err(e) = self.m.destroy(n) {
                 tracing::error!(domain = %n, "fencing failed: {e}");
+            }
+            if let Ok(mut f) = self.fenced_names.lock() {
+                f.insert(n.clone());
             }
         }
     }
@@ -352,7 +457,7 @@ impl Cluster {
     /// On daemon shutdown: stop the VMMs (their lease ends with the daemon, and other
     /// hosts will start them) and hand the lease back so that they do so at once.
     pub fn leave(&self) {
-        let lease = self.lease.load(Ordering::SeqCst);
+        let lease = self.lease.swap(0, Ordering::SeqCst);
         self.fence();
         if lease != 0 {
             let mut c = self.client();
@@ -506,6 +611,13 @@ impl Cluster {
                     self.m.destroy(name)?;
                 } else if active && free {
                     self.claim(name, holder.map(|h| h.mod_rev))?;
+                } else if !active && mine && r.running && self.take_fenced(name) {
+                    // The fence stopped it, and etcd kept the lease: it runs on here.
+                    if let Err(e) = self.m.start(name) {
+                        self.release(name);
+                        return Err(e);
+                    }
+                    tracing::info!(domain = %name, "started again here after the fence");
                 } else if !active && mine {
                     // It ended here (stopped through the API, or by itself).
                     self.release(name);
@@ -541,6 +653,11 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Whether the last fence stopped `name` (forgetting it).
+    fn take_fenced(&self, name: &str) -> bool {
+        self.fenced_names.lock().is_ok_and(|mut f| f.remove(name))
     }
 
     /// Takes the `running/N` lock for this host (over a stale key of its own at
