@@ -252,6 +252,7 @@ pub fn network_from_xml(xml: &str) -> Result<NetworkDef> {
         delay,
         mac,
         autostart: false,
+        vni: None,
     };
     Ok(def)
 }

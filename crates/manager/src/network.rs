@@ -71,6 +71,12 @@ pub struct NetworkDef {
     pub mac: Option<String>,
     #[serde(default)]
     pub autostart: bool,
+    /// Joins the bridge to the same network's bridges on a cluster's other hosts with a
+    /// VXLAN overlay of this VNI (1 to 16777215; cluster daemons, see
+    /// `cluster::overlay`). Its guests' addresses are then the cluster's, and the
+    /// dnsmasq here answers only the domains placed on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -153,6 +159,9 @@ impl NetworkDef {
         }
         if let Some(u) = &self.uuid {
             crate::domain::check_uuid(u)?;
+        }
+        if self.vni.is_some_and(|v| !(1..=0xff_ffff).contains(&v)) {
+            return Err(bad("VNI: use 1 to 16777215"));
         }
         check_ifname(&self.bridge_name())?;
         let (gw, _, _) = self.subnet()?;
@@ -361,7 +370,7 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
                 }));
             }
         }
-        if def.dhcp.is_none() && def.hosts.is_empty() {
+        if def.dhcp.is_none() && def.hosts.is_empty() && def.vni.is_none() {
             return Ok(None);
         }
         let dir = run_dir(state, &def.name);
@@ -377,6 +386,8 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
             "--port=0",
             "--dhcp-authoritative",
             "--log-dhcp",
+            // Into dnsmasq.log, beside its other output (there may be no syslog).
+            "--log-facility=-",
         ])
         .arg(format!("--interface={br}"))
         .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
@@ -384,11 +395,19 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
             "--pid-file={}",
             dir.join("dnsmasq.own.pid").display()
         ));
-        match &def.dhcp {
-            Some(r) => cmd.arg(format!("--dhcp-range={},{},{mask},1h", r.start, r.end)),
-            // Fixed leases only.
-            None => cmd.arg(format!("--dhcp-range={},static,{mask},1h", def.subnet()?.2)),
+        match (&def.dhcp, def.vni) {
+            (Some(r), None) => cmd.arg(format!("--dhcp-range={},{},{mask},1h", r.start, r.end)),
+            // Fixed leases only: on an overlay, the cluster's, for the domains placed here
+            // (re-read on SIGHUP, see set_cluster_leases).
+            _ => cmd.arg(format!("--dhcp-range={},static,{mask},1h", def.subnet()?.2)),
         };
+        if def.vni.is_some() {
+            let f = cluster_leases_file(state, def);
+            write_readable(&f, "")?;
+            cmd.arg(format!("--dhcp-hostsfile={}", f.display()));
+            // Room for the VXLAN header on a 1500-byte underlay.
+            cmd.arg("--dhcp-option=option:mtu,1450");
+        }
         for h in &def.hosts {
             cmd.arg(format!("--dhcp-host={},{}", h.mac, h.ip));
         }
@@ -435,6 +454,134 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
     r
 }
 
+/// The dnsmasq hosts file of an overlay network: the cluster's leases of this host's
+/// domains. dnsmasq reads it again on SIGHUP after it has given up root for `nobody`,
+/// so it cannot lie in the state folder (the daemon's alone): it lies in a folder of its
+/// own under /run, readable, as libvirt keeps its dnsmasq hosts files (MACs and
+/// addresses, nothing secret), named for the state folder and the network.
+pub fn cluster_leases_file(state: &Path, def: &NetworkDef) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state.as_os_str().as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    PathBuf::from(CLUSTER_LEASES_DIR).join(format!("{h:016x}-{}.hosts", def.name))
+}
+
+const CLUSTER_LEASES_DIR: &str = "/run/vessel-dnsmasq";
+
+/// Writes `text` to `f` atomically, readable by all (dnsmasq as `nobody`).
+fn write_readable(f: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(CLUSTER_LEASES_DIR)
+        .and_then(|()| {
+            // The daemon's umask would leave it to root alone.
+            std::fs::set_permissions(CLUSTER_LEASES_DIR, std::fs::Permissions::from_mode(0o755))
+        })
+        .map_err(|e| Error::io("creating", Path::new(CLUSTER_LEASES_DIR), e))?;
+    let tmp = f.with_extension("new");
+    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, f).map_err(|e| Error::io("writing", f, e))
+}
+
+/// Makes the overlay network's dnsmasq answer exactly these `(MAC, address)` pairs (the
+/// domains placed on this host); true when they changed.
+pub fn set_cluster_leases(
+    state: &Path,
+    def: &NetworkDef,
+    leases: &[(String, Ipv4Addr)],
+) -> Result<bool> {
+    let dir = run_dir(state, &def.name);
+    let f = cluster_leases_file(state, def);
+    let text: String = leases.iter().map(|(m, ip)| format!("{m},{ip}\n")).collect();
+    if std::fs::read_to_string(&f).is_ok_and(|t| t == text) {
+        return Ok(false);
+    }
+    write_readable(&f, &text)?;
+    // dnsmasq reads its hosts files again on SIGHUP.
+    if let Some(id) = ProcId::read(&dir.join("dnsmasq.pid")) {
+        driver::signal(&id, libc::SIGHUP);
+    }
+    Ok(true)
+}
+
+/// Tells the bridges and overlays that MAC `mac` is now behind TAP `tap` on `bridge`, as
+/// a guest that has just migrated in has not yet done: the TAP becomes the MAC's port on
+/// this bridge, and RARP broadcasts with the MAC as their source (what QEMU sends after
+/// a migration) leave through the bridge, so that learning bridges and VXLAN devices on
+/// other hosts move the MAC here. Sent a few times over a second, in the background.
+pub fn announce(bridge: &str, tap: &str, mac: &str) -> Result<()> {
+    let m = vmm::config::parse_mac(mac).map_err(bad)?;
+    sh(
+        "bridge",
+        &["fdb", "replace", mac, "dev", tap, "master", "dynamic"],
+    )?;
+    let c = std::ffi::CString::new(bridge).map_err(|_| bad("bridge name"))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string that lives through the call.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(bad(format!("no bridge {bridge} here")));
+    }
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&m);
+    frame.extend_from_slice(&[0x80, 0x35]); // RARP
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]); // Ethernet, IPv4, reverse request
+    for _ in 0..2 {
+        frame.extend_from_slice(&m);
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    frame.resize(60, 0);
+    let mac = mac.to_string();
+    std::thread::spawn(move || {
+        for wait in [0u64, 100, 200, 400, 800] {
+            std::thread::sleep(std::time::Duration::from_millis(wait));
+            if let Err(e) = send_frame(ifindex, &frame) {
+                tracing::warn!(%mac, "announcing a migrated guest: {e}");
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Sends one Ethernet frame out of interface `ifindex`.
+fn send_frame(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned just below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data, valid all zero.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_ifindex = ifindex as i32;
+    sa.sll_halen = 6;
+    sa.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: the buffer and the address live through the call, with their lengths.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sa as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Takes a network down: dnsmasq, NAT rules, the bridge.
 pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
     let dir = run_dir(state, &def.name);
@@ -454,6 +601,9 @@ pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
         sh("ip", &["link", "del", &br])?;
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if def.vni.is_some() {
+        let _ = std::fs::remove_file(cluster_leases_file(state, def));
+    }
     Ok(())
 }
 
@@ -577,6 +727,7 @@ mod tests {
             delay: 0,
             mac: None,
             autostart: false,
+            vni: None,
         }
     }
 

@@ -114,6 +114,11 @@ pub struct DaemonArgs {
     /// Memory this host offers, in MiB (default: all of it).
     #[arg(long)]
     host_memory_mib: Option<u64>,
+    /// This host's address on the network between the hosts, where overlay networks'
+    /// VXLAN packets come and go (default: --listen-tcp's address, unless it is a
+    /// loopback or wildcard one).
+    #[arg(long)]
+    overlay_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// `START:COUNT` for `--vmm-uid-range`.
@@ -201,6 +206,11 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
             weigher: args.weigher,
             vcpus: args.host_vcpus,
             memory_mib: args.host_memory_mib,
+            overlay_ip: args.overlay_ip.or_else(|| {
+                let t = tcp.as_ref()?;
+                let ip: std::net::Ipv4Addr = t.addr.rsplit_once(':')?.0.parse().ok()?;
+                (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+            }),
         }),
         Some(_) => bail!("--host-name names this host in a cluster: give --cluster too"),
         None => None,

@@ -32,6 +32,11 @@ pub enum NetCommand {
         /// Bridge device name (default vbr-NAME).
         #[arg(long)]
         bridge: Option<String>,
+        /// In a cluster: join this network's bridges on all hosts with a VXLAN overlay of
+        /// this VNI (define the network alike on each host); the cluster then allocates
+        /// its guests' addresses. See docs/CLUSTER.md.
+        #[arg(long)]
+        vni: Option<u32>,
         /// Check the XML against libvirt's schema first (virt-xml-validate).
         #[arg(long)]
         validate: bool,
@@ -95,6 +100,7 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
             hosts,
             no_nat,
             bridge,
+            vni,
             validate,
         } => {
             if validate {
@@ -103,6 +109,9 @@ pub fn run(cmd: NetCommand, c: &Client, json_out: bool) -> Result<i32> {
             let mut body = json!({"name": name, "address": address, "nat": !no_nat});
             if let Some(b) = bridge {
                 body["bridge"] = json!(b);
+            }
+            if let Some(v) = vni {
+                body["vni"] = json!(v);
             }
             if let Some(r) = dhcp {
                 let Some((a, b)) = r.split_once(',') else {

@@ -60,6 +60,8 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 
 struct Etcd {
     client: String,
+    /// The network namespace it runs in, if any.
+    ns: Option<String>,
     /// Its command line, to start it again on the same data.
     args: Vec<std::ffi::OsString>,
     log: PathBuf,
@@ -73,7 +75,7 @@ impl Etcd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new("etcd")
+        let child = in_ns(self.ns.as_deref(), "etcd")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -84,19 +86,129 @@ impl Etcd {
     }
 }
 
-/// Three etcd members and three daemons; dropping it kills them all and the VMMs the
-/// daemons recorded, by PID.
+/// `prog` to run in network namespace `ns`, or here.
+fn in_ns(ns: Option<&str>, prog: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, prog]);
+            c
+        }
+        None => Command::new(prog),
+    }
+}
+
+/// Host `i`'s address on the underlay of a cluster in network namespaces.
+fn underlay_ip(i: usize) -> String {
+    format!("10.250.0.{}", i + 1)
+}
+
+/// Where the etcd members of a cluster in network namespaces listen.
+const UNDERLAY_ETCD: &str = "10.250.0.254";
+
+/// The network namespaces of a cluster whose hosts stand in namespaces of their own:
+/// `BASE-w` holds the underlay (a bridge, 10.250.0.254/24) and the etcd members, and
+/// `BASE-hI` holds host I, on the underlay at 10.250.0.I+1 by a veth. Dropping it
+/// deletes them, and with them every link made in them.
+struct Netns {
+    base: String,
+}
+
+impl Netns {
+    fn wire(&self) -> String {
+        format!("{}-w", self.base)
+    }
+
+    fn host(&self, i: usize) -> String {
+        format!("{}-h{i}", self.base)
+    }
+
+    fn ip(ns: &str, args: &[&str]) {
+        let o = Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip -n {ns} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn new(tag: &str) -> Netns {
+        let n = Netns {
+            base: format!("vc{}{tag}", std::process::id()),
+        };
+        let w = n.wire();
+        let add = |ns: &str| {
+            let st = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .expect("ip (iproute2) is needed");
+            assert!(st.success(), "ip netns add {ns} failed (needs root)");
+        };
+        add(&w);
+        Netns::ip(&w, &["link", "set", "lo", "up"]);
+        Netns::ip(&w, &["link", "add", "wire", "type", "bridge"]);
+        Netns::ip(
+            &w,
+            &["addr", "add", &format!("{UNDERLAY_ETCD}/24"), "dev", "wire"],
+        );
+        Netns::ip(&w, &["link", "set", "wire", "up"]);
+        for i in 0..3 {
+            let h = n.host(i);
+            add(&h);
+            Netns::ip(&h, &["link", "set", "lo", "up"]);
+            let port = format!("w{i}");
+            Netns::ip(
+                &w,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "uplink", "netns", &h,
+                ],
+            );
+            Netns::ip(&w, &["link", "set", &port, "master", "wire", "up"]);
+            Netns::ip(
+                &h,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", underlay_ip(i)),
+                    "dev",
+                    "uplink",
+                ],
+            );
+            Netns::ip(&h, &["link", "set", "uplink", "up"]);
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [self.host(0), self.host(1), self.host(2), self.wire()] {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+/// Three etcd members and three daemons; dropping it kills them all, the VMMs and
+/// dnsmasqs the daemons recorded, by PID, and then deletes its namespaces, if any.
 struct Cluster {
     dir: PathBuf,
     etcd: Vec<Etcd>,
     hosts: Vec<Host>,
+    netns: Option<Netns>,
 }
 
 struct Host {
     name: String,
     dir: PathBuf,
-    /// Its TCP API (`127.0.0.1:PORT`), where the other hosts send live migrations.
+    /// Its TCP API (`127.0.0.1:PORT`, or its underlay address), where the other hosts
+    /// send live migrations.
     tcp: String,
+    /// The network namespace it runs in, if any.
+    ns: Option<String>,
     child: Option<Child>,
 }
 
@@ -163,6 +275,24 @@ impl Host {
             .collect()
     }
 
+    /// The PIDs of the dnsmasqs its networks run.
+    fn dnsmasqs(&self) -> Vec<i32> {
+        std::fs::read_dir(self.dir.join("state/run-net"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                std::fs::read_to_string(e.path().join("dnsmasq.pid"))
+                    .ok()?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .filter(|p| pid_alive(*p))
+            .collect()
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill(c.id() as i32, libc::SIGKILL);
@@ -173,6 +303,15 @@ impl Host {
 
 impl Cluster {
     fn start(tag: &str) -> Cluster {
+        Cluster::start_with(tag, None)
+    }
+
+    /// Each host in a network namespace of its own, on an underlay bridge; etcd too.
+    fn start_in_netns(tag: &str) -> Cluster {
+        Cluster::start_with(tag, Some(Netns::new(tag)))
+    }
+
+    fn start_with(tag: &str, netns: Option<Netns>) -> Cluster {
         for (tool, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
             let ok = Command::new(tool)
                 .arg(arg)
@@ -195,21 +334,33 @@ impl Cluster {
         std::fs::create_dir_all(dir.join("shared")).unwrap();
         // One token for the cluster: hosts reach each other's TCP API with it.
         std::fs::write(dir.join("token"), "cluster-test-token-0123456789\n").unwrap();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        // In the underlay's namespace, which has nothing else listening, any ports do.
+        let (etcd_ip, ports): (&str, Vec<(u16, u16)>) = match &netns {
+            Some(_) => (
+                UNDERLAY_ETCD,
+                (0..3).map(|i| (2379 + 10 * i, 2380 + 10 * i)).collect(),
+            ),
+            None => (
+                "127.0.0.1",
+                (0..3).map(|_| (free_port(), free_port())).collect(),
+            ),
+        };
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+            .map(|(i, (_, p))| format!("e{i}=http://{etcd_ip}:{p}"))
             .collect();
+        let etcd_ns = netns.as_ref().map(Netns::wire);
         let mut c = Cluster {
             dir: dir.clone(),
             etcd: Vec::new(),
             hosts: Vec::new(),
+            netns,
         };
         for (i, (cp, pp)) in ports.iter().enumerate() {
             let name = format!("e{i}");
-            let client = format!("http://127.0.0.1:{cp}");
-            let peer = format!("http://127.0.0.1:{pp}");
+            let client = format!("http://{etcd_ip}:{cp}");
+            let peer = format!("http://{etcd_ip}:{pp}");
             // In memory where there is /dev/shm: fsync on a busy disk made members miss
             // heartbeats. etcd's default election timing (100 ms heartbeats, 1 s election
             // timeout), well below the lease TTL, as a real cluster's must be: a host
@@ -246,6 +397,7 @@ impl Cluster {
             }
             let mut e = Etcd {
                 client,
+                ns: etcd_ns.clone(),
                 args,
                 log: dir.join(format!("{name}.log")),
                 child: None,
@@ -255,7 +407,7 @@ impl Cluster {
         }
         let eps = c.endpoints();
         wait_until("etcd cluster healthy", Duration::from_secs(30), || {
-            Command::new("etcdctl")
+            in_ns(etcd_ns.as_deref(), "etcdctl")
                 .args([
                     "--endpoints",
                     &eps,
@@ -277,7 +429,11 @@ impl Cluster {
             let mut h = Host {
                 name,
                 dir: hdir,
-                tcp: format!("127.0.0.1:{}", free_port()),
+                tcp: match &c.netns {
+                    Some(_) => format!("{}:7070", underlay_ip(i)),
+                    None => format!("127.0.0.1:{}", free_port()),
+                },
+                ns: c.netns.as_ref().map(|n| n.host(i)),
                 child: None,
             };
             c.spawn(&mut h);
@@ -304,7 +460,7 @@ impl Cluster {
             .filter(|e| e.child.is_some())
             .map(|e| e.client.as_str())
             .collect();
-        let o = Command::new("etcdctl")
+        let o = in_ns(self.etcd[0].ns.as_deref(), "etcdctl")
             .args([
                 "--endpoints",
                 &eps.join(","),
@@ -345,7 +501,12 @@ impl Cluster {
             .append(true)
             .open(h.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(EXE)
+        // VXLAN leaves from the underlay address, where the TCP API listens.
+        let overlay: Vec<&str> = match &h.ns {
+            Some(_) => vec!["--overlay-ip", h.tcp.split(':').next().unwrap()],
+            None => vec![],
+        };
+        let child = in_ns(h.ns.as_deref(), EXE)
             .arg("daemon")
             .arg("--socket")
             .arg(h.socket())
@@ -358,6 +519,7 @@ impl Cluster {
             .args(["--host-vcpus", "16", "--host-memory-mib", "4096"])
             .args(["--listen-tcp", &h.tcp, "--token-file"])
             .arg(self.dir.join("token"))
+            .args(&overlay)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -444,6 +606,14 @@ impl Cluster {
     fn dump_logs(&self) {
         for h in &self.hosts {
             eprintln!("--- daemon {} log:\n{}", h.name, h.log());
+            for e in std::fs::read_dir(h.dir.join("state/run-net"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let log = std::fs::read_to_string(e.path().join("dnsmasq.log")).unwrap_or_default();
+                eprintln!("--- {} dnsmasq of {:?}:\n{log}", h.name, e.file_name());
+            }
         }
     }
 }
@@ -456,6 +626,9 @@ impl Drop for Cluster {
         for h in &mut self.hosts {
             h.kill9();
             for pid in h.running().into_values() {
+                kill(pid, libc::SIGKILL);
+            }
+            for pid in h.dnsmasqs() {
                 kill(pid, libc::SIGKILL);
             }
         }
@@ -1049,4 +1222,245 @@ fn server_groups_constrain_placement_and_start() {
     }
     c.hosts[2].ok(&["group-delete", "db"]);
     assert!(!c.hosts[0].ok(&["group-list"]).contains("db"));
+}
+
+/// A guest command line (busybox under emu) that takes a DHCP lease on eth0 (printing
+/// `addr IP`), then pings `peer` every 0.3 s for good, printing `TAG N ok|lost`, and asks
+/// for its lease again every 25 pings (so that the host it runs on answers DHCP).
+fn overlay_guest_cmdline(tag: &str, peer: &str) -> String {
+    let dhcp = "udhcpc -i eth0 -s /s -q -n -t 3 -T 1 2>/dev/null";
+    let script = format!(
+        "ip link set eth0 up;\
+         echo '#!/bin/sh' >/s;\
+         echo 'ip addr add $ip/$mask dev $interface 2>/dev/null;echo addr $ip' >>/s;\
+         chmod 755 /s;\
+         udhcpc -i eth0 -s /s -q -n -t 20 -T 1 2>/dev/null;\
+         i=0;while true;do i=$((i-(-1)));\
+         if ping -c1 -W1 {peer} >/dev/null 2>&1;then echo {tag} $i ok;else echo {tag} $i lost;fi;\
+         [ $((i%25)) = 0 ] && {dhcp};sleep 0.3;done"
+    );
+    format!("vessel.run={}", script.replace(' ', "+"))
+}
+
+/// `(N, ok)` of each `TAG N ok|lost` line of a serial log.
+fn pings(log: &str, tag: &str) -> Vec<(u64, bool)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut w = l.trim_end().strip_prefix(tag)?.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            Some((n, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// A Linux guest under emu on overlay network `ov` that pings `peer` (see
+    /// [`overlay_guest_cmdline`]), in server group `group`, defined through host `via`;
+    /// returns the define's answer (host and addresses).
+    fn define_overlay_guest(&self, via: usize, name: &str, peer: &str, group: &str) -> Value {
+        let a = common::assets();
+        assert!(
+            a.join("vmlinuz").is_file() && a.join("initramfs.cpio.gz").is_file(),
+            "guest assets missing in {}: run scripts/guest-assets.sh",
+            a.display()
+        );
+        let def = json!({"name": name, "driver": "vessel",
+            "interfaces": [{"network": "ov"}],
+            "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                   "cmdline": format!("console=ttyS0 panic=-1 quiet {}",
+                                      overlay_guest_cmdline(name, peer)),
+                   "memory_mib": 256, "accel": "emu"}});
+        let f = self.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        self.hosts[via].json(&["define", f.to_str().unwrap(), "--group", group])
+    }
+
+    fn pings_at(&self, h: &str, name: &str) -> Vec<(u64, bool)> {
+        let o = self.host(h).cli(&["console", name, "--log"]);
+        pings(&String::from_utf8_lossy(&o.stdout), name)
+    }
+
+    /// Waits until `name` at host `h` has `n` successful pings numbered above `after`.
+    fn wait_pings(
+        &self,
+        h: &str,
+        name: &str,
+        after: u64,
+        n: usize,
+        within: Duration,
+    ) -> Vec<(u64, bool)> {
+        let t0 = Instant::now();
+        loop {
+            let got = self.pings_at(h, name);
+            if got.iter().filter(|(i, ok)| *i > after && *ok).count() >= n {
+                return got;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{name} at {h}: not {n} pings answered after #{after} within {within:?}: last \
+                 {:?}\n{}",
+                &got[got.len().saturating_sub(10)..],
+                String::from_utf8_lossy(&self.host(h).cli(&["console", name, "--log"]).stdout)
+                    .lines()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn in_ns(&self, host: usize, args: &[&str]) -> String {
+        let ns = self
+            .netns
+            .as_ref()
+            .expect("a cluster in network namespaces");
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.host(host)])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn dnsmasq_log(&self, h: &str) -> String {
+        std::fs::read_to_string(self.host(h).dir.join("state/run-net/ov/dnsmasq.log"))
+            .unwrap_or_default()
+    }
+}
+
+/// Issue 18, networks across hosts: each host in its own network namespace, joined by an
+/// underlay bridge. One overlay network (VNI 5001) defined on every host: its bridges
+/// are joined by VXLAN, addresses come from the cluster (unique, recorded with the
+/// domain) and only a guest's own host answers its DHCP. Two guests on different hosts
+/// ping each other; one migrates live to the third host, keeps its address, and goes
+/// on answering; its DHCP is then answered by the new host, with the same address.
+#[test]
+fn overlay_network_joins_hosts_and_a_migrated_guest_keeps_its_address() {
+    for tool in ["dnsmasq", "nft", "bridge"] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        assert!(
+            found,
+            "{tool} not found: apt-get install dnsmasq-base nftables iproute2 (scripts/test.sh does)"
+        );
+    }
+    let c = Cluster::start_in_netns("ovl");
+    for h in &c.hosts {
+        h.ok(&[
+            "net-define",
+            "ov",
+            "--address",
+            "10.251.0.1/24",
+            "--dhcp",
+            "10.251.0.10,10.251.0.99",
+            "--no-nat",
+            "--vni",
+            "5001",
+        ]);
+        h.ok(&["net-start", "ov"]);
+    }
+    // Each host announces the overlay, and its VXLAN device floods to the two others.
+    for (i, h) in c.hosts.iter().enumerate() {
+        wait_until(
+            &format!("{} floods the overlay to the other hosts", h.name),
+            Duration::from_secs(20),
+            || {
+                let fdb = c.in_ns(i, &["bridge", "fdb", "show", "dev", "vxl5001"]);
+                (0..3)
+                    .filter(|j| *j != i)
+                    .all(|j| fdb.contains(&format!("dst {}", underlay_ip(j))))
+                    && !fdb.contains(&format!("dst {}", underlay_ip(i)))
+            },
+        );
+    }
+    c.hosts[0].ok(&["group-create", "apart", "--policy", "anti-affinity"]);
+    // The cluster allocates the addresses: the lowest free ones of the range.
+    let a = c.define_overlay_guest(0, "a", "10.251.0.11", "apart");
+    let b = c.define_overlay_guest(1, "b", "10.251.0.10", "apart");
+    assert_eq!(a["addresses"][0]["ip"], "10.251.0.10", "{a}");
+    assert_eq!(b["addresses"][0]["ip"], "10.251.0.11", "{b}");
+    let (ha, hb) = (
+        a["host"].as_str().unwrap().to_string(),
+        b["host"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(ha, hb, "anti-affinity");
+    c.hosts[2].ok(&["start", "a"]);
+    c.hosts[2].ok(&["start", "b"]);
+    // Across hosts, both ways, over the overlay.
+    c.wait_pings(&ha, "a", 0, 3, Duration::from_secs(120));
+    c.wait_pings(&hb, "b", 0, 3, Duration::from_secs(120));
+    let log_a =
+        String::from_utf8_lossy(&c.host(&ha).cli(&["console", "a", "--log"]).stdout).into_owned();
+    assert!(log_a.contains("addr 10.251.0.10"), "{log_a}");
+    // Each guest's DHCP was answered by its own host's dnsmasq only.
+    let mac_a = a["addresses"][0]["mac"].as_str().unwrap().to_string();
+    for h in &c.hosts {
+        let acked = c
+            .dnsmasq_log(&h.name)
+            .lines()
+            .any(|l| l.contains("DHCPACK") && l.contains(&mac_a));
+        assert_eq!(
+            acked,
+            h.name == ha,
+            "DHCP of a at {}: {}",
+            h.name,
+            c.dnsmasq_log(&h.name)
+        );
+    }
+
+    // b migrates live to the third host; a goes on reaching it at the same address.
+    let third = ["h0", "h1", "h2"]
+        .into_iter()
+        .find(|h| *h != ha && *h != hb)
+        .unwrap()
+        .to_string();
+    let before = c.pings_at(&ha, "a").last().map_or(0, |(n, _)| *n);
+    let mac_b = b["addresses"][0]["mac"].as_str().unwrap().to_string();
+    let acks = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("DHCPACK") && l.contains(&mac_b))
+            .count()
+    };
+    let out = c.host(&hb).ok(&["migrate", "b", "--live", "--to", &third]);
+    let acks_at_old = acks(&c.dnsmasq_log(&hb));
+    eprintln!("migrate b: {out}");
+    let got = c.wait_pings(&ha, "a", before, 10, Duration::from_secs(120));
+    let after: Vec<&(u64, bool)> = got.iter().filter(|(n, _)| *n > before).collect();
+    let lost = after.iter().filter(|(_, ok)| !ok).count();
+    eprintln!(
+        "overlay: a's pings of b across the live migration of b: {lost} lost of {} (0.3 s apart, 1 s timeout)",
+        after.len()
+    );
+    assert!(
+        after.iter().rev().take(5).all(|(_, ok)| *ok),
+        "a no longer reaches b: {after:?}"
+    );
+    assert!(
+        lost <= 8,
+        "a lost {lost} pings of b across the migration: {after:?}"
+    );
+    // b runs on at the third host, where it goes on reaching a.
+    let b_before = c.pings_at(&third, "b").last().map_or(0, |(n, _)| *n);
+    c.wait_pings(&third, "b", b_before, 3, Duration::from_secs(60));
+    assert!(c.host(&hb).running().is_empty(), "b left {hb}");
+    // Its next DHCP request is answered by the third host, with the same address.
+    wait_until(
+        "the third host's dnsmasq leases b its address",
+        Duration::from_secs(120),
+        || {
+            c.dnsmasq_log(&third)
+                .lines()
+                .any(|l| l.contains("DHCPACK") && l.contains(&mac_b) && l.contains("10.251.0.11"))
+        },
+    );
+    // The host b left no longer answers for it (its requests reach it over the overlay
+    // no more than anyone's, and its hosts file has dropped b).
+    assert_eq!(
+        acks(&c.dnsmasq_log(&hb)),
+        acks_at_old,
+        "{}",
+        c.dnsmasq_log(&hb)
+    );
 }

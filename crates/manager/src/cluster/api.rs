@@ -101,9 +101,13 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
             api.check_domain_files(&def, req)?;
             let name = def.name.clone();
             let group = req.query("group").map(str::to_string);
-            let host = c.define(def, group)?;
+            let rec = c.define(def, group)?;
             Ok(Some(
-                Response::json(201, &json!({"name": name, "host": host})).into(),
+                Response::json(
+                    201,
+                    &json!({"name": name, "host": rec.host, "addresses": rec.addresses}),
+                )
+                .into(),
             ))
         }
         ("POST", ["domains", name, "start"]) => {

@@ -15,6 +15,7 @@
 //! before etcd lets the lease expire (fencing), so an evacuated domain never runs twice.
 
 pub mod api;
+pub mod overlay;
 pub mod placement;
 mod store;
 pub mod watchdog;
@@ -28,7 +29,7 @@ use etcd_client::{EventType, WatchOptions};
 
 use crate::error::{Error, Result};
 use crate::manager::Manager;
-pub use placement::{DomainRecord, Group, HostRecord, Policy, Weigher};
+pub use placement::{Address, DomainRecord, Group, HostRecord, Policy, Weigher};
 pub use store::{Migration, State};
 
 /// Every key the cluster writes starts with this.
@@ -54,6 +55,9 @@ pub struct ClusterOpts {
     /// The TCP API token, which every host of a cluster shares: hosts send each other
     /// live migrations and drain requests with it.
     pub token: Option<String>,
+    /// This host's address on the network between the hosts: its overlay networks'
+    /// VXLAN packets leave from it and come to it.
+    pub overlay_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// One domain a drain moved, and how.
@@ -85,6 +89,8 @@ enum Work {
     Domain(String),
     /// Everything again (after joining, a reconnect, or a new lease).
     Resync,
+    /// This host's record and overlays (a network started or stopped here).
+    Host,
 }
 
 pub struct Cluster {
@@ -102,6 +108,8 @@ pub struct Cluster {
     /// again, they start again here (their `running/N` keys are still this host's).
     fenced_names: Mutex<BTreeSet<String>>,
     work: Mutex<mpsc::Sender<Work>>,
+    /// The record this host last wrote to etcd (it is written again when it changes).
+    announced: Mutex<Option<HostRecord>>,
 }
 
 /// How long one etcd request may take before the API answers that the cluster is
@@ -188,6 +196,7 @@ impl Cluster {
             fenced: AtomicBool::new(false),
             fenced_names: Mutex::new(BTreeSet::new()),
             work: Mutex::new(tx),
+            announced: Mutex::new(None),
         });
         // Before any VMM starts: none may outlive this daemon unwatched.
         watchdog::spawn(&c.m.cfg.programs.vessel, &c.m.cfg.state_dir.join("run"))?;
@@ -267,6 +276,13 @@ impl Cluster {
             api: self.opts.api.clone(),
             socket: self.opts.socket.clone(),
             tcp: self.opts.tcp.clone(),
+            overlay_ip: self.opts.overlay_ip,
+            overlays: self
+                .m
+                .store
+                .list_networks()
+                .map(|n| n.into_iter().filter(|n| n.vni.is_some()).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -284,7 +300,8 @@ impl Cluster {
             .map_err(|_| unavailable(eps, "timed out"))?
             .map_err(|e| unavailable(eps, e))?
             .id();
-        let rec = serde_json::to_vec(&self.record()).unwrap_or_default();
+        let record = self.record();
+        let rec = serde_json::to_vec(&record).unwrap_or_default();
         let put = etcd_client::PutOptions::new().with_lease(lease);
         tokio::time::timeout(
             OP_TIMEOUT,
@@ -293,6 +310,9 @@ impl Cluster {
         .await
         .map_err(|_| unavailable(eps, "timed out"))?
         .map_err(|e| unavailable(eps, e))?;
+        if let Ok(mut a) = self.announced.lock() {
+            *a = Some(record);
+        }
         self.lease.store(lease, Ordering::SeqCst);
         // Under a new lease the old `running/N` keys are stale and reconciling takes
         // them over as it would any.
@@ -525,13 +545,23 @@ impl Cluster {
             let (events, last) = self.m.events.wait(since, None, Duration::from_secs(60));
             since = last;
             for e in events {
-                self.send(Work::Domain(e.domain));
+                if e.event.starts_with("network-") {
+                    self.send(Work::Host);
+                } else {
+                    self.send(Work::Domain(e.domain));
+                }
             }
         }
     }
 
     fn reconcile_loop(self: Arc<Self>, rx: mpsc::Receiver<Work>) {
-        while let Ok(w) = rx.recv() {
+        loop {
+            let w = match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(w) => w,
+                // Now and then anyway: a network defined here sends no event.
+                Err(mpsc::RecvTimeoutError::Timeout) => Work::Host,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             // Coalesce a burst of events into one pass per name.
             let mut names = BTreeSet::new();
             let mut all = false;
@@ -541,6 +571,7 @@ impl Cluster {
                         names.insert(n);
                     }
                     Work::Resync => all = true,
+                    Work::Host => {}
                 }
             }
             if self.fenced.load(Ordering::SeqCst) {
@@ -564,6 +595,7 @@ impl Cluster {
                 self.evacuate(&state);
                 names.extend(state.domains.keys().cloned());
             }
+            self.sync_host(&state);
             let mut again = Vec::new();
             for n in names {
                 if let Err(e) = self.reconcile(&n) {
@@ -655,6 +687,125 @@ impl Cluster {
         Ok(())
     }
 
+    /// Keeps this host's record (its networks and pools change) and its overlay
+    /// networks in line with etcd: each VXLAN device floods to the other hosts that have
+    /// the network, and each dnsmasq answers the domains placed here.
+    fn sync_host(&self, state: &State) {
+        let rec = self.record();
+        let stale = self
+            .announced
+            .lock()
+            .is_ok_and(|a| a.as_ref() != Some(&rec));
+        let lease = self.lease.load(Ordering::SeqCst);
+        if stale && lease != 0 {
+            let mut c = self.client();
+            let put = etcd_client::PutOptions::new().with_lease(lease);
+            let body = serde_json::to_vec(&rec).unwrap_or_default();
+            match self.call(c.put(key("hosts", &self.opts.host), body, Some(put))) {
+                Ok(_) => {
+                    tracing::info!("host record updated (networks or pools changed)");
+                    if let Ok(mut a) = self.announced.lock() {
+                        *a = Some(rec);
+                    }
+                }
+                Err(e) => tracing::warn!("updating this host's record: {e}"),
+            }
+        }
+        let nets = match self.m.store.list_networks() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("overlays: {e}");
+                return;
+            }
+        };
+        let me = self.opts.host.as_str();
+        let dir = &self.m.cfg.state_dir;
+        for def in nets {
+            let Some(vni) = def.vni else {
+                continue;
+            };
+            if !crate::network::is_active(dir, &def) {
+                overlay::remove(&def, vni);
+                continue;
+            }
+            let Some(local) = self.opts.overlay_ip else {
+                tracing::debug!(network = %def.name, "no --overlay-ip: the network stays on this host");
+                continue;
+            };
+            let peers: BTreeSet<std::net::Ipv4Addr> = state
+                .hosts
+                .values()
+                .filter(|h| h.name != me)
+                .filter(|h| {
+                    h.overlays
+                        .iter()
+                        .any(|o| o.name == def.name && o.vni == def.vni)
+                })
+                .filter_map(|h| h.overlay_ip)
+                .collect();
+            if let Err(e) = overlay::ensure(&def, vni, local, &peers) {
+                tracing::warn!(network = %def.name, "overlay: {e}");
+            }
+            let mut leases: Vec<(String, std::net::Ipv4Addr)> = state
+                .domains
+                .values()
+                .filter(|(r, _)| r.host == me)
+                .flat_map(|(r, _)| r.addresses.iter())
+                .filter(|a| a.network == def.name)
+                .map(|a| (a.mac.clone(), a.ip))
+                .collect();
+            leases.sort();
+            match crate::network::set_cluster_leases(dir, &def, &leases) {
+                Ok(true) => tracing::info!(
+                    network = %def.name,
+                    "DHCP here now answers the {} interface(s) placed here",
+                    leases.len()
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(network = %def.name, "DHCP leases: {e}"),
+            }
+        }
+    }
+
+    /// Gives each interface of `def` on an overlay network of `host` its MAC (fixed
+    /// from now on, wherever the domain runs) and an address unique in the cluster
+    /// (placements are serialized by the epoch, so the read they start from is enough).
+    fn allocate(
+        state: &State,
+        host: &str,
+        def: &mut crate::domain::DomainDef,
+    ) -> Result<Vec<Address>> {
+        let Some(h) = state.hosts.get(host) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<Address> = Vec::new();
+        for i in 0..def.interfaces.len() {
+            let Some(n) = def.interfaces[i].network.clone() else {
+                continue;
+            };
+            let Some(net) = h.overlays.iter().find(|o| o.name == n) else {
+                continue;
+            };
+            let mac = crate::network::mac_for(def, i);
+            def.interfaces[i].mac = Some(mac.clone());
+            let taken: BTreeSet<std::net::Ipv4Addr> = state
+                .domains
+                .values()
+                .flat_map(|(r, _)| r.addresses.iter())
+                .chain(out.iter())
+                .filter(|a| a.network == n)
+                .map(|a| a.ip)
+                .collect();
+            let ip = overlay::allocate(net, &mac, &taken)?;
+            out.push(Address {
+                network: n,
+                mac,
+                ip,
+            });
+        }
+        Ok(out)
+    }
+
     /// Whether the last fence stopped `name` (forgetting it).
     fn take_fenced(&self, name: &str) -> bool {
         self.fenced_names.lock().is_ok_and(|mut f| f.remove(name))
@@ -743,7 +894,11 @@ impl Cluster {
 
     /// Places a new domain (joining server group `group`, if given) and records it; the
     /// chosen host's daemon defines it.
-    pub fn define(&self, def: crate::domain::DomainDef, group: Option<String>) -> Result<String> {
+    pub fn define(
+        &self,
+        def: crate::domain::DomainDef,
+        group: Option<String>,
+    ) -> Result<DomainRecord> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         def.validate()?;
         for _ in 0..10 {
@@ -771,11 +926,14 @@ impl Cluster {
                 self.opts.weigher,
             )
             .map_err(Error::Conflict)?;
+            let mut d = def.clone();
+            let addresses = Self::allocate(&state, &host, &mut d)?;
             let rec = DomainRecord {
-                def: def.clone(),
+                def: d,
                 host: host.clone(),
                 running: false,
                 group: group.clone(),
+                addresses,
             };
             let k = key("domains", &def.name);
             let mut when = vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)];
@@ -799,7 +957,7 @@ impl Cluster {
             let mut c = self.client();
             if self.call(c.txn(txn))?.succeeded() {
                 tracing::info!(domain = %def.name, host = %host, "placed");
-                return Ok(host);
+                return Ok(rec);
             }
         }
         Err(Error::Conflict(
@@ -1386,6 +1544,7 @@ impl Cluster {
                         "name": r.def.name,
                         "running": state.running.get(&r.def.name).is_some_and(|x| x.host == h.name),
                         "wanted": if r.running { "running" } else { "shutoff" },
+                        "addresses": r.addresses,
                     })
                 })
                 .collect();

@@ -25,6 +25,21 @@ pub struct HostRecord {
     /// Its daemon's TCP API (`HOST:PORT`), where other hosts send live migrations.
     #[serde(default)]
     pub tcp: Option<String>,
+    /// Where its overlay networks' VXLAN packets come to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_ip: Option<std::net::Ipv4Addr>,
+    /// Its overlay networks (those with a VNI), whose addresses the cluster allocates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<crate::network::NetworkDef>,
+}
+
+/// A domain interface's address on an overlay network: the cluster's, unique among its
+/// domains, and the domain's wherever it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Address {
+    pub network: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// A domain as the cluster records it: its definition, the host it is placed on, and
@@ -38,6 +53,9 @@ pub struct DomainRecord {
     /// The server group it joined at define (never changes afterwards, as in Nova).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Its addresses on overlay networks, allocated at placement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Address>,
 }
 
 /// Nova's server group policies: members on one host, or each on a host of its own.
@@ -273,6 +291,8 @@ mod tests {
             api: String::new(),
             socket: String::new(),
             tcp: None,
+            overlay_ip: None,
+            overlays: vec![],
         }
     }
 
@@ -293,6 +313,7 @@ mod tests {
                 host: h,
                 running: false,
                 group: None,
+                addresses: vec![],
             });
         }
         placed
@@ -354,6 +375,7 @@ mod tests {
                 host: h,
                 running: false,
                 group: Some("web".into()),
+                addresses: vec![],
             });
         }
         let mut used: Vec<&str> = placed.iter().map(|d| d.host.as_str()).collect();
@@ -380,6 +402,7 @@ mod tests {
                 host: h,
                 running: false,
                 group: Some("db".into()),
+                addresses: vec![],
             });
         }
         assert!(

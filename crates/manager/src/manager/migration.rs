@@ -293,9 +293,14 @@ impl Manager {
         };
         let expect = nonce.clone();
         let domain = name.clone();
+        let m = self.clone();
         std::thread::spawn(move || {
             let r = receive_tcp(listener, expect, vmm);
             tracing::info!(domain, ?r, "migration stream received over TCP");
+            if r.is_ok() {
+                // From another machine: the switches between still send its frames there.
+                m.announce_interfaces(&domain);
+            }
         });
         Ok(Incoming {
             url,

@@ -178,6 +178,26 @@ impl Manager {
             .collect())
     }
 
+    /// Announces where a domain that has just migrated in now is, for each of its
+    /// interfaces (see [`network::announce`]).
+    pub(super) fn announce_interfaces(&self, name: &str) {
+        let Ok(def) = self.store.get_domain(name) else {
+            return;
+        };
+        for (i, itf) in def.interfaces.iter().enumerate() {
+            let Ok(Some(br)) = self.bridge_of(itf) else {
+                continue;
+            };
+            let (tap, mac) = (network::tap_name(&def, i), network::mac_for(&def, i));
+            match network::announce(&br, &tap, &mac) {
+                Ok(()) => {
+                    tracing::info!(domain = name, %mac, bridge = %br, "announced after migrating in")
+                }
+                Err(e) => tracing::warn!(domain = name, %mac, "announcing after migrating in: {e}"),
+            }
+        }
+    }
+
     pub fn net_info(&self, name: &str) -> Result<NetworkInfo> {
         Ok(self.net_info_of(&self.store.get_network(name)?))
     }

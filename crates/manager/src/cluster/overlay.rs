@@ -1,0 +1,261 @@
+//! Networks across hosts. A network whose definition has a VNI is an overlay network: on
+//! each cluster host where it is active, a VXLAN device of that VNI joins its bridge to
+//! the same network's bridges on the other hosts that announce it. The device floods to
+//! those hosts (head-end replication, one all-zero FDB entry per peer, kept equal to
+//! what etcd lists) and learns which host each guest MAC is behind from the traffic; a
+//! host that receives a live migration announces the guest's MACs at once
+//! ([`crate::network::announce`]), so the others learn its new place before it answers.
+//!
+//! DHCP is served once per network: the addresses are the cluster's (allocated at
+//! placement, recorded with the domain in etcd, unique across hosts, kept when it moves),
+//! and the one dnsmasq that answers a guest is the one on its host, which knows only the
+//! domains placed there. A bridge-family nftables table per network keeps DHCP, and ARP
+//! requests for the gateway (every host's bridge has that address), from crossing the
+//! overlay, so a guest always talks to its own host's dnsmasq and gateway.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result};
+use crate::network::{self, NetworkDef};
+
+/// VXLAN's UDP port (IANA's).
+pub const PORT: u16 = 4789;
+
+/// The VXLAN device of the overlay with VNI `vni` (at most 11 bytes).
+pub fn device(vni: u32) -> String {
+    format!("vxl{vni}")
+}
+
+/// The nftables table that fences the network's DHCP and gateway in.
+fn table(def: &NetworkDef) -> String {
+    format!("vessel_overlay_{}", def.name.replace(['-', '.'], "_"))
+}
+
+fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_err = |e: std::io::Error| Error::Spawn {
+        what: prog.to_string(),
+        why: if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "{e}: install it (apt-get install {})",
+                if prog == "nft" {
+                    "nftables"
+                } else {
+                    "iproute2"
+                }
+            )
+        } else {
+            e.to_string()
+        },
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(Error::Spawn {
+            what: format!("{prog} {}", args.join(" ")),
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The peers the device floods to now (its all-zero FDB entries).
+fn flood_peers(dev: &str) -> BTreeSet<Ipv4Addr> {
+    run("bridge", &["fdb", "show", "dev", dev], None)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            if w.next()? != "00:00:00:00:00:00" {
+                return None;
+            }
+            let mut w = w.skip_while(|x| *x != "dst");
+            w.next()?;
+            w.next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Makes the network's VXLAN device (sending from `local`, on the network's bridge) and
+/// its filter when they are missing, and floods to exactly `peers`.
+pub fn ensure(
+    def: &NetworkDef,
+    vni: u32,
+    local: Ipv4Addr,
+    peers: &BTreeSet<Ipv4Addr>,
+) -> Result<()> {
+    let dev = device(vni);
+    let br = def.bridge_name();
+    if !network::link_exists(&dev) {
+        let (vni_s, local_s, port) = (vni.to_string(), local.to_string(), PORT.to_string());
+        run(
+            "ip",
+            &[
+                "link", "add", &dev, "type", "vxlan", "id", &vni_s, "local", &local_s, "dstport",
+                &port,
+            ],
+            None,
+        )?;
+        let up = run("ip", &["link", "set", &dev, "master", &br, "up"], None)
+            .and_then(|_| filter(def, &dev));
+        if let Err(e) = up {
+            let _ = run("ip", &["link", "del", &dev], None);
+            return Err(e);
+        }
+        tracing::info!(network = %def.name, vni, %local, "overlay up");
+    } else if network::master_of(&dev).as_deref() != Some(br.as_str()) {
+        // The bridge was made again (net-destroy, net-start): join the new one.
+        run("ip", &["link", "set", &dev, "master", &br, "up"], None)?;
+        filter(def, &dev)?;
+    }
+    let have = flood_peers(&dev);
+    for p in peers.difference(&have) {
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                &dev,
+                "dst",
+                &p.to_string(),
+            ],
+            None,
+        )?;
+        tracing::info!(network = %def.name, peer = %p, "overlay floods to a new host");
+    }
+    for p in have.difference(peers) {
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "del",
+                "00:00:00:00:00:00",
+                "dev",
+                &dev,
+                "dst",
+                &p.to_string(),
+            ],
+            None,
+        )?;
+        tracing::info!(network = %def.name, peer = %p, "overlay stops flooding to a host gone");
+    }
+    Ok(())
+}
+
+/// DHCP (UDP 67 and 68) neither enters nor leaves through the overlay, and ARP requests
+/// for the gateway from other hosts' guests are left to their own host to answer.
+fn filter(def: &NetworkDef, dev: &str) -> Result<()> {
+    let (gw, _, _) = def.subnet()?;
+    let t = table(def);
+    let _ = run("nft", &["delete", "table", "bridge", &t], None);
+    let rules = format!(
+        "table bridge {t} {{\n\
+         chain from_overlay {{ type filter hook input priority 0; \
+           iifname \"{dev}\" udp dport {{ 67, 68 }} drop; \
+           iifname \"{dev}\" arp operation request arp daddr ip {gw} drop; }}\n\
+         chain across_overlay {{ type filter hook forward priority 0; \
+           iifname \"{dev}\" udp dport {{ 67, 68 }} drop; \
+           oifname \"{dev}\" udp dport {{ 67, 68 }} drop; }}\n\
+         chain to_overlay {{ type filter hook output priority 0; \
+           oifname \"{dev}\" udp dport {{ 67, 68 }} drop; }}\n\
+         }}\n"
+    );
+    run("nft", &["-f", "-"], Some(&rules)).map(|_| ())
+}
+
+/// Takes the network's overlay down (its bridge is gone or going).
+pub fn remove(def: &NetworkDef, vni: u32) {
+    let dev = device(vni);
+    if network::link_exists(&dev) {
+        if let Err(e) = run("ip", &["link", "del", &dev], None) {
+            tracing::warn!(network = %def.name, "removing the overlay device: {e}");
+        }
+        tracing::info!(network = %def.name, "overlay down");
+    }
+    let _ = run("nft", &["delete", "table", "bridge", &table(def)], None);
+}
+
+/// The address for a guest interface with MAC `mac` on overlay network `def`: its fixed
+/// lease if the network has one, else the lowest free one of its DHCP range.
+pub fn allocate(def: &NetworkDef, mac: &str, taken: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+    if let Some(h) = def.hosts.iter().find(|h| h.mac.eq_ignore_ascii_case(mac)) {
+        if taken.contains(&h.ip) {
+            return Err(Error::Conflict(format!(
+                "network {}: the fixed address {} of MAC {mac} is another domain's",
+                def.name, h.ip
+            )));
+        }
+        return Ok(h.ip);
+    }
+    let Some(r) = &def.dhcp else {
+        return Err(Error::Conflict(format!(
+            "network {} has no DHCP range and no fixed address for MAC {mac}",
+            def.name
+        )));
+    };
+    let fixed: BTreeSet<Ipv4Addr> = def.hosts.iter().map(|h| h.ip).collect();
+    (u32::from(r.start)..=u32::from(r.end))
+        .map(Ipv4Addr::from)
+        .find(|a| !taken.contains(a) && !fixed.contains(a))
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "network {}: every address of {}-{} is taken in the cluster",
+                def.name, r.start, r.end
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{DhcpHost, DhcpRange};
+
+    #[test]
+    fn addresses_are_fixed_leases_or_the_lowest_free() {
+        let mut def: NetworkDef = serde_json::from_value(serde_json::json!({
+            "name": "ov", "address": "10.5.0.1/24", "vni": 5005,
+            "dhcp": {"start": "10.5.0.10", "end": "10.5.0.12"}}))
+        .unwrap();
+        def.hosts.push(DhcpHost {
+            mac: "52:54:00:00:00:0a".into(),
+            ip: "10.5.0.11".parse().unwrap(),
+        });
+        let mut taken = BTreeSet::new();
+        let a = allocate(&def, "52:54:00:00:00:01", &taken).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 5, 0, 10));
+        taken.insert(a);
+        // .11 is a fixed lease: skipped for others, given to its MAC.
+        let b = allocate(&def, "52:54:00:00:00:02", &taken).unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 5, 0, 12));
+        taken.insert(b);
+        assert_eq!(
+            allocate(&def, "52:54:00:00:00:0A", &taken).unwrap(),
+            Ipv4Addr::new(10, 5, 0, 11)
+        );
+        let e = allocate(&def, "52:54:00:00:00:03", &taken).unwrap_err();
+        assert!(e.to_string().contains("every address"), "{e}");
+        def.dhcp = Some(DhcpRange {
+            start: "10.5.0.20".parse().unwrap(),
+            end: "10.5.0.20".parse().unwrap(),
+        });
+        taken.insert("10.5.0.11".parse().unwrap());
+        let e = allocate(&def, "52:54:00:00:00:0a", &taken).unwrap_err();
+        assert!(e.to_string().contains("another domain"), "{e}");
+    }
+}
