@@ -9,6 +9,8 @@ command -v qemu-img >/dev/null 2>&1 || pkgs+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || pkgs+=(qemu-system-x86)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 command -v dnsmasq >/dev/null 2>&1 || pkgs+=(dnsmasq-base)
+# Overlay networks (cluster) fence DHCP and the gateway in with a bridge nftables table.
+command -v nft >/dev/null 2>&1 || pkgs+=(nftables)
 command -v iptables >/dev/null 2>&1 || pkgs+=(iptables)
 command -v mkfs.ext4 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
 command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)

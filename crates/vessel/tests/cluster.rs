@@ -2,7 +2,9 @@
 //! picked free) and three `vessel daemon --cluster` hosts, each with its own socket and
 //! state folder, sharing one pool folder as shared storage. Placement by the spread
 //! weigher, a drain, evacuation after SIGKILL of a host, fencing, and etcd member and
-//! quorum loss. Every process is started here and killed by PID at the end.
+//! quorum loss. The overlay network test puts each host in a network namespace of its
+//! own, on an underlay bridge in another (where etcd runs): see [`Netns`]. Every
+//! process is started here and killed by PID at the end; the namespaces are deleted.
 //!
 //! Needs `etcd` and `etcdctl` (`apt-get install etcd-server etcd-client`; scripts/test.sh
 //! does) and /dev/kvm for the tiny guests; without them these tests fail saying so.
