@@ -295,6 +295,28 @@ impl Host {
             .collect()
     }
 
+    /// The dnsmasq hosts files of its overlay networks, which the daemon keeps under
+    /// /run, named for its state folder (FNV-1a, as `network::cluster_leases_file`).
+    fn dhcp_hosts_files(&self) -> Vec<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        let state = self.dir.join("state");
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in state.as_os_str().as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        std::fs::read_dir(state.join("run-net"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                Path::new("/run/vessel-dnsmasq").join(format!(
+                    "{h:016x}-{}.hosts",
+                    e.file_name().to_string_lossy()
+                ))
+            })
+            .collect()
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill(c.id() as i32, libc::SIGKILL);
@@ -633,7 +655,12 @@ impl Drop for Cluster {
             for pid in h.dnsmasqs() {
                 kill(pid, libc::SIGKILL);
             }
+            for f in h.dhcp_hosts_files() {
+                let _ = std::fs::remove_file(f);
+            }
         }
+        // Only once empty: another test's daemons may still use it.
+        let _ = std::fs::remove_dir("/run/vessel-dnsmasq");
         for i in 0..self.etcd.len() {
             self.kill_etcd(i);
         }
