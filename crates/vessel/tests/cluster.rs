@@ -1493,3 +1493,79 @@ fn overlay_network_joins_hosts_and_a_migrated_guest_keeps_its_address() {
         c.dnsmasq_log(&hb)
     );
 }
+
+/// Issue 18, images without shared storage: each host's pool `img` is a folder of its
+/// own. A volume uploaded to h0 only is copied on first use by the host a domain using it
+/// is placed on (h0 drained, so it is another), before that host defines the domain,
+/// byte for byte; a host that has its copy does not fetch it again, and a domain started
+/// on it runs from the copy.
+#[test]
+fn a_volume_is_copied_on_first_use_once_per_host() {
+    let c = Cluster::start("cow");
+    for (i, h) in c.hosts.iter().enumerate() {
+        let dir = c.dir.join(format!("shared/img-h{i}"));
+        h.ok(&["pool-define", "img", dir.to_str().unwrap(), "--build"]);
+    }
+    // 3 MiB with a pattern, and a zero MiB in the middle.
+    let mut data = vec![0u8; 3 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        if !(1 << 20..2 << 20).contains(&i) {
+            *b = (i % 251) as u8 ^ 0x5a;
+        }
+    }
+    let src = c.dir.join("base.raw");
+    std::fs::write(&src, &data).unwrap();
+    c.hosts[0].ok(&[
+        "vol-create-as",
+        "img",
+        "base.raw",
+        "--format",
+        "raw",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    c.hosts[0].ok(&["host-maintenance", "h0", "on"]);
+    let define = |via: usize, name: &str| -> String {
+        let def = json!({"name": name, "driver": "vessel",
+            "vm": {"kernel": c.guest(), "cmdline": "", "memory_mib": 64, "accel": "kvm",
+                   "disks": [{"path": "vol://img/base.raw", "format": "raw"}]}});
+        let f = c.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        let v = c.hosts[via].json(&["define", f.to_str().unwrap()]);
+        v["host"].as_str().unwrap().to_string()
+    };
+    let mut placed = Vec::new();
+    for (i, name) in ["c1", "c2", "c3", "c4"].into_iter().enumerate() {
+        let h = define(i % 3, name);
+        assert_ne!(h, "h0", "h0 is drained");
+        let host = c.host(&h);
+        wait_until(
+            &format!("{h} defines {name}"),
+            Duration::from_secs(30),
+            || host.cli(&["dominfo", name]).status.success(),
+        );
+        placed.push((name, h));
+    }
+    for i in 1..3 {
+        let copy = c.dir.join(format!("shared/img-h{i}/base.raw"));
+        assert!(
+            std::fs::read(&copy).is_ok_and(|d| d == data),
+            "h{i}'s copy of base.raw differs or is missing"
+        );
+        let log = c.hosts[i].log();
+        let n = log.matches("volume copied on first use").count();
+        assert_eq!(n, 1, "h{i} fetched base.raw {n} times:\n{log}");
+        assert!(
+            log.contains(&format!("capacity={} ", 3 << 20)) && log.contains("from=h0"),
+            "{log}"
+        );
+    }
+    // A domain runs from its host's copy.
+    let (name, h) = placed[0].clone();
+    c.hosts[0].ok(&["start", name]);
+    wait_until(
+        &format!("{name} runs on {h}"),
+        Duration::from_secs(30),
+        || c.host(&h).running().contains_key(name),
+    );
+}

@@ -15,6 +15,7 @@
 //! before etcd lets the lease expire (fencing), so an evacuated domain never runs twice.
 
 pub mod api;
+mod images;
 pub mod overlay;
 pub mod placement;
 mod store;
@@ -636,6 +637,7 @@ impl Cluster {
         match rec {
             Some(r) if r.host == me => {
                 if !defined {
+                    images::fetch_missing(self, &state, &r.def)?;
                     self.m.define(r.def.clone())?;
                 }
                 if active && !mine && !free {
@@ -900,7 +902,15 @@ impl Cluster {
         group: Option<String>,
     ) -> Result<DomainRecord> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        def.validate()?;
+        // Pool volumes are the chosen host's to resolve (and to fetch first when its
+        // pool lacks them: see images): only the rest is checked here.
+        let mut check = def.clone();
+        check.vm.disks.retain(|d| {
+            !d.path
+                .to_str()
+                .is_some_and(|p| p.starts_with(crate::domain::VOLUME_PREFIX))
+        });
+        check.validate()?;
         for _ in 0..10 {
             let state = self.state()?;
             if state.domains.contains_key(&def.name) {
