@@ -599,7 +599,7 @@ impl Cluster {
             self.sync_host(&state);
             let mut again = Vec::new();
             for n in names {
-                if let Err(e) = self.reconcile(&n) {
+                if let Err(e) = self.reconcile(&n, &state) {
                     tracing::warn!(domain = %n, "reconcile: {e}");
                     if matches!(e, Error::Cluster(_)) {
                         again.push(n);
@@ -617,10 +617,12 @@ impl Cluster {
     }
 
     /// Brings this host's side of one domain in line with etcd.
-    fn reconcile(&self, name: &str) -> Result<()> {
+    /// `state` is the pass's one read: a change after it (this pass's own evacuation
+    /// included) comes back as a watch event, and so as another pass. (Reading again for
+    /// each domain made a full pass over n domains cost n reads of all n.)
+    fn reconcile(&self, name: &str, state: &State) -> Result<()> {
         let me = self.opts.host.as_str();
         let lease = self.lease.load(Ordering::SeqCst);
-        let state = self.state()?;
         if let Some((m, _)) = state.migrations.get(name) {
             // Both ends are the migration's until it commits or gives up.
             tracing::debug!(domain = %name, "migrating from {} to {}: left alone", m.from, m.to);
@@ -637,7 +639,7 @@ impl Cluster {
         match rec {
             Some(r) if r.host == me => {
                 if !defined {
-                    images::fetch_missing(self, &state, &r.def)?;
+                    images::fetch_missing(self, state, &r.def)?;
                     self.m.define(r.def.clone())?;
                 }
                 if active && !mine && !free {
@@ -855,12 +857,15 @@ impl Cluster {
     /// Moves the domains of hosts that are gone (lease expired) to live ones. Every
     /// daemon may try; the compare-and-swap on each record lets one of them win.
     fn evacuate(&self, state: &State) {
-        let lost: Vec<(String, DomainRecord, i64)> = state
+        let mut lost: Vec<(String, DomainRecord, i64)> = state
             .domains
             .iter()
             .filter(|(_, (r, _))| !state.hosts.contains_key(&r.host))
             .map(|(n, (r, rev))| (n.clone(), r.clone(), *rev))
             .collect();
+        // Each move is a transaction of its own: the domains that should run go first,
+        // so that a host with many shut-off records does not hold its running ones back.
+        lost.sort_by_key(|(_, r, _)| !r.running);
         for (name, rec, rev) in lost {
             match self.move_domain(state, &rec, rev) {
                 Ok(to) => tracing::warn!(
