@@ -119,10 +119,11 @@ type VirtioSetup = (
     Option<crate::runtime::Changeable>,
 );
 
-fn unix_now() -> i64 {
+/// The host's wall-clock time: whole seconds and the fraction of the current one (ns).
+fn unix_now() -> (i64, u32) {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
         .unwrap_or_default()
 }
 
@@ -726,8 +727,14 @@ impl Vmm {
             u64::from(acpi::SLEEP_CONTROL_PORT),
             3,
         )?;
-        // The CMOS RTC lives in user space with either accelerator (KVM has none).
-        let mut rtc = devices::irqchip::rtc::Rtc::new(unix_now());
+        // The CMOS RTC lives in user space with either accelerator (KVM has none). Its
+        // seconds turn over with the host's, so Linux, which sets its clock from them at
+        // boot, starts within half a second of the host. Its clock and its start time
+        // are read together.
+        let rtc_clock: Arc<dyn devices::irqchip::Clock> =
+            Arc::new(devices::irqchip::MonotonicClock::new());
+        let (secs, subsec) = unix_now();
+        let mut rtc = devices::irqchip::rtc::Rtc::new(secs).with_subsecond(subsec);
         let mut firmware_devices = None;
         let mut uefi_platform = false;
         if bios.is_some() {
@@ -797,12 +804,10 @@ impl Vmm {
             r.snapshot.rtc.apply(&mut rtc)?;
         }
         let rtc = Arc::new(Mutex::new(rtc));
-        let clock: Arc<dyn devices::irqchip::Clock> =
-            Arc::new(devices::irqchip::MonotonicClock::new());
         io.pio.insert(
             dev(Arc::new(Mutex::new(devices::irqchip::Clocked::new(
                 rtc.clone(),
-                clock,
+                rtc_clock,
             )))),
             0x70,
             2,

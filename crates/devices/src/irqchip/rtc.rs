@@ -2,7 +2,9 @@
 //! 0x71 data).
 //!
 //! The time is not stepped: it is the caller's wall-clock at VM start plus `now_ns`,
-//! plus whatever the guest set. Time registers read in BCD or binary (register B's DM
+//! plus whatever the guest set. Its seconds turn over when the caller's clock's do (the
+//! start time's fraction of a second counts), so a guest that sets its clock from the
+//! RTC's whole seconds (Linux adds half a second) is within half a second of the host's. Time registers read in BCD or binary (register B's DM
 //! bit) and 12- or 24-hour format. Update-in-progress (register A bit 7) reads set in the
 //! last 244 us of each second, as on the chip, so a guest polling it always gets through.
 //! No interrupts are raised (periodic, alarm and update-ended flags stay 0).
@@ -121,6 +123,8 @@ pub struct Rtc {
     pub index: u8,
     pub ram: [u8; 128],
     pub base_unix: i64,
+    /// The fraction of a second past `base_unix` at `now_ns` = 0, in ns (below 1 s).
+    pub base_subsec_ns: u32,
     /// Seconds the guest moved the clock by.
     pub offset_s: i64,
     /// The time held while register B's SET bit is on.
@@ -148,9 +152,35 @@ impl Rtc {
             index: 0,
             ram,
             base_unix: unix_seconds_at_start,
+            base_subsec_ns: 0,
             offset_s: 0,
             held: None,
         }
+    }
+
+    /// An RTC whose time at `now_ns` = 0 is `unix_seconds_at_start` plus `subsec_ns`
+    /// (taken modulo 1 s): its seconds then turn over with the clock that gave them.
+    ///
+    /// ```
+    /// use devices::irqchip::rtc::Rtc;
+    ///
+    /// // Started at 22:13:20.9: a tenth of a second later it reads 22:13:21.
+    /// let mut rtc = Rtc::new(1_700_000_000).with_subsecond(900_000_000);
+    /// rtc.write(0, &[0x00], 0); // index: seconds
+    /// let mut b = [0u8];
+    /// rtc.read(1, &mut b, 100_000_000);
+    /// assert_eq!(b[0], 0x21);
+    /// ```
+    pub fn with_subsecond(mut self, subsec_ns: u32) -> Self {
+        self.base_subsec_ns = subsec_ns % NS_PER_SEC as u32;
+        self
+    }
+
+    /// Whole seconds since `base_unix` at `now_ns`, and the fraction of the current one.
+    fn elapsed(&self, now_ns: u64) -> (i64, u64) {
+        let t = u128::from(now_ns) + u128::from(self.base_subsec_ns);
+        let secs = i64::try_from(t / u128::from(NS_PER_SEC)).unwrap_or(i64::MAX);
+        (secs, (t % u128::from(NS_PER_SEC)) as u64)
     }
 
     /// Set a CMOS RAM byte as firmware would (e.g. memory sizes); index 0–127.
@@ -164,7 +194,7 @@ impl Rtc {
         if let Some(t) = self.held {
             return t;
         }
-        let secs = i64::try_from(now_ns / NS_PER_SEC).unwrap_or(i64::MAX);
+        let (secs, _) = self.elapsed(now_ns);
         self.base_unix
             .saturating_add(secs)
             .saturating_add(self.offset_s)
@@ -211,7 +241,7 @@ impl Rtc {
             REG_CENTURY => self.encode(t.year.div_euclid(100).rem_euclid(100) as u32),
             REG_A => {
                 let updating =
-                    self.held.is_none() && now_ns % NS_PER_SEC >= NS_PER_SEC - UIP_WINDOW_NS;
+                    self.held.is_none() && self.elapsed(now_ns).1 >= NS_PER_SEC - UIP_WINDOW_NS;
                 (self.reg(REG_A) & !A_UIP) | if updating { A_UIP } else { 0 }
             }
             // No interrupt flags are ever raised.
@@ -253,7 +283,7 @@ impl Rtc {
     }
 
     fn set_time(&mut self, unix: i64, now_ns: u64) {
-        let secs = i64::try_from(now_ns / NS_PER_SEC).unwrap_or(i64::MAX);
+        let (secs, _) = self.elapsed(now_ns);
         self.offset_s = unix.saturating_sub(self.base_unix).saturating_sub(secs);
     }
 
@@ -383,6 +413,30 @@ mod tests {
             now += 100_000;
         }
         assert_eq!(cmos(&mut rtc, 0x00, now), 0x01);
+    }
+
+    #[test]
+    fn seconds_turn_over_with_the_starting_clock() {
+        // Started 0.7 s into LEAP_DAY's second: 0.3 s later the next second begins, and
+        // the update-in-progress window is the 244 us before that.
+        let mut rtc = Rtc::new(LEAP_DAY).with_subsecond(700_000_000);
+        assert_eq!(cmos(&mut rtc, 0x00, 299_999_999), 0x30);
+        assert_eq!(cmos(&mut rtc, 0x00, 300_000_000), 0x31);
+        assert_eq!(cmos(&mut rtc, 0x0a, 299_900_000) & A_UIP, A_UIP);
+        assert_eq!(cmos(&mut rtc, 0x0a, 300_000_000) & A_UIP, 0);
+        assert_eq!(cmos(&mut rtc, 0x0a, 0) & A_UIP, 0);
+        // A time the guest sets holds from the second it was set in.
+        set(&mut rtc, 0x00, 0x10, 400_000_000);
+        assert_eq!(cmos(&mut rtc, 0x00, 1_299_999_999), 0x10);
+        assert_eq!(cmos(&mut rtc, 0x00, 1_300_000_000), 0x11);
+        // Out-of-range fractions wrap; the extremes do not overflow.
+        assert_eq!(
+            Rtc::new(0).with_subsecond(u32::MAX).base_subsec_ns,
+            u32::MAX % 1_000_000_000
+        );
+        let mut far = Rtc::new(i64::MAX).with_subsecond(999_999_999);
+        cmos(&mut far, 0x00, u64::MAX);
+        cmos(&mut far, 0x0a, u64::MAX);
     }
 
     #[test]
