@@ -5,6 +5,7 @@
 
 use devices::irqchip::chip::UserIrqChip;
 use hypervisor::{IoEventAddress, IoHandler};
+use x86emu::code::CodeTracker;
 use x86emu::{GuestRam, Platform};
 
 use crate::clock::VmClock;
@@ -36,6 +37,9 @@ pub struct EmuPlatform<'a> {
     pub cpu: u32,
     pub clock: &'a VmClock,
     pub ram: &'a GuestRam,
+    /// Hears of the platform's own writes to RAM (kvmclock's), as of a device's: the
+    /// dirty log and decoded code must see them.
+    pub code: &'a CodeTracker,
     pub kvmclock: &'a mut KvmClockState,
     /// Writes that signal an eventfd instead of reaching `io`.
     pub(crate) ioevents: &'a crate::eventfds::IoEvents,
@@ -53,9 +57,18 @@ impl EmuPlatform<'_> {
         self.kvmclock.version = self.kvmclock.version.wrapping_add(2) & !1;
         let (tsc, ns) = self.clock.tsc_and_ns();
         let info = kvmclock::vcpu_time_info(self.kvmclock.version, tsc, ns, self.clock.scale());
-        if !self.ram.write(gpa, &info) {
+        if !self.write_ram(gpa, &info) {
             tracing::warn!(gpa, "kvmclock page is not in RAM");
         }
+    }
+
+    /// Writes RAM as a device would: noted in the dirty log and for decoded code.
+    fn write_ram(&self, gpa: u64, bytes: &[u8]) -> bool {
+        let ok = self.ram.write(gpa, bytes);
+        if ok {
+            self.code.note_external_write(gpa, bytes.len() as u64);
+        }
+        ok
     }
 
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
@@ -67,7 +80,7 @@ impl EmuPlatform<'_> {
             }
             kvmclock::MSR_KVM_WALL_CLOCK_NEW | kvmclock::MSR_KVM_WALL_CLOCK => {
                 let wc = kvmclock::wall_clock(2, self.clock.boot_unix_ns());
-                self.ram.write(value, &wc);
+                self.write_ram(value, &wc);
                 true
             }
             _ => {

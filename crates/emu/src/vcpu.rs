@@ -13,6 +13,7 @@ use std::time::Duration;
 use hypervisor::{
     CpuIdEntry, FpuState, IoHandler, MsrEntry, Regs, Result, Sregs, Vcpu, VcpuExit, VcpuKicker,
 };
+use x86emu::code::CodeTracker;
 use x86emu::{Cpu, GuestRam, RunExit};
 
 use crate::convert;
@@ -31,6 +32,8 @@ pub struct EmuVcpu {
     cpu: Cpu,
     /// The same RAM map as the CPU's, for writes the platform makes (kvmclock).
     ram: GuestRam,
+    /// The CPU's code tracker (shared by the VM's CPUs), told of those writes.
+    code: Arc<CodeTracker>,
     vm: Arc<VmShared>,
     kvmclock: KvmClockState,
     /// Guest RIP samples, one per slice, when `VESSEL_EMU_PROFILE` names a file to write.
@@ -90,6 +93,7 @@ impl EmuVcpu {
             hybrid,
             kicked: Arc::default(),
             id,
+            code: cpu.code_tracker(),
             cpu,
             ram,
             vm,
@@ -195,7 +199,9 @@ impl Vcpu for EmuVcpu {
             let mut flags = [0u8];
             if self.ram.read(at, &mut flags) {
                 flags[0] |= crate::kvmclock::PVCLOCK_GUEST_STOPPED;
-                self.ram.write(at, &flags);
+                if self.ram.write(at, &flags) {
+                    self.code.note_external_write(at, 1);
+                }
             }
         }
         Ok(())
@@ -242,6 +248,7 @@ impl Vcpu for EmuVcpu {
             cpu: self.id,
             clock: &vm.clock,
             ram: &self.ram,
+            code: &self.code,
             kvmclock: &mut self.kvmclock,
             ioevents: &vm.ioevents,
             poke: false,

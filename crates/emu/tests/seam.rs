@@ -1,6 +1,6 @@
 //! The accelerator seam's kick, ioevents and irqfds: the same small guests and checks on
 //! both backends — `kvm` on this machine's /dev/kvm (a PVM host emulates CPL0 code
-//! slowly, plenty for these few instructions) and `emu`.
+//! slowly, plenty for these few instructions) and `emu`; and what emu's dirty log sees.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -404,4 +404,54 @@ fn an_interrupt_blocked_while_if_is_clear_does_not_stall_the_cpu() {
             );
         }
     }
+}
+
+fn page_dirty(log: &[u64], gpa: u64) -> bool {
+    let pfn = gpa >> 12;
+    log.get((pfn / 64) as usize)
+        .is_some_and(|w| w >> (pfn % 64) & 1 == 1)
+}
+
+/// emu's dirty log holds the pages its platform writes on the guest's behalf (kvmclock's
+/// time info and wall clock, the paused flag), not only the guest's own stores: a Diff
+/// snapshot or a migration round that missed them would restore a stale clock page.
+#[test]
+fn emu_dirty_log_holds_the_pages_kvmclock_writes() {
+    const TIME_INFO: u64 = 0x40_0000;
+    const WALL_CLOCK: u64 = 0x40_2000;
+    const UNTOUCHED: u64 = 0x40_1000;
+    let hv = emu::EmuHypervisor::new();
+    let code = assemble(CODE, |a| {
+        a.mov(ecx, 0x4b56_4d01u32)?; // MSR_KVM_SYSTEM_TIME_NEW
+        a.mov(eax, TIME_INFO as u32 | 1)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x4b56_4d00u32)?; // MSR_KVM_WALL_CLOCK_NEW
+        a.mov(eax, WALL_CLOCK as u32)?;
+        a.wrmsr()?;
+        a.mov(al, 0xee)?;
+        a.out(0x80, al)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.cli()?;
+        a.hlt()?;
+        a.jmp(top)
+    });
+    let (vm, mut vcpu) = guest(&hv, &code, &[]);
+    // The first take starts the log (every page counts as written).
+    assert!(page_dirty(&vm.take_dirty_log().unwrap(), TIME_INFO));
+    assert!(!page_dirty(&vm.take_dirty_log().unwrap(), TIME_INFO));
+    let io = Recorder::default();
+    run_until("emu", &mut *vcpu, &io, Duration::from_secs(20), |io| {
+        !io.port_80.lock().unwrap().is_empty()
+    });
+    let log = vm.take_dirty_log().unwrap();
+    assert!(page_dirty(&log, TIME_INFO), "kvmclock's time info page");
+    assert!(page_dirty(&log, WALL_CLOCK), "kvmclock's wall clock page");
+    assert!(!page_dirty(&log, UNTOUCHED), "a page nothing wrote");
+    // Telling the guest it was paused sets a flag in its time info page.
+    vcpu.guest_paused().unwrap();
+    let log = vm.take_dirty_log().unwrap();
+    assert!(page_dirty(&log, TIME_INFO), "the paused flag's page");
+    assert!(!page_dirty(&log, WALL_CLOCK));
 }

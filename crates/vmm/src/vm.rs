@@ -747,8 +747,10 @@ impl Vmm {
                 acpi::S5_SLEEP_TYPE,
             )));
             let fw = Arc::new(Mutex::new(
-                fw_cfg(&config, &ram, uefi.is_some(), &acpi_config)?
-                    .with_dma(Box::new(FwCfgDma(memory.clone()))),
+                fw_cfg(&config, &ram, uefi.is_some(), &acpi_config)?.with_dma(Box::new(FwCfgDma {
+                    memory: memory.clone(),
+                    watch: ram_watch.clone(),
+                })),
             ));
             // The GPE0 block: a full platform's events, on the SCI.
             let gpe = Arc::new(Mutex::new(devices::gpe::Gpe0::new(
@@ -1253,23 +1255,38 @@ impl UefiPlatform {
     }
 }
 
-/// Guest RAM as fw_cfg's DMA interface reaches it.
-#[derive(Debug)]
-struct FwCfgDma(GuestMemoryMmap);
+/// Guest RAM as fw_cfg's DMA interface reaches it, with the accelerator's observer of
+/// device writes (emu: its decoded code and its dirty log must see them).
+struct FwCfgDma {
+    memory: GuestMemoryMmap,
+    watch: Option<Arc<virtio::ram_watch::Observer>>,
+}
+
+impl std::fmt::Debug for FwCfgDma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FwCfgDma")
+            .field("watched", &self.watch.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 impl devices::fw_cfg::DmaMemory for FwCfgDma {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), devices::fw_cfg::DmaFault> {
         use vm_memory::Bytes;
-        self.0
+        self.memory
             .read_slice(buf, GuestAddress(addr))
             .map_err(|_| devices::fw_cfg::DmaFault)
     }
 
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), devices::fw_cfg::DmaFault> {
         use vm_memory::Bytes;
-        self.0
+        self.memory
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| devices::fw_cfg::DmaFault)
+            .map_err(|_| devices::fw_cfg::DmaFault)?;
+        if let Some(w) = &self.watch {
+            w(addr, data.len() as u64);
+        }
+        Ok(())
     }
 }
 
@@ -1567,5 +1584,32 @@ mod queue_default_tests {
         assert_eq!(counts.nets[0], (virtio::net::MAX_QUEUE_PAIRS, true));
         config.cpus = 1;
         assert_eq!(QueueCounts::of(&config, None).disks, vec![1, 3, 1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::fw_cfg::DmaMemory;
+
+    /// fw_cfg's DMA writes reach the accelerator's observer (emu's dirty log and decoded
+    /// code), as virtio devices' writes do; a write that misses RAM reports nothing.
+    #[test]
+    fn fw_cfg_dma_writes_are_reported_to_the_accelerator() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let watch: Arc<virtio::ram_watch::Observer> =
+            Arc::new(move |gpa, len| s.lock().unwrap().push((gpa, len)));
+        let dma = FwCfgDma {
+            memory: memory.clone(),
+            watch: Some(watch),
+        };
+        dma.write(0x3ff8, &[1; 16]).unwrap();
+        let mut back = [0u8; 16];
+        dma.read(0x3ff8, &mut back).unwrap();
+        assert_eq!(back, [1; 16]);
+        assert!(dma.write(0x20000, &[1]).is_err());
+        assert_eq!(*seen.lock().unwrap(), vec![(0x3ff8, 16)]);
     }
 }
