@@ -5,7 +5,6 @@
 //! guest's writes stay in the new VMM's memory, never in the file.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +21,13 @@ pub struct MemRegion {
     pub file_offset: u64,
 }
 
-/// The size of the runs checked for zeros.
+/// The size of the pieces a Diff is copied onto its base in.
 const CHUNK: usize = 64 << 10;
 const PAGE: usize = 4096;
+/// The most pages one write takes (1 MiB).
+const MAX_RUN_PAGES: usize = 256;
+/// The most threads a snapshot writes memory with.
+const MAX_WRITERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -76,7 +79,13 @@ pub(crate) fn all_zero(b: &[u8]) -> bool {
         // aligned middle of the slice.
         unsafe { b.align_to::<u64>() }
     };
-    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+    // 256 bytes at a time, OR-ed without a branch per word (the compiler vectorizes
+    // it): a zero page is read at memory speed, a non-zero one mostly ends early.
+    let mut blocks = words.chunks_exact(32);
+    head.iter().all(|&x| x == 0)
+        && blocks.all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
+        && tail.iter().all(|&x| x == 0)
 }
 
 /// Writes every region of `memory` to `path` as [`layout`] places them; returns that
@@ -106,6 +115,20 @@ fn write_some(
     tmp_name.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp_name);
     let r = write_to(memory, &tmp, dirty).and_then(|regions| {
+        // The old file goes first: ext4 writes out a file renamed over another at once
+        // (its guard for programs that replace files without fsync), which made a
+        // snapshot over an older one wait for the whole file to reach the disk (1.3 s
+        // for 70 MiB here, against 0.2 s for a new one). A VM restored from the old
+        // file keeps its mapping of it.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(MemoryError::Write {
+                    path: path.into(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
         std::fs::rename(&tmp, path)
             .map(|()| regions)
             .map_err(|source| MemoryError::Write {
@@ -130,8 +153,14 @@ fn write_to(
     };
     let regions = layout(memory);
     // Owner-only: it is the guest's memory.
-    let mut f = super::format::private_file(path).map_err(err)?;
+    let f = super::format::private_file(path).map_err(err)?;
     let total: u64 = regions.iter().map(|r| r.len).sum();
+    // Several writers: most of the time goes to the kernel finding page-cache pages for
+    // the file, which is work each CPU can do (QEMU's migration thread and the `cat`
+    // it writes a file through are two as well).
+    let writers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WRITERS);
     for (region, m) in memory.iter().zip(&regions) {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -141,32 +170,109 @@ fn write_to(
         // for as long as `memory`; the VM is paused, so nothing writes it meanwhile
         // (a racing writer would only make the copy stale, not unsound for u8 reads).
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        let mut pos = 0;
-        while pos < len {
-            let step = if dirty.is_some() { PAGE } else { CHUNK };
-            let end = (pos + step).min(len);
-            let chunk = &bytes[pos..end];
-            let wanted = match dirty {
-                Some(map) => {
-                    let pfn = (m.gpa + pos as u64) / PAGE as u64;
-                    usize::try_from(pfn / 64)
-                        .ok()
-                        .and_then(|i| map.get(i))
-                        .is_some_and(|w| w >> (pfn % 64) & 1 == 1)
-                }
-                None => !all_zero(chunk),
-            };
-            if wanted {
-                f.seek(SeekFrom::Start(m.file_offset + pos as u64))
-                    .map_err(err)?;
-                f.write_all(chunk).map_err(err)?;
-            }
-            pos = end;
-        }
+        // A Full snapshot skips the pages the guest never touched without reading them.
+        let known = match dirty {
+            Some(_) => None,
+            None => super::untouched::known_zero(
+                host.cast_const(),
+                len,
+                region.file_offset().map(|fo| (fo.file(), fo.start())),
+            ),
+        };
+        let region = Pages {
+            file: &f,
+            bytes,
+            at: *m,
+            known: known.as_ref(),
+            dirty,
+        };
+        let pages = len / PAGE;
+        // Stripes of whole 64-page words, one per writer.
+        let stripe = pages.div_ceil(writers).div_ceil(64) * 64;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..writers)
+                .map(|k| (k * stripe, ((k + 1) * stripe).min(pages)))
+                .filter(|(a, b)| a < b)
+                .map(|(a, b)| s.spawn(move || region.write(a, b)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a memory writer panicked")))
+            })
+        })
+        .map_err(err)?;
     }
     // The holes at the end, too.
     f.set_len(total).map_err(err)?;
     Ok(regions)
+}
+
+/// One region of guest memory on its way into the memory file.
+#[derive(Clone, Copy)]
+struct Pages<'a> {
+    file: &'a File,
+    bytes: &'a [u8],
+    at: MemRegion,
+    /// Pages known to be zero without reading them (a Full snapshot).
+    known: Option<&'a super::untouched::KnownZero>,
+    /// A Diff's bitmap of guest-physical pages to write (zero or not).
+    dirty: Option<&'a [u64]>,
+}
+
+impl Pages<'_> {
+    /// Writes pages `from..to` of the region that hold data (a Full snapshot) or that
+    /// the dirty log marked (a Diff), in runs of up to [`MAX_RUN_PAGES`].
+    fn write(&self, from: usize, to: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let put = |a: usize, b: usize| {
+            self.file.write_all_at(
+                &self.bytes[a * PAGE..b * PAGE],
+                self.at.file_offset + (a * PAGE) as u64,
+            )
+        };
+        let mut run: Option<(usize, usize)> = None;
+        let mut i = from;
+        while i < to {
+            if i + 64 <= to && self.known.is_some_and(|k| k.word(i)) {
+                if let Some((a, b)) = run.take() {
+                    put(a, b)?;
+                }
+                i += 64;
+                continue;
+            }
+            let wanted = match self.dirty {
+                Some(map) => {
+                    let pfn = self.at.gpa / PAGE as u64 + i as u64;
+                    usize::try_from(pfn / 64)
+                        .ok()
+                        .and_then(|w| map.get(w))
+                        .is_some_and(|w| w >> (pfn % 64) & 1 == 1)
+                }
+                None => {
+                    !self.known.is_some_and(|k| k.page(i))
+                        && !all_zero(&self.bytes[i * PAGE..(i + 1) * PAGE])
+                }
+            };
+            run = match (run, wanted) {
+                (Some((a, b)), true) if b == i && b - a < MAX_RUN_PAGES => Some((a, i + 1)),
+                (Some((a, b)), true) => {
+                    put(a, b)?;
+                    Some((i, i + 1))
+                }
+                (None, true) => Some((i, i + 1)),
+                (Some((a, b)), false) => {
+                    put(a, b)?;
+                    None
+                }
+                (None, false) => None,
+            };
+            i += 1;
+        }
+        if let Some((a, b)) = run {
+            put(a, b)?;
+        }
+        Ok(())
+    }
 }
 
 /// Copies what a Diff snapshot's memory file at `diff` holds (its data, not its holes)

@@ -18,6 +18,7 @@ pub(crate) mod cross_lapic;
 pub mod format;
 pub mod memory;
 pub mod portable;
+mod untouched;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -838,6 +839,44 @@ mod tests {
             .set_len(1 << 19)
             .unwrap();
         assert!(memory::rebase(&base, &diff).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A restored VM's memory maps its snapshot's file: a snapshot of it holds the pages
+    /// it got from that file and never touched, besides the ones it wrote; the pages it
+    /// never touched over the file's holes stay holes.
+    #[test]
+    fn a_snapshot_of_restored_memory_keeps_the_pages_it_never_touched() {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = scratch("mem-again");
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        ram.write_slice(b"first", GuestAddress(0x1000)).unwrap();
+        ram.write_slice(b"second", GuestAddress(0x20_0000)).unwrap();
+        let (one, two) = (dir.join("one"), dir.join("two"));
+        let regions = memory::write(&ram, &one).unwrap();
+        let restored = memory::map(&one, &regions).unwrap();
+        restored
+            .write_slice(b"third", GuestAddress(0x30_0000))
+            .unwrap();
+        memory::write(&restored, &two).unwrap();
+        let file = std::fs::read(&two).unwrap();
+        assert_eq!(file.len(), 4 << 20);
+        assert_eq!(&file[0x1000..0x1005], b"first");
+        assert_eq!(&file[0x20_0000..0x20_0006], b"second");
+        assert_eq!(&file[0x30_0000..0x30_0005], b"third");
+        assert!(
+            std::fs::metadata(&two).unwrap().blocks() * 512 <= 64 << 10,
+            "untouched holes were written"
+        );
+        // Written again over itself, while a mapping of the old file lives.
+        let again = memory::map(&two, &regions).unwrap();
+        memory::write(&again, &two).unwrap();
+        let file = std::fs::read(&two).unwrap();
+        assert_eq!(&file[0x30_0000..0x30_0005], b"third");
+        let mut b = [0u8; 5];
+        again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"first");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
