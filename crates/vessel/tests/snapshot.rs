@@ -841,15 +841,23 @@ fn a_generated_guest_goes_on_across_accelerators() {
     );
 }
 
+/// A cycle count from the environment variable `name` (a soak run asks for more, e.g.
+/// bench/snapshot-soak.sh), or `default`.
+fn cycles_from_env(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a cycle count")),
+        Err(_) => default,
+    }
+}
+
 /// Snapshot → kill → restore, over and over (`VESSEL_SNAPSHOT_CYCLES`, default 10; the
 /// issue's figure is 100), each restore from the snapshot the previous VMM took: the
 /// count never loses or repeats a tick.
 #[test]
 fn snapshot_and_restore_cycles_in_a_row() {
-    let cycles: u64 = std::env::var("VESSEL_SNAPSHOT_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let cycles = cycles_from_env("VESSEL_SNAPSHOT_CYCLES", 10);
     let a = assets();
     let dir = TempDir::new("snap-cycles");
     let snap = dir.path().join("snap");
@@ -1625,45 +1633,61 @@ impl Drop for Peer {
     }
 }
 
-/// How far the guest's clock is behind the host's, in s: asks the guest when its
-/// clock's second turns over and reads the host's clock when that line arrives (plus
-/// the line's way out, some tens of ms).
+/// How far the guest's clock is behind the host's, in s: the guest prints its clock to
+/// the microsecond (busybox `adjtimex`: its `date` has no sub-second format) and the host
+/// reads its own when the line arrives. The line's way out (a few processes, the serial
+/// port, the test's polling) only adds, so the least of three readings is taken.
 fn clock_offset(vm: &mut Vm, what: &str) -> f64 {
-    let from = vm.text().len();
-    vm.type_line(
-        "a=$(date +%s); while [ \"$(date +%s)\" = \"$a\" ]; do :; done; echo \"ed\"\"ge $(date +%s).\"",
-    );
-    let at = vm.wait_for("edge ", from, CMD);
-    let end = vm.wait_for(".", at, CMD);
-    let host = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let guest: f64 = vm.text()[at..end - 1].trim().parse().unwrap();
-    eprintln!(
-        "{what}: the guest's clock is {:.3} s behind the host's",
-        host - guest
-    );
-    host - guest
+    let mut least = f64::MAX;
+    for _ in 0..3 {
+        let from = vm.text().len();
+        vm.type_line(
+            "echo \"cl\"\"k $(adjtimex | grep -E 'status|tv_' | tr -s ' \\n' '  ') e\"\"nd\"",
+        );
+        let at = vm.wait_for("clk ", from, CMD);
+        let end = vm.wait_for(" end", at, CMD);
+        let host = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let line = vm.text()[at..end - 4].to_string();
+        let field = |name: &str| -> u64 {
+            line.split(name)
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no {name} in the guest's {line:?}"))
+        };
+        // STA_NANO (0x2000): the "usec" field holds nanoseconds.
+        let scale = if field("status:") & 0x2000 != 0 {
+            1e-9
+        } else {
+            1e-6
+        };
+        let guest = field("tv_sec:") as f64 + field("tv_usec:") as f64 * scale;
+        least = least.min(host - guest);
+    }
+    eprintln!("{what}: the guest's clock is {least:.3} s behind the host's");
+    least
 }
 
 /// The guest's clock after a move is where it was before it, against the host's (within
-/// 0.3 s: the measurement's own spread), and within 1 s of the host's plus that spread.
+/// 0.2 s: the measurement's own spread), and within the issue's 1 s of the host's.
 /// (Its offset from boot on is the CMOS RTC's: Linux sets its clock from the RTC's
-/// whole seconds, so a guest starts up to 1 s behind the host, moves or not.)
+/// whole seconds plus half a second, and the RTC's seconds turn over with the host's,
+/// so a guest starts within half a second of the host, moves or not.)
 fn assert_clock_kept(vm: &mut Vm, before: f64, what: &str) {
     let now = clock_offset(vm, what);
     assert!(
-        (now - before).abs() <= 0.3,
+        (now - before).abs() <= 0.2,
         "{what}: the guest's clock is {now:.3} s behind the host's, {before:.3} s before"
     );
     assert!(
-        now.abs() <= 1.3,
+        now.abs() <= 1.0,
         "{what}: the guest's clock is {now:.3} s behind the host's"
     );
 }
 
-/// The issue's guest program across a snapshot and restore and then a live migration,
+/// The issue's guest program across snapshots and restores and live migrations,
 /// on an interface to a TAP in a namespace the test makes: a counter with the wall
 /// clock, a file in memory whose checksum must hold, a writer that keeps rewriting 8
 /// MiB of memory (at 50 MB/s or more, measured) and checks before each rewrite that the
@@ -1672,8 +1696,11 @@ fn assert_clock_kept(vm: &mut Vm, before: f64, what: &str) {
 /// appended to each count. After each move: the count goes on without a gap or repeat,
 /// the TCP connection carries data both ways, the file takes more records (checked
 /// from the disk, in order), the memory checksums hold, and the guest's clock stays as
-/// far from the host's as before the move (see [`assert_clock_kept`]). The migration goes over a Unix socket, so the TAP's queue is
-/// handed over with SCM_RIGHTS while the source still holds it.
+/// far from the host's as before the move and within 1 s of it (see
+/// [`assert_clock_kept`]). The migration goes over a Unix socket, so the TAP's queue is
+/// handed over with SCM_RIGHTS while the source still holds it. A cycle is a restore
+/// and a migration; `VESSEL_HOSTIO_CYCLES` of them (default 2) run one after another,
+/// each from where the last left the guest (bench/snapshot-soak.sh runs 100).
 #[test]
 fn a_guest_keeps_its_tcp_connection_and_open_file_across_restore_and_live_migration() {
     host_io_across_moves("hostio", false);
@@ -1692,10 +1719,7 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
     let ns = NetNs::with_tap(tag, "vsnap0", "10.0.3.1", multi_queue);
     let peer = Peer::listen(&ns, "10.0.3.1:7000");
     let s1 = dir.path().join("api1.sock");
-    let s2 = dir.path().join("api2.sock");
-    let s3 = dir.path().join("api3.sock");
     let snap = dir.path().join("snap");
-    let incoming = dir.path().join("incoming.sock");
     let disk = dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     let mut vm1 = Vm::spawn_with(
@@ -1757,84 +1781,133 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
     vm1.wait_for("tick 10 ", at, CMD);
     peer.wait_for(10, "before the snapshot");
     let offset = clock_offset(&mut vm1, "before the snapshot");
+    assert!(
+        offset.abs() <= 1.0,
+        "the booted guest's clock is {offset:.3} s behind the host's"
+    );
     let fixed = sum_of(&vm1.text(), "fixed").expect("the guest's checksum");
 
-    // Snapshot, end the VMM, restore in a new one.
-    let before = snapshot_and_kill(vm1, &s1, &snap);
-    let _ = std::fs::remove_file(&s1);
-    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
-    let last = ticks(&before).last().unwrap().0;
-    let mut vm2 = Vm::spawn_with(
-        ns.vessel(),
-        &[
-            "run".as_ref(),
-            "--restore".as_ref(),
-            snap.as_os_str(),
-            "--serial".as_ref(),
-            "stdio".as_ref(),
-            "--api-sock".as_ref(),
-            s2.as_os_str(),
-        ],
-    );
-    vm2.wait_for(&format!("tick {} ", last + 5), 0, CMD);
-    peer.wait_for(last + 5, "after the restore");
-    assert_clock_kept(&mut vm2, offset, "after the restore");
-
-    // Live migration over a Unix socket, the writer running.
-    let mut vm3 = Vm::spawn_with(
-        ns.vessel(),
-        &[
-            "run".as_ref(),
-            "--incoming".as_ref(),
-            format!("unix:{}", incoming.display()).as_ref(),
-            "--serial".as_ref(),
-            "stdio".as_ref(),
-            "--api-sock".as_ref(),
-            s3.as_os_str(),
-        ],
-    );
-    wait_for_socket(&incoming);
-    wait_for_socket(&s2);
-    // The writer's rate just before the migration (three 8 MiB copies a round), as the
-    // guest's rounds show it: the issue asks for a migration under at least 50 MB/s.
-    let (c0, t0) = (churns(&vm2.text()), Instant::now());
-    std::thread::sleep(Duration::from_secs(2));
-    let churned = churns(&vm2.text());
-    let rate = (churned - c0) as f64 * 24.0 * 1.048_576 / t0.elapsed().as_secs_f64();
-    eprintln!("the guest writes {rate:.0} MB/s");
-    // Two emu vCPUs share the host's time: the rate is held to the issue's figure with
-    // one (on a host whose cores are not all taken).
-    if !multi_queue {
-        assert!(
-            rate >= 50.0,
-            "the guest's writer does {rate:.0} MB/s, under 50 (host load: {})",
-            std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .trim()
+    // Each cycle: snapshot, end the VMM, restore in a new one; then a live migration
+    // over a Unix socket, the writer running, to another.
+    let cycles = cycles_from_env("VESSEL_HOSTIO_CYCLES", 2);
+    let (mut vm, mut sock) = (vm1, s1);
+    // Every VMM's output, whole lines counted once (`tail`: the line one VMM left
+    // unfinished, which the next ends).
+    let (mut all, mut full, mut tail) = (Vec::new(), String::new(), String::new());
+    let mut take = |text: String, all: &mut Vec<(u64, u64)>, full: &mut String| {
+        let text = format!("{tail}{text}");
+        all.extend(ticks(&text));
+        tail = text.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+        full.push_str(&text);
+        all.last().unwrap().0
+    };
+    let t_cycles = Instant::now();
+    for cycle in 1..=cycles {
+        let before = snapshot_and_kill(vm, &sock, &snap);
+        let _ = std::fs::remove_file(&sock);
+        let last = take(before, &mut all, &mut full);
+        let restored_sock = dir.path().join(format!("r{cycle}.sock"));
+        let mut restored = Vm::spawn_with(
+            ns.vessel(),
+            &[
+                "run".as_ref(),
+                "--restore".as_ref(),
+                snap.as_os_str(),
+                "--serial".as_ref(),
+                "stdio".as_ref(),
+                "--api-sock".as_ref(),
+                restored_sock.as_os_str(),
+            ],
         );
-    }
-    migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
-    let middle = format!("{tail}{}", vm2.text());
-    let tail2 = middle.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
-    let last = ticks(&middle).last().unwrap().0;
-    let at = vm3.wait_for(&format!("tick {} ", last + 5), 0, CMD);
-    peer.wait_for(last + 5, "after the live migration");
-    assert!(
-        churns(&middle) > churned,
-        "the writer did not run during the migration"
-    );
-    assert_clock_kept(&mut vm3, offset, "after the live migration");
+        restored.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+        peer.wait_for(last + 5, &format!("after restore {cycle}"));
+        assert_clock_kept(&mut restored, offset, &format!("after restore {cycle}"));
 
-    // The peer's answers reached the guest after both moves, the file on disk has every
+        let incoming = dir.path().join(format!("in{cycle}.sock"));
+        let next_sock = dir.path().join(format!("m{cycle}.sock"));
+        let mut next = Vm::spawn_with(
+            ns.vessel(),
+            &[
+                "run".as_ref(),
+                "--incoming".as_ref(),
+                format!("unix:{}", incoming.display()).as_ref(),
+                "--serial".as_ref(),
+                "stdio".as_ref(),
+                "--api-sock".as_ref(),
+                next_sock.as_os_str(),
+            ],
+        );
+        wait_for_socket(&incoming);
+        wait_for_socket(&restored_sock);
+        let churned = if cycle == 1 {
+            // The writer's rate just before the migration (three 8 MiB copies a
+            // round), as the guest's rounds show it: the issue asks for a migration
+            // under at least 50 MB/s.
+            let (c0, t0) = (churns(&restored.text()), Instant::now());
+            std::thread::sleep(Duration::from_secs(2));
+            let churned = churns(&restored.text());
+            let rate = (churned - c0) as f64 * 24.0 * 1.048_576 / t0.elapsed().as_secs_f64();
+            eprintln!("the guest writes {rate:.0} MB/s");
+            // Two emu vCPUs share the host's time: the rate is held to the issue's
+            // figure with one (on a host whose cores are not all taken).
+            if !multi_queue {
+                assert!(
+                    rate >= 50.0,
+                    "the guest's writer does {rate:.0} MB/s, under 50 (host load: {})",
+                    std::fs::read_to_string("/proc/loadavg")
+                        .unwrap_or_default()
+                        .trim()
+                );
+            }
+            Some(churned)
+        } else {
+            None
+        };
+        migrate(
+            &restored_sock,
+            &format!("unix:{}", incoming.display()),
+            &mut restored,
+        );
+        let middle = restored.text();
+        if let Some(churned) = churned {
+            assert!(
+                churns(&middle) > churned,
+                "the writer did not run during the migration"
+            );
+        }
+        let last = take(middle, &mut all, &mut full);
+        next.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+        peer.wait_for(last + 5, &format!("after live migration {cycle}"));
+        // The writer goes on at the destination.
+        let (seen, t0) = (churns(&full), Instant::now());
+        while churns(&next.text()) <= seen {
+            assert!(
+                t0.elapsed() < CMD,
+                "the writer stopped after live migration {cycle}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_clock_kept(&mut next, offset, &format!("after live migration {cycle}"));
+        assert_consecutive(&all, 1, &format!("after {cycle} cycles"));
+        (vm, sock) = (next, next_sock);
+    }
+    eprintln!(
+        "{cycles} cycles of restore and live migration in {:.1} s",
+        t_cycles.elapsed().as_secs_f64()
+    );
+
+    // The peer's answers reached the guest after every move, the file on disk has every
     // record in order (read back from the disk), and the file in memory is unchanged.
-    vm3.type_line(
+    let last = all.last().unwrap().0;
+    let at = vm.text().len();
+    vm.type_line(
         "sync; echo 3 > /proc/sys/vm/drop_caches; echo \"acks $(tail -n 1 /tmp/acks | cut -d' ' -f2).\"; \
          awk '$2 != NR { bad = 1 } END { print (bad ? \"log-\" \"bad\" : \"log-\" \"ok\"), NR \".\" }' /mnt/log; \
          echo \"sum af\"\"ter $(md5sum </tmp/fixed | cut -c1-32)\"",
     );
-    let s = vm3.wait_for("sum after ", at, CMD);
-    vm3.wait_for("\n", s, CMD);
-    let text = vm3.text();
+    let s = vm.wait_for("sum after ", at, CMD);
+    vm.wait_for("\n", s, CMD);
+    let text = vm.text();
     // The last of each: the shell's echo of the command line holds the words too.
     let acks: u64 = text[at..]
         .rsplit("acks ")
@@ -1865,18 +1938,16 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
         Some(fixed.as_str()),
         "the file in guest memory changed"
     );
-    let full = format!("{before}{middle}{text}");
-    assert!(!full.contains("churn-bad"), "{full}");
     if multi_queue {
-        let out = vm3.text().len();
-        vm3.type_line(
+        let out = vm.text().len();
+        vm.type_line(
             "ls /sys/class/net/eth0/queues; for cpu in 0 1; do taskset -c $cpu ping -c 2 -W 5 \
              10.0.3.1 | grep -c 'bytes from' | sed 's/^/pin''gs-/'; done",
         );
-        let end = vm3.wait_for("pings-", out, CMD);
-        let end = vm3.wait_for("pings-", end, CMD);
-        vm3.wait_for("\n", end, CMD);
-        let got = vm3.text()[out..].to_string();
+        let end = vm.wait_for("pings-", out, CMD);
+        let end = vm.wait_for("pings-", end, CMD);
+        vm.wait_for("\n", end, CMD);
+        let got = vm.text()[out..].to_string();
         assert!(got.contains("rx-1") && got.contains("tx-1"), "{got}");
         assert_eq!(
             got.matches("pings-2").count(),
@@ -1885,16 +1956,19 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
         );
     }
 
-    let mut all = ticks(&before);
-    all.extend(ticks(&middle));
-    all.extend(ticks(&format!("{tail2}{text}")));
-    assert_consecutive(&all, 1, "across a restore and a live migration");
+    take(vm.text(), &mut all, &mut full);
+    assert!(!full.contains("churn-bad"), "{full}");
+    assert_consecutive(
+        &all,
+        1,
+        &format!("across {cycles} restores and live migrations"),
+    );
     let sent = peer.got.lock().unwrap().clone();
     assert!(
         sent.windows(2).all(|w| w[1] == w[0] + 1) && sent.first() == Some(&1),
         "the TCP stream lost or repeated lines: {sent:?}"
     );
-    drop(vm3);
+    drop(vm);
 }
 
 /// vsock across a snapshot and restore and a live migration: the guest's connection to
