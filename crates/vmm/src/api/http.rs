@@ -898,7 +898,27 @@ fn accept_loop(
 /// bind fails: a socket path given by an API client must never delete a file.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     remove_stale_socket(path)?;
-    UnixListener::bind(path)
+    bind_listening(path)
+}
+
+/// A Unix socket at `path` (which must not exist) that already listens when the path
+/// appears: bound and listening under a short temporary name in the same folder, then
+/// linked to `path`. A client that waits for the path and connects at once was refused
+/// (ECONNREFUSED) in the moment between a plain bind's bind() and listen(): seen in
+/// migrations on a loaded host, and the API socket had the same window.
+pub fn bind_listening(path: &Path) -> io::Result<UnixListener> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".{}.{n}.bind", std::process::id());
+    let tmp = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+        _ => std::path::PathBuf::from(name),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.map(|()| l)
 }
 
 /// Removes a socket file nobody answers on. A live socket is `AddrInUse`; anything

@@ -25,7 +25,7 @@ impl Listener {
     /// Binds `at` (a Unix socket path must not exist yet).
     pub fn bind(at: &Endpoint) -> std::io::Result<Listener> {
         Ok(match at {
-            Endpoint::Unix(p) => Listener::Unix(bind_listening(p)?, p.clone()),
+            Endpoint::Unix(p) => Listener::Unix(crate::api::http::bind_listening(p)?, p.clone()),
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a.as_str())?),
         })
     }
@@ -40,22 +40,6 @@ impl Listener {
             }
         })
     }
-}
-
-/// A Unix socket at `path` that is already listening when the path appears: bound and
-/// listening under a temporary name first, then linked to `path` (which must not exist).
-/// A source that waits for the path and connects at once was refused in the moment
-/// between a plain bind's bind() and listen() (seen once in 157 migrations on a loaded
-/// host, and in the kvm migration test).
-fn bind_listening(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.binding", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    linked.map(|()| l)
 }
 
 impl Drop for Listener {
