@@ -123,36 +123,19 @@ pub fn ensure(
         filter(def, &dev)?;
     }
     let have = flood_peers(&dev);
+    // `bridge fdb append|del 00:00:00:00:00:00 dev DEV dst PEER`: the all-zero entry
+    // floods broadcast and unknown traffic to that peer.
+    let flood = |verb: &str, p: &Ipv4Addr| {
+        let dst = p.to_string();
+        let args = ["fdb", verb, "00:00:00:00:00:00", "dev", &dev, "dst", &dst];
+        run("bridge", &args, None)
+    };
     for p in peers.difference(&have) {
-        run(
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                "00:00:00:00:00:00",
-                "dev",
-                &dev,
-                "dst",
-                &p.to_string(),
-            ],
-            None,
-        )?;
+        flood("append", p)?;
         tracing::info!(network = %def.name, peer = %p, "overlay floods to a new host");
     }
     for p in have.difference(peers) {
-        run(
-            "bridge",
-            &[
-                "fdb",
-                "del",
-                "00:00:00:00:00:00",
-                "dev",
-                &dev,
-                "dst",
-                &p.to_string(),
-            ],
-            None,
-        )?;
+        flood("del", p)?;
         tracing::info!(network = %def.name, peer = %p, "overlay stops flooding to a host gone");
     }
     Ok(())
