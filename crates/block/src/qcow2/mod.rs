@@ -830,10 +830,30 @@ impl BlockBackend for Qcow2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ops::{create_with, CreateOptions};
     use crate::Format;
+
+    /// A fresh 1 MiB qcow2 image (default clusters) held in memory, with `room` bytes
+    /// after it to grow into; `tag` names its scratch file.
+    pub(crate) fn in_memory(tag: &str, room: usize) -> Qcow2 {
+        let path = std::env::temp_dir().join(format!("vessel-qcow2-{tag}-{}", std::process::id()));
+        create_with(
+            &path,
+            &CreateOptions {
+                format: Format::Qcow2,
+                size: Some(1 << 20),
+                backing: None,
+                cluster_size: None,
+            },
+        )
+        .unwrap();
+        let mut image = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        image.resize(image.len() + room, 0);
+        Qcow2::open(Box::new(crate::storage::MemStorage::new(image)), false).unwrap()
+    }
 
     #[test]
     fn the_l2_cache_holds_every_table_of_an_image_it_can_cover() {
@@ -939,21 +959,7 @@ mod tests {
     fn a_read_that_would_need_the_disk_is_not_tried() {
         // MemStorage cannot promise a read without waiting: with no L2 table cached,
         // nothing is served, and the full read still works.
-        let path = std::env::temp_dir().join(format!("vessel-qcow2-mem-{}", std::process::id()));
-        create_with(
-            &path,
-            &CreateOptions {
-                format: Format::Qcow2,
-                size: Some(1 << 20),
-                backing: None,
-                cluster_size: None,
-            },
-        )
-        .unwrap();
-        let mut image = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        image.resize(image.len() + (1 << 20), 0);
-        let mut q = Qcow2::open(Box::new(crate::storage::MemStorage::new(image)), false).unwrap();
+        let mut q = in_memory("mem", 1 << 20);
         q.write_at(0, &[7; 4096]).unwrap();
         q.l2 = L2Cache::new(4, (q.cs() / 8) as usize);
         let mut buf = [0u8; 4096];

@@ -517,28 +517,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::ops::{create_with, CreateOptions};
-    use crate::storage::MemStorage;
-    use crate::Format;
 
     /// A 1 MiB image of 64 KiB clusters, held in memory.
     fn disk(tag: &str) -> Qcow2Disk {
-        let path =
-            std::env::temp_dir().join(format!("vessel-qshared-{tag}-{}", std::process::id()));
-        create_with(
-            &path,
-            &CreateOptions {
-                format: Format::Qcow2,
-                size: Some(1 << 20),
-                backing: None,
-                cluster_size: None,
-            },
-        )
-        .unwrap();
-        let mut image = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        image.resize(image.len() + (2 << 20), 0);
-        Qcow2Disk::new(Qcow2::open(Box::new(MemStorage::new(image)), false).unwrap())
+        Qcow2Disk::new(crate::qcow2::tests::in_memory(
+            &format!("shared-{tag}"),
+            2 << 20,
+        ))
     }
 
     #[test]
