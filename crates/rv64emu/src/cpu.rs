@@ -674,8 +674,8 @@ impl Cpu {
             let insns = unsafe { &*insns };
             // While the block runs, `pc` and `instret` stay at its first instruction
             // (each instruction's own are `pc + off`, `instret + idx`): no
-            // per-instruction update, and no chain of them through memory. The block
-            // is left by the instruction `left` names, or by running off its end.
+            // per-instruction update, and no chain of them through memory. Once it is
+            // left, they are settled, and `left` says how it was left.
             let left = match code {
                 Some(code) => {
                     self.chain_codes = self.cache.codes_ptr();
@@ -691,16 +691,15 @@ impl Cpu {
                             (&mut bus_ref as *mut crate::jit::BusRef<'_>).cast(),
                         )
                     };
-                    // Compiled code leaves `pc` and `instret` as they are after the
-                    // instruction that left (see `jit`).
+                    // Compiled code settles `pc` and `instret` itself (see `jit`).
                     match r {
-                        2 => Some((Flow::Wfi, None)),
-                        3 => Some((Flow::Trap, None)),
-                        _ => None,
+                        r if r == Flow::Wfi as u32 => Flow::Wfi,
+                        r if r == Flow::Trap as u32 => Flow::Trap,
+                        _ => Flow::Next,
                     }
                 }
                 None => {
-                    let mut left = None;
+                    let mut left = insns.last().map(|l| (Flow::Next, l));
                     for insn in insns {
                         match self.exec(insn, bus) {
                             Flow::Next => {}
@@ -710,21 +709,23 @@ impl Cpu {
                             }
                         }
                     }
-                    left.or_else(|| insns.last().map(|l| (Flow::Next, l)))
-                        .map(|(f, insn)| {
+                    match left {
+                        Some((f, insn)) => {
                             self.retire(f, insn);
-                            (f, Some(insn))
-                        })
+                            f
+                        }
+                        None => Flow::Next,
+                    }
                 }
             };
             match left {
-                Some((Flow::Wfi, _)) => {
+                Flow::Wfi => {
                     if self.mip(bus) & self.csr.mie == 0 {
                         return RunExit::Wfi;
                     }
                     self.irq_check_at = 0;
                 }
-                Some((Flow::Trap, _)) => {
+                Flow::Trap => {
                     let e = self.pending_exception;
                     if self.exit_on_exception {
                         return RunExit::Exception(e);
@@ -732,7 +733,7 @@ impl Cpu {
                     traps += 1;
                     self.take_exception(e);
                 }
-                _ => {}
+                Flow::Next | Flow::Jump => {}
             }
             if self.code_flush_pending {
                 self.code_flush_pending = false;
