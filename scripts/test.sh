@@ -54,9 +54,19 @@ done
 if [ ${#pkgs[@]} -gt 0 ]; then
     pkgs=("${pkgs[@]/#xz/xz-utils}")
     pkgs=("${pkgs[@]/#strings/binutils}")
-    echo "test.sh: installing ${pkgs[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+    # A machine may carry a newer qemu-utils backport than the Debian suite's QEMU, and the
+    # backport Breaks the suite's qemu-system-common: take the whole QEMU family from one
+    # version, the suite's (the project's QEMU references are that QEMU).
+    if [[ " ${pkgs[*]} " == *" qemu-"* ]]; then
+        have=$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)
+        want=$(apt-cache policy qemu-system-common | awk '/Candidate:/ {print $2}')
+        if [ -n "$have" ] && [ -n "$want" ] && [ "$have" != "$want" ]; then
+            pkgs+=("qemu-utils=$want")
+        fi
+    fi
+    echo "test.sh: installing ${pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${pkgs[@]}" >/dev/null
 fi
 # Debian's qemu-system-x86 can replace a newer qemu-utils backport with nothing: make
 # sure qemu-img is still there.
