@@ -81,6 +81,7 @@ impl Hypervisor for EmuHypervisor {
             irqfds,
             code: Arc::new(Mutex::new(None)),
             compiled: Mutex::new(None),
+            decoded: x86emu::DecodedBlocks::default(),
             writes_reported: Default::default(),
             regions: Mutex::new(Vec::new()),
             kvm,
@@ -122,6 +123,9 @@ struct EmuVm {
     /// The vCPUs' shared compiled code (the first compiling vCPU's): a block is compiled
     /// once per VM, and a vCPU runs at once what another compiled.
     compiled: Mutex<Option<x86emu::CodeCache>>,
+    /// The vCPUs' shared decoded blocks: a block is decoded once per VM while its bytes
+    /// stay the same.
+    decoded: x86emu::DecodedBlocks,
     /// The VMM reports device writes to RAM (see `ram_write_observer`), so vCPUs need not
     /// check their cached code against memory on every slice.
     writes_reported: std::sync::atomic::AtomicBool,
@@ -291,6 +295,7 @@ impl Vm for EmuVm {
                 None => *compiled = cpu.code_cache(),
             }
         }
+        cpu.share_decoded(&self.decoded);
         if id != 0 {
             // Application processors wait for INIT/SIPI from the bootstrap processor.
             cpu.init(true);

@@ -204,6 +204,25 @@ impl Cpu {
         self.blocks.share_code(cache);
     }
 
+    /// Where this CPU offers the blocks it decodes, to share with the machine's other
+    /// CPUs.
+    pub fn decoded_blocks(&self) -> crate::DecodedBlocks {
+        self.blocks.decoded_blocks()
+    }
+
+    /// Blocks this CPU decoded, and blocks it took from another CPU's decoding instead
+    /// (see [`Cpu::share_decoded`]).
+    pub fn decode_counts(&self) -> (u64, u64) {
+        self.blocks.decode_counts()
+    }
+
+    /// Takes decoded blocks from `blocks` (another CPU's, see [`Cpu::decoded_blocks`]) on a
+    /// miss before decoding, and offers this CPU's there: a block is then decoded once per
+    /// machine while its bytes stay the same. The CPUs sharing it must share guest RAM.
+    pub fn share_decoded(&mut self, blocks: &crate::DecodedBlocks) {
+        self.blocks.share_decoded(blocks);
+    }
+
     /// Sizes this CPU's block cache (`n` slots, rounded to a power of two; the default is
     /// [`crate::decode::DEFAULT_BLOCK_SLOTS`]), dropping what it holds. Each filled slot
     /// keeps a decoded block, so a VM with many CPUs gives each fewer.

@@ -21,6 +21,9 @@ use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind, RflagsBits,
 };
 
+use std::sync::Arc;
+
+use crate::decoded::{Decoded, DecodedBlocks};
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
 use crate::jit::{Compiled, Enter, Jit, NoCode};
@@ -62,6 +65,12 @@ pub(crate) struct Insn {
     pub(crate) host_key: u32,
 }
 
+impl std::fmt::Debug for Insn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.instr)
+    }
+}
+
 impl Insn {
     pub(crate) fn new(instr: Instruction) -> Self {
         let (handler, fast) = handler_for(&instr);
@@ -95,7 +104,7 @@ struct Slots {
 }
 
 // SAFETY: the mapping is owned like a Box<[Block]>, and a Block is Send: its pointer to
-// its instructions points into its own body.
+// its instructions points into the decoded block its body holds, which is never changed.
 unsafe impl Send for Slots {}
 
 impl Slots {
@@ -198,9 +207,10 @@ pub(crate) struct Block {
     entry: u64,
     chain: u64,
     body: Option<Box<Body>>,
-    /// `body.insns`'s buffer, so that running a block reads its slot and then its
-    /// instructions, not the body in between (these are cache misses for code that runs
-    /// rarely, most of a boot). Reset whenever `body.insns` changes.
+    /// The instructions of `body.decoded`, so that running a block reads its slot and then
+    /// its instructions, not the body and the decoded block in between (these are cache
+    /// misses for code that runs rarely, most of a boot). Reset whenever `body.decoded`
+    /// changes.
     insns: Option<std::ptr::NonNull<Insn>>,
 }
 
@@ -209,10 +219,9 @@ const _: () = assert!(std::mem::size_of::<Block>() == 64);
 
 #[derive(Default)]
 struct Body {
-    /// The bytes the block was decoded from; it runs only while guest memory still holds
-    /// them.
-    code: Vec<u8>,
-    insns: Vec<Insn>,
+    /// The block's bytes and instructions (shared with the machine's other CPUs: see
+    /// `crate::decoded`); it runs only while guest memory still holds the bytes.
+    decoded: Option<Arc<Decoded>>,
     /// Link slots in other blocks' code that jump to this block's chain entry.
     incoming: Vec<usize>,
     /// For a page-crossing block: the physical page its bytes continue in, and the TLB
@@ -223,12 +232,18 @@ struct Body {
     tlb_gen: u64,
 }
 
+impl Body {
+    fn code(&self) -> &[u8] {
+        self.decoded.as_ref().map_or(&[], |d| &d.code)
+    }
+}
+
 impl Block {
     pub(crate) fn insns(&self) -> &[Insn] {
         match self.insns {
-            // SAFETY: `insns` and `len` describe `body.insns` as `fill` left it: the
-            // vector is not touched again before the next `fill`, which resets them
-            // first, and it lives in the body, which lives as long as the slot.
+            // SAFETY: `insns` and `len` describe `body.decoded`'s instructions as `fill`
+            // left them: a decoded block never changes, and the body holds it until the
+            // next `fill`, which resets them first.
             Some(p) => unsafe { std::slice::from_raw_parts(p.as_ptr(), usize::from(self.len)) },
             None => &[],
         }
@@ -311,6 +326,13 @@ pub(crate) struct BlockCache {
     jc_seen: (u64, u64),
     /// Some block has code (since the last `drop_compiled`).
     any_compiled: bool,
+    /// Where blocks decoded by this machine's CPUs are found (see `crate::decoded`).
+    decoded: DecodedBlocks,
+    /// Reused for decoding.
+    scratch: Vec<Insn>,
+    /// Blocks this CPU decoded, and those it took from another CPU's decoding instead.
+    decodes: u64,
+    taken: u64,
 }
 
 /// Links remembered before all are cut regardless of the epoch (see `BlockCache::link`).
@@ -343,7 +365,28 @@ impl BlockCache {
             jc_stamp: 1,
             jc_seen: (0, 0),
             any_compiled: false,
+            decoded: DecodedBlocks::default(),
+            scratch: Vec::with_capacity(MAX_BLOCK),
+            decodes: 0,
+            taken: 0,
         }
+    }
+
+    /// Blocks this CPU decoded itself, and blocks it took as another CPU decoded them.
+    pub(crate) fn decode_counts(&self) -> (u64, u64) {
+        (self.decodes, self.taken)
+    }
+
+    /// Takes decoded blocks from `blocks` and offers this CPU's there from now on.
+    pub(crate) fn share_decoded(&mut self, blocks: &DecodedBlocks) {
+        if !self.decoded.same(blocks) {
+            self.decoded = blocks.clone();
+        }
+    }
+
+    /// Where this CPU offers the blocks it decodes.
+    pub(crate) fn decoded_blocks(&self) -> DecodedBlocks {
+        self.decoded.clone()
     }
 
     /// Places compiled code in `cache` from now on, and runs what other CPUs placed there.
@@ -525,7 +568,7 @@ impl BlockCache {
             cross_gpa: body.cross_gpa,
             model: jit.model,
         };
-        match jit.compile(key, &body.code, b.insns(), slot, tlb_gen, warming) {
+        match jit.compile(key, body.code(), b.insns(), slot, tlb_gen, warming) {
             Ok(c) => {
                 b.set_compiled(Some(c));
                 self.any_compiled = true;
@@ -624,7 +667,7 @@ impl BlockCache {
                 .as_ref()
                 // SAFETY: `page` is a valid page (caller contract).
                 .is_some_and(|body| unsafe {
-                    still_there(page, (gpa & 0xfff) as usize, &body.code)
+                    still_there(page, (gpa & 0xfff) as usize, body.code())
                 })
             {
                 Lookup::Unchanged
@@ -687,9 +730,9 @@ impl BlockCache {
                 Lookup::Miss
             } else if b.epoch == epoch {
                 Lookup::Trusted
-            } else if body.code.len() > head
-                && body.code.get(..head) == Some(first)
-                && second.get(..body.code.len() - head) == body.code.get(head..)
+            } else if body.code().len() > head
+                && body.code().get(..head) == Some(first)
+                && second.get(..body.code().len() - head) == body.code().get(head..)
             {
                 Lookup::Unchanged
             } else {
@@ -724,25 +767,25 @@ impl BlockCache {
         let mut bytes = Vec::with_capacity(first.len() + second.len());
         bytes.extend_from_slice(first);
         bytes.extend_from_slice(second);
-        let b = self.reset_slot(slot)?;
-        let body = b.body.get_or_insert_with(Box::default);
-        let pos = decode_into(&mut body.insns, 64, ip, &bytes);
-        if body.insns.capacity() > body.insns.len() + 2 {
-            body.insns.shrink_to_fit();
-        }
-        if pos <= first.len() || body.insns.is_empty() {
+        // Not shared: these are rare, and valid only with their next page's address.
+        self.scratch.clear();
+        let pos = decode_into(&mut self.scratch, 64, ip, &bytes);
+        if pos <= first.len() || self.scratch.is_empty() {
             // The page changed under us and the instruction no longer crosses: the next
             // lookup decodes it again the ordinary way.
-            body.insns.clear();
-            body.code.clear();
+            self.reset_slot(slot)?;
             return None;
         }
-        body.code.clear();
-        body.code.extend_from_slice(bytes.get(..pos)?);
-        body.code.shrink_to_fit();
+        let decoded = Arc::new(Decoded {
+            code: bytes.get(..pos)?.into(),
+            insns: self.scratch.as_slice().into(),
+        });
+        let b = self.reset_slot(slot)?;
+        let body = b.body.get_or_insert_with(Box::default);
         body.cross_gpa = next_gpa;
-        b.insns = std::ptr::NonNull::new(body.insns.as_mut_ptr());
-        b.len = u8::try_from(body.insns.len()).ok()?;
+        b.insns = std::ptr::NonNull::new(decoded.insns.as_ptr().cast_mut());
+        b.len = u8::try_from(decoded.insns.len()).ok()?;
+        body.decoded = Some(decoded);
         b.epoch = epoch;
         b.gpa = gpa;
         b.ip = ip;
@@ -766,7 +809,7 @@ impl BlockCache {
         b.set_compiled(None);
         b.runs = 0;
         let body = b.body.get_or_insert_with(Box::default);
-        body.insns.clear();
+        body.decoded = None;
         body.cross_gpa = u64::MAX;
         // A link slot lies in the arena, which is not reused before `drop_compiled` empties
         // every `incoming` list.
@@ -889,34 +932,43 @@ impl BlockCache {
         let off = (gpa & 0xfff) as usize;
         // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
+        let decoded = match self.decoded.find(gpa, ip, bitness, avail) {
+            Some(d) => {
+                self.taken += 1;
+                Some(d)
+            }
+            None => {
+                self.decodes += 1;
+                self.scratch.clear();
+                let pos = decode_into(&mut self.scratch, bitness, ip, avail);
+                (!self.scratch.is_empty()).then(|| {
+                    let d = Arc::new(Decoded {
+                        code: avail.get(..pos).unwrap_or_default().into(),
+                        insns: self.scratch.as_slice().into(),
+                    });
+                    self.decoded.offer(gpa, ip, bitness, &d);
+                    d
+                })
+            }
+        };
         let b = self.reset_slot(slot)?;
-        let body = b.body.get_or_insert_with(Box::default);
-        let pos = decode_into(&mut body.insns, bitness, ip, avail);
-        // A slot keeps its body for the next block it holds: without this, one long block
-        // once would keep a slot's 3 KiB for good (half a GiB over 512k slots).
-        if body.insns.capacity() > body.insns.len() + 2 {
-            body.insns.shrink_to_fit();
-        }
         let bitness = bitness as u8;
-        if body.insns.is_empty() {
+        let Some(decoded) = decoded else {
             // The first instruction crosses the page end: remember that (with no code to
             // compare), so the next lookup goes to `get_cross` (or steps it) at once
             // instead of decoding it here again, and of evicting whatever this slot held
             // every time.
-            body.code.clear();
             b.epoch = epoch;
             b.gpa = gpa;
             b.ip = ip;
             b.bitness = bitness | CROSS;
             return Some(());
+        };
+        b.insns = std::ptr::NonNull::new(decoded.insns.as_ptr().cast_mut());
+        b.len = u8::try_from(decoded.insns.len()).ok()?;
+        if let Some(body) = &mut b.body {
+            body.decoded = Some(decoded);
         }
-        body.code.clear();
-        body.code.extend_from_slice(avail.get(..pos)?);
-        if body.code.capacity() > body.code.len() + 32 {
-            body.code.shrink_to_fit();
-        }
-        b.insns = std::ptr::NonNull::new(body.insns.as_mut_ptr());
-        b.len = u8::try_from(body.insns.len()).ok()?;
         b.epoch = epoch;
         b.gpa = gpa;
         b.ip = ip;

@@ -307,6 +307,73 @@ fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
     drop(shared);
 }
 
+/// Two CPUs of one machine share decoded blocks: the second runs the first's program
+/// without decoding it again; after the first rewrites an instruction, the second decodes
+/// the changed block itself (it must not take the stale one), and the first then takes
+/// that new decoding instead of its own stale block.
+#[test]
+fn cpus_take_each_others_decoded_blocks_while_the_bytes_stay() {
+    const LOOPS: u32 = 50;
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    let mut imm = a.create_label();
+    a.xor(eax, eax).unwrap();
+    a.mov(ecx, LOOPS).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.rol(rax, 3).unwrap();
+    a.set_label(&mut imm).unwrap();
+    a.add(rax, 0x11).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a
+        .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .unwrap();
+    let imm_at = code.label_ip(&imm).unwrap();
+    ram0.write(CODE, code.inner.code_buffer.as_slice());
+    const PATCH: u64 = CODE + 0x800;
+    let mut p = CodeAssembler::new(64).unwrap();
+    p.mov(rbx, imm_at + 2).unwrap();
+    p.mov(byte_ptr(rbx), 0x2d).unwrap();
+    p.hlt().unwrap();
+    ram0.write(PATCH, &p.assemble(PATCH).unwrap());
+    let expect = |add: u64| (0..LOOPS).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add));
+
+    // Interpreted only: every block the CPUs run goes through their block caches.
+    let mut cpu0 = Cpu::new(shared.map());
+    let mut cpu1 = Cpu::new(shared.map());
+    cpu1.set_code_tracker(cpu0.code_tracker());
+    cpu1.share_decoded(&cpu0.decoded_blocks());
+    cpu0.set_jit_threshold(None);
+    cpu1.set_jit_threshold(None);
+    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
+    assert!(cpu0.decode_counts().0 > 0);
+    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+    let (decoded, taken) = cpu1.decode_counts();
+    assert_eq!(decoded, 0, "the second CPU decoded the program again");
+    assert!(taken > 0);
+    run_program(&mut cpu0, root, PATCH, 0);
+    assert_eq!(
+        run_program(&mut cpu1, root, CODE, 1),
+        expect(0x2d),
+        "the second CPU ran a block decoded before the first rewrote it"
+    );
+    assert!(cpu1.decode_counts().0 > 0);
+    let before = cpu0.decode_counts();
+    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x2d));
+    let after = cpu0.decode_counts();
+    assert_eq!(
+        after.0, before.0,
+        "the first CPU decoded the rewritten block again"
+    );
+    assert!(after.1 > before.1);
+    drop((cpu0, cpu1, ram0));
+    drop(shared);
+}
+
 /// CPUs running at once share a code memory too small for their program: it fills up
 /// again and again, each time every CPU drops its compiled blocks before the memory is
 /// reused, and every CPU's result stays right.
