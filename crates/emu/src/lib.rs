@@ -295,7 +295,9 @@ impl Vm for EmuVm {
                 None => *compiled = cpu.code_cache(),
             }
         }
-        cpu.share_decoded(&self.decoded);
+        if self.cpus > 1 {
+            cpu.share_decoded(&self.decoded);
+        }
         if id != 0 {
             // Application processors wait for INIT/SIPI from the bootstrap processor.
             cpu.init(true);

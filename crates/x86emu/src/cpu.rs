@@ -204,9 +204,9 @@ impl Cpu {
         self.blocks.share_code(cache);
     }
 
-    /// Where this CPU offers the blocks it decodes, to share with the machine's other
-    /// CPUs.
-    pub fn decoded_blocks(&self) -> crate::DecodedBlocks {
+    /// Where this CPU offers the blocks it decodes (from now on), to share with the
+    /// machine's other CPUs.
+    pub fn decoded_blocks(&mut self) -> crate::DecodedBlocks {
         self.blocks.decoded_blocks()
     }
 

@@ -326,8 +326,9 @@ pub(crate) struct BlockCache {
     jc_seen: (u64, u64),
     /// Some block has code (since the last `drop_compiled`).
     any_compiled: bool,
-    /// Where blocks decoded by this machine's CPUs are found (see `crate::decoded`).
-    decoded: DecodedBlocks,
+    /// Where blocks decoded by this machine's CPUs are found (see `crate::decoded`); None
+    /// until the CPU is given others' (alone, it would only pay for offering its own).
+    decoded: Option<DecodedBlocks>,
     /// Reused for decoding.
     scratch: Vec<Insn>,
     /// Blocks this CPU decoded, and those it took from another CPU's decoding instead.
@@ -365,7 +366,7 @@ impl BlockCache {
             jc_stamp: 1,
             jc_seen: (0, 0),
             any_compiled: false,
-            decoded: DecodedBlocks::default(),
+            decoded: None,
             scratch: Vec::with_capacity(MAX_BLOCK),
             decodes: 0,
             taken: 0,
@@ -379,14 +380,14 @@ impl BlockCache {
 
     /// Takes decoded blocks from `blocks` and offers this CPU's there from now on.
     pub(crate) fn share_decoded(&mut self, blocks: &DecodedBlocks) {
-        if !self.decoded.same(blocks) {
-            self.decoded = blocks.clone();
+        if !self.decoded.as_ref().is_some_and(|d| d.same(blocks)) {
+            self.decoded = Some(blocks.clone());
         }
     }
 
-    /// Where this CPU offers the blocks it decodes.
-    pub(crate) fn decoded_blocks(&self) -> DecodedBlocks {
-        self.decoded.clone()
+    /// Where this CPU offers the blocks it decodes (from now on).
+    pub(crate) fn decoded_blocks(&mut self) -> DecodedBlocks {
+        self.decoded.get_or_insert_with(DecodedBlocks::default).clone()
     }
 
     /// Places compiled code in `cache` from now on, and runs what other CPUs placed there.
@@ -932,7 +933,11 @@ impl BlockCache {
         let off = (gpa & 0xfff) as usize;
         // SAFETY: `page` is a valid 4 KiB page (caller contract) and off < 4096.
         let avail: &[u8] = unsafe { std::slice::from_raw_parts(page.add(off), 4096 - off) };
-        let decoded = match self.decoded.find(gpa, ip, bitness, avail) {
+        let found = self
+            .decoded
+            .as_ref()
+            .and_then(|s| s.find(gpa, ip, bitness, avail));
+        let decoded = match found {
             Some(d) => {
                 self.taken += 1;
                 Some(d)
@@ -946,7 +951,9 @@ impl BlockCache {
                         code: avail.get(..pos).unwrap_or_default().into(),
                         insns: self.scratch.as_slice().into(),
                     });
-                    self.decoded.offer(gpa, ip, bitness, &d);
+                    if let Some(s) = &self.decoded {
+                        s.offer(gpa, ip, bitness, &d);
+                    }
                     d
                 })
             }
