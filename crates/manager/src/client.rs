@@ -33,6 +33,9 @@ pub struct Client {
     pub socket: PathBuf,
     /// Bearer token for TCP.
     pub token: Option<String>,
+    /// A limit on connecting and on each read and write (none by default: the CLI
+    /// waits for long operations).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Client {
@@ -40,6 +43,7 @@ impl Client {
         Client {
             socket: socket.into(),
             token: None,
+            timeout: None,
         }
     }
 
@@ -48,7 +52,14 @@ impl Client {
         Client {
             socket: PathBuf::from(format!("tcp://{addr}")),
             token: Some(token.to_string()),
+            timeout: None,
         }
+    }
+
+    /// The same client, giving up on a daemon that does not connect or answer in `t`.
+    pub fn with_timeout(mut self, t: std::time::Duration) -> Self {
+        self.timeout = Some(t);
+        self
     }
 
     fn connect(&self) -> Result<Box<dyn Conn>, ClientError> {
@@ -56,11 +67,32 @@ impl Client {
             path: self.socket.clone(),
             source,
         };
-        match self.socket.to_str().and_then(|s| s.strip_prefix("tcp://")) {
-            Some(addr) => Ok(Box::new(TcpStream::connect(addr).map_err(unreachable)?)),
-            None => Ok(Box::new(
-                UnixStream::connect(&self.socket).map_err(unreachable)?,
-            )),
+        let tcp = self.socket.to_str().and_then(|s| s.strip_prefix("tcp://"));
+        match (tcp, self.timeout) {
+            (Some(addr), None) => Ok(Box::new(TcpStream::connect(addr).map_err(unreachable)?)),
+            (Some(addr), Some(t)) => {
+                use std::net::ToSocketAddrs;
+                let sa = addr
+                    .to_socket_addrs()
+                    .map_err(unreachable)?
+                    .next()
+                    .ok_or_else(|| {
+                        unreachable(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the address resolves to nothing",
+                        ))
+                    })?;
+                let s = TcpStream::connect_timeout(&sa, t).map_err(unreachable)?;
+                s.set_read_timeout(Some(t)).map_err(unreachable)?;
+                s.set_write_timeout(Some(t)).map_err(unreachable)?;
+                Ok(Box::new(s))
+            }
+            (None, t) => {
+                let s = UnixStream::connect(&self.socket).map_err(unreachable)?;
+                s.set_read_timeout(t).map_err(unreachable)?;
+                s.set_write_timeout(t).map_err(unreachable)?;
+                Ok(Box::new(s))
+            }
         }
     }
 

@@ -20,12 +20,33 @@ fn ok(v: serde_json::Value) -> Result<Option<Reply>> {
 
 /// Some(reply) when the cluster answers the request; None when the host's own API does.
 /// An etcd error that passes (a member lost, a new leader being elected) is retried
-/// for a few seconds: losing one member of three must change nothing for clients.
+/// for a few seconds: losing one member of three must change nothing for clients. When
+/// a majority of etcd's members has no leader, or does not answer, the error says so at
+/// once: no retry can help until they are back.
 pub fn route(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Option<Reply>> {
     let t0 = std::time::Instant::now();
+    if let ("POST", ["cluster", "promise"]) = (req.method.as_str(), seg) {
+        // Asked by a host whose lease renewals fail: answered without etcd.
+        let asker = serde_json::from_slice::<serde_json::Value>(&req.body)
+            .ok()
+            .and_then(|v| v["host"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        return ok(json!(c.promise(&asker)));
+    }
     loop {
         match route_once(c, api, req, seg) {
-            Err(e) if super::is_transient(&e) && t0.elapsed() < super::RETRY_FOR => {
+            Err(e) if super::is_transient(&e) => {
+                // A majority of members down ends at once; members without a leader may
+                // be electing one, which the retries wait out.
+                let lost = c.no_quorum();
+                match lost {
+                    Some((why, true)) => return Err(Error::Cluster(why)),
+                    Some((why, false)) if t0.elapsed() >= super::RETRY_FOR => {
+                        return Err(Error::Cluster(why))
+                    }
+                    None if t0.elapsed() >= super::RETRY_FOR => return Err(e),
+                    _ => {}
+                }
                 tracing::debug!("retrying a cluster request: {e}");
                 std::thread::sleep(Duration::from_millis(250));
             }

@@ -18,6 +18,7 @@ pub mod api;
 mod images;
 pub mod overlay;
 pub mod placement;
+pub mod quorum;
 mod store;
 pub mod watchdog;
 
@@ -31,6 +32,7 @@ use etcd_client::{EventType, WatchOptions};
 use crate::error::{Error, Result};
 use crate::manager::Manager;
 pub use placement::{Address, DomainRecord, Group, HostRecord, Policy, Weigher};
+use quorum::Quorum;
 pub use store::{Migration, State};
 
 /// Every key the cluster writes starts with this.
@@ -98,8 +100,11 @@ pub struct Cluster {
     pub opts: ClusterOpts,
     rt: tokio::runtime::Runtime,
     client: etcd_client::Client,
-    /// One client per endpoint, for the heartbeat to try members one by one.
-    members: Vec<etcd_client::Client>,
+    /// One client per endpoint (with its URL), for the heartbeat to try members one
+    /// by one and for telling a lost quorum from a passing error.
+    members: Vec<(String, etcd_client::Client)>,
+    /// What lets this host keep its VMMs while etcd has no quorum (see [`quorum`]).
+    pub quorum: Quorum,
     m: Arc<Manager>,
     /// This host's current lease (0 while it has none).
     lease: AtomicI64,
@@ -109,6 +114,8 @@ pub struct Cluster {
     /// again, they start again here (their `running/N` keys are still this host's).
     fenced_names: Mutex<BTreeSet<String>>,
     work: Mutex<mpsc::Sender<Work>>,
+    /// Domains whose start waits for this host's promise to run out.
+    after_promise: Mutex<BTreeSet<String>>,
     /// The record this host last wrote to etcd (it is written again when it changes).
     announced: Mutex<Option<HostRecord>>,
 }
@@ -184,18 +191,22 @@ impl Cluster {
             .filter_map(|ep| {
                 rt.block_on(etcd_client::Client::connect([ep], Some(conn.clone())))
                     .ok()
+                    .map(|c| (ep.clone(), c))
             })
             .collect();
+        let quorum = Quorum::new(Duration::from_secs(opts.lease_ttl));
         let (tx, rx) = mpsc::channel();
         let c = Arc::new(Cluster {
             opts,
             rt,
             client,
             members,
+            quorum,
             m,
             lease: AtomicI64::new(0),
             fenced: AtomicBool::new(false),
             fenced_names: Mutex::new(BTreeSet::new()),
+            after_promise: Mutex::new(BTreeSet::new()),
             work: Mutex::new(tx),
             announced: Mutex::new(None),
         });
@@ -213,6 +224,11 @@ impl Cluster {
             .name("cluster-events".into())
             .spawn(move || me.follow_events())
             .map_err(|e| Error::Cluster(format!("starting the events thread: {e}")))?;
+        let me = c.clone();
+        std::thread::Builder::new()
+            .name("cluster-peers".into())
+            .spawn(move || me.ask_peers_loop())
+            .map_err(|e| Error::Cluster(format!("starting the peers thread: {e}")))?;
         let me = c.clone();
         c.rt.spawn(async move { me.heartbeat().await });
         let me = c.clone();
@@ -315,6 +331,7 @@ impl Cluster {
             *a = Some(record);
         }
         self.lease.store(lease, Ordering::SeqCst);
+        self.quorum.registered();
         // Under a new lease the old `running/N` keys are stale and reconciling takes
         // them over as it would any.
         if let Ok(mut f) = self.fenced_names.lock() {
@@ -334,11 +351,12 @@ impl Cluster {
     /// etcd still holds it when it answers again, the host carries on under it.
     async fn heartbeat(self: Arc<Self>) {
         let ttl = Duration::from_secs(self.opts.lease_ttl);
-        let tick = (ttl / 10).max(Duration::from_millis(200));
+        let tick = self.quorum.tick();
         let retry = (ttl / 30).clamp(Duration::from_millis(100), Duration::from_millis(500));
         // Stopping the VMMs takes a moment; it must be over before etcd can expire the
         // lease, which is no sooner than a TTL after the last renewal was sent.
-        let margin = (ttl / 4).max(Duration::from_secs(1)).min(ttl / 2);
+        let margin = self.quorum.margin();
+        let mut holding = false;
         let mut via = 0usize;
         let mut keepalive: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
             None;
@@ -360,6 +378,13 @@ impl Cluster {
             match self.renew(lease, &mut keepalive, via, limit).await {
                 Renewal::Alive(secs) => {
                     expires = sent + Duration::from_secs(secs.max(1) as u64);
+                    self.quorum.renewed();
+                    if holding {
+                        tracing::warn!(
+                            "etcd answers again and still holds this host's lease: the hold ends, its domains ran on throughout"
+                        );
+                        holding = false;
+                    }
                     if self.fenced.load(Ordering::SeqCst) {
                         tracing::warn!(
                             "etcd answers again and still holds this host's lease: its domains start again"
@@ -384,7 +409,18 @@ impl Cluster {
                     via += 1;
                 }
             }
-            if Instant::now() >= fence_at && !self.fenced.load(Ordering::SeqCst) {
+            let hold = self.quorum.hold();
+            if Instant::now() >= fence_at && hold.is_some() && !self.fenced.load(Ordering::SeqCst) {
+                if !holding {
+                    tracing::warn!(
+                        "no lease renewal, but no other host reaches an etcd leader either and each \
+                         promised to take nothing over: etcd has lost its quorum, this host keeps \
+                         its domains running (the cluster is read-only)"
+                    );
+                    holding = true;
+                }
+            } else if Instant::now() >= fence_at && !self.fenced.load(Ordering::SeqCst) {
+                holding = false;
                 tracing::warn!(
                     "no lease renewal for {:?} (the lease may expire in {:?}): fencing this host",
                     Instant::now()
@@ -417,7 +453,7 @@ impl Cluster {
             }
             let mut c = match via % (self.members.len() + 1) {
                 0 => self.client(),
-                k => self.members[k - 1].clone(),
+                k => self.members[k - 1].1.clone(),
             };
             // Opening the stream renews the lease once (and fails if it is gone).
             let (keeper, stream) = c.lease_keep_alive(lease).await?;
@@ -435,6 +471,90 @@ impl Cluster {
             Ok(Ok(None)) => Renewal::Failed("the keep-alive stream ended".into()),
             Err(_) => Renewal::Failed(format!("no answer within {limit:?}")),
         }
+    }
+
+    /// While renewals fail, asks every other host, each tick, whether it reaches etcd
+    /// (see [`quorum`]): only promises from all of them let this host keep its VMMs past
+    /// the moment it would fence.
+    fn ask_peers_loop(self: Arc<Self>) {
+        let tick = self.quorum.tick();
+        let mut last_refusal = String::new();
+        loop {
+            std::thread::sleep(tick);
+            if self.quorum.reaches_etcd() {
+                self.quorum.clear_hold();
+                last_refusal.clear();
+                continue;
+            }
+            let me = self.opts.host.clone();
+            let why = self.quorum.ask_all(|h| {
+                let body = serde_json::json!({"host": me});
+                let v = self
+                    .peer(h)
+                    .with_timeout(quorum::ASK_TIMEOUT)
+                    .post("/v1/cluster/promise", Some(&body))
+                    .map_err(|e| e.to_string())?;
+                serde_json::from_value(v).map_err(|e| e.to_string())
+            });
+            match why {
+                Some(w) if w != last_refusal => {
+                    tracing::info!("etcd does not answer, and not every other host promised: {w}");
+                    last_refusal = w;
+                }
+                Some(_) => {}
+                None => last_refusal.clear(),
+            }
+        }
+    }
+
+    /// Another host asks whether this one reaches etcd (and, if not, for its promise).
+    pub fn promise(&self, asker: &str) -> quorum::Answer {
+        self.quorum.answer(&self.opts.host, asker)
+    }
+
+    /// Asks each etcd member, briefly, whether it answers and knows a leader. Returns
+    /// the message for a client when a majority lacks a leader (None while a majority
+    /// has one, so that the error is worth retrying), and whether fewer than a majority
+    /// answer at all (then no election can end either: no retry can help).
+    pub fn no_quorum(&self) -> Option<(String, bool)> {
+        let probe = Duration::from_secs(1);
+        let answers: Vec<(String, std::result::Result<u64, String>)> = self.rt.block_on(async {
+            let mut out = Vec::new();
+            for (ep, c) in &self.members {
+                let mut c = c.clone();
+                let r = match tokio::time::timeout(probe, c.status()).await {
+                    Ok(Ok(st)) => Ok(st.leader()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {probe:?}")),
+                };
+                out.push((ep.clone(), r));
+            }
+            out
+        });
+        let n = self.opts.endpoints.len();
+        let answering = answers.iter().filter(|(_, r)| r.is_ok()).count();
+        let with_leader = answers
+            .iter()
+            .filter(|(_, r)| matches!(r, Ok(l) if *l != 0))
+            .count();
+        if with_leader > n / 2 {
+            return None;
+        }
+        let down: Vec<String> = answers
+            .iter()
+            .filter_map(|(ep, r)| match r {
+                Ok(0) => Some(format!("{ep} answers but has no leader")),
+                Ok(_) => None,
+                Err(e) => Some(format!("{ep} does not answer: {e}")),
+            })
+            .collect();
+        let msg = format!(
+            "etcd has lost its quorum: {with_leader} of its {n} members answer with a leader \
+             and a majority must ({}); the cluster is read-only until a majority is back: \
+             placement, start, migration and drains are refused, running domains run on",
+            down.join("; ")
+        );
+        Some((msg, answering <= n / 2))
     }
 
     async fn fence_and_rejoin(self: &Arc<Self>) {
@@ -529,7 +649,16 @@ impl Cluster {
                         Some(("domains" | "running", n)) => self.send(Work::Domain(n.into())),
                         // A host gone (its domains go elsewhere) or come (one that did
                         // not fit anywhere may fit now).
-                        Some(("hosts", _)) => self.send(Work::Resync),
+                        Some(("hosts", h)) => {
+                            let rec = (ev.event_type() == EventType::Put)
+                                .then(|| {
+                                    ev.kv()
+                                        .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+                                })
+                                .flatten();
+                            self.quorum.watched(h, &self.opts.host, rec);
+                            self.send(Work::Resync)
+                        }
                         _ => {}
                     }
                 }
@@ -620,7 +749,7 @@ impl Cluster {
     /// `state` is the pass's one read: a change after it (this pass's own evacuation
     /// included) comes back as a watch event, and so as another pass. (Reading again for
     /// each domain made a full pass over n domains cost n reads of all n.)
-    fn reconcile(&self, name: &str, state: &State) -> Result<()> {
+    fn reconcile(self: &Arc<Self>, name: &str, state: &State) -> Result<()> {
         let me = self.opts.host.as_str();
         let lease = self.lease.load(Ordering::SeqCst);
         if let Some((m, _)) = state.migrations.get(name) {
@@ -660,6 +789,11 @@ impl Cluster {
                     if r.running {
                         self.set_running(name, false)?;
                     }
+                } else if r.running && !active && free && self.quorum.promised().is_some() {
+                    // Another host may keep its VMMs on this host's promise: nothing is
+                    // taken over here until it has run out.
+                    tracing::info!(domain = %name, "not started yet: this host promised to take nothing over for a while");
+                    self.retry_after_promise(name);
                 } else if r.running
                     && !active
                     && free
@@ -810,6 +944,41 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Reconciles `name` again once this host's promise has run out (one thread for
+    /// all the domains waiting on it).
+    fn retry_after_promise(self: &Arc<Self>, name: &str) {
+        let Some(until) = self.quorum.promised() else {
+            return;
+        };
+        let Ok(mut waiting) = self.after_promise.lock() else {
+            return;
+        };
+        let first = waiting.is_empty();
+        waiting.insert(name.to_string());
+        if !first {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("cluster-promise".into())
+            .spawn(move || {
+                // A promise given meanwhile reaches further.
+                let mut until = Some(until);
+                while let Some(t) = until {
+                    std::thread::sleep(t.saturating_duration_since(Instant::now()));
+                    until = me.quorum.promised();
+                }
+                let names = me
+                    .after_promise
+                    .lock()
+                    .map(|mut w| std::mem::take(&mut *w))
+                    .unwrap_or_default();
+                for n in names {
+                    me.send(Work::Domain(n));
+                }
+            });
+    }
+
     /// Whether the last fence stopped `name` (forgetting it).
     fn take_fenced(&self, name: &str) -> bool {
         self.fenced_names.lock().is_ok_and(|mut f| f.remove(name))
@@ -861,6 +1030,17 @@ impl Cluster {
             .domains
             .iter()
             .filter(|(_, (r, _))| !state.hosts.contains_key(&r.host))
+            .filter(|(n, (r, _))| {
+                let ok = self.quorum.may_take_over(&r.host);
+                if !ok {
+                    tracing::debug!(
+                        domain = %n, host = %r.host,
+                        "not evacuated by this host: it promised other hosts to take nothing \
+                         over, or did not see that host alive a lease after joining"
+                    );
+                }
+                ok
+            })
             .map(|(n, (r, rev))| (n.clone(), r.clone(), *rev))
             .collect();
         // Each move is a transaction of its own: the domains that should run go first,
@@ -881,8 +1061,11 @@ impl Cluster {
     /// Reads everything under [`PREFIX`] in one consistent read.
     pub fn state(&self) -> Result<State> {
         let mut c = self.client();
+        let t0 = Instant::now();
         let r = self.call(c.get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix())))?;
-        Ok(State::from_response(&r))
+        let s = State::from_response(&r);
+        self.quorum.saw(&s, &self.opts.host, t0);
+        Ok(s)
     }
 
     /// The live hosts a domain may go to now, leaving out `except`.
@@ -1109,9 +1292,13 @@ impl Cluster {
             return Ok(Vec::new());
         }
         let state = self.state()?;
-        let Some(h) = state.hosts.get(host).cloned() else {
+        // A host whose lease is gone, with domains still placed on it, which this host
+        // did not evacuate (see `quorum`): whoever drains it says it is down, so its
+        // records move (nothing runs there to migrate).
+        let h = state.hosts.get(host).cloned();
+        if h.is_none() && !state.domains.values().any(|(r, _)| r.host == host) {
             return Err(Error::not_found("host", host));
-        };
+        }
         self.call(c.put(k, "on", None))?;
         let mut moved = Vec::new();
         let mut not_live = BTreeMap::new();
@@ -1128,10 +1315,10 @@ impl Cluster {
             .map(|(r, _)| r.def.name.clone())
             .collect();
         for name in running {
-            let live = if host == self.opts.host {
-                self.migrate_live(&name, None)
-            } else {
-                self.forward_migrate(&h, &name, None)
+            let live = match &h {
+                _ if host == self.opts.host => self.migrate_live(&name, None),
+                Some(h) => self.forward_migrate(h, &name, None),
+                None => Err(Error::Conflict(format!("host {host}'s lease is gone"))),
             };
             match live {
                 Ok(v) => moved.push(Moved {
