@@ -1654,3 +1654,136 @@ fn a_volume_is_copied_on_first_use_once_per_host() {
         || c.host(&h).running().contains_key(name),
     );
 }
+
+/// An overlay network must be defined alike on every host: a definition that differs
+/// from another host's (VNI, address) is refused at net-define, and at net-start when
+/// the two were defined while the hosts could not see each other's.
+#[test]
+fn overlay_definitions_that_differ_between_hosts_are_refused() {
+    let mut c = Cluster::start("ovdef");
+    let def = |h: usize, name: &str, addr: &str, vni: &str| {
+        c.hosts[h].cli(&[
+            "net-define",
+            name,
+            "--address",
+            addr,
+            "--no-nat",
+            "--vni",
+            vni,
+        ])
+    };
+    assert!(def(0, "ovx", "10.253.0.1/24", "6001").status.success());
+    wait_until("h0 announces ovx", Duration::from_secs(20), || {
+        let v = c.hosts[1].json(&["host-info", "h0"]);
+        v["host"]["overlays"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|o| o["name"] == "ovx"))
+    });
+    let e = c.hosts[1].fails(&[
+        "net-define",
+        "ovx",
+        "--address",
+        "10.253.0.1/24",
+        "--no-nat",
+        "--vni",
+        "6002",
+    ]);
+    assert!(
+        e.contains("defined on host h0 with VNI 6001") && e.contains("here with VNI 6002"),
+        "{e}"
+    );
+    let e = c.hosts[1].fails(&[
+        "net-define",
+        "ovx",
+        "--address",
+        "10.254.0.1/24",
+        "--no-nat",
+        "--vni",
+        "6001",
+    ]);
+    assert!(
+        e.contains("address 10.253.0.1/24") && e.contains("10.254.0.1/24"),
+        "{e}"
+    );
+    let e = c.hosts[2].fails(&[
+        "net-define",
+        "ovy",
+        "--address",
+        "10.252.0.1/24",
+        "--no-nat",
+        "--vni",
+        "6001",
+    ]);
+    assert!(
+        e.contains("VNI 6001 is network \"ovx\"'s on host h0"),
+        "{e}"
+    );
+    // Alike: accepted.
+    assert!(def(1, "ovx", "10.253.0.1/24", "6001").status.success());
+    // Two definitions made apart (h0 down meanwhile): the one started second is refused.
+    c.hosts[0].kill9();
+    wait_until("h0's record gone", Duration::from_secs(30), || {
+        c.placement(2).len() == 2
+    });
+    c.hosts[2].ok(&[
+        "net-define",
+        "ovz",
+        "--address",
+        "10.249.0.1/24",
+        "--no-nat",
+        "--vni",
+        "6100",
+    ]);
+    // Meanwhile h0's daemon runs outside the cluster and defines ovz otherwise.
+    let mut h0 = c.hosts.remove(0);
+    let solo = h0.dir.join("solo.sock");
+    let mut d = Command::new(EXE)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&solo)
+        .arg("--state-dir")
+        .arg(h0.dir.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("h0's daemon alone answers", Duration::from_secs(20), || {
+        UnixStream::connect(&solo).is_ok()
+    });
+    let o = Command::new(EXE)
+        .arg("--socket")
+        .arg(&solo)
+        .args([
+            "net-define",
+            "ovz",
+            "--address",
+            "10.249.0.1/24",
+            "--no-nat",
+            "--vni",
+            "6101",
+        ])
+        .output()
+        .unwrap();
+    kill(d.id() as i32, libc::SIGKILL);
+    let _ = d.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.spawn(&mut h0);
+    c.hosts.insert(0, h0);
+    wait_until("h0 back, announcing ovz", Duration::from_secs(30), || {
+        let o = c.hosts[2].cli(&["--json", "host-info", "h0"]);
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| {
+            v["host"]["overlays"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|o| o["name"] == "ovz"))
+        })
+    });
+    for (h, other, here, there) in [(0, "h2", "6101", "6100"), (2, "h0", "6100", "6101")] {
+        let e = c.hosts[h].fails(&["net-start", "ovz"]);
+        assert!(
+            e.contains(&format!("defined on host {other} with VNI {there}"))
+                && e.contains(&format!("here with VNI {here}")),
+            "{e}"
+        );
+    }
+}

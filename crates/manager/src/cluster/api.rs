@@ -112,6 +112,20 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
                 ))),
             }
         }
+        ("POST", ["networks"]) => {
+            // A body that does not parse is the host's API's to refuse.
+            match serde_json::from_slice::<crate::network::NetworkDef>(&req.body) {
+                Ok(def) => check_network(c, &def).map(|()| None),
+                Err(_) => Ok(None),
+            }
+        }
+        ("POST", ["networks", name, "start"]) => {
+            let defs = api.m.store.list_networks()?;
+            match defs.iter().find(|d| d.name == *name) {
+                Some(def) => check_network(c, def).map(|()| None),
+                None => Ok(None),
+            }
+        }
         ("POST", ["domains"]) => {
             if c.is_fenced() {
                 return Err(Error::Cluster(format!(
@@ -178,6 +192,22 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
             }
         }
         _ => Ok(None),
+    }
+}
+
+/// Refuses to define or start a network here that another host defines otherwise (see
+/// [`super::overlay::mismatch`]). An overlay network needs etcd's answer; one of this
+/// host alone goes ahead when etcd does not answer.
+fn check_network(c: &Cluster, def: &crate::network::NetworkDef) -> Result<()> {
+    let state = match c.state() {
+        Ok(s) => s,
+        Err(e) if def.vni.is_some() => return Err(e),
+        Err(_) => return Ok(()),
+    };
+    let hosts: Vec<super::HostRecord> = state.hosts.into_values().collect();
+    match super::overlay::mismatch(def, &c.opts.host, &hosts) {
+        Some(why) => Err(Error::Conflict(why)),
+        None => Ok(()),
     }
 }
 

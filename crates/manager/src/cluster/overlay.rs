@@ -204,10 +204,124 @@ pub fn allocate(def: &NetworkDef, mac: &str, taken: &BTreeSet<Ipv4Addr>) -> Resu
         })
 }
 
+/// Why `def`, about to be defined or started on host `me`, does not match what the other
+/// hosts announce (None when it does): an overlay network is one layer-2 network across
+/// the hosts, so each host must define it alike: the same VNI and the same gateway
+/// address and prefix. A VNI is one network's only, and a network without a VNI may not
+/// take the name of another host's overlay.
+pub fn mismatch(
+    def: &NetworkDef,
+    me: &str,
+    hosts: &[crate::cluster::HostRecord],
+) -> Option<String> {
+    let show = |n: &NetworkDef| match n.vni {
+        Some(v) => format!("VNI {v}, address {}", n.address),
+        None => format!(
+            "no VNI (a network of that host alone), address {}",
+            n.address
+        ),
+    };
+    let subnet = |n: &NetworkDef| n.subnet().ok().map(|(gw, pfx, _)| (gw, pfx));
+    for h in hosts.iter().filter(|h| h.name != me) {
+        let local =
+            h.networks.contains(&def.name) && !h.overlays.iter().any(|o| o.name == def.name);
+        if local && def.vni.is_some() {
+            return Some(format!(
+                "network {:?} is defined on host {} without a VNI (a network of that host \
+                 alone), and here with {}: an overlay network must be defined alike on every \
+                 host (undefine it there, or name this one otherwise)",
+                def.name,
+                h.name,
+                show(def)
+            ));
+        }
+        for o in &h.overlays {
+            if o.name == def.name && (o.vni != def.vni || subnet(o) != subnet(def)) {
+                return Some(format!(
+                    "network {:?} is defined on host {} with {}, and here with {}: an overlay \
+                     network must be defined alike on every host (undefine it here, or there, \
+                     and define it again with the same VNI and address)",
+                    def.name,
+                    h.name,
+                    show(o),
+                    show(def)
+                ));
+            }
+            if o.name != def.name && o.vni.is_some() && o.vni == def.vni {
+                return Some(format!(
+                    "VNI {} is network {:?}'s on host {}: each overlay network needs a VNI of \
+                     its own (give {:?} another, or name it {:?} with that network's definition)",
+                    o.vni.unwrap_or_default(),
+                    o.name,
+                    h.name,
+                    def.name,
+                    o.name
+                ));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::network::{DhcpHost, DhcpRange};
+
+    fn net(name: &str, address: &str, vni: Option<u32>) -> NetworkDef {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "address": address, "vni": vni}))
+        .unwrap()
+    }
+
+    fn host(name: &str, overlays: Vec<NetworkDef>) -> crate::cluster::HostRecord {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "vcpus": 1, "memory_mib": 1, "accelerators": [], "pools": [],
+            "networks": [], "api": "", "overlays": overlays}))
+        .unwrap()
+    }
+
+    #[test]
+    fn overlay_definitions_must_match_across_hosts() {
+        let hosts = vec![
+            host("h0", vec![net("ov", "10.1.0.1/24", Some(5001))]),
+            host("h1", vec![]),
+        ];
+        assert_eq!(
+            mismatch(&net("ov", "10.1.0.1/24", Some(5001)), "h1", &hosts),
+            None
+        );
+        // Its own record does not count.
+        assert_eq!(
+            mismatch(&net("ov", "10.9.0.1/24", Some(7)), "h0", &hosts),
+            None
+        );
+        let e = mismatch(&net("ov", "10.1.0.1/24", Some(5002)), "h1", &hosts).unwrap();
+        assert!(
+            e.contains("host h0 with VNI 5001") && e.contains("here with VNI 5002"),
+            "{e}"
+        );
+        let e = mismatch(&net("ov", "10.2.0.1/24", Some(5001)), "h1", &hosts).unwrap();
+        assert!(
+            e.contains("address 10.1.0.1/24") && e.contains("address 10.2.0.1/24"),
+            "{e}"
+        );
+        let e = mismatch(&net("ov", "10.1.0.1/16", Some(5001)), "h1", &hosts).unwrap();
+        assert!(e.contains("10.1.0.1/16"), "{e}");
+        let e = mismatch(&net("ov", "10.1.0.1/24", None), "h1", &hosts).unwrap();
+        assert!(e.contains("no VNI"), "{e}");
+        let e = mismatch(&net("other", "10.3.0.1/24", Some(5001)), "h1", &hosts).unwrap();
+        assert!(e.contains("VNI 5001 is network \"ov\"'s on host h0"), "{e}");
+        assert_eq!(
+            mismatch(&net("other", "10.3.0.1/24", None), "h1", &hosts),
+            None
+        );
+        // A network of h1 alone named as the overlay h2 defines.
+        let mut h1 = host("h1", vec![]);
+        h1.networks.push("ov".into());
+        let e = mismatch(&net("ov", "10.1.0.1/24", Some(5001)), "h2", &[h1]).unwrap();
+        assert!(e.contains("on host h1 without a VNI"), "{e}");
+    }
 
     #[test]
     fn addresses_are_fixed_leases_or_the_lowest_free() {
