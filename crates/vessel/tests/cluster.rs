@@ -1655,6 +1655,230 @@ fn a_volume_is_copied_on_first_use_once_per_host() {
     );
 }
 
+/// What a guest whose runs are counted writes (spaces as `+`): its boot's id and a
+/// counter, to the start of its disk (a file in the shared folder), every 0.2 s.
+const BOOT_TOKEN: &str = "vessel.run=b=$(head+-c+8+/proc/sys/kernel/random/boot_id);i=0;\
+    while+true;do+i=$((i-(-1)));echo+tok+$b+$i+>/dev/vda;sync;sleep+0.2;done";
+
+/// `(boot id, counter)` at the start of a guest's disk.
+fn boot_token(disk: &Path) -> Option<(String, u64)> {
+    let b = std::fs::read(disk).ok()?;
+    let line = String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned();
+    let mut w = line.lines().next()?.strip_prefix("tok ")?.split(' ');
+    let boot = w.next()?.to_string();
+    let n = w.next()?.parse().ok()?;
+    (boot.len() == 8).then_some((boot, n))
+}
+
+/// Samples the tokens of `disks` every 100 ms until `stop`; returns each disk's
+/// sequence of distinct samples.
+fn watch_tokens(
+    disks: Vec<PathBuf>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Vec<(String, u64)>>> {
+    std::thread::spawn(move || {
+        let mut seen: Vec<Vec<(String, u64)>> = vec![Vec::new(); disks.len()];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            for (d, s) in disks.iter().zip(seen.iter_mut()) {
+                if let Some(t) = boot_token(d) {
+                    if s.last() != Some(&t) {
+                        s.push(t);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    })
+}
+
+/// A guest ran once at a time: once a boot has written, no earlier boot writes again,
+/// and each boot's counter only grows.
+fn ran_once_at_a_time(samples: &[(String, u64)]) -> Result<(), String> {
+    let mut boots: Vec<&str> = Vec::new();
+    let mut last: Option<&(String, u64)> = None;
+    for t in samples {
+        match boots.iter().position(|b| *b == t.0) {
+            Some(i) if i + 1 != boots.len() => {
+                return Err(format!(
+                    "boot {} wrote again after boot {}: {samples:?}",
+                    t.0,
+                    boots[boots.len() - 1]
+                ))
+            }
+            Some(_) => {
+                if last.is_some_and(|l| l.0 == t.0 && l.1 > t.1) {
+                    return Err(format!(
+                        "the counter of boot {} went back: {samples:?}",
+                        t.0
+                    ));
+                }
+            }
+            None => boots.push(&t.0),
+        }
+        last = Some(t);
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// A Linux guest under emu writing [`BOOT_TOKEN`] to a raw disk in the shared
+    /// folder, defined through host `via`; returns its host and its disk.
+    fn define_token_writer(&self, via: usize, name: &str) -> (String, PathBuf) {
+        let a = common::assets();
+        let disk = self.dir.join(format!("shared/{name}.raw"));
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let def = json!({"name": name, "driver": "vessel",
+            "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                   "cmdline": format!("console=ttyS0 panic=-1 quiet {BOOT_TOKEN}"),
+                   "memory_mib": 256, "accel": "emu",
+                   "disks": [{"path": disk, "format": "raw"}]}});
+        let f = self.dir.join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).unwrap();
+        let v = self.hosts[via].json(&["define", f.to_str().unwrap()]);
+        (v["host"].as_str().unwrap_or_default().to_string(), disk)
+    }
+
+    /// Kills host `i` at once, as a machine that dies: its daemon and every process in
+    /// its network namespace (its VMMs, its watchdog) with SIGKILL, then the namespace.
+    fn kill_host_and_namespace(&mut self, i: usize) {
+        let ns = self.hosts[i].ns.clone().expect("a host in a namespace");
+        self.hosts[i].kill9();
+        let o = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            if let Ok(p) = pid.parse::<i32>() {
+                kill(p, libc::SIGKILL);
+            }
+        }
+        let st = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns del {ns}");
+    }
+}
+
+/// The issue's scenario: SIGKILL of a host's daemon and of its namespace (everything in
+/// it) → its running domains run again on the others within 30 s, and no domain ever
+/// runs twice, as the guests themselves show: each writes its boot's id and a counter to
+/// its disk on shared storage, and once a new boot writes, no earlier one does.
+#[test]
+fn a_killed_host_and_namespace_are_evacuated_and_no_guest_runs_twice() {
+    let mut c = Cluster::start_in_netns("kns");
+    let joined = Instant::now();
+    // Spread placement: one guest on each of two hosts.
+    let (h_a, disk_a) = c.define_token_writer(0, "tok-a");
+    let (h_b, disk_b) = c.define_token_writer(1, "tok-b");
+    assert_ne!(h_a, h_b);
+    for d in ["tok-a", "tok-b"] {
+        let v = c.hosts[2].json(&["start", d]);
+        assert_eq!(v["state"], "running", "{v}");
+    }
+    let t = Instant::now();
+    for d in [&disk_a, &disk_b] {
+        wait_until(
+            "the guests write their tokens",
+            Duration::from_secs(180),
+            || boot_token(d).is_some_and(|(_, n)| n >= 3),
+        );
+    }
+    eprintln!("guests writing after {:?}", t.elapsed());
+    let boot_a = boot_token(&disk_a).unwrap().0;
+    let boot_b = boot_token(&disk_b).unwrap().0;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = watch_tokens(vec![disk_a.clone(), disk_b.clone()], stop.clone());
+    // See killed_host_is_evacuated_once_and_lost_quorum_changes_nothing.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(joined.elapsed()));
+
+    let victim = c.hosts.iter().position(|h| h.name == h_a).unwrap();
+    c.kill_host_and_namespace(victim);
+    let t0 = Instant::now();
+    wait_until(
+        &format!("tok-a running again on a host other than {h_a}"),
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.get("tok-a").is_some_and(|h| h[0] != h_a)
+        },
+    );
+    eprintln!("evacuated (its VMM runs) in {:?}", t0.elapsed());
+    wait_until("tok-a's new boot writes", Duration::from_secs(180), || {
+        boot_token(&disk_a).is_some_and(|(b, n)| b != boot_a && n >= 5)
+    });
+    eprintln!("tok-a writes again {:?} after the kill", t0.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    // The guest on a host that lived ran on untouched.
+    assert!(
+        boot_token(&disk_b).is_some_and(|(b, _)| b == boot_b),
+        "tok-b rebooted"
+    );
+    assert_eq!(c.runner("tok-b"), h_b);
+
+    // h_b cut off from everything (its uplink down): it reaches neither etcd nor the
+    // other host, so nothing lets it hold on: it stops tok-b before its lease can
+    // expire, and the last host runs tok-b, which never runs on both.
+    let cut = c.hosts.iter().position(|h| h.name == h_b).unwrap();
+    let ns = c.hosts[cut].ns.clone().unwrap();
+    Netns::ip(&ns, &["link", "set", "uplink", "down"]);
+    let t1 = Instant::now();
+    wait_until(
+        &format!("tok-b running on a host other than {h_b}"),
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            now.get("tok-b").is_some_and(|h| h[0] != h_b)
+        },
+    );
+    eprintln!(
+        "cut-off host's domain runs elsewhere after {:?}",
+        t1.elapsed()
+    );
+    wait_until("tok-b's new boot writes", Duration::from_secs(180), || {
+        boot_token(&disk_b).is_some_and(|(b, n)| b != boot_b && n >= 5)
+    });
+    assert!(
+        c.hosts[cut].log().contains("fencing this host"),
+        "{}",
+        c.hosts[cut].log()
+    );
+    Netns::ip(&ns, &["link", "set", "uplink", "up"]);
+    wait_until(
+        "the cut-off host registers again",
+        Duration::from_secs(30),
+        || c.placement(cut).len() == 2,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = sampler.join().unwrap();
+    for (d, s) in ["tok-a", "tok-b"].iter().zip(&seen) {
+        if let Err(e) = ran_once_at_a_time(s) {
+            panic!("{d}: {e}");
+        }
+        assert!(
+            s.iter()
+                .map(|(b, _)| b)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 2,
+            "{d}: {s:?}"
+        );
+    }
+    assert_eq!(c.runners().len(), 2, "{:?}", c.runners());
+}
+
+#[test]
+fn boot_tokens_show_a_guest_that_ran_twice() {
+    let t = |b: &str, n| (b.to_string(), n);
+    assert!(ran_once_at_a_time(&[t("aaaaaaaa", 1), t("aaaaaaaa", 2), t("bbbbbbbb", 1)]).is_ok());
+    assert!(ran_once_at_a_time(&[t("aaaaaaaa", 1), t("bbbbbbbb", 1), t("aaaaaaaa", 2)]).is_err());
+    assert!(ran_once_at_a_time(&[t("aaaaaaaa", 2), t("aaaaaaaa", 1)]).is_err());
+}
+
 /// An overlay network must be defined alike on every host: a definition that differs
 /// from another host's (VNI, address) is refused at net-define, and at net-start when
 /// the two were defined while the hosts could not see each other's.
