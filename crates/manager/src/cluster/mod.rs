@@ -114,8 +114,9 @@ pub struct Cluster {
     /// again, they start again here (their `running/N` keys are still this host's).
     fenced_names: Mutex<BTreeSet<String>>,
     work: Mutex<mpsc::Sender<Work>>,
-    /// Domains whose start waits for this host's promise to run out.
-    after_promise: Mutex<BTreeSet<String>>,
+    /// Domains whose start waits for this host's promise to run out (None: an
+    /// evacuation, which a whole pass does).
+    after_promise: Mutex<BTreeSet<Option<String>>>,
     /// The record this host last wrote to etcd (it is written again when it changes).
     announced: Mutex<Option<HostRecord>>,
 }
@@ -793,7 +794,7 @@ impl Cluster {
                     // Another host may keep its VMMs on this host's promise: nothing is
                     // taken over here until it has run out.
                     tracing::info!(domain = %name, "not started yet: this host promised to take nothing over for a while");
-                    self.retry_after_promise(name);
+                    self.retry_after_promise(Some(name));
                 } else if r.running
                     && !active
                     && free
@@ -944,9 +945,9 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Reconciles `name` again once this host's promise has run out (one thread for
-    /// all the domains waiting on it).
-    fn retry_after_promise(self: &Arc<Self>, name: &str) {
+    /// Reconciles `name` (None: everything) again once this host's promise has run out
+    /// (one thread for all that waits on it).
+    fn retry_after_promise(self: &Arc<Self>, name: Option<&str>) {
         let Some(until) = self.quorum.promised() else {
             return;
         };
@@ -954,7 +955,7 @@ impl Cluster {
             return;
         };
         let first = waiting.is_empty();
-        waiting.insert(name.to_string());
+        waiting.insert(name.map(str::to_string));
         if !first {
             return;
         }
@@ -974,7 +975,7 @@ impl Cluster {
                     .map(|mut w| std::mem::take(&mut *w))
                     .unwrap_or_default();
                 for n in names {
-                    me.send(Work::Domain(n));
+                    me.send(n.map_or(Work::Resync, Work::Domain));
                 }
             });
     }
@@ -1025,12 +1026,17 @@ impl Cluster {
 
     /// Moves the domains of hosts that are gone (lease expired) to live ones. Every
     /// daemon may try; the compare-and-swap on each record lets one of them win.
-    fn evacuate(&self, state: &State) {
+    fn evacuate(self: &Arc<Self>, state: &State) {
+        let mut promised = false;
         let mut lost: Vec<(String, DomainRecord, i64)> = state
             .domains
             .iter()
             .filter(|(_, (r, _))| !state.hosts.contains_key(&r.host))
             .filter(|(n, (r, _))| {
+                if self.quorum.promised().is_some() {
+                    promised = true;
+                    return false;
+                }
                 let ok = self.quorum.may_take_over(&r.host);
                 if !ok {
                     tracing::debug!(
@@ -1043,6 +1049,10 @@ impl Cluster {
             })
             .map(|(n, (r, rev))| (n.clone(), r.clone(), *rev))
             .collect();
+        if promised {
+            // Nothing else brings evacuation back once the promise has run out.
+            self.retry_after_promise(None);
+        }
         // Each move is a transaction of its own: the domains that should run go first,
         // so that a host with many shut-off records does not hold its running ones back.
         lost.sort_by_key(|(_, r, _)| !r.running);
