@@ -919,6 +919,7 @@ fn killed_host_is_evacuated_once_and_lost_quorum_changes_nothing() {
             e.contains("etcd has lost its quorum") && e.contains("read-only"),
             "{args:?}: {e}"
         );
+        eprintln!("without quorum, {} failed in {:?}", args[0], t.elapsed());
         assert!(
             t.elapsed() < Duration::from_secs(12),
             "{args:?} took {:?}",
