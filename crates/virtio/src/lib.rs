@@ -204,12 +204,30 @@ pub trait VirtioDevice: Send {
         Ok(None)
     }
     /// The VM was restored (from a snapshot or a migration) with the driver running:
-    /// the queue to run once before the guest does, for what the device must tell the
-    /// driver about the move (vsock's transport reset), if any.
-    fn restored(&mut self) -> Option<usize> {
-        None
+    /// the queues to run once before the guest does, for what the device must tell the
+    /// driver about the move (vsock's transport reset) or give it (a NIC's held frame).
+    fn restored(&mut self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// Frames the device took from the host and holds for the driver (a NIC's received
+    /// frame that found no free receive buffer, or that its rate limiter held back),
+    /// which the host cannot send again: a snapshot keeps them. Empty for devices that
+    /// hold none.
+    fn held_frames(&self) -> Vec<HeldFrame> {
+        Vec::new()
+    }
+    /// A restore's [`VirtioDevice::held_frames`], before the VM runs. Refused, with the
+    /// reason and nothing changed, when the device cannot hold them (a queue pair it
+    /// lacks, two frames for one pair, a length no frame has).
+    fn hold_frames(&mut self, frames: &[HeldFrame]) -> Result<(), String> {
+        match frames.is_empty() {
+            true => Ok(()),
+            false => Err("this device holds no frames".into()),
+        }
     }
 }
+
+pub use transport::HeldFrame;
 
 /// Host descriptors a device hands to a migration's destination ([`VirtioDevice::host_handles`]).
 #[derive(Debug)]

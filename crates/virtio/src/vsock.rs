@@ -595,10 +595,10 @@ impl VirtioDevice for Vsock {
         self.reset_pending = false;
     }
 
-    fn restored(&mut self) -> Option<usize> {
+    fn restored(&mut self) -> Vec<usize> {
         // The host ends of the guest's connections stayed with the VMM it left.
         self.reset_pending = true;
-        Some(EVENT_QUEUE)
+        vec![EVENT_QUEUE]
     }
 
     fn process_queue(
@@ -776,7 +776,7 @@ mod tests {
         assert!(Vsock::from_listener_fd(3, &p, null()).is_err());
         assert!(crate::tap::Tap::from_fd("vtap0", null()).is_err());
         let mut v = Vsock::from_listener_fd(3, &p, fd()).unwrap();
-        assert_eq!(v.restored(), Some(EVENT_QUEUE));
+        assert_eq!(v.restored(), vec![EVENT_QUEUE]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -60,6 +60,46 @@ impl From<QueueSnapshot> for QueueState {
     }
 }
 
+/// A frame a NIC holds for its driver ([`crate::VirtioDevice::held_frames`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldFrame {
+    /// The queue pair whose receive queue it waits for.
+    pub pair: u16,
+    /// The frame as the host gave it, its virtio-net header first; hex in the JSON.
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// Bytes as a string of hex digits (two a byte), not JSON's array of numbers.
+mod hex_bytes {
+    use serde::de::Error;
+    use serde::Deserialize;
+
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(2 * b.len());
+        for x in b {
+            out.push(char::from(DIGITS[usize::from(x >> 4)]));
+            out.push(char::from(DIGITS[usize::from(x & 15)]));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let t = String::deserialize(d)?;
+        let digit = |c: u8| char::from(c).to_digit(16).map(|v| v as u8);
+        t.as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [h, l] => digit(*h).zip(digit(*l)).map(|(h, l)| h << 4 | l),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| D::Error::custom("not an even number of hex digits"))
+    }
+}
+
 /// A device and its queues, whatever the transport.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoreSnapshot {
@@ -75,6 +115,10 @@ pub struct CoreSnapshot {
     /// for other devices, and in snapshots from before it was saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_pairs: Option<u16>,
+    /// Frames the device held for the driver (a NIC's); absent when none, and in
+    /// snapshots from before they were kept (whose held frame was dropped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_frames: Vec<HeldFrame>,
 }
 
 /// Why a device refused a snapshot's state.
@@ -104,6 +148,8 @@ pub enum RestoreError {
     Transport { device_type: u32, why: String },
     #[error("the snapshot's device of type {device_type} acked features {features:#x} this device does not offer")]
     Features { device_type: u32, features: u64 },
+    #[error("the snapshot's device of type {device_type} held frames this one cannot: {why}")]
+    HeldFrames { device_type: u32, why: String },
 }
 
 impl DeviceCore {
@@ -125,6 +171,7 @@ impl DeviceCore {
             config_generation: st.config_generation,
             interrupt_status: self.interrupt_status.load(Ordering::Acquire),
             queue_pairs: st.device.queue_pairs_in_use(),
+            held_frames: st.device.held_frames(),
         }
     }
 
@@ -175,6 +222,10 @@ impl DeviceCore {
             let queue = Queue::try_from(QueueState::from(*q)).map_err(|e| bad(e.to_string()))?;
             queues.push(queue);
         }
+        // Last of the checks: the device takes the frames only when it takes them all.
+        st.device
+            .hold_frames(&snap.held_frames)
+            .map_err(|why| RestoreError::HeldFrames { device_type, why })?;
         st.queues = queues;
         st.signalled = snap.signalled.clone();
         st.driver_features = snap.driver_features;
@@ -205,14 +256,14 @@ impl DeviceCore {
     /// Once a restored VM is built, before its vCPUs run: runs the queue the device asks
     /// for to tell a running driver about the move ([`crate::VirtioDevice::restored`]).
     pub fn after_restore(&self) {
-        let queue = {
+        let queues = {
             let mut st = self.lock();
             if st.status & status::DRIVER_OK == 0 {
                 return;
             }
             st.device.restored()
         };
-        if let Some(q) = queue {
+        for q in queues {
             self.process_queue(q);
         }
     }
