@@ -5220,3 +5220,119 @@ fn qcow2_over_raw(path: &Path, backing: &str, size: u64) {
     )
     .unwrap();
 }
+
+/// Issue 17: a live migration between daemons whose destination VMM dies part-way
+/// (stopped as soon as it listens, so the stream stalls after its first buffers, then
+/// killed) fails at the source with a
+/// message and leaves both daemons as they were: the domain runs on at the source, its
+/// count going on without a gap or repeat, with the same VMM and no relay socket left in
+/// its run folder; the destination, which defined the domain for the migration, has it
+/// undefined again, with no VMM and no run folder. The domain then migrates.
+fn failed_migration_between_daemons(tag: &str, def: Value) {
+    let name = def["name"].as_str().unwrap().to_string();
+    let src = Daemon::start(&format!("{tag}src"));
+    let dst = Daemon::start(&format!("{tag}dst"));
+    let (at_src, at_dst) = (src.client(), dst.client());
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src
+        .post(&format!("/v1/domains/{name}/start"), None)
+        .unwrap();
+    wait_count(&at_src, &name, 3, "first boot");
+    let source = src.run_pids();
+    assert_eq!(source.len(), 1, "{source:?}");
+    let listening = dst.dir.join("state/run").join(&name).join("incoming.sock");
+
+    let cmd = {
+        let (sock, name, dest) = (src.socket(), name.clone(), dst.socket());
+        std::thread::spawn(move || {
+            Command::new(EXE)
+                .arg("--socket")
+                .arg(sock)
+                .args(["migrate", &name, "--live"])
+                .arg(dest)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let t0 = Instant::now();
+    let dest_vmm = loop {
+        if let Some(&p) = dst.run_pids().first() {
+            if listening.exists() {
+                break p;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60) && !cmd.is_finished(),
+            "the migration never got going:\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    kill(dest_vmm, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !cmd.is_finished(),
+        "the migration ended with its destination stopped"
+    );
+    kill(dest_vmm, libc::SIGKILL);
+    let o = cmd.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the migration did not fail: {err}"
+    );
+    eprintln!("the failed migration: {err}");
+
+    assert_eq!(state(&at_src, &name), "running");
+    assert_eq!(src.run_pids(), source, "the source's VMM changed");
+    let now = *counts(&at_src, &name).last().unwrap();
+    wait_count(&at_src, &name, now + 3, "after the failed migration");
+    let run = src.dir.join("state/run").join(&name);
+    assert!(
+        !run.join("migrate.sock").exists(),
+        "the relay socket stayed in {}",
+        run.display()
+    );
+    let t0 = Instant::now();
+    while at_dst.get(&format!("/v1/domains/{name}")).is_ok() || !dst.run_pids().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the destination kept the domain or a VMM: {:?} {:?}",
+            at_dst.get(&format!("/v1/domains/{name}")),
+            dst.run_pids()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = dst.dir.join("state/run").join(&name);
+    assert!(!left.exists(), "the destination kept {}", left.display());
+
+    // Nothing left in the way: the domain migrates, and counts on there.
+    let out = src.ok(&["migrate", &name, "--live", dst.socket().to_str().unwrap()]);
+    assert!(out.contains("migrated"), "{out}");
+    wait_state(&at_src, &name, "shutoff", Duration::from_secs(10));
+    let last = *counts(&at_src, &name).last().unwrap();
+    wait_count(&at_dst, &name, last + 3, "at the destination");
+    let both = parse_counts(&format!(
+        "{}{}",
+        serial_log(&at_src, &name),
+        serial_log(&at_dst, &name)
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on: {both:?}"
+    );
+    dst.ok(&["destroy", &name]);
+}
+
+#[test]
+fn vessel_domain_survives_a_migration_whose_destination_dies() {
+    failed_migration_between_daemons("fmig", counting_vessel_domain("survivor"));
+}
+
+#[test]
+fn qemu_domain_survives_a_migration_whose_destination_dies() {
+    require_qemu();
+    failed_migration_between_daemons("qfmig", qemu_domain("qsurvivor", COUNTING));
+}

@@ -2085,3 +2085,300 @@ fn vsock_connections_reset_and_new_ones_work_after_restore_and_live_migration() 
     ping(5003, &mut vm3, 0);
     let _ = held.shutdown(std::net::Shutdown::Both);
 }
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this test started and has not reaped; no memory.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Starts `PUT /migration/send` to `to` on a thread; its answer comes from the handle.
+fn migrate_in_background(
+    from: &Path,
+    to: &str,
+) -> std::thread::JoinHandle<(u16, serde_json::Value, Duration)> {
+    let (from, body) = (
+        from.to_path_buf(),
+        format!(r#"{{"destination_url": "{to}"}}"#),
+    );
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let (s, v) = api(&from, "PUT", "/migration/send", Some(&body));
+        (s, v, t0.elapsed())
+    })
+}
+
+/// Issue 17: live migrations that fail part-way leave the source VM as it was. The
+/// destination VMM killed while it reads the first round; a destination that closes the
+/// stream after a megabyte; one that takes the whole stream, the guest stopped at the
+/// source, and closes without an answer (a destination that died while building the VM);
+/// a socket nobody listens on any more. Each time the source answers 400 within seconds
+/// and goes on: the guest runs (its count goes on without a gap or repeat), the API
+/// answers, the disk's image lock is held again, the vsock socket answers and the
+/// guest's vsock connection to the host is still open at both ends. Then the VM still
+/// migrates. A destination whose source breaks off the stream ends with an error and
+/// leaves no socket behind.
+#[test]
+fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let a = assets();
+    let dir = TempDir::new("migfail");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest-src/vsock-test.c");
+    let initrd = common::initramfs_with_program(dir.path(), &src, "vsock-test", &[]);
+    let uds = dir.path().join("v.sock");
+    let s1 = dir.path().join("api1.sock");
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    let vsock_arg = format!("cid=3,uds={}", uds.display());
+    let mut vm = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        initrd.as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        s1.as_os_str(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
+        "--vsock".as_ref(),
+        vsock_arg.as_ref(),
+    ]);
+    vm.wait_for("vessel-init:", 0, BOOT);
+    let at = vm.wait_for("# ", 0, BOOT);
+    // RAM in use (so the first round is tens of MiB), a vsock connection the guest holds,
+    // a vsock listener, and the count.
+    vm.type_line(
+        "dd if=/dev/urandom of=/tmp/fill bs=1M count=32 2>/dev/null; \
+         /vsock-test hold 5000 & while true; do /vsock-test listen 5001; done & \
+         i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.1; done &",
+    );
+    vm.wait_for("HOLDING 5000", at, CMD);
+    vm.wait_for("LISTENING 5001", at, CMD);
+    vm.wait_for("tick 3 ", at, CMD);
+    let mut held = UnixStream::connect(&uds).unwrap();
+    held.set_read_timeout(Some(CMD)).unwrap();
+    held.write_all(b"CONNECT 5000\n").unwrap();
+    let mut held_r = BufReader::new(held.try_clone().unwrap());
+    let mut line = String::new();
+    held_r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "CONNECT 5000: {line:?}");
+    held.write_all(b"first").unwrap();
+    vm.wait_for("GUEST-HELD first", at, CMD);
+
+    // What must hold after each failure.
+    let mut goes_on = |vm: &mut Vm, what: &str| {
+        let (s, v) = api(&s1, "GET", "/vessel/status", None);
+        assert_eq!(s, 200, "{what}: {v}");
+        assert_eq!(v["state"], "Running", "{what}: {v}");
+        let last = ticks(&vm.text()).last().unwrap().0;
+        vm.wait_for(&format!("tick {} ", last + 3), 0, CMD);
+        let resize = vessel()
+            .args(["img", "resize"])
+            .arg(&disk)
+            .arg("8M")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&resize.stderr);
+        assert!(
+            !resize.status.success() && err.contains("in use"),
+            "{what}: the source's image lock was not taken back: {err}"
+        );
+        // The guest's listener answers at the same path (the guest starts it again after
+        // each connection: until then the device refuses); the held connection is open
+        // at both ends (nothing to read, no end of stream; the guest saw no reset).
+        let t0 = Instant::now();
+        loop {
+            let mut s = UnixStream::connect(&uds)
+                .unwrap_or_else(|e| panic!("{what}: the vsock socket: {e}"));
+            s.set_read_timeout(Some(CMD)).unwrap();
+            s.write_all(b"CONNECT 5001\n").unwrap();
+            let mut r = BufReader::new(s);
+            let mut ok = String::new();
+            let _ = r.read_line(&mut ok);
+            if ok.starts_with("OK ") {
+                break;
+            }
+            assert!(t0.elapsed() < CMD, "{what}: CONNECT 5001: {ok:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        held.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        let open = matches!(held_r.get_mut().read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        held.set_nonblocking(false).unwrap();
+        assert!(open, "{what}: the held vsock connection ended at the host");
+        let text = vm.text();
+        assert!(
+            !text.contains("GUEST-RESET") && !text.contains("GUEST-EOF"),
+            "{what}: the guest's vsock connection ended:\n{text}"
+        );
+    };
+    // The answer to a failed migration: a 400 that says `why`, soon.
+    let failed = |h: std::thread::JoinHandle<(u16, serde_json::Value, Duration)>, why: &str| {
+        let (s, v, took) = h.join().unwrap();
+        eprintln!("{why}: {s} {v} after {took:?}");
+        assert_eq!(s, 400, "{why}: {v}");
+        assert!(v.to_string().contains(why), "{why}: {v}");
+        assert!(took < CMD, "{why}: answered after {took:?}");
+    };
+
+    // 1. The destination VMM is killed part-way through the first round: the stream
+    //    goes through the test, which stops the destination once 4 MiB passed (so that
+    //    it cannot finish), then kills it.
+    let in1 = dir.path().join("in1.sock");
+    let front = dir.path().join("front.sock");
+    let mut dest = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", in1.display()).as_ref(),
+        "--serial".as_ref(),
+        "null".as_ref(),
+    ]);
+    wait_for_socket(&in1);
+    let pid = dest.child.0.id();
+    let l = UnixListener::bind(&front).unwrap();
+    let relay = std::thread::spawn(move || {
+        let (mut from, _) = l.accept().unwrap();
+        let mut to = UnixStream::connect(&in1).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut total, mut killed) = (0u64, false);
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            total += n as u64;
+            if total >= 4 << 20 && !killed {
+                signal(pid, libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(300));
+                signal(pid, libc::SIGKILL);
+                killed = true;
+            }
+        }
+        killed
+    });
+    let h = migrate_in_background(&s1, &format!("unix:{}", front.display()));
+    assert!(relay.join().unwrap(), "the stream ended before 4 MiB");
+    let _ = dest.child.0.wait();
+    failed(h, "the migration stream broke");
+    goes_on(&mut vm, "after the destination was killed");
+
+    // 2. A destination that closes the stream after 1 MiB.
+    let in2 = dir.path().join("in2.sock");
+    let l = UnixListener::bind(&in2).unwrap();
+    let closer = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        c.read_exact(&mut got).unwrap();
+    });
+    let h = migrate_in_background(&s1, &format!("unix:{}", in2.display()));
+    closer.join().unwrap();
+    failed(h, "the migration stream broke");
+    goes_on(&mut vm, "after the stream was closed");
+
+    // 3. A destination that reads the whole stream (the source then waits, the guest
+    //    stopped, for its answer) and closes without one.
+    let in3 = dir.path().join("in3.sock");
+    let l = UnixListener::bind(&in3).unwrap();
+    let silent = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        // Until the source has sent all and waits.
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let h = migrate_in_background(&s1, &format!("unix:{}", in3.display()));
+    let total = silent.join().unwrap();
+    assert!(total > 16 << 20, "the stream held {total} bytes");
+    failed(h, "closed the stream without answering");
+    goes_on(&mut vm, "after no answer came");
+
+    // 4. A socket file nobody listens on any more.
+    let in4 = dir.path().join("in4.sock");
+    drop(UnixListener::bind(&in4).unwrap());
+    let h = migrate_in_background(&s1, &format!("unix:{}", in4.display()));
+    failed(h, "Connection refused");
+    goes_on(&mut vm, "after the connection was refused");
+
+    // A destination whose source breaks off: it ends with an error and removes its
+    // socket; no API socket appears.
+    let in5 = dir.path().join("in5.sock");
+    let s5 = dir.path().join("api5.sock");
+    let mut broken = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", in5.display()).as_ref(),
+        "--serial".as_ref(),
+        "null".as_ref(),
+        "--api-sock".as_ref(),
+        s5.as_os_str(),
+    ]);
+    wait_for_socket(&in5);
+    {
+        let mut c = UnixStream::connect(&in5).unwrap();
+        let mut head = b"VESSELMG".to_vec();
+        head.extend(1u32.to_le_bytes());
+        head.extend(0u32.to_le_bytes());
+        head.push(1);
+        head.extend(1u32.to_le_bytes());
+        head.extend(0u64.to_le_bytes());
+        head.extend((64u64 << 20).to_le_bytes());
+        head.push(2);
+        head.extend(0u64.to_le_bytes());
+        head.extend(4u32.to_le_bytes());
+        head.extend(vec![0xaau8; 4096 * 2]);
+        c.write_all(&head).unwrap();
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = broken.child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < CMD,
+            "the destination waits on a broken stream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "a destination without its VM exited 0");
+    assert!(!in5.exists(), "the broken destination left its socket");
+    assert!(!s5.exists(), "the broken destination left an API socket");
+
+    // After all that the VM still migrates, and its count goes on there.
+    let incoming = dir.path().join("incoming.sock");
+    let s6 = dir.path().join("api6.sock");
+    let mut there = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", incoming.display()).as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--api-sock".as_ref(),
+        s6.as_os_str(),
+    ]);
+    wait_for_socket(&incoming);
+    migrate(&s1, &format!("unix:{}", incoming.display()), &mut vm);
+    let before = vm.text();
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let last = ticks(&before).last().unwrap().0;
+    there.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    let mut all = ticks(&before);
+    all.extend(ticks(&format!("{tail}{}", there.text())));
+    assert_consecutive(&all, 1, "across four failed migrations and one that worked");
+}

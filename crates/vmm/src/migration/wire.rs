@@ -49,6 +49,8 @@ pub enum WireError {
     Version(u32),
     #[error("the migration stream is invalid: {0}")]
     Invalid(String),
+    #[error("the destination closed the stream without answering (it ended before it ran the VM)")]
+    NoAnswer,
 }
 
 /// One record as the destination reads it (page data is read by the caller).
@@ -210,7 +212,11 @@ pub fn write_answer(w: &mut impl Write, result: &Result<(), String>) -> std::io:
 }
 
 pub fn read_answer(r: &mut impl Read) -> Result<Result<(), String>, WireError> {
-    match u8_of(r)? {
+    let first = u8_of(r).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => WireError::NoAnswer,
+        _ => WireError::Io(e),
+    })?;
+    match first {
         0 => Ok(Ok(())),
         1 => {
             let n = u32_of(r)?;
@@ -293,5 +299,10 @@ mod tests {
         let mut a = Vec::new();
         write_answer(&mut a, &Err("no room".into())).unwrap();
         assert_eq!(read_answer(&mut &a[..]).unwrap(), Err("no room".into()));
+        // A destination that closed without a word.
+        assert!(matches!(
+            read_answer(&mut &[][..]),
+            Err(WireError::NoAnswer)
+        ));
     }
 }
