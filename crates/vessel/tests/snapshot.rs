@@ -2225,11 +2225,17 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
     };
     // The answer to a failed migration: a 400 that says `why`, soon.
     let failed = |h: std::thread::JoinHandle<(u16, serde_json::Value, Duration)>, why: &str| {
+        let t0 = Instant::now();
+        while !h.is_finished() {
+            assert!(t0.elapsed() < CMD, "{why}: no answer after {CMD:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let (s, v, took) = h.join().unwrap();
         eprintln!("{why}: {s} {v} after {took:?}");
         assert_eq!(s, 400, "{why}: {v}");
         assert!(v.to_string().contains(why), "{why}: {v}");
         assert!(took < CMD, "{why}: answered after {took:?}");
+        took
     };
 
     // 1. The destination VMM is killed part-way through the first round: the stream
@@ -2316,22 +2322,39 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
     failed(h, "Connection refused");
     goes_on(&mut vm, "after the connection was refused");
 
+    // 5. A destination that takes the connection and then reads nothing (hung): the
+    //    source gives up after its stall limit (5 to 10 s) instead of waiting for good.
+    let in5 = dir.path().join("in5.sock");
+    let l = UnixListener::bind(&in5).unwrap();
+    let (hold, held_until) = std::sync::mpsc::channel::<()>();
+    let hung = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let _ = held_until.recv();
+        drop(c);
+    });
+    let h = migrate_in_background(&s1, &format!("unix:{}", in5.display()));
+    let took = failed(h, "the destination stopped taking the stream");
+    assert!(took < Duration::from_secs(15), "gave up after {took:?}");
+    hold.send(()).unwrap();
+    hung.join().unwrap();
+    goes_on(&mut vm, "after the destination hung");
+
     // A destination whose source breaks off: it ends with an error and removes its
     // socket; no API socket appears.
-    let in5 = dir.path().join("in5.sock");
+    let in6 = dir.path().join("in6.sock");
     let s5 = dir.path().join("api5.sock");
     let mut broken = Vm::spawn(&[
         "run".as_ref(),
         "--incoming".as_ref(),
-        format!("unix:{}", in5.display()).as_ref(),
+        format!("unix:{}", in6.display()).as_ref(),
         "--serial".as_ref(),
         "null".as_ref(),
         "--api-sock".as_ref(),
         s5.as_os_str(),
     ]);
-    wait_for_socket(&in5);
+    wait_for_socket(&in6);
     {
-        let mut c = UnixStream::connect(&in5).unwrap();
+        let mut c = UnixStream::connect(&in6).unwrap();
         let mut head = b"VESSELMG".to_vec();
         head.extend(1u32.to_le_bytes());
         head.extend(0u32.to_le_bytes());
@@ -2357,7 +2380,7 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "a destination without its VM exited 0");
-    assert!(!in5.exists(), "the broken destination left its socket");
+    assert!(!in6.exists(), "the broken destination left its socket");
     assert!(!s5.exists(), "the broken destination left an API socket");
 
     // After all that the VM still migrates, and its count goes on there.

@@ -89,6 +89,21 @@ impl Conn {
         }
     }
 
+    /// Ends the connection both ways: writes still buffered fail at once.
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s, _) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s, _) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Writes `data` with `fds` attached where the connection can carry them (Unix);
     /// over TCP the descriptors stay behind.
     fn write_with_fds(&mut self, data: &[u8], fds: &[std::os::fd::OwnedFd]) -> std::io::Result<()> {
@@ -252,11 +267,19 @@ pub enum MigrationError {
     Refused(String),
     #[error("guest memory: {0}")]
     Memory(String),
+    #[error("the destination stopped taking the stream: a write of it waited {0:?}")]
+    Stalled(Duration),
 }
 
 impl From<std::io::Error> for MigrationError {
     fn from(e: std::io::Error) -> Self {
-        MigrationError::Wire(wire::WireError::Io(e))
+        // The stream's writes give up after `send::STALL_TIMEOUT` (SO_SNDTIMEO).
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                MigrationError::Stalled(send::STALL_TIMEOUT)
+            }
+            _ => MigrationError::Wire(wire::WireError::Io(e)),
+        }
     }
 }
 

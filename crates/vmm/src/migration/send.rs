@@ -15,6 +15,13 @@ const SMALL_ROUND: u64 = 256;
 /// How long the source waits for the destination to build and start the VM.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long one write of the stream may wait for the destination to take bytes before
+/// the migration fails (SO_SNDTIMEO): a destination that stopped reading (hung, or a
+/// link that went dead without a reset) would otherwise hold the request, and the guest
+/// once stopped, for good. A write that got some bytes in before it waited returns
+/// those first, so a stalled destination fails the migration after one to two limits.
+pub(super) const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The guest's RAM regions, (gpa, len).
 fn regions(memory: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     memory.iter().map(|r| (r.start_addr().0, r.len())).collect()
@@ -77,6 +84,14 @@ struct Stream {
     w: BufWriter<Conn>,
     run: Option<Run>,
     report: Report,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Before the buffer's own drop, which writes what it still holds: after a
+        // failed write (a stalled destination) that would wait out the stall limit again.
+        self.w.get_ref().shutdown();
+    }
 }
 
 impl Stream {
@@ -184,6 +199,7 @@ impl Snapshotter {
             to: to.to_string(),
             source,
         })?;
+        conn.set_write_timeout(Some(STALL_TIMEOUT))?;
         let mut s = Stream {
             w: BufWriter::with_capacity(1 << 20, conn),
             run: None,
@@ -275,7 +291,7 @@ impl Snapshotter {
         s.report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
         s.report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(to = %to, report = ?s.report, "VM migrated");
-        Ok(s.report)
+        Ok(std::mem::take(&mut s.report))
     }
 }
 
