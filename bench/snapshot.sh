@@ -6,6 +6,9 @@
 #
 #   bench/snapshot.sh [RUNS]        (default 3; runs are interleaved, medians printed)
 #
+# VESSEL_BASE_BIN=PATH adds a row for another vessel binary (the build before a change),
+# run interleaved with the others; BENCH_ONLY=migration skips the snapshot table.
+#
 # Vessel columns:
 #   pause          PATCH /vm Paused, request to response
 #   create         PUT /snapshot/create, request to response (state + sparse memory file)
@@ -41,10 +44,11 @@ ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 cargo build -q --release -p vessel
 VESSEL="${VESSEL_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/vessel}"
 
-python3 - "$RUNS" "$ASSETS" "$VESSEL" <<'PY'
+python3 - "$RUNS" "$ASSETS" "$VESSEL" "${VESSEL_BASE_BIN:-}" "${BENCH_ONLY:-}" <<'PY'
 import json, os, re, socket, statistics, subprocess, sys, tempfile, threading, time
 
-runs, assets, vessel = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+runs, assets, vessel, base_bin, only = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
+                                        sys.argv[4], sys.argv[5])
 MEM = "512"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 LOOP = b'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done &\n'
@@ -162,7 +166,7 @@ def boot_and_count(argv):
     p.wait_for(rb"tick 5\r?\n")
     return p
 
-def vessel_run(d):
+def vessel_run(d, vessel=vessel):
     r = {}
     s1 = f"{d}/a.sock"
     p = boot_and_count([vessel, "run", "--accel", "emu", "--memory", MEM + "M", "--serial", "stdio",
@@ -274,7 +278,7 @@ def count_and_write(argv):
     p.wait_for(rb"wrote 6 ", 120)
     return p
 
-def vessel_migrate(d):
+def vessel_migrate(d, vessel=vessel):
     r = {}
     s1, s2, inc = f"{d}/a.sock", f"{d}/b.sock", f"{d}/in.sock"
     p = count_and_write([vessel, "run", "--accel", "emu", "--memory", MEM + "M", "--serial", "stdio",
@@ -287,6 +291,7 @@ def vessel_migrate(d):
     rep = json.loads(body)
     r["total"], r["downtime"], r["rounds"] = rep["total_ms"], rep["downtime_ms"], rep["rounds"]
     r["sent_mib"] = rep["bytes"] / 2**20
+    r["untouched"] = rep.get("untouched_pages", 0)
     p.p.wait(timeout=30)
     p.drained()
     r["writer_mbs"] = writer_mbs(p.text())
@@ -332,17 +337,22 @@ def qemu_migrate(d):
         q.kill()
     return r
 
-res = {"vessel-emu": [], "qemu-q35-tcg": []}
-for i in range(runs):
-    for name, f in (("vessel-emu", vessel_run), ("qemu-q35-tcg", qemu_run)):
+kinds = [("vessel-emu", vessel_run), ("qemu-q35-tcg", qemu_run)]
+mkinds = [("vessel-emu", vessel_migrate), ("qemu-q35-tcg", qemu_migrate)]
+if base_bin:
+    kinds.insert(1, ("vessel-base", lambda d: vessel_run(d, base_bin)))
+    mkinds.insert(1, ("vessel-base", lambda d: vessel_migrate(d, base_bin)))
+res = {name: [] for name, _ in kinds}
+for i in range(runs if only != "migration" else 0):
+    for name, f in kinds:
         with tempfile.TemporaryDirectory(prefix="vessel-bench-snap-") as d:
             r = f(d)
         res[name].append(r)
         print(f"run {i + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
 
-mig = {"vessel-emu": [], "qemu-q35-tcg": []}
+mig = {name: [] for name, _ in mkinds}
 for i in range(runs):
-    for name, f in (("vessel-emu", vessel_migrate), ("qemu-q35-tcg", qemu_migrate)):
+    for name, f in mkinds:
         with tempfile.TemporaryDirectory(prefix="vessel-bench-mig-") as d:
             r = f(d)
         mig[name].append(r)
@@ -359,7 +369,7 @@ for name, rs in res.items():
         row += f"{statistics.median(v):16.1f}" if v else f"{'-':>16}"
     print(f"{name:18}{row}")
 
-mcols = ["total", "downtime", "rounds", "sent_mib", "writer_mbs", "guest_ok"]
+mcols = ["total", "downtime", "rounds", "sent_mib", "untouched", "writer_mbs", "guest_ok"]
 print(f"\nlive migration over a Unix socket, writer running, medians of {runs} "
       "(ms; sent in MiB; writer in MB/s; guest_ok: the share of runs whose guest went on "
       "at the destination; downtime anchor: QEMU/Cloud Hypervisor's default limit 300 ms, "

@@ -439,6 +439,7 @@ fn report(m: &serde_json::Value) -> serde_json::Value {
         last_pages: 0,
         pages: ram("normal").saturating_add(ram("duplicate")),
         zero_pages: ram("duplicate"),
+        untouched_pages: 0,
         bytes: ram("transferred"),
         total_ms: m["total-time"].as_f64().unwrap_or(0.0),
         downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),

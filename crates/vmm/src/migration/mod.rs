@@ -243,6 +243,10 @@ pub struct Report {
     pub pages: u64,
     /// Of them, all-zero pages sent as a mark only.
     pub zero_pages: u64,
+    /// Pages of the first round neither read nor sent: the guest never touched them
+    /// (`/proc/self/pagemap`), so they are zero, as the destination's fresh memory is.
+    #[serde(default)]
+    pub untouched_pages: u64,
     /// Bytes written to the stream.
     pub bytes: u64,
     /// From the request to the destination's answer, ms.

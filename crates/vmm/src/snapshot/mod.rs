@@ -18,7 +18,7 @@ pub(crate) mod cross_lapic;
 pub mod format;
 pub mod memory;
 pub mod portable;
-mod untouched;
+pub(crate) mod untouched;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
