@@ -151,6 +151,11 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
 const LOG_ALIGN: u64 = 64 << 12;
 
 impl HybridVm {
+    /// The KVM VM's descriptor, for the vCPU threads' seccomp filters.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.vm)
+    }
+
     pub fn new() -> Result<Self, HybridError> {
         let kvm = Kvm::new().map_err(HybridError::Open)?;
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
@@ -600,7 +605,12 @@ pub struct Stats {
 pub struct HybridVcpu {
     vm: Arc<HybridVm>,
     id: u32,
+    /// Made with the vCPU, on the thread that builds the VM, so the vCPU's thread knows
+    /// it from the start (its seccomp filter allows vCPU requests on this descriptor
+    /// only) and never creates one; None when KVM refused (the vCPU stays on x86emu).
     fd: Option<VcpuFd>,
+    /// Whether `ensure_vcpu` set `fd` up (CPUID, MSRs) on the vCPU's own thread.
+    prepared: bool,
     timer: Option<StintTimer>,
     kicker: Arc<Kicker>,
     template: kvm_sregs,
@@ -624,10 +634,22 @@ pub struct HybridVcpu {
 impl HybridVcpu {
     pub fn new(vm: Arc<HybridVm>, id: u32) -> Self {
         vm.vcpus.fetch_add(1, Ordering::SeqCst);
+        let fd = match vm.vm.create_vcpu(u64::from(id)) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(
+                    vcpu = id,
+                    "hybrid: KVM_CREATE_VCPU: {e}; this vCPU stays on x86emu"
+                );
+                None
+            }
+        };
         HybridVcpu {
             vm,
             id,
-            fd: None,
+            disabled: fd.is_none(),
+            fd,
+            prepared: false,
             timer: None,
             kicker: Arc::new(Kicker::default()),
             template: kvm_sregs::default(),
@@ -638,7 +660,6 @@ impl HybridVcpu {
             flushes_seen: None,
             streak: 0,
             need: std::collections::HashMap::new(),
-            disabled: false,
             last_log: Instant::now(),
             stats: Stats::default(),
         }
@@ -749,15 +770,26 @@ impl HybridVcpu {
         Ok(())
     }
 
+    /// The KVM vCPU's descriptor, for the vCPU thread's seccomp filter.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+    }
+
     fn ensure_vcpu(&mut self) -> Result<(), HybridError> {
-        if self.fd.is_some() {
+        if self.prepared {
             return Ok(());
         }
-        let mut fd = self
-            .vm
-            .vm
-            .create_vcpu(u64::from(self.id))
-            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let mut fd = self.fd.take().ok_or_else(no_vcpu)?;
+        let prepared = self.prepare(&mut fd);
+        // Kept whatever happened: the descriptor's number stays the vCPU's.
+        self.fd = Some(fd);
+        prepared?;
+        self.prepared = true;
+        Ok(())
+    }
+
+    /// Sets the KVM vCPU up on its own thread: CPUID, MSRs, its timer and kicker.
+    fn prepare(&mut self, fd: &mut VcpuFd) -> Result<(), HybridError> {
         fd.set_cpuid2(&self.vm.cpuid)
             .map_err(ioctl("KVM_SET_CPUID2"))?;
         let set_msr = |fd: &VcpuFd, index: u32, data: u64| -> bool {
@@ -770,15 +802,15 @@ impl HybridVcpu {
             .and_then(|m| fd.set_msrs(&m).ok())
                 == Some(1)
         };
-        if !set_msr(&fd, MSR_LSTAR, LSTAR_MARK) {
+        if !set_msr(fd, MSR_LSTAR, LSTAR_MARK) {
             return Err(HybridError::Unexpected("KVM refused LSTAR".into()));
         }
         // CPUID faulting, so user CPUID is answered by x86emu's table, not the host's.
-        let faulting = set_msr(&fd, MSR_MISC_FEATURES_ENABLES, 1);
+        let faulting = set_msr(fd, MSR_MISC_FEATURES_ENABLES, 1);
         tracing::info!(
             vcpu = self.id,
             cpuid_faulting = faulting,
-            "hybrid: KVM vCPU created"
+            "hybrid: KVM vCPU set up"
         );
         self.template = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         let timer = StintTimer::for_this_thread()
@@ -788,7 +820,6 @@ impl HybridVcpu {
         let me = unsafe { libc::pthread_self() };
         *self.kicker.target.lock().unwrap_or_else(|p| p.into_inner()) = Some((me, immediate_exit));
         self.timer = Some(timer);
-        self.fd = Some(fd);
         Ok(())
     }
 

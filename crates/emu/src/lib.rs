@@ -186,6 +186,10 @@ impl EmuVm {
 }
 
 impl Vm for EmuVm {
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.kvm.as_ref().map(|k| k.raw_fd())
+    }
+
     unsafe fn add_memory_region(
         &self,
         _slot: u32,

@@ -133,6 +133,10 @@ impl EmuVcpu {
 }
 
 impl Vcpu for EmuVcpu {
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.hybrid.as_ref().and_then(|h| h.raw_fd())
+    }
+
     fn regs(&self) -> Result<Regs> {
         Ok(convert::regs_from_emu(self.cpu.state()))
     }

@@ -202,6 +202,12 @@ pub trait Vm: Send + Sync {
     fn dirty_log_is_free(&self) -> bool {
         false
     }
+    /// The host descriptor this VM's requests go to (KVM's VM descriptor), for the
+    /// VMM's seccomp filters, which allow VM requests on it alone; None when the VM has
+    /// none (a software CPU with no KVM half).
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// From now on a guest write to `addr` (of 4 bytes equal to `datamatch` when given,
     /// of any size otherwise) signals `fd` instead of reaching the VMM's buses.
     fn register_ioevent(
@@ -261,6 +267,12 @@ pub trait Vcpu: Send {
     fn configure_local_interrupts(&mut self) -> Result<()>;
     /// The handle other threads kick this vCPU with (pause, stop).
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+    /// The host descriptor this vCPU's requests go to (KVM's vCPU descriptor), for its
+    /// thread's seccomp filter, which allows vCPU requests on it alone; None when the
+    /// vCPU has none (the software CPU; a hybrid vCPU whose KVM half KVM refused).
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// Run until something needs the VMM. Port and MMIO accesses are handled through `io`.
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
     /// Tells the guest it was paused (kvmclock's "guest stopped" flag) so its watchdogs

@@ -10,8 +10,12 @@
 //!   fails with EACCES (glibc's malloc reads `/proc/sys/vm/overcommit_memory` once, from
 //!   whichever thread first shrinks an arena, and copes with the failure);
 //! - the role's allowlist; anything else is the mode's action.
+//!
+//! Threads confined once the VM is built get a fourth ([`pinned`]): KVM's requests only
+//! on the descriptors they belong to.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
@@ -141,6 +145,118 @@ impl Programs {
         v.push(allow);
         v
     }
+}
+
+/// The fourth filter, once the VM is built (`crate::pin_kvm_fds`): KVM's requests only on
+/// the descriptors they belong to. vCPU requests on `own_vcpu` alone for a vCPU thread
+/// (none for one without a KVM vCPU: emu's), on any of the VM's vCPUs for the API's
+/// (a snapshot reads them all), on none for the others; the VM's requests (interrupts,
+/// eventfds, memory slots, dirty log, interrupt controllers' state) on the VM's
+/// descriptor alone, in every role. The role's allowlist still decides which requests
+/// a role makes at all; this one only says where. A request on another descriptor gets
+/// the mode's action, as a forbidden call does. None in [`Mode::None`].
+pub(crate) fn pinned(
+    mode: Mode,
+    role: Role,
+    own_vcpu: Option<RawFd>,
+    fds: &crate::KvmFds,
+) -> Result<Option<BpfProgram>, Error> {
+    let action = match mode {
+        Mode::None => return Ok(None),
+        Mode::Log => SeccompAction::Log,
+        Mode::Trap => SeccompAction::Trap,
+        Mode::Kill => SeccompAction::KillProcess,
+    };
+    let vcpus: Vec<RawFd> = match role {
+        Role::Vcpu => own_vcpu.into_iter().collect(),
+        Role::Api => fds.vcpus.clone(),
+        _ => Vec::new(),
+    };
+    match compile_pinned(&action, role, &vcpus, fds.vm) {
+        Err(seccompiler::BackendError::FilterTooLarge(len)) => {
+            // Many vCPUs whose descriptors are far apart (the API's filter, which names
+            // them all): all the numbers from the lowest vCPU's to the highest's.
+            tracing::debug!(
+                role = role.name(),
+                len,
+                "the vCPUs' descriptors as one range"
+            );
+            let (lo, hi) = (vcpus.iter().min(), vcpus.iter().max());
+            let hull: Vec<RawFd> = match (lo, hi) {
+                (Some(&lo), Some(&hi)) => (lo..=hi).collect(),
+                _ => Vec::new(),
+            };
+            compile_pinned(&action, role, &hull, fds.vm)
+        }
+        other => other,
+    }
+    .map(Some)
+    .map_err(|source| Error::BuildFilter {
+        role: role.name(),
+        source,
+    })
+}
+
+/// [`pinned`]'s filter for vCPU descriptors `vcpus` and VM descriptor `vm`, covering
+/// the requests `role` makes at all (its allowlist refuses the others anywhere).
+fn compile_pinned(
+    action: &SeccompAction,
+    role: Role,
+    vcpus: &[RawFd],
+    vm: Option<RawFd>,
+) -> Result<BpfProgram, seccompiler::BackendError> {
+    let made = ioctls::allowed(role);
+    let vm: Vec<RawFd> = vm.into_iter().collect();
+    let either: Vec<RawFd> = vcpus.iter().chain(&vm).copied().collect();
+    let classes: [(Vec<u64>, &[RawFd]); 3] = [
+        (ioctls::on_vcpu(), vcpus),
+        (ioctls::ON_VM.to_vec(), &vm),
+        (ioctls::ON_VM_OR_VCPU.to_vec(), &either),
+    ];
+    let mut forbidden = Vec::new();
+    for (requests, allowed) in classes {
+        for nr in requests.into_iter().filter(|nr| made.contains(nr)) {
+            forbidden.extend(outside(nr, allowed)?);
+        }
+    }
+    let rules: Rules = [(libc::SYS_ioctl, forbidden)].into_iter().collect();
+    let f = SeccompFilter::new(rules, SeccompAction::Allow, action.clone(), arch())?;
+    BpfProgram::try_from(f)
+}
+
+/// Rules that match `ioctl` request `nr` on any descriptor but `fds`: below the lowest,
+/// in each gap between runs of consecutive numbers, above the highest (a few rules
+/// whatever the number of descriptors, when they were made one after another).
+fn outside(nr: u64, fds: &[RawFd]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let is_nr = || SeccompCondition::new(1, Len::Dword, Op::Eq, nr);
+    let fd = |op, v| SeccompCondition::new(0, Len::Dword, op, v);
+    let mut sorted: Vec<u64> = fds
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .map(u64::from)
+        .collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let (Some(&lowest), Some(&highest)) = (sorted.first(), sorted.last()) else {
+        return Ok(vec![SeccompRule::new(vec![is_nr()?])?]);
+    };
+    let mut rules = Vec::new();
+    if lowest > 0 {
+        rules.push(SeccompRule::new(vec![is_nr()?, fd(Op::Lt, lowest)?])?);
+    }
+    for pair in sorted.windows(2) {
+        if let [a, b] = *pair {
+            if b > a + 1 {
+                rules.push(SeccompRule::new(vec![
+                    is_nr()?,
+                    fd(Op::Gt, a)?,
+                    fd(Op::Lt, b)?,
+                ])?);
+            }
+        }
+    }
+    rules.push(SeccompRule::new(vec![is_nr()?, fd(Op::Gt, highest)?])?);
+    Ok(rules)
 }
 
 /// The jail's waiting parent (see `jail::enter`): wait for `child`, pass signals on to
@@ -504,21 +620,32 @@ mod tests {
     fn ioctl_allowed(role: Role, request: u64) -> bool {
         let p = Programs::build(Mode::Kill).unwrap();
         let prog: BpfProgram = (*p.for_role(role).last().unwrap()).clone();
-        // SAFETY: the child only installs a prepared filter, makes one system call and
+        ioctl_allowed_under(&[prog], -1, request)
+    }
+
+    /// Runs `ioctl(fd, request)` in a child process under `progs` (kill mode): true when
+    /// the filters let the call through (it then fails: `fd` is not open).
+    fn ioctl_allowed_under(progs: &[BpfProgram], fd: i32, request: u64) -> bool {
+        // SAFETY: the child only installs prepared filters, makes one system call and
         // exits (no allocation, no locks); the parent waits for that child.
         unsafe {
             let pid = libc::fork();
             assert!(pid >= 0);
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                let f = libc::sock_fprog {
-                    len: prog.len() as u16,
-                    filter: prog.as_ptr() as *mut libc::sock_filter,
-                };
-                if libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &f) != 0 {
-                    libc::_exit(3);
+                for prog in progs {
+                    let f = libc::sock_fprog {
+                        len: prog.len() as u16,
+                        filter: prog.as_ptr() as *mut libc::sock_filter,
+                    };
+                    // seccomp(2), as seccompiler installs them (each filter allows it;
+                    // prctl(PR_SET_SECCOMP) it does not).
+                    let set_filter = 1; // SECCOMP_SET_MODE_FILTER
+                    if libc::syscall(libc::SYS_seccomp, set_filter, 0, &f) != 0 {
+                        libc::_exit(3);
+                    }
                 }
-                libc::ioctl(-1, request as libc::c_ulong);
+                libc::ioctl(fd, request as libc::c_ulong);
                 libc::_exit(0);
             }
             let mut status = 0;
@@ -526,10 +653,126 @@ mod tests {
             assert!(
                 libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
                     || libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-                "{role:?} {request:#x}: status {status:#x}"
+                "{fd} {request:#x}: status {status:#x}"
             );
             libc::WIFEXITED(status)
         }
+    }
+
+    /// Issue 22: once the VM is built, a vCPU thread makes vCPU requests on its own
+    /// vCPU's descriptor only, and every thread makes the VM's requests on the VM's
+    /// descriptor only; the API's reads any of the VM's vCPUs (not other descriptors).
+    /// Descriptor numbers need not be open: the filter decides before the kernel looks.
+    #[test]
+    fn kvm_requests_are_held_to_their_descriptors() {
+        use ioctls::*;
+        let p = Programs::build(Mode::Kill).unwrap();
+        let role_filter = |role: Role| (*p.for_role(role).last().unwrap()).clone();
+        // The VM on 900, vCPUs on 901, 902 and 905 (not made one after another).
+        let fds = crate::KvmFds {
+            vm: Some(900),
+            vcpus: vec![901, 902, 905],
+        };
+        let vcpu = [
+            role_filter(Role::Vcpu),
+            pinned(Mode::Kill, Role::Vcpu, Some(902), &fds)
+                .unwrap()
+                .unwrap(),
+        ];
+        for (fd, req, ok) in [
+            (902, KVM_RUN, true),
+            (902, KVM_GET_REGS, true),
+            (902, KVM_SET_SREGS, true),
+            (902, KVM_GET_TSC_KHZ, true),
+            (900, KVM_GET_TSC_KHZ, true),
+            (901, KVM_RUN, false),
+            (905, KVM_GET_REGS, false),
+            (900, KVM_SET_REGS, false),
+            (903, KVM_RUN, false),
+            (-1, KVM_RUN, false),
+            (0, KVM_GET_REGS, false),
+            (900, KVM_IRQ_LINE, true),
+            (900, KVM_IOEVENTFD, true),
+            (900, KVM_SET_USER_MEMORY_REGION, true),
+            (902, KVM_IRQ_LINE, false),
+            (901, KVM_IRQFD, false),
+            (3, KVM_SIGNAL_MSI, false),
+            (901, KVM_GET_TSC_KHZ, false),
+            // Not KVM's: any descriptor, as the role allows.
+            (7, FIONBIO, true),
+            (902, FIONBIO, true),
+        ] {
+            assert_eq!(
+                ioctl_allowed_under(&vcpu, fd, req),
+                ok,
+                "vcpu on 902: {req:#x} on {fd}"
+            );
+        }
+        // Without a KVM vCPU (emu), none of a vCPU's requests anywhere.
+        let emu = [
+            role_filter(Role::Vcpu),
+            pinned(
+                Mode::Kill,
+                Role::Vcpu,
+                None,
+                &crate::KvmFds {
+                    vm: None,
+                    vcpus: vec![],
+                },
+            )
+            .unwrap()
+            .unwrap(),
+        ];
+        for fd in [0, 5, 902] {
+            assert!(
+                !ioctl_allowed_under(&emu, fd, KVM_RUN),
+                "emu KVM_RUN on {fd}"
+            );
+            assert!(!ioctl_allowed_under(&emu, fd, KVM_IRQ_LINE), "emu irq {fd}");
+        }
+        assert!(ioctl_allowed_under(&emu, 5, FIONBIO));
+        // The API's reads every vCPU of the VM, nothing else.
+        let api = [
+            role_filter(Role::Api),
+            pinned(Mode::Kill, Role::Api, None, &fds).unwrap().unwrap(),
+        ];
+        for (fd, req, ok) in [
+            (901, KVM_GET_REGS, true),
+            (902, KVM_GET_XSAVE, true),
+            (905, KVM_GET_MSRS, true),
+            (903, KVM_GET_REGS, false),
+            (904, KVM_GET_REGS, false),
+            (900, KVM_GET_REGS, false),
+            (906, KVM_GET_REGS, false),
+            (900, KVM_GET_IRQCHIP, true),
+            (901, KVM_GET_IRQCHIP, false),
+            (900, KVM_GET_DIRTY_LOG, true),
+            (899, KVM_GET_DIRTY_LOG, false),
+        ] {
+            assert_eq!(
+                ioctl_allowed_under(&api, fd, req),
+                ok,
+                "api: {req:#x} on {fd}"
+            );
+        }
+        // An I/O thread raises interrupts on the VM's descriptor only.
+        let io = [
+            role_filter(Role::Io),
+            pinned(Mode::Kill, Role::Io, None, &fds).unwrap().unwrap(),
+        ];
+        assert!(ioctl_allowed_under(&io, 900, KVM_IRQ_LINE));
+        assert!(!ioctl_allowed_under(&io, 901, KVM_IRQ_LINE));
+        assert!(!ioctl_allowed_under(&io, 950, KVM_SIGNAL_MSI));
+        // In no mode but none does the filter let another descriptor through.
+        assert!(pinned(Mode::None, Role::Vcpu, Some(902), &fds)
+            .unwrap()
+            .is_none());
+        // Many scattered vCPUs still compile (the BPF length limit is 4096).
+        let scattered = crate::KvmFds {
+            vm: Some(3),
+            vcpus: (0..255).map(|i| 10 + 2 * i).collect(),
+        };
+        pinned(Mode::Trap, Role::Api, None, &scattered).unwrap();
     }
 
     /// Issue 22: each role may make only its own `ioctl` requests, by number: the
@@ -547,7 +790,6 @@ mod tests {
             let vcpu = role == Role::Vcpu;
             assert_eq!(ioctl_allowed(role, KVM_RUN), vcpu, "{role:?} KVM_RUN");
             assert_eq!(ioctl_allowed(role, KVM_SET_REGS), vcpu, "{role:?}");
-            assert_eq!(ioctl_allowed(role, KVM_CREATE_VCPU), vcpu, "{role:?}");
             assert_eq!(
                 ioctl_allowed(role, KVM_GET_REGS),
                 vcpu || role == Role::Api,

@@ -35,7 +35,7 @@ const fn iowr(nr: u64, size: usize) -> u64 {
     ioc(3, KVMIO, nr, size)
 }
 
-// /dev/kvm's requests the hybrid accelerator makes when its vCPU starts.
+// /dev/kvm's requests (the build's; KVM_CHECK_EXTENSION also on the VM's descriptor).
 pub(crate) const KVM_CHECK_EXTENSION: u64 = io(0x03);
 pub(crate) const KVM_GET_VCPU_MMAP_SIZE: u64 = io(0x04);
 pub(crate) const KVM_GET_SUPPORTED_CPUID: u64 = iowr(0x05, size_of::<kb::kvm_cpuid2>());
@@ -160,17 +160,14 @@ const VCPU_RUN: &[u64] = &[
     KVM_IRQFD,
 ];
 
-/// The hybrid accelerator makes its KVM vCPU lazily on the vCPU's thread, and maps and
-/// remaps guest memory there; around each native stint it arms and reads the dirty log
-/// of the pages x86emu holds code from.
+/// The hybrid accelerator sets its KVM vCPU up on the vCPU's thread (made with the
+/// vCPU, on the main thread), and maps and remaps guest memory there; around each
+/// native stint it arms and reads the dirty log of the pages x86emu holds code from.
 const HYBRID_VCPU: &[u64] = &[
-    KVM_CREATE_VCPU,
     KVM_SET_USER_MEMORY_REGION,
     KVM_GET_DIRTY_LOG,
     KVM_CLEAR_DIRTY_LOG,
     KVM_CHECK_EXTENSION,
-    KVM_GET_VCPU_MMAP_SIZE,
-    KVM_GET_SUPPORTED_CPUID,
 ];
 
 /// A snapshot or migration (on the API's thread): the VM's interrupt controllers, PIT
@@ -197,7 +194,7 @@ const TERMINAL: &[u64] = &[TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ];
 const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE];
 
 /// The requests a thread of `role` may make. Never in any role: creating a VM, its
-/// interrupt controllers, PIT or devices, its TSS and identity map, restoring the VM's
+/// vCPUs, its interrupt controllers, PIT or devices, its TSS and identity map, restoring the VM's
 /// state (the build does all that on the main thread before any filter), attaching a
 /// TAP to another interface (TUNSETIFF), or routing GSIs.
 pub(crate) fn allowed(role: Role) -> Vec<u64> {
@@ -233,9 +230,47 @@ pub(crate) fn allowed(role: Role) -> Vec<u64> {
     v
 }
 
+/// Requests on one vCPU's descriptor: its state and running it. Once the VM is built
+/// (`crate::pin_kvm_fds`) a vCPU thread makes them on its own vCPU's descriptor only,
+/// the API's on the VM's vCPUs' only.
+pub(crate) fn on_vcpu() -> Vec<u64> {
+    let mut v: Vec<u64> = VCPU_READ
+        .iter()
+        .chain(VCPU_RUN)
+        .copied()
+        .filter(|nr| !ON_VM.contains(nr) && !ON_VM_OR_VCPU.contains(nr))
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Requests on the VM's descriptor: interrupts, eventfds, memory slots, the dirty log,
+/// the interrupt controllers' and clock's state. Once the VM is built, on its
+/// descriptor only, in every role.
+pub(crate) const ON_VM: &[u64] = &[
+    KVM_IRQ_LINE,
+    KVM_SIGNAL_MSI,
+    KVM_IOEVENTFD,
+    KVM_IRQFD,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_GET_DIRTY_LOG,
+    KVM_CLEAR_DIRTY_LOG,
+    KVM_CHECK_EXTENSION,
+    KVM_GET_IRQCHIP,
+    KVM_GET_PIT2,
+    KVM_GET_CLOCK,
+];
+
+/// Requests valid on the VM's descriptor and on a vCPU's.
+pub(crate) const ON_VM_OR_VCPU: &[u64] = &[KVM_GET_TSC_KHZ];
+
 /// Requests no confined thread may make (the build's, before any filter).
 pub(crate) const BUILD_ONLY: &[u64] = &[
     KVM_CREATE_VM,
+    KVM_CREATE_VCPU,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_GET_SUPPORTED_CPUID,
     KVM_CREATE_IRQCHIP,
     KVM_CREATE_PIT2,
     KVM_CREATE_DEVICE,

@@ -19,7 +19,8 @@ mod ioctls;
 pub mod jail;
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, OnceLock};
 
 pub use filters::Role;
 
@@ -30,7 +31,30 @@ pub const BAD_SYSCALL_STATUS: i32 = 148;
 /// The environment variable that makes a thread of the named role (`vcpu`, `io`,
 /// `vsock`, `api`, `console`, `main`) make a forbidden system call right after it is confined: the test
 /// hook for "a forbidden system call ends only that VMM, with its documented status".
+/// With [`SELF_TEST_FOREIGN_FD`], a vCPU thread of a KVM VM instead reads registers
+/// (KVM_GET_REGS, a request its role makes) from another descriptor: another vCPU's, or
+/// the VM's when it has one vCPU.
 pub const SELF_TEST_ENV: &str = "VESSEL_SECCOMP_SELFTEST";
+
+/// [`SELF_TEST_ENV`]'s value for a vCPU request on a descriptor that is not the vCPU's.
+pub const SELF_TEST_FOREIGN_FD: &str = "vcpu-foreign-fd";
+
+/// The KVM descriptors of the VM this process runs, once it is built: the VM's and its
+/// vCPUs' (none where the accelerator has none: emu).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvmFds {
+    pub vm: Option<RawFd>,
+    pub vcpus: Vec<RawFd>,
+}
+
+/// What [`SELF_TEST_ENV`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SelfTest {
+    /// A thread of this role calls getppid.
+    Syscall(Role),
+    /// A vCPU thread reads registers from another KVM descriptor.
+    ForeignFd,
+}
 
 /// What a forbidden system call does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,11 +131,14 @@ pub struct Ids {
 struct Policy {
     mode: Mode,
     programs: filters::Programs,
-    self_test: Option<Role>,
+    self_test: Option<SelfTest>,
     ids: Option<Ids>,
 }
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
+
+/// The descriptors [`pin_kvm_fds`] recorded.
+static PINS: Mutex<Option<KvmFds>> = Mutex::new(None);
 
 /// This process is the VMM inside a jail, whose waiter's death must kill it
 /// (PR_SET_PDEATHSIG, which a change of user clears: re-armed after each).
@@ -121,6 +148,9 @@ thread_local! {
     /// The role this thread entered, for the SIGSYS handler's report.
     /// A thread started by a confined one inherits its filter without entering a role.
     static ROLE: Cell<&'static str> = const { Cell::new("inherited-filter") };
+    /// Whether this thread's KVM requests are held to their descriptors
+    /// ([`filters::pinned`]).
+    static PINNED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Chooses the mode for this process; from now on [`enter`] confines the calling thread
@@ -129,9 +159,13 @@ thread_local! {
 /// VM runs) and, in [`Mode::Trap`], installs the SIGSYS handler.
 pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
     let programs = filters::Programs::build(mode)?;
-    let self_test = std::env::var(SELF_TEST_ENV)
-        .ok()
-        .and_then(|v| Role::from_name(&v));
+    let self_test = std::env::var(SELF_TEST_ENV).ok().and_then(|v| {
+        if v == SELF_TEST_FOREIGN_FD {
+            Some(SelfTest::ForeignFd)
+        } else {
+            Role::from_name(&v).map(SelfTest::Syscall)
+        }
+    });
     if mode == Mode::Trap {
         install_sigsys_handler()?;
     }
@@ -148,29 +182,121 @@ pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
 
 /// Confines the calling thread for `role`: NoNewPrivs, no capabilities (effective,
 /// permitted, inheritable, ambient and bounding sets), the configured user and group,
-/// then the role's seccomp filter.
+/// then the role's seccomp filter, and, once the VM is built ([`pin_kvm_fds`]), the
+/// filter that holds KVM's requests to their descriptors.
 /// Does nothing before [`configure`]. A thread that cannot be confined must not go on
 /// running unconfined: the failure is reported and the process exits with status 1.
+/// A vCPU thread enters with [`enter_vcpu`].
 pub fn enter(role: Role) {
+    enter_with(role, None);
+}
+
+/// [`enter`] for a vCPU thread whose vCPU has KVM descriptor `own` (None: no KVM vCPU):
+/// its vCPU requests are allowed on `own` alone. Call [`pin_kvm_fds`] first.
+pub fn enter_vcpu(own: Option<RawFd>) {
+    enter_with(Role::Vcpu, Some(own));
+}
+
+fn enter_with(role: Role, own_vcpu: Option<Option<RawFd>>) {
     let Some(policy) = POLICY.get() else {
         return;
     };
-    if let Err(e) = confine(policy, role) {
-        tracing::error!(role = role.name(), "cannot confine this thread: {e}");
-        eprintln!("vessel: cannot confine a {} thread: {e}", role.name());
-        std::process::exit(1);
+    if let Err(e) = confine(policy, role).and_then(|()| pin(policy, role, own_vcpu.flatten())) {
+        fail(role, &e);
     }
     ROLE.with(|r| r.set(role.name()));
     tracing::debug!(role = role.name(), mode = %policy.mode, "thread confined");
-    if policy.self_test == Some(role) {
-        tracing::warn!(
-            role = role.name(),
-            "{SELF_TEST_ENV}: making a forbidden system call (getppid)"
-        );
-        // SAFETY: getppid takes no arguments and touches no memory; with the filter on,
-        // it never returns to here.
-        unsafe { libc::syscall(libc::SYS_getppid) };
+    match policy.self_test {
+        Some(SelfTest::Syscall(r)) if r == role => {
+            tracing::warn!(
+                role = role.name(),
+                "{SELF_TEST_ENV}: making a forbidden system call (getppid)"
+            );
+            // SAFETY: getppid takes no arguments and touches no memory; with the filter
+            // on, it never returns to here.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+        Some(SelfTest::ForeignFd) if role == Role::Vcpu => {
+            if let Some(own) = own_vcpu.flatten() {
+                foreign_fd_self_test(own);
+            }
+        }
+        _ => {}
     }
+}
+
+fn fail(role: Role, e: &Error) -> ! {
+    tracing::error!(role = role.name(), "cannot confine this thread: {e}");
+    eprintln!("vessel: cannot confine a {} thread: {e}", role.name());
+    std::process::exit(1);
+}
+
+/// Records the built VM's KVM descriptors: threads confined from now on
+/// ([`enter`], [`enter_vcpu`], [`catch_up`]) make KVM's requests only on the descriptors
+/// they belong to. Call it once the VM is built, before its vCPU and I/O threads start.
+/// Does nothing before [`configure`].
+pub fn pin_kvm_fds(fds: KvmFds) {
+    if POLICY.get().is_none() {
+        return;
+    }
+    tracing::debug!(vm = ?fds.vm, vcpus = ?fds.vcpus, "KVM requests pinned to their descriptors");
+    *PINS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fds);
+}
+
+/// For a thread confined before the VM was built (the API's, serving requests before
+/// InstanceStart): adds the filter [`enter`] would add now, once. Cheap when there is
+/// nothing to do.
+pub fn catch_up(role: Role) {
+    let Some(policy) = POLICY.get() else {
+        return;
+    };
+    if PINNED.with(|p| p.get()) {
+        return;
+    }
+    if let Err(e) = pin(policy, role, None) {
+        fail(role, &e);
+    }
+}
+
+/// Installs [`filters::pinned`] for this thread when the VM's descriptors are known.
+fn pin(policy: &Policy, role: Role, own_vcpu: Option<RawFd>) -> Result<(), Error> {
+    let fds = PINS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(fds) = fds else {
+        return Ok(());
+    };
+    if let Some(prog) = filters::pinned(policy.mode, role, own_vcpu, &fds)? {
+        seccompiler::apply_filter(&prog).map_err(Error::InstallFilter)?;
+    }
+    PINNED.with(|p| p.set(true));
+    Ok(())
+}
+
+/// [`SELF_TEST_FOREIGN_FD`]: KVM_GET_REGS on a KVM descriptor that is not `own`.
+fn foreign_fd_self_test(own: RawFd) {
+    let fds = PINS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(target) = fds.and_then(|f| f.vcpus.into_iter().find(|&fd| fd != own).or(f.vm)) else {
+        return;
+    };
+    tracing::warn!(
+        own,
+        target,
+        "{SELF_TEST_ENV}: reading registers from another KVM descriptor"
+    );
+    let mut regs = kvm_bindings::kvm_regs::default();
+    // SAFETY: KVM_GET_REGS writes one kvm_regs, which `regs` is; on a descriptor that is
+    // not a vCPU's the kernel refuses it, and with the filter on it never runs.
+    let rc = unsafe {
+        libc::ioctl(
+            target,
+            ioctls::KVM_GET_REGS as libc::c_ulong,
+            &mut regs as *mut kvm_bindings::kvm_regs,
+        )
+    };
+    tracing::warn!(
+        rc,
+        rip = regs.rip,
+        "{SELF_TEST_ENV}: the request was let through"
+    );
 }
 
 fn confine(policy: &Policy, role: Role) -> Result<(), Error> {
@@ -244,7 +370,7 @@ fn become_user(ids: Ids) -> std::io::Result<bool> {
 
 /// SIGSYS from a seccomp filter (SECCOMP_RET_TRAP): report and exit. Only
 /// async-signal-safe calls (write, _exit), no allocation.
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // siginfo_t for SIGSYS (asm-generic/siginfo.h): after si_signo, si_errno, si_code
     // and padding, at offset 16: void *_call_addr; int _syscall; unsigned int _arch.
     let nr = if info.is_null() {
@@ -259,7 +385,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`; every filter allows it.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
-    let mut buf = [0u8; 200];
+    let mut buf = [0u8; 256];
     let mut w = StackWriter {
         buf: &mut buf,
         len: 0,
@@ -270,6 +396,22 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     w.push(name.get(..name_len).unwrap_or_default());
     w.push(b") made a forbidden system call (number ");
     w.push_int(i64::from(nr));
+    if i64::from(nr) == libc::SYS_ioctl && !ctx.is_null() {
+        // SAFETY: for an SA_SIGINFO handler the kernel passes the interrupted thread's
+        // ucontext_t; the system call's arguments are in its saved registers.
+        let (fd, request) = unsafe {
+            let uc = &*ctx.cast::<libc::ucontext_t>();
+            let gregs = &uc.uc_mcontext.gregs;
+            (
+                gregs.get(libc::REG_RDI as usize).copied().unwrap_or(-1),
+                gregs.get(libc::REG_RSI as usize).copied().unwrap_or(-1),
+            )
+        };
+        w.push(b": ioctl request ");
+        w.push_hex(request as u32);
+        w.push(b" on descriptor ");
+        w.push_int(i64::from(fd as i32));
+    }
     w.push(b"); the VMM stops (exit status ");
     w.push_int(i64::from(BAD_SYSCALL_STATUS));
     w.push(b")\n");
@@ -293,6 +435,18 @@ impl StackWriter<'_> {
             if let Some(slot) = self.buf.get_mut(self.len) {
                 *slot = b;
                 self.len += 1;
+            }
+        }
+    }
+
+    fn push_hex(&mut self, v: u32) {
+        self.push(b"0x");
+        let mut started = false;
+        for shift in (0..8).rev() {
+            let d = ((v >> (shift * 4)) & 0xf) as u8;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                self.push(&[if d < 10 { b'0' + d } else { b'a' + d - 10 }]);
             }
         }
     }
@@ -375,5 +529,14 @@ mod tests {
         };
         w.push_int(123_456);
         assert_eq!(&small, b"123");
+        let mut hex = [0u8; 24];
+        let mut w = StackWriter {
+            buf: &mut hex,
+            len: 0,
+        };
+        w.push_hex(0x8090_ae81);
+        w.push(b" ");
+        w.push_hex(0);
+        assert_eq!(&hex[..14], b"0x8090ae81 0x0");
     }
 }

@@ -753,3 +753,47 @@ fn sigterm_stops_the_vm_cleanly() {
     g.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(err.contains("quit"), "{err}");
 }
+
+/// Issue 22: once the VM is built, a vCPU thread's KVM requests are held to its own
+/// vCPU's descriptor. The `vcpu-foreign-fd` self-test makes each vCPU thread read
+/// registers (KVM_GET_REGS, a request vCPU threads make) from another vCPU's descriptor,
+/// or from the VM's when there is one vCPU: that VMM ends with status 148 and a report
+/// naming the request and the descriptor (`--seccomp kill`: SIGSYS), while `--seccomp
+/// log` lets the call through and the guest runs to its end.
+#[test]
+fn a_vcpu_request_on_another_descriptor_ends_that_vmm() {
+    use std::os::unix::process::ExitStatusExt;
+    let code = assemble64(|a, lib| {
+        lib.print(a, "RAN\n")?;
+        debug_exit(a, 0x5)
+    });
+    let dir = TempDir::new("foreignfd");
+    let k = dir.file("kernel.elf", &linux64_elf(&code));
+    let run = |cpus: &str, mode: &str| {
+        run_with_timeout(
+            vessel()
+                .args(["run", "--accel", "kvm", "--memory", MEM, "--cpus", cpus])
+                .args(["--seccomp", mode, "--kernel"])
+                .arg(&k)
+                .env("VESSEL_SECCOMP_SELFTEST", "vcpu-foreign-fd"),
+            Duration::from_secs(60),
+        )
+    };
+    for cpus in ["1", "2"] {
+        let f = run(cpus, "trap");
+        expect_status(&f, 148);
+        assert!(
+            f.stderr.contains("a vcpu thread (vcpu")
+                && f.stderr
+                    .contains("(number 16: ioctl request 0x8090ae81 on descriptor "),
+            "{cpus} vCPUs: {}",
+            f.stderr
+        );
+        assert!(!f.stdout.contains("RAN"), "the guest ran: {}", f.stdout);
+    }
+    let f = run("2", "kill");
+    assert_eq!(f.status.signal(), Some(libc::SIGSYS), "{}", f.stderr);
+    let f = run("2", "log");
+    expect_status(&f, 0xb);
+    assert!(f.stdout.contains("RAN"), "{}", f.stdout);
+}

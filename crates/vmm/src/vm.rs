@@ -1153,6 +1153,17 @@ impl Vmm {
             what: "termination signals",
             source,
         })?;
+        // Before any thread of the running VM is confined: from here KVM's requests are
+        // allowed only on the descriptors they belong to (a vCPU's on its own).
+        let vcpu_fds: Vec<Option<std::os::fd::RawFd>> = self
+            .vcpus
+            .iter()
+            .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).host_fd())
+            .collect();
+        sandbox::pin_kvm_fds(sandbox::KvmFds {
+            vm: self._vm.host_fd(),
+            vcpus: vcpu_fds.iter().flatten().copied().collect(),
+        });
         if self.config.serial == SerialConfig::Stdio {
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
             console::spawn_stdin_pump(self.serial.clone(), self.exit.clone(), interactive)
@@ -1165,13 +1176,13 @@ impl Vmm {
         }
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+        for ((id, vcpu), own) in self.vcpus.into_iter().enumerate().zip(vcpu_fds) {
             let io = self.io.clone();
             let control = self.control.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    sandbox::enter(sandbox::Role::Vcpu);
+                    sandbox::enter_vcpu(own);
                     vcpu_loop(id, &vcpu, &io, &control)
                 })
                 .map_err(VmmError::Thread)?;

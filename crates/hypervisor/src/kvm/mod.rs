@@ -153,6 +153,10 @@ fn set_page(map: &mut [u64], pfn: u64) {
 }
 
 impl Vm for KvmVm {
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self.fd.as_ref()))
+    }
+
     unsafe fn add_memory_region(
         &self,
         slot: u32,
@@ -456,6 +460,10 @@ fn lvt_with_mode(reg: u32, mode: u32) -> u32 {
 }
 
 impl Vcpu for KvmVcpu {
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.fd))
+    }
+
     fn save_state(&self) -> Result<serde_json::Value> {
         persist::save_vcpu(self)
     }

@@ -1149,6 +1149,10 @@ pub const MAX_PAYLOAD: u64 = 51_200;
 
 impl Handler for ApiHandler {
     fn handle(&self, req: Request) -> Reply {
+        // A connection's thread may predate the VM (served before InstanceStart): from
+        // the first request after the build, its KVM requests are held to the VM's
+        // descriptors too.
+        sandbox::catch_up(sandbox::Role::Api);
         let resp = self.0.handle_req(&req);
         if let Some(why) = lock(&self.0.failed_load).take() {
             // A failed load ends this VMM (as Firecracker) once the client has the answer.
