@@ -686,8 +686,10 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
     let _cleanup = RemoveOnDrop(console_sock, relay);
     tracing::info!(at = %from, "waiting for a migrating VM");
     // Checked against --config, and its disks given the files handed over with it.
-    let incoming = receive::receive_as(&listener, from, expected.as_ref())
+    let mut incoming = receive::receive_as(&listener, from, expected.as_ref())
         .with_context(|| format!("receiving a migrating VM on {from}"))?;
+    // Without --config, the files the state names, opened on arrival: held while it runs.
+    let _held = std::mem::take(&mut incoming.held);
     drop(listener);
     let vmm = match Vmm::restore(&incoming.loaded, args.serial.clone(), args.accel) {
         Ok(vmm) => vmm,

@@ -57,6 +57,9 @@ pub struct Incoming {
     conn: Conn,
     /// Pages received (zero pages included), for the log.
     pub pages: u64,
+    /// Without a configuration to compare with, the files the state names, opened once
+    /// on arrival (`VmConfig::hold_files`): keep them open while the VM runs.
+    pub held: Vec<std::fs::File>,
 }
 
 impl Incoming {
@@ -203,6 +206,17 @@ pub fn receive_as(
             .config
             .adopt_files(expected)
             .map_err(SnapshotError::Mismatch)?;
+        // Nothing to compare the state's configuration with (`vessel run --incoming`
+        // without --config): its files are opened once, now, by the guest rules (disk
+        // formats as recorded, never probed; backing chains as the guest rules allow),
+        // and the checks and the VM read those, as `--restore` without --config does.
+        let held = match expected {
+            Some(_) => Vec::new(),
+            None => snapshot
+                .config
+                .hold_files()
+                .map_err(|e| SnapshotError::Invalid(format!("the VM's files: {e}")))?,
+        };
         crate::snapshot::check_layout(&snapshot)?;
         let same = snapshot.memory.len() == regions.len()
             && snapshot
@@ -217,11 +231,11 @@ pub fn receive_as(
             .into());
         }
         crate::snapshot::check_host(&snapshot)?;
-        Ok((snapshot, memory, pages, handover))
+        Ok((snapshot, memory, pages, handover, held))
     })();
     let mut conn = r.into_inner();
     match result {
-        Ok((snapshot, memory, pages, handover)) => Ok(Incoming {
+        Ok((snapshot, memory, pages, handover, held)) => Ok(Incoming {
             loaded: Loaded {
                 snapshot,
                 state_path: from.to_string().into(),
@@ -231,6 +245,7 @@ pub fn receive_as(
             },
             conn,
             pages,
+            held,
         }),
         Err(e) => {
             // The source goes on running the VM.
