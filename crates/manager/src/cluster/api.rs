@@ -132,11 +132,19 @@ fn route_once(c: &Cluster, api: &Api, req: &Request, seg: &[&str]) -> Result<Opt
                     "host {me} could not renew its etcd lease in time and has stopped its domains: no placement through it until etcd answers again"
                 )));
             }
-            let def = crate::api::parse_definition(req)?;
+            let mut def = crate::api::parse_definition(req)?;
             api.check_domain_files(&def, req)?;
+            // As a single host's define: the files the names lead to are recorded
+            // (which file each is), and the client's rights are checked on those open
+            // files, so a swap after the name check is refused, not recorded; the
+            // placed host, when it is this one, defines only the same files.
+            crate::disk_chain::after_client_check_hook(&def.name);
+            crate::disk_chain::record_all(&mut def)?;
+            crate::boot_files::record_all(&mut def)?;
+            api.check_recorded_files(&def, req)?;
             let name = def.name.clone();
             let group = req.query("group").map(str::to_string);
-            let rec = c.define(def, group)?;
+            let rec = c.define_recorded(def, group, Some(me.to_string()))?;
             Ok(Some(
                 Response::json(
                     201,

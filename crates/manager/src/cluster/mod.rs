@@ -770,7 +770,15 @@ impl Cluster {
             Some(r) if r.host == me => {
                 if !defined {
                     images::fetch_missing(self, state, &r.def)?;
-                    self.m.define(r.def.clone())?;
+                    if r.files_recorded_on.as_deref() == Some(me) {
+                        // The files this host's API checked the client's rights on:
+                        // define records them again and must find the same files.
+                        let recorded = r.def.clone();
+                        self.m
+                            .define_checked(r.def.clone(), &|now| same_files(&recorded, now))?;
+                    } else {
+                        self.m.define(r.def.clone())?;
+                    }
                 }
                 if active && !mine && !free {
                     tracing::error!(domain = %name, "runs on {holder:?} too: stopping it here");
@@ -1099,6 +1107,17 @@ impl Cluster {
         def: crate::domain::DomainDef,
         group: Option<String>,
     ) -> Result<DomainRecord> {
+        self.define_recorded(def, group, None)
+    }
+
+    /// [`Cluster::define`] of a definition whose files host `recorded_on` recorded
+    /// ([`DomainRecord::files_recorded_on`]).
+    pub fn define_recorded(
+        &self,
+        def: crate::domain::DomainDef,
+        group: Option<String>,
+        recorded_on: Option<String>,
+    ) -> Result<DomainRecord> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         // Pool volumes are the chosen host's to resolve (and to fetch first when its
         // pool lacks them: see images): only the rest is checked here.
@@ -1142,6 +1161,7 @@ impl Cluster {
                 running: false,
                 group: group.clone(),
                 addresses,
+                files_recorded_on: recorded_on.clone(),
             };
             let k = key("domains", &def.name);
             let mut when = vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)];
@@ -1771,5 +1791,102 @@ impl Cluster {
             );
         }
         Ok(out)
+    }
+}
+
+/// Refuses a definition whose files, as define recorded them now (`now`), are not the
+/// ones recorded when the API checked the client's rights on them (`recorded`): each
+/// boot file and each file of each disk's chain must lead to the same place and be the
+/// same file (device, inode, birth time), as a single host's start compares them.
+pub(crate) fn same_files(
+    recorded: &crate::domain::DomainDef,
+    now: &crate::domain::DomainDef,
+) -> Result<()> {
+    let differs = |what: &std::path::Path, why: &str| {
+        Err(Error::Forbidden(format!(
+            "{}: {why} since the cluster's API checked it: the definition's files must \
+             stay put until its host has defined it",
+            what.display()
+        )))
+    };
+    for (key, was) in &recorded.boot_files {
+        let Some(is) = now.boot_files.get(key) else {
+            return differs(&was.real, "gone");
+        };
+        if is.real != was.real {
+            return differs(&was.real, "another path");
+        }
+        if let (Some(a), Some(b)) = (&was.id, &is.id) {
+            if !a.matches(b) {
+                return differs(&was.real, a.difference(b));
+            }
+        }
+    }
+    for (key, was) in &recorded.chains {
+        let Some(is) = now.chains.get(key) else {
+            return differs(std::path::Path::new(key), "gone");
+        };
+        if is.len() != was.len() {
+            return differs(std::path::Path::new(key), "another backing chain");
+        }
+        for (a, b) in was.iter().zip(is) {
+            if a.real != b.real || a.format != b.format {
+                return differs(&a.real, "another file or format");
+            }
+            if let (Some(x), Some(y)) = (&a.id, &b.id) {
+                if !x.matches(y) {
+                    return differs(&a.real, x.difference(y));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod same_files_tests {
+    use super::*;
+
+    /// Issue 22: the placed host's define must find the files the cluster's API recorded
+    /// and checked: a kernel or disk renamed away and replaced by another file under the
+    /// same name is refused; the same files pass.
+    #[test]
+    fn a_file_replaced_after_the_api_recorded_it_is_refused() {
+        let dir = std::env::temp_dir().join(format!("vm-samefiles-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel, disk) = (dir.join("vmlinuz"), dir.join("d.raw"));
+        std::fs::write(&kernel, vec![1u8; 4096]).unwrap();
+        std::fs::write(&disk, vec![0u8; 1 << 16]).unwrap();
+        let mut def: crate::domain::DomainDef = serde_json::from_value(serde_json::json!({
+            "name": "s", "vm": {"kernel": kernel, "memory_mib": 64, "accel": "emu",
+                "disks": [{"path": disk, "format": "raw"}]}
+        }))
+        .unwrap();
+        crate::disk_chain::record_all(&mut def).unwrap();
+        crate::boot_files::record_all(&mut def).unwrap();
+        assert!(!def.boot_files.is_empty() && !def.chains.is_empty());
+        let recorded = def.clone();
+        let again = |d: &crate::domain::DomainDef| {
+            let mut now = d.clone();
+            crate::disk_chain::record_all(&mut now).unwrap();
+            crate::boot_files::record_all(&mut now).unwrap();
+            now
+        };
+        same_files(&recorded, &again(&def)).unwrap();
+        for f in [&kernel, &disk] {
+            let away = f.with_extension("away");
+            std::fs::rename(f, &away).unwrap();
+            std::fs::copy(&away, f).unwrap();
+            let e = same_files(&recorded, &again(&def)).unwrap_err();
+            assert!(
+                matches!(&e, Error::Forbidden(m) if m.contains("another file is there now")),
+                "{}: {e}",
+                f.display()
+            );
+            std::fs::rename(&away, f).unwrap();
+            same_files(&recorded, &again(&def)).unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -56,6 +56,12 @@ pub struct DomainRecord {
     /// Its addresses on overlay networks, allocated at placement.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<Address>,
+    /// The host whose API recorded the definition's files (`def.chains`,
+    /// `def.boot_files`: where each name led and which file it was) and checked the
+    /// client's rights on them: that host's define compares the files it opens with
+    /// those records, as a single host's define does. Another host's files are its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_recorded_on: Option<String>,
 }
 
 /// Nova's server group policies: members on one host, or each on a host of its own.
@@ -314,6 +320,7 @@ mod tests {
                 running: false,
                 group: None,
                 addresses: vec![],
+                files_recorded_on: None,
             });
         }
         placed
@@ -376,6 +383,7 @@ mod tests {
                 running: false,
                 group: Some("web".into()),
                 addresses: vec![],
+                files_recorded_on: None,
             });
         }
         let mut used: Vec<&str> = placed.iter().map(|d| d.host.as_str()).collect();
@@ -403,6 +411,7 @@ mod tests {
                 running: false,
                 group: Some("db".into()),
                 addresses: vec![],
+                files_recorded_on: None,
             });
         }
         assert!(
