@@ -784,7 +784,7 @@ impl Manager {
 
     /// Starts a domain with its vCPUs paused (`virsh start --paused`): it is paused
     /// (user) from its first moment, and runs once resumed. A managed save is restored
-    /// and then paused.
+    /// paused: its vCPUs never run before the resume.
     pub fn start_paused(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
         self.start_with(name, true, true)
     }
@@ -797,12 +797,8 @@ impl Manager {
         paused: bool,
     ) -> Result<DomainInfo> {
         if let Some(dir) = self.managed_save(name) {
-            let info = self.start_managed(name, &dir)?;
-            if !paused {
-                return Ok(info);
-            }
-            self.suspend(name)?;
-            return self.info(name).map(|(_, i)| i);
+            // Paused from the restore on: not one guest instruction runs before resume.
+            return self.start_managed(name, &dir, paused);
         }
         self.start_inner(name, fresh_log, driver::Boot::Fresh { paused }, Start::Boot)
     }
@@ -843,7 +839,7 @@ impl Manager {
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
         let runtime = self.attach_interfaces(&def, matches!(boot, driver::Boot::Incoming))?;
-        if let driver::Boot::Restore(dir) = boot {
+        if let driver::Boot::Restore { dir, .. } = boot {
             if let Err(e) = driver.check_state(dir, &def, &runtime, &run) {
                 self.detach_interfaces(&def);
                 return Err(e);
@@ -885,7 +881,7 @@ impl Manager {
             } else {
                 state::next(r.state, Event::Started(how), name)?
             };
-            if matches!(boot, driver::Boot::Fresh { paused: true }) {
+            if boot.paused() {
                 (r.state, r.reason) = state::next(r.state, Event::Paused, name)?;
             }
             r.restarting = false;
@@ -907,7 +903,7 @@ impl Manager {
             self.rows().get(name).map(|r| r.reason.as_str()),
             Some(format!("pid {}", id.pid)),
         );
-        if matches!(boot, driver::Boot::Fresh { paused: true }) {
+        if boot.paused() {
             self.announce(name, "suspended", None);
         }
         self.watch(name.to_string(), generation, Some(child), id);

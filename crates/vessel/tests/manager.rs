@@ -4790,7 +4790,37 @@ fn vessel_domain_managedsave_and_save_on_shutdown() {
     assert_eq!(state(&c, "kept"), "shutoff");
     assert!(d.run_pids().is_empty(), "the VMM runs on after managedsave");
     let at_save = *counts(&c).last().unwrap();
-    d.ok(&["start", "kept"]);
+    // `start --paused` restores it paused: not one guest instruction before `resume`.
+    let since = c.get("/v1/events").unwrap()["last"].as_u64().unwrap();
+    d.ok(&["start", "kept", "--paused"]);
+    assert_eq!(
+        d.ok(&["domstate", "kept", "--reason"]).trim(),
+        "paused (user)"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        counts(&c).last().copied(),
+        Some(at_save),
+        "the guest ran while restored paused"
+    );
+    let events = c
+        .get(&format!("/v1/events?since={since}&domain=kept&timeout=0"))
+        .unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let of = |event: &str| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| e["state"].clone())
+            .collect()
+    };
+    // Restored into the paused state, not restored running and then suspended.
+    assert_eq!(of("restored"), [json!("paused")], "{events:?}");
+    assert_eq!(of("suspended").len(), 1, "{events:?}");
+    assert!(of("resumed").is_empty(), "{events:?}");
+    d.ok(&["resume", "kept"]);
     wait_count(&c, at_save + 5, "after start from the managed save");
     consecutive(&c);
     assert!(

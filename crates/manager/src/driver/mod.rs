@@ -300,10 +300,22 @@ pub enum Boot<'a> {
     /// Boots the guest; `paused`: its vCPUs wait, not one guest instruction run, until
     /// the domain is resumed (`virsh start --paused`).
     Fresh { paused: bool },
-    /// Restores the VM state a driver saved in that folder ([`Driver::save_state`]).
-    Restore(&'a Path),
+    /// Restores the VM state a driver saved in `dir` ([`Driver::save_state`]); `paused`:
+    /// its vCPUs stay stopped from the restore on, not one guest instruction run, until
+    /// the domain is resumed (`virsh start --paused` of a managed save).
+    Restore { dir: &'a Path, paused: bool },
     /// Waits for the domain migrating in from another daemon at [`RunDir::incoming`].
     Incoming,
+}
+
+impl Boot<'_> {
+    /// Whether the VM starts with its vCPUs paused.
+    pub fn paused(&self) -> bool {
+        matches!(
+            self,
+            Boot::Fresh { paused: true } | Boot::Restore { paused: true, .. }
+        )
+    }
 }
 
 /// How a guest reset goes on a driver.

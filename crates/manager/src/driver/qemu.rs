@@ -58,9 +58,13 @@ impl Driver for QemuDriver {
             Boot::Fresh { paused: true } => {
                 c.arg("-S");
             }
-            Boot::Restore(dir) => {
+            Boot::Restore { dir, paused } => {
                 let state = shell_quoted(&dir.join(QEMU_STATE))?;
                 c.arg("-incoming").arg(format!("exec:cat {state}"));
+                if paused {
+                    // No autostart once the state is in: the CPUs wait for `cont`.
+                    c.arg("-S");
+                }
             }
             Boot::Incoming => {
                 c.arg("-incoming")
@@ -82,7 +86,7 @@ impl Driver for QemuDriver {
     fn after_ready(&self, run: &RunDir, boot: Boot<'_>) -> Result<()> {
         match boot {
             // QEMU loads the saved state and waits, stopped as it was saved.
-            Boot::Restore(_) => continue_after_load(run),
+            Boot::Restore { paused, .. } => continue_after_load(run, !paused),
             _ => Ok(()),
         }
     }
@@ -451,14 +455,21 @@ fn report(m: &serde_json::Value) -> serde_json::Value {
 
 /// After a restore's QEMU has loaded the state (it waits paused, as the VM was saved
 /// stopped), lets it run.
-fn continue_after_load(run: &RunDir) -> Result<()> {
+fn continue_after_load(run: &RunDir, cont: bool) -> Result<()> {
     let t0 = Instant::now();
     loop {
         let st = qmp_status(run)?;
         match st.as_str() {
             "paused" | "postmigrate" | "prelaunch" => {
-                qmp(run, "cont")?;
+                if cont {
+                    qmp(run, "cont")?;
+                }
                 return Ok(());
+            }
+            "running" if !cont => {
+                return Err(Error::Conflict(
+                    "QEMU ran the restored guest though it was to stay paused".into(),
+                ))
             }
             "running" => return Ok(()),
             _ if t0.elapsed() > LIMIT => {

@@ -136,7 +136,14 @@ impl Driver for VesselDriver {
                 }
                 Ok(c)
             }
-            Boot::Restore(dir) => vessel_restore_command(p, def, dir, run, log),
+            Boot::Restore { dir, paused } => {
+                let mut c = vessel_restore_command(p, def, dir, run, log)?;
+                if paused {
+                    // The restored vCPUs find their gate closed before they run.
+                    c.arg("--paused");
+                }
+                Ok(c)
+            }
             Boot::Incoming => vessel_incoming_command(p, def, run, log),
         }?;
         if p.jail {

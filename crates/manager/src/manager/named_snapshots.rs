@@ -209,7 +209,10 @@ impl Manager {
             self.start_inner(
                 domain,
                 false,
-                crate::driver::Boot::Restore(&dir),
+                crate::driver::Boot::Restore {
+                    dir: &dir,
+                    paused: false,
+                },
                 crate::state::Start::Snapshot,
             )?
         } else {

@@ -105,11 +105,12 @@ impl Manager {
         self: &std::sync::Arc<Self>,
         name: &str,
         dir: &Path,
+        paused: bool,
     ) -> Result<DomainInfo> {
         let info = self.start_inner(
             name,
             false,
-            crate::driver::Boot::Restore(dir),
+            crate::driver::Boot::Restore { dir, paused },
             Start::Restore,
         )?;
         // QEMU has loaded the state (its incoming stream ended) once it runs.
@@ -119,7 +120,7 @@ impl Manager {
         self.events.emit_with(
             name,
             "restored",
-            "running",
+            if paused { "paused" } else { "running" },
             Some("restored"),
             Some("managed save".into()),
         );
@@ -206,7 +207,10 @@ impl Manager {
         let info = self.start_inner(
             name,
             false,
-            crate::driver::Boot::Restore(path),
+            crate::driver::Boot::Restore {
+                dir: path,
+                paused: false,
+            },
             Start::Restore,
         )?;
         self.events.emit_with(
