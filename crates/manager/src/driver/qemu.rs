@@ -855,6 +855,53 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Issue 16: a managed save started with `start --paused` is restored paused on both
+    /// drivers (QEMU's `-S` beside `-incoming`, Vessel's `--paused` beside `--restore`),
+    /// not restored running and suspended after; without `--paused`, neither.
+    #[test]
+    fn both_drivers_restore_paused_when_asked() {
+        let dir = std::env::temp_dir().join(format!("vessel-prestore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail: false,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+            vmm_cgroups: None,
+        };
+        let saved = dir.join("saved");
+        let log = dir.join("serial.log");
+        for (kind, flag) in [
+            (crate::domain::DriverKind::Qemu, "-S"),
+            (crate::domain::DriverKind::Vessel, "--paused"),
+        ] {
+            let def: DomainDef = serde_json::from_value(serde_json::json!({
+                "name": "r", "driver": kind.as_str(), "vm": {"kernel": "/k"}}))
+            .unwrap();
+            let run = RunDir(dir.join(kind.as_str()));
+            std::fs::create_dir_all(&run.0).unwrap();
+            for paused in [false, true] {
+                let boot = Boot::Restore {
+                    dir: &saved,
+                    paused,
+                };
+                assert_eq!(boot.paused(), paused);
+                let a = args(
+                    &crate::driver::of(kind)
+                        .command(&p, &def, &run, &log, boot)
+                        .unwrap(),
+                );
+                assert!(
+                    a.iter().any(|x| x == "-incoming" || x == "--restore"),
+                    "{a:?}"
+                );
+                assert_eq!(a.iter().any(|x| x == flag), paused, "{kind:?}: {a:?}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn both_drivers_give_a_domain_its_cloud_init_seed() {
         let dir = std::env::temp_dir().join(format!("vessel-seed-drv-{}", std::process::id()));
