@@ -167,6 +167,28 @@ impl IrqChip for ChipHandle {
     fn release_moderated(&self) {
         self.0.chip.release_held();
     }
+    fn pulse_irq_line_at_halt(&self, gsi: u32, max_delay: std::time::Duration) -> Result<()> {
+        if self.0.moderate {
+            self.0.chip.pulse_irq_line_at_halt(gsi, max_delay);
+        } else {
+            self.0.chip.set_irq_line(gsi, true);
+            self.0.chip.set_irq_line(gsi, false);
+        }
+        Ok(())
+    }
+    fn signal_msi_at_halt(
+        &self,
+        address: u64,
+        data: u32,
+        max_delay: std::time::Duration,
+    ) -> Result<()> {
+        if self.0.moderate {
+            self.0.chip.signal_msi_at_halt(address, data, max_delay);
+        } else {
+            self.0.chip.signal_msi(address, data);
+        }
+        Ok(())
+    }
 }
 
 impl EmuVm {

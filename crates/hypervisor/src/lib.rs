@@ -133,6 +133,23 @@ pub trait IrqChip: Send + Sync {
     /// [`IrqChip::signal_msi_moderated`] hold back, now (a device that knows no more
     /// completions are coming soon).
     fn release_moderated(&self) {}
+    /// An edge on `gsi` for a guest with several vCPUs to get when a vCPU halts rather
+    /// than while the one that completed it still runs, even if another is idle (at most
+    /// `max_delay` later; at once where the chip has one vCPU). A chip that cannot see its
+    /// vCPUs halt delivers it as [`IrqChip::pulse_irq_line_moderated`] does.
+    fn pulse_irq_line_at_halt(&self, gsi: u32, max_delay: std::time::Duration) -> Result<()> {
+        self.pulse_irq_line_moderated(gsi, max_delay)
+    }
+    /// [`IrqChip::signal_msi`], held as [`IrqChip::pulse_irq_line_at_halt`] holds an edge
+    /// (an MSI to a halted vCPU goes at once).
+    fn signal_msi_at_halt(
+        &self,
+        address: u64,
+        data: u32,
+        max_delay: std::time::Duration,
+    ) -> Result<()> {
+        self.signal_msi_moderated(address, data, max_delay)
+    }
 }
 
 /// Where a guest write signals an ioevent.

@@ -803,6 +803,7 @@ impl QueueWork for Batch {
                 break;
             };
             served += 1;
+            done.at_halt |= matches!(req.op, Op::Write { .. });
             match self.finish(mem, req, result) {
                 Ok(len) => done.used.push((req.head, len)),
                 Err(e) => {

@@ -126,6 +126,10 @@ pub struct WorkDone {
     /// Requests were left on the ring by the device's rate limiter
     /// ([`QueueOutcome::throttled`]).
     pub throttled: Option<std::time::Duration>,
+    /// Served on the notifying vCPU for a guest task that sleeps meanwhile (a write,
+    /// which Linux issues from the writer's `schedule` through a kernel worker): the
+    /// interrupt waits for a vCPU to halt ([`transport::Interrupt::raise_at_halt`]).
+    pub at_halt: bool,
 }
 
 /// A virtio device model, transport-independent.

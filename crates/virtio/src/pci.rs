@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::config::{self, BarKind, PciConfig, PciIds};
-use devices::pci::msix::{self, Msix};
+use devices::pci::msix::{self, Hold, Msix};
 use devices::pci::PciDevice;
 use hypervisor::{IoEventAddress, IrqChip};
 use virtio_queue::QueueT;
@@ -179,7 +179,7 @@ impl PciInterrupt {
 impl PciInterrupt {
     /// Raises `cause`'s vector (or INTx); with `hold`, an MSI may wait that long while
     /// the guest's vCPUs are all busy.
-    fn raise_within(&self, cause: Cause, hold: Option<std::time::Duration>) {
+    fn raise_within(&self, cause: Cause, hold: devices::pci::msix::Hold) {
         let vector = {
             let v = self.vectors();
             match cause {
@@ -191,7 +191,7 @@ impl PciInterrupt {
         if msix.enabled() {
             // With MSI-X on, a cause without a vector interrupts nothing (4.1.5.1.3.1).
             if vector != NO_VECTOR {
-                msix.trigger_within(vector, hold);
+                msix.trigger_as(vector, hold);
             }
             return;
         }
@@ -204,11 +204,15 @@ impl PciInterrupt {
 
 impl Interrupt for PciInterrupt {
     fn raise(&self, cause: Cause) {
-        self.raise_within(cause, None);
+        self.raise_within(cause, Hold::Now);
     }
 
     fn raise_held(&self, cause: Cause) {
-        self.raise_within(cause, Some(QUEUE_INTERRUPT_HOLD));
+        self.raise_within(cause, Hold::WhileBusy(QUEUE_INTERRUPT_HOLD));
+    }
+
+    fn raise_at_halt(&self, cause: Cause) {
+        self.raise_within(cause, Hold::UntilHalt(QUEUE_INTERRUPT_HOLD));
     }
 
     fn moderated(&self) -> bool {

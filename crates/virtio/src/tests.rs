@@ -25,15 +25,29 @@ const F_WRITE: u16 = 2;
 
 /// Counts interrupts; with `moderating` set it stands for a chip that holds moderated
 /// ones (the emu's): those are counted in `held` until released.
+/// Edges asked for when a vCPU halts (`pulse_irq_line_at_halt`) are counted apart.
 #[derive(Default)]
-struct Pulses(Mutex<u32>, std::sync::atomic::AtomicBool, Mutex<(u32, u32)>);
+struct Pulses(
+    Mutex<u32>,
+    std::sync::atomic::AtomicBool,
+    Mutex<(u32, u32)>,
+    Mutex<u32>,
+);
 impl Pulses {
     fn moderating() -> Self {
-        Pulses(Mutex::default(), true.into(), Mutex::default())
+        Pulses(
+            Mutex::default(),
+            true.into(),
+            Mutex::default(),
+            Mutex::default(),
+        )
     }
     /// (held, released)
     fn held(&self) -> (u32, u32) {
         *self.2.lock().unwrap()
+    }
+    fn at_halt(&self) -> u32 {
+        *self.3.lock().unwrap()
     }
 }
 impl IrqChip for Pulses {
@@ -55,6 +69,10 @@ impl IrqChip for Pulses {
     }
     fn release_moderated(&self) {
         self.2.lock().unwrap().1 += 1;
+    }
+    fn pulse_irq_line_at_halt(&self, _: u32, _: std::time::Duration) -> hypervisor::Result<()> {
+        *self.3.lock().unwrap() += 1;
+        Ok(())
     }
 }
 
@@ -1865,6 +1883,42 @@ fn small_writes_to_an_image_written_in_place_complete_within_the_notify() {
     assert_eq!(d.used_idx(), 2, "left to the I/O thread");
     d.t.core().process_queue(0);
     assert_eq!((d.used_idx(), d.byte(ST)), (3, 0));
+}
+
+#[test]
+fn a_write_served_within_the_notify_interrupts_when_a_vcpu_halts() {
+    let disk = InPlaceDisk {
+        disk: MemDisk {
+            data: vec![0; 1 << 20],
+            ro: false,
+        },
+        sleep: None,
+    };
+    let mut d = Driver::with_chip(
+        Box::new(Block::new(Box::new(disk), "w", false)),
+        Pulses::moderating(),
+    )
+    .init(QSIZE);
+    let _io = d.t.io_thread("blk-inline", None).unwrap();
+    assert!(d.t.serve_inline());
+    // Linux issues a plugged write from a worker while the writer sleeps: its
+    // completion waits for a vCPU to halt rather than land while the worker runs.
+    d.mem.write_obj(0u16, GuestAddress(USED_EVENT)).unwrap();
+    let pulses = d.pulses();
+    notify_write(&mut d, 0, 8, 4096, 0x5a);
+    assert_eq!(
+        (d.used_idx(), d.byte(ST)),
+        (1, 0),
+        "served within the notify"
+    );
+    assert_eq!((d.irq.at_halt(), d.pulses()), (1, pulses));
+    assert_ne!(d.r(0x060) & INT_USED_RING, 0);
+    // One the I/O thread completes goes at once.
+    d.mem.write_obj(1u16, GuestAddress(USED_EVENT)).unwrap();
+    notify_write(&mut d, 3, 16, 68 << 10, 0x77);
+    d.t.core().process_queue(0);
+    assert_eq!((d.used_idx(), d.byte(ST)), (2, 0));
+    assert_eq!((d.irq.at_halt(), d.pulses()), (1, pulses + 1));
 }
 
 #[test]

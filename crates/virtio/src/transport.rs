@@ -75,6 +75,14 @@ pub trait Interrupt: Send + Sync + std::fmt::Debug {
     }
     /// Sends the queue interrupts held back, now.
     fn release_held(&self) {}
+    /// [`Interrupt::raise`] for completions a vCPU served within a notify while the guest
+    /// task waiting for them sleeps ([`crate::WorkDone::at_halt`]): on a chip that
+    /// moderates, with several vCPUs, it goes out when a vCPU halts (at most
+    /// [`QUEUE_INTERRUPT_HOLD`] later), not while the notifying one still runs
+    /// ([`hypervisor::IrqChip::pulse_irq_line_at_halt`]). Else [`Interrupt::raise_held`].
+    fn raise_at_halt(&self, cause: Cause) {
+        self.raise_held(cause)
+    }
 }
 
 impl<T: Interrupt> Interrupt for Arc<T> {
@@ -89,6 +97,9 @@ impl<T: Interrupt> Interrupt for Arc<T> {
     }
     fn release_held(&self) {
         (**self).release_held()
+    }
+    fn raise_at_halt(&self, cause: Cause) {
+        (**self).raise_at_halt(cause)
     }
     fn reset(&self) {
         (**self).reset()
@@ -164,6 +175,18 @@ impl Interrupt for GsiEdge {
         if let Err(e) = self
             .irq
             .pulse_irq_line_moderated(self.gsi, QUEUE_INTERRUPT_HOLD)
+        {
+            tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
+        }
+    }
+
+    fn raise_at_halt(&self, cause: Cause) {
+        if !self.moderated {
+            return self.raise(cause);
+        }
+        if let Err(e) = self
+            .irq
+            .pulse_irq_line_at_halt(self.gsi, QUEUE_INTERRUPT_HOLD)
         {
             tracing::warn!(gsi = self.gsi, "virtio interrupt failed: {e}");
         }
@@ -577,6 +600,18 @@ impl DeviceCore {
         self.interrupt.raise(cause);
     }
 
+    /// A queue interrupt now, or when a vCPU halts for completions served
+    /// [`crate::WorkDone::at_halt`].
+    fn interrupt_queue(&self, index: usize, at_halt: bool) {
+        if at_halt && self.interrupt.moderated() {
+            self.interrupt_status
+                .fetch_or(INT_USED_RING, Ordering::AcqRel);
+            self.interrupt.raise_at_halt(Cause::Queue(index));
+        } else {
+            self.interrupt(Cause::Queue(index));
+        }
+    }
+
     /// The device's configuration space changed on the host's side (a disk's new backing
     /// file and capacity): a new configuration generation and, once the driver is running,
     /// a configuration-change interrupt, after which the driver reads it again.
@@ -591,7 +626,7 @@ impl DeviceCore {
     /// Interrupts the driver for queue `index`'s new used entries if it asked for one,
     /// at once or, on a moderated queue, when the guest is likely done submitting (see
     /// [`Moderation`]).
-    fn interrupt_for_used(&self, st: &mut CoreState, index: usize) {
+    fn interrupt_for_used(&self, st: &mut CoreState, index: usize, at_halt: bool) {
         let CoreState {
             queues,
             signalled,
@@ -607,13 +642,13 @@ impl DeviceCore {
             .filter(|m| m.enabled && queue.event_idx_enabled() && self.interrupt.moderated());
         let Some(m) = m else {
             if needs {
-                self.interrupt(Cause::Queue(index));
+                self.interrupt_queue(index, at_halt);
             }
             return;
         };
         let Some(used_event) = crate::queue::used_event(queue, &self.mem) else {
             if needs {
-                self.interrupt(Cause::Queue(index));
+                self.interrupt_queue(index, at_halt);
             }
             return;
         };
@@ -621,7 +656,7 @@ impl DeviceCore {
         let pending = queue.next_used().wrapping_sub(used_event);
         match m.decide(needs, used_event, pending) {
             Moderated::Nothing => {}
-            Moderated::Now => self.interrupt(Cause::Queue(index)),
+            Moderated::Now => self.interrupt_queue(index, at_halt),
             Moderated::Hold => {
                 self.interrupt_status
                     .fetch_or(INT_USED_RING, Ordering::AcqRel);
@@ -786,7 +821,7 @@ impl DeviceCore {
                     }
                 };
                 if outcome.used {
-                    self.interrupt_for_used(st, index);
+                    self.interrupt_for_used(st, index, false);
                 }
                 if let Some(next) = outcome.also_process.filter(|&n| n != index) {
                     self.process_locked(st, next);
@@ -829,7 +864,7 @@ impl DeviceCore {
             }
         };
         if used {
-            self.interrupt_for_used(st, index);
+            self.interrupt_for_used(st, index, done.at_halt);
         }
         Some((used, more))
     }

@@ -616,12 +616,52 @@ impl UserIrqChip {
         }
     }
 
+    /// An MSI that a guest with several vCPUs gets when one of them halts, not while the
+    /// vCPU that completes it is still running guest code (even if another vCPU idles), at
+    /// most `max_delay` later; at once where its destination is halted, and on a chip
+    /// with one vCPU.
+    ///
+    /// For a completion a vCPU serves within the notify of a queue that a kernel thread
+    /// of the guest kicked on behalf of a task that sleeps (Linux issues a plugged write
+    /// from the writer's `schedule`, through a kblockd worker): delivered at once, it
+    /// lands while that worker still runs, so the guest's scheduler wakes the task on
+    /// another, idle vCPU, which then has to be woken by an IPI — a host thread wake-up
+    /// per request, and the task moving between vCPUs on every request. Held until the
+    /// worker's vCPU halts, it wakes the task there. One vCPU has no other to move to.
+    pub fn signal_msi_at_halt(&self, address: u64, data: u32, max_delay: Duration) {
+        if let Some(d) = msi_delivery(address, data) {
+            let dest = d.dest;
+            self.hold_with(Held::Msi(address, data), max_delay, |st| {
+                st.lapics.len() < 2
+                    || st
+                        .lapics
+                        .iter()
+                        .zip(&st.waiting)
+                        .any(|(l, w)| w.is_some() && l.matches_destination(&dest, NO_SENDER))
+            });
+        }
+    }
+
+    /// [`UserIrqChip::signal_msi_at_halt`] for an edge on `gsi` (its destination not
+    /// looked up: it goes at once when every vCPU is halted).
+    pub fn pulse_irq_line_at_halt(&self, gsi: u32, max_delay: Duration) {
+        self.hold_with(Held::Edge(gsi), max_delay, |st| {
+            st.lapics.len() < 2 || st.waiting.iter().all(Option::is_some)
+        });
+    }
+
     fn hold(&self, irq: Held, max_delay: Duration) {
-        let now = Instant::now();
+        self.hold_with(irq, max_delay, |st| st.waiting.iter().any(Option::is_some));
+    }
+
+    /// Holds `irq` (see [`UserIrqChip::pulse_irq_line_moderated`]) unless `now` says it
+    /// goes out at once.
+    fn hold_with(&self, irq: Held, max_delay: Duration, now: impl FnOnce(&ChipState) -> bool) {
+        let at = Instant::now();
         let mut st = self.lock();
-        let idle = st.waiting.iter().any(Option::is_some);
-        let overdue = st.held_until.is_some_and(|due| now >= due);
-        if idle || overdue || max_delay.is_zero() || st.held.len() >= MAX_HELD {
+        let go = now(&st);
+        let overdue = st.held_until.is_some_and(|due| at >= due);
+        if go || overdue || max_delay.is_zero() || st.held.len() >= MAX_HELD {
             st.release_held();
             st.deliver_held(irq);
             self.notify(&mut st);
@@ -630,7 +670,7 @@ impl UserIrqChip {
         if !st.held.contains(&irq) {
             st.held.push(irq);
         }
-        let due = now.checked_add(max_delay).unwrap_or(now);
+        let due = at.checked_add(max_delay).unwrap_or(at);
         st.held_until = Some(st.held_until.map_or(due, |d| d.min(due)));
     }
 
@@ -979,6 +1019,21 @@ impl hypervisor::IrqChip for UserIrqChip {
 
     fn release_moderated(&self) {
         UserIrqChip::release_held(self);
+    }
+
+    fn pulse_irq_line_at_halt(&self, gsi: u32, max_delay: Duration) -> hypervisor::Result<()> {
+        UserIrqChip::pulse_irq_line_at_halt(self, gsi, max_delay);
+        Ok(())
+    }
+
+    fn signal_msi_at_halt(
+        &self,
+        address: u64,
+        data: u32,
+        max_delay: Duration,
+    ) -> hypervisor::Result<()> {
+        UserIrqChip::signal_msi_at_halt(self, address, data, max_delay);
+        Ok(())
     }
 }
 
@@ -1420,6 +1475,50 @@ mod tests {
         c.pulse_irq_line_moderated(5, Duration::from_secs(60));
         assert!(waiter.join().unwrap());
         assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+    }
+
+    #[test]
+    fn an_at_halt_msi_waits_for_the_running_vcpu_to_halt_though_another_idles() {
+        let c = Arc::new(chip(2));
+        // vCPU 1 sleeps; vCPU 0 runs (it completed the request).
+        let idle = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait(1, Duration::from_secs(20), true))
+        };
+        while c.lock().waiting[1].is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A moderated MSI would go at once (a vCPU is idle); this one waits for vCPU 0.
+        c.signal_msi_at_halt(0xfee0_0000, 0x0046, Duration::from_secs(60));
+        assert!(c.holds_interrupts());
+        assert!(!c.has_interrupt(0));
+        // vCPU 0 halts: it goes out, and vCPU 0's wait returns at once.
+        assert!(c.wait(0, Duration::from_secs(20), true));
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x46));
+        lapic_write(&c, 0, 0xb0, 0);
+        // One for the halted vCPU 1 goes at once and wakes it.
+        c.signal_msi_at_halt(0xfee0_1000, 0x0047, Duration::from_secs(60));
+        assert!(!c.holds_interrupts());
+        assert!(idle.join().unwrap());
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x47));
+        // Past its deadline, the next tick delivers one.
+        c.signal_msi_at_halt(0xfee0_0000, 0x0048, Duration::from_millis(1));
+        assert!(!c.has_interrupt(0));
+        std::thread::sleep(Duration::from_millis(5));
+        c.tick(1);
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x48));
+    }
+
+    #[test]
+    fn at_halt_interrupts_of_a_one_vcpu_chip_go_at_once() {
+        let c = chip(1);
+        route(&c, 5, 0x0000_0035, 0);
+        c.signal_msi_at_halt(0xfee0_0000, 0x0046, Duration::from_secs(60));
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x46));
+        lapic_write(&c, 0, 0xb0, 0);
+        c.pulse_irq_line_at_halt(5, Duration::from_secs(60));
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x35));
+        assert!(!c.holds_interrupts());
     }
 
     #[test]

@@ -27,6 +27,18 @@ struct Entry {
     control: u32,
 }
 
+/// When the chip may deliver an MSI-X message ([`Msix::trigger_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// At once.
+    Now,
+    /// Held up to this long while every vCPU is busy ([`IrqChip::signal_msi_moderated`]).
+    WhileBusy(std::time::Duration),
+    /// Held up to this long until a vCPU halts, even while another idles
+    /// ([`IrqChip::signal_msi_at_halt`]).
+    UntilHalt(std::time::Duration),
+}
+
 /// One function's MSI-X vectors.
 pub struct Msix {
     entries: Vec<Entry>,
@@ -132,17 +144,17 @@ impl Msix {
     }
 
     fn send(&self, v: usize) {
-        self.send_within(v, None);
+        self.send_as(v, Hold::Now);
     }
 
-    /// Sends vector `v`'s message, or with `hold` lets the chip hold it back that long
-    /// at most while every vCPU is busy ([`IrqChip::signal_msi_moderated`]).
-    fn send_within(&self, v: usize, hold: Option<std::time::Duration>) {
+    /// Sends vector `v`'s message now, or lets the chip hold it as `hold` says.
+    fn send_as(&self, v: usize, hold: Hold) {
         let Some(e) = self.entries.get(v) else { return };
         let addr = u64::from(e.addr_lo) | (u64::from(e.addr_hi) << 32);
         let sent = match hold {
-            Some(d) => self.irq.signal_msi_moderated(addr, e.data, d),
-            None => self.irq.signal_msi(addr, e.data),
+            Hold::Now => self.irq.signal_msi(addr, e.data),
+            Hold::WhileBusy(d) => self.irq.signal_msi_moderated(addr, e.data, d),
+            Hold::UntilHalt(d) => self.irq.signal_msi_at_halt(addr, e.data, d),
         };
         if let Err(err) = sent {
             tracing::warn!(vector = v, "MSI-X delivery failed: {err}");
@@ -152,12 +164,18 @@ impl Msix {
     /// Raise `vector`: sent now, or left pending while masked. False when MSI-X is off
     /// or there is no such vector (the caller falls back to INTx or drops it).
     pub fn trigger(&mut self, vector: u16) -> bool {
-        self.trigger_within(vector, None)
+        self.trigger_as(vector, Hold::Now)
     }
 
     /// [`Msix::trigger`] for an interrupt the chip may hold back up to `hold` while the
     /// guest's vCPUs are all busy (see [`IrqChip::signal_msi_moderated`]).
     pub fn trigger_within(&mut self, vector: u16, hold: Option<std::time::Duration>) -> bool {
+        self.trigger_as(vector, hold.map_or(Hold::Now, Hold::WhileBusy))
+    }
+
+    /// [`Msix::trigger`], held as `hold` says (a vector left pending while masked is
+    /// sent at once when unmasked).
+    pub fn trigger_as(&mut self, vector: u16, hold: Hold) -> bool {
         let v = usize::from(vector);
         if !self.enabled || v >= self.entries.len() {
             return false;
@@ -165,7 +183,7 @@ impl Msix {
         if self.masked(v) {
             self.pending[v / 64] |= 1 << (v % 64);
         } else {
-            self.send_within(v, hold);
+            self.send_as(v, hold);
         }
         true
     }
