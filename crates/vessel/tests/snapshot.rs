@@ -1863,16 +1863,21 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
         } else {
             None
         };
-        migrate(
+        let report = migrate(
             &restored_sock,
             &format!("unix:{}", incoming.display()),
             &mut restored,
         );
         let middle = restored.text();
         if let Some(churned) = churned {
+            // A migration shorter than one of the writer's rounds shows the writer ran by
+            // what it dirtied meanwhile: another pre-copy round, or megabytes sent at the
+            // stop (an idle guest dirties a few pages).
+            let rounds = report["rounds"].as_u64().unwrap_or(0);
+            let last = report["last_pages"].as_u64().unwrap_or(0);
             assert!(
-                churns(&middle) > churned,
-                "the writer did not run during the migration"
+                churns(&middle) > churned || rounds >= 2 || last >= 1024,
+                "the writer did not run during the migration: {report}"
             );
         }
         let last = take(middle, &mut all, &mut full);
