@@ -17,6 +17,7 @@
 #   SMP_FORKS=200       how many /bin/true the fork+exec row runs
 #   SMP_CONFIGS=vessel-emu,qemu-mttcg   which VMMs to run
 #   SMP_VESSEL_CPU=MODEL   pass --cpu MODEL to Vessel (default: Vessel's default model)
+#   VESSEL_BIN=path/to/vessel      measures that build (default: this tree's, built first)
 #   VESSEL_BEFORE=path/to/vessel   also measures that build, as "vessel-before"
 #   SMP_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
 #
@@ -32,8 +33,10 @@ command -v qemu-system-x86_64 >/dev/null || {
 }
 scripts/guest-assets.sh >/dev/null
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
-cargo build -q --release -p vessel
-VESSEL="${VESSEL_BIN:-$PWD/target/release/vessel}"
+if [ -z "${VESSEL_BIN:-}" ]; then
+    cargo build -q --release -p vessel
+fi
+VESSEL="${VESSEL_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/vessel}"
 
 # The initramfs with /smp-bench appended as a second cpio archive: it starts one job per
 # online CPU and prints the guest clock around them. /init runs it (vessel.run=) and
