@@ -387,7 +387,9 @@ impl BlockCache {
 
     /// Where this CPU offers the blocks it decodes (from now on).
     pub(crate) fn decoded_blocks(&mut self) -> DecodedBlocks {
-        self.decoded.get_or_insert_with(DecodedBlocks::default).clone()
+        self.decoded
+            .get_or_insert_with(DecodedBlocks::default)
+            .clone()
     }
 
     /// Places compiled code in `cache` from now on, and runs what other CPUs placed there.
