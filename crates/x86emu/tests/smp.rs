@@ -243,20 +243,18 @@ fn run_program(cpu: &mut Cpu, root: u64, rip: u64, i: usize) -> u64 {
     cpu.state().gpr[0]
 }
 
-/// Two CPUs of one machine share compiled code: the second runs the first's blocks
-/// without compiling them again, and when it rewrites an instruction of that code, the
-/// first runs the new instruction (not the code compiled for the old one).
-#[test]
-fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
-    const LOOPS: u32 = 5_000;
-    let mut shared = Shared::new();
-    let ram0 = shared.map();
-    let root = identity_tables(&ram0);
+/// The patch program's address (see `patchable_loop`).
+const PATCH: u64 = CODE + 0x800;
+
+/// Writes a loop at CODE that runs `loops` times `rax = rol(rax, 3) + 0x11`, and at PATCH a
+/// program that rewrites the loop's 0x11 to 0x2d (a guest store into the code). Returns
+/// what the loop leaves in RAX for an addend.
+fn patchable_loop(ram: &GuestRam, loops: u32) -> impl Fn(u64) -> u64 {
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     let mut imm = a.create_label();
     a.xor(eax, eax).unwrap();
-    a.mov(ecx, LOOPS).unwrap();
+    a.mov(ecx, loops).unwrap();
     a.set_label(&mut top).unwrap();
     a.rol(rax, 3).unwrap();
     a.set_label(&mut imm).unwrap();
@@ -272,15 +270,26 @@ fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
     // `add rax, imm32`: REX.W 05 id.
     let off = (imm_at - CODE) as usize;
     assert_eq!(bytes.get(off..off + 3), Some(&[0x48, 0x05, 0x11][..]));
-    ram0.write(CODE, bytes);
+    ram.write(CODE, bytes);
     // The patcher: a guest store of a new immediate (the low byte of `add rax, imm32`).
-    const PATCH: u64 = CODE + 0x800;
     let mut p = CodeAssembler::new(64).unwrap();
     p.mov(rbx, imm_at + 2).unwrap();
     p.mov(byte_ptr(rbx), 0x2d).unwrap();
     p.hlt().unwrap();
-    ram0.write(PATCH, &p.assemble(PATCH).unwrap());
-    let expect = |add: u64| (0..LOOPS).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add));
+    ram.write(PATCH, &p.assemble(PATCH).unwrap());
+    move |add: u64| (0..loops).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add))
+}
+
+/// Two CPUs of one machine share compiled code: the second runs the first's blocks
+/// without compiling them again, and when it rewrites an instruction of that code, the
+/// first runs the new instruction (not the code compiled for the old one).
+#[test]
+fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
+    const LOOPS: u32 = 5_000;
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    let expect = patchable_loop(&ram0, LOOPS);
 
     let mut cpu0 = machine_cpu(shared.map(), None);
     let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
@@ -317,30 +326,7 @@ fn cpus_take_each_others_decoded_blocks_while_the_bytes_stay() {
     let mut shared = Shared::new();
     let ram0 = shared.map();
     let root = identity_tables(&ram0);
-    let mut a = CodeAssembler::new(64).unwrap();
-    let mut top = a.create_label();
-    let mut imm = a.create_label();
-    a.xor(eax, eax).unwrap();
-    a.mov(ecx, LOOPS).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.rol(rax, 3).unwrap();
-    a.set_label(&mut imm).unwrap();
-    a.add(rax, 0x11).unwrap();
-    a.dec(ecx).unwrap();
-    a.jnz(top).unwrap();
-    a.hlt().unwrap();
-    let code = a
-        .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
-        .unwrap();
-    let imm_at = code.label_ip(&imm).unwrap();
-    ram0.write(CODE, code.inner.code_buffer.as_slice());
-    const PATCH: u64 = CODE + 0x800;
-    let mut p = CodeAssembler::new(64).unwrap();
-    p.mov(rbx, imm_at + 2).unwrap();
-    p.mov(byte_ptr(rbx), 0x2d).unwrap();
-    p.hlt().unwrap();
-    ram0.write(PATCH, &p.assemble(PATCH).unwrap());
-    let expect = |add: u64| (0..LOOPS).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add));
+    let expect = patchable_loop(&ram0, LOOPS);
 
     // Interpreted only: every block the CPUs run goes through their block caches.
     let mut cpu0 = Cpu::new(shared.map());
