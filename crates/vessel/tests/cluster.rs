@@ -152,7 +152,21 @@ impl Netns {
         };
         add(&w);
         Netns::ip(&w, &["link", "set", "lo", "up"]);
-        Netns::ip(&w, &["link", "add", "wire", "type", "bridge"]);
+        // A fixed MAC: a bridge without one takes its lowest port's, so deleting a host's
+        // namespace (and its veth) changed the address etcd answers from, and every other
+        // host lost etcd until its ARP entry went stale (~6 s: all of them fenced).
+        Netns::ip(
+            &w,
+            &[
+                "link",
+                "add",
+                "wire",
+                "address",
+                "02:00:0a:fa:00:fe",
+                "type",
+                "bridge",
+            ],
+        );
         Netns::ip(
             &w,
             &["addr", "add", &format!("{UNDERLAY_ETCD}/24"), "dev", "wire"],
