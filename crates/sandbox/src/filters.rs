@@ -172,7 +172,7 @@ pub(crate) fn pinned(
         Role::Api => fds.vcpus.clone(),
         _ => Vec::new(),
     };
-    match compile_pinned(&action, role, &vcpus, fds.vm) {
+    let compiled = match compile_pinned(&action, role, &vcpus, fds.vm) {
         Err(seccompiler::BackendError::FilterTooLarge(len)) => {
             // Many vCPUs whose descriptors are far apart (the API's filter, which names
             // them all): all the numbers from the lowest vCPU's to the highest's.
@@ -189,22 +189,23 @@ pub(crate) fn pinned(
             compile_pinned(&action, role, &hull, fds.vm)
         }
         other => other,
-    }
-    .map(Some)
-    .map_err(|source| Error::BuildFilter {
+    };
+    compiled.map_err(|source| Error::BuildFilter {
         role: role.name(),
         source,
     })
 }
 
 /// [`pinned`]'s filter for vCPU descriptors `vcpus` and VM descriptor `vm`, covering
-/// the requests `role` makes at all (its allowlist refuses the others anywhere).
+/// the requests `role` makes at all (its allowlist refuses the others anywhere). None
+/// when the role makes none of KVM's requests (emu's main thread): seccompiler reads a
+/// system call with no rules as one that always matches, which would refuse every ioctl.
 fn compile_pinned(
     action: &SeccompAction,
     role: Role,
     vcpus: &[RawFd],
     vm: Option<RawFd>,
-) -> Result<BpfProgram, seccompiler::BackendError> {
+) -> Result<Option<BpfProgram>, seccompiler::BackendError> {
     let made = ioctls::allowed(role);
     let vm: Vec<RawFd> = vm.into_iter().collect();
     let either: Vec<RawFd> = vcpus.iter().chain(&vm).copied().collect();
@@ -219,9 +220,12 @@ fn compile_pinned(
             forbidden.extend(outside(nr, allowed)?);
         }
     }
+    if forbidden.is_empty() {
+        return Ok(None);
+    }
     let rules: Rules = [(libc::SYS_ioctl, forbidden)].into_iter().collect();
     let f = SeccompFilter::new(rules, SeccompAction::Allow, action.clone(), arch())?;
-    BpfProgram::try_from(f)
+    BpfProgram::try_from(f).map(Some)
 }
 
 /// Rules that match `ioctl` request `nr` on any descriptor but `fds`: below the lowest,
@@ -731,6 +735,22 @@ mod tests {
             assert!(!ioctl_allowed_under(&emu, fd, KVM_IRQ_LINE), "emu irq {fd}");
         }
         assert!(ioctl_allowed_under(&emu, 5, FIONBIO));
+        // A role that makes none of KVM's requests on a VM without KVM (emu's main thread,
+        // which reads a console socket's pending bytes at the end): no filter, every
+        // request its allowlist has goes through, FIONREAD too.
+        let no_kvm = crate::KvmFds {
+            vm: None,
+            vcpus: vec![],
+        };
+        let main: Vec<BpfProgram> = std::iter::once(role_filter(Role::Main))
+            .chain(pinned(Mode::Kill, Role::Main, None, &no_kvm).unwrap())
+            .collect();
+        for fd in [0, 6, 900] {
+            assert!(
+                ioctl_allowed_under(&main, fd, FIONREAD),
+                "main FIONREAD on {fd}"
+            );
+        }
         // The API's reads every vCPU of the VM, nothing else.
         let api = [
             role_filter(Role::Api),
