@@ -271,10 +271,17 @@ fn pin(policy: &Policy, role: Role, own_vcpu: Option<RawFd>) -> Result<(), Error
     Ok(())
 }
 
-/// [`SELF_TEST_FOREIGN_FD`]: KVM_GET_REGS on a KVM descriptor that is not `own`.
+/// [`SELF_TEST_FOREIGN_FD`]: KVM_GET_REGS on a KVM descriptor that is not `own`: the
+/// first vCPU's for every other vCPU, the VM's for the first. Never a later vCPU's: a
+/// vCPU request waits for that vCPU's KVM_RUN to return, and a vCPU waiting for its
+/// start-up IPI stays there, so with the filter only logging the first vCPU would wait
+/// forever and the guest would never run.
 fn foreign_fd_self_test(own: RawFd) {
     let fds = PINS.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let Some(target) = fds.and_then(|f| f.vcpus.into_iter().find(|&fd| fd != own).or(f.vm)) else {
+    let Some(target) = fds.and_then(|f| match f.vcpus.first() {
+        Some(&first) if first != own => Some(first),
+        _ => f.vm,
+    }) else {
         return;
     };
     tracing::warn!(

@@ -756,8 +756,8 @@ fn sigterm_stops_the_vm_cleanly() {
 
 /// Issue 22: once the VM is built, a vCPU thread's KVM requests are held to its own
 /// vCPU's descriptor. The `vcpu-foreign-fd` self-test makes each vCPU thread read
-/// registers (KVM_GET_REGS, a request vCPU threads make) from another vCPU's descriptor,
-/// or from the VM's when there is one vCPU: that VMM ends with status 148 and a report
+/// registers (KVM_GET_REGS, a request vCPU threads make) from the first vCPU's
+/// descriptor, and the first vCPU from the VM's: that VMM ends with status 148 and a report
 /// naming the request and the descriptor (`--seccomp kill`: SIGSYS), while `--seccomp
 /// log` lets the call through and the guest runs to its end.
 #[test]
