@@ -793,11 +793,14 @@ impl Cluster {
                     }
                     tracing::info!(domain = %name, "started again here after the fence");
                 } else if !active && mine {
-                    // It ended here (stopped through the API, or by itself).
-                    self.release(name);
+                    // It ended here (stopped through the API, or by itself). The record
+                    // first: a key released before a failed record write would leave
+                    // a domain wanted running and held by no one, which this host
+                    // (or another) would start again.
                     if r.running {
                         self.set_running(name, false)?;
                     }
+                    self.release(name);
                 } else if r.running && !active && free && self.quorum.promised().is_some() {
                     // Another host may keep its VMMs on this host's promise: nothing is
                     // taken over here until it has run out.
