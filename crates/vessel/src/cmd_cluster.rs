@@ -12,7 +12,8 @@ use crate::cmd_manage::{print_json, s, table};
 #[allow(clippy::enum_variant_names)]
 #[derive(clap::Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// List the cluster's live hosts: capacity, use and maintenance.
+    /// List the cluster's hosts: capacity, use and maintenance; a host whose lease is
+    /// gone while domains are still placed on it is listed as down.
     HostList,
     /// One host: its record, its use and the domains placed on it.
     HostInfo { host: String },
@@ -47,10 +48,11 @@ fn row(v: &Value) -> Vec<String> {
         format!("{}/{}", s(&v["used"]["vcpus"]), s(&h["vcpus"])),
         format!("{}/{}", s(&v["used"]["memory_mib"]), s(&h["memory_mib"])),
         s(&v["used"]["domains"]),
-        if v["maintenance"] == json!(true) {
-            "maintenance".into()
-        } else {
-            "up".into()
+        match (v["down"] == json!(true), v["maintenance"] == json!(true)) {
+            (true, true) => "down, maintenance".into(),
+            (true, false) => "down".into(),
+            (false, true) => "maintenance".into(),
+            (false, false) => "up".into(),
         },
         s(&h["api"]),
     ]

@@ -119,6 +119,17 @@ pub struct DaemonArgs {
     /// loopback or wildcard one).
     #[arg(long)]
     overlay_ip: Option<std::net::Ipv4Addr>,
+    /// The CA (PEM) that signed the etcd members' server certificates, for https://
+    /// endpoints (as etcdctl's --cacert).
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    etcd_cacert: Option<PathBuf>,
+    /// This host's client certificate (PEM) for etcd's --client-cert-auth (as etcdctl's
+    /// --cert).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_cacert"])]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM) (as etcdctl's --key).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 /// `START:COUNT` for `--vmm-uid-range`.
@@ -211,6 +222,11 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
                 let ip: std::net::Ipv4Addr = t.addr.rsplit_once(':')?.0.parse().ok()?;
                 (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
             }),
+            tls: manager::cluster::tls::EtcdTls {
+                cacert: args.etcd_cacert,
+                cert: args.etcd_cert,
+                key: args.etcd_key,
+            },
         }),
         Some(_) => bail!("--host-name names this host in a cluster: give --cluster too"),
         None => None,

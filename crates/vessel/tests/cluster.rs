@@ -219,6 +219,137 @@ struct Cluster {
     etcd: Vec<Etcd>,
     hosts: Vec<Host>,
     netns: Option<Netns>,
+    /// Where the certificates of a cluster whose etcd speaks TLS are (see [`Certs`]).
+    certs: Option<Certs>,
+}
+
+/// Certificates for etcd with TLS and client-certificate auth, made with the openssl CLI:
+/// a CA, a certificate for the etcd members and the daemons (server and client use,
+/// for 127.0.0.1 and the underlay's etcd address), and a second CA with a client
+/// certificate of its own, which etcd must refuse.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn openssl(dir: &Path, args: &[&str]) {
+        let o = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl not found: apt-get install openssl");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn new(dir: &Path) -> Certs {
+        let dir = dir.join("certs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("openssl.cnf"),
+            "[req]\ndistinguished_name=dn\n[dn]\n[ca]\nbasicConstraints=critical,CA:TRUE\n\
+             keyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n\
+                 subjectAltName=IP:127.0.0.1,IP:{UNDERLAY_ETCD},DNS:localhost\n\
+                 authorityKeyIdentifier=keyid\n"
+            ),
+        )
+        .unwrap();
+        for ca in ["ca", "other-ca"] {
+            Certs::openssl(
+                &dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=vessel test {ca}"),
+                    "-config",
+                    "openssl.cnf",
+                    "-extensions",
+                    "ca",
+                ],
+            );
+        }
+        for (leaf, ca) in [("etcd", "ca"), ("other", "other-ca")] {
+            Certs::openssl(
+                &dir,
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{leaf}.key"),
+                    "-out",
+                    &format!("{leaf}.csr"),
+                    "-subj",
+                    &format!("/CN=vessel test {leaf}"),
+                    "-config",
+                    "openssl.cnf",
+                ],
+            );
+            Certs::openssl(
+                &dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{leaf}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "leaf.ext",
+                    "-out",
+                    &format!("{leaf}.pem"),
+                ],
+            );
+        }
+        Certs { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).to_str().unwrap().to_string()
+    }
+
+    /// The daemon's (and etcdctl's) options for the right CA and client certificate.
+    fn daemon_args(&self) -> Vec<String> {
+        vec![
+            "--etcd-cacert".into(),
+            self.path("ca.pem"),
+            "--etcd-cert".into(),
+            self.path("etcd.pem"),
+            "--etcd-key".into(),
+            self.path("etcd.key"),
+        ]
+    }
 }
 
 struct Host {
@@ -345,15 +476,21 @@ impl Host {
 
 impl Cluster {
     fn start(tag: &str) -> Cluster {
-        Cluster::start_with(tag, None)
+        Cluster::start_with(tag, None, false)
     }
 
     /// Each host in a network namespace of its own, on an underlay bridge; etcd too.
     fn start_in_netns(tag: &str) -> Cluster {
-        Cluster::start_with(tag, Some(Netns::new(tag)))
+        Cluster::start_with(tag, Some(Netns::new(tag)), false)
     }
 
-    fn start_with(tag: &str, netns: Option<Netns>) -> Cluster {
+    /// etcd serves its clients over TLS only, and only to clients whose certificate its
+    /// CA signed; the daemons connect with `--etcd-cacert/--etcd-cert/--etcd-key`.
+    fn start_tls(tag: &str) -> Cluster {
+        Cluster::start_with(tag, None, true)
+    }
+
+    fn start_with(tag: &str, netns: Option<Netns>, tls: bool) -> Cluster {
         for (tool, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
             let ok = Command::new(tool)
                 .arg(arg)
@@ -393,15 +530,18 @@ impl Cluster {
             .map(|(i, (_, p))| format!("e{i}=http://{etcd_ip}:{p}"))
             .collect();
         let etcd_ns = netns.as_ref().map(Netns::wire);
+        let certs = tls.then(|| Certs::new(&dir));
+        let scheme = if tls { "https" } else { "http" };
         let mut c = Cluster {
             dir: dir.clone(),
             etcd: Vec::new(),
             hosts: Vec::new(),
             netns,
+            certs,
         };
         for (i, (cp, pp)) in ports.iter().enumerate() {
             let name = format!("e{i}");
-            let client = format!("http://{etcd_ip}:{cp}");
+            let client = format!("{scheme}://{etcd_ip}:{cp}");
             let peer = format!("http://{etcd_ip}:{pp}");
             // In memory where there is /dev/shm: fsync on a busy disk made members miss
             // heartbeats. etcd's default election timing (100 ms heartbeats, 1 s election
@@ -437,6 +577,19 @@ impl Cluster {
             ] {
                 args.push(a.into());
             }
+            if let Some(certs) = &c.certs {
+                for a in [
+                    "--cert-file".to_string(),
+                    certs.path("etcd.pem"),
+                    "--key-file".into(),
+                    certs.path("etcd.key"),
+                    "--client-cert-auth".into(),
+                    "--trusted-ca-file".into(),
+                    certs.path("ca.pem"),
+                ] {
+                    args.push(a.into());
+                }
+            }
             let mut e = Etcd {
                 client,
                 ns: etcd_ns.clone(),
@@ -449,7 +602,7 @@ impl Cluster {
         }
         let eps = c.endpoints();
         wait_until("etcd cluster healthy", Duration::from_secs(30), || {
-            in_ns(etcd_ns.as_deref(), "etcdctl")
+            c.etcdctl()
                 .args([
                     "--endpoints",
                     &eps,
@@ -458,7 +611,6 @@ impl Cluster {
                     "/probe",
                     "1",
                 ])
-                .env("ETCDCTL_API", "3")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -502,7 +654,8 @@ impl Cluster {
             .filter(|e| e.child.is_some())
             .map(|e| e.client.as_str())
             .collect();
-        let o = in_ns(self.etcd[0].ns.as_deref(), "etcdctl")
+        let o = self
+            .etcdctl()
             .args([
                 "--endpoints",
                 &eps.join(","),
@@ -511,7 +664,6 @@ impl Cluster {
                 "-w",
                 "json",
             ])
-            .env("ETCDCTL_API", "3")
             .output()
             .unwrap();
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
@@ -529,6 +681,23 @@ impl Cluster {
         self.etcd.iter().position(|e| e.client == ep).unwrap()
     }
 
+    /// etcdctl (v3 API) where etcd runs, with the client certificate where etcd wants one.
+    fn etcdctl(&self) -> Command {
+        let mut cmd = in_ns(self.etcd[0].ns.as_deref(), "etcdctl");
+        cmd.env("ETCDCTL_API", "3");
+        if let Some(certs) = &self.certs {
+            cmd.args([
+                "--cacert",
+                &certs.path("ca.pem"),
+                "--cert",
+                &certs.path("etcd.pem"),
+                "--key",
+                &certs.path("etcd.key"),
+            ]);
+        }
+        cmd
+    }
+
     fn endpoints(&self) -> String {
         self.etcd
             .iter()
@@ -538,6 +707,27 @@ impl Cluster {
     }
 
     fn spawn(&self, h: &mut Host) {
+        let tls = self
+            .certs
+            .as_ref()
+            .map(Certs::daemon_args)
+            .unwrap_or_default();
+        let child = self.daemon(h, &tls).spawn().unwrap();
+        h.child = Some(child);
+        let t0 = Instant::now();
+        while UnixStream::connect(h.socket()).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon {} did not come up: {}",
+                h.name,
+                h.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The command line of host `h`'s daemon, with `tls` for its etcd TLS options.
+    fn daemon(&self, h: &Host, tls: &[String]) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -548,8 +738,8 @@ impl Cluster {
             Some(_) => vec!["--overlay-ip", h.tcp.split(':').next().unwrap()],
             None => vec![],
         };
-        let child = in_ns(h.ns.as_deref(), EXE)
-            .arg("daemon")
+        let mut cmd = in_ns(h.ns.as_deref(), EXE);
+        cmd.arg("daemon")
             .arg("--socket")
             .arg(h.socket())
             .arg("--state-dir")
@@ -562,23 +752,12 @@ impl Cluster {
             .args(["--listen-tcp", &h.tcp, "--token-file"])
             .arg(self.dir.join("token"))
             .args(&overlay)
+            .args(tls)
             .env("VESSEL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        h.child = Some(child);
-        let t0 = Instant::now();
-        while UnixStream::connect(h.socket()).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "daemon {} did not come up: {}",
-                h.name,
-                h.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .stderr(log);
+        cmd
     }
 
     /// Host → the domains placed on it, as any daemon reads them from etcd.
@@ -1314,7 +1493,8 @@ fn server_groups_constrain_placement_and_start() {
         .unwrap()
         .0;
     let k = "/vessel/v1/domains/web2";
-    let o = Command::new("etcdctl")
+    let o = c
+        .etcdctl()
         .args([
             "--endpoints",
             &c.endpoints(),
@@ -1322,14 +1502,13 @@ fn server_groups_constrain_placement_and_start() {
             k,
             "--print-value-only",
         ])
-        .env("ETCDCTL_API", "3")
         .output()
         .unwrap();
     let mut rec: Value = serde_json::from_slice(&o.stdout).unwrap();
     rec["host"] = json!(web0_host);
-    let ok = Command::new("etcdctl")
+    let ok = c
+        .etcdctl()
         .args(["--endpoints", &c.endpoints(), "put", k, &rec.to_string()])
-        .env("ETCDCTL_API", "3")
         .stdout(Stdio::null())
         .status()
         .unwrap()
@@ -2030,4 +2209,280 @@ fn overlay_definitions_that_differ_between_hosts_are_refused() {
             "{e}"
         );
     }
+}
+
+/// etcd with client TLS and client-certificate auth (`--cert-file`, `--client-cert-auth`,
+/// `--trusted-ca-file`), certificates made by openssl: the daemons join over https://
+/// with `--etcd-cacert/--etcd-cert/--etcd-key`, place and start a domain. A daemon
+/// without a client certificate, with one of another CA, or that does not trust etcd's
+/// CA is refused at once, and its error names the cause and the option to fix.
+#[test]
+fn cluster_runs_over_etcd_tls_with_client_certificates() {
+    let c = Cluster::start_tls("tls");
+    assert!(c.endpoints().starts_with("https://"), "{}", c.endpoints());
+    let hosts = c.hosts[1].json(&["host-list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
+    let h = c.define(2, "over-tls", 64);
+    let v = c.hosts[0].json(&["start", "over-tls"]);
+    assert_eq!(v["host"], h.as_str(), "{v}");
+    wait_until("over-tls runs on its host", Duration::from_secs(30), || {
+        c.runners().get("over-tls") == Some(&vec![h.clone()])
+    });
+    // The daemons really spoke TLS: etcd's plain-text port is not there.
+    let plain = c.endpoints().replace("https://", "http://");
+    let o = c
+        .etcdctl()
+        .args(["--endpoints", &plain, "--command-timeout=2s", "get", "/x"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "etcd answered over plain HTTP");
+
+    let certs = c.certs.as_ref().unwrap();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "no client certificate",
+            vec!["--etcd-cacert".into(), certs.path("ca.pem")],
+            "give --etcd-cert and --etcd-key",
+        ),
+        (
+            "a client certificate of another CA",
+            vec![
+                "--etcd-cacert".into(),
+                certs.path("ca.pem"),
+                "--etcd-cert".into(),
+                certs.path("other.pem"),
+                "--etcd-key".into(),
+                certs.path("other.key"),
+            ],
+            "refused this host's client certificate",
+        ),
+        (
+            "another CA than etcd's",
+            vec![
+                "--etcd-cacert".into(),
+                certs.path("other-ca.pem"),
+                "--etcd-cert".into(),
+                certs.path("etcd.pem"),
+                "--etcd-key".into(),
+                certs.path("etcd.key"),
+            ],
+            "not signed by the CA of --etcd-cacert",
+        ),
+        (
+            "no CA at all",
+            vec![],
+            "https:// endpoints need --etcd-cacert",
+        ),
+    ];
+    for (i, (what, args, want)) in cases.into_iter().enumerate() {
+        let h = Host {
+            name: format!("bad{i}"),
+            dir: c.dir.join(format!("bad{i}")),
+            tcp: format!("127.0.0.1:{}", free_port()),
+            ns: None,
+            child: None,
+        };
+        std::fs::create_dir_all(&h.dir).unwrap();
+        let t0 = Instant::now();
+        let mut child = c.daemon(&h, &args).spawn().unwrap();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                kill(child.id() as i32, libc::SIGKILL);
+                let _ = child.wait();
+                panic!("{what}: the daemon still runs after 20 s: {}", h.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = h.log();
+        eprintln!("{what}: refused in {:?}", t0.elapsed());
+        assert!(!status.success(), "{what}: {log}");
+        assert!(log.contains(want), "{what}: wanted {want:?} in: {log}");
+        assert!(!log.contains("lost its quorum"), "{what}: {log}");
+        // Refused, not timed out (each etcd request may take 5 s).
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
+    }
+    // None of them joined.
+    let hosts = c.hosts[0].json(&["host-list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
+}
+
+/// A host that died where no other host may evacuate it automatically keeps its domains'
+/// records: here the other hosts registered again just after it died (their daemons
+/// restarted within its lease), so none of them saw it alive a lease after joining, as
+/// after an etcd outage that cut them off (docs/CLUSTER.md, "The rule against running a
+/// domain twice"). `host-list` shows it down with its domains; `host-maintenance H on`
+/// through another host moves them, and each domain that was running starts on a live
+/// host and runs exactly once, as its guest-side token on shared storage shows. When the
+/// dead host's daemon comes back, it runs none of them and drops their definitions.
+#[test]
+fn a_dead_host_that_was_not_evacuated_is_drained_by_hand() {
+    let mut c = Cluster::start("drain-dead");
+    // Everything on h2: the other hosts are in maintenance while the domains are placed.
+    for h in ["h0", "h1"] {
+        c.hosts[0].ok(&["host-maintenance", h, "on"]);
+    }
+    let (h_a, disk_a) = c.define_token_writer(0, "dd-a");
+    let (h_b, disk_b) = c.define_token_writer(1, "dd-b");
+    let h_off = c.define(2, "dd-off", 64);
+    assert_eq!([h_a.as_str(), h_b.as_str(), h_off.as_str()], ["h2"; 3]);
+    for h in ["h0", "h1"] {
+        c.hosts[0].ok(&["host-maintenance", h, "off"]);
+    }
+    for d in ["dd-a", "dd-b"] {
+        let v = c.hosts[0].json(&["start", d]);
+        assert_eq!(v["host"], "h2", "{v}");
+    }
+    for d in [&disk_a, &disk_b] {
+        wait_until(
+            "the guests write their tokens",
+            Duration::from_secs(180),
+            || boot_token(d).is_some_and(|(_, n)| n >= 3),
+        );
+    }
+    let boot_a = boot_token(&disk_a).unwrap().0;
+    let boot_b = boot_token(&disk_b).unwrap().0;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = watch_tokens(vec![disk_a.clone(), disk_b.clone()], stop.clone());
+
+    // h2 dies: its daemon with SIGKILL, and its watchdog stops its VMMs at once.
+    c.hosts[2].kill9();
+    wait_until(
+        "h2's watchdog stops its VMMs",
+        Duration::from_secs(10),
+        || c.hosts[2].running().is_empty(),
+    );
+    // The others register again while h2's lease still runs.
+    let mut hosts = std::mem::take(&mut c.hosts);
+    for h in &mut hosts[..2] {
+        h.kill9();
+    }
+    for h in &mut hosts[..2] {
+        c.spawn(h);
+    }
+    c.hosts = hosts;
+    let listed = |c: &Cluster| -> BTreeMap<String, Value> {
+        c.hosts[0]
+            .json(&["host-list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["host"]["name"].as_str().unwrap().to_string(), h.clone()))
+            .collect()
+    };
+    wait_until(
+        "h2's lease expires (host-list shows it down)",
+        Duration::from_secs(30),
+        || {
+            let l = listed(&c);
+            l.len() == 3 && l["h2"]["down"] == json!(true)
+        },
+    );
+    let down_at = Instant::now();
+    // Long enough for an evacuation to have begun (a TTL and 2 s after joining, the
+    // others could take over a host they had seen alive), yet nothing moves.
+    std::thread::sleep(Duration::from_secs(10));
+    let l = listed(&c);
+    let on_h2: Vec<&str> = l["h2"]["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(on_h2, ["dd-a", "dd-b", "dd-off"], "{l:?}");
+    assert!(c.runners().is_empty(), "{:?}", c.runners());
+    let table = c.hosts[1].ok(&["host-list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("h2 ") && l.contains("down")),
+        "{table}"
+    );
+
+    // The operator drains it, through another host.
+    let t0 = Instant::now();
+    let v = c.hosts[1].json(&["host-maintenance", "h2", "on"]);
+    let moved: BTreeMap<&str, &Value> = v["moved"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["domain"].as_str().unwrap(), m))
+        .collect();
+    assert_eq!(moved.len(), 3, "{v}");
+    for d in ["dd-a", "dd-b"] {
+        assert_eq!(moved[d]["how"], "cold", "{v}");
+        assert!(
+            moved[d]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("host h2 is down")),
+            "{v}"
+        );
+    }
+    assert_eq!(moved["dd-off"]["how"], "shut off", "{v}");
+    for m in moved.values() {
+        assert!(["h0", "h1"].contains(&m["to"].as_str().unwrap()), "{v}");
+    }
+    wait_until(
+        "dd-a and dd-b run on their new hosts",
+        Duration::from_secs(30),
+        || {
+            let now = c.runners();
+            assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+            ["dd-a", "dd-b"]
+                .iter()
+                .all(|d| now.get(*d) == Some(&vec![s_of(&moved[d]["to"])]))
+        },
+    );
+    eprintln!(
+        "drained {:?} after h2's lease expired; its domains run again {:?} after the drain",
+        down_at.elapsed(),
+        t0.elapsed()
+    );
+    for (d, boot) in [(&disk_a, &boot_a), (&disk_b, &boot_b)] {
+        wait_until("the new boots write", Duration::from_secs(180), || {
+            boot_token(d).is_some_and(|(b, n)| b != *boot && n >= 3)
+        });
+    }
+    assert!(!c.runners().contains_key("dd-off"));
+    let p = c.placement(0);
+    assert!(p.get("h2").is_none_or(|d| d.is_empty()), "{p:?}");
+
+    // h2 comes back: in maintenance, with none of its old domains defined or running.
+    let mut h2 = c.hosts.remove(2);
+    c.spawn(&mut h2);
+    c.hosts.push(h2);
+    wait_until(
+        "h2 drops the definitions of the domains moved away",
+        Duration::from_secs(30),
+        || {
+            let l = c.hosts[2].ok(&["list", "--all", "--name"]);
+            !l.lines().any(|n| n.starts_with("dd-"))
+        },
+    );
+    let l = listed(&c);
+    assert_eq!(l["h2"]["maintenance"], json!(true), "{l:?}");
+    assert!(l["h2"]["down"].is_null(), "{l:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = sampler.join().unwrap();
+    for (d, s) in ["dd-a", "dd-b"].iter().zip(&seen) {
+        if let Err(e) = ran_once_at_a_time(s) {
+            panic!("{d}: {e}");
+        }
+        let boots: std::collections::BTreeSet<_> = s.iter().map(|(b, _)| b).collect();
+        assert_eq!(boots.len(), 2, "{d}: {s:?}");
+    }
+    let r = c.runners();
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(r.values().all(|h| h.len() == 1 && h[0] != "h2"), "{r:?}");
+}
+
+fn s_of(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
 }

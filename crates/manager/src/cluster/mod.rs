@@ -20,6 +20,7 @@ pub mod overlay;
 pub mod placement;
 pub mod quorum;
 mod store;
+pub mod tls;
 pub mod watchdog;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +62,8 @@ pub struct ClusterOpts {
     /// This host's address on the network between the hosts: its overlay networks'
     /// VXLAN packets leave from it and come to it.
     pub overlay_ip: Option<std::net::Ipv4Addr>,
+    /// TLS to etcd (for `https://` endpoints).
+    pub tls: tls::EtcdTls,
 }
 
 /// One domain a drain moved, and how.
@@ -147,6 +150,14 @@ fn is_transient(e: &Error) -> bool {
 }
 
 fn unavailable(endpoints: &[String], why: impl std::fmt::Display) -> Error {
+    let why = why.to_string();
+    // A certificate refused is no outage: say so, not that etcd lost its quorum.
+    if tls::is_tls_failure(&why) {
+        return Error::Cluster(format!(
+            "the cluster's etcd ({}) refused the TLS connection: {why}",
+            endpoints.join(",")
+        ));
+    }
     Error::Cluster(format!(
         "the cluster's etcd ({}) did not answer: {why}; without an etcd quorum the cluster \
          is read-only: placement, start and drain are refused until it is back",
@@ -172,9 +183,12 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(|e| Error::Cluster(format!("starting the etcd client's runtime: {e}")))?;
-        let conn = etcd_client::ConnectOptions::new()
+        let mut conn = etcd_client::ConnectOptions::new()
             .with_connect_timeout(OP_TIMEOUT)
             .with_timeout(OP_TIMEOUT);
+        if let Some(t) = tls::options(&opts.endpoints, &opts.tls)? {
+            conn = conn.with_tls(t);
+        }
         let client = rt
             .block_on(async {
                 tokio::time::timeout(
@@ -184,7 +198,7 @@ impl Cluster {
                 .await
             })
             .map_err(|_| unavailable(&opts.endpoints, "timed out connecting"))?
-            .map_err(|e| unavailable(&opts.endpoints, e))?;
+            .map_err(|e| unavailable(&opts.endpoints, tls::describe(&e)))?;
         // Channels connect lazily: a member that is down now costs nothing here.
         let members = opts
             .endpoints
@@ -213,7 +227,9 @@ impl Cluster {
         });
         // Before any VMM starts: none may outlive this daemon unwatched.
         watchdog::spawn(&c.m.cfg.programs.vessel, &c.m.cfg.state_dir.join("run"))?;
-        c.register()?;
+        if let Err(e) = c.register() {
+            return Err(c.tls_refusal().unwrap_or(e));
+        }
         tracing::info!(host = %c.opts.host, "joined the cluster");
         let me = c.clone();
         std::thread::Builder::new()
@@ -237,6 +253,21 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Why etcd refuses this host's TLS connections, if it does: a handshake of our own
+    /// with each endpoint in turn (tonic hides the reason).
+    fn tls_refusal(&self) -> Option<Error> {
+        if self.opts.tls.cacert.is_none() {
+            return None;
+        }
+        self.opts.endpoints.iter().find_map(|ep| {
+            let why = self.rt.block_on(tls::probe(ep, &self.opts.tls))?;
+            tracing::error!(endpoint = %ep, "TLS to etcd: {why}");
+            Some(Error::Cluster(format!(
+                "the cluster's etcd ({ep}) refused the TLS connection: {why}"
+            )))
+        })
+    }
+
     /// Runs one etcd request from a plain thread, bounded by [`OP_TIMEOUT`].
     fn call<T>(
         &self,
@@ -245,7 +276,7 @@ impl Cluster {
         self.rt
             .block_on(async { tokio::time::timeout(OP_TIMEOUT, f).await })
             .map_err(|_| unavailable(&self.opts.endpoints, "timed out"))?
-            .map_err(|e| unavailable(&self.opts.endpoints, e))
+            .map_err(|e| unavailable(&self.opts.endpoints, tls::describe(&e)))
     }
 
     fn client(&self) -> etcd_client::Client {
@@ -316,7 +347,7 @@ impl Cluster {
         let lease = tokio::time::timeout(OP_TIMEOUT, c.lease_grant(ttl, None))
             .await
             .map_err(|_| unavailable(eps, "timed out"))?
-            .map_err(|e| unavailable(eps, e))?
+            .map_err(|e| unavailable(eps, tls::describe(&e)))?
             .id();
         let record = self.record();
         let rec = serde_json::to_vec(&record).unwrap_or_default();
@@ -327,7 +358,7 @@ impl Cluster {
         )
         .await
         .map_err(|_| unavailable(eps, "timed out"))?
-        .map_err(|e| unavailable(eps, e))?;
+        .map_err(|e| unavailable(eps, tls::describe(&e)))?;
         if let Ok(mut a) = self.announced.lock() {
             *a = Some(record);
         }
@@ -468,7 +499,7 @@ impl Cluster {
             Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
                 Renewal::Gone
             }
-            Ok(Err(e)) => Renewal::Failed(e.to_string()),
+            Ok(Err(e)) => Renewal::Failed(tls::describe(&e)),
             Ok(Ok(None)) => Renewal::Failed("the keep-alive stream ended".into()),
             Err(_) => Renewal::Failed(format!("no answer within {limit:?}")),
         }
@@ -525,7 +556,7 @@ impl Cluster {
                 let mut c = c.clone();
                 let r = match tokio::time::timeout(probe, c.status()).await {
                     Ok(Ok(st)) => Ok(st.leader()),
-                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Err(e)) => Err(tls::describe(&e)),
                     Err(_) => Err(format!("no answer within {probe:?}")),
                 };
                 out.push((ep.clone(), r));
@@ -1384,7 +1415,13 @@ impl Cluster {
                 let name = rec.def.name.clone();
                 match self.move_domain(&state, &rec, rev) {
                     Ok(to) => {
-                        let reason = not_live.remove(&name);
+                        // A domain of a host that is down and was to run starts anew
+                        // on its new host: a cold move, not a shut-off one.
+                        let reason = not_live.remove(&name).or_else(|| {
+                            (h.is_none() && rec.running).then(|| {
+                                format!("host {host} is down (its lease is gone): it starts again on {to}")
+                            })
+                        });
                         moved.push(Moved {
                             how: if reason.is_some() { "cold" } else { "shut off" }.into(),
                             domain: name,
@@ -1792,6 +1829,31 @@ impl Cluster {
                     "domains": domains,
                 }),
             );
+        }
+        // Hosts whose lease is gone while domains are still placed on them: evacuation
+        // has not moved them (yet, or at all: see `quorum`), and the operator drains
+        // such a host with `host-maintenance H on`.
+        for r in records
+            .iter()
+            .filter(|r| !state.hosts.contains_key(&r.host))
+        {
+            let e = out.entry(r.host.clone()).or_insert_with(|| {
+                serde_json::json!({
+                    "host": {"name": r.host},
+                    "down": true,
+                    "maintenance": state.maintenance.contains(&r.host),
+                    "used": placement::usage(&r.host, &records),
+                    "domains": [],
+                })
+            });
+            if let Some(d) = e["domains"].as_array_mut() {
+                d.push(serde_json::json!({
+                    "name": r.def.name,
+                    "running": false,
+                    "wanted": if r.running { "running" } else { "shutoff" },
+                    "addresses": r.addresses,
+                }));
+            }
         }
         Ok(out)
     }
