@@ -92,6 +92,9 @@ pub struct Manager {
     /// The address of the opt-in TCP API listener, where incoming migrations over TCP
     /// listen too (`migration`).
     pub(crate) tcp_ip: std::sync::OnceLock<std::net::IpAddr>,
+    /// A cluster host's address on the network between the hosts (`--overlay-ip`): its
+    /// interface's MTU sets its overlay networks'.
+    pub(crate) overlay_ip: std::sync::OnceLock<std::net::Ipv4Addr>,
 }
 
 /// Two daemons on one state directory would both adopt the same VMMs: refuse the second.
@@ -209,6 +212,7 @@ impl Manager {
             generation: AtomicU64::new(0),
             net_lock: Mutex::new(()),
             tcp_ip: std::sync::OnceLock::new(),
+            overlay_ip: std::sync::OnceLock::new(),
         });
         m.adopt()?;
         Ok(m)

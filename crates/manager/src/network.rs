@@ -340,8 +340,13 @@ pub fn is_active(state: &Path, def: &NetworkDef) -> bool {
     true
 }
 
-/// Brings a network up; on failure, undoes what it did.
-pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Child>> {
+/// Brings a network up; on failure, undoes what it did. `mtu`: an overlay network's
+/// (its bridge's, and what DHCP offers its guests).
+pub fn start(
+    state: &Path,
+    def: &NetworkDef,
+    mtu: Option<u32>,
+) -> Result<Option<std::process::Child>> {
     def.validate()?;
     let br = def.bridge_name();
     if link_exists(&br) {
@@ -358,6 +363,9 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
             let _ = sh("ip", &["link", "del", &b2]);
         }));
         sh("ip", &["addr", "add", &def.address, "dev", &br])?;
+        if let Some(m) = mtu {
+            set_mtu(&br, m)?;
+        }
         sh("ip", &["link", "set", &br, "up"])?;
         if def.nat {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| {
@@ -405,8 +413,10 @@ pub fn start(state: &Path, def: &NetworkDef) -> Result<Option<std::process::Chil
             let f = cluster_leases_file(state, def);
             write_readable(&f, "")?;
             cmd.arg(format!("--dhcp-hostsfile={}", f.display()));
-            // Room for the VXLAN header on a 1500-byte underlay.
-            cmd.arg("--dhcp-option=option:mtu,1450");
+            // Room for the VXLAN header on the underlay (option 26; guests also get it
+            // from their virtio-net device, VIRTIO_NET_F_MTU).
+            let m = mtu.unwrap_or(DEFAULT_OVERLAY_MTU);
+            cmd.arg(format!("--dhcp-option=option:mtu,{m}"));
         }
         for h in &def.hosts {
             cmd.arg(format!("--dhcp-host={},{}", h.mac, h.ip));
@@ -685,6 +695,55 @@ pub fn release_tap(tap: &str) {
         return;
     }
     delete_tap(tap);
+}
+
+/// The bytes VXLAN over IPv4 adds to a guest's frame: outer IPv4 (20), UDP (8), VXLAN
+/// (8) and the inner Ethernet header (14), which the guest's MTU does not count.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The guest-facing MTU of an overlay network when the underlay's is not known: a
+/// 1500-byte underlay's, less [`VXLAN_OVERHEAD`].
+pub const DEFAULT_OVERLAY_MTU: u32 = 1450;
+
+/// The MTU of the interface that holds IPv4 address `ip` here (`ip -o -4 addr show`).
+pub fn mtu_of_address(ip: Ipv4Addr) -> Option<u32> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    // "2: uplink@if5    inet 10.250.0.1/24 brd … scope global uplink …"
+    let ifname = String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        let name = w.nth(1)?;
+        (w.next()? == "inet" && w.next()?.split('/').next()? == ip.to_string().as_str())
+            .then(|| name.split('@').next().unwrap_or(name).to_string())
+    })?;
+    check_ifname(&ifname).ok()?;
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The MTU of an overlay network's guests and devices: that of the underlay interface
+/// holding `local` (the host's overlay address) less [`VXLAN_OVERHEAD`], so that a
+/// guest's largest frame still crosses the underlay in one packet, as libvirt and
+/// OpenStack set it; [`DEFAULT_OVERLAY_MTU`] when `local` is unknown.
+pub fn overlay_mtu(local: Option<Ipv4Addr>) -> u32 {
+    local
+        .and_then(mtu_of_address)
+        .map(|m| m.saturating_sub(VXLAN_OVERHEAD))
+        // IPv4's minimum: an underlay too small for it leaves the default.
+        .filter(|m| *m >= 576)
+        .unwrap_or(DEFAULT_OVERLAY_MTU)
+}
+
+/// Sets a network device's MTU.
+pub fn set_mtu(dev: &str, mtu: u32) -> Result<()> {
+    sh("ip", &["link", "set", "dev", dev, "mtu", &mtu.to_string()])
 }
 
 /// Creates a TAP device on `bridge`.

@@ -1540,16 +1540,31 @@ fn server_groups_constrain_placement_and_start() {
 /// A guest command line (busybox under emu) that takes a DHCP lease on eth0 (printing
 /// `addr IP`), then pings `peer` every 0.3 s for good, printing `TAG N ok|lost`, and asks
 /// for its lease again every 25 pings (so that the host it runs on answers DHCP).
+/// The underlay MTU of the overlay test: not 1500, so that the overlay's (1350) differs
+/// from the 1450 a fixed allowance would give.
+const UNDERLAY_MTU: u32 = 1400;
+
+/// What a guest on the overlay runs: DHCP, then a ping of `peer` every 0.3 s (`TAG N
+/// ok|lost`), and every 4th round two large ones (`TAG full|big ok|lost`): one the size
+/// of the overlay's MTU, and one the size of the underlay's, which the guest must
+/// fragment itself (it must know the overlay's MTU: the overlay drops larger frames).
+/// It prints its interface's MTU first (`TAG mtu N`).
 fn overlay_guest_cmdline(tag: &str, peer: &str) -> String {
     let dhcp = "udhcpc -i eth0 -s /s -q -n -t 3 -T 1 2>/dev/null";
+    let (full, big) = (UNDERLAY_MTU - 50 - 28, UNDERLAY_MTU - 28);
     let script = format!(
         "ip link set eth0 up;\
+         echo {tag} mtu $(cat /sys/class/net/eth0/mtu);\
          echo '#!/bin/sh' >/s;\
          echo 'ip addr add $ip/$mask dev $interface 2>/dev/null;echo addr $ip' >>/s;\
          chmod 755 /s;\
          udhcpc -i eth0 -s /s -q -n -t 20 -T 1 2>/dev/null;\
          i=0;while true;do i=$((i-(-1)));\
          if ping -c1 -W1 {peer} >/dev/null 2>&1;then echo {tag} $i ok;else echo {tag} $i lost;fi;\
+         if [ $((i%4)) = 0 ];then \
+         if ping -c1 -W1 -s {full} {peer} >/dev/null 2>&1;then echo {tag} full ok;else echo {tag} full lost;fi;\
+         if ping -c1 -W1 -s {big} {peer} >/dev/null 2>&1;then echo {tag} big ok;else echo {tag} big lost;fi;\
+         fi;\
          [ $((i%25)) = 0 ] && {dhcp};sleep 0.3;done"
     );
     format!("vessel.run={}", script.replace(' ', "+"))
@@ -1660,6 +1675,18 @@ fn overlay_network_joins_hosts_and_a_migrated_guest_keeps_its_address() {
         );
     }
     let c = Cluster::start_in_netns("ovl");
+    // An underlay of 1400 bytes: the overlay's MTU must follow it (1350).
+    let netns = c.netns.as_ref().unwrap();
+    let mtu = UNDERLAY_MTU.to_string();
+    for i in 0..3 {
+        Netns::ip(
+            &netns.wire(),
+            &["link", "set", &format!("w{i}"), "mtu", &mtu],
+        );
+        Netns::ip(&netns.host(i), &["link", "set", "uplink", "mtu", &mtu]);
+    }
+    Netns::ip(&netns.wire(), &["link", "set", "wire", "mtu", &mtu]);
+    let overlay_mtu = format!("mtu {}", UNDERLAY_MTU - 50);
     for h in &c.hosts {
         h.ok(&[
             "net-define",
@@ -1688,6 +1715,23 @@ fn overlay_network_joins_hosts_and_a_migrated_guest_keeps_its_address() {
             },
         );
     }
+    // The VXLAN devices and the bridges leave room for VXLAN's 50 bytes, and DHCP offers
+    // the same MTU.
+    for i in 0..3 {
+        for dev in ["vxl5001", "vbr-ov"] {
+            let l = c.in_ns(i, &["ip", "-o", "link", "show", dev]);
+            assert!(l.contains(&format!("{overlay_mtu} ")), "host {i}: {l}");
+        }
+    }
+    for h in &c.hosts {
+        let pid = h.dnsmasqs()[0];
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            cmd.contains(&format!("option:mtu,{}", UNDERLAY_MTU - 50)),
+            "{}: {cmd:?}",
+            h.name
+        );
+    }
     c.hosts[0].ok(&["group-create", "apart", "--policy", "anti-affinity"]);
     // The cluster allocates the addresses: the lowest free ones of the range.
     let a = c.define_overlay_guest(0, "a", "10.251.0.11", "apart");
@@ -1707,6 +1751,29 @@ fn overlay_network_joins_hosts_and_a_migrated_guest_keeps_its_address() {
     let log_a =
         String::from_utf8_lossy(&c.host(&ha).cli(&["console", "a", "--log"]).stdout).into_owned();
     assert!(log_a.contains("addr 10.251.0.10"), "{log_a}");
+    // The guests' virtio-net devices gave them the overlay's MTU, and frames of that
+    // size cross between the hosts, as do pings of the underlay's size (fragmented by
+    // the guest, which knows the MTU, instead of dropped by the overlay).
+    for (h, g) in [(&ha, "a"), (&hb, "b")] {
+        let log =
+            String::from_utf8_lossy(&c.host(h).cli(&["console", g, "--log"]).stdout).into_owned();
+        assert!(log.contains(&format!("{g} {overlay_mtu}")), "{log}");
+        wait_until(
+            &format!("{g}'s large pings cross the overlay"),
+            Duration::from_secs(60),
+            || {
+                let log = String::from_utf8_lossy(&c.host(h).cli(&["console", g, "--log"]).stdout)
+                    .into_owned();
+                let last = |kind: &str| {
+                    log.lines()
+                        .filter_map(|l| l.trim_end().strip_prefix(&format!("{g} {kind} ")))
+                        .next_back()
+                        .map(str::to_string)
+                };
+                last("full").as_deref() == Some("ok") && last("big").as_deref() == Some("ok")
+            },
+        );
+    }
     // Each guest's DHCP was answered by its own host's dnsmasq only.
     let mac_a = a["addresses"][0]["mac"].as_str().unwrap().to_string();
     for h in &c.hosts {

@@ -225,6 +225,9 @@ impl Cluster {
             work: Mutex::new(tx),
             announced: Mutex::new(None),
         });
+        if let Some(ip) = c.opts.overlay_ip {
+            let _ = c.m.overlay_ip.set(ip);
+        }
         // Before any VMM starts: none may outlive this daemon unwatched.
         watchdog::spawn(&c.m.cfg.programs.vessel, &c.m.cfg.state_dir.join("run"))?;
         if let Err(e) = c.register() {
@@ -924,7 +927,7 @@ impl Cluster {
                 })
                 .filter_map(|h| h.overlay_ip)
                 .collect();
-            if let Err(e) = overlay::ensure(&def, vni, local, &peers) {
+            if let Err(e) = overlay::ensure(&def, vni, local, self.m.overlay_mtu(), &peers) {
                 tracing::warn!(network = %def.name, "overlay: {e}");
             }
             let mut leases: Vec<(String, std::net::Ipv4Addr)> = state

@@ -90,23 +90,26 @@ fn flood_peers(dev: &str) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// Makes the network's VXLAN device (sending from `local`, on the network's bridge) and
-/// its filter when they are missing, and floods to exactly `peers`.
+/// Makes the network's VXLAN device (sending from `local`, on the network's bridge, with
+/// MTU `mtu`: the underlay's less the VXLAN overhead) and its filter when they are
+/// missing, and floods to exactly `peers`.
 pub fn ensure(
     def: &NetworkDef,
     vni: u32,
     local: Ipv4Addr,
+    mtu: u32,
     peers: &BTreeSet<Ipv4Addr>,
 ) -> Result<()> {
     let dev = device(vni);
     let br = def.bridge_name();
     if !network::link_exists(&dev) {
         let (vni_s, local_s, port) = (vni.to_string(), local.to_string(), PORT.to_string());
+        let mtu_s = mtu.to_string();
         run(
             "ip",
             &[
-                "link", "add", &dev, "type", "vxlan", "id", &vni_s, "local", &local_s, "dstport",
-                &port,
+                "link", "add", &dev, "mtu", &mtu_s, "type", "vxlan", "id", &vni_s, "local",
+                &local_s, "dstport", &port,
             ],
             None,
         )?;
@@ -121,6 +124,17 @@ pub fn ensure(
         // The bridge was made again (net-destroy, net-start): join the new one.
         run("ip", &["link", "set", &dev, "master", &br, "up"], None)?;
         filter(def, &dev)?;
+    }
+    // The underlay's MTU may have changed since (the bridge's own too: its gateway
+    // address sends to the guests). A running guest keeps the MTU it booted with.
+    for d in [&dev, &br] {
+        let now = std::fs::read_to_string(format!("/sys/class/net/{d}/mtu"))
+            .ok()
+            .and_then(|m| m.trim().parse::<u32>().ok());
+        if now.is_some_and(|m| m != mtu) {
+            network::set_mtu(d, mtu)?;
+            tracing::info!(network = %def.name, device = %d, mtu, "overlay MTU set");
+        }
     }
     let have = flood_peers(&dev);
     // `bridge fdb append|del 00:00:00:00:00:00 dev DEV dst PEER`: the all-zero entry

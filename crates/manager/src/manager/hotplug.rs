@@ -183,11 +183,12 @@ impl Manager {
                         "domain {name:?} has an interface with MAC {mac} already"
                     )));
                 }
+                let mtu = self.interface_mtu(&itf)?;
                 let net = NetConfig {
                     tap: tap.clone(),
                     mac: Some(mac.clone()),
                     transport: itf.transport,
-                    mtu: None,
+                    mtu: mtu.and_then(|m| u16::try_from(m).ok()),
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
                     queues: None,
@@ -196,6 +197,12 @@ impl Manager {
                 vm.nets.push(net.clone());
                 d.check(&vm)?;
                 network::create_tap(&tap, &bridge)?;
+                if let Some(m) = mtu {
+                    if let Err(e) = network::set_mtu(&tap, m) {
+                        network::delete_tap(&tap);
+                        return Err(e);
+                    }
+                }
                 if let Err(e) = d.hotplug(&run, &live, Hotplug::AttachNet(&net)) {
                     network::delete_tap(&tap);
                     return Err(e);

@@ -62,11 +62,15 @@ impl Manager {
                     network::create_tap(&tap, &bridge)?;
                     made.push(tap.clone());
                 }
+                let mtu = self.interface_mtu(itf)?;
+                if let Some(m) = mtu {
+                    network::set_mtu(&tap, m)?;
+                }
                 rt.vm.nets.push(vmm::config::NetConfig {
                     tap,
                     mac: Some(network::mac_for(def, i)),
                     transport: itf.transport,
-                    mtu: None,
+                    mtu: mtu.and_then(|m| u16::try_from(m).ok()),
                     queues: None,
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
@@ -81,6 +85,20 @@ impl Manager {
             return Err(e);
         }
         Ok(rt)
+    }
+
+    /// The guest-facing MTU of this host's overlay networks (see [`network::overlay_mtu`]).
+    pub(crate) fn overlay_mtu(&self) -> u32 {
+        network::overlay_mtu(self.overlay_ip.get().copied())
+    }
+
+    /// The MTU an interface's TAP and virtio-net device get: an overlay network's; None
+    /// (the default, 1500) elsewhere.
+    pub(super) fn interface_mtu(&self, itf: &Interface) -> Result<Option<u32>> {
+        Ok(match &itf.network {
+            Some(n) if self.store.get_network(n)?.vni.is_some() => Some(self.overlay_mtu()),
+            _ => None,
+        })
     }
 
     /// The bridge an interface's TAP joins: its network's (which must be active) or the
@@ -214,7 +232,8 @@ impl Manager {
         if network::link_exists(&n.bridge_name()) {
             network::stop(&self.cfg.state_dir, &n)?;
         }
-        if let Some(mut child) = network::start(&self.cfg.state_dir, &n)? {
+        let mtu = n.vni.map(|_| self.overlay_mtu());
+        if let Some(mut child) = network::start(&self.cfg.state_dir, &n, mtu)? {
             let nm = name.to_string();
             let _ = std::thread::Builder::new()
                 .name(format!("dnsmasq-{nm}"))
