@@ -240,7 +240,7 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
 #[derive(clap::Subcommand, Debug)]
 pub enum ManageCommand {
     /// Run the manager daemon in the foreground.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// List domains (running ones; --all for every defined one), as virsh does: Id (the
     /// VMM's process ID, or "-"), Name, State.
     List {
@@ -501,7 +501,7 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
         }
     };
     match cmd {
-        ManageCommand::Daemon(a) => return daemon(a, g),
+        ManageCommand::Daemon(a) => return daemon(*a, g),
         ManageCommand::Virsh(v) => return crate::cmd_virsh::run(v, &c, json_out),
         ManageCommand::Saves(v) => return crate::cmd_saves::run(v, &c, json_out),
         ManageCommand::Net(n) => return crate::cmd_network::run(n, &c, json_out),

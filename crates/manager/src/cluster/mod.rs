@@ -259,9 +259,7 @@ impl Cluster {
     /// Why etcd refuses this host's TLS connections, if it does: a handshake of our own
     /// with each endpoint in turn (tonic hides the reason).
     fn tls_refusal(&self) -> Option<Error> {
-        if self.opts.tls.cacert.is_none() {
-            return None;
-        }
+        self.opts.tls.cacert.as_ref()?;
         self.opts.endpoints.iter().find_map(|ep| {
             let why = self.rt.block_on(tls::probe(ep, &self.opts.tls))?;
             tracing::error!(endpoint = %ep, "TLS to etcd: {why}");
