@@ -2577,6 +2577,73 @@ fn a_dead_host_that_was_not_evacuated_is_drained_by_hand() {
     assert!(r.values().all(|h| h.len() == 1 && h[0] != "h2"), "{r:?}");
 }
 
+/// A host drained right after its daemon died, while its lease still runs: its running
+/// domain cannot migrate (nothing answers there), so its record moves cold, and the new
+/// host starts it only once etcd has expired the dead host's lease (its `running/N` key
+/// goes with it), never while the dead host could still hold it.
+#[test]
+fn a_host_drained_while_its_dead_daemon_lease_runs_starts_its_domains_after_expiry() {
+    let mut c = Cluster::start("drain-lease");
+    for h in ["h0", "h1"] {
+        c.hosts[0].ok(&["host-maintenance", h, "on"]);
+    }
+    assert_eq!(c.define(0, "dl", 64), "h2");
+    for h in ["h0", "h1"] {
+        c.hosts[0].ok(&["host-maintenance", h, "off"]);
+    }
+    c.hosts[1].json(&["start", "dl"]);
+    wait_until("dl runs on h2", Duration::from_secs(30), || {
+        c.runners().get("dl") == Some(&vec!["h2".to_string()])
+    });
+    c.hosts[2].kill9();
+    let killed = Instant::now();
+    wait_until(
+        "h2's watchdog stops its VMM",
+        Duration::from_secs(10),
+        || c.hosts[2].running().is_empty(),
+    );
+    let v = c.hosts[0].json(&["host-maintenance", "h2", "on"]);
+    let m = &v["moved"][0];
+    assert_eq!(m["domain"], "dl", "{v}");
+    assert_eq!(m["how"], "cold", "{v}");
+    let to = s_of(&m["to"]);
+    assert!(to == "h0" || to == "h1", "{v}");
+    // Until h2's lease has expired, dl runs nowhere; then on its new host, once.
+    let live = |c: &Cluster| {
+        c.hosts[0]
+            .json(&["host-list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["host"]["name"] == "h2" && h["down"].is_null())
+    };
+    let mut lease_seen_gone = None;
+    wait_until("dl runs on its new host", Duration::from_secs(30), || {
+        let h2_live = live(&c);
+        if !h2_live && lease_seen_gone.is_none() {
+            lease_seen_gone = Some(killed.elapsed());
+        }
+        let now = c.runners();
+        assert!(now.values().all(|h| h.len() == 1), "twice: {now:?}");
+        match now.get("dl") {
+            Some(h) => {
+                assert!(
+                    !h2_live || lease_seen_gone.is_some(),
+                    "dl started on {h:?} while h2's lease still ran"
+                );
+                assert_eq!(h, &vec![to.clone()]);
+                true
+            }
+            None => false,
+        }
+    });
+    eprintln!(
+        "h2's lease seen gone {lease_seen_gone:?} after the kill; dl ran on {to} {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(lease_seen_gone.is_some());
+}
+
 fn s_of(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
