@@ -46,6 +46,8 @@ command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
 command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
+# The etcd TLS test makes its CA and certificates with the openssl CLI.
+command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
 # The dashboard's browser test drives Debian's Chromium headless (tests/dashboard.rs).
 command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
 for tool in cpio lz4 xz zstd strings; do
