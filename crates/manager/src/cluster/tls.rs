@@ -244,7 +244,10 @@ fn hint(msg: &str, has_cert: Option<bool>) -> Option<&'static str> {
             "etcd's server certificate does not name the host or address of the endpoint: \
              reissue it with that name or IP address among its subject alternative names",
         )
-    } else if m.contains("expired") || m.contains("notvalidyet") {
+    } else if m.contains("certificate expired")
+        || m.contains("invalid peer certificate") && m.contains("expired")
+        || m.contains("notvalidyet")
+    {
         Some("a certificate is outside its validity period")
     } else if m.contains("certificaterequired")
         || m.contains("certificate required")
@@ -349,5 +352,12 @@ mod tests {
         let h = hint("received fatal alert: BadCertificate", Some(false)).unwrap();
         assert!(h.contains("give --etcd-cert"), "{h}");
         assert!(hint("connection refused", None).is_none());
+        // etcd's own words are no TLS failure.
+        assert!(hint(
+            "etcdserver: requested lease not found (lease expired)",
+            None
+        )
+        .is_none());
+        assert!(hint("invalid peer certificate: Expired", None).is_some());
     }
 }
