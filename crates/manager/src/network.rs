@@ -65,8 +65,11 @@ pub struct NetworkDef {
     /// kernel makes it at least 2 while STP is on).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub delay: u32,
-    /// The bridge's own MAC address (libvirt's `<mac address>`); the kernel's choice when
-    /// None.
+    /// The bridge's own MAC address (libvirt's `<mac address>`). `net-define` makes one
+    /// (52:54:00:xx:xx:xx, as libvirt does) when the definition has none and stores it, so
+    /// the bridge keeps one address: a bridge without its own takes its lowest port's,
+    /// which changes when that guest's TAP goes and strands the other guests' ARP entries
+    /// for the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default)]
@@ -617,6 +620,23 @@ pub fn stop(state: &Path, def: &NetworkDef) -> Result<()> {
     Ok(())
 }
 
+/// A new random bridge MAC in libvirt's (QEMU's) locally used 52:54:00 range.
+pub fn new_bridge_mac() -> String {
+    let mut b = [0u8; 3];
+    let got = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    if got.is_err() {
+        // Fall back to time and pid: unique enough on one host.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default()
+            ^ std::process::id().rotate_left(13);
+        b.copy_from_slice(&t.to_le_bytes()[..3]);
+    }
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
 /// The TAP device name for a domain's interface `i`: stable across restarts.
 pub fn tap_name(dom: &DomainDef, i: usize) -> String {
     let id: String = dom
@@ -823,6 +843,18 @@ mod tests {
         n.nat_ports = None;
         n.mac = Some("nope".into());
         assert!(n.validate().is_err());
+    }
+
+    #[test]
+    fn generated_bridge_macs_are_valid_and_differ() {
+        let a = new_bridge_mac();
+        assert!(a.starts_with("52:54:00:"), "{a}");
+        assert!(vmm::config::parse_mac(&a).is_ok(), "{a}");
+        let mut n = net("10.0.0.1/24");
+        n.mac = Some(a.clone());
+        assert!(n.validate().is_ok());
+        // 24 random bits: ten in a row all equal would be a broken source.
+        assert!((0..10).any(|_| new_bridge_mac() != a));
     }
 
     #[test]

@@ -1638,7 +1638,27 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
     let e = d.fails(&["start", "alpha"]);
     assert!(e.contains("vessel net-start lab"), "{e}");
 
+    // The bridge got its own MAC at define, kept in the definition as libvirt keeps it.
+    let xml = d.ok(&["net-dumpxml", "lab"]);
+    let bridge_mac = xml
+        .split("<mac address='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .unwrap_or_else(|| panic!("net-dumpxml shows no bridge MAC:\n{xml}"))
+        .to_string();
+    assert!(bridge_mac.starts_with("52:54:00:"), "{xml}");
+    let info: Value = serde_json::from_str(&d.ok(&["--json", "net-info", "lab"])).unwrap();
+    assert_eq!(info["definition"]["mac"], json!(bridge_mac), "{info}");
+    let link_mac = |d: &Daemon| {
+        d.in_netns(&["ip", "-br", "link", "show", "vbr-lab"])
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("")
+            .to_string()
+    };
+
     assert_eq!(d.ok(&["net-start", "lab"]).trim(), "Network lab started");
+    assert_eq!(link_mac(&d), bridge_mac);
     // virsh's columns: Name, State, Autostart, Persistent; the bridge is in net-info.
     let out = d.ok(&["net-list"]);
     let row: Vec<&str> = out
@@ -1656,8 +1676,14 @@ fn two_domains_on_a_network_get_dhcp_and_ping_each_other() {
     d.ok(&["start", "beta"]);
     let e = d.fails(&["net-destroy", "lab"]);
     assert!(e.contains("in use by running domain(s)"), "{e}");
+    // With the guests' TAPs as its ports, and after each goes, the bridge keeps its MAC
+    // (one without its own would take its lowest port's and change when that TAP goes).
+    assert!(d.in_netns(&["ip", "-br", "link"]).contains("vt"));
+    assert_eq!(link_mac(&d), bridge_mac);
     wait_state(&c, "alpha", "shutoff", BOOT_TIMEOUT);
+    assert_eq!(link_mac(&d), bridge_mac);
     wait_state(&c, "beta", "shutoff", BOOT_TIMEOUT);
+    assert_eq!(link_mac(&d), bridge_mac);
     for (name, ip) in [("alpha", "10.77.0.10/24"), ("beta", "10.77.0.11/24")] {
         let log = serial_log(&c, name);
         assert!(log.contains(ip), "{name} has no {ip}:\n{log}");

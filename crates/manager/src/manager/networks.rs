@@ -138,6 +138,10 @@ impl Manager {
         if n.uuid.is_none() {
             n.uuid = Some(crate::domain::new_uuid());
         }
+        // libvirt's habit: the bridge's MAC is made at define and kept in the definition.
+        if n.mac.is_none() {
+            n.mac = Some(network::new_bridge_mac());
+        }
         let _g = lock(&self.net_lock);
         if let Some(other) = self
             .store
@@ -222,11 +226,16 @@ impl Manager {
 
     pub fn net_start(&self, name: &str) -> Result<NetworkInfo> {
         let _g = lock(&self.net_lock);
-        let n = self.store.get_network(name)?;
+        let mut n = self.store.get_network(name)?;
         if network::is_active(&self.cfg.state_dir, &n) {
             return Err(Error::Conflict(format!(
                 "network {name:?} is already active"
             )));
+        }
+        // A network defined before bridges got their MAC at define gets one now, kept.
+        if n.mac.is_none() {
+            n.mac = Some(network::new_bridge_mac());
+            self.store.update_network(&n)?;
         }
         // Half-up leftovers (dnsmasq gone, bridge still there) are cleared first.
         if network::link_exists(&n.bridge_name()) {
