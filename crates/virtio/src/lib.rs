@@ -6,6 +6,7 @@
 //! the queues and the interrupt, and maps onto the VMM's MMIO bus. Guest memory reaches
 //! devices only through vm-memory's bounds-checked accessors and virtio-queue's chains.
 
+pub mod balloon;
 pub mod blk;
 pub mod console;
 #[doc(hidden)]
@@ -30,6 +31,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
 }
 

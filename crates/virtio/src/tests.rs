@@ -2428,3 +2428,142 @@ fn a_frame_held_at_a_snapshot_reaches_the_restored_driver() {
     assert!(r.t.core().snapshot().held_frames.is_empty());
     let _ = GUEST_CSUM;
 }
+
+impl Driver {
+    /// Post one chain on queue `q` and notify, with that queue's own avail index (read
+    /// back from the ring); returns the used entries the notify produced.
+    fn submit_q(&mut self, q: u64, chain: &[(u64, u32, u16)]) -> Vec<(u32, u32)> {
+        let base = q * 0x4000;
+        let idx: u16 = self.mem.read_obj(GuestAddress(AVAIL + base + 2)).unwrap();
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let d = DESC + base + i as u64 * 16;
+            let next_flag = if i + 1 < chain.len() { F_NEXT } else { 0 };
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem
+                .write_obj(flags | next_flag, GuestAddress(d + 12))
+                .unwrap();
+            self.mem
+                .write_obj((i + 1) as u16, GuestAddress(d + 14))
+                .unwrap();
+        }
+        let slot = AVAIL + base + 4 + u64::from(idx % QSIZE) * 2;
+        self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + base + 2))
+            .unwrap();
+        let before: u16 = self.mem.read_obj(GuestAddress(USED + base + 2)).unwrap();
+        self.w(0x050, q as u32);
+        self.used_since(q, before)
+    }
+}
+
+const BALLOON_PFNS: u64 = 0x20000;
+
+fn balloon(interval: std::time::Duration) -> (Driver, crate::balloon::BalloonHandle) {
+    // RAM is the guest memory's first 768 KiB; the rest stands for a firmware region.
+    let b = crate::balloon::Balloon::new(vec![(0, 0xC_0000)], 16, false, interval);
+    let h = b.handle();
+    (Driver::new(Box::new(b)).init(QSIZE), h)
+}
+
+#[test]
+fn balloon_inflate_discards_ram_pages_and_skips_hostile_frames() {
+    let (mut d, h) = balloon(std::time::Duration::ZERO);
+    // The target is in the config space.
+    assert_eq!(d.r(0x100), 16);
+    // Pages 0x80..0x88 hold data; 0xC0 is past RAM (the "firmware"), 0xFF past it too.
+    for p in [0x80u64, 0x81, 0x83, 0x87, 0xC0, 0xFF] {
+        d.mem
+            .write_slice(&[0xAA; 4096], GuestAddress(p << 12))
+            .unwrap();
+    }
+    let pfns: Vec<u8> = [
+        0x80u32,
+        0x81,
+        0x83,
+        u32::MAX,
+        0xC0,
+        0xFF,
+        0x10_0000,
+        0x7_FFFF,
+    ]
+    .iter()
+    .flat_map(|p| p.to_le_bytes())
+    .collect();
+    d.mem
+        .write_slice(&pfns, GuestAddress(BALLOON_PFNS))
+        .unwrap();
+    // The count need not be a multiple of four: the odd bytes are ignored.
+    let used = d.submit_q(0, &[(BALLOON_PFNS, pfns.len() as u32 + 3, 0)]);
+    assert_eq!(used.len(), 1);
+    let page = |d: &Driver, p: u64| {
+        let mut b = [0u8; 4096];
+        d.mem.read_slice(&mut b, GuestAddress(p << 12)).unwrap();
+        b
+    };
+    for p in [0x80, 0x81, 0x83] {
+        assert!(page(&d, p).iter().all(|&x| x == 0), "page {p:#x} kept");
+    }
+    for p in [0x87, 0xC0, 0xFF] {
+        assert!(page(&d, p).iter().all(|&x| x == 0xAA), "page {p:#x} lost");
+    }
+    let s = h.stats();
+    assert_eq!((s.inflated_pages, s.bad_frames), (3, 5));
+    // A descriptor as long as guest memory: every word a frame, read in pieces.
+    let used = d.submit_q(0, &[(0, 1 << 20, 0)]);
+    assert_eq!(used.len(), 1);
+    assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    // Deflate: counted only.
+    let used = d.submit_q(1, &[(BALLOON_PFNS, 8, 0)]);
+    assert_eq!(used.len(), 1);
+    assert_eq!(h.stats().deflated_pages, 2);
+    // A descriptor outside guest memory: the device needs a reset, the host goes on.
+    d.submit_q(0, &[(u64::MAX - 8, 64, 0)]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn balloon_target_changes_interrupt_and_actual_is_the_drivers() {
+    let (mut d, h) = balloon(std::time::Duration::ZERO);
+    let before = d.pulses();
+    h.set_target_pages(300);
+    d.t.core().config_changed();
+    assert_eq!(d.r(0x100), 300);
+    assert!(d.pulses() > before);
+    assert_ne!(d.r(0x060) & INT_CONFIG_CHANGE, 0);
+    d.w(0x104, 120);
+    assert_eq!(h.stats().actual_pages, 120);
+    // Only two queues without statistics.
+    d.w(0x030, 2);
+    assert_eq!(d.r(0x034), 0);
+}
+
+#[test]
+fn balloon_stats_buffer_is_kept_until_a_poll() {
+    let (mut d, h) = balloon(std::time::Duration::from_secs(3600));
+    let mut buf = Vec::new();
+    for (tag, v) in [(4u16, 1000u64), (5, 4000), (6, 3000), (99, 7), (0, 12)] {
+        buf.extend(tag.to_le_bytes());
+        buf.extend(v.to_le_bytes());
+    }
+    d.mem.write_slice(&buf, GuestAddress(BALLOON_PFNS)).unwrap();
+    // A poll was not asked for and the interval is long: the buffer is kept.
+    let used = d.submit_q(2, &[(BALLOON_PFNS, buf.len() as u32, 0)]);
+    assert!(used.is_empty(), "{used:?}");
+    let s = h.stats();
+    assert_eq!(s.values[4], Some(1000));
+    assert_eq!(s.values[5], Some(4000));
+    assert_eq!(s.values[6], Some(3000));
+    assert_eq!(s.values[0], Some(12));
+    assert_eq!(s.values[1], None);
+    assert!(s.age.is_some());
+    // The host asks for figures now: the kept buffer goes back at the next look.
+    h.set_interval(std::time::Duration::from_secs(1));
+    d.w(0x050, 2);
+    assert_eq!(d.used_since(2, 0).len(), 1);
+    // A hostile stats buffer far longer than any stats: read in part, no reset.
+    let used = d.submit_q(2, &[(0, 1 << 20, 0)]);
+    assert!(used.is_empty());
+    assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
