@@ -58,7 +58,8 @@ find "$moddir" -name '*.ko.zst' -exec zstd -q --rm -d {} +
 # Each .ko names what it needs in its modinfo `depends=` field (there is no modules.dep in
 # the package): load order is a depth-first walk of that graph.
 # button and evdev: the ACPI power button (PNP0C0C) as /dev/input/event*, for acpid.
-wanted=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng
+# virtio_balloon: the memory balloon (Firecracker's /balloon, libvirt's <memballoon>).
+wanted=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng virtio_balloon
         vmw_vsock_virtio_transport vsock_loopback ext4 crc32c_generic button evdev)
 module_order "$moddir" "${wanted[@]}"
 

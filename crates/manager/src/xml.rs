@@ -288,7 +288,24 @@ fn check_value(n: Node) -> Result<()> {
             value_ok("model", &["random"])?;
             text_ok(&["/dev/urandom", "/dev/random"])?;
         }
-        ("devices", "memballoon") => value_ok("model", &["none"])?,
+        ("devices", "memballoon") => {
+            value_ok("model", &["none", "virtio"])?;
+            value_ok("autodeflate", &["on", "off"])?;
+            if n.attribute("freePageReporting") == Some("on") {
+                return Err(refuse(
+                    "<memballoon freePageReporting='on'>: Vessel's balloon has no free page \
+                     reporting (inflate, deflate, autodeflate and stats are supported)",
+                ));
+            }
+            value_ok("freePageReporting", &["off"])?;
+        }
+        ("memballoon", "stats") => {
+            if n.attribute("period")
+                .is_some_and(|p| p.parse::<u16>().is_err())
+            {
+                return Err(bad("<memballoon><stats period>: seconds, 0 to 65535"));
+            }
+        }
         ("devices", "vsock") => value_ok("model", &["virtio"])?,
         ("devices", "controller") => {
             let ok = matches!(
@@ -551,7 +568,18 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
         .and_then(|d| child(d, "emulator"))
         .map(text)
         .map(PathBuf::from);
+    // With a virtio balloon, currentMemory is what the guest keeps: the balloon's
+    // target is the rest (libvirt's meaning). Without one, the smaller is the memory.
+    let balloon = child(root, "devices")
+        .and_then(|d| child(d, "memballoon"))
+        .filter(|b| b.attribute("model") == Some("virtio"));
+    let mut balloon_mib = 0;
     let memory = match (child(root, "memory"), child(root, "currentMemory")) {
+        (Some(m), Some(c)) if balloon.is_some() => {
+            let (m, c) = (memory_mib(m)?, memory_mib(c)?);
+            balloon_mib = m.saturating_sub(c);
+            m
+        }
         (Some(m), Some(c)) => memory_mib(m)?.min(memory_mib(c)?),
         (Some(m), None) => memory_mib(m)?,
         (None, Some(c)) => memory_mib(c)?,
@@ -689,8 +717,19 @@ pub fn parse_domain(xml: &str) -> Result<DomainDef> {
                     // hvc0; the manager gives it the domain's run folder at start.
                     vm.virtio_console = Some(vmm::SerialConfig::Null);
                 }
+                "memballoon" if dev.attribute("model") == Some("virtio") => {
+                    vm.balloon = Some(vmm::config::BalloonConfig {
+                        amount_mib: u32::try_from(balloon_mib)
+                            .map_err(|_| bad("<currentMemory> leaves a balloon too large"))?,
+                        deflate_on_oom: dev.attribute("autodeflate") == Some("on"),
+                        stats_polling_interval_s: child(dev, "stats")
+                            .and_then(|s| s.attribute("period"))
+                            .and_then(|p| p.parse().ok())
+                            .unwrap_or(0),
+                    });
+                }
                 // Checked by the table and check_values: the UART, the implicit PCI
-                // root, no balloon, each driver's own binary.
+                // root, model='none' balloons, each driver's own binary.
                 _ => {}
             }
         }
@@ -946,8 +985,14 @@ pub fn to_xml(d: &DomainDef) -> String {
     }
     let kib = d.vm.memory_mib << 10;
     x.push_str(&format!("  <memory unit='KiB'>{kib}</memory>\n"));
+    // The balloon's target is what currentMemory leaves out (libvirt's meaning).
+    let ballooned =
+        d.vm.balloon
+            .as_ref()
+            .map_or(0, |b| u64::from(b.amount_mib) << 10);
     x.push_str(&format!(
-        "  <currentMemory unit='KiB'>{kib}</currentMemory>\n"
+        "  <currentMemory unit='KiB'>{}</currentMemory>\n",
+        kib.saturating_sub(ballooned)
     ));
     x.push_str(&format!(
         "  <vcpu placement='static'>{}</vcpu>\n",
@@ -1103,14 +1148,31 @@ pub fn to_xml(d: &DomainDef) -> String {
             "    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n",
         );
     }
-    // No USB and no balloon, said explicitly (libvirt would otherwise add both); q35's
-    // PCI Express root.
+    // No USB, and no balloon unless there is one, said explicitly (libvirt would
+    // otherwise add both); q35's PCI Express root.
     if d.vm.arch == vmm::config::Arch::X86_64 {
         if d.vm.virtio_transport == vmm::config::Transport::Pci {
             x.push_str("    <controller type='pci' index='0' model='pcie-root'/>\n");
         }
         x.push_str("    <controller type='usb' index='0' model='none'/>\n");
-        x.push_str("    <memballoon model='none'/>\n");
+    }
+    match &d.vm.balloon {
+        Some(b) => {
+            let deflate = if b.deflate_on_oom { "on" } else { "off" };
+            match b.stats_polling_interval_s {
+                0 => x.push_str(&format!(
+                    "    <memballoon model='virtio' autodeflate='{deflate}'/>\n"
+                )),
+                p => x.push_str(&format!(
+                    "    <memballoon model='virtio' autodeflate='{deflate}'>\n      \
+                     <stats period='{p}'/>\n    </memballoon>\n"
+                )),
+            }
+        }
+        None if d.vm.arch == vmm::config::Arch::X86_64 => {
+            x.push_str("    <memballoon model='none'/>\n")
+        }
+        None => {}
     }
     x.push_str("  </devices>\n</domain>\n");
     x
@@ -1385,7 +1447,8 @@ mod tests {
             (dom("", "<sound model='ich6'/>"), "<sound>"),
             (dom("", "<vsock model='vhost'><cid auto='yes'/></vsock>"), "model='vhost'"),
             (dom("", "<vsock model='virtio'><cid auto='no' address='2'/></vsock>"), "3 or more"),
-            (dom("", "<memballoon model='virtio'/>"), "memballoon model='virtio'"),
+            (dom("", "<memballoon model='virtio' freePageReporting='on'/>"), "freePageReporting='on'"),
+            (dom("", "<memballoon model='xen'/>"), "model='xen'"),
             (dom("", "<controller type='usb' index='0'/>"), "<controller type='usb'"),
             (dom("", "<controller type='ide' index='0'/>"), "<controller type='ide'"),
             (dom("", "<panic model='isa'/>"), "<panic>"),
@@ -1605,6 +1668,52 @@ mod tests {
         assert_eq!(parse_domain(&to_xml(&pci)).unwrap(), pci);
     }
 
+    /// `<memballoon model='virtio'>` is the VMM's balloon: its target is what
+    /// currentMemory leaves out of memory, autodeflate is deflate_on_oom, stats period
+    /// the polling interval; a dump says the same.
+    #[test]
+    fn a_virtio_memballoon_is_the_balloon_and_dumps_back() {
+        let xml = dom(
+            "",
+            "<memballoon model='virtio' autodeflate='on'><stats period='5'/></memballoon>",
+        )
+        .replace(
+            "<memory unit='MiB'>256</memory>",
+            "<memory unit='MiB'>256</memory><currentMemory unit='MiB'>192</currentMemory>",
+        );
+        assert!(xml.contains("currentMemory"), "{xml}");
+        let d = parse_domain(&xml).unwrap();
+        assert_eq!(d.vm.memory_mib, 256);
+        assert_eq!(
+            d.vm.balloon,
+            Some(vmm::config::BalloonConfig {
+                amount_mib: 64,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 5
+            })
+        );
+        let dump = to_xml(&d);
+        assert!(
+            dump.contains("<currentMemory unit='KiB'>196608</currentMemory>"),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("<memballoon model='virtio' autodeflate='on'>"),
+            "{dump}"
+        );
+        assert!(dump.contains("<stats period='5'/>"), "{dump}");
+        assert_eq!(parse_domain(&dump).unwrap(), d);
+        // Without a balloon, the smaller of memory and currentMemory is the memory, and
+        // the dump says model='none'.
+        let none = parse_domain(&xml.replace(
+            "<memballoon model='virtio' autodeflate='on'><stats period='5'/></memballoon>",
+            "<memballoon model='none'/>",
+        ))
+        .unwrap();
+        assert_eq!((none.vm.memory_mib, none.vm.balloon.clone()), (192, None));
+        assert!(to_xml(&none).contains("<memballoon model='none'/>"));
+    }
+
     /// A domain as virt-install writes one (our own text in that shape): every refusal
     /// comes in one answer, each element named once, rather than one define per element.
     #[test]
@@ -1618,7 +1727,8 @@ mod tests {
              <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/></disk>\
              <controller type='pci' index='1' model='pcie-root-port'><target chassis='1'/></controller>\
              <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
-             <graphics type='spice' autoport='yes'/><memballoon model='virtio'/>",
+             <graphics type='spice' autoport='yes'/>\
+             <memballoon model='virtio' freePageReporting='on'/>",
         );
         let e = parse_domain(&xml).unwrap_err().to_string();
         assert_eq!(e.matches("unsupported configuration").count(), 1, "{e}");
@@ -1631,7 +1741,7 @@ mod tests {
             "<controller type='pci' model='pcie-root-port'>",
             "<channel>",
             "<graphics>",
-            "memballoon model='virtio'",
+            "memballoon freePageReporting='on'",
         ] {
             assert!(e.contains(want), "{want}: {e}");
         }

@@ -49,7 +49,8 @@ pub const MAPPED: &[Mapped] = &[
     m(
         "domain/memory",
         &["unit"],
-        "VmConfig.memory_mib (with currentMemory: the smaller)",
+        "VmConfig.memory_mib (with currentMemory: the smaller, unless a virtio balloon takes \
+         the difference)",
     ),
     m("domain/currentMemory", &["unit"], "VmConfig.memory_mib"),
     m(
@@ -226,8 +227,19 @@ pub const MAPPED: &[Mapped] = &[
     ),
     m(
         "domain/devices/memballoon",
-        &["model"],
-        "model='none' only: no balloon",
+        &["model", "autodeflate", "freePageReporting"],
+        "VmConfig.balloon (virtio-balloon; target = memory - currentMemory; autodeflate: \
+         deflate_on_oom; freePageReporting='on' refused)",
+    ),
+    m(
+        "domain/devices/memballoon/stats",
+        &["period"],
+        "BalloonConfig.stats_polling_interval_s",
+    ),
+    m(
+        "domain/devices/memballoon/alias",
+        &["name"],
+        "a live name only",
     ),
     m(
         "domain/devices/controller",

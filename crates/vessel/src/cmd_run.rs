@@ -9,7 +9,7 @@ use vmm::{Accel, ExitReason, SerialConfig, VmConfig, Vmm};
 
 /// The flags that describe the guest machine: what `--config`, a snapshot (`--restore`)
 /// and a migration's source (`--incoming`) each give instead.
-const GUEST_FLAGS: [&str; 19] = [
+const GUEST_FLAGS: [&str; 20] = [
     "arch",
     "kernel",
     "initrd",
@@ -22,6 +22,7 @@ const GUEST_FLAGS: [&str; 19] = [
     "cpu_model",
     "disks",
     "rng",
+    "balloon",
     "virtio_console",
     "nets",
     "vsock",
@@ -47,15 +48,15 @@ const fn join<const A: usize, const B: usize, const T: usize>(
 }
 
 /// The flags that describe the VM: `--config` gives all of that as data instead.
-const CONFIG_FLAGS: [&str; 21] = join(GUEST_FLAGS, ["accel", "serial"]);
+const CONFIG_FLAGS: [&str; 22] = join(GUEST_FLAGS, ["accel", "serial"]);
 
 /// What a migrated VM takes from its source, not from flags (--config names the VM
 /// expected, see --incoming).
-const INCOMING_CONFLICTS: [&str; 21] = join(GUEST_FLAGS, ["restore", "api_only"]);
+const INCOMING_CONFLICTS: [&str; 22] = join(GUEST_FLAGS, ["restore", "api_only"]);
 
 /// What a restored VM takes from its snapshot, not from flags (--config names the VM
 /// expected, see --restore).
-const RESTORE_CONFLICTS: [&str; 19] = GUEST_FLAGS;
+const RESTORE_CONFLICTS: [&str; 20] = GUEST_FLAGS;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -121,6 +122,10 @@ pub struct RunArgs {
     /// A virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// A virtio-balloon device: AMOUNT_MIB[,deflate_on_oom][,stats=SECONDS] (the target
+    /// the guest is asked to give back; statistics every SECONDS, 0 for none).
+    #[arg(long)]
+    balloon: Option<vmm::config::BalloonConfig>,
     /// A virtio-console (hvc0 in the guest) writing to stdio, null or file:PATH.
     #[arg(long)]
     virtio_console: Option<SerialConfig>,
@@ -287,6 +292,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         disks: args.disks.clone(),
         serial: args.serial.clone(),
         virtio_console: args.virtio_console.clone(),
+        balloon: args.balloon.clone(),
         nets: args.nets.clone(),
         vsock: args.vsock.clone(),
         cloud_init: args.cloud_init.clone(),
@@ -391,6 +397,7 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         rng: args.rng,
         rng_rate_limiter: None,
         virtio_console: args.virtio_console,
+        balloon: args.balloon,
         nets: args.nets,
         vsock: args.vsock,
         virtio_transport,
@@ -430,6 +437,7 @@ fn riscv_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     vm.disks = args.disks;
     vm.rng = args.rng;
     vm.virtio_console = args.virtio_console;
+    vm.balloon = args.balloon;
     vm.nets = args.nets;
     vm.vsock = args.vsock;
     vm.name = args.name;

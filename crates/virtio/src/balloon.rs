@@ -459,6 +459,14 @@ impl VirtioDevice for Balloon {
         }
     }
 
+    fn queues_at_driver_ok(&self) -> Vec<usize> {
+        if self.has_stats_queue() {
+            vec![STATS_QUEUE]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn reset(&mut self) {
         self.stats_head = None;
         self.next_poll = None;

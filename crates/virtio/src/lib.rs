@@ -166,6 +166,12 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop in-flight state.
     fn reset(&mut self) {}
+    /// Queues to run once the driver sets DRIVER_OK, for buffers it posted (and notified,
+    /// which the transport ignores) before: Linux's balloon driver primes its stats
+    /// queue so during probe.
+    fn queues_at_driver_ok(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// Whether queue `index`'s interrupts may be moderated: held while the guest keeps
     /// several requests in flight, so their completions share one (see
     /// `transport::Moderation`). For request/response queues (a disk's), not for a

@@ -176,7 +176,9 @@ impl MmioTransport {
             QUEUE_NOTIFY => self.doorbell.ring(v),
             INTERRUPT_ACK => self.core.ack_interrupt(v),
             STATUS => {
-                self.core.write_status(v);
+                for queue in self.core.write_status(v) {
+                    self.doorbell.ring(queue as u32);
+                }
                 if v == 0 {
                     self.queue_sel = 0;
                 }

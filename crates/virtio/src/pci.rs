@@ -522,7 +522,9 @@ impl PciTransport {
                 self.interrupt.vectors().config = vector;
             }
             DEVICE_STATUS => {
-                self.core.write_status(v as u32);
+                for queue in self.core.write_status(v as u32) {
+                    self.doorbell.ring(queue as u32);
+                }
                 if v == 0 {
                     self.queue_sel = 0;
                 }

@@ -120,7 +120,17 @@ impl Driver {
     }
 
     /// As `init`, accepting only the offered features within `accept`.
-    fn init_with(mut self, queue_size: u16, accept: u64) -> Self {
+    fn init_with(self, queue_size: u16, accept: u64) -> Self {
+        let mut d = self.set_up(queue_size, accept);
+        d.w(
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        d
+    }
+
+    /// The initialization sequence up to DRIVER_OK, not setting it.
+    fn set_up(mut self, queue_size: u16, accept: u64) -> Self {
         assert_eq!(self.r(0x000), 0x7472_6976);
         assert_eq!(self.r(0x004), 2);
         self.w(0x070, status::ACKNOWLEDGE | status::DRIVER);
@@ -156,10 +166,6 @@ impl Driver {
             self.w(0x0a4, 0);
             self.w(0x044, 1);
         }
-        self.w(
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
         self
     }
 
@@ -2566,4 +2572,28 @@ fn balloon_stats_buffer_is_kept_until_a_poll() {
     let used = d.submit_q(2, &[(0, 1 << 20, 0)]);
     assert!(used.is_empty());
     assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn balloon_stats_primed_before_driver_ok_are_taken_at_driver_ok() {
+    let b = crate::balloon::Balloon::new(
+        vec![(0, 0xC_0000)],
+        0,
+        false,
+        std::time::Duration::from_secs(3600),
+    );
+    let h = b.handle();
+    let mut d = Driver::new(Box::new(b)).set_up(QSIZE, u64::MAX);
+    let mut buf = Vec::new();
+    buf.extend(5u16.to_le_bytes());
+    buf.extend(123_456u64.to_le_bytes());
+    d.mem.write_slice(&buf, GuestAddress(BALLOON_PFNS)).unwrap();
+    // Linux primes the stats queue and notifies during probe, before DRIVER_OK.
+    d.submit_q(2, &[(BALLOON_PFNS, buf.len() as u32, 0)]);
+    assert_eq!(h.stats().values[5], None, "served before DRIVER_OK");
+    d.w(
+        0x070,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    assert_eq!(h.stats().values[5], Some(123_456));
 }

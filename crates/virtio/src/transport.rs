@@ -514,7 +514,10 @@ impl DeviceCore {
 
     /// The driver wrote the device status: 0 resets the device (waiting for requests in
     /// flight), FEATURES_OK is refused for features never offered or without VERSION_1.
-    pub fn write_status(&self, v: u32) {
+    /// Returns the queues to run now that the driver set DRIVER_OK
+    /// ([`crate::VirtioDevice::queues_at_driver_ok`]): the caller rings their doorbells.
+    #[must_use]
+    pub fn write_status(&self, v: u32) -> Vec<usize> {
         // A reset waits for requests running outside the device lock: once the driver
         // reads status 0 back, the device no longer writes its memory.
         let _in_flight = (v == 0).then(|| self.lock_all_in_flight());
@@ -537,7 +540,7 @@ impl DeviceCore {
             self.interrupt_status.store(0, Ordering::Release);
             drop(st);
             self.interrupt.reset();
-            return;
+            return Vec::new();
         }
         let newly = v & !st.status;
         if newly & status::FEATURES_OK != 0 {
@@ -547,7 +550,7 @@ impl DeviceCore {
                 // The driver accepted something we never offered, or a legacy interface:
                 // leave FEATURES_OK clear so it sees the refusal.
                 st.status = v & !status::FEATURES_OK;
-                return;
+                return Vec::new();
             }
             let f = st.driver_features;
             st.device.ack_features(f);
@@ -558,6 +561,11 @@ impl DeviceCore {
         }
         // NEEDS_RESET is the device's to set and only a reset clears it.
         st.status = v | (st.status & status::DEVICE_NEEDS_RESET);
+        if newly & status::DRIVER_OK != 0 {
+            st.device.queues_at_driver_ok()
+        } else {
+            Vec::new()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, CoreState> {

@@ -216,6 +216,10 @@ pub struct VmConfig {
     /// A virtio-console (hvc0) besides the UART, and where its output goes.
     #[serde(default)]
     pub virtio_console: Option<SerialConfig>,
+    /// A virtio-balloon device (Firecracker's `/balloon`, libvirt's
+    /// `<memballoon model='virtio'>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// virtio-net interfaces on host TAP devices.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
@@ -243,6 +247,28 @@ pub struct VmConfig {
     /// like [`DiskConfig::fds`]; never kept in a snapshot, refused from API clients.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub opened: Vec<OpenedFile>,
+}
+
+/// The balloon device, with Firecracker's field names and meaning.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The target size in MiB: memory the guest is asked to give back.
+    pub amount_mib: u32,
+    /// The guest deflates the balloon instead of killing a process when it runs out of
+    /// memory (VIRTIO_BALLOON_F_DEFLATE_ON_OOM).
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0: no statistics (no stats queue).
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+}
+
+impl BalloonConfig {
+    /// The target in the balloon's 4 KiB pages.
+    pub fn target_pages(&self) -> u32 {
+        self.amount_mib.saturating_mul(256)
+    }
 }
 
 /// A file of the configuration the VMM inherited open ([`VmConfig::opened`]).
@@ -753,6 +779,37 @@ impl DiskConfig {
     }
 }
 
+impl std::str::FromStr for BalloonConfig {
+    type Err = String;
+    /// `AMOUNT_MIB[,deflate_on_oom][,stats=SECONDS]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let amount = parts.next().unwrap_or_default();
+        let mut b = BalloonConfig {
+            amount_mib: amount
+                .parse()
+                .map_err(|_| format!("--balloon: {amount:?} is not a size in MiB"))?,
+            ..BalloonConfig::default()
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "deflate_on_oom" => b.deflate_on_oom = true,
+                Some(("stats", n)) => {
+                    b.stats_polling_interval_s = n
+                        .parse()
+                        .map_err(|_| format!("--balloon stats={n}: seconds, 0 to 65535"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown --balloon option {opt:?} (deflate_on_oom, stats=SECONDS)"
+                    ))
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = String;
     /// `path[,format=raw|qcow2][,readonly][,transport=mmio|pci][,queues=N]`
@@ -870,6 +927,8 @@ pub enum ConfigError {
     CloudInitFileMissing(PathBuf),
     #[error("UUID {0:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")]
     BadUuid(String),
+    #[error("a balloon of {amount} MiB is larger than the guest's {memory} MiB of memory")]
+    BalloonTooLarge { amount: u32, memory: u64 },
 }
 
 impl VmConfig {
@@ -895,6 +954,7 @@ impl VmConfig {
             rng: false,
             rng_rate_limiter: None,
             virtio_console: None,
+            balloon: None,
             nets: Vec::new(),
             vsock: None,
             virtio_transport: Transport::Mmio,
@@ -1044,6 +1104,7 @@ impl VmConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.virtio_console.is_some())
+            + usize::from(self.balloon.is_some())
     }
 
     /// Makes the UEFI variable store from the template beside the code when it does
@@ -1157,6 +1218,16 @@ impl VmConfig {
             .find(|f| !self.names_a_file(f))
         {
             return Err(ConfigError::CloudInitFileMissing(f.into()));
+        }
+        if let Some(b) = self
+            .balloon
+            .as_ref()
+            .filter(|b| u64::from(b.amount_mib) > self.memory_mib)
+        {
+            return Err(ConfigError::BalloonTooLarge {
+                amount: b.amount_mib,
+                memory: self.memory_mib,
+            });
         }
         if let Some(Err(e)) = self
             .nets

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use virtio::balloon::{BalloonHandle, BalloonStats};
 use virtio::blk::BlockHandle;
 use virtio::net::NetLimiters;
 use virtio::transport::DeviceCore;
@@ -16,6 +17,8 @@ pub enum RuntimeError {
     NoDisk(usize),
     #[error("no network interface {0}")]
     NoNet(usize),
+    #[error("the VM has no balloon device")]
+    NoBalloon,
     #[error("Error manipulating the backing file: {source} {path}")]
     BackingFile {
         path: String,
@@ -36,11 +39,22 @@ struct Disk {
     core: Arc<DeviceCore>,
 }
 
+/// The balloon as the VMM built it.
+#[derive(Debug)]
+struct Balloon {
+    handle: BalloonHandle,
+    core: Arc<DeviceCore>,
+    /// The stats queue's doorbell on the device's I/O thread: written to make it look
+    /// at the queue now (a poll asked for).
+    stats_kick: Option<hypervisor::EventFd>,
+}
+
 /// What a running VM's changeable devices are.
 #[derive(Debug, Default)]
 pub struct RuntimeDevices {
     disks: Mutex<Vec<Disk>>,
     nets: Mutex<Vec<NetLimiters>>,
+    balloon: Mutex<Option<Balloon>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -52,6 +66,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) enum Changeable {
     Disk(DiskConfig, BlockHandle),
     Net(NetLimiters),
+    Balloon(BalloonHandle),
 }
 
 impl RuntimeDevices {
@@ -64,7 +79,51 @@ impl RuntimeDevices {
                 core,
             }),
             Changeable::Net(limiters) => lock(&self.nets).push(limiters),
+            Changeable::Balloon(handle) => {
+                *lock(&self.balloon) = Some(Balloon {
+                    handle,
+                    core,
+                    stats_kick: None,
+                })
+            }
         }
+    }
+
+    /// The balloon's stats queue doorbell, once its I/O thread exists.
+    pub(crate) fn set_balloon_kick(&self, fd: hypervisor::EventFd) {
+        if let Some(b) = lock(&self.balloon).as_mut() {
+            b.stats_kick = Some(fd);
+        }
+    }
+
+    /// Asks the guest's balloon driver for a new size: `amount_mib` MiB given back.
+    pub fn set_balloon_target(&self, amount_mib: u32) -> Result<(), RuntimeError> {
+        let b = lock(&self.balloon);
+        let b = b.as_ref().ok_or(RuntimeError::NoBalloon)?;
+        b.handle.set_target_pages(amount_mib.saturating_mul(256));
+        b.core.config_changed();
+        tracing::info!(amount_mib, "balloon target set");
+        Ok(())
+    }
+
+    /// A new statistics polling interval, with a poll now.
+    pub fn set_balloon_interval(&self, seconds: u16) -> Result<(), RuntimeError> {
+        let b = lock(&self.balloon);
+        let b = b.as_ref().ok_or(RuntimeError::NoBalloon)?;
+        b.handle
+            .set_interval(std::time::Duration::from_secs(seconds.into()));
+        if let Some(k) = &b.stats_kick {
+            if let Err(e) = k.write(1) {
+                tracing::warn!("balloon statistics poll: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The balloon's size and the guest's last statistics.
+    pub fn balloon_stats(&self) -> Result<BalloonStats, RuntimeError> {
+        let b = lock(&self.balloon);
+        Ok(b.as_ref().ok_or(RuntimeError::NoBalloon)?.handle.stats())
     }
 
     /// Serves disk `index` from the file at `path` from now on (its format and

@@ -231,6 +231,7 @@ impl QueueCounts {
 /// assigned.
 fn virtio_devices(
     config: &VmConfig,
+    ram: &[(u64, u64)],
     counts: &QueueCounts,
     handover: Option<&Mutex<crate::migration::Handover>>,
 ) -> Result<Vec<VirtioSetup>, VmmError> {
@@ -391,6 +392,25 @@ fn virtio_devices(
             }
             None => devs.push((Box::new(virtio::rng::Rng), None, machine, None)),
         }
+    }
+    if let Some(b) = &config.balloon {
+        // On an I/O thread: its timer brings the stats buffer back each interval, and
+        // discarding pages is not a vCPU's work.
+        let dev = virtio::balloon::Balloon::new(
+            ram.to_vec(),
+            b.target_pages(),
+            b.deflate_on_oom,
+            Duration::from_secs(b.stats_polling_interval_s.into()),
+        );
+        let change = crate::runtime::Changeable::Balloon(dev.handle());
+        let io = IoThreadSetup {
+            name: "balloon".into(),
+            host_input: None,
+            coalesce: None,
+            role: sandbox::Role::Io,
+            split: Vec::new(),
+        };
+        devs.push((Box::new(dev), Some(io), machine, Some(change)));
     }
     if let Some(out) = &config.virtio_console {
         // Guest output is written on a thread of its own, not the vCPU's.
@@ -621,6 +641,7 @@ impl Vmm {
         // Virtio devices are opened first: the ACPI tables describe them.
         let virtio = virtio_devices(
             &config,
+            &ram,
             &QueueCounts::of(&config, restore),
             restore.map(|r| &r.handover),
         )?;
@@ -873,6 +894,7 @@ impl Vmm {
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
+                        balloon_kick(&control, &t.core(), &thread)?;
                         // A queue notify is an eventfd write by the accelerator, which
                         // wakes the I/O thread without the bus or the transport; or, on
                         // a software CPU, it reaches the transport, which serves on the
@@ -911,6 +933,7 @@ impl Vmm {
                     if let Some(thread) =
                         io_thread(io_setup, |name, input| t.io_thread(name, input))?
                     {
+                        balloon_kick(&control, &t.core(), &thread)?;
                         // As for virtio-mmio: no ioevents where the vCPU serves inline.
                         let inline = vm.inline_io() && t.serve_inline();
                         let notifiers = thread
@@ -1422,6 +1445,27 @@ impl std::io::Write for FirmwareLog {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Gives the runtime the balloon's stats queue doorbell (a poll asked for over the API
+/// wakes its I/O thread through it); nothing for other devices.
+fn balloon_kick(
+    control: &VmControl,
+    core: &virtio::transport::DeviceCore,
+    thread: &virtio::transport::IoThread,
+) -> Result<(), VmmError> {
+    if core.device_type() != virtio::device_type::BALLOON {
+        return Ok(());
+    }
+    let stats = virtio::balloon::STATS_QUEUE as u32;
+    if let Some((_, fd)) = thread.queue_notifiers().find(|(q, _)| *q == stats) {
+        let fd = fd.try_clone().map_err(|source| VmmError::EventFd {
+            what: "the balloon's statistics doorbell",
+            source,
+        })?;
+        control.devices().set_balloon_kick(fd);
+    }
+    Ok(())
 }
 
 /// The I/O thread `setup` asks for, made by its transport's `io_thread`.

@@ -24,6 +24,8 @@ pub(crate) const QEMU_STATE: &str = "qemu.state";
 const DEFINITION: &str = "definition.json";
 /// How long a save, a load or a migration may take.
 const LIMIT: Duration = Duration::from_secs(120);
+/// The QOM id of a domain's virtio-balloon-pci (`/machine/peripheral/balloon0`).
+const QEMU_BALLOON: &str = "balloon0";
 
 #[derive(Debug)]
 pub struct QemuDriver;
@@ -535,6 +537,8 @@ pub fn cannot_honour(vm: &VmConfig) -> Option<&'static str> {
         disks,
         rng: _,
         rng_rate_limiter,
+        // virtio-balloon-pci; the target is set over QMP once QEMU runs.
+        balloon: _,
         virtio_console,
         nets,
         vsock,
@@ -740,6 +744,14 @@ fn qemu_command(p: &Programs, def: &DomainDef, run: &RunDir, log: &Path) -> Resu
     }
     if vm.rng {
         c.args(["-device", "virtio-rng-pci"]);
+    }
+    if let Some(b) = &vm.balloon {
+        let on = |b: bool| if b { "on" } else { "off" };
+        c.arg("-device").arg(format!(
+            "virtio-balloon-pci,id={QEMU_BALLOON},deflate-on-oom={},guest-stats-polling-interval={}",
+            on(b.deflate_on_oom),
+            b.stats_polling_interval_s
+        ));
     }
     for k in 0..HOTPLUG_PORTS {
         c.arg("-device").arg(format!(

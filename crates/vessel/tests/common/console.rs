@@ -45,6 +45,12 @@ impl Console {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vessel");
+        Self::attach(child)
+    }
+
+    /// The console of a VMM already spawned with its stdin and stdout piped (a VM the
+    /// test configures through the API before it boots).
+    pub fn attach(child: std::process::Child) -> Console {
         let mut guard = Guarded(child);
         let stdin = guard.0.stdin.take().unwrap();
         let mut out = guard.0.stdout.take().unwrap();

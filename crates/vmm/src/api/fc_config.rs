@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 
 use super::fc_model::{
-    mac_bytes, tap_name_ok, BootSource, CacheType, CpuConfig, CpuTemplate, Drive, Entropy,
+    mac_bytes, tap_name_ok, Balloon, BootSource, CacheType, CpuConfig, CpuTemplate, Drive, Entropy,
     HugePages, IoEngine, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
 };
 use crate::config::{DiskConfig, DiskFormat, NetConfig, SerialConfig, VmConfig, VsockConfig};
@@ -25,6 +25,7 @@ pub struct FcConfig {
     pub nets: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
     pub entropy: Option<Entropy>,
+    pub balloon: Option<Balloon>,
     pub serial: Option<Serial>,
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
@@ -87,6 +88,12 @@ impl FcConfig {
                 uds_path: v.uds_path.display().to_string(),
             }),
             entropy: c.rng.then(Entropy::default),
+            balloon: c.balloon.as_ref().map(|b| Balloon {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+                ..Balloon::default()
+            }),
             ..FcConfig::default()
         }
     }
@@ -107,10 +114,10 @@ impl FcConfig {
 
     /// `GET /vm/config`: Firecracker's `FullVmConfiguration`. As Firecracker, the logger,
     /// metrics and CPU template are not echoed (`null`), and devices this VMM does not
-    /// have (balloon, MMDS, pmem, memory hot-plug) are absent (`null`, `[]`).
+    /// have (MMDS, pmem, memory hot-plug) are absent (`null`, `[]`).
     pub fn full(&self) -> Value {
         json!({
-            "balloon": null,
+            "balloon": self.balloon,
             "drives": self.drives.iter().map(Drive::shown).collect::<Vec<_>>(),
             "boot-source": self.boot.clone().unwrap_or_default(),
             "cpu-config": null,
@@ -359,6 +366,19 @@ impl FcConfig {
         });
         c.rng = self.entropy.is_some();
         c.rng_rate_limiter = self.entropy.as_ref().and_then(|e| e.rate_limiter);
+        c.balloon = match &self.balloon {
+            Some(b) if b.free_page_hinting || b.free_page_reporting => {
+                return no("balloon free_page_hinting and free_page_reporting are not \
+                     supported by this VMM's balloon"
+                    .into())
+            }
+            Some(b) => Some(crate::config::BalloonConfig {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+            }),
+            None => None,
+        };
         c.serial = match self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
             Some(p) => SerialConfig::File(p),
             None => serial.clone(),

@@ -277,6 +277,35 @@ pub struct Vsock {
     pub uds_path: String,
 }
 
+/// `PUT /balloon` body (and `GET /balloon`'s answer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting and reporting: refused (not offered by this VMM's balloon).
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+/// `PATCH /balloon` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u16,
+}
+
 /// `PUT /entropy` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

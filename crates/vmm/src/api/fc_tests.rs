@@ -125,6 +125,21 @@ impl Api {
                 core,
             );
         }
+        if let Some(b) = &config.balloon {
+            let dev = virtio::balloon::Balloon::new(
+                vec![(0, 1 << 20)],
+                b.target_pages(),
+                b.deflate_on_oom,
+                std::time::Duration::from_secs(b.stats_polling_interval_s.into()),
+            );
+            let change = crate::runtime::Changeable::Balloon(dev.handle());
+            let core = Arc::new(virtio::transport::DeviceCore::new(
+                Box::new(dev),
+                mem.clone(),
+                Box::new(virtio::transport::GsiEdge::new(Arc::new(NoIrq), 18)),
+            ));
+            control.devices().add(change, core);
+        }
         st.phase = Phase::Running {
             config,
             control,
@@ -960,13 +975,6 @@ fn requests_firecracker_refuses_before_it_looks_at_them() {
 fn swagger_endpoints_for_absent_devices_say_so() {
     let api = Api::preboot();
     for (m, p, b, want) in [
-        (
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 1, "deflate_on_oom": true}"#,
-            "virtio-balloon",
-        ),
-        ("GET", "/balloon", "", "virtio-balloon"),
         ("PUT", "/mmds", "{}", "MMDS"),
         ("GET", "/mmds", "", "MMDS"),
         (
@@ -991,10 +999,11 @@ fn swagger_endpoints_for_absent_devices_say_so() {
         ("PATCH", "/pmem/p", r#"{"id": "p"}"#, NOT_BEFORE_START),
         (
             "PATCH",
-            "/balloon",
-            r#"{"amount_mib": 2}"#,
+            "/balloon/hinting/start",
+            r#"{"acknowledge_on_stop": true}"#,
             NOT_BEFORE_START,
         ),
+        ("GET", "/balloon/hinting/status", "", NOT_BEFORE_START),
         (
             "PATCH",
             "/hotplug/memory",
@@ -1006,11 +1015,142 @@ fn swagger_endpoints_for_absent_devices_say_so() {
     ] {
         api.refused(m, p, b, want);
     }
-    let r = api.call("PUT", "/balloon", r#"{"amount_mib": 1}"#);
+    let r = api.call(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 1, "deflate_on_oom": false, "free_page_reporting": true}"#,
+    );
     assert!(
-        msg(&r).contains("PUT /balloon"),
-        "names the endpoint: {}",
+        msg(&r).contains("PUT /balloon") && msg(&r).contains("free_page_reporting"),
+        "names the endpoint and the field: {}",
         msg(&r)
+    );
+}
+
+/// Firecracker's balloon sequence: PUT before boot, PATCH (target and statistics
+/// interval) before and after, GET of the device and of its statistics.
+#[test]
+fn balloon_is_configured_before_boot_and_steered_after() {
+    let s = Scratch::new("balloon");
+    let api = Api::preboot();
+    basic_config(&api, &s);
+    api.refused("GET", "/balloon", "", "No balloon device found.");
+    api.refused(
+        "PATCH",
+        "/balloon",
+        r#"{"amount_mib": 2}"#,
+        "No balloon device found.",
+    );
+    api.refused(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 1}"#,
+        "missing field `deflate_on_oom`",
+    );
+    api.refused(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 4294967295, "deflate_on_oom": false}"#,
+        "Amount of pages requested is too large.",
+    );
+    api.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+    );
+    api.ok("PATCH", "/balloon", r#"{"amount_mib": 32}"#);
+    api.ok(
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 5}"#,
+    );
+    let r = api.call("GET", "/balloon", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        json_of(&r),
+        serde_json::json!({"amount_mib": 32, "deflate_on_oom": true,
+            "stats_polling_interval_s": 5, "free_page_hinting": false,
+            "free_page_reporting": false})
+    );
+    assert_eq!(api.config()["balloon"]["amount_mib"], 32);
+    api.refused("GET", "/balloon/statistics", "", NOT_BEFORE_START);
+    api.boot_without_a_vm();
+    {
+        let st = lock(&api.0.state);
+        let Phase::Running { config, .. } = &st.phase else {
+            panic!("not running");
+        };
+        assert_eq!(
+            config.balloon,
+            Some(crate::config::BalloonConfig {
+                amount_mib: 32,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 5
+            })
+        );
+    }
+    api.refused(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
+        NOT_AFTER_START,
+    );
+    api.ok("PATCH", "/balloon", r#"{"amount_mib": 64}"#);
+    api.refused(
+        "PATCH",
+        "/balloon",
+        r#"{"amount_mib": 257}"#,
+        "Requested memory should be less than 256MiB",
+    );
+    let r = api.call("GET", "/balloon/statistics", "");
+    assert_eq!(r.status, 200, "{}", msg(&r));
+    let v = json_of(&r);
+    assert_eq!(v["target_pages"], 64 * 256);
+    assert_eq!(v["target_mib"], 64);
+    assert_eq!(v["actual_pages"], 0);
+    assert_eq!(api.call("GET", "/balloon", "").status, 200);
+    assert_eq!(json_of(&api.call("GET", "/balloon", ""))["amount_mib"], 64);
+    api.ok(
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 2}"#,
+    );
+    api.refused(
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 0}"#,
+        "Statistics cannot be enabled/disabled after activation.",
+    );
+    api.refused(
+        "PATCH",
+        "/balloon/hinting/start",
+        "{}",
+        "PATCH /balloon/hinting/start",
+    );
+}
+
+#[test]
+fn balloon_statistics_need_an_interval_set_before_boot() {
+    let s = Scratch::new("balloon-nostats");
+    let api = Api::preboot();
+    basic_config(&api, &s);
+    api.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": false}"#,
+    );
+    api.boot_without_a_vm();
+    api.refused(
+        "GET",
+        "/balloon/statistics",
+        "",
+        "Received stats query when stats are disabled.",
+    );
+    api.refused(
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 1}"#,
+        "Statistics cannot be enabled/disabled after activation.",
     );
 }
 

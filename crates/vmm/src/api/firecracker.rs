@@ -14,8 +14,8 @@
 //! body presence; resource IDs (alphanumeric and `_`); the JSON body (unknown fields
 //! refused); then the VM's phase (pre-boot only, run time only); then the content
 //! (unique root drive, MACs and TAPs, vCPU and memory rules). Endpoints of the swagger
-//! for devices this VMM does not have (balloon, MMDS, pmem, memory hot-plug) are
-//! answered 400 with a message naming the endpoint and why.
+//! for devices this VMM does not have (MMDS, pmem, memory hot-plug, the balloon's free
+//! page hinting) are answered 400 with a message naming the endpoint and why.
 //!
 //! Beyond Firecracker, for the manager: `action_type` `Stop` (end the VMM now, as
 //! quitting the console does), `Reset` (reset the machine: the VM ends as when the guest
@@ -32,8 +32,9 @@ use super::access::{self, Want};
 use super::fc_config::FcConfig;
 use super::fc_log::{self, ApiMetrics, MetricsSink};
 use super::fc_model::{
-    check_id, CpuConfig, Drive, DriveUpdate, Entropy, Logger, MachineConfig, MachineConfigUpdate,
-    Metrics, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, Serial, Vsock,
+    check_id, Balloon, BalloonStatsUpdate, BalloonUpdate, CpuConfig, Drive, DriveUpdate, Entropy,
+    Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, NetworkInterfaceUpdate,
+    RateLimiter, Serial, Vsock,
 };
 use super::http::{Handler, Reply, Request, Response};
 use crate::config::{SerialConfig, VmConfig};
@@ -49,6 +50,10 @@ pub const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 pub const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
+
+/// Firecracker's balloon refusals.
+const NO_BALLOON: &str = "No balloon device found.";
+const BALLOON_TOO_MANY_PAGES: &str = "Amount of pages requested is too large.";
 
 /// How often metrics are written once `/metrics` is configured (Firecracker's period).
 const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
@@ -193,6 +198,17 @@ fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
             format!("An error occurred when deserializing the json body of a request: {e}."),
         )
     })
+}
+
+/// Firecracker's answer to a path it does not know.
+fn bad_path(req: &Request) -> Response {
+    fault(
+        400,
+        format!(
+            "Invalid request method and/or path: {} {}.",
+            req.method, req.path
+        ),
+    )
 }
 
 /// The checked resource ID from the path.
@@ -903,6 +919,133 @@ impl VmmApi {
         Ok(Response::empty(204))
     }
 
+    fn put_balloon(&self, req: &Request) -> Answer {
+        let b: Balloon = parse(req)?;
+        let mut st = self.preboot()?;
+        if b.free_page_hinting || b.free_page_reporting {
+            return Err(fault(
+                400,
+                "PUT /balloon: free_page_hinting and free_page_reporting are not supported by \
+                 this VMM's balloon (inflate, deflate, deflate_on_oom and statistics are).",
+            ));
+        }
+        if b.amount_mib.checked_mul(256).is_none() {
+            return Err(fault(400, BALLOON_TOO_MANY_PAGES));
+        }
+        st.fc.balloon = Some(b);
+        Ok(Response::empty(204))
+    }
+
+    /// `PATCH /balloon`: a new target, before boot or (told to the guest) after.
+    fn patch_balloon(&self, req: &Request) -> Answer {
+        let u: BalloonUpdate = parse(req)?;
+        let mut st = lock(&self.state);
+        if st.fc.balloon.is_none() {
+            return Err(fault(400, NO_BALLOON));
+        }
+        if u.amount_mib.checked_mul(256).is_none() {
+            return Err(fault(400, BALLOON_TOO_MANY_PAGES));
+        }
+        let memory = st.fc.machine.mem_size_mib;
+        match &mut st.phase {
+            Phase::PreBoot => {}
+            Phase::Running {
+                control, config, ..
+            } => {
+                if u64::from(u.amount_mib) > memory {
+                    return Err(fault(
+                        400,
+                        format!("Requested memory should be less than {memory}MiB"),
+                    ));
+                }
+                control
+                    .devices()
+                    .set_balloon_target(u.amount_mib)
+                    .map_err(|e| fault(400, e.to_string()))?;
+                if let Some(b) = config.balloon.as_mut() {
+                    b.amount_mib = u.amount_mib;
+                }
+            }
+            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
+        }
+        if let Some(b) = st.fc.balloon.as_mut() {
+            b.amount_mib = u.amount_mib;
+        }
+        Ok(Response::empty(204))
+    }
+
+    /// `PATCH /balloon/statistics`: a new polling interval; statistics cannot be turned
+    /// on or off after boot (the stats queue exists or not).
+    fn patch_balloon_stats(&self, req: &Request) -> Answer {
+        let u: BalloonStatsUpdate = parse(req)?;
+        let mut st = lock(&self.state);
+        let Some(now) = st.fc.balloon.as_ref().map(|b| b.stats_polling_interval_s) else {
+            return Err(fault(400, NO_BALLOON));
+        };
+        match &st.phase {
+            Phase::PreBoot => {}
+            Phase::Running { control, .. } => {
+                if (now == 0) != (u.stats_polling_interval_s == 0) {
+                    return Err(fault(
+                        400,
+                        "Statistics cannot be enabled/disabled after activation.",
+                    ));
+                }
+                control
+                    .devices()
+                    .set_balloon_interval(u.stats_polling_interval_s)
+                    .map_err(|e| fault(400, e.to_string()))?;
+            }
+            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
+        }
+        if let Some(b) = st.fc.balloon.as_mut() {
+            b.stats_polling_interval_s = u.stats_polling_interval_s;
+        }
+        Ok(Response::empty(204))
+    }
+
+    fn get_balloon(&self) -> Answer {
+        match &lock(&self.state).fc.balloon {
+            Some(b) => Ok(Response::json(200, &json!(b))),
+            None => Err(fault(400, NO_BALLOON)),
+        }
+    }
+
+    /// `GET /balloon/statistics`: the balloon's size from its config space and the
+    /// guest's last figures, with Firecracker's field names.
+    fn get_balloon_stats(&self) -> Answer {
+        let st = lock(&self.state);
+        let control = match &st.phase {
+            Phase::Running { control, .. } => control.clone(),
+            Phase::PreBoot => return Err(fault(400, NOT_BEFORE_START)),
+            Phase::Finished { .. } => return Err(fault(400, "The microVM is not running.")),
+        };
+        match &st.fc.balloon {
+            None => return Err(fault(400, NO_BALLOON)),
+            Some(b) if b.stats_polling_interval_s == 0 => {
+                return Err(fault(400, "Received stats query when stats are disabled."))
+            }
+            Some(_) => {}
+        }
+        drop(st);
+        let s = control
+            .devices()
+            .balloon_stats()
+            .map_err(|e| fault(400, e.to_string()))?;
+        let mut v = json!({
+            "target_pages": s.target_pages,
+            "actual_pages": s.actual_pages,
+            "target_mib": s.target_pages / 256,
+            "actual_mib": s.actual_pages / 256,
+        });
+        for (name, value) in virtio::balloon::STAT_NAMES.iter().zip(s.values) {
+            if let Some(x) = value {
+                v[*name] = json!(x);
+            }
+        }
+        Ok(Response::json(200, &v))
+    }
+
     fn put_serial(&self, req: &Request) -> Answer {
         let s: Serial = parse(req)?;
         let mut st = self.preboot()?;
@@ -997,14 +1140,14 @@ impl VmmApi {
     /// run-time state before boot gets Firecracker's pre-boot refusal first.
     fn absent_device(&self, req: &Request, first: &str) -> Response {
         let what = match first {
-            "balloon" => "virtio-balloon device",
+            "balloon" => "free page hinting on its virtio-balloon device",
             "mmds" => "microVM metadata service (MMDS)",
             "pmem" => "virtio-pmem device",
             _ => "virtio-mem device (memory hot-plug)",
         };
         let runtime_only = req.method == "PATCH"
             || req.method == "DELETE"
-            || (req.method == "GET" && first != "mmds" && req.path != "/balloon");
+            || (req.method == "GET" && first != "mmds");
         if runtime_only && lock(&self.state).preboot() {
             return fault(400, NOT_BEFORE_START);
         }
@@ -1062,7 +1205,13 @@ impl VmmApi {
                     &super::counters::to_json(totals.as_ref()),
                 ))
             }
-            ("GET", "mmds" | "balloon", false) => Err(self.absent_device(req, first)),
+            ("GET", "balloon", false) => match seg.get(1) {
+                None => self.get_balloon(),
+                Some(&"statistics") if seg.len() == 2 => self.get_balloon_stats(),
+                Some(&"hinting") => Err(self.absent_device(req, first)),
+                _ => Err(bad_path(req)),
+            },
+            ("GET", "mmds", false) => Err(self.absent_device(req, first)),
             ("GET", "hotplug", false) if seg.get(1) == Some(&"memory") => {
                 Err(self.absent_device(req, first))
             }
@@ -1087,7 +1236,8 @@ impl VmmApi {
                     format!("Invalid request method and/or path: PUT {}.", req.path),
                 )),
             },
-            ("PUT", "balloon" | "mmds" | "pmem", true) => Err(self.absent_device(req, first)),
+            ("PUT", "balloon", true) if seg.len() == 1 => self.put_balloon(req),
+            ("PUT", "mmds" | "pmem", true) => Err(self.absent_device(req, first)),
             ("PUT", "hotplug", true) if seg.get(1) == Some(&"memory") => {
                 Err(self.absent_device(req, first))
             }
@@ -1096,7 +1246,14 @@ impl VmmApi {
             ("PATCH", "machine-config", true) => self.patch_machine_config(req),
             ("PATCH", "network-interfaces", true) => self.patch_net(req, &seg),
             ("PATCH", "vm", true) => self.patch_vm(req),
-            ("PATCH", "balloon" | "mmds" | "pmem", _) => Err(self.absent_device(req, first)),
+            ("PATCH", "balloon", _) => match (seg.get(1), body) {
+                (None, true) => self.patch_balloon(req),
+                (Some(&"statistics"), true) if seg.len() == 2 => self.patch_balloon_stats(req),
+                (Some(&"hinting"), _) => Err(self.absent_device(req, first)),
+                (_, false) => Err(fault(400, "Empty PATCH request.")),
+                _ => Err(bad_path(req)),
+            },
+            ("PATCH", "mmds" | "pmem", _) => Err(self.absent_device(req, first)),
             ("PATCH", "hotplug", true) if seg.get(1) == Some(&"memory") => {
                 Err(self.absent_device(req, first))
             }
