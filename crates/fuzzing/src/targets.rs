@@ -580,6 +580,13 @@ fn firecracker_api_seeds() -> Vec<Vec<u8>> {
                 j,
                 r#"{"amount_mib": 0, "deflate_on_oom": false}"#,
             ),
+            http_request("PATCH", "/balloon", j, r#"{"amount_mib": 4294967295}"#),
+            http_request(
+                "PATCH",
+                "/balloon/statistics",
+                j,
+                r#"{"stats_polling_interval_s": 1}"#,
+            ),
             http_request(
                 "PUT",
                 "/mmds",
@@ -732,12 +739,14 @@ fn x86emu_seeds() -> Vec<Vec<u8>> {
 
 // ---- virtio_queues --------------------------------------------------------------------
 
-/// Guest memory and queue geometry against virtio-blk, -rng or -console (first byte).
+/// Guest memory and queue geometry against virtio-blk, -rng, -console or -balloon (first
+/// byte).
 pub fn virtio_queues(data: &[u8]) -> String {
     use virtio::fuzzing::{run, Target};
-    let target = match data.first().map(|b| b % 3) {
+    let target = match data.first().map(|b| b % 4) {
         Some(0) => Target::Block,
         Some(1) => Target::Rng,
+        Some(3) => Target::Balloon,
         _ => Target::Console,
     };
     format!(
@@ -747,7 +756,7 @@ pub fn virtio_queues(data: &[u8]) -> String {
 }
 
 fn virtio_seeds() -> Vec<Vec<u8>> {
-    (0..3u8)
+    (0..4u8)
         .map(|t| {
             let mut v = vec![t];
             v.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));

@@ -31,6 +31,9 @@ pub enum Target {
     Block,
     Rng,
     Console,
+    /// Inflate and deflate queues: page frame numbers from the input; the first half
+    /// of the fuzz memory is its RAM.
+    Balloon,
 }
 
 /// A disk in memory, for the fuzzer and the unit tests.
@@ -102,6 +105,12 @@ pub fn run(target: Target, data: &[u8]) -> u16 {
         )),
         Target::Rng => Box::new(crate::rng::Rng),
         Target::Console => Box::new(crate::console::Console::new(Box::new(std::io::sink()))),
+        Target::Balloon => Box::new(crate::balloon::Balloon::new(
+            vec![(0, MEM as u64 / 2)],
+            u32_at(data, 0),
+            true,
+            std::time::Duration::ZERO,
+        )),
     };
     let mut t = MmioTransport::new(device, mem.clone(), Arc::new(NoIrq), 5);
     let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
@@ -177,7 +186,7 @@ mod tests {
                     data[0x2004 + 2 * i..0x2006 + 2 * i].copy_from_slice(&head.to_le_bytes());
                 }
             }
-            for target in [Target::Block, Target::Rng, Target::Console] {
+            for target in [Target::Block, Target::Rng, Target::Console, Target::Balloon] {
                 completed += u64::from(run(target, &data));
             }
         }
