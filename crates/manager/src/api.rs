@@ -354,6 +354,26 @@ impl Api {
                 self.m.reboot(name)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "setmem"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct S {
+                    kib: u64,
+                    #[serde(default)]
+                    live: bool,
+                    #[serde(default)]
+                    config: bool,
+                }
+                let s: S = body_json(req, "setmem body")?;
+                self.m.setmem(name, s.kib, s.live, s.config)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
+            ("GET", ["domains", name, "memstat"]) => {
+                let stats = self.m.dommemstat(name)?;
+                ok(Value::Array(
+                    stats.into_iter().map(|(k, v)| json!([k, v])).collect(),
+                ))
+            }
             ("POST", ["domains", name, "suspend"]) => {
                 self.m.suspend(name)?;
                 ok(to_value(&self.m.info(name)?.1))

@@ -26,6 +26,7 @@ use crate::store::Store;
 use runtime::{Runtime, Table, Vmm};
 
 mod hotplug;
+mod memory;
 mod migration;
 mod named_snapshots;
 mod runtime;
@@ -912,6 +913,15 @@ impl Manager {
         }
         self.watch(name.to_string(), generation, Some(child), id);
         driver.after_ready(&run, boot)?;
+        // QEMU has no start-up option for the balloon's target: it is set once QEMU
+        // runs (a Vessel VMM takes it from its VmConfig; a restored VM has its own).
+        if let (DriverKind::Qemu, driver::Boot::Fresh { .. }, Some(b)) = (
+            driver.kind(),
+            boot,
+            def.vm.balloon.as_ref().filter(|b| b.amount_mib > 0),
+        ) {
+            driver.set_balloon(&run, b.amount_mib, def.vm.memory_mib)?;
+        }
         Ok(self.info_of(&def))
     }
 

@@ -2,15 +2,16 @@
 //! `domid`, `domblklist`, `domiflist`), host queries (`version`, `capabilities`,
 //! `nodeinfo`), the XML dumps of pools, volumes and networks, and changes to a domain's
 //! definition (`setmem`, `setvcpus`, `attach-disk`/`detach-disk`,
-//! `attach-interface`/`detach-interface`).
+//! `attach-interface`/`detach-interface`), and `dommemstat`.
 //!
 //! Where a change applies follows virsh: `--config` changes the definition (the next
 //! start), `--live` the running domain, `--persistent` both (the definition alone when
 //! the domain does not run), `--current` (the default) the running domain if it runs,
 //! else the definition. Live changes go through the domain's driver: QEMU domains (q35)
 //! take disks and interfaces on spare PCIe root ports; the Vessel driver, whose virtio
-//! devices the guest finds only at boot, and any memory or vCPU change refuse `--live`
-//! by name, and `--config` still applies.
+//! devices the guest finds only at boot, and vCPU changes refuse `--live` by name, and
+//! `--config` still applies. `setmem` of a domain with a balloon works live on both
+//! drivers (the balloon's target); without one it refuses `--live`.
 
 use anyhow::{bail, Context, Result};
 use manager::client::Client;
@@ -180,7 +181,12 @@ pub enum VirshCommand {
     },
     /// Reset a running domain at once (the machine restarts, no guest shutdown).
     Reset { name: String },
-    /// Set a domain's memory: SIZE in KiB, or with a suffix (512M, 2G).
+    /// A running domain's memory as its balloon sees it (virsh's names, KiB): actual,
+    /// the guest's statistics when its balloon polls them, the VMM's rss.
+    Dommemstat { name: String },
+    /// Set a domain's memory: SIZE in KiB, or with a suffix (512M, 2G). With a balloon
+    /// (<memballoon model='virtio'>), the current memory within the maximum, live on a
+    /// running domain; without one, the memory of its definition.
     Setmem {
         name: String,
         size: String,
@@ -378,8 +384,8 @@ fn change_definition(
     let (live, _) = scope.targets(running(&info), name)?;
     if live {
         bail!(
-            "Operation not supported: cannot change {what} of a running domain (neither \
-             driver has memory ballooning or vCPU hot-plug): use --config to change its \
+            "Operation not supported: cannot change {what} of a running domain (no \
+             balloon or vCPU hot-plug for it): use --config to change its \
              definition, which applies from its next start"
         );
     }
@@ -616,10 +622,32 @@ pub fn run(cmd: VirshCommand, c: &Client, json_out: bool) -> Result<i32> {
         }
         VirshCommand::Setmem { name, size, scope } => {
             let mib = memory_mib(&size)?;
-            change_definition(c, &name, scope, "the memory", |d| {
-                d["vm"]["memory_mib"] = json!(mib);
-                Ok(())
-            })?;
+            let (def, info) = domain(c, &name)?;
+            if def["vm"]["balloon"].is_object() {
+                // With a balloon, the current memory within the maximum: the running
+                // guest gives the rest back, the definition keeps it as its target.
+                let (live, config) = scope.targets(running(&info), &name)?;
+                c.post(
+                    &format!("{}/setmem", dom(&name)),
+                    Some(&json!({"kib": mib << 10, "live": live, "config": config})),
+                )?;
+                println!("Domain '{name}': memory set to {mib} MiB through its balloon");
+            } else {
+                change_definition(c, &name, scope, "the memory", |d| {
+                    d["vm"]["memory_mib"] = json!(mib);
+                    Ok(())
+                })?;
+            }
+        }
+        VirshCommand::Dommemstat { name } => {
+            let v = c.get(&format!("{}/memstat", dom(&name)))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                for pair in v.as_array().into_iter().flatten() {
+                    println!("{} {}", s(&pair[0]), pair[1]);
+                }
+            }
         }
         VirshCommand::Setvcpus {
             name,

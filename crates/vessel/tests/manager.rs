@@ -5392,3 +5392,99 @@ fn qemu_domain_survives_a_migration_whose_destination_dies() {
     require_qemu();
     failed_migration_between_daemons("qfmig", qemu_domain("qsurvivor", COUNTING));
 }
+
+/// A domain's balloon (`vm.balloon`, libvirt's `<memballoon model='virtio'>`) on both
+/// drivers: virsh's `setmem` moves the running guest's memory through it and
+/// `dommemstat` reports it with the guest's statistics; `setmem --config` keeps the
+/// target in the definition.
+#[test]
+fn balloon_setmem_and_dommemstat_on_both_drivers() {
+    require_qemu();
+    let a = assets();
+    let d = Daemon::start("balloon");
+    let c = d.client();
+    let memstat = |name: &str| -> Vec<(String, u64)> {
+        d.ok(&["dommemstat", name])
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let stat = |m: &[(String, u64)], k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    let wait = |name: &str, what: &str, ok: &dyn Fn(&[(String, u64)]) -> bool| {
+        let t0 = Instant::now();
+        loop {
+            let m = memstat(name);
+            if ok(&m) {
+                return m;
+            }
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "{name}: {what}; dommemstat: {m:?}\n{}",
+                serial_log(&c, name)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    for driver in ["vessel", "qemu"] {
+        let name = format!("bal-{driver}");
+        let def = json!({"name": name, "driver": driver,
+            "vm": {"kernel": a.join("vmlinuz"), "initrd": a.join("initramfs.cpio.gz"),
+                   "cmdline": "console=ttyS0 panic=-1 quiet vessel.run=sleep+600",
+                   "memory_mib": 256, "accel": "emu",
+                   "balloon": {"amount_mib": 0, "deflate_on_oom": false,
+                               "stats_polling_interval_s": 1}}});
+        c.post("/v1/domains", Some(&def)).unwrap();
+        // The dump says it as libvirt does.
+        let xml = d.ok(&["dumpxml", &name]);
+        assert!(
+            xml.contains("<memballoon model='virtio' autodeflate='off'>"),
+            "{xml}"
+        );
+        assert!(xml.contains("<stats period='1'/>"), "{xml}");
+        d.ok(&["start", &name]);
+        // The guest's statistics arrive once its driver binds.
+        let m = wait(&name, "no guest statistics", &|m| {
+            stat(m, "usable").is_some()
+        });
+        assert_eq!(stat(&m, "actual"), Some(256 << 10), "{m:?}");
+        assert!(
+            stat(&m, "available").is_some_and(|t| t > 128 << 10),
+            "{m:?}"
+        );
+        assert!(stat(&m, "rss").is_some_and(|r| r > 0), "{m:?}");
+        let total = stat(&m, "available").unwrap_or(0);
+        // setmem (virsh's default unit: KiB) inflates the running guest's balloon.
+        d.ok(&["setmem", &name, "196608"]);
+        wait(&name, "the balloon never reached 64 MiB", &|m| {
+            stat(m, "actual") == Some(196608)
+        });
+        // The guest's own total follows (Linux takes the balloon out of it).
+        wait(&name, "the guest's total did not drop", &|m| {
+            stat(m, "available").is_some_and(|t| t + (60 << 10) <= total)
+        });
+        d.ok(&["setmem", &name, "262144"]);
+        wait(&name, "the balloon never deflated", &|m| {
+            stat(m, "actual") == Some(256 << 10)
+        });
+        // --config: the definition keeps the target (its next start begins there).
+        d.ok(&["setmem", &name, "128M", "--config"]);
+        let v = c.get(&format!("/v1/domains/{name}")).unwrap();
+        assert_eq!(v["definition"]["vm"]["balloon"]["amount_mib"], 128, "{v}");
+        let e = d.fails(&["setmem", &name, "512M"]);
+        assert!(e.contains("higher than max memory"), "{e}");
+        d.ok(&["destroy", &name]);
+    }
+    // A domain without a balloon: dommemstat says why.
+    c.post(
+        "/v1/domains",
+        Some(&qemu_domain("nobal", "vessel.run=sleep+600")),
+    )
+    .unwrap();
+    d.ok(&["start", "nobal"]);
+    let e = d.fails(&["dommemstat", "nobal"]);
+    assert!(e.contains("no balloon"), "{e}");
+    d.ok(&["destroy", "nobal"]);
+}

@@ -39,6 +39,9 @@ struct Disk {
     core: Arc<DeviceCore>,
 }
 
+/// Firecracker's names of the balloon statistics, by virtio tag (`GET /balloon/statistics`).
+pub const BALLOON_STAT_NAMES: [&str; virtio::balloon::STAT_TAGS] = virtio::balloon::STAT_NAMES;
+
 /// The balloon as the VMM built it.
 #[derive(Debug)]
 struct Balloon {

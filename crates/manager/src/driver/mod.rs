@@ -432,6 +432,42 @@ pub trait Driver: Sync + std::fmt::Debug {
     /// Adds a device to, or removes one from, the running VM whose live definition is
     /// `live`; returns once the guest has it (or has let it go).
     fn hotplug(&self, run: &RunDir, live: &DomainDef, change: Hotplug<'_>) -> Result<()>;
+
+    /// Sets the running VM's balloon target: `amount_mib` of its `memory_mib` given back
+    /// by the guest.
+    fn set_balloon(&self, run: &RunDir, amount_mib: u32, memory_mib: u64) -> Result<()>;
+
+    /// The balloon's view of the guest's memory with virsh dommemstat's names and units
+    /// (KiB, counts, `last_update` in seconds since the epoch); `actual` always, the
+    /// guest's statistics when its balloon polls them.
+    fn memory_stats(&self, run: &RunDir, memory_mib: u64) -> Result<Vec<(String, u64)>>;
+}
+
+/// virsh dommemstat's names for the virtio balloon's statistics (by tag: swap in and
+/// out, major and minor faults, free, total, available, caches, hugetlb allocations and
+/// failures) and whether the value is bytes (given in KiB) or a count.
+pub const MEMSTAT_NAMES: [(&str, bool); 10] = [
+    ("swap_in", true),
+    ("swap_out", true),
+    ("major_fault", false),
+    ("minor_fault", false),
+    ("unused", true),
+    ("available", true),
+    ("usable", true),
+    ("disk_caches", true),
+    ("hugetlb_pgalloc", false),
+    ("hugetlb_pgfail", false),
+];
+
+/// The VMM's resident memory in KiB (virsh's `rss`), from the pid in its pidfile.
+pub(crate) fn vmm_rss_kib(run: &RunDir) -> Option<u64> {
+    let pid = ProcId::read(&run.pidfile())?.pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The driver of a kind.

@@ -179,6 +179,41 @@ impl Driver for QemuDriver {
         Ok(report(&m))
     }
 
+    fn set_balloon(&self, run: &RunDir, amount_mib: u32, memory_mib: u64) -> Result<()> {
+        // QEMU's `balloon` takes what the guest is to keep, in bytes.
+        let keep = memory_mib.saturating_sub(amount_mib.into()) << 20;
+        let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+        q.execute("balloon", Some(serde_json::json!({ "value": keep })))?;
+        Ok(())
+    }
+
+    fn memory_stats(&self, run: &RunDir, _memory_mib: u64) -> Result<Vec<(String, u64)>> {
+        let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+        let actual = q.execute("query-balloon", None)?;
+        let mut out = vec![(
+            "actual".to_string(),
+            actual["actual"].as_u64().unwrap_or(0) >> 10,
+        )];
+        let path = format!("/machine/peripheral/{QEMU_BALLOON}");
+        let g = q.execute(
+            "qom-get",
+            Some(serde_json::json!({"path": path, "property": "guest-stats"})),
+        )?;
+        for ((name, bytes), qemu) in super::MEMSTAT_NAMES.iter().zip(QEMU_STATS) {
+            // QEMU says -1 for a statistic the guest never sent.
+            if let Some(v) = g["stats"][qemu].as_u64() {
+                out.push((name.to_string(), if *bytes { v >> 10 } else { v }));
+            }
+        }
+        if let Some(t) = g["last-update"].as_u64().filter(|t| *t > 0) {
+            out.push(("last_update".to_string(), t));
+        }
+        if let Some(rss) = super::vmm_rss_kib(run) {
+            out.push(("rss".to_string(), rss));
+        }
+        Ok(out)
+    }
+
     fn can_hotplug(&self, live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
         if live.vm.virtio_transport != Transport::Pci {
             return Err(Error::Unsupported(format!(
@@ -485,6 +520,20 @@ fn continue_after_load(run: &RunDir, cont: bool) -> Result<()> {
 }
 
 /// Runs one QMP command on a domain's monitor.
+/// QEMU's `guest-stats` names, by virtio balloon tag (`MEMSTAT_NAMES`' order).
+const QEMU_STATS: [&str; 10] = [
+    "stat-swap-in",
+    "stat-swap-out",
+    "stat-major-faults",
+    "stat-minor-faults",
+    "stat-free-memory",
+    "stat-total-memory",
+    "stat-available-memory",
+    "stat-disk-caches",
+    "stat-htlb-pgalloc",
+    "stat-htlb-pgfail",
+];
+
 pub fn qmp(run: &RunDir, command: &str) -> Result<serde_json::Value> {
     let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
     Ok(q.execute(command, None)?)

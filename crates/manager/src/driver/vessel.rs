@@ -268,6 +268,47 @@ impl Driver for VesselDriver {
         self.can_hotplug(live, change)
     }
 
+    fn set_balloon(&self, run: &RunDir, amount_mib: u32, _memory_mib: u64) -> Result<()> {
+        let body = serde_json::json!({ "amount_mib": amount_mib }).to_string();
+        vmm_ok(
+            "PATCH /balloon",
+            vmm_call(run, "PATCH", "/balloon", Some(&body))?,
+        )
+        .map(drop)
+    }
+
+    fn memory_stats(&self, run: &RunDir, memory_mib: u64) -> Result<Vec<(String, u64)>> {
+        let (status, stats) = vmm_call(run, "GET", "/balloon/statistics", None)?;
+        let mut out = Vec::new();
+        if status < 300 {
+            let actual = stats["actual_pages"].as_u64().unwrap_or(0) * 4;
+            out.push((
+                "actual".to_string(),
+                (memory_mib << 10).saturating_sub(actual),
+            ));
+            for ((name, bytes), fc) in super::MEMSTAT_NAMES
+                .iter()
+                .zip(vmm::runtime::BALLOON_STAT_NAMES)
+            {
+                if let Some(v) = stats[fc].as_u64() {
+                    out.push((name.to_string(), if *bytes { v >> 10 } else { v }));
+                }
+            }
+        } else {
+            // No statistics polled: the balloon's target is all there is to say.
+            let b = vmm_ok("GET /balloon", vmm_call(run, "GET", "/balloon", None)?)?;
+            let target = b["amount_mib"].as_u64().unwrap_or(0);
+            out.push((
+                "actual".to_string(),
+                memory_mib.saturating_sub(target) << 10,
+            ));
+        }
+        if let Some(rss) = super::vmm_rss_kib(run) {
+            out.push(("rss".to_string(), rss));
+        }
+        Ok(out)
+    }
+
     fn can_hotplug(&self, _live: &DomainDef, change: Hotplug<'_>) -> Result<()> {
         // Linux finds virtio-mmio devices once, at boot (the DSDT or the command line),
         // and Vessel's PCI root has no hot-plug controller.
@@ -282,6 +323,37 @@ impl Driver for VesselDriver {
 }
 
 /// A Vessel VMM's run state from its API (`Running`, `Paused`, …).
+/// One request to the domain's VMM API: its status and JSON body.
+fn vmm_call(
+    run: &RunDir,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, serde_json::Value)> {
+    let r = vmm::api::http::client_request(
+        &run.api(),
+        method,
+        path,
+        body.map(|b| ("application/json", b.as_bytes())),
+    )
+    .map_err(|e| Error::Conflict(format!("the VMM's control API, {method} {path}: {e}")))?;
+    Ok((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// The VMM's answer as an error when it refused.
+fn vmm_ok(what: &str, (status, v): (u16, serde_json::Value)) -> Result<serde_json::Value> {
+    if status >= 300 {
+        return Err(Error::Conflict(format!(
+            "{what}: {}",
+            v["fault_message"].as_str().unwrap_or("refused")
+        )));
+    }
+    Ok(v)
+}
+
 fn vmm_state(run: &RunDir) -> Result<String> {
     let r = vmm::api::http::client_request(&run.api(), "GET", "/vessel/status", None)
         .map_err(|e| Error::Conflict(format!("the VMM's control API: {e}")))?;
