@@ -299,12 +299,11 @@ fn check_value(n: Node) -> Result<()> {
             }
             value_ok("freePageReporting", &["off"])?;
         }
-        ("memballoon", "stats") => {
+        ("memballoon", "stats")
             if n.attribute("period")
-                .is_some_and(|p| p.parse::<u16>().is_err())
-            {
-                return Err(bad("<memballoon><stats period>: seconds, 0 to 65535"));
-            }
+                .is_some_and(|p| p.parse::<u16>().is_err()) =>
+        {
+            return Err(bad("<memballoon><stats period>: seconds, 0 to 65535"));
         }
         ("devices", "vsock") => value_ok("model", &["virtio"])?,
         ("devices", "controller") => {

@@ -5393,6 +5393,9 @@ fn qemu_domain_survives_a_migration_whose_destination_dies() {
     failed_migration_between_daemons("qfmig", qemu_domain("qsurvivor", COUNTING));
 }
 
+/// dommemstat's lines as (name, value).
+type MemStat = [(String, u64)];
+
 /// A domain's balloon (`vm.balloon`, libvirt's `<memballoon model='virtio'>`) on both
 /// drivers: virsh's `setmem` moves the running guest's memory through it and
 /// `dommemstat` reports it with the guest's statistics; `setmem --config` keeps the
@@ -5413,7 +5416,7 @@ fn balloon_setmem_and_dommemstat_on_both_drivers() {
             .collect()
     };
     let stat = |m: &[(String, u64)], k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
-    let wait = |name: &str, what: &str, ok: &dyn Fn(&[(String, u64)]) -> bool| {
+    let wait = |name: &str, what: &str, ok: &dyn Fn(&MemStat) -> bool| {
         let t0 = Instant::now();
         loop {
             let m = memstat(name);
