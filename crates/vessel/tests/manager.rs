@@ -5464,6 +5464,17 @@ fn balloon_setmem_and_dommemstat_on_both_drivers() {
         wait(&name, "the balloon never reached 64 MiB", &|m| {
             stat(m, "actual") == Some(196608)
         });
+        // The running domain's XML says its current memory; the definition's is kept.
+        let xml = d.ok(&["dumpxml", &name]);
+        assert!(
+            xml.contains("<currentMemory unit='KiB'>196608</currentMemory>"),
+            "{xml}"
+        );
+        let xml = d.ok(&["dumpxml", &name, "--inactive"]);
+        assert!(
+            xml.contains("<currentMemory unit='KiB'>262144</currentMemory>"),
+            "{xml}"
+        );
         // The guest's own total follows (Linux takes the balloon out of it).
         wait(&name, "the guest's total did not drop", &|m| {
             stat(m, "available").is_some_and(|t| t + (60 << 10) <= total)

@@ -40,8 +40,16 @@ impl Manager {
             let (id, _) = running.ok_or_else(|| {
                 Error::Conflict(format!("domain {name:?} is not running (use --config)"))
             })?;
-            driver::of(id.driver).set_balloon(&self.run_dir(name), amount, memory)?;
+            let run = self.run_dir(name);
+            driver::of(id.driver).set_balloon(&run, amount, memory)?;
             tracing::info!(domain = name, amount_mib = amount, "balloon target set");
+            // The running domain's definition as it is now (dumpxml's currentMemory).
+            if let Some(mut now) = self.live_definition(name) {
+                if let Some(b) = now.vm.balloon.as_mut() {
+                    b.amount_mib = amount;
+                }
+                self.record_live(&run, &now);
+            }
         }
         if config {
             if let Some(b) = def.vm.balloon.as_mut() {
