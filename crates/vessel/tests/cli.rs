@@ -267,4 +267,17 @@ fn riscv64_refusals_name_what_is_missing() {
         ],
         "9 vCPUs: the riscv64 machine has 1 to 8 harts",
     );
+    // A device the riscv64 machine lacks is refused by name, not dropped.
+    run_expecting_error(
+        &[
+            "run",
+            "--arch",
+            "riscv64",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--balloon",
+            "16",
+        ],
+        "virtio-balloon",
+    );
 }

@@ -65,6 +65,9 @@ pub fn check(config: &VmConfig) -> Result<(), RiscvError> {
     if config.virtio_console.is_some() || config.cloud_init.is_some() {
         return Err(RiscvError::Unsupported("virtio-console or cloud-init"));
     }
+    if config.balloon.is_some() {
+        return Err(RiscvError::Unsupported("a virtio-balloon device"));
+    }
     if config.nets.iter().any(|n| n.transport.is_some()) {
         return Err(RiscvError::Unsupported(
             "a network transport choice (virtio-mmio only)",
