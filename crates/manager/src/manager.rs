@@ -66,6 +66,9 @@ pub struct DomainInfo {
     pub autostart: bool,
     pub cpus: u8,
     pub memory_mib: u64,
+    /// What the guest has of `memory_mib` with its balloon's target (the running
+    /// domain's, else the definition's): virsh's "Used memory".
+    pub current_memory_mib: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -472,6 +475,12 @@ impl Manager {
             autostart: d.autostart,
             cpus: d.vm.cpus,
             memory_mib: d.vm.memory_mib,
+            current_memory_mib: {
+                let live = vmm.as_ref().and_then(|_| self.live_definition(&d.name));
+                let b = live.as_ref().unwrap_or(d).vm.balloon.as_ref();
+                d.vm.memory_mib
+                    .saturating_sub(b.map_or(0, |b| u64::from(b.amount_mib)))
+            },
             pid: vmm.as_ref().map(|v| v.id.pid),
             uptime_s: vmm.as_ref().map(|v| v.started.elapsed().as_secs_f64()),
             last_stop: if state.is_active() {

@@ -450,7 +450,12 @@ fn domain_kv(i: &Value) {
         ("State", s(&i["state_text"])),
         ("CPU(s)", s(&i["cpus"])),
         ("Max memory", kib.clone()),
-        ("Used memory", kib),
+        (
+            "Used memory",
+            i["current_memory_mib"]
+                .as_u64()
+                .map_or(kib, |m| format!("{} KiB", m * 1024)),
+        ),
         ("Persistent", "yes".into()),
         ("Autostart", yes_no(i["autostart"].as_bool() == Some(true))),
         ("Driver", s(&i["driver"])),

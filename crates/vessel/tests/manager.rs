@@ -5475,6 +5475,12 @@ fn balloon_setmem_and_dommemstat_on_both_drivers() {
             xml.contains("<currentMemory unit='KiB'>262144</currentMemory>"),
             "{xml}"
         );
+        let info = d.ok(&["dominfo", &name]);
+        assert!(
+            info.lines()
+                .any(|l| l.starts_with("Used memory:") && l.contains("196608 KiB")),
+            "{info}"
+        );
         // The guest's own total follows (Linux takes the balloon out of it).
         wait(&name, "the guest's total did not drop", &|m| {
             stat(m, "available").is_some_and(|t| t + (60 << 10) <= total)
