@@ -240,8 +240,10 @@ fn firecracker_balloon_api_inflates_deflates_and_reports_statistics() {
 }
 
 #[test]
-fn balloon_flag_on_virtio_pci_starts_inflated() {
+fn balloon_flag_on_virtio_pci_starts_inflated_and_deflates_on_oom() {
     require_balloon_module();
+    let dir = TempDir::new("balloon-pci");
+    let sock = dir.path().join("api.sock");
     // The target from the start: the guest inflates as soon as its driver binds.
     let mut c = Console::boot(&[
         "--cmdline",
@@ -249,7 +251,9 @@ fn balloon_flag_on_virtio_pci_starts_inflated() {
         "--virtio-transport",
         "pci",
         "--balloon",
-        "64,deflate_on_oom",
+        "64,deflate_on_oom,stats=1",
+        "--api-sock",
+        sock.to_str().unwrap(),
     ]);
     c.expect("vessel-init:", BOOT);
     c.expect("# ", BOOT);
@@ -274,6 +278,38 @@ fn balloon_flag_on_virtio_pci_starts_inflated() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    wait_stats(&sock, "the balloon did not reach 64 MiB", |v| {
+        v["actual_mib"] == 64
+    });
+    // deflate_on_oom: the guest asks for 32 MiB more than it has; rather than kill a
+    // process, Linux takes pages back from the balloon (its OOM notifier).
+    let avail = meminfo(&mut c, "MemAvailable") >> 10;
+    let want = avail + 32;
+    let out = c.run(
+        &format!(
+            "mkdir -p /t && mount -t tmpfs -o size=250m tmpfs /t && \
+             dd if=/dev/zero of=/t/f bs=1M count={want} 2>&1 | tail -n 1; echo WROTE"
+        ),
+        Duration::from_secs(120),
+    );
+    assert!(out.contains("WROTE"), "{out}");
+    let size = c.run("ls -l /t/f", CMD);
+    assert!(
+        size.contains(&format!(" {} ", want << 20)),
+        "the guest could not write {want} MiB: {size}\n{out}"
+    );
+    let v = wait_stats(&sock, "the balloon never deflated under pressure", |v| {
+        v["actual_mib"].as_u64().is_some_and(|a| a <= 48)
+    });
+    assert_eq!(v["target_mib"], 64, "{v}");
+    // Linux does not inflate again on its own after an OOM deflation: the host says the
+    // target again (a configuration change) once the guest has memory to give.
+    c.run("rm /t/f", CMD);
+    let (status, v) = api(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 64}"#));
+    assert_eq!(status, 204, "{v}");
+    wait_stats(&sock, "the balloon did not inflate again", |v| {
+        v["actual_mib"] == 64
+    });
     c.send("poweroff -f");
     assert_eq!(c.wait_exit(CMD), Some(0));
 }
