@@ -467,6 +467,10 @@ impl Api {
                     .m
                     .migrate_out(name, &dest, m.dest_token.as_deref(), m.undefine_source)?)
             }
+            ("POST", ["domains", name, "migration", "finish"]) => {
+                self.m.migrate_finish(name)?;
+                ok(to_value(&self.m.info(name)?.1))
+            }
             ("POST", ["migrations", "incoming"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]

@@ -667,6 +667,8 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
     };
     let listener = receive::Listener::bind(from)
         .with_context(|| format!("listening for a migration on {from}"))?;
+    // Read before the jail hides the marker.
+    let die_before_answer = die_before_answer_hook();
     let ids = args
         .uid
         .zip(args.gid)
@@ -719,6 +721,10 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
         }
     }
     tracing::info!(pages = incoming.pages, "migrated VM received");
+    if die_before_answer {
+        tracing::warn!("test hook: ending with the VM received whole and not answered");
+        std::process::exit(1);
+    }
     // Once answered the source ends: this VMM runs the VM from here on.
     incoming
         .answer(&Ok(()))
@@ -728,6 +734,18 @@ fn run_incoming(args: RunArgs, from: &vmm::migration::Endpoint) -> anyhow::Resul
         vmm::api::http::remove_socket(sock);
     }
     report(reason.map_err(anyhow::Error::from))
+}
+
+/// Tests only (debug builds): whether this VMM is to end after the migrating VM came
+/// whole and before it answers the source (a destination that dies at that moment, made
+/// deterministic): `VESSEL_TEST_DIE_BEFORE_MIGRATION_ANSWER` names a marker file, which
+/// the first VMM to find it removes, so only one dies.
+fn die_before_answer_hook() -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    std::env::var_os("VESSEL_TEST_DIE_BEFORE_MIGRATION_ANSWER")
+        .is_some_and(|marker| std::fs::remove_file(marker).is_ok())
 }
 
 /// The snapshot at `path` (a folder, or a state file beside `mem`), read and checked,

@@ -5277,17 +5277,61 @@ fn qcow2_over_raw(path: &Path, backing: &str, size: u64) {
     .unwrap();
 }
 
-/// Issue 17: a live migration between daemons whose destination VMM dies part-way
-/// (stopped as soon as it listens, so the stream stalls after its first buffers, then
-/// killed) fails at the source with a
+/// When the destination VMM dies in [`failed_migration_between_daemons`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dies {
+    /// Part-way through the stream: stopped as soon as it listens, so the stream stalls
+    /// after its first buffers, then killed.
+    MidStream,
+    /// With the stream in whole and before it runs the domain (libvirt's Finish): a
+    /// Vessel VMM ends before it answers the source (`VESSEL_TEST_DIE_BEFORE_MIGRATION_
+    /// ANSWER`), a QEMU is killed by the destination daemon's hook before its `cont`
+    /// (`VESSEL_TEST_BEFORE_MIGRATION_FINISH`). Only once: the hooks remove a marker.
+    AfterStream,
+}
+
+/// Issue 17: a live migration between daemons whose destination VMM dies (`dies`)
+/// fails at the source with a
 /// message and leaves both daemons as they were: the domain runs on at the source, its
 /// count going on without a gap or repeat, with the same VMM and no relay socket left in
 /// its run folder; the destination, which defined the domain for the migration, has it
 /// undefined again, with no VMM and no run folder. The domain then migrates.
-fn failed_migration_between_daemons(tag: &str, def: Value) {
+fn failed_migration_between_daemons(tag: &str, def: Value, dies: Dies) {
     let name = def["name"].as_str().unwrap().to_string();
     let src = Daemon::start(&format!("{tag}src"));
-    let dst = Daemon::start(&format!("{tag}dst"));
+    let dst_dir = std::env::temp_dir().join(format!("vm-{tag}dst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst_dir);
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let marker = dst_dir.join("die-once");
+    let mut env = Vec::new();
+    if dies == Dies::AfterStream {
+        std::fs::write(&marker, "").unwrap();
+        let hook = dst_dir.join("kill-before-finish.sh");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\nrm '{m}' 2>/dev/null || exit 0\n\
+                 read pid rest < '{d}/state/run/'\"$1\"/vmm.pid\nkill -9 \"$pid\"\n",
+                m = marker.display(),
+                d = dst_dir.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let leak =
+            |p: &Path| -> &'static str { Box::leak(p.display().to_string().into_boxed_str()) };
+        env.push(("VESSEL_TEST_DIE_BEFORE_MIGRATION_ANSWER", leak(&marker)));
+        env.push(("VESSEL_TEST_BEFORE_MIGRATION_FINISH", leak(&hook)));
+    }
+    let mut dst = Daemon {
+        dir: dst_dir,
+        child: None,
+        netns: false,
+        env,
+        named_ns: None,
+    };
+    dst.spawn();
     let (at_src, at_dst) = (src.client(), dst.client());
     at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src
@@ -5311,27 +5355,29 @@ fn failed_migration_between_daemons(tag: &str, def: Value) {
                 .unwrap()
         })
     };
-    let t0 = Instant::now();
-    let dest_vmm = loop {
-        if let Some(&p) = dst.run_pids().first() {
-            if listening.exists() {
-                break p;
+    if dies == Dies::MidStream {
+        let t0 = Instant::now();
+        let dest_vmm = loop {
+            if let Some(&p) = dst.run_pids().first() {
+                if listening.exists() {
+                    break p;
+                }
             }
-        }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60) && !cmd.is_finished(),
+                "the migration never got going:\n{}",
+                dst.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        kill(dest_vmm, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(1000));
         assert!(
-            t0.elapsed() < Duration::from_secs(60) && !cmd.is_finished(),
-            "the migration never got going:\n{}",
-            dst.log()
+            !cmd.is_finished(),
+            "the migration ended with its destination stopped"
         );
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    kill(dest_vmm, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        !cmd.is_finished(),
-        "the migration ended with its destination stopped"
-    );
-    kill(dest_vmm, libc::SIGKILL);
+        kill(dest_vmm, libc::SIGKILL);
+    }
     let o = cmd.join().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -5340,6 +5386,15 @@ fn failed_migration_between_daemons(tag: &str, def: Value) {
         "the migration did not fail: {err}"
     );
     eprintln!("the failed migration: {err}");
+    if dies == Dies::AfterStream {
+        assert!(!marker.exists(), "the destination's hook never ran");
+        // The source learnt it after the whole stream: from the destination's missing
+        // answer (Vessel) or its daemon's failed finish (QEMU).
+        assert!(
+            err.contains("without answering") || err.contains("once its stream was in"),
+            "{err}"
+        );
+    }
 
     assert_eq!(state(&at_src, &name), "running");
     assert_eq!(src.run_pids(), source, "the source's VMM changed");
@@ -5384,13 +5439,34 @@ fn failed_migration_between_daemons(tag: &str, def: Value) {
 
 #[test]
 fn vessel_domain_survives_a_migration_whose_destination_dies() {
-    failed_migration_between_daemons("fmig", counting_vessel_domain("survivor"));
+    failed_migration_between_daemons("fmig", counting_vessel_domain("survivor"), Dies::MidStream);
 }
 
 #[test]
 fn qemu_domain_survives_a_migration_whose_destination_dies() {
     require_qemu();
-    failed_migration_between_daemons("qfmig", qemu_domain("qsurvivor", COUNTING));
+    failed_migration_between_daemons("qfmig", qemu_domain("qsurvivor", COUNTING), Dies::MidStream);
+}
+
+/// The source's VM stays paused until the destination runs it, and runs on when the
+/// destination dies with the stream in whole.
+#[test]
+fn vessel_domain_survives_a_destination_that_dies_after_the_stream() {
+    failed_migration_between_daemons(
+        "fmiga",
+        counting_vessel_domain("survivor2"),
+        Dies::AfterStream,
+    );
+}
+
+#[test]
+fn qemu_domain_survives_a_destination_that_dies_after_the_stream() {
+    require_qemu();
+    failed_migration_between_daemons(
+        "qfmiga",
+        qemu_domain("qsurvivor2", COUNTING),
+        Dies::AfterStream,
+    );
 }
 
 /// dommemstat's lines as (name, value).

@@ -424,6 +424,23 @@ pub trait Driver: Sync + std::fmt::Debug {
     /// returns the VMM's report (rounds, downtime, total time).
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value>;
 
+    /// After [`Driver::migrate`] sent the whole stream: asks the destination to run the
+    /// domain (`finish`, libvirt's Finish: it fails when the destination cannot) and
+    /// then ends this VMM, or, when `finish` failed, runs the domain here again
+    /// (libvirt's Confirm), the source's VM having stayed paused meanwhile; `finish`'s
+    /// error is returned then. The default is for VMMs that confirm between themselves
+    /// (Vessel's: the source waits, paused, for its destination's answer that the VM runs
+    /// there, and runs on when none comes), so `finish` is not asked.
+    fn confirm_migration(&self, _run: &RunDir, _finish: &dyn Fn() -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Destination side of [`Driver::confirm_migration`]: once the stream has come
+    /// whole, runs the domain that migrated in, paused until now; fails when it cannot.
+    fn finish_incoming(&self, _run: &RunDir) -> Result<()> {
+        Ok(())
+    }
+
     /// Refuses, before anything is made for it (a TAP, a volume), a change to the
     /// running VM whose live definition is `live` that its machine cannot take: an
     /// [`Error::Unsupported`] saying why, never a change left for later.

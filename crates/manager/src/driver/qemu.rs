@@ -71,6 +71,10 @@ impl Driver for QemuDriver {
             Boot::Incoming => {
                 c.arg("-incoming")
                     .arg(format!("unix:{}", chardev_path(&run.incoming())?));
+                // Stopped once the stream is in, until the source's daemon asks it to run
+                // the domain ([`Driver::finish_incoming`]): the source stays the one that
+                // runs it until then.
+                c.arg("-S");
             }
         }
         Ok(c)
@@ -89,6 +93,18 @@ impl Driver for QemuDriver {
         match boot {
             // QEMU loads the saved state and waits, stopped as it was saved.
             Boot::Restore { paused, .. } => continue_after_load(run, !paused),
+            // Its disks stay the source's until it runs (`cont`), not from the end of the
+            // stream: a source that runs on after a failed finish has them alone.
+            Boot::Incoming => {
+                let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
+                q.execute(
+                    "migrate-set-capabilities",
+                    Some(json!({"capabilities": [
+                        {"capability": "late-block-activate", "state": true}
+                    ]})),
+                )?;
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -174,8 +190,8 @@ impl Driver for QemuDriver {
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value> {
         let mut q = Qmp::connect(&run.qmp(), Duration::from_secs(5))?;
         let m = send(&mut q, &format!("unix:{}", chardev_path(to)?))?;
-        // The source QEMU stays, stopped, after a completed migration: it has no more use.
-        let _ = q.execute("quit", None);
+        // The source QEMU stays, stopped ("postmigrate"), until the destination runs the
+        // domain: [`Driver::confirm_migration`].
         Ok(report(&m))
     }
 
@@ -212,6 +228,55 @@ impl Driver for QemuDriver {
             out.push(("rss".to_string(), rss));
         }
         Ok(out)
+    }
+
+    fn confirm_migration(&self, run: &RunDir, finish: &dyn Fn() -> Result<()>) -> Result<()> {
+        match finish() {
+            Ok(()) => {
+                // The domain runs there: this QEMU has no more use.
+                let _ = qmp(run, "quit");
+                Ok(())
+            }
+            Err(e) => {
+                // `cont` after a completed migration takes the disks back (QEMU
+                // reactivates its block devices) and runs the guest from where it stopped.
+                tracing::warn!(error = %e, "the destination did not run the domain: it runs on here");
+                match qmp(run, "cont") {
+                    Ok(_) => Err(Error::Conflict(format!("{e}; the domain runs on here"))),
+                    Err(again) => Err(Error::Conflict(format!(
+                        "{e}; and the source QEMU could not run the domain again: {again}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn finish_incoming(&self, run: &RunDir) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let st = qmp_status(run)
+                .map_err(|e| Error::Conflict(format!("the destination QEMU (its monitor: {e})")))?;
+            match st.as_str() {
+                // Still loading the stream.
+                "inmigrate" if t0.elapsed() < LIMIT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                "paused" | "postmigrate" | "prelaunch" => break,
+                "running" => return Ok(()),
+                _ => {
+                    return Err(Error::Conflict(format!(
+                        "the destination QEMU did not load the stream (status {st})"
+                    )))
+                }
+            }
+        }
+        qmp(run, "cont")?;
+        match qmp_status(run)?.as_str() {
+            "running" => Ok(()),
+            st => Err(Error::Conflict(format!(
+                "the destination QEMU does not run the domain (status {st})"
+            ))),
+        }
     }
 
     fn can_hotplug(&self, live: &DomainDef, change: Hotplug<'_>) -> Result<()> {

@@ -208,6 +208,34 @@ fn receive_tcp(listener: TcpListener, nonce: String, vmm: PathBuf) -> std::io::R
     }
 }
 
+/// Asks the destination daemon to run the domain whose stream it has received whole
+/// ([`Manager::migrate_finish`] there); when it cannot, ends its VMM there first, so the
+/// source that runs on has the disks alone.
+fn finish_at(peer: &crate::client::Client, dest: &str, name: &str) -> Result<()> {
+    match peer.post(&format!("/v1/domains/{name}/migration/finish"), None) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = peer.post(&format!("/v1/domains/{name}/destroy"), None);
+            Err(Error::Conflict(format!(
+                "the destination daemon {dest} did not run the domain once its stream was in: {e}"
+            )))
+        }
+    }
+}
+
+/// Tests only (debug builds): the program `VESSEL_TEST_BEFORE_MIGRATION_FINISH` names,
+/// run with the domain's name at the destination once the stream is in and before the
+/// domain runs there (a destination that dies at that moment, made deterministic).
+fn before_finish_hook(domain: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    if let Some(p) = std::env::var_os("VESSEL_TEST_BEFORE_MIGRATION_FINISH") {
+        let r = std::process::Command::new(&p).arg(domain).status();
+        tracing::warn!(domain, hook = ?p, status = ?r, "test hook ran before the migration's finish");
+    }
+}
+
 /// 32 hex digits from the kernel's random source.
 fn nonce() -> Result<String> {
     let mut b = [0u8; 16];
@@ -309,6 +337,16 @@ impl Manager {
         })
     }
 
+    /// Destination side, once the source has sent the whole stream: runs the domain that
+    /// migrated in (libvirt's Finish). An error tells the source to run it on itself.
+    pub fn migrate_finish(&self, name: &str) -> Result<()> {
+        let l = self.domain_lock(name);
+        let _g = lock(&l);
+        let (id, _) = self.active_id(name)?;
+        before_finish_hook(name);
+        driver::of(id.driver).finish_incoming(&self.run_dir(name))
+    }
+
     /// Source side: live-migrates the running domain `name` to the daemon whose
     /// API socket is `dest` (or `tcp://HOST:PORT`, its TCP API, with `dest_token`);
     /// returns the source VMM's report (rounds, downtime, total
@@ -387,7 +425,12 @@ impl Manager {
                 let _g = lock(&l);
                 // The VMM ends once the destination runs the domain: as migrated.
                 self.update(name, |r| r.ending = Some(End::MigratedAway));
-                let sent = d.migrate(&run, &relay_path);
+                // The whole stream sent, the destination is asked to run the domain; the
+                // source's VM stays paused until it does, and runs on here if it fails.
+                let finish = || finish_at(&peer, dest, name);
+                let sent = d
+                    .migrate(&run, &relay_path)
+                    .and_then(|report| d.confirm_migration(&run, &finish).map(|()| report));
                 if sent.is_err() {
                     self.update(name, |r| r.ending = None);
                 }
