@@ -852,7 +852,11 @@ impl Manager {
         crate::disk_chain::after_check_hook(name);
         let run = self.run_dir(name);
         let _ = std::fs::remove_dir_all(&run.0);
-        let runtime = self.attach_interfaces(&def, matches!(boot, driver::Boot::Incoming))?;
+        let runtime = self.attach_interfaces(
+            &def,
+            matches!(boot, driver::Boot::Incoming),
+            driver.takes_over_taps(),
+        )?;
         if let driver::Boot::Restore { dir, .. } = boot {
             if let Err(e) = driver.check_state(dir, &def, &runtime, &run) {
                 self.detach_interfaces(&def);

@@ -650,6 +650,35 @@ pub fn tap_name(dom: &DomainDef, i: usize) -> String {
     format!("vt{id}-{i}")
 }
 
+/// The other TAP name for a domain's interface `i`, for a VMM that cannot take over the
+/// TAP a VMM of the domain holds on this host (a QEMU migrating in from another daemon
+/// here: QEMU opens its TAP by name, and a TAP takes one holder): as libvirt gives each
+/// QEMU process its own `vnetN`. A domain migrating back and forth alternates between the
+/// two names.
+pub fn other_tap_name(dom: &DomainDef, i: usize) -> String {
+    let n = tap_name(dom, i);
+    format!("vu{}", n.strip_prefix("vt").unwrap_or(&n))
+}
+
+/// The TAP for a domain migrating in from another daemon on this host to a VMM that
+/// opens its TAP by name: the domain's TAP name when it is free, else the other one
+/// ([`other_tap_name`]), made afresh on `bridge`; refused when both are in use.
+pub fn fresh_tap_for_incoming(dom: &DomainDef, i: usize, bridge: &str) -> Result<String> {
+    let held = |t: &str| link_exists(t) && tap_in_use(t);
+    let tap = [tap_name(dom, i), other_tap_name(dom, i)]
+        .into_iter()
+        .find(|t| !held(t))
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "TAPs {} and {} of interface {i} are both in use here",
+                tap_name(dom, i),
+                other_tap_name(dom, i)
+            ))
+        })?;
+    create_tap(&tap, bridge)?;
+    Ok(tap)
+}
+
 /// The interface's MAC: given, or derived from the domain's UUID (locally administered,
 /// QEMU's 52:54:00 prefix).
 pub fn mac_for(dom: &DomainDef, i: usize) -> String {

@@ -4568,6 +4568,133 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     }
 }
 
+/// Issue 17: a QEMU domain with an interface on a host bridge migrates live to another
+/// daemon on the same host, and back (both daemons in a namespace the test makes, with
+/// the bridge). QEMU opens its TAP by name and a TAP takes one holder, so the
+/// destination's QEMU gets a TAP of its own on the same bridge (the domain's other TAP
+/// name, as libvirt gives each QEMU its own `vnetN`) while the source's still holds the
+/// first; the source's goes when its QEMU ends. The guest answers pings from the bridge
+/// before, after each migration, and its count goes on without a gap or repeat; migrating
+/// back takes the first name again; the TAP goes when the domain is destroyed.
+#[test]
+fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
+    require_qemu();
+    let ns = NamedNs::new("qmignet");
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["link", "add", "vtbr0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vtbr0"]);
+    ns.ip(&["link", "set", "vtbr0", "up"]);
+    let src = Daemon::start_in_named_netns("qnmigsrc", &ns.0);
+    let dst = Daemon::start_in_named_netns("qnmigdst", &ns.0);
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let counting = COUNTING.strip_prefix("vessel.run=").unwrap();
+    let mut def = qemu_domain(
+        "qnetmover",
+        &format!("vessel.run=ip+link+set+eth0+up;ip+addr+add+10.78.0.6/24+dev+eth0;{counting}"),
+    );
+    def["interfaces"] = json!([{"bridge": "vtbr0", "mac": "52:54:00:78:00:06"}]);
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/qnetmover/start", None).unwrap();
+    wait_count(&at_src, "qnetmover", 3, "first boot");
+    let tap_of = |c: &Client| {
+        c.get("/v1/domains/qnetmover/interfaces").unwrap()[0]["tap"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = tap_of(&at_src);
+    let links = || {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", &ns.0, "-d", "link"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(
+        ns.pings("10.78.0.6", 20),
+        "the guest does not answer on the bridge: {}\n{}",
+        links(),
+        serial_log(&at_src, "qnetmover")
+    );
+
+    // There and back: each time the destination's QEMU has a TAP of its own on the
+    // bridge, the source's is removed once its QEMU ends, and the guest answers.
+    for (from, to, at_from, at_to, tap_from) in [
+        (&src, &dst, &at_src, &at_dst, first.clone()),
+        (&dst, &src, &at_dst, &at_src, String::new()),
+    ] {
+        let tap_from = if tap_from.is_empty() {
+            tap_of(at_from)
+        } else {
+            tap_from
+        };
+        let out = from.ok(&[
+            "migrate",
+            "qnetmover",
+            "--live",
+            to.socket().to_str().unwrap(),
+        ]);
+        assert!(out.contains("migrated"), "{out}");
+        wait_state(at_from, "qnetmover", "shutoff", Duration::from_secs(10));
+        assert_eq!(state(at_to, "qnetmover"), "running");
+        let tap_to = tap_of(at_to);
+        assert_ne!(tap_to, tap_from, "both QEMUs were given one TAP");
+        assert_eq!(ns.sys(&format!("{tap_to}/carrier")), "1", "{}", links());
+        assert!(
+            ns.sys(&format!("{tap_to}/master/uevent"))
+                .contains("INTERFACE=vtbr0"),
+            "TAP {tap_to} is not on the bridge: {}",
+            links()
+        );
+        let t0 = Instant::now();
+        while !ns.sys(&format!("{tap_from}/carrier")).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the source's TAP {tap_from} is left: {}",
+                links()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            ns.pings("10.78.0.6", 20),
+            "the guest does not answer after the migration: {}\n{}",
+            links(),
+            to.log()
+        );
+        let last = *counts(at_from, "qnetmover").last().unwrap();
+        wait_count(at_to, "qnetmover", last + 3, "at the destination");
+    }
+    assert_eq!(tap_of(&at_src), first, "migrating back took another name");
+    // The source's log holds the first stretch and the last (it goes on at a domain's
+    // return); the destination's the middle one.
+    let counts_seen = parse_counts(&serial_log(&at_src, "qnetmover"));
+    let middle = parse_counts(&serial_log(&at_dst, "qnetmover"));
+    let split = counts_seen
+        .iter()
+        .position(|&c| middle.first().is_some_and(|&m| c >= m))
+        .unwrap_or(counts_seen.len());
+    let mut all = counts_seen[..split].to_vec();
+    all.extend(&middle);
+    all.extend(&counts_seen[split..]);
+    assert!(
+        all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on: {all:?}"
+    );
+
+    src.ok(&["destroy", "qnetmover"]);
+    let t0 = Instant::now();
+    while !ns.sys(&format!("{first}/carrier")).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "TAP {first} is left after the domain ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `migrate --live tcp://HOST:PORT` between daemons that share no socket or file: the
 /// source reaches the destination daemon's TCP API with its token, and the stream goes
 /// over a TCP port that daemon opened for it (loopback here), starting with the one-time

@@ -424,6 +424,12 @@ pub trait Driver: Sync + std::fmt::Debug {
     /// returns the VMM's report (rounds, downtime, total time).
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value>;
 
+    /// Whether this driver's VMM, migrating in from a VMM on this host, takes over the
+    /// TAPs that VMM holds (handed over with the VM) rather than opening its own by name.
+    fn takes_over_taps(&self) -> bool {
+        false
+    }
+
     /// After [`Driver::migrate`] sent the whole stream: asks the destination to run the
     /// domain (`finish`, libvirt's Finish: it fails when the destination cannot) and
     /// then ends this VMM, or, when `finish` failed, runs the domain here again

@@ -255,6 +255,11 @@ impl Driver for VesselDriver {
         p.jail.then(|| p.vmm_ids_for(run))
     }
 
+    fn takes_over_taps(&self) -> bool {
+        // The source VMM hands its TAP queues over with the VM (`vmm::migration::fds`).
+        true
+    }
+
     fn migrate(&self, run: &RunDir, to: &Path) -> Result<serde_json::Value> {
         vmm_api_json(
             run,

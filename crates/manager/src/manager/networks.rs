@@ -44,8 +44,15 @@ pub struct NetworkInfo {
 
 impl Manager {
     /// The definition the VMM gets: each interface becomes a TAP device on its network's
-    /// (or the named) bridge, in `vm.nets`.
-    pub(super) fn attach_interfaces(&self, def: &DomainDef, incoming: bool) -> Result<DomainDef> {
+    /// (or the named) bridge, in `vm.nets`. Migrating in (`incoming`), a TAP the source's
+    /// VMM holds on this host is kept for a VMM that takes its queues over with the VM
+    /// (`takes_over_taps`), and another is made for one that opens its TAP by name.
+    pub(super) fn attach_interfaces(
+        &self,
+        def: &DomainDef,
+        incoming: bool,
+        takes_over_taps: bool,
+    ) -> Result<DomainDef> {
         let mut rt = def.clone();
         let mut made: Vec<String> = Vec::new();
         let r = (|| -> Result<()> {
@@ -53,11 +60,14 @@ impl Manager {
                 let Some(bridge) = self.bridge_of(itf)? else {
                     continue;
                 };
-                let tap = network::tap_name(def, i);
-                if incoming {
+                let mut tap = network::tap_name(def, i);
+                if incoming && takes_over_taps {
                     if !network::take_over_tap(&tap, &bridge)? {
                         made.push(tap.clone());
                     }
+                } else if incoming {
+                    tap = network::fresh_tap_for_incoming(def, i, &bridge)?;
+                    made.push(tap.clone());
                 } else {
                     network::create_tap(&tap, &bridge)?;
                     made.push(tap.clone());
@@ -127,10 +137,21 @@ impl Manager {
         }))
     }
 
+    /// Removes the TAPs of `def`'s interfaces that no VMM holds: under both of their
+    /// names ([`network::other_tap_name`]).
     pub(super) fn detach_interfaces(&self, def: &DomainDef) {
         for i in 0..def.interfaces.len() {
             network::release_tap(&network::tap_name(def, i));
+            network::release_tap(&network::other_tap_name(def, i));
         }
+    }
+
+    /// The TAP of a running domain's interface `i`: as its VMM got it (the live
+    /// definition), else the domain's TAP name.
+    pub(super) fn interface_tap(&self, def: &DomainDef, i: usize) -> String {
+        self.live_definition(&def.name)
+            .and_then(|l| l.vm.nets.get(def.vm.nets.len() + i).map(|n| n.tap.clone()))
+            .unwrap_or_else(|| network::tap_name(def, i))
     }
 
     pub fn net_define(&self, mut n: NetworkDef) -> Result<NetworkInfo> {
@@ -210,7 +231,7 @@ impl Manager {
             let Ok(Some(br)) = self.bridge_of(itf) else {
                 continue;
             };
-            let (tap, mac) = (network::tap_name(&def, i), network::mac_for(&def, i));
+            let (tap, mac) = (self.interface_tap(&def, i), network::mac_for(&def, i));
             match network::announce(&br, &tap, &mac) {
                 Ok(()) => {
                     tracing::info!(domain = name, %mac, bridge = %br, "announced after migrating in")
