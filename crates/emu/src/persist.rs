@@ -7,7 +7,11 @@
 //! are in VM nanoseconds: a restored VM's clock goes on from the saved time plus the
 //! time it spent saved, and each TSC keeps its distance to that clock, so timers due
 //! while the VM was saved fire at once and the guest's wall clock stays the host's.
-//! The hybrid accelerator (guest TSC = host TSC) is refused.
+//! The hybrid accelerator's guest TSC is the host's (its user code reads it natively, and
+//! PVM applies no offset), so its VM state holds the host TSC beside the VM time, and it
+//! goes on only where that TSC went on too: on the host, and in the boot, it was taken on
+//! ([`restore_vm`] checks the TSC's advance against the wall clock's). Its VM time then
+//! goes on by the TSC's advance, so the two keep their distance.
 
 use devices::irqchip::UserIrqChipState;
 use serde::{Deserialize, Serialize};
@@ -24,7 +28,14 @@ pub struct EmuVmState {
     pub vm_ns: u64,
     /// The host's wall-clock time at VM time 0 (kvmclock's wall clock).
     pub boot_unix_ns: u64,
+    /// Under the hybrid accelerator, the host TSC (the guest's) at `vm_ns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_tsc: Option<u64>,
 }
+
+/// How far the host TSC's advance since a hybrid snapshot may stray from the wall
+/// clock's before the TSC is taken for another host's, or another boot's.
+const TSC_TOLERANCE_NS: u64 = 2_000_000_000;
 
 /// One vCPU.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,23 +52,48 @@ fn state_error(what: impl std::fmt::Display) -> hypervisor::Error {
     hypervisor::Error::State(what.to_string())
 }
 
-fn refuse_host_tsc(vm: &VmShared) -> hypervisor::Result<()> {
-    if vm.clock.host_tsc() {
-        return Err(hypervisor::Error::Unsupported {
-            what: "snapshots with the hybrid accelerator (its guest TSC is the host's)".into(),
-        });
-    }
-    Ok(())
-}
-
 pub(crate) fn save_vm(vm: &VmShared) -> hypervisor::Result<serde_json::Value> {
-    refuse_host_tsc(vm)?;
+    let (tsc, vm_ns) = vm.clock.tsc_and_ns();
     let s = EmuVmState {
         chip: vm.chip.state(),
-        vm_ns: vm.clock.now_ns(),
+        vm_ns,
         boot_unix_ns: u64::try_from(vm.clock.boot_unix_ns()).unwrap_or(u64::MAX),
+        host_tsc: vm.clock.host_tsc().then_some(tsc),
     };
     serde_json::to_value(s).map_err(state_error)
+}
+
+/// The VM time that passed since a hybrid VM state was saved at host TSC `saved`, by the
+/// host TSC now (running at `tsc_hz`); refused when the TSC did not go on from there as
+/// the wall clock did (`wall_ns` since): another host's TSC, or one reset by a reboot.
+fn host_tsc_elapsed(
+    saved: Option<u64>,
+    now: u64,
+    tsc_hz: u64,
+    wall_ns: u64,
+) -> hypervisor::Result<u64> {
+    let refuse = |why: String| hypervisor::Error::Unsupported {
+        what: format!(
+            "restoring this hybrid snapshot here: the guest TSC is the host's, so a hybrid \
+             snapshot goes on only on the host and in the boot it was taken in ({why})"
+        ),
+    };
+    let Some(saved) = saved else {
+        return Err(refuse("it holds no host TSC".into()));
+    };
+    let Some(ticks) = now.checked_sub(saved) else {
+        return Err(refuse("the host TSC is behind the snapshot's".into()));
+    };
+    let ns = u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(tsc_hz.max(1)))
+        .unwrap_or(u64::MAX);
+    if ns.abs_diff(wall_ns) > TSC_TOLERANCE_NS {
+        return Err(refuse(format!(
+            "the host TSC moved {} ms since, the wall clock {} ms",
+            ns / 1_000_000,
+            wall_ns / 1_000_000
+        )));
+    }
+    Ok(ns)
 }
 
 pub(crate) fn restore_vm(
@@ -65,8 +101,19 @@ pub(crate) fn restore_vm(
     state: &serde_json::Value,
     elapsed_ns: u64,
 ) -> hypervisor::Result<()> {
-    refuse_host_tsc(vm)?;
     let s: EmuVmState = serde_json::from_value(state.clone()).map_err(state_error)?;
+    // Under hybrid the VM time goes on by the guest's (the host's) TSC, checked first.
+    let elapsed_ns = if vm.clock.host_tsc() {
+        // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
+        let now = unsafe { std::arch::x86_64::_rdtsc() };
+        host_tsc_elapsed(s.host_tsc, now, vm.clock.tsc_hz(), elapsed_ns)?
+    } else if s.host_tsc.is_some() {
+        return Err(state_error(
+            "a hybrid VM state for a VM whose TSC is not the host's",
+        ));
+    } else {
+        elapsed_ns
+    };
     // The chip refuses another vCPU count before anything changes; its timers are in
     // the VM time the clock then goes on from.
     vm.chip.restore(&s.chip).map_err(state_error)?;
@@ -81,7 +128,6 @@ pub(crate) fn save_vcpu(
     cpu: &x86emu::Cpu,
     kvmclock: &KvmClockState,
 ) -> hypervisor::Result<serde_json::Value> {
-    refuse_host_tsc(vm)?;
     let s = EmuVcpuState {
         cpu: cpu.snapshot(),
         vm_ns: vm.clock.now_ns(),
@@ -97,7 +143,6 @@ pub(crate) fn restore_vcpu(
     kvmclock: &mut KvmClockState,
     state: &serde_json::Value,
 ) -> hypervisor::Result<()> {
-    refuse_host_tsc(vm)?;
     let s: EmuVcpuState = serde_json::from_value(state.clone()).map_err(state_error)?;
     // The TSC keeps its distance to the VM clock, which went on (see `restore_vm`).
     let tsc = s
@@ -106,6 +151,11 @@ pub(crate) fn restore_vcpu(
         .wrapping_sub(s.vm_ns)
         .wrapping_add(vm.clock.now_ns());
     cpu.restore(&s.cpu, tsc);
+    if vm.clock.host_tsc() {
+        // The host's TSC with no offset, as user code reads it natively; the VM clock
+        // went on by its advance (`restore_vm`), so they keep their distance.
+        cpu.set_tsc_host(true);
+    }
     kvmclock.system_time = s.kvmclock_page;
     kvmclock.version = s.kvmclock_version;
     Ok(())
@@ -220,5 +270,28 @@ mod tests {
         // State that is not emu's is refused, not a panic.
         assert!(b.restore_state(&serde_json::json!({"chip": 1}), 0).is_err());
         assert!(restored.restore_state(&serde_json::Value::Null).is_err());
+    }
+
+    /// A hybrid VM state goes on by the host TSC's advance when it agrees with the wall
+    /// clock's, and is refused, naming why, when the TSC went back (a reboot) or moved
+    /// other than the wall clock (another host).
+    #[test]
+    fn a_hybrid_state_goes_on_only_where_the_host_tsc_went_on() {
+        let hz = 2_000_000_000;
+        // 3 s of TSC at 2 GHz, 3.1 s of wall clock.
+        assert_eq!(
+            super::host_tsc_elapsed(Some(1_000), 1_000 + 6_000_000_000, hz, 3_100_000_000).unwrap(),
+            3_000_000_000
+        );
+        for (saved, now, wall, why) in [
+            (Some(10_000), 5_000, 1_000, "behind"),
+            (Some(0), 60_000_000_000, 1_000_000_000, "moved 30000 ms"),
+            (None, 5_000, 1_000, "no host TSC"),
+        ] {
+            let e = super::host_tsc_elapsed(saved, now, hz, wall)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why) && e.contains("hybrid snapshot"), "{e}");
+        }
     }
 }

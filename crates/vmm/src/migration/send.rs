@@ -81,6 +81,16 @@ fn skip_untouched(memory: &GuestMemoryMmap, map: &mut [u64]) -> u64 {
 }
 
 /// Pages of `regions` marked in `map`.
+/// A map with every page of `regions` (and whatever lies below them) set.
+fn every_page(regions: &[(u64, u64)]) -> Vec<u64> {
+    let end = regions
+        .iter()
+        .map(|&(gpa, len)| (gpa + len) / wire::PAGE as u64)
+        .max()
+        .unwrap_or(0);
+    vec![u64::MAX; usize::try_from(end.div_ceil(64)).unwrap_or(0)]
+}
+
 fn count(map: &[u64], regions: &[(u64, u64)]) -> u64 {
     regions
         .iter()
@@ -252,10 +262,23 @@ impl Snapshotter {
         // round one. A snapshot leaves the log running (the base of the next Diff), and a
         // take then gives only what changed since it.
         self.vm.stop_dirty_log();
-        let mut dirty = self.vm.take_dirty_log().map_err(MigrationError::Accel)?;
+        // An accelerator without a dirty log (hybrid: its user code writes RAM natively,
+        // unseen) is migrated by stop-and-copy alone: every page, the VM paused, as one
+        // round.
+        let precopy = match self.vm.take_dirty_log() {
+            Ok(d) => Some(d),
+            Err(hypervisor::Error::Unsupported { what }) => {
+                tracing::warn!(
+                    "no {what}: the VM stays paused while all its memory is sent (no pre-copy)"
+                );
+                None
+            }
+            Err(e) => return Err(MigrationError::Accel(e)),
+        };
+        let mut dirty = precopy.clone().unwrap_or_else(|| every_page(&regions));
         s.report.untouched_pages = skip_untouched(&self.memory, &mut dirty);
         let mut before = u64::MAX;
-        loop {
+        while precopy.is_some() {
             s.report.rounds += 1;
             let (t, bytes) = (Instant::now(), s.report.bytes);
             s.pages(&self.memory, &regions, &dirty)?;
@@ -284,9 +307,13 @@ impl Snapshotter {
         let answer = self
             .control
             .while_paused(|| -> Result<Result<(), String>, MigrationError> {
-                let last = self.vm.take_dirty_log().map_err(MigrationError::Accel)?;
-                for (d, l) in dirty.iter_mut().zip(&last) {
-                    *d |= l;
+                if precopy.is_some() {
+                    let last = self.vm.take_dirty_log().map_err(MigrationError::Accel)?;
+                    for (d, l) in dirty.iter_mut().zip(&last) {
+                        *d |= l;
+                    }
+                } else {
+                    s.report.rounds = 1;
                 }
                 let state = self.state()?;
                 device_written(&state.virtio, &mut dirty);
@@ -363,6 +390,14 @@ mod tests {
         assert!(!bit(&map, 4) && !bit(&map, (1 << 20) + 4));
         // Pages outside RAM are not its business.
         assert!(bit(&map, 300));
+    }
+
+    #[test]
+    fn every_page_covers_each_region_to_its_last_page() {
+        let regions = [(0, 1 << 20), (1 << 32, 64 << 12)];
+        let map = every_page(&regions);
+        assert_eq!(count(&map, &regions), 256 + 64);
+        assert!(bit(&map, (1 << 20) + 63) && !bit(&map, (1 << 20) + 64));
     }
 
     #[test]
