@@ -8,11 +8,11 @@
 //! recipe as a boot with the kernel loading replaced by the saved state.
 //!
 //! What is refused, before any file is written (create) or any device started (load):
-//! a VM that is not paused; an accelerator that cannot snapshot (hybrid); UEFI
-//! firmware; on load, a file
+//! a VM that is not paused; UEFI firmware; on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
-//! size, a disk whose size changed, another accelerator, or a host whose CPU features
-//! differ from the snapshot's.
+//! size, a disk whose size changed, another accelerator, a host whose CPU features
+//! differ from the snapshot's, or (hybrid) a host TSC that is not the one it was taken
+//! with (`emu::persist`).
 
 pub(crate) mod cross_lapic;
 pub mod format;
