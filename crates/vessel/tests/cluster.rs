@@ -1143,6 +1143,17 @@ fn killed_host_is_evacuated_once_and_lost_quorum_changes_nothing() {
         .map(|(d, p)| (d.clone(), *p))
         .unwrap();
     kill(pid, libc::SIGKILL);
+    // A VMM takes a moment to die (its memory is torn down first): the check below
+    // is about what the hosts do afterwards.
+    let killed = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "r3's VMM {pid} is there 10 s after SIGKILL:\n{}",
+            std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Quorum back: the hosts carry on under their leases (a new leader gives each a
     // whole TTL), the domains run on untouched, and what happened meanwhile is recorded.
