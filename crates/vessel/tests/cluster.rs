@@ -47,7 +47,11 @@ fn pid_alive(pid: i32) -> bool {
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
 fn pid_start_time(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+    s[s.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 fn free_port() -> u16 {
@@ -1153,7 +1157,11 @@ fn killed_host_is_evacuated_once_and_lost_quorum_changes_nothing() {
     // A VMM takes a moment to die (its memory is torn down first): the check below
     // is about what the hosts do afterwards.
     let killed = Instant::now();
-    let listed = || c.hosts[1..].iter().any(|h| h.running().get("r3") == Some(&pid));
+    let listed = || {
+        c.hosts[1..]
+            .iter()
+            .any(|h| h.running().get("r3") == Some(&pid))
+    };
     while listed() {
         assert!(
             killed.elapsed() < Duration::from_secs(10),
