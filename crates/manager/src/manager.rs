@@ -1134,14 +1134,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let m = Manager::open(Config {
             state_dir: dir.clone(),
-            programs: Programs {
-                vessel: "vessel".into(),
-                qemu: "qemu-system-x86_64".into(),
-                jail: false,
-                vmm_ids: driver::DEFAULT_VMM_IDS,
-                vmm_uid_range: None,
-                vmm_cgroups: None,
-            },
+            programs: Programs::by_name(false),
             pool_roots: vec![],
             file_roots: vec![],
             save_on_shutdown: false,

@@ -237,6 +237,22 @@ pub struct Programs {
     pub vmm_cgroups: Option<sandbox::cgroup::Version>,
 }
 
+#[cfg(test)]
+impl Programs {
+    /// The programs by their bare names (looked up on PATH), default VMM ids, no
+    /// per-VM users or cgroups: what the drivers' unit tests build commands with.
+    pub(crate) fn by_name(jail: bool) -> Self {
+        Programs {
+            vessel: "vessel".into(),
+            qemu: "qemu-system-x86_64".into(),
+            jail,
+            vmm_ids: DEFAULT_VMM_IDS,
+            vmm_uid_range: None,
+            vmm_cgroups: None,
+        }
+    }
+}
+
 /// The folder below the daemon's own cgroup that holds its VMMs' groups, one per
 /// domain (see [`RunDir::cgroup_id`]).
 pub const VMM_PARENT_CGROUP: &str = "vessel";

@@ -923,7 +923,6 @@ fn chardev_path(p: &Path) -> Result<String> {
 mod tests {
     use super::*;
     use crate::driver::vessel::vessel_command;
-    use crate::driver::DEFAULT_VMM_IDS;
 
     fn args(c: &Command) -> Vec<String> {
         c.get_args()
@@ -941,14 +940,7 @@ mod tests {
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
         let qcow = dir.join("d.qcow2");
         block::create(&qcow, block::Format::Qcow2, Some(1 << 20), None).unwrap();
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: true,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(true);
         let run = RunDir(dir.join("run"));
         let log = dir.join("serial.log");
         let mut def: DomainDef = serde_json::from_value(serde_json::json!({
@@ -988,14 +980,7 @@ mod tests {
     fn both_drivers_restore_paused_when_asked() {
         let dir = std::env::temp_dir().join(format!("vessel-prestore-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: false,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(false);
         let saved = dir.join("saved");
         let log = dir.join("serial.log");
         for (kind, flag) in [
@@ -1042,14 +1027,7 @@ mod tests {
             },
         }))
         .unwrap();
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: true,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(true);
         let run = RunDir(dir.clone());
         let log = dir.join("console.log");
         let args = |c: &Command| -> Vec<String> {
@@ -1088,14 +1066,7 @@ mod tests {
             },
         }))
         .unwrap();
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: true,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(true);
         let dir = std::env::temp_dir().join(format!("vessel-efi-drv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let run = RunDir(dir.clone());
@@ -1139,14 +1110,7 @@ mod tests {
         }))
         .unwrap();
         assert!(QemuDriver.check(&def.vm).is_ok());
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: true,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(true);
         let run = RunDir(dir.clone());
         let a = args(&qemu_command(&p, &def, &run, &dir.join("log")).unwrap()).join(" ");
         for want in [

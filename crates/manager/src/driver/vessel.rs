@@ -510,14 +510,7 @@ mod tests {
         }))
         .unwrap();
         def.vm.virtio_transport = vmm::config::Transport::Pci;
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: true,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(true);
         let run = RunDir(dir.clone());
         let jailed = vessel_command(&p, &def, &run, &dir.join("console.log")).unwrap();
         let jailed: Vec<_> = jailed.get_args().collect();
@@ -625,14 +618,7 @@ mod tests {
         want.uuid = def.uuid.clone();
         assert_eq!(got, want);
         // Through the file `vessel run --config` reads, unchanged.
-        let p = Programs {
-            vessel: "vessel".into(),
-            qemu: "qemu-system-x86_64".into(),
-            jail: false,
-            vmm_ids: DEFAULT_VMM_IDS,
-            vmm_uid_range: None,
-            vmm_cgroups: None,
-        };
+        let p = Programs::by_name(false);
         vessel_command(&p, &def, &run, &dir.join("log")).unwrap();
         let read: vmm::VmConfig =
             serde_json::from_slice(&std::fs::read(run.config()).unwrap()).unwrap();
