@@ -237,9 +237,19 @@ pub trait VirtioDevice: Send {
             false => Err("this device holds no frames".into()),
         }
     }
+    /// What a snapshot keeps of the device beyond its queues and features (a balloon's
+    /// sizes and the statistics buffer it holds); None for devices that keep nothing more.
+    fn device_state(&self) -> Option<DeviceState> {
+        None
+    }
+    /// A restore's [`VirtioDevice::device_state`], before the VM runs. Refused, with the
+    /// reason and nothing changed, when the state is not this device's or does not fit it.
+    fn restore_device_state(&mut self, _state: &DeviceState) -> Result<(), String> {
+        Err("this device keeps no state of its own".into())
+    }
 }
 
-pub use transport::HeldFrame;
+pub use transport::{DeviceState, HeldFrame};
 
 /// Host descriptors a device hands to a migration's destination ([`VirtioDevice::host_handles`]).
 #[derive(Debug)]

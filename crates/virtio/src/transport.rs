@@ -30,7 +30,7 @@
 //! gets it at once.
 
 mod persist;
-pub use persist::{CoreSnapshot, HeldFrame, QueueSnapshot, RestoreError};
+pub use persist::{CoreSnapshot, DeviceState, HeldFrame, QueueSnapshot, RestoreError};
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};

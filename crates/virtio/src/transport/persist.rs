@@ -119,6 +119,17 @@ pub struct CoreSnapshot {
     /// snapshots from before they were kept (whose held frame was dropped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_frames: Vec<HeldFrame>,
+    /// What the device keeps beyond its queues ([`crate::VirtioDevice::device_state`]);
+    /// absent for devices that keep nothing more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_state: Option<DeviceState>,
+}
+
+/// Device-specific state a snapshot carries beside the queues, by device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    Balloon(crate::balloon::BalloonState),
 }
 
 /// Why a device refused a snapshot's state.
@@ -150,6 +161,8 @@ pub enum RestoreError {
     Features { device_type: u32, features: u64 },
     #[error("the snapshot's device of type {device_type} held frames this one cannot: {why}")]
     HeldFrames { device_type: u32, why: String },
+    #[error("the snapshot's device of type {device_type} has state this one cannot take: {why}")]
+    DeviceState { device_type: u32, why: String },
 }
 
 impl DeviceCore {
@@ -172,6 +185,7 @@ impl DeviceCore {
             interrupt_status: self.interrupt_status.load(Ordering::Acquire),
             queue_pairs: st.device.queue_pairs_in_use(),
             held_frames: st.device.held_frames(),
+            device_state: st.device.device_state(),
         }
     }
 
@@ -222,7 +236,13 @@ impl DeviceCore {
             let queue = Queue::try_from(QueueState::from(*q)).map_err(|e| bad(e.to_string()))?;
             queues.push(queue);
         }
-        // Last of the checks: the device takes the frames only when it takes them all.
+        // The last checks: each device-specific part is taken whole or refused; no
+        // device has both parts.
+        if let Some(state) = &snap.device_state {
+            st.device
+                .restore_device_state(state)
+                .map_err(|why| RestoreError::DeviceState { device_type, why })?;
+        }
         st.device
             .hold_frames(&snap.held_frames)
             .map_err(|why| RestoreError::HeldFrames { device_type, why })?;

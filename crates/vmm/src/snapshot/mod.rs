@@ -252,11 +252,6 @@ pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
     {
         return Some("UEFI firmware (its flash and the q35 platform)".into());
     }
-    if config.balloon.is_some() {
-        // The inflated pages, the driver's `actual` and its kept stats buffer are not
-        // in the state file: refused by name rather than restored half.
-        return Some("a virtio-balloon device (its inflated pages and statistics buffer)".into());
-    }
     None
 }
 
@@ -688,15 +683,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    #[test]
-    fn a_vm_with_a_balloon_is_refused_a_snapshot_by_name() {
-        let mut config = VmConfig::new("/nonexistent/vmlinuz");
-        assert_eq!(unsupported(&config), None);
-        config.balloon = Some(crate::config::BalloonConfig::default());
-        let why = unsupported(&config).expect("refused");
-        assert!(why.contains("virtio-balloon"), "{why}");
     }
 
     #[test]
