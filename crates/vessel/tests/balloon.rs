@@ -103,11 +103,7 @@ fn firecracker_balloon_api_inflates_deflates_and_reports_statistics() {
         .spawn()
         .expect("spawn vessel");
     let mut c = Console::attach(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&sock, Duration::from_secs(10));
     let put = |path: &str, body: String| {
         let (status, v) = api(&sock, "PUT", path, Some(&body));
         assert_eq!(status, 204, "PUT {path} {body}: {v}");
@@ -255,11 +251,7 @@ fn firecracker_balloon_api_inflates_deflates_and_reports_statistics() {
         .spawn()
         .expect("spawn vessel --restore");
     let mut c = Console::attach(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no API socket after the restore");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&sock, Duration::from_secs(30));
     let (status, v) = api(&sock, "GET", "/balloon", None);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["amount_mib"], 32, "{v}");

@@ -360,14 +360,6 @@ fn holds_a_kvm_vm(pid: u32) -> bool {
         .any(|l| l.to_string_lossy() == "anon_inode:kvm-vm")
 }
 
-fn wait_for_socket(sock: &Path) {
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < CMD, "no socket at {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The guest's kernel and a configuration that boots it under emu with no CPU feature
 /// this host's KVM lacks (a CPU template of what both offer, as between two hosts). PVM's
 /// KVM shows no SSE3..AVX and no leaf 7 extensions, so the template keeps the x86-64
@@ -521,7 +513,7 @@ fn migration_chain(timer: bool) {
             "--api-sock".as_ref(),
             sock.as_os_str(),
         ]);
-        wait_for_socket(&incoming);
+        common::wait_for_socket(&incoming, CMD);
         let body = format!(r#"{{"destination_url": "unix:{}"}}"#, incoming.display());
         let (s, v) = api(&source_sock, "PUT", "/migration/send", Some(&body));
         assert_eq!(s, 200, "step {step} to {accel}: {v}");

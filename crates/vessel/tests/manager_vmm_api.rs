@@ -118,11 +118,7 @@ fn firecracker_getting_started_sequence() {
         .spawn()
         .unwrap();
     let mut vmm = common::Guarded(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&sock, Duration::from_secs(10));
 
     let (s, b) = curl(&sock, "GET", "/", None);
     assert_eq!(s, 200);
@@ -329,11 +325,7 @@ fn a_running_guest_sees_a_drive_patched_to_a_new_file() {
         .spawn()
         .unwrap();
     let _vmm = common::Guarded(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&sock, Duration::from_secs(10));
     // The guest prints its disk's size and first byte every half second.
     let run = "while+true;do+echo+SIZE=$(cat+/sys/block/vda/size)+BYTE=$(head+-c1+/dev/vda);\
                sleep+0.5;done";
@@ -423,11 +415,7 @@ fn a_custom_cpu_template_reaches_the_guest() {
         .spawn()
         .unwrap();
     let _vmm = common::Guarded(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&sock, Duration::from_secs(10));
     let run = "grep+-c+sse4_2+/proc/cpuinfo;echo+FLAGS-$(grep+-c+sse4_1+/proc/cpuinfo)-DONE";
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "initrd_path": "{}",
@@ -490,11 +478,7 @@ fn smt_makes_two_vcpus_one_core_of_two_threads() {
         .spawn()
         .unwrap();
     let _vmm = common::Guarded(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&sock, Duration::from_secs(10));
     let run = "echo+SIBLINGS-$(cat+/sys/devices/system/cpu/cpu0/topology/thread_siblings_list)-END";
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "initrd_path": "{}",
@@ -554,11 +538,7 @@ fn requests_name_only_files_their_sender_may_use() {
         .spawn()
         .unwrap();
     let _vmm = common::Guarded(child);
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&sock, Duration::from_secs(10));
     // The socket opened to others, as an operator sharing it with a group would.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
     let nobody = 65534;
@@ -620,11 +600,7 @@ fn a_failed_snapshot_load_ends_a_vmm_started_as_firecracker() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_for_socket(sock, Duration::from_secs(10));
         common::Guarded(child)
     };
     let missing = format!(
@@ -710,11 +686,7 @@ fn a_restored_vm_shows_the_configuration_it_was_snapshotted_with() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_for_socket(sock, Duration::from_secs(10));
         common::Guarded(child)
     };
     let ok = |sock: &Path, method: &str, path: &str, body: &str| {

@@ -15,7 +15,7 @@ use std::process::{ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{api, assets, chain_step_args, vessel, Guarded, TempDir};
+use common::{api, assets, chain_step_args, vessel, wait_for_socket, Guarded, TempDir};
 
 const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
@@ -64,14 +64,6 @@ impl Vm {
         self.stdin.write_all(line.as_bytes()).unwrap();
         self.stdin.write_all(b"\n").unwrap();
         self.stdin.flush().unwrap();
-    }
-}
-
-fn wait_for_socket(sock: &Path) {
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < CMD, "no API socket at {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -281,7 +273,7 @@ fn a_guest_goes_on_in_a_new_vmm_after_snapshot_and_restore() {
         "--serial".as_ref(),
         "stdio".as_ref(),
     ]);
-    wait_for_socket(&s2);
+    wait_for_socket(&s2, CMD);
     std::fs::write(bad.join("vmstate"), &state[..100]).unwrap();
     let load = |state: &Path, mem: &Path| {
         format!(
@@ -911,7 +903,7 @@ fn snapshot_and_restore_cycles_in_a_row() {
             ]);
             let last = all.last().map_or(0, |t| t.0);
             vm.wait_for(&format!("tick {} ", last + 2), 0, CMD);
-            wait_for_socket(&sock);
+            wait_for_socket(&sock, CMD);
         }
         let (s, v) = api(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
         assert_eq!(s, 204, "cycle {cycle}: {v}");
@@ -1075,7 +1067,7 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
         "--config".as_ref(),
         other.as_os_str(),
     ]);
-    wait_for_socket(&refusing);
+    wait_for_socket(&refusing, CMD);
     let (s, v) = api(
         &s1,
         "PUT",
@@ -1112,7 +1104,7 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
         "--api-sock".as_ref(),
         s2.as_os_str(),
     ]);
-    wait_for_socket(&incoming);
+    wait_for_socket(&incoming, CMD);
     migrate(&s1, &format!("unix:{}", incoming.display()), &mut vm1);
     let before = vm1.text();
     let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
@@ -1143,7 +1135,7 @@ fn a_guest_goes_on_in_another_vmm_after_live_migration() {
         assert!(t0.elapsed() < CMD, "nothing listens on {tcp}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    wait_for_socket(&s2);
+    wait_for_socket(&s2, CMD);
     migrate(&s2, &tcp, &mut vm2);
     let middle = format!("{tail}{}", vm2.text());
     let tail2 = middle.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
@@ -1318,7 +1310,7 @@ fn diff_snapshots_rebased_onto_their_base_restore() {
     let mut vm = restore(&diff1.join("vmstate"), &merged.join("memory"));
     let last = all.last().unwrap().0;
     vm.wait_for(&format!("tick {} ", last + 10), 0, CMD);
-    wait_for_socket(&sock);
+    wait_for_socket(&sock, CMD);
     pause(&sock);
     snapshot(&sock, &diff2, "Diff");
     vm.child.0.kill().unwrap();
@@ -1436,7 +1428,7 @@ fn a_kvm_guest_goes_on_after_live_migration() {
         "--serial".as_ref(),
         "stdio".as_ref(),
     ]);
-    wait_for_socket(&incoming);
+    wait_for_socket(&incoming, CMD);
     migrate(&s1, &format!("unix:{}", incoming.display()), &mut vm1);
     let before = vm1.text();
     assert!(!before.contains("BAD"), "{before}");
@@ -1843,8 +1835,8 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
                 next_sock.as_os_str(),
             ],
         );
-        wait_for_socket(&incoming);
-        wait_for_socket(&restored_sock);
+        wait_for_socket(&incoming, CMD);
+        wait_for_socket(&restored_sock, CMD);
         let churned = if cycle == 1 {
             // The writer's rate just before the migration (three 8 MiB copies a
             // round), as the guest's rounds show it: the issue asks for a migration
@@ -2087,8 +2079,8 @@ fn vsock_connections_reset_and_new_ones_work_after_restore_and_live_migration() 
         "--api-sock".as_ref(),
         s3.as_os_str(),
     ]);
-    wait_for_socket(&incoming);
-    wait_for_socket(&s2);
+    wait_for_socket(&incoming, CMD);
+    wait_for_socket(&s2, CMD);
     migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
     let n = held_r.read_to_end(&mut rest).unwrap_or(0);
     assert_eq!(n, 0, "the held connection went on at the host: {rest:?}");
@@ -2261,7 +2253,7 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
         "--serial".as_ref(),
         "null".as_ref(),
     ]);
-    wait_for_socket(&in1);
+    wait_for_socket(&in1, CMD);
     let pid = dest.child.0.id();
     let l = UnixListener::bind(&front).unwrap();
     let relay = std::thread::spawn(move || {
@@ -2363,7 +2355,7 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
         "--api-sock".as_ref(),
         s5.as_os_str(),
     ]);
-    wait_for_socket(&in6);
+    wait_for_socket(&in6, CMD);
     {
         let mut c = UnixStream::connect(&in6).unwrap();
         let mut head = b"VESSELMG".to_vec();
@@ -2406,7 +2398,7 @@ fn failed_live_migrations_leave_the_source_running_and_nothing_behind() {
         "--api-sock".as_ref(),
         s6.as_os_str(),
     ]);
-    wait_for_socket(&incoming);
+    wait_for_socket(&incoming, CMD);
     migrate(&s1, &format!("unix:{}", incoming.display()), &mut vm);
     let before = vm.text();
     let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
@@ -2523,7 +2515,7 @@ fn a_hybrid_guest_goes_on_after_a_restore_and_a_live_migration_on_its_host() {
         "--api-sock".as_ref(),
         s3.as_os_str(),
     ]);
-    wait_for_socket(&incoming);
+    wait_for_socket(&incoming, CMD);
     migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
     let source = format!("{tail}{}", vm2.text());
     let tail = source.rsplit_once('\n').map_or("", |(_, t)| t).to_string();

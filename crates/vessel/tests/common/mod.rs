@@ -68,6 +68,19 @@ pub struct Finished {
 
 /// Waits until the file at `path` (a guest's console log) contains `needle`; panics with
 /// the file's text after `limit`.
+/// Waits until the VMM has made its API socket at `sock`; fails after `limit`.
+pub fn wait_for_socket(sock: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < limit,
+            "no API socket at {} within {limit:?}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn wait_for_text(path: &Path, needle: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
