@@ -32,8 +32,8 @@ pub const BAD_SYSCALL_STATUS: i32 = 148;
 /// `vsock`, `api`, `console`, `main`) make a forbidden system call right after it is confined: the test
 /// hook for "a forbidden system call ends only that VMM, with its documented status".
 /// With [`SELF_TEST_FOREIGN_FD`], a vCPU thread of a KVM VM instead reads registers
-/// (KVM_GET_REGS, a request its role makes) from another descriptor: another vCPU's, or
-/// the VM's when it has one vCPU.
+/// (KVM_GET_REGS, a request its role makes) from another descriptor: the first vCPU's,
+/// or the VM's for the first vCPU itself (see `foreign_fd_self_test`).
 pub const SELF_TEST_ENV: &str = "VESSEL_SECCOMP_SELFTEST";
 
 /// [`SELF_TEST_ENV`]'s value for a vCPU request on a descriptor that is not the vCPU's.
