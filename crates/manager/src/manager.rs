@@ -925,15 +925,26 @@ impl Manager {
             self.announce(name, "suspended", None);
         }
         self.watch(name.to_string(), generation, Some(child), id);
-        driver.after_ready(&run, boot)?;
-        // QEMU has no start-up option for the balloon's target: it is set once QEMU
-        // runs (a Vessel VMM takes it from its VmConfig; a restored VM has its own).
-        if let (DriverKind::Qemu, driver::Boot::Fresh { .. }, Some(b)) = (
-            driver.kind(),
-            boot,
-            def.vm.balloon.as_ref().filter(|b| b.amount_mib > 0),
-        ) {
-            driver.set_balloon(&run, b.amount_mib, def.vm.memory_mib)?;
+        let ready = driver.after_ready(&run, boot).and_then(|()| {
+            // QEMU has no start-up option for the balloon's target: it is set once QEMU
+            // runs (a Vessel VMM takes it from its VmConfig; a restored VM has its own).
+            match (
+                driver.kind(),
+                boot,
+                def.vm.balloon.as_ref().filter(|b| b.amount_mib > 0),
+            ) {
+                (DriverKind::Qemu, driver::Boot::Fresh { .. }, Some(b)) => {
+                    driver.set_balloon(&run, b.amount_mib, def.vm.memory_mib)
+                }
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = ready {
+            // A start that fails half-way leaves no VMM behind, as libvirt's does: an
+            // incoming migration whose VMM died can then undefine what it defined.
+            drop(_g);
+            let _ = self.end_vmm(name, End::Destroyed);
+            return Err(e);
         }
         Ok(self.info_of(&def))
     }
