@@ -248,6 +248,8 @@ impl BusDevice for Pm1 {
 #[derive(Debug)]
 pub struct PmTimer {
     start: std::time::Instant,
+    /// The count at `start` (a restored timer goes on from its snapshot's).
+    base: u32,
 }
 
 /// The PM timer's rate in Hz.
@@ -257,14 +259,21 @@ const PM_TIMER_MASK: u32 = 0x00ff_ffff;
 
 impl PmTimer {
     pub fn new() -> Self {
+        Self::starting_at(0)
+    }
+
+    /// A timer that counts on from `count` (a snapshot's [`PmTimer::count`]).
+    pub fn starting_at(count: u32) -> Self {
         PmTimer {
             start: std::time::Instant::now(),
+            base: count & PM_TIMER_MASK,
         }
     }
 
-    fn count(&self) -> u32 {
+    /// The counter now.
+    pub fn count(&self) -> u32 {
         let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
-        (ticks as u32) & PM_TIMER_MASK
+        (ticks as u32).wrapping_add(self.base) & PM_TIMER_MASK
     }
 }
 
@@ -408,6 +417,16 @@ impl BusDevice for DebugExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_pm_timer_counts_on_from_its_snapshot() {
+        let t = PmTimer::starting_at(0x00ff_fff0);
+        let c = t.count();
+        // Near the top of its 24 bits: it goes on from there and wraps, never back to 0
+        // of a fresh timer (a few ticks pass between the two lines).
+        assert!(c >= 0x00ff_fff0 || c < 0x1000, "{c:#x}");
+        assert_eq!(PmTimer::starting_at(u32::MAX).count() >> 24, 0);
+    }
 
     #[test]
     fn i8042_pulse_resets() {

@@ -41,8 +41,9 @@ const STATUS_PROGRAM_ERROR: u8 = 0x10;
 const MANUFACTURER_ID: u8 = 0x89;
 const DEVICE_ID: u8 = 0x18;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
     ReadArray,
     ReadStatus,
     ReadId,
@@ -58,6 +59,59 @@ pub enum PflashError {
     Size(u64),
     #[error("writing the flash's backing file: {0}")]
     Io(#[from] std::io::Error),
+    #[error("a saved flash of {saved} bytes does not fit this flash of {have}")]
+    SavedSize { saved: u64, have: u64 },
+    #[error("a saved flash block at {0:#x} is not a whole block inside the flash")]
+    SavedBlock(u64),
+}
+
+/// A flash's state in a snapshot: where its command cycle stands, its status, and its
+/// contents as the blocks that are not erased (all 0xff), each in hex.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PflashSnapshot {
+    pub len: u64,
+    pub mode: Mode,
+    pub status: u8,
+    pub blocks: Vec<SavedBlock>,
+}
+
+/// One [`BLOCK_SIZE`] block of a [`PflashSnapshot`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedBlock {
+    pub offset: u64,
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// Bytes as a string of hex digits, two a byte.
+mod hex_bytes {
+    use serde::de::Error;
+    use serde::Deserialize;
+
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let out: String = b
+            .iter()
+            .flat_map(|x| [DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 15)]])
+            .map(char::from)
+            .collect();
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let t = String::deserialize(d)?;
+        let digit = |c: u8| char::from(c).to_digit(16).map(|v| v as u8);
+        t.as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [h, l] => digit(*h).zip(digit(*l)).map(|(h, l)| h << 4 | l),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| D::Error::custom("not an even number of hex digits"))
+    }
 }
 
 /// The flash device, mapped at the start of its range on the MMIO bus.
@@ -113,6 +167,62 @@ impl Pflash {
     /// The current contents.
     pub fn contents(&self) -> &[u8] {
         &self.data
+    }
+
+    /// The flash's state, for a snapshot.
+    pub fn snapshot(&self) -> PflashSnapshot {
+        let blocks = self
+            .data
+            .chunks(BLOCK_SIZE as usize)
+            .enumerate()
+            .filter(|(_, b)| b.iter().any(|&x| x != 0xff))
+            .map(|(i, b)| SavedBlock {
+                offset: i as u64 * BLOCK_SIZE,
+                bytes: b.to_vec(),
+            })
+            .collect();
+        PflashSnapshot {
+            len: self.len(),
+            mode: self.mode,
+            status: self.status,
+            blocks,
+        }
+    }
+
+    /// Takes a snapshot's state (blocks it does not list are erased). The backing file
+    /// is not written: [`Pflash::write_back`] does, once the restore is sure to go on.
+    /// Refused, the flash unchanged, when the saved flash is of another size.
+    pub fn restore(&mut self, saved: &PflashSnapshot) -> Result<(), PflashError> {
+        if saved.len != self.len() {
+            return Err(PflashError::SavedSize {
+                saved: saved.len,
+                have: self.len(),
+            });
+        }
+        let mut data = vec![0xffu8; self.data.len()];
+        for b in &saved.blocks {
+            let at = usize::try_from(b.offset)
+                .ok()
+                .filter(|_| {
+                    b.offset.is_multiple_of(BLOCK_SIZE) && b.bytes.len() == BLOCK_SIZE as usize
+                })
+                .and_then(|o| data.get_mut(o..o.checked_add(BLOCK_SIZE as usize)?))
+                .ok_or(PflashError::SavedBlock(b.offset))?;
+            at.copy_from_slice(&b.bytes);
+        }
+        self.data = data;
+        self.mode = saved.mode;
+        self.status = saved.status;
+        Ok(())
+    }
+
+    /// Writes the whole contents to the backing file, if there is one.
+    pub fn write_back(&self) -> Result<(), PflashError> {
+        if let Some(file) = &self.backing {
+            file.write_all_at(&self.data, 0)?;
+            file.set_len(self.len())?;
+        }
+        Ok(())
     }
 
     fn write_through(&mut self, offset: usize, len: usize) {
@@ -320,6 +430,47 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_restores_contents_and_command_state_and_refuses_another_size() {
+        let mut f = flash(4 * BLOCK_SIZE as usize);
+        f.write(BLOCK_SIZE + 3, &[CMD_PROGRAM]);
+        f.write(BLOCK_SIZE + 3, &[0x42]);
+        // Erased blocks are left out of the snapshot.
+        f.write(3 * BLOCK_SIZE, &[CMD_BLOCK_ERASE]);
+        f.write(3 * BLOCK_SIZE, &[CMD_ERASE_CONFIRM]);
+        // Mid-cycle: the next write is the byte to program.
+        f.write(7, &[CMD_PROGRAM]);
+        let snap = f.snapshot();
+        assert_eq!(snap.blocks.len(), 3);
+        let json = serde_json::to_string(&snap).unwrap();
+        let snap: PflashSnapshot = serde_json::from_str(&json).unwrap();
+
+        let mut g = Pflash::new(vec![9u8; 4 * BLOCK_SIZE as usize], None, false).unwrap();
+        g.restore(&snap).unwrap();
+        assert_eq!(g.contents(), f.contents());
+        // The program cycle goes on where it stood.
+        g.write(7, &[0x99]);
+        g.write(0, &[CMD_READ_ARRAY]);
+        assert_eq!(read8(&mut g, 7), 0x99);
+        assert_eq!(read8(&mut g, BLOCK_SIZE + 3), 0x42);
+        assert_eq!(read8(&mut g, 3 * BLOCK_SIZE), 0xff);
+
+        let mut small = flash(BLOCK_SIZE as usize);
+        assert!(matches!(
+            small.restore(&snap),
+            Err(PflashError::SavedSize { .. })
+        ));
+        assert!(small.contents().iter().all(|&b| b == 0));
+        let mut bad = snap.clone();
+        bad.blocks[0].offset = 1;
+        assert!(matches!(g.restore(&bad), Err(PflashError::SavedBlock(1))));
+        bad.blocks[0].offset = 4 * BLOCK_SIZE;
+        assert!(g.restore(&bad).is_err());
+        bad.blocks[0].offset = 0;
+        bad.blocks[0].bytes.pop();
+        assert!(g.restore(&bad).is_err());
+    }
+
+    #[test]
     fn changes_are_written_through_to_the_backing_file() {
         let path = std::env::temp_dir().join(format!("vessel-pflash-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; 2 * BLOCK_SIZE as usize]).unwrap();
@@ -335,7 +486,15 @@ mod tests {
         f.write(BLOCK_SIZE, &[CMD_BLOCK_ERASE]);
         f.write(BLOCK_SIZE, &[CMD_ERASE_CONFIRM]);
         let on_disk = std::fs::read(&path).unwrap();
+        // A restore changes the file only when written back.
+        let mut snap = f.snapshot();
+        snap.blocks.clear();
+        f.restore(&snap).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), on_disk);
+        f.write_back().unwrap();
+        let erased = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
+        assert!(erased.iter().all(|&b| b == 0xff));
         assert_eq!(on_disk[10], 0x5a);
         assert_eq!(on_disk[9], 0);
         assert!(on_disk[BLOCK_SIZE as usize..].iter().all(|&b| b == 0xff));

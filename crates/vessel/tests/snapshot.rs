@@ -618,6 +618,177 @@ fn a_firmware_booted_guest_goes_on_after_a_restore() {
     assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
 }
 
+/// The MD5 the guest printed after `name ` on a line of its own.
+fn md5_after(text: &str, name: &str) -> Option<String> {
+    let at = text.rfind(&format!("{name} "))? + name.len() + 1;
+    let sum = text.get(at..at + 32)?;
+    sum.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| sum.to_string())
+}
+
+/// Waits for the guest to print `name MD5` after byte `from`; returns the MD5.
+fn wait_md5(vm: &Vm, name: &str, from: usize) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = vm.text();
+        if let Some(sum) = text.get(from..).and_then(|t| md5_after(t, name)) {
+            return sum;
+        }
+        assert!(
+            t0.elapsed() < CMD,
+            "the guest never printed {name}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A guest booted through UEFI firmware (Debian's OVMF, on the q35 platform: its
+/// variable store a flash, its chipset programmed by the firmware) goes on after a
+/// snapshot and restore, then after a live migration to another VMM: its count without a
+/// gap or repeat, the LPC bridge's configuration space (PMBASE and the rest OVMF wrote)
+/// as it read before, its clock the host's. The restore writes the snapshot's flash back
+/// into the variable store's file; a variable store of another size is refused with
+/// nothing started.
+#[test]
+fn a_uefi_guest_goes_on_after_a_restore_and_a_live_migration() {
+    const ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
+    let template = Path::new(vmm::config::OVMF_VARS_TEMPLATE);
+    assert!(
+        Path::new(vmm::config::OVMF_CODE).is_file() && template.is_file(),
+        "{} is missing: apt-get install ovmf",
+        vmm::config::OVMF_CODE
+    );
+    assert!(Path::new(ROM).is_file(), "apt-get install qemu-system-data");
+    let a = assets();
+    let dir = TempDir::new("snap-uefi");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let vars = dir.path().join("VARS.fd");
+    std::fs::copy(template, &vars).unwrap();
+    let s1 = dir.path().join("api1.sock");
+    let mut vm1 = Vm::spawn(&[
+        "run".as_ref(),
+        "--accel".as_ref(),
+        "emu".as_ref(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--firmware".as_ref(),
+        "ovmf".as_ref(),
+        "--firmware-vars".as_ref(),
+        vars.as_os_str(),
+        "--option-rom".as_ref(),
+        ROM.as_ref(),
+        "--kernel".as_ref(),
+        a.join("vmlinuz").as_os_str(),
+        "--initrd".as_ref(),
+        a.join("initramfs.cpio.gz").as_os_str(),
+        "--cmdline".as_ref(),
+        CMDLINE.as_ref(),
+        "--api-sock".as_ref(),
+        s1.as_os_str(),
+    ]);
+    let at = vm1.wait_for("~ #", 0, BOOT);
+    // The LPC bridge's first 256 bytes, as Linux reads them through the chipset.
+    let lpc = "echo \"lpc $(md5sum </sys/bus/pci/devices/0000:00:1f.0/config | cut -c1-32)\"";
+    vm1.type_line(lpc);
+    let lpc_before = wait_md5(&vm1, "lpc", at);
+    vm1.type_line(
+        "i=0; while true; do i=$((i+1)); echo \"tick $i $(date +%s)\"; sleep 0.2; done &",
+    );
+    vm1.wait_for("tick 5 ", at, CMD);
+    let (s, v) = api(&s1, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(s, 204, "{v}");
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.join("vmstate").display(),
+        snap.join("memory").display()
+    );
+    let (s, v) = api(&s1, "PUT", "/snapshot/create", Some(&create));
+    assert_eq!(s, 204, "{v}");
+    vm1.child.0.kill().unwrap();
+    vm1.child.0.wait().unwrap();
+    let flash_then = std::fs::read(&vars).unwrap();
+    let before = vm1.text();
+    let tail = before.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let before_ticks = ticks(&before);
+    let last = before_ticks.last().unwrap().0;
+
+    // A variable store of another size than the snapshot's flash: refused.
+    let s2 = dir.path().join("api2.sock");
+    let restore: [&std::ffi::OsStr; 3] = ["run".as_ref(), "--restore".as_ref(), snap.as_os_str()];
+    std::fs::write(&vars, vec![0xffu8; flash_then.len() / 2]).unwrap();
+    assert_refused(&restore, &s2, "the UEFI variable store");
+    // Of the right size, other contents: the restore puts the snapshot's back.
+    std::fs::write(&vars, vec![0xffu8; flash_then.len()]).unwrap();
+    let mut vm2 = Vm::spawn(&[
+        "run".as_ref(),
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+        "--api-sock".as_ref(),
+        s2.as_os_str(),
+    ]);
+    vm2.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    assert!(
+        std::fs::read(&vars).unwrap() == flash_then,
+        "the variable store's file does not hold the snapshot's flash"
+    );
+    let from = vm2.text().len();
+    vm2.type_line(lpc);
+    assert_eq!(
+        wait_md5(&vm2, "lpc", from),
+        lpc_before,
+        "the LPC bridge's configuration space changed across the restore"
+    );
+    let host = unix_now();
+    let restored: Vec<(u64, u64)> = before_ticks
+        .into_iter()
+        .chain(ticks(&format!("{tail}{}", vm2.text())))
+        .collect();
+    assert_consecutive(&restored, 1, "a UEFI guest after its restore");
+    let guest = restored.last().unwrap().1;
+    assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+
+    // On to another VMM, live.
+    let incoming = dir.path().join("incoming.sock");
+    let mut vm3 = Vm::spawn(&[
+        "run".as_ref(),
+        "--incoming".as_ref(),
+        format!("unix:{}", incoming.display()).as_ref(),
+        "--serial".as_ref(),
+        "stdio".as_ref(),
+    ]);
+    wait_for_socket(&incoming, CMD);
+    migrate(&s2, &format!("unix:{}", incoming.display()), &mut vm2);
+    let middle = vm2.text();
+    let tail2 = middle.rsplit_once('\n').map_or("", |(_, t)| t).to_string();
+    let last = ticks(&middle).last().unwrap().0;
+    vm3.wait_for(&format!("tick {} ", last + 5), 0, CMD);
+    let from = vm3.text().len();
+    vm3.type_line(lpc);
+    assert_eq!(
+        wait_md5(&vm3, "lpc", from),
+        lpc_before,
+        "the LPC bridge's configuration space changed across the migration"
+    );
+    let host = unix_now();
+    let moved: Vec<(u64, u64)> = ticks(&middle)
+        .into_iter()
+        .chain(ticks(&format!("{tail2}{}", vm3.text())))
+        .collect();
+    assert_consecutive(&moved, moved[0].0, "a UEFI guest after its live migration");
+    let guest = moved.last().unwrap().1;
+    assert!(guest.abs_diff(host) <= 2, "guest {guest}, host {host}");
+    assert!(
+        std::fs::read(&vars).unwrap() == flash_then,
+        "the variable store's file changed across the migration"
+    );
+}
+
 /// A generated 64-bit guest that counts in a register and prints `count N` (hex) between
 /// short spins: CPU state only, so it shows a lost or repeated step across a restore.
 fn counting_guest() -> Vec<u8> {

@@ -757,7 +757,11 @@ impl Vmm {
         let (secs, subsec) = unix_now();
         let mut rtc = devices::irqchip::rtc::Rtc::new(secs).with_subsecond(subsec);
         let mut firmware_devices = None;
-        let mut uefi_platform = false;
+        // The variable store's flash and the ACPI timer of a UEFI platform.
+        let mut uefi_devices = None;
+        let saved_uefi = restore
+            .and_then(|r| r.snapshot.firmware.as_ref())
+            .and_then(|f| f.uefi.as_ref());
         if bios.is_some() {
             // A BIOS sizes memory from the CMOS as well as from fw_cfg.
             for (index, value) in cmos_memory_bytes(mem_size, gap_start) {
@@ -778,7 +782,7 @@ impl Vmm {
                 irq.clone(),
                 u32::from(acpi::SCI_GSI),
             )));
-            if let Some(saved) = restore.and_then(|r| r.snapshot.firmware) {
+            if let Some(saved) = restore.and_then(|r| r.snapshot.firmware.as_ref()) {
                 lock(&pm1).set_regs(saved.pm1);
                 lock(&fw).set_position(saved.fw_cfg);
                 lock(&gpe).set_regs(saved.gpe0)?;
@@ -799,21 +803,30 @@ impl Vmm {
                 devices::fw_cfg::FW_CFG_PORTS,
             )?;
             firmware_devices = Some((fw, pm1, gpe));
-            if let Some(u) = uefi.take() {
+            if let Some(mut u) = uefi.take() {
                 // The variable store's flash, and the ACPI timer OVMF counts its
                 // delays with (at the PMBASE it programs into the LPC bridge; the
-                // FADT leaves it out, so Linux keeps its own clocks).
-                io.mmio.insert(
-                    dev(Arc::new(Mutex::new(u.vars))),
-                    u.flash.vars_base,
-                    u.flash.vars_len,
-                )?;
+                // FADT leaves it out, so Linux keeps its own clocks). A restore takes
+                // the snapshot's flash (its file is written once the VM is built).
+                let mut pm_timer = devices::legacy::PmTimer::new();
+                if let Some(saved) = saved_uefi {
+                    u.vars.restore(&saved.vars).map_err(|e| {
+                        crate::snapshot::SnapshotError::Mismatch(format!(
+                            "UEFI variable store: {e}"
+                        ))
+                    })?;
+                    pm_timer = devices::legacy::PmTimer::starting_at(saved.pm_timer);
+                }
+                let vars = Arc::new(Mutex::new(u.vars));
+                let pm_timer = Arc::new(Mutex::new(pm_timer));
+                io.mmio
+                    .insert(dev(vars.clone()), u.flash.vars_base, u.flash.vars_len)?;
                 io.pio.insert(
-                    dev(Arc::new(Mutex::new(devices::legacy::PmTimer::new()))),
+                    dev(pm_timer.clone()),
                     u64::from(devices::pci::q35::PM_TIMER_PORT),
                     4,
                 )?;
-                uefi_platform = true;
+                uefi_devices = Some((vars, pm_timer));
             }
             io.pio.insert(
                 dev(Arc::new(Mutex::new(devices::fw_cfg::DebugCon::new(
@@ -856,18 +869,32 @@ impl Vmm {
         let control = Arc::new(VmControl::new(exit.clone(), ged.clone()));
 
         // Virtio devices, on their transports; the PCI ones go on the root bus below.
-        let mut pci_root = if uefi_platform {
-            devices::pci::PciRoot::with_host_bridge(Arc::new(Mutex::new(
-                devices::pci::q35::ChipsetFunction::mch(),
-            )))
-        } else {
-            devices::pci::PciRoot::new()
+        // A UEFI platform's chipset functions, with what the firmware programmed into
+        // them on a restore.
+        let chipset = match &uefi_devices {
+            Some(_) => {
+                let (mut mch, mut lpc) = (
+                    devices::pci::q35::ChipsetFunction::mch(),
+                    devices::pci::q35::ChipsetFunction::lpc(),
+                );
+                if let Some(saved) = saved_uefi {
+                    let bad = |e: devices::pci::config::ConfigSizeError| {
+                        crate::snapshot::SnapshotError::Invalid(format!("q35 chipset: {e}"))
+                    };
+                    mch.restore(&saved.mch).map_err(bad)?;
+                    lpc.restore(&saved.lpc).map_err(bad)?;
+                }
+                Some((Arc::new(Mutex::new(mch)), Arc::new(Mutex::new(lpc))))
+            }
+            None => None,
         };
-        if uefi_platform {
-            pci_root.add(
-                devices::pci::q35::LPC_SLOT,
-                Arc::new(Mutex::new(devices::pci::q35::ChipsetFunction::lpc())),
-            )?;
+        let uefi_platform = chipset.is_some();
+        let mut pci_root = match &chipset {
+            Some((mch, _)) => devices::pci::PciRoot::with_host_bridge(mch.clone()),
+            None => devices::pci::PciRoot::new(),
+        };
+        if let Some((_, lpc)) = &chipset {
+            pci_root.add(devices::pci::q35::LPC_SLOT, lpc.clone())?;
         }
         let mut io_threads = Vec::new();
         let mut virtio_transports = Vec::new();
@@ -968,6 +995,9 @@ impl Vmm {
 
         // The PCI host bridge: the configuration ports, ECAM, and the BARs behind them.
         let pci = Arc::new(pci_root);
+        if let Some(saved) = saved_uefi {
+            pci.set_address(saved.pci_address);
+        }
         io.pio.insert(
             dev(Arc::new(Mutex::new(devices::pci::ConfigAddress(
                 pci.clone(),
@@ -990,7 +1020,7 @@ impl Vmm {
             ecam_base,
             ecam_size,
         )?;
-        io.pci = Some(pci);
+        io.pci = Some(pci.clone());
 
         // vCPUs: every CPU gets CPUID, MSRs and LINT wiring; only the BSP gets the entry
         // state: the others wait for INIT/SIPI from the guest.
@@ -1115,6 +1145,17 @@ impl Vmm {
             rtc,
             virtio: virtio_transports,
             firmware: firmware_devices,
+            uefi: uefi_devices
+                .zip(chipset)
+                .map(
+                    |((vars, pm_timer), (mch, lpc))| crate::snapshot::UefiDevices {
+                        vars,
+                        mch,
+                        lpc,
+                        pm_timer,
+                        pci,
+                    },
+                ),
             busy: Mutex::new(()),
             live: Mutex::new(None),
         });
@@ -1127,6 +1168,13 @@ impl Vmm {
             // What the devices must tell their drivers about the move (vsock's
             // transport reset), before the guest runs.
             snapshotter.after_restore();
+            // The variable store's file holds what the restored flash does, now that
+            // nothing is left to refuse the restore.
+            if let Some(u) = &snapshotter.uefi {
+                lock(&u.vars)
+                    .write_back()
+                    .map_err(|e| VmmError::Flash(e.to_string()))?;
+            }
             tracing::info!(state = %r.state_path.display(), "VM restored from a snapshot");
         }
 

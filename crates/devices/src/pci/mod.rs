@@ -193,6 +193,17 @@ impl PciRoot {
         }
     }
 
+    /// The configuration address register (0xcf8), for a snapshot: a vCPU may stop
+    /// between selecting a register and reaching it through 0xcfc.
+    pub fn address(&self) -> u32 {
+        self.address.load(Ordering::Acquire)
+    }
+
+    /// Puts a snapshot's configuration address register back.
+    pub fn set_address(&self, value: u32) {
+        self.address.store(value, Ordering::Release);
+    }
+
     /// The lowest free slot.
     pub fn free_slot(&self) -> Result<usize, PciError> {
         self.slots

@@ -65,6 +65,16 @@ impl ChipsetFunction {
     pub fn lpc() -> Self {
         Self::new(LPC_DEVICE, CLASS_ISA_BRIDGE)
     }
+
+    /// The configuration space, for a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.config.snapshot()
+    }
+
+    /// Takes what firmware wrote from a snapshot's configuration space (the IDs stay).
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), super::config::ConfigSizeError> {
+        self.config.restore(saved)
+    }
 }
 
 impl PciDevice for ChipsetFunction {
@@ -102,5 +112,14 @@ mod tests {
         assert_eq!(mch.config().read_u32(0), 0x29c0_8086);
         mch.write_config(0x60, &((ECAM_BASE as u32) | 1).to_le_bytes());
         assert_eq!(mch.config().read_u32(0x60 / 4), ECAM_BASE as u32 | 1);
+
+        // A snapshot carries what firmware wrote, not another function's IDs.
+        let mut again = ChipsetFunction::lpc();
+        again.restore(&lpc.snapshot()).unwrap();
+        assert_eq!(again.config().read_u32(0x40 / 4), u32::from(PM_BASE));
+        let mut other = ChipsetFunction::lpc();
+        other.restore(&mch.snapshot()).unwrap();
+        assert_eq!(other.config().read_u32(0), 0x2918_8086);
+        assert!(other.restore(&[0; 16]).is_err());
     }
 }

@@ -224,9 +224,6 @@ impl Snapshotter {
     /// running if it was.
     pub fn migrate(&self, to: &Endpoint, limits: Limits) -> Result<Report, MigrationError> {
         let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(what) = crate::snapshot::unsupported(&self.config) {
-            return Err(crate::snapshot::SnapshotError::Unsupported(what).into());
-        }
         let was_paused = self.control.is_paused();
         let r = self.migrate_inner(to, limits);
         if r.is_err() {

@@ -8,9 +8,10 @@
 //! recipe as a boot with the kernel loading replaced by the saved state.
 //!
 //! What is refused, before any file is written (create) or any device started (load):
-//! a VM that is not paused; UEFI firmware; on load, a file
+//! a VM that is not paused; on load, a file
 //! that is truncated, corrupt or of another format version, a memory file of another
-//! size, a disk whose size changed, another accelerator, a host whose CPU features
+//! size, a disk whose size changed, a UEFI variable store or firmware of another size
+//! (or a snapshot whose platform state is not its firmware's), another accelerator, a host whose CPU features
 //! differ from the snapshot's, or (hybrid) a host TSC that is not the one it was taken
 //! with (`emu::persist`).
 
@@ -27,7 +28,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use devices::fw_cfg::{FwCfg, FwCfgPosition};
 use devices::ged::Ged;
 use devices::irqchip::rtc::Rtc;
-use devices::legacy::Pm1;
+use devices::legacy::{Pm1, PmTimer};
+use devices::pci::q35::ChipsetFunction;
+use devices::pci::PciRoot;
+use devices::pflash::{Pflash, PflashSnapshot};
 use devices::serial::{SerialDevice, SerialSnapshot};
 use hypervisor::{CpuIdEntry, Vcpu};
 use serde::{Deserialize, Serialize};
@@ -102,13 +106,53 @@ pub(crate) enum VirtioTransport {
 
 /// What a VM booted through firmware has besides: where its fw_cfg access stands and
 /// its ACPI PM1 registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FirmwareSnapshot {
     pub fw_cfg: FwCfgPosition,
     pub pm1: [u8; 6],
     /// GPE0_STS and GPE0_EN (absent from snapshots that predate the block: all clear).
     #[serde(default)]
     pub gpe0: [u8; 4],
+    /// The q35 platform of UEFI firmware; absent for a BIOS (and from every snapshot
+    /// before UEFI VMs could be taken: they were refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi: Option<UefiSnapshot>,
+}
+
+/// What UEFI firmware's platform holds beyond a BIOS's: the variable store's flash
+/// (contents and command cycle), the q35 chipset functions' configuration space (what
+/// the firmware programmed: PCIEXBAR, PMBASE, PIRQ routing…), the ACPI PM timer's count
+/// and the PCI configuration address register. The code is in guest memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UefiSnapshot {
+    pub vars: PflashSnapshot,
+    /// The MCH's (00:00.0) and the LPC bridge's (00:1f.0) 4 KiB configuration spaces.
+    pub mch: Vec<u8>,
+    pub lpc: Vec<u8>,
+    pub pm_timer: u32,
+    pub pci_address: u32,
+}
+
+/// The UEFI platform's devices, as the snapshotter reaches them.
+pub(crate) struct UefiDevices {
+    pub(crate) vars: Arc<Mutex<Pflash>>,
+    pub(crate) mch: Arc<Mutex<ChipsetFunction>>,
+    pub(crate) lpc: Arc<Mutex<ChipsetFunction>>,
+    pub(crate) pm_timer: Arc<Mutex<PmTimer>>,
+    pub(crate) pci: Arc<PciRoot>,
+}
+
+impl UefiDevices {
+    fn snapshot(&self) -> UefiSnapshot {
+        UefiSnapshot {
+            vars: lock(&self.vars).snapshot(),
+            mch: lock(&self.mch).snapshot(),
+            lpc: lock(&self.lpc).snapshot(),
+            pm_timer: lock(&self.pm_timer).count(),
+            pci_address: self.pci.address(),
+        }
+    }
 }
 
 /// The state file's body.
@@ -157,8 +201,6 @@ pub struct VmSnapshot {
 pub enum SnapshotError {
     #[error("the VM must be paused to take a snapshot (PATCH /vm {{\"state\": \"Paused\"}})")]
     NotPaused,
-    #[error("snapshots are not supported for {0} yet")]
-    Unsupported(String),
     #[error(transparent)]
     Format(#[from] format::FormatError),
     #[error(transparent)]
@@ -243,21 +285,9 @@ pub(crate) fn cpuid_fingerprint(entries: &[CpuIdEntry]) -> u64 {
     h
 }
 
-/// What the VM has that a snapshot cannot capture yet; None when it can be taken.
-pub(crate) fn unsupported(config: &VmConfig) -> Option<String> {
-    if config
-        .firmware
-        .as_deref()
-        .is_some_and(|f| is_uefi_file(config, f))
-    {
-        return Some("UEFI firmware (its flash and the q35 platform)".into());
-    }
-    None
-}
-
 /// Whether the firmware at `path` is UEFI code (read from its header, through the
 /// descriptor handed over for it when there is one).
-fn is_uefi_file(config: &VmConfig, path: &Path) -> bool {
+pub(crate) fn is_uefi_file(config: &VmConfig, path: &Path) -> bool {
     use std::os::unix::fs::FileExt;
     let mut head = [0u8; 64];
     config
@@ -330,6 +360,8 @@ pub struct Snapshotter {
     pub(crate) virtio: Vec<VirtioTransport>,
     /// fw_cfg and the PM1 registers, for a VM booted through firmware.
     pub(crate) firmware: Option<FirmwareDevices>,
+    /// The q35 platform's devices, for a VM booted through UEFI firmware.
+    pub(crate) uefi: Option<UefiDevices>,
     /// One snapshot at a time.
     pub(crate) busy: Mutex<()>,
     /// The configuration as the VMM's API changed it since the build (a drive given
@@ -371,9 +403,6 @@ impl Snapshotter {
         kind: SnapshotKind,
     ) -> Result<CreateTimes, SnapshotError> {
         let _one = lock(&self.busy);
-        if let Some(what) = unsupported(&self.config_now()) {
-            return Err(SnapshotError::Unsupported(what));
-        }
         self.control
             .while_paused(|| self.create_paused(state_path, mem_path, kind))
             .ok_or(SnapshotError::NotPaused)?
@@ -520,6 +549,7 @@ impl Snapshotter {
                 fw_cfg: lock(f).position(),
                 pm1: lock(p).regs(),
                 gpe0: lock(g).regs(),
+                uefi: self.uefi.as_ref().map(UefiDevices::snapshot),
             }),
             portable: Some(portable::Portable {
                 vcpus: portable_vcpus,
@@ -611,19 +641,47 @@ pub(crate) fn check_layout(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
     }
     // Exactly the RAM layout its configuration gives (and the firmware's region below
     // 4 GiB), nothing placed elsewhere.
-    let mut ram = arch::layout::ram_regions(snapshot.config.memory_bytes());
-    if let Some(f) = &snapshot.config.firmware {
-        let len = (snapshot.config.open_named(f).and_then(|f| f.metadata()))
-            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?
-            .len();
-        let region = arch::firmware::bios_region(len)
-            .map_err(|e| SnapshotError::Mismatch(format!("firmware {}: {e}", f.display())))?;
-        ram.push(region);
-    }
-    if snapshot.config.firmware.is_some() != snapshot.firmware.is_some() {
+    let config = &snapshot.config;
+    let uefi = config
+        .firmware
+        .as_deref()
+        .is_some_and(|f| is_uefi_file(config, f));
+    let saved_uefi = snapshot.firmware.as_ref().and_then(|f| f.uefi.as_ref());
+    if config.firmware.is_some() != snapshot.firmware.is_some() {
         return Err(SnapshotError::Invalid(
             "its firmware state does not match its configuration".into(),
         ));
+    }
+    if uefi != saved_uefi.is_some() {
+        return Err(SnapshotError::Mismatch(if uefi {
+            "its firmware is UEFI now, and the snapshot holds no UEFI platform state".into()
+        } else {
+            "the snapshot holds UEFI platform state, and its firmware is not UEFI".into()
+        }));
+    }
+    // UEFI's platform leaves a larger hole below 4 GiB.
+    let gap_start = if uefi {
+        arch::layout::UEFI_MMIO_GAP_START
+    } else {
+        arch::layout::MMIO_GAP_START
+    };
+    let mut ram = arch::layout::ram_regions_below(config.memory_bytes(), gap_start);
+    if let Some(f) = &config.firmware {
+        let bad = |e: &dyn std::fmt::Display| {
+            SnapshotError::Mismatch(format!("firmware {}: {e}", f.display()))
+        };
+        let len = (config.open_named(f).and_then(|f| f.metadata()))
+            .map_err(|e| bad(&e))?
+            .len();
+        let region = match saved_uefi {
+            Some(u) => arch::firmware::uefi_flash(len, u.vars.len)
+                .map(|l| (l.code_base, l.code_len))
+                .map_err(|e| bad(&e))?,
+            None => arch::firmware::bios_region(len).map_err(|e| bad(&e))?,
+        };
+        ram.push(region);
+        // Memory regions go in address order: the firmware's below the RAM above 4 GiB.
+        ram.sort_by_key(|&(gpa, _)| gpa);
     }
     let layout_ok = snapshot.memory.len() == ram.len()
         && snapshot
@@ -658,8 +716,39 @@ pub(crate) fn check_host(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
             "its disk list is inconsistent".into(),
         ));
     }
-    if let Some(what) = unsupported(&snapshot.config) {
-        return Err(SnapshotError::Unsupported(what));
+    check_uefi_vars(snapshot)
+}
+
+/// Whether the variable store the configuration gives a UEFI VM (its file, or without
+/// one the template beside the code) is the size of the snapshot's flash.
+fn check_uefi_vars(snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
+    let Some(saved) = snapshot.firmware.as_ref().and_then(|f| f.uefi.as_ref()) else {
+        return Ok(());
+    };
+    let config = &snapshot.config;
+    let path = match &config.firmware_vars {
+        Some(p) => p.clone(),
+        None => config
+            .firmware
+            .as_deref()
+            .and_then(crate::config::uefi_vars_template)
+            .ok_or_else(|| {
+                SnapshotError::Mismatch(
+                    "its UEFI firmware has no variable store and no template beside it".into(),
+                )
+            })?,
+    };
+    let len = (config.open_named(&path).and_then(|f| f.metadata()))
+        .map_err(|e| {
+            SnapshotError::Mismatch(format!("UEFI variable store {}: {e}", path.display()))
+        })?
+        .len();
+    if len != saved.vars.len {
+        return Err(SnapshotError::Mismatch(format!(
+            "the UEFI variable store {} has {len} bytes, the snapshot's flash {}",
+            path.display(),
+            saved.vars.len
+        )));
     }
     Ok(())
 }
@@ -685,21 +774,98 @@ mod tests {
         d
     }
 
+    /// A UEFI VM's snapshot carries its platform; one that does not fit its firmware
+    /// (no platform state, another variable store size, a BIOS's state) is refused.
     #[test]
-    fn a_uefi_vm_is_refused_a_snapshot_a_bios_one_is_not() {
+    fn a_uefi_snapshot_must_carry_a_platform_that_fits_its_firmware() {
         let d = scratch("uefi");
-        let mut image = vec![0u8; 4096];
-        let bios = d.join("bios.bin");
-        std::fs::write(&bios, &image).unwrap();
+        let mut image = vec![0u8; 8 * 4096];
         image[40..44].copy_from_slice(b"_FVH");
         let code = d.join("OVMF_CODE.fd");
         std::fs::write(&code, &image).unwrap();
-        let mut config = VmConfig::new("/nonexistent/vmlinuz");
-        config.kernel = None;
-        config.firmware = Some(bios);
-        assert_eq!(unsupported(&config), None);
-        config.firmware = Some(code);
-        assert!(unsupported(&config).is_some_and(|w| w.contains("UEFI")));
+        let vars = d.join("vars.fd");
+        std::fs::write(&vars, vec![0xffu8; 4 * 4096]).unwrap();
+        let mut snap = snapshot(64);
+        snap.config.kernel = None;
+        snap.config.firmware = Some(code.clone());
+        snap.config.firmware_vars = Some(vars.clone());
+        let flash = devices::pflash::Pflash::new(vec![0xff; 4 * 4096], None, false).unwrap();
+        let pci = PciRoot::new();
+        let devices = UefiDevices {
+            vars: Arc::new(Mutex::new(flash)),
+            mch: Arc::new(Mutex::new(ChipsetFunction::mch())),
+            lpc: Arc::new(Mutex::new(ChipsetFunction::lpc())),
+            pm_timer: Arc::new(Mutex::new(PmTimer::starting_at(77))),
+            pci: Arc::new(pci),
+        };
+        devices.pci.set_address(0x8000_f840);
+        let platform = devices.snapshot();
+        assert_eq!(platform.pci_address, 0x8000_f840);
+        assert!(platform.pm_timer >= 77);
+        snap.firmware = Some(FirmwareSnapshot {
+            fw_cfg: FwCfgPosition::default(),
+            pm1: [0; 6],
+            gpe0: [0; 4],
+            uefi: Some(platform),
+        });
+        // Below UEFI's gap, then the code ending at 4 GiB.
+        let mut regions =
+            arch::layout::ram_regions_below(64 << 20, arch::layout::UEFI_MMIO_GAP_START);
+        regions.push((arch::layout::MMIO_GAP_END - 8 * 4096, 8 * 4096));
+        let mut off = 0;
+        snap.memory = regions
+            .iter()
+            .map(|&(gpa, len)| {
+                off += len;
+                MemRegion {
+                    gpa,
+                    len,
+                    file_offset: off - len,
+                }
+            })
+            .collect();
+        let (state, mem) = write(&d, &snap, off);
+        if let Err(e) = load(&state, &mem) {
+            panic!("a UEFI VM's snapshot was refused: {e}");
+        }
+        // Round trip through JSON.
+        let loaded = load(&state, &mem).unwrap();
+        assert_eq!(loaded.snapshot.firmware, snap.firmware);
+
+        // The variable store grew since.
+        std::fs::write(&vars, vec![0xffu8; 8 * 4096]).unwrap();
+        let e = load(&state, &mem).unwrap_err();
+        assert!(matches!(e, SnapshotError::Mismatch(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("has 32768 bytes, the snapshot's flash 16384"),
+            "{e}"
+        );
+        std::fs::write(&vars, vec![0xffu8; 4 * 4096]).unwrap();
+        // No platform state for UEFI firmware.
+        let mut bare = snap.clone();
+        if let Some(f) = &mut bare.firmware {
+            f.uefi = None;
+        }
+        let (state, mem) = write(&d, &bare, off);
+        let e = load(&state, &mem).unwrap_err();
+        assert!(
+            e.to_string().contains("holds no UEFI platform state"),
+            "{e}"
+        );
+        // UEFI state, and a BIOS in the configuration.
+        let bios = d.join("bios.bin");
+        std::fs::write(&bios, vec![0u8; 64 << 10]).unwrap();
+        let mut wrong = snap.clone();
+        wrong.config.firmware = Some(bios);
+        let (state, mem) = write(&d, &wrong, off);
+        let e = load(&state, &mem).unwrap_err();
+        assert!(e.to_string().contains("its firmware is not UEFI"), "{e}");
+        // Another code size moves the code: the layout is not the snapshot's.
+        std::fs::write(&code, [image.as_slice(), &[0u8; 4096]].concat()).unwrap();
+        let (state, mem) = write(&d, &snap, off);
+        let e = load(&state, &mem).unwrap_err();
+        assert!(e.to_string().contains("not the RAM layout"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 
