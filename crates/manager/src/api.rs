@@ -471,6 +471,17 @@ impl Api {
                 self.m.migrate_finish(name)?;
                 ok(to_value(&self.m.info(name)?.1))
             }
+            ("POST", ["domains", name, "migration", "abandon"]) => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct A {
+                    /// The migration defined the domain here: undefine it if it goes.
+                    #[serde(default)]
+                    undefine: bool,
+                }
+                let a: A = body_json(req, "abandon body")?;
+                ok(json!({ "runs": self.m.migrate_abandon(name, a.undefine)? }))
+            }
             ("POST", ["migrations", "incoming"]) => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]

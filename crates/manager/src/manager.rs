@@ -278,12 +278,22 @@ impl Manager {
                         });
                     });
                     self.announce(&name, "adopted", Some(format!("pid {}", id.pid)));
-                    self.watch(name, generation, None, id);
+                    self.watch(name.clone(), generation, None, id);
+                    // A migration the previous daemon did not see through: settled with
+                    // the destination, off the start-up path (it may be slow to answer).
+                    if let Some(rec) = migration::Outgoing::read(&dir) {
+                        tracing::warn!(domain = %name, phase = ?rec.phase, dest = %rec.dest, "an outgoing migration a previous daemon left");
+                        let m = self.clone();
+                        std::thread::spawn(move || m.settle_outgoing_migration(&name, rec));
+                    }
                 }
                 Some(id) if id.alive() => {
                     tracing::warn!(domain = %name, pid = id.pid, "a VMM runs for an undefined domain; leaving it alone");
                 }
                 _ => {
+                    if let Some(rec) = migration::Outgoing::read(&dir) {
+                        tracing::warn!(domain = %name, phase = ?rec.phase, dest = %rec.dest, "the VMM of a domain migrating out ended while the daemon was down");
+                    }
                     tracing::info!(domain = %name, "VMM ended while the daemon was down");
                     let _ = std::fs::remove_dir_all(&dir.0);
                     self.update(&name, |r| {

@@ -5596,6 +5596,144 @@ fn qemu_domain_survives_a_destination_that_dies_after_the_stream() {
     );
 }
 
+/// Issue 17: the source daemon dies during a QEMU domain's migration, killed by its
+/// own test hook (`VESSEL_TEST_SOURCE_MIGRATION_PHASE`) at `phase`: "finishing" (the
+/// whole stream in, both QEMUs paused, the destination not yet asked to run the domain)
+/// or "finished" (the destination runs it, the source's QEMU not yet told to quit). The
+/// daemon started next re-adopts the source's QEMU, finds the migration it left and
+/// settles it with the destination: the guest counts on in exactly one place, without
+/// a gap or a repeat, and nothing is left at the other.
+fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str) {
+    require_qemu();
+    let src_dir = std::env::temp_dir().join(format!("vm-{tag}src-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&src_dir);
+    std::fs::create_dir_all(&src_dir).unwrap();
+    let marker = src_dir.join("die-once");
+    std::fs::write(&marker, "").unwrap();
+    let hook = src_dir.join("kill-at-phase.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n[ \"$2\" = {phase} ] || exit 0\nrm '{m}' 2>/dev/null || exit 0\n\
+             kill -9 \"$3\"\n",
+            m = marker.display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hook: &'static str = Box::leak(hook.display().to_string().into_boxed_str());
+    let mut src = Daemon {
+        dir: src_dir,
+        child: None,
+        netns: false,
+        env: vec![("VESSEL_TEST_SOURCE_MIGRATION_PHASE", hook)],
+        named_ns: None,
+    };
+    src.spawn();
+    let dst = Daemon::start(&format!("{tag}dst"));
+    let (at_src, at_dst) = (src.client(), dst.client());
+    at_src
+        .post("/v1/domains", Some(&qemu_domain(name, COUNTING)))
+        .unwrap();
+    at_src
+        .post(&format!("/v1/domains/{name}/start"), None)
+        .unwrap();
+    wait_count(&at_src, name, 3, "first boot");
+    let source = src.run_pids();
+    assert_eq!(source.len(), 1, "{source:?}");
+
+    let o = src.cli(&["migrate", name, "--live", dst.socket().to_str().unwrap()]);
+    assert!(
+        !o.status.success(),
+        "the migration went through with its daemon killed"
+    );
+    assert!(
+        !marker.exists(),
+        "the source's hook never ran:\n{}",
+        src.log()
+    );
+    assert_eq!(
+        src.run_pids(),
+        source,
+        "the source's QEMU did not outlive its daemon"
+    );
+    // Nobody settles it while no daemon runs: the count stands still at the source.
+    let stood = counts(&at_dst, name).last().copied();
+    src.kill9();
+    src.spawn();
+    let at_src = src.client();
+
+    let t0 = Instant::now();
+    if phase == "finishing" {
+        // The destination never ran it: its copy goes (the migration defined it), and
+        // the source's QEMU runs it on.
+        while at_dst.get(&format!("/v1/domains/{name}")).is_ok() || !dst.run_pids().is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the destination kept the domain or its QEMU: {:?}\n{}",
+                dst.run_pids(),
+                src.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(stood, None, "the destination's copy ran");
+        assert_eq!(state(&at_src, name), "running");
+        assert_eq!(src.run_pids(), source, "the source's QEMU changed");
+        let now = *counts(&at_src, name).last().unwrap();
+        wait_count(
+            &at_src,
+            name,
+            now + 5,
+            "at the source after its daemon came back",
+        );
+        let all = counts(&at_src, name);
+        assert!(
+            all.first() == Some(&1) && all.windows(2).all(|w| w[1] == w[0] + 1),
+            "the count did not go on at the source: {all:?}"
+        );
+    } else {
+        // The destination runs it: the source's QEMU ends as migrated away.
+        wait_state(&at_src, name, "shutoff", Duration::from_secs(30));
+        assert_eq!(
+            src.ok(&["domstate", name, "--reason"]).trim(),
+            "shut off (migrated)"
+        );
+        assert!(src.run_pids().is_empty(), "the source's QEMU still runs");
+        assert_eq!(state(&at_dst, name), "running");
+        let last = *counts(&at_src, name).last().unwrap();
+        wait_count(&at_dst, name, last + 5, "at the destination");
+        let both = parse_counts(&format!(
+            "{}{}",
+            serial_log(&at_src, name),
+            serial_log(&at_dst, name)
+        ));
+        assert!(
+            both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+            "the count did not go on at the destination: {both:?}"
+        );
+        dst.ok(&["destroy", name]);
+    }
+    assert!(
+        !src.dir
+            .join("state/run")
+            .join(name)
+            .join("migrating-out.json")
+            .exists(),
+        "the migration's record stayed"
+    );
+}
+
+#[test]
+fn qemu_migration_whose_source_daemon_dies_before_the_finish_runs_on_at_the_source() {
+    source_daemon_dies_during_migration("qsdie", "qsdie1", "finishing");
+}
+
+#[test]
+fn qemu_migration_whose_source_daemon_dies_after_the_finish_runs_on_at_the_destination() {
+    source_daemon_dies_during_migration("qsdie2", "qsdie2", "finished");
+}
+
 /// dommemstat's lines as (name, value).
 type MemStat = [(String, u64)];
 

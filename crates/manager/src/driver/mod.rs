@@ -68,6 +68,11 @@ impl RunDir {
     pub fn migrate_out(&self) -> PathBuf {
         self.0.join("migrate.sock")
     }
+    /// Where an outgoing migration stands (`manager::migration::Outgoing`), for a
+    /// daemon started after the one that sent it died.
+    pub fn outgoing_migration(&self) -> PathBuf {
+        self.0.join("migrating-out.json")
+    }
     /// The `VmConfig` a Vessel VMM runs (`vessel run --config`).
     pub fn config(&self) -> PathBuf {
         self.0.join("vm.json")
@@ -462,6 +467,11 @@ pub trait Driver: Sync + std::fmt::Debug {
     fn finish_incoming(&self, _run: &RunDir) -> Result<()> {
         Ok(())
     }
+
+    /// Destination side: whether the VM that migrated in runs (its finish happened),
+    /// rather than waiting for its stream or its finish. A VMM that cannot be asked
+    /// does not run it.
+    fn incoming_runs(&self, run: &RunDir) -> bool;
 
     /// Refuses, before anything is made for it (a TAP, a volume), a change to the
     /// running VM whose live definition is `live` that its machine cannot take: an

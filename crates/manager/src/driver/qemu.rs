@@ -251,6 +251,10 @@ impl Driver for QemuDriver {
         }
     }
 
+    fn incoming_runs(&self, run: &RunDir) -> bool {
+        matches!(qmp_status(run).as_deref(), Ok("running"))
+    }
+
     fn finish_incoming(&self, run: &RunDir) -> Result<()> {
         let t0 = Instant::now();
         loop {

@@ -14,6 +14,13 @@
 //! (`tcp://HOST:PORT` and its token): it then also listens for the stream on a TCP port
 //! of its own, on the API's address, and passes it to its VMM's socket; the first bytes
 //! must be the one-time nonce it gave in its (authenticated) answer. docs/MIGRATION.md.
+//!
+//! The source keeps where its migration stands in the domain's run folder ([`Outgoing`]):
+//! a daemon started after it died there finds it when it re-adopts the VMM and asks the
+//! destination whether the domain runs there ([`Manager::migrate_abandon`] at the
+//! destination, libvirt's recovery of a migration its daemon lost): if so the source's
+//! VMM ends as migrated away, if not the destination's copy is destroyed (and undefined
+//! when the migration defined it) and the source's VM runs on.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +28,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use super::{lock, Manager};
 use crate::domain::DomainDef;
@@ -236,6 +245,135 @@ fn before_finish_hook(domain: &str) {
     }
 }
 
+/// Tests only (debug builds): the program `VESSEL_TEST_SOURCE_MIGRATION_PHASE` names,
+/// run at the source with the domain's name, the [`Phase`] just recorded and this
+/// daemon's process ID (a source daemon that dies at that moment, made deterministic).
+fn source_phase_hook(domain: &str, phase: Phase) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    if let Some(p) = std::env::var_os("VESSEL_TEST_SOURCE_MIGRATION_PHASE") {
+        let r = std::process::Command::new(&p)
+            .arg(domain)
+            .arg(phase.as_str())
+            .arg(std::process::id().to_string())
+            .status();
+        tracing::warn!(domain, hook = ?p, status = ?r, "test hook ran at the source's migration phase");
+    }
+}
+
+/// Where an outgoing migration stands, kept in the domain's run folder
+/// ([`crate::driver::RunDir::outgoing_migration`]) while [`Manager::migrate_out`] runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Outgoing {
+    /// The destination daemon: its socket, or `tcp://HOST:PORT`.
+    pub dest: String,
+    /// Its token, for a `tcp://` destination (the run folder is the daemon user's).
+    pub dest_token: Option<String>,
+    /// The migration defined the domain there.
+    pub defined_there: bool,
+    pub undefine_source: bool,
+    pub phase: Phase,
+}
+
+/// The steps of an outgoing migration after the destination's VMM waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Phase {
+    /// The source's VMM sends the stream.
+    Streaming,
+    /// The whole stream is in; the destination daemon is asked to run the domain
+    /// (libvirt's Finish); the source's VM is paused.
+    Finishing,
+    /// The destination runs the domain; the source's VMM is to end.
+    Finished,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Streaming => "streaming",
+            Phase::Finishing => "finishing",
+            Phase::Finished => "finished",
+        }
+    }
+}
+
+impl Outgoing {
+    /// Records it (whole or not at all: written aside, then renamed), readable by
+    /// the daemon's user only.
+    fn record(&self, run: &driver::RunDir) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = run.outgoing_migration();
+        let aside = path.with_extension("json.new");
+        let body = serde_json::to_vec(self).map_err(|e| {
+            Error::io(
+                "encoding the migration's phase for",
+                &path,
+                std::io::Error::other(e),
+            )
+        })?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&aside)
+            .and_then(|mut f| f.write_all(&body))
+            .and_then(|()| std::fs::rename(&aside, &path))
+            .map_err(|e| Error::io("recording the migration's phase in", &path, e))
+    }
+
+    fn at_phase(&mut self, run: &driver::RunDir, name: &str, phase: Phase) -> Result<()> {
+        self.phase = phase;
+        self.record(run)?;
+        source_phase_hook(name, phase);
+        Ok(())
+    }
+
+    /// The record in `run`, if one is there and reads.
+    pub(crate) fn read(run: &driver::RunDir) -> Option<Outgoing> {
+        let path = run.outgoing_migration();
+        let body = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&body) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "an unreadable migration record: {e}");
+                None
+            }
+        }
+    }
+
+    fn remove(run: &driver::RunDir) {
+        let _ = std::fs::remove_file(run.outgoing_migration());
+    }
+}
+
+/// A client of the destination daemon `dest` (its socket, or `tcp://HOST:PORT` with its
+/// token), and for TCP the host the stream goes to.
+fn peer_client(
+    dest: &str,
+    dest_token: Option<&str>,
+) -> Result<(crate::client::Client, Option<String>)> {
+    match dest.strip_prefix("tcp://") {
+        Some(addr) => {
+            let token = dest_token.ok_or_else(|| {
+                Error::invalid(
+                    "dest_token",
+                    "a tcp:// destination needs its daemon's token",
+                )
+            })?;
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            Ok((
+                crate::client::Client::tcp(addr, token),
+                Some(host.to_string()),
+            ))
+        }
+        None => Ok((crate::client::Client::new(PathBuf::from(dest)), None)),
+    }
+}
+
 /// 32 hex digits from the kernel's random source.
 fn nonce() -> Result<String> {
     let mut b = [0u8; 16];
@@ -347,6 +485,119 @@ impl Manager {
         driver::of(id.driver).finish_incoming(&self.run_dir(name))
     }
 
+    /// Destination side, asked by a source daemon that lost track of its migration (it
+    /// died, and another started): whether the domain that migrated in runs here. When
+    /// it does not (its stream or its finish never came), its VMM is destroyed, and with
+    /// `undefine` (the migration defined it) the domain is undefined: the source runs it
+    /// on. A domain not defined here does not run here.
+    pub fn migrate_abandon(&self, name: &str, undefine: bool) -> Result<bool> {
+        if self.store.get_domain(name).is_err() {
+            return Ok(false);
+        }
+        let runs = {
+            // After any finish under way.
+            let l = self.domain_lock(name);
+            let _g = lock(&l);
+            match self.active_id(name) {
+                Ok((id, _)) => Some(driver::of(id.driver).incoming_runs(&self.run_dir(name))),
+                Err(_) => None,
+            }
+        };
+        if runs == Some(true) {
+            tracing::info!(
+                domain = name,
+                "a source asked: the domain that migrated in runs here"
+            );
+            return Ok(true);
+        }
+        tracing::warn!(
+            domain = name,
+            "a source abandons its migration: the copy here goes"
+        );
+        if runs.is_some() {
+            self.end_vmm(name, End::Destroyed)?;
+        }
+        if undefine {
+            self.undefine(name)?;
+        }
+        Ok(false)
+    }
+
+    /// Source side, in a daemon that re-adopted the VMM of a domain whose outgoing
+    /// migration its predecessor recorded (`rec`) and did not see through: asks the
+    /// destination whether the domain runs there (which, when it does not, destroys its
+    /// copy); ends this VMM as migrated away if it does, runs the domain on here if not.
+    /// A destination that cannot be reached leaves everything as found (the record too,
+    /// for the next daemon), the VM paused: running it in two places is worse.
+    pub(crate) fn settle_outgoing_migration(self: &Arc<Self>, name: &str, rec: Outgoing) {
+        let run = self.run_dir(name);
+        let asked = peer_client(&rec.dest, rec.dest_token.as_deref()).and_then(|(peer, _)| {
+            let body = serde_json::json!({ "undefine": rec.defined_there });
+            match peer.post(
+                &format!("/v1/domains/{name}/migration/abandon"),
+                Some(&body),
+            ) {
+                Ok(v) => Ok(v.get("runs").and_then(|r| r.as_bool()) == Some(true)),
+                Err(e) => Err(Error::Conflict(format!(
+                    "the destination daemon {}: {e}",
+                    rec.dest
+                ))),
+            }
+        });
+        let runs_there = match asked {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(domain = name, phase = ?rec.phase, "an unfinished migration: {e}; left as found");
+                return;
+            }
+        };
+        if runs_there {
+            tracing::info!(domain = name, dest = %rec.dest, "the migration a previous daemon began went through");
+            if self.is_active(name) {
+                if let Err(e) = self.end_vmm(name, End::MigratedAway) {
+                    tracing::warn!(domain = name, "ending the source's VMM: {e}");
+                }
+            }
+            Outgoing::remove(&run);
+            if rec.undefine_source {
+                let _ = self.undefine(name);
+            }
+            self.events.emit_with(
+                name,
+                "migrated",
+                "shut off",
+                Some("migrated"),
+                Some(format!("to {} (settled after a daemon restart)", rec.dest)),
+            );
+            return;
+        }
+        tracing::warn!(domain = name, dest = %rec.dest, "the migration a previous daemon began did not finish: the domain runs on here");
+        let resumed = (|| {
+            let l = self.domain_lock(name);
+            let _g = lock(&l);
+            let (id, state) = self.active_id(name)?;
+            // QEMU after its stream: stopped ("postmigrate"); `cont` takes its disks
+            // back. A Vessel VMM runs on by itself when no answer comes.
+            driver::of(id.driver).resume(&run)?;
+            if state == crate::domain::DomainState::Paused {
+                self.transition(name, crate::state::Event::Resumed)?;
+            }
+            Ok::<(), Error>(())
+        })();
+        Outgoing::remove(&run);
+        match resumed {
+            Ok(()) => self.announce(
+                name,
+                "resumed",
+                Some(format!("the migration to {} did not finish", rec.dest)),
+            ),
+            Err(e) => tracing::error!(
+                domain = name,
+                "running the domain on after an unfinished migration: {e}"
+            ),
+        }
+    }
+
     /// Source side: live-migrates the running domain `name` to the daemon whose
     /// API socket is `dest` (or `tcp://HOST:PORT`, its TCP API, with `dest_token`);
     /// returns the source VMM's report (rounds, downtime, total
@@ -363,22 +614,7 @@ impl Manager {
         self.refuse_changed_live(name, "migrate")?;
         let d = driver::of(id.driver);
         // Over TCP the stream goes to the host this daemon reached the other at.
-        let (peer, tcp_host) = match dest.strip_prefix("tcp://") {
-            Some(addr) => {
-                let token = dest_token.ok_or_else(|| {
-                    Error::invalid(
-                        "dest_token",
-                        "a tcp:// destination needs its daemon's token",
-                    )
-                })?;
-                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-                (
-                    crate::client::Client::tcp(addr, token),
-                    Some(host.to_string()),
-                )
-            }
-            None => (crate::client::Client::new(PathBuf::from(dest)), None),
-        };
+        let (peer, tcp_host) = peer_client(dest, dest_token)?;
         let reached = |e: crate::client::ClientError| {
             Error::Conflict(format!("the destination daemon {dest}: {e}"))
         };
@@ -411,7 +647,17 @@ impl Manager {
         let run = self.run_dir(name);
         let relay_path = run.migrate_out();
         let _ = std::fs::remove_file(&relay_path);
+        // From here a daemon that dies leaves the destination's VMM waiting: where the
+        // migration stands is kept for the next one (`settle_outgoing_migration`).
+        let mut outgoing = Outgoing {
+            dest: dest.to_string(),
+            dest_token: dest_token.map(str::to_string),
+            defined_there,
+            undefine_source,
+            phase: Phase::Streaming,
+        };
         let sent = (|| {
+            outgoing.record(&run)?;
             let listener = UnixListener::bind(&relay_path)
                 .map_err(|e| Error::io("listening for the migration", &relay_path, e))?;
             if let Some((uid, gid)) = d.vmm_user(&self.cfg.programs, &run) {
@@ -427,10 +673,17 @@ impl Manager {
                 self.update(name, |r| r.ending = Some(End::MigratedAway));
                 // The whole stream sent, the destination is asked to run the domain; the
                 // source's VM stays paused until it does, and runs on here if it fails.
-                let finish = || finish_at(&peer, dest, name);
-                let sent = d
-                    .migrate(&run, &relay_path)
-                    .and_then(|report| d.confirm_migration(&run, &finish).map(|()| report));
+                let finishing = std::cell::RefCell::new(&mut outgoing);
+                let finish = || {
+                    finish_at(&peer, dest, name)?;
+                    finishing.borrow_mut().at_phase(&run, name, Phase::Finished)
+                };
+                let sent = d.migrate(&run, &relay_path).and_then(|report| {
+                    finishing
+                        .borrow_mut()
+                        .at_phase(&run, name, Phase::Finishing)?;
+                    d.confirm_migration(&run, &finish).map(|()| report)
+                });
                 if sent.is_err() {
                     self.update(name, |r| r.ending = None);
                 }
@@ -446,6 +699,7 @@ impl Manager {
             Ok(report)
         })();
         let _ = std::fs::remove_file(&relay_path);
+        Outgoing::remove(&run);
         let report = match sent {
             Ok(r) => r,
             Err(e) => {
