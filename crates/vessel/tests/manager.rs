@@ -5596,6 +5596,67 @@ fn qemu_domain_survives_a_destination_that_dies_after_the_stream() {
     );
 }
 
+/// Issue 17: a Vessel domain booted through UEFI firmware (Debian's OVMF, its variable
+/// store a file the domain names) is saved and restored by the manager, then migrates
+/// live to another daemon: its count goes on without a gap or a repeat, and it never
+/// boots again.
+#[test]
+fn a_uefi_vessel_domain_saves_restores_and_migrates_between_daemons() {
+    const ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
+    assert!(
+        Path::new(vmm::config::OVMF_CODE).is_file()
+            && Path::new(vmm::config::OVMF_VARS_TEMPLATE).is_file(),
+        "{} is missing: apt-get install ovmf",
+        vmm::config::OVMF_CODE
+    );
+    assert!(Path::new(ROM).is_file(), "apt-get install qemu-system-data");
+    let src = Daemon::start("uefimigsrc");
+    let dst = Daemon::start("uefimigdst");
+    let (at_src, at_dst) = (src.client(), dst.client());
+    let vars = src.dir.join("uefimover_VARS.fd");
+    std::fs::copy(vmm::config::OVMF_VARS_TEMPLATE, &vars).unwrap();
+    let mut def = counting_vessel_domain("uefimover");
+    def["vm"]["firmware"] = json!(vmm::config::OVMF_CODE);
+    def["vm"]["firmware_vars"] = json!(vars);
+    def["vm"]["option_roms"] = json!([ROM]);
+    at_src.post("/v1/domains", Some(&def)).unwrap();
+    at_src.post("/v1/domains/uefimover/start", None).unwrap();
+    wait_count(&at_src, "uefimover", 3, "first boot through OVMF");
+
+    let save = src.dir.join("uefimover.save");
+    let out = src.ok(&["save", "uefimover", save.to_str().unwrap()]);
+    assert!(out.contains("saved to"), "{out}");
+    assert_eq!(state(&at_src, "uefimover"), "shutoff");
+    let at_save = *counts(&at_src, "uefimover").last().unwrap();
+    let out = src.ok(&["restore", save.to_str().unwrap()]);
+    assert!(out.contains("restored"), "{out}");
+    wait_count(&at_src, "uefimover", at_save + 3, "after the restore");
+
+    let out = src.ok(&[
+        "migrate",
+        "uefimover",
+        "--live",
+        dst.socket().to_str().unwrap(),
+    ]);
+    assert!(out.contains("migrated"), "{out}");
+    wait_state(&at_src, "uefimover", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "uefimover"), "running");
+    let last = *counts(&at_src, "uefimover").last().unwrap();
+    wait_count(&at_dst, "uefimover", last + 5, "at the destination");
+    let src_log = serial_log(&at_src, "uefimover");
+    let both = parse_counts(&format!("{src_log}{}", serial_log(&at_dst, "uefimover")));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on: {both:?}"
+    );
+    assert_eq!(
+        src_log.matches("vessel-init:").count(),
+        1,
+        "the guest booted again"
+    );
+    dst.ok(&["destroy", "uefimover"]);
+}
+
 /// Issue 17: the source daemon dies during a QEMU domain's migration, killed by its
 /// own test hook (`VESSEL_TEST_SOURCE_MIGRATION_PHASE`) at `phase`: "finishing" (the
 /// whole stream in, both QEMUs paused, the destination not yet asked to run the domain)
