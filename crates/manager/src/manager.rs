@@ -291,15 +291,19 @@ impl Manager {
                     tracing::warn!(domain = %name, pid = id.pid, "a VMM runs for an undefined domain; leaving it alone");
                 }
                 _ => {
-                    if let Some(rec) = migration::Outgoing::read(&dir) {
-                        tracing::warn!(domain = %name, phase = ?rec.phase, dest = %rec.dest, "the VMM of a domain migrating out ended while the daemon was down");
-                    }
+                    let outgoing = migration::Outgoing::read(&dir);
                     tracing::info!(domain = %name, "VMM ended while the daemon was down");
                     let _ = std::fs::remove_dir_all(&dir.0);
                     self.update(&name, |r| {
                         r.reason = Reason::Daemon;
                         r.why = Some("ended while the daemon was down".into());
                     });
+                    // Migrating out: the guest may wait at the destination for its finish.
+                    if let Some(rec) = outgoing.filter(|_| defined) {
+                        tracing::warn!(domain = %name, phase = ?rec.phase, dest = %rec.dest, "the VMM of a domain migrating out ended while the daemon was down");
+                        let m = self.clone();
+                        std::thread::spawn(move || m.settle_gone_source(&name, rec));
+                    }
                 }
             }
         }

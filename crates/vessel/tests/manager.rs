@@ -5663,8 +5663,10 @@ fn a_uefi_vessel_domain_saves_restores_and_migrates_between_daemons() {
 /// or "finished" (the destination runs it, the source's QEMU not yet told to quit). The
 /// daemon started next re-adopts the source's QEMU, finds the migration it left and
 /// settles it with the destination: the guest counts on in exactly one place, without
-/// a gap or a repeat, and nothing is left at the other.
-fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str) {
+/// a gap or a repeat, and nothing is left at the other. With `source_qemu_dies` the
+/// source's QEMU is killed too while no daemon runs: the next daemon has the
+/// destination finish the migration, and the guest goes on there.
+fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, source_qemu_dies: bool) {
     require_qemu();
     let src_dir = std::env::temp_dir().join(format!("vm-{tag}src-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&src_dir);
@@ -5722,11 +5724,22 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str) {
     // Nobody settles it while no daemon runs: the count stands still at the source.
     let stood = counts(&at_dst, name).last().copied();
     src.kill9();
+    if source_qemu_dies {
+        kill(source[0], libc::SIGKILL);
+        let t0 = Instant::now();
+        while pid_alive(source[0]) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the source's QEMU lives on"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     src.spawn();
     let at_src = src.client();
 
     let t0 = Instant::now();
-    if phase == "finishing" {
+    if phase == "finishing" && !source_qemu_dies {
         // The destination never ran it: its copy goes (the migration defined it), and
         // the source's QEMU runs it on.
         while at_dst.get(&format!("/v1/domains/{name}")).is_ok() || !dst.run_pids().is_empty() {
@@ -5787,12 +5800,17 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str) {
 
 #[test]
 fn qemu_migration_whose_source_daemon_dies_before_the_finish_runs_on_at_the_source() {
-    source_daemon_dies_during_migration("qsdie", "qsdie1", "finishing");
+    source_daemon_dies_during_migration("qsdie", "qsdie1", "finishing", false);
+}
+
+#[test]
+fn qemu_migration_whose_source_daemon_and_qemu_die_before_the_finish_runs_on_at_the_destination() {
+    source_daemon_dies_during_migration("qsdie3", "qsdie3", "finishing", true);
 }
 
 #[test]
 fn qemu_migration_whose_source_daemon_dies_after_the_finish_runs_on_at_the_destination() {
-    source_daemon_dies_during_migration("qsdie2", "qsdie2", "finished");
+    source_daemon_dies_during_migration("qsdie2", "qsdie2", "finished", false);
 }
 
 /// dommemstat's lines as (name, value).

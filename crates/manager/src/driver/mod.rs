@@ -468,10 +468,10 @@ pub trait Driver: Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Destination side: whether the VM that migrated in runs (its finish happened),
-    /// rather than waiting for its stream or its finish. A VMM that cannot be asked
-    /// does not run it.
-    fn incoming_runs(&self, run: &RunDir) -> bool;
+    /// Whether the VMM runs the guest now: neither paused nor waiting for a migration's
+    /// stream or finish (at a destination: the finish happened). A VMM that cannot be
+    /// asked does not run it.
+    fn guest_runs(&self, run: &RunDir) -> bool;
 
     /// Refuses, before anything is made for it (a TAP, a volume), a change to the
     /// running VM whose live definition is `live` that its machine cannot take: an

@@ -251,7 +251,7 @@ impl Driver for QemuDriver {
         }
     }
 
-    fn incoming_runs(&self, run: &RunDir) -> bool {
+    fn guest_runs(&self, run: &RunDir) -> bool {
         matches!(qmp_status(run).as_deref(), Ok("running"))
     }
 

@@ -164,9 +164,9 @@ impl Driver for VesselDriver {
         matches!(vmm_state(run).as_deref(), Ok("Paused"))
     }
 
-    /// The destination VMM runs the VM once it holds it (the two VMMs confirm between
+    /// A destination VMM runs the VM once it holds it (the two VMMs confirm between
     /// themselves); before, it serves no API or says it is not running.
-    fn incoming_runs(&self, run: &RunDir) -> bool {
+    fn guest_runs(&self, run: &RunDir) -> bool {
         matches!(vmm_state(run).as_deref(), Ok("Running"))
     }
 

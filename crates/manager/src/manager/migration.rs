@@ -499,7 +499,7 @@ impl Manager {
             let l = self.domain_lock(name);
             let _g = lock(&l);
             match self.active_id(name) {
-                Ok((id, _)) => Some(driver::of(id.driver).incoming_runs(&self.run_dir(name))),
+                Ok((id, _)) => Some(driver::of(id.driver).guest_runs(&self.run_dir(name))),
                 Err(_) => None,
             }
         };
@@ -521,6 +521,45 @@ impl Manager {
             self.undefine(name)?;
         }
         Ok(false)
+    }
+
+    /// Source side, in a daemon that found the VMM of a domain whose outgoing migration
+    /// its predecessor recorded (`rec`) ended while no daemon watched: with the whole
+    /// stream in, the guest is only at the destination, paused there if its finish never
+    /// came; it is asked to run it (its finish again: harmless where it runs already).
+    /// The domain is then shut off here as migrated away.
+    pub(crate) fn settle_gone_source(self: &Arc<Self>, name: &str, rec: Outgoing) {
+        if rec.phase == Phase::Streaming {
+            tracing::warn!(domain = name, dest = %rec.dest, "the VMM ended while its stream was sent and no daemon watched");
+            return;
+        }
+        let finished = peer_client(&rec.dest, rec.dest_token.as_deref())
+            .and_then(|(peer, _)| finish_at(&peer, &rec.dest, name));
+        if let Err(e) = finished {
+            tracing::error!(
+                domain = name,
+                "an unfinished migration whose source VMM ended: {e}"
+            );
+            return;
+        }
+        tracing::info!(domain = name, dest = %rec.dest, "the migration a previous daemon began went through");
+        self.update(name, |r| {
+            r.reason = crate::state::Reason::MigratedAway;
+            r.why = Some(format!(
+                "migrated to {} (settled after a daemon restart)",
+                rec.dest
+            ));
+        });
+        if rec.undefine_source {
+            let _ = self.undefine(name);
+        }
+        self.events.emit_with(
+            name,
+            "migrated",
+            "shut off",
+            Some("migrated"),
+            Some(format!("to {} (settled after a daemon restart)", rec.dest)),
+        );
     }
 
     /// Source side, in a daemon that re-adopted the VMM of a domain whose outgoing
@@ -577,8 +616,12 @@ impl Manager {
             let _g = lock(&l);
             let (id, state) = self.active_id(name)?;
             // QEMU after its stream: stopped ("postmigrate"); `cont` takes its disks
-            // back. A Vessel VMM runs on by itself when no answer comes.
-            driver::of(id.driver).resume(&run)?;
+            // back. A Vessel VMM runs on by itself when no answer comes (or its stream
+            // broke with the daemon's relay).
+            let d = driver::of(id.driver);
+            if !d.guest_runs(&run) {
+                d.resume(&run)?;
+            }
             if state == crate::domain::DomainState::Paused {
                 self.transition(name, crate::state::Event::Resumed)?;
             }
