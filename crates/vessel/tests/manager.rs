@@ -5657,17 +5657,18 @@ fn a_uefi_vessel_domain_saves_restores_and_migrates_between_daemons() {
     dst.ok(&["destroy", "uefimover"]);
 }
 
-/// Issue 17: the source daemon dies during a QEMU domain's migration, killed by its
+/// Issue 17: the source daemon dies during a domain's migration, killed by its
 /// own test hook (`VESSEL_TEST_SOURCE_MIGRATION_PHASE`) at `phase`: "finishing" (the
 /// whole stream in, both QEMUs paused, the destination not yet asked to run the domain)
-/// or "finished" (the destination runs it, the source's QEMU not yet told to quit). The
-/// daemon started next re-adopts the source's QEMU, finds the migration it left and
+/// or "finished" (the destination runs it, the source's VMM not yet told to quit). The
+/// daemon started next re-adopts the source's VMM, finds the migration it left and
 /// settles it with the destination: the guest counts on in exactly one place, without
-/// a gap or a repeat, and nothing is left at the other. With `source_qemu_dies` the
+/// a gap or a repeat, and nothing is left at the other. With `source_vmm_dies` the
 /// source's QEMU is killed too while no daemon runs: the next daemon has the
 /// destination finish the migration, and the guest goes on there.
-fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, source_qemu_dies: bool) {
-    require_qemu();
+fn source_daemon_dies_during_migration(tag: &str, def: Value, phase: &str, source_vmm_dies: bool) {
+    let name = def["name"].as_str().unwrap().to_string();
+    let name = name.as_str();
     let src_dir = std::env::temp_dir().join(format!("vm-{tag}src-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&src_dir);
     std::fs::create_dir_all(&src_dir).unwrap();
@@ -5696,9 +5697,7 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
     src.spawn();
     let dst = Daemon::start(&format!("{tag}dst"));
     let (at_src, at_dst) = (src.client(), dst.client());
-    at_src
-        .post("/v1/domains", Some(&qemu_domain(name, COUNTING)))
-        .unwrap();
+    at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src
         .post(&format!("/v1/domains/{name}/start"), None)
         .unwrap();
@@ -5719,18 +5718,18 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
     assert_eq!(
         src.run_pids(),
         source,
-        "the source's QEMU did not outlive its daemon"
+        "the source's VMM did not outlive its daemon"
     );
     // Nobody settles it while no daemon runs: the count stands still at the source.
     let stood = counts(&at_dst, name).last().copied();
     src.kill9();
-    if source_qemu_dies {
+    if source_vmm_dies {
         kill(source[0], libc::SIGKILL);
         let t0 = Instant::now();
         while pid_alive(source[0]) {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
-                "the source's QEMU lives on"
+                "the source's VMM lives on"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -5739,13 +5738,13 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
     let at_src = src.client();
 
     let t0 = Instant::now();
-    if phase == "finishing" && !source_qemu_dies {
+    if phase != "finished" && !source_vmm_dies {
         // The destination never ran it: its copy goes (the migration defined it), and
-        // the source's QEMU runs it on.
+        // the source's VMM runs it on.
         while at_dst.get(&format!("/v1/domains/{name}")).is_ok() || !dst.run_pids().is_empty() {
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
-                "the destination kept the domain or its QEMU: {:?}\n{}",
+                "the destination kept the domain or its VMM: {:?}\n{}",
                 dst.run_pids(),
                 src.log()
             );
@@ -5753,7 +5752,7 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
         }
         assert_eq!(stood, None, "the destination's copy ran");
         assert_eq!(state(&at_src, name), "running");
-        assert_eq!(src.run_pids(), source, "the source's QEMU changed");
+        assert_eq!(src.run_pids(), source, "the source's VMM changed");
         let now = *counts(&at_src, name).last().unwrap();
         wait_count(
             &at_src,
@@ -5767,13 +5766,13 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
             "the count did not go on at the source: {all:?}"
         );
     } else {
-        // The destination runs it: the source's QEMU ends as migrated away.
+        // The destination runs it: the source's VMM ends as migrated away.
         wait_state(&at_src, name, "shutoff", Duration::from_secs(30));
         assert_eq!(
             src.ok(&["domstate", name, "--reason"]).trim(),
             "shut off (migrated)"
         );
-        assert!(src.run_pids().is_empty(), "the source's QEMU still runs");
+        assert!(src.run_pids().is_empty(), "the source's VMM still runs");
         assert_eq!(state(&at_dst, name), "running");
         let last = *counts(&at_src, name).last().unwrap();
         wait_count(&at_dst, name, last + 5, "at the destination");
@@ -5800,17 +5799,48 @@ fn source_daemon_dies_during_migration(tag: &str, name: &str, phase: &str, sourc
 
 #[test]
 fn qemu_migration_whose_source_daemon_dies_before_the_finish_runs_on_at_the_source() {
-    source_daemon_dies_during_migration("qsdie", "qsdie1", "finishing", false);
+    require_qemu();
+    source_daemon_dies_during_migration(
+        "qsdie",
+        qemu_domain("qsdie1", COUNTING),
+        "finishing",
+        false,
+    );
 }
 
 #[test]
 fn qemu_migration_whose_source_daemon_and_qemu_die_before_the_finish_runs_on_at_the_destination() {
-    source_daemon_dies_during_migration("qsdie3", "qsdie3", "finishing", true);
+    require_qemu();
+    source_daemon_dies_during_migration(
+        "qsdie3",
+        qemu_domain("qsdie3", COUNTING),
+        "finishing",
+        true,
+    );
+}
+
+/// The same for a Vessel domain whose source daemon dies before its VMM sends anything:
+/// the destination's VMM waits for a stream that never comes; the next daemon has it
+/// destroyed and undefined there, and the source's VMM, which never stopped, counts on.
+#[test]
+fn vessel_migration_whose_source_daemon_dies_before_the_stream_runs_on_at_the_source() {
+    source_daemon_dies_during_migration(
+        "vsdie",
+        counting_vessel_domain("vsdie1"),
+        "streaming",
+        false,
+    );
 }
 
 #[test]
 fn qemu_migration_whose_source_daemon_dies_after_the_finish_runs_on_at_the_destination() {
-    source_daemon_dies_during_migration("qsdie2", "qsdie2", "finished", false);
+    require_qemu();
+    source_daemon_dies_during_migration(
+        "qsdie2",
+        qemu_domain("qsdie2", COUNTING),
+        "finished",
+        false,
+    );
 }
 
 /// dommemstat's lines as (name, value).

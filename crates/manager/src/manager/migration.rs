@@ -700,7 +700,7 @@ impl Manager {
             phase: Phase::Streaming,
         };
         let sent = (|| {
-            outgoing.record(&run)?;
+            outgoing.at_phase(&run, name, Phase::Streaming)?;
             let listener = UnixListener::bind(&relay_path)
                 .map_err(|e| Error::io("listening for the migration", &relay_path, e))?;
             if let Some((uid, gid)) = d.vmm_user(&self.cfg.programs, &run) {
