@@ -11,8 +11,8 @@
 //!   whichever thread first shrinks an arena, and copes with the failure);
 //! - the role's allowlist; anything else is the mode's action.
 //!
-//! Threads confined once the VM is built get a fourth ([`pinned`]): KVM's requests only
-//! on the descriptors they belong to.
+//! Once the VM is built every thread gets a fourth ([`pinned`]): KVM's and the TAPs'
+//! requests only on the descriptors they belong to.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -75,7 +75,7 @@ impl Role {
         Role::ALL.into_iter().find(|r| r.name() == name)
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -147,19 +147,20 @@ impl Programs {
     }
 }
 
-/// The fourth filter, once the VM is built (`crate::pin_kvm_fds`): KVM's requests only on
-/// the descriptors they belong to. vCPU requests on `own_vcpu` alone for a vCPU thread
-/// (none for one without a KVM vCPU: emu's), on any of the VM's vCPUs for the API's
-/// (a snapshot reads them all), on none for the others; the VM's requests (interrupts,
-/// eventfds, memory slots, dirty log, interrupt controllers' state) on the VM's
-/// descriptor alone, in every role. The role's allowlist still decides which requests
-/// a role makes at all; this one only says where. A request on another descriptor gets
-/// the mode's action, as a forbidden call does. None in [`Mode::None`].
+/// The fourth filter, once the VM is built (`crate::pin_fds`): KVM's and the TAPs'
+/// requests only on the descriptors they belong to. vCPU requests on `own_vcpu` alone
+/// for a vCPU thread (none for one without a KVM vCPU: emu's), on any of the VM's vCPUs
+/// for the API's (a snapshot reads them all), on none for the others; the VM's requests
+/// (interrupts, eventfds, memory slots, dirty log, interrupt controllers' state) on the
+/// VM's descriptor alone, in every role; a TAP's (offloads, header size, queues) on the
+/// VM's TAP queues alone (none where it has no TAP). The role's allowlist still decides
+/// which requests a role makes at all; this one only says where. A request on another
+/// descriptor gets the mode's action, as a forbidden call does. None in [`Mode::None`].
 pub(crate) fn pinned(
     mode: Mode,
     role: Role,
     own_vcpu: Option<RawFd>,
-    fds: &crate::KvmFds,
+    fds: &crate::VmFds,
 ) -> Result<Option<BpfProgram>, Error> {
     let action = match mode {
         Mode::None => return Ok(None),
@@ -172,47 +173,70 @@ pub(crate) fn pinned(
         Role::Api => fds.vcpus.clone(),
         _ => Vec::new(),
     };
-    let compiled = match compile_pinned(&action, role, &vcpus, fds.vm) {
-        Err(seccompiler::BackendError::FilterTooLarge(len)) => {
-            // Many vCPUs whose descriptors are far apart (the API's filter, which names
-            // them all): all the numbers from the lowest vCPU's to the highest's.
-            tracing::debug!(
-                role = role.name(),
-                len,
-                "the vCPUs' descriptors as one range"
-            );
-            let (lo, hi) = (vcpus.iter().min(), vcpus.iter().max());
-            let hull: Vec<RawFd> = match (lo, hi) {
-                (Some(&lo), Some(&hi)) => (lo..=hi).collect(),
-                _ => Vec::new(),
-            };
-            compile_pinned(&action, role, &hull, fds.vm)
-        }
-        other => other,
+    let mut held = Held {
+        vcpus,
+        vm: fds.vm,
+        taps: fds.taps.clone(),
     };
+    let mut compiled = compile_pinned(&action, role, &held);
+    // Many vCPUs or TAP queues whose descriptors are far apart (the API's filter names
+    // every vCPU): all the numbers from the lowest one's to the highest's, the vCPUs'
+    // first.
+    for widen in [Held::vcpus_as_range, Held::taps_as_range] {
+        if let Err(seccompiler::BackendError::FilterTooLarge(len)) = compiled {
+            tracing::debug!(role = role.name(), len, "descriptors as one range");
+            widen(&mut held);
+            compiled = compile_pinned(&action, role, &held);
+        }
+    }
     compiled.map_err(|source| Error::BuildFilter {
         role: role.name(),
         source,
     })
 }
 
-/// [`pinned`]'s filter for vCPU descriptors `vcpus` and VM descriptor `vm`, covering
-/// the requests `role` makes at all (its allowlist refuses the others anywhere). None
-/// when the role makes none of KVM's requests (emu's main thread): seccompiler reads a
-/// system call with no rules as one that always matches, which would refuse every ioctl.
+/// The descriptors a [`pinned`] filter holds requests to.
+struct Held {
+    vcpus: Vec<RawFd>,
+    vm: Option<RawFd>,
+    taps: Vec<RawFd>,
+}
+
+impl Held {
+    fn vcpus_as_range(&mut self) {
+        self.vcpus = hull(&self.vcpus);
+    }
+
+    fn taps_as_range(&mut self) {
+        self.taps = hull(&self.taps);
+    }
+}
+
+/// Every number from the lowest of `fds` to the highest.
+fn hull(fds: &[RawFd]) -> Vec<RawFd> {
+    match (fds.iter().min(), fds.iter().max()) {
+        (Some(&lo), Some(&hi)) => (lo..=hi).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// [`pinned`]'s filter for the descriptors in `held`, covering the requests `role`
+/// makes at all (its allowlist refuses the others anywhere). None when the role makes
+/// none of these requests (emu's main thread): seccompiler reads a system call with no
+/// rules as one that always matches, which would refuse every ioctl.
 fn compile_pinned(
     action: &SeccompAction,
     role: Role,
-    vcpus: &[RawFd],
-    vm: Option<RawFd>,
+    held: &Held,
 ) -> Result<Option<BpfProgram>, seccompiler::BackendError> {
     let made = ioctls::allowed(role);
-    let vm: Vec<RawFd> = vm.into_iter().collect();
-    let either: Vec<RawFd> = vcpus.iter().chain(&vm).copied().collect();
-    let classes: [(Vec<u64>, &[RawFd]); 3] = [
-        (ioctls::on_vcpu(), vcpus),
+    let vm: Vec<RawFd> = held.vm.into_iter().collect();
+    let either: Vec<RawFd> = held.vcpus.iter().chain(&vm).copied().collect();
+    let classes: [(Vec<u64>, &[RawFd]); 4] = [
+        (ioctls::on_vcpu(), &held.vcpus),
         (ioctls::ON_VM.to_vec(), &vm),
         (ioctls::ON_VM_OR_VCPU.to_vec(), &either),
+        (ioctls::ON_TAP.to_vec(), &held.taps),
     ];
     let mut forbidden = Vec::new();
     for (requests, allowed) in classes {
@@ -673,9 +697,10 @@ mod tests {
         let p = Programs::build(Mode::Kill).unwrap();
         let role_filter = |role: Role| (*p.for_role(role).last().unwrap()).clone();
         // The VM on 900, vCPUs on 901, 902 and 905 (not made one after another).
-        let fds = crate::KvmFds {
+        let fds = crate::VmFds {
             vm: Some(900),
             vcpus: vec![901, 902, 905],
+            taps: vec![910, 911, 914],
         };
         let vcpu = [
             role_filter(Role::Vcpu),
@@ -715,17 +740,9 @@ mod tests {
         // Without a KVM vCPU (emu), none of a vCPU's requests anywhere.
         let emu = [
             role_filter(Role::Vcpu),
-            pinned(
-                Mode::Kill,
-                Role::Vcpu,
-                None,
-                &crate::KvmFds {
-                    vm: None,
-                    vcpus: vec![],
-                },
-            )
-            .unwrap()
-            .unwrap(),
+            pinned(Mode::Kill, Role::Vcpu, None, &crate::VmFds::default())
+                .unwrap()
+                .unwrap(),
         ];
         for fd in [0, 5, 902] {
             assert!(
@@ -738,10 +755,7 @@ mod tests {
         // A role that makes none of KVM's requests on a VM without KVM (emu's main thread,
         // which reads a console socket's pending bytes at the end): no filter, every
         // request its allowlist has goes through, FIONREAD too.
-        let no_kvm = crate::KvmFds {
-            vm: None,
-            vcpus: vec![],
-        };
+        let no_kvm = crate::VmFds::default();
         let main: Vec<BpfProgram> = std::iter::once(role_filter(Role::Main))
             .chain(pinned(Mode::Kill, Role::Main, None, &no_kvm).unwrap())
             .collect();
@@ -788,11 +802,84 @@ mod tests {
             .unwrap()
             .is_none());
         // Many scattered vCPUs still compile (the BPF length limit is 4096).
-        let scattered = crate::KvmFds {
+        let scattered = crate::VmFds {
             vm: Some(3),
             vcpus: (0..255).map(|i| 10 + 2 * i).collect(),
+            taps: (0..255).map(|i| 600 + 2 * i).collect(),
         };
         pinned(Mode::Trap, Role::Api, None, &scattered).unwrap();
+        for role in [Role::Vcpu, Role::Io] {
+            pinned(Mode::Trap, role, Some(10), &scattered).unwrap();
+        }
+    }
+
+    /// Issue 22: once the VM is built, a TAP's requests (offloads, header size, queues)
+    /// go only to the VM's TAP queues, in every role that makes them; a VM without a
+    /// TAP makes none. Other requests stay where the role allows them.
+    #[test]
+    fn tap_requests_are_held_to_the_vms_taps() {
+        use ioctls::*;
+        let p = Programs::build(Mode::Kill).unwrap();
+        let role_filter = |role: Role| (*p.for_role(role).last().unwrap()).clone();
+        // Queues on 910, 911 and 914 (two TAPs, one with two queues); KVM on 900..=902.
+        let fds = crate::VmFds {
+            vm: Some(900),
+            vcpus: vec![901, 902],
+            taps: vec![910, 911, 914],
+        };
+        for (role, own) in [
+            (Role::Vcpu, Some(901)),
+            (Role::Io, None),
+            (Role::Vsock, None),
+        ] {
+            let progs = [
+                role_filter(role),
+                pinned(Mode::Kill, role, own, &fds).unwrap().unwrap(),
+            ];
+            for (fd, req, ok) in [
+                (910, TUNSETOFFLOAD, true),
+                (911, TUNSETQUEUE, true),
+                (914, TUNSETVNETHDRSZ, true),
+                (914, TUNSETOFFLOAD, true),
+                (912, TUNSETOFFLOAD, false),
+                (913, TUNSETQUEUE, false),
+                (909, TUNSETOFFLOAD, false),
+                (915, TUNSETVNETHDRSZ, false),
+                (0, TUNSETOFFLOAD, false),
+                (900, TUNSETOFFLOAD, false),
+                (-1, TUNSETQUEUE, false),
+                (912, FIONBIO, true),
+                (900, KVM_IRQ_LINE, true),
+            ] {
+                assert_eq!(
+                    ioctl_allowed_under(&progs, fd, req),
+                    ok,
+                    "{role:?}: {req:#x} on {fd}"
+                );
+            }
+        }
+        // No TAP: a TAP request nowhere (emu, where there is no KVM descriptor either).
+        let none = [
+            role_filter(Role::Io),
+            pinned(Mode::Kill, Role::Io, None, &crate::VmFds::default())
+                .unwrap()
+                .unwrap(),
+        ];
+        for fd in [0, 3, 910] {
+            assert!(!ioctl_allowed_under(&none, fd, TUNSETOFFLOAD), "{fd}");
+        }
+        assert!(ioctl_allowed_under(&none, 3, FIONBIO));
+        // Roles that make no TAP request never did: TUNSETIFF and TUNGETIFF nowhere.
+        for role in Role::ALL {
+            for nr in [TUNSETIFF, TUNGETIFF] {
+                assert!(!ioctl_allowed(role, nr), "{role:?} may {nr:#x}");
+            }
+            assert_eq!(
+                ioctl_allowed(role, TUNSETOFFLOAD),
+                matches!(role, Role::Vcpu | Role::Io | Role::Vsock),
+                "{role:?}"
+            );
+        }
     }
 
     /// Issue 22: each role may make only its own `ioctl` requests, by number: the

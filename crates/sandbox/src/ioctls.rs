@@ -111,6 +111,10 @@ pub(crate) const TUNSETIFF: u64 = ioc(1, b'T' as u64, 202, size_of::<libc::c_int
 pub(crate) const TUNSETOFFLOAD: u64 = ioc(1, b'T' as u64, 208, size_of::<libc::c_uint>());
 pub(crate) const TUNSETVNETHDRSZ: u64 = ioc(1, b'T' as u64, 216, size_of::<libc::c_int>());
 pub(crate) const TUNSETQUEUE: u64 = ioc(1, b'T' as u64, 217, size_of::<libc::c_int>());
+/// No confined thread's: what a TAP handed over by a migration's source is, checked
+/// while the VM is built.
+#[cfg(test)]
+pub(crate) const TUNGETIFF: u64 = ioc(2, b'T' as u64, 210, size_of::<libc::c_uint>());
 
 /// Raising interrupts: every thread that runs a device model (a device's I/O thread, the
 /// console's input, a vCPU's register write, the API's power button).
@@ -193,6 +197,10 @@ const TERMINAL: &[u64] = &[TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ];
 /// of a multi-queue TAP's queues the kernel may use (the guest's queue pairs in use).
 const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE];
 
+/// Requests on a TAP queue's descriptor. Once the VM is built (`crate::pin_fds`), on
+/// the VM's TAP queues only, in every role.
+pub(crate) const ON_TAP: &[u64] = TAP;
+
 /// The requests a thread of `role` may make. Never in any role: creating a VM, its
 /// vCPUs, its interrupt controllers, PIT or devices, its TSS and identity map, restoring the VM's
 /// state (the build does all that on the main thread before any filter), attaching a
@@ -231,7 +239,7 @@ pub(crate) fn allowed(role: Role) -> Vec<u64> {
 }
 
 /// Requests on one vCPU's descriptor: its state and running it. Once the VM is built
-/// (`crate::pin_kvm_fds`) a vCPU thread makes them on its own vCPU's descriptor only,
+/// (`crate::pin_fds`) a vCPU thread makes them on its own vCPU's descriptor only,
 /// the API's on the VM's vCPUs' only.
 pub(crate) fn on_vcpu() -> Vec<u64> {
     let mut v: Vec<u64> = VCPU_READ
@@ -319,6 +327,7 @@ mod tests {
             (TUNSETOFFLOAD, 0x4004_54d0),
             (TUNSETVNETHDRSZ, 0x4004_54d8),
             (TUNSETQUEUE, 0x4004_54d9),
+            (TUNGETIFF, 0x8004_54d2),
         ] {
             assert_eq!(got, want, "{got:#x} should be {want:#x}");
         }

@@ -18,9 +18,13 @@ mod filters;
 mod ioctls;
 pub mod jail;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use seccompiler::BpfProgram;
 
 pub use filters::Role;
 
@@ -33,18 +37,26 @@ pub const BAD_SYSCALL_STATUS: i32 = 148;
 /// hook for "a forbidden system call ends only that VMM, with its documented status".
 /// With [`SELF_TEST_FOREIGN_FD`], a vCPU thread of a KVM VM instead reads registers
 /// (KVM_GET_REGS, a request its role makes) from another descriptor: the first vCPU's,
-/// or the VM's for the first vCPU itself (see `foreign_fd_self_test`).
+/// or the VM's for the first vCPU itself (see `foreign_fd_self_test`); with
+/// [`SELF_TEST_TAP_FOREIGN_FD`], the first vCPU thread sets a TAP's offloads
+/// (TUNSETOFFLOAD) on the VM's first TAP queue and then on standard input.
 pub const SELF_TEST_ENV: &str = "VESSEL_SECCOMP_SELFTEST";
 
 /// [`SELF_TEST_ENV`]'s value for a vCPU request on a descriptor that is not the vCPU's.
 pub const SELF_TEST_FOREIGN_FD: &str = "vcpu-foreign-fd";
 
-/// The KVM descriptors of the VM this process runs, once it is built: the VM's and its
-/// vCPUs' (none where the accelerator has none: emu).
+/// [`SELF_TEST_ENV`]'s value for a TAP request on a descriptor that is not one of the
+/// VM's TAP queues (see `tap_foreign_fd_self_test`).
+pub const SELF_TEST_TAP_FOREIGN_FD: &str = "tap-foreign-fd";
+
+/// The descriptors of the VM this process runs, once it is built: KVM's, the VM's and
+/// its vCPUs' (none where the accelerator has none: emu, the riscv64 machine), and its
+/// TAP queues'.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KvmFds {
+pub struct VmFds {
     pub vm: Option<RawFd>,
     pub vcpus: Vec<RawFd>,
+    pub taps: Vec<RawFd>,
 }
 
 /// What [`SELF_TEST_ENV`] asks for.
@@ -54,6 +66,8 @@ enum SelfTest {
     Syscall(Role),
     /// A vCPU thread reads registers from another KVM descriptor.
     ForeignFd,
+    /// A vCPU thread sets offloads on a descriptor that is not a TAP queue.
+    TapForeignFd,
 }
 
 /// What a forbidden system call does.
@@ -118,6 +132,8 @@ pub enum Error {
     Rlimit(#[source] std::io::Error),
     #[error("the sandbox is already configured")]
     AlreadyConfigured,
+    #[error("installing the handler that tightens early threads' filters: {0}")]
+    PinHandler(#[source] std::io::Error),
 }
 
 /// The unprivileged user and group a VMM's threads take once the VM is built.
@@ -137,8 +153,41 @@ struct Policy {
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
 
-/// The descriptors [`pin_kvm_fds`] recorded.
-static PINS: Mutex<Option<KvmFds>> = Mutex::new(None);
+/// The descriptors [`pin_fds`] recorded, and the threads confined before them.
+struct Pins {
+    fds: Option<VmFds>,
+    /// Threads confined before the VM's descriptors were known (the API's, the
+    /// console's, served before the build), by thread id: [`pin_fds`] has each add its
+    /// pinned filter at once ([`on_pin_signal`]), whatever it is waiting for. A thread
+    /// takes itself off when it ends ([`EarlyGuard`]).
+    early: Vec<libc::pid_t>,
+}
+
+static PINS: Mutex<Pins> = Mutex::new(Pins {
+    fds: None,
+    early: Vec::new(),
+});
+
+fn pins() -> std::sync::MutexGuard<'static, Pins> {
+    PINS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Each role's [`filters::pinned`] filter (a vCPU's without a vCPU of its own), compiled
+/// by [`pin_fds`] for the threads confined before it: the signal handler installs one
+/// without allocating.
+static EARLY_PROGRAMS: OnceLock<Vec<Option<BpfProgram>>> = OnceLock::new();
+
+/// Signals [`on_pin_signal`] has handled, for [`pin_fds`] to wait on.
+static TIGHTENED: AtomicUsize = AtomicUsize::new(0);
+
+/// How long [`pin_fds`] waits for the threads it signalled.
+const TIGHTEN_WAIT: Duration = Duration::from_secs(2);
+
+/// The signal that has a thread confined before the VM was built add its pinned filter.
+fn pin_signal() -> libc::c_int {
+    // SIGRTMIN itself is the hybrid accelerator's kick.
+    libc::SIGRTMIN() + 1
+}
 
 /// This process is the VMM inside a jail, whose waiter's death must kill it
 /// (PR_SET_PDEATHSIG, which a change of user clears: re-armed after each).
@@ -148,9 +197,32 @@ thread_local! {
     /// The role this thread entered, for the SIGSYS handler's report.
     /// A thread started by a confined one inherits its filter without entering a role.
     static ROLE: Cell<&'static str> = const { Cell::new("inherited-filter") };
-    /// Whether this thread's KVM requests are held to their descriptors
+    /// This thread's role, once it entered or inherited one.
+    static CONFINED_AS: Cell<Option<Role>> = const { Cell::new(None) };
+    /// Whether this thread's KVM and TAP requests are held to their descriptors
     /// ([`filters::pinned`]).
     static PINNED: Cell<bool> = const { Cell::new(false) };
+    /// Set while this thread, confined before the VM's descriptors were known, waits for
+    /// them: the role whose pinned filter [`on_pin_signal`] installs. Read by the
+    /// signal handler: a constant-initialized `Cell` without a destructor.
+    static EARLY: Cell<Option<Role>> = const { Cell::new(None) };
+    /// Takes this thread off [`Pins::early`] when it ends.
+    static EARLY_GUARD: RefCell<Option<EarlyGuard>> = const { RefCell::new(None) };
+}
+
+/// A thread's place on [`Pins::early`], given back when the thread ends (so that the
+/// connections a client opens and closes before the build leave nothing behind).
+struct EarlyGuard(libc::pid_t);
+
+impl Drop for EarlyGuard {
+    fn drop(&mut self) {
+        pins().early.retain(|&t| t != self.0);
+    }
+}
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
 }
 
 /// Chooses the mode for this process; from now on [`enter`] confines the calling thread
@@ -162,12 +234,17 @@ pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
     let self_test = std::env::var(SELF_TEST_ENV).ok().and_then(|v| {
         if v == SELF_TEST_FOREIGN_FD {
             Some(SelfTest::ForeignFd)
+        } else if v == SELF_TEST_TAP_FOREIGN_FD {
+            Some(SelfTest::TapForeignFd)
         } else {
             Role::from_name(&v).map(SelfTest::Syscall)
         }
     });
     if mode == Mode::Trap {
         install_sigsys_handler()?;
+    }
+    if mode != Mode::None {
+        install_pin_handler()?;
     }
     no_core_dumps()?;
     POLICY
@@ -182,8 +259,9 @@ pub fn configure(mode: Mode, ids: Option<Ids>) -> Result<(), Error> {
 
 /// Confines the calling thread for `role`: NoNewPrivs, no capabilities (effective,
 /// permitted, inheritable, ambient and bounding sets), the configured user and group,
-/// then the role's seccomp filter, and, once the VM is built ([`pin_kvm_fds`]), the
-/// filter that holds KVM's requests to their descriptors.
+/// then the role's seccomp filter, and the filter that holds KVM's and the TAPs'
+/// requests to their descriptors: now if the VM is built ([`pin_fds`]), else as soon as
+/// it is.
 /// Does nothing before [`configure`]. A thread that cannot be confined must not go on
 /// running unconfined: the failure is reported and the process exits with status 1.
 /// A vCPU thread enters with [`enter_vcpu`].
@@ -192,7 +270,7 @@ pub fn enter(role: Role) {
 }
 
 /// [`enter`] for a vCPU thread whose vCPU has KVM descriptor `own` (None: no KVM vCPU):
-/// its vCPU requests are allowed on `own` alone. Call [`pin_kvm_fds`] first.
+/// its vCPU requests are allowed on `own` alone. Call [`pin_fds`] first.
 pub fn enter_vcpu(own: Option<RawFd>) {
     enter_with(Role::Vcpu, Some(own));
 }
@@ -205,6 +283,7 @@ fn enter_with(role: Role, own_vcpu: Option<Option<RawFd>>) {
         fail(role, &e);
     }
     ROLE.with(|r| r.set(role.name()));
+    CONFINED_AS.with(|r| r.set(Some(role)));
     tracing::debug!(role = role.name(), mode = %policy.mode, "thread confined");
     match policy.self_test {
         Some(SelfTest::Syscall(r)) if r == role => {
@@ -221,6 +300,7 @@ fn enter_with(role: Role, own_vcpu: Option<Option<RawFd>>) {
                 foreign_fd_self_test(own);
             }
         }
+        Some(SelfTest::TapForeignFd) if role == Role::Vcpu => tap_foreign_fd_self_test(),
         _ => {}
     }
 }
@@ -231,21 +311,75 @@ fn fail(role: Role, e: &Error) -> ! {
     std::process::exit(1);
 }
 
-/// Records the built VM's KVM descriptors: threads confined from now on
-/// ([`enter`], [`enter_vcpu`], [`catch_up`]) make KVM's requests only on the descriptors
-/// they belong to. Call it once the VM is built, before its vCPU and I/O threads start.
-/// Does nothing before [`configure`].
-pub fn pin_kvm_fds(fds: KvmFds) {
-    if POLICY.get().is_none() {
-        return;
+/// Records the built VM's descriptors: from now on threads make KVM's and the TAPs'
+/// requests only on the descriptors they belong to. Threads confined from now on
+/// ([`enter`], [`enter_vcpu`], [`inherit`]) add that filter as they start; threads
+/// confined before (the API's and the console's, serving before the build) are made to
+/// add it now, with a signal whose handler installs it, whatever they are waiting for
+/// (an idle connection, `accept`): this returns once they have, or after
+/// [`TIGHTEN_WAIT`] (a thread that ended meanwhile). Call it once the VM is built,
+/// before its vCPU and I/O threads start. Does nothing before [`configure`].
+pub fn pin_fds(fds: VmFds) -> Result<(), Error> {
+    let Some(policy) = POLICY.get() else {
+        return Ok(());
+    };
+    tracing::debug!(vm = ?fds.vm, vcpus = ?fds.vcpus, taps = ?fds.taps,
+        "KVM and TAP requests pinned to their descriptors");
+    let early = {
+        let mut pins = pins();
+        if policy.mode == Mode::None {
+            // No filters, and no handler for the signal.
+            pins.fds = Some(fds);
+            return Ok(());
+        }
+        if !pins.early.is_empty() && EARLY_PROGRAMS.get().is_none() {
+            let programs = Role::ALL
+                .into_iter()
+                .map(|role| filters::pinned(policy.mode, role, None, &fds))
+                .collect::<Result<Vec<_>, _>>()?;
+            let _ = EARLY_PROGRAMS.set(programs);
+        }
+        pins.fds = Some(fds);
+        std::mem::take(&mut pins.early)
+    };
+    if early.is_empty() {
+        return Ok(());
     }
-    tracing::debug!(vm = ?fds.vm, vcpus = ?fds.vcpus, "KVM requests pinned to their descriptors");
-    *PINS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fds);
+    let before = TIGHTENED.load(Ordering::SeqCst);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut sent = 0;
+    for tid in &early {
+        // SAFETY: tgkill takes integers. A listed thread takes itself off the list
+        // before it ends, so `tid` is a live thread of this process unless it ended
+        // after the list was taken: then the call fails (ESRCH), or, were the id
+        // reused already, the new thread's handler finds nothing to do.
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, *tid, pin_signal()) } == 0 {
+            sent += 1;
+        }
+    }
+    let t0 = Instant::now();
+    while TIGHTENED.load(Ordering::SeqCst).wrapping_sub(before) < sent {
+        if t0.elapsed() > TIGHTEN_WAIT {
+            tracing::warn!(
+                sent,
+                "not every thread confined before the build has tightened its filter yet"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    tracing::debug!(
+        threads = sent,
+        "threads confined before the build tightened"
+    );
+    Ok(())
 }
 
 /// For a thread confined before the VM was built (the API's, serving requests before
-/// InstanceStart): adds the filter [`enter`] would add now, once. Cheap when there is
-/// nothing to do.
+/// InstanceStart): adds the filter [`enter`] would add now, once, if it has not been
+/// added already ([`pin_fds`] has such threads add it). Cheap when there is nothing to
+/// do.
 pub fn catch_up(role: Role) {
     let Some(policy) = POLICY.get() else {
         return;
@@ -258,17 +392,165 @@ pub fn catch_up(role: Role) {
     }
 }
 
-/// Installs [`filters::pinned`] for this thread when the VM's descriptors are known.
+/// What a thread started by a confined thread has from it (its filters, and so its
+/// role): see [`inherit`]. Taken by the starting thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Inherited {
+    role: Option<Role>,
+    pinned: bool,
+}
+
+/// The calling thread's [`Inherited`], for a thread it is about to start.
+pub fn inherited() -> Inherited {
+    Inherited {
+        role: CONFINED_AS.with(|r| r.get()),
+        pinned: PINNED.with(|p| p.get()),
+    }
+}
+
+/// For a thread started by a confined thread (the API's connections, the console's
+/// clients), first thing: it runs under its creator's filters already; this adds the
+/// pinned filter if the creator had not (now if the VM is built, else when it is) and
+/// names the role in reports. Nothing for a thread started by an unconfined one.
+pub fn inherit(from: Inherited) {
+    let (Some(policy), Some(role)) = (POLICY.get(), from.role) else {
+        return;
+    };
+    ROLE.with(|r| r.set(role.name()));
+    CONFINED_AS.with(|r| r.set(Some(role)));
+    if from.pinned {
+        PINNED.with(|p| p.set(true));
+        return;
+    }
+    if let Err(e) = pin(policy, role, None) {
+        fail(role, &e);
+    }
+}
+
+/// Installs [`filters::pinned`] for this thread when the VM's descriptors are known;
+/// else puts the thread on [`Pins::early`], for [`pin_fds`] to signal.
 fn pin(policy: &Policy, role: Role, own_vcpu: Option<RawFd>) -> Result<(), Error> {
-    let fds = PINS.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let Some(fds) = fds else {
+    if policy.mode == Mode::None {
+        return Ok(());
+    }
+    // Not interrupted by its own signal handler meanwhile: a signal sent now waits
+    // until the end, and then finds nothing left to do.
+    let _blocked = BlockPinSignal::new();
+    let mut pins = pins();
+    let Some(fds) = pins.fds.clone() else {
+        if EARLY.with(|e| e.get()).is_none() {
+            let tid = gettid();
+            pins.early.push(tid);
+            EARLY.with(|e| e.set(Some(role)));
+            drop(pins);
+            EARLY_GUARD.with(|g| *g.borrow_mut() = Some(EarlyGuard(tid)));
+        }
         return Ok(());
     };
+    drop(pins);
+    EARLY.with(|e| e.set(None));
     if let Some(prog) = filters::pinned(policy.mode, role, own_vcpu, &fds)? {
         seccompiler::apply_filter(&prog).map_err(Error::InstallFilter)?;
     }
     PINNED.with(|p| p.set(true));
     Ok(())
+}
+
+/// The pin signal blocked on this thread while it lives.
+struct BlockPinSignal(Option<libc::sigset_t>);
+
+impl BlockPinSignal {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data, filled by sigemptyset/sigaddset; the old mask
+        // is written into `old`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, pin_signal());
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) != 0 {
+                return BlockPinSignal(None);
+            }
+            BlockPinSignal(Some(old))
+        }
+    }
+}
+
+impl Drop for BlockPinSignal {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the mask read in `new`.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// [`pin_fds`]'s signal: a thread confined before the build installs its role's
+/// pinned filter (compiled beforehand: no allocation, no lock here). A thread that
+/// waits for nothing (it pinned itself meanwhile) only counts the signal.
+extern "C" fn on_pin_signal(_sig: libc::c_int) {
+    if let Some(role) = EARLY.with(|e| e.replace(None)) {
+        if let Some(Some(prog)) = EARLY_PROGRAMS.get().and_then(|p| p.get(role.index())) {
+            // prctl and seccomp(2), as seccompiler makes them: async-signal-safe, and
+            // its error is an OS error code (no allocation).
+            if seccompiler::apply_filter(prog).is_err() {
+                let msg = b"vessel: cannot add the pinned seccomp filter to a thread confined before the build\n";
+                // SAFETY: write and _exit are async-signal-safe; `msg` is valid.
+                unsafe {
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(1);
+                }
+            }
+        }
+        PINNED.with(|p| p.set(true));
+    }
+    TIGHTENED.fetch_add(1, Ordering::SeqCst);
+}
+
+fn install_pin_handler() -> Result<(), Error> {
+    // SAFETY: a zeroed sigaction is a valid starting point; the handler only makes
+    // async-signal-safe calls. SA_RESTART: calls that can be restarted are.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_pin_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(pin_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(Error::PinHandler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// [`SELF_TEST_TAP_FOREIGN_FD`], on the first vCPU thread (a role that sets a TAP's
+/// offloads when the guest acknowledges virtio-net's features), before the guest runs:
+/// TUNSETOFFLOAD with no offloads (what a TAP has until its guest negotiates some) on
+/// the first TAP queue, which must be let through, then on the lowest descriptor that
+/// is not a TAP queue (standard input): with the filter on, that ends the VMM.
+fn tap_foreign_fd_self_test() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let taps = pins()
+        .fds
+        .as_ref()
+        .map(|f| f.taps.clone())
+        .unwrap_or_default();
+    let Some(&tap) = taps.first() else {
+        return;
+    };
+    if DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Some(other) = (0..).find(|fd| !taps.contains(fd)) else {
+        return;
+    };
+    for (fd, what) in [(tap, "a TAP queue"), (other, "another descriptor")] {
+        tracing::warn!(fd, "{SELF_TEST_ENV}: TUNSETOFFLOAD on {what}");
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; 0 asks for no offloads. On a
+        // descriptor that is not a TAP the kernel refuses it (ENOTTY, EINVAL), and with
+        // the filter on it never runs.
+        let rc = unsafe { libc::ioctl(fd, ioctls::TUNSETOFFLOAD as libc::c_ulong, 0) };
+        tracing::warn!(fd, rc, "{SELF_TEST_ENV}: the request was let through");
+    }
 }
 
 /// [`SELF_TEST_FOREIGN_FD`]: KVM_GET_REGS on a KVM descriptor that is not `own`: the
@@ -277,7 +559,7 @@ fn pin(policy: &Policy, role: Role, own_vcpu: Option<RawFd>) -> Result<(), Error
 /// start-up IPI stays there, so with the filter only logging the first vCPU would wait
 /// forever and the guest would never run.
 fn foreign_fd_self_test(own: RawFd) {
-    let fds = PINS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let fds = pins().fds.clone();
     let Some(target) = fds.and_then(|f| match f.vcpus.first() {
         Some(&first) if first != own => Some(first),
         _ => f.vm,

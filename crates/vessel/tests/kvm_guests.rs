@@ -797,3 +797,76 @@ fn a_vcpu_request_on_another_descriptor_ends_that_vmm() {
     expect_status(&f, 0xb);
     assert!(f.stdout.contains("RAN"), "{}", f.stdout);
 }
+
+/// Issue 22: once the VM is built, TAP requests (TUNSETOFFLOAD, TUNSETVNETHDRSZ,
+/// TUNSETQUEUE) are held to the VM's TAP queues. The `tap-foreign-fd` self-test has the
+/// first vCPU thread, before the guest runs, set no offloads on the VM's TAP (let
+/// through) and then on standard input: that VMM ends with status 148 and a report
+/// naming TUNSETOFFLOAD and descriptor 0 (`--seccomp kill`: SIGSYS), while `--seccomp
+/// log` lets both through and the guest runs to its end.
+#[test]
+fn a_tap_request_on_another_descriptor_ends_that_vmm() {
+    use std::os::unix::process::ExitStatusExt;
+    let ns = format!("vessel-tapfd-{}", std::process::id());
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .expect("ip (iproute2) is needed")
+        .success());
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _del = Del(ns.clone());
+    let code = assemble64(|a, lib| {
+        lib.print(a, "RAN\n")?;
+        debug_exit(a, 0x5)
+    });
+    let dir = TempDir::new("tapfd");
+    let k = dir.file("kernel.elf", &linux64_elf(&code));
+    let run = |mode: &str| {
+        run_with_timeout(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vessel")])
+                .args(["run", "--accel", "kvm", "--memory", MEM, "--cpus", "2"])
+                .args(["--seccomp", mode, "--kernel"])
+                .arg(&k)
+                .args(["--net", "tap=vtapfd0"])
+                .env("VESSEL_SECCOMP_SELFTEST", "tap-foreign-fd"),
+            Duration::from_secs(60),
+        )
+    };
+    // TUNSETOFFLOAD is 0x400454d0.
+    let f = run("trap");
+    expect_status(&f, 148);
+    assert!(
+        f.stderr.contains("TUNSETOFFLOAD on a TAP queue")
+            && f.stderr.contains("a vcpu thread (vcpu")
+            && f.stderr
+                .contains("(number 16: ioctl request 0x400454d0 on descriptor 0)"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(
+        f.stderr.matches("the request was let through").count(),
+        1,
+        "the TAP's own request is let through: {}",
+        f.stderr
+    );
+    assert!(!f.stdout.contains("RAN"), "the guest ran: {}", f.stdout);
+    let f = run("kill");
+    assert_eq!(f.status.signal(), Some(libc::SIGSYS), "{}", f.stderr);
+    let f = run("log");
+    expect_status(&f, 0xb);
+    assert!(f.stdout.contains("RAN"), "{}", f.stdout);
+    assert_eq!(
+        f.stderr.matches("the request was let through").count(),
+        2,
+        "{}",
+        f.stderr
+    );
+}

@@ -263,6 +263,141 @@ fn a_forbidden_system_call_ends_only_that_vmm_with_status_148() {
     );
 }
 
+/// `Seccomp_filters` (how many filters are stacked) of each thread of `pid` named
+/// `name`, by thread id.
+fn filter_counts(pid: u32, name: &str) -> Vec<(u32, u32)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue;
+        };
+        if status_field(&status, "Name") != name {
+            continue;
+        }
+        let tid = t.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        v.push((
+            tid,
+            status_field(&status, "Seccomp_filters").parse().unwrap(),
+        ));
+    }
+    v.sort_unstable();
+    v
+}
+
+/// One keep-alive request on `conn`: its status; the connection stays open.
+fn keep_alive_get(conn: &mut Option<vmm::api::http::KeptConn>, sock: &Path) -> u16 {
+    let stream: Box<dyn vmm::api::http::Conn> = match conn.take() {
+        Some(kept) => kept.into_inner(),
+        None => Box::new(std::os::unix::net::UnixStream::connect(sock).unwrap()),
+    };
+    let (resp, kept) =
+        vmm::api::http::client_exchange(stream, "GET", "/", None, true, &[]).unwrap();
+    *conn = kept;
+    resp.status
+}
+
+/// Issue 22: threads confined before the VM is built (the API's acceptor, a connection
+/// left idle since before InstanceStart, the console's threads and an attached
+/// console client) add the filter that holds KVM's and the TAPs' requests to the VM's
+/// descriptors when the VM is built, without waiting for a request; connections made
+/// later get it from their acceptor, and a request on the idle connection adds no
+/// second one.
+#[test]
+fn threads_confined_before_the_build_are_held_to_its_descriptors_at_once() {
+    let a = assets();
+    let dir = TempDir::new("sandbox-early");
+    let sock = dir.path().join("api.sock");
+    let con = dir.path().join("con.sock");
+    let log = dir.path().join("serial.log");
+    let mut vmm = Guarded(
+        vessel()
+            .args(["run", "--accel", "emu", "--serial", "stdio", "--api-sock"])
+            .arg(&sock)
+            .arg("--console-sock")
+            .arg(&con)
+            .arg("--console-log")
+            .arg(&log)
+            .env_remove("VESSEL_SECCOMP")
+            .env_remove("VESSEL_SECCOMP_SELFTEST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .spawn()
+            .expect("spawn vessel"),
+    );
+    wait_for_socket(&sock, Duration::from_secs(10));
+    wait_for_socket(&con, Duration::from_secs(10));
+    let pid = vmm.0.id();
+    // A kept-alive connection, idle from its first answer on, and a console client.
+    let mut idle = None;
+    assert_eq!(keep_alive_get(&mut idle, &sock), 200);
+    let _console = std::os::unix::net::UnixStream::connect(&con).unwrap();
+    let early = [
+        "vmm-api",
+        "http-conn",
+        "console-accept",
+        "console-out",
+        "console-in",
+    ];
+    let t0 = Instant::now();
+    let before = loop {
+        let counts: Vec<Vec<(u32, u32)>> = early.iter().map(|n| filter_counts(pid, n)).collect();
+        if counts.iter().all(|c| c.len() == 1) {
+            break counts;
+        }
+        assert!(t0.elapsed() < BOOT, "threads before the build: {counts:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (name, c) in early.iter().zip(&before) {
+        assert!(c[0].1 >= 2, "{name}: {c:?}");
+    }
+    // The idle connection's thread runs under its acceptor's filters.
+    assert_eq!(before[0][0].1, before[1][0].1);
+
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "initrd_path": "{}",
+            "boot_args": "console=ttyS0 panic=-1 quiet vessel.run=sleep+600"}}"#,
+        a.join("vmlinuz").display(),
+        a.join("initramfs.cpio.gz").display()
+    );
+    assert_eq!(api(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(api(&sock, "PUT", "/actions", Some(start)).0, 204);
+    // The vCPU thread starts once the threads before it have tightened their filters.
+    let t0 = Instant::now();
+    while filter_counts(pid, "vcpu0").is_empty() {
+        assert!(t0.elapsed() < BOOT, "no vCPU thread");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, was) in early.iter().zip(&before) {
+        let now = filter_counts(pid, name);
+        let same = now.iter().find(|(tid, _)| *tid == was[0].0);
+        assert_eq!(
+            same.map(|t| t.1),
+            Some(was[0].1 + 1),
+            "{name} (thread {}) before the build {was:?}, after {now:?}",
+            was[0].0
+        );
+    }
+    // A request on the idle connection adds nothing; a new connection's thread has what
+    // its acceptor has.
+    let (idle_tid, idle_before) = before[1][0];
+    assert_eq!(keep_alive_get(&mut idle, &sock), 200);
+    let mut fresh = None;
+    assert_eq!(keep_alive_get(&mut fresh, &sock), 200);
+    let conns = filter_counts(pid, "http-conn");
+    assert!(conns.len() >= 2, "{conns:?}");
+    for (tid, n) in &conns {
+        assert_eq!(
+            *n,
+            idle_before + 1,
+            "http-conn {tid} (the idle one: {idle_tid})"
+        );
+    }
+    assert!(vmm.0.try_wait().unwrap().is_none(), "the VMM ended");
+}
+
 #[test]
 fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
     let dir = TempDir::new("sandbox-jail");

@@ -39,6 +39,8 @@ pub enum RiscvError {
     Machine(#[from] rv64emu::virt::VirtError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error("holding the threads' requests to the VM's descriptors")]
+    PinFds(#[source] sandbox::Error),
     #[error("the hart's thread ended before the machine was built")]
     HartGone,
     #[error("waiting for the VM's end: {0}")]
@@ -175,7 +177,8 @@ impl RiscvVm {
         let Some(kernel) = config.kernel.clone() else {
             return Err(ConfigError::NothingToBoot.into());
         };
-        let devices = virtio_devices(config)?;
+        let mut tap_fds = Vec::new();
+        let devices = virtio_devices(config, &mut tap_fds)?;
         let exit = self.control.exit_signal().clone();
         let machine = VirtConfig {
             memory_mib: config.memory_mib,
@@ -198,6 +201,13 @@ impl RiscvVm {
             io_gate: self.control.io_gate(),
         };
         let term = crate::vm::termination_eventfd().map_err(RiscvError::Thread)?;
+        // Before the hart's and the devices' threads are confined: TAP requests only on
+        // the TAPs opened above (and none of KVM's: there is no KVM here).
+        sandbox::pin_fds(sandbox::VmFds {
+            taps: tap_fds,
+            ..Default::default()
+        })
+        .map_err(RiscvError::PinFds)?;
         let (built_tx, built_rx) = std::sync::mpsc::channel();
         let control = self.control.clone();
         let hart = std::thread::Builder::new()
@@ -250,8 +260,12 @@ impl RiscvVm {
 }
 
 /// The network and entropy devices, as the x86 machine builds them (the same virtio
-/// device code), for virtio-mmio slots after the disks.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, RiscvError> {
+/// device code), for virtio-mmio slots after the disks. The descriptors of the TAPs it
+/// opens are added to `tap_fds`.
+fn virtio_devices(
+    config: &VmConfig,
+    tap_fds: &mut Vec<std::os::fd::RawFd>,
+) -> Result<Vec<VirtioSpec>, RiscvError> {
     let mut out = Vec::new();
     for net in &config.nets {
         let mac = match net.mac_bytes() {
@@ -261,6 +275,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, RiscvError> {
         };
         let tap = virtio::tap::Tap::open(&net.tap)
             .map_err(|e| RiscvError::Net(net.tap.clone(), e.to_string()))?;
+        tap_fds.push(std::os::fd::AsRawFd::as_raw_fd(&tap));
         let dev = virtio::net::Net::new(tap, mac)
             .with_mtu(net.mtu)
             .with_rate_limiters(

@@ -30,6 +30,8 @@ pub enum VmmError {
     Config(#[from] ConfigError),
     #[error("setting the jail's file size limit")]
     FileSizeLimit(#[source] sandbox::jail::JailError),
+    #[error("holding the threads' requests to the VM's descriptors")]
+    PinFds(#[source] sandbox::Error),
     #[error("building the cloud-init seed")]
     CloudInitSeed(#[from] crate::cloud_init::SeedError),
     #[error(transparent)]
@@ -229,11 +231,13 @@ impl QueueCounts {
 
 /// The VM's virtio devices, in the order their GSIs, MMIO windows and PCI slots are
 /// assigned.
+/// The descriptors of the TAP queues it opens are added to `tap_fds`.
 fn virtio_devices(
     config: &VmConfig,
     ram: &[(u64, u64)],
     counts: &QueueCounts,
     handover: Option<&Mutex<crate::migration::Handover>>,
+    tap_fds: &mut Vec<std::os::fd::RawFd>,
 ) -> Result<Vec<VirtioSetup>, VmmError> {
     let take = |f: &mut dyn FnMut(&mut crate::migration::Handover)| {
         if let Some(h) = handover {
@@ -316,6 +320,7 @@ fn virtio_devices(
             }
             Err(e) => return Err(e.into()),
         };
+        tap_fds.extend(taps.iter().map(std::os::fd::AsRawFd::as_raw_fd));
         let backends = taps
             .into_iter()
             .map(|t| Box::new(t) as Box<dyn virtio::net::NetBackend>)
@@ -483,6 +488,9 @@ pub struct Vmm {
     /// Each locked by its thread while it runs, and by a snapshot of the paused VM.
     vcpus: Vec<Arc<Mutex<Box<dyn Vcpu>>>>,
     snapshotter: Arc<crate::snapshot::Snapshotter>,
+    /// The TAP queues' descriptors (the net devices hold the files): TAP requests are
+    /// allowed on these alone once the VM runs.
+    tap_fds: Vec<std::os::fd::RawFd>,
     /// Hears the devices' writes to guest RAM for the accelerator (kept alive here: the
     /// registry in `virtio::ram_watch` holds it weakly).
     _ram_watch: Option<Arc<virtio::ram_watch::Observer>>,
@@ -639,11 +647,13 @@ impl Vmm {
         }
 
         // Virtio devices are opened first: the ACPI tables describe them.
+        let mut tap_fds = Vec::new();
         let virtio = virtio_devices(
             &config,
             &ram,
             &QueueCounts::of(&config, restore),
             restore.map(|r| &r.handover),
+            &mut tap_fds,
         )?;
         let places = placements(&virtio);
         let mmio_windows: Vec<VirtioMmioDevice> = places
@@ -1188,6 +1198,7 @@ impl Vmm {
             io_threads,
             vcpus,
             snapshotter,
+            tap_fds,
             _ram_watch: ram_watch,
             _memory: memory,
             _vm: vm,
@@ -1224,17 +1235,20 @@ impl Vmm {
             what: "termination signals",
             source,
         })?;
-        // Before any thread of the running VM is confined: from here KVM's requests are
-        // allowed only on the descriptors they belong to (a vCPU's on its own).
+        // Before any thread of the running VM is confined: from here KVM's and the TAPs'
+        // requests are allowed only on the descriptors they belong to (a vCPU's on its
+        // own); threads confined before (the API's, the console's) add that now.
         let vcpu_fds: Vec<Option<std::os::fd::RawFd>> = self
             .vcpus
             .iter()
             .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).host_fd())
             .collect();
-        sandbox::pin_kvm_fds(sandbox::KvmFds {
+        sandbox::pin_fds(sandbox::VmFds {
             vm: self._vm.host_fd(),
             vcpus: vcpu_fds.iter().flatten().copied().collect(),
-        });
+            taps: self.tap_fds.clone(),
+        })
+        .map_err(VmmError::PinFds)?;
         if self.config.serial == SerialConfig::Stdio {
             let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
             console::spawn_stdin_pump(self.serial.clone(), self.exit.clone(), interactive)

@@ -127,9 +127,11 @@ pub fn serve_stdio(sock: &Path, log: Option<PathBuf>) -> io::Result<ConsoleRelay
                 if let Some(o) = old {
                     let _ = o.shutdown(std::net::Shutdown::Both);
                 }
+                let confined = sandbox::inherited();
                 let _ = std::thread::Builder::new()
                     .name("console-in".into())
                     .spawn(move || {
+                        sandbox::inherit(confined);
                         let mut reader = reader;
                         let _ = io::copy(&mut reader, &mut to_guest);
                     });

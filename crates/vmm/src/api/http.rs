@@ -534,15 +534,22 @@ struct Timed {
 
 impl Read for Timed {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let wait = match self.deadline {
-            Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
-                Some(left) if !left.is_zero() => left.min(IDLE_TIMEOUT),
-                _ => return Err(io::Error::from(io::ErrorKind::TimedOut)),
-            },
-            None => IDLE_TIMEOUT,
-        };
-        self.conn.set_read_timeout_conn(Some(wait))?;
-        self.conn.read(buf)
+        loop {
+            let wait = match self.deadline {
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(IDLE_TIMEOUT),
+                    _ => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+                },
+                None => IDLE_TIMEOUT,
+            };
+            self.conn.set_read_timeout_conn(Some(wait))?;
+            match self.conn.read(buf) {
+                // A signal (the sandbox's, once the VM is built) cut the wait short:
+                // wait on, within the same deadline.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
     }
 }
 
@@ -874,10 +881,14 @@ fn accept_loop(
                     }
                 };
                 let h = handler.clone();
+                // The VMM's: the connection's thread runs under this one's seccomp
+                // filters, and adds the VM's descriptors to them if this one had not.
+                let confined = sandbox::inherited();
                 let spawned =
                     std::thread::Builder::new()
                         .name("http-conn".into())
                         .spawn(move || {
+                            sandbox::inherit(confined);
                             serve_conn(stream, h.as_ref(), &json_error, &slot, &limits);
                             drop(slot);
                         });
