@@ -13,6 +13,7 @@ use crate::blk::Block;
 use crate::console::Console;
 use crate::mmio::{status, MmioTransport, INT_CONFIG_CHANGE, INT_USED_RING};
 use crate::rng::Rng;
+use crate::transport::PROBE_EVERY;
 use crate::VIRTIO_F_VERSION_1;
 
 const DESC: u64 = 0x1000;
@@ -1925,6 +1926,39 @@ fn a_write_served_within_the_notify_interrupts_when_a_vcpu_halts() {
     d.t.core().process_queue(0);
     assert_eq!((d.used_idx(), d.byte(ST)), (2, 0));
     assert_eq!((d.irq.at_halt(), d.pulses()), (1, pulses + 1));
+}
+
+#[test]
+fn a_probe_of_a_write_served_within_the_notify_also_waits_for_a_halt() {
+    let disk = InPlaceDisk {
+        disk: MemDisk {
+            data: vec![0; 1 << 20],
+            ro: false,
+        },
+        sleep: None,
+    };
+    let mut d = Driver::with_chip(
+        Box::new(Block::new(Box::new(disk), "w", false)),
+        Pulses::moderating(),
+    )
+    .init(QSIZE);
+    let _io = d.t.io_thread("blk-inline", None).unwrap();
+    assert!(d.t.serve_inline());
+    // One request at a time, each waited for: every completion asks for an interrupt,
+    // and one in PROBE_EVERY is a probe that the queue holds. A write's probe waits for
+    // its vCPU's halt as the others do: held only while every vCPU ran, it went out at
+    // once when another vCPU idled, into the guest's kernel thread that issued it.
+    let writes = 2 * u32::from(PROBE_EVERY) + 3;
+    for i in 0..writes {
+        d.mem
+            .write_obj(d.used_idx(), GuestAddress(USED_EVENT))
+            .unwrap();
+        notify_write(&mut d, 0, 8 * u64::from(i), 4096, i as u8);
+        assert_eq!(d.used_idx(), (i + 1) as u16, "served within the notify");
+    }
+    assert_eq!(d.irq.at_halt(), writes);
+    assert_eq!(d.irq.held(), (0, 0));
+    assert_eq!(d.pulses(), 0);
 }
 
 #[test]

@@ -225,7 +225,7 @@ pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// Interrupts between probes ([`Moderation`]).
-const PROBE_EVERY: u16 = 32;
+pub(crate) const PROBE_EVERY: u16 = 32;
 /// The most completions a moderated queue waits for before it interrupts.
 const MAX_DEPTH: u16 = 32;
 
@@ -668,7 +668,15 @@ impl DeviceCore {
             Moderated::Hold => {
                 self.interrupt_status
                     .fetch_or(INT_USED_RING, Ordering::AcqRel);
-                self.interrupt.raise_held(Cause::Queue(index));
+                // A write's completion waits for its vCPU's halt here too: held only
+                // while every vCPU is busy, a probe went out at once whenever another
+                // vCPU idled, into the kernel thread that issued the write, and the guest
+                // moved the writer to the idle vCPU (one request in `PROBE_EVERY`).
+                if at_halt {
+                    self.interrupt.raise_at_halt(Cause::Queue(index));
+                } else {
+                    self.interrupt.raise_held(Cause::Queue(index));
+                }
             }
             Moderated::Release => self.interrupt.release_held(),
         }

@@ -124,6 +124,9 @@ struct ChipState {
 enum Held {
     Edge(u32),
     Msi(u64, u32),
+    /// An MSI held until its own destination halts (see
+    /// [`UserIrqChip::signal_msi_at_halt`]): another vCPU's halt does not release it.
+    MsiAtHalt(u64, u32),
 }
 
 /// Distinct interrupts held at once; one more is delivered with the others at once.
@@ -247,13 +250,51 @@ impl ChipState {
         true
     }
 
+    /// Delivers the interrupts held back as vCPU `cpu` halts (or, with None, as an
+    /// interrupt goes out at once), except those held for a destination that still runs
+    /// (`Held::MsiAtHalt`): an idle vCPU's halt, e.g. after its timer tick, must not put
+    /// a completion into the busy vCPU's kernel thread, which would make the guest wake
+    /// the waiting task on that idle vCPU instead. True if any went out.
+    fn release_held_at(&mut self, cpu: Option<usize>) -> bool {
+        if self.held.is_empty() {
+            self.held_until = None;
+            return false;
+        }
+        let (go, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|irq| match *irq {
+                Held::MsiAtHalt(address, data) => {
+                    let dest = msi_delivery(address, data).map(|d| d.dest);
+                    match (cpu, dest) {
+                        (Some(i), Some(dest)) => self
+                            .lapics
+                            .get(i)
+                            .is_some_and(|l| l.matches_destination(&dest, NO_SENDER)),
+                        // A malformed message is dropped by delivery anyway.
+                        (_, None) => true,
+                        (None, Some(_)) => false,
+                    }
+                }
+                Held::Edge(_) | Held::Msi(..) => true,
+            });
+        self.held = keep;
+        if self.held.is_empty() {
+            self.held_until = None;
+        }
+        let any = !go.is_empty();
+        for irq in go {
+            self.deliver_held(irq);
+        }
+        any
+    }
+
     fn deliver_held(&mut self, irq: Held) {
         match irq {
             Held::Edge(gsi) => {
                 self.set_irq_line(gsi, true);
                 self.set_irq_line(gsi, false);
             }
-            Held::Msi(address, data) => {
+            Held::Msi(address, data) | Held::MsiAtHalt(address, data) => {
                 if let Some(d) = msi_delivery(address, data) {
                     self.deliver_message(d);
                 }
@@ -616,10 +657,10 @@ impl UserIrqChip {
         }
     }
 
-    /// An MSI that a guest with several vCPUs gets when one of them halts, not while the
-    /// vCPU that completes it is still running guest code (even if another vCPU idles), at
-    /// most `max_delay` later; at once where its destination is halted, and on a chip
-    /// with one vCPU.
+    /// An MSI that a guest with several vCPUs gets when its destination halts, not while
+    /// that vCPU is still running guest code (even if another vCPU idles, or halts again
+    /// after its timer tick), at most `max_delay` later; at once where its destination is
+    /// halted, and on a chip with one vCPU.
     ///
     /// For a completion a vCPU serves within the notify of a queue that a kernel thread
     /// of the guest kicked on behalf of a task that sleeps (Linux issues a plugged write
@@ -631,7 +672,7 @@ impl UserIrqChip {
     pub fn signal_msi_at_halt(&self, address: u64, data: u32, max_delay: Duration) {
         if let Some(d) = msi_delivery(address, data) {
             let dest = d.dest;
-            self.hold_with(Held::Msi(address, data), max_delay, |st| {
+            self.hold_with(Held::MsiAtHalt(address, data), max_delay, |st| {
                 st.lapics.len() < 2
                     || st
                         .lapics
@@ -661,8 +702,14 @@ impl UserIrqChip {
         let mut st = self.lock();
         let go = now(&st);
         let overdue = st.held_until.is_some_and(|due| at >= due);
-        if go || overdue || max_delay.is_zero() || st.held.len() >= MAX_HELD {
+        if overdue || st.held.len() >= MAX_HELD {
             st.release_held();
+            st.deliver_held(irq);
+            self.notify(&mut st);
+            return;
+        }
+        if go || max_delay.is_zero() {
+            st.release_held_at(None);
             st.deliver_held(irq);
             self.notify(&mut st);
             return;
@@ -933,8 +980,9 @@ impl UserIrqChip {
         };
         let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
-        // A vCPU halts: the interrupts held while all of them were busy go out now.
-        if st.release_held() {
+        // A vCPU halts: the interrupts held while all of them were busy go out now (those
+        // held for another, busy destination stay held).
+        if st.release_held_at(Some(i)) {
             self.notify(&mut st);
         }
         let woken = loop {
@@ -1507,6 +1555,28 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         c.tick(1);
         assert_eq!(c.acknowledge_interrupt(0), Some(0x48));
+    }
+
+    #[test]
+    fn an_at_halt_msi_is_released_by_its_destinations_halt_not_another_vcpus() {
+        let c = chip(2);
+        // Both vCPUs run: held for vCPU 0, which completed the request.
+        c.signal_msi_at_halt(0xfee0_0000, 0x0046, Duration::from_secs(60));
+        assert!(c.holds_interrupts());
+        // vCPU 1 halts after its timer tick and sleeps on: vCPU 0 still runs the guest's
+        // worker, which the completion must not interrupt.
+        assert!(!c.wait(1, Duration::from_millis(5), true));
+        assert!(c.holds_interrupts());
+        assert!(!c.has_interrupt(0));
+        // An interrupt that goes out at once leaves it held too.
+        c.signal_msi_moderated(0xfee0_1000, 0x0047, Duration::ZERO);
+        assert_eq!(c.acknowledge_interrupt(1), Some(0x47));
+        assert!(c.holds_interrupts());
+        assert!(!c.has_interrupt(0));
+        // vCPU 0 halts: it goes out, and the wait returns at once.
+        assert!(c.wait(0, Duration::from_secs(20), true));
+        assert!(!c.holds_interrupts());
+        assert_eq!(c.acknowledge_interrupt(0), Some(0x46));
     }
 
     #[test]
