@@ -437,6 +437,9 @@ impl Api {
                     live: bool,
                     #[serde(default)]
                     undefine_source: bool,
+                    /// Refuse unless the stream goes over TLS (`migrate --tls`).
+                    #[serde(default)]
+                    tls: bool,
                 }
                 let m: M = body_json(req, "migrate body")?;
                 let Some(dest) = m.dest else {
@@ -463,9 +466,13 @@ impl Api {
                         vmm::api::access::Want::Read,
                     )?;
                 }
-                ok(self
-                    .m
-                    .migrate_out(name, &dest, m.dest_token.as_deref(), m.undefine_source)?)
+                ok(self.m.migrate_out(
+                    name,
+                    &dest,
+                    m.dest_token.as_deref(),
+                    m.undefine_source,
+                    m.tls,
+                )?)
             }
             ("POST", ["domains", name, "migration", "finish"]) => {
                 self.m.migrate_finish(name)?;
@@ -500,7 +507,10 @@ impl Api {
                     }
                 };
                 let inc = self.m.migrate_in(i.definition, tcp)?;
-                ok(json!({ "url": inc.url, "defined": inc.defined, "nonce": inc.nonce }))
+                ok(
+                    json!({ "url": inc.url, "defined": inc.defined, "nonce": inc.nonce,
+                           "tls": inc.tls }),
+                )
             }
             ("POST", ["restore"]) => {
                 #[derive(serde::Deserialize)]

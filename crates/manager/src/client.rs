@@ -15,6 +15,8 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("TLS with the daemon at tcp://{addr}: {why}")]
+    Tls { addr: String, why: String },
     #[error("{message}")]
     Api {
         status: u16,
@@ -36,6 +38,9 @@ pub struct Client {
     /// A limit on connecting and on each read and write (none by default: the CLI
     /// waits for long operations).
     pub timeout: Option<std::time::Duration>,
+    /// For `tcp://`: TLS, with the CA the daemon's certificate must chain to and this
+    /// client's certificate (a daemon started with `--tls-*`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Client {
@@ -44,6 +49,7 @@ impl Client {
             socket: socket.into(),
             token: None,
             timeout: None,
+            tls: None,
         }
     }
 
@@ -53,7 +59,14 @@ impl Client {
             socket: PathBuf::from(format!("tcp://{addr}")),
             token: Some(token.to_string()),
             timeout: None,
+            tls: None,
         }
+    }
+
+    /// The same client, over TLS when `tls` is given (for `tcp://` only).
+    pub fn with_tls(mut self, tls: Option<crate::tls::ClientTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The same client, giving up on a daemon that does not connect or answer in `t`.
@@ -69,7 +82,9 @@ impl Client {
         };
         let tcp = self.socket.to_str().and_then(|s| s.strip_prefix("tcp://"));
         match (tcp, self.timeout) {
-            (Some(addr), None) => Ok(Box::new(TcpStream::connect(addr).map_err(unreachable)?)),
+            (Some(addr), None) => {
+                self.over_tls(addr, TcpStream::connect(addr).map_err(unreachable)?)
+            }
             (Some(addr), Some(t)) => {
                 use std::net::ToSocketAddrs;
                 let sa = addr
@@ -85,7 +100,15 @@ impl Client {
                 let s = TcpStream::connect_timeout(&sa, t).map_err(unreachable)?;
                 s.set_read_timeout(Some(t)).map_err(unreachable)?;
                 s.set_write_timeout(Some(t)).map_err(unreachable)?;
-                Ok(Box::new(s))
+                match &self.tls {
+                    None => Ok(Box::new(s)),
+                    Some(_) => {
+                        let c = self.over_tls(addr, s)?;
+                        c.set_read_timeout_conn(Some(t)).map_err(unreachable)?;
+                        c.set_write_timeout_conn(Some(t)).map_err(unreachable)?;
+                        Ok(c)
+                    }
+                }
             }
             (None, t) => {
                 let s = UnixStream::connect(&self.socket).map_err(unreachable)?;
@@ -93,6 +116,20 @@ impl Client {
                 s.set_write_timeout(t).map_err(unreachable)?;
                 Ok(Box::new(s))
             }
+        }
+    }
+
+    /// `s`, or a TLS connection over it when the client has TLS.
+    fn over_tls(&self, addr: &str, s: TcpStream) -> Result<Box<dyn Conn>, ClientError> {
+        match &self.tls {
+            None => Ok(Box::new(s)),
+            Some(tls) => match tls.connect(s, crate::tls::host_of(addr)) {
+                Ok(c) => Ok(Box::new(c)),
+                Err(e) => Err(ClientError::Tls {
+                    addr: addr.to_string(),
+                    why: e.to_string(),
+                }),
+            },
         }
     }
 

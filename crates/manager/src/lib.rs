@@ -19,6 +19,7 @@ pub mod state;
 pub mod storage;
 pub mod storage_api;
 pub mod store;
+pub mod tls;
 pub mod web;
 pub mod xml;
 pub mod xml_support;
@@ -34,6 +35,9 @@ pub use manager::{Config, Manager};
 pub struct TcpOpts {
     pub addr: String,
     pub token: String,
+    /// `--tls-cacert/--tls-cert/--tls-key`: the API (and migration streams) over
+    /// mutual TLS.
+    pub tls: Option<tls::DaemonTls>,
 }
 
 /// Opens the state, binds the socket (and TCP, when asked) and serves the API until the
@@ -136,12 +140,26 @@ pub fn serve(
         if let Ok(a) = l.local_addr() {
             let _ = m.tcp_ip.set(a.ip());
         }
-        tracing::info!(addr = %t.addr, "also listening on TCP (token required)");
         let gate = Arc::new(api::TokenGate {
             inner: api.clone(),
             token: t.token,
         });
-        std::thread::spawn(move || vmm::api::http::serve_tcp(l, gate, api::protocol_error));
+        match t.tls {
+            Some(tls) => {
+                tracing::info!(addr = %t.addr, "also listening on TCP with TLS (client certificate and token required)");
+                let server = tls.server.clone();
+                let _ = m.tls.set(tls);
+                std::thread::spawn(move || {
+                    if let Err(e) = tls::serve_api(l, server, gate, api::protocol_error) {
+                        tracing::error!("the TLS listener ended: {e}");
+                    }
+                });
+            }
+            None => {
+                tracing::info!(addr = %t.addr, "also listening on TCP (token required)");
+                std::thread::spawn(move || vmm::api::http::serve_tcp(l, gate, api::protocol_error));
+            }
+        }
     }
     vmm::api::http::serve(listener, api, api::protocol_error);
     Ok(())

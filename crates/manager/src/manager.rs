@@ -96,6 +96,9 @@ pub struct Manager {
     /// The address of the opt-in TCP API listener, where incoming migrations over TCP
     /// listen too (`migration`).
     pub(crate) tcp_ip: std::sync::OnceLock<std::net::IpAddr>,
+    /// The TCP API's TLS (`--tls-*`): migration streams over TCP use it too, and this
+    /// daemon shows its certificate to the daemons it migrates to.
+    pub(crate) tls: std::sync::OnceLock<crate::tls::DaemonTls>,
     /// A cluster host's address on the network between the hosts (`--overlay-ip`): its
     /// interface's MTU sets its overlay networks'.
     pub(crate) overlay_ip: std::sync::OnceLock<std::net::Ipv4Addr>,
@@ -216,6 +219,7 @@ impl Manager {
             generation: AtomicU64::new(0),
             net_lock: Mutex::new(()),
             tcp_ip: std::sync::OnceLock::new(),
+            tls: std::sync::OnceLock::new(),
             overlay_ip: std::sync::OnceLock::new(),
         });
         m.adopt()?;

@@ -20,6 +20,29 @@ pub struct GlobalOpts {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// TLS on tcp://: the CA (PEM) the daemons' certificates chain to. For `vessel
+    /// daemon` (with --listen-tcp), it serves its TCP API and migration streams over TLS
+    /// and requires its clients' certificates to chain to this CA.
+    #[arg(long, global = true, value_name = "FILE", env = "VESSEL_TLS_CACERT")]
+    pub tls_cacert: Option<PathBuf>,
+    /// This client's (or daemon's) certificate (PEM), shown to the daemon (and, by a
+    /// daemon, to the daemons it migrates to; it also serves as the daemon's server
+    /// certificate).
+    #[arg(long, global = true, value_name = "FILE", env = "VESSEL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true, value_name = "FILE", env = "VESSEL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl GlobalOpts {
+    fn tls_files(&self) -> manager::tls::TlsFiles {
+        manager::tls::TlsFiles {
+            cacert: self.tls_cacert.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -189,8 +212,17 @@ pub fn daemon(args: DaemonArgs, g: &GlobalOpts) -> Result<i32> {
         file_roots: args.file_roots,
         save_on_shutdown: args.save_on_shutdown,
     };
+    let files = g.tls_files();
+    let tls = match (&args.listen_tcp, files.is_empty()) {
+        (_, true) => None,
+        (None, false) => bail!(
+            "--tls-cacert, --tls-cert and --tls-key serve the TCP API over TLS: give --listen-tcp too"
+        ),
+        (Some(_), false) => Some(manager::tls::DaemonTls::load(&files)?),
+    };
     let tcp = match (args.listen_tcp, args.token_file) {
         (Some(addr), Some(f)) => Some(manager::TcpOpts {
+            tls,
             addr,
             token: std::fs::read_to_string(&f)
                 .with_context(|| format!("reading the token file {}", f.display()))?
@@ -497,6 +529,11 @@ pub fn run(cmd: ManageCommand, g: &GlobalOpts) -> Result<i32> {
     let sock = g.socket.clone().unwrap_or_else(default_socket);
     let mut c = Client::new(&sock);
     c.token = std::env::var("VESSEL_TOKEN").ok();
+    let files = g.tls_files();
+    let tcp = sock.to_str().is_some_and(|s| s.starts_with("tcp://"));
+    if tcp && !files.is_empty() && !matches!(cmd, ManageCommand::Daemon(_)) {
+        c.tls = Some(manager::tls::ClientTls::load(&files)?);
+    }
     let json_out = g.json;
     let show_dom = |v: &Value| {
         if json_out {

@@ -59,6 +59,11 @@ pub enum SaveCommand {
         /// Undefine the domain here once it runs at the destination.
         #[arg(long)]
         undefinesource: bool,
+        /// Refuse unless the migration goes over TLS (both daemons started with
+        /// --tls-cacert, --tls-cert and --tls-key, a tcp:// destination), as virsh's
+        /// `migrate --tls`: never sent in clear.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -83,8 +88,15 @@ pub fn run(cmd: SaveCommand, c: &Client, json_out: bool) -> Result<i32> {
             dest: None,
             to,
             live,
+            tls,
             ..
         } => {
+            if tls {
+                anyhow::bail!(
+                    "--tls: a cluster migration's stream goes as the hosts' daemons are set up; \
+                     give the destination (tcp://HOST:PORT) to require TLS"
+                );
+            }
             // A cluster domain: its host's daemon picks or checks the destination host.
             let v = c.post(
                 &format!("{}/migrate", dom(&name)),
@@ -109,6 +121,7 @@ pub fn run(cmd: SaveCommand, c: &Client, json_out: bool) -> Result<i32> {
             dest_token_file,
             live,
             undefinesource,
+            tls,
             ..
         } => {
             let dest = if dest.starts_with("tcp://") {
@@ -131,7 +144,7 @@ pub fn run(cmd: SaveCommand, c: &Client, json_out: bool) -> Result<i32> {
             let v = c.post(
                 &format!("{}/migrate", dom(&name)),
                 Some(&json!({ "dest": dest, "dest_token": token, "live": live,
-                              "undefine_source": undefinesource })),
+                              "undefine_source": undefinesource, "tls": tls })),
             )?;
             if json_out {
                 print_json(&v);

@@ -4707,6 +4707,208 @@ fn vessel_domain_migrates_live_over_tcp_between_daemons() {
     migrate_over_tcp("tmigsrc", "tmigdst", counting_vessel_domain("tmover"));
 }
 
+/// `migrate --live tcp://… --tls` between two daemons with certificates from one CA
+/// (made by scripts/tls-test-certs.sh with the openssl CLI), as libvirt's `migrate --tls`:
+/// the API and the stream go over mutual TLS and the guest counts on without a gap. A
+/// client without a certificate, or with one from another CA, or without TLS, is refused;
+/// a daemon whose certificate does not chain to its CA does not start; `--tls` from a
+/// daemon without certificates is refused, naming the options, and nothing moves.
+#[test]
+fn vessel_domain_migrates_live_over_tls_between_daemons() {
+    let mut src = Daemon::start("tlsmigsrc");
+    let mut dst = Daemon::start("tlsmigdst");
+    let certs = src.dir.join("certs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-test-certs.sh");
+    let made = Command::new("sh")
+        .arg(&script)
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "{} failed: install openssl",
+        script.display()
+    );
+    let cert = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let token = "tls-migration-token-0123";
+    let tf = src.dir.join("token");
+    std::fs::write(&tf, format!("{token}\n")).unwrap();
+    let free_addr = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (src_addr, dst_addr) = (free_addr(), free_addr());
+    let tls_args = |addr: &str, leaf: &str| -> Vec<String> {
+        vec![
+            "--listen-tcp".into(),
+            addr.into(),
+            "--token-file".into(),
+            tf.to_str().unwrap().into(),
+            "--tls-cacert".into(),
+            cert("ca.pem"),
+            "--tls-cert".into(),
+            cert(&format!("{leaf}.pem")),
+            "--tls-key".into(),
+            cert(&format!("{leaf}.key")),
+        ]
+    };
+    let wait_listen = |addr: &str| {
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no TCP listener");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // A certificate from another CA: the daemon does not start, and says which file.
+    let mut alien = tls_args(&free_addr(), "other");
+    alien.splice(0..0, ["daemon".to_string(), "--socket".into()]);
+    alien.insert(2, dst.dir.join("alien.sock").to_str().unwrap().into());
+    alien.extend([
+        "--state-dir".into(),
+        dst.dir.join("alien").to_str().unwrap().into(),
+    ]);
+    let o = Command::new(EXE).args(&alien).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !e.contains("panicked"), "{e}");
+    assert!(
+        e.contains("--tls-cert") && e.contains("other.pem") && e.contains("does not chain"),
+        "{e}"
+    );
+
+    dst.kill9();
+    let args = tls_args(&dst_addr, "dst");
+    dst.spawn_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_listen(&dst_addr);
+    let at_src = src.client();
+    at_src
+        .post("/v1/domains", Some(&counting_vessel_domain("tlsmover")))
+        .unwrap();
+    at_src.post("/v1/domains/tlsmover/start", None).unwrap();
+    wait_count(&at_src, "tlsmover", 3, "first boot");
+    let dest = format!("tcp://{dst_addr}");
+    let migrate = |d: &Daemon, tls: bool| {
+        let mut a = vec![
+            "migrate",
+            "tlsmover",
+            "--live",
+            &dest,
+            "--dest-token-file",
+            tf.to_str().unwrap(),
+        ];
+        if tls {
+            a.push("--tls");
+        }
+        d.cli(&a)
+    };
+    // The source has no certificate: --tls is refused by name, nothing moves.
+    let o = migrate(&src, true);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !e.contains("panicked"), "{e}");
+    assert!(e.contains("--tls-cacert") && e.contains("in clear"), "{e}");
+    assert_eq!(state(&at_src, "tlsmover"), "running");
+
+    // Clients of the TLS API over the CLI: refused without a certificate, with one from
+    // another CA, or without TLS; served with one from the CA (and the token).
+    let cli = |opts: &[String]| {
+        Command::new(EXE)
+            .args(["--socket", &dest])
+            .args(opts)
+            .args(["list", "--all"])
+            .env("VESSEL_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let refused = |opts: &[String], want: &str| {
+        let o = cli(opts);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && !e.contains("panicked"),
+            "{opts:?}: {e}"
+        );
+        assert!(e.contains(want), "{opts:?}: {e}");
+    };
+    refused(
+        &["--tls-cacert".into(), cert("ca.pem")],
+        "requires a client certificate",
+    );
+    refused(
+        &[
+            "--tls-cacert".into(),
+            cert("ca.pem"),
+            "--tls-cert".into(),
+            cert("other.pem"),
+            "--tls-key".into(),
+            cert("other.key"),
+        ],
+        "refused this client's certificate",
+    );
+    refused(
+        &[
+            "--tls-cacert".into(),
+            cert("other-ca.pem"),
+            "--tls-cert".into(),
+            cert("client.pem"),
+            "--tls-key".into(),
+            cert("client.key"),
+        ],
+        "not signed by the CA of --tls-cacert",
+    );
+    refused(&[], "daemon");
+    let good = [
+        "--tls-cacert".to_string(),
+        cert("ca.pem"),
+        "--tls-cert".into(),
+        cert("client.pem"),
+        "--tls-key".into(),
+        cert("client.key"),
+    ];
+    let o = cli(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dst.log().contains("a TLS client refused"), "{}", dst.log());
+
+    // The source with its certificate (it re-adopts the running domain).
+    src.kill9();
+    let args = tls_args(&src_addr, "src");
+    src.spawn_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_listen(&src_addr);
+    wait_state(&at_src, "tlsmover", "running", Duration::from_secs(10));
+    let o = migrate(&src, true);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("over TLS: {out}");
+    assert!(
+        out.contains("migrated") && out.contains("downtime"),
+        "{out}"
+    );
+    let at_dst = dst.client();
+    wait_state(&at_src, "tlsmover", "shutoff", Duration::from_secs(10));
+    assert_eq!(state(&at_dst, "tlsmover"), "running");
+    assert!(src.run_pids().is_empty(), "the source's VMM still runs");
+    let log = dst.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("migration stream received over TCP") && l.contains("tls=true")),
+        "{log}"
+    );
+    let last = *counts(&at_src, "tlsmover").last().unwrap();
+    wait_count(&at_dst, "tlsmover", last + 5, "at the destination");
+    let both = parse_counts(&format!(
+        "{}{}",
+        serial_log(&at_src, "tlsmover"),
+        serial_log(&at_dst, "tlsmover")
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+    dst.ok(&["destroy", "tlsmover"]);
+}
+
 /// The same for a QEMU domain: the destination daemon passes the TCP stream to its
 /// QEMU's `-incoming unix:` socket, the source's QEMU sends through its daemon's relay.
 #[test]

@@ -1448,7 +1448,8 @@ impl Cluster {
     /// have one, else its Unix socket (hosts on one machine, as in the tests).
     fn peer(&self, h: &HostRecord) -> crate::client::Client {
         match (&h.tcp, &self.opts.token) {
-            (Some(addr), Some(token)) => crate::client::Client::tcp(addr, token),
+            (Some(addr), Some(token)) => crate::client::Client::tcp(addr, token)
+                .with_tls(self.m.tls.get().map(|t| t.client.clone())),
             _ => crate::client::Client::new(&h.socket),
         }
     }
@@ -1593,7 +1594,7 @@ impl Cluster {
             _ => (dh.socket.clone(), None),
         };
         tracing::info!(domain = %name, to = %dest, via = %target, "migrating live");
-        let sent = self.m.migrate_out(name, &target, token, true);
+        let sent = self.m.migrate_out(name, &target, token, true, false);
         let report = match sent {
             Ok(r) => r,
             Err(e) => {

@@ -7,11 +7,12 @@
 //! against the CA file alone (not the system's roots), for the endpoint's host name or IP
 //! address, and shows its own certificate when one is given.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use etcd_client::{Certificate, Identity, TlsOptions};
 
 use crate::error::{Error, Result};
+use crate::tls::read_pem;
 
 /// The files of `--etcd-cacert`, `--etcd-cert` and `--etcd-key`.
 #[derive(Clone, Debug, Default)]
@@ -28,17 +29,6 @@ impl EtcdTls {
     pub fn is_empty(&self) -> bool {
         self.cacert.is_none() && self.cert.is_none() && self.key.is_none()
     }
-}
-
-fn read_pem(what: &'static str, path: &Path, marker: &str) -> Result<Vec<u8>> {
-    let data = std::fs::read(path).map_err(|e| Error::io(what, path, e))?;
-    if !String::from_utf8_lossy(&data).contains(marker) {
-        return Err(Error::invalid(
-            what,
-            format!("{} holds no PEM \"{marker}\" block", path.display()),
-        ));
-    }
-    Ok(data)
 }
 
 /// Checks the endpoints against the TLS options and reads the files: `Ok(None)` for
@@ -135,13 +125,11 @@ async fn probe_inner(endpoint: &str, tls: &EtcdTls) -> Option<String> {
         None => hostport,
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let pem = std::fs::read(tls.cacert.as_ref()?).ok()?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        if let Err(e) = roots.add(c.ok()?) {
-            return Some(format!("the CA of --etcd-cacert: {e}"));
-        }
-    }
+    // The same reading of the files as the daemon's own TLS (crate::tls).
+    let roots = match crate::tls::roots("the etcd CA file (--etcd-cacert)", tls.cacert.as_ref()?) {
+        Ok(r) => r,
+        Err(e) => return Some(e.to_string()),
+    };
     // ring, as tonic's TLS (etcd-client's) uses: the probe must fail where it does.
     // (rustls deprecates it for want of post-quantum key exchange, which etcd's Go TLS
     // would not need.)
@@ -153,13 +141,14 @@ async fn probe_inner(endpoint: &str, tls: &EtcdTls) -> Option<String> {
         .with_root_certificates(roots);
     let mut config = match (&tls.cert, &tls.key) {
         (Some(c), Some(k)) => {
-            let pem = std::fs::read(c).ok()?;
-            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<std::result::Result<_, _>>()
-                .ok()?;
-            let pem = std::fs::read(k).ok()?;
-            let Ok(Some(key)) = rustls_pemfile::private_key(&mut pem.as_slice()) else {
-                return Some("--etcd-key holds no private key rustls can read".into());
+            let (certs, key) = match crate::tls::identity(
+                "the etcd client certificate (--etcd-cert)",
+                c,
+                "the etcd client key (--etcd-key)",
+                k,
+            ) {
+                Ok(i) => i,
+                Err(e) => return Some(e.to_string()),
             };
             match builder.with_client_auth_cert(certs, key) {
                 Ok(c) => c,

@@ -123,8 +123,13 @@ fn pump_unix(from: UnixStream, to: UnixStream) -> std::io::Result<u64> {
 enum Target {
     /// The destination VMM's socket (both daemons on one file system).
     Unix(PathBuf),
-    /// The destination daemon's migration port; the stream starts with its nonce.
-    Tcp { addr: String, nonce: String },
+    /// The destination daemon's migration port; the stream starts with its nonce, over
+    /// TLS when this daemon has certificates.
+    Tcp {
+        addr: String,
+        nonce: String,
+        tls: Option<crate::tls::ClientTls>,
+    },
 }
 
 /// Accepts one connection on `listener` within [`CONNECT_WAIT`], or gives up.
@@ -149,7 +154,16 @@ fn relay(listener: UnixListener, target: Target) -> std::io::Result<u64> {
     from.set_nonblocking(false)?;
     match target {
         Target::Unix(dest) => pump_unix(from, UnixStream::connect(&dest)?),
-        Target::Tcp { addr, nonce } => {
+        Target::Tcp {
+            addr,
+            nonce,
+            tls: Some(tls),
+        } => tls.send_stream(from, &addr, nonce.as_bytes()),
+        Target::Tcp {
+            addr,
+            nonce,
+            tls: None,
+        } => {
             let mut to = TcpStream::connect(&addr)?;
             to.set_nodelay(true)?;
             to.write_all(nonce.as_bytes())?;
@@ -163,21 +177,37 @@ const NONCE_WAIT: Duration = Duration::from_secs(10);
 /// Connections whose first bytes are awaited at once; more are dropped unread.
 const NONCE_CHECKS: usize = 16;
 
+/// A connection to the migration port that sent the nonce.
+enum Found {
+    Plain(TcpStream),
+    Tls(crate::tls::AcceptedStream),
+}
+
 /// Destination side over TCP: takes the connection that starts with `nonce` (others
 /// are dropped) and passes it to the VMM waiting at `vmm`. Each connection's nonce is
 /// awaited on a thread of its own, so one that connects first and sends nothing does
-/// not hold up the real stream behind it.
-fn receive_tcp(listener: TcpListener, nonce: String, vmm: PathBuf) -> std::io::Result<u64> {
+/// not hold up the real stream behind it. With `tls`, each connection is a TLS one whose
+/// client certificate chains to this daemon's CA, and the nonce comes inside it.
+fn receive_tcp(
+    listener: TcpListener,
+    nonce: String,
+    vmm: PathBuf,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> std::io::Result<u64> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     listener.set_nonblocking(true)?;
-    let (found, stream) = std::sync::mpsc::channel::<TcpStream>();
+    let (found, stream) = std::sync::mpsc::channel::<Found>();
     let checking = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     loop {
-        if let Ok(s) = stream.try_recv() {
-            s.set_read_timeout(None)?;
-            s.set_nodelay(true)?;
-            return pump(s, UnixStream::connect(&vmm)?);
+        match stream.try_recv() {
+            Ok(Found::Plain(s)) => {
+                s.set_read_timeout(None)?;
+                s.set_nodelay(true)?;
+                return pump(s, UnixStream::connect(&vmm)?);
+            }
+            Ok(Found::Tls(s)) => return s.pump_to(UnixStream::connect(&vmm)?),
+            Err(_) => {}
         }
         match listener.accept() {
             Ok((mut s, peer)) => {
@@ -187,14 +217,34 @@ fn receive_tcp(listener: TcpListener, nonce: String, vmm: PathBuf) -> std::io::R
                     continue;
                 }
                 let (nonce, found, checking) = (nonce.clone(), found.clone(), checking.clone());
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let mut got = vec![0u8; nonce.len()];
-                    let ok = s.set_nonblocking(false).is_ok()
-                        && s.set_read_timeout(Some(NONCE_WAIT)).is_ok()
-                        && s.read_exact(&mut got).is_ok()
-                        && got == nonce.as_bytes();
+                    let got = match tls {
+                        Some(server) => {
+                            match crate::tls::accept_stream(
+                                &server,
+                                s,
+                                nonce.as_bytes(),
+                                NONCE_WAIT,
+                            ) {
+                                Ok(t) => Some(Found::Tls(t)),
+                                Err(e) => {
+                                    tracing::warn!(%peer, "a migration connection refused: {e}");
+                                    None
+                                }
+                            }
+                        }
+                        None => {
+                            let mut got = vec![0u8; nonce.len()];
+                            let ok = s.set_nonblocking(false).is_ok()
+                                && s.set_read_timeout(Some(NONCE_WAIT)).is_ok()
+                                && s.read_exact(&mut got).is_ok()
+                                && got == nonce.as_bytes();
+                            ok.then_some(Found::Plain(s))
+                        }
+                    };
                     checking.fetch_sub(1, Ordering::SeqCst);
-                    if ok {
+                    if let Some(s) = got {
                         let _ = found.send(s);
                     } else {
                         tracing::warn!(
@@ -355,6 +405,7 @@ impl Outgoing {
 fn peer_client(
     dest: &str,
     dest_token: Option<&str>,
+    tls: Option<&crate::tls::ClientTls>,
 ) -> Result<(crate::client::Client, Option<String>)> {
     match dest.strip_prefix("tcp://") {
         Some(addr) => {
@@ -366,7 +417,7 @@ fn peer_client(
             })?;
             let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
             Ok((
-                crate::client::Client::tcp(addr, token),
+                crate::client::Client::tcp(addr, token).with_tls(tls.cloned()),
                 Some(host.to_string()),
             ))
         }
@@ -392,6 +443,8 @@ pub struct Incoming {
     pub defined: bool,
     /// Over TCP: the bytes the stream must start with.
     pub nonce: Option<String>,
+    /// Over TCP: the stream must come over TLS (this daemon has certificates).
+    pub tls: bool,
 }
 
 impl Manager {
@@ -445,6 +498,7 @@ impl Manager {
                 url: format!("unix:{}", vmm.display()),
                 defined,
                 nonce: None,
+                tls: false,
             });
         };
         let url = match listener.local_addr() {
@@ -460,9 +514,11 @@ impl Manager {
         let expect = nonce.clone();
         let domain = name.clone();
         let m = self.clone();
+        let server = self.tls.get().map(|t| t.server.clone());
+        let tls = server.is_some();
         std::thread::spawn(move || {
-            let r = receive_tcp(listener, expect, vmm);
-            tracing::info!(domain, ?r, "migration stream received over TCP");
+            let r = receive_tcp(listener, expect, vmm, server);
+            tracing::info!(domain, ?r, tls, "migration stream received over TCP");
             if r.is_ok() {
                 // From another machine: the switches between still send its frames there.
                 m.announce_interfaces(&domain);
@@ -472,7 +528,13 @@ impl Manager {
             url,
             defined,
             nonce: Some(nonce),
+            tls,
         })
+    }
+
+    /// This daemon's TLS as a client of other daemons (`--tls-*`).
+    fn client_tls(&self) -> Option<&crate::tls::ClientTls> {
+        self.tls.get().map(|t| &t.client)
     }
 
     /// Destination side, once the source has sent the whole stream: runs the domain that
@@ -533,7 +595,7 @@ impl Manager {
             tracing::warn!(domain = name, dest = %rec.dest, "the VMM ended while its stream was sent and no daemon watched");
             return;
         }
-        let finished = peer_client(&rec.dest, rec.dest_token.as_deref())
+        let finished = peer_client(&rec.dest, rec.dest_token.as_deref(), self.client_tls())
             .and_then(|(peer, _)| finish_at(&peer, &rec.dest, name));
         if let Err(e) = finished {
             tracing::error!(
@@ -570,19 +632,21 @@ impl Manager {
     /// for the next daemon), the VM paused: running it in two places is worse.
     pub(crate) fn settle_outgoing_migration(self: &Arc<Self>, name: &str, rec: Outgoing) {
         let run = self.run_dir(name);
-        let asked = peer_client(&rec.dest, rec.dest_token.as_deref()).and_then(|(peer, _)| {
-            let body = serde_json::json!({ "undefine": rec.defined_there });
-            match peer.post(
-                &format!("/v1/domains/{name}/migration/abandon"),
-                Some(&body),
-            ) {
-                Ok(v) => Ok(v.get("runs").and_then(|r| r.as_bool()) == Some(true)),
-                Err(e) => Err(Error::Conflict(format!(
-                    "the destination daemon {}: {e}",
-                    rec.dest
-                ))),
-            }
-        });
+        let asked = peer_client(&rec.dest, rec.dest_token.as_deref(), self.client_tls()).and_then(
+            |(peer, _)| {
+                let body = serde_json::json!({ "undefine": rec.defined_there });
+                match peer.post(
+                    &format!("/v1/domains/{name}/migration/abandon"),
+                    Some(&body),
+                ) {
+                    Ok(v) => Ok(v.get("runs").and_then(|r| r.as_bool()) == Some(true)),
+                    Err(e) => Err(Error::Conflict(format!(
+                        "the destination daemon {}: {e}",
+                        rec.dest
+                    ))),
+                }
+            },
+        );
         let runs_there = match asked {
             Ok(r) => r,
             Err(e) => {
@@ -645,19 +709,39 @@ impl Manager {
     /// API socket is `dest` (or `tcp://HOST:PORT`, its TCP API, with `dest_token`);
     /// returns the source VMM's report (rounds, downtime, total
     /// time). The domain is then shut off here, and with `undefine_source` undefined.
+    /// Over TCP the API and the stream use TLS when this daemon has certificates; with
+    /// `require_tls` (`migrate --tls`) a migration that cannot is refused, never sent in
+    /// clear.
     pub fn migrate_out(
         self: &Arc<Self>,
         name: &str,
         dest: &str,
         dest_token: Option<&str>,
         undefine_source: bool,
+        require_tls: bool,
     ) -> Result<serde_json::Value> {
+        if require_tls {
+            if !dest.starts_with("tcp://") {
+                return Err(Error::invalid(
+                    "--tls",
+                    format!(
+                        "{dest} is a Unix socket on this host, where the stream needs no                          TLS: --tls needs a tcp://HOST:PORT destination"
+                    ),
+                ));
+            }
+            if self.tls.get().is_none() {
+                return Err(Error::Unsupported(
+                    "migrate --tls: this daemon has no TLS certificate, and the stream                      would go in clear: start both daemons with --tls-cacert, --tls-cert                      and --tls-key (and --listen-tcp)"
+                        .into(),
+                ));
+            }
+        }
         let def = self.store.get_domain(name)?;
         let (id, _) = self.active_id(name)?;
         self.refuse_changed_live(name, "migrate")?;
         let d = driver::of(id.driver);
         // Over TCP the stream goes to the host this daemon reached the other at.
-        let (peer, tcp_host) = peer_client(dest, dest_token)?;
+        let (peer, tcp_host) = peer_client(dest, dest_token, self.client_tls())?;
         let reached = |e: crate::client::ClientError| {
             Error::Conflict(format!("the destination daemon {dest}: {e}"))
         };
@@ -675,9 +759,25 @@ impl Manager {
             (Some(host), Some(("tcp", addr))) => {
                 let port = addr.rsplit_once(':').map(|(_, p)| p);
                 let nonce = v.get("nonce").and_then(|n| n.as_str());
+                // The destination's word: with certificates on both sides its API
+                // answered over TLS, and its port takes the stream over TLS only.
+                let there = v.get("tls").and_then(|t| t.as_bool()) == Some(true);
+                let tls = self.client_tls().cloned();
+                if there != tls.is_some() {
+                    let _ = peer.post(&format!("/v1/domains/{name}/destroy"), None);
+                    if defined_there {
+                        let _ = peer.call("DELETE", &format!("/v1/domains/{name}"), None);
+                    }
+                    return Err(Error::Conflict(format!(
+                        "the destination daemon {dest} {} TLS on its migration port and                          this daemon {}: start both with --tls-cacert, --tls-cert and --tls-key",
+                        if there { "requires" } else { "has no" },
+                        if tls.is_some() { "has certificates" } else { "has none" },
+                    )));
+                }
                 port.zip(nonce).map(|(port, nonce)| Target::Tcp {
                     addr: format!("{host}:{port}"),
                     nonce: nonce.to_string(),
+                    tls,
                 })
             }
             _ => None,
@@ -795,7 +895,7 @@ mod tests {
         let nonce = nonce().unwrap();
         assert_eq!(nonce.len(), 32);
         let expect = nonce.clone();
-        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path));
+        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path, None));
 
         let mut stranger = TcpStream::connect(addr).unwrap();
         stranger.write_all(&[b'0'; 32]).unwrap();
@@ -833,7 +933,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let nonce = nonce().unwrap();
         let expect = nonce.clone();
-        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path));
+        let receiver = std::thread::spawn(move || receive_tcp(l, expect, vmm_path, None));
 
         let silent = TcpStream::connect(addr).unwrap();
         std::thread::sleep(Duration::from_millis(100));

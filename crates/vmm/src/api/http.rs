@@ -857,6 +857,16 @@ pub fn serve_tcp_with(
     )
 }
 
+/// Serves the connections `accept` hands over (one another listener accepted and, e.g.,
+/// decrypted), with the TCP limits; never returns while `accept` gives connections.
+pub fn serve_accepted(
+    accept: impl Fn() -> io::Result<Box<dyn Conn>>,
+    handler: Arc<dyn Handler>,
+    json_error: fn(u16, String) -> Response,
+) {
+    accept_loop(accept, handler, json_error, Limits::TCP)
+}
+
 fn accept_loop(
     accept: impl Fn() -> io::Result<Box<dyn Conn>>,
     handler: Arc<dyn Handler>,
