@@ -300,15 +300,17 @@ where
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
+    // Each direction passes its end of stream on; an error is not passed on as one (the
+    // caller closes, after noting why).
     let up = async {
-        let n = tokio::io::copy(&mut ar, &mut bw).await;
+        let n = tokio::io::copy(&mut ar, &mut bw).await?;
         let _ = bw.shutdown().await;
-        n
+        Ok::<u64, std::io::Error>(n)
     };
     let down = async {
-        let n = tokio::io::copy(&mut br, &mut aw).await;
+        let n = tokio::io::copy(&mut br, &mut aw).await?;
         let _ = aw.shutdown().await;
-        n
+        Ok::<u64, std::io::Error>(n)
     };
     tokio::pin!(up, down);
     // An error either way ends both (a broken TLS connection, a refused certificate):
@@ -340,7 +342,7 @@ pub struct Relayed {
 
 impl Read for Relayed {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.sock.read(buf)?;
+        let n = self.sock.read(buf).map_err(|e| self.why(e))?;
         if n == 0 && !buf.is_empty() {
             if let Some(e) = self.err.lock().ok().and_then(|e| e.clone()) {
                 return Err(std::io::Error::other(e));
@@ -350,9 +352,19 @@ impl Read for Relayed {
     }
 }
 
+impl Relayed {
+    /// The relay's error in place of `e` (a broken pipe once the relay ended), if any.
+    fn why(&self, e: std::io::Error) -> std::io::Error {
+        match self.err.lock().ok().and_then(|e| e.clone()) {
+            Some(why) => std::io::Error::other(why),
+            None => e,
+        }
+    }
+}
+
 impl Write for Relayed {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.sock.write(buf)
+        self.sock.write(buf).map_err(|e| self.why(e))
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.sock.flush()
@@ -384,8 +396,9 @@ impl Conn for Relayed {
     }
 }
 
-/// A socket pair: the blocking end for the HTTP code, the other as a tokio stream.
-fn pair(peer: Peer) -> std::io::Result<(Relayed, tokio::net::UnixStream)> {
+/// A socket pair: the blocking end for the HTTP code, the other for a relay task (made a
+/// tokio stream within its runtime).
+fn pair(peer: Peer) -> std::io::Result<(Relayed, UnixStream)> {
     let (mine, theirs) = UnixStream::pair()?;
     theirs.set_nonblocking(true)?;
     Ok((
@@ -394,7 +407,7 @@ fn pair(peer: Peer) -> std::io::Result<(Relayed, tokio::net::UnixStream)> {
             peer,
             err: Arc::new(Mutex::new(None)),
         },
-        tokio::net::UnixStream::from_std(theirs)?,
+        theirs,
     ))
 }
 
@@ -456,7 +469,17 @@ impl ClientTls {
                             return;
                         }
                     };
+                    let theirs = match tokio::net::UnixStream::from_std(theirs) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     let _ = ready_tx.send(Ok(()));
+                    // The pair stays open until the error is in its slot: the reader
+                    // that then finds it closed gives the error, not an end of stream.
+                    let hold = std::os::fd::AsFd::as_fd(&theirs).try_clone_to_owned();
                     if let Err(e) = splice(tls, theirs, None).await {
                         let e = explained(e, has_cert);
                         tracing::debug!("a TLS connection ended: {e}");
@@ -464,6 +487,7 @@ impl ClientTls {
                             *slot = Some(e.to_string());
                         }
                     }
+                    drop(hold);
                 });
             })?;
         match ready_rx.recv() {
@@ -628,7 +652,10 @@ pub fn serve_api(
                     }
                 };
                 drop(slot);
-                let (conn, theirs) = match pair(Peer::Ip(addr.ip())) {
+                let pair = pair(Peer::Ip(addr.ip())).and_then(|(conn, theirs)| {
+                    Ok((conn, tokio::net::UnixStream::from_std(theirs)?))
+                });
+                let (conn, theirs) = match pair {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!("no socket pair for a TLS connection: {e}");

@@ -725,13 +725,16 @@ impl Manager {
                 return Err(Error::invalid(
                     "--tls",
                     format!(
-                        "{dest} is a Unix socket on this host, where the stream needs no                          TLS: --tls needs a tcp://HOST:PORT destination"
+                        "{dest} is a Unix socket on this host, where the stream needs no \
+                         TLS: --tls needs a tcp://HOST:PORT destination"
                     ),
                 ));
             }
             if self.tls.get().is_none() {
                 return Err(Error::Unsupported(
-                    "migrate --tls: this daemon has no TLS certificate, and the stream                      would go in clear: start both daemons with --tls-cacert, --tls-cert                      and --tls-key (and --listen-tcp)"
+                    "migrate --tls: this daemon has no TLS certificate, and the stream \
+                     would go in clear: start both daemons with --tls-cacert, --tls-cert \
+                     and --tls-key (and --listen-tcp)"
                         .into(),
                 ));
             }
@@ -769,9 +772,14 @@ impl Manager {
                         let _ = peer.call("DELETE", &format!("/v1/domains/{name}"), None);
                     }
                     return Err(Error::Conflict(format!(
-                        "the destination daemon {dest} {} TLS on its migration port and                          this daemon {}: start both with --tls-cacert, --tls-cert and --tls-key",
+                        "the destination daemon {dest} {} TLS on its migration port and \
+                         this daemon {}: start both with --tls-cacert, --tls-cert and --tls-key",
                         if there { "requires" } else { "has no" },
-                        if tls.is_some() { "has certificates" } else { "has none" },
+                        if tls.is_some() {
+                            "has certificates"
+                        } else {
+                            "has none"
+                        },
                     )));
                 }
                 port.zip(nonce).map(|(port, nonce)| Target::Tcp {
