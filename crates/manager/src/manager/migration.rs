@@ -180,7 +180,7 @@ const NONCE_CHECKS: usize = 16;
 /// A connection to the migration port that sent the nonce.
 enum Found {
     Plain(TcpStream),
-    Tls(crate::tls::AcceptedStream),
+    Tls(Box<crate::tls::AcceptedStream>),
 }
 
 /// Destination side over TCP: takes the connection that starts with `nonce` (others
@@ -227,7 +227,7 @@ fn receive_tcp(
                                 nonce.as_bytes(),
                                 NONCE_WAIT,
                             ) {
-                                Ok(t) => Some(Found::Tls(t)),
+                                Ok(t) => Some(Found::Tls(Box::new(t))),
                                 Err(e) => {
                                     tracing::warn!(%peer, "a migration connection refused: {e}");
                                     None
