@@ -114,14 +114,14 @@ for i in range(runs):
               "cmdline": f"console=ttyS0 panic=-1 quiet vessel.run={WRITER}",
               "memory_mib": 512, "accel": "emu"}
         st, b = http(src["sock"], "POST", "/v1/domains", {"name": name, "driver": "vessel", "vm": vm})
-        assert st == 200, b
+        assert st // 100 == 2, b
         st, b = http(src["sock"], "POST", f"/v1/domains/{name}/start")
-        assert st == 200, b
+        assert st // 100 == 2, b
         wait_wrote(src, name, 6)
         st, b = http(src["sock"], "POST", f"/v1/domains/{name}/migrate",
                      {"dest": f"tcp://{dst['addr']}", "dest_token": TOKEN, "live": True,
                       "tls": mode == "tcp+tls", "undefine_source": True})
-        assert st == 200, b
+        assert st // 100 == 2, b
         rep = json.loads(b)
         wait_wrote(dst, name, 1, 60)
         r = {"total": rep["total_ms"], "downtime": rep["downtime_ms"], "rounds": rep["rounds"],
