@@ -32,6 +32,46 @@ use crate::error::{Error, Result};
 pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// Handshakes under way at once on the API's port; more connections wait for a slot.
 const HANDSHAKES: usize = 64;
+/// Handshakes under way at once from one address; more from it are dropped, so that one
+/// client holding slow handshakes cannot take every slot.
+const HANDSHAKES_PER_PEER: usize = 8;
+
+/// Counts a peer's handshakes under way; its slot is given back when dropped.
+struct PeerSlot {
+    table: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        table: &Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut t = table.lock().ok()?;
+        let n = t.entry(ip).or_insert(0);
+        if *n >= HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(n) = t.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    t.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
 
 /// Reads a PEM file and checks it holds a `marker` block (`BEGIN CERTIFICATE`,
 /// `PRIVATE KEY`); `what` names the file and its option in errors.
@@ -625,6 +665,7 @@ pub fn serve_api(
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+        let peers = Arc::new(Mutex::new(std::collections::HashMap::new()));
         loop {
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
@@ -633,6 +674,10 @@ pub fn serve_api(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Some(peer_slot) = PeerSlot::take(&peers, addr.ip()) else {
+                tracing::info!(peer = %addr, "too many TLS handshakes from one address: dropped");
+                continue;
             };
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 continue;
@@ -651,7 +696,7 @@ pub fn serve_api(
                         return;
                     }
                 };
-                drop(slot);
+                drop((slot, peer_slot));
                 let pair = pair(Peer::Ip(addr.ip())).and_then(|(conn, theirs)| {
                     Ok((conn, tokio::net::UnixStream::from_std(theirs)?))
                 });
@@ -742,6 +787,21 @@ mod tests {
             .to_string();
         assert!(e.contains("--tls-cacert"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_address_holds_a_few_handshake_slots_only() {
+        let table = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let (a, b) = ([127, 0, 0, 2].into(), [127, 0, 0, 3].into());
+        let mut held: Vec<PeerSlot> = (0..HANDSHAKES_PER_PEER)
+            .map(|_| PeerSlot::take(&table, a).unwrap())
+            .collect();
+        assert!(PeerSlot::take(&table, a).is_none());
+        assert!(PeerSlot::take(&table, b).is_some());
+        held.pop();
+        assert!(PeerSlot::take(&table, a).is_some());
+        held.clear();
+        assert!(table.lock().unwrap().is_empty());
     }
 
     /// A relay that records what the source sends, as a capture of the wire would.
