@@ -4715,8 +4715,23 @@ fn vessel_domain_migrates_live_over_tcp_between_daemons() {
 /// daemon without certificates is refused, naming the options, and nothing moves.
 #[test]
 fn vessel_domain_migrates_live_over_tls_between_daemons() {
-    let mut src = Daemon::start("tlsmigsrc");
-    let mut dst = Daemon::start("tlsmigdst");
+    migrate_over_tls("tlsmigsrc", "tlsmigdst", counting_vessel_domain("tlsmover"));
+}
+
+/// The same for a QEMU domain: its stream goes through the same daemon relays, over TLS.
+#[test]
+fn qemu_domain_migrates_live_over_tls_between_daemons() {
+    require_qemu();
+    migrate_over_tls(
+        "qtlsmigsrc",
+        "qtlsmigdst",
+        qemu_domain("tlsmover", COUNTING),
+    );
+}
+
+fn migrate_over_tls(src_tag: &str, dst_tag: &str, def: Value) {
+    let mut src = Daemon::start(src_tag);
+    let mut dst = Daemon::start(dst_tag);
     let certs = src.dir.join("certs");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-test-certs.sh");
     let made = Command::new("sh")
@@ -4780,9 +4795,7 @@ fn vessel_domain_migrates_live_over_tls_between_daemons() {
     dst.spawn_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
     wait_listen(&dst_addr);
     let at_src = src.client();
-    at_src
-        .post("/v1/domains", Some(&counting_vessel_domain("tlsmover")))
-        .unwrap();
+    at_src.post("/v1/domains", Some(&def)).unwrap();
     at_src.post("/v1/domains/tlsmover/start", None).unwrap();
     wait_count(&at_src, "tlsmover", 3, "first boot");
     let dest = format!("tcp://{dst_addr}");
