@@ -81,37 +81,8 @@ pub struct PflashSnapshot {
 #[serde(deny_unknown_fields)]
 pub struct SavedBlock {
     pub offset: u64,
-    #[serde(with = "hex_bytes")]
+    #[serde(with = "hex::serde")]
     pub bytes: Vec<u8>,
-}
-
-/// Bytes as a string of hex digits, two a byte.
-mod hex_bytes {
-    use serde::de::Error;
-    use serde::Deserialize;
-
-    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let out: String = b
-            .iter()
-            .flat_map(|x| [DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 15)]])
-            .map(char::from)
-            .collect();
-        s.serialize_str(&out)
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let t = String::deserialize(d)?;
-        let digit = |c: u8| char::from(c).to_digit(16).map(|v| v as u8);
-        t.as_bytes()
-            .chunks(2)
-            .map(|pair| match pair {
-                [h, l] => digit(*h).zip(digit(*l)).map(|(h, l)| h << 4 | l),
-                _ => None,
-            })
-            .collect::<Option<Vec<u8>>>()
-            .ok_or_else(|| D::Error::custom("not an even number of hex digits"))
-    }
 }
 
 /// The flash device, mapped at the start of its range on the MMIO bus.
