@@ -612,6 +612,12 @@ impl Manager {
                 rec.dest
             ));
         });
+        self.settled_away(name, &rec);
+    }
+
+    /// The end, here, of a migration a previous daemon began and the destination saw
+    /// through: the domain undefined if the migration asked for it, and announced.
+    fn settled_away(&self, name: &str, rec: &Outgoing) {
         if rec.undefine_source {
             let _ = self.undefine(name);
         }
@@ -662,16 +668,7 @@ impl Manager {
                 }
             }
             Outgoing::remove(&run);
-            if rec.undefine_source {
-                let _ = self.undefine(name);
-            }
-            self.events.emit_with(
-                name,
-                "migrated",
-                "shut off",
-                Some("migrated"),
-                Some(format!("to {} (settled after a daemon restart)", rec.dest)),
-            );
+            self.settled_away(name, &rec);
             return;
         }
         tracing::warn!(domain = name, dest = %rec.dest, "the migration a previous daemon began did not finish: the domain runs on here");
