@@ -1851,6 +1851,26 @@ fn inline_blk(disk: Box<dyn block::BlockBackend>) -> (Driver, crate::transport::
     (d, io)
 }
 
+/// A disk written in place that serves small writes within the notify, on a chip that
+/// moderates (the emu's).
+fn moderated_inline_blk() -> (Driver, crate::transport::IoThread) {
+    let disk = InPlaceDisk {
+        disk: MemDisk {
+            data: vec![0; 1 << 20],
+            ro: false,
+        },
+        sleep: None,
+    };
+    let mut d = Driver::with_chip(
+        Box::new(Block::new(Box::new(disk), "w", false)),
+        Pulses::moderating(),
+    )
+    .init(QSIZE);
+    let io = d.t.io_thread("blk-inline", None).unwrap();
+    assert!(d.t.serve_inline());
+    (d, io)
+}
+
 /// Posts a write of `len` bytes of `fill` at `sector` (status at `ST`) and notifies.
 fn notify_write(d: &mut Driver, head: u16, sector: u64, len: u32, fill: u8) {
     d.header(HDR, 1, sector);
@@ -1894,20 +1914,7 @@ fn small_writes_to_an_image_written_in_place_complete_within_the_notify() {
 
 #[test]
 fn a_write_served_within_the_notify_interrupts_when_a_vcpu_halts() {
-    let disk = InPlaceDisk {
-        disk: MemDisk {
-            data: vec![0; 1 << 20],
-            ro: false,
-        },
-        sleep: None,
-    };
-    let mut d = Driver::with_chip(
-        Box::new(Block::new(Box::new(disk), "w", false)),
-        Pulses::moderating(),
-    )
-    .init(QSIZE);
-    let _io = d.t.io_thread("blk-inline", None).unwrap();
-    assert!(d.t.serve_inline());
+    let (mut d, _io) = moderated_inline_blk();
     // Linux issues a plugged write from a worker while the writer sleeps: its
     // completion waits for a vCPU to halt rather than land while the worker runs.
     d.mem.write_obj(0u16, GuestAddress(USED_EVENT)).unwrap();
@@ -1930,20 +1937,7 @@ fn a_write_served_within_the_notify_interrupts_when_a_vcpu_halts() {
 
 #[test]
 fn a_probe_of_a_write_served_within_the_notify_also_waits_for_a_halt() {
-    let disk = InPlaceDisk {
-        disk: MemDisk {
-            data: vec![0; 1 << 20],
-            ro: false,
-        },
-        sleep: None,
-    };
-    let mut d = Driver::with_chip(
-        Box::new(Block::new(Box::new(disk), "w", false)),
-        Pulses::moderating(),
-    )
-    .init(QSIZE);
-    let _io = d.t.io_thread("blk-inline", None).unwrap();
-    assert!(d.t.serve_inline());
+    let (mut d, _io) = moderated_inline_blk();
     // One request at a time, each waited for: every completion asks for an interrupt,
     // and one in PROBE_EVERY is a probe that the queue holds. A write's probe waits for
     // its vCPU's halt as the others do: held only while every vCPU ran, it went out at
