@@ -133,32 +133,6 @@ fn the_virtio_console_carries_guest_output_to_the_host() {
     assert!(got.contains("through-hvc0"), "{got:?}");
 }
 
-/// A network namespace this test creates and deletes.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> Self {
-        let name = format!("vessel-{tag}-{}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) is needed");
-        assert!(st.success(), "ip netns add failed (needs root)");
-        NetNs(name)
-    }
-    fn exec(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// Bytes each way in the network test: enough for many full-sized TSO frames.
 const XFER: usize = 4 << 20;
 

@@ -663,21 +663,7 @@ fn a_virtio_blk_read_is_notified_by_ioeventfd_and_completes_by_irqfd() {
 #[test]
 fn a_tap_backed_virtio_net_device_appears_in_its_window() {
     // vessel runs inside a network namespace this test creates, so its TAP lives there.
-    let ns = format!("vessel-kvmnet-{}", std::process::id());
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .expect("ip (iproute2) is needed")
-        .success());
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _del = Del(ns.clone());
+    let ns = NetNs::new("kvmnet");
     let code = assemble64(|a, lib| {
         lib.print(a, "DEV ")?;
         for reg in [0u32, 8, 0x100, 0x104] {
@@ -692,8 +678,8 @@ fn a_tap_backed_virtio_net_device_appears_in_its_window() {
     let dir = TempDir::new("net");
     let k = dir.file("kernel.elf", &linux64_elf(&code));
     let f = run_with_timeout(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vessel")])
+        ns.exec()
+            .arg(env!("CARGO_BIN_EXE_vessel"))
             .args(["run", "--accel", "kvm", "--memory", MEM, "--kernel"])
             .arg(&k)
             .args(["--net", "tap=vsltest0,mac=52:54:00:01:02:03"]),
@@ -807,21 +793,7 @@ fn a_vcpu_request_on_another_descriptor_ends_that_vmm() {
 #[test]
 fn a_tap_request_on_another_descriptor_ends_that_vmm() {
     use std::os::unix::process::ExitStatusExt;
-    let ns = format!("vessel-tapfd-{}", std::process::id());
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .expect("ip (iproute2) is needed")
-        .success());
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _del = Del(ns.clone());
+    let ns = NetNs::new("tapfd");
     let code = assemble64(|a, lib| {
         lib.print(a, "RAN\n")?;
         debug_exit(a, 0x5)
@@ -830,8 +802,8 @@ fn a_tap_request_on_another_descriptor_ends_that_vmm() {
     let k = dir.file("kernel.elf", &linux64_elf(&code));
     let run = |mode: &str| {
         run_with_timeout(
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vessel")])
+            ns.exec()
+                .arg(env!("CARGO_BIN_EXE_vessel"))
                 .args(["run", "--accel", "kvm", "--memory", MEM, "--cpus", "2"])
                 .args(["--seccomp", mode, "--kernel"])
                 .arg(&k)

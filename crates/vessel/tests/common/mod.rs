@@ -253,3 +253,31 @@ pub fn api_raw(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u1
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (r.status, r.body)
 }
+
+/// A network namespace a test creates (`vessel-TAG-PID`) and deletes when dropped.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("vessel-{tag}-{}", std::process::id());
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(st.success(), "ip netns add failed (needs root)");
+        NetNs(name)
+    }
+
+    /// `ip netns exec NAME`, to which the caller adds the program and its arguments.
+    pub fn exec(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
