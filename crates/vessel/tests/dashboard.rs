@@ -135,8 +135,27 @@ impl Daemon {
             false,
             &headers,
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: {e}; the daemon (PID {}) is {}",
+                self.child.id(),
+                self.liveness()
+            )
+        });
         (r.status, r.body)
+    }
+
+    /// The daemon process's state as /proc tells it, for a request that failed: whether
+    /// the daemon ended (a zombie, or gone) or was alive and the connection itself failed.
+    fn liveness(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("State:"))
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "gone from /proc".into())
     }
 
     fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -169,12 +188,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Whether the daemon had ended before this (and how), for a failed test.
+        let ended = self.child.try_wait();
         kill(self.child.id() as i32, libc::SIGKILL);
         let _ = self.child.wait();
         for pid in self.vmm_pids() {
             kill(pid, libc::SIGKILL);
         }
         if std::thread::panicking() {
+            eprintln!("daemon ended before the test did: {ended:?}");
             eprintln!("daemon log:\n{}", self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
