@@ -84,7 +84,8 @@ impl Daemon {
             .arg(common::assets())
             .arg("--file-root")
             .arg(&dir)
-            .env("VESSEL_LOG", "info")
+            // The HTTP server's debug lines name a connection it refused or dropped.
+            .env("VESSEL_LOG", "info,vmm::api::http=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

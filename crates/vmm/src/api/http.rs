@@ -878,11 +878,14 @@ fn accept_loop(
         match accept() {
             Ok(mut stream) => {
                 let _ = stream.set_write_timeout_conn(Some(std::time::Duration::from_secs(1)));
-                let slot = match stream
-                    .try_clone_conn()
-                    .map_err(|e| format!("cannot serve the connection: {e}"))
-                    .and_then(|handle| table.enter(stream.peer_conn(), handle, &limits))
-                {
+                let handle = match stream.try_clone_conn() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(peer = ?stream.peer_conn(), "cannot serve a connection: {e}");
+                        continue;
+                    }
+                };
+                let slot = match table.enter(stream.peer_conn(), handle, &limits) {
                     Ok(slot) => slot,
                     Err(why) => {
                         tracing::debug!(peer = ?stream.peer_conn(), "{why}");
