@@ -414,32 +414,6 @@ fn the_same_image_and_seed_boot_under_qemu_q35_with_ovmf() {
     assert_eq!(exit, Some(0), "qemu's exit status; console:\n{text}");
 }
 
-/// A network namespace this test creates and deletes.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> Self {
-        let name = format!("vessel-{tag}-{}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) is needed");
-        assert!(st.success(), "ip netns add failed (needs root)");
-        NetNs(name)
-    }
-    fn exec(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn cloud_init_installs_an_ssh_key_and_the_test_logs_in_over_a_tap() {
     for tool in ["ssh", "ssh-keygen"] {
@@ -487,7 +461,7 @@ fn cloud_init_installs_an_ssh_key_and_the_test_logs_in_over_a_tap() {
         )
         .as_bytes(),
     );
-    let ns = NetNs::new("cloud");
+    let ns = common::NetNs::new("cloud");
     let console = dir.path().join("console.log");
     let name = "ssh-guest";
     let child = ns

@@ -4385,64 +4385,29 @@ fn vessel_domain_migrates_live_between_daemons() {
     dst.ok(&["destroy", "withvsock"]);
 }
 
-/// A network namespace the test makes (with what it holds), deleted at the end.
-struct NamedNs(String);
-
-impl NamedNs {
-    fn new(tag: &str) -> NamedNs {
-        let ns = NamedNs(format!("vessel-{tag}-{}", std::process::id()));
-        let st = Command::new("ip")
-            .args(["netns", "add", &ns.0])
+/// Whether the guest at `ip` answers a ping from namespace `ns` within `tries` s.
+fn pings_from(ns: &common::NetNs, ip: &str, tries: u32) -> bool {
+    (0..tries).any(|_| {
+        // The assets' busybox: the host may have no ping of its own.
+        ns.exec()
+            .arg(assets().join("busybox"))
+            .args(["ping", "-c1", "-W1", ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
-            .expect("ip (iproute2) is needed");
-        assert!(st.success(), "ip netns add failed (needs root)");
-        ns
-    }
-
-    /// `ip -n NS ARGS`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let o = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-
-    /// Whether the guest at `ip` answers a ping from the namespace within `tries` s.
-    fn pings(&self, ip: &str, tries: u32) -> bool {
-        (0..tries).any(|_| {
-            // The assets' busybox: the host may have no ping of its own.
-            Command::new("ip")
-                .args(["netns", "exec", &self.0])
-                .arg(assets().join("busybox"))
-                .args(["ping", "-c1", "-W1", ip])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-    }
-
-    /// A file under /sys/class/net in the namespace (sysfs is the namespace's there).
-    fn sys(&self, path: &str) -> String {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &self.0, "cat"])
-            .arg(format!("/sys/class/net/{path}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
+            .is_ok_and(|s| s.success())
+    })
 }
 
-impl Drop for NamedNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// A file under /sys/class/net in namespace `ns` (sysfs is the namespace's there).
+fn sys_in(ns: &common::NetNs, path: &str) -> String {
+    let o = ns
+        .exec()
+        .arg("cat")
+        .arg(format!("/sys/class/net/{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// Issue 17: a Vessel domain with an interface on a host bridge migrates live to another
@@ -4455,7 +4420,7 @@ impl Drop for NamedNs {
 /// without a gap or repeat, and the TAP goes when the domain is destroyed there.
 #[test]
 fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
-    let ns = NamedNs::new("mignet");
+    let ns = common::NetNs::new("mignet");
     ns.ip(&["link", "set", "lo", "up"]);
     ns.ip(&["link", "add", "vtbr0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vtbr0"]);
@@ -4478,7 +4443,7 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
         .unwrap()
         .to_string();
     assert!(
-        ns.pings("10.78.0.5", 20),
+        pings_from(&ns, "10.78.0.5", 20),
         "the guest does not answer on the bridge: {}\n{}",
         String::from_utf8_lossy(
             &Command::new("ip")
@@ -4512,17 +4477,16 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     );
     // The same TAP, still on the bridge, held by the destination's VMM.
     assert_eq!(
-        ns.sys(&format!("{tap}/carrier")),
+        sys_in(&ns, &format!("{tap}/carrier")),
         "1",
         "TAP {tap} is not in use"
     );
     assert!(
-        ns.sys(&format!("{tap}/master/uevent"))
-            .contains("INTERFACE=vtbr0"),
+        sys_in(&ns, &format!("{tap}/master/uevent")).contains("INTERFACE=vtbr0"),
         "TAP {tap} left the bridge"
     );
     assert!(
-        ns.pings("10.78.0.5", 20),
+        pings_from(&ns, "10.78.0.5", 20),
         "the guest does not answer after the migration"
     );
 
@@ -4539,7 +4503,7 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     assert!(out.contains("restored"), "{out}");
     wait_count(&at_dst, "netmover", at_save + 5, "after the restore");
     assert!(
-        ns.pings("10.78.0.5", 20),
+        pings_from(&ns, "10.78.0.5", 20),
         "no answer after the restore: {}\n{}",
         String::from_utf8_lossy(
             &Command::new("ip")
@@ -4555,11 +4519,14 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     wait_count(&at_dst, "netmover", at_snap + 5, "after the snapshot");
     dst.ok(&["snapshot-revert", "netmover", "here"]);
     wait_count(&at_dst, "netmover", at_snap + 10, "after the revert");
-    assert!(ns.pings("10.78.0.5", 20), "no answer after the revert");
+    assert!(
+        pings_from(&ns, "10.78.0.5", 20),
+        "no answer after the revert"
+    );
 
     dst.ok(&["destroy", "netmover"]);
     let t0 = Instant::now();
-    while !ns.sys(&format!("{tap}/carrier")).is_empty() {
+    while !sys_in(&ns, &format!("{tap}/carrier")).is_empty() {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "TAP {tap} is left after the domain ended"
@@ -4579,7 +4546,7 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
 #[test]
 fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     require_qemu();
-    let ns = NamedNs::new("qmignet");
+    let ns = common::NetNs::new("qmignet");
     ns.ip(&["link", "set", "lo", "up"]);
     ns.ip(&["link", "add", "vtbr0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vtbr0"]);
@@ -4614,7 +4581,7 @@ fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
         .into_owned()
     };
     assert!(
-        ns.pings("10.78.0.6", 20),
+        pings_from(&ns, "10.78.0.6", 20),
         "the guest does not answer on the bridge: {}\n{}",
         links(),
         serial_log(&at_src, "qnetmover")
@@ -4642,15 +4609,19 @@ fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
         assert_eq!(state(at_to, "qnetmover"), "running");
         let tap_to = tap_of(at_to);
         assert_ne!(tap_to, tap_from, "both QEMUs were given one TAP");
-        assert_eq!(ns.sys(&format!("{tap_to}/carrier")), "1", "{}", links());
+        assert_eq!(
+            sys_in(&ns, &format!("{tap_to}/carrier")),
+            "1",
+            "{}",
+            links()
+        );
         assert!(
-            ns.sys(&format!("{tap_to}/master/uevent"))
-                .contains("INTERFACE=vtbr0"),
+            sys_in(&ns, &format!("{tap_to}/master/uevent")).contains("INTERFACE=vtbr0"),
             "TAP {tap_to} is not on the bridge: {}",
             links()
         );
         let t0 = Instant::now();
-        while !ns.sys(&format!("{tap_from}/carrier")).is_empty() {
+        while !sys_in(&ns, &format!("{tap_from}/carrier")).is_empty() {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "the source's TAP {tap_from} is left: {}",
@@ -4659,7 +4630,7 @@ fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(
-            ns.pings("10.78.0.6", 20),
+            pings_from(&ns, "10.78.0.6", 20),
             "the guest does not answer after the migration: {}\n{}",
             links(),
             to.log()
@@ -4686,7 +4657,7 @@ fn qemu_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
 
     src.ok(&["destroy", "qnetmover"]);
     let t0 = Instant::now();
-    while !ns.sys(&format!("{first}/carrier")).is_empty() {
+    while !sys_in(&ns, &format!("{first}/carrier")).is_empty() {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "TAP {first} is left after the domain ended"

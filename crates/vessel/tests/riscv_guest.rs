@@ -242,54 +242,21 @@ fn virtio_blk_reads_and_writes_a_disk() {
     );
 }
 
-/// A network namespace for one test, deleted when dropped.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> Self {
-        let name = format!("vessel-{tag}-{}", std::process::id());
-        let st = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) is needed");
-        assert!(st.success(), "ip netns add failed (needs root)");
-        NetNs(name)
-    }
-
-    fn ip(&self, args: &[&str]) -> bool {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &self.0, "ip"])
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn virtio_net_pings_the_host_side_of_a_tap_and_virtio_rng_feeds_hwrng() {
     let assets = riscv_assets();
-    let ns = NetNs::new("rvnet");
+    let ns = common::NetNs::new("rvnet");
     // The VMM creates the TAP inside the namespace; give the host side its address as
     // soon as it appears, while the guest boots (the guest retries its ping meanwhile).
     let ns_name = ns.0.clone();
     let host_side = std::thread::spawn(move || {
-        let ns = NetNs(ns_name);
+        let ns = common::NetNs(ns_name);
         let deadline = std::time::Instant::now() + LIMIT;
         let mut configured = false;
         while std::time::Instant::now() < deadline {
-            if ns.ip(&["link", "show", "rvtap0"]) {
-                configured = ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "rvtap0"])
-                    && ns.ip(&["link", "set", "rvtap0", "up"]);
+            if ns.ip_succeeds(&["link", "show", "rvtap0"]) {
+                configured = ns.ip_succeeds(&["addr", "add", "10.0.2.1/24", "dev", "rvtap0"])
+                    && ns.ip_succeeds(&["link", "set", "rvtap0", "up"]);
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));

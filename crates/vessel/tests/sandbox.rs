@@ -494,23 +494,9 @@ fn a_jailed_vmm_sees_only_its_own_files_and_namespaces() {
     let _ = std::fs::remove_file(&secret);
 }
 
-/// A network namespace this test creates and deletes.
-struct NetNs(String);
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn a_jailed_vmm_with_a_tap_keeps_its_network_and_the_guest_pings_the_host() {
-    let ns = NetNs(format!("vessel-jailnet-{}", std::process::id()));
-    let st = Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .expect("ip (iproute2) is needed");
-    assert!(st.success(), "ip netns add failed (needs root)");
+    let ns = common::NetNs::new("jailnet");
     let dir = TempDir::new("sandbox-jailnet");
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();

@@ -1620,58 +1620,29 @@ fn a_kvm_guest_goes_on_after_live_migration() {
 
 /// A network namespace this test creates and deletes, with a persistent TAP device in
 /// it (as the manager's are) whose host end has `host_ip`/24.
-struct NetNs(String);
-
-impl NetNs {
-    fn with_tap(tag: &str, tap: &str, host_ip: &str, multi_queue: bool) -> Self {
-        let name = format!("vessel-{tag}-{}", std::process::id());
-        let st = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) is needed");
-        assert!(st.success(), "ip netns add failed (needs root)");
-        let ns = NetNs(name);
-        let addr = format!("{host_ip}/24");
-        let mut add = vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"];
-        if multi_queue {
-            add.push("multi_queue");
-        }
-        for args in [
-            vec!["ip", "link", "set", "lo", "up"],
-            add,
-            vec!["ip", "addr", "add", &addr, "dev", tap],
-            vec!["ip", "link", "set", tap, "up"],
-        ] {
-            let o = ns.exec().args(&args).output().unwrap();
-            assert!(
-                o.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        ns
+fn netns_with_tap(tag: &str, tap: &str, host_ip: &str, multi_queue: bool) -> common::NetNs {
+    let ns = common::NetNs::new(tag);
+    let addr = format!("{host_ip}/24");
+    let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+    if multi_queue {
+        add.push("multi_queue");
     }
-
-    fn exec(&self) -> std::process::Command {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &self.0]);
-        c
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        add,
+        vec!["addr", "add", &addr, "dev", tap],
+        vec!["link", "set", tap, "up"],
+    ] {
+        ns.ip(&args);
     }
-
-    /// A vessel command that runs in the namespace.
-    fn vessel(&self) -> std::process::Command {
-        let mut c = self.exec();
-        c.arg(env!("CARGO_BIN_EXE_vessel"));
-        c
-    }
+    ns
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
+/// A vessel command that runs in the namespace `ns`.
+fn vessel_in(ns: &common::NetNs) -> std::process::Command {
+    let mut c = ns.exec();
+    c.arg(env!("CARGO_BIN_EXE_vessel"));
+    c
 }
 
 impl Vm {
@@ -1715,7 +1686,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn listen(ns: &NetNs, addr: &'static str) -> Peer {
+    fn listen(ns: &common::NetNs, addr: &'static str) -> Peer {
         use std::os::fd::AsRawFd;
         let netns = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -1885,14 +1856,14 @@ fn a_two_cpu_guest_on_a_multi_queue_tap_keeps_its_connection_across_restore_and_
 fn host_io_across_moves(tag: &str, multi_queue: bool) {
     let a = assets();
     let dir = TempDir::new(tag);
-    let ns = NetNs::with_tap(tag, "vsnap0", "10.0.3.1", multi_queue);
+    let ns = netns_with_tap(tag, "vsnap0", "10.0.3.1", multi_queue);
     let peer = Peer::listen(&ns, "10.0.3.1:7000");
     let s1 = dir.path().join("api1.sock");
     let snap = dir.path().join("snap");
     let disk = dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     let mut vm1 = Vm::spawn_with(
-        ns.vessel(),
+        vessel_in(&ns),
         &[
             "run".as_ref(),
             "--accel".as_ref(),
@@ -1977,7 +1948,7 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
         let last = take(before, &mut all, &mut full);
         let restored_sock = dir.path().join(format!("r{cycle}.sock"));
         let mut restored = Vm::spawn_with(
-            ns.vessel(),
+            vessel_in(&ns),
             &[
                 "run".as_ref(),
                 "--restore".as_ref(),
@@ -1995,7 +1966,7 @@ fn host_io_across_moves(tag: &str, multi_queue: bool) {
         let incoming = dir.path().join(format!("in{cycle}.sock"));
         let next_sock = dir.path().join(format!("m{cycle}.sock"));
         let mut next = Vm::spawn_with(
-            ns.vessel(),
+            vessel_in(&ns),
             &[
                 "run".as_ref(),
                 "--incoming".as_ref(),

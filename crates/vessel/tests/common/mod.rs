@@ -274,6 +274,32 @@ impl NetNs {
         c.args(["netns", "exec", &self.0]);
         c
     }
+
+    /// Whether `ip -n NAME ARGS` succeeds (its output discarded).
+    pub fn ip_succeeds(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `ip -n NAME ARGS`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let o = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("ip (iproute2) is needed");
+        assert!(
+            o.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.0,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
 
 impl Drop for NetNs {
