@@ -77,6 +77,7 @@ impl Hypervisor for EmuHypervisor {
                 clock,
                 ioevents: eventfds::IoEvents::default(),
                 moderate: kvm.is_none(),
+                halt_polling: cpus > 1 && usize::from(cpus) <= host_cpus(),
             }),
             irqfds,
             code: Arc::new(Mutex::new(None)),
@@ -105,6 +106,15 @@ pub(crate) struct VmShared {
     pub(crate) ioevents: eventfds::IoEvents,
     /// Whether device interrupts may be held until a vCPU halts (not in hybrid mode).
     pub(crate) moderate: bool,
+    /// Whether halted vCPUs poll before they sleep: with 2 or more vCPUs, each with a
+    /// host CPU of its own (polling where vCPUs outnumber host CPUs would take the CPU
+    /// from the vCPU it waits for).
+    pub(crate) halt_polling: bool,
+}
+
+/// The host CPUs this process may run on (its affinity and cgroup quota).
+fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 struct Region {

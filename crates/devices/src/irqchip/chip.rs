@@ -970,6 +970,16 @@ impl UserIrqChip {
         }
     }
 
+    /// `cpu` halts: the interrupts held for a halt go out now, as at the start of
+    /// [`UserIrqChip::wait`], for a vCPU that polls for its next event before it sleeps.
+    pub fn halting(&self, cpu: u32) {
+        let Some(i) = self.index(cpu) else { return };
+        let mut st = self.lock();
+        if st.release_held_at(Some(i)) {
+            self.notify(&mut st);
+        }
+    }
+
     /// Sleep a halted `cpu` until it has an event or `timeout` passes. Events: an NMI,
     /// INIT/SIPI, a kick, and — if `interruptible` (the guest's RFLAGS.IF) — a maskable
     /// interrupt. True if woken by an event, false on timeout. Timers are not advanced
