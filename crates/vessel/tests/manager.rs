@@ -328,6 +328,26 @@ fn wait_count(c: &Client, name: &str, n: u64, what: &str) {
     }
 }
 
+/// After domain `name` moved from the daemon of `at_src` to that of `at_dst`: waits until
+/// the destination counted `more` past the source's last count, and asserts that the two
+/// serial logs together count 1, 2, 3... with nothing lost or repeated (a line the source
+/// was printing when it stopped ends in the destination's log). Returns the source's last
+/// count.
+fn count_went_on(at_src: &Client, at_dst: &Client, name: &str, more: u64) -> u64 {
+    let last = *counts(at_src, name).last().unwrap();
+    wait_count(at_dst, name, last + more, "at the destination");
+    let both = parse_counts(&format!(
+        "{}{}",
+        serial_log(at_src, name),
+        serial_log(at_dst, name)
+    ));
+    assert!(
+        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count did not go on at the destination: {both:?}"
+    );
+    last
+}
+
 fn wait_for_log(c: &Client, name: &str, needle: &str) -> String {
     let t0 = Instant::now();
     loop {
@@ -4296,23 +4316,7 @@ fn vessel_domain_migrates_live_between_daemons() {
     wait_state(&at_src, "mover", "shutoff", Duration::from_secs(10));
     assert_eq!(state(&at_dst, "mover"), "running");
     assert!(src.run_pids().is_empty(), "the source's VMM still runs");
-    let last = *counts(&at_src, "mover").last().unwrap();
-    wait_count(&at_dst, "mover", last + 5, "at the destination");
-    // A line the source was printing when it stopped ends in the destination's log.
-    let parse = |text: &str| -> Vec<u64> {
-        text.lines()
-            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
-            .collect()
-    };
-    let both = parse(&format!(
-        "{}{}",
-        serial_log(&at_src, "mover"),
-        serial_log(&at_dst, "mover")
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on at the destination: {both:?}"
-    );
+    let last = count_went_on(&at_src, &at_dst, "mover", 5);
     let there = counts(&at_dst, "mover");
 
     let out = dst.ok(&[
@@ -4464,17 +4468,7 @@ fn vessel_domain_with_an_interface_migrates_live_between_daemons_on_one_host() {
     assert!(out.contains("migrated"), "{out}");
     wait_state(&at_src, "netmover", "shutoff", Duration::from_secs(10));
     assert_eq!(state(&at_dst, "netmover"), "running");
-    let last = *counts(&at_src, "netmover").last().unwrap();
-    wait_count(&at_dst, "netmover", last + 5, "at the destination");
-    let both = parse_counts(&format!(
-        "{}{}",
-        serial_log(&at_src, "netmover"),
-        serial_log(&at_dst, "netmover")
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on at the destination: {both:?}"
-    );
+    count_went_on(&at_src, &at_dst, "netmover", 5);
     // The same TAP, still on the bridge, held by the destination's VMM.
     assert_eq!(
         sys_in(&ns, &format!("{tap}/carrier")),
@@ -4879,17 +4873,7 @@ fn migrate_over_tls(src_tag: &str, dst_tag: &str, def: Value) {
             .any(|l| l.contains("migration stream received over TCP") && l.contains("tls=true")),
         "{log}"
     );
-    let last = *counts(&at_src, "tlsmover").last().unwrap();
-    wait_count(&at_dst, "tlsmover", last + 5, "at the destination");
-    let both = parse_counts(&format!(
-        "{}{}",
-        serial_log(&at_src, "tlsmover"),
-        serial_log(&at_dst, "tlsmover")
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on at the destination: {both:?}"
-    );
+    count_went_on(&at_src, &at_dst, "tlsmover", 5);
     dst.ok(&["destroy", "tlsmover"]);
 }
 
@@ -4959,22 +4943,7 @@ fn migrate_over_tcp(src_tag: &str, dst_tag: &str, def: Value) {
     assert!(src.run_pids().is_empty(), "the source's VMM still runs");
     let log = std::fs::read_to_string(dst.dir.join("daemon.log")).unwrap();
     assert!(log.contains("migration stream received over TCP"), "{log}");
-    let last = *counts(&at_src, "tmover").last().unwrap();
-    wait_count(&at_dst, "tmover", last + 5, "at the destination");
-    let parse = |text: &str| -> Vec<u64> {
-        text.lines()
-            .filter_map(|l| l.trim_end().strip_prefix("count ")?.parse().ok())
-            .collect()
-    };
-    let both = parse(&format!(
-        "{}{}",
-        serial_log(&at_src, "tmover"),
-        serial_log(&at_dst, "tmover")
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on at the destination: {both:?}"
-    );
+    count_went_on(&at_src, &at_dst, "tmover", 5);
     dst.ok(&["destroy", "tmover"]);
 }
 
@@ -5029,17 +4998,7 @@ fn qemu_domain_migrates_live_between_daemons() {
     assert_eq!(reasons(&at_dst, "started"), [json!("migrated")]);
     assert_eq!(reasons(&at_src, "started"), [json!("booted")]);
     assert_eq!(reasons(&at_src, "stopped"), [json!("migrated")]);
-    let last = *counts(&at_src, "qmover").last().unwrap();
-    wait_count(&at_dst, "qmover", last + 5, "at the destination");
-    let both = parse_counts(&format!(
-        "{}{}",
-        serial_log(&at_src, "qmover"),
-        serial_log(&at_dst, "qmover")
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on at the destination: {both:?}"
-    );
+    let last = count_went_on(&at_src, &at_dst, "qmover", 5);
 
     let there = *counts(&at_dst, "qmover").last().unwrap();
     dst.ok(&[
@@ -5736,17 +5695,7 @@ fn failed_migration_between_daemons(tag: &str, def: Value, dies: Dies) {
     let out = src.ok(&["migrate", &name, "--live", dst.socket().to_str().unwrap()]);
     assert!(out.contains("migrated"), "{out}");
     wait_state(&at_src, &name, "shutoff", Duration::from_secs(10));
-    let last = *counts(&at_src, &name).last().unwrap();
-    wait_count(&at_dst, &name, last + 3, "at the destination");
-    let both = parse_counts(&format!(
-        "{}{}",
-        serial_log(&at_src, &name),
-        serial_log(&at_dst, &name)
-    ));
-    assert!(
-        both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-        "the count did not go on: {both:?}"
-    );
+    count_went_on(&at_src, &at_dst, &name, 3);
     dst.ok(&["destroy", &name]);
 }
 
@@ -5960,17 +5909,7 @@ fn source_daemon_dies_during_migration(tag: &str, def: Value, phase: &str, sourc
         );
         assert!(src.run_pids().is_empty(), "the source's VMM still runs");
         assert_eq!(state(&at_dst, name), "running");
-        let last = *counts(&at_src, name).last().unwrap();
-        wait_count(&at_dst, name, last + 5, "at the destination");
-        let both = parse_counts(&format!(
-            "{}{}",
-            serial_log(&at_src, name),
-            serial_log(&at_dst, name)
-        ));
-        assert!(
-            both.first() == Some(&1) && both.windows(2).all(|w| w[1] == w[0] + 1),
-            "the count did not go on at the destination: {both:?}"
-        );
+        count_went_on(&at_src, &at_dst, name, 5);
         dst.ok(&["destroy", name]);
     }
     assert!(
