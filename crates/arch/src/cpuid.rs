@@ -109,9 +109,11 @@ enum Reg {
 /// Leaf 1 ECX bits that describe the platform, not the instruction set: kept in every model.
 const L1_ECX_PLATFORM: u32 = (1 << 21) | (1 << 24) | ECX_HYPERVISOR;
 /// Leaf 7 EBX/EDX bits that are hints about the implementation, kept in every model:
-/// IA32_TSC_ADJUST, ERMS (fast REP MOVSB) and IA32_ARCH_CAPABILITIES.
+/// IA32_TSC_ADJUST, ERMS (fast REP MOVSB), IA32_SPEC_CTRL/IA32_PRED_CMD and
+/// IA32_ARCH_CAPABILITIES (which together say which speculation mitigations are needed).
 const L7_EBX_HINTS: u32 = (1 << 1) | (1 << 9);
-const L7_EDX_HINTS: u32 = 1 << 29;
+const L7_EDX_HINTS: u32 = (1 << 26) | (1 << 29);
+const L7_2_EDX_HINTS: u32 = 1 << 4;
 
 /// A model the accelerator cannot provide.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +182,11 @@ fn narrow(
                 e.ebx &= mask(7, Reg::Ebx) | L7_EBX_HINTS;
                 e.ecx = 0;
                 e.edx &= L7_EDX_HINTS;
+            }
+            // Subleaf 2's BHI_CTRL goes with IA32_SPEC_CTRL: a hint like it.
+            7 if e.index == 2 => {
+                (e.eax, e.ebx, e.ecx) = (0, 0, 0);
+                e.edx &= L7_2_EDX_HINTS;
             }
             7 => continue,
             0xd if !xsave => continue,
@@ -515,6 +522,37 @@ mod model_tests {
         assert_eq!(l7.ecx, 0, "no RDPID in v3");
         let max = apply_model(&rich(), CpuModel::Max).unwrap();
         assert_eq!(max[..3], rich()[..3], "max keeps every feature");
+    }
+
+    #[test]
+    fn models_keep_the_speculation_control_hints() {
+        let mut host = rich();
+        host[1].edx = (1 << 26) | (1 << 29) | (1 << 4);
+        host.push(CpuIdEntry {
+            function: 7,
+            index: 1,
+            eax: 1 << 4,
+            ..Default::default()
+        });
+        host.push(CpuIdEntry {
+            function: 7,
+            index: 2,
+            edx: (1 << 4) | (1 << 0),
+            ..Default::default()
+        });
+        let q = apply_model(&host, CpuModel::Qemu64).unwrap();
+        let l7 = q.iter().find(|e| e.function == 7 && e.index == 0).unwrap();
+        assert_eq!(
+            l7.edx,
+            (1 << 26) | (1 << 29),
+            "SPEC_CTRL and ARCH_CAPABILITIES"
+        );
+        assert!(
+            !q.iter().any(|e| e.function == 7 && e.index == 1),
+            "no subleaf 1"
+        );
+        let l72 = q.iter().find(|e| e.function == 7 && e.index == 2).unwrap();
+        assert_eq!(l72.edx, 1 << 4, "BHI_CTRL only");
     }
 
     #[test]

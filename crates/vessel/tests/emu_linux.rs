@@ -28,6 +28,18 @@ fn debian_kernel_boots_to_a_busybox_shell_and_powers_off() {
     assert!(cpuinfo.contains("processor\t: 0"), "{cpuinfo}");
     assert!(cpuinfo.contains("sse2"), "{cpuinfo}");
 
+    // The kernel's speculation mitigations: none that would make emulated code slower
+    // (retpolines, a branch-history loop at each system call) for what it cannot do.
+    let v2 = c.run(
+        "cat /sys/devices/system/cpu/vulnerabilities/spectre_v2",
+        CMD,
+    );
+    assert!(
+        v2.contains("Enhanced / Automatic IBRS") && v2.contains("BHI: BHI_DIS_S"),
+        "{v2}"
+    );
+    assert!(!v2.contains("Retpoline"), "{v2}");
+
     let irqs = c.run("cat /proc/interrupts", CMD);
     assert!(irqs.contains("IO-APIC") && irqs.contains("ttyS0"), "{irqs}");
     assert!(irqs.contains("LOC:"), "{irqs}");

@@ -61,8 +61,12 @@ const ADX: u32 = 1 << 19;
 const CLFLUSHOPT: u32 = 1 << 23;
 const SHA: u32 = 1 << 29;
 const RDPID: u32 = 1 << 22;
+/// Leaf 7 EDX bit 26: IA32_SPEC_CTRL (IBRS) and IA32_PRED_CMD (IBPB) exist.
+const SPEC_CTRL: u32 = 1 << 26;
 /// Leaf 7 EDX bit 29: IA32_ARCH_CAPABILITIES exists.
 const ARCH_CAPABILITIES: u32 = 1 << 29;
+/// Leaf 7 subleaf 2 EDX bit 4: IA32_SPEC_CTRL's BHI_DIS_S (bit 10) exists.
+const BHI_CTRL: u32 = 1 << 4;
 // Leaf 0xD subleaf 1 EAX.
 const XSAVEOPT: u32 = 1 << 0;
 const XSAVEC: u32 = 1 << 1;
@@ -196,14 +200,26 @@ impl CpuidTable {
         );
         // ERMS: REP MOVSB/STOSB are fast here (a page at a time, see `exec::string`), so
         // Linux should use them for memcpy, memset, clear_page and user copies instead of
-        // unrolled loops of moves. ARCH_CAPABILITIES: see above.
+        // unrolled loops of moves. ARCH_CAPABILITIES: see above; SPEC_CTRL, so that Linux can
+        // turn on the enhanced IBRS it says the CPU has (see `msr`).
         t.set_subleaf(
             7,
             0,
             CpuidEntry {
+                eax: 2,
                 ebx: TSC_ADJUST | ERMS | CLFLUSHOPT | host.l7_ebx,
                 ecx: RDPID | host.l7_ecx,
-                edx: ARCH_CAPABILITIES,
+                edx: SPEC_CTRL | ARCH_CAPABILITIES,
+            },
+        );
+        t.set_subleaf(7, 1, CpuidEntry::default());
+        // BHI_CTRL: with enhanced IBRS Linux otherwise clears the branch history with a
+        // loop of branches on every system call; with it, it sets BHI_DIS_S once.
+        t.set_subleaf(
+            7,
+            2,
+            CpuidEntry {
+                edx: BHI_CTRL,
                 ..Default::default()
             },
         );

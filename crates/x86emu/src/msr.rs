@@ -12,6 +12,8 @@ pub const PLATFORM_ID: u32 = 0x17;
 pub const APIC_BASE: u32 = 0x1b;
 pub const FEATURE_CONTROL: u32 = 0x3a;
 pub const TSC_ADJUST: u32 = 0x3b;
+pub const SPEC_CTRL: u32 = 0x48;
+pub const PRED_CMD: u32 = 0x49;
 pub const BIOS_SIGN_ID: u32 = 0x8b;
 pub const MTRRCAP: u32 = 0xfe;
 pub const ARCH_CAPABILITIES: u32 = 0x10a;
@@ -36,8 +38,14 @@ pub const TSC_AUX: u32 = 0xc000_0103;
 /// IA32_ARCH_CAPABILITIES: not affected by Meltdown (RDCL_NO), SSB, MDS, the page-size
 /// change machine check, TAA, the MMIO stale-data variants (SBDR/FBSDP/PSDP), GDS, RFDS,
 /// or indirect target selection (ITS_NO, bit 62: without it Linux assumes a guest is
-/// affected and routes every return through a thunk).
+/// affected and routes every return through a thunk); enhanced IBRS (IBRS_ALL, bit 1) as
+/// the model's silicon has, and no branch history injection (BHI_NO, bit 20). Without
+/// those two Linux compiles every indirect call and jump to a retpoline (a call, a store
+/// over the return address and a RET, each an indirect lookup here) and clears the branch
+/// history on every system call, for speculation that compiled guest code never does
+/// across the guest's privilege levels: the JIT's own indirect jumps are the host's.
 const ARCH_CAPS: u64 = (1 << 0)
+    | (1 << 1)
     | (1 << 4)
     | (1 << 5)
     | (1 << 6)
@@ -45,9 +53,16 @@ const ARCH_CAPS: u64 = (1 << 0)
     | (1 << 13)
     | (1 << 14)
     | (1 << 15)
+    | (1 << 20)
     | (1 << 26)
     | (1 << 27)
     | (1 << 62);
+
+/// IA32_SPEC_CTRL bits CPUID offers: IBRS (leaf 7 EDX bit 26) and BHI_DIS_S (leaf 7
+/// subleaf 2 EDX bit 4), both no-ops here.
+const SPEC_CTRL_BITS: u64 = 1 | (1 << 10);
+/// IA32_PRED_CMD: IBPB, its only command (a barrier nothing here needs).
+const PRED_CMD_IBPB: u64 = 1;
 
 impl Core {
     /// RDMSR semantics; None = #GP.
@@ -60,6 +75,7 @@ impl Core {
             PLATFORM_ID | BIOS_SIGN_ID | MTRRCAP | MCG_CAP | MCG_STATUS => 0,
             FEATURE_CONTROL => 1,
             ARCH_CAPABILITIES => ARCH_CAPS,
+            SPEC_CTRL => m.spec_ctrl,
             SYSENTER_CS => m.sysenter_cs,
             SYSENTER_ESP => m.sysenter_esp,
             SYSENTER_EIP => m.sysenter_eip,
@@ -104,6 +120,8 @@ impl Core {
                 self.set_tsc(now.wrapping_add(delta));
             }
             APIC_BASE => m.apic_base = v,
+            SPEC_CTRL if v & !SPEC_CTRL_BITS == 0 => m.spec_ctrl = v,
+            PRED_CMD if v & !PRED_CMD_IBPB == 0 => {}
             BIOS_SIGN_ID | MCG_STATUS | FEATURE_CONTROL => {}
             SYSENTER_CS => m.sysenter_cs = v & 0xffff,
             SYSENTER_ESP => m.sysenter_esp = v,

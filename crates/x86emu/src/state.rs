@@ -213,6 +213,10 @@ pub struct Msrs {
     /// Absent from snapshots older than the MSR.
     #[serde(default)]
     pub tsc_adjust: u64,
+    /// IA32_SPEC_CTRL as the guest wrote it (no-ops here, read back).
+    /// Absent from snapshots older than the MSR.
+    #[serde(default)]
+    pub spec_ctrl: u64,
 }
 
 /// The complete architectural register state.

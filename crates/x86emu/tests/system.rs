@@ -626,6 +626,55 @@ fn unmasked_simd_exception_raises_xm_and_keeps_the_destination() {
 }
 
 #[test]
+fn speculation_controls_are_advertised_and_accept_only_their_bits() {
+    use x86emu::msr::{ARCH_CAPABILITIES, PRED_CMD, SPEC_CTRL};
+    let mut g = Guest::new();
+    // Subleaf 0 into R8 (EAX) and R9 (EDX), then subleaf 2.
+    g.load_code(|a| {
+        a.mov(eax, 7u32).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.cpuid().unwrap();
+        a.mov(r8d, eax).unwrap();
+        a.mov(r9d, edx).unwrap();
+        a.mov(eax, 7u32).unwrap();
+        a.mov(ecx, 2u32).unwrap();
+        a.cpuid().unwrap();
+    });
+    for _ in 0..8 {
+        g.cpu.execute_one(&mut NoDevices).unwrap();
+    }
+    let s = g.cpu.state();
+    let (max_sub, edx7, edx2) = (s.gpr[8], s.gpr[9], s.gpr[2]);
+    assert!(max_sub >= 2, "CPUID.7.0:EAX {max_sub}: subleaf 2 exists");
+    assert_ne!(edx7 & (1 << 26), 0, "CPUID.7.0:EDX[26] IBRS/IBPB");
+    assert_ne!(edx7 & (1 << 29), 0, "CPUID.7.0:EDX[29] ARCH_CAPABILITIES");
+    assert_ne!(edx2 & (1 << 4), 0, "CPUID.7.2:EDX[4] BHI_CTRL");
+
+    let caps = g.cpu.read_msr(ARCH_CAPABILITIES).unwrap();
+    for (bit, name) in [
+        (0, "RDCL_NO"),
+        (1, "IBRS_ALL"),
+        (20, "BHI_NO"),
+        (62, "ITS_NO"),
+    ] {
+        assert_ne!(caps & (1 << bit), 0, "ARCH_CAPABILITIES {name} {caps:#x}");
+    }
+
+    assert_eq!(g.cpu.read_msr(SPEC_CTRL), Some(0), "0 at reset");
+    g.cpu.write_msr(SPEC_CTRL, 1 | (1 << 10)).unwrap();
+    assert_eq!(g.cpu.read_msr(SPEC_CTRL), Some(1 | (1 << 10)));
+    // STIBP and SSBD are not offered: #GP, the value kept.
+    assert!(g.cpu.write_msr(SPEC_CTRL, 1 << 1).is_err());
+    assert!(g.cpu.write_msr(SPEC_CTRL, 1 << 2).is_err());
+    assert_eq!(g.cpu.read_msr(SPEC_CTRL), Some(1 | (1 << 10)));
+
+    // IA32_PRED_CMD takes IBPB and nothing else, and is write-only.
+    g.cpu.write_msr(PRED_CMD, 1).unwrap();
+    assert!(g.cpu.write_msr(PRED_CMD, 2).is_err());
+    assert_eq!(g.cpu.read_msr(PRED_CMD), None);
+}
+
+#[test]
 fn tsc_adjust_is_advertised_and_moves_with_the_tsc() {
     use x86emu::msr::{TSC, TSC_ADJUST};
     let mut g = Guest::new();
