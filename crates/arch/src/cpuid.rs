@@ -339,6 +339,20 @@ pub fn guest_cpuid_smt(
     }
     // Leaf 0xb: level 0 (SMT) has the core's threads; level 1 (core) holds all CPUs.
     let core_shift = (32 - u32::from(cpus.max(1) - 1).leading_zeros()).max(u32::from(threads) - 1);
+    // Leaf 4: the threads of a core share its L1 and L2, every CPU shares the L3 (one
+    // package), whatever the host's own caches look like.
+    let cores = (1u32 << (core_shift - (u32::from(threads) - 1))).min(64);
+    for e in out
+        .iter_mut()
+        .filter(|e| e.function == 4 && e.eax & 0x1f != 0)
+    {
+        let sharing = if (e.eax >> 5) & 7 >= 3 {
+            1 << core_shift
+        } else {
+            u32::from(threads)
+        };
+        e.eax = (e.eax & 0x3fff) | ((sharing - 1) & 0xfff) << 14 | (cores - 1) << 26;
+    }
     let id = u32::from(apic_id);
     out.push(CpuIdEntry {
         function: LEAF_EXT_TOPOLOGY,
@@ -382,6 +396,43 @@ mod tests {
         assert_eq!(topo.len(), 2);
         assert_eq!(topo[1].eax, 2);
         assert_eq!(topo[1].edx, 3);
+    }
+
+    #[test]
+    fn leaf4_says_every_cpu_shares_the_l3_and_each_core_its_l2() {
+        let cache = |index: u32, kind: u32, level: u32| CpuIdEntry {
+            function: 4,
+            index,
+            significant_index: true,
+            // What a host might say: 2 threads share each cache, 64 cores.
+            eax: kind | level << 5 | 1 << 8 | 1 << 14 | 63 << 26,
+            ..Default::default()
+        };
+        let end = CpuIdEntry {
+            function: 4,
+            index: 3,
+            significant_index: true,
+            ..Default::default()
+        };
+        let sup = vec![cache(0, 1, 1), cache(1, 3, 2), cache(2, 3, 3), end];
+        let sharing = |c: &[CpuIdEntry], i: u32| {
+            let e = c.iter().find(|e| e.function == 4 && e.index == i).unwrap();
+            ((e.eax >> 14) & 0xfff, e.eax >> 26, e.eax & 0x3fff)
+        };
+        // 6 CPUs: APIC IDs 0-5 in a 3-bit space, so the L3's sharing covers 8 IDs.
+        let c = guest_cpuid(&sup, 5, 6);
+        assert_eq!(sharing(&c, 0), (0, 7, 1 | 1 << 5 | 1 << 8), "L1d per core");
+        assert_eq!(sharing(&c, 1).0, 0, "L2 per core");
+        assert_eq!(sharing(&c, 2).0, 7, "L3 for the package");
+        assert_eq!(sharing(&c, 3), (0, 0, 0), "the end marker stays");
+        // Two threads per core: they share L1 and L2; 2 cores of 2 in 4 CPUs.
+        let c = guest_cpuid_smt(&sup, 1, 4, 2);
+        assert_eq!(sharing(&c, 1).0, 1);
+        assert_eq!(sharing(&c, 1).1, 1);
+        assert_eq!(sharing(&c, 2).0, 3);
+        // One CPU: nothing shared.
+        let c = guest_cpuid(&sup, 0, 1);
+        assert_eq!((sharing(&c, 2).0, sharing(&c, 2).1), (0, 0));
     }
 }
 

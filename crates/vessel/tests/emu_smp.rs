@@ -77,6 +77,22 @@ fn litmus_on(cpus: u32) {
         "0"
     );
 
+    // CPUID leaf 4 describes the caches: each CPU has its own L1 and L2, and all share
+    // the L3 (Linux wakes a task on a CPU it shares a cache with without an IPI to ask).
+    let last = cpus - 1;
+    assert_eq!(
+        c.run(
+            &format!(
+                "cat /sys/devices/system/cpu/cpu{last}/cache/index2/shared_cpu_list \
+                 /sys/devices/system/cpu/cpu{last}/cache/index3/shared_cpu_list"
+            ),
+            CMD
+        )
+        .split_whitespace()
+        .collect::<Vec<_>>(),
+        [last.to_string(), format!("0-{last}")]
+    );
+
     let t = Instant::now();
     let out = c.run(&format!("/smp-litmus {BUDGET_MS}"), LITMUS);
     let took = t.elapsed();

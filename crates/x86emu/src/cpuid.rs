@@ -223,6 +223,33 @@ impl CpuidTable {
                 ..Default::default()
             },
         );
+        // Leaf 4: the caches, as QEMU's models describe them (L1d and L1i 32 KiB 8-way, L2
+        // 4 MiB and L3 16 MiB 16-way, 64-byte lines). Without it Linux knows of no cache
+        // that CPUs share, so it wakes a task on another CPU through an IPI that asks that
+        // CPU to do it, and spreads wakeups over CPUs it thinks share nothing. Which CPUs
+        // share each cache depends on the VM's topology: the VMM fills that in.
+        for (i, (kind, level, ways, sets)) in [
+            (1, 1, 8, 64),
+            (2, 1, 8, 64),
+            (3, 2, 16, 4096),
+            (3, 3, 16, 16384),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            t.set_subleaf(
+                4,
+                i as u32,
+                CpuidEntry {
+                    // Self-initializing; L3 is inclusive.
+                    eax: kind | (level << 5) | (1 << 8),
+                    ebx: (ways - 1) << 22 | 63,
+                    ecx: sets - 1,
+                    edx: u32::from(level == 3) << 1,
+                },
+            );
+        }
+        t.set_subleaf(4, 4, CpuidEntry::default());
         if host.l1_ecx & XSAVE != 0 {
             // Leaf 0xD: x87, SSE and AVX state in the standard layout; EBX of subleaf 0
             // follows XCR0 when CPUID runs.
