@@ -30,9 +30,6 @@ pub(crate) struct WriteMap {
     /// Pages other CPUs marked while this CPU's count for them was not zero.
     requests: Mutex<Vec<usize>>,
     pending: AtomicBool,
-    /// The owning CPU is in `Cpu::run` (where it may store through its entries). It
-    /// takes its requests before it leaves, and before it runs anything on entering.
-    running: AtomicBool,
     /// The owning CPU's kick flag (see `Cpu::set_kick`): a request raises it, so the CPU
     /// leaves a chain of compiled blocks (where it may store through an entry the request
     /// is about) at its next backward edge and strips, instead of running on in the chain
@@ -47,7 +44,6 @@ impl WriteMap {
             counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             requests: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
-            running: AtomicBool::new(false),
             kick: OnceLock::new(),
         }
     }
@@ -106,30 +102,10 @@ impl WriteMap {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The pages to strip, taken; `pending` stays raised until [`WriteMap::requests_done`]
-    /// (a CPU at a serialising instruction counts on it: see
-    /// [`CodeTracker::stores_unnoted`]).
+    /// The pages to strip, taken.
     pub(crate) fn take_requests(&self) -> Vec<usize> {
+        self.pending.store(false, Ordering::Relaxed);
         std::mem::take(&mut *self.requests.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// The requests taken were carried out (their writes noted), unless more came.
-    pub(crate) fn requests_done(&self) {
-        let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        if requests.is_empty() {
-            self.pending.store(false, Ordering::SeqCst);
-        }
-    }
-
-    /// The owner enters (`true`) or leaves `Cpu::run`.
-    pub(crate) fn set_running(&self, on: bool) {
-        self.running.store(on, Ordering::SeqCst);
-    }
-
-    /// The owner is in `Cpu::run` with requests it has not carried out: it may have
-    /// stored to code since it was asked to strip, unnoted.
-    fn may_store_unnoted(&self) -> bool {
-        self.running.load(Ordering::SeqCst) && self.pending.load(Ordering::SeqCst)
     }
 
     fn request(&self, pfn: usize) {
@@ -286,16 +262,6 @@ impl CodeTracker {
         }
     }
 
-    /// Whether a CPU other than the owner of `own` may have stored to checked code without
-    /// noting it: one in `Cpu::run` that has not yet stripped the entries it was asked to.
-    /// When none may, every store to checked code up to now is counted in `writes`
-    /// (read after this).
-    pub(crate) fn stores_unnoted(&self, own: &WriteMap) -> bool {
-        let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
-        cpus.iter()
-            .any(|c| !std::ptr::eq(Arc::as_ptr(c), own) && c.may_store_unnoted())
-    }
-
     /// Whether several CPUs share the tracker (code may change under one CPU by another's
     /// store, not only by its own).
     pub(crate) fn shared(&self) -> bool {
@@ -417,13 +383,7 @@ impl CodeTracker {
     }
 
     #[inline(always)]
-    /// Counts a store to checked code once more, after it was made (see
-    /// `Core::stores_done`).
-    pub(crate) fn count_write(&self) {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-    }
-
     pub(crate) fn writes(&self) -> u64 {
-        self.writes.load(Ordering::SeqCst)
+        self.writes.load(Ordering::Relaxed)
     }
 }
