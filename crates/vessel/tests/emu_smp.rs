@@ -78,7 +78,7 @@ fn litmus_on(cpus: u32) {
     );
 
     // CPUID leaf 4 describes the caches: each CPU has its own L1 and L2, and all share
-    // the L3 (Linux wakes a task on a CPU it shares a cache with without an IPI to ask).
+    // the L3 (one package), as Linux reads them.
     let last = cpus - 1;
     assert_eq!(
         c.run(

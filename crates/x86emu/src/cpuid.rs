@@ -225,9 +225,9 @@ impl CpuidTable {
         );
         // Leaf 4: the caches, as QEMU's models describe them (L1d and L1i 32 KiB 8-way, L2
         // 4 MiB and L3 16 MiB 16-way, 64-byte lines). Without it Linux knows of no cache
-        // that CPUs share, so it wakes a task on another CPU through an IPI that asks that
-        // CPU to do it, and spreads wakeups over CPUs it thinks share nothing. Which CPUs
-        // share each cache depends on the VM's topology: the VMM fills that in.
+        // (no sysfs cache directory, each vCPU its own last-level cache) and user space
+        // that sizes buffers by the caches guesses. Which CPUs share each cache depends on
+        // the VM's topology: the VMM fills that in.
         for (i, (kind, level, ways, sets)) in [
             (1, 1, 8, 64),
             (2, 1, 8, 64),
