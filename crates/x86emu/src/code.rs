@@ -30,6 +30,9 @@ pub(crate) struct WriteMap {
     /// Pages other CPUs marked while this CPU's count for them was not zero.
     requests: Mutex<Vec<usize>>,
     pending: AtomicBool,
+    /// The owning CPU is in `Cpu::run` (where it may store through its entries). It
+    /// takes its requests before it leaves, and before it runs anything on entering.
+    running: AtomicBool,
     /// The owning CPU's kick flag (see `Cpu::set_kick`): a request raises it, so the CPU
     /// leaves a chain of compiled blocks (where it may store through an entry the request
     /// is about) at its next backward edge and strips, instead of running on in the chain
@@ -44,6 +47,7 @@ impl WriteMap {
             counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             requests: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            running: AtomicBool::new(false),
             kick: OnceLock::new(),
         }
     }
@@ -102,10 +106,30 @@ impl WriteMap {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The pages to strip, taken.
+    /// The pages to strip, taken; `pending` stays raised until [`WriteMap::requests_done`]
+    /// (a CPU at a serialising instruction counts on it: see
+    /// [`CodeTracker::stores_unnoted`]).
     pub(crate) fn take_requests(&self) -> Vec<usize> {
-        self.pending.store(false, Ordering::Relaxed);
         std::mem::take(&mut *self.requests.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The requests taken were carried out (their writes noted), unless more came.
+    pub(crate) fn requests_done(&self) {
+        let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        if requests.is_empty() {
+            self.pending.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The owner enters (`true`) or leaves `Cpu::run`.
+    pub(crate) fn set_running(&self, on: bool) {
+        self.running.store(on, Ordering::SeqCst);
+    }
+
+    /// The owner is in `Cpu::run` with requests it has not carried out: it may have
+    /// stored to code since it was asked to strip, unnoted.
+    fn may_store_unnoted(&self) -> bool {
+        self.running.load(Ordering::SeqCst) && self.pending.load(Ordering::SeqCst)
     }
 
     fn request(&self, pfn: usize) {
@@ -113,7 +137,10 @@ impl WriteMap {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(pfn);
-        self.pending.store(true, Ordering::Release);
+        // SeqCst: the marking CPU compares the page's blocks with memory after this, and
+        // the owner leaving `Cpu::run` looks at `pending` after its last stores (a fence
+        // there): one of the two sees the other.
+        self.pending.store(true, Ordering::SeqCst);
         if let Some(k) = self.kick.get() {
             k.store(true, Ordering::Release);
         }
@@ -262,6 +289,16 @@ impl CodeTracker {
         }
     }
 
+    /// Whether a CPU other than the owner of `own` may have stored to checked code without
+    /// noting it: one in `Cpu::run` that has not yet stripped the entries it was asked to.
+    /// When none may, every store to checked code up to now is counted in `writes`
+    /// (read after this).
+    pub(crate) fn stores_unnoted(&self, own: &WriteMap) -> bool {
+        let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
+        cpus.iter()
+            .any(|c| !std::ptr::eq(Arc::as_ptr(c), own) && c.may_store_unnoted())
+    }
+
     /// Whether several CPUs share the tracker (code may change under one CPU by another's
     /// store, not only by its own).
     pub(crate) fn shared(&self) -> bool {
@@ -383,7 +420,13 @@ impl CodeTracker {
     }
 
     #[inline(always)]
+    /// Counts a store to checked code once more, after it was made (see
+    /// `Core::stores_done`).
+    pub(crate) fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub(crate) fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
+        self.writes.load(Ordering::SeqCst)
     }
 }

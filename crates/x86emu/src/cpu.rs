@@ -129,6 +129,9 @@ pub struct Core {
     pub(crate) code: Arc<CodeTracker>,
     /// `code.writes()` when this CPU last looked.
     code_writes_seen: u64,
+    /// The instruction running stores to checked code, or to a page another CPU marked
+    /// as code while the store was on its way (see `stores_done`).
+    pub(crate) stored_code: bool,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
     /// Stubs that run instructions on the host CPU (`exec::hostexec`).
@@ -272,6 +275,7 @@ impl Core {
             user_code_checked: false,
             code,
             code_writes_seen: 0,
+            stored_code: false,
             kick: None,
             hostexec: Default::default(),
             crossing: vec![None; CROSSING_SLOTS].into_boxed_slice(),
@@ -560,10 +564,37 @@ impl Core {
     /// have stored to it unnoticed after the mark.
     #[cold]
     fn strip_requested(&mut self) {
+        // Noted whether or not the entry is still there: one evicted since may have
+        // been stored through.
         for pfn in self.tlb.writers.take_requests() {
-            if self.tlb.strip_page(pfn) {
-                self.note_write((pfn as u64) << 12);
-            }
+            self.tlb.strip_page(pfn);
+            self.note_write((pfn as u64) << 12);
+        }
+        self.tlb.writers.requests_done();
+    }
+
+    /// A serialising instruction (CPUID): from here on this CPU must run code as memory
+    /// holds it, also code another vCPU just wrote (x86's cross-modifying-code protocol).
+    /// Every store to checked code is noted in the tracker's count of writes, except a
+    /// store through a TLB entry another CPU was asked to strip and has not yet: only
+    /// while some CPU may have made one are all cached blocks checked again. (Checking
+    /// them all at every CPUID cost a multi-vCPU guest a tenth of each process start:
+    /// ld.so runs CPUID dozens of times.)
+    pub(crate) fn serialise_code(&mut self) {
+        if !self.code.shared() {
+            return;
+        }
+        if self.tlb.writers.pending() {
+            self.strip_requested();
+        }
+        if self.code.stores_unnoted(&self.tlb.writers) {
+            self.code_epoch += 1;
+            return;
+        }
+        let w = self.code.writes();
+        if w != self.code_writes_seen {
+            self.code_writes_seen = w;
+            self.code_epoch += 1;
         }
     }
 
@@ -573,6 +604,19 @@ impl Core {
     pub(crate) fn note_write(&mut self, gpa_page: u64) {
         if self.code.note_write((gpa_page >> 12) as usize) {
             self.code_epoch += 1;
+            self.stored_code = true;
+        }
+    }
+
+    /// After an interpreted instruction: a store to checked code was noted before it was
+    /// made (at its translation), so another CPU may have checked the code again in
+    /// between and kept the old bytes; counting the write once more now that it is made
+    /// (before this CPU's next store, such as the flag of the cross-modifying-code
+    /// protocol) makes that CPU check again at its next serialising instruction.
+    #[inline(always)]
+    pub(crate) fn stores_done(&mut self) {
+        if std::mem::take(&mut self.stored_code) {
+            self.code.count_write();
         }
     }
 
@@ -700,7 +744,22 @@ impl Cpu {
     /// (a block in progress is finished first).
     pub fn run(&mut self, platform: &mut dyn Platform, max_instructions: u64) -> RunExit {
         self.blocks.enter_run();
+        // Before any store: requests that came while this CPU was out are taken in the
+        // loop before it runs a block (see `Core::serialise_code`).
+        self.core.tlb.writers.set_running(true);
         let exit = self.run_blocks(platform, max_instructions);
+        self.core.stores_done();
+        if self.core.code.shared() {
+            // Its last stores may still be in the host's store buffer: a CPU that marks a
+            // page after this looked at `pending` (and so asks nothing of a CPU no longer
+            // running) must find them when it compares the page's blocks. Dekker's pattern
+            // with the SeqCst store in `WriteMap::request`.
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        if self.core.tlb.writers.pending() {
+            self.core.strip_requested();
+        }
+        self.core.tlb.writers.set_running(false);
         self.blocks.leave_run();
         exit
     }
@@ -816,6 +875,10 @@ impl Cpu {
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
             let epoch = core.code_epoch;
+            // Marked before its bytes are compared (and again after): a CPU that stored to
+            // the page and dropped its entry before a mark made after the compare would
+            // be asked for nothing (see `Core::serialise_code`). A load when marked.
+            core.mark_code_page(t.gpa_page);
             let found = match self.blocks.get(gpa, core.s.rip, bitness, t.host, epoch) {
                 Some(f) => Some(f),
                 // The first instruction runs past the page end: a block of its own, which
@@ -824,6 +887,7 @@ impl Cpu {
                     let next = core.wrap_lin((lin | 0xfff).wrapping_add(1));
                     match core.translate(next, Access::Fetch, user) {
                         Ok(tn) if !tn.host.is_null() => {
+                            core.mark_code_page(tn.gpa_page);
                             let tlb_gen = core.fetch_generation(user);
                             let f = self.blocks.get_cross(
                                 gpa,
@@ -937,7 +1001,9 @@ impl Cpu {
                     // after it already; only this one's own counts.
                     core.new_shadow = false;
                     // May change the mode: `execute` masks the next RIP for the new one.
-                    match core.execute(p, insn) {
+                    let r = core.execute(p, insn);
+                    core.stores_done();
+                    match r {
                         Ok(()) => {
                             chain = insn.near_branch && !core.io_done && core.code_epoch == epoch
                         }
@@ -946,7 +1012,9 @@ impl Cpu {
                     break;
                 }
                 core.next_rip = insn.instr.next_ip();
-                if let Err(f) = (insn.handler)(core, p, insn) {
+                let r = (insn.handler)(core, p, insn);
+                core.stores_done();
+                if let Err(f) = r {
                     core.note_ud(&insn.instr, &f);
                     core.fault(p, f);
                     break;
@@ -991,7 +1059,9 @@ impl Cpu {
         self.shadow = false;
         self.new_shadow = false;
         let insn = self.fetch(p)?;
-        self.core.execute(p, &insn)
+        let r = self.core.execute(p, &insn);
+        self.core.stores_done();
+        r
     }
 
     /// Fetches and decodes the instruction at CS:RIP, bypassing the block cache (single

@@ -11,6 +11,13 @@ impl Core {
     /// Delivers `f` (an exception, software interrupt or external interrupt), escalating
     /// faults raised during delivery to #DF and then to shutdown.
     pub(crate) fn deliver_event(&mut self, p: &mut dyn Platform, f: Fault, external: bool) {
+        self.deliver_event_unnoted(p, f, external);
+        // The frame's stores are made: counted once more if they went to checked code
+        // (see `Core::stores_done`), as an instruction's are.
+        self.stores_done();
+    }
+
+    fn deliver_event_unnoted(&mut self, p: &mut dyn Platform, f: Fault, external: bool) {
         self.entries += 1;
         let mut cur = f;
         let mut ext = external;

@@ -495,13 +495,18 @@ impl Core {
         let Some(pfn) = self.tlb.entries.get(i).map(TlbEntry::pfn) else {
             return;
         };
+        // Marked since the store was noted (when it was not): the other CPU may have
+        // compared its blocks before the bytes change, and asked nothing of this one (its
+        // entry could not store), so the store is counted once made (`stores_done`).
         if self.code.is_marked(pfn) {
+            self.stored_code = true;
             return;
         }
         self.tlb.arm_slot(i);
         // After the count it made: a CPU marking the page meanwhile either saw it (and
-        // asked this one to strip) or is seen here.
+        // asked this one to strip) or is seen here, and is told of the store as above.
         if self.code.is_marked(pfn) {
+            self.stored_code = true;
             self.tlb.strip_slot(i);
         }
     }
@@ -556,6 +561,7 @@ impl Core {
         self.tlb.put(slot, entry);
         // After the count `put` made: see `arm_for_stores`.
         if writable && self.code.is_marked(entry.pfn()) {
+            self.stored_code |= access == Access::Write;
             self.tlb.strip_slot(slot);
         }
         Ok(Translation { host, gpa_page })
@@ -1071,8 +1077,17 @@ mod tests {
         assert!(a.strip_page(5) && !a.entries[1].writable());
         assert!(wb.pending());
         assert_eq!(wb.take_requests(), vec![5]);
-        assert!(!wb.pending());
+        // Pending until carried out: a CPU at CPUID counts on it, if b is running.
+        assert!(wb.pending());
+        wb.set_running(true);
+        assert!(code.stores_unnoted(&wa), "b may have stored unnoted");
+        assert!(
+            !code.stores_unnoted(&wb),
+            "b's own requests are not another's"
+        );
         assert!(b.strip_page(5));
+        wb.requests_done();
+        assert!(!wb.pending() && !code.stores_unnoted(&wa));
         assert!(!b.entries[2].writable() && b.entries[3].writable());
         // Marked already: nothing to do; once stripped, nothing to ask.
         assert!(!code.mark(5, &wa));
@@ -1094,6 +1109,45 @@ mod tests {
         assert!(code.mark(20, &wa) && a.strip_page(20));
         assert!(!a.entries[12].writable() && !a.entries[13].writable());
         assert_eq!(wa.count(20), 0);
+    }
+
+    /// An interpreted store noted while its page held no code, then marked by another CPU
+    /// (which compared its blocks with the bytes not yet changed and asked nothing of
+    /// this CPU, whose entry could not store) before the store was made: the store must
+    /// be counted once made, or that CPU trusts its old blocks at its next CPUID. (Found
+    /// by the guest litmus program's cross-modifying-code check, 1 in ~4M.)
+    #[test]
+    fn a_store_to_a_page_marked_on_its_way_is_counted_once_made() {
+        let mut buf = vec![0u8; 0x11000];
+        let off = buf.as_ptr().align_offset(4096);
+        let p = buf[off..].as_mut_ptr();
+        let map = || {
+            let mut ram = crate::GuestRam::new();
+            // SAFETY: the 64 KiB from `p` lie in `buf`, which outlives both CPUs.
+            unsafe { ram.add_region(0, p, 0x10000).unwrap() };
+            ram
+        };
+        let mut w = crate::Cpu::new(map());
+        let r = crate::Cpu::new(map());
+        w.set_code_tracker(r.code_tracker());
+        r.code.register(&r.tlb.writers);
+        // The writer's entry for page 5 had its stores stripped (the page held code).
+        let mut e = writable(5, 5);
+        e.tags[2] = NO_TAG;
+        e.tags[3] = NO_TAG;
+        w.tlb.put(5, e);
+        assert!(!w.code.is_marked(5));
+        w.note_write(5 << 12);
+        assert!(!w.stored_code, "no code there when noted");
+        // The reader marks the page (to compare its blocks): no one to ask.
+        assert!(!r.code.mark(5, &r.tlb.writers));
+        assert!(!w.tlb.writers.pending());
+        w.arm_for_stores(5);
+        assert!(!w.tlb.entries[5].writable(), "marked: stays stripped");
+        let before = r.code.writes();
+        w.stores_done();
+        assert_ne!(r.code.writes(), before, "the store is counted once made");
+        drop(buf);
     }
 
     #[test]

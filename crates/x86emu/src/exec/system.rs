@@ -365,13 +365,9 @@ pub(crate) fn exec(cpu: &mut Core, p: &mut dyn Platform, ins: &Instruction) -> R
     match ins.mnemonic() {
         Mnemonic::Cpuid => {
             // CPUID serialises: after it a vCPU must run code as memory now holds it, also
-            // code another vCPU wrote (x86's cross-modifying-code protocol), so every
-            // cached block is checked again. A lone CPU's own stores to code are noted as
-            // they happen: a guest's start-up runs CPUID dozens of times per process
-            // (ld.so), and each check of every block cost the hybrid accelerator ~10%.
-            if cpu.code.shared() {
-                cpu.code_epoch += 1;
-            }
+            // code another vCPU wrote (x86's cross-modifying-code protocol). A lone CPU's
+            // own stores to code are noted as they happen.
+            cpu.serialise_code();
             let (leaf, sub) = (cpu.s.gpr[0] as u32, cpu.s.gpr[1] as u32);
             let mut e = cpu.cpuid.lookup(leaf, sub);
             match (leaf, sub) {
