@@ -300,7 +300,9 @@ fn enter_with(role: Role, own_vcpu: Option<Option<RawFd>>) {
                 foreign_fd_self_test(own);
             }
         }
-        Some(SelfTest::TapForeignFd) if role == Role::Vcpu => tap_foreign_fd_self_test(),
+        Some(SelfTest::TapForeignFd) if role == Role::Vcpu => {
+            tap_foreign_fd_self_test(own_vcpu.flatten())
+        }
         _ => {}
     }
 }
@@ -526,14 +528,17 @@ fn install_pin_handler() -> Result<(), Error> {
 /// offloads when the guest acknowledges virtio-net's features), before the guest runs:
 /// TUNSETOFFLOAD with no offloads (what a TAP has until its guest negotiates some) on
 /// the first TAP queue, which must be let through, then on the lowest descriptor that
-/// is not a TAP queue (standard input): with the filter on, that ends the VMM.
-fn tap_foreign_fd_self_test() {
+/// is not a TAP queue (standard input): with the filter on, that ends the VMM. On a KVM
+/// vCPU (`own`), the first vCPU's thread alone: the guest starts there, so the test is
+/// done before any guest code runs (a later vCPU's thread that came first let the first
+/// run the guest meanwhile, whose output a loaded host then saw before the VMM ended).
+fn tap_foreign_fd_self_test(own: Option<RawFd>) {
     static DONE: AtomicBool = AtomicBool::new(false);
-    let taps = pins()
-        .fds
-        .as_ref()
-        .map(|f| f.taps.clone())
-        .unwrap_or_default();
+    let fds = pins().fds.clone();
+    if own.is_some() && fds.as_ref().and_then(|f| f.vcpus.first().copied()) != own {
+        return;
+    }
+    let taps = fds.map(|f| f.taps).unwrap_or_default();
     let Some(&tap) = taps.first() else {
         return;
     };
