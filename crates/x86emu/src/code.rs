@@ -181,6 +181,9 @@ pub struct CodeTracker {
     /// runs the guest's code (the hybrid accelerator's KVM vCPU) watches those for stores.
     new_code: Box<[AtomicU64]>,
     log_new: AtomicBool,
+    /// Some CPU's guest code stores to RAM where no CPU notes it (the hybrid accelerator's
+    /// native stints without KVM's dirty log): a count of writes says nothing then.
+    unseen: AtomicBool,
 }
 
 /// The nonzero words of a bitmap, each taken (left zero).
@@ -206,6 +209,7 @@ impl CodeTracker {
             shared: AtomicBool::new(false),
             new_code: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             log_new: AtomicBool::new(false),
+            unseen: AtomicBool::new(false),
         }
     }
 
@@ -297,6 +301,18 @@ impl CodeTracker {
         let cpus = self.cpus.read().unwrap_or_else(PoisonError::into_inner);
         cpus.iter()
             .any(|c| !std::ptr::eq(Arc::as_ptr(c), own) && c.may_store_unnoted())
+    }
+
+    /// Guest code stored to RAM unseen (see `Cpu::code_written_elsewhere`), and may again.
+    pub(crate) fn note_unseen_stores(&self) {
+        if !self.unseen.load(Ordering::Relaxed) {
+            self.unseen.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether guest code stores to RAM unseen: see [`CodeTracker::note_unseen_stores`].
+    pub(crate) fn stores_unseen(&self) -> bool {
+        self.unseen.load(Ordering::Relaxed)
     }
 
     /// Whether several CPUs share the tracker (code may change under one CPU by another's

@@ -538,6 +538,8 @@ impl Core {
     /// block is checked against memory again before it runs. Blocks checked earlier were
     /// made stale by an earlier call already.
     pub fn code_written_elsewhere(&mut self) {
+        // The other CPUs' serialising instructions cannot trust the count of writes now.
+        self.code.note_unseen_stores();
         if std::mem::take(&mut self.user_code_checked) {
             self.code_epoch += 1;
         }
@@ -576,8 +578,9 @@ impl Core {
     /// A serialising instruction (CPUID): from here on this CPU must run code as memory
     /// holds it, also code another vCPU just wrote (x86's cross-modifying-code protocol).
     /// Every store to checked code is noted in the tracker's count of writes, except a
-    /// store through a TLB entry another CPU was asked to strip and has not yet: only
-    /// while some CPU may have made one are all cached blocks checked again. (Checking
+    /// store through a TLB entry another CPU was asked to strip and has not yet, and the
+    /// hybrid accelerator's native stores where KVM's dirty log does not report them:
+    /// only while some CPU may have made one are all cached blocks checked again. (Checking
     /// them all at every CPUID cost a multi-vCPU guest a tenth of each process start:
     /// ld.so runs CPUID dozens of times.)
     pub(crate) fn serialise_code(&mut self) {
@@ -587,7 +590,7 @@ impl Core {
         if self.tlb.writers.pending() {
             self.strip_requested();
         }
-        if self.code.stores_unnoted(&self.tlb.writers) {
+        if self.code.stores_unseen() || self.code.stores_unnoted(&self.tlb.writers) {
             self.code_epoch += 1;
             return;
         }

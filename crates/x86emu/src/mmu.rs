@@ -1147,6 +1147,18 @@ mod tests {
         let before = r.code.writes();
         w.stores_done();
         assert_ne!(r.code.writes(), before, "the store is counted once made");
+        // CPUID on the reader: the count moved, so it checks its blocks again; then not,
+        // until a CPU's code stores where none are noted (hybrid native stints).
+        let mut r = r;
+        let epoch = r.code_epoch;
+        r.serialise_code();
+        assert_ne!(r.code_epoch, epoch);
+        let epoch = r.code_epoch;
+        r.serialise_code();
+        assert_eq!(r.code_epoch, epoch, "nothing written since");
+        w.code_written_elsewhere();
+        r.serialise_code();
+        assert_ne!(r.code_epoch, epoch, "native stores are not counted");
         drop(buf);
     }
 
