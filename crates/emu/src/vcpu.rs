@@ -159,11 +159,12 @@ impl EmuVcpu {
         }
         let start = Instant::now();
         let window = self.halt_poll.min(until);
-        if !window.is_zero() {
+        if !window.is_zero() && self.vm.may_poll() {
             self.vm.chip.halting(self.id);
             while start.elapsed() < window
                 && !self.vm.chip.event_hint(self.id)
                 && !self.kicked.load(Ordering::Relaxed)
+                && self.vm.may_poll()
             {
                 std::hint::spin_loop();
             }
@@ -172,7 +173,8 @@ impl EmuVcpu {
         if !left.is_zero() {
             self.vm.chip.wait(self.id, left, interruptible);
         }
-        self.halt_poll = next_halt_poll(self.halt_poll, start.elapsed(), self.vm.halt_polling);
+        let polls = self.vm.poll_cpus > 0;
+        self.halt_poll = next_halt_poll(self.halt_poll, start.elapsed(), polls);
     }
 }
 

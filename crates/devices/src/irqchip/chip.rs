@@ -38,7 +38,7 @@
 //! vCPU 0's deadline includes the PIT's, so vCPU 0 must keep calling `tick` (it wakes the
 //! others when that delivers to them).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -372,6 +372,8 @@ impl ChipState {
 pub struct UserIrqChip {
     state: Mutex<ChipState>,
     wake: Vec<Condvar>,
+    /// How many vCPUs sleep in [`UserIrqChip::wait`] (`waiting` is `Some`).
+    sleeping: AtomicUsize,
     /// Per vCPU: something was pending when the chip was last changed (see
     /// [`UserIrqChip::event_hint`]).
     hint: Vec<Arc<AtomicBool>>,
@@ -421,6 +423,7 @@ impl UserIrqChip {
                 held_until: None,
             }),
             wake: (0..n).map(|_| Condvar::new()).collect(),
+            sleeping: AtomicUsize::new(0),
             hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
             notifiers: (0..n).map(|_| OnceLock::new()).collect(),
             timer_hz: timer_hz.max(1),
@@ -488,6 +491,7 @@ impl UserIrqChip {
         let chip = UserIrqChip {
             state: Mutex::new(st),
             wake: (0..n).map(|_| Condvar::new()).collect(),
+            sleeping: AtomicUsize::new(0),
             hint: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
             notifiers: (0..n).map(|_| OnceLock::new()).collect(),
             timer_hz,
@@ -514,7 +518,10 @@ impl UserIrqChip {
             .unwrap_or_else(|p| p.into_inner());
         {
             let mut st = self.lock();
+            // Which vCPUs sleep is this process's, not the snapshot's.
+            let waiting = std::mem::take(&mut st.waiting);
             *st = fresh;
+            st.waiting = waiting;
             self.notify(&mut st);
         }
         for cpu in 0..n {
@@ -549,6 +556,30 @@ impl UserIrqChip {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sets whether `cpu` sleeps in `wait` (and how), keeping count of sleepers; the old value.
+    fn set_waiting(&self, st: &mut ChipState, cpu: usize, w: Option<bool>) -> Option<bool> {
+        let old = std::mem::replace(&mut st.waiting[cpu], w);
+        match (old.is_some(), w.is_some()) {
+            (false, true) => {
+                self.sleeping.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.sleeping.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        old
+    }
+
+    /// How many vCPUs are not asleep in [`UserIrqChip::wait`]: running, waiting for a host
+    /// CPU, or polling for an event. A halted vCPU may poll on a host CPU nobody else
+    /// needs (see the emu accelerator's halt polling).
+    pub fn awake_cpus(&self) -> usize {
+        self.wake
+            .len()
+            .saturating_sub(self.sleeping.load(Ordering::Relaxed))
+    }
+
     /// Wake the vCPUs that now have something to do.
     fn notify(&self, st: &mut ChipState) {
         for (cpu, (cv, hint)) in self.wake.iter().zip(&self.hint).enumerate() {
@@ -556,7 +587,7 @@ impl UserIrqChip {
             hint.store(event, Ordering::Release);
             if let Some(interruptible) = st.waiting[cpu] {
                 if st.has_event(cpu, interruptible) {
-                    st.waiting[cpu] = None;
+                    self.set_waiting(st, cpu, None);
                     cv.notify_all();
                 }
             }
@@ -899,7 +930,7 @@ impl UserIrqChip {
                 st.pit.write(u64::from(port - 0x40), data, now_ns);
                 // vCPU 0's deadline moved: let it recompute its sleep.
                 st.kicked[0] = true;
-                if st.waiting[0].take().is_some() {
+                if self.set_waiting(&mut st, 0, None).is_some() {
                     self.wake[0].notify_all();
                 }
             }
@@ -962,7 +993,7 @@ impl UserIrqChip {
         let Some(i) = self.index(cpu) else { return };
         let mut st = self.lock();
         st.kicked[i] = true;
-        if st.waiting[i].take().is_some() {
+        if self.set_waiting(&mut st, i, None).is_some() {
             self.wake[i].notify_all();
         }
         if let Some(n) = self.notifiers.get(i).and_then(OnceLock::get) {
@@ -1006,13 +1037,13 @@ impl UserIrqChip {
                 },
                 None => Duration::from_secs(3600),
             };
-            st.waiting[i] = Some(interruptible);
+            self.set_waiting(&mut st, i, Some(interruptible));
             st = self.wake[i]
                 .wait_timeout(st, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         };
-        st.waiting[i] = None;
+        self.set_waiting(&mut st, i, None);
         woken
     }
 }
@@ -1516,6 +1547,36 @@ mod tests {
         // MSIs the chip would drop are not held either.
         c.signal_msi_moderated(0xfed0_0000, 0x0047, Duration::from_secs(60));
         assert!(!c.holds_interrupts());
+    }
+
+    #[test]
+    fn awake_vcpus_are_counted_as_they_sleep_and_wake() {
+        let c = Arc::new(chip(3));
+        assert_eq!(c.awake_cpus(), 3);
+        let sleepers: Vec<_> = [1u32, 2]
+            .into_iter()
+            .map(|cpu| {
+                let c = c.clone();
+                std::thread::spawn(move || c.wait(cpu, Duration::from_secs(20), true))
+            })
+            .collect();
+        while c.awake_cpus() > 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(c.lock().waiting[1].is_some() && c.lock().waiting[2].is_some());
+        // A kick wakes one: it counts as awake from then on, before its thread runs.
+        c.kick(1);
+        assert_eq!(c.awake_cpus(), 2);
+        // An interrupt for the other (IPI from vCPU 0): all awake.
+        c.signal_msi(0xfee0_2000, 0x41);
+        assert_eq!(c.awake_cpus(), 3);
+        for s in sleepers {
+            assert!(s.join().unwrap());
+        }
+        assert_eq!(c.awake_cpus(), 3);
+        // A wait that times out leaves the count as it was.
+        assert!(!c.wait(0, Duration::from_millis(2), true));
+        assert_eq!(c.awake_cpus(), 3);
     }
 
     #[test]
