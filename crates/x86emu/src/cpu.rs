@@ -232,6 +232,13 @@ impl Cpu {
     pub fn set_block_slots(&mut self, n: usize) {
         self.blocks.set_slots(n);
     }
+
+    /// Lets the block cache double, up to `max` slots, while it evicts often: a vCPU
+    /// given a share of the slots ([`Cpu::set_block_slots`]) that runs more of the
+    /// guest's code than its share holds.
+    pub fn let_block_slots_grow(&mut self, max: usize) {
+        self.blocks.let_slots_grow(max);
+    }
 }
 
 /// How far the compiled-code context lies from the state (compiled code reaches both

@@ -2509,3 +2509,77 @@ fn compiled_idiv_and_its_divide_errors() {
     assert!(blocks > 0);
     assert_eq!(compiled, interpreted);
 }
+
+/// A CPU given a share of the block cache ([`x86emu::Cpu::set_block_slots`]) that runs
+/// more blocks than the share holds, missing and evicting on most lookups, doubles its
+/// slots up to the limit it may grow to and keeps what it cached: passes over the same
+/// blocks then stop decoding them again. Without the limit raised it stays as it was.
+#[test]
+fn a_block_cache_that_evicts_much_grows_and_keeps_its_blocks() {
+    const MAIN: u64 = 0x40_0000;
+    const FUNCS: u64 = 0x60_0000;
+    const N: u64 = 3000;
+    const PASSES: u64 = 20;
+    let jump = asm(64, CODE, |a| a.jmp(MAIN).unwrap());
+    let main = asm(64, MAIN, |a| {
+        let mut top = a.create_label();
+        a.xor(r8d, r8d).unwrap();
+        a.mov(rbx, PASSES).unwrap();
+        a.set_label(&mut top).unwrap();
+        for i in 0..N {
+            a.call(FUNCS + 32 * i).unwrap();
+        }
+        a.dec(rbx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let run = |grow: bool, jit: Option<u32>| {
+        let mut g = guest_with(&jump, &[0; 10], 0);
+        g.load(MAIN, &main);
+        for i in 0..N {
+            let at = FUNCS + 32 * i;
+            g.load(
+                at,
+                &asm(64, at, |a| {
+                    // A loop: its exit to itself is a link in its record. Compiled
+                    // code does not cover LAHF: it leaves there, naming its slot (from
+                    // its record) for the interpreter to go on in.
+                    let mut top = a.create_label();
+                    a.mov(ecx, 2).unwrap();
+                    a.set_label(&mut top).unwrap();
+                    a.add(r8, 1).unwrap();
+                    a.lahf().unwrap();
+                    a.dec(ecx).unwrap();
+                    a.jnz(top).unwrap();
+                    a.ret().unwrap();
+                }),
+            );
+        }
+        g.cpu.set_block_slots(4096);
+        if grow {
+            g.cpu.let_block_slots_grow(65536);
+        }
+        g.cpu.set_jit_threshold(jit);
+        let mut runs = 0;
+        while g.cpu.run(&mut NoDevices, 4_000) != RunExit::Halted {
+            runs += 1;
+            assert!(runs < 100_000, "the loop never ended");
+        }
+        (g.cpu.state().gpr[8], g.cpu.decode_counts().0)
+    };
+    for jit in [None, Some(0), Some(16)] {
+        let (sum, fixed) = run(false, jit);
+        assert_eq!(sum, 2 * N * PASSES);
+        let (sum, grown) = run(true, jit);
+        assert_eq!(sum, 2 * N * PASSES);
+        // Four blocks per call (the call, the function's three).
+        assert!(
+            fixed > 4 * 4 * N,
+            "{fixed} decodes with 4096 slots over {PASSES} passes (jit {jit:?})"
+        );
+        assert!(
+            grown * 4 < fixed,
+            "{grown} decodes once the cache may grow against {fixed} (jit {jit:?})"
+        );
+    }
+}

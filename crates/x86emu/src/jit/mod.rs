@@ -120,6 +120,8 @@ pub(crate) struct Compiled {
     pub(crate) entry: u64,
     /// Where a linked exit of another block jumps to.
     pub(crate) chain_entry: u64,
+    /// The block's record in this CPU's view (see `Jit::move_record`).
+    pub(crate) record: u64,
 }
 
 /// The code memory of a machine, shared by its CPUs (only what compiled code fills is
@@ -316,6 +318,11 @@ impl Jit {
         Ok(self.install(&p, slot, tlb_gen))
     }
 
+    /// The block whose code has its record at `record` moved to `slot` of the block cache.
+    pub(crate) fn move_record(&mut self, record: u64, slot: usize) {
+        self.view.write(record + emit::RECORD_SLOT, slot as u64);
+    }
+
     /// Fills the record of placed code for this CPU.
     fn install(
         &mut self,
@@ -343,6 +350,7 @@ impl Jit {
         Compiled {
             entry: start + p.entry as u64,
             chain_entry: start + p.chain_entry as u64,
+            record,
         }
     }
 
