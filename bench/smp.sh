@@ -6,8 +6,10 @@
 # (bzImage) and busybox initramfs, 256 MiB. Runs are interleaved (run 1 of every N and VMM,
 # then run 2, ...); prints medians of the jobs' wall time (guest clock, /proc/uptime around
 # the jobs; the host's clock between the guest's two lines beside it), throughput relative
-# to the same VMM's 1-vCPU run (N x T1 / TN: N means perfect scaling), and boot time (VMM
-# start to the initramfs' first line).
+# to the same VMM's 1-vCPU run (N x T1 / TN: N means perfect scaling), boot time (VMM
+# start to the initramfs' first line), and a cross-CPU round trip: two processes pinned
+# to CPUs 0 and 1 (both to CPU 0 on 1 vCPU) pass a byte back and forth through pipes
+# (bench/pingpong.c), so each round trip wakes a sleeping task on an idle vCPU twice.
 #
 #   bench/smp.sh [RUNS]        (default 3)
 #
@@ -27,6 +29,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
+command -v gcc >/dev/null || {
+    echo "bench/smp.sh: installing gcc" >&2
+    apt-get install -y -qq gcc libc6-dev >/dev/null
+}
 command -v qemu-system-x86_64 >/dev/null || {
     echo "bench/smp.sh: installing qemu-system-x86" >&2
     apt-get install -y -qq qemu-system-x86 >/dev/null
@@ -70,9 +76,13 @@ while [ $i -lt $forks ]; do
 done
 b=$(cut -d' ' -f1 /proc/uptime)
 echo "SMPBENCH-FORK forks=$forks start=$a end=$b"
+other=0
+[ "$n" -gt 1 ] && other=1
+/pingpong 2000 0 $other
 SH
 chmod +x "$WORK/extra/smp-bench"
-(cd "$WORK/extra" && echo smp-bench | cpio -o -H newc --quiet | gzip) >"$WORK/extra.cpio.gz"
+gcc -static -O2 -o "$WORK/extra/pingpong" bench/pingpong.c
+(cd "$WORK/extra" && printf 'smp-bench\npingpong\n' | cpio -o -H newc --quiet | gzip) >"$WORK/extra.cpio.gz"
 cat "$ASSETS/initramfs.cpio.gz" "$WORK/extra.cpio.gz" >"$WORK/initramfs-smp.cpio.gz"
 
 # (This script's own processes, the command substitution's subshell included, are not others.)
@@ -98,6 +108,7 @@ cmdline = f"console=ttyS0 panic=-1 quiet vessel.run=/smp-bench+{mb}+{forks}"
 want_md5 = hashlib.md5(bytes(mb << 20)).hexdigest()
 MARK, START, RESULT = b"vessel-init:", b"SMPBENCH-START", b"SMPBENCH-RESULT"
 FORK = b"SMPBENCH-FORK"
+PINGPONG = b"PINGPONG"
 
 def vessel_argv(n, binary=vessel):
     argv = [binary, "run", "--accel", "emu", "--cpus", str(n), "--memory", "256M",
@@ -150,7 +161,8 @@ class Guest:
         self.p.kill()
         self.p.wait()
 
-results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": []} for c in configs for n in ns}
+results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": [], "rtt": []}
+           for c in configs for n in ns}
 failures = {(c, n): 0 for c in configs for n in ns}
 
 def one(config, n, i):
@@ -185,6 +197,10 @@ def one(config, n, i):
             return failed(f"no fork+exec result; last output:\n{g.tail()}")
         fk = dict(kv.split("=", 1) for kv in fork_line[1].split()[1:])
         fork_ms = (float(fk["end"]) - float(fk["start"])) * 1000 / forks
+        pp_line = g.expect(PINGPONG, 60)
+        if pp_line is None:
+            return failed(f"no round-trip result; last output:\n{g.tail()}")
+        rtt = float(dict(kv.split("=", 1) for kv in pp_line[1].split()[1:])["us"])
         jobs = float(f["end"]) - float(f["start"])
         host = end[0] - start[0]
         r = results[(config, n)]
@@ -192,8 +208,10 @@ def one(config, n, i):
         r["host"].append(host)
         r["boot"].append(boot[0])
         r["fork"].append(fork_ms)
+        r["rtt"].append(rtt)
         print(f"run {i} {config} {n} vCPUs: boot {boot[0]:.2f} s, jobs {jobs:.2f} s "
-              f"(host {host:.2f} s), fork+exec {fork_ms:.2f} ms", file=sys.stderr)
+              f"(host {host:.2f} s), fork+exec {fork_ms:.2f} ms, round trip {rtt:.1f} us",
+              file=sys.stderr)
     finally:
         g.close()
 
@@ -216,8 +234,10 @@ print("jobs: wall time of the N jobs, guest clock (host clock beside it); "
       "throughput: N x T(1) / T(N), relative to the same VMM's 1 vCPU")
 print(f"fork+exec: {forks} x /bin/true one after another, guest clock per run, and "
       "relative to the same VMM's 1 vCPU")
+print("round trip: a pipe ping-pong between CPUs 0 and 1 (on 1 vCPU, within CPU 0), "
+      "guest clock")
 head = f"{'config':<11} {'vCPUs':>5} {'jobs (s)':>9} {'host (s)':>9} {'throughput':>11} " \
-       f"{'boot (s)':>9} {'fork+exec (ms)':>15} {'failed':>7}"
+       f"{'boot (s)':>9} {'fork+exec (ms)':>15} {'round trip (us)':>16} {'failed':>7}"
 print(head)
 for config in configs:
     t1 = med(results[(config, 1)]["jobs"]) if (config, 1) in results else float("nan")
@@ -229,7 +249,8 @@ for config in configs:
         fn = med(r["fork"])
         fork = f"{fn:.2f} ({fn / f1:.2f}x)" if r["fork"] and f1 == f1 else "nan"
         print(f"{config:<11} {n:>5} {tn:>9.2f} {med(r['host']):>9.2f} {rel:>10.2f}x "
-              f"{med(r['boot']):>9.2f} {fork:>15} {failures[(config, n)]:>7}")
+              f"{med(r['boot']):>9.2f} {fork:>15} {med(r['rtt']):>16.1f} "
+              f"{failures[(config, n)]:>7}")
 if "vessel-emu" in configs and "qemu-mttcg" in configs:
     print("vessel-emu / qemu-mttcg, jobs time: " + ", ".join(
         f"{n} vCPU{'s' if n > 1 else ''} "
