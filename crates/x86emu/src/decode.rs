@@ -230,8 +230,8 @@ struct Body {
     /// use the translation it has, however the page tables changed).
     cross_gpa: u64,
     tlb_gen: u64,
-    /// Its compiled code's record in this CPU's view (0 without code).
-    record: u64,
+    /// Its compiled code's record in this CPU's view, while it has code.
+    record: crate::jit::Record,
 }
 
 impl Body {
@@ -255,16 +255,12 @@ impl Block {
         (self.entry != 0).then_some(Compiled {
             entry: self.entry,
             chain_entry: self.chain,
-            record: self.body.as_ref().map_or(0, |b| b.record),
         })
     }
 
     fn set_compiled(&mut self, c: Option<Compiled>) {
         self.entry = c.map_or(0, |c| c.entry);
         self.chain = c.map_or(0, |c| c.chain_entry);
-        if let Some(body) = &mut self.body {
-            body.record = c.map_or(0, |c| c.record);
-        }
     }
 }
 
@@ -538,8 +534,10 @@ impl BlockCache {
             if free {
                 let moved = std::mem::take(b);
                 // Its code names its slot in its record.
-                if let (Some(c), Some(j)) = (moved.compiled(), &mut self.jit) {
-                    j.move_record(c.record, slot);
+                if let (Some(_), Some(body), Some(j)) =
+                    (moved.compiled(), &moved.body, &mut self.jit)
+                {
+                    j.move_record(body.record, slot);
                 }
                 if self.blocks.get(slot).is_some_and(|t| t.body.is_none()) {
                     self.blocks.filled.push(slot as u32);
@@ -663,8 +661,11 @@ impl BlockCache {
             model: jit.model,
         };
         match jit.compile(key, body.code(), b.insns(), slot, tlb_gen, warming) {
-            Ok(c) => {
+            Ok((c, record)) => {
                 b.set_compiled(Some(c));
+                if let Some(body) = &mut b.body {
+                    body.record = record;
+                }
                 self.any_compiled = true;
             }
             Err(NoCode::Uncovered) => {}

@@ -114,14 +114,16 @@ pub(crate) type Enter = unsafe extern "C" fn(*mut crate::state::CpuState, *mut C
 
 pub(crate) use emit::{FINISHED, JUMP_CACHE};
 
+/// Where a compiled block's record lies in this CPU's view (see `shared::View`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Record(u64);
+
 #[derive(Clone, Copy)]
 pub(crate) struct Compiled {
     /// Where [`Jit::enter`] starts the block.
     pub(crate) entry: u64,
     /// Where a linked exit of another block jumps to.
     pub(crate) chain_entry: u64,
-    /// The block's record in this CPU's view (see `Jit::move_record`).
-    pub(crate) record: u64,
 }
 
 /// The code memory of a machine, shared by its CPUs (only what compiled code fills is
@@ -240,7 +242,7 @@ impl Jit {
         slot: usize,
         tlb_gen: Option<*const u64>,
         warming: Option<u32>,
-    ) -> Result<Compiled, NoCode> {
+    ) -> Result<(Compiled, Record), NoCode> {
         if warming.is_some() && self.shared.cpus.load(Ordering::Relaxed) < 2 {
             // Alone, no other CPU compiles anything.
             return Err(NoCode::Uncovered);
@@ -318,9 +320,9 @@ impl Jit {
         Ok(self.install(&p, slot, tlb_gen))
     }
 
-    /// The block whose code has its record at `record` moved to `slot` of the block cache.
-    pub(crate) fn move_record(&mut self, record: u64, slot: usize) {
-        self.view.write(record + emit::RECORD_SLOT, slot as u64);
+    /// The block whose code has `record` moved to `slot` of the block cache.
+    pub(crate) fn move_record(&mut self, record: Record, slot: usize) {
+        self.view.write(record.0 + emit::RECORD_SLOT, slot as u64);
     }
 
     /// Fills the record of placed code for this CPU.
@@ -329,7 +331,7 @@ impl Jit {
         p: &shared::Placed,
         slot: usize,
         tlb_gen: Option<*const u64>,
-    ) -> Compiled {
+    ) -> (Compiled, Record) {
         let start = self.view.at(p.off);
         let record = self.view.at(self.shared.len + p.rec);
         self.view.write(record + emit::RECORD_SLOT, slot as u64);
@@ -347,11 +349,13 @@ impl Jit {
         if let Some(m) = &mut self.perf_map {
             m.name(start, p.len, format_args!("guest_{:x}", p.ip));
         }
-        Compiled {
-            entry: start + p.entry as u64,
-            chain_entry: start + p.chain_entry as u64,
-            record,
-        }
+        (
+            Compiled {
+                entry: start + p.entry as u64,
+                chain_entry: start + p.chain_entry as u64,
+            },
+            Record(record),
+        )
     }
 
     /// Points link slot `link` (in a record of this CPU) at `target`.
