@@ -8,6 +8,11 @@
 //! boundary outside a chain of compiled blocks, which is what x86's cross-modifying-code
 //! rule asks of a guest anyway (the writer makes the others serialise, by an IPI).
 //!
+//! Each counted write also names its page in a short log, so that a CPU which sees the
+//! count move checks again only its blocks from the pages written (QEMU invalidates its
+//! translated blocks by page too); when it fell behind the log, or a writer has not yet
+//! logged its page, it checks them all.
+//!
 //! Compiled stores do not look at the marks: a TLB entry lets compiled code store to its
 //! page only while the page is not marked (its write tags are stripped otherwise, as
 //! QEMU's TLB_NOTDIRTY does), so such a store leaves compiled code and the interpreter
@@ -168,6 +173,8 @@ pub struct CodeTracker {
     pages: Box<[AtomicU8]>,
     /// Stores to marked pages so far, by any CPU.
     writes: AtomicU64,
+    /// The pages of the last [`WRITE_LOG`] counted writes: see [`CodeTracker::written_page`].
+    log: Box<[AtomicU64]>,
     /// The write maps of the CPUs that share this tracker.
     cpus: RwLock<Vec<Arc<WriteMap>>>,
     /// Watched page tables stored to since [`CodeTracker::take_table_writes`], a bit per
@@ -186,6 +193,17 @@ pub struct CodeTracker {
     unseen: AtomicBool,
 }
 
+/// Writes named in [`CodeTracker`]'s log: a CPU that falls further behind checks every
+/// block again. A device's DMA into pages that held code (a page-cache read) names a page
+/// per 4 KiB.
+pub(crate) const WRITE_LOG: usize = 1024;
+
+/// A logged write that may have been to any page (more than one in an instruction).
+pub(crate) const ANY_PAGE: usize = usize::MAX;
+
+/// A log entry's page field: this says "any page".
+const LOG_ANY: u64 = 0xffff_ffff;
+
 /// The nonzero words of a bitmap, each taken (left zero).
 fn take_words(map: &[AtomicU64]) -> Vec<(usize, u64)> {
     map.iter()
@@ -203,6 +221,9 @@ impl CodeTracker {
         CodeTracker {
             pages: (0..n).map(|_| AtomicU8::new(0)).collect(),
             writes: AtomicU64::new(0),
+            // Never the entry of a write still to come (its number's low half is not
+            // that of any write logged in its place before 2^32 writes).
+            log: (0..WRITE_LOG).map(|_| AtomicU64::new(u64::MAX)).collect(),
             cpus: RwLock::new(Vec::new()),
             table_writes: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             table_write_count: AtomicU64::new(0),
@@ -286,7 +307,7 @@ impl CodeTracker {
                 if old & CODE == 0 {
                     return false;
                 }
-                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.count(pfn);
                 true
             }
             _ => false,
@@ -435,11 +456,36 @@ impl CodeTracker {
         }
     }
 
-    #[inline(always)]
     /// Counts a store to checked code once more, after it was made (see
-    /// `Core::stores_done`).
-    pub(crate) fn count_write(&self) {
-        self.writes.fetch_add(1, Ordering::SeqCst);
+    /// `Core::stores_done`): to page `pfn`, or to [`ANY_PAGE`].
+    #[inline(always)]
+    pub(crate) fn count_write(&self, pfn: usize) {
+        self.count(pfn);
+    }
+
+    /// Counts a write to `pfn` and logs its page. A CPU that sees the count move before
+    /// the page is logged finds the entry of an older write there and checks everything.
+    fn count(&self, pfn: usize) {
+        let seq = self.writes.fetch_add(1, Ordering::SeqCst);
+        let page = match u32::try_from(pfn) {
+            Ok(p) if u64::from(p) != LOG_ANY => u64::from(p),
+            _ => LOG_ANY,
+        };
+        if let Some(e) = self.log.get(seq as usize % WRITE_LOG) {
+            e.store((seq & 0xffff_ffff) << 32 | page, Ordering::Release);
+        }
+    }
+
+    /// The page that write number `seq` (counting from 0) stored to: None when the log
+    /// no longer knows, or does not yet (its writer counted it and is about to log it),
+    /// or it may be any page.
+    pub(crate) fn written_page(&self, seq: u64) -> Option<usize> {
+        let e = self
+            .log
+            .get(seq as usize % WRITE_LOG)?
+            .load(Ordering::Acquire);
+        let page = e & 0xffff_ffff;
+        (e >> 32 == seq & 0xffff_ffff && page != LOG_ANY).then_some(page as usize)
     }
 
     pub(crate) fn writes(&self) -> u64 {

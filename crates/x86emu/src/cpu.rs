@@ -129,9 +129,16 @@ pub struct Core {
     pub(crate) code: Arc<CodeTracker>,
     /// `code.writes()` when this CPU last looked.
     code_writes_seen: u64,
-    /// The instruction running stores to checked code, or to a page another CPU marked
-    /// as code while the store was on its way (see `stores_done`).
-    pub(crate) stored_code: bool,
+    /// Moves when this CPU stored to checked code or saw others' writes to it: the run
+    /// loop leaves the block (or chain) it is in, and takes up `stale_pages`.
+    pub(crate) code_events: u64,
+    /// RAM pages written since their blocks were last checked, for the run loop to make
+    /// the block cache check those blocks again (`BlockCache::stale_pages`).
+    pub(crate) stale_pages: Vec<usize>,
+    /// The page the instruction running stores to while it holds checked code, or was
+    /// marked as code by another CPU while the store was on its way (see `stores_done`);
+    /// `code::ANY_PAGE` for more than one.
+    pub(crate) stored_code: Option<usize>,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
     /// Stubs that run instructions on the host CPU (`exec::hostexec`).
@@ -213,6 +220,12 @@ impl Cpu {
         self.blocks.decoded_blocks()
     }
 
+    /// Cached blocks this CPU compared with memory again and found unchanged, because
+    /// their page was written (by any CPU or device) or everything was to be checked.
+    pub fn rechecked_blocks(&self) -> u64 {
+        self.blocks.rechecked_blocks()
+    }
+
     /// Blocks this CPU decoded, and blocks it took from another CPU's decoding instead
     /// (see [`Cpu::share_decoded`]).
     pub fn decode_counts(&self) -> (u64, u64) {
@@ -282,7 +295,9 @@ impl Core {
             user_code_checked: false,
             code,
             code_writes_seen: 0,
-            stored_code: false,
+            code_events: 0,
+            stale_pages: Vec::new(),
+            stored_code: None,
             kick: None,
             hostexec: Default::default(),
             crossing: vec![None; CROSSING_SLOTS].into_boxed_slice(),
@@ -603,18 +618,48 @@ impl Core {
         }
         let w = self.code.writes();
         if w != self.code_writes_seen {
-            self.code_writes_seen = w;
-            self.code_epoch += 1;
+            self.see_written(w);
         }
     }
 
-    /// A write to `gpa_page`: if it holds checked code, every block must be checked again
-    /// (on the other CPUs too, see `code`).
+    /// A write to `gpa_page`: if it holds checked code, its blocks must be checked again,
+    /// on every CPU (this one too) once it sees the tracker's count move.
     #[inline(always)]
     pub(crate) fn note_write(&mut self, gpa_page: u64) {
-        if self.code.note_write((gpa_page >> 12) as usize) {
+        let pfn = (gpa_page >> 12) as usize;
+        if self.code.note_write(pfn) {
+            self.code_events += 1;
+            self.note_stored_code(pfn);
+        }
+    }
+
+    /// The instruction running stores to checked code in page `pfn`: see `stored_code`.
+    pub(crate) fn note_stored_code(&mut self, pfn: usize) {
+        self.stored_code = match self.stored_code {
+            Some(p) if p != pfn => Some(crate::code::ANY_PAGE),
+            _ => Some(pfn),
+        };
+    }
+
+    /// Takes up the writes to checked code up to count `w`: their pages' blocks are
+    /// checked again, or every block when the log no longer names them all.
+    #[cold]
+    fn see_written(&mut self, w: u64) {
+        let from = std::mem::replace(&mut self.code_writes_seen, w);
+        self.code_events += 1;
+        if w.wrapping_sub(from) > crate::code::WRITE_LOG as u64 {
             self.code_epoch += 1;
-            self.stored_code = true;
+            return;
+        }
+        for seq in from..w {
+            match self.code.written_page(seq) {
+                Some(pfn) => self.stale_pages.push(pfn),
+                None => {
+                    self.code_epoch += 1;
+                    self.stale_pages.clear();
+                    return;
+                }
+            }
         }
     }
 
@@ -625,12 +670,12 @@ impl Core {
     /// protocol) makes that CPU check again at its next serialising instruction.
     #[inline(always)]
     pub(crate) fn stores_done(&mut self) {
-        if std::mem::take(&mut self.stored_code) {
-            self.code.count_write();
+        if let Some(pfn) = self.stored_code.take() {
+            self.code.count_write(pfn);
         }
     }
 
-    /// Moves this CPU's code epoch if any CPU wrote checked code since it last looked.
+    /// Takes up the writes to checked code any CPU made since this one last looked.
     #[inline(always)]
     fn see_code_writes(&mut self) {
         if self.tlb.writers.pending() {
@@ -638,8 +683,7 @@ impl Core {
         }
         let w = self.code.writes();
         if w != self.code_writes_seen {
-            self.code_writes_seen = w;
-            self.code_epoch += 1;
+            self.see_written(w);
         }
     }
 
@@ -812,6 +856,9 @@ impl Cpu {
                 }
             }
             self.see_code_writes();
+            if !self.core.stale_pages.is_empty() {
+                self.blocks.stale_pages(&mut self.core.stale_pages);
+            }
             self.blocks.see_flush();
             self.io_done = false;
             done += self.run_block(platform, max_instructions - done);
@@ -885,6 +932,7 @@ impl Cpu {
         loop {
             let gpa = t.gpa_page | (lin & 0xfff);
             let epoch = core.code_epoch;
+            let events = core.code_events;
             // Marked before its bytes are compared (and again after): a CPU that stored to
             // the page and dropped its entry before a mark made after the compare would
             // be asked for nothing (see `Core::serialise_code`). A load when marked.
@@ -981,6 +1029,7 @@ impl Cpu {
                         pending_link = Some((ctx.link as usize, generation));
                     }
                     chain = (ctx.budget as i64) > 0
+                        && core.code_events == events
                         && !(core.kicked() && core.s.rflags & flags::IF != 0);
                 } else {
                     // Left before instruction r of the block it was in (a TLB miss, or an
@@ -1015,7 +1064,10 @@ impl Cpu {
                     core.stores_done();
                     match r {
                         Ok(()) => {
-                            chain = insn.near_branch && !core.io_done && core.code_epoch == epoch
+                            chain = insn.near_branch
+                                && !core.io_done
+                                && core.code_epoch == epoch
+                                && core.code_events == events
                         }
                         Err(f) => core.fault(p, f),
                     }
@@ -1034,6 +1086,7 @@ impl Cpu {
                 if core.next_rip != insn.instr.next_ip()
                     || core.io_done
                     || core.code_epoch != epoch
+                    || core.code_events != events
                     || core.jit.pauses >= u64::from(PAUSE_SPIN)
                 {
                     break;

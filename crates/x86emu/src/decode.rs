@@ -23,6 +23,8 @@ use iced_x86::{
 
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
 use crate::decoded::{Decoded, DecodedBlocks};
 use crate::exec::fast::{cannot_fault, skips_dead_flags, uop_for, Uop};
 use crate::exec::{handler_for, Handler};
@@ -200,7 +202,7 @@ pub(crate) struct Block {
     /// Runs since decoded, counted until the block is compiled (or found not to be).
     runs: u32,
     /// The CPU's code epoch when the block's bytes were last found in memory (see
-    /// `Core::code_epoch`).
+    /// `Core::code_epoch`), or [`STALE`] since its page was written.
     epoch: u64,
     /// Host code for the block's leading instructions (64-bit code only): its entry
     /// (for `Jit::enter`) and its chain entry (both 0 when there is no code).
@@ -278,6 +280,20 @@ pub(crate) fn block_layout() -> (usize, i32, i32, i32, i32, i32) {
     )
 }
 
+/// A block's epoch once its page was written: no code epoch (they count up from 0).
+const STALE: u64 = u64::MAX;
+
+/// Whether the block in a slot holds code from RAM page `pfn` (a page-crossing block
+/// holds code from two).
+fn on_page(b: &Block, pfn: usize) -> bool {
+    b.bitness != 0
+        && ((b.gpa >> 12) as usize == pfn
+            || (b.bitness & CROSS != 0
+                && b.body
+                    .as_ref()
+                    .is_some_and(|body| (body.cross_gpa >> 12) as usize == pfn)))
+}
+
 /// Runs after which a block compiled before its code was dropped (the arena filled) is
 /// compiled again.
 const RECOMPILE_RUNS: u32 = 8;
@@ -336,6 +352,9 @@ pub(crate) struct BlockCache {
     /// Blocks this CPU decoded, and those it took from another CPU's decoding instead.
     decodes: u64,
     taken: u64,
+    /// Blocks found unchanged when compared with memory again (their page was written, or
+    /// the code epoch moved).
+    rechecks: u64,
     /// The most slots `enter_run` doubles the cache to while it evicts much (see
     /// `note_eviction`).
     max_slots: usize,
@@ -345,6 +364,11 @@ pub(crate) struct BlockCache {
     evictions: u64,
     /// The cache evicted often enough to grow at the next `enter_run`.
     grow: bool,
+    /// Per RAM page, the slots filled with blocks from it since the slots were made, so
+    /// that a write to a page makes only its blocks be checked again (see
+    /// `stale_pages`). Slots filled since with other pages' blocks stay listed until a
+    /// sweep (see `index`).
+    by_page: FxHashMap<usize, Vec<u32>>,
 }
 
 /// Links remembered before all are cut regardless of the epoch (see `BlockCache::link`).
@@ -381,16 +405,93 @@ impl BlockCache {
             scratch: Vec::with_capacity(MAX_BLOCK),
             decodes: 0,
             taken: 0,
+            rechecks: 0,
             max_slots: DEFAULT_BLOCK_SLOTS,
             lookups: 0,
             evictions: 0,
             grow: false,
+            by_page: FxHashMap::default(),
+        }
+    }
+
+    /// Notes that `slot` now holds a block with code from RAM page `pfn`.
+    fn index(&mut self, pfn: usize, slot: usize) {
+        let list = self.by_page.entry(pfn).or_default();
+        if list.len() == list.capacity() && list.len() >= 16 {
+            // Full: sweep out the slots that hold other blocks by now (and repeats) before
+            // the list grows; where most stay, it grows at once, so that the next sweep
+            // comes after as many pushes as it had entries.
+            let blocks = &self.blocks;
+            list.sort_unstable();
+            list.dedup();
+            list.retain(|&s| blocks.get(s as usize).is_some_and(|b| on_page(b, pfn)));
+            if list.len() > list.capacity() / 2 {
+                list.reserve(list.capacity());
+            }
+        }
+        list.push(slot as u32);
+    }
+
+    /// The blocks with code from these RAM pages (taken) are compared with memory again
+    /// before they run next: the pages were written. Links to them are cut and the jump
+    /// cache forgets them, so that compiled code reaches them only through its lookup,
+    /// which finds their epoch stale. (Moving the code epoch instead made every block of
+    /// every CPU be compared at each of the ~1700 writes to code of a boot: a tenth of
+    /// all lookups on 1 vCPU, more on 8.)
+    #[cold]
+    pub(crate) fn stale_pages(&mut self, pages: &mut Vec<usize>) {
+        pages.sort_unstable();
+        pages.dedup();
+        for pfn in pages.drain(..) {
+            let Some(mut list) = self.by_page.remove(&pfn) else {
+                continue;
+            };
+            list.sort_unstable();
+            list.dedup();
+            list.retain(|&slot| {
+                let Some(b) = self.blocks.get_mut(slot as usize) else {
+                    return false;
+                };
+                if !on_page(b, pfn) {
+                    return false;
+                }
+                b.epoch = STALE;
+                if let Some(body) = &mut b.body {
+                    // A link slot lies in the arena, which is not reused before
+                    // `drop_compiled` empties every `incoming` list.
+                    for link in body.incoming.drain(..) {
+                        if let Some(j) = &mut self.jit {
+                            j.unlink(link as u64);
+                        }
+                    }
+                }
+                let ip = b.ip;
+                let at =
+                    (ip.rotate_right(12).wrapping_add(ip) as usize) & (crate::jit::JUMP_CACHE - 1);
+                for table in 0..4 {
+                    if let Some(e) = self.jump_cache.get_mut(table * crate::jit::JUMP_CACHE + at) {
+                        // Stored complemented (see `jit::emit::jump_cache_fill`); a stamp
+                        // of 0 never matches.
+                        if e[0] == !ip {
+                            e[1] = 0;
+                        }
+                    }
+                }
+                true
+            });
+            if !list.is_empty() {
+                self.by_page.insert(pfn, list);
+            }
         }
     }
 
     /// Blocks this CPU decoded itself, and blocks it took as another CPU decoded them.
     pub(crate) fn decode_counts(&self) -> (u64, u64) {
         (self.decodes, self.taken)
+    }
+
+    pub(crate) fn rechecked_blocks(&self) -> u64 {
+        self.rechecks
     }
 
     /// Takes decoded blocks from `blocks` and offers this CPU's there from now on.
@@ -476,6 +577,7 @@ impl BlockCache {
     pub(crate) fn set_slots(&mut self, n: usize) {
         self.drop_compiled();
         self.blocks = Slots::new(n);
+        self.by_page.clear();
         self.max_slots = self.blocks.len;
         self.lookups = 0;
         self.evictions = 0;
@@ -522,6 +624,7 @@ impl BlockCache {
         // The jump cache names the chain entries of blocks left behind.
         self.jc_stamp += 1;
         let mut old = std::mem::replace(&mut self.blocks, Slots::new(n));
+        self.by_page.clear();
         for i in old.filled.clone() {
             let Some(b) = old.get_mut(i as usize) else {
                 continue;
@@ -542,8 +645,20 @@ impl BlockCache {
                 if self.blocks.get(slot).is_some_and(|t| t.body.is_none()) {
                     self.blocks.filled.push(slot as u32);
                 }
+                let pages = (
+                    (moved.gpa >> 12) as usize,
+                    moved
+                        .body
+                        .as_ref()
+                        .filter(|_| moved.bitness & CROSS != 0)
+                        .map(|body| (body.cross_gpa >> 12) as usize),
+                );
                 if let Some(t) = self.blocks.get_mut(slot) {
                     *t = moved;
+                }
+                self.index(pages.0, slot);
+                if let Some(p) = pages.1 {
+                    self.index(p, slot);
                 }
             }
         }
@@ -775,7 +890,10 @@ impl BlockCache {
         };
         match state {
             Lookup::Trusted => {}
-            Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
+            Lookup::Unchanged => {
+                self.rechecks += 1;
+                self.blocks.get_mut(slot)?.epoch = epoch;
+            }
             Lookup::Miss => {
                 if evicts {
                     self.note_eviction();
@@ -844,7 +962,10 @@ impl BlockCache {
         };
         match state {
             Lookup::Trusted => {}
-            Lookup::Unchanged => self.blocks.get_mut(slot)?.epoch = epoch,
+            Lookup::Unchanged => {
+                self.rechecks += 1;
+                self.blocks.get_mut(slot)?.epoch = epoch;
+            }
             Lookup::Miss => self.fill_cross(slot, gpa, ip, first, second, next_gpa, epoch)?,
         }
         let b = self.blocks.get_mut(slot)?;
@@ -893,6 +1014,8 @@ impl BlockCache {
         b.gpa = gpa;
         b.ip = ip;
         b.bitness = 64 | CROSS;
+        self.index((gpa >> 12) as usize, slot);
+        self.index((next_gpa >> 12) as usize, slot);
         Some(())
     }
 
@@ -1071,6 +1194,7 @@ impl BlockCache {
             b.gpa = gpa;
             b.ip = ip;
             b.bitness = bitness | CROSS;
+            self.index((gpa >> 12) as usize, slot);
             return Some(());
         };
         b.insns = std::ptr::NonNull::new(decoded.insns.as_ptr().cast_mut());
@@ -1082,6 +1206,7 @@ impl BlockCache {
         b.gpa = gpa;
         b.ip = ip;
         b.bitness = bitness;
+        self.index((gpa >> 12) as usize, slot);
         Some(())
     }
 }

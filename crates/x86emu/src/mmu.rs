@@ -499,14 +499,14 @@ impl Core {
         // compared its blocks before the bytes change, and asked nothing of this one (its
         // entry could not store), so the store is counted once made (`stores_done`).
         if self.code.is_marked(pfn) {
-            self.stored_code = true;
+            self.note_stored_code(pfn);
             return;
         }
         self.tlb.arm_slot(i);
         // After the count it made: a CPU marking the page meanwhile either saw it (and
         // asked this one to strip) or is seen here, and is told of the store as above.
         if self.code.is_marked(pfn) {
-            self.stored_code = true;
+            self.note_stored_code(pfn);
             self.tlb.strip_slot(i);
         }
     }
@@ -561,7 +561,9 @@ impl Core {
         self.tlb.put(slot, entry);
         // After the count `put` made: see `arm_for_stores`.
         if writable && self.code.is_marked(entry.pfn()) {
-            self.stored_code |= access == Access::Write;
+            if access == Access::Write {
+                self.note_stored_code(entry.pfn());
+            }
             self.tlb.strip_slot(slot);
         }
         Ok(Translation { host, gpa_page })
@@ -1138,7 +1140,7 @@ mod tests {
         w.tlb.put(5, e);
         assert!(!w.code.is_marked(5));
         w.note_write(5 << 12);
-        assert!(!w.stored_code, "no code there when noted");
+        assert!(w.stored_code.is_none(), "no code there when noted");
         // The reader marks the page (to compare its blocks): no one to ask.
         assert!(!r.code.mark(5, &r.tlb.writers));
         assert!(!w.tlb.writers.pending());
@@ -1147,14 +1149,19 @@ mod tests {
         let before = r.code.writes();
         w.stores_done();
         assert_ne!(r.code.writes(), before, "the store is counted once made");
-        // CPUID on the reader: the count moved, so it checks its blocks again; then not,
-        // until a CPU's code stores where none are noted (hybrid native stints).
+        // CPUID on the reader: the count moved, so it checks the page's blocks again;
+        // then nothing, until a CPU's code stores where none are noted (hybrid native
+        // stints): then every block.
         let mut r = r;
         let epoch = r.code_epoch;
+        let events = r.code_events;
         r.serialise_code();
-        assert_ne!(r.code_epoch, epoch);
-        let epoch = r.code_epoch;
+        assert_eq!(r.stale_pages, [5], "the page written is checked again");
+        assert_ne!(r.code_events, events, "the run loop takes it up");
+        assert_eq!(r.code_epoch, epoch, "only that page");
+        r.stale_pages.clear();
         r.serialise_code();
+        assert!(r.stale_pages.is_empty(), "nothing written since");
         assert_eq!(r.code_epoch, epoch, "nothing written since");
         w.code_written_elsewhere();
         r.serialise_code();

@@ -560,6 +560,74 @@ fn a_linked_loop_that_patches_itself_runs_the_new_code() {
     assert_eq!(run(Some(0)), interpreted);
 }
 
+/// A store to one code page makes only that page's blocks be checked again: the
+/// function it patches runs its new code, reached through the jump cache (an indirect
+/// call from compiled code) and through a link, while the caller's page stays trusted.
+#[test]
+fn a_code_write_rechecks_only_the_blocks_of_its_page() {
+    const F: u64 = CODE + 0x1000;
+    const G: u64 = CODE + 0x2000;
+    let callee = |imm: i32| {
+        asm(64, F, |a| {
+            let mut again = a.create_label();
+            a.mov(edx, imm).unwrap(); // ba imm32
+            a.set_label(&mut again).unwrap();
+            // A loop, so that the block after the MOV is linked to.
+            a.add(rsi, 1).unwrap();
+            a.test(rsi, 1).unwrap();
+            a.jnz(again).unwrap();
+            a.ret().unwrap();
+        })
+    };
+    let run = |jit| {
+        let mut g = guest_with(
+            &asm(64, CODE, |a| {
+                let mut top = a.create_label();
+                let mut skip = a.create_label();
+                a.mov(rcx, 1000u64).unwrap();
+                a.set_label(&mut top).unwrap();
+                a.mov(rax, F).unwrap();
+                a.call(rax).unwrap();
+                a.add(rbx, rdx).unwrap();
+                a.mov(rax, G).unwrap();
+                a.call(rax).unwrap();
+                a.cmp(rcx, 500).unwrap();
+                a.jne(skip).unwrap();
+                // Halfway: F loads 3 from now on.
+                a.mov(dword_ptr(F + 1), 3).unwrap();
+                a.set_label(&mut skip).unwrap();
+                a.dec(rcx).unwrap();
+                a.jnz(top).unwrap();
+                a.hlt().unwrap();
+            }),
+            &[0; 10],
+            0,
+        );
+        g.load(F, &callee(1));
+        g.load(
+            G,
+            &asm(64, G, |a| {
+                a.add(rdi, 1).unwrap();
+                a.ret().unwrap();
+            }),
+        );
+        g.cpu.set_jit_threshold(jit);
+        g.cpu.set_recheck_each_run(false);
+        assert_eq!(g.cpu.run(&mut NoDevices, 1_000_000), RunExit::Halted);
+        (g.cpu.state().gpr, g.cpu.rechecked_blocks())
+    };
+    let (interpreted, rechecked) = run(None);
+    // 501 calls load 1 (the patch comes after the call), 499 load 3.
+    assert_eq!(interpreted[3], 501 + 499 * 3);
+    assert_eq!(interpreted[7], 1000);
+    // The patched block is decoded again, and F's other two blocks (its loop and RET, on
+    // the written page but unchanged) compared again; the caller's blocks and G's are not.
+    assert_eq!(rechecked, 2, "interpreted");
+    let (compiled, rechecked) = run(Some(0));
+    assert_eq!(compiled, interpreted);
+    assert_eq!(rechecked, 2, "compiled");
+}
+
 /// Compiled code keeps guest registers in host registers between instructions; the
 /// scratch registers of memory and stack accesses must not be taken for them.
 #[test]
