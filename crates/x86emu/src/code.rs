@@ -195,10 +195,10 @@ pub struct CodeTracker {
 
 /// Writes named in [`CodeTracker`]'s log: a CPU that falls further behind checks every
 /// block again. A device's DMA into pages that held code (a page-cache read) names a page
-/// per 4 KiB.
-pub(crate) const WRITE_LOG: usize = 1024;
+/// per 4 KiB; a vCPU idle through a module load misses about a thousand.
+pub(crate) const WRITE_LOG: usize = 4096;
 
-/// A logged write that may have been to any page (more than one in an instruction).
+/// A logged write that may have been to any page (more than four in an instruction).
 pub(crate) const ANY_PAGE: usize = usize::MAX;
 
 /// A log entry's page field: this says "any page".

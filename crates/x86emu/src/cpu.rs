@@ -135,10 +135,12 @@ pub struct Core {
     /// RAM pages written since their blocks were last checked, for the run loop to make
     /// the block cache check those blocks again (`BlockCache::stale_pages`).
     pub(crate) stale_pages: Vec<usize>,
-    /// The page the instruction running stores to while it holds checked code, or was
-    /// marked as code by another CPU while the store was on its way (see `stores_done`);
-    /// `code::ANY_PAGE` for more than one.
-    pub(crate) stored_code: Option<usize>,
+    /// The pages the instruction running stores to while they hold checked code, or that
+    /// another CPU marked as code while the store was on its way (see `stores_done`): the
+    /// first `stored_pages` of `stored_code`, or `code::ANY_PAGE` past its length (a
+    /// string instruction may store to many).
+    pub(crate) stored_code: [usize; 4],
+    pub(crate) stored_pages: usize,
     /// Raised by other threads when they have an interrupt for this CPU (see `set_kick`).
     kick: Option<Arc<AtomicBool>>,
     /// Stubs that run instructions on the host CPU (`exec::hostexec`).
@@ -297,7 +299,8 @@ impl Core {
             code_writes_seen: 0,
             code_events: 0,
             stale_pages: Vec::new(),
-            stored_code: None,
+            stored_code: [0; 4],
+            stored_pages: 0,
             kick: None,
             hostexec: Default::default(),
             crossing: vec![None; CROSSING_SLOTS].into_boxed_slice(),
@@ -635,10 +638,22 @@ impl Core {
 
     /// The instruction running stores to checked code in page `pfn`: see `stored_code`.
     pub(crate) fn note_stored_code(&mut self, pfn: usize) {
-        self.stored_code = match self.stored_code {
-            Some(p) if p != pfn => Some(crate::code::ANY_PAGE),
-            _ => Some(pfn),
-        };
+        let n = self.stored_pages;
+        let known = self.stored_code.get(..n).unwrap_or_default();
+        if known.contains(&pfn) || known.contains(&crate::code::ANY_PAGE) {
+            return;
+        }
+        match self.stored_code.get_mut(n) {
+            Some(p) => {
+                *p = pfn;
+                self.stored_pages += 1;
+            }
+            None => {
+                if let Some(last) = self.stored_code.last_mut() {
+                    *last = crate::code::ANY_PAGE;
+                }
+            }
+        }
     }
 
     /// Takes up the writes to checked code up to count `w`: their pages' blocks are
@@ -670,7 +685,15 @@ impl Core {
     /// protocol) makes that CPU check again at its next serialising instruction.
     #[inline(always)]
     pub(crate) fn stores_done(&mut self) {
-        if let Some(pfn) = self.stored_code.take() {
+        if self.stored_pages != 0 {
+            self.count_stored_code();
+        }
+    }
+
+    #[cold]
+    fn count_stored_code(&mut self) {
+        let n = std::mem::take(&mut self.stored_pages);
+        for &pfn in self.stored_code.get(..n).unwrap_or_default() {
             self.code.count_write(pfn);
         }
     }
