@@ -369,7 +369,13 @@ pub(crate) struct BlockCache {
     /// `stale_pages`). Slots filled since with other pages' blocks stay listed until a
     /// sweep (see `index`).
     by_page: FxHashMap<usize, Vec<u32>>,
+    /// How many pages `by_page` may list before the pages none of whose blocks are left
+    /// are swept out of it (see `index`).
+    by_page_limit: usize,
 }
+
+/// The fewest pages `BlockCache::by_page` lists before it is swept.
+const BY_PAGE_MIN: usize = 4096;
 
 /// Links remembered before all are cut regardless of the epoch (see `BlockCache::link`).
 const MAX_LIVE_LINKS: usize = 1 << 20;
@@ -411,11 +417,15 @@ impl BlockCache {
             evictions: 0,
             grow: false,
             by_page: FxHashMap::default(),
+            by_page_limit: BY_PAGE_MIN,
         }
     }
 
     /// Notes that `slot` now holds a block with code from RAM page `pfn`.
     fn index(&mut self, pfn: usize, slot: usize) {
+        if self.by_page.len() >= self.by_page_limit {
+            self.sweep_pages();
+        }
         let list = self.by_page.entry(pfn).or_default();
         if list.len() == list.capacity() && list.len() >= 16 {
             // Full: sweep out the slots that hold other blocks by now (and repeats) before
@@ -430,6 +440,20 @@ impl BlockCache {
             }
         }
         list.push(slot as u32);
+    }
+
+    /// Forgets the pages none of whose listed slots holds a block from them any more: a
+    /// guest that runs code from ever more pages (a big page cache, a JIT) would otherwise
+    /// have the index grow without bound. The next sweep comes when the pages listed have
+    /// doubled.
+    #[cold]
+    fn sweep_pages(&mut self) {
+        let blocks = &self.blocks;
+        self.by_page.retain(|&pfn, list| {
+            list.retain(|&s| blocks.get(s as usize).is_some_and(|b| on_page(b, pfn)));
+            !list.is_empty()
+        });
+        self.by_page_limit = (self.by_page.len() * 2).max(BY_PAGE_MIN);
     }
 
     /// The blocks with code from these RAM pages (taken) are compared with memory again
@@ -578,6 +602,7 @@ impl BlockCache {
         self.drop_compiled();
         self.blocks = Slots::new(n);
         self.by_page.clear();
+        self.by_page_limit = BY_PAGE_MIN;
         self.max_slots = self.blocks.len;
         self.lookups = 0;
         self.evictions = 0;
@@ -1391,4 +1416,42 @@ pub(crate) fn decode(bitness: u32, ip: u64, bytes: &[u8]) -> Option<Instruction>
         return None;
     }
     Some(ins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that runs code from ever more pages, each block evicting an older one, leaves
+    /// the index of slots by page no bigger than what the slots hold warrants; a page
+    /// whose block is still cached stays indexed, and a write to it still stales it.
+    #[test]
+    fn the_page_index_stays_bounded_as_new_pages_evict_old_ones() {
+        // The same host page (RETs) stands for every guest page.
+        let page = vec![0xc3u8; 4096];
+        let mut c = BlockCache::new();
+        c.set_jit_threshold(None);
+        c.set_slots(MIN_SLOTS);
+        let pages = 6 * BY_PAGE_MIN;
+        let mut last = None;
+        for pfn in 0..pages {
+            let gpa = (pfn as u64) << 12;
+            last = c.get(gpa, gpa, 64, page.as_ptr(), 0).map(|(slot, _)| slot);
+            assert!(last.is_some(), "page {pfn}");
+            // At most twice the pages whose blocks the slots can hold.
+            let most = 2 * MIN_SLOTS.max(BY_PAGE_MIN);
+            assert!(c.by_page.len() <= most, "{} pages listed", c.by_page.len());
+        }
+        let slot = last.unwrap();
+        assert!(c.by_page.contains_key(&(pages - 1)));
+        c.stale_pages(&mut vec![pages - 1]);
+        assert_eq!(c.blocks.get(slot).map(|b| b.epoch), Some(STALE));
+        let gpa = ((pages - 1) as u64) << 12;
+        assert_eq!(
+            c.get(gpa, gpa, 64, page.as_ptr(), 0),
+            Some((slot, true)),
+            "compared again"
+        );
+        assert_eq!(c.rechecked_blocks(), 1);
+    }
 }
