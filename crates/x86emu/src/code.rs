@@ -307,7 +307,7 @@ impl CodeTracker {
                 if old & CODE == 0 {
                     return false;
                 }
-                self.count(pfn);
+                self.count_write(pfn);
                 true
             }
             _ => false,
@@ -456,16 +456,11 @@ impl CodeTracker {
         }
     }
 
-    /// Counts a store to checked code once more, after it was made (see
-    /// `Core::stores_done`): to page `pfn`, or to [`ANY_PAGE`].
-    #[inline(always)]
+    /// Counts a store to checked code in page `pfn` (or [`ANY_PAGE`]) and logs the page:
+    /// when noted, and once more after it was made (see `Core::stores_done`). A CPU that
+    /// sees the count move before the page is logged finds the entry of an older write
+    /// there and checks everything.
     pub(crate) fn count_write(&self, pfn: usize) {
-        self.count(pfn);
-    }
-
-    /// Counts a write to `pfn` and logs its page. A CPU that sees the count move before
-    /// the page is logged finds the entry of an older write there and checks everything.
-    fn count(&self, pfn: usize) {
         let seq = self.writes.fetch_add(1, Ordering::SeqCst);
         let page = match u32::try_from(pfn) {
             Ok(p) if u64::from(p) != LOG_ANY => u64::from(p),

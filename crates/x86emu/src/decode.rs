@@ -294,6 +294,14 @@ fn on_page(b: &Block, pfn: usize) -> bool {
                     .is_some_and(|body| (body.cross_gpa >> 12) as usize == pfn)))
 }
 
+/// Keeps, once each, the slots of `list` that still hold a block with code from page
+/// `pfn`.
+fn keep_on_page(blocks: &Slots, pfn: usize, list: &mut Vec<u32>) {
+    list.sort_unstable();
+    list.dedup();
+    list.retain(|&s| blocks.get(s as usize).is_some_and(|b| on_page(b, pfn)));
+}
+
 /// Runs after which a block compiled before its code was dropped (the arena filled) is
 /// compiled again.
 const RECOMPILE_RUNS: u32 = 8;
@@ -431,10 +439,7 @@ impl BlockCache {
             // Full: sweep out the slots that hold other blocks by now (and repeats) before
             // the list grows; where most stay, it grows at once, so that the next sweep
             // comes after as many pushes as it had entries.
-            let blocks = &self.blocks;
-            list.sort_unstable();
-            list.dedup();
-            list.retain(|&s| blocks.get(s as usize).is_some_and(|b| on_page(b, pfn)));
+            keep_on_page(&self.blocks, pfn, list);
             if list.len() > list.capacity() / 2 {
                 list.reserve(list.capacity());
             }
@@ -450,7 +455,7 @@ impl BlockCache {
     fn sweep_pages(&mut self) {
         let blocks = &self.blocks;
         self.by_page.retain(|&pfn, list| {
-            list.retain(|&s| blocks.get(s as usize).is_some_and(|b| on_page(b, pfn)));
+            keep_on_page(blocks, pfn, list);
             !list.is_empty()
         });
         self.by_page_limit = (self.by_page.len() * 2).max(BY_PAGE_MIN);
@@ -470,15 +475,11 @@ impl BlockCache {
             let Some(mut list) = self.by_page.remove(&pfn) else {
                 continue;
             };
-            list.sort_unstable();
-            list.dedup();
-            list.retain(|&slot| {
+            keep_on_page(&self.blocks, pfn, &mut list);
+            for &slot in &list {
                 let Some(b) = self.blocks.get_mut(slot as usize) else {
-                    return false;
+                    continue;
                 };
-                if !on_page(b, pfn) {
-                    return false;
-                }
                 b.epoch = STALE;
                 if let Some(body) = &mut b.body {
                     // A link slot lies in the arena, which is not reused before
@@ -490,8 +491,7 @@ impl BlockCache {
                     }
                 }
                 let ip = b.ip;
-                let at =
-                    (ip.rotate_right(12).wrapping_add(ip) as usize) & (crate::jit::JUMP_CACHE - 1);
+                let at = crate::jit::jump_cache_index(ip);
                 for table in 0..4 {
                     if let Some(e) = self.jump_cache.get_mut(table * crate::jit::JUMP_CACHE + at) {
                         // Stored complemented (see `jit::emit::jump_cache_fill`); a stamp
@@ -501,8 +501,7 @@ impl BlockCache {
                         }
                     }
                 }
-                true
-            });
+            }
             if !list.is_empty() {
                 self.by_page.insert(pfn, list);
             }

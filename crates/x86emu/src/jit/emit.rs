@@ -431,6 +431,12 @@ fn second_way(a: &mut CodeAssembler, done: &mut CodeLabel) -> Option<()> {
 /// Entries per privilege in the jump cache (see `Ctx::jc`).
 pub(crate) const JUMP_CACHE: usize = 4096;
 
+/// The jump cache entry for `rip`, as `look_up_and_go` computes it: RIP rotated right by
+/// 12 plus RIP (the rotated-in low bits lie above the mask).
+pub(crate) fn jump_cache_index(rip: u64) -> usize {
+    (rip.rotate_right(12).wrapping_add(rip) as usize) & (JUMP_CACHE - 1)
+}
+
 /// Notes in the jump cache entry at RDX that RIP RAX goes on at RCX (the chain entry of
 /// the block in slot R9) or, from a lower RIP, at the block's body entry (see `Dir`),
 /// valid while the stamp is `Ctx::jc_stamp`. Flag-free; clobbers R8.
@@ -607,8 +613,7 @@ impl Emitter {
         let a = &mut self.a;
         // The jump cache first: RDX = its entry for this RIP, which the slow way below
         // (and `second_way`) fill in when they find the block.
-        // The entry for the hash RIP + RIP >> 12 (the rotated-in low bits lie above the
-        // mask).
+        // The entry `jump_cache_index` names.
         a!(a.rorx(r9, rax, 12));
         a!(a.lea(r9, ptr(r9 + rax)));
         a!(a.pext(

@@ -112,7 +112,7 @@ pub(crate) struct Ctx {
 /// instruction it did not run in block `ctx.slot`.
 pub(crate) type Enter = unsafe extern "C" fn(*mut crate::state::CpuState, *mut Ctx, u64) -> u64;
 
-pub(crate) use emit::{FINISHED, JUMP_CACHE};
+pub(crate) use emit::{jump_cache_index, FINISHED, JUMP_CACHE};
 
 /// Where a compiled block's record lies in this CPU's view (see `shared::View`).
 #[derive(Clone, Copy, Debug, Default)]
