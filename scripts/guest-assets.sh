@@ -12,6 +12,15 @@
 set -euo pipefail
 
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
+
+# The README's run command builds Vessel right after this script, and the etcd client crate
+# compiles etcd's protobuf files with protoc at build time: a fresh machine lacks it.
+if ! command -v protoc >/dev/null 2>&1; then
+    echo "guest assets: installing protobuf-compiler (protoc builds Vessel's etcd client)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 # shellcheck source=scripts/module-order.sh
