@@ -759,7 +759,11 @@ impl BlockCache {
         let Some(b) = self.blocks.get_mut(slot) else {
             return;
         };
-        if b.runs > jit.threshold || !matches!(b.bitness & !CROSS, 64 | 32) {
+        // A block with code (compiled here, or another CPU's adopted at its first run) is
+        // done: installing its code again would reset its links, and each would cost an
+        // exit to the run loop to make again (an 8-vCPU guest's process starts made
+        // millions so).
+        if b.runs > jit.threshold || b.entry != 0 || !matches!(b.bitness & !CROSS, 64 | 32) {
             return;
         }
         b.runs += 1;

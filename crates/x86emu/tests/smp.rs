@@ -316,6 +316,35 @@ fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
     drop(shared);
 }
 
+/// A block a CPU took from another's compiled code is installed once: each later lookup
+/// of it while it warmed up used to install it again, which reset its links, and every
+/// one was made again through an exit to the run loop.
+#[test]
+fn an_adopted_block_is_installed_once() {
+    const LOOPS: u32 = 2_000;
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    let expect = patchable_loop(&ram0, LOOPS);
+    let mut cpu0 = machine_cpu(shared.map(), None);
+    let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
+    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
+    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+    let adopted = cpu1.adopted_blocks();
+    assert!(adopted > 0, "the second CPU ran no shared code");
+    // Each run looks the loop up from the run loop again: past 4, 16, 64 and 128 runs.
+    for _ in 0..200 {
+        assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+    }
+    assert_eq!(
+        cpu1.adopted_blocks(),
+        adopted,
+        "a block taken from the other CPU was installed again"
+    );
+    drop((cpu0, cpu1, ram0));
+    drop(shared);
+}
+
 /// Two CPUs of one machine share decoded blocks: the second runs the first's program
 /// without decoding it again; after the first rewrites an instruction, the second decodes
 /// the changed block itself (it must not take the stale one), and the first then takes
