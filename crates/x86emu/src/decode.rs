@@ -1151,6 +1151,11 @@ impl BlockCache {
         (base, self.jc_stamp)
     }
 
+    /// Cuts every link now, as a full list of them does (see `link`).
+    pub(crate) fn cut_all_links(&mut self) {
+        self.cut_links(self.links_epoch);
+    }
+
     #[cold]
     fn cut_links(&mut self, epoch: u64) {
         self.links_epoch = epoch;

@@ -226,3 +226,9 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
     }
     (offered, compiled, insns_done)
 }
+
+/// Cuts every link between `cpu`'s compiled blocks while they stay trusted, as the block
+/// cache does when its list of links is full: for tests of how links are made again.
+pub fn cut_links(cpu: &mut crate::Cpu) {
+    cpu.cut_links();
+}

@@ -2651,3 +2651,78 @@ fn a_block_cache_that_evicts_much_grows_and_keeps_its_blocks() {
         );
     }
 }
+
+/// A loop that calls into another page, where the callee's first block ends in an exit
+/// to its own page (F to G) and the caller's in one back to the loop's top: each exit is
+/// taken right after compiled code came from the other page (a call, a return) through
+/// its jump cache. Once the links are cut (as a full list of links cuts them, the blocks
+/// still trusted), the run loop must link such an exit again in the page it was left in:
+/// it used to leave it unlinked, having started in the other page, so that every pass
+/// went through the run loop twice from then on.
+#[test]
+fn exits_taken_after_a_page_change_are_linked_again() {
+    const LOOPS: u32 = 20_000;
+    let (p1, p2) = (CODE, CODE + 0x1000);
+    let (f, gg) = (p2, p2 + 0x80);
+    let mut g = Guest::new();
+    g.load(
+        p1,
+        &asm(64, p1, |a| {
+            let mut top = a.create_label();
+            a.xor(eax, eax).unwrap();
+            a.mov(ecx, LOOPS).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.call(f).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    g.load(
+        f,
+        &asm(64, f, |a| {
+            a.add(rax, 1).unwrap();
+            a.test(ecx, ecx).unwrap();
+            a.jnz(gg).unwrap();
+            a.hlt().unwrap();
+        }),
+    );
+    g.load(
+        gg,
+        &asm(64, gg, |a| {
+            a.add(rax, 2).unwrap();
+            a.ret().unwrap();
+        }),
+    );
+    let mut s = g.cpu.state().clone();
+    s.rip = p1;
+    g.cpu.set_state(s);
+    // As under a VMM whose devices report their writes: a run does not start a new code
+    // epoch (which would have the run loop look every block up again).
+    g.cpu.set_recheck_each_run(false);
+    // Half the passes: every block compiled and linked by then.
+    assert_eq!(
+        g.cpu.run(&mut NoDevices, 4 * u64::from(LOOPS)),
+        RunExit::InstructionLimit
+    );
+    assert!(g.cpu.compiled_blocks() >= 3, "the loop was not compiled");
+    // The run stopped at the loop's chain check, after a return from G. Go back into G
+    // as though it had been called from there again (one more +2), and cut: the run loop
+    // starts in G's page, so each exit comes after a page change from then on.
+    let (at, stack) = (g.cpu.state().rip, g.cpu.state().gpr[4]);
+    assert_eq!(at, p1 + 12, "the run stopped elsewhere");
+    g.load(stack - 8, &at.to_le_bytes());
+    let st = g.cpu.state_mut();
+    st.gpr[4] = stack - 8;
+    st.rip = gg;
+    x86emu::testing::cut_links(&mut g.cpu);
+    let before = g.cpu.dispatched_blocks();
+    assert_eq!(g.cpu.run(&mut NoDevices, u64::MAX), RunExit::Halted);
+    assert_eq!(g.cpu.state().gpr[0], 3 * u64::from(LOOPS) + 2);
+    // A few to link the exits again; unlinked, two per pass.
+    let dispatched = g.cpu.dispatched_blocks() - before;
+    assert!(
+        dispatched < 100,
+        "{dispatched} blocks dispatched for the last passes of a loop whose links were cut"
+    );
+}
