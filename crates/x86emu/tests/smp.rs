@@ -280,22 +280,52 @@ fn patchable_loop(ram: &GuestRam, loops: u32) -> impl Fn(u64) -> u64 {
     move |add: u64| (0..loops).fold(0u64, |x, _| x.rotate_left(3).wrapping_add(add))
 }
 
+/// Two CPUs of one machine sharing compiled code, each having run `patchable_loop` once
+/// (the first compiled it). Fields drop in order: the CPUs before the RAM they run on.
+struct LoopOnTwo {
+    cpu0: Cpu,
+    cpu1: Cpu,
+    root: u64,
+    expect: Box<dyn Fn(u64) -> u64>,
+    ram0: GuestRam,
+    shared: Shared,
+}
+
+impl LoopOnTwo {
+    fn run(loops: u32) -> LoopOnTwo {
+        let mut shared = Shared::new();
+        let ram0 = shared.map();
+        let root = identity_tables(&ram0);
+        let expect = Box::new(patchable_loop(&ram0, loops));
+        let mut cpu0 = machine_cpu(shared.map(), None);
+        let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
+        assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
+        assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+        LoopOnTwo {
+            cpu0,
+            cpu1,
+            root,
+            expect,
+            ram0,
+            shared,
+        }
+    }
+}
+
 /// Two CPUs of one machine share compiled code: the second runs the first's blocks
 /// without compiling them again, and when it rewrites an instruction of that code, the
 /// first runs the new instruction (not the code compiled for the old one).
 #[test]
 fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
-    const LOOPS: u32 = 5_000;
-    let mut shared = Shared::new();
-    let ram0 = shared.map();
-    let root = identity_tables(&ram0);
-    let expect = patchable_loop(&ram0, LOOPS);
-
-    let mut cpu0 = machine_cpu(shared.map(), None);
-    let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
-    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
+    let LoopOnTwo {
+        mut cpu0,
+        mut cpu1,
+        root,
+        expect,
+        ram0,
+        shared,
+    } = LoopOnTwo::run(5_000);
     assert!(cpu0.compiled_blocks() > 0, "the loop was not compiled");
-    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
     assert_eq!(
         cpu1.compiled_blocks(),
         0,
@@ -321,15 +351,14 @@ fn cpus_run_each_others_compiled_code_and_see_each_others_code_writes() {
 /// one was made again through an exit to the run loop.
 #[test]
 fn an_adopted_block_is_installed_once() {
-    const LOOPS: u32 = 2_000;
-    let mut shared = Shared::new();
-    let ram0 = shared.map();
-    let root = identity_tables(&ram0);
-    let expect = patchable_loop(&ram0, LOOPS);
-    let mut cpu0 = machine_cpu(shared.map(), None);
-    let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
-    assert_eq!(run_program(&mut cpu0, root, CODE, 0), expect(0x11));
-    assert_eq!(run_program(&mut cpu1, root, CODE, 1), expect(0x11));
+    let LoopOnTwo {
+        cpu0,
+        mut cpu1,
+        root,
+        expect,
+        ram0,
+        shared,
+    } = LoopOnTwo::run(2_000);
     let adopted = cpu1.adopted_blocks();
     assert!(adopted > 0, "the second CPU ran no shared code");
     // Each run looks the loop up from the run loop again: past 4, 16, 64 and 128 runs.
