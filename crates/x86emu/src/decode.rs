@@ -761,8 +761,8 @@ impl BlockCache {
         };
         // A block with code (compiled here, or another CPU's adopted at its first run) is
         // done: installing its code again would reset its links, and each would cost an
-        // exit to the run loop to make again (an 8-vCPU guest's process starts made
-        // millions so).
+        // exit to the run loop to make again (0.9M of them in 500 process starts on an
+        // 8-vCPU guest).
         if b.runs > jit.threshold || b.entry != 0 || !matches!(b.bitness & !CROSS, 64 | 32) {
             return;
         }
