@@ -21,6 +21,7 @@ use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic as M, OpKind, RflagsBits,
 };
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -767,8 +768,16 @@ impl BlockCache {
             return;
         }
         b.runs += 1;
+        let elsewhere = || {
+            b.body
+                .as_ref()
+                .and_then(|body| body.decoded.as_ref())
+                .is_some_and(|d| d.compiled.load(Ordering::Relaxed))
+        };
         if b.runs > jit.threshold {
             self.compile(slot, None);
+        } else if !matches!(b.runs, 1 | 4 | 16 | 64) && elsewhere() {
+            self.compile(slot, Some(0));
         } else if matches!(b.runs, 1 | 4 | 16 | 64) {
             // Another CPU may have compiled it meanwhile, or the CPUs together may have
             // run it often enough: then it runs compiled from now on. The first run only
@@ -803,7 +812,16 @@ impl BlockCache {
             cross_gpa: body.cross_gpa,
             model: jit.model,
         };
-        match jit.compile(key, body.code(), b.insns(), slot, tlb_gen, warming) {
+        let result = jit.compile(key, body.code(), b.insns(), slot, tlb_gen, warming);
+        if let Some(d) = &body.decoded {
+            // Tell the other CPUs holding it; or, finding none for the hint, drop it.
+            match (&result, warming) {
+                (Ok(_), _) => d.compiled.store(true, Ordering::Relaxed),
+                (Err(_), Some(0)) => d.compiled.store(false, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+        match result {
             Ok((c, record)) => {
                 b.set_compiled(Some(c));
                 if let Some(body) = &mut b.body {
@@ -1028,10 +1046,10 @@ impl BlockCache {
             self.reset_slot(slot)?;
             return None;
         }
-        let decoded = Arc::new(Decoded {
-            code: bytes.get(..pos)?.into(),
-            insns: self.scratch.as_slice().into(),
-        });
+        let decoded = Arc::new(Decoded::new(
+            bytes.get(..pos)?.into(),
+            self.scratch.as_slice().into(),
+        ));
         let b = self.reset_slot(slot)?;
         let body = b.body.get_or_insert_with(Box::default);
         body.cross_gpa = next_gpa;
@@ -1205,10 +1223,10 @@ impl BlockCache {
                 self.scratch.clear();
                 let pos = decode_into(&mut self.scratch, bitness, ip, avail);
                 (!self.scratch.is_empty()).then(|| {
-                    let d = Arc::new(Decoded {
-                        code: avail.get(..pos).unwrap_or_default().into(),
-                        insns: self.scratch.as_slice().into(),
-                    });
+                    let d = Arc::new(Decoded::new(
+                        avail.get(..pos).unwrap_or_default().into(),
+                        self.scratch.as_slice().into(),
+                    ));
                     if let Some(s) = &self.decoded {
                         s.offer(gpa, ip, bitness, &d);
                     }

@@ -12,17 +12,32 @@
 //! The map holds weak references: a decoded block lives as long as some CPU's slot holds
 //! it, and the map forgets it soon after the last one lets go.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use rustc_hash::FxHashMap;
 
 use crate::decode::Insn;
 
-/// A decoded block: never changed once made.
+/// A decoded block: never changed once made (but for its hint).
 pub(crate) struct Decoded {
     /// The guest bytes it was decoded from: it stands for them only while memory holds them.
     pub(crate) code: Box<[u8]>,
     pub(crate) insns: Box<[Insn]>,
+    /// A hint that some CPU compiled it: the others holding it look for that code at their
+    /// next run of it, instead of at their next count of runs that asks the machine (4,
+    /// 16, 64), meanwhile interpreting it. Cleared by one that then finds no code.
+    pub(crate) compiled: AtomicBool,
+}
+
+impl Decoded {
+    pub(crate) fn new(code: Box<[u8]>, insns: Box<[Insn]>) -> Decoded {
+        Decoded {
+            code,
+            insns,
+            compiled: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Shards of the map, so that CPUs missing at once rarely wait for one another.

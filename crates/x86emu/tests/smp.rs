@@ -374,6 +374,45 @@ fn an_adopted_block_is_installed_once() {
     drop(shared);
 }
 
+/// A CPU holding a block another CPU compiled from the same decoding takes that code at
+/// its next run of it, not at its next count of runs that asks the machine (4, 16, 64),
+/// interpreting it until then.
+#[test]
+fn a_block_compiled_elsewhere_is_taken_at_its_next_run() {
+    let mut shared = Shared::new();
+    let ram0 = shared.map();
+    let root = identity_tables(&ram0);
+    // Straight-line code: one block, run once per program run.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 7).unwrap();
+    a.add(rax, 35).unwrap();
+    a.hlt().unwrap();
+    ram0.write(CODE, &a.assemble(CODE).unwrap());
+    let mut cpu0 = machine_cpu(shared.map(), None);
+    let mut cpu1 = machine_cpu(shared.map(), Some(&cpu0));
+    cpu1.share_decoded(&cpu0.decoded_blocks());
+    assert_eq!(run_program(&mut cpu0, root, CODE, 0), 42);
+    // The second CPU takes the first's decoding and runs it twice: not hot, no code yet.
+    for _ in 0..2 {
+        assert_eq!(run_program(&mut cpu1, root, CODE, 1), 42);
+    }
+    assert_eq!(cpu1.adopted_blocks(), 0);
+    // Hot on the first CPU: compiled there.
+    for _ in 0..200 {
+        assert_eq!(run_program(&mut cpu0, root, CODE, 0), 42);
+    }
+    assert!(cpu0.compiled_blocks() > 0, "the block was not compiled");
+    // The second CPU's third run (no count that asks the machine) takes that code.
+    assert_eq!(run_program(&mut cpu1, root, CODE, 1), 42);
+    assert_eq!(
+        cpu1.adopted_blocks(),
+        1,
+        "the second CPU did not take the code compiled for its block"
+    );
+    drop((cpu0, cpu1, ram0));
+    drop(shared);
+}
+
 /// Two CPUs of one machine share decoded blocks: the second runs the first's program
 /// without decoding it again; after the first rewrites an instruction, the second decodes
 /// the changed block itself (it must not take the stale one), and the first then takes
