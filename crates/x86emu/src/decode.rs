@@ -768,16 +768,8 @@ impl BlockCache {
             return;
         }
         b.runs += 1;
-        let elsewhere = || {
-            b.body
-                .as_ref()
-                .and_then(|body| body.decoded.as_ref())
-                .is_some_and(|d| d.compiled.load(Ordering::Relaxed))
-        };
         if b.runs > jit.threshold {
             self.compile(slot, None);
-        } else if !matches!(b.runs, 1 | 4 | 16 | 64) && elsewhere() {
-            self.compile(slot, Some(0));
         } else if matches!(b.runs, 1 | 4 | 16 | 64) {
             // Another CPU may have compiled it meanwhile, or the CPUs together may have
             // run it often enough: then it runs compiled from now on. The first run only
@@ -789,6 +781,14 @@ impl BlockCache {
                 r => r - r / 4,
             };
             self.compile(slot, Some(runs));
+        } else if b
+            .body
+            .as_ref()
+            .and_then(|body| body.decoded.as_ref())
+            .is_some_and(|d| d.compiled.load(Ordering::Relaxed))
+        {
+            // Another CPU compiled it from this decoding since (see `Decoded::compiled`).
+            self.compile(slot, Some(0));
         }
     }
 
