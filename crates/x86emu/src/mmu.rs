@@ -1169,6 +1169,46 @@ mod tests {
         drop(buf);
     }
 
+    /// A CPU that strips many entries at once (other CPUs checked code in pages it could
+    /// store to) names each page in the count of writes: the other CPUs check the blocks
+    /// of those pages again, not every block they hold.
+    #[test]
+    fn stripping_many_pages_names_each_page_written() {
+        let mut buf = vec![0u8; 0x11000];
+        let off = buf.as_ptr().align_offset(4096);
+        let p = buf[off..].as_mut_ptr();
+        let map = || {
+            let mut ram = crate::GuestRam::new();
+            // SAFETY: the 64 KiB from `p` lie in `buf`, which outlives both CPUs.
+            unsafe { ram.add_region(0, p, 0x10000).unwrap() };
+            ram
+        };
+        let mut w = crate::Cpu::new(map());
+        let mut r = crate::Cpu::new(map());
+        w.set_code_tracker(r.code_tracker());
+        r.code.register(&r.tlb.writers);
+        let pages = 1..=9usize;
+        for pfn in pages.clone() {
+            w.tlb.put(pfn, writable(pfn as u64, pfn as u64));
+        }
+        for pfn in pages.clone() {
+            assert!(!r.code.mark(pfn, &r.tlb.writers));
+        }
+        assert!(w.tlb.writers.pending());
+        // At its next block boundary (here: a serialising instruction).
+        w.serialise_code();
+        assert!(!w.tlb.writers.pending());
+        assert!(pages.clone().all(|pfn| !w.tlb.entries[pfn].writable()));
+        // No instruction ran: nothing is left to count once made.
+        w.stores_done();
+        let epoch = r.code_epoch;
+        r.serialise_code();
+        assert_eq!(r.code_epoch, epoch, "each page is named");
+        r.stale_pages.sort_unstable();
+        assert_eq!(r.stale_pages, pages.collect::<Vec<_>>());
+        drop(buf);
+    }
+
     #[test]
     fn the_dirty_log_sees_noted_stores_and_entries_still_armed() {
         use crate::code::CodeTracker;
