@@ -812,7 +812,15 @@ impl BlockCache {
             cross_gpa: body.cross_gpa,
             model: jit.model,
         };
-        let result = jit.compile(key, body.code(), b.insns(), slot, tlb_gen, warming);
+        let result = jit.compile(
+            key,
+            body.code(),
+            b.insns(),
+            slot,
+            tlb_gen,
+            warming,
+            body.decoded.as_deref(),
+        );
         if let Some(d) = &body.decoded {
             // Tell the other CPUs holding it; or, finding none for the hint, drop it.
             match (&result, warming) {

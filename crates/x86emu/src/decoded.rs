@@ -12,7 +12,7 @@
 //! The map holds weak references: a decoded block lives as long as some CPU's slot holds
 //! it, and the map forgets it soon after the last one lets go.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use rustc_hash::FxHashMap;
@@ -28,6 +28,12 @@ pub(crate) struct Decoded {
     /// next run of it, instead of at their next count of runs that asks the machine (4,
     /// 16, 64), meanwhile interpreting it. Cleared by one that then finds no code.
     pub(crate) compiled: AtomicBool,
+    /// Runs of it before it was compiled, summed over the CPUs that reported them: a
+    /// block every CPU runs a little is hot for the machine (see `Jit::compile`).
+    pub(crate) heat: AtomicU32,
+    /// The code some CPU placed for it (see `jit::shared::PlacedFor`): the others take it
+    /// from here, without the code memory's lock, map lookup and byte comparison.
+    pub(crate) placed: Mutex<Option<crate::jit::shared::PlacedFor>>,
 }
 
 impl Decoded {
@@ -36,7 +42,23 @@ impl Decoded {
             code,
             insns,
             compiled: AtomicBool::new(false),
+            heat: AtomicU32::new(0),
+            placed: Mutex::new(None),
         }
+    }
+
+    /// The code placed for it while the code memory is at flush `flush`, for CPU model
+    /// `model`.
+    pub(crate) fn placed(&self, flush: u64, model: u64) -> Option<Arc<crate::jit::shared::Placed>> {
+        let p = self.placed.lock().unwrap_or_else(PoisonError::into_inner);
+        p.as_ref()
+            .filter(|p| p.flush == flush && p.model == model)
+            .map(|p| p.code.clone())
+    }
+
+    /// Notes the code placed for it (see [`Decoded::placed`]).
+    pub(crate) fn set_placed(&self, placed: crate::jit::shared::PlacedFor) {
+        *self.placed.lock().unwrap_or_else(PoisonError::into_inner) = Some(placed);
     }
 }
 

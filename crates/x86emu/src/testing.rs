@@ -210,7 +210,7 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
             model: u64::MAX,
         };
         let bytes = &code[pos..pos + len];
-        match jit.compile(key, bytes, &block, 0, None, None) {
+        match jit.compile(key, bytes, &block, 0, None, None, None) {
             Ok(_) => {
                 compiled += 1;
                 insns_done += block.len();
@@ -219,7 +219,7 @@ pub fn compile_sweep(code: &[u8], ip: u64) -> (usize, usize, usize) {
             Err(crate::jit::NoCode::Full) => {
                 // Nothing of this compiler runs: the memory comes back at once.
                 jit.quiesce();
-                let _ = jit.compile(key, bytes, &block, 0, None, None);
+                let _ = jit.compile(key, bytes, &block, 0, None, None, None);
             }
         }
         pos += len;

@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::decode::Insn;
+use crate::decoded::Decoded;
 
 /// What compiled code needs besides the register state; filled before each call. It lives
 /// in the `Core`, at a fixed distance from the state (`cpu::jit_ctx_disp`), so compiled
@@ -234,6 +235,13 @@ impl Jit {
     /// block's record, with its links unlinked. With `warming` (runs since this CPU last
     /// asked; 0 to only look for another CPU's code), the block is compiled only once the
     /// machine's CPUs together ran it `threshold` times.
+    ///
+    /// `decoded`, the shared decoding the block's bytes are (for blocks within a page),
+    /// holds the code placed for it and its heat: a CPU finds another's code, or counts
+    /// its runs, there without taking the memory's lock. (Through the lock, the map and a
+    /// comparison of the bytes, taking code and counting heat were an eighth of the host
+    /// CPU an 8-vCPU Debian boot spent over a 1-vCPU one.)
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn compile(
         &mut self,
         key: shared::Key,
@@ -242,10 +250,34 @@ impl Jit {
         slot: usize,
         tlb_gen: Option<*const u64>,
         warming: Option<u32>,
+        decoded: Option<&Decoded>,
     ) -> Result<(Compiled, Record), NoCode> {
         if warming.is_some() && self.shared.cpus.load(Ordering::Relaxed) < 2 {
             // Alone, no other CPU compiles anything.
             return Err(NoCode::Uncovered);
+        }
+        // Page-crossing blocks are not shared (their decoding is this CPU's own).
+        let decoded = decoded.filter(|_| tlb_gen.is_none());
+        if let Some(d) = decoded {
+            // No flush since it was placed: its memory is as it was placed, and stays so
+            // while this CPU (inside `run`, not having seen a later flush) may run it.
+            let flush = self.shared.flush.load(Ordering::SeqCst);
+            if let Some(p) = d.placed(flush, key.model) {
+                self.adopted += 1;
+                return Ok(self.install(&p, slot, tlb_gen));
+            }
+            if let Some(runs) = warming {
+                if runs == 0 {
+                    return Err(NoCode::Uncovered);
+                }
+                let heat = d
+                    .heat
+                    .fetch_add(runs, Ordering::Relaxed)
+                    .saturating_add(runs);
+                if heat <= self.threshold {
+                    return Err(NoCode::Uncovered);
+                }
+            }
         }
         // Borrowed, not cloned: an Arc clone here was a fifth of this function's time in an
         // 8-vCPU boot (every vCPU's first run of every block comes here, and the count's
@@ -264,11 +296,18 @@ impl Jit {
             .filter(|p| *p.bytes == *bytes)
             .cloned()
         {
+            if let Some(d) = decoded {
+                d.set_placed(shared::PlacedFor {
+                    flush: inner.reset,
+                    model: key.model,
+                    code: p.clone(),
+                });
+            }
             drop(inner);
             self.adopted += 1;
             return Ok(self.install(&p, slot, tlb_gen));
         }
-        if let Some(runs) = warming {
+        if let (Some(runs), None) = (warming, decoded) {
             if runs == 0 {
                 return Err(NoCode::Uncovered);
             }
@@ -315,6 +354,13 @@ impl Jit {
                 .collect(),
         });
         inner.blocks.insert(key, p.clone());
+        if let Some(d) = decoded {
+            d.set_placed(shared::PlacedFor {
+                flush: inner.reset,
+                model: key.model,
+                code: p.clone(),
+            });
+        }
         drop(inner);
         self.compiled += 1;
         Ok(self.install(&p, slot, tlb_gen))

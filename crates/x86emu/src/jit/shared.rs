@@ -61,6 +61,16 @@ pub(crate) struct Placed {
     pub(crate) links: Box<[(usize, bool)]>,
 }
 
+/// Code placed for a decoded block (see `Decoded::placed`): valid while the memory is at
+/// the flush it was placed in (the count in `Shared::flush` has not moved), for the CPU
+/// model it was compiled for.
+#[derive(Debug)]
+pub(crate) struct PlacedFor {
+    pub(crate) flush: u64,
+    pub(crate) model: u64,
+    pub(crate) code: Arc<Placed>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Inner {
     /// Bytes placed, from the start (the runtime first: `pinned` bytes kept across
