@@ -10,6 +10,9 @@
 # start to the initramfs' first line), and a cross-CPU round trip: two processes pinned
 # to CPUs 0 and 1 (both to CPU 0 on 1 vCPU) pass a byte back and forth through pipes
 # (bench/pingpong.c), so each round trip wakes a sleeping task on an idle vCPU twice.
+# Then a real guest's boot per N: Debian bookworm with systemd (scripts/debian-rootfs.sh),
+# 512 MiB, VMM start to agetty's autologin on the serial console, beside QEMU MTTCG
+# (microvm, virtio-mmio disk: its fastest boot), and relative to the same VMM's 1 vCPU.
 #
 #   bench/smp.sh [RUNS]        (default 3)
 #
@@ -22,6 +25,7 @@
 #   VESSEL_BIN=path/to/vessel      measures that build (default: this tree's, built first)
 #   VESSEL_BEFORE=path/to/vessel   also measures that build, as "vessel-before"
 #   SMP_QEMU_CPU=MODEL     QEMU's -cpu (default max: the most TCG implements)
+#   SMP_REAL=0             leaves out the Debian boot rows
 #
 # Every run checks that the guest saw N CPUs and that all N digests are right; a run that
 # fails is reported with its output and left out of the medians. The host should be
@@ -38,6 +42,9 @@ command -v qemu-system-x86_64 >/dev/null || {
     apt-get install -y -qq qemu-system-x86 >/dev/null
 }
 scripts/guest-assets.sh >/dev/null
+if [ "${SMP_REAL:-1}" != 0 ]; then
+    scripts/debian-rootfs.sh >/dev/null
+fi
 ASSETS="${VESSEL_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/vessel/assets}"
 if [ -z "${VESSEL_BIN:-}" ]; then
     cargo build -q --release -p vessel
@@ -92,10 +99,11 @@ if [ -n "$others" ]; then
     echo "$others" | cut -c1-160 >&2
 fi
 
-python3 - "$RUNS" "$ASSETS" "$VESSEL" "$WORK/initramfs-smp.cpio.gz" <<'PY'
+python3 - "$RUNS" "$ASSETS" "$VESSEL" "$WORK/initramfs-smp.cpio.gz" "$WORK" <<'PY'
 import hashlib, os, select, statistics, subprocess, sys, time
 
 runs, assets, vessel, initrd = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+work = sys.argv[5]
 kbz = f"{assets}/vmlinuz"
 mb = int(os.environ.get("SMP_MB", "64"))
 host_cores = os.cpu_count() or 1
@@ -120,9 +128,37 @@ def qemu_argv(n):
             "-smp", str(n), "-m", "256", "-nodefaults", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-kernel", kbz, "-initrd", initrd, "-append", cmdline]
 
+# The real guest: the assets' kernel and initramfs switch to the image's root.
+real = os.environ.get("SMP_REAL", "1") != "0"
+image = f"{assets}/debian-bookworm.ext4"
+real_cmdline = "console=ttyS0 vessel.root=/dev/vda quiet panic=-1"
+LOGIN = b"login: root (automatic login)"
+
+def vessel_real_argv(n, binary=vessel):
+    # A throwaway overlay: the image is never written.
+    ov = f"{work}/overlay.qcow2"
+    if os.path.exists(ov):
+        os.unlink(ov)
+    subprocess.run([vessel, "img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, ov],
+                   check=True)
+    argv = [binary, "run", "--accel", "emu", "--cpus", str(n), "--memory", "512M",
+            "--serial", "stdio", "--kernel", kbz, "--initrd", f"{assets}/initramfs.cpio.gz",
+            "--cmdline", real_cmdline, "--disk", f"{ov},format=qcow2"]
+    return argv + (["--cpu", vcpu] if vcpu else [])
+
+def qemu_real_argv(n):
+    return ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg,thread=multi", "-cpu", qcpu,
+            "-smp", str(n), "-m", "512", "-nodefaults", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", f"{assets}/vmlinux", "-initrd",
+            f"{assets}/initramfs.cpio.gz", "-append", real_cmdline,
+            "-drive", f"file={image},format=raw,if=none,id=root,snapshot=on",
+            "-device", "virtio-blk-device,drive=root"]
+
 vmms = {"vessel-emu": vessel_argv, "qemu-mttcg": qemu_argv}
+real_vmms = {"vessel-emu": vessel_real_argv, "qemu-mttcg": qemu_real_argv}
 if os.environ.get("VESSEL_BEFORE"):
     vmms["vessel-before"] = lambda n: vessel_argv(n, os.environ["VESSEL_BEFORE"])
+    real_vmms["vessel-before"] = lambda n: vessel_real_argv(n, os.environ["VESSEL_BEFORE"])
 only = [c for c in os.environ.get("SMP_CONFIGS", "").split(",") if c]
 if [c for c in only if c not in vmms]:
     sys.exit(f"bench/smp.sh: unknown SMP_CONFIGS {only}; known: {list(vmms)}")
@@ -161,8 +197,9 @@ class Guest:
         self.p.kill()
         self.p.wait()
 
-results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": [], "rtt": []}
+results = {(c, n): {"jobs": [], "host": [], "boot": [], "fork": [], "rtt": [], "real": []}
            for c in configs for n in ns}
+real_failures = {(c, n): 0 for c in configs for n in ns}
 failures = {(c, n): 0 for c in configs for n in ns}
 
 def one(config, n, i):
@@ -215,10 +252,27 @@ def one(config, n, i):
     finally:
         g.close()
 
+def one_real(config, n, i):
+    g = Guest(real_vmms[config](n))
+    try:
+        login = g.expect(LOGIN, 300)
+        if login is None:
+            real_failures[(config, n)] += 1
+            print(f"run {i} {config} {n} vCPUs: Debian never reached login; last output:\n"
+                  f"{g.tail()}", file=sys.stderr)
+            return
+        results[(config, n)]["real"].append(login[0])
+        print(f"run {i} {config} {n} vCPUs: Debian boot to login {login[0]:.2f} s",
+              file=sys.stderr)
+    finally:
+        g.close()
+
 for i in range(1, runs + 1):
     for n in ns:
         for config in configs:
             one(config, n, i)
+            if real:
+                one_real(config, n, i)
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
@@ -251,6 +305,17 @@ for config in configs:
         print(f"{config:<11} {n:>5} {tn:>9.2f} {med(r['host']):>9.2f} {rel:>10.2f}x "
               f"{med(r['boot']):>9.2f} {fork:>15} {med(r['rtt']):>16.1f} "
               f"{failures[(config, n)]:>7}")
+if real:
+    print(f"\nDebian bookworm (systemd), 512 MiB: VMM start to the serial console's "
+          f"autologin, medians of {runs} runs, and relative to the same VMM's 1 vCPU "
+          f"(qemu-mttcg: microvm)")
+    print(f"{'config':<13} {'vCPUs':>5} {'boot (s)':>9} {'vs 1 vCPU':>10} {'failed':>7}")
+    for config in configs:
+        b1 = med(results[(config, 1)]["real"]) if (config, 1) in results else float("nan")
+        for n in ns:
+            bn = med(results[(config, n)]["real"])
+            print(f"{config:<13} {n:>5} {bn:>9.2f} {bn / b1:>9.2f}x "
+                  f"{real_failures[(config, n)]:>7}")
 if "vessel-emu" in configs and "qemu-mttcg" in configs:
     print("vessel-emu / qemu-mttcg, jobs time: " + ", ".join(
         f"{n} vCPU{'s' if n > 1 else ''} "
