@@ -985,7 +985,19 @@ fn manager_started_vmms_are_confined_and_a_forbidden_call_ends_only_that_one() {
         .expect("the jailed VMM")
         .parse()
         .unwrap();
-    let threads = thread_confinement(pid);
+    // On a loaded host the guest's line can come before the VMM's set-up is over (its
+    // API thread not started, its main thread not yet confined): read the threads once
+    // it is.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let threads = loop {
+        let threads = thread_confinement(pid);
+        let set_up =
+            threads.iter().any(|t| t[0] == "vmm-api") && threads.iter().all(|t| t[1] == "2");
+        if set_up || Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         threads.iter().any(|t| t[0] == "vcpu0") && threads.iter().any(|t| t[0] == "vmm-api"),
         "{threads:?}"
