@@ -1113,6 +1113,25 @@ mod tests {
         assert_eq!(wa.count(20), 0);
     }
 
+    /// Two CPUs sharing a code tracker, a writer and a reader, over 64 KiB of RAM in `buf`
+    /// (0x11000 bytes, kept alive by the caller while both CPUs live).
+    fn writer_and_reader(buf: &mut [u8]) -> (crate::Cpu, crate::Cpu) {
+        let off = buf.as_ptr().align_offset(4096);
+        let p = buf[off..].as_mut_ptr();
+        let map = || {
+            let mut ram = crate::GuestRam::new();
+            // SAFETY: the 64 KiB from `p` lie in `buf`, which the caller keeps alive
+            // while both CPUs live.
+            unsafe { ram.add_region(0, p, 0x10000).unwrap() };
+            ram
+        };
+        let mut w = crate::Cpu::new(map());
+        let r = crate::Cpu::new(map());
+        w.set_code_tracker(r.code_tracker());
+        r.code.register(&r.tlb.writers);
+        (w, r)
+    }
+
     /// An interpreted store noted while its page held no code, then marked by another CPU
     /// (which compared its blocks with the bytes not yet changed and asked nothing of
     /// this CPU, whose entry could not store) before the store was made: the store must
@@ -1121,18 +1140,7 @@ mod tests {
     #[test]
     fn a_store_to_a_page_marked_on_its_way_is_counted_once_made() {
         let mut buf = vec![0u8; 0x11000];
-        let off = buf.as_ptr().align_offset(4096);
-        let p = buf[off..].as_mut_ptr();
-        let map = || {
-            let mut ram = crate::GuestRam::new();
-            // SAFETY: the 64 KiB from `p` lie in `buf`, which outlives both CPUs.
-            unsafe { ram.add_region(0, p, 0x10000).unwrap() };
-            ram
-        };
-        let mut w = crate::Cpu::new(map());
-        let r = crate::Cpu::new(map());
-        w.set_code_tracker(r.code_tracker());
-        r.code.register(&r.tlb.writers);
+        let (mut w, r) = writer_and_reader(&mut buf);
         // The writer's entry for page 5 had its stores stripped (the page held code).
         let mut e = writable(5, 5);
         e.tags[2] = NO_TAG;
@@ -1175,18 +1183,7 @@ mod tests {
     #[test]
     fn stripping_many_pages_names_each_page_written() {
         let mut buf = vec![0u8; 0x11000];
-        let off = buf.as_ptr().align_offset(4096);
-        let p = buf[off..].as_mut_ptr();
-        let map = || {
-            let mut ram = crate::GuestRam::new();
-            // SAFETY: the 64 KiB from `p` lie in `buf`, which outlives both CPUs.
-            unsafe { ram.add_region(0, p, 0x10000).unwrap() };
-            ram
-        };
-        let mut w = crate::Cpu::new(map());
-        let mut r = crate::Cpu::new(map());
-        w.set_code_tracker(r.code_tracker());
-        r.code.register(&r.tlb.writers);
+        let (mut w, mut r) = writer_and_reader(&mut buf);
         let pages = 1..=9usize;
         for pfn in pages.clone() {
             w.tlb.put(pfn, writable(pfn as u64, pfn as u64));
