@@ -19,7 +19,8 @@ use rustc_hash::FxHashMap;
 
 use crate::decode::Insn;
 
-/// A decoded block: never changed once made (but for its hint).
+/// A decoded block: never changed once made, but for what the CPUs note on it (the
+/// compiled hint, the heat, the code placed for it).
 pub(crate) struct Decoded {
     /// The guest bytes it was decoded from: it stands for them only while memory holds them.
     pub(crate) code: Box<[u8]>,
@@ -56,8 +57,19 @@ impl Decoded {
             .map(|p| p.code.clone())
     }
 
-    /// Notes the code placed for it (see [`Decoded::placed`]).
-    pub(crate) fn set_placed(&self, placed: crate::jit::shared::PlacedFor) {
+    /// Notes `code`, placed for it at flush `flush` for CPU model `model` (see
+    /// [`Decoded::placed`]).
+    pub(crate) fn set_placed(
+        &self,
+        flush: u64,
+        model: u64,
+        code: &Arc<crate::jit::shared::Placed>,
+    ) {
+        let placed = crate::jit::shared::PlacedFor {
+            flush,
+            model,
+            code: code.clone(),
+        };
         *self.placed.lock().unwrap_or_else(PoisonError::into_inner) = Some(placed);
     }
 }

@@ -412,11 +412,7 @@ impl ChipGuard<'_> {
         let Some(mut st) = self.st.take() else { return };
         // Rare (interrupts held for a halt went out just now): these go before the lock
         // is let go, as the wait lets it go only once asleep.
-        for cpu in std::mem::take(&mut st.to_wake) {
-            if let Some(cv) = self.wake.get(cpu) {
-                cv.notify_all();
-            }
-        }
+        notify_each(self.wake, &std::mem::take(&mut st.to_wake));
         let (st, _) = cv
             .wait_timeout(st, timeout)
             .unwrap_or_else(|p| p.into_inner());
@@ -449,11 +445,14 @@ impl Drop for ChipGuard<'_> {
         }
         let wakes = std::mem::take(&mut st.to_wake);
         drop(st);
-        for cpu in wakes {
-            if let Some(cv) = self.wake.get(cpu) {
-                cv.notify_all();
-            }
-        }
+        notify_each(self.wake, &wakes);
+    }
+}
+
+/// Wakes whoever waits on the condvars of `cpus`.
+fn notify_each(wake: &[Condvar], cpus: &[usize]) {
+    for cv in cpus.iter().filter_map(|&cpu| wake.get(cpu)) {
+        cv.notify_all();
     }
 }
 

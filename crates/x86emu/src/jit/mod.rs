@@ -297,11 +297,7 @@ impl Jit {
             .cloned()
         {
             if let Some(d) = decoded {
-                d.set_placed(shared::PlacedFor {
-                    flush: inner.reset,
-                    model: key.model,
-                    code: p.clone(),
-                });
+                d.set_placed(inner.reset, key.model, &p);
             }
             drop(inner);
             self.adopted += 1;
@@ -355,11 +351,7 @@ impl Jit {
         });
         inner.blocks.insert(key, p.clone());
         if let Some(d) = decoded {
-            d.set_placed(shared::PlacedFor {
-                flush: inner.reset,
-                model: key.model,
-                code: p.clone(),
-            });
+            d.set_placed(inner.reset, key.model, &p);
         }
         drop(inner);
         self.compiled += 1;
